@@ -1,0 +1,158 @@
+#include "api/session.h"
+
+#include "runtime/error.h"
+#include "runtime/log.h"
+#include "runtime/philox.h"
+
+#include <algorithm>
+
+namespace zo2 {
+
+PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, DeviceKind kind,
+                         std::size_t cap) {
+  PlanRequest r;
+  r.cap = cap;
+  r.batch = cfg.max_batch;
+  r.seq = cfg.max_seq > 0 ? cfg.max_seq : static_cast<int>(model.max_positions);
+  r.branches = cfg.training ? 2 : 1;
+  r.storage = cfg.storage;
+  r.compute = cfg.compute;
+  r.mode = cfg.offload;
+  r.window = cfg.window;
+  r.limits = cfg.limits;
+  r.logits_out = cfg.logits_out;
+  if (kind == DeviceKind::cpu) {
+    // "Transfers" on the CPU backend are memcpy: roughly memory bandwidth per direction.
+    r.h2d_bytes_per_s = 10e9;
+    r.d2h_bytes_per_s = 10e9;
+  }
+  return r;
+}
+
+namespace {
+std::unique_ptr<Device> open_device(const SessionConfig& cfg) {
+  DeviceOptions o = parse_device(cfg.device);
+  o.mem_cap = cfg.gpu_mem;
+  o.threads = cfg.threads;
+  return make_device(o);
+}
+}  // namespace
+
+Session::Session(const std::filesystem::path& model_dir, const SessionConfig& cfg) : cfg_(cfg) {
+  device_ = open_device(cfg_);
+  // Plan before reading the weights: a cap that cannot work fails fast.
+  const ModelConfig model = ModelConfig::load(model_dir);
+  plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity()));
+  store_ = std::make_unique<BlockStore>(BlockStore::load(model_dir, cfg_.storage, *device_));
+  init(cfg_);
+}
+
+Session::Session(const ModelConfig& model, const SessionConfig& cfg, std::uint64_t init_seed,
+                 bool alias_blocks)
+    : cfg_(cfg) {
+  device_ = open_device(cfg_);
+  plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity()));
+  store_ = std::make_unique<BlockStore>(
+      BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks));
+  init(cfg_);
+}
+
+void Session::init(const SessionConfig& cfg) {
+  const ModelConfig& model = store_->config();
+  if (cfg.max_seq > model.max_positions)
+    fail(ErrorKind::invalid_argument, "sequence length {} exceeds the model's max_position_embeddings ({})",
+         cfg.max_seq, model.max_positions);
+  const PlanRequest req = plan_request(model, cfg, device_->kind(), device_->arena().capacity());
+  const Placement placement = plan_placement(model, req);
+  SchedulerOptions so;
+  so.compute = cfg.compute;
+  so.batch = req.batch;
+  so.seq = req.seq;
+  so.branches = req.branches;
+  so.logits_out = cfg.logits_out;
+  scheduler_ = std::make_unique<Scheduler>(*device_, *store_, placement, so);
+  next_step_ = cfg.first_step;
+  if (!cfg.seed_log.empty()) {
+    SeedLogHeader h;
+    h.run_seed = cfg.run_seed;
+    h.storage_dtype = std::string(dtype_name(cfg.storage));
+    seed_log_ = std::make_unique<SeedLogWriter>(cfg.seed_log, h, cfg.seed_log_append, next_step_);
+  }
+}
+
+Session::~Session() {
+  try {
+    drain();
+  } catch (const std::exception& e) {
+    log_warn("session: {}", e.what());
+  }
+}
+
+std::uint64_t Session::step_seed(std::int64_t step) const {
+  return derive_step_seed(cfg_.run_seed, static_cast<std::uint64_t>(step));
+}
+
+std::int64_t Session::step_async(const HostBatch& batch, float lr, float eps, float weight_decay) {
+  if (!cfg_.training)
+    fail(ErrorKind::invalid_argument, "this session was opened for evaluation only");
+  if (!(eps > 0)) fail(ErrorKind::invalid_argument, "eps must be positive (got {})", eps);
+  if (!(lr >= 0)) fail(ErrorKind::invalid_argument, "the learning rate must be non-negative (got {})", lr);
+  const std::int64_t t = next_step_;
+  StepParams p;
+  p.step = t;
+  p.seed = step_seed(t);
+  p.lr = lr;
+  p.eps = eps;
+  p.weight_decay = weight_decay;
+  scheduler_->step(batch, p);
+  outstanding_.push_back(t);
+  ++next_step_;
+  return t;
+}
+
+StepResult Session::wait(std::int64_t step) {
+  StepResult r = scheduler_->wait_result(step);
+  outstanding_.erase(std::remove(outstanding_.begin(), outstanding_.end(), step), outstanding_.end());
+  if (r.update_skipped)
+    log_warn("step {}: the projected gradient is not finite (L+ = {}, L- = {}); its update is skipped",
+             step, r.loss_plus, r.loss_minus);
+  if (seed_log_) {
+    SeedLogEntry e;
+    e.step = r.step;
+    e.seed = r.seed;
+    e.g = r.g;
+    e.lr = r.lr;
+    e.eps = r.eps;
+    e.wd = r.weight_decay;
+    e.g_double = r.g_double;
+    seed_log_->append(e);
+  }
+  return r;
+}
+
+StepResult Session::step(const HostBatch& batch, float lr, float eps, float weight_decay) {
+  return wait(step_async(batch, lr, eps, weight_decay));
+}
+
+void Session::drain() {
+  while (!outstanding_.empty()) wait(outstanding_.front());
+}
+
+float Session::eval(const HostBatch& batch, const EvalOptions& options) {
+  drain();
+  return scheduler_->eval(batch, options);
+}
+
+void Session::sync() {
+  drain();
+  scheduler_->sync_to_host();
+}
+
+void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes) {
+  sync();
+  store_->save(out_dir, dtype, shard_bytes);
+}
+
+std::size_t Session::device_peak() const { return device_->arena().peak(); }
+
+}  // namespace zo2

@@ -1,0 +1,91 @@
+// A Session: one model on one device, tuned step by step. It owns the device, the host
+// block store and the scheduler, derives step seeds from the run seed, and writes the seed
+// log. The C API (include/zo2.h) and zo2-tune are both built on this class, so neither
+// can lag behind the other.
+#pragma once
+#include "models/batch.h"
+#include "offload/block_store.h"
+#include "offload/planner.h"
+#include "offload/scheduler.h"
+#include "runtime/device.h"
+#include "zo/seed_log.h"
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace zo2 {
+
+struct SessionConfig {
+  std::string device = "cpu";      // cpu | cuda | cuda:N | auto
+  std::size_t gpu_mem = 0;         // device memory cap in bytes; 0 = the whole device
+  OffloadMode offload = OffloadMode::auto_;
+  int window = 3;
+  DType storage = DType::f32;
+  DType compute = DType::f32;
+  int max_batch = 1;               // capacity of the activations: sequences ×
+  int max_seq = 0;                 // tokens per sequence (0 = max_position_embeddings)
+  bool training = true;            // false: evaluation only (one branch, less memory)
+  bool logits_out = false;         // room for full logits (forward)
+  GraphLimits limits;
+  int threads = 0;                 // CPU threads (0 = all)
+  std::uint64_t run_seed = 0;
+  std::filesystem::path seed_log;  // empty: no seed log
+  bool seed_log_append = false;    // resume: continue the existing log
+  std::int64_t first_step = 0;     // resume: the step to start at
+};
+
+// The request a planner sees for this session config.
+PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, DeviceKind kind,
+                         std::size_t cap);
+
+class Session {
+ public:
+  // Loads an HF checkpoint directory.
+  Session(const std::filesystem::path& model_dir, const SessionConfig& cfg);
+  // Uses weights synthesized in memory (benchmarks): random init, optionally aliased blocks.
+  Session(const ModelConfig& model, const SessionConfig& cfg, std::uint64_t init_seed,
+          bool alias_blocks);
+  ~Session();
+
+  const ModelConfig& config() const { return store_->config(); }
+  const Placement& placement() const { return scheduler_->placement(); }
+  Device& device() { return *device_; }
+  BlockStore& store() { return *store_; }
+  Scheduler& scheduler() { return *scheduler_; }
+  const SessionConfig& session_config() const { return cfg_; }
+
+  std::int64_t next_step() const { return next_step_; }
+  // Resume: the next step to run (its seed and batch follow from it).
+  void set_next_step(std::int64_t step) { next_step_ = step; }
+  std::uint64_t step_seed(std::int64_t step) const;
+
+  // Enqueues step next_step() and returns its index without waiting.
+  std::int64_t step_async(const HostBatch& batch, float lr, float eps, float weight_decay);
+  // The result of an enqueued step; appends it to the seed log.
+  StepResult wait(std::int64_t step);
+  // step_async + wait.
+  StepResult step(const HostBatch& batch, float lr, float eps, float weight_decay);
+  float eval(const HostBatch& batch, const EvalOptions& options = {});
+  // Waits for outstanding steps, flushes the pending update, writes an HF checkpoint.
+  void save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes);
+  // Waits for outstanding steps and flushes the pending update into the host store.
+  void sync();
+  std::size_t device_peak() const;
+
+ private:
+  void init(const SessionConfig& cfg);
+  void drain();
+
+  SessionConfig cfg_;
+  std::unique_ptr<Device> device_;
+  std::unique_ptr<BlockStore> store_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<SeedLogWriter> seed_log_;
+  std::int64_t next_step_ = 0;
+  std::vector<std::int64_t> outstanding_;
+};
+
+}  // namespace zo2

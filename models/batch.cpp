@@ -1,0 +1,69 @@
+#include "models/batch.h"
+
+#include "runtime/error.h"
+
+namespace zo2 {
+
+std::int64_t HostBatch::target_count() const {
+  std::int64_t n = 0;
+  for (auto t : targets) n += t >= 0 ? 1 : 0;
+  return n;
+}
+
+HostBatch make_batch(const ModelConfig& c, int batch, int seq, std::span<const std::int32_t> ids,
+                     std::span<const std::int32_t> mask, std::span<const std::int32_t> labels) {
+  if (batch <= 0 || seq <= 0)
+    fail(ErrorKind::invalid_argument, "a batch needs at least one sequence and one token (got {} × {})",
+         batch, seq);
+  if (seq > c.max_positions)
+    fail(ErrorKind::invalid_argument,
+         "sequence length {} exceeds the model's max_position_embeddings ({})", seq, c.max_positions);
+  const std::size_t n = static_cast<std::size_t>(batch) * static_cast<std::size_t>(seq);
+  if (ids.size() != n)
+    fail(ErrorKind::invalid_argument, "the batch has {} token ids, expected {} × {} = {}", ids.size(),
+         batch, seq, n);
+  if (!mask.empty() && mask.size() != n)
+    fail(ErrorKind::invalid_argument, "the attention mask has {} entries, expected {}", mask.size(), n);
+  if (!labels.empty() && labels.size() != n)
+    fail(ErrorKind::invalid_argument, "the labels have {} entries, expected {}", labels.size(), n);
+  HostBatch b;
+  b.batch = batch;
+  b.seq = seq;
+  b.ids.assign(ids.begin(), ids.end());
+  b.key_mask.resize(n);
+  b.positions.resize(n);
+  b.targets.resize(n);
+  for (int r = 0; r < batch; ++r) {
+    std::int32_t cumsum = 0;
+    for (int t = 0; t < seq; ++t) {
+      const std::size_t i = static_cast<std::size_t>(r) * static_cast<std::size_t>(seq) + static_cast<std::size_t>(t);
+      if (ids[i] < 0 || ids[i] >= c.vocab_size)
+        fail(ErrorKind::invalid_argument,
+             "token id {} at sequence {}, position {} is outside the vocabulary [0, {})", ids[i], r,
+             t, c.vocab_size);
+      const std::int32_t m = mask.empty() ? 1 : mask[i];
+      if (m != 0 && m != 1)
+        fail(ErrorKind::invalid_argument, "attention mask value {} at sequence {}, position {} is not 0 or 1",
+             m, r, t);
+      b.key_mask[i] = m;
+      cumsum += m;
+      b.positions[i] = c.family == ModelFamily::opt ? cumsum * m - 1 + 2 : t;
+      if (!labels.empty() && labels[i] != kIgnoreIndex && (labels[i] < 0 || labels[i] >= c.vocab_size))
+        fail(ErrorKind::invalid_argument,
+             "label {} at sequence {}, position {} is outside the vocabulary [0, {}) and not -100",
+             labels[i], r, t, c.vocab_size);
+    }
+    for (int t = 0; t < seq; ++t) {
+      const std::size_t i = static_cast<std::size_t>(r) * static_cast<std::size_t>(seq) + static_cast<std::size_t>(t);
+      std::int32_t target = kIgnoreIndex;
+      if (t + 1 < seq) {
+        const std::size_t j = i + 1;
+        target = labels.empty() ? (b.key_mask[j] ? ids[j] : kIgnoreIndex) : labels[j];
+      }
+      b.targets[i] = target;
+    }
+  }
+  return b;
+}
+
+}  // namespace zo2

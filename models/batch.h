@@ -1,0 +1,36 @@
+// A batch as the device needs it, built and validated on the host: token ids, the
+// padding mask, positions (OPT: offset-2 rows from the mask's cumulative sum, as
+// transformers computes them; LLaMA: 0..T−1) and next-token targets (−100 = no loss).
+#pragma once
+#include "models/config.h"
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace zo2 {
+
+inline constexpr std::int32_t kIgnoreIndex = -100;
+
+struct HostBatch {
+  int batch = 0;
+  int seq = 0;
+  std::vector<std::int32_t> ids;
+  std::vector<std::int32_t> key_mask;
+  std::vector<std::int32_t> positions;
+  std::vector<std::int32_t> targets;  // targets[b·T + t] = the label of position t+1
+  std::int64_t tokens() const { return static_cast<std::int64_t>(batch) * seq; }
+  std::int64_t target_count() const;
+};
+
+// ids, mask and labels are [batch·seq] row-major. An empty mask means all ones; empty
+// labels mean "predict the next input token where the mask is 1" (labels = input_ids with
+// padding set to −100, as transformers' causal-LM loss). Labels use −100 to ignore a
+// position and are shifted by one inside, as in transformers. Throws
+// Error(invalid_argument) naming the row and position of a bad id, mask or label, or a
+// sequence longer than the model's positions.
+HostBatch make_batch(const ModelConfig& config, int batch, int seq, std::span<const std::int32_t> ids,
+                     std::span<const std::int32_t> mask = {},
+                     std::span<const std::int32_t> labels = {});
+
+}  // namespace zo2

@@ -1,0 +1,131 @@
+#include "models/checkpoint.h"
+
+#include "runtime/dtype_convert.h"
+#include "runtime/element.h"
+#include "runtime/error.h"
+
+#include <oneapi/tbb/parallel_for.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <set>
+
+namespace zo2 {
+
+const SafetensorsCheckpoint::Entry* find_checkpoint_tensor(const SafetensorsCheckpoint& ckpt,
+                                                           const std::string& name) {
+  if (const auto* e = ckpt.find(name)) return e;
+  const std::string prefix = "model.";
+  if (name.rfind(prefix, 0) == 0)
+    if (const auto* e = ckpt.find(name.substr(prefix.size()))) return e;
+  return nullptr;
+}
+
+void quantize_rows_e4m3(const float* src, std::int64_t rows, std::int64_t cols, std::uint8_t* dst,
+                        float* scales) {
+  tbb::parallel_for(std::int64_t{0}, rows, [&](std::int64_t r) {
+    const float* row = src + r * cols;
+    float absmax = 0.0f;
+    for (std::int64_t c = 0; c < cols; ++c) absmax = std::max(absmax, std::fabs(row[c]));
+    const float scale = absmax > 0.0f ? absmax / kE4M3Max : 1.0f;
+    scales[r] = scale;
+    for (std::int64_t c = 0; c < cols; ++c) dst[r * cols + c] = f32_to_e4m3(row[c] / scale);
+  });
+}
+
+void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, void* image,
+                const std::string& where) {
+  auto* base = static_cast<std::byte*>(image);
+  for (const TensorSlot& slot : layout.tensors()) {
+    const auto* entry = find_checkpoint_tensor(ckpt, slot.name);
+    if (!entry)
+      fail(ErrorKind::format, "{}: tensor '{}' is missing from the checkpoint", where, slot.name);
+    const TensorInfo& info = *entry->info;
+    const auto want = slot.shape();
+    if (info.shape != want) {
+      fail(ErrorKind::format, "{}: tensor '{}' has shape [{}] in {}, the config implies [{}]",
+           where, slot.name, fmt::join(info.shape, ", "), entry->file->path().filename().string(),
+           fmt::join(want, ", "));
+    }
+    if (!dtype_is_float(info.dtype))
+      fail(ErrorKind::format, "{}: tensor '{}' has dtype {}, expected a floating type", where,
+           slot.name, dtype_safetensors_name(info.dtype));
+    const auto src = entry->file->bytes(info);
+    std::byte* dst = base + slot.offset;
+    const auto n = static_cast<std::size_t>(slot.numel());
+    if (slot.dtype == DType::f8_e4m3) {
+      std::vector<float> tmp(n);
+      convert(src.data(), info.dtype, tmp.data(), DType::f32, n);
+      quantize_rows_e4m3(tmp.data(), slot.rows, slot.cols, reinterpret_cast<std::uint8_t*>(dst),
+                         reinterpret_cast<float*>(base + slot.scale_offset));
+    } else if (info.dtype == slot.dtype) {
+      std::memcpy(dst, src.data(), slot.bytes);
+    } else {
+      convert(src.data(), info.dtype, dst, slot.dtype, n);
+    }
+  }
+}
+
+TensorToWrite image_tensor(const TensorSlot& slot, const void* image, DType dt) {
+  if (!(dt == DType::f32 || dt == DType::bf16 || dt == DType::f16 ||
+        (dt == DType::f8_e4m3 && slot.dtype == DType::f8_e4m3)))
+    fail(ErrorKind::unsupported, "cannot save tensor '{}' ({}) as {}", slot.name,
+         dtype_name(slot.dtype), dtype_name(dt));
+  TensorToWrite t;
+  t.name = slot.name;
+  t.dtype = dt;
+  t.shape = slot.shape();
+  const auto* base = static_cast<const std::byte*>(image);
+  const std::byte* src = base + slot.offset;
+  if (dt == slot.dtype && dt != DType::f8_e4m3) {
+    t.data = src;
+    return t;
+  }
+  const TensorSlot s = slot;
+  t.fill = [s, base, src, dt](std::span<std::byte> out) {
+    const auto* scales = s.has_scales() ? reinterpret_cast<const float*>(base + s.scale_offset) : nullptr;
+    if (s.dtype == DType::f8_e4m3 && dt == DType::f8_e4m3) {
+      // Saving fp8 as fp8 folds the per-row scales in (a checkpoint has no scale tensor).
+      tbb::parallel_for(std::int64_t{0}, s.rows, [&](std::int64_t r) {
+        for (std::int64_t c = 0; c < s.cols; ++c) {
+          const std::int64_t i = r * s.cols + c;
+          reinterpret_cast<std::uint8_t*>(out.data())[i] =
+              f32_to_e4m3(load_element(src, s.dtype, i, scales[r]));
+        }
+      });
+      return;
+    }
+    if (!scales) {
+      convert(src, s.dtype, out.data(), dt, static_cast<std::size_t>(s.numel()));
+      return;
+    }
+    tbb::parallel_for(std::int64_t{0}, s.rows, [&](std::int64_t r) {
+      for (std::int64_t c = 0; c < s.cols; ++c) {
+        const std::int64_t i = r * s.cols + c;
+        const float v = load_element(src, s.dtype, i, scales[r]);
+        switch (dt) {
+          case DType::f32: std::memcpy(out.data() + i * 4, &v, 4); break;
+          case DType::bf16: { const std::uint16_t b = f32_to_bf16(v); std::memcpy(out.data() + i * 2, &b, 2); break; }
+          default: { const std::uint16_t b = f32_to_f16(v); std::memcpy(out.data() + i * 2, &b, 2); break; }
+        }
+      }
+    });
+  };
+  return t;
+}
+
+std::vector<std::string> unused_checkpoint_tensors(const SafetensorsCheckpoint& ckpt,
+                                                   const ModelConfig& config) {
+  std::set<std::string> used;
+  for (const auto& t : checkpoint_tensors(config)) {
+    used.insert(t.name);
+    if (t.name.rfind("model.", 0) == 0) used.insert(t.name.substr(6));
+  }
+  std::vector<std::string> out;
+  for (const auto& name : ckpt.names())
+    if (!used.count(name)) out.push_back(name);
+  return out;
+}
+
+}  // namespace zo2

@@ -1,0 +1,38 @@
+// Moving weights between Hugging Face checkpoints and images (DESIGN.md §4, §7): load a
+// checkpoint's tensors into image slots in the storage dtype (fp8: per-row absmax scales),
+// and turn image slots back into checkpoint tensors of any dtype.
+#pragma once
+#include "models/config.h"
+#include "models/layout.h"
+#include "models/safetensors.h"
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace zo2 {
+
+// The checkpoint's entry for an HF name, accepting OPT checkpoints saved without the
+// "model." prefix (facebook/opt-* store "decoder.layers.0...").
+const SafetensorsCheckpoint::Entry* find_checkpoint_tensor(const SafetensorsCheckpoint& ckpt,
+                                                           const std::string& name);
+
+// Fills `image` (layout.bytes() bytes, zeroed padding) with the layout's tensors read
+// from `ckpt`. Errors name the model and tensor: missing, wrong shape, non-float dtype.
+void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, void* image,
+                const std::string& where);
+
+// Converts an image slot to a checkpoint tensor of dtype `dt` (fp32, bf16, fp16; fp8 only
+// when the slot is fp8) — a fill callback, so large saves stream without a second copy.
+TensorToWrite image_tensor(const TensorSlot& slot, const void* image, DType dt);
+
+// Quantizes fp32 values into an fp8 slot: per-row scale = absmax/448, round to nearest.
+void quantize_rows_e4m3(const float* src, std::int64_t rows, std::int64_t cols, std::uint8_t* dst,
+                        float* scales);
+
+// Checkpoint tensors the model does not use, for a warning (e.g. a tied lm_head copy,
+// rotary inv_freq buffers).
+std::vector<std::string> unused_checkpoint_tensors(const SafetensorsCheckpoint& ckpt,
+                                                   const ModelConfig& config);
+
+}  // namespace zo2

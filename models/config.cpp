@@ -1,0 +1,360 @@
+#include "models/config.h"
+
+#include "runtime/error.h"
+
+#include <cmath>
+#include <fstream>
+
+namespace zo2 {
+namespace {
+
+using json = nlohmann::json;
+
+// Typed field access with errors that name the file, the field and the value.
+struct Reader {
+  const json& j;
+  const std::string& where;
+
+  bool has(const char* key) const { return j.contains(key) && !j.at(key).is_null(); }
+
+  std::int64_t integer(const char* key) const {
+    if (!has(key)) fail(ErrorKind::format, "{}: required field '{}' is missing", where, key);
+    return integer_at(j.at(key), key);
+  }
+  std::int64_t integer_or(const char* key, std::int64_t fallback) const {
+    return has(key) ? integer_at(j.at(key), key) : fallback;
+  }
+  std::int64_t integer_at(const json& v, const std::string& key) const {
+    if (v.is_number_integer()) return v.get<std::int64_t>();
+    if (v.is_number_float()) {
+      const double d = v.get<double>();
+      if (d == std::floor(d)) return static_cast<std::int64_t>(d);
+    }
+    fail(ErrorKind::format, "{}: field '{}' must be an integer, got {}", where, key, v.dump());
+  }
+  double number_or(const char* key, double fallback) const {
+    if (!has(key)) return fallback;
+    return number_at(j.at(key), key);
+  }
+  double number_at(const json& v, const std::string& key) const {
+    if (!v.is_number())
+      fail(ErrorKind::format, "{}: field '{}' must be a number, got {}", where, key, v.dump());
+    return v.get<double>();
+  }
+  bool boolean_or(const char* key, bool fallback) const {
+    if (!has(key)) return fallback;
+    const json& v = j.at(key);
+    if (!v.is_boolean())
+      fail(ErrorKind::format, "{}: field '{}' must be true or false, got {}", where, key, v.dump());
+    return v.get<bool>();
+  }
+  std::string string_or(const char* key, const std::string& fallback) const {
+    if (!has(key)) return fallback;
+    const json& v = j.at(key);
+    if (!v.is_string())
+      fail(ErrorKind::format, "{}: field '{}' must be a string, got {}", where, key, v.dump());
+    return v.get<std::string>();
+  }
+  // Token ids may be an integer or a list (eos_token_id: [128001, 128009]); the first is used.
+  std::optional<std::int64_t> token_id(const char* key) const {
+    if (!has(key)) return std::nullopt;
+    const json& v = j.at(key);
+    if (v.is_array()) {
+      if (v.empty()) return std::nullopt;
+      return integer_at(v.at(0), key);
+    }
+    return integer_at(v, key);
+  }
+};
+
+RopeConfig read_rope(const Reader& r) {
+  RopeConfig rope;
+  rope.type = RopeType::default_;
+  rope.theta = r.number_or("rope_theta", 10000.0);
+  // transformers ≥ 5 writes `rope_parameters` (theta inside); older configs `rope_scaling`.
+  const char* field = r.has("rope_parameters") ? "rope_parameters"
+                      : r.has("rope_scaling")  ? "rope_scaling"
+                                               : nullptr;
+  if (!field) return rope;
+  const json& p = r.j.at(field);
+  if (!p.is_object())
+    fail(ErrorKind::format, "{}: field '{}' must be an object, got {}", r.where, field, p.dump());
+  const Reader pr{p, r.where};
+  if (pr.has("rope_theta")) rope.theta = pr.number_at(p.at("rope_theta"), std::string(field) + ".rope_theta");
+  std::string type = pr.string_or("rope_type", pr.string_or("type", "default"));
+  if (type == "default") {
+    rope.type = RopeType::default_;
+  } else if (type == "linear") {
+    rope.type = RopeType::linear;
+  } else if (type == "llama3") {
+    rope.type = RopeType::llama3;
+  } else {
+    fail(ErrorKind::unsupported,
+         "{}: {}.rope_type '{}' is not supported (zo2 runs default, linear and llama3)", r.where,
+         field, type);
+  }
+  if (rope.type == RopeType::linear || rope.type == RopeType::llama3) {
+    if (!pr.has("factor"))
+      fail(ErrorKind::format, "{}: {}.factor is required for rope_type '{}'", r.where, field, type);
+    rope.factor = pr.number_at(p.at("factor"), std::string(field) + ".factor");
+    if (!(rope.factor > 0))
+      fail(ErrorKind::format, "{}: {}.factor must be positive, got {}", r.where, field, rope.factor);
+  }
+  if (rope.type == RopeType::llama3) {
+    for (const char* k : {"low_freq_factor", "high_freq_factor", "original_max_position_embeddings"})
+      if (!pr.has(k))
+        fail(ErrorKind::format, "{}: {}.{} is required for rope_type 'llama3'", r.where, field, k);
+    rope.low_freq_factor = pr.number_or("low_freq_factor", 1.0);
+    rope.high_freq_factor = pr.number_or("high_freq_factor", 4.0);
+    rope.original_max_positions = pr.integer("original_max_position_embeddings");
+    if (!(rope.high_freq_factor > rope.low_freq_factor))
+      fail(ErrorKind::format, "{}: {}.high_freq_factor ({}) must exceed low_freq_factor ({})",
+           r.where, field, rope.high_freq_factor, rope.low_freq_factor);
+  }
+  if (!(rope.theta > 0))
+    fail(ErrorKind::format, "{}: rope_theta must be positive, got {}", r.where, rope.theta);
+  return rope;
+}
+
+}  // namespace
+
+ModelConfig ModelConfig::from_json(const json& j, const std::string& where) {
+  if (!j.is_object()) fail(ErrorKind::format, "{}: expected a JSON object", where);
+  const Reader r{j, where};
+  ModelConfig c;
+  c.source = j;
+  const std::string model_type = r.string_or("model_type", "");
+  if (model_type == "opt") {
+    c.family = ModelFamily::opt;
+    c.vocab_size = r.integer("vocab_size");
+    c.hidden_size = r.integer("hidden_size");
+    c.num_layers = r.integer("num_hidden_layers");
+    c.num_heads = r.integer("num_attention_heads");
+    c.num_kv_heads = c.num_heads;
+    c.ffn_dim = r.integer("ffn_dim");
+    c.max_positions = r.integer("max_position_embeddings");
+    c.word_embed_proj_dim = r.integer_or("word_embed_proj_dim", c.hidden_size);
+    c.pre_layer_norm = r.boolean_or("do_layer_norm_before", true);
+    c.final_layer_norm = c.pre_layer_norm && !r.boolean_or("_remove_final_layer_norm", false);
+    c.linear_bias = r.boolean_or("enable_bias", true);
+    c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", true);
+    c.norm_eps = 1e-5f;
+    const std::string act = r.string_or("activation_function", "relu");
+    if (act != "relu")
+      fail(ErrorKind::unsupported, "{}: activation_function '{}' is not supported for OPT (relu)",
+           where, act);
+    if (!r.boolean_or("layer_norm_elementwise_affine", true))
+      fail(ErrorKind::unsupported,
+           "{}: layer_norm_elementwise_affine false (LayerNorm without weights) is not supported",
+           where);
+    c.head_dim = c.num_heads > 0 ? c.hidden_size / c.num_heads : 0;
+    if (c.num_heads > 0 && c.hidden_size % c.num_heads != 0)
+      fail(ErrorKind::format, "{}: hidden_size ({}) is not divisible by num_attention_heads ({})",
+           where, c.hidden_size, c.num_heads);
+  } else if (model_type == "llama") {
+    c.family = ModelFamily::llama;
+    c.vocab_size = r.integer("vocab_size");
+    c.hidden_size = r.integer("hidden_size");
+    c.num_layers = r.integer("num_hidden_layers");
+    c.num_heads = r.integer("num_attention_heads");
+    c.num_kv_heads = r.integer_or("num_key_value_heads", c.num_heads);
+    c.ffn_dim = r.integer("intermediate_size");
+    c.max_positions = r.integer("max_position_embeddings");
+    c.word_embed_proj_dim = c.hidden_size;
+    c.pre_layer_norm = true;
+    c.final_layer_norm = true;
+    c.linear_bias = false;
+    c.attention_bias = r.boolean_or("attention_bias", false);
+    c.mlp_bias = r.boolean_or("mlp_bias", false);
+    c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", false);
+    c.norm_eps = static_cast<float>(r.number_or("rms_norm_eps", 1e-6));
+    if (c.num_heads > 0 && c.hidden_size % c.num_heads != 0 && !r.has("head_dim"))
+      fail(ErrorKind::format,
+           "{}: hidden_size ({}) is not divisible by num_attention_heads ({}) and head_dim is not given",
+           where, c.hidden_size, c.num_heads);
+    c.head_dim = r.integer_or("head_dim", c.num_heads > 0 ? c.hidden_size / c.num_heads : 0);
+    const std::string act = r.string_or("hidden_act", "silu");
+    if (act != "silu")
+      fail(ErrorKind::unsupported, "{}: hidden_act '{}' is not supported for LLaMA (silu)", where,
+           act);
+    c.rope = read_rope(r);
+  } else if (model_type.empty()) {
+    fail(ErrorKind::format, "{}: field 'model_type' is missing (zo2 runs \"opt\" and \"llama\")",
+         where);
+  } else {
+    fail(ErrorKind::unsupported, "{}: model_type '{}' is not supported (zo2 runs \"opt\" and \"llama\")",
+         where, model_type);
+  }
+  c.bos_token_id = r.token_id("bos_token_id");
+  c.eos_token_id = r.token_id("eos_token_id");
+  c.pad_token_id = r.token_id("pad_token_id");
+  c.torch_dtype = r.string_or("torch_dtype", r.string_or("dtype", "float32"));
+  c.validate(where);
+  return c;
+}
+
+void ModelConfig::validate(const std::string& where) const {
+  auto positive = [&](const char* field, std::int64_t v) {
+    if (v <= 0) fail(ErrorKind::format, "{}: {} must be positive, got {}", where, field, v);
+  };
+  positive("vocab_size", vocab_size);
+  positive("hidden_size", hidden_size);
+  positive("num_hidden_layers", num_layers);
+  positive("num_attention_heads", num_heads);
+  positive(family == ModelFamily::opt ? "ffn_dim" : "intermediate_size", ffn_dim);
+  positive("max_position_embeddings", max_positions);
+  positive("head_dim", head_dim);
+  positive("num_key_value_heads", num_kv_heads);
+  if (family == ModelFamily::opt) positive("word_embed_proj_dim", word_embed_proj_dim);
+  if (num_heads % num_kv_heads != 0)
+    fail(ErrorKind::format, "{}: num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+         where, num_heads, num_kv_heads);
+  if (family == ModelFamily::llama && head_dim % 2 != 0)
+    fail(ErrorKind::unsupported, "{}: head_dim ({}) must be even for rotary embeddings", where,
+         head_dim);
+  if (vocab_size > (std::int64_t{1} << 31) - 1)
+    fail(ErrorKind::unsupported, "{}: vocab_size {} exceeds 32-bit token ids", where, vocab_size);
+  if (!(norm_eps >= 0))
+    fail(ErrorKind::format, "{}: the norm epsilon must be non-negative", where);
+}
+
+ModelConfig ModelConfig::load(const std::filesystem::path& model_dir) {
+  const auto path = model_dir / "config.json";
+  std::ifstream in(path);
+  if (!in)
+    fail(ErrorKind::io, "{}: cannot open (is {} a Hugging Face model directory?)", path.string(),
+         model_dir.string());
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::parse_error& e) {
+    fail(ErrorKind::format, "{}: not valid JSON: {}", path.string(), e.what());
+  }
+  return from_json(j, path.string());
+}
+
+json ModelConfig::to_json() const {
+  json j = source.is_object() ? source : json::object();
+  j["vocab_size"] = vocab_size;
+  j["hidden_size"] = hidden_size;
+  j["num_hidden_layers"] = num_layers;
+  j["num_attention_heads"] = num_heads;
+  j["max_position_embeddings"] = max_positions;
+  j["tie_word_embeddings"] = tie_word_embeddings;
+  if (bos_token_id) j["bos_token_id"] = *bos_token_id;
+  if (eos_token_id) j["eos_token_id"] = *eos_token_id;
+  if (pad_token_id) j["pad_token_id"] = *pad_token_id;
+  j["torch_dtype"] = torch_dtype;
+  if (family == ModelFamily::opt) {
+    j["model_type"] = "opt";
+    j["architectures"] = json::array({"OPTForCausalLM"});
+    j["ffn_dim"] = ffn_dim;
+    j["word_embed_proj_dim"] = word_embed_proj_dim;
+    j["do_layer_norm_before"] = pre_layer_norm;
+    j["_remove_final_layer_norm"] = pre_layer_norm && !final_layer_norm;
+    j["enable_bias"] = linear_bias;
+    j["activation_function"] = "relu";
+    j["layer_norm_elementwise_affine"] = true;
+    if (!j.contains("dropout")) j["dropout"] = 0.0;
+    if (!j.contains("attention_dropout")) j["attention_dropout"] = 0.0;
+    if (!j.contains("init_std")) j["init_std"] = 0.02;
+  } else {
+    j["model_type"] = "llama";
+    j["architectures"] = json::array({"LlamaForCausalLM"});
+    j["intermediate_size"] = ffn_dim;
+    j["num_key_value_heads"] = num_kv_heads;
+    j["head_dim"] = head_dim;
+    j["hidden_act"] = "silu";
+    j["rms_norm_eps"] = norm_eps;
+    j["attention_bias"] = attention_bias;
+    j["mlp_bias"] = mlp_bias;
+    j["rope_theta"] = rope.theta;
+    json params;
+    switch (rope.type) {
+      case RopeType::linear:
+        params = {{"rope_type", "linear"}, {"factor", rope.factor}};
+        break;
+      case RopeType::llama3:
+        params = {{"rope_type", "llama3"},
+                  {"factor", rope.factor},
+                  {"low_freq_factor", rope.low_freq_factor},
+                  {"high_freq_factor", rope.high_freq_factor},
+                  {"original_max_position_embeddings", rope.original_max_positions}};
+        break;
+      default:
+        break;
+    }
+    // Older transformers read rope_scaling, newer rope_parameters: write what the source
+    // used, rope_scaling for configs zo2 made (both versions understand it).
+    j.erase("rope_parameters");
+    j.erase("rope_scaling");
+    if (source.is_object() && source.contains("rope_parameters")) {
+      json rp = params.is_null() ? json{{"rope_type", "default"}} : params;
+      rp["rope_theta"] = rope.theta;
+      j["rope_parameters"] = rp;
+    } else {
+      j["rope_scaling"] = params;  // null for the default rotary embedding
+    }
+    if (!j.contains("initializer_range")) j["initializer_range"] = 0.02;
+  }
+  return j;
+}
+
+std::int64_t ModelConfig::block_params() const {
+  const std::int64_t h = hidden_size;
+  if (family == ModelFamily::opt) {
+    std::int64_t p = 4 * h * h + 2 * h * ffn_dim + 4 * h;  // attention, MLP, two LayerNorms
+    if (linear_bias) p += 4 * h + ffn_dim + h;
+    return p;
+  }
+  std::int64_t p = h * q_dim() + 2 * h * kv_dim() + q_dim() * h + 3 * h * ffn_dim + 2 * h;
+  if (attention_bias) p += q_dim() + 2 * kv_dim() + h;
+  if (mlp_bias) p += 2 * ffn_dim + h;
+  return p;
+}
+
+std::int64_t ModelConfig::global_params() const {
+  std::int64_t p = vocab_size * word_embed_proj_dim;
+  if (!tie_word_embeddings) p += vocab_size * word_embed_proj_dim;
+  if (family == ModelFamily::opt) {
+    p += position_rows() * hidden_size;
+    if (has_projections()) p += 2 * hidden_size * word_embed_proj_dim;
+    if (final_layer_norm) p += 2 * hidden_size;
+  } else {
+    p += hidden_size;
+  }
+  return p;
+}
+
+std::vector<float> ModelConfig::rope_inv_freq() const {
+  std::vector<float> inv;
+  if (family != ModelFamily::llama) return inv;
+  const std::int64_t half = head_dim / 2;
+  inv.resize(static_cast<std::size_t>(half));
+  constexpr double kPi = 3.14159265358979323846;
+  for (std::int64_t i = 0; i < half; ++i) {
+    // transformers: 1 / base ** (arange(0, dim, 2).float() / dim), in fp32.
+    const float exponent = static_cast<float>(2 * i) / static_cast<float>(head_dim);
+    const float base_pow = static_cast<float>(std::pow(rope.theta, static_cast<double>(exponent)));
+    double f = static_cast<double>(1.0f / base_pow);
+    if (rope.type == RopeType::linear) {
+      f /= rope.factor;
+    } else if (rope.type == RopeType::llama3) {
+      const double old_len = static_cast<double>(rope.original_max_positions);
+      const double low_wavelen = old_len / rope.low_freq_factor;
+      const double high_wavelen = old_len / rope.high_freq_factor;
+      const double wavelen = 2 * kPi / f;
+      if (wavelen > low_wavelen) {
+        f = f / rope.factor;
+      } else if (wavelen >= high_wavelen) {
+        const double smooth = (old_len / wavelen - rope.low_freq_factor) /
+                              (rope.high_freq_factor - rope.low_freq_factor);
+        f = (1 - smooth) * f / rope.factor + smooth * f;
+      }
+    }
+    inv[static_cast<std::size_t>(i)] = static_cast<float>(f);
+  }
+  return inv;
+}
+
+}  // namespace zo2

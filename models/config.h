@@ -1,0 +1,79 @@
+// A model's architecture as zo2 runs it, read from (and written as) a Hugging Face
+// config.json. Two families: OPT and LLaMA (DESIGN.md §7). Anything zo2 cannot run is
+// refused when the config is read, with a message naming the field and its value.
+#pragma once
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace zo2 {
+
+enum class ModelFamily { opt, llama };
+
+enum class RopeType { none, default_, linear, llama3 };
+
+struct RopeConfig {
+  RopeType type = RopeType::none;  // none: the family has no rotary embedding (OPT)
+  double theta = 10000.0;
+  double factor = 1.0;                    // linear, llama3
+  double low_freq_factor = 1.0;           // llama3
+  double high_freq_factor = 4.0;          // llama3
+  std::int64_t original_max_positions = 8192;  // llama3
+};
+
+struct ModelConfig {
+  ModelFamily family = ModelFamily::opt;
+  std::int64_t vocab_size = 0;
+  std::int64_t hidden_size = 0;
+  std::int64_t num_layers = 0;
+  std::int64_t num_heads = 0;
+  std::int64_t num_kv_heads = 0;
+  std::int64_t head_dim = 0;
+  std::int64_t ffn_dim = 0;          // OPT ffn_dim, LLaMA intermediate_size
+  std::int64_t max_positions = 0;    // max_position_embeddings
+  bool tie_word_embeddings = true;
+  float norm_eps = 1e-5f;            // OPT LayerNorm eps (1e-5), LLaMA rms_norm_eps
+
+  // OPT
+  bool pre_layer_norm = true;        // do_layer_norm_before
+  bool final_layer_norm = true;      // pre-LN and not _remove_final_layer_norm
+  std::int64_t word_embed_proj_dim = 0;  // == hidden_size unless project_in/out exist
+  bool linear_bias = true;           // OPT enable_bias
+  // LLaMA
+  bool attention_bias = false;
+  bool mlp_bias = false;
+  RopeConfig rope;
+
+  std::optional<std::int64_t> bos_token_id, eos_token_id, pad_token_id;
+  std::string torch_dtype = "float32";
+  // The config.json this came from (written back on save with updated fields).
+  nlohmann::json source;
+
+  // `where` names the file in error messages.
+  static ModelConfig from_json(const nlohmann::json& j, const std::string& where = "config.json");
+  static ModelConfig load(const std::filesystem::path& model_dir);
+  // A complete HF config.json for this architecture (the source's other fields kept).
+  nlohmann::json to_json() const;
+
+  bool has_projections() const { return word_embed_proj_dim != hidden_size; }
+  std::int64_t q_dim() const { return num_heads * head_dim; }
+  std::int64_t kv_dim() const { return num_kv_heads * head_dim; }
+  // Rows of OPT's learned position table (max_positions + 2, offset 2).
+  std::int64_t position_rows() const { return max_positions + 2; }
+  // Parameter counts (the tied head counted once).
+  std::int64_t block_params() const;
+  std::int64_t global_params() const;
+  std::int64_t total_params() const { return global_params() + num_layers * block_params(); }
+  // The rotary inverse frequencies (head_dim / 2 of them), scaling applied, as
+  // transformers computes them.
+  std::vector<float> rope_inv_freq() const;
+  std::string family_name() const { return family == ModelFamily::opt ? "opt" : "llama"; }
+  // Throws Error(unsupported / format) naming the field when the values are inconsistent.
+  void validate(const std::string& where) const;
+};
+
+}  // namespace zo2

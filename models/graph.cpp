@@ -1,0 +1,332 @@
+#include "models/graph.h"
+
+#include "runtime/common.h"
+#include "runtime/device.h"
+#include "runtime/error.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace zo2 {
+
+const StoredTensor& WeightSet::at(Role r) const {
+  const StoredTensor* t = find(r);
+  if (!t) fail(ErrorKind::internal, "weight set lacks tensor of role {}", static_cast<int>(r));
+  return *t;
+}
+
+std::size_t WorkspacePlan::total() const {
+  std::size_t n = 0;
+  for (const auto& i : items) n += align_up(i.bytes);
+  return n;
+}
+
+ModelGraph::ModelGraph(const ModelConfig& config, DType compute, GraphLimits limits)
+    : config_(config), compute_(compute), limits_(limits) {
+  const ImageLayout block = block_layout(config_, 0, DType::f32);
+  for (const auto& t : block.tensors()) {
+    if (t.ndim == 2) max_tensor_elems_ = std::max(max_tensor_elems_, t.numel());
+    else max_vector_ = std::max(max_vector_, t.cols);
+  }
+  const ImageLayout globals = globals_layout(config_, DType::f32);
+  for (const auto& t : globals.tensors()) {
+    if (t.ndim == 1) max_vector_ = std::max(max_vector_, t.cols);
+    else if (t.role == Role::project_in || t.role == Role::project_out)
+      max_tensor_elems_ = std::max(max_tensor_elems_, t.numel());
+  }
+  if (limits_.vocab_tile <= 0) limits_.vocab_tile = config_.vocab_size;
+  limits_.vocab_tile = std::min(limits_.vocab_tile, config_.vocab_size);
+  max_tensor_elems_ = std::max(max_tensor_elems_, limits_.vocab_tile * config_.word_embed_proj_dim);
+  if (limits_.weight_tile_elems > 0) {
+    // A tile holds at least one row of the widest tensor.
+    const std::int64_t widest = std::max({config_.hidden_size, config_.ffn_dim, config_.q_dim(),
+                                          config_.word_embed_proj_dim});
+    limits_.weight_tile_elems = std::max(limits_.weight_tile_elems, widest);
+    max_tensor_elems_ = std::min(max_tensor_elems_, limits_.weight_tile_elems);
+  }
+  inv_freq_host_ = config_.rope_inv_freq();
+}
+
+WorkspacePlan ModelGraph::workspace_plan(int branches, int batch, int seq) const {
+  WorkspacePlan p;
+  const std::size_t n = static_cast<std::size_t>(batch) * static_cast<std::size_t>(seq);
+  const std::size_t cb = dtype_size(compute_);
+  const auto& c = config_;
+  for (int b = 0; b < branches; ++b) {
+    const std::string tag = branches == 1 ? "" : (b == 0 ? " (+eps)" : " (-eps)");
+    auto act = [&](const char* what, std::int64_t cols) {
+      p.items.push_back({std::string(what) + tag, n * static_cast<std::size_t>(cols) * cb});
+    };
+    act("hidden", c.hidden_size);
+    act("x", std::max(c.hidden_size, c.word_embed_proj_dim));
+    act("q", c.q_dim());
+    act("k", c.kv_dim());
+    act("v", c.kv_dim());
+    act("attention out", c.q_dim());
+    act("mlp", c.ffn_dim);
+    if (c.family == ModelFamily::llama) act("mlp up", c.ffn_dim);
+    if (c.has_projections()) act("projected embeddings", c.word_embed_proj_dim);
+    p.items.push_back({"cross-entropy state" + tag, n * 3 * sizeof(float)});
+    p.items.push_back({"token losses" + tag, n * sizeof(float)});
+    p.items.push_back({"loss" + tag, sizeof(float)});
+  }
+  const int scratch_copies = branches == 1 ? 1 : 2;
+  p.items.push_back({"perturbed weights",
+                     static_cast<std::size_t>(scratch_copies) *
+                         static_cast<std::size_t>(max_tensor_elems_) * cb});
+  p.items.push_back({"perturbed vectors", 8 * static_cast<std::size_t>(max_vector_) * cb});
+  p.items.push_back({"logits tile", n * static_cast<std::size_t>(limits_.vocab_tile) * sizeof(float)});
+  if (!inv_freq_host_.empty())
+    p.items.push_back({"rope frequencies", inv_freq_host_.size() * sizeof(float)});
+  return p;
+}
+
+void ModelGraph::allocate(Device& device, Stream& s, int nbranches, int batch, int seq) {
+  buffers_.clear();
+  branches_.assign(static_cast<std::size_t>(nbranches), Branch{});
+  const WorkspacePlan plan = workspace_plan(nbranches, batch, seq);
+  const std::int64_t n = static_cast<std::int64_t>(batch) * seq;
+  capacity_tokens_ = static_cast<int>(n);
+  std::size_t item = 0;
+  auto next = [&]() -> void* {
+    const auto& it = plan.items[item++];
+    buffers_.push_back(device.arena().allocate(it.bytes, it.what));
+    return buffers_.back().data();
+  };
+  const auto& c = config_;
+  for (auto& b : branches_) {
+    auto act = [&](std::int64_t cols) { return Mat::dense(next(), compute_, n, cols); };
+    b.hidden = act(c.hidden_size);
+    b.x = act(c.hidden_size);
+    b.q = act(c.q_dim());
+    b.k = act(c.kv_dim());
+    b.v = act(c.kv_dim());
+    b.attn = act(c.q_dim());
+    b.m1 = act(c.ffn_dim);
+    if (c.family == ModelFamily::llama) b.m2 = act(c.ffn_dim);
+    if (c.has_projections()) b.emb = act(c.word_embed_proj_dim);
+    b.ce_state = static_cast<float*>(next());
+    b.row_loss = static_cast<float*>(next());
+    b.loss = static_cast<float*>(next());
+  }
+  weight_scratch_[0] = next();
+  weight_scratch_[1] = nbranches == 1
+                           ? nullptr
+                           : static_cast<char*>(weight_scratch_[0]) +
+                                 static_cast<std::size_t>(max_tensor_elems_) * dtype_size(compute_);
+  vector_scratch_ = next();
+  logits_tile_ = Mat::dense(next(), DType::f32, n, limits_.vocab_tile);
+  if (!inv_freq_host_.empty()) {
+    inv_freq_ = static_cast<float*>(next());
+    s.copy_h2d(inv_freq_, inv_freq_host_.data(), inv_freq_host_.size() * sizeof(float));
+    s.synchronize();  // the host vector may not outlive an asynchronous copy otherwise
+  }
+}
+
+std::int64_t ModelGraph::tile_rows(const StoredTensor& w) const {
+  return std::clamp<std::int64_t>(max_tensor_elems_ / std::max<std::int64_t>(w.cols, 1), 1, w.rows);
+}
+
+ModelGraph::Views ModelGraph::materialize(Ops& ops, Stream& s, const StoredTensor& w,
+                                          std::int64_t r0, std::int64_t r1,
+                                          const NoiseArgs* noise, void* scratch0, void* scratch1) {
+  Views v;
+  if (!noise && w.dtype == compute_ && !w.row_scales) {
+    v.w[0] = Mat{static_cast<char*>(w.data) + r0 * w.cols * static_cast<std::int64_t>(dtype_size(w.dtype)),
+                 w.dtype, r1 - r0, w.cols, w.cols};
+    v.w[1] = v.w[0];
+    return v;
+  }
+  ops.perturb(s, w, r0, r1, noise, scratch0, noise ? scratch1 : nullptr, compute_);
+  v.w[0] = Mat::dense(scratch0, compute_, r1 - r0, w.cols);
+  v.w[1] = Mat::dense(noise ? scratch1 : scratch0, compute_, r1 - r0, w.cols);
+  return v;
+}
+
+ModelGraph::Views ModelGraph::vector(Ops& ops, Stream& s, const StoredTensor* w,
+                                     const NoiseArgs* noise, int slot) {
+  if (!w) return {};
+  const std::size_t stride = static_cast<std::size_t>(max_vector_) * dtype_size(compute_);
+  char* base = static_cast<char*>(vector_scratch_) + static_cast<std::size_t>(slot) * 2 * stride;
+  return materialize(ops, s, *w, 0, w->rows, noise, base, base + stride);
+}
+
+void ModelGraph::linear(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias,
+                        Mat Branch::*in, Mat Branch::*out, const NoiseArgs* noise, int nb) {
+  const StoredTensor& w = ws.at(weight);
+  const std::int64_t tile = tile_rows(w);
+  for (std::int64_t r0 = 0; r0 < w.rows; r0 += tile) {
+    const std::int64_t r1 = std::min(w.rows, r0 + tile);
+    const Views v = materialize(ops, s, w, r0, r1, noise, weight_scratch_[0], weight_scratch_[1]);
+    for (int b = 0; b < nb; ++b) {
+      Branch& br = branches_[static_cast<std::size_t>(b)];
+      ops.gemm(s, br.*in, false, v.w[b], true, (br.*out).cols_range(r0, r1), 1.0f, 0.0f);
+    }
+  }
+  if (const StoredTensor* bt = ws.find(bias)) {
+    const Views v = vector(ops, s, bt, noise, 0);
+    for (int b = 0; b < nb; ++b)
+      ops.add_bias(s, branches_[static_cast<std::size_t>(b)].*out, v.w[b].data);
+  }
+}
+
+void ModelGraph::norm(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias,
+                      Mat Branch::*in, Mat Branch::*out, const NoiseArgs* noise, int nb) {
+  const Views w = vector(ops, s, &ws.at(weight), noise, 0);
+  const Views b = vector(ops, s, ws.find(bias), noise, 1);
+  for (int i = 0; i < nb; ++i) {
+    Branch& br = branches_[static_cast<std::size_t>(i)];
+    if (config_.family == ModelFamily::opt)
+      ops.layernorm(s, br.*in, w.w[i].data, b.w[i].data, config_.norm_eps, br.*out);
+    else
+      ops.rmsnorm(s, br.*in, w.w[i].data, config_.norm_eps, br.*out);
+  }
+}
+
+void ModelGraph::attention(Ops& ops, Stream& s, const BatchView& batch, int nb) {
+  for (int i = 0; i < nb; ++i) {
+    Branch& br = branches_[static_cast<std::size_t>(i)];
+    if (config_.family == ModelFamily::llama) {
+      ops.rope(s, br.q, static_cast<int>(config_.head_dim), batch.positions, inv_freq_);
+      ops.rope(s, br.k, static_cast<int>(config_.head_dim), batch.positions, inv_freq_);
+    }
+    AttentionArgs a;
+    a.q = br.q;
+    a.k = br.k;
+    a.v = br.v;
+    a.out = br.attn;
+    a.batch = batch.batch;
+    a.seq = batch.seq;
+    a.heads = static_cast<int>(config_.num_heads);
+    a.kv_heads = static_cast<int>(config_.num_kv_heads);
+    a.head_dim = static_cast<int>(config_.head_dim);
+    a.key_mask = batch.key_mask;
+    a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(config_.head_dim)));
+    a.causal = true;
+    ops.attention(s, a);
+  }
+}
+
+namespace {
+// Restricts a branch's activations to the batch's tokens (the workspace may be larger).
+Branch rows_of(const Branch& b, std::int64_t n) {
+  Branch r = b;
+  for (Mat Branch::*m : {&Branch::hidden, &Branch::x, &Branch::q, &Branch::k, &Branch::v,
+                         &Branch::attn, &Branch::m1, &Branch::m2, &Branch::emb, &Branch::final})
+    if ((r.*m).data) r.*m = (r.*m).rows_range(0, n);
+  return r;
+}
+}  // namespace
+
+void ModelGraph::embed(Ops& ops, Stream& s, const WeightSet& g, const BatchView& batch,
+                       const NoiseArgs* noise, int nb) {
+  ZO2_CHECK(batch.tokens() <= capacity_tokens_);
+  const std::int64_t n = batch.tokens();
+  std::vector<Branch> saved(branches_.begin(), branches_.begin() + nb);
+  for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = rows_of(saved[static_cast<std::size_t>(i)], n);
+  const float sign[2] = {1.0f, -1.0f};
+  for (int i = 0; i < nb; ++i) {
+    Branch& br = branches_[static_cast<std::size_t>(i)];
+    const Mat& tok_out = config_.has_projections() ? br.emb : br.hidden;
+    ops.embedding(s, g.at(Role::embed_tokens), batch.ids, n, tok_out, noise, sign[i]);
+  }
+  if (config_.has_projections())
+    linear(ops, s, g, Role::project_in, Role::count_, &Branch::emb, &Branch::hidden, noise, nb);
+  if (config_.family == ModelFamily::opt) {
+    for (int i = 0; i < nb; ++i) {
+      Branch& br = branches_[static_cast<std::size_t>(i)];
+      ops.embedding(s, g.at(Role::embed_positions), batch.positions, n, br.x, noise, sign[i]);
+      ops.add(s, br.hidden, br.x);
+    }
+  }
+  for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = saved[static_cast<std::size_t>(i)];
+}
+
+void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView& batch,
+                       const NoiseArgs* noise, int nb) {
+  ZO2_CHECK(batch.tokens() <= capacity_tokens_);
+  std::vector<Branch> saved(branches_.begin(), branches_.begin() + nb);
+  for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = rows_of(saved[static_cast<std::size_t>(i)], batch.tokens());
+  auto residual = [&] {
+    for (int i = 0; i < nb; ++i) ops.add(s, branches_[static_cast<std::size_t>(i)].hidden, branches_[static_cast<std::size_t>(i)].x);
+  };
+  const bool opt = config_.family == ModelFamily::opt;
+  const bool pre = config_.pre_layer_norm;
+  // Attention.
+  Mat Branch::*attn_in = &Branch::x;
+  if (pre) norm(ops, s, w, Role::attn_norm_w, Role::attn_norm_b, &Branch::hidden, &Branch::x, noise, nb);
+  else attn_in = &Branch::hidden;
+  linear(ops, s, w, Role::q_w, Role::q_b, attn_in, &Branch::q, noise, nb);
+  linear(ops, s, w, Role::k_w, Role::k_b, attn_in, &Branch::k, noise, nb);
+  linear(ops, s, w, Role::v_w, Role::v_b, attn_in, &Branch::v, noise, nb);
+  attention(ops, s, batch, nb);
+  linear(ops, s, w, Role::o_w, Role::o_b, &Branch::attn, &Branch::x, noise, nb);
+  residual();
+  if (!pre) norm(ops, s, w, Role::attn_norm_w, Role::attn_norm_b, &Branch::hidden, &Branch::hidden, noise, nb);
+  // MLP.
+  Mat Branch::*mlp_in = &Branch::x;
+  if (pre) norm(ops, s, w, Role::mlp_norm_w, Role::mlp_norm_b, &Branch::hidden, &Branch::x, noise, nb);
+  else mlp_in = &Branch::hidden;
+  if (opt) {
+    linear(ops, s, w, Role::fc1_w, Role::fc1_b, mlp_in, &Branch::m1, noise, nb);
+    for (int i = 0; i < nb; ++i) ops.relu(s, branches_[static_cast<std::size_t>(i)].m1);
+    linear(ops, s, w, Role::fc2_w, Role::fc2_b, &Branch::m1, &Branch::x, noise, nb);
+  } else {
+    linear(ops, s, w, Role::gate_w, Role::gate_b, mlp_in, &Branch::m1, noise, nb);
+    linear(ops, s, w, Role::up_w, Role::up_b, mlp_in, &Branch::m2, noise, nb);
+    for (int i = 0; i < nb; ++i) {
+      Branch& br = branches_[static_cast<std::size_t>(i)];
+      ops.silu_mul(s, br.m1, br.m2, br.m1);
+    }
+    linear(ops, s, w, Role::down_w, Role::down_b, &Branch::m1, &Branch::x, noise, nb);
+  }
+  residual();
+  if (!pre) norm(ops, s, w, Role::mlp_norm_w, Role::mlp_norm_b, &Branch::hidden, &Branch::hidden, noise, nb);
+  for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = saved[static_cast<std::size_t>(i)];
+}
+
+void ModelGraph::finish(Ops& ops, Stream& s, const WeightSet& g, const BatchView& batch,
+                        const NoiseArgs* noise, int nb) {
+  std::vector<Branch> saved(branches_.begin(), branches_.begin() + nb);
+  for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = rows_of(saved[static_cast<std::size_t>(i)], batch.tokens());
+  Mat Branch::*cur = &Branch::hidden;
+  if (g.find(Role::final_norm_w)) {
+    norm(ops, s, g, Role::final_norm_w, Role::final_norm_b, &Branch::hidden, &Branch::x, noise, nb);
+    cur = &Branch::x;
+  }
+  if (config_.has_projections()) {
+    linear(ops, s, g, Role::project_out, Role::count_, cur, &Branch::emb, noise, nb);
+    cur = &Branch::emb;
+  }
+  for (int i = 0; i < nb; ++i) {
+    Branch& full = saved[static_cast<std::size_t>(i)];
+    full.final = full.*cur;  // full-capacity view of the same buffer
+  }
+  for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = saved[static_cast<std::size_t>(i)];
+}
+
+void ModelGraph::head(Ops& ops, Stream& s, const WeightSet& g, const BatchView& batch,
+                      const NoiseArgs* noise, int nb, const Mat* logits) {
+  ZO2_CHECK(!logits || nb == 1);
+  const std::int64_t n = batch.tokens();
+  const StoredTensor& w = g.find(Role::lm_head) ? g.at(Role::lm_head) : g.at(Role::embed_tokens);
+  const std::int64_t tile = limits_.vocab_tile;
+  for (std::int64_t v0 = 0; v0 < w.rows; v0 += tile) {
+    const std::int64_t v1 = std::min(w.rows, v0 + tile);
+    const Views v = materialize(ops, s, w, v0, v1, noise, weight_scratch_[0], weight_scratch_[1]);
+    for (int i = 0; i < nb; ++i) {
+      Branch& br = branches_[static_cast<std::size_t>(i)];
+      const Mat out = logits ? logits->cols_range(v0, v1).rows_range(0, n)
+                             : logits_tile_.rows_range(0, n).cols_range(0, v1 - v0);
+      ops.gemm(s, br.final.rows_range(0, n), false, v.w[i], true, out, 1.0f, 0.0f);
+      ops.ce_accumulate(s, out, v0, batch.targets, br.ce_state, v0 == 0);
+    }
+  }
+  for (int i = 0; i < nb; ++i) {
+    Branch& br = branches_[static_cast<std::size_t>(i)];
+    ops.ce_finish(s, br.ce_state, batch.targets, n, br.row_loss);
+    ops.loss_mean(s, br.row_loss, batch.targets, n, br.loss);
+  }
+}
+
+}  // namespace zo2

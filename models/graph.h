@@ -1,0 +1,130 @@
+// The OPT and LLaMA forward graphs, written once against the op table (runtime/ops.h) and
+// run for one or two activation "branches" at a time: evaluation runs one unperturbed
+// branch; a ZO step runs the +eps and −eps branches through each weight while it is
+// resident (DESIGN.md §1, dual forward). Weights are never perturbed in place: for each
+// op, W± are materialized into scratch in the compute dtype (by row tiles for large
+// tensors), used, and discarded (DESIGN.md §5).
+//
+// The graph knows nothing of where weights live: callers hand it WeightSets that point
+// into device slots or the resident globals (offload/ does this).
+#pragma once
+#include "models/config.h"
+#include "models/layout.h"
+#include "runtime/arena.h"
+#include "runtime/ops.h"
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace zo2 {
+
+class Device;
+
+// The tensors of one image, addressed by role, each with its data pointer and noise key.
+struct WeightSet {
+  std::array<StoredTensor, kRoleCount> tensors{};
+  std::array<bool, kRoleCount> present{};
+  const StoredTensor* find(Role r) const {
+    return present[static_cast<std::size_t>(r)] ? &tensors[static_cast<std::size_t>(r)] : nullptr;
+  }
+  const StoredTensor& at(Role r) const;
+};
+
+// Device-side inputs of one batch of `batch` sequences × `seq` tokens.
+struct BatchView {
+  int batch = 0;
+  int seq = 0;
+  const std::int32_t* ids = nullptr;        // [B·T]
+  const std::int32_t* key_mask = nullptr;   // [B·T] 1/0
+  const std::int32_t* positions = nullptr;  // [B·T] OPT: row of the position table; LLaMA: 0..T−1
+  const std::int32_t* targets = nullptr;    // [B·T] token id to predict at each position, −100 = none
+  std::int64_t tokens() const { return static_cast<std::int64_t>(batch) * seq; }
+};
+
+// One activation stream. `final` is the input of the LM head.
+struct Branch {
+  Mat hidden, x, q, k, v, attn, m1, m2, emb;
+  Mat final;
+  float* ce_state = nullptr;  // [N, 3]
+  float* row_loss = nullptr;  // [N]
+  float* loss = nullptr;      // [1]
+};
+
+struct GraphLimits {
+  std::int64_t weight_tile_elems = 0;  // max elements of one materialized weight tile (0 = whole tensors)
+  std::int64_t vocab_tile = 8192;      // LM head rows per logits tile
+};
+
+// Everything the graph needs on the device for `branches` streams of N tokens.
+struct WorkspacePlan {
+  struct Item {
+    std::string what;
+    std::size_t bytes;
+  };
+  std::vector<Item> items;
+  std::size_t total() const;
+};
+
+class ModelGraph {
+ public:
+  ModelGraph(const ModelConfig& config, DType compute, GraphLimits limits);
+
+  // The device memory for `branches` activation streams over batch × seq tokens.
+  WorkspacePlan workspace_plan(int branches, int batch, int seq) const;
+  // Allocates that workspace from the device's arena (rope tables uploaded on `s`).
+  void allocate(Device& device, Stream& s, int branches, int batch, int seq);
+  std::span<Branch> branches() { return {branches_.data(), branches_.size()}; }
+  int capacity_tokens() const { return capacity_tokens_; }
+
+  // Token (+ position) embeddings of the batch into each branch's hidden.
+  // noise != nullptr: two branches, the first sees W + eps·z, the second W − eps·z.
+  void embed(Ops& ops, Stream& s, const WeightSet& globals, const BatchView& batch,
+             const NoiseArgs* noise, int nbranches);
+  void block(Ops& ops, Stream& s, const WeightSet& block, const BatchView& batch,
+             const NoiseArgs* noise, int nbranches);
+  // Final norm (+ OPT project_out) into each branch's `final`.
+  void finish(Ops& ops, Stream& s, const WeightSet& globals, const BatchView& batch,
+              const NoiseArgs* noise, int nbranches);
+  // LM head + cross-entropy by vocabulary tiles: row_loss and loss of each branch. With
+  // logits (one branch only), the full [N, V] logits are written there too.
+  void head(Ops& ops, Stream& s, const WeightSet& globals, const BatchView& batch,
+            const NoiseArgs* noise, int nbranches, const Mat* logits = nullptr);
+
+  const ModelConfig& config() const { return config_; }
+  DType compute_dtype() const { return compute_; }
+  const GraphLimits& limits() const { return limits_; }
+
+ private:
+  struct Views {
+    Mat w[2];
+  };
+  std::int64_t tile_rows(const StoredTensor& w) const;
+  Views materialize(Ops& ops, Stream& s, const StoredTensor& w, std::int64_t r0, std::int64_t r1,
+                    const NoiseArgs* noise, void* scratch0, void* scratch1);
+  Views vector(Ops& ops, Stream& s, const StoredTensor* w, const NoiseArgs* noise, int slot);
+  void linear(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias, Mat Branch::*in,
+              Mat Branch::*out, const NoiseArgs* noise, int nbranches);
+  void norm(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias, Mat Branch::*in,
+            Mat Branch::*out, const NoiseArgs* noise, int nbranches);
+  void attention(Ops& ops, Stream& s, const BatchView& batch, int nbranches);
+
+  ModelConfig config_;
+  DType compute_;
+  GraphLimits limits_;
+  std::int64_t max_tensor_elems_ = 0;
+  std::int64_t max_vector_ = 0;
+  std::vector<float> inv_freq_host_;
+
+  std::vector<DeviceBuffer> buffers_;
+  std::vector<Branch> branches_;
+  void* weight_scratch_[2] = {nullptr, nullptr};
+  void* vector_scratch_ = nullptr;  // 4 slots × 2 branches × max_vector_
+  Mat logits_tile_;
+  float* inv_freq_ = nullptr;
+  int capacity_tokens_ = 0;
+};
+
+}  // namespace zo2

@@ -1,0 +1,59 @@
+#include "models/init.h"
+
+#include "runtime/element.h"
+#include "runtime/error.h"
+#include "runtime/philox.h"
+#include "zo/tensor_key.h"
+
+#include <oneapi/tbb/parallel_for.h>
+
+#include <algorithm>
+
+namespace zo2 {
+namespace {
+
+enum class Kind { matrix, ones, zeros };
+
+Kind kind_of(std::string_view name, int ndim) {
+  if (ndim >= 2) return Kind::matrix;
+  const bool weight = name.size() >= 7 && name.substr(name.size() - 7) == ".weight";
+  return weight ? Kind::ones : Kind::zeros;  // norm weights; biases
+}
+
+}  // namespace
+
+float init_value(std::string_view name, int ndim, std::uint64_t seed, std::int64_t index) {
+  switch (kind_of(name, ndim)) {
+    case Kind::ones: return 1.0f;
+    case Kind::zeros: return 0.0f;
+    default:
+      return kInitStd * noise_normal(seed, tensor_key(name), static_cast<std::uint64_t>(index));
+  }
+}
+
+void fill_init(std::string_view name, int ndim, std::int64_t numel, std::uint64_t seed, DType dtype,
+               std::span<std::byte> out) {
+  if (!(dtype == DType::f32 || dtype == DType::bf16 || dtype == DType::f16))
+    fail(ErrorKind::unsupported, "init writes fp32, bf16 or fp16, not {}", dtype_name(dtype));
+  if (out.size() < static_cast<std::size_t>(numel) * dtype_size(dtype))
+    fail(ErrorKind::internal, "fill_init: output too small for {}", name);
+  const Kind kind = kind_of(name, ndim);
+  const std::uint64_t key = tensor_key(name);
+  void* dst = out.data();
+  const std::int64_t groups = (numel + 3) / 4;
+  tbb::parallel_for(tbb::blocked_range<std::int64_t>(0, groups, 4096),
+                    [&](const tbb::blocked_range<std::int64_t>& r) {
+                      for (std::int64_t q = r.begin(); q != r.end(); ++q) {
+                        Normal4 z{};
+                        if (kind == Kind::matrix) z = noise_normal4(seed, key, static_cast<std::uint64_t>(q));
+                        for (std::int64_t i = q * 4; i < std::min(numel, q * 4 + 4); ++i) {
+                          const float v = kind == Kind::matrix ? kInitStd * z.v[i - q * 4]
+                                          : kind == Kind::ones ? 1.0f
+                                                               : 0.0f;
+                          store_element(dst, dtype, i, v);
+                        }
+                      }
+                    });
+}
+
+}  // namespace zo2

@@ -1,0 +1,128 @@
+#include "models/presets.h"
+
+#include "runtime/error.h"
+
+#include <fmt/format.h>
+
+namespace zo2 {
+namespace {
+
+ModelConfig opt(std::int64_t hidden, std::int64_t layers, std::int64_t heads, std::int64_t ffn,
+                std::int64_t vocab = 50272, std::int64_t positions = 2048, bool pre_ln = true,
+                std::int64_t proj = 0) {
+  ModelConfig c;
+  c.family = ModelFamily::opt;
+  c.vocab_size = vocab;
+  c.hidden_size = hidden;
+  c.num_layers = layers;
+  c.num_heads = heads;
+  c.num_kv_heads = heads;
+  c.head_dim = hidden / heads;
+  c.ffn_dim = ffn;
+  c.max_positions = positions;
+  c.pre_layer_norm = pre_ln;
+  c.final_layer_norm = pre_ln;
+  c.word_embed_proj_dim = proj > 0 ? proj : hidden;
+  c.linear_bias = true;
+  c.tie_word_embeddings = true;
+  c.norm_eps = 1e-5f;
+  c.bos_token_id = 2;
+  c.eos_token_id = 2;
+  c.pad_token_id = 1;
+  return c;
+}
+
+ModelConfig llama(std::int64_t hidden, std::int64_t layers, std::int64_t heads, std::int64_t kv_heads,
+                  std::int64_t ffn, std::int64_t vocab, std::int64_t positions, double theta,
+                  float eps, bool tied = false) {
+  ModelConfig c;
+  c.family = ModelFamily::llama;
+  c.vocab_size = vocab;
+  c.hidden_size = hidden;
+  c.num_layers = layers;
+  c.num_heads = heads;
+  c.num_kv_heads = kv_heads;
+  c.head_dim = hidden / heads;
+  c.ffn_dim = ffn;
+  c.max_positions = positions;
+  c.word_embed_proj_dim = hidden;
+  c.linear_bias = false;
+  c.tie_word_embeddings = tied;
+  c.norm_eps = eps;
+  c.rope.type = RopeType::default_;
+  c.rope.theta = theta;
+  c.bos_token_id = vocab == 32000 ? 1 : 128000;
+  c.eos_token_id = vocab == 32000 ? 2 : 128001;
+  return c;
+}
+
+ModelConfig llama3_scaled(ModelConfig c, double factor, std::int64_t original) {
+  c.rope.type = RopeType::llama3;
+  c.rope.factor = factor;
+  c.rope.low_freq_factor = 1.0;
+  c.rope.high_freq_factor = 4.0;
+  c.rope.original_max_positions = original;
+  return c;
+}
+
+std::vector<Preset> make_presets() {
+  std::vector<Preset> p;
+  auto add = [&](std::string name, std::string desc, ModelConfig c) {
+    c.validate("preset " + name);
+    p.push_back({std::move(name), std::move(desc), std::move(c)});
+  };
+  // Tiny shapes (tests, demos). V = 512 unless they need a real tokenizer.
+  add("opt-tiny", "OPT, 2 blocks, hidden 64 (tests)", opt(64, 2, 4, 256, 512, 64));
+  add("opt-tiny-postln", "OPT post-LN with project_in/out 32↔64, 3 blocks (tests)",
+      opt(64, 3, 8, 128, 512, 64, false, 32));
+  {
+    ModelConfig c = llama(64, 2, 4, 2, 176, 512, 64, 10000.0, 1e-6f);
+    c.head_dim = 16;
+    add("llama-tiny", "LLaMA, GQA 4/2 heads, 2 blocks, hidden 64 (tests)", c);
+  }
+  add("opt-micro", "OPT, 4 blocks, hidden 128, GPT-2 vocabulary (demos with a real tokenizer)",
+      opt(128, 4, 4, 512, 50272, 512));
+  add("llama-micro", "LLaMA, 4 blocks, hidden 128, GQA 4/2, LLaMA-2 vocabulary (demos)",
+      llama(128, 4, 4, 2, 352, 32000, 512, 10000.0, 1e-5f));
+  // OPT, as facebook/opt-* ship them.
+  add("opt-125m", "OPT-125m", opt(768, 12, 12, 3072));
+  add("opt-350m", "OPT-350m (post-LN, project_in/out 512↔1024)", opt(1024, 24, 16, 4096, 50272, 2048, false, 512));
+  add("opt-1.3b", "OPT-1.3B", opt(2048, 24, 32, 8192));
+  add("opt-2.7b", "OPT-2.7B", opt(2560, 32, 32, 10240));
+  add("opt-6.7b", "OPT-6.7B", opt(4096, 32, 32, 16384));
+  add("opt-13b", "OPT-13B", opt(5120, 40, 40, 20480));
+  add("opt-30b", "OPT-30B", opt(7168, 48, 56, 28672));
+  add("opt-66b", "OPT-66B", opt(9216, 64, 72, 36864));
+  add("opt-175b", "OPT-175B", opt(12288, 96, 96, 49152));
+  // LLaMA-2.
+  add("llama2-7b", "LLaMA-2 7B", llama(4096, 32, 32, 32, 11008, 32000, 4096, 10000.0, 1e-5f));
+  add("llama2-13b", "LLaMA-2 13B", llama(5120, 40, 40, 40, 13824, 32000, 4096, 10000.0, 1e-5f));
+  add("llama2-70b", "LLaMA-2 70B (GQA 64/8)", llama(8192, 80, 64, 8, 28672, 32000, 4096, 10000.0, 1e-5f));
+  // LLaMA-3.
+  add("llama3-8b", "LLaMA-3 8B (GQA 32/8)", llama(4096, 32, 32, 8, 14336, 128256, 8192, 500000.0, 1e-5f));
+  add("llama3-70b", "LLaMA-3 70B (GQA 64/8)", llama(8192, 80, 64, 8, 28672, 128256, 8192, 500000.0, 1e-5f));
+  add("llama3.1-8b", "LLaMA-3.1 8B (llama3 rotary scaling, 128k positions)",
+      llama3_scaled(llama(4096, 32, 32, 8, 14336, 128256, 131072, 500000.0, 1e-5f), 8.0, 8192));
+  {
+    ModelConfig c = llama3_scaled(llama(2048, 16, 32, 8, 8192, 128256, 131072, 500000.0, 1e-5f, true), 32.0, 8192);
+    add("llama3.2-1b", "LLaMA-3.2 1B (tied head, llama3 rotary scaling)", c);
+  }
+  return p;
+}
+
+}  // namespace
+
+const std::vector<Preset>& presets() {
+  static const std::vector<Preset> p = make_presets();
+  return p;
+}
+
+const Preset& find_preset(std::string_view name) {
+  for (const auto& p : presets())
+    if (p.name == name) return p;
+  std::string names;
+  for (const auto& p : presets()) names += (names.empty() ? "" : ", ") + p.name;
+  fail(ErrorKind::invalid_argument, "unknown preset '{}' (known: {})", name, names);
+}
+
+}  // namespace zo2

@@ -1,0 +1,126 @@
+// Tokenizers for the models zo2 fine-tunes (DESIGN.md §2, models/):
+//  - GPT-2 byte-level BPE (OPT): vocab.json + merges.txt, or encoder.json + vocab.bpe;
+//  - HF tokenizer.json with a BPE model over bytes (GPT-2/OPT style, LLaMA-3 style);
+//  - SentencePiece tokenizer.model (LLaMA-2) through libsentencepiece.
+// Special tokens (BOS/EOS/PAD) come from tokenizer_config.json, special_tokens_map.json
+// and config.json, in that order of precedence.
+//
+// All tokenizers are immutable after loading; encode() and decode() may be called from
+// several threads at once.
+#pragma once
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace zo2 {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer();
+
+  // Loads from a model/tokenizer directory: tokenizer.json if present (when it describes a
+  // model zo2 does not implement and tokenizer.model exists, the latter is used), else
+  // tokenizer.model, else vocab.json + merges.txt (or encoder.json + vocab.bpe); plus
+  // tokenizer_config.json / special_tokens_map.json / config.json for the special tokens.
+  // The error lists what was looked for when nothing is found.
+  static std::unique_ptr<Tokenizer> from_dir(const std::filesystem::path& dir);
+  // GPT-2 byte-level BPE from a token→id JSON map and a merges file ("a b" per line, the
+  // first line may be a "#version" comment). No special-token configuration: "<|endoftext|>",
+  // when in the vocabulary, is matched whole in the text and is BOS and EOS (as HF's GPT-2
+  // tokenizer does), and nothing is added by encode_with_special().
+  static std::unique_ptr<Tokenizer> from_vocab_merges(const std::filesystem::path& vocab,
+                                                      const std::filesystem::path& merges);
+  // A HF tokenizer.json alone (its post-processor decides what encode_with_special adds).
+  static std::unique_ptr<Tokenizer> from_tokenizer_json(const std::filesystem::path& file);
+  // A SentencePiece model alone (BOS/EOS ids from the model; BOS added, as LLaMA-2 does).
+  static std::unique_ptr<Tokenizer> from_sentencepiece(const std::filesystem::path& file);
+
+  // Raw encoding of text (no BOS/EOS added). Added/special tokens written in the text
+  // ("<|endoftext|>", "<|begin_of_text|>") are matched whole. Any byte string is accepted:
+  // byte-level BPE encodes invalid UTF-8 byte by byte.
+  virtual std::vector<std::int32_t> encode(std::string_view text) const = 0;
+  // encode() plus the special tokens the configuration asks for (BOS/EOS, or the
+  // tokenizer.json post-processor's template).
+  std::vector<std::int32_t> encode_with_special(std::string_view text) const;
+  // The bytes the ids stand for (special tokens included as their text). Ids out of
+  // range are an invalid_argument error.
+  virtual std::string decode(std::span<const std::int32_t> ids) const = 0;
+  // One past the largest id (model vocabulary plus added tokens).
+  virtual std::int32_t vocab_size() const = 0;
+
+  std::optional<std::int32_t> bos_id() const { return bos_id_; }
+  std::optional<std::int32_t> eos_id() const { return eos_id_; }
+  std::optional<std::int32_t> pad_id() const { return pad_id_; }
+  std::optional<std::int32_t> unk_id() const { return unk_id_; }
+  // Whether encode_with_special() puts BOS first / EOS last.
+  bool add_bos() const;
+  bool add_eos() const;
+  // What encode_with_special() puts before and after the encoded text.
+  const std::vector<std::int32_t>& special_prefix() const { return prefix_; }
+  const std::vector<std::int32_t>& special_suffix() const { return suffix_; }
+
+  // The id of a token as the vocabulary writes it (byte-level form for BPE: "Ġthe";
+  // "▁the" for SentencePiece), or of an added token ("<|begin_of_text|>").
+  virtual std::optional<std::int32_t> token_to_id(std::string_view token) const = 0;
+  // The vocabulary's string for an id (byte-level form for BPE); empty if out of range.
+  virtual std::string id_to_token(std::int32_t id) const = 0;
+  // "gpt2-bpe", "hf-bpe" or "sentencepiece", for logs.
+  virtual std::string_view kind() const = 0;
+
+ protected:
+  Tokenizer();
+  struct SpecialConfig;
+
+  // A token matched whole in the input before anything else sees it (HF "added tokens":
+  // special tokens such as "<|begin_of_text|>", "</s>"). lstrip/rstrip: the match takes
+  // the whitespace before/after it; single_word: only where it is not inside a word.
+  struct AddedToken {
+    std::string content;
+    std::int32_t id = -1;
+    bool lstrip = false, rstrip = false, single_word = false, special = true;
+  };
+  // Registers one (a second token with the same content replaces the first).
+  void add_token(AddedToken token);
+  bool has_added_tokens() const;
+  // The added tokens' ids above the model's own (for vocab_size()).
+  std::int32_t max_added_id() const;
+  std::optional<std::int32_t> added_token_id(std::string_view content) const;
+  const std::string* added_token_content(std::int32_t id) const;
+  // Splits text at the added tokens, leftmost-longest: pieces of plain text (id < 0) and
+  // matched tokens (id >= 0), in order. Empty plain pieces are left out.
+  struct Piece {
+    std::string_view text;
+    std::int32_t id;
+  };
+  std::vector<Piece> split_added(std::string_view text) const;
+  // tokenizer_config.json's add_prefix_space (GPT-2 style tokenizers; ignored by others).
+  virtual void set_add_prefix_space(bool) {}
+  // BOS/EOS/PAD/UNK and what encode_with_special() adds; the loaders set these.
+  void apply_special_config(const SpecialConfig& config);
+
+  std::optional<std::int32_t> bos_id_, eos_id_, pad_id_, unk_id_;
+  std::vector<std::int32_t> prefix_, suffix_;
+
+ private:
+  struct AddedTable;
+  std::unique_ptr<AddedTable> added_;
+};
+
+// What the loaders gather from a directory's JSON files (tokenizer_config.json,
+// special_tokens_map.json, config.json). Unset fields keep the tokenizer's own defaults.
+struct Tokenizer::SpecialConfig {
+  std::optional<std::int32_t> bos_id, eos_id, pad_id, unk_id;
+  std::optional<bool> add_bos, add_eos;
+};
+
+// Trains a SentencePiece model with libsentencepiece's trainer (the argument string of
+// spm_train, e.g. "--input=corpus.txt --model_prefix=dir/tokenizer --vocab_size=200").
+// For tests and for preparing toy models.
+void train_sentencepiece(std::string_view args);
+
+}  // namespace zo2

@@ -1,0 +1,147 @@
+#include "offload/block_store.h"
+
+#include "models/checkpoint.h"
+#include "models/init.h"
+#include "models/safetensors.h"
+#include "runtime/element.h"
+#include "runtime/error.h"
+#include "runtime/log.h"
+#include "runtime/philox.h"
+#include "zo/tensor_key.h"
+
+#include <nlohmann/json.hpp>
+#include <oneapi/tbb/parallel_for.h>
+
+#include <cmath>
+#include <fstream>
+
+namespace zo2 {
+
+WeightSet bind_weights(const ImageLayout& layout, void* base) {
+  WeightSet w;
+  auto* b = static_cast<std::byte*>(base);
+  for (const TensorSlot& s : layout.tensors()) {
+    StoredTensor t;
+    t.data = b + s.offset;
+    t.dtype = s.dtype;
+    t.row_scales = s.has_scales() ? reinterpret_cast<float*>(b + s.scale_offset) : nullptr;
+    t.rows = s.rows;
+    t.cols = s.cols;
+    t.key = tensor_key(s.name);
+    const auto r = static_cast<std::size_t>(s.role);
+    w.tensors[r] = t;
+    w.present[r] = true;
+  }
+  return w;
+}
+
+BlockStore::BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks)
+    : config_(config), storage_(storage), aliased_(alias_blocks) {
+  if (!dtype_is_storage(storage))
+    fail(ErrorKind::invalid_argument, "storage dtype {} is not one of fp32, bf16, fp16, fp8",
+         dtype_name(storage));
+  globals_layout_ = zo2::globals_layout(config_, storage_);
+  for (std::int64_t i = 0; i < config_.num_layers; ++i)
+    block_layouts_.push_back(zo2::block_layout(config_, i, storage_));
+  globals_ = device.alloc_host(globals_layout_.bytes());
+  const std::int64_t images = alias_blocks ? 1 : config_.num_layers;
+  for (std::int64_t i = 0; i < images; ++i) blocks_.push_back(device.alloc_host(block_bytes()));
+}
+
+void* BlockStore::block_image(std::int64_t i) {
+  return blocks_[aliased_ ? 0 : static_cast<std::size_t>(i)].data();
+}
+
+std::size_t BlockStore::host_bytes() const {
+  std::size_t n = globals_.bytes();
+  for (const auto& b : blocks_) n += b.bytes();
+  return n;
+}
+
+BlockStore BlockStore::load(const std::filesystem::path& model_dir, DType storage, Device& device) {
+  const ModelConfig config = ModelConfig::load(model_dir);
+  const auto ckpt = SafetensorsCheckpoint::open(model_dir);
+  BlockStore store(config, storage, device, false);
+  const std::string where = model_dir.string();
+  const auto unused = unused_checkpoint_tensors(ckpt, config);
+  for (const auto& name : unused)
+    if (name != "lm_head.weight" && name.find("rotary_emb.inv_freq") == std::string::npos) {
+      log_warn("{}: checkpoint tensor '{}' is not used by this {} config ({} unused in all)", where,
+               name, config.family_name(), unused.size());
+      break;
+    }
+  load_image(ckpt, store.globals_layout_, store.globals_.data(), where);
+  // Blocks convert in parallel (each conversion is itself parallel inside).
+  tbb::parallel_for(std::int64_t{0}, config.num_layers, [&](std::int64_t i) {
+    load_image(ckpt, store.block_layouts_[static_cast<std::size_t>(i)],
+               store.blocks_[static_cast<std::size_t>(i)].data(), where);
+  });
+  return store;
+}
+
+namespace {
+
+// Fills one image with init values (models/init.h).
+void init_image(const ImageLayout& layout, void* image, std::uint64_t seed) {
+  auto* base = static_cast<std::byte*>(image);
+  for (const TensorSlot& s : layout.tensors()) {
+    const auto n = static_cast<std::size_t>(s.numel());
+    if (s.dtype == DType::f8_e4m3) {
+      std::vector<float> tmp(n);
+      fill_init(s.name, s.ndim, s.numel(), seed, DType::f32,
+                std::as_writable_bytes(std::span<float>(tmp)));
+      quantize_rows_e4m3(tmp.data(), s.rows, s.cols, reinterpret_cast<std::uint8_t*>(base + s.offset),
+                         reinterpret_cast<float*>(base + s.scale_offset));
+    } else {
+      fill_init(s.name, s.ndim, s.numel(), seed, s.dtype, {base + s.offset, s.bytes});
+    }
+  }
+}
+
+}  // namespace
+
+BlockStore BlockStore::synthetic(const ModelConfig& config, DType storage, Device& device,
+                                 std::uint64_t seed, bool alias_blocks) {
+  BlockStore store(config, storage, device, alias_blocks);
+  init_image(store.globals_layout_, store.globals_.data(), seed);
+  const std::int64_t images = alias_blocks ? 1 : config.num_layers;
+  tbb::parallel_for(std::int64_t{0}, images, [&](std::int64_t i) {
+    init_image(store.block_layouts_[static_cast<std::size_t>(i)],
+               store.blocks_[static_cast<std::size_t>(i)].data(), seed);
+  });
+  return store;
+}
+
+void BlockStore::save(const std::filesystem::path& out_dir, DType dtype,
+                      std::uint64_t shard_bytes) const {
+  if (aliased_)
+    fail(ErrorKind::invalid_argument,
+         "this model was synthesized with aliased blocks (a benchmark shape); it cannot be saved");
+  std::error_code ec;
+  std::filesystem::create_directories(out_dir, ec);
+  if (ec) fail(ErrorKind::io, "{}: cannot create the output directory: {}", out_dir.string(), ec.message());
+  std::vector<TensorToWrite> tensors;
+  for (const auto& s : globals_layout_.tensors())
+    tensors.push_back(image_tensor(s, globals_.data(), dtype));
+  for (std::int64_t i = 0; i < config_.num_layers; ++i)
+    for (const auto& s : block_layouts_[static_cast<std::size_t>(i)].tensors())
+      tensors.push_back(image_tensor(s, blocks_[static_cast<std::size_t>(i)].data(), dtype));
+  ModelConfig c = config_;
+  c.torch_dtype = dtype == DType::f32 ? "float32" : dtype == DType::bf16 ? "bfloat16" : "float16";
+  write_safetensors_sharded(out_dir, tensors, shard_bytes, {{"format", "pt"}});
+  // config.json last, atomically: a directory with a config is a complete checkpoint.
+  const auto tmp = out_dir / "config.json.tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    if (!out) fail(ErrorKind::io, "{}: cannot write", tmp.string());
+    nlohmann::json j = c.to_json();
+    j["torch_dtype"] = c.torch_dtype;
+    j["dtype"] = c.torch_dtype;
+    out << j.dump(2) << "\n";
+    if (!out.flush()) fail(ErrorKind::io, "{}: write failed", tmp.string());
+  }
+  std::filesystem::rename(tmp, out_dir / "config.json", ec);
+  if (ec) fail(ErrorKind::io, "{}: cannot rename: {}", tmp.string(), ec.message());
+}
+
+}  // namespace zo2

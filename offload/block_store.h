@@ -1,0 +1,61 @@
+// The host block store: the master weights, one image per transformer block plus the
+// globals image, in pinned host memory when the device can pin (DESIGN.md §2, §4). The
+// scheduler uploads block images from here and offloads them back after their update.
+#pragma once
+#include "models/config.h"
+#include "models/graph.h"
+#include "models/layout.h"
+#include "runtime/device.h"
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace zo2 {
+
+// Bind the tensors of an image placed at `base` (host or device) to a WeightSet, with
+// tensor keys from their HF names.
+WeightSet bind_weights(const ImageLayout& layout, void* base);
+
+class BlockStore {
+ public:
+  // Reads an HF checkpoint directory into images of `storage` dtype (in parallel).
+  static BlockStore load(const std::filesystem::path& model_dir, DType storage, Device& device);
+  // Random weights in memory (std 0.02, norms 1, biases 0), as `init` writes them. With
+  // alias_blocks every block shares one image (for benchmarks of shapes larger than host
+  // memory; such stores cannot be saved).
+  static BlockStore synthetic(const ModelConfig& config, DType storage, Device& device,
+                              std::uint64_t seed, bool alias_blocks = false);
+
+  const ModelConfig& config() const { return config_; }
+  DType storage() const { return storage_; }
+  std::int64_t num_blocks() const { return config_.num_layers; }
+  const ImageLayout& globals_layout() const { return globals_layout_; }
+  const ImageLayout& block_layout(std::int64_t i) const { return block_layouts_[static_cast<std::size_t>(i)]; }
+  std::size_t block_bytes() const { return block_layouts_.empty() ? 0 : block_layouts_[0].bytes(); }
+  std::size_t globals_bytes() const { return globals_layout_.bytes(); }
+  void* globals_image() { return globals_.data(); }
+  void* block_image(std::int64_t i);
+  bool aliased() const { return aliased_; }
+  bool pinned() const { return globals_.pinned(); }
+  std::size_t host_bytes() const;
+
+  // Writes an HF checkpoint (config.json + safetensors, sharded above shard_bytes) of the
+  // images converted to `dtype`, atomically per file.
+  void save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes) const;
+
+ private:
+  BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks);
+
+  ModelConfig config_;
+  DType storage_;
+  ImageLayout globals_layout_;
+  std::vector<ImageLayout> block_layouts_;
+  HostBuffer globals_;
+  std::vector<HostBuffer> blocks_;
+  bool aliased_ = false;
+};
+
+}  // namespace zo2

@@ -1,0 +1,149 @@
+#include "offload/planner.h"
+
+#include "models/layout.h"
+#include "runtime/arena.h"
+#include "runtime/common.h"
+#include "runtime/error.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+
+namespace zo2 {
+
+OffloadMode parse_offload_mode(std::string_view s) {
+  if (s == "auto") return OffloadMode::auto_;
+  if (s == "all") return OffloadMode::all;
+  if (s == "none") return OffloadMode::none;
+  fail(ErrorKind::invalid_argument, "--offload '{}': expected auto, all or none", s);
+}
+
+std::string_view offload_mode_name(OffloadMode m) {
+  switch (m) {
+    case OffloadMode::auto_: return "auto";
+    case OffloadMode::all: return "all";
+    case OffloadMode::none: return "none";
+  }
+  return "auto";
+}
+
+std::size_t batch_buffer_bytes(int batch, int seq) {
+  const std::size_t n = static_cast<std::size_t>(batch) * static_cast<std::size_t>(seq);
+  return 2 * 4 * align_up(n * sizeof(std::int32_t)) + align_up(4 * sizeof(float));
+}
+
+Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
+  if (r.batch <= 0 || r.seq <= 0)
+    fail(ErrorKind::invalid_argument, "batch size and sequence length must be positive (got {} × {})",
+         r.batch, r.seq);
+  if (r.window < 1) fail(ErrorKind::invalid_argument, "--window must be at least 1 (got {})", r.window);
+  Placement p;
+  p.cap = r.cap;
+  const std::int64_t L = config.num_layers;
+  p.block_bytes = block_layout(config, 0, r.storage).bytes();
+  p.globals_bytes = align_up(globals_layout(config, r.storage).bytes());
+  const ModelGraph graph(config, r.compute, r.limits);
+  p.limits = graph.limits();
+  p.workspace = graph.workspace_plan(r.branches, r.batch, r.seq);
+  p.workspace_bytes = p.workspace.total();
+  p.batch_bytes = batch_buffer_bytes(r.batch, r.seq);
+  if (r.logits_out)
+    p.logits_bytes = align_up(static_cast<std::size_t>(r.batch) * static_cast<std::size_t>(r.seq) *
+                              static_cast<std::size_t>(config.vocab_size) * sizeof(float));
+  const std::size_t block = align_up(p.block_bytes);
+  const std::size_t fixed = p.globals_bytes + p.workspace_bytes + p.batch_bytes + p.logits_bytes;
+  const int k_min = static_cast<int>(std::min<std::int64_t>(r.window, L));
+  p.minimum_cap = fixed + static_cast<std::size_t>(k_min) * block;
+  const std::size_t all_resident = fixed + static_cast<std::size_t>(L) * block;
+
+  std::int64_t resident = 0;
+  int window = 0;
+  switch (r.mode) {
+    case OffloadMode::none:
+      if (all_resident > r.cap)
+        fail(ErrorKind::out_of_memory,
+             "--offload none needs {} of device memory for this model and batch (cap {}); "
+             "use --offload auto or a larger --gpu-mem",
+             format_bytes(static_cast<double>(all_resident)), format_bytes(static_cast<double>(r.cap)));
+      resident = L;
+      break;
+    case OffloadMode::all:
+      if (p.minimum_cap > r.cap)
+        fail(ErrorKind::out_of_memory,
+             "the cap {} is below the minimum of {} for streaming every block through {} slots "
+             "(globals {}, activations and scratch {}, slots {} × {})",
+             format_bytes(static_cast<double>(r.cap)), format_bytes(static_cast<double>(p.minimum_cap)),
+             k_min, format_bytes(static_cast<double>(p.globals_bytes)),
+             format_bytes(static_cast<double>(p.workspace_bytes + p.batch_bytes + p.logits_bytes)), k_min,
+             format_bytes(static_cast<double>(block)));
+      resident = 0;
+      window = k_min;
+      break;
+    case OffloadMode::auto_:
+      if (all_resident <= r.cap) {
+        resident = L;
+      } else {
+        if (p.minimum_cap > r.cap)
+          fail(ErrorKind::out_of_memory,
+               "the cap {} is below the minimum of {} this model needs at batch {} × {} tokens "
+               "(globals {}, activations and scratch {}, {} window slots × {})",
+               format_bytes(static_cast<double>(r.cap)), format_bytes(static_cast<double>(p.minimum_cap)),
+               r.batch, r.seq, format_bytes(static_cast<double>(p.globals_bytes)),
+               format_bytes(static_cast<double>(p.workspace_bytes + p.batch_bytes + p.logits_bytes)),
+               k_min, format_bytes(static_cast<double>(block)));
+        const std::int64_t fit = static_cast<std::int64_t>((r.cap - fixed) / block);
+        // fit = resident + slots, with slots = min(K, L − resident).
+        resident = std::clamp<std::int64_t>(fit - r.window, 0, L);
+        window = static_cast<int>(std::min<std::int64_t>(r.window, L - resident));
+        if (window == 0) resident = L;
+      }
+      break;
+  }
+  p.window = resident == L ? 0 : window;
+  p.resident_count = resident;
+  p.streamed = L - resident;
+  // Spread the resident blocks evenly: block i is resident when ⌊(i+1)·R/L⌋ > ⌊i·R/L⌋.
+  p.resident.assign(static_cast<std::size_t>(L), false);
+  for (std::int64_t i = 0; i < L; ++i)
+    p.resident[static_cast<std::size_t>(i)] = (i + 1) * resident / L > i * resident / L;
+  p.slot_bytes = static_cast<std::size_t>(p.window) * block;
+  p.resident_bytes = static_cast<std::size_t>(resident) * block;
+  p.total_bytes = fixed + p.slot_bytes + p.resident_bytes;
+  p.h2d_bytes_per_step = static_cast<std::size_t>(p.streamed) * p.block_bytes;
+  p.d2h_bytes_per_step = r.branches == 2 ? p.h2d_bytes_per_step : 0;
+  p.predicted_transfer_s = std::max(static_cast<double>(p.h2d_bytes_per_step) / r.h2d_bytes_per_s,
+                                    static_cast<double>(p.d2h_bytes_per_step) / r.d2h_bytes_per_s);
+  return p;
+}
+
+std::string Placement::describe(const ModelConfig& config) const {
+  std::string s;
+  auto line = [&](std::string_view what, double bytes) {
+    s += fmt::format("  {:<28} {:>12}\n", what, format_bytes(bytes));
+  };
+  s += fmt::format("placement: {} of {} blocks resident, {} streamed through {} slots\n",
+                   resident_count, resident.size(), streamed, window);
+  if (streamed > 0 && resident_count > 0) {
+    std::string map;
+    for (bool b : resident) map += b ? 'R' : 's';
+    s += fmt::format("  blocks (R resident, s streamed): {}\n", map);
+  }
+  line("globals", static_cast<double>(globals_bytes));
+  line("resident blocks", static_cast<double>(resident_bytes));
+  line("window slots", static_cast<double>(slot_bytes));
+  line("activations and scratch", static_cast<double>(workspace_bytes));
+  line("batch buffers", static_cast<double>(batch_bytes));
+  if (logits_bytes) line("logits", static_cast<double>(logits_bytes));
+  line("predicted device peak", static_cast<double>(total_bytes));
+  line("cap", static_cast<double>(cap));
+  line("minimum cap (all streamed)", static_cast<double>(minimum_cap));
+  line("block image", static_cast<double>(block_bytes));
+  s += fmt::format("  {:<28} {:>12} up, {} down\n", "transfer per step",
+                   format_bytes(static_cast<double>(h2d_bytes_per_step)),
+                   format_bytes(static_cast<double>(d2h_bytes_per_step)));
+  s += fmt::format("  {:<28} {:>12.3f} s\n", "transfer-bound step time", predicted_transfer_s);
+  (void)config;
+  return s;
+}
+
+}  // namespace zo2

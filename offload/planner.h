@@ -1,0 +1,69 @@
+// Placement under a device memory cap (DESIGN.md §6): reserve the globals, the activations
+// of both branches, scratch and K window slots; make as many blocks resident as fit,
+// spread between the streamed ones so their compute hides the streamed transfers. The
+// plan is computed from the same functions that later allocate, before anything is.
+#pragma once
+#include "models/config.h"
+#include "models/graph.h"
+#include "runtime/dtype.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace zo2 {
+
+enum class OffloadMode { auto_, all, none };
+OffloadMode parse_offload_mode(std::string_view s);  // auto | all | none
+std::string_view offload_mode_name(OffloadMode m);
+
+struct PlanRequest {
+  std::size_t cap = 0;            // device bytes available to zo2 (the arena)
+  int batch = 1;
+  int seq = 1;
+  int branches = 2;               // 2 for training (±eps), 1 for eval/forward only
+  DType storage = DType::f32;
+  DType compute = DType::f32;
+  OffloadMode mode = OffloadMode::auto_;
+  int window = 3;                 // K device slots for streamed blocks
+  GraphLimits limits;
+  double h2d_bytes_per_s = 50e9;  // for the predicted transfer-bound step time
+  double d2h_bytes_per_s = 50e9;
+  bool logits_out = false;        // forward: room for the full [B·T, V] logits
+};
+
+struct Placement {
+  std::vector<bool> resident;     // per block
+  int window = 0;                 // slots actually allocated (0 when nothing streams)
+  std::int64_t streamed = 0;
+  std::int64_t resident_count = 0;
+  std::size_t block_bytes = 0;
+  std::size_t globals_bytes = 0;
+  std::size_t workspace_bytes = 0;
+  std::size_t batch_bytes = 0;
+  std::size_t slot_bytes = 0;       // window × block
+  std::size_t resident_bytes = 0;   // resident blocks
+  std::size_t logits_bytes = 0;
+  std::size_t total_bytes = 0;      // predicted arena peak
+  std::size_t cap = 0;
+  std::size_t minimum_cap = 0;      // smallest cap this request could run under (all streamed, K slots)
+  std::size_t h2d_bytes_per_step = 0;
+  std::size_t d2h_bytes_per_step = 0;
+  double predicted_transfer_s = 0;  // max(h2d, d2h) bytes / bandwidth per step
+  GraphLimits limits;
+  WorkspacePlan workspace;
+
+  // A human-readable table of the plan.
+  std::string describe(const ModelConfig& config) const;
+};
+
+// Batch buffers on the device: ids, mask, positions, targets (int32), double-buffered.
+std::size_t batch_buffer_bytes(int batch, int seq);
+
+// Throws Error(out_of_memory) stating the minimum cap when even the all-streamed plan
+// does not fit, or Error(invalid_argument) for impossible requests.
+Placement plan_placement(const ModelConfig& config, const PlanRequest& request);
+
+}  // namespace zo2

@@ -1,0 +1,338 @@
+#include "offload/scheduler.h"
+
+#include "runtime/error.h"
+#include "runtime/log.h"
+#include "runtime/ops.h"
+#include "zo/tensor_key.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace zo2 {
+Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placement,
+                     const SchedulerOptions& options)
+    : device_(device),
+      store_(store),
+      placement_(placement),
+      options_(options),
+      ops_(device.ops()),
+      h2d_(device.make_stream("upload")),
+      compute_(device.make_stream("compute")),
+      d2h_(device.make_stream("offload")),
+      graph_(store.config(), options.compute, placement.limits) {
+  const std::int64_t L = store.num_blocks();
+  ZO2_CHECK(static_cast<std::int64_t>(placement_.resident.size()) == L);
+  if (placement_.streamed > 0 && placement_.window < 1)
+    fail(ErrorKind::internal, "a placement that streams blocks needs at least one window slot");
+  if (options_.branches != 1 && options_.branches != 2)
+    fail(ErrorKind::invalid_argument, "a scheduler runs one or two branches, not {}", options_.branches);
+  Arena& arena = device.arena();
+  const std::size_t block_bytes = store.block_bytes();
+
+  globals_dev_ = arena.allocate(store.globals_bytes(), "globals");
+  compute_->copy_h2d(globals_dev_.data(), store.globals_image(), store.globals_bytes());
+  globals_w_ = bind_weights(store.globals_layout(), globals_dev_.data());
+  totals_.h2d_bytes += store.globals_bytes();
+
+  resident_dev_.resize(static_cast<std::size_t>(L));
+  resident_w_.resize(static_cast<std::size_t>(L));
+  for (std::int64_t i = 0; i < L; ++i) {
+    if (!placement_.resident[static_cast<std::size_t>(i)]) continue;
+    auto& buf = resident_dev_[static_cast<std::size_t>(i)];
+    buf = arena.allocate(block_bytes, fmt::format("resident block {}", i));
+    compute_->copy_h2d(buf.data(), store.block_image(i), block_bytes);
+    totals_.h2d_bytes += block_bytes;
+    resident_w_[static_cast<std::size_t>(i)] = bind_weights(store.block_layout(i), buf.data());
+  }
+  for (int k = 0; k < placement_.window; ++k) {
+    slots_.push_back(arena.allocate(block_bytes, fmt::format("window slot {}", k)));
+    uploaded_.push_back(device.make_event());
+    computed_.push_back(device.make_event());
+    slot_free_.push_back(device.make_event());
+  }
+  for (std::int64_t i = 0; i < L; ++i) offloaded_.push_back(device.make_event());
+
+  graph_.allocate(device, *compute_, options_.branches, options_.batch, options_.seq);
+
+  const std::size_t n = static_cast<std::size_t>(options_.batch) * static_cast<std::size_t>(options_.seq);
+  for (auto& s : batch_slots_) {
+    s.ids = arena.allocate(n * sizeof(std::int32_t), "batch token ids");
+    s.mask = arena.allocate(n * sizeof(std::int32_t), "batch attention mask");
+    s.positions = arena.allocate(n * sizeof(std::int32_t), "batch positions");
+    s.targets = arena.allocate(n * sizeof(std::int32_t), "batch targets");
+    s.staging = device.alloc_host(4 * n * sizeof(std::int32_t));
+    s.uploaded = device.make_event();
+    s.consumed = device.make_event();
+  }
+  g_dev_ = arena.allocate(4 * sizeof(float), "projected gradient");
+  compute_->memset(g_dev_.data(), 0, 4 * sizeof(float));
+  if (options_.logits_out)
+    logits_dev_ = arena.allocate(n * static_cast<std::size_t>(store.config().vocab_size) * sizeof(float),
+                                 "logits");
+  results_host_ = device.alloc_host(kRing * 4 * sizeof(float));
+  for (int r = 0; r < kRing; ++r) {
+    result_ready_[r] = device.make_event();
+    ring_step_[r] = -1;
+  }
+  compute_->synchronize();
+  log_debug("scheduler: device arena {} in use after setup (plan predicted {})",
+            format_bytes(static_cast<double>(arena.in_use())),
+            format_bytes(static_cast<double>(placement_.total_bytes)));
+}
+
+Scheduler::~Scheduler() {
+  for (Stream* s : {h2d_.get(), compute_.get(), d2h_.get()}) {
+    try {
+      s->synchronize();
+    } catch (const std::exception& e) {
+      log_warn("scheduler: {} stream failed while shutting down: {}", s->name(), e.what());
+    }
+  }
+}
+
+void Scheduler::check_batch(const HostBatch& batch) const {
+  if (batch.tokens() > static_cast<std::int64_t>(options_.batch) * options_.seq)
+    fail(ErrorKind::invalid_argument, "batch of {} × {} tokens exceeds the scheduler's capacity of {} × {}",
+         batch.batch, batch.seq, options_.batch, options_.seq);
+  if (static_cast<std::int64_t>(batch.ids.size()) != batch.tokens())
+    fail(ErrorKind::internal, "malformed batch");
+}
+
+int Scheduler::upload_batch(const HostBatch& batch) {
+  const int b = static_cast<int>(batch_uses_++ % 2);
+  BatchSlot& s = batch_slots_[b];
+  const std::size_t bytes = static_cast<std::size_t>(batch.tokens()) * sizeof(std::int32_t);
+  const std::size_t cap = static_cast<std::size_t>(options_.batch) * static_cast<std::size_t>(options_.seq) *
+                          sizeof(std::int32_t);
+  s.uploaded->synchronize();  // the previous copy out of this staging buffer has finished
+  auto* staging = static_cast<char*>(s.staging.data());
+  std::memcpy(staging, batch.ids.data(), bytes);
+  std::memcpy(staging + cap, batch.key_mask.data(), bytes);
+  std::memcpy(staging + 2 * cap, batch.positions.data(), bytes);
+  std::memcpy(staging + 3 * cap, batch.targets.data(), bytes);
+  h2d_->wait(*s.consumed);
+  h2d_->copy_h2d(s.ids.data(), staging, bytes);
+  h2d_->copy_h2d(s.mask.data(), staging + cap, bytes);
+  h2d_->copy_h2d(s.positions.data(), staging + 2 * cap, bytes);
+  h2d_->copy_h2d(s.targets.data(), staging + 3 * cap, bytes);
+  h2d_->record(*s.uploaded);
+  compute_->wait(*s.uploaded);
+  totals_.h2d_bytes += 4 * bytes;
+  return b;
+}
+
+void Scheduler::apply_update(const WeightSet& w, const ImageLayout& layout) {
+  for (const TensorSlot& slot : layout.tensors()) {
+    UpdateArgs a;
+    a.seed = pending_.seed;
+    a.lr = pending_.lr;
+    a.weight_decay = uses_weight_decay(slot.ndim) ? pending_.weight_decay : 0.0f;
+    a.g = g_dev_.as<float>();
+    a.rounding_seed = pending_.seed;
+    ops_.update(*compute_, w.at(slot.role), a);
+  }
+}
+
+void Scheduler::capture_hidden(const Mat& m, std::int64_t tokens,
+                               std::vector<std::vector<float>>* out) {
+  if (!out) return;
+  out->emplace_back(static_cast<std::size_t>(tokens * m.cols));
+  ZO2_CHECK(m.dtype == DType::f32 && m.contiguous());
+  compute_->copy_d2h(out->back().data(), m.data, out->back().size() * sizeof(float));
+}
+
+void Scheduler::run_blocks(const Use& use) {
+  const std::int64_t L = store_.num_blocks();
+  const std::size_t block_bytes = store_.block_bytes();
+  for (std::int64_t i = 0; i < L; ++i) {
+    const ImageLayout& layout = store_.block_layout(i);
+    if (placement_.resident[static_cast<std::size_t>(i)]) {
+      const WeightSet& w = resident_w_[static_cast<std::size_t>(i)];
+      if (use.update) apply_update(w, layout);
+      if (use.forward) {
+        graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches);
+        if (use.hidden && i + 1 < L)  // the last block's output is replaced by the final one
+          capture_hidden(graph_.branches()[0].hidden, use.batch->tokens(), use.hidden);
+      }
+      continue;
+    }
+    // See Note [Window slot lifecycle].
+    const int k = static_cast<int>(next_use_++ % placement_.window);
+    void* slot = slots_[static_cast<std::size_t>(k)].data();
+    h2d_->wait(*slot_free_[static_cast<std::size_t>(k)]);
+    h2d_->wait(*offloaded_[static_cast<std::size_t>(i)]);
+    h2d_->copy_h2d(slot, store_.block_image(i), block_bytes);
+    h2d_->record(*uploaded_[static_cast<std::size_t>(k)]);
+    totals_.h2d_bytes += block_bytes;
+    ++totals_.uploads;
+
+    compute_->wait(*uploaded_[static_cast<std::size_t>(k)]);
+    const WeightSet w = bind_weights(layout, slot);
+    if (use.update) apply_update(w, layout);
+    if (use.forward) {
+      graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches);
+      if (use.hidden && i + 1 < L)  // the last block's output is replaced by the final one
+          capture_hidden(graph_.branches()[0].hidden, use.batch->tokens(), use.hidden);
+    }
+    compute_->record(*computed_[static_cast<std::size_t>(k)]);
+
+    if (use.update) {
+      d2h_->wait(*computed_[static_cast<std::size_t>(k)]);
+      d2h_->copy_d2h(store_.block_image(i), slot, block_bytes);
+      d2h_->record(*offloaded_[static_cast<std::size_t>(i)]);
+      d2h_->record(*slot_free_[static_cast<std::size_t>(k)]);
+      totals_.d2h_bytes += block_bytes;
+      ++totals_.offloads;
+    } else {
+      // Nothing changed: the slot is free once compute is done with it.
+      compute_->record(*slot_free_[static_cast<std::size_t>(k)]);
+    }
+  }
+}
+
+void Scheduler::step(const HostBatch& batch, const StepParams& p) {
+  check_batch(batch);
+  if (options_.branches != 2)
+    fail(ErrorKind::internal, "this scheduler was set up for evaluation only (one branch)");
+  const int r = static_cast<int>(((p.step % kRing) + kRing) % kRing);
+  if (ring_step_[r] >= 0) done_[ring_step_[r]] = wait_result(ring_step_[r]);  // keep the old occupant's result
+  const TransferTotals before = totals_;
+
+  const int b = upload_batch(batch);
+  BatchSlot& bs = batch_slots_[b];
+  BatchView view;
+  view.batch = batch.batch;
+  view.seq = batch.seq;
+  view.ids = bs.ids.as<std::int32_t>();
+  view.key_mask = bs.mask.as<std::int32_t>();
+  view.positions = bs.positions.as<std::int32_t>();
+  view.targets = bs.targets.as<std::int32_t>();
+  const NoiseArgs noise{p.seed, p.eps};
+
+  if (pending_.active) apply_update(globals_w_, store_.globals_layout());
+  graph_.embed(ops_, *compute_, globals_w_, view, &noise, 2);
+  run_blocks(Use{pending_.active, true, 2, &noise, &view, nullptr});
+  graph_.finish(ops_, *compute_, globals_w_, view, &noise, 2);
+  graph_.head(ops_, *compute_, globals_w_, view, &noise, 2);
+  compute_->record(*bs.consumed);
+
+  auto branches = graph_.branches();
+  float* g = g_dev_.as<float>();
+  ops_.spsa_grad(*compute_, branches[0].loss, branches[1].loss, p.eps, g);
+  float* host = results_host_.as<float>() + 4 * r;
+  compute_->copy_d2h(host + 0, branches[0].loss, sizeof(float));
+  compute_->copy_d2h(host + 1, branches[1].loss, sizeof(float));
+  compute_->copy_d2h(host + 2, g, sizeof(float));
+  compute_->record(*result_ready_[r]);
+
+  StepResult meta;
+  meta.step = p.step;
+  meta.seed = p.seed;
+  meta.lr = p.lr;
+  meta.eps = p.eps;
+  meta.weight_decay = p.weight_decay;
+  meta.tokens = batch.target_count();
+  meta.h2d_bytes = totals_.h2d_bytes - before.h2d_bytes;
+  meta.d2h_bytes = totals_.d2h_bytes - before.d2h_bytes;
+  ring_step_[r] = p.step;
+  ring_meta_[r] = meta;
+  pending_ = Pending{true, p.seed, p.lr, p.weight_decay};
+}
+
+StepResult Scheduler::wait_result(std::int64_t step) {
+  if (auto it = done_.find(step); it != done_.end()) {
+    StepResult res = it->second;
+    done_.erase(it);
+    return res;
+  }
+  const int r = static_cast<int>(((step % kRing) + kRing) % kRing);
+  if (ring_step_[r] != step)
+    fail(ErrorKind::internal, "no result pending for step {}", step);
+  result_ready_[r]->synchronize();
+  for (Stream* s : {h2d_.get(), compute_.get(), d2h_.get()}) s->check();
+  StepResult res = ring_meta_[r];
+  const float* host = results_host_.as<float>() + 4 * r;
+  res.loss_plus = host[0];
+  res.loss_minus = host[1];
+  res.g = host[2];
+  res.g_double = (static_cast<double>(res.loss_plus) - static_cast<double>(res.loss_minus)) /
+                 (2.0 * static_cast<double>(res.eps));
+  res.update_skipped = !std::isfinite(res.g);
+  ring_step_[r] = -1;
+  return res;
+}
+
+void Scheduler::flush() {
+  if (!pending_.active) return;
+  apply_update(globals_w_, store_.globals_layout());
+  run_blocks(Use{true, false, 0, nullptr, nullptr, nullptr});
+  pending_.active = false;
+}
+
+void Scheduler::replay_update(std::uint64_t seed, float lr, float weight_decay, float g) {
+  flush();
+  float* staging = results_host_.as<float>();
+  compute_->synchronize();  // the staging float is free
+  staging[3] = g;
+  compute_->copy_h2d(g_dev_.data(), staging + 3, sizeof(float));
+  pending_ = Pending{true, seed, lr, weight_decay};
+  flush();
+  compute_->synchronize();
+  d2h_->synchronize();
+}
+
+float Scheduler::eval(const HostBatch& batch, const EvalOptions& o) {
+  check_batch(batch);
+  if (o.logits && !logits_dev_)
+    fail(ErrorKind::internal, "logits requested from a scheduler set up without room for them");
+  flush();
+  const int b = upload_batch(batch);
+  BatchSlot& bs = batch_slots_[b];
+  BatchView view;
+  view.batch = batch.batch;
+  view.seq = batch.seq;
+  view.ids = bs.ids.as<std::int32_t>();
+  view.key_mask = bs.mask.as<std::int32_t>();
+  view.positions = bs.positions.as<std::int32_t>();
+  view.targets = bs.targets.as<std::int32_t>();
+  const std::int64_t n = batch.tokens();
+  if (o.hidden_states) {
+    o.hidden_states->clear();
+    o.hidden_states->reserve(static_cast<std::size_t>(store_.num_blocks()) + 1);
+  }
+  graph_.embed(ops_, *compute_, globals_w_, view, nullptr, 1);
+  capture_hidden(graph_.branches()[0].hidden, n, o.hidden_states);
+  run_blocks(Use{false, true, 1, nullptr, &view, o.hidden_states});
+  graph_.finish(ops_, *compute_, globals_w_, view, nullptr, 1);
+  capture_hidden(graph_.branches()[0].final, n, o.hidden_states);
+  Mat logits;
+  if (o.logits)
+    logits = Mat::dense(logits_dev_.data(), DType::f32, n, store_.config().vocab_size);
+  graph_.head(ops_, *compute_, globals_w_, view, nullptr, 1, o.logits ? &logits : nullptr);
+  compute_->record(*bs.consumed);
+  float loss = 0;
+  const Branch& br = graph_.branches()[0];
+  compute_->copy_d2h(&loss, br.loss, sizeof(float));
+  if (o.token_loss) compute_->copy_d2h(o.token_loss, br.row_loss, static_cast<std::size_t>(n) * sizeof(float));
+  if (o.logits)
+    compute_->copy_d2h(o.logits, logits_dev_.data(),
+                       static_cast<std::size_t>(n * store_.config().vocab_size) * sizeof(float));
+  compute_->synchronize();
+  h2d_->check();
+  d2h_->check();
+  return loss;
+}
+
+void Scheduler::sync_to_host() {
+  flush();
+  compute_->copy_d2h(store_.globals_image(), globals_dev_.data(), store_.globals_bytes());
+  for (std::int64_t i = 0; i < store_.num_blocks(); ++i)
+    if (placement_.resident[static_cast<std::size_t>(i)])
+      compute_->copy_d2h(store_.block_image(i), resident_dev_[static_cast<std::size_t>(i)].data(),
+                         store_.block_bytes());
+  compute_->synchronize();
+  d2h_->synchronize();
+  h2d_->synchronize();
+}
+
+}  // namespace zo2

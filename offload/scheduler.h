@@ -1,0 +1,175 @@
+// The streaming scheduler (DESIGN.md §6). Three streams — upload (H2D), compute, offload
+// (D2H) — ordered only by events. For each block of a ZO step:
+//
+//   H2D:     wait(slot free, block offloaded last step) → copy host image → slot → record(uploaded)
+//   compute: wait(uploaded) → pending update of step t−1 → for each op: W+ → op(h+); W− → op(h−)
+//            → record(computed)
+//   D2H:     wait(computed) → copy slot → host image → record(offloaded, slot free)
+//
+// Resident blocks skip the copies and are updated in place; globals are always resident.
+// Nothing drains at the end of a step: the next step's first uploads start while the head
+// and the loss still run (cross-step prefetch); the deferred update reads g from device
+// memory, so the host never waits for a loss to enqueue the next step. The host reads
+// losses a step behind (wait_result), or synchronizes when asked (eval, save, exit).
+//
+// Note [Window slot lifecycle]
+//   Streamed uses are numbered n = 0, 1, 2, ... across steps; use n takes slot n mod K.
+//   Its upload waits for `free[slot]` (recorded after use n−K was offloaded, or computed
+//   when nothing had to be written back) and for `offloaded[block]` (so the host image
+//   holds the block's latest update). Compute waits for `uploaded[slot]`, offload for
+//   `computed[slot]`. With fp32 storage and compute, a streamed block runs exactly the
+//   kernels a resident block runs, in the same order, on the same bytes: a streamed run
+//   and a resident run produce bit-identical weights (the scheduler's main test).
+#pragma once
+#include "models/batch.h"
+#include "models/graph.h"
+#include "offload/block_store.h"
+#include "offload/planner.h"
+#include "runtime/device.h"
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <vector>
+
+namespace zo2 {
+
+struct StepParams {
+  std::int64_t step = 0;     // global step index (0-based)
+  std::uint64_t seed = 0;    // the step's seed (z of this step)
+  float lr = 0;
+  float eps = 1e-3f;
+  float weight_decay = 0;
+};
+
+struct StepResult {
+  std::int64_t step = 0;
+  std::uint64_t seed = 0;
+  float loss_plus = 0;
+  float loss_minus = 0;
+  float g = 0;               // (L+ − L−)/(2·eps) as the device computed it (fp32)
+  double g_double = 0;       // the same in double, from the fp32 losses
+  float lr = 0, eps = 0, weight_decay = 0;
+  bool update_skipped = false;  // g not finite: its update will not be applied
+  std::int64_t tokens = 0;
+  std::size_t h2d_bytes = 0;    // bytes this step moved host→device (weights and batch)
+  std::size_t d2h_bytes = 0;
+};
+
+struct EvalOptions {
+  float* logits = nullptr;     // host [tokens, V] (needs SchedulerOptions::logits_out)
+  float* token_loss = nullptr; // host [tokens]: −log p(target) per position, 0 where none
+  // Hidden states as transformers' output_hidden_states: the embedding output, each
+  // block's output, the last replaced by the LM head's input (after final norm/projection).
+  std::vector<std::vector<float>>* hidden_states = nullptr;
+};
+
+struct SchedulerOptions {
+  DType compute = DType::f32;
+  int batch = 1;   // capacity: the largest batch × seq this scheduler runs
+  int seq = 1;
+  int branches = 2;
+  bool logits_out = false;
+};
+
+struct TransferTotals {
+  std::size_t h2d_bytes = 0;
+  std::size_t d2h_bytes = 0;
+  std::int64_t uploads = 0;
+  std::int64_t offloads = 0;
+};
+
+class Scheduler {
+ public:
+  Scheduler(Device& device, BlockStore& store, const Placement& placement,
+            const SchedulerOptions& options);
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // Enqueues one ZO step on `batch` and returns without waiting for it.
+  void step(const HostBatch& batch, const StepParams& params);
+  // Blocks until the losses of `step` are on the host (each step once, in any order
+  // among the last few steps).
+  StepResult wait_result(std::int64_t step);
+  // Applies the pending update to every block and the globals (enqueued; one pass over the
+  // streamed blocks). Called before eval, save and exit.
+  void flush();
+  // Applies one logged update (seed log replay) through the same kernels a training run
+  // uses, then waits: the result is bit-identical to the run that wrote the log.
+  void replay_update(std::uint64_t seed, float lr, float weight_decay, float g);
+  // One unperturbed forward pass (after a flush); blocks until done and returns the loss.
+  float eval(const HostBatch& batch, const EvalOptions& options = {});
+  // Flushes and copies every device-side weight back into the block store, then waits.
+  void sync_to_host();
+  bool pending() const { return pending_.active; }
+
+  const Placement& placement() const { return placement_; }
+  TransferTotals totals() const { return totals_; }
+  Device& device() { return device_; }
+
+ private:
+  struct Pending {
+    bool active = false;
+    std::uint64_t seed = 0;
+    float lr = 0;
+    float weight_decay = 0;
+  };
+  struct Use {  // what process_block needs to know about one pass over the blocks
+    bool update;    // apply the pending update
+    bool forward;   // run the forward graph
+    int branches;
+    const NoiseArgs* noise;
+    const struct BatchView* batch;
+    std::vector<std::vector<float>>* hidden;
+  };
+  void apply_update(const WeightSet& w, const ImageLayout& layout);
+  void run_blocks(const Use& use);
+  int upload_batch(const HostBatch& batch);
+  void capture_hidden(const Mat& m, std::int64_t tokens, std::vector<std::vector<float>>* out);
+  void check_batch(const HostBatch& batch) const;
+
+  Device& device_;
+  BlockStore& store_;
+  Placement placement_;
+  SchedulerOptions options_;
+  Ops& ops_;
+  std::unique_ptr<Stream> h2d_, compute_, d2h_;
+  ModelGraph graph_;
+
+  DeviceBuffer globals_dev_;
+  WeightSet globals_w_;
+  std::vector<DeviceBuffer> resident_dev_;       // per block (empty when streamed)
+  std::vector<WeightSet> resident_w_;
+  std::vector<DeviceBuffer> slots_;
+  std::vector<std::unique_ptr<Event>> uploaded_, computed_, slot_free_;
+  std::vector<std::unique_ptr<Event>> offloaded_;  // per block
+  std::int64_t next_use_ = 0;
+
+  // Double-buffered batch inputs.
+  struct BatchSlot {
+    DeviceBuffer ids, mask, positions, targets;
+    HostBuffer staging;  // ids | mask | positions | targets, pinned
+    std::unique_ptr<Event> uploaded, consumed;
+  };
+  BatchSlot batch_slots_[2];
+  std::int64_t batch_uses_ = 0;
+  DeviceBuffer g_dev_;
+  DeviceBuffer logits_dev_;
+
+  // Results ring: losses and g copied to pinned host memory a few steps deep.
+  static constexpr int kRing = 4;
+  HostBuffer results_host_;  // kRing × 4 floats
+  std::unique_ptr<Event> result_ready_[kRing];
+  std::int64_t ring_step_[kRing];
+  StepResult ring_meta_[kRing];
+  std::map<std::int64_t, StepResult> done_;
+
+  Pending pending_;
+  TransferTotals totals_;
+};
+
+}  // namespace zo2

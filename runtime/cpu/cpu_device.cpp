@@ -1,0 +1,231 @@
+#include "runtime/cpu/cpu_device.h"
+
+#include "runtime/common.h"
+#include "runtime/cpu/cpu_kernels.h"
+#include "runtime/ops.h"
+
+#include <cblas.h>
+#include <oneapi/tbb/global_control.h>
+#include <oneapi/tbb/info.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <set>
+
+namespace zo2::cpu {
+
+// ---- events ----
+
+void CpuEvent::synchronize() { wait_for(latest_record()); }
+
+bool CpuEvent::query() {
+  std::lock_guard lock(mutex_);
+  return completed_ >= recorded_;
+}
+
+double CpuEvent::seconds_since(Event& start) {
+  auto& s = static_cast<CpuEvent&>(start);
+  std::chrono::steady_clock::time_point a, b;
+  {
+    std::lock_guard lock(s.mutex_);
+    a = s.completed_at_;
+  }
+  {
+    std::lock_guard lock(mutex_);
+    b = completed_at_;
+  }
+  return std::chrono::duration<double>(b - a).count();
+}
+
+std::uint64_t CpuEvent::begin_record() {
+  std::lock_guard lock(mutex_);
+  return ++recorded_;
+}
+
+void CpuEvent::complete(std::uint64_t generation) {
+  {
+    std::lock_guard lock(mutex_);
+    if (generation > completed_) {
+      completed_ = generation;
+      completed_at_ = std::chrono::steady_clock::now();
+    }
+  }
+  cv_.notify_all();
+}
+
+std::uint64_t CpuEvent::latest_record() {
+  std::lock_guard lock(mutex_);
+  return recorded_;
+}
+
+void CpuEvent::wait_for(std::uint64_t generation) {
+  std::unique_lock lock(mutex_);
+  cv_.wait(lock, [&] { return completed_ >= generation; });
+}
+
+// ---- streams ----
+
+CpuStream::CpuStream(std::string name) : name_(std::move(name)), worker_([this] { run(); }) {}
+
+CpuStream::~CpuStream() {
+  {
+    std::lock_guard lock(mutex_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  worker_.join();
+}
+
+void CpuStream::enqueue(std::function<void()> fn, bool control) {
+  {
+    std::lock_guard lock(mutex_);
+    queue_.push_back({std::move(fn), control});
+    ++enqueued_;
+  }
+  cv_.notify_one();
+}
+
+void CpuStream::enqueue_kernel(std::function<void()> fn) { enqueue(std::move(fn), false); }
+
+void CpuStream::run() {
+  for (;;) {
+    Item item;
+    {
+      std::unique_lock lock(mutex_);
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stop requested and drained
+      item = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    bool poisoned;
+    {
+      std::lock_guard lock(mutex_);
+      poisoned = error_ != nullptr;
+    }
+    if (item.control || !poisoned) {
+      try {
+        item.fn();
+      } catch (...) {
+        std::lock_guard lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+    }
+    {
+      std::lock_guard lock(mutex_);
+      ++finished_;
+    }
+    done_cv_.notify_all();
+  }
+}
+
+void CpuStream::record(Event& event) {
+  auto& e = static_cast<CpuEvent&>(event);
+  const std::uint64_t gen = e.begin_record();
+  enqueue([&e, gen] { e.complete(gen); }, true);
+}
+
+void CpuStream::wait(Event& event) {
+  auto& e = static_cast<CpuEvent&>(event);
+  const std::uint64_t gen = e.latest_record();
+  if (gen == 0) return;
+  enqueue([&e, gen] { e.wait_for(gen); }, true);
+}
+
+void CpuStream::copy_h2d(void* dst, const void* src, std::size_t bytes) {
+  enqueue_kernel([=] { std::memcpy(dst, src, bytes); });
+}
+void CpuStream::copy_d2h(void* dst, const void* src, std::size_t bytes) {
+  enqueue_kernel([=] { std::memcpy(dst, src, bytes); });
+}
+void CpuStream::copy_d2d(void* dst, const void* src, std::size_t bytes) {
+  enqueue_kernel([=] { std::memmove(dst, src, bytes); });
+}
+void CpuStream::memset(void* dst, int value, std::size_t bytes) {
+  enqueue_kernel([=] { std::memset(dst, value, bytes); });
+}
+void CpuStream::launch_host(std::function<void()> fn) { enqueue_kernel(std::move(fn)); }
+
+void CpuStream::synchronize() {
+  std::unique_lock lock(mutex_);
+  const std::uint64_t target = enqueued_;
+  done_cv_.wait(lock, [&] { return finished_ >= target; });
+  if (error_) std::rethrow_exception(error_);
+}
+
+void CpuStream::check() {
+  std::lock_guard lock(mutex_);
+  if (error_) std::rethrow_exception(error_);
+}
+
+void enqueue(Stream& stream, std::function<void()> fn) {
+  static_cast<CpuStream&>(stream).enqueue_kernel(std::move(fn));
+}
+
+// ---- device ----
+
+namespace {
+
+std::size_t physical_memory() {
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  const long page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<std::size_t>(pages) * static_cast<std::size_t>(page)
+                               : (std::size_t{16} << 30);
+}
+
+class CpuDevice final : public Device {
+ public:
+  explicit CpuDevice(const DeviceOptions& o) {
+    threads_ = o.threads > 0 ? o.threads : tbb::info::default_concurrency();
+    if (o.threads > 0)
+      control_ = std::make_unique<tbb::global_control>(
+          tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(o.threads));
+    // Kernels split GEMMs across TBB themselves; OpenBLAS must not start its own threads.
+    openblas_set_num_threads(1);
+    cap_ = o.mem_cap > 0 ? o.mem_cap : physical_memory();
+    // Reserve address space only: pages are committed when first touched.
+    region_ = mmap(nullptr, std::max<std::size_t>(cap_, 4096), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (region_ == MAP_FAILED)
+      fail(ErrorKind::out_of_memory, "cpu device: cannot reserve {} of address space",
+           format_bytes(static_cast<double>(cap_)));
+    arena_ = std::make_unique<Arena>("cpu device memory", region_, cap_);
+    ops_ = make_cpu_ops();
+  }
+  ~CpuDevice() override {
+    arena_.reset();
+    munmap(region_, std::max<std::size_t>(cap_, 4096));
+  }
+
+  DeviceKind kind() const override { return DeviceKind::cpu; }
+  std::string name() const override { return fmt::format("cpu ({} threads)", threads_); }
+  Arena& arena() override { return *arena_; }
+
+  std::unique_ptr<Stream> make_stream(std::string_view name) override {
+    return std::make_unique<CpuStream>(std::string(name));
+  }
+  std::unique_ptr<Event> make_event() override { return std::make_unique<CpuEvent>(); }
+  Ops& ops() override { return *ops_; }
+  HostBuffer alloc_host(std::size_t bytes) override { return host_alloc_aligned(bytes); }
+  std::size_t driver_used_bytes() override { return arena_->peak(); }
+  std::size_t pinned_host_bytes() const override { return 0; }
+
+ private:
+  int threads_ = 1;
+  std::size_t cap_ = 0;
+  void* region_ = nullptr;
+  std::unique_ptr<tbb::global_control> control_;
+  std::unique_ptr<Arena> arena_;
+  std::unique_ptr<Ops> ops_;
+};
+
+}  // namespace
+}  // namespace zo2::cpu
+
+namespace zo2 {
+std::unique_ptr<Device> cpu_make_device(const DeviceOptions& options) {
+  return std::make_unique<cpu::CpuDevice>(options);
+}
+}  // namespace zo2

@@ -1,0 +1,82 @@
+// The CPU backend's device, streams and events. A CpuStream is a worker thread draining
+// an in-order queue; kernels it runs use oneTBB for data parallelism inside one op.
+// See Note [Streams and events] in runtime/device.h.
+#pragma once
+#include "runtime/device.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+namespace zo2::cpu {
+
+class CpuEvent final : public Event {
+ public:
+  void synchronize() override;
+  bool query() override;
+  double seconds_since(Event& start) override;
+
+  // Called by CpuStream: reserve the generation a record() will complete, and complete it.
+  std::uint64_t begin_record();
+  void complete(std::uint64_t generation);
+  // The generation a wait() made now must wait for.
+  std::uint64_t latest_record();
+  void wait_for(std::uint64_t generation);
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::uint64_t recorded_ = 0;
+  std::uint64_t completed_ = 0;
+  std::chrono::steady_clock::time_point completed_at_{};
+};
+
+class CpuStream final : public Stream {
+ public:
+  explicit CpuStream(std::string name);
+  ~CpuStream() override;
+
+  void record(Event& event) override;
+  void wait(Event& event) override;
+  void copy_h2d(void* dst, const void* src, std::size_t bytes) override;
+  void copy_d2h(void* dst, const void* src, std::size_t bytes) override;
+  void copy_d2d(void* dst, const void* src, std::size_t bytes) override;
+  void memset(void* dst, int value, std::size_t bytes) override;
+  void launch_host(std::function<void()> fn) override;
+  void synchronize() override;
+  void check() override;
+  const std::string& name() const override { return name_; }
+
+  // Enqueues a kernel. After a kernel throws, later kernels of this stream are skipped
+  // (the stream is poisoned, like a CUDA context after a fault) but records and waits
+  // still run, so other streams never deadlock; synchronize() rethrows the first error.
+  void enqueue_kernel(std::function<void()> fn);
+
+ private:
+  struct Item {
+    std::function<void()> fn;
+    bool control;  // record/wait: runs even after an error
+  };
+  void enqueue(std::function<void()> fn, bool control);
+  void run();
+
+  std::string name_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::condition_variable done_cv_;
+  std::deque<Item> queue_;
+  std::uint64_t enqueued_ = 0;
+  std::uint64_t finished_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+  std::thread worker_;
+};
+
+// Enqueue a kernel on a stream that must be a CpuStream.
+void enqueue(Stream& stream, std::function<void()> fn);
+
+}  // namespace zo2::cpu

@@ -1,0 +1,41 @@
+// The CPU kernels: synchronous, fp32 compute, deterministic (fixed partitioning, fixed
+// reduction order). They are the reference every CUDA kernel is tested against, and
+// CpuOps (cpu_ops.cpp) runs them on CPU streams. Arguments mean what they mean in ops.h.
+#pragma once
+#include "runtime/ops.h"
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+namespace zo2::cpu {
+
+std::unique_ptr<Ops> make_cpu_ops();
+
+// Runs body(begin, end) over [0, n) in chunks of `grain`; the chunk boundaries depend
+// only on n and grain, never on timing.
+void parallel_for(std::int64_t n, std::int64_t grain,
+                  const std::function<void(std::int64_t, std::int64_t)>& body);
+
+void gemm(const Mat& a, bool trans_a, const Mat& b, bool trans_b, const Mat& c, float alpha,
+          float beta);
+void add_bias(const Mat& y, const void* bias);
+void add(const Mat& y, const Mat& x);
+void layernorm(const Mat& x, const void* weight, const void* bias, float eps, const Mat& y);
+void rmsnorm(const Mat& x, const void* weight, float eps, const Mat& y);
+void rope(const Mat& x, int head_dim, const std::int32_t* positions, const float* inv_freq);
+void attention(const AttentionArgs& args);
+void relu(const Mat& x);
+void silu_mul(const Mat& gate, const Mat& up, const Mat& out);
+void embedding(const StoredTensor& table, const std::int32_t* ids, std::int64_t n,
+               const Mat& out, const NoiseArgs* noise, float sign);
+void ce_accumulate(const Mat& logits_tile, std::int64_t col_offset, const std::int32_t* targets,
+                   float* state, bool first);
+void ce_finish(const float* state, const std::int32_t* targets, std::int64_t rows, float* row_loss);
+void loss_mean(const float* row_loss, const std::int32_t* targets, std::int64_t n, float* out);
+void perturb(const StoredTensor& w, std::int64_t row_begin, std::int64_t row_end,
+             const NoiseArgs* noise, void* out_plus, void* out_minus, DType out_dtype);
+void spsa_grad(const float* loss_plus, const float* loss_minus, float eps, float* g);
+void update(const StoredTensor& w, const UpdateArgs& args);
+
+}  // namespace zo2::cpu

@@ -1,0 +1,77 @@
+// CpuOps: each op of the table enqueues its CPU kernel on the (CPU) stream. Arguments are
+// captured by value: the caller may reuse its argument structs as soon as the call returns.
+#include "runtime/cpu/cpu_device.h"
+#include "runtime/cpu/cpu_kernels.h"
+
+namespace zo2::cpu {
+namespace {
+
+class CpuOps final : public Ops {
+ public:
+  void gemm(Stream& s, const Mat& a, bool ta, const Mat& b, bool tb, const Mat& c, float alpha,
+            float beta) override {
+    enqueue(s, [=] { cpu::gemm(a, ta, b, tb, c, alpha, beta); });
+  }
+  void add_bias(Stream& s, const Mat& y, const void* bias) override {
+    enqueue(s, [=] { cpu::add_bias(y, bias); });
+  }
+  void add(Stream& s, const Mat& y, const Mat& x) override {
+    enqueue(s, [=] { cpu::add(y, x); });
+  }
+  void layernorm(Stream& s, const Mat& x, const void* w, const void* b, float eps,
+                 const Mat& y) override {
+    enqueue(s, [=] { cpu::layernorm(x, w, b, eps, y); });
+  }
+  void rmsnorm(Stream& s, const Mat& x, const void* w, float eps, const Mat& y) override {
+    enqueue(s, [=] { cpu::rmsnorm(x, w, eps, y); });
+  }
+  void rope(Stream& s, const Mat& x, int head_dim, const std::int32_t* positions,
+            const float* inv_freq) override {
+    enqueue(s, [=] { cpu::rope(x, head_dim, positions, inv_freq); });
+  }
+  void attention(Stream& s, const AttentionArgs& args) override {
+    enqueue(s, [=] { cpu::attention(args); });
+  }
+  void relu(Stream& s, const Mat& x) override {
+    enqueue(s, [=] { cpu::relu(x); });
+  }
+  void silu_mul(Stream& s, const Mat& gate, const Mat& up, const Mat& out) override {
+    enqueue(s, [=] { cpu::silu_mul(gate, up, out); });
+  }
+  void embedding(Stream& s, const StoredTensor& table, const std::int32_t* ids, std::int64_t n,
+                 const Mat& out, const NoiseArgs* noise, float sign) override {
+    const bool has_noise = noise != nullptr;
+    const NoiseArgs nz = has_noise ? *noise : NoiseArgs{};
+    enqueue(s, [=] { cpu::embedding(table, ids, n, out, has_noise ? &nz : nullptr, sign); });
+  }
+  void ce_accumulate(Stream& s, const Mat& logits, std::int64_t col_offset,
+                     const std::int32_t* targets, float* state, bool first) override {
+    enqueue(s, [=] { cpu::ce_accumulate(logits, col_offset, targets, state, first); });
+  }
+  void ce_finish(Stream& s, const float* state, const std::int32_t* targets, std::int64_t rows,
+                 float* row_loss) override {
+    enqueue(s, [=] { cpu::ce_finish(state, targets, rows, row_loss); });
+  }
+  void loss_mean(Stream& s, const float* row_loss, const std::int32_t* targets, std::int64_t n,
+                 float* out) override {
+    enqueue(s, [=] { cpu::loss_mean(row_loss, targets, n, out); });
+  }
+  void perturb(Stream& s, const StoredTensor& w, std::int64_t r0, std::int64_t r1,
+               const NoiseArgs* noise, void* plus, void* minus, DType out_dtype) override {
+    const bool has_noise = noise != nullptr;
+    const NoiseArgs nz = has_noise ? *noise : NoiseArgs{};
+    enqueue(s, [=] { cpu::perturb(w, r0, r1, has_noise ? &nz : nullptr, plus, minus, out_dtype); });
+  }
+  void spsa_grad(Stream& s, const float* lp, const float* lm, float eps, float* g) override {
+    enqueue(s, [=] { cpu::spsa_grad(lp, lm, eps, g); });
+  }
+  void update(Stream& s, const StoredTensor& w, const UpdateArgs& args) override {
+    enqueue(s, [=] { cpu::update(w, args); });
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Ops> make_cpu_ops() { return std::make_unique<CpuOps>(); }
+
+}  // namespace zo2::cpu

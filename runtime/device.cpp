@@ -1,0 +1,81 @@
+#include "runtime/device.h"
+
+#include "runtime/common.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace zo2 {
+
+std::string_view device_kind_name(DeviceKind kind) {
+  return kind == DeviceKind::cpu ? "cpu" : "cuda";
+}
+
+HostBuffer& HostBuffer::operator=(HostBuffer&& o) noexcept {
+  if (this != &o) {
+    reset();
+    ptr_ = o.ptr_;
+    bytes_ = o.bytes_;
+    pinned_ = o.pinned_;
+    free_ = std::move(o.free_);
+    o.ptr_ = nullptr;
+    o.bytes_ = 0;
+    o.free_ = nullptr;
+  }
+  return *this;
+}
+
+void HostBuffer::reset() {
+  if (ptr_ && free_) free_(ptr_);
+  ptr_ = nullptr;
+  bytes_ = 0;
+  free_ = nullptr;
+}
+
+HostBuffer host_alloc_aligned(std::size_t bytes) {
+  const std::size_t size = align_up(bytes == 0 ? 1 : bytes);
+  void* p = std::aligned_alloc(kAlignment, size);
+  if (!p)
+    fail(ErrorKind::out_of_memory, "cannot allocate {} of host memory",
+         format_bytes(static_cast<double>(size)));
+  std::memset(p, 0, size);
+  return HostBuffer(p, bytes, false, [](void* q) { std::free(q); });
+}
+
+std::unique_ptr<Device> make_device(const DeviceOptions& options) {
+  if (options.kind == DeviceKind::cpu) return cpu_make_device(options);
+  const int n = cuda_device_count();
+  if (n == 0)
+    return cuda_make_device(options);  // the stub or the CUDA backend explains why
+  if (options.index < 0 || options.index >= n)
+    fail(ErrorKind::device, "cuda:{} requested but this machine has {} CUDA device(s)",
+         options.index, n);
+  return cuda_make_device(options);
+}
+
+DeviceOptions parse_device(std::string_view spec) {
+  DeviceOptions o;
+  if (spec == "cpu") return o;
+  if (spec == "auto") {
+    if (cuda_device_count() > 0) o.kind = DeviceKind::cuda;
+    return o;
+  }
+  if (spec.substr(0, 4) == "cuda") {
+    o.kind = DeviceKind::cuda;
+    if (spec.size() > 4) {
+      if (spec[4] != ':' || spec.size() == 5)
+        fail(ErrorKind::invalid_argument, "device '{}': expected cpu, cuda, cuda:N or auto", spec);
+      char* end = nullptr;
+      std::string idx(spec.substr(5));
+      long v = std::strtol(idx.c_str(), &end, 10);
+      if (*end != '\0' || v < 0)
+        fail(ErrorKind::invalid_argument, "device '{}': expected cpu, cuda, cuda:N or auto", spec);
+      o.index = static_cast<int>(v);
+    }
+    return o;
+  }
+  fail(ErrorKind::invalid_argument, "device '{}': expected cpu, cuda, cuda:N or auto", spec);
+}
+
+}  // namespace zo2

@@ -1,0 +1,126 @@
+// The backend interface (DESIGN.md §3): a Device owns a capped Arena, makes Streams and
+// Events, allocates (pinned) host memory, and provides the op table (ops.h).
+//
+// Note [Streams and events]
+//   A Stream is an in-order queue of work. On CUDA it is a real stream (never the legacy
+//   default stream); on the CPU a worker thread draining a queue. Work is enqueued and
+//   the call returns at once. An Event marks a point in a stream's queue: record(e) on one
+//   stream and wait(e) on another orders the two, exactly as cudaEventRecord /
+//   cudaStreamWaitEvent do — wait() refers to the most recent record() made before it,
+//   and waiting on an event never recorded does nothing. Because the CPU backend really
+//   runs its streams concurrently, a missing wait is a real data race there, which
+//   ThreadSanitizer reports: the CPU tests check the scheduler a GPU would run.
+#pragma once
+#include "runtime/arena.h"
+#include "runtime/error.h"
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+namespace zo2 {
+
+class Ops;
+
+enum class DeviceKind { cpu, cuda };
+std::string_view device_kind_name(DeviceKind kind);
+
+class Event {
+ public:
+  virtual ~Event() = default;
+  // Blocks the host until the work before the most recent record() has finished.
+  virtual void synchronize() = 0;
+  // True when that work has finished (or the event was never recorded).
+  virtual bool query() = 0;
+  // Seconds between two completed timing events (`start` recorded before this one).
+  virtual double seconds_since(Event& start) = 0;
+};
+
+class Stream {
+ public:
+  virtual ~Stream() = default;
+  virtual void record(Event& event) = 0;
+  virtual void wait(Event& event) = 0;
+  // Asynchronous copies between host memory (pinned for full speed) and device memory.
+  virtual void copy_h2d(void* dst, const void* src, std::size_t bytes) = 0;
+  virtual void copy_d2h(void* dst, const void* src, std::size_t bytes) = 0;
+  virtual void copy_d2d(void* dst, const void* src, std::size_t bytes) = 0;
+  virtual void memset(void* dst, int value, std::size_t bytes) = 0;
+  // Runs `fn` on a host thread once the work before it is done; later work waits for it.
+  virtual void launch_host(std::function<void()> fn) = 0;
+  // Blocks until everything enqueued so far has run; rethrows a failure of that work.
+  virtual void synchronize() = 0;
+  // Rethrows a failure of work that has already run, without waiting.
+  virtual void check() = 0;
+  virtual const std::string& name() const = 0;
+};
+
+// Host memory for block images and staging: pinned (page-locked) when a CUDA device
+// exists, so copies run at full PCIe speed; aligned pageable memory otherwise.
+class HostBuffer {
+ public:
+  HostBuffer() = default;
+  HostBuffer(void* ptr, std::size_t bytes, bool pinned, std::function<void(void*)> free_fn)
+      : ptr_(ptr), bytes_(bytes), pinned_(pinned), free_(std::move(free_fn)) {}
+  HostBuffer(HostBuffer&& o) noexcept { *this = std::move(o); }
+  HostBuffer& operator=(HostBuffer&& o) noexcept;
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+  ~HostBuffer() { reset(); }
+
+  void* data() const { return ptr_; }
+  template <class T>
+  T* as() const { return static_cast<T*>(ptr_); }
+  std::size_t bytes() const { return bytes_; }
+  bool pinned() const { return pinned_; }
+  explicit operator bool() const { return ptr_ != nullptr; }
+  void reset();
+
+ private:
+  void* ptr_ = nullptr;
+  std::size_t bytes_ = 0;
+  bool pinned_ = false;
+  std::function<void(void*)> free_;
+};
+
+// Plain aligned host memory (kAlignment), zero-filled, independent of any device.
+HostBuffer host_alloc_aligned(std::size_t bytes);
+
+struct DeviceOptions {
+  DeviceKind kind = DeviceKind::cpu;
+  int index = 0;                // CUDA device ordinal
+  std::size_t mem_cap = 0;      // arena bytes; 0 = the device's memory (CPU: physical RAM)
+  int threads = 0;              // CPU worker threads for kernels; 0 = all cores
+};
+
+class Device {
+ public:
+  virtual ~Device() = default;
+  virtual DeviceKind kind() const = 0;
+  // e.g. "cpu (2 threads)", "NVIDIA H200 (cuda:0, sm_90)"
+  virtual std::string name() const = 0;
+  virtual Arena& arena() = 0;
+  virtual std::unique_ptr<Stream> make_stream(std::string_view name) = 0;
+  virtual std::unique_ptr<Event> make_event() = 0;
+  virtual Ops& ops() = 0;
+  virtual HostBuffer alloc_host(std::size_t bytes) = 0;
+  // Memory the process holds on the device as the driver sees it (CUDA context
+  // included); the CPU backend reports the arena's peak.
+  virtual std::size_t driver_used_bytes() = 0;
+  // Bytes of pinned host memory currently allocated through alloc_host.
+  virtual std::size_t pinned_host_bytes() const = 0;
+};
+
+// kind = cpu always works; cuda needs a CUDA build and a device (clear error otherwise).
+std::unique_ptr<Device> make_device(const DeviceOptions& options);
+// "cpu", "cuda", "cuda:1", "auto" (cuda when a device exists, else cpu).
+DeviceOptions parse_device(std::string_view spec);
+
+// Backend entry points (runtime/cpu/, runtime/cuda/ or runtime/cuda_stub/).
+std::unique_ptr<Device> cpu_make_device(const DeviceOptions& options);
+int cuda_device_count() noexcept;  // never throws: any error means zero devices
+std::unique_ptr<Device> cuda_make_device(const DeviceOptions& options);
+
+}  // namespace zo2

@@ -1,0 +1,142 @@
+// The op table every backend implements (DESIGN.md §3). Each op enqueues work on a
+// Stream and returns at once; pointers are device pointers of that backend. The CPU
+// backend (runtime/cpu/) is the reference: each CUDA kernel is tested against its twin.
+//
+// Conventions: matrices are row-major with a leading dimension; activations are
+// [tokens, features]; weights follow Hugging Face's nn.Linear layout [out, in], so a
+// linear layer is gemm(x, false, W, true, y). Reductions run in fp32 (or wider) with a
+// fixed order, so every op gives the same bits for the same inputs whatever the timing.
+#pragma once
+#include "runtime/dtype.h"
+
+#include <cstddef>
+#include <cstdint>
+
+namespace zo2 {
+
+class Stream;
+
+// A row-major 2-D view of device memory.
+struct Mat {
+  void* data = nullptr;
+  DType dtype = DType::f32;
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+  std::int64_t ld = 0;  // elements between the starts of consecutive rows
+
+  static Mat dense(void* data, DType dtype, std::int64_t rows, std::int64_t cols) {
+    return {data, dtype, rows, cols, cols};
+  }
+  Mat rows_range(std::int64_t r0, std::int64_t r1) const {
+    return {static_cast<char*>(data) + r0 * ld * static_cast<std::int64_t>(dtype_size(dtype)),
+            dtype, r1 - r0, cols, ld};
+  }
+  Mat cols_range(std::int64_t c0, std::int64_t c1) const {
+    return {static_cast<char*>(data) + c0 * static_cast<std::int64_t>(dtype_size(dtype)), dtype,
+            rows, c1 - c0, ld};
+  }
+  bool contiguous() const { return ld == cols; }
+};
+
+// A weight as stored in a block image or the globals image: storage dtype, per-row fp32
+// scales for fp8 (value = scale[row] · e4m3), and the tensor key its noise is drawn with.
+// 1-D tensors (biases, norm weights) have rows = 1.
+struct StoredTensor {
+  void* data = nullptr;
+  DType dtype = DType::f32;
+  float* row_scales = nullptr;
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+  std::uint64_t key = 0;
+  std::int64_t numel() const { return rows * cols; }
+};
+
+// Perturbation parameters of a forward pass: W± = W ± eps·z(seed, key, index).
+struct NoiseArgs {
+  std::uint64_t seed = 0;
+  float eps = 0;
+};
+
+// The deferred ZO update of one tensor: W ← W − lr·(g·z(seed) + wd·W), with g read from
+// device memory when the kernel runs (so the host need not wait for the loss). A
+// non-finite g leaves W unchanged. Narrow storage dtypes are written back with
+// stochastic rounding drawn from (rounding_seed, key, index).
+struct UpdateArgs {
+  std::uint64_t seed = 0;
+  float lr = 0;
+  float weight_decay = 0;  // 0 for biases and norm weights
+  const float* g = nullptr;
+  std::uint64_t rounding_seed = 0;
+};
+
+struct AttentionArgs {
+  Mat q;    // [batch·seq, heads·head_dim]
+  Mat k;    // [batch·seq, kv_heads·head_dim]
+  Mat v;    // [batch·seq, kv_heads·head_dim]
+  Mat out;  // [batch·seq, heads·head_dim]
+  int batch = 0;
+  int seq = 0;
+  int heads = 0;
+  int kv_heads = 0;  // heads % kv_heads == 0 (grouped-query; 1 = multi-query)
+  int head_dim = 0;
+  const std::int32_t* key_mask = nullptr;  // [batch·seq], 1 = attend, 0 = padding; null = all
+  float scale = 1;
+  bool causal = true;
+};
+
+class Ops {
+ public:
+  virtual ~Ops() = default;
+
+  // C = alpha·op(A)·op(B) + beta·C with op(A) [M,K], op(B) [K,N], C [M,N]; fp32
+  // accumulation. A and B share a dtype (fp32; bf16/fp16 on GPUs); C is fp32 or that dtype.
+  virtual void gemm(Stream& s, const Mat& a, bool trans_a, const Mat& b, bool trans_b,
+                    const Mat& c, float alpha, float beta) = 0;
+  // y[r, :] += bias[:] (bias: y.cols elements of y.dtype).
+  virtual void add_bias(Stream& s, const Mat& y, const void* bias) = 0;
+  // y += x (same shape and dtype).
+  virtual void add(Stream& s, const Mat& y, const Mat& x) = 0;
+  // y = (x − mean)/sqrt(var + eps)·weight + bias, per row; y may alias x.
+  virtual void layernorm(Stream& s, const Mat& x, const void* weight, const void* bias,
+                         float eps, const Mat& y) = 0;
+  // y = x/sqrt(mean(x²) + eps)·weight, per row (LLaMA); y may alias x.
+  virtual void rmsnorm(Stream& s, const Mat& x, const void* weight, float eps, const Mat& y) = 0;
+  // In-place rotary embedding (rotate-half convention of HF LLaMA) on every head of x
+  // ([tokens, heads·head_dim]): angle = positions[token]·inv_freq[i], i < head_dim/2.
+  virtual void rope(Stream& s, const Mat& x, int head_dim, const std::int32_t* positions,
+                    const float* inv_freq) = 0;
+  // Causal (and padding-masked) softmax attention; a query row with no visible key
+  // (a padding row in left padding) gets zeros. Never materializes B·H·T·T scores.
+  virtual void attention(Stream& s, const AttentionArgs& args) = 0;
+  virtual void relu(Stream& s, const Mat& x) = 0;
+  // out = silu(gate)·up.
+  virtual void silu_mul(Stream& s, const Mat& gate, const Mat& up, const Mat& out) = 0;
+  // out[i, :] = table[ids[i], :] (+ sign·eps·z when noise is given), in out.dtype.
+  // Ids outside [0, table.rows) give a zero row (callers validate ids on the host).
+  virtual void embedding(Stream& s, const StoredTensor& table, const std::int32_t* ids,
+                         std::int64_t n, const Mat& out, const NoiseArgs* noise, float sign) = 0;
+  // Cross-entropy computed over vocabulary tiles, so full logits never need to exist.
+  // state is [rows, 3] fp32: running max, running Σexp(x − max), the target's logit. The
+  // first tile (first = true) initializes it; tiles must come in a fixed order.
+  virtual void ce_accumulate(Stream& s, const Mat& logits_tile, std::int64_t col_offset,
+                             const std::int32_t* targets, float* state, bool first) = 0;
+  // row_loss[r] = max + log(sum) − target logit, or 0 where targets[r] < 0.
+  virtual void ce_finish(Stream& s, const float* state, const std::int32_t* targets,
+                         std::int64_t rows, float* row_loss) = 0;
+  // out[0] = Σ row_loss / #(targets ≥ 0), summed in a fixed order (NaN when no target).
+  virtual void loss_mean(Stream& s, const float* row_loss, const std::int32_t* targets,
+                         std::int64_t n, float* out) = 0;
+  // Rows [row_begin, row_end) of w, dequantized to out_dtype, as dense matrices:
+  // out_plus = W + eps·z and out_minus = W − eps·z (either may be null); with noise ==
+  // nullptr, out_plus = W (a plain dequantization/conversion).
+  virtual void perturb(Stream& s, const StoredTensor& w, std::int64_t row_begin,
+                       std::int64_t row_end, const NoiseArgs* noise, void* out_plus,
+                       void* out_minus, DType out_dtype) = 0;
+  // g[0] = (loss_plus[0] − loss_minus[0]) / (2·eps).
+  virtual void spsa_grad(Stream& s, const float* loss_plus, const float* loss_minus, float eps,
+                         float* g) = 0;
+  // The fused deferred update (UpdateArgs), in place.
+  virtual void update(Stream& s, const StoredTensor& w, const UpdateArgs& args) = 0;
+};
+
+}  // namespace zo2

@@ -1,0 +1,28 @@
+// Helpers shared by the tests: where the shared data lives, temporary directories.
+#pragma once
+#include <filesystem>
+#include <string>
+
+namespace zo2::test {
+
+// ../shared by default (set by CMake), or $ZO2_SHARED_DIR when set.
+std::filesystem::path shared_dir();
+// A fresh empty directory under the system temp dir, removed when the object dies.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  std::filesystem::path path_;
+};
+// The zo2-tune executable built beside the tests.
+std::filesystem::path zo2_tune_path();
+// Runs a shell command, returns its exit status; stdout+stderr go to *output if given.
+int run_command(const std::string& command, std::string* output = nullptr);
+
+}  // namespace zo2::test

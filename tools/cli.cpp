@@ -1,0 +1,117 @@
+#include "tools/cli.h"
+
+#include "models/safetensors.h"
+#include "runtime/error.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <limits>
+
+namespace zo2::cli {
+
+DType parse_dtype_flag(const std::string& flag, const std::string& value,
+                       std::initializer_list<DType> allowed) {
+  const auto dt = dtype_from_name(value);
+  std::string names;
+  for (DType d : allowed) names += (names.empty() ? "" : ", ") + std::string(dtype_name(d));
+  if (!dt || std::find(allowed.begin(), allowed.end(), *dt) == allowed.end())
+    fail(ErrorKind::invalid_argument, "{} '{}': expected one of {}", flag, value, names);
+  return *dt;
+}
+
+void DeviceFlags::add(CLI::App& app, bool training) {
+  app.add_option("--device", device, "cpu, cuda, cuda:N or auto")->capture_default_str();
+  app.add_option("--gpu-mem", gpu_mem,
+                 "device memory cap, e.g. 512M, 18G (default: the whole device; on the CPU "
+                 "backend, physical memory)");
+  app.add_option("--offload", offload, "auto (fit what the cap allows), all (stream every block), none")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "all", "none"}));
+  app.add_option("--window", window, "device slots for streamed blocks (>= 3 overlaps upload, compute, offload)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 64));
+  app.add_option("--storage-dtype", storage, "dtype of the master weights, transfers and slots: fp32, bf16, fp16, fp8")
+      ->capture_default_str();
+  app.add_option("--compute-dtype", compute, "compute dtype: fp32 (CPU), bf16 or fp16 (GPU)")
+      ->capture_default_str();
+  app.add_option("--threads", threads, "CPU threads for kernels (0 = all cores)")->capture_default_str();
+  (void)training;
+}
+
+namespace {
+
+std::vector<std::int32_t> as_int32(const SafetensorsFile& f, const TensorInfo& t,
+                                   const std::string& name) {
+  const auto bytes = f.bytes(t);
+  const auto n = static_cast<std::size_t>(t.numel());
+  std::vector<std::int32_t> out(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    std::int64_t v = 0;
+    switch (t.dtype) {
+      case DType::i64: { std::int64_t x; std::memcpy(&x, bytes.data() + i * 8, 8); v = x; break; }
+      case DType::i32: { std::int32_t x; std::memcpy(&x, bytes.data() + i * 4, 4); v = x; break; }
+      case DType::i16: { std::int16_t x; std::memcpy(&x, bytes.data() + i * 2, 2); v = x; break; }
+      case DType::i8: v = static_cast<std::int8_t>(bytes[i]); break;
+      case DType::u8: case DType::boolean: v = static_cast<std::uint8_t>(bytes[i]); break;
+      default:
+        fail(ErrorKind::format, "{}: tensor '{}' has dtype {}, expected I64 or I32", f.path().string(),
+             name, dtype_safetensors_name(t.dtype));
+    }
+    if (v < std::numeric_limits<std::int32_t>::min() || v > std::numeric_limits<std::int32_t>::max())
+      fail(ErrorKind::format, "{}: tensor '{}' value {} at index {} does not fit 32 bits", f.path().string(),
+           name, v, i);
+    out[i] = static_cast<std::int32_t>(v);
+  }
+  return out;
+}
+
+}  // namespace
+
+TokenTensors read_token_tensors(const std::filesystem::path& file) {
+  const auto f = SafetensorsFile::open(file);
+  const TensorInfo* ids = f.find("input_ids");
+  if (!ids)
+    fail(ErrorKind::format, "{}: no tensor 'input_ids' (expected I64 or I32 [N, T])", file.string());
+  if (ids->shape.size() != 2 || ids->shape[0] <= 0 || ids->shape[1] <= 0)
+    fail(ErrorKind::format, "{}: 'input_ids' must be 2-D [N, T] with N, T > 0", file.string());
+  TokenTensors t;
+  t.rows = ids->shape[0];
+  t.seq = ids->shape[1];
+  t.ids = as_int32(f, *ids, "input_ids");
+  for (const char* name : {"attention_mask", "labels"}) {
+    const TensorInfo* x = f.find(name);
+    if (!x) continue;
+    if (x->shape != ids->shape)
+      fail(ErrorKind::format, "{}: '{}' has shape [{}], 'input_ids' [{}]", file.string(), name,
+           fmt::join(x->shape, ", "), fmt::join(ids->shape, ", "));
+    (std::string(name) == "labels" ? t.labels : t.mask) = as_int32(f, *x, name);
+  }
+  return t;
+}
+
+void ensure_writable_dir(const std::filesystem::path& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) fail(ErrorKind::io, "{}: cannot create the directory: {}", dir.string(), ec.message());
+  const auto probe = dir / ".zo2-write-test";
+  {
+    std::ofstream out(probe);
+    if (!out) fail(ErrorKind::io, "{}: the directory is not writable", dir.string());
+  }
+  std::filesystem::remove(probe, ec);
+}
+
+bool stderr_is_terminal() { return isatty(fileno(stderr)) != 0; }
+
+std::string format_duration(double s) {
+  if (!(s >= 0) || s > 1e9) return "?";
+  const auto total = static_cast<long long>(s + 0.5);
+  if (total < 60) return fmt::format("{}s", total);
+  if (total < 3600) return fmt::format("{}m{:02}s", total / 60, total % 60);
+  return fmt::format("{}h{:02}m", total / 3600, (total % 3600) / 60);
+}
+
+}  // namespace zo2::cli

@@ -1,0 +1,58 @@
+// Shared pieces of zo2-tune's subcommands: option parsing helpers, reading token tensors,
+// progress output. Each subcommand lives in its own cmd_*.cpp and registers itself.
+#pragma once
+#include "models/config.h"
+#include "runtime/dtype.h"
+
+#include <CLI/CLI.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace zo2::cli {
+
+// Each subcommand: adds its options to `app` and returns the function that runs it.
+using Runner = std::function<int()>;
+Runner add_forward(CLI::App& app);
+Runner add_init(CLI::App& app);
+Runner add_plan(CLI::App& app);
+Runner add_train(CLI::App& app);
+Runner add_eval(CLI::App& app);
+Runner add_replay(CLI::App& app);
+Runner add_synth_data(CLI::App& app);
+Runner add_tokenize(CLI::App& app);
+
+// "fp32"/"bf16"/... → DType, restricted to `allowed`; Error(invalid_argument) naming the flag.
+DType parse_dtype_flag(const std::string& flag, const std::string& value,
+                       std::initializer_list<DType> allowed);
+
+// Options every subcommand that runs a model shares.
+struct DeviceFlags {
+  std::string device = "cpu";
+  std::string gpu_mem;       // empty = whole device
+  std::string offload = "auto";
+  int window = 3;
+  std::string storage = "fp32";
+  std::string compute = "fp32";
+  int threads = 0;
+  void add(CLI::App& app, bool training);
+};
+
+// Token ids [N, T] (+ optional attention_mask, labels) from a safetensors file, as int32.
+struct TokenTensors {
+  std::int64_t rows = 0;
+  std::int64_t seq = 0;
+  std::vector<std::int32_t> ids, mask, labels;  // mask/labels empty when absent
+};
+TokenTensors read_token_tensors(const std::filesystem::path& file);
+
+// Checks a directory can be created and written before any work starts.
+void ensure_writable_dir(const std::filesystem::path& dir);
+
+bool stderr_is_terminal();
+std::string format_duration(double seconds);
+
+}  // namespace zo2::cli

@@ -1,0 +1,119 @@
+// zo2-tune init: a random-initialized HF checkpoint of a preset shape, written in parallel
+// straight from the generator into the (sharded) safetensors files, so even the 175B shape
+// needs no second copy in memory.
+#include "models/init.h"
+#include "models/layout.h"
+#include "models/presets.h"
+#include "models/safetensors.h"
+#include "runtime/arena.h"
+#include "runtime/error.h"
+#include "runtime/log.h"
+#include "tools/cli.h"
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+namespace zo2::cli {
+
+Runner add_init(CLI::App& app) {
+  struct Opts {
+    std::string preset, out, dtype = "fp32", shard = "5G";
+    std::uint64_t seed = 0;
+    bool list = false;
+  };
+  auto o = std::make_shared<Opts>();
+  app.add_option("--preset", o->preset, "model shape (see --list)");
+  app.add_option("--out", o->out, "output directory");
+  app.add_option("--seed", o->seed, "init seed")->capture_default_str();
+  app.add_option("--dtype", o->dtype, "fp32, bf16 or fp16")->capture_default_str();
+  app.add_option("--shard-size", o->shard, "largest safetensors shard (HF sharding above it)")->capture_default_str();
+  app.add_flag("--list", o->list, "list the presets and exit");
+  return [o] {
+    if (o->list) {
+      for (const auto& p : presets())
+        fmt::print("{:<16} {:>9.3f}B params  {}\n", p.name, static_cast<double>(p.config.total_params()) / 1e9,
+                   p.description);
+      return 0;
+    }
+    if (o->preset.empty() || o->out.empty())
+      fail(ErrorKind::invalid_argument, "init needs --preset NAME and --out DIR (or --list)");
+    const Preset& preset = find_preset(o->preset);
+    const DType dt = parse_dtype_flag("--dtype", o->dtype, {DType::f32, DType::bf16, DType::f16});
+    const std::uint64_t shard = parse_byte_size(o->shard);
+    const ModelConfig& c = preset.config;
+    ensure_writable_dir(o->out);
+
+    std::vector<TensorToWrite> tensors;
+    std::uint64_t total = 0;
+    auto done = std::make_shared<std::atomic<std::uint64_t>>(0);
+    for (const NamedShape& t : checkpoint_tensors(c)) {
+      std::int64_t numel = 1;
+      for (auto d : t.shape) numel *= d;
+      const int ndim = static_cast<int>(t.shape.size());
+      const std::string name = t.name;
+      const std::uint64_t seed = o->seed;
+      total += static_cast<std::uint64_t>(numel) * dtype_size(dt);
+      tensors.push_back({name, dt, t.shape, nullptr, [=](std::span<std::byte> out) {
+                           fill_init(name, ndim, numel, seed, dt, out);
+                           done->fetch_add(out.size());
+                         }});
+    }
+    // Progress for large models, from a side thread.
+    std::mutex m;
+    std::condition_variable cv;
+    bool finished = false;
+    std::thread progress;
+    const auto start = std::chrono::steady_clock::now();
+    if (total > (std::uint64_t{1} << 30)) {
+      progress = std::thread([&] {
+        std::unique_lock lock(m);
+        while (!cv.wait_for(lock, std::chrono::seconds(2), [&] { return finished; })) {
+          const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+          const double frac = static_cast<double>(done->load()) / static_cast<double>(total);
+          log_info("init {}: {:.1f}% of {} written, {:.2f} GB/s, ETA {}", preset.name, 100 * frac,
+                   format_bytes(static_cast<double>(total)), static_cast<double>(done->load()) / s / 1e9,
+                   format_duration(frac > 0 ? s / frac - s : -1));
+        }
+      });
+    }
+    auto stop_progress = [&] {
+      {
+        std::lock_guard lock(m);
+        finished = true;
+      }
+      cv.notify_all();
+      if (progress.joinable()) progress.join();
+    };
+    try {
+      write_safetensors_sharded(o->out, tensors, shard, {{"format", "pt"}});
+    } catch (...) {
+      stop_progress();
+      throw;
+    }
+    stop_progress();
+    ModelConfig cfg = c;
+    cfg.torch_dtype = dt == DType::f32 ? "float32" : dt == DType::bf16 ? "bfloat16" : "float16";
+    nlohmann::json j = cfg.to_json();
+    j["dtype"] = cfg.torch_dtype;
+    j["transformers_version"] = "4.46.0";
+    const auto path = std::filesystem::path(o->out) / "config.json";
+    const auto tmp = path.string() + ".tmp";
+    {
+      std::ofstream out(tmp, std::ios::trunc);
+      out << j.dump(2) << "\n";
+      if (!out.flush()) fail(ErrorKind::io, "{}: write failed", tmp);
+    }
+    std::filesystem::rename(tmp, path);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    log_info("init: wrote {} ({} parameters, {}) to {} in {}", preset.name, c.total_params(),
+             format_bytes(static_cast<double>(total)), o->out, format_duration(s));
+    return 0;
+  };
+}
+
+}  // namespace zo2::cli

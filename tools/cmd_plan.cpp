@@ -1,0 +1,85 @@
+// zo2-tune plan: the placement and byte budget for a model under a cap, without
+// allocating anything (DESIGN.md §6).
+#include "api/session.h"
+#include "models/presets.h"
+#include "offload/planner.h"
+#include "runtime/arena.h"
+#include "tools/cli.h"
+
+#include <nlohmann/json.hpp>
+
+#include <memory>
+
+namespace zo2::cli {
+
+Runner add_plan(CLI::App& app) {
+  struct Opts {
+    std::string model, preset, gpu_mem, storage = "fp32", compute = "fp32", offload = "auto";
+    std::string device = "cuda";
+    int batch = 1, seq = 0, window = 3;
+    bool json = false, eval = false;
+  };
+  auto o = std::make_shared<Opts>();
+  auto* m = app.add_option("--model", o->model, "HF checkpoint directory (only config.json is read)");
+  auto* p = app.add_option("--preset", o->preset, "a preset shape instead of --model");
+  m->excludes(p);
+  app.add_option("--gpu-mem", o->gpu_mem, "device memory cap, e.g. 8G")->required();
+  app.add_option("--batch-size", o->batch, "sequences per step")->capture_default_str();
+  app.add_option("--seq-len", o->seq, "tokens per sequence (default: max_position_embeddings)");
+  app.add_option("--storage-dtype", o->storage, "fp32, bf16, fp16, fp8")->capture_default_str();
+  app.add_option("--compute-dtype", o->compute, "fp32, bf16, fp16")->capture_default_str();
+  app.add_option("--offload", o->offload, "auto, all, none")->capture_default_str()->check(CLI::IsMember({"auto", "all", "none"}));
+  app.add_option("--window", o->window, "device slots for streamed blocks")->capture_default_str();
+  app.add_option("--device", o->device, "cpu or cuda: which transfer bandwidth to predict with")->capture_default_str();
+  app.add_flag("--eval-only", o->eval, "plan for evaluation (one activation stream)");
+  app.add_flag("--json", o->json, "print the plan as JSON");
+  return [o] {
+    if (o->model.empty() == o->preset.empty())
+      fail(ErrorKind::invalid_argument, "plan needs exactly one of --model DIR or --preset NAME");
+    const ModelConfig c = o->model.empty() ? find_preset(o->preset).config : ModelConfig::load(o->model);
+    SessionConfig sc;
+    sc.offload = parse_offload_mode(o->offload);
+    sc.window = o->window;
+    sc.storage = parse_dtype_flag("--storage-dtype", o->storage, {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3});
+    sc.compute = parse_dtype_flag("--compute-dtype", o->compute, {DType::f32, DType::bf16, DType::f16});
+    sc.max_batch = o->batch;
+    sc.max_seq = o->seq > 0 ? o->seq : static_cast<int>(c.max_positions);
+    sc.training = !o->eval;
+    const DeviceKind kind = o->device == "cpu" ? DeviceKind::cpu : DeviceKind::cuda;
+    const Placement pl = plan_placement(c, plan_request(c, sc, kind, parse_byte_size(o->gpu_mem)));
+    if (!o->json) {
+      fmt::print("model: {} ({}), {} blocks, {:.3f}B parameters, storage {}, compute {}, batch {} × {}\n",
+                 o->model.empty() ? o->preset : o->model, c.family_name(), c.num_layers,
+                 static_cast<double>(c.total_params()) / 1e9, dtype_name(sc.storage), dtype_name(sc.compute),
+                 sc.max_batch, sc.max_seq);
+      fmt::print("{}", pl.describe(c));
+      return 0;
+    }
+    nlohmann::json j;
+    j["model"] = o->model.empty() ? o->preset : o->model;
+    j["params"] = c.total_params();
+    j["blocks"] = c.num_layers;
+    j["resident_blocks"] = pl.resident_count;
+    j["streamed_blocks"] = pl.streamed;
+    j["window"] = pl.window;
+    std::string map;
+    for (bool b : pl.resident) map += b ? 'R' : 's';
+    j["placement"] = map;
+    j["cap_bytes"] = pl.cap;
+    j["predicted_peak_bytes"] = pl.total_bytes;
+    j["minimum_cap_bytes"] = pl.minimum_cap;
+    j["globals_bytes"] = pl.globals_bytes;
+    j["block_bytes"] = pl.block_bytes;
+    j["resident_bytes"] = pl.resident_bytes;
+    j["slot_bytes"] = pl.slot_bytes;
+    j["workspace_bytes"] = pl.workspace_bytes;
+    j["batch_bytes"] = pl.batch_bytes;
+    j["h2d_bytes_per_step"] = pl.h2d_bytes_per_step;
+    j["d2h_bytes_per_step"] = pl.d2h_bytes_per_step;
+    j["predicted_transfer_s"] = pl.predicted_transfer_s;
+    fmt::print("{}\n", j.dump(2));
+    return 0;
+  };
+}
+
+}  // namespace zo2::cli

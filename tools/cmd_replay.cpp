@@ -1,0 +1,59 @@
+// zo2-tune replay: the tuned weights from the base checkpoint and the seed log alone
+// (DESIGN.md §1): every logged update is applied by the kernels the training run used, in
+// the same order, so the result is bit-identical to the run's own checkpoint.
+#include "api/session.h"
+#include "runtime/arena.h"
+#include "runtime/log.h"
+#include "tools/cli.h"
+#include "zo/seed_log.h"
+
+#include <chrono>
+#include <memory>
+
+namespace zo2::cli {
+
+SessionConfig session_config(const DeviceFlags& f, bool training);
+
+Runner add_replay(CLI::App& app) {
+  struct Opts {
+    std::string model, seed_log, out, save_dtype = "fp32", shard = "5G";
+    std::int64_t until = -1;
+    DeviceFlags dev;
+  };
+  auto o = std::make_shared<Opts>();
+  app.add_option("--model", o->model, "the base checkpoint the run started from")->required();
+  app.add_option("--seed-log", o->seed_log, "the run's seed_log.jsonl")->required();
+  app.add_option("--out", o->out, "output directory for the rebuilt checkpoint")->required();
+  app.add_option("--until-step", o->until, "apply only the updates of steps below this one");
+  app.add_option("--save-dtype", o->save_dtype, "fp32, bf16, fp16")->capture_default_str();
+  app.add_option("--shard-size", o->shard, "largest safetensors shard")->capture_default_str();
+  o->dev.add(app, false);
+  return [o] {
+    const SeedLog log = SeedLog::read(o->seed_log);
+    const DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
+    SessionConfig sc = session_config(o->dev, false);
+    // The log says how the run stored its weights; replay must round the same way.
+    sc.storage = parse_dtype_flag("seed log storage_dtype", log.header.storage_dtype,
+                                  {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3});
+    if (o->dev.storage != "fp32" && o->dev.storage != log.header.storage_dtype)
+      log_warn("--storage-dtype {} ignored: the seed log was written with {}", o->dev.storage, log.header.storage_dtype);
+    sc.max_batch = 1;
+    sc.max_seq = 1;
+    ensure_writable_dir(o->out);
+    Session session(o->model, sc);
+    const auto start = std::chrono::steady_clock::now();
+    std::int64_t applied = 0;
+    for (const SeedLogEntry& e : log.entries) {
+      if (o->until >= 0 && e.step >= o->until) break;
+      session.scheduler().replay_update(e.seed, e.lr, e.wd, e.g);
+      ++applied;
+      if (applied % 100 == 0) log_info("replay: {} of {} updates", applied, log.entries.size());
+    }
+    session.save(o->out, save_dtype, parse_byte_size(o->shard));
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    log_info("replay: applied {} updates to {} in {}, saved to {}", applied, o->model, format_duration(s), o->out);
+    return 0;
+  };
+}
+
+}  // namespace zo2::cli

@@ -1,0 +1,305 @@
+// zo2-tune train: MeZO fine-tuning through the streaming scheduler. Writes the tuned model
+// as an HF checkpoint, the seed log (seed_log.jsonl) and a state file (zo2_state.json)
+// from which `--resume DIR` continues exactly where the run stopped.
+#include "api/session.h"
+#include "runtime/arena.h"
+#include "runtime/log.h"
+#include "tools/cli.h"
+#include "tools/dataset.h"
+#include "zo/schedule.h"
+
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cmath>
+#include <fstream>
+#include <memory>
+
+namespace zo2::cli {
+
+SessionConfig session_config(const DeviceFlags& f, bool training);
+
+namespace {
+
+std::atomic<int> g_stop_signal{0};
+
+extern "C" void on_stop_signal(int sig) {
+  g_stop_signal.store(sig);
+  std::signal(sig, SIG_DFL);  // a second signal ends the process at once
+}
+
+using json = nlohmann::json;
+constexpr const char* kStateFile = "zo2_state.json";
+constexpr const char* kSeedLog = "seed_log.jsonl";
+
+void write_json_atomic(const std::filesystem::path& path, const json& j) {
+  const auto tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    if (!out) fail(ErrorKind::io, "{}: cannot write", tmp);
+    out << j.dump(2) << "\n";
+    if (!out.flush()) fail(ErrorKind::io, "{}: write failed", tmp);
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) fail(ErrorKind::io, "{}: cannot rename: {}", tmp, ec.message());
+}
+
+json read_json(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  if (!in) fail(ErrorKind::io, "{}: cannot open", path.string());
+  try {
+    return json::parse(in);
+  } catch (const json::parse_error& e) {
+    fail(ErrorKind::format, "{}: not valid JSON: {}", path.string(), e.what());
+  }
+}
+
+// One line of progress: a rewritten status line on a terminal, plain lines otherwise.
+class Progress {
+ public:
+  Progress(std::int64_t total, std::int64_t every) : total_(total), every_(every), tty_(stderr_is_terminal()) {}
+  void report(const StepResult& r, double step_s, double tok_s, double elapsed, std::size_t peak,
+              double pcie_gbps, std::int64_t done) {
+    const float loss = 0.5f * (r.loss_plus + r.loss_minus);
+    smooth_ = n_ == 0 ? loss : 0.9 * smooth_ + 0.1 * loss;
+    ++n_;
+    const double eta = done > 0 ? elapsed / static_cast<double>(done) * static_cast<double>(total_ - r.step - 1) : -1;
+    const std::string line = fmt::format(
+        "step {}/{} | loss {:.4f} (avg {:.4f}) | g {:+.3e} | lr {:.2e} | {:.0f} tok/s | {:.3f} s/step | "
+        "ETA {} | device {} | PCIe {:.2f} GB/s{}",
+        r.step + 1, total_, loss, smooth_, r.g, r.lr, tok_s, step_s, format_duration(eta),
+        format_bytes(static_cast<double>(peak)), pcie_gbps, r.update_skipped ? " | update skipped" : "");
+    if (tty_) {
+      fmt::print(stderr, "\r\033[K{}", line);
+      if (r.step + 1 == total_) fmt::print(stderr, "\n");
+      std::fflush(stderr);
+    } else if ((r.step + 1) % every_ == 0 || r.step + 1 == total_ || r.step == 0) {
+      fmt::print(stderr, "{}\n", line);
+    }
+  }
+  void newline() {
+    if (tty_) fmt::print(stderr, "\n");
+  }
+
+ private:
+  std::int64_t total_, every_;
+  bool tty_;
+  double smooth_ = 0;
+  std::int64_t n_ = 0;
+};
+
+}  // namespace
+
+Runner add_train(CLI::App& app) {
+  struct Opts {
+    std::string model, data, out, resume, log_json, save_dtype = "fp32", shard = "5G", schedule = "constant";
+    std::int64_t steps = 100, save_every = 0, warmup = 0, log_every = 10;
+    int batch = 8;
+    double lr = 1e-6, eps = 1e-3, wd = 0;
+    std::uint64_t seed = 0;
+    DeviceFlags dev;
+  };
+  auto o = std::make_shared<Opts>();
+  app.add_option("--model", o->model, "HF checkpoint directory to start from");
+  app.add_option("--data", o->data, "training data: safetensors with input_ids [N, T] (+ attention_mask, labels)")->required();
+  app.add_option("--out", o->out, "output directory: tuned checkpoint, seed_log.jsonl, zo2_state.json")->required();
+  auto* steps = app.add_option("--steps,--max_steps", o->steps, "total steps")->capture_default_str()->check(CLI::PositiveNumber);
+  auto* batch = app.add_option("--batch-size,--per_device_train_batch_size", o->batch, "sequences per step")
+                    ->capture_default_str()->check(CLI::PositiveNumber);
+  auto* lr = app.add_option("--lr,--learning_rate", o->lr, "learning rate")->capture_default_str();
+  auto* eps = app.add_option("--eps,--zo_eps", o->eps, "perturbation scale")->capture_default_str();
+  auto* wd = app.add_option("--weight-decay,--weight_decay", o->wd, "weight decay (not on biases and norms)")->capture_default_str();
+  auto* seed = app.add_option("--seed", o->seed, "run seed (step seeds derive from it)")->capture_default_str();
+  auto* sched = app.add_option("--lr-schedule,--lr_scheduler_type", o->schedule, "constant, linear or cosine")
+                    ->capture_default_str()->check(CLI::IsMember({"constant", "linear", "cosine"}));
+  auto* warm = app.add_option("--warmup-steps,--warmup_steps", o->warmup, "linear warmup steps")->capture_default_str();
+  app.add_option("--save-every,--save_steps", o->save_every, "also save every N steps (0: only at the end)")->capture_default_str();
+  app.add_option("--save-dtype", o->save_dtype, "dtype of the saved checkpoint: fp32, bf16, fp16")->capture_default_str();
+  app.add_option("--shard-size", o->shard, "largest safetensors shard")->capture_default_str();
+  app.add_option("--log-json", o->log_json, "write one JSON object per step to this file");
+  app.add_option("--log-every,--logging_steps", o->log_every, "progress line every N steps when not on a terminal")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--resume", o->resume, "continue the run saved in DIR (its zo2_state.json and checkpoint)");
+  o->dev.add(app, true);
+  struct Given {
+    CLI::Option *steps, *batch, *lr, *eps, *wd, *seed, *sched, *warm;
+  };
+  const Given given{steps, batch, lr, eps, wd, seed, sched, warm};
+  return [o, given] {
+    g_stop_signal.store(0);
+    const DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
+    const std::uint64_t shard = parse_byte_size(o->shard);
+    SessionConfig sc = session_config(o->dev, true);
+    std::string model_dir = o->model;
+    std::int64_t first_step = 0;
+    std::string base_model = o->model;
+    bool append_log = false;
+    if (!o->resume.empty()) {
+      const json st = read_json(std::filesystem::path(o->resume) / kStateFile);
+      if (!st.contains("zo2_state")) fail(ErrorKind::format, "{}/{}: not a zo2 state file", o->resume, kStateFile);
+      auto take = [&](CLI::Option* opt, const char* key, auto& field) {
+        using T = std::decay_t<decltype(field)>;
+        if (!st.contains(key)) return;
+        const T saved = st.at(key).get<T>();
+        if (opt->count() > 0 && field != saved)
+          log_warn("--resume: {} given as {} but the run used {}; the result will differ from an uninterrupted run",
+                   opt->get_name(), field, saved);
+        else
+          field = saved;
+      };
+      take(given.batch, "batch_size", o->batch);
+      take(given.lr, "lr", o->lr);
+      take(given.eps, "eps", o->eps);
+      take(given.wd, "weight_decay", o->wd);
+      take(given.seed, "run_seed", o->seed);
+      take(given.sched, "lr_schedule", o->schedule);
+      take(given.warm, "warmup_steps", o->warmup);
+      take(given.steps, "total_steps", o->steps);
+      first_step = st.at("next_step").get<std::int64_t>();
+      base_model = st.value("base_model", std::string());
+      const std::string storage = st.value("storage_dtype", std::string("fp32"));
+      if (dtype_name(sc.storage) != storage)
+        log_warn("--resume: the run stored weights as {}, this one as {}", storage, dtype_name(sc.storage));
+      model_dir = o->resume;
+      append_log = true;
+      if (first_step >= o->steps) {
+        log_info("--resume: the run in {} already finished {} of {} steps", o->resume, first_step, o->steps);
+        return 0;
+      }
+    }
+    if (model_dir.empty()) fail(ErrorKind::invalid_argument, "train needs --model DIR (or --resume DIR)");
+
+    // Validate everything cheap before touching the output directory.
+    const ModelConfig config = ModelConfig::load(model_dir);
+    const TokenDataset data = TokenDataset::load(o->data, config);
+    LrSchedule schedule;
+    schedule.kind = LrSchedule::parse(o->schedule);
+    schedule.base_lr = o->lr;
+    schedule.warmup_steps = o->warmup;
+    schedule.total_steps = o->steps;
+    sc.max_batch = o->batch;
+    sc.max_seq = static_cast<int>(data.seq());
+    sc.run_seed = o->seed;
+    sc.first_step = first_step;
+    plan_placement(config, plan_request(config, sc, parse_device(sc.device).kind,
+                                        sc.gpu_mem ? sc.gpu_mem : std::size_t{1} << 50));
+    const std::filesystem::path out(o->out);
+    ensure_writable_dir(out);
+    if (append_log && std::filesystem::absolute(out) != std::filesystem::absolute(o->resume)) {
+      std::filesystem::copy_file(std::filesystem::path(o->resume) / kSeedLog, out / kSeedLog,
+                                 std::filesystem::copy_options::overwrite_existing);
+    }
+    sc.seed_log = out / kSeedLog;
+    sc.seed_log_append = append_log;
+
+    std::unique_ptr<std::ofstream> log_json;
+    if (!o->log_json.empty()) {
+      log_json = std::make_unique<std::ofstream>(o->log_json, append_log ? std::ios::app : std::ios::trunc);
+      if (!*log_json) fail(ErrorKind::io, "{}: cannot write the JSON log", o->log_json);
+    }
+
+    Session session(model_dir, sc);
+    log_info("train: {} ({} blocks, {:.1f}M parameters) on {}; {} rows × {} tokens; steps {}..{}",
+             model_dir, config.num_layers, static_cast<double>(config.total_params()) / 1e6, session.device().name(),
+             data.rows(), data.seq(), first_step + 1, o->steps);
+    log_info("{}", session.placement().describe(config));
+
+    auto save = [&](std::int64_t next_step) {
+      session.save(out, save_dtype, shard);
+      json st{{"zo2_state", 1},
+              {"next_step", next_step},
+              {"total_steps", o->steps},
+              {"run_seed", o->seed},
+              {"lr", o->lr},
+              {"eps", o->eps},
+              {"weight_decay", o->wd},
+              {"lr_schedule", o->schedule},
+              {"warmup_steps", o->warmup},
+              {"batch_size", o->batch},
+              {"storage_dtype", std::string(dtype_name(sc.storage))},
+              {"save_dtype", std::string(dtype_name(save_dtype))},
+              {"data", data.source()},
+              {"data_rows", data.rows()},
+              {"base_model", base_model}};
+      if (save_dtype != DType::f32 && save_dtype != sc.storage)
+        log_warn("the checkpoint is saved as {} but the weights are {}: --resume will not be exact",
+                 dtype_name(save_dtype), dtype_name(sc.storage));
+      write_json_atomic(out / kStateFile, st);
+    };
+
+    std::signal(SIGINT, on_stop_signal);
+    std::signal(SIGTERM, on_stop_signal);
+    Progress progress(o->steps, o->log_every);
+    const auto start = std::chrono::steady_clock::now();
+    auto last = start;
+    const TransferTotals t0 = session.scheduler().totals();
+    std::int64_t completed = 0;
+    std::int64_t next = first_step;
+    auto harvest = [&](std::int64_t step) {
+      const StepResult r = session.wait(step);
+      const auto now = std::chrono::steady_clock::now();
+      const double step_s = std::chrono::duration<double>(now - last).count();
+      last = now;
+      ++completed;
+      const double elapsed = std::chrono::duration<double>(now - start).count();
+      const double tokens = static_cast<double>(o->batch) * static_cast<double>(data.seq());
+      const double tok_s = step_s > 0 ? tokens / step_s : 0;
+      const TransferTotals tt = session.scheduler().totals();
+      const double pcie = elapsed > 0 ? static_cast<double>(tt.h2d_bytes + tt.d2h_bytes - t0.h2d_bytes - t0.d2h_bytes) / elapsed / 1e9 : 0;
+      progress.report(r, step_s, tok_s, elapsed, session.device_peak(), pcie, completed);
+      if (log_json) {
+        json j{{"step", r.step + 1},
+               {"loss_plus", r.loss_plus},
+               {"loss_minus", r.loss_minus},
+               {"loss", 0.5 * (static_cast<double>(r.loss_plus) + r.loss_minus)},
+               {"g", std::isfinite(r.g) ? json(r.g) : json(nullptr)},
+               {"update_skipped", r.update_skipped},
+               {"lr", r.lr},
+               {"eps", r.eps},
+               {"seed", r.seed},
+               {"tokens_per_s", tok_s},
+               {"step_time_s", step_s},
+               {"device_peak_bytes", session.device_peak()},
+               {"h2d_bytes", r.h2d_bytes},
+               {"d2h_bytes", r.d2h_bytes}};
+        *log_json << j.dump() << "\n";
+        log_json->flush();
+      }
+    };
+    std::int64_t in_flight = -1;
+    while (next < o->steps && g_stop_signal.load() == 0) {
+      const HostBatch b = data.batch(next, o->batch);
+      const auto lr_t = static_cast<float>(schedule.at(next));
+      session.step_async(b, lr_t, static_cast<float>(o->eps), static_cast<float>(o->wd));
+      if (in_flight >= 0) harvest(in_flight);  // losses are read a step behind
+      in_flight = next;
+      ++next;
+      if (o->save_every > 0 && next % o->save_every == 0 && next < o->steps) {
+        harvest(in_flight);
+        in_flight = -1;
+        save(next);
+        progress.newline();
+        log_info("saved step {} to {}", next, out.string());
+      }
+    }
+    if (in_flight >= 0) harvest(in_flight);
+    const int sig = g_stop_signal.load();
+    std::signal(SIGINT, SIG_DFL);
+    std::signal(SIGTERM, SIG_DFL);
+    if (sig != 0) {
+      progress.newline();
+      log_warn("interrupted by signal {} after step {}: saving", sig, next);
+    }
+    save(next);
+    const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    log_info("train: {} steps in {}, device peak {} (cap {}), saved to {}", completed, format_duration(total_s),
+             format_bytes(static_cast<double>(session.device_peak())),
+             format_bytes(static_cast<double>(session.device().arena().capacity())), out.string());
+    return sig != 0 ? 130 : 0;
+  };
+}
+
+}  // namespace zo2::cli

@@ -1,0 +1,53 @@
+// zo2-tune: zeroth-order fine-tuning of OPT and LLaMA models on one small GPU (or the
+// CPU). Subcommands: init, forward, plan, train, eval, replay, synth-data, tokenize.
+#include "runtime/error.h"
+#include "runtime/log.h"
+#include "tools/cli.h"
+
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <map>
+
+int main(int argc, char** argv) {
+  CLI::App app{"zo2-tune: zeroth-order (MeZO) fine-tuning of OPT and LLaMA models with "
+               "blocks streamed through a capped GPU window"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "zo2-tune 0.1.0");
+  bool verbose = false, quiet = false;
+  app.add_flag("-v,--verbose", verbose, "debug output");
+  app.add_flag("-q,--quiet", quiet, "warnings and errors only");
+  std::map<CLI::App*, zo2::cli::Runner> runners;
+  auto reg = [&](const char* name, const char* help, zo2::cli::Runner (*add)(CLI::App&)) {
+    CLI::App* sub = app.add_subcommand(name, help);
+    runners[sub] = add(*sub);
+  };
+  reg("init", "write a random-initialized HF checkpoint of a preset shape", zo2::cli::add_init);
+  reg("forward", "run a checkpoint on token ids; write logits and loss", zo2::cli::add_forward);
+  reg("plan", "show the placement and byte budget under a device memory cap", zo2::cli::add_plan);
+  reg("train", "fine-tune with MeZO steps, streaming blocks through the device window", zo2::cli::add_train);
+  reg("eval", "mean loss of a checkpoint on a data file", zo2::cli::add_eval);
+  reg("replay", "rebuild tuned weights from a base checkpoint and a seed log", zo2::cli::add_replay);
+  reg("synth-data", "write a synthetic, learnable token dataset (safetensors)", zo2::cli::add_synth_data);
+  reg("tokenize", "print the token ids of a text as a JSON array", zo2::cli::add_tokenize);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const zo2::Error& e) {
+    fmt::print(stderr, "zo2-tune: error: {}\n", e.what());
+    return 2;
+  }
+  zo2::log_set_level(verbose ? zo2::LogLevel::debug : quiet ? zo2::LogLevel::warn : zo2::LogLevel::info);
+  try {
+    for (auto& [sub, run] : runners)
+      if (sub->parsed()) return run();
+  } catch (const zo2::Error& e) {
+    fmt::print(stderr, "zo2-tune: error: {}\n", e.what());
+    return e.kind() == zo2::ErrorKind::invalid_argument ? 2 : 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "zo2-tune: error: {}\n", e.what());
+    return 1;
+  }
+  return 0;
+}
