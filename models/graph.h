@@ -27,8 +27,10 @@ class Device;
 struct WeightSet {
   std::array<StoredTensor, kRoleCount> tensors{};
   std::array<bool, kRoleCount> present{};
+  // Role::count_ stands for "no tensor" (e.g. a linear layer without bias).
   const StoredTensor* find(Role r) const {
-    return present[static_cast<std::size_t>(r)] ? &tensors[static_cast<std::size_t>(r)] : nullptr;
+    const auto i = static_cast<std::size_t>(r);
+    return i < kRoleCount && present[i] ? &tensors[i] : nullptr;
   }
   const StoredTensor& at(Role r) const;
 };

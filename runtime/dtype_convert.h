@@ -20,13 +20,14 @@
 //
 // Stochastic rounding (SR), one uniformly random uint32 r per element: for lo < x < hi
 // (adjacent representable values) the result is hi iff r < floor(frac * 2^32), where
-// frac = (x - lo) / (hi - lo), i.e. hi with probability frac (exact whenever frac has at
-// most 32 significant fractional bits, which covers every normal result of all three
-// formats and every fp16/e4m3 subnormal result of an input >= 2^-32 * its ulp; smaller
-// fractions are truncated, a bias below 2^-32 ulp). Representable x (frac = 0) come back
-// unchanged for every r. NaN and inf behave as with RNE; a finite fp16/bf16 x beyond the
-// largest finite value rounds to that value or to +-inf (inf standing for the next power
-// of two), x at or beyond 2^16 (fp16) is +-inf; e4m3 saturates: |x| >= 448 gives +-448.
+// frac = (x - lo) / (hi - lo), i.e. hi with probability frac, else lo. This is exact for
+// every bf16 result and every normal fp16/e4m3 result (frac has at most 16/13/20 bits);
+// in the fp16/e4m3 subnormal range it is exact for |x| >= 2^-9 of the smallest subnormal,
+// and tinier inputs keep the top 32 bits of frac (a bias below 2^-32 of an ulp).
+// Representable x (frac = 0) come back unchanged for every r. NaN and inf behave as with
+// RNE. A finite bf16/fp16 x beyond the largest finite value rounds to it or to +-inf
+// (inf standing for the next power of two, as in IEEE overflow), |x| >= 2^16 gives fp16
+// +-inf; e4m3 saturates: |x| >= 448 and +-inf give +-448.
 #pragma once
 #include <cstdint>
 
@@ -114,8 +115,8 @@ ZO2_HD std::uint16_t f32_to_bf16_sr(float x, std::uint32_t r) {
   const std::uint32_t a = u & 0x7fffffffu;
   if (a > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x0040u);
   if (a == 0x7f800000u) return static_cast<std::uint16_t>(u >> 16);
-  // The fp32 bit pattern is linear in the value within and across binades (subnormals
-  // included), so the discarded 16 bits are exactly frac * 2^16.
+  // Between two adjacent bf16 values (consecutive patterns, subnormals included) the
+  // fp32 pattern is linear in the value, so the discarded 16 bits are exactly frac * 2^16.
   const std::uint32_t frac = (u & 0xffffu) << 16;
   return static_cast<std::uint16_t>((u >> 16) + (r < frac ? 1u : 0u));
 }
@@ -151,7 +152,7 @@ ZO2_HD std::uint16_t f32_to_f16(float x) {
     const std::uint32_t b = a - 0x38000000u;
     return static_cast<std::uint16_t>(sign | ((b + 0xfffu + ((b >> 13) & 1u)) >> 13));
   }
-  if (a < 0x33000000u) return sign;  // < 2^-25 (at most half the smallest subnormal)
+  if (a < 0x33000000u) return sign;  // < 2^-25, below half the smallest subnormal
   // Subnormal result m * 2^-24: mant * 2^(e-150) / 2^-24 = mant >> (126 - e), 14..24.
   const int e = static_cast<int>(a >> 23);
   const std::uint32_t mant = (a & 0x7fffffu) | 0x800000u;

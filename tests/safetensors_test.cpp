@@ -646,9 +646,10 @@ TEST(SafetensorsMalformed, TruncatedOrCorruptedFilesNeverCrashOnlyThrow) {
                                                {"z", DType::bf16, {0}, nullptr, {}}},
                     {{"k", "v"}});
   const std::string good = read_bytes(tmp / "good.safetensors");
-  const fs::path path = tmp / "mutant.safetensors";
   int accepted = 0, rejected = 0;
   auto try_open = [&](const std::string& bytes) {
+    // A fresh file each time: rewriting one in place waits for its writeback on ext4.
+    const fs::path path = tmp / fmt::format("mutant{}.safetensors", accepted + rejected);
     write_bytes(path, bytes);
     try {
       const auto f = SafetensorsFile::open(path);

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   CLI::App app{"zo2-tune: zeroth-order (MeZO) fine-tuning of OPT and LLaMA models with "
                "blocks streamed through a capped GPU window"};
   app.require_subcommand(1);
+  app.fallthrough();  // -v and -q also after the subcommand
   app.set_version_flag("--version", "zo2-tune 0.1.0");
   bool verbose = false, quiet = false;
   app.add_flag("-v,--verbose", verbose, "debug output");

@@ -1,0 +1,115 @@
+// The forward pass on configurations the goldens do not cover, against the tests'
+// independent double-precision reference (itself checked against transformers in
+// golden_test.cpp): GQA/MQA, head_dim ≠ hidden/heads, rotary scaling (linear, llama3),
+// biases, untied heads, OPT with and without projections and final norm, odd sizes,
+// left and right padding, and tiled weights and vocabularies.
+#include "tests/reference_model.h"
+#include "tests/test_util.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+namespace zo2 {
+namespace {
+
+ModelConfig opt_config() {
+  ModelConfig c;
+  c.family = ModelFamily::opt;
+  c.vocab_size = 97;
+  c.hidden_size = 48;
+  c.num_layers = 2;
+  c.num_heads = 6;
+  c.num_kv_heads = 6;
+  c.head_dim = 8;
+  c.ffn_dim = 80;
+  c.max_positions = 40;
+  c.word_embed_proj_dim = 48;
+  return c;
+}
+
+ModelConfig llama_config() {
+  ModelConfig c;
+  c.family = ModelFamily::llama;
+  c.vocab_size = 101;
+  c.hidden_size = 40;
+  c.num_layers = 2;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 12;  // ≠ hidden / heads
+  c.ffn_dim = 72;
+  c.max_positions = 64;
+  c.word_embed_proj_dim = 40;
+  c.linear_bias = false;
+  c.tie_word_embeddings = false;
+  c.norm_eps = 1e-5f;
+  c.rope.type = RopeType::default_;
+  c.rope.theta = 10000;
+  return c;
+}
+
+struct Case {
+  std::string name;
+  ModelConfig config;
+  GraphLimits limits{};
+};
+
+std::vector<Case> cases() {
+  std::vector<Case> v;
+  v.push_back({"OptPreLn", opt_config()});
+  { auto c = opt_config(); c.pre_layer_norm = false; c.final_layer_norm = false; v.push_back({"OptPostLn", c}); }
+  { auto c = opt_config(); c.word_embed_proj_dim = 24; v.push_back({"OptPreLnWithProjections", c}); }
+  { auto c = opt_config(); c.pre_layer_norm = false; c.final_layer_norm = false; c.word_embed_proj_dim = 20;
+    v.push_back({"OptPostLnWithProjections", c}); }
+  { auto c = opt_config(); c.linear_bias = false; v.push_back({"OptWithoutBiases", c}); }
+  { auto c = opt_config(); c.tie_word_embeddings = false; v.push_back({"OptUntiedHead", c}); }
+  { auto c = opt_config(); c.final_layer_norm = false; v.push_back({"OptWithoutFinalNorm", c}); }
+  v.push_back({"LlamaGqa", llama_config()});
+  { auto c = llama_config(); c.num_kv_heads = 4; c.tie_word_embeddings = true; v.push_back({"LlamaMhaTied", c}); }
+  { auto c = llama_config(); c.num_kv_heads = 1; v.push_back({"LlamaMqa", c}); }
+  { auto c = llama_config(); c.rope.type = RopeType::linear; c.rope.factor = 2.5; c.rope.theta = 500000;
+    v.push_back({"LlamaLinearRope", c}); }
+  { auto c = llama_config(); c.head_dim = 16; c.rope.type = RopeType::llama3; c.rope.factor = 8;
+    c.rope.low_freq_factor = 1; c.rope.high_freq_factor = 4; c.rope.original_max_positions = 64;
+    v.push_back({"LlamaLlama3Rope", c}); }
+  { auto c = llama_config(); c.attention_bias = true; c.mlp_bias = true; v.push_back({"LlamaBiases", c}); }
+  { Case t{"OptTiledWeightsAndVocab", opt_config()}; t.limits.weight_tile_elems = 100; t.limits.vocab_tile = 10;
+    v.push_back(t); }
+  { Case t{"LlamaTiledWeightsAndVocab", llama_config()}; t.limits.weight_tile_elems = 100; t.limits.vocab_tile = 7;
+    v.push_back(t); }
+  return v;
+}
+
+class ModelParity : public ::testing::TestWithParam<Case> {};
+
+TEST_P(ModelParity, ForwardMatchesTheReferenceWithLeftAndRightPadding) {
+  const Case& tc = GetParam();
+  test::TempDir tmp;
+  test::write_random_checkpoint(tmp.path(), tc.config, 42);
+  const int B = 3, T = 13;
+  std::vector<std::int32_t> ids(B * T), mask(B * T, 1);
+  for (int i = 0; i < B * T; ++i) ids[static_cast<std::size_t>(i)] = (i * 37 + 11) % static_cast<int>(tc.config.vocab_size);
+  for (int t = 9; t < T; ++t) mask[static_cast<std::size_t>(1 * T + t)] = 0;  // right padding
+  for (int t = 0; t < 4; ++t) mask[static_cast<std::size_t>(2 * T + t)] = 0;  // left padding
+  SessionConfig cfg;
+  cfg.limits = tc.limits;
+  const test::Zo2Output out = test::run_forward(tmp.path(), B, T, ids, mask, cfg);
+  const test::ReferenceModel ref(tmp.path());
+  const test::ReferenceOutput r = ref.forward(B, T, ids, mask);
+  EXPECT_LT(test::masked_rel_error(out.logits, r.logits, mask, tc.config.vocab_size), 1e-4);
+  ASSERT_EQ(out.hidden_states.size(), r.hidden_states.size());
+  for (std::size_t i = 0; i < r.hidden_states.size(); ++i) {
+    const auto width = static_cast<std::int64_t>(r.hidden_states[i].size()) / (B * T);
+    EXPECT_LT(test::masked_rel_error(out.hidden_states[i], r.hidden_states[i], mask, width), 1e-4)
+        << "hidden_states." << i;
+  }
+  EXPECT_NEAR(out.loss, r.loss, 1e-5 * std::fabs(r.loss));
+  for (std::size_t i = 0; i < r.token_loss.size(); ++i)
+    EXPECT_NEAR(out.token_loss[i], r.token_loss[i], 1e-4 * (1 + std::fabs(r.token_loss[i]))) << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(Configs, ModelParity, ::testing::ValuesIn(cases()),
+                         [](const auto& info) { return info.param.name; });
+
+}  // namespace
+}  // namespace zo2
