@@ -34,6 +34,7 @@ std::unique_ptr<Device> open_device(const SessionConfig& cfg) {
   DeviceOptions o = parse_device(cfg.device);
   o.mem_cap = cfg.gpu_mem;
   o.threads = cfg.threads;
+  o.debug_copy_delay_us = cfg.debug_copy_delay_us;
   return make_device(o);
 }
 }  // namespace
@@ -70,12 +71,15 @@ void Session::init(const SessionConfig& cfg) {
   so.seq = req.seq;
   so.branches = req.branches;
   so.logits_out = cfg.logits_out;
+  so.fault = cfg.fault;
   scheduler_ = std::make_unique<Scheduler>(*device_, *store_, placement, so);
   next_step_ = cfg.first_step;
   if (!cfg.seed_log.empty()) {
     SeedLogHeader h;
     h.run_seed = cfg.run_seed;
     h.storage_dtype = std::string(dtype_name(cfg.storage));
+    h.base_model = cfg.base_model;
+    h.first_step = cfg.first_step;
     seed_log_ = std::make_unique<SeedLogWriter>(cfg.seed_log, h, cfg.seed_log_append, next_step_);
   }
 }

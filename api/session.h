@@ -34,7 +34,11 @@ struct SessionConfig {
   std::uint64_t run_seed = 0;
   std::filesystem::path seed_log;  // empty: no seed log
   bool seed_log_append = false;    // resume: continue the existing log
+  std::string base_model;          // recorded in the seed log header
   std::int64_t first_step = 0;     // resume: the step to start at
+  // Tests only: fault injection (offload/scheduler.h) and slow CPU copies.
+  SchedulerFault fault = SchedulerFault::none;
+  int debug_copy_delay_us = 0;
 };
 
 // The request a planner sees for this session config.

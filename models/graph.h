@@ -56,7 +56,10 @@ struct Branch {
 };
 
 struct GraphLimits {
-  std::int64_t weight_tile_elems = 0;  // max elements of one materialized weight tile (0 = whole tensors)
+  // Max elements of one materialized weight tile (0 = whole tensors). Perturbed copies
+  // of a 175B fc1 would take 2 × 1.2 GB; tiles of 16M elements keep scratch small while
+  // each tile's GEMM stays large.
+  std::int64_t weight_tile_elems = std::int64_t{1} << 24;
   std::int64_t vocab_tile = 8192;      // LM head rows per logits tile
 };
 

@@ -2,11 +2,25 @@
 //  - GPT-2 byte-level BPE (OPT): vocab.json + merges.txt, or encoder.json + vocab.bpe;
 //  - HF tokenizer.json with a BPE model over bytes (GPT-2/OPT style, LLaMA-3 style);
 //  - SentencePiece tokenizer.model (LLaMA-2) through libsentencepiece.
-// Special tokens (BOS/EOS/PAD) come from tokenizer_config.json, special_tokens_map.json
-// and config.json, in that order of precedence.
+//
+// Special tokens. BOS/EOS/PAD/UNK come from tokenizer_config.json, then
+// special_tokens_map.json (token strings, or {"content": ...} objects), then config.json
+// (bos_token_id, ...; a list of ids gives its first). What encode_with_special() adds:
+// tokenizer_config.json's add_bos_token/add_eos_token when given; else the tokenizer.json
+// post-processor (TemplateProcessing, Roberta/BertProcessing); else the tokenizer's
+// default (SentencePiece: BOS, as LLaMA-2; GPT-2 files: nothing). The special tokens of the
+// configuration and tokenizer.json's added_tokens are matched whole in the input
+// (leftmost-longest) before pre-tokenization, as HF does.
+//
+// Byte-level details: the pre-tokenizer regexes run on PCRE2 (UTF + UCP, JIT); `\s` is
+// PCRE2's Unicode white space, which may differ from Python's/JavaScript's on rare code
+// points (U+0085, U+FEFF). Bytes that are not valid UTF-8 match no regex branch; they form
+// pieces of their own and are encoded through the byte tokens, so decode(encode(s)) == s
+// for any byte string. decode() returns raw bytes (no U+FFFD replacement).
 //
 // All tokenizers are immutable after loading; encode() and decode() may be called from
-// several threads at once.
+// several threads at once (the BPE word cache is a per-thread front cache in front of a
+// sharded, mutex-guarded shared one).
 #pragma once
 #include <cstdint>
 #include <filesystem>
@@ -41,8 +55,7 @@ class Tokenizer {
   static std::unique_ptr<Tokenizer> from_sentencepiece(const std::filesystem::path& file);
 
   // Raw encoding of text (no BOS/EOS added). Added/special tokens written in the text
-  // ("<|endoftext|>", "<|begin_of_text|>") are matched whole. Any byte string is accepted:
-  // byte-level BPE encodes invalid UTF-8 byte by byte.
+  // ("<|endoftext|>", "<|begin_of_text|>") are matched whole. Any byte string is accepted.
   virtual std::vector<std::int32_t> encode(std::string_view text) const = 0;
   // encode() plus the special tokens the configuration asks for (BOS/EOS, or the
   // tokenizer.json post-processor's template).

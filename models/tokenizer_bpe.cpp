@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -376,6 +377,56 @@ class WordCache {
   mutable std::unique_ptr<Shard[]> shards_ = std::make_unique<Shard[]>(kShards);
 };
 
+// In front of the shared cache, a small direct-mapped cache per thread, so that the
+// common words of a text are found without taking a lock or sharing cache lines between
+// threads. Entries carry the id of the tokenizer that made them (ids are never reused), so
+// one thread's front cache serves every tokenizer it uses and never returns stale ids.
+class FrontCache {
+ public:
+  static constexpr std::size_t kMaxKey = 22;
+  static constexpr std::size_t kMaxIds = 8;
+
+  static bool lookup(std::uint64_t owner, std::string_view word, std::uint64_t h, std::vector<std::int32_t>& out) {
+    const Entry* e = table();
+    e += (h >> 20) & (kEntries - 1);
+    if (e->owner != owner || e->hash != h || e->key_len != word.size() ||
+        std::memcmp(e->key, word.data(), word.size()) != 0)
+      return false;
+    out.insert(out.end(), e->ids, e->ids + e->n_ids);
+    return true;
+  }
+  static void insert(std::uint64_t owner, std::string_view word, std::uint64_t h, const std::int32_t* ids,
+                     std::size_t n) {
+    if (word.size() > kMaxKey || n > kMaxIds) return;
+    Entry* e = table() + ((h >> 20) & (kEntries - 1));
+    e->owner = owner;
+    e->hash = h;
+    e->key_len = static_cast<std::uint8_t>(word.size());
+    e->n_ids = static_cast<std::uint8_t>(n);
+    std::memcpy(e->key, word.data(), word.size());
+    std::memcpy(e->ids, ids, n * sizeof(std::int32_t));
+  }
+
+ private:
+  static constexpr std::size_t kEntries = 4096;  // ~290 KB per thread
+  struct Entry {
+    std::uint64_t owner = 0;  // 0: empty
+    std::uint64_t hash = 0;
+    std::uint8_t key_len = 0, n_ids = 0;
+    char key[kMaxKey];
+    std::int32_t ids[kMaxIds];
+  };
+  static Entry* table() {
+    thread_local std::unique_ptr<Entry[]> t = std::make_unique<Entry[]>(kEntries);
+    return t.get();
+  }
+};
+
+std::uint64_t next_tokenizer_instance() {
+  static std::atomic<std::uint64_t> counter{0};
+  return ++counter;
+}
+
 // ---- the tokenizer ---------------------------------------------------------------------
 
 struct VocabEntry {
@@ -559,16 +610,23 @@ class ByteLevelBpe final : public Tokenizer {
     }
     const bool cacheable = word.size() <= WordCache::kMaxWordBytes;
     std::uint64_t h = 0;
+    const std::size_t first = out.size();
     if (cacheable) {
       h = word_hash(word);
-      if (cache_.lookup(word, h, out)) return;
+      if (FrontCache::lookup(instance_, word, h, out)) return;
+      if (cache_.lookup(word, h, out)) {
+        FrontCache::insert(instance_, word, h, out.data() + first, out.size() - first);
+        return;
+      }
     }
-    const std::size_t first = out.size();
     if (word.size() <= 256)
       merge_small(word, out);
     else
       merge_large(word, out);
-    if (cacheable) cache_.insert(word, h, out.data() + first, out.size() - first);
+    if (cacheable) {
+      cache_.insert(word, h, out.data() + first, out.size() - first);
+      FrontCache::insert(instance_, word, h, out.data() + first, out.size() - first);
+    }
   }
 
   // Repeatedly merges the leftmost pair of lowest rank; ranks of the pairs are kept beside
@@ -658,6 +716,7 @@ class ByteLevelBpe final : public Tokenizer {
   PairMap merges_;
   std::vector<std::unique_ptr<Splitter>> splitters_;
   WordCache cache_;
+  const std::uint64_t instance_ = next_tokenizer_instance();
 };
 
 // ---- loaders ---------------------------------------------------------------------------

@@ -53,7 +53,9 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   const std::size_t block = align_up(p.block_bytes);
   const std::size_t fixed = p.globals_bytes + p.workspace_bytes + p.batch_bytes + p.logits_bytes;
   const int k_min = static_cast<int>(std::min<std::int64_t>(r.window, L));
-  p.minimum_cap = fixed + static_cast<std::size_t>(k_min) * block;
+  // In auto mode the window may shrink to 2 slots when the requested one does not fit.
+  const int k_floor = r.mode == OffloadMode::auto_ ? static_cast<int>(std::min<std::int64_t>(2, k_min)) : k_min;
+  p.minimum_cap = fixed + static_cast<std::size_t>(k_floor) * block;
   const std::size_t all_resident = fixed + static_cast<std::size_t>(L) * block;
 
   std::int64_t resident = 0;
@@ -82,19 +84,25 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
     case OffloadMode::auto_:
       if (all_resident <= r.cap) {
         resident = L;
-      } else {
-        if (p.minimum_cap > r.cap)
+        break;
+      }
+      {
+        // Fewer slots than asked (but at least 2, so uploads still overlap compute) when
+        // the requested window does not fit: a smaller window beats refusing to run.
+        int k = k_min;
+        while (k > k_floor && fixed + static_cast<std::size_t>(k) * block > r.cap) --k;
+        if (fixed + static_cast<std::size_t>(k) * block > r.cap)
           fail(ErrorKind::out_of_memory,
                "the cap {} is below the minimum of {} this model needs at batch {} × {} tokens "
                "(globals {}, activations and scratch {}, {} window slots × {})",
                format_bytes(static_cast<double>(r.cap)), format_bytes(static_cast<double>(p.minimum_cap)),
                r.batch, r.seq, format_bytes(static_cast<double>(p.globals_bytes)),
                format_bytes(static_cast<double>(p.workspace_bytes + p.batch_bytes + p.logits_bytes)),
-               k_min, format_bytes(static_cast<double>(block)));
+               k_floor, format_bytes(static_cast<double>(block)));
         const std::int64_t fit = static_cast<std::int64_t>((r.cap - fixed) / block);
-        // fit = resident + slots, with slots = min(K, L − resident).
-        resident = std::clamp<std::int64_t>(fit - r.window, 0, L);
-        window = static_cast<int>(std::min<std::int64_t>(r.window, L - resident));
+        // fit = resident + slots, with slots = min(k, L − resident).
+        resident = std::clamp<std::int64_t>(fit - k, 0, L);
+        window = static_cast<int>(std::min<std::int64_t>(k, L - resident));
         if (window == 0) resident = L;
       }
       break;

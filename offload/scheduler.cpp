@@ -159,14 +159,14 @@ void Scheduler::run_blocks(const Use& use) {
     // See Note [Window slot lifecycle].
     const int k = static_cast<int>(next_use_++ % placement_.window);
     void* slot = slots_[static_cast<std::size_t>(k)].data();
-    h2d_->wait(*slot_free_[static_cast<std::size_t>(k)]);
+    if (options_.fault != SchedulerFault::skip_slot_free_wait) h2d_->wait(*slot_free_[static_cast<std::size_t>(k)]);
     h2d_->wait(*offloaded_[static_cast<std::size_t>(i)]);
     h2d_->copy_h2d(slot, store_.block_image(i), block_bytes);
     h2d_->record(*uploaded_[static_cast<std::size_t>(k)]);
     totals_.h2d_bytes += block_bytes;
     ++totals_.uploads;
 
-    compute_->wait(*uploaded_[static_cast<std::size_t>(k)]);
+    if (options_.fault != SchedulerFault::skip_upload_wait) compute_->wait(*uploaded_[static_cast<std::size_t>(k)]);
     const WeightSet w = bind_weights(layout, slot);
     if (use.update) apply_update(w, layout);
     if (use.forward) {

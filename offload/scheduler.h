@@ -67,12 +67,17 @@ struct EvalOptions {
   std::vector<std::vector<float>>* hidden_states = nullptr;
 };
 
+// Fault injection for the scheduler's own tests: drop one event wait, so a test can show
+// that the invariants (and ThreadSanitizer) catch a missing synchronization.
+enum class SchedulerFault { none, skip_upload_wait, skip_slot_free_wait };
+
 struct SchedulerOptions {
   DType compute = DType::f32;
   int batch = 1;   // capacity: the largest batch × seq this scheduler runs
   int seq = 1;
   int branches = 2;
   bool logits_out = false;
+  SchedulerFault fault = SchedulerFault::none;  // tests only
 };
 
 struct TransferTotals {

@@ -93,6 +93,7 @@ struct DeviceOptions {
   int index = 0;                // CUDA device ordinal
   std::size_t mem_cap = 0;      // arena bytes; 0 = the device's memory (CPU: physical RAM)
   int threads = 0;              // CPU worker threads for kernels; 0 = all cores
+  int debug_copy_delay_us = 0;  // CPU backend, tests only: every async copy first sleeps this long
 };
 
 class Device {

@@ -245,6 +245,18 @@ TEST(TokenizerHfJson, Gpt2StyleTokenizerJsonGivesTheGoldenIds) {
   }
 }
 
+TEST(TokenizerHfJson, AddedTokenWithLstripTakesTheSpaceBeforeIt) {
+  test::TempDir dir;
+  json j = gpt2_tokenizer_json(false, false);
+  j["added_tokens"].push_back({{"id", 50257}, {"content", "<mask>"}, {"single_word", false}, {"lstrip", true},
+                               {"rstrip", false}, {"normalized", false}, {"special", true}});
+  write_text(dir / "tokenizer.json", j.dump());
+  auto tok = Tokenizer::from_tokenizer_json(dir / "tokenizer.json");
+  EXPECT_EQ(tok->vocab_size(), 50258);
+  EXPECT_EQ(tok->encode("a <mask> b"), (Ids{64, 50257, 275}));
+  EXPECT_EQ(tok->decode(Ids{64, 50257, 275}), "a<mask> b");
+}
+
 TEST(TokenizerHfJson, AddPrefixSpacePutsASpaceBeforeTheText) {
   test::TempDir dir;
   write_text(dir / "tokenizer.json", gpt2_tokenizer_json(true, true).dump());
@@ -428,7 +440,10 @@ std::vector<std::string> spm_corpus() {
   std::vector<std::string> lines;
   for (int i = 0; i < 2000; ++i) {
     std::string line;
-    for (int n = len(rng); n > 0; --n) line += (line.empty() ? "" : " ") + std::string(words[w(rng)]);
+    for (int n = len(rng); n > 0; --n) {
+      if (!line.empty()) line += ' ';
+      line += words[w(rng)];
+    }
     if (i % 5 == 0) line += ", step " + std::to_string(i) + ".";
     lines.push_back(line);
   }
@@ -479,6 +494,14 @@ TEST(TokenizerSentencePiece, TrainsATinyModelThenLoadsItFromADirectoryAndRoundTr
   EXPECT_EQ(tok->id_to_token(first).rfind("\xe2\x96\x81", 0), 0u);  // pieces start with "▁"
   EXPECT_EQ(tok->token_to_id(tok->id_to_token(first)), first);
   EXPECT_EQ(tok->token_to_id("no-such-piece"), std::nullopt);
+
+  // A LLaMA-2 directory also ships a SentencePiece-style tokenizer.json (byte_fallback BPE),
+  // which zo2 does not implement: from_dir falls back to tokenizer.model.
+  write_text(dir / "tokenizer.json",
+             R"({"normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}]},
+                 "model": {"type": "BPE", "byte_fallback": true, "vocab": {"<unk>": 0}, "merges": []}})");
+  EXPECT_EQ(Tokenizer::from_dir(dir.path())->kind(), "sentencepiece");
+  fs::remove(dir / "tokenizer.json");
 
   write_text(dir / "tokenizer_config.json", R"({"add_bos_token": false, "add_eos_token": true})");
   auto tok2 = Tokenizer::from_dir(dir.path());
@@ -597,7 +620,7 @@ TEST(TokenizerErrors, UnknownTokenInTokenizerJsonMergesIsNamed) {
   EXPECT_NE(msg.find("\"ab\""), std::string::npos) << msg;
 }
 
-TEST(TokenizerErrors, SpecialTokenMissingFromTheVocabularyIsNamed) {
+TEST(TokenizerErrors, BadSpecialTokenConfigurationNamesTheFileAndField) {
   test::TempDir dir;
   fs::copy_file(gpt2_dir() / "encoder.json", dir / "vocab.json");
   fs::copy_file(gpt2_dir() / "vocab.bpe", dir / "merges.txt");
@@ -606,6 +629,15 @@ TEST(TokenizerErrors, SpecialTokenMissingFromTheVocabularyIsNamed) {
   EXPECT_NE(msg.find("tokenizer_config.json"), std::string::npos) << msg;
   EXPECT_NE(msg.find("bos_token"), std::string::npos) << msg;
   EXPECT_NE(msg.find("<s>"), std::string::npos) << msg;
+  write_text(dir / "tokenizer_config.json", R"({"eos_token": 5})");
+  msg = message_of([&] { Tokenizer::from_dir(dir.path()); });
+  EXPECT_NE(msg.find("tokenizer_config.json"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("eos_token"), std::string::npos) << msg;
+  write_text(dir / "tokenizer_config.json", "{}");
+  write_text(dir / "config.json", R"({"eos_token_id": 99999999})");
+  msg = message_of([&] { Tokenizer::from_dir(dir.path()); });
+  EXPECT_NE(msg.find("config.json"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("eos_token_id"), std::string::npos) << msg;
 }
 
 }  // namespace

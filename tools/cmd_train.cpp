@@ -60,9 +60,11 @@ json read_json(const std::filesystem::path& path) {
 // One line of progress: a rewritten status line on a terminal, plain lines otherwise.
 class Progress {
  public:
-  Progress(std::int64_t total, std::int64_t every) : total_(total), every_(every), tty_(stderr_is_terminal()) {}
+  Progress(std::int64_t total, std::int64_t every)
+      : total_(total), every_(every), tty_(stderr_is_terminal()), quiet_(log_level() > LogLevel::info) {}
   void report(const StepResult& r, double step_s, double tok_s, double elapsed, std::size_t peak,
               double pcie_gbps, std::int64_t done) {
+    if (quiet_) return;
     const float loss = 0.5f * (r.loss_plus + r.loss_minus);
     smooth_ = n_ == 0 ? loss : 0.9 * smooth_ + 0.1 * loss;
     ++n_;
@@ -81,12 +83,12 @@ class Progress {
     }
   }
   void newline() {
-    if (tty_) fmt::print(stderr, "\n");
+    if (tty_ && !quiet_) fmt::print(stderr, "\n");
   }
 
  private:
   std::int64_t total_, every_;
-  bool tty_;
+  bool tty_, quiet_;
   double smooth_ = 0;
   std::int64_t n_ = 0;
 };
@@ -96,7 +98,7 @@ class Progress {
 Runner add_train(CLI::App& app) {
   struct Opts {
     std::string model, data, out, resume, log_json, save_dtype = "fp32", shard = "5G", schedule = "constant";
-    std::int64_t steps = 100, save_every = 0, warmup = 0, log_every = 10;
+    std::int64_t steps = 100, save_every = 0, warmup = 0, log_every = 10, stop_at = 0;
     int batch = 8;
     double lr = 1e-6, eps = 1e-3, wd = 0;
     std::uint64_t seed = 0;
@@ -122,6 +124,9 @@ Runner add_train(CLI::App& app) {
   app.add_option("--log-json", o->log_json, "write one JSON object per step to this file");
   app.add_option("--log-every,--logging_steps", o->log_every, "progress line every N steps when not on a terminal")
       ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--stop-at", o->stop_at,
+                 "stop (and save the state, as on SIGINT) once this many steps are done; --resume continues")
+      ->check(CLI::PositiveNumber);
   app.add_option("--resume", o->resume, "continue the run saved in DIR (its zo2_state.json and checkpoint)");
   o->dev.add(app, true);
   struct Given {
@@ -194,6 +199,7 @@ Runner add_train(CLI::App& app) {
     }
     sc.seed_log = out / kSeedLog;
     sc.seed_log_append = append_log;
+    sc.base_model = base_model.empty() ? "" : std::filesystem::absolute(base_model).string();
 
     std::unique_ptr<std::ofstream> log_json;
     if (!o->log_json.empty()) {
@@ -270,7 +276,8 @@ Runner add_train(CLI::App& app) {
       }
     };
     std::int64_t in_flight = -1;
-    while (next < o->steps && g_stop_signal.load() == 0) {
+    const std::int64_t stop = o->stop_at > 0 ? std::min(o->stop_at, o->steps) : o->steps;
+    while (next < stop && g_stop_signal.load() == 0) {
       const HostBatch b = data.batch(next, o->batch);
       const auto lr_t = static_cast<float>(schedule.at(next));
       session.step_async(b, lr_t, static_cast<float>(o->eps), static_cast<float>(o->wd));

@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    return app.exit(e) == 0 ? 0 : 2;  // --help and --version succeed; usage errors exit 2
   } catch (const zo2::Error& e) {
     fmt::print(stderr, "zo2-tune: error: {}\n", e.what());
     return 2;

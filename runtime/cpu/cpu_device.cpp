@@ -68,7 +68,8 @@ void CpuEvent::wait_for(std::uint64_t generation) {
 
 // ---- streams ----
 
-CpuStream::CpuStream(std::string name) : name_(std::move(name)), worker_([this] { run(); }) {}
+CpuStream::CpuStream(std::string name, int copy_delay_us)
+    : name_(std::move(name)), copy_delay_us_(copy_delay_us), worker_([this] { run(); }) {}
 
 CpuStream::~CpuStream() {
   {
@@ -134,15 +135,16 @@ void CpuStream::wait(Event& event) {
   enqueue([&e, gen] { e.wait_for(gen); }, true);
 }
 
-void CpuStream::copy_h2d(void* dst, const void* src, std::size_t bytes) {
-  enqueue_kernel([=] { std::memcpy(dst, src, bytes); });
+void CpuStream::copy(void* dst, const void* src, std::size_t bytes) {
+  const int delay = copy_delay_us_;
+  enqueue_kernel([=] {
+    if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
+    std::memmove(dst, src, bytes);
+  });
 }
-void CpuStream::copy_d2h(void* dst, const void* src, std::size_t bytes) {
-  enqueue_kernel([=] { std::memcpy(dst, src, bytes); });
-}
-void CpuStream::copy_d2d(void* dst, const void* src, std::size_t bytes) {
-  enqueue_kernel([=] { std::memmove(dst, src, bytes); });
-}
+void CpuStream::copy_h2d(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes); }
+void CpuStream::copy_d2h(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes); }
+void CpuStream::copy_d2d(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes); }
 void CpuStream::memset(void* dst, int value, std::size_t bytes) {
   enqueue_kernel([=] { std::memset(dst, value, bytes); });
 }
@@ -179,6 +181,7 @@ class CpuDevice final : public Device {
  public:
   explicit CpuDevice(const DeviceOptions& o) {
     threads_ = o.threads > 0 ? o.threads : tbb::info::default_concurrency();
+    copy_delay_us_ = o.debug_copy_delay_us;
     if (o.threads > 0)
       control_ = std::make_unique<tbb::global_control>(
           tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(o.threads));
@@ -204,7 +207,7 @@ class CpuDevice final : public Device {
   Arena& arena() override { return *arena_; }
 
   std::unique_ptr<Stream> make_stream(std::string_view name) override {
-    return std::make_unique<CpuStream>(std::string(name));
+    return std::make_unique<CpuStream>(std::string(name), copy_delay_us_);
   }
   std::unique_ptr<Event> make_event() override { return std::make_unique<CpuEvent>(); }
   Ops& ops() override { return *ops_; }
@@ -214,6 +217,7 @@ class CpuDevice final : public Device {
 
  private:
   int threads_ = 1;
+  int copy_delay_us_ = 0;
   std::size_t cap_ = 0;
   void* region_ = nullptr;
   std::unique_ptr<tbb::global_control> control_;

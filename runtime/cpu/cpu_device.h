@@ -37,7 +37,7 @@ class CpuEvent final : public Event {
 
 class CpuStream final : public Stream {
  public:
-  explicit CpuStream(std::string name);
+  explicit CpuStream(std::string name, int copy_delay_us = 0);
   ~CpuStream() override;
 
   void record(Event& event) override;
@@ -64,7 +64,10 @@ class CpuStream final : public Stream {
   void enqueue(std::function<void()> fn, bool control);
   void run();
 
+  void copy(void* dst, const void* src, std::size_t bytes);
+
   std::string name_;
+  int copy_delay_us_ = 0;
   std::mutex mutex_;
   std::condition_variable cv_;
   std::condition_variable done_cv_;

@@ -1,0 +1,353 @@
+// The fused kernels of the ZO step — perturbation pairs, the projected gradient and the
+// deferred update — twins of runtime/cpu/noise.cpp, equal to it bit for bit.
+//
+// Design: z is never stored. A thread owns one group of four consecutive tensor elements
+// at a time (grid-stride), because one Philox call yields the four normals of a group
+// (Note [Noise stream layout] in runtime/philox.h); on the GPU the Philox rounds are
+// cuRAND's curand_Philox4x32_10 and Box–Muller uses the shared polynomials of
+// Note [Deterministic normals], so z equals the CPU's bit for bit. All element arithmetic
+// (load_element, perturbed, updated, the roundings) is runtime/element.h and
+// runtime/dtype_convert.h, the CPU's own functions. Whole groups that are suitably aligned
+// move as one vector (16 bytes of fp32, 8 of bf16/fp16, 4 of fp8); partial groups at the
+// ends of a row range fall back to element accesses. The work per element is ~50 integer
+// and fp32 operations, so the kernels stay close to memory bandwidth on H100/H200.
+//
+// fp8 update: the new row scale (absmax/448 of the updated row) is needed before any
+// element can be rounded, so one block owns a row and makes two passes over it,
+// regenerating z in the second pass rather than storing it. The max is exact and
+// order-independent, so the scale equals the CPU's.
+#include "runtime/cuda/kernel_util.cuh"
+#include "runtime/cuda/kernels.h"
+#include "runtime/element.h"
+
+#include <string>
+#include <type_traits>
+
+namespace zo2::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Storage element types and their vector of four.
+template <DType S>
+struct Storage;
+template <>
+struct Storage<DType::f32> {
+  using T = float;
+  using Vec4 = float4;
+};
+template <>
+struct Storage<DType::bf16> {
+  using T = std::uint16_t;
+  using Vec4 = ushort4;
+};
+template <>
+struct Storage<DType::f16> {
+  using T = std::uint16_t;
+  using Vec4 = ushort4;
+};
+template <>
+struct Storage<DType::f8_e4m3> {
+  using T = std::uint8_t;
+  using Vec4 = uchar4;
+};
+
+template <class V, class T>
+__device__ __forceinline__ void unpack4(const V& v, T (&out)[4]) {
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
+}
+template <class V, class T>
+__device__ __forceinline__ V pack4(const T (&in)[4]) {
+  V v;
+  v.x = in[0];
+  v.y = in[1];
+  v.z = in[2];
+  v.w = in[3];
+  return v;
+}
+
+// The value of stored element `raw` of dtype S (fp8: times the row's scale).
+template <DType S>
+__device__ __forceinline__ float to_f32(typename Storage<S>::T raw, float scale) {
+  if constexpr (S == DType::f32) return raw;
+  else if constexpr (S == DType::bf16) return bf16_to_f32(raw);
+  else if constexpr (S == DType::f16) return f16_to_f32(raw);
+  else return detail::fmul(e4m3_to_f32(raw), scale);
+}
+
+// Output (compute dtype) element types with a vector of four.
+template <class E>
+struct Out4;
+template <>
+struct Out4<F32> {
+  using Vec4 = float4;
+};
+template <>
+struct Out4<BF16> {
+  using Vec4 = ushort4;
+};
+template <>
+struct Out4<F16> {
+  using Vec4 = ushort4;
+};
+
+struct PerturbArgs {
+  const void* w;
+  const float* row_scales;
+  std::int64_t cols;
+  std::uint64_t key;
+  std::int64_t e0;  // first tensor element of the range
+  std::int64_t n;   // elements in the range
+  bool noise;
+  std::uint64_t seed;
+  float eps;
+  void* plus;
+  void* minus;
+  bool vectorized;  // whole groups may use vector loads/stores
+};
+
+template <DType S, class O>
+__global__ void __launch_bounds__(kThreads) perturb_kernel(PerturbArgs a) {
+  using ST = typename Storage<S>::T;
+  using OT = typename O::T;
+  const ST* w = static_cast<const ST*>(a.w);
+  OT* plus = static_cast<OT*>(a.plus);
+  OT* minus = static_cast<OT*>(a.minus);
+  const std::int64_t end = a.e0 + a.n;
+  const std::int64_t g0 = a.e0 / 4, groups = (end - 1) / 4 - g0 + 1;
+  for (std::int64_t gi = std::int64_t{blockIdx.x} * blockDim.x + threadIdx.x; gi < groups;
+       gi += std::int64_t{gridDim.x} * blockDim.x) {
+    const std::int64_t q = g0 + gi, e = q * 4;
+    Normal4 z{};
+    if (a.noise) z = noise_normal4(a.seed, a.key, static_cast<std::uint64_t>(q));
+    float scale[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    if constexpr (S == DType::f8_e4m3) {
+      std::int64_t row = (e < a.e0 ? a.e0 : e) / a.cols;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        while (e + j >= (row + 1) * a.cols) ++row;
+        scale[j] = a.row_scales[row];
+        if (e + j + 1 >= end) break;
+      }
+    }
+    if (a.vectorized && e >= a.e0 && e + 4 <= end) {
+      ST raw[4];
+      unpack4(*reinterpret_cast<const typename Storage<S>::Vec4*>(w + e), raw);
+      OT p[4], m[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float x = to_f32<S>(raw[j], scale[j]);
+        if (!a.noise) {
+          p[j] = O::store(x);
+        } else {
+          p[j] = O::store(perturbed(x, z.v[j], a.eps));
+          m[j] = O::store(perturbed(x, z.v[j], -a.eps));
+        }
+      }
+      using OV = typename Out4<O>::Vec4;
+      if (plus != nullptr) *reinterpret_cast<OV*>(plus + (e - a.e0)) = pack4<OV>(p);
+      if (a.noise && minus != nullptr) *reinterpret_cast<OV*>(minus + (e - a.e0)) = pack4<OV>(m);
+      continue;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const std::int64_t ej = e + j;
+      if (ej < a.e0 || ej >= end) continue;
+      const float x = to_f32<S>(w[ej], scale[j]);
+      if (!a.noise) {
+        if (plus != nullptr) plus[ej - a.e0] = O::store(x);
+        continue;
+      }
+      if (plus != nullptr) plus[ej - a.e0] = O::store(perturbed(x, z.v[j], a.eps));
+      if (minus != nullptr) minus[ej - a.e0] = O::store(perturbed(x, z.v[j], -a.eps));
+    }
+  }
+}
+
+struct UpdateKernelArgs {
+  void* w;
+  float* row_scales;  // fp8 only
+  std::int64_t rows;
+  std::int64_t cols;
+  std::uint64_t key;
+  std::uint64_t seed;
+  float lr;
+  float weight_decay;
+  const float* g;
+  std::uint64_t rounding_seed;
+  bool vectorized;
+};
+
+// The stored pattern of an updated value: fp32 as is, narrower types stochastically rounded.
+template <DType S>
+__device__ __forceinline__ typename Storage<S>::T round_sr(float v, std::uint32_t bits) {
+  if constexpr (S == DType::f32) return v;
+  else if constexpr (S == DType::bf16) return f32_to_bf16_sr(v, bits);
+  else if constexpr (S == DType::f16) return f32_to_f16_sr(v, bits);
+  else return f32_to_e4m3_sr(v, bits);
+}
+
+template <DType S>
+__global__ void __launch_bounds__(kThreads) update_kernel(UpdateKernelArgs a) {
+  using ST = typename Storage<S>::T;
+  const float g = *a.g;
+  if (!finite(g)) return;  // W unchanged; the host reports it when it reads g
+  ST* w = static_cast<ST*>(a.w);
+  const std::int64_t n = a.rows * a.cols, groups = ceil_div(n, 4);
+  for (std::int64_t q = std::int64_t{blockIdx.x} * blockDim.x + threadIdx.x; q < groups;
+       q += std::int64_t{gridDim.x} * blockDim.x) {
+    const std::int64_t e = q * 4;
+    const Normal4 z = noise_normal4(a.seed, a.key, static_cast<std::uint64_t>(q));
+    Philox4 r{};
+    if constexpr (S != DType::f32)
+      r = noise_bits(a.rounding_seed, a.key, static_cast<std::uint64_t>(q), NoiseDomain::rounding);
+    const std::uint32_t bits[4] = {r.x, r.y, r.z, r.w};
+    if (a.vectorized && e + 4 <= n) {
+      using SV = typename Storage<S>::Vec4;
+      ST raw[4];
+      unpack4(*reinterpret_cast<const SV*>(w + e), raw);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        raw[j] = round_sr<S>(updated(to_f32<S>(raw[j], 1.0f), z.v[j], g, a.lr, a.weight_decay),
+                             bits[j]);
+      *reinterpret_cast<SV*>(w + e) = pack4<SV>(raw);
+      continue;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (e + j < n)
+        w[e + j] = round_sr<S>(updated(to_f32<S>(w[e + j], 1.0f), z.v[j], g, a.lr, a.weight_decay),
+                               bits[j]);
+  }
+}
+
+// One block per row; see the fp8 note at the top.
+__global__ void __launch_bounds__(kThreads) update_fp8_kernel(UpdateKernelArgs a) {
+  __shared__ float smem[32];
+  const float g = *a.g;
+  if (!finite(g)) return;
+  std::uint8_t* w = static_cast<std::uint8_t*>(a.w);
+  for (std::int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const float scale = a.row_scales[row];
+    const std::int64_t base = row * a.cols, end = base + a.cols;
+    // Pass 1: the updated row's absolute maximum.
+    float absmax = 0.0f;
+    for (std::int64_t q = base / 4 + threadIdx.x; q * 4 < end; q += blockDim.x) {
+      const Normal4 z = noise_normal4(a.seed, a.key, static_cast<std::uint64_t>(q));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const std::int64_t e = q * 4 + j;
+        if (e < base || e >= end) continue;
+        const float v = updated(to_f32<DType::f8_e4m3>(w[e], scale), z.v[j], g, a.lr, a.weight_decay);
+        absmax = fmaxf(absmax, fabsf(v));
+      }
+    }
+    // Every thread read the old scale and its elements before this barrier.
+    absmax = block_max(absmax, smem);
+    const float new_scale = absmax > 0.0f ? detail::fdiv(absmax, kE4M3Max) : 1.0f;
+    // Pass 2: the same values again (same z, same arithmetic), rounded into the new scale.
+    // Each thread rewrites exactly the elements it read in pass 1.
+    for (std::int64_t q = base / 4 + threadIdx.x; q * 4 < end; q += blockDim.x) {
+      const Normal4 z = noise_normal4(a.seed, a.key, static_cast<std::uint64_t>(q));
+      const Philox4 r =
+          noise_bits(a.rounding_seed, a.key, static_cast<std::uint64_t>(q), NoiseDomain::rounding);
+      const std::uint32_t bits[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const std::int64_t e = q * 4 + j;
+        if (e < base || e >= end) continue;
+        const float v = updated(to_f32<DType::f8_e4m3>(w[e], scale), z.v[j], g, a.lr, a.weight_decay);
+        w[e] = f32_to_e4m3_sr(detail::fdiv(v, new_scale), bits[j]);
+      }
+    }
+    if (threadIdx.x == 0) a.row_scales[row] = new_scale;
+  }
+}
+
+__global__ void spsa_grad_kernel(const float* loss_plus, const float* loss_minus, float eps,
+                                 float* g) {
+  g[0] = detail::fdiv(detail::fadd(loss_plus[0], -loss_minus[0]), detail::fmul(2.0f, eps));
+}
+
+bool aligned_to(const void* p, std::size_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+}
+
+template <class Fn>
+void dispatch_storage(DType dt, const char* op, Fn&& f) {
+  switch (dt) {
+    case DType::f32: f(std::integral_constant<DType, DType::f32>{}); return;
+    case DType::bf16: f(std::integral_constant<DType, DType::bf16>{}); return;
+    case DType::f16: f(std::integral_constant<DType, DType::f16>{}); return;
+    case DType::f8_e4m3: f(std::integral_constant<DType, DType::f8_e4m3>{}); return;
+    default:
+      throw_unsupported(std::string("cuda ") + op + ": weights must be stored as fp32, bf16, fp16 or fp8, not " +
+                        std::string(dtype_name(dt)));
+  }
+}
+
+}  // namespace
+
+void perturb(KernelStream& s, const StoredTensor& w, std::int64_t row_begin,
+             std::int64_t row_end, const NoiseArgs* noise, void* out_plus, void* out_minus,
+             DType out_dtype) {
+  const std::int64_t e0 = row_begin * w.cols, n = (row_end - row_begin) * w.cols;
+  if (n == 0) return;
+  PerturbArgs a{w.data,
+                w.row_scales,
+                w.cols,
+                w.key,
+                e0,
+                n,
+                noise != nullptr,
+                noise != nullptr ? noise->seed : 0,
+                noise != nullptr ? noise->eps : 0.0f,
+                out_plus,
+                noise != nullptr ? out_minus : nullptr,
+                false};
+  const std::int64_t groups = (e0 + n - 1) / 4 - e0 / 4 + 1;
+  const int blocks = grid_blocks(s, groups, kThreads);
+  dispatch_storage(w.dtype, "perturb", [&](auto sdt) {
+    constexpr DType S = decltype(sdt)::value;
+    dispatch_activation(out_dtype, "perturb", [&](auto o) {
+      using O = decltype(o);
+      const std::size_t out_vec = 4 * sizeof(typename O::T);
+      a.vectorized = e0 % 4 == 0 && aligned_to(w.data, 4 * sizeof(typename Storage<S>::T)) &&
+                     aligned_to(out_plus, out_vec) && aligned_to(a.minus, out_vec);
+      perturb_kernel<S, O><<<blocks, kThreads, 0, s.stream()>>>(a);
+      ZO2_CUDA_CHECK_LAUNCH();
+    });
+  });
+}
+
+void spsa_grad(KernelStream& s, const float* loss_plus, const float* loss_minus, float eps,
+               float* g) {
+  spsa_grad_kernel<<<1, 1, 0, s.stream()>>>(loss_plus, loss_minus, eps, g);
+  ZO2_CUDA_CHECK_LAUNCH();
+}
+
+void update(KernelStream& s, const StoredTensor& w, const UpdateArgs& args) {
+  if (w.numel() == 0) return;
+  UpdateKernelArgs a{w.data,       w.row_scales,        w.rows,  w.cols,
+                     w.key,        args.seed,           args.lr, args.weight_decay,
+                     args.g,       args.rounding_seed,  false};
+  if (w.dtype == DType::f8_e4m3) {
+    update_fp8_kernel<<<grid_blocks(s, w.rows * kThreads, kThreads), kThreads, 0, s.stream()>>>(a);
+    ZO2_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  dispatch_storage(w.dtype, "update", [&](auto sdt) {
+    constexpr DType S = decltype(sdt)::value;
+    if constexpr (S != DType::f8_e4m3) {
+      a.vectorized = aligned_to(w.data, 4 * sizeof(typename Storage<S>::T));
+      update_kernel<S><<<grid_blocks(s, ceil_div(w.numel(), 4), kThreads), kThreads, 0,
+                         s.stream()>>>(a);
+      ZO2_CUDA_CHECK_LAUNCH();
+    }
+  });
+}
+
+}  // namespace zo2::cuda

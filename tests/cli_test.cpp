@@ -1,0 +1,234 @@
+// zo2-tune end to end, as a user runs it: every subcommand's --help, errors for unknown
+// flags and bad values, init → forward/train/eval/replay, resume after a stop or a signal,
+// the loss falling on a learnable task, and bad input refused before anything is written.
+#include "models/safetensors.h"
+#include "tests/test_util.h"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <csignal>
+#include <fstream>
+#include <sys/wait.h>
+#include <thread>
+#include <unistd.h>
+
+namespace zo2 {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string tune() { return test::zo2_tune_path().string(); }
+
+int run(const std::string& args, std::string* out = nullptr) {
+  return test::run_command(tune() + " " + args, out);
+}
+
+std::string read_file(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// A tiny model and a learnable dataset, made by the tool itself.
+struct Workspace {
+  test::TempDir tmp;
+  fs::path model = tmp / "model";
+  fs::path data = tmp / "data.safetensors";
+  Workspace(const std::string& preset = "opt-tiny") {
+    std::string out;
+    EXPECT_EQ(run("init --preset " + preset + " --out " + model.string() + " --seed 1 -q", &out), 0) << out;
+    EXPECT_EQ(run("synth-data --model " + model.string() + " --out " + data.string() + " --rows 64 --seq 32 -q", &out), 0)
+        << out;
+  }
+};
+
+TEST(Cli, EverySubcommandHasHelp) {
+  for (const char* sub : {"init", "forward", "plan", "train", "eval", "replay", "synth-data", "tokenize"}) {
+    std::string out;
+    EXPECT_EQ(run(std::string(sub) + " --help", &out), 0) << sub;
+    EXPECT_NE(out.find("--"), std::string::npos) << sub << ": " << out;
+  }
+  std::string out;
+  EXPECT_EQ(run("--help", &out), 0);
+  EXPECT_NE(out.find("train"), std::string::npos);
+}
+
+TEST(Cli, UnknownFlagsAndBadValuesAreUsageErrors) {
+  Workspace w;
+  std::string out;
+  EXPECT_EQ(run("train --model " + w.model.string() + " --data " + w.data.string() + " --out x --bogus", &out), 2) << out;
+  EXPECT_NE(out.find("bogus"), std::string::npos) << out;
+  EXPECT_EQ(run("train --model m --data d --out o --steps -3", &out), 2);
+  EXPECT_EQ(run("plan --preset opt-125m --gpu-mem lots", &out), 2) << out;
+  EXPECT_NE(out.find("lots"), std::string::npos) << out;
+  EXPECT_EQ(run("init --preset opt-9000 --out " + (w.tmp / "x").string(), &out), 2);
+  EXPECT_NE(out.find("unknown preset"), std::string::npos) << out;
+  EXPECT_EQ(run("forward --model " + w.model.string() + " --inputs " + w.data.string() + " --out o.safetensors --storage-dtype fp12", &out), 2);
+  EXPECT_NE(out.find("fp12"), std::string::npos) << out;
+  EXPECT_EQ(run("nonsense", &out), 2);
+}
+
+TEST(Cli, InitWritesShardedCheckpointsThatForwardReads) {
+  test::TempDir tmp;
+  std::string out;
+  ASSERT_EQ(run("init --preset llama-tiny --out " + (tmp / "m").string() + " --dtype bf16 --shard-size 100K -q", &out), 0) << out;
+  EXPECT_TRUE(fs::exists(tmp / "m" / "model.safetensors.index.json"));
+  EXPECT_TRUE(fs::exists(tmp / "m" / "config.json"));
+  const auto ckpt = SafetensorsCheckpoint::open(tmp / "m");
+  EXPECT_TRUE(ckpt.sharded());
+  EXPECT_EQ(ckpt.at("model.embed_tokens.weight").info->dtype, DType::bf16);
+  ASSERT_EQ(run("synth-data --model " + (tmp / "m").string() + " --out " + (tmp / "d.safetensors").string() + " --rows 2 --seq 8 -q"), 0);
+  ASSERT_EQ(run("forward --model " + (tmp / "m").string() + " --inputs " + (tmp / "d.safetensors").string() + " --out " +
+                    (tmp / "f.safetensors").string(), &out), 0) << out;
+  const auto f = SafetensorsFile::open(tmp / "f.safetensors");
+  EXPECT_EQ(f.at("logits").shape, (std::vector<std::int64_t>{2, 8, 512}));
+  // The same init seed gives the same checkpoint; another seed another one.
+  ASSERT_EQ(run("init --preset llama-tiny --out " + (tmp / "m2").string() + " --dtype bf16 --shard-size 100K -q"), 0);
+  EXPECT_EQ(read_file(tmp / "m" / "model-00001-of-00002.safetensors"), read_file(tmp / "m2" / "model-00001-of-00002.safetensors"));
+  std::string list;
+  ASSERT_EQ(run("init --list", &list), 0);
+  for (const char* p : {"opt-125m", "opt-175b", "llama2-70b", "llama3-8b", "llama3.1-8b"}) EXPECT_NE(list.find(p), std::string::npos) << p;
+}
+
+TEST(Cli, PlanReportsAPlacementWithoutAllocatingTheModel) {
+  std::string out;
+  ASSERT_EQ(run("plan --preset opt-175b --gpu-mem 11G --batch-size 1 --seq-len 2048 --storage-dtype bf16 "
+                "--compute-dtype bf16 --json",
+                &out),
+            0)
+      << out;
+  const auto j = nlohmann::json::parse(out);
+  EXPECT_EQ(j["blocks"], 96);
+  EXPECT_GT(j["streamed_blocks"].get<int>(), 0);
+  EXPECT_LE(j["predicted_peak_bytes"].get<std::uint64_t>(), std::uint64_t{11} << 30);
+  EXPECT_EQ(j["window"], 2) << "11 GiB leaves room for two 3.4 GiB slots, not three";
+  EXPECT_EQ(run("plan --preset opt-175b --gpu-mem 1G --batch-size 1 --seq-len 2048 --storage-dtype bf16", &out), 1);
+  EXPECT_NE(out.find("minimum"), std::string::npos) << out;
+}
+
+TEST(Cli, LossFallsClearlyOnALearnableTask) {
+  Workspace w;
+  const auto log = w.tmp / "log.jsonl";
+  std::string out;
+  ASSERT_EQ(run("train --model " + w.model.string() + " --data " + w.data.string() + " --out " + (w.tmp / "out").string() +
+                    " --steps 400 --batch-size 8 --lr 3e-3 --eps 1e-3 --log-json " + log.string() + " -q",
+                &out),
+            0)
+      << out;
+  std::vector<double> loss;
+  std::ifstream in(log);
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    for (const char* k : {"step", "loss_plus", "loss_minus", "g", "lr", "tokens_per_s", "device_peak_bytes", "h2d_bytes", "d2h_bytes"})
+      ASSERT_TRUE(j.contains(k)) << k;
+    loss.push_back(j["loss"].get<double>());
+  }
+  ASSERT_EQ(loss.size(), 400u);
+  double first = 0, last = 0;
+  for (int i = 0; i < 50; ++i) {
+    first += loss[static_cast<std::size_t>(i)];
+    last += loss[loss.size() - 1 - static_cast<std::size_t>(i)];
+  }
+  EXPECT_LT(last, 0.9 * first) << "mean of the last 50 steps " << last / 50 << " vs first 50 " << first / 50;
+}
+
+TEST(Cli, ResumeAfterAStopGivesTheUninterruptedRunsWeights) {
+  Workspace w("llama-tiny");
+  const std::string common = " --model " + w.model.string() + " --data " + w.data.string() +
+                             " --steps 9 --batch-size 2 --lr 1e-3 --lr-schedule cosine --warmup-steps 2 --seed 5 -q";
+  std::string out;
+  ASSERT_EQ(run("train" + common + " --out " + (w.tmp / "full").string(), &out), 0) << out;
+  ASSERT_EQ(run("train" + common + " --out " + (w.tmp / "part").string() + " --stop-at 4", &out), 0) << out;
+  EXPECT_NE(read_file(w.tmp / "full" / "model.safetensors"), read_file(w.tmp / "part" / "model.safetensors"));
+  ASSERT_EQ(run("train --data " + w.data.string() + " --resume " + (w.tmp / "part").string() + " --out " +
+                    (w.tmp / "resumed").string() + " -q",
+                &out),
+            0)
+      << out;
+  EXPECT_EQ(read_file(w.tmp / "full" / "model.safetensors"), read_file(w.tmp / "resumed" / "model.safetensors"));
+  // The seed log of the resumed run holds all nine steps and replays to the same weights.
+  ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (w.tmp / "resumed" / "seed_log.jsonl").string() +
+                    " --out " + (w.tmp / "replayed").string() + " -q",
+                &out),
+            0)
+      << out;
+  EXPECT_EQ(read_file(w.tmp / "full" / "model.safetensors"), read_file(w.tmp / "replayed" / "model.safetensors"));
+}
+
+TEST(Cli, SigintFinishesTheStepSavesAndResumesExactly) {
+  Workspace w;
+  const std::string common = " --model " + w.model.string() + " --data " + w.data.string() +
+                             " --steps 300 --batch-size 8 --lr 1e-3 --seed 3 -q";
+  std::string out;
+  ASSERT_EQ(run("train" + common + " --out " + (w.tmp / "full").string(), &out), 0) << out;
+  const std::string part = (w.tmp / "part").string();
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", ("exec " + tune() + " train" + common + " --out " + part + " >/dev/null 2>&1").c_str(), nullptr);
+    _exit(127);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  kill(pid, SIGINT);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  const int rc = WEXITSTATUS(status);
+  if (rc == 0) GTEST_SKIP() << "the run finished before the signal arrived";
+  ASSERT_EQ(rc, 130);
+  const auto state = nlohmann::json::parse(read_file(fs::path(part) / "zo2_state.json"));
+  EXPECT_GT(state["next_step"].get<int>(), 0);
+  EXPECT_LT(state["next_step"].get<int>(), 300);
+  ASSERT_EQ(run("train --data " + w.data.string() + " --resume " + part + " --out " + part + " -q", &out), 0) << out;
+  EXPECT_EQ(read_file(w.tmp / "full" / "model.safetensors"), read_file(fs::path(part) / "model.safetensors"));
+}
+
+TEST(Cli, OffloadedTrainingWritesTheSameCheckpointAsResident) {
+  Workspace w("opt-tiny-postln");
+  const std::string common = " --model " + w.model.string() + " --data " + w.data.string() + " --steps 6 --batch-size 2 --lr 1e-3 -q";
+  ASSERT_EQ(run("train" + common + " --out " + (w.tmp / "a").string() + " --offload none"), 0);
+  std::string out;
+  ASSERT_EQ(run("train" + common + " --out " + (w.tmp / "b").string() + " --offload all --window 3 --gpu-mem 64M", &out), 0) << out;
+  EXPECT_EQ(read_file(w.tmp / "a" / "model.safetensors"), read_file(w.tmp / "b" / "model.safetensors"));
+  std::string ev;
+  ASSERT_EQ(run("eval --model " + (w.tmp / "a").string() + " --data " + w.data.string() + " --json", &ev), 0) << ev;
+  EXPECT_GT(nlohmann::json::parse(ev.substr(ev.find('{')))["loss"].get<double>(), 0.0);
+}
+
+TEST(Cli, BadInputIsRefusedBeforeAnythingIsWritten) {
+  Workspace w;
+  std::string out;
+  // Token ids beyond the vocabulary (512).
+  const auto big = w.tmp / "big.safetensors";
+  ASSERT_EQ(run("synth-data --vocab 5000 --alphabet 100 --out " + big.string() + " --rows 4 --seq 8 -q"), 0);
+  EXPECT_EQ(run("train --model " + w.model.string() + " --data " + big.string() + " --out " + (w.tmp / "o1").string(), &out), 2);
+  EXPECT_NE(out.find("outside the model's vocabulary"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "o1"));
+  // Sequences longer than the model's positions (64).
+  const auto longer = w.tmp / "long.safetensors";
+  ASSERT_EQ(run("synth-data --model " + w.model.string() + " --out " + longer.string() + " --rows 2 --seq 100 -q"), 0);
+  EXPECT_EQ(run("train --model " + w.model.string() + " --data " + longer.string() + " --out " + (w.tmp / "o2").string(), &out), 2);
+  EXPECT_NE(out.find("max_position_embeddings"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "o2"));
+  // A cap below the minimum states the minimum.
+  EXPECT_EQ(run("train --model " + w.model.string() + " --data " + w.data.string() + " --out " + (w.tmp / "o3").string() +
+                    " --gpu-mem 100K",
+                &out),
+            1);
+  EXPECT_NE(out.find("below the minimum"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "o3"));
+  // An output directory that cannot be created (a file is in the way).
+  std::ofstream(w.tmp / "file") << "x";
+  EXPECT_EQ(run("train --model " + w.model.string() + " --data " + w.data.string() + " --out " + (w.tmp / "file" / "sub").string(), &out), 1);
+  EXPECT_NE(out.find("cannot create"), std::string::npos) << out;
+  // A malformed checkpoint.
+  fs::create_directories(w.tmp / "broken");
+  fs::copy_file(w.model / "config.json", w.tmp / "broken" / "config.json");
+  std::ofstream(w.tmp / "broken" / "model.safetensors") << "garbage";
+  EXPECT_EQ(run("forward --model " + (w.tmp / "broken").string() + " --inputs " + w.data.string() + " --out " + (w.tmp / "f.safetensors").string(), &out), 1);
+  EXPECT_NE(out.find("model.safetensors"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "f.safetensors"));
+}
+
+}  // namespace
+}  // namespace zo2

@@ -1,0 +1,25 @@
+#include "tests/device_fixture.h"
+
+namespace zo2::test {
+
+std::vector<std::string> backend_names() { return {"cpu", "cuda"}; }
+
+std::string backend_test_name(const ::testing::TestParamInfo<std::string>& info) {
+  return info.param == "cpu" ? "Cpu" : "Cuda";
+}
+
+void BackendTest::SetUp() {
+  if (GetParam() == "cuda" && cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  DeviceOptions o;
+  o.kind = GetParam() == "cpu" ? DeviceKind::cpu : DeviceKind::cuda;
+  o.mem_cap = std::size_t{512} << 20;
+  device = make_device(o);
+  stream = device->make_stream("test");
+}
+
+void BackendTest::TearDown() {
+  if (stream) stream->synchronize();
+  stream.reset();
+}
+
+}  // namespace zo2::test

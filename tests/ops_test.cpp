@@ -1,0 +1,435 @@
+// Every op of the table on every available backend (CPU always, CUDA when present), on
+// awkward shapes: odd sizes, leading dimensions wider than rows, T not a multiple of tiles,
+// padding rows. Each result is checked against a plain double-precision reference written
+// here; on CUDA also against the CPU twin (bit for bit for the noise kernels).
+#include "runtime/cpu/cpu_kernels.h"
+#include "runtime/dtype_convert.h"
+#include "runtime/element.h"
+#include "runtime/philox.h"
+#include "tests/device_fixture.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+
+namespace zo2 {
+namespace {
+
+using test::BackendTest;
+
+std::vector<float> random_floats(std::size_t n, std::uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+double max_rel(const std::vector<float>& a, const std::vector<double>& b) {
+  double err = 0, ref = 0;
+  for (std::size_t i = 0; i < b.size(); ++i) {
+    err = std::max(err, std::fabs(a[i] - b[i]));
+    ref = std::max(ref, std::fabs(b[i]));
+  }
+  return ref > 0 ? err / ref : err;
+}
+
+class OpsTest : public BackendTest {};
+
+TEST_P(OpsTest, GemmMatchesReferenceForEveryTransposeAndLeadingDimension) {
+  const std::int64_t M = 37, N = 131, K = 45;
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      const std::int64_t a_rows = ta ? K : M, a_cols = ta ? M : K, b_rows = tb ? N : K, b_cols = tb ? K : N;
+      const std::int64_t lda = a_cols + 3, ldb = b_cols + 5, ldc = N + 7;
+      auto A = random_floats(static_cast<std::size_t>(a_rows * lda), 1);
+      auto B = random_floats(static_cast<std::size_t>(b_rows * ldb), 2);
+      auto C = random_floats(static_cast<std::size_t>(M * ldc), 3);
+      const float alpha = 0.75f, beta = 0.5f;
+      std::vector<double> ref(static_cast<std::size_t>(M * ldc));
+      for (std::int64_t i = 0; i < M; ++i)
+        for (std::int64_t j = 0; j < ldc; ++j) {
+          if (j >= N) {
+            ref[static_cast<std::size_t>(i * ldc + j)] = C[static_cast<std::size_t>(i * ldc + j)];  // untouched
+            continue;
+          }
+          double s = 0;
+          for (std::int64_t k = 0; k < K; ++k) {
+            const double a = ta ? A[static_cast<std::size_t>(k * lda + i)] : A[static_cast<std::size_t>(i * lda + k)];
+            const double b = tb ? B[static_cast<std::size_t>(j * ldb + k)] : B[static_cast<std::size_t>(k * ldb + j)];
+            s += a * b;
+          }
+          ref[static_cast<std::size_t>(i * ldc + j)] = alpha * s + beta * C[static_cast<std::size_t>(i * ldc + j)];
+        }
+      auto da = upload(A), db = upload(B), dc = upload(C);
+      ops().gemm(*stream, {da.data(), DType::f32, a_rows, a_cols, lda}, ta, {db.data(), DType::f32, b_rows, b_cols, ldb},
+                 tb, {dc.data(), DType::f32, M, N, ldc}, alpha, beta);
+      const auto out = download<float>(dc, C.size());
+      EXPECT_LT(max_rel(out, ref), 1e-5) << "ta=" << ta << " tb=" << tb;
+      for (std::int64_t i = 0; i < M; ++i)
+        for (std::int64_t j = N; j < ldc; ++j)
+          ASSERT_EQ(out[static_cast<std::size_t>(i * ldc + j)], C[static_cast<std::size_t>(i * ldc + j)]) << "wrote past N";
+    }
+}
+
+TEST_P(OpsTest, AddBiasAndResidualAddAreExact) {
+  const std::int64_t R = 5, Cn = 19;
+  auto y = random_floats(static_cast<std::size_t>(R * Cn), 4), x = random_floats(static_cast<std::size_t>(R * Cn), 5),
+       b = random_floats(static_cast<std::size_t>(Cn), 6);
+  auto dy = upload(y), dx = upload(x), dbias = upload(b);
+  const Mat my = Mat::dense(dy.data(), DType::f32, R, Cn);
+  ops().add_bias(*stream, my, dbias.data());
+  ops().add(*stream, my, Mat::dense(dx.data(), DType::f32, R, Cn));
+  const auto out = download<float>(dy, y.size());
+  for (std::int64_t r = 0; r < R; ++r)
+    for (std::int64_t c = 0; c < Cn; ++c) {
+      const std::size_t i = static_cast<std::size_t>(r * Cn + c);
+      EXPECT_EQ(out[i], (y[i] + b[static_cast<std::size_t>(c)]) + x[i]);
+    }
+}
+
+TEST_P(OpsTest, LayerNormAndRmsNormMatchReferenceInPlaceAndOutOfPlace) {
+  const std::int64_t R = 7, Cn = 133;
+  auto x = random_floats(static_cast<std::size_t>(R * Cn), 7, 3.0f);
+  for (auto& v : x) v += 1.5f;  // a mean far from zero
+  auto w = random_floats(static_cast<std::size_t>(Cn), 8), b = random_floats(static_cast<std::size_t>(Cn), 9);
+  std::vector<double> ln(x.size()), rms(x.size());
+  const float eps = 1e-5f;
+  for (std::int64_t r = 0; r < R; ++r) {
+    double mean = 0, var = 0, ss = 0;
+    for (std::int64_t c = 0; c < Cn; ++c) mean += x[static_cast<std::size_t>(r * Cn + c)];
+    mean /= Cn;
+    for (std::int64_t c = 0; c < Cn; ++c) {
+      const double d = x[static_cast<std::size_t>(r * Cn + c)] - mean;
+      var += d * d;
+      ss += static_cast<double>(x[static_cast<std::size_t>(r * Cn + c)]) * x[static_cast<std::size_t>(r * Cn + c)];
+    }
+    var /= Cn;
+    for (std::int64_t c = 0; c < Cn; ++c) {
+      const std::size_t i = static_cast<std::size_t>(r * Cn + c);
+      ln[i] = (x[i] - mean) / std::sqrt(var + eps) * w[static_cast<std::size_t>(c)] + b[static_cast<std::size_t>(c)];
+      rms[i] = x[i] / std::sqrt(ss / Cn + eps) * w[static_cast<std::size_t>(c)];
+    }
+  }
+  auto dx = upload(x), dw = upload(w), db = upload(b);
+  auto dy = zeros(x.size() * 4);
+  const Mat mx = Mat::dense(dx.data(), DType::f32, R, Cn), my = Mat::dense(dy.data(), DType::f32, R, Cn);
+  ops().layernorm(*stream, mx, dw.data(), db.data(), eps, my);
+  EXPECT_LT(max_rel(download<float>(dy, x.size()), ln), 1e-6);
+  ops().rmsnorm(*stream, mx, dw.data(), eps, mx);  // in place
+  EXPECT_LT(max_rel(download<float>(dx, x.size()), rms), 1e-6);
+}
+
+TEST_P(OpsTest, RopeRotatesEveryHeadByPositionTimesFrequency) {
+  const int heads = 3, D = 10;
+  const std::int64_t R = 9;
+  auto x = random_floats(static_cast<std::size_t>(R * heads * D), 10);
+  std::vector<std::int32_t> pos(static_cast<std::size_t>(R));
+  for (std::int64_t r = 0; r < R; ++r) pos[static_cast<std::size_t>(r)] = static_cast<std::int32_t>((r * 7) % 50);
+  std::vector<float> freq(D / 2);
+  for (int i = 0; i < D / 2; ++i) freq[static_cast<std::size_t>(i)] = std::pow(10000.0f, -2.0f * i / D);
+  std::vector<double> ref(x.size());
+  for (std::int64_t r = 0; r < R; ++r)
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < D / 2; ++i) {
+        const double ang = static_cast<double>(static_cast<float>(pos[static_cast<std::size_t>(r)]) * freq[static_cast<std::size_t>(i)]);
+        const std::size_t a = static_cast<std::size_t>(r * heads * D + h * D + i), b = a + D / 2;
+        ref[a] = x[a] * std::cos(ang) - x[b] * std::sin(ang);
+        ref[b] = x[b] * std::cos(ang) + x[a] * std::sin(ang);
+      }
+  auto dx = upload(x), dp = upload(pos), df = upload(freq);
+  ops().rope(*stream, Mat::dense(dx.data(), DType::f32, R, heads * D), D, dp.as<std::int32_t>(), df.as<float>());
+  EXPECT_LT(max_rel(download<float>(dx, x.size()), ref), 1e-6);
+}
+
+struct AttnCase {
+  int batch, seq, heads, kv_heads, head_dim;
+  bool causal;
+};
+
+TEST_P(OpsTest, AttentionMatchesReferenceWithPaddingAndGroupedHeads) {
+  for (const AttnCase& c : {AttnCase{2, 70, 4, 2, 8, true}, AttnCase{3, 130, 3, 1, 5, true},
+                            AttnCase{1, 17, 2, 2, 16, false}}) {
+    const std::int64_t N = static_cast<std::int64_t>(c.batch) * c.seq;
+    const std::int64_t qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim;
+    auto q = random_floats(static_cast<std::size_t>(N * qd), 11), k = random_floats(static_cast<std::size_t>(N * kd), 12),
+         v = random_floats(static_cast<std::size_t>(N * kd), 13);
+    std::vector<std::int32_t> mask(static_cast<std::size_t>(N), 1);
+    if (c.batch > 1)
+      for (int t = c.seq - 9; t < c.seq; ++t) mask[static_cast<std::size_t>(c.seq + t)] = 0;  // right padding
+    if (c.batch > 2)
+      for (int t = 0; t < 5; ++t) mask[static_cast<std::size_t>(2 * c.seq + t)] = 0;  // left padding
+    const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+    std::vector<double> ref(static_cast<std::size_t>(N * qd), 0.0);
+    for (int b = 0; b < c.batch; ++b)
+      for (int h = 0; h < c.heads; ++h) {
+        const int kh = h / (c.heads / c.kv_heads);
+        for (int i = 0; i < c.seq; ++i) {
+          std::vector<double> s(static_cast<std::size_t>(c.seq));
+          double mx = -1e300;
+          bool any = false;
+          for (int j = 0; j < c.seq; ++j) {
+            if ((c.causal && j > i) || !mask[static_cast<std::size_t>(b * c.seq + j)]) continue;
+            double d = 0;
+            for (int e = 0; e < c.head_dim; ++e)
+              d += static_cast<double>(q[static_cast<std::size_t>((b * c.seq + i) * qd + h * c.head_dim + e)]) *
+                   k[static_cast<std::size_t>((b * c.seq + j) * kd + kh * c.head_dim + e)];
+            s[static_cast<std::size_t>(j)] = d * scale;
+            mx = std::max(mx, s[static_cast<std::size_t>(j)]);
+            any = true;
+          }
+          if (!any) continue;
+          double sum = 0;
+          for (int j = 0; j < c.seq; ++j)
+            if (!((c.causal && j > i) || !mask[static_cast<std::size_t>(b * c.seq + j)])) sum += std::exp(s[static_cast<std::size_t>(j)] - mx);
+          for (int j = 0; j < c.seq; ++j) {
+            if ((c.causal && j > i) || !mask[static_cast<std::size_t>(b * c.seq + j)]) continue;
+            const double p = std::exp(s[static_cast<std::size_t>(j)] - mx) / sum;
+            for (int e = 0; e < c.head_dim; ++e)
+              ref[static_cast<std::size_t>((b * c.seq + i) * qd + h * c.head_dim + e)] +=
+                  p * v[static_cast<std::size_t>((b * c.seq + j) * kd + kh * c.head_dim + e)];
+          }
+        }
+      }
+    auto dq = upload(q), dk = upload(k), dv = upload(v), dm = upload(mask);
+    auto dout = upload(std::vector<float>(static_cast<std::size_t>(N * qd), 7.0f));  // garbage to overwrite
+    AttentionArgs a;
+    a.q = Mat::dense(dq.data(), DType::f32, N, qd);
+    a.k = Mat::dense(dk.data(), DType::f32, N, kd);
+    a.v = Mat::dense(dv.data(), DType::f32, N, kd);
+    a.out = Mat::dense(dout.data(), DType::f32, N, qd);
+    a.batch = c.batch;
+    a.seq = c.seq;
+    a.heads = c.heads;
+    a.kv_heads = c.kv_heads;
+    a.head_dim = c.head_dim;
+    a.key_mask = dm.as<std::int32_t>();
+    a.scale = static_cast<float>(scale);
+    a.causal = c.causal;
+    ops().attention(*stream, a);
+    const auto out = download<float>(dout, ref.size());
+    EXPECT_LT(max_rel(out, ref), 1e-5) << "T=" << c.seq << " heads " << c.heads << "/" << c.kv_heads;
+    if (c.batch > 2) {  // rows with no visible key (left padding) are zero
+      for (int e = 0; e < qd; ++e) EXPECT_EQ(out[static_cast<std::size_t>((2 * c.seq) * qd + e)], 0.0f);
+    }
+  }
+}
+
+TEST_P(OpsTest, ReluAndSiluGateMatchReference) {
+  const std::int64_t R = 3, Cn = 77;
+  auto g = random_floats(static_cast<std::size_t>(R * Cn), 14, 4.0f), u = random_floats(static_cast<std::size_t>(R * Cn), 15);
+  std::vector<double> silu(g.size()), relu(g.size());
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    silu[i] = g[i] / (1 + std::exp(-static_cast<double>(g[i]))) * u[i];
+    relu[i] = std::max(0.0f, g[i]);
+  }
+  auto dg = upload(g), du = upload(u), dout = zeros(g.size() * 4);
+  ops().silu_mul(*stream, Mat::dense(dg.data(), DType::f32, R, Cn), Mat::dense(du.data(), DType::f32, R, Cn),
+                 Mat::dense(dout.data(), DType::f32, R, Cn));
+  EXPECT_LT(max_rel(download<float>(dout, g.size()), silu), 1e-6);
+  ops().relu(*stream, Mat::dense(dg.data(), DType::f32, R, Cn));
+  EXPECT_LT(max_rel(download<float>(dg, g.size()), relu), 0.0 + 1e-30);
+}
+
+TEST_P(OpsTest, EmbeddingGathersRowsAddsSignedNoiseAndZerosBadIds) {
+  const std::int64_t V = 23, H = 13;
+  auto table = random_floats(static_cast<std::size_t>(V * H), 16);
+  const std::vector<std::int32_t> ids{3, 0, 22, 3, -1, 23, 7};
+  const std::uint64_t key = 0xabcdef;
+  auto dt = upload(table), di = upload(ids);
+  StoredTensor st{dt.data(), DType::f32, nullptr, V, H, key};
+  const NoiseArgs noise{77, 0.25f};
+  for (float sign : {1.0f, -1.0f}) {
+    auto dout = zeros(ids.size() * H * 4);
+    ops().embedding(*stream, st, di.as<std::int32_t>(), static_cast<std::int64_t>(ids.size()),
+                    Mat::dense(dout.data(), DType::f32, static_cast<std::int64_t>(ids.size()), H), &noise, sign);
+    const auto out = download<float>(dout, ids.size() * H);
+    for (std::size_t r = 0; r < ids.size(); ++r)
+      for (std::int64_t c = 0; c < H; ++c) {
+        const float got = out[r * H + static_cast<std::size_t>(c)];
+        const std::int32_t id = ids[r];
+        if (id < 0 || id >= V) {
+          EXPECT_EQ(got, 0.0f);
+          continue;
+        }
+        const std::uint64_t idx = static_cast<std::uint64_t>(id * H + c);
+        const float want = std::fma(sign * noise.eps, noise_normal(noise.seed, key, idx),
+                                    table[static_cast<std::size_t>(id * H + c)]);
+        EXPECT_EQ(got, want) << "row " << r << " col " << c;
+      }
+  }
+}
+
+TEST_P(OpsTest, CrossEntropyOverVocabularyTilesMatchesOneShotReference) {
+  const std::int64_t R = 6, V = 1001;
+  auto logits = random_floats(static_cast<std::size_t>(R * V), 17, 5.0f);
+  const std::vector<std::int32_t> targets{0, 1000, -100, 500, 17, 999};
+  std::vector<double> ref(static_cast<std::size_t>(R), 0.0);
+  double mean = 0;
+  int count = 0;
+  for (std::int64_t r = 0; r < R; ++r) {
+    if (targets[static_cast<std::size_t>(r)] < 0) continue;
+    double mx = -1e300, s = 0;
+    for (std::int64_t v = 0; v < V; ++v) mx = std::max(mx, static_cast<double>(logits[static_cast<std::size_t>(r * V + v)]));
+    for (std::int64_t v = 0; v < V; ++v) s += std::exp(logits[static_cast<std::size_t>(r * V + v)] - mx);
+    ref[static_cast<std::size_t>(r)] = mx + std::log(s) - logits[static_cast<std::size_t>(r * V + targets[static_cast<std::size_t>(r)])];
+    mean += ref[static_cast<std::size_t>(r)];
+    ++count;
+  }
+  mean /= count;
+  auto dl = upload(logits), dt = upload(targets);
+  auto state = zeros(static_cast<std::size_t>(R * 3 * 4)), rowloss = zeros(static_cast<std::size_t>(R * 4)), loss = zeros(4);
+  const Mat full = Mat::dense(dl.data(), DType::f32, R, V);
+  for (std::int64_t v0 = 0; v0 < V; v0 += 128)
+    ops().ce_accumulate(*stream, full.cols_range(v0, std::min(V, v0 + 128)), v0, dt.as<std::int32_t>(), state.as<float>(), v0 == 0);
+  ops().ce_finish(*stream, state.as<float>(), dt.as<std::int32_t>(), R, rowloss.as<float>());
+  ops().loss_mean(*stream, rowloss.as<float>(), dt.as<std::int32_t>(), R, loss.as<float>());
+  const auto rl = download<float>(rowloss, static_cast<std::size_t>(R));
+  for (std::int64_t r = 0; r < R; ++r) EXPECT_NEAR(rl[static_cast<std::size_t>(r)], ref[static_cast<std::size_t>(r)], 1e-4);
+  EXPECT_NEAR(download<float>(loss, 1)[0], mean, 1e-5 * std::fabs(mean));
+  EXPECT_EQ(rl[2], 0.0f);  // ignored target
+}
+
+TEST_P(OpsTest, LossMeanWithoutTargetsIsNan) {
+  const std::vector<float> rl{1, 2};
+  const std::vector<std::int32_t> t{-100, -100};
+  auto drl = upload(rl), dt = upload(t), out = zeros(4);
+  ops().loss_mean(*stream, drl.as<float>(), dt.as<std::int32_t>(), 2, out.as<float>());
+  EXPECT_TRUE(std::isnan(download<float>(out, 1)[0]));
+}
+
+// Stored tensors of each storage dtype built from fp32 values.
+struct Stored {
+  std::vector<std::uint8_t> bytes;
+  std::vector<float> scales;
+};
+Stored store_as(const std::vector<float>& v, std::int64_t rows, std::int64_t cols, DType dt) {
+  Stored s;
+  s.bytes.resize(v.size() * dtype_size(dt));
+  if (dt == DType::f8_e4m3) {
+    s.scales.resize(static_cast<std::size_t>(rows));
+    for (std::int64_t r = 0; r < rows; ++r) {
+      float m = 0;
+      for (std::int64_t c = 0; c < cols; ++c) m = std::max(m, std::fabs(v[static_cast<std::size_t>(r * cols + c)]));
+      s.scales[static_cast<std::size_t>(r)] = m / kE4M3Max;
+      for (std::int64_t c = 0; c < cols; ++c)
+        s.bytes[static_cast<std::size_t>(r * cols + c)] = f32_to_e4m3(v[static_cast<std::size_t>(r * cols + c)] / s.scales[static_cast<std::size_t>(r)]);
+    }
+    return s;
+  }
+  for (std::size_t i = 0; i < v.size(); ++i) store_element(s.bytes.data(), dt, static_cast<std::int64_t>(i), v[i]);
+  return s;
+}
+
+TEST_P(OpsTest, PerturbWritesWPlusAndWMinusForEveryStorageAndComputeDtype) {
+  const std::int64_t R = 9, Cn = 11;  // 99 elements: groups of four cross rows
+  const auto w = random_floats(static_cast<std::size_t>(R * Cn), 18);
+  const NoiseArgs noise{12345, 1e-2f};
+  const std::uint64_t key = 99;
+  for (DType sdt : {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3})
+    for (DType cdt : {DType::f32, DType::bf16, DType::f16}) {
+      const Stored s = store_as(w, R, Cn, sdt);
+      auto dw = upload(s.bytes);
+      DeviceBuffer dsc;
+      if (!s.scales.empty()) dsc = upload(s.scales);
+      StoredTensor st{dw.data(), sdt, s.scales.empty() ? nullptr : dsc.as<float>(), R, Cn, key};
+      const std::int64_t r0 = 2, r1 = 7, n = (r1 - r0) * Cn;
+      auto plus = zeros(static_cast<std::size_t>(n) * 4), minus = zeros(static_cast<std::size_t>(n) * 4);
+      ops().perturb(*stream, st, r0, r1, &noise, plus.data(), minus.data(), cdt);
+      const auto p = download<std::uint8_t>(plus, static_cast<std::size_t>(n) * dtype_size(cdt));
+      const auto m = download<std::uint8_t>(minus, static_cast<std::size_t>(n) * dtype_size(cdt));
+      for (std::int64_t i = 0; i < n; ++i) {
+        const std::int64_t e = r0 * Cn + i;
+        const float x = load_element(s.bytes.data(), sdt, e, s.scales.empty() ? 1.0f : s.scales[static_cast<std::size_t>(e / Cn)]);
+        const float z = noise_normal(noise.seed, key, static_cast<std::uint64_t>(e));
+        std::vector<std::uint8_t> want(4);
+        store_element(want.data(), cdt, 0, std::fma(noise.eps, z, x));
+        ASSERT_EQ(std::memcmp(p.data() + i * static_cast<std::int64_t>(dtype_size(cdt)), want.data(), dtype_size(cdt)), 0)
+            << dtype_name(sdt) << "→" << dtype_name(cdt) << " element " << e;
+        store_element(want.data(), cdt, 0, std::fma(-noise.eps, z, x));
+        ASSERT_EQ(std::memcmp(m.data() + i * static_cast<std::int64_t>(dtype_size(cdt)), want.data(), dtype_size(cdt)), 0);
+      }
+      // Without noise: a plain dequantization.
+      ops().perturb(*stream, st, 0, R, nullptr, plus.data(), nullptr, DType::f32);
+      const auto d = download<float>(plus, static_cast<std::size_t>(R * Cn) > static_cast<std::size_t>(n) ? static_cast<std::size_t>(n) : static_cast<std::size_t>(n));
+      for (std::int64_t i = 0; i < n && i < R * Cn; ++i)
+        ASSERT_EQ(d[static_cast<std::size_t>(i)], load_element(s.bytes.data(), sdt, i, s.scales.empty() ? 1.0f : s.scales[static_cast<std::size_t>(i / Cn)]));
+    }
+}
+
+TEST_P(OpsTest, SpsaGradIsTheLossDifferenceOverTwoEps) {
+  const std::vector<float> lp{2.5f}, lm{2.25f};
+  auto dp = upload(lp), dm = upload(lm), g = zeros(4);
+  ops().spsa_grad(*stream, dp.as<float>(), dm.as<float>(), 1e-3f, g.as<float>());
+  EXPECT_EQ(download<float>(g, 1)[0], (2.5f - 2.25f) / (2 * 1e-3f));
+}
+
+TEST_P(OpsTest, Fp32UpdateIsExactlyTheFormulaAndSkipsNonFiniteG) {
+  const std::int64_t R = 5, Cn = 7;
+  const auto w = random_floats(static_cast<std::size_t>(R * Cn), 19);
+  auto dw = upload(w);
+  const std::vector<float> g{3.5f};
+  auto dg = upload(g);
+  StoredTensor st{dw.data(), DType::f32, nullptr, R, Cn, 4242};
+  UpdateArgs a{777, 1e-3f, 0.1f, dg.as<float>(), 777};
+  ops().update(*stream, st, a);
+  const auto out = download<float>(dw, w.size());
+  for (std::size_t i = 0; i < w.size(); ++i) {
+    const float z = noise_normal(777, 4242, i);
+    EXPECT_EQ(out[i], std::fma(-1e-3f, std::fma(0.1f, w[i], 3.5f * z), w[i])) << i;
+  }
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    auto dbad = upload(std::vector<float>{bad});
+    a.g = dbad.as<float>();
+    ops().update(*stream, st, a);
+    EXPECT_EQ(download<float>(dw, w.size()), out) << "a non-finite g must leave W unchanged";
+  }
+}
+
+TEST_P(OpsTest, NarrowStorageUpdatesRoundStochasticallyAndFp8RescalesRows) {
+  const std::int64_t R = 4, Cn = 33;
+  const auto w = random_floats(static_cast<std::size_t>(R * Cn), 20);
+  const std::vector<float> g{-50.0f};
+  auto dg = upload(g);
+  for (DType sdt : {DType::bf16, DType::f16, DType::f8_e4m3}) {
+    const Stored s = store_as(w, R, Cn, sdt);
+    auto dw = upload(s.bytes);
+    DeviceBuffer dsc;
+    if (!s.scales.empty()) dsc = upload(s.scales);
+    StoredTensor st{dw.data(), sdt, s.scales.empty() ? nullptr : dsc.as<float>(), R, Cn, 31337};
+    const UpdateArgs a{5, 1e-2f, 0.0f, dg.as<float>(), 6};
+    ops().update(*stream, st, a);
+    const auto out = download<std::uint8_t>(dw, s.bytes.size());
+    std::vector<float> scales = s.scales;
+    if (!scales.empty()) scales = download<float>(dsc, scales.size());
+    for (std::int64_t r = 0; r < R; ++r) {
+      float absmax = 0;
+      std::vector<float> exact(static_cast<std::size_t>(Cn));
+      for (std::int64_t c = 0; c < Cn; ++c) {
+        const std::int64_t e = r * Cn + c;
+        const float x = load_element(s.bytes.data(), sdt, e, s.scales.empty() ? 1.0f : s.scales[static_cast<std::size_t>(r)]);
+        exact[static_cast<std::size_t>(c)] = updated(x, noise_normal(5, 31337, static_cast<std::uint64_t>(e)), -50.0f, 1e-2f, 0.0f);
+        absmax = std::max(absmax, std::fabs(exact[static_cast<std::size_t>(c)]));
+      }
+      if (sdt == DType::f8_e4m3) {
+        EXPECT_EQ(scales[static_cast<std::size_t>(r)], absmax / kE4M3Max) << "row " << r;
+      }
+      for (std::int64_t c = 0; c < Cn; ++c) {
+        const std::int64_t e = r * Cn + c;
+        const float scale = sdt == DType::f8_e4m3 ? scales[static_cast<std::size_t>(r)] : 1.0f;
+        const float v = sdt == DType::f8_e4m3 ? exact[static_cast<std::size_t>(c)] / scale : exact[static_cast<std::size_t>(c)];
+        std::vector<std::uint8_t> want(4);
+        store_element_sr(want.data(), sdt, 0, v, rounding_bits(6, 31337, static_cast<std::uint64_t>(e)));
+        ASSERT_EQ(std::memcmp(out.data() + e * static_cast<std::int64_t>(dtype_size(sdt)), want.data(), dtype_size(sdt)), 0)
+            << dtype_name(sdt) << " element " << e;
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, OpsTest, ::testing::ValuesIn(test::backend_names()), test::backend_test_name);
+
+}  // namespace
+}  // namespace zo2

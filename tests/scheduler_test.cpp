@@ -1,0 +1,322 @@
+// The scheduler's contract (DESIGN.md §5, §6): with fp32 storage and compute, a fully
+// streamed run, a partly resident run and a fully resident run execute the same kernels in
+// the same order and produce bit-identical weights and losses; the device peak never
+// exceeds the cap; the result equals a plain MeZO written here without any scheduler; the
+// seed log replays the run bit for bit; a missing event wait is caught.
+#include "api/session.h"
+#include "models/layout.h"
+#include "runtime/philox.h"
+#include "tests/reference_model.h"
+#include "tests/test_util.h"
+#include "zo/tensor_key.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+namespace zo2 {
+namespace {
+
+ModelConfig small_opt(std::int64_t layers = 6) {
+  ModelConfig c;
+  c.family = ModelFamily::opt;
+  c.vocab_size = 61;
+  c.hidden_size = 32;
+  c.num_layers = layers;
+  c.num_heads = 4;
+  c.num_kv_heads = 4;
+  c.head_dim = 8;
+  c.ffn_dim = 72;
+  c.max_positions = 32;
+  c.word_embed_proj_dim = 32;
+  return c;
+}
+
+ModelConfig small_llama(std::int64_t layers = 6) {
+  ModelConfig c;
+  c.family = ModelFamily::llama;
+  c.vocab_size = 67;
+  c.hidden_size = 32;
+  c.num_layers = layers;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 8;
+  c.ffn_dim = 56;
+  c.max_positions = 32;
+  c.word_embed_proj_dim = 32;
+  c.linear_bias = false;
+  c.tie_word_embeddings = false;
+  c.rope.type = RopeType::default_;
+  c.norm_eps = 1e-6f;
+  return c;
+}
+
+constexpr int kBatch = 2, kSeq = 12;
+
+std::vector<HostBatch> batches(const ModelConfig& c, int n) {
+  std::vector<HostBatch> out;
+  for (int b = 0; b < n; ++b) {
+    std::vector<std::int32_t> ids(kBatch * kSeq), mask(kBatch * kSeq, 1);
+    for (int i = 0; i < kBatch * kSeq; ++i)
+      ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>((i * 7 + b * 13 + i * i) % c.vocab_size);
+    for (int t = kSeq - 3; t < kSeq; ++t) mask[static_cast<std::size_t>(kSeq + t)] = 0;  // a padded row
+    out.push_back(make_batch(c, kBatch, kSeq, ids, mask));
+  }
+  return out;
+}
+
+struct TrainRun {
+  std::vector<StepResult> steps;
+  std::vector<std::vector<std::uint8_t>> images;  // globals, then blocks
+  std::size_t peak = 0, cap = 0;
+  Placement placement;
+};
+
+constexpr float kLr = 2e-3f, kEps = 1e-3f, kWd = 0.05f;
+
+TrainRun train(const std::filesystem::path& dir, SessionConfig cfg, int steps, std::uint64_t seed = 7) {
+  const ModelConfig c = ModelConfig::load(dir);
+  cfg.max_batch = kBatch;
+  cfg.max_seq = kSeq;
+  cfg.run_seed = seed;
+  Session s(dir, cfg);
+  const auto data = batches(c, 3);
+  TrainRun r;
+  std::int64_t prev = -1;
+  for (int t = 0; t < steps; ++t) {
+    const std::int64_t id = s.step_async(data[static_cast<std::size_t>(t) % data.size()], kLr, kEps, kWd);
+    if (prev >= 0) r.steps.push_back(s.wait(prev));
+    prev = id;
+  }
+  r.steps.push_back(s.wait(prev));
+  s.sync();
+  auto copy = [](const void* p, std::size_t n) {
+    const auto* b = static_cast<const std::uint8_t*>(p);
+    return std::vector<std::uint8_t>(b, b + n);
+  };
+  r.images.push_back(copy(s.store().globals_image(), s.store().globals_bytes()));
+  for (std::int64_t i = 0; i < c.num_layers; ++i) r.images.push_back(copy(s.store().block_image(i), s.store().block_bytes()));
+  r.peak = s.device_peak();
+  r.cap = s.device().arena().capacity();
+  r.placement = s.placement();
+  return r;
+}
+
+void expect_identical(const TrainRun& a, const TrainRun& b, const char* what) {
+  ASSERT_EQ(a.steps.size(), b.steps.size());
+  for (std::size_t i = 0; i < a.steps.size(); ++i) {
+    EXPECT_EQ(a.steps[i].loss_plus, b.steps[i].loss_plus) << what << " step " << i;
+    EXPECT_EQ(a.steps[i].loss_minus, b.steps[i].loss_minus) << what << " step " << i;
+    EXPECT_EQ(a.steps[i].g, b.steps[i].g) << what << " step " << i;
+  }
+  ASSERT_EQ(a.images.size(), b.images.size());
+  for (std::size_t i = 0; i < a.images.size(); ++i)
+    EXPECT_TRUE(a.images[i] == b.images[i]) << what << ": image " << i << " differs";
+}
+
+class SchedulerModels : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    config = GetParam() == "opt" ? small_opt() : small_llama();
+    test::write_random_checkpoint(tmp.path(), config, 3);
+  }
+  SessionConfig capped(OffloadMode mode, std::size_t cap, int window = 3) const {
+    SessionConfig s;
+    s.offload = mode;
+    s.gpu_mem = cap;
+    s.window = window;
+    return s;
+  }
+  Placement plan(const SessionConfig& s) const {
+    SessionConfig q = s;
+    q.max_batch = kBatch;
+    q.max_seq = kSeq;
+    return plan_placement(config, plan_request(config, q, DeviceKind::cpu, s.gpu_mem ? s.gpu_mem : (std::size_t{1} << 40)));
+  }
+  test::TempDir tmp;
+  ModelConfig config;
+};
+
+TEST_P(SchedulerModels, OffloadedRunMatchesResidentRunBitwise) {
+  const Placement all = plan(capped(OffloadMode::all, std::size_t{1} << 30));
+  const std::size_t min_cap = all.minimum_cap;
+  const std::size_t block = align_up(all.block_bytes);
+  // Fully streamed under the smallest cap that fits a 3-slot window.
+  const TrainRun streamed = train(tmp.path(), capped(OffloadMode::auto_, min_cap), 6);
+  EXPECT_EQ(streamed.placement.resident_count, 0);
+  EXPECT_EQ(streamed.placement.window, 3);
+  // Partly resident: two blocks' worth more.
+  const TrainRun partial = train(tmp.path(), capped(OffloadMode::auto_, min_cap + 2 * block), 6);
+  EXPECT_EQ(partial.placement.resident_count, 2);
+  EXPECT_GT(partial.placement.streamed, 0);
+  const TrainRun resident = train(tmp.path(), capped(OffloadMode::none, 0), 6);
+  EXPECT_EQ(resident.placement.resident_count, config.num_layers);
+  // One slot: upload, compute and offload fully serialized through it.
+  const TrainRun one_slot = train(tmp.path(), capped(OffloadMode::all, std::size_t{1} << 30, 1), 6);
+  expect_identical(streamed, resident, "all streamed vs resident");
+  expect_identical(partial, resident, "partly resident vs resident");
+  expect_identical(one_slot, resident, "one slot vs resident");
+  for (const TrainRun* r : {&streamed, &partial}) {
+    EXPECT_LE(r->peak, r->cap);
+    EXPECT_EQ(r->peak, r->placement.total_bytes) << "the planner predicts the arena peak exactly";
+  }
+  // The weights really moved.
+  const TrainRun untrained = train(tmp.path(), capped(OffloadMode::none, 0), 0 + 1, 999);
+  EXPECT_FALSE(untrained.images[1] == resident.images[1]);
+}
+
+TEST_P(SchedulerModels, CapBelowTheMinimumIsRefusedWithTheMinimumStated) {
+  const Placement all = plan(capped(OffloadMode::auto_, std::size_t{1} << 30));
+  const Placement two_slots = plan(capped(OffloadMode::auto_, all.minimum_cap));
+  EXPECT_EQ(two_slots.window, 2) << "auto mode shrinks the window to fit";
+  EXPECT_EQ(two_slots.total_bytes, all.minimum_cap);
+  try {
+    train(tmp.path(), capped(OffloadMode::auto_, all.minimum_cap - 1), 1);
+    FAIL() << "expected an out-of-memory error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::out_of_memory);
+    EXPECT_NE(std::string(e.what()).find("minimum of " + format_bytes(static_cast<double>(all.minimum_cap))), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST_P(SchedulerModels, SeedLogReplayReproducesTheTunedWeightsBitwise) {
+  test::TempDir out;
+  SessionConfig cfg = capped(OffloadMode::all, std::size_t{1} << 30);
+  cfg.seed_log = out / "seed_log.jsonl";
+  const TrainRun run = train(tmp.path(), cfg, 5);
+  const SeedLog log = SeedLog::read(out / "seed_log.jsonl");
+  ASSERT_EQ(log.entries.size(), 5u);
+  SessionConfig rc;
+  rc.training = false;
+  rc.max_batch = 1;
+  rc.max_seq = 1;
+  Session replay(tmp.path(), rc);
+  for (const auto& e : log.entries) replay.scheduler().replay_update(e.seed, e.lr, e.wd, e.g);
+  replay.sync();
+  EXPECT_TRUE(run.images[0] == std::vector<std::uint8_t>(static_cast<const std::uint8_t*>(replay.store().globals_image()),
+                                                         static_cast<const std::uint8_t*>(replay.store().globals_image()) + replay.store().globals_bytes()));
+  for (std::int64_t i = 0; i < config.num_layers; ++i) {
+    const auto* p = static_cast<const std::uint8_t*>(replay.store().block_image(i));
+    EXPECT_TRUE(run.images[static_cast<std::size_t>(i) + 1] == std::vector<std::uint8_t>(p, p + replay.store().block_bytes()))
+        << "block " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, SchedulerModels, ::testing::Values("opt", "llama"),
+                         [](const auto& info) { return info.param; });
+
+// ---- a plain MeZO, no scheduler: the test's own fp64 forward and fp32 master weights ----
+
+TEST(SchedulerReference, StreamedRunEqualsAPlainMezoWithinFp32Tolerance) {
+  test::TempDir tmp;
+  const ModelConfig c = small_llama(3);
+  test::write_random_checkpoint(tmp.path(), c, 5);
+  SessionConfig cfg;
+  cfg.offload = OffloadMode::all;
+  cfg.gpu_mem = std::size_t{1} << 30;
+  const int steps = 5;
+  const TrainRun run = train(tmp.path(), cfg, steps, 11);
+
+  test::ReferenceModel ref(tmp.path());
+  auto& w = ref.weights();
+  std::map<std::string, std::vector<float>> master;
+  for (auto& [name, v] : w) master[name] = std::vector<float>(v.begin(), v.end());
+  const auto data = batches(c, 3);
+  for (int t = 0; t < steps; ++t) {
+    const std::uint64_t seed = derive_step_seed(11, static_cast<std::uint64_t>(t));
+    const HostBatch& b = data[static_cast<std::size_t>(t) % data.size()];
+    double loss[2];
+    for (int side = 0; side < 2; ++side) {
+      const float e = side == 0 ? kEps : -kEps;
+      for (auto& [name, v] : master) {
+        auto& dst = w[name];
+        for (std::size_t i = 0; i < v.size(); ++i)
+          dst[i] = std::fma(e, noise_normal(seed, tensor_key(name), i), v[i]);
+      }
+      loss[side] = ref.forward(b.batch, b.seq, b.ids, b.key_mask).loss;
+    }
+    const double g = (loss[0] - loss[1]) / (2.0 * kEps);
+    EXPECT_NEAR(run.steps[static_cast<std::size_t>(t)].g_double, g, 2e-3 * std::max(1.0, std::fabs(g))) << "step " << t;
+    const auto gf = static_cast<float>(g);
+    for (auto& [name, v] : master) {
+      const float wd = name.find("norm") != std::string::npos ? 0.0f : kWd;
+      for (std::size_t i = 0; i < v.size(); ++i)
+        v[i] = std::fma(-kLr, std::fma(wd, v[i], gf * noise_normal(seed, tensor_key(name), i)), v[i]);
+    }
+  }
+  // Compare zo2's final weights (from its block images) with the reference master copy.
+  SessionConfig ec;
+  ec.training = false;
+  ec.max_batch = 1;
+  ec.max_seq = 1;
+  double max_diff = 0, max_step = 0;
+  const ImageLayout gl = globals_layout(c, DType::f32);
+  auto compare = [&](const ImageLayout& layout, const std::vector<std::uint8_t>& image) {
+    for (const TensorSlot& s : layout.tensors()) {
+      const auto* p = reinterpret_cast<const float*>(image.data() + s.offset);
+      const auto& m = master.at(s.name);
+      const auto& orig = w.at(s.name);  // last perturbed copy: only to size the update
+      for (std::size_t i = 0; i < m.size(); ++i) {
+        max_diff = std::max(max_diff, std::fabs(static_cast<double>(p[i]) - m[i]));
+        max_step = std::max(max_step, std::fabs(static_cast<double>(orig[i]) - m[i]));
+      }
+    }
+  };
+  compare(gl, run.images[0]);
+  for (std::int64_t i = 0; i < c.num_layers; ++i) compare(block_layout(c, i, DType::f32), run.images[static_cast<std::size_t>(i) + 1]);
+  EXPECT_LT(max_diff, 1e-5) << "largest weight difference from the plain MeZO";
+  EXPECT_GT(max_step, 1e-4) << "the reference weights should have moved";
+}
+
+// ---- a missing event wait is caught ----
+
+TEST(SchedulerFaultInjection, SkippingTheUploadWaitBreaksTheBitwiseInvariant) {
+  test::TempDir tmp;
+  const ModelConfig c = small_opt(4);
+  test::write_random_checkpoint(tmp.path(), c, 9);
+  SessionConfig good;
+  good.offload = OffloadMode::all;
+  good.gpu_mem = std::size_t{1} << 30;
+  good.debug_copy_delay_us = 2000;  // slow uploads make the race deterministic
+  SessionConfig bad = good;
+  bad.fault = SchedulerFault::skip_upload_wait;
+  const TrainRun ok = train(tmp.path(), good, 3);
+  const TrainRun racy = train(tmp.path(), bad, 3);
+  bool differs = false;
+  for (std::size_t i = 0; i < ok.steps.size(); ++i) differs |= ok.steps[i].loss_plus != racy.steps[i].loss_plus;
+  for (std::size_t i = 0; i < ok.images.size(); ++i) differs |= ok.images[i] != racy.images[i];
+  EXPECT_TRUE(differs) << "computing on a slot before its upload finished must change the result";
+}
+
+// Under ThreadSanitizer the same fault is a reported data race (run in a child process,
+// since TSan reports and would fail this process too).
+TEST(SchedulerFaultInjection, ThreadSanitizerReportsTheMissingWait) {
+#if !defined(ZO2_TSAN)
+  GTEST_SKIP() << "meaningful in the ThreadSanitizer build (-DZO2_TSAN=ON)";
+#else
+  if (std::getenv("ZO2_RACY_CHILD")) {
+    test::TempDir tmp;
+    const ModelConfig c = small_opt(4);
+    test::write_random_checkpoint(tmp.path(), c, 9);
+    SessionConfig bad;
+    bad.offload = OffloadMode::all;
+    bad.gpu_mem = std::size_t{1} << 30;
+    bad.fault = SchedulerFault::skip_slot_free_wait;
+    bad.debug_copy_delay_us = 500;
+    train(tmp.path(), bad, 3);
+    return;
+  }
+  std::string out;
+  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  test::run_command("ZO2_RACY_CHILD=1 TSAN_OPTIONS=halt_on_error=1 " + self +
+                        " --gtest_filter=SchedulerFaultInjection.ThreadSanitizerReportsTheMissingWait",
+                    &out);
+  EXPECT_NE(out.find("ThreadSanitizer: data race"), std::string::npos) << out.substr(0, 2000);
+#endif
+}
+
+}  // namespace
+}  // namespace zo2
