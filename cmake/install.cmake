@@ -1,6 +1,33 @@
 # Installation: the C header, the library and a CMake package (zo2::zo2).
+#
+#   <prefix>/include/zo2.h
+#   <prefix>/lib/libzo2.so -> libzo2.so.0 -> libzo2.so.0.1.0
+#   <prefix>/lib/cmake/zo2/{zo2Config,zo2ConfigVersion,zo2Targets,zo2Targets-<config>}.cmake
+#
+# A host project then needs only:  find_package(zo2 REQUIRED)
+#                                  target_link_libraries(app PRIVATE zo2::zo2)
+include(CMakePackageConfigHelpers)
+
 install(TARGETS zo2 EXPORT zo2Targets
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
   RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}
   INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(FILES ${PROJECT_SOURCE_DIR}/include/zo2.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+
+set(ZO2_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/zo2)
+install(EXPORT zo2Targets NAMESPACE zo2:: FILE zo2Targets.cmake DESTINATION ${ZO2_INSTALL_CMAKEDIR})
+configure_package_config_file(${CMAKE_CURRENT_LIST_DIR}/zo2Config.cmake.in
+  ${PROJECT_BINARY_DIR}/zo2Config.cmake
+  INSTALL_DESTINATION ${ZO2_INSTALL_CMAKEDIR}
+  PATH_VARS CMAKE_INSTALL_INCLUDEDIR)
+# The SONAME carries the major version (libzo2.so.0), so the package promises the same.
+write_basic_package_version_file(${PROJECT_BINARY_DIR}/zo2ConfigVersion.cmake
+  VERSION ${PROJECT_VERSION} COMPATIBILITY SameMajorVersion)
+install(FILES ${PROJECT_BINARY_DIR}/zo2Config.cmake ${PROJECT_BINARY_DIR}/zo2ConfigVersion.cmake
+  DESTINATION ${ZO2_INSTALL_CMAKEDIR})
+
+# An installed zo2-tune finds the installed libzo2 beside it, wherever the prefix is.
+if(TARGET zo2-tune)
+  set_property(TARGET zo2-tune PROPERTY INSTALL_RPATH "$ORIGIN/../${CMAKE_INSTALL_LIBDIR}")
+endif()

@@ -176,12 +176,13 @@ ZO2_HD void noise_sincos_turns(std::uint32_t m, float* s, float* c) {
   pc = ffma(pc, z, -1.388731625493765e-3f);
   pc = ffma(pc, z, 4.166664568298827e-2f);
   const float cs = ffma(fmul(pc, z), z, ffma(z, -0.5f, 1.0f));
-  switch (quadrant & 3u) {
-    case 0: *s = sn; *c = cs; break;
-    case 1: *s = cs; *c = -sn; break;
-    case 2: *s = -sn; *c = -cs; break;
-    default: *s = -cs; *c = sn; break;
-  }
+  // Rotate by the quadrant without branches (so CPU loops vectorize): odd quadrants swap
+  // sin and cos; the signs follow from bits of the quadrant. Sign flips are exact.
+  const bool odd = (quadrant & 1u) != 0;
+  const std::uint32_t s_sign = (quadrant & 2u) << 30;          // quadrants 2, 3: −
+  const std::uint32_t c_sign = ((quadrant + 1u) & 2u) << 30;   // quadrants 1, 2: −
+  *s = bits_to_float(float_to_bits(odd ? cs : sn) ^ s_sign);
+  *c = bits_to_float(float_to_bits(odd ? sn : cs) ^ c_sign);
 }
 
 // Box–Muller on two uint32: u1 in (0, 1] (24 bits), angle 2π·u2.

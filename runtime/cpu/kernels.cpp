@@ -2,6 +2,7 @@
 // call, split across TBB tasks by output columns in a fixed way); everything else is plain
 // loops over rows, parallel over fixed chunks. Reductions accumulate in double.
 #include "runtime/cpu/cpu_kernels.h"
+#include "runtime/cpu/noise_simd.h"
 
 #include "runtime/common.h"
 #include "runtime/element.h"
@@ -274,6 +275,7 @@ void embedding(const StoredTensor& table, const std::int32_t* ids, std::int64_t 
                const Mat& out, const NoiseArgs* noise, float sign) {
   const std::int64_t h = table.cols;
   parallel_for(n, 4, [&](std::int64_t r0, std::int64_t r1) {
+    std::vector<float> z;
     for (std::int64_t r = r0; r < r1; ++r) {
       const std::int64_t id = ids[r];
       void* dst = static_cast<char*>(out.data) +
@@ -284,12 +286,15 @@ void embedding(const StoredTensor& table, const std::int32_t* ids, std::int64_t 
       }
       const float scale = table.row_scales ? table.row_scales[id] : 1.0f;
       const std::int64_t base = id * h;
+      const std::int64_t q0 = base / 4, q1 = (base + h + 3) / 4;
+      if (noise) {
+        z.resize(static_cast<std::size_t>((q1 - q0) * 4));
+        noise_normals(noise->seed, table.key, static_cast<std::uint64_t>(q0), q1 - q0, z.data());
+      }
+      const float signed_eps = noise ? sign * noise->eps : 0.0f;
       for (std::int64_t c = 0; c < h; ++c) {
         float w = load_element(table.data, table.dtype, base + c, scale);
-        if (noise) {
-          const std::uint64_t idx = static_cast<std::uint64_t>(base + c);
-          w = perturbed(w, noise_normal(noise->seed, table.key, idx), sign * noise->eps);
-        }
+        if (noise) w = perturbed(w, z[static_cast<std::size_t>(base + c - q0 * 4)], signed_eps);
         store_element(dst, out.dtype, c, w);
       }
     }

@@ -143,8 +143,9 @@ void attention(KernelStream& s, const AttentionArgs& a) {
   tq = std::max<std::int64_t>(1, std::min(tq, budget / T));
   const std::int64_t per_pair = tq * T;
   const std::int64_t nb = std::clamp<std::int64_t>(budget / per_pair, 1, std::min<std::int64_t>(pairs, INT_MAX / 8));
-  if (T > INT_MAX / p_per_float || tq * p_per_float > INT_MAX || D > INT_MAX)
-    throw_unsupported("cuda attention: sequence too long for cuBLAS's int dimensions");
+  if (T > INT_MAX / p_per_float || D > INT_MAX || a.q.ld > INT_MAX || a.k.ld > INT_MAX ||
+      a.v.ld > INT_MAX || a.out.ld > INT_MAX)
+    throw_unsupported("cuda attention: a dimension does not fit cuBLAS's int arguments");
   const std::size_t pointer_bytes = align_up(5 * static_cast<std::size_t>(nb) * sizeof(void*));
   const std::size_t score_bytes = static_cast<std::size_t>(nb * per_pair) * sizeof(float);
   char* scratch = static_cast<char*>(s.scratch(pointer_bytes + score_bytes));

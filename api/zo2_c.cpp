@@ -1,0 +1,551 @@
+// The C API (include/zo2.h) over zo2::Session. Every entry point runs its body inside
+// `guarded`, which turns any exception into a status code and a thread-local message, so
+// nothing thrown in the C++ core crosses the boundary. Arguments a C caller can get wrong
+// (NULLs, sizes, strings) are checked here, before any work starts, so an invalid argument
+// never changes a session; the id/mask/label ranges are checked by make_batch.
+#include "zo2.h"
+
+#include "api/session.h"
+#include "models/checkpoint.h"
+#include "models/layout.h"
+#include "models/safetensors.h"
+#include "runtime/error.h"
+#include "runtime/log.h"
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <new>
+#include <span>
+#include <string>
+#include <unistd.h>
+
+struct zo2_model {
+  std::filesystem::path dir;
+  zo2::ModelConfig config;
+};
+
+struct zo2_session {
+  std::unique_ptr<zo2::Session> session;
+  zo2::ModelConfig config;
+  float lr = 0, eps = 0, weight_decay = 0;
+  int max_seqs = 1, max_seq_len = 1;
+  zo2::DType save_dtype = zo2::DType::f32;
+  std::uint64_t save_shard_bytes = 0;
+  zo2_progress_callback progress = nullptr;
+  void* progress_user_data = nullptr;
+  // Set when a failure left the scheduler in an unknown state (see zo2_session_step).
+  int broken_code = 0;
+  std::string broken_message;
+};
+
+namespace {
+
+using zo2::ErrorKind;
+using zo2::fail;
+
+thread_local std::string t_last_error;
+
+int status_of(ErrorKind kind) {
+  switch (kind) {
+    case ErrorKind::invalid_argument: return ZO2_ERR_INVALID_ARGUMENT;
+    case ErrorKind::io: return ZO2_ERR_IO;
+    case ErrorKind::format: return ZO2_ERR_FORMAT;
+    case ErrorKind::unsupported: return ZO2_ERR_UNSUPPORTED;
+    case ErrorKind::out_of_memory: return ZO2_ERR_OUT_OF_MEMORY;
+    case ErrorKind::device: return ZO2_ERR_DEVICE;
+    case ErrorKind::aborted: return ZO2_ABORTED;
+    case ErrorKind::internal: return ZO2_ERR_INTERNAL;
+  }
+  return ZO2_ERR_INTERNAL;
+}
+
+void set_error(const char* fn, std::string_view message) noexcept {
+  try {
+    t_last_error.assign(fn);
+    t_last_error.append(": ");
+    t_last_error.append(message);
+  } catch (...) {
+    // Out of memory while formatting: keep whatever fits.
+  }
+}
+
+// Runs body(); returns its status, or the code of what it threw with the message recorded.
+// `on_error(code)` runs (noexcept context) before returning a failure, e.g. to poison a session.
+template <class Body, class OnError>
+int guarded(const char* fn, Body&& body, OnError&& on_error) noexcept {
+  int code;
+  try {
+    code = body();
+    return code;
+  } catch (const zo2::Error& e) {
+    set_error(fn, e.what());
+    code = status_of(e.kind());
+  } catch (const std::bad_alloc&) {
+    set_error(fn, "out of host memory");
+    code = ZO2_ERR_OUT_OF_MEMORY;
+  } catch (const std::filesystem::filesystem_error& e) {
+    set_error(fn, e.what());
+    code = ZO2_ERR_IO;
+  } catch (const std::exception& e) {
+    set_error(fn, e.what());
+    code = ZO2_ERR_INTERNAL;
+  } catch (...) {
+    set_error(fn, "unknown exception");
+    code = ZO2_ERR_INTERNAL;
+  }
+  on_error(code);
+  return code;
+}
+
+template <class Body>
+int guarded(const char* fn, Body&& body) noexcept {
+  return guarded(fn, std::forward<Body>(body), [](int) {});
+}
+
+[[noreturn]] void invalid(const std::string& message) { throw zo2::Error(ErrorKind::invalid_argument, message); }
+
+zo2::DType parse_dtype(const char* field, const char* name, std::initializer_list<zo2::DType> allowed) {
+  if (!name) invalid(fmt::format("{} is NULL", field));
+  const auto dt = zo2::dtype_from_name(name);
+  std::string names;
+  for (zo2::DType a : allowed) names += fmt::format("{}{}", names.empty() ? "" : ", ", zo2::dtype_name(a));
+  if (!dt) invalid(fmt::format("{} '{}' is not a known dtype (expected one of {})", field, name, names));
+  for (zo2::DType a : allowed)
+    if (*dt == a) return a;
+  throw zo2::Error(ErrorKind::unsupported,
+                   fmt::format("{} '{}' is not supported here (expected one of {})", field, name, names));
+}
+
+// Validates p against the model and turns it into a SessionConfig (nothing is opened).
+zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_session_params& p) {
+  zo2::SessionConfig sc;
+  if (!p.device) invalid("device is NULL");
+  sc.device = p.device;
+  (void)zo2::parse_device(sc.device);  // an unknown device string fails here, before any work
+  sc.gpu_mem = static_cast<std::size_t>(p.gpu_mem_bytes);
+  switch (p.offload) {
+    case ZO2_OFFLOAD_AUTO: sc.offload = zo2::OffloadMode::auto_; break;
+    case ZO2_OFFLOAD_ALL: sc.offload = zo2::OffloadMode::all; break;
+    case ZO2_OFFLOAD_NONE: sc.offload = zo2::OffloadMode::none; break;
+    default: invalid(fmt::format("offload {} is not a zo2_offload_mode (0 auto, 1 all, 2 none)", p.offload));
+  }
+  if (p.window < 1) invalid(fmt::format("window must be at least 1 (got {})", p.window));
+  sc.window = p.window;
+  using zo2::DType;
+  sc.storage = parse_dtype("storage_dtype", p.storage_dtype, {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3});
+  sc.compute = parse_dtype("compute_dtype", p.compute_dtype, {DType::f32, DType::bf16, DType::f16});
+  if (p.n_threads < 0) invalid(fmt::format("n_threads must be ≥ 0 (got {})", p.n_threads));
+  sc.threads = p.n_threads;
+  if (p.max_seqs < 1) invalid(fmt::format("max_seqs must be at least 1 (got {})", p.max_seqs));
+  if (p.max_seq_len < 0) invalid(fmt::format("max_seq_len must be ≥ 0 (got {})", p.max_seq_len));
+  if (p.max_seq_len > model.max_positions)
+    invalid(fmt::format("max_seq_len {} exceeds the model's max_position_embeddings ({})", p.max_seq_len,
+                        model.max_positions));
+  sc.max_batch = p.max_seqs;
+  sc.max_seq = p.max_seq_len > 0 ? p.max_seq_len : static_cast<int>(model.max_positions);
+  sc.training = p.training != 0;
+  if (!(p.eps > 0) || !std::isfinite(p.eps)) invalid(fmt::format("eps must be positive and finite (got {})", p.eps));
+  if (!(p.lr >= 0) || !std::isfinite(p.lr))
+    invalid(fmt::format("lr must be non-negative and finite (got {})", p.lr));
+  if (!std::isfinite(p.weight_decay)) invalid(fmt::format("weight_decay must be finite (got {})", p.weight_decay));
+  sc.run_seed = p.seed;
+  if (p.seed_log_path) {
+    if (p.seed_log_path[0] == '\0') invalid("seed_log_path is empty (use NULL for no seed log)");
+    sc.seed_log = p.seed_log_path;
+  }
+  sc.seed_log_append = p.seed_log_append != 0;
+  if (p.first_step < 0) invalid(fmt::format("first_step must be ≥ 0 (got {})", p.first_step));
+  sc.first_step = p.first_step;
+  (void)parse_dtype("save_dtype", p.save_dtype, {DType::f32, DType::bf16, DType::f16});
+  if (p.save_shard_bytes == 0) invalid("save_shard_bytes must be positive");
+  return sc;
+}
+
+// The checks make_batch does not do: NULLs and the session's capacity.
+zo2::HostBatch host_batch(const zo2_session& s, const zo2_batch* b) {
+  if (!b) invalid("batch is NULL");
+  if (b->n_seq <= 0 || b->n_tokens <= 0)
+    invalid(fmt::format("batch n_seq and n_tokens must be positive (got n_seq {}, n_tokens {})", b->n_seq,
+                        b->n_tokens));
+  if (b->n_seq > s.max_seqs)
+    invalid(fmt::format("batch n_seq {} exceeds the session's capacity max_seqs = {}", b->n_seq, s.max_seqs));
+  if (b->n_tokens > s.max_seq_len)
+    invalid(fmt::format("batch n_tokens {} exceeds the session's capacity max_seq_len = {}", b->n_tokens,
+                        s.max_seq_len));
+  if (!b->tokens) invalid("batch tokens is NULL");
+  const std::size_t n = static_cast<std::size_t>(b->n_seq) * static_cast<std::size_t>(b->n_tokens);
+  auto span_of = [n](const int32_t* p) {
+    return p ? std::span<const std::int32_t>(p, n) : std::span<const std::int32_t>();
+  };
+  return zo2::make_batch(s.config, b->n_seq, b->n_tokens, span_of(b->tokens), span_of(b->attention_mask),
+                         span_of(b->labels));
+}
+
+zo2_session& usable(zo2_session* s) {
+  if (!s) invalid("session is NULL");
+  if (s->broken_code != 0)
+    throw zo2::Error(s->broken_code == ZO2_ERR_DEVICE ? ErrorKind::device : ErrorKind::internal,
+                     "the session is unusable after an earlier failure: " + s->broken_message);
+  return *s;
+}
+
+// A failure past argument validation (device, internal) leaves the scheduler's streams in
+// an unknown state: poison the session so later calls fail instead of waiting forever.
+auto poison(zo2_session* s) {
+  return [s](int code) noexcept {
+    if (!s || code == ZO2_ERR_INVALID_ARGUMENT || code >= 0) return;
+    if (code == ZO2_ERR_DEVICE || code == ZO2_ERR_INTERNAL) {
+      s->broken_code = code;
+      try {
+        s->broken_message = t_last_error;
+      } catch (...) {
+      }
+    }
+  };
+}
+
+void fill_plan(const zo2::Placement& pl, std::int64_t blocks, zo2_plan_result* out) {
+  *out = zo2_plan_result{};
+  out->cap_bytes = pl.cap;
+  out->device_bytes = pl.total_bytes;
+  out->minimum_cap_bytes = pl.minimum_cap;
+  out->n_blocks = blocks;
+  out->n_resident = pl.resident_count;
+  out->n_streamed = pl.streamed;
+  out->window = pl.window;
+  out->block_bytes = pl.block_bytes;
+  out->globals_bytes = pl.globals_bytes;
+  out->h2d_bytes_per_step = pl.h2d_bytes_per_step;
+  out->d2h_bytes_per_step = pl.d2h_bytes_per_step;
+  out->predicted_transfer_s = pl.predicted_transfer_s;
+}
+
+// Reads the safetensors headers and checks every tensor the model needs is there, with
+// its shape, as load_image will (without reading any data).
+void check_weights(const std::filesystem::path& dir, const zo2::ModelConfig& c) {
+  const auto ckpt = zo2::SafetensorsCheckpoint::open(dir);
+  auto check = [&](const zo2::ImageLayout& layout) {
+    for (const zo2::TensorSlot& slot : layout.tensors()) {
+      const auto* e = zo2::find_checkpoint_tensor(ckpt, slot.name);
+      if (!e) fail(ErrorKind::format, "{}: tensor '{}' is missing from the checkpoint", dir.string(), slot.name);
+      if (e->info->shape != slot.shape())
+        fail(ErrorKind::format, "{}: tensor '{}' has shape [{}], the config implies [{}]", dir.string(), slot.name,
+             fmt::join(e->info->shape, ", "), fmt::join(slot.shape(), ", "));
+      if (!zo2::dtype_is_float(e->info->dtype))
+        fail(ErrorKind::format, "{}: tensor '{}' is not a floating-point tensor", dir.string(), slot.name);
+    }
+  };
+  check(zo2::globals_layout(c, zo2::DType::f32));
+  for (std::int64_t i = 0; i < c.num_layers; ++i) check(zo2::block_layout(c, i, zo2::DType::f32));
+}
+
+std::size_t physical_ram() {
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  const long page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<std::size_t>(pages) * static_cast<std::size_t>(page) : 0;
+}
+
+}  // namespace
+
+// The definitions take their C linkage from the declarations in zo2.h.
+
+const char* zo2_version(void) { return "0.1.0"; }
+
+const char* zo2_last_error(void) { return t_last_error.c_str(); }
+
+void zo2_log_set(zo2_log_callback callback, void* user_data) {
+  guarded("zo2_log_set", [&] {
+    if (!callback) {
+      zo2::log_set_sink({});
+    } else {
+      zo2::log_set_sink([callback, user_data](zo2::LogLevel level, std::string_view text) {
+        const std::string copy(text);  // nul-terminated for C
+        callback(static_cast<zo2_log_level>(level), copy.c_str(), user_data);
+      });
+    }
+    return 0;
+  });
+}
+
+void zo2_log_set_level(enum zo2_log_level level) {
+  int l = static_cast<int>(level);
+  l = l < ZO2_LOG_DEBUG ? ZO2_LOG_DEBUG : l > ZO2_LOG_OFF ? ZO2_LOG_OFF : l;
+  zo2::log_set_level(static_cast<zo2::LogLevel>(l));
+}
+
+zo2_model_params zo2_model_default_params(void) {
+  zo2_model_params p;
+  std::memset(&p, 0, sizeof p);
+  p.check_weights = 1;
+  return p;
+}
+
+int zo2_model_load(const char* hf_dir, const zo2_model_params* p, zo2_model** out) {
+  if (out) *out = nullptr;
+  return guarded("zo2_model_load", [&] {
+    if (!out) invalid("out is NULL");
+    if (!hf_dir) invalid("hf_dir is NULL");
+    if (hf_dir[0] == '\0') invalid("hf_dir is empty");
+    const zo2_model_params params = p ? *p : zo2_model_default_params();
+    const std::filesystem::path dir(hf_dir);
+    std::error_code ec;
+    if (!std::filesystem::is_directory(dir, ec))
+      fail(ErrorKind::io, "{}: not a directory (expected an HF checkpoint with config.json)", dir.string());
+    auto m = std::make_unique<zo2_model>();
+    m->dir = dir;
+    m->config = zo2::ModelConfig::load(dir);
+    if (params.check_weights) check_weights(dir, m->config);
+    *out = m.release();
+    return 0;
+  });
+}
+
+void zo2_model_free(zo2_model* m) { delete m; }
+
+namespace {
+template <class T, class F>
+T model_query(const char* fn, const zo2_model* m, F f) {
+  if (!m) {
+    set_error(fn, "model is NULL");
+    return 0;
+  }
+  return static_cast<T>(f(m->config));
+}
+}  // namespace
+
+int32_t zo2_model_n_vocab(const zo2_model* m) {
+  return model_query<int32_t>("zo2_model_n_vocab", m, [](const auto& c) { return c.vocab_size; });
+}
+int32_t zo2_model_n_ctx(const zo2_model* m) {
+  return model_query<int32_t>("zo2_model_n_ctx", m, [](const auto& c) { return c.max_positions; });
+}
+int32_t zo2_model_n_layer(const zo2_model* m) {
+  return model_query<int32_t>("zo2_model_n_layer", m, [](const auto& c) { return c.num_layers; });
+}
+int64_t zo2_model_n_params(const zo2_model* m) {
+  return model_query<int64_t>("zo2_model_n_params", m, [](const auto& c) { return c.total_params(); });
+}
+
+zo2_session_params zo2_session_default_params(void) {
+  zo2_session_params p;
+  std::memset(&p, 0, sizeof p);
+  p.lr = 1e-6f;
+  p.eps = 1e-3f;
+  p.weight_decay = 0.0f;
+  p.seed = 0;
+  p.device = "cpu";
+  p.gpu_mem_bytes = 0;
+  p.offload = ZO2_OFFLOAD_AUTO;
+  p.window = 3;
+  p.storage_dtype = "fp32";
+  p.compute_dtype = "fp32";
+  p.n_threads = 0;
+  p.max_seqs = 1;
+  p.max_seq_len = 0;
+  p.training = 1;
+  p.seed_log_path = nullptr;
+  p.seed_log_append = 0;
+  p.first_step = 0;
+  p.save_dtype = "fp32";
+  p.save_shard_bytes = 5000000000ull;
+  p.progress_callback = nullptr;
+  p.progress_user_data = nullptr;
+  return p;
+}
+
+int zo2_session_init(zo2_model* m, const zo2_session_params* p, zo2_session** out) {
+  if (out) *out = nullptr;
+  return guarded("zo2_session_init", [&] {
+    if (!out) invalid("out is NULL");
+    if (!m) invalid("model is NULL");
+    const zo2_session_params params = p ? *p : zo2_session_default_params();
+    zo2::SessionConfig sc = session_config(m->config, params);
+    sc.base_model = std::filesystem::absolute(m->dir).string();
+    auto s = std::make_unique<zo2_session>();
+    s->config = m->config;
+    s->lr = params.lr;
+    s->eps = params.eps;
+    s->weight_decay = params.weight_decay;
+    s->max_seqs = sc.max_batch;
+    s->max_seq_len = sc.max_seq;
+    s->save_dtype = *zo2::dtype_from_name(params.save_dtype);
+    s->save_shard_bytes = params.save_shard_bytes;
+    s->progress = params.progress_callback;
+    s->progress_user_data = params.progress_user_data;
+    s->session = std::make_unique<zo2::Session>(m->dir, sc);
+    *out = s.release();
+    return 0;
+  });
+}
+
+void zo2_session_free(zo2_session* s) {
+  if (!s) return;
+  guarded("zo2_session_free", [&] {
+    // Streams keep running their event items after a failure (runtime/cpu), so even a
+    // poisoned session drains and is released; its destructor logs what it cannot finish.
+    delete s;
+    return 0;
+  });
+}
+
+int zo2_session_step(zo2_session* s, const zo2_batch* b, zo2_step_result* out) {
+  bool validated = false;
+  return guarded(
+      "zo2_session_step",
+      [&] {
+        zo2_session& ss = usable(s);
+        if (!ss.session->session_config().training)
+          invalid("this session was opened for evaluation only (training = 0)");
+        const zo2::HostBatch hb = host_batch(ss, b);
+        validated = true;
+        const zo2::StepResult r = ss.session->step(hb, ss.lr, ss.eps, ss.weight_decay);
+        zo2_step_result res{r.loss_plus, r.loss_minus, r.g};
+        if (out) *out = res;
+        if (ss.progress && ss.progress(r.step, &res, ss.progress_user_data) != 0) {
+          set_error("zo2_session_step", fmt::format("the progress callback asked to stop after step {}", r.step));
+          return static_cast<int>(ZO2_ABORTED);
+        }
+        return 0;
+      },
+      [&](int code) {
+        if (validated) poison(s)(code);
+      });
+}
+
+namespace {
+int eval_common(const char* fn, zo2_session* s, const zo2_batch* b, float* out_loss, float* token_logprobs) {
+  bool validated = false;
+  return guarded(
+      fn,
+      [&] {
+        zo2_session& ss = usable(s);
+        if (!out_loss && !token_logprobs) invalid("out is NULL");
+        const zo2::HostBatch hb = host_batch(ss, b);
+        validated = true;
+        zo2::EvalOptions o;
+        std::vector<float> token_loss;
+        if (token_logprobs) {
+          token_loss.resize(static_cast<std::size_t>(hb.tokens()));
+          o.token_loss = token_loss.data();
+        }
+        const float loss = ss.session->eval(hb, o);
+        if (out_loss) *out_loss = loss;
+        for (std::size_t i = 0; i < token_loss.size(); ++i) token_logprobs[i] = 0.0f - token_loss[i];
+        return 0;
+      },
+      [&](int code) {
+        if (validated) poison(s)(code);
+      });
+}
+}  // namespace
+
+int zo2_session_eval(zo2_session* s, const zo2_batch* b, float* out_loss) {
+  if (!out_loss) {
+    return guarded("zo2_session_eval", [&]() -> int {
+      usable(s);
+      invalid("out_loss is NULL");
+    });
+  }
+  return eval_common("zo2_session_eval", s, b, out_loss, nullptr);
+}
+
+int zo2_session_token_logprobs(zo2_session* s, const zo2_batch* b, float* out) {
+  if (!out) {
+    return guarded("zo2_session_token_logprobs", [&]() -> int {
+      usable(s);
+      invalid("out is NULL");
+    });
+  }
+  return eval_common("zo2_session_token_logprobs", s, b, nullptr, out);
+}
+
+int zo2_session_save(zo2_session* s, const char* out_dir) {
+  return guarded(
+      "zo2_session_save",
+      [&] {
+        zo2_session& ss = usable(s);
+        if (!out_dir) invalid("out_dir is NULL");
+        if (out_dir[0] == '\0') invalid("out_dir is empty");
+        const std::filesystem::path dir(out_dir);
+        std::error_code ec;
+        std::filesystem::create_directories(dir, ec);
+        if (ec || !std::filesystem::is_directory(dir))
+          fail(ErrorKind::io, "{}: cannot create the output directory{}{}", dir.string(), ec ? ": " : "",
+               ec ? ec.message() : std::string());
+        ss.session->save(dir, ss.save_dtype, ss.save_shard_bytes);
+        return 0;
+      },
+      poison(s));
+}
+
+int zo2_session_set_lr(zo2_session* s, float lr) {
+  return guarded("zo2_session_set_lr", [&] {
+    zo2_session& ss = usable(s);
+    if (!(lr >= 0) || !std::isfinite(lr)) invalid(fmt::format("lr must be non-negative and finite (got {})", lr));
+    ss.lr = lr;
+    return 0;
+  });
+}
+
+int64_t zo2_session_step_index(const zo2_session* s) {
+  if (!s) {
+    set_error("zo2_session_step_index", "session is NULL");
+    return -1;
+  }
+  return s->session->next_step();
+}
+
+uint64_t zo2_session_device_peak(const zo2_session* s) {
+  if (!s) {
+    set_error("zo2_session_device_peak", "session is NULL");
+    return 0;
+  }
+  return s->session->device_peak();
+}
+
+int zo2_plan(const zo2_model* m, const zo2_session_params* p, zo2_plan_result* out) {
+  return guarded("zo2_plan", [&] {
+    if (!out) invalid("out is NULL");
+    *out = zo2_plan_result{};
+    if (!m) invalid("model is NULL");
+    if (!p) invalid("params is NULL");
+    const zo2::SessionConfig sc = session_config(m->config, *p);
+    const zo2::DeviceOptions dev = zo2::parse_device(sc.device);
+    std::size_t cap = sc.gpu_mem;
+    if (cap == 0) {
+      if (dev.kind != zo2::DeviceKind::cpu)
+        invalid("gpu_mem_bytes is 0 (the whole device): zo2_plan opens no device, so give the cap to plan for "
+                "(or use zo2_session_plan)");
+      cap = physical_ram();
+    }
+    out->n_blocks = m->config.num_layers;
+    try {
+      fill_plan(zo2::plan_placement(m->config, zo2::plan_request(m->config, sc, dev.kind, cap)),
+                m->config.num_layers, out);
+    } catch (const zo2::Error& e) {
+      if (e.kind() == ErrorKind::out_of_memory) {
+        // Still tell the host the smallest cap that works.
+        try {
+          const auto big = zo2::plan_placement(
+              m->config, zo2::plan_request(m->config, sc, dev.kind, std::numeric_limits<std::size_t>::max() / 4));
+          out->minimum_cap_bytes = big.minimum_cap;
+        } catch (...) {
+        }
+      }
+      throw;
+    }
+    return 0;
+  });
+}
+
+int zo2_session_plan(const zo2_session* s, zo2_plan_result* out) {
+  return guarded("zo2_session_plan", [&] {
+    if (!out) invalid("out is NULL");
+    if (!s) invalid("session is NULL");
+    fill_plan(s->session->placement(), s->config.num_layers, out);
+    return 0;
+  });
+}
+

@@ -1,0 +1,287 @@
+// zo2 — the public C API: zeroth-order (MeZO/SPSA) fine-tuning of decoder-only language
+// models (OPT, LLaMA) through a streaming scheduler, on one small GPU or on the CPU.
+//
+// This is the one header a host program includes. It is plain C11 (and valid C++): opaque
+// handles, a *_default_params() function for every params struct (take the defaults, then
+// change the fields you need — fields may be added in later versions), *_init/*_free pairs,
+// and integer status codes:
+//
+//   0                 success
+//   ZO2_ABORTED (1)   non-fatal: a progress callback asked to stop (the call itself completed)
+//   < 0               an error (ZO2_ERR_*); zo2_last_error() returns its message
+//
+// No C++ exception and no abort() crosses this boundary: every function catches everything,
+// records the message in a thread-local buffer and returns a code. Each function states
+// what survives an error. The *_free functions accept NULL.
+//
+// Threads: a zo2_model or zo2_session may be used from any thread, but not from two threads
+// at the same time. Different sessions are independent.
+//
+// A minimal host:
+//
+//   zo2_model * model = NULL;
+//   if (zo2_model_load("opt-125m", NULL, &model) != 0) { puts(zo2_last_error()); return 1; }
+//   zo2_session_params sp = zo2_session_default_params();
+//   sp.lr = 1e-6f; sp.max_seqs = 8; sp.max_seq_len = 128;
+//   zo2_session * s = NULL;
+//   if (zo2_session_init(model, &sp, &s) != 0) { ... }
+//   zo2_batch b = { 8, 128, tokens, NULL, NULL };
+//   zo2_step_result r;
+//   for (int i = 0; i < 1000; ++i) if (zo2_session_step(s, &b, &r) != 0) break;
+//   zo2_session_save(s, "opt-125m-tuned");
+//   zo2_session_free(s);
+//   zo2_model_free(model);
+#ifndef ZO2_H
+#define ZO2_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32) && defined(ZO2_BUILD)
+#define ZO2_API __declspec(dllexport)
+#elif defined(_WIN32)
+#define ZO2_API __declspec(dllimport)
+#else
+#define ZO2_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// ---------------------------------------------------------------------------------------
+// Status codes. The negative values map zo2::ErrorKind (runtime/error.h) one to one.
+
+enum zo2_status {
+    ZO2_OK                     =  0,
+    ZO2_ABORTED                =  1,  // a progress callback returned nonzero (not an error)
+    ZO2_ERR_INVALID_ARGUMENT   = -1,  // a bad value from the caller: NULL, size, id, string
+    ZO2_ERR_IO                 = -2,  // a file could not be opened, read, written or renamed
+    ZO2_ERR_FORMAT             = -3,  // a file is malformed (config.json, safetensors, ...)
+    ZO2_ERR_UNSUPPORTED        = -4,  // valid input zo2 does not run (a config field, a dtype)
+    ZO2_ERR_OUT_OF_MEMORY      = -5,  // the device cap (or host memory) is too small
+    ZO2_ERR_DEVICE             = -6,  // a backend call failed or no such device exists
+    ZO2_ERR_INTERNAL           = -7,  // a bug in zo2 (an invariant did not hold)
+};
+
+// "0.1.0"; the library's version, not the header's.
+ZO2_API const char * zo2_version(void);
+
+// The message of the last call on this thread that returned a nonzero code ("" if none).
+// Calls that succeed leave it unchanged. The pointer is valid until the next failing call
+// on the same thread; other threads' errors never change it.
+ZO2_API const char * zo2_last_error(void);
+
+// ---------------------------------------------------------------------------------------
+// Logging. zo2 logs progress and warnings (e.g. a skipped non-finite update) to stderr by
+// default.
+
+enum zo2_log_level {
+    ZO2_LOG_DEBUG = 0,
+    ZO2_LOG_INFO  = 1,
+    ZO2_LOG_WARN  = 2,
+    ZO2_LOG_ERROR = 3,
+    ZO2_LOG_OFF   = 4,
+};
+
+// `text` is one message without a trailing newline, valid only during the call. Called
+// from whichever thread logs (one call at a time: calls are serialized).
+typedef void (*zo2_log_callback)(enum zo2_log_level level, const char * text, void * user_data);
+
+// Process-wide: sends every message at or above the level to `callback` instead of
+// stderr. NULL restores stderr.
+ZO2_API void zo2_log_set(zo2_log_callback callback, void * user_data);
+// Process-wide: messages below `level` are dropped (default ZO2_LOG_INFO). An out-of-range
+// level is clamped.
+ZO2_API void zo2_log_set_level(enum zo2_log_level level);
+
+// ---------------------------------------------------------------------------------------
+// Models
+
+typedef struct zo2_model   zo2_model;    // opaque: an HF checkpoint's config + path (weights are read by session_init)
+typedef struct zo2_session zo2_session;  // opaque: device, block store, scheduler, pending update
+
+typedef struct zo2_model_params {
+    int32_t check_weights;  // nonzero: read the safetensors headers at load time and fail there when
+                            // a tensor is missing or malformed, instead of at session_init. Default 1.
+} zo2_model_params;
+
+ZO2_API zo2_model_params zo2_model_default_params(void);
+
+// Reads <hf_dir>/config.json (and, with check_weights, the safetensors headers). No weight
+// data is read: zo2_session_init streams the weights into the session's block store.
+// p may be NULL (defaults). On success *out owns a new model; on error *out is set to NULL
+// (when out is not NULL) and nothing is allocated.
+//   ZO2_ERR_INVALID_ARGUMENT  hf_dir or out is NULL, or hf_dir is empty
+//   ZO2_ERR_IO                hf_dir or its config.json cannot be read
+//   ZO2_ERR_FORMAT            config.json / safetensors malformed
+//   ZO2_ERR_UNSUPPORTED       an architecture or config field zo2 does not run
+ZO2_API int zo2_model_load(const char * hf_dir, const zo2_model_params * p, zo2_model ** out);
+ZO2_API void zo2_model_free(zo2_model * m);
+
+// Shape queries; 0 (and zo2_last_error set) when m is NULL.
+ZO2_API int32_t zo2_model_n_vocab(const zo2_model * m);   // vocab_size
+ZO2_API int32_t zo2_model_n_ctx(const zo2_model * m);     // max_position_embeddings
+ZO2_API int32_t zo2_model_n_layer(const zo2_model * m);   // transformer blocks
+ZO2_API int64_t zo2_model_n_params(const zo2_model * m);  // parameters (a tied head counted once)
+
+// ---------------------------------------------------------------------------------------
+// Sessions
+
+enum zo2_offload_mode {
+    ZO2_OFFLOAD_AUTO = 0,  // as many blocks resident as the cap allows, the rest streamed
+    ZO2_OFFLOAD_ALL  = 1,  // stream every block through the window (smallest device memory)
+    ZO2_OFFLOAD_NONE = 2,  // every block resident (fails if the cap is too small)
+};
+
+typedef struct zo2_step_result {
+    float loss_plus;       // mean token cross-entropy at θ + eps·z (nats)
+    float loss_minus;      // mean token cross-entropy at θ − eps·z (nats)
+    float projected_grad;  // g = (L+ − L−) / (2·eps); not finite: the update is skipped (and logged)
+} zo2_step_result;
+
+// Called by zo2_session_step after each completed step. `step` is the step's 0-based
+// index, `result` its losses (valid only during the call). Return 0 to go on, nonzero to
+// make zo2_session_step return ZO2_ABORTED (the step is done either way).
+typedef int (*zo2_progress_callback)(int64_t step, const zo2_step_result * result, void * user_data);
+
+typedef struct zo2_session_params {
+    // ZO-SGD hyperparameters (DESIGN.md §1): θ ← θ − lr·(g·z + wd·θ).
+    float    lr;                 // learning rate; change it per step with zo2_session_set_lr. Default 1e-6.
+    float    eps;                // perturbation scale, > 0. Default 1e-3.
+    float    weight_decay;       // decoupled weight decay (not on biases and norm weights). Default 0.
+    uint64_t seed;               // run seed; step t uses seed = Philox(seed, t). Default 0.
+
+    // Device and memory.
+    const char * device;         // "cpu", "cuda", "cuda:N" or "auto" (copied at init). Default "cpu".
+    uint64_t gpu_mem_bytes;      // device memory cap in bytes; 0 = the whole device (CPU: physical RAM). Default 0.
+    int32_t  offload;            // an enum zo2_offload_mode value. Default ZO2_OFFLOAD_AUTO.
+    int32_t  window;             // device slots for streamed blocks (≥ 3 overlaps all three streams). Default 3.
+    const char * storage_dtype;  // weights in host memory and slots: "fp32", "bf16", "fp16", "fp8". Default "fp32".
+    const char * compute_dtype;  // activations and GEMMs: "fp32", "bf16", "fp16". Default "fp32".
+    int32_t  n_threads;          // CPU threads for kernels; 0 = all cores. Default 0.
+
+    // Capacity: the largest batch any step/eval of this session takes (activations are
+    // allocated for it at init).
+    int32_t  max_seqs;           // sequences per batch, ≥ 1. Default 1.
+    int32_t  max_seq_len;        // tokens per sequence; 0 = the model's max_position_embeddings. Default 0.
+    int32_t  training;           // nonzero: two activation streams (±eps) for steps; 0: evaluation only
+                                 // (one stream, less memory; zo2_session_step fails). Default 1.
+
+    // Run bookkeeping.
+    const char * seed_log_path;  // JSON Lines seed log, one (step, seed, g, lr) line per step, which
+                                 // `zo2-tune replay` turns back into the tuned weights; NULL = none. Default NULL.
+    int32_t  seed_log_append;    // nonzero: resume — keep the existing log's entries before first_step. Default 0.
+    int64_t  first_step;         // index of the first step (resume a run at this step). Default 0.
+
+    // zo2_session_save.
+    const char * save_dtype;     // dtype of the saved checkpoint: "fp32", "bf16", "fp16". Default "fp32".
+    uint64_t save_shard_bytes;   // largest safetensors shard of a save (HF sharding above it). Default 5e9.
+
+    // Callbacks.
+    zo2_progress_callback progress_callback;  // after each step; NULL = none. Default NULL.
+    void *   progress_user_data;              // passed to progress_callback. Default NULL.
+} zo2_session_params;
+
+ZO2_API zo2_session_params zo2_session_default_params(void);
+
+// Opens the device, plans the placement under the cap, reads the weights into the host
+// block store and uploads the resident ones. The session keeps no reference to m (it may
+// be freed right after) nor to the strings in p (they are copied). p may be NULL (defaults).
+// On error *out is NULL and everything allocated so far is released; m is unchanged.
+//   ZO2_ERR_INVALID_ARGUMENT  m or out NULL; an unknown device/dtype/offload value; max_seqs < 1,
+//                             max_seq_len < 0 or above max_position_embeddings; window < 1; eps ≤ 0
+//   ZO2_ERR_OUT_OF_MEMORY     gpu_mem_bytes is below the plan's minimum (the message states it;
+//                             zo2_plan reports it without allocating)
+//   ZO2_ERR_DEVICE            no such device (e.g. "cuda" in a CPU-only build)
+//   ZO2_ERR_IO / _FORMAT      the weights cannot be read; the seed log cannot be written
+ZO2_API int zo2_session_init(zo2_model * m, const zo2_session_params * p, zo2_session ** out);
+// Waits for outstanding work and releases everything. A pending update that was not saved
+// is lost (zo2_session_save first). NULL is allowed.
+ZO2_API void zo2_session_free(zo2_session * s);
+
+// A batch of n_seq sequences of n_tokens tokens each, row-major [n_seq][n_tokens].
+typedef struct zo2_batch {
+    int32_t n_seq;                   // sequences, 1 ≤ n_seq ≤ the session's max_seqs
+    int32_t n_tokens;                // tokens per sequence, 1 ≤ n_tokens ≤ the session's max_seq_len
+    const int32_t * tokens;          // [n_seq·n_tokens] token ids in [0, vocab); required
+    const int32_t * attention_mask;  // [n_seq·n_tokens] 1 = real token, 0 = padding; NULL = all ones
+    const int32_t * labels;          // [n_seq·n_tokens] as transformers' labels (unshifted: labels[t] is
+                                     // the target predicted from tokens ≤ t−1), −100 = no loss;
+                                     // NULL = the tokens themselves where the mask is 1
+} zo2_batch;
+
+// One ZO step: both perturbed forward passes on b, g = (L+ − L−)/(2·eps); the update
+// θ ← θ − lr·(g·z + wd·θ) is deferred and fused into the next pass over each block
+// (DESIGN.md §1). Waits for the step's losses, appends to the seed log, then calls the
+// progress callback. out may be NULL.
+//   0 / ZO2_ABORTED           the step is done and counted (ZO2_ABORTED: the callback asked to stop;
+//                             the session stays fully usable)
+//   ZO2_ERR_INVALID_ARGUMENT  s or b or b->tokens NULL; n_seq/n_tokens out of [1, capacity]; a token,
+//                             mask or label out of range; an eval-only session. Nothing was run: the
+//                             session (weights, pending update, step index) is unchanged.
+//   other errors              a device/internal failure mid-step: the session is unusable; every later
+//                             call on it fails with the same code; only zo2_session_free is safe.
+ZO2_API int zo2_session_step(zo2_session * s, const zo2_batch * b, zo2_step_result * out);
+
+// Mean token cross-entropy (nats) of the current weights on b, unperturbed. Applies the
+// pending update first (as save does); the step index is unchanged. Errors: as step (an
+// invalid argument changes nothing; a device failure makes the session unusable).
+ZO2_API int zo2_session_eval(zo2_session * s, const zo2_batch * b, float * out_loss);
+
+// Per-position log-likelihoods of b under the current weights (what classification and
+// multiple-choice eval need): out[i·n_tokens + t] = log p(target of position t | tokens ≤ t)
+// in nats, where the target is labels[i][t+1] (or tokens[i][t+1]); 0 where there is none
+// (the last position, padding, −100). out holds n_seq·n_tokens floats. Applies the pending
+// update first. Errors: as zo2_session_eval; on error out is left unspecified.
+ZO2_API int zo2_session_token_logprobs(zo2_session * s, const zo2_batch * b, float * out);
+
+// Writes the current weights as an HF checkpoint (config.json + model.safetensors, sharded
+// above save_shard_bytes, in save_dtype) into out_dir (created if needed). Flushes the
+// pending update first, so the checkpoint equals the session's weights: a session loaded
+// from it evaluates bit-identically (fp32).
+//   ZO2_ERR_INVALID_ARGUMENT  s or out_dir NULL or empty
+//   ZO2_ERR_IO                out_dir cannot be created or written; the session stays usable and
+//                             its weights are unchanged (the flush has been applied)
+ZO2_API int zo2_session_save(zo2_session * s, const char * out_dir);
+
+// Sets the learning rate of the following steps (for schedules). ZO2_ERR_INVALID_ARGUMENT
+// (nothing changed) when s is NULL or lr is negative or not finite.
+ZO2_API int zo2_session_set_lr(zo2_session * s, float lr);
+// The index of the next step (first_step + steps done); -1 when s is NULL.
+ZO2_API int64_t zo2_session_step_index(const zo2_session * s);
+// Device arena bytes in use at the peak so far; 0 when s is NULL.
+ZO2_API uint64_t zo2_session_device_peak(const zo2_session * s);
+
+// ---------------------------------------------------------------------------------------
+// Planning (DESIGN.md §6): the placement of blocks under a device memory cap.
+
+typedef struct zo2_plan_result {
+    uint64_t cap_bytes;             // the cap planned for (bytes)
+    uint64_t device_bytes;          // predicted device arena peak (bytes)
+    uint64_t minimum_cap_bytes;     // the smallest cap this model and params run under (all streamed)
+    int64_t  n_blocks;              // transformer blocks
+    int64_t  n_resident;            // blocks kept on the device (updated in place, never transferred)
+    int64_t  n_streamed;            // blocks streamed through the window each step
+    int32_t  window;                // device slots allocated for streamed blocks (0 when none stream)
+    uint64_t block_bytes;           // one block image in the storage dtype (bytes)
+    uint64_t globals_bytes;         // embeddings, final norm, head (always resident; bytes)
+    uint64_t h2d_bytes_per_step;    // host→device traffic per step (bytes)
+    uint64_t d2h_bytes_per_step;    // device→host traffic per step (bytes)
+    double   predicted_transfer_s;  // transfer-bound step time (seconds)
+} zo2_plan_result;
+
+// Plans a session of m with p without opening the device or allocating anything.
+// gpu_mem_bytes = 0 means the physical RAM for "cpu"; for a CUDA device it must be given.
+// On ZO2_ERR_OUT_OF_MEMORY (the cap is too small) out->minimum_cap_bytes and out->n_blocks
+// are still filled (the other fields are 0), so a host can retry with a larger cap.
+//   ZO2_ERR_INVALID_ARGUMENT  m, p or out NULL; an unknown device/dtype/offload value; bad capacity
+ZO2_API int zo2_plan(const zo2_model * m, const zo2_session_params * p, zo2_plan_result * out);
+// The placement a session actually runs with (device_bytes = the planned peak).
+ZO2_API int zo2_session_plan(const zo2_session * s, zo2_plan_result * out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif  // ZO2_H

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The main job on a model the repo makes itself: a random OPT checkpoint (opt-tiny), a
+# learnable synthetic dataset, MeZO fine-tuning with every block streamed through a small
+# device window (CPU backend by default), then evaluation of the tuned model.
+# Usage: scripts/demo.sh [OUT_DIR] [extra zo2-tune train flags, e.g. --device cuda]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+tune="${ZO2_TUNE:-${ZO2_BUILD_DIR:-$root/build}/tools/zo2-tune}"
+out="${1:-$root/out/demo}"
+shift || true
+mkdir -p "$out"
+"$tune" init --preset opt-tiny --out "$out/base" --seed 1
+"$tune" synth-data --model "$out/base" --out "$out/data.safetensors" --rows 256 --seq 32
+"$tune" plan --model "$out/base" --gpu-mem 2M --batch-size 8 --seq-len 32 --device cpu
+"$tune" train --model "$out/base" --data "$out/data.safetensors" --out "$out/tuned" \
+  --steps 400 --batch-size 8 --lr 3e-3 --eps 1e-3 --gpu-mem 2M --offload auto \
+  --log-json "$out/train.jsonl" "$@"
+echo "before tuning:"; "$tune" eval --model "$out/base" --data "$out/data.safetensors"
+echo "after tuning:";  "$tune" eval --model "$out/tuned" --data "$out/data.safetensors"

@@ -1,0 +1,483 @@
+// The C API's contract at its edges (include/zo2.h): every bad argument returns its
+// documented negative code with a message naming the problem, nothing thrown crosses the
+// boundary, the message is per thread, an abort callback stops with ZO2_ABORTED, and
+// token log-probabilities are exactly −(token loss) of the C++ eval. Including zo2.h here
+// also shows the header compiles as C++.
+#include "zo2.h"
+
+#include "api/session.h"
+#include "tests/test_util.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace zo2 {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr int kSeqs = 2;
+constexpr int kTokens = 12;
+constexpr int kVocab = 512;  // opt-tiny
+
+// One tiny model for the whole suite, made by zo2-tune as a user would.
+class CApi : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    tmp_ = new test::TempDir();
+    model_dir_ = new fs::path(*tmp_ / "model");
+    std::string out;
+    ASSERT_EQ(test::run_command(test::zo2_tune_path().string() + " init --preset opt-tiny --out " +
+                                    model_dir_->string() + " --seed 3 -q",
+                                &out),
+              0)
+        << out;
+  }
+  static void TearDownTestSuite() {
+    delete model_dir_;
+    delete tmp_;
+  }
+
+  void SetUp() override {
+    ASSERT_EQ(zo2_model_load(model_dir_->c_str(), nullptr, &model_), 0) << zo2_last_error();
+    tokens_.resize(kSeqs * kTokens);
+    for (std::size_t i = 0; i < tokens_.size(); ++i) tokens_[i] = static_cast<int32_t>((i * 29 + 5) % kVocab);
+  }
+  void TearDown() override {
+    zo2_session_free(session_);
+    zo2_model_free(model_);
+  }
+
+  static zo2_session_params params() {
+    zo2_session_params p = zo2_session_default_params();
+    p.lr = 1e-3f;
+    p.max_seqs = kSeqs;
+    p.max_seq_len = kTokens;
+    p.n_threads = 2;
+    return p;
+  }
+  zo2_session* open(const zo2_session_params& p) {
+    EXPECT_EQ(zo2_session_init(model_, &p, &session_), 0) << zo2_last_error();
+    return session_;
+  }
+  zo2_batch batch() const { return zo2_batch{kSeqs, kTokens, tokens_.data(), nullptr, nullptr}; }
+
+  static test::TempDir* tmp_;
+  static fs::path* model_dir_;
+  zo2_model* model_ = nullptr;
+  zo2_session* session_ = nullptr;
+  std::vector<int32_t> tokens_;
+};
+test::TempDir* CApi::tmp_ = nullptr;
+fs::path* CApi::model_dir_ = nullptr;
+
+// The code is `code` and the thread's last error contains every one of `words`.
+#define EXPECT_ERROR(call, code, ...)                                                 \
+  do {                                                                                \
+    const int rc_ = (call);                                                           \
+    EXPECT_EQ(rc_, (code)) << #call << ": " << zo2_last_error();                      \
+    const std::string msg_ = zo2_last_error();                                        \
+    EXPECT_FALSE(msg_.empty()) << #call;                                              \
+    for (const char* w_ : {__VA_ARGS__})                                              \
+      EXPECT_NE(msg_.find(w_), std::string::npos) << #call << ": '" << msg_ << "' lacks '" << w_ << "'"; \
+  } while (0)
+
+TEST_F(CApi, StatusCodesHaveTheirDocumentedValues) {
+  EXPECT_EQ(ZO2_OK, 0);
+  EXPECT_EQ(ZO2_ABORTED, 1);
+  EXPECT_EQ(ZO2_ERR_INVALID_ARGUMENT, -1);
+  EXPECT_EQ(ZO2_ERR_IO, -2);
+  EXPECT_EQ(ZO2_ERR_FORMAT, -3);
+  EXPECT_EQ(ZO2_ERR_UNSUPPORTED, -4);
+  EXPECT_EQ(ZO2_ERR_OUT_OF_MEMORY, -5);
+  EXPECT_EQ(ZO2_ERR_DEVICE, -6);
+  EXPECT_EQ(ZO2_ERR_INTERNAL, -7);
+  EXPECT_STREQ(zo2_version(), "0.1.0");
+}
+
+TEST_F(CApi, NullPointersAreInvalidArgumentsNamingTheParameter) {
+  zo2_model* m = nullptr;
+  EXPECT_ERROR(zo2_model_load(nullptr, nullptr, &m), ZO2_ERR_INVALID_ARGUMENT, "hf_dir", "NULL");
+  EXPECT_ERROR(zo2_model_load(model_dir_->c_str(), nullptr, nullptr), ZO2_ERR_INVALID_ARGUMENT, "out", "NULL");
+  EXPECT_ERROR(zo2_model_load("", nullptr, &m), ZO2_ERR_INVALID_ARGUMENT, "hf_dir", "empty");
+
+  const zo2_session_params p = params();
+  zo2_session* s = nullptr;
+  EXPECT_ERROR(zo2_session_init(nullptr, &p, &s), ZO2_ERR_INVALID_ARGUMENT, "model", "NULL");
+  EXPECT_ERROR(zo2_session_init(model_, &p, nullptr), ZO2_ERR_INVALID_ARGUMENT, "out", "NULL");
+
+  open(p);
+  const zo2_batch b = batch();
+  zo2_step_result r;
+  float loss;
+  std::vector<float> lp(kSeqs * kTokens);
+  EXPECT_ERROR(zo2_session_step(nullptr, &b, &r), ZO2_ERR_INVALID_ARGUMENT, "session", "NULL");
+  EXPECT_ERROR(zo2_session_step(session_, nullptr, &r), ZO2_ERR_INVALID_ARGUMENT, "batch", "NULL");
+  EXPECT_ERROR(zo2_session_eval(nullptr, &b, &loss), ZO2_ERR_INVALID_ARGUMENT, "session", "NULL");
+  EXPECT_ERROR(zo2_session_eval(session_, nullptr, &loss), ZO2_ERR_INVALID_ARGUMENT, "batch", "NULL");
+  EXPECT_ERROR(zo2_session_eval(session_, &b, nullptr), ZO2_ERR_INVALID_ARGUMENT, "out_loss", "NULL");
+  EXPECT_ERROR(zo2_session_token_logprobs(nullptr, &b, lp.data()), ZO2_ERR_INVALID_ARGUMENT, "session", "NULL");
+  EXPECT_ERROR(zo2_session_token_logprobs(session_, nullptr, lp.data()), ZO2_ERR_INVALID_ARGUMENT, "batch");
+  EXPECT_ERROR(zo2_session_token_logprobs(session_, &b, nullptr), ZO2_ERR_INVALID_ARGUMENT, "out", "NULL");
+  EXPECT_ERROR(zo2_session_save(nullptr, "x"), ZO2_ERR_INVALID_ARGUMENT, "session", "NULL");
+  EXPECT_ERROR(zo2_session_save(session_, nullptr), ZO2_ERR_INVALID_ARGUMENT, "out_dir", "NULL");
+  EXPECT_ERROR(zo2_session_set_lr(nullptr, 1e-3f), ZO2_ERR_INVALID_ARGUMENT, "session", "NULL");
+
+  zo2_batch no_tokens = b;
+  no_tokens.tokens = nullptr;
+  EXPECT_ERROR(zo2_session_step(session_, &no_tokens, &r), ZO2_ERR_INVALID_ARGUMENT, "tokens", "NULL");
+  EXPECT_ERROR(zo2_session_eval(session_, &no_tokens, &loss), ZO2_ERR_INVALID_ARGUMENT, "tokens", "NULL");
+
+  zo2_plan_result plan;
+  EXPECT_ERROR(zo2_plan(nullptr, &p, &plan), ZO2_ERR_INVALID_ARGUMENT, "model", "NULL");
+  EXPECT_ERROR(zo2_plan(model_, nullptr, &plan), ZO2_ERR_INVALID_ARGUMENT, "params", "NULL");
+  EXPECT_ERROR(zo2_plan(model_, &p, nullptr), ZO2_ERR_INVALID_ARGUMENT, "out", "NULL");
+  EXPECT_ERROR(zo2_session_plan(nullptr, &plan), ZO2_ERR_INVALID_ARGUMENT, "session", "NULL");
+  EXPECT_ERROR(zo2_session_plan(session_, nullptr), ZO2_ERR_INVALID_ARGUMENT, "out", "NULL");
+
+  EXPECT_EQ(zo2_session_step_index(nullptr), -1);
+  EXPECT_NE(std::string(zo2_last_error()).find("NULL"), std::string::npos);
+  EXPECT_EQ(zo2_model_n_vocab(nullptr), 0);
+  EXPECT_NE(std::string(zo2_last_error()).find("model is NULL"), std::string::npos);
+  EXPECT_EQ(zo2_session_device_peak(nullptr), 0u);
+
+  // Free functions accept NULL.
+  zo2_session_free(nullptr);
+  zo2_model_free(nullptr);
+  // None of this touched the session.
+  EXPECT_EQ(zo2_session_step_index(session_), 0);
+}
+
+TEST_F(CApi, BatchShapesOutsideTheCapacityAreRefused) {
+  open(params());
+  zo2_step_result r;
+  float loss;
+  auto with = [&](int n_seq, int n_tokens) { return zo2_batch{n_seq, n_tokens, tokens_.data(), nullptr, nullptr}; };
+  zo2_batch b = with(0, kTokens);
+  EXPECT_ERROR(zo2_session_step(session_, &b, &r), ZO2_ERR_INVALID_ARGUMENT, "n_seq", "positive");
+  b = with(kSeqs, 0);
+  EXPECT_ERROR(zo2_session_step(session_, &b, &r), ZO2_ERR_INVALID_ARGUMENT, "n_tokens", "positive");
+  b = with(-3, kTokens);
+  EXPECT_ERROR(zo2_session_eval(session_, &b, &loss), ZO2_ERR_INVALID_ARGUMENT, "n_seq");
+  b = with(kSeqs + 1, kTokens);
+  EXPECT_ERROR(zo2_session_step(session_, &b, &r), ZO2_ERR_INVALID_ARGUMENT, "max_seqs", "capacity");
+  b = with(1, kTokens + 1);
+  EXPECT_ERROR(zo2_session_eval(session_, &b, &loss), ZO2_ERR_INVALID_ARGUMENT, "max_seq_len", "capacity");
+  // A smaller batch than the capacity is fine.
+  b = with(1, kTokens / 2);
+  EXPECT_EQ(zo2_session_eval(session_, &b, &loss), 0) << zo2_last_error();
+  EXPECT_EQ(zo2_session_step_index(session_), 0);
+}
+
+TEST_F(CApi, TokensMasksAndLabelsOutOfRangeAreRefusedAndChangeNothing) {
+  open(params());
+  zo2_step_result r;
+  float loss;
+  std::vector<int32_t> ids = tokens_;
+  zo2_batch b{kSeqs, kTokens, ids.data(), nullptr, nullptr};
+
+  ids[3] = kVocab;
+  EXPECT_ERROR(zo2_session_step(session_, &b, &r), ZO2_ERR_INVALID_ARGUMENT, "token id 512", "vocabulary");
+  ids[3] = -1;
+  EXPECT_ERROR(zo2_session_eval(session_, &b, &loss), ZO2_ERR_INVALID_ARGUMENT, "token id -1", "vocabulary");
+  ids[3] = 7;
+
+  std::vector<int32_t> labels = tokens_;
+  b.labels = labels.data();
+  labels[kTokens + 2] = kVocab + 10;
+  EXPECT_ERROR(zo2_session_step(session_, &b, &r), ZO2_ERR_INVALID_ARGUMENT, "label 522", "vocabulary");
+  labels[kTokens + 2] = -5;
+  EXPECT_ERROR(zo2_session_eval(session_, &b, &loss), ZO2_ERR_INVALID_ARGUMENT, "label -5");
+  labels[kTokens + 2] = -100;  // ignored: fine
+  EXPECT_EQ(zo2_session_eval(session_, &b, &loss), 0) << zo2_last_error();
+
+  std::vector<int32_t> mask(ids.size(), 1);
+  b.attention_mask = mask.data();
+  mask[4] = 2;
+  EXPECT_ERROR(zo2_session_step(session_, &b, &r), ZO2_ERR_INVALID_ARGUMENT, "mask");
+
+  // No step ran.
+  EXPECT_EQ(zo2_session_step_index(session_), 0);
+}
+
+TEST_F(CApi, BadPathsAreIoOrFormatErrors) {
+  zo2_model* m = reinterpret_cast<zo2_model*>(0x1);
+  const fs::path missing = *tmp_ / "no-such-model";
+  EXPECT_ERROR(zo2_model_load(missing.c_str(), nullptr, &m), ZO2_ERR_IO, "no-such-model");
+  EXPECT_EQ(m, nullptr);  // *out is cleared on error
+
+  // A directory without config.json.
+  const fs::path empty = *tmp_ / "empty-dir";
+  fs::create_directories(empty);
+  const int rc = zo2_model_load(empty.c_str(), nullptr, &m);
+  EXPECT_TRUE(rc == ZO2_ERR_IO || rc == ZO2_ERR_FORMAT) << rc;
+  EXPECT_NE(std::string(zo2_last_error()).find("config.json"), std::string::npos) << zo2_last_error();
+
+  // config.json present but no weights: check_weights refuses at load; without it, init does.
+  const fs::path no_weights = *tmp_ / "no-weights";
+  fs::create_directories(no_weights);
+  fs::copy_file(*model_dir_ / "config.json", no_weights / "config.json", fs::copy_options::overwrite_existing);
+  EXPECT_LT(zo2_model_load(no_weights.c_str(), nullptr, &m), 0);
+  EXPECT_NE(std::string(zo2_last_error()).find("no-weights"), std::string::npos) << zo2_last_error();
+  zo2_model_params mp = zo2_model_default_params();
+  EXPECT_EQ(mp.check_weights, 1);
+  mp.check_weights = 0;
+  ASSERT_EQ(zo2_model_load(no_weights.c_str(), &mp, &m), 0) << zo2_last_error();
+  zo2_session* s = reinterpret_cast<zo2_session*>(0x1);
+  const zo2_session_params p = params();
+  EXPECT_LT(zo2_session_init(m, &p, &s), 0);
+  EXPECT_EQ(s, nullptr);
+  EXPECT_NE(std::string(zo2_last_error()).find("zo2_session_init"), std::string::npos);
+  zo2_model_free(m);
+
+  // A truncated safetensors file is a format error.
+  const fs::path broken = *tmp_ / "broken";
+  fs::create_directories(broken);
+  fs::copy_file(*model_dir_ / "config.json", broken / "config.json", fs::copy_options::overwrite_existing);
+  {
+    std::ofstream f(broken / "model.safetensors", std::ios::binary);
+    f << "garbage";
+  }
+  EXPECT_ERROR(zo2_model_load(broken.c_str(), nullptr, &m), ZO2_ERR_FORMAT, "model.safetensors");
+
+  // Saving below a regular file cannot create the directory.
+  open(params());
+  const fs::path file = *tmp_ / "a-file";
+  { std::ofstream(file) << "x"; }
+  EXPECT_ERROR(zo2_session_save(session_, (file / "out").c_str()), ZO2_ERR_IO, "a-file");
+  EXPECT_ERROR(zo2_session_save(session_, ""), ZO2_ERR_INVALID_ARGUMENT, "out_dir", "empty");
+  // The session survives an I/O error.
+  float loss;
+  const zo2_batch b = batch();
+  EXPECT_EQ(zo2_session_eval(session_, &b, &loss), 0) << zo2_last_error();
+}
+
+TEST_F(CApi, UnknownStringsAndBadParamsAreRefusedBeforeAnythingIsOpened) {
+  zo2_session* s = nullptr;
+  auto init_with = [&](auto edit) {
+    zo2_session_params p = params();
+    edit(p);
+    const int rc = zo2_session_init(model_, &p, &s);
+    EXPECT_EQ(s, nullptr);
+    return rc;
+  };
+  EXPECT_ERROR(init_with([](auto& p) { p.device = "tpu:0"; }), ZO2_ERR_INVALID_ARGUMENT, "device", "tpu:0");
+  EXPECT_ERROR(init_with([](auto& p) { p.device = nullptr; }), ZO2_ERR_INVALID_ARGUMENT, "device", "NULL");
+  EXPECT_ERROR(init_with([](auto& p) { p.storage_dtype = "fp13"; }), ZO2_ERR_INVALID_ARGUMENT, "storage_dtype",
+               "fp13");
+  EXPECT_ERROR(init_with([](auto& p) { p.compute_dtype = "int4"; }), ZO2_ERR_INVALID_ARGUMENT, "compute_dtype",
+               "int4");
+  // A known dtype that cannot be used there.
+  EXPECT_ERROR(init_with([](auto& p) { p.compute_dtype = "fp8"; }), ZO2_ERR_UNSUPPORTED, "compute_dtype", "fp8");
+  EXPECT_ERROR(init_with([](auto& p) { p.save_dtype = "float12"; }), ZO2_ERR_INVALID_ARGUMENT, "save_dtype");
+  EXPECT_ERROR(init_with([](auto& p) { p.offload = 7; }), ZO2_ERR_INVALID_ARGUMENT, "offload", "7");
+  EXPECT_ERROR(init_with([](auto& p) { p.window = 0; }), ZO2_ERR_INVALID_ARGUMENT, "window");
+  EXPECT_ERROR(init_with([](auto& p) { p.max_seqs = 0; }), ZO2_ERR_INVALID_ARGUMENT, "max_seqs");
+  EXPECT_ERROR(init_with([](auto& p) { p.max_seq_len = -1; }), ZO2_ERR_INVALID_ARGUMENT, "max_seq_len");
+  EXPECT_ERROR(init_with([](auto& p) { p.max_seq_len = 100000; }), ZO2_ERR_INVALID_ARGUMENT, "max_seq_len",
+               "max_position_embeddings");
+  EXPECT_ERROR(init_with([](auto& p) { p.eps = 0; }), ZO2_ERR_INVALID_ARGUMENT, "eps");
+  EXPECT_ERROR(init_with([](auto& p) { p.lr = -1; }), ZO2_ERR_INVALID_ARGUMENT, "lr");
+  EXPECT_ERROR(init_with([](auto& p) { p.lr = NAN; }), ZO2_ERR_INVALID_ARGUMENT, "lr");
+  EXPECT_ERROR(init_with([](auto& p) { p.seed_log_path = ""; }), ZO2_ERR_INVALID_ARGUMENT, "seed_log_path");
+  EXPECT_ERROR(init_with([](auto& p) { p.first_step = -2; }), ZO2_ERR_INVALID_ARGUMENT, "first_step");
+  // CUDA in this (CPU-only) build, or a device index that does not exist.
+  EXPECT_LT(init_with([](auto& p) { p.device = "cuda:63"; }), 0);
+  EXPECT_FALSE(std::string(zo2_last_error()).empty());
+
+  open(params());
+  EXPECT_ERROR(zo2_session_set_lr(session_, -1e-3f), ZO2_ERR_INVALID_ARGUMENT, "lr");
+  EXPECT_ERROR(zo2_session_set_lr(session_, INFINITY), ZO2_ERR_INVALID_ARGUMENT, "lr");
+  EXPECT_EQ(zo2_session_set_lr(session_, 2e-4f), 0);
+}
+
+TEST_F(CApi, CapBelowThePlansMinimumIsOutOfMemoryAndPlanStillReportsTheMinimum) {
+  zo2_session_params p = params();
+  p.gpu_mem_bytes = 4096;
+  zo2_session* s = nullptr;
+  EXPECT_ERROR(zo2_session_init(model_, &p, &s), ZO2_ERR_OUT_OF_MEMORY, "minimum");
+  EXPECT_EQ(s, nullptr);
+
+  zo2_plan_result plan;
+  EXPECT_ERROR(zo2_plan(model_, &p, &plan), ZO2_ERR_OUT_OF_MEMORY, "minimum");
+  EXPECT_GT(plan.minimum_cap_bytes, 4096u);
+  EXPECT_EQ(plan.n_blocks, 2);
+
+  // At the minimum it plans (every block streamed), and a session opens under it.
+  p.gpu_mem_bytes = plan.minimum_cap_bytes;
+  p.offload = ZO2_OFFLOAD_ALL;
+  ASSERT_EQ(zo2_plan(model_, &p, &plan), 0) << zo2_last_error();
+  EXPECT_EQ(plan.n_streamed, 2);
+  EXPECT_EQ(plan.n_resident, 0);
+  EXPECT_LE(plan.device_bytes, plan.cap_bytes);
+  ASSERT_EQ(zo2_session_init(model_, &p, &session_), 0) << zo2_last_error();
+  zo2_plan_result actual;
+  ASSERT_EQ(zo2_session_plan(session_, &actual), 0);
+  EXPECT_EQ(actual.n_streamed, plan.n_streamed);
+  EXPECT_EQ(actual.device_bytes, plan.device_bytes);
+  const zo2_batch b = batch();
+  zo2_step_result r;
+  EXPECT_EQ(zo2_session_step(session_, &b, &r), 0) << zo2_last_error();
+  EXPECT_LE(zo2_session_device_peak(session_), p.gpu_mem_bytes);
+
+  // A CUDA plan needs the cap: zo2_plan opens no device.
+  p.device = "cuda";
+  p.gpu_mem_bytes = 0;
+  EXPECT_ERROR(zo2_plan(model_, &p, &plan), ZO2_ERR_INVALID_ARGUMENT, "gpu_mem_bytes");
+}
+
+TEST_F(CApi, TheLastErrorBelongsToTheThreadThatFailed) {
+  zo2_model* m = nullptr;
+  EXPECT_EQ(zo2_model_load(nullptr, nullptr, &m), ZO2_ERR_INVALID_ARGUMENT);
+  const std::string mine = zo2_last_error();
+  ASSERT_NE(mine.find("hf_dir"), std::string::npos);
+
+  std::string theirs_before, theirs_after;
+  std::thread t([&] {
+    theirs_before = zo2_last_error();
+    zo2_session_params p = zo2_session_default_params();
+    zo2_plan_result plan;
+    (void)zo2_plan(nullptr, &p, &plan);
+    theirs_after = zo2_last_error();
+  });
+  t.join();
+  EXPECT_EQ(theirs_before, "");  // a fresh thread has no error
+  EXPECT_NE(theirs_after.find("zo2_plan"), std::string::npos);
+  EXPECT_EQ(zo2_last_error(), mine);  // ours is untouched
+
+  // Success does not clear it.
+  open(params());
+  EXPECT_EQ(zo2_last_error(), mine);
+}
+
+struct AbortAfter {
+  int calls = 0;
+  int stop_at = 0;
+  std::vector<std::int64_t> steps;
+};
+
+int abort_after(int64_t step, const zo2_step_result* r, void* user_data) {
+  auto* a = static_cast<AbortAfter*>(user_data);
+  a->steps.push_back(step);
+  EXPECT_TRUE(std::isfinite(r->loss_plus));
+  return ++a->calls >= a->stop_at ? 1 : 0;
+}
+
+TEST_F(CApi, AProgressCallbackThatAsksToStopGivesAborted) {
+  AbortAfter a;
+  a.stop_at = 2;
+  zo2_session_params p = params();
+  p.progress_callback = abort_after;
+  p.progress_user_data = &a;
+  open(p);
+  const zo2_batch b = batch();
+  zo2_step_result r{};
+  EXPECT_EQ(zo2_session_step(session_, &b, &r), 0);
+  EXPECT_EQ(zo2_session_step(session_, &b, &r), ZO2_ABORTED);
+  EXPECT_NE(std::string(zo2_last_error()).find("progress callback"), std::string::npos);
+  EXPECT_GT(r.loss_plus, 0.0f);  // the aborted step completed and reported its losses
+  EXPECT_EQ(a.steps, (std::vector<std::int64_t>{0, 1}));
+  EXPECT_EQ(zo2_session_step_index(session_), 2);
+  // The session stays usable.
+  float loss;
+  EXPECT_EQ(zo2_session_eval(session_, &b, &loss), 0);
+  EXPECT_EQ(zo2_session_step(session_, &b, &r), ZO2_ABORTED);
+}
+
+TEST_F(CApi, TokenLogprobsAreMinusTheTokenLossesOfAnEval) {
+  zo2_session_params p = params();
+  open(p);
+  std::vector<int32_t> labels = tokens_;
+  labels[3] = -100;  // this label is the target of position 2
+  std::vector<int32_t> mask(tokens_.size(), 1);
+  mask[2 * kTokens - 1] = 0;  // right padding in the second sequence, without a label
+  labels[2 * kTokens - 1] = -100;
+  const zo2_batch b{kSeqs, kTokens, tokens_.data(), mask.data(), labels.data()};
+  // Take a step first, so the logprobs see the flushed update.
+  zo2_step_result r;
+  ASSERT_EQ(zo2_session_step(session_, &b, &r), 0) << zo2_last_error();
+  std::vector<float> lp(kSeqs * kTokens, 123.0f);
+  ASSERT_EQ(zo2_session_token_logprobs(session_, &b, lp.data()), 0) << zo2_last_error();
+  float loss = 0;
+  ASSERT_EQ(zo2_session_eval(session_, &b, &loss), 0);
+
+  // The same weights through the C++ API: one step with the same seed and lr.
+  SessionConfig sc;
+  sc.max_batch = kSeqs;
+  sc.max_seq = kTokens;
+  sc.threads = 2;
+  sc.run_seed = p.seed;
+  Session ref(*model_dir_, sc);
+  const HostBatch hb = make_batch(ref.config(), kSeqs, kTokens, tokens_, mask, labels);
+  ref.step(hb, p.lr, p.eps, p.weight_decay);
+  std::vector<float> token_loss(kSeqs * kTokens);
+  EvalOptions o;
+  o.token_loss = token_loss.data();
+  const float ref_loss = ref.eval(hb, o);
+  EXPECT_EQ(ref_loss, loss);
+
+  double sum = 0;
+  int counted = 0;
+  for (std::size_t i = 0; i < lp.size(); ++i) {
+    EXPECT_EQ(lp[i], 0.0f - token_loss[i]) << i;
+    EXPECT_LE(lp[i], 0.0f) << i;
+    sum -= lp[i];
+    counted += lp[i] != 0.0f;
+  }
+  // No target: the last position of each row, the position before the −100 label, and the
+  // position before the padded one. Everything else contributes to the mean loss.
+  EXPECT_EQ(lp[kTokens - 1], 0.0f);
+  EXPECT_EQ(lp[2], 0.0f);
+  EXPECT_EQ(lp[2 * kTokens - 2], 0.0f);
+  EXPECT_EQ(lp[2 * kTokens - 1], 0.0f);
+  EXPECT_EQ(counted, kSeqs * (kTokens - 1) - 2);
+  EXPECT_NEAR(sum / counted, loss, 1e-5 * loss);
+}
+
+TEST_F(CApi, LogMessagesGoToTheCallback) {
+  struct Sink {
+    std::vector<std::string> lines;
+  } sink;
+  zo2_log_set(
+      [](zo2_log_level level, const char* text, void* user_data) {
+        static_cast<Sink*>(user_data)->lines.push_back(std::to_string(level) + " " + text);
+      },
+      &sink);
+  zo2_log_set_level(ZO2_LOG_DEBUG);
+  open(params());
+  zo2_log_set_level(ZO2_LOG_INFO);
+  zo2_log_set(nullptr, nullptr);
+  bool seen = false;
+  for (const auto& l : sink.lines) seen |= l.rfind("0 scheduler:", 0) == 0;
+  EXPECT_TRUE(seen) << "no debug line from the scheduler among " << sink.lines.size();
+}
+
+TEST_F(CApi, DefaultParamsAreTheDocumentedDefaults) {
+  const zo2_session_params p = zo2_session_default_params();
+  EXPECT_FLOAT_EQ(p.lr, 1e-6f);
+  EXPECT_FLOAT_EQ(p.eps, 1e-3f);
+  EXPECT_EQ(p.weight_decay, 0.0f);
+  EXPECT_EQ(p.seed, 0u);
+  EXPECT_STREQ(p.device, "cpu");
+  EXPECT_EQ(p.gpu_mem_bytes, 0u);
+  EXPECT_EQ(p.offload, ZO2_OFFLOAD_AUTO);
+  EXPECT_EQ(p.window, 3);
+  EXPECT_STREQ(p.storage_dtype, "fp32");
+  EXPECT_STREQ(p.compute_dtype, "fp32");
+  EXPECT_EQ(p.max_seqs, 1);
+  EXPECT_EQ(p.max_seq_len, 0);
+  EXPECT_EQ(p.training, 1);
+  EXPECT_EQ(p.seed_log_path, nullptr);
+  EXPECT_STREQ(p.save_dtype, "fp32");
+  EXPECT_EQ(p.progress_callback, nullptr);
+}
+
+}  // namespace
+}  // namespace zo2

@@ -1,0 +1,666 @@
+// Tests of the model description: config.json parsing and refusals (models/config.h), the
+// presets and their parameter counts (models/presets.h), the block and globals image
+// layouts (models/layout.h), and host batch construction (models/batch.h).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <fstream>
+#include <map>
+#include <numbers>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "models/batch.h"
+#include "models/config.h"
+#include "models/layout.h"
+#include "models/presets.h"
+#include "models/safetensors.h"
+#include "runtime/dtype.h"
+#include "runtime/error.h"
+#include "tests/test_util.h"
+
+namespace zo2 {
+namespace {
+
+using json = nlohmann::json;
+
+template <class F>
+Error error_of(F&& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e;
+  }
+  ADD_FAILURE() << "expected a zo2::Error";
+  return Error(ErrorKind::internal, "<no error thrown>");
+}
+
+// Expects from_json(j) to be refused with `kind` and a message holding every piece.
+void expect_refused(const json& j, ErrorKind kind, std::vector<std::string> pieces) {
+  const Error e = error_of([&] { (void)ModelConfig::from_json(j, "some/dir/config.json"); });
+  EXPECT_EQ(e.kind(), kind) << e.what();
+  const std::string msg = e.what();
+  EXPECT_EQ(msg.rfind("some/dir/config.json", 0), 0u) << "the message names the file: " << msg;
+  for (const auto& p : pieces) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' in: " << msg;
+}
+
+json llama_json() {
+  return json{{"model_type", "llama"},      {"vocab_size", 512},          {"hidden_size", 64},
+              {"num_hidden_layers", 2},     {"num_attention_heads", 4},   {"num_key_value_heads", 2},
+              {"intermediate_size", 176},   {"max_position_embeddings", 64}, {"rms_norm_eps", 1e-6},
+              {"hidden_act", "silu"}};
+}
+
+json opt_json() {
+  return json{{"model_type", "opt"},        {"vocab_size", 512},       {"hidden_size", 64},
+              {"num_hidden_layers", 2},     {"num_attention_heads", 4}, {"ffn_dim", 256},
+              {"max_position_embeddings", 64}, {"activation_function", "relu"},
+              {"do_layer_norm_before", true}, {"word_embed_proj_dim", 64}};
+}
+
+// transformers' default rotary frequencies in double: 1 / theta^(2i/d).
+std::vector<double> default_inv_freq(double theta, std::int64_t dim) {
+  std::vector<double> f;
+  for (std::int64_t i = 0; i < dim; i += 2) f.push_back(1.0 / std::pow(theta, static_cast<double>(i) / dim));
+  return f;
+}
+
+// transformers' _compute_llama3_parameters, written independently in double.
+std::vector<double> llama3_inv_freq(double theta, std::int64_t dim, double factor, double low,
+                                    double high, double old_len, int* regimes) {
+  std::vector<double> out;
+  const double low_wavelen = old_len / low, high_wavelen = old_len / high;
+  for (double f : default_inv_freq(theta, dim)) {
+    const double wavelen = 2 * std::numbers::pi / f;
+    if (wavelen < high_wavelen) {
+      out.push_back(f);  // high frequency: unchanged
+      ++regimes[0];
+    } else if (wavelen > low_wavelen) {
+      out.push_back(f / factor);  // low frequency: scaled
+      ++regimes[2];
+    } else {
+      const double smooth = (old_len / wavelen - low) / (high - low);
+      out.push_back((1 - smooth) * f / factor + smooth * f);
+      ++regimes[1];
+    }
+  }
+  return out;
+}
+
+// ---- parsing ----
+
+TEST(ModelConfig, GoldenOptConfigParses) {
+  const ModelConfig c = ModelConfig::load(test::shared_dir() / "golden" / "opt-tiny");
+  EXPECT_EQ(c.family, ModelFamily::opt);
+  EXPECT_EQ(c.vocab_size, 512);
+  EXPECT_EQ(c.hidden_size, 64);
+  EXPECT_EQ(c.num_layers, 2);
+  EXPECT_EQ(c.num_heads, 4);
+  EXPECT_EQ(c.num_kv_heads, 4);
+  EXPECT_EQ(c.head_dim, 16);
+  EXPECT_EQ(c.ffn_dim, 256);
+  EXPECT_EQ(c.max_positions, 64);
+  EXPECT_EQ(c.position_rows(), 66);
+  EXPECT_TRUE(c.pre_layer_norm);
+  EXPECT_TRUE(c.final_layer_norm);
+  EXPECT_FALSE(c.has_projections());
+  EXPECT_TRUE(c.linear_bias);
+  EXPECT_TRUE(c.tie_word_embeddings);
+  EXPECT_EQ(c.rope.type, RopeType::none);
+  EXPECT_EQ(c.bos_token_id, 2);
+  EXPECT_EQ(c.eos_token_id, 2);
+  EXPECT_EQ(c.pad_token_id, 1);
+  EXPECT_EQ(c.torch_dtype, "float32");  // from transformers 5's "dtype"
+  EXPECT_TRUE(c.rope_inv_freq().empty());
+}
+
+TEST(ModelConfig, GoldenPostLnOptConfigParsesWithProjections) {
+  const ModelConfig c = ModelConfig::load(test::shared_dir() / "golden" / "opt-tiny-postln");
+  EXPECT_EQ(c.family, ModelFamily::opt);
+  EXPECT_FALSE(c.pre_layer_norm);
+  EXPECT_FALSE(c.final_layer_norm);
+  EXPECT_EQ(c.word_embed_proj_dim, 32);
+  EXPECT_TRUE(c.has_projections());
+  EXPECT_EQ(c.num_heads, 8);
+  EXPECT_EQ(c.head_dim, 8);
+  EXPECT_EQ(c.num_layers, 3);
+  EXPECT_EQ(c.ffn_dim, 128);
+}
+
+TEST(ModelConfig, GoldenLlamaConfigParsesWithThetaFromRopeParameters) {
+  const ModelConfig c = ModelConfig::load(test::shared_dir() / "golden" / "llama-tiny");
+  EXPECT_EQ(c.family, ModelFamily::llama);
+  EXPECT_EQ(c.num_heads, 4);
+  EXPECT_EQ(c.num_kv_heads, 2);
+  EXPECT_EQ(c.head_dim, 16);
+  EXPECT_EQ(c.q_dim(), 64);
+  EXPECT_EQ(c.kv_dim(), 32);
+  EXPECT_EQ(c.ffn_dim, 176);
+  EXPECT_EQ(c.norm_eps, 1e-6f);
+  EXPECT_FALSE(c.tie_word_embeddings);
+  EXPECT_FALSE(c.attention_bias);
+  EXPECT_FALSE(c.mlp_bias);
+  EXPECT_EQ(c.rope.type, RopeType::default_);
+  EXPECT_EQ(c.rope.theta, 10000.0);
+  EXPECT_EQ(c.pad_token_id, 1);
+}
+
+TEST(ModelConfig, RopeThetaComesFromTopLevelRopeParametersOrRopeScaling) {
+  json top = llama_json();
+  top["rope_theta"] = 500000.0;
+  EXPECT_EQ(ModelConfig::from_json(top).rope.theta, 500000.0);
+  EXPECT_EQ(ModelConfig::from_json(top).rope.type, RopeType::default_);
+
+  json params = llama_json();
+  params["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 250000.0}};
+  EXPECT_EQ(ModelConfig::from_json(params).rope.theta, 250000.0);
+
+  json scaling = llama_json();
+  scaling["rope_theta"] = 123456.0;
+  scaling["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 4.0}};
+  const ModelConfig c = ModelConfig::from_json(scaling);
+  EXPECT_EQ(c.rope.theta, 123456.0);
+  EXPECT_EQ(c.rope.type, RopeType::linear);
+  EXPECT_EQ(c.rope.factor, 4.0);
+
+  json none = llama_json();  // no theta anywhere: transformers' default 10000
+  EXPECT_EQ(ModelConfig::from_json(none).rope.theta, 10000.0);
+}
+
+TEST(ModelConfig, RopeTypesDefaultLinearAndLlama3ParseWithTheirFields) {
+  json lin = llama_json();
+  lin["rope_scaling"] = {{"type", "linear"}, {"factor", 2.5}};  // the older spelling of rope_type
+  const ModelConfig l = ModelConfig::from_json(lin);
+  EXPECT_EQ(l.rope.type, RopeType::linear);
+  EXPECT_EQ(l.rope.factor, 2.5);
+
+  json l3 = llama_json();
+  l3["rope_parameters"] = {{"rope_type", "llama3"},       {"rope_theta", 500000.0},
+                           {"factor", 32.0},              {"low_freq_factor", 2.0},
+                           {"high_freq_factor", 8.0},     {"original_max_position_embeddings", 4096}};
+  const ModelConfig c = ModelConfig::from_json(l3);
+  EXPECT_EQ(c.rope.type, RopeType::llama3);
+  EXPECT_EQ(c.rope.theta, 500000.0);
+  EXPECT_EQ(c.rope.factor, 32.0);
+  EXPECT_EQ(c.rope.low_freq_factor, 2.0);
+  EXPECT_EQ(c.rope.high_freq_factor, 8.0);
+  EXPECT_EQ(c.rope.original_max_positions, 4096);
+
+  json def = llama_json();
+  def["rope_scaling"] = {{"rope_type", "default"}};
+  EXPECT_EQ(ModelConfig::from_json(def).rope.type, RopeType::default_);
+}
+
+TEST(ModelConfig, Llama31StyleConfigWithEosListParses) {
+  const json j = json::parse(R"({
+    "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+    "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0", "use_cache": true, "vocab_size": 128256})");
+  const ModelConfig c = ModelConfig::from_json(j);
+  EXPECT_EQ(c.family, ModelFamily::llama);
+  EXPECT_EQ(c.eos_token_id, 128001);
+  EXPECT_EQ(c.bos_token_id, 128000);
+  EXPECT_FALSE(c.pad_token_id.has_value());
+  EXPECT_EQ(c.rope.type, RopeType::llama3);
+  EXPECT_EQ(c.rope.theta, 500000.0);
+  EXPECT_EQ(c.rope.factor, 8.0);
+  EXPECT_EQ(c.rope.low_freq_factor, 1.0);
+  EXPECT_EQ(c.rope.high_freq_factor, 4.0);
+  EXPECT_EQ(c.rope.original_max_positions, 8192);
+  EXPECT_EQ(c.head_dim, 128);
+  EXPECT_EQ(c.num_kv_heads, 8);
+  EXPECT_EQ(c.max_positions, 131072);
+  EXPECT_EQ(c.torch_dtype, "bfloat16");
+  EXPECT_EQ(c.total_params(), 8'030'261'248);
+  EXPECT_EQ(c.total_params(), find_preset("llama3.1-8b").config.total_params());
+}
+
+TEST(ModelConfig, Llama3RopeInverseFrequenciesMatchTransformersComputation) {
+  struct Case {
+    double theta, factor, low, high;
+    std::int64_t old_len, head_dim;
+  } cases[] = {{500000.0, 8.0, 1.0, 4.0, 8192, 128}, {500000.0, 32.0, 1.0, 4.0, 8192, 64},
+               {10000.0, 4.0, 2.0, 8.0, 2048, 96}};
+  for (const Case& k : cases) {
+    json j = llama_json();
+    j["hidden_size"] = k.head_dim * 4;
+    j["head_dim"] = k.head_dim;
+    j["rope_theta"] = k.theta;
+    j["rope_scaling"] = {{"rope_type", "llama3"},   {"factor", k.factor},
+                         {"low_freq_factor", k.low}, {"high_freq_factor", k.high},
+                         {"original_max_position_embeddings", k.old_len}};
+    const ModelConfig c = ModelConfig::from_json(j);
+    const std::vector<float> got = c.rope_inv_freq();
+    int regimes[3] = {0, 0, 0};
+    const std::vector<double> want = llama3_inv_freq(k.theta, k.head_dim, k.factor, k.low, k.high,
+                                                     static_cast<double>(k.old_len), regimes);
+    ASSERT_EQ(got.size(), want.size());
+    for (int r = 0; r < 3; ++r) EXPECT_GT(regimes[r], 0) << "case theta " << k.theta << " regime " << r;
+    for (std::size_t i = 0; i < want.size(); ++i)
+      EXPECT_NEAR(got[i], want[i], 1e-6 * want[i]) << "theta " << k.theta << " i " << i;
+  }
+}
+
+TEST(ModelConfig, DefaultRopeFrequenciesAreInversePowersAndLinearDividesByTheFactor) {
+  json def = llama_json();
+  def["rope_theta"] = 10000.0;
+  const std::vector<float> d = ModelConfig::from_json(def).rope_inv_freq();
+  const std::vector<double> want = default_inv_freq(10000.0, 16);
+  ASSERT_EQ(d.size(), 8u);
+  for (std::size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(d[i], want[i], 1e-6 * want[i]) << i;
+
+  json lin = def;
+  lin["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 3.0}};
+  const std::vector<float> l = ModelConfig::from_json(lin).rope_inv_freq();
+  ASSERT_EQ(l.size(), d.size());
+  for (std::size_t i = 0; i < d.size(); ++i) EXPECT_FLOAT_EQ(l[i], d[i] / 3.0f) << i;
+}
+
+// ---- refusals ----
+
+TEST(ModelConfig, RefusalsNameTheFieldAndItsValue) {
+  {
+    json j = opt_json();
+    j["model_type"] = "gpt2";
+    expect_refused(j, ErrorKind::unsupported, {"model_type", "gpt2"});
+  }
+  {
+    json j = llama_json();
+    j.erase("hidden_size");
+    expect_refused(j, ErrorKind::format, {"hidden_size", "missing"});
+  }
+  {
+    json j = opt_json();
+    j.erase("hidden_size");
+    expect_refused(j, ErrorKind::format, {"hidden_size", "missing"});
+  }
+  {
+    json j = llama_json();
+    j["hidden_act"] = "gelu";
+    expect_refused(j, ErrorKind::unsupported, {"hidden_act", "gelu"});
+  }
+  {
+    json j = opt_json();
+    j["activation_function"] = "gelu";
+    expect_refused(j, ErrorKind::unsupported, {"activation_function", "gelu"});
+  }
+  {
+    json j = llama_json();
+    j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+    expect_refused(j, ErrorKind::unsupported, {"rope_type", "yarn"});
+  }
+  {
+    json j = llama_json();
+    j["hidden_size"] = 96;
+    j["num_attention_heads"] = 6;
+    j["num_key_value_heads"] = 4;
+    expect_refused(j, ErrorKind::format, {"num_attention_heads (6)", "num_key_value_heads (4)"});
+  }
+  {
+    json j = opt_json();
+    j["hidden_size"] = 100;
+    j["word_embed_proj_dim"] = 100;
+    j["num_attention_heads"] = 3;
+    expect_refused(j, ErrorKind::format, {"hidden_size (100)", "num_attention_heads (3)"});
+  }
+  {
+    json j = llama_json();
+    j["hidden_size"] = "64";
+    expect_refused(j, ErrorKind::format, {"hidden_size", "\"64\"", "integer"});
+  }
+  {
+    json j = opt_json();
+    j["num_hidden_layers"] = 2.5;
+    expect_refused(j, ErrorKind::format, {"num_hidden_layers", "2.5"});
+  }
+  {
+    json j = opt_json();
+    j["layer_norm_elementwise_affine"] = false;
+    expect_refused(j, ErrorKind::unsupported, {"layer_norm_elementwise_affine", "false"});
+  }
+  {
+    json j = llama_json();
+    j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}, {"high_freq_factor", 4.0},
+                         {"original_max_position_embeddings", 8192}};
+    expect_refused(j, ErrorKind::format, {"rope_scaling.low_freq_factor"});
+  }
+  {
+    json j = llama_json();
+    j["rope_scaling"] = {{"rope_type", "linear"}};
+    expect_refused(j, ErrorKind::format, {"rope_scaling.factor"});
+  }
+  {
+    json j = llama_json();
+    j["vocab_size"] = 0;
+    expect_refused(j, ErrorKind::format, {"vocab_size", "0"});
+  }
+  {
+    json j = llama_json();
+    j.erase("model_type");
+    expect_refused(j, ErrorKind::format, {"model_type"});
+  }
+}
+
+TEST(ModelConfig, ConfigJsonThatIsNotJsonIsAFormatErrorNamingThePath) {
+  test::TempDir dir;
+  {
+    std::ofstream out(dir / "config.json");
+    out << "{\"model_type\": \"opt\", this is not json";
+  }
+  const Error e = error_of([&] { (void)ModelConfig::load(dir.path()); });
+  EXPECT_EQ(e.kind(), ErrorKind::format);
+  EXPECT_NE(std::string(e.what()).find((dir / "config.json").string()), std::string::npos) << e.what();
+
+  const Error missing = error_of([&] { (void)ModelConfig::load(dir / "nowhere"); });
+  EXPECT_EQ(missing.kind(), ErrorKind::io);
+  EXPECT_NE(std::string(missing.what()).find("nowhere"), std::string::npos) << missing.what();
+}
+
+// ---- presets and round trips ----
+
+void expect_same_config(const ModelConfig& a, const ModelConfig& b, const std::string& what) {
+  SCOPED_TRACE(what);
+  EXPECT_EQ(a.family, b.family);
+  EXPECT_EQ(a.vocab_size, b.vocab_size);
+  EXPECT_EQ(a.hidden_size, b.hidden_size);
+  EXPECT_EQ(a.num_layers, b.num_layers);
+  EXPECT_EQ(a.num_heads, b.num_heads);
+  EXPECT_EQ(a.num_kv_heads, b.num_kv_heads);
+  EXPECT_EQ(a.head_dim, b.head_dim);
+  EXPECT_EQ(a.ffn_dim, b.ffn_dim);
+  EXPECT_EQ(a.max_positions, b.max_positions);
+  EXPECT_EQ(a.tie_word_embeddings, b.tie_word_embeddings);
+  EXPECT_EQ(a.norm_eps, b.norm_eps);
+  EXPECT_EQ(a.pre_layer_norm, b.pre_layer_norm);
+  EXPECT_EQ(a.final_layer_norm, b.final_layer_norm);
+  EXPECT_EQ(a.word_embed_proj_dim, b.word_embed_proj_dim);
+  EXPECT_EQ(a.linear_bias, b.linear_bias);
+  EXPECT_EQ(a.attention_bias, b.attention_bias);
+  EXPECT_EQ(a.mlp_bias, b.mlp_bias);
+  EXPECT_EQ(a.rope.type, b.rope.type);
+  EXPECT_EQ(a.rope.theta, b.rope.theta);
+  if (a.rope.type == RopeType::linear || a.rope.type == RopeType::llama3) {
+    EXPECT_EQ(a.rope.factor, b.rope.factor);
+  }
+  if (a.rope.type == RopeType::llama3) {
+    EXPECT_EQ(a.rope.low_freq_factor, b.rope.low_freq_factor);
+    EXPECT_EQ(a.rope.high_freq_factor, b.rope.high_freq_factor);
+    EXPECT_EQ(a.rope.original_max_positions, b.rope.original_max_positions);
+  }
+  EXPECT_EQ(a.bos_token_id, b.bos_token_id);
+  EXPECT_EQ(a.eos_token_id, b.eos_token_id);
+  EXPECT_EQ(a.pad_token_id, b.pad_token_id);
+  EXPECT_EQ(a.torch_dtype, b.torch_dtype);
+  EXPECT_EQ(a.total_params(), b.total_params());
+}
+
+TEST(Presets, EveryPresetValidatesAndRoundTripsThroughConfigJsonText) {
+  ASSERT_GE(presets().size(), 15u);
+  for (const Preset& p : presets()) {
+    EXPECT_NO_THROW(p.config.validate("preset " + p.name)) << p.name;
+    const ModelConfig direct = ModelConfig::from_json(p.config.to_json(), p.name);
+    expect_same_config(p.config, direct, p.name + " (json)");
+    // Through text, as `init` writes it and transformers or zo2 read it back.
+    const ModelConfig text = ModelConfig::from_json(json::parse(p.config.to_json().dump(2)), p.name);
+    expect_same_config(p.config, text, p.name + " (text)");
+    EXPECT_EQ(&find_preset(p.name), &p);
+  }
+}
+
+TEST(Presets, GoldenConfigsRoundTripKeepingTheirOtherFields) {
+  for (const char* name : {"opt-tiny", "opt-tiny-postln", "llama-tiny"}) {
+    const ModelConfig c = ModelConfig::load(test::shared_dir() / "golden" / name);
+    const json j = c.to_json();
+    expect_same_config(c, ModelConfig::from_json(j), name);
+    EXPECT_EQ(j.at("transformers_version"), "5.17.0") << name;
+    EXPECT_EQ(j.at("use_cache"), true) << name;
+    if (c.family == ModelFamily::llama) {
+      // The source used rope_parameters: so does the output (with the theta inside).
+      EXPECT_TRUE(j.contains("rope_parameters")) << j.dump();
+      EXPECT_EQ(j.at("rope_parameters").at("rope_theta"), 10000.0);
+    }
+  }
+}
+
+TEST(Presets, UnknownPresetNameIsInvalidArgumentListingTheKnownNames) {
+  const Error e = error_of([] { (void)find_preset("opt-7b"); });
+  EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
+  EXPECT_NE(std::string(e.what()).find("opt-7b"), std::string::npos);
+  EXPECT_NE(std::string(e.what()).find("opt-6.7b"), std::string::npos) << e.what();
+}
+
+TEST(Presets, ParameterCountsMatchTransformers) {
+  // As transformers' num_parameters() reports them (tied head counted once).
+  EXPECT_EQ(find_preset("opt-125m").config.total_params(), 125'239'296);
+  EXPECT_EQ(find_preset("opt-1.3b").config.total_params(), 1'315'758'080);
+  EXPECT_EQ(find_preset("llama2-7b").config.total_params(), 6'738'415'616);
+  EXPECT_EQ(find_preset("llama3-8b").config.total_params(), 8'030'261'248);
+}
+
+// ---- layouts ----
+
+struct Interval {
+  std::size_t begin, end;
+  std::string what;
+};
+
+void check_layout(const ImageLayout& l, DType storage, const std::string& what) {
+  SCOPED_TRACE(what);
+  std::vector<Interval> spans;
+  EXPECT_EQ(l.bytes() % 256, 0u);
+  for (const TensorSlot& t : l.tensors()) {
+    EXPECT_EQ(t.offset % 256, 0u) << t.name;
+    EXPECT_EQ(t.bytes, static_cast<std::size_t>(t.numel()) * dtype_size(t.dtype)) << t.name;
+    EXPECT_EQ(t.numel(), t.ndim == 1 ? t.cols : t.rows * t.cols) << t.name;
+    const DType want = storage == DType::f8_e4m3 && t.ndim == 1 ? DType::bf16 : storage;
+    EXPECT_EQ(t.dtype, want) << t.name;
+    spans.push_back({t.offset, t.offset + t.bytes, t.name});
+    if (t.has_scales()) {
+      EXPECT_EQ(t.scale_offset % 256, 0u) << t.name;
+      EXPECT_GE(t.scale_offset, t.offset + t.bytes) << t.name << ": scales come after the data";
+      spans.push_back({t.scale_offset, t.scale_offset + static_cast<std::size_t>(t.rows) * 4,
+                       t.name + " scales"});
+    }
+    EXPECT_EQ(l.find(t.name), &t);
+    EXPECT_EQ(l.find(t.role), &t);
+  }
+  std::sort(spans.begin(), spans.end(), [](const Interval& a, const Interval& b) { return a.begin < b.begin; });
+  for (std::size_t i = 0; i < spans.size(); ++i) {
+    EXPECT_LE(spans[i].end, l.bytes()) << spans[i].what;
+    if (i + 1 < spans.size()) {
+      EXPECT_LE(spans[i].end, spans[i + 1].begin) << spans[i].what << " overlaps " << spans[i + 1].what;
+    }
+  }
+}
+
+TEST(Layout, TensorsAreAlignedDisjointAndSizedForEveryStorageDtype) {
+  for (const char* name : {"opt-tiny", "opt-tiny-postln", "llama-tiny", "opt-125m", "llama3-8b", "llama2-70b"}) {
+    const ModelConfig& c = find_preset(name).config;
+    for (DType dt : {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3}) {
+      const std::string tag = std::string(name) + " " + std::string(dtype_name(dt));
+      check_layout(block_layout(c, 0, dt), dt, tag + " block 0");
+      check_layout(block_layout(c, c.num_layers - 1, dt), dt, tag + " last block");
+      check_layout(globals_layout(c, dt), dt, tag + " globals");
+      // Every block has the same layout up to the layer number in the names.
+      const ImageLayout b0 = block_layout(c, 0, dt), b1 = block_layout(c, 1, dt);
+      ASSERT_EQ(b0.tensors().size(), b1.tensors().size());
+      EXPECT_EQ(b0.bytes(), b1.bytes());
+      for (std::size_t i = 0; i < b0.tensors().size(); ++i) EXPECT_EQ(b0.tensors()[i].offset, b1.tensors()[i].offset);
+      EXPECT_EQ(globals_layout(c, dt).params() + c.num_layers * b0.params(), c.total_params()) << tag;
+    }
+  }
+}
+
+TEST(Layout, Fp8TensorsCarryOneFp32ScalePerRowAndVectorsStayBf16) {
+  const ModelConfig& c = find_preset("opt-tiny").config;
+  const ImageLayout l = block_layout(c, 0, DType::f8_e4m3);
+  const TensorSlot& fc1 = l.at(Role::fc1_w);
+  EXPECT_EQ(fc1.dtype, DType::f8_e4m3);
+  EXPECT_EQ(fc1.rows, 256);
+  EXPECT_EQ(fc1.bytes, 256u * 64u);
+  EXPECT_EQ(fc1.scale_offset, fc1.offset + 256 * 64);  // 16384 is already aligned
+  const TensorSlot& bias = l.at(Role::fc1_b);
+  EXPECT_EQ(bias.dtype, DType::bf16);
+  EXPECT_FALSE(bias.has_scales());
+  EXPECT_EQ(bias.bytes, 256u * 2);
+  EXPECT_EQ(slot_dtype(DType::f8_e4m3, 1), DType::bf16);
+  EXPECT_EQ(slot_dtype(DType::f8_e4m3, 2), DType::f8_e4m3);
+  EXPECT_EQ(slot_dtype(DType::f16, 1), DType::f16);
+}
+
+// Names and shapes of a model's tensors from its layouts, globals first.
+std::vector<NamedShape> layout_tensors(const ModelConfig& c) {
+  std::vector<NamedShape> out;
+  const ImageLayout globals = globals_layout(c, DType::bf16);
+  for (const auto& t : globals.tensors()) out.push_back({t.name, t.shape()});
+  for (std::int64_t i = 0; i < c.num_layers; ++i) {
+    const ImageLayout block = block_layout(c, i, DType::bf16);
+    for (const auto& t : block.tensors()) {
+      EXPECT_EQ(t.name.rfind(block_prefix(c, i), 0), 0u) << t.name;
+      out.push_back({t.name, t.shape()});
+    }
+  }
+  return out;
+}
+
+TEST(Layout, NamesAndShapesMatchCheckpointTensorsAndTheGoldenCheckpoints) {
+  for (const char* name : {"opt-tiny", "opt-tiny-postln", "llama-tiny"}) {
+    const ModelConfig c = ModelConfig::load(test::shared_dir() / "golden" / name);
+    const std::vector<NamedShape> ck = checkpoint_tensors(c), lay = layout_tensors(c);
+    ASSERT_EQ(ck.size(), lay.size()) << name;
+    std::set<std::string> unique;
+    for (std::size_t i = 0; i < ck.size(); ++i) {
+      EXPECT_EQ(ck[i].name, lay[i].name) << name;
+      EXPECT_EQ(ck[i].shape, lay[i].shape) << ck[i].name;
+      EXPECT_TRUE(unique.insert(ck[i].name).second) << "duplicate " << ck[i].name;
+    }
+    // transformers wrote these checkpoints: the same names with the same shapes.
+    const SafetensorsFile f = SafetensorsFile::open(test::shared_dir() / "golden" / name / "model.safetensors");
+    std::map<std::string, std::vector<std::int64_t>> hf, ours;
+    for (const auto& t : f.tensors()) hf[t.name] = t.shape;
+    for (const auto& t : ck) ours[t.name] = t.shape;
+    EXPECT_EQ(ours, hf) << name;
+  }
+}
+
+TEST(Layout, TiedHeadHasNoLmHeadAndUntiedHeadHasOne) {
+  const ImageLayout tied = globals_layout(find_preset("opt-tiny").config, DType::f32);
+  EXPECT_EQ(tied.find(Role::lm_head), nullptr);
+  EXPECT_EQ(tied.find("lm_head.weight"), nullptr);
+  const ImageLayout tied_llama = globals_layout(find_preset("llama3.2-1b").config, DType::f32);
+  EXPECT_EQ(tied_llama.find(Role::lm_head), nullptr);
+  const ModelConfig& u = find_preset("llama-tiny").config;
+  const ImageLayout untied = globals_layout(u, DType::f32);
+  ASSERT_NE(untied.find(Role::lm_head), nullptr);
+  EXPECT_EQ(untied.at(Role::lm_head).name, "lm_head.weight");
+  EXPECT_EQ(untied.at(Role::lm_head).shape(), (std::vector<std::int64_t>{512, 64}));
+  // The untied head is counted; the tied one is not counted twice.
+  ModelConfig tied_copy = u;
+  tied_copy.tie_word_embeddings = true;
+  EXPECT_EQ(u.total_params() - tied_copy.total_params(), 512 * 64);
+}
+
+TEST(Layout, OptProjectionsAppearOnlyWhenTheWordEmbeddingIsNarrower) {
+  const ModelConfig& post = find_preset("opt-tiny-postln").config;
+  const ImageLayout g = globals_layout(post, DType::f32);
+  ASSERT_NE(g.find(Role::project_in), nullptr);
+  ASSERT_NE(g.find(Role::project_out), nullptr);
+  EXPECT_EQ(g.at(Role::project_in).name, "model.decoder.project_in.weight");
+  EXPECT_EQ(g.at(Role::project_in).shape(), (std::vector<std::int64_t>{64, 32}));
+  EXPECT_EQ(g.at(Role::project_out).shape(), (std::vector<std::int64_t>{32, 64}));
+  EXPECT_EQ(g.at(Role::embed_tokens).shape(), (std::vector<std::int64_t>{512, 32}));
+  EXPECT_EQ(g.at(Role::embed_positions).shape(), (std::vector<std::int64_t>{66, 64}));
+  EXPECT_EQ(g.find(Role::final_norm_w), nullptr) << "post-LN OPT has no final LayerNorm";
+  const ImageLayout pre = globals_layout(find_preset("opt-tiny").config, DType::f32);
+  EXPECT_EQ(pre.find(Role::project_in), nullptr);
+  EXPECT_EQ(pre.find(Role::project_out), nullptr);
+  EXPECT_NE(pre.find(Role::final_norm_w), nullptr);
+}
+
+// ---- batches ----
+
+const ModelConfig& opt_tiny() { return find_preset("opt-tiny").config; }
+const ModelConfig& llama_tiny() { return find_preset("llama-tiny").config; }
+
+TEST(MakeBatch, OptPositionsFollowTheMaskCumulativeSumWithOffsetTwo) {
+  // Row 0 right-padded, row 1 left-padded, row 2 unpadded.
+  const std::vector<std::int32_t> ids = {5, 6, 7, 1, 1, /**/ 1, 1, 7, 8, 9, /**/ 10, 11, 12, 13, 14};
+  const std::vector<std::int32_t> mask = {1, 1, 1, 0, 0, /**/ 0, 0, 1, 1, 1, /**/ 1, 1, 1, 1, 1};
+  const HostBatch b = make_batch(opt_tiny(), 3, 5, ids, mask);
+  // transformers: (cumsum(mask) * mask − 1) + 2.
+  EXPECT_EQ(b.positions, (std::vector<std::int32_t>{2, 3, 4, 1, 1, /**/ 1, 1, 2, 3, 4, /**/ 2, 3, 4, 5, 6}));
+  EXPECT_EQ(b.key_mask, mask);
+  EXPECT_EQ(b.ids, ids);
+  EXPECT_EQ(b.tokens(), 15);
+}
+
+TEST(MakeBatch, LlamaPositionsAreZeroToTMinusOneWhateverTheMask) {
+  const std::vector<std::int32_t> ids = {5, 6, 7, 1, /**/ 1, 7, 8, 9};
+  const std::vector<std::int32_t> mask = {1, 1, 1, 0, /**/ 0, 1, 1, 1};
+  const HostBatch b = make_batch(llama_tiny(), 2, 4, ids, mask);
+  EXPECT_EQ(b.positions, (std::vector<std::int32_t>{0, 1, 2, 3, 0, 1, 2, 3}));
+}
+
+TEST(MakeBatch, TargetsAreTheNextTokenWhereTheNextMaskIsOneElseIgnored) {
+  const std::vector<std::int32_t> ids = {5, 6, 7, 1, 1, /**/ 1, 1, 7, 8, 9};
+  const std::vector<std::int32_t> mask = {1, 1, 1, 0, 0, /**/ 0, 0, 1, 1, 1};
+  const HostBatch b = make_batch(opt_tiny(), 2, 5, ids, mask);
+  EXPECT_EQ(b.targets, (std::vector<std::int32_t>{6, 7, -100, -100, -100, /**/ -100, 7, 8, 9, -100}));
+  EXPECT_EQ(b.target_count(), 5);
+  // No mask: every next token is a target, the last position never is.
+  const HostBatch all = make_batch(llama_tiny(), 1, 4, std::vector<std::int32_t>{3, 4, 5, 6});
+  EXPECT_EQ(all.targets, (std::vector<std::int32_t>{4, 5, 6, -100}));
+  EXPECT_EQ(all.key_mask, (std::vector<std::int32_t>{1, 1, 1, 1}));
+}
+
+TEST(MakeBatch, LabelsAreShiftedByOneAndMinus100IsKept) {
+  const std::vector<std::int32_t> ids = {5, 6, 7, 8, 9};
+  const std::vector<std::int32_t> labels = {-100, -100, 70, 80, -100};
+  const HostBatch b = make_batch(llama_tiny(), 1, 5, ids, {}, labels);
+  EXPECT_EQ(b.targets, (std::vector<std::int32_t>{-100, 70, 80, -100, -100}));
+  EXPECT_EQ(b.target_count(), 2);
+}
+
+TEST(MakeBatch, BadInputsAreInvalidArgumentNamingSequenceAndPosition) {
+  const ModelConfig& c = opt_tiny();  // V = 512, 64 positions
+  auto expect_bad = [](auto fn, std::vector<std::string> pieces) {
+    const Error e = error_of(fn);
+    EXPECT_EQ(e.kind(), ErrorKind::invalid_argument) << e.what();
+    for (const auto& p : pieces)
+      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "'" << p << "' in: " << e.what();
+  };
+  std::vector<std::int32_t> ids(8, 3);
+  ids[6] = 512;  // row 1, position 2
+  expect_bad([&] { (void)make_batch(c, 2, 4, ids); }, {"512", "sequence 1, position 2"});
+  ids[6] = -1;
+  expect_bad([&] { (void)make_batch(c, 2, 4, ids); }, {"-1", "sequence 1, position 2"});
+  ids[6] = 3;
+  std::vector<std::int32_t> mask(8, 1);
+  mask[3] = 2;
+  expect_bad([&] { (void)make_batch(c, 2, 4, ids, mask); }, {"mask value 2", "sequence 0, position 3"});
+  std::vector<std::int32_t> labels(8, -100);
+  labels[5] = 600;
+  expect_bad([&] { (void)make_batch(c, 2, 4, ids, {}, labels); }, {"label 600", "sequence 1, position 1"});
+  labels[5] = -5;
+  expect_bad([&] { (void)make_batch(c, 2, 4, ids, {}, labels); }, {"label -5", "sequence 1, position 1"});
+  const std::vector<std::int32_t> long_ids(65, 3);
+  expect_bad([&] { (void)make_batch(c, 1, 65, long_ids); }, {"65", "64"});
+  EXPECT_NO_THROW((void)make_batch(c, 1, 64, std::vector<std::int32_t>(64, 3)));
+  expect_bad([&] { (void)make_batch(c, 2, 4, std::vector<std::int32_t>(7, 3)); }, {"7"});
+}
+
+}  // namespace
+}  // namespace zo2

@@ -1,0 +1,297 @@
+// Tests of the seed log (zo/seed_log.h): exact round trips of every field, skipped updates,
+// resuming, and the errors a malformed log gives; and of the learning-rate schedules
+// (zo/schedule.h) against transformers' get_constant_schedule_with_warmup,
+// get_linear_schedule_with_warmup and get_cosine_schedule_with_warmup (num_cycles 0.5),
+// where the learning rate of optimizer step t (0-based) is base_lr · lr_lambda(t).
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <fstream>
+#include <limits>
+#include <numbers>
+#include <string>
+#include <vector>
+
+#include "runtime/error.h"
+#include "tests/test_util.h"
+#include "zo/schedule.h"
+#include "zo/seed_log.h"
+
+namespace zo2 {
+namespace {
+
+using u32 = std::uint32_t;
+using u64 = std::uint64_t;
+
+template <class F>
+Error error_of(F&& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e;
+  }
+  ADD_FAILURE() << "expected a zo2::Error";
+  return Error(ErrorKind::internal, "<no error thrown>");
+}
+
+u32 bits(float f) { return std::bit_cast<u32>(f); }
+
+SeedLogEntry entry(std::int64_t step, u64 seed, float g, float lr = 1e-6f, float eps = 1e-3f,
+                   float wd = 0.0f, double g_double = 0.0) {
+  SeedLogEntry e;
+  e.step = step;
+  e.seed = seed;
+  e.g = g;
+  e.lr = lr;
+  e.eps = eps;
+  e.wd = wd;
+  e.g_double = g_double;
+  return e;
+}
+
+void expect_same_entry(const SeedLogEntry& a, const SeedLogEntry& b) {
+  EXPECT_EQ(a.step, b.step);
+  EXPECT_EQ(a.seed, b.seed) << "step " << a.step;
+  EXPECT_EQ(bits(a.g), bits(b.g)) << "g at step " << a.step << ": " << a.g << " vs " << b.g;
+  EXPECT_EQ(bits(a.lr), bits(b.lr)) << "lr at step " << a.step;
+  EXPECT_EQ(bits(a.eps), bits(b.eps)) << "eps at step " << a.step;
+  EXPECT_EQ(bits(a.wd), bits(b.wd)) << "wd at step " << a.step;
+  EXPECT_EQ(std::bit_cast<u64>(a.g_double), std::bit_cast<u64>(b.g_double)) << "g_double at step " << a.step;
+}
+
+void write_file(const std::filesystem::path& p, const std::string& text) {
+  std::ofstream out(p, std::ios::binary);
+  out << text;
+}
+
+TEST(SeedLog, WriteReadRoundTripKeepsEveryFieldBitForBit) {
+  test::TempDir dir;
+  const auto path = dir / "seeds.jsonl";
+  SeedLogHeader h;
+  h.run_seed = (u64{1} << 63) + 12345;  // above 2^53: not representable as a double
+  h.storage_dtype = "bf16";
+  h.base_model = "/models/opt \"1.3b\"/ü";
+  h.first_step = 3;
+  const std::vector<SeedLogEntry> entries = {
+      entry(3, (u64{1} << 53) + 1, std::bit_cast<float>(0x3f8ccccdu), 1e-7f, 1e-3f, 0.0f, 1.1000000000000001),
+      entry(4, 0xffffffffffffffffull, -0.0f, 3.3333333e-7f, 5e-4f, 0.1f, -2.5e-300),
+      entry(5, 0, std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::max(),
+            std::numeric_limits<float>::min(), 1e-2f, 0.1 + 0.2),
+      entry(7, 0x8000000000000001ull, -123456.789f, 6.1e-5f, 1.0f / 3.0f, 0.0f, -0.0),
+  };
+  {
+    SeedLogWriter w(path, h, /*append=*/false);
+    for (const auto& e : entries) w.append(e);
+  }
+  const SeedLog log = SeedLog::read(path);
+  EXPECT_EQ(log.header.run_seed, h.run_seed);
+  EXPECT_EQ(log.header.storage_dtype, "bf16");
+  EXPECT_EQ(log.header.base_model, h.base_model);
+  EXPECT_EQ(log.header.first_step, 3);
+  ASSERT_EQ(log.entries.size(), entries.size());
+  for (std::size_t i = 0; i < entries.size(); ++i) expect_same_entry(log.entries[i], entries[i]);
+}
+
+TEST(SeedLog, NonFiniteProjectedGradientsRoundTripAsSkippedUpdates) {
+  test::TempDir dir;
+  const auto path = dir / "seeds.jsonl";
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  {
+    SeedLogWriter w(path, SeedLogHeader{}, false);
+    w.append(entry(0, 11, nan, 1e-6f, 1e-3f, 0, std::numeric_limits<double>::quiet_NaN()));
+    w.append(entry(1, 12, inf, 1e-6f, 1e-3f, 0, std::numeric_limits<double>::infinity()));
+    w.append(entry(2, 13, -inf));
+    w.append(entry(3, 14, 0.25f, 1e-6f, 1e-3f, 0, 0.25));
+  }
+  const SeedLog log = SeedLog::read(path);
+  ASSERT_EQ(log.entries.size(), 4u);
+  EXPECT_TRUE(std::isnan(log.entries[0].g));
+  EXPECT_EQ(log.entries[1].g, inf);
+  EXPECT_EQ(log.entries[2].g, -inf);
+  EXPECT_EQ(log.entries[3].g, 0.25f);
+  EXPECT_EQ(log.entries[1].seed, 12u);
+  EXPECT_EQ(log.entries[3].g_double, 0.25);
+  for (const auto& e : log.entries) EXPECT_FALSE(std::isnan(e.lr));
+}
+
+TEST(SeedLog, AppendingOnResumeDropsEntriesFromTheResumeStepOn) {
+  test::TempDir dir;
+  const auto path = dir / "seeds.jsonl";
+  SeedLogHeader h;
+  h.run_seed = 99;
+  h.base_model = "start";
+  {
+    SeedLogWriter w(path, h, false);
+    for (int t = 0; t < 10; ++t)
+      w.append(entry(t, 1000 + t, t == 2 ? std::numeric_limits<float>::quiet_NaN() : 0.5f * t,
+                     1e-6f, 1e-3f, 0.0f, 0.5 * t));
+  }
+  SeedLogHeader other;  // a resumed run keeps the original header
+  other.run_seed = 12345;
+  other.base_model = "somewhere else";
+  {
+    SeedLogWriter w(path, other, /*append=*/true, /*keep_until_step=*/6);
+    w.append(entry(6, 2006, -1.0f));
+    w.append(entry(7, 2007, -2.0f));
+  }
+  const SeedLog log = SeedLog::read(path);
+  EXPECT_EQ(log.header.run_seed, 99u);
+  EXPECT_EQ(log.header.base_model, "start");
+  ASSERT_EQ(log.entries.size(), 8u);
+  for (int t = 0; t < 6; ++t) {
+    EXPECT_EQ(log.entries[t].step, t);
+    EXPECT_EQ(log.entries[t].seed, static_cast<u64>(1000 + t));
+    if (t == 2) {
+      EXPECT_TRUE(std::isnan(log.entries[t].g)) << "a skipped update survives the rewrite";
+    } else {
+      EXPECT_EQ(log.entries[t].g, 0.5f * t);
+    }
+  }
+  EXPECT_EQ(log.entries[6].seed, 2006u);
+  EXPECT_EQ(log.entries[6].g, -1.0f);
+  EXPECT_EQ(log.entries[7].seed, 2007u);
+  EXPECT_FALSE(std::filesystem::exists(path.string() + ".tmp"));
+}
+
+TEST(SeedLog, AppendToAMissingFileStartsANewLogAndNonAppendTruncates) {
+  test::TempDir dir;
+  const auto path = dir / "seeds.jsonl";
+  SeedLogHeader h;
+  h.run_seed = 5;
+  {
+    SeedLogWriter w(path, h, /*append=*/true, 0);
+    w.append(entry(0, 1, 1.0f));
+  }
+  EXPECT_EQ(SeedLog::read(path).header.run_seed, 5u);
+  EXPECT_EQ(SeedLog::read(path).entries.size(), 1u);
+  h.run_seed = 6;
+  { SeedLogWriter w(path, h, /*append=*/false); }
+  const SeedLog log = SeedLog::read(path);
+  EXPECT_EQ(log.header.run_seed, 6u);
+  EXPECT_TRUE(log.entries.empty());
+}
+
+constexpr const char* kHeader = R"({"zo2_seed_log":1,"run_seed":1,"storage_dtype":"fp32","base_model":"m","first_step":0})";
+
+std::string line(int step, const char* extra = "") {
+  return "{\"step\":" + std::to_string(step) + ",\"seed\":7,\"g\":0.5,\"lr\":1e-6,\"eps\":0.001" + extra + "}";
+}
+
+void expect_format_error_at(const std::string& text, int lineno, std::vector<std::string> pieces) {
+  test::TempDir dir;
+  const auto path = dir / "bad.jsonl";
+  write_file(path, text);
+  const Error e = error_of([&] { (void)SeedLog::read(path); });
+  EXPECT_EQ(e.kind(), ErrorKind::format) << e.what();
+  const std::string msg = e.what();
+  const std::string where = path.string() + ":" + std::to_string(lineno);
+  EXPECT_NE(msg.find(where), std::string::npos) << "expected '" << where << "' in: " << msg;
+  for (const auto& p : pieces) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' in: " << msg;
+}
+
+TEST(SeedLog, MalformedLogsAreFormatErrorsNamingFileAndLine) {
+  const std::string h = std::string(kHeader) + "\n";
+  expect_format_error_at(h + line(0) + "\n" + "{\"step\": 1, oops\n", 3, {"JSON"});
+  expect_format_error_at(h + "{\"step\":0,\"seed\":7,\"g\":0.5,\"eps\":0.001}\n", 2, {"'lr'"});
+  expect_format_error_at(h + line(0) + "\n" + line(3) + "\n" + line(2) + "\n", 4,
+                         {"step 2 does not follow step 3"});
+  expect_format_error_at(h + line(0) + "\n" + line(0) + "\n", 3, {"step 0"});
+  expect_format_error_at(line(0) + "\n" + line(1) + "\n", 1, {"zo2_seed_log"});
+  // Blank lines are skipped but still counted.
+  expect_format_error_at(h + "\n" + line(0) + "\n\n" + "[1, 2]\n", 5, {"object"});
+  expect_format_error_at(h + "{\"step\":\"one\",\"seed\":7,\"g\":0.5,\"lr\":1e-6,\"eps\":0.001}\n", 2, {});
+  expect_format_error_at(h + "{\"step\":0,\"seed\":7,\"g\":\"lots\",\"lr\":1e-6,\"eps\":0.001}\n", 2,
+                         {"'g'", "lots"});
+}
+
+TEST(SeedLog, EmptyOrMissingLogsAreRefused) {
+  test::TempDir dir;
+  write_file(dir / "empty.jsonl", "");
+  const Error empty = error_of([&] { (void)SeedLog::read(dir / "empty.jsonl"); });
+  EXPECT_EQ(empty.kind(), ErrorKind::format);
+  EXPECT_NE(std::string(empty.what()).find("empty.jsonl"), std::string::npos);
+  const Error missing = error_of([&] { (void)SeedLog::read(dir / "missing.jsonl"); });
+  EXPECT_EQ(missing.kind(), ErrorKind::io);
+  EXPECT_NE(std::string(missing.what()).find("missing.jsonl"), std::string::npos);
+}
+
+// ---- learning-rate schedules ----
+
+LrSchedule schedule(LrScheduleKind kind, double lr, std::int64_t warmup, std::int64_t total) {
+  LrSchedule s;
+  s.kind = kind;
+  s.base_lr = lr;
+  s.warmup_steps = warmup;
+  s.total_steps = total;
+  return s;
+}
+
+TEST(LrSchedule, ConstantWithoutWarmupIsTheBaseRateAtEveryStep) {
+  const LrSchedule s = schedule(LrScheduleKind::constant, 2e-5, 0, 100);
+  for (std::int64_t t : {0, 1, 50, 99, 100, 1000}) EXPECT_EQ(s.at(t), 2e-5) << t;
+}
+
+TEST(LrSchedule, LinearDecaysToZeroAtTheLastStepAfterWarmup) {
+  // transformers: max(0, (total − t) / max(1, total − warmup)) for t ≥ warmup.
+  const LrSchedule s = schedule(LrScheduleKind::linear, 1e-3, 10, 110);
+  EXPECT_NEAR(s.at(10), 1e-3, 1e-15);
+  EXPECT_NEAR(s.at(35), 7.5e-4, 1e-15);
+  EXPECT_NEAR(s.at(60), 5e-4, 1e-15);
+  EXPECT_NEAR(s.at(109), 1e-5, 1e-15);
+  EXPECT_NEAR(s.at(110), 0.0, 1e-18);
+  EXPECT_NEAR(s.at(500), 0.0, 1e-18);
+  const LrSchedule nw = schedule(LrScheduleKind::linear, 1.0, 0, 4);
+  EXPECT_DOUBLE_EQ(nw.at(0), 1.0);
+  EXPECT_DOUBLE_EQ(nw.at(1), 0.75);
+  EXPECT_DOUBLE_EQ(nw.at(3), 0.25);
+}
+
+TEST(LrSchedule, CosineFollowsHalfACosineToZeroAfterWarmup) {
+  // transformers (num_cycles 0.5): 0.5 · (1 + cos(π · (t − warmup) / (total − warmup))).
+  const LrSchedule s = schedule(LrScheduleKind::cosine, 1e-3, 10, 110);
+  EXPECT_DOUBLE_EQ(s.at(10), 1e-3);
+  EXPECT_NEAR(s.at(35), 1e-3 * 0.5 * (1 + std::numbers::sqrt2 / 2), 1e-15);  // progress 1/4
+  EXPECT_NEAR(s.at(60), 5e-4, 1e-15);                                         // progress 1/2
+  EXPECT_NEAR(s.at(85), 1e-3 * 0.5 * (1 - std::numbers::sqrt2 / 2), 1e-15);  // progress 3/4
+  EXPECT_NEAR(s.at(109), 1e-3 * 0.5 * (1 + std::cos(std::numbers::pi * 0.99)), 1e-15);
+  EXPECT_NEAR(s.at(110), 0.0, 1e-18);
+}
+
+TEST(LrSchedule, WarmupRampsLinearlyFromZeroAsTransformersDefinesIt) {
+  // transformers: lr_lambda(t) = t / max(1, warmup) for t < warmup, for all three schedules;
+  // the first step of a warmed-up run has learning rate 0.
+  for (LrScheduleKind kind : {LrScheduleKind::constant, LrScheduleKind::linear, LrScheduleKind::cosine}) {
+    const LrSchedule s = schedule(kind, 1e-3, 10, 110);
+    SCOPED_TRACE(std::string(LrSchedule::name(kind)));
+    EXPECT_NEAR(s.at(0), 0.0, 1e-18);
+    EXPECT_NEAR(s.at(1), 1e-4, 1e-15);
+    EXPECT_NEAR(s.at(5), 5e-4, 1e-15);
+    EXPECT_NEAR(s.at(9), 9e-4, 1e-15);
+    EXPECT_NEAR(s.at(10), 1e-3, 1e-15);
+  }
+}
+
+TEST(LrSchedule, WarmupNeverExceedsTheBaseRateAndIsMonotone) {
+  for (LrScheduleKind kind : {LrScheduleKind::constant, LrScheduleKind::linear, LrScheduleKind::cosine}) {
+    const LrSchedule s = schedule(kind, 1e-3, 10, 110);
+    for (std::int64_t t = 1; t <= 10; ++t) {
+      EXPECT_GT(s.at(t), s.at(t - 1) - 1e-18) << LrSchedule::name(kind) << " step " << t;
+      EXPECT_LE(s.at(t), 1e-3) << LrSchedule::name(kind) << " step " << t;
+    }
+  }
+}
+
+TEST(LrSchedule, NamesParseAndUnknownNamesAreInvalidArgument) {
+  for (LrScheduleKind kind : {LrScheduleKind::constant, LrScheduleKind::linear, LrScheduleKind::cosine})
+    EXPECT_EQ(LrSchedule::parse(LrSchedule::name(kind)), kind);
+  for (const char* bad : {"cosine_with_restarts", "polynomial", ""}) {
+    const Error e = error_of([&] { (void)LrSchedule::parse(bad); });
+    EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
+    EXPECT_NE(std::string(e.what()).find(std::string("'") + bad + "'"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace zo2
