@@ -130,7 +130,9 @@ std::size_t parse_byte_size(std::string_view text) {
          unit);
   if (!(value >= 0) || !std::isfinite(value))
     fail(ErrorKind::invalid_argument, "'{}' is not a non-negative size", text);
-  return static_cast<std::size_t>(std::llround(value * mult));
+  const double bytes = value * mult;
+  if (bytes >= 9.0e18) fail(ErrorKind::invalid_argument, "'{}' is too large a size", text);
+  return static_cast<std::size_t>(std::llround(bytes));
 }
 
 std::string format_bytes(double bytes) {

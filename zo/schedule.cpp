@@ -8,8 +8,9 @@
 namespace zo2 {
 
 double LrSchedule::at(std::int64_t step) const {
+  // transformers' get_*_schedule_with_warmup: t / warmup during warmup (0 at step 0).
   if (warmup_steps > 0 && step < warmup_steps)
-    return base_lr * static_cast<double>(step + 1) / static_cast<double>(warmup_steps);
+    return base_lr * static_cast<double>(step) / static_cast<double>(warmup_steps);
   if (kind == LrScheduleKind::constant) return base_lr;
   const double span = static_cast<double>(std::max<std::int64_t>(1, total_steps - warmup_steps));
   const double progress = std::clamp(static_cast<double>(step - warmup_steps) / span, 0.0, 1.0);

@@ -58,6 +58,11 @@ struct HostErrorSlot {
   std::exception_ptr error;
 };
 
+// A real CUDA stream (cudaStreamNonBlocking: never the legacy default stream) with, made on
+// first use, its own cuBLAS handle and workspace and its kernel scratch, both from the
+// arena. launch_host uses cudaLaunchHostFunc: the function runs on a CUDA driver thread and,
+// by CUDA's rules, must not call CUDA itself; an exception it throws is kept and rethrown by
+// synchronize() and check().
 class CudaStream final : public Stream, public KernelStream {
  public:
   CudaStream(std::shared_ptr<DeviceState> state, std::string name);
