@@ -11,8 +11,8 @@ include(CMakePackageConfigHelpers)
 install(TARGETS zo2 EXPORT zo2Targets
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
-  RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}
-  INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+  RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+# (The include directory reaches zo2::zo2 through the target's $<INSTALL_INTERFACE:...>.)
 install(FILES ${PROJECT_SOURCE_DIR}/include/zo2.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 
 set(ZO2_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/zo2)
@@ -27,6 +27,9 @@ write_basic_package_version_file(${PROJECT_BINARY_DIR}/zo2ConfigVersion.cmake
 install(FILES ${PROJECT_BINARY_DIR}/zo2Config.cmake ${PROJECT_BINARY_DIR}/zo2ConfigVersion.cmake
   DESTINATION ${ZO2_INSTALL_CMAKEDIR})
 
+# The installed libzo2 keeps the RUNPATH of dependencies outside the system directories
+# (e.g. TBB from a custom prefix), so hosts load it without LD_LIBRARY_PATH.
+set_property(TARGET zo2 PROPERTY INSTALL_RPATH_USE_LINK_PATH ON)
 # An installed zo2-tune finds the installed libzo2 beside it, wherever the prefix is.
 if(TARGET zo2-tune)
   set_property(TARGET zo2-tune PROPERTY INSTALL_RPATH "$ORIGIN/../${CMAKE_INSTALL_LIBDIR}")

@@ -37,12 +37,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#if defined(_WIN32) && defined(ZO2_BUILD)
-#define ZO2_API __declspec(dllexport)
-#elif defined(_WIN32)
-#define ZO2_API __declspec(dllimport)
-#else
+// Exported even when the library is built with hidden visibility (Linux; GCC/Clang).
+#if defined(__GNUC__)
 #define ZO2_API __attribute__((visibility("default")))
+#else
+#define ZO2_API
 #endif
 
 #ifdef __cplusplus

@@ -51,7 +51,8 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
     p.logits_bytes = align_up(static_cast<std::size_t>(r.batch) * static_cast<std::size_t>(r.seq) *
                               static_cast<std::size_t>(config.vocab_size) * sizeof(float));
   const std::size_t block = align_up(p.block_bytes);
-  const std::size_t fixed = p.globals_bytes + p.workspace_bytes + p.batch_bytes + p.logits_bytes;
+  p.backend_bytes = r.backend_bytes;
+  const std::size_t fixed = p.globals_bytes + p.workspace_bytes + p.batch_bytes + p.logits_bytes + p.backend_bytes;
   const int k_min = static_cast<int>(std::min<std::int64_t>(r.window, L));
   // In auto mode the window may shrink to 2 slots when the requested one does not fit.
   const int k_floor = r.mode == OffloadMode::auto_ ? static_cast<int>(std::min<std::int64_t>(2, k_min)) : k_min;
@@ -142,6 +143,7 @@ std::string Placement::describe(const ModelConfig& config) const {
   line("activations and scratch", static_cast<double>(workspace_bytes));
   line("batch buffers", static_cast<double>(batch_bytes));
   if (logits_bytes) line("logits", static_cast<double>(logits_bytes));
+  if (backend_bytes) line("cuBLAS and attention scratch", static_cast<double>(backend_bytes));
   line("predicted device peak", static_cast<double>(total_bytes));
   line("cap", static_cast<double>(cap));
   line("minimum cap (all streamed)", static_cast<double>(minimum_cap));

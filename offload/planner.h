@@ -32,6 +32,9 @@ struct PlanRequest {
   double h2d_bytes_per_s = 50e9;  // for the predicted transfer-bound step time
   double d2h_bytes_per_s = 50e9;
   bool logits_out = false;        // forward: room for the full [B·T, V] logits
+  // Arena bytes the backend takes for itself on the compute stream (CUDA: the cuBLAS
+  // workspace and the attention score chunks).
+  std::size_t backend_bytes = 0;
 };
 
 struct Placement {
@@ -46,6 +49,7 @@ struct Placement {
   std::size_t slot_bytes = 0;       // window × block
   std::size_t resident_bytes = 0;   // resident blocks
   std::size_t logits_bytes = 0;
+  std::size_t backend_bytes = 0;    // cuBLAS workspace and attention scratch (CUDA)
   std::size_t total_bytes = 0;      // predicted arena peak
   std::size_t cap = 0;
   std::size_t minimum_cap = 0;      // smallest cap this request could run under (all streamed, K slots)

@@ -271,6 +271,31 @@ TEST(SchedulerReference, StreamedRunEqualsAPlainMezoWithinFp32Tolerance) {
   EXPECT_GT(max_step, 1e-4) << "the reference weights should have moved";
 }
 
+TEST(SchedulerUpdates, ANonFiniteProjectedGradientSkipsTheUpdateAndIsReported) {
+  test::TempDir tmp;
+  const ModelConfig c = small_opt(3);
+  test::write_random_checkpoint(tmp.path(), c, 4);
+  SessionConfig cfg;
+  cfg.offload = OffloadMode::all;
+  cfg.gpu_mem = std::size_t{1} << 30;
+  cfg.max_batch = kBatch;
+  cfg.max_seq = kSeq;
+  Session s(tmp.path(), cfg);
+  std::vector<std::uint8_t> before(static_cast<const std::uint8_t*>(s.store().block_image(1)),
+                                   static_cast<const std::uint8_t*>(s.store().block_image(1)) + s.store().block_bytes());
+  // Every position padded except the first: no next-token target anywhere, so the losses
+  // (and g) are NaN.
+  std::vector<std::int32_t> ids(kBatch * kSeq, 3), mask(kBatch * kSeq, 0);
+  mask[0] = 1;
+  mask[kSeq] = 1;
+  const StepResult r = s.step(make_batch(c, kBatch, kSeq, ids, mask), kLr, kEps, kWd);
+  EXPECT_TRUE(std::isnan(r.loss_plus));
+  EXPECT_TRUE(r.update_skipped);
+  s.sync();  // applies (skips) the pending update
+  const auto* after = static_cast<const std::uint8_t*>(s.store().block_image(1));
+  EXPECT_TRUE(std::equal(before.begin(), before.end(), after)) << "weights must not change";
+}
+
 // ---- a missing event wait is caught ----
 
 TEST(SchedulerFaultInjection, SkippingTheUploadWaitBreaksTheBitwiseInvariant) {

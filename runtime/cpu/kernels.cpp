@@ -10,6 +10,7 @@
 
 #include <cblas.h>
 #include <oneapi/tbb/blocked_range.h>
+#include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/parallel_for.h>
 #include <oneapi/tbb/partitioner.h>
 
@@ -20,6 +21,15 @@
 #include <vector>
 
 namespace zo2::cpu {
+
+#if defined(ZO2_TSAN)
+namespace {
+// oneTBB from Debian is not instrumented for ThreadSanitizer: its task hand-offs would read
+// as races. The TSan build keeps TBB on the calling thread; zo2's own threads (the
+// streams), which are what TSan is there to judge, stay concurrent.
+tbb::global_control g_tsan_serial_tbb(tbb::global_control::max_allowed_parallelism, 1);
+}  // namespace
+#endif
 
 void parallel_for(std::int64_t n, std::int64_t grain,
                   const std::function<void(std::int64_t, std::int64_t)>& body) {
