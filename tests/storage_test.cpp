@@ -2,6 +2,7 @@
 // expectation thanks to stochastic rounding, bytes moved scale with the storage width,
 // and a tiny model's loss trajectory with bf16 storage stays close to fp32 storage.
 #include "api/session.h"
+#include "models/presets.h"
 #include "runtime/cpu/cpu_kernels.h"
 #include "runtime/dtype_convert.h"
 #include "runtime/element.h"
@@ -39,14 +40,17 @@ TEST(Storage, Bf16StochasticRoundingKeepsUpdatesFarBelowResolutionInExpectation)
   std::vector<double> expected(static_cast<std::size_t>(n));
   for (std::int64_t i = 0; i < n; ++i) expected[static_cast<std::size_t>(i)] = -static_cast<double>(K) * lr * g * noise_normal(42, 7, static_cast<std::uint64_t>(i));
   const float gv = g;
+  std::vector<float> z(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) z[static_cast<std::size_t>(i)] = noise_normal(42, 7, static_cast<std::uint64_t>(i));
   for (int k = 0; k < K; ++k) {
     UpdateArgs a{42, lr, 0.0f, &gv, static_cast<std::uint64_t>(1000 + k)};
     cpu::update({bf.data(), DType::bf16, nullptr, 1, n, 7}, a);
     cpu::update({f32.data(), DType::f32, nullptr, 1, n, 7}, a);
-    for (std::int64_t i = 0; i < n; ++i) {  // what round-to-nearest storage would do
-      const float w = bf16_to_f32(rtn[static_cast<std::size_t>(i)]);
-      rtn[static_cast<std::size_t>(i)] = f32_to_bf16(updated(w, noise_normal(42, 7, static_cast<std::uint64_t>(i)), g, lr, 0.0f));
-    }
+    if (k < 100)  // round-to-nearest storage: a step below half a spacing never moves a weight
+      for (std::int64_t i = 0; i < n; ++i) {
+        const float w = bf16_to_f32(rtn[static_cast<std::size_t>(i)]);
+        rtn[static_cast<std::size_t>(i)] = f32_to_bf16(updated(w, z[static_cast<std::size_t>(i)], g, lr, 0.0f));
+      }
   }
   std::vector<double> moved_sr(static_cast<std::size_t>(n)), moved_f32(static_cast<std::size_t>(n)), moved_rtn(static_cast<std::size_t>(n));
   for (std::size_t i = 0; i < moved_sr.size(); ++i) {
@@ -63,17 +67,18 @@ TEST(Storage, Bf16StochasticRoundingKeepsUpdatesFarBelowResolutionInExpectation)
 }
 
 ModelConfig tiny() {
+  // Wide enough that 256-byte alignment padding does not blur the byte ratios.
   ModelConfig c;
   c.family = ModelFamily::opt;
   c.vocab_size = 64;
-  c.hidden_size = 32;
-  c.num_layers = 4;
+  c.hidden_size = 128;
+  c.num_layers = 3;
   c.num_heads = 4;
   c.num_kv_heads = 4;
-  c.head_dim = 8;
-  c.ffn_dim = 64;
+  c.head_dim = 32;
+  c.ffn_dim = 256;
   c.max_positions = 32;
-  c.word_embed_proj_dim = 32;
+  c.word_embed_proj_dim = 128;
   return c;
 }
 
@@ -82,7 +87,8 @@ struct Losses {
   std::vector<std::size_t> h2d, d2h;
 };
 
-Losses train(const std::filesystem::path& dir, DType storage, int steps, bool streamed) {
+// Init-style weights (models/init.h), so a learning rate that trains fp32 trains all dtypes.
+Losses train(DType storage, int steps, bool streamed) {
   SessionConfig cfg;
   cfg.storage = storage;
   cfg.max_batch = 4;
@@ -92,13 +98,13 @@ Losses train(const std::filesystem::path& dir, DType storage, int steps, bool st
     cfg.offload = OffloadMode::all;
     cfg.gpu_mem = std::size_t{1} << 30;
   }
-  const ModelConfig c = ModelConfig::load(dir);
-  Session s(dir, cfg);
+  const ModelConfig c = tiny();
+  Session s(c, cfg, 11, false);
   Losses out;
   for (int t = 0; t < steps; ++t) {
     std::vector<std::int32_t> ids(64);
     for (int i = 0; i < 64; ++i) ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(((i % 16) * 5 + (i / 16) * 3 + t % 4) % c.vocab_size);
-    const StepResult r = s.step(make_batch(c, 4, 16, ids), 5e-3f, 1e-3f, 0.0f);
+    const StepResult r = s.step(make_batch(c, 4, 16, ids), 1e-2f, 1e-3f, 0.0f);
     out.loss.push_back(0.5f * (r.loss_plus + r.loss_minus));
     out.h2d.push_back(r.h2d_bytes);
     out.d2h.push_back(r.d2h_bytes);
@@ -107,41 +113,72 @@ Losses train(const std::filesystem::path& dir, DType storage, int steps, bool st
 }
 
 TEST(Storage, BytesMovedPerStepScaleWithTheStorageWidth) {
-  test::TempDir tmp;
-  test::write_random_checkpoint(tmp.path(), tiny(), 1);
-  const Losses f32 = train(tmp.path(), DType::f32, 3, true);
-  const Losses bf16 = train(tmp.path(), DType::bf16, 3, true);
-  const Losses f16 = train(tmp.path(), DType::f16, 3, true);
-  const Losses fp8 = train(tmp.path(), DType::f8_e4m3, 3, true);
+  const Losses f32 = train(DType::f32, 3, true);
+  const Losses bf16 = train(DType::bf16, 3, true);
+  const Losses f16 = train(DType::f16, 3, true);
+  const Losses fp8 = train(DType::f8_e4m3, 3, true);
   // Step 2 uploads and offloads every block (step 1 has no update to write back).
   const auto ratio = [&](const Losses& l) { return static_cast<double>(l.d2h[2]) / static_cast<double>(f32.d2h[2]); };
   EXPECT_GT(f32.d2h[2], 0u);
-  EXPECT_NEAR(ratio(bf16), 0.5, 0.03);
-  EXPECT_NEAR(ratio(f16), 0.5, 0.03);
+  EXPECT_NEAR(ratio(bf16), 0.5, 0.01);
+  EXPECT_NEAR(ratio(f16), 0.5, 0.01);
   // fp8: a quarter for matrices, plus row scales and bf16 vectors.
   EXPECT_GT(ratio(fp8), 0.25);
-  EXPECT_LT(ratio(fp8), 0.33);
+  EXPECT_LT(ratio(fp8), 0.28);
+  std::printf("bytes offloaded per step: fp32 %zu, bf16 %zu, fp16 %zu, fp8 %zu\n", f32.d2h[2], bf16.d2h[2], f16.d2h[2], fp8.d2h[2]);
   EXPECT_EQ(f32.h2d[2] - f32.d2h[2], bf16.h2d[2] - bf16.d2h[2]) << "the batch upload does not depend on storage";
 }
 
-TEST(Storage, Bf16LossTrajectoryStaysCloseToFp32) {
-  test::TempDir tmp;
-  test::write_random_checkpoint(tmp.path(), tiny(), 2);
-  const int steps = 60;
-  const Losses f32 = train(tmp.path(), DType::f32, steps, false);
-  const Losses bf16 = train(tmp.path(), DType::bf16, steps, false);
-  const Losses fp8 = train(tmp.path(), DType::f8_e4m3, steps, false);
-  double mean_diff = 0, mean_diff_fp8 = 0;
+// opt-tiny on a permutation-chain task (as `zo2-tune synth-data` makes): learnable in a
+// hundred steps at lr 3e-3.
+Losses train_tiny(DType storage, int steps) {
+  const ModelConfig c = find_preset("opt-tiny").config;
+  SessionConfig cfg;
+  cfg.storage = storage;
+  cfg.max_batch = 8;
+  cfg.max_seq = 32;
+  cfg.run_seed = 5;
+  Session s(c, cfg, 1, false);
+  std::vector<std::int32_t> perm(16);
+  for (int i = 0; i < 16; ++i) perm[static_cast<std::size_t>(i)] = (i * 7 + 3) % 16;
+  Losses out;
   for (int t = 0; t < steps; ++t) {
-    mean_diff += std::fabs(bf16.loss[static_cast<std::size_t>(t)] - f32.loss[static_cast<std::size_t>(t)]) / steps;
-    mean_diff_fp8 += std::fabs(fp8.loss[static_cast<std::size_t>(t)] - f32.loss[static_cast<std::size_t>(t)]) / steps;
+    std::vector<std::int32_t> ids(8 * 32);
+    for (int r = 0; r < 8; ++r) {
+      int cur = (t * 8 + r) * 5 % 16;
+      for (int k = 0; k < 32; ++k) {
+        ids[static_cast<std::size_t>(r * 32 + k)] = cur * 32;  // 16 letters spread over 512 ids
+        cur = perm[static_cast<std::size_t>(cur)];
+      }
+    }
+    const StepResult r = s.step(make_batch(c, 8, 32, ids), 3e-3f, 1e-3f, 0.0f);
+    out.loss.push_back(0.5f * (r.loss_plus + r.loss_minus));
   }
-  const double drop = f32.loss.front() - f32.loss.back();
-  RecordProperty("mean_abs_loss_diff_bf16", std::to_string(mean_diff));
-  RecordProperty("mean_abs_loss_diff_fp8", std::to_string(mean_diff_fp8));
-  std::printf("loss %f -> %f (fp32); mean |Δloss| bf16 %.4f, fp8 %.4f\n", f32.loss.front(), f32.loss.back(), mean_diff, mean_diff_fp8);
-  EXPECT_LT(mean_diff, 0.05) << "bf16 storage tracks fp32 storage";
-  EXPECT_GT(drop, 0.0);
+  return out;
+}
+
+TEST(Storage, Bf16LossTrajectoryStaysCloseToFp32) {
+  const int steps = 120;
+  const Losses f32 = train_tiny(DType::f32, steps);
+  const Losses bf16 = train_tiny(DType::bf16, steps);
+  const Losses fp8 = train_tiny(DType::f8_e4m3, steps);
+  auto mean = [](const std::vector<float>& v, std::size_t a, std::size_t b) {
+    double m = 0;
+    for (std::size_t i = a; i < b; ++i) m += v[i];
+    return m / static_cast<double>(b - a);
+  };
+  double diff = 0, diff_fp8 = 0;
+  for (int t = 0; t < steps; ++t) {
+    diff += std::fabs(bf16.loss[static_cast<std::size_t>(t)] - f32.loss[static_cast<std::size_t>(t)]) / steps;
+    diff_fp8 += std::fabs(fp8.loss[static_cast<std::size_t>(t)] - f32.loss[static_cast<std::size_t>(t)]) / steps;
+  }
+  const double first = mean(f32.loss, 0, 20), last = mean(f32.loss, steps - 20, steps);
+  std::printf("fp32 loss %.3f -> %.3f; last-20 mean bf16 %.3f, fp8 %.3f; mean |Δloss| vs fp32: bf16 %.4f, fp8 %.4f\n", first,
+              last, mean(bf16.loss, steps - 20, steps), mean(fp8.loss, steps - 20, steps), diff, diff_fp8);
+  EXPECT_LT(last, first - 0.2) << "the task is learnable at this rate";
+  // Bound: within 5% of the loss scale at every step on average.
+  EXPECT_LT(diff, 0.05 * first) << "bf16 storage tracks fp32 storage";
+  EXPECT_LT(mean(bf16.loss, steps - 20, steps), first - 0.2) << "and learns too";
 }
 
 }  // namespace
