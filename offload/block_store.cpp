@@ -5,6 +5,7 @@
 #include "models/safetensors.h"
 #include "runtime/element.h"
 #include "runtime/error.h"
+#include "runtime/file_util.h"
 #include "runtime/log.h"
 #include "runtime/philox.h"
 #include "zo/tensor_key.h"
@@ -130,18 +131,10 @@ void BlockStore::save(const std::filesystem::path& out_dir, DType dtype,
   c.torch_dtype = dtype == DType::f32 ? "float32" : dtype == DType::bf16 ? "bfloat16" : "float16";
   write_safetensors_sharded(out_dir, tensors, shard_bytes, {{"format", "pt"}});
   // config.json last, atomically: a directory with a config is a complete checkpoint.
-  const auto tmp = out_dir / "config.json.tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    if (!out) fail(ErrorKind::io, "{}: cannot write", tmp.string());
-    nlohmann::json j = c.to_json();
-    j["torch_dtype"] = c.torch_dtype;
-    j["dtype"] = c.torch_dtype;
-    out << j.dump(2) << "\n";
-    if (!out.flush()) fail(ErrorKind::io, "{}: write failed", tmp.string());
-  }
-  std::filesystem::rename(tmp, out_dir / "config.json", ec);
-  if (ec) fail(ErrorKind::io, "{}: cannot rename: {}", tmp.string(), ec.message());
+  nlohmann::json j = c.to_json();
+  j["torch_dtype"] = c.torch_dtype;
+  j["dtype"] = c.torch_dtype;
+  write_file_atomic(out_dir / "config.json", j.dump(2) + "\n");
 }
 
 }  // namespace zo2

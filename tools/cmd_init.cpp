@@ -7,6 +7,7 @@
 #include "models/safetensors.h"
 #include "runtime/arena.h"
 #include "runtime/error.h"
+#include "runtime/file_util.h"
 #include "runtime/log.h"
 #include "tools/cli.h"
 
@@ -101,14 +102,7 @@ Runner add_init(CLI::App& app) {
     nlohmann::json j = cfg.to_json();
     j["dtype"] = cfg.torch_dtype;
     j["transformers_version"] = "4.46.0";
-    const auto path = std::filesystem::path(o->out) / "config.json";
-    const auto tmp = path.string() + ".tmp";
-    {
-      std::ofstream out(tmp, std::ios::trunc);
-      out << j.dump(2) << "\n";
-      if (!out.flush()) fail(ErrorKind::io, "{}: write failed", tmp);
-    }
-    std::filesystem::rename(tmp, path);
+    write_file_atomic(std::filesystem::path(o->out) / "config.json", j.dump(2) + "\n");
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     log_info("init: wrote {} ({} parameters, {}) to {} in {}", preset.name, c.total_params(),
              format_bytes(static_cast<double>(total)), o->out, format_duration(s));

@@ -3,6 +3,7 @@
 // from which `--resume DIR` continues exactly where the run stopped.
 #include "api/session.h"
 #include "runtime/arena.h"
+#include "runtime/file_util.h"
 #include "runtime/log.h"
 #include "tools/cli.h"
 #include "tools/dataset.h"
@@ -35,16 +36,7 @@ constexpr const char* kStateFile = "zo2_state.json";
 constexpr const char* kSeedLog = "seed_log.jsonl";
 
 void write_json_atomic(const std::filesystem::path& path, const json& j) {
-  const auto tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    if (!out) fail(ErrorKind::io, "{}: cannot write", tmp);
-    out << j.dump(2) << "\n";
-    if (!out.flush()) fail(ErrorKind::io, "{}: write failed", tmp);
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) fail(ErrorKind::io, "{}: cannot rename: {}", tmp, ec.message());
+  write_file_atomic(path, j.dump(2) + "\n");
 }
 
 json read_json(const std::filesystem::path& path) {

@@ -1,6 +1,7 @@
 #include "zo/seed_log.h"
 
 #include "runtime/error.h"
+#include "runtime/file_util.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -60,16 +61,7 @@ SeedLogWriter::SeedLogWriter(const std::filesystem::path& path, const SeedLogHea
     existing = header_line(header) + "\n";
   }
   // Rewrite through a temp file so the old log survives a failure here.
-  const auto tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) fail(ErrorKind::io, "{}: cannot write the seed log", tmp);
-    out << existing;
-    if (!out.flush()) fail(ErrorKind::io, "{}: write failed", tmp);
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) fail(ErrorKind::io, "{}: cannot rename to {}: {}", tmp, path.string(), ec.message());
+  write_file_atomic(path, existing);
   file_ = std::fopen(path.c_str(), "ab");
   if (!file_) fail(ErrorKind::io, "{}: cannot open the seed log for appending", path.string());
 }
