@@ -98,6 +98,17 @@ void Scheduler::check_batch(const HostBatch& batch) const {
     fail(ErrorKind::internal, "malformed batch");
 }
 
+BatchView Scheduler::batch_view(const BatchSlot& s, const HostBatch& batch) {
+  BatchView view;
+  view.batch = batch.batch;
+  view.seq = batch.seq;
+  view.ids = s.ids.as<std::int32_t>();
+  view.key_mask = s.mask.as<std::int32_t>();
+  view.positions = s.positions.as<std::int32_t>();
+  view.targets = s.targets.as<std::int32_t>();
+  return view;
+}
+
 int Scheduler::upload_batch(const HostBatch& batch) {
   const int b = static_cast<int>(batch_uses_++ % 2);
   BatchSlot& s = batch_slots_[b];
@@ -144,16 +155,19 @@ void Scheduler::capture_hidden(const Mat& m, std::int64_t tokens,
 void Scheduler::run_blocks(const Use& use) {
   const std::int64_t L = store_.num_blocks();
   const std::size_t block_bytes = store_.block_bytes();
+  // What happens to a block while it is on the device, wherever it lives.
+  auto on_resident = [&](const WeightSet& w, const ImageLayout& layout, std::int64_t i) {
+    if (use.update) apply_update(w, layout);
+    if (!use.forward) return;
+    graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches);
+    if (use.hidden && i + 1 < L)  // the last block's output is replaced by the final one
+      capture_hidden(graph_.branches()[0].hidden, use.batch->tokens(), use.hidden);
+  };
   for (std::int64_t i = 0; i < L; ++i) {
     const ImageLayout& layout = store_.block_layout(i);
     if (placement_.resident[static_cast<std::size_t>(i)]) {
       const WeightSet& w = resident_w_[static_cast<std::size_t>(i)];
-      if (use.update) apply_update(w, layout);
-      if (use.forward) {
-        graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches);
-        if (use.hidden && i + 1 < L)  // the last block's output is replaced by the final one
-          capture_hidden(graph_.branches()[0].hidden, use.batch->tokens(), use.hidden);
-      }
+      on_resident(w, layout, i);
       continue;
     }
     // See Note [Window slot lifecycle].
@@ -168,12 +182,7 @@ void Scheduler::run_blocks(const Use& use) {
 
     if (options_.fault != SchedulerFault::skip_upload_wait) compute_->wait(*uploaded_[static_cast<std::size_t>(k)]);
     const WeightSet w = bind_weights(layout, slot);
-    if (use.update) apply_update(w, layout);
-    if (use.forward) {
-      graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches);
-      if (use.hidden && i + 1 < L)  // the last block's output is replaced by the final one
-          capture_hidden(graph_.branches()[0].hidden, use.batch->tokens(), use.hidden);
-    }
+    on_resident(w, layout, i);
     compute_->record(*computed_[static_cast<std::size_t>(k)]);
 
     if (use.update) {
@@ -200,13 +209,7 @@ void Scheduler::step(const HostBatch& batch, const StepParams& p) {
 
   const int b = upload_batch(batch);
   BatchSlot& bs = batch_slots_[b];
-  BatchView view;
-  view.batch = batch.batch;
-  view.seq = batch.seq;
-  view.ids = bs.ids.as<std::int32_t>();
-  view.key_mask = bs.mask.as<std::int32_t>();
-  view.positions = bs.positions.as<std::int32_t>();
-  view.targets = bs.targets.as<std::int32_t>();
+  const BatchView view = batch_view(bs, batch);
   const NoiseArgs noise{p.seed, p.eps};
 
   if (pending_.active) apply_update(globals_w_, store_.globals_layout());
@@ -288,13 +291,7 @@ float Scheduler::eval(const HostBatch& batch, const EvalOptions& o) {
   flush();
   const int b = upload_batch(batch);
   BatchSlot& bs = batch_slots_[b];
-  BatchView view;
-  view.batch = batch.batch;
-  view.seq = batch.seq;
-  view.ids = bs.ids.as<std::int32_t>();
-  view.key_mask = bs.mask.as<std::int32_t>();
-  view.positions = bs.positions.as<std::int32_t>();
-  view.targets = bs.targets.as<std::int32_t>();
+  const BatchView view = batch_view(bs, batch);
   const std::int64_t n = batch.tokens();
   if (o.hidden_states) {
     o.hidden_states->clear();

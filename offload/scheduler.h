@@ -134,6 +134,8 @@ class Scheduler {
   void apply_update(const WeightSet& w, const ImageLayout& layout);
   void run_blocks(const Use& use);
   int upload_batch(const HostBatch& batch);
+  struct BatchSlot;
+  static BatchView batch_view(const BatchSlot& slot, const HostBatch& batch);
   void capture_hidden(const Mat& m, std::int64_t tokens, std::vector<std::vector<float>>* out);
   void check_batch(const HostBatch& batch) const;
 

@@ -3,6 +3,8 @@
 // with coalescing, DeviceBuffer ownership, and the byte-size parser and formatter.
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -39,17 +41,7 @@ std::unique_ptr<Device> cpu_device(std::size_t cap) {
   return make_device(o);
 }
 
-// Runs fn, which must throw zo2::Error; returns it.
-template <class F>
-Error error_of(F&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected a zo2::Error";
-  return Error(ErrorKind::internal, "<no error thrown>");
-}
+using test::error_of;
 
 TEST(Arena, AllocationsAreAlignedTo256BytesAndRoundedUp) {
   auto dev = cpu_device(4 * MiB);

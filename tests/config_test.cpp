@@ -30,16 +30,7 @@ namespace {
 
 using json = nlohmann::json;
 
-template <class F>
-Error error_of(F&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected a zo2::Error";
-  return Error(ErrorKind::internal, "<no error thrown>");
-}
+using test::error_of;
 
 // Expects from_json(j) to be refused with `kind` and a message holding every piece.
 void expect_refused(const json& j, ErrorKind kind, std::vector<std::string> pieces) {

@@ -57,20 +57,7 @@ std::vector<std::string> dir_listing(const fs::path& dir) {
   return out;
 }
 
-// Runs f, which must throw zo2::Error; returns it.
-template <class F>
-Error error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw a non-zo2 exception: " << e.what();
-    return Error(ErrorKind::internal, "");
-  }
-  ADD_FAILURE() << "did not throw";
-  return Error(ErrorKind::internal, "");
-}
+using test::error_of;
 
 // Opening `path` fails with `kind`, and the message names the file and contains each word.
 void expect_open_error(const fs::path& path, ErrorKind kind,

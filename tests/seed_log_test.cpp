@@ -25,16 +25,7 @@ namespace {
 using u32 = std::uint32_t;
 using u64 = std::uint64_t;
 
-template <class F>
-Error error_of(F&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected a zo2::Error";
-  return Error(ErrorKind::internal, "<no error thrown>");
-}
+using test::error_of;
 
 u32 bits(float f) { return std::bit_cast<u32>(f); }
 

@@ -1,5 +1,10 @@
 // Helpers shared by the tests: where the shared data lives, temporary directories.
 #pragma once
+#include "runtime/error.h"
+
+#include <gtest/gtest.h>
+
+#include <exception>
 #include <filesystem>
 #include <string>
 
@@ -22,6 +27,21 @@ class TempDir {
 };
 // The zo2-tune executable built beside the tests.
 std::filesystem::path zo2_tune_path();
+// Runs fn, which must throw zo2::Error; returns it (a test failure otherwise).
+template <class F>
+Error error_of(F&& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e;
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "threw a non-zo2 exception: " << e.what();
+    return Error(ErrorKind::internal, "<wrong exception>");
+  }
+  ADD_FAILURE() << "expected a zo2::Error";
+  return Error(ErrorKind::internal, "<no error thrown>");
+}
+
 // Runs a shell command, returns its exit status; stdout+stderr go to *output if given.
 int run_command(const std::string& command, std::string* output = nullptr);
 

@@ -22,7 +22,7 @@ DType parse_dtype_flag(const std::string& flag, const std::string& value,
   return *dt;
 }
 
-void DeviceFlags::add(CLI::App& app, bool training) {
+void DeviceFlags::add(CLI::App& app) {
   app.add_option("--device", device, "cpu, cuda, cuda:N or auto")->capture_default_str();
   app.add_option("--gpu-mem", gpu_mem,
                  "device memory cap, e.g. 512M, 18G (default: the whole device; on the CPU "
@@ -38,7 +38,6 @@ void DeviceFlags::add(CLI::App& app, bool training) {
   app.add_option("--compute-dtype", compute, "compute dtype: fp32 (CPU), bf16 or fp16 (GPU)")
       ->capture_default_str();
   app.add_option("--threads", threads, "CPU threads for kernels (0 = all cores)")->capture_default_str();
-  (void)training;
 }
 
 namespace {

@@ -38,7 +38,7 @@ struct DeviceFlags {
   std::string storage = "fp32";
   std::string compute = "fp32";
   int threads = 0;
-  void add(CLI::App& app, bool training);
+  void add(CLI::App& app);
 };
 
 // Token ids [N, T] (+ optional attention_mask, labels) from a safetensors file, as int32.

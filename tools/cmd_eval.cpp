@@ -27,7 +27,7 @@ Runner add_eval(CLI::App& app) {
   app.add_option("--batch-size,--per_device_eval_batch_size", o->batch, "sequences per forward pass")
       ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_flag("--json", o->json, "print the result as JSON");
-  o->dev.add(app, false);
+  o->dev.add(app);
   return [o] {
     const ModelConfig config = ModelConfig::load(o->model);
     const TokenDataset data = TokenDataset::load(o->data, config);

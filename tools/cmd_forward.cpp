@@ -27,7 +27,7 @@ Runner add_forward(CLI::App& app) {
   app.add_option("--out", o->out, "output safetensors: logits F32 [B,T,V], loss F32 [1]")->required();
   app.add_flag("--hidden-states", o->hidden,
                "also write hidden_states.0 … hidden_states.L (as transformers' output_hidden_states)");
-  o->dev.add(app, false);
+  o->dev.add(app);
   return [o] {
     const ModelConfig config = ModelConfig::load(o->model);
     const TokenTensors t = read_token_tensors(o->inputs);

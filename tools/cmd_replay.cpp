@@ -27,7 +27,7 @@ Runner add_replay(CLI::App& app) {
   app.add_option("--until-step", o->until, "apply only the updates of steps below this one");
   app.add_option("--save-dtype", o->save_dtype, "fp32, bf16, fp16")->capture_default_str();
   app.add_option("--shard-size", o->shard, "largest safetensors shard")->capture_default_str();
-  o->dev.add(app, false);
+  o->dev.add(app);
   return [o] {
     const SeedLog log = SeedLog::read(o->seed_log);
     const DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});

@@ -120,7 +120,7 @@ Runner add_train(CLI::App& app) {
                  "stop (and save the state, as on SIGINT) once this many steps are done; --resume continues")
       ->check(CLI::PositiveNumber);
   app.add_option("--resume", o->resume, "continue the run saved in DIR (its zo2_state.json and checkpoint)");
-  o->dev.add(app, true);
+  o->dev.add(app);
   struct Given {
     CLI::Option *steps, *batch, *lr, *eps, *wd, *seed, *sched, *warm;
   };
