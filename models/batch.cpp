@@ -66,4 +66,25 @@ HostBatch make_batch(const ModelConfig& c, int batch, int seq, std::span<const s
   return b;
 }
 
+void set_option_groups(HostBatch& batch, std::span<const int> group_sizes, std::span<const int> labels) {
+  if (group_sizes.size() != labels.size())
+    fail(ErrorKind::invalid_argument, "{} option groups but {} labels", group_sizes.size(), labels.size());
+  std::vector<std::int32_t> info;
+  info.reserve(static_cast<std::size_t>(batch.batch));
+  for (std::size_t g = 0; g < group_sizes.size(); ++g) {
+    if (group_sizes[g] <= 0 || labels[g] < 0 || labels[g] >= group_sizes[g])
+      fail(ErrorKind::invalid_argument, "option group {}: label {} is not one of its {} candidates", g, labels[g],
+           group_sizes[g]);
+    for (int k = 0; k < group_sizes[g]; ++k) info.push_back(static_cast<std::int32_t>(2 * g + (k == labels[g] ? 1 : 0)));
+  }
+  if (static_cast<int>(info.size()) != batch.batch)
+    fail(ErrorKind::invalid_argument, "option groups cover {} sequences but the batch has {}", info.size(), batch.batch);
+  for (int r = 0; r < batch.batch; ++r) {
+    bool any = false;
+    for (int t = 0; t < batch.seq && !any; ++t) any = batch.targets[static_cast<std::size_t>(r) * static_cast<std::size_t>(batch.seq) + static_cast<std::size_t>(t)] >= 0;
+    if (!any) fail(ErrorKind::invalid_argument, "candidate sequence {} has no target token to score", r);
+  }
+  batch.option_info = std::move(info);
+}
+
 }  // namespace zo2

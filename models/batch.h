@@ -19,6 +19,10 @@ struct HostBatch {
   std::vector<std::int32_t> key_mask;
   std::vector<std::int32_t> positions;
   std::vector<std::int32_t> targets;  // targets[b·T + t] = the label of position t+1
+  // Multiple-choice batches (MeZO's classification training): per sequence, 2·group +
+  // (1 if it is the group's correct candidate); groups are runs of consecutive sequences.
+  // Empty: the loss is the mean next-token loss. See set_option_groups().
+  std::vector<std::int32_t> option_info;
   std::int64_t tokens() const { return static_cast<std::int64_t>(batch) * seq; }
   std::int64_t target_count() const;
 };
@@ -32,5 +36,11 @@ struct HostBatch {
 HostBatch make_batch(const ModelConfig& config, int batch, int seq, std::span<const std::int32_t> ids,
                      std::span<const std::int32_t> mask = {},
                      std::span<const std::int32_t> labels = {});
+
+// Marks `batch` as multiple-choice: group_sizes[g] consecutive sequences per example, the
+// correct one at offset labels[g] inside its group. Throws Error(invalid_argument) when the
+// sizes do not add up to the batch, a label is out of its group, or a candidate has no
+// target token (its score would be undefined).
+void set_option_groups(HostBatch& batch, std::span<const int> group_sizes, std::span<const int> labels);
 
 }  // namespace zo2

@@ -325,7 +325,10 @@ void ModelGraph::head(Ops& ops, Stream& s, const WeightSet& g, const BatchView& 
   for (int i = 0; i < nb; ++i) {
     Branch& br = branches_[static_cast<std::size_t>(i)];
     ops.ce_finish(s, br.ce_state, batch.targets, n, br.row_loss);
-    ops.loss_mean(s, br.row_loss, batch.targets, n, br.loss);
+    if (batch.option_info)
+      ops.option_loss(s, br.row_loss, batch.targets, batch.batch, batch.seq, batch.option_info, br.loss);
+    else
+      ops.loss_mean(s, br.row_loss, batch.targets, n, br.loss);
   }
 }
 

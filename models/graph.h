@@ -43,6 +43,8 @@ struct BatchView {
   const std::int32_t* key_mask = nullptr;   // [B·T] 1/0
   const std::int32_t* positions = nullptr;  // [B·T] OPT: row of the position table; LLaMA: 0..T−1
   const std::int32_t* targets = nullptr;    // [B·T] token id to predict at each position, −100 = none
+  // [B] multiple-choice candidates (Ops::option_loss): 2·group + is_label; null = token loss.
+  const std::int32_t* option_info = nullptr;
   std::int64_t tokens() const { return static_cast<std::int64_t>(batch) * seq; }
 };
 

@@ -29,7 +29,9 @@ std::string_view offload_mode_name(OffloadMode m) {
 
 std::size_t batch_buffer_bytes(int batch, int seq) {
   const std::size_t n = static_cast<std::size_t>(batch) * static_cast<std::size_t>(seq);
-  return 2 * 4 * align_up(n * sizeof(std::int32_t)) + align_up(4 * sizeof(float));
+  // Two slots of ids, mask, positions, targets and option groups; the projected gradient.
+  return 2 * (4 * align_up(n * sizeof(std::int32_t)) + align_up(static_cast<std::size_t>(batch) * sizeof(std::int32_t))) +
+         align_up(4 * sizeof(float));
 }
 
 Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {

@@ -60,7 +60,8 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
     s.mask = arena.allocate(n * sizeof(std::int32_t), "batch attention mask");
     s.positions = arena.allocate(n * sizeof(std::int32_t), "batch positions");
     s.targets = arena.allocate(n * sizeof(std::int32_t), "batch targets");
-    s.staging = device.alloc_host(4 * n * sizeof(std::int32_t));
+    s.options = arena.allocate(static_cast<std::size_t>(options_.batch) * sizeof(std::int32_t), "batch option groups");
+    s.staging = device.alloc_host((4 * n + static_cast<std::size_t>(options_.batch)) * sizeof(std::int32_t));
     s.uploaded = device.make_event();
     s.consumed = device.make_event();
   }
@@ -94,7 +95,8 @@ void Scheduler::check_batch(const HostBatch& batch) const {
   if (batch.tokens() > static_cast<std::int64_t>(options_.batch) * options_.seq)
     fail(ErrorKind::invalid_argument, "batch of {} × {} tokens exceeds the scheduler's capacity of {} × {}",
          batch.batch, batch.seq, options_.batch, options_.seq);
-  if (static_cast<std::int64_t>(batch.ids.size()) != batch.tokens())
+  if (static_cast<std::int64_t>(batch.ids.size()) != batch.tokens() ||
+      (!batch.option_info.empty() && static_cast<int>(batch.option_info.size()) != batch.batch))
     fail(ErrorKind::internal, "malformed batch");
 }
 
@@ -106,6 +108,7 @@ BatchView Scheduler::batch_view(const BatchSlot& s, const HostBatch& batch) {
   view.key_mask = s.mask.as<std::int32_t>();
   view.positions = s.positions.as<std::int32_t>();
   view.targets = s.targets.as<std::int32_t>();
+  if (!batch.option_info.empty()) view.option_info = s.options.as<std::int32_t>();
   return view;
 }
 
@@ -121,14 +124,17 @@ int Scheduler::upload_batch(const HostBatch& batch) {
   std::memcpy(staging + cap, batch.key_mask.data(), bytes);
   std::memcpy(staging + 2 * cap, batch.positions.data(), bytes);
   std::memcpy(staging + 3 * cap, batch.targets.data(), bytes);
+  const std::size_t option_bytes = batch.option_info.size() * sizeof(std::int32_t);
+  if (option_bytes > 0) std::memcpy(staging + 4 * cap, batch.option_info.data(), option_bytes);
   h2d_->wait(*s.consumed);
   h2d_->copy_h2d(s.ids.data(), staging, bytes);
   h2d_->copy_h2d(s.mask.data(), staging + cap, bytes);
   h2d_->copy_h2d(s.positions.data(), staging + 2 * cap, bytes);
   h2d_->copy_h2d(s.targets.data(), staging + 3 * cap, bytes);
+  if (option_bytes > 0) h2d_->copy_h2d(s.options.data(), staging + 4 * cap, option_bytes);
   h2d_->record(*s.uploaded);
   compute_->wait(*s.uploaded);
-  totals_.h2d_bytes += 4 * bytes;
+  totals_.h2d_bytes += 4 * bytes + option_bytes;
   return b;
 }
 

@@ -158,8 +158,8 @@ class Scheduler {
 
   // Double-buffered batch inputs.
   struct BatchSlot {
-    DeviceBuffer ids, mask, positions, targets;
-    HostBuffer staging;  // ids | mask | positions | targets, pinned
+    DeviceBuffer ids, mask, positions, targets, options;
+    HostBuffer staging;  // ids | mask | positions | targets | option info, pinned
     std::unique_ptr<Event> uploaded, consumed;
   };
   BatchSlot batch_slots_[2];

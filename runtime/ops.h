@@ -126,6 +126,14 @@ class Ops {
   // out[0] = Σ row_loss / #(targets ≥ 0), summed in a fixed order (NaN when no target).
   virtual void loss_mean(Stream& s, const float* row_loss, const std::int32_t* targets,
                          std::int64_t n, float* out) = 0;
+  // MeZO's loss for multiple-choice examples (its train_as_classification): sequence r of
+  // the `batch` sequences (each `seq` positions of row_loss/targets) is a candidate of
+  // group info[r] >> 1 (groups are runs of equal ids), the labelled one when info[r] & 1.
+  // score_r = −(mean row_loss over the sequence's targets) is the candidate's mean token
+  // log-likelihood; out[0] = mean over groups of logsumexp(scores) − score(labelled),
+  // summed in a fixed order. NaN when a candidate has no target or a group no label.
+  virtual void option_loss(Stream& s, const float* row_loss, const std::int32_t* targets,
+                           int batch, int seq, const std::int32_t* info, float* out) = 0;
   // Rows [row_begin, row_end) of w, dequantized to out_dtype, as dense matrices:
   // out_plus = W + eps·z and out_minus = W − eps·z (either may be null); with noise ==
   // nullptr, out_plus = W (a plain dequantization/conversion).

@@ -300,6 +300,49 @@ TEST_P(OpsTest, LossMeanWithoutTargetsIsNan) {
   EXPECT_TRUE(std::isnan(download<float>(out, 1)[0]));
 }
 
+// MeZO's multiple-choice loss: groups of 2, 3 and 1 candidates of odd length, some
+// positions without a target, against a two-pass reference in double.
+TEST_P(OpsTest, OptionLossIsCrossEntropyOverMeanLogLikelihoods) {
+  const int B = 6, T = 7;
+  const auto rl = random_floats(static_cast<std::size_t>(B * T), 41);
+  std::vector<float> row_loss(rl.size());
+  for (std::size_t i = 0; i < rl.size(); ++i) row_loss[i] = 2.0f + 1.5f * rl[i];  // positive, like CE
+  std::vector<std::int32_t> targets(row_loss.size());
+  for (std::size_t i = 0; i < targets.size(); ++i) targets[i] = (i % T) < 3 ? -100 : static_cast<std::int32_t>(i);
+  const std::vector<std::int32_t> info{0 * 2 + 0, 0 * 2 + 1, 1 * 2 + 1, 1 * 2, 1 * 2, 2 * 2 + 1};
+  double expect = 0;
+  for (const auto& [r0, r1] : std::vector<std::pair<int, int>>{{0, 2}, {2, 5}, {5, 6}}) {
+    std::vector<double> score;
+    double label = 0;
+    for (int r = r0; r < r1; ++r) {
+      double sum = 0;
+      int n = 0;
+      for (int t = 0; t < T; ++t)
+        if (targets[static_cast<std::size_t>(r * T + t)] >= 0) sum += row_loss[static_cast<std::size_t>(r * T + t)], ++n;
+      score.push_back(-sum / n);
+      if (info[static_cast<std::size_t>(r)] & 1) label = score.back();
+    }
+    double se = 0;
+    for (double x : score) se += std::exp(x);
+    expect += std::log(se) - label;
+  }
+  expect /= 3;
+  auto drl = upload(row_loss), dt = upload(targets), di = upload(info), out = zeros(4);
+  ops().option_loss(*stream, drl.as<float>(), dt.as<std::int32_t>(), B, T, di.as<std::int32_t>(), out.as<float>());
+  EXPECT_NEAR(download<float>(out, 1)[0], expect, 1e-6 * std::fabs(expect));
+
+  // A group without its label, or a candidate without targets, gives NaN.
+  const std::vector<std::int32_t> no_label{1, 0, 2, 2, 2, 5};
+  auto dn = upload(no_label);
+  ops().option_loss(*stream, drl.as<float>(), dt.as<std::int32_t>(), B, T, dn.as<std::int32_t>(), out.as<float>());
+  EXPECT_TRUE(std::isnan(download<float>(out, 1)[0]));
+  std::vector<std::int32_t> t2 = targets;
+  for (int t = 0; t < T; ++t) t2[static_cast<std::size_t>(4 * T + t)] = -100;
+  auto dt2 = upload(t2);
+  ops().option_loss(*stream, drl.as<float>(), dt2.as<std::int32_t>(), B, T, di.as<std::int32_t>(), out.as<float>());
+  EXPECT_TRUE(std::isnan(download<float>(out, 1)[0]));
+}
+
 // Stored tensors of each storage dtype built from fp32 values.
 struct Stored {
   std::vector<std::uint8_t> bytes;

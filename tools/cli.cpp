@@ -2,12 +2,14 @@
 
 #include "models/safetensors.h"
 #include "runtime/error.h"
+#include "runtime/file_util.h"
 
 #include <fmt/format.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <limits>
 
 namespace zo2::cli {
@@ -89,6 +91,48 @@ TokenTensors read_token_tensors(const std::filesystem::path& file) {
     (std::string(name) == "labels" ? t.labels : t.mask) = as_int32(f, *x, name);
   }
   return t;
+}
+
+void DataFlags::add(CLI::App& app) {
+  app.add_option("--task", task, "MeZO task preset reading the standard file: sst2 (GLUE TSV), rte, boolq, cb, copa (SuperGLUE JSONL)")
+      ->check(CLI::IsMember({"sst2", "rte", "boolq", "cb", "copa"}));
+  app.add_option("--tokenizer", tokenizer, "tokenizer directory for text data (default: the model directory)");
+  app.add_option("--max-len", max_len, "truncate sequences to this many tokens (text: the end; prompts: the start)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--padding-side", padding_side, "where batches pad shorter sequences")
+      ->capture_default_str()->check(CLI::IsMember({"right", "left"}));
+}
+
+std::unique_ptr<Tokenizer> tokenizer_for_data(const std::filesystem::path& data, const DataFlags& flags,
+                                              const std::filesystem::path& model_dir) {
+  std::string ext = data.extension().string();
+  for (char& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (flags.task.empty() && ext == ".safetensors") return nullptr;
+  const std::filesystem::path dir = flags.tokenizer.empty() ? model_dir : std::filesystem::path(flags.tokenizer);
+  try {
+    return Tokenizer::from_dir(dir);
+  } catch (const Error& e) {
+    fail(e.kind(), "{} is text data and needs a tokenizer, but {}: {}{}", data.string(), dir.string(), e.what(),
+         flags.tokenizer.empty() ? " (pass --tokenizer DIR, or copy the tokenizer files into the model directory)" : "");
+  }
+}
+
+int copy_tokenizer_files(const std::filesystem::path& from, const std::filesystem::path& to) {
+  std::error_code ec;
+  if (std::filesystem::equivalent(from, to, ec)) return 0;
+  int copied = 0;
+  for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                           "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "added_tokens.json",
+                           "generation_config.json"}) {
+    const auto src = from / name;
+    if (!std::filesystem::is_regular_file(src)) continue;
+    std::ifstream in(src, std::ios::binary);
+    if (!in) fail(ErrorKind::io, "{}: cannot read", src.string());
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    write_file_atomic(to / name, bytes);
+    ++copied;
+  }
+  return copied;
 }
 
 void ensure_writable_dir(const std::filesystem::path& dir) {

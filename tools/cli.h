@@ -2,6 +2,7 @@
 // progress output. Each subcommand lives in its own cmd_*.cpp and registers itself.
 #pragma once
 #include "models/config.h"
+#include "models/tokenizer.h"
 #include "runtime/dtype.h"
 
 #include <CLI/CLI.hpp>
@@ -9,6 +10,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -24,6 +26,7 @@ Runner add_eval(CLI::App& app);
 Runner add_replay(CLI::App& app);
 Runner add_synth_data(CLI::App& app);
 Runner add_tokenize(CLI::App& app);
+Runner add_data(CLI::App& app);
 
 // "fp32"/"bf16"/... → DType, restricted to `allowed`; Error(invalid_argument) naming the flag.
 DType parse_dtype_flag(const std::string& flag, const std::string& value,
@@ -40,6 +43,27 @@ struct DeviceFlags {
   int threads = 0;
   void add(CLI::App& app);
 };
+
+// Options that say how a data file becomes batches (train and eval).
+struct DataFlags {
+  std::string task;             // --task: sst2, rte, boolq, cb, copa ("" = by the file)
+  std::string tokenizer;        // --tokenizer DIR ("" = the model directory)
+  int max_len = 0;              // --max-len
+  std::string padding_side = "right";
+  void add(CLI::App& app);
+};
+
+// The tokenizer a data file needs: null for token-id (safetensors) data without a task;
+// else loaded from --tokenizer or the model directory, with an error that says which
+// directory was searched and how to point zo2-tune at another.
+std::unique_ptr<Tokenizer> tokenizer_for_data(const std::filesystem::path& data, const DataFlags& flags,
+                                              const std::filesystem::path& model_dir);
+
+// The tokenizer files of a model directory (tokenizer.json, tokenizer.model,
+// tokenizer_config.json, special_tokens_map.json, vocab.json, merges.txt, encoder.json,
+// vocab.bpe, added_tokens.json, generation_config.json) copied into `to`, each written
+// atomically. Returns how many were copied.
+int copy_tokenizer_files(const std::filesystem::path& from, const std::filesystem::path& to);
 
 // Token ids [N, T] (+ optional attention_mask, labels) from a safetensors file, as int32.
 struct TokenTensors {

@@ -1,4 +1,5 @@
-// zo2-tune eval: the token-weighted mean next-token loss of a checkpoint on a data file.
+// zo2-tune eval: a checkpoint on a data file: the token-weighted mean next-token loss, or for
+// multiple-choice data (JSONL options, task presets) MeZO's candidate loss and accuracy.
 #include "api/session.h"
 #include "runtime/arena.h"
 #include "runtime/log.h"
@@ -18,45 +19,54 @@ Runner add_eval(CLI::App& app) {
   struct Opts {
     std::string model, data;
     int batch = 8;
+    std::int64_t num = 0;
+    std::uint64_t seed = 0;
     bool json = false;
     DeviceFlags dev;
+    DataFlags data_flags;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--model", o->model, "HF checkpoint directory")->required();
-  app.add_option("--data", o->data, "safetensors with input_ids [N, T] (+ attention_mask, labels)")->required();
-  app.add_option("--batch-size,--per_device_eval_batch_size", o->batch, "sequences per forward pass")
+  app.add_option("--data", o->data,
+                 "JSONL (text | prompt+completion | prompt+options+label), a --task file, or safetensors with "
+                 "input_ids [N, T] (+ attention_mask, labels)")->required();
+  app.add_option("--batch-size,--per_device_eval_batch_size", o->batch, "examples per forward pass")
       ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--num-eval,--num_eval", o->num, "evaluate a seeded sample of N examples")->check(CLI::PositiveNumber);
+  app.add_option("--data-seed", o->seed, "seed of --num-eval's sample")->capture_default_str();
   app.add_flag("--json", o->json, "print the result as JSON");
   o->dev.add(app);
+  o->data_flags.add(app);
   return [o] {
     const ModelConfig config = ModelConfig::load(o->model);
-    const TokenDataset data = TokenDataset::load(o->data, config);
+    const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, o->model);
+    DataOptions dopt;
+    dopt.task = o->data_flags.task;
+    dopt.max_len = o->data_flags.max_len;
+    dopt.left_padding = o->data_flags.padding_side == "left";
+    dopt.sample = o->num;
+    dopt.seed = o->seed;
+    const Dataset data = Dataset::load(o->data, config, tokenizer.get(), dopt);
     SessionConfig sc = session_config(o->dev, false);
-    sc.max_batch = static_cast<int>(std::min<std::int64_t>(o->batch, data.rows()));
-    sc.max_seq = static_cast<int>(data.seq());
+    sc.max_batch = static_cast<int>(std::min<std::int64_t>(o->batch, data.size())) * data.max_candidates();
+    sc.max_seq = data.longest();
     Session session(o->model, sc);
-    double sum = 0;
-    std::int64_t count = 0;
-    for (std::int64_t first = 0; first < data.rows(); first += sc.max_batch) {
-      const HostBatch b = data.rows_batch(first, sc.max_batch);
-      std::vector<float> token_loss(static_cast<std::size_t>(b.tokens()));
-      EvalOptions eo;
-      eo.token_loss = token_loss.data();
-      session.eval(b, eo);
-      for (std::size_t i = 0; i < token_loss.size(); ++i)
-        if (b.targets[i] >= 0) {
-          sum += token_loss[i];
-          ++count;
-        }
-    }
-    const double loss = count > 0 ? sum / static_cast<double>(count) : std::nan("");
+    const EvalResult r = evaluate(session, data, sc.max_batch);
     if (o->json) {
-      nlohmann::json j{{"loss", loss}, {"perplexity", std::exp(loss)}, {"tokens", count}, {"rows", data.rows()},
+      nlohmann::json j{{"loss", r.loss}, {"tokens", r.tokens}, {"examples", r.examples},
+                       {"format", std::string(data_format_name(data.format()))},
                        {"device_peak_bytes", session.device_peak()}};
+      if (r.accuracy >= 0)
+        j["accuracy"] = r.accuracy;
+      else
+        j["perplexity"] = std::exp(r.loss);
       fmt::print("{}\n", j.dump());
+    } else if (r.accuracy >= 0) {
+      fmt::print("eval: accuracy {:.4f}, loss {:.6f} over {} examples ({} scored tokens; device peak {})\n", r.accuracy,
+                 r.loss, r.examples, r.tokens, format_bytes(static_cast<double>(session.device_peak())));
     } else {
-      fmt::print("eval: loss {:.6f}, perplexity {:.3f} over {} target tokens in {} rows (device peak {})\n", loss,
-                 std::exp(loss), count, data.rows(), format_bytes(static_cast<double>(session.device_peak())));
+      fmt::print("eval: loss {:.6f}, perplexity {:.3f} over {} target tokens in {} rows (device peak {})\n", r.loss,
+                 std::exp(r.loss), r.tokens, r.examples, format_bytes(static_cast<double>(session.device_peak())));
     }
     return 0;
   };

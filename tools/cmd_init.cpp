@@ -5,6 +5,7 @@
 #include "models/layout.h"
 #include "models/presets.h"
 #include "models/safetensors.h"
+#include "models/tokenizer.h"
 #include "runtime/arena.h"
 #include "runtime/error.h"
 #include "runtime/file_util.h"
@@ -23,7 +24,7 @@ namespace zo2::cli {
 
 Runner add_init(CLI::App& app) {
   struct Opts {
-    std::string preset, out, dtype = "fp32", shard = "5G";
+    std::string preset, out, dtype = "fp32", shard = "5G", tokenizer;
     std::uint64_t seed = 0;
     bool list = false;
   };
@@ -33,6 +34,8 @@ Runner add_init(CLI::App& app) {
   app.add_option("--seed", o->seed, "init seed")->capture_default_str();
   app.add_option("--dtype", o->dtype, "fp32, bf16 or fp16")->capture_default_str();
   app.add_option("--shard-size", o->shard, "largest safetensors shard (HF sharding above it)")->capture_default_str();
+  app.add_option("--tokenizer", o->tokenizer,
+                 "copy this directory's tokenizer files into the checkpoint (its special-token ids go to config.json)");
   app.add_flag("--list", o->list, "list the presets and exit");
   return [o] {
     if (o->list) {
@@ -46,7 +49,17 @@ Runner add_init(CLI::App& app) {
     const Preset& preset = find_preset(o->preset);
     const DType dt = parse_dtype_flag("--dtype", o->dtype, {DType::f32, DType::bf16, DType::f16});
     const std::uint64_t shard = parse_byte_size(o->shard);
-    const ModelConfig& c = preset.config;
+    ModelConfig c = preset.config;
+    std::unique_ptr<Tokenizer> tok;
+    if (!o->tokenizer.empty()) {
+      tok = Tokenizer::from_dir(o->tokenizer);
+      if (tok->vocab_size() > c.vocab_size)
+        fail(ErrorKind::invalid_argument, "--tokenizer {}: {} ids do not fit the {} preset's vocabulary of {}",
+             o->tokenizer, tok->vocab_size(), preset.name, c.vocab_size);
+      if (tok->bos_id()) c.bos_token_id = *tok->bos_id();
+      if (tok->eos_id()) c.eos_token_id = *tok->eos_id();
+      if (tok->pad_id()) c.pad_token_id = *tok->pad_id();
+    }
     ensure_writable_dir(o->out);
 
     std::vector<TensorToWrite> tensors;
@@ -103,6 +116,10 @@ Runner add_init(CLI::App& app) {
     j["dtype"] = cfg.torch_dtype;
     j["transformers_version"] = "4.46.0";
     write_file_atomic(std::filesystem::path(o->out) / "config.json", j.dump(2) + "\n");
+    if (tok) {
+      const int n = copy_tokenizer_files(o->tokenizer, o->out);
+      log_info("init: copied {} tokenizer files ({}, {} ids) from {}", n, tok->kind(), tok->vocab_size(), o->tokenizer);
+    }
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     log_info("init: wrote {} ({} parameters, {}) to {} in {}", preset.name, c.total_params(),
              format_bytes(static_cast<double>(total)), o->out, format_duration(s));

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <fstream>
 #include <memory>
+#include <optional>
 
 namespace zo2::cli {
 
@@ -90,15 +91,29 @@ class Progress {
 Runner add_train(CLI::App& app) {
   struct Opts {
     std::string model, data, out, resume, log_json, save_dtype = "fp32", shard = "5G", schedule = "constant";
+    std::string eval;
     std::int64_t steps = 100, save_every = 0, warmup = 0, log_every = 10, stop_at = 0;
+    std::int64_t num_train = 0, num_eval = 0, eval_every = 0;
     int batch = 8;
     double lr = 1e-6, eps = 1e-3, wd = 0;
-    std::uint64_t seed = 0;
+    std::uint64_t seed = 0, data_seed = 0;
+    bool shuffle = true;
     DeviceFlags dev;
+    DataFlags data_flags;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--model", o->model, "HF checkpoint directory to start from");
-  app.add_option("--data", o->data, "training data: safetensors with input_ids [N, T] (+ attention_mask, labels)")->required();
+  app.add_option("--data", o->data,
+                 "training data: JSONL (text | prompt+completion | prompt+options+label), a --task file, or "
+                 "safetensors with input_ids [N, T] (+ attention_mask, labels)")->required();
+  app.add_option("--eval", o->eval, "evaluation data (same format/task as --data): loss, and accuracy for options");
+  app.add_option("--eval-every,--eval_steps", o->eval_every, "evaluate every N steps (and at the end; 0: only at the end)")
+      ->capture_default_str();
+  auto* num_train = app.add_option("--num-train,--num_train", o->num_train, "use a seeded sample of N training examples")
+                        ->check(CLI::PositiveNumber);
+  app.add_option("--num-eval,--num_eval", o->num_eval, "use a seeded sample of N evaluation examples")->check(CLI::PositiveNumber);
+  auto* shuffle = app.add_flag("--shuffle,!--no-shuffle", o->shuffle, "reshuffle the training examples every epoch (default on)");
+  auto* data_seed = app.add_option("--data-seed", o->data_seed, "seed of the sampling and shuffling (default: --seed)");
   app.add_option("--out", o->out, "output directory: tuned checkpoint, seed_log.jsonl, zo2_state.json")->required();
   auto* steps = app.add_option("--steps,--max_steps", o->steps, "total steps")->capture_default_str()->check(CLI::PositiveNumber);
   auto* batch = app.add_option("--batch-size,--per_device_train_batch_size", o->batch, "sequences per step")
@@ -121,10 +136,13 @@ Runner add_train(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   app.add_option("--resume", o->resume, "continue the run saved in DIR (its zo2_state.json and checkpoint)");
   o->dev.add(app);
+  o->data_flags.add(app);
   struct Given {
-    CLI::Option *steps, *batch, *lr, *eps, *wd, *seed, *sched, *warm;
+    CLI::Option *steps, *batch, *lr, *eps, *wd, *seed, *sched, *warm, *num_train, *shuffle, *data_seed, *task, *max_len,
+        *padding;
   };
-  const Given given{steps, batch, lr, eps, wd, seed, sched, warm};
+  const Given given{steps, batch, lr, eps, wd, seed, sched, warm, num_train, shuffle, data_seed,
+                    app.get_option("--task"), app.get_option("--max-len"), app.get_option("--padding-side")};
   return [o, given] {
     g_stop_signal.store(0);
     const DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
@@ -134,6 +152,7 @@ Runner add_train(CLI::App& app) {
     std::int64_t first_step = 0;
     std::string base_model = o->model;
     bool append_log = false;
+    bool data_seed_known = given.data_seed->count() > 0;
     if (!o->resume.empty()) {
       const json st = read_json(std::filesystem::path(o->resume) / kStateFile);
       if (!st.contains("zo2_state")) fail(ErrorKind::format, "{}/{}: not a zo2 state file", o->resume, kStateFile);
@@ -155,6 +174,13 @@ Runner add_train(CLI::App& app) {
       take(given.sched, "lr_schedule", o->schedule);
       take(given.warm, "warmup_steps", o->warmup);
       take(given.steps, "total_steps", o->steps);
+      take(given.num_train, "num_train", o->num_train);
+      take(given.shuffle, "shuffle", o->shuffle);
+      take(given.data_seed, "data_seed", o->data_seed);
+      data_seed_known = data_seed_known || st.contains("data_seed");
+      take(given.task, "task", o->data_flags.task);
+      take(given.max_len, "max_len", o->data_flags.max_len);
+      take(given.padding, "padding_side", o->data_flags.padding_side);
       first_step = st.at("next_step").get<std::int64_t>();
       base_model = st.value("base_model", std::string());
       const std::string storage = st.value("storage_dtype", std::string("fp32"));
@@ -171,14 +197,31 @@ Runner add_train(CLI::App& app) {
 
     // Validate everything cheap before touching the output directory.
     const ModelConfig config = ModelConfig::load(model_dir);
-    const TokenDataset data = TokenDataset::load(o->data, config);
+    if (!data_seed_known) o->data_seed = o->seed;
+    const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, model_dir);
+    DataOptions dopt;
+    dopt.task = o->data_flags.task;
+    dopt.max_len = o->data_flags.max_len;
+    dopt.left_padding = o->data_flags.padding_side == "left";
+    dopt.sample = o->num_train;
+    dopt.seed = o->data_seed;
+    dopt.shuffle = o->shuffle;
+    const Dataset data = Dataset::load(o->data, config, tokenizer.get(), dopt);
+    std::optional<Dataset> eval_data;
+    if (!o->eval.empty()) {
+      DataOptions eopt = dopt;
+      eopt.sample = o->num_eval;
+      const auto eval_tok = tokenizer ? nullptr : tokenizer_for_data(o->eval, o->data_flags, model_dir);
+      eval_data = Dataset::load(o->eval, config, tokenizer ? tokenizer.get() : eval_tok.get(), eopt);
+    }
     LrSchedule schedule;
     schedule.kind = LrSchedule::parse(o->schedule);
     schedule.base_lr = o->lr;
     schedule.warmup_steps = o->warmup;
     schedule.total_steps = o->steps;
-    sc.max_batch = o->batch;
-    sc.max_seq = static_cast<int>(data.seq());
+    const int candidates = std::max(data.max_candidates(), eval_data ? eval_data->max_candidates() : 1);
+    sc.max_batch = o->batch * candidates;
+    sc.max_seq = std::max(data.longest(), eval_data ? eval_data->longest() : 0);
     sc.run_seed = o->seed;
     sc.first_step = first_step;
     plan_placement(config, plan_request(config, sc, parse_device(sc.device).kind,
@@ -200,13 +243,16 @@ Runner add_train(CLI::App& app) {
     }
 
     Session session(model_dir, sc);
-    log_info("train: {} ({} blocks, {:.1f}M parameters) on {}; {} rows × {} tokens; steps {}..{}",
-             model_dir, config.num_layers, static_cast<double>(config.total_params()) / 1e6, session.device().name(),
-             data.rows(), data.seq(), first_step + 1, o->steps);
+    log_info("train: {} ({} blocks, {:.1f}M parameters) on {}; steps {}..{}", model_dir, config.num_layers,
+             static_cast<double>(config.total_params()) / 1e6, session.device().name(), first_step + 1, o->steps);
+    log_info("train data: {}", data.describe());
+    if (eval_data) log_info("eval data: {}", eval_data->describe());
     log_info("{}", session.placement().describe(config));
 
+    const std::filesystem::path tokenizer_src = o->data_flags.tokenizer.empty() ? model_dir : o->data_flags.tokenizer;
     auto save = [&](std::int64_t next_step) {
       session.save(out, save_dtype, shard);
+      copy_tokenizer_files(tokenizer_src, out);
       json st{{"zo2_state", 1},
               {"next_step", next_step},
               {"total_steps", o->steps},
@@ -220,7 +266,13 @@ Runner add_train(CLI::App& app) {
               {"storage_dtype", std::string(dtype_name(sc.storage))},
               {"save_dtype", std::string(dtype_name(save_dtype))},
               {"data", data.source()},
-              {"data_rows", data.rows()},
+              {"data_examples", data.size()},
+              {"task", o->data_flags.task},
+              {"max_len", o->data_flags.max_len},
+              {"padding_side", o->data_flags.padding_side},
+              {"num_train", o->num_train},
+              {"shuffle", o->shuffle},
+              {"data_seed", o->data_seed},
               {"base_model", base_model}};
       if (save_dtype != DType::f32 && save_dtype != sc.storage)
         log_warn("the checkpoint is saved as {} but the weights are {}: --resume will not be exact",
@@ -236,6 +288,7 @@ Runner add_train(CLI::App& app) {
     const TransferTotals t0 = session.scheduler().totals();
     std::int64_t completed = 0;
     std::int64_t next = first_step;
+    std::vector<std::int64_t> step_tokens;  // B·T of each step run here, by step − first_step
     auto harvest = [&](std::int64_t step) {
       const StepResult r = session.wait(step);
       const auto now = std::chrono::steady_clock::now();
@@ -243,7 +296,7 @@ Runner add_train(CLI::App& app) {
       last = now;
       ++completed;
       const double elapsed = std::chrono::duration<double>(now - start).count();
-      const double tokens = static_cast<double>(o->batch) * static_cast<double>(data.seq());
+      const double tokens = static_cast<double>(step_tokens.at(static_cast<std::size_t>(step - first_step)));
       const double tok_s = step_s > 0 ? tokens / step_s : 0;
       const TransferTotals tt = session.scheduler().totals();
       const double pcie = elapsed > 0 ? static_cast<double>(tt.h2d_bytes + tt.d2h_bytes - t0.h2d_bytes - t0.d2h_bytes) / elapsed / 1e9 : 0;
@@ -269,13 +322,38 @@ Runner add_train(CLI::App& app) {
     };
     std::int64_t in_flight = -1;
     const std::int64_t stop = o->stop_at > 0 ? std::min(o->stop_at, o->steps) : o->steps;
+    auto run_eval = [&](std::int64_t done) {
+      if (!eval_data) return;
+      const auto t = std::chrono::steady_clock::now();
+      const EvalResult e = evaluate(session, *eval_data, sc.max_batch);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+      progress.newline();
+      if (e.accuracy >= 0)
+        log_info("eval after step {}: loss {:.4f}, accuracy {:.4f} ({} examples, {})", done, e.loss, e.accuracy,
+                 e.examples, format_duration(s));
+      else
+        log_info("eval after step {}: loss {:.4f}, perplexity {:.3f} ({} tokens, {})", done, e.loss, std::exp(e.loss),
+                 e.tokens, format_duration(s));
+      if (log_json) {
+        json j{{"eval_after_step", done}, {"eval_loss", e.loss}, {"eval_examples", e.examples}, {"eval_tokens", e.tokens}};
+        if (e.accuracy >= 0) j["eval_accuracy"] = e.accuracy;
+        *log_json << j.dump() << "\n";
+        log_json->flush();
+      }
+    };
     while (next < stop && g_stop_signal.load() == 0) {
-      const HostBatch b = data.batch(next, o->batch);
+      const HostBatch b = data.train_batch(next, o->batch);
+      step_tokens.push_back(b.tokens());
       const auto lr_t = static_cast<float>(schedule.at(next));
       session.step_async(b, lr_t, static_cast<float>(o->eps), static_cast<float>(o->wd));
       if (in_flight >= 0) harvest(in_flight);  // losses are read a step behind
       in_flight = next;
       ++next;
+      if (o->eval_every > 0 && next % o->eval_every == 0 && next < stop) {
+        harvest(in_flight);
+        in_flight = -1;
+        run_eval(next);
+      }
       if (o->save_every > 0 && next % o->save_every == 0 && next < o->steps) {
         harvest(in_flight);
         in_flight = -1;
@@ -286,6 +364,7 @@ Runner add_train(CLI::App& app) {
     }
     if (in_flight >= 0) harvest(in_flight);
     const int sig = g_stop_signal.load();
+    if (sig == 0) run_eval(next);
     std::signal(SIGINT, SIG_DFL);
     std::signal(SIGTERM, SIG_DFL);
     if (sig != 0) {

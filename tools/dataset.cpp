@@ -1,58 +1,552 @@
 #include "tools/dataset.h"
 
+#include "api/session.h"
 #include "runtime/error.h"
+#include "runtime/log.h"
 #include "tools/cli.h"
 
-namespace zo2::cli {
+#include <nlohmann/json.hpp>
+#include <oneapi/tbb/parallel_for.h>
 
-TokenDataset TokenDataset::load(const std::filesystem::path& file, const ModelConfig& config) {
-  TokenTensors t = read_token_tensors(file);
-  TokenDataset d;
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <limits>
+#include <random>
+
+namespace zo2::cli {
+namespace {
+
+using json = nlohmann::json;
+
+// One example before tokenization.
+struct Record {
+  std::string text, prompt, completion;
+  std::vector<std::string> options;
+  int label = -1;
+  std::int64_t line = 0;
+};
+
+std::string lower(std::string s) {
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+std::string strip(std::string_view s) {
+  const auto ws = " \t\r\n\f\v";
+  const auto b = s.find_first_not_of(ws);
+  if (b == std::string_view::npos) return {};
+  return std::string(s.substr(b, s.find_last_not_of(ws) - b + 1));
+}
+
+std::string rstrip(std::string_view s) {
+  const auto e = s.find_last_not_of(" \t\r\n\f\v");
+  return e == std::string_view::npos ? std::string() : std::string(s.substr(0, e + 1));
+}
+
+// Calls fn(line_number, line) for every non-blank line.
+template <class F>
+void for_each_line(const std::filesystem::path& file, F&& fn) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) fail(ErrorKind::io, "{}: cannot open the data file", file.string());
+  std::string line;
+  std::int64_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (strip(line).empty()) continue;
+    fn(n, line);
+  }
+}
+
+json parse_json_line(const std::filesystem::path& file, std::int64_t n, const std::string& line) {
+  json j;
+  try {
+    j = json::parse(line);
+  } catch (const json::parse_error& e) {
+    fail(ErrorKind::format, "{}:{}: not valid JSON: {}", file.string(), n, e.what());
+  }
+  if (!j.is_object()) fail(ErrorKind::format, "{}:{}: expected a JSON object, got {}", file.string(), n, j.type_name());
+  return j;
+}
+
+std::string string_field(const std::filesystem::path& file, std::int64_t n, const json& j, const char* key) {
+  const auto it = j.find(key);
+  if (it == j.end()) fail(ErrorKind::format, "{}:{}: no \"{}\" field", file.string(), n, key);
+  if (!it->is_string())
+    fail(ErrorKind::format, "{}:{}: \"{}\" must be a string, not {}", file.string(), n, key, it->type_name());
+  return it->get<std::string>();
+}
+
+// A label given as an integer, a boolean (false = 0) or one of `names`.
+int label_field(const std::filesystem::path& file, std::int64_t n, const json& j, int count,
+                const std::vector<std::string>& names = {}) {
+  const auto it = j.find("label");
+  if (it == j.end())
+    fail(ErrorKind::format, "{}:{}: no \"label\" field (the test splits of GLUE/SuperGLUE are unlabeled)",
+         file.string(), n);
+  int v = -1;
+  if (it->is_boolean()) {
+    v = it->get<bool>() ? 1 : 0;
+  } else if (it->is_number_integer()) {
+    v = static_cast<int>(std::clamp<std::int64_t>(it->get<std::int64_t>(), -1, count));
+  } else if (it->is_string()) {
+    const auto s = it->get<std::string>();
+    for (std::size_t i = 0; i < names.size(); ++i)
+      if (s == names[i]) v = static_cast<int>(i);
+    if (v < 0)
+      fail(ErrorKind::format, "{}:{}: label \"{}\" is not one of {}", file.string(), n, s,
+           names.empty() ? std::string("the integer labels") : fmt::format("\"{}\"", fmt::join(names, "\", \"")));
+  } else {
+    fail(ErrorKind::format, "{}:{}: \"label\" must be an integer, not {}", file.string(), n, it->type_name());
+  }
+  if (v < 0 || v >= count)
+    fail(ErrorKind::format, "{}:{}: label {} is outside [0, {})", file.string(), n, it->dump(), count);
+  return v;
+}
+
+// Generic JSONL: the format is decided by the first line's keys; every line must agree.
+std::vector<Record> read_jsonl(const std::filesystem::path& file, DataFormat& format) {
+  std::vector<Record> out;
+  bool first = true;
+  for_each_line(file, [&](std::int64_t n, const std::string& line) {
+    const json j = parse_json_line(file, n, line);
+    DataFormat f;
+    if (j.contains("options")) f = DataFormat::options;
+    else if (j.contains("completion")) f = DataFormat::completion;
+    else if (j.contains("text")) f = DataFormat::text;
+    else
+      fail(ErrorKind::format,
+           "{}:{}: expected {{\"text\": ...}}, {{\"prompt\": ..., \"completion\": ...}} or {{\"prompt\": ..., "
+           "\"options\": [...], \"label\": i}}; found the keys {}",
+           file.string(), n, [&] {
+             std::vector<std::string> keys;
+             for (auto it = j.begin(); it != j.end(); ++it) keys.push_back(it.key());
+             return keys.empty() ? std::string("(none)") : fmt::format("\"{}\"", fmt::join(keys, "\", \""));
+           }());
+    if (first) format = f;
+    else if (f != format)
+      fail(ErrorKind::format, "{}:{}: a {} example, but the file's first example is {}", file.string(), n,
+           data_format_name(f), data_format_name(format));
+    first = false;
+    Record r;
+    r.line = n;
+    if (f == DataFormat::text) {
+      r.text = string_field(file, n, j, "text");
+    } else {
+      r.prompt = string_field(file, n, j, "prompt");
+      if (f == DataFormat::completion) {
+        r.completion = string_field(file, n, j, "completion");
+        if (r.completion.empty()) fail(ErrorKind::format, "{}:{}: the completion is empty", file.string(), n);
+      } else {
+        const json& o = j.at("options");
+        if (!o.is_array() || o.size() < 2)
+          fail(ErrorKind::format, "{}:{}: \"options\" must be an array of at least 2 strings", file.string(), n);
+        for (const auto& x : o) {
+          if (!x.is_string())
+            fail(ErrorKind::format, "{}:{}: \"options\" must hold strings, found {}", file.string(), n, x.type_name());
+          r.options.push_back(x.get<std::string>());
+          if (r.options.back().empty()) fail(ErrorKind::format, "{}:{}: an option is empty", file.string(), n);
+        }
+        r.label = label_field(file, n, j, static_cast<int>(r.options.size()));
+      }
+    }
+    out.push_back(std::move(r));
+  });
+  if (out.empty()) fail(ErrorKind::format, "{}: no examples (the file is empty)", file.string());
+  return out;
+}
+
+// SST-2 as GLUE ships it: a TSV with a header naming "sentence" and "label" columns.
+// MeZO's template: "<sentence> It was" + " terrible" | " great".
+std::vector<Record> read_sst2(const std::filesystem::path& file) {
+  std::vector<Record> out;
+  int sentence_col = -1, label_col = -1;
+  std::size_t columns = 0;
+  for_each_line(file, [&](std::int64_t n, const std::string& line) {
+    std::vector<std::string> cells;
+    std::size_t start = 0;
+    for (std::size_t tab; (tab = line.find('\t', start)) != std::string::npos; start = tab + 1)
+      cells.push_back(line.substr(start, tab - start));
+    cells.push_back(line.substr(start));
+    if (sentence_col < 0 && label_col < 0 && columns == 0) {  // the header
+      columns = cells.size();
+      for (std::size_t i = 0; i < cells.size(); ++i) {
+        if (cells[i] == "sentence") sentence_col = static_cast<int>(i);
+        if (cells[i] == "label") label_col = static_cast<int>(i);
+      }
+      if (sentence_col < 0 || label_col < 0)
+        fail(ErrorKind::format,
+             "{}:{}: --task sst2 reads GLUE's SST-2 TSV, whose header names the columns \"sentence\" and "
+             "\"label\"; this header has {} (the test split is unlabeled)",
+             file.string(), n, fmt::format("\"{}\"", fmt::join(cells, "\", \"")));
+      return;
+    }
+    if (cells.size() != columns)
+      fail(ErrorKind::format, "{}:{}: {} tab-separated cells, the header has {}", file.string(), n, cells.size(),
+           columns);
+    const std::string& l = cells[static_cast<std::size_t>(label_col)];
+    if (l != "0" && l != "1") fail(ErrorKind::format, "{}:{}: SST-2 label \"{}\" is not 0 or 1", file.string(), n, l);
+    Record r;
+    r.line = n;
+    r.prompt = strip(cells[static_cast<std::size_t>(sentence_col)]) + " It was";
+    r.options = {" terrible", " great"};
+    r.label = l == "1" ? 1 : 0;
+    out.push_back(std::move(r));
+  });
+  if (out.empty()) fail(ErrorKind::format, "{}: no SST-2 examples", file.string());
+  return out;
+}
+
+// SuperGLUE JSONL tasks with MeZO's templates.
+std::vector<Record> read_superglue(const std::filesystem::path& file, const std::string& task) {
+  std::vector<Record> out;
+  for_each_line(file, [&](std::int64_t n, const std::string& line) {
+    const json j = parse_json_line(file, n, line);
+    Record r;
+    r.line = n;
+    if (task == "rte") {
+      r.prompt = fmt::format("{}\nDoes this mean that \"{}\" is true? Yes or No?\n", string_field(file, n, j, "premise"),
+                             string_field(file, n, j, "hypothesis"));
+      r.options = {"Yes", "No"};
+      r.label = label_field(file, n, j, 2, {"entailment", "not_entailment"});
+    } else if (task == "cb") {
+      r.prompt = fmt::format("Suppose {} Can we infer that \"{}\"? Yes, No, or Maybe?\n",
+                             string_field(file, n, j, "premise"), string_field(file, n, j, "hypothesis"));
+      r.options = {"Yes", "No", "Maybe"};
+      r.label = label_field(file, n, j, 3, {"entailment", "contradiction", "neutral"});
+    } else if (task == "boolq") {
+      std::string q = string_field(file, n, j, "question");
+      if (q.empty() || q.back() != '?') q += "?";
+      q[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(q[0])));
+      r.prompt = fmt::format("{} {}\n", string_field(file, n, j, "passage"), q);
+      r.options = {"No", "Yes"};
+      r.label = label_field(file, n, j, 2, {"False", "True"});
+    } else {  // copa
+      std::string premise = rstrip(string_field(file, n, j, "premise"));
+      if (!premise.empty() && premise.back() == '.') premise.pop_back();
+      const std::string q = string_field(file, n, j, "question");
+      if (q != "cause" && q != "effect")
+        fail(ErrorKind::format, "{}:{}: COPA \"question\" must be \"cause\" or \"effect\", not \"{}\"", file.string(),
+             n, q);
+      r.prompt = premise + (q == "cause" ? " because " : " so ");
+      for (const char* key : {"choice1", "choice2"}) {
+        std::string c = string_field(file, n, j, key);
+        // MeZO lower-cases the first word of the choice, except "I".
+        const auto space = c.find(' ');
+        if (c.substr(0, space) != "I")
+          for (std::size_t i = 0; i < std::min(space, c.size()); ++i)
+            c[i] = static_cast<char>(std::tolower(static_cast<unsigned char>(c[i])));
+        r.options.push_back(c);
+      }
+      r.label = label_field(file, n, j, 2);
+    }
+    out.push_back(std::move(r));
+  });
+  if (out.empty()) fail(ErrorKind::format, "{}: no {} examples", file.string(), task);
+  return out;
+}
+
+std::vector<std::int32_t> concat(const std::vector<std::int32_t>& a, const std::vector<std::int32_t>& b) {
+  std::vector<std::int32_t> out(a);
+  out.insert(out.end(), b.begin(), b.end());
+  return out;
+}
+
+}  // namespace
+
+std::string_view data_format_name(DataFormat f) {
+  switch (f) {
+    case DataFormat::tokens: return "token-id";
+    case DataFormat::text: return "text";
+    case DataFormat::completion: return "prompt/completion";
+    case DataFormat::options: return "multiple-choice";
+  }
+  return "?";
+}
+
+const std::vector<std::string>& task_names() {
+  static const std::vector<std::string> names{"sst2", "rte", "boolq", "cb", "copa"};
+  return names;
+}
+
+Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& config, const Tokenizer* tokenizer,
+                      const DataOptions& options) {
+  Dataset d;
   d.config_ = config;
   d.source_ = file.string();
-  d.rows_ = t.rows;
-  d.seq_ = t.seq;
-  if (t.seq > config.max_positions)
-    fail(ErrorKind::invalid_argument, "{}: sequences of {} tokens exceed the model's max_position_embeddings ({})",
-         file.string(), t.seq, config.max_positions);
-  for (std::size_t i = 0; i < t.ids.size(); ++i)
-    if (t.ids[i] < 0 || t.ids[i] >= config.vocab_size)
-      fail(ErrorKind::invalid_argument, "{}: token id {} at row {}, position {} is outside the model's vocabulary [0, {})",
-           file.string(), t.ids[i], static_cast<std::int64_t>(i) / t.seq, static_cast<std::int64_t>(i) % t.seq,
-           config.vocab_size);
-  d.ids_ = std::move(t.ids);
-  d.mask_ = std::move(t.mask);
-  d.labels_ = std::move(t.labels);
+  d.options_ = options;
+  if (!std::filesystem::exists(file)) fail(ErrorKind::io, "{}: no such data file", file.string());
+  const int limit = options.max_len > 0 ? options.max_len : static_cast<int>(config.max_positions);
+  if (options.max_len > config.max_positions)
+    fail(ErrorKind::invalid_argument, "--max-len {} exceeds the model's max_position_embeddings ({})",
+         options.max_len, config.max_positions);
+  if (!options.task.empty() &&
+      std::find(task_names().begin(), task_names().end(), options.task) == task_names().end())
+    fail(ErrorKind::invalid_argument, "--task {}: unknown task; zo2 knows {}", options.task,
+         fmt::join(task_names(), ", "));
+  const std::string ext = lower(file.extension().string());
+
+  if (options.task.empty() && ext == ".safetensors") {
+    TokenTensors t = read_token_tensors(file);
+    if (t.seq > limit)
+      fail(ErrorKind::invalid_argument, "{}: sequences of {} tokens exceed {} ({})", file.string(), t.seq,
+           options.max_len > 0 ? "--max-len" : "the model's max_position_embeddings", limit);
+    const auto T = static_cast<std::size_t>(t.seq);
+    for (std::int64_t r = 0; r < t.rows; ++r) {
+      Example e;
+      e.line = r + 1;
+      Example::Seq s;
+      const auto at = static_cast<std::ptrdiff_t>(static_cast<std::size_t>(r) * T);
+      s.ids.assign(t.ids.begin() + at, t.ids.begin() + at + static_cast<std::ptrdiff_t>(T));
+      if (!t.mask.empty()) s.mask.assign(t.mask.begin() + at, t.mask.begin() + at + static_cast<std::ptrdiff_t>(T));
+      if (!t.labels.empty()) {
+        s.labels.assign(t.labels.begin() + at, t.labels.begin() + at + static_cast<std::ptrdiff_t>(T));
+      } else {
+        s.labels = s.ids;
+        for (std::size_t i = 0; i < s.mask.size(); ++i)
+          if (s.mask[i] == 0) s.labels[i] = kIgnoreIndex;
+      }
+      for (std::size_t i = 0; i < T; ++i)
+        if (s.ids[i] < 0 || s.ids[i] >= config.vocab_size)
+          fail(ErrorKind::invalid_argument,
+               "{}: token id {} at row {}, position {} is outside the model's vocabulary [0, {})", file.string(),
+               s.ids[i], r, i, config.vocab_size);
+      e.seqs.push_back(std::move(s));
+      d.examples_.push_back(std::move(e));
+    }
+    d.format_ = DataFormat::tokens;
+    d.longest_ = static_cast<int>(t.seq);
+  } else {
+    std::vector<Record> records;
+    if (options.task == "sst2") {
+      records = read_sst2(file);
+      d.format_ = DataFormat::options;
+    } else if (!options.task.empty()) {
+      records = read_superglue(file, options.task);
+      d.format_ = DataFormat::options;
+    } else if (ext == ".tsv") {
+      fail(ErrorKind::invalid_argument, "{}: a TSV file is read by a task preset (--task sst2)", file.string());
+    } else {
+      records = read_jsonl(file, d.format_);
+    }
+    if (!tokenizer)
+      fail(ErrorKind::invalid_argument, "{}: {} data needs a tokenizer (--tokenizer DIR)", file.string(),
+           data_format_name(d.format_));
+    if (tokenizer->vocab_size() > config.vocab_size)
+      fail(ErrorKind::invalid_argument, "the tokenizer has {} ids but the model's vocabulary is only {}",
+           tokenizer->vocab_size(), config.vocab_size);
+    const std::vector<std::int32_t>& prefix = tokenizer->special_prefix();
+    std::vector<Example> examples(records.size());
+    std::vector<char> cut(records.size(), 0);
+    const DataFormat format = d.format_;
+    // Tokenize in parallel; errors carry the line.
+    tbb::parallel_for(std::size_t{0}, records.size(), [&](std::size_t i) {
+      const Record& r = records[i];
+      Example& e = examples[i];
+      e.line = r.line;
+      e.label = r.label;
+      auto scored_seq = [&](const std::string& prompt, const std::string& tail) {
+        const auto full = tokenizer->encode(prompt + tail);
+        const auto head = tokenizer->encode(prompt);
+        const std::int64_t scored = static_cast<std::int64_t>(full.size()) - static_cast<std::int64_t>(head.size());
+        if (scored <= 0)
+          fail(ErrorKind::format, "{}:{}: \"{}\" adds no tokens to the prompt", file.string(), r.line, tail);
+        std::vector<std::int32_t> ids = concat(prefix, full);
+        const auto keep_prefix = static_cast<std::int64_t>(prefix.size());
+        if (static_cast<std::int64_t>(ids.size()) > limit) {
+          if (options.max_len <= 0)
+            fail(ErrorKind::invalid_argument,
+                 "{}:{}: {} tokens exceed the model's max_position_embeddings ({}); pass --max-len to truncate",
+                 file.string(), r.line, ids.size(), limit);
+          if (scored + keep_prefix + 1 > limit)
+            fail(ErrorKind::invalid_argument,
+                 "{}:{}: the scored part alone is {} tokens; with the prompt it does not fit --max-len {}",
+                 file.string(), r.line, scored, limit);
+          const auto drop = static_cast<std::int64_t>(ids.size()) - limit;
+          ids.erase(ids.begin() + keep_prefix, ids.begin() + keep_prefix + drop);
+          cut[i] = 1;
+        }
+        Example::Seq s;
+        s.labels.assign(ids.size(), kIgnoreIndex);
+        for (std::size_t t = ids.size() - static_cast<std::size_t>(scored); t < ids.size(); ++t) s.labels[t] = ids[t];
+        s.ids = std::move(ids);
+        return s;
+      };
+      if (format == DataFormat::text) {
+        Example::Seq s;
+        s.ids = tokenizer->encode_with_special(r.text);
+        if (static_cast<std::int64_t>(s.ids.size()) > limit) {
+          if (options.max_len <= 0)
+            fail(ErrorKind::invalid_argument,
+                 "{}:{}: {} tokens exceed the model's max_position_embeddings ({}); pass --max-len to truncate",
+                 file.string(), r.line, s.ids.size(), limit);
+          s.ids.resize(static_cast<std::size_t>(limit));
+          cut[i] = 1;
+        }
+        if (s.ids.size() < 2)
+          fail(ErrorKind::format, "{}:{}: the text has fewer than 2 tokens, so nothing to predict", file.string(),
+               r.line);
+        s.labels = s.ids;
+        e.seqs.push_back(std::move(s));
+      } else if (format == DataFormat::completion) {
+        e.seqs.push_back(scored_seq(r.prompt, r.completion));
+      } else {
+        for (const auto& o : r.options) e.seqs.push_back(scored_seq(r.prompt, o));
+      }
+    });
+    d.examples_ = std::move(examples);
+    for (char c : cut) d.truncated_ += c;
+    for (const auto& e : d.examples_)
+      for (const auto& s : e.seqs) d.longest_ = std::max(d.longest_, static_cast<int>(s.ids.size()));
+    d.pad_id_ = tokenizer->pad_id().value_or(tokenizer->eos_id().value_or(0));
+  }
+
+  // --num-train / --num-eval: a seeded sample, kept in file order.
+  if (options.sample > 0 && options.sample < d.size()) {
+    std::vector<std::int64_t> idx(static_cast<std::size_t>(d.size()));
+    for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<std::int64_t>(i);
+    std::mt19937_64 rng(options.seed ^ 0x5a4d504c45ULL);
+    for (std::size_t i = idx.size() - 1; i > 0; --i) std::swap(idx[i], idx[static_cast<std::size_t>(rng() % (i + 1))]);
+    idx.resize(static_cast<std::size_t>(options.sample));
+    std::sort(idx.begin(), idx.end());
+    std::vector<Example> kept;
+    for (auto i : idx) kept.push_back(std::move(d.examples_[static_cast<std::size_t>(i)]));
+    d.examples_ = std::move(kept);
+    d.longest_ = 0;
+    for (const auto& e : d.examples_)
+      for (const auto& s : e.seqs) d.longest_ = std::max(d.longest_, static_cast<int>(s.ids.size()));
+  }
+  for (const auto& e : d.examples_) d.max_candidates_ = std::max(d.max_candidates_, static_cast<int>(e.seqs.size()));
+  if (d.truncated_ > 0)
+    log_warn("{}: {} of {} examples truncated to {} tokens", d.source_, d.truncated_, d.size(), limit);
   return d;
 }
 
-HostBatch TokenDataset::gather(const std::vector<std::int64_t>& rows) const {
-  const auto b = static_cast<int>(rows.size());
-  const auto T = static_cast<std::size_t>(seq_);
-  std::vector<std::int32_t> ids(rows.size() * T), mask, labels;
-  if (!mask_.empty()) mask.resize(ids.size());
-  if (!labels_.empty()) labels.resize(ids.size());
-  for (std::size_t j = 0; j < rows.size(); ++j) {
-    const auto src = static_cast<std::size_t>(rows[j]) * T;
-    std::copy_n(ids_.begin() + static_cast<std::ptrdiff_t>(src), T, ids.begin() + static_cast<std::ptrdiff_t>(j * T));
-    if (!mask_.empty())
-      std::copy_n(mask_.begin() + static_cast<std::ptrdiff_t>(src), T, mask.begin() + static_cast<std::ptrdiff_t>(j * T));
-    if (!labels_.empty())
-      std::copy_n(labels_.begin() + static_cast<std::ptrdiff_t>(src), T, labels.begin() + static_cast<std::ptrdiff_t>(j * T));
+std::string Dataset::describe() const {
+  return fmt::format("{} ({}{}): {} examples, longest {} tokens{}", source_,
+                     options_.task.empty() ? std::string(data_format_name(format_)) : options_.task,
+                     format_ == DataFormat::options ? fmt::format(", up to {} candidates", max_candidates_) : "",
+                     size(), longest_, truncated_ > 0 ? fmt::format(", {} truncated", truncated_) : "");
+}
+
+std::int64_t Dataset::stream_index(std::int64_t position) const {
+  const std::int64_t n = size();
+  const std::int64_t epoch = position / n, offset = position % n;
+  if (!options_.shuffle) return offset;
+  // The permutation of `epoch`: Fisher–Yates over a seeded mt19937_64 (its output is fixed by
+  // the standard, and the bounded draw is ours), so every platform gives the same order.
+  thread_local std::uint64_t cached_key = ~std::uint64_t{0};
+  thread_local const Dataset* cached_for = nullptr;
+  thread_local std::vector<std::int64_t> perm;
+  const std::uint64_t key = options_.seed * 0x9E3779B97F4A7C15ULL + static_cast<std::uint64_t>(epoch);
+  if (cached_for != this || cached_key != key || static_cast<std::int64_t>(perm.size()) != n) {
+    perm.resize(static_cast<std::size_t>(n));
+    for (std::size_t i = 0; i < perm.size(); ++i) perm[i] = static_cast<std::int64_t>(i);
+    std::mt19937_64 rng(key);
+    for (std::size_t i = perm.size() - 1; i > 0; --i) std::swap(perm[i], perm[static_cast<std::size_t>(rng() % (i + 1))]);
+    cached_for = this;
+    cached_key = key;
   }
-  return make_batch(config_, b, static_cast<int>(seq_), ids, mask, labels);
+  return perm[static_cast<std::size_t>(offset)];
 }
 
-HostBatch TokenDataset::batch(std::int64_t index, int batch_size) const {
-  std::vector<std::int64_t> rows(static_cast<std::size_t>(batch_size));
-  for (int j = 0; j < batch_size; ++j) rows[static_cast<std::size_t>(j)] = (index * batch_size + j) % rows_;
-  return gather(rows);
+HostBatch Dataset::train_batch(std::int64_t step, int batch_size) const {
+  std::vector<std::int64_t> ex(static_cast<std::size_t>(batch_size));
+  for (int j = 0; j < batch_size; ++j) ex[static_cast<std::size_t>(j)] = stream_index(step * batch_size + j);
+  return collate(ex);
 }
 
-HostBatch TokenDataset::rows_batch(std::int64_t first, int count) const {
-  std::vector<std::int64_t> rows;
-  for (std::int64_t r = first; r < std::min(rows_, first + count); ++r) rows.push_back(r);
-  return gather(rows);
+HostBatch Dataset::eval_batch(std::int64_t first, std::int64_t count) const {
+  std::vector<std::int64_t> ex;
+  for (std::int64_t i = first; i < std::min(size(), first + count); ++i) ex.push_back(i);
+  return collate(ex);
+}
+
+HostBatch Dataset::collate(const std::vector<std::int64_t>& examples) const {
+  int rows = 0, T = 0;
+  for (auto i : examples)
+    for (const auto& s : example(i).seqs) {
+      ++rows;
+      T = std::max(T, static_cast<int>(s.ids.size()));
+    }
+  const std::size_t n = static_cast<std::size_t>(rows) * static_cast<std::size_t>(T);
+  std::vector<std::int32_t> ids(n, pad_id_), mask(n, 0), labels(n, kIgnoreIndex);
+  std::vector<int> sizes, answers;
+  std::size_t row = 0;
+  for (auto i : examples) {
+    const Example& e = example(i);
+    for (const auto& s : e.seqs) {
+      const std::size_t len = s.ids.size();
+      const std::size_t at = row * static_cast<std::size_t>(T) + (options_.left_padding ? T - len : 0);
+      std::copy(s.ids.begin(), s.ids.end(), ids.begin() + static_cast<std::ptrdiff_t>(at));
+      std::copy(s.labels.begin(), s.labels.end(), labels.begin() + static_cast<std::ptrdiff_t>(at));
+      if (s.mask.empty())
+        std::fill_n(mask.begin() + static_cast<std::ptrdiff_t>(at), len, 1);
+      else
+        std::copy(s.mask.begin(), s.mask.end(), mask.begin() + static_cast<std::ptrdiff_t>(at));
+      ++row;
+    }
+    sizes.push_back(static_cast<int>(e.seqs.size()));
+    answers.push_back(e.label);
+  }
+  HostBatch b = make_batch(config_, rows, T, ids, mask, labels);
+  if (format_ == DataFormat::options) set_option_groups(b, sizes, answers);
+  return b;
+}
+
+EvalResult evaluate(Session& session, const Dataset& data, int batch_rows) {
+  EvalResult r;
+  const std::int64_t per_batch = std::max<std::int64_t>(1, batch_rows / data.max_candidates());
+  double sum = 0;
+  std::int64_t correct = 0;
+  for (std::int64_t first = 0; first < data.size(); first += per_batch) {
+    const HostBatch b = data.eval_batch(first, per_batch);
+    std::vector<float> token_loss(static_cast<std::size_t>(b.tokens()));
+    EvalOptions eo;
+    eo.token_loss = token_loss.data();
+    session.eval(b, eo);
+    const auto T = static_cast<std::size_t>(b.seq);
+    if (data.format() != DataFormat::options) {
+      for (std::size_t i = 0; i < token_loss.size(); ++i)
+        if (b.targets[i] >= 0) {
+          sum += token_loss[i];
+          ++r.tokens;
+        }
+      r.examples += static_cast<std::int64_t>(b.batch);
+      continue;
+    }
+    // Candidates' mean log-likelihoods → MeZO's cross-entropy over candidates and accuracy.
+    std::size_t row = 0;
+    for (std::int64_t i = first; i < std::min(data.size(), first + per_batch); ++i) {
+      const Example& e = data.example(i);
+      std::vector<double> score;
+      for (std::size_t k = 0; k < e.seqs.size(); ++k, ++row) {
+        double s = 0;
+        std::int64_t n = 0;
+        for (std::size_t t = 0; t < T; ++t)
+          if (b.targets[row * T + t] >= 0) {
+            s += token_loss[row * T + t];
+            ++n;
+          }
+        r.tokens += n;
+        score.push_back(-s / static_cast<double>(n));
+      }
+      const auto best = std::max_element(score.begin(), score.end());
+      double se = 0;
+      for (double x : score) se += std::exp(x - *best);
+      sum += *best + std::log(se) - score[static_cast<std::size_t>(e.label)];
+      correct += (best - score.begin()) == e.label ? 1 : 0;
+      ++r.examples;
+    }
+  }
+  if (data.format() == DataFormat::options) {
+    r.loss = r.examples > 0 ? sum / static_cast<double>(r.examples) : std::nan("");
+    r.accuracy = r.examples > 0 ? static_cast<double>(correct) / static_cast<double>(r.examples) : std::nan("");
+  } else {
+    r.loss = r.tokens > 0 ? sum / static_cast<double>(r.tokens) : std::nan("");
+  }
+  return r;
 }
 
 }  // namespace zo2::cli

@@ -1,5 +1,5 @@
 // zo2-tune: zeroth-order fine-tuning of OPT and LLaMA models on one small GPU (or the
-// CPU). Subcommands: init, forward, plan, train, eval, replay, synth-data, tokenize.
+// CPU). Subcommands: init, forward, plan, train, eval, replay, synth-data, tokenize, data.
 #include "runtime/error.h"
 #include "runtime/log.h"
 #include "tools/cli.h"
@@ -31,6 +31,7 @@ int main(int argc, char** argv) {
   reg("replay", "rebuild tuned weights from a base checkpoint and a seed log", zo2::cli::add_replay);
   reg("synth-data", "write a synthetic, learnable token dataset (safetensors)", zo2::cli::add_synth_data);
   reg("tokenize", "print the token ids of a text as a JSON array", zo2::cli::add_tokenize);
+  reg("data", "show what a data file becomes: format, sizes, and the first examples as the model sees them", zo2::cli::add_data);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

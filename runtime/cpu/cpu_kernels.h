@@ -33,6 +33,8 @@ void ce_accumulate(const Mat& logits_tile, std::int64_t col_offset, const std::i
                    float* state, bool first);
 void ce_finish(const float* state, const std::int32_t* targets, std::int64_t rows, float* row_loss);
 void loss_mean(const float* row_loss, const std::int32_t* targets, std::int64_t n, float* out);
+void option_loss(const float* row_loss, const std::int32_t* targets, int batch, int seq,
+                 const std::int32_t* info, float* out);
 void perturb(const StoredTensor& w, std::int64_t row_begin, std::int64_t row_end,
              const NoiseArgs* noise, void* out_plus, void* out_minus, DType out_dtype);
 void spsa_grad(const float* loss_plus, const float* loss_minus, float eps, float* g);

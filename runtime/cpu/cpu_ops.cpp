@@ -56,6 +56,10 @@ class CpuOps final : public Ops {
                  float* out) override {
     enqueue(s, [=] { cpu::loss_mean(row_loss, targets, n, out); });
   }
+  void option_loss(Stream& s, const float* row_loss, const std::int32_t* targets, int batch, int seq,
+                   const std::int32_t* info, float* out) override {
+    enqueue(s, [=] { cpu::option_loss(row_loss, targets, batch, seq, info, out); });
+  }
   void perturb(Stream& s, const StoredTensor& w, std::int64_t r0, std::int64_t r1,
                const NoiseArgs* noise, void* plus, void* minus, DType out_dtype) override {
     const bool has_noise = noise != nullptr;

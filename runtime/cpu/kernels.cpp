@@ -363,4 +363,45 @@ void loss_mean(const float* row_loss, const std::int32_t* targets, std::int64_t 
                      : std::numeric_limits<float>::quiet_NaN();
 }
 
+void option_loss(const float* row_loss, const std::int32_t* targets, int batch, int seq,
+                 const std::int32_t* info, float* out) {
+  // Rows in order; a group's logsumexp is kept online (as the CUDA twin does), in double.
+  const double inf = std::numeric_limits<double>::infinity();
+  double total = 0, mx = -inf, se = 0, label = 0;
+  int groups = 0, labels = 0;
+  bool ok = true;
+  for (int r = 0; r < batch; ++r) {
+    double sum = 0;
+    std::int64_t count = 0;
+    for (int t = 0; t < seq; ++t) {
+      const std::int64_t i = static_cast<std::int64_t>(r) * seq + t;
+      if (targets[i] >= 0) {
+        sum += row_loss[i];
+        ++count;
+      }
+    }
+    ok = ok && count > 0;
+    const double score = count > 0 ? -sum / static_cast<double>(count) : 0.0;
+    if (score > mx) {
+      se = se * std::exp(mx - score) + 1.0;
+      mx = score;
+    } else {
+      se += std::exp(score - mx);
+    }
+    if (info[r] & 1) {
+      label = score;
+      ++labels;
+    }
+    if (r + 1 == batch || (info[r + 1] >> 1) != (info[r] >> 1)) {  // the group ends
+      ok = ok && labels == 1;
+      total += mx + std::log(se) - label;
+      ++groups;
+      mx = -inf;
+      se = 0;
+      labels = 0;
+    }
+  }
+  out[0] = ok && groups > 0 ? static_cast<float>(total / groups) : std::numeric_limits<float>::quiet_NaN();
+}
+
 }  // namespace zo2::cpu

@@ -7,6 +7,7 @@
 // come in a fixed order (the caller's), so the result is deterministic. ce_finish is
 // element-wise (log in double, as on the CPU). loss_mean is ONE block: each thread sums a
 // fixed strided subset in double, then a fixed tree adds the partials; NaN without a target.
+// option_loss (MeZO's multiple-choice loss) is one block too, candidates in order.
 #include "runtime/cuda/kernel_util.cuh"
 #include "runtime/cuda/kernels.h"
 
@@ -82,6 +83,56 @@ __global__ void __launch_bounds__(kThreads)
                        : __int_as_float(0x7fc00000);  // quiet NaN
 }
 
+// One block: each candidate's (sum, count) by a fixed strided split and tree; thread 0
+// folds the scores into the group's online logsumexp in double, as the CPU twin does.
+__global__ void __launch_bounds__(kThreads)
+    option_loss_kernel(const float* row_loss, const std::int32_t* targets, int batch, int seq,
+                       const std::int32_t* info, float* out) {
+  __shared__ double dsmem[32];
+  __shared__ long long csmem[32];
+  const double inf = __longlong_as_double(0x7ff0000000000000LL);
+  double total = 0, mx = -inf, se = 0, label = 0;
+  int groups = 0, labels = 0;
+  bool ok = true;
+  for (int r = 0; r < batch; ++r) {
+    double sum = 0;
+    long long count = 0;
+    for (int t = threadIdx.x; t < seq; t += blockDim.x) {
+      const std::int64_t i = static_cast<std::int64_t>(r) * seq + t;
+      if (targets[i] >= 0) {
+        sum += static_cast<double>(row_loss[i]);
+        ++count;
+      }
+    }
+    sum = block_sum(sum, dsmem);
+    count = block_sum(count, csmem);
+    if (threadIdx.x == 0) {
+      ok = ok && count > 0;
+      const double score = count > 0 ? -sum / static_cast<double>(count) : 0.0;
+      if (score > mx) {
+        se = se * exp(mx - score) + 1.0;
+        mx = score;
+      } else {
+        se += exp(score - mx);
+      }
+      if (info[r] & 1) {
+        label = score;
+        ++labels;
+      }
+      if (r + 1 == batch || (info[r + 1] >> 1) != (info[r] >> 1)) {
+        ok = ok && labels == 1;
+        total += mx + log(se) - label;
+        ++groups;
+        mx = -inf;
+        se = 0;
+        labels = 0;
+      }
+    }
+  }
+  if (threadIdx.x == 0)
+    out[0] = ok && groups > 0 ? static_cast<float>(total / groups) : __int_as_float(0x7fc00000);
+}
+
 }  // namespace
 
 void ce_accumulate(KernelStream& s, const Mat& logits, std::int64_t col_offset,
@@ -109,6 +160,12 @@ void loss_mean(KernelStream& s, const float* row_loss, const std::int32_t* targe
                std::int64_t n, float* out) {
   // One block even for n = 0: it writes the NaN.
   loss_mean_kernel<<<1, kThreads, 0, s.stream()>>>(row_loss, targets, n, out);
+  ZO2_CUDA_CHECK_LAUNCH();
+}
+
+void option_loss(KernelStream& s, const float* row_loss, const std::int32_t* targets, int batch,
+                 int seq, const std::int32_t* info, float* out) {
+  option_loss_kernel<<<1, kThreads, 0, s.stream()>>>(row_loss, targets, batch, seq, info, out);
   ZO2_CUDA_CHECK_LAUNCH();
 }
 

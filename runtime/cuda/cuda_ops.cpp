@@ -141,6 +141,11 @@ class CudaOps final : public Ops {
     cuda::loss_mean(enter(s), row_loss, targets, n, out);
   }
 
+  void option_loss(Stream& s, const float* row_loss, const std::int32_t* targets, int batch, int seq,
+                   const std::int32_t* info, float* out) override {
+    cuda::option_loss(enter(s), row_loss, targets, batch, seq, info, out);
+  }
+
   void perturb(Stream& s, const StoredTensor& w, std::int64_t r0, std::int64_t r1,
                const NoiseArgs* noise, void* plus, void* minus, DType out_dtype) override {
     check_stored(w, "perturb");

@@ -63,6 +63,8 @@ void ce_finish(KernelStream& s, const float* state, const std::int32_t* targets,
                std::int64_t rows, float* row_loss);
 void loss_mean(KernelStream& s, const float* row_loss, const std::int32_t* targets,
                std::int64_t n, float* out);
+void option_loss(KernelStream& s, const float* row_loss, const std::int32_t* targets, int batch,
+                 int seq, const std::int32_t* info, float* out);
 // noise.cu
 void perturb(KernelStream& s, const StoredTensor& w, std::int64_t row_begin,
              std::int64_t row_end, const NoiseArgs* noise, void* out_plus, void* out_minus,

@@ -1,0 +1,330 @@
+// zo2-tune on real data, as a user runs it: JSONL in its three formats and MeZO's task
+// presets through a real (SentencePiece) tokenizer, loss only on completion/option tokens,
+// MeZO's templates, truncation, clear errors with line numbers, tokenizer files carried
+// into checkpoints, exact resume with shuffling, and multiple-choice training that raises
+// the accuracy of a small learnable task.
+#include "models/tokenizer.h"
+#include "tests/test_util.h"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <random>
+#include <sstream>
+
+namespace zo2 {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+int run(const std::string& args, std::string* out = nullptr) {
+  return test::run_command(test::zo2_tune_path().string() + " " + args, out);
+}
+
+void write_text(const fs::path& p, const std::string& s) {
+  std::ofstream out(p, std::ios::binary);
+  out << s;
+}
+
+std::string read_file(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+const std::vector<std::string> kPositive{"wonderful", "lovely", "superb", "charming", "delightful"};
+const std::vector<std::string> kNegative{"awful", "dreadful", "boring", "horrible", "dull"};
+
+// A sentiment task a tiny model can learn: the adjective decides the label.
+std::string sentiment_jsonl(int n, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::string s;
+  for (int i = 0; i < n; ++i) {
+    const int label = static_cast<int>(rng() % 2);
+    const auto& words = label ? kPositive : kNegative;
+    const std::string w = words[rng() % words.size()];
+    s += json{{"prompt", "The film was " + w + ". It was"}, {"options", {" bad", " good"}}, {"label", label}}.dump() +
+         "\n";
+  }
+  return s;
+}
+
+// opt-tiny (vocabulary 512) with a 500-piece SentencePiece tokenizer copied in by init.
+struct Workspace {
+  test::TempDir tmp;
+  fs::path tok = tmp / "tok";
+  fs::path model = tmp / "model";
+  Workspace() {
+    fs::create_directories(tok);
+    std::string corpus;
+    for (const auto& w : kPositive) corpus += "The film was " + w + ". It was good. It was bad.\n";
+    for (const auto& w : kNegative) corpus += "The film was " + w + ". It was bad. It was good.\n";
+    for (int i = 0; i < 4; ++i)
+      corpus += "A man runs.\nDoes this mean that \"A person moves.\" is true? Yes or No?\nYes\n"
+                "Suppose It rains. Can we infer that \"It is wet.\"? Yes, No, or Maybe?\nMaybe\n"
+                "It is. Is it true?\nNo. The man fell because he slipped. It rained so the ground got wet.\n";
+    write_text(tmp / "corpus.txt", corpus);
+    train_sentencepiece("--input=" + (tmp / "corpus.txt").string() + " --model_prefix=" + (tok / "tokenizer").string() +
+                        " --vocab_size=500 --model_type=bpe --character_coverage=1.0 --byte_fallback=true"
+                        " --normalization_rule_name=identity --remove_extra_whitespaces=false"
+                        " --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --minloglevel=2");
+    std::string out;
+    EXPECT_EQ(run("init --preset opt-tiny --tokenizer " + tok.string() + " --out " + model.string() + " --seed 1 -q",
+                  &out),
+              0)
+        << out;
+  }
+  fs::path file(const std::string& name, const std::string& content) const {
+    write_text(tmp / name, content);
+    return tmp / name;
+  }
+  json eval(const fs::path& data, const std::string& extra = "", const fs::path* with_model = nullptr) const {
+    std::string out;
+    const int rc = run("eval --model " + (with_model ? *with_model : model).string() + " --data " + data.string() +
+                           " --json -q " + extra,
+                       &out);
+    EXPECT_EQ(rc, 0) << out;
+    return rc == 0 ? json::parse(out.substr(out.find('{'))) : json();
+  }
+  // zo2-tune data --show: the examples as JSON lines.
+  std::vector<json> show(const fs::path& data, const std::string& extra = "") const {
+    std::string out;
+    EXPECT_EQ(run("data --model " + model.string() + " --data " + data.string() + " --show 100 " + extra + " 2>/dev/null",
+                  &out),
+              0)
+        << out;
+    std::vector<json> rows;
+    std::istringstream in(out);
+    for (std::string line; std::getline(in, line);)
+      if (!line.empty() && line[0] == '{') rows.push_back(json::parse(line));
+    return rows;
+  }
+  // The error output of a command that must fail cleanly: status 1 (bad file) or 2 (bad argument).
+  std::string error(const std::string& args) const {
+    std::string out;
+    const int rc = run(args, &out);
+    EXPECT_TRUE(rc == 1 || rc == 2) << rc << ": " << out;
+    EXPECT_NE(out.find("zo2-tune: error: "), std::string::npos) << out;
+    return out;
+  }
+};
+
+TEST(Data, InitCopiesTheTokenizerAndTheCheckpointUsesIt) {
+  Workspace w;
+  EXPECT_TRUE(fs::exists(w.model / "tokenizer.model"));
+  const auto tok = Tokenizer::from_dir(w.model);
+  const json cfg = json::parse(read_file(w.model / "config.json"));
+  EXPECT_EQ(cfg.at("bos_token_id").get<int>(), *tok->bos_id());
+  EXPECT_EQ(cfg.at("eos_token_id").get<int>(), *tok->eos_id());
+}
+
+TEST(Data, CompletionLossCountsOnlyTheCompletionTokens) {
+  Workspace w;
+  const auto tok = Tokenizer::from_dir(w.model);
+  std::string completion, text;
+  std::int64_t scored = 0, all = 0;
+  for (const auto& word : kPositive) {
+    const std::string prompt = "The film was " + word + ". It was";
+    completion += json{{"prompt", prompt}, {"completion", " good"}}.dump() + "\n";
+    text += json{{"text", prompt + " good"}}.dump() + "\n";
+    scored += static_cast<std::int64_t>(tok->encode(prompt + " good").size() - tok->encode(prompt).size());
+    all += static_cast<std::int64_t>(tok->encode_with_special(prompt + " good").size()) - 1;
+  }
+  const json c = w.eval(w.file("c.jsonl", completion));
+  const json t = w.eval(w.file("t.jsonl", text));
+  EXPECT_EQ(c.at("format"), "prompt/completion");
+  EXPECT_EQ(t.at("format"), "text");
+  EXPECT_EQ(c.at("tokens").get<std::int64_t>(), scored);
+  EXPECT_EQ(t.at("tokens").get<std::int64_t>(), all);
+  EXPECT_EQ(c.at("examples").get<int>(), 5);
+  // The scored part decodes to the completion.
+  for (const auto& row : w.show(w.tmp / "c.jsonl")) EXPECT_EQ(row["sequences"][0]["scored"], "good") << row.dump();
+}
+
+TEST(Data, TaskPresetsUseMezoTemplates) {
+  Workspace w;
+  const auto sst2 = w.file("sst2.tsv", "sentence\tlabel\nit 's a charming journey . \t1\nboring and dull \t0\n");
+  const auto rte = w.file("rte.jsonl",
+                          R"({"premise": "A man runs.", "hypothesis": "A person moves.", "label": "entailment", "idx": 0}
+{"premise": "A man sits.", "hypothesis": "He runs.", "label": "not_entailment", "idx": 1}
+)");
+  const auto cb = w.file("cb.jsonl", R"({"premise": "It rains.", "hypothesis": "It is wet.", "label": "neutral", "idx": 0}
+)");
+  const auto boolq = w.file("boolq.jsonl", R"({"question": "is it true", "passage": "It is.", "label": true, "idx": 0}
+)");
+  const auto copa = w.file("copa.jsonl",
+                           R"({"premise": "The man fell.", "choice1": "He slipped.", "choice2": "I laughed.", "question": "cause", "label": 0, "idx": 0}
+{"premise": "It rained.", "choice1": "The ground got wet.", "choice2": "It was dry.", "question": "effect", "label": 0, "idx": 1}
+)");
+  auto texts = [&](const fs::path& f, const std::string& task) {
+    std::vector<std::vector<std::string>> out;
+    for (const auto& row : w.show(f, "--task " + task)) {
+      out.emplace_back();
+      for (const auto& s : row["sequences"]) out.back().push_back(s["text"].get<std::string>());
+    }
+    return out;
+  };
+  // SentencePiece decodes "<s>" for BOS, which it puts first (LLaMA-2 style).
+  using V = std::vector<std::vector<std::string>>;
+  EXPECT_EQ(texts(sst2, "sst2"), (V{{"<s>it 's a charming journey . It was terrible", "<s>it 's a charming journey . It was great"},
+                                    {"<s>boring and dull It was terrible", "<s>boring and dull It was great"}}));
+  EXPECT_EQ(texts(rte, "rte")[0],
+            (std::vector<std::string>{"<s>A man runs.\nDoes this mean that \"A person moves.\" is true? Yes or No?\nYes",
+                                      "<s>A man runs.\nDoes this mean that \"A person moves.\" is true? Yes or No?\nNo"}));
+  EXPECT_EQ(texts(cb, "cb")[0].size(), 3u);
+  EXPECT_EQ(texts(cb, "cb")[0][2], "<s>Suppose It rains. Can we infer that \"It is wet.\"? Yes, No, or Maybe?\nMaybe");
+  EXPECT_EQ(texts(boolq, "boolq")[0],
+            (std::vector<std::string>{"<s>It is. Is it true?\nNo", "<s>It is. Is it true?\nYes"}));
+  const auto c = texts(copa, "copa");
+  EXPECT_EQ(c[0], (std::vector<std::string>{"<s>The man fell because he slipped.", "<s>The man fell because I laughed."}));
+  EXPECT_EQ(c[1][0], "<s>It rained so the ground got wet.");
+  // Labels as the files give them, and evaluation over every example.
+  EXPECT_EQ(w.show(rte, "--task rte")[1]["label"], 1);
+  EXPECT_EQ(w.show(cb, "--task cb")[0]["label"], 2);
+  EXPECT_EQ(w.show(boolq, "--task boolq")[0]["label"], 1);
+  for (const auto& [f, task] : std::vector<std::pair<fs::path, std::string>>{
+           {sst2, "sst2"}, {rte, "rte"}, {cb, "cb"}, {boolq, "boolq"}, {copa, "copa"}}) {
+    const json e = w.eval(f, "--task " + task);
+    EXPECT_TRUE(e.contains("accuracy")) << task;
+    EXPECT_GE(e.value("accuracy", -1.0), 0.0) << task;
+  }
+}
+
+TEST(Data, MalformedFilesAreRefusedWithTheirLineNumbers) {
+  Workspace w;
+  const std::string m = "eval --model " + w.model.string() + " --data ";
+  auto err = [&](const std::string& name, const std::string& content, const std::string& extra = "") {
+    return w.error(m + w.file(name, content).string() + " " + extra);
+  };
+  std::string e = err("bad.jsonl", "{\"text\": \"a b c\"}\n\n{\"text\": \"x\"\n");
+  EXPECT_NE(e.find("bad.jsonl:3: not valid JSON"), std::string::npos) << e;
+  e = err("mixed.jsonl", "{\"text\": \"a b c\"}\n{\"prompt\": \"a\", \"completion\": \" b\"}\n");
+  EXPECT_NE(e.find("mixed.jsonl:2: a prompt/completion example, but the file's first example is text"), std::string::npos) << e;
+  e = err("keys.jsonl", "{\"question\": \"a\"}\n");
+  EXPECT_NE(e.find("keys.jsonl:1: expected"), std::string::npos) << e;
+  EXPECT_NE(e.find("\"question\""), std::string::npos) << e;
+  e = err("label.jsonl", "{\"prompt\": \"a\", \"options\": [\" x\", \" y\"], \"label\": 0}\n"
+                         "{\"prompt\": \"a\", \"options\": [\" x\", \" y\"], \"label\": 2}\n");
+  EXPECT_NE(e.find("label.jsonl:2: label 2 is outside [0, 2)"), std::string::npos) << e;
+  e = err("opts.jsonl", "{\"prompt\": \"a\", \"options\": \" x\", \"label\": 0}\n");
+  EXPECT_NE(e.find("opts.jsonl:1: \"options\" must be an array"), std::string::npos) << e;
+  e = err("text.jsonl", "{\"text\": 5}\n");
+  EXPECT_NE(e.find("text.jsonl:1: \"text\" must be a string"), std::string::npos) << e;
+  e = err("empty.jsonl", "\n\n");
+  EXPECT_NE(e.find("empty.jsonl: no examples"), std::string::npos) << e;
+  // Task files: the wrong file for the task, an unlabeled split, an unknown task.
+  e = err("rte.jsonl", "{\"premise\": \"a\", \"label\": 0}\n", "--task rte");
+  EXPECT_NE(e.find("rte.jsonl:1: no \"hypothesis\" field"), std::string::npos) << e;
+  e = err("test.tsv", "index\tsentence\n0\tgood\n", "--task sst2");
+  EXPECT_NE(e.find("test.tsv:1: --task sst2 reads GLUE's SST-2 TSV"), std::string::npos) << e;
+  e = err("cb.jsonl", "{\"premise\": \"a\", \"hypothesis\": \"b\", \"idx\": 0}\n", "--task cb");
+  EXPECT_NE(e.find("cb.jsonl:1: no \"label\" field"), std::string::npos) << e;
+  e = err("cb2.jsonl", "{\"premise\": \"a\", \"hypothesis\": \"b\", \"label\": \"maybe\"}\n", "--task cb");
+  EXPECT_NE(e.find("cb2.jsonl:1: label \"maybe\" is not one of"), std::string::npos) << e;
+  std::string out;
+  EXPECT_EQ(run(m + (w.tmp / "cb.jsonl").string() + " --task mnli", &out), 2) << out;  // a usage error
+  EXPECT_NE(out.find("mnli"), std::string::npos) << out;
+  e = err("x.tsv", "sentence\tlabel\na\t1\n");
+  EXPECT_NE(e.find("x.tsv: a TSV file is read by a task preset (--task sst2)"), std::string::npos) << e;
+  e = w.error(m + (w.tmp / "missing.jsonl").string());
+  EXPECT_NE(e.find("missing.jsonl: no such data file"), std::string::npos) << e;
+}
+
+TEST(Data, MissingTokenizerAndOverlongTextsAreClearErrors) {
+  Workspace w;
+  // A model directory without tokenizer files.
+  const fs::path bare = w.tmp / "bare";
+  std::string out;
+  ASSERT_EQ(run("init --preset opt-tiny --out " + bare.string() + " -q", &out), 0) << out;
+  const auto text = w.file("t.jsonl", "{\"text\": \"It was good.\"}\n");
+  std::string e = w.error("eval --model " + bare.string() + " --data " + text.string());
+  EXPECT_NE(e.find("t.jsonl is text data and needs a tokenizer"), std::string::npos) << e;
+  EXPECT_NE(e.find("--tokenizer"), std::string::npos) << e;
+  // ... which --tokenizer supplies.
+  EXPECT_EQ(w.eval(text, "--tokenizer " + w.tok.string(), &bare).at("examples"), 1);
+
+  // opt-tiny has 64 positions: a longer text names its line and --max-len.
+  std::string long_text;
+  for (int i = 0; i < 40; ++i) long_text += "It was good. ";
+  const auto longf = w.file("long.jsonl", "{\"text\": \"It was bad.\"}\n" + json{{"text", long_text}}.dump() + "\n");
+  e = w.error("eval --model " + w.model.string() + " --data " + longf.string());
+  EXPECT_NE(e.find("long.jsonl:2:"), std::string::npos) << e;
+  EXPECT_NE(e.find("max_position_embeddings (64); pass --max-len"), std::string::npos) << e;
+  e = w.error("eval --model " + w.model.string() + " --data " + longf.string() + " --max-len 100");
+  EXPECT_NE(e.find("--max-len 100 exceeds the model's max_position_embeddings (64)"), std::string::npos) << e;
+  // With --max-len the text keeps its first tokens; a prompt loses its start, never the completion.
+  const auto rows = w.show(longf, "--max-len 16");
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[1]["sequences"][0]["ids"].size(), 16u);
+  const auto tok = Tokenizer::from_dir(w.model);
+  const auto full = tok->encode_with_special(long_text);
+  EXPECT_EQ(rows[1]["sequences"][0]["ids"].get<std::vector<int>>(), std::vector<int>(full.begin(), full.begin() + 16));
+  const auto pc = w.file("pc.jsonl", json{{"prompt", long_text}, {"completion", " It was bad."}}.dump() + "\n");
+  const auto cut = w.show(pc, "--max-len 20");
+  ASSERT_EQ(cut.size(), 1u);
+  EXPECT_EQ(cut[0]["sequences"][0]["ids"].size(), 20u);
+  EXPECT_EQ(cut[0]["sequences"][0]["ids"][0], *tok->bos_id());  // BOS stays
+  EXPECT_EQ(cut[0]["sequences"][0]["scored"], "It was bad.");
+  e = w.error("eval --model " + w.model.string() + " --data " + pc.string() + " --max-len 4");
+  EXPECT_NE(e.find("pc.jsonl:1: the scored part alone"), std::string::npos) << e;
+}
+
+TEST(Data, OptionTrainingRaisesAccuracyAndTheCheckpointCarriesTheTokenizer) {
+  Workspace w;
+  const auto train = w.file("train.jsonl", sentiment_jsonl(200, 1));
+  const auto dev = w.file("dev.jsonl", sentiment_jsonl(64, 2));
+  const json before = w.eval(dev);
+  const fs::path out = w.tmp / "tuned";
+  std::string log;
+  ASSERT_EQ(run("train --model " + w.model.string() + " --data " + train.string() + " --eval " + dev.string() +
+                    " --eval-every 300 --out " + out.string() +
+                    " --steps 600 --batch-size 32 --lr 2e-3 --lr-schedule linear --eps 1e-3" +
+                    " --log-json " + (w.tmp / "log.jsonl").string() + " --seed 0",
+                &log),
+            0)
+      << log;
+  std::vector<json> evals;
+  std::istringstream in(read_file(w.tmp / "log.jsonl"));
+  for (std::string line; std::getline(in, line);) {
+    const json j = json::parse(line);
+    if (j.contains("eval_accuracy")) evals.push_back(j);
+  }
+  ASSERT_EQ(evals.size(), 2u) << log;  // after steps 300 and 600
+  EXPECT_EQ(evals.back().at("eval_after_step"), 600);
+  // The tuned checkpoint evaluates on its own (tokenizer files copied) to the logged result.
+  for (const char* f : {"tokenizer.model", "config.json", "model.safetensors"}) EXPECT_TRUE(fs::exists(out / f)) << f;
+  const json after = w.eval(dev, "", &out);
+  EXPECT_NEAR(after.at("accuracy").get<double>(), evals.back().at("eval_accuracy").get<double>(), 1e-12);
+  EXPECT_NEAR(after.at("loss").get<double>(), evals.back().at("eval_loss").get<double>(), 1e-9);
+  // Measured (RelWithDebInfo, this machine): accuracy 0.46 → 1.0, loss 0.71 → 0.21; with
+  // --data-seed 1, 2, 3: 1.0, 1.0, 0.92. A random model is at chance.
+  EXPECT_LT(before.at("accuracy").get<double>(), 0.65);
+  EXPECT_GE(after.at("accuracy").get<double>(), 0.85) << log;
+  EXPECT_LT(after.at("loss").get<double>(), before.at("loss").get<double>() - 0.05) << log;
+}
+
+TEST(Data, ResumeWithShuffledJsonlIsExact) {
+  Workspace w;
+  const auto train = w.file("train.jsonl", sentiment_jsonl(37, 3));  // epochs end mid-batch
+  const std::string common = "train --data " + train.string() + " --steps 12 --batch-size 8 --lr 1e-3 --seed 5 -q";
+  std::string out;
+  ASSERT_EQ(run(common + " --model " + w.model.string() + " --out " + (w.tmp / "full").string(), &out), 0) << out;
+  ASSERT_EQ(run(common + " --model " + w.model.string() + " --out " + (w.tmp / "part").string() + " --stop-at 5", &out),
+            0)
+      << out;
+  ASSERT_EQ(run("train --data " + train.string() + " --resume " + (w.tmp / "part").string() + " --out " +
+                    (w.tmp / "resumed").string() + " -q",
+                &out),
+            0)
+      << out;
+  EXPECT_EQ(read_file(w.tmp / "full" / "model.safetensors"), read_file(w.tmp / "resumed" / "model.safetensors"));
+  // Another data seed gives other batches, so other weights.
+  ASSERT_EQ(run(common + " --model " + w.model.string() + " --out " + (w.tmp / "other").string() + " --data-seed 9", &out),
+            0)
+      << out;
+  EXPECT_NE(read_file(w.tmp / "full" / "model.safetensors"), read_file(w.tmp / "other" / "model.safetensors"));
+}
+
+}  // namespace
+}  // namespace zo2
