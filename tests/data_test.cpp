@@ -313,7 +313,7 @@ TEST(Data, ResumeWithShuffledJsonlIsExact) {
   ASSERT_EQ(run(common + " --model " + w.model.string() + " --out " + (w.tmp / "part").string() + " --stop-at 5", &out),
             0)
       << out;
-  ASSERT_EQ(run("train --data " + train.string() + " --resume " + (w.tmp / "part").string() + " --out " +
+  ASSERT_EQ(run("train --resume " + (w.tmp / "part").string() + " --out " +  // the run's own --data
                     (w.tmp / "resumed").string() + " -q",
                 &out),
             0)

@@ -105,7 +105,7 @@ Runner add_train(CLI::App& app) {
   app.add_option("--model", o->model, "HF checkpoint directory to start from");
   app.add_option("--data", o->data,
                  "training data: JSONL (text | prompt+completion | prompt+options+label), a --task file, or "
-                 "safetensors with input_ids [N, T] (+ attention_mask, labels)")->required();
+                 "safetensors with input_ids [N, T] (+ attention_mask, labels); with --resume, the run's own by default");
   app.add_option("--eval", o->eval, "evaluation data (same format/task as --data): loss, and accuracy for options");
   app.add_option("--eval-every,--eval_steps", o->eval_every, "evaluate every N steps (and at the end; 0: only at the end)")
       ->capture_default_str();
@@ -174,6 +174,8 @@ Runner add_train(CLI::App& app) {
       take(given.sched, "lr_schedule", o->schedule);
       take(given.warm, "warmup_steps", o->warmup);
       take(given.steps, "total_steps", o->steps);
+      if (o->data.empty()) o->data = st.value("data", std::string());
+      if (o->eval.empty()) o->eval = st.value("eval", std::string());
       take(given.num_train, "num_train", o->num_train);
       take(given.shuffle, "shuffle", o->shuffle);
       take(given.data_seed, "data_seed", o->data_seed);
@@ -194,6 +196,7 @@ Runner add_train(CLI::App& app) {
       }
     }
     if (model_dir.empty()) fail(ErrorKind::invalid_argument, "train needs --model DIR (or --resume DIR)");
+    if (o->data.empty()) fail(ErrorKind::invalid_argument, "train needs --data FILE");
 
     // Validate everything cheap before touching the output directory.
     const ModelConfig config = ModelConfig::load(model_dir);
@@ -265,7 +268,8 @@ Runner add_train(CLI::App& app) {
               {"batch_size", o->batch},
               {"storage_dtype", std::string(dtype_name(sc.storage))},
               {"save_dtype", std::string(dtype_name(save_dtype))},
-              {"data", data.source()},
+              {"data", std::filesystem::absolute(data.source()).string()},
+              {"eval", o->eval.empty() ? std::string() : std::filesystem::absolute(o->eval).string()},
               {"data_examples", data.size()},
               {"task", o->data_flags.task},
               {"max_len", o->data_flags.max_len},
