@@ -304,7 +304,7 @@ TEST(Data, OptionTrainingRaisesAccuracyAndTheCheckpointCarriesTheTokenizer) {
   EXPECT_LT(after.at("loss").get<double>(), before.at("loss").get<double>() - 0.05) << log;
 }
 
-TEST(Data, ResumeWithShuffledJsonlIsExact) {
+TEST(Data, ResumeWithShuffledJsonlAndEvaluationsInBetweenAreExact) {
   Workspace w;
   const auto train = w.file("train.jsonl", sentiment_jsonl(37, 3));  // epochs end mid-batch
   const std::string common = "train --data " + train.string() + " --steps 12 --batch-size 8 --lr 1e-3 --seed 5 -q";
@@ -319,6 +319,13 @@ TEST(Data, ResumeWithShuffledJsonlIsExact) {
             0)
       << out;
   EXPECT_EQ(read_file(w.tmp / "full" / "model.safetensors"), read_file(w.tmp / "resumed" / "model.safetensors"));
+  // Evaluating every 3 steps (which flushes the pending update early) changes nothing.
+  ASSERT_EQ(run(common + " --model " + w.model.string() + " --out " + (w.tmp / "evals").string() + " --eval " +
+                    train.string() + " --eval-every 3",
+                &out),
+            0)
+      << out;
+  EXPECT_EQ(read_file(w.tmp / "full" / "model.safetensors"), read_file(w.tmp / "evals" / "model.safetensors"));
   // Another data seed gives other batches, so other weights.
   ASSERT_EQ(run(common + " --model " + w.model.string() + " --out " + (w.tmp / "other").string() + " --data-seed 9", &out),
             0)
