@@ -164,7 +164,8 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
 }
 
 // The checks make_batch does not do: NULLs and the session's capacity.
-zo2::HostBatch host_batch(const zo2_session& s, const zo2_batch* b) {
+zo2::HostBatch host_batch(const zo2_session& s, const zo2_batch* b, const zo2_choices* choices = nullptr,
+                          bool choices_required = false) {
   if (!b) invalid("batch is NULL");
   if (b->n_seq <= 0 || b->n_tokens <= 0)
     invalid(fmt::format("batch n_seq and n_tokens must be positive (got n_seq {}, n_tokens {})", b->n_seq,
@@ -179,8 +180,17 @@ zo2::HostBatch host_batch(const zo2_session& s, const zo2_batch* b) {
   auto span_of = [n](const int32_t* p) {
     return p ? std::span<const std::int32_t>(p, n) : std::span<const std::int32_t>();
   };
-  return zo2::make_batch(s.config, b->n_seq, b->n_tokens, span_of(b->tokens), span_of(b->attention_mask),
-                         span_of(b->labels));
+  zo2::HostBatch hb = zo2::make_batch(s.config, b->n_seq, b->n_tokens, span_of(b->tokens),
+                                      span_of(b->attention_mask), span_of(b->labels));
+  if (choices_required) {
+    if (!choices) invalid("choices is NULL");
+    if (choices->n_groups <= 0) invalid(fmt::format("choices n_groups must be positive (got {})", choices->n_groups));
+    if (!choices->group_sizes || !choices->group_labels) invalid("choices group_sizes or group_labels is NULL");
+    const auto g = static_cast<std::size_t>(choices->n_groups);
+    zo2::set_option_groups(hb, std::span<const int>(choices->group_sizes, g),
+                           std::span<const int>(choices->group_labels, g));
+  }
+  return hb;
 }
 
 zo2_session& usable(zo2_session* s) {
@@ -390,21 +400,23 @@ void zo2_session_free(zo2_session* s) {
   });
 }
 
-int zo2_session_step(zo2_session* s, const zo2_batch* b, zo2_step_result* out) {
+namespace {
+int step_common(const char* fn, zo2_session* s, const zo2_batch* b, const zo2_choices* c, bool with_choices,
+                zo2_step_result* out) {
   bool validated = false;
   return guarded(
-      "zo2_session_step",
+      fn,
       [&] {
         zo2_session& ss = usable(s);
         if (!ss.session->session_config().training)
           invalid("this session was opened for evaluation only (training = 0)");
-        const zo2::HostBatch hb = host_batch(ss, b);
+        const zo2::HostBatch hb = host_batch(ss, b, c, with_choices);
         validated = true;
         const zo2::StepResult r = ss.session->step(hb, ss.lr, ss.eps, ss.weight_decay);
         zo2_step_result res{r.loss_plus, r.loss_minus, r.g};
         if (out) *out = res;
         if (ss.progress && ss.progress(r.step, &res, ss.progress_user_data) != 0) {
-          set_error("zo2_session_step", fmt::format("the progress callback asked to stop after step {}", r.step));
+          set_error(fn, fmt::format("the progress callback asked to stop after step {}", r.step));
           return static_cast<int>(ZO2_ABORTED);
         }
         return 0;
@@ -414,15 +426,16 @@ int zo2_session_step(zo2_session* s, const zo2_batch* b, zo2_step_result* out) {
       });
 }
 
-namespace {
-int eval_common(const char* fn, zo2_session* s, const zo2_batch* b, float* out_loss, float* token_logprobs) {
+
+int eval_common(const char* fn, zo2_session* s, const zo2_batch* b, float* out_loss, float* token_logprobs,
+                const zo2_choices* c = nullptr, bool with_choices = false) {
   bool validated = false;
   return guarded(
       fn,
       [&] {
         zo2_session& ss = usable(s);
         if (!out_loss && !token_logprobs) invalid("out is NULL");
-        const zo2::HostBatch hb = host_batch(ss, b);
+        const zo2::HostBatch hb = host_batch(ss, b, c, with_choices);
         validated = true;
         zo2::EvalOptions o;
         std::vector<float> token_loss;
@@ -440,6 +453,24 @@ int eval_common(const char* fn, zo2_session* s, const zo2_batch* b, float* out_l
       });
 }
 }  // namespace
+
+int zo2_session_step(zo2_session* s, const zo2_batch* b, zo2_step_result* out) {
+  return step_common("zo2_session_step", s, b, nullptr, false, out);
+}
+
+int zo2_session_step_choices(zo2_session* s, const zo2_batch* b, const zo2_choices* c, zo2_step_result* out) {
+  return step_common("zo2_session_step_choices", s, b, c, true, out);
+}
+
+int zo2_session_eval_choices(zo2_session* s, const zo2_batch* b, const zo2_choices* c, float* out_loss) {
+  if (!out_loss) {
+    return guarded("zo2_session_eval_choices", [&]() -> int {
+      usable(s);
+      invalid("out_loss is NULL");
+    });
+  }
+  return eval_common("zo2_session_eval_choices", s, b, out_loss, nullptr, c, true);
+}
 
 int zo2_session_eval(zo2_session* s, const zo2_batch* b, float* out_loss) {
   if (!out_loss) {

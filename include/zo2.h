@@ -235,6 +235,25 @@ ZO2_API int zo2_session_eval(zo2_session * s, const zo2_batch * b, float * out_l
 // update first. Errors: as zo2_session_eval; on error out is left unspecified.
 ZO2_API int zo2_session_token_logprobs(zo2_session * s, const zo2_batch * b, float * out);
 
+// Multiple choice, MeZO's classification loss (its train_as_classification): the batch's
+// sequences are groups of group_sizes[g] consecutive candidates (summing to n_seq), the
+// correct one at offset group_labels[g] in its group. A candidate's score is the mean
+// log-likelihood of its labelled tokens (label only the option's tokens, −100 elsewhere);
+// the loss is the cross-entropy over each group's scores, averaged over the groups. The
+// step/eval below are zo2_session_step/zo2_session_eval with this loss (same errors; bad
+// groups — sizes not adding up to n_seq, a label outside its group, a candidate without a
+// labelled token — are invalid arguments that change nothing). Per-candidate scores for
+// accuracy: zo2_session_token_logprobs.
+typedef struct zo2_choices {
+    int32_t n_groups;               // ≥ 1
+    const int32_t * group_sizes;    // [n_groups], each ≥ 1
+    const int32_t * group_labels;   // [n_groups], 0 ≤ label < group size
+} zo2_choices;
+ZO2_API int zo2_session_step_choices(zo2_session * s, const zo2_batch * b, const zo2_choices * c,
+                                     zo2_step_result * out);
+ZO2_API int zo2_session_eval_choices(zo2_session * s, const zo2_batch * b, const zo2_choices * c,
+                                     float * out_loss);
+
 // Writes the current weights as an HF checkpoint (config.json + model.safetensors, sharded
 // above save_shard_bytes, in save_dtype) into out_dir (created if needed). Flushes the
 // pending update first, so the checkpoint equals the session's weights: a session loaded

@@ -479,5 +479,54 @@ TEST_F(CApi, DefaultParamsAreTheDocumentedDefaults) {
   EXPECT_EQ(p.progress_callback, nullptr);
 }
 
+// Multiple-choice batches: the loss is MeZO's cross-entropy over the candidates' mean
+// log-likelihoods (checked against the token log-probs), and bad groups are refused.
+TEST_F(CApi, MultipleChoiceBatchesUseTheCandidateLoss) {
+  open(params());
+  std::vector<int32_t> labels(tokens_.size(), -100);
+  for (int r = 0; r < kSeqs; ++r)  // score the last three tokens of each candidate
+    for (int t = kTokens - 3; t < kTokens; ++t) labels[static_cast<std::size_t>(r * kTokens + t)] = tokens_[static_cast<std::size_t>(r * kTokens + t)];
+  const std::vector<int32_t> sizes{kSeqs}, answers{1};
+  const zo2_batch b{kSeqs, kTokens, tokens_.data(), nullptr, labels.data()};
+  const zo2_choices c{1, sizes.data(), answers.data()};
+  std::vector<float> lp(kSeqs * kTokens);
+  ASSERT_EQ(zo2_session_token_logprobs(session_, &b, lp.data()), 0) << zo2_last_error();
+  double expect = 0;
+  int row = 0;
+  for (std::size_t g = 0; g < sizes.size(); ++g) {
+    std::vector<double> score;
+    for (int k = 0; k < sizes[g]; ++k, ++row) {
+      double s = 0;
+      for (int t = kTokens - 4; t < kTokens - 1; ++t) s += lp[static_cast<std::size_t>(row * kTokens + t)];
+      score.push_back(s / 3);
+    }
+    double se = 0;
+    for (double x : score) se += std::exp(x);
+    expect += std::log(se) - score[static_cast<std::size_t>(answers[g])];
+  }
+  float loss = 0;
+  ASSERT_EQ(zo2_session_eval_choices(session_, &b, &c, &loss), 0) << zo2_last_error();
+  EXPECT_NEAR(loss, expect, 1e-5 * std::fabs(expect) + 1e-6);
+  zo2_step_result r{};
+  ASSERT_EQ(zo2_session_step_choices(session_, &b, &c, &r), 0) << zo2_last_error();
+  EXPECT_TRUE(std::isfinite(r.loss_plus) && std::isfinite(r.loss_minus));
+  EXPECT_NEAR(0.5 * (r.loss_plus + r.loss_minus), expect, 0.05);  // ±eps around the same weights
+
+  const std::vector<int32_t> short_sizes{kSeqs - 1}, bad_label{kSeqs}, first{0};
+  zo2_choices bad{1, short_sizes.data(), first.data()};
+  EXPECT_EQ(zo2_session_step_choices(session_, &b, &bad, &r), ZO2_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(zo2_last_error()).find("option groups cover 1 sequences but the batch has 2"), std::string::npos) << zo2_last_error();
+  bad = c;
+  bad.group_labels = bad_label.data();
+  EXPECT_EQ(zo2_session_eval_choices(session_, &b, &bad, &loss), ZO2_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(zo2_last_error()).find("label 2 is not one of its 2 candidates"), std::string::npos)
+      << zo2_last_error();
+  bad = c;
+  bad.group_sizes = nullptr;
+  EXPECT_EQ(zo2_session_eval_choices(session_, &b, &bad, &loss), ZO2_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(zo2_session_step_choices(session_, &b, nullptr, &r), ZO2_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(zo2_session_step_index(session_), 1);  // the refused calls changed nothing
+}
+
 }  // namespace
 }  // namespace zo2
