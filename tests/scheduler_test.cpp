@@ -205,6 +205,33 @@ TEST_P(SchedulerModels, SeedLogReplayReproducesTheTunedWeightsBitwise) {
   }
 }
 
+// The same contract on the GPU: streamed (at the minimum cap) equals resident bit for bit,
+// within the cap; and the GPU run follows the CPU run's losses (not bitwise: cuBLAS sums
+// in another order than OpenBLAS).
+TEST_P(SchedulerModels, CudaStreamedRunMatchesResidentRunBitwise) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  SessionConfig probe = capped(OffloadMode::all, std::size_t{1} << 30);
+  probe.device = "cuda";
+  probe.max_batch = kBatch;
+  probe.max_seq = kSeq;
+  const Placement all = plan_placement(config, plan_request(config, probe, DeviceKind::cuda, std::size_t{1} << 30));
+  SessionConfig streamed_cfg = capped(OffloadMode::auto_, all.minimum_cap);
+  streamed_cfg.device = "cuda";
+  SessionConfig resident_cfg = capped(OffloadMode::none, 0);
+  resident_cfg.device = "cuda";
+  const TrainRun streamed = train(tmp.path(), streamed_cfg, 6);
+  const TrainRun resident = train(tmp.path(), resident_cfg, 6);
+  EXPECT_EQ(streamed.placement.resident_count, 0);
+  expect_identical(streamed, resident, "cuda: all streamed vs resident");
+  EXPECT_LE(streamed.peak, streamed.cap);
+  EXPECT_EQ(streamed.peak, streamed.placement.total_bytes) << "the planner predicts the CUDA arena peak exactly";
+  const TrainRun cpu = train(tmp.path(), capped(OffloadMode::none, 0), 6);
+  for (std::size_t i = 0; i < cpu.steps.size(); ++i) {
+    EXPECT_NEAR(resident.steps[i].loss_plus, cpu.steps[i].loss_plus, 1e-4 * std::fabs(cpu.steps[i].loss_plus)) << i;
+    EXPECT_NEAR(resident.steps[i].loss_minus, cpu.steps[i].loss_minus, 1e-4 * std::fabs(cpu.steps[i].loss_minus)) << i;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Families, SchedulerModels, ::testing::Values("opt", "llama"),
                          [](const auto& info) { return info.param; });
 
