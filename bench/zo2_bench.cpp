@@ -4,9 +4,16 @@
 // markdown table. Works on the CPU backend with small presets (CI's smoke sweep) and on
 // CUDA. Rows built with --alias-blocks share one host image for every block (shapes larger
 // than host memory) and are labelled synthetic.
+//
+// Each row also carries the per-step breakdown of the three streams' busy time (upload,
+// compute, offload; Note [Stream busy time] in runtime/device.h) and the idle time, and —
+// when PyTorch is importable (--mezo-baseline) — the same step run by the minimal PyTorch
+// MeZO of bench/mezo_torch.py and zo2's speedup over it. --plot draws tokens/s against the
+// cap per model with bench/plot_bench.py (matplotlib).
 #include "api/session.h"
 #include "models/presets.h"
 #include "runtime/arena.h"
+#include "runtime/device.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
 
@@ -14,11 +21,19 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <array>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -33,13 +48,133 @@ std::vector<std::string> split(const std::string& s) {
   return out;
 }
 
+namespace fs = std::filesystem;
+
+// ---- running Python (the MeZO baseline and the plot) ----
+
+std::string shell_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+struct Command {
+  int status = -1;    // the exit status; -1 when it could not run or was killed
+  std::string out;    // stdout
+  std::string err;    // stderr
+};
+
+// Runs `cmd` through /bin/sh, capturing stdout and stderr.
+Command run_command(const std::string& cmd, const fs::path& scratch) {
+  Command c;
+  const fs::path err_file = scratch / "stderr.txt";
+  FILE* p = popen((cmd + " 2>" + shell_quote(err_file.string())).c_str(), "r");
+  if (p == nullptr) return c;
+  std::array<char, 4096> buf{};
+  for (std::size_t n; (n = fread(buf.data(), 1, buf.size(), p)) > 0;) c.out.append(buf.data(), n);
+  const int st = pclose(p);
+  c.status = st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  std::ifstream e(err_file);
+  std::stringstream ss;
+  ss << e.rdbuf();
+  c.err = ss.str();
+  return c;
+}
+
+// The last non-empty line of a program's output (its message, or its JSON).
+std::string last_line(const std::string& text) {
+  std::string t = text;
+  while (!t.empty() && (t.back() == '\n' || t.back() == '\r' || t.back() == ' ')) t.pop_back();
+  const auto nl = t.rfind('\n');
+  return nl == std::string::npos ? t : t.substr(nl + 1);
+}
+
+// A Python interpreter that imports `module`: `explicit_python` when given (--python),
+// else the first of Debian's /usr/bin/python3 and the python3 on PATH that does (a pyenv or
+// venv python3 on PATH often lacks the system's packages). Empty when none does; `tried`
+// lists what was tried.
+std::string python_with(const std::string& module, const std::string& explicit_python, const fs::path& scratch,
+                        std::string& tried) {
+  std::vector<std::string> candidates;
+  if (!explicit_python.empty())
+    candidates.push_back(explicit_python);
+  else
+    candidates = {"/usr/bin/python3", "python3"};
+  tried.clear();
+  for (const auto& py : candidates) {
+    tried += (tried.empty() ? "" : ", ") + py;
+    if (run_command(shell_quote(py) + " -c " + shell_quote("import " + module), scratch).status == 0) return py;
+  }
+  return {};
+}
+
+// bench/ in the source tree, else the installed share/zo2/bench next to the executable.
+fs::path script_path(const std::string& name) {
+#ifdef ZO2_BENCH_SCRIPT_DIR
+  if (fs::path p = fs::path(ZO2_BENCH_SCRIPT_DIR) / name; fs::exists(p)) return p;
+#endif
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec)
+    if (fs::path p = exe.parent_path().parent_path() / "share" / "zo2" / "bench" / name; fs::exists(p)) return p;
+  zo2::fail(zo2::ErrorKind::io, "{}: not found next to zo2-bench (looked in the source tree's bench/ and share/zo2/bench)",
+            name);
+}
+
+// ---- the PyTorch MeZO baseline (bench/mezo_torch.py) ----
+
+struct Baseline {
+  std::string python;  // empty: off
+  fs::path script, scratch;
+  std::string device;  // cpu or cuda[:N]
+  int steps = 1, warmup = 0, threads = 0;
+  std::map<std::string, json> cache;  // one run per (preset, B, T, dtype): caps and storage do not matter to it
+
+  // The dtype the baseline holds and computes in: zo2's compute dtype (fp32 on the CPU
+  // backend, which computes in fp32 whatever --compute-dtype says).
+  std::string dtype_for(const std::string& compute) const { return device == "cpu" ? "fp32" : compute; }
+
+  json run(const std::string& preset, int batch, int seq, const std::string& compute) {
+    const std::string dtype = dtype_for(compute);
+    const std::string key = fmt::format("{}|{}|{}|{}", preset, batch, seq, dtype);
+    if (auto it = cache.find(key); it != cache.end()) return it->second;
+    const fs::path config = scratch / (preset + ".config.json");
+    {
+      std::ofstream f(config, std::ios::trunc);
+      json c = zo2::find_preset(preset).config.to_json();
+      c["_name_or_path"] = preset;
+      f << c.dump(2);
+      if (!f) zo2::fail(zo2::ErrorKind::io, "{}: cannot write", config.string());
+    }
+    std::string cmd = fmt::format("{} {} --config {} --batch-size {} --seq-len {} --dtype {} --device {} --steps {} --warmup {}",
+                                  shell_quote(python), shell_quote(script.string()), shell_quote(config.string()), batch,
+                                  seq, dtype, shell_quote(device), steps, warmup);
+    if (threads > 0) cmd += fmt::format(" --threads {}", threads);
+    const Command c = run_command(cmd, scratch);
+    json r;
+    try {
+      if (c.status != 0) throw std::runtime_error("");
+      r = json::parse(last_line(c.out));
+      r["dtype"].get<std::string>();
+      r["step_s"].get<double>();
+    } catch (const std::exception&) {
+      const std::string why = last_line(c.err.empty() ? c.out : c.err);
+      r = json{{"error", fmt::format("{} failed (exit {}): {}", script.filename().string(), c.status,
+                                     why.empty() ? "no output" : why)}};
+    }
+    cache[key] = r;
+    return r;
+  }
+};
+
 struct Row {
   std::string preset, storage, compute, cap_text;
   int batch = 1, seq = 1;
   bool synthetic = false;
 };
 
-json run_row(const Row& r, const std::string& device, const std::string& offload, int steps, int warmup, std::uint64_t seed) {
+json run_row(const Row& r, const std::string& device, const std::string& offload, int steps, int warmup, int threads,
+            std::uint64_t seed) {
   const zo2::ModelConfig config = zo2::find_preset(r.preset).config;
   zo2::SessionConfig sc;
   sc.device = device;
@@ -49,6 +184,7 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
   sc.max_batch = r.batch;
   sc.max_seq = r.seq;
   sc.run_seed = seed;
+  sc.threads = threads;
   sc.offload = zo2::parse_offload_mode(offload);
   json row{{"offload", offload}, {"preset", r.preset}, {"params", config.total_params()}, {"device", device},
            {"cap", r.cap_text}, {"cap_bytes", sc.gpu_mem}, {"storage", r.storage}, {"compute", r.compute},
@@ -69,26 +205,42 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
     if (prev >= 0) s.wait(prev);
     prev = -1;
     std::size_t h2d = 0, d2h = 0;
+    double upload = 0, compute = 0, offload_busy = 0;
+    auto add = [&](const zo2::StepResult& res) {
+      h2d += res.h2d_bytes;
+      d2h += res.d2h_bytes;
+      upload += res.upload_busy_s;
+      compute += res.compute_busy_s;
+      offload_busy += res.offload_busy_s;
+    };
     const auto t0 = std::chrono::steady_clock::now();
     for (int t = 0; t < steps; ++t) {
       const std::int64_t id = s.step_async(batch, 1e-7f, 1e-3f, 0.0f);
-      if (prev >= 0) {
-        const zo2::StepResult res = s.wait(prev);
-        h2d += res.h2d_bytes;
-        d2h += res.d2h_bytes;
-      }
+      if (prev >= 0) add(s.wait(prev));
       prev = id;
     }
     const zo2::StepResult last_res = s.wait(prev);
-    h2d += last_res.h2d_bytes;
-    d2h += last_res.d2h_bytes;
-    const double median = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
+    const double mean = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
+    add(last_res);
     const auto& pl = s.placement();
     const double tokens = static_cast<double>(r.batch) * r.seq;
     const double n = static_cast<double>(steps);
     row["ok"] = true;
-    row["step_s"] = median;
-    row["tokens_per_s"] = median > 0 ? tokens / median : 0;
+    row["threads"] = threads;
+    row["step_s"] = mean;
+    row["tokens_per_s"] = mean > 0 ? tokens / mean : 0;
+    // The breakdown: each stream's busy seconds per step, and what no stream explains.
+    upload /= n;
+    compute /= n;
+    offload_busy /= n;
+    const double busiest = std::max({upload, compute, offload_busy});
+    row["upload_s"] = upload;
+    row["compute_s"] = compute;
+    row["offload_s"] = offload_busy;
+    row["idle_s"] = std::max(0.0, mean - busiest);
+    row["compute_idle_s"] = std::max(0.0, mean - compute);
+    row["compute_util"] = mean > 0 ? compute / mean : 0;
+    row["bound"] = busiest == compute ? "compute" : busiest == upload ? "upload" : "offload";
     row["resident_blocks"] = pl.resident_count;
     row["streamed_blocks"] = pl.streamed;
     row["window"] = pl.window;
@@ -99,10 +251,10 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
     row["predicted_peak_bytes"] = pl.total_bytes;
     row["h2d_bytes_per_step"] = static_cast<double>(h2d) / n;
     row["d2h_bytes_per_step"] = static_cast<double>(d2h) / n;
-    row["h2d_gb_s"] = median > 0 ? static_cast<double>(h2d) / n / median / 1e9 : 0;
-    row["d2h_gb_s"] = median > 0 ? static_cast<double>(d2h) / n / median / 1e9 : 0;
+    row["h2d_gb_s"] = mean > 0 ? static_cast<double>(h2d) / n / mean / 1e9 : 0;
+    row["d2h_gb_s"] = mean > 0 ? static_cast<double>(d2h) / n / mean / 1e9 : 0;
     row["predicted_transfer_floor_s"] = pl.predicted_transfer_s;
-    row["floor_ratio"] = median > 0 ? pl.predicted_transfer_s / median : 0;
+    row["floor_ratio"] = mean > 0 ? pl.predicted_transfer_s / mean : 0;
     row["peak_within_cap"] = sc.gpu_mem == 0 || s.device_peak() <= sc.gpu_mem;
   } catch (const zo2::Error& e) {
     row["ok"] = false;
@@ -113,11 +265,26 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
 
 }  // namespace
 
+namespace {
+
+std::string fmt_or_dash(const json& row, const char* key, const char* spec) {
+  if (!row.contains(key)) return "—";
+  return fmt::format(fmt::runtime(spec), row[key].get<double>());
+}
+
+constexpr const char* kTableHead =
+    "| preset | cap | storage | compute | B×T | resident/streamed (window) | tok/s | s/step | upload s | compute s | "
+    "offload s | idle s | bound | peak | predicted | H2D GB/s | D2H GB/s | floor s | floor/step | MeZO s/step | × MeZO |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+constexpr int kTableColumns = 21;
+
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"zo2-bench: zo2 MeZO step throughput and memory against device-memory caps"};
   std::string presets = "opt-tiny", caps = "none", storages = "fp32", computes = "fp32", batches = "1", seqs = "128";
-  std::string device = "cpu", offload = "auto", jsonl, markdown;
-  int steps = 5, warmup = 2;
+  std::string device = "cpu", offload = "auto", jsonl, markdown, plot, python, mezo_mode = "auto";
+  int steps = 5, warmup = 2, threads = 0;
   std::uint64_t seed = 0;
   bool alias = false, quiet = false;
   app.add_option("--presets", presets, "comma-separated presets (zo2-tune init --list)")->capture_default_str();
@@ -129,12 +296,22 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "cpu, cuda, cuda:N")->capture_default_str();
   app.add_option("--offload", offload, "auto, all (stream every block), none")->capture_default_str()
       ->check(CLI::IsMember({"auto", "all", "none"}));
-  app.add_option("--steps", steps, "measured steps per row (median reported)")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--steps", steps, "measured steps per row (their mean is reported)")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--warmup", warmup, "steps before measuring")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", threads, "CPU threads for zo2 and the PyTorch baseline (0 = all cores)")
+      ->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--seed", seed, "init and run seed")->capture_default_str();
   app.add_flag("--alias-blocks", alias, "every block shares one host image (shapes beyond host memory; rows labelled synthetic)");
   app.add_option("--jsonl", jsonl, "write one JSON object per row to this file");
   app.add_option("--markdown", markdown, "write the markdown table to this file (always printed)");
+  app.add_option("--plot", plot, "draw tokens/s against the cap per model into this PNG (bench/plot_bench.py, matplotlib)");
+  app.add_option("--mezo-baseline", mezo_mode,
+                 "run bench/mezo_torch.py (PyTorch MeZO) on each row's shape: auto = when torch is importable, on = "
+                 "required, off")
+      ->capture_default_str()->check(CLI::IsMember({"auto", "on", "off"}));
+  app.add_option("--python", python,
+                 "Python interpreter for --plot and --mezo-baseline (default: the first of /usr/bin/python3, python3 "
+                 "that imports matplotlib / torch)");
   app.add_flag("-q,--quiet", quiet, "only the table");
   try {
     app.parse(argc, argv);
@@ -142,20 +319,66 @@ int main(int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   }
   zo2::log_set_level(zo2::LogLevel::warn);
+  fs::path scratch;
+  int rc = 0;
   try {
     for (const auto& s : split(storages))
       if (!zo2::dtype_from_name(s)) zo2::fail(zo2::ErrorKind::invalid_argument, "--storage-dtype '{}'", s);
     for (const auto& s : split(computes))
       if (!zo2::dtype_from_name(s)) zo2::fail(zo2::ErrorKind::invalid_argument, "--compute-dtype '{}'", s);
     for (const auto& p : split(presets)) zo2::find_preset(p);
+    for (const auto& b : split(batches))
+      if (b.find_first_not_of("0123456789") != std::string::npos || std::stoll(b) < 1)
+        zo2::fail(zo2::ErrorKind::invalid_argument, "--batch-size '{}': not a positive integer", b);
+    for (const auto& t : split(seqs))
+      if (t.find_first_not_of("0123456789") != std::string::npos || std::stoll(t) < 2)
+        zo2::fail(zo2::ErrorKind::invalid_argument, "--seq-len '{}': not an integer ≥ 2", t);
+    if (!python.empty() && python.find('/') != std::string::npos && !fs::exists(python))
+      zo2::fail(zo2::ErrorKind::invalid_argument, "--python '{}': no such file", python);
     std::ofstream jl;
     if (!jsonl.empty()) {
       jl.open(jsonl, std::ios::trunc);
-      if (!jl) zo2::fail(zo2::ErrorKind::io, "{}: cannot write", jsonl);
+      if (!jl) zo2::fail(zo2::ErrorKind::io, "--jsonl {}: cannot write", jsonl);
     }
-    std::string table =
-        "| preset | cap | storage | compute | B×T | resident/streamed (window) | tok/s | s/step | peak | predicted | H2D GB/s | D2H GB/s | floor s | floor/step |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    scratch = fs::temp_directory_path() / fmt::format("zo2-bench-{}", ::getpid());
+    fs::create_directories(scratch);
+
+    // Find the interpreters before the sweep, which may take hours, rather than after it.
+    std::string plot_python, tried;
+    fs::path plot_script;
+    if (!plot.empty()) {
+      plot_script = script_path("plot_bench.py");
+      plot_python = python_with("matplotlib", python, scratch, tried);
+      if (plot_python.empty())
+        zo2::fail(zo2::ErrorKind::invalid_argument,
+                  "--plot {}: no Python that imports matplotlib (tried {}); install it (Debian: apt-get install "
+                  "python3-matplotlib) or name an interpreter with --python",
+                  plot, tried);
+    }
+    Baseline mezo;
+    mezo.device = device == "cuda" || (device == "auto" && zo2::cuda_device_count() > 0) ? "cuda:0"
+                  : device == "auto"                                                      ? "cpu"
+                                                                                          : device;
+    mezo.steps = steps;
+    mezo.warmup = warmup;
+    // The same CPU threads as zo2 (torch's own default can be 1 where OpenMP sees a quota).
+    mezo.threads = threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    mezo.scratch = scratch;
+    if (mezo_mode != "off") {
+      mezo.script = script_path("mezo_torch.py");
+      mezo.python = python_with("torch", python, scratch, tried);
+      if (mezo.python.empty()) {
+        if (mezo_mode == "on")
+          zo2::fail(zo2::ErrorKind::invalid_argument,
+                    "--mezo-baseline on: no Python that imports torch (tried {}); install it (Debian: apt-get install "
+                    "python3-torch) or name an interpreter with --python",
+                    tried);
+        if (!quiet) fmt::print(stderr, "zo2-bench: no PyTorch MeZO baseline: no Python that imports torch (tried {})\n", tried);
+      }
+    }
+
+    std::string table = kTableHead;
+    std::vector<json> rows;
     int failures = 0;
     for (const auto& p : split(presets))
       for (const auto& cap : split(caps))
@@ -164,35 +387,90 @@ int main(int argc, char** argv) {
             for (const auto& b : split(batches))
               for (const auto& t : split(seqs)) {
                 Row r{p, st, cp, cap, std::stoi(b), std::stoi(t), alias};
-                const json row = run_row(r, device, offload, steps, warmup, seed);
+                json row = run_row(r, device, offload, steps, warmup, threads, seed);
+                if (!mezo.python.empty()) {
+                  if (alias) {
+                    row["mezo_error"] = "skipped: synthetic (aliased-block) rows have no PyTorch equivalent";
+                  } else if (row["ok"].get<bool>()) {
+                    const json m = mezo.run(p, r.batch, r.seq, cp);
+                    if (m.contains("error")) {
+                      row["mezo_error"] = m["error"];
+                      if (mezo_mode == "on") ++failures;
+                    } else {
+                      row["mezo_step_s"] = m["step_s"];
+                      row["mezo_tokens_per_s"] = m["tokens_per_s"];
+                      row["mezo_dtype"] = m["dtype"];
+                      row["mezo_threads"] = m.value("threads", 0);
+                      row["mezo_torch"] = m.value("torch", "");
+                      row["mezo_params"] = m.value("params", std::int64_t{0});  // = params when the shapes agree
+                      if (m.contains("peak_bytes")) row["mezo_peak_bytes"] = m["peak_bytes"];
+                      row["x_mezo"] = row["step_s"].get<double>() > 0
+                                          ? m["step_s"].get<double>() / row["step_s"].get<double>()
+                                          : 0.0;
+                    }
+                  }
+                }
+                rows.push_back(row);
                 if (jl) jl << row.dump() << "\n" << std::flush;
                 if (!quiet) fmt::print(stderr, "{}\n", row.dump());
                 if (!row["ok"].get<bool>()) {
-                  table += fmt::format("| {}{} | {} | {} | {} | {}×{} | error: {} |||||||||\n", p, alias ? " (synthetic)" : "", cap, st, cp, b, t,
-                                       row["error"].get<std::string>());
+                  table += fmt::format("| {}{} | {} | {} | {} | {}×{} | error: {} {}\n", p, alias ? " (synthetic)" : "", cap, st,
+                                       cp, b, t, row["error"].get<std::string>(), std::string(kTableColumns - 5, '|'));
                   continue;
                 }
                 if (!row["peak_within_cap"].get<bool>()) ++failures;
                 table += fmt::format(
-                    "| {}{} | {} | {} | {} | {}×{} | {}/{} ({}) | {:.1f} | {:.4f} | {} | {} | {:.2f} | {:.2f} | {:.4f} | {:.2f} |\n", p,
-                    alias ? " (synthetic)" : "", cap, st, cp, b, t, row["resident_blocks"].get<int>(), row["streamed_blocks"].get<int>(),
-                    row["window"].get<int>(), row["tokens_per_s"].get<double>(), row["step_s"].get<double>(),
-                    zo2::format_bytes(row["device_peak_bytes"].get<double>()), zo2::format_bytes(row["predicted_peak_bytes"].get<double>()),
-                    row["h2d_gb_s"].get<double>(), row["d2h_gb_s"].get<double>(), row["predicted_transfer_floor_s"].get<double>(),
-                    row["floor_ratio"].get<double>());
+                    "| {}{} | {} | {} | {} | {}×{} | {}/{} ({}) | {:.1f} | {:.4g} | {:.3g} | {:.3g} | {:.3g} | {:.3g} | {} | {} | {} | "
+                    "{:.2f} | {:.2f} | {:.3g} | {:.2f} | {} | {} |\n",
+                    p, alias ? " (synthetic)" : "", cap, st, cp, b, t, row["resident_blocks"].get<int>(),
+                    row["streamed_blocks"].get<int>(), row["window"].get<int>(), row["tokens_per_s"].get<double>(),
+                    row["step_s"].get<double>(), row["upload_s"].get<double>(), row["compute_s"].get<double>(),
+                    row["offload_s"].get<double>(), row["idle_s"].get<double>(), row["bound"].get<std::string>(),
+                    zo2::format_bytes(row["device_peak_bytes"].get<double>()),
+                    zo2::format_bytes(row["predicted_peak_bytes"].get<double>()), row["h2d_gb_s"].get<double>(),
+                    row["d2h_gb_s"].get<double>(), row["predicted_transfer_floor_s"].get<double>(),
+                    row["floor_ratio"].get<double>(),
+                    row.contains("mezo_error") ? std::string("error") : fmt_or_dash(row, "mezo_step_s", "{:.4g}"),
+                    fmt_or_dash(row, "x_mezo", "{:.2f}×"));
               }
     fmt::print("{}", table);
     if (!markdown.empty()) {
       std::ofstream md(markdown, std::ios::trunc);
       md << table;
+      if (!md) zo2::fail(zo2::ErrorKind::io, "--markdown {}: cannot write", markdown);
+    }
+    if (!plot.empty()) {
+      fs::path source = jsonl;
+      if (jsonl.empty()) {
+        source = scratch / "rows.jsonl";
+        std::ofstream f(source, std::ios::trunc);
+        for (const auto& row : rows) f << row.dump() << "\n";
+      } else {
+        jl.flush();
+      }
+      const Command c = run_command(fmt::format("{} {} {} {}", shell_quote(plot_python), shell_quote(plot_script.string()),
+                                                shell_quote(source.string()), shell_quote(plot)),
+                                    scratch);
+      if (c.status != 0)
+        zo2::fail(zo2::ErrorKind::io, "--plot {}: {} failed (exit {}): {}", plot, plot_script.string(), c.status,
+                  last_line(c.err.empty() ? c.out : c.err));
+      if (!quiet) fmt::print(stderr, "zo2-bench: wrote {}\n", plot);
     }
     if (failures > 0) {
-      fmt::print(stderr, "zo2-bench: {} row(s) exceeded their cap\n", failures);
-      return 1;
+      fmt::print(stderr, "zo2-bench: {} row(s) exceeded their cap{}\n", failures,
+                 mezo_mode == "on" ? " or failed their --mezo-baseline run" : "");
+      rc = 1;
     }
   } catch (const zo2::Error& e) {
     fmt::print(stderr, "zo2-bench: error: {}\n", e.what());
-    return e.kind() == zo2::ErrorKind::invalid_argument ? 2 : 1;
+    rc = e.kind() == zo2::ErrorKind::invalid_argument ? 2 : 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "zo2-bench: error: {}\n", e.what());
+    rc = 1;
   }
-  return 0;
+  if (!scratch.empty()) {
+    std::error_code ec;
+    fs::remove_all(scratch, ec);
+  }
+  return rc;
 }

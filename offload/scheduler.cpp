@@ -161,13 +161,23 @@ void Scheduler::capture_hidden(const Mat& m, std::int64_t tokens,
 void Scheduler::run_blocks(const Use& use) {
   const std::int64_t L = store_.num_blocks();
   const std::size_t block_bytes = store_.block_bytes();
+  // Busy-time spans hold no waits: they open after a block's waits (Note [Stream busy time]).
+  auto begin_busy = [&](Stream& s) {
+    if (use.busy_tag >= 0) s.begin_busy(use.busy_tag);
+  };
+  auto end_busy = [&](Stream& s) {
+    if (use.busy_tag >= 0) s.end_busy();
+  };
   // What happens to a block while it is on the device, wherever it lives.
   auto on_resident = [&](const WeightSet& w, const ImageLayout& layout, std::int64_t i) {
+    begin_busy(*compute_);
     if (use.update) apply_update(w, layout);
-    if (!use.forward) return;
-    graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches);
-    if (use.hidden && i + 1 < L)  // the last block's output is replaced by the final one
-      capture_hidden(graph_.branches()[0].hidden, use.batch->tokens(), use.hidden);
+    if (use.forward) {
+      graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches);
+      if (use.hidden && i + 1 < L)  // the last block's output is replaced by the final one
+        capture_hidden(graph_.branches()[0].hidden, use.batch->tokens(), use.hidden);
+    }
+    end_busy(*compute_);
   };
   for (std::int64_t i = 0; i < L; ++i) {
     const ImageLayout& layout = store_.block_layout(i);
@@ -181,7 +191,9 @@ void Scheduler::run_blocks(const Use& use) {
     void* slot = slots_[static_cast<std::size_t>(k)].data();
     if (options_.fault != SchedulerFault::skip_slot_free_wait) h2d_->wait(*slot_free_[static_cast<std::size_t>(k)]);
     h2d_->wait(*offloaded_[static_cast<std::size_t>(i)]);
+    begin_busy(*h2d_);
     h2d_->copy_h2d(slot, store_.block_image(i), block_bytes);
+    end_busy(*h2d_);
     h2d_->record(*uploaded_[static_cast<std::size_t>(k)]);
     totals_.h2d_bytes += block_bytes;
     ++totals_.uploads;
@@ -193,7 +205,9 @@ void Scheduler::run_blocks(const Use& use) {
 
     if (use.update) {
       d2h_->wait(*computed_[static_cast<std::size_t>(k)]);
+      begin_busy(*d2h_);
       d2h_->copy_d2h(store_.block_image(i), slot, block_bytes);
+      end_busy(*d2h_);
       d2h_->record(*offloaded_[static_cast<std::size_t>(i)]);
       d2h_->record(*slot_free_[static_cast<std::size_t>(k)]);
       totals_.d2h_bytes += block_bytes;
@@ -218,9 +232,12 @@ void Scheduler::step(const HostBatch& batch, const StepParams& p) {
   const BatchView view = batch_view(bs, batch);
   const NoiseArgs noise{p.seed, p.eps};
 
+  compute_->begin_busy(p.step);  // after upload_batch's wait: the span holds no wait
   if (pending_.active) apply_update(globals_w_, store_.globals_layout());
   graph_.embed(ops_, *compute_, globals_w_, view, &noise, 2);
-  run_blocks(Use{pending_.active, true, 2, &noise, &view, nullptr});
+  compute_->end_busy();
+  run_blocks(Use{pending_.active, true, 2, &noise, &view, nullptr, p.step});
+  compute_->begin_busy(p.step);
   graph_.finish(ops_, *compute_, globals_w_, view, &noise, 2);
   graph_.head(ops_, *compute_, globals_w_, view, &noise, 2);
   compute_->record(*bs.consumed);
@@ -232,6 +249,7 @@ void Scheduler::step(const HostBatch& batch, const StepParams& p) {
   compute_->copy_d2h(host + 0, branches[0].loss, sizeof(float));
   compute_->copy_d2h(host + 1, branches[1].loss, sizeof(float));
   compute_->copy_d2h(host + 2, g, sizeof(float));
+  compute_->end_busy();
   compute_->record(*result_ready_[r]);
 
   StepResult meta;
@@ -267,6 +285,10 @@ StepResult Scheduler::wait_result(std::int64_t step) {
   res.g_double = (static_cast<double>(res.loss_plus) - static_cast<double>(res.loss_minus)) /
                  (2.0 * static_cast<double>(res.eps));
   res.update_skipped = !std::isfinite(res.g);
+  // Only the tail of this step's offloads can still be running (a short host wait).
+  res.upload_busy_s = h2d_->take_busy_seconds(step);
+  res.compute_busy_s = compute_->take_busy_seconds(step);
+  res.offload_busy_s = d2h_->take_busy_seconds(step);
   ring_step_[r] = -1;
   return res;
 }

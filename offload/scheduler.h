@@ -57,6 +57,13 @@ struct StepResult {
   std::int64_t tokens = 0;
   std::size_t h2d_bytes = 0;    // bytes this step moved host→device (weights and batch)
   std::size_t d2h_bytes = 0;
+  // Seconds each stream was busy with this step's work (Note [Stream busy time] in
+  // runtime/device.h): the weight uploads of its streamed blocks (the batch's few bytes are
+  // not timed), its compute (the pending update, both forward passes, head, loss, g) and
+  // the offloads of its streamed blocks. Read when the result is read.
+  double upload_busy_s = 0;
+  double compute_busy_s = 0;
+  double offload_busy_s = 0;
 };
 
 struct EvalOptions {
@@ -130,6 +137,7 @@ class Scheduler {
     const NoiseArgs* noise;
     const struct BatchView* batch;
     std::vector<std::vector<float>>* hidden;
+    std::int64_t busy_tag = -1;  // ≥ 0: time each stream's work under this tag (a step)
   };
   void apply_update(const WeightSet& w, const ImageLayout& layout);
   void run_blocks(const Use& use);

@@ -10,11 +10,30 @@
 //   and waiting on an event never recorded does nothing. Because the CPU backend really
 //   runs its streams concurrently, a missing wait is a real data race there, which
 //   ThreadSanitizer reports: the CPU tests check the scheduler a GPU would run.
+//
+// Note [Stream busy time]
+//   How long a stream was busy with some of its work, read without host synchronization
+//   while the work runs (zo2-bench's per-step upload/compute/offload breakdown). The work
+//   enqueued between begin_busy(tag) and end_busy() forms a span; take_busy_seconds(tag)
+//   waits until the tag's last span has run and returns the sum of its spans' durations:
+//   - CPU: the wall time the stream's worker thread spent running the span's copies,
+//     kernels and host functions, measured around each item. record() and wait() are not
+//     work and never count, nor does time the worker spends waiting for the host to
+//     enqueue more.
+//   - CUDA: cudaEventElapsedTime between two timing events recorded at begin_busy() and
+//     end_busy() (taken from a per-stream pool; recording them never blocks the host), so
+//     the span's time is the stream's timeline from its first to its last piece of work,
+//     gaps included. A span must therefore not contain a wait(): callers open spans after
+//     their waits (the scheduler does), and then both backends measure the same thing.
+//   Spans do not nest (begin_busy() while a span is open is an error). A tag's spans stay
+//   in memory (on CUDA, two events each) until take_busy_seconds(tag) reads them, so a
+//   caller that opens spans must take them. An unknown tag reads 0.
 #pragma once
 #include "runtime/arena.h"
 #include "runtime/error.h"
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -55,6 +74,13 @@ class Stream {
   // Rethrows a failure of work that has already run, without waiting.
   virtual void check() = 0;
   virtual const std::string& name() const = 0;
+  // Busy-time spans, see Note [Stream busy time].
+  virtual void begin_busy(std::int64_t tag) = 0;
+  virtual void end_busy() = 0;
+  // Seconds the stream was busy with `tag`'s spans; waits for them to run, then forgets
+  // the tag. A failure of the timed work is reported by synchronize()/check(), not here
+  // (on the CPU, skipped work of a poisoned stream counts 0; CUDA throws on a device fault).
+  virtual double take_busy_seconds(std::int64_t tag) = 0;
 };
 
 // Host memory for block images and staging: pinned (page-locked) when a CUDA device

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -221,6 +222,43 @@ TEST_F(CudaTest, EventsOrderTwoStreamsAndTimeTheWork) {
   EXPECT_TRUE(never->query());
   consumer->wait(*never);
   consumer->synchronize();
+}
+
+// Note [Stream busy time] on CUDA: spans are timed with event pairs, per tag; a span that
+// holds milliseconds of GEMMs reads at least the events' own measure of them and no more
+// than the wall time around it; an empty span reads ~0; an unknown tag reads 0.
+TEST_F(CudaTest, BusySpansTimeTheStreamsWorkPerTag) {
+  auto s = device->make_stream("timed");
+  auto start = device->make_event();
+  auto done = device->make_event();
+  const std::int64_t n = 2048;
+  DeviceBuffer a = upload(std::vector<float>(static_cast<std::size_t>(n * n), 1.0f));
+  DeviceBuffer c = zeros(static_cast<std::size_t>(n * n) * sizeof(float));
+  stream->synchronize();
+  auto gemms = [&] {
+    for (int i = 0; i < 4; ++i)
+      ops().gemm(*s, Mat::dense(a.data(), DType::f32, n, n), false, Mat::dense(a.data(), DType::f32, n, n), false,
+                 Mat::dense(c.data(), DType::f32, n, n), 1.0f, 0.0f);
+  };
+  gemms();  // warm cuBLAS
+  s->synchronize();
+  const auto t0 = std::chrono::steady_clock::now();
+  s->begin_busy(5);
+  s->record(*start);
+  gemms();
+  s->record(*done);
+  s->end_busy();
+  s->begin_busy(6);
+  s->end_busy();
+  const double busy = s->take_busy_seconds(5);  // waits for the span
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_GT(busy, 0.0);
+  EXPECT_GE(busy, 0.9 * done->seconds_since(*start));
+  EXPECT_LE(busy, wall);
+  EXPECT_LT(s->take_busy_seconds(6), 1e-3);
+  EXPECT_EQ(s->take_busy_seconds(5), 0.0) << "a tag is forgotten once taken";
+  EXPECT_EQ(s->take_busy_seconds(99), 0.0);
+  EXPECT_THROW(s->end_busy(), Error);
 }
 
 TEST_F(CudaTest, HostTasksRunInStreamOrderAndTheirFailuresSurfaceOnSynchronizeAndCheck) {

@@ -12,6 +12,7 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -321,6 +322,48 @@ TEST(SchedulerUpdates, ANonFiniteProjectedGradientSkipsTheUpdateAndIsReported) {
   s.sync();  // applies (skips) the pending update
   const auto* after = static_cast<const std::uint8_t*>(s.store().block_image(1));
   EXPECT_TRUE(std::equal(before.begin(), before.end(), after)) << "weights must not change";
+}
+
+// ---- per-step busy time (Note [Stream busy time]) ----
+
+TEST(SchedulerBusyTime, StepsReportEachStreamsBusyTimeAndOnlyStreamedBlocksUseTheCopyStreams) {
+  test::TempDir tmp;
+  const ModelConfig c = small_opt(3);
+  test::write_random_checkpoint(tmp.path(), c, 4);
+  const auto data = batches(c, 1);
+  for (const OffloadMode mode : {OffloadMode::all, OffloadMode::none}) {
+    SessionConfig cfg;
+    cfg.offload = mode;
+    cfg.gpu_mem = std::size_t{1} << 30;
+    cfg.max_batch = kBatch;
+    cfg.max_seq = kSeq;
+    Session s(tmp.path(), cfg);
+    std::vector<StepResult> results;
+    const auto t0 = std::chrono::steady_clock::now();
+    std::int64_t prev = -1;
+    for (int t = 0; t < 4; ++t) {  // pipelined, as zo2-tune and zo2-bench run steps
+      const std::int64_t id = s.step_async(data[0], kLr, kEps, kWd);
+      if (prev >= 0) results.push_back(s.wait(prev));
+      prev = id;
+    }
+    results.push_back(s.wait(prev));
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    double compute = 0;
+    for (const StepResult& r : results) {
+      EXPECT_GT(r.compute_busy_s, 0.0) << "step " << r.step;
+      compute += r.compute_busy_s;
+      if (mode == OffloadMode::all) {
+        EXPECT_GT(r.upload_busy_s, 0.0) << "step " << r.step;
+        // Step 0 has no pending update: its blocks are unchanged and never written back.
+        if (r.step > 0) EXPECT_GT(r.offload_busy_s, 0.0) << "step " << r.step;
+        else EXPECT_EQ(r.offload_busy_s, 0.0);
+      } else {
+        EXPECT_EQ(r.upload_busy_s, 0.0) << "step " << r.step;
+        EXPECT_EQ(r.offload_busy_s, 0.0) << "step " << r.step;
+      }
+    }
+    EXPECT_LE(compute, wall) << "one stream cannot be busy longer than the run";
+  }
 }
 
 // ---- a missing event wait is caught ----

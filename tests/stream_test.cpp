@@ -1,7 +1,8 @@
 // Tests of the CPU backend's streams and events (runtime/device.h, Note [Streams and
 // events]; runtime/cpu/cpu_device.h): in-order execution, cross-stream ordering by
 // record/wait with CUDA's semantics, host-side event waits and timing, error poisoning
-// that never deadlocks another stream, async copies, and draining on destruction.
+// that never deadlocks another stream, async copies, draining on destruction, and busy-time
+// accounting (Note [Stream busy time]).
 //
 // Ordering is forced with gates (a host_launch that blocks until the test opens it)
 // rather than by timing, so a missing wait shows up deterministically. Anything that could
@@ -362,6 +363,84 @@ TEST(CpuStream, DestroyingAStreamWithPendingWorkFinishesThatWorkFirst) {
   }
   EXPECT_EQ(done.load(), 10);
   EXPECT_EQ(dst, src);
+}
+
+// ---- busy time (Note [Stream busy time]) ----
+// Sanity bounds only: the work's known duration below, the wall time around it above.
+
+TEST(CpuStream, BusyTimeCountsTheSpansWorkButNotTheTimeTheStreamSitsIdle) {
+  auto dev = cpu_device();
+  auto s = dev->make_stream("timed");
+  const auto t0 = std::chrono::steady_clock::now();
+  s->begin_busy(1);
+  s->launch_host([] { std::this_thread::sleep_for(40ms); });
+  s->end_busy();
+  s->synchronize();
+  // The stream has nothing to do for 100 ms: not busy.
+  const auto idle0 = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(100ms);
+  const double idle = std::chrono::duration<double>(std::chrono::steady_clock::now() - idle0).count();
+  s->begin_busy(1);
+  s->launch_host([] { std::this_thread::sleep_for(20ms); });
+  s->end_busy();
+  double busy = -1;
+  finishes_within(5000ms, "take_busy_seconds", [&] { busy = s->take_busy_seconds(1); });  // waits for the span
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_GE(busy, 0.060);
+  EXPECT_LE(busy, wall - idle + 1e-3);
+  EXPECT_EQ(s->take_busy_seconds(1), 0.0) << "a tag is forgotten once taken";
+}
+
+TEST(CpuStream, AnEmptySpanAnUnknownTagAndWorkOutsideSpansReadZero) {
+  auto dev = cpu_device();
+  auto s = dev->make_stream("idle");
+  EXPECT_EQ(s->take_busy_seconds(7), 0.0);
+  s->launch_host([] { std::this_thread::sleep_for(30ms); });  // not in a span
+  s->begin_busy(7);
+  s->end_busy();
+  s->launch_host([] { std::this_thread::sleep_for(30ms); });  // not in a span either
+  EXPECT_LT(s->take_busy_seconds(7), 1e-3);
+  s->synchronize();
+}
+
+TEST(CpuStream, BusyTimeIsKeptPerTagAndNeverCountsAnotherStreamsWork) {
+  auto dev = cpu_device();
+  auto a = dev->make_stream("a"), b = dev->make_stream("b");
+  auto e = dev->make_event();
+  a->begin_busy(3);
+  a->launch_host([] { std::this_thread::sleep_for(60ms); });
+  a->end_busy();
+  a->record(*e);
+  // b waits for a's 60 ms (outside its spans, as the scheduler opens spans after waits),
+  // then does almost nothing: its spans read far less than a's.
+  b->wait(*e);
+  b->begin_busy(3);
+  b->launch_host([] {});
+  b->end_busy();
+  a->begin_busy(4);
+  a->launch_host([] { std::this_thread::sleep_for(10ms); });
+  a->end_busy();
+  double a3 = -1, a4 = -1, b3 = -1;
+  finishes_within(5000ms, "take_busy_seconds", [&] {
+    b3 = b->take_busy_seconds(3);
+    a4 = a->take_busy_seconds(4);
+    a3 = a->take_busy_seconds(3);
+  });
+  EXPECT_GE(a3, 0.060);
+  EXPECT_GE(a4, 0.010);
+  EXPECT_LT(a4, a3);
+  EXPECT_GE(b3, 0.0);
+  EXPECT_LT(b3, 0.030);
+}
+
+TEST(CpuStream, BusySpansDoNotNest) {
+  auto dev = cpu_device();
+  auto s = dev->make_stream("s");
+  EXPECT_THROW(s->end_busy(), Error);
+  s->begin_busy(1);
+  EXPECT_THROW(s->begin_busy(2), Error);
+  s->end_busy();
+  s->synchronize();
 }
 
 }  // namespace

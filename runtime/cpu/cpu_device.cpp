@@ -80,13 +80,15 @@ CpuStream::~CpuStream() {
   worker_.join();
 }
 
-void CpuStream::enqueue(std::function<void()> fn, bool control) {
+std::uint64_t CpuStream::enqueue(std::function<void()> fn, bool control) {
+  std::uint64_t seq = 0;
   {
     std::lock_guard lock(mutex_);
     queue_.push_back({std::move(fn), control});
-    ++enqueued_;
+    seq = ++enqueued_;
   }
   cv_.notify_one();
+  return seq;
 }
 
 void CpuStream::enqueue_kernel(std::function<void()> fn) { enqueue(std::move(fn), false); }
@@ -106,6 +108,9 @@ void CpuStream::run() {
       std::lock_guard lock(mutex_);
       poisoned = error_ != nullptr;
     }
+    // Work (not record/wait) run inside a busy span is timed; see Note [Stream busy time].
+    const bool timed = !item.control && !poisoned && worker_span_open_;
+    const auto started = timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
     if (item.control || !poisoned) {
       try {
         item.fn();
@@ -114,8 +119,10 @@ void CpuStream::run() {
         if (!error_) error_ = std::current_exception();
       }
     }
+    const double busy = timed ? std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() : 0.0;
     {
       std::lock_guard lock(mutex_);
+      if (timed) busy_[worker_span_tag_] += busy;
       ++finished_;
     }
     done_cv_.notify_all();
@@ -149,6 +156,49 @@ void CpuStream::memset(void* dst, int value, std::size_t bytes) {
   enqueue_kernel([=] { std::memset(dst, value, bytes); });
 }
 void CpuStream::launch_host(std::function<void()> fn) { enqueue_kernel(std::move(fn)); }
+
+void CpuStream::begin_busy(std::int64_t tag) {
+  {
+    std::lock_guard lock(mutex_);
+    if (host_span_open_)
+      fail(ErrorKind::internal, "stream '{}': begin_busy({}) while the span of tag {} is still open", name_, tag,
+           host_span_tag_);
+    host_span_open_ = true;
+    host_span_tag_ = tag;
+  }
+  enqueue([this, tag] {
+    worker_span_open_ = true;
+    worker_span_tag_ = tag;
+  }, true);
+}
+
+void CpuStream::end_busy() {
+  std::int64_t tag = 0;
+  {
+    std::lock_guard lock(mutex_);
+    if (!host_span_open_) fail(ErrorKind::internal, "stream '{}': end_busy() without begin_busy()", name_);
+    host_span_open_ = false;
+    tag = host_span_tag_;
+  }
+  const std::uint64_t seq = enqueue([this] { worker_span_open_ = false; }, true);
+  std::lock_guard lock(mutex_);
+  span_end_[tag] = seq;
+}
+
+double CpuStream::take_busy_seconds(std::int64_t tag) {
+  std::unique_lock lock(mutex_);
+  const auto end = span_end_.find(tag);
+  if (end == span_end_.end()) return 0.0;
+  const std::uint64_t target = end->second;
+  done_cv_.wait(lock, [&] { return finished_ >= target; });
+  double seconds = 0.0;
+  if (const auto it = busy_.find(tag); it != busy_.end()) {
+    seconds = it->second;
+    busy_.erase(it);
+  }
+  span_end_.erase(tag);
+  return seconds;
+}
 
 void CpuStream::synchronize() {
   std::unique_lock lock(mutex_);

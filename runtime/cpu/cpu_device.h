@@ -9,6 +9,7 @@
 #include <deque>
 #include <exception>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <thread>
 
@@ -50,6 +51,9 @@ class CpuStream final : public Stream {
   void synchronize() override;
   void check() override;
   const std::string& name() const override { return name_; }
+  void begin_busy(std::int64_t tag) override;
+  void end_busy() override;
+  double take_busy_seconds(std::int64_t tag) override;
 
   // Enqueues a kernel. After a kernel throws, later kernels of this stream are skipped
   // (the stream is poisoned, like a CUDA context after a fault) but records and waits
@@ -61,7 +65,8 @@ class CpuStream final : public Stream {
     std::function<void()> fn;
     bool control;  // record/wait: runs even after an error
   };
-  void enqueue(std::function<void()> fn, bool control);
+  // Returns the item's sequence number (finished_ reaches it once the item has run).
+  std::uint64_t enqueue(std::function<void()> fn, bool control);
   void run();
 
   void copy(void* dst, const void* src, std::size_t bytes);
@@ -76,6 +81,15 @@ class CpuStream final : public Stream {
   std::uint64_t finished_ = 0;
   bool stop_ = false;
   std::exception_ptr error_;
+  // Busy-time spans (Note [Stream busy time]). Under mutex_: the host side's open span,
+  // the sequence number of each tag's last end_busy() item, and the seconds counted per
+  // tag. worker_span_* are touched by the worker thread only (set by control items).
+  bool host_span_open_ = false;
+  std::int64_t host_span_tag_ = 0;
+  std::map<std::int64_t, std::uint64_t> span_end_;
+  std::map<std::int64_t, double> busy_;
+  bool worker_span_open_ = false;
+  std::int64_t worker_span_tag_ = 0;
   std::thread worker_;
 };
 

@@ -197,6 +197,63 @@ void CudaStream::check() {
   rethrow_host_error();
 }
 
+EventHandle CudaStream::pooled_event() {
+  if (!event_pool_.empty()) {
+    EventHandle e = std::move(event_pool_.back());
+    event_pool_.pop_back();
+    return e;
+  }
+  cudaEvent_t e = nullptr;
+  ZO2_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDefault));  // with timing
+  return EventHandle(e);
+}
+
+void CudaStream::begin_busy(std::int64_t tag) {
+  std::lock_guard lock(busy_mutex_);
+  if (span_open_)
+    fail(ErrorKind::internal, "stream '{}': begin_busy({}) while the span of tag {} is still open", name_, tag,
+         open_span_.tag);
+  use_device(state_->index);
+  EventHandle start = pooled_event();
+  ZO2_CUDA_CHECK(cudaEventRecord(start.get(), stream_.get()));
+  open_span_.tag = tag;
+  open_span_.start = std::move(start);
+  span_open_ = true;
+}
+
+void CudaStream::end_busy() {
+  std::lock_guard lock(busy_mutex_);
+  if (!span_open_) fail(ErrorKind::internal, "stream '{}': end_busy() without begin_busy()", name_);
+  use_device(state_->index);
+  EventHandle end = pooled_event();
+  ZO2_CUDA_CHECK(cudaEventRecord(end.get(), stream_.get()));
+  open_span_.end = std::move(end);
+  spans_.push_back(std::move(open_span_));
+  open_span_ = BusySpan{};
+  span_open_ = false;
+}
+
+double CudaStream::take_busy_seconds(std::int64_t tag) {
+  std::lock_guard lock(busy_mutex_);
+  use_device(state_->index);
+  double seconds = 0.0;
+  for (auto it = spans_.begin(); it != spans_.end();) {
+    if (it->tag != tag) {
+      ++it;
+      continue;
+    }
+    // The host waits here, when the tag's results are read, never while work is enqueued.
+    ZO2_CUDA_CHECK(cudaEventSynchronize(it->end.get()));
+    float ms = 0.0f;
+    ZO2_CUDA_CHECK(cudaEventElapsedTime(&ms, it->start.get(), it->end.get()));
+    seconds += static_cast<double>(ms) * 1e-3;
+    event_pool_.push_back(std::move(it->start));
+    event_pool_.push_back(std::move(it->end));
+    it = spans_.erase(it);
+  }
+  return seconds;
+}
+
 cublasHandle_t CudaStream::blas() {
   if (blas_) return blas_.get();
   use_device(state_->index);

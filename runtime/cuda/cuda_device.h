@@ -17,10 +17,13 @@
 
 #include <atomic>
 #include <cstddef>
+#include <cstdint>
+#include <deque>
 #include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace zo2::cuda {
 
@@ -79,6 +82,9 @@ class CudaStream final : public Stream, public KernelStream {
   void synchronize() override;
   void check() override;
   const std::string& name() const override { return name_; }
+  void begin_busy(std::int64_t tag) override;
+  void end_busy() override;
+  double take_busy_seconds(std::int64_t tag) override;
 
   // KernelStream
   cudaStream_t stream() const override { return stream_.get(); }
@@ -98,6 +104,18 @@ class CudaStream final : public Stream, public KernelStream {
   DeviceBuffer blas_workspace_;
   BlasHandle blas_;
   DeviceBuffer scratch_;
+  // Busy-time spans (Note [Stream busy time]): pairs of timing events recorded on this
+  // stream, read and returned to the pool by take_busy_seconds().
+  struct BusySpan {
+    std::int64_t tag = 0;
+    EventHandle start, end;
+  };
+  EventHandle pooled_event();
+  std::mutex busy_mutex_;
+  std::vector<EventHandle> event_pool_;
+  std::deque<BusySpan> spans_;
+  bool span_open_ = false;
+  BusySpan open_span_;
 };
 
 // The CudaStream behind a Stream (an error when it belongs to another backend).
