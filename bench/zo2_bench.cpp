@@ -108,8 +108,13 @@ std::string python_with(const std::string& module, const std::string& explicit_p
   return {};
 }
 
-// bench/ in the source tree, else the installed share/zo2/bench next to the executable.
+// $ZO2_BENCH_DIR when set (a packed build run elsewhere), else bench/ in the source tree,
+// else the installed share/zo2/bench next to the executable.
 fs::path script_path(const std::string& name) {
+  if (const char* dir = std::getenv("ZO2_BENCH_DIR"); dir && *dir) {
+    if (fs::path p = fs::path(dir) / name; fs::exists(p)) return p;
+    zo2::fail(zo2::ErrorKind::io, "{}: not found in $ZO2_BENCH_DIR ({})", name, dir);
+  }
 #ifdef ZO2_BENCH_SCRIPT_DIR
   if (fs::path p = fs::path(ZO2_BENCH_SCRIPT_DIR) / name; fs::exists(p)) return p;
 #endif

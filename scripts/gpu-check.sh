@@ -15,6 +15,7 @@
 set -uo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
 mkdir -p "$out"
+export ZO2_BENCH_DIR="${ZO2_BENCH_DIR:-$(cd "$(dirname "$0")/../bench" && pwd)}"  # mezo_torch.py, plot_bench.py
 budget_tests="${ZO2_GPU_TEST_TIMEOUT:-120}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-80}"
 summary="$out/summary.txt"
