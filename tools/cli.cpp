@@ -103,6 +103,17 @@ void DataFlags::add(CLI::App& app) {
       ->capture_default_str()->check(CLI::IsMember({"right", "left"}));
 }
 
+DataOptions DataFlags::options(std::int64_t sample, std::uint64_t seed, bool shuffle) const {
+  DataOptions d;
+  d.task = task;
+  d.max_len = max_len;
+  d.left_padding = padding_side == "left";
+  d.sample = sample;
+  d.seed = seed;
+  d.shuffle = shuffle;
+  return d;
+}
+
 std::unique_ptr<Tokenizer> tokenizer_for_data(const std::filesystem::path& data, const DataFlags& flags,
                                               const std::filesystem::path& model_dir) {
   std::string ext = data.extension().string();

@@ -3,6 +3,7 @@
 #pragma once
 #include "models/config.h"
 #include "models/tokenizer.h"
+#include "tools/dataset.h"
 #include "runtime/dtype.h"
 
 #include <CLI/CLI.hpp>
@@ -51,6 +52,8 @@ struct DataFlags {
   int max_len = 0;              // --max-len
   std::string padding_side = "right";
   void add(CLI::App& app);
+  // These flags as DataOptions, with the sample size, seed and shuffling of the caller.
+  DataOptions options(std::int64_t sample = 0, std::uint64_t seed = 0, bool shuffle = true) const;
 };
 
 // The tokenizer a data file needs: null for token-id (safetensors) data without a task;

@@ -29,11 +29,7 @@ Runner add_data(CLI::App& app) {
   return [o] {
     const ModelConfig config = ModelConfig::load(o->model);
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, o->model);
-    DataOptions dopt;
-    dopt.task = o->data_flags.task;
-    dopt.max_len = o->data_flags.max_len;
-    dopt.left_padding = o->data_flags.padding_side == "left";
-    const Dataset data = Dataset::load(o->data, config, tokenizer.get(), dopt);
+    const Dataset data = Dataset::load(o->data, config, tokenizer.get(), o->data_flags.options());
     fmt::print(stderr, "{}\n", data.describe());
     for (std::int64_t i = 0; i < std::min(o->show, data.size()); ++i) {
       const Example& e = data.example(i);

@@ -40,13 +40,7 @@ Runner add_eval(CLI::App& app) {
   return [o] {
     const ModelConfig config = ModelConfig::load(o->model);
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, o->model);
-    DataOptions dopt;
-    dopt.task = o->data_flags.task;
-    dopt.max_len = o->data_flags.max_len;
-    dopt.left_padding = o->data_flags.padding_side == "left";
-    dopt.sample = o->num;
-    dopt.seed = o->seed;
-    const Dataset data = Dataset::load(o->data, config, tokenizer.get(), dopt);
+    const Dataset data = Dataset::load(o->data, config, tokenizer.get(), o->data_flags.options(o->num, o->seed));
     SessionConfig sc = session_config(o->dev, false);
     sc.max_batch = static_cast<int>(std::min<std::int64_t>(o->batch, data.size())) * data.max_candidates();
     sc.max_seq = data.longest();

@@ -202,13 +202,7 @@ Runner add_train(CLI::App& app) {
     const ModelConfig config = ModelConfig::load(model_dir);
     if (!data_seed_known) o->data_seed = o->seed;
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, model_dir);
-    DataOptions dopt;
-    dopt.task = o->data_flags.task;
-    dopt.max_len = o->data_flags.max_len;
-    dopt.left_padding = o->data_flags.padding_side == "left";
-    dopt.sample = o->num_train;
-    dopt.seed = o->data_seed;
-    dopt.shuffle = o->shuffle;
+    const DataOptions dopt = o->data_flags.options(o->num_train, o->data_seed, o->shuffle);
     const Dataset data = Dataset::load(o->data, config, tokenizer.get(), dopt);
     std::optional<Dataset> eval_data;
     if (!o->eval.empty()) {
