@@ -403,6 +403,9 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
   }
 
   // --num-train / --num-eval: a seeded sample, kept in file order.
+  if (options.sample > d.size())
+    log_warn("{}: a sample of {} examples was asked for, the file has {}; using all of them", d.source_,
+             options.sample, d.size());
   if (options.sample > 0 && options.sample < d.size()) {
     std::vector<std::int64_t> idx(static_cast<std::size_t>(d.size()));
     for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<std::int64_t>(i);
