@@ -13,6 +13,9 @@
 //        visible key gets P = 0, hence a zero output row, as on the CPU;
 //     4. O_i = P_i V_i  — a second batched GEMM (fp32 accumulation) writing the output in
 //        the input dtype straight into its [tokens, heads·head_dim] place.
+//   Each pair's scores start on a 256-byte boundary (kPairAlign floats apart): cuBLAS
+//   cannot see the pointers inside a batched call's arrays and assumes them aligned to 16
+//   bytes when k % 8 == 0 (cuBLAS docs, cublasGemmBatchedEx), and nq·tk is often odd.
 //   Memory: the scores of one chunk live in a scratch owned by the stream (from the arena)
 //   whose size is bounded by kScoreBudget however long the sequence: the chunk height and
 //   the number of (batch, head) pairs per GEMM are chosen from the shape alone, never
@@ -42,6 +45,7 @@ namespace {
 constexpr std::size_t kScoreBudget = std::size_t{64} << 20;  // bytes of fp32 scores per step
 constexpr std::int64_t kMaxChunk = 256;                       // query rows per chunk
 constexpr int kSoftmaxThreads = 256;
+constexpr std::int64_t kPairAlign = 64;  // floats: 256 bytes between pairs' score blocks
 
 cudaDataType cuda_type(DType dt) {
   switch (dt) {
@@ -66,6 +70,7 @@ struct PointerArgs {
   std::int64_t q0;
   std::int64_t nq;
   std::int64_t tk;
+  std::int64_t pair_stride;  // floats between consecutive pairs' scores
   std::int64_t ldq, ldk, ldv, ldo;  // in elements
   std::int64_t head_dim;
   std::int64_t esize;
@@ -79,7 +84,7 @@ __global__ void attention_pointers_kernel(PointerArgs a) {
   const std::int64_t row0 = b * a.seq;
   a.arrays[i] = const_cast<char*>(a.k + (row0 * a.ldk + kvh * a.head_dim) * a.esize);
   a.arrays[a.n + i] = const_cast<char*>(a.q + ((row0 + a.q0) * a.ldq + h * a.head_dim) * a.esize);
-  a.arrays[2 * a.n + i] = a.scores + static_cast<std::int64_t>(i) * a.nq * a.tk;
+  a.arrays[2 * a.n + i] = a.scores + static_cast<std::int64_t>(i) * a.pair_stride;
   a.arrays[3 * a.n + i] = const_cast<char*>(a.v + (row0 * a.ldv + kvh * a.head_dim) * a.esize);
   a.arrays[4 * a.n + i] = a.out + ((row0 + a.q0) * a.ldo + h * a.head_dim) * a.esize;
 }
@@ -87,15 +92,17 @@ __global__ void attention_pointers_kernel(PointerArgs a) {
 template <class E>
 __global__ void __launch_bounds__(kSoftmaxThreads)
     attention_softmax_kernel(float* scores, std::int64_t rows, std::int64_t nq, std::int64_t tk,
-                             std::int64_t q0, bool causal, const std::int32_t* key_mask,
-                             std::int64_t seq, int pair0, int heads) {
+                             std::int64_t pair_stride, std::int64_t q0, bool causal,
+                             const std::int32_t* key_mask, std::int64_t seq, int pair0,
+                             int heads) {
   __shared__ float smem[32];
   const float kNegInf = -__int_as_float(0x7f800000);
   for (std::int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const std::int64_t local = row / nq, t = q0 + row % nq;
+    const std::int64_t local = row / nq, i = row % nq, t = q0 + i;
     const std::int64_t b = (pair0 + local) / heads;
-    const float* s = scores + row * tk;
-    typename E::T* p = reinterpret_cast<typename E::T*>(scores + row * tk);
+    float* srow = scores + local * pair_stride + i * tk;
+    const float* s = srow;
+    typename E::T* p = reinterpret_cast<typename E::T*>(srow);
     const std::int32_t* mask = key_mask != nullptr ? key_mask + b * seq : nullptr;
     const std::int64_t last = causal ? t : tk - 1;  // last key this row may see
     auto visible = [&](std::int64_t j) { return j <= last && (mask == nullptr || mask[j] != 0); };
@@ -141,7 +148,7 @@ void attention(KernelStream& s, const AttentionArgs& a) {
   const std::int64_t budget = static_cast<std::int64_t>(kScoreBudget / sizeof(float));
   std::int64_t tq = std::min<std::int64_t>(T, kMaxChunk);
   tq = std::max<std::int64_t>(1, std::min(tq, budget / T));
-  const std::int64_t per_pair = tq * T;
+  const std::int64_t per_pair = ceil_div(tq * T, kPairAlign) * kPairAlign;  // padded (Note above)
   const std::int64_t nb = std::clamp<std::int64_t>(budget / per_pair, 1, std::min<std::int64_t>(pairs, INT_MAX / 8));
   if (T > INT_MAX / p_per_float || D > INT_MAX || a.q.ld > INT_MAX || a.k.ld > INT_MAX ||
       a.v.ld > INT_MAX || a.out.ld > INT_MAX)
@@ -174,6 +181,7 @@ void attention(KernelStream& s, const AttentionArgs& a) {
                      q0,
                      nq,
                      tk,
+                     ceil_div(nq * tk, kPairAlign) * kPairAlign,
                      a.q.ld,
                      a.k.ld,
                      a.v.ld,
@@ -195,7 +203,7 @@ void attention(KernelStream& s, const AttentionArgs& a) {
         using E = decltype(e);
         attention_softmax_kernel<E>
             <<<grid_blocks(s, rows * kSoftmaxThreads, kSoftmaxThreads), kSoftmaxThreads, 0,
-               s.stream()>>>(scores, rows, nq, tk, q0, a.causal, a.key_mask, T,
+               s.stream()>>>(scores, rows, nq, tk, pa.pair_stride, q0, a.causal, a.key_mask, T,
                              static_cast<int>(p0), a.heads);
         ZO2_CUDA_CHECK_LAUNCH();
       });

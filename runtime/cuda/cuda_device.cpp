@@ -22,6 +22,12 @@ namespace {
 constexpr std::size_t kSafetyMargin = std::size_t{512} << 20;
 // Each stream's cuBLAS workspace (from the arena).
 constexpr std::size_t kBlasWorkspace = std::size_t{32} << 20;
+// Each stream's kernel scratch is reserved whole on first use (attention needs at most
+// 64 MiB of scores plus its pointer arrays), so a stream that runs the model's ops holds
+// exactly kBlasWorkspace + kScratchReserve = 100 MiB: the backend_bytes that the planner
+// reserves for CUDA (plan_request in api/session.cpp), which makes the planner's predicted
+// peak exact. A larger request still works, growing the scratch beyond the plan.
+constexpr std::size_t kScratchReserve = std::size_t{68} << 20;
 
 std::string bytes_text(std::size_t bytes) { return format_bytes(static_cast<double>(bytes)); }
 
@@ -279,7 +285,8 @@ void* CudaStream::scratch(std::size_t bytes) {
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
     scratch_.reset();
   }
-  scratch_ = state_->arena->allocate(bytes, fmt::format("kernel scratch of stream '{}'", name_));
+  scratch_ = state_->arena->allocate(std::max(bytes, kScratchReserve),
+                                     fmt::format("kernel scratch of stream '{}'", name_));
   return scratch_.data();
 }
 
