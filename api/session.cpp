@@ -21,7 +21,7 @@ PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, Dev
   r.window = cfg.window;
   r.limits = cfg.limits;
   r.logits_out = cfg.logits_out;
-  if (kind == DeviceKind::cuda) r.backend_bytes = std::size_t{100} << 20;  // runtime/cuda/cuda_device.cpp: 32 MiB cuBLAS + 68 MiB scratch
+  if (kind == DeviceKind::cuda) r.backend_bytes = kCudaBackendBytes;  // cuBLAS workspace + kernel scratch
   if (kind == DeviceKind::cpu) {
     // "Transfers" on the CPU backend are memcpy: roughly memory bandwidth per direction.
     r.h2d_bytes_per_s = 10e9;

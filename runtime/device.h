@@ -148,6 +148,12 @@ DeviceOptions parse_device(std::string_view spec);
 // Backend entry points (runtime/cpu/, runtime/cuda/ or runtime/cuda_stub/).
 std::unique_ptr<Device> cpu_make_device(const DeviceOptions& options);
 int cuda_device_count() noexcept;  // never throws: any error means zero devices
+// What the CUDA backend takes from the arena beside the model (the planner reserves it):
+// the compute stream's cuBLAS workspace and its kernel scratch, reserved whole on first use
+// (attention's scores need at most 64 MiB plus pointer arrays).
+inline constexpr std::size_t kCudaBlasWorkspace = std::size_t{32} << 20;
+inline constexpr std::size_t kCudaScratchReserve = std::size_t{68} << 20;
+inline constexpr std::size_t kCudaBackendBytes = kCudaBlasWorkspace + kCudaScratchReserve;
 std::unique_ptr<Device> cuda_make_device(const DeviceOptions& options);
 
 }  // namespace zo2

@@ -21,13 +21,12 @@ namespace {
 // processes' small allocations when the cap is "all free memory".
 constexpr std::size_t kSafetyMargin = std::size_t{512} << 20;
 // Each stream's cuBLAS workspace (from the arena).
-constexpr std::size_t kBlasWorkspace = std::size_t{32} << 20;
-// Each stream's kernel scratch is reserved whole on first use (attention needs at most
-// 64 MiB of scores plus its pointer arrays), so a stream that runs the model's ops holds
-// exactly kBlasWorkspace + kScratchReserve = 100 MiB: the backend_bytes that the planner
-// reserves for CUDA (plan_request in api/session.cpp), which makes the planner's predicted
-// peak exact. A larger request still works, growing the scratch beyond the plan.
-constexpr std::size_t kScratchReserve = std::size_t{68} << 20;
+constexpr std::size_t kBlasWorkspace = kCudaBlasWorkspace;
+// Each stream's kernel scratch is reserved whole on first use, so a stream that runs the
+// model's ops holds exactly kCudaBackendBytes (runtime/device.h): what the planner reserves
+// for CUDA (plan_request in api/session.cpp), which makes the predicted peak exact. A larger
+// request still works, growing the scratch beyond the plan.
+constexpr std::size_t kScratchReserve = kCudaScratchReserve;
 
 std::string bytes_text(std::size_t bytes) { return format_bytes(static_cast<double>(bytes)); }
 
