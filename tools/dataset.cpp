@@ -316,7 +316,6 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
       d.examples_.push_back(std::move(e));
     }
     d.format_ = DataFormat::tokens;
-    d.longest_ = static_cast<int>(t.seq);
   } else {
     std::vector<Record> records;
     if (options.task == "sst2") {
@@ -346,10 +345,11 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
       Example& e = examples[i];
       e.line = r.line;
       e.label = r.label;
-      auto scored_seq = [&](const std::string& prompt, const std::string& tail) {
-        const auto full = tokenizer->encode(prompt + tail);
-        const auto head = tokenizer->encode(prompt);
-        const std::int64_t scored = static_cast<std::int64_t>(full.size()) - static_cast<std::int64_t>(head.size());
+      // The prompt's own length, encoded once per example (MeZO's option-length rule).
+      const auto head = static_cast<std::int64_t>(format == DataFormat::text ? 0 : tokenizer->encode(r.prompt).size());
+      auto scored_seq = [&](const std::string& tail) {
+        const auto full = tokenizer->encode(r.prompt + tail);
+        const std::int64_t scored = static_cast<std::int64_t>(full.size()) - head;
         if (scored <= 0)
           fail(ErrorKind::format, "{}:{}: \"{}\" adds no tokens to the prompt", file.string(), r.line, tail);
         std::vector<std::int32_t> ids = concat(prefix, full);
@@ -390,15 +390,13 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
         s.labels = s.ids;
         e.seqs.push_back(std::move(s));
       } else if (format == DataFormat::completion) {
-        e.seqs.push_back(scored_seq(r.prompt, r.completion));
+        e.seqs.push_back(scored_seq(r.completion));
       } else {
-        for (const auto& o : r.options) e.seqs.push_back(scored_seq(r.prompt, o));
+        for (const auto& o : r.options) e.seqs.push_back(scored_seq(o));
       }
     });
     d.examples_ = std::move(examples);
     for (char c : cut) d.truncated_ += c;
-    for (const auto& e : d.examples_)
-      for (const auto& s : e.seqs) d.longest_ = std::max(d.longest_, static_cast<int>(s.ids.size()));
     d.pad_id_ = tokenizer->pad_id().value_or(tokenizer->eos_id().value_or(0));
   }
 
@@ -416,11 +414,11 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
     std::vector<Example> kept;
     for (auto i : idx) kept.push_back(std::move(d.examples_[static_cast<std::size_t>(i)]));
     d.examples_ = std::move(kept);
-    d.longest_ = 0;
-    for (const auto& e : d.examples_)
-      for (const auto& s : e.seqs) d.longest_ = std::max(d.longest_, static_cast<int>(s.ids.size()));
   }
-  for (const auto& e : d.examples_) d.max_candidates_ = std::max(d.max_candidates_, static_cast<int>(e.seqs.size()));
+  for (const auto& e : d.examples_) {
+    d.max_candidates_ = std::max(d.max_candidates_, static_cast<int>(e.seqs.size()));
+    for (const auto& s : e.seqs) d.longest_ = std::max(d.longest_, static_cast<int>(s.ids.size()));
+  }
   if (d.truncated_ > 0)
     log_warn("{}: {} of {} examples truncated to {} tokens", d.source_, d.truncated_, d.size(), limit);
   return d;
@@ -439,16 +437,15 @@ std::int64_t Dataset::stream_index(std::int64_t position) const {
   if (!options_.shuffle) return offset;
   // The permutation of `epoch`: Fisher–Yates over a seeded mt19937_64 (its output is fixed by
   // the standard, and the bounded draw is ours), so every platform gives the same order.
+  // The permutation depends only on (key, n): cached per thread for the steps of an epoch.
   thread_local std::uint64_t cached_key = ~std::uint64_t{0};
-  thread_local const Dataset* cached_for = nullptr;
   thread_local std::vector<std::int64_t> perm;
   const std::uint64_t key = options_.seed * 0x9E3779B97F4A7C15ULL + static_cast<std::uint64_t>(epoch);
-  if (cached_for != this || cached_key != key || static_cast<std::int64_t>(perm.size()) != n) {
+  if (cached_key != key || static_cast<std::int64_t>(perm.size()) != n) {
     perm.resize(static_cast<std::size_t>(n));
     for (std::size_t i = 0; i < perm.size(); ++i) perm[i] = static_cast<std::int64_t>(i);
     std::mt19937_64 rng(key);
     for (std::size_t i = perm.size() - 1; i > 0; --i) std::swap(perm[i], perm[static_cast<std::size_t>(rng() % (i + 1))]);
-    cached_for = this;
     cached_key = key;
   }
   return perm[static_cast<std::size_t>(offset)];
