@@ -248,7 +248,15 @@ def main():
     device = torch.device(a.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    model = build(config).to(device=device, dtype=DTYPES[a.dtype]).eval()
+    if device.type == "cuda" and hasattr(torch.device, "__enter__"):
+        # torch >= 2.0: construct (and randomly initialize) on the GPU; a 6.7B model's init
+        # on the host takes longer than the timed steps. Then free the fp32 copies.
+        with device:
+            model = build(config)
+        model = model.to(dtype=DTYPES[a.dtype]).eval()
+        torch.cuda.empty_cache()
+    else:
+        model = build(config).to(device=device, dtype=DTYPES[a.dtype]).eval()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied weights once
     ids = torch.randint(0, config["vocab_size"], (a.batch_size, a.seq_len), device=device)
     if device.type == "cuda":

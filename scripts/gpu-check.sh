@@ -3,56 +3,89 @@
 # (15 minutes of device time, start included). Here:   ../shared/tools/gpu-pack.sh
 # (measured 2026-11-26: the pack is 56 MiB, the tracked tree 2.7 MB — under the 64 MiB that
 # may travel; OpenBLAS is 36 MiB of it). Then one device call, from the repo root, carrying .gpupack:
-#   .gpupack/run.sh scripts/gpu-check.sh "$OUT"        (timeout_s 590; phases add up to at most 520 s)
+#   .gpupack/run.sh scripts/gpu-check.sh "$OUT"        (timeout_s 590; every phase ends by
+#   ZO2_GPU_DEADLINE, 540 s; ZO2_GPU_PHASES picks phases, ZO2_GPU_TEST_FILTER the tests)
 # Every phase has its own time limit and writes its results into OUT as it goes, so a
 # phase that runs long loses only itself:
+# OUT gets summary.txt, gpu_tests.log and results.tgz, which holds:
 #   device.txt         nvidia-smi's view of the device
 #   gpu_tests.xml/log  every *Cuda* test (kernels vs CPU twins, Philox bit-identity, golden
 #                      parity fp32/bf16, the scheduler's bitwise invariant on the GPU)
 #   bench_*.jsonl/md   zo2-bench at batch 1 × 2048: OPT-1.3B/6.7B resident, and OPT-1.3B, 6.7B,
 #                      13B, 30B fully streamed at ZO2's footprint, fp16/bf16/fp8 storage, with
-#                      the PyTorch MeZO baseline where torch imports
+#                      the PyTorch MeZO baseline where torch imports; OPT-30B at 6 GB and
+#                      OPT-175B at 12 GB (the GPU-memory targets); a cap sweep for 6.7B
 #   summary.txt        the tail of each phase
 set -uo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
 mkdir -p "$out"
+# The device tool returns at most 8 files from OUT: everything is written to a work folder,
+# packed into OUT/results.tgz after every phase (so a run cut short still returns what it
+# finished), with summary.txt beside it.
+work="${ZO2_GPU_WORK:-/tmp/zo2-gpu-check}"
+rm -rf "$work"; mkdir -p "$work"
+pack_results() { tar czf "$out/results.tgz.tmp" -C "$work" . && mv "$out/results.tgz.tmp" "$out/results.tgz"; }
+deadline="${ZO2_GPU_DEADLINE:-540}"   # seconds after start by which every phase has ended
 export ZO2_BENCH_DIR="${ZO2_BENCH_DIR:-$(cd "$(dirname "$0")/../bench" && pwd)}"  # mezo_torch.py, plot_bench.py
-budget_tests="${ZO2_GPU_TEST_TIMEOUT:-120}"
-budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-80}"
+budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
+budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
+# Which phases to run, in this order (a rerun after a fix names only what it needs):
+phases="${ZO2_GPU_PHASES:-tests resident streamed_6.7b streamed_13b streamed_1.3b streamed_30b streamed_175b sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
 
-nvidia-smi > "$out/device.txt" 2>&1 || true
+nvidia-smi > "$work/device.txt" 2>&1 || true
 note "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null)"
 note "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
-# 1. GPU tests (they skip nothing here: a device exists).
-start=$(date +%s)
-timeout "$budget_tests" zo2_tests --gtest_filter='*Cuda*' --gtest_output="xml:$out/gpu_tests.xml" \
-  > "$out/gpu_tests.log" 2>&1
-rc=$?
-note "gpu tests: rc=$rc in $(( $(date +%s) - start )) s; $(grep -E '^\[  (PASSED|FAILED) ' "$out/gpu_tests.log" | tr '\n' ' ')"
-grep -E '^\[  FAILED  \]' "$out/gpu_tests.log" | head -20 >> "$summary"
+has() { case " $phases " in *" $1 "*) return 0 ;; esac; return 1; }
+limit() {  # a phase's time limit: its budget, cut to what is left before the deadline
+  local left=$(( deadline - SECONDS ))
+  [ "$left" -lt "$1" ] && echo "$left" || echo "$1"
+}
 
-# 2. zo2-bench rows (synthesized weights; 13B/30B with aliased blocks to save host memory
-#    and init time, labelled synthetic). Three measured steps after one warm-up.
+# 1. GPU tests (they skip nothing here: a device exists).
+if has tests; then
+  start=$(date +%s)
+  timeout "$(limit "$budget_tests")" zo2_tests --gtest_filter="${ZO2_GPU_TEST_FILTER:-*Cuda*}" \
+    --gtest_output="xml:$work/gpu_tests.xml" > "$work/gpu_tests.log" 2>&1
+  rc=$?
+  note "gpu tests: rc=$rc in $(( $(date +%s) - start )) s; $(grep -E '^\[  (PASSED|FAILED) ' "$work/gpu_tests.log" | tr '\n' ' ')"
+  grep -E '^\[  FAILED  \]' "$work/gpu_tests.log" | head -20 >> "$summary"
+  [ $rc -eq 124 ] && tail -5 "$work/gpu_tests.log" >> "$summary"
+  cp "$work/gpu_tests.log" "$out/gpu_tests.log"
+  pack_results
+fi
+
+# 2. zo2-bench rows (synthesized weights; 13B/30B/175B with aliased blocks to save host
+#    memory and init time, labelled synthetic). Three measured steps after one warm-up.
 bench() {  # name, then zo2-bench flags
   local name=$1; shift
+  has "$name" || return 0
+  local lim; lim=$(limit "$budget_bench")
+  if [ "$lim" -lt 15 ]; then note "bench $name: skipped, $lim s left before the deadline"; return 0; fi
   local t0; t0=$(date +%s)
-  timeout "$budget_bench" zo2-bench --device cuda --batch-size 1 --seq-len 2048 --steps 3 --warmup 1 \
-    --jsonl "$out/bench_$name.jsonl" --markdown "$out/bench_$name.md" "$@" > "$out/bench_$name.log" 2>&1
+  timeout "$lim" zo2-bench --device cuda --batch-size 1 --seq-len 2048 --steps "${ZO2_GPU_STEPS:-3}" --warmup 1 \
+    --jsonl "$work/bench_$name.jsonl" --markdown "$work/bench_$name.md" "$@" > "$work/bench_$name.log" 2>&1
   note "bench $name: rc=$? in $(( $(date +%s) - t0 )) s"
-  [ -f "$out/bench_$name.md" ] && cat "$out/bench_$name.md" >> "$summary"
+  [ -f "$work/bench_$name.md" ] && cat "$work/bench_$name.md" >> "$summary"
+  grep -iE 'error|fail' "$work/bench_$name.log" | grep -v '^[|{]' | head -5 >> "$summary"
+  pack_results
 }
 bench resident --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
   --storage-dtype fp16,bf16 --compute-dtype fp16 --mezo-baseline auto
-bench streamed_small --presets opt-1.3b --gpu-mem 2.6G --offload all \
-  --storage-dtype fp16,bf16,fp8 --compute-dtype fp16 --mezo-baseline off
 bench streamed_6.7b --presets opt-6.7b --gpu-mem 4.3G --offload all \
   --storage-dtype fp16,bf16,fp8 --compute-dtype fp16 --mezo-baseline off
 bench streamed_13b --presets opt-13b --gpu-mem 5.5G --offload all --alias-blocks \
   --storage-dtype fp16,bf16,fp8 --compute-dtype fp16 --mezo-baseline off
-bench streamed_30b --presets opt-30b --gpu-mem 8.1G --offload all --alias-blocks \
+bench streamed_1.3b --presets opt-1.3b --gpu-mem 2.6G --offload all \
+  --storage-dtype fp16,bf16,fp8 --compute-dtype fp16 --mezo-baseline off
+bench streamed_30b --presets opt-30b --gpu-mem 8.1G,6G --offload all --alias-blocks \
+  --storage-dtype bf16,fp8 --compute-dtype bf16 --mezo-baseline off
+bench sweep_6.7b --presets opt-6.7b --gpu-mem 4.3G,8G,12G,16G,none --offload auto \
+  --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
+bench streamed_175b --presets opt-175b --gpu-mem 12G --offload all --alias-blocks \
   --storage-dtype bf16,fp8 --compute-dtype bf16 --mezo-baseline off
 note "done in $SECONDS s"
+cp "$summary" "$work/summary.txt"; pack_results
