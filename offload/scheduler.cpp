@@ -1,5 +1,6 @@
 #include "offload/scheduler.h"
 
+#include "runtime/element.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
 #include "runtime/ops.h"
@@ -150,12 +151,14 @@ void Scheduler::apply_update(const WeightSet& w, const ImageLayout& layout) {
   }
 }
 
+// Hidden states in a narrow compute dtype (bf16/fp16) land packed at the front of their
+// float vector and are widened in place (widen_packed_in_place) once the stream has run.
 void Scheduler::capture_hidden(const Mat& m, std::int64_t tokens,
                                std::vector<std::vector<float>>* out) {
   if (!out) return;
+  ZO2_CHECK(m.contiguous() && (m.dtype == DType::f32 || m.dtype == DType::bf16 || m.dtype == DType::f16));
   out->emplace_back(static_cast<std::size_t>(tokens * m.cols));
-  ZO2_CHECK(m.dtype == DType::f32 && m.contiguous());
-  compute_->copy_d2h(out->back().data(), m.data, out->back().size() * sizeof(float));
+  compute_->copy_d2h(out->back().data(), m.data, out->back().size() * dtype_size(m.dtype));
 }
 
 void Scheduler::run_blocks(const Use& use) {
@@ -345,6 +348,12 @@ float Scheduler::eval(const HostBatch& batch, const EvalOptions& o) {
   compute_->synchronize();
   h2d_->check();
   d2h_->check();
+  if (o.hidden_states) {
+    const Branch& b0 = graph_.branches()[0];
+    ZO2_CHECK(b0.final.dtype == b0.hidden.dtype);
+    for (auto& h : *o.hidden_states)
+      widen_packed_in_place(h.data(), static_cast<std::int64_t>(h.size()), b0.hidden.dtype);
+  }
   return loss;
 }
 

@@ -59,4 +59,16 @@ ZO2_HD bool finite(float x) {
   return (detail::float_to_bits(x) & 0x7F800000u) != 0x7F800000u;
 }
 
+// n elements of dtype `packed` (bf16 or fp16) stored at the front of v[0..n), widened to
+// fp32 in place. Element i's bytes sit at [i·w, (i+1)·w) with w < 4, so writing float i at
+// 4·i covers only packed elements j ≥ i, which (walking down) were read already or are i.
+inline void widen_packed_in_place(float* v, std::int64_t n, DType packed) {
+  if (packed == DType::f32) return;
+  const void* bytes = v;
+  for (std::int64_t i = n; i-- > 0;) {
+    const float x = load_element(bytes, packed, i, 1.0f);
+    v[i] = x;
+  }
+}
+
 }  // namespace zo2

@@ -48,7 +48,7 @@ limit() {  # a phase's time limit: its budget, cut to what is left before the de
 # 1. GPU tests (they skip nothing here: a device exists).
 if has tests; then
   start=$(date +%s)
-  timeout "$(limit "$budget_tests")" zo2_tests --gtest_filter="${ZO2_GPU_TEST_FILTER:-*Cuda*}" \
+  timeout "$(limit "$budget_tests")" "$(command -v zo2_tests)" --gtest_filter="${ZO2_GPU_TEST_FILTER:-*Cuda*}" \
     --gtest_output="xml:$work/gpu_tests.xml" > "$work/gpu_tests.log" 2>&1
   rc=$?
   note "gpu tests: rc=$rc in $(( $(date +%s) - start )) s; $(grep -E '^\[  (PASSED|FAILED) ' "$work/gpu_tests.log" | tr '\n' ' ')"

@@ -77,6 +77,10 @@ std::vector<Case> cases() {
     v.push_back(t); }
   { Case t{"LlamaTiledWeightsAndVocab", llama_config()}; t.limits.weight_tile_elems = 100; t.limits.vocab_tile = 7;
     v.push_back(t); }
+  // fc1's 512 rows in two tiles of 256 (row-aligned tiles: at most 300 rows fit), fc2's 48
+  // rows in tiles of 28 (too few rows for alignment).
+  { auto c = opt_config(); c.ffn_dim = 512; Case t{"OptRowAlignedWeightTiles", c}; t.limits.weight_tile_elems = 48 * 300;
+    v.push_back(t); }
   return v;
 }
 

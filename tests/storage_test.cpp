@@ -27,6 +27,26 @@ double slope(const std::vector<double>& moved, const std::vector<double>& expect
   return xy / xx;
 }
 
+// The host side of narrow hidden states (the scheduler's eval on a bf16/fp16 device):
+// n packed elements at the front of a float buffer widen in place to exactly their values.
+TEST(Storage, PackedNarrowValuesWidenInPlace) {
+  for (DType dt : {DType::bf16, DType::f16}) {
+    for (std::int64_t n : {0, 1, 2, 3, 7, 1000}) {
+      std::vector<float> want(static_cast<std::size_t>(n)), v(static_cast<std::size_t>(n), -1.0f);
+      for (std::int64_t i = 0; i < n; ++i) {
+        const float x = std::sin(0.37f * static_cast<float>(i)) * 100.0f + static_cast<float>(i);
+        store_element(v.data(), dt, i, x);  // packed at the front, like the d2h copy
+        want[static_cast<std::size_t>(i)] = load_element(v.data(), dt, i, 1.0f);
+      }
+      widen_packed_in_place(v.data(), n, dt);
+      EXPECT_EQ(v, want) << dtype_name(dt) << " n=" << n;
+    }
+  }
+  std::vector<float> f{1.5f, -2.0f};
+  widen_packed_in_place(f.data(), 2, DType::f32);
+  EXPECT_EQ(f, (std::vector<float>{1.5f, -2.0f}));
+}
+
 TEST(Storage, Bf16StochasticRoundingKeepsUpdatesFarBelowResolutionInExpectation) {
   // 65536 weights at 1.0 (bf16 spacing 2^-7 there), K = 10000 updates of ≈1e-7 each in a
   // fixed direction z (same noise seed every step, fresh rounding bits): each update is
