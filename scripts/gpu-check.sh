@@ -30,7 +30,7 @@ export ZO2_BENCH_DIR="${ZO2_BENCH_DIR:-$(cd "$(dirname "$0")/../bench" && pwd)}"
 budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
 # Which phases to run, in this order (a rerun after a fix names only what it needs):
-phases="${ZO2_GPU_PHASES:-tests resident streamed_6.7b streamed_13b streamed_1.3b streamed_30b streamed_175b sweep_6.7b}"
+phases="${ZO2_GPU_PHASES:-tests resident streamed_6.7b streamed_13b streamed_1.3b streamed_30b resident_chunked streamed_175b sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -74,7 +74,7 @@ bench() {  # name, then zo2-bench flags
   pack_results
 }
 bench resident --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
-  --storage-dtype fp16,bf16 --compute-dtype fp16 --mezo-baseline auto
+  --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline auto
 bench streamed_6.7b --presets opt-6.7b --gpu-mem 4.3G --offload all \
   --storage-dtype fp16,bf16,fp8 --compute-dtype fp16 --mezo-baseline off
 bench streamed_13b --presets opt-13b --gpu-mem 5.5G --offload all --alias-blocks \
@@ -83,9 +83,12 @@ bench streamed_1.3b --presets opt-1.3b --gpu-mem 2.6G --offload all \
   --storage-dtype fp16,bf16,fp8 --compute-dtype fp16 --mezo-baseline off
 bench streamed_30b --presets opt-30b --gpu-mem 8.1G,6G --offload all --alias-blocks \
   --storage-dtype bf16,fp8 --compute-dtype bf16 --mezo-baseline off
-bench sweep_6.7b --presets opt-6.7b --gpu-mem 4.3G,8G,12G,16G,none --offload auto \
+# The same resident rows through the chunked attention path (Note [Fused attention]).
+ZO2_CUDA_ATTENTION=chunked bench resident_chunked --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
+  --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
+ZO2_GPU_STEPS=1 bench streamed_175b --presets opt-175b --gpu-mem 12G --offload all --alias-blocks \
   --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
-bench streamed_175b --presets opt-175b --gpu-mem 12G --offload all --alias-blocks \
-  --storage-dtype bf16,fp8 --compute-dtype bf16 --mezo-baseline off
+bench sweep_6.7b --presets opt-6.7b --gpu-mem 4.3G,8G,12G,none --offload auto \
+  --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
 note "done in $SECONDS s"
 cp "$summary" "$work/summary.txt"; pack_results

@@ -648,6 +648,86 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, CudaAttentionTest, ::testing::Values(DType::f32
                            return std::string(dtype_name(info.param));
                          });
 
+// ---- the fused kernel (Note [Fused attention]) and the chunked path, side by side ----
+
+// Sets ZO2_CUDA_ATTENTION for one scope (the CUDA backend reads it at every call).
+class AttentionPath {
+ public:
+  explicit AttentionPath(const char* value) { ::setenv("ZO2_CUDA_ATTENTION", value, 1); }
+  ~AttentionPath() { ::unsetenv("ZO2_CUDA_ATTENTION"); }
+  AttentionPath(const AttentionPath&) = delete;
+  AttentionPath& operator=(const AttentionPath&) = delete;
+};
+
+struct FusedCase {
+  int batch, seq, heads, kv_heads, head_dim;
+  bool causal;
+};
+
+class CudaFusedAttentionTest : public CudaTest, public ::testing::WithParamInterface<DType> {};
+
+TEST_P(CudaFusedAttentionTest, FusedAndChunkedMatchTheCpuForEveryShape) {
+  const DType dt = GetParam();
+  // Odd lengths (a partial last tile of 64 queries and keys), GQA and MQA, left and right
+  // padding (batch 1), causal and not, both head sizes the fused kernel takes.
+  for (const FusedCase& c : {FusedCase{2, 200, 4, 2, 128, true}, FusedCase{2, 131, 6, 1, 64, true},
+                             FusedCase{3, 77, 4, 4, 64, false}, FusedCase{2, 64, 2, 1, 128, false},
+                             FusedCase{1, 1, 2, 2, 64, true}}) {
+    const AttentionProblem p = make_attention_problem(c.batch, c.seq, c.heads, c.kv_heads, c.head_dim, dt);
+    std::vector<float> ref(p.q.size(), 0.0f);
+    auto q = p.q, k = p.k, v = p.v;
+    AttentionArgs host = attention_args(p, q.data(), k.data(), v.data(), ref.data(), p.mask.data(), DType::f32);
+    host.causal = c.causal;
+    cpu::attention(host);
+    DeviceBuffer dq = upload_as(p.q, dt), dk = upload_as(p.k, dt), dv = upload_as(p.v, dt), dm = upload(p.mask);
+    std::vector<std::vector<float>> got;
+    for (const char* path : {"fused", "chunked"}) {
+      AttentionPath use(path);
+      DeviceBuffer dout = upload_as(std::vector<float>(p.q.size(), 7.0f), dt);  // garbage to overwrite
+      AttentionArgs dev = attention_args(p, dq.data(), dk.data(), dv.data(), dout.data(), dm.as<std::int32_t>(), dt);
+      dev.causal = c.causal;
+      ops().attention(*stream, dev);
+      got.push_back(download_as(dout.data(), ref.size(), dt));
+      EXPECT_LT(max_rel_err(got.back(), ref), tolerance(dt))
+          << path << " " << dtype_name(dt) << " B" << c.batch << " T" << c.seq << " H" << c.heads << "/" << c.kv_heads
+          << " D" << c.head_dim << (c.causal ? " causal" : "");
+    }
+    EXPECT_LT(max_rel_err(got[0], got[1]), tolerance(dt)) << "fused vs chunked, T" << c.seq;
+    if (c.batch > 1 && c.causal) {  // batch 1's left-padded first row sees no key: zeros
+      const std::size_t width = static_cast<std::size_t>(p.heads * p.head_dim);
+      for (std::size_t e = 0; e < width; ++e) ASSERT_EQ(got[0][static_cast<std::size_t>(p.seq) * width + e], 0.0f);
+    }
+  }
+}
+
+TEST_P(CudaFusedAttentionTest, FusedKernelIsDeterministicAndItsSwitchIsChecked) {
+  const DType dt = GetParam();
+  const AttentionProblem p = make_attention_problem(2, 300, 4, 2, 128, dt);
+  DeviceBuffer dq = upload_as(p.q, dt), dk = upload_as(p.k, dt), dv = upload_as(p.v, dt), dm = upload(p.mask);
+  const std::size_t bytes = p.q.size() * dtype_size(dt);
+  std::vector<std::vector<std::uint8_t>> runs;
+  for (int run = 0; run < 2; ++run) {
+    AttentionPath use("fused");
+    DeviceBuffer out = zeros(bytes);
+    ops().attention(*stream, attention_args(p, dq.data(), dk.data(), dv.data(), out.data(), dm.as<std::int32_t>(), dt));
+    runs.push_back(download<std::uint8_t>(out.data(), bytes));
+  }
+  EXPECT_EQ(runs[0], runs[1]);
+  AttentionPath bad("flash");
+  DeviceBuffer out = zeros(bytes);
+  try {
+    ops().attention(*stream, attention_args(p, dq.data(), dk.data(), dv.data(), out.data(), dm.as<std::int32_t>(), dt));
+    ADD_FAILURE() << "an unknown ZO2_CUDA_ATTENTION was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("ZO2_CUDA_ATTENTION='flash'"), std::string::npos) << e.what();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, CudaFusedAttentionTest, ::testing::Values(DType::bf16, DType::f16),
+                         [](const ::testing::TestParamInfo<DType>& info) {
+                           return std::string(dtype_name(info.param));
+                         });
+
 // ---- determinism ----
 
 TEST_F(CudaTest, KernelsGiveTheSameBitsOnAnyStreamAndRun) {
