@@ -86,7 +86,7 @@ bench streamed_30b --presets opt-30b --gpu-mem 8.1G,6G --offload all --alias-blo
 # The same resident rows through the chunked attention path (Note [Fused attention]).
 ZO2_CUDA_ATTENTION=chunked bench resident_chunked --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
-ZO2_GPU_STEPS=1 bench streamed_175b --presets opt-175b --gpu-mem 12G --offload all --alias-blocks \
+ZO2_GPU_STEPS=1 bench streamed_175b --presets opt-175b --gpu-mem 12G --offload auto --alias-blocks \
   --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
 bench sweep_6.7b --presets opt-6.7b --gpu-mem 4.3G,8G,12G,none --offload auto \
   --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
