@@ -40,11 +40,32 @@ std::unique_ptr<Device> open_device(const SessionConfig& cfg) {
 }
 }  // namespace
 
+// Note [Arena sized to the plan]
+//   Without --gpu-mem the device arena is first reserved over the whole device (CUDA: all
+//   free memory less 512 MiB), the plan is made against it, and then the device is reopened
+//   with an arena of the plan's bytes plus kArenaSlack. Otherwise a 1.3B model would hold
+//   139 GiB of an H200 for the session's life, the driver-reported memory of the process
+//   would say nothing about zo2 (ANCHORS.md compares that figure), and other processes
+//   could not share the GPU. The re-plan in init() against the smaller arena gives the same
+//   placement (the plan fits its own bytes). The slack absorbs allocator fragmentation and
+//   scratch growth beyond the plan. With --gpu-mem the arena is the cap, as the user named.
+constexpr std::size_t kArenaSlack = std::size_t{256} << 20;
+
+void Session::fit_arena_to(const Placement& plan) {
+  if (cfg_.gpu_mem != 0) return;
+  const std::size_t want = plan.total_bytes + kArenaSlack;
+  if (want >= device_->arena().capacity()) return;
+  SessionConfig c = cfg_;
+  c.gpu_mem = want;
+  device_.reset();  // give the whole-device arena back before reserving the smaller one
+  device_ = open_device(c);
+}
+
 Session::Session(const std::filesystem::path& model_dir, const SessionConfig& cfg) : cfg_(cfg) {
   device_ = open_device(cfg_);
   // Plan before reading the weights: a cap that cannot work fails fast.
   const ModelConfig model = ModelConfig::load(model_dir);
-  plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity()));
+  fit_arena_to(plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity())));
   store_ = std::make_unique<BlockStore>(BlockStore::load(model_dir, cfg_.storage, *device_));
   init(cfg_);
 }
@@ -53,7 +74,7 @@ Session::Session(const ModelConfig& model, const SessionConfig& cfg, std::uint64
                  bool alias_blocks)
     : cfg_(cfg) {
   device_ = open_device(cfg_);
-  plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity()));
+  fit_arena_to(plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity())));
   store_ = std::make_unique<BlockStore>(
       BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks));
   init(cfg_);

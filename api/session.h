@@ -20,7 +20,8 @@ namespace zo2 {
 
 struct SessionConfig {
   std::string device = "cpu";      // cpu | cuda | cuda:N | auto
-  std::size_t gpu_mem = 0;         // device memory cap in bytes; 0 = the whole device
+  std::size_t gpu_mem = 0;         // device memory cap in bytes; 0 = the whole device (the
+                                   // arena then keeps only the plan's bytes: session.cpp)
   OffloadMode offload = OffloadMode::auto_;
   int window = 3;
   DType storage = DType::f32;
@@ -81,6 +82,7 @@ class Session {
 
  private:
   void init(const SessionConfig& cfg);
+  void fit_arena_to(const Placement& plan);
   void drain();
 
   SessionConfig cfg_;

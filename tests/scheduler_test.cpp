@@ -238,6 +238,38 @@ INSTANTIATE_TEST_SUITE_P(Families, SchedulerModels, ::testing::Values("opt", "ll
 
 // ---- a plain MeZO, no scheduler: the test's own fp64 forward and fp32 master weights ----
 
+// Note [Arena sized to the plan] (api/session.cpp): without a cap the arena keeps the plan's
+// bytes plus 256 MiB of slack, not the whole device, and the run is the same bit for bit;
+// with a cap the arena is the cap.
+TEST(SessionArena, WithoutACapTheArenaHoldsThePlanNotTheDevice) {
+  test::TempDir tmp;
+  const ModelConfig c = small_llama(3);
+  test::write_random_checkpoint(tmp.path(), c, 5);
+  SessionConfig cfg;
+  cfg.max_batch = kBatch;
+  cfg.max_seq = kSeq;
+  std::size_t planned = 0;
+  {
+    Session s(tmp.path(), cfg);
+    planned = s.placement().total_bytes;
+    EXPECT_EQ(s.device().arena().capacity(), planned + (std::size_t{256} << 20));
+    EXPECT_EQ(s.placement().resident_count, c.num_layers);
+  }
+  SessionConfig capped = cfg;
+  capped.gpu_mem = std::size_t{1} << 30;
+  {
+    Session s(tmp.path(), capped);
+    EXPECT_EQ(s.device().arena().capacity(), std::size_t{1} << 30);
+    EXPECT_EQ(s.placement().total_bytes, planned);
+  }
+  const TrainRun a = train(tmp.path(), cfg, 4), b = train(tmp.path(), capped, 4);
+  ASSERT_EQ(a.steps.size(), b.steps.size());
+  for (std::size_t i = 0; i < a.steps.size(); ++i) EXPECT_EQ(a.steps[i].loss_plus, b.steps[i].loss_plus) << i;
+  EXPECT_EQ(a.images, b.images);
+  EXPECT_EQ(a.peak, b.peak);
+  EXPECT_EQ(a.peak, planned);
+}
+
 TEST(SchedulerReference, StreamedRunEqualsAPlainMezoWithinFp32Tolerance) {
   test::TempDir tmp;
   const ModelConfig c = small_llama(3);
