@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 4, 5 and 8 in one prepared run, for a session lent a GPU machine
 # (15 minutes of device time, start included). Here:   ../shared/tools/gpu-pack.sh
-# (measured 2026-11-26: the pack is 56 MiB, the tracked tree 2.7 MB — under the 64 MiB that
-# may travel; OpenBLAS is 36 MiB of it). Then one device call, from the repo root, carrying .gpupack:
+# (the pack is 57 MiB, the tracked tree 3 MB — under the 64 MiB that may travel; OpenBLAS is
+# 36 MiB of it). Then one device call, from the repo root, carrying .gpupack:
 #   .gpupack/run.sh scripts/gpu-check.sh "$OUT"        (timeout_s 590; every phase ends by
 #   ZO2_GPU_DEADLINE, 540 s; ZO2_GPU_PHASES picks phases, ZO2_GPU_TEST_FILTER the tests)
-# Every phase has its own time limit and writes its results into OUT as it goes, so a
-# phase that runs long loses only itself:
-# OUT gets summary.txt, gpu_tests.log and results.tgz, which holds:
+# On an H200 (2026-11-26) the phases took: tests 18 s, resident (1.3B, 6.7B + MeZO) 35 s,
+# streamed_6.7b 41 s, streamed_13b 10 s, streamed_1.3b 9 s, streamed_30b 26 s,
+# resident_chunked 16 s, sweep_6.7b 51 s; the machine's start and the transfers ~45 s.
+# Every phase has its own time limit and writes its results as it goes, so a phase that
+# runs long loses only itself. OUT gets summary.txt, gpu_tests.log and results.tgz, which
+# holds:
 #   device.txt         nvidia-smi's view of the device
 #   gpu_tests.xml/log  every *Cuda* test (kernels vs CPU twins, Philox bit-identity, golden
 #                      parity fp32/bf16, the scheduler's bitwise invariant on the GPU)
-#   bench_*.jsonl/md   zo2-bench at batch 1 × 2048: OPT-1.3B/6.7B resident, and OPT-1.3B, 6.7B,
-#                      13B, 30B fully streamed at ZO2's footprint, fp16/bf16/fp8 storage, with
-#                      the PyTorch MeZO baseline where torch imports; OPT-30B at 6 GB and
-#                      OPT-175B at 12 GB (the GPU-memory targets); a cap sweep for 6.7B
+#   bench_*.jsonl/md   zo2-bench at batch 1 × 2048: OPT-1.3B/6.7B/13B resident with the
+#                      PyTorch MeZO baseline where torch imports, OPT-30B resident
+#                      (synthetic); OPT-1.3B, 6.7B, 13B, 30B fully streamed at ZO2's
+#                      footprint with fp16/bf16/fp8 storage; OPT-30B at 6 GB and OPT-175B at
+#                      12 GB (the GPU-memory targets); the resident rows again with the
+#                      chunked attention forced; a cap sweep for 6.7B
 #   summary.txt        the tail of each phase
 set -uo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
@@ -30,7 +35,7 @@ export ZO2_BENCH_DIR="${ZO2_BENCH_DIR:-$(cd "$(dirname "$0")/../bench" && pwd)}"
 budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
 # Which phases to run, in this order (a rerun after a fix names only what it needs):
-phases="${ZO2_GPU_PHASES:-tests resident streamed_6.7b streamed_13b streamed_1.3b streamed_30b resident_chunked streamed_175b sweep_6.7b}"
+phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_6.7b streamed_13b streamed_1.3b streamed_30b streamed_175b resident_chunked sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -73,8 +78,10 @@ bench() {  # name, then zo2-bench flags
   grep -iE 'error|fail' "$work/bench_$name.log" | grep -v '^[|{]' | head -5 >> "$summary"
   pack_results
 }
-bench resident --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
+bench resident --presets opt-1.3b,opt-6.7b,opt-13b --gpu-mem none --offload none \
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline auto
+bench resident_30b --presets opt-30b --gpu-mem none --offload none --alias-blocks \
+  --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
 bench streamed_6.7b --presets opt-6.7b --gpu-mem 4.3G --offload all \
   --storage-dtype fp16,bf16,fp8 --compute-dtype fp16 --mezo-baseline off
 bench streamed_13b --presets opt-13b --gpu-mem 5.5G --offload all --alias-blocks \
