@@ -153,7 +153,8 @@ typedef struct zo2_session_params {
 
     // Device and memory.
     const char * device;         // "cpu", "cuda", "cuda:N" or "auto" (copied at init). Default "cpu".
-    uint64_t gpu_mem_bytes;      // device memory cap in bytes; 0 = the whole device (CPU: physical RAM). Default 0.
+    uint64_t gpu_mem_bytes;      // device memory cap in bytes; 0 = no cap: planned against the whole device
+                                 // (CPU: physical RAM), the arena then keeps the plan's bytes + 256 MiB. Default 0.
     int32_t  offload;            // an enum zo2_offload_mode value. Default ZO2_OFFLOAD_AUTO.
     int32_t  window;             // device slots for streamed blocks (≥ 3 overlaps all three streams). Default 3.
     const char * storage_dtype;  // weights in host memory and slots: "fp32", "bf16", "fp16", "fp8". Default "fp32".
