@@ -170,6 +170,7 @@ constexpr int kBQ = 64;  // query rows per block
 constexpr int kBK = 64;  // keys per tile
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
+static_assert(kBQ == kBK, "load_tile stages Q, K and V tiles of the same height");
 
 template <class E>
 struct Wmma;  // the type WMMA takes for E's bits

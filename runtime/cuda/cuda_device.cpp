@@ -20,13 +20,11 @@ namespace {
 // Kept free of the arena for the CUDA context's growth, cuBLAS's handle state and other
 // processes' small allocations when the cap is "all free memory".
 constexpr std::size_t kSafetyMargin = std::size_t{512} << 20;
-// Each stream's cuBLAS workspace (from the arena).
-constexpr std::size_t kBlasWorkspace = kCudaBlasWorkspace;
-// Each stream's kernel scratch is reserved whole on first use, so a stream that runs the
+// Each stream's cuBLAS workspace (kCudaBlasWorkspace) comes from the arena, and its kernel
+// scratch is reserved whole (kCudaScratchReserve) on first use, so a stream that runs the
 // model's ops holds exactly kCudaBackendBytes (runtime/device.h): what the planner reserves
 // for CUDA (plan_request in api/session.cpp), which makes the predicted peak exact. A larger
 // request still works, growing the scratch beyond the plan.
-constexpr std::size_t kScratchReserve = kCudaScratchReserve;
 
 std::string bytes_text(std::size_t bytes) { return format_bytes(static_cast<double>(bytes)); }
 
@@ -263,7 +261,7 @@ cublasHandle_t CudaStream::blas() {
   if (blas_) return blas_.get();
   use_device(state_->index);
   DeviceBuffer workspace =
-      state_->arena->allocate(kBlasWorkspace, fmt::format("cuBLAS workspace of stream '{}'", name_));
+      state_->arena->allocate(kCudaBlasWorkspace, fmt::format("cuBLAS workspace of stream '{}'", name_));
   cublasHandle_t h = nullptr;
   ZO2_CUDA_CHECK(cublasCreate(&h));
   BlasHandle handle(h);
@@ -284,7 +282,7 @@ void* CudaStream::scratch(std::size_t bytes) {
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
     scratch_.reset();
   }
-  scratch_ = state_->arena->allocate(std::max(bytes, kScratchReserve),
+  scratch_ = state_->arena->allocate(std::max(bytes, kCudaScratchReserve),
                                      fmt::format("kernel scratch of stream '{}'", name_));
   return scratch_.data();
 }
