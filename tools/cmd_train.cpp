@@ -371,7 +371,7 @@ Runner add_train(CLI::App& app) {
     }
     save(next);
     const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    log_info("train: {} steps in {}, device peak {} (cap {}), saved to {}", completed, format_duration(total_s),
+    log_info("train: {} steps in {}, device peak {} (arena {}), saved to {}", completed, format_duration(total_s),
              format_bytes(static_cast<double>(session.device_peak())),
              format_bytes(static_cast<double>(session.device().arena().capacity())), out.string());
     return sig != 0 ? 130 : 0;
