@@ -1,5 +1,9 @@
 #include "runtime/cpu/noise_simd.h"
 
+#include "runtime/error.h"
+
+#include <cstdlib>
+
 namespace zo2::cpu {
 
 namespace {
@@ -58,12 +62,30 @@ inline void store_interleaved(__m256 a, __m256 b, __m256 c, __m256 d, float* out
 }
 #endif
 
-}  // namespace
+void normals_scalar(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t j, std::int64_t n,
+                    float* z, NoiseDomain domain) {
+  for (; j < n; ++j) {
+    const Philox4 r = noise_bits(seed, key, q0 + static_cast<std::uint64_t>(j), domain);
+    box_muller(r.x, r.y, &z[4 * j], &z[4 * j + 1]);
+    box_muller(r.z, r.w, &z[4 * j + 2], &z[4 * j + 3]);
+  }
+}
 
-void noise_normals(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n, float* z,
-                   NoiseDomain domain) {
-  std::int64_t j = 0;
+void words_scalar(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t j, std::int64_t n,
+                  std::uint32_t* bits, NoiseDomain domain) {
+  for (; j < n; ++j) {
+    const Philox4 r = noise_bits(seed, key, q0 + static_cast<std::uint64_t>(j), domain);
+    bits[4 * j] = r.x;
+    bits[4 * j + 1] = r.y;
+    bits[4 * j + 2] = r.z;
+    bits[4 * j + 3] = r.w;
+  }
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
+std::int64_t normals_avx2(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n, float* z,
+                          NoiseDomain domain) {
+  std::int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     __m256i c0, c1, c2, c3;
     philox8(seed, key, q0 + static_cast<std::uint64_t>(j), domain, &c0, &c1, &c2, &c3);
@@ -72,32 +94,121 @@ void noise_normals(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std:
     simd::box_muller8(c2, c3, &c, &d);
     store_interleaved(a, b, c, d, z + 4 * j);
   }
-#endif
-  for (; j < n; ++j) {
-    const Philox4 r = noise_bits(seed, key, q0 + static_cast<std::uint64_t>(j), domain);
-    box_muller(r.x, r.y, &z[4 * j], &z[4 * j + 1]);
-    box_muller(r.z, r.w, &z[4 * j + 2], &z[4 * j + 3]);
-  }
+  return j;
 }
 
-void noise_words(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n, std::uint32_t* bits,
-                 NoiseDomain domain) {
+std::int64_t words_avx2(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n,
+                        std::uint32_t* bits, NoiseDomain domain) {
   std::int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
   for (; j + 8 <= n; j += 8) {
     __m256i c0, c1, c2, c3;
     philox8(seed, key, q0 + static_cast<std::uint64_t>(j), domain, &c0, &c1, &c2, &c3);
     store_interleaved(_mm256_castsi256_ps(c0), _mm256_castsi256_ps(c1), _mm256_castsi256_ps(c2),
                       _mm256_castsi256_ps(c3), reinterpret_cast<float*>(bits + 4 * j));
   }
+  return j;
+}
 #endif
-  for (; j < n; ++j) {
-    const Philox4 r = noise_bits(seed, key, q0 + static_cast<std::uint64_t>(j), domain);
-    bits[4 * j] = r.x;
-    bits[4 * j + 1] = r.y;
-    bits[4 * j + 2] = r.z;
-    bits[4 * j + 3] = r.w;
+
+}  // namespace
+
+NoiseIsa noise_isa_from(const char* env) {
+  if (env != nullptr && *env != '\0') {
+    const std::string_view want(env);
+    for (NoiseIsa isa : {NoiseIsa::scalar, NoiseIsa::avx2, NoiseIsa::avx512}) {
+      if (want != noise_isa_name(isa)) continue;
+      if (!noise_isa_available(isa))
+        fail(ErrorKind::unsupported, "ZO2_CPU_NOISE={}: this {} cannot run it", want,
+             isa == NoiseIsa::avx2 ? "build (compiled without AVX2+FMA)" : "CPU (no AVX-512F)");
+      return isa;
+    }
+    fail(ErrorKind::invalid_argument, "ZO2_CPU_NOISE={}: expected scalar, avx2 or avx512", want);
   }
+  for (NoiseIsa isa : {NoiseIsa::avx512, NoiseIsa::avx2})
+    if (noise_isa_available(isa)) return isa;
+  return NoiseIsa::scalar;
+}
+
+namespace {
+
+void require_available(NoiseIsa isa) {
+  if (!noise_isa_available(isa))
+    fail(ErrorKind::unsupported, "cpu noise: the {} loop is not available on this build and CPU",
+         noise_isa_name(isa));
+}
+
+}  // namespace
+
+std::string_view noise_isa_name(NoiseIsa isa) {
+  switch (isa) {
+    case NoiseIsa::scalar: return "scalar";
+    case NoiseIsa::avx2: return "avx2";
+    case NoiseIsa::avx512: return "avx512";
+  }
+  return "?";
+}
+
+bool noise_isa_available(NoiseIsa isa) {
+  switch (isa) {
+    case NoiseIsa::scalar: return true;
+    case NoiseIsa::avx2:
+#if defined(__AVX2__) && defined(__FMA__)
+      return true;  // the whole build requires it
+#else
+      return false;
+#endif
+    case NoiseIsa::avx512:
+#if ZO2_NOISE_AVX512
+      return __builtin_cpu_supports("avx512f") != 0;
+#else
+      return false;
+#endif
+  }
+  return false;
+}
+
+NoiseIsa noise_isa() {
+  static const NoiseIsa isa = noise_isa_from(std::getenv("ZO2_CPU_NOISE"));
+  return isa;
+}
+
+void noise_normals(NoiseIsa isa, std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n,
+                   float* z, NoiseDomain domain) {
+  require_available(isa);
+  std::int64_t j = 0;
+#if ZO2_NOISE_AVX512
+  if (isa == NoiseIsa::avx512) j = noise_normals_avx512(seed, key, q0, n, z, domain);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  // AVX2 also takes the AVX-512 loop's remainder of 8 or more groups.
+  if (isa != NoiseIsa::scalar)
+    j += normals_avx2(seed, key, q0 + static_cast<std::uint64_t>(j), n - j, z + 4 * j, domain);
+#endif
+  normals_scalar(seed, key, q0, j, n, z, domain);
+}
+
+void noise_words(NoiseIsa isa, std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n,
+                 std::uint32_t* bits, NoiseDomain domain) {
+  require_available(isa);
+  std::int64_t j = 0;
+#if ZO2_NOISE_AVX512
+  if (isa == NoiseIsa::avx512) j = noise_words_avx512(seed, key, q0, n, bits, domain);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if (isa != NoiseIsa::scalar)
+    j += words_avx2(seed, key, q0 + static_cast<std::uint64_t>(j), n - j, bits + 4 * j, domain);
+#endif
+  words_scalar(seed, key, q0, j, n, bits, domain);
+}
+
+void noise_normals(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n, float* z,
+                   NoiseDomain domain) {
+  noise_normals(noise_isa(), seed, key, q0, n, z, domain);
+}
+
+void noise_words(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n, std::uint32_t* bits,
+                 NoiseDomain domain) {
+  noise_words(noise_isa(), seed, key, q0, n, bits, domain);
 }
 
 }  // namespace zo2::cpu

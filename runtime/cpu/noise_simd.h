@@ -12,7 +12,32 @@
 #include <immintrin.h>
 #endif
 
+// The AVX-512 loops (noise_avx512.cpp) are compiled on every x86-64 GCC/Clang build and
+// chosen at run time, whatever -march the rest of the code has.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ZO2_NOISE_AVX512 1
+#else
+#define ZO2_NOISE_AVX512 0
+#endif
+
+#include <string_view>
+
 namespace zo2::cpu {
+
+// Note [Noise ISA]
+//   The same normals come from three loops: scalar (noise_normal4), AVX2 (8 groups per
+//   iteration; compiled when the build's -march has AVX2+FMA, the default x86-64-v3) and
+//   AVX-512F (16 groups; compiled on any x86-64 build, used only where the CPU reports
+//   AVX-512F). All three give the same bits. noise_normals/noise_words use the widest the
+//   CPU runs, or the one named by ZO2_CPU_NOISE=scalar|avx2|avx512 when that is available
+//   (an unknown or unavailable name is an error) — for measuring one against another.
+//   Measured on a Zen 4 core (bench/RESULTS.md): AVX2 1.52 ns per normal, AVX-512 1.01 ns.
+enum class NoiseIsa { scalar, avx2, avx512 };
+std::string_view noise_isa_name(NoiseIsa isa);
+bool noise_isa_available(NoiseIsa isa);
+NoiseIsa noise_isa();  // what noise_normals/noise_words use (decided once per process)
+// The choice for a value of ZO2_CPU_NOISE (null or empty: the widest available).
+NoiseIsa noise_isa_from(const char* env);
 
 // z[4·j + i] = noise_normal4(seed, key, q0 + j).v[i] for j < n.
 void noise_normals(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n,
@@ -20,6 +45,20 @@ void noise_normals(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std:
 // bits[4·j + i] = the four words of noise_bits(seed, key, q0 + j, domain) for j < n.
 void noise_words(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n,
                  std::uint32_t* bits, NoiseDomain domain);
+// The same with a given loop (tests compare them); fails if `isa` is not available here.
+void noise_normals(NoiseIsa isa, std::uint64_t seed, std::uint64_t key, std::uint64_t q0,
+                   std::int64_t n, float* z, NoiseDomain domain);
+void noise_words(NoiseIsa isa, std::uint64_t seed, std::uint64_t key, std::uint64_t q0,
+                 std::int64_t n, std::uint32_t* bits, NoiseDomain domain);
+
+#if ZO2_NOISE_AVX512
+// Groups [0, r) of the request, r = n rounded down to 16; the caller does the rest
+// (noise_avx512.cpp; call only where noise_isa_available(NoiseIsa::avx512)).
+std::int64_t noise_normals_avx512(std::uint64_t seed, std::uint64_t key, std::uint64_t q0,
+                                  std::int64_t n, float* z, NoiseDomain domain);
+std::int64_t noise_words_avx512(std::uint64_t seed, std::uint64_t key, std::uint64_t q0,
+                                std::int64_t n, std::uint32_t* bits, NoiseDomain domain);
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 namespace simd {
