@@ -7,7 +7,7 @@
 #   ZO2_GPU_DEADLINE, 540 s; ZO2_GPU_PHASES picks phases, ZO2_GPU_TEST_FILTER the tests)
 # On an H200 (2026-11-26) the phases took: tests 18 s, resident (1.3B, 6.7B + MeZO) 35 s,
 # streamed_6.7b 41 s, streamed_13b 10 s, streamed_1.3b 9 s, streamed_30b 26 s,
-# resident_chunked 16 s, sweep_6.7b 51 s; the machine's start and the transfers ~45 s.
+# resident_chunked (now resident_block) 16 s, sweep_6.7b 51 s; the machine's start and the transfers ~45 s.
 # Every phase has its own time limit and writes its results as it goes, so a phase that
 # runs long loses only itself. OUT gets summary.txt, gpu_tests.log and results.tgz, which
 # holds:
@@ -18,8 +18,8 @@
 #                      PyTorch MeZO baseline where torch imports, OPT-30B resident
 #                      (synthetic); OPT-1.3B, 6.7B, 13B, 30B fully streamed at ZO2's
 #                      footprint with fp16/bf16/fp8 storage; OPT-30B at 6 GB and OPT-175B at
-#                      12 GB (the GPU-memory targets); the resident rows again with the
-#                      chunked attention forced; a cap sweep for 6.7B
+#                      12 GB (the GPU-memory targets); the 1.3B/6.7B resident rows again
+#                      with the block-per-row softmax (resident_block); a cap sweep for 6.7B
 #   summary.txt        the tail of each phase
 set -uo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
@@ -35,7 +35,7 @@ export ZO2_BENCH_DIR="${ZO2_BENCH_DIR:-$(cd "$(dirname "$0")/../bench" && pwd)}"
 budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
 # Which phases to run, in this order (a rerun after a fix names only what it needs):
-phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_6.7b streamed_13b streamed_1.3b streamed_30b streamed_175b resident_chunked sweep_6.7b}"
+phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_6.7b streamed_13b streamed_1.3b streamed_30b streamed_175b resident_block sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -90,8 +90,9 @@ bench streamed_1.3b --presets opt-1.3b --gpu-mem 2.6G --offload all \
   --storage-dtype fp16,bf16,fp8 --compute-dtype fp16 --mezo-baseline off
 bench streamed_30b --presets opt-30b --gpu-mem 8.1G,6G --offload all --alias-blocks \
   --storage-dtype bf16,fp8 --compute-dtype bf16 --mezo-baseline off
-# The same resident rows through the chunked attention path (Note [Fused attention]).
-ZO2_CUDA_ATTENTION=chunked bench resident_chunked --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
+# The same resident rows with the block-per-row softmax that the row softmax replaced (Note
+# [Row softmax in registers], runtime/cuda/attention.cu): the same-run measure of its gain.
+ZO2_CUDA_ATTENTION=chunked-block bench resident_block --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
 ZO2_GPU_STEPS=1 bench streamed_175b --presets opt-175b --gpu-mem 12G --offload auto --alias-blocks \
   --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off

@@ -681,7 +681,9 @@ TEST_P(CudaFusedAttentionTest, FusedAndChunkedMatchTheCpuForEveryShape) {
     cpu::attention(host);
     DeviceBuffer dq = upload_as(p.q, dt), dk = upload_as(p.k, dt), dv = upload_as(p.v, dt), dm = upload(p.mask);
     std::vector<std::vector<float>> got;
-    for (const char* path : {"fused", "chunked"}) {
+    // chunked: the row softmax of Note [Row softmax in registers]; chunked-block: the
+    // block-per-row softmax it replaced for rows of up to 2048 keys.
+    for (const char* path : {"fused", "chunked", "chunked-block"}) {
       AttentionPath use(path);
       DeviceBuffer dout = upload_as(std::vector<float>(p.q.size(), 7.0f), dt);  // garbage to overwrite
       AttentionArgs dev = attention_args(p, dq.data(), dk.data(), dv.data(), dout.data(), dm.as<std::int32_t>(), dt);
@@ -693,6 +695,7 @@ TEST_P(CudaFusedAttentionTest, FusedAndChunkedMatchTheCpuForEveryShape) {
           << " D" << c.head_dim << (c.causal ? " causal" : "");
     }
     EXPECT_LT(max_rel_err(got[0], got[1]), tolerance(dt)) << "fused vs chunked, T" << c.seq;
+    EXPECT_LT(max_rel_err(got[1], got[2]), tolerance(dt)) << "row vs block softmax, T" << c.seq;
     if (c.batch > 1 && c.causal) {  // batch 1's left-padded first row sees no key: zeros
       const std::size_t width = static_cast<std::size_t>(p.heads * p.head_dim);
       for (std::size_t e = 0; e < width; ++e) ASSERT_EQ(got[0][static_cast<std::size_t>(p.seq) * width + e], 0.0f);

@@ -7,10 +7,11 @@
 //        h / (heads / kv_heads), so the K/V pointers are not a fixed stride apart);
 //     2. S_i = scale · Q_i K_iᵀ  — one cublasGemmBatchedEx, fp32 output, over the keys a
 //        row of the chunk can see (causal: [0, q1); otherwise all T);
-//     3. a softmax kernel, one block per score row, masks (causal, key padding), takes the
-//        row max, Σexp(s − max) in fp32 with a fixed reduction tree, and writes
-//        P = exp(s − max)/Σ in the input dtype IN PLACE over S (see below); a row with no
-//        visible key gets P = 0, hence a zero output row, as on the CPU;
+//     3. a softmax kernel masks (causal, key padding), takes the row max, Σexp(s − max)
+//        in fp32 with a fixed reduction tree, and writes P = exp(s − max)/Σ in the input
+//        dtype IN PLACE over S (see below); a row with no visible key gets P = 0, hence a
+//        zero output row, as on the CPU. One warp per row with the row in registers where
+//        it has at most 2048 keys (Note [Row softmax in registers]), else one block per row;
 //     4. O_i = P_i V_i  — a second batched GEMM (fp32 accumulation) writing the output in
 //        the input dtype straight into its [tokens, heads·head_dim] place.
 //   Each pair's scores start on a 256-byte boundary (kPairAlign floats apart): cuBLAS
@@ -25,8 +26,8 @@
 //   This path is the default for every dtype and head_dim (fp32 runs on cuBLAS's exact
 //   SGEMM, no TF32, so it matches the CPU to rounding). Its price is the chunk's fp32
 //   scores' round trips through HBM: measured with ncu on an H200 (OPT-1.3B shape, 1×2048
-//   tokens, fp16) the softmax kernel took 65 µs per chunk of 256 queries × 32 heads, about
-//   half of each layer's GPU time.
+//   tokens, fp16) the block-per-row softmax kernel took 65 µs per chunk of 256 queries ×
+//   32 heads, about half of each layer's GPU time — hence the row kernel.
 //
 // Note [Fused attention]
 //   For bf16/fp16 with head_dim 64 or 128 (OPT-1.3B and up, LLaMA) and 16-byte aligned
@@ -162,9 +163,98 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   }
 }
 
+// Note [Row softmax in registers]
+//   The softmax above spends its time on synchronization, not bytes: a block of 256
+//   threads per row of ~1–2k keys does three passes (max, sum, write) with two block
+//   reductions and, for 16-bit P, a barrier per 256 written elements. ncu on an H200
+//   (OPT-1.3B, 1×2048 tokens, fp16) put it at 38 % of the GPU time of a resident step —
+//   65 µs per chunk that moves ~57 MB, a fifth of what HBM could do in that time.
+//   This kernel gives each row to one warp. Lane l holds keys l, l + 32, … in kPer registers
+//   (32·kPer ≥ tk; rows of up to kRowMaxKeys keys), so the row is read from memory once;
+//   the max and the sum are warp shuffles (warp_max / warp_sum: a fixed tree, so the bits
+//   do not depend on timing), and no __syncthreads is needed. An invisible key (causal, key
+//   padding, or past tk) is held as −inf: exp(−inf − max) is exactly 0, so it adds exactly
+//   nothing to the sum and gets P = 0, as the block kernel's skip does; a row with no
+//   visible key (max = −inf) gets P = 0. The sum is taken in another order than the block
+//   kernel's (lane-major, then the shuffle tree), so the two differ in the last bits; both
+//   are tested against the CPU twin. In place: every lane has read its keys before the
+//   warp's max (which needs all of them) exists, and P's writes come after it; P row r
+//   overlays only S row r, which belongs to this warp alone.
+//   Rows longer than kRowMaxKeys keys (sequences past 2048 tokens) keep the block kernel,
+//   as does ZO2_CUDA_ATTENTION=chunked-block (for measuring one against the other).
+//   NOT YET MEASURED OR RUN ON A GPU (written in a session without one): the first GPU
+//   session must run CudaAttentionTest and CudaFusedAttentionTest, which compare it with
+//   the CPU and with the block kernel, and the resident rows of scripts/gpu-check.sh.
+constexpr int kRowWarps = 8;  // rows per block of 256 threads
+constexpr std::int64_t kRowMaxKeys = 32 * 64;
+
+template <class E, int kPer>
+__global__ void __launch_bounds__(kRowWarps * 32)
+    attention_softmax_rows_kernel(float* scores, std::int64_t rows, std::int64_t nq, std::int64_t tk,
+                                  std::int64_t pair_stride, std::int64_t q0, bool causal,
+                                  const std::int32_t* key_mask, std::int64_t seq, int pair0, int heads) {
+  const float kNegInf = -__int_as_float(0x7f800000);
+  const int lane = threadIdx.x & 31;
+  const std::int64_t stride = std::int64_t{gridDim.x} * kRowWarps;
+  for (std::int64_t row = std::int64_t{blockIdx.x} * kRowWarps + (threadIdx.x >> 5); row < rows; row += stride) {
+    const std::int64_t local = row / nq, i = row % nq, t = q0 + i;
+    const std::int64_t b = (pair0 + local) / heads;
+    float* srow = scores + local * pair_stride + i * tk;
+    const std::int32_t* mask = key_mask != nullptr ? key_mask + b * seq : nullptr;
+    const std::int64_t last = causal ? t : tk - 1;  // last key this row may see
+
+    float v[kPer];
+    float mx = kNegInf;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const std::int64_t j = lane + 32 * k;
+      v[k] = kNegInf;
+      if (j < tk && j <= last && (mask == nullptr || mask[j] != 0)) v[k] = srow[j];
+      mx = fmaxf(mx, v[k]);
+    }
+    mx = warp_max(mx);  // every lane's loads are done once this exists
+    const bool empty = mx == kNegInf;
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      v[k] = empty ? 0.0f : expf(__fsub_rn(v[k], mx));
+      sum = __fadd_rn(sum, v[k]);
+    }
+    sum = warp_sum(sum);
+    const float inv = empty ? 0.0f : __fdiv_rn(1.0f, sum);
+    typename E::T* p = reinterpret_cast<typename E::T*>(srow);
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const std::int64_t j = lane + 32 * k;
+      if (j < tk) p[j] = E::store(__fmul_rn(v[k], inv));
+    }
+  }
+}
+
+// Launches the row kernel with the fewest registers per lane that hold a row of tk keys.
+template <class E>
+void launch_softmax_rows(KernelStream& s, float* scores, std::int64_t rows, std::int64_t nq, std::int64_t tk,
+                         std::int64_t pair_stride, std::int64_t q0, bool causal, const std::int32_t* key_mask,
+                         std::int64_t seq, int pair0, int heads) {
+  const int blocks = grid_blocks(s, rows * 32, kRowWarps * 32);
+  auto go = [&](auto per) {
+    attention_softmax_rows_kernel<E, decltype(per)::value><<<blocks, kRowWarps * 32, 0, s.stream()>>>(
+        scores, rows, nq, tk, pair_stride, q0, causal, key_mask, seq, pair0, heads);
+  };
+  if (tk <= 32 * 8) go(std::integral_constant<int, 8>{});
+  else if (tk <= 32 * 16) go(std::integral_constant<int, 16>{});
+  else if (tk <= 32 * 32) go(std::integral_constant<int, 32>{});
+  else go(std::integral_constant<int, 64>{});
+  ZO2_CUDA_CHECK_LAUNCH();
+}
+
 // ---- the fused kernel (Note [Fused attention]) ----
 
 namespace fused {
+
+// ZO2_CUDA_ATTENTION: chunked (default; the row softmax where rows fit in registers),
+// chunked-block (the chunked path with the block-per-row softmax everywhere), fused.
+enum class Path { chunked, chunked_block, fused };
 
 constexpr int kBQ = 64;  // query rows per block
 constexpr int kBK = 64;  // keys per tile
@@ -369,19 +459,26 @@ void launch(KernelStream& s, const AttentionArgs& a) {
   ZO2_CUDA_CHECK_LAUNCH();
 }
 
+// ZO2_CUDA_ATTENTION, read at every call (tests switch it between calls).
+Path path_from_env() {
+  const char* env = std::getenv("ZO2_CUDA_ATTENTION");
+  if (env == nullptr || *env == '\0') return Path::chunked;
+  const std::string_view choice(env);
+  if (choice == "chunked") return Path::chunked;
+  if (choice == "chunked-block") return Path::chunked_block;
+  if (choice == "fused") return Path::fused;
+  throw_unsupported("ZO2_CUDA_ATTENTION='" + std::string(choice) +
+                    "': expected 'chunked', 'chunked-block' or 'fused'");
+}
+
 bool aligned16(const Mat& m) {
   return reinterpret_cast<std::uintptr_t>(m.data) % 16 == 0 && m.ld % 8 == 0;
 }
 
 // Whether the fused kernel takes this call: only when ZO2_CUDA_ATTENTION=fused asks for it
 // (Note [Fused attention] says why the chunked path is the default).
-bool applies(const AttentionArgs& a) {
-  const char* env = std::getenv("ZO2_CUDA_ATTENTION");
-  if (env == nullptr || *env == '\0') return false;
-  const std::string_view choice(env);
-  if (choice == "chunked") return false;
-  if (choice != "fused")
-    throw_unsupported("ZO2_CUDA_ATTENTION='" + std::string(choice) + "': expected 'fused' or 'chunked'");
+bool applies(const AttentionArgs& a, Path path) {
+  if (path != Path::fused) return false;
   const DType dt = a.q.dtype;
   return (dt == DType::bf16 || dt == DType::f16) && (a.head_dim == 64 || a.head_dim == 128) &&
          aligned16(a.q) && aligned16(a.k) && aligned16(a.v) && aligned16(a.out) && a.batch <= 65535 &&
@@ -396,7 +493,8 @@ void attention(KernelStream& s, const AttentionArgs& a) {
   const std::int64_t T = a.seq, D = a.head_dim;
   const std::int64_t pairs = std::int64_t{a.batch} * a.heads;
   if (T == 0 || pairs == 0 || D == 0) return;
-  if (fused::applies(a)) {
+  const fused::Path path = fused::path_from_env();
+  if (fused::applies(a, path)) {
     dispatch_activation(a.q.dtype, "attention", [&](auto e) {
       using E = decltype(e);
       if constexpr (!std::is_same_v<E, F32>) {
@@ -469,6 +567,11 @@ void attention(KernelStream& s, const AttentionArgs& a) {
       const std::int64_t rows = std::int64_t{n} * nq;
       dispatch_activation(dt, "attention", [&](auto e) {
         using E = decltype(e);
+        if (tk <= kRowMaxKeys && path != fused::Path::chunked_block) {  // Note [Row softmax in registers]
+          launch_softmax_rows<E>(s, scores, rows, nq, tk, pa.pair_stride, q0, a.causal, a.key_mask, T,
+                                 static_cast<int>(p0), a.heads);
+          return;
+        }
         attention_softmax_kernel<E>
             <<<grid_blocks(s, rows * kSoftmaxThreads, kSoftmaxThreads), kSoftmaxThreads, 0,
                s.stream()>>>(scores, rows, nq, tk, pa.pair_stride, q0, a.causal, a.key_mask, T,
