@@ -252,7 +252,7 @@ void register_backend(DeviceKind kind) {
     const std::string s(dtype_name(storage));
     auto* p = reg("Perturb." + s + "->fp32",
                   [kind, storage](benchmark::State& st) { perturb(st, kind, storage, DType::f32); });
-    p->ArgNames({"rows", "cols"})->Args({768, 3072});
+    p->ArgNames({"rows", "cols"})->Args({768, 3072})->Args({64, 768});
     if (gpu) p->Args({4096, 16384});
     auto* u = reg("Update." + s, [kind, storage](benchmark::State& st) { update(st, kind, storage); });
     u->ArgNames({"rows", "cols"})->Args({768, 3072});
