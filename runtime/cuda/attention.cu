@@ -173,15 +173,17 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
 //   (32·kPer ≥ tk; rows of up to kRowMaxKeys keys), so the row is read from memory once;
 //   the max and the sum are warp shuffles (warp_max / warp_sum: a fixed tree, so the bits
 //   do not depend on timing), and no __syncthreads is needed. An invisible key (causal, key
-//   padding, or past tk) is held as −inf: exp(−inf − max) is exactly 0, so it adds exactly
-//   nothing to the sum and gets P = 0, as the block kernel's skip does; a row with no
-//   visible key (max = −inf) gets P = 0. The sum is taken in another order than the block
-//   kernel's (lane-major, then the shuffle tree), so the two differ in the last bits; both
-//   are tested against the CPU twin. In place: every lane has read its keys before the
+//   padding, or past tk) is marked in a 64-bit mask per lane and held as −inf for the max;
+//   it adds exactly 0 to the sum and gets P = 0 — even where a NaN score makes 1/Σ NaN —
+//   as the block kernel's skip does; a row with no visible key (max = −inf) gets P = 0.
+//   Score and mask are loaded independently, so a row's loads are all in flight at once.
+//   The sum is taken in another order than the block kernel's (lane-major, then the
+//   shuffle tree), so the two differ in the last bits; both are tested against the CPU twin. In place: every lane has read its keys before the
 //   warp's max (which needs all of them) exists, and P's writes come after it; P row r
 //   overlays only S row r, which belongs to this warp alone.
 //   Rows longer than kRowMaxKeys keys (sequences past 2048 tokens) keep the block kernel,
 //   as does ZO2_CUDA_ATTENTION=chunked-block (for measuring one against the other).
+//   ptxas (sm_90): 40–128 registers per lane, no spills except 4 bytes at kPer = 64.
 //   NOT YET MEASURED OR RUN ON A GPU (written in a session without one): the first GPU
 //   session must run CudaAttentionTest and CudaFusedAttentionTest, which compare it with
 //   the CPU and with the block kernel, and the resident rows of scripts/gpu-check.sh.
@@ -204,12 +206,17 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     const std::int64_t last = causal ? t : tk - 1;  // last key this row may see
 
     float v[kPer];
+    std::uint64_t seen = 0;  // bit k: key lane + 32·k is visible
     float mx = kNegInf;
 #pragma unroll
     for (int k = 0; k < kPer; ++k) {
       const std::int64_t j = lane + 32 * k;
-      v[k] = kNegInf;
-      if (j < tk && j <= last && (mask == nullptr || mask[j] != 0)) v[k] = srow[j];
+      // The score and the mask are independent loads (neither waits for the other).
+      const bool in = j < tk && j <= last;
+      const float x = in ? srow[j] : kNegInf;
+      const bool keep = in && (mask == nullptr || mask[j] != 0);
+      v[k] = keep ? x : kNegInf;
+      seen |= keep ? std::uint64_t{1} << k : std::uint64_t{0};
       mx = fmaxf(mx, v[k]);
     }
     mx = warp_max(mx);  // every lane's loads are done once this exists
@@ -217,7 +224,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     float sum = 0.0f;
 #pragma unroll
     for (int k = 0; k < kPer; ++k) {
-      v[k] = empty ? 0.0f : expf(__fsub_rn(v[k], mx));
+      v[k] = empty || ((seen >> k) & 1u) == 0 ? 0.0f : expf(__fsub_rn(v[k], mx));
       sum = __fadd_rn(sum, v[k]);
     }
     sum = warp_sum(sum);
@@ -226,7 +233,8 @@ __global__ void __launch_bounds__(kRowWarps * 32)
 #pragma unroll
     for (int k = 0; k < kPer; ++k) {
       const std::int64_t j = lane + 32 * k;
-      if (j < tk) p[j] = E::store(__fmul_rn(v[k], inv));
+      const float pk = ((seen >> k) & 1u) != 0 ? __fmul_rn(v[k], inv) : 0.0f;
+      if (j < tk) p[j] = E::store(pk);
     }
   }
 }
