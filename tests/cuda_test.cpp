@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -22,6 +23,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 // Defined by the CUDA backend (runtime/cuda/cuda_device.cpp): 1 when p is page-locked host
@@ -464,6 +466,55 @@ TEST_F(CudaTest, PerturbAndUpdateEqualCpuBitForBitForEveryStorageAndComputeDtype
         ASSERT_EQ(download<float>(dscales.data(), s.scales.size()), s.scales);
       }
     }
+  }
+}
+
+// Device code converts fp16 with the hardware instructions where the input is not NaN
+// (Note [Hardware fp16 conversions on the GPU], runtime/dtype_convert.h); the result must
+// be the CPU's bits everywhere. The plain (noise-free) perturbation is a pure conversion.
+TEST_F(CudaTest, Fp16ConversionsEqualTheCpuOnEveryPatternAndEdge) {
+  auto convert = [&](std::vector<std::uint8_t> bytes, DType from, DType to, std::int64_t rows,
+                     std::int64_t cols) {
+    DeviceBuffer dw = upload(bytes);
+    const StoredTensor dev_w{dw.data(), from, nullptr, rows, cols, 1};
+    const StoredTensor host_w{bytes.data(), from, nullptr, rows, cols, 1};
+    const std::size_t out_bytes = static_cast<std::size_t>(rows * cols) * dtype_size(to);
+    DeviceBuffer out = zeros(out_bytes);
+    std::vector<std::uint8_t> want(out_bytes);
+    ops().perturb(*stream, dev_w, 0, rows, nullptr, out.data(), nullptr, to);
+    cpu::perturb(host_w, 0, rows, nullptr, want.data(), nullptr, to);
+    return std::make_pair(download<std::uint8_t>(out.data(), out_bytes), want);
+  };
+  // Every fp16 pattern (±0, subnormals, normals, ±inf, NaNs with payloads) widened to fp32,
+  // and through fp32 back to fp16 and to bf16.
+  std::vector<std::uint8_t> halfs(std::size_t{65536} * 2);
+  for (std::uint32_t h = 0; h < 65536; ++h) {
+    halfs[2 * h] = static_cast<std::uint8_t>(h);
+    halfs[2 * h + 1] = static_cast<std::uint8_t>(h >> 8);
+  }
+  for (DType to : {DType::f32, DType::f16, DType::bf16}) {
+    const auto [got, want] = convert(halfs, DType::f16, to, 64, 1024);
+    ASSERT_EQ(got, want) << "fp16 → " << dtype_name(to);
+  }
+  // fp32 values at every exponent with mantissas at the fp16 rounding boundaries, the
+  // overflow edge (65504, 65519.99…, 65520), the subnormal edges, ±inf, NaNs, and random
+  // bit patterns.
+  std::vector<std::uint32_t> bits;
+  for (std::uint32_t sign : {0u, 0x80000000u})
+    for (std::uint32_t e = 0; e < 256; ++e)
+      for (std::uint32_t m : {0u, 1u, 0xfffu, 0x1000u, 0x1001u, 0x1fffu, 0x2000u, 0x3000u, 0x400000u, 0x7fe000u,
+                              0x7fefffu, 0x7ff000u, 0x7ff001u, 0x7fffffu})
+        bits.push_back(sign | (e << 23) | m);
+  for (float v : {65504.0f, 65519.996f, 65520.0f, 65536.0f, 5.9604645e-8f, 2.9802322e-8f, 2.9802326e-8f,
+                  8.940697e-8f, 6.097555e-5f, 6.1035156e-5f})
+    for (float sv : {v, -v}) bits.push_back(std::bit_cast<std::uint32_t>(sv));
+  std::mt19937 rng(7);
+  while (bits.size() % 1024 != 0 || bits.size() < 65536) bits.push_back(rng());
+  std::vector<std::uint8_t> floats(bits.size() * 4);
+  std::memcpy(floats.data(), bits.data(), floats.size());
+  for (DType to : {DType::f16, DType::bf16}) {
+    const auto [got, want] = convert(floats, DType::f32, to, static_cast<std::int64_t>(bits.size() / 1024), 1024);
+    ASSERT_EQ(got, want) << "fp32 → " << dtype_name(to);
   }
 }
 
