@@ -5,7 +5,7 @@
 # 36 MiB of it). Then one device call, from the repo root, carrying .gpupack:
 #   .gpupack/run.sh scripts/gpu-check.sh "$OUT"        (timeout_s 590; every phase ends by
 #   ZO2_GPU_DEADLINE, 540 s; ZO2_GPU_PHASES picks phases, ZO2_GPU_TEST_FILTER the tests)
-# On an H200 (2026-11-26) the phases took: tests 18 s, resident (1.3B, 6.7B + MeZO) 35 s,
+# On an H200 (2026-11-26) the phases took: tests 18 s, (micro: new, not yet timed), resident (1.3B, 6.7B + MeZO) 35 s,
 # streamed_6.7b 41 s, streamed_13b 10 s, streamed_1.3b 9 s, streamed_30b 26 s,
 # resident_chunked (now resident_block) 16 s, sweep_6.7b 51 s; the machine's start and the transfers ~45 s.
 # Every phase has its own time limit and writes its results as it goes, so a phase that
@@ -14,6 +14,7 @@
 #   device.txt         nvidia-smi's view of the device
 #   gpu_tests.xml/log  every *Cuda* test (kernels vs CPU twins, Philox bit-identity, golden
 #                      parity fp32/bf16, the scheduler's bitwise invariant on the GPU)
+#   micro_*.json/log   zo2_microbench's CUDA kernels, with the row and the block softmax
 #   bench_*.jsonl/md   zo2-bench at batch 1 × 2048: OPT-1.3B/6.7B/13B resident with the
 #                      PyTorch MeZO baseline where torch imports, OPT-30B resident
 #                      (synthetic); OPT-1.3B, 6.7B, 13B, 30B fully streamed at ZO2's
@@ -34,8 +35,9 @@ deadline="${ZO2_GPU_DEADLINE:-540}"   # seconds after start by which every phase
 export ZO2_BENCH_DIR="${ZO2_BENCH_DIR:-$(cd "$(dirname "$0")/../bench" && pwd)}"  # mezo_torch.py, plot_bench.py
 budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
-# Which phases to run, in this order (a rerun after a fix names only what it needs):
-phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_6.7b streamed_13b streamed_1.3b streamed_30b streamed_175b resident_block sweep_6.7b}"
+# Which phases to run (they run in the order of the code below; a rerun after a fix names
+# only what it needs):
+phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_175b resident_block micro streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -82,6 +84,33 @@ bench resident --presets opt-1.3b,opt-6.7b,opt-13b --gpu-mem none --offload none
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline auto
 bench resident_30b --presets opt-30b --gpu-mem none --offload none --alias-blocks \
   --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
+# The rows issue 8 still lacks (13B/30B resident above, 175B in 12 GB) and the new
+# softmax's same-run comparison come before the rows earlier runs already measured.
+ZO2_GPU_STEPS=1 bench streamed_175b --presets opt-175b --gpu-mem 12G --offload auto --alias-blocks \
+  --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
+# The same resident rows with the block-per-row softmax that the row softmax replaced (Note
+# [Row softmax in registers], runtime/cuda/attention.cu): the same-run measure of its gain.
+ZO2_CUDA_ATTENTION=chunked-block bench resident_block --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
+  --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
+# Kernel microbenchmarks on the GPU (Google Benchmark): the attention at 2048 tokens with
+# the row softmax (default) and the block-per-row softmax, GEMM, perturb, update.
+micro() {
+  has micro || return 0
+  local start lim path
+  start=$(date +%s)
+  for path in chunked chunked-block; do
+    lim=$(limit 40)
+    if [ "$lim" -lt 15 ]; then note "micro ($path): skipped, $lim s left before the deadline"; continue; fi
+    ZO2_CUDA_ATTENTION=$path timeout "$lim" zo2_microbench --benchmark_filter='/cuda/' \
+      --benchmark_min_time=0.05 --benchmark_out_format=json --benchmark_out="$work/micro_$path.json" \
+      > "$work/micro_$path.log" 2>&1
+    note "micro ($path): rc=$?"
+    grep -E '^Kernel\.(Attention|Perturb|Gemm)' "$work/micro_$path.log" | head -12 >> "$summary"
+  done
+  note "micro: $(( $(date +%s) - start )) s"
+  pack_results
+}
+micro
 bench streamed_6.7b --presets opt-6.7b --gpu-mem 4.3G --offload all \
   --storage-dtype fp16,bf16,fp8 --compute-dtype fp16 --mezo-baseline off
 bench streamed_13b --presets opt-13b --gpu-mem 5.5G --offload all --alias-blocks \
@@ -90,12 +119,6 @@ bench streamed_1.3b --presets opt-1.3b --gpu-mem 2.6G --offload all \
   --storage-dtype fp16,bf16,fp8 --compute-dtype fp16 --mezo-baseline off
 bench streamed_30b --presets opt-30b --gpu-mem 8.1G,6G --offload all --alias-blocks \
   --storage-dtype bf16,fp8 --compute-dtype bf16 --mezo-baseline off
-# The same resident rows with the block-per-row softmax that the row softmax replaced (Note
-# [Row softmax in registers], runtime/cuda/attention.cu): the same-run measure of its gain.
-ZO2_CUDA_ATTENTION=chunked-block bench resident_block --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
-  --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
-ZO2_GPU_STEPS=1 bench streamed_175b --presets opt-175b --gpu-mem 12G --offload auto --alias-blocks \
-  --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
 bench sweep_6.7b --presets opt-6.7b --gpu-mem 4.3G,8G,12G,none --offload auto \
   --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
 note "done in $SECONDS s"
