@@ -249,6 +249,7 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
     row["resident_blocks"] = pl.resident_count;
     row["streamed_blocks"] = pl.streamed;
     row["window"] = pl.window;
+    row["device_name"] = s.device().name();  // the GPU, or the CPU's threads and noise loop
     row["device_peak_bytes"] = s.device_peak();
     row["driver_used_bytes"] = s.device().driver_used_bytes();
     row["pinned_host_bytes"] = s.device().pinned_host_bytes();

@@ -2,6 +2,7 @@
 
 #include "runtime/common.h"
 #include "runtime/cpu/cpu_kernels.h"
+#include "runtime/cpu/noise_simd.h"
 #include "runtime/ops.h"
 
 #include <cblas.h>
@@ -253,7 +254,11 @@ class CpuDevice final : public Device {
   }
 
   DeviceKind kind() const override { return DeviceKind::cpu; }
-  std::string name() const override { return fmt::format("cpu ({} threads)", threads_); }
+  // The noise loop is part of the name because it is a third of a CPU step's time
+  // (Note [Noise ISA]); logs and bench rows then say which one ran.
+  std::string name() const override {
+    return fmt::format("cpu ({} threads, {} noise)", threads_, noise_isa_name(noise_isa()));
+  }
   Arena& arena() override { return *arena_; }
 
   std::unique_ptr<Stream> make_stream(std::string_view name) override {
