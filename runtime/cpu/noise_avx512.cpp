@@ -68,39 +68,30 @@ ZO2_AVX512 inline __m512 log16(__m512 u) {
   const __m512i bits = _mm512_castps_si512(u);
   __m512i e = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 23), splat(0xFFu)), splat(126u));
   const __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, splat(0x007FFFFFu)), splat(0x3F000000u)));
-  const __mmask16 low = _mm512_cmp_ps_mask(m, splat(0.70710678118654752f), _CMP_LT_OQ);
+  const __mmask16 low = _mm512_cmp_ps_mask(m, splat(noise_poly::kSqrtHalf), _CMP_LT_OQ);
   e = _mm512_mask_sub_epi32(e, low, e, splat(1u));
   const __m512 x = _mm512_add_ps(_mm512_mask_blend_ps(low, m, _mm512_add_ps(m, m)), splat(-1.0f));
   const __m512 z = _mm512_mul_ps(x, x);
-  __m512 y = splat(7.0376836292e-2f);
-  y = _mm512_fmadd_ps(y, x, splat(-1.1514610310e-1f));
-  y = _mm512_fmadd_ps(y, x, splat(1.1676998740e-1f));
-  y = _mm512_fmadd_ps(y, x, splat(-1.2420140846e-1f));
-  y = _mm512_fmadd_ps(y, x, splat(1.4249322787e-1f));
-  y = _mm512_fmadd_ps(y, x, splat(-1.6668057665e-1f));
-  y = _mm512_fmadd_ps(y, x, splat(2.0000714765e-1f));
-  y = _mm512_fmadd_ps(y, x, splat(-2.4999993993e-1f));
-  y = _mm512_fmadd_ps(y, x, splat(3.3333331174e-1f));
+  __m512 y = splat(noise_poly::kLog[0]);
+  for (int i = 1; i < 9; ++i) y = _mm512_fmadd_ps(y, x, splat(noise_poly::kLog[i]));
   y = _mm512_mul_ps(_mm512_mul_ps(y, x), z);
   const __m512 fe = _mm512_cvtepi32_ps(e);
-  y = _mm512_fmadd_ps(fe, splat(-2.12194440e-4f), y);
+  y = _mm512_fmadd_ps(fe, splat(noise_poly::kLn2Lo), y);
   y = _mm512_fmadd_ps(z, splat(-0.5f), y);
-  return _mm512_fmadd_ps(fe, splat(0.693359375f), _mm512_add_ps(x, y));
+  return _mm512_fmadd_ps(fe, splat(noise_poly::kLn2Hi), _mm512_add_ps(x, y));
 }
 
 // noise_sincos_turns, lane-wise (m < 2^24).
 ZO2_AVX512 inline void sincos16(__m512i m, __m512* s, __m512* c) {
   const __m512i quadrant = _mm512_srli_epi32(_mm512_add_epi32(m, splat(1u << 21)), 22);
   const __m512i rem = _mm512_sub_epi32(m, _mm512_slli_epi32(quadrant, 22));
-  const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(rem), splat(3.7450702e-07f));
+  const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(rem), splat(noise_poly::kTurnToRadian));
   const __m512 z = _mm512_mul_ps(x, x);
-  __m512 ps = splat(-1.9515295891e-4f);
-  ps = _mm512_fmadd_ps(ps, z, splat(8.3321608736e-3f));
-  ps = _mm512_fmadd_ps(ps, z, splat(-1.6666654611e-1f));
+  const __m512 ps = _mm512_fmadd_ps(_mm512_fmadd_ps(splat(noise_poly::kSin[0]), z, splat(noise_poly::kSin[1])), z,
+                                    splat(noise_poly::kSin[2]));
   const __m512 sn = _mm512_fmadd_ps(_mm512_mul_ps(ps, z), x, x);
-  __m512 pc = splat(2.443315711809948e-5f);
-  pc = _mm512_fmadd_ps(pc, z, splat(-1.388731625493765e-3f));
-  pc = _mm512_fmadd_ps(pc, z, splat(4.166664568298827e-2f));
+  const __m512 pc = _mm512_fmadd_ps(_mm512_fmadd_ps(splat(noise_poly::kCos[0]), z, splat(noise_poly::kCos[1])), z,
+                                    splat(noise_poly::kCos[2]));
   const __m512 cs = _mm512_fmadd_ps(_mm512_mul_ps(pc, z), z, _mm512_fmadd_ps(z, splat(-0.5f), splat(1.0f)));
   const __mmask16 odd = _mm512_test_epi32_mask(quadrant, splat(1u));
   const __m512i s_sign = _mm512_slli_epi32(_mm512_and_si512(quadrant, splat(2u)), 30);
@@ -111,7 +102,7 @@ ZO2_AVX512 inline void sincos16(__m512i m, __m512* s, __m512* c) {
 
 ZO2_AVX512 inline void box_muller16(__m512i a, __m512i b, __m512* z0, __m512* z1) {
   const __m512 u1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_srli_epi32(a, 8), splat(1u))),
-                                  splat(5.9604644775390625e-8f));
+                                  splat(noise_poly::kU24));
   const __m512 r = _mm512_sqrt_ps(_mm512_mul_ps(splat(-2.0f), log16(u1)));
   __m512 s, c;
   sincos16(_mm512_srli_epi32(b, 8), &s, &c);

@@ -60,6 +60,21 @@ std::int64_t noise_words_avx512(std::uint64_t seed, std::uint64_t key, std::uint
                                 std::int64_t n, std::uint32_t* bits, NoiseDomain domain);
 #endif
 
+// The constants of noise_log and noise_sincos_turns (runtime/philox.h, which spells them
+// out for the GPU), shared by the AVX2 and AVX-512 loops; each loop applies them in
+// philox.h's order, so all three give the same bits.
+namespace noise_poly {
+inline constexpr float kSqrtHalf = 0.70710678118654752f;
+inline constexpr float kLog[] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f,
+                                 -1.2420140846e-1f, 1.4249322787e-1f,  -1.6668057665e-1f,
+                                 2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
+inline constexpr float kLn2Lo = -2.12194440e-4f, kLn2Hi = 0.693359375f;
+inline constexpr float kTurnToRadian = 3.7450702e-07f;  // 2π / 2^24
+inline constexpr float kSin[] = {-1.9515295891e-4f, 8.3321608736e-3f, -1.6666654611e-1f};
+inline constexpr float kCos[] = {2.443315711809948e-5f, -1.388731625493765e-3f, 4.166664568298827e-2f};
+inline constexpr float kU24 = 5.9604644775390625e-8f;  // 2^-24
+}  // namespace noise_poly
+
 #if defined(__AVX2__) && defined(__FMA__)
 namespace simd {
 
@@ -81,39 +96,28 @@ inline __m256 log8(__m256 u) {
                                _mm256_set1_epi32(126));
   const __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
                                                        _mm256_set1_epi32(0x3F000000)));
-  const __m256 low = _mm256_cmp_ps(m, set(0.70710678118654752f), _CMP_LT_OQ);
+  const __m256 low = _mm256_cmp_ps(m, set(noise_poly::kSqrtHalf), _CMP_LT_OQ);
   e = _mm256_sub_epi32(e, _mm256_and_si256(_mm256_castps_si256(low), _mm256_set1_epi32(1)));
   const __m256 x = fadd(_mm256_blendv_ps(m, fadd(m, m), low), set(-1.0f));
   const __m256 z = fmul(x, x);
-  __m256 y = set(7.0376836292e-2f);
-  y = ffma(y, x, set(-1.1514610310e-1f));
-  y = ffma(y, x, set(1.1676998740e-1f));
-  y = ffma(y, x, set(-1.2420140846e-1f));
-  y = ffma(y, x, set(1.4249322787e-1f));
-  y = ffma(y, x, set(-1.6668057665e-1f));
-  y = ffma(y, x, set(2.0000714765e-1f));
-  y = ffma(y, x, set(-2.4999993993e-1f));
-  y = ffma(y, x, set(3.3333331174e-1f));
+  __m256 y = set(noise_poly::kLog[0]);
+  for (int i = 1; i < 9; ++i) y = ffma(y, x, set(noise_poly::kLog[i]));
   y = fmul(fmul(y, x), z);
   const __m256 fe = _mm256_cvtepi32_ps(e);
-  y = ffma(fe, set(-2.12194440e-4f), y);
+  y = ffma(fe, set(noise_poly::kLn2Lo), y);
   y = ffma(z, set(-0.5f), y);
-  return ffma(fe, set(0.693359375f), fadd(x, y));
+  return ffma(fe, set(noise_poly::kLn2Hi), fadd(x, y));
 }
 
 // noise_sincos_turns, lane-wise (m < 2^24).
 inline void sincos8(__m256i m, __m256* s, __m256* c) {
   const __m256i quadrant = _mm256_srli_epi32(_mm256_add_epi32(m, _mm256_set1_epi32(1 << 21)), 22);
   const __m256i rem = _mm256_sub_epi32(m, _mm256_slli_epi32(quadrant, 22));
-  const __m256 x = fmul(_mm256_cvtepi32_ps(rem), set(3.7450702e-07f));
+  const __m256 x = fmul(_mm256_cvtepi32_ps(rem), set(noise_poly::kTurnToRadian));
   const __m256 z = fmul(x, x);
-  __m256 ps = set(-1.9515295891e-4f);
-  ps = ffma(ps, z, set(8.3321608736e-3f));
-  ps = ffma(ps, z, set(-1.6666654611e-1f));
+  const __m256 ps = ffma(ffma(set(noise_poly::kSin[0]), z, set(noise_poly::kSin[1])), z, set(noise_poly::kSin[2]));
   const __m256 sn = ffma(fmul(ps, z), x, x);
-  __m256 pc = set(2.443315711809948e-5f);
-  pc = ffma(pc, z, set(-1.388731625493765e-3f));
-  pc = ffma(pc, z, set(4.166664568298827e-2f));
+  const __m256 pc = ffma(ffma(set(noise_poly::kCos[0]), z, set(noise_poly::kCos[1])), z, set(noise_poly::kCos[2]));
   const __m256 cs = ffma(fmul(pc, z), z, ffma(z, set(-0.5f), set(1.0f)));
   const __m256 odd = _mm256_castsi256_ps(
       _mm256_cmpeq_epi32(_mm256_and_si256(quadrant, _mm256_set1_epi32(1)), _mm256_set1_epi32(1)));
@@ -126,7 +130,7 @@ inline void sincos8(__m256i m, __m256* s, __m256* c) {
 
 inline void box_muller8(__m256i a, __m256i b, __m256* z0, __m256* z1) {
   const __m256 u1 = fmul(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_srli_epi32(a, 8), _mm256_set1_epi32(1))),
-                         set(5.9604644775390625e-8f));
+                         set(noise_poly::kU24));
   const __m256 r = _mm256_sqrt_ps(fmul(set(-2.0f), log8(u1)));
   __m256 s, c;
   sincos8(_mm256_srli_epi32(b, 8), &s, &c);
