@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -21,28 +22,21 @@ using namespace zo2::cpu;
 
 constexpr std::int64_t kGroups = 4096;
 
-void normals(benchmark::State& state, NoiseIsa isa) {
-  std::vector<float> z(4 * kGroups);
+// noise_normals (T = float) or noise_words (T = std::uint32_t), kGroups groups per call.
+template <class T>
+void generate(benchmark::State& state, NoiseIsa isa) {
+  std::vector<T> out(4 * kGroups);
   std::uint64_t q = 0;
   for (auto _ : state) {
-    noise_normals(isa, 0x5eed, 0x6b6579, q, kGroups, z.data(), NoiseDomain::normal);
-    benchmark::DoNotOptimize(z.data());
+    if constexpr (std::is_same_v<T, float>)
+      noise_normals(isa, 0x5eed, 0x6b6579, q, kGroups, out.data(), NoiseDomain::normal);
+    else
+      noise_words(isa, 0x5eed, 0x6b6579, q, kGroups, out.data(), NoiseDomain::rounding);
+    benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
     q += kGroups;
   }
-  state.SetItemsProcessed(state.iterations() * 4 * kGroups);  // items/s = normals per second
-}
-
-void words(benchmark::State& state, NoiseIsa isa) {
-  std::vector<std::uint32_t> bits(4 * kGroups);
-  std::uint64_t q = 0;
-  for (auto _ : state) {
-    noise_words(isa, 0x5eed, 0x6b6579, q, kGroups, bits.data(), NoiseDomain::rounding);
-    benchmark::DoNotOptimize(bits.data());
-    benchmark::ClobberMemory();
-    q += kGroups;
-  }
-  state.SetItemsProcessed(state.iterations() * 4 * kGroups);
+  state.SetItemsProcessed(state.iterations() * 4 * kGroups);  // items/s = values per second
 }
 
 const bool registered = [] {
@@ -50,9 +44,9 @@ const bool registered = [] {
     if (!noise_isa_available(isa)) continue;
     const std::string name(noise_isa_name(isa));
     benchmark::RegisterBenchmark(fmt::format("Noise.Normals/cpu/{}", name).c_str(),
-                                 [isa](benchmark::State& st) { normals(st, isa); });
+                                 [isa](benchmark::State& st) { generate<float>(st, isa); });
     benchmark::RegisterBenchmark(fmt::format("Noise.PhiloxWords/cpu/{}", name).c_str(),
-                                 [isa](benchmark::State& st) { words(st, isa); });
+                                 [isa](benchmark::State& st) { generate<std::uint32_t>(st, isa); });
   }
   return true;
 }();

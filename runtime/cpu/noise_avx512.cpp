@@ -131,7 +131,7 @@ ZO2_AVX512 inline void store_interleaved(__m512 a, __m512 b, __m512 c, __m512 d,
 
 }  // namespace
 
-ZO2_AVX512 std::int64_t noise_normals_avx512(std::uint64_t seed, std::uint64_t key, std::uint64_t q0,
+ZO2_AVX512 std::int64_t noise_groups_avx512(std::uint64_t seed, std::uint64_t key, std::uint64_t q0,
                                              std::int64_t n, float* z, NoiseDomain domain) {
   std::int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
@@ -145,7 +145,7 @@ ZO2_AVX512 std::int64_t noise_normals_avx512(std::uint64_t seed, std::uint64_t k
   return j;
 }
 
-ZO2_AVX512 std::int64_t noise_words_avx512(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n,
+ZO2_AVX512 std::int64_t noise_groups_avx512(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n,
                                            std::uint32_t* bits, NoiseDomain domain) {
   std::int64_t j = 0;
   for (; j + 16 <= n; j += 16) {

@@ -62,7 +62,7 @@ inline void store_interleaved(__m256 a, __m256 b, __m256 c, __m256 d, float* out
 }
 #endif
 
-void normals_scalar(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t j, std::int64_t n,
+void scalar_loop(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t j, std::int64_t n,
                     float* z, NoiseDomain domain) {
   for (; j < n; ++j) {
     const Philox4 r = noise_bits(seed, key, q0 + static_cast<std::uint64_t>(j), domain);
@@ -71,7 +71,7 @@ void normals_scalar(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std
   }
 }
 
-void words_scalar(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t j, std::int64_t n,
+void scalar_loop(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t j, std::int64_t n,
                   std::uint32_t* bits, NoiseDomain domain) {
   for (; j < n; ++j) {
     const Philox4 r = noise_bits(seed, key, q0 + static_cast<std::uint64_t>(j), domain);
@@ -83,7 +83,7 @@ void words_scalar(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-std::int64_t normals_avx2(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n, float* z,
+std::int64_t avx2_loop(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n, float* z,
                           NoiseDomain domain) {
   std::int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -97,7 +97,7 @@ std::int64_t normals_avx2(std::uint64_t seed, std::uint64_t key, std::uint64_t q
   return j;
 }
 
-std::int64_t words_avx2(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n,
+std::int64_t avx2_loop(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n,
                         std::uint32_t* bits, NoiseDomain domain) {
   std::int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -109,6 +109,28 @@ std::int64_t words_avx2(std::uint64_t seed, std::uint64_t key, std::uint64_t q0,
   return j;
 }
 #endif
+
+void require_available(NoiseIsa isa) {
+  if (!noise_isa_available(isa))
+    fail(ErrorKind::unsupported, "cpu noise: the {} loop is not available on this build and CPU",
+         noise_isa_name(isa));
+}
+
+// Groups [0, n) with loop `isa` (available): the widest loop takes what it can, AVX2 the
+// AVX-512 loop's remainder of 8 or more groups, the scalar code the rest. T is float
+// (normals) or std::uint32_t (Philox words); four values per group.
+template <class T>
+void generate(NoiseIsa isa, std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n, T* out,
+              NoiseDomain domain) {
+  std::int64_t j = 0;
+#if ZO2_NOISE_AVX512
+  if (isa == NoiseIsa::avx512) j = noise_groups_avx512(seed, key, q0, n, out, domain);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if (isa != NoiseIsa::scalar) j += avx2_loop(seed, key, q0 + static_cast<std::uint64_t>(j), n - j, out + 4 * j, domain);
+#endif
+  scalar_loop(seed, key, q0, j, n, out, domain);
+}
 
 }  // namespace
 
@@ -128,16 +150,6 @@ NoiseIsa noise_isa_from(const char* env) {
     if (noise_isa_available(isa)) return isa;
   return NoiseIsa::scalar;
 }
-
-namespace {
-
-void require_available(NoiseIsa isa) {
-  if (!noise_isa_available(isa))
-    fail(ErrorKind::unsupported, "cpu noise: the {} loop is not available on this build and CPU",
-         noise_isa_name(isa));
-}
-
-}  // namespace
 
 std::string_view noise_isa_name(NoiseIsa isa) {
   switch (isa) {
@@ -175,40 +187,24 @@ NoiseIsa noise_isa() {
 void noise_normals(NoiseIsa isa, std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n,
                    float* z, NoiseDomain domain) {
   require_available(isa);
-  std::int64_t j = 0;
-#if ZO2_NOISE_AVX512
-  if (isa == NoiseIsa::avx512) j = noise_normals_avx512(seed, key, q0, n, z, domain);
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-  // AVX2 also takes the AVX-512 loop's remainder of 8 or more groups.
-  if (isa != NoiseIsa::scalar)
-    j += normals_avx2(seed, key, q0 + static_cast<std::uint64_t>(j), n - j, z + 4 * j, domain);
-#endif
-  normals_scalar(seed, key, q0, j, n, z, domain);
+  generate(isa, seed, key, q0, n, z, domain);
 }
 
 void noise_words(NoiseIsa isa, std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n,
                  std::uint32_t* bits, NoiseDomain domain) {
   require_available(isa);
-  std::int64_t j = 0;
-#if ZO2_NOISE_AVX512
-  if (isa == NoiseIsa::avx512) j = noise_words_avx512(seed, key, q0, n, bits, domain);
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-  if (isa != NoiseIsa::scalar)
-    j += words_avx2(seed, key, q0 + static_cast<std::uint64_t>(j), n - j, bits + 4 * j, domain);
-#endif
-  words_scalar(seed, key, q0, j, n, bits, domain);
+  generate(isa, seed, key, q0, n, bits, domain);
 }
 
+// The process's choice was checked once, when noise_isa() made it.
 void noise_normals(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n, float* z,
                    NoiseDomain domain) {
-  noise_normals(noise_isa(), seed, key, q0, n, z, domain);
+  generate(noise_isa(), seed, key, q0, n, z, domain);
 }
 
 void noise_words(std::uint64_t seed, std::uint64_t key, std::uint64_t q0, std::int64_t n, std::uint32_t* bits,
                  NoiseDomain domain) {
-  noise_words(noise_isa(), seed, key, q0, n, bits, domain);
+  generate(noise_isa(), seed, key, q0, n, bits, domain);
 }
 
 }  // namespace zo2::cpu

@@ -52,11 +52,12 @@ void noise_words(NoiseIsa isa, std::uint64_t seed, std::uint64_t key, std::uint6
                  std::int64_t n, std::uint32_t* bits, NoiseDomain domain);
 
 #if ZO2_NOISE_AVX512
-// Groups [0, r) of the request, r = n rounded down to 16; the caller does the rest
-// (noise_avx512.cpp; call only where noise_isa_available(NoiseIsa::avx512)).
-std::int64_t noise_normals_avx512(std::uint64_t seed, std::uint64_t key, std::uint64_t q0,
+// Normals (float) or Philox words (uint32) of groups [0, r) of the request, r = n rounded
+// down to 16; the caller does the rest (noise_avx512.cpp; call only where
+// noise_isa_available(NoiseIsa::avx512)).
+std::int64_t noise_groups_avx512(std::uint64_t seed, std::uint64_t key, std::uint64_t q0,
                                   std::int64_t n, float* z, NoiseDomain domain);
-std::int64_t noise_words_avx512(std::uint64_t seed, std::uint64_t key, std::uint64_t q0,
+std::int64_t noise_groups_avx512(std::uint64_t seed, std::uint64_t key, std::uint64_t q0,
                                 std::int64_t n, std::uint32_t* bits, NoiseDomain domain);
 #endif
 

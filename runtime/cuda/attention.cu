@@ -256,13 +256,25 @@ void launch_softmax_rows(KernelStream& s, float* scores, std::int64_t rows, std:
   ZO2_CUDA_CHECK_LAUNCH();
 }
 
-// ---- the fused kernel (Note [Fused attention]) ----
-
-namespace fused {
-
 // ZO2_CUDA_ATTENTION: chunked (default; the row softmax where rows fit in registers),
 // chunked-block (the chunked path with the block-per-row softmax everywhere), fused.
 enum class Path { chunked, chunked_block, fused };
+
+// ZO2_CUDA_ATTENTION, read at every call (tests switch it between calls).
+Path path_from_env() {
+  const char* env = std::getenv("ZO2_CUDA_ATTENTION");
+  if (env == nullptr || *env == '\0') return Path::chunked;
+  const std::string_view choice(env);
+  if (choice == "chunked") return Path::chunked;
+  if (choice == "chunked-block") return Path::chunked_block;
+  if (choice == "fused") return Path::fused;
+  throw_unsupported("ZO2_CUDA_ATTENTION='" + std::string(choice) +
+                    "': expected 'chunked', 'chunked-block' or 'fused'");
+}
+
+// ---- the fused kernel (Note [Fused attention]) ----
+
+namespace fused {
 
 constexpr int kBQ = 64;  // query rows per block
 constexpr int kBK = 64;  // keys per tile
@@ -467,18 +479,6 @@ void launch(KernelStream& s, const AttentionArgs& a) {
   ZO2_CUDA_CHECK_LAUNCH();
 }
 
-// ZO2_CUDA_ATTENTION, read at every call (tests switch it between calls).
-Path path_from_env() {
-  const char* env = std::getenv("ZO2_CUDA_ATTENTION");
-  if (env == nullptr || *env == '\0') return Path::chunked;
-  const std::string_view choice(env);
-  if (choice == "chunked") return Path::chunked;
-  if (choice == "chunked-block") return Path::chunked_block;
-  if (choice == "fused") return Path::fused;
-  throw_unsupported("ZO2_CUDA_ATTENTION='" + std::string(choice) +
-                    "': expected 'chunked', 'chunked-block' or 'fused'");
-}
-
 bool aligned16(const Mat& m) {
   return reinterpret_cast<std::uintptr_t>(m.data) % 16 == 0 && m.ld % 8 == 0;
 }
@@ -501,7 +501,7 @@ void attention(KernelStream& s, const AttentionArgs& a) {
   const std::int64_t T = a.seq, D = a.head_dim;
   const std::int64_t pairs = std::int64_t{a.batch} * a.heads;
   if (T == 0 || pairs == 0 || D == 0) return;
-  const fused::Path path = fused::path_from_env();
+  const Path path = path_from_env();
   if (fused::applies(a, path)) {
     dispatch_activation(a.q.dtype, "attention", [&](auto e) {
       using E = decltype(e);
@@ -575,7 +575,7 @@ void attention(KernelStream& s, const AttentionArgs& a) {
       const std::int64_t rows = std::int64_t{n} * nq;
       dispatch_activation(dt, "attention", [&](auto e) {
         using E = decltype(e);
-        if (tk <= kRowMaxKeys && path != fused::Path::chunked_block) {  // Note [Row softmax in registers]
+        if (tk <= kRowMaxKeys && path != Path::chunked_block) {  // Note [Row softmax in registers]
           launch_softmax_rows<E>(s, scores, rows, nq, tk, pa.pair_stride, q0, a.causal, a.key_mask, T,
                                  static_cast<int>(p0), a.heads);
           return;
