@@ -15,12 +15,14 @@
 #   gpu_tests.xml/log  every *Cuda* test (kernels vs CPU twins, Philox bit-identity, golden
 #                      parity fp32/bf16, the scheduler's bitwise invariant on the GPU)
 #   micro_*.json/log   zo2_microbench's CUDA kernels, with the row and the block softmax
+#                      and with the fused attention
 #   bench_*.jsonl/md   zo2-bench at batch 1 × 2048: OPT-1.3B/6.7B/13B resident with the
 #                      PyTorch MeZO baseline where torch imports, OPT-30B resident
 #                      (synthetic); OPT-1.3B, 6.7B, 13B, 30B fully streamed at ZO2's
 #                      footprint with fp16/bf16/fp8 storage; OPT-30B at 6 GB and OPT-175B at
 #                      12 GB (the GPU-memory targets); the 1.3B/6.7B resident rows again
-#                      with the block-per-row softmax (resident_block); a cap sweep for 6.7B
+#                      with the block-per-row softmax (resident_block) and with the fused
+#                      attention kernel (resident_fused); a cap sweep for 6.7B
 #   summary.txt        the tail of each phase
 set -uo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
@@ -37,7 +39,7 @@ budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
 # Which phases to run (they run in the order of the code below; a rerun after a fix names
 # only what it needs):
-phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_175b resident_block micro streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
+phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_175b resident_block resident_fused micro streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -92,16 +94,23 @@ ZO2_GPU_STEPS=1 bench streamed_175b --presets opt-175b --gpu-mem 12G --offload a
 # [Row softmax in registers], runtime/cuda/attention.cu): the same-run measure of its gain.
 ZO2_CUDA_ATTENTION=chunked-block bench resident_block --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
+# And with the register-resident mma.sync kernel of Note [Fused attention] (opt-in; written
+# without a GPU): the same-run measure of whether it should become the default.
+ZO2_CUDA_ATTENTION=fused bench resident_fused --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
+  --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
 # Kernel microbenchmarks on the GPU (Google Benchmark): the attention at 2048 tokens with
-# the row softmax (default) and the block-per-row softmax, GEMM, perturb, update.
+# the row softmax (default), the block-per-row softmax and the fused kernel; GEMM, perturb,
+# update.
 micro() {
   has micro || return 0
-  local start lim path
+  local start lim path filter
   start=$(date +%s)
-  for path in chunked chunked-block; do
+  for path in chunked chunked-block fused; do
     lim=$(limit 40)
     if [ "$lim" -lt 15 ]; then note "micro ($path): skipped, $lim s left before the deadline"; continue; fi
-    ZO2_CUDA_ATTENTION=$path timeout "$lim" zo2_microbench --benchmark_filter='/cuda/' \
+    filter='/cuda/'  # every kernel once; only the attention again for the other two paths
+    [ "$path" = chunked ] || filter='^Kernel\.Attention.*/cuda/'
+    ZO2_CUDA_ATTENTION=$path timeout "$lim" zo2_microbench --benchmark_filter="$filter" \
       --benchmark_min_time=0.05 --benchmark_out_format=json --benchmark_out="$work/micro_$path.json" \
       > "$work/micro_$path.log" 2>&1
     note "micro ($path): rc=$?"

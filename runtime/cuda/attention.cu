@@ -31,25 +31,33 @@
 //
 // Note [Fused attention]
 //   For bf16/fp16 with head_dim 64 or 128 (OPT-1.3B and up, LLaMA) and 16-byte aligned
-//   rows, one kernel does it all in shared memory, flash-attention style: a block takes 64
-//   query rows of one (batch, head); each of its 4 warps owns 16 of them. For every tile of
-//   64 keys up to the block's causal limit, the block stages K and V in shared memory, and
-//   each warp computes S = scale·QKᵀ with tensor-core WMMA (fp32 accumulation), masks
-//   it (causal, key padding, keys past T), keeps its rows' running max m and sum l in fp32
-//   (online softmax: O and l scale by exp(m_old − m_new) when the max grows), rounds
-//   p = exp(s − m) to the input dtype as P, and accumulates O += P·V with WMMA into an fp32
-//   tile in shared memory. At the end O/l is rounded to the input dtype; a row that saw no
-//   key (l = 0) is written as zeros, as on the CPU. Memory is O(tile), never T², and the
-//   result is deterministic: the order of every sum is fixed by the shape. It is the twin
-//   of cpu::attention like the chunked path (tests compare both with the CPU, and with each
-//   other).
-//   It is opt-in (ZO2_CUDA_ATTENTION=fused; "chunked" or unset: the chunked path) because
-//   it did not pay: measured on an H200 (zo2-bench, resident, fp16, 1×2048 tokens, the
-//   same build) it gave OPT-1.3B (head_dim 64) 26.8k tok/s against the chunked 26.2k, and
-//   OPT-6.7B (head_dim 128) 9.7k against 10.7k. This simple WMMA kernel round-trips S and O
-//   through shared memory and runs 4 warps per block (2 blocks per SM at head_dim 128);
-//   a faster one needs register-resident accumulators (mma.sync/wgmma) and pipelined
-//   K/V loads, i.e. FlashAttention-2/3's design.
+//   rows, one kernel does it all, FlashAttention-2 style: a block takes 64 query rows of one
+//   (batch, head); each of its 4 warps owns 16 of them, held as tensor-core A operands in
+//   registers. For every tile of 64 keys up to the block's causal limit, the block stages K
+//   (row-major), Vᵀ and the keys' visibility in shared memory; each warp computes
+//   S = Q·Kᵀ with mma.sync m16n8k16 (fp32 accumulation) into registers, scales and masks
+//   it there (causal, key padding, keys past T), keeps each row's running max m in fp32 and
+//   the lane's share of Σp (online softmax: O and the share scale by exp(m_old − m_new) when
+//   the max grows), rounds p = exp(s − m) to the input dtype as P — the S accumulators of
+//   two 8-key tiles are exactly P's A operand for 16 keys, so P never leaves registers —
+//   and accumulates O += P·V with mma.sync into fp32 registers. At the end each row's four
+//   lanes add their shares (a fixed butterfly) and O/l is rounded to the input dtype; a row
+//   that saw no key (l = 0) is written as zeros, as on the CPU. Memory is O(tile), never T²,
+//   and the result is deterministic: the order of every sum is fixed by the shape. It is the
+//   twin of cpu::attention like the chunked path (tests compare both with the CPU, and with
+//   each other). ptxas (sm_90): 168 registers at head_dim 128, 128 at 64, no spills
+//   beyond 4 bytes.
+//   It is opt-in (ZO2_CUDA_ATTENTION=fused; "chunked" or unset: the chunked path). Its
+//   first version, with WMMA and S, P and O round-tripping through shared memory, did not
+//   pay: measured on an H200 (zo2-bench, resident, fp16, 1×2048 tokens, the same build) it
+//   gave OPT-1.3B (head_dim 64) 26.8k tok/s against the chunked 26.2k, and OPT-6.7B
+//   (head_dim 128) 9.7k against 10.7k. This register-resident version replaced it in a
+//   session without a GPU: NOT YET RUN OR MEASURED ON A GPU. Its lane-level index algebra
+//   was checked by a simulation of every lane's registers against a direct softmax
+//   attention (see the session note); CudaFusedAttentionTest compares it with the CPU and
+//   the chunked path, and scripts/gpu-check.sh's resident_fused phase measures it. Not done
+//   yet: cp.async double buffering of K/V and ldmatrix loads (FlashAttention-2's remaining
+//   steps), both worth doing only once the GPU numbers say the kernel is worth keeping.
 //
 //   In-place P for 16-bit types: P row r is stored at the start of S row r (row stride
 //   2·Tk elements of 2 bytes = Tk floats). The softmax reads the whole row in its first two
@@ -62,7 +70,6 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include <algorithm>
 #include <climits>
@@ -276,22 +283,11 @@ Path path_from_env() {
 
 namespace fused {
 
-constexpr int kBQ = 64;  // query rows per block
+constexpr int kBQ = 64;  // query rows per block: 16 per warp
 constexpr int kBK = 64;  // keys per tile
-constexpr int kWarps = 4;
+constexpr int kWarps = kBQ / 16;
 constexpr int kThreads = kWarps * 32;
-static_assert(kBQ == kBK, "load_tile stages Q, K and V tiles of the same height");
-
-template <class E>
-struct Wmma;  // the type WMMA takes for E's bits
-template <>
-struct Wmma<BF16> {
-  using T = __nv_bfloat16;
-};
-template <>
-struct Wmma<F16> {
-  using T = __half;
-};
+static_assert(kBQ == kBK, "load_rows stages Q and K tiles of the same height");
 
 struct Args {
   const std::uint16_t* q;
@@ -305,31 +301,26 @@ struct Args {
   bool causal;
 };
 
-// Shared-memory layout. Row strides are padded (fewer bank conflicts) and keep every WMMA
-// pointer 32-byte aligned: 16-row blocks and 16-column offsets of each array start at
-// multiples of 32 bytes.
+// Shared memory: Q and K tiles row-major ([row][d], rows padded to D + 8 elements), the V
+// tile transposed ([d][key], rows padded to kBK + 8), and the tile's key visibility. The
+// padding puts the 32 lanes' 4-byte fragment loads (row g = lane/4, column pair lane%4) in
+// 32 different banks: a row of D + 8 or kBK + 8 16-bit elements is 4 banks past the last.
 template <int D>
 struct Layout {
-  static constexpr int kLdh = D + 8;    // 16-bit elements per Q/K/V row
-  static constexpr int kLds = kBK + 4;  // floats per S row
-  static constexpr int kLdp = kBK + 8;  // 16-bit elements per P row
-  static constexpr int kLdo = D + 4;    // floats per O row
+  static constexpr int kLdh = D + 8;    // 16-bit elements per Q/K row
+  static constexpr int kLdv = kBK + 8;  // 16-bit elements per Vᵀ row
   static constexpr std::size_t q = 0;
   static constexpr std::size_t k = q + std::size_t{kBQ} * kLdh * 2;
-  static constexpr std::size_t v = k + std::size_t{kBK} * kLdh * 2;
-  static constexpr std::size_t s = v + std::size_t{kBK} * kLdh * 2;
-  static constexpr std::size_t p = s + std::size_t{kWarps} * 16 * kLds * 4;
-  static constexpr std::size_t o = p + std::size_t{kWarps} * 16 * kLdp * 2;
-  static constexpr std::size_t bytes = o + std::size_t{kWarps} * 16 * kLdo * 4;
-  static_assert(k % 32 == 0 && v % 32 == 0 && s % 32 == 0 && p % 32 == 0 && o % 32 == 0);
-  static_assert((16 * kLdh * 2) % 32 == 0 && (16 * kLds * 4) % 32 == 0 && (16 * kLdp * 2) % 32 == 0 &&
-                (16 * kLdo * 4) % 32 == 0);
+  static constexpr std::size_t vt = k + std::size_t{kBK} * kLdh * 2;
+  static constexpr std::size_t keep = vt + std::size_t{D} * kLdv * 2;
+  static constexpr std::size_t bytes = keep + std::size_t{kBK} * sizeof(int);
+  static_assert(k % 16 == 0 && vt % 16 == 0 && keep % 16 == 0 && (kLdh * 2) % 16 == 0);
 };
 
 // Rows [row0, row0 + 64) of a [seq, D] slice (row stride ld) into shared memory, 16 bytes
 // at a time; rows at or past `rows` are zeros.
 template <int D>
-__device__ __forceinline__ void load_tile(std::uint16_t* dst, const std::uint16_t* src, std::int64_t ld,
+__device__ __forceinline__ void load_rows(std::uint16_t* dst, const std::uint16_t* src, std::int64_t ld,
                                           int row0, int rows) {
   constexpr int kChunks = D / 8;
   for (int c = threadIdx.x; c < kBQ * kChunks; c += kThreads) {
@@ -340,22 +331,67 @@ __device__ __forceinline__ void load_tile(std::uint16_t* dst, const std::uint16_
   }
 }
 
+// The same rows of V stored transposed: dst[d][r] = V[row0 + r][d].
+template <int D>
+__device__ __forceinline__ void load_rows_transposed(std::uint16_t* dst, const std::uint16_t* src, std::int64_t ld,
+                                                     int row0, int rows) {
+  constexpr int kChunks = D / 8;
+  for (int c = threadIdx.x; c < kBK * kChunks; c += kThreads) {
+    const int r = c / kChunks, x = (c % kChunks) * 8;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (row0 + r < rows) val = *reinterpret_cast<const uint4*>(src + static_cast<std::int64_t>(row0 + r) * ld + x);
+    const std::uint32_t w[4] = {val.x, val.y, val.z, val.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      dst[(x + 2 * i) * Layout<D>::kLdv + r] = static_cast<std::uint16_t>(w[i] & 0xffffu);
+      dst[(x + 2 * i + 1) * Layout<D>::kLdv + r] = static_cast<std::uint16_t>(w[i] >> 16);
+    }
+  }
+}
+
+// Two adjacent 16-bit elements as one register (the lower column in the low half, as mma
+// operands take them).
+__device__ __forceinline__ std::uint32_t ld32(const std::uint16_t* p) {
+  return *reinterpret_cast<const std::uint32_t*>(p);
+}
+template <class E>
+__device__ __forceinline__ std::uint32_t pack(float lo, float hi) {
+  return static_cast<std::uint32_t>(E::store(lo)) | (static_cast<std::uint32_t>(E::store(hi)) << 16);
+}
+
+// C (16×8, fp32) += A (16×16) · B (16×8), one warp: mma.sync m16n8k16, fp32 accumulation.
+// Operand layout (PTX ISA, "Matrix fragments for mma.m16n8k16"), g = lane / 4, c = lane % 4:
+//   A: a0 = (row g, cols 2c, 2c+1), a1 = (g + 8, 2c..), a2 = (g, 2c+8..), a3 = (g + 8, 2c+8..)
+//   B: b0 = (rows k = 2c, 2c+1; col g), b1 = (k = 2c+8, 2c+9; col g)
+//   C: c0, c1 = (row g, cols 2c, 2c+1), c2, c3 = (row g + 8, cols 2c, 2c+1)
+template <class E>
+__device__ __forceinline__ void mma(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  if constexpr (std::is_same_v<E, BF16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    static_assert(std::is_same_v<E, F16>);
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
 template <class E, int D>
 __global__ void __launch_bounds__(kThreads) flash_attention_kernel(Args a) {
-  using namespace nvcuda;
-  using W = typename Wmma<E>::T;
   using L = Layout<D>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   auto* sq = reinterpret_cast<std::uint16_t*>(smem + L::q);
   auto* sk = reinterpret_cast<std::uint16_t*>(smem + L::k);
-  auto* sv = reinterpret_cast<std::uint16_t*>(smem + L::v);
+  auto* svt = reinterpret_cast<std::uint16_t*>(smem + L::vt);
+  auto* skeep = reinterpret_cast<int*>(smem + L::keep);
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  float* ss = reinterpret_cast<float*>(smem + L::s) + warp * 16 * L::kLds;
-  auto* sp = reinterpret_cast<std::uint16_t*>(smem + L::p) + warp * 16 * L::kLdp;
-  float* so = reinterpret_cast<float*>(smem + L::o) + warp * 16 * L::kLdo;
+  const int g = lane >> 2, c = lane & 3;
   const float kNegInf = -__int_as_float(0x7f800000);
 
-  const int q0 = static_cast<int>(blockIdx.x) * kBQ, h = static_cast<int>(blockIdx.y);
+  // Causal blocks near the end see the most keys: start them first.
+  const int q0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * kBQ, h = static_cast<int>(blockIdx.y);
   const std::int64_t row_base = static_cast<std::int64_t>(blockIdx.z) * a.seq;
   const int kvh = h / a.group;
   const std::uint16_t* q = a.q + row_base * a.ldq + static_cast<std::int64_t>(h) * D;
@@ -363,91 +399,112 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(Args a) {
   const std::uint16_t* v = a.v + row_base * a.ldv + static_cast<std::int64_t>(kvh) * D;
   const std::int32_t* mask = a.mask != nullptr ? a.mask + row_base : nullptr;
 
-  load_tile<D>(sq, q, a.ldq, q0, a.seq);
-  for (int i = lane; i < 16 * L::kLdo; i += 32) so[i] = 0.0f;
-  // Lane pair (2r, 2r + 1) owns row r of the warp's 16: query t; each lane half its columns.
-  const int r = lane >> 1, half = lane & 1;
-  const int t = q0 + warp * 16 + r;
-  float m = kNegInf, l = 0.0f;
+  // The warp's 16 query rows as A operands, kept in registers for every key tile.
+  load_rows<D>(sq, q, a.ldq, q0, a.seq);
   __syncthreads();
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> qf[D / 16];
+  std::uint32_t qf[D / 16][4];
+  {
+    const std::uint16_t* r0 = sq + (warp * 16 + g) * L::kLdh + 2 * c;
+    const std::uint16_t* r8 = r0 + 8 * L::kLdh;
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    wmma::load_matrix_sync(qf[kk], reinterpret_cast<const W*>(sq + warp * 16 * L::kLdh + kk * 16), L::kLdh);
+    for (int kk = 0; kk < D / 16; ++kk) {
+      qf[kk][0] = ld32(r0 + 16 * kk);
+      qf[kk][1] = ld32(r8 + 16 * kk);
+      qf[kk][2] = ld32(r0 + 16 * kk + 8);
+      qf[kk][3] = ld32(r8 + 16 * kk + 8);
+    }
+  }
+  // This lane's rows: t[0] = query of row g, t[1] = of row g + 8; their running max m, and
+  // l = this lane's part of Σp (its columns 2c, 2c+1 of every 8), summed over the row's four
+  // lanes at the end. O accumulates in registers: o[n] holds columns 8n + 2c, 8n + 2c + 1.
+  const int t[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  float m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
 
   const int key_end = a.causal ? min(q0 + kBQ, a.seq) : a.seq;  // keys [0, key_end) matter
   for (int k0 = 0; k0 < key_end; k0 += kBK) {
-    __syncthreads();  // every warp is done with the previous tile's K and V
-    load_tile<D>(sk, k, a.ldk, k0, a.seq);
-    load_tile<D>(sv, v, a.ldv, k0, a.seq);
+    __syncthreads();  // every warp is done with the previous tile (and with sq)
+    load_rows<D>(sk, k, a.ldk, k0, a.seq);
+    load_rows_transposed<D>(svt, v, a.ldv, k0, a.seq);
+    for (int j = static_cast<int>(threadIdx.x); j < kBK; j += kThreads)
+      skeep[j] = k0 + j < a.seq && (mask == nullptr || mask[k0 + j] != 0);
     __syncthreads();
-    // S = Q·Kᵀ for the warp's 16 rows: Kᵀ is K's row-major tile read as column-major.
+    // S = Q·Kᵀ: n-tile n covers keys k0 + 8n … + 7; B[k = d][n = key] = K[key][d], so b0/b1
+    // are two adjacent d of K row 8n + g.
+    float s[kBK / 8][4];
 #pragma unroll
-    for (int n = 0; n < kBK / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
-      wmma::fill_fragment(sf, 0.0f);
+    for (int n = 0; n < kBK / 8; ++n) {
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+      const std::uint16_t* kr = sk + (8 * n + g) * L::kLdh + 2 * c;
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> kf;
-        wmma::load_matrix_sync(kf, reinterpret_cast<const W*>(sk + n * 16 * L::kLdh + kk * 16), L::kLdh);
-        wmma::mma_sync(sf, qf[kk], kf, sf);
+      for (int kk = 0; kk < D / 16; ++kk) mma<E>(s[n], qf[kk], ld32(kr + 16 * kk), ld32(kr + 16 * kk + 8));
+    }
+    // Scale and mask (causal, key padding, keys past T); the tile's row max over the four
+    // lanes of the row (lanes 4g … 4g + 3: xor 1 and 2).
+    float tile_max[2] = {kNegInf, kNegInf};
+#pragma unroll
+    for (int n = 0; n < kBK / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, j = 8 * n + 2 * c + (e & 1);
+        const bool visible = skeep[j] != 0 && (!a.causal || k0 + j <= t[r]);
+        s[n][e] = visible ? __fmul_rn(s[n][e], a.scale) : kNegInf;
+        tile_max[r] = fmaxf(tile_max[r], s[n][e]);
       }
-      wmma::store_matrix_sync(ss + n * 16, sf, L::kLds, wmma::mem_row_major);
     }
-    __syncwarp();
-    // Online softmax of row r over this tile's columns [32·half, 32·half + 32).
-    const float* srow = ss + r * L::kLds + half * 32;
-    float sc[32];
-    float tile_max = kNegInf;
+    float corr[2];
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int key = k0 + half * 32 + j;
-      const bool visible = t < a.seq && key < a.seq && (!a.causal || key <= t) && (mask == nullptr || mask[key] != 0);
-      sc[j] = visible ? __fmul_rn(srow[j], a.scale) : kNegInf;
-      tile_max = fmaxf(tile_max, sc[j]);
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float m_new = fmaxf(m[r], tile_max[r]);
+      corr[r] = m_new == kNegInf ? 1.0f : expf(__fsub_rn(m[r], m_new));  // m = −inf: 0
+      m[r] = m_new;
+      l[r] = __fmul_rn(l[r], corr[r]);
     }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-    const float m_new = fmaxf(m, tile_max);
-    const float corr = m_new == kNegInf ? 1.0f : expf(__fsub_rn(m, m_new));  // m = −inf: 0
-    float psum = 0.0f;
-    std::uint16_t* prow = sp + r * L::kLdp + half * 32;
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const float pj = sc[j] == kNegInf ? 0.0f : expf(__fsub_rn(sc[j], m_new));
-      psum = __fadd_rn(psum, pj);
-      prow[j] = E::store(pj);
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] = __fmul_rn(o[n][0], corr[0]);
+      o[n][1] = __fmul_rn(o[n][1], corr[0]);
+      o[n][2] = __fmul_rn(o[n][2], corr[1]);
+      o[n][3] = __fmul_rn(o[n][3], corr[1]);
     }
-    psum = __fadd_rn(psum, __shfl_xor_sync(0xffffffffu, psum, 1));
-    l = __fadd_rn(__fmul_rn(l, corr), psum);
-    m = m_new;
-    float* orow = so + r * L::kLdo + half * (D / 2);
-#pragma unroll 8
-    for (int c = 0; c < D / 2; ++c) orow[c] = __fmul_rn(orow[c], corr);
-    __syncwarp();
-    // O += P·V.
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> pf[kBK / 16];
+    // p = exp(s − m) (0 where masked), summed unrounded into l and rounded to E as P. The
+    // S accumulators of n-tiles 2j and 2j + 1 are exactly the A operand of keys 16j … 16j + 15.
+    std::uint32_t pf[kBK / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk)
-      wmma::load_matrix_sync(pf[kk], reinterpret_cast<const W*>(sp + kk * 16), L::kLdp);
+    for (int n = 0; n < kBK / 8; ++n) {
 #pragma unroll
-    for (int n = 0; n < D / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
-      wmma::load_matrix_sync(of, so + n * 16, L::kLdo, wmma::mem_row_major);
-#pragma unroll
-      for (int kk = 0; kk < kBK / 16; ++kk) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::row_major> vf;
-        wmma::load_matrix_sync(vf, reinterpret_cast<const W*>(sv + kk * 16 * L::kLdh + n * 16), L::kLdh);
-        wmma::mma_sync(of, pf[kk], vf, of);
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        s[n][e] = s[n][e] == kNegInf ? 0.0f : expf(__fsub_rn(s[n][e], m[r]));
+        l[r] = __fadd_rn(l[r], s[n][e]);
       }
-      wmma::store_matrix_sync(so + n * 16, of, L::kLdo, wmma::mem_row_major);
+      pf[n / 2][(n % 2) * 2 + 0] = pack<E>(s[n][0], s[n][1]);
+      pf[n / 2][(n % 2) * 2 + 1] = pack<E>(s[n][2], s[n][3]);
     }
-    __syncwarp();
+    // O += P·V: B[k = key][n = d] = V[key][d] = Vᵀ[d][key], so b0/b1 are two adjacent keys
+    // of Vᵀ row 8n + g.
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const std::uint16_t* vr = svt + (8 * n + g) * L::kLdv + 2 * c;
+#pragma unroll
+      for (int j = 0; j < kBK / 16; ++j) mma<E>(o[n], pf[j], ld32(vr + 16 * j), ld32(vr + 16 * j + 8));
+    }
   }
-  if (t < a.seq) {
-    const float inv = l > 0.0f ? __fdiv_rn(1.0f, l) : 0.0f;
-    std::uint16_t* o = a.out + (row_base + t) * a.ldo + static_cast<std::int64_t>(h) * D + half * (D / 2);
-    const float* orow = so + r * L::kLdo + half * (D / 2);
-    for (int c = 0; c < D / 2; ++c) o[c] = E::store(__fmul_rn(orow[c], inv));
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] = __fadd_rn(l[r], __shfl_xor_sync(0xffffffffu, l[r], 1));
+    l[r] = __fadd_rn(l[r], __shfl_xor_sync(0xffffffffu, l[r], 2));
+    if (t[r] >= a.seq) continue;
+    const float inv = l[r] > 0.0f ? __fdiv_rn(1.0f, l[r]) : 0.0f;  // no visible key: zeros
+    std::uint16_t* out = a.out + (row_base + t[r]) * a.ldo + static_cast<std::int64_t>(h) * D + 2 * c;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<std::uint32_t*>(out + 8 * n) =
+          pack<E>(__fmul_rn(o[n][2 * r], inv), __fmul_rn(o[n][2 * r + 1], inv));
   }
 }
 
