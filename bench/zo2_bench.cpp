@@ -250,6 +250,12 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
     row["streamed_blocks"] = pl.streamed;
     row["window"] = pl.window;
     row["device_name"] = s.device().name();  // the GPU, or the CPU's threads and noise loop
+    // The kernel switches the row ran with (only those set), so rows of one sweep run with
+    // different choices stay apart.
+    json kernel_env = json::object();
+    for (const char* var : {"ZO2_CUDA_ATTENTION", "ZO2_CUDA_GEMM_EPILOGUE", "ZO2_CPU_NOISE"})
+      if (const char* v = std::getenv(var); v != nullptr && *v != '\0') kernel_env[var] = v;
+    row["kernel_env"] = kernel_env;
     row["device_peak_bytes"] = s.device_peak();
     row["driver_used_bytes"] = s.device().driver_used_bytes();
     row["pinned_host_bytes"] = s.device().pinned_host_bytes();

@@ -162,21 +162,21 @@ ModelGraph::Views ModelGraph::vector(Ops& ops, Stream& s, const StoredTensor* w,
 }
 
 void ModelGraph::linear(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias,
-                        Mat Branch::*in, Mat Branch::*out, const NoiseArgs* noise, int nb) {
+                        Mat Branch::*in, Mat Branch::*out, const NoiseArgs* noise, int nb, bool relu) {
   const StoredTensor& w = ws.at(weight);
+  // The bias first: each output tile's op adds its slice of it (and applies the ReLU).
+  const StoredTensor* bt = ws.find(bias);
+  const Views bv = vector(ops, s, bt, noise, 0);
+  const auto esize = static_cast<std::int64_t>(dtype_size(compute_));
   const std::int64_t tile = tile_rows(w);
   for (std::int64_t r0 = 0; r0 < w.rows; r0 += tile) {
     const std::int64_t r1 = std::min(w.rows, r0 + tile);
     const Views v = materialize(ops, s, w, r0, r1, noise, weight_scratch_[0], weight_scratch_[1]);
     for (int b = 0; b < nb; ++b) {
       Branch& br = branches_[static_cast<std::size_t>(b)];
-      ops.gemm(s, br.*in, false, v.w[b], true, (br.*out).cols_range(r0, r1), 1.0f, 0.0f);
+      const void* bias_tile = bt ? static_cast<const char*>(bv.w[b].data) + r0 * esize : nullptr;
+      ops.linear(s, br.*in, v.w[b], (br.*out).cols_range(r0, r1), bias_tile, relu);
     }
-  }
-  if (const StoredTensor* bt = ws.find(bias)) {
-    const Views v = vector(ops, s, bt, noise, 0);
-    for (int b = 0; b < nb; ++b)
-      ops.add_bias(s, branches_[static_cast<std::size_t>(b)].*out, v.w[b].data);
   }
 }
 
@@ -278,8 +278,7 @@ void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView&
   if (pre) norm(ops, s, w, Role::mlp_norm_w, Role::mlp_norm_b, &Branch::hidden, &Branch::x, noise, nb);
   else mlp_in = &Branch::hidden;
   if (opt) {
-    linear(ops, s, w, Role::fc1_w, Role::fc1_b, mlp_in, &Branch::m1, noise, nb);
-    for (int i = 0; i < nb; ++i) ops.relu(s, branches_[static_cast<std::size_t>(i)].m1);
+    linear(ops, s, w, Role::fc1_w, Role::fc1_b, mlp_in, &Branch::m1, noise, nb, /*relu=*/true);
     linear(ops, s, w, Role::fc2_w, Role::fc2_b, &Branch::m1, &Branch::x, noise, nb);
   } else {
     linear(ops, s, w, Role::gate_w, Role::gate_b, mlp_in, &Branch::m1, noise, nb);

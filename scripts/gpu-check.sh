@@ -22,7 +22,8 @@
 #                      footprint with fp16/bf16/fp8 storage; OPT-30B at 6 GB and OPT-175B at
 #                      12 GB (the GPU-memory targets); the 1.3B/6.7B resident rows again
 #                      with the block-per-row softmax (resident_block) and with the fused
-#                      attention kernel (resident_fused); a cap sweep for 6.7B
+#                      attention kernel (resident_fused) and with the GEMM epilogues
+#                      (resident_epilogue); a cap sweep for 6.7B
 #   summary.txt        the tail of each phase
 set -uo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
@@ -39,7 +40,7 @@ budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
 # Which phases to run (they run in the order of the code below; a rerun after a fix names
 # only what it needs):
-phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_175b resident_block resident_fused micro streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
+phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_175b resident_block resident_fused resident_epilogue micro streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -97,6 +98,10 @@ ZO2_CUDA_ATTENTION=chunked-block bench resident_block --presets opt-1.3b,opt-6.7
 # And with the register-resident mma.sync kernel of Note [Fused attention] (opt-in; written
 # without a GPU): the same-run measure of whether it should become the default.
 ZO2_CUDA_ATTENTION=fused bench resident_fused --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
+  --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
+# And with the bias and ReLU in cuBLASLt epilogues (Note [GEMM epilogues], runtime/cuda/
+# gemm.cpp; opt-in, written without a GPU).
+ZO2_CUDA_GEMM_EPILOGUE=1 bench resident_epilogue --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
 # Kernel microbenchmarks on the GPU (Google Benchmark): the attention at 2048 tokens with
 # the row softmax (default), the block-per-row softmax and the fused kernel; GEMM, perturb,

@@ -644,6 +644,90 @@ INSTANTIATE_TEST_SUITE_P(Narrow, CudaNarrowTest, ::testing::Values(DType::bf16, 
                            return std::string(dtype_name(info.param));
                          });
 
+// ---- the linear layer, with and without the cuBLASLt epilogue (Note [GEMM epilogues]) ----
+
+// Sets ZO2_CUDA_GEMM_EPILOGUE for one scope (the CUDA backend reads it at every call).
+class GemmEpilogue {
+ public:
+  explicit GemmEpilogue(const char* value) { ::setenv("ZO2_CUDA_GEMM_EPILOGUE", value, 1); }
+  ~GemmEpilogue() { ::unsetenv("ZO2_CUDA_GEMM_EPILOGUE"); }
+  GemmEpilogue(const GemmEpilogue&) = delete;
+  GemmEpilogue& operator=(const GemmEpilogue&) = delete;
+};
+
+class CudaLinearTest : public CudaTest, public ::testing::WithParamInterface<DType> {};
+
+TEST_P(CudaLinearTest, LinearMatchesTheCpuTwinOnEveryTileWithAndWithoutTheEpilogue) {
+  const DType dt = GetParam();
+  // x [67, 200] (row stride 208) times a weight of 300 rows in three row tiles of 128, 128
+  // and 44 — as models/graph.cpp tiles them — into column slices of y (row stride 320;
+  // columns 300..319 must stay untouched).
+  const std::int64_t M = 67, K = 200, N = 300, ldx = 208, ldy = 320;
+  const auto x = rounded(random_floats(static_cast<std::size_t>(M * ldx), 61), dt);
+  const auto w = rounded(random_floats(static_cast<std::size_t>(N * K), 62, 0.1f), dt);
+  const auto b = rounded(random_floats(static_cast<std::size_t>(N), 63), dt);
+  DeviceBuffer dx = upload_as(x, dt), dw = upload_as(w, dt), db = upload_as(b, dt);
+  const std::size_t esize = dtype_size(dt);
+  struct Case {
+    bool bias, relu;
+  };
+  for (const Case c : {Case{true, false}, Case{true, true}, Case{false, true}}) {
+    // The CPU twin in fp32 on the same (rounded) inputs: gemm, add_bias, relu.
+    std::vector<float> ref(static_cast<std::size_t>(M * N));
+    auto hx = x, hw = w, hb = b;
+    const Mat href = Mat::dense(ref.data(), DType::f32, M, N);
+    cpu::gemm(Mat{hx.data(), DType::f32, M, K, ldx}, false, Mat::dense(hw.data(), DType::f32, N, K), true, href, 1.0f,
+              0.0f);
+    if (c.bias) cpu::add_bias(href, hb.data());
+    if (c.relu) cpu::relu(href);
+    std::vector<std::vector<std::uint8_t>> outs;
+    for (const char* epilogue : {"0", "1", "1"}) {  // the epilogue twice: the same bits
+      GemmEpilogue use(epilogue);
+      DeviceBuffer dy = upload_as(std::vector<float>(static_cast<std::size_t>(M * ldy), 7.0f), dt);
+      const Mat y{dy.data(), dt, M, N, ldy};
+      for (std::int64_t r0 = 0; r0 < N; r0 += 128) {
+        const std::int64_t r1 = std::min(N, r0 + 128);
+        const Mat wt = Mat::dense(static_cast<char*>(dw.data()) + r0 * K * static_cast<std::int64_t>(esize), dt,
+                                  r1 - r0, K);
+        const void* bt = c.bias ? static_cast<const char*>(db.data()) + r0 * static_cast<std::int64_t>(esize) : nullptr;
+        ops().linear(*stream, Mat{dx.data(), dt, M, K, ldx}, wt, y.cols_range(r0, r1), bt, c.relu);
+      }
+      const auto got = download_as(dy.data(), static_cast<std::size_t>(M * ldy), dt);
+      std::vector<float> dense;
+      for (std::int64_t i = 0; i < M; ++i) {
+        for (std::int64_t j = 0; j < N; ++j) dense.push_back(got[static_cast<std::size_t>(i * ldy + j)]);
+        for (std::int64_t j = N; j < ldy; ++j) ASSERT_EQ(got[static_cast<std::size_t>(i * ldy + j)], 7.0f) << "wrote past N";
+      }
+      EXPECT_LT(max_rel_err(dense, ref), dt == DType::f32 ? 1e-5 : tolerance(dt))
+          << "epilogue " << epilogue << " bias " << c.bias << " relu " << c.relu << " " << dtype_name(dt);
+      if (c.relu) {
+        for (float v : dense) ASSERT_GE(v, 0.0f);
+      }
+      outs.push_back(download<std::uint8_t>(dy.data(), static_cast<std::size_t>(M * ldy) * esize));
+    }
+    EXPECT_EQ(outs[1], outs[2]) << "the epilogue path is not deterministic";
+  }
+}
+
+TEST_P(CudaLinearTest, AnUnknownEpilogueSwitchIsRefusedByName) {
+  const DType dt = GetParam();
+  DeviceBuffer dx = zeros(64 * 64 * dtype_size(dt)), dw = zeros(64 * 64 * dtype_size(dt)),
+               dy = zeros(64 * 64 * dtype_size(dt)), db = zeros(64 * dtype_size(dt));
+  GemmEpilogue bad("maybe");
+  try {
+    ops().linear(*stream, Mat::dense(dx.data(), dt, 64, 64), Mat::dense(dw.data(), dt, 64, 64),
+                 Mat::dense(dy.data(), dt, 64, 64), db.data(), false);
+    ADD_FAILURE() << "ZO2_CUDA_GEMM_EPILOGUE=maybe was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("ZO2_CUDA_GEMM_EPILOGUE='maybe'"), std::string::npos) << e.what();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, CudaLinearTest, ::testing::Values(DType::f32, DType::bf16, DType::f16),
+                         [](const ::testing::TestParamInfo<DType>& info) {
+                           return std::string(dtype_name(info.param));
+                         });
+
 // ---- attention on a long sequence ----
 
 struct AttentionProblem {

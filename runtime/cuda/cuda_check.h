@@ -13,6 +13,7 @@
 // format strings, so the .cu files format nothing and the messages are built in
 // cuda_check.cpp.
 #pragma once
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -88,8 +89,14 @@ struct BlasTraits {
   static void destroy(type h) noexcept { (void)cublasDestroy(h); }
 };
 
+struct BlasLtTraits {
+  using type = cublasLtHandle_t;
+  static void destroy(type h) noexcept { (void)cublasLtDestroy(h); }
+};
+
 using StreamHandle = Handle<StreamTraits>;
 using EventHandle = Handle<EventTraits>;
 using BlasHandle = Handle<BlasTraits>;
+using BlasLtHandle = Handle<BlasLtTraits>;
 
 }  // namespace zo2::cuda

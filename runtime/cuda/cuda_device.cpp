@@ -275,6 +275,21 @@ cublasHandle_t CudaStream::blas() {
   return blas_.get();
 }
 
+cublasLtHandle_t CudaStream::blas_lt() {
+  if (blas_lt_) return blas_lt_.get();
+  use_device(state_->index);
+  cublasLtHandle_t h = nullptr;
+  ZO2_CUDA_CHECK(cublasLtCreate(&h));
+  blas_lt_ = BlasLtHandle(h);
+  return blas_lt_.get();
+}
+
+void* CudaStream::blas_workspace(std::size_t* bytes) {
+  blas();  // made with the handle
+  *bytes = blas_workspace_.bytes();
+  return blas_workspace_.data();
+}
+
 void* CudaStream::scratch(std::size_t bytes) {
   if (scratch_ && scratch_.bytes() >= bytes) return scratch_.data();
   if (scratch_) {

@@ -90,6 +90,8 @@ class CudaStream final : public Stream, public KernelStream {
   cudaStream_t stream() const override { return stream_.get(); }
   int sm_count() const override { return state_->sm_count; }
   cublasHandle_t blas() override;
+  cublasLtHandle_t blas_lt() override;
+  void* blas_workspace(std::size_t* bytes) override;
   void* scratch(std::size_t bytes) override;
 
   int device() const { return state_->index; }
@@ -103,6 +105,7 @@ class CudaStream final : public Stream, public KernelStream {
   std::shared_ptr<HostErrorSlot> host_error_ = std::make_shared<HostErrorSlot>();
   DeviceBuffer blas_workspace_;
   BlasHandle blas_;
+  BlasLtHandle blas_lt_;
   DeviceBuffer scratch_;
   // Busy-time spans (Note [Stream busy time]): pairs of timing events recorded on this
   // stream, read and returned to the pool by take_busy_seconds().

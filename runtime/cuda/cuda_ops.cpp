@@ -47,6 +47,17 @@ class CudaOps final : public Ops {
     cuda::gemm(enter(s), a, ta, b, tb, c, alpha, beta);
   }
 
+  // Note [GEMM epilogues] (runtime/cuda/gemm.cpp): fused where asked for and possible.
+  void linear(Stream& s, const Mat& x, const Mat& w, const Mat& y, const void* bias, bool relu) override {
+    if ((bias != nullptr || relu) && gemm_epilogue_enabled()) {
+      check_mat(x, "linear", "x");
+      check_mat(w, "linear", "w");
+      check_mat(y, "linear", "y");
+      if (cuda::linear_epilogue(enter(s), x, w, y, bias, relu)) return;
+    }
+    Ops::linear(s, x, w, y, bias, relu);
+  }
+
   void add_bias(Stream& s, const Mat& y, const void* bias) override {
     check_mat(y, "add_bias", "y");
     if (bias == nullptr && y.cols > 0) fail(ErrorKind::internal, "cuda add_bias: no bias");

@@ -7,6 +7,7 @@
 #pragma once
 #include "runtime/ops.h"
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -23,6 +24,10 @@ class KernelStream {
   // The stream's own cuBLAS handle (created on first use, bound to the stream, with its
   // workspace taken from the arena).
   virtual cublasHandle_t blas() = 0;
+  // The stream's cuBLASLt handle (created on first use) and the same workspace as blas()'s:
+  // stream order serializes their use.
+  virtual cublasLtHandle_t blas_lt() = 0;
+  virtual void* blas_workspace(std::size_t* bytes) = 0;
   // At least `bytes` of device memory owned by the stream, taken from the arena. Work
   // enqueued on this stream may use it until the next scratch() call of a later op:
   // stream order makes the reuse safe. Growing it waits for the stream's earlier work.
@@ -39,6 +44,11 @@ int grid_blocks(const KernelStream& s, std::int64_t items, int threads);
 // gemm.cpp (cuBLAS)
 void gemm(KernelStream& s, const Mat& a, bool trans_a, const Mat& b, bool trans_b,
           const Mat& c, float alpha, float beta);
+// Whether ZO2_CUDA_GEMM_EPILOGUE asks for the fused linear layer (read at every call).
+bool gemm_epilogue_enabled();
+// y = x·wᵀ + bias (then ReLU) as one cuBLASLt matmul with an epilogue (Note [GEMM
+// epilogues]); false, having enqueued nothing, where cuBLASLt offers no algorithm for it.
+bool linear_epilogue(KernelStream& s, const Mat& x, const Mat& w, const Mat& y, const void* bias, bool relu);
 // elementwise.cu
 void add_bias(KernelStream& s, const Mat& y, const void* bias);
 void add(KernelStream& s, const Mat& y, const Mat& x);
