@@ -646,13 +646,17 @@ INSTANTIATE_TEST_SUITE_P(Narrow, CudaNarrowTest, ::testing::Values(DType::bf16, 
 
 // ---- the linear layer, with and without the cuBLASLt epilogue (Note [GEMM epilogues]) ----
 
-// Sets ZO2_CUDA_GEMM_EPILOGUE for one scope (the CUDA backend reads it at every call).
-class GemmEpilogue {
+// Sets a kernel switch (ZO2_CUDA_ATTENTION, ZO2_CUDA_GEMM_EPILOGUE) for one scope; the CUDA
+// backend reads them at every call.
+class ScopedEnv {
  public:
-  explicit GemmEpilogue(const char* value) { ::setenv("ZO2_CUDA_GEMM_EPILOGUE", value, 1); }
-  ~GemmEpilogue() { ::unsetenv("ZO2_CUDA_GEMM_EPILOGUE"); }
-  GemmEpilogue(const GemmEpilogue&) = delete;
-  GemmEpilogue& operator=(const GemmEpilogue&) = delete;
+  ScopedEnv(const char* name, const char* value) : name_(name) { ::setenv(name, value, 1); }
+  ~ScopedEnv() { ::unsetenv(name_); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
 };
 
 class CudaLinearTest : public CudaTest, public ::testing::WithParamInterface<DType> {};
@@ -682,7 +686,7 @@ TEST_P(CudaLinearTest, LinearMatchesTheCpuTwinOnEveryTileWithAndWithoutTheEpilog
     if (c.relu) cpu::relu(href);
     std::vector<std::vector<std::uint8_t>> outs;
     for (const char* epilogue : {"0", "1", "1"}) {  // the epilogue twice: the same bits
-      GemmEpilogue use(epilogue);
+      ScopedEnv use("ZO2_CUDA_GEMM_EPILOGUE", epilogue);
       DeviceBuffer dy = upload_as(std::vector<float>(static_cast<std::size_t>(M * ldy), 7.0f), dt);
       const Mat y{dy.data(), dt, M, N, ldy};
       for (std::int64_t r0 = 0; r0 < N; r0 += 128) {
@@ -713,7 +717,7 @@ TEST_P(CudaLinearTest, AnUnknownEpilogueSwitchIsRefusedByName) {
   const DType dt = GetParam();
   DeviceBuffer dx = zeros(64 * 64 * dtype_size(dt)), dw = zeros(64 * 64 * dtype_size(dt)),
                dy = zeros(64 * 64 * dtype_size(dt)), db = zeros(64 * dtype_size(dt));
-  GemmEpilogue bad("maybe");
+  ScopedEnv bad("ZO2_CUDA_GEMM_EPILOGUE", "maybe");
   try {
     ops().linear(*stream, Mat::dense(dx.data(), dt, 64, 64), Mat::dense(dw.data(), dt, 64, 64),
                  Mat::dense(dy.data(), dt, 64, 64), db.data(), false);
@@ -801,14 +805,6 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, CudaAttentionTest, ::testing::Values(DType::f32
 
 // ---- the fused kernel (Note [Fused attention]) and the chunked path, side by side ----
 
-// Sets ZO2_CUDA_ATTENTION for one scope (the CUDA backend reads it at every call).
-class AttentionPath {
- public:
-  explicit AttentionPath(const char* value) { ::setenv("ZO2_CUDA_ATTENTION", value, 1); }
-  ~AttentionPath() { ::unsetenv("ZO2_CUDA_ATTENTION"); }
-  AttentionPath(const AttentionPath&) = delete;
-  AttentionPath& operator=(const AttentionPath&) = delete;
-};
 
 struct FusedCase {
   int batch, seq, heads, kv_heads, head_dim;
@@ -839,7 +835,7 @@ TEST_P(CudaFusedAttentionTest, FusedAndChunkedMatchTheCpuForEveryShape) {
     // chunked: the row softmax of Note [Row softmax in registers]; chunked-block: the
     // block-per-row softmax it replaced for rows of up to 2048 keys.
     for (const char* path : {"fused", "chunked", "chunked-block"}) {
-      AttentionPath use(path);
+      ScopedEnv use("ZO2_CUDA_ATTENTION", path);
       DeviceBuffer dout = upload_as(std::vector<float>(p.q.size(), 7.0f), dt);  // garbage to overwrite
       AttentionArgs dev = attention_args(p, dq.data(), dk.data(), dv.data(), dout.data(), dm.as<std::int32_t>(), dt);
       dev.causal = c.causal;
@@ -867,13 +863,13 @@ TEST_P(CudaFusedAttentionTest, FusedKernelIsDeterministicAndItsSwitchIsChecked) 
   const std::size_t bytes = p.q.size() * dtype_size(dt);
   std::vector<std::vector<std::uint8_t>> runs;
   for (int run = 0; run < 2; ++run) {
-    AttentionPath use("fused");
+    ScopedEnv use("ZO2_CUDA_ATTENTION", "fused");
     DeviceBuffer out = zeros(bytes);
     ops().attention(*stream, attention_args(p, dq.data(), dk.data(), dv.data(), out.data(), dm.as<std::int32_t>(), dt));
     runs.push_back(download<std::uint8_t>(out.data(), bytes));
   }
   EXPECT_EQ(runs[0], runs[1]);
-  AttentionPath bad("flash");
+  ScopedEnv bad("ZO2_CUDA_ATTENTION", "flash");
   DeviceBuffer out = zeros(bytes);
   try {
     ops().attention(*stream, attention_args(p, dq.data(), dk.data(), dv.data(), out.data(), dm.as<std::int32_t>(), dt));

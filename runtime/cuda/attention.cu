@@ -287,7 +287,7 @@ constexpr int kBQ = 64;  // query rows per block: 16 per warp
 constexpr int kBK = 64;  // keys per tile
 constexpr int kWarps = kBQ / 16;
 constexpr int kThreads = kWarps * 32;
-static_assert(kBQ == kBK, "load_rows stages Q and K tiles of the same height");
+static_assert(kBQ == kBK, "load_rows stages Q, K and V tiles of the same height");
 
 struct Args {
   const std::uint16_t* q;
@@ -318,8 +318,9 @@ struct Layout {
 };
 
 // Rows [row0, row0 + 64) of a [seq, D] slice (row stride ld) into shared memory, 16 bytes
-// at a time; rows at or past `rows` are zeros.
-template <int D>
+// at a time from global memory; rows at or past `rows` are zeros. Row-major (dst[r][d],
+// row stride kLdh) or, kTransposed, dst[d][r] (row stride kLdv: V's tile for the B operand).
+template <int D, bool kTransposed>
 __device__ __forceinline__ void load_rows(std::uint16_t* dst, const std::uint16_t* src, std::int64_t ld,
                                           int row0, int rows) {
   constexpr int kChunks = D / 8;
@@ -327,24 +328,15 @@ __device__ __forceinline__ void load_rows(std::uint16_t* dst, const std::uint16_
     const int r = c / kChunks, x = (c % kChunks) * 8;
     uint4 val = make_uint4(0, 0, 0, 0);
     if (row0 + r < rows) val = *reinterpret_cast<const uint4*>(src + static_cast<std::int64_t>(row0 + r) * ld + x);
-    *reinterpret_cast<uint4*>(dst + r * Layout<D>::kLdh + x) = val;
-  }
-}
-
-// The same rows of V stored transposed: dst[d][r] = V[row0 + r][d].
-template <int D>
-__device__ __forceinline__ void load_rows_transposed(std::uint16_t* dst, const std::uint16_t* src, std::int64_t ld,
-                                                     int row0, int rows) {
-  constexpr int kChunks = D / 8;
-  for (int c = threadIdx.x; c < kBK * kChunks; c += kThreads) {
-    const int r = c / kChunks, x = (c % kChunks) * 8;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (row0 + r < rows) val = *reinterpret_cast<const uint4*>(src + static_cast<std::int64_t>(row0 + r) * ld + x);
-    const std::uint32_t w[4] = {val.x, val.y, val.z, val.w};
+    if constexpr (!kTransposed) {
+      *reinterpret_cast<uint4*>(dst + r * Layout<D>::kLdh + x) = val;
+    } else {
+      const std::uint32_t w[4] = {val.x, val.y, val.z, val.w};
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      dst[(x + 2 * i) * Layout<D>::kLdv + r] = static_cast<std::uint16_t>(w[i] & 0xffffu);
-      dst[(x + 2 * i + 1) * Layout<D>::kLdv + r] = static_cast<std::uint16_t>(w[i] >> 16);
+      for (int i = 0; i < 4; ++i) {
+        dst[(x + 2 * i) * Layout<D>::kLdv + r] = static_cast<std::uint16_t>(w[i] & 0xffffu);
+        dst[(x + 2 * i + 1) * Layout<D>::kLdv + r] = static_cast<std::uint16_t>(w[i] >> 16);
+      }
     }
   }
 }
@@ -400,7 +392,7 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(Args a) {
   const std::int32_t* mask = a.mask != nullptr ? a.mask + row_base : nullptr;
 
   // The warp's 16 query rows as A operands, kept in registers for every key tile.
-  load_rows<D>(sq, q, a.ldq, q0, a.seq);
+  load_rows<D, false>(sq, q, a.ldq, q0, a.seq);
   __syncthreads();
   std::uint32_t qf[D / 16][4];
   {
@@ -426,8 +418,8 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(Args a) {
   const int key_end = a.causal ? min(q0 + kBQ, a.seq) : a.seq;  // keys [0, key_end) matter
   for (int k0 = 0; k0 < key_end; k0 += kBK) {
     __syncthreads();  // every warp is done with the previous tile (and with sq)
-    load_rows<D>(sk, k, a.ldk, k0, a.seq);
-    load_rows_transposed<D>(svt, v, a.ldv, k0, a.seq);
+    load_rows<D, false>(sk, k, a.ldk, k0, a.seq);
+    load_rows<D, true>(svt, v, a.ldv, k0, a.seq);
     for (int j = static_cast<int>(threadIdx.x); j < kBK; j += kThreads)
       skeep[j] = k0 + j < a.seq && (mask == nullptr || mask[k0 + j] != 0);
     __syncthreads();

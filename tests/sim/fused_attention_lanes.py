@@ -41,10 +41,18 @@ def mma(c, a, b0, b1):
 
 def r16(x): return float(np.float16(x))
 
+def ld32(arr, r, col): return (arr[r, col], arr[r, col+1])
+
+def mma_tile(acc, n, a_frags, kstep, smem, col0):
+    """acc[lane][n] += A·B, A = a_frags[lane][kstep], b0/b1 = two adjacent elements of smem
+    row 8n + g at columns col0 + 2c and col0 + 2c + 8 (K for S = QKᵀ, Vᵀ for O = PV)."""
+    mma([acc[lane][n] for lane in range(32)], [a_frags[lane][kstep] for lane in range(32)],
+        [ld32(smem, 8*n + (lane >> 2), col0 + 2*(lane & 3)) for lane in range(32)],
+        [ld32(smem, 8*n + (lane >> 2), col0 + 2*(lane & 3) + 8) for lane in range(32)])
+
 def kernel(Q, K, V, mask, seq, D, scale, causal, q0, out):
     kLdh, kLdv = D + 8, kBK + 8
     sq = np.zeros((kBQ, kLdh)); sk = np.zeros((kBK, kLdh)); svt = np.zeros((D, kLdv)); skeep = np.zeros(kBK, int)
-    ld32 = lambda arr, r, col: (arr[r, col], arr[r, col+1])
     for r in range(kBQ):
         if q0 + r < seq: sq[r, :D] = Q[q0 + r]
     for warp in range(kWarps):
@@ -69,10 +77,7 @@ def kernel(Q, K, V, mask, seq, D, scale, causal, q0, out):
             s = [[[0.0]*4 for _ in range(kBK//8)] for _ in range(32)]
             for n in range(kBK//8):
                 for kk in range(D//16):
-                    cs = [s[lane][n] for lane in range(32)]
-                    mma(cs, [qf[lane][kk] for lane in range(32)],
-                        [ld32(sk, 8*n + (lane >> 2), 2*(lane & 3) + 16*kk) for lane in range(32)],
-                        [ld32(sk, 8*n + (lane >> 2), 2*(lane & 3) + 16*kk + 8) for lane in range(32)])
+                    mma_tile(s, n, qf, kk, sk, 16*kk)
             tile_max = [[NEG, NEG] for _ in range(32)]
             for lane in range(32):
                 c = lane & 3
@@ -104,10 +109,7 @@ def kernel(Q, K, V, mask, seq, D, scale, causal, q0, out):
                     pf[lane][n//2][(n % 2)*2 + 1] = (r16(s[lane][n][2]), r16(s[lane][n][3]))
             for n in range(D//8):
                 for j in range(kBK//16):
-                    cs = [o[lane][n] for lane in range(32)]
-                    mma(cs, [pf[lane][j] for lane in range(32)],
-                        [ld32(svt, 8*n + (lane >> 2), 2*(lane & 3) + 16*j) for lane in range(32)],
-                        [ld32(svt, 8*n + (lane >> 2), 2*(lane & 3) + 16*j + 8) for lane in range(32)])
+                    mma_tile(o, n, pf, j, svt, 16*j)
         for x in (1, 2):
             l = [[l[ln][r] + l[ln ^ x][r] for r in range(2)] for ln in range(32)]
         for lane in range(32):
