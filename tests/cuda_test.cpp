@@ -9,6 +9,7 @@
 #include "runtime/element.h"
 #include "runtime/ops.h"
 #include "runtime/philox.h"
+#include "tests/test_util.h"
 
 #include <gtest/gtest.h>
 
@@ -23,6 +24,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -32,6 +34,8 @@ extern "C" int zo2_cuda_host_pointer_is_pinned(const void* p) noexcept __attribu
 
 namespace zo2 {
 namespace {
+
+using test::ScopedEnv;
 
 std::vector<float> random_floats(std::size_t n, std::uint32_t seed, float scale = 1.0f,
                                  float mean = 0.0f) {
@@ -646,18 +650,6 @@ INSTANTIATE_TEST_SUITE_P(Narrow, CudaNarrowTest, ::testing::Values(DType::bf16, 
 
 // ---- the linear layer, with and without the cuBLASLt epilogue (Note [GEMM epilogues]) ----
 
-// Sets a kernel switch (ZO2_CUDA_ATTENTION, ZO2_CUDA_GEMM_EPILOGUE) for one scope; the CUDA
-// backend reads them at every call.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) { ::setenv(name, value, 1); }
-  ~ScopedEnv() { ::unsetenv(name_); }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  const char* name_;
-};
 
 class CudaLinearTest : public CudaTest, public ::testing::WithParamInterface<DType> {};
 
@@ -839,7 +831,17 @@ TEST_P(CudaFusedAttentionTest, FusedAndChunkedMatchTheCpuForEveryShape) {
       DeviceBuffer dout = upload_as(std::vector<float>(p.q.size(), 7.0f), dt);  // garbage to overwrite
       AttentionArgs dev = attention_args(p, dq.data(), dk.data(), dv.data(), dout.data(), dm.as<std::int32_t>(), dt);
       dev.causal = c.causal;
-      ops().attention(*stream, dev);
+      if (std::string_view(path) == "fused") {
+        // On a fresh stream: the chunked paths take score scratch from the arena, the fused
+        // kernel nothing — so an unchanged arena shows that the fused kernel took the call.
+        auto fresh = device->make_stream("fused check");
+        const std::size_t in_use = device->arena().in_use();
+        ops().attention(*fresh, dev);
+        fresh->synchronize();
+        EXPECT_EQ(device->arena().in_use(), in_use) << "the fused kernel did not take T" << c.seq;
+      } else {
+        ops().attention(*stream, dev);
+      }
       got.push_back(download_as(dout.data(), ref.size(), dt));
       EXPECT_LT(max_rel_err(got.back(), ref), tolerance(dt))
           << path << " " << dtype_name(dt) << " B" << c.batch << " T" << c.seq << " H" << c.heads << "/" << c.kv_heads

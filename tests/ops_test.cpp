@@ -7,6 +7,7 @@
 #include "runtime/element.h"
 #include "runtime/philox.h"
 #include "tests/device_fixture.h"
+#include "tests/test_util.h"
 
 #include <gtest/gtest.h>
 
@@ -85,7 +86,7 @@ TEST_P(OpsTest, LinearIsGemmPlusBiasThenReluOnEveryTile) {
   const auto b = random_floats(static_cast<std::size_t>(N), 23);
   auto dx = upload(x), dw = upload(w), db = upload(b);
   for (const char* epilogue : {"0", "1"}) {
-    ::setenv("ZO2_CUDA_GEMM_EPILOGUE", epilogue, 1);
+    const test::ScopedEnv use("ZO2_CUDA_GEMM_EPILOGUE", epilogue);
     for (int mode = 0; mode < 3; ++mode) {  // bias; bias + ReLU; ReLU alone
       const bool bias = mode < 2, relu = mode > 0;
       auto dy = upload(std::vector<float>(static_cast<std::size_t>(M * ldy), 7.0f));
@@ -112,7 +113,6 @@ TEST_P(OpsTest, LinearIsGemmPlusBiasThenReluOnEveryTile) {
       EXPECT_LT(max_rel(got, ref), 1e-5) << "epilogue " << epilogue << " bias " << bias << " relu " << relu;
     }
   }
-  ::unsetenv("ZO2_CUDA_GEMM_EPILOGUE");
 }
 
 TEST_P(OpsTest, AddBiasAndResidualAddAreExact) {

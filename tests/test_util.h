@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <exception>
 #include <filesystem>
 #include <string>
@@ -44,5 +45,19 @@ Error error_of(F&& fn) {
 
 // Runs a shell command, returns its exit status; stdout+stderr go to *output if given.
 int run_command(const std::string& command, std::string* output = nullptr);
+
+// Sets an environment variable for one scope and unsets it at the end (also when an
+// assertion returns early): the backends read their kernel switches (ZO2_CUDA_ATTENTION,
+// ZO2_CUDA_GEMM_EPILOGUE, ZO2_CPU_NOISE) at every call.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) { ::setenv(name, value, 1); }
+  ~ScopedEnv() { ::unsetenv(name_); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+};
 
 }  // namespace zo2::test

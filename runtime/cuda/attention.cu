@@ -503,12 +503,11 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(Args a) {
 template <class E, int D>
 void launch(KernelStream& s, const AttentionArgs& a) {
   auto kernel = flash_attention_kernel<E, D>;
-  static const bool configured = [&] {  // once per instantiation (thread-safe static init)
-    ZO2_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(Layout<D>::bytes)));
-    return true;
-  }();
-  (void)configured;
+  // More than 48 KiB of dynamic shared memory (head_dim 128) needs this opt-in, which is a
+  // setting of the current device: made before every launch (a host call of about a
+  // microsecond), so a process that uses several GPUs never launches unconfigured.
+  ZO2_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(Layout<D>::bytes)));
   const Args args{static_cast<const std::uint16_t*>(a.q.data),
                   static_cast<const std::uint16_t*>(a.k.data),
                   static_cast<const std::uint16_t*>(a.v.data),

@@ -32,9 +32,10 @@
 //   workspace, cached per such key, so every call of a shape runs the same algorithm. Where
 //   cuBLASLt has none (or the bias is not 16-byte aligned), the call returns false and the
 //   default path runs.
-//   NOT YET RUN ON A GPU (written in a session without one): CudaTest's
-//   LinearEpilogueMatchesTheCpuTwin and scripts/gpu-check.sh's resident_epilogue phase are
-//   its first checks; it becomes the default only if they pass and it measures faster.
+//   NOT YET RUN ON A GPU (written in a session without one): CudaLinearTest (tests/
+//   cuda_test.cpp), OpsTest.LinearIsGemmPlusBiasThenReluOnEveryTile and scripts/
+//   gpu-check.sh's resident_epilogue phase are its first checks; it becomes the default
+//   only if they pass and it measures faster.
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/kernels.h"
 #include "runtime/error.h"
@@ -104,8 +105,11 @@ void set(cublasLtMatmulPreference_t p, cublasLtMatmulPreferenceAttributes_t attr
 }
 
 // The cached algorithm of each (device, shape, lds, dtype, epilogue, alignments, workspace).
+// The heuristic reads the bias pointer's alignment from the descriptor (cublasLt.h), so it
+// is part of the key too.
 using AlgoKey = std::tuple<int, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
-                           std::int64_t, int, int, std::uint32_t, std::uint32_t, std::uint32_t, std::size_t>;
+                           std::int64_t, int, int, std::uint32_t, std::uint32_t, std::uint32_t, std::uint32_t,
+                           std::size_t>;
 std::mutex algo_mutex;
 std::map<AlgoKey, std::optional<cublasLtMatmulAlgo_t>>& algo_cache() {
   static std::map<AlgoKey, std::optional<cublasLtMatmulAlgo_t>> cache;
@@ -132,6 +136,7 @@ bool linear_epilogue(KernelStream& s, const Mat& x, const Mat& w, const Mat& y, 
   if (bias == nullptr && !relu) return false;                    // nothing to fuse
   if (bias != nullptr && alignment(bias) < 16) return false;
   if (m == 0 || n == 0) return true;
+  if (k == 0) return false;  // y = bias (then ReLU): what an epilogue does with K = 0 is not documented
   if (x.ld < x.cols || w.ld < w.cols || y.ld < y.cols) fail(ErrorKind::internal, "cuda linear: a leading dimension is smaller than its row");
   as_int(m, "M");
   as_int(n, "N");
@@ -157,7 +162,7 @@ bool linear_epilogue(KernelStream& s, const Mat& x, const Mat& w, const Mat& y, 
   ZO2_CUDA_CHECK(cudaGetDevice(&device));
   const std::uint32_t align_a = alignment(w.data), align_b = alignment(x.data), align_c = alignment(y.data);
   const AlgoKey key{device, m, n, k, w.ld, x.ld, y.ld, static_cast<int>(x.dtype), static_cast<int>(epilogue),
-                    align_a, align_b, align_c, workspace_bytes};
+                    align_a, align_b, align_c, bias != nullptr ? alignment(bias) : 0u, workspace_bytes};
   std::optional<cublasLtMatmulAlgo_t> algo;
   {
     std::lock_guard lock(algo_mutex);
