@@ -16,6 +16,8 @@
 #                      parity fp32/bf16, the scheduler's bitwise invariant on the GPU)
 #   micro_*.json/log   zo2_microbench's CUDA kernels, with the row and the block softmax
 #                      and with the fused attention
+#   sanitize_*.log     compute-sanitizer racecheck/memcheck of the fused attention and
+#                      linear-epilogue tests
 #   bench_*.jsonl/md   zo2-bench at batch 1 × 2048: OPT-1.3B/6.7B/13B resident with the
 #                      PyTorch MeZO baseline where torch imports, OPT-30B resident
 #                      (synthetic); OPT-1.3B, 6.7B, 13B, 30B fully streamed at ZO2's
@@ -40,7 +42,7 @@ budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
 # Which phases to run (they run in the order of the code below; a rerun after a fix names
 # only what it needs):
-phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_175b resident_block resident_fused resident_epilogue micro streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
+phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_175b resident_block resident_fused resident_epilogue micro sanitize streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -125,6 +127,25 @@ micro() {
   pack_results
 }
 micro
+# compute-sanitizer on the kernels written without a GPU: racecheck (shared memory, the
+# fused attention's barriers) and memcheck (tail tiles, the epilogue's bias reads).
+sanitize() {
+  has sanitize || return 0
+  local cs lim tool filter
+  cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  if [ ! -x "$cs" ]; then note "sanitize: no compute-sanitizer"; return 0; fi
+  for tool in racecheck memcheck; do
+    lim=$(limit 60)
+    if [ "$lim" -lt 15 ]; then note "sanitize ($tool): skipped, $lim s left before the deadline"; continue; fi
+    filter='*CudaFusedAttention*FusedAndChunked*'
+    [ "$tool" = memcheck ] && filter='*CudaFusedAttention*:*CudaLinear*'
+    timeout "$lim" "$cs" --tool "$tool" --error-exitcode 3 "$(command -v zo2_tests)" --gtest_filter="$filter" \
+      > "$work/sanitize_$tool.log" 2>&1
+    note "sanitize ($tool): rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$work/sanitize_$tool.log" | tail -1)"
+  done
+  pack_results
+}
+sanitize
 bench streamed_6.7b --presets opt-6.7b --gpu-mem 4.3G --offload all \
   --storage-dtype fp16,bf16,fp8 --compute-dtype fp16 --mezo-baseline off
 bench streamed_13b --presets opt-13b --gpu-mem 5.5G --offload all --alias-blocks \
