@@ -162,7 +162,8 @@ ModelGraph::Views ModelGraph::vector(Ops& ops, Stream& s, const StoredTensor* w,
 }
 
 void ModelGraph::linear(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias,
-                        Mat Branch::*in, Mat Branch::*out, const NoiseArgs* noise, int nb, bool relu) {
+                        Mat Branch::*in, Mat Branch::*out, const NoiseArgs* noise, int nb, bool relu,
+                        Mat Branch::*residual) {
   const StoredTensor& w = ws.at(weight);
   // The bias first: each output tile's op adds its slice of it (and applies the ReLU).
   const StoredTensor* bt = ws.find(bias);
@@ -175,7 +176,9 @@ void ModelGraph::linear(Ops& ops, Stream& s, const WeightSet& ws, Role weight, R
     for (int b = 0; b < nb; ++b) {
       Branch& br = branches_[static_cast<std::size_t>(b)];
       const void* bias_tile = bt ? static_cast<const char*>(bv.w[b].data) + r0 * esize : nullptr;
-      ops.linear(s, br.*in, v.w[b], (br.*out).cols_range(r0, r1), bias_tile, relu);
+      const Mat residual_tile = residual ? (br.*residual).cols_range(r0, r1) : Mat{};
+      ops.linear(s, br.*in, v.w[b], (br.*out).cols_range(r0, r1), bias_tile, relu,
+                 residual ? &residual_tile : nullptr);
     }
   }
 }
@@ -257,9 +260,6 @@ void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView&
   ZO2_CHECK(batch.tokens() <= capacity_tokens_);
   std::vector<Branch> saved(branches_.begin(), branches_.begin() + nb);
   for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = rows_of(saved[static_cast<std::size_t>(i)], batch.tokens());
-  auto residual = [&] {
-    for (int i = 0; i < nb; ++i) ops.add(s, branches_[static_cast<std::size_t>(i)].hidden, branches_[static_cast<std::size_t>(i)].x);
-  };
   const bool opt = config_.family == ModelFamily::opt;
   const bool pre = config_.pre_layer_norm;
   // Attention.
@@ -270,8 +270,8 @@ void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView&
   linear(ops, s, w, Role::k_w, Role::k_b, attn_in, &Branch::k, noise, nb);
   linear(ops, s, w, Role::v_w, Role::v_b, attn_in, &Branch::v, noise, nb);
   attention(ops, s, batch, nb);
-  linear(ops, s, w, Role::o_w, Role::o_b, &Branch::attn, &Branch::x, noise, nb);
-  residual();
+  // hidden += attn·Woᵀ + bo (x is the tiles' scratch).
+  linear(ops, s, w, Role::o_w, Role::o_b, &Branch::attn, &Branch::x, noise, nb, false, &Branch::hidden);
   if (!pre) norm(ops, s, w, Role::attn_norm_w, Role::attn_norm_b, &Branch::hidden, &Branch::hidden, noise, nb);
   // MLP.
   Mat Branch::*mlp_in = &Branch::x;
@@ -279,7 +279,7 @@ void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView&
   else mlp_in = &Branch::hidden;
   if (opt) {
     linear(ops, s, w, Role::fc1_w, Role::fc1_b, mlp_in, &Branch::m1, noise, nb, /*relu=*/true);
-    linear(ops, s, w, Role::fc2_w, Role::fc2_b, &Branch::m1, &Branch::x, noise, nb);
+    linear(ops, s, w, Role::fc2_w, Role::fc2_b, &Branch::m1, &Branch::x, noise, nb, false, &Branch::hidden);
   } else {
     linear(ops, s, w, Role::gate_w, Role::gate_b, mlp_in, &Branch::m1, noise, nb);
     linear(ops, s, w, Role::up_w, Role::up_b, mlp_in, &Branch::m2, noise, nb);
@@ -287,9 +287,8 @@ void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView&
       Branch& br = branches_[static_cast<std::size_t>(i)];
       ops.silu_mul(s, br.m1, br.m2, br.m1);
     }
-    linear(ops, s, w, Role::down_w, Role::down_b, &Branch::m1, &Branch::x, noise, nb);
+    linear(ops, s, w, Role::down_w, Role::down_b, &Branch::m1, &Branch::x, noise, nb, false, &Branch::hidden);
   }
-  residual();
   if (!pre) norm(ops, s, w, Role::mlp_norm_w, Role::mlp_norm_b, &Branch::hidden, &Branch::hidden, noise, nb);
   for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = saved[static_cast<std::size_t>(i)];
 }

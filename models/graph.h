@@ -112,9 +112,11 @@ class ModelGraph {
   Views materialize(Ops& ops, Stream& s, const StoredTensor& w, std::int64_t r0, std::int64_t r1,
                     const NoiseArgs* noise, void* scratch0, void* scratch1);
   Views vector(Ops& ops, Stream& s, const StoredTensor* w, const NoiseArgs* noise, int slot);
-  // out = in·Wᵀ + bias (then ReLU when relu), tile by tile (Ops::linear).
+  // out = in·Wᵀ + bias (then ReLU when relu), tile by tile (Ops::linear); with residual,
+  // residual += out (out is then scratch).
   void linear(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias, Mat Branch::*in,
-              Mat Branch::*out, const NoiseArgs* noise, int nbranches, bool relu = false);
+              Mat Branch::*out, const NoiseArgs* noise, int nbranches, bool relu = false,
+              Mat Branch::*residual = nullptr);
   void norm(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias, Mat Branch::*in,
             Mat Branch::*out, const NoiseArgs* noise, int nbranches);
   void attention(Ops& ops, Stream& s, const BatchView& batch, int nbranches);

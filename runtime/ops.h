@@ -93,14 +93,17 @@ class Ops {
   virtual void gemm(Stream& s, const Mat& a, bool trans_a, const Mat& b, bool trans_b,
                     const Mat& c, float alpha, float beta) = 0;
   // A linear layer's output (or a tile of its columns): y = x·wᵀ (w is [y.cols, x.cols]),
-  // plus bias (y.cols elements of y.dtype; none when null), then max(·, 0) when relu. The
-  // default is gemm, add_bias and relu in that order; a backend may fuse them (CUDA: a
-  // cuBLASLt epilogue, Note [GEMM epilogues] in runtime/cuda/gemm.cpp), which rounds once
-  // where the default rounds after each step.
-  virtual void linear(Stream& s, const Mat& x, const Mat& w, const Mat& y, const void* bias, bool relu) {
+  // plus bias (y.cols elements of y.dtype; none when null), then max(·, 0) when relu; then,
+  // when residual is given (y's shape and dtype), residual += y — y is then scratch, its
+  // contents afterwards unspecified. The default is gemm, add_bias, relu and add in that
+  // order; a backend may fuse them (CUDA: a cuBLASLt epilogue, Note [GEMM epilogues] in
+  // runtime/cuda/gemm.cpp), which rounds once where the default rounds after each step.
+  virtual void linear(Stream& s, const Mat& x, const Mat& w, const Mat& y, const void* bias, bool relu,
+                      const Mat* residual) {
     gemm(s, x, false, w, true, y, 1.0f, 0.0f);
     if (bias != nullptr) add_bias(s, y, bias);
     if (relu) this->relu(s, y);
+    if (residual != nullptr) add(s, *residual, y);
   }
   // y[r, :] += bias[:] (bias: y.cols elements of y.dtype).
   virtual void add_bias(Stream& s, const Mat& y, const void* bias) = 0;

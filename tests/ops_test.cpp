@@ -76,28 +76,32 @@ TEST_P(OpsTest, GemmMatchesReferenceForEveryTransposeAndLeadingDimension) {
     }
 }
 
-// Ops::linear on tiles of a wider output, as models/graph.cpp calls it: x·wᵀ, + bias, ReLU.
-// On CUDA both ways (ZO2_CUDA_GEMM_EPILOGUE: the default path and the cuBLASLt epilogue);
-// the CPU ignores the switch.
-TEST_P(OpsTest, LinearIsGemmPlusBiasThenReluOnEveryTile) {
+// Ops::linear on tiles of a wider output, as models/graph.cpp calls it: x·wᵀ, + bias, ReLU,
+// or added to a residual. On CUDA both ways (ZO2_CUDA_GEMM_EPILOGUE: the default path and
+// the cuBLASLt epilogue); the CPU ignores the switch.
+TEST_P(OpsTest, LinearIsGemmPlusBiasThenReluOrResidualOnEveryTile) {
   const std::int64_t M = 23, K = 70, N = 150, ldx = 75, ldy = 160, tile = 64;
   const auto x = random_floats(static_cast<std::size_t>(M * ldx), 21);
   const auto w = random_floats(static_cast<std::size_t>(N * K), 22, 0.2f);
   const auto b = random_floats(static_cast<std::size_t>(N), 23);
+  const auto h = random_floats(static_cast<std::size_t>(M * ldy), 24);  // the residual stream
   auto dx = upload(x), dw = upload(w), db = upload(b);
   for (const char* epilogue : {"0", "1"}) {
     const test::ScopedEnv use("ZO2_CUDA_GEMM_EPILOGUE", epilogue);
-    for (int mode = 0; mode < 3; ++mode) {  // bias; bias + ReLU; ReLU alone
-      const bool bias = mode < 2, relu = mode > 0;
+    // bias; bias + ReLU; ReLU alone; bias + residual; residual alone
+    for (int mode = 0; mode < 5; ++mode) {
+      const bool bias = mode != 2 && mode != 4, relu = mode == 1 || mode == 2, residual = mode >= 3;
       auto dy = upload(std::vector<float>(static_cast<std::size_t>(M * ldy), 7.0f));
+      auto dh = upload(h);
       for (std::int64_t r0 = 0; r0 < N; r0 += tile) {
         const std::int64_t r1 = std::min(N, r0 + tile);
+        const Mat h_tile = Mat{dh.data(), DType::f32, M, N, ldy}.cols_range(r0, r1);
         ops().linear(*stream, {dx.data(), DType::f32, M, K, ldx},
                      Mat::dense(static_cast<float*>(dw.data()) + r0 * K, DType::f32, r1 - r0, K),
                      Mat{dy.data(), DType::f32, M, N, ldy}.cols_range(r0, r1),
-                     bias ? static_cast<const float*>(db.data()) + r0 : nullptr, relu);
+                     bias ? static_cast<const float*>(db.data()) + r0 : nullptr, relu, residual ? &h_tile : nullptr);
       }
-      const auto out = download<float>(dy, static_cast<std::size_t>(M * ldy));
+      const auto out = download<float>(residual ? dh : dy, static_cast<std::size_t>(M * ldy));
       std::vector<float> got;
       std::vector<double> ref;
       for (std::int64_t i = 0; i < M; ++i) {
@@ -105,12 +109,17 @@ TEST_P(OpsTest, LinearIsGemmPlusBiasThenReluOnEveryTile) {
           double s = bias ? b[static_cast<std::size_t>(j)] : 0.0;
           for (std::int64_t k = 0; k < K; ++k)
             s += static_cast<double>(x[static_cast<std::size_t>(i * ldx + k)]) * w[static_cast<std::size_t>(j * K + k)];
-          ref.push_back(relu ? std::max(s, 0.0) : s);
+          if (relu) s = std::max(s, 0.0);
+          if (residual) s += h[static_cast<std::size_t>(i * ldy + j)];
+          ref.push_back(s);
           got.push_back(out[static_cast<std::size_t>(i * ldy + j)]);
         }
-        for (std::int64_t j = N; j < ldy; ++j) ASSERT_EQ(out[static_cast<std::size_t>(i * ldy + j)], 7.0f) << "wrote past N";
+        for (std::int64_t j = N; j < ldy; ++j)
+          ASSERT_EQ(out[static_cast<std::size_t>(i * ldy + j)], residual ? h[static_cast<std::size_t>(i * ldy + j)] : 7.0f)
+              << "wrote past N";
       }
-      EXPECT_LT(max_rel(got, ref), 1e-5) << "epilogue " << epilogue << " bias " << bias << " relu " << relu;
+      EXPECT_LT(max_rel(got, ref), 1e-5) << "epilogue " << epilogue << " bias " << bias << " relu " << relu
+                                         << " residual " << residual;
     }
   }
 }

@@ -48,14 +48,19 @@ class CudaOps final : public Ops {
   }
 
   // Note [GEMM epilogues] (runtime/cuda/gemm.cpp): fused where asked for and possible.
-  void linear(Stream& s, const Mat& x, const Mat& w, const Mat& y, const void* bias, bool relu) override {
-    if ((bias != nullptr || relu) && gemm_epilogue_enabled()) {
+  void linear(Stream& s, const Mat& x, const Mat& w, const Mat& y, const void* bias, bool relu,
+              const Mat* residual) override {
+    if ((bias != nullptr || relu || residual != nullptr) && gemm_epilogue_enabled()) {
       check_mat(x, "linear", "x");
       check_mat(w, "linear", "w");
       check_mat(y, "linear", "y");
-      if (cuda::linear_epilogue(enter(s), x, w, y, bias, relu)) return;
+      if (residual != nullptr) {
+        check_mat(*residual, "linear", "residual");
+        check_same(y, *residual, "linear", "residual");
+      }
+      if (cuda::linear_epilogue(enter(s), x, w, y, bias, relu, residual)) return;
     }
-    Ops::linear(s, x, w, y, bias, relu);
+    Ops::linear(s, x, w, y, bias, relu, residual);
   }
 
   void add_bias(Stream& s, const Mat& y, const void* bias) override {

@@ -15,14 +15,16 @@
 // the arena, which makes cuBLAS's results deterministic run to run.
 //
 // Note [GEMM epilogues]
-//   A linear layer is a GEMM, a bias add and (OPT's fc1) a ReLU: the default Ops::linear
-//   writes y, then reads and writes it once or twice more. With ZO2_CUDA_GEMM_EPILOGUE=1
-//   (opt-in; unset, "0" or "off": the default path) it is one cuBLASLt matmul whose epilogue
-//   adds the bias and applies the ReLU in fp32 before y is rounded, once, to its dtype
-//   (CUBLASLT_EPILOGUE_BIAS, RELU_BIAS or RELU) — the same value up to that one rounding,
-//   and none of the element-wise passes. The ncu profile of an OPT-1.3B resident step on an
-//   H200 put the element-wise kernels at 17 % of GPU time; bias adds and the ReLU are 7 of a
-//   layer's 11 such passes per branch.
+//   A linear layer is a GEMM, a bias add and (OPT's fc1) a ReLU or (the attention output
+//   and the MLP's last layer) a residual add: the default Ops::linear writes y, then reads
+//   and writes it once or twice more. With ZO2_CUDA_GEMM_EPILOGUE=1 (opt-in; unset, "0" or
+//   "off": the default path) it is one cuBLASLt matmul whose epilogue adds the bias and
+//   applies the ReLU in fp32 before the result is rounded, once, to its dtype
+//   (CUBLASLT_EPILOGUE_BIAS, RELU_BIAS or RELU); a residual is its C with β = 1, in place
+//   (C = D = the residual; y is not written) — the same value up to that one rounding, and
+//   none of the element-wise passes. The ncu profile of an OPT-1.3B resident step on an H200
+//   put the element-wise kernels at 17 % of GPU time; bias adds, the ReLU and the residual
+//   adds are 9 of an OPT layer's 11 such passes per branch (the two LayerNorms remain).
 //   The operands are laid out as in Note [Row-major GEMM on column-major cuBLAS]: yᵀ (N×M,
 //   column-major) = wᵀᵀ·xᵀ, so the bias runs along the rows of cuBLASLt's D, which is how
 //   its epilogue broadcasts it. Numerics as gemm(): CUBLAS_COMPUTE_32F (never TF32), split-K
@@ -104,7 +106,8 @@ void set(cublasLtMatmulPreference_t p, cublasLtMatmulPreferenceAttributes_t attr
   ZO2_CUDA_CHECK(cublasLtMatmulPreferenceSetAttribute(p, attr, &value, sizeof(value)));
 }
 
-// The cached algorithm of each (device, shape, lds, dtype, epilogue, alignments, workspace).
+// The cached algorithm of each (device, shape, lds, dtype, epilogue, alignments, workspace);
+// β (0, or 1 with a residual) is not an input of the heuristic.
 // The heuristic reads the bias pointer's alignment from the descriptor (cublasLt.h), so it
 // is part of the key too.
 using AlgoKey = std::tuple<int, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
@@ -127,23 +130,30 @@ bool gemm_epilogue_enabled() {
   throw_invalid_argument("ZO2_CUDA_GEMM_EPILOGUE='" + std::string(v) + "': expected 1/on or 0/off");
 }
 
-bool linear_epilogue(KernelStream& s, const Mat& x, const Mat& w, const Mat& y, const void* bias, bool relu) {
+bool linear_epilogue(KernelStream& s, const Mat& x, const Mat& w, const Mat& y, const void* bias, bool relu,
+                     const Mat* residual) {
   const std::int64_t m = x.rows, k = x.cols, n = w.rows;
   if (w.cols != k || y.rows != m || y.cols != n)
     fail(ErrorKind::internal, "cuda linear: shapes do not match (x {}x{}, w {}x{}, y {}x{})", x.rows, x.cols,
          w.rows, w.cols, y.rows, y.cols);
   if (x.dtype != w.dtype || y.dtype != x.dtype) return false;  // gemm() says what is wrong
-  if (bias == nullptr && !relu) return false;                    // nothing to fuse
+  if (bias == nullptr && !relu && residual == nullptr) return false;  // nothing to fuse
+  // cuBLASLt applies the ReLU after adding C; Ops::linear adds the residual after the ReLU.
+  if (relu && residual != nullptr) return false;
+  // With a residual, D = C = the residual (in place, β = 1): y, the scratch, is not written.
+  const Mat& d_mat = residual != nullptr ? *residual : y;
   if (bias != nullptr && alignment(bias) < 16) return false;
   if (m == 0 || n == 0) return true;
   if (k == 0) return false;  // y = bias (then ReLU): what an epilogue does with K = 0 is not documented
-  if (x.ld < x.cols || w.ld < w.cols || y.ld < y.cols) fail(ErrorKind::internal, "cuda linear: a leading dimension is smaller than its row");
+  if (x.ld < x.cols || w.ld < w.cols || d_mat.ld < d_mat.cols)
+    fail(ErrorKind::internal, "cuda linear: a leading dimension is smaller than its row");
   as_int(m, "M");
   as_int(n, "N");
   as_int(k, "K");
   const cudaDataType type = cuda_type(x.dtype);
   const cublasLtEpilogue_t epilogue =
-      bias == nullptr ? CUBLASLT_EPILOGUE_RELU : (relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS);
+      bias == nullptr ? (relu ? CUBLASLT_EPILOGUE_RELU : CUBLASLT_EPILOGUE_DEFAULT)
+                      : (relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS);
 
   cublasLtMatmulDesc_t d = nullptr;
   ZO2_CUDA_CHECK(cublasLtMatmulDescCreate(&d, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -154,14 +164,14 @@ bool linear_epilogue(KernelStream& s, const Mat& x, const Mat& w, const Mat& y, 
   if (bias != nullptr) set(d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);  // y's dtype (the default)
   const MatrixLayout la = layout(type, k, n, std::max<std::int64_t>(w.ld, 1));
   const MatrixLayout lb = layout(type, k, m, std::max<std::int64_t>(x.ld, 1));
-  const MatrixLayout lc = layout(type, n, m, std::max<std::int64_t>(y.ld, 1));
+  const MatrixLayout lc = layout(type, n, m, std::max<std::int64_t>(d_mat.ld, 1));
 
   std::size_t workspace_bytes = 0;
   void* workspace = s.blas_workspace(&workspace_bytes);
   int device = 0;
   ZO2_CUDA_CHECK(cudaGetDevice(&device));
-  const std::uint32_t align_a = alignment(w.data), align_b = alignment(x.data), align_c = alignment(y.data);
-  const AlgoKey key{device, m, n, k, w.ld, x.ld, y.ld, static_cast<int>(x.dtype), static_cast<int>(epilogue),
+  const std::uint32_t align_a = alignment(w.data), align_b = alignment(x.data), align_c = alignment(d_mat.data);
+  const AlgoKey key{device, m, n, k, w.ld, x.ld, d_mat.ld, static_cast<int>(x.dtype), static_cast<int>(epilogue),
                     align_a, align_b, align_c, bias != nullptr ? alignment(bias) : 0u, workspace_bytes};
   std::optional<cublasLtMatmulAlgo_t> algo;
   {
@@ -191,9 +201,9 @@ bool linear_epilogue(KernelStream& s, const Mat& x, const Mat& w, const Mat& y, 
     }
   }
   if (!algo) return false;
-  const float one = 1.0f, zero = 0.0f;
-  ZO2_CUDA_CHECK(cublasLtMatmul(s.blas_lt(), d, &one, w.data, la.get(), x.data, lb.get(), &zero, y.data, lc.get(),
-                                y.data, lc.get(), &*algo, workspace, workspace_bytes, s.stream()));
+  const float one = 1.0f, beta = residual != nullptr ? 1.0f : 0.0f;
+  ZO2_CUDA_CHECK(cublasLtMatmul(s.blas_lt(), d, &one, w.data, la.get(), x.data, lb.get(), &beta, d_mat.data, lc.get(),
+                                d_mat.data, lc.get(), &*algo, workspace, workspace_bytes, s.stream()));
   return true;
 }
 

@@ -46,9 +46,11 @@ void gemm(KernelStream& s, const Mat& a, bool trans_a, const Mat& b, bool trans_
           const Mat& c, float alpha, float beta);
 // Whether ZO2_CUDA_GEMM_EPILOGUE asks for the fused linear layer (read at every call).
 bool gemm_epilogue_enabled();
-// y = x·wᵀ + bias (then ReLU) as one cuBLASLt matmul with an epilogue (Note [GEMM
-// epilogues]); false, having enqueued nothing, where cuBLASLt offers no algorithm for it.
-bool linear_epilogue(KernelStream& s, const Mat& x, const Mat& w, const Mat& y, const void* bias, bool relu);
+// Ops::linear as one cuBLASLt matmul with an epilogue (Note [GEMM epilogues]): y = x·wᵀ +
+// bias (then ReLU), or residual += x·wᵀ + bias; false, having enqueued nothing, where it
+// does not apply or cuBLASLt offers no algorithm.
+bool linear_epilogue(KernelStream& s, const Mat& x, const Mat& w, const Mat& y, const void* bias, bool relu,
+                     const Mat* residual);
 // elementwise.cu
 void add_bias(KernelStream& s, const Mat& y, const void* bias);
 void add(KernelStream& s, const Mat& y, const Mat& x);
