@@ -111,6 +111,27 @@ void gemm(benchmark::State& state, DeviceKind kind, DType dtype) {
   rate(state, "FLOP/s", 2.0 * static_cast<double>(tokens) * static_cast<double>(in) * static_cast<double>(out));
 }
 
+// A linear layer as the graph runs it (Ops::linear): y = relu(x·Wᵀ + b) when relu, else
+// h += x·Wᵀ + b (the residual form). On CUDA, ZO2_CUDA_GEMM_EPILOGUE=1 fuses the bias,
+// ReLU and residual into the GEMM (Note [GEMM epilogues]); compare with Kernel.Gemm.
+void linear(benchmark::State& state, DeviceKind kind, DType dtype) {
+  Backend& b = backend(kind);
+  const std::int64_t tokens = state.range(0), in = state.range(1), out = state.range(2);
+  const bool relu = state.range(3) != 0;
+  DeviceBuffer x = random_buffer(b, static_cast<std::size_t>(tokens * in), dtype);
+  DeviceBuffer w = random_buffer(b, static_cast<std::size_t>(out * in), dtype, 0.02f, 2);
+  DeviceBuffer bias = random_buffer(b, static_cast<std::size_t>(out), dtype, 0.1f, 3);
+  DeviceBuffer y = random_buffer(b, static_cast<std::size_t>(tokens * out), dtype, 1.0f, 4);
+  DeviceBuffer h = random_buffer(b, static_cast<std::size_t>(tokens * out), dtype, 1.0f, 5);
+  const Mat hm = Mat::dense(h.data(), dtype, tokens, out);
+  Ops& ops = b.device->ops();
+  timed(state, b, [&] {
+    ops.linear(*b.stream, Mat::dense(x.data(), dtype, tokens, in), Mat::dense(w.data(), dtype, out, in),
+               Mat::dense(y.data(), dtype, tokens, out), bias.data(), relu, relu ? nullptr : &hm);
+  });
+  rate(state, "FLOP/s", 2.0 * static_cast<double>(tokens) * static_cast<double>(in) * static_cast<double>(out));
+}
+
 // Causal self-attention, batch 1, `heads` heads of 64.
 void attention(benchmark::State& state, DeviceKind kind, DType dtype) {
   Backend& b = backend(kind);
@@ -236,6 +257,9 @@ void register_backend(DeviceKind kind) {
     auto* g = reg("Gemm." + s, [kind, dt](benchmark::State& st) { gemm(st, kind, dt); });
     g->ArgNames({"tokens", "in", "out"})->Args({128, 768, 768})->Args({128, 768, 3072})->Args({512, 2048, 2048});
     if (gpu) g->Args({2048, 4096, 4096})->Args({2048, 4096, 16384});
+    auto* li = reg("Linear." + s, [kind, dt](benchmark::State& st) { linear(st, kind, dt); });
+    li->ArgNames({"tokens", "in", "out", "relu"})->Args({128, 768, 3072, 1})->Args({128, 3072, 768, 0});
+    if (gpu) li->Args({2048, 4096, 16384, 1})->Args({2048, 16384, 4096, 0});
     auto* at = reg("Attention." + s, [kind, dt](benchmark::State& st) { attention(st, kind, dt); });
     at->ArgNames({"seq", "heads"})->Args({128, 12})->Args({512, 16});
     if (gpu) at->Args({2048, 32});

@@ -115,13 +115,17 @@ micro() {
   for path in chunked chunked-block fused; do
     lim=$(limit 40)
     if [ "$lim" -lt 15 ]; then note "micro ($path): skipped, $lim s left before the deadline"; continue; fi
-    filter='/cuda/'  # every kernel once; only the attention again for the other two paths
-    [ "$path" = chunked ] || filter='^Kernel\.Attention.*/cuda/'
+    # every kernel once; then the attention with the other two paths (and the linear layer
+    # with its cuBLASLt epilogue, ZO2_CUDA_GEMM_EPILOGUE=1, alongside the fused attention)
+    filter='/cuda/'
+    [ "$path" = chunked-block ] && filter='^Kernel\.Attention.*/cuda/'
+    [ "$path" = fused ] && filter='^Kernel\.(Attention|Linear).*/cuda/'
+    ZO2_CUDA_GEMM_EPILOGUE=$([ "$path" = fused ] && echo 1 || echo 0) \
     ZO2_CUDA_ATTENTION=$path timeout "$lim" zo2_microbench --benchmark_filter="$filter" \
       --benchmark_min_time=0.05 --benchmark_out_format=json --benchmark_out="$work/micro_$path.json" \
       > "$work/micro_$path.log" 2>&1
     note "micro ($path): rc=$?"
-    grep -E '^Kernel\.(Attention|Perturb|Gemm)' "$work/micro_$path.log" | head -12 >> "$summary"
+    grep -E '^Kernel\.(Attention|Linear|Perturb|Gemm)' "$work/micro_$path.log" | head -16 >> "$summary"
   done
   note "micro: $(( $(date +%s) - start )) s"
   pack_results
