@@ -13,9 +13,14 @@
 // and fp32 operations, so the kernels stay close to memory bandwidth on H100/H200.
 //
 // fp8 update: the new row scale (absmax/448 of the updated row) is needed before any
-// element can be rounded, so one block owns a row and makes two passes over it,
-// regenerating z in the second pass rather than storing it. The max is exact and
-// order-independent, so the scale equals the CPU's.
+// element can be rounded, so one block owns a row and makes two passes over it. The first
+// computes the updated values and their max; the second rounds them into the new scale.
+// Between the passes the values wait in the block's shared memory (one fp32 per element of
+// the row; each thread reads back only what it wrote), so z is generated once per element
+// as for the other dtypes; a row too wide for the device's shared memory (more than ~56k
+// columns on H100/H200) regenerates z in the second pass instead. Either way the values
+// are the same floats, and the max is exact and order-independent, so the bytes and the
+// scale equal the CPU's.
 #include "runtime/cuda/kernel_util.cuh"
 #include "runtime/cuda/kernels.h"
 #include "runtime/element.h"
@@ -224,8 +229,10 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdateKernelArgs a) {
   }
 }
 
-// One block per row; see the fp8 note at the top.
-__global__ void __launch_bounds__(kThreads) update_fp8_kernel(UpdateKernelArgs a) {
+// One block per row; see the fp8 note at the top. keep: the row's updated values fit in the
+// dynamic shared memory (a.cols floats) and wait there between the passes.
+__global__ void __launch_bounds__(kThreads) update_fp8_kernel(UpdateKernelArgs a, bool keep) {
+  extern __shared__ float kept[];  // a.cols floats when keep
   __shared__ float smem[32];
   const float g = *a.g;
   if (!finite(g)) return;
@@ -233,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) update_fp8_kernel(UpdateKernelArgs a
   for (std::int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const float scale = a.row_scales[row];
     const std::int64_t base = row * a.cols, end = base + a.cols;
-    // Pass 1: the updated row's absolute maximum.
+    // Pass 1: the updated row's absolute maximum (and, with keep, the values).
     float absmax = 0.0f;
     for (std::int64_t q = base / 4 + threadIdx.x; q * 4 < end; q += blockDim.x) {
       const Normal4 z = noise_normal4(a.seed, a.key, static_cast<std::uint64_t>(q));
@@ -242,16 +249,19 @@ __global__ void __launch_bounds__(kThreads) update_fp8_kernel(UpdateKernelArgs a
         const std::int64_t e = q * 4 + j;
         if (e < base || e >= end) continue;
         const float v = updated(to_f32<DType::f8_e4m3>(w[e], scale), z.v[j], g, a.lr, a.weight_decay);
+        if (keep) kept[e - base] = v;
         absmax = fmaxf(absmax, fabsf(v));
       }
     }
     // Every thread read the old scale and its elements before this barrier.
     absmax = block_max(absmax, smem);
     const float new_scale = absmax > 0.0f ? detail::fdiv(absmax, kE4M3Max) : 1.0f;
-    // Pass 2: the same values again (same z, same arithmetic), rounded into the new scale.
-    // Each thread rewrites exactly the elements it read in pass 1.
+    // Pass 2: the same values (kept, or recomputed from the same z with the same
+    // arithmetic), rounded into the new scale. Each thread rewrites exactly the elements it
+    // read in pass 1, and reads back only the values it kept itself.
     for (std::int64_t q = base / 4 + threadIdx.x; q * 4 < end; q += blockDim.x) {
-      const Normal4 z = noise_normal4(a.seed, a.key, static_cast<std::uint64_t>(q));
+      Normal4 z{};
+      if (!keep) z = noise_normal4(a.seed, a.key, static_cast<std::uint64_t>(q));
       const Philox4 r =
           noise_bits(a.rounding_seed, a.key, static_cast<std::uint64_t>(q), NoiseDomain::rounding);
       const std::uint32_t bits[4] = {r.x, r.y, r.z, r.w};
@@ -259,11 +269,15 @@ __global__ void __launch_bounds__(kThreads) update_fp8_kernel(UpdateKernelArgs a
       for (int j = 0; j < 4; ++j) {
         const std::int64_t e = q * 4 + j;
         if (e < base || e >= end) continue;
-        const float v = updated(to_f32<DType::f8_e4m3>(w[e], scale), z.v[j], g, a.lr, a.weight_decay);
+        const float v = keep ? kept[e - base]
+                             : updated(to_f32<DType::f8_e4m3>(w[e], scale), z.v[j], g, a.lr, a.weight_decay);
         w[e] = f32_to_e4m3_sr(detail::fdiv(v, new_scale), bits[j]);
       }
     }
     if (threadIdx.x == 0) a.row_scales[row] = new_scale;
+    // The next row's slots map to other threads where cols % 4 != 0: let every thread finish
+    // reading this row's values first.
+    if (keep) __syncthreads();
   }
 }
 
@@ -335,7 +349,18 @@ void update(KernelStream& s, const StoredTensor& w, const UpdateArgs& args) {
                      w.key,        args.seed,           args.lr, args.weight_decay,
                      args.g,       args.rounding_seed,  false};
   if (w.dtype == DType::f8_e4m3) {
-    update_fp8_kernel<<<grid_blocks(s, w.rows * kThreads, kThreads), kThreads, 0, s.stream()>>>(a);
+    // The row's values in shared memory where they fit the device's opt-in limit (a setting of
+    // the current device, made before every launch; the static part is 128 bytes).
+    int device = 0, optin = 0;
+    ZO2_CUDA_CHECK(cudaGetDevice(&device));
+    ZO2_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    const std::size_t kept_bytes = static_cast<std::size_t>(w.cols) * sizeof(float);
+    const bool keep = kept_bytes + 1024 <= static_cast<std::size_t>(optin);
+    const std::size_t dynamic = keep ? kept_bytes : 0;
+    if (dynamic > 48 * 1024)
+      ZO2_CUDA_CHECK(cudaFuncSetAttribute(update_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(dynamic)));
+    update_fp8_kernel<<<grid_blocks(s, w.rows * kThreads, kThreads), kThreads, dynamic, s.stream()>>>(a, keep);
     ZO2_CUDA_CHECK_LAUNCH();
     return;
   }
