@@ -230,8 +230,11 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdateKernelArgs a) {
 }
 
 // One block per row; see the fp8 note at the top. keep: the row's updated values fit in the
-// dynamic shared memory (a.cols floats) and wait there between the passes.
-__global__ void __launch_bounds__(kThreads) update_fp8_kernel(UpdateKernelArgs a, bool keep) {
+// dynamic shared memory (a.cols floats) and wait there between the passes. 512 threads per
+// block, so that the one or two blocks an SM holds when a wide row's values take ~100–200
+// KiB still keep 16–32 warps busy.
+constexpr int kFp8Threads = 512;
+__global__ void __launch_bounds__(kFp8Threads) update_fp8_kernel(UpdateKernelArgs a, bool keep) {
   extern __shared__ float kept[];  // a.cols floats when keep
   __shared__ float smem[32];
   const float g = *a.g;
@@ -360,7 +363,8 @@ void update(KernelStream& s, const StoredTensor& w, const UpdateArgs& args) {
     if (dynamic > 48 * 1024)
       ZO2_CUDA_CHECK(cudaFuncSetAttribute(update_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(dynamic)));
-    update_fp8_kernel<<<grid_blocks(s, w.rows * kThreads, kThreads), kThreads, dynamic, s.stream()>>>(a, keep);
+    update_fp8_kernel<<<grid_blocks(s, w.rows * kFp8Threads, kFp8Threads), kFp8Threads, dynamic, s.stream()>>>(
+        a, keep);
     ZO2_CUDA_CHECK_LAUNCH();
     return;
   }
