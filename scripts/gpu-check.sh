@@ -136,8 +136,9 @@ micro() {
   pack_results
 }
 micro
-# compute-sanitizer on the kernels written without a GPU: racecheck (shared memory, the
-# fused attention's barriers) and memcheck (tail tiles, the epilogue's bias reads).
+# compute-sanitizer on the kernels written without a GPU: racecheck (shared memory: the
+# fused attention's and the fp8 update's barriers) and memcheck (tail tiles, the
+# epilogue's bias reads, the fp8 update's kept values).
 sanitize() {
   has sanitize || return 0
   local cs lim tool filter
@@ -146,8 +147,8 @@ sanitize() {
   for tool in racecheck memcheck; do
     lim=$(limit 60)
     if [ "$lim" -lt 15 ]; then note "sanitize ($tool): skipped, $lim s left before the deadline"; continue; fi
-    filter='*CudaFusedAttention*FusedAndChunked*'
-    [ "$tool" = memcheck ] && filter='*CudaFusedAttention*:*CudaLinear*'
+    filter='*CudaFusedAttention*FusedAndChunked*:*Fp8UpdateOfWideRows*'
+    [ "$tool" = memcheck ] && filter='*CudaFusedAttention*:*CudaLinear*:*Fp8UpdateOfWideRows*'
     timeout "$lim" "$cs" --tool "$tool" --error-exitcode 3 "$(command -v zo2_tests)" --gtest_filter="$filter" \
       > "$work/sanitize_$tool.log" 2>&1
     note "sanitize ($tool): rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$work/sanitize_$tool.log" | tail -1)"

@@ -475,12 +475,14 @@ TEST_F(CudaTest, PerturbAndUpdateEqualCpuBitForBitForEveryStorageAndComputeDtype
 
 // The fp8 update keeps a row's updated values in shared memory between its two passes where
 // they fit (noise.cu, the fp8 note), and regenerates z where they do not: both must give
-// the CPU's bytes and scales. 20002 columns: kept, and cols % 4 != 0, so a thread's slots
-// move between rows; 16384: kept, above the 48 KiB default (the opt-in); 60001: past the
-// H100/H200 opt-in limit (227 KiB), the two-pass path.
+// the CPU's bytes and scales. 12288 columns (OPT-175B's hidden size): just past 48 KiB, so
+// only the opt-in lets it launch; 20002: kept, cols % 4 != 0; 16384: kept; 60001: past the
+// H100/H200 opt-in limit (227 KiB), the two-pass path; 1030 columns × 4500 rows: more rows
+// than blocks (16 per SM), so blocks go on to further rows and a thread's slots move between
+// them (cols % 4 != 0) — the end-of-row barrier's case.
 TEST_F(CudaTest, Fp8UpdateOfWideRowsEqualsTheCpuBitForBit) {
-  for (std::int64_t C : {std::int64_t{20002}, std::int64_t{16384}, std::int64_t{60001}}) {
-    const std::int64_t R = 5;
+  for (const auto& [R, C] : {std::pair<std::int64_t, std::int64_t>{3, 12288}, {5, 20002}, {5, 16384}, {3, 60001},
+                             {4500, 1030}}) {
     StoredHost s = store_as(random_floats(static_cast<std::size_t>(R * C), 77, 0.05f), R, C, DType::f8_e4m3);
     DeviceBuffer dw = upload(s.bytes), dscales = upload(s.scales);
     const StoredTensor dev_w{dw.data(), DType::f8_e4m3, dscales.as<float>(), R, C, 0x5eed5ULL};

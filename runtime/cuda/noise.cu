@@ -234,12 +234,18 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdateKernelArgs a) {
 // block, so that the one or two blocks an SM holds when a wide row's values take ~100–200
 // KiB still keep 16–32 warps busy.
 constexpr int kFp8Threads = 512;
+// A kept value's slot: element j of the row's local group l at kept[j·stride + l], stride =
+// cols/4 + 2 (a row touches at most that many groups): the lanes of a warp, which take
+// consecutive groups, then hit consecutive words — no bank conflicts.
+__host__ __device__ constexpr std::int64_t kept_stride(std::int64_t cols) { return cols / 4 + 2; }
+
 __global__ void __launch_bounds__(kFp8Threads) update_fp8_kernel(UpdateKernelArgs a, bool keep) {
-  extern __shared__ float kept[];  // a.cols floats when keep
+  extern __shared__ float kept[];  // 4·kept_stride(a.cols) floats when keep
   __shared__ float smem[32];
   const float g = *a.g;
   if (!finite(g)) return;
   std::uint8_t* w = static_cast<std::uint8_t*>(a.w);
+  const std::int64_t stride = kept_stride(a.cols);
   for (std::int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const float scale = a.row_scales[row];
     const std::int64_t base = row * a.cols, end = base + a.cols;
@@ -252,7 +258,7 @@ __global__ void __launch_bounds__(kFp8Threads) update_fp8_kernel(UpdateKernelArg
         const std::int64_t e = q * 4 + j;
         if (e < base || e >= end) continue;
         const float v = updated(to_f32<DType::f8_e4m3>(w[e], scale), z.v[j], g, a.lr, a.weight_decay);
-        if (keep) kept[e - base] = v;
+        if (keep) kept[j * stride + (q - base / 4)] = v;
         absmax = fmaxf(absmax, fabsf(v));
       }
     }
@@ -272,7 +278,7 @@ __global__ void __launch_bounds__(kFp8Threads) update_fp8_kernel(UpdateKernelArg
       for (int j = 0; j < 4; ++j) {
         const std::int64_t e = q * 4 + j;
         if (e < base || e >= end) continue;
-        const float v = keep ? kept[e - base]
+        const float v = keep ? kept[j * stride + (q - base / 4)]
                              : updated(to_f32<DType::f8_e4m3>(w[e], scale), z.v[j], g, a.lr, a.weight_decay);
         w[e] = f32_to_e4m3_sr(detail::fdiv(v, new_scale), bits[j]);
       }
@@ -352,17 +358,21 @@ void update(KernelStream& s, const StoredTensor& w, const UpdateArgs& args) {
                      w.key,        args.seed,           args.lr, args.weight_decay,
                      args.g,       args.rounding_seed,  false};
   if (w.dtype == DType::f8_e4m3) {
-    // The row's values in shared memory where they fit the device's opt-in limit (a setting of
-    // the current device, made before every launch; the static part is 128 bytes).
+    // The row's values in shared memory where they fit the device's opt-in limit. The limit
+    // a launch may use is a setting of the current device: raised to the whole opt-in (less
+    // a 1 KiB margin for the 128 bytes of static shared memory) before every launch that
+    // keeps values, never lowered — without it a launch may use only 48 KiB less the static
+    // part, which rows of ~12.3k columns (OPT-175B) already exceed.
     int device = 0, optin = 0;
     ZO2_CUDA_CHECK(cudaGetDevice(&device));
     ZO2_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    const std::size_t kept_bytes = static_cast<std::size_t>(w.cols) * sizeof(float);
-    const bool keep = kept_bytes + 1024 <= static_cast<std::size_t>(optin);
+    const std::size_t limit = optin > 1024 ? static_cast<std::size_t>(optin) - 1024 : 0;
+    const std::size_t kept_bytes = 4 * static_cast<std::size_t>(kept_stride(w.cols)) * sizeof(float);
+    const bool keep = kept_bytes <= limit;
     const std::size_t dynamic = keep ? kept_bytes : 0;
-    if (dynamic > 48 * 1024)
+    if (keep)
       ZO2_CUDA_CHECK(cudaFuncSetAttribute(update_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(dynamic)));
+                                          static_cast<int>(limit)));
     update_fp8_kernel<<<grid_blocks(s, w.rows * kFp8Threads, kFp8Threads), kFp8Threads, dynamic, s.stream()>>>(
         a, keep);
     ZO2_CUDA_CHECK_LAUNCH();
