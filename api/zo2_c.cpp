@@ -230,6 +230,7 @@ void fill_plan(const zo2::Placement& pl, std::int64_t blocks, zo2_plan_result* o
   out->h2d_bytes_per_step = pl.h2d_bytes_per_step;
   out->d2h_bytes_per_step = pl.d2h_bytes_per_step;
   out->predicted_transfer_s = pl.predicted_transfer_s;
+  out->host_bytes = pl.host_bytes;
 }
 
 // Reads the safetensors headers and checks every tensor the model needs is there, with

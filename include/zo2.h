@@ -288,6 +288,7 @@ typedef struct zo2_plan_result {
     uint64_t h2d_bytes_per_step;    // host→device traffic per step (bytes)
     uint64_t d2h_bytes_per_step;    // device→host traffic per step (bytes)
     double   predicted_transfer_s;  // transfer-bound step time (seconds)
+    uint64_t host_bytes;            // host memory of the master weights: globals + every block image (bytes)
 } zo2_plan_result;
 
 // Plans a session of m with p without opening the device or allocating anything.

@@ -122,6 +122,11 @@ ImageLayout block_layout(const ModelConfig& c, std::int64_t layer, DType storage
   return l;
 }
 
+std::size_t host_image_bytes(const ModelConfig& c, DType storage, std::int64_t block_images) {
+  const std::size_t block = c.num_layers > 0 ? block_layout(c, 0, storage).bytes() : 0;
+  return globals_layout(c, storage).bytes() + static_cast<std::size_t>(block_images) * block;
+}
+
 ImageLayout globals_layout(const ModelConfig& c, DType storage) {
   ImageLayout l;
   const std::int64_t h = c.hidden_size, w = c.word_embed_proj_dim;

@@ -78,6 +78,9 @@ DType slot_dtype(DType storage, int ndim);
 // Block i of the model, with tensor names as Hugging Face writes them.
 ImageLayout block_layout(const ModelConfig& c, std::int64_t layer, DType storage);
 ImageLayout globals_layout(const ModelConfig& c, DType storage);
+// Host bytes of the model's images: the globals plus `block_images` block images (every
+// block, or one when blocks share an image) — what the host block store allocates.
+std::size_t host_image_bytes(const ModelConfig& c, DType storage, std::int64_t block_images);
 
 // The name prefix of block i ("model.decoder.layers.3." / "model.layers.3.").
 std::string block_prefix(const ModelConfig& c, std::int64_t layer);

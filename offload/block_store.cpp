@@ -3,6 +3,7 @@
 #include "models/checkpoint.h"
 #include "models/init.h"
 #include "models/safetensors.h"
+#include "runtime/arena.h"
 #include "runtime/element.h"
 #include "runtime/error.h"
 #include "runtime/file_util.h"
@@ -14,6 +15,7 @@
 #include <oneapi/tbb/parallel_for.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 
 namespace zo2 {
@@ -36,6 +38,29 @@ WeightSet bind_weights(const ImageLayout& layout, void* base) {
   return w;
 }
 
+// Pinned memory cannot be swapped out: past MemAvailable the allocation fails or the kernel
+// starts killing processes, so refuse first, with the numbers.
+void check_host_memory(const ModelConfig& config, DType storage, std::int64_t images) {
+  const std::size_t need = host_image_bytes(config, storage, images);
+  const std::size_t available = host_memory_available();
+  if (need <= available) return;
+  const std::size_t globals = globals_layout(config, storage).bytes();
+  const std::size_t block = config.num_layers > 0 ? block_layout(config, 0, storage).bytes() : 0;
+  std::string hint;
+  if (storage != DType::f8_e4m3) {
+    const std::size_t fp8 = host_image_bytes(config, DType::f8_e4m3, images);
+    hint = fmt::format("; --storage-dtype fp8 would need {}{}", format_bytes(static_cast<double>(fp8)),
+                       fp8 <= available ? ", which fits" : "");
+  }
+  fail(ErrorKind::out_of_memory,
+       "host memory: the master weights ({} block images of {} and {} of globals, {} storage) need {}, but "
+       "{} is available ({}){}",
+       images, format_bytes(static_cast<double>(block)), format_bytes(static_cast<double>(globals)),
+       dtype_name(storage), format_bytes(static_cast<double>(need)), format_bytes(static_cast<double>(available)),
+       std::getenv("ZO2_HOST_MEM_AVAILABLE") != nullptr ? "ZO2_HOST_MEM_AVAILABLE" : "MemAvailable in /proc/meminfo",
+       hint);
+}
+
 BlockStore::BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks)
     : config_(config), storage_(storage), aliased_(alias_blocks) {
   if (!dtype_is_storage(storage))
@@ -44,8 +69,9 @@ BlockStore::BlockStore(const ModelConfig& config, DType storage, Device& device,
   globals_layout_ = zo2::globals_layout(config_, storage_);
   for (std::int64_t i = 0; i < config_.num_layers; ++i)
     block_layouts_.push_back(zo2::block_layout(config_, i, storage_));
-  globals_ = device.alloc_host(globals_layout_.bytes());
   const std::int64_t images = alias_blocks ? 1 : config_.num_layers;
+  check_host_memory(config_, storage_, images);
+  globals_ = device.alloc_host(globals_layout_.bytes());
   for (std::int64_t i = 0; i < images; ++i) blocks_.push_back(device.alloc_host(block_bytes()));
 }
 

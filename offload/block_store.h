@@ -19,6 +19,11 @@ namespace zo2 {
 // tensor keys from their HF names.
 WeightSet bind_weights(const ImageLayout& layout, void* base);
 
+// Throws Error(out_of_memory) before anything is allocated when the images of `config` in
+// `storage` dtype (the globals plus `block_images` block images) exceed the host memory
+// available (host_memory_available()), naming the bytes and what fp8 storage would need.
+void check_host_memory(const ModelConfig& config, DType storage, std::int64_t block_images);
+
 class BlockStore {
  public:
   // Reads an HF checkpoint directory into images of `storage` dtype (in parallel).

@@ -44,6 +44,7 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   const std::int64_t L = config.num_layers;
   p.block_bytes = block_layout(config, 0, r.storage).bytes();
   p.globals_bytes = align_up(globals_layout(config, r.storage).bytes());
+  p.host_bytes = host_image_bytes(config, r.storage, config.num_layers);
   const ModelGraph graph(config, r.compute, r.limits);
   p.limits = graph.limits();
   p.workspace = graph.workspace_plan(r.branches, r.batch, r.seq);
@@ -150,6 +151,7 @@ std::string Placement::describe(const ModelConfig& config) const {
   line("cap", static_cast<double>(cap));
   line("minimum cap (all streamed)", static_cast<double>(minimum_cap));
   line("block image", static_cast<double>(block_bytes));
+  line("host memory (master weights)", static_cast<double>(host_bytes));
   s += fmt::format("  {:<28} {:>12} up, {} down\n", "transfer per step",
                    format_bytes(static_cast<double>(h2d_bytes_per_step)),
                    format_bytes(static_cast<double>(d2h_bytes_per_step)));

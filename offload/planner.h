@@ -53,6 +53,9 @@ struct Placement {
   std::size_t total_bytes = 0;      // predicted arena peak
   std::size_t cap = 0;
   std::size_t minimum_cap = 0;      // smallest cap this request could run under (all streamed, K slots)
+  // The host block store: globals and one image per block (the pinned master weights;
+  // BlockStore allocates exactly this, one image in all with aliased blocks).
+  std::size_t host_bytes = 0;
   std::size_t h2d_bytes_per_step = 0;
   std::size_t d2h_bytes_per_step = 0;
   double predicted_transfer_s = 0;  // max(h2d, d2h) bytes / bandwidth per step

@@ -1,9 +1,14 @@
 #include "runtime/device.h"
 
+#include "runtime/arena.h"
 #include "runtime/common.h"
+#include "runtime/error.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <limits>
 #include <string>
 
 namespace zo2 {
@@ -41,6 +46,25 @@ HostBuffer host_alloc_aligned(std::size_t bytes) {
          format_bytes(static_cast<double>(size)));
   std::memset(p, 0, size);
   return HostBuffer(p, bytes, false, [](void* q) { std::free(q); });
+}
+
+std::size_t host_memory_available() {
+  if (const char* env = std::getenv("ZO2_HOST_MEM_AVAILABLE"); env != nullptr && *env != '\0') {
+    try {
+      return parse_byte_size(env);
+    } catch (const Error& e) {
+      fail(ErrorKind::invalid_argument, "ZO2_HOST_MEM_AVAILABLE: {}", e.what());
+    }
+  }
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  std::uint64_t kib = 0;
+  std::string unit;
+  while (meminfo >> key >> kib) {
+    std::getline(meminfo, unit);
+    if (key == "MemAvailable:") return static_cast<std::size_t>(kib) * 1024;
+  }
+  return std::numeric_limits<std::size_t>::max();
 }
 
 std::unique_ptr<Device> make_device(const DeviceOptions& options) {

@@ -140,6 +140,11 @@ class Device {
   virtual std::size_t pinned_host_bytes() const = 0;
 };
 
+// Host memory a new allocation can take without swapping: /proc/meminfo's MemAvailable;
+// ZO2_HOST_MEM_AVAILABLE (a size such as 64G) overrides it — to cap zo2's host memory below
+// what the machine has, and for tests. SIZE_MAX where neither is known.
+std::size_t host_memory_available();
+
 // kind = cpu always works; cuda needs a CUDA build and a device (clear error otherwise).
 std::unique_ptr<Device> make_device(const DeviceOptions& options);
 // "cpu", "cuda", "cuda:1", "auto" (cuda when a device exists, else cpu).

@@ -106,6 +106,30 @@ TEST(Cli, PlanReportsAPlacementWithoutAllocatingTheModel) {
   EXPECT_NE(out.find("minimum"), std::string::npos) << out;
 }
 
+// The host memory a run needs, before it allocates any: ANCHORS.md asks for OPT-175B in
+// ≤ 360 GB of host memory with bf16 storage and ≤ 190 GB with fp8 (ZO2 asks for ≥ 600 GB).
+TEST(Cli, PlanStatesTheHostMemoryOfTheMasterWeights) {
+  for (const auto& [dtype, limit_gb] : {std::pair<std::string, double>{"bf16", 360}, {"fp8", 190}}) {
+    std::string out;
+    ASSERT_EQ(run("plan --preset opt-175b --gpu-mem 12G --seq-len 2048 --storage-dtype " + dtype + " --json", &out), 0)
+        << out;
+    const auto j = nlohmann::json::parse(out);
+    const auto host = j["host_bytes"].get<std::uint64_t>();
+    // Every block image plus the globals (the plan's globals are rounded up to an allocation
+    // boundary; the host image is not).
+    const double images = 96.0 * j["block_bytes"].get<double>() + j["globals_bytes"].get<double>();
+    EXPECT_NEAR(static_cast<double>(host), images, 4096.0);
+    const double params = j["params"].get<double>();
+    // At least the weights themselves (fp8 adds per-row scales and bf16 vectors), at most the target.
+    EXPECT_GE(static_cast<double>(host), params * (dtype == "bf16" ? 2.0 : 1.0));
+    EXPECT_LE(static_cast<double>(host), limit_gb * 1e9) << dtype;
+    std::printf("OPT-175B, %s storage: %.1f GB of host memory (target <= %.0f GB)\n", dtype.c_str(),
+                static_cast<double>(host) / 1e9, limit_gb);
+    ASSERT_EQ(run("plan --preset opt-175b --gpu-mem 12G --seq-len 2048 --storage-dtype " + dtype, &out), 0) << out;
+    EXPECT_NE(out.find("host memory (master weights)"), std::string::npos) << out;
+  }
+}
+
 TEST(Cli, LossFallsClearlyOnALearnableTask) {
   Workspace w;
   const auto log = w.tmp / "log.jsonl";

@@ -2,7 +2,11 @@
 // expectation thanks to stochastic rounding, bytes moved scale with the storage width,
 // and a tiny model's loss trajectory with bf16 storage stays close to fp32 storage.
 #include "api/session.h"
+#include "models/layout.h"
 #include "models/presets.h"
+#include "offload/block_store.h"
+#include "offload/planner.h"
+#include "runtime/device.h"
 #include "runtime/cpu/cpu_kernels.h"
 #include "runtime/dtype_convert.h"
 #include "runtime/element.h"
@@ -147,6 +151,51 @@ TEST(Storage, BytesMovedPerStepScaleWithTheStorageWidth) {
   EXPECT_LT(ratio(fp8), 0.28);
   std::printf("bytes offloaded per step: fp32 %zu, bf16 %zu, fp16 %zu, fp8 %zu\n", f32.d2h[2], bf16.d2h[2], f16.d2h[2], fp8.d2h[2]);
   EXPECT_EQ(f32.h2d[2] - f32.d2h[2], bf16.h2d[2] - bf16.d2h[2]) << "the batch upload does not depend on storage";
+}
+
+// The host block store checks the host memory before it allocates: with less available than
+// the master weights need it refuses, naming the numbers (and fp8's), and allocates nothing;
+// with exactly enough it is built, at the size the planner predicts.
+TEST(Storage, TheBlockStoreRefusesMasterWeightsLargerThanTheHostMemoryAvailable) {
+  const ModelConfig c = find_preset("opt-tiny").config;
+  DeviceOptions o;
+  o.kind = DeviceKind::cpu;
+  o.mem_cap = std::size_t{64} << 20;
+  auto device = make_device(o);
+  const std::size_t need = host_image_bytes(c, DType::bf16, c.num_layers);
+  {
+    const test::ScopedEnv limit("ZO2_HOST_MEM_AVAILABLE", std::to_string(need - 1).c_str());
+    try {
+      BlockStore::synthetic(c, DType::bf16, *device, 1);
+      ADD_FAILURE() << "a store larger than the host memory available was built";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::out_of_memory);
+      const std::string m = e.what();
+      for (const char* piece : {"host memory", "bf16 storage", "ZO2_HOST_MEM_AVAILABLE", "--storage-dtype fp8 would need",
+                                ", which fits"})
+        EXPECT_NE(m.find(piece), std::string::npos) << piece << " in: " << m;
+    }
+    EXPECT_EQ(device->pinned_host_bytes(), 0u);
+    // Aliased blocks (benchmarks) need one block image only.
+    EXPECT_NO_THROW(BlockStore::synthetic(c, DType::bf16, *device, 1, /*alias_blocks=*/true));
+  }
+  {
+    const test::ScopedEnv limit("ZO2_HOST_MEM_AVAILABLE", std::to_string(need).c_str());
+    const BlockStore store = BlockStore::synthetic(c, DType::bf16, *device, 1);
+    EXPECT_EQ(store.host_bytes(), need);
+    PlanRequest r;
+    r.cap = std::size_t{64} << 20;
+    r.storage = DType::bf16;
+    r.seq = 16;
+    EXPECT_EQ(plan_placement(c, r).host_bytes, need) << "the planner's prediction is the store's size";
+  }
+  const test::ScopedEnv bad("ZO2_HOST_MEM_AVAILABLE", "lots");
+  try {
+    BlockStore::synthetic(c, DType::bf16, *device, 1);
+    ADD_FAILURE() << "a bad ZO2_HOST_MEM_AVAILABLE was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("ZO2_HOST_MEM_AVAILABLE"), std::string::npos) << e.what();
+  }
 }
 
 // opt-tiny on a permutation-chain task (as `zo2-tune synth-data` makes): learnable in a

@@ -77,6 +77,7 @@ Runner add_plan(CLI::App& app) {
     j["h2d_bytes_per_step"] = pl.h2d_bytes_per_step;
     j["d2h_bytes_per_step"] = pl.d2h_bytes_per_step;
     j["predicted_transfer_s"] = pl.predicted_transfer_s;
+    j["host_bytes"] = pl.host_bytes;
     fmt::print("{}\n", j.dump(2));
     return 0;
   };
