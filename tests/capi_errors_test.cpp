@@ -322,6 +322,10 @@ TEST_F(CApi, CapBelowThePlansMinimumIsOutOfMemoryAndPlanStillReportsTheMinimum) 
   ASSERT_EQ(zo2_session_plan(session_, &actual), 0);
   EXPECT_EQ(actual.n_streamed, plan.n_streamed);
   EXPECT_EQ(actual.device_bytes, plan.device_bytes);
+  // The master weights on the host: both block images and the globals.
+  EXPECT_GE(plan.host_bytes, 2 * plan.block_bytes + 1);
+  EXPECT_LE(plan.host_bytes, 2 * plan.block_bytes + plan.globals_bytes);
+  EXPECT_EQ(actual.host_bytes, plan.host_bytes);
   const zo2_batch b = batch();
   zo2_step_result r;
   EXPECT_EQ(zo2_session_step(session_, &b, &r), 0) << zo2_last_error();
