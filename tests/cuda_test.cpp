@@ -141,6 +141,20 @@ class CudaTest : public ::testing::Test {
     return from_bytes(download<std::uint8_t>(p, n * dtype_size(dt)), dt);
   }
   Ops& ops() { return device->ops(); }
+  // Two deferred updates with projected gradient g (seeds seed, seed + 1; rounding seeds
+  // rounding, rounding + 1), one on the device tensor and one with the CPU twin on its host
+  // copy — the second starts from the first's rounded weights.
+  void update_twice_on_both(const StoredTensor& dev, const StoredTensor& host, float g, std::uint64_t seed,
+                            std::uint64_t rounding) {
+    DeviceBuffer dg = upload(std::vector<float>{g});
+    for (std::uint64_t step = 0; step < 2; ++step) {
+      const UpdateArgs dev_args{seed + step, 1e-3f, 0.01f, dg.as<float>(), rounding + step};
+      UpdateArgs host_args = dev_args;
+      host_args.g = &g;
+      ops().update(*stream, dev, dev_args);
+      cpu::update(host, host_args);
+    }
+  }
 
   std::unique_ptr<Device> device;
   std::unique_ptr<Stream> stream;
@@ -456,15 +470,7 @@ TEST_F(CudaTest, PerturbAndUpdateEqualCpuBitForBitForEveryStorageAndComputeDtype
           ASSERT_EQ(download<std::uint8_t>(plus.data(), out_bytes), cpu_plus) << "plain dequantization";
         }
       // The update, twice (so the second starts from rounded weights), against the CPU.
-      DeviceBuffer dg = upload(std::vector<float>{0.75f});
-      const float g = 0.75f;
-      for (int step = 0; step < 2; ++step) {
-        const UpdateArgs dev_args{100u + step, 1e-3f, 0.01f, dg.as<float>(), 200u + step};
-        UpdateArgs host_args = dev_args;
-        host_args.g = &g;
-        ops().update(*stream, dev_w, dev_args);
-        cpu::update(host_w, host_args);
-      }
+      update_twice_on_both(dev_w, host_w, 0.75f, 100u, 200u);
       ASSERT_EQ(download<std::uint8_t>(dw.data(), s.bytes.size()), s.bytes) << dtype_name(sdt) << " C=" << C;
       if (!s.scales.empty()) {
         ASSERT_EQ(download<float>(dscales.data(), s.scales.size()), s.scales);
@@ -487,15 +493,7 @@ TEST_F(CudaTest, Fp8UpdateOfWideRowsEqualsTheCpuBitForBit) {
     DeviceBuffer dw = upload(s.bytes), dscales = upload(s.scales);
     const StoredTensor dev_w{dw.data(), DType::f8_e4m3, dscales.as<float>(), R, C, 0x5eed5ULL};
     const StoredTensor host_w{s.bytes.data(), DType::f8_e4m3, s.scales.data(), R, C, dev_w.key};
-    DeviceBuffer dg = upload(std::vector<float>{-1.25f});
-    const float g = -1.25f;
-    for (int step = 0; step < 2; ++step) {
-      const UpdateArgs dev_args{300u + step, 1e-3f, 0.01f, dg.as<float>(), 400u + step};
-      UpdateArgs host_args = dev_args;
-      host_args.g = &g;
-      ops().update(*stream, dev_w, dev_args);
-      cpu::update(host_w, host_args);
-    }
+    update_twice_on_both(dev_w, host_w, -1.25f, 300u, 400u);
     ASSERT_EQ(download<std::uint8_t>(dw.data(), s.bytes.size()), s.bytes) << "C=" << C;
     ASSERT_EQ(download<float>(dscales.data(), s.scales.size()), s.scales) << "C=" << C;
   }
