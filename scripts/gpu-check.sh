@@ -42,7 +42,7 @@ budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
 # Which phases to run (they run in the order of the code below; a rerun after a fix names
 # only what it needs):
-phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_175b streamed_fp8 resident_block resident_fused resident_epilogue micro sanitize streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
+phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_175b streamed_fp8 streamed_fp8_regenerate resident_block resident_fused resident_epilogue micro sanitize streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -98,6 +98,10 @@ ZO2_GPU_STEPS=1 bench streamed_175b --presets opt-175b --gpu-mem 12G --offload a
 # note); this is its measure.
 bench streamed_fp8 --presets opt-6.7b,opt-30b --gpu-mem 8.1G --offload all --alias-blocks \
   --storage-dtype fp8 --compute-dtype bf16 --mezo-baseline off
+# The same rows with the old fp8 update (z regenerated in its second pass): the same-run
+# measure of that change.
+ZO2_CUDA_FP8_UPDATE=regenerate bench streamed_fp8_regenerate --presets opt-6.7b,opt-30b --gpu-mem 8.1G \
+  --offload all --alias-blocks --storage-dtype fp8 --compute-dtype bf16 --mezo-baseline off
 # The same resident rows with the block-per-row softmax that the row softmax replaced (Note
 # [Row softmax in registers], runtime/cuda/attention.cu): the same-run measure of its gain.
 ZO2_CUDA_ATTENTION=chunked-block bench resident_block --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \

@@ -18,13 +18,14 @@
 // Between the passes the values wait in the block's shared memory (one fp32 per element of
 // the row; each thread reads back only what it wrote), so z is generated once per element
 // as for the other dtypes; a row too wide for the device's shared memory (more than ~56k
-// columns on H100/H200) regenerates z in the second pass instead. Either way the values
-// are the same floats, and the max is exact and order-independent, so the bytes and the
-// scale equal the CPU's.
+// columns on H100/H200) regenerates z in the second pass instead, as does
+// ZO2_CUDA_FP8_UPDATE=regenerate. Either way the values are the same floats, and the max is
+// exact and order-independent, so the bytes and the scale equal the CPU's.
 #include "runtime/cuda/kernel_util.cuh"
 #include "runtime/cuda/kernels.h"
 #include "runtime/element.h"
 
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -312,6 +313,18 @@ void dispatch_storage(DType dt, const char* op, Fn&& f) {
   }
 }
 
+// ZO2_CUDA_FP8_UPDATE: "kept" (default; the values wait in shared memory) or "regenerate"
+// (z generated again in the second pass, as before) — for a same-run comparison, and a way
+// around the kept path should it ever misbehave. Read at every call.
+bool fp8_update_keeps_values() {
+  const char* env = std::getenv("ZO2_CUDA_FP8_UPDATE");
+  if (env == nullptr || *env == '\0') return true;
+  const std::string v(env);
+  if (v == "kept") return true;
+  if (v == "regenerate") return false;
+  throw_invalid_argument("ZO2_CUDA_FP8_UPDATE='" + v + "': expected 'kept' or 'regenerate'");
+}
+
 }  // namespace
 
 void perturb(KernelStream& s, const StoredTensor& w, std::int64_t row_begin,
@@ -368,7 +381,7 @@ void update(KernelStream& s, const StoredTensor& w, const UpdateArgs& args) {
     ZO2_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     const std::size_t limit = optin > 1024 ? static_cast<std::size_t>(optin) - 1024 : 0;
     const std::size_t kept_bytes = 4 * static_cast<std::size_t>(kept_stride(w.cols)) * sizeof(float);
-    const bool keep = kept_bytes <= limit;
+    const bool keep = kept_bytes <= limit && fp8_update_keeps_values();
     const std::size_t dynamic = keep ? kept_bytes : 0;
     if (keep)
       ZO2_CUDA_CHECK(cudaFuncSetAttribute(update_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
