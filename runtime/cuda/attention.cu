@@ -73,8 +73,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
-#include <string_view>
 #include <type_traits>
 
 namespace zo2::cuda {
@@ -269,14 +267,7 @@ enum class Path { chunked, chunked_block, fused };
 
 // ZO2_CUDA_ATTENTION, read at every call (tests switch it between calls).
 Path path_from_env() {
-  const char* env = std::getenv("ZO2_CUDA_ATTENTION");
-  if (env == nullptr || *env == '\0') return Path::chunked;
-  const std::string_view choice(env);
-  if (choice == "chunked") return Path::chunked;
-  if (choice == "chunked-block") return Path::chunked_block;
-  if (choice == "fused") return Path::fused;
-  throw_unsupported("ZO2_CUDA_ATTENTION='" + std::string(choice) +
-                    "': expected 'chunked', 'chunked-block' or 'fused'");
+  return static_cast<Path>(env_choice("ZO2_CUDA_ATTENTION", {"chunked", "chunked-block", "fused"}));
 }
 
 // ---- the fused kernel (Note [Fused attention]) ----

@@ -3,6 +3,9 @@
 
 #include "runtime/error.h"
 
+#include <cstdlib>
+#include <string_view>
+
 namespace zo2::cuda {
 
 void throw_cuda_error(cudaError_t error, const char* statement, const char* file, int line) {
@@ -27,6 +30,24 @@ void throw_unsupported(const std::string& message) {
 
 void throw_invalid_argument(const std::string& message) {
   throw Error(ErrorKind::invalid_argument, message);
+}
+
+int env_choice(const char* name, std::initializer_list<const char*> choices) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return 0;
+  const std::string_view value(env);
+  int i = 0;
+  for (const char* c : choices) {
+    if (value == c) return i;
+    ++i;
+  }
+  std::string expected;
+  i = 0;
+  for (const char* c : choices) {
+    expected += fmt::format("{}'{}'", i == 0 ? "" : (i + 1 == static_cast<int>(choices.size()) ? " or " : ", "), c);
+    ++i;
+  }
+  throw Error(ErrorKind::invalid_argument, fmt::format("{}='{}': expected {}", name, value, expected));
 }
 
 }  // namespace zo2::cuda

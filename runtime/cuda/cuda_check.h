@@ -17,6 +17,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <initializer_list>
 #include <string>
 #include <utility>
 
@@ -29,6 +30,12 @@ namespace zo2::cuda {
 // Error(ErrorKind::unsupported / invalid_argument) with a ready message, for kernel files.
 [[noreturn]] void throw_unsupported(const std::string& message);
 [[noreturn]] void throw_invalid_argument(const std::string& message);
+
+// A kernel switch from the environment (ZO2_CUDA_ATTENTION, ZO2_CUDA_GEMM_EPILOGUE, ...),
+// read at every call so tests can flip it: the index of its value among `choices`, 0 (the
+// default) when unset or empty; any other value is Error(invalid_argument) naming the
+// variable, the value and the choices.
+int env_choice(const char* name, std::initializer_list<const char*> choices);
 
 inline void check_status(cudaError_t error, const char* statement, const char* file, int line) {
   if (error != cudaSuccess) throw_cuda_error(error, statement, file, line);

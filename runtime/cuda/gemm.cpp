@@ -43,12 +43,10 @@
 #include "runtime/error.h"
 
 #include <climits>
-#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <string_view>
 #include <tuple>
 #include <type_traits>
 
@@ -121,14 +119,7 @@ std::map<AlgoKey, std::optional<cublasLtMatmulAlgo_t>>& algo_cache() {
 
 }  // namespace
 
-bool gemm_epilogue_enabled() {
-  const char* env = std::getenv("ZO2_CUDA_GEMM_EPILOGUE");
-  if (env == nullptr) return false;
-  const std::string_view v(env);
-  if (v.empty() || v == "0" || v == "off") return false;
-  if (v == "1" || v == "on") return true;
-  throw_invalid_argument("ZO2_CUDA_GEMM_EPILOGUE='" + std::string(v) + "': expected 1/on or 0/off");
-}
+bool gemm_epilogue_enabled() { return env_choice("ZO2_CUDA_GEMM_EPILOGUE", {"0", "off", "1", "on"}) >= 2; }
 
 bool linear_epilogue(KernelStream& s, const Mat& x, const Mat& w, const Mat& y, const void* bias, bool relu,
                      const Mat* residual) {

@@ -25,7 +25,6 @@
 #include "runtime/cuda/kernels.h"
 #include "runtime/element.h"
 
-#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -316,14 +315,7 @@ void dispatch_storage(DType dt, const char* op, Fn&& f) {
 // ZO2_CUDA_FP8_UPDATE: "kept" (default; the values wait in shared memory) or "regenerate"
 // (z generated again in the second pass, as before) — for a same-run comparison, and a way
 // around the kept path should it ever misbehave. Read at every call.
-bool fp8_update_keeps_values() {
-  const char* env = std::getenv("ZO2_CUDA_FP8_UPDATE");
-  if (env == nullptr || *env == '\0') return true;
-  const std::string v(env);
-  if (v == "kept") return true;
-  if (v == "regenerate") return false;
-  throw_invalid_argument("ZO2_CUDA_FP8_UPDATE='" + v + "': expected 'kept' or 'regenerate'");
-}
+bool fp8_update_keeps_values() { return env_choice("ZO2_CUDA_FP8_UPDATE", {"kept", "regenerate"}) == 0; }
 
 }  // namespace
 
