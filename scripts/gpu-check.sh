@@ -42,7 +42,7 @@ budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
 # Which phases to run (they run in the order of the code below; a rerun after a fix names
 # only what it needs):
-phases="${ZO2_GPU_PHASES:-tests resident resident_30b streamed_175b streamed_fp8 streamed_fp8_regenerate resident_block resident_fused resident_epilogue micro sanitize streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
+phases="${ZO2_GPU_PHASES:-tests resident resident_13b resident_30b streamed_175b resident_fused resident_epilogue resident_fused_epilogue streamed_fp8 streamed_fp8_regenerate resident_block micro sanitize streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -52,21 +52,50 @@ note "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format
 note "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 has() { case " $phases " in *" $1 "*) return 0 ;; esac; return 1; }
+drop() {  # drop a phase, saying why
+  has "$1" || return 0
+  phases=" $phases "; phases=${phases// $1 / }
+  note "phase $1 dropped: $2"
+}
 limit() {  # a phase's time limit: its budget, cut to what is left before the deadline
   local left=$(( deadline - SECONDS ))
   [ "$left" -lt "$1" ] && echo "$left" || echo "$1"
 }
 
-# 1. GPU tests (they skip nothing here: a device exists).
-if has tests; then
+# 1. GPU tests (they skip nothing here: a device exists). The kernels written without a GPU
+#    run in processes of their own, so that a fault in one (a CUDA error is sticky for the
+#    process) neither hides the others' results nor fails tests that did nothing wrong; the
+#    phases that measure a kernel whose tests failed are dropped, and a failing default fp8
+#    update sends the later rows to the old one.
+gpu_tests() {  # name, filter
+  local name=$1 filter=$2 start rc
   start=$(date +%s)
-  timeout "$(limit "$budget_tests")" "$(command -v zo2_tests)" --gtest_filter="${ZO2_GPU_TEST_FILTER:-*Cuda*}" \
-    --gtest_output="xml:$work/gpu_tests.xml" > "$work/gpu_tests.log" 2>&1
+  timeout "$(limit "$budget_tests")" "$(command -v zo2_tests)" --gtest_filter="$filter" \
+    --gtest_output="xml:$work/gpu_tests_$name.xml" > "$work/gpu_tests_$name.log" 2>&1
   rc=$?
-  note "gpu tests: rc=$rc in $(( $(date +%s) - start )) s; $(grep -E '^\[  (PASSED|FAILED) ' "$work/gpu_tests.log" | tr '\n' ' ')"
-  grep -E '^\[  FAILED  \]' "$work/gpu_tests.log" | head -20 >> "$summary"
-  [ $rc -eq 124 ] && tail -5 "$work/gpu_tests.log" >> "$summary"
-  cp "$work/gpu_tests.log" "$out/gpu_tests.log"
+  note "gpu tests ($name): rc=$rc in $(( $(date +%s) - start )) s; $(grep -E '^\[  (PASSED|FAILED) ' "$work/gpu_tests_$name.log" | tr '\n' ' ')"
+  grep -E '^\[  FAILED  \]' "$work/gpu_tests_$name.log" | head -20 >> "$summary"
+  if [ $rc -gt 1 ]; then  # a crash or a timeout: name the test it was in
+    note "gpu tests ($name): ended in $(grep -E '^\[ RUN      \]' "$work/gpu_tests_$name.log" | tail -1)"
+    tail -5 "$work/gpu_tests_$name.log" >> "$summary"
+  fi
+  cat "$work/gpu_tests_$name.log" >> "$out/gpu_tests.log"
+  return $rc
+}
+fused_ok=1
+if has tests; then
+  : > "$out/gpu_tests.log"
+  if [ -n "${ZO2_GPU_TEST_FILTER:-}" ]; then
+    gpu_tests filtered "$ZO2_GPU_TEST_FILTER"
+  else
+    gpu_tests fused '*CudaFusedAttention*' ||
+      { fused_ok=0; drop resident_fused "fused attention tests failed"; drop resident_fused_epilogue "fused attention tests failed"; }
+    gpu_tests epilogue '*CudaLinear*:*OpsTest.Linear*/Cuda' ||
+      { drop resident_epilogue "linear/epilogue tests failed"; drop resident_fused_epilogue "linear/epilogue tests failed"; }
+    gpu_tests fp8 '*Fp8Update*:CudaTest.PerturbAndUpdateEqualCpuBitForBit*' ||
+      { export ZO2_CUDA_FP8_UPDATE=regenerate; note "fp8 update tests failed: later rows use ZO2_CUDA_FP8_UPDATE=regenerate"; }
+    gpu_tests rest '*Cuda*:-*CudaFusedAttention*:*CudaLinear*:*OpsTest.Linear*/Cuda:*Fp8Update*:CudaTest.PerturbAndUpdateEqualCpuBitForBit*'
+  fi
   pack_results
 fi
 
@@ -85,14 +114,29 @@ bench() {  # name, then zo2-bench flags
   grep -iE 'error|fail' "$work/bench_$name.log" | grep -v '^[|{]' | head -5 >> "$summary"
   pack_results
 }
-bench resident --presets opt-1.3b,opt-6.7b,opt-13b --gpu-mem none --offload none \
+budget_bench=60 bench resident --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline auto
-bench resident_30b --presets opt-30b --gpu-mem none --offload none --alias-blocks \
+# OPT-13B resident with its own master weights (26 GB of pinned host memory, synthesized):
+# the slowest row to set up, and the one issue 8 still lacks.
+budget_bench=110 bench resident_13b --presets opt-13b --gpu-mem none --offload none \
+  --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline auto
+budget_bench=80 bench resident_30b --presets opt-30b --gpu-mem none --offload none --alias-blocks \
+  --storage-dtype bf16,fp8 --compute-dtype bf16 --mezo-baseline off
+# OPT-175B in 12 GB: --offload auto takes 2 slots (the planner: 9.11 GiB); ~7 s a step at
+# the PCIe floor, so one warm-up and one measured step.
+ZO2_GPU_STEPS=1 budget_bench=90 bench streamed_175b --presets opt-175b --gpu-mem 12G --offload auto --alias-blocks \
   --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
-# The rows issue 8 still lacks (13B/30B resident above, 175B in 12 GB) and the new
-# softmax's same-run comparison come before the rows earlier runs already measured.
-ZO2_GPU_STEPS=1 bench streamed_175b --presets opt-175b --gpu-mem 12G --offload auto --alias-blocks \
-  --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
+# The resident rows again with the kernels written without a GPU (opt-in; their tests
+# above decide whether they run): the register-resident mma.sync attention of Note [Fused
+# attention] (runtime/cuda/attention.cu), the cuBLASLt epilogues of Note [GEMM epilogues]
+# (runtime/cuda/gemm.cpp), and both; each against the `resident` rows of this run, to
+# decide whether it becomes the default.
+ZO2_CUDA_ATTENTION=fused bench resident_fused --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
+  --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
+ZO2_CUDA_GEMM_EPILOGUE=1 bench resident_epilogue --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
+  --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
+ZO2_CUDA_ATTENTION=fused ZO2_CUDA_GEMM_EPILOGUE=1 bench resident_fused_epilogue --presets opt-1.3b,opt-6.7b \
+  --gpu-mem none --offload none --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
 # fp8 storage, streamed at ZO2's footprint: compute-bound rows, the closest to the ≥ 2× ZO2
 # target (30B: 1.91×). The fp8 update now generates z once per element (noise.cu, the fp8
 # note); this is its measure.
@@ -106,14 +150,6 @@ ZO2_CUDA_FP8_UPDATE=regenerate bench streamed_fp8_regenerate --presets opt-6.7b,
 # [Row softmax in registers], runtime/cuda/attention.cu): the same-run measure of its gain.
 ZO2_CUDA_ATTENTION=chunked-block bench resident_block --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
-# And with the register-resident mma.sync kernel of Note [Fused attention] (opt-in; written
-# without a GPU): the same-run measure of whether it should become the default.
-ZO2_CUDA_ATTENTION=fused bench resident_fused --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
-  --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
-# And with the bias and ReLU in cuBLASLt epilogues (Note [GEMM epilogues], runtime/cuda/
-# gemm.cpp; opt-in, written without a GPU).
-ZO2_CUDA_GEMM_EPILOGUE=1 bench resident_epilogue --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
-  --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
 # Kernel microbenchmarks on the GPU (Google Benchmark): the attention at 2048 tokens with
 # the row softmax (default), the block-per-row softmax and the fused kernel; GEMM, perturb,
 # update.
@@ -122,6 +158,7 @@ micro() {
   local start lim path filter
   start=$(date +%s)
   for path in chunked chunked-block fused; do
+    if [ "$path" = fused ] && [ "$fused_ok" = 0 ]; then note "micro (fused): skipped, its tests failed"; continue; fi
     lim=$(limit 40)
     if [ "$lim" -lt 15 ]; then note "micro ($path): skipped, $lim s left before the deadline"; continue; fi
     # every kernel once; then the attention with the other two paths (and the linear layer
