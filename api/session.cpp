@@ -41,18 +41,20 @@ std::unique_ptr<Device> open_device(const SessionConfig& cfg) {
 }  // namespace
 
 // Note [Arena sized to the plan]
-//   Without --gpu-mem the device arena is first reserved over the whole device (CUDA: all
-//   free memory less 512 MiB), the plan is made against it, and then the device is reopened
-//   with an arena of the plan's bytes plus kArenaSlack. Otherwise a 1.3B model would hold
-//   139 GiB of an H200 for the session's life, the driver-reported memory of the process
-//   would say nothing about zo2 (ANCHORS.md compares that figure), and other processes
-//   could not share the GPU. The re-plan in init() against the smaller arena gives the same
-//   placement (the plan fits its own bytes). The slack absorbs allocator fragmentation and
-//   scratch growth beyond the plan. With --gpu-mem the arena is the cap, as the user named.
+//   The device arena is first reserved at the cap (--gpu-mem; without one, the whole device:
+//   CUDA's free memory less 512 MiB), the plan is made against it, and then the device is
+//   reopened with an arena of the plan's bytes plus kArenaSlack where that is smaller. The
+//   cap is a ceiling, not a reservation: otherwise a 1.3B model would hold 139 GiB of an
+//   H200 for the session's life, OPT-175B at --gpu-mem 12G would hold 12 GiB where its plan
+//   needs 9.11 (an H100 run at e4931a4 measured the process at 12.59 GiB: the whole cap plus
+//   the CUDA context), the driver-reported memory of the process — the figure ANCHORS.md
+//   compares, the way ZO2 measured — would say nothing about zo2, and other processes could
+//   not share the GPU. The re-plan in init() against the smaller arena gives the same
+//   placement (the plan fits its own bytes, and a smaller cap never places more). The slack
+//   absorbs allocator fragmentation and scratch growth beyond the plan.
 constexpr std::size_t kArenaSlack = std::size_t{256} << 20;
 
 void Session::fit_arena_to(const Placement& plan) {
-  if (cfg_.gpu_mem != 0) return;
   const std::size_t want = plan.total_bytes + kArenaSlack;
   if (want >= device_->arena().capacity()) return;
   SessionConfig c = cfg_;

@@ -257,6 +257,7 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
       if (const char* v = std::getenv(var); v != nullptr && *v != '\0') kernel_env[var] = v;
     row["kernel_env"] = kernel_env;
     row["device_peak_bytes"] = s.device_peak();
+    row["arena_bytes"] = s.device().arena().capacity();  // the plan plus slack, at most the cap
     row["driver_used_bytes"] = s.device().driver_used_bytes();
     row["pinned_host_bytes"] = s.device().pinned_host_bytes();
     row["host_store_bytes"] = s.store().host_bytes();

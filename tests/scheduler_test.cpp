@@ -238,10 +238,10 @@ INSTANTIATE_TEST_SUITE_P(Families, SchedulerModels, ::testing::Values("opt", "ll
 
 // ---- a plain MeZO, no scheduler: the test's own fp64 forward and fp32 master weights ----
 
-// Note [Arena sized to the plan] (api/session.cpp): without a cap the arena keeps the plan's
-// bytes plus 256 MiB of slack, not the whole device, and the run is the same bit for bit;
-// with a cap the arena is the cap.
-TEST(SessionArena, WithoutACapTheArenaHoldsThePlanNotTheDevice) {
+// Note [Arena sized to the plan] (api/session.cpp): the arena keeps the plan's bytes plus
+// 256 MiB of slack, not the whole device or the whole cap, and never more than the cap; the
+// run is the same bit for bit.
+TEST(SessionArena, TheArenaHoldsThePlanNotTheDeviceOrTheCap) {
   test::TempDir tmp;
   const ModelConfig c = small_llama(3);
   test::write_random_checkpoint(tmp.path(), c, 5);
@@ -259,7 +259,15 @@ TEST(SessionArena, WithoutACapTheArenaHoldsThePlanNotTheDevice) {
   capped.gpu_mem = std::size_t{1} << 30;
   {
     Session s(tmp.path(), capped);
-    EXPECT_EQ(s.device().arena().capacity(), std::size_t{1} << 30);
+    EXPECT_EQ(s.device().arena().capacity(), planned + (std::size_t{256} << 20)) << "a cap is not a reservation";
+    EXPECT_EQ(s.placement().total_bytes, planned);
+  }
+  {
+    // A cap under the plan plus the slack is kept as it is.
+    SessionConfig tight = cfg;
+    tight.gpu_mem = planned + (std::size_t{100} << 20);
+    Session s(tmp.path(), tight);
+    EXPECT_EQ(s.device().arena().capacity(), tight.gpu_mem);
     EXPECT_EQ(s.placement().total_bytes, planned);
   }
   const TrainRun a = train(tmp.path(), cfg, 4), b = train(tmp.path(), capped, 4);
