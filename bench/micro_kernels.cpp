@@ -112,8 +112,8 @@ void gemm(benchmark::State& state, DeviceKind kind, DType dtype) {
 }
 
 // A linear layer as the graph runs it (Ops::linear): y = relu(x·Wᵀ + b) when relu, else
-// h += x·Wᵀ + b (the residual form). On CUDA, ZO2_CUDA_GEMM_EPILOGUE=1 fuses the bias,
-// ReLU and residual into the GEMM (Note [GEMM epilogues]); compare with Kernel.Gemm.
+// h += x·Wᵀ + b (the residual form). On CUDA the bias, ReLU and residual are fused
+// into the GEMM (Note [GEMM epilogues]; ZO2_CUDA_GEMM_EPILOGUE=0: separate passes).
 void linear(benchmark::State& state, DeviceKind kind, DType dtype) {
   Backend& b = backend(kind);
   const std::int64_t tokens = state.range(0), in = state.range(1), out = state.range(2);

@@ -3,29 +3,30 @@
 # (15 minutes of device time, start included). Here:   ../shared/tools/gpu-pack.sh
 # (the pack is 57 MiB, the tracked tree 3 MB — under the 64 MiB that may travel; OpenBLAS is
 # 36 MiB of it). Then one device call, from the repo root, carrying .gpupack:
-#   .gpupack/run.sh scripts/gpu-check.sh "$OUT"        (timeout_s 590; every phase ends by
+#   .gpupack/run.sh scripts/gpu-check.sh "$OUT"        (timeout_s 600; every phase ends by
 #   ZO2_GPU_DEADLINE, 540 s; ZO2_GPU_PHASES picks phases, ZO2_GPU_TEST_FILTER the tests)
-# On an H200 (2026-11-26) the phases took: tests 18 s, (micro: new, not yet timed), resident (1.3B, 6.7B + MeZO) 35 s,
-# streamed_6.7b 41 s, streamed_13b 10 s, streamed_1.3b 9 s, streamed_30b 26 s,
-# resident_chunked (now resident_block) 16 s, sweep_6.7b 51 s; the machine's start and the transfers ~45 s.
-# Every phase has its own time limit and writes its results as it goes, so a phase that
-# runs long loses only itself. OUT gets summary.txt, gpu_tests.log and results.tgz, which
-# holds:
+# On an H100 80GB HBM3 (2026-11-26, e4931a4, deadline 555) everything ran in 550 s: tests
+# 20 s, resident 38, resident_13b 45, resident_30b 16, streamed_175b 23, each resident A/B
+# ~24, streamed_fp8(_regenerate) 12, micro 73, sanitize ~60, streamed_6.7b 50,
+# streamed_13b 12, streamed_1.3b 12, streamed_30b 31, sweep_6.7b 64; the machine's start
+# and the transfers ~30 s. Every phase has its own time limit and writes its results as it
+# goes, so a phase that runs long loses only itself. OUT gets summary.txt, gpu_tests.log
+# and results.tgz, which holds:
 #   device.txt         nvidia-smi's view of the device
-#   gpu_tests.xml/log  every *Cuda* test (kernels vs CPU twins, Philox bit-identity, golden
-#                      parity fp32/bf16, the scheduler's bitwise invariant on the GPU)
-#   micro_*.json/log   zo2_microbench's CUDA kernels, with the row and the block softmax
-#                      and with the fused attention
-#   sanitize_*.log     compute-sanitizer racecheck/memcheck of the fused attention and
-#                      linear-epilogue tests
+#   gpu_tests_*.xml/log  every *Cuda* test (kernels vs CPU twins, Philox bit-identity,
+#                      golden parity fp32/bf16, the scheduler's bitwise invariant on the GPU)
+#   micro_*.json/log   zo2_microbench's CUDA kernels with the default kernels, and the
+#                      attention/linear layer with their predecessors
+#   sanitize_*.log     compute-sanitizer racecheck/memcheck of the fused attention, the
+#                      linear-epilogue and the fp8 update tests
 #   bench_*.jsonl/md   zo2-bench at batch 1 × 2048: OPT-1.3B/6.7B/13B resident with the
 #                      PyTorch MeZO baseline where torch imports, OPT-30B resident
 #                      (synthetic); OPT-1.3B, 6.7B, 13B, 30B fully streamed at ZO2's
 #                      footprint with fp16/bf16/fp8 storage; OPT-30B at 6 GB and OPT-175B at
 #                      12 GB (the GPU-memory targets); the 1.3B/6.7B resident rows again
-#                      with the block-per-row softmax (resident_block) and with the fused
-#                      attention kernel (resident_fused) and with the GEMM epilogues
-#                      (resident_epilogue); a cap sweep for 6.7B
+#                      with the chunked attention (resident_chunked), without the GEMM
+#                      epilogues (resident_no_epilogue), with neither (the old default) and
+#                      with the block-per-row softmax (resident_block); a cap sweep for 6.7B
 #   summary.txt        the tail of each phase
 set -uo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
@@ -42,7 +43,7 @@ budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
 # Which phases to run (they run in the order of the code below; a rerun after a fix names
 # only what it needs):
-phases="${ZO2_GPU_PHASES:-tests resident resident_13b resident_30b streamed_175b resident_fused resident_epilogue resident_fused_epilogue streamed_fp8 streamed_fp8_regenerate resident_block micro sanitize streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
+phases="${ZO2_GPU_PHASES:-tests resident resident_13b resident_30b streamed_175b resident_chunked resident_no_epilogue resident_chunked_no_epilogue streamed_fp8 streamed_fp8_regenerate resident_block micro sanitize streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -65,8 +66,9 @@ limit() {  # a phase's time limit: its budget, cut to what is left before the de
 # 1. GPU tests (they skip nothing here: a device exists). The kernels written without a GPU
 #    run in processes of their own, so that a fault in one (a CUDA error is sticky for the
 #    process) neither hides the others' results nor fails tests that did nothing wrong; the
-#    phases that measure a kernel whose tests failed are dropped, and a failing default fp8
-#    update sends the later rows to the old one.
+#    default kernels (the fused attention, the GEMM epilogues, the fp8 update that keeps
+#    its values) are switched to their predecessors for the later rows where their tests
+#    fail.
 gpu_tests() {  # name, filter
   local name=$1 filter=$2 start rc
   start=$(date +%s)
@@ -89,9 +91,9 @@ if has tests; then
     gpu_tests filtered "$ZO2_GPU_TEST_FILTER"
   else
     gpu_tests fused '*CudaFusedAttention*' ||
-      { fused_ok=0; drop resident_fused "fused attention tests failed"; drop resident_fused_epilogue "fused attention tests failed"; }
+      { fused_ok=0; export ZO2_CUDA_ATTENTION=chunked; note "fused attention tests failed: later rows use ZO2_CUDA_ATTENTION=chunked"; }
     gpu_tests epilogue '*CudaLinear*:*OpsTest.Linear*/Cuda' ||
-      { drop resident_epilogue "linear/epilogue tests failed"; drop resident_fused_epilogue "linear/epilogue tests failed"; }
+      { export ZO2_CUDA_GEMM_EPILOGUE=0; note "linear/epilogue tests failed: later rows use ZO2_CUDA_GEMM_EPILOGUE=0"; }
     gpu_tests fp8 '*Fp8Update*:CudaTest.PerturbAndUpdateEqualCpuBitForBit*' ||
       { export ZO2_CUDA_FP8_UPDATE=regenerate; note "fp8 update tests failed: later rows use ZO2_CUDA_FP8_UPDATE=regenerate"; }
     gpu_tests rest '*Cuda*:-*CudaFusedAttention*:*CudaLinear*:*OpsTest.Linear*/Cuda:*Fp8Update*:CudaTest.PerturbAndUpdateEqualCpuBitForBit*'
@@ -126,16 +128,16 @@ budget_bench=80 bench resident_30b --presets opt-30b --gpu-mem none --offload no
 # the PCIe floor, so one warm-up and one measured step.
 ZO2_GPU_STEPS=1 budget_bench=90 bench streamed_175b --presets opt-175b --gpu-mem 12G --offload auto --alias-blocks \
   --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
-# The resident rows again with the kernels written without a GPU (opt-in; their tests
-# above decide whether they run): the register-resident mma.sync attention of Note [Fused
-# attention] (runtime/cuda/attention.cu), the cuBLASLt epilogues of Note [GEMM epilogues]
-# (runtime/cuda/gemm.cpp), and both; each against the `resident` rows of this run, to
-# decide whether it becomes the default.
-ZO2_CUDA_ATTENTION=fused bench resident_fused --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
+# The resident rows again with the predecessors of today's default kernels, for a same-run
+# measure of each (first run on an H100 at e4931a4, bench/RESULTS.md): the chunked
+# attention path instead of the register-resident kernel of Note [Fused attention]
+# (runtime/cuda/attention.cu), separate bias/ReLU/residual passes instead of the cuBLASLt
+# epilogues of Note [GEMM epilogues] (runtime/cuda/gemm.cpp), and both (the old default).
+ZO2_CUDA_ATTENTION=chunked bench resident_chunked --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
-ZO2_CUDA_GEMM_EPILOGUE=1 bench resident_epilogue --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
+ZO2_CUDA_GEMM_EPILOGUE=0 bench resident_no_epilogue --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
-ZO2_CUDA_ATTENTION=fused ZO2_CUDA_GEMM_EPILOGUE=1 bench resident_fused_epilogue --presets opt-1.3b,opt-6.7b \
+ZO2_CUDA_ATTENTION=chunked ZO2_CUDA_GEMM_EPILOGUE=0 bench resident_chunked_no_epilogue --presets opt-1.3b,opt-6.7b \
   --gpu-mem none --offload none --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
 # fp8 storage, streamed at ZO2's footprint: compute-bound rows, the closest to the ≥ 2× ZO2
 # target (30B: 1.91×). The fp8 update now generates z once per element (noise.cu, the fp8
@@ -148,7 +150,7 @@ ZO2_CUDA_FP8_UPDATE=regenerate bench streamed_fp8_regenerate --presets opt-6.7b,
   --offload all --alias-blocks --storage-dtype fp8 --compute-dtype bf16 --mezo-baseline off
 # The same resident rows with the block-per-row softmax that the row softmax replaced (Note
 # [Row softmax in registers], runtime/cuda/attention.cu): the same-run measure of its gain.
-ZO2_CUDA_ATTENTION=chunked-block bench resident_block --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
+ZO2_CUDA_ATTENTION=chunked-block ZO2_CUDA_GEMM_EPILOGUE=0 bench resident_block --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline off
 # Kernel microbenchmarks on the GPU (Google Benchmark): the attention at 2048 tokens with
 # the row softmax (default), the block-per-row softmax and the fused kernel; GEMM, perturb,
@@ -157,15 +159,16 @@ micro() {
   has micro || return 0
   local start lim path filter
   start=$(date +%s)
-  for path in chunked chunked-block fused; do
+  for path in fused chunked chunked-block; do
     if [ "$path" = fused ] && [ "$fused_ok" = 0 ]; then note "micro (fused): skipped, its tests failed"; continue; fi
-    lim=$(limit 40)
+    lim=$(limit "$([ "$path" = fused ] && echo 70 || echo 30)")
     if [ "$lim" -lt 15 ]; then note "micro ($path): skipped, $lim s left before the deadline"; continue; fi
-    # every kernel once; then the attention with the other two paths (and the linear layer
-    # with its cuBLASLt epilogue, ZO2_CUDA_GEMM_EPILOGUE=1, alongside the fused attention)
+    # every kernel once with the defaults (the fused attention, the cuBLASLt epilogues);
+    # then the attention and the linear layer with their predecessors (the chunked path with
+    # the row or the block softmax, separate bias/ReLU/residual passes)
     filter='/cuda/'
+    [ "$path" != fused ] && filter='^Kernel\.(Attention|Linear).*/cuda/'
     [ "$path" = chunked-block ] && filter='^Kernel\.Attention.*/cuda/'
-    [ "$path" = fused ] && filter='^Kernel\.(Attention|Linear).*/cuda/'
     ZO2_CUDA_GEMM_EPILOGUE=$([ "$path" = fused ] && echo 1 || echo 0) \
     ZO2_CUDA_ATTENTION=$path timeout "$lim" zo2_microbench --benchmark_filter="$filter" \
       --benchmark_min_time=0.05 --benchmark_out_format=json --benchmark_out="$work/micro_$path.json" \

@@ -711,7 +711,8 @@ TEST_P(CudaLinearTest, LinearMatchesTheCpuTwinOnEveryTileWithAndWithoutTheEpilog
       cpu::add(href, Mat{hh.data(), DType::f32, M, N, ldy});
     }
     std::vector<std::vector<std::uint8_t>> outs;
-    for (const char* epilogue : {"0", "1", "1"}) {  // the epilogue twice: the same bits
+    // the epilogue twice (the same bits), then the default (unset: the epilogue)
+    for (const char* epilogue : {"0", "1", "1", ""}) {
       ScopedEnv use("ZO2_CUDA_GEMM_EPILOGUE", epilogue);
       DeviceBuffer dy = upload_as(std::vector<float>(static_cast<std::size_t>(M * ldy), 7.0f), dt);
       DeviceBuffer dh = upload_as(h, dt);
@@ -743,6 +744,7 @@ TEST_P(CudaLinearTest, LinearMatchesTheCpuTwinOnEveryTileWithAndWithoutTheEpilog
       outs.push_back(download<std::uint8_t>(result, static_cast<std::size_t>(M * ldy) * esize));
     }
     EXPECT_EQ(outs[1], outs[2]) << "the epilogue path is not deterministic";
+    EXPECT_EQ(outs[3], outs[1]) << "the default is not the epilogue path";
   }
 }
 
@@ -912,6 +914,18 @@ TEST_P(CudaFusedAttentionTest, FusedKernelIsDeterministicAndItsSwitchIsChecked) 
     runs.push_back(download<std::uint8_t>(out.data(), bytes));
   }
   EXPECT_EQ(runs[0], runs[1]);
+  {
+    // The fused kernel is the default (unset or empty) for these shapes: the same bits, and on
+    // a fresh stream no score scratch from the arena (the chunked path takes some).
+    ScopedEnv use("ZO2_CUDA_ATTENTION", "");
+    DeviceBuffer out = zeros(bytes);
+    auto fresh = device->make_stream("default check");
+    const std::size_t in_use = device->arena().in_use();
+    ops().attention(*fresh, attention_args(p, dq.data(), dk.data(), dv.data(), out.data(), dm.as<std::int32_t>(), dt));
+    fresh->synchronize();
+    EXPECT_EQ(device->arena().in_use(), in_use) << "the default path is not the fused kernel";
+    EXPECT_EQ(download<std::uint8_t>(out.data(), bytes), runs[0]);
+  }
   ScopedEnv bad("ZO2_CUDA_ATTENTION", "flash");
   DeviceBuffer out = zeros(bytes);
   try {

@@ -47,17 +47,21 @@
 //   twin of cpu::attention like the chunked path (tests compare both with the CPU, and with
 //   each other). ptxas (sm_90): 168 registers at head_dim 128, 128 at 64, no spills
 //   beyond 4 bytes.
-//   It is opt-in (ZO2_CUDA_ATTENTION=fused; "chunked" or unset: the chunked path). Its
-//   first version, with WMMA and S, P and O round-tripping through shared memory, did not
-//   pay: measured on an H200 (zo2-bench, resident, fp16, 1×2048 tokens, the same build) it
-//   gave OPT-1.3B (head_dim 64) 26.8k tok/s against the chunked 26.2k, and OPT-6.7B
-//   (head_dim 128) 9.7k against 10.7k. This register-resident version replaced it in a
-//   session without a GPU: NOT YET RUN OR MEASURED ON A GPU. Its lane-level index algebra
-//   was checked by a simulation of every lane's registers against a direct softmax
-//   attention (see the session note); CudaFusedAttentionTest compares it with the CPU and
-//   the chunked path, and scripts/gpu-check.sh's resident_fused phase measures it. Not done
-//   yet: cp.async double buffering of K/V and ldmatrix loads (FlashAttention-2's remaining
-//   steps), both worth doing only once the GPU numbers say the kernel is worth keeping.
+//   It is the default for bf16/fp16 at head_dim 64 and 128 (ZO2_CUDA_ATTENTION unset or
+//   "fused"; "chunked" or "chunked-block" pick the chunked path, which also takes fp32 and
+//   other head dims). Its first version, with WMMA and S, P and O round-tripping through
+//   shared memory, did not pay: on an H200 it gave OPT-1.3B (head_dim 64) 26.8k tok/s
+//   against the chunked 26.2k, and OPT-6.7B (head_dim 128) 9.7k against 10.7k. This
+//   register-resident version, written without a GPU (its lane algebra checked by
+//   tests/sim/fused_attention_lanes.py), was first run on an H100 80GB HBM3 at e4931a4
+//   (bench/RESULTS.md): CudaFusedAttentionTest passed, compute-sanitizer racecheck and
+//   memcheck found nothing, and zo2-bench's resident fp16 rows at 1 x 2048 tokens gave
+//   OPT-1.3B 39.6k tok/s against the chunked path's 31.1k (+27 %) and OPT-6.7B 12.3k
+//   against 12.5k (-1.5 %); with the GEMM epilogues as well, 44.3k and 13.5k against the
+//   epilogues alone 33.7k and 13.5k. The microbenchmark (bf16, 2048 tokens, 32 heads):
+//   308 us against 675 us for the block softmax path. At 56 TFLOP/s it is still far from
+//   FlashAttention-2's rate: cp.async double buffering of K/V and ldmatrix loads (and the
+//   8-way bank conflict of the transposed V stores) are its next steps.
 //
 //   In-place P for 16-bit types: P row r is stored at the start of S row r (row stride
 //   2·Tk elements of 2 bytes = Tk floats). The softmax reads the whole row in its first two
@@ -189,9 +193,9 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
 //   Rows longer than kRowMaxKeys keys (sequences past 2048 tokens) keep the block kernel,
 //   as does ZO2_CUDA_ATTENTION=chunked-block (for measuring one against the other).
 //   ptxas (sm_90): 40–128 registers per lane, no spills except 4 bytes at kPer = 64.
-//   NOT YET MEASURED OR RUN ON A GPU (written in a session without one): the first GPU
-//   session must run CudaAttentionTest and CudaFusedAttentionTest, which compare it with
-//   the CPU and with the block kernel, and the resident rows of scripts/gpu-check.sh.
+//   Written without a GPU; on an H100 80GB HBM3 at e4931a4 CudaAttentionTest and
+//   CudaFusedAttentionTest passed, and the resident fp16 rows (chunked path, 1 x 2048) gave
+//   OPT-1.3B 31.1k tok/s against the block kernel's 28.4k and OPT-6.7B 12.5k against 11.8k.
 constexpr int kRowWarps = 8;  // rows per block of 256 threads
 constexpr std::int64_t kRowMaxKeys = 32 * 64;
 
@@ -261,13 +265,14 @@ void launch_softmax_rows(KernelStream& s, float* scores, std::int64_t rows, std:
   ZO2_CUDA_CHECK_LAUNCH();
 }
 
-// ZO2_CUDA_ATTENTION: chunked (default; the row softmax where rows fit in registers),
-// chunked-block (the chunked path with the block-per-row softmax everywhere), fused.
-enum class Path { chunked, chunked_block, fused };
+// ZO2_CUDA_ATTENTION: fused (default; Note [Fused attention], where it applies, else the
+// chunked path), chunked (the row softmax where rows fit in registers), chunked-block (the
+// chunked path with the block-per-row softmax everywhere).
+enum class Path { fused, chunked, chunked_block };
 
 // ZO2_CUDA_ATTENTION, read at every call (tests switch it between calls).
 Path path_from_env() {
-  return static_cast<Path>(env_choice("ZO2_CUDA_ATTENTION", {"chunked", "chunked-block", "fused"}));
+  return static_cast<Path>(env_choice("ZO2_CUDA_ATTENTION", {"fused", "chunked", "chunked-block"}));
 }
 
 // ---- the fused kernel (Note [Fused attention]) ----
@@ -522,8 +527,8 @@ bool aligned16(const Mat& m) {
   return reinterpret_cast<std::uintptr_t>(m.data) % 16 == 0 && m.ld % 8 == 0;
 }
 
-// Whether the fused kernel takes this call: only when ZO2_CUDA_ATTENTION=fused asks for it
-// (Note [Fused attention] says why the chunked path is the default).
+// Whether the fused kernel takes this call: unless ZO2_CUDA_ATTENTION asks for the chunked
+// path, for bf16/fp16 at head_dim 64 or 128 with 16-byte aligned operands.
 bool applies(const AttentionArgs& a, Path path) {
   if (path != Path::fused) return false;
   const DType dt = a.q.dtype;
