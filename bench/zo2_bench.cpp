@@ -10,6 +10,18 @@
 // when PyTorch is importable (--mezo-baseline) — the same step run by the minimal PyTorch
 // MeZO of bench/mezo_torch.py and zo2's speedup over it. --plot draws tokens/s against the
 // cap per model with bench/plot_bench.py (matplotlib).
+//
+// Note [Link probe]
+//   The planner's transfer floor assumes 50 GB/s per direction (ANCHORS.md's H200 machine:
+//   50–51 GB/s each way with both directions busy). Machines differ: the H100 machine of
+//   bench/RESULTS.md moved 42–48 GB/s in upload-bound rows, and whether that was zo2 or the
+//   bus could not be told. So before the sweep zo2-bench times the link itself on the
+//   sweep's device (--link-probe: 1 GiB on CUDA, 64 MiB on the CPU backend, whose "copies"
+//   are memcpy): a pinned host→device copy alone, device→host alone, and both at once on
+//   two streams as a streamed step runs them — the best of three after a warm-up, each
+//   direction timed by its own stream's events. Every row then carries `link_floor_s`, its
+//   bytes per step at the both-at-once rates, and `link_floor_ratio` = that over the step:
+//   1.0 means the bus was the only limit on this machine.
 #include "api/session.h"
 #include "models/presets.h"
 #include "runtime/arena.h"
@@ -172,6 +184,76 @@ struct Baseline {
   }
 };
 
+// ---- the link probe (Note [Link probe]) ----
+
+struct LinkRates {
+  std::size_t bytes = 0;
+  double h2d = 0, d2h = 0;            // GB/s, each direction alone
+  double both_h2d = 0, both_d2h = 0;  // GB/s per direction, both at once
+  std::string error;                  // why there are no rates
+};
+
+LinkRates probe_link(const std::string& device, int threads, std::size_t bytes) {
+  LinkRates r;
+  r.bytes = bytes;
+  try {
+    zo2::DeviceOptions o = zo2::parse_device(device);
+    o.mem_cap = 2 * bytes + (std::size_t{16} << 20);
+    o.threads = threads;
+    auto dev = zo2::make_device(o);
+    zo2::HostBuffer src = dev->alloc_host(bytes), dst = dev->alloc_host(bytes);
+    zo2::DeviceBuffer up = dev->arena().allocate(bytes, "link probe (to the device)");
+    zo2::DeviceBuffer down = dev->arena().allocate(bytes, "link probe (to the host)");
+    auto s_up = dev->make_stream("link probe h2d"), s_down = dev->make_stream("link probe d2h");
+    auto up0 = dev->make_event(), up1 = dev->make_event(), down0 = dev->make_event(), down1 = dev->make_event();
+    // Seconds each direction took (0 = not run) when `to_device` / `to_host` run together.
+    auto timed = [&](bool to_device, bool to_host) {
+      if (to_device) {
+        s_up->record(*up0);
+        s_up->copy_h2d(up.data(), src.data(), bytes);
+        s_up->record(*up1);
+      }
+      if (to_host) {
+        s_down->record(*down0);
+        s_down->copy_d2h(dst.data(), down.data(), bytes);
+        s_down->record(*down1);
+      }
+      s_up->synchronize();
+      s_down->synchronize();
+      return std::pair{to_device ? up1->seconds_since(*up0) : 0.0, to_host ? down1->seconds_since(*down0) : 0.0};
+    };
+    const double gb = static_cast<double>(bytes) / 1e9;
+    auto rate = [gb](double seconds) { return seconds > 0 ? gb / seconds : 0.0; };
+    timed(true, true);  // warm-up: first touch, clocks
+    for (int rep = 0; rep < 3; ++rep) {
+      r.h2d = std::max(r.h2d, rate(timed(true, false).first));
+      r.d2h = std::max(r.d2h, rate(timed(false, true).second));
+      const auto [a, b] = timed(true, true);
+      // one pair: the repetition whose slower direction was fastest
+      if (std::min(rate(a), rate(b)) > std::min(r.both_h2d, r.both_d2h)) {
+        r.both_h2d = rate(a);
+        r.both_d2h = rate(b);
+      }
+    }
+  } catch (const zo2::Error& e) {
+    r.error = e.what();
+  }
+  return r;
+}
+
+// The row's transfer floor at the probed rates (both directions at once), and its ratio to
+// the step.
+void add_link_floor(json& row, const LinkRates& link) {
+  if (!link.error.empty() || link.both_h2d <= 0 || link.both_d2h <= 0 || !row.value("ok", false)) return;
+  const double floor = std::max(row["h2d_bytes_per_step"].get<double>() / (link.both_h2d * 1e9),
+                                row["d2h_bytes_per_step"].get<double>() / (link.both_d2h * 1e9));
+  row["link_h2d_gb_s"] = link.both_h2d;
+  row["link_d2h_gb_s"] = link.both_d2h;
+  row["link_floor_s"] = floor;
+  const double step = row["step_s"].get<double>();
+  row["link_floor_ratio"] = step > 0 ? floor / step : 0.0;
+}
+
 struct Row {
   std::string preset, storage, compute, cap_text;
   int batch = 1, seq = 1;
@@ -287,9 +369,10 @@ std::string fmt_or_dash(const json& row, const char* key, const char* spec) {
 
 constexpr const char* kTableHead =
     "| preset | cap | storage | compute | B×T | resident/streamed (window) | tok/s | s/step | upload s | compute s | "
-    "offload s | idle s | bound | peak | predicted | H2D GB/s | D2H GB/s | floor s | floor/step | MeZO s/step | × MeZO |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
-constexpr int kTableColumns = 21;
+    "offload s | idle s | bound | peak | predicted | H2D GB/s | D2H GB/s | floor s | floor/step | link floor/step | "
+    "MeZO s/step | × MeZO |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+constexpr int kTableColumns = 22;
 
 }  // namespace
 
@@ -300,6 +383,7 @@ int main(int argc, char** argv) {
   int steps = 5, warmup = 2, threads = 0;
   std::uint64_t seed = 0;
   bool alias = false, quiet = false;
+  std::string link_probe = "auto";
   app.add_option("--presets", presets, "comma-separated presets (zo2-tune init --list)")->capture_default_str();
   app.add_option("--gpu-mem", caps, "comma-separated caps (512M, 18G, none = whole device)")->capture_default_str();
   app.add_option("--storage-dtype", storages, "comma-separated: fp32, bf16, fp16, fp8")->capture_default_str();
@@ -325,6 +409,10 @@ int main(int argc, char** argv) {
   app.add_option("--python", python,
                  "Python interpreter for --plot and --mezo-baseline (default: the first of /usr/bin/python3, python3 "
                  "that imports matplotlib / torch)");
+  app.add_option("--link-probe", link_probe,
+                 "time the host<->device copies before the sweep (Note [Link probe]): auto = 1G on CUDA, 64M on the "
+                 "CPU backend; a size; off")
+      ->capture_default_str();
   app.add_flag("-q,--quiet", quiet, "only the table");
   try {
     app.parse(argc, argv);
@@ -346,6 +434,16 @@ int main(int argc, char** argv) {
     for (const auto& t : split(seqs))
       if (t.find_first_not_of("0123456789") != std::string::npos || std::stoll(t) < 2)
         zo2::fail(zo2::ErrorKind::invalid_argument, "--seq-len '{}': not an integer ≥ 2", t);
+    if (link_probe != "auto" && link_probe != "off") {
+      std::size_t bytes = 0;
+      try {
+        bytes = zo2::parse_byte_size(link_probe);
+      } catch (const zo2::Error&) {
+      }
+      if (bytes == 0)
+        zo2::fail(zo2::ErrorKind::invalid_argument, "--link-probe '{}': expected auto, off or a size (64M, 1G)",
+                  link_probe);
+    }
     if (!python.empty() && python.find('/') != std::string::npos && !fs::exists(python))
       zo2::fail(zo2::ErrorKind::invalid_argument, "--python '{}': no such file", python);
     std::ofstream jl;
@@ -390,6 +488,22 @@ int main(int argc, char** argv) {
       }
     }
 
+    LinkRates link;
+    if (link_probe != "off") {
+      const bool cuda = zo2::parse_device(device).kind == zo2::DeviceKind::cuda;
+      const std::size_t bytes = link_probe == "auto" ? (cuda ? std::size_t{1} << 30 : std::size_t{64} << 20)
+                                                     : zo2::parse_byte_size(link_probe);
+      link = probe_link(device, threads, bytes);
+      if (!quiet) {
+        if (link.error.empty())
+          fmt::print(stderr, "zo2-bench: link ({} pinned): to the device {:.1f} GB/s, to the host {:.1f} GB/s alone; "
+                             "{:.1f} / {:.1f} GB/s both at once\n",
+                     zo2::format_bytes(static_cast<double>(bytes)), link.h2d, link.d2h, link.both_h2d, link.both_d2h);
+        else
+          fmt::print(stderr, "zo2-bench: no link probe: {}\n", link.error);
+      }
+    }
+
     std::string table = kTableHead;
     std::vector<json> rows;
     int failures = 0;
@@ -401,6 +515,7 @@ int main(int argc, char** argv) {
               for (const auto& t : split(seqs)) {
                 Row r{p, st, cp, cap, std::stoi(b), std::stoi(t), alias};
                 json row = run_row(r, device, offload, steps, warmup, threads, seed);
+                add_link_floor(row, link);
                 if (!mezo.python.empty()) {
                   if (alias) {
                     row["mezo_error"] = "skipped: synthetic (aliased-block) rows have no PyTorch equivalent";
@@ -434,7 +549,7 @@ int main(int argc, char** argv) {
                 if (!row["peak_within_cap"].get<bool>()) ++failures;
                 table += fmt::format(
                     "| {}{} | {} | {} | {} | {}×{} | {}/{} ({}) | {:.1f} | {:.4g} | {:.3g} | {:.3g} | {:.3g} | {:.3g} | {} | {} | {} | "
-                    "{:.2f} | {:.2f} | {:.3g} | {:.2f} | {} | {} |\n",
+                    "{:.2f} | {:.2f} | {:.3g} | {:.2f} | {} | {} | {} |\n",
                     p, alias ? " (synthetic)" : "", cap, st, cp, b, t, row["resident_blocks"].get<int>(),
                     row["streamed_blocks"].get<int>(), row["window"].get<int>(), row["tokens_per_s"].get<double>(),
                     row["step_s"].get<double>(), row["upload_s"].get<double>(), row["compute_s"].get<double>(),
@@ -442,10 +557,17 @@ int main(int argc, char** argv) {
                     zo2::format_bytes(row["device_peak_bytes"].get<double>()),
                     zo2::format_bytes(row["predicted_peak_bytes"].get<double>()), row["h2d_gb_s"].get<double>(),
                     row["d2h_gb_s"].get<double>(), row["predicted_transfer_floor_s"].get<double>(),
-                    row["floor_ratio"].get<double>(),
+                    row["floor_ratio"].get<double>(), fmt_or_dash(row, "link_floor_ratio", "{:.2f}"),
                     row.contains("mezo_error") ? std::string("error") : fmt_or_dash(row, "mezo_step_s", "{:.4g}"),
                     fmt_or_dash(row, "x_mezo", "{:.2f}×"));
               }
+    if (!link.error.empty())
+      table += fmt::format("\nlink probe: {}\n", link.error);
+    else if (link.bytes > 0 && link.both_h2d > 0)
+      table += fmt::format("\nlink probe ({} pinned, best of 3): to the device {:.1f} GB/s, to the host {:.1f} GB/s "
+                           "alone; {:.1f} / {:.1f} GB/s both at once (link floor/step uses these)\n",
+                           zo2::format_bytes(static_cast<double>(link.bytes)), link.h2d, link.d2h, link.both_h2d,
+                           link.both_d2h);
     fmt::print("{}", table);
     if (!markdown.empty()) {
       std::ofstream md(markdown, std::ios::trunc);
