@@ -240,6 +240,7 @@ TEST(Cli, BadInputIsRefusedBeforeAnythingIsWritten) {
                 &out),
             1);
   EXPECT_NE(out.find("below the minimum"), std::string::npos) << out;
+  EXPECT_NE(out.find("cuBLAS and attention scratch"), std::string::npos) << "the parts must add up to the minimum: " << out;
   EXPECT_FALSE(fs::exists(w.tmp / "o3"));
   // An output directory that cannot be created (a file is in the way).
   std::ofstream(w.tmp / "file") << "x";
