@@ -335,7 +335,8 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
     // The kernel switches the row ran with (only those set), so rows of one sweep run with
     // different choices stay apart.
     json kernel_env = json::object();
-    for (const char* var : {"ZO2_CUDA_ATTENTION", "ZO2_CUDA_GEMM_EPILOGUE", "ZO2_CUDA_FP8_UPDATE", "ZO2_CPU_NOISE"})
+    for (const char* var :
+         {"ZO2_CUDA_ATTENTION", "ZO2_CUDA_GEMM_EPILOGUE", "ZO2_CUDA_FP8_UPDATE", "ZO2_CPU_NOISE", "ZO2_CPU_LINK_GBPS"})
       if (const char* v = std::getenv(var); v != nullptr && *v != '\0') kernel_env[var] = v;
     row["kernel_env"] = kernel_env;
     row["device_peak_bytes"] = s.device_peak();

@@ -45,11 +45,16 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
     totals_.h2d_bytes += block_bytes;
     resident_w_[static_cast<std::size_t>(i)] = bind_weights(store.block_layout(i), buf.data());
   }
+  // Note [Window slot lifecycle]: each slot is handed from one use to the next chunk by
+  // chunk; the chunks are the same for every block (all block images have one size).
+  const std::size_t chunk = align_up((block_bytes + kSlotChunks - 1) / kSlotChunks);
+  for (std::size_t off = 0; off < block_bytes; off += chunk)
+    slot_chunks_.push_back({off, std::min(chunk, block_bytes - off)});
   for (int k = 0; k < placement_.window; ++k) {
     slots_.push_back(arena.allocate(block_bytes, fmt::format("window slot {}", k)));
     uploaded_.push_back(device.make_event());
     computed_.push_back(device.make_event());
-    slot_free_.push_back(device.make_event());
+    for (std::size_t c = 0; c < slot_chunks_.size(); ++c) slot_free_.push_back(device.make_event());
   }
   for (std::int64_t i = 0; i < L; ++i) offloaded_.push_back(device.make_event());
 
@@ -191,12 +196,18 @@ void Scheduler::run_blocks(const Use& use) {
     }
     // See Note [Window slot lifecycle].
     const int k = static_cast<int>(next_use_++ % placement_.window);
-    void* slot = slots_[static_cast<std::size_t>(k)].data();
-    if (options_.fault != SchedulerFault::skip_slot_free_wait) h2d_->wait(*slot_free_[static_cast<std::size_t>(k)]);
+    auto* slot = static_cast<char*>(slots_[static_cast<std::size_t>(k)].data());
+    auto* image = static_cast<char*>(store_.block_image(i));
+    const std::size_t chunks = slot_chunks_.size();
+    auto chunk_free = [&](std::size_t c) -> Event& { return *slot_free_[static_cast<std::size_t>(k) * chunks + c]; };
     h2d_->wait(*offloaded_[static_cast<std::size_t>(i)]);
-    begin_busy(*h2d_);
-    h2d_->copy_h2d(slot, store_.block_image(i), block_bytes);
-    end_busy(*h2d_);
+    for (std::size_t c = 0; c < chunks; ++c) {
+      const auto [off, bytes] = slot_chunks_[c];
+      if (options_.fault != SchedulerFault::skip_slot_free_wait) h2d_->wait(chunk_free(c));
+      begin_busy(*h2d_);
+      h2d_->copy_h2d(slot + off, image + off, bytes);
+      end_busy(*h2d_);
+    }
     h2d_->record(*uploaded_[static_cast<std::size_t>(k)]);
     totals_.h2d_bytes += block_bytes;
     ++totals_.uploads;
@@ -208,16 +219,19 @@ void Scheduler::run_blocks(const Use& use) {
 
     if (use.update) {
       d2h_->wait(*computed_[static_cast<std::size_t>(k)]);
-      begin_busy(*d2h_);
-      d2h_->copy_d2h(store_.block_image(i), slot, block_bytes);
-      end_busy(*d2h_);
+      for (std::size_t c = 0; c < chunks; ++c) {
+        const auto [off, bytes] = slot_chunks_[c];
+        begin_busy(*d2h_);
+        d2h_->copy_d2h(image + off, slot + off, bytes);
+        end_busy(*d2h_);
+        d2h_->record(chunk_free(c));  // the next use of this slot may overwrite this chunk
+      }
       d2h_->record(*offloaded_[static_cast<std::size_t>(i)]);
-      d2h_->record(*slot_free_[static_cast<std::size_t>(k)]);
       totals_.d2h_bytes += block_bytes;
       ++totals_.offloads;
     } else {
       // Nothing changed: the slot is free once compute is done with it.
-      compute_->record(*slot_free_[static_cast<std::size_t>(k)]);
+      for (std::size_t c = 0; c < chunks; ++c) compute_->record(chunk_free(c));
     }
   }
 }

@@ -14,10 +14,15 @@
 //
 // Note [Window slot lifecycle]
 //   Streamed uses are numbered n = 0, 1, 2, ... across steps; use n takes slot n mod K.
-//   Its upload waits for `free[slot]` (recorded after use n−K was offloaded, or computed
-//   when nothing had to be written back) and for `offloaded[block]` (so the host image
-//   holds the block's latest update). Compute waits for `uploaded[slot]`, offload for
-//   `computed[slot]`. With fp32 storage and compute, a streamed block runs exactly the
+//   Its upload waits for `offloaded[block]` (so the host image holds the block's latest
+//   update) and, chunk by chunk, for `free[slot][c]`: the slot is handed over in
+//   kSlotChunks byte ranges, and chunk c of use n is uploaded as soon as chunk c of use
+//   n−K has been offloaded (or computed, when nothing had to be written back). With K = 2
+//   (the planner's fallback under tight caps, e.g. OPT-175B in 12 GB) a whole-block
+//   handover serializes a slot's offload and its next upload, and the step costs about
+//   (upload + compute + offload) / 2 per block; chunked, the two directions of the link
+//   run at once and the step approaches the transfer floor, as with K = 3. Compute waits
+//   for `uploaded[slot]` (all chunks), offload for `computed[slot]`. With fp32 storage and compute, a streamed block runs exactly the
 //   kernels a resident block runs, in the same order, on the same bytes: a streamed run
 //   and a resident run produce bit-identical weights (the scheduler's main test).
 #pragma once
@@ -160,6 +165,13 @@ class Scheduler {
   std::vector<DeviceBuffer> resident_dev_;       // per block (empty when streamed)
   std::vector<WeightSet> resident_w_;
   std::vector<DeviceBuffer> slots_;
+  // Note [Window slot lifecycle]: the byte ranges a slot is handed over in, and per slot
+  // and range (slot k, range c at k × ranges + c) the event that frees it.
+  static constexpr std::size_t kSlotChunks = 4;
+  struct Chunk {
+    std::size_t offset, bytes;
+  };
+  std::vector<Chunk> slot_chunks_;
   std::vector<std::unique_ptr<Event>> uploaded_, computed_, slot_free_;
   std::vector<std::unique_ptr<Event>> offloaded_;  // per block
   std::int64_t next_use_ = 0;

@@ -28,6 +28,7 @@
 #include "runtime/cpu/cpu_device.h"
 #include "runtime/device.h"
 #include "runtime/error.h"
+#include "tests/test_util.h"
 
 namespace zo2 {
 namespace {
@@ -322,6 +323,46 @@ TEST(CpuStream, AsyncCopiesAndMemsetProduceTheRightBytes) {
   s->copy_d2h(back1.data(), d1.data(), n);
   s->synchronize();
   EXPECT_EQ(back1, src) << "the d2d copy changed its source";
+}
+
+// Note [Emulated link] (runtime/cpu/cpu_device.cpp): ZO2_CPU_LINK_GBPS makes host↔device
+// copies take at least bytes / rate (the same bytes), device-to-device copies not; a bad
+// value is refused by name when the device opens.
+TEST(CpuStream, AnEmulatedLinkMakesHostDeviceCopiesTakeBytesOverTheRate) {
+  constexpr std::size_t n = 4 << 20;
+  std::vector<unsigned char> src(n), back(n, 0);
+  for (std::size_t i = 0; i < n; ++i) src[i] = static_cast<unsigned char>(i * 7 + 1);
+  std::unique_ptr<Device> dev;
+  {
+    test::ScopedEnv link("ZO2_CPU_LINK_GBPS", "0.05");  // 4 MiB at 0.05 GB/s: 84 ms
+    dev = cpu_device();
+  }
+  auto s = dev->make_stream("link");
+  DeviceBuffer d1 = dev->arena().allocate(n, "d1"), d2 = dev->arena().allocate(n, "d2");
+  auto e0 = dev->make_event(), e1 = dev->make_event(), e2 = dev->make_event(), e3 = dev->make_event();
+  s->record(*e0);
+  s->copy_h2d(d1.data(), src.data(), n);
+  s->record(*e1);
+  s->copy_d2d(d2.data(), d1.data(), n);
+  s->record(*e2);
+  s->copy_d2h(back.data(), d2.data(), n);
+  s->record(*e3);
+  s->synchronize();
+  EXPECT_EQ(back, src);
+  const double floor = static_cast<double>(n) / 0.05e9;
+  EXPECT_GE(e1->seconds_since(*e0), floor) << "host to device";
+  EXPECT_GE(e3->seconds_since(*e2), floor) << "device to host";
+  EXPECT_LT(e2->seconds_since(*e1), floor) << "a device-to-device copy is not on the link";
+  for (const char* bad : {"fast", "0", "-3", "1e999", "12GB"}) {
+    test::ScopedEnv link("ZO2_CPU_LINK_GBPS", bad);
+    try {
+      cpu_device();
+      ADD_FAILURE() << "ZO2_CPU_LINK_GBPS=" << bad << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
+      EXPECT_NE(std::string(e.what()).find(std::string("ZO2_CPU_LINK_GBPS='") + bad + "'"), std::string::npos) << e.what();
+    }
+  }
 }
 
 TEST(CpuStream, DelayedUploadOnOneStreamIsSeenByComputeWaitingOnItsEvent) {

@@ -13,6 +13,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <set>
 
@@ -69,8 +72,9 @@ void CpuEvent::wait_for(std::uint64_t generation) {
 
 // ---- streams ----
 
-CpuStream::CpuStream(std::string name, int copy_delay_us)
-    : name_(std::move(name)), copy_delay_us_(copy_delay_us), worker_([this] { run(); }) {}
+CpuStream::CpuStream(std::string name, int copy_delay_us, double link_bytes_per_s)
+    : name_(std::move(name)), copy_delay_us_(copy_delay_us), link_bytes_per_s_(link_bytes_per_s),
+      worker_([this] { run(); }) {}
 
 CpuStream::~CpuStream() {
   {
@@ -143,16 +147,29 @@ void CpuStream::wait(Event& event) {
   enqueue([&e, gen] { e.wait_for(gen); }, true);
 }
 
-void CpuStream::copy(void* dst, const void* src, std::size_t bytes) {
+// Note [Emulated link]
+//   On the CPU backend "host" and "device" share one memory, and a copy is a memcpy at
+//   memory speed, so a streamed run is never transfer-bound and the scheduler's overlap
+//   cannot be studied here. ZO2_CPU_LINK_GBPS=R (GB/s, each direction) makes every
+//   host↔device copy take at least bytes / R: the stream's worker copies, then sleeps for
+//   the rest — a DMA engine that costs no core, like a GPU's copy engines. Device-to-device
+//   copies and memsets keep memory speed. Off (unset) by default; the results are the same
+//   bytes either way, only the timing changes.
+void CpuStream::copy(void* dst, const void* src, std::size_t bytes, bool link) {
   const int delay = copy_delay_us_;
+  const double rate = link ? link_bytes_per_s_ : 0.0;
   enqueue_kernel([=] {
     if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
+    const auto start = std::chrono::steady_clock::now();
     std::memmove(dst, src, bytes);
+    if (rate > 0)
+      std::this_thread::sleep_until(start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                                std::chrono::duration<double>(static_cast<double>(bytes) / rate)));
   });
 }
-void CpuStream::copy_h2d(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes); }
-void CpuStream::copy_d2h(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes); }
-void CpuStream::copy_d2d(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes); }
+void CpuStream::copy_h2d(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes, true); }
+void CpuStream::copy_d2h(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes, true); }
+void CpuStream::copy_d2d(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes, false); }
 void CpuStream::memset(void* dst, int value, std::size_t bytes) {
   enqueue_kernel([=] { std::memset(dst, value, bytes); });
 }
@@ -228,11 +245,23 @@ std::size_t physical_memory() {
                                : (std::size_t{16} << 30);
 }
 
+// ZO2_CPU_LINK_GBPS (Note [Emulated link]): 0 when unset or empty.
+double emulated_link_bytes_per_s() {
+  const char* env = std::getenv("ZO2_CPU_LINK_GBPS");
+  if (env == nullptr || *env == '\0') return 0.0;
+  char* end = nullptr;
+  const double gbps = std::strtod(env, &end);
+  if (end == env || *end != '\0' || !(gbps > 0) || !std::isfinite(gbps))
+    fail(ErrorKind::invalid_argument, "ZO2_CPU_LINK_GBPS='{}': expected a rate in GB/s above 0 (e.g. 25)", env);
+  return gbps * 1e9;
+}
+
 class CpuDevice final : public Device {
  public:
   explicit CpuDevice(const DeviceOptions& o) {
     threads_ = o.threads > 0 ? o.threads : tbb::info::default_concurrency();
     copy_delay_us_ = o.debug_copy_delay_us;
+    link_bytes_per_s_ = emulated_link_bytes_per_s();
     if (o.threads > 0)
       control_ = std::make_unique<tbb::global_control>(
           tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(o.threads));
@@ -262,7 +291,7 @@ class CpuDevice final : public Device {
   Arena& arena() override { return *arena_; }
 
   std::unique_ptr<Stream> make_stream(std::string_view name) override {
-    return std::make_unique<CpuStream>(std::string(name), copy_delay_us_);
+    return std::make_unique<CpuStream>(std::string(name), copy_delay_us_, link_bytes_per_s_);
   }
   std::unique_ptr<Event> make_event() override { return std::make_unique<CpuEvent>(); }
   Ops& ops() override { return *ops_; }
@@ -273,6 +302,7 @@ class CpuDevice final : public Device {
  private:
   int threads_ = 1;
   int copy_delay_us_ = 0;
+  double link_bytes_per_s_ = 0;  // Note [Emulated link]
   std::size_t cap_ = 0;
   void* region_ = nullptr;
   std::unique_ptr<tbb::global_control> control_;

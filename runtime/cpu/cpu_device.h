@@ -38,7 +38,9 @@ class CpuEvent final : public Event {
 
 class CpuStream final : public Stream {
  public:
-  explicit CpuStream(std::string name, int copy_delay_us = 0);
+  // copy_delay_us: tests only, every async copy first sleeps this long. link_bytes_per_s
+  // (> 0): host↔device copies take at least bytes / this (Note [Emulated link]).
+  explicit CpuStream(std::string name, int copy_delay_us = 0, double link_bytes_per_s = 0);
   ~CpuStream() override;
 
   void record(Event& event) override;
@@ -69,10 +71,11 @@ class CpuStream final : public Stream {
   std::uint64_t enqueue(std::function<void()> fn, bool control);
   void run();
 
-  void copy(void* dst, const void* src, std::size_t bytes);
+  void copy(void* dst, const void* src, std::size_t bytes, bool link);
 
   std::string name_;
   int copy_delay_us_ = 0;
+  double link_bytes_per_s_ = 0;
   std::mutex mutex_;
   std::condition_variable cv_;
   std::condition_variable done_cv_;
