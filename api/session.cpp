@@ -88,7 +88,10 @@ void Session::init(const SessionConfig& cfg) {
     fail(ErrorKind::invalid_argument, "sequence length {} exceeds the model's max_position_embeddings ({})",
          cfg.max_seq, model.max_positions);
   const PlanRequest req = plan_request(model, cfg, device_->kind(), device_->arena().capacity());
-  const Placement placement = plan_placement(model, req);
+  Placement placement = plan_placement(model, req);
+  // The plan reports the user's cap, not the arena sized under it (Note [Arena sized to the
+  // plan]); without one, the arena is the cap.
+  if (cfg.gpu_mem != 0) placement.cap = cfg.gpu_mem;
   SchedulerOptions so;
   so.compute = cfg.compute;
   so.batch = req.batch;

@@ -235,7 +235,7 @@ LinkRates probe_link(const std::string& device, int threads, std::size_t bytes) 
         r.both_d2h = rate(b);
       }
     }
-  } catch (const zo2::Error& e) {
+  } catch (const std::exception& e) {  // zo2::Error, or bad_alloc for a size the host cannot pin
     r.error = e.what();
   }
   return r;

@@ -21,7 +21,9 @@
 //   (the planner's fallback under tight caps, e.g. OPT-175B in 12 GB) a whole-block
 //   handover serializes a slot's offload and its next upload, and the step costs about
 //   (upload + compute + offload) / 2 per block; chunked, the two directions of the link
-//   run at once and the step approaches the transfer floor, as with K = 3. Compute waits
+//   run at once and the step approaches the transfer floor, as with K = 3. (Where a slot's
+//   previous use was the same block — as many slots as streamed blocks — the whole-block
+//   `offloaded` wait still comes first, so there the ranges gain nothing.) Compute waits
 //   for `uploaded[slot]` (all chunks), offload for `computed[slot]`. With fp32 storage and compute, a streamed block runs exactly the
 //   kernels a resident block runs, in the same order, on the same bytes: a streamed run
 //   and a resident run produce bit-identical weights (the scheduler's main test).

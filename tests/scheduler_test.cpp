@@ -261,6 +261,7 @@ TEST(SessionArena, TheArenaHoldsThePlanNotTheDeviceOrTheCap) {
     Session s(tmp.path(), capped);
     EXPECT_EQ(s.device().arena().capacity(), planned + (std::size_t{256} << 20)) << "a cap is not a reservation";
     EXPECT_EQ(s.placement().total_bytes, planned);
+    EXPECT_EQ(s.placement().cap, capped.gpu_mem) << "the plan reports the user's cap";
   }
   {
     // A cap under the plan plus the slack is kept as it is.

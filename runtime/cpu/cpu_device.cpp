@@ -150,9 +150,12 @@ void CpuStream::wait(Event& event) {
 // Note [Emulated link]
 //   On the CPU backend "host" and "device" share one memory, and a copy is a memcpy at
 //   memory speed, so a streamed run is never transfer-bound and the scheduler's overlap
-//   cannot be studied here. ZO2_CPU_LINK_GBPS=R (GB/s, each direction) makes every
-//   host↔device copy take at least bytes / R: the stream's worker copies, then sleeps for
-//   the rest — a DMA engine that costs no core, like a GPU's copy engines. Device-to-device
+//   cannot be studied here. ZO2_CPU_LINK_GBPS=R (GB/s) makes every host↔device copy take
+//   at least bytes / R: the stream's worker copies, then sleeps for the rest — a DMA engine
+//   that costs no core, like a GPU's copy engines. The limit is per stream: the scheduler's
+//   upload and offload streams are the two directions of the link, each at R; the compute
+//   stream's own small copies (losses, logits, hidden states) get a rate of their own, so
+//   the emulation is a little optimistic for runs that copy logits back. Device-to-device
 //   copies and memsets keep memory speed. Off (unset) by default; the results are the same
 //   bytes either way, only the timing changes.
 void CpuStream::copy(void* dst, const void* src, std::size_t bytes, bool link) {
@@ -163,7 +166,7 @@ void CpuStream::copy(void* dst, const void* src, std::size_t bytes, bool link) {
     const auto start = std::chrono::steady_clock::now();
     std::memmove(dst, src, bytes);
     if (rate > 0)
-      std::this_thread::sleep_until(start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::this_thread::sleep_until(start + std::chrono::ceil<std::chrono::steady_clock::duration>(
                                                 std::chrono::duration<double>(static_cast<double>(bytes) / rate)));
   });
 }
