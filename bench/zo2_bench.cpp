@@ -241,6 +241,15 @@ LinkRates probe_link(const std::string& device, int threads, std::size_t bytes) 
   return r;
 }
 
+// One line for the log and under the table.
+std::string describe(const LinkRates& link) {
+  if (!link.error.empty()) return fmt::format("link probe: {}", link.error);
+  return fmt::format("link probe ({} pinned, best of 3): to the device {:.1f} GB/s, to the host {:.1f} GB/s alone; "
+                     "{:.1f} / {:.1f} GB/s both at once (link floor/step uses these)",
+                     zo2::format_bytes(static_cast<double>(link.bytes)), link.h2d, link.d2h, link.both_h2d,
+                     link.both_d2h);
+}
+
 // The row's transfer floor at the probed rates (both directions at once), and its ratio to
 // the step.
 void add_link_floor(json& row, const LinkRates& link) {
@@ -435,13 +444,15 @@ int main(int argc, char** argv) {
     for (const auto& t : split(seqs))
       if (t.find_first_not_of("0123456789") != std::string::npos || std::stoll(t) < 2)
         zo2::fail(zo2::ErrorKind::invalid_argument, "--seq-len '{}': not an integer ≥ 2", t);
-    if (link_probe != "auto" && link_probe != "off") {
-      std::size_t bytes = 0;
+    std::size_t link_bytes = 0;  // --link-probe as bytes; 0 = off
+    if (link_probe == "auto") {
+      link_bytes = zo2::parse_device(device).kind == zo2::DeviceKind::cuda ? std::size_t{1} << 30 : std::size_t{64} << 20;
+    } else if (link_probe != "off") {
       try {
-        bytes = zo2::parse_byte_size(link_probe);
+        link_bytes = zo2::parse_byte_size(link_probe);
       } catch (const zo2::Error&) {
       }
-      if (bytes == 0)
+      if (link_bytes == 0)
         zo2::fail(zo2::ErrorKind::invalid_argument, "--link-probe '{}': expected auto, off or a size (64M, 1G)",
                   link_probe);
     }
@@ -490,19 +501,9 @@ int main(int argc, char** argv) {
     }
 
     LinkRates link;
-    if (link_probe != "off") {
-      const bool cuda = zo2::parse_device(device).kind == zo2::DeviceKind::cuda;
-      const std::size_t bytes = link_probe == "auto" ? (cuda ? std::size_t{1} << 30 : std::size_t{64} << 20)
-                                                     : zo2::parse_byte_size(link_probe);
-      link = probe_link(device, threads, bytes);
-      if (!quiet) {
-        if (link.error.empty())
-          fmt::print(stderr, "zo2-bench: link ({} pinned): to the device {:.1f} GB/s, to the host {:.1f} GB/s alone; "
-                             "{:.1f} / {:.1f} GB/s both at once\n",
-                     zo2::format_bytes(static_cast<double>(bytes)), link.h2d, link.d2h, link.both_h2d, link.both_d2h);
-        else
-          fmt::print(stderr, "zo2-bench: no link probe: {}\n", link.error);
-      }
+    if (link_bytes > 0) {
+      link = probe_link(device, threads, link_bytes);
+      if (!quiet) fmt::print(stderr, "zo2-bench: {}\n", describe(link));
     }
 
     std::string table = kTableHead;
@@ -562,13 +563,7 @@ int main(int argc, char** argv) {
                     row.contains("mezo_error") ? std::string("error") : fmt_or_dash(row, "mezo_step_s", "{:.4g}"),
                     fmt_or_dash(row, "x_mezo", "{:.2f}×"));
               }
-    if (!link.error.empty())
-      table += fmt::format("\nlink probe: {}\n", link.error);
-    else if (link.bytes > 0 && link.both_h2d > 0)
-      table += fmt::format("\nlink probe ({} pinned, best of 3): to the device {:.1f} GB/s, to the host {:.1f} GB/s "
-                           "alone; {:.1f} / {:.1f} GB/s both at once (link floor/step uses these)\n",
-                           zo2::format_bytes(static_cast<double>(link.bytes)), link.h2d, link.d2h, link.both_h2d,
-                           link.both_d2h);
+    if (link.bytes > 0) table += fmt::format("\n{}\n", describe(link));
     fmt::print("{}", table);
     if (!markdown.empty()) {
       std::ofstream md(markdown, std::ios::trunc);

@@ -24,9 +24,10 @@
 //   run at once and the step approaches the transfer floor, as with K = 3. (Where a slot's
 //   previous use was the same block — as many slots as streamed blocks — the whole-block
 //   `offloaded` wait still comes first, so there the ranges gain nothing.) Compute waits
-//   for `uploaded[slot]` (all chunks), offload for `computed[slot]`. With fp32 storage and compute, a streamed block runs exactly the
-//   kernels a resident block runs, in the same order, on the same bytes: a streamed run
-//   and a resident run produce bit-identical weights (the scheduler's main test).
+//   for `uploaded[slot]` (all chunks), offload for `computed[slot]`. With fp32 storage and
+//   compute, a streamed block runs exactly the kernels a resident block runs, in the same
+//   order, on the same bytes: a streamed run and a resident run produce bit-identical
+//   weights (the scheduler's main test).
 #pragma once
 #include "models/batch.h"
 #include "models/graph.h"

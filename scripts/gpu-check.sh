@@ -53,11 +53,6 @@ note "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format
 note "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 has() { case " $phases " in *" $1 "*) return 0 ;; esac; return 1; }
-drop() {  # drop a phase, saying why
-  has "$1" || return 0
-  phases=" $phases "; phases=${phases// $1 / }
-  note "phase $1 dropped: $2"
-}
 limit() {  # a phase's time limit: its budget, cut to what is left before the deadline
   local left=$(( deadline - SECONDS ))
   [ "$left" -lt "$1" ] && echo "$left" || echo "$1"
