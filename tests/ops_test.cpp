@@ -267,6 +267,82 @@ TEST_P(OpsTest, AttentionMatchesReferenceWithPaddingAndGroupedHeads) {
   }
 }
 
+// NaN propagates as softmax does in PyTorch: a NaN score makes its row's probabilities,
+// hence its output, NaN — a row whose every score is NaN included (it used to be taken for
+// "no visible key" and written as zeros, so one NaN weight gave a finite loss). Rows that
+// see no NaN are unchanged, and a row with no visible key is still zeros. T = 70 crosses
+// the CPU's 64-query tile.
+TEST_P(OpsTest, AttentionPropagatesNanScoresToTheRowsThatSeeThem) {
+  const int B = 2, T = 70, H = 2, KVH = 1, D = 8;
+  const std::int64_t N = std::int64_t{B} * T, qd = H * D, kd = KVH * D;
+  const auto q0 = random_floats(static_cast<std::size_t>(N * qd), 21), k0 = random_floats(static_cast<std::size_t>(N * kd), 22),
+             v = random_floats(static_cast<std::size_t>(N * kd), 23);
+  std::vector<std::int32_t> mask(static_cast<std::size_t>(N), 1);
+  for (int t = 0; t < 3; ++t) mask[static_cast<std::size_t>(T + t)] = 0;  // batch 1: left padding
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto run = [&](const std::vector<float>& q, const std::vector<float>& k) {
+    auto dq = upload(q), dk = upload(k), dv = upload(v), dm = upload(mask);
+    auto dout = upload(std::vector<float>(static_cast<std::size_t>(N * qd), 7.0f));
+    AttentionArgs a;
+    a.q = Mat::dense(dq.data(), DType::f32, N, qd);
+    a.k = Mat::dense(dk.data(), DType::f32, N, kd);
+    a.v = Mat::dense(dv.data(), DType::f32, N, kd);
+    a.out = Mat::dense(dout.data(), DType::f32, N, qd);
+    a.batch = B;
+    a.seq = T;
+    a.heads = H;
+    a.kv_heads = KVH;
+    a.head_dim = D;
+    a.key_mask = dm.as<std::int32_t>();
+    a.scale = 0.35f;
+    a.causal = true;
+    ops().attention(*stream, a);
+    return download<float>(dout, static_cast<std::size_t>(N * qd));
+  };
+  const auto base = run(q0, k0);
+  auto at = [&](const std::vector<float>& o, std::int64_t row, int h, int e) {
+    return o[static_cast<std::size_t>(row * qd + h * D + e)];
+  };
+  // (1) Query row 5 of head 1 (batch 0) all NaN: every score of that row is NaN.
+  {
+    auto q = q0;
+    for (int e = 0; e < D; ++e) q[static_cast<std::size_t>(5 * qd + D + e)] = nan;
+    const auto out = run(q, k0);
+    for (std::int64_t r = 0; r < N; ++r)
+      for (int h = 0; h < H; ++h)
+        for (int e = 0; e < D; ++e) {
+          if (r == 5 && h == 1) {
+            EXPECT_TRUE(std::isnan(at(out, r, h, e))) << "row 5 head 1 col " << e << " = " << at(out, r, h, e);
+          } else {
+            EXPECT_TRUE(std::isfinite(at(out, r, h, e))) << "row " << r << " head " << h;
+            EXPECT_NEAR(at(out, r, h, e), at(base, r, h, e), 1e-6) << "row " << r << " head " << h;
+          }
+        }
+  }
+  // (2) One element of key 40 (batch 0) NaN: rows 40..69 of batch 0 see it (both heads share
+  // the kv head) and are NaN; rows before 40 never read a masked key's score (transformers's
+  // eager attention adds the mask, NaN + min = NaN, and turns them NaN too: never fewer
+  // NaN rows there than here). Batch 1 is untouched. Batch 1's first row (left padding, no
+  // visible key) stays zeros.
+  {
+    auto k = k0;
+    k[static_cast<std::size_t>(40 * kd + 3)] = nan;
+    const auto out = run(q0, k);
+    for (std::int64_t r = 0; r < N; ++r)
+      for (int h = 0; h < H; ++h)
+        for (int e = 0; e < D; ++e) {
+          if (r >= 40 && r < T) {
+            EXPECT_TRUE(std::isnan(at(out, r, h, e))) << "row " << r << " head " << h;
+          } else {
+            EXPECT_TRUE(std::isfinite(at(out, r, h, e))) << "row " << r << " head " << h;
+            EXPECT_NEAR(at(out, r, h, e), at(base, r, h, e), 1e-6) << "row " << r << " head " << h;
+          }
+        }
+    for (int h = 0; h < H; ++h)
+      for (int e = 0; e < D; ++e) EXPECT_EQ(at(out, T, h, e), 0.0f);
+  }
+}
+
 TEST_P(OpsTest, ReluAndSiluGateMatchReference) {
   const std::int64_t R = 3, Cn = 77;
   auto g = random_floats(static_cast<std::size_t>(R * Cn), 14, 4.0f), u = random_floats(static_cast<std::size_t>(R * Cn), 15);
@@ -340,6 +416,30 @@ TEST_P(OpsTest, CrossEntropyOverVocabularyTilesMatchesOneShotReference) {
   for (std::int64_t r = 0; r < R; ++r) EXPECT_NEAR(rl[static_cast<std::size_t>(r)], ref[static_cast<std::size_t>(r)], 1e-4);
   EXPECT_NEAR(download<float>(loss, 1)[0], mean, 1e-5 * std::fabs(mean));
   EXPECT_EQ(rl[2], 0.0f);  // ignored target
+}
+
+// A NaN logit makes its row's loss NaN (wherever it is: in the target's tile or another, at
+// column 0 or later) and the mean NaN, as cross_entropy does in PyTorch; other rows keep
+// their finite loss.
+TEST_P(OpsTest, CrossEntropyPropagatesNanLogits) {
+  const std::int64_t R = 4, V = 300;
+  auto logits = random_floats(static_cast<std::size_t>(R * V), 18, 3.0f);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  logits[static_cast<std::size_t>(0 * V + 0)] = nan;    // row 0: the first column, not the target
+  logits[static_cast<std::size_t>(1 * V + 200)] = nan;  // row 1: another tile than its target
+  for (std::int64_t c = 0; c < V; ++c) logits[static_cast<std::size_t>(2 * V + c)] = nan;  // row 2: all
+  const std::vector<std::int32_t> targets{7, 5, 9, 11};
+  auto dl = upload(logits), dt = upload(targets);
+  auto state = zeros(static_cast<std::size_t>(R * 3 * 4)), rowloss = zeros(static_cast<std::size_t>(R * 4)), loss = zeros(4);
+  const Mat full = Mat::dense(dl.data(), DType::f32, R, V);
+  for (std::int64_t v0 = 0; v0 < V; v0 += 128)
+    ops().ce_accumulate(*stream, full.cols_range(v0, std::min(V, v0 + 128)), v0, dt.as<std::int32_t>(), state.as<float>(), v0 == 0);
+  ops().ce_finish(*stream, state.as<float>(), dt.as<std::int32_t>(), R, rowloss.as<float>());
+  ops().loss_mean(*stream, rowloss.as<float>(), dt.as<std::int32_t>(), R, loss.as<float>());
+  const auto rl = download<float>(rowloss, static_cast<std::size_t>(R));
+  for (int r = 0; r < 3; ++r) EXPECT_TRUE(std::isnan(rl[static_cast<std::size_t>(r)])) << "row " << r << ": " << rl[static_cast<std::size_t>(r)];
+  EXPECT_TRUE(std::isfinite(rl[3])) << rl[3];
+  EXPECT_TRUE(std::isnan(download<float>(loss, 1)[0]));
 }
 
 TEST_P(OpsTest, LossMeanWithoutTargetsIsNan) {

@@ -65,6 +65,10 @@ void require_f32(const Mat& m, const char* op, const char* what) {
 
 float* f32(const Mat& m) { return static_cast<float*>(m.data); }
 
+// max that propagates NaN, as torch.max and softmax do (std::max(a, NaN) returns a): the
+// softmax and cross-entropy maxima use it, so a NaN score or logit is never skipped.
+float max_nan(float a, float b) { return a > b || std::isnan(a) ? a : b; }
+
 }  // namespace
 
 void gemm(const Mat& a, bool trans_a, const Mat& b, bool trans_b, const Mat& c, float alpha,
@@ -229,9 +233,11 @@ void attention(const AttentionArgs& p) {
       for (int i = 0; i < nq; ++i) {
         float* s = scores.data() + static_cast<std::size_t>(i) * nk;
         const int last = p.causal ? q0 + i : nk - 1;
+        // The max propagates NaN (std::max would skip it): a NaN score makes the row's
+        // P and output NaN, as softmax does in PyTorch — never "no visible key" (zeros).
         float mx = -std::numeric_limits<float>::infinity();
         for (int j = 0; j <= last; ++j)
-          if (!mask || mask[j]) mx = std::max(mx, s[j]);
+          if (!mask || mask[j]) mx = max_nan(mx, s[j]);
         if (mx == -std::numeric_limits<float>::infinity()) {
           std::fill(s, s + nk, 0.0f);  // no visible key: a zero output row
           continue;
@@ -320,7 +326,7 @@ void ce_accumulate(const Mat& logits, std::int64_t col_offset, const std::int32_
       float* st = state + 3 * r;
       const float* x = f32(logits) + r * logits.ld;
       float mx = x[0];
-      for (std::int64_t c = 1; c < v; ++c) mx = std::max(mx, x[c]);
+      for (std::int64_t c = 1; c < v; ++c) mx = max_nan(mx, x[c]);
       double sum = 0;
       for (std::int64_t c = 0; c < v; ++c) sum += std::exp(static_cast<double>(x[c] - mx));
       const std::int64_t t = targets[r] - col_offset;
@@ -331,7 +337,7 @@ void ce_accumulate(const Mat& logits, std::int64_t col_offset, const std::int32_
         st[2] = has_target ? x[t] : 0.0f;
         continue;
       }
-      const float m_new = std::max(st[0], mx);
+      const float m_new = max_nan(st[0], mx);
       const double combined = static_cast<double>(st[1]) * std::exp(static_cast<double>(st[0] - m_new)) +
                               sum * std::exp(static_cast<double>(mx - m_new));
       st[0] = m_new;

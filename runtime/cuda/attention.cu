@@ -11,7 +11,9 @@
 //        in fp32 with a fixed reduction tree, and writes P = exp(s − max)/Σ in the input
 //        dtype IN PLACE over S (see below); a row with no visible key gets P = 0, hence a
 //        zero output row, as on the CPU. One warp per row with the row in registers where
-//        it has at most 2048 keys (Note [Row softmax in registers]), else one block per row;
+//        it has at most 2048 keys (Note [Row softmax in registers]), else one block per row.
+//        The max propagates NaN (max_nan, not fmaxf), so a NaN score makes its row NaN on
+//        every path (this one and the fused kernel), as on the CPU and in PyTorch;
 //     4. O_i = P_i V_i  — a second batched GEMM (fp32 accumulation) writing the output in
 //        the input dtype straight into its [tokens, heads·head_dim] place.
 //   Each pair's scores start on a 256-byte boundary (kPairAlign floats apart): cuBLAS
@@ -149,8 +151,8 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
 
     float mx = kNegInf;
     for (std::int64_t j = threadIdx.x; j < tk; j += blockDim.x)
-      if (visible(j)) mx = fmaxf(mx, s[j]);
-    mx = block_max(mx, smem);
+      if (visible(j)) mx = max_nan(mx, s[j]);  // a NaN score makes the row NaN
+    mx = block_max_nan(mx, smem);
     const bool empty = mx == kNegInf;  // no visible key: P = 0, a zero output row
     float inv = 0.0f;
     if (!empty) {
@@ -226,9 +228,9 @@ __global__ void __launch_bounds__(kRowWarps * 32)
       const bool keep = in && (mask == nullptr || mask[j] != 0);
       v[k] = keep ? x : kNegInf;
       seen |= keep ? std::uint64_t{1} << k : std::uint64_t{0};
-      mx = fmaxf(mx, v[k]);
+      mx = max_nan(mx, v[k]);  // a NaN score makes the row NaN
     }
-    mx = warp_max(mx);  // every lane's loads are done once this exists
+    mx = warp_max_nan(mx);  // every lane's loads are done once this exists
     const bool empty = mx == kNegInf;
     float sum = 0.0f;
 #pragma unroll
@@ -439,15 +441,15 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(Args a) {
         const int r = e >> 1, j = 8 * n + 2 * c + (e & 1);
         const bool visible = skeep[j] != 0 && (!a.causal || k0 + j <= t[r]);
         s[n][e] = visible ? __fmul_rn(s[n][e], a.scale) : kNegInf;
-        tile_max[r] = fmaxf(tile_max[r], s[n][e]);
+        tile_max[r] = max_nan(tile_max[r], s[n][e]);  // a NaN score makes the row NaN
       }
     }
     float corr[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float m_new = fmaxf(m[r], tile_max[r]);
+      tile_max[r] = max_nan(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = max_nan(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float m_new = max_nan(m[r], tile_max[r]);
       corr[r] = m_new == kNegInf ? 1.0f : expf(__fsub_rn(m[r], m_new));  // m = −inf: 0
       m[r] = m_new;
       l[r] = __fmul_rn(l[r], corr[r]);

@@ -25,8 +25,8 @@ __global__ void __launch_bounds__(kThreads)
   for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const typename E::T* x = logits + r * ld;
     float mx = -__int_as_float(0x7f800000);
-    for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) mx = fmaxf(mx, E::load(x[c]));
-    mx = block_max(mx, smem);
+    for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) mx = max_nan(mx, E::load(x[c]));
+    mx = block_max_nan(mx, smem);  // a NaN logit makes the row's loss NaN
     float sum = 0.0f;
     for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x)
       sum = __fadd_rn(sum, expf(__fsub_rn(E::load(x[c]), mx)));
@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kThreads)
         st[1] = sum;
         st[2] = has_target ? E::load(x[t]) : 0.0f;
       } else {
-        const float m_new = fmaxf(st[0], mx);
+        const float m_new = max_nan(st[0], mx);
         const double combined =
             static_cast<double>(st[1]) * exp(static_cast<double>(__fsub_rn(st[0], m_new))) +
             static_cast<double>(sum) * exp(static_cast<double>(__fsub_rn(mx, m_new)));

@@ -125,6 +125,17 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// max that propagates NaN, as torch.max and softmax do (fmaxf(a, NaN) returns a): the
+// twin of max_nan in runtime/cpu/kernels.cpp. The softmax and cross-entropy maxima use it,
+// so a NaN score or logit makes its row NaN instead of being skipped.
+__device__ __forceinline__ float max_nan(float a, float b) { return a > b || a != a ? a : b; }
+
+__device__ __forceinline__ float warp_max_nan(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 // The block's total, returned to every thread. `smem` holds 32 values of T; blockDim.x
 // must be a multiple of 32. Safe to call repeatedly with the same smem (it synchronizes
 // before writing).
@@ -148,6 +159,17 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
   __syncthreads();
   v = lane < warps ? smem[lane] : -__int_as_float(0x7f800000);
   return warp_max(v);
+}
+
+// block_max with max_nan: NaN if any thread's v is NaN.
+__device__ __forceinline__ float block_max_nan(float v, float* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_max_nan(v);
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < warps ? smem[lane] : -__int_as_float(0x7f800000);
+  return warp_max_nan(v);
 }
 
 }  // namespace zo2::cuda
