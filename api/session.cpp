@@ -128,6 +128,7 @@ std::int64_t Session::step_async(const HostBatch& batch, float lr, float eps, fl
     fail(ErrorKind::invalid_argument, "this session was opened for evaluation only");
   if (!(eps > 0)) fail(ErrorKind::invalid_argument, "eps must be positive (got {})", eps);
   if (!(lr >= 0)) fail(ErrorKind::invalid_argument, "the learning rate must be non-negative (got {})", lr);
+  require_targets(batch);  // nothing to predict: refused before the step index moves
   const std::int64_t t = next_step_;
   StepParams p;
   p.step = t;
@@ -170,6 +171,9 @@ void Session::drain() {
 }
 
 float Session::eval(const HostBatch& batch, const EvalOptions& options) {
+  // A loss over no target is 0/0: refused. Per-token losses (0 where there is no target)
+  // are defined for any batch.
+  if (!options.token_loss) require_targets(batch);
   drain();
   return scheduler_->eval(batch, options);
 }

@@ -412,6 +412,7 @@ int step_common(const char* fn, zo2_session* s, const zo2_batch* b, const zo2_ch
         if (!ss.session->session_config().training)
           invalid("this session was opened for evaluation only (training = 0)");
         const zo2::HostBatch hb = host_batch(ss, b, c, with_choices);
+        zo2::require_targets(hb);  // nothing to predict: invalid, the step index unchanged
         validated = true;
         const zo2::StepResult r = ss.session->step(hb, ss.lr, ss.eps, ss.weight_decay);
         zo2_step_result res{r.loss_plus, r.loss_minus, r.g};
@@ -437,6 +438,7 @@ int eval_common(const char* fn, zo2_session* s, const zo2_batch* b, float* out_l
         zo2_session& ss = usable(s);
         if (!out_loss && !token_logprobs) invalid("out is NULL");
         const zo2::HostBatch hb = host_batch(ss, b, c, with_choices);
+        if (out_loss) zo2::require_targets(hb);  // a loss over no target is 0/0
         validated = true;
         zo2::EvalOptions o;
         std::vector<float> token_loss;

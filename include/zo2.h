@@ -218,22 +218,26 @@ typedef struct zo2_batch {
 //   0 / ZO2_ABORTED           the step is done and counted (ZO2_ABORTED: the callback asked to stop;
 //                             the session stays fully usable)
 //   ZO2_ERR_INVALID_ARGUMENT  s or b or b->tokens NULL; n_seq/n_tokens out of [1, capacity]; a token,
-//                             mask or label out of range; an eval-only session. Nothing was run: the
-//                             session (weights, pending update, step index) is unchanged.
+//                             mask or label out of range; an eval-only session; a batch with nothing to
+//                             predict (no target token: every label −100, or the mask 0 after each
+//                             sequence's first position). Nothing was run: the session (weights,
+//                             pending update, step index) is unchanged and stays usable.
 //   other errors              a device/internal failure mid-step: the session is unusable; every later
 //                             call on it fails with the same code; only zo2_session_free is safe.
 ZO2_API int zo2_session_step(zo2_session * s, const zo2_batch * b, zo2_step_result * out);
 
 // Mean token cross-entropy (nats) of the current weights on b, unperturbed. Applies the
 // pending update first (as save does); the step index is unchanged. Errors: as step (an
-// invalid argument changes nothing; a device failure makes the session unusable).
+// invalid argument, a batch with no target token included, changes nothing; a device
+// failure makes the session unusable).
 ZO2_API int zo2_session_eval(zo2_session * s, const zo2_batch * b, float * out_loss);
 
 // Per-position log-likelihoods of b under the current weights (what classification and
 // multiple-choice eval need): out[i·n_tokens + t] = log p(target of position t | tokens ≤ t)
 // in nats, where the target is labels[i][t+1] (or tokens[i][t+1]); 0 where there is none
 // (the last position, padding, −100). out holds n_seq·n_tokens floats. Applies the pending
-// update first. Errors: as zo2_session_eval; on error out is left unspecified.
+// update first. Errors: as zo2_session_eval, except that a batch with no target token is
+// accepted (all zeros); on error out is left unspecified.
 ZO2_API int zo2_session_token_logprobs(zo2_session * s, const zo2_batch * b, float * out);
 
 // Multiple choice, MeZO's classification loss (its train_as_classification): the batch's

@@ -66,6 +66,14 @@ HostBatch make_batch(const ModelConfig& c, int batch, int seq, std::span<const s
   return b;
 }
 
+void require_targets(const HostBatch& batch) {
+  if (batch.target_count() > 0) return;
+  fail(ErrorKind::invalid_argument,
+       "the batch has nothing to predict: none of its {} sequence{} of {} tokens has a target token (every label "
+       "is -100, or the attention mask is 0 after the first token), so its loss is undefined",
+       batch.batch, batch.batch == 1 ? "" : "s", batch.seq);
+}
+
 void set_option_groups(HostBatch& batch, std::span<const int> group_sizes, std::span<const int> labels) {
   if (group_sizes.size() != labels.size())
     fail(ErrorKind::invalid_argument, "{} option groups but {} labels", group_sizes.size(), labels.size());

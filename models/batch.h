@@ -37,6 +37,12 @@ HostBatch make_batch(const ModelConfig& config, int batch, int seq, std::span<co
                      std::span<const std::int32_t> mask = {},
                      std::span<const std::int32_t> labels = {});
 
+// Throws Error(invalid_argument) when no position of `batch` has a target (every label is
+// −100, or the mask is 0 at every position after the first of each sequence): such a batch
+// has nothing to predict, so its mean loss is undefined (0/0). A step or an evaluation that
+// reports a loss refuses it rather than reporting NaN (or skipping the step).
+void require_targets(const HostBatch& batch);
+
 // Marks `batch` as multiple-choice: group_sizes[g] consecutive sequences per example, the
 // correct one at offset labels[g] inside its group. Throws Error(invalid_argument) when the
 // sizes do not add up to the batch, a label is out of its group, or a candidate has no

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <set>
+#include <vector>
 
 namespace zo2 {
 
@@ -34,6 +35,51 @@ void quantize_rows_e4m3(const float* src, std::int64_t rows, std::int64_t cols, 
   });
 }
 
+namespace {
+
+// The first element of n (fp32, bf16 or fp16) that is NaN or infinite, or −1: one parallel
+// pass at memory speed (fixed chunks; the lowest index wins, so the answer is deterministic).
+std::int64_t first_non_finite(const void* data, DType dt, std::int64_t n) {
+  constexpr std::int64_t kChunk = std::int64_t{1} << 16;
+  const std::int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<std::int64_t> found(static_cast<std::size_t>(chunks), -1);
+  tbb::parallel_for(std::int64_t{0}, chunks, [&](std::int64_t c) {
+    const std::int64_t end = std::min(n, (c + 1) * kChunk);
+    for (std::int64_t i = c * kChunk; i < end; ++i)
+      if (!finite(load_element(data, dt, i, 1.0f))) {
+        found[static_cast<std::size_t>(c)] = i;
+        return;
+      }
+  });
+  for (const std::int64_t i : found)
+    if (i >= 0) return i;
+  return -1;
+}
+
+// A checkpoint tensor holding a NaN or an infinity (or a value its storage dtype cannot
+// hold) is refused at load, naming it: such a weight makes every loss NaN, so a run would
+// skip every step, and an evaluation would report NaN, without saying why.
+[[noreturn]] void refuse_non_finite(const std::string& where, const TensorSlot& slot,
+                                    const SafetensorsCheckpoint::Entry& entry, std::int64_t i) {
+  const TensorInfo& info = *entry.info;
+  double v = 0;
+  convert(entry.file->bytes(info).data() + static_cast<std::size_t>(i) * dtype_size(info.dtype), info.dtype, &v,
+          DType::f64, 1);
+  const std::string at = slot.ndim == 2 ? fmt::format("element [{}, {}]", i / slot.cols, i % slot.cols)
+                                        : fmt::format("element {}", i);
+  if (std::isfinite(v))
+    fail(ErrorKind::format, "{}: tensor '{}' in {}: {} = {} overflows {} storage (max {}){}", where, slot.name,
+         entry.file->path().filename().string(), at, v, dtype_name(slot.dtype),
+         slot.dtype == DType::f16 ? "65504" : "3.4e38",
+         slot.dtype == DType::f16 ? "; fp32 or bf16 storage holds it" : "");
+  fail(ErrorKind::format,
+       "{}: tensor '{}' in {} holds a non-finite weight ({} = {}); a checkpoint with NaN or infinite "
+       "weights is refused (every loss would be NaN)",
+       where, slot.name, entry.file->path().filename().string(), at, v);
+}
+
+}  // namespace
+
 void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, void* image,
                 const std::string& where) {
   auto* base = static_cast<std::byte*>(image);
@@ -57,6 +103,8 @@ void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, vo
     if (slot.dtype == DType::f8_e4m3) {
       std::vector<float> tmp(n);
       convert(src.data(), info.dtype, tmp.data(), DType::f32, n);
+      if (const std::int64_t bad = first_non_finite(tmp.data(), DType::f32, slot.numel()); bad >= 0)
+        refuse_non_finite(where, slot, *entry, bad);
       quantize_rows_e4m3(tmp.data(), slot.rows, slot.cols, reinterpret_cast<std::uint8_t*>(dst),
                          reinterpret_cast<float*>(base + slot.scale_offset));
     } else if (info.dtype == slot.dtype) {
@@ -64,6 +112,9 @@ void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, vo
     } else {
       convert(src.data(), info.dtype, dst, slot.dtype, n);
     }
+    if (slot.dtype != DType::f8_e4m3)
+      if (const std::int64_t bad = first_non_finite(dst, slot.dtype, slot.numel()); bad >= 0)
+        refuse_non_finite(where, slot, *entry, bad);
   }
 }
 

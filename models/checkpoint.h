@@ -18,7 +18,8 @@ const SafetensorsCheckpoint::Entry* find_checkpoint_tensor(const SafetensorsChec
                                                            const std::string& name);
 
 // Fills `image` (layout.bytes() bytes, zeroed padding) with the layout's tensors read
-// from `ckpt`. Errors name the model and tensor: missing, wrong shape, non-float dtype.
+// from `ckpt`. Errors name the model and tensor: missing, wrong shape, non-float dtype, a
+// NaN or infinite weight (or one the storage dtype overflows on), with its element.
 void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, void* image,
                 const std::string& where);
 

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <memory>
 #include <string>
 #include <thread>
@@ -205,6 +206,58 @@ TEST_F(CApi, TokensMasksAndLabelsOutOfRangeAreRefusedAndChangeNothing) {
 
   // No step ran.
   EXPECT_EQ(zo2_session_step_index(session_), 0);
+}
+
+// A batch with nothing to predict (every label -100, or the mask 0 after each sequence's
+// first position) has no loss: step and eval refuse it as an invalid argument naming why,
+// the step index does not move, and the session stays usable (issue 16, defect 13: step used
+// to return a NaN loss, skip the update and advance the index). Per-token log-probs are
+// defined for it (all 0).
+TEST_F(CApi, BatchesWithNothingToPredictAreRefusedAndChangeNothing) {
+  open(params());
+  zo2_step_result r;
+  float loss = 1.0f;
+  std::vector<int32_t> ids = tokens_;
+  std::vector<int32_t> labels(ids.size(), -100);
+  for (int i = 0; i < kSeqs; ++i) labels[static_cast<std::size_t>(i * kTokens)] = 7;  // the first position predicts nothing
+  zo2_batch b{kSeqs, kTokens, ids.data(), nullptr, labels.data()};
+  EXPECT_ERROR(zo2_session_step(session_, &b, &r), ZO2_ERR_INVALID_ARGUMENT, "nothing to predict", "-100");
+  EXPECT_ERROR(zo2_session_eval(session_, &b, &loss), ZO2_ERR_INVALID_ARGUMENT, "nothing to predict");
+  EXPECT_EQ(loss, 1.0f);  // not written
+  std::vector<float> lp(ids.size(), 5.0f);
+  EXPECT_EQ(zo2_session_token_logprobs(session_, &b, lp.data()), 0) << zo2_last_error();
+  for (float x : lp) EXPECT_EQ(x, 0.0f);
+  std::vector<int32_t> mask(ids.size(), 0);
+  const zo2_batch padding{kSeqs, kTokens, ids.data(), mask.data(), nullptr};
+  EXPECT_ERROR(zo2_session_step(session_, &padding, &r), ZO2_ERR_INVALID_ARGUMENT, "nothing to predict", "mask");
+  EXPECT_ERROR(zo2_session_eval(session_, &padding, &loss), ZO2_ERR_INVALID_ARGUMENT, "nothing to predict");
+  EXPECT_EQ(zo2_session_step_index(session_), 0);
+  // One target token is enough; the session steps on as if nothing had happened.
+  labels[5] = 9;
+  EXPECT_EQ(zo2_session_eval(session_, &b, &loss), 0) << zo2_last_error();
+  EXPECT_TRUE(std::isfinite(loss)) << loss;
+  const zo2_batch good = batch();
+  EXPECT_EQ(zo2_session_step(session_, &good, &r), 0) << zo2_last_error();
+  EXPECT_TRUE(std::isfinite(r.loss_plus) && std::isfinite(r.loss_minus) && std::isfinite(r.projected_grad));
+  EXPECT_EQ(zo2_session_step_index(session_), 1);
+}
+
+// A checkpoint with a NaN weight: the session that would load it is refused with a format
+// error naming the tensor (zo2_model_load reads only the headers).
+TEST_F(CApi, ACheckpointWithANanWeightIsRefusedByName) {
+  const fs::path dir = *tmp_ / "nan-weight";
+  fs::remove_all(dir);
+  fs::copy(*model_dir_, dir);
+  test::poke_safetensors(dir / "model.safetensors", "model.decoder.layers.0.self_attn.k_proj.weight", 0,
+                         std::numeric_limits<float>::quiet_NaN());
+  zo2_model* m = nullptr;
+  ASSERT_EQ(zo2_model_load(dir.c_str(), nullptr, &m), 0) << zo2_last_error();
+  zo2_session* s = nullptr;
+  const zo2_session_params p = params();
+  EXPECT_ERROR(zo2_session_init(m, &p, &s), ZO2_ERR_FORMAT, "model.decoder.layers.0.self_attn.k_proj.weight",
+               "non-finite", "nan");
+  EXPECT_EQ(s, nullptr);
+  zo2_model_free(m);
 }
 
 TEST_F(CApi, BadPathsAreIoOrFormatErrors) {

@@ -7,7 +7,9 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <csignal>
+#include <limits>
 #include <fstream>
 #include <sys/wait.h>
 #include <thread>
@@ -253,6 +255,99 @@ TEST(Cli, BadInputIsRefusedBeforeAnythingIsWritten) {
   EXPECT_EQ(run("forward --model " + (w.tmp / "broken").string() + " --inputs " + w.data.string() + " --out " + (w.tmp / "f.safetensors").string(), &out), 1);
   EXPECT_NE(out.find("model.safetensors"), std::string::npos) << out;
   EXPECT_FALSE(fs::exists(w.tmp / "f.safetensors"));
+}
+
+// A checkpoint holding a NaN or an infinite weight is refused at load by every command,
+// naming the tensor and the element, before anything is written (issue 16, item 4): it would
+// make every loss NaN, so `train` would skip every step and still save, and `eval` report
+// NaN. A value that fp16 storage cannot hold is named as an overflow.
+TEST(Cli, NonFiniteWeightsInACheckpointAreRefusedByName) {
+  Workspace w;
+  std::string out;
+  const std::string tensor = "model.decoder.layers.1.fc1.weight";
+  for (const float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
+    const fs::path m = w.tmp / "nan-model";
+    fs::remove_all(m);
+    fs::copy(w.model, m);
+    test::poke_safetensors(m / "model.safetensors", tensor, 70, bad);  // row 1, col 6 (hidden 64)
+    const std::string o = (w.tmp / "o").string();
+    for (const std::string& cmd :
+         {"train --model " + m.string() + " --data " + w.data.string() + " --out " + o + " --steps 2",
+          "eval --model " + m.string() + " --data " + w.data.string(),
+          "forward --model " + m.string() + " --inputs " + w.data.string() + " --out " + o + ".safetensors"}) {
+      EXPECT_EQ(run(cmd, &(out = "")), 1) << cmd << "\n" << out;
+      EXPECT_NE(out.find("tensor '" + tensor + "' in model.safetensors holds a non-finite weight (element [1, 6] = " +
+                         (std::isnan(bad) ? std::string("nan") : std::string("-inf")) + ")"),
+                std::string::npos)
+          << cmd << "\n" << out;
+      EXPECT_FALSE(fs::exists(fs::path(o) / "model.safetensors")) << cmd;  // no checkpoint
+      EXPECT_FALSE(fs::exists(fs::path(o) / "config.json")) << cmd;
+      EXPECT_FALSE(fs::exists(o + ".safetensors")) << cmd;
+    }
+  }
+  // Finite in the file, infinite in fp16 storage.
+  const fs::path m = w.tmp / "big-model";
+  fs::copy(w.model, m);
+  test::poke_safetensors(m / "model.safetensors", tensor, 3, 1e6f);
+  EXPECT_EQ(run("eval --model " + m.string() + " --data " + w.data.string() + " --storage-dtype fp16", &(out = "")), 1) << out;
+  EXPECT_NE(out.find("element [0, 3] = 1000000 overflows fp16 storage"), std::string::npos) << out;
+  EXPECT_EQ(run("eval --model " + m.string() + " --data " + w.data.string() + " --storage-dtype bf16", &out), 0) << out;
+}
+
+// Token data with nothing to predict — a sequence whose labels are all -100, or whose
+// attention mask is all 0 — is refused by name when it is loaded (exit 1), by train, eval
+// and forward alike, before anything is written (issue 16, defect 13: train used to skip
+// every step and exit 0, eval and forward to report loss nan).
+TEST(Cli, TokenDataWithNothingToPredictIsRefusedByName) {
+  Workspace w;
+  std::string out;
+  constexpr int kRows = 3, kSeq = 8;
+  std::vector<std::int32_t> ids(kRows * kSeq), ones(ids.size(), 1);
+  for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<std::int32_t>(10 + i);
+  auto write = [&](const std::string& name, const std::vector<std::int32_t>* mask,
+                   const std::vector<std::int32_t>* labels) {
+    std::vector<TensorToWrite> t{{"input_ids", DType::i32, {kRows, kSeq}, ids.data(), {}}};
+    if (mask) t.push_back({"attention_mask", DType::i32, {kRows, kSeq}, mask->data(), {}});
+    if (labels) t.push_back({"labels", DType::i32, {kRows, kSeq}, labels->data(), {}});
+    write_safetensors(w.tmp / name, t);
+    return (w.tmp / name).string();
+  };
+  // Row 1's labels are -100 after its first position (a label there predicts nothing).
+  std::vector<std::int32_t> labels = ids;
+  for (int t = 1; t < kSeq; ++t) labels[static_cast<std::size_t>(kSeq + t)] = -100;
+  const std::string no_labels = write("no-labels.safetensors", nullptr, &labels);
+  // Row 2's attention mask is all 0 (and no labels: they follow the mask).
+  std::vector<std::int32_t> mask = ones;
+  for (int t = 0; t < kSeq; ++t) mask[static_cast<std::size_t>(2 * kSeq + t)] = 0;
+  const std::string no_mask = write("no-mask.safetensors", &mask, nullptr);
+  const std::string o = (w.tmp / "o").string();
+  const std::string m = " --model " + w.model.string();
+  for (const auto& [file, why] : {std::pair{no_labels, std::string("sequence 1 has nothing to predict: every label after "
+                                                                   "its first position is -100")},
+                                  std::pair{no_mask, std::string("sequence 2 has nothing to predict: its attention_mask "
+                                                                 "is 0 at every position after the first")}}) {
+    for (const std::string& cmd : {"train" + m + " --data " + file + " --out " + o + " --steps 2",
+                                   "train" + m + " --data " + w.data.string() + " --eval " + file + " --out " + o +
+                                       " --steps 2",
+                                   "eval" + m + " --data " + file}) {
+      EXPECT_EQ(run(cmd, &(out = "")), 1) << cmd << "\n" << out;
+      EXPECT_NE(out.find(file + ": " + why), std::string::npos) << cmd << "\n" << out;
+      EXPECT_FALSE(fs::exists(fs::path(o) / "model.safetensors")) << cmd;  // no checkpoint
+      EXPECT_FALSE(fs::exists(fs::path(o) / "config.json")) << cmd;
+    }
+  }
+  // forward reads one batch: refused only when no sequence at all has a target.
+  EXPECT_EQ(run("forward" + m + " --inputs " + no_labels + " --out " + o + ".safetensors", &out), 0) << out;
+  std::vector<std::int32_t> none(ids.size(), -100);
+  const std::string all_ignored = write("all-ignored.safetensors", nullptr, &none);
+  EXPECT_EQ(run("forward" + m + " --inputs " + all_ignored + " --out " + o + "2.safetensors", &(out = "")), 1) << out;
+  EXPECT_NE(out.find(all_ignored + ": nothing to predict"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(o + "2.safetensors"));
+  std::vector<std::int32_t> zeros(ids.size(), 0);
+  const std::string all_padding = write("all-padding.safetensors", &zeros, nullptr);
+  EXPECT_EQ(run("forward" + m + " --inputs " + all_padding + " --out " + o + "2.safetensors", &(out = "")), 1) << out;
+  EXPECT_NE(out.find(all_padding + ": nothing to predict"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(o + "2.safetensors"));
 }
 
 }  // namespace

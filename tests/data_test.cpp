@@ -213,6 +213,20 @@ TEST(Data, MalformedFilesAreRefusedWithTheirLineNumbers) {
   EXPECT_NE(e.find("text.jsonl:1: \"text\" must be a string"), std::string::npos) << e;
   e = err("empty.jsonl", "\n\n");
   EXPECT_NE(e.find("empty.jsonl: no examples"), std::string::npos) << e;
+  // Nothing to predict (issue 16, defect 13): a text of one token (the BOS) is refused by
+  // eval and train alike, exit 1, naming its line.
+  e = err("short.jsonl", "{\"text\": \"It was good.\"}\n{\"text\": \"\"}\n");
+  EXPECT_NE(e.find("short.jsonl:2: the text has fewer than 2 tokens, so nothing to predict"), std::string::npos) << e;
+  {
+    std::string out;
+    EXPECT_EQ(run("train --model " + w.model.string() + " --data " + (w.tmp / "short.jsonl").string() + " --out " +
+                      (w.tmp / "o").string() + " --steps 1",
+                  &out),
+              1)
+        << out;
+    EXPECT_NE(out.find("short.jsonl:2: the text has fewer than 2 tokens, so nothing to predict"), std::string::npos) << out;
+    EXPECT_FALSE(fs::exists(w.tmp / "o"));
+  }
   // Task files: the wrong file for the task, an unlabeled split, an unknown task.
   e = err("rte.jsonl", "{\"premise\": \"a\", \"label\": 0}\n", "--task rte");
   EXPECT_NE(e.find("rte.jsonl:1: no \"hypothesis\" field"), std::string::npos) << e;

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 namespace zo2 {
 namespace {
@@ -352,14 +353,28 @@ TEST(SchedulerUpdates, ANonFiniteProjectedGradientSkipsTheUpdateAndIsReported) {
   Session s(tmp.path(), cfg);
   std::vector<std::uint8_t> before(static_cast<const std::uint8_t*>(s.store().block_image(1)),
                                    static_cast<const std::uint8_t*>(s.store().block_image(1)) + s.store().block_bytes());
-  // Every position padded except the first: no next-token target anywhere, so the losses
-  // (and g) are NaN.
+  // Every position padded except the first: no next-token target anywhere. Such a batch is
+  // refused before the step (its loss would be 0/0): the step index does not move.
   std::vector<std::int32_t> ids(kBatch * kSeq, 3), mask(kBatch * kSeq, 0);
   mask[0] = 1;
   mask[kSeq] = 1;
-  const StepResult r = s.step(make_batch(c, kBatch, kSeq, ids, mask), kLr, kEps, kWd);
+  const Error e = test::error_of([&] { s.step(make_batch(c, kBatch, kSeq, ids, mask), kLr, kEps, kWd); });
+  EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
+  EXPECT_NE(std::string(e.what()).find("nothing to predict"), std::string::npos) << e.what();
+  EXPECT_EQ(s.next_step(), 0);
+  // One NaN weight (block 0's attention norm, set in the host store; a checkpoint holding one
+  // is refused at load) makes both losses, hence g, NaN: the step is reported and counted,
+  // its update skipped.
+  const TensorSlot* norm = s.store().block_layout(0).find(Role::attn_norm_w);
+  ASSERT_NE(norm, nullptr);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(static_cast<std::byte*>(s.store().block_image(0)) + norm->offset, &nan, sizeof nan);
+  const StepResult r = s.step(make_batch(c, kBatch, kSeq, ids), kLr, kEps, kWd);
   EXPECT_TRUE(std::isnan(r.loss_plus));
+  EXPECT_TRUE(std::isnan(r.loss_minus));
+  EXPECT_FALSE(std::isfinite(r.g));
   EXPECT_TRUE(r.update_skipped);
+  EXPECT_EQ(s.next_step(), 1);
   s.sync();  // applies (skips) the pending update
   const auto* after = static_cast<const std::uint8_t*>(s.store().block_image(1));
   EXPECT_TRUE(std::equal(before.begin(), before.end(), after)) << "weights must not change";

@@ -1,8 +1,15 @@
 #include "tests/test_util.h"
 
+#include "runtime/dtype_convert.h"
+
+#include <nlohmann/json.hpp>
+
 #include <array>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <fstream>
 #include <random>
 #include <sys/wait.h>
 
@@ -25,6 +32,34 @@ TempDir::TempDir() {
 TempDir::~TempDir() {
   std::error_code ec;
   std::filesystem::remove_all(path_, ec);
+}
+
+void poke_safetensors(const std::filesystem::path& file, const std::string& tensor, std::int64_t element,
+                      float value) {
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  if (!f) throw std::runtime_error("poke_safetensors: cannot open " + file.string());
+  std::uint64_t header_len = 0;
+  f.read(reinterpret_cast<char*>(&header_len), 8);
+  std::string header(header_len, '\0');
+  f.read(header.data(), static_cast<std::streamsize>(header_len));
+  const auto j = nlohmann::json::parse(header);
+  if (!j.contains(tensor)) throw std::runtime_error("poke_safetensors: no tensor " + tensor + " in " + file.string());
+  const std::string dtype = j[tensor]["dtype"];
+  const std::uint64_t begin = j[tensor]["data_offsets"][0];
+  std::array<char, 4> bytes{};
+  std::size_t size = 4;
+  if (dtype == "F32") {
+    std::memcpy(bytes.data(), &value, 4);
+  } else if (dtype == "BF16" || dtype == "F16") {
+    const std::uint16_t h = dtype == "BF16" ? f32_to_bf16(value) : f32_to_f16(value);
+    std::memcpy(bytes.data(), &h, 2);
+    size = 2;
+  } else {
+    throw std::runtime_error("poke_safetensors: tensor " + tensor + " is " + dtype);
+  }
+  f.seekp(static_cast<std::streamoff>(8 + header_len + begin + static_cast<std::uint64_t>(element) * size));
+  f.write(bytes.data(), static_cast<std::streamsize>(size));
+  if (!f) throw std::runtime_error("poke_safetensors: cannot write " + file.string());
 }
 
 std::filesystem::path zo2_tune_path() {

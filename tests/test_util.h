@@ -43,6 +43,11 @@ Error error_of(F&& fn) {
   return Error(ErrorKind::internal, "<no error thrown>");
 }
 
+// Overwrites element `element` of tensor `tensor` (F32, BF16 or F16) in the safetensors file
+// `file` with `value`, in place (a NaN or an infinity injected into a checkpoint).
+void poke_safetensors(const std::filesystem::path& file, const std::string& tensor, std::int64_t element,
+                      float value);
+
 // Runs a shell command, returns its exit status; stdout+stderr go to *output if given.
 int run_command(const std::string& command, std::string* output = nullptr);
 

@@ -33,6 +33,13 @@ Runner add_forward(CLI::App& app) {
     const TokenTensors t = read_token_tensors(o->inputs);
     const HostBatch batch = make_batch(config, static_cast<int>(t.rows), static_cast<int>(t.seq), t.ids,
                                        t.mask, t.labels);
+    // No target token (every label -100, or an all-zero mask): the loss it writes would be
+    // 0/0. Refused before the model loads, naming the file (exit 1), as eval and train do.
+    if (batch.target_count() == 0)
+      fail(ErrorKind::format, "{}: nothing to predict: no position of its {} sequences has a target token ({})",
+           o->inputs, t.rows,
+           t.labels.empty() ? "the attention_mask is 0 after each sequence's first position"
+                            : "every label after each sequence's first position is -100");
     SessionConfig sc = session_config(o->dev, false);
     sc.max_batch = static_cast<int>(t.rows);
     sc.max_seq = static_cast<int>(t.seq);

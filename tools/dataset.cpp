@@ -287,8 +287,10 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
          fmt::join(task_names(), ", "));
   const std::string ext = lower(file.extension().string());
 
+  bool token_labels = false;  // a token file with a labels tensor (for the error below)
   if (options.task.empty() && ext == ".safetensors") {
     TokenTensors t = read_token_tensors(file);
+    token_labels = !t.labels.empty();
     if (t.seq > limit)
       fail(ErrorKind::invalid_argument, "{}: sequences of {} tokens exceed {} ({})", file.string(), t.seq,
            options.max_len > 0 ? "--max-len" : "the model's max_position_embeddings", limit);
@@ -401,6 +403,41 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
   }
 
   // --num-train / --num-eval: a seeded sample, kept in file order.
+  // An example with nothing to predict (no label after a sequence's first position) would
+  // make a batch of its own a 0/0 loss: train would skip the step, eval report NaN. Refused
+  // here, naming the first such example and how many there are.
+  {
+    auto predicts = [](const Example::Seq& s) {
+      return std::any_of(s.labels.begin() + std::min<std::ptrdiff_t>(1, static_cast<std::ptrdiff_t>(s.labels.size())),
+                         s.labels.end(), [](std::int32_t l) { return l != kIgnoreIndex; });
+    };
+    std::int64_t bad = 0;
+    const Example* first = nullptr;
+    std::size_t first_seq = 0;
+    for (const auto& e : d.examples_)
+      for (std::size_t k = 0; k < e.seqs.size(); ++k)
+        if (!predicts(e.seqs[k])) {
+          if (bad++ == 0) {
+            first = &e;
+            first_seq = k;
+          }
+          break;
+        }
+    if (bad > 0) {
+      const std::string count =
+          bad > 1 ? fmt::format(" ({} of the {} examples have nothing to predict)", bad, d.examples_.size()) : "";
+      if (d.format_ == DataFormat::tokens) {
+        fail(ErrorKind::format, "{}: sequence {} has nothing to predict: {}{}", file.string(), first->line - 1,
+             token_labels ? "every label after its first position is -100"
+                          : "its attention_mask is 0 at every position after the first",
+             count);
+      }
+      fail(ErrorKind::format, "{}:{}: nothing to predict: {} has no token after the first position to score{}",
+           file.string(), first->line,
+           d.format_ == DataFormat::options ? fmt::format("option {}", first_seq) : std::string("the example"), count);
+    }
+  }
+
   if (options.sample > d.size())
     log_warn("{}: a sample of {} examples was asked for, the file has {}; using all of them", d.source_,
              options.sample, d.size());
