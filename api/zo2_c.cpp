@@ -5,6 +5,7 @@
 // never changes a session; the id/mask/label ranges are checked by make_batch.
 #include "zo2.h"
 
+#include "api/options.h"
 #include "api/session.h"
 #include "models/checkpoint.h"
 #include "models/layout.h"
@@ -118,48 +119,50 @@ zo2::DType parse_dtype(const char* field, const char* name, std::initializer_lis
                    fmt::format("{} '{}' is not supported here (expected one of {})", field, name, names));
 }
 
-// Validates p against the model and turns it into a SessionConfig (nothing is opened).
+// Validates p against the model and turns it into a SessionConfig (nothing is opened). The
+// ranges are api/options.cpp's, the same zo2-tune's flags are checked against.
 zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_session_params& p) {
+  using zo2::Opt;
+  constexpr auto c_api = zo2::OptionSource::c_api;
   zo2::SessionConfig sc;
   if (!p.device) invalid("device is NULL");
   sc.device = p.device;
   (void)zo2::parse_device(sc.device);  // an unknown device string fails here, before any work
   sc.gpu_mem = static_cast<std::size_t>(p.gpu_mem_bytes);
+  zo2::check_size(Opt::gpu_mem, p.gpu_mem_bytes, c_api);
   switch (p.offload) {
     case ZO2_OFFLOAD_AUTO: sc.offload = zo2::OffloadMode::auto_; break;
     case ZO2_OFFLOAD_ALL: sc.offload = zo2::OffloadMode::all; break;
     case ZO2_OFFLOAD_NONE: sc.offload = zo2::OffloadMode::none; break;
     default: invalid(fmt::format("offload {} is not a zo2_offload_mode (0 auto, 1 all, 2 none)", p.offload));
   }
-  if (p.window < 1) invalid(fmt::format("window must be at least 1 (got {})", p.window));
   sc.window = p.window;
   using zo2::DType;
   sc.storage = parse_dtype("storage_dtype", p.storage_dtype, {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3});
   sc.compute = parse_dtype("compute_dtype", p.compute_dtype, {DType::f32, DType::bf16, DType::f16});
-  if (p.n_threads < 0) invalid(fmt::format("n_threads must be ≥ 0 (got {})", p.n_threads));
   sc.threads = p.n_threads;
-  if (p.max_seqs < 1) invalid(fmt::format("max_seqs must be at least 1 (got {})", p.max_seqs));
-  if (p.max_seq_len < 0) invalid(fmt::format("max_seq_len must be ≥ 0 (got {})", p.max_seq_len));
+  zo2::check_session_options(sc, c_api);  // window, n_threads, and the device runs the compute dtype
+  zo2::check_integer(Opt::batch_size, p.max_seqs, c_api);
+  zo2::check_integer(Opt::max_len, p.max_seq_len, c_api);
   if (p.max_seq_len > model.max_positions)
     invalid(fmt::format("max_seq_len {} exceeds the model's max_position_embeddings ({})", p.max_seq_len,
                         model.max_positions));
   sc.max_batch = p.max_seqs;
   sc.max_seq = p.max_seq_len > 0 ? p.max_seq_len : static_cast<int>(model.max_positions);
   sc.training = p.training != 0;
-  if (!(p.eps > 0) || !std::isfinite(p.eps)) invalid(fmt::format("eps must be positive and finite (got {})", p.eps));
-  if (!(p.lr >= 0) || !std::isfinite(p.lr))
-    invalid(fmt::format("lr must be non-negative and finite (got {})", p.lr));
-  if (!std::isfinite(p.weight_decay)) invalid(fmt::format("weight_decay must be finite (got {})", p.weight_decay));
+  zo2::check_real(Opt::eps, p.eps, c_api);
+  zo2::check_real(Opt::lr, p.lr, c_api);
+  zo2::check_real(Opt::weight_decay, p.weight_decay, c_api);
   sc.run_seed = p.seed;
   if (p.seed_log_path) {
     if (p.seed_log_path[0] == '\0') invalid("seed_log_path is empty (use NULL for no seed log)");
     sc.seed_log = p.seed_log_path;
   }
   sc.seed_log_append = p.seed_log_append != 0;
-  if (p.first_step < 0) invalid(fmt::format("first_step must be ≥ 0 (got {})", p.first_step));
+  zo2::check_integer(Opt::first_step, p.first_step, c_api);
   sc.first_step = p.first_step;
   (void)parse_dtype("save_dtype", p.save_dtype, {DType::f32, DType::bf16, DType::f16});
-  if (p.save_shard_bytes == 0) invalid("save_shard_bytes must be positive");
+  zo2::check_size(Opt::shard_size, p.save_shard_bytes, c_api);
   return sc;
 }
 
@@ -236,20 +239,7 @@ void fill_plan(const zo2::Placement& pl, std::int64_t blocks, zo2_plan_result* o
 // Reads the safetensors headers and checks every tensor the model needs is there, with
 // its shape, as load_image will (without reading any data).
 void check_weights(const std::filesystem::path& dir, const zo2::ModelConfig& c) {
-  const auto ckpt = zo2::SafetensorsCheckpoint::open(dir);
-  auto check = [&](const zo2::ImageLayout& layout) {
-    for (const zo2::TensorSlot& slot : layout.tensors()) {
-      const auto* e = zo2::find_checkpoint_tensor(ckpt, slot.name);
-      if (!e) fail(ErrorKind::format, "{}: tensor '{}' is missing from the checkpoint", dir.string(), slot.name);
-      if (e->info->shape != slot.shape())
-        fail(ErrorKind::format, "{}: tensor '{}' has shape [{}], the config implies [{}]", dir.string(), slot.name,
-             fmt::join(e->info->shape, ", "), fmt::join(slot.shape(), ", "));
-      if (!zo2::dtype_is_float(e->info->dtype))
-        fail(ErrorKind::format, "{}: tensor '{}' is not a floating-point tensor", dir.string(), slot.name);
-    }
-  };
-  check(zo2::globals_layout(c, zo2::DType::f32));
-  for (std::int64_t i = 0; i < c.num_layers; ++i) check(zo2::block_layout(c, i, zo2::DType::f32));
+  zo2::check_checkpoint_tensors(zo2::SafetensorsCheckpoint::open(dir), c, dir.string());
 }
 
 std::size_t physical_ram() {
@@ -517,7 +507,7 @@ int zo2_session_save(zo2_session* s, const char* out_dir) {
 int zo2_session_set_lr(zo2_session* s, float lr) {
   return guarded("zo2_session_set_lr", [&] {
     zo2_session& ss = usable(s);
-    if (!(lr >= 0) || !std::isfinite(lr)) invalid(fmt::format("lr must be non-negative and finite (got {})", lr));
+    zo2::check_real(zo2::Opt::lr, lr, zo2::OptionSource::c_api);
     ss.lr = lr;
     return 0;
   });

@@ -146,9 +146,9 @@ typedef int (*zo2_progress_callback)(int64_t step, const zo2_step_result * resul
 
 typedef struct zo2_session_params {
     // ZO-SGD hyperparameters (DESIGN.md §1): θ ← θ − lr·(g·z + wd·θ).
-    float    lr;                 // learning rate; change it per step with zo2_session_set_lr. Default 1e-6.
-    float    eps;                // perturbation scale, > 0. Default 1e-3.
-    float    weight_decay;       // decoupled weight decay (not on biases and norm weights). Default 0.
+    float    lr;                 // learning rate, finite and ≥ 0; change it per step with zo2_session_set_lr. Default 1e-6.
+    float    eps;                // perturbation scale, in (0, 1]. Default 1e-3.
+    float    weight_decay;       // decoupled weight decay, finite and ≥ 0 (not on biases and norm weights). Default 0.
     uint64_t seed;               // run seed; step t uses seed = Philox(seed, t). Default 0.
 
     // Device and memory.
@@ -156,14 +156,14 @@ typedef struct zo2_session_params {
     uint64_t gpu_mem_bytes;      // device memory cap in bytes; 0 = no cap: planned against the whole device
                                  // (CPU: physical RAM), the arena then keeps the plan's bytes + 256 MiB. Default 0.
     int32_t  offload;            // an enum zo2_offload_mode value. Default ZO2_OFFLOAD_AUTO.
-    int32_t  window;             // device slots for streamed blocks (≥ 3 overlaps all three streams). Default 3.
+    int32_t  window;             // device slots for streamed blocks, 1..64 (≥ 3 overlaps all three streams). Default 3.
     const char * storage_dtype;  // weights in host memory and slots: "fp32", "bf16", "fp16", "fp8". Default "fp32".
     const char * compute_dtype;  // activations and GEMMs: "fp32", "bf16", "fp16". Default "fp32".
-    int32_t  n_threads;          // CPU threads for kernels; 0 = all cores. Default 0.
+    int32_t  n_threads;          // CPU threads for kernels, 0..65536; 0 = all cores. Default 0.
 
     // Capacity: the largest batch any step/eval of this session takes (activations are
     // allocated for it at init).
-    int32_t  max_seqs;           // sequences per batch, ≥ 1. Default 1.
+    int32_t  max_seqs;           // sequences per batch, 1..2^20. Default 1.
     int32_t  max_seq_len;        // tokens per sequence; 0 = the model's max_position_embeddings. Default 0.
     int32_t  training;           // nonzero: two activation streams (±eps) for steps; 0: evaluation only
                                  // (one stream, less memory; zo2_session_step fails). Default 1.
@@ -189,8 +189,13 @@ ZO2_API zo2_session_params zo2_session_default_params(void);
 // block store and uploads the resident ones. The session keeps no reference to m (it may
 // be freed right after) nor to the strings in p (they are copied). p may be NULL (defaults).
 // On error *out is NULL and everything allocated so far is released; m is unchanged.
-//   ZO2_ERR_INVALID_ARGUMENT  m or out NULL; an unknown device/dtype/offload value; max_seqs < 1,
-//                             max_seq_len < 0 or above max_position_embeddings; window < 1; eps ≤ 0
+//   ZO2_ERR_INVALID_ARGUMENT  m or out NULL; an unknown device/dtype/offload value; a field outside
+//                             its range above (the ranges zo2-tune's flags have, api/options.cpp;
+//                             the message names the field and the value): lr or weight_decay
+//                             negative or not finite, eps outside (0, 1], max_seq_len above
+//                             max_position_embeddings, save_shard_bytes 0, ...
+//   ZO2_ERR_UNSUPPORTED       a dtype the device does not run: compute_dtype bf16/fp16 on the CPU
+//                             backend (device "cpu", or "auto" without a CUDA device)
 //   ZO2_ERR_OUT_OF_MEMORY     gpu_mem_bytes is below the plan's minimum (the message states it;
 //                             zo2_plan reports it without allocating)
 //   ZO2_ERR_DEVICE            no such device (e.g. "cuda" in a CPU-only build)

@@ -179,4 +179,23 @@ std::vector<std::string> unused_checkpoint_tensors(const SafetensorsCheckpoint& 
   return out;
 }
 
+void check_checkpoint_tensors(const SafetensorsCheckpoint& ckpt, const ModelConfig& config,
+                              const std::string& where) {
+  auto check = [&](const ImageLayout& layout) {
+    for (const TensorSlot& slot : layout.tensors()) {
+      const auto* e = find_checkpoint_tensor(ckpt, slot.name);
+      if (!e)
+        fail(ErrorKind::format, "{}: tensor '{}' is missing from the checkpoint (config.json: {} layers)", where,
+             slot.name, config.num_layers);
+      if (e->info->shape != slot.shape())
+        fail(ErrorKind::format, "{}: tensor '{}' has shape [{}], config.json implies [{}]", where, slot.name,
+             fmt::join(e->info->shape, ", "), fmt::join(slot.shape(), ", "));
+      if (!dtype_is_float(e->info->dtype))
+        fail(ErrorKind::format, "{}: tensor '{}' is not a floating-point tensor", where, slot.name);
+    }
+  };
+  check(globals_layout(config, DType::f32));
+  for (std::int64_t i = 0; i < config.num_layers; ++i) check(block_layout(config, i, DType::f32));
+}
+
 }  // namespace zo2

@@ -36,4 +36,11 @@ void quantize_rows_e4m3(const float* src, std::int64_t rows, std::int64_t cols, 
 std::vector<std::string> unused_checkpoint_tensors(const SafetensorsCheckpoint& ckpt,
                                                    const ModelConfig& config);
 
+// Every tensor the config implies is in the checkpoint with its shape and a float dtype —
+// the headers only, no data read. Run before the host images are allocated, so a config.json
+// that does not match its weights (more layers, other sizes) fails at once, naming the tensor,
+// instead of after the allocation. Error(format) naming `where`.
+void check_checkpoint_tensors(const SafetensorsCheckpoint& ckpt, const ModelConfig& config,
+                              const std::string& where);
+
 }  // namespace zo2

@@ -216,6 +216,51 @@ void ModelConfig::validate(const std::string& where) const {
     fail(ErrorKind::unsupported, "{}: vocab_size {} exceeds 32-bit token ids", where, vocab_size);
   if (!(norm_eps >= 0))
     fail(ErrorKind::format, "{}: the norm epsilon must be non-negative", where);
+  check_sizes(where);
+}
+
+// Note [Sizes from config.json]
+//   Every size below is multiplied into parameter counts (int64) and byte counts (size_t),
+//   and some reach the kernels as ints (heads, head_dim, sequence lengths), so a config.json
+//   with hidden_size 2^40 would overflow those products (signed overflow: wrapped sizes in
+//   the messages) and num_hidden_layers 2^31−1 would build a layout and a host image per
+//   layer — gigabytes of bookkeeping — before any memory check ran. So each field has a
+//   range, and the whole model must stay far below 2^62 bytes at fp32 (the widest storage
+//   dtype), which keeps every product of these fields in range. What the host and the device
+//   can actually hold is checked next, before any allocation (offload/block_store.h,
+//   check_host_memory; the planner for the device). The bounds are far above any released
+//   model (the widest, LLaMA-3.1-405B: hidden 16384, intermediate 53248, 126 layers, vocab
+//   128256; the longest context ~10M positions).
+void ModelConfig::check_sizes(const std::string& where) const {
+  auto at_most = [&](const char* field, std::int64_t v, std::int64_t max, const char* why) {
+    if (v > max) fail(ErrorKind::unsupported, "{}: {} {} is larger than zo2 runs (at most {}: {})", where, field, v, max, why);
+  };
+  constexpr std::int64_t kWidth = std::int64_t{1} << 24;
+  const char* width = "2^24, 1000x the widest released model";
+  at_most("hidden_size", hidden_size, kWidth, width);
+  at_most(family == ModelFamily::opt ? "ffn_dim" : "intermediate_size", ffn_dim, kWidth, width);
+  at_most("word_embed_proj_dim", word_embed_proj_dim, kWidth, width);
+  at_most("num_attention_heads", num_heads, kWidth, "the kernels index heads with ints");
+  at_most("head_dim", head_dim, kWidth, "the kernels index it with ints");
+  at_most("num_hidden_layers", num_layers, std::int64_t{1} << 16,
+          "every layer gets a block image and its layout; 500x the deepest released model");
+  at_most("max_position_embeddings", max_positions, std::int64_t{1} << 30,
+          "sequence lengths are ints; 100x the longest released context");
+  // The parameter count in 128-bit arithmetic, as block_params/global_params compute it in
+  // int64, so an overflow there is caught here instead of happening there.
+  using i128 = __int128;
+  const i128 h = hidden_size, f = ffn_dim, w = word_embed_proj_dim, v = vocab_size;
+  const i128 q = i128{num_heads} * head_dim, kv = i128{num_kv_heads} * head_dim;
+  const i128 block = family == ModelFamily::opt ? 4 * h * h + 2 * h * f + 10 * h + f
+                                                : h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h + q + 2 * kv + 3 * h + 2 * f;
+  const i128 globals = 2 * v * w + (i128{max_positions} + 2) * h + 2 * h * w + 2 * h;
+  const i128 params = globals + i128{num_layers} * block;
+  if (params * 4 > (i128{1} << 62))
+    fail(ErrorKind::unsupported,
+         "{}: the model would have about {:.3g} parameters ({:.3g} bytes at fp32), beyond what zo2 can address "
+         "(2^62 bytes): hidden_size {}, {} {}, num_hidden_layers {}, vocab_size {}, max_position_embeddings {}",
+         where, static_cast<double>(params), 4 * static_cast<double>(params), hidden_size,
+         family == ModelFamily::opt ? "ffn_dim" : "intermediate_size", ffn_dim, num_layers, vocab_size, max_positions);
 }
 
 ModelConfig ModelConfig::load(const std::filesystem::path& model_dir) {

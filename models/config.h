@@ -74,6 +74,9 @@ struct ModelConfig {
   std::string family_name() const { return family == ModelFamily::opt ? "opt" : "llama"; }
   // Throws Error(unsupported / format) naming the field when the values are inconsistent.
   void validate(const std::string& where) const;
+  // Each size within zo2's range and the whole model's bytes addressable without overflow
+  // (Note [Sizes from config.json]); part of validate().
+  void check_sizes(const std::string& where) const;
 };
 
 }  // namespace zo2

@@ -88,9 +88,10 @@ std::size_t BlockStore::host_bytes() const {
 BlockStore BlockStore::load(const std::filesystem::path& model_dir, DType storage, Device& device) {
   const ModelConfig config = ModelConfig::load(model_dir);
   const auto ckpt = SafetensorsCheckpoint::open(model_dir);
-  BlockStore store(config, storage, device, false);
   const std::string where = model_dir.string();
   const auto unused = unused_checkpoint_tensors(ckpt, config);
+  check_checkpoint_tensors(ckpt, config, where);  // before the images are allocated
+  BlockStore store(config, storage, device, false);
   for (const auto& name : unused)
     if (name != "lm_head.weight" && name.find("rotary_emb.inv_freq") == std::string::npos) {
       log_warn("{}: checkpoint tensor '{}' is not used by this {} config ({} unused in all)", where,

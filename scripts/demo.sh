@@ -3,9 +3,22 @@
 # learnable synthetic dataset, MeZO fine-tuning with every block streamed through a small
 # device window (CPU backend by default), then evaluation of the tuned model.
 # Usage: scripts/demo.sh [OUT_DIR] [extra zo2-tune train flags, e.g. --device cuda]
+# Works on a fresh clone: a build directory that is not configured yet is set up first
+# (scripts/setup.sh: packages, configure, build); an existing one gets zo2-tune rebuilt
+# if its sources changed (a no-op when it is up to date). ZO2_TUNE=path skips both.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-tune="${ZO2_TUNE:-${ZO2_BUILD_DIR:-$root/build}/tools/zo2-tune}"
+build="${ZO2_BUILD_DIR:-$root/build}"
+if [ -n "${ZO2_TUNE:-}" ]; then
+  tune="$ZO2_TUNE"
+else
+  tune="$build/tools/zo2-tune"
+  if [ ! -f "$build/CMakeCache.txt" ]; then
+    echo "demo: no build in $build yet: running scripts/setup.sh first" >&2
+    ZO2_BUILD_DIR="$build" "$root/scripts/setup.sh"
+  fi
+  cmake --build "$build" -j "$(nproc)" --target zo2-tune
+fi
 out="${1:-$root/out/demo}"
 shift || true
 mkdir -p "$out"

@@ -351,6 +351,51 @@ TEST_F(CApi, UnknownStringsAndBadParamsAreRefusedBeforeAnythingIsOpened) {
   EXPECT_EQ(zo2_session_set_lr(session_, 2e-4f), 0);
 }
 
+// Issue 16 #4 and #12 from the C side: the ranges zo2-tune's flags are checked against
+// (api/options.h) apply to the params fields, named as fields; a compute dtype the device
+// does not run is ZO2_ERR_UNSUPPORTED at init (it used to return 0, and every step then
+// failed with "cpu add: y is bf16").
+TEST_F(CApi, ParamsOutsideTheSharedRangesAreRefusedNamingTheField) {
+  zo2_session* s = nullptr;
+  auto init_with = [&](auto edit) {
+    zo2_session_params p = params();
+    edit(p);
+    const int rc = zo2_session_init(model_, &p, &s);
+    EXPECT_EQ(s, nullptr);
+    return rc;
+  };
+  EXPECT_ERROR(init_with([](auto& p) { p.eps = 2.0f; }), ZO2_ERR_INVALID_ARGUMENT, "eps 2", "(0, 1]");
+  EXPECT_ERROR(init_with([](auto& p) { p.eps = 1e30f; }), ZO2_ERR_INVALID_ARGUMENT, "eps");
+  EXPECT_ERROR(init_with([](auto& p) { p.eps = INFINITY; }), ZO2_ERR_INVALID_ARGUMENT, "eps inf");
+  EXPECT_ERROR(init_with([](auto& p) { p.lr = INFINITY; }), ZO2_ERR_INVALID_ARGUMENT, "lr inf");
+  EXPECT_ERROR(init_with([](auto& p) { p.weight_decay = NAN; }), ZO2_ERR_INVALID_ARGUMENT, "weight_decay nan");
+  EXPECT_ERROR(init_with([](auto& p) { p.weight_decay = -0.5f; }), ZO2_ERR_INVALID_ARGUMENT, "weight_decay -0.5");
+  EXPECT_ERROR(init_with([](auto& p) { p.window = 65; }), ZO2_ERR_INVALID_ARGUMENT, "window 65");
+  EXPECT_ERROR(init_with([](auto& p) { p.n_threads = -1; }), ZO2_ERR_INVALID_ARGUMENT, "n_threads -1");
+  EXPECT_ERROR(init_with([](auto& p) { p.max_seqs = 1 << 21; }), ZO2_ERR_INVALID_ARGUMENT, "max_seqs 2097152");
+  EXPECT_ERROR(init_with([](auto& p) { p.save_shard_bytes = 0; }), ZO2_ERR_INVALID_ARGUMENT, "save_shard_bytes 0");
+  for (const char* dt : {"bf16", "fp16"}) {
+    EXPECT_ERROR(init_with([&](auto& p) { p.compute_dtype = dt; }), ZO2_ERR_UNSUPPORTED, "compute_dtype", dt,
+                 "CPU backend");
+    zo2_session_params p = params();
+    p.compute_dtype = dt;
+    p.gpu_mem_bytes = 64u << 20;
+    zo2_plan_result plan;
+    EXPECT_ERROR(zo2_plan(model_, &p, &plan), ZO2_ERR_UNSUPPORTED, "compute_dtype", dt);
+  }
+  // The edges of the ranges open.
+  zo2_session_params p = params();
+  p.eps = 1.0f;
+  p.lr = 0.0f;
+  p.storage_dtype = "bf16";  // narrow storage, fp32 compute: what the CPU backend runs
+  open(p);
+  ASSERT_NE(session_, nullptr);
+  const zo2_batch b = batch();
+  zo2_step_result r;
+  EXPECT_EQ(zo2_session_step(session_, &b, &r), 0) << zo2_last_error();
+  EXPECT_ERROR(zo2_session_set_lr(session_, NAN), ZO2_ERR_INVALID_ARGUMENT, "lr nan");
+}
+
 TEST_F(CApi, CapBelowThePlansMinimumIsOutOfMemoryAndPlanStillReportsTheMinimum) {
   zo2_session_params p = params();
   p.gpu_mem_bytes = 4096;

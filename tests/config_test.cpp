@@ -345,6 +345,48 @@ TEST(ModelConfig, RefusalsNameTheFieldAndItsValue) {
   }
 }
 
+// Issue 16 #11: sizes are checked when config.json is read, before anything is sized from
+// them — num_hidden_layers 2^31−1 used to build a layout per layer (48 s, 4.6 GB, then
+// bad_alloc), hidden_size 2^40 overflowed the int64 parameter counts (wrapped sizes in the
+// messages), and max_position_embeddings 2^40 became a sequence length of "(0)".
+TEST(ModelConfig, SizesBeyondWhatZo2RunsAreRefusedNamingTheFieldAndValue) {
+  const std::int64_t two31 = (std::int64_t{1} << 31) - 1, two40 = std::int64_t{1} << 40;
+  for (const json& base : {opt_json(), llama_json()}) {
+    const std::string ffn = base["model_type"] == "opt" ? "ffn_dim" : "intermediate_size";
+    for (const auto& [field, value] : std::vector<std::pair<std::string, std::int64_t>>{
+             {"num_hidden_layers", two31}, {"num_hidden_layers", 65537}, {"hidden_size", two40},
+             {"max_position_embeddings", two40}, {"max_position_embeddings", two31}, {ffn, two40}}) {
+      json j = base;
+      j[field] = value;
+      if (field == "hidden_size" && base["model_type"] == "opt") j["word_embed_proj_dim"] = two40;
+      expect_refused(j, ErrorKind::unsupported, {field, std::to_string(value), "larger than zo2 runs"});
+    }
+  }
+  {
+    json j = llama_json();  // heads reach the kernels as ints
+    j["num_attention_heads"] = two40;
+    j["num_key_value_heads"] = two40;
+    j["head_dim"] = 16;
+    expect_refused(j, ErrorKind::unsupported, {"num_attention_heads", std::to_string(two40)});
+  }
+  // Each size within its range, the product beyond what zo2 can address: refused by the
+  // product, with the fields it comes from (no int64 overflow on the way).
+  json j = llama_json();
+  j["hidden_size"] = std::int64_t{1} << 24;
+  j["intermediate_size"] = std::int64_t{1} << 24;
+  j["num_attention_heads"] = 1 << 16;
+  j["num_key_value_heads"] = 1 << 16;
+  j["num_hidden_layers"] = 1 << 16;
+  expect_refused(j, ErrorKind::unsupported, {"parameters", "2^62", "hidden_size 16777216", "num_hidden_layers 65536"});
+  // The largest shapes zo2 ships presets for still load (opt-175b, llama2-70b: config_test's
+  // preset tests), and a wide but addressable one does too.
+  json wide = opt_json();
+  wide["hidden_size"] = 1 << 20;
+  wide["word_embed_proj_dim"] = 1 << 20;
+  wide["ffn_dim"] = 1 << 22;
+  EXPECT_NO_THROW((void)ModelConfig::from_json(wide, "wide/config.json"));
+}
+
 TEST(ModelConfig, ConfigJsonThatIsNotJsonIsAFormatErrorNamingThePath) {
   test::TempDir dir;
   {

@@ -1,6 +1,9 @@
 #include "tools/cli.h"
 
+#include "api/options.h"
+#include "models/checkpoint.h"
 #include "models/safetensors.h"
+#include "offload/block_store.h"
 #include "runtime/error.h"
 #include "runtime/file_util.h"
 
@@ -33,8 +36,7 @@ void DeviceFlags::add(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "all", "none"}));
   app.add_option("--window", window, "device slots for streamed blocks (>= 3 overlaps upload, compute, offload)")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 64));
+      ->capture_default_str();  // range: api/options.cpp, checked with the other device flags
   app.add_option("--storage-dtype", storage, "dtype of the master weights, transfers and slots: fp32, bf16, fp16, fp8")
       ->capture_default_str();
   app.add_option("--compute-dtype", compute, "compute dtype: fp32 (CPU), bf16 or fp16 (GPU)")
@@ -97,13 +99,13 @@ void DataFlags::add(CLI::App& app) {
   app.add_option("--task", task, "MeZO task preset reading the standard file: sst2 (GLUE TSV), rte, boolq, cb, copa (SuperGLUE JSONL)")
       ->check(CLI::IsMember({"sst2", "rte", "boolq", "cb", "copa"}));
   app.add_option("--tokenizer", tokenizer, "tokenizer directory for text data (default: the model directory)");
-  app.add_option("--max-len", max_len, "truncate sequences to this many tokens (text: the end; prompts: the start)")
-      ->check(CLI::PositiveNumber);
+  max_len_flag = app.add_option("--max-len", max_len, "truncate sequences to this many tokens (text: the end; prompts: the start)");
   app.add_option("--padding-side", padding_side, "where batches pad shorter sequences")
       ->capture_default_str()->check(CLI::IsMember({"right", "left"}));
 }
 
 DataOptions DataFlags::options(std::int64_t sample, std::uint64_t seed, bool shuffle) const {
+  if (max_len_flag && max_len_flag->count() > 0) check_integer(Opt::max_len, max_len, OptionSource::cli);
   DataOptions d;
   d.task = task;
   d.max_len = max_len;
@@ -144,6 +146,11 @@ int copy_tokenizer_files(const std::filesystem::path& from, const std::filesyste
     ++copied;
   }
   return copied;
+}
+
+void check_model_fits(const std::filesystem::path& model_dir, const ModelConfig& config, DType storage) {
+  check_checkpoint_tensors(SafetensorsCheckpoint::open(model_dir), config, model_dir.string());
+  check_host_memory(config, storage, config.num_layers);
 }
 
 void ensure_writable_dir(const std::filesystem::path& dir) {

@@ -51,6 +51,7 @@ struct DataFlags {
   std::string tokenizer;        // --tokenizer DIR ("" = the model directory)
   int max_len = 0;              // --max-len
   std::string padding_side = "right";
+  CLI::Option* max_len_flag = nullptr;  // to tell --max-len given from the default (0: none)
   void add(CLI::App& app);
   // These flags as DataOptions, with the sample size, seed and shuffling of the caller.
   DataOptions options(std::int64_t sample = 0, std::uint64_t seed = 0, bool shuffle = true) const;
@@ -75,6 +76,12 @@ struct TokenTensors {
   std::vector<std::int32_t> ids, mask, labels;  // mask/labels empty when absent
 };
 TokenTensors read_token_tensors(const std::filesystem::path& file);
+
+// Before any data is read or anything written: the checkpoint in `model_dir` holds every
+// tensor config.json implies, with its shape (headers only), and its master weights in
+// `storage` fit the host memory (offload/block_store.h) — so a config.json that does not
+// match its weights or the machine fails in milliseconds, naming the file and the numbers.
+void check_model_fits(const std::filesystem::path& model_dir, const ModelConfig& config, DType storage);
 
 // Checks a directory can be created and written before any work starts.
 void ensure_writable_dir(const std::filesystem::path& dir);

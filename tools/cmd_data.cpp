@@ -24,7 +24,8 @@ Runner add_data(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   app.add_option("--model", o->model, "model directory (config.json; its tokenizer unless --tokenizer)")->required();
   app.add_option("--data", o->data, "data file (JSONL, --task file or safetensors)")->required();
-  app.add_option("--show", o->show, "print the first N examples as JSON lines")->capture_default_str();
+  app.add_option("--show", o->show, "print the first N examples as JSON lines")->capture_default_str()
+      ->check(CLI::Range(std::int64_t{0}, std::int64_t{1} << 53));
   o->data_flags.add(app);
   return [o] {
     const ModelConfig config = ModelConfig::load(o->model);

@@ -1,5 +1,6 @@
 // zo2-tune eval: a checkpoint on a data file: the token-weighted mean next-token loss, or for
 // multiple-choice data (JSONL options, task presets) MeZO's candidate loss and accuracy.
+#include "api/options.h"
 #include "api/session.h"
 #include "runtime/arena.h"
 #include "runtime/log.h"
@@ -31,17 +32,20 @@ Runner add_eval(CLI::App& app) {
                  "JSONL (text | prompt+completion | prompt+options+label), a --task file, or safetensors with "
                  "input_ids [N, T] (+ attention_mask, labels)")->required();
   app.add_option("--batch-size,--per_device_eval_batch_size", o->batch, "examples per forward pass")
-      ->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--num-eval,--num_eval", o->num, "evaluate a seeded sample of N examples")->check(CLI::PositiveNumber);
+      ->capture_default_str();
+  auto* num = app.add_option("--num-eval,--num_eval", o->num, "evaluate a seeded sample of N examples");
   app.add_option("--data-seed", o->seed, "seed of --num-eval's sample")->capture_default_str();
   app.add_flag("--json", o->json, "print the result as JSON");
   o->dev.add(app);
   o->data_flags.add(app);
-  return [o] {
+  return [o, num] {
+    // Flags first (api/options.h, shared with the C API), then the files.
+    check_integer(Opt::batch_size, o->batch, OptionSource::cli);
+    if (num->count() > 0) check_integer(Opt::num_eval, o->num, OptionSource::cli);
+    SessionConfig sc = session_config(o->dev, false);
     const ModelConfig config = ModelConfig::load(o->model);
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, o->model);
     const Dataset data = Dataset::load(o->data, config, tokenizer.get(), o->data_flags.options(o->num, o->seed));
-    SessionConfig sc = session_config(o->dev, false);
     sc.max_batch = static_cast<int>(std::min<std::int64_t>(o->batch, data.size())) * data.max_candidates();
     sc.max_seq = data.longest();
     Session session(o->model, sc);

@@ -29,10 +29,19 @@ Runner add_forward(CLI::App& app) {
                "also write hidden_states.0 … hidden_states.L (as transformers' output_hidden_states)");
   o->dev.add(app);
   return [o] {
+    SessionConfig sc = session_config(o->dev, false);  // the flags first, then the files
     const ModelConfig config = ModelConfig::load(o->model);
     const TokenTensors t = read_token_tensors(o->inputs);
-    const HostBatch batch = make_batch(config, static_cast<int>(t.rows), static_cast<int>(t.seq), t.ids,
-                                       t.mask, t.labels);
+    // Ids, mask or labels that do not fit the model are the file's contents, not a flag's
+    // value: a format error naming the file (exit 1).
+    const HostBatch batch = [&] {
+      try {
+        return make_batch(config, static_cast<int>(t.rows), static_cast<int>(t.seq), t.ids, t.mask, t.labels);
+      } catch (const Error& e) {
+        if (e.kind() != ErrorKind::invalid_argument) throw;
+        fail(ErrorKind::format, "{}: {}", o->inputs, e.what());
+      }
+    }();
     // No target token (every label -100, or an all-zero mask): the loss it writes would be
     // 0/0. Refused before the model loads, naming the file (exit 1), as eval and train do.
     if (batch.target_count() == 0)
@@ -40,7 +49,6 @@ Runner add_forward(CLI::App& app) {
            o->inputs, t.rows,
            t.labels.empty() ? "the attention_mask is 0 after each sequence's first position"
                             : "every label after each sequence's first position is -100");
-    SessionConfig sc = session_config(o->dev, false);
     sc.max_batch = static_cast<int>(t.rows);
     sc.max_seq = static_cast<int>(t.seq);
     sc.logits_out = true;

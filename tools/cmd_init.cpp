@@ -1,6 +1,7 @@
 // zo2-tune init: a random-initialized HF checkpoint of a preset shape, written in parallel
 // straight from the generator into the (sharded) safetensors files, so even the 175B shape
 // needs no second copy in memory.
+#include "api/options.h"
 #include "models/init.h"
 #include "models/layout.h"
 #include "models/presets.h"
@@ -48,7 +49,7 @@ Runner add_init(CLI::App& app) {
       fail(ErrorKind::invalid_argument, "init needs --preset NAME and --out DIR (or --list)");
     const Preset& preset = find_preset(o->preset);
     const DType dt = parse_dtype_flag("--dtype", o->dtype, {DType::f32, DType::bf16, DType::f16});
-    const std::uint64_t shard = parse_byte_size(o->shard);
+    const std::uint64_t shard = parse_size_option(Opt::shard_size, o->shard, OptionSource::cli);
     ModelConfig c = preset.config;
     std::unique_ptr<Tokenizer> tok;
     if (!o->tokenizer.empty()) {

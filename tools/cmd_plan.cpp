@@ -1,5 +1,6 @@
 // zo2-tune plan: the placement and byte budget for a model under a cap, without
 // allocating anything (DESIGN.md §6).
+#include "api/options.h"
 #include "api/session.h"
 #include "models/presets.h"
 #include "offload/planner.h"
@@ -25,7 +26,7 @@ Runner add_plan(CLI::App& app) {
   m->excludes(p);
   app.add_option("--gpu-mem", o->gpu_mem, "device memory cap, e.g. 8G")->required();
   app.add_option("--batch-size", o->batch, "sequences per step")->capture_default_str();
-  app.add_option("--seq-len", o->seq, "tokens per sequence (default: max_position_embeddings)");
+  auto* seq = app.add_option("--seq-len", o->seq, "tokens per sequence (default: max_position_embeddings)");
   app.add_option("--storage-dtype", o->storage, "fp32, bf16, fp16, fp8")->capture_default_str();
   app.add_option("--compute-dtype", o->compute, "fp32, bf16, fp16")->capture_default_str();
   app.add_option("--offload", o->offload, "auto, all, none")->capture_default_str()->check(CLI::IsMember({"auto", "all", "none"}));
@@ -33,20 +34,30 @@ Runner add_plan(CLI::App& app) {
   app.add_option("--device", o->device, "cpu or cuda: which transfer bandwidth to predict with")->capture_default_str();
   app.add_flag("--eval-only", o->eval, "plan for evaluation (one activation stream)");
   app.add_flag("--json", o->json, "print the plan as JSON");
-  return [o] {
+  return [o, seq] {
     if (o->model.empty() == o->preset.empty())
       fail(ErrorKind::invalid_argument, "plan needs exactly one of --model DIR or --preset NAME");
-    const ModelConfig c = o->model.empty() ? find_preset(o->preset).config : ModelConfig::load(o->model);
+    // The flags first, through the checks zo2-tune's other subcommands and the C API share
+    // (api/options.h). --device picks the predicted bandwidth and the dtypes it computes in.
+    const std::uint64_t cap = parse_size_option(Opt::gpu_mem, o->gpu_mem, OptionSource::cli);
+    check_integer(Opt::batch_size, o->batch, OptionSource::cli);
+    if (seq->count() > 0) check_integer(Opt::seq_len, o->seq, OptionSource::cli);
     SessionConfig sc;
+    sc.device = o->device;
     sc.offload = parse_offload_mode(o->offload);
     sc.window = o->window;
     sc.storage = parse_dtype_flag("--storage-dtype", o->storage, {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3});
     sc.compute = parse_dtype_flag("--compute-dtype", o->compute, {DType::f32, DType::bf16, DType::f16});
+    check_session_options(sc, OptionSource::cli);
+    const ModelConfig c = o->model.empty() ? find_preset(o->preset).config : ModelConfig::load(o->model);
+    if (o->seq > c.max_positions)
+      fail(ErrorKind::invalid_argument, "--seq-len {} exceeds the model's max_position_embeddings ({})", o->seq,
+           c.max_positions);
     sc.max_batch = o->batch;
     sc.max_seq = o->seq > 0 ? o->seq : static_cast<int>(c.max_positions);
     sc.training = !o->eval;
-    const DeviceKind kind = o->device == "cpu" ? DeviceKind::cpu : DeviceKind::cuda;
-    const Placement pl = plan_placement(c, plan_request(c, sc, kind, parse_byte_size(o->gpu_mem)));
+    const DeviceKind kind = parse_device(o->device).kind;
+    const Placement pl = plan_placement(c, plan_request(c, sc, kind, cap));
     if (!o->json) {
       fmt::print("model: {} ({}), {} blocks, {:.3f}B parameters, storage {}, compute {}, batch {} × {}\n",
                  o->model.empty() ? o->preset : o->model, c.family_name(), c.num_layers,

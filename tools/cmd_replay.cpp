@@ -1,6 +1,7 @@
 // zo2-tune replay: the tuned weights from the base checkpoint and the seed log alone
 // (DESIGN.md §1): every logged update is applied by the kernels the training run used, in
 // the same order, so the result is bit-identical to the run's own checkpoint.
+#include "api/options.h"
 #include "api/session.h"
 #include "runtime/arena.h"
 #include "runtime/log.h"
@@ -28,10 +29,14 @@ Runner add_replay(CLI::App& app) {
   app.add_option("--save-dtype", o->save_dtype, "fp32, bf16, fp16")->capture_default_str();
   app.add_option("--shard-size", o->shard, "largest safetensors shard")->capture_default_str();
   o->dev.add(app);
-  return [o] {
-    const SeedLog log = SeedLog::read(o->seed_log);
+  auto* until = app.get_option("--until-step");
+  return [o, until] {
+    // Every flag before the seed log is read and long before the save at the end.
     const DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
+    const std::uint64_t shard = parse_size_option(Opt::shard_size, o->shard, OptionSource::cli);
+    if (until->count() > 0) check_integer(Opt::until_step, o->until, OptionSource::cli);
     SessionConfig sc = session_config(o->dev, false);
+    const SeedLog log = SeedLog::read(o->seed_log);
     // The log says how the run stored its weights; replay must round the same way.
     sc.storage = parse_dtype_flag("seed log storage_dtype", log.header.storage_dtype,
                                   {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3});
@@ -49,7 +54,7 @@ Runner add_replay(CLI::App& app) {
       ++applied;
       if (applied % 100 == 0) log_info("replay: {} of {} updates", applied, log.entries.size());
     }
-    session.save(o->out, save_dtype, parse_byte_size(o->shard));
+    session.save(o->out, save_dtype, shard);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     log_info("replay: applied {} updates to {} in {}, saved to {}", applied, o->model, format_duration(s), o->out);
     return 0;

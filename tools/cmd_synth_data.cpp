@@ -24,8 +24,8 @@ Runner add_synth_data(CLI::App& app) {
   app.add_option("--out", o->out, "output safetensors file (input_ids I32 [rows, seq])")->required();
   app.add_option("--model", o->model, "take the vocabulary size from this checkpoint's config.json");
   app.add_option("--vocab", o->vocab, "vocabulary size (instead of --model)");
-  app.add_option("--rows", o->rows, "sequences")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--seq", o->seq, "tokens per sequence")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--rows", o->rows, "sequences")->capture_default_str()->check(CLI::Range(1, 1 << 30));
+  app.add_option("--seq", o->seq, "tokens per sequence")->capture_default_str()->check(CLI::Range(1, 1 << 30));
   app.add_option("--alphabet", o->alphabet, "distinct tokens used (the task's difficulty)")->capture_default_str()->check(CLI::Range(2, 1 << 20));
   app.add_option("--seed", o->seed, "random seed")->capture_default_str();
   return [o] {

@@ -1,6 +1,7 @@
 // zo2-tune train: MeZO fine-tuning through the streaming scheduler. Writes the tuned model
 // as an HF checkpoint, the seed log (seed_log.jsonl) and a state file (zo2_state.json)
 // from which `--resume DIR` continues exactly where the run stopped.
+#include "api/options.h"
 #include "api/session.h"
 #include "runtime/arena.h"
 #include "runtime/file_util.h"
@@ -109,15 +110,14 @@ Runner add_train(CLI::App& app) {
   app.add_option("--eval", o->eval, "evaluation data (same format/task as --data): loss, and accuracy for options");
   app.add_option("--eval-every,--eval_steps", o->eval_every, "evaluate every N steps (and at the end; 0: only at the end)")
       ->capture_default_str();
-  auto* num_train = app.add_option("--num-train,--num_train", o->num_train, "use a seeded sample of N training examples")
-                        ->check(CLI::PositiveNumber);
-  app.add_option("--num-eval,--num_eval", o->num_eval, "use a seeded sample of N evaluation examples")->check(CLI::PositiveNumber);
+  auto* num_train = app.add_option("--num-train,--num_train", o->num_train, "use a seeded sample of N training examples");
+  app.add_option("--num-eval,--num_eval", o->num_eval, "use a seeded sample of N evaluation examples");
   auto* shuffle = app.add_flag("--shuffle,!--no-shuffle", o->shuffle, "reshuffle the training examples every epoch (default on)");
   auto* data_seed = app.add_option("--data-seed", o->data_seed, "seed of the sampling and shuffling (default: --seed)");
   app.add_option("--out", o->out, "output directory: tuned checkpoint, seed_log.jsonl, zo2_state.json")->required();
-  auto* steps = app.add_option("--steps,--max_steps", o->steps, "total steps")->capture_default_str()->check(CLI::PositiveNumber);
+  auto* steps = app.add_option("--steps,--max_steps", o->steps, "total steps")->capture_default_str();
   auto* batch = app.add_option("--batch-size,--per_device_train_batch_size", o->batch, "sequences per step")
-                    ->capture_default_str()->check(CLI::PositiveNumber);
+                    ->capture_default_str();
   auto* lr = app.add_option("--lr,--learning_rate", o->lr, "learning rate")->capture_default_str();
   auto* eps = app.add_option("--eps,--zo_eps", o->eps, "perturbation scale")->capture_default_str();
   auto* wd = app.add_option("--weight-decay,--weight_decay", o->wd, "weight decay (not on biases and norms)")->capture_default_str();
@@ -130,10 +130,9 @@ Runner add_train(CLI::App& app) {
   app.add_option("--shard-size", o->shard, "largest safetensors shard")->capture_default_str();
   app.add_option("--log-json", o->log_json, "write one JSON object per step to this file");
   app.add_option("--log-every,--logging_steps", o->log_every, "progress line every N steps when not on a terminal")
-      ->capture_default_str()->check(CLI::PositiveNumber);
+      ->capture_default_str();
   app.add_option("--stop-at", o->stop_at,
-                 "stop (and save the state, as on SIGINT) once this many steps are done; --resume continues")
-      ->check(CLI::PositiveNumber);
+                 "stop (and save the state, as on SIGINT) once this many steps are done; --resume continues");
   app.add_option("--resume", o->resume, "continue the run saved in DIR (its zo2_state.json and checkpoint)");
   o->dev.add(app);
   o->data_flags.add(app);
@@ -143,10 +142,36 @@ Runner add_train(CLI::App& app) {
   };
   const Given given{steps, batch, lr, eps, wd, seed, sched, warm, num_train, shuffle, data_seed,
                     app.get_option("--task"), app.get_option("--max-len"), app.get_option("--padding-side")};
-  return [o, given] {
+  // Every numeric flag through the checks the C API shares (api/options.h): before --resume
+  // reads a state file, before any data is read or anything written. 0 means "not given"
+  // for --stop-at, --num-train and --num-eval, so those are checked only when given.
+  auto check_flags = [o, a = &app] {
+    constexpr auto cli = OptionSource::cli;
+    check_integer(Opt::steps, o->steps, cli);
+    check_integer(Opt::batch_size, o->batch, cli);
+    auto written = [a](const char* flag) {  // "1e309" as typed, where the double reads inf
+      const CLI::Option* opt = a->get_option(flag);
+      return opt->count() > 0 ? opt->results().back() : std::string();
+    };
+    check_real(Opt::lr, o->lr, cli, written("--lr"));
+    check_real(Opt::eps, o->eps, cli, written("--eps"));
+    check_real(Opt::weight_decay, o->wd, cli, written("--weight-decay"));
+    check_integer(Opt::warmup_steps, o->warmup, cli);
+    check_integer(Opt::save_every, o->save_every, cli);
+    check_integer(Opt::eval_every, o->eval_every, cli);
+    check_integer(Opt::log_every, o->log_every, cli);
+    const std::pair<const char*, std::pair<Opt, std::int64_t>> optional[] = {
+        {"--stop-at", {Opt::stop_at, o->stop_at}},
+        {"--num-train", {Opt::num_train, o->num_train}},
+        {"--num-eval", {Opt::num_eval, o->num_eval}}};
+    for (const auto& [flag, v] : optional)
+      if (a->get_option(flag)->count() > 0) check_integer(v.first, v.second, cli);
+  };
+  return [o, given, check_flags] {
     g_stop_signal.store(0);
+    check_flags();
     const DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
-    const std::uint64_t shard = parse_byte_size(o->shard);
+    const std::uint64_t shard = parse_size_option(Opt::shard_size, o->shard, OptionSource::cli);
     SessionConfig sc = session_config(o->dev, true);
     std::string model_dir = o->model;
     std::int64_t first_step = 0;
@@ -200,6 +225,7 @@ Runner add_train(CLI::App& app) {
 
     // Validate everything cheap before touching the output directory.
     const ModelConfig config = ModelConfig::load(model_dir);
+    check_model_fits(model_dir, config, sc.storage);  // headers and host memory, before the data
     if (!data_seed_known) o->data_seed = o->seed;
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, model_dir);
     const DataOptions dopt = o->data_flags.options(o->num_train, o->data_seed, o->shuffle);

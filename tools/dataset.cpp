@@ -292,7 +292,8 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
     TokenTensors t = read_token_tensors(file);
     token_labels = !t.labels.empty();
     if (t.seq > limit)
-      fail(ErrorKind::invalid_argument, "{}: sequences of {} tokens exceed {} ({})", file.string(), t.seq,
+      fail(options.max_len > 0 ? ErrorKind::invalid_argument : ErrorKind::format,
+           "{}: sequences of {} tokens exceed {} ({})", file.string(), t.seq,
            options.max_len > 0 ? "--max-len" : "the model's max_position_embeddings", limit);
     const auto T = static_cast<std::size_t>(t.seq);
     for (std::int64_t r = 0; r < t.rows; ++r) {
@@ -311,7 +312,7 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
       }
       for (std::size_t i = 0; i < T; ++i)
         if (s.ids[i] < 0 || s.ids[i] >= config.vocab_size)
-          fail(ErrorKind::invalid_argument,
+          fail(ErrorKind::format,
                "{}: token id {} at row {}, position {} is outside the model's vocabulary [0, {})", file.string(),
                s.ids[i], r, i, config.vocab_size);
       e.seqs.push_back(std::move(s));
@@ -335,7 +336,7 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
       fail(ErrorKind::invalid_argument, "{}: {} data needs a tokenizer (--tokenizer DIR)", file.string(),
            data_format_name(d.format_));
     if (tokenizer->vocab_size() > config.vocab_size)
-      fail(ErrorKind::invalid_argument, "the tokenizer has {} ids but the model's vocabulary is only {}",
+      fail(ErrorKind::format, "the tokenizer has {} ids but the model's vocabulary is only {}",
            tokenizer->vocab_size(), config.vocab_size);
     const std::vector<std::int32_t>& prefix = tokenizer->special_prefix();
     std::vector<Example> examples(records.size());
@@ -358,7 +359,7 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
         const auto keep_prefix = static_cast<std::int64_t>(prefix.size());
         if (static_cast<std::int64_t>(ids.size()) > limit) {
           if (options.max_len <= 0)
-            fail(ErrorKind::invalid_argument,
+            fail(ErrorKind::format,
                  "{}:{}: {} tokens exceed the model's max_position_embeddings ({}); pass --max-len to truncate",
                  file.string(), r.line, ids.size(), limit);
           if (scored + keep_prefix + 1 > limit)
@@ -380,7 +381,7 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
         s.ids = tokenizer->encode_with_special(r.text);
         if (static_cast<std::int64_t>(s.ids.size()) > limit) {
           if (options.max_len <= 0)
-            fail(ErrorKind::invalid_argument,
+            fail(ErrorKind::format,
                  "{}:{}: {} tokens exceed the model's max_position_embeddings ({}); pass --max-len to truncate",
                  file.string(), r.line, s.ids.size(), limit);
           s.ids.resize(static_cast<std::size_t>(limit));

@@ -8,6 +8,25 @@
 
 #include <cstdio>
 #include <map>
+#include <string>
+#include <vector>
+
+namespace {
+
+// "--steps was given 2 times (5, 7); give it once" for the first single-value option that
+// was given more than once, in the app or the subcommand that was parsed; "" if none was.
+std::string repeated_flag(const CLI::App& app) {
+  std::vector<const CLI::App*> apps{&app};
+  for (const CLI::App* sub : app.get_subcommands()) apps.push_back(sub);
+  for (const CLI::App* a : apps)
+    for (const CLI::Option* opt : a->get_options())
+      if (opt->get_items_expected_max() == 1 && opt->count() > 1)
+        return fmt::format("{} was given {} times ({}); give it once", opt->get_name(), opt->count(),
+                           fmt::join(opt->results(), ", "));
+  return "";
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"zo2-tune: zeroth-order (MeZO) fine-tuning of OPT and LLaMA models with "
@@ -34,6 +53,16 @@ int main(int argc, char** argv) {
   reg("data", "show what a data file becomes: format, sizes, and the first examples as the model sees them", zo2::cli::add_data);
   try {
     app.parse(argc, argv);
+  } catch (const CLI::ArgumentMismatch& e) {
+    // A flag given twice: CLI11 says "--steps: At Most 1 required but received 2", which
+    // reads as if the value 2 were wrong, and names the repeated flag rather than the value
+    // the user just added (a script that appends `--batch-size 1000000000` to a command that
+    // already has one sees "--batch-size: ... received 2"). Say what happened instead.
+    if (const std::string repeated = repeated_flag(app); !repeated.empty()) {
+      fmt::print(stderr, "zo2-tune: error: {}\n", repeated);
+      return 2;
+    }
+    return app.exit(e) == 0 ? 0 : 2;
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;  // --help and --version succeed; usage errors exit 2
   } catch (const zo2::Error& e) {

@@ -1,0 +1,190 @@
+#include "api/options.h"
+
+#include "runtime/arena.h"
+#include "runtime/device.h"
+#include "runtime/error.h"
+
+#include <bit>
+#include <cmath>
+#include <limits>
+
+namespace zo2 {
+namespace {
+
+// Step counts and intervals: the lr schedule computes with them in doubles, which hold every
+// integer up to 2^53 exactly; beyond it two steps could share a learning rate.
+constexpr std::int64_t kMaxSteps = std::int64_t{1} << 53;
+// Sequences per step: `batch × candidates` (multiple choice) and the batch's token count are
+// ints in the planner and the kernels; 2^20 sequences is far beyond any device's memory at
+// one token each, so the plan refuses long before, and the products cannot overflow.
+constexpr std::int64_t kMaxBatch = std::int64_t{1} << 20;
+// Tokens per sequence are ints (the attention kernels' seq, OPT's max + 2 position rows);
+// 2^30 keeps every such sum in range and is 100× the longest context a released model has.
+constexpr std::int64_t kMaxSeq = std::int64_t{1} << 30;
+// CPU threads: more than a machine has only adds contention; 2^16 is above any machine's
+// core count and catches a value that is really something else (a byte count, a typo).
+constexpr std::int64_t kMaxThreads = std::int64_t{1} << 16;
+// Device slots: each holds a whole block image; more than 64 never overlaps anything more
+// (the scheduler has three streams) and only takes memory from resident blocks.
+constexpr std::int64_t kMaxWindow = 64;
+
+struct Names {
+  const char* cli;
+  const char* c_api;  // nullptr: the C API has no such field (its flag name is used)
+};
+
+Names names_of(Opt o) {
+  switch (o) {
+    case Opt::lr: return {"--lr", "lr"};
+    case Opt::eps: return {"--eps", "eps"};
+    case Opt::weight_decay: return {"--weight-decay", "weight_decay"};
+    case Opt::steps: return {"--steps", nullptr};
+    case Opt::batch_size: return {"--batch-size", "max_seqs"};
+    case Opt::window: return {"--window", "window"};
+    case Opt::threads: return {"--threads", "n_threads"};
+    case Opt::warmup_steps: return {"--warmup-steps", nullptr};
+    case Opt::save_every: return {"--save-every", nullptr};
+    case Opt::eval_every: return {"--eval-every", nullptr};
+    case Opt::log_every: return {"--log-every", nullptr};
+    case Opt::stop_at: return {"--stop-at", nullptr};
+    case Opt::num_train: return {"--num-train", nullptr};
+    case Opt::num_eval: return {"--num-eval", nullptr};
+    case Opt::max_len: return {"--max-len", "max_seq_len"};
+    case Opt::seq_len: return {"--seq-len", nullptr};
+    case Opt::until_step: return {"--until-step", nullptr};
+    case Opt::first_step: return {"--first-step", "first_step"};
+    case Opt::gpu_mem: return {"--gpu-mem", "gpu_mem_bytes"};
+    case Opt::shard_size: return {"--shard-size", "save_shard_bytes"};
+  }
+  return {"?", "?"};
+}
+
+struct IntRange {
+  std::int64_t lo, hi;
+  const char* note;  // what the bounds mean, for the message ("" when plain)
+};
+
+IntRange range_of(Opt o, OptionSource src) {
+  switch (o) {
+    case Opt::steps: return {1, kMaxSteps, ""};
+    case Opt::batch_size: return {1, kMaxBatch, ""};
+    case Opt::window: return {1, kMaxWindow, ""};
+    case Opt::threads: return {0, kMaxThreads, " (0 = all cores)"};
+    case Opt::warmup_steps: return {0, kMaxSteps, ""};
+    case Opt::save_every: return {0, kMaxSteps, " (0 = only at the end)"};
+    case Opt::eval_every: return {0, kMaxSteps, " (0 = only at the end)"};
+    case Opt::log_every: return {1, kMaxSteps, ""};
+    case Opt::stop_at: return {1, kMaxSteps, ""};
+    case Opt::num_train: return {1, kMaxSteps, ""};
+    case Opt::num_eval: return {1, kMaxSteps, ""};
+    // The C field's 0 means "the model's max_position_embeddings"; the flag is left out instead.
+    case Opt::max_len:
+      return src == OptionSource::c_api ? IntRange{0, kMaxSeq, " (0 = max_position_embeddings)"}
+                                        : IntRange{1, kMaxSeq, ""};
+    case Opt::seq_len: return {1, kMaxSeq, ""};
+    case Opt::until_step: return {0, kMaxSteps, ""};
+    case Opt::first_step: return {0, kMaxSteps, ""};
+    default: break;
+  }
+  fail(ErrorKind::internal, "option {} is not an integer option", option_name(o, src));
+}
+
+// Bounds print as powers of two where they are ones: "[1, 2^53]" reads better than 16 digits.
+std::string bound(std::int64_t v) {
+  if (v >= 1024 && (v & (v - 1)) == 0) return fmt::format("2^{}", std::countr_zero(static_cast<std::uint64_t>(v)));
+  return fmt::format("{}", v);
+}
+
+[[noreturn]] void refuse(Opt o, OptionSource src, const std::string& value, const std::string& rule) {
+  throw Error(ErrorKind::invalid_argument, fmt::format("{} {}: {}", option_name(o, src), value, rule));
+}
+
+}  // namespace
+
+std::string option_name(Opt o, OptionSource src) {
+  const Names n = names_of(o);
+  return src == OptionSource::c_api && n.c_api ? n.c_api : n.cli;
+}
+
+void check_real(Opt o, double v, OptionSource src, std::string_view as_written) {
+  // lr, eps and weight decay reach the kernels as floats: a double above FLT_MAX (1e39) is
+  // finite here and inf there. A number beyond the double range (1e309) already reads as inf.
+  const bool float_finite = std::isfinite(v) && std::isfinite(static_cast<float>(v));
+  const char* overflow = std::isfinite(v) && !float_finite ? " (it overflows a float, whose largest value is 3.4e38)"
+                         : std::isinf(v) && src == OptionSource::cli ? " (it reads as inf: beyond the double range, 1.8e308)"
+                                                                     : "";
+  const std::string value = as_written.empty() ? fmt::format("{}", v) : std::string(as_written);
+  switch (o) {
+    case Opt::lr:
+      // θ ← θ − lr·(g·z + wd·θ): an infinite or NaN lr makes every weight non-finite.
+      if (!float_finite || !(v >= 0)) refuse(o, src, value, fmt::format("must be finite and ≥ 0{}", overflow));
+      return;
+    case Opt::weight_decay:
+      // Decoupled decay shrinks weights toward 0; a negative one grows them without bound.
+      if (!float_finite || !(v >= 0)) refuse(o, src, value, fmt::format("must be finite and ≥ 0{}", overflow));
+      return;
+    case Opt::eps:
+      // eps scales z ~ N(0, 1), added to weights whose typical magnitude is 1e-2..1 (MeZO
+      // uses 1e-3). Above 1 the perturbation is larger than the weights themselves, so
+      // (L(θ+εz) − L(θ−εz)) / 2ε no longer estimates a derivative; at 1e30 or inf both losses
+      // are non-finite and every update would be skipped. Below, it must stay a non-zero float.
+      if (!std::isfinite(v) || !(v > 0) || !(static_cast<float>(v) > 0) || v > 1)
+        refuse(o, src, value, fmt::format("must be in (0, 1]{}", overflow));
+      return;
+    default:
+      break;
+  }
+  fail(ErrorKind::internal, "option {} is not a real option", option_name(o, src));
+}
+
+void check_integer(Opt o, std::int64_t v, OptionSource src) {
+  const IntRange r = range_of(o, src);
+  if (v < r.lo || v > r.hi)
+    refuse(o, src, fmt::format("{}", v), fmt::format("must be an integer in [{}, {}]{}", bound(r.lo), bound(r.hi), r.note));
+}
+
+void check_size(Opt o, std::uint64_t bytes, OptionSource src) {
+  switch (o) {
+    case Opt::gpu_mem:
+      // The C field's 0 means "the whole device"; on the command line the flag is left out.
+      if (bytes == 0 && src == OptionSource::cli)
+        refuse(o, src, "0", "must be larger than 0 (leave --gpu-mem out for the whole device)");
+      return;
+    case Opt::shard_size:
+      // Every save splits the checkpoint into shards of at most this size.
+      if (bytes == 0) refuse(o, src, "0", "must be larger than 0 (the largest safetensors shard of a save)");
+      return;
+    default:
+      break;
+  }
+  fail(ErrorKind::internal, "option {} is not a size option", option_name(o, src));
+}
+
+std::uint64_t parse_size_option(Opt o, std::string_view text, OptionSource src) {
+  std::uint64_t bytes = 0;
+  try {
+    bytes = parse_byte_size(text);
+  } catch (const Error& e) {
+    throw Error(ErrorKind::invalid_argument, fmt::format("{}: {}", option_name(o, src), e.what()));
+  }
+  check_size(o, bytes, src);
+  return bytes;
+}
+
+void check_session_options(const SessionConfig& sc, OptionSource src) {
+  check_integer(Opt::window, sc.window, src);
+  check_integer(Opt::threads, sc.threads, src);
+  // "auto" resolves here as the session will resolve it (a CUDA device when one exists).
+  const DeviceOptions dev = parse_device(sc.device);
+  if (dev.kind == DeviceKind::cpu && sc.compute != DType::f32) {
+    const char* device_flag = src == OptionSource::cli ? "--device" : "device";
+    const ErrorKind kind = src == OptionSource::cli ? ErrorKind::invalid_argument : ErrorKind::unsupported;
+    throw Error(kind, fmt::format("{} {}: the CPU backend ({} {}{}) computes in fp32; bf16 and fp16 compute "
+                                  "need a CUDA device",
+                                  src == OptionSource::cli ? "--compute-dtype" : "compute_dtype",
+                                  dtype_name(sc.compute), device_flag, sc.device,
+                                  sc.device == "auto" ? ", and no CUDA device was found" : ""));
+  }
+}
+
+}  // namespace zo2
