@@ -1,5 +1,7 @@
 #include "api/session.h"
 
+#include "api/run_dir.h"
+
 #include "runtime/error.h"
 #include "runtime/log.h"
 #include "runtime/philox.h"
@@ -63,7 +65,9 @@ void Session::fit_arena_to(const Placement& plan) {
   device_ = open_device(c);
 }
 
-Session::Session(const std::filesystem::path& model_dir, const SessionConfig& cfg) : cfg_(cfg) {
+Session::Session(const std::filesystem::path& model_path, const SessionConfig& cfg) : cfg_(cfg) {
+  // A run directory reads through its current checkpoint, resolved once (api/run_dir.h).
+  const std::filesystem::path model_dir = resolve_model_dir(model_path);
   device_ = open_device(cfg_);
   // Plan before reading the weights: a cap that cannot work fails fast.
   const ModelConfig model = ModelConfig::load(model_dir);
@@ -183,9 +187,30 @@ void Session::sync() {
   scheduler_->sync_to_host();
 }
 
-void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes) {
+void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes,
+                   const SaveExtras& extras) {
   sync();
-  store_->save(out_dir, dtype, shard_bytes);
+  try {
+    store_->check_finite();
+  } catch (const Error& e) {
+    fail(e.kind(), "{}: not saved at step {}: {}", out_dir.string(), next_step_, e.what());
+  }
+  PublishRequest r;
+  r.step = next_step_;
+  r.state = extras.state.is_object() ? extras.state : nlohmann::json::object();
+  r.state["run_seed"] = cfg_.run_seed;
+  r.state["storage_dtype"] = std::string(dtype_name(cfg_.storage));
+  r.state["save_dtype"] = std::string(dtype_name(dtype));
+  if (seed_log_) {
+    seed_log_->sync();  // the log lines this checkpoint needs reach the disk before it is published
+    r.seed_log = seed_log_->path();
+    r.seed_log_position = seed_log_->position();
+  }
+  r.write = [&](const std::filesystem::path& dir) {
+    store_->save(dir, dtype, shard_bytes);
+    if (extras.extra_files) extras.extra_files(dir);
+  };
+  publish_checkpoint(out_dir, r);
 }
 
 std::size_t Session::device_peak() const { return device_->arena().peak(); }

@@ -10,8 +10,11 @@
 #include "runtime/device.h"
 #include "zo/seed_log.h"
 
+#include <nlohmann/json.hpp>
+
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -74,8 +77,20 @@ class Session {
   // step_async + wait.
   StepResult step(const HostBatch& batch, float lr, float eps, float weight_decay);
   float eval(const HostBatch& batch, const EvalOptions& options = {});
-  // Waits for outstanding steps, flushes the pending update, writes an HF checkpoint.
-  void save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes);
+  // Waits for outstanding steps, flushes the pending update, and publishes an HF checkpoint
+  // into the run directory out_dir as one transaction (api/run_dir.h): the checkpoint, the
+  // manifest (`state` plus the step, the files and the seed log's prefix) and, through
+  // `extra_files`, anything else that belongs with it (tokenizer files). Non-finite weights
+  // are refused (Error(format) naming the tensor) and out_dir keeps its previous checkpoint.
+  struct SaveExtras {
+    nlohmann::json state = nlohmann::json::object();
+    std::function<void(const std::filesystem::path& dir)> extra_files;
+  };
+  void save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes,
+            const SaveExtras& extras);
+  void save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes) {
+    save(out_dir, dtype, shard_bytes, SaveExtras{});
+  }
   // Waits for outstanding steps and flushes the pending update into the host store.
   void sync();
   std::size_t device_peak() const;

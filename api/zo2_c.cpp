@@ -6,6 +6,7 @@
 #include "zo2.h"
 
 #include "api/options.h"
+#include "api/run_dir.h"
 #include "api/session.h"
 #include "models/checkpoint.h"
 #include "models/layout.h"
@@ -295,9 +296,9 @@ int zo2_model_load(const char* hf_dir, const zo2_model_params* p, zo2_model** ou
     if (!std::filesystem::is_directory(dir, ec))
       fail(ErrorKind::io, "{}: not a directory (expected an HF checkpoint with config.json)", dir.string());
     auto m = std::make_unique<zo2_model>();
-    m->dir = dir;
-    m->config = zo2::ModelConfig::load(dir);
-    if (params.check_weights) check_weights(dir, m->config);
+    m->dir = zo2::resolve_model_dir(dir);  // a run directory: its current checkpoint, resolved once
+    m->config = zo2::ModelConfig::load(m->dir);
+    if (params.check_weights) check_weights(m->dir, m->config);
     *out = m.release();
     return 0;
   });

@@ -265,11 +265,19 @@ ZO2_API int zo2_session_eval_choices(zo2_session * s, const zo2_batch * b, const
                                      float * out_loss);
 
 // Writes the current weights as an HF checkpoint (config.json + model.safetensors, sharded
-// above save_shard_bytes, in save_dtype) into out_dir (created if needed). Flushes the
-// pending update first, so the checkpoint equals the session's weights: a session loaded
-// from it evaluates bit-identically (fp32).
+// above save_shard_bytes, in save_dtype) into the run directory out_dir (created if needed),
+// as one transaction: a crash at any moment leaves out_dir with its previous checkpoint or
+// the new one, never a mix (README "Run directories": out_dir/current names the step
+// directory; out_dir/config.json etc. are links into it, so out_dir reads as an HF
+// checkpoint, and zo2_model_load(out_dir) resolves it). Its zo2_state.json records the
+// step, each file's size and CRC-32 and the seed log's prefix. Flushes the pending update
+// first, so the checkpoint equals the session's weights: a session loaded from it evaluates
+// bit-identically (fp32).
 //   ZO2_ERR_INVALID_ARGUMENT  s or out_dir NULL or empty
-//   ZO2_ERR_IO                out_dir cannot be created or written; the session stays usable and
+//   ZO2_ERR_FORMAT            a weight is NaN or infinite (the message names the tensor); nothing
+//                             is written
+//   ZO2_ERR_IO                out_dir cannot be created or written, or another process is
+//                             writing it (its zo2.lock is held); the session stays usable and
 //                             its weights are unchanged (the flush has been applied)
 ZO2_API int zo2_session_save(zo2_session * s, const char * out_dir);
 

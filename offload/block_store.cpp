@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 #include <oneapi/tbb/parallel_for.h>
+#include <oneapi/tbb/parallel_reduce.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -89,9 +90,9 @@ BlockStore BlockStore::load(const std::filesystem::path& model_dir, DType storag
   const ModelConfig config = ModelConfig::load(model_dir);
   const auto ckpt = SafetensorsCheckpoint::open(model_dir);
   const std::string where = model_dir.string();
-  const auto unused = unused_checkpoint_tensors(ckpt, config);
   check_checkpoint_tensors(ckpt, config, where);  // before the images are allocated
   BlockStore store(config, storage, device, false);
+  const auto unused = unused_checkpoint_tensors(ckpt, config);
   for (const auto& name : unused)
     if (name != "lm_head.weight" && name.find("rotary_emb.inv_freq") == std::string::npos) {
       log_warn("{}: checkpoint tensor '{}' is not used by this {} config ({} unused in all)", where,
@@ -162,6 +163,34 @@ void BlockStore::save(const std::filesystem::path& out_dir, DType dtype,
   j["torch_dtype"] = c.torch_dtype;
   j["dtype"] = c.torch_dtype;
   write_file_atomic(out_dir / "config.json", j.dump(2) + "\n");
+}
+
+void BlockStore::check_finite() const {
+  auto scan = [](const ImageLayout& layout, const void* image, const std::string& where) {
+    const auto* base = static_cast<const std::byte*>(image);
+    for (const TensorSlot& s : layout.tensors()) {
+      const std::byte* data = base + s.offset;
+      const float* scales = s.has_scales() ? reinterpret_cast<const float*>(base + s.scale_offset) : nullptr;
+      const std::int64_t bad = tbb::parallel_reduce(
+          tbb::blocked_range<std::int64_t>(0, s.numel(), std::int64_t{1} << 16), std::int64_t{-1},
+          [&](const tbb::blocked_range<std::int64_t>& r, std::int64_t found) {
+            if (found >= 0) return found;
+            for (std::int64_t i = r.begin(); i < r.end(); ++i)
+              if (!std::isfinite(load_element(data, s.dtype, i, scales ? scales[i / s.cols] : 1.0f))) return i;
+            return found;
+          },
+          [](std::int64_t a, std::int64_t b) { return a < 0 ? b : b < 0 ? a : std::min(a, b); });
+      if (bad >= 0)
+        fail(ErrorKind::format, "tensor '{}' ({}) holds a non-finite value at element {} ({}): {}", s.name, where,
+             bad, load_element(data, s.dtype, bad, scales ? scales[bad / s.cols] : 1.0f),
+             "the weights diverged (a learning rate too large for this model?) or the checkpoint held one");
+    }
+  };
+  scan(globals_layout_, globals_.data(), "embeddings and head");
+  if (aliased_) return;
+  for (std::int64_t i = 0; i < config_.num_layers; ++i)
+    scan(block_layouts_[static_cast<std::size_t>(i)], blocks_[static_cast<std::size_t>(i)].data(),
+         fmt::format("block {}", i));
 }
 
 }  // namespace zo2

@@ -51,6 +51,11 @@ class BlockStore {
   // images converted to `dtype`, atomically per file.
   void save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes) const;
 
+  // Error(format) naming the first tensor (and element) holding a NaN or an infinity, fp8
+  // row scales included: a save refuses such weights rather than publish them (one parallel
+  // pass over the images, at memory speed).
+  void check_finite() const;
+
  private:
   BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks);
 

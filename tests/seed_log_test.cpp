@@ -4,6 +4,7 @@
 // get_linear_schedule_with_warmup and get_cosine_schedule_with_warmup (num_cycles 0.5),
 // where the learning rate of optimizer step t (0-based) is base_lr · lr_lambda(t).
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <bit>
 #include <cmath>
@@ -14,7 +15,9 @@
 #include <string>
 #include <vector>
 
+#include "runtime/checksum.h"
 #include "runtime/error.h"
+#include "runtime/philox.h"
 #include "tests/test_util.h"
 #include "zo/schedule.h"
 #include "zo/seed_log.h"
@@ -42,6 +45,9 @@ SeedLogEntry entry(std::int64_t step, u64 seed, float g, float lr = 1e-6f, float
   return e;
 }
 
+// The seed a run with run seed `run` logs for `step` (the reader checks it).
+u64 seed_of(u64 run, std::int64_t step) { return derive_step_seed(run, static_cast<u64>(step)); }
+
 void expect_same_entry(const SeedLogEntry& a, const SeedLogEntry& b) {
   EXPECT_EQ(a.step, b.step);
   EXPECT_EQ(a.seed, b.seed) << "step " << a.step;
@@ -65,12 +71,13 @@ TEST(SeedLog, WriteReadRoundTripKeepsEveryFieldBitForBit) {
   h.storage_dtype = "bf16";
   h.base_model = "/models/opt \"1.3b\"/ü";
   h.first_step = 3;
+  const u64 r = h.run_seed;
   const std::vector<SeedLogEntry> entries = {
-      entry(3, (u64{1} << 53) + 1, std::bit_cast<float>(0x3f8ccccdu), 1e-7f, 1e-3f, 0.0f, 1.1000000000000001),
-      entry(4, 0xffffffffffffffffull, -0.0f, 3.3333333e-7f, 5e-4f, 0.1f, -2.5e-300),
-      entry(5, 0, std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::max(),
+      entry(3, seed_of(r, 3), std::bit_cast<float>(0x3f8ccccdu), 1e-7f, 1e-3f, 0.0f, 1.1000000000000001),
+      entry(4, seed_of(r, 4), -0.0f, 3.3333333e-7f, 5e-4f, 0.1f, -2.5e-300),
+      entry(5, seed_of(r, 5), std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::max(),
             std::numeric_limits<float>::min(), 1e-2f, 0.1 + 0.2),
-      entry(7, 0x8000000000000001ull, -123456.789f, 6.1e-5f, 1.0f / 3.0f, 0.0f, -0.0),
+      entry(6, seed_of(r, 6), -123456.789f, 6.1e-5f, 1.0f / 3.0f, 0.0f, -0.0),
   };
   {
     SeedLogWriter w(path, h, /*append=*/false);
@@ -91,10 +98,10 @@ TEST(SeedLog, NonFiniteProjectedGradientsRoundTripAsSkippedUpdates) {
   const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
   {
     SeedLogWriter w(path, SeedLogHeader{}, false);
-    w.append(entry(0, 11, nan, 1e-6f, 1e-3f, 0, std::numeric_limits<double>::quiet_NaN()));
-    w.append(entry(1, 12, inf, 1e-6f, 1e-3f, 0, std::numeric_limits<double>::infinity()));
-    w.append(entry(2, 13, -inf));
-    w.append(entry(3, 14, 0.25f, 1e-6f, 1e-3f, 0, 0.25));
+    w.append(entry(0, seed_of(0, 0), nan, 1e-6f, 1e-3f, 0, std::numeric_limits<double>::quiet_NaN()));
+    w.append(entry(1, seed_of(0, 1), inf, 1e-6f, 1e-3f, 0, std::numeric_limits<double>::infinity()));
+    w.append(entry(2, seed_of(0, 2), -inf));
+    w.append(entry(3, seed_of(0, 3), 0.25f, 1e-6f, 1e-3f, 0, 0.25));
   }
   const SeedLog log = SeedLog::read(path);
   ASSERT_EQ(log.entries.size(), 4u);
@@ -102,7 +109,7 @@ TEST(SeedLog, NonFiniteProjectedGradientsRoundTripAsSkippedUpdates) {
   EXPECT_EQ(log.entries[1].g, inf);
   EXPECT_EQ(log.entries[2].g, -inf);
   EXPECT_EQ(log.entries[3].g, 0.25f);
-  EXPECT_EQ(log.entries[1].seed, 12u);
+  EXPECT_EQ(log.entries[1].seed, seed_of(0, 1));
   EXPECT_EQ(log.entries[3].g_double, 0.25);
   for (const auto& e : log.entries) EXPECT_FALSE(std::isnan(e.lr));
 }
@@ -116,16 +123,21 @@ TEST(SeedLog, AppendingOnResumeDropsEntriesFromTheResumeStepOn) {
   {
     SeedLogWriter w(path, h, false);
     for (int t = 0; t < 10; ++t)
-      w.append(entry(t, 1000 + t, t == 2 ? std::numeric_limits<float>::quiet_NaN() : 0.5f * t,
+      w.append(entry(t, seed_of(99, t), t == 2 ? std::numeric_limits<float>::quiet_NaN() : 0.5f * t,
                      1e-6f, 1e-3f, 0.0f, 0.5 * t));
   }
-  SeedLogHeader other;  // a resumed run keeps the original header
-  other.run_seed = 12345;
-  other.base_model = "somewhere else";
+  const std::uint64_t before6 = SeedLog::read(path).bytes_before(6);
+  SeedLogHeader resumed = h;  // a resumed run keeps the original header (its base model too)
+  resumed.base_model = "the checkpoint it resumed from";
   {
-    SeedLogWriter w(path, other, /*append=*/true, /*keep_until_step=*/6);
-    w.append(entry(6, 2006, -1.0f));
-    w.append(entry(7, 2007, -2.0f));
+    SeedLogWriter w(path, resumed, /*append=*/true, /*keep_until_step=*/6);
+    EXPECT_EQ(w.position().bytes, before6);
+    EXPECT_EQ(w.position().next_step, 6);
+    EXPECT_EQ(w.position().crc32, crc32_file(path)) << "the position's CRC is the file's";
+    w.append(entry(6, seed_of(99, 6), -1.0f));
+    w.append(entry(7, seed_of(99, 7), -2.0f));
+    EXPECT_EQ(w.position().crc32, crc32_file(path));
+    EXPECT_EQ(w.position().bytes, std::filesystem::file_size(path));
   }
   const SeedLog log = SeedLog::read(path);
   EXPECT_EQ(log.header.run_seed, 99u);
@@ -133,17 +145,71 @@ TEST(SeedLog, AppendingOnResumeDropsEntriesFromTheResumeStepOn) {
   ASSERT_EQ(log.entries.size(), 8u);
   for (int t = 0; t < 6; ++t) {
     EXPECT_EQ(log.entries[t].step, t);
-    EXPECT_EQ(log.entries[t].seed, static_cast<u64>(1000 + t));
+    EXPECT_EQ(log.entries[t].seed, seed_of(99, t));
     if (t == 2) {
-      EXPECT_TRUE(std::isnan(log.entries[t].g)) << "a skipped update survives the rewrite";
+      EXPECT_TRUE(std::isnan(log.entries[t].g)) << "a skipped update survives the cut";
     } else {
       EXPECT_EQ(log.entries[t].g, 0.5f * t);
     }
   }
-  EXPECT_EQ(log.entries[6].seed, 2006u);
   EXPECT_EQ(log.entries[6].g, -1.0f);
-  EXPECT_EQ(log.entries[7].seed, 2007u);
+  EXPECT_EQ(log.entries[7].seed, seed_of(99, 7));
   EXPECT_FALSE(std::filesystem::exists(path.string() + ".tmp"));
+}
+
+TEST(SeedLog, AppendingRefusesAnotherRunsLogOrOneThatEndsBeforeTheResumeStep) {
+  test::TempDir dir;
+  const auto path = dir / "seeds.jsonl";
+  SeedLogHeader h;
+  h.run_seed = 99;
+  h.storage_dtype = "bf16";
+  {
+    SeedLogWriter w(path, h, false);
+    for (int t = 0; t < 4; ++t) w.append(entry(t, seed_of(99, t), 0.5f));
+  }
+  const auto before = crc32_file(path);
+  SeedLogHeader other = h;
+  other.run_seed = 12345;
+  Error e = error_of([&] { SeedLogWriter w(path, other, true, 4); });
+  EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
+  EXPECT_NE(std::string(e.what()).find("another run"), std::string::npos) << e.what();
+  other = h;
+  other.storage_dtype = "fp32";
+  e = error_of([&] { SeedLogWriter w(path, other, true, 4); });
+  EXPECT_NE(std::string(e.what()).find("storage"), std::string::npos) << e.what();
+  e = error_of([&] { SeedLogWriter w(path, h, true, 7); });
+  EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
+  EXPECT_NE(std::string(e.what()).find("steps 0..3"), std::string::npos) << e.what();
+  EXPECT_EQ(crc32_file(path), before) << "a refused append changes nothing";
+}
+
+TEST(SeedLog, ATornLastLineIsIgnoredWithAWarningAndCutOffByTheNextAppend) {
+  test::TempDir dir;
+  const auto path = dir / "seeds.jsonl";
+  SeedLogHeader h;
+  h.run_seed = 3;
+  {
+    SeedLogWriter w(path, h, false);
+    for (int t = 0; t < 3; ++t) w.append(entry(t, seed_of(3, t), 0.5f));
+  }
+  const auto whole = std::filesystem::file_size(path);
+  {
+    std::ofstream out(path, std::ios::app | std::ios::binary);
+    out << R"({"step":3,"seed":)";  // a full disk in the middle of step 3's line
+  }
+  const SeedLog torn = SeedLog::read(path);
+  EXPECT_TRUE(torn.torn_tail);
+  EXPECT_EQ(torn.entries.size(), 3u);
+  EXPECT_EQ(torn.valid_bytes, whole);
+  {
+    SeedLogWriter w(path, h, true, 3);
+    EXPECT_EQ(std::filesystem::file_size(path), whole);
+    w.append(entry(3, seed_of(3, 3), 0.25f));
+  }
+  const SeedLog log = SeedLog::read(path);
+  EXPECT_FALSE(log.torn_tail);
+  ASSERT_EQ(log.entries.size(), 4u);
+  EXPECT_EQ(log.entries[3].g, 0.25f);
 }
 
 TEST(SeedLog, AppendToAMissingFileStartsANewLogAndNonAppendTruncates) {
@@ -153,7 +219,7 @@ TEST(SeedLog, AppendToAMissingFileStartsANewLogAndNonAppendTruncates) {
   h.run_seed = 5;
   {
     SeedLogWriter w(path, h, /*append=*/true, 0);
-    w.append(entry(0, 1, 1.0f));
+    w.append(entry(0, seed_of(5, 0), 1.0f));
   }
   EXPECT_EQ(SeedLog::read(path).header.run_seed, 5u);
   EXPECT_EQ(SeedLog::read(path).entries.size(), 1u);
@@ -167,7 +233,15 @@ TEST(SeedLog, AppendToAMissingFileStartsANewLogAndNonAppendTruncates) {
 constexpr const char* kHeader = R"({"zo2_seed_log":1,"run_seed":1,"storage_dtype":"fp32","base_model":"m","first_step":0})";
 
 std::string line(int step, const char* extra = "") {
-  return "{\"step\":" + std::to_string(step) + ",\"seed\":7,\"g\":0.5,\"lr\":1e-6,\"eps\":0.001" + extra + "}";
+  return "{\"step\":" + std::to_string(step) + ",\"seed\":" + std::to_string(seed_of(1, step)) +
+         ",\"g\":0.5,\"lr\":1e-6,\"eps\":0.001" + extra + "}";
+}
+
+// An entry line of run seed 1 with one field's text replaced.
+std::string line_with(int step, const std::string& key, const std::string& value) {
+  nlohmann::json j = nlohmann::json::parse(line(step));
+  j[key] = nlohmann::json::parse(value);
+  return j.dump();
 }
 
 void expect_format_error_at(const std::string& text, int lineno, std::vector<std::string> pieces) {
@@ -185,16 +259,47 @@ void expect_format_error_at(const std::string& text, int lineno, std::vector<std
 TEST(SeedLog, MalformedLogsAreFormatErrorsNamingFileAndLine) {
   const std::string h = std::string(kHeader) + "\n";
   expect_format_error_at(h + line(0) + "\n" + "{\"step\": 1, oops\n", 3, {"JSON"});
-  expect_format_error_at(h + "{\"step\":0,\"seed\":7,\"g\":0.5,\"eps\":0.001}\n", 2, {"'lr'"});
-  expect_format_error_at(h + line(0) + "\n" + line(3) + "\n" + line(2) + "\n", 4,
-                         {"step 2 does not follow step 3"});
+  {
+    nlohmann::json no_lr = nlohmann::json::parse(line(0));
+    no_lr.erase("lr");
+    expect_format_error_at(h + no_lr.dump() + "\n", 2, {"'lr'"});
+  }
+  expect_format_error_at(h + line(0) + "\n" + line(1) + "\n" + line(3) + "\n", 4,
+                         {"step 3 does not follow step 1"});
   expect_format_error_at(h + line(0) + "\n" + line(0) + "\n", 3, {"step 0"});
   expect_format_error_at(line(0) + "\n" + line(1) + "\n", 1, {"zo2_seed_log"});
   // Blank lines are skipped but still counted.
   expect_format_error_at(h + "\n" + line(0) + "\n\n" + "[1, 2]\n", 5, {"object"});
   expect_format_error_at(h + "{\"step\":\"one\",\"seed\":7,\"g\":0.5,\"lr\":1e-6,\"eps\":0.001}\n", 2, {});
-  expect_format_error_at(h + "{\"step\":0,\"seed\":7,\"g\":\"lots\",\"lr\":1e-6,\"eps\":0.001}\n", 2,
-                         {"'g'", "lots"});
+  expect_format_error_at(h + line_with(0, "g", "\"lots\"") + "\n", 2, {"'g'", "lots"});
+}
+
+// Issue 16, defect 9: what no run can have written is refused, naming file, line and field.
+TEST(SeedLog, ValuesNoRunCanHaveWrittenAreRefused) {
+  const std::string h = std::string(kHeader) + "\n";
+  expect_format_error_at(h + line(0) + "\n" + line(2) + "\n", 3, {"step 2 does not follow step 0"});  // a gap
+  expect_format_error_at(h + line(0) + "\n" + line_with(1, "step", "4611686018427387904") + "\n", 3,
+                         {"does not follow"});                                                  // a huge step
+  expect_format_error_at(h + line(1) + "\n", 2, {"first step 0"});                              // not first_step
+  expect_format_error_at(h + line_with(0, "seed", "-1") + "\n", 2, {"'seed'", "-1"});
+  expect_format_error_at(h + line_with(0, "seed", "1.5") + "\n", 2, {"'seed'", "1.5"});
+  expect_format_error_at(h + line_with(0, "seed", "1180591620717411303424") + "\n", 2, {"'seed'"});  // 2^70
+  expect_format_error_at(h + line_with(0, "seed", "7") + "\n", 2, {"'seed' = 7", "another run"});
+  expect_format_error_at(h + line_with(0, "g", "1e39") + "\n", 2, {"'g'", "range of a float"});
+  expect_format_error_at(h + line_with(0, "lr", "-1e-3") + "\n", 2, {"'lr'", "negative"});
+  {
+    std::string big = line(0);
+    big.replace(big.find("1e-6"), 4, "1e309");  // beyond a double: the JSON parser's overflow
+    expect_format_error_at(h + big + "\n", 2, {"1e309"});
+  }
+  expect_format_error_at(h + line_with(0, "eps", "0") + "\n", 2, {"'eps'", "not positive"});
+  expect_format_error_at(h + line_with(0, "wd", "\"nan\"") + "\n", 2, {"'wd'"});
+  // A header from another run: every seed is then another run's.
+  const std::string other = R"({"zo2_seed_log":1,"run_seed":2,"storage_dtype":"fp32","base_model":"m","first_step":0})";
+  expect_format_error_at(other + "\n" + line(0) + "\n", 2, {"'seed'", "run seed 2"});
+  expect_format_error_at(R"({"zo2_seed_log":1,"run_seed":-3})" "\n", 1, {"'run_seed'"});
+  expect_format_error_at(R"({"zo2_seed_log":1,"run_seed":1,"storage_dtype":"fp7"})" "\n", 1, {"fp7"});
+  expect_format_error_at(R"({"zo2_seed_log":2,"run_seed":1})" "\n", 1, {"version"});
 }
 
 TEST(SeedLog, EmptyOrMissingLogsAreRefused) {

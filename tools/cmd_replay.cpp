@@ -2,6 +2,7 @@
 // (DESIGN.md §1): every logged update is applied by the kernels the training run used, in
 // the same order, so the result is bit-identical to the run's own checkpoint.
 #include "api/options.h"
+#include "api/run_dir.h"
 #include "api/session.h"
 #include "runtime/arena.h"
 #include "runtime/log.h"
@@ -42,8 +43,20 @@ Runner add_replay(CLI::App& app) {
                                   {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3});
     if (o->dev.storage != "fp32" && o->dev.storage != log.header.storage_dtype)
       log_warn("--storage-dtype {} ignored: the seed log was written with {}", o->dev.storage, log.header.storage_dtype);
+    if (o->until > log.next_step())
+      fail(ErrorKind::invalid_argument, "--until-step {}: {} holds steps {}..{} only", o->until, o->seed_log,
+           log.header.first_step, log.next_step() - 1);
+    if (same_directory(o->out, o->model))
+      fail(ErrorKind::invalid_argument, "--out {} is the base model directory: the rebuilt checkpoint would overwrite it",
+           o->out);
+    if (std::filesystem::exists(std::filesystem::path(o->out) / kRunSeedLog))
+      fail(ErrorKind::invalid_argument,
+           "--out {} holds a training run (its seed log): a replayed checkpoint there would not match it; choose "
+           "another --out",
+           o->out);
     sc.max_batch = 1;
     sc.max_seq = 1;
+    RunDirLock lock(o->out);
     ensure_writable_dir(o->out);
     Session session(o->model, sc);
     const auto start = std::chrono::steady_clock::now();
@@ -54,7 +67,12 @@ Runner add_replay(CLI::App& app) {
       ++applied;
       if (applied % 100 == 0) log_info("replay: {} of {} updates", applied, log.entries.size());
     }
-    session.save(o->out, save_dtype, shard);
+    // The checkpoint is at the step after the last update applied.
+    session.set_next_step(log.header.first_step + applied);
+    Session::SaveExtras x;
+    x.state = {{"replayed_from", std::filesystem::absolute(o->seed_log).string()},
+               {"base_model", std::filesystem::absolute(o->model).string()}};
+    session.save(o->out, save_dtype, shard, x);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     log_info("replay: applied {} updates to {} in {}, saved to {}", applied, o->model, format_duration(s), o->out);
     return 0;

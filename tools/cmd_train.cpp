@@ -2,7 +2,10 @@
 // as an HF checkpoint, the seed log (seed_log.jsonl) and a state file (zo2_state.json)
 // from which `--resume DIR` continues exactly where the run stopped.
 #include "api/options.h"
+#include "api/run_dir.h"
 #include "api/session.h"
+#include "runtime/checksum.h"
+#include "runtime/dtype.h"
 #include "runtime/arena.h"
 #include "runtime/file_util.h"
 #include "runtime/log.h"
@@ -17,6 +20,8 @@
 #include <csignal>
 #include <cmath>
 #include <fstream>
+#include <limits>
+#include <type_traits>
 #include <memory>
 #include <optional>
 
@@ -34,22 +39,48 @@ extern "C" void on_stop_signal(int sig) {
 }
 
 using json = nlohmann::json;
-constexpr const char* kStateFile = "zo2_state.json";
-constexpr const char* kSeedLog = "seed_log.jsonl";
 
-void write_json_atomic(const std::filesystem::path& path, const json& j) {
-  write_file_atomic(path, j.dump(2) + "\n");
-}
+// zo2_state.json's fields by type: every error names the file, the key and the value.
+struct StateReader {
+  const json& j;
+  std::filesystem::path file;
 
-json read_json(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in) fail(ErrorKind::io, "{}: cannot open", path.string());
-  try {
-    return json::parse(in);
-  } catch (const json::parse_error& e) {
-    fail(ErrorKind::format, "{}: not valid JSON: {}", path.string(), e.what());
+  bool has(const char* key) const { return j.contains(key) && !j.at(key).is_null(); }
+  template <class T>
+  T get(const char* key) const {
+    if (!j.contains(key)) fail(ErrorKind::format, "{}: key '{}' is missing", file.string(), key);
+    const json& v = j.at(key);
+    bool ok = false;
+    const char* what = "";
+    if constexpr (std::is_same_v<T, bool>) {
+      ok = v.is_boolean(), what = "true or false";
+    } else if constexpr (std::is_same_v<T, std::string>) {
+      ok = v.is_string(), what = "a string";
+    } else if constexpr (std::is_floating_point_v<T>) {
+      ok = v.is_number(), what = "a number";
+    } else if constexpr (std::is_unsigned_v<T>) {
+      ok = v.is_number_unsigned() && v.get<std::uint64_t>() <= std::numeric_limits<T>::max();
+      what = "a non-negative integer";
+    } else {
+      ok = v.is_number_integer() &&
+           (v.is_number_unsigned() ? v.get<std::uint64_t>() <= static_cast<std::uint64_t>(std::numeric_limits<T>::max())
+                                   : v.get<std::int64_t>() >= std::numeric_limits<T>::min() &&
+                                         v.get<std::int64_t>() <= std::numeric_limits<T>::max());
+      what = "an integer in range";
+    }
+    if (!ok) fail(ErrorKind::format, "{}: key '{}' = {} is not {}", file.string(), key, v.dump(), what);
+    return v.get<T>();
   }
-}
+  template <class T>
+  T get_or(const char* key, T fallback) const {
+    return has(key) ? get<T>(key) : fallback;
+  }
+  void require(bool cond, const char* key, std::string_view must_be) const {
+    if (!cond)
+      fail(ErrorKind::format, "{}: key '{}' = {} must be {}", file.string(), key,
+           j.contains(key) ? j.at(key).dump() : std::string("(missing)"), must_be);
+  }
+};
 
 // One line of progress: a rewritten status line on a terminal, plain lines otherwise.
 class Progress {
@@ -98,7 +129,7 @@ Runner add_train(CLI::App& app) {
     int batch = 8;
     double lr = 1e-6, eps = 1e-3, wd = 0;
     std::uint64_t seed = 0, data_seed = 0;
-    bool shuffle = true;
+    bool shuffle = true, overwrite = false;
     DeviceFlags dev;
     DataFlags data_flags;
   };
@@ -134,14 +165,17 @@ Runner add_train(CLI::App& app) {
   app.add_option("--stop-at", o->stop_at,
                  "stop (and save the state, as on SIGINT) once this many steps are done; --resume continues");
   app.add_option("--resume", o->resume, "continue the run saved in DIR (its zo2_state.json and checkpoint)");
+  app.add_flag("--overwrite", o->overwrite,
+               "start a new run in an --out that holds one (its checkpoint and seed log are removed first)");
   o->dev.add(app);
   o->data_flags.add(app);
   struct Given {
     CLI::Option *steps, *batch, *lr, *eps, *wd, *seed, *sched, *warm, *num_train, *shuffle, *data_seed, *task, *max_len,
-        *padding;
+        *padding, *storage, *save_dtype, *shard;
   };
   const Given given{steps, batch, lr, eps, wd, seed, sched, warm, num_train, shuffle, data_seed,
-                    app.get_option("--task"), app.get_option("--max-len"), app.get_option("--padding-side")};
+                    app.get_option("--task"), app.get_option("--max-len"), app.get_option("--padding-side"),
+                    app.get_option("--storage-dtype"), app.get_option("--save-dtype"), app.get_option("--shard-size")};
   // Every numeric flag through the checks the C API shares (api/options.h): before --resume
   // reads a state file, before any data is read or anything written. 0 means "not given"
   // for --stop-at, --num-train and --num-eval, so those are checked only when given.
@@ -170,21 +204,38 @@ Runner add_train(CLI::App& app) {
   return [o, given, check_flags] {
     g_stop_signal.store(0);
     check_flags();
-    const DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
-    const std::uint64_t shard = parse_size_option(Opt::shard_size, o->shard, OptionSource::cli);
+    DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
+    std::uint64_t shard = parse_size_option(Opt::shard_size, o->shard, OptionSource::cli);
     SessionConfig sc = session_config(o->dev, true);
     std::string model_dir = o->model;
     std::int64_t first_step = 0;
     std::string base_model = o->model;
     bool append_log = false;
     bool data_seed_known = given.data_seed->count() > 0;
+    const std::filesystem::path out(o->out);
+    // The one writer of --out (Note [Run directory]): taken first when --out is the run being
+    // resumed, so nothing changes it while its state is read.
+    std::optional<RunDirLock> lock;
+    const bool resume_in_place = !o->resume.empty() && same_directory(out, o->resume);
+    if (resume_in_place) lock.emplace(out);
+    std::optional<SeedLog> resumed_log;
+    std::uint64_t resumed_log_bytes = 0;
+    std::filesystem::path resumed_log_path;
     if (!o->resume.empty()) {
-      const json st = read_json(std::filesystem::path(o->resume) / kStateFile);
-      if (!st.contains("zo2_state")) fail(ErrorKind::format, "{}/{}: not a zo2 state file", o->resume, kStateFile);
+      // The checkpoint, its manifest and the seed log are checked together, checksums included:
+      // a resume continues exactly the run that was saved, or refuses naming what differs.
+      const OpenedCheckpoint ck = open_checkpoint(o->resume, /*verify_checksums=*/true);
+      const std::filesystem::path state_file = ck.dir / kRunStateFile;
+      if (ck.state.is_null())
+        fail(ErrorKind::invalid_argument,
+             "--resume {}: no {}: not a run directory written by zo2-tune train (to start from this checkpoint, "
+             "pass --model)",
+             o->resume, kRunStateFile);
+      const StateReader st{ck.state, state_file};
       auto take = [&](CLI::Option* opt, const char* key, auto& field) {
         using T = std::decay_t<decltype(field)>;
-        if (!st.contains(key)) return;
-        const T saved = st.at(key).get<T>();
+        if (!st.has(key)) return;
+        const T saved = st.get<T>(key);
         if (opt->count() > 0 && field != saved)
           log_warn("--resume: {} given as {} but the run used {}; the result will differ from an uninterrupted run",
                    opt->get_name(), field, saved);
@@ -199,21 +250,82 @@ Runner add_train(CLI::App& app) {
       take(given.sched, "lr_schedule", o->schedule);
       take(given.warm, "warmup_steps", o->warmup);
       take(given.steps, "total_steps", o->steps);
-      if (o->data.empty()) o->data = st.value("data", std::string());
-      if (o->eval.empty()) o->eval = st.value("eval", std::string());
+      if (o->data.empty()) o->data = st.get_or<std::string>("data", "");
+      if (o->eval.empty()) o->eval = st.get_or<std::string>("eval", "");
       take(given.num_train, "num_train", o->num_train);
       take(given.shuffle, "shuffle", o->shuffle);
       take(given.data_seed, "data_seed", o->data_seed);
-      data_seed_known = data_seed_known || st.contains("data_seed");
+      data_seed_known = data_seed_known || st.has("data_seed");
       take(given.task, "task", o->data_flags.task);
       take(given.max_len, "max_len", o->data_flags.max_len);
       take(given.padding, "padding_side", o->data_flags.padding_side);
-      first_step = st.at("next_step").get<std::int64_t>();
-      base_model = st.value("base_model", std::string());
-      const std::string storage = st.value("storage_dtype", std::string("fp32"));
-      if (dtype_name(sc.storage) != storage)
-        log_warn("--resume: the run stored weights as {}, this one as {}", storage, dtype_name(sc.storage));
-      model_dir = o->resume;
+      // How the run saves: the same dtype and shards, so its checkpoints keep one layout.
+      if (given.save_dtype->count() == 0 && st.has("save_dtype")) {
+        const auto dt = dtype_from_name(st.get<std::string>("save_dtype"));
+        st.require(dt && (*dt == DType::f32 || *dt == DType::bf16 || *dt == DType::f16), "save_dtype",
+                   "fp32, bf16 or fp16");
+        save_dtype = *dt;
+      }
+      if (given.shard->count() == 0 && st.has("shard_bytes")) {
+        shard = st.get<std::uint64_t>("shard_bytes");
+        st.require(shard > 0, "shard_bytes", "positive");
+      }
+      // What a run can have saved, checked as a flag would be, naming the file and key.
+      st.require(o->steps >= 1, "total_steps", "at least 1");
+      st.require(o->batch >= 1, "batch_size", "at least 1");
+      st.require(std::isfinite(o->lr) && o->lr >= 0, "lr", "finite and ≥ 0");
+      st.require(std::isfinite(o->eps) && o->eps > 0, "eps", "finite and > 0");
+      st.require(std::isfinite(o->wd), "weight_decay", "finite");
+      st.require(o->warmup >= 0, "warmup_steps", "≥ 0");
+      st.require(o->num_train >= 0, "num_train", "≥ 0");
+      st.require(o->data_flags.max_len >= 0, "max_len", "≥ 0");
+      (void)LrSchedule::parse(o->schedule);
+      first_step = st.get<std::int64_t>("next_step");
+      st.require(first_step >= 0 && first_step <= o->steps, "next_step",
+                 fmt::format("between 0 and total_steps = {}", o->steps));
+      if (ck.step >= 0 && ck.step != first_step)
+        st.require(false, "next_step", fmt::format("the manifest's step {}", ck.step));
+      base_model = st.get_or<std::string>("base_model", "");
+      // The storage dtype decides how every update rounds: a resumed run keeps the run's, as
+      // the seed log (whose header names it) and replay assume.
+      const std::string storage = st.get_or<std::string>("storage_dtype", "fp32");
+      const auto storage_dt = dtype_from_name(storage);
+      st.require(storage_dt.has_value(), "storage_dtype", "a dtype name");
+      if (given.storage->count() > 0 && sc.storage != *storage_dt)
+        fail(ErrorKind::invalid_argument,
+             "--storage-dtype {}: the run in {} stores its weights as {}; a resumed run keeps it (its seed log "
+             "replays with {} rounding)",
+             dtype_name(sc.storage), o->resume, storage, storage);
+      sc.storage = *storage_dt;
+      // The seed log: this run's (header), reaching next_step, and — when the manifest records
+      // it — byte for byte the prefix the checkpoint was saved with.
+      resumed_log_path = !ck.seed_log.empty() ? ck.seed_log : std::filesystem::path(o->resume) / kRunSeedLog;
+      resumed_log = SeedLog::read(resumed_log_path);
+      const std::uint64_t run_seed = o->seed;
+      if (resumed_log->header.run_seed != run_seed || resumed_log->header.storage_dtype != storage)
+        fail(ErrorKind::format,
+             "{}: the seed log is of run seed {} with {} storage, but {} says run seed {} with {}: it belongs to "
+             "another run",
+             resumed_log_path.string(), resumed_log->header.run_seed, resumed_log->header.storage_dtype,
+             state_file.string(), run_seed, storage);
+      if (resumed_log->header.first_step > first_step || resumed_log->next_step() < first_step)
+        fail(ErrorKind::format,
+             "{}: the seed log holds steps {}..{}, but the checkpoint in {} is at step {}: the log was cut short or "
+             "replaced",
+             resumed_log_path.string(), resumed_log->header.first_step, resumed_log->next_step() - 1, o->resume,
+             first_step);
+      resumed_log_bytes = resumed_log->bytes_before(first_step);
+      if (ck.state.contains("seed_log")) {
+        const json& rec = ck.state.at("seed_log");
+        const auto bytes = rec.at("bytes").get<std::uint64_t>();
+        const auto crc = rec.at("crc32").get<std::uint32_t>();
+        if (bytes != resumed_log_bytes || crc32_file(resumed_log_path, bytes) != crc)
+          fail(ErrorKind::format,
+               "{}: its first {} bytes are not the log {} was saved with (recorded: {} bytes, CRC-32 {:08x}): the "
+               "log was rewritten or comes from another run",
+               resumed_log_path.string(), resumed_log_bytes, state_file.string(), bytes, crc);
+      }
+      model_dir = ck.dir.string();
       append_log = true;
       if (first_step >= o->steps) {
         log_info("--resume: the run in {} already finished {} of {} steps", o->resume, first_step, o->steps);
@@ -222,10 +334,22 @@ Runner add_train(CLI::App& app) {
     }
     if (model_dir.empty()) fail(ErrorKind::invalid_argument, "train needs --model DIR (or --resume DIR)");
     if (o->data.empty()) fail(ErrorKind::invalid_argument, "train needs --data FILE");
+    // --out never writes over the checkpoint a run starts from: the seed log replays from it.
+    for (const std::string& src : {o->model, base_model, model_dir})
+      if (!src.empty() && same_directory(out, src) && !resume_in_place)
+        fail(ErrorKind::invalid_argument,
+             "--out {} is the model directory {}: the tuned checkpoint would overwrite the one the run starts from "
+             "(and that its seed log replays from); choose another --out",
+             o->out, src);
+    if (o->resume.empty() && !o->overwrite && holds_run(out))
+      fail(ErrorKind::invalid_argument,
+           "--out {} already holds a run: continue it with --resume {} --out {}, or pass --overwrite to start a new "
+           "run there (its checkpoint and seed log are removed)",
+           o->out, o->out, o->out);
 
     // Validate everything cheap before touching the output directory.
-    const ModelConfig config = ModelConfig::load(model_dir);
-    check_model_fits(model_dir, config, sc.storage);  // headers and host memory, before the data
+    const ModelConfig config = ModelConfig::load(resolve_model_dir(model_dir));
+    check_model_fits(resolve_model_dir(model_dir), config, sc.storage);  // headers and host memory, before the data
     if (!data_seed_known) o->data_seed = o->seed;
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, model_dir);
     const DataOptions dopt = o->data_flags.options(o->num_train, o->data_seed, o->shuffle);
@@ -249,13 +373,18 @@ Runner add_train(CLI::App& app) {
     sc.first_step = first_step;
     plan_placement(config, plan_request(config, sc, parse_device(sc.device).kind,
                                         sc.gpu_mem ? sc.gpu_mem : std::size_t{1} << 50));
-    const std::filesystem::path out(o->out);
+    if (!lock) lock.emplace(out);  // creates --out; cleans what an interrupted save left
     ensure_writable_dir(out);
-    if (append_log && std::filesystem::absolute(out) != std::filesystem::absolute(o->resume)) {
-      std::filesystem::copy_file(std::filesystem::path(o->resume) / kSeedLog, out / kSeedLog,
-                                 std::filesystem::copy_options::overwrite_existing);
+    if (o->resume.empty() && o->overwrite) remove_run(out);
+    if (append_log && !resume_in_place) {
+      // The log up to the resume step, as the checkpoint was saved with it.
+      std::ifstream in(resumed_log_path, std::ios::binary);
+      std::string prefix(resumed_log_bytes, '\0');
+      if (!in.read(prefix.data(), static_cast<std::streamsize>(prefix.size())))
+        fail(ErrorKind::io, "{}: cannot read", resumed_log_path.string());
+      write_file_atomic(out / kRunSeedLog, prefix);
     }
-    sc.seed_log = out / kSeedLog;
+    sc.seed_log = out / kRunSeedLog;
     sc.seed_log_append = append_log;
     sc.base_model = base_model.empty() ? "" : std::filesystem::absolute(base_model).string();
 
@@ -272,36 +401,34 @@ Runner add_train(CLI::App& app) {
     if (eval_data) log_info("eval data: {}", eval_data->describe());
     log_info("{}", session.placement().describe(config));
 
-    const std::filesystem::path tokenizer_src = o->data_flags.tokenizer.empty() ? model_dir : o->data_flags.tokenizer;
+    const std::filesystem::path tokenizer_src =
+        o->data_flags.tokenizer.empty() ? resolve_model_dir(model_dir) : std::filesystem::path(o->data_flags.tokenizer);
     auto save = [&](std::int64_t next_step) {
-      session.save(out, save_dtype, shard);
-      copy_tokenizer_files(tokenizer_src, out);
-      json st{{"zo2_state", 1},
-              {"next_step", next_step},
-              {"total_steps", o->steps},
-              {"run_seed", o->seed},
-              {"lr", o->lr},
-              {"eps", o->eps},
-              {"weight_decay", o->wd},
-              {"lr_schedule", o->schedule},
-              {"warmup_steps", o->warmup},
-              {"batch_size", o->batch},
-              {"storage_dtype", std::string(dtype_name(sc.storage))},
-              {"save_dtype", std::string(dtype_name(save_dtype))},
-              {"data", std::filesystem::absolute(data.source()).string()},
-              {"eval", o->eval.empty() ? std::string() : std::filesystem::absolute(o->eval).string()},
-              {"data_examples", data.size()},
-              {"task", o->data_flags.task},
-              {"max_len", o->data_flags.max_len},
-              {"padding_side", o->data_flags.padding_side},
-              {"num_train", o->num_train},
-              {"shuffle", o->shuffle},
-              {"data_seed", o->data_seed},
-              {"base_model", base_model}};
+      ZO2_CHECK(session.next_step() == next_step);
       if (save_dtype != DType::f32 && save_dtype != sc.storage)
         log_warn("the checkpoint is saved as {} but the weights are {}: --resume will not be exact",
                  dtype_name(save_dtype), dtype_name(sc.storage));
-      write_json_atomic(out / kStateFile, st);
+      Session::SaveExtras x;
+      x.state = json{{"total_steps", o->steps},
+                     {"lr", o->lr},
+                     {"eps", o->eps},
+                     {"weight_decay", o->wd},
+                     {"lr_schedule", o->schedule},
+                     {"warmup_steps", o->warmup},
+                     {"batch_size", o->batch},
+                     {"data", std::filesystem::absolute(data.source()).string()},
+                     {"eval", o->eval.empty() ? std::string() : std::filesystem::absolute(o->eval).string()},
+                     {"data_examples", data.size()},
+                     {"task", o->data_flags.task},
+                     {"max_len", o->data_flags.max_len},
+                     {"padding_side", o->data_flags.padding_side},
+                     {"num_train", o->num_train},
+                     {"shuffle", o->shuffle},
+                     {"data_seed", o->data_seed},
+                     {"base_model", base_model},
+                     {"shard_bytes", shard}};
+      x.extra_files = [&](const std::filesystem::path& dir) { copy_tokenizer_files(tokenizer_src, dir); };
+      session.save(out, save_dtype, shard, x);
     };
 
     std::signal(SIGINT, on_stop_signal);

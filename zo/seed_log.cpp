@@ -1,15 +1,23 @@
 #include "zo/seed_log.h"
 
+#include "runtime/checksum.h"
+#include "runtime/dtype.h"
 #include "runtime/error.h"
 #include "runtime/file_util.h"
+#include "runtime/log.h"
+#include "runtime/philox.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <cerrno>
 #include <cmath>
+#include <cstring>
+#include <fcntl.h>
 #include <fstream>
 #include <limits>
 #include <sstream>
+#include <unistd.h>
 
 namespace zo2 {
 namespace {
@@ -22,16 +30,54 @@ json float_json(float v) {
   if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
   return v;
 }
-float float_from(const json& v, const std::string& where) {
-  if (v.is_number()) return v.get<float>();
-  if (v.is_string()) {
-    const auto s = v.get<std::string>();
-    if (s == "nan") return std::numeric_limits<float>::quiet_NaN();
-    if (s == "inf") return std::numeric_limits<float>::infinity();
-    if (s == "-inf") return -std::numeric_limits<float>::infinity();
+
+// A field of a log line, typed; every message names file:line and the field.
+struct Line {
+  const json& j;
+  const std::string& where;
+
+  const json& at(const char* key) const {
+    if (!j.contains(key)) fail(ErrorKind::format, "{}: field '{}' is missing", where, key);
+    return j.at(key);
   }
-  fail(ErrorKind::format, "{}: expected a number, got {}", where, v.dump());
-}
+  std::int64_t integer(const char* key) const {
+    const json& v = at(key);
+    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<std::uint64_t>() > std::uint64_t{INT64_MAX}))
+      fail(ErrorKind::format, "{}: field '{}' must be an integer, got {}", where, key, v.dump());
+    return v.get<std::int64_t>();
+  }
+  std::uint64_t unsigned_integer(const char* key) const {
+    const json& v = at(key);
+    // nlohmann stores a non-negative integer literal as unsigned; -1, 1.5 and 2^70 are not.
+    if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<std::int64_t>() >= 0))
+      fail(ErrorKind::format, "{}: field '{}' must be an integer in [0, 2^64), got {}", where, key, v.dump());
+    return v.get<std::uint64_t>();
+  }
+  // A float the run wrote: a JSON number inside float's range (or, with markers, the
+  // strings a skipped update's g is written as).
+  float real(const char* key, bool markers = false) const {
+    const json& v = at(key);
+    if (v.is_number()) {
+      const double d = v.get<double>();
+      if (!std::isfinite(d) || std::fabs(d) > static_cast<double>(std::numeric_limits<float>::max()))
+        fail(ErrorKind::format, "{}: field '{}' = {} is outside the range of a float", where, key, v.dump());
+      return static_cast<float>(d);
+    }
+    if (markers && v.is_string()) {
+      const auto s = v.get<std::string>();
+      if (s == "nan") return std::numeric_limits<float>::quiet_NaN();
+      if (s == "inf") return std::numeric_limits<float>::infinity();
+      if (s == "-inf") return -std::numeric_limits<float>::infinity();
+    }
+    fail(ErrorKind::format, "{}: field '{}' expected a number{}, got {}", where, key,
+         markers ? " (or \"nan\"/\"inf\"/\"-inf\" for a skipped update)" : "", v.dump());
+  }
+  std::string text(const char* key) const {
+    const json& v = at(key);
+    if (!v.is_string()) fail(ErrorKind::format, "{}: field '{}' must be a string, got {}", where, key, v.dump());
+    return v.get<std::string>();
+  }
+};
 
 std::string header_line(const SeedLogHeader& h) {
   json j{{"zo2_seed_log", 1},
@@ -42,89 +88,174 @@ std::string header_line(const SeedLogHeader& h) {
   return j.dump();
 }
 
+std::string entry_line(const SeedLogEntry& e) {
+  json j{{"step", e.step}, {"seed", e.seed}, {"g", float_json(e.g)}, {"lr", e.lr},
+         {"eps", e.eps},   {"wd", e.wd},     {"g_double", std::isfinite(e.g_double) ? json(e.g_double) : json(nullptr)}};
+  return j.dump() + "\n";
+}
+
+std::span<const std::byte> bytes_of(const std::string& s) {
+  return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
+}
+
 }  // namespace
 
 SeedLogWriter::SeedLogWriter(const std::filesystem::path& path, const SeedLogHeader& header,
                              bool append, std::int64_t keep_until_step)
     : path_(path) {
-  std::string existing;
   if (append && std::filesystem::exists(path)) {
     const SeedLog old = SeedLog::read(path);
-    existing = header_line(old.header) + "\n";
-    for (const auto& e : old.entries) {
-      if (e.step >= keep_until_step) break;
-      json j{{"step", e.step}, {"seed", e.seed},      {"g", float_json(e.g)}, {"lr", e.lr},
-             {"eps", e.eps},   {"wd", e.wd}, {"g_double", e.g_double}};
-      existing += j.dump() + "\n";
+    if (old.header.run_seed != header.run_seed || old.header.storage_dtype != header.storage_dtype)
+      fail(ErrorKind::invalid_argument,
+           "{}: the seed log belongs to another run (run seed {}, storage {}), not this one (run seed {}, storage "
+           "{}); appending would make it replay neither",
+           path.string(), old.header.run_seed, old.header.storage_dtype, header.run_seed, header.storage_dtype);
+    if (keep_until_step < old.header.first_step || old.next_step() < keep_until_step)
+      fail(ErrorKind::invalid_argument,
+           "{}: the seed log holds steps {}..{}, so it cannot continue at step {}: it is not this run's log or was "
+           "cut short",
+           path.string(), old.header.first_step, old.next_step() - 1, keep_until_step);
+    const std::uint64_t keep = old.bytes_before(keep_until_step);
+    if (keep < old.valid_bytes || old.torn_tail) {
+      // One truncate: a crash leaves either the old file or the cut one, both readable.
+      if (::truncate(path.c_str(), static_cast<off_t>(keep)) != 0)
+        fail(ErrorKind::io, "{}: cannot cut the seed log back to step {}: {}", path.string(), keep_until_step,
+             std::strerror(errno));
     }
+    pos_.next_step = keep_until_step;
+    pos_.bytes = keep;
+    pos_.crc32 = crc32_file(path, keep);
   } else {
-    existing = header_line(header) + "\n";
+    const std::string text = header_line(header) + "\n";
+    write_file_atomic(path, text);  // the old log survives a failure here
+    pos_.next_step = header.first_step;
+    pos_.bytes = text.size();
+    pos_.crc32 = crc32_update(0, bytes_of(text));
   }
-  // Rewrite through a temp file so the old log survives a failure here.
-  write_file_atomic(path, existing);
-  file_ = std::fopen(path.c_str(), "ab");
-  if (!file_) fail(ErrorKind::io, "{}: cannot open the seed log for appending", path.string());
+  fd_ = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+  if (fd_ < 0)
+    fail(ErrorKind::io, "{}: cannot open the seed log for appending: {}", path.string(), std::strerror(errno));
 }
 
 SeedLogWriter::~SeedLogWriter() {
-  if (file_) std::fclose(file_);
+  if (fd_ >= 0) ::close(fd_);
 }
 
 void SeedLogWriter::append(const SeedLogEntry& e) {
-  json j{{"step", e.step}, {"seed", e.seed}, {"g", float_json(e.g)}, {"lr", e.lr},
-         {"eps", e.eps},   {"wd", e.wd},     {"g_double", std::isfinite(e.g_double) ? json(e.g_double) : json(nullptr)}};
-  const std::string line = j.dump() + "\n";
-  if (std::fwrite(line.data(), 1, line.size(), file_) != line.size() || std::fflush(file_) != 0)
-    fail(ErrorKind::io, "{}: cannot append to the seed log", path_.string());
+  const std::string line = entry_line(e);
+  std::size_t done = 0;
+  while (done < line.size()) {
+    const ssize_t n = ::write(fd_, line.data() + done, line.size() - done);
+    if (n > 0) {
+      done += static_cast<std::size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    const int err = n < 0 ? errno : EIO;
+    // Leave no torn line behind: the log stays what it was before this step.
+    const bool cut = ::ftruncate(fd_, static_cast<off_t>(pos_.bytes)) == 0;
+    fail(ErrorKind::io, "{}: cannot append step {} to the seed log: {}{}", path_.string(), e.step,
+         std::strerror(err), cut ? "" : " (and the partial line could not be removed; it is ignored when read)");
+  }
+  pos_.bytes += line.size();
+  pos_.crc32 = crc32_update(pos_.crc32, bytes_of(line));
+  pos_.next_step = e.step + 1;
+}
+
+void SeedLogWriter::sync() {
+  if (::fdatasync(fd_) != 0)
+    fail(ErrorKind::io, "{}: cannot write the seed log to disk: {}", path_.string(), std::strerror(errno));
+}
+
+std::uint64_t SeedLog::bytes_before(std::int64_t step) const {
+  std::uint64_t end = header_end;
+  for (const auto& e : entries) {
+    if (e.step >= step) break;
+    end = e.end_offset;
+  }
+  return end;
 }
 
 SeedLog SeedLog::read(const std::filesystem::path& path) {
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
   if (!in) fail(ErrorKind::io, "{}: cannot open the seed log", path.string());
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) fail(ErrorKind::io, "{}: cannot read the seed log", path.string());
+  const std::string text = ss.str();
   SeedLog log;
-  std::string line;
   std::int64_t lineno = 0;
   bool have_header = false;
-  while (std::getline(in, line)) {
+  std::size_t pos = 0;
+  while (pos < text.size()) {
     ++lineno;
-    if (line.empty()) continue;
+    const std::size_t nl = text.find('\n', pos);
     const std::string where = fmt::format("{}:{}", path.string(), lineno);
+    if (nl == std::string::npos) {
+      // A last line without its newline: a crash or a full disk in the middle of an append.
+      log_warn("{}: the last line is incomplete (a write cut short); it is ignored", where);
+      log.torn_tail = true;
+      break;
+    }
+    const std::string_view line(text.data() + pos, nl - pos);
+    pos = nl + 1;
+    if (line.empty()) {
+      log.valid_bytes = pos;
+      if (log.entries.empty() && have_header) log.header_end = pos;
+      continue;
+    }
     json j;
     try {
       j = json::parse(line);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
       fail(ErrorKind::format, "{}: not valid JSON: {}", where, e.what());
     }
     if (!j.is_object()) fail(ErrorKind::format, "{}: expected a JSON object", where);
-    try {
-      if (!have_header) {
-        if (!j.contains("zo2_seed_log"))
-          fail(ErrorKind::format, "{}: not a zo2 seed log (the first line has no \"zo2_seed_log\")",
-               where);
-        log.header.run_seed = j.value("run_seed", std::uint64_t{0});
-        log.header.storage_dtype = j.value("storage_dtype", std::string("fp32"));
-        log.header.base_model = j.value("base_model", std::string());
-        log.header.first_step = j.value("first_step", std::int64_t{0});
-        have_header = true;
-        continue;
-      }
-      SeedLogEntry e;
-      for (const char* k : {"step", "seed", "g", "lr", "eps"})
-        if (!j.contains(k)) fail(ErrorKind::format, "{}: field '{}' is missing", where, k);
-      e.step = j.at("step").get<std::int64_t>();
-      e.seed = j.at("seed").get<std::uint64_t>();
-      e.g = float_from(j.at("g"), where + " field 'g'");
-      e.lr = j.at("lr").get<float>();
-      e.eps = j.at("eps").get<float>();
-      e.wd = j.value("wd", 0.0f);
-      if (j.contains("g_double") && j.at("g_double").is_number()) e.g_double = j.at("g_double").get<double>();
-      if (!log.entries.empty() && e.step <= log.entries.back().step)
-        fail(ErrorKind::format, "{}: step {} does not follow step {}", where, e.step,
-             log.entries.back().step);
-      log.entries.push_back(e);
-    } catch (const json::exception& e) {
-      fail(ErrorKind::format, "{}: {}", where, e.what());
+    const Line f{j, where};
+    if (!have_header) {
+      if (!j.contains("zo2_seed_log"))
+        fail(ErrorKind::format, "{}: not a zo2 seed log (the first line has no \"zo2_seed_log\")", where);
+      if (f.integer("zo2_seed_log") != 1)
+        fail(ErrorKind::format, "{}: seed log version {} is not one this zo2 reads (1)", where,
+             j.at("zo2_seed_log").dump());
+      log.header.run_seed = f.unsigned_integer("run_seed");
+      log.header.storage_dtype = j.contains("storage_dtype") ? f.text("storage_dtype") : "fp32";
+      if (!dtype_from_name(log.header.storage_dtype))
+        fail(ErrorKind::format, "{}: field 'storage_dtype' = '{}' is not a dtype", where, log.header.storage_dtype);
+      log.header.base_model = j.contains("base_model") ? f.text("base_model") : "";
+      log.header.first_step = j.contains("first_step") ? f.integer("first_step") : 0;
+      if (log.header.first_step < 0)
+        fail(ErrorKind::format, "{}: field 'first_step' = {} is negative", where, log.header.first_step);
+      have_header = true;
+      log.header_end = log.valid_bytes = pos;
+      continue;
     }
+    SeedLogEntry e;
+    e.step = f.integer("step");
+    const std::int64_t expected = log.next_step();
+    if (e.step != expected) {
+      if (log.entries.empty())
+        fail(ErrorKind::format, "{}: step {} is not the log's first step {} (its header's first_step)", where,
+             e.step, expected);
+      fail(ErrorKind::format, "{}: step {} does not follow step {} (a seed log has one line per step, in order)",
+           where, e.step, log.entries.back().step);
+    }
+    e.seed = f.unsigned_integer("seed");
+    const std::uint64_t derived = derive_step_seed(log.header.run_seed, static_cast<std::uint64_t>(e.step));
+    if (e.seed != derived)
+      fail(ErrorKind::format,
+           "{}: field 'seed' = {} is not the seed run seed {} gives step {} ({}): the line was edited or comes from "
+           "another run",
+           where, e.seed, log.header.run_seed, e.step, derived);
+    e.g = f.real("g", /*markers=*/true);
+    e.lr = f.real("lr");
+    e.eps = f.real("eps");
+    e.wd = j.contains("wd") ? f.real("wd") : 0.0f;
+    if (!(e.lr >= 0)) fail(ErrorKind::format, "{}: field 'lr' = {} is negative", where, e.lr);
+    if (!(e.eps > 0)) fail(ErrorKind::format, "{}: field 'eps' = {} is not positive", where, e.eps);
+    if (j.contains("g_double") && j.at("g_double").is_number()) e.g_double = j.at("g_double").get<double>();
+    e.end_offset = log.valid_bytes = pos;
+    log.entries.push_back(e);
   }
   if (!have_header) fail(ErrorKind::format, "{}: empty seed log", path.string());
   return log;

@@ -3,9 +3,18 @@
 // tuned weights from them exactly. The file is JSON Lines: a header object, then one
 // object per applied step, appended and flushed as the run goes, so a crash loses at most
 // the step in flight.
+//
+// Note [Seed log integrity]: the reader accepts only what a run can have written — steps
+// consecutive from the header's first_step, each seed the one the header's run seed
+// derives for that step (derive_step_seed), finite lr ≥ 0, eps > 0 and wd, g a number or
+// one of the markers "nan"/"inf"/"-inf" of a skipped update — and names file, line and
+// field otherwise. A last line without its newline is what a crash or a full disk leaves
+// mid-append: it is ignored with a warning, and a writer continuing the log cuts it off
+// first. A run directory's manifest records the byte length and CRC-32 of the log's prefix
+// up to its checkpoint's step (api/run_dir.h), so a log from another run, or one edited or
+// rewritten, is refused by name before a resume appends to it.
 #pragma once
 #include <cstdint>
-#include <cstdio>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -20,6 +29,7 @@ struct SeedLogEntry {
   float eps = 0;
   float wd = 0;
   double g_double = 0;  // (L+ − L−)/(2·eps) in double, for the record
+  std::uint64_t end_offset = 0;  // reader: the byte just past this entry's line
 };
 
 struct SeedLogHeader {
@@ -29,26 +39,51 @@ struct SeedLogHeader {
   std::int64_t first_step = 0;
 };
 
+// Where a log stands: the bytes written so far (complete lines only) and their CRC-32.
+struct SeedLogPosition {
+  std::int64_t next_step = 0;  // one past the last entry's step (first_step when empty)
+  std::uint64_t bytes = 0;
+  std::uint32_t crc32 = 0;
+};
+
 class SeedLogWriter {
  public:
-  // append = true continues an existing log (resume): entries from `keep_until_step` on are
-  // dropped first, since the run will write them again.
+  // append = true continues an existing log (resume): entries from `keep_until_step` on, and a
+  // torn last line, are cut off first, since the run will write them again. The existing
+  // header must be this run's (same run seed and storage dtype) and its entries must reach
+  // keep_until_step; else Error(invalid_argument) naming the file. A missing file starts a
+  // new log.
   SeedLogWriter(const std::filesystem::path& path, const SeedLogHeader& header, bool append,
                 std::int64_t keep_until_step = 0);
   ~SeedLogWriter();
   SeedLogWriter(const SeedLogWriter&) = delete;
   SeedLogWriter& operator=(const SeedLogWriter&) = delete;
+  // Appends one line with one write(); on failure (a full disk) the file is cut back to the
+  // lines before it and Error(io) names the file and the system's reason.
   void append(const SeedLogEntry& e);
+  // The appended lines reach the disk (fdatasync) before a checkpoint that needs them is
+  // published.
+  void sync();
+  SeedLogPosition position() const { return pos_; }
+  const std::filesystem::path& path() const { return path_; }
 
  private:
   std::filesystem::path path_;
-  std::FILE* file_ = nullptr;
+  int fd_ = -1;
+  SeedLogPosition pos_;
 };
 
 struct SeedLog {
   SeedLogHeader header;
   std::vector<SeedLogEntry> entries;
+  std::uint64_t header_end = 0;   // the byte just past the header line
+  std::uint64_t valid_bytes = 0;  // complete lines; a torn last line is not counted
+  bool torn_tail = false;
   static SeedLog read(const std::filesystem::path& path);
+  // The length of the log's prefix that holds the entries of the steps before `step` (the
+  // header and nothing else when step ≤ first_step).
+  std::uint64_t bytes_before(std::int64_t step) const;
+  std::int64_t next_step() const { return entries.empty() ? header.first_step : entries.back().step + 1; }
 };
 
 }  // namespace zo2

@@ -1,0 +1,421 @@
+#include "api/run_dir.h"
+
+#include "runtime/checksum.h"
+#include "runtime/error.h"
+#include "runtime/log.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <fstream>
+#include <mutex>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <sys/file.h>
+#include <unistd.h>
+
+namespace zo2 {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+std::mutex g_locks_mu;
+std::set<fs::path>& held_locks() {
+  static std::set<fs::path> s;
+  return s;
+}
+
+fs::path lock_key(const fs::path& dir) {
+  std::error_code ec;
+  fs::path p = fs::weakly_canonical(fs::absolute(dir), ec);
+  return ec ? fs::absolute(dir).lexically_normal() : p;
+}
+
+void fsync_path(const fs::path& p, bool directory) {
+  const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | (directory ? O_DIRECTORY : 0));
+  if (fd < 0) fail(ErrorKind::io, "{}: cannot open to sync: {}", p.string(), std::strerror(errno));
+  const int r = ::fsync(fd);
+  const int e = errno;
+  ::close(fd);
+  // Some file systems (e.g. some FUSE ones) do not sync directories; the data files matter.
+  if (r != 0 && !(directory && (e == EINVAL || e == ENOTSUP)))
+    fail(ErrorKind::io, "{}: cannot write to disk: {}", p.string(), std::strerror(e));
+}
+
+void write_synced(const fs::path& p, const std::string& text) {
+  const int fd = ::open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) fail(ErrorKind::io, "{}: cannot write: {}", p.string(), std::strerror(errno));
+  std::size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int e = n < 0 ? errno : EIO;
+      ::close(fd);
+      fail(ErrorKind::io, "{}: cannot write: {}", p.string(), std::strerror(e));
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  const int r = ::fsync(fd);
+  const int e = errno;
+  ::close(fd);
+  if (r != 0) fail(ErrorKind::io, "{}: cannot write to disk: {}", p.string(), std::strerror(e));
+}
+
+json read_json_file(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  if (!in) fail(ErrorKind::io, "{}: cannot open", p.string());
+  try {
+    return json::parse(in);
+  } catch (const json::exception& e) {  // parse errors, and numbers beyond a double
+    fail(ErrorKind::format, "{}: not valid JSON: {}", p.string(), e.what());
+  }
+}
+
+// A file name a manifest may list: one component, no hidden or relative names.
+bool plain_name(const std::string& n) {
+  return !n.empty() && n != "." && n != ".." && n.find('/') == std::string::npos && n.find('\0') == std::string::npos;
+}
+
+bool is_step_dir_name(const std::string& n) { return n.rfind("step-", 0) == 0; }
+
+std::uint64_t manifest_uint(const json& obj, const char* key, const fs::path& file, const std::string& what) {
+  if (!obj.is_object() || !obj.contains(key) || !obj.at(key).is_number_unsigned())
+    fail(ErrorKind::format, "{}: {} field '{}' must be a non-negative integer{}", file.string(), what, key,
+         obj.is_object() && obj.contains(key) ? fmt::format(", got {}", obj.at(key).dump()) : " (missing)");
+  return obj.at(key).get<std::uint64_t>();
+}
+
+// Checks a v2 manifest against the files of its directory.
+void check_manifest(const fs::path& dir, const json& m, bool verify, const fs::path& mfile) {
+  if (!m.contains("files") || !m.at("files").is_object() || m.at("files").empty())
+    fail(ErrorKind::format, "{}: field 'files' must be an object naming the checkpoint's files", mfile.string());
+  for (const auto& [name, rec] : m.at("files").items()) {
+    if (!plain_name(name) || name == kRunStateFile)
+      fail(ErrorKind::format, "{}: field 'files' lists '{}', which is not a file of the checkpoint", mfile.string(),
+           name);
+    const std::string what = fmt::format("files['{}']", name);
+    const std::uint64_t bytes = manifest_uint(rec, "bytes", mfile, what);
+    const std::uint64_t crc = manifest_uint(rec, "crc32", mfile, what);
+    const fs::path f = dir / name;
+    std::error_code ec;
+    const auto st = fs::status(f, ec);
+    if (ec || !fs::is_regular_file(st))
+      fail(ErrorKind::format, "{}: missing, but {} lists it: the checkpoint is incomplete or was altered",
+           f.string(), mfile.string());
+    const auto size = fs::file_size(f, ec);
+    if (ec || size != bytes)
+      fail(ErrorKind::format, "{}: {} bytes, but {} records {}: the file was replaced, cut short or altered",
+           f.string(), ec ? 0 : size, mfile.string(), bytes);
+    if (verify && crc32_file(f) != crc)
+      fail(ErrorKind::format, "{}: CRC-32 {:08x}, but {} records {:08x}: the file was altered or damaged",
+           f.string(), crc32_file(f), mfile.string(), static_cast<std::uint32_t>(crc));
+  }
+}
+
+// Links DIR/<name> -> current/<name> for each file of the current checkpoint, and removes
+// links (and an older layout's checkpoint files) the current checkpoint does not have.
+void refresh_links(const fs::path& dir) {
+  const fs::path cur = dir / kRunCurrent;
+  std::error_code ec;
+  if (!fs::is_symlink(fs::symlink_status(cur, ec))) return;
+  std::set<std::string> names;
+  for (const auto& e : fs::directory_iterator(cur, ec))
+    if (e.is_regular_file()) names.insert(e.path().filename().string());
+  if (ec) fail(ErrorKind::io, "{}: cannot list: {}", cur.string(), ec.message());
+  for (const auto& name : names) {
+    const fs::path link = dir / name;
+    const fs::path target = fs::path(kRunCurrent) / name;
+    std::error_code e2;
+    const auto st = fs::symlink_status(link, e2);
+    if (fs::is_symlink(st) && fs::read_symlink(link, e2) == target) continue;
+    if (fs::is_directory(st)) {
+      log_warn("{}: a directory where the run's {} link belongs; left alone", link.string(), name);
+      continue;
+    }
+    const fs::path tmp = dir / ("." + name + ".link.tmp");
+    fs::remove(tmp, e2);
+    fs::create_symlink(target, tmp, e2);
+    if (!e2) fs::rename(tmp, link, e2);
+    if (e2) fail(ErrorKind::io, "{}: cannot link to {}: {}", link.string(), target.string(), e2.message());
+  }
+  static const std::regex old_ckpt(R"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json)");
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (names.count(name)) continue;
+    std::error_code e2;
+    if (e.is_symlink(e2)) {
+      const fs::path t = fs::read_symlink(e.path(), e2);
+      if (!e2 && t.begin() != t.end() && *t.begin() == kRunCurrent) fs::remove(e.path(), e2);
+    } else if (e.is_regular_file(e2) && std::regex_match(name, old_ckpt)) {
+      fs::remove(e.path(), e2);  // a file of the layout before run directories
+    }
+  }
+}
+
+// What an interrupted save leaves: hidden step directories, temporary files and links, step
+// directories `current` does not name.
+void clean_run_dir(const fs::path& dir) {
+  std::error_code ec;
+  std::string current;
+  if (fs::is_symlink(fs::symlink_status(dir / kRunCurrent, ec))) current = fs::read_symlink(dir / kRunCurrent, ec).string();
+  std::vector<fs::path> doomed;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    std::error_code e2;
+    const bool is_dir = e.is_directory(e2) && !e.is_symlink(e2);
+    if (is_dir && name.rfind(".step-", 0) == 0) doomed.push_back(e.path());
+    else if (is_dir && is_step_dir_name(name) && name != current && fs::exists(e.path() / kRunStateFile, e2))
+      doomed.push_back(e.path());
+    else if (!is_dir && name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0)
+      doomed.push_back(e.path());  // write_file_atomic's and the links' temporaries
+    else if (!is_dir && name.rfind(".", 0) == 0 && name.find(".tmp.") != std::string::npos)
+      doomed.push_back(e.path());  // write_safetensors' temporaries
+  }
+  for (const auto& p : doomed) {
+    log_debug("{}: removing what an interrupted save left", p.string());
+    std::error_code e2;
+    fs::remove_all(p, e2);
+    if (e2) log_warn("{}: cannot remove ({}); remove it by hand", p.string(), e2.message());
+  }
+  if (!current.empty()) refresh_links(dir);
+}
+
+std::string pid_of_lock(int fd) {
+  char buf[32] = {};
+  const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+  std::string s = n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string();
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  return s.empty() ? "unknown" : s;
+}
+
+}  // namespace
+
+RunDirLock::RunDirLock(const fs::path& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec || !fs::is_directory(dir))
+    fail(ErrorKind::io, "{}: cannot create the output directory{}{}", dir.string(), ec ? ": " : "",
+         ec ? ec.message() : std::string());
+  key_ = lock_key(dir);
+  {
+    std::lock_guard<std::mutex> g(g_locks_mu);
+    if (held_locks().count(key_))
+      fail(ErrorKind::io, "{}: this process is already writing this directory; a second writer would mix two runs",
+           dir.string());
+  }
+  const fs::path file = dir / kRunLockFile;
+  fd_ = ::open(file.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) fail(ErrorKind::io, "{}: cannot open the lock file: {}", file.string(), std::strerror(errno));
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int e = errno;
+    const std::string pid = pid_of_lock(fd_);
+    ::close(fd_);
+    fd_ = -1;
+    if (e == EWOULDBLOCK)
+      fail(ErrorKind::io,
+           "{}: another zo2 process (pid {}) is writing this directory (it holds {}); two writers would mix their "
+           "checkpoints and seed logs — wait for it, or choose another --out",
+           dir.string(), pid, file.string());
+    fail(ErrorKind::io, "{}: cannot lock: {}", file.string(), std::strerror(e));
+  }
+  const std::string me = fmt::format("{}\n", ::getpid());
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, me.data(), me.size(), 0) < 0) {
+    // The pid is a courtesy for the message above; the lock itself holds.
+  }
+  {
+    std::lock_guard<std::mutex> g(g_locks_mu);
+    held_locks().insert(key_);
+  }
+  try {
+    clean_run_dir(dir);
+  } catch (...) {
+    std::lock_guard<std::mutex> g(g_locks_mu);
+    held_locks().erase(key_);
+    ::close(fd_);
+    throw;
+  }
+}
+
+RunDirLock::~RunDirLock() {
+  if (fd_ < 0) return;
+  {
+    std::lock_guard<std::mutex> g(g_locks_mu);
+    held_locks().erase(key_);
+  }
+  ::close(fd_);  // releases the flock; the file stays (removing it would race a new writer)
+}
+
+bool RunDirLock::held(const fs::path& dir) {
+  std::lock_guard<std::mutex> g(g_locks_mu);
+  return held_locks().count(lock_key(dir)) > 0;
+}
+
+void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
+  ZO2_CHECK(r.write);
+  std::optional<RunDirLock> lock;
+  if (!RunDirLock::held(dir)) lock.emplace(dir);
+  std::error_code ec;
+  const fs::path cur = dir / kRunCurrent;
+  const auto cur_st = fs::symlink_status(cur, ec);
+  if (fs::exists(cur_st) && !fs::is_symlink(cur_st))
+    fail(ErrorKind::io, "{}: exists and is not zo2's link to the current checkpoint; move it away", cur.string());
+  const fs::path tmp = dir / fmt::format(".step-{}.tmp-{}", r.step, ::getpid());
+  fs::remove_all(tmp, ec);
+  fs::create_directory(tmp, ec);
+  if (ec) fail(ErrorKind::io, "{}: cannot create: {}", tmp.string(), ec.message());
+  std::string name;  // the step directory's name
+  try {
+    r.write(tmp);
+    json m = r.state.is_object() ? r.state : json::object();
+    m["zo2_state"] = kRunStateVersion;
+    m["step"] = r.step;
+    m["next_step"] = r.step;
+    json files = json::object();
+    std::vector<fs::path> written;
+    for (const auto& e : fs::directory_iterator(tmp)) written.push_back(e.path());
+    std::sort(written.begin(), written.end());
+    for (const auto& p : written) {
+      const std::string name = p.filename().string();
+      if (!fs::is_regular_file(p) || name == kRunStateFile) continue;
+      fsync_path(p, false);
+      files[name] = {{"bytes", fs::file_size(p)}, {"crc32", crc32_file(p)}};
+    }
+    m["files"] = files;
+    if (!r.seed_log.empty()) {
+      const fs::path rel =
+          same_directory(r.seed_log.parent_path().empty() ? "." : r.seed_log.parent_path(), dir)
+              ? r.seed_log.filename()
+              : fs::absolute(r.seed_log);
+      m["seed_log"] = {{"path", rel.string()},
+                       {"bytes", r.seed_log_position.bytes},
+                       {"crc32", r.seed_log_position.crc32},
+                       {"next_step", r.seed_log_position.next_step}};
+    }
+    write_synced(tmp / kRunStateFile, m.dump(2) + "\n");
+    fsync_path(tmp, true);
+    name = fmt::format("step-{:08d}", r.step);
+    for (int k = 2; fs::exists(fs::symlink_status(dir / name, ec)); ++k) name = fmt::format("step-{:08d}.{}", r.step, k);
+    fs::rename(tmp, dir / name, ec);
+    if (ec) fail(ErrorKind::io, "{}: cannot rename to {}: {}", tmp.string(), (dir / name).string(), ec.message());
+  } catch (...) {
+    std::error_code e2;
+    fs::remove_all(tmp, e2);
+    throw;
+  }
+  fsync_path(dir, true);
+  std::string old;
+  if (fs::is_symlink(fs::symlink_status(cur, ec))) old = fs::read_symlink(cur, ec).string();
+  const fs::path cur_tmp = dir / ".current.tmp";
+  fs::remove(cur_tmp, ec);
+  fs::create_symlink(name, cur_tmp, ec);
+  if (!ec) fs::rename(cur_tmp, cur, ec);  // the commit point
+  if (ec) {
+    std::error_code e2;
+    fs::remove(cur_tmp, e2);
+    fs::remove_all(dir / name, e2);
+    fail(ErrorKind::io, "{}: cannot point at {}: {}", cur.string(), name, ec.message());
+  }
+  fsync_path(dir, true);
+  refresh_links(dir);
+  if (!old.empty() && old != name && is_step_dir_name(old)) fs::remove_all(dir / old, ec);
+}
+
+OpenedCheckpoint open_checkpoint(const fs::path& dir, bool verify) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    if (fs::exists(dir, ec)) fail(ErrorKind::io, "{}: not a directory", dir.string());
+    fail(ErrorKind::io, "{}: no such directory", dir.string());
+  }
+  OpenedCheckpoint o;
+  o.dir = dir;
+  const fs::path cur = dir / kRunCurrent;
+  if (fs::is_symlink(fs::symlink_status(cur, ec))) {
+    const fs::path target = fs::read_symlink(cur, ec);
+    if (ec || !plain_name(target.string()) || !is_step_dir_name(target.string()))
+      fail(ErrorKind::format, "{}: names '{}', not one of the run's step directories", cur.string(), target.string());
+    o.dir = dir / target;
+    o.run_dir = dir;
+    if (!fs::is_directory(o.dir, ec))
+      fail(ErrorKind::format, "{}: names {}, which is missing: the run directory was damaged", cur.string(),
+           o.dir.string());
+    const fs::path mfile = o.dir / kRunStateFile;
+    if (!fs::exists(mfile, ec))
+      fail(ErrorKind::format, "{}: missing: the checkpoint {} names has no manifest", mfile.string(), cur.string());
+  }
+  const fs::path mfile = o.dir / kRunStateFile;
+  if (!fs::exists(mfile, ec)) return o;  // a plain HF checkpoint
+  o.state = read_json_file(mfile);
+  if (!o.state.is_object() || !o.state.contains("zo2_state"))
+    fail(ErrorKind::format, "{}: not a zo2 state file (no \"zo2_state\")", mfile.string());
+  const json& v = o.state.at("zo2_state");
+  if (!v.is_number_unsigned() || v.get<std::uint64_t>() < 1 || v.get<std::uint64_t>() > kRunStateVersion)
+    fail(ErrorKind::format, "{}: field 'zo2_state' = {} is not a state version this zo2 reads (1 or 2)",
+         mfile.string(), v.dump());
+  if (v.get<int>() == 1) {  // written by a zo2 before run directories: no manifest to check
+    if (fs::exists(o.dir / kRunSeedLog, ec)) o.seed_log = o.dir / kRunSeedLog;
+    return o;
+  }
+  if (!o.state.contains("step") || !o.state.at("step").is_number_unsigned() ||
+      o.state.at("step").get<std::uint64_t>() > std::uint64_t{INT64_MAX})
+    fail(ErrorKind::format, "{}: field 'step' must be a non-negative integer", mfile.string());
+  o.step = o.state.at("step").get<std::int64_t>();
+  check_manifest(o.dir, o.state, verify, mfile);
+  if (o.state.contains("seed_log")) {
+    const json& s = o.state.at("seed_log");
+    if (!s.is_object() || !s.contains("path") || !s.at("path").is_string() || s.at("path").get<std::string>().empty())
+      fail(ErrorKind::format, "{}: field 'seed_log' must name the seed log's path", mfile.string());
+    (void)manifest_uint(s, "bytes", mfile, "seed_log");
+    (void)manifest_uint(s, "crc32", mfile, "seed_log");
+    const fs::path p = s.at("path").get<std::string>();
+    o.seed_log = p.is_absolute() ? p : (o.run_dir.empty() ? o.dir / ".." : o.run_dir) / p;
+  }
+  return o;
+}
+
+fs::path resolve_model_dir(const fs::path& dir) { return open_checkpoint(dir, false).dir; }
+
+void remove_run(const fs::path& dir) {
+  ZO2_CHECK(RunDirLock::held(dir));
+  std::error_code ec;
+  fs::remove(dir / kRunCurrent, ec);
+  static const std::regex ckpt_file(
+      R"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json|zo2_state\.json|seed_log\.jsonl)");
+  const bool old_run = fs::exists(dir / kRunStateFile, ec) && !fs::is_symlink(fs::symlink_status(dir / kRunStateFile, ec));
+  std::vector<fs::path> doomed;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    std::error_code e2;
+    if (e.is_symlink(e2)) {
+      const fs::path t = fs::read_symlink(e.path(), e2);
+      if (!e2 && t.begin() != t.end() && *t.begin() == kRunCurrent) doomed.push_back(e.path());
+    } else if (e.is_directory(e2) && (is_step_dir_name(name) || name.rfind(".step-", 0) == 0)) {
+      doomed.push_back(e.path());
+    } else if (name == kRunSeedLog || (old_run && std::regex_match(name, ckpt_file))) {
+      doomed.push_back(e.path());
+    }
+  }
+  for (const auto& p : doomed) {
+    fs::remove_all(p, ec);
+    if (ec) fail(ErrorKind::io, "{}: cannot remove: {}", p.string(), ec.message());
+  }
+}
+
+bool holds_run(const fs::path& dir) {
+  std::error_code ec;
+  return fs::is_symlink(fs::symlink_status(dir / kRunCurrent, ec)) || fs::exists(dir / kRunStateFile, ec) ||
+         fs::exists(dir / kRunSeedLog, ec);
+}
+
+bool same_directory(const fs::path& a, const fs::path& b) {
+  std::error_code ec;
+  const bool same = fs::equivalent(a, b, ec);
+  return !ec && same;
+}
+
+}  // namespace zo2

@@ -1,0 +1,103 @@
+// Run directories: where `zo2-tune train --out DIR` and zo2_session_save put a tuned model,
+// saved so that a crash at any moment leaves DIR either as it was or as the new save.
+//
+// Note [Run directory]: DIR holds
+//   step-<N>/            one complete checkpoint: config.json, the safetensors shard(s) and
+//                        their index, the tokenizer files, and zo2_state.json — the run's
+//                        state and the manifest (each file's bytes and CRC-32, the step, and
+//                        the seed log's byte length and CRC-32 up to that step)
+//   current -> step-<N>  a symbolic link: the commit point of a save
+//   config.json -> current/config.json, model.safetensors -> current/..., …  links, so
+//                        that DIR itself reads as an HF checkpoint (transformers, zo2-tune)
+//   seed_log.jsonl       the run's seed log, appended as steps run (zo/seed_log.h)
+//   zo2.lock             flock'ed by the one process writing DIR
+// A save writes a fresh hidden directory (.step-<N>.tmp-<pid>), the manifest last, fsyncs
+// every file and the directory, renames it to step-<N>, and then replaces `current` with
+// one rename(2): before that rename a reader sees the old checkpoint, after it the new one,
+// never a mix. Only then are the links refreshed and the previous step directory removed,
+// so a save needs room for two checkpoints at its peak. Loaders resolve DIR through
+// `current` once (open_checkpoint) and check the manifest: every file present with its
+// recorded size (and CRC-32 when asked: --resume), so a damaged or mixed directory is
+// refused naming the file. Whatever an interrupted save left (the hidden directory,
+// temporary files, stale links) is removed when the next writer takes the lock.
+#pragma once
+#include "zo/seed_log.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <string>
+
+namespace zo2 {
+
+inline constexpr const char* kRunStateFile = "zo2_state.json";
+inline constexpr const char* kRunCurrent = "current";
+inline constexpr const char* kRunLockFile = "zo2.lock";
+inline constexpr const char* kRunSeedLog = "seed_log.jsonl";
+inline constexpr int kRunStateVersion = 2;
+
+// DIR/zo2.lock held (flock, exclusive) by this object; a second writer — another process,
+// or a second lock of the same directory in this one — is refused: Error(invalid_argument)
+// naming the directory and the pid that holds it. Creates DIR. Taking the lock cleans up
+// what an interrupted save left behind.
+class RunDirLock {
+ public:
+  explicit RunDirLock(const std::filesystem::path& dir);
+  ~RunDirLock();
+  RunDirLock(const RunDirLock&) = delete;
+  RunDirLock& operator=(const RunDirLock&) = delete;
+  // Whether this process holds DIR's lock.
+  static bool held(const std::filesystem::path& dir);
+
+ private:
+  std::filesystem::path key_;
+  int fd_ = -1;
+};
+
+struct PublishRequest {
+  std::int64_t step = 0;         // the checkpoint's step: the next step a resume runs
+  nlohmann::json state = nlohmann::json::object();  // the caller's fields, kept in the manifest
+  std::filesystem::path seed_log;                    // empty: the save has no seed log
+  SeedLogPosition seed_log_position;
+  // Writes the checkpoint's files into the (fresh, empty) directory it is given.
+  std::function<void(const std::filesystem::path& dir)> write;
+};
+
+// Publishes a checkpoint into DIR as one transaction (Note [Run directory]). Takes DIR's lock
+// for the save unless this process holds it. On failure DIR is as it was, and the partial
+// step directory is removed.
+void publish_checkpoint(const std::filesystem::path& dir, const PublishRequest& request);
+
+struct OpenedCheckpoint {
+  std::filesystem::path dir;  // where the checkpoint's files are: DIR's current step directory, or DIR
+  std::filesystem::path run_dir;  // DIR for a published checkpoint, empty otherwise
+  nlohmann::json state;       // its zo2_state.json (a manifest for a published one); null if none
+  std::int64_t step = -1;     // the manifest's step; -1 for a directory without one
+  // The seed log the manifest names (relative paths resolve against run_dir); empty if none.
+  std::filesystem::path seed_log;
+};
+
+// DIR as a loader reads it: a run directory resolves through `current` to its step directory,
+// whose manifest is checked (files present with their sizes; CRC-32s too when
+// verify_checksums); a plain HF directory (no `current`) is returned as it is, with its
+// zo2_state.json if it has one (a run saved by an older zo2). Errors name the file.
+OpenedCheckpoint open_checkpoint(const std::filesystem::path& dir, bool verify_checksums = false);
+
+// open_checkpoint(dir).dir: what --model DIR means for every loader.
+std::filesystem::path resolve_model_dir(const std::filesystem::path& dir);
+
+// Removes the run DIR holds, for `train --overwrite`: `current` first (from then on DIR holds
+// no checkpoint), then the step directories, the links, zo2_state.json and the seed log, and
+// the checkpoint files of a run saved before run directories. The caller holds DIR's lock.
+void remove_run(const std::filesystem::path& dir);
+
+// Whether DIR holds a run: a `current` link or a zo2_state.json.
+bool holds_run(const std::filesystem::path& dir);
+
+// Whether two paths name the same directory (after following links); false if either is missing.
+bool same_directory(const std::filesystem::path& a, const std::filesystem::path& b);
+
+}  // namespace zo2

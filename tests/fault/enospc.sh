@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# A full disk (ENOSPC, injected by enospc_shim.so) at the seed log's append and at each file
+# of a save: the run fails with exit 1 and a message naming the file and the reason, the run
+# directory keeps its last consistent checkpoint (the one of the step before), no torn seed
+# log line is left, and once space is back `--resume` finishes with the bytes of the
+# uninterrupted run.
+# Usage: enospc.sh ZO2_TUNE WORK_DIR SHIM_SO
+source "$(dirname "$0")/common.sh"
+SHIM="$3"
+# A sanitizer runtime must come first in LD_PRELOAD; the shim only wraps libc calls.
+export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}verify_asan_link_order=0"
+"$T" -q train --model base "${COMMON[@]}" --shard-size 100K --out ref
+failures=0
+# Each case: a file name to fill the disk at, and how many bytes of it succeed first.
+# Budgets let a few saves through first; shards are reserved whole (fallocate), the others
+# are cut mid-write.
+cases=("seed_log.jsonl 3000" "seed_log.jsonl 3100" "model-00003-of 200000" "model.safetensors.index.json 9000"
+       "config.json 2000" "zo2_state.json 5000" "zo2_state.json 200")
+n=0
+for c in "${cases[@]}"; do
+  read -r match after <<<"$c"
+  n=$((n + 1))
+  d="case-$n"
+  # Two saves go through first (the budget is spent only by writes of the matching file).
+  if ZO2_ENOSPC_MATCH="$match" ZO2_ENOSPC_AFTER="$after" LD_PRELOAD="$SHIM" \
+     "$T" -q train --model base "${COMMON[@]}" --shard-size 100K --out "$d" 2>"$d.err"; then
+    say "$match after $after bytes: the run succeeded although its disk was full"; failures=$((failures + 1)); continue
+  fi
+  if ! grep -q "No space left on device" "$d.err" || ! grep -q "$match" "$d.err"; then
+    say "$match after $after bytes: the error does not name the file and the reason: $(cat "$d.err")"
+    failures=$((failures + 1))
+  fi
+  if [ -f "$d/seed_log.jsonl" ] && [ -n "$(tail -c 1 "$d/seed_log.jsonl")" ]; then
+    say "$match after $after bytes: the seed log ends in a torn line"; failures=$((failures + 1))
+  fi
+  step=$(state_step "$d")
+  if [ -n "$step" ]; then
+    check_dir "$d" 100K || { say "$match after $after bytes: the directory does not hold its step $step"; failures=$((failures + 1)); continue; }
+    "$T" -q train --resume "$d" --out "$d" 2>>"$d.err" ||
+      { say "$match after $after bytes: --resume failed: $(cat "$d.err")"; failures=$((failures + 1)); continue; }
+  else
+    "$T" -q train --model base "${COMMON[@]}" --shard-size 100K --out "$d" --overwrite
+  fi
+  same_weights "$d" ref || { say "$match after $after bytes: the resumed run differs"; failures=$((failures + 1)); continue; }
+  clean_dir "$d" || { say "$match after $after bytes: leftovers remain"; failures=$((failures + 1)); }
+  say "$match after $after bytes: failed cleanly at step ${step:-none}; the resume matches the uninterrupted run"
+done
+say "ENOSPC cases: ${#cases[@]}; failures: $failures"
+[ "$failures" -eq 0 ]

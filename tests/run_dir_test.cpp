@@ -1,0 +1,288 @@
+// Run directories (api/run_dir.h) and the defects of issue 16 that lost work or gave a wrong
+// model without a word: a save is a transaction, a loader refuses a damaged directory by
+// name, one writer at a time, leftovers cleaned, and `train --resume` checks the state file
+// and the seed log field by field before it continues a run.
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "api/run_dir.h"
+#include "runtime/checksum.h"
+#include "runtime/error.h"
+#include "tests/test_util.h"
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+namespace zo2 {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using test::error_of;
+
+void write_text(const fs::path& p, const std::string& text) {
+  std::ofstream out(p, std::ios::binary | std::ios::trunc);
+  out << text;
+}
+
+std::string read_text(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+PublishRequest request(std::int64_t step, const std::string& weights) {
+  PublishRequest r;
+  r.step = step;
+  r.state = {{"note", "test"}};
+  r.write = [weights](const fs::path& dir) {
+    write_text(dir / "config.json", "{}\n");
+    write_text(dir / "model.safetensors", weights);
+  };
+  return r;
+}
+
+bool has_text(const Error& e, const std::string& piece) { return std::string(e.what()).find(piece) != std::string::npos; }
+
+TEST(RunDir, APublishedCheckpointIsReadThroughCurrentAndTheDirectoryReadsAsACheckpoint) {
+  test::TempDir tmp;
+  const fs::path d = tmp / "run";
+  publish_checkpoint(d, request(3, "weights of step 3"));
+  const OpenedCheckpoint o = open_checkpoint(d, /*verify_checksums=*/true);
+  EXPECT_EQ(o.dir, d / "step-00000003");
+  EXPECT_EQ(o.step, 3);
+  EXPECT_EQ(o.state.at("note"), "test");
+  EXPECT_EQ(o.state.at("files").at("model.safetensors").at("crc32").get<std::uint32_t>(),
+            crc32_file(o.dir / "model.safetensors"));
+  // DIR itself reads as the checkpoint (links through current), for transformers and friends.
+  EXPECT_EQ(read_text(d / "model.safetensors"), "weights of step 3");
+  EXPECT_EQ(json::parse(read_text(d / kRunStateFile)).at("step"), 3);
+  publish_checkpoint(d, request(4, "weights of step 4, longer"));
+  EXPECT_EQ(resolve_model_dir(d), d / "step-00000004");
+  EXPECT_EQ(read_text(d / "model.safetensors"), "weights of step 4, longer");
+  EXPECT_FALSE(fs::exists(d / "step-00000003")) << "the previous step directory is removed after the switch";
+  // A plain directory is what it is.
+  EXPECT_EQ(resolve_model_dir(tmp.path()), tmp.path());
+}
+
+TEST(RunDir, AFailedSaveLeavesThePreviousCheckpointWhole) {
+  test::TempDir tmp;
+  const fs::path d = tmp / "run";
+  publish_checkpoint(d, request(1, "step 1"));
+  PublishRequest bad = request(2, "step 2");
+  bad.write = [](const fs::path& dir) {
+    write_text(dir / "config.json", "{}\n");
+    throw Error(ErrorKind::io, "disk full while writing the shards");
+  };
+  const Error e = error_of([&] { publish_checkpoint(d, bad); });
+  EXPECT_TRUE(has_text(e, "disk full")) << e.what();
+  EXPECT_EQ(open_checkpoint(d, true).step, 1);
+  EXPECT_EQ(read_text(d / "model.safetensors"), "step 1");
+  for (const auto& entry : fs::directory_iterator(d))
+    EXPECT_EQ(entry.path().filename().string().find(".step-"), std::string::npos) << entry.path();
+}
+
+TEST(RunDir, ADamagedOrMixedDirectoryIsRefusedNamingTheFile) {
+  test::TempDir tmp;
+  const fs::path d = tmp / "run";
+  publish_checkpoint(d, request(7, "0123456789"));
+  const fs::path w = d / "step-00000007" / "model.safetensors";
+  // Same size, other bytes (a shard of another step): only the checksum tells.
+  write_text(w, "9876543210");
+  EXPECT_NO_THROW((void)open_checkpoint(d, false));
+  Error e = error_of([&] { (void)open_checkpoint(d, true); });
+  EXPECT_EQ(e.kind(), ErrorKind::format);
+  EXPECT_TRUE(has_text(e, w.string()) && has_text(e, "CRC-32")) << e.what();
+  write_text(w, "short");
+  e = error_of([&] { (void)open_checkpoint(d, false); });
+  EXPECT_TRUE(has_text(e, w.string()) && has_text(e, "5 bytes")) << e.what();
+  fs::remove(w);
+  e = error_of([&] { (void)open_checkpoint(d, false); });
+  EXPECT_TRUE(has_text(e, w.string()) && has_text(e, "missing")) << e.what();
+  fs::remove_all(d / "step-00000007");
+  e = error_of([&] { (void)resolve_model_dir(d); });
+  EXPECT_TRUE(has_text(e, "current") && has_text(e, "missing")) << e.what();
+}
+
+TEST(RunDir, OneWriterAtATime) {
+  test::TempDir tmp;
+  const fs::path d = tmp / "run";
+  RunDirLock lock(d);
+  EXPECT_TRUE(RunDirLock::held(d));
+  const Error e = error_of([&] { RunDirLock second(d); });
+  EXPECT_EQ(e.kind(), ErrorKind::io);
+  // Another process: zo2-tune refuses the directory, naming this process.
+  std::string out;
+  const int rc = test::run_command(test::zo2_tune_path().string() + " init --preset opt-tiny --out " +
+                                       (tmp / "m").string() + " -q && " + test::zo2_tune_path().string() +
+                                       " synth-data --model " + (tmp / "m").string() + " --out " +
+                                       (tmp / "x.safetensors").string() + " -q && " +
+                                       test::zo2_tune_path().string() + " train --model " + (tmp / "m").string() +
+                                       " --data " + (tmp / "x.safetensors").string() + " --steps 2 --out " + d.string(),
+                                   &out);
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_NE(out.find("another zo2 process (pid " + std::to_string(::getpid()) + ")"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(d / kRunSeedLog)) << "the refused writer wrote nothing";
+}
+
+TEST(RunDir, WhatAnInterruptedSaveLeftIsRemovedWhenTheNextWriterStarts) {
+  test::TempDir tmp;
+  const fs::path d = tmp / "run";
+  publish_checkpoint(d, request(2, "step 2"));
+  fs::create_directories(d / ".step-3.tmp-12345");
+  write_text(d / ".step-3.tmp-12345" / "model.safetensors", "half");
+  fs::create_directories(d / "step-00000001");
+  write_text(d / "step-00000001" / kRunStateFile, "{}");
+  write_text(d / "zo2_state.json.tmp", "{");
+  write_text(d / ".model.safetensors.tmp.abc", "x");
+  fs::remove(d / "config.json");  // a link lost between the switch and the refresh
+  { RunDirLock lock(d); }
+  EXPECT_FALSE(fs::exists(d / ".step-3.tmp-12345"));
+  EXPECT_FALSE(fs::exists(d / "step-00000001"));
+  EXPECT_FALSE(fs::exists(d / "zo2_state.json.tmp"));
+  EXPECT_FALSE(fs::exists(d / ".model.safetensors.tmp.abc"));
+  EXPECT_TRUE(fs::is_symlink(d / "config.json"));
+  EXPECT_EQ(open_checkpoint(d, true).step, 2);
+}
+
+// ---- zo2-tune train/replay over run directories (issue 16's defects 1, 3, 6, 7, 8, 9) ----
+
+int tune(const std::string& args, std::string* out = nullptr) {
+  return test::run_command(test::zo2_tune_path().string() + " " + args, out);
+}
+
+struct TuneRun {
+  test::TempDir tmp;
+  fs::path model = tmp / "model";
+  fs::path data = tmp / "data.safetensors";
+  std::string common;
+  TuneRun() {
+    std::string out;
+    EXPECT_EQ(tune("init --preset opt-tiny --out " + model.string() + " --seed 1 -q", &out), 0) << out;
+    EXPECT_EQ(tune("synth-data --model " + model.string() + " --out " + data.string() + " --rows 32 --seq 16 -q", &out), 0)
+        << out;
+    common = " --model " + model.string() + " --data " + data.string() + " --steps 8 --batch-size 2 --lr 3e-3 -q";
+  }
+  fs::path train(const std::string& name, const std::string& extra = "", int expect = 0) {
+    std::string out;
+    EXPECT_EQ(tune("train" + common + " --out " + (tmp / name).string() + extra, &out), expect) << out;
+    return tmp / name;
+  }
+  // Edits the current checkpoint's zo2_state.json.
+  void edit_state(const fs::path& d, const std::function<void(json&)>& f) {
+    const fs::path p = fs::canonical(d / kRunStateFile);
+    json j = json::parse(read_text(p));
+    f(j);
+    write_text(p, j.dump(2));
+  }
+};
+
+TEST(RunDirCli, AStateFileIsCheckedFieldByFieldAndNamed) {
+  TuneRun r;
+  const fs::path d = r.train("part", " --stop-at 3");
+  const std::string before = read_text(d / "model.safetensors");
+  std::string out;
+  // Defect 1: a negative next_step crashed in Dataset::collate.
+  r.edit_state(d, [](json& j) { j["next_step"] = -5; });
+  EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
+  EXPECT_NE(out.find("zo2_state.json: key 'next_step' = -5"), std::string::npos) << out;
+  r.edit_state(d, [](json& j) { j["next_step"] = 3, j["lr"] = "fast"; });
+  EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
+  EXPECT_NE(out.find("key 'lr' = \"fast\" is not a number"), std::string::npos) << out;
+  r.edit_state(d, [](json& j) { j["lr"] = 3e-3, j["next_step"] = 2; });
+  EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
+  EXPECT_NE(out.find("the manifest's step 3"), std::string::npos) << out;
+  EXPECT_EQ(read_text(d / "model.safetensors"), before) << "nothing was written over";
+}
+
+TEST(RunDirCli, ResumeKeepsTheStorageDtypeAndEndsWithTheUninterruptedRunsBytes) {
+  TuneRun r;
+  // Defect 3: --resume continued in fp32 after a bf16 run.
+  for (const char* dt : {"bf16", "fp16", "fp8"}) {
+    SCOPED_TRACE(dt);
+    const std::string flag = std::string(" --storage-dtype ") + dt;
+    const fs::path full = r.train(std::string("full-") + dt, flag);
+    const fs::path part = r.train(std::string("part-") + dt, flag + " --stop-at 3");
+    std::string out;
+    ASSERT_EQ(tune("train --resume " + part.string() + " --out " + part.string() + " -q", &out), 0) << out;
+    EXPECT_EQ(read_text(full / "model.safetensors"), read_text(part / "model.safetensors"));
+    EXPECT_EQ(json::parse(read_text(part / kRunStateFile)).at("storage_dtype"), dt);
+  }
+  const fs::path part = r.train("part-again", " --storage-dtype bf16 --stop-at 3");
+  std::string out;
+  EXPECT_EQ(tune("train --resume " + part.string() + " --out " + part.string() + " --storage-dtype fp32", &out), 2)
+      << out;
+  EXPECT_NE(out.find("stores its weights as bf16"), std::string::npos) << out;
+}
+
+TEST(RunDirCli, TheBaseModelAndAnotherRunAreNeverWrittenOver) {
+  TuneRun r;
+  const std::string base = read_text(r.model / "model.safetensors");
+  std::string out;
+  // Defect 6: --out equal to --model overwrote the base model.
+  EXPECT_EQ(tune("train" + r.common + " --out " + r.model.string(), &out), 2) << out;
+  EXPECT_NE(out.find("is the model directory"), std::string::npos) << out;
+  EXPECT_EQ(tune("replay --model " + r.model.string() + " --seed-log /dev/null --out " + r.model.string(), &out), 1);
+  EXPECT_EQ(read_text(r.model / "model.safetensors"), base);
+  // Defect 7: a second run into the same --out is refused, --overwrite starts over.
+  const fs::path a = r.train("a");
+  const std::string a_weights = read_text(a / "model.safetensors");
+  std::string out2;
+  EXPECT_EQ(tune("train" + r.common + " --seed 9 --out " + a.string(), &out2), 2) << out2;
+  EXPECT_NE(out2.find("already holds a run"), std::string::npos) << out2;
+  EXPECT_EQ(read_text(a / "model.safetensors"), a_weights);
+  r.train("a", " --seed 9 --overwrite");
+  EXPECT_NE(read_text(a / "model.safetensors"), a_weights);
+  EXPECT_EQ(tune("train --resume " + a.string() + " --out " + a.string(), &out2), 0) << out2;  // finished: a no-op
+}
+
+TEST(RunDirCli, ASeedLogThatIsNotTheCheckpointsIsRefusedOnResume) {
+  TuneRun r;
+  const fs::path d = r.train("part", " --stop-at 4");
+  const fs::path other = r.train("other", " --seed 77 --stop-at 4");
+  const std::string log = read_text(d / kRunSeedLog);
+  std::string out;
+  // Another run's log.
+  fs::copy_file(other / kRunSeedLog, d / kRunSeedLog, fs::copy_options::overwrite_existing);
+  EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
+  EXPECT_NE(out.find("another run"), std::string::npos) << out;
+  // A log cut short before the checkpoint's step.
+  write_text(d / kRunSeedLog, log.substr(0, log.find('\n', log.find('\n') + 1) + 1));
+  EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
+  EXPECT_NE(out.find("seed_log.jsonl: the seed log holds steps 0..0"), std::string::npos) << out;
+  // An edited line that still parses: its bytes are not those the checkpoint was saved with.
+  std::string edited = log;
+  const auto g = edited.find("\"g\":");
+  edited[g + 5] = edited[g + 5] == '1' ? '2' : '1';
+  write_text(d / kRunSeedLog, edited);
+  EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
+  EXPECT_NE(out.find("rewritten or comes from another run"), std::string::npos) << out;
+  // Defect 8: a torn last line (a full disk mid-append) is ignored, and the run continues.
+  write_text(d / kRunSeedLog, log + "{\"step\":4,\"se");
+  const fs::path full = r.train("full");
+  EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string() + " -q", &out), 0) << out;
+  EXPECT_EQ(read_text(full / "model.safetensors"), read_text(d / "model.safetensors"));
+  EXPECT_EQ(read_text(full / kRunSeedLog), read_text(d / kRunSeedLog));
+}
+
+TEST(RunDirCli, ReplayRefusesAStepBeyondTheLogAndWritesARunDirectoryOfItsStep) {
+  TuneRun r;
+  const fs::path d = r.train("run");
+  std::string out;
+  EXPECT_EQ(tune("replay --model " + r.model.string() + " --seed-log " + (d / kRunSeedLog).string() +
+                     " --until-step 9 --out " + (r.tmp / "rep").string(),
+                 &out),
+            2)
+      << out;
+  EXPECT_NE(out.find("holds steps 0..7"), std::string::npos) << out;
+  ASSERT_EQ(tune("replay --model " + r.model.string() + " --seed-log " + (d / kRunSeedLog).string() +
+                     " --until-step 8 --out " + (r.tmp / "rep").string() + " -q",
+                 &out),
+            0)
+      << out;
+  EXPECT_EQ(open_checkpoint(r.tmp / "rep", true).step, 8);
+  EXPECT_EQ(read_text(d / "model.safetensors"), read_text(r.tmp / "rep" / "model.safetensors"));
+}
+
+}  // namespace
+}  // namespace zo2
