@@ -272,7 +272,7 @@ ModelConfig ModelConfig::load(const std::filesystem::path& model_dir) {
   json j;
   try {
     j = json::parse(in);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     fail(ErrorKind::format, "{}: not valid JSON: {}", path.string(), e.what());
   }
   return from_json(j, path.string());

@@ -96,7 +96,8 @@ struct DuplicateKey {
 struct TooDeep {};
 
 // nlohmann::json::parse, but a duplicate key in any object throws DuplicateKey and nesting
-// deeper than kMaxJsonDepth throws TooDeep; json::parse_error for invalid JSON.
+// deeper than kMaxJsonDepth throws TooDeep; json::parse_error for invalid JSON (out_of_range
+// for a number beyond a double).
 json parse_json_strict(std::string_view text) {
   std::vector<std::unordered_set<std::string>> keys;
   json::parser_callback_t cb = [&keys](int depth, json::parse_event_t event, json& parsed) {
@@ -528,7 +529,7 @@ SafetensorsFile SafetensorsFile::open(const fs::path& path) {
   json header;
   try {
     header = parse_json_strict(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     bad_file(p, fmt::format("header is not valid JSON: {}", e.what()));
   } catch (const DuplicateKey& d) {
     if (d.depth == 1 && d.key != "__metadata__")
@@ -731,7 +732,7 @@ SafetensorsCheckpoint SafetensorsCheckpoint::open(const fs::path& dir_or_file) {
   json j;
   try {
     j = parse_json_strict(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     bad_index(ip, fmt::format("not valid JSON: {}", e.what()));
   } catch (const DuplicateKey& d) {
     bad_index(ip, fmt::format("duplicate key '{}' in the JSON (a tensor listed twice in weight_map?)", d.key));

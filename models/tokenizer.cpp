@@ -213,7 +213,7 @@ std::optional<json> read_json_if_exists(const fs::path& p) {
   ss << in.rdbuf();
   try {
     return json::parse(ss.str());
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     fail(ErrorKind::format, "{}: malformed JSON: {}", p.string(), e.what());
   }
 }

@@ -50,7 +50,7 @@ json parse_json_file(const fs::path& p) {
   std::string text = read_file(p);
   try {
     return json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     fail(ErrorKind::format, "{}: malformed JSON: {}", p.string(), e.what());
   }
 }

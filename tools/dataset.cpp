@@ -63,7 +63,7 @@ json parse_json_line(const std::filesystem::path& file, std::int64_t n, const st
   json j;
   try {
     j = json::parse(line);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     fail(ErrorKind::format, "{}:{}: not valid JSON: {}", file.string(), n, e.what());
   }
   if (!j.is_object()) fail(ErrorKind::format, "{}:{}: expected a JSON object, got {}", file.string(), n, j.type_name());
