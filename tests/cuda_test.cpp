@@ -936,6 +936,44 @@ TEST_P(CudaFusedAttentionTest, FusedKernelIsDeterministicAndItsSwitchIsChecked) 
   }
 }
 
+// NaN propagates on every path as on the CPU twin (OpsTest.AttentionPropagatesNanScores…):
+// query row 5 of head 1 all NaN (every score of that row NaN: it used to read as "no
+// visible key", zeros) makes that row NaN; one NaN element of key 100 makes rows 100… of
+// both heads NaN; every other row is finite and matches the NaN-free run. Batch 1's first
+// row (left padding) stays zeros.
+TEST_P(CudaFusedAttentionTest, NanScoresMakeTheirRowsNanOnEveryPath) {
+  const DType dt = GetParam();
+  const AttentionProblem p = make_attention_problem(2, 130, 2, 1, 64, dt);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto q = p.q, k = p.k;
+  const std::size_t qw = static_cast<std::size_t>(p.heads * p.head_dim), kw = static_cast<std::size_t>(p.head_dim);
+  for (std::size_t e = 0; e < kw; ++e) q[5 * qw + kw + e] = nan;
+  k[100 * kw + 7] = nan;
+  DeviceBuffer dq = upload_as(q, dt), dk = upload_as(k, dt), dv = upload_as(p.v, dt), dm = upload(p.mask);
+  DeviceBuffer cq = upload_as(p.q, dt), ck = upload_as(p.k, dt);
+  for (const char* path : {"fused", "chunked", "chunked-block"}) {
+    ScopedEnv use("ZO2_CUDA_ATTENTION", path);
+    DeviceBuffer out = upload_as(std::vector<float>(p.q.size(), 7.0f), dt);
+    DeviceBuffer clean = upload_as(std::vector<float>(p.q.size(), 7.0f), dt);
+    ops().attention(*stream, attention_args(p, dq.data(), dk.data(), dv.data(), out.data(), dm.as<std::int32_t>(), dt));
+    ops().attention(*stream, attention_args(p, cq.data(), ck.data(), dv.data(), clean.data(), dm.as<std::int32_t>(), dt));
+    const auto got = download_as(out.data(), p.q.size(), dt), ref = download_as(clean.data(), p.q.size(), dt);
+    for (std::size_t r = 0; r < static_cast<std::size_t>(2 * p.seq); ++r)
+      for (std::size_t h = 0; h < static_cast<std::size_t>(p.heads); ++h) {
+        const bool want_nan = (r == 5 && h == 1) || (r >= 100 && r < static_cast<std::size_t>(p.seq));
+        for (std::size_t e = 0; e < kw; ++e) {
+          const float x = got[r * qw + h * kw + e];
+          if (want_nan) {
+            ASSERT_TRUE(std::isnan(x)) << path << " row " << r << " head " << h << " = " << x;
+          } else {
+            ASSERT_EQ(x, ref[r * qw + h * kw + e]) << path << " row " << r << " head " << h;
+          }
+        }
+      }
+    for (std::size_t e = 0; e < qw; ++e) ASSERT_EQ(got[static_cast<std::size_t>(p.seq) * qw + e], 0.0f) << path;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaFusedAttentionTest, ::testing::Values(DType::bf16, DType::f16),
                          [](const ::testing::TestParamInfo<DType>& info) {
                            return std::string(dtype_name(info.param));
