@@ -22,6 +22,7 @@
 //   direction timed by its own stream's events. Every row then carries `link_floor_s`, its
 //   bytes per step at the both-at-once rates, and `link_floor_ratio` = that over the step:
 //   1.0 means the bus was the only limit on this machine.
+#include "api/options.h"
 #include "api/session.h"
 #include "models/presets.h"
 #include "runtime/arena.h"
@@ -403,10 +404,10 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "cpu, cuda, cuda:N")->capture_default_str();
   app.add_option("--offload", offload, "auto, all (stream every block), none")->capture_default_str()
       ->check(CLI::IsMember({"auto", "all", "none"}));
-  app.add_option("--steps", steps, "measured steps per row (their mean is reported)")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--warmup", warmup, "steps before measuring")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--steps", steps, "measured steps per row (their mean is reported)")->capture_default_str()->check(CLI::Range(1, 1 << 30));
+  app.add_option("--warmup", warmup, "steps before measuring")->capture_default_str()->check(CLI::Range(0, 1 << 30));
   app.add_option("--threads", threads, "CPU threads for zo2 and the PyTorch baseline (0 = all cores)")
-      ->capture_default_str()->check(CLI::NonNegativeNumber);
+      ->capture_default_str();  // range: api/options.cpp, checked below with the device
   app.add_option("--seed", seed, "init and run seed")->capture_default_str();
   app.add_flag("--alias-blocks", alias, "every block shares one host image (shapes beyond host memory; rows labelled synthetic)");
   app.add_option("--jsonl", jsonl, "write one JSON object per row to this file");
@@ -435,8 +436,17 @@ int main(int argc, char** argv) {
   try {
     for (const auto& s : split(storages))
       if (!zo2::dtype_from_name(s)) zo2::fail(zo2::ErrorKind::invalid_argument, "--storage-dtype '{}'", s);
-    for (const auto& s : split(computes))
-      if (!zo2::dtype_from_name(s)) zo2::fail(zo2::ErrorKind::invalid_argument, "--compute-dtype '{}'", s);
+    for (const auto& s : split(computes)) {
+      const auto dt = zo2::dtype_from_name(s);
+      if (!dt) zo2::fail(zo2::ErrorKind::invalid_argument, "--compute-dtype '{}'", s);
+      // zo2-tune's checks (api/options.h): bf16/fp16 compute on the CPU backend would fail
+      // every row mid-step; --threads in range.
+      zo2::SessionConfig probe;
+      probe.device = device;
+      probe.compute = *dt;
+      probe.threads = threads;
+      zo2::check_session_options(probe, zo2::OptionSource::cli);
+    }
     for (const auto& p : split(presets)) zo2::find_preset(p);
     for (const auto& b : split(batches))
       if (b.find_first_not_of("0123456789") != std::string::npos || std::stoll(b) < 1)
