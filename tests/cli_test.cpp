@@ -275,6 +275,8 @@ TEST(Cli, NonFiniteWeightsInACheckpointAreRefusedByName) {
     for (const std::string& cmd :
          {"train --model " + m.string() + " --data " + w.data.string() + " --out " + o + " --steps 2",
           "eval --model " + m.string() + " --data " + w.data.string(),
+          "eval --model " + m.string() + " --data " + w.data.string() + " --storage-dtype bf16",
+          "eval --model " + m.string() + " --data " + w.data.string() + " --storage-dtype fp8",
           "forward --model " + m.string() + " --inputs " + w.data.string() + " --out " + o + ".safetensors"}) {
       EXPECT_EQ(run(cmd, &(out = "")), 1) << cmd << "\n" << out;
       EXPECT_NE(out.find("tensor '" + tensor + "' in model.safetensors holds a non-finite weight (element [1, 6] = " +
