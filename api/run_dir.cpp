@@ -118,16 +118,10 @@ void check_manifest(const fs::path& dir, const json& m, bool verify, const fs::p
   }
 }
 
-// Links DIR/<name> -> current/<name> for each file of the current checkpoint, and removes
-// links (and an older layout's checkpoint files) the current checkpoint does not have.
-void refresh_links(const fs::path& dir) {
-  const fs::path cur = dir / kRunCurrent;
-  std::error_code ec;
-  if (!fs::is_symlink(fs::symlink_status(cur, ec))) return;
-  std::set<std::string> names;
-  for (const auto& e : fs::directory_iterator(cur, ec))
-    if (e.is_regular_file()) names.insert(e.path().filename().string());
-  if (ec) fail(ErrorKind::io, "{}: cannot list: {}", cur.string(), ec.message());
+// Links DIR/<name> -> current/<name> for each name (dangling until `current` names a step
+// directory that has it: a save makes them before its switch, so DIR reads as a checkpoint
+// from the moment the switch happens, whenever a crash comes).
+void add_links(const fs::path& dir, const std::set<std::string>& names) {
   for (const auto& name : names) {
     const fs::path link = dir / name;
     const fs::path target = fs::path(kRunCurrent) / name;
@@ -144,6 +138,25 @@ void refresh_links(const fs::path& dir) {
     if (!e2) fs::rename(tmp, link, e2);
     if (e2) fail(ErrorKind::io, "{}: cannot link to {}: {}", link.string(), target.string(), e2.message());
   }
+}
+
+std::set<std::string> files_of(const fs::path& d) {
+  std::set<std::string> names;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(d, ec))
+    if (e.is_regular_file()) names.insert(e.path().filename().string());
+  if (ec) fail(ErrorKind::io, "{}: cannot list: {}", d.string(), ec.message());
+  return names;
+}
+
+// The links of the current checkpoint's files, and none other: links into current/ the
+// current checkpoint does not have, and an older layout's checkpoint files, are removed.
+void refresh_links(const fs::path& dir) {
+  const fs::path cur = dir / kRunCurrent;
+  std::error_code ec;
+  if (!fs::is_symlink(fs::symlink_status(cur, ec)) || !fs::is_directory(cur, ec)) return;
+  const std::set<std::string> names = files_of(cur);
+  add_links(dir, names);
   static const std::regex old_ckpt(R"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json)");
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string name = e.path().filename().string();
@@ -170,8 +183,9 @@ void clean_run_dir(const fs::path& dir) {
     std::error_code e2;
     const bool is_dir = e.is_directory(e2) && !e.is_symlink(e2);
     if (is_dir && name.rfind(".step-", 0) == 0) doomed.push_back(e.path());
-    else if (is_dir && is_step_dir_name(name) && name != current && fs::exists(e.path() / kRunStateFile, e2))
-      doomed.push_back(e.path());
+    else if (is_dir && is_step_dir_name(name) && name != current &&
+             (!current.empty() || fs::exists(e.path() / kRunStateFile, e2)))
+      doomed.push_back(e.path());  // a previous checkpoint, or one whose removal was cut short
     else if (!is_dir && name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0)
       doomed.push_back(e.path());  // write_file_atomic's and the links' temporaries
     else if (!is_dir && name.rfind(".", 0) == 0 && name.find(".tmp.") != std::string::npos)
@@ -308,6 +322,7 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
     fs::remove_all(tmp, e2);
     throw;
   }
+  add_links(dir, files_of(dir / name));
   fsync_path(dir, true);
   std::string old;
   if (fs::is_symlink(fs::symlink_status(cur, ec))) old = fs::read_symlink(cur, ec).string();

@@ -68,6 +68,8 @@ void Session::fit_arena_to(const Placement& plan) {
 Session::Session(const std::filesystem::path& model_path, const SessionConfig& cfg) : cfg_(cfg) {
   // A run directory reads through its current checkpoint, resolved once (api/run_dir.h).
   const std::filesystem::path model_dir = resolve_model_dir(model_path);
+  model_path_ = model_path;
+  model_is_run_ = model_dir != model_path || holds_run(model_path);
   device_ = open_device(cfg_);
   // Plan before reading the weights: a cap that cannot work fails fast.
   const ModelConfig model = ModelConfig::load(model_dir);
@@ -189,6 +191,12 @@ void Session::sync() {
 
 void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes,
                    const SaveExtras& extras) {
+  // A run continues into its own run directory; a plain checkpoint is never written over.
+  if (!model_path_.empty() && !model_is_run_ && same_directory(out_dir, model_path_))
+    fail(ErrorKind::invalid_argument,
+         "{}: is the checkpoint this session was loaded from; saving there would overwrite it (and the base a seed "
+         "log replays from): choose another directory",
+         out_dir.string());
   sync();
   try {
     store_->check_finite();

@@ -101,6 +101,8 @@ class Session {
   void drain();
 
   SessionConfig cfg_;
+  std::filesystem::path model_path_;  // the directory given (empty: synthesized weights)
+  bool model_is_run_ = false;         // it is a run directory (read through its current checkpoint)
   std::unique_ptr<Device> device_;
   std::unique_ptr<BlockStore> store_;
   std::unique_ptr<Scheduler> scheduler_;

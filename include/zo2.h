@@ -273,7 +273,8 @@ ZO2_API int zo2_session_eval_choices(zo2_session * s, const zo2_batch * b, const
 // step, each file's size and CRC-32 and the seed log's prefix. Flushes the pending update
 // first, so the checkpoint equals the session's weights: a session loaded from it evaluates
 // bit-identically (fp32).
-//   ZO2_ERR_INVALID_ARGUMENT  s or out_dir NULL or empty
+//   ZO2_ERR_INVALID_ARGUMENT  s or out_dir NULL or empty, or out_dir is the plain checkpoint the
+//                             session was loaded from (a run directory may be saved into again)
 //   ZO2_ERR_FORMAT            a weight is NaN or infinite (the message names the tensor); nothing
 //                             is written
 //   ZO2_ERR_IO                out_dir cannot be created or written, or another process is

@@ -25,7 +25,7 @@ mkdir -p "$out"
 "$tune" init --preset opt-tiny --out "$out/base" --seed 1
 "$tune" synth-data --model "$out/base" --out "$out/data.safetensors" --rows 256 --seq 32
 "$tune" plan --model "$out/base" --gpu-mem 4M --batch-size 8 --seq-len 32 --offload all --device cpu
-"$tune" train --model "$out/base" --data "$out/data.safetensors" --out "$out/tuned" \
+"$tune" train --model "$out/base" --data "$out/data.safetensors" --out "$out/tuned" --overwrite \
   --steps 400 --batch-size 8 --lr 3e-3 --eps 1e-3 --gpu-mem 4M --offload all \
   --log-json "$out/train.jsonl" "$@"
 echo "before tuning:"; "$tune" eval --model "$out/base" --data "$out/data.safetensors"

@@ -10,7 +10,11 @@
 
 #include <gtest/gtest.h>
 
+#include "api/run_dir.h"
+
+#include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -306,6 +310,26 @@ TEST_F(CApi, BadPathsAreIoOrFormatErrors) {
   { std::ofstream(file) << "x"; }
   EXPECT_ERROR(zo2_session_save(session_, (file / "out").c_str()), ZO2_ERR_IO, "a-file");
   EXPECT_ERROR(zo2_session_save(session_, ""), ZO2_ERR_INVALID_ARGUMENT, "out_dir", "empty");
+  // Issue 16 (defect 6): never over the plain checkpoint the session was loaded from.
+  EXPECT_ERROR(zo2_session_save(session_, model_dir_->c_str()), ZO2_ERR_INVALID_ARGUMENT, "loaded from");
+  EXPECT_FALSE(fs::exists(*model_dir_ / "current"));
+  // A second writer: another process holds the run directory's lock (flock(1), as a
+  // training run would).
+  {
+    const fs::path run = *tmp_ / "locked-run";
+    fs::create_directories(run);
+    const fs::path ready = *tmp_ / "lock-holder.pid";
+    ASSERT_EQ(test::run_command("flock -x " + (run / "zo2.lock").string() + " -c 'echo $$ > " + ready.string() +
+                                "; sleep 60' >/dev/null 2>&1 &"),
+              0);
+    for (int i = 0; i < 500 && !fs::exists(ready); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    ASSERT_TRUE(fs::exists(ready));
+    EXPECT_ERROR(zo2_session_save(session_, run.c_str()), ZO2_ERR_IO, "another zo2 process");
+    EXPECT_FALSE(fs::exists(run / "current"));
+    int pid = 0;
+    std::ifstream(ready) >> pid;
+    if (pid > 0) ::kill(pid, SIGTERM);
+  }
   // The session survives an I/O error.
   float loss;
   const zo2_batch b = batch();

@@ -265,6 +265,26 @@ TEST(RunDirCli, ASeedLogThatIsNotTheCheckpointsIsRefusedOnResume) {
   EXPECT_EQ(read_text(full / kRunSeedLog), read_text(d / kRunSeedLog));
 }
 
+TEST(RunDirCli, ARunSavedBeforeRunDirectoriesResumesAndBecomesOne) {
+  TuneRun r;
+  const fs::path part = r.train("part", " --stop-at 3");
+  // The layout zo2 wrote before run directories: the files at the top, a version-1 state.
+  const fs::path old = r.tmp / "old";
+  fs::create_directories(old);
+  for (const auto& e : fs::directory_iterator(part / "current")) fs::copy_file(e.path(), old / e.path().filename());
+  fs::copy_file(part / kRunSeedLog, old / kRunSeedLog);
+  json st = json::parse(read_text(old / kRunStateFile));
+  st["zo2_state"] = 1;
+  st.erase("files"), st.erase("seed_log"), st.erase("step");
+  write_text(old / kRunStateFile, st.dump(2));
+  std::string out;
+  ASSERT_EQ(tune("train --resume " + old.string() + " --out " + old.string() + " -q", &out), 0) << out;
+  const fs::path full = r.train("full");
+  EXPECT_EQ(read_text(full / "model.safetensors"), read_text(old / "model.safetensors"));
+  EXPECT_TRUE(fs::is_symlink(old / "model.safetensors")) << "the old top-level files became links";
+  EXPECT_EQ(open_checkpoint(old, true).step, 8);
+}
+
 TEST(RunDirCli, ReplayRefusesAStepBeyondTheLogAndWritesARunDirectoryOfItsStep) {
   TuneRun r;
   const fs::path d = r.train("run");

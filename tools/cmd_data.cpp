@@ -4,6 +4,7 @@
 // before a long run.
 #include "models/config.h"
 #include "runtime/error.h"
+#include "api/run_dir.h"
 #include "tools/cli.h"
 #include "tools/dataset.h"
 
@@ -28,6 +29,7 @@ Runner add_data(CLI::App& app) {
       ->check(CLI::Range(std::int64_t{0}, std::int64_t{1} << 53));
   o->data_flags.add(app);
   return [o] {
+    o->model = resolve_model_dir(o->model).string();  // a run directory: its current checkpoint
     const ModelConfig config = ModelConfig::load(o->model);
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, o->model);
     const Dataset data = Dataset::load(o->data, config, tokenizer.get(), o->data_flags.options());

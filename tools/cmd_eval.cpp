@@ -1,5 +1,6 @@
 // zo2-tune eval: a checkpoint on a data file: the token-weighted mean next-token loss, or for
 // multiple-choice data (JSONL options, task presets) MeZO's candidate loss and accuracy.
+#include "api/run_dir.h"
 #include "api/options.h"
 #include "api/session.h"
 #include "runtime/arena.h"
@@ -43,6 +44,7 @@ Runner add_eval(CLI::App& app) {
     check_integer(Opt::batch_size, o->batch, OptionSource::cli);
     if (num->count() > 0) check_integer(Opt::num_eval, o->num, OptionSource::cli);
     SessionConfig sc = session_config(o->dev, false);
+    o->model = resolve_model_dir(o->model).string();  // a run directory: its current checkpoint
     const ModelConfig config = ModelConfig::load(o->model);
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, o->model);
     const Dataset data = Dataset::load(o->data, config, tokenizer.get(), o->data_flags.options(o->num, o->seed));

@@ -1,5 +1,6 @@
 // zo2-tune forward: logits and loss of a checkpoint on given token ids (the golden-parity
 // interface: transformers' forward with labels = input_ids, padding ignored).
+#include "api/run_dir.h"
 #include "api/session.h"
 #include "models/batch.h"
 #include "models/safetensors.h"
@@ -30,6 +31,7 @@ Runner add_forward(CLI::App& app) {
   o->dev.add(app);
   return [o] {
     SessionConfig sc = session_config(o->dev, false);  // the flags first, then the files
+    o->model = resolve_model_dir(o->model).string();  // a run directory: its current checkpoint
     const ModelConfig config = ModelConfig::load(o->model);
     const TokenTensors t = read_token_tensors(o->inputs);
     // Ids, mask or labels that do not fit the model are the file's contents, not a flag's

@@ -2,6 +2,7 @@
 // straight from the generator into the (sharded) safetensors files, so even the 175B shape
 // needs no second copy in memory.
 #include "api/options.h"
+#include "api/run_dir.h"
 #include "models/init.h"
 #include "models/layout.h"
 #include "models/presets.h"
@@ -11,6 +12,7 @@
 #include "runtime/error.h"
 #include "runtime/file_util.h"
 #include "runtime/log.h"
+#include "api/run_dir.h"
 #include "tools/cli.h"
 
 #include <atomic>
@@ -61,6 +63,11 @@ Runner add_init(CLI::App& app) {
       if (tok->eos_id()) c.eos_token_id = *tok->eos_id();
       if (tok->pad_id()) c.pad_token_id = *tok->pad_id();
     }
+    if (holds_run(o->out))
+      fail(ErrorKind::invalid_argument,
+           "--out {} holds a training run (zo2-tune train's run directory); init writes a base checkpoint: choose "
+           "another --out",
+           o->out);
     ensure_writable_dir(o->out);
 
     std::vector<TensorToWrite> tensors;

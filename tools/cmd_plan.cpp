@@ -1,5 +1,6 @@
 // zo2-tune plan: the placement and byte budget for a model under a cap, without
 // allocating anything (DESIGN.md §6).
+#include "api/run_dir.h"
 #include "api/options.h"
 #include "api/session.h"
 #include "models/presets.h"
@@ -49,7 +50,8 @@ Runner add_plan(CLI::App& app) {
     sc.storage = parse_dtype_flag("--storage-dtype", o->storage, {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3});
     sc.compute = parse_dtype_flag("--compute-dtype", o->compute, {DType::f32, DType::bf16, DType::f16});
     check_session_options(sc, OptionSource::cli);
-    const ModelConfig c = o->model.empty() ? find_preset(o->preset).config : ModelConfig::load(o->model);
+    const ModelConfig c =
+        o->model.empty() ? find_preset(o->preset).config : ModelConfig::load(resolve_model_dir(o->model));
     if (o->seq > c.max_positions)
       fail(ErrorKind::invalid_argument, "--seq-len {} exceeds the model's max_position_embeddings ({})", o->seq,
            c.max_positions);

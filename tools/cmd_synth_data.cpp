@@ -6,6 +6,7 @@
 #include "runtime/error.h"
 #include "runtime/log.h"
 #include "runtime/philox.h"
+#include "api/run_dir.h"
 #include "tools/cli.h"
 
 #include <algorithm>
@@ -30,7 +31,7 @@ Runner add_synth_data(CLI::App& app) {
   app.add_option("--seed", o->seed, "random seed")->capture_default_str();
   return [o] {
     std::int64_t vocab = o->vocab;
-    if (!o->model.empty()) vocab = ModelConfig::load(o->model).vocab_size;
+    if (!o->model.empty()) vocab = ModelConfig::load(resolve_model_dir(o->model)).vocab_size;
     if (vocab <= 0) fail(ErrorKind::invalid_argument, "synth-data needs --vocab V or --model DIR");
     const std::int64_t a = std::min(o->alphabet, vocab);
     // The alphabet: `a` distinct ids spread over the vocabulary; a fixed permutation of it.

@@ -207,7 +207,8 @@ Runner add_train(CLI::App& app) {
     DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
     std::uint64_t shard = parse_size_option(Opt::shard_size, o->shard, OptionSource::cli);
     SessionConfig sc = session_config(o->dev, true);
-    std::string model_dir = o->model;
+    // A run directory as --model: its current checkpoint, resolved once.
+    std::string model_dir = o->model.empty() ? std::string() : resolve_model_dir(o->model).string();
     std::int64_t first_step = 0;
     std::string base_model = o->model;
     bool append_log = false;

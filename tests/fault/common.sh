@@ -35,6 +35,9 @@ check_dir() {
   local d="$1" shard="$2" step
   step=$(state_step "$d")
   [ -n "$step" ] || return 1
+  # DIR itself reads as an HF checkpoint: its links resolve to the current step's files.
+  [ -f "$d/config.json" ] && [ -f "$d/zo2_state.json" ] || return 1
+  for f in "$d"/current/*.safetensors*; do [ -f "$d/$(basename "$f")" ] || return 1; done
   "$T" -q eval --model "$d" --data data.safetensors >/dev/null || return 1
   rm -rf "$d.replay"
   "$T" -q replay --model base --seed-log "$d/seed_log.jsonl" --until-step "$step" --shard-size "$shard" \
