@@ -403,7 +403,6 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
     d.pad_id_ = tokenizer->pad_id().value_or(tokenizer->eos_id().value_or(0));
   }
 
-  // --num-train / --num-eval: a seeded sample, kept in file order.
   // An example with nothing to predict (no label after a sequence's first position) would
   // make a batch of its own a 0/0 loss: train would skip the step, eval report NaN. Refused
   // here, naming the first such example and how many there are.
@@ -439,6 +438,7 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
     }
   }
 
+  // --num-train / --num-eval: a seeded sample, kept in file order.
   if (options.sample > d.size())
     log_warn("{}: a sample of {} examples was asked for, the file has {}; using all of them", d.source_,
              options.sample, d.size());
