@@ -1,6 +1,7 @@
 #include "tools/cli.h"
 
 #include "api/options.h"
+#include "api/session.h"
 #include "models/checkpoint.h"
 #include "models/safetensors.h"
 #include "offload/block_store.h"
@@ -151,6 +152,16 @@ int copy_tokenizer_files(const std::filesystem::path& from, const std::filesyste
 void check_model_fits(const std::filesystem::path& model_dir, const ModelConfig& config, DType storage) {
   check_checkpoint_tensors(SafetensorsCheckpoint::open(model_dir), config, model_dir.string());
   check_host_memory(config, storage, config.num_layers);
+}
+
+std::size_t planning_cap(const SessionConfig& sc) {
+  if (sc.gpu_mem != 0) return sc.gpu_mem;
+  if (parse_device(sc.device).kind == DeviceKind::cpu) {
+    const long pages = sysconf(_SC_PHYS_PAGES);  // as runtime/cpu/cpu_device.cpp sizes its arena
+    const long page = sysconf(_SC_PAGE_SIZE);
+    if (pages > 0 && page > 0) return static_cast<std::size_t>(pages) * static_cast<std::size_t>(page);
+  }
+  return std::size_t{1} << 50;
 }
 
 void ensure_writable_dir(const std::filesystem::path& dir) {

@@ -15,6 +15,10 @@
 #include <string>
 #include <vector>
 
+namespace zo2 {
+struct SessionConfig;  // api/session.h
+}  // namespace zo2
+
 namespace zo2::cli {
 
 // Each subcommand: adds its options to `app` and returns the function that runs it.
@@ -82,6 +86,11 @@ TokenTensors read_token_tensors(const std::filesystem::path& file);
 // `storage` fit the host memory (offload/block_store.h) — so a config.json that does not
 // match its weights or the machine fails in milliseconds, naming the file and the numbers.
 void check_model_fits(const std::filesystem::path& model_dir, const ModelConfig& config, DType storage);
+
+// The cap a plan made before the device is opened should use: --gpu-mem, else on the CPU
+// backend physical memory (what its arena takes without a cap), else (CUDA, whose free
+// memory is known only once opened) no limit — the session plans again against the device.
+std::size_t planning_cap(const SessionConfig& sc);
 
 // Checks a directory can be created and written before any work starts.
 void ensure_writable_dir(const std::filesystem::path& dir);

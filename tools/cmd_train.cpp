@@ -372,8 +372,7 @@ Runner add_train(CLI::App& app) {
     sc.max_seq = std::max(data.longest(), eval_data ? eval_data->longest() : 0);
     sc.run_seed = o->seed;
     sc.first_step = first_step;
-    plan_placement(config, plan_request(config, sc, parse_device(sc.device).kind,
-                                        sc.gpu_mem ? sc.gpu_mem : std::size_t{1} << 50));
+    plan_placement(config, plan_request(config, sc, parse_device(sc.device).kind, planning_cap(sc)));
     if (!lock) lock.emplace(out);  // creates --out; cleans what an interrupted save left
     ensure_writable_dir(out);
     if (o->resume.empty() && o->overwrite) remove_run(out);
