@@ -245,6 +245,42 @@ TEST(Data, MalformedFilesAreRefusedWithTheirLineNumbers) {
   EXPECT_NE(e.find("missing.jsonl: no such data file"), std::string::npos) << e;
 }
 
+// Nothing to predict (issue 16, defect 13), with a tokenizer that adds no BOS (GPT-2 BPE): a
+// completion or an option that is the whole sequence has no token after the first position,
+// so no target. Refused at load by eval, train and data alike (exit 1), naming file, line
+// and option — not a NaN loss for a batch of such examples, nor a mid-run "candidate
+// sequence has no target token".
+TEST(Data, ExamplesWithNothingToPredictAreRefusedByLine) {
+  test::TempDir tmp;
+  std::string out;
+  const fs::path model = tmp / "micro";
+  ASSERT_EQ(run("init --preset opt-micro --tokenizer " + (test::shared_dir() / "data" / "gpt2").string() + " --out " +
+                    model.string() + " -q",
+                &out),
+            0)
+      << out;
+  write_text(tmp / "c.jsonl", "{\"prompt\": \"The film\", \"completion\": \" was good\"}\n"
+                              "{\"prompt\": \"\", \"completion\": \"Hello\"}\n"
+                              "{\"prompt\": \"\", \"completion\": \"Hi\"}\n");
+  write_text(tmp / "o.jsonl", "{\"prompt\": \"A\", \"options\": [\" good\", \" bad\"], \"label\": 0}\n"
+                              "{\"prompt\": \"\", \"options\": [\" good day\", \"Hi\"], \"label\": 1}\n");
+  const std::string m = " --model " + model.string() + " --data ";
+  for (const auto& [file, why] :
+       {std::pair{"c.jsonl", std::string("c.jsonl:2: nothing to predict: the example has no token after the first "
+                                         "position to score (2 of the 3 examples have nothing to predict)")},
+        std::pair{"o.jsonl", std::string("o.jsonl:2: nothing to predict: option 1 has no token after the first "
+                                         "position to score")}}) {
+    const std::string data = (tmp / file).string();
+    for (const std::string& cmd : {"eval" + m + data, "data" + m + data,
+                                   "train" + m + data + " --out " + (tmp / "o").string() + " --steps 1"}) {
+      out.clear();
+      EXPECT_EQ(run(cmd, &out), 1) << cmd << "\n" << out;
+      EXPECT_NE(out.find(why), std::string::npos) << cmd << "\n" << out;
+      EXPECT_FALSE(fs::exists(tmp / "o" / "model.safetensors")) << cmd;
+    }
+  }
+}
+
 TEST(Data, MissingTokenizerAndOverlongTextsAreClearErrors) {
   Workspace w;
   // A model directory without tokenizer files.
