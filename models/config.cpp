@@ -28,7 +28,8 @@ struct Reader {
     if (v.is_number_integer()) return v.get<std::int64_t>();
     if (v.is_number_float()) {
       const double d = v.get<double>();
-      if (d == std::floor(d)) return static_cast<std::int64_t>(d);
+      // In range first: converting a double beyond int64 (2e23) is undefined behaviour.
+      if (d == std::floor(d) && d >= -0x1p63 && d < 0x1p63) return static_cast<std::int64_t>(d);
     }
     fail(ErrorKind::format, "{}: field '{}' must be an integer, got {}", where, key, v.dump());
   }

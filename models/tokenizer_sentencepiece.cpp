@@ -16,7 +16,12 @@ class SentencePieceTokenizer final : public Tokenizer {
   explicit SentencePieceTokenizer(const fs::path& file) : source_(file.string()) {
     std::error_code ec;
     if (!fs::is_regular_file(file, ec)) fail(ErrorKind::io, "cannot open {}: no such file", source_);
-    auto status = sp_.Load(file.string());
+    sentencepiece::util::Status status;
+    try {
+      status = sp_.Load(file.string());
+    } catch (const std::exception& e) {  // libsentencepiece throws on some malformed models (Darts)
+      fail(ErrorKind::format, "{}: not a SentencePiece model: {}", source_, e.what());
+    }
     if (!status.ok())
       fail(ErrorKind::format, "{}: not a SentencePiece model: {}", source_, status.ToString());
     pieces_ = sp_.GetPieceSize();

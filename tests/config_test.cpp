@@ -402,6 +402,24 @@ TEST(ModelConfig, ConfigJsonThatIsNotJsonIsAFormatErrorNamingThePath) {
   EXPECT_NE(std::string(missing.what()).find("nowhere"), std::string::npos) << missing.what();
 }
 
+// Found by fuzz/config_fuzz.cpp: a whole number beyond int64 was converted anyway (undefined
+// behaviour), and a number beyond a double escaped as the JSON library's out_of_range.
+TEST(ModelConfig, NumbersBeyondRangeAreFormatErrorsNamingFieldOrFile) {
+  for (double v : {2.18e23, -1e19, 0x1p63}) {
+    json j = opt_json();
+    j["hidden_size"] = v;
+    expect_refused(j, ErrorKind::format, {"hidden_size"});
+  }
+  test::TempDir dir;
+  {
+    std::ofstream out(dir / "config.json");
+    out << R"({"model_type": "opt", "hidden_size": 1e400})";
+  }
+  const Error e = error_of([&] { (void)ModelConfig::load(dir.path()); });
+  EXPECT_EQ(e.kind(), ErrorKind::format);
+  EXPECT_NE(std::string(e.what()).find((dir / "config.json").string()), std::string::npos) << e.what();
+}
+
 // ---- presets and round trips ----
 
 void expect_same_config(const ModelConfig& a, const ModelConfig& b, const std::string& what) {
