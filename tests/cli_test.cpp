@@ -297,6 +297,36 @@ TEST(Cli, NonFiniteWeightsInACheckpointAreRefusedByName) {
   EXPECT_EQ(run("eval --model " + m.string() + " --data " + w.data.string() + " --storage-dtype bf16", &out), 0) << out;
 }
 
+// Finite weights whose forward pass overflows (fc1 row 1 all 3e38: that hidden unit is inf
+// for every token, the next layer NaN) give a NaN loss at every step. Each step's update is
+// skipped with a warning; ten in a row stop the run: it saves (the weights are the base
+// model's, finite) and exits 1 naming the losses, instead of running all 50 steps and
+// exiting 0 with a model that learned nothing (issue 16, item 4).
+TEST(Cli, TrainStopsWhenTheLossesStayNonFinite) {
+  Workspace w;
+  const fs::path m = w.tmp / "overflow";
+  fs::copy(w.model, m);
+  for (int c = 0; c < 64; ++c) test::poke_safetensors(m / "model.safetensors", "model.decoder.layers.1.fc1.weight", 64 + c, 3e38f);
+  const fs::path o = w.tmp / "o";
+  std::string out;
+  EXPECT_EQ(run("train --model " + m.string() + " --data " + w.data.string() + " --out " + o.string() +
+                    " --steps 50 --log-json " + (w.tmp / "log.jsonl").string(),
+                &out),
+            1)
+      << out;
+  EXPECT_NE(out.find("steps' losses were not finite"), std::string::npos) << out;
+  EXPECT_NE(out.find("its update is skipped"), std::string::npos) << out;  // the per-step warning
+  std::ifstream log(w.tmp / "log.jsonl");
+  int steps = 0;
+  for (std::string line; std::getline(log, line); ++steps)
+    EXPECT_TRUE(nlohmann::json::parse(line).at("update_skipped").get<bool>()) << line;
+  EXPECT_GE(steps, 10);
+  EXPECT_LT(steps, 50);  // stopped early
+  // Saved where it stopped, so the run directory stays consistent and resumable.
+  const auto state = nlohmann::json::parse(read_file(o / "zo2_state.json"));
+  EXPECT_EQ(state.at("next_step").get<int>(), steps) << state.dump();
+}
+
 // Token data with nothing to predict — a sequence whose labels are all -100, or whose
 // attention mask is all 0 — is refused by name when it is loaded (exit 1), by train, eval
 // and forward alike, before anything is written (issue 16, defect 13: train used to skip

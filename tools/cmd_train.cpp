@@ -33,6 +33,12 @@ namespace {
 
 std::atomic<int> g_stop_signal{0};
 
+// A step whose projected gradient is not finite (a NaN or infinite loss) is logged and its
+// update skipped; this many in a row stop the run (saved, then exit 1): the losses are not
+// coming back (an overflow in the forward pass, say), and running on would only burn time
+// and end in a "successful" run that learned nothing.
+constexpr std::int64_t kMaxSkippedInARow = 10;
+
 extern "C" void on_stop_signal(int sig) {
   g_stop_signal.store(sig);
   std::signal(sig, SIG_DFL);  // a second signal ends the process at once
@@ -440,8 +446,17 @@ Runner add_train(CLI::App& app) {
     std::int64_t completed = 0;
     std::int64_t next = first_step;
     std::vector<std::int64_t> step_tokens;  // B·T of each step run here, by step − first_step
+    std::int64_t skipped = 0, skipped_in_a_row = 0;
+    StepResult last_skipped;
     auto harvest = [&](std::int64_t step) {
       const StepResult r = session.wait(step);
+      if (r.update_skipped) {
+        ++skipped;
+        ++skipped_in_a_row;
+        last_skipped = r;
+      } else {
+        skipped_in_a_row = 0;
+      }
       const auto now = std::chrono::steady_clock::now();
       const double step_s = std::chrono::duration<double>(now - last).count();
       last = now;
@@ -492,7 +507,7 @@ Runner add_train(CLI::App& app) {
         log_json->flush();
       }
     };
-    while (next < stop && g_stop_signal.load() == 0) {
+    while (next < stop && g_stop_signal.load() == 0 && skipped_in_a_row < kMaxSkippedInARow) {
       const HostBatch b = data.train_batch(next, o->batch);
       step_tokens.push_back(b.tokens());
       const auto lr_t = static_cast<float>(schedule.at(next));
@@ -515,7 +530,8 @@ Runner add_train(CLI::App& app) {
     }
     if (in_flight >= 0) harvest(in_flight);
     const int sig = g_stop_signal.load();
-    if (sig == 0) run_eval(next);
+    const bool diverged = skipped_in_a_row >= kMaxSkippedInARow;
+    if (sig == 0 && !diverged) run_eval(next);
     std::signal(SIGINT, SIG_DFL);
     std::signal(SIGTERM, SIG_DFL);
     if (sig != 0) {
@@ -523,6 +539,17 @@ Runner add_train(CLI::App& app) {
       log_warn("interrupted by signal {} after step {}: saving", sig, next);
     }
     save(next);
+    if (skipped > 0) progress.newline();
+    if (diverged)
+      fail(ErrorKind::aborted,
+           "stopped after step {}: the last {} steps' losses were not finite (step {}: L+ = {}, L- = {}), so their "
+           "updates were skipped ({} of the {} steps run). The weights are finite and saved to {}; look for an "
+           "overflow in the forward pass (a huge weight, fp16 compute) or a data problem",
+           next, skipped_in_a_row, last_skipped.step + 1, last_skipped.loss_plus, last_skipped.loss_minus, skipped,
+           completed, out.string());
+    if (skipped > 0)
+      log_warn("{} of the {} steps run had a non-finite projected gradient; their updates were skipped", skipped,
+               completed);
     const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     log_info("train: {} steps in {}, device peak {} (arena {}), saved to {}", completed, format_duration(total_s),
              format_bytes(static_cast<double>(session.device_peak())),
