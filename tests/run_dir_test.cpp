@@ -189,7 +189,14 @@ TEST(RunDirCli, AStateFileIsCheckedFieldByFieldAndNamed) {
   r.edit_state(d, [](json& j) { j["next_step"] = 3, j["lr"] = "fast"; });
   EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
   EXPECT_NE(out.find("key 'lr' = \"fast\" is not a number"), std::string::npos) << out;
-  r.edit_state(d, [](json& j) { j["lr"] = 3e-3, j["next_step"] = 2; });
+  // Values no flag could give: the flags' own ranges (api/options.h), naming the file and key.
+  r.edit_state(d, [](json& j) { j["lr"] = 1e39; });
+  EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
+  EXPECT_NE(out.find("zo2_state.json: key 'lr' = 1e+39"), std::string::npos) << out;
+  r.edit_state(d, [](json& j) { j["lr"] = 3e-3, j["lr_schedule"] = "zigzag"; });
+  EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
+  EXPECT_NE(out.find("key 'lr_schedule' = \"zigzag\""), std::string::npos) << out;
+  r.edit_state(d, [](json& j) { j["lr_schedule"] = "constant", j["next_step"] = 2; });
   EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
   EXPECT_NE(out.find("the manifest's step 3"), std::string::npos) << out;
   EXPECT_EQ(read_text(d / "model.safetensors"), before) << "nothing was written over";

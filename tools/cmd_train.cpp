@@ -277,16 +277,28 @@ Runner add_train(CLI::App& app) {
         shard = st.get<std::uint64_t>("shard_bytes");
         st.require(shard > 0, "shard_bytes", "positive");
       }
-      // What a run can have saved, checked as a flag would be, naming the file and key.
-      st.require(o->steps >= 1, "total_steps", "at least 1");
-      st.require(o->batch >= 1, "batch_size", "at least 1");
-      st.require(std::isfinite(o->lr) && o->lr >= 0, "lr", "finite and ≥ 0");
-      st.require(std::isfinite(o->eps) && o->eps > 0, "eps", "finite and > 0");
-      st.require(std::isfinite(o->wd), "weight_decay", "finite");
-      st.require(o->warmup >= 0, "warmup_steps", "≥ 0");
-      st.require(o->num_train >= 0, "num_train", "≥ 0");
-      st.require(o->data_flags.max_len >= 0, "max_len", "≥ 0");
-      (void)LrSchedule::parse(o->schedule);
+      // What a run can have saved: the ranges the flags have (api/options.h), naming the file
+      // and key.
+      auto as_flag = [&](const char* key, auto check) {
+        try {
+          check();
+        } catch (const Error& e) {
+          fail(ErrorKind::format, "{}: key '{}' = {}: {}", state_file.string(), key,
+               ck.state.contains(key) ? ck.state.at(key).dump() : std::string("(missing)"), e.what());
+        }
+      };
+      constexpr auto cli = OptionSource::cli;
+      as_flag("total_steps", [&] { check_integer(Opt::steps, o->steps, cli); });
+      as_flag("batch_size", [&] { check_integer(Opt::batch_size, o->batch, cli); });
+      as_flag("lr", [&] { check_real(Opt::lr, o->lr, cli); });
+      as_flag("eps", [&] { check_real(Opt::eps, o->eps, cli); });
+      as_flag("weight_decay", [&] { check_real(Opt::weight_decay, o->wd, cli); });
+      as_flag("warmup_steps", [&] { check_integer(Opt::warmup_steps, o->warmup, cli); });
+      if (o->num_train != 0) as_flag("num_train", [&] { check_integer(Opt::num_train, o->num_train, cli); });
+      if (o->data_flags.max_len != 0) as_flag("max_len", [&] { check_integer(Opt::max_len, o->data_flags.max_len, cli); });
+      st.require(o->data_flags.padding_side == "right" || o->data_flags.padding_side == "left", "padding_side",
+                 "right or left");
+      as_flag("lr_schedule", [&] { (void)LrSchedule::parse(o->schedule); });
       first_step = st.get<std::int64_t>("next_step");
       st.require(first_step >= 0 && first_step <= o->steps, "next_step",
                  fmt::format("between 0 and total_steps = {}", o->steps));
