@@ -121,7 +121,7 @@ void check_manifest(const fs::path& dir, const json& m, bool verify, const fs::p
 // Links DIR/<name> -> current/<name> for each name (dangling until `current` names a step
 // directory that has it: a save makes them before its switch, so DIR reads as a checkpoint
 // from the moment the switch happens, whenever a crash comes).
-void add_links(const fs::path& dir, const std::set<std::string>& names) {
+void add_links(const fs::path& dir, const std::set<std::string>& names, bool replace_files) {
   for (const auto& name : names) {
     const fs::path link = dir / name;
     const fs::path target = fs::path(kRunCurrent) / name;
@@ -132,6 +132,9 @@ void add_links(const fs::path& dir, const std::set<std::string>& names) {
       log_warn("{}: a directory where the run's {} link belongs; left alone", link.string(), name);
       continue;
     }
+    // Before the switch, a file of the layout before run directories stays: until `current`
+    // exists it is the checkpoint.
+    if (!replace_files && fs::is_regular_file(st)) continue;
     const fs::path tmp = dir / ("." + name + ".link.tmp");
     fs::remove(tmp, e2);
     fs::create_symlink(target, tmp, e2);
@@ -156,7 +159,7 @@ void refresh_links(const fs::path& dir) {
   std::error_code ec;
   if (!fs::is_symlink(fs::symlink_status(cur, ec)) || !fs::is_directory(cur, ec)) return;
   const std::set<std::string> names = files_of(cur);
-  add_links(dir, names);
+  add_links(dir, names, /*replace_files=*/true);
   static const std::regex old_ckpt(R"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json)");
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string name = e.path().filename().string();
@@ -174,6 +177,7 @@ void refresh_links(const fs::path& dir) {
 // What an interrupted save leaves: hidden step directories, temporary files and links, step
 // directories `current` does not name.
 void clean_run_dir(const fs::path& dir) {
+  static const std::regex zo2_tmp(R"(.*\.(json|jsonl|txt|model|bpe)\.tmp)");
   std::error_code ec;
   std::string current;
   if (fs::is_symlink(fs::symlink_status(dir / kRunCurrent, ec))) current = fs::read_symlink(dir / kRunCurrent, ec).string();
@@ -186,10 +190,10 @@ void clean_run_dir(const fs::path& dir) {
     else if (is_dir && is_step_dir_name(name) && name != current &&
              (!current.empty() || fs::exists(e.path() / kRunStateFile, e2)))
       doomed.push_back(e.path());  // a previous checkpoint, or one whose removal was cut short
-    else if (!is_dir && name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0)
-      doomed.push_back(e.path());  // write_file_atomic's and the links' temporaries
-    else if (!is_dir && name.rfind(".", 0) == 0 && name.find(".tmp.") != std::string::npos)
-      doomed.push_back(e.path());  // write_safetensors' temporaries
+    else if (!is_dir && name.rfind(".", 0) == 0 && name.find(".tmp") != std::string::npos)
+      doomed.push_back(e.path());  // the links', the switch's and write_safetensors' temporaries
+    else if (!is_dir && std::regex_match(name, zo2_tmp))
+      doomed.push_back(e.path());  // write_file_atomic's, of the seed log and an older layout's files
   }
   for (const auto& p : doomed) {
     log_debug("{}: removing what an interrupted save left", p.string());
@@ -322,7 +326,7 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
     fs::remove_all(tmp, e2);
     throw;
   }
-  add_links(dir, files_of(dir / name));
+  add_links(dir, files_of(dir / name), /*replace_files=*/false);
   fsync_path(dir, true);
   std::string old;
   if (fs::is_symlink(fs::symlink_status(cur, ec))) old = fs::read_symlink(cur, ec).string();
