@@ -1,0 +1,951 @@
+// zo2._zo2: the Python binding (pybind11). The pure-Python package zo2/ re-exports it.
+//
+// Note [Binding]: the model/session surface is bound over the C API (include/zo2.h), not
+// over the C++ Session (api/session.h). The C API is the contract zo2 promises to host
+// programs: it validates every argument (api/options.h, the one validation layer the CLI
+// shares), keeps an invalid argument from changing a session, poisons a session after a
+// device failure, and reports every failure as a status code with a message. Binding it
+// means Python gets exactly that contract, with one exception class per status code
+// (zo2/_errors.py), instead of a second, diverging one written against C++ internals that
+// may change. The C API has no tokenizer and no `train` loop, so two parts use C++ directly:
+//   - zo2.Tokenizer wraps models/tokenizer.h (immutable, thread-safe; what zo2-tune uses);
+//   - zo2.train runs zo2-tune's own `train` subcommand (tools/cmd_train.cpp, add_train) in
+//     this process, with its flags built from the keyword arguments: the same parsing,
+//     validation, data reading, run directory, resume and signal handling as the CLI, so
+//     `zo2.train` and `zo2-tune train` cannot drift apart. Its progress reaches Python
+//     through train's own --log-json records, written into a pipe this module reads.
+// The binding adds only what Python needs: array conversion (zero-copy for C-contiguous
+// int32), the GIL released during every call that runs the model or reads files, a
+// per-session mutex (the C API forbids concurrent use of one session; Python threads get
+// serialized instead of undefined behaviour), and Ctrl-C checks between steps.
+#include "zo2.h"
+
+#include "api/options.h"
+#include "models/tokenizer.h"
+#include "runtime/error.h"
+#include "runtime/log.h"
+#include "tools/cli.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Errors: a class per status code, defined in zo2/_errors.py.
+
+py::object error_class(int code) {
+  static py::object* by_status = nullptr;  // leaked on purpose: lives as long as the interpreter
+  if (!by_status) by_status = new py::object(py::module_::import("zo2._errors").attr("_BY_STATUS"));
+  py::object key = py::int_(code);
+  if (by_status->contains(key)) return (*by_status)[key];
+  return (*by_status)[py::int_(static_cast<int>(ZO2_ERR_INTERNAL))];
+}
+
+[[noreturn]] void raise_status(int code, const std::string& message) {
+  py::object cls = error_class(code);
+  PyErr_SetString(cls.ptr(), message.c_str());
+  throw py::error_already_set();
+}
+
+int status_of(zo2::ErrorKind kind) {
+  using zo2::ErrorKind;
+  switch (kind) {
+    case ErrorKind::invalid_argument: return ZO2_ERR_INVALID_ARGUMENT;
+    case ErrorKind::io: return ZO2_ERR_IO;
+    case ErrorKind::format: return ZO2_ERR_FORMAT;
+    case ErrorKind::unsupported: return ZO2_ERR_UNSUPPORTED;
+    case ErrorKind::out_of_memory: return ZO2_ERR_OUT_OF_MEMORY;
+    case ErrorKind::device: return ZO2_ERR_DEVICE;
+    case ErrorKind::aborted: return ZO2_ABORTED;
+    case ErrorKind::internal: return ZO2_ERR_INTERNAL;
+  }
+  return ZO2_ERR_INTERNAL;
+}
+
+// Runs a C++ body (GIL released) and turns what it throws into zo2's exception classes.
+template <class F>
+auto cxx_call(F&& f) -> decltype(f()) {
+  int code = 0;
+  std::string message;
+  {
+    py::gil_scoped_release nogil;
+    try {
+      return f();
+    } catch (const zo2::Error& e) {
+      code = status_of(e.kind()), message = e.what();
+    } catch (const std::bad_alloc&) {
+      code = ZO2_ERR_OUT_OF_MEMORY, message = "out of host memory";
+    } catch (const std::filesystem::filesystem_error& e) {
+      code = ZO2_ERR_IO, message = e.what();
+    } catch (const std::exception& e) {
+      code = ZO2_ERR_INTERNAL, message = e.what();
+    }
+  }
+  raise_status(code, message);
+}
+
+// Raises KeyboardInterrupt (or what a signal handler raised) when a signal arrived: called
+// with the GIL held after every step, so Ctrl-C stops a step loop between steps, with the
+// step that was running completed and counted.
+void check_signals() {
+  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
+[[noreturn]] void invalid(const std::string& message) { raise_status(ZO2_ERR_INVALID_ARGUMENT, message); }
+
+std::string path_string(py::handle h) { return py::str(py::module_::import("os").attr("fspath")(h)); }
+
+// ---------------------------------------------------------------------------------------
+// Arrays: token ids, masks and labels as int32 [n_seq, n_tokens].
+
+// An int32 view of `obj` (numpy array, PyTorch CPU tensor, anything with __array__, nested
+// lists): the array itself when it is C-contiguous int32 (no copy), else a checked copy.
+struct IntMatrix {
+  py::object keep;            // the array whose memory `data` points into
+  std::vector<int32_t> copy;  // used when a conversion was needed
+  const int32_t* data = nullptr;
+  py::ssize_t rows = 0, cols = 0;
+};
+
+py::object as_array_source(py::handle obj, const char* name) {
+  // PyTorch: refuse device tensors with a clear message; detach (ids never need grad).
+  if (py::hasattr(obj, "device") && py::hasattr(obj, "detach") && !py::isinstance<py::array>(obj)) {
+    py::object dev = obj.attr("device");
+    if (py::hasattr(dev, "type") && py::str(dev.attr("type")).cast<std::string>() != "cpu")
+      invalid(std::string(name) + " is a tensor on " + py::str(dev).cast<std::string>() +
+              ": zo2 takes host memory (call .cpu() first; the session moves the batch to its device)");
+    return obj.attr("detach")();
+  }
+  return py::reinterpret_borrow<py::object>(obj);
+}
+
+IntMatrix int_matrix(py::handle obj, const char* name, bool allow_bool) {
+  IntMatrix m;
+  py::object src = as_array_source(obj, name);
+  py::array a = py::array::ensure(src);
+  if (!a) {
+    PyErr_Clear();
+    invalid(std::string(name) + ": not an array of integers");
+  }
+  const char kind = a.dtype().kind();
+  if (!(kind == 'i' || kind == 'u' || (allow_bool && kind == 'b')))
+    invalid(std::string(name) + " has dtype " + py::str(a.dtype()).cast<std::string>() +
+            ": token ids, masks and labels are integers");
+  if (a.ndim() == 1) {
+    m.rows = 1, m.cols = a.shape(0);
+  } else if (a.ndim() == 2) {
+    m.rows = a.shape(0), m.cols = a.shape(1);
+  } else {
+    invalid(std::string(name) + " has " + std::to_string(a.ndim()) + " dimensions; expected [n_seq, n_tokens] or [n_tokens]");
+  }
+  if (m.rows > std::numeric_limits<int32_t>::max() || m.cols > std::numeric_limits<int32_t>::max())
+    invalid(std::string(name) + ": too many rows or columns");
+  using I32 = py::array_t<int32_t, py::array::c_style>;
+  if (kind == 'i' && a.itemsize() == 4 && (a.flags() & py::array::c_style)) {
+    I32 v = py::reinterpret_borrow<I32>(a);
+    m.data = v.data();
+    m.keep = std::move(v);
+    return m;
+  }
+  // Any other integer type or layout: through int64, checking each value fits an int32 (a
+  // silent wrap-around would turn a bad id into a valid one).
+  using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+  I64 wide = I64::ensure(a);
+  if (!wide) throw py::error_already_set();
+  if (kind == 'u' && a.itemsize() == 8) {
+    // uint64 above 2^63 would read as negative int64: check the unsigned values.
+    py::array_t<uint64_t, py::array::c_style | py::array::forcecast> u(a);
+    for (py::ssize_t i = 0; i < u.size(); ++i)
+      if (u.data()[i] > static_cast<uint64_t>(std::numeric_limits<int32_t>::max()))
+        invalid(std::string(name) + " holds " + std::to_string(u.data()[i]) + ", outside int32");
+  }
+  m.copy.resize(static_cast<size_t>(wide.size()));
+  for (py::ssize_t i = 0; i < wide.size(); ++i) {
+    const int64_t v = wide.data()[i];
+    if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max())
+      invalid(std::string(name) + " holds " + std::to_string(v) + ", outside int32");
+    m.copy[static_cast<size_t>(i)] = static_cast<int32_t>(v);
+  }
+  m.data = m.copy.data();
+  return m;
+}
+
+struct Batch {
+  IntMatrix ids, mask, labels;
+  zo2_batch b{};
+};
+
+Batch make_batch(py::handle input_ids, py::handle attention_mask, py::handle labels) {
+  Batch out;
+  out.ids = int_matrix(input_ids, "input_ids", false);
+  auto same_shape = [&](const IntMatrix& m, const char* name) {
+    if (m.rows != out.ids.rows || m.cols != out.ids.cols)
+      invalid(std::string(name) + " has shape [" + std::to_string(m.rows) + ", " + std::to_string(m.cols) +
+              "] but input_ids has [" + std::to_string(out.ids.rows) + ", " + std::to_string(out.ids.cols) + "]");
+  };
+  if (!attention_mask.is_none()) {
+    out.mask = int_matrix(attention_mask, "attention_mask", true);
+    same_shape(out.mask, "attention_mask");
+  }
+  if (!labels.is_none()) {
+    out.labels = int_matrix(labels, "labels", false);
+    same_shape(out.labels, "labels");
+  }
+  out.b.n_seq = static_cast<int32_t>(out.ids.rows);
+  out.b.n_tokens = static_cast<int32_t>(out.ids.cols);
+  out.b.tokens = out.ids.data;
+  out.b.attention_mask = out.mask.data;
+  out.b.labels = out.labels.data;
+  return out;
+}
+
+std::vector<int32_t> int_list(py::handle obj, const char* name) {
+  IntMatrix m = int_matrix(obj, name, false);
+  if (m.rows != 1) invalid(std::string(name) + " must be one-dimensional");
+  return std::vector<int32_t>(m.data, m.data + m.cols);
+}
+
+// ---------------------------------------------------------------------------------------
+// Model
+
+struct Model {
+  zo2_model* m = nullptr;
+  std::string path;
+  ~Model() { zo2_model_free(m); }
+  zo2_model* get() const {
+    if (!m) invalid("the model is closed");
+    return m;
+  }
+};
+
+std::unique_ptr<Model> load_model(py::handle dir, bool check_weights) {
+  auto model = std::make_unique<Model>();
+  model->path = path_string(dir);
+  zo2_model_params mp = zo2_model_default_params();
+  mp.check_weights = check_weights ? 1 : 0;
+  int rc;
+  std::string message;
+  {
+    py::gil_scoped_release nogil;
+    rc = zo2_model_load(model->path.c_str(), &mp, &model->m);
+    if (rc != 0) message = zo2_last_error();
+  }
+  if (rc != 0) raise_status(rc, message);
+  return model;
+}
+
+// ---------------------------------------------------------------------------------------
+// Session parameters: keyword arguments <-> zo2_session_params, with the strings owned.
+
+struct Params {
+  zo2_session_params p = zo2_session_default_params();
+  std::string device = "cpu", storage = "fp32", compute = "fp32", save_dtype = "fp32";
+  std::optional<std::string> seed_log;
+  void fix_pointers() {
+    p.device = device.c_str();
+    p.storage_dtype = storage.c_str();
+    p.compute_dtype = compute.c_str();
+    p.save_dtype = save_dtype.c_str();
+    p.seed_log_path = seed_log ? seed_log->c_str() : nullptr;
+  }
+};
+
+const char* const kParamNames[] = {"lr",           "eps",          "weight_decay",  "seed",       "device",
+                                   "gpu_mem",      "offload",      "window",        "storage_dtype",
+                                   "compute_dtype", "n_threads",   "max_seqs",      "max_seq_len",
+                                   "training",     "seed_log",     "seed_log_append", "first_step",
+                                   "save_dtype",   "save_shard_size"};
+
+int64_t int_arg(py::handle v, const char* name) {
+  if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v))
+    invalid(std::string(name) + " must be an int (got " + py::repr(v).cast<std::string>() + ")");
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (overflow != 0) invalid(std::string(name) + " " + py::repr(v).cast<std::string>() + " is out of range");
+  return x;
+}
+
+int32_t int32_arg(py::handle v, const char* name) {
+  const int64_t x = int_arg(v, name);
+  if (x < std::numeric_limits<int32_t>::min() || x > std::numeric_limits<int32_t>::max())
+    invalid(std::string(name) + " " + std::to_string(x) + " is out of range");
+  return static_cast<int32_t>(x);
+}
+
+double real_arg(py::handle v, const char* name) {
+  if (py::isinstance<py::bool_>(v) || !(py::isinstance<py::float_>(v) || py::isinstance<py::int_>(v)))
+    invalid(std::string(name) + " must be a number (got " + py::repr(v).cast<std::string>() + ")");
+  return v.cast<double>();
+}
+
+std::string str_arg(py::handle v, const char* name) {
+  if (!py::isinstance<py::str>(v)) invalid(std::string(name) + " must be a str (got " + py::repr(v).cast<std::string>() + ")");
+  return v.cast<std::string>();
+}
+
+// A byte size: an int, or a string as zo2-tune's flags take it ("512M", "4G"; K/M/G/T are
+// powers of 1024), parsed by the same code (api/options.cpp).
+uint64_t size_arg(py::handle v, const char* name, zo2::Opt opt) {
+  if (py::isinstance<py::str>(v)) {
+    const std::string text = v.cast<std::string>();
+    return cxx_call([&] {
+      try {
+        return static_cast<uint64_t>(zo2::parse_size_option(opt, text, zo2::OptionSource::c_api));
+      } catch (const zo2::Error& e) {
+        // The C API names the field (gpu_mem_bytes); name the keyword instead.
+        std::string m = e.what();
+        const std::string c_name = zo2::option_name(opt, zo2::OptionSource::c_api);
+        if (m.rfind(c_name, 0) == 0) m = std::string(name) + m.substr(c_name.size());
+        throw zo2::Error(e.kind(), m);
+      }
+    });
+  }
+  const int64_t x = int_arg(v, name);
+  if (x < 0) invalid(std::string(name) + " " + std::to_string(x) + " is negative");
+  return static_cast<uint64_t>(x);
+}
+
+Params parse_params(const py::kwargs& kw) {
+  Params P;
+  for (auto item : kw) {
+    const std::string key = item.first.cast<std::string>();
+    py::handle v = item.second;
+    const char* k = key.c_str();
+    if (key == "lr" || key == "eps" || key == "weight_decay") {
+      const double x = real_arg(v, k);
+      // Out of a float's range as written (1e39), not as the inf it would narrow to.
+      const zo2::Opt opt = key == "lr" ? zo2::Opt::lr : key == "eps" ? zo2::Opt::eps : zo2::Opt::weight_decay;
+      if (std::isfinite(x) && !std::isfinite(static_cast<float>(x)))
+        cxx_call([&] { zo2::check_real(opt, x, zo2::OptionSource::c_api); });
+      (key == "lr" ? P.p.lr : key == "eps" ? P.p.eps : P.p.weight_decay) = static_cast<float>(x);
+    } else if (key == "seed") {
+      if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v)) invalid("seed must be an int");
+      const unsigned long long s = PyLong_AsUnsignedLongLong(v.ptr());
+      if (s == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+        PyErr_Clear();
+        invalid("seed " + py::repr(v).cast<std::string>() + " is outside [0, 2^64)");
+      }
+      P.p.seed = s;
+    } else if (key == "device") {
+      P.device = str_arg(v, k);
+    } else if (key == "gpu_mem") {
+      P.p.gpu_mem_bytes = v.is_none() ? 0 : size_arg(v, k, zo2::Opt::gpu_mem);
+    } else if (key == "offload") {
+      const std::string o = str_arg(v, k);
+      if (o == "auto") P.p.offload = ZO2_OFFLOAD_AUTO;
+      else if (o == "all") P.p.offload = ZO2_OFFLOAD_ALL;
+      else if (o == "none") P.p.offload = ZO2_OFFLOAD_NONE;
+      else invalid("offload '" + o + "' is not one of auto, all, none");
+    } else if (key == "window") {
+      P.p.window = int32_arg(v, k);
+    } else if (key == "storage_dtype") {
+      P.storage = str_arg(v, k);
+    } else if (key == "compute_dtype") {
+      P.compute = str_arg(v, k);
+    } else if (key == "n_threads") {
+      P.p.n_threads = int32_arg(v, k);
+    } else if (key == "max_seqs") {
+      P.p.max_seqs = int32_arg(v, k);
+    } else if (key == "max_seq_len") {
+      P.p.max_seq_len = int32_arg(v, k);
+    } else if (key == "training") {
+      if (!py::isinstance<py::bool_>(v)) invalid("training must be a bool");
+      P.p.training = v.cast<bool>() ? 1 : 0;
+    } else if (key == "seed_log") {
+      if (v.is_none()) P.seed_log.reset();
+      else P.seed_log = path_string(v);
+    } else if (key == "seed_log_append") {
+      if (!py::isinstance<py::bool_>(v)) invalid("seed_log_append must be a bool");
+      P.p.seed_log_append = v.cast<bool>() ? 1 : 0;
+    } else if (key == "first_step") {
+      P.p.first_step = int_arg(v, k);
+    } else if (key == "save_dtype") {
+      P.save_dtype = str_arg(v, k);
+    } else if (key == "save_shard_size") {
+      P.p.save_shard_bytes = size_arg(v, k, zo2::Opt::shard_size);
+    } else {
+      std::string names;
+      for (const char* n : kParamNames) names += std::string(names.empty() ? "" : ", ") + n;
+      PyErr_SetString(PyExc_TypeError, ("unknown session parameter '" + key + "' (the parameters: " + names + ")").c_str());
+      throw py::error_already_set();
+    }
+  }
+  return P;  // the caller calls fix_pointers() once P is where it stays
+}
+
+py::dict params_dict(const Params& P) {
+  py::dict d;
+  d["lr"] = P.p.lr;
+  d["eps"] = P.p.eps;
+  d["weight_decay"] = P.p.weight_decay;
+  d["seed"] = P.p.seed;
+  d["device"] = P.device;
+  d["gpu_mem"] = P.p.gpu_mem_bytes == 0 ? py::object(py::none()) : py::object(py::int_(P.p.gpu_mem_bytes));
+  d["offload"] = P.p.offload == ZO2_OFFLOAD_ALL ? "all" : P.p.offload == ZO2_OFFLOAD_NONE ? "none" : "auto";
+  d["window"] = P.p.window;
+  d["storage_dtype"] = P.storage;
+  d["compute_dtype"] = P.compute;
+  d["n_threads"] = P.p.n_threads;
+  d["max_seqs"] = P.p.max_seqs;
+  d["max_seq_len"] = P.p.max_seq_len;
+  d["training"] = P.p.training != 0;
+  d["seed_log"] = P.seed_log ? py::object(py::str(*P.seed_log)) : py::object(py::none());
+  d["seed_log_append"] = P.p.seed_log_append != 0;
+  d["first_step"] = P.p.first_step;
+  d["save_dtype"] = P.save_dtype;
+  d["save_shard_size"] = P.p.save_shard_bytes;
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------
+// Plan and step results
+
+struct StepResult {
+  float loss_plus = 0, loss_minus = 0, projected_grad = 0;
+  int64_t step = 0;
+};
+
+py::dict plan_dict(const zo2_plan_result& r) {
+  py::dict d;
+  d["cap_bytes"] = r.cap_bytes;
+  d["device_bytes"] = r.device_bytes;
+  d["minimum_cap_bytes"] = r.minimum_cap_bytes;
+  d["n_blocks"] = r.n_blocks;
+  d["n_resident"] = r.n_resident;
+  d["n_streamed"] = r.n_streamed;
+  d["window"] = r.window;
+  d["block_bytes"] = r.block_bytes;
+  d["globals_bytes"] = r.globals_bytes;
+  d["h2d_bytes_per_step"] = r.h2d_bytes_per_step;
+  d["d2h_bytes_per_step"] = r.d2h_bytes_per_step;
+  d["predicted_transfer_s"] = r.predicted_transfer_s;
+  d["host_bytes"] = r.host_bytes;
+  return d;
+}
+
+py::object make_plan(const zo2_plan_result& r) {
+  return py::module_::import("zo2._types").attr("Plan")(**plan_dict(r));
+}
+
+// ---------------------------------------------------------------------------------------
+// Session
+
+struct Session {
+  zo2_session* s = nullptr;
+  Params P;
+  std::string model_path;
+  std::mutex mu;  // one call at a time (zo2.h: a session is not used from two threads at once)
+
+  ~Session() { zo2_session_free(s); }
+
+  // Runs `call(session)` with the GIL released and the session locked; raises on failure.
+  template <class F>
+  int run(F&& call, bool allow_aborted = false) {
+    int rc;
+    std::string message;
+    {
+      py::gil_scoped_release nogil;
+      std::lock_guard<std::mutex> lock(mu);
+      if (!s) {
+        rc = ZO2_ERR_INVALID_ARGUMENT;
+        message = "the session is closed";
+      } else {
+        rc = call(s);
+        if (rc < 0 || (rc > 0 && !allow_aborted)) message = zo2_last_error();
+      }
+    }
+    if (rc < 0) raise_status(rc, message);
+    return rc;
+  }
+
+  StepResult step(py::handle ids, py::handle mask, py::handle labels, const zo2_choices* c) {
+    Batch b = make_batch(ids, mask, labels);
+    zo2_step_result r{};
+    int64_t index = -1;
+    run([&](zo2_session* s) {
+      index = zo2_session_step_index(s);
+      return c ? zo2_session_step_choices(s, &b.b, c, &r) : zo2_session_step(s, &b.b, &r);
+    }, true);
+    check_signals();
+    return StepResult{r.loss_plus, r.loss_minus, r.projected_grad, index};
+  }
+
+  float eval(py::handle ids, py::handle mask, py::handle labels, const zo2_choices* c) {
+    Batch b = make_batch(ids, mask, labels);
+    float loss = 0;
+    run([&](zo2_session* s) {
+      return c ? zo2_session_eval_choices(s, &b.b, c, &loss) : zo2_session_eval(s, &b.b, &loss);
+    });
+    check_signals();
+    return loss;
+  }
+};
+
+struct Choices {
+  std::vector<int32_t> sizes, labels;
+  zo2_choices c{};
+};
+
+Choices make_choices(py::handle group_sizes, py::handle group_labels) {
+  Choices ch;
+  ch.sizes = int_list(group_sizes, "group_sizes");
+  ch.labels = int_list(group_labels, "group_labels");
+  if (ch.sizes.size() != ch.labels.size())
+    invalid("group_sizes has " + std::to_string(ch.sizes.size()) + " entries but group_labels has " +
+            std::to_string(ch.labels.size()));
+  if (ch.sizes.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) invalid("too many groups");
+  ch.c.n_groups = static_cast<int32_t>(ch.sizes.size());
+  ch.c.group_sizes = ch.sizes.data();
+  ch.c.group_labels = ch.labels.data();
+  return ch;
+}
+
+std::unique_ptr<Session> make_session(py::handle model, const py::kwargs& kw) {
+  std::unique_ptr<Model> owned;
+  Model* m;
+  if (py::isinstance<Model>(model)) {
+    m = model.cast<Model*>();
+  } else {
+    owned = load_model(model, true);  // a path: loaded for this session, freed right after
+    m = owned.get();
+  }
+  auto S = std::make_unique<Session>();
+  S->P = parse_params(kw);
+  S->P.fix_pointers();
+  S->model_path = m->path;
+  zo2_model* mm = m->get();
+  int rc;
+  std::string message;
+  {
+    py::gil_scoped_release nogil;
+    rc = zo2_session_init(mm, &S->P.p, &S->s);
+    if (rc != 0) message = zo2_last_error();
+  }
+  if (rc != 0) raise_status(rc, message);
+  return S;
+}
+
+// ---------------------------------------------------------------------------------------
+// train: zo2-tune's train subcommand in this process (Note [Binding]).
+
+std::mutex g_train_mu;  // train's stop flag and signal handlers are process-wide: one run at a time
+
+// Asks a running train to stop after its current step, as SIGINT does. Train's own handler
+// is swapped out atomically and called directly, so no signal is raised: if train has
+// already put SIG_DFL back (it is finishing), nothing happens. Returns whether train's
+// handler was installed (false: not yet, or no longer).
+bool request_train_stop(void (*python_handler)(int)) {
+  struct sigaction cur{};
+  if (sigaction(SIGINT, nullptr, &cur) != 0) return false;
+  if ((cur.sa_flags & SA_SIGINFO) || cur.sa_handler == SIG_DFL || cur.sa_handler == SIG_IGN ||
+      cur.sa_handler == python_handler)
+    return false;
+  struct sigaction dfl{}, old{};
+  dfl.sa_handler = SIG_DFL;
+  sigemptyset(&dfl.sa_mask);
+  if (sigaction(SIGINT, &dfl, &old) != 0) return false;
+  if (!(old.sa_flags & SA_SIGINFO) && old.sa_handler == cur.sa_handler) {
+    old.sa_handler(SIGINT);  // train's on_stop_signal: sets its stop flag
+    return true;
+  }
+  sigaction(SIGINT, &old, nullptr);  // it changed in between (train finished): put it back
+  return false;
+}
+
+struct TrainOutcome {
+  int rc = 0;
+  bool stopped_by_us = false;
+};
+
+int train_impl(const std::vector<std::pair<std::string, py::object>>& options, py::object on_record, bool quiet) {
+  std::unique_lock<std::mutex> train_lock(g_train_mu, std::defer_lock);
+  {
+    py::gil_scoped_release nogil;
+    train_lock.lock();
+  }
+  CLI::App app{"zo2-tune"};
+  CLI::App* sub = app.add_subcommand("train");
+  zo2::cli::Runner runner = zo2::cli::add_train(*sub);
+  std::vector<std::string> args{"zo2-tune", "train"};
+  for (const auto& [name, value] : options) {
+    std::string dashed = name;
+    for (char& ch : dashed)
+      if (ch == '_') ch = '-';
+    const CLI::Option* opt = sub->get_option_no_throw("--" + dashed);
+    std::string flag = "--" + dashed;
+    if (!opt) opt = sub->get_option_no_throw("--" + name), flag = "--" + name;
+    if (!opt || flag == "--log-json" || flag == "--help") {
+      PyErr_SetString(PyExc_TypeError, ("train() got an unknown option '" + name +
+                                        "' (the options are zo2-tune train's flags, with _ for -)").c_str());
+      throw py::error_already_set();
+    }
+    if (py::isinstance<py::bool_>(value)) {
+      if (opt->get_expected_min() != 0)
+        invalid("train option " + name + " takes a value, not " + py::repr(value).cast<std::string>());
+      if (value.cast<bool>()) {
+        args.push_back(flag);
+      } else if (sub->get_option_no_throw("--no-" + dashed)) {
+        args.push_back("--no-" + dashed);
+      }
+      continue;
+    }
+    if (opt->get_expected_min() == 0) invalid("train option " + name + " is a flag: pass True or False");
+    args.push_back(flag);
+    args.push_back(py::str(value).cast<std::string>());
+  }
+
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) != 0) raise_status(ZO2_ERR_IO, std::string("pipe: ") + std::strerror(errno));
+  args.push_back("--log-json");
+  args.push_back("/dev/fd/" + std::to_string(fds[1]));
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  try {
+    app.parse(static_cast<int>(argv.size()), argv.data());
+  } catch (const CLI::ParseError& e) {
+    close(fds[0]), close(fds[1]);
+    invalid(std::string("train: ") + e.what());
+  } catch (const zo2::Error& e) {
+    close(fds[0]), close(fds[1]);
+    raise_status(status_of(e.kind()), e.what());
+  }
+
+  struct sigaction saved_int{}, saved_term{};
+  sigaction(SIGINT, nullptr, &saved_int);
+  sigaction(SIGTERM, nullptr, &saved_term);
+  void (*python_handler)(int) = (saved_int.sa_flags & SA_SIGINFO) ? nullptr : saved_int.sa_handler;
+  const zo2::LogLevel saved_level = zo2::log_level();
+  if (quiet && saved_level < zo2::LogLevel::warn) zo2::log_set_level(zo2::LogLevel::warn);
+
+  int rc = 0;
+  int err_code = 0;
+  std::string err_message;
+  std::atomic<bool> done{false};
+  std::thread worker([&] {
+    try {
+      rc = runner();
+    } catch (const zo2::Error& e) {
+      err_code = status_of(e.kind()), err_message = e.what();
+    } catch (const std::bad_alloc&) {
+      err_code = ZO2_ERR_OUT_OF_MEMORY, err_message = "out of host memory";
+    } catch (const std::filesystem::filesystem_error& e) {
+      err_code = ZO2_ERR_IO, err_message = e.what();
+    } catch (const std::exception& e) {
+      err_code = ZO2_ERR_INTERNAL, err_message = e.what();
+    }
+    done = true;
+    close(fds[1]);  // with train's own stream closed, the reader sees the end
+  });
+
+  // Read train's records on this thread; call Python for each line.
+  std::optional<py::error_already_set> py_error;
+  bool stop_wanted = false, stop_delivered = false;
+  std::string buffer;
+  char chunk[8192];
+  bool eof = false;
+  while (!eof) {
+    std::vector<std::string> lines;
+    {
+      py::gil_scoped_release nogil;
+      pollfd pfd{fds[0], POLLIN, 0};
+      const int n = poll(&pfd, 1, 100);
+      if (n > 0) {
+        const ssize_t got = read(fds[0], chunk, sizeof chunk);
+        if (got == 0) eof = true;
+        else if (got > 0) buffer.append(chunk, static_cast<size_t>(got));
+        else if (errno != EINTR && errno != EAGAIN) eof = true;
+      }
+      size_t pos;
+      while ((pos = buffer.find('\n')) != std::string::npos) {
+        lines.push_back(buffer.substr(0, pos));
+        buffer.erase(0, pos + 1);
+      }
+      if (stop_wanted && !stop_delivered && !done) stop_delivered = request_train_stop(python_handler);
+    }
+    // With the GIL: Ctrl-C that reached Python's handler (before train installed its own),
+    // and the records.
+    if (!py_error && PyErr_CheckSignals() != 0) {
+      py_error.emplace();
+      stop_wanted = true;
+    }
+    for (const std::string& line : lines) {
+      if (py_error || on_record.is_none()) continue;
+      try {
+        py::object keep_going = on_record(py::str(line));
+        if (!keep_going.is_none() && !keep_going.cast<bool>()) stop_wanted = true;
+      } catch (py::error_already_set& e) {
+        py_error.emplace(std::move(e));
+        stop_wanted = true;
+      }
+    }
+    if (stop_wanted && !stop_delivered && !done) {
+      py::gil_scoped_release nogil;
+      stop_delivered = request_train_stop(python_handler);
+    }
+  }
+  {
+    py::gil_scoped_release nogil;
+    worker.join();
+  }
+  close(fds[0]);
+  sigaction(SIGINT, &saved_int, nullptr);
+  sigaction(SIGTERM, &saved_term, nullptr);
+  zo2::log_set_level(saved_level);
+  train_lock.unlock();
+  if (py_error) {
+    py_error->restore();
+    throw py::error_already_set();
+  }
+  if (err_code != 0) raise_status(err_code, err_message);
+  if (rc == 130 && !stop_delivered) {
+    // Ctrl-C (or SIGTERM) during the run: train finished its step and saved, as the CLI does.
+    PyErr_SetNone(PyExc_KeyboardInterrupt);
+    throw py::error_already_set();
+  }
+  return rc;
+}
+
+// ---------------------------------------------------------------------------------------
+// Tokenizer
+
+struct Tokenizer {
+  std::shared_ptr<const zo2::Tokenizer> t;
+};
+
+py::object opt_id(std::optional<int32_t> id) { return id ? py::object(py::int_(*id)) : py::object(py::none()); }
+
+}  // namespace
+
+PYBIND11_MODULE(_zo2, m) {
+  m.doc() = "zo2's native module (pybind11 over the C API include/zo2.h); use the package `zo2`.";
+  m.attr("__version__") = zo2_version();
+  m.def("version", &zo2_version, "The library's version (zo2_version()).");
+  m.def("set_log_level", [](const std::string& level) {
+        static const std::pair<const char*, zo2_log_level> levels[] = {
+            {"debug", ZO2_LOG_DEBUG}, {"info", ZO2_LOG_INFO}, {"warn", ZO2_LOG_WARN},
+            {"warning", ZO2_LOG_WARN}, {"error", ZO2_LOG_ERROR}, {"off", ZO2_LOG_OFF}};
+        for (const auto& [name, value] : levels)
+          if (level == name) return zo2_log_set_level(value);
+        invalid("log level '" + level + "' is not one of debug, info, warn, error, off");
+      }, py::arg("level"),
+      "Process-wide: zo2's messages below `level` (debug, info, warn, error, off) are dropped. Default info.");
+
+  py::class_<Model>(m, "Model", "An HF checkpoint directory's config (zo2_model). Weights are read by Session.")
+      .def(py::init([](py::object dir, bool check_weights) { return load_model(dir, check_weights); }),
+           py::arg("path"), py::arg("check_weights") = true)
+      .def_static("load", [](py::object dir, bool check_weights) { return load_model(dir, check_weights); },
+                  py::arg("path"), py::arg("check_weights") = true,
+                  "Reads PATH/config.json (and the safetensors headers unless check_weights=False). "
+                  "A run directory resolves through its current checkpoint.")
+      .def_property_readonly("path", [](const Model& x) { return x.path; })
+      .def_property_readonly("n_vocab", [](const Model& x) { return zo2_model_n_vocab(x.get()); })
+      .def_property_readonly("n_ctx", [](const Model& x) { return zo2_model_n_ctx(x.get()); })
+      .def_property_readonly("n_layer", [](const Model& x) { return zo2_model_n_layer(x.get()); })
+      .def_property_readonly("n_params", [](const Model& x) { return zo2_model_n_params(x.get()); })
+      .def_property_readonly("closed", [](const Model& x) { return x.m == nullptr; })
+      .def("close", [](Model& x) { zo2_model_free(x.m); x.m = nullptr; }, "Frees the model now (idempotent).")
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](Model& x, py::args) { zo2_model_free(x.m); x.m = nullptr; return false; })
+      .def("__repr__", [](const Model& x) {
+        if (!x.m) return "<zo2.Model " + x.path + " (closed)>";
+        return "<zo2.Model " + x.path + ": " + std::to_string(zo2_model_n_layer(x.m)) + " layers, " +
+               std::to_string(zo2_model_n_params(x.m)) + " parameters>";
+      });
+
+  py::class_<StepResult>(m, "StepResult", "The losses of one ZO step (zo2_step_result).")
+      .def(py::init<>())
+      .def_readonly("loss_plus", &StepResult::loss_plus, "mean token cross-entropy at θ + eps·z (nats)")
+      .def_readonly("loss_minus", &StepResult::loss_minus, "mean token cross-entropy at θ − eps·z (nats)")
+      .def_readonly("projected_grad", &StepResult::projected_grad,
+                    "(L+ − L−) / (2·eps); not finite: the update was skipped")
+      .def_readonly("step", &StepResult::step, "the step's 0-based index")
+      .def_property_readonly("loss", [](const StepResult& r) { return 0.5 * (double(r.loss_plus) + r.loss_minus); },
+                             "(loss_plus + loss_minus) / 2")
+      .def("__repr__", [](const StepResult& r) {
+        return py::str("StepResult(step={}, loss_plus={!r}, loss_minus={!r}, projected_grad={!r})")
+            .format(r.step, r.loss_plus, r.loss_minus, r.projected_grad).cast<std::string>();
+      });
+
+  py::class_<Session>(m, "Session")
+      .def(py::init([](py::object model, py::kwargs kw) { return make_session(model, kw); }), py::arg("model"))
+      .def("step",
+           [](Session& S, py::object ids, py::object mask, py::object labels) { return S.step(ids, mask, labels, nullptr); },
+           py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none())
+      .def("step_choices",
+           [](Session& S, py::object ids, py::object sizes, py::object glabels, py::object mask, py::object labels) {
+             Choices c = make_choices(sizes, glabels);
+             return S.step(ids, mask, labels, &c.c);
+           },
+           py::arg("input_ids"), py::arg("group_sizes"), py::arg("group_labels"), py::arg("attention_mask") = py::none(),
+           py::arg("labels") = py::none())
+      .def("eval",
+           [](Session& S, py::object ids, py::object mask, py::object labels) { return S.eval(ids, mask, labels, nullptr); },
+           py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none())
+      .def("eval_choices",
+           [](Session& S, py::object ids, py::object sizes, py::object glabels, py::object mask, py::object labels) {
+             Choices c = make_choices(sizes, glabels);
+             return S.eval(ids, mask, labels, &c.c);
+           },
+           py::arg("input_ids"), py::arg("group_sizes"), py::arg("group_labels"), py::arg("attention_mask") = py::none(),
+           py::arg("labels") = py::none())
+      .def("token_logprobs",
+           [](Session& S, py::object ids, py::object mask, py::object labels) {
+             Batch b = make_batch(ids, mask, labels);
+             py::array_t<float> out({static_cast<py::ssize_t>(b.b.n_seq), static_cast<py::ssize_t>(b.b.n_tokens)});
+             float* dst = out.mutable_data();
+             S.run([&](zo2_session* s) { return zo2_session_token_logprobs(s, &b.b, dst); });
+             check_signals();
+             return out;
+           },
+           py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none())
+      .def("save",
+           [](Session& S, py::object dir) {
+             const std::string d = path_string(dir);
+             S.run([&](zo2_session* s) { return zo2_session_save(s, d.c_str()); });
+           },
+           py::arg("out_dir"))
+      .def("set_lr",
+           [](Session& S, double lr) {
+             if (std::isfinite(lr) && !std::isfinite(static_cast<float>(lr)))
+               cxx_call([&] { zo2::check_real(zo2::Opt::lr, lr, zo2::OptionSource::c_api); });
+             S.run([&](zo2_session* s) { return zo2_session_set_lr(s, static_cast<float>(lr)); });
+             S.P.p.lr = static_cast<float>(lr);
+           },
+           py::arg("lr"))
+      .def_property_readonly("step_index", [](Session& S) {
+        int64_t i = -1;
+        S.run([&](zo2_session* s) { i = zo2_session_step_index(s); return 0; });
+        return i;
+      })
+      .def_property_readonly("device_peak", [](Session& S) {
+        uint64_t b = 0;
+        S.run([&](zo2_session* s) { b = zo2_session_device_peak(s); return 0; });
+        return b;
+      })
+      .def("plan", [](Session& S) {
+        zo2_plan_result r{};
+        S.run([&](zo2_session* s) { return zo2_session_plan(s, &r); });
+        return make_plan(r);
+      })
+      .def_property_readonly("params", [](Session& S) { return params_dict(S.P); })
+      .def_property_readonly("model_path", [](Session& S) { return S.model_path; })
+      .def_property_readonly("closed", [](Session& S) {
+        std::lock_guard<std::mutex> lock(S.mu);
+        return S.s == nullptr;
+      })
+      .def("close", [](Session& S) {
+        py::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> lock(S.mu);
+        zo2_session_free(S.s);
+        S.s = nullptr;
+      })
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](Session& S, py::args) {
+        {
+          py::gil_scoped_release nogil;
+          std::lock_guard<std::mutex> lock(S.mu);
+          zo2_session_free(S.s);
+          S.s = nullptr;
+        }
+        return false;
+      });
+
+  m.def("_plan",
+        [](py::object model, py::kwargs kw) {
+          std::unique_ptr<Model> owned;
+          Model* mm;
+          if (py::isinstance<Model>(model)) {
+            mm = model.cast<Model*>();
+          } else {
+            owned = load_model(model, false);
+            mm = owned.get();
+          }
+          Params P = parse_params(kw);
+          P.fix_pointers();
+          zo2_plan_result r{};
+          int rc;
+          std::string message;
+          zo2_model* handle = mm->get();
+          {
+            py::gil_scoped_release nogil;
+            rc = zo2_plan(handle, &P.p, &r);
+            if (rc != 0) message = zo2_last_error();
+          }
+          if (rc == ZO2_ERR_OUT_OF_MEMORY) {
+            py::object cls = error_class(rc);
+            py::object exc = cls(message);
+            exc.attr("minimum_cap_bytes") = r.minimum_cap_bytes;
+            exc.attr("n_blocks") = r.n_blocks;
+            PyErr_SetObject(cls.ptr(), exc.ptr());
+            throw py::error_already_set();
+          }
+          if (rc != 0) raise_status(rc, message);
+          return make_plan(r);
+        },
+        py::arg("model"));
+
+  m.def("_train", &train_impl, py::arg("options"), py::arg("on_record"), py::arg("quiet"));
+
+  py::class_<Tokenizer>(m, "Tokenizer")
+      .def_static("from_dir",
+                  [](py::object dir) {
+                    const std::string d = path_string(dir);
+                    return Tokenizer{cxx_call([&] { return std::shared_ptr<const zo2::Tokenizer>(zo2::Tokenizer::from_dir(d)); })};
+                  },
+                  py::arg("path"))
+      .def_static("from_files",
+                  [](py::object vocab, py::object merges) {
+                    const std::string v = path_string(vocab), mg = path_string(merges);
+                    return Tokenizer{cxx_call(
+                        [&] { return std::shared_ptr<const zo2::Tokenizer>(zo2::Tokenizer::from_vocab_merges(v, mg)); })};
+                  },
+                  py::arg("vocab"), py::arg("merges"))
+      .def("encode",
+           [](const Tokenizer& T, const std::string& text, bool add_special_tokens) {
+             return cxx_call([&] { return add_special_tokens ? T.t->encode_with_special(text) : T.t->encode(text); });
+           },
+           py::arg("text"), py::arg("add_special_tokens") = true)
+      .def("decode",
+           [](const Tokenizer& T, py::object ids, bool as_bytes) -> py::object {
+             const std::vector<int32_t> v = int_list(ids, "ids");
+             const std::string s = cxx_call([&] { return T.t->decode(v); });
+             if (as_bytes) return py::bytes(s);
+             PyObject* u = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
+             if (!u) throw py::error_already_set();
+             return py::reinterpret_steal<py::object>(u);
+           },
+           py::arg("ids"), py::arg("as_bytes") = false)
+      .def("token_to_id", [](const Tokenizer& T, const std::string& tok) { return opt_id(T.t->token_to_id(tok)); },
+           py::arg("token"))
+      .def("id_to_token",
+           [](const Tokenizer& T, int32_t id) { return cxx_call([&] { return T.t->id_to_token(id); }); }, py::arg("id"))
+      .def_property_readonly("vocab_size", [](const Tokenizer& T) { return T.t->vocab_size(); })
+      .def_property_readonly("bos_token_id", [](const Tokenizer& T) { return opt_id(T.t->bos_id()); })
+      .def_property_readonly("eos_token_id", [](const Tokenizer& T) { return opt_id(T.t->eos_id()); })
+      .def_property_readonly("pad_token_id", [](const Tokenizer& T) { return opt_id(T.t->pad_id()); })
+      .def_property_readonly("kind", [](const Tokenizer& T) { return std::string(T.t->kind()); })
+      .def_property_readonly("special_prefix", [](const Tokenizer& T) { return T.t->special_prefix(); })
+      .def("__repr__", [](const Tokenizer& T) {
+        return "<zo2.Tokenizer " + std::string(T.t->kind()) + ", vocab " + std::to_string(T.t->vocab_size()) + ">";
+      });
+}

@@ -1,0 +1,128 @@
+"""zo2.train: zo2-tune's ``train`` subcommand as a function, run in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+from ._types import TrainResult
+from ._zo2 import _train
+
+Record = Dict[str, Any]
+ProgressArg = Union[bool, None, Callable[[Record], Optional[bool]]]
+
+
+def _flag_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float):
+        return repr(value)  # shortest round-trip digits: 1e-06 reads back as the same double
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+class _TqdmBar:
+    def __init__(self, total: Optional[int]):
+        from tqdm import tqdm  # noqa: imported only when installed
+
+        self._tqdm = tqdm
+        self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def __call__(self, rec: Record) -> None:
+        if "step" in rec:
+            self.bar.update(rec["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", g=f"{rec['g'] if rec['g'] is not None else float('nan'):+.2e}",
+                                 refresh=False)
+        elif "eval_after_step" in rec:
+            extra = f", accuracy {rec['eval_accuracy']:.4f}" if "eval_accuracy" in rec else ""
+            self._tqdm.write(f"eval after step {rec['eval_after_step']}: loss {rec['eval_loss']:.4f}{extra}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def train(model: Union[str, "os.PathLike[str]", None] = None, *, data: Union[str, "os.PathLike[str]", None] = None,
+          out: Union[str, "os.PathLike[str]"], progress: ProgressArg = True, verbose: Optional[bool] = None,
+          **options: Any) -> TrainResult:
+    """Fine-tune a checkpoint with MeZO steps: ``zo2-tune train`` as a function.
+
+    This runs zo2-tune's own ``train`` (tools/cmd_train.cpp) in this process — the same
+    flag checks, data reading, run directory, resume, evaluation and saving — with the
+    keyword arguments as its flags: ``steps=300`` is ``--steps 300``, ``batch_size=16`` is
+    ``--batch-size 16``, ``lr_schedule="linear"``, ``gpu_mem="4G"``, ``storage_dtype="bf16"``,
+    ``eval="dev.jsonl"``, ``resume="out/run"``; MeZO's names work too
+    (``learning_rate=1e-3``, ``max_steps=300``, ``zo_eps=1e-3``, ``per_device_train_batch_size=16``);
+    a boolean flag takes True/False (``overwrite=True``, ``shuffle=False``). See
+    ``zo2-tune train --help`` for every option. ``model`` is ``--model`` (None with ``resume=``).
+
+    progress: True (default) — a tqdm bar when tqdm is installed, else train's own progress
+        lines on stderr; False — only train's log lines; a callable — called with every
+        ``--log-json`` record (a dict per step: step, loss_plus, loss_minus, loss, g, lr,
+        tokens_per_s, ...; a dict per evaluation: eval_after_step, eval_loss, ...). Returning
+        False from it stops the run after the current step; it saves (resume with
+        ``resume=out``) and returns with ``stopped=True``. An exception from it stops the run
+        the same way and is re-raised.
+    verbose: whether train's own info lines and status line also print (default: only when
+        no tqdm bar or callback is used).
+    log_json: also write the records to this file, as ``--log-json`` does.
+
+    Ctrl-C finishes the current step, saves, and raises KeyboardInterrupt (a second Ctrl-C
+    ends the process, as with the CLI). Errors raise zo2's exceptions with train's message
+    (a bad value: InvalidArgumentError; a malformed data file: FormatError; ...).
+    Returns a :class:`TrainResult` with the records of the steps and evaluations it ran.
+    """
+    log_json = options.pop("log_json", None)
+    args = []
+    if model is not None:
+        args.append(("model", _flag_value(model)))
+    if data is not None:
+        args.append(("data", _flag_value(data)))
+    args.append(("out", _flag_value(out)))
+    for name, value in options.items():
+        if value is None:
+            continue
+        args.append((name, _flag_value(value)))
+
+    result = TrainResult(out=Path(out))
+    user_cb: Optional[Callable[[Record], Optional[bool]]] = None
+    bar: Optional[_TqdmBar] = None
+    if callable(progress):
+        user_cb = progress
+    elif progress:
+        try:
+            total = options.get("steps", options.get("max_steps"))
+            bar = _TqdmBar(int(total) if total is not None else (None if "resume" in options else 100))
+        except ImportError:
+            bar = None
+    quiet = not verbose if verbose is not None else (user_cb is not None or bar is not None)
+    log_file = None
+    if log_json is not None:
+        log_file = open(log_json, "a" if options.get("resume") else "w", encoding="utf-8")
+
+    def on_record(line: str) -> Optional[bool]:
+        if log_file is not None:
+            log_file.write(line + "\n")
+            log_file.flush()
+        rec = json.loads(line)
+        (result.evals if "eval_after_step" in rec else result.steps).append(rec)
+        if bar is not None:
+            bar(rec)
+        if user_cb is not None:
+            keep = user_cb(rec)
+            if keep is not None and not keep:
+                return False
+        return True
+
+    try:
+        rc = _train(args, on_record, quiet)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+    result.stopped = rc == 130
+    return result

@@ -1,0 +1,50 @@
+"""Plain result types of the zo2 package."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The placement of a model's blocks under a device memory cap (zo2_plan_result)."""
+
+    cap_bytes: int               #: the cap planned for
+    device_bytes: int            #: predicted device arena peak
+    minimum_cap_bytes: int       #: the smallest cap this model and these parameters run under
+    n_blocks: int                #: transformer blocks
+    n_resident: int              #: blocks kept on the device
+    n_streamed: int              #: blocks streamed through the window each step
+    window: int                  #: device slots for streamed blocks (0 when none stream)
+    block_bytes: int             #: one block image in the storage dtype
+    globals_bytes: int           #: embeddings, final norm, head (always resident)
+    h2d_bytes_per_step: int      #: host -> device traffic per step
+    d2h_bytes_per_step: int      #: device -> host traffic per step
+    predicted_transfer_s: float  #: transfer-bound step time (seconds)
+    host_bytes: int              #: host memory of the master weights
+
+
+@dataclass
+class TrainResult:
+    """What :func:`zo2.train` returns.
+
+    ``steps`` and ``evals`` are train's ``--log-json`` records (README, zo2-tune train),
+    one dict per step run by this call and per evaluation.
+    """
+
+    out: Path
+    steps: List[Dict[str, Any]] = field(default_factory=list)
+    evals: List[Dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False  #: a progress callback asked to stop; the run was saved and can be resumed
+
+    @property
+    def final_loss(self) -> Optional[float]:
+        """(L+ + L-)/2 of the last step run, or None."""
+        return self.steps[-1]["loss"] if self.steps else None
+
+    @property
+    def last_eval(self) -> Optional[Dict[str, Any]]:
+        """The last evaluation record (eval_loss, eval_accuracy, ...), or None."""
+        return self.evals[-1] if self.evals else None
