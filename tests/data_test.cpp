@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -189,6 +190,294 @@ TEST(Data, TaskPresetsUseMezoTemplates) {
     EXPECT_TRUE(e.contains("accuracy")) << task;
     EXPECT_GE(e.value("accuracy", -1.0), 0.0) << task;
   }
+}
+
+// ---- wsc, wic, multirc, record, squad, drop: the fixtures of tests/data/tasks ----------
+
+fs::path task_fixture(const std::string& name) { return fs::path(__FILE__).parent_path() / "data" / "tasks" / name; }
+
+// The workspace's tokenizer in llama-tiny with 1024 positions (its rotary positions need no
+// table, so the config alone says how long): the real tasks' prompts exceed opt-tiny's 64.
+fs::path long_model(const Workspace& w) {
+  const fs::path dir = w.tmp / "long";
+  if (fs::exists(dir / "config.json")) return dir;
+  std::string out;
+  EXPECT_EQ(run("init --preset llama-tiny --tokenizer " + w.tok.string() + " --out " + dir.string() + " --seed 1 -q", &out), 0)
+      << out;
+  json cfg = json::parse(read_file(dir / "config.json"));
+  cfg["max_position_embeddings"] = 1024;
+  write_text(dir / "config.json", cfg.dump(1));
+  return dir;
+}
+
+std::vector<json> show_task(const Workspace& w, const fs::path& data, const std::string& task) {
+  std::string out;
+  EXPECT_EQ(run("data --model " + long_model(w).string() + " --data " + data.string() + " --task " + task +
+                    " --show 100 2>/dev/null",
+                &out),
+            0)
+      << out;
+  std::vector<json> rows;
+  std::istringstream in(out);
+  for (std::string line; std::getline(in, line);)
+    if (!line.empty() && line[0] == '{') rows.push_back(json::parse(line));
+  return rows;
+}
+
+// Each example's candidates' decoded texts (the tokenizer round-trips them: byte fallback).
+std::vector<std::vector<std::string>> sequence_texts(const std::vector<json>& rows, const char* field = "text") {
+  std::vector<std::vector<std::string>> out;
+  for (const auto& row : rows) {
+    out.emplace_back();
+    for (const auto& s : row["sequences"]) out.back().push_back(s[field].get<std::string>());
+  }
+  return out;
+}
+
+TEST(Data, SuperGlueTasksRenderMezoTemplatesFromTheStandardFiles) {
+  Workspace w;
+  const fs::path lm = long_model(w);
+  using V = std::vector<std::vector<std::string>>;
+  // WSC (HF's wsc.fixed, MeZO's WSCTemplate): the pronoun lower-cased; line 2's span
+  // "the trophy." is not in the text, so it takes the case of the text's word 0 and loses
+  // its period: "The trophy".
+  const auto wsc = show_task(w, task_fixture("wsc.jsonl"), "wsc");
+  const std::string wsc1 =
+      "<s>Mark told Pete many lies about himself, which Pete included in his book. He should have been more truthful.\n"
+      "In the previous sentence, does the pronoun \"he\" refer to Mark? Yes or No?\n";
+  const std::string wsc2 =
+      "<s>The trophy doesn't fit into the brown suitcase because it is too large.\n"
+      "In the previous sentence, does the pronoun \"it\" refer to The trophy? Yes or No?\n";
+  EXPECT_EQ(sequence_texts(wsc), (V{{wsc1 + "No", wsc1 + "Yes"}, {wsc2 + "No", wsc2 + "Yes"}}));
+  ASSERT_EQ(wsc.size(), 2u);
+  EXPECT_EQ(wsc[0]["label"], 1);
+  EXPECT_EQ(wsc[1]["label"], 0);
+  EXPECT_EQ(sequence_texts(wsc, "scored"), (V{{"No", "Yes"}, {"No", "Yes"}}));
+
+  // WiC (WICTemplate).
+  const auto wic = show_task(w, task_fixture("wic.jsonl"), "wic");
+  const std::string wic1 =
+      "<s>Does the word \"place\" have the same meaning in these two sentences? Yes, No?\n"
+      "Do you want to come over to my place later?\nA political system with no place for the less prominent groups.\n";
+  ASSERT_EQ(wic.size(), 2u);
+  EXPECT_EQ(sequence_texts(wic)[0], (std::vector<std::string>{wic1 + "No", wic1 + "Yes"}));
+  EXPECT_EQ(wic[0]["label"], 0);
+  EXPECT_EQ(wic[1]["label"], 1);
+
+  // MultiRC (MultiRCTemplate): SuperGLUE's nested passage → questions → answers, one
+  // example per answer option, the paragraph's markup kept as HF datasets keeps it.
+  const auto mrc = show_task(w, task_fixture("multirc.jsonl"), "multirc");
+  ASSERT_EQ(mrc.size(), 4u);
+  const std::string para = "<s><b>Sent 1: </b>Sam ate an apple.<br><b>Sent 2: </b>Then he slept.<br>\n";
+  EXPECT_EQ(sequence_texts(mrc)[0][1],
+            para + "Question: What did Sam eat?\nI found this answer \"An apple\". Is that correct? Yes or No?\nYes");
+  EXPECT_EQ(sequence_texts(mrc)[1][0],
+            para + "Question: What did Sam eat?\nI found this answer \"A pear\". Is that correct? Yes or No?\nNo");
+  EXPECT_EQ(sequence_texts(mrc)[2][0], para +
+                                           "Question: What did Sam do after eating?\nI found this answer \"He slept\". "
+                                           "Is that correct? Yes or No?\nNo");
+  EXPECT_EQ(sequence_texts(mrc)[3][1],
+            "<s>The sky is blue.\nQuestion: What color is the sky?\nI found this answer \"Green\". Is that correct? Yes "
+            "or No?\nYes");
+  std::vector<int> labels, questions, lines;
+  for (const auto& r : mrc) {
+    labels.push_back(r["label"]);
+    questions.push_back(r["question"]);
+    lines.push_back(r["line"]);
+  }
+  EXPECT_EQ(labels, (std::vector<int>{1, 0, 1, 0}));
+  EXPECT_EQ(questions, (std::vector<int>{0, 0, 1, 2}));
+  EXPECT_EQ(lines, (std::vector<int>{1, 1, 1, 2}));
+
+  // ReCoRD (MeZO's template 0, ReCoRDTemplateGPT3): "@highlight\n" shown as "- ", the query
+  // with every @placeholder replaced by the candidate; the candidates are the distinct
+  // entity texts sorted (offsets in characters: "Zoë" has a 2-byte ë), the golds the
+  // distinct answers sorted; MeZO trains on the first.
+  const auto rec = show_task(w, task_fixture("record.jsonl"), "record");
+  ASSERT_EQ(rec.size(), 2u);
+  const std::string passage =
+      "<s>Zo\xC3\xAB Ball met Chris Evans in London.\n- Ball praised Chris Evans\n- The show moved to London\n- ";
+  EXPECT_EQ(sequence_texts(rec)[0],
+            (std::vector<std::string>{passage + "Ball hosted the breakfast show.",
+                                      passage + "Chris Evans hosted the breakfast show.",
+                                      passage + "London hosted the breakfast show.",
+                                      passage + "Zo\xC3\xAB Ball hosted the breakfast show."}));
+  EXPECT_EQ(sequence_texts(rec)[1][2], passage + "The show is made in London, said London.");
+  EXPECT_EQ(sequence_texts(rec, "scored")[1][3], "The show is made in Zo\xC3\xAB Ball, said Zo\xC3\xAB Ball.");
+  EXPECT_EQ(rec[0]["label"], 1);
+  EXPECT_EQ(rec[0]["golds"], json({1}));
+  EXPECT_EQ(rec[0]["answers"], json({"Chris Evans"}));
+  EXPECT_EQ(rec[1]["label"], 0);
+  EXPECT_EQ(rec[1]["golds"], json({0, 2}));
+  EXPECT_EQ(rec[1]["answers"], json({"Ball", "London"}));
+
+  // Evaluation: MeZO's accuracy, and the tasks' own metrics beside it.
+  const json m = w.eval(task_fixture("multirc.jsonl"), "--task multirc", &lm);
+  EXPECT_EQ(m.at("task"), "multirc");
+  EXPECT_EQ(m.at("examples"), 4);
+  for (const char* k : {"accuracy", "f1a", "em"}) {
+    EXPECT_GE(m.value(k, -1.0), 0.0) << k;
+    EXPECT_LE(m.value(k, 2.0), 1.0) << k;
+  }
+  const json r = w.eval(task_fixture("record.jsonl"), "--task record", &lm);
+  EXPECT_EQ(r.at("examples"), 2);
+  // A right pick is also an exact (and F1) match; a wrong one can still share tokens.
+  EXPECT_GE(r.value("em", -1.0), r.value("accuracy", 2.0));
+  EXPECT_GE(r.value("f1", -1.0), r.value("em", 2.0));
+  for (const auto& [f, task] : std::vector<std::pair<std::string, std::string>>{{"wsc.jsonl", "wsc"}, {"wic.jsonl", "wic"}}) {
+    const json e = w.eval(task_fixture(f), "--task " + task, &lm);
+    EXPECT_EQ(e.at("examples"), 2) << task;
+    EXPECT_GE(e.value("accuracy", -1.0), 0.0) << task;
+  }
+}
+
+TEST(Data, SquadAndDropTrainOnTheFirstGoldAnswerAndKeepThemAll) {
+  Workspace w;
+  const fs::path lm = long_model(w);
+  // SQuAD v1.1 JSON (SQuADv2Template): the question stripped, a missing title empty, the
+  // completion " {answers[0]}\n"; every gold answer kept (duplicates too, as HF datasets).
+  const auto sq = show_task(w, task_fixture("squad.json"), "squad");
+  ASSERT_EQ(sq.size(), 3u);
+  const std::string ctx =
+      "<s>Title: Super_Bowl_50\nContext: Super Bowl 50 was played on February 7, 2016, in Santa Clara. The Denver "
+      "Broncos won.\n";
+  EXPECT_EQ(sequence_texts(sq), (std::vector<std::vector<std::string>>{
+                                    {ctx + "Question: Who won Super Bowl 50?\nAnswer: The Denver Broncos\n"},
+                                    {ctx + "Question: Where was the game played?\nAnswer: Santa Clara\n"},
+                                    {"<s>Title: \nContext: No title here.\nQuestion: What is missing?\nAnswer: title\n"}}));
+  EXPECT_EQ(sequence_texts(sq, "scored")[0][0], "The Denver Broncos\n");
+  EXPECT_EQ(sq[0]["answers"], json({"The Denver Broncos", "Denver Broncos", "Denver Broncos"}));
+
+  // DROP JSON (DROPTemplate), as HF datasets reads it: "validated_answers" when there are
+  // any (each span of each is a gold), else "answer"; a number as written, a date as
+  // "day month year" without the blanks; an answer that is a number and spans at once is
+  // skipped with a warning (query d5).
+  std::string out;
+  ASSERT_EQ(run("data --model " + lm.string() + " --data " + task_fixture("drop.json").string() +
+                    " --task drop --show 100",
+                &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("1 question(s) skipped"), std::string::npos) << out;
+  EXPECT_NE(out.find("nfl_1.qa_pairs[4] (query_id d5)"), std::string::npos) << out;
+  const auto dr = show_task(w, task_fixture("drop.json"), "drop");
+  ASSERT_EQ(dr.size(), 5u);
+  const std::string p =
+      "<s>Passage: The Bears scored 14 points in the first half and 10 in the second. Smith and Jones scored "
+      "touchdowns. The game was on 5 May 1990.\n";
+  EXPECT_EQ(sequence_texts(dr)[0][0], p + "Question: How many points did the Bears score?\nAnswer: 24\n");
+  EXPECT_EQ(sequence_texts(dr)[1][0], p + "Question: Who scored touchdowns?\nAnswer: Smith\n");
+  EXPECT_EQ(sequence_texts(dr)[4][0],
+            "<s>Passage: In 1066 the Normans arrived.\nQuestion: What year did the Normans arrive?\nAnswer: 1066\n");
+  std::vector<json> answers;
+  for (const auto& r : dr) answers.push_back(r["answers"]);
+  EXPECT_EQ(answers, (std::vector<json>{json({"24"}), json({"Smith", "Jones", "Smith"}), json({"5 May 1990"}),
+                                        json({"1990"}), json({"1066"})}));
+
+  // eval: the gold answers' loss, and a note that F1/EM needs generation.
+  const json e = w.eval(task_fixture("squad.json"), "--task squad", &lm);
+  EXPECT_EQ(e.at("format"), "prompt/completion");
+  EXPECT_EQ(e.at("examples"), 3);
+  EXPECT_TRUE(std::isfinite(e.value("loss", std::nan(""))));
+  EXPECT_NE(e.value("note", std::string()).find("zo2-tune generate"), std::string::npos) << e.dump();
+  EXPECT_FALSE(e.contains("f1"));
+  std::string text;
+  EXPECT_EQ(run("eval --model " + lm.string() + " --data " + task_fixture("drop.json").string() + " --task drop",
+                &text),
+            0)
+      << text;
+  EXPECT_NE(text.find("needs `zo2-tune generate`, which is not available yet"), std::string::npos) << text;
+}
+
+TEST(Data, RecordAndSquadTrainAndTrainLogsTheTaskMetrics) {
+  Workspace w;
+  const fs::path lm = long_model(w);
+  const fs::path log = w.tmp / "log.jsonl";
+  std::string out;
+  ASSERT_EQ(run("train --model " + lm.string() + " --task record --data " + task_fixture("record.jsonl").string() +
+                    " --eval " + task_fixture("record.jsonl").string() + " --out " + (w.tmp / "rec").string() +
+                    " --steps 2 --batch-size 2 --lr 1e-4 --log-json " + log.string() + " --seed 0",
+                &out),
+            0)
+      << out;
+  json last;
+  std::istringstream in(read_file(log));
+  for (std::string line; std::getline(in, line);) {
+    const json j = json::parse(line);
+    if (j.contains("eval_after_step")) last = j;
+  }
+  ASSERT_FALSE(last.is_null()) << out;
+  for (const char* k : {"eval_accuracy", "eval_f1", "eval_em"}) EXPECT_TRUE(last.contains(k)) << k << last.dump();
+  EXPECT_NE(out.find(", f1 "), std::string::npos) << out;
+  // The logged metrics are eval's on the saved model.
+  const fs::path tuned = w.tmp / "rec";
+  const json e = w.eval(task_fixture("record.jsonl"), "--task record", &tuned);
+  for (const char* k : {"accuracy", "f1", "em"})
+    EXPECT_NEAR(e.value(k, -1.0), last.value(std::string("eval_") + k, -2.0), 1e-12) << k;
+  ASSERT_EQ(run("train --model " + lm.string() + " --task squad --data " + task_fixture("squad.json").string() +
+                    " --eval " + task_fixture("squad.json").string() + " --out " + (w.tmp / "sq").string() +
+                    " --steps 1 --batch-size 2 --lr 1e-4 --seed 0",
+                &out),
+            0)
+      << out;
+}
+
+TEST(Data, TaskFilesWithBadFieldsNameTheFileLineAndField) {
+  Workspace w;
+  const std::string m = "data --model " + w.model.string() + " --data ";
+  auto err = [&](const std::string& name, const std::string& content, const std::string& task) {
+    return w.error(m + w.file(name, content).string() + " --task " + task);
+  };
+  std::string e = err("m.jsonl",
+                      R"({"passage": {"text": "P", "questions": [{"question": "Q", "answers": [{"text": "A", "label": 1}, {"text": "B"}]}]}})"
+                      "\n",
+                      "multirc");
+  EXPECT_NE(e.find("m.jsonl:1: no \"passage.questions[0].answers[1].label\" field"), std::string::npos) << e;
+  e = err("m2.jsonl", R"({"passage": {"text": "P", "questions": {"question": "Q"}}})" "\n", "multirc");
+  EXPECT_NE(e.find("m2.jsonl:1: \"passage.questions\" must be an array, not object"), std::string::npos) << e;
+  e = err("w.jsonl",
+          "{\"text\": \"He ran.\", \"target\": {\"span1_text\": \"He\", \"span1_index\": 0, \"span2_text\": \"He\", "
+          "\"span2_index\": 0}, \"label\": true}\n{\"text\": \"x\", \"target\": {\"span1_text\": \"x\", \"span1_index\": 0}, "
+          "\"label\": false}\n",
+          "wsc");
+  EXPECT_NE(e.find("w.jsonl:2: no \"target.span2_text\" field"), std::string::npos) << e;
+  e = err("w2.jsonl",
+          R"({"text": "He ran.", "target": {"span1_text": "Bob", "span1_index": 7, "span2_text": "He", "span2_index": 0}, "label": true})"
+          "\n",
+          "wsc");
+  EXPECT_NE(e.find("w2.jsonl:1: \"target.span1_text\" \"Bob\" is not in the text and \"target.span1_index\" 7"),
+            std::string::npos)
+      << e;
+  e = err("c.jsonl", R"({"word": "w", "sentence1": "a", "sentence2": "b", "label": "maybe"})" "\n", "wic");
+  EXPECT_NE(e.find("c.jsonl:1: \"label\" must be true/false or 0/1, not \"maybe\""), std::string::npos) << e;
+  e = err("c2.jsonl", R"({"word": "w", "sentence1": "a", "sentence2": "b", "idx": 3})" "\n", "wic");
+  EXPECT_NE(e.find("c2.jsonl:1: no \"label\" field (the test splits"), std::string::npos) << e;
+  const std::string rec_head = R"({"passage": {"text": "Ann met Bob.", "entities": [{"start": 0, "end": 2}, {"start": 8, "end": 10}]}, "qas": [{"query": "@placeholder left.", )";
+  e = err("r.jsonl", rec_head + R"("answers": [{"start": 4, "end": 6, "text": "met"}]}]})" "\n", "record");
+  EXPECT_NE(e.find("r.jsonl:1: the answer \"met\" of \"qas[0]\" is not one of the passage's entities"), std::string::npos)
+      << e;
+  e = err("r2.jsonl", rec_head + R"("idx": 0}]})" "\n", "record");
+  EXPECT_NE(e.find("r2.jsonl:1: no \"qas[0].answers\" field (the test split of ReCoRD is unlabeled)"), std::string::npos)
+      << e;
+  e = err("r3.jsonl", R"({"passage": {"text": "Ann", "entities": [{"start": 0, "end": 3}]}, "qas": []})" "\n", "record");
+  EXPECT_NE(e.find("r3.jsonl:1: \"passage.entities[0]\" spans [0, 3], outside the passage's 3 characters"),
+            std::string::npos)
+      << e;
+  e = err("s.json",
+          R"({"data": [{"title": "T", "paragraphs": [{"context": "C", "qas": [{"id": "q9", "question": "Q?", "answers": []}]}]}]})",
+          "squad");
+  EXPECT_NE(e.find("s.json: data[0].paragraphs[0].qas[0] (id q9): \"answers\" is empty"), std::string::npos) << e;
+  e = err("s2.json", R"({"data": [{"title": "T", "paragraphs": [{"qas": []}]}]})", "squad");
+  EXPECT_NE(e.find("s2.json: no \"data[0].paragraphs[0].context\" field"), std::string::npos) << e;
+  e = err("s3.json", "{\"data\": [", "squad");
+  EXPECT_NE(e.find("s3.json: not valid JSON"), std::string::npos) << e;
+  e = err("d.json", "[1, 2]", "drop");
+  EXPECT_NE(e.find("d.json: expected DROP's {section id: {...}}, found array"), std::string::npos) << e;
+  e = err("d2.json", R"({"s": {"passage": "P", "qa_pairs": [{"query_id": "x1", "question": "Q", "answer": {"number": 3}}]}})",
+          "drop");
+  EXPECT_NE(e.find("d2.json: s.qa_pairs[0] (query_id x1): \"answer.number\" must be a string, not number"),
+            std::string::npos)
+      << e;
 }
 
 TEST(Data, MalformedFilesAreRefusedWithTheirLineNumbers) {

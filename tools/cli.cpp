@@ -97,8 +97,10 @@ TokenTensors read_token_tensors(const std::filesystem::path& file) {
 }
 
 void DataFlags::add(CLI::App& app) {
-  app.add_option("--task", task, "MeZO task preset reading the standard file: sst2 (GLUE TSV), rte, boolq, cb, copa (SuperGLUE JSONL)")
-      ->check(CLI::IsMember({"sst2", "rte", "boolq", "cb", "copa"}));
+  app.add_option("--task", task,
+                 "MeZO task preset reading the standard file: sst2 (GLUE TSV), rte, boolq, cb, copa, wsc, wic, "
+                 "multirc, record (SuperGLUE JSONL), squad (SQuAD v1.1 JSON), drop (DROP JSON)")
+      ->check(CLI::IsMember(task_names()));
   app.add_option("--tokenizer", tokenizer, "tokenizer directory for text data (default: the model directory)");
   max_len_flag = app.add_option("--max-len", max_len, "truncate sequences to this many tokens (text: the end; prompts: the start)");
   app.add_option("--padding-side", padding_side, "where batches pad shorter sequences")

@@ -51,7 +51,7 @@ struct DeviceFlags {
 
 // Options that say how a data file becomes batches (train and eval).
 struct DataFlags {
-  std::string task;             // --task: sst2, rte, boolq, cb, copa ("" = by the file)
+  std::string task;             // --task: one of task_names() ("" = by the file)
   std::string tokenizer;        // --tokenizer DIR ("" = the model directory)
   int max_len = 0;              // --max-len
   std::string padding_side = "right";

@@ -50,6 +50,9 @@ Runner add_data(CLI::App& app) {
       }
       nlohmann::json j{{"line", e.line}, {"sequences", std::move(cands)}};
       if (e.label >= 0) j["label"] = e.label;
+      if (!e.golds.empty()) j["golds"] = e.golds;
+      if (!e.answers.empty()) j["answers"] = e.answers;
+      if (e.question >= 0) j["question"] = e.question;
       fmt::print("{}\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
     }
     return 0;

@@ -1,5 +1,7 @@
 // zo2-tune eval: a checkpoint on a data file: the token-weighted mean next-token loss, or for
-// multiple-choice data (JSONL options, task presets) MeZO's candidate loss and accuracy.
+// multiple-choice data (JSONL options, task presets) MeZO's candidate loss and accuracy, and
+// the task's own metrics (multirc: f1a, em; record: f1, em). squad/drop: the gold answer's
+// loss, with a note that their F1/EM needs generation (not available yet).
 #include "api/run_dir.h"
 #include "api/options.h"
 #include "api/session.h"
@@ -60,14 +62,24 @@ Runner add_eval(CLI::App& app) {
         j["accuracy"] = r.accuracy;
       else
         j["perplexity"] = std::exp(r.loss);
+      if (!data.task().empty()) {
+        j["task"] = data.task();
+        for (const auto& [name, value] : r.metrics) j[name] = value;
+      }
+      if (!r.note.empty()) j["note"] = r.note;
       fmt::print("{}\n", j.dump());
     } else if (r.accuracy >= 0) {
-      fmt::print("eval: accuracy {:.4f}, loss {:.6f} over {} examples ({} scored tokens; device peak {})\n", r.accuracy,
-                 r.loss, r.examples, r.tokens, format_bytes(static_cast<double>(session.device_peak())));
+      std::string extra;
+      for (const auto& [name, value] : r.metrics)
+        if (name != "accuracy") extra += fmt::format(", {} {:.4f}", name, value);
+      fmt::print("eval: accuracy {:.4f}{}, loss {:.6f} over {} examples ({} scored tokens; device peak {})\n",
+                 r.accuracy, extra, r.loss, r.examples, r.tokens,
+                 format_bytes(static_cast<double>(session.device_peak())));
     } else {
       fmt::print("eval: loss {:.6f}, perplexity {:.3f} over {} target tokens in {} rows (device peak {})\n", r.loss,
                  std::exp(r.loss), r.tokens, r.examples, format_bytes(static_cast<double>(session.device_peak())));
     }
+    if (!r.note.empty() && !o->json) log_warn("{}", r.note);
     return 0;
   };
 }

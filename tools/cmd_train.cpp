@@ -500,21 +500,30 @@ Runner add_train(CLI::App& app) {
     };
     std::int64_t in_flight = -1;
     const std::int64_t stop = o->stop_at > 0 ? std::min(o->stop_at, o->steps) : o->steps;
+    bool noted = false;  // squad/drop: their metric needs generation, said once
     auto run_eval = [&](std::int64_t done) {
       if (!eval_data) return;
       const auto t = std::chrono::steady_clock::now();
       const EvalResult e = evaluate(session, *eval_data, sc.max_batch);
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
       progress.newline();
+      std::string extra;
+      for (const auto& [name, value] : e.metrics)
+        if (name != "accuracy") extra += fmt::format(", {} {:.4f}", name, value);
       if (e.accuracy >= 0)
-        log_info("eval after step {}: loss {:.4f}, accuracy {:.4f} ({} examples, {})", done, e.loss, e.accuracy,
-                 e.examples, format_duration(s));
+        log_info("eval after step {}: loss {:.4f}, accuracy {:.4f}{} ({} examples, {})", done, e.loss, e.accuracy,
+                 extra, e.examples, format_duration(s));
       else
         log_info("eval after step {}: loss {:.4f}, perplexity {:.3f} ({} tokens, {})", done, e.loss, std::exp(e.loss),
                  e.tokens, format_duration(s));
+      if (!e.note.empty() && !noted) {
+        log_info("{}", e.note);
+        noted = true;
+      }
       if (log_json) {
         json j{{"eval_after_step", done}, {"eval_loss", e.loss}, {"eval_examples", e.examples}, {"eval_tokens", e.tokens}};
         if (e.accuracy >= 0) j["eval_accuracy"] = e.accuracy;
+        for (const auto& [name, value] : e.metrics) j["eval_" + name] = value;
         *log_json << j.dump() << "\n";
         log_json->flush();
       }

@@ -4,6 +4,7 @@
 #include "runtime/error.h"
 #include "runtime/log.h"
 #include "tools/cli.h"
+#include "tools/task_metrics.h"
 
 #include <nlohmann/json.hpp>
 #include <oneapi/tbb/parallel_for.h>
@@ -13,6 +14,7 @@
 #include <fstream>
 #include <limits>
 #include <random>
+#include <span>
 
 namespace zo2::cli {
 namespace {
@@ -25,6 +27,11 @@ struct Record {
   std::vector<std::string> options;
   int label = -1;
   std::int64_t line = 0;
+  std::vector<int> golds;               // record: every correct option
+  std::vector<std::string> answers;     // squad, drop, record: the gold answers' texts
+  std::vector<std::string> candidates;  // record: the options' entities
+  std::int64_t question = -1;           // multirc: the question of this answer option
+  std::string where;                    // squad, drop: "file: JSON path (id)" for errors (else file:line)
 };
 
 std::string lower(std::string s) {
@@ -229,7 +236,9 @@ std::vector<Record> read_superglue(const std::filesystem::path& file, const std:
       if (q != "cause" && q != "effect")
         fail(ErrorKind::format, "{}:{}: COPA \"question\" must be \"cause\" or \"effect\", not \"{}\"", file.string(),
              n, q);
-      r.prompt = premise + (q == "cause" ? " because " : " so ");
+      // MeZO strips the prompt's trailing space (encode(...).strip(' ')), so the conjunction's
+      // space belongs to the option: the scored tokens are those the choice adds to it.
+      r.prompt = premise + (q == "cause" ? " because" : " so");
       for (const char* key : {"choice1", "choice2"}) {
         std::string c = string_field(file, n, j, key);
         // MeZO lower-cases the first word of the choice, except "I".
@@ -237,13 +246,369 @@ std::vector<Record> read_superglue(const std::filesystem::path& file, const std:
         if (c.substr(0, space) != "I")
           for (std::size_t i = 0; i < std::min(space, c.size()); ++i)
             c[i] = static_cast<char>(std::tolower(static_cast<unsigned char>(c[i])));
-        r.options.push_back(c);
+        r.options.push_back(" " + c);
       }
       r.label = label_field(file, n, j, 2);
     }
     out.push_back(std::move(r));
   });
   if (out.empty()) fail(ErrorKind::format, "{}: no {} examples", file.string(), task);
+  return out;
+}
+
+// ---- The six tasks added for MeZO's full table (wsc, wic, multirc, record, squad, drop) ----
+// Each reads the file as the standard release ships it and renders the example the way
+// HF `datasets` (which MeZO loads) and MeZO's templates.py do; `where` names the file and
+// the line (JSONL) or the question (JSON) in errors, and `path` the field.
+
+// Python's str.lower() (tools/task_metrics.h's table).
+std::string py_lower(std::string_view s) {
+  std::u32string out;
+  for (char32_t c : metrics::detail::decode_utf8(s)) metrics::detail::lower_into(out, c);
+  std::string r;
+  for (char32_t c : out) metrics::detail::append_utf8(r, c);
+  return r;
+}
+
+// Python's str.split() (no argument).
+std::vector<std::string> py_split(std::string_view s) {
+  std::vector<std::string> out;
+  std::string cur;
+  const auto cps = metrics::detail::decode_utf8(s);
+  for (char32_t c : cps) {
+    if (metrics::detail::is_space(c)) {
+      if (!cur.empty()) out.push_back(std::move(cur));
+      cur.clear();
+    } else {
+      metrics::detail::append_utf8(cur, c);
+    }
+  }
+  if (!cur.empty()) out.push_back(std::move(cur));
+  return out;
+}
+
+std::string replace_all(std::string s, std::string_view from, std::string_view to) {
+  if (from.empty()) return s;
+  std::string out;
+  std::size_t at = 0;
+  for (std::size_t hit; (hit = s.find(from, at)) != std::string::npos; at = hit + from.size()) {
+    out.append(s, at, hit - at);
+    out += to;
+  }
+  out.append(s, at, std::string::npos);
+  return out;
+}
+
+// A JSON member of `j` (at `path`) of the given type, or an error naming where and which field.
+template <class J>
+const J& member(const std::string& where, const J& j, const std::string& path, const char* key,
+                typename J::value_t type) {
+  const std::string name = path.empty() ? std::string(key) : path + "." + key;
+  if (!j.is_object()) fail(ErrorKind::format, "{}: \"{}\" must be an object, not {}", where, path, j.type_name());
+  const auto it = j.find(key);
+  if (it == j.end()) fail(ErrorKind::format, "{}: no \"{}\" field", where, name);
+  const bool ok = type == J::value_t::number_integer ? it->is_number_integer() : it->type() == type;
+  if (!ok) {
+    const char* want = type == J::value_t::string ? "a string"
+                       : type == J::value_t::array ? "an array"
+                       : type == J::value_t::object ? "an object"
+                                                    : "an integer";
+    fail(ErrorKind::format, "{}: \"{}\" must be {}, not {}", where, name, want, it->type_name());
+  }
+  return *it;
+}
+
+template <class J>
+std::string str(const std::string& where, const J& j, const std::string& path, const char* key) {
+  return member(where, j, path, key, J::value_t::string).template get<std::string>();
+}
+
+// A SuperGLUE boolean label (true/false or 1/0): MeZO's verbalizer index (0 = "No", 1 = "Yes").
+int bool_label(const std::string& where, const json& j, const std::string& path) {
+  const std::string name = path.empty() ? "label" : path + ".label";
+  const auto it = j.find("label");
+  if (it == j.end())
+    fail(ErrorKind::format, "{}: no \"{}\" field (the test splits of SuperGLUE are unlabeled)", where, name);
+  if (it->is_boolean()) return it->get<bool>() ? 1 : 0;
+  if (it->is_number_integer() && (it->get<std::int64_t>() == 0 || it->get<std::int64_t>() == 1))
+    return static_cast<int>(it->get<std::int64_t>());
+  fail(ErrorKind::format, "{}: \"{}\" must be true/false or 0/1, not {}", where, name, it->dump());
+}
+
+// MeZO's encode_prompt without demonstrations: the sequence is verbalize(…).strip(' ') with
+// its leading whitespace dropped; the scored part is what it adds to encode(…).strip(' ').
+std::string strip_spaces(std::string_view s) {
+  const auto b = s.find_first_not_of(' ');
+  if (b == std::string_view::npos) return {};
+  return std::string(s.substr(b, s.find_last_not_of(' ') - b + 1));
+}
+std::string lstrip_ws(std::string_view s) {
+  const auto b = s.find_first_not_of(" \t\r\n\f\v");
+  return b == std::string_view::npos ? std::string() : std::string(s.substr(b));
+}
+void set_prompt(Record& r, const std::string& encoded) { r.prompt = lstrip_ws(strip_spaces(encoded)); }
+std::string tail_of(const Record& r, const std::string& verbalized) {
+  const std::string full = lstrip_ws(strip_spaces(verbalized));
+  if (full.size() <= r.prompt.size() || full.compare(0, r.prompt.size(), r.prompt) != 0)
+    fail(ErrorKind::internal, "a template's verbalized text does not extend its prompt");
+  return full.substr(r.prompt.size());
+}
+
+// HF datasets' wsc.fixed (_fix_wst): a span text that is not in the text gets the case of
+// the text's word at its index, loses trailing periods and has newlines made spaces.
+void fix_wsc_span(const std::string& where, const std::string& text, std::string& span, std::int64_t index,
+                  std::int64_t& span2_index, const char* name) {
+  if (text.find(span) != std::string::npos) return;
+  if (span == "Kamenev and Zinoviev" || span == "Kamenev, Zinoviev, and Stalin") return;
+  if (span.find("theyscold") != std::string::npos) span2_index = 10;
+  const auto words = py_split(text);
+  if (index < 0 || index >= static_cast<std::int64_t>(words.size()))
+    fail(ErrorKind::format, "{}: \"target.{}_text\" \"{}\" is not in the text and \"target.{}_index\" {} is not one of "
+         "its {} words", where, name, span, name, index, words.size());
+  if (!span.empty()) {
+    const unsigned char w = static_cast<unsigned char>(words[static_cast<std::size_t>(index)][0]);
+    const auto c = static_cast<unsigned char>(span[0]);
+    span[0] = static_cast<char>(w >= 'a' && w <= 'z' ? std::tolower(c) : std::toupper(c));
+  }
+  while (!span.empty() && span.back() == '.') span.pop_back();
+  span = replace_all(span, "\n", " ");
+}
+
+std::vector<Record> read_wsc_wic_multirc_record(const std::filesystem::path& file, const std::string& task) {
+  std::vector<Record> out;
+  std::int64_t questions = 0;
+  for_each_line(file, [&](std::int64_t n, const std::string& line) {
+    const json j = parse_json_line(file, n, line);
+    const std::string where = fmt::format("{}:{}", file.string(), n);
+    if (task == "wsc") {
+      // {"text", "target": {"span1_text", "span1_index", "span2_text", "span2_index"}, "label"}
+      Record r;
+      r.line = n;
+      const std::string text = str(where, j, "", "text");
+      const json& target = member(where, j, "", "target", json::value_t::object);
+      std::string span1 = str(where, target, "target", "span1_text"), span2 = str(where, target, "target", "span2_text");
+      std::int64_t i1 = member(where, target, "target", "span1_index", json::value_t::number_integer).get<std::int64_t>();
+      std::int64_t i2 = member(where, target, "target", "span2_index", json::value_t::number_integer).get<std::int64_t>();
+      fix_wsc_span(where, text, span1, i1, i2, "span1");
+      fix_wsc_span(where, text, span2, i2, i2, "span2");
+      set_prompt(r, fmt::format("{}\nIn the previous sentence, does the pronoun \"{}\" refer to {}? Yes or No?\n", text,
+                                py_lower(span2), span1));
+      r.options = {tail_of(r, r.prompt + "No"), tail_of(r, r.prompt + "Yes")};
+      r.label = bool_label(where, j, "");
+      out.push_back(std::move(r));
+    } else if (task == "wic") {
+      Record r;
+      r.line = n;
+      set_prompt(r, fmt::format("Does the word \"{}\" have the same meaning in these two sentences? Yes, No?\n{}\n{}\n",
+                                str(where, j, "", "word"), str(where, j, "", "sentence1"),
+                                str(where, j, "", "sentence2")));
+      r.options = {tail_of(r, r.prompt + "No"), tail_of(r, r.prompt + "Yes")};
+      r.label = bool_label(where, j, "");
+      out.push_back(std::move(r));
+    } else if (task == "multirc") {
+      // {"passage": {"text", "questions": [{"question", "answers": [{"text", "label"}]}]}}:
+      // one example per answer option, as HF datasets flattens it.
+      const json& passage = member(where, j, "", "passage", json::value_t::object);
+      const std::string paragraph = str(where, passage, "passage", "text");
+      const json& qs = member(where, passage, "passage", "questions", json::value_t::array);
+      for (std::size_t q = 0; q < qs.size(); ++q) {
+        const std::string qpath = fmt::format("passage.questions[{}]", q);
+        const std::string question = str(where, qs[q], qpath, "question");
+        const json& as = member(where, qs[q], qpath, "answers", json::value_t::array);
+        for (std::size_t a = 0; a < as.size(); ++a) {
+          const std::string apath = fmt::format("{}.answers[{}]", qpath, a);
+          Record r;
+          r.line = n;
+          r.question = questions;
+          set_prompt(r, fmt::format("{}\nQuestion: {}\nI found this answer \"{}\". Is that correct? Yes or No?\n",
+                                    paragraph, question, str(where, as[a], apath, "text")));
+          r.options = {tail_of(r, r.prompt + "No"), tail_of(r, r.prompt + "Yes")};
+          r.label = bool_label(where, as[a], apath);
+          out.push_back(std::move(r));
+        }
+        ++questions;
+      }
+    } else {  // record
+      // {"passage": {"text", "entities": [{"start", "end"}]}, "qas": [{"query", "answers": [{"text"}]}]}:
+      // one example per query; the candidates are the passage's distinct entity texts
+      // (text[start:end+1], in code points) sorted, the golds the distinct answer texts sorted.
+      const json& passage = member(where, j, "", "passage", json::value_t::object);
+      const std::string text = str(where, passage, "passage", "text");
+      const auto cps = metrics::detail::decode_utf8(text);
+      const json& ents = member(where, passage, "passage", "entities", json::value_t::array);
+      std::vector<std::string> entities;
+      for (std::size_t e = 0; e < ents.size(); ++e) {
+        const std::string epath = fmt::format("passage.entities[{}]", e);
+        const auto s = member(where, ents[e], epath, "start", json::value_t::number_integer).get<std::int64_t>();
+        const auto t = member(where, ents[e], epath, "end", json::value_t::number_integer).get<std::int64_t>();
+        if (s < 0 || t < s || t >= static_cast<std::int64_t>(cps.size()))
+          fail(ErrorKind::format, "{}: \"{}\" spans [{}, {}], outside the passage's {} characters", where, epath, s, t,
+               cps.size());
+        std::string et;
+        for (std::int64_t c = s; c <= t; ++c) metrics::detail::append_utf8(et, cps[static_cast<std::size_t>(c)]);
+        entities.push_back(std::move(et));
+      }
+      std::sort(entities.begin(), entities.end());  // UTF-8 byte order = code point order (Python's)
+      entities.erase(std::unique(entities.begin(), entities.end()), entities.end());
+      if (entities.empty()) fail(ErrorKind::format, "{}: \"passage.entities\" is empty: no candidates", where);
+      const std::string shown = replace_all(text, "@highlight\n", "- ");
+      const json& qas = member(where, j, "", "qas", json::value_t::array);
+      for (std::size_t q = 0; q < qas.size(); ++q) {
+        const std::string qpath = fmt::format("qas[{}]", q);
+        Record r;
+        r.line = n;
+        const std::string query = str(where, qas[q], qpath, "query");
+        if (!qas[q].contains("answers"))
+          fail(ErrorKind::format, "{}: no \"{}.answers\" field (the test split of ReCoRD is unlabeled)", where, qpath);
+        const json& as = member(where, qas[q], qpath, "answers", json::value_t::array);
+        for (std::size_t a = 0; a < as.size(); ++a)
+          r.answers.push_back(str(where, as[a], fmt::format("{}.answers[{}]", qpath, a), "text"));
+        std::sort(r.answers.begin(), r.answers.end());
+        r.answers.erase(std::unique(r.answers.begin(), r.answers.end()), r.answers.end());
+        if (r.answers.empty()) fail(ErrorKind::format, "{}: \"{}.answers\" is empty", where, qpath);
+        set_prompt(r, shown + "\n-");
+        for (const auto& e : entities) r.options.push_back(tail_of(r, shown + "\n- " + replace_all(query, "@placeholder", e)));
+        for (const auto& a : r.answers) {
+          const auto it = std::find(entities.begin(), entities.end(), a);
+          if (it == entities.end())
+            fail(ErrorKind::format, "{}: the answer \"{}\" of \"{}\" is not one of the passage's entities", where, a,
+                 qpath);
+          r.golds.push_back(static_cast<int>(it - entities.begin()));
+        }
+        r.label = r.golds[0];  // MeZO trains on the first (sorted) answer
+        r.candidates = entities;
+        out.push_back(std::move(r));
+      }
+    }
+  });
+  if (out.empty()) fail(ErrorKind::format, "{}: no {} examples", file.string(), task);
+  return out;
+}
+
+// The whole of a JSON file, keeping its key order (DROP's sections).
+nlohmann::ordered_json parse_json_file(const std::filesystem::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) fail(ErrorKind::io, "{}: cannot open the data file", file.string());
+  try {
+    return nlohmann::ordered_json::parse(in);
+  } catch (const nlohmann::ordered_json::exception& e) {
+    fail(ErrorKind::format, "{}: not valid JSON: {}", file.string(), e.what());
+  }
+}
+
+// SQuAD v1.1 ({"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question",
+// "answers": [{"text"}]}]}]}]}) and DROP ({section: {"passage", "qa_pairs": [{"query_id",
+// "question", "answer", "validated_answers"}]}}): one example per question, the completion
+// " {first gold answer}\n" (MeZO's verbalize; its newline is the stop string of MeZO's
+// greedy decoding), every gold answer kept for F1/EM.
+std::vector<Record> read_qa(const std::filesystem::path& file, const std::string& task) {
+  using ojson = nlohmann::ordered_json;
+  const ojson root = parse_json_file(file);
+  std::vector<Record> out;
+  const std::string f = file.string();
+  std::int64_t skipped = 0;
+  std::string first_skipped;
+  auto add = [&](Record r, const std::string& where, const std::string& encoded) {
+    if (r.answers.empty()) fail(ErrorKind::format, "{}: no gold answer", where);
+    r.line = static_cast<std::int64_t>(out.size()) + 1;
+    r.where = where;
+    set_prompt(r, encoded);
+    r.completion = tail_of(r, encoded + " " + r.answers[0] + "\n");
+    out.push_back(std::move(r));
+  };
+  if (task == "squad") {
+    if (!root.is_object()) fail(ErrorKind::format, "{}: expected SQuAD's {{\"data\": [...]}}, found {}", f, root.type_name());
+    const ojson& data = member(f, root, "", "data", ojson::value_t::array);
+    for (std::size_t a = 0; a < data.size(); ++a) {
+      const std::string apath = fmt::format("data[{}]", a);
+      // HF datasets: title defaults to "", nothing is stripped but the question (by MeZO).
+      const std::string title = data[a].is_object() && data[a].contains("title") ? str(f, data[a], apath, "title") : "";
+      const ojson& paras = member(f, data[a], apath, "paragraphs", ojson::value_t::array);
+      for (std::size_t p = 0; p < paras.size(); ++p) {
+        const std::string ppath = fmt::format("{}.paragraphs[{}]", apath, p);
+        const std::string context = str(f, paras[p], ppath, "context");
+        const ojson& qas = member(f, paras[p], ppath, "qas", ojson::value_t::array);
+        for (std::size_t q = 0; q < qas.size(); ++q) {
+          const std::string qpath = fmt::format("{}.qas[{}]", ppath, q);
+          const std::string id = qas[q].is_object() && qas[q].contains("id") && qas[q]["id"].is_string()
+                                     ? qas[q]["id"].get<std::string>() : std::string("?");
+          const std::string where = fmt::format("{}: {} (id {})", f, qpath, id);
+          Record r;
+          const ojson& as = member(where, qas[q], "", "answers", ojson::value_t::array);
+          for (std::size_t k = 0; k < as.size(); ++k) r.answers.push_back(str(where, as[k], fmt::format("answers[{}]", k), "text"));
+          if (r.answers.empty())
+            fail(ErrorKind::format, "{}: \"answers\" is empty (SQuAD 2.0's unanswerable questions are not MeZO's "
+                 "SQuAD task, which reads v1.1)", where);
+          add(std::move(r), where,
+              fmt::format("Title: {}\nContext: {}\nQuestion: {}\nAnswer:", title, context,
+                          strip(str(where, qas[q], "", "question"))));
+        }
+      }
+    }
+  } else {  // drop
+    if (!root.is_object()) fail(ErrorKind::format, "{}: expected DROP's {{section id: {{...}}}}, found {}", f, root.type_name());
+    for (auto sec = root.begin(); sec != root.end(); ++sec) {
+      const std::string spath = sec.key();
+      const std::string passage = str(f, sec.value(), spath, "passage");
+      const ojson& qas = member(f, sec.value(), spath, "qa_pairs", ojson::value_t::array);
+      for (std::size_t q = 0; q < qas.size(); ++q) {
+        const std::string qpath = fmt::format("{}.qa_pairs[{}]", spath, q);
+        const std::string id = qas[q].is_object() && qas[q].contains("query_id") && qas[q]["query_id"].is_string()
+                                   ? qas[q]["query_id"].get<std::string>() : std::string("?");
+        const std::string where = fmt::format("{}: {} (query_id {})", f, qpath, id);
+        // HF datasets' DROP: the dev split's golds are "validated_answers", the train
+        // split's "answer"; here validated answers when there are any, else "answer". Each
+        // answer gives its number, its date "day month year" (blanks dropped), or its spans.
+        std::vector<ojson> golds;
+        const bool validated = qas[q].contains("validated_answers") && qas[q]["validated_answers"].is_array() &&
+                               !qas[q]["validated_answers"].empty();
+        if (validated) {
+          for (const auto& v : qas[q]["validated_answers"]) golds.push_back(v);
+        } else {
+          golds.push_back(member(where, qas[q], "", "answer", ojson::value_t::object));
+        }
+        Record r;
+        bool whole = true;  // every answer is exactly one of a number, a date, spans (HF's asserts)
+        for (std::size_t k = 0; k < golds.size(); ++k) {
+          const std::string gpath = validated ? fmt::format("validated_answers[{}]", k) : std::string("answer");
+          if (!golds[k].is_object())
+            fail(ErrorKind::format, "{}: \"{}\" must be an object, not {}", where, gpath, golds[k].type_name());
+          const std::string number = golds[k].contains("number") ? str(where, golds[k], gpath, "number") : "";
+          std::string date;
+          if (golds[k].contains("date")) {
+            const ojson& d = member(where, golds[k], gpath, "date", ojson::value_t::object);
+            std::vector<std::string> parts;
+            for (const char* key : {"day", "month", "year"})
+              parts.push_back(d.contains(key) ? str(where, d, gpath + ".date", key) : "");
+            date = strip(fmt::format("{} {} {}", parts[0], parts[1], parts[2]));
+            if (parts[0].empty() && parts[1].empty() && parts[2].empty()) date.clear();
+          }
+          std::vector<std::string> spans;
+          if (golds[k].contains("spans"))
+            for (const auto& s : member(where, golds[k], gpath, "spans", ojson::value_t::array)) {
+              if (!s.is_string())
+                fail(ErrorKind::format, "{}: \"{}.spans\" must hold strings, found {}", where, gpath, s.type_name());
+              spans.push_back(s.get<std::string>());
+            }
+          const int kinds = (number.empty() ? 0 : 1) + (date.empty() ? 0 : 1) + (spans.empty() ? 0 : 1);
+          if (kinds > 1) whole = false;
+          if (!number.empty()) r.answers.push_back(number);
+          if (!date.empty()) r.answers.push_back(date);
+          r.answers.insert(r.answers.end(), spans.begin(), spans.end());
+        }
+        if (!whole || r.answers.empty()) {  // HF datasets drops these (9 of train, 1 of dev)
+          if (skipped++ == 0) first_skipped = where;
+          continue;
+        }
+        add(std::move(r), where,
+            fmt::format("Passage: {}\nQuestion: {}\nAnswer:", passage, strip(str(where, qas[q], "", "question"))));
+      }
+    }
+  }
+  if (skipped > 0)
+    log_warn("{}: {} question(s) skipped, as HF datasets skips them: an answer with no number, date or span, or "
+             "with more than one of them (the first: {})", f, skipped, first_skipped);
+  if (out.empty()) fail(ErrorKind::format, "{}: no {} questions", f, task);
   return out;
 }
 
@@ -266,9 +631,13 @@ std::string_view data_format_name(DataFormat f) {
 }
 
 const std::vector<std::string>& task_names() {
-  static const std::vector<std::string> names{"sst2", "rte", "boolq", "cb", "copa"};
+  static const std::vector<std::string> names{"sst2", "rte",     "boolq",  "cb",    "copa", "wsc",
+                                               "wic",  "multirc", "record", "squad", "drop"};
   return names;
 }
+
+bool task_is_generation(const std::string& task) { return task == "squad" || task == "drop"; }
+bool task_trains_on_gold_only(const std::string& task) { return task == "copa" || task == "record"; }
 
 Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& config, const Tokenizer* tokenizer,
                       const DataOptions& options) {
@@ -324,6 +693,12 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
     if (options.task == "sst2") {
       records = read_sst2(file);
       d.format_ = DataFormat::options;
+    } else if (task_is_generation(options.task)) {
+      records = read_qa(file, options.task);
+      d.format_ = DataFormat::completion;
+    } else if (options.task == "wsc" || options.task == "wic" || options.task == "multirc" || options.task == "record") {
+      records = read_wsc_wic_multirc_record(file, options.task);
+      d.format_ = DataFormat::options;
     } else if (!options.task.empty()) {
       records = read_superglue(file, options.task);
       d.format_ = DataFormat::options;
@@ -348,24 +723,29 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
       Example& e = examples[i];
       e.line = r.line;
       e.label = r.label;
+      e.golds = r.golds;
+      e.answers = r.answers;
+      e.candidates = r.candidates;
+      e.question = r.question;
+      const std::string loc = r.where.empty() ? fmt::format("{}:{}", file.string(), r.line) : r.where;
       // The prompt's own length, encoded once per example (MeZO's option-length rule).
       const auto head = static_cast<std::int64_t>(format == DataFormat::text ? 0 : tokenizer->encode(r.prompt).size());
       auto scored_seq = [&](const std::string& tail) {
         const auto full = tokenizer->encode(r.prompt + tail);
         const std::int64_t scored = static_cast<std::int64_t>(full.size()) - head;
         if (scored <= 0)
-          fail(ErrorKind::format, "{}:{}: \"{}\" adds no tokens to the prompt", file.string(), r.line, tail);
+          fail(ErrorKind::format, "{}: \"{}\" adds no tokens to the prompt", loc, tail);
         std::vector<std::int32_t> ids = concat(prefix, full);
         const auto keep_prefix = static_cast<std::int64_t>(prefix.size());
         if (static_cast<std::int64_t>(ids.size()) > limit) {
           if (options.max_len <= 0)
             fail(ErrorKind::format,
-                 "{}:{}: {} tokens exceed the model's max_position_embeddings ({}); pass --max-len to truncate",
-                 file.string(), r.line, ids.size(), limit);
+                 "{}: {} tokens exceed the model's max_position_embeddings ({}); pass --max-len to truncate", loc,
+                 ids.size(), limit);
           if (scored + keep_prefix + 1 > limit)
             fail(ErrorKind::invalid_argument,
-                 "{}:{}: the scored part alone is {} tokens; with the prompt it does not fit --max-len {}",
-                 file.string(), r.line, scored, limit);
+                 "{}: the scored part alone is {} tokens; with the prompt it does not fit --max-len {}", loc,
+                 scored, limit);
           const auto drop = static_cast<std::int64_t>(ids.size()) - limit;
           ids.erase(ids.begin() + keep_prefix, ids.begin() + keep_prefix + drop);
           cut[i] = 1;
@@ -492,7 +872,7 @@ std::int64_t Dataset::stream_index(std::int64_t position) const {
 HostBatch Dataset::train_batch(std::int64_t step, int batch_size) const {
   std::vector<std::int64_t> ex(static_cast<std::size_t>(batch_size));
   for (int j = 0; j < batch_size; ++j) ex[static_cast<std::size_t>(j)] = stream_index(step * batch_size + j);
-  return collate(ex);
+  return collate(ex, format_ == DataFormat::options && task_trains_on_gold_only(options_.task));
 }
 
 HostBatch Dataset::eval_batch(std::int64_t first, std::int64_t count) const {
@@ -501,10 +881,15 @@ HostBatch Dataset::eval_batch(std::int64_t first, std::int64_t count) const {
   return collate(ex);
 }
 
-HostBatch Dataset::collate(const std::vector<std::int64_t>& examples) const {
+HostBatch Dataset::collate(const std::vector<std::int64_t>& examples, bool gold_only) const {
+  // gold_only: one row per example, its correct candidate (MeZO's LM-style training).
+  auto seqs_of = [&](const Example& e) {
+    return gold_only ? std::span<const Example::Seq>(&e.seqs[static_cast<std::size_t>(e.label)], 1)
+                     : std::span<const Example::Seq>(e.seqs);
+  };
   int rows = 0, T = 0;
   for (auto i : examples)
-    for (const auto& s : example(i).seqs) {
+    for (const auto& s : seqs_of(example(i))) {
       ++rows;
       T = std::max(T, static_cast<int>(s.ids.size()));
     }
@@ -514,7 +899,7 @@ HostBatch Dataset::collate(const std::vector<std::int64_t>& examples) const {
   std::size_t row = 0;
   for (auto i : examples) {
     const Example& e = example(i);
-    for (const auto& s : e.seqs) {
+    for (const auto& s : seqs_of(e)) {
       const std::size_t len = s.ids.size();
       const std::size_t at = row * static_cast<std::size_t>(T) + (options_.left_padding ? T - len : 0);
       std::copy(s.ids.begin(), s.ids.end(), ids.begin() + static_cast<std::ptrdiff_t>(at));
@@ -529,7 +914,7 @@ HostBatch Dataset::collate(const std::vector<std::int64_t>& examples) const {
     answers.push_back(e.label);
   }
   HostBatch b = make_batch(config_, rows, T, ids, mask, labels);
-  if (format_ == DataFormat::options) set_option_groups(b, sizes, answers);
+  if (format_ == DataFormat::options && !gold_only) set_option_groups(b, sizes, answers);
   return b;
 }
 
@@ -538,6 +923,7 @@ EvalResult evaluate(Session& session, const Dataset& data, int batch_rows) {
   const std::int64_t per_batch = std::max<std::int64_t>(1, batch_rows / data.max_candidates());
   double sum = 0;
   std::int64_t correct = 0;
+  std::vector<int> predicted;  // options: the argmax candidate of each example, in order
   for (std::int64_t first = 0; first < data.size(); first += per_batch) {
     const HostBatch b = data.eval_batch(first, per_batch);
     std::vector<float> token_loss(static_cast<std::size_t>(b.tokens()));
@@ -570,19 +956,50 @@ EvalResult evaluate(Session& session, const Dataset& data, int batch_rows) {
         r.tokens += n;
         score.push_back(-s / static_cast<double>(n));
       }
-      const auto best = std::max_element(score.begin(), score.end());
+      const auto best = std::max_element(score.begin(), score.end());  // the first of ties, as np.argmax
       double se = 0;
       for (double x : score) se += std::exp(x - *best);
       sum += *best + std::log(se) - score[static_cast<std::size_t>(e.label)];
-      correct += (best - score.begin()) == e.label ? 1 : 0;
+      const int pick = static_cast<int>(best - score.begin());
+      // MeZO: a prediction is right when it is one of the correct candidates (ReCoRD's several).
+      correct += (e.golds.empty() ? pick == e.label : std::find(e.golds.begin(), e.golds.end(), pick) != e.golds.end())
+                     ? 1 : 0;
+      predicted.push_back(pick);
       ++r.examples;
     }
   }
   if (data.format() == DataFormat::options) {
     r.loss = r.examples > 0 ? sum / static_cast<double>(r.examples) : std::nan("");
     r.accuracy = r.examples > 0 ? static_cast<double>(correct) / static_cast<double>(r.examples) : std::nan("");
+    r.metrics.emplace_back("accuracy", r.accuracy);
+    if (data.task() == "multirc") {
+      std::vector<int> gold;
+      std::vector<std::int64_t> question;
+      for (std::int64_t i = 0; i < data.size(); ++i) {
+        gold.push_back(data.example(i).label);
+        question.push_back(data.example(i).question);
+      }
+      const auto m = metrics::multirc_scores(predicted, gold, question);
+      r.metrics.emplace_back("f1a", m.f1a);
+      r.metrics.emplace_back("em", m.em);
+    } else if (data.task() == "record") {
+      double f1 = 0, em = 0;
+      for (std::int64_t i = 0; i < data.size(); ++i) {
+        const Example& e = data.example(i);
+        const std::string& chosen = e.candidates[static_cast<std::size_t>(predicted[static_cast<std::size_t>(i)])];
+        f1 += metrics::qa_f1(chosen, e.answers);
+        em += metrics::qa_em(chosen, e.answers);
+      }
+      r.metrics.emplace_back("f1", r.examples > 0 ? f1 / static_cast<double>(r.examples) : std::nan(""));
+      r.metrics.emplace_back("em", r.examples > 0 ? em / static_cast<double>(r.examples) : std::nan(""));
+    }
   } else {
     r.loss = r.tokens > 0 ? sum / static_cast<double>(r.tokens) : std::nan("");
+    if (task_is_generation(data.task()))
+      r.note = fmt::format(
+          "{}'s metric (F1/EM of the greedy generation, up to 50 new tokens, stopping at a newline, as MeZO) needs "
+          "`zo2-tune generate`, which is not available yet; this is the loss of the gold answer's tokens",
+          data.task());
   }
   return r;
 }

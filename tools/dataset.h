@@ -12,7 +12,15 @@
 //        is prompt + option, scored by the mean log-likelihood of the option's tokens,
 //        trained as cross-entropy over candidates, evaluated by the accuracy of the argmax;
 //  - MeZO's task presets reading the standard files (--task): sst2 (GLUE TSV), rte, boolq,
-//    cb, copa (SuperGLUE JSONL), with MeZO's prompt templates (README "Data and tasks").
+//    cb, copa, wsc, wic, multirc, record (SuperGLUE JSONL; MultiRC and ReCoRD nested as
+//    SuperGLUE ships them, flattened as HF datasets does: one example per answer option /
+//    per query), squad (SQuAD v1.1 JSON), drop (DROP JSON), with MeZO's prompt templates
+//    (README "Data and tasks"). Classification and multiple-choice tasks are options data;
+//    squad and drop are prompt/completion data (the completion is " {first gold answer}\n",
+//    MeZO's training target) whose examples keep every gold answer for F1/EM. copa and
+//    record train as MeZO's mezo.sh runs them (--train_as_classification False): the loss
+//    of the correct option's tokens alone; the other option tasks train as cross-entropy
+//    over the candidates; evaluation scores every candidate in all of them.
 //
 // Tokenization follows MeZO: a sequence is the tokenizer's special prefix (BOS) followed by
 // encode(prompt + completion); the scored tokens are the last len(encode(prompt +
@@ -35,6 +43,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace zo2::cli {
@@ -44,6 +53,10 @@ std::string_view data_format_name(DataFormat f);
 
 // The task presets (names for --task), and "" (the format follows the file).
 const std::vector<std::string>& task_names();
+// squad and drop: MeZO evaluates them by greedy generation (F1/EM of the generated answer).
+bool task_is_generation(const std::string& task);
+// copa and record: trained on the correct option's tokens alone (MeZO's mezo.sh).
+bool task_trains_on_gold_only(const std::string& task);
 
 struct DataOptions {
   std::string task;             // "" or one of task_names()
@@ -63,7 +76,11 @@ struct Example {
   };
   std::vector<Seq> seqs;
   int label = -1;         // options: index of the correct candidate
-  std::int64_t line = 0;  // 1-based line (row for safetensors) in the source file
+  std::int64_t line = 0;  // 1-based line (row for safetensors; question for squad/drop) in the source file
+  std::vector<int> golds;               // record: every correct candidate (empty: just `label`)
+  std::vector<std::string> answers;     // squad, drop, record: the gold answers' texts
+  std::vector<std::string> candidates;  // record: the candidates' entities, in option order
+  std::int64_t question = -1;           // multirc: the question this answer option belongs to
 };
 
 class Dataset {
@@ -73,6 +90,7 @@ class Dataset {
                       const DataOptions& options);
 
   DataFormat format() const { return format_; }
+  const std::string& task() const { return options_.task; }
   const std::string& source() const { return source_; }
   std::int64_t size() const { return static_cast<std::int64_t>(examples_.size()); }
   const Example& example(std::int64_t i) const { return examples_[static_cast<std::size_t>(i)]; }
@@ -87,7 +105,7 @@ class Dataset {
   HostBatch eval_batch(std::int64_t first, std::int64_t count) const;
 
  private:
-  HostBatch collate(const std::vector<std::int64_t>& examples) const;
+  HostBatch collate(const std::vector<std::int64_t>& examples, bool gold_only = false) const;
   std::int64_t stream_index(std::int64_t position) const;
 
   ModelConfig config_;
@@ -108,6 +126,11 @@ struct EvalResult {
   double accuracy = -1;  // options only
   std::int64_t examples = 0;
   std::int64_t tokens = 0;  // scored tokens
+  // The task's metrics (tools/task_metrics.h), MeZO's first: accuracy for the option
+  // tasks; multirc adds SuperGLUE's f1a and em, record its f1 and em of the chosen entity.
+  std::vector<std::pair<std::string, double>> metrics;
+  // squad, drop: why their metric (F1/EM of a greedy generation) is not in `metrics`.
+  std::string note;
 };
 
 }  // namespace zo2::cli

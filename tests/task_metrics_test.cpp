@@ -1,0 +1,91 @@
+// MeZO's task metrics (tools/task_metrics.h) on hand-computed cases, each worked out from
+// the definitions of SQuAD v1.1's evaluate-v1.1.py (normalize_answer, f1_score,
+// exact_match_score), MeZO's large_models/metrics.py (max over gold answers; the
+// "CANNOTANSWER"/"no answer" case) and SuperGLUE's MultiRC F1a/EM.
+#include "tools/task_metrics.h"
+
+#include <gtest/gtest.h>
+
+namespace zo2::cli::metrics {
+namespace {
+
+TEST(TaskMetrics, NormalizationLowersDropsPunctuationArticlesAndExtraSpace) {
+  EXPECT_EQ(normalize_answer("The Quick, Brown  fox!"), "quick brown fox");
+  EXPECT_EQ(normalize_answer("an apple a day"), "apple day");
+  // Articles only as whole words: "theater", "another", "Ana" stay.
+  EXPECT_EQ(normalize_answer("the theater, another Ana"), "theater another ana");
+  // Punctuation goes first, so "A.N. Other" becomes "an other" and then loses "an".
+  EXPECT_EQ(normalize_answer("A.N. Other"), "other");
+  // Punctuation inside a word joins it (no space is left): "1,000" == "1000", "24.0" == "240".
+  EXPECT_EQ(normalize_answer("1,000"), "1000");
+  EXPECT_EQ(normalize_answer("24.0"), "240");
+  EXPECT_EQ(normalize_answer("state-of-the-art"), "stateoftheart");
+  // Python 3 str semantics beyond ASCII: lower() of Latin capitals, \b around non-ASCII
+  // letters (é is a word character, so "thé" keeps its "th"), split() on a no-break space.
+  EXPECT_EQ(normalize_answer("\xC3\x89" "COLE \xC3\x9C" "ber"), "\xC3\xA9" "cole \xC3\xBC" "ber");
+  EXPECT_EQ(normalize_answer("th\xC3\xA9 the"), "th\xC3\xA9");
+  EXPECT_EQ(normalize_answer("New\xC2\xA0York"), "new york");
+  // Non-ASCII punctuation is not in string.punctuation: it stays (a dash is not a word char).
+  EXPECT_EQ(normalize_answer("a\xE2\x80\x94the"), "\xE2\x80\x94");
+  EXPECT_EQ(normalize_answer(""), "");
+  EXPECT_EQ(normalize_answer("The."), "");
+}
+
+TEST(TaskMetrics, TokenF1CountsSharedTokensWithMultiplicity) {
+  // pred [cat, sat], gold [cat, sat, on, mat]: P = 1, R = 1/2, F1 = 2/3.
+  EXPECT_DOUBLE_EQ(token_f1("the cat sat", "a cat sat on the mat"), 2.0 / 3.0);
+  // Counter intersection: [cat, cat, dog] & [cat, dog, dog] = {cat: 1, dog: 1}: P = R = 2/3.
+  EXPECT_DOUBLE_EQ(token_f1("cat cat dog", "cat dog dog"), 2.0 / 3.0);
+  EXPECT_DOUBLE_EQ(token_f1("Denver Broncos", "the Denver Broncos"), 1.0);
+  EXPECT_DOUBLE_EQ(token_f1("Broncos", "Denver Broncos"), 2.0 * 1.0 * 0.5 / 1.5);
+  EXPECT_DOUBLE_EQ(token_f1("", "Denver"), 0.0);
+  // Both empty after normalization: nothing is shared, so 0 (v1.1's rule; v2.0 would give 1),
+  // while exact match says 1 ("" == "").
+  EXPECT_DOUBLE_EQ(token_f1("a", "the"), 0.0);
+  EXPECT_DOUBLE_EQ(qa_em("a", {"the"}), 1.0);
+}
+
+TEST(TaskMetrics, QaF1AndEmTakeTheBestGoldAnswer) {
+  const std::vector<std::string> golds{"The Denver Broncos", "Denver Broncos", "Broncos of Denver"};
+  EXPECT_DOUBLE_EQ(qa_f1("Broncos", golds), 2.0 / 3.0);  // best: "Denver Broncos" (P 1, R 1/2)
+  EXPECT_DOUBLE_EQ(qa_em("Broncos", golds), 0.0);
+  EXPECT_DOUBLE_EQ(qa_f1("denver broncos.", golds), 1.0);
+  EXPECT_DOUBLE_EQ(qa_em("denver broncos.", golds), 1.0);
+  EXPECT_DOUBLE_EQ(qa_f1("x", {}), 0.0);
+  EXPECT_DOUBLE_EQ(qa_em("x", {}), 0.0);
+  // DROP through MeZO: the spans of every validated answer are alternative golds, and the
+  // numbers get no DROP normalization: "24.0" is "240", not 24.
+  const std::vector<std::string> drop{"Smith", "Jones", "Smith"};
+  EXPECT_DOUBLE_EQ(qa_f1("Jones", drop), 1.0);
+  EXPECT_DOUBLE_EQ(qa_f1("Smith and Jones", drop), 2.0 * (1.0 / 3.0) * 1.0 / (1.0 / 3.0 + 1.0));
+  EXPECT_DOUBLE_EQ(qa_f1("24.0", {"24"}), 0.0);
+  EXPECT_DOUBLE_EQ(qa_f1("1,000", {"1000"}), 1.0);
+  EXPECT_DOUBLE_EQ(qa_f1("24 points", {"24"}), 2.0 * 0.5 * 1.0 / 1.5);
+}
+
+TEST(TaskMetrics, NoAnswerGoldsAreScoredByExactMatch) {
+  // MeZO: the first gold "no answer" / "CANNOTANSWER" makes F1 an exact match with it.
+  EXPECT_DOUBLE_EQ(qa_f1("No answer.", {"no answer"}), 1.0);
+  EXPECT_DOUBLE_EQ(qa_f1("no", {"no answer"}), 0.0);  // token F1 would be 2/3
+  EXPECT_DOUBLE_EQ(qa_f1("CANNOTANSWER", {"CANNOTANSWER", "x"}), 1.0);
+  EXPECT_DOUBLE_EQ(qa_f1("x", {"CANNOTANSWER", "x"}), 0.0);  // the other golds are not looked at
+  // Only the first gold triggers it.
+  EXPECT_DOUBLE_EQ(qa_f1("no", {"x", "no answer"}), 2.0 / 3.0);
+}
+
+TEST(TaskMetrics, MultiRCF1aOverOptionsAndEmOverQuestions) {
+  // Options of questions 0, 0, 1, 2: tp 2, fp 0, fn 1 → F1a = 4/5; question 0 has a wrong
+  // option → EM 2/3.
+  const auto s = multirc_scores({1, 0, 1, 0}, {1, 1, 1, 0}, {0, 0, 1, 2});
+  EXPECT_DOUBLE_EQ(s.f1a, 0.8);
+  EXPECT_DOUBLE_EQ(s.em, 2.0 / 3.0);
+  // No true positive: F1a 0 (sklearn's zero_division for binary F1), EM still counted.
+  const auto z = multirc_scores({0, 0}, {0, 1}, {5, 7});
+  EXPECT_DOUBLE_EQ(z.f1a, 0.0);
+  EXPECT_DOUBLE_EQ(z.em, 0.5);
+  // One false positive: P 1/2, R 1 → 2/3.
+  EXPECT_DOUBLE_EQ(multirc_scores({1, 1}, {1, 0}, {0, 0}).f1a, 2.0 / 3.0);
+}
+
+}  // namespace
+}  // namespace zo2::cli::metrics
