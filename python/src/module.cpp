@@ -521,6 +521,9 @@ Choices make_choices(py::handle group_sizes, py::handle group_labels) {
 }
 
 std::unique_ptr<Session> make_session(py::handle model, const py::kwargs& kw) {
+  auto S = std::make_unique<Session>();
+  S->P = parse_params(kw);  // the keywords first: a typo fails before anything is read
+  S->P.fix_pointers();
   std::unique_ptr<Model> owned;
   Model* m;
   if (py::isinstance<Model>(model)) {
@@ -529,9 +532,6 @@ std::unique_ptr<Session> make_session(py::handle model, const py::kwargs& kw) {
     owned = load_model(model, true);  // a path: loaded for this session, freed right after
     m = owned.get();
   }
-  auto S = std::make_unique<Session>();
-  S->P = parse_params(kw);
-  S->P.fix_pointers();
   S->model_path = m->path;
   zo2_model* mm = m->get();
   int rc;

@@ -1,0 +1,375 @@
+"""zo2.Session against the C API, parameter round trips, arrays, threads and Ctrl-C."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import zo2
+
+
+def batch(vocab, n_seq=2, n_tokens=16, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, (n_seq, n_tokens)).astype(np.int32)
+
+
+def bits(x):
+    return int(np.float32(x).view(np.uint32))
+
+
+def test_step_equals_c_api_bit_for_bit(tiny, capi_ref, tmp_path):
+    model = zo2.Model.load(tiny)
+    ids = batch(model.n_vocab)
+    (tmp_path / "ids.bin").write_bytes(ids.astype("<i4").tobytes())
+    ref = subprocess.run([str(capi_ref), str(tiny), str(tmp_path / "ids.bin"), "2", "16", "6", "0.001", "0.001", "7"],
+                         check=True, capture_output=True, text=True).stdout.splitlines()
+    steps = [[int(w, 16) for w in line.split()] for line in ref[:6]]
+    ref_eval = int(ref[6].split()[1], 16)
+    ref_lp = [int(w, 16) for w in ref[7].split()[1:]]
+    # The same steps through Python, with the ids as int32 (no copy) and as int64 (converted).
+    for arr in (ids, ids.astype(np.int64)):
+        with zo2.Session(model, lr=0.001, eps=0.001, seed=7, max_seqs=2, max_seq_len=16) as s:
+            got = []
+            for _ in range(6):
+                r = s.step(arr)
+                got.append([bits(r.loss_plus), bits(r.loss_minus), bits(r.projected_grad)])
+            assert got == steps
+            assert bits(s.eval(arr)) == ref_eval
+            lp = s.token_logprobs(arr)
+            assert lp.dtype == np.float32 and lp.shape == (2, 16)
+            assert [int(v) for v in lp.view(np.uint32).ravel()] == ref_lp
+            assert s.step_index == 6
+
+
+def test_step_result_fields(tiny):
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=16) as s:
+        r = s.step(batch(512))
+        assert r.step == 0
+        assert r.projected_grad == pytest.approx((r.loss_plus - r.loss_minus) / (2 * 1e-3), rel=1e-2)
+        assert r.loss == pytest.approx((r.loss_plus + r.loss_minus) / 2)
+        assert "loss_plus" in repr(r)
+        assert s.step(batch(512)).step == 1
+
+
+# Every session parameter: a non-default value in, the same value out of .params, and its
+# effect visible through the C API where one is observable.
+ROUND_TRIPS = {
+    "lr": (2e-3, float(np.float32(2e-3))),
+    "eps": (5e-4, float(np.float32(5e-4))),
+    "weight_decay": (0.01, float(np.float32(0.01))),
+    "seed": (2**63 + 5, 2**63 + 5),
+    "device": ("cpu", "cpu"),
+    "gpu_mem": ("64M", 64 << 20),
+    "offload": ("all", "all"),
+    "window": (2, 2),
+    "storage_dtype": ("bf16", "bf16"),
+    "compute_dtype": ("fp32", "fp32"),
+    "n_threads": (1, 1),
+    "max_seqs": (3, 3),
+    "max_seq_len": (8, 8),
+    "training": (False, False),
+    "seed_log": ("SEEDLOG", "SEEDLOG"),
+    "seed_log_append": (True, True),
+    "first_step": (4, 4),
+    "save_dtype": ("bf16", "bf16"),
+    "save_shard_size": ("1M", 1 << 20),
+}
+
+
+def test_every_parameter_is_covered():
+    with pytest.raises(TypeError) as e:
+        zo2.Session("unused", no_such_parameter=1)
+    listed = str(e.value).split("(the parameters: ")[1].rstrip(")").split(", ")
+    assert sorted(listed) == sorted(ROUND_TRIPS)
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIPS))
+def test_parameter_round_trips(tiny, tmp_path, name):
+    value, expected = ROUND_TRIPS[name]
+    if name == "seed_log":
+        value = expected = str(tmp_path / "seeds.jsonl")
+    kw = {"max_seqs": 2, "max_seq_len": 16}
+    kw[name] = value
+    if name == "seed_log_append":
+        kw["seed_log"] = str(tmp_path / "seeds.jsonl")
+    defaults = zo2.Session(tiny, max_seqs=2, max_seq_len=16).params
+    with zo2.Session(tiny, **kw) as s:
+        p = s.params
+        assert p[name] == expected
+        assert set(p) == set(ROUND_TRIPS)
+        for other in p:
+            if other not in kw:
+                assert p[other] == defaults[other], other
+        plan = s.plan()
+        if name == "offload":
+            assert plan.n_streamed == plan.n_blocks
+        if name == "window":
+            assert plan.window in (0, 2)
+        if name == "first_step":
+            assert s.step_index == 4
+        if name == "training":
+            with pytest.raises(zo2.InvalidArgumentError):
+                s.step(batch(512, 2, 16))
+        if name == "max_seqs":
+            s.step(batch(512, 3, 16))
+            with pytest.raises(zo2.InvalidArgumentError, match="max_seqs = 3"):
+                s.step(batch(512, 4, 16))
+        if name == "seed_log":
+            s.step(batch(512))
+            assert '"step":0' in open(value).read().replace(" ", "")
+        if name == "lr":
+            s.set_lr(0.5)
+            assert s.params["lr"] == 0.5
+
+
+def test_set_lr_refuses_bad_values(tiny):
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=16) as s:
+        for bad in (-1.0, float("nan"), float("inf"), 1e39):
+            with pytest.raises(zo2.InvalidArgumentError, match="lr"):
+                s.set_lr(bad)
+        assert s.params["lr"] == float(np.float32(1e-3))
+
+
+ERRORS = [
+    (dict(lr=-1.0), zo2.InvalidArgumentError, "zo2_session_init: lr -1"),
+    (dict(lr=1e39), zo2.InvalidArgumentError, "lr 1e+39"),
+    (dict(eps=0.0), zo2.InvalidArgumentError, "eps 0"),
+    (dict(eps=2.0), zo2.InvalidArgumentError, "eps 2"),
+    (dict(weight_decay=-0.5), zo2.InvalidArgumentError, "weight_decay"),
+    (dict(window=0), zo2.InvalidArgumentError, "window 0"),
+    (dict(window=2**40), zo2.InvalidArgumentError, "window"),
+    (dict(max_seqs=0), zo2.InvalidArgumentError, "max_seqs 0"),
+    (dict(max_seq_len=10**6), zo2.InvalidArgumentError, "max_position_embeddings"),
+    (dict(device="tpu"), zo2.InvalidArgumentError, "device 'tpu'"),
+    (dict(offload="some"), zo2.InvalidArgumentError, "offload 'some'"),
+    (dict(storage_dtype="int3"), zo2.InvalidArgumentError, "storage_dtype 'int3' is not a known dtype"),
+    (dict(storage_dtype="fp64"), zo2.UnsupportedError, "storage_dtype 'fp64' is not supported"),
+    (dict(compute_dtype="bf16"), zo2.UnsupportedError, "bf16"),
+    (dict(gpu_mem="12Q"), zo2.InvalidArgumentError, "gpu_mem: '12Q'"),
+    (dict(gpu_mem=4096), zo2.OutOfMemoryError, "minimum"),
+    (dict(save_shard_size=0), zo2.InvalidArgumentError, "save_shard_bytes 0"),
+    (dict(seed=-1), zo2.InvalidArgumentError, "seed -1"),
+    (dict(first_step=-2), zo2.InvalidArgumentError, "first_step -2"),
+    (dict(seed_log=""), zo2.InvalidArgumentError, "seed_log_path is empty"),
+    (dict(lr="fast"), zo2.InvalidArgumentError, "lr must be a number"),
+]
+
+
+@pytest.mark.parametrize("kw,cls,message", ERRORS, ids=[repr(e[0]) for e in ERRORS])
+def test_session_errors(tiny, kw, cls, message):
+    with pytest.raises(cls) as e:
+        zo2.Session(tiny, **{"max_seqs": 2, "max_seq_len": 16, **kw})
+    assert message in str(e.value)
+    assert isinstance(e.value, zo2.Error) and e.value.status == cls.status
+
+
+def test_file_errors(tmp_path, tiny):
+    with pytest.raises(zo2.FileIOError, match="config.json") as e:
+        zo2.Model.load(tmp_path / "missing")
+    assert isinstance(e.value, OSError)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{ not json")
+    with pytest.raises(zo2.FormatError, match="config.json"):
+        zo2.Model.load(bad)
+    with pytest.raises(zo2.FileIOError):
+        zo2.Tokenizer.from_dir(tmp_path / "missing")
+
+
+def test_device_error_without_cuda(tiny):
+    try:
+        s = zo2.Session(tiny, device="cuda:63", max_seqs=1, max_seq_len=8)
+    except zo2.DeviceError as e:
+        assert "cuda" in str(e).lower()
+    else:  # pragma: no cover - a machine with 64 GPUs
+        s.close()
+
+
+def test_batch_errors_change_nothing(tiny):
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=16) as s:
+        ids = batch(512)
+        s.step(ids)
+        bad = ids.copy()
+        bad[0, 3] = 512
+        with pytest.raises(zo2.InvalidArgumentError, match="512"):
+            s.step(bad)
+        with pytest.raises(zo2.InvalidArgumentError, match="outside int32"):
+            s.step(ids.astype(np.int64) + 2**32)
+        with pytest.raises(zo2.InvalidArgumentError, match="dtype"):
+            s.step(ids.astype(np.float32))
+        with pytest.raises(zo2.InvalidArgumentError, match="attention_mask has shape"):
+            s.step(ids, attention_mask=np.ones((2, 15), np.int32))
+        with pytest.raises(zo2.InvalidArgumentError, match="n_tokens 17"):
+            s.step(batch(512, 2, 17))
+        with pytest.raises(zo2.InvalidArgumentError, match="nothing to predict|no target"):
+            s.step(ids, labels=np.full_like(ids, -100))
+        assert s.step_index == 1
+        s.step(ids)
+        assert s.step_index == 2
+    with pytest.raises(zo2.InvalidArgumentError, match="closed"):
+        s.step(ids)
+
+
+def test_masks_labels_and_layouts(tiny):
+    ids = batch(512)
+    mask = np.ones_like(ids)
+    mask[1, 10:] = 0
+    labels = ids.copy()
+    labels[:, :4] = -100
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16, training=False) as s:
+        base = s.eval(ids, attention_mask=mask, labels=labels)
+        assert s.eval(ids, attention_mask=mask.astype(bool), labels=labels.astype(np.int64)) == base
+        assert s.eval(np.asfortranarray(ids), attention_mask=mask, labels=labels) == base
+        assert s.eval(ids.tolist(), attention_mask=mask.tolist(), labels=labels.tolist()) == base
+        assert s.eval(ids[0]) == s.eval(ids[:1])
+        lp = s.token_logprobs(ids, attention_mask=mask)
+        assert (lp[1, 9:] == 0).all() and (lp[:, -1] == 0).all() and (lp[0, :-1] < 0).all()
+
+
+def test_choices(tiny):
+    ids = batch(512, 4, 12)
+    labels = np.full_like(ids, -100)
+    labels[:, -2:] = ids[:, -2:]
+    with zo2.Session(tiny, lr=1e-3, max_seqs=4, max_seq_len=12) as s:
+        loss = s.eval_choices(ids, [2, 2], [0, 1], labels=labels)
+        r = s.step_choices(ids, group_sizes=[2, 2], group_labels=[0, 1], labels=labels)
+        assert np.isfinite([loss, r.loss_plus, r.loss_minus]).all()
+        with pytest.raises(zo2.InvalidArgumentError):
+            s.step_choices(ids, [2, 1], [0, 0], labels=labels)
+        with pytest.raises(zo2.InvalidArgumentError, match="group_labels has 1"):
+            s.step_choices(ids, [2, 2], [0], labels=labels)
+        assert s.step_index == 1
+
+
+def test_save_and_reload(tiny, tmp_path):
+    ids = batch(512)
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=16) as s:
+        for _ in range(3):
+            s.step(ids)
+        loss = s.eval(ids)
+        s.save(tmp_path / "run")
+        with pytest.raises(zo2.InvalidArgumentError):
+            s.save(tiny)  # the plain checkpoint it was loaded from
+    with zo2.Model.load(tmp_path / "run") as m, zo2.Session(m, max_seqs=2, max_seq_len=16, training=False) as s2:
+        assert bits(s2.eval(ids)) == bits(loss)
+    assert m.closed
+
+
+def test_plan(tiny):
+    p = zo2.plan(tiny, max_seqs=2, max_seq_len=16, gpu_mem="64M", offload="all")
+    assert p.n_blocks == 2 and p.n_streamed == 2 and p.device_bytes <= p.cap_bytes == 64 << 20
+    with pytest.raises(zo2.OutOfMemoryError) as e:
+        zo2.plan(tiny, max_seqs=2, max_seq_len=16, gpu_mem=4096)
+    assert e.value.minimum_cap_bytes > 4096 and e.value.n_blocks == 2
+
+
+def test_torch_tensors(tiny):
+    torch = pytest.importorskip("torch")
+    ids = batch(512)
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16, training=False) as s:
+        ref = s.eval(ids)
+        assert s.eval(torch.from_numpy(ids)) == ref
+        assert s.eval(torch.from_numpy(ids).long(), attention_mask=torch.ones(2, 16, dtype=torch.bool)) == ref
+
+
+def _run(session, ids, n):
+    return [(bits(r.loss_plus), bits(r.loss_minus), bits(r.projected_grad)) for r in (session.step(ids) for _ in range(n))]
+
+
+def test_two_sessions_two_threads(tiny):
+    ids = [batch(512, 4, 16, seed=1), batch(512, 4, 16, seed=2)]
+    kw = dict(lr=1e-3, max_seqs=4, max_seq_len=16, n_threads=1)
+    expected = []
+    for i in range(2):
+        with zo2.Session(tiny, seed=i, **kw) as s:
+            expected.append(_run(s, ids[i], 8))
+    sessions = [zo2.Session(tiny, seed=i, **kw) for i in range(2)]
+    got = [None, None]
+    barrier = threading.Barrier(2)
+
+    def worker(i):
+        barrier.wait()
+        got[i] = _run(sessions[i], ids[i], 8)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+    for s in sessions:
+        s.close()
+
+
+def test_one_session_from_two_threads_is_serialized(tiny):
+    ids = batch(512)
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=16) as s:
+        threads = [threading.Thread(target=lambda: [s.step(ids) for _ in range(5)]) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert s.step_index == 10
+
+
+def test_steps_release_the_gil(tiny):
+    # With a huge switch interval this thread never gives up the GIL by itself: the spinner
+    # can only run while a step has released it.
+    counter = [0]
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            counter[0] += 1
+            stop.wait(0.0001)
+
+    ids = batch(512, 8, 64)
+    old = sys.getswitchinterval()
+    with zo2.Session(tiny, lr=1e-3, max_seqs=8, max_seq_len=64, n_threads=1) as s:
+        t = threading.Thread(target=spin)
+        t.start()
+        try:
+            sys.setswitchinterval(1000)
+            during = 0
+            for _ in range(20):
+                before = counter[0]
+                s.step(ids)
+                during += counter[0] - before
+        finally:
+            sys.setswitchinterval(old)
+            stop.set()
+            t.join()
+    assert during > 0
+
+
+def test_ctrl_c_stops_a_step_loop_cleanly(tiny, tmp_path):
+    ids = batch(512)
+    done = 0
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=16) as s:
+        with pytest.raises(KeyboardInterrupt):
+            for i in range(100000):
+                s.step(ids)
+                done += 1
+                if i == 3:
+                    os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: Python's handler runs
+        assert s.step_index in (done, done + 1)
+        s.step(ids)  # still usable
+        s.save(tmp_path / "after-ctrl-c")
+    assert (tmp_path / "after-ctrl-c" / "config.json").exists()
+
+
+def test_tokenizer(tune):
+    from conftest import SOURCE
+    tok = zo2.Tokenizer.from_dir(SOURCE / "data" / "gpt2")
+    text = "Hello world, zeroth-order tuning!"
+    cli = subprocess.run([str(tune), "tokenize", "--tokenizer", str(SOURCE / "data" / "gpt2"), "--text", text],
+                         check=True, capture_output=True, text=True).stdout
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids == [int(x) for x in cli.strip()[1:-1].split(",")]
+    assert tok.decode(ids) == text
+    assert tok.decode(np.asarray(ids, np.int64), as_bytes=True) == text.encode()
+    assert tok.vocab_size == 50257 and tok.kind
+    assert tok.token_to_id("Hello") == ids[0] and tok.id_to_token(ids[0]) == "Hello"
+    assert tok.encode(text) == tok.special_prefix + ids

@@ -1,0 +1,140 @@
+"""zo2.train: zo2-tune's train in-process, progress, stopping, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import types
+
+import pytest
+
+import zo2
+
+FLAGS = dict(steps=12, batch_size=4, lr=1e-3, eps=1e-3, seed=3, lr_schedule="linear", warmup_steps=2)
+
+
+def cli_flags(d):
+    out = []
+    for k, v in d.items():
+        out += ["--" + k.replace("_", "-"), str(v)]
+    return out
+
+
+def weights(run):
+    return (run / "model.safetensors").read_bytes()
+
+
+def seed_steps(run):
+    return [line for line in (run / "seed_log.jsonl").read_text().splitlines() if '"step"' in line]
+
+
+def test_train_equals_the_cli(tune, tiny, synth, tmp_path):
+    subprocess.run([str(tune), "-q", "train", "--model", str(tiny), "--data", str(synth), "--out",
+                    str(tmp_path / "cli"), *cli_flags(FLAGS)], check=True)
+    records = []
+    r = zo2.train(tiny, data=synth, out=tmp_path / "py", progress=records.append, **FLAGS)
+    assert weights(tmp_path / "py") == weights(tmp_path / "cli")
+    assert seed_steps(tmp_path / "py") == seed_steps(tmp_path / "cli")
+    assert [rec["step"] for rec in records] == list(range(1, 13))
+    assert r.steps == records and not r.stopped and r.final_loss == records[-1]["loss"]
+    assert r.out == tmp_path / "py"
+
+
+def test_mezo_names_and_flags(tiny, synth, tmp_path):
+    r = zo2.train(tiny, data=synth, out=tmp_path / "a", max_steps=3, learning_rate=1e-3, zo_eps=1e-3,
+                  per_device_train_batch_size=2, shuffle=False, progress=False)
+    assert len(r.steps) == 3 and r.steps[0]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(zo2.InvalidArgumentError, match="already holds a run"):
+        zo2.train(tiny, data=synth, out=tmp_path / "a", steps=3, progress=False)
+    r = zo2.train(tiny, data=synth, out=tmp_path / "a", steps=2, overwrite=True, progress=False)
+    assert len(r.steps) == 2
+
+
+def test_stop_from_callback_then_resume(tiny, synth, tmp_path):
+    zo2.train(tiny, data=synth, out=tmp_path / "full", progress=False, **FLAGS)
+    r = zo2.train(tiny, data=synth, out=tmp_path / "part", progress=lambda rec: rec["step"] < 4, **FLAGS)
+    assert r.stopped and 4 <= len(r.steps) < 12
+    state = json.loads((tmp_path / "part" / "zo2_state.json").read_text())
+    assert state["next_step"] == len(r.steps)
+    r2 = zo2.train(out=tmp_path / "part", resume=tmp_path / "part", progress=False)
+    assert r2.steps[0]["step"] == len(r.steps) + 1 and r2.steps[-1]["step"] == 12
+    assert weights(tmp_path / "part") == weights(tmp_path / "full")
+
+
+def test_callback_exception_is_reraised_after_saving(tiny, synth, tmp_path):
+    def boom(rec):
+        if rec["step"] == 2:
+            raise RuntimeError("from the callback")
+
+    with pytest.raises(RuntimeError, match="from the callback"):
+        zo2.train(tiny, data=synth, out=tmp_path / "x", progress=boom, **FLAGS)
+    assert (tmp_path / "x" / "zo2_state.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_saves_and_raises_keyboard_interrupt(tiny, synth, tmp_path):
+    def interrupt(rec):
+        if rec["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: train's handler is installed while it runs
+
+    with pytest.raises(KeyboardInterrupt):
+        zo2.train(tiny, data=synth, out=tmp_path / "c", progress=interrupt, **{**FLAGS, "steps": 100000})
+    state = json.loads((tmp_path / "c" / "zo2_state.json").read_text())
+    assert 2 <= state["next_step"] < 100000
+    # Python's handler is back: a later Ctrl-C raises KeyboardInterrupt again.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+
+
+def test_errors(tiny, synth, tmp_path):
+    with pytest.raises(zo2.InvalidArgumentError, match=r"--steps 0: must be an integer"):
+        zo2.train(tiny, data=synth, out=tmp_path / "e", steps=0)
+    with pytest.raises(zo2.InvalidArgumentError, match="--lr"):
+        zo2.train(tiny, data=synth, out=tmp_path / "e", lr=-1.0)
+    with pytest.raises(zo2.InvalidArgumentError, match="--out .* is the model directory"):
+        zo2.train(tiny, data=synth, out=tiny)
+    with pytest.raises(TypeError, match="unknown option 'stepz'"):
+        zo2.train(tiny, data=synth, out=tmp_path / "e", stepz=3)
+    with pytest.raises(zo2.InvalidArgumentError, match="is a flag"):
+        zo2.train(tiny, data=synth, out=tmp_path / "e", overwrite="yes")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"prompt": "b", "completion": "c"}\n')
+    with pytest.raises(zo2.Error) as e:
+        zo2.train(tiny, data=bad, out=tmp_path / "e", steps=2)
+    assert "bad.jsonl" in str(e.value)
+    with pytest.raises(zo2.FileIOError):
+        zo2.train(tmp_path / "nope", data=synth, out=tmp_path / "e", steps=2)
+
+
+def test_log_json_and_tqdm(tiny, synth, tmp_path, monkeypatch):
+    updates = []
+
+    class FakeTqdm:
+        def __init__(self, total=None, **kw):
+            self.total, self.n = total, 0
+
+        def update(self, k):
+            self.n += k
+            updates.append(self.n)
+
+        def set_postfix(self, **kw):
+            pass
+
+        def close(self):
+            updates.append("closed")
+
+        @staticmethod
+        def write(s):
+            updates.append(s)
+
+    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=FakeTqdm))
+    r = zo2.train(tiny, data=synth, eval=synth, eval_every=3, out=tmp_path / "t", log_json=tmp_path / "log.jsonl",
+                  **{**FLAGS, "steps": 6})
+    assert updates[:1] == [1] and 6 in updates and updates[-1] == "closed"
+    assert any(isinstance(u, str) and u.startswith("eval after step 3") for u in updates)
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x for x in lines if "step" in x] == r.steps
+    assert [x["eval_after_step"] for x in r.evals] == [3, 6]
