@@ -3,13 +3,17 @@
 // MeZO's templates, truncation, clear errors with line numbers, tokenizer files carried
 // into checkpoints, exact resume with shuffling, and multiple-choice training that raises
 // the accuracy of a small learnable task.
+#include "models/safetensors.h"
 #include "models/tokenizer.h"
 #include "tests/test_util.h"
+#include "tools/task_metrics.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -374,19 +378,93 @@ TEST(Data, SquadAndDropTrainOnTheFirstGoldAnswerAndKeepThemAll) {
   EXPECT_EQ(answers, (std::vector<json>{json({"24"}), json({"Smith", "Jones", "Smith"}), json({"5 May 1990"}),
                                         json({"1990"}), json({"1066"})}));
 
-  // eval: the gold answers' loss, and a note that F1/EM needs generation.
-  const json e = w.eval(task_fixture("squad.json"), "--task squad", &lm);
+  // eval --max-new-tokens 0: the gold answers' loss, and a note that F1/EM needs generation.
+  const json e = w.eval(task_fixture("squad.json"), "--task squad --max-new-tokens 0", &lm);
   EXPECT_EQ(e.at("format"), "prompt/completion");
   EXPECT_EQ(e.at("examples"), 3);
   EXPECT_TRUE(std::isfinite(e.value("loss", std::nan(""))));
-  EXPECT_NE(e.value("note", std::string()).find("zo2-tune generate"), std::string::npos) << e.dump();
+  EXPECT_NE(e.value("note", std::string()).find("needs generation"), std::string::npos) << e.dump();
   EXPECT_FALSE(e.contains("f1"));
   std::string text;
-  EXPECT_EQ(run("eval --model " + lm.string() + " --data " + task_fixture("drop.json").string() + " --task drop",
+  EXPECT_EQ(run("eval --model " + lm.string() + " --data " + task_fixture("drop.json").string() +
+                    " --task drop --max-new-tokens 0",
                 &text),
             0)
       << text;
-  EXPECT_NE(text.find("needs `zo2-tune generate`, which is not available yet"), std::string::npos) << text;
+  EXPECT_NE(text.find("drop's metric (F1/EM of the greedy generation"), std::string::npos) << text;
+  EXPECT_EQ(text.find("eval: f1"), std::string::npos) << text;
+}
+
+// zo2-tune forward's logits [1, L, V] on one sequence.
+std::vector<float> forward_logits(const Workspace& w, const fs::path& model, const std::vector<std::int32_t>& ids) {
+  const fs::path in = w.tmp / "fwd_in.safetensors", out = w.tmp / "fwd_out.safetensors";
+  TensorToWrite t{"input_ids", DType::i32, {1, static_cast<std::int64_t>(ids.size())}, ids.data(), {}};
+  write_safetensors(in, std::span<const TensorToWrite>(&t, 1));
+  std::string log;
+  EXPECT_EQ(run("forward --model " + model.string() + " --inputs " + in.string() + " --out " + out.string() + " -q", &log),
+            0)
+      << log;
+  const auto f = SafetensorsFile::open(out);
+  const auto bytes = f.bytes("logits");
+  std::vector<float> v(bytes.size() / sizeof(float));
+  std::memcpy(v.data(), bytes.data(), bytes.size());
+  return v;
+}
+
+TEST(Data, SquadEvalDecodesGreedilyByRepeatedForwardsAndScoresMezoF1) {
+  Workspace w;
+  const fs::path lm = long_model(w);
+  const fs::path preds = w.tmp / "pred.jsonl";
+  const json e = w.eval(task_fixture("squad.json"),
+                        "--task squad --batch-size 1 --max-new-tokens 5 --predictions " + preds.string(), &lm);
+  ASSERT_TRUE(e.contains("f1") && e.contains("em")) << e.dump();
+  EXPECT_FALSE(e.contains("note")) << e.dump();
+  EXPECT_TRUE(std::isfinite(e.value("loss", std::nan(""))));  // the gold answers' loss too
+  const auto tok = Tokenizer::from_dir(lm);
+  const std::int32_t newline = tok->encode("\n").back();
+  const auto V = static_cast<std::size_t>(json::parse(read_file(lm / "config.json")).at("vocab_size").get<int>());
+  std::vector<json> rows;
+  std::istringstream in(read_file(preds));
+  for (std::string line; std::getline(in, line);) rows.push_back(json::parse(line));
+  ASSERT_EQ(rows.size(), 3u);
+  double f1 = 0, em = 0;
+  for (const auto& row : rows) {
+    const auto prompt = row.at("prompt_ids").get<std::vector<std::int32_t>>();
+    const auto ids = row.at("ids").get<std::vector<std::int32_t>>();
+    const std::string pred = row.at("prediction");
+    const auto answers = row.at("answers").get<std::vector<std::string>>();
+    ASSERT_GE(ids.size(), 1u);
+    ASSERT_LE(ids.size(), 5u);
+    // It stops at "\n" or EOS, and only there.
+    for (std::size_t t = 0; t + 1 < ids.size(); ++t) EXPECT_TRUE(ids[t] != newline && ids[t] != *tok->eos_id()) << t;
+    if (ids.size() < 5) {
+      EXPECT_TRUE(ids.back() == newline || ids.back() == *tok->eos_id());
+    }
+    // Each new id is the argmax of forward's logits on the prompt and the ids before it.
+    std::vector<std::int32_t> seq = prompt;
+    seq.insert(seq.end(), ids.begin(), ids.end() - 1);
+    const auto logits = forward_logits(w, lm, seq);
+    ASSERT_EQ(logits.size(), seq.size() * V);
+    for (std::size_t t = 0; t < ids.size(); ++t) {
+      const float* r = logits.data() + (prompt.size() - 1 + t) * V;
+      EXPECT_EQ(std::max_element(r, r + V) - r, ids[t]) << "token " << t << " of line " << row.at("line");
+    }
+    // The text is the decoded ids without special tokens, stripped; its scores are MeZO's.
+    std::vector<std::int32_t> kept;
+    for (auto id : ids)
+      if (id != *tok->eos_id() && id != *tok->bos_id()) kept.push_back(id);
+    std::string text = tok->decode(kept);
+    const char* ws = " \t\r\n\f\v";
+    text.erase(0, std::min(text.size(), text.find_first_not_of(ws)));
+    text.erase(text.find_last_not_of(ws) + 1);
+    EXPECT_EQ(pred, text);
+    EXPECT_DOUBLE_EQ(row.at("f1").get<double>(), cli::metrics::qa_f1(pred, answers));
+    EXPECT_DOUBLE_EQ(row.at("em").get<double>(), cli::metrics::qa_em(pred, answers));
+    f1 += row.at("f1").get<double>();
+    em += row.at("em").get<double>();
+  }
+  EXPECT_NEAR(e.at("f1").get<double>(), f1 / 3, 1e-12);
+  EXPECT_NEAR(e.at("em").get<double>(), em / 3, 1e-12);
 }
 
 TEST(Data, RecordAndSquadTrainAndTrainLogsTheTaskMetrics) {

@@ -1,7 +1,8 @@
 // zo2-tune eval: a checkpoint on a data file: the token-weighted mean next-token loss, or for
 // multiple-choice data (JSONL options, task presets) MeZO's candidate loss and accuracy, and
 // the task's own metrics (multirc: f1a, em; record: f1, em). squad/drop: the gold answer's
-// loss, with a note that their F1/EM needs generation (not available yet).
+// loss and MeZO's F1/EM of greedy decoding (repeated forward passes, no KV cache; with
+// --max-new-tokens 0 the loss alone, with a note that F1/EM needs generation).
 #include "api/run_dir.h"
 #include "api/options.h"
 #include "api/session.h"
@@ -9,10 +10,13 @@
 #include "runtime/log.h"
 #include "tools/cli.h"
 #include "tools/dataset.h"
+#include "tools/task_metrics.h"
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <fstream>
 #include <memory>
 
 namespace zo2::cli {
@@ -26,6 +30,8 @@ Runner add_eval(CLI::App& app) {
     std::int64_t num = 0;
     std::uint64_t seed = 0;
     bool json = false;
+    int max_new = 50;
+    std::string predictions;
     DeviceFlags dev;
     DataFlags data_flags;
   };
@@ -39,6 +45,13 @@ Runner add_eval(CLI::App& app) {
   auto* num = app.add_option("--num-eval,--num_eval", o->num, "evaluate a seeded sample of N examples");
   app.add_option("--data-seed", o->seed, "seed of --num-eval's sample")->capture_default_str();
   app.add_flag("--json", o->json, "print the result as JSON");
+  app.add_option("--max-new-tokens,--max_new_tokens", o->max_new,
+                 "squad/drop: greedy decoding of up to N tokens per answer for F1/EM (MeZO's 50; 0: only the gold "
+                 "answer's loss)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 20));
+  app.add_option("--predictions", o->predictions,
+                 "squad/drop: write each generated answer as a JSON line {line, prediction, answers, f1, em, ids}");
   o->dev.add(app);
   o->data_flags.add(app);
   return [o, num] {
@@ -52,8 +65,47 @@ Runner add_eval(CLI::App& app) {
     const Dataset data = Dataset::load(o->data, config, tokenizer.get(), o->data_flags.options(o->num, o->seed));
     sc.max_batch = static_cast<int>(std::min<std::int64_t>(o->batch, data.size())) * data.max_candidates();
     sc.max_seq = data.longest();
+    const bool generate = task_is_generation(data.task()) && o->max_new > 0;
+    int gen_rows = 0;
+    if (generate) {
+      // Room for the prompt and the new tokens (MeZO cuts the prompt to leave it), and for
+      // the host logits of a batch [rows, T, V]: rows shrink to keep them under 1 GiB.
+      sc.max_seq = static_cast<int>(
+          std::min<std::int64_t>(config.max_positions, std::max(data.longest(), data.longest_prompt() + o->max_new)));
+      sc.logits_out = true;
+      const double per_row = 4.0 * sc.max_seq * static_cast<double>(config.vocab_size);
+      gen_rows = static_cast<int>(std::clamp<double>(std::floor(double(1 << 30) / per_row), 1.0, sc.max_batch));
+      sc.max_batch = std::max(sc.max_batch, gen_rows);
+    }
     Session session(o->model, sc);
-    const EvalResult r = evaluate(session, data, sc.max_batch);
+    EvalResult r = evaluate(session, data, sc.max_batch);
+    if (generate) {
+      log_info("{}: greedy decoding of up to {} tokens per answer, {} prompts at a time, by repeated forward passes "
+               "over the whole sequence (no KV cache)", data.task(), o->max_new, gen_rows);
+      EvalResult g = evaluate_generation(session, data, *tokenizer, gen_rows, o->max_new);
+      r.metrics = g.metrics;
+      r.note.clear();
+      if (!o->predictions.empty()) {
+        std::ofstream out(o->predictions, std::ios::binary | std::ios::trunc);
+        if (!out) fail(ErrorKind::io, "{}: cannot write the predictions", o->predictions);
+        for (std::int64_t i = 0; i < data.size(); ++i) {
+          const Example& e = data.example(i);
+          const auto k = static_cast<std::size_t>(i);
+          nlohmann::json j{{"line", e.line},
+                           {"prediction", g.predictions[k]},
+                           {"answers", e.answers},
+                           {"f1", metrics::qa_f1(g.predictions[k], e.answers)},
+                           {"em", metrics::qa_em(g.predictions[k], e.answers)},
+                           {"prompt_ids", e.prompt_ids},
+                           {"ids", g.generated[k]}};
+          out << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+        }
+        out.flush();
+        if (!out) fail(ErrorKind::io, "{}: writing the predictions failed", o->predictions);
+      }
+    } else if (!o->predictions.empty()) {
+      fail(ErrorKind::invalid_argument, "--predictions is for squad and drop with --max-new-tokens > 0");
+    }
     if (o->json) {
       nlohmann::json j{{"loss", r.loss}, {"tokens", r.tokens}, {"examples", r.examples},
                        {"format", std::string(data_format_name(data.format()))},
@@ -68,6 +120,11 @@ Runner add_eval(CLI::App& app) {
       }
       if (!r.note.empty()) j["note"] = r.note;
       fmt::print("{}\n", j.dump());
+    } else if (generate) {
+      fmt::print("eval: f1 {:.4f}, em {:.4f} over {} examples (greedy, up to {} new tokens); gold-answer loss {:.6f} "
+                 "(device peak {})\n",
+                 r.metrics[0].second, r.metrics[1].second, r.examples, o->max_new, r.loss,
+                 format_bytes(static_cast<double>(session.device_peak())));
     } else if (r.accuracy >= 0) {
       std::string extra;
       for (const auto& [name, value] : r.metrics)

@@ -81,6 +81,7 @@ struct Example {
   std::vector<std::string> answers;     // squad, drop, record: the gold answers' texts
   std::vector<std::string> candidates;  // record: the candidates' entities, in option order
   std::int64_t question = -1;           // multirc: the question this answer option belongs to
+  std::vector<std::int32_t> prompt_ids;  // squad, drop: special prefix + encode(prompt), for generation
 };
 
 class Dataset {
@@ -96,6 +97,8 @@ class Dataset {
   const Example& example(std::int64_t i) const { return examples_[static_cast<std::size_t>(i)]; }
   int max_candidates() const { return max_candidates_; }
   int longest() const { return longest_; }  // tokens of the longest sequence
+  int longest_prompt() const;                // squad, drop: tokens of the longest prompt_ids (else 0)
+  std::int32_t pad_id() const { return pad_id_; }
   std::int64_t truncated() const { return truncated_; }
   std::string describe() const;
 
@@ -131,6 +134,9 @@ struct EvalResult {
   std::vector<std::pair<std::string, double>> metrics;
   // squad, drop: why their metric (F1/EM of a greedy generation) is not in `metrics`.
   std::string note;
+  // evaluate_generation: per example, the generated ids (stop token included) and text.
+  std::vector<std::vector<std::int32_t>> generated;
+  std::vector<std::string> predictions;
 };
 
 }  // namespace zo2::cli
@@ -143,4 +149,14 @@ namespace zo2::cli {
 // Evaluates in batches of at most `batch_rows` sequences (an option example's candidates
 // always share a batch).
 EvalResult evaluate(Session& session, const Dataset& data, int batch_rows);
+
+// squad, drop: MeZO's evaluation. Greedy decoding after each example's prompt (cut to the
+// session's max_seq − max_new_tokens, keeping the special prefix and the end, as MeZO) of up
+// to max_new_tokens tokens, stopping at the last id of encode("\n") or EOS (MeZO's
+// eos_token "\n"); the text is decode() of the new ids without special tokens, stripped;
+// metrics: MeZO's f1 then em against the gold answers. Decoding runs repeated forward passes
+// over the whole sequence (no KV cache): each new token costs a full forward of `rows`
+// sequences, and the session needs logits_out. Rows that stop leave the batch.
+EvalResult evaluate_generation(Session& session, const Dataset& data, const Tokenizer& tokenizer, int rows,
+                               int max_new_tokens = 50);
 }  // namespace zo2::cli
