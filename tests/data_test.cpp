@@ -17,6 +17,7 @@
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <tuple>
 
 namespace zo2 {
 namespace {
@@ -498,6 +499,45 @@ TEST(Data, RecordAndSquadTrainAndTrainLogsTheTaskMetrics) {
                 &out),
             0)
       << out;
+}
+
+// MeZO's mezo.sh trains copa and record with --train_as_classification False: the loss is
+// the mean next-token loss of the correct option's tokens, as a prompt/completion file of
+// the gold options gives it, not the cross-entropy over the candidates. With eps 1e-7, a
+// step's (loss+ + loss−)/2 is the unperturbed loss up to O(eps²).
+TEST(Data, CopaAndRecordTrainOnTheCorrectOptionAlone) {
+  Workspace w;
+  const fs::path lm = long_model(w);
+  const std::string passage = "Zo\xC3\xAB Ball met Chris Evans in London.\n- Ball praised Chris Evans\n- The show moved to London\n-";
+  const auto gold = w.file("rec_gold.jsonl",
+                           json{{"prompt", passage}, {"completion", " Chris Evans hosted the breakfast show."}}.dump() +
+                               "\n" +
+                               json{{"prompt", passage}, {"completion", " The show is made in Ball, said Ball."}}.dump() +
+                               "\n");
+  const auto copa = w.file("copa.jsonl",
+                           R"({"premise": "The man fell.", "choice1": "He slipped.", "choice2": "I laughed.", "question": "cause", "label": 0, "idx": 0}
+{"premise": "It rained.", "choice1": "The ground got wet.", "choice2": "It was dry.", "question": "effect", "label": 1, "idx": 1}
+)");
+  const auto copa_gold = w.file("copa_gold.jsonl", R"({"prompt": "The man fell because", "completion": " he slipped."}
+{"prompt": "It rained so", "completion": " it was dry."}
+)");
+  for (const auto& [data, task, reference] : std::vector<std::tuple<fs::path, std::string, fs::path>>{
+           {task_fixture("record.jsonl"), "record", gold}, {copa, "copa", copa_gold}}) {
+    const fs::path log = w.tmp / (task + ".log.jsonl");
+    std::string out;
+    ASSERT_EQ(run("train --model " + lm.string() + " --task " + task + " --data " + data.string() + " --out " +
+                      (w.tmp / ("run-" + task)).string() + " --steps 1 --batch-size 2 --lr 0 --eps 1e-7 --log-json " +
+                      log.string() + " --seed 3",
+                  &out),
+              0)
+        << out;
+    const json step = json::parse(read_file(log).substr(0, read_file(log).find('\n')));
+    const json ref = w.eval(reference, "", &lm);
+    EXPECT_NEAR(step.at("loss").get<double>(), ref.at("loss").get<double>(), 1e-4) << task << " " << step.dump();
+    // The candidates' cross-entropy (what eval reports for the option data) is another number.
+    const json ce = w.eval(data, "--task " + task, &lm);
+    EXPECT_GT(std::abs(ce.at("loss").get<double>() - ref.at("loss").get<double>()), 1e-2) << task;
+  }
 }
 
 TEST(Data, TaskFilesWithBadFieldsNameTheFileLineAndField) {
