@@ -773,7 +773,6 @@ PYBIND11_MODULE(_zo2, m) {
       });
 
   py::class_<StepResult>(m, "StepResult", "The losses of one ZO step (zo2_step_result).")
-      .def(py::init<>())
       .def_readonly("loss_plus", &StepResult::loss_plus, "mean token cross-entropy at θ + eps·z (nats)")
       .def_readonly("loss_minus", &StepResult::loss_minus, "mean token cross-entropy at θ − eps·z (nats)")
       .def_readonly("projected_grad", &StepResult::projected_grad,
@@ -786,28 +785,54 @@ PYBIND11_MODULE(_zo2, m) {
             .format(r.step, r.loss_plus, r.loss_minus, r.projected_grad).cast<std::string>();
       });
 
-  py::class_<Session>(m, "Session")
+  py::class_<Session>(m, "Session", R"doc(One model on one device, tuned step by step (zo2_session).
+
+Session(model, *, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, device="cpu", gpu_mem=None,
+        offload="auto", window=3, storage_dtype="fp32", compute_dtype="fp32", n_threads=0,
+        max_seqs=1, max_seq_len=0, training=True, seed_log=None, seed_log_append=False,
+        first_step=0, save_dtype="fp32", save_shard_size=5_000_000_000)
+
+`model` is a zo2.Model or a checkpoint directory. Every keyword is a field of the C API's
+zo2_session_params (include/zo2.h documents each), validated by the C API with its ranges
+and messages; gpu_mem (gpu_mem_bytes) and save_shard_size (save_shard_bytes) take bytes or
+a size string ("512M", "4G"); offload takes "auto", "all" or "none". `.params` returns
+them as the session uses them (lr etc. as float32). Opening reads the weights into the
+host block store (GIL released). Use as a context manager, or close(), to free the session
+deterministically. Calls from several threads on one session are serialized; different
+sessions run in parallel.)doc")
       .def(py::init([](py::object model, py::kwargs kw) { return make_session(model, kw); }), py::arg("model"))
       .def("step",
            [](Session& S, py::object ids, py::object mask, py::object labels) { return S.step(ids, mask, labels, nullptr); },
-           py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none())
+           py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none(),
+           R"doc(One ZO step (zo2_session_step): both perturbed forward passes, g = (L+ - L-)/(2 eps);
+the update is deferred into the next pass. input_ids: int [n_seq, n_tokens] (or [n_tokens]) —
+numpy, PyTorch CPU tensors, lists; C-contiguous int32 is used without a copy, other integer
+types are converted (checked to fit int32). attention_mask: 1 = token, 0 = padding (None:
+all ones). labels: transformers' unshifted labels, -100 = no loss (None: the ids where the
+mask is 1). Returns a StepResult. The GIL is released while the step runs; a Ctrl-C that
+arrives during it raises KeyboardInterrupt after it (the step is done and counted; the
+session stays usable). An invalid batch raises InvalidArgumentError and changes nothing.)doc")
       .def("step_choices",
            [](Session& S, py::object ids, py::object sizes, py::object glabels, py::object mask, py::object labels) {
              Choices c = make_choices(sizes, glabels);
              return S.step(ids, mask, labels, &c.c);
            },
            py::arg("input_ids"), py::arg("group_sizes"), py::arg("group_labels"), py::arg("attention_mask") = py::none(),
-           py::arg("labels") = py::none())
+           py::arg("labels") = py::none(),
+           R"doc(A multiple-choice step with MeZO's candidate cross-entropy (zo2_session_step_choices):
+the sequences are groups of group_sizes[g] consecutive candidates, the correct one at offset
+group_labels[g]; label only each option's tokens (-100 elsewhere).)doc")
       .def("eval",
            [](Session& S, py::object ids, py::object mask, py::object labels) { return S.eval(ids, mask, labels, nullptr); },
-           py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none())
+           py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none(),
+           "Mean token cross-entropy (nats) of the current weights on the batch, unperturbed (zo2_session_eval).")
       .def("eval_choices",
            [](Session& S, py::object ids, py::object sizes, py::object glabels, py::object mask, py::object labels) {
              Choices c = make_choices(sizes, glabels);
              return S.eval(ids, mask, labels, &c.c);
            },
            py::arg("input_ids"), py::arg("group_sizes"), py::arg("group_labels"), py::arg("attention_mask") = py::none(),
-           py::arg("labels") = py::none())
+           py::arg("labels") = py::none(), "The multiple-choice loss of the current weights (zo2_session_eval_choices).")
       .def("token_logprobs",
            [](Session& S, py::object ids, py::object mask, py::object labels) {
              Batch b = make_batch(ids, mask, labels);
@@ -817,13 +842,17 @@ PYBIND11_MODULE(_zo2, m) {
              check_signals();
              return out;
            },
-           py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none())
+           py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none(),
+           "float32 [n_seq, n_tokens]: log p(target of position t | tokens <= t) in nats, 0 where there is no "
+           "target (zo2_session_token_logprobs).")
       .def("save",
            [](Session& S, py::object dir) {
              const std::string d = path_string(dir);
              S.run([&](zo2_session* s) { return zo2_session_save(s, d.c_str()); });
            },
-           py::arg("out_dir"))
+           py::arg("out_dir"),
+           "Writes the current weights as an HF checkpoint into the run directory out_dir, as one transaction "
+           "(zo2_session_save; README \"Run directories\").")
       .def("set_lr",
            [](Session& S, double lr) {
              if (std::isfinite(lr) && !std::isfinite(static_cast<float>(lr)))
@@ -831,23 +860,24 @@ PYBIND11_MODULE(_zo2, m) {
              S.run([&](zo2_session* s) { return zo2_session_set_lr(s, static_cast<float>(lr)); });
              S.P.p.lr = static_cast<float>(lr);
            },
-           py::arg("lr"))
+           py::arg("lr"), "Sets the learning rate of the following steps (zo2_session_set_lr).")
       .def_property_readonly("step_index", [](Session& S) {
         int64_t i = -1;
         S.run([&](zo2_session* s) { i = zo2_session_step_index(s); return 0; });
         return i;
-      })
+      }, "The index of the next step (first_step + steps done).")
       .def_property_readonly("device_peak", [](Session& S) {
         uint64_t b = 0;
         S.run([&](zo2_session* s) { b = zo2_session_device_peak(s); return 0; });
         return b;
-      })
+      }, "Device arena bytes in use at the peak so far.")
       .def("plan", [](Session& S) {
         zo2_plan_result r{};
         S.run([&](zo2_session* s) { return zo2_session_plan(s, &r); });
         return make_plan(r);
-      })
-      .def_property_readonly("params", [](Session& S) { return params_dict(S.P); })
+      }, "The placement this session runs with (zo2.Plan).")
+      .def_property_readonly("params", [](Session& S) { return params_dict(S.P); },
+                             "Every session parameter as the session uses it (a dict of the keywords).")
       .def_property_readonly("model_path", [](Session& S) { return S.model_path; })
       .def_property_readonly("closed", [](Session& S) {
         std::lock_guard<std::mutex> lock(S.mu);
@@ -858,7 +888,7 @@ PYBIND11_MODULE(_zo2, m) {
         std::lock_guard<std::mutex> lock(S.mu);
         zo2_session_free(S.s);
         S.s = nullptr;
-      })
+      }, "Waits for outstanding work and frees the session (idempotent). An unsaved pending update is lost.")
       .def("__enter__", [](py::object self) { return self; })
       .def("__exit__", [](Session& S, py::args) {
         {
@@ -906,13 +936,17 @@ PYBIND11_MODULE(_zo2, m) {
 
   m.def("_train", &train_impl, py::arg("options"), py::arg("on_record"), py::arg("quiet"));
 
-  py::class_<Tokenizer>(m, "Tokenizer")
+  py::class_<Tokenizer>(m, "Tokenizer", R"doc(A model's tokenizer (models/tokenizer.h, what zo2-tune uses):
+GPT-2 byte-level BPE, HF tokenizer.json BPE (LLaMA-3) and SentencePiece. Immutable; safe
+to use from several threads.)doc")
       .def_static("from_dir",
                   [](py::object dir) {
                     const std::string d = path_string(dir);
                     return Tokenizer{cxx_call([&] { return std::shared_ptr<const zo2::Tokenizer>(zo2::Tokenizer::from_dir(d)); })};
                   },
-                  py::arg("path"))
+                  py::arg("path"),
+                  "The tokenizer files of a model directory: tokenizer.json, else tokenizer.model, else "
+                  "vocab.json + merges.txt (or encoder.json + vocab.bpe), with tokenizer_config.json's special tokens.")
       .def_static("from_files",
                   [](py::object vocab, py::object merges) {
                     const std::string v = path_string(vocab), mg = path_string(merges);
@@ -924,7 +958,9 @@ PYBIND11_MODULE(_zo2, m) {
            [](const Tokenizer& T, const std::string& text, bool add_special_tokens) {
              return cxx_call([&] { return add_special_tokens ? T.t->encode_with_special(text) : T.t->encode(text); });
            },
-           py::arg("text"), py::arg("add_special_tokens") = true)
+           py::arg("text"), py::arg("add_special_tokens") = true,
+           "Token ids of text; with add_special_tokens (default, as transformers) the tokenizer's special prefix "
+           "(BOS for OPT and LLaMA) and suffix are added, as zo2-tune's data readers do.")
       .def("decode",
            [](const Tokenizer& T, py::object ids, bool as_bytes) -> py::object {
              const std::vector<int32_t> v = int_list(ids, "ids");
@@ -934,7 +970,8 @@ PYBIND11_MODULE(_zo2, m) {
              if (!u) throw py::error_already_set();
              return py::reinterpret_steal<py::object>(u);
            },
-           py::arg("ids"), py::arg("as_bytes") = false)
+           py::arg("ids"), py::arg("as_bytes") = false,
+           "The text of ids (invalid UTF-8 replaced by U+FFFD; as_bytes=True returns the raw bytes).")
       .def("token_to_id", [](const Tokenizer& T, const std::string& tok) { return opt_id(T.t->token_to_id(tok)); },
            py::arg("token"))
       .def("id_to_token",

@@ -1,0 +1,57 @@
+"""The package's surface: stubs match the native module, docstrings, version, log level."""
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+import zo2
+from zo2 import _zo2
+
+
+def stub_members():
+    tree = ast.parse((Path(zo2.__file__).parent / "_zo2.pyi").read_text())
+    classes, functions = {}, set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            classes[node.name] = {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AnnAssign))}
+        elif isinstance(node, ast.FunctionDef):
+            functions.add(node.name)
+    return classes, functions
+
+
+def test_stubs_match_the_module():
+    classes, functions = stub_members()
+    native_classes = {n for n, v in vars(_zo2).items() if inspect.isclass(v)}
+    assert native_classes == set(classes)
+    for name in native_classes:
+        public = {m for m in dir(getattr(_zo2, name)) if not m.startswith("_")}
+        public |= {m for m in ("__enter__", "__exit__") if m in vars(getattr(_zo2, name))}
+        stubbed = {m for m in classes[name] if not m.startswith("_") or m in ("__enter__", "__exit__")}
+        assert public == stubbed, name
+    assert "__init__" in classes["Model"] and "__init__" in classes["Session"]
+    native_functions = {n for n, v in vars(_zo2).items() if callable(v) and not inspect.isclass(v)}
+    assert native_functions == functions
+
+
+def test_docstrings():
+    for obj in (zo2.Session, zo2.Session.step, zo2.Session.step_choices, zo2.Session.eval, zo2.Session.save,
+                zo2.Session.token_logprobs, zo2.Model.load, zo2.Tokenizer.encode, zo2.train, zo2.plan):
+        assert obj.__doc__ and len(obj.__doc__) > 40, obj
+
+
+def test_version_and_log_level():
+    assert zo2.__version__ == _zo2.version() and zo2.__version__.count(".") == 2
+    zo2.set_log_level("warn")
+    zo2.set_log_level("info")
+    with pytest.raises(zo2.InvalidArgumentError, match="loud"):
+        zo2.set_log_level("loud")
+
+
+def test_exception_classes():
+    for cls in (zo2.InvalidArgumentError, zo2.FileIOError, zo2.FormatError, zo2.UnsupportedError,
+                zo2.OutOfMemoryError, zo2.DeviceError, zo2.InternalError, zo2.AbortedError):
+        assert issubclass(cls, zo2.Error)
+    assert [c.status for c in (zo2.InvalidArgumentError, zo2.FileIOError, zo2.FormatError, zo2.UnsupportedError,
+                               zo2.OutOfMemoryError, zo2.DeviceError, zo2.InternalError)] == [-1, -2, -3, -4, -5, -6, -7]
+    assert issubclass(zo2.InvalidArgumentError, ValueError) and issubclass(zo2.FileIOError, OSError)
