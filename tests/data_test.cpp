@@ -466,6 +466,18 @@ TEST(Data, SquadEvalDecodesGreedilyByRepeatedForwardsAndScoresMezoF1) {
   }
   EXPECT_NEAR(e.at("f1").get<double>(), f1 / 3, 1e-12);
   EXPECT_NEAR(e.at("em").get<double>(), em / 3, 1e-12);
+  // Three prompts of different lengths decoded together (right padding, rows leaving the
+  // batch as they stop) give the same tokens as one at a time.
+  const fs::path batched = w.tmp / "pred3.jsonl";
+  w.eval(task_fixture("squad.json"), "--task squad --batch-size 3 --max-new-tokens 5 --predictions " + batched.string(),
+         &lm);
+  std::istringstream in3(read_file(batched));
+  std::size_t i = 0;
+  for (std::string line; std::getline(in3, line); ++i) {
+    ASSERT_LT(i, rows.size());
+    EXPECT_EQ(json::parse(line).at("ids"), rows[i].at("ids")) << i;
+  }
+  EXPECT_EQ(i, rows.size());
 }
 
 TEST(Data, RecordAndSquadTrainAndTrainLogsTheTaskMetrics) {
@@ -499,6 +511,8 @@ TEST(Data, RecordAndSquadTrainAndTrainLogsTheTaskMetrics) {
                 &out),
             0)
       << out;
+  EXPECT_NE(out.find("squad's metric (F1/EM of the greedy generation"), std::string::npos) << out;  // said once
+  EXPECT_EQ(out.find("squad's metric"), out.rfind("squad's metric")) << out;
 }
 
 // MeZO's mezo.sh trains copa and record with --train_as_classification False: the loss is
