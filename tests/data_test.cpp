@@ -374,10 +374,35 @@ TEST(Data, SquadAndDropTrainOnTheFirstGoldAnswerAndKeepThemAll) {
   EXPECT_EQ(sequence_texts(dr)[1][0], p + "Question: Who scored touchdowns?\nAnswer: Smith\n");
   EXPECT_EQ(sequence_texts(dr)[4][0],
             "<s>Passage: In 1066 the Normans arrived.\nQuestion: What year did the Normans arrive?\nAnswer: 1066\n");
-  std::vector<json> answers;
-  for (const auto& r : dr) answers.push_back(r["answers"]);
+  std::vector<json> answers, drop_golds;
+  for (const auto& r : dr) {
+    answers.push_back(r["answers"]);
+    drop_golds.push_back(r["drop_golds"]);
+  }
   EXPECT_EQ(answers, (std::vector<json>{json({"24"}), json({"Smith", "Jones", "Smith"}), json({"5 May 1990"}),
                                         json({"1990"}), json({"1066"})}));
+  // drop_eval.py's golds: "answer" and every validated answer, a date as "day month year".
+  EXPECT_EQ(drop_golds, (std::vector<json>{json::parse(R"([["24"]])"),
+                                           json::parse(R"([["Smith", "Jones"], ["Smith", "Jones"], ["Smith"]])"),
+                                           json::parse(R"([["5 May 1990"]])"), json::parse(R"([["  1990"]])"),
+                                           json::parse(R"([["1066"]])")}));
+  // eval decodes and reports MeZO's f1/em and drop_eval's drop_f1/drop_em, each answer's as
+  // task_metrics.h gives them.
+  const fs::path preds = w.tmp / "drop_pred.jsonl";
+  const json de = w.eval(task_fixture("drop.json"), "--task drop --max-new-tokens 3 --predictions " + preds.string(), &lm);
+  for (const char* k : {"f1", "em", "drop_f1", "drop_em"}) EXPECT_TRUE(de.contains(k)) << k << de.dump();
+  std::istringstream pin(read_file(preds));
+  double dsum = 0;
+  std::size_t n = 0;
+  for (std::string line; std::getline(pin, line); ++n) {
+    ASSERT_LT(n, dr.size());
+    const json p = json::parse(line);
+    const auto golds = dr[n]["drop_golds"].get<std::vector<std::vector<std::string>>>();
+    EXPECT_EQ(p.at("drop_f1").get<double>(), cli::metrics::drop_question(p.at("prediction").get<std::string>(), golds).f1);
+    dsum += p.at("drop_f1").get<double>();
+  }
+  EXPECT_EQ(n, dr.size());
+  EXPECT_NEAR(de.at("drop_f1").get<double>(), dsum / static_cast<double>(n), 1e-12);
 
   // eval --max-new-tokens 0: the gold answers' loss, and a note that F1/EM needs generation.
   const json e = w.eval(task_fixture("squad.json"), "--task squad --max-new-tokens 0", &lm);

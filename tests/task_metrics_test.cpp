@@ -73,6 +73,62 @@ TEST(TaskMetrics, NoAnswerGoldsAreScoredByExactMatch) {
   EXPECT_DOUBLE_EQ(qa_f1("no", {"x", "no answer"}), 2.0 / 3.0);
 }
 
+TEST(TaskMetrics, DropOfficialNormalizationReadsNumbersAsPythonFloats) {
+  // Python's str(float(x)): repr's shortest digits, positional for exponents in [-4, 16).
+  EXPECT_EQ(detail::py_float_str(24.0), "24.0");
+  EXPECT_EQ(detail::py_float_str(1e16), "1e+16");
+  EXPECT_EQ(detail::py_float_str(1e15), "1000000000000000.0");
+  EXPECT_EQ(detail::py_float_str(1e-5), "1e-05");
+  EXPECT_EQ(detail::py_float_str(0.0001), "0.0001");
+  EXPECT_EQ(detail::py_float_str(1.5e-7), "1.5e-07");
+  EXPECT_EQ(detail::py_float_str(123456789012345680.0), "1.2345678901234568e+17");
+  EXPECT_EQ(detail::py_float_str(1234.5), "1234.5");
+  EXPECT_EQ(detail::py_float_str(-2.5), "-2.5");
+  EXPECT_EQ(detail::py_float_str(0.1), "0.1");
+  // Python's float() grammar.
+  for (const char* yes : {"24", " 24 ", "+1.5", "-.5", "5.", "1e3", "1E-3", "1_000", "1e1_0", "inf", "-Infinity", "nan"})
+    EXPECT_TRUE(detail::py_float(yes, nullptr)) << yes;
+  for (const char* no : {"", ".", "e5", "1e", "1__0", "_1", "1_", "0x10", "1,000", "12a", "--1"})
+    EXPECT_FALSE(detail::py_float(no, nullptr)) << no;
+  double v = 0;
+  ASSERT_TRUE(detail::py_float("1_000.5", &v));
+  EXPECT_EQ(v, 1000.5);
+  // drop_eval's _normalize_answer: tokens split at " " and "-", punctuation kept in numbers.
+  EXPECT_EQ(drop_normalize("24"), "24.0");
+  EXPECT_EQ(drop_normalize("1,000"), "1000.0");  // not a float, so unpunctuated, then one
+  EXPECT_EQ(drop_normalize("3.50"), "3.5");
+  EXPECT_EQ(drop_normalize("1e3"), "1000.0");
+  EXPECT_EQ(drop_normalize("1e16"), "1e+16");
+  EXPECT_EQ(drop_normalize("0.00001"), "1e-05");
+  EXPECT_EQ(drop_normalize("-5"), "5.0");  // the "-" splits: the sign is lost
+  EXPECT_EQ(drop_normalize("The Bears"), "bears");
+  EXPECT_EQ(drop_normalize("state-of-the-art"), "state of art");
+  EXPECT_EQ(drop_normalize("5 May 1990"), "5.0 may 1990.0");
+}
+
+TEST(TaskMetrics, DropOfficialF1AlignsTheAnswerWithTheGoldSpansAndMatchesNumbers) {
+  // Hand-computed from drop_eval.py's get_metrics (one predicted span):
+  auto m = [](const char* pred, std::vector<std::string> gold) { return drop_metrics(pred, gold); };
+  EXPECT_EQ(m("24", {"24.0"}).em, 1.0);  // "24.0" == "24.0"
+  EXPECT_EQ(m("24", {"24.0"}).f1, 1.0);
+  EXPECT_EQ(m("24 points", {"24"}).f1, 0.67);  // P 1/2, R 1 → 2/3, rounded to 2 places
+  EXPECT_EQ(m("24 points", {"24"}).em, 0.0);
+  EXPECT_EQ(m("25", {"24"}).f1, 0.0);  // the gold's number is not in the prediction
+  EXPECT_EQ(m("25 points", {"24 points"}).f1, 0.0);  // even with a shared word
+  EXPECT_EQ(m("Smith", {"Smith", "Jones"}).f1, 0.5);  // 1 for Smith, over 2 gold spans
+  EXPECT_EQ(m("Smith", {"Smith", "Jones"}).em, 0.0);  // EM needs the same set of spans
+  EXPECT_EQ(m("Smith and Jones", {"Smith", "Jones"}).f1, 0.25);  // best 1/2, over 2
+  EXPECT_EQ(m("Smith and Jones", {"Smith", "Brown", "Green", "White"}).f1, 0.12);  // 0.125, ties to even
+  EXPECT_EQ(m("May 1990", {"5 May 1990"}).f1, 0.8);  // the numbers 1990.0 match; P 1, R 2/3
+  // A question: the best over its gold answers; a blank gold is not one.
+  EXPECT_EQ(drop_question("Smith", {{"Smith", "Jones"}, {"Smith"}}).f1, 1.0);
+  EXPECT_EQ(drop_question("Smith", {{"Smith", "Jones"}, {"Smith"}}).em, 1.0);
+  EXPECT_EQ(drop_question("", {{"  "}}).f1, 0.0);
+  EXPECT_EQ(drop_question("", {{"  "}, {"x"}}).em, 0.0);
+  EXPECT_EQ(drop_question("x", {{" "}, {"x"}}).em, 1.0);
+  EXPECT_EQ(drop_question("x", {}).f1, 0.0);
+}
+
 TEST(TaskMetrics, MultiRCF1aOverOptionsAndEmOverQuestions) {
   // Options of questions 0, 0, 1, 2: tp 2, fp 0, fn 1 → F1a = 4/5; question 0 has a wrong
   // option → EM 2/3.

@@ -53,6 +53,7 @@ Runner add_data(CLI::App& app) {
       if (!e.golds.empty()) j["golds"] = e.golds;
       if (!e.answers.empty()) j["answers"] = e.answers;
       if (e.question >= 0) j["question"] = e.question;
+      if (!e.drop_golds.empty()) j["drop_golds"] = e.drop_golds;
       fmt::print("{}\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
     }
     return 0;

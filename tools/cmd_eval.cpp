@@ -98,6 +98,11 @@ Runner add_eval(CLI::App& app) {
                            {"em", metrics::qa_em(g.predictions[k], e.answers)},
                            {"prompt_ids", e.prompt_ids},
                            {"ids", g.generated[k]}};
+          if (data.task() == "drop") {
+            const auto d = metrics::drop_question(g.predictions[k], e.drop_golds);
+            j["drop_f1"] = d.f1;
+            j["drop_em"] = d.em;
+          }
           out << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
         }
         out.flush();
@@ -121,10 +126,10 @@ Runner add_eval(CLI::App& app) {
       if (!r.note.empty()) j["note"] = r.note;
       fmt::print("{}\n", j.dump());
     } else if (generate) {
-      fmt::print("eval: f1 {:.4f}, em {:.4f} over {} examples (greedy, up to {} new tokens); gold-answer loss {:.6f} "
-                 "(device peak {})\n",
-                 r.metrics[0].second, r.metrics[1].second, r.examples, o->max_new, r.loss,
-                 format_bytes(static_cast<double>(session.device_peak())));
+      std::string scores;
+      for (const auto& [name, value] : r.metrics) scores += fmt::format("{}{} {:.4f}", scores.empty() ? "" : ", ", name, value);
+      fmt::print("eval: {} over {} examples (greedy, up to {} new tokens); gold-answer loss {:.6f} (device peak {})\n",
+                 scores, r.examples, o->max_new, r.loss, format_bytes(static_cast<double>(session.device_peak())));
     } else if (r.accuracy >= 0) {
       std::string extra;
       for (const auto& [name, value] : r.metrics)

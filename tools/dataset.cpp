@@ -32,6 +32,7 @@ struct Record {
   std::vector<std::string> candidates;  // record: the options' entities
   std::int64_t question = -1;           // multirc: the question of this answer option
   std::string where;                    // squad, drop: "file: JSON path (id)" for errors (else file:line)
+  std::vector<std::vector<std::string>> drop_golds;  // drop: "answer" and "validated_answers" as drop_eval reads them
 };
 
 std::string lower(std::string s) {
@@ -596,6 +597,29 @@ std::vector<Record> read_qa(const std::filesystem::path& file, const std::string
           if (!date.empty()) r.answers.push_back(date);
           r.answers.insert(r.answers.end(), spans.begin(), spans.end());
         }
+        // drop_eval's answer_json_to_strings over "answer" and every validated answer: the
+        // number, else the spans, else "day month year" as written (blank: not a gold).
+        {
+          std::vector<ojson> all;
+          if (qas[q].contains("answer")) all.push_back(qas[q]["answer"]);
+          if (validated) all.insert(all.end(), qas[q]["validated_answers"].begin(), qas[q]["validated_answers"].end());
+          for (const auto& a : all) {
+            if (!a.is_object()) continue;
+            std::vector<std::string> g;
+            if (a.contains("number") && a["number"].is_string() && !a["number"].get<std::string>().empty()) {
+              g.push_back(a["number"].get<std::string>());
+            } else if (a.contains("spans") && a["spans"].is_array() && !a["spans"].empty()) {
+              for (const auto& sp : a["spans"])
+                if (sp.is_string()) g.push_back(sp.get<std::string>());
+            } else if (a.contains("date") && a["date"].is_object()) {
+              const auto part = [&](const char* k) {
+                return a["date"].contains(k) && a["date"][k].is_string() ? a["date"][k].get<std::string>() : std::string();
+              };
+              g.push_back(part("day") + " " + part("month") + " " + part("year"));
+            }
+            if (!g.empty()) r.drop_golds.push_back(std::move(g));
+          }
+        }
         if (!whole || r.answers.empty()) {  // HF datasets drops these (9 of train, 1 of dev)
           if (skipped++ == 0) first_skipped = where;
           continue;
@@ -727,6 +751,7 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
       e.answers = r.answers;
       e.candidates = r.candidates;
       e.question = r.question;
+      e.drop_golds = r.drop_golds;
       if (task_is_generation(options.task)) e.prompt_ids = concat(prefix, tokenizer->encode(r.prompt));
       const std::string loc = r.where.empty() ? fmt::format("{}:{}", file.string(), r.line) : r.where;
       // The prompt's own length, encoded once per example (MeZO's option-length rule).
@@ -1038,7 +1063,7 @@ EvalResult evaluate_generation(Session& session, const Dataset& data, const Toke
   const auto V = static_cast<std::size_t>(config.vocab_size);
 
   EvalResult r;
-  double f1 = 0, em = 0;
+  double f1 = 0, em = 0, drop_f1 = 0, drop_em = 0;
   rows = std::max(1, rows);
   for (std::int64_t first = 0; first < data.size(); first += rows) {
     const std::int64_t last = std::min(data.size(), first + rows);
@@ -1091,6 +1116,11 @@ EvalResult evaluate_generation(Session& session, const Dataset& data, const Toke
       const Example& e = data.example(first + static_cast<std::int64_t>(k));
       f1 += metrics::qa_f1(text, e.answers);
       em += metrics::qa_em(text, e.answers);
+      if (data.task() == "drop") {
+        const auto d = metrics::drop_question(text, e.drop_golds);
+        drop_f1 += d.f1;
+        drop_em += d.em;
+      }
       r.generated.push_back(std::move(gen[k]));
       r.predictions.push_back(text);
       ++r.examples;
@@ -1098,6 +1128,10 @@ EvalResult evaluate_generation(Session& session, const Dataset& data, const Toke
   }
   const double n = static_cast<double>(std::max<std::int64_t>(1, r.examples));
   r.metrics = {{"f1", r.examples > 0 ? f1 / n : std::nan("")}, {"em", r.examples > 0 ? em / n : std::nan("")}};
+  if (data.task() == "drop") {  // drop_eval.py's, beside MeZO's
+    r.metrics.emplace_back("drop_f1", r.examples > 0 ? drop_f1 / n : std::nan(""));
+    r.metrics.emplace_back("drop_em", r.examples > 0 ? drop_em / n : std::nan(""));
+  }
   r.loss = std::nan("");
   return r;
 }

@@ -82,6 +82,7 @@ struct Example {
   std::vector<std::string> candidates;  // record: the candidates' entities, in option order
   std::int64_t question = -1;           // multirc: the question this answer option belongs to
   std::vector<std::int32_t> prompt_ids;  // squad, drop: special prefix + encode(prompt), for generation
+  std::vector<std::vector<std::string>> drop_golds;  // drop: the gold answers as drop_eval.py reads them
 };
 
 class Dataset {
@@ -154,7 +155,8 @@ EvalResult evaluate(Session& session, const Dataset& data, int batch_rows);
 // session's max_seq − max_new_tokens, keeping the special prefix and the end, as MeZO) of up
 // to max_new_tokens tokens, stopping at the last id of encode("\n") or EOS (MeZO's
 // eos_token "\n"); the text is decode() of the new ids without special tokens, stripped;
-// metrics: MeZO's f1 then em against the gold answers. Decoding runs repeated forward passes
+// metrics: MeZO's f1 then em against the gold answers (drop: then drop_eval.py's drop_f1,
+// drop_em). Decoding runs repeated forward passes
 // over the whole sequence (no KV cache): each new token costs a full forward of `rows`
 // sequences, and the session needs logits_out. Rows that stop leave the batch.
 EvalResult evaluate_generation(Session& session, const Dataset& data, const Tokenizer& tokenizer, int rows,

@@ -18,7 +18,12 @@
 #pragma once
 
 #include <algorithm>
+#include <charconv>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
 #include <map>
 #include <string>
 #include <string_view>
@@ -126,12 +131,17 @@ inline bool is_ascii_punct(char32_t c) {
 
 }  // namespace detail
 
-// The normalized answer as its whitespace-separated tokens.
-inline std::vector<std::string> answer_tokens(std::string_view s) {
+// The normalized answer as its whitespace-separated tokens; `lower_and_unpunct` false: only
+// the articles and the whitespace (drop_eval applies the first two steps itself).
+inline std::vector<std::string> answer_tokens(std::string_view s, bool lower_and_unpunct = true) {
   using namespace detail;
   // lower, then remove punctuation
   std::u32string t;
   for (char32_t c : decode_utf8(s)) {
+    if (!lower_and_unpunct) {
+      t.push_back(c);
+      continue;
+    }
     std::u32string l;
     lower_into(l, c);
     for (char32_t x : l)
@@ -184,6 +194,15 @@ inline std::string normalize_answer(std::string_view s) {
   return out;
 }
 
+inline std::string normalize_answer_keep_punct(std::string_view s) {
+  std::string out;
+  for (const auto& t : answer_tokens(s, false)) {
+    if (!out.empty()) out += ' ';
+    out += t;
+  }
+  return out;
+}
+
 // Token F1 of one prediction against one gold answer (SQuAD v1.1's f1_score).
 inline double token_f1(std::string_view prediction, std::string_view gold) {
   const auto p = answer_tokens(prediction), g = answer_tokens(gold);
@@ -219,6 +238,194 @@ inline double qa_em(std::string_view prediction, const std::vector<std::string>&
   for (const auto& g : golds)
     if (normalize_answer(g) == p) return 1.0;
   return 0.0;
+}
+
+// ---- DROP's official metric (drop_eval.py of allenai/allennlp-reading-comprehension) -----
+// Reported beside MeZO's F1/EM for drop. A gold answer is a tuple of strings (its number,
+// its spans, or its date "day month year"); each string is normalized token by token
+// (tokens split at " " and "-"; lower-case; punctuation dropped unless the token parses as
+// a Python float; a number written as Python's str(float(x)), so "24" == "24.0"; articles
+// dropped), a string becomes the set of its tokens (a bag), F1 between bags is set F1,
+// and a gold bag with numbers scores 0 unless the prediction shares one. The prediction
+// here is one string (a generation), so the optimal assignment of drop_eval's _align_bags
+// is the gold bag with the best F1 and the answer's F1 is that over max(#gold bags, 1);
+// EM needs the one normalized gold string. F1 is rounded to 2 places as drop_eval does;
+// the question's score is the max over its gold answers.
+
+namespace detail {
+
+// Python's float(text): surrounding whitespace, a sign, digits with single underscores
+// between them, a fraction, an exponent, or inf/infinity/nan in any case.
+inline bool py_float(std::string_view t, double* out) {
+  const auto ws = [](char c) { return c == ' ' || (c >= '\t' && c <= '\r'); };
+  while (!t.empty() && ws(t.front())) t.remove_prefix(1);
+  while (!t.empty() && ws(t.back())) t.remove_suffix(1);
+  if (t.empty()) return false;
+  std::string clean;
+  std::size_t i = 0;
+  if (t[0] == '+' || t[0] == '-') clean += t[i++];
+  std::string rest;
+  for (std::size_t k = i; k < t.size(); ++k) rest += static_cast<char>(std::tolower(static_cast<unsigned char>(t[k])));
+  if (rest == "inf" || rest == "infinity" || rest == "nan") {
+    if (out) *out = rest == "nan" ? std::numeric_limits<double>::quiet_NaN()
+                                  : (clean == "-" ? -1 : 1) * std::numeric_limits<double>::infinity();
+    return true;
+  }
+  bool digits = false, dot = false, exp = false, exp_digits = false;
+  for (; i < t.size(); ++i) {
+    const char c = t[i];
+    if (c >= '0' && c <= '9') {
+      (exp ? exp_digits : digits) = true;
+      clean += c;
+    } else if (c == '_') {  // only between two digits
+      if (i == 0 || i + 1 >= t.size() || !(t[i - 1] >= '0' && t[i - 1] <= '9') || !(t[i + 1] >= '0' && t[i + 1] <= '9'))
+        return false;
+    } else if (c == '.' && !dot && !exp) {
+      dot = true;
+      clean += c;
+    } else if ((c == 'e' || c == 'E') && digits && !exp) {
+      exp = true;
+      clean += c;
+      if (i + 1 < t.size() && (t[i + 1] == '+' || t[i + 1] == '-')) clean += t[++i];
+    } else {
+      return false;
+    }
+  }
+  if (!digits || (exp && !exp_digits)) return false;
+  if (out) *out = std::strtod(clean.c_str(), nullptr);
+  return true;
+}
+
+inline std::string fmt_exp(const std::string& mantissa, int exp10) {
+  const int a = exp10 < 0 ? -exp10 : exp10;
+  return mantissa + (exp10 < 0 ? "e-" : "e+") + (a < 10 ? "0" : "") + std::to_string(a);
+}
+
+// Python's str(float): repr, the shortest digits that round-trip, positional for decimal
+// exponents in [-4, 16), else d.ddde±XX.
+inline std::string py_float_str(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v < 0 ? "-inf" : "inf";
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);
+  std::string sci(buf, r.ptr);  // [-]d[.ddd]e±XX
+  std::string sign;
+  if (sci[0] == '-') {
+    sign = "-";
+    sci.erase(0, 1);
+  }
+  const auto e = sci.find('e');
+  std::string digits = sci.substr(0, e);
+  digits.erase(std::remove(digits.begin(), digits.end(), '.'), digits.end());
+  const int exp10 = std::stoi(sci.substr(e + 1));
+  if (exp10 < -4 || exp10 >= 16) {
+    std::string m = digits.substr(0, 1);
+    if (digits.size() > 1) m += "." + digits.substr(1);
+    return fmt_exp(sign + m, exp10);
+  }
+  std::string s;
+  if (exp10 < 0) {
+    s = "0." + std::string(static_cast<std::size_t>(-exp10 - 1), '0') + digits;
+  } else if (static_cast<int>(digits.size()) <= exp10 + 1) {
+    s = digits + std::string(static_cast<std::size_t>(exp10 + 1) - digits.size(), '0') + ".0";
+  } else {
+    s = digits.substr(0, static_cast<std::size_t>(exp10 + 1)) + "." + digits.substr(static_cast<std::size_t>(exp10 + 1));
+  }
+  return sign + s;
+}
+
+}  // namespace detail
+
+// drop_eval's _normalize_answer.
+inline std::string drop_normalize(std::string_view text) {
+  std::vector<std::string> parts;
+  std::size_t start = 0;
+  for (std::size_t i = 0; i <= text.size(); ++i) {
+    if (i < text.size() && text[i] != ' ' && text[i] != '-') continue;
+    std::string tok;
+    {
+      std::u32string l;
+      for (char32_t c : detail::decode_utf8(text.substr(start, i - start))) detail::lower_into(l, c);
+      for (char32_t c : l) detail::append_utf8(tok, c);
+    }
+    if (!detail::py_float(tok, nullptr)) {  // _remove_punc
+      std::string kept;
+      for (char c : tok)
+        if (!detail::is_ascii_punct(static_cast<unsigned char>(c))) kept += c;
+      tok = std::move(kept);
+    }
+    double v = 0;
+    if (detail::py_float(tok, &v)) tok = detail::py_float_str(v);  // _normalize_number
+    const std::string part = normalize_answer_keep_punct(tok);     // articles, whitespace
+    if (!part.empty()) parts.push_back(part);
+    start = i + 1;
+  }
+  std::string out;
+  for (const auto& p : parts) out += (out.empty() ? "" : " ") + p;
+  return out;
+}
+
+struct DropScore {
+  double em = 0, f1 = 0;
+};
+
+// drop_eval's get_metrics for a one-string prediction against one gold answer (its strings).
+inline DropScore drop_metrics(std::string_view prediction, const std::vector<std::string>& gold) {
+  auto bag = [](const std::string& s) {
+    std::vector<std::string> b;
+    std::size_t at = 0;
+    while (at < s.size()) {
+      const auto sp = s.find(' ', at);
+      const std::string w = s.substr(at, sp == std::string::npos ? std::string::npos : sp - at);
+      if (!w.empty() && std::find(b.begin(), b.end(), w) == b.end()) b.push_back(w);
+      if (sp == std::string::npos) break;
+      at = sp + 1;
+    }
+    return b;
+  };
+  const std::string p = drop_normalize(prediction);
+  const auto pb = bag(p);
+  DropScore s;
+  std::vector<std::string> gn;
+  for (const auto& g : gold) gn.push_back(drop_normalize(g));
+  s.em = gn.size() == 1 && gn[0] == p ? 1.0 : 0.0;
+  double best = 0;
+  for (const auto& g : gn) {
+    const auto gb = bag(g);
+    bool gold_has_number = false, shared_number = false;
+    for (const auto& w : gb)
+      if (detail::py_float(w, nullptr)) {
+        gold_has_number = true;
+        if (std::find(pb.begin(), pb.end(), w) != pb.end()) shared_number = true;
+      }
+    if (gold_has_number && !shared_number) continue;
+    std::size_t inter = 0;
+    for (const auto& w : gb) inter += std::find(pb.begin(), pb.end(), w) != pb.end();
+    const double precision = pb.empty() ? 1.0 : static_cast<double>(inter) / static_cast<double>(pb.size());
+    const double recall = gb.empty() ? 1.0 : static_cast<double>(inter) / static_cast<double>(gb.size());
+    const double f1 = precision == 0 && recall == 0 ? 0.0 : 2 * precision * recall / (precision + recall);
+    best = std::max(best, f1);
+  }
+  const double mean = best / static_cast<double>(std::max<std::size_t>(1, gn.size()));
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f", mean);  // Python's round(x, 2): the exact binary value, ties to even
+  s.f1 = std::strtod(buf, nullptr);
+  return s;
+}
+
+// A DROP question: the max over its gold answers (drop_eval skips golds whose first string is blank).
+inline DropScore drop_question(std::string_view prediction, const std::vector<std::vector<std::string>>& golds) {
+  DropScore best;
+  for (const auto& g : golds) {
+    if (g.empty()) continue;
+    bool blank = true;
+    for (char c : g[0]) blank = blank && (c == ' ' || (c >= '\t' && c <= '\r'));
+    if (blank) continue;
+    const auto s = drop_metrics(prediction, g);
+    best.em = std::max(best.em, s.em);
+    best.f1 = std::max(best.f1, s.f1);
+  }
+  return best;
 }
 
 // SuperGLUE's MultiRC scores from per-option predictions: `question[i]` groups the options.
