@@ -324,6 +324,8 @@ TEST(Data, SuperGlueTasksRenderMezoTemplatesFromTheStandardFiles) {
     EXPECT_GE(m.value(k, -1.0), 0.0) << k;
     EXPECT_LE(m.value(k, 2.0), 1.0) << k;
   }
+  // --num-eval samples answer options (drawn before tokenizing, as after).
+  EXPECT_EQ(w.eval(task_fixture("multirc.jsonl"), "--task multirc --num-eval 3 --data-seed 4", &lm).at("examples"), 3);
   const json r = w.eval(task_fixture("record.jsonl"), "--task record", &lm);
   EXPECT_EQ(r.at("examples"), 2);
   // A right pick is also an exact (and F1) match; a wrong one can still share tokens.
@@ -616,6 +618,8 @@ TEST(Data, TaskFilesWithBadFieldsNameTheFileLineAndField) {
   e = err("r2.jsonl", rec_head + R"("idx": 0}]})" "\n", "record");
   EXPECT_NE(e.find("r2.jsonl:1: no \"qas[0].answers\" field (the test split of ReCoRD is unlabeled)"), std::string::npos)
       << e;
+  e = err("r4.jsonl", R"({"passage": {"text": "Ann met Bob.", "entities": [{"start": 0, "end": 2}]}, "qas": [{"query": "", "answers": [{"text": "Ann"}]}]})" "\n", "record");
+  EXPECT_NE(e.find("r4.jsonl:1: qas[0]: the answer adds nothing to the prompt"), std::string::npos) << e;
   e = err("r3.jsonl", R"({"passage": {"text": "Ann", "entities": [{"start": 0, "end": 3}]}, "qas": []})" "\n", "record");
   EXPECT_NE(e.find("r3.jsonl:1: \"passage.entities[0]\" spans [0, 3], outside the passage's 3 characters"),
             std::string::npos)

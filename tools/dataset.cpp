@@ -348,10 +348,12 @@ std::string lstrip_ws(std::string_view s) {
   return b == std::string_view::npos ? std::string() : std::string(s.substr(b));
 }
 void set_prompt(Record& r, const std::string& encoded) { r.prompt = lstrip_ws(strip_spaces(encoded)); }
-std::string tail_of(const Record& r, const std::string& verbalized) {
+std::string tail_of(const Record& r, const std::string& verbalized, const std::string& where) {
   const std::string full = lstrip_ws(strip_spaces(verbalized));
-  if (full.size() <= r.prompt.size() || full.compare(0, r.prompt.size(), r.prompt) != 0)
-    fail(ErrorKind::internal, "a template's verbalized text does not extend its prompt");
+  if (full.compare(0, r.prompt.size(), r.prompt) != 0)
+    fail(ErrorKind::internal, "{}: a template's verbalized text does not extend its prompt", where);
+  if (full.size() == r.prompt.size())  // e.g. an empty ReCoRD query
+    fail(ErrorKind::format, "{}: the answer adds nothing to the prompt (an empty field?)", where);
   return full.substr(r.prompt.size());
 }
 
@@ -394,7 +396,7 @@ std::vector<Record> read_wsc_wic_multirc_record(const std::filesystem::path& fil
       fix_wsc_span(where, text, span2, i2, i2, "span2");
       set_prompt(r, fmt::format("{}\nIn the previous sentence, does the pronoun \"{}\" refer to {}? Yes or No?\n", text,
                                 py_lower(span2), span1));
-      r.options = {tail_of(r, r.prompt + "No"), tail_of(r, r.prompt + "Yes")};
+      r.options = {tail_of(r, r.prompt + "No", where), tail_of(r, r.prompt + "Yes", where)};
       r.label = bool_label(where, j, "");
       out.push_back(std::move(r));
     } else if (task == "wic") {
@@ -403,7 +405,7 @@ std::vector<Record> read_wsc_wic_multirc_record(const std::filesystem::path& fil
       set_prompt(r, fmt::format("Does the word \"{}\" have the same meaning in these two sentences? Yes, No?\n{}\n{}\n",
                                 str(where, j, "", "word"), str(where, j, "", "sentence1"),
                                 str(where, j, "", "sentence2")));
-      r.options = {tail_of(r, r.prompt + "No"), tail_of(r, r.prompt + "Yes")};
+      r.options = {tail_of(r, r.prompt + "No", where), tail_of(r, r.prompt + "Yes", where)};
       r.label = bool_label(where, j, "");
       out.push_back(std::move(r));
     } else if (task == "multirc") {
@@ -423,7 +425,7 @@ std::vector<Record> read_wsc_wic_multirc_record(const std::filesystem::path& fil
           r.question = questions;
           set_prompt(r, fmt::format("{}\nQuestion: {}\nI found this answer \"{}\". Is that correct? Yes or No?\n",
                                     paragraph, question, str(where, as[a], apath, "text")));
-          r.options = {tail_of(r, r.prompt + "No"), tail_of(r, r.prompt + "Yes")};
+          r.options = {tail_of(r, r.prompt + "No", where), tail_of(r, r.prompt + "Yes", where)};
           r.label = bool_label(where, as[a], apath);
           out.push_back(std::move(r));
         }
@@ -468,7 +470,8 @@ std::vector<Record> read_wsc_wic_multirc_record(const std::filesystem::path& fil
         r.answers.erase(std::unique(r.answers.begin(), r.answers.end()), r.answers.end());
         if (r.answers.empty()) fail(ErrorKind::format, "{}: \"{}.answers\" is empty", where, qpath);
         set_prompt(r, shown + "\n-");
-        for (const auto& e : entities) r.options.push_back(tail_of(r, shown + "\n- " + replace_all(query, "@placeholder", e)));
+        for (const auto& e : entities)
+          r.options.push_back(tail_of(r, shown + "\n- " + replace_all(query, "@placeholder", e), where + ": " + qpath));
         for (const auto& a : r.answers) {
           const auto it = std::find(entities.begin(), entities.end(), a);
           if (it == entities.end())
@@ -514,7 +517,7 @@ std::vector<Record> read_qa(const std::filesystem::path& file, const std::string
     r.line = static_cast<std::int64_t>(out.size()) + 1;
     r.where = where;
     set_prompt(r, encoded);
-    r.completion = tail_of(r, encoded + " " + r.answers[0] + "\n");
+    r.completion = tail_of(r, encoded + " " + r.answers[0] + "\n", where);
     out.push_back(std::move(r));
   };
   if (task == "squad") {
@@ -636,6 +639,17 @@ std::vector<Record> read_qa(const std::filesystem::path& file, const std::string
   return out;
 }
 
+// The seeded sample of --num-train / --num-eval: `options.sample` of [0, n), in file order.
+std::vector<std::int64_t> sample_indices(std::int64_t n, const DataOptions& options) {
+  std::vector<std::int64_t> idx(static_cast<std::size_t>(n));
+  for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<std::int64_t>(i);
+  std::mt19937_64 rng(options.seed ^ 0x5a4d504c45ULL);
+  for (std::size_t i = idx.size() - 1; i > 0; --i) std::swap(idx[i], idx[static_cast<std::size_t>(rng() % (i + 1))]);
+  idx.resize(static_cast<std::size_t>(options.sample));
+  std::sort(idx.begin(), idx.end());
+  return idx;
+}
+
 std::vector<std::int32_t> concat(const std::vector<std::int32_t>& a, const std::vector<std::int32_t>& b) {
   std::vector<std::int32_t> out(a);
   out.insert(out.end(), b.begin(), b.end());
@@ -730,6 +744,14 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
       fail(ErrorKind::invalid_argument, "{}: a TSV file is read by a task preset (--task sst2)", file.string());
     } else {
       records = read_jsonl(file, d.format_);
+    }
+    // --num-train / --num-eval before tokenizing (the same draw as below, which then keeps
+    // everything): ReCoRD's train file is 1.4M candidate sequences, MeZO samples 1000 queries.
+    if (options.sample > 0 && options.sample < static_cast<std::int64_t>(records.size())) {
+      std::vector<Record> kept;
+      for (auto i : sample_indices(static_cast<std::int64_t>(records.size()), options))
+        kept.push_back(std::move(records[static_cast<std::size_t>(i)]));
+      records = std::move(kept);
     }
     if (!tokenizer)
       fail(ErrorKind::invalid_argument, "{}: {} data needs a tokenizer (--tokenizer DIR)", file.string(),
@@ -849,12 +871,7 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
     log_warn("{}: a sample of {} examples was asked for, the file has {}; using all of them", d.source_,
              options.sample, d.size());
   if (options.sample > 0 && options.sample < d.size()) {
-    std::vector<std::int64_t> idx(static_cast<std::size_t>(d.size()));
-    for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<std::int64_t>(i);
-    std::mt19937_64 rng(options.seed ^ 0x5a4d504c45ULL);
-    for (std::size_t i = idx.size() - 1; i > 0; --i) std::swap(idx[i], idx[static_cast<std::size_t>(rng() % (i + 1))]);
-    idx.resize(static_cast<std::size_t>(options.sample));
-    std::sort(idx.begin(), idx.end());
+    const auto idx = sample_indices(d.size(), options);
     std::vector<Example> kept;
     for (auto i : idx) kept.push_back(std::move(d.examples_[static_cast<std::size_t>(i)]));
     d.examples_ = std::move(kept);
