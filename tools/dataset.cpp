@@ -1063,6 +1063,8 @@ EvalResult evaluate_generation(Session& session, const Dataset& data, const Toke
   if (!task_is_generation(data.task()))
     fail(ErrorKind::invalid_argument, "generation-based evaluation is for squad and drop, not {}",
          data.task().empty() ? std::string("a file without --task") : data.task());
+  if (!session.session_config().logits_out)
+    fail(ErrorKind::internal, "generation-based evaluation needs a session with logits_out");
   const ModelConfig& config = session.config();
   const int max_seq = session.session_config().max_seq > 0 ? session.session_config().max_seq
                                                            : static_cast<int>(config.max_positions);
