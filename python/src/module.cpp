@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -933,6 +934,25 @@ group_labels[g]; label only each option's tokens (-100 elsewhere).)doc")
           return make_plan(r);
         },
         py::arg("model"));
+
+  // For python/bench/step_overhead.py: n steps through the C API in a C++ loop on this
+  // session (no Python between them), timed; the reference Session.step is compared with.
+  m.def("_capi_step_loop",
+        [](Session& S, py::object ids, int64_t n) {
+          Batch b = make_batch(ids, py::none(), py::none());
+          double seconds = 0;
+          S.run([&](zo2_session* s) {
+            const auto t0 = std::chrono::steady_clock::now();
+            for (int64_t i = 0; i < n; ++i) {
+              zo2_step_result r;
+              if (const int rc = zo2_session_step(s, &b.b, &r); rc != 0) return rc;
+            }
+            seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            return 0;
+          });
+          return seconds;
+        },
+        py::arg("session"), py::arg("input_ids"), py::arg("n"));
 
   m.def("_train", &train_impl, py::arg("options"), py::arg("on_record"), py::arg("quiet"));
 
