@@ -272,6 +272,14 @@ def test_torch_tensors(tiny):
         ref = s.eval(ids)
         assert s.eval(torch.from_numpy(ids)) == ref
         assert s.eval(torch.from_numpy(ids).long(), attention_mask=torch.ones(2, 16, dtype=torch.bool)) == ref
+        assert s.eval(torch.from_numpy(np.ascontiguousarray(ids.T)).t()) == ref  # non-contiguous: converted
+        labels = torch.from_numpy(ids).long()
+        labels[:, :3] = -100
+        assert s.eval(torch.from_numpy(ids), labels=labels) == s.eval(ids, labels=labels.numpy())
+        with pytest.raises(zo2.InvalidArgumentError, match="dtype"):
+            s.eval(torch.zeros(2, 16))
+        lp = s.token_logprobs(torch.from_numpy(ids))
+        assert torch.from_numpy(lp).shape == (2, 16)
 
 
 def _run(session, ids, n):
