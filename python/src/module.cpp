@@ -890,6 +890,12 @@ group_labels[g]; label only each option's tokens (-100 elsewhere).)doc")
         zo2_session_free(S.s);
         S.s = nullptr;
       }, "Waits for outstanding work and frees the session (idempotent). An unsaved pending update is lost.")
+      .def("__repr__", [](Session& S) {
+        std::lock_guard<std::mutex> lock(S.mu);
+        if (!S.s) return "<zo2.Session " + S.model_path + " (closed)>";
+        return "<zo2.Session " + S.model_path + " on " + S.P.device + ", next step " +
+               std::to_string(zo2_session_step_index(S.s)) + ">";
+      })
       .def("__enter__", [](py::object self) { return self; })
       .def("__exit__", [](Session& S, py::args) {
         {
