@@ -891,9 +891,16 @@ void parse_post_processor(const json& pp, const std::string& where, const std::s
   } else if (type == "RobertaProcessing" || type == "BertProcessing") {
     auto tok = [&](const char* k) {
       auto it = pp.find(k);
-      if (it == pp.end() || !it->is_array() || it->size() != 2 || !(*it)[1].is_number_integer())
+      if (it == pp.end() || !it->is_array() || it->size() != 2 || !(*it)[0].is_string() ||
+          !(*it)[1].is_number_integer())
         fail(ErrorKind::format, "{}: {}.{}: expected [\"token\", id]", where, field, k);
-      return (*it)[1].get<std::int32_t>();
+      // The id must be the token's own: an id beyond the vocabulary would reach the embedding.
+      const std::string name = (*it)[0].get<std::string>();
+      const std::int32_t id = id_of(name, fmt::format("{}.{}", field, k));
+      if ((*it)[1] != json(id))
+        fail(ErrorKind::format, "{}: {}.{}: token \"{}\" has id {} in the vocabulary, not {}", where, field, k,
+             name, id, (*it)[1].dump());
+      return id;
     };
     tmpl.emplace(std::vector<std::int32_t>{tok("cls")}, std::vector<std::int32_t>{tok("sep")});
   } else {
