@@ -8,6 +8,7 @@
 #include "api/options.h"
 #include "api/run_dir.h"
 #include "api/session.h"
+#include "api/status.h"
 #include "models/checkpoint.h"
 #include "models/layout.h"
 #include "models/safetensors.h"
@@ -42,14 +43,7 @@ struct zo2_session {
   std::string broken_message;
 };
 
-namespace {
-
-using zo2::ErrorKind;
-using zo2::fail;
-
-thread_local std::string t_last_error;
-
-int status_of(ErrorKind kind) {
+int zo2::status_of(ErrorKind kind) {
   switch (kind) {
     case ErrorKind::invalid_argument: return ZO2_ERR_INVALID_ARGUMENT;
     case ErrorKind::io: return ZO2_ERR_IO;
@@ -62,6 +56,14 @@ int status_of(ErrorKind kind) {
   }
   return ZO2_ERR_INTERNAL;
 }
+
+namespace {
+
+using zo2::ErrorKind;
+using zo2::status_of;
+using zo2::fail;
+
+thread_local std::string t_last_error;
 
 void set_error(const char* fn, std::string_view message) noexcept {
   try {

@@ -35,11 +35,8 @@ void quantize_rows_e4m3(const float* src, std::int64_t rows, std::int64_t cols, 
   });
 }
 
-namespace {
-
-// The first element of n (fp32, bf16 or fp16) that is NaN or infinite (all exponent bits
-// set), or −1: one parallel pass at memory speed (fixed chunks; the lowest index wins, so
-// the answer is deterministic).
+// (checkpoint.h) All exponent bits set is NaN or infinity in fp32, bf16 and fp16; fp8 e4m3
+// has no infinity and its NaN is S.1111.111. Fixed chunks, so the answer is deterministic.
 std::int64_t first_non_finite(const void* data, DType dt, std::int64_t n) {
   constexpr std::int64_t kChunk = std::int64_t{1} << 16;
   const std::int64_t chunks = (n + kChunk - 1) / kChunk;
@@ -62,14 +59,17 @@ std::int64_t first_non_finite(const void* data, DType dt, std::int64_t n) {
   };
   tbb::parallel_for(std::int64_t{0}, chunks, [&](std::int64_t c) {
     found[static_cast<std::size_t>(c)] =
-        dt == DType::f32    ? scan(std::uint32_t{}, std::uint32_t{0x7F800000u}, c)
-        : dt == DType::bf16 ? scan(std::uint16_t{}, std::uint16_t{0x7F80u}, c)
-                            : scan(std::uint16_t{}, std::uint16_t{0x7C00u}, c);
+        dt == DType::f32     ? scan(std::uint32_t{}, std::uint32_t{0x7F800000u}, c)
+        : dt == DType::bf16  ? scan(std::uint16_t{}, std::uint16_t{0x7F80u}, c)
+        : dt == DType::f16   ? scan(std::uint16_t{}, std::uint16_t{0x7C00u}, c)
+                             : scan(std::uint8_t{}, std::uint8_t{0x7Fu}, c);
   });
   for (const std::int64_t i : found)
     if (i >= 0) return i;
   return -1;
 }
+
+namespace {
 
 // A checkpoint tensor holding a NaN or an infinity (or a value its storage dtype cannot
 // hold) is refused at load, naming it: such a weight makes every loss NaN, so a run would

@@ -23,6 +23,10 @@ const SafetensorsCheckpoint::Entry* find_checkpoint_tensor(const SafetensorsChec
 void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, void* image,
                 const std::string& where);
 
+// The index of the first of n elements (fp32, bf16, fp16 or fp8 e4m3 bits) that is NaN or
+// infinite, or −1: one parallel pass at memory speed; the lowest index wins.
+std::int64_t first_non_finite(const void* data, DType dt, std::int64_t n);
+
 // Converts an image slot to a checkpoint tensor of dtype `dt` (fp32, bf16, fp16; fp8 only
 // when the slot is fp8) — a fill callback, so large saves stream without a second copy.
 TensorToWrite image_tensor(const TensorSlot& slot, const void* image, DType dt);

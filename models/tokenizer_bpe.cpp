@@ -6,6 +6,7 @@
 #include <pcre2.h>
 
 #include "models/tokenizer.h"
+#include "models/utf8.h"
 #include "runtime/error.h"
 
 #include <nlohmann/json.hpp>
@@ -62,24 +63,6 @@ std::string excerpt(std::string_view s, std::size_t max = 60) {
 }
 
 // ---- GPT-2 byte <-> unicode ----------------------------------------------------------
-
-void append_utf8(std::string& out, std::uint32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
 
 // Decodes one UTF-8 code point at s[i]; returns false on an invalid sequence.
 bool next_utf8(std::string_view s, std::size_t& i, std::uint32_t& cp) {

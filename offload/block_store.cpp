@@ -13,7 +13,6 @@
 
 #include <nlohmann/json.hpp>
 #include <oneapi/tbb/parallel_for.h>
-#include <oneapi/tbb/parallel_reduce.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -171,15 +170,11 @@ void BlockStore::check_finite() const {
     for (const TensorSlot& s : layout.tensors()) {
       const std::byte* data = base + s.offset;
       const float* scales = s.has_scales() ? reinterpret_cast<const float*>(base + s.scale_offset) : nullptr;
-      const std::int64_t bad = tbb::parallel_reduce(
-          tbb::blocked_range<std::int64_t>(0, s.numel(), std::int64_t{1} << 16), std::int64_t{-1},
-          [&](const tbb::blocked_range<std::int64_t>& r, std::int64_t found) {
-            if (found >= 0) return found;
-            for (std::int64_t i = r.begin(); i < r.end(); ++i)
-              if (!std::isfinite(load_element(data, s.dtype, i, scales ? scales[i / s.cols] : 1.0f))) return i;
-            return found;
-          },
-          [](std::int64_t a, std::int64_t b) { return a < 0 ? b : b < 0 ? a : std::min(a, b); });
+      std::int64_t bad = first_non_finite(data, s.dtype, s.numel());
+      if (bad < 0 && scales) {  // an fp8 row is as finite as its scale
+        const std::int64_t row = first_non_finite(scales, DType::f32, s.rows);
+        if (row >= 0) bad = row * s.cols;
+      }
       if (bad >= 0)
         fail(ErrorKind::format, "tensor '{}' ({}) holds a non-finite value at element {} ({}): {}", s.name, where,
              bad, load_element(data, s.dtype, bad, scales ? scales[bad / s.cols] : 1.0f),

@@ -16,6 +16,7 @@
 //    metric_name); SuperGLUE's F1a (binary F1 of the "true" class over every answer option)
 //    and EM (a question counts when all its options are right) are given alongside.
 #pragma once
+#include "models/utf8.h"
 
 #include <algorithm>
 #include <charconv>
@@ -64,23 +65,7 @@ inline std::vector<char32_t> decode_utf8(std::string_view s) {
   return out;
 }
 
-inline void append_utf8(std::string& out, char32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
+using zo2::append_utf8;  // models/utf8.h
 
 // Python's str.lower() for the scripts that occur in the QA sets (ASCII, Latin-1, Latin
 // Extended-A, Greek, Cyrillic); İ (U+0130) lowers to "i̇" as Python does.

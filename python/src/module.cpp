@@ -21,6 +21,7 @@
 #include "zo2.h"
 
 #include "api/options.h"
+#include "api/status.h"
 #include "models/tokenizer.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
@@ -68,20 +69,7 @@ py::object error_class(int code) {
   throw py::error_already_set();
 }
 
-int status_of(zo2::ErrorKind kind) {
-  using zo2::ErrorKind;
-  switch (kind) {
-    case ErrorKind::invalid_argument: return ZO2_ERR_INVALID_ARGUMENT;
-    case ErrorKind::io: return ZO2_ERR_IO;
-    case ErrorKind::format: return ZO2_ERR_FORMAT;
-    case ErrorKind::unsupported: return ZO2_ERR_UNSUPPORTED;
-    case ErrorKind::out_of_memory: return ZO2_ERR_OUT_OF_MEMORY;
-    case ErrorKind::device: return ZO2_ERR_DEVICE;
-    case ErrorKind::aborted: return ZO2_ABORTED;
-    case ErrorKind::internal: return ZO2_ERR_INTERNAL;
-  }
-  return ZO2_ERR_INTERNAL;
-}
+using zo2::status_of;  // api/status.h: the C API's code of each error kind
 
 // Runs a C++ body (GIL released) and turns what it throws into zo2's exception classes.
 template <class F>
