@@ -237,7 +237,7 @@ void ModelGraph::embed(Ops& ops, Stream& s, const WeightSet& g, const BatchView&
   const std::int64_t n = batch.tokens();
   std::vector<Branch> saved(branches_.begin(), branches_.begin() + nb);
   for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = rows_of(saved[static_cast<std::size_t>(i)], n);
-  const float sign[2] = {1.0f, -1.0f};
+  const float sign[2] = {1.0f, noise ? noise->minus : -1.0f};
   for (int i = 0; i < nb; ++i) {
     Branch& br = branches_[static_cast<std::size_t>(i)];
     const Mat& tok_out = config_.has_projections() ? br.emb : br.hidden;

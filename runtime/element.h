@@ -55,6 +55,11 @@ ZO2_HD float updated(float w, float z, float g, float lr, float wd) {
   return detail::ffma(-lr, step, w);
 }
 
+// The coefficient of z in an update: g itself, or its sign (zo-sgd-sign; sign(0) = 0).
+ZO2_HD float update_coefficient(float g, bool sign) {
+  return sign ? (g > 0.0f ? 1.0f : (g < 0.0f ? -1.0f : 0.0f)) : g;
+}
+
 ZO2_HD bool finite(float x) {
   return (detail::float_to_bits(x) & 0x7F800000u) != 0x7F800000u;
 }

@@ -51,10 +51,14 @@ struct StoredTensor {
   std::int64_t numel() const { return rows * cols; }
 };
 
-// Perturbation parameters of a forward pass: W± = W ± eps·z(seed, key, index).
+// Perturbation parameters of a forward pass over two branches: the first sees W + eps·z,
+// the second W + minus·eps·z (z = z(seed, key, index)). minus = −1 is the central
+// difference (W ± eps·z); 0 leaves the second branch unperturbed (forward difference).
 struct NoiseArgs {
   std::uint64_t seed = 0;
   float eps = 0;
+  float minus = -1.0f;
+  float eps_minus() const { return minus * eps; }
 };
 
 // The deferred ZO update of one tensor: W ← W − lr·(g·z(seed) + wd·W), with g read from
@@ -66,6 +70,35 @@ struct UpdateArgs {
   float lr = 0;
   float weight_decay = 0;  // 0 for biases and norm weights
   const float* g = nullptr;
+  std::uint64_t rounding_seed = 0;
+  bool sign = false;  // use sign(g) ∈ {−1, 0, 1} instead of g (zo-sgd-sign)
+};
+
+// The deferred update of a rule that keeps state (zo/rule.h: zo-sgd-momentum, zo-adam),
+// one tensor, in place. With q = directions and c_j = g[j] / q:
+//   u = wd·W + Σ_j c_j·z(seeds[j])        (accumulated in j order, fp32)
+//   momentum (torch.optim.SGD, dampening 0):  m ← beta1·m + u;  W ← W − lr·m
+//   adam (torch.optim.Adam, L2 decay):        m ← beta1·m + (1 − beta1)·u
+//                                             v ← beta2·v + (1 − beta2)·u²
+//                                             W ← W − (lr / bias1)·m / (√v / √bias2 + adam_eps)
+// bias_k = 1 − beta_k^t for the step's t (the host computes them). The g[j] are read from
+// device memory when the kernel runs; if any is not finite, W, m and v stay unchanged.
+// m (and v, for Adam) have W's shape, in the state dtype (f32 | bf16 | f8_e4m3 with
+// per-row scales, like a weight). Narrow dtypes are written with stochastic rounding:
+// W from (rounding_seed, key), m and v from their own streams (NoiseDomain::state_m/_v).
+struct StateUpdateArgs {
+  static constexpr int kMaxDirections = 64;
+  int directions = 1;
+  std::uint64_t seeds[kMaxDirections] = {};
+  const float* g = nullptr;  // device, [directions]
+  float lr = 0;
+  float weight_decay = 0;  // 0 for biases and norm weights
+  bool adam = false;       // false: momentum
+  float beta1 = 0.9f;      // momentum: the momentum factor
+  float beta2 = 0.999f;
+  float adam_eps = 1e-8f;
+  float bias1 = 1.0f;
+  float bias2 = 1.0f;
   std::uint64_t rounding_seed = 0;
 };
 
@@ -158,6 +191,10 @@ class Ops {
                          float* g) = 0;
   // The fused deferred update (UpdateArgs), in place.
   virtual void update(Stream& s, const StoredTensor& w, const UpdateArgs& args) = 0;
+  // The deferred update of a stateful rule (StateUpdateArgs), in place on w, m and v
+  // (v == nullptr for momentum).
+  virtual void update_state(Stream& s, const StoredTensor& w, const StoredTensor& m,
+                            const StoredTensor* v, const StateUpdateArgs& args) = 0;
 };
 
 }  // namespace zo2

@@ -39,6 +39,8 @@ enum class NoiseDomain : std::uint32_t {
   normal = 0,       // perturbation z ~ N(0, 1)
   rounding = 1,     // stochastic rounding of updated weights
   step_seed = 2,    // deriving step seeds from the run seed
+  state_m = 3,      // stochastic rounding of a rule's first state buffer (momentum, Adam m)
+  state_v = 4,      // ... and of its second (Adam v)
 };
 
 namespace detail {

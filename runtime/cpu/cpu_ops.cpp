@@ -72,6 +72,10 @@ class CpuOps final : public Ops {
   void update(Stream& s, const StoredTensor& w, const UpdateArgs& args) override {
     enqueue(s, [=] { cpu::update(w, args); });
   }
+  void update_state(Stream&, const StoredTensor&, const StoredTensor&, const StoredTensor*,
+                    const StateUpdateArgs&) override {
+    fail(ErrorKind::unsupported, "cpu update_state: not implemented yet");
+  }
 };
 
 }  // namespace

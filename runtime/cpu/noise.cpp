@@ -73,6 +73,7 @@ void perturb(const StoredTensor& w, std::int64_t row_begin, std::int64_t row_end
       ChunkNoise z;
       if (noise) z.fill(noise->seed, w.key, e0 + c0, e0 + c1);
       const float eps = noise ? noise->eps : 0.0f;
+      const float eps_minus = noise ? noise->eps_minus() : 0.0f;
       // Row segments, so an fp8 row scale is looked up once per row.
       for (std::int64_t e = e0 + c0; e < e0 + c1;) {
         const std::int64_t row = e / w.cols;
@@ -84,11 +85,11 @@ void perturb(const StoredTensor& w, std::int64_t row_begin, std::int64_t row_end
           for (; e < seg_end; ++e) {
             const float x = load<S>(w.data, e, scale), zi = z.at(e);
             store<O>(out_plus, e - e0, perturbed(x, zi, eps));
-            store<O>(out_minus, e - e0, perturbed(x, zi, -eps));
+            store<O>(out_minus, e - e0, perturbed(x, zi, eps_minus));
           }
         } else {
           void* out = out_plus ? out_plus : out_minus;
-          const float signed_eps = out_plus ? eps : -eps;
+          const float signed_eps = out_plus ? eps : eps_minus;
           for (; e < seg_end; ++e) store<O>(out, e - e0, perturbed(load<S>(w.data, e, scale), z.at(e), signed_eps));
         }
       }
@@ -101,8 +102,8 @@ void spsa_grad(const float* loss_plus, const float* loss_minus, float eps, float
 }
 
 void update(const StoredTensor& w, const UpdateArgs& a) {
-  const float g = *a.g;
-  if (!finite(g)) return;  // reported by the host when it reads g
+  if (!finite(*a.g)) return;  // reported by the host when it reads g
+  const float g = update_coefficient(*a.g, a.sign);
   const std::int64_t n = w.numel();
   if (w.dtype == DType::f8_e4m3) {
     // Row-wise: the new values decide the row's new scale (absmax / 448), then each is

@@ -182,6 +182,10 @@ class CudaOps final : public Ops {
     if (args.g == nullptr) fail(ErrorKind::internal, "cuda update: no projected gradient");
     cuda::update(enter(s), w, args);
   }
+  void update_state(Stream&, const StoredTensor&, const StoredTensor&, const StoredTensor*,
+                    const StateUpdateArgs&) override {
+    fail(ErrorKind::unsupported, "cuda update_state: not implemented yet");
+  }
 
  private:
   static CudaStream& enter(Stream& s) {

@@ -109,6 +109,7 @@ struct PerturbArgs {
   bool noise;
   std::uint64_t seed;
   float eps;
+  float eps_minus;  // the second output's signed eps (NoiseArgs::eps_minus)
   void* plus;
   void* minus;
   bool vectorized;  // whole groups may use vector loads/stores
@@ -149,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(PerturbArgs a) {
           p[j] = O::store(x);
         } else {
           p[j] = O::store(perturbed(x, z.v[j], a.eps));
-          m[j] = O::store(perturbed(x, z.v[j], -a.eps));
+          m[j] = O::store(perturbed(x, z.v[j], a.eps_minus));
         }
       }
       using OV = typename Out4<O>::Vec4;
@@ -167,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(PerturbArgs a) {
         continue;
       }
       if (plus != nullptr) plus[ej - a.e0] = O::store(perturbed(x, z.v[j], a.eps));
-      if (minus != nullptr) minus[ej - a.e0] = O::store(perturbed(x, z.v[j], -a.eps));
+      if (minus != nullptr) minus[ej - a.e0] = O::store(perturbed(x, z.v[j], a.eps_minus));
     }
   }
 }
@@ -183,6 +184,7 @@ struct UpdateKernelArgs {
   float weight_decay;
   const float* g;
   std::uint64_t rounding_seed;
+  bool sign;  // UpdateArgs::sign
   bool vectorized;
 };
 
@@ -198,8 +200,8 @@ __device__ __forceinline__ typename Storage<S>::T round_sr(float v, std::uint32_
 template <DType S>
 __global__ void __launch_bounds__(kThreads) update_kernel(UpdateKernelArgs a) {
   using ST = typename Storage<S>::T;
-  const float g = *a.g;
-  if (!finite(g)) return;  // W unchanged; the host reports it when it reads g
+  if (!finite(*a.g)) return;  // W unchanged; the host reports it when it reads g
+  const float g = update_coefficient(*a.g, a.sign);
   ST* w = static_cast<ST*>(a.w);
   const std::int64_t n = a.rows * a.cols, groups = ceil_div(n, 4);
   for (std::int64_t q = std::int64_t{blockIdx.x} * blockDim.x + threadIdx.x; q < groups;
@@ -242,8 +244,8 @@ __host__ __device__ constexpr std::int64_t kept_stride(std::int64_t cols) { retu
 __global__ void __launch_bounds__(kFp8Threads) update_fp8_kernel(UpdateKernelArgs a, bool keep) {
   extern __shared__ float kept[];  // 4·kept_stride(a.cols) floats when keep
   __shared__ float smem[32];
-  const float g = *a.g;
-  if (!finite(g)) return;
+  if (!finite(*a.g)) return;  // W unchanged; the host reports it when it reads g
+  const float g = update_coefficient(*a.g, a.sign);
   std::uint8_t* w = static_cast<std::uint8_t*>(a.w);
   const std::int64_t stride = kept_stride(a.cols);
   for (std::int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
@@ -333,6 +335,7 @@ void perturb(KernelStream& s, const StoredTensor& w, std::int64_t row_begin,
                 noise != nullptr,
                 noise != nullptr ? noise->seed : 0,
                 noise != nullptr ? noise->eps : 0.0f,
+                noise != nullptr ? noise->eps_minus() : 0.0f,
                 out_plus,
                 noise != nullptr ? out_minus : nullptr,
                 false};
@@ -361,7 +364,7 @@ void update(KernelStream& s, const StoredTensor& w, const UpdateArgs& args) {
   if (w.numel() == 0) return;
   UpdateKernelArgs a{w.data,       w.row_scales,        w.rows,  w.cols,
                      w.key,        args.seed,           args.lr, args.weight_decay,
-                     args.g,       args.rounding_seed,  false};
+                     args.g,       args.rounding_seed,  args.sign, false};
   if (w.dtype == DType::f8_e4m3) {
     // The row's values in shared memory where they fit the device's opt-in limit. The limit
     // a launch may use is a setting of the current device: raised to the whole opt-in (less
