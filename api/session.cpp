@@ -23,6 +23,11 @@ PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, Dev
   r.window = cfg.window;
   r.limits = cfg.limits;
   r.logits_out = cfg.logits_out;
+  r.state = StateSpec{cfg.rule.state_buffers(), cfg.rule.state_dtype};
+  if (cfg.training) {
+    const RuleEstimate est = estimate_plan(cfg.rule, 1e-3f);
+    r.passes = static_cast<int>(est.passes.size()) + (cfg.rule.host_sync() ? (est.unperturbed_slot >= 0 ? 1 : 2) : 0);
+  }
   if (kind == DeviceKind::cuda) r.backend_bytes = kCudaBackendBytes;  // cuBLAS workspace + kernel scratch
   if (kind == DeviceKind::cpu) {
     // "Transfers" on the CPU backend are memcpy: roughly memory bandwidth per direction.
@@ -74,7 +79,15 @@ Session::Session(const std::filesystem::path& model_path, const SessionConfig& c
   // Plan before reading the weights: a cap that cannot work fails fast.
   const ModelConfig model = ModelConfig::load(model_dir);
   fit_arena_to(plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity())));
-  store_ = std::make_unique<BlockStore>(BlockStore::load(model_dir, cfg_.storage, *device_));
+  const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
+  store_ = std::make_unique<BlockStore>(BlockStore::load(model_dir, cfg_.storage, *device_, state));
+  if (cfg_.resume_state && state.buffers > 0) {
+    const std::filesystem::path file = model_dir / kOptimizerStateFile;
+    if (!std::filesystem::exists(file))
+      fail(ErrorKind::format, "{}: missing; the run used --optimizer {}, whose state a resume needs", file.string(),
+           rule_name(cfg_.rule.kind));
+    store_->load_state(file);
+  }
   init(cfg_);
 }
 
@@ -83,8 +96,9 @@ Session::Session(const ModelConfig& model, const SessionConfig& cfg, std::uint64
     : cfg_(cfg) {
   device_ = open_device(cfg_);
   fit_arena_to(plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity())));
+  const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
   store_ = std::make_unique<BlockStore>(
-      BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks));
+      BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks, state));
   init(cfg_);
 }
 
@@ -103,6 +117,7 @@ void Session::init(const SessionConfig& cfg) {
   so.batch = req.batch;
   so.seq = req.seq;
   so.branches = req.branches;
+  so.rule = cfg.rule;  // an evaluation session keeps the default; replay needs the log's
   so.logits_out = cfg.logits_out;
   so.fault = cfg.fault;
   scheduler_ = std::make_unique<Scheduler>(*device_, *store_, placement, so);
@@ -113,6 +128,7 @@ void Session::init(const SessionConfig& cfg) {
     h.storage_dtype = std::string(dtype_name(cfg.storage));
     h.base_model = cfg.base_model;
     h.first_step = cfg.first_step;
+    h.rule = cfg.rule;
     seed_log_ = std::make_unique<SeedLogWriter>(cfg.seed_log, h, cfg.seed_log_append, next_step_);
   }
 }
@@ -135,6 +151,7 @@ std::int64_t Session::step_async(const HostBatch& batch, float lr, float eps, fl
   if (!(eps > 0)) fail(ErrorKind::invalid_argument, "eps must be positive (got {})", eps);
   if (!(lr >= 0)) fail(ErrorKind::invalid_argument, "the learning rate must be non-negative (got {})", lr);
   require_targets(batch);  // nothing to predict: refused before the step index moves
+  validate_rule(cfg_.rule, weight_decay);
   const std::int64_t t = next_step_;
   StepParams p;
   p.step = t;
@@ -154,6 +171,9 @@ StepResult Session::wait(std::int64_t step) {
   if (r.update_skipped)
     log_warn("step {}: the projected gradient is not finite (L+ = {}, L- = {}); its update is skipped",
              step, r.loss_plus, r.loss_minus);
+  if (cfg_.rule.kind == RuleKind::cons && !r.update_skipped)
+    log_debug("step {}: zo-sgd-cons losses L(θ) {} L(θ−lr·g·z) {} L(θ+lr·g·z) {}: choice {}", step, r.cons_losses[0],
+              r.cons_losses[1], r.cons_losses[2], r.choice);
   if (seed_log_) {
     SeedLogEntry e;
     e.step = r.step;
@@ -163,6 +183,8 @@ StepResult Session::wait(std::int64_t step) {
     e.eps = r.eps;
     e.wd = r.weight_decay;
     e.g_double = r.g_double;
+    if (r.gs.size() > 1) e.gs = r.gs;
+    e.choice = r.choice;
     seed_log_->append(e);
   }
   return r;
@@ -209,6 +231,7 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
   r.state["run_seed"] = cfg_.run_seed;
   r.state["storage_dtype"] = std::string(dtype_name(cfg_.storage));
   r.state["save_dtype"] = std::string(dtype_name(dtype));
+  r.state["optimizer"] = rule_to_json(cfg_.rule);
   if (seed_log_) {
     seed_log_->sync();  // the log lines this checkpoint needs reach the disk before it is published
     r.seed_log = seed_log_->path();
@@ -216,6 +239,7 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
   }
   r.write = [&](const std::filesystem::path& dir) {
     store_->save(dir, dtype, shard_bytes);
+    if (store_->state().buffers > 0) store_->save_state(dir / kOptimizerStateFile);
     if (extras.extra_files) extras.extra_files(dir);
   };
   publish_checkpoint(out_dir, r);

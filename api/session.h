@@ -8,6 +8,7 @@
 #include "offload/planner.h"
 #include "offload/scheduler.h"
 #include "runtime/device.h"
+#include "zo/rule.h"
 #include "zo/seed_log.h"
 
 #include <nlohmann/json.hpp>
@@ -21,6 +22,9 @@
 
 namespace zo2 {
 
+// The rule's optimizer state in a checkpoint directory (beside the weights).
+inline constexpr const char* kOptimizerStateFile = "optimizer_state.safetensors";
+
 struct SessionConfig {
   std::string device = "cpu";      // cpu | cuda | cuda:N | auto
   std::size_t gpu_mem = 0;         // device memory cap in bytes; 0 = the whole device (the
@@ -29,6 +33,11 @@ struct SessionConfig {
   int window = 3;
   DType storage = DType::f32;
   DType compute = DType::f32;
+  RuleConfig rule;                 // the update rule (zo/rule.h); default: today's ZO-SGD. Its
+                                   // state (if any) is allocated beside the weights.
+  // Resume: read the rule's state from the checkpoint's optimizer_state.safetensors (a
+  // rule with state only; Error(format) naming the file when it is missing or mismatched).
+  bool resume_state = false;
   int max_batch = 1;               // capacity of the activations: sequences ×
   int max_seq = 0;                 // tokens per sequence (0 = max_position_embeddings)
   bool training = true;            // false: evaluation only (one branch, less memory)

@@ -14,7 +14,11 @@
 #include <nlohmann/json.hpp>
 #include <oneapi/tbb/parallel_for.h>
 
+#include <fmt/ranges.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <fstream>
 
@@ -40,39 +44,77 @@ WeightSet bind_weights(const ImageLayout& layout, void* base) {
 
 // Pinned memory cannot be swapped out: past MemAvailable the allocation fails or the kernel
 // starts killing processes, so refuse first, with the numbers.
-void check_host_memory(const ModelConfig& config, DType storage, std::int64_t images) {
-  const std::size_t need = host_image_bytes(config, storage, images);
+void check_host_memory(const ModelConfig& config, DType storage, std::int64_t images, const StateSpec& state) {
+  const std::size_t need = host_store_bytes(config, storage, images, state);
   const std::size_t available = host_memory_available();
   if (need <= available) return;
   const std::size_t globals = globals_layout(config, storage).bytes();
   const std::size_t block = config.num_layers > 0 ? block_layout(config, 0, storage).bytes() : 0;
   std::string hint;
   if (storage != DType::f8_e4m3) {
-    const std::size_t fp8 = host_image_bytes(config, DType::f8_e4m3, images);
+    const std::size_t fp8 = host_store_bytes(config, DType::f8_e4m3, images, state);
     hint = fmt::format("; --storage-dtype fp8 would need {}{}", format_bytes(static_cast<double>(fp8)),
                        fp8 <= available ? ", which fits" : "");
   }
   fail(ErrorKind::out_of_memory,
-       "host memory: the master weights ({} block images of {} and {} of globals, {} storage) need {}, but "
+       "host memory: the master weights{} ({} block images of {} and {} of globals, {} storage) need {}, but "
        "{} is available ({}){}",
+       state.buffers > 0 ? fmt::format(" and {} optimizer state buffer{} in {}", state.buffers,
+                                       state.buffers == 1 ? "" : "s", dtype_name(state.dtype))
+                         : std::string(),
        images, format_bytes(static_cast<double>(block)), format_bytes(static_cast<double>(globals)),
        dtype_name(storage), format_bytes(static_cast<double>(need)), format_bytes(static_cast<double>(available)),
        std::getenv("ZO2_HOST_MEM_AVAILABLE") != nullptr ? "ZO2_HOST_MEM_AVAILABLE" : "MemAvailable in /proc/meminfo",
        hint);
 }
 
-BlockStore::BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks)
-    : config_(config), storage_(storage), aliased_(alias_blocks) {
+BlockStore::BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks,
+                       const StateSpec& state)
+    : config_(config), storage_(storage), state_(state), aliased_(alias_blocks) {
   if (!dtype_is_storage(storage))
     fail(ErrorKind::invalid_argument, "storage dtype {} is not one of fp32, bf16, fp16, fp8",
          dtype_name(storage));
   globals_layout_ = zo2::globals_layout(config_, storage_);
   for (std::int64_t i = 0; i < config_.num_layers; ++i)
     block_layouts_.push_back(zo2::block_layout(config_, i, storage_));
+  if (state_.buffers > 0) {
+    globals_state_layout_ = zo2::globals_layout(config_, state_.dtype);
+    for (std::int64_t i = 0; i < config_.num_layers; ++i)
+      block_state_layouts_.push_back(zo2::block_layout(config_, i, state_.dtype));
+  }
+  stream_bytes_ = image_with_state_bytes(block_bytes(), block_state_layouts_.empty() ? 0 : block_state_layouts_[0].bytes(),
+                                         state_.buffers);
+  globals_stream_bytes_ = image_with_state_bytes(globals_layout_.bytes(), globals_state_layout_.bytes(), state_.buffers);
   const std::int64_t images = alias_blocks ? 1 : config_.num_layers;
-  check_host_memory(config_, storage_, images);
-  globals_ = device.alloc_host(globals_layout_.bytes());
-  for (std::int64_t i = 0; i < images; ++i) blocks_.push_back(device.alloc_host(block_bytes()));
+  check_host_memory(config_, storage_, images, state_);
+  globals_ = device.alloc_host(globals_stream_bytes_);
+  for (std::int64_t i = 0; i < images; ++i) blocks_.push_back(device.alloc_host(stream_bytes_));
+  clear_state();
+}
+
+std::size_t BlockStore::block_state_offset(int k) const {
+  return align_up(block_bytes()) + static_cast<std::size_t>(k) * align_up(block_state_layouts_.at(0).bytes());
+}
+
+std::size_t BlockStore::globals_state_offset(int k) const {
+  return align_up(globals_bytes()) + static_cast<std::size_t>(k) * align_up(globals_state_layout_.bytes());
+}
+
+namespace {
+void clear_state_image(const ImageLayout& layout, void* image) {
+  auto* base = static_cast<std::byte*>(image);
+  std::memset(base, 0, layout.bytes());
+  for (const TensorSlot& s : layout.tensors())
+    if (s.has_scales()) std::fill_n(reinterpret_cast<float*>(base + s.scale_offset), s.rows, 1.0f);
+}
+}  // namespace
+
+void BlockStore::clear_state() {
+  for (int k = 0; k < state_.buffers; ++k) {
+    clear_state_image(globals_state_layout_, static_cast<std::byte*>(globals_.data()) + globals_state_offset(k));
+    for (std::size_t i = 0; i < blocks_.size(); ++i)
+      clear_state_image(block_state_layouts_[i], static_cast<std::byte*>(blocks_[i].data()) + block_state_offset(k));
+  }
 }
 
 void* BlockStore::block_image(std::int64_t i) {
@@ -85,12 +127,13 @@ std::size_t BlockStore::host_bytes() const {
   return n;
 }
 
-BlockStore BlockStore::load(const std::filesystem::path& model_dir, DType storage, Device& device) {
+BlockStore BlockStore::load(const std::filesystem::path& model_dir, DType storage, Device& device,
+                            const StateSpec& state) {
   const ModelConfig config = ModelConfig::load(model_dir);
   const auto ckpt = SafetensorsCheckpoint::open(model_dir);
   const std::string where = model_dir.string();
   check_checkpoint_tensors(ckpt, config, where);  // before the images are allocated
-  BlockStore store(config, storage, device, false);
+  BlockStore store(config, storage, device, false, state);
   const auto unused = unused_checkpoint_tensors(ckpt, config);
   for (const auto& name : unused)
     if (name != "lm_head.weight" && name.find("rotary_emb.inv_freq") == std::string::npos) {
@@ -129,8 +172,8 @@ void init_image(const ImageLayout& layout, void* image, std::uint64_t seed) {
 }  // namespace
 
 BlockStore BlockStore::synthetic(const ModelConfig& config, DType storage, Device& device,
-                                 std::uint64_t seed, bool alias_blocks) {
-  BlockStore store(config, storage, device, alias_blocks);
+                                 std::uint64_t seed, bool alias_blocks, const StateSpec& state) {
+  BlockStore store(config, storage, device, alias_blocks, state);
   init_image(store.globals_layout_, store.globals_.data(), seed);
   const std::int64_t images = alias_blocks ? 1 : config.num_layers;
   tbb::parallel_for(std::int64_t{0}, images, [&](std::int64_t i) {
@@ -186,6 +229,94 @@ void BlockStore::check_finite() const {
   for (std::int64_t i = 0; i < config_.num_layers; ++i)
     scan(block_layouts_[static_cast<std::size_t>(i)], blocks_[static_cast<std::size_t>(i)].data(),
          fmt::format("block {}", i));
+}
+
+}  // namespace zo2
+
+namespace zo2 {
+namespace {
+// Every state tensor of the store as (file name, image slot, base pointer of its image).
+struct StateTensor {
+  std::string name;
+  const TensorSlot* slot;
+  std::byte* base;
+};
+}  // namespace
+
+static std::vector<StateTensor> state_tensors(BlockStore& s, std::vector<HostBuffer>& blocks, HostBuffer& globals,
+                                              bool aliased) {
+  std::vector<StateTensor> out;
+  for (int k = 0; k < s.state().buffers; ++k) {
+    const std::string suffix = fmt::format(".state{}", k);
+    auto* g = static_cast<std::byte*>(globals.data()) + s.globals_state_offset(k);
+    for (const TensorSlot& t : s.globals_state_layout().tensors()) out.push_back({t.name + suffix, &t, g});
+    const std::int64_t images = aliased ? 1 : s.num_blocks();
+    for (std::int64_t i = 0; i < images; ++i) {
+      auto* b = static_cast<std::byte*>(blocks[static_cast<std::size_t>(i)].data()) + s.block_state_offset(k);
+      for (const TensorSlot& t : s.block_state_layout(i).tensors()) out.push_back({t.name + suffix, &t, b});
+    }
+  }
+  return out;
+}
+
+void BlockStore::save_state(const std::filesystem::path& file) const {
+  if (state_.buffers == 0) fail(ErrorKind::internal, "save_state: this store keeps no optimizer state");
+  auto& self = const_cast<BlockStore&>(*this);
+  const auto tensors = state_tensors(self, self.blocks_, self.globals_, aliased_);
+  std::vector<TensorToWrite> w;
+  w.reserve(tensors.size() * 2);
+  for (const StateTensor& t : tensors) {
+    TensorToWrite x;
+    x.name = t.name;
+    x.dtype = t.slot->dtype;
+    x.shape = t.slot->shape();
+    x.data = t.base + t.slot->offset;
+    w.push_back(std::move(x));
+    if (t.slot->has_scales()) {
+      TensorToWrite sc;
+      sc.name = t.name + ".scale";
+      sc.dtype = DType::f32;
+      sc.shape = {t.slot->rows};
+      sc.data = t.base + t.slot->scale_offset;
+      w.push_back(std::move(sc));
+    }
+  }
+  write_safetensors(file, w, {{"format", "zo2-optimizer-state"}, {"state_dtype", std::string(dtype_name(state_.dtype))},
+                              {"buffers", std::to_string(state_.buffers)}});
+}
+
+void BlockStore::load_state(const std::filesystem::path& file) {
+  if (state_.buffers == 0) fail(ErrorKind::internal, "load_state: this store keeps no optimizer state");
+  const SafetensorsFile f = SafetensorsFile::open(file);
+  const std::string where = file.string();
+  const auto tensors = state_tensors(*this, blocks_, globals_, aliased_);
+  std::size_t expected = 0;
+  auto copy = [&](const std::string& name, DType dtype, const std::vector<std::int64_t>& shape, std::byte* dst,
+                  std::size_t bytes) {
+    const TensorInfo* info = f.find(name);
+    if (!info)
+      fail(ErrorKind::format, "{}: optimizer state tensor '{}' is missing (was it saved by another --optimizer?)", where,
+           name);
+    if (info->dtype != dtype || info->shape != shape)
+      fail(ErrorKind::format, "{}: optimizer state tensor '{}' is {} {}, expected {} {} (--state-dtype {})", where, name,
+           dtype_name(info->dtype), fmt::format("[{}]", fmt::join(info->shape, ", ")), dtype_name(dtype),
+           fmt::format("[{}]", fmt::join(shape, ", ")), dtype_name(state_.dtype));
+    const auto src = f.bytes(*info);
+    ZO2_CHECK(src.size() == bytes);
+    std::memcpy(dst, src.data(), bytes);
+    if (first_non_finite(dst, dtype, static_cast<std::int64_t>(bytes / dtype_size(dtype))) >= 0)
+      fail(ErrorKind::format, "{}: optimizer state tensor '{}' holds a non-finite value", where, name);
+    ++expected;
+  };
+  for (const StateTensor& t : tensors) {
+    copy(t.name, t.slot->dtype, t.slot->shape(), t.base + t.slot->offset, t.slot->bytes);
+    if (t.slot->has_scales())
+      copy(t.name + ".scale", DType::f32, {t.slot->rows}, t.base + t.slot->scale_offset,
+           static_cast<std::size_t>(t.slot->rows) * sizeof(float));
+  }
+  if (f.tensors().size() != expected)
+    fail(ErrorKind::format, "{}: holds {} tensors, this model's optimizer state has {}", where, f.tensors().size(),
+         expected);
 }
 
 }  // namespace zo2

@@ -5,6 +5,7 @@
 #include "models/config.h"
 #include "models/graph.h"
 #include "models/layout.h"
+#include "offload/planner.h"
 #include "runtime/device.h"
 
 #include <cstdint>
@@ -22,25 +23,42 @@ WeightSet bind_weights(const ImageLayout& layout, void* base);
 // Throws Error(out_of_memory) before anything is allocated when the images of `config` in
 // `storage` dtype (the globals plus `block_images` block images) exceed the host memory
 // available (host_memory_available()), naming the bytes and what fp8 storage would need.
-void check_host_memory(const ModelConfig& config, DType storage, std::int64_t block_images);
+void check_host_memory(const ModelConfig& config, DType storage, std::int64_t block_images,
+                       const StateSpec& state = {});
 
 class BlockStore {
  public:
   // Reads an HF checkpoint directory into images of `storage` dtype (in parallel).
-  static BlockStore load(const std::filesystem::path& model_dir, DType storage, Device& device);
+  // With `state`, each image is followed by the rule's state images (zeros), which stream
+  // with it (zo/rule.h, Note [Update rules]).
+  static BlockStore load(const std::filesystem::path& model_dir, DType storage, Device& device,
+                         const StateSpec& state = {});
   // Random weights in memory (std 0.02, norms 1, biases 0), as `init` writes them. With
   // alias_blocks every block shares one image (for benchmarks of shapes larger than host
   // memory; such stores cannot be saved).
   static BlockStore synthetic(const ModelConfig& config, DType storage, Device& device,
-                              std::uint64_t seed, bool alias_blocks = false);
+                              std::uint64_t seed, bool alias_blocks = false, const StateSpec& state = {});
 
   const ModelConfig& config() const { return config_; }
   DType storage() const { return storage_; }
   std::int64_t num_blocks() const { return config_.num_layers; }
   const ImageLayout& globals_layout() const { return globals_layout_; }
   const ImageLayout& block_layout(std::int64_t i) const { return block_layouts_[static_cast<std::size_t>(i)]; }
+  // The weights of a block image (what a checkpoint holds).
   std::size_t block_bytes() const { return block_layouts_.empty() ? 0 : block_layouts_[0].bytes(); }
   std::size_t globals_bytes() const { return globals_layout_.bytes(); }
+  // A block image with its state: what an upload or an offload copies.
+  std::size_t stream_bytes() const { return stream_bytes_; }
+  std::size_t globals_stream_bytes() const { return globals_stream_bytes_; }
+  // The rule's state: its layouts (the weights' in the state dtype) and where state buffer k
+  // begins within an image with state (block or globals).
+  const StateSpec& state() const { return state_; }
+  const ImageLayout& globals_state_layout() const { return globals_state_layout_; }
+  const ImageLayout& block_state_layout(std::int64_t i) const {
+    return block_state_layouts_[static_cast<std::size_t>(i)];
+  }
+  std::size_t block_state_offset(int k) const;
+  std::size_t globals_state_offset(int k) const;
   void* globals_image() { return globals_.data(); }
   void* block_image(std::int64_t i);
   bool aliased() const { return aliased_; }
@@ -56,13 +74,26 @@ class BlockStore {
   // pass over the images, at memory speed).
   void check_finite() const;
 
+  // The state as a safetensors file (tensor names: the weight's HF name + ".state0" /
+  // ".state1", in the state dtype, fp8 as its fp32 values), and back: load_state checks
+  // every name, shape and value (finite) and names the file and tensor otherwise.
+  void save_state(const std::filesystem::path& file) const;
+  void load_state(const std::filesystem::path& file);
+  // Zeros every state buffer (fp8: zeros with unit row scales).
+  void clear_state();
+
  private:
-  BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks);
+  BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks, const StateSpec& state);
 
   ModelConfig config_;
   DType storage_;
   ImageLayout globals_layout_;
   std::vector<ImageLayout> block_layouts_;
+  StateSpec state_;
+  ImageLayout globals_state_layout_;
+  std::vector<ImageLayout> block_state_layouts_;
+  std::size_t stream_bytes_ = 0;
+  std::size_t globals_stream_bytes_ = 0;
   HostBuffer globals_;
   std::vector<HostBuffer> blocks_;
   bool aliased_ = false;

@@ -31,7 +31,22 @@ std::size_t batch_buffer_bytes(int batch, int seq) {
   const std::size_t n = static_cast<std::size_t>(batch) * static_cast<std::size_t>(seq);
   // Two slots of ids, mask, positions, targets and option groups; the projected gradient.
   return 2 * (4 * align_up(n * sizeof(std::int32_t)) + align_up(static_cast<std::size_t>(batch) * sizeof(std::int32_t))) +
-         align_up(4 * sizeof(float));
+         align_up(kStepScalars * sizeof(float));
+}
+
+std::size_t image_with_state_bytes(std::size_t weight_bytes, std::size_t state_bytes, int buffers) {
+  if (buffers <= 0) return weight_bytes;
+  return align_up(weight_bytes) + static_cast<std::size_t>(buffers) * align_up(state_bytes);
+}
+
+std::size_t host_store_bytes(const ModelConfig& c, DType storage, std::int64_t block_images, const StateSpec& state) {
+  const std::size_t globals = image_with_state_bytes(globals_layout(c, storage).bytes(),
+                                                     globals_layout(c, state.dtype).bytes(), state.buffers);
+  const std::size_t block = c.num_layers > 0 ? image_with_state_bytes(block_layout(c, 0, storage).bytes(),
+                                                                      block_layout(c, 0, state.dtype).bytes(),
+                                                                      state.buffers)
+                                             : 0;
+  return globals + static_cast<std::size_t>(block_images) * block;
 }
 
 Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
@@ -42,9 +57,12 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   Placement p;
   p.cap = r.cap;
   const std::int64_t L = config.num_layers;
-  p.block_bytes = block_layout(config, 0, r.storage).bytes();
-  p.globals_bytes = align_up(globals_layout(config, r.storage).bytes());
-  p.host_bytes = host_image_bytes(config, r.storage, config.num_layers);
+  const std::size_t weight_block = block_layout(config, 0, r.storage).bytes();
+  p.block_bytes = image_with_state_bytes(weight_block, block_layout(config, 0, r.state.dtype).bytes(), r.state.buffers);
+  p.state_block_bytes = p.block_bytes - weight_block;
+  p.globals_bytes = align_up(image_with_state_bytes(globals_layout(config, r.storage).bytes(),
+                                                    globals_layout(config, r.state.dtype).bytes(), r.state.buffers));
+  p.host_bytes = host_store_bytes(config, r.storage, config.num_layers, r.state);
   const ModelGraph graph(config, r.compute, r.limits);
   p.limits = graph.limits();
   p.workspace = graph.workspace_plan(r.branches, r.batch, r.seq);
@@ -121,8 +139,11 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   p.slot_bytes = static_cast<std::size_t>(p.window) * block;
   p.resident_bytes = static_cast<std::size_t>(resident) * block;
   p.total_bytes = fixed + p.slot_bytes + p.resident_bytes;
-  p.h2d_bytes_per_step = static_cast<std::size_t>(p.streamed) * p.block_bytes;
-  p.d2h_bytes_per_step = r.branches == 2 ? p.h2d_bytes_per_step : 0;
+  // Each pass uploads every streamed block; only the first (which applies the pending
+  // update) writes them back.
+  p.passes = std::max(1, r.passes);
+  p.h2d_bytes_per_step = static_cast<std::size_t>(p.passes) * static_cast<std::size_t>(p.streamed) * p.block_bytes;
+  p.d2h_bytes_per_step = r.branches == 2 ? static_cast<std::size_t>(p.streamed) * p.block_bytes : 0;
   p.predicted_transfer_s = std::max(static_cast<double>(p.h2d_bytes_per_step) / r.h2d_bytes_per_s,
                                     static_cast<double>(p.d2h_bytes_per_step) / r.d2h_bytes_per_s);
   return p;
@@ -150,8 +171,10 @@ std::string Placement::describe(const ModelConfig& config) const {
   line("predicted device peak", static_cast<double>(total_bytes));
   line("cap", static_cast<double>(cap));
   line("minimum cap (all streamed)", static_cast<double>(minimum_cap));
-  line("block image", static_cast<double>(block_bytes));
-  line("host memory (master weights)", static_cast<double>(host_bytes));
+  line(state_block_bytes ? "block image (with state)" : "block image", static_cast<double>(block_bytes));
+  if (state_block_bytes) line("  of which optimizer state", static_cast<double>(state_block_bytes));
+  line(state_block_bytes ? "host memory (weights, state)" : "host memory (master weights)", static_cast<double>(host_bytes));
+  if (passes > 1) s += fmt::format("  {:<28} {:>12}\n", "forward passes per step", passes);
   s += fmt::format("  {:<28} {:>12} up, {} down\n", "transfer per step",
                    format_bytes(static_cast<double>(h2d_bytes_per_step)),
                    format_bytes(static_cast<double>(d2h_bytes_per_step)));

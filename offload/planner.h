@@ -16,6 +16,20 @@
 namespace zo2 {
 
 enum class OffloadMode { auto_, all, none };
+
+// Optimizer state kept beside the master weights (zo/rule.h, Note [Update rules]): per
+// weight, `buffers` tensors of its shape in `dtype`, placed after the weights in each
+// host image and device slot so they stream with their block.
+struct StateSpec {
+  int buffers = 0;
+  DType dtype = DType::f32;
+};
+// Bytes of one image with its state: the weight layout's bytes, then `buffers` images of
+// the state layout (each 256-byte aligned). Without state, exactly the weight bytes.
+std::size_t image_with_state_bytes(std::size_t weight_bytes, std::size_t state_bytes, int buffers);
+// Host bytes of the block store: the globals image plus `block_images` block images (every
+// block, or one when blocks share an image), each with its state.
+std::size_t host_store_bytes(const ModelConfig& c, DType storage, std::int64_t block_images, const StateSpec& state);
 OffloadMode parse_offload_mode(std::string_view s);  // auto | all | none
 std::string_view offload_mode_name(OffloadMode m);
 
@@ -26,6 +40,8 @@ struct PlanRequest {
   int branches = 2;               // 2 for training (±eps), 1 for eval/forward only
   DType storage = DType::f32;
   DType compute = DType::f32;
+  StateSpec state;                // the rule's state, streamed and resident with each block
+  int passes = 1;                 // forward passes a step makes over the blocks (the rule's)
   OffloadMode mode = OffloadMode::auto_;
   int window = 3;                 // K device slots for streamed blocks
   GraphLimits limits;
@@ -42,7 +58,8 @@ struct Placement {
   int window = 0;                 // slots actually allocated (0 when nothing streams)
   std::int64_t streamed = 0;
   std::int64_t resident_count = 0;
-  std::size_t block_bytes = 0;
+  std::size_t block_bytes = 0;     // a block image with its state: the unit of the window
+  std::size_t state_block_bytes = 0;  // of which optimizer state (0 without)
   std::size_t globals_bytes = 0;
   std::size_t workspace_bytes = 0;
   std::size_t batch_bytes = 0;
@@ -56,6 +73,7 @@ struct Placement {
   // The host block store: globals and one image per block (the pinned master weights;
   // BlockStore allocates exactly this, one image in all with aliased blocks).
   std::size_t host_bytes = 0;
+  int passes = 1;                   // the rule's forward passes per step (each streams every block)
   std::size_t h2d_bytes_per_step = 0;
   std::size_t d2h_bytes_per_step = 0;
   double predicted_transfer_s = 0;  // max(h2d, d2h) bytes / bandwidth per step
@@ -66,6 +84,9 @@ struct Placement {
   std::string describe(const ModelConfig& config) const;
 };
 
+// Floats a training step keeps on the device: loss slots and g_j for up to 64 directions,
+// and staging (offload/scheduler.h).
+inline constexpr int kStepScalars = 4 * 64;
 // Batch buffers on the device: ids, mask, positions, targets (int32), double-buffered.
 std::size_t batch_buffer_bytes(int batch, int seq);
 

@@ -27,16 +27,27 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
     fail(ErrorKind::internal, "a placement that streams blocks needs at least one window slot");
   if (options_.branches != 1 && options_.branches != 2)
     fail(ErrorKind::invalid_argument, "a scheduler runs one or two branches, not {}", options_.branches);
+  validate_rule(options_.rule, 0.0f);
+  if (store.state().buffers != options_.rule.state_buffers() ||
+      (store.state().buffers > 0 && store.state().dtype != options_.rule.state_dtype))
+    fail(ErrorKind::internal, "the block store keeps {} state buffers, the rule {} needs {}", store.state().buffers,
+         rule_name(options_.rule.kind), options_.rule.state_buffers());
   Arena& arena = device.arena();
-  const std::size_t block_bytes = store.block_bytes();
+  // Images with their state (Note [Update rules] in zo/rule.h): what is copied and held.
+  const std::size_t block_bytes = store.stream_bytes();
+  const int buffers = store.state().buffers;
 
-  globals_dev_ = arena.allocate(store.globals_bytes(), "globals");
-  compute_->copy_h2d(globals_dev_.data(), store.globals_image(), store.globals_bytes());
+  globals_dev_ = arena.allocate(store.globals_stream_bytes(), "globals");
+  compute_->copy_h2d(globals_dev_.data(), store.globals_image(), store.globals_stream_bytes());
   globals_w_ = bind_weights(store.globals_layout(), globals_dev_.data());
-  totals_.h2d_bytes += store.globals_bytes();
+  for (int k = 0; k < buffers; ++k)
+    globals_state_w_[k] = bind_weights(store.globals_state_layout(),
+                                       static_cast<char*>(globals_dev_.data()) + store.globals_state_offset(k));
+  totals_.h2d_bytes += store.globals_stream_bytes();
 
   resident_dev_.resize(static_cast<std::size_t>(L));
   resident_w_.resize(static_cast<std::size_t>(L));
+  resident_state_w_.resize(static_cast<std::size_t>(L));
   for (std::int64_t i = 0; i < L; ++i) {
     if (!placement_.resident[static_cast<std::size_t>(i)]) continue;
     auto& buf = resident_dev_[static_cast<std::size_t>(i)];
@@ -44,6 +55,9 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
     compute_->copy_h2d(buf.data(), store.block_image(i), block_bytes);
     totals_.h2d_bytes += block_bytes;
     resident_w_[static_cast<std::size_t>(i)] = bind_weights(store.block_layout(i), buf.data());
+    for (int k = 0; k < buffers; ++k)
+      resident_state_w_[static_cast<std::size_t>(i)][static_cast<std::size_t>(k)] =
+          bind_weights(store.block_state_layout(i), static_cast<char*>(buf.data()) + store.block_state_offset(k));
   }
   // Note [Window slot lifecycle]: each slot is handed from one use to the next chunk by
   // chunk; the chunks are the same for every block (all block images have one size).
@@ -71,12 +85,12 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
     s.uploaded = device.make_event();
     s.consumed = device.make_event();
   }
-  g_dev_ = arena.allocate(4 * sizeof(float), "projected gradient");
-  compute_->memset(g_dev_.data(), 0, 4 * sizeof(float));
+  g_dev_ = arena.allocate(kStepScalars * sizeof(float), "losses and projected gradients");
+  compute_->memset(g_dev_.data(), 0, kStepScalars * sizeof(float));
   if (options_.logits_out)
     logits_dev_ = arena.allocate(n * static_cast<std::size_t>(store.config().vocab_size) * sizeof(float),
                                  "logits");
-  results_host_ = device.alloc_host(kRing * 4 * sizeof(float));
+  results_host_ = device.alloc_host(kRing * kStepScalars * sizeof(float));
   for (int r = 0; r < kRing; ++r) {
     result_ready_[r] = device.make_event();
     ring_step_[r] = -1;
@@ -144,15 +158,42 @@ int Scheduler::upload_batch(const HostBatch& batch) {
   return b;
 }
 
-void Scheduler::apply_update(const WeightSet& w, const ImageLayout& layout) {
+// Note [Update rules] (zo/rule.h), question 4: the pending update of one image.
+void Scheduler::apply_update(const WeightSet& w, const ImageLayout& layout, const WeightSet* st) {
+  const RuleConfig& rule = options_.rule;
+  const int q = rule.directions;
+  if (rule.state_buffers() == 0) {
+    // The SGD family: one pass per direction, in order, with lr/q (q = 1: lr itself).
+    const float lr = q == 1 ? pending_.lr : pending_.lr / static_cast<float>(q);
+    for (const TensorSlot& slot : layout.tensors())
+      for (int j = 0; j < q; ++j) {
+        UpdateArgs a;
+        a.seed = direction_seed(pending_.seed, j);
+        a.lr = lr;
+        a.weight_decay = uses_weight_decay(slot.ndim) ? pending_.weight_decay : 0.0f;
+        a.g = grads() + j;
+        a.rounding_seed = a.seed;
+        a.sign = rule.kind == RuleKind::sign;
+        ops_.update(*compute_, w.at(slot.role), a);
+      }
+    return;
+  }
+  ZO2_CHECK(st != nullptr);
+  StateUpdateArgs a;
+  a.directions = q;
+  for (int j = 0; j < q; ++j) a.seeds[j] = direction_seed(pending_.seed, j);
+  a.g = grads();
+  a.lr = pending_.lr;
+  a.adam = rule.kind == RuleKind::adam;
+  a.beta1 = rule.beta1;
+  a.beta2 = rule.beta2;
+  a.adam_eps = rule.adam_eps;
+  a.bias1 = a.adam ? adam_bias(rule.beta1, pending_.step + 1) : 1.0f;
+  a.bias2 = a.adam ? adam_bias(rule.beta2, pending_.step + 1) : 1.0f;
+  a.rounding_seed = pending_.seed;
   for (const TensorSlot& slot : layout.tensors()) {
-    UpdateArgs a;
-    a.seed = pending_.seed;
-    a.lr = pending_.lr;
     a.weight_decay = uses_weight_decay(slot.ndim) ? pending_.weight_decay : 0.0f;
-    a.g = g_dev_.as<float>();
-    a.rounding_seed = pending_.seed;
-    ops_.update(*compute_, w.at(slot.role), a);
+    ops_.update_state(*compute_, w.at(slot.role), st[0].at(slot.role), a.adam ? &st[1].at(slot.role) : nullptr, a);
   }
 }
 
@@ -168,7 +209,8 @@ void Scheduler::capture_hidden(const Mat& m, std::int64_t tokens,
 
 void Scheduler::run_blocks(const Use& use) {
   const std::int64_t L = store_.num_blocks();
-  const std::size_t block_bytes = store_.block_bytes();
+  const std::size_t block_bytes = store_.stream_bytes();
+  const int buffers = store_.state().buffers;
   // Busy-time spans hold no waits: they open after a block's waits (Note [Stream busy time]).
   auto begin_busy = [&](Stream& s) {
     if (use.busy_tag >= 0) s.begin_busy(use.busy_tag);
@@ -177,9 +219,9 @@ void Scheduler::run_blocks(const Use& use) {
     if (use.busy_tag >= 0) s.end_busy();
   };
   // What happens to a block while it is on the device, wherever it lives.
-  auto on_resident = [&](const WeightSet& w, const ImageLayout& layout, std::int64_t i) {
+  auto on_resident = [&](const WeightSet& w, const WeightSet* st, const ImageLayout& layout, std::int64_t i) {
     begin_busy(*compute_);
-    if (use.update) apply_update(w, layout);
+    if (use.update) apply_update(w, layout, st);
     if (use.forward) {
       graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches);
       if (use.hidden && i + 1 < L)  // the last block's output is replaced by the final one
@@ -191,7 +233,7 @@ void Scheduler::run_blocks(const Use& use) {
     const ImageLayout& layout = store_.block_layout(i);
     if (placement_.resident[static_cast<std::size_t>(i)]) {
       const WeightSet& w = resident_w_[static_cast<std::size_t>(i)];
-      on_resident(w, layout, i);
+      on_resident(w, resident_state_w_[static_cast<std::size_t>(i)].data(), layout, i);
       continue;
     }
     // See Note [Window slot lifecycle].
@@ -214,7 +256,10 @@ void Scheduler::run_blocks(const Use& use) {
 
     if (options_.fault != SchedulerFault::skip_upload_wait) compute_->wait(*uploaded_[static_cast<std::size_t>(k)]);
     const WeightSet w = bind_weights(layout, slot);
-    on_resident(w, layout, i);
+    std::array<WeightSet, 2> st;
+    for (int b = 0; b < buffers; ++b)
+      st[static_cast<std::size_t>(b)] = bind_weights(store_.block_state_layout(i), slot + store_.block_state_offset(b));
+    on_resident(w, st.data(), layout, i);
     compute_->record(*computed_[static_cast<std::size_t>(k)]);
 
     if (use.update) {
@@ -236,6 +281,21 @@ void Scheduler::run_blocks(const Use& use) {
   }
 }
 
+void Scheduler::forward_pass(const BatchView& view, const NoiseArgs* noise, int nb, bool update,
+                             std::int64_t busy_tag) {
+  if (busy_tag >= 0) compute_->begin_busy(busy_tag);
+  if (update) apply_update(globals_w_, store_.globals_layout(), globals_state_w_);
+  graph_.embed(ops_, *compute_, globals_w_, view, noise, nb);
+  if (busy_tag >= 0) compute_->end_busy();
+  run_blocks(Use{update, true, nb, noise, &view, nullptr, busy_tag});
+  if (busy_tag >= 0) compute_->begin_busy(busy_tag);
+  graph_.finish(ops_, *compute_, globals_w_, view, noise, nb);
+  graph_.head(ops_, *compute_, globals_w_, view, noise, nb);
+  if (busy_tag >= 0) compute_->end_busy();
+}
+
+// Note [Update rules] (zo/rule.h): the rule's passes estimate each g_j; the update is
+// deferred to the next time each block is on the device.
 void Scheduler::step(const HostBatch& batch, const StepParams& p) {
   check_batch(batch);
   if (options_.branches != 2)
@@ -243,29 +303,32 @@ void Scheduler::step(const HostBatch& batch, const StepParams& p) {
   const int r = static_cast<int>(((p.step % kRing) + kRing) % kRing);
   if (ring_step_[r] >= 0) done_[ring_step_[r]] = wait_result(ring_step_[r]);  // keep the old occupant's result
   const TransferTotals before = totals_;
+  const RuleConfig& rule = options_.rule;
+  const RuleEstimate est = estimate_plan(rule, p.eps);
 
   const int b = upload_batch(batch);
   BatchSlot& bs = batch_slots_[b];
   const BatchView view = batch_view(bs, batch);
-  const NoiseArgs noise{p.seed, p.eps};
-
-  compute_->begin_busy(p.step);  // after upload_batch's wait: the span holds no wait
-  if (pending_.active) apply_update(globals_w_, store_.globals_layout());
-  graph_.embed(ops_, *compute_, globals_w_, view, &noise, 2);
-  compute_->end_busy();
-  run_blocks(Use{pending_.active, true, 2, &noise, &view, nullptr, p.step});
-  compute_->begin_busy(p.step);
-  graph_.finish(ops_, *compute_, globals_w_, view, &noise, 2);
-  graph_.head(ops_, *compute_, globals_w_, view, &noise, 2);
-  compute_->record(*bs.consumed);
-
+  float* scalars = g_dev_.as<float>();
   auto branches = graph_.branches();
-  float* g = g_dev_.as<float>();
-  ops_.spsa_grad(*compute_, branches[0].loss, branches[1].loss, p.eps, g);
-  float* host = results_host_.as<float>() + 4 * r;
-  compute_->copy_d2h(host + 0, branches[0].loss, sizeof(float));
-  compute_->copy_d2h(host + 1, branches[1].loss, sizeof(float));
-  compute_->copy_d2h(host + 2, g, sizeof(float));
+  for (std::size_t i = 0; i < est.passes.size(); ++i) {
+    const RulePass& pass = est.passes[i];
+    const NoiseArgs noise{direction_seed(p.seed, pass.direction), pass.eps, pass.minus};
+    // The pending update of step t − 1 rides on the first pass (after upload_batch's
+    // wait, so the busy spans hold no wait).
+    forward_pass(view, &noise, pass.branches, i == 0 && pending_.active, p.step);
+    compute_->begin_busy(p.step);
+    for (int k = 0; k < pass.branches; ++k)
+      compute_->copy_d2d(scalars + pass.slot[k], branches[static_cast<std::size_t>(k)].loss, sizeof(float));
+    compute_->end_busy();
+  }
+  compute_->begin_busy(p.step);
+  for (std::size_t j = 0; j < est.grads.size(); ++j) {
+    const RuleEstimate::Grad& gr = est.grads[j];
+    ops_.spsa_grad(*compute_, scalars + gr.a, scalars + gr.b, gr.e, grads() + j);
+  }
+  float* host = results_host_.as<float>() + static_cast<std::size_t>(r) * kStepScalars;
+  compute_->copy_d2h(host, scalars, static_cast<std::size_t>(kStageOffset) * sizeof(float));
   compute_->end_busy();
   compute_->record(*result_ready_[r]);
 
@@ -276,11 +339,56 @@ void Scheduler::step(const HostBatch& batch, const StepParams& p) {
   meta.eps = p.eps;
   meta.weight_decay = p.weight_decay;
   meta.tokens = batch.target_count();
-  meta.h2d_bytes = totals_.h2d_bytes - before.h2d_bytes;
-  meta.d2h_bytes = totals_.d2h_bytes - before.d2h_bytes;
   ring_step_[r] = p.step;
   ring_meta_[r] = meta;
-  pending_ = Pending{true, p.seed, p.lr, p.weight_decay};
+  pending_ = Pending{true, p.step, p.seed, p.lr, p.weight_decay};
+  if (rule.host_sync()) conservative(view, p, r, est);
+  compute_->record(*bs.consumed);
+  ring_meta_[r].h2d_bytes = totals_.h2d_bytes - before.h2d_bytes;
+  ring_meta_[r].d2h_bytes = totals_.d2h_bytes - before.d2h_bytes;
+}
+
+// zo-sgd-cons (Note [Update rules]): with g_0 on the host, L(θ) (the forward difference
+// already has it), then θ − lr·g·z and θ + lr·g·z as the two branches of one pass
+// (eps = −lr·g), and the choice. The update applied later is W − lr·(c·g)·z, so c·g is
+// written where the update kernels read g.
+void Scheduler::conservative(const BatchView& view, const StepParams& p, int r, const RuleEstimate& est) {
+  result_ready_[r]->synchronize();
+  for (Stream* s : {h2d_.get(), compute_.get(), d2h_.get()}) s->check();
+  float* host = results_host_.as<float>() + static_cast<std::size_t>(r) * kStepScalars;
+  const float g = host[kGradOffset];
+  auto branches = graph_.branches();
+  float* stage = host + kStageOffset;  // host floats: L0, L1, L2, the coefficient
+  if (est.unperturbed_slot >= 0) {
+    stage[0] = host[est.unperturbed_slot];
+  } else {
+    forward_pass(view, nullptr, 1, false, p.step);
+    compute_->copy_d2h(stage + 0, branches[0].loss, sizeof(float));
+  }
+  int choice = 0;
+  if (std::isfinite(g)) {
+    const NoiseArgs candidates{p.seed, -p.lr * g, -1.0f};
+    forward_pass(view, &candidates, 2, false, p.step);
+    compute_->copy_d2h(stage + 1, branches[0].loss, sizeof(float));
+    compute_->copy_d2h(stage + 2, branches[1].loss, sizeof(float));
+    compute_->synchronize();
+    choice = conservative_choice(stage[0], stage[1], stage[2]);
+  } else {
+    compute_->synchronize();
+    stage[1] = stage[2] = NAN;
+  }
+  StepResult& meta = ring_meta_[r];
+  meta.cons_losses[0] = stage[0];
+  meta.cons_losses[1] = stage[1];
+  meta.cons_losses[2] = stage[2];
+  meta.choice = choice;
+  if (choice == 0 || !std::isfinite(g)) {
+    pending_.active = false;  // keep θ (a non-finite g is reported when the result is read)
+    return;
+  }
+  stage[3] = static_cast<float>(choice) * g;
+  compute_->copy_h2d(grads(), stage + 3, sizeof(float));
+  compute_->synchronize();  // the staging float is read before the next step may reuse it
 }
 
 StepResult Scheduler::wait_result(std::int64_t step) {
@@ -295,13 +403,18 @@ StepResult Scheduler::wait_result(std::int64_t step) {
   result_ready_[r]->synchronize();
   for (Stream* s : {h2d_.get(), compute_.get(), d2h_.get()}) s->check();
   StepResult res = ring_meta_[r];
-  const float* host = results_host_.as<float>() + 4 * r;
+  const float* host = results_host_.as<float>() + static_cast<std::size_t>(r) * kStepScalars;
+  const RuleEstimate est = estimate_plan(options_.rule, res.eps);
+  res.losses.assign(host, host + est.loss_slots);
+  res.gs.assign(host + kGradOffset, host + kGradOffset + options_.rule.directions);
   res.loss_plus = host[0];
   res.loss_minus = host[1];
-  res.g = host[2];
-  res.g_double = (static_cast<double>(res.loss_plus) - static_cast<double>(res.loss_minus)) /
-                 (2.0 * static_cast<double>(res.eps));
-  res.update_skipped = !std::isfinite(res.g);
+  res.g = res.gs[0];
+  const double denom = options_.rule.difference == Difference::central ? 2.0 * static_cast<double>(res.eps)
+                                                                        : static_cast<double>(res.eps);
+  res.g_double = (static_cast<double>(res.loss_plus) - static_cast<double>(res.loss_minus)) / denom;
+  res.update_skipped = false;
+  for (float g : res.gs) res.update_skipped = res.update_skipped || !std::isfinite(g);
   // Only the tail of this step's offloads can still be running (a short host wait).
   res.upload_busy_s = h2d_->take_busy_seconds(step);
   res.compute_busy_s = compute_->take_busy_seconds(step);
@@ -312,18 +425,25 @@ StepResult Scheduler::wait_result(std::int64_t step) {
 
 void Scheduler::flush() {
   if (!pending_.active) return;
-  apply_update(globals_w_, store_.globals_layout());
+  apply_update(globals_w_, store_.globals_layout(), globals_state_w_);
   run_blocks(Use{true, false, 0, nullptr, nullptr, nullptr});
   pending_.active = false;
 }
 
-void Scheduler::replay_update(std::uint64_t seed, float lr, float weight_decay, float g) {
+void Scheduler::replay_update(std::int64_t step, std::uint64_t seed, float lr, float weight_decay,
+                              const std::vector<float>& gs, int choice) {
+  const RuleConfig& rule = options_.rule;
+  if (static_cast<int>(gs.size()) != rule.directions)
+    fail(ErrorKind::internal, "replay: step {} has {} projected gradients, the rule {} directions", step, gs.size(),
+         rule.directions);
   flush();
+  if (rule.kind == RuleKind::cons && choice == 0) return;  // the step kept θ
   float* staging = results_host_.as<float>();
-  compute_->synchronize();  // the staging float is free
-  staging[3] = g;
-  compute_->copy_h2d(g_dev_.data(), staging + 3, sizeof(float));
-  pending_ = Pending{true, seed, lr, weight_decay};
+  compute_->synchronize();  // the staging floats are free
+  for (std::size_t j = 0; j < gs.size(); ++j)
+    staging[j] = rule.kind == RuleKind::cons ? static_cast<float>(choice) * gs[j] : gs[j];
+  compute_->copy_h2d(grads(), staging, gs.size() * sizeof(float));
+  pending_ = Pending{true, step, seed, lr, weight_decay};
   flush();
   compute_->synchronize();
   d2h_->synchronize();
@@ -373,11 +493,11 @@ float Scheduler::eval(const HostBatch& batch, const EvalOptions& o) {
 
 void Scheduler::sync_to_host() {
   flush();
-  compute_->copy_d2h(store_.globals_image(), globals_dev_.data(), store_.globals_bytes());
+  compute_->copy_d2h(store_.globals_image(), globals_dev_.data(), store_.globals_stream_bytes());
   for (std::int64_t i = 0; i < store_.num_blocks(); ++i)
     if (placement_.resident[static_cast<std::size_t>(i)])
       compute_->copy_d2h(store_.block_image(i), resident_dev_[static_cast<std::size_t>(i)].data(),
-                         store_.block_bytes());
+                         store_.stream_bytes());
   compute_->synchronize();
   d2h_->synchronize();
   h2d_->synchronize();

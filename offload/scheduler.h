@@ -34,8 +34,10 @@
 #include "offload/block_store.h"
 #include "offload/planner.h"
 #include "runtime/device.h"
+#include "zo/rule.h"
 
 #include <cstdint>
+#include <array>
 #include <deque>
 #include <functional>
 #include <map>
@@ -56,12 +58,17 @@ struct StepParams {
 struct StepResult {
   std::int64_t step = 0;
   std::uint64_t seed = 0;
-  float loss_plus = 0;
-  float loss_minus = 0;
-  float g = 0;               // (L+ − L−)/(2·eps) as the device computed it (fp32)
+  float loss_plus = 0;       // L(θ + eps·z_0)
+  float loss_minus = 0;      // central: L(θ − eps·z_0); forward difference: L(θ)
+  float g = 0;               // g_0 as the device computed it (fp32): (L+ − L−)/(2·eps) or (L+ − L0)/eps
   double g_double = 0;       // the same in double, from the fp32 losses
+  std::vector<float> gs;     // g_j of every direction (gs[0] == g)
+  std::vector<float> losses; // the rule's loss slots (zo/rule.h RuleEstimate)
+  // zo-sgd-cons: L(θ), L(θ − lr·g·z), L(θ + lr·g·z) and the choice (+1, 0, −1) it made.
+  float cons_losses[3] = {0, 0, 0};
+  int choice = 1;
   float lr = 0, eps = 0, weight_decay = 0;
-  bool update_skipped = false;  // g not finite: its update will not be applied
+  bool update_skipped = false;  // a g_j not finite: its update will not be applied
   std::int64_t tokens = 0;
   std::size_t h2d_bytes = 0;    // bytes this step moved host→device (weights and batch)
   std::size_t d2h_bytes = 0;
@@ -91,6 +98,7 @@ struct SchedulerOptions {
   int batch = 1;   // capacity: the largest batch × seq this scheduler runs
   int seq = 1;
   int branches = 2;
+  RuleConfig rule;  // the update rule a training scheduler asks (zo/rule.h)
   bool logits_out = false;
   SchedulerFault fault = SchedulerFault::none;  // tests only
 };
@@ -119,8 +127,10 @@ class Scheduler {
   // streamed blocks). Called before eval, save and exit.
   void flush();
   // Applies one logged update (seed log replay) through the same kernels a training run
-  // uses, then waits: the result is bit-identical to the run that wrote the log.
-  void replay_update(std::uint64_t seed, float lr, float weight_decay, float g);
+  // uses, then waits: the result is bit-identical to the run that wrote the log. gs: the
+  // step's g_j (zo-sgd-cons: the one g, applied with the logged choice).
+  void replay_update(std::int64_t step, std::uint64_t seed, float lr, float weight_decay,
+                     const std::vector<float>& gs, int choice = 1);
   // One unperturbed forward pass (after a flush); blocks until done and returns the loss.
   float eval(const HostBatch& batch, const EvalOptions& options = {});
   // Flushes and copies every device-side weight back into the block store, then waits.
@@ -134,7 +144,8 @@ class Scheduler {
  private:
   struct Pending {
     bool active = false;
-    std::uint64_t seed = 0;
+    std::int64_t step = 0;   // Adam's t = step + 1
+    std::uint64_t seed = 0;  // the step seed (direction seeds derive from it)
     float lr = 0;
     float weight_decay = 0;
   };
@@ -147,7 +158,14 @@ class Scheduler {
     std::vector<std::vector<float>>* hidden;
     std::int64_t busy_tag = -1;  // ≥ 0: time each stream's work under this tag (a step)
   };
-  void apply_update(const WeightSet& w, const ImageLayout& layout);
+  // The pending update of one image (weights w, state st[0..buffers)).
+  void apply_update(const WeightSet& w, const ImageLayout& layout, const WeightSet* st);
+  // One forward pass over every block for the step's batch (embedding, blocks, final norm,
+  // head, loss); the first pass of a step also applies the pending update.
+  void forward_pass(const BatchView& view, const NoiseArgs* noise, int branches, bool update,
+                    std::int64_t busy_tag);
+  // zo-sgd-cons, after the estimate: L(θ) and the two candidates, the choice, the update.
+  void conservative(const BatchView& view, const StepParams& p, int ring, const RuleEstimate& est);
   void run_blocks(const Use& use);
   int upload_batch(const HostBatch& batch);
   struct BatchSlot;
@@ -165,8 +183,10 @@ class Scheduler {
 
   DeviceBuffer globals_dev_;
   WeightSet globals_w_;
+  WeightSet globals_state_w_[2];
   std::vector<DeviceBuffer> resident_dev_;       // per block (empty when streamed)
   std::vector<WeightSet> resident_w_;
+  std::vector<std::array<WeightSet, 2>> resident_state_w_;
   std::vector<DeviceBuffer> slots_;
   // Note [Window slot lifecycle]: the byte ranges a slot is handed over in, and per slot
   // and range (slot k, range c at k × ranges + c) the event that frees it.
@@ -187,12 +207,17 @@ class Scheduler {
   };
   BatchSlot batch_slots_[2];
   std::int64_t batch_uses_ = 0;
+  // A step's scalars on the device (kStepScalars floats): the loss slots from 0, the g_j
+  // from kGradOffset, then a staging float for replay and zo-sgd-cons.
+  static constexpr int kGradOffset = 2 * RuleConfig::kMaxDirections;
+  static constexpr int kStageOffset = 3 * RuleConfig::kMaxDirections;
   DeviceBuffer g_dev_;
+  float* grads() { return g_dev_.as<float>() + kGradOffset; }
   DeviceBuffer logits_dev_;
 
-  // Results ring: losses and g copied to pinned host memory a few steps deep.
+  // Results ring: a step's scalars copied to pinned host memory a few steps deep.
   static constexpr int kRing = 4;
-  HostBuffer results_host_;  // kRing × 4 floats
+  HostBuffer results_host_;  // kRing × kStepScalars floats
   std::unique_ptr<Event> result_ready_[kRing];
   std::int64_t ring_step_[kRing];
   StepResult ring_meta_[kRing];

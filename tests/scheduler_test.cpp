@@ -196,7 +196,7 @@ TEST_P(SchedulerModels, SeedLogReplayReproducesTheTunedWeightsBitwise) {
   rc.max_batch = 1;
   rc.max_seq = 1;
   Session replay(tmp.path(), rc);
-  for (const auto& e : log.entries) replay.scheduler().replay_update(e.seed, e.lr, e.wd, e.g);
+  for (const auto& e : log.entries) replay.scheduler().replay_update(e.step, e.seed, e.lr, e.wd, {e.g});
   replay.sync();
   EXPECT_TRUE(run.images[0] == std::vector<std::uint8_t>(static_cast<const std::uint8_t*>(replay.store().globals_image()),
                                                          static_cast<const std::uint8_t*>(replay.store().globals_image()) + replay.store().globals_bytes()));

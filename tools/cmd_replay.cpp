@@ -54,6 +54,7 @@ Runner add_replay(CLI::App& app) {
            "--out {} holds a training run (its seed log): a replayed checkpoint there would not match it; choose "
            "another --out",
            o->out);
+    sc.rule = log.header.rule;  // the log's update rule, its state rebuilt step by step
     sc.max_batch = 1;
     sc.max_seq = 1;
     RunDirLock lock(o->out);
@@ -63,7 +64,8 @@ Runner add_replay(CLI::App& app) {
     std::int64_t applied = 0;
     for (const SeedLogEntry& e : log.entries) {
       if (o->until >= 0 && e.step >= o->until) break;
-      session.scheduler().replay_update(e.seed, e.lr, e.wd, e.g);
+      session.scheduler().replay_update(e.step, e.seed, e.lr, e.wd, e.gs.empty() ? std::vector<float>{e.g} : e.gs,
+                                        e.choice);
       ++applied;
       if (applied % 100 == 0) log_info("replay: {} of {} updates", applied, log.entries.size());
     }

@@ -85,12 +85,20 @@ std::string header_line(const SeedLogHeader& h) {
          {"storage_dtype", h.storage_dtype},
          {"base_model", h.base_model},
          {"first_step", h.first_step}};
+  if (h.rule != RuleConfig{}) j["optimizer"] = rule_to_json(h.rule);  // a zo-sgd log keeps its old bytes
   return j.dump();
 }
 
-std::string entry_line(const SeedLogEntry& e) {
+std::string entry_line(const SeedLogEntry& e, const RuleConfig& rule) {
   json j{{"step", e.step}, {"seed", e.seed}, {"g", float_json(e.g)}, {"lr", e.lr},
          {"eps", e.eps},   {"wd", e.wd},     {"g_double", std::isfinite(e.g_double) ? json(e.g_double) : json(nullptr)}};
+  if (rule.directions > 1) {
+    ZO2_CHECK(static_cast<int>(e.gs.size()) == rule.directions);
+    json gs = json::array();
+    for (float g : e.gs) gs.push_back(float_json(g));
+    j["gs"] = std::move(gs);
+  }
+  if (rule.kind == RuleKind::cons) j["choice"] = e.choice;
   return j.dump() + "\n";
 }
 
@@ -102,9 +110,13 @@ std::span<const std::byte> bytes_of(const std::string& s) {
 
 SeedLogWriter::SeedLogWriter(const std::filesystem::path& path, const SeedLogHeader& header,
                              bool append, std::int64_t keep_until_step)
-    : path_(path) {
+    : path_(path), rule_(header.rule) {
   if (append && std::filesystem::exists(path)) {
     const SeedLog old = SeedLog::read(path);
+    if (old.header.rule != header.rule)
+      fail(ErrorKind::invalid_argument,
+           "{}: the seed log's run used the update rule {}, not {}; appending would make it replay neither",
+           path.string(), old.header.rule.describe(), header.rule.describe());
     if (old.header.run_seed != header.run_seed || old.header.storage_dtype != header.storage_dtype)
       fail(ErrorKind::invalid_argument,
            "{}: the seed log belongs to another run (run seed {}, storage {}), not this one (run seed {}, storage "
@@ -142,7 +154,7 @@ SeedLogWriter::~SeedLogWriter() {
 }
 
 void SeedLogWriter::append(const SeedLogEntry& e) {
-  const std::string line = entry_line(e);
+  const std::string line = entry_line(e, rule_);
   std::size_t done = 0;
   while (done < line.size()) {
     const ssize_t n = ::write(fd_, line.data() + done, line.size() - done);
@@ -226,6 +238,7 @@ SeedLog SeedLog::read(const std::filesystem::path& path) {
       log.header.first_step = j.contains("first_step") ? f.integer("first_step") : 0;
       if (log.header.first_step < 0)
         fail(ErrorKind::format, "{}: field 'first_step' = {} is negative", where, log.header.first_step);
+      if (j.contains("optimizer")) log.header.rule = rule_from_json(j.at("optimizer"), where);
       have_header = true;
       log.header_end = log.valid_bytes = pos;
       continue;
@@ -254,6 +267,26 @@ SeedLog SeedLog::read(const std::filesystem::path& path) {
     if (!(e.lr >= 0)) fail(ErrorKind::format, "{}: field 'lr' = {} is negative", where, e.lr);
     if (!(e.eps > 0)) fail(ErrorKind::format, "{}: field 'eps' = {} is not positive", where, e.eps);
     if (j.contains("g_double") && j.at("g_double").is_number()) e.g_double = j.at("g_double").get<double>();
+    const RuleConfig& rule = log.header.rule;
+    if (rule.directions > 1) {
+      const json& gs = f.at("gs");
+      if (!gs.is_array() || static_cast<int>(gs.size()) != rule.directions)
+        fail(ErrorKind::format, "{}: field 'gs' must list the {} directions' projected gradients, got {}", where,
+             rule.directions, gs.dump());
+      for (std::size_t k = 0; k < gs.size(); ++k) {
+        const json one{{"gs", gs[k]}};
+        e.gs.push_back(Line{one, where}.real("gs", /*markers=*/true));
+      }
+      const bool same = std::isnan(e.gs[0]) ? std::isnan(e.g) : e.gs[0] == e.g;
+      if (!same) fail(ErrorKind::format, "{}: field 'gs'[0] = {} is not field 'g' = {}", where, e.gs[0], e.g);
+    }
+    if (rule.kind == RuleKind::cons) {
+      const std::int64_t c = f.integer("choice");
+      if (c < -1 || c > 1) fail(ErrorKind::format, "{}: field 'choice' = {} is not -1, 0 or 1", where, c);
+      e.choice = static_cast<int>(c);
+    } else if (j.contains("choice")) {
+      fail(ErrorKind::format, "{}: field 'choice' belongs to zo-sgd-cons logs, not {}", where, rule_name(rule.kind));
+    }
     e.end_offset = log.valid_bytes = pos;
     log.entries.push_back(e);
   }

@@ -14,6 +14,8 @@
 // up to its checkpoint's step (api/run_dir.h), so a log from another run, or one edited or
 // rewritten, is refused by name before a resume appends to it.
 #pragma once
+#include "zo/rule.h"
+
 #include <cstdint>
 #include <filesystem>
 #include <string>
@@ -29,6 +31,8 @@ struct SeedLogEntry {
   float eps = 0;
   float wd = 0;
   double g_double = 0;  // (L+ − L−)/(2·eps) in double, for the record
+  std::vector<float> gs;  // every direction's g_j when the rule has several ("gs"; gs[0] == g)
+  int choice = 1;         // zo-sgd-cons: the candidate kept (+1, 0, −1; "choice")
   std::uint64_t end_offset = 0;  // reader: the byte just past this entry's line
 };
 
@@ -37,6 +41,7 @@ struct SeedLogHeader {
   std::string storage_dtype = "fp32";
   std::string base_model;  // the checkpoint the run started from
   std::int64_t first_step = 0;
+  RuleConfig rule;  // "optimizer" (absent: zo-sgd, one direction, central — the log of before rules)
 };
 
 // Where a log stands: the bytes written so far (complete lines only) and their CRC-32.
@@ -69,6 +74,7 @@ class SeedLogWriter {
 
  private:
   std::filesystem::path path_;
+  RuleConfig rule_;
   int fd_ = -1;
   SeedLogPosition pos_;
 };
