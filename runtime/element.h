@@ -64,6 +64,78 @@ ZO2_HD bool finite(float x) {
   return (detail::float_to_bits(x) & 0x7F800000u) != 0x7F800000u;
 }
 
+// ---- The stateful update (Ops::update_state, StateUpdateArgs in runtime/ops.h) ----------
+//
+// Note [State update arithmetic]
+//   Every value is fp32 and every operation one IEEE round-to-nearest step, in this order
+//   (the CPU and CUDA kernels call exactly these functions, so they agree bit for bit):
+//     c_j   = g[j] / q                                        (direction_coefficient)
+//     s     = −0; s = fma(c_j, z_j, s) for j = 0 .. q−1         (accumulate_direction;
+//             starting at −0 makes the first step the rounded product c_0·z_0 exactly)
+//     u     = fma(wd, W, s)                                     (so q = 1 is the u of `updated`)
+//   momentum:  m' = fma(β1, m, u);  W' = fma(−lr, m', W)
+//   adam:      m' = fma(β1, m, (1−β1)·u)
+//              v' = fma(β2, v, (1−β2)·(u·u))
+//              W' = fma(−step, m' / (√v' / √bias2 + eps), W),  step = lr / bias1
+//   with 1−β1, 1−β2, step and √bias2 computed once per call (state_coefficients). W' uses
+//   the fp32 m' and v', not their stored (rounded) values. With β1 = 0, m = 0 and q = 1 the
+//   momentum W' equals updated(W, z, g, lr, wd) bit for bit.
+inline constexpr float kDirectionSumStart = -0.0f;
+
+ZO2_HD float direction_coefficient(float g, int directions) {
+  return detail::fdiv(g, static_cast<float>(directions));
+}
+ZO2_HD float accumulate_direction(float sum, float c, float z) { return detail::ffma(c, z, sum); }
+
+// The per-call constants of the update, computed once (on the host) by both backends.
+struct StateCoefficients {
+  bool adam = false;
+  float neg_lr = 0;           // −lr (momentum)
+  float weight_decay = 0;
+  float beta1 = 0, beta2 = 0;
+  float one_minus_beta1 = 0;  // 1 − β1
+  float one_minus_beta2 = 0;  // 1 − β2
+  float neg_step = 0;         // −lr / bias1 (adam)
+  float sqrt_bias2 = 1;       // √bias2 (adam)
+  float eps = 0;
+};
+
+ZO2_HD StateCoefficients state_coefficients(bool adam, float lr, float weight_decay, float beta1,
+                                            float beta2, float eps, float bias1, float bias2) {
+  StateCoefficients k;
+  k.adam = adam;
+  k.neg_lr = -lr;
+  k.weight_decay = weight_decay;
+  k.beta1 = beta1;
+  k.beta2 = beta2;
+  k.one_minus_beta1 = detail::fadd(1.0f, -beta1);
+  k.one_minus_beta2 = detail::fadd(1.0f, -beta2);
+  k.neg_step = -detail::fdiv(lr, bias1);
+  k.sqrt_bias2 = detail::fsqrt(bias2);
+  k.eps = eps;
+  return k;
+}
+
+// W', m' and v' (v' = v for momentum) of one element from its direction sum s.
+struct StateValues {
+  float w, m, v;
+};
+ZO2_HD StateValues state_updated(const StateCoefficients& k, float w, float m, float v, float sum) {
+  using namespace detail;
+  const float u = ffma(k.weight_decay, w, sum);
+  if (!k.adam) {
+    const float m1 = ffma(k.beta1, m, u);
+    return {ffma(k.neg_lr, m1, w), m1, v};
+  }
+  const float m1 = ffma(k.beta1, m, fmul(k.one_minus_beta1, u));
+  const float v1 = ffma(k.beta2, v, fmul(k.one_minus_beta2, fmul(u, u)));
+  const float denom = fadd(fdiv(fsqrt(v1), k.sqrt_bias2), k.eps);
+  return {ffma(k.neg_step, fdiv(m1, denom), w), m1, v1};
+}
+
+// The row scale of an fp8 row whose new values have this absolute maximum (as `update`).
+ZO2_HD float fp8_row_scale(float absmax) { return absmax > 0.0f ? detail::fdiv(absmax, kE4M3Max) : 1.0f; }
+
 // n elements of dtype `packed` (bf16 or fp16) stored at the front of v[0..n), widened to
 // fp32 in place. Element i's bytes sit at [i·w, (i+1)·w) with w < 4, so writing float i at
 // 4·i covers only packed elements j ≥ i, which (walking down) were read already or are i.

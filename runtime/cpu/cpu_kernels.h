@@ -39,5 +39,11 @@ void perturb(const StoredTensor& w, std::int64_t row_begin, std::int64_t row_end
              const NoiseArgs* noise, void* out_plus, void* out_minus, DType out_dtype);
 void spsa_grad(const float* loss_plus, const float* loss_minus, float eps, float* g);
 void update(const StoredTensor& w, const UpdateArgs& args);
+// state_update.cpp. check_update_state throws for bad arguments (CpuOps calls it when the
+// op is enqueued, so a bad call fails at the call); update_state checks them too.
+void check_update_state(const StoredTensor& w, const StoredTensor& m, const StoredTensor* v,
+                        const StateUpdateArgs& args);
+void update_state(const StoredTensor& w, const StoredTensor& m, const StoredTensor* v,
+                  const StateUpdateArgs& args);
 
 }  // namespace zo2::cpu

@@ -72,9 +72,12 @@ class CpuOps final : public Ops {
   void update(Stream& s, const StoredTensor& w, const UpdateArgs& args) override {
     enqueue(s, [=] { cpu::update(w, args); });
   }
-  void update_state(Stream&, const StoredTensor&, const StoredTensor&, const StoredTensor*,
-                    const StateUpdateArgs&) override {
-    fail(ErrorKind::unsupported, "cpu update_state: not implemented yet");
+  void update_state(Stream& s, const StoredTensor& w, const StoredTensor& m, const StoredTensor* v,
+                    const StateUpdateArgs& args) override {
+    cpu::check_update_state(w, m, v, args);
+    const bool has_v = v != nullptr;
+    const StoredTensor vv = has_v ? *v : StoredTensor{};
+    enqueue(s, [=] { cpu::update_state(w, m, has_v ? &vv : nullptr, args); });
   }
 };
 

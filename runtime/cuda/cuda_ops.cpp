@@ -182,9 +182,34 @@ class CudaOps final : public Ops {
     if (args.g == nullptr) fail(ErrorKind::internal, "cuda update: no projected gradient");
     cuda::update(enter(s), w, args);
   }
-  void update_state(Stream&, const StoredTensor&, const StoredTensor&, const StoredTensor*,
-                    const StateUpdateArgs&) override {
-    fail(ErrorKind::unsupported, "cuda update_state: not implemented yet");
+  void update_state(Stream& s, const StoredTensor& w, const StoredTensor& m, const StoredTensor* v,
+                    const StateUpdateArgs& args) override {
+    check_stored(w, "update_state");
+    auto check_state = [&](const StoredTensor& t, const char* what) {
+      if (t.dtype != DType::f32 && t.dtype != DType::bf16 && t.dtype != DType::f8_e4m3)
+        fail(ErrorKind::unsupported, "cuda update_state: {} is {}; the state must be fp32, bf16 or fp8", what,
+             dtype_name(t.dtype));
+      if (t.rows != w.rows || t.cols != w.cols)
+        fail(ErrorKind::internal, "cuda update_state: {} is {}x{} but W is {}x{}", what, t.rows, t.cols, w.rows,
+             w.cols);
+      if (t.numel() > 0 && t.data == nullptr) fail(ErrorKind::internal, "cuda update_state: {} has no data", what);
+      if (t.dtype == DType::f8_e4m3 && t.numel() > 0 && t.row_scales == nullptr)
+        fail(ErrorKind::internal, "cuda update_state: the fp8 {} needs its row scales", what);
+    };
+    check_state(m, "m");
+    if (args.adam != (v != nullptr))
+      fail(ErrorKind::internal, "cuda update_state: {}", args.adam ? "Adam needs v" : "momentum takes no v");
+    if (v != nullptr) {
+      check_state(*v, "v");
+      if (v->dtype != m.dtype)
+        fail(ErrorKind::internal, "cuda update_state: v is {} but m is {} (one state dtype)", dtype_name(v->dtype),
+             dtype_name(m.dtype));
+    }
+    if (args.directions < 1 || args.directions > StateUpdateArgs::kMaxDirections)
+      fail(ErrorKind::internal, "cuda update_state: {} directions (1 to {})", args.directions,
+           StateUpdateArgs::kMaxDirections);
+    if (args.g == nullptr) fail(ErrorKind::internal, "cuda update_state: no projected gradients");
+    cuda::update_state(enter(s), w, m, v, args);
   }
 
  private:

@@ -84,5 +84,8 @@ void perturb(KernelStream& s, const StoredTensor& w, std::int64_t row_begin,
 void spsa_grad(KernelStream& s, const float* loss_plus, const float* loss_minus, float eps,
                float* g);
 void update(KernelStream& s, const StoredTensor& w, const UpdateArgs& args);
+// state_update.cu (arguments checked by CudaOps: shapes, dtypes, directions, v iff Adam)
+void update_state(KernelStream& s, const StoredTensor& w, const StoredTensor& m, const StoredTensor* v,
+                  const StateUpdateArgs& args);
 
 }  // namespace zo2::cuda
