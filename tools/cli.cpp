@@ -45,6 +45,68 @@ void DeviceFlags::add(CLI::App& app) {
   app.add_option("--threads", threads, "CPU threads for kernels (0 = all cores)")->capture_default_str();
 }
 
+void RuleFlags::add(CLI::App& app) {
+  optimizer_flag = app.add_option("--optimizer", optimizer,
+                                  "update rule: zo-sgd (MeZO), zo-sgd-sign, zo-sgd-cons (conservative), "
+                                  "zo-sgd-momentum, zo-adam")
+                       ->capture_default_str();
+  directions_flag = app.add_option("--directions", directions,
+                                   "q random directions per step (MeZO's n-SPSA; each costs one more forward pass over "
+                                   "the model; the update uses lr/q per direction)")
+                        ->capture_default_str();
+  difference_flag = app.add_option("--difference", difference,
+                                   "central: (L(θ+εz) − L(θ−εz))/2ε; forward: (L(θ+εz) − L(θ))/ε")
+                        ->capture_default_str();
+  momentum_flag = app.add_option("--momentum", momentum, "zo-sgd-momentum: the momentum factor (torch SGD)")
+                      ->capture_default_str();
+  beta1_flag = app.add_option("--beta1", beta1, "zo-adam: β1")->capture_default_str();
+  beta2_flag = app.add_option("--beta2", beta2, "zo-adam: β2")->capture_default_str();
+  adam_eps_flag = app.add_option("--adam-eps", adam_eps, "zo-adam: the denominator's epsilon")->capture_default_str();
+  state_dtype_flag = app.add_option("--state-dtype", state_dtype,
+                                    "dtype of the momentum/Adam state kept beside the master weights: fp32, bf16, fp8")
+                         ->capture_default_str();
+}
+
+bool RuleFlags::any_given() const {
+  for (const CLI::Option* f : {optimizer_flag, directions_flag, difference_flag, momentum_flag, beta1_flag, beta2_flag,
+                               adam_eps_flag, state_dtype_flag})
+    if (f && f->count() > 0) return true;
+  return false;
+}
+
+RuleConfig RuleFlags::config(float weight_decay) const {
+  RuleConfig r;
+  const auto kind = parse_rule(optimizer);
+  if (!kind)
+    fail(ErrorKind::invalid_argument,
+         "--optimizer {}: use zo-sgd, zo-sgd-sign, zo-sgd-cons, zo-sgd-momentum or zo-adam", optimizer);
+  r.kind = *kind;
+  const auto diff = parse_difference(difference);
+  if (!diff) fail(ErrorKind::invalid_argument, "--difference {}: use central or forward", difference);
+  r.difference = *diff;
+  r.directions = directions;
+  r.beta1 = static_cast<float>(r.kind == RuleKind::momentum ? momentum : beta1);
+  r.beta2 = static_cast<float>(beta2);
+  r.adam_eps = static_cast<float>(adam_eps);
+  r.state_dtype = parse_dtype_flag("--state-dtype", state_dtype, {DType::f32, DType::bf16, DType::f8_e4m3});
+  if (r.state_buffers() == 0) {
+    for (const CLI::Option* f : {momentum_flag, beta1_flag, beta2_flag, adam_eps_flag, state_dtype_flag})
+      if (f && f->count() > 0)
+        fail(ErrorKind::invalid_argument, "{} applies to zo-sgd-momentum or zo-adam, not --optimizer {}",
+             f->get_name(), optimizer);
+    r.state_dtype = DType::f32;
+  } else {
+    const bool momentum_rule = r.kind == RuleKind::momentum;
+    for (const CLI::Option* f : momentum_rule ? std::initializer_list<const CLI::Option*>{beta1_flag, beta2_flag, adam_eps_flag}
+                                              : std::initializer_list<const CLI::Option*>{momentum_flag})
+      if (f && f->count() > 0)
+        fail(ErrorKind::invalid_argument, "{} does not apply to --optimizer {}", f->get_name(), optimizer);
+    if (momentum_rule) r.beta2 = RuleConfig{}.beta2, r.adam_eps = RuleConfig{}.adam_eps;
+  }
+  validate_rule(r, weight_decay);
+  return r;
+}
+
 namespace {
 
 std::vector<std::int32_t> as_int32(const SafetensorsFile& f, const TensorInfo& t,

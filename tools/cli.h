@@ -5,6 +5,7 @@
 #include "models/tokenizer.h"
 #include "tools/dataset.h"
 #include "runtime/dtype.h"
+#include "zo/rule.h"
 
 #include <CLI/CLI.hpp>
 
@@ -47,6 +48,22 @@ struct DeviceFlags {
   std::string compute = "fp32";
   int threads = 0;
   void add(CLI::App& app);
+};
+
+// The update rule (zo/rule.h): --optimizer and its hyper-parameters (train, plan).
+struct RuleFlags {
+  std::string optimizer = "zo-sgd";
+  int directions = 1;
+  std::string difference = "central";
+  double momentum = 0.9, beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
+  std::string state_dtype = "fp32";
+  CLI::Option *optimizer_flag = nullptr, *directions_flag = nullptr, *difference_flag = nullptr,
+              *momentum_flag = nullptr, *beta1_flag = nullptr, *beta2_flag = nullptr, *adam_eps_flag = nullptr,
+              *state_dtype_flag = nullptr;
+  void add(CLI::App& app);
+  bool any_given() const;
+  // The flags as a RuleConfig, checked (validate_rule) with the run's weight decay.
+  RuleConfig config(float weight_decay) const;
 };
 
 // Options that say how a data file becomes batches (train and eval).

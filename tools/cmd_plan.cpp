@@ -20,6 +20,7 @@ Runner add_plan(CLI::App& app) {
     std::string device = "cuda";
     int batch = 1, seq = 0, window = 3;
     bool json = false, eval = false;
+    RuleFlags rule;
   };
   auto o = std::make_shared<Opts>();
   auto* m = app.add_option("--model", o->model, "HF checkpoint directory (only config.json is read)");
@@ -35,6 +36,7 @@ Runner add_plan(CLI::App& app) {
   app.add_option("--device", o->device, "cpu or cuda: which transfer bandwidth to predict with")->capture_default_str();
   app.add_flag("--eval-only", o->eval, "plan for evaluation (one activation stream)");
   app.add_flag("--json", o->json, "print the plan as JSON");
+  o->rule.add(app);
   return [o, seq] {
     if (o->model.empty() == o->preset.empty())
       fail(ErrorKind::invalid_argument, "plan needs exactly one of --model DIR or --preset NAME");
@@ -58,6 +60,7 @@ Runner add_plan(CLI::App& app) {
     sc.max_batch = o->batch;
     sc.max_seq = o->seq > 0 ? o->seq : static_cast<int>(c.max_positions);
     sc.training = !o->eval;
+    if (sc.training) sc.rule = o->rule.config(0.0f);
     const DeviceKind kind = parse_device(o->device).kind;
     const Placement pl = plan_placement(c, plan_request(c, sc, kind, cap));
     if (!o->json) {
@@ -65,6 +68,7 @@ Runner add_plan(CLI::App& app) {
                  o->model.empty() ? o->preset : o->model, c.family_name(), c.num_layers,
                  static_cast<double>(c.total_params()) / 1e9, dtype_name(sc.storage), dtype_name(sc.compute),
                  sc.max_batch, sc.max_seq);
+      if (sc.training) fmt::print("update rule: {}\n", sc.rule.describe());
       fmt::print("{}", pl.describe(c));
       return 0;
     }
@@ -83,6 +87,9 @@ Runner add_plan(CLI::App& app) {
     j["minimum_cap_bytes"] = pl.minimum_cap;
     j["globals_bytes"] = pl.globals_bytes;
     j["block_bytes"] = pl.block_bytes;
+    j["state_block_bytes"] = pl.state_block_bytes;
+    j["passes_per_step"] = pl.passes;
+    if (sc.training) j["optimizer"] = rule_to_json(sc.rule);
     j["resident_bytes"] = pl.resident_bytes;
     j["slot_bytes"] = pl.slot_bytes;
     j["workspace_bytes"] = pl.workspace_bytes;

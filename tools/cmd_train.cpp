@@ -138,6 +138,7 @@ Runner add_train(CLI::App& app) {
     bool shuffle = true, overwrite = false;
     DeviceFlags dev;
     DataFlags data_flags;
+    RuleFlags rule;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--model", o->model, "HF checkpoint directory to start from");
@@ -175,6 +176,7 @@ Runner add_train(CLI::App& app) {
                "start a new run in an --out that holds one (its checkpoint and seed log are removed first)");
   o->dev.add(app);
   o->data_flags.add(app);
+  o->rule.add(app);
   struct Given {
     CLI::Option *steps, *batch, *lr, *eps, *wd, *seed, *sched, *warm, *num_train, *shuffle, *data_seed, *task, *max_len,
         *padding, *storage, *save_dtype, *shard;
@@ -316,11 +318,25 @@ Runner add_train(CLI::App& app) {
              "replays with {} rounding)",
              dtype_name(sc.storage), o->resume, storage, storage);
       sc.storage = *storage_dt;
+      // The update rule and its hyper-parameters decide every update (and the state saved
+      // beside the checkpoint): a resumed run keeps the run's.
+      const RuleConfig saved_rule = rule_from_json(ck.state.contains("optimizer") ? ck.state.at("optimizer") : json(),
+                                                   state_file.string());
+      if (o->rule.any_given() && o->rule.config(static_cast<float>(o->wd)) != saved_rule)
+        fail(ErrorKind::invalid_argument,
+             "--optimizer {}: the run in {} uses {}; a resumed run keeps its update rule (its seed log and state "
+             "replay with it)",
+             o->rule.config(static_cast<float>(o->wd)).describe(), o->resume, saved_rule.describe());
+      sc.rule = saved_rule;
+      sc.resume_state = true;
       // The seed log: this run's (header), reaching next_step, and — when the manifest records
       // it — byte for byte the prefix the checkpoint was saved with.
       resumed_log_path = !ck.seed_log.empty() ? ck.seed_log : std::filesystem::path(o->resume) / kRunSeedLog;
       resumed_log = SeedLog::read(resumed_log_path);
       const std::uint64_t run_seed = o->seed;
+      if (resumed_log->header.rule != sc.rule)
+        fail(ErrorKind::format, "{}: the seed log's run used {}, but {} says {}: it belongs to another run",
+             resumed_log_path.string(), resumed_log->header.rule.describe(), state_file.string(), sc.rule.describe());
       if (resumed_log->header.run_seed != run_seed || resumed_log->header.storage_dtype != storage)
         fail(ErrorKind::format,
              "{}: the seed log is of run seed {} with {} storage, but {} says run seed {} with {}: it belongs to "
@@ -351,6 +367,8 @@ Runner add_train(CLI::App& app) {
         return 0;
       }
     }
+    if (o->resume.empty()) sc.rule = o->rule.config(static_cast<float>(o->wd));
+    validate_rule(sc.rule, static_cast<float>(o->wd));
     if (model_dir.empty()) fail(ErrorKind::invalid_argument, "train needs --model DIR (or --resume DIR)");
     if (o->data.empty()) fail(ErrorKind::invalid_argument, "train needs --data FILE");
     // --out never writes over the checkpoint a run starts from: the seed log replays from it.
@@ -417,6 +435,7 @@ Runner add_train(CLI::App& app) {
              static_cast<double>(config.total_params()) / 1e6, session.device().name(), first_step + 1, o->steps);
     log_info("train data: {}", data.describe());
     if (eval_data) log_info("eval data: {}", eval_data->describe());
+    log_info("update rule: {}", sc.rule.describe());
     log_info("{}", session.placement().describe(config));
 
     const std::filesystem::path tokenizer_src =
@@ -453,11 +472,11 @@ Runner add_train(CLI::App& app) {
     std::signal(SIGTERM, on_stop_signal);
     Progress progress(o->steps, o->log_every);
     const auto start = std::chrono::steady_clock::now();
-    auto last = start;
     const TransferTotals t0 = session.scheduler().totals();
     std::int64_t completed = 0;
     std::int64_t next = first_step;
     std::vector<std::int64_t> step_tokens;  // B·T of each step run here, by step − first_step
+    double tokens_done = 0;
     std::int64_t skipped = 0, skipped_in_a_row = 0;
     StepResult last_skipped;
     auto harvest = [&](std::int64_t step) {
@@ -470,12 +489,13 @@ Runner add_train(CLI::App& app) {
         skipped_in_a_row = 0;
       }
       const auto now = std::chrono::steady_clock::now();
-      const double step_s = std::chrono::duration<double>(now - last).count();
-      last = now;
       ++completed;
       const double elapsed = std::chrono::duration<double>(now - start).count();
-      const double tokens = static_cast<double>(step_tokens.at(static_cast<std::size_t>(step - first_step)));
-      const double tok_s = step_s > 0 ? tokens / step_s : 0;
+      tokens_done += static_cast<double>(step_tokens.at(static_cast<std::size_t>(step - first_step)));
+      // Rates over the whole run so far: the time between two harvests says little when a
+      // rule waits inside each step (zo-sgd-cons) or when steps overlap.
+      const double step_s = elapsed / static_cast<double>(completed);
+      const double tok_s = elapsed > 0 ? tokens_done / elapsed : 0;
       const TransferTotals tt = session.scheduler().totals();
       const double pcie = elapsed > 0 ? static_cast<double>(tt.h2d_bytes + tt.d2h_bytes - t0.h2d_bytes - t0.d2h_bytes) / elapsed / 1e9 : 0;
       progress.report(r, step_s, tok_s, elapsed, session.device_peak(), pcie, completed);
