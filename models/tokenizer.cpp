@@ -23,34 +23,48 @@ using json = nlohmann::json;
 
 // ---- added tokens ------------------------------------------------------------------
 
+// Tokens are matched in two classes: 0, the raw text (every token, or the non-normalized ones
+// of a tokenizer with a normalizer); 1, the normalized text (the normalized ones).
 struct Tokenizer::AddedTable {
+  struct Matcher {
+    // For each first byte, the tokens starting with it, longest first.
+    std::array<std::vector<std::uint32_t>, 256> by_first;
+    int single_first = -1;  // the one first byte of all tokens, if there is one (memchr scan)
+    bool empty = true;
+  };
   std::vector<AddedToken> tokens;
-  // For each first byte, the tokens starting with it, longest first.
-  std::array<std::vector<std::uint32_t>, 256> by_first;
+  std::vector<std::string> match;  // what is matched: the content, or its normalized form
+  std::vector<std::uint8_t> cls;   // 0: raw text, 1: normalized text, 2: never matched
+  Matcher matchers[2];
   std::unordered_map<std::string, std::uint32_t> by_content;
   std::unordered_map<std::int32_t, std::uint32_t> by_id;
   std::int32_t max_id = -1;
-  int single_first = -1;  // the one first byte of all tokens, if there is one (memchr scan)
 
+  void index(std::uint32_t i) {
+    if (cls[i] > 1) return;
+    Matcher& m = matchers[cls[i]];
+    const std::string& text = match[i];
+    const unsigned char first = static_cast<unsigned char>(text[0]);
+    auto& list = m.by_first[first];
+    auto pos = std::find_if(list.begin(), list.end(), [&](std::uint32_t k) { return match[k].size() < text.size(); });
+    list.insert(pos, i);  // longest first, ties in registration order
+    m.empty = false;
+    if (m.single_first == -1)
+      m.single_first = first;
+    else if (m.single_first != first)
+      m.single_first = -2;
+  }
   void rebuild() {
-    for (auto& v : by_first) v.clear();
+    for (auto& m : matchers) m = Matcher{};
     by_content.clear();
     by_id.clear();
     max_id = -1;
     for (std::uint32_t i = 0; i < tokens.size(); ++i) {
-      const auto& t = tokens[i];
-      by_first[static_cast<unsigned char>(t.content[0])].push_back(i);
-      by_content[t.content] = i;
-      by_id.emplace(t.id, i);  // the first registered content wins for decode
-      max_id = std::max(max_id, t.id);
+      by_content[tokens[i].content] = i;
+      by_id.emplace(tokens[i].id, i);  // the first registered content wins for decode
+      max_id = std::max(max_id, tokens[i].id);
+      index(i);
     }
-    single_first = -1;
-    for (int c = 0; c < 256; ++c)
-      if (!by_first[c].empty()) single_first = single_first == -1 ? c : -2;
-    for (auto& v : by_first)
-      std::stable_sort(v.begin(), v.end(), [&](std::uint32_t a, std::uint32_t b) {
-        return tokens[a].content.size() > tokens[b].content.size();
-      });
   }
 };
 
@@ -60,30 +74,33 @@ Tokenizer::~Tokenizer() = default;
 void Tokenizer::add_token(AddedToken token) {
   if (token.content.empty() || token.id < 0) return;
   AddedTable& t = *added_;
+  std::uint8_t cls = 0;
+  std::string match = token.content;
+  if (split_normalized_ && token.normalized) {
+    cls = 1;
+    normalize_added_token(match);
+    if (match.empty()) cls = 2;
+  }
   if (auto it = t.by_content.find(token.content); it != t.by_content.end()) {
     t.tokens[it->second] = std::move(token);  // replaced: rare, rebuild everything
+    t.match[it->second] = std::move(match);
+    t.cls[it->second] = cls;
     t.rebuild();
     return;
   }
   const auto idx = static_cast<std::uint32_t>(t.tokens.size());
   t.tokens.push_back(std::move(token));
+  t.match.push_back(std::move(match));
+  t.cls.push_back(cls);
   const AddedToken& added = t.tokens.back();
   t.by_content.emplace(added.content, idx);
   t.by_id.emplace(added.id, idx);
   t.max_id = std::max(t.max_id, added.id);
-  const unsigned char first = static_cast<unsigned char>(added.content[0]);
-  auto& list = t.by_first[first];
-  auto pos = std::find_if(list.begin(), list.end(), [&](std::uint32_t k) {
-    return t.tokens[k].content.size() < added.content.size();
-  });
-  list.insert(pos, idx);  // longest first, ties in registration order
-  if (t.single_first == -1)
-    t.single_first = first;
-  else if (t.single_first != first)
-    t.single_first = -2;
+  t.index(idx);
 }
 
-bool Tokenizer::has_added_tokens() const { return !added_->tokens.empty(); }
+bool Tokenizer::has_added_tokens() const { return !added_->matchers[0].empty; }
+bool Tokenizer::has_normalized_added_tokens() const { return !added_->matchers[1].empty; }
 std::int32_t Tokenizer::max_added_id() const { return added_->max_id; }
 
 std::optional<std::int32_t> Tokenizer::added_token_id(std::string_view content) const {
@@ -108,9 +125,11 @@ bool is_word_byte(unsigned char c) {
 }
 }  // namespace
 
-std::vector<Tokenizer::Piece> Tokenizer::split_added(std::string_view text) const {
+std::vector<Tokenizer::Piece> Tokenizer::split_added(std::string_view text, bool normalized) const {
   std::vector<Piece> out;
-  const auto& table = *added_;
+  const auto& table = added_->matchers[normalized ? 1 : 0];
+  const auto& tokens = added_->tokens;
+  const auto& match = added_->match;
   const std::size_t n = text.size();
   std::size_t pos = 0;  // start of the pending plain text
   std::size_t i = 0;
@@ -122,23 +141,26 @@ std::vector<Tokenizer::Piece> Tokenizer::split_added(std::string_view text) cons
     }
     const auto& cands = table.by_first[static_cast<unsigned char>(text[i])];
     const AddedToken* hit = nullptr;
+    std::size_t hit_len = 0;
     for (std::uint32_t idx : cands) {
-      const AddedToken& t = table.tokens[idx];
-      if (text.compare(i, t.content.size(), t.content) != 0) continue;
+      const AddedToken& t = tokens[idx];
+      const std::string& m = match[idx];
+      if (text.compare(i, m.size(), m) != 0) continue;
       if (t.single_word) {
-        std::size_t e = i + t.content.size();
+        std::size_t e = i + m.size();
         if ((i > 0 && is_word_byte(static_cast<unsigned char>(text[i - 1]))) ||
             (e < n && is_word_byte(static_cast<unsigned char>(text[e]))))
           continue;
       }
       hit = &t;
+      hit_len = m.size();
       break;
     }
     if (!hit) {
       ++i;
       continue;
     }
-    std::size_t start = i, end = i + hit->content.size();
+    std::size_t start = i, end = i + hit_len;
     if (hit->lstrip)
       while (start > pos && is_space_byte(static_cast<unsigned char>(text[start - 1]))) --start;
     if (hit->rstrip)
@@ -287,6 +309,12 @@ std::unique_ptr<Tokenizer> Tokenizer::from_dir(const fs::path& dir) try {
       if (e.kind() != ErrorKind::unsupported || !exists("tokenizer.model")) throw;
       log_info("tokenizer: {}; using tokenizer.model instead", e.what());
     }
+    // A SentencePiece model converted to tokenizer.json (LLaMA-2, Mistral, Gemma): its own
+    // tokenizer.model, through libsentencepiece, stays what zo2 reads when it is there.
+    if (tok && tok->sentencepiece_style() && exists("tokenizer.model")) {
+      log_info("tokenizer: {} is a SentencePiece conversion; using tokenizer.model", (dir / "tokenizer.json").string());
+      tok.reset();
+    }
   }
   if (!tok && exists("tokenizer.model")) tok = from_sentencepiece(dir / "tokenizer.model");
   if (!tok) {
@@ -343,6 +371,7 @@ std::unique_ptr<Tokenizer> Tokenizer::from_dir(const fs::path& dir) try {
         t.rstrip = val.value("rstrip", false);
         t.single_word = val.value("single_word", false);
         t.special = val.value("special", true);
+        t.normalized = val.value("normalized", !t.special);
         if (slow_style || !tok->added_token_id(t.content)) tok->add_token(std::move(t));
       }
     }

@@ -1,6 +1,11 @@
 // Tokenizers for the models zo2 fine-tunes (DESIGN.md §2, models/):
 //  - GPT-2 byte-level BPE (OPT): vocab.json + merges.txt, or encoder.json + vocab.bpe;
-//  - HF tokenizer.json with a BPE model over bytes (GPT-2/OPT style, LLaMA-3 style);
+//  - HF tokenizer.json with a BPE model: over bytes (GPT-2/OPT, LLaMA-3, Qwen2/2.5/3: a
+//    ByteLevel pre-tokenizer) or over characters with <0xXX> byte fallback (Gemma 3,
+//    Mistral, LLaMA-2: Metaspace or Replace/Prepend normalizers); the normalizers NFC, NFD,
+//    NFKC, NFKD (ICU), Replace, Prepend, Lowercase, Strip and Sequence; the pre-tokenizers
+//    Split (every HF behavior, invert), ByteLevel, Metaspace and Sequence; the decoders
+//    ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip and Sequence;
 //  - SentencePiece tokenizer.model (LLaMA-2) through libsentencepiece.
 //
 // Special tokens. BOS/EOS/PAD/UNK come from tokenizer_config.json, then
@@ -10,13 +15,16 @@
 // post-processor (TemplateProcessing, Roberta/BertProcessing); else the tokenizer's
 // default (SentencePiece: BOS, as LLaMA-2; GPT-2 files: nothing). The special tokens of the
 // configuration and tokenizer.json's added_tokens are matched whole in the input
-// (leftmost-longest) before pre-tokenization, as HF does.
+// (leftmost-longest) before pre-tokenization, as HF does; where tokenizer.json has a
+// normalizer, tokens marked "normalized" are matched in the normalized text instead.
 //
 // Byte-level details: the pre-tokenizer regexes run on PCRE2 (UTF + UCP, JIT); `\s` is
 // PCRE2's Unicode white space, which may differ from Python's/JavaScript's on rare code
 // points (U+0085, U+FEFF). Bytes that are not valid UTF-8 match no regex branch; they form
 // pieces of their own and are encoded through the byte tokens, so decode(encode(s)) == s
-// for any byte string. decode() returns raw bytes (no U+FFFD replacement).
+// for any byte string. decode() returns raw bytes (no U+FFFD replacement: HF's ByteLevel
+// and ByteFallback decoders put U+FFFD where the bytes are not UTF-8). Unicode normalization
+// applies to the well-formed UTF-8 of a text and keeps other bytes as they are.
 //
 // All tokenizers are immutable after loading; encode() and decode() may be called from
 // several threads at once (the BPE word cache is a per-thread front cache in front of a
@@ -38,7 +46,8 @@ class Tokenizer {
   virtual ~Tokenizer();
 
   // Loads from a model/tokenizer directory: tokenizer.json if present (when it describes a
-  // model zo2 does not implement and tokenizer.model exists, the latter is used), else
+  // model zo2 does not implement, or is a SentencePiece conversion — BPE with byte_fallback,
+  // as LLaMA-2, Mistral and Gemma ship — and tokenizer.model exists, the latter is used), else
   // tokenizer.model, else vocab.json + merges.txt (or encoder.json + vocab.bpe); plus
   // tokenizer_config.json / special_tokens_map.json / config.json for the special tokens.
   // The error lists what was looked for when nothing is found.
@@ -92,10 +101,12 @@ class Tokenizer {
   // A token matched whole in the input before anything else sees it (HF "added tokens":
   // special tokens such as "<|begin_of_text|>", "</s>"). lstrip/rstrip: the match takes
   // the whitespace before/after it; single_word: only where it is not inside a word.
+  // normalized: matched in the normalized text (only where the tokenizer has a normalizer,
+  // see normalize_added_token).
   struct AddedToken {
     std::string content;
     std::int32_t id = -1;
-    bool lstrip = false, rstrip = false, single_word = false, special = true;
+    bool lstrip = false, rstrip = false, single_word = false, special = true, normalized = false;
   };
   // Registers one (a second token with the same content replaces the first).
   void add_token(AddedToken token);
@@ -105,12 +116,23 @@ class Tokenizer {
   std::optional<std::int32_t> added_token_id(std::string_view content) const;
   const std::string* added_token_content(std::int32_t id) const;
   // Splits text at the added tokens, leftmost-longest: pieces of plain text (id < 0) and
-  // matched tokens (id >= 0), in order. Empty plain pieces are left out.
+  // matched tokens (id >= 0), in order. Empty plain pieces are left out. normalized=false:
+  // the tokens matched in the raw text (all of them unless set_split_normalized(true));
+  // true: the "normalized" ones, in their normalized form (for the normalized text).
   struct Piece {
     std::string_view text;
     std::int32_t id;
   };
-  std::vector<Piece> split_added(std::string_view text) const;
+  std::vector<Piece> split_added(std::string_view text, bool normalized = false) const;
+  bool has_normalized_added_tokens() const;
+  // Called before any token is added by a tokenizer with a normalizer: from then on,
+  // tokens with normalized=true are matched by split_added(text, true) only, in the form
+  // normalize_added_token gives them.
+  void set_split_normalized(bool on) { split_normalized_ = on; }
+  virtual void normalize_added_token(std::string& content) const {}
+  // Whether this is a SentencePiece model converted to tokenizer.json (from_dir then prefers
+  // the directory's tokenizer.model, as before zo2 read those files).
+  virtual bool sentencepiece_style() const { return false; }
   // tokenizer_config.json's add_prefix_space (GPT-2 style tokenizers; ignored by others).
   virtual void set_add_prefix_space(bool) {}
   // BOS/EOS/PAD/UNK and what encode_with_special() adds; the loaders set these.
@@ -120,6 +142,7 @@ class Tokenizer {
   std::vector<std::int32_t> prefix_, suffix_;
 
  private:
+  bool split_normalized_ = false;
   struct AddedTable;
   std::unique_ptr<AddedTable> added_;
 };

@@ -1,11 +1,12 @@
-// Byte-level BPE (GPT-2, OPT, LLaMA-3): the byte↔unicode mapping of GPT-2, a PCRE2 (JIT)
-// pre-tokenizer, merges by rank from a hash map keyed by the pair of token ids, and a
-// sharded per-word cache. Loaders: vocab.json + merges.txt (encoder.json + vocab.bpe) and
-// HF tokenizer.json with a BPE model.
-#define PCRE2_CODE_UNIT_WIDTH 8
-#include <pcre2.h>
-
+// BPE tokenizers: GPT-2's vocab.json + merges.txt (encoder.json + vocab.bpe), and HF
+// tokenizer.json with a BPE model and its pipeline — normalizer (models/tokenizer_text.h),
+// pre-tokenizer (Split, ByteLevel, Metaspace), the model over bytes (GPT-2's byte<->unicode
+// mapping; GPT-2, OPT, LLaMA-3, Qwen) or over characters with <0xXX> byte fallback
+// (SentencePiece conversions: Gemma, Mistral, LLaMA-2), decoder (ByteLevel, Metaspace,
+// Replace, ByteFallback, Fuse, Strip), added tokens and post-processor. Merges by rank from a
+// hash map keyed by the pair of token ids; a sharded per-word cache.
 #include "models/tokenizer.h"
+#include "models/tokenizer_text.h"
 #include "models/utf8.h"
 #include "runtime/error.h"
 
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cctype>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -185,87 +187,114 @@ class PairMap {
   std::size_t size_ = 0;
 };
 
-// ---- PCRE2 pre-tokenizer --------------------------------------------------------------
+// ---- pre-tokenizers ---------------------------------------------------------------------
 
-// Per-thread match data (one ovector pair is all a split needs) and a JIT stack large
-// enough for long runs of whitespace.
-struct MatchState {
-  pcre2_match_data* data = nullptr;
-  pcre2_match_context* context = nullptr;
-  pcre2_jit_stack* stack = nullptr;
-  MatchState() {
-    data = pcre2_match_data_create(1, nullptr);
-    context = pcre2_match_context_create(nullptr);
-    stack = pcre2_jit_stack_create(32 * 1024, 8 * 1024 * 1024, nullptr);
-    if (!data || !context || !stack) fail(ErrorKind::out_of_memory, "PCRE2: cannot allocate match data");
-    pcre2_jit_stack_assign(context, nullptr, stack);
-  }
-  ~MatchState() {
-    pcre2_jit_stack_free(stack);
-    pcre2_match_context_free(context);
-    pcre2_match_data_free(data);
-  }
-};
+// HF's SplitDelimiterBehavior.
+enum class SplitBehavior { removed, isolated, merged_with_previous, merged_with_next, contiguous };
 
-MatchState& match_state() {
-  thread_local MatchState state;
-  return state;
-}
-
-std::string pcre2_message(int code) {
-  PCRE2_UCHAR buf[256];
-  int n = pcre2_get_error_message(code, buf, sizeof buf);
-  return n < 0 ? fmt::format("PCRE2 error {}", code) : std::string(reinterpret_cast<char*>(buf), n);
-}
-
-// A regex that splits text into pieces: each match, and each run of text between matches
-// (HF's Split with behavior "Isolated"). Bytes that are not valid UTF-8 never match and
-// end up in the between-match pieces, so every byte of the input lands in some piece.
+// A regex (or literal) Split: cuts a piece at the pattern's matches and does with them what
+// the behavior says (HF's NormalizedString::split); invert: the non-matching parts are the
+// delimiters. Empty matches are no delimiters.
 class Splitter {
  public:
-  Splitter(std::string_view pattern, bool literal, std::string_view where) {
-    int err = 0;
-    PCRE2_SIZE off = 0;
-    std::uint32_t opts = PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF | (literal ? PCRE2_LITERAL : 0);
-    code_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), opts, &err, &off,
-                          nullptr);
-    if (!code_)
-      fail(ErrorKind::format, "{}: cannot compile the regex \"{}\" at offset {}: {}", where, excerpt(pattern, 200),
-           off, pcre2_message(err));
-    jit_ = pcre2_jit_compile(code_, PCRE2_JIT_COMPLETE) == 0;  // without JIT, pcre2_match interprets
-  }
-  ~Splitter() { pcre2_code_free(code_); }
-  Splitter(const Splitter&) = delete;
-  Splitter& operator=(const Splitter&) = delete;
+  Splitter(std::string_view pattern, bool literal, std::string_view where, SplitBehavior behavior = SplitBehavior::isolated,
+           bool invert = false)
+      : re_(pattern, literal, where), behavior_(behavior), invert_(invert) {}
 
   template <class F>
   void split(std::string_view s, F&& emit) const {
-    MatchState& ms = match_state();
-    const auto* subject = reinterpret_cast<PCRE2_SPTR>(s.data());
-    const std::size_t n = s.size();
-    std::size_t pos = 0, start = 0;
-    while (start < n) {
-      int rc = jit_ ? pcre2_jit_match(code_, subject, n, start, 0, ms.data, ms.context)
-                    : pcre2_match(code_, subject, n, start, 0, ms.data, ms.context);
-      if (rc == PCRE2_ERROR_NOMATCH) break;
-      if (rc < 0) fail(ErrorKind::invalid_argument, "tokenizer: pre-tokenizer regex failed: {}", pcre2_message(rc));
-      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(ms.data);
-      std::size_t mb = ov[0], me = ov[1];
-      if (me <= mb) {  // an empty match: step over one character, it joins the gap
-        start = mb + 1;
-        while (start < n && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80) ++start;
-        continue;
-      }
-      if (mb > pos) emit(s.substr(pos, mb - pos));
-      emit(s.substr(mb, me - mb));
-      pos = start = me;
+    if (behavior_ == SplitBehavior::isolated) {  // the common case: every part is a piece
+      std::size_t pos = 0;
+      re_.for_each_match(s, [&](std::size_t b, std::size_t e) {
+        if (b > pos) emit(s.substr(pos, b - pos));
+        emit(s.substr(b, e - b));
+        pos = e;
+      });
+      if (pos < s.size()) emit(s.substr(pos));
+      return;
     }
-    if (pos < n) emit(s.substr(pos));
+    struct Part {
+      std::size_t b, e;
+      bool match;
+    };
+    std::vector<Part> parts;
+    std::size_t pos = 0;
+    re_.for_each_match(s, [&](std::size_t b, std::size_t e) {
+      if (b > pos) parts.push_back({pos, b, invert_});
+      parts.push_back({b, e, !invert_});
+      pos = e;
+    });
+    if (pos < s.size()) parts.push_back({pos, s.size(), invert_});
+    std::vector<Part> out;
+    bool previous_match = false;
+    switch (behavior_) {
+      case SplitBehavior::removed:
+        for (const Part& p : parts)
+          if (!p.match) out.push_back(p);
+        break;
+      case SplitBehavior::contiguous:
+        for (const Part& p : parts) {
+          if (p.match == previous_match && !out.empty())
+            out.back().e = p.e;
+          else
+            out.push_back(p);
+          previous_match = p.match;
+        }
+        break;
+      case SplitBehavior::merged_with_previous:
+        for (const Part& p : parts) {
+          if (p.match && !previous_match && !out.empty())
+            out.back().e = p.e;
+          else
+            out.push_back(p);
+          previous_match = p.match;
+        }
+        break;
+      case SplitBehavior::merged_with_next:
+        for (auto it = parts.rbegin(); it != parts.rend(); ++it) {
+          if (it->match && !previous_match && !out.empty())
+            out.back().b = it->b;
+          else
+            out.push_back(*it);
+          previous_match = it->match;
+        }
+        std::reverse(out.begin(), out.end());
+        break;
+      case SplitBehavior::isolated:
+        break;
+    }
+    for (const Part& p : out)
+      if (p.e > p.b) emit(s.substr(p.b, p.e - p.b));
   }
 
  private:
-  pcre2_code* code_ = nullptr;
-  bool jit_ = false;
+  tok::Regex re_;
+  SplitBehavior behavior_;
+  bool invert_;
+};
+
+// One step of a tokenizer.json pre_tokenizer (a Sequence is its steps in order).
+struct PreStep {
+  enum class Kind { split, byte_level, metaspace } kind = Kind::split;
+  std::unique_ptr<Splitter> splitter;  // split; byte_level with use_regex (the GPT-2 pattern)
+  bool add_prefix_space = false;       // byte_level
+  // metaspace: spaces become `replacement`, which is put first (always; first: in the first
+  // piece of the text; never) unless the piece starts with it; split: cut before each one.
+  std::string replacement;
+  enum class Prepend { always, first, never } prepend = Prepend::always;
+  bool split_on_replacement = true;
+};
+
+// ---- decoders ------------------------------------------------------------------------------
+
+struct DecodeStep {
+  enum class Kind { byte_level, replace, byte_fallback, fuse, strip, metaspace } kind;
+  std::string literal;                 // replace: a String pattern
+  std::unique_ptr<tok::Regex> regex;   // replace: a Regex pattern
+  std::string content;                 // replace: the replacement; strip: the character
+  std::size_t start = 0, stop = 0;     // strip
+  std::string replacement;             // metaspace
+  bool drop_first = true;              // metaspace: prepend_scheme is not "never"
 };
 
 // ---- the per-word cache ----------------------------------------------------------------
@@ -421,20 +450,35 @@ struct MergeEntry {
   std::string where;  // "merges.txt line 17", for errors
 };
 
-class ByteLevelBpe final : public Tokenizer {
+// A BPE model with its tokenizer.json pipeline. byte_level: the vocabulary is written in
+// GPT-2's byte alphabet and words are merged from their bytes (a ByteLevel pre-tokenizer);
+// otherwise words are merged from their characters, a character missing from the vocabulary
+// becoming its <0xXX> byte tokens (byte_fallback) or the unknown token.
+class BpeTokenizer final : public Tokenizer {
  public:
   struct Options {
     std::string kind = "gpt2-bpe";
     std::string source;  // file name for errors
-    bool add_prefix_space = false;
-    bool ignore_merges = false;
+    bool byte_level = true;
+    bool ignore_merges = false, byte_fallback = false, fuse_unk = false;
     std::optional<std::string> unk_token;
-    // Regex pre-tokenizers applied in order (each splits the pieces of the previous one).
-    std::vector<std::pair<std::string, bool>> patterns;  // (pattern, literal)
+    std::optional<tok::Normalizer> normalizer;
+    std::vector<PreStep> pre;  // applied in order, each to the pieces of the previous one
+    // The decoder's steps; nullopt: no decoder (HF joins the tokens with spaces; a byte-level
+    // model writes their bytes, as zo2 always did).
+    std::optional<std::vector<DecodeStep>> decoder;
   };
 
-  ByteLevelBpe(std::vector<VocabEntry> vocab, const std::vector<MergeEntry>& merges, Options opt)
-      : kind_(std::move(opt.kind)), add_prefix_space_(opt.add_prefix_space), ignore_merges_(opt.ignore_merges) {
+  BpeTokenizer(std::vector<VocabEntry> vocab, const std::vector<MergeEntry>& merges, Options opt)
+      : kind_(std::move(opt.kind)),
+        byte_level_(opt.byte_level),
+        ignore_merges_(opt.ignore_merges),
+        byte_fallback_(opt.byte_fallback),
+        fuse_unk_(opt.fuse_unk),
+        normalizer_(std::move(opt.normalizer)),
+        pre_(std::move(opt.pre)) {
+    if (normalizer_ && normalizer_->empty()) normalizer_.reset();
+    if (normalizer_) set_split_normalized(true);
     const ByteMap& bm = byte_map();
     std::int32_t max_id = -1;
     for (const auto& e : vocab) max_id = std::max(max_id, e.id);
@@ -442,28 +486,43 @@ class ByteLevelBpe final : public Tokenizer {
       fail(ErrorKind::format, "{}: token id {} is beyond what zo2 accepts ({})", opt.source, max_id, kMaxVocab - 1);
     const std::size_t n = static_cast<std::size_t>(max_id + 1);
     id_token_.resize(n);
-    id_bytes_.resize(n);
+    if (byte_level_) id_bytes_.resize(n);
     id_valid_.assign(n, 0);
     token_ids_.reserve(vocab.size());
     for (auto& e : vocab) {
       if (!id_valid_[e.id]) {
         id_valid_[e.id] = 1;
-        auto bytes = bm.to_bytes(e.token);
-        id_bytes_[e.id] = bytes ? *bytes : e.token;
-        if (ignore_merges_ && bytes) bytes_ids_.emplace(*bytes, e.id);
+        if (byte_level_) {
+          auto bytes = bm.to_bytes(e.token);
+          id_bytes_[e.id] = bytes ? *bytes : e.token;
+          if (ignore_merges_ && bytes) bytes_ids_.emplace(*bytes, e.id);
+        }
         id_token_[e.id] = e.token;
       }
       token_ids_.emplace(std::move(e.token), e.id);
     }
+    byte_id_.fill(-1);
+    fallback_id_.fill(-1);
+    ascii_id_.fill(-1);
     for (int b = 0; b < 256; ++b) {
-      auto it = token_ids_.find(bm.byte_to_str[b]);
-      byte_id_[b] = it == token_ids_.end() ? -1 : it->second;
+      if (byte_level_) {
+        auto it = token_ids_.find(bm.byte_to_str[b]);
+        if (it != token_ids_.end()) byte_id_[b] = it->second;
+      } else if (b < 0x80) {
+        auto it = token_ids_.find(std::string_view(reinterpret_cast<const char*>(&b), 1));
+        if (it != token_ids_.end()) ascii_id_[b] = it->second;
+      }
+      if (byte_fallback_) {
+        auto it = token_ids_.find(fmt::format("<0x{:02X}>", b));
+        if (it != token_ids_.end()) fallback_id_[b] = it->second;
+      }
     }
     if (opt.unk_token) {
       auto it = token_ids_.find(*opt.unk_token);
       if (it == token_ids_.end())
         fail(ErrorKind::format, "{}: model.unk_token \"{}\" is not in the vocabulary", opt.source, *opt.unk_token);
       unk_id_ = it->second;
+      model_unk_ = it->second;
     }
 
     merges_.reserve(merges.size());
@@ -482,38 +541,66 @@ class ByteLevelBpe final : public Tokenizer {
              excerpt(joined));
       merges_.insert(a->second, b->second, {static_cast<std::uint32_t>(r), c->second});
     }
-    for (const auto& [pat, literal] : opt.patterns)
-      splitters_.push_back(std::make_unique<Splitter>(pat, literal, opt.source));
+    // The byte-level fast path of decode: each id's bytes (ByteLevel or no decoder).
+    if (!opt.decoder) {
+      plain_decode_ = byte_level_;
+    } else {
+      plain_decode_ = byte_level_ && opt.decoder->size() <= 1 &&
+                      (opt.decoder->empty() || opt.decoder->front().kind == DecodeStep::Kind::byte_level);
+      decoder_ = std::move(*opt.decoder);
+    }
   }
 
   std::vector<std::int32_t> encode(std::string_view text) const override {
     std::vector<std::int32_t> out;
     out.reserve(text.size() / 3 + 4);
     if (!has_added_tokens()) {
-      encode_segment(text, out);
+      encode_section(text, true, out);
       return out;
     }
     for (const Piece& p : split_added(text)) {
       if (p.id >= 0)
         out.push_back(p.id);
       else
-        encode_segment(p.text, out);
+        encode_section(p.text, p.text.data() == text.data(), out);
     }
     return out;
   }
 
   std::string decode(std::span<const std::int32_t> ids) const override {
     std::string out;
-    out.reserve(ids.size() * 4);
-    for (std::int32_t id : ids) {
-      if (id >= 0 && static_cast<std::size_t>(id) < id_valid_.size() && id_valid_[id]) {
-        out += id_bytes_[id];
-      } else if (const std::string* s = added_token_content(id)) {
-        out += *s;
-      } else {
-        fail(ErrorKind::invalid_argument, "decode: token id {} is not in the vocabulary (size {})", id, vocab_size());
+    if (plain_decode_) {
+      out.reserve(ids.size() * 4);
+      for (std::int32_t id : ids) {
+        if (valid(id))
+          out += id_bytes_[id];
+        else if (const std::string* s = added_token_content(id))
+          out += *s;
+        else
+          bad_id(id);
       }
+      return out;
     }
+    // The decoder's steps on the tokens' strings (HF's decode_chain), then joined.
+    std::vector<std::string> toks;
+    std::vector<std::uint8_t> added;  // an added token (ByteLevel keeps it as written)
+    toks.reserve(ids.size());
+    for (std::int32_t id : ids) {
+      const std::string* added_content = added_token_content(id);
+      if (valid(id))
+        toks.push_back(id_token_[id]);
+      else if (added_content)
+        toks.push_back(*added_content);
+      else
+        bad_id(id);
+      added.push_back(added_content != nullptr);
+    }
+    if (!decoder_) {  // no decoder: HF joins the tokens with spaces
+      for (std::size_t i = 0; i < toks.size(); ++i) out.append(i ? " " : "").append(toks[i]);
+      return out;
+    }
+    for (const DecodeStep& step : *decoder_) decode_step(step, toks, added);
+    for (const auto& t : toks) out += t;
     return out;
   }
 
@@ -529,7 +616,7 @@ class ByteLevelBpe final : public Tokenizer {
   }
 
   std::string id_to_token(std::int32_t id) const override {
-    if (id >= 0 && static_cast<std::size_t>(id) < id_valid_.size() && id_valid_[id]) return id_token_[id];
+    if (valid(id)) return id_token_[id];
     if (const std::string* s = added_token_content(id)) return *s;
     return {};
   }
@@ -537,6 +624,10 @@ class ByteLevelBpe final : public Tokenizer {
   std::string_view kind() const override { return kind_; }
 
   void set_add_prefix_space(bool on) override { add_prefix_space_ = on; }
+  void normalize_added_token(std::string& content) const override {
+    if (normalizer_) normalizer_->apply(content);
+  }
+  bool sentencepiece_style() const override { return byte_fallback_ && !byte_level_; }
 
   // For the loaders: registers added tokens and the post-processor's template.
   void add_added_token(AddedToken t) { add_token(std::move(t)); }
@@ -552,23 +643,99 @@ class ByteLevelBpe final : public Tokenizer {
   }
 
  private:
-  void encode_segment(std::string_view seg, std::vector<std::int32_t>& out) const {
+  bool valid(std::int32_t id) const {
+    return id >= 0 && static_cast<std::size_t>(id) < id_valid_.size() && id_valid_[id];
+  }
+  [[noreturn]] void bad_id(std::int32_t id) const {
+    fail(ErrorKind::invalid_argument, "decode: token id {} is not in the vocabulary (size {})", id, vocab_size());
+  }
+
+  // A piece of text between added tokens: normalized, split at the normalized added tokens,
+  // pre-tokenized, merged. at_start: the piece begins the text (Metaspace's "first").
+  void encode_section(std::string_view seg, bool at_start, std::vector<std::int32_t>& out) const {
     if (seg.empty()) return;
-    std::string with_space;
+    std::string normalized;
+    if (normalizer_) {
+      normalized.assign(seg);
+      normalizer_->apply(normalized);
+      seg = normalized;
+      if (seg.empty()) return;
+      if (has_normalized_added_tokens()) {
+        for (const Piece& p : split_added(seg, true)) {
+          if (p.id >= 0)
+            out.push_back(p.id);
+          else
+            split_level(p.text, 0, at_start && p.text.data() == seg.data(), out);
+        }
+        return;
+      }
+    }
+    std::string with_space;  // tokenizer_config.json's add_prefix_space (vocab + merges files)
     if (add_prefix_space_ && seg[0] != ' ') {
       with_space.reserve(seg.size() + 1);
       with_space.append(" ").append(seg);
       seg = with_space;
     }
-    split_level(seg, 0, out);
+    split_level(seg, 0, at_start, out);
   }
 
-  void split_level(std::string_view s, std::size_t level, std::vector<std::int32_t>& out) const {
-    if (level == splitters_.size()) {
+  void split_level(std::string_view s, std::size_t level, bool at_start, std::vector<std::int32_t>& out) const {
+    if (s.empty()) return;
+    if (level == pre_.size()) {
       bpe_word(s, out);
       return;
     }
-    splitters_[level]->split(s, [&](std::string_view piece) { split_level(piece, level + 1, out); });
+    const PreStep& step = pre_[level];
+    auto next = [&](std::string_view whole) {
+      return [&, whole](std::string_view piece) {
+        split_level(piece, level + 1, at_start && piece.data() == whole.data(), out);
+      };
+    };
+    switch (step.kind) {
+      case PreStep::Kind::split:
+        step.splitter->split(s, next(s));
+        return;
+      case PreStep::Kind::byte_level: {
+        std::string buf;
+        if (step.add_prefix_space && s[0] != ' ') {
+          buf.reserve(s.size() + 1);
+          buf.append(" ").append(s);
+          s = buf;
+        }
+        if (step.splitter)
+          step.splitter->split(s, next(s));
+        else
+          split_level(s, level + 1, at_start, out);
+        return;
+      }
+      case PreStep::Kind::metaspace: {
+        const std::string& rep = step.replacement;
+        std::string buf;
+        const bool prepend = (step.prepend == PreStep::Prepend::always ||
+                              (step.prepend == PreStep::Prepend::first && at_start)) &&
+                             !s.starts_with(rep);
+        buf.reserve(s.size() + rep.size() * 4);
+        if (prepend) buf += rep;
+        for (char c : s) {
+          if (c == ' ')
+            buf += rep;
+          else
+            buf += c;
+        }
+        std::string_view t = buf;
+        if (!step.split_on_replacement) {
+          split_level(t, level + 1, at_start, out);
+          return;
+        }
+        std::size_t begin = 0;  // cut before each replacement (HF: MergedWithNext)
+        for (std::size_t p = t.find(rep, 1); p != std::string_view::npos; p = t.find(rep, p + rep.size())) {
+          split_level(t.substr(begin, p - begin), level + 1, at_start && begin == 0, out);
+          begin = p;
+        }
+        split_level(t.substr(begin), level + 1, at_start && begin == 0, out);
+        return;
+      }
+    }
   }
 
   std::int32_t byte_token(unsigned char c) const {
@@ -578,15 +745,63 @@ class ByteLevelBpe final : public Tokenizer {
     fail(ErrorKind::invalid_argument, "tokenizer: byte 0x{:02x} of the input has no token in the vocabulary", c);
   }
 
+  // The initial symbols of a word: its bytes (byte-level) or its characters (each one's
+  // token, else its <0xXX> tokens, else the unknown token, fused with a preceding unknown
+  // when fuse_unk). A byte that is not UTF-8 is a character of its own. Returns the count;
+  // sym has room for word.size().
+  std::size_t initial_symbols(std::string_view word, std::int32_t* sym) const {
+    std::size_t m = 0;
+    if (byte_level_) {
+      for (unsigned char c : word) sym[m++] = byte_token(c);
+      return m;
+    }
+    bool last_unk = false;
+    for (std::size_t i = 0; i < word.size();) {
+      const unsigned char c = static_cast<unsigned char>(word[i]);
+      std::size_t n = c < 0x80 ? 1 : tok::utf8_len(word, i);
+      if (n == 0) n = 1;
+      std::int32_t id = -1;
+      if (c < 0x80) {
+        id = ascii_id_[c];
+      } else {
+        auto it = token_ids_.find(word.substr(i, n));
+        if (it != token_ids_.end()) id = it->second;
+      }
+      if (id >= 0) {
+        sym[m++] = id;
+        last_unk = false;
+      } else if (byte_fallback_ && std::all_of(word.begin() + i, word.begin() + i + n, [&](char b) {
+                   return fallback_id_[static_cast<unsigned char>(b)] >= 0;
+                 })) {
+        for (std::size_t k = i; k < i + n; ++k) sym[m++] = fallback_id_[static_cast<unsigned char>(word[k])];
+        last_unk = false;
+      } else if (model_unk_) {
+        if (!(fuse_unk_ && last_unk)) sym[m++] = *model_unk_;
+        last_unk = true;
+      } else {
+        fail(ErrorKind::invalid_argument,
+             "tokenizer: the character \"{}\" of the input has no token in the vocabulary (and no byte "
+             "fallback or unk_token)",
+             word.substr(i, n));
+      }
+      i += n;
+    }
+    return m;
+  }
+
   void bpe_word(std::string_view word, std::vector<std::int32_t>& out) const {
-    if (word.empty()) return;
-    if (word.size() == 1) {
+    if (byte_level_ && word.size() == 1) {
       out.push_back(byte_token(static_cast<unsigned char>(word[0])));
       return;
     }
     if (ignore_merges_) {
-      auto it = bytes_ids_.find(word);
-      if (it != bytes_ids_.end()) {
+      if (byte_level_) {
+        auto it = bytes_ids_.find(word);
+        if (it != bytes_ids_.end()) {
+          out.push_back(it->second);
+          return;
+        }
+      } else if (auto it = token_ids_.find(word); it != token_ids_.end()) {
         out.push_back(it->second);
         return;
       }
@@ -602,10 +817,14 @@ class ByteLevelBpe final : public Tokenizer {
         return;
       }
     }
-    if (word.size() <= 256)
-      merge_small(word, out);
-    else
-      merge_large(word, out);
+    if (word.size() <= 256) {
+      std::int32_t sym[256];
+      merge_small(sym, initial_symbols(word, sym), out);
+    } else {
+      std::vector<std::int32_t> sym(word.size());
+      sym.resize(initial_symbols(word, sym.data()));
+      merge_large(sym, out);
+    }
     if (cacheable) {
       cache_.insert(word, h, out.data() + first, out.size() - first);
       FrontCache::insert(instance_, word, h, out.data() + first, out.size() - first);
@@ -614,12 +833,9 @@ class ByteLevelBpe final : public Tokenizer {
 
   // Repeatedly merges the leftmost pair of lowest rank; ranks of the pairs are kept beside
   // the symbols and only the two neighbours of a merge are looked up again.
-  void merge_small(std::string_view word, std::vector<std::int32_t>& out) const {
-    std::int32_t sym[256];
+  void merge_small(std::int32_t* sym, std::size_t m, std::vector<std::int32_t>& out) const {
     std::uint32_t rank[256];
     std::int32_t merged[256];
-    std::size_t m = word.size();
-    for (std::size_t i = 0; i < m; ++i) sym[i] = byte_token(static_cast<unsigned char>(word[i]));
     auto look = [&](std::size_t i) {
       PairMap::Value v = merges_.find(sym[i], sym[i + 1]);
       rank[i] = v.rank;
@@ -650,14 +866,14 @@ class ByteLevelBpe final : public Tokenizer {
 
   // The same merge order for long words, in O(n log n): a linked list of symbols and a heap
   // of candidate pairs ordered by (rank, position); stale candidates are skipped.
-  void merge_large(std::string_view word, std::vector<std::int32_t>& out) const {
-    const std::int32_t n = static_cast<std::int32_t>(word.size());
+  void merge_large(const std::vector<std::int32_t>& sym, std::vector<std::int32_t>& out) const {
+    const std::int32_t n = static_cast<std::int32_t>(sym.size());
+    if (n == 0) return;
     struct Node {
       std::int32_t id, prev, next;
     };
     std::vector<Node> nodes(n);
-    for (std::int32_t i = 0; i < n; ++i)
-      nodes[i] = {byte_token(static_cast<unsigned char>(word[i])), i - 1, i + 1 < n ? i + 1 : -1};
+    for (std::int32_t i = 0; i < n; ++i) nodes[i] = {sym[i], i - 1, i + 1 < n ? i + 1 : -1};
     struct Cand {
       std::uint32_t rank;
       std::int32_t pos, left, right, merged;
@@ -687,17 +903,125 @@ class ByteLevelBpe final : public Tokenizer {
     for (std::int32_t i = 0; i >= 0; i = nodes[i].next) out.push_back(nodes[i].id);
   }
 
+  // One decoder step over the tokens (HF's decode_chain of that decoder).
+  void decode_step(const DecodeStep& step, std::vector<std::string>& toks, std::vector<std::uint8_t>& added) const {
+    auto fuse = [&](std::vector<std::string> parts) {
+      std::string all;
+      for (auto& p : parts) all += p;
+      toks.assign(1, std::move(all));
+      added.assign(1, 0);
+    };
+    switch (step.kind) {
+      case DecodeStep::Kind::byte_level: {
+        const ByteMap& bm = byte_map();
+        std::string all;
+        for (std::size_t i = 0; i < toks.size(); ++i) {
+          std::optional<std::string> bytes;
+          if (!added[i]) bytes = bm.to_bytes(toks[i]);
+          all += bytes ? *bytes : toks[i];
+        }
+        toks.assign(1, std::move(all));
+        added.assign(1, 0);
+        return;
+      }
+      case DecodeStep::Kind::replace:
+        for (auto& t : toks) {
+          std::string r;
+          std::size_t pos = 0;
+          if (step.regex) {
+            step.regex->for_each_match(t, [&](std::size_t b, std::size_t e) {
+              r.append(t, pos, b - pos).append(step.content);
+              pos = e;
+            });
+          } else if (!step.literal.empty()) {
+            for (std::size_t b; (b = t.find(step.literal, pos)) != std::string::npos; pos = b + step.literal.size())
+              r.append(t, pos, b - pos).append(step.content);
+          }
+          if (pos == 0) continue;
+          r.append(t, pos, std::string::npos);
+          t.swap(r);
+        }
+        return;
+      case DecodeStep::Kind::byte_fallback: {
+        std::vector<std::string> res;
+        std::vector<std::uint8_t> res_added;
+        std::string run;
+        bool in_run = false;
+        auto flush = [&] {
+          if (!in_run) return;
+          res.push_back(std::move(run));
+          res_added.push_back(0);
+          run.clear();
+          in_run = false;
+        };
+        for (std::size_t i = 0; i < toks.size(); ++i) {
+          const std::string& t = toks[i];
+          int byte = -1;
+          if (t.size() == 6 && t.starts_with("<0x") && t.back() == '>' && std::isxdigit(static_cast<unsigned char>(t[3])) &&
+              std::isxdigit(static_cast<unsigned char>(t[4])))
+            byte = std::stoi(t.substr(3, 2), nullptr, 16);
+          if (byte >= 0) {
+            run += static_cast<char>(byte);
+            in_run = true;
+          } else {
+            flush();
+            res.push_back(t);
+            res_added.push_back(added[i]);
+          }
+        }
+        flush();
+        toks.swap(res);
+        added.swap(res_added);
+        return;
+      }
+      case DecodeStep::Kind::fuse:
+        fuse(std::move(toks));
+        return;
+      case DecodeStep::Kind::strip:
+        for (auto& t : toks) {
+          const std::string& c = step.content;
+          std::size_t b = 0, e = t.size();
+          for (std::size_t k = 0; k < step.start && t.compare(b, c.size(), c) == 0; ++k) b += c.size();
+          for (std::size_t k = 0; k < step.stop && e >= b + c.size() && t.compare(e - c.size(), c.size(), c) == 0; ++k)
+            e -= c.size();
+          t = t.substr(b, e - b);
+        }
+        return;
+      case DecodeStep::Kind::metaspace:
+        for (std::size_t i = 0; i < toks.size(); ++i) {
+          std::string& t = toks[i];
+          const std::string& rep = step.replacement;
+          std::string r;
+          std::size_t pos = 0;
+          for (std::size_t b; (b = t.find(rep, pos)) != std::string::npos; pos = b + rep.size()) {
+            r.append(t, pos, b - pos);
+            if (!(i == 0 && step.drop_first)) r += ' ';  // HF: the first token loses them
+          }
+          r.append(t, pos, std::string::npos);
+          t.swap(r);
+        }
+        return;
+    }
+  }
+
   std::string kind_;
+  bool byte_level_ = true;
   bool add_prefix_space_ = false;
-  bool ignore_merges_ = false;
+  bool ignore_merges_ = false, byte_fallback_ = false, fuse_unk_ = false;
+  bool plain_decode_ = true;
+  std::optional<tok::Normalizer> normalizer_;
+  std::vector<PreStep> pre_;
+  std::optional<std::vector<DecodeStep>> decoder_;
+  std::optional<std::int32_t> model_unk_;
   std::vector<std::string> id_token_;  // the vocabulary's own strings
-  std::vector<std::string> id_bytes_;  // what decode() writes
+  std::vector<std::string> id_bytes_;  // byte-level: what decode() writes
   std::vector<std::uint8_t> id_valid_;
   std::unordered_map<std::string, std::int32_t, StringHash, std::equal_to<>> token_ids_;
   std::unordered_map<std::string, std::int32_t, StringHash, std::equal_to<>> bytes_ids_;  // ignore_merges
-  std::array<std::int32_t, 256> byte_id_{};
+  std::array<std::int32_t, 256> byte_id_{};      // byte-level: each byte's token
+  std::array<std::int32_t, 256> fallback_id_{};  // byte_fallback: <0xXX>
+  std::array<std::int32_t, 128> ascii_id_{};     // characters: the ASCII ones' tokens
   PairMap merges_;
-  std::vector<std::unique_ptr<Splitter>> splitters_;
   WordCache cache_;
   const std::uint64_t instance_ = next_tokenizer_instance();
 };
@@ -784,36 +1108,101 @@ std::string type_of(const json& j) {
        why);
 }
 
-// HF pre_tokenizer: ByteLevel, Split(Regex|String, Isolated) and Sequence of those.
+std::string string_field(const json& j, const char* key, const std::string& where, const std::string& field) {
+  auto it = j.find(key);
+  if (it == j.end() || !it->is_string()) fail(ErrorKind::format, "{}: {}.{}: expected a string", where, field, key);
+  return it->get<std::string>();
+}
+
+bool bool_field(const json& j, const char* key, bool dflt, const std::string& where, const std::string& field) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return dflt;
+  if (!it->is_boolean()) fail(ErrorKind::format, "{}: {}.{}: expected true or false", where, field, key);
+  return it->get<bool>();
+}
+
+// A "pattern" object: {"String": "..."} (literal) or {"Regex": "..."}.
+std::pair<std::string, bool> pattern_field(const json& j, const std::string& where, const std::string& field) {
+  auto pat = j.find("pattern");
+  if (pat != j.end() && pat->is_object()) {
+    if (auto r = pat->find("Regex"); r != pat->end() && r->is_string()) return {r->get<std::string>(), false};
+    if (auto s = pat->find("String"); s != pat->end() && s->is_string()) return {s->get<std::string>(), true};
+  }
+  fail(ErrorKind::format, "{}: {}.pattern: expected {{\"Regex\": ...}} or {{\"String\": ...}}", where, field);
+}
+
+// One Unicode character (Metaspace's replacement, Strip's content).
+std::string char_field(const json& j, const char* key, const std::string& where, const std::string& field) {
+  std::string s = string_field(j, key, where, field);
+  if (s.empty() || tok::utf8_len(s, 0) != s.size())
+    fail(ErrorKind::format, "{}: {}.{}: expected one character, got \"{}\"", where, field, key, excerpt(s));
+  return s;
+}
+
+// HF pre_tokenizer: Split, ByteLevel, Metaspace and Sequence of those. ByteLevel turns the
+// model byte-level: nothing may follow it (the text is then GPT-2's byte alphabet, which zo2
+// keeps implicit), and it does not mix with Metaspace.
 void parse_pre_tokenizer(const json& pt, const std::string& where, const std::string& field,
-                         ByteLevelBpe::Options& opt, bool& byte_level) {
+                         std::vector<PreStep>& steps, bool& byte_level, bool& metaspace) {
   if (!pt.is_object()) fail(ErrorKind::format, "{}: {}: expected an object", where, field);
   const std::string type = type_of(pt);
+  if (type != "Sequence" && byte_level)
+    unsupported(where, field + ".type", type, "a pre-tokenizer after ByteLevel");
   if (type == "Sequence") {
     auto it = pt.find("pretokenizers");
     if (it == pt.end() || !it->is_array())
       fail(ErrorKind::format, "{}: {}.pretokenizers: expected an array", where, field);
     for (std::size_t i = 0; i < it->size(); ++i)
-      parse_pre_tokenizer((*it)[i], where, fmt::format("{}.pretokenizers[{}]", field, i), opt, byte_level);
+      parse_pre_tokenizer((*it)[i], where, fmt::format("{}.pretokenizers[{}]", field, i), steps, byte_level, metaspace);
   } else if (type == "ByteLevel") {
-    if (byte_level) unsupported(where, field + ".type", type, "a second ByteLevel");
+    if (metaspace) unsupported(where, field + ".type", type, "ByteLevel with Metaspace");
     byte_level = true;
-    if (pt.value("add_prefix_space", false)) opt.add_prefix_space = true;
-    if (pt.value("use_regex", true)) opt.patterns.emplace_back(kGpt2Pattern, false);
+    PreStep st;
+    st.kind = PreStep::Kind::byte_level;
+    st.add_prefix_space = bool_field(pt, "add_prefix_space", false, where, field);
+    if (bool_field(pt, "use_regex", true, where, field))
+      st.splitter = std::make_unique<Splitter>(kGpt2Pattern, false, where);
+    steps.push_back(std::move(st));
   } else if (type == "Split") {
-    if (byte_level) unsupported(where, field + ".type", type, "a Split after ByteLevel");
-    auto pat = pt.find("pattern");
-    if (pat == pt.end() || !pat->is_object())
-      fail(ErrorKind::format, "{}: {}.pattern: expected {{\"Regex\": ...}} or {{\"String\": ...}}", where, field);
-    std::string behavior = pt.value("behavior", std::string("Isolated"));
-    if (behavior != "Isolated") unsupported(where, field + ".behavior", behavior);
-    if (pt.value("invert", false)) unsupported(where, field + ".invert", "true");
-    if (auto r = pat->find("Regex"); r != pat->end() && r->is_string())
-      opt.patterns.emplace_back(r->get<std::string>(), false);
-    else if (auto s = pat->find("String"); s != pat->end() && s->is_string())
-      opt.patterns.emplace_back(s->get<std::string>(), true);
+    auto [pattern, literal] = pattern_field(pt, where, field);
+    const std::string behavior = pt.contains("behavior") ? string_field(pt, "behavior", where, field) : "Isolated";
+    static const std::map<std::string, SplitBehavior> kBehaviors = {
+        {"Removed", SplitBehavior::removed},
+        {"Isolated", SplitBehavior::isolated},
+        {"MergedWithPrevious", SplitBehavior::merged_with_previous},
+        {"MergedWithNext", SplitBehavior::merged_with_next},
+        {"Contiguous", SplitBehavior::contiguous}};
+    auto b = kBehaviors.find(behavior);
+    if (b == kBehaviors.end()) unsupported(where, field + ".behavior", behavior);
+    PreStep st;
+    st.kind = PreStep::Kind::split;
+    st.splitter = std::make_unique<Splitter>(pattern, literal, where + ": " + field, b->second,
+                                             bool_field(pt, "invert", false, where, field));
+    steps.push_back(std::move(st));
+  } else if (type == "Metaspace") {
+    metaspace = true;
+    PreStep st;
+    st.kind = PreStep::Kind::metaspace;
+    st.replacement = char_field(pt, "replacement", where, field);
+    const std::string scheme = pt.contains("prepend_scheme") ? string_field(pt, "prepend_scheme", where, field) : "always";
+    if (scheme == "always")
+      st.prepend = PreStep::Prepend::always;
+    else if (scheme == "first")
+      st.prepend = PreStep::Prepend::first;
+    else if (scheme == "never")
+      st.prepend = PreStep::Prepend::never;
     else
-      fail(ErrorKind::format, "{}: {}.pattern: expected {{\"Regex\": ...}} or {{\"String\": ...}}", where, field);
+      fail(ErrorKind::format, "{}: {}.prepend_scheme: expected \"always\", \"first\" or \"never\", got \"{}\"", where,
+           field, excerpt(scheme));
+    // Files older than prepend_scheme say add_prefix_space (HF: false means never).
+    if (!bool_field(pt, "add_prefix_space", true, where, field)) {
+      if (pt.contains("prepend_scheme") && st.prepend != PreStep::Prepend::never)
+        fail(ErrorKind::format, "{}: {}: add_prefix_space false contradicts prepend_scheme \"{}\"", where, field,
+             scheme);
+      st.prepend = PreStep::Prepend::never;
+    }
+    st.split_on_replacement = bool_field(pt, "split", true, where, field);
+    steps.push_back(std::move(st));
   } else {
     unsupported(where, field + ".type", type);
   }
@@ -891,18 +1280,49 @@ void parse_post_processor(const json& pp, const std::string& where, const std::s
   }
 }
 
-void check_decoder(const json& d, const std::string& where, const std::string& field) {
-  if (d.is_null()) return;
+// HF decoder: ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip and Sequence of those.
+void parse_decoder(const json& d, const std::string& where, const std::string& field, std::vector<DecodeStep>& steps) {
+  if (!d.is_object()) fail(ErrorKind::format, "{}: {}: expected an object", where, field);
   const std::string type = type_of(d);
-  if (type == "ByteLevel") return;
+  DecodeStep st{};
   if (type == "Sequence") {
     auto it = d.find("decoders");
-    if (it != d.end() && it->is_array())
-      for (std::size_t i = 0; i < it->size(); ++i)
-        check_decoder((*it)[i], where, fmt::format("{}.decoders[{}]", field, i));
+    if (it == d.end() || !it->is_array()) fail(ErrorKind::format, "{}: {}.decoders: expected an array", where, field);
+    for (std::size_t i = 0; i < it->size(); ++i)
+      parse_decoder((*it)[i], where, fmt::format("{}.decoders[{}]", field, i), steps);
     return;
+  } else if (type == "ByteLevel") {
+    st.kind = DecodeStep::Kind::byte_level;
+  } else if (type == "ByteFallback") {
+    st.kind = DecodeStep::Kind::byte_fallback;
+  } else if (type == "Fuse") {
+    st.kind = DecodeStep::Kind::fuse;
+  } else if (type == "Replace") {
+    st.kind = DecodeStep::Kind::replace;
+    auto [pattern, literal] = pattern_field(d, where, field);
+    if (literal)
+      st.literal = pattern;
+    else
+      st.regex = std::make_unique<tok::Regex>(pattern, false, where + ": " + field + ".pattern");
+    st.content = string_field(d, "content", where, field);
+  } else if (type == "Strip") {
+    st.kind = DecodeStep::Kind::strip;
+    st.content = char_field(d, "content", where, field);
+    for (auto [key, out] : {std::pair{"start", &st.start}, std::pair{"stop", &st.stop}}) {
+      auto it = d.find(key);
+      if (it == d.end() || !it->is_number_unsigned() || it->get<std::uint64_t>() > (1u << 20))
+        fail(ErrorKind::format, "{}: {}.{}: expected a non-negative integer", where, field, key);
+      *out = it->get<std::size_t>();
+    }
+  } else if (type == "Metaspace") {
+    st.kind = DecodeStep::Kind::metaspace;
+    st.replacement = char_field(d, "replacement", where, field);
+    std::string scheme = d.contains("prepend_scheme") ? string_field(d, "prepend_scheme", where, field) : "always";
+    st.drop_first = scheme != "never" && bool_field(d, "add_prefix_space", true, where, field);
+  } else {
+    unsupported(where, field + ".type", type);
   }
-  unsupported(where, field + ".type", type, "byte-level BPE decodes with ByteLevel");
+  steps.push_back(std::move(st));
 }
 
 }  // namespace
@@ -912,11 +1332,14 @@ void check_decoder(const json& d, const std::string& where, const std::string& f
 std::unique_ptr<Tokenizer> Tokenizer::from_vocab_merges(const fs::path& vocab, const fs::path& merges) {
   auto entries = vocab_from_json(parse_json_file(vocab), vocab.string());
   auto merge_list = merges_from_text(read_file(merges), merges.string());
-  ByteLevelBpe::Options opt;
+  BpeTokenizer::Options opt;
   opt.kind = "gpt2-bpe";
   opt.source = merges.string();
-  opt.patterns.emplace_back(kGpt2Pattern, false);
-  auto tok = std::make_unique<ByteLevelBpe>(std::move(entries), merge_list, std::move(opt));
+  PreStep st;
+  st.kind = PreStep::Kind::byte_level;
+  st.splitter = std::make_unique<Splitter>(kGpt2Pattern, false, opt.source);
+  opt.pre.push_back(std::move(st));
+  auto tok = std::make_unique<BpeTokenizer>(std::move(entries), merge_list, std::move(opt));
   // HF's GPT-2 tokenizer: <|endoftext|> is BOS, EOS and UNK, and never split.
   if (auto id = tok->token_to_id("<|endoftext|>")) {
     tok->add_added_token({"<|endoftext|>", *id});
@@ -935,40 +1358,35 @@ std::unique_ptr<Tokenizer> Tokenizer::from_tokenizer_json(const fs::path& file) 
   std::string mtype = type_of(model);
   if (mtype == "(none)" && model.contains("merges")) mtype = "BPE";  // old files omit the type
   if (mtype != "BPE") unsupported(where, "model.type", mtype, "only BPE is implemented");
-  if (model.value("byte_fallback", false))
-    unsupported(where, "model.byte_fallback", "true", "SentencePiece-style BPE; use tokenizer.model");
   for (const char* k : {"continuing_subword_prefix", "end_of_word_suffix"})
     if (auto it = model.find(k); it != model.end() && it->is_string() && !it->get<std::string>().empty())
       unsupported(where, std::string("model.") + k, it->get<std::string>());
   if (auto it = model.find("dropout"); it != model.end() && it->is_number() && it->get<double>() > 0)
     unsupported(where, "model.dropout", it->dump());
 
-  if (auto it = j.find("normalizer"); it != j.end() && !it->is_null()) {
-    const std::string nt = type_of(*it);
-    bool empty_seq = nt == "Sequence" && it->contains("normalizers") && (*it)["normalizers"].is_array() &&
-                     (*it)["normalizers"].empty();
-    if (!empty_seq) unsupported(where, "normalizer.type", nt);
-  }
-
-  ByteLevelBpe::Options opt;
+  BpeTokenizer::Options opt;
   opt.kind = "hf-bpe";
   opt.source = where;
-  opt.ignore_merges = model.value("ignore_merges", false);
+  opt.ignore_merges = bool_field(model, "ignore_merges", false, where, "model");
+  opt.byte_fallback = bool_field(model, "byte_fallback", false, where, "model");
+  opt.fuse_unk = bool_field(model, "fuse_unk", false, where, "model");
   if (auto it = model.find("unk_token"); it != model.end() && it->is_string()) opt.unk_token = it->get<std::string>();
-  bool byte_level = false;
+  if (auto it = j.find("normalizer"); it != j.end() && !it->is_null()) opt.normalizer.emplace(*it, where, "normalizer");
+  bool byte_level = false, metaspace = false;
   if (auto it = j.find("pre_tokenizer"); it != j.end() && !it->is_null())
-    parse_pre_tokenizer(*it, where, "pre_tokenizer", opt, byte_level);
-  if (!byte_level)
-    unsupported(where, "pre_tokenizer", j.contains("pre_tokenizer") ? type_of(j["pre_tokenizer"]) : "null",
-                "byte-level BPE needs a ByteLevel pre-tokenizer");
-  if (auto it = j.find("decoder"); it != j.end()) check_decoder(*it, where, "decoder");
+    parse_pre_tokenizer(*it, where, "pre_tokenizer", opt.pre, byte_level, metaspace);
+  opt.byte_level = byte_level;
+  if (auto it = j.find("decoder"); it != j.end() && !it->is_null()) {
+    opt.decoder.emplace();
+    parse_decoder(*it, where, "decoder", *opt.decoder);
+  }
 
   auto vit = model.find("vocab");
   if (vit == model.end()) fail(ErrorKind::format, "{}: model.vocab is missing", where);
   auto entries = vocab_from_json(*vit, where + ": model.vocab");
   auto mit = model.find("merges");
   auto merge_list = mit == model.end() ? std::vector<MergeEntry>{} : merges_from_json(*mit, where);
-  auto tok = std::make_unique<ByteLevelBpe>(std::move(entries), merge_list, opt);
+  auto tok = std::make_unique<BpeTokenizer>(std::move(entries), merge_list, std::move(opt));
 
   if (auto it = j.find("added_tokens"); it != j.end() && !it->is_null()) {
     if (!it->is_array()) fail(ErrorKind::format, "{}: added_tokens: expected an array", where);
@@ -985,6 +1403,7 @@ std::unique_ptr<Tokenizer> Tokenizer::from_tokenizer_json(const fs::path& file) 
       t.rstrip = a.value("rstrip", false);
       t.single_word = a.value("single_word", false);
       t.special = a.value("special", false);
+      t.normalized = a.value("normalized", !t.special);
       tok->add_added_token(std::move(t));
     }
   }

@@ -1,0 +1,335 @@
+// UTF-8 stepping, ICU normalization/case mapping, the PCRE2 regex and the tokenizer.json
+// normalizers (see tokenizer_text.h).
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+
+#include <unicode/bytestream.h>
+#include <unicode/casemap.h>
+#include <unicode/normalizer2.h>
+#include <unicode/uchar.h>
+
+#include "models/tokenizer_text.h"
+#include "runtime/error.h"
+
+#include <nlohmann/json.hpp>
+
+#include <variant>
+
+namespace zo2::tok {
+
+using json = nlohmann::json;
+
+namespace {
+
+std::string excerpt(std::string_view s, std::size_t max = 60) {
+  if (s.size() <= max) return std::string(s);
+  return std::string(s.substr(0, max)) + "...";
+}
+
+bool is_ascii(std::string_view s) {
+  for (unsigned char c : s)
+    if (c >= 0x80) return false;
+  return true;
+}
+
+// Calls run(piece) for each maximal well-formed UTF-8 run and raw(piece) for each
+// ill-formed byte, in order.
+template <class Run, class Raw>
+void for_each_utf8_run(std::string_view s, Run&& run, Raw&& raw) {
+  std::size_t i = 0, start = 0;
+  while (i < s.size()) {
+    std::size_t n = utf8_len(s, i);
+    if (n > 0) {
+      i += n;
+      continue;
+    }
+    if (i > start) run(s.substr(start, i - start));
+    raw(s.substr(i, 1));
+    start = ++i;
+  }
+  if (i > start) run(s.substr(start, i - start));
+}
+
+std::string pcre2_message(int code) {
+  PCRE2_UCHAR buf[256];
+  int n = pcre2_get_error_message(code, buf, sizeof buf);
+  return n < 0 ? "unknown PCRE2 error " + std::to_string(code) : std::string(reinterpret_cast<char*>(buf), n);
+}
+
+// Per-thread match data (one ovector pair is all a match needs) and a JIT stack large enough
+// for long runs of white space.
+struct MatchState {
+  pcre2_match_data* data = nullptr;
+  pcre2_match_context* context = nullptr;
+  pcre2_jit_stack* stack = nullptr;
+  MatchState() {
+    data = pcre2_match_data_create(1, nullptr);
+    context = pcre2_match_context_create(nullptr);
+    stack = pcre2_jit_stack_create(32 * 1024, 8 * 1024 * 1024, nullptr);
+    if (!data || !context || !stack) fail(ErrorKind::out_of_memory, "PCRE2: cannot allocate match data");
+    pcre2_jit_stack_assign(context, nullptr, stack);
+  }
+  ~MatchState() {
+    pcre2_jit_stack_free(stack);
+    pcre2_match_context_free(context);
+    pcre2_match_data_free(data);
+  }
+};
+
+MatchState& match_state() {
+  thread_local MatchState ms;
+  return ms;
+}
+
+const icu::Normalizer2& normalizer2(NormalForm form) {
+  UErrorCode status = U_ZERO_ERROR;
+  const icu::Normalizer2* n = nullptr;
+  switch (form) {
+    case NormalForm::nfc: n = icu::Normalizer2::getNFCInstance(status); break;
+    case NormalForm::nfd: n = icu::Normalizer2::getNFDInstance(status); break;
+    case NormalForm::nfkc: n = icu::Normalizer2::getNFKCInstance(status); break;
+    case NormalForm::nfkd: n = icu::Normalizer2::getNFKDInstance(status); break;
+  }
+  if (U_FAILURE(status) || !n) fail(ErrorKind::internal, "ICU: cannot load the Unicode normalization data: {}", u_errorName(status));
+  return *n;
+}
+
+}  // namespace
+
+// ---- UTF-8 and Unicode -----------------------------------------------------------------
+
+std::size_t utf8_len(std::string_view s, std::size_t i) {
+  auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
+  const unsigned char c = b(i);
+  if (c < 0x80) return 1;
+  auto cont = [&](std::size_t k, unsigned char lo = 0x80, unsigned char hi = 0xBF) {
+    return k < s.size() && b(k) >= lo && b(k) <= hi;
+  };
+  if (c >= 0xC2 && c <= 0xDF) return cont(i + 1) ? 2 : 0;
+  if (c >= 0xE0 && c <= 0xEF) {
+    const unsigned char lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
+    return cont(i + 1, lo, hi) && cont(i + 2) ? 3 : 0;
+  }
+  if (c >= 0xF0 && c <= 0xF4) {
+    const unsigned char lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
+    return cont(i + 1, lo, hi) && cont(i + 2) && cont(i + 3) ? 4 : 0;
+  }
+  return 0;
+}
+
+char32_t utf8_decode(std::string_view s, std::size_t i, std::size_t n) {
+  auto b = [&](std::size_t k) { return static_cast<char32_t>(static_cast<unsigned char>(s[i + k])); };
+  switch (n) {
+    case 1: return b(0);
+    case 2: return ((b(0) & 0x1F) << 6) | (b(1) & 0x3F);
+    case 3: return ((b(0) & 0x0F) << 12) | ((b(1) & 0x3F) << 6) | (b(2) & 0x3F);
+    default: return ((b(0) & 0x07) << 18) | ((b(1) & 0x3F) << 12) | ((b(2) & 0x3F) << 6) | (b(3) & 0x3F);
+  }
+}
+
+bool is_white_space(char32_t c) { return u_hasBinaryProperty(static_cast<UChar32>(c), UCHAR_WHITE_SPACE); }
+
+void unicode_normalize(std::string_view in, NormalForm form, std::string& out) {
+  out.clear();
+  if (is_ascii(in)) {  // every form leaves ASCII as it is
+    out.assign(in);
+    return;
+  }
+  const icu::Normalizer2& n = normalizer2(form);
+  icu::StringByteSink<std::string> sink(&out, static_cast<int32_t>(in.size()));
+  for_each_utf8_run(
+      in,
+      [&](std::string_view run) {
+        UErrorCode status = U_ZERO_ERROR;
+        n.normalizeUTF8(0, icu::StringPiece(run.data(), static_cast<int32_t>(run.size())), sink, nullptr, status);
+        if (U_FAILURE(status)) fail(ErrorKind::internal, "ICU: Unicode normalization failed: {}", u_errorName(status));
+      },
+      [&](std::string_view raw) { out.append(raw); });
+}
+
+void unicode_lowercase(std::string_view in, std::string& out) {
+  out.clear();
+  if (is_ascii(in)) {
+    out.reserve(in.size());
+    for (char c : in) out += (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
+    return;
+  }
+  icu::StringByteSink<std::string> sink(&out, static_cast<int32_t>(in.size()));
+  for_each_utf8_run(
+      in,
+      [&](std::string_view run) {
+        UErrorCode status = U_ZERO_ERROR;
+        icu::CaseMap::utf8ToLower("", 0, icu::StringPiece(run.data(), static_cast<int32_t>(run.size())), sink,
+                                  nullptr, status);
+        if (U_FAILURE(status)) fail(ErrorKind::internal, "ICU: lowercasing failed: {}", u_errorName(status));
+      },
+      [&](std::string_view raw) { out.append(raw); });
+}
+
+// ---- Regex -------------------------------------------------------------------------------
+
+Regex::Regex(std::string_view pattern, bool literal, std::string_view where) {
+  int err = 0;
+  PCRE2_SIZE off = 0;
+  std::uint32_t opts = PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF | (literal ? PCRE2_LITERAL : 0);
+  pcre2_code* code =
+      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), opts, &err, &off, nullptr);
+  if (!code)
+    fail(ErrorKind::format, "{}: cannot compile the regex \"{}\" at offset {}: {}", where, excerpt(pattern, 200), off,
+         pcre2_message(err));
+  code_ = code;
+  jit_ = pcre2_jit_compile(code, PCRE2_JIT_COMPLETE) == 0;  // without JIT, pcre2_match interprets
+}
+
+Regex::~Regex() { pcre2_code_free(static_cast<pcre2_code*>(code_)); }
+
+bool Regex::find(std::string_view s, std::size_t start, std::size_t& begin, std::size_t& end) const {
+  MatchState& ms = match_state();
+  auto* code = static_cast<const pcre2_code*>(code_);
+  const auto* subject = reinterpret_cast<PCRE2_SPTR>(s.data());
+  int rc = jit_ ? pcre2_jit_match(code, subject, s.size(), start, 0, ms.data, ms.context)
+                : pcre2_match(code, subject, s.size(), start, 0, ms.data, ms.context);
+  if (rc == PCRE2_ERROR_NOMATCH) return false;
+  if (rc < 0) fail(ErrorKind::invalid_argument, "tokenizer: regex match failed: {}", pcre2_message(rc));
+  const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(ms.data);
+  begin = ov[0];
+  end = ov[1];
+  return true;
+}
+
+// ---- Normalizer ----------------------------------------------------------------------------
+
+namespace {
+struct FormStep {
+  NormalForm form;
+};
+struct ReplaceStep {
+  std::string literal;           // a String pattern
+  std::unique_ptr<Regex> regex;  // a Regex pattern
+  std::string content;
+};
+struct PrependStep {
+  std::string prefix;
+};
+struct LowercaseStep {};
+struct StripStep {
+  bool left = false, right = false;
+};
+
+void strip(std::string& s, bool left, bool right) {
+  std::size_t b = 0, e = s.size();
+  if (left) {
+    while (b < e) {
+      std::size_t n = utf8_len(s, b);
+      if (n == 0 || !is_white_space(utf8_decode(s, b, n))) break;
+      b += n;
+    }
+  }
+  if (right) {
+    while (e > b) {
+      std::size_t k = e - 1;  // the start of the last character
+      while (k > b && (static_cast<unsigned char>(s[k]) & 0xC0) == 0x80 && e - k < 4) --k;
+      std::size_t n = utf8_len(s, k);
+      if (n != e - k || !is_white_space(utf8_decode(s, k, n))) break;
+      e = k;
+    }
+  }
+  s = s.substr(b, e - b);
+}
+}  // namespace
+
+struct Normalizer::Step {
+  std::variant<FormStep, ReplaceStep, PrependStep, LowercaseStep, StripStep> v;
+};
+
+Normalizer::Normalizer(const json& j, const std::string& where, const std::string& field) {
+  if (!j.is_null()) parse(j, where, field);
+}
+Normalizer::~Normalizer() = default;
+Normalizer::Normalizer(Normalizer&&) noexcept = default;
+
+void Normalizer::parse(const json& j, const std::string& where, const std::string& field) {
+  if (!j.is_object()) fail(ErrorKind::format, "{}: {}: expected an object", where, field);
+  auto tit = j.find("type");
+  const std::string type = tit != j.end() && tit->is_string() ? tit->get<std::string>() : "(none)";
+  auto string_field = [&](const char* k) -> std::string {
+    auto it = j.find(k);
+    if (it == j.end() || !it->is_string()) fail(ErrorKind::format, "{}: {}.{}: expected a string", where, field, k);
+    return it->get<std::string>();
+  };
+  auto bool_field = [&](const char* k, bool dflt) {
+    auto it = j.find(k);
+    if (it == j.end() || it->is_null()) return dflt;
+    if (!it->is_boolean()) fail(ErrorKind::format, "{}: {}.{}: expected true or false", where, field, k);
+    return it->get<bool>();
+  };
+  if (type == "Sequence") {
+    auto it = j.find("normalizers");
+    if (it == j.end() || !it->is_array()) fail(ErrorKind::format, "{}: {}.normalizers: expected an array", where, field);
+    for (std::size_t i = 0; i < it->size(); ++i) parse((*it)[i], where, field + ".normalizers[" + std::to_string(i) + "]");
+  } else if (type == "NFC") {
+    steps_.push_back({FormStep{NormalForm::nfc}});
+  } else if (type == "NFD") {
+    steps_.push_back({FormStep{NormalForm::nfd}});
+  } else if (type == "NFKC") {
+    steps_.push_back({FormStep{NormalForm::nfkc}});
+  } else if (type == "NFKD") {
+    steps_.push_back({FormStep{NormalForm::nfkd}});
+  } else if (type == "Lowercase") {
+    steps_.push_back({LowercaseStep{}});
+  } else if (type == "Strip") {
+    steps_.push_back({StripStep{bool_field("strip_left", true), bool_field("strip_right", true)}});
+  } else if (type == "Prepend") {
+    steps_.push_back({PrependStep{string_field("prepend")}});
+  } else if (type == "Replace") {
+    ReplaceStep r;
+    auto pat = j.find("pattern");
+    const std::string pfield = field + ".pattern";
+    if (pat == j.end() || !pat->is_object())
+      fail(ErrorKind::format, "{}: {}: expected {{\"String\": ...}} or {{\"Regex\": ...}}", where, pfield);
+    if (auto s = pat->find("String"); s != pat->end() && s->is_string())
+      r.literal = s->get<std::string>();
+    else if (auto re = pat->find("Regex"); re != pat->end() && re->is_string())
+      r.regex = std::make_unique<Regex>(re->get<std::string>(), false, where + ": " + pfield);
+    else
+      fail(ErrorKind::format, "{}: {}: expected {{\"String\": ...}} or {{\"Regex\": ...}}", where, pfield);
+    r.content = string_field("content");
+    steps_.push_back({std::move(r)});
+  } else {
+    fail(ErrorKind::unsupported, "{}: {}.type \"{}\" is not supported", where, field, type);
+  }
+}
+
+void Normalizer::apply(std::string& s) const {
+  std::string tmp;
+  for (const Step& step : steps_) {
+    if (const auto* f = std::get_if<FormStep>(&step.v)) {
+      unicode_normalize(s, f->form, tmp);
+      s.swap(tmp);
+    } else if (const auto* r = std::get_if<ReplaceStep>(&step.v)) {
+      tmp.clear();
+      std::size_t pos = 0;
+      if (r->regex) {
+        r->regex->for_each_match(s, [&](std::size_t b, std::size_t e) {
+          tmp.append(s, pos, b - pos).append(r->content);
+          pos = e;
+        });
+      } else if (!r->literal.empty()) {
+        for (std::size_t b; (b = s.find(r->literal, pos)) != std::string::npos; pos = b + r->literal.size())
+          tmp.append(s, pos, b - pos).append(r->content);
+      }
+      if (pos == 0) continue;  // no match
+      tmp.append(s, pos, std::string::npos);
+      s.swap(tmp);
+    } else if (const auto* p = std::get_if<PrependStep>(&step.v)) {
+      if (!s.empty()) s.insert(0, p->prefix);
+    } else if (std::holds_alternative<LowercaseStep>(step.v)) {
+      unicode_lowercase(s, tmp);
+      s.swap(tmp);
+    } else if (const auto* st = std::get_if<StripStep>(&step.v)) {
+      strip(s, st->left, st->right);
+    }
+  }
+}
+
+}  // namespace zo2::tok

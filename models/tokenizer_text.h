@@ -1,0 +1,83 @@
+// Text helpers of the tokenizer.json pipeline (models/tokenizer_bpe.cpp): UTF-8 stepping,
+// Unicode normalization, case mapping and white space from ICU (libicuuc), a PCRE2 regex
+// with per-thread match data, and the tokenizer.json normalizers (NFC, NFD, NFKC, NFKD,
+// Replace, Prepend, Lowercase, Strip, Sequence).
+//
+// Ill-formed UTF-8 is never an error here: the Unicode operations apply to each well-formed
+// run and copy the other bytes unchanged, so decode(encode(s)) keeps any byte string.
+#pragma once
+#include <nlohmann/json_fwd.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace zo2::tok {
+
+// Length (1–4) of the well-formed UTF-8 sequence that starts at s[i], or 0 when the bytes
+// there are ill-formed (stray continuation byte, overlong form, surrogate, > U+10FFFF,
+// truncated).
+std::size_t utf8_len(std::string_view s, std::size_t i);
+// The code point of a well-formed sequence of length n at s[i].
+char32_t utf8_decode(std::string_view s, std::size_t i, std::size_t n);
+// Unicode White_Space (what Rust's char::is_whitespace tests).
+bool is_white_space(char32_t c);
+
+enum class NormalForm { nfc, nfd, nfkc, nfkd };
+// out = the normalization form of in (ASCII text is returned unchanged without ICU).
+void unicode_normalize(std::string_view in, NormalForm form, std::string& out);
+// out = the full Unicode lowercase of in (ICU's root locale: final sigma, no Turkish i).
+void unicode_lowercase(std::string_view in, std::string& out);
+
+// A PCRE2 pattern (UTF, Unicode properties, JIT), or a literal string.
+class Regex {
+ public:
+  Regex(std::string_view pattern, bool literal, std::string_view where);
+  ~Regex();
+  Regex(const Regex&) = delete;
+  Regex& operator=(const Regex&) = delete;
+  // The first match at or after start: [begin, end) (possibly empty); false if none.
+  bool find(std::string_view s, std::size_t start, std::size_t& begin, std::size_t& end) const;
+  // Non-empty matches left to right (an empty match consumes nothing and is skipped).
+  template <class F>
+  void for_each_match(std::string_view s, F&& f) const {
+    std::size_t start = 0, b = 0, e = 0;
+    while (start < s.size() && find(s, start, b, e)) {
+      if (e <= b) {  // empty: step over one character
+        start = b + 1;
+        while (start < s.size() && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80) ++start;
+        continue;
+      }
+      f(b, e);
+      start = e;
+    }
+  }
+
+ private:
+  void* code_ = nullptr;  // pcre2_code_8
+  bool jit_ = false;
+};
+
+// A tokenizer.json "normalizer": the steps applied to each piece of text between added tokens,
+// before pre-tokenization.
+class Normalizer {
+ public:
+  // Parses the JSON object at `field` of the file `where`; errors name both. A null JSON value
+  // gives an empty normalizer.
+  Normalizer(const nlohmann::json& j, const std::string& where, const std::string& field);
+  ~Normalizer();
+  Normalizer(Normalizer&&) noexcept;
+  bool empty() const { return steps_.empty(); }
+  // s = normalized s.
+  void apply(std::string& s) const;
+
+ private:
+  struct Step;
+  void parse(const nlohmann::json& j, const std::string& where, const std::string& field);
+  std::vector<Step> steps_;
+};
+
+}  // namespace zo2::tok
