@@ -8,6 +8,7 @@
 #include "tests/test_util.h"
 #include "tools/task_metrics.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -579,6 +580,49 @@ TEST(Data, CopaAndRecordTrainOnTheCorrectOptionAlone) {
     const json ce = w.eval(data, "--task " + task, &lm);
     EXPECT_GT(std::abs(ce.at("loss").get<double>() - ref.at("loss").get<double>()), 1e-2) << task;
   }
+}
+
+// A training batch of copa or record holds one row per example, the correct candidate, so
+// the training sizing (Dataset::train_rows/train_longest, which zo2-tune train sizes the
+// scheduler with) counts those rows and their longest length, not every candidate's; the
+// evaluation figures (max_candidates/longest) keep every candidate. `data` prints both.
+TEST(Data, GoldOnlyTrainingIsSizedByTheCorrectCandidatesAlone) {
+  Workspace w;
+  const fs::path lm = long_model(w);
+  const auto copa = w.file("copa.jsonl",
+                           R"({"premise": "The man fell.", "choice1": "He slipped on the wet floor of the old kitchen.", "choice2": "I laughed.", "question": "cause", "label": 1, "idx": 0}
+{"premise": "It rained.", "choice1": "The ground got wet.", "choice2": "It was dry.", "question": "effect", "label": 1, "idx": 1}
+)");
+  for (const auto& [data, task] :
+       std::vector<std::pair<fs::path, std::string>>{{task_fixture("record.jsonl"), "record"}, {copa, "copa"}}) {
+    std::string out;
+    ASSERT_EQ(run("data --model " + lm.string() + " --data " + data.string() + " --task " + task + " --show 100", &out), 0)
+        << out;
+    std::size_t longest = 0, gold_longest = 0, candidates = 0;
+    std::istringstream in(out);
+    for (std::string line; std::getline(in, line);) {
+      if (line.empty() || line[0] != '{') continue;
+      const json row = json::parse(line);
+      const auto& seqs = row.at("sequences");
+      candidates = std::max(candidates, seqs.size());
+      for (const auto& s : seqs) longest = std::max(longest, s.at("ids").size());
+      gold_longest = std::max(gold_longest, seqs.at(row.at("label").get<std::size_t>()).at("ids").size());
+    }
+    // The fixtures make the difference visible: a wrong candidate is the longest sequence.
+    ASSERT_LT(gold_longest, longest) << task << "\n" << out;
+    ASSERT_GT(candidates, 1u) << task;
+    EXPECT_NE(out.find(fmt::format("up to {} candidates", candidates)), std::string::npos) << out;
+    EXPECT_NE(out.find(fmt::format("longest {} tokens;", longest)), std::string::npos) << out;
+    EXPECT_NE(out.find(fmt::format("training rows: the correct candidate alone, longest {} tokens", gold_longest)),
+              std::string::npos)
+        << out;
+  }
+  // Tasks trained as cross-entropy over the candidates hold them all in a training batch.
+  std::string out;
+  ASSERT_EQ(run("data --model " + lm.string() + " --data " + task_fixture("wsc.jsonl").string() + " --task wsc", &out), 0)
+      << out;
+  EXPECT_NE(out.find("up to 2 candidates"), std::string::npos) << out;
+  EXPECT_EQ(out.find("training rows"), std::string::npos) << out;
 }
 
 TEST(Data, TaskFilesWithBadFieldsNameTheFileLineAndField) {

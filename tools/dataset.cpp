@@ -876,10 +876,16 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
     for (auto i : idx) kept.push_back(std::move(d.examples_[static_cast<std::size_t>(i)]));
     d.examples_ = std::move(kept);
   }
+  const bool gold_only = d.trains_on_gold_only();
   for (const auto& e : d.examples_) {
     d.max_candidates_ = std::max(d.max_candidates_, static_cast<int>(e.seqs.size()));
     for (const auto& s : e.seqs) d.longest_ = std::max(d.longest_, static_cast<int>(s.ids.size()));
+    if (gold_only)
+      d.train_longest_ =
+          std::max(d.train_longest_, static_cast<int>(e.seqs[static_cast<std::size_t>(e.label)].ids.size()));
   }
+  d.train_rows_ = gold_only ? 1 : d.max_candidates_;
+  if (!gold_only) d.train_longest_ = d.longest_;
   if (d.truncated_ > 0)
     log_warn("{}: {} of {} examples truncated to {} tokens", d.source_, d.truncated_, d.size(), limit);
   return d;
@@ -891,11 +897,18 @@ int Dataset::longest_prompt() const {
   return static_cast<int>(n);
 }
 
+bool Dataset::trains_on_gold_only() const {
+  return format_ == DataFormat::options && task_trains_on_gold_only(options_.task);
+}
+
 std::string Dataset::describe() const {
-  return fmt::format("{} ({}{}): {} examples, longest {} tokens{}", source_,
+  return fmt::format("{} ({}{}): {} examples, longest {} tokens{}{}", source_,
                      options_.task.empty() ? std::string(data_format_name(format_)) : options_.task,
                      format_ == DataFormat::options ? fmt::format(", up to {} candidates", max_candidates_) : "",
-                     size(), longest_, truncated_ > 0 ? fmt::format(", {} truncated", truncated_) : "");
+                     size(), longest_, truncated_ > 0 ? fmt::format(", {} truncated", truncated_) : "",
+                     trains_on_gold_only()
+                         ? fmt::format("; training rows: the correct candidate alone, longest {} tokens", train_longest_)
+                         : "");
 }
 
 std::int64_t Dataset::stream_index(std::int64_t position) const {
@@ -921,7 +934,7 @@ std::int64_t Dataset::stream_index(std::int64_t position) const {
 HostBatch Dataset::train_batch(std::int64_t step, int batch_size) const {
   std::vector<std::int64_t> ex(static_cast<std::size_t>(batch_size));
   for (int j = 0; j < batch_size; ++j) ex[static_cast<std::size_t>(j)] = stream_index(step * batch_size + j);
-  return collate(ex, format_ == DataFormat::options && task_trains_on_gold_only(options_.task));
+  return collate(ex, trains_on_gold_only());
 }
 
 HostBatch Dataset::eval_batch(std::int64_t first, std::int64_t count) const {

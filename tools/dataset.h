@@ -98,6 +98,12 @@ class Dataset {
   const Example& example(std::int64_t i) const { return examples_[static_cast<std::size_t>(i)]; }
   int max_candidates() const { return max_candidates_; }
   int longest() const { return longest_; }  // tokens of the longest sequence
+  // What a training batch (train_batch) holds per example: its rows — 1 for copa and record,
+  // which train on the correct candidate alone, else max_candidates() — and the tokens of
+  // the longest such row. Size training (batch capacity, sequence length) with these;
+  // eval_batch holds every candidate (max_candidates(), longest()).
+  int train_rows() const { return train_rows_; }
+  int train_longest() const { return train_longest_; }
   int longest_prompt() const;                // squad, drop: tokens of the longest prompt_ids (else 0)
   std::int32_t pad_id() const { return pad_id_; }
   std::int64_t truncated() const { return truncated_; }
@@ -110,6 +116,7 @@ class Dataset {
 
  private:
   HostBatch collate(const std::vector<std::int64_t>& examples, bool gold_only = false) const;
+  bool trains_on_gold_only() const;  // options data of copa or record
   std::int64_t stream_index(std::int64_t position) const;
 
   ModelConfig config_;
@@ -119,6 +126,8 @@ class Dataset {
   std::vector<Example> examples_;
   int max_candidates_ = 1;
   int longest_ = 0;
+  int train_rows_ = 1;
+  int train_longest_ = 0;
   std::int64_t truncated_ = 0;
   std::int32_t pad_id_ = 0;
 };
