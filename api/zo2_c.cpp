@@ -166,6 +166,27 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
   sc.first_step = p.first_step;
   (void)parse_dtype("save_dtype", p.save_dtype, {DType::f32, DType::bf16, DType::f16});
   zo2::check_size(Opt::shard_size, p.save_shard_bytes, c_api);
+  // The update rule, checked by the rule's own validation (zo/rule.h) with the fields' names.
+  if (!p.optimizer) invalid("optimizer is NULL");
+  const auto kind = zo2::parse_rule(p.optimizer);
+  if (!kind)
+    invalid(fmt::format("optimizer '{}' is not one of zo-sgd, zo-sgd-sign, zo-sgd-cons, zo-sgd-momentum, zo-adam",
+                        p.optimizer));
+  sc.rule.kind = *kind;
+  if (!p.difference) invalid("difference is NULL");
+  const auto diff = zo2::parse_difference(p.difference);
+  if (!diff) invalid(fmt::format("difference '{}' is neither central nor forward", p.difference));
+  sc.rule.difference = *diff;
+  sc.rule.directions = p.directions;
+  sc.rule.beta1 = sc.rule.kind == zo2::RuleKind::momentum ? p.momentum : p.beta1;
+  sc.rule.beta2 = p.beta2;
+  sc.rule.adam_eps = p.adam_eps;
+  sc.rule.state_dtype = sc.rule.state_buffers() > 0
+                            ? parse_dtype("state_dtype", p.state_dtype, {DType::f32, DType::bf16, DType::f8_e4m3})
+                            : DType::f32;
+  if (sc.rule.kind == zo2::RuleKind::momentum) sc.rule.beta2 = 0.999f, sc.rule.adam_eps = 1e-8f;
+  zo2::validate_rule(sc.rule, p.weight_decay, /*c_api=*/true);
+  sc.resume_state = p.resume_state != 0;
   return sc;
 }
 
@@ -356,6 +377,15 @@ zo2_session_params zo2_session_default_params(void) {
   p.save_shard_bytes = 5000000000ull;
   p.progress_callback = nullptr;
   p.progress_user_data = nullptr;
+  p.optimizer = "zo-sgd";
+  p.directions = 1;
+  p.difference = "central";
+  p.momentum = 0.9f;
+  p.beta1 = 0.9f;
+  p.beta2 = 0.999f;
+  p.adam_eps = 1e-8f;
+  p.state_dtype = "fp32";
+  p.resume_state = 0;
   return p;
 }
 

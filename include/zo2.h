@@ -181,6 +181,19 @@ typedef struct zo2_session_params {
     // Callbacks.
     zo2_progress_callback progress_callback;  // after each step; NULL = none. Default NULL.
     void *   progress_user_data;              // passed to progress_callback. Default NULL.
+
+    // The update rule (zo2-tune train --optimizer; README "Update rules"). Appended after the
+    // fields above, which keep their offsets. The defaults are the one-direction ZO-SGD above.
+    const char * optimizer;      // "zo-sgd", "zo-sgd-sign", "zo-sgd-cons", "zo-sgd-momentum", "zo-adam". Default "zo-sgd".
+    int32_t  directions;         // q random directions per step, 1..64 (each one more forward pass; lr/q each). Default 1.
+    const char * difference;     // "central" (L(θ+εz) − L(θ−εz))/2ε or "forward" (L(θ+εz) − L(θ))/ε. Default "central".
+    float    momentum;           // zo-sgd-momentum: momentum factor in [0, 1). Default 0.9.
+    float    beta1;              // zo-adam: β1 in [0, 1). Default 0.9.
+    float    beta2;              // zo-adam: β2 in [0, 1). Default 0.999.
+    float    adam_eps;           // zo-adam: denominator epsilon, > 0. Default 1e-8.
+    const char * state_dtype;    // momentum/Adam state beside the master weights: "fp32", "bf16", "fp8". Default "fp32".
+    int32_t  resume_state;       // nonzero: load the state saved with the checkpoint (optimizer_state.safetensors),
+                                 // to resume a momentum/Adam run exactly. Default 0.
 } zo2_session_params;
 
 ZO2_API zo2_session_params zo2_session_default_params(void);

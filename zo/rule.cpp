@@ -61,27 +61,35 @@ std::string RuleConfig::describe() const {
   return s;
 }
 
-void validate_rule(const RuleConfig& r, float weight_decay) {
+void validate_rule(const RuleConfig& r, float weight_decay, bool c_api) {
+  // "--state-dtype" on the command line, "state_dtype" in zo2_session_params.
+  auto nm = [c_api](std::string_view flag) {
+    if (!c_api) return std::string(flag);
+    std::string s(flag.substr(2));
+    for (char& ch : s)
+      if (ch == '-') ch = '_';
+    return s;
+  };
   if (r.directions < 1 || r.directions > RuleConfig::kMaxDirections)
-    fail(ErrorKind::invalid_argument, "--directions {}: must lie in [1, {}]", r.directions, RuleConfig::kMaxDirections);
+    fail(ErrorKind::invalid_argument, "{} {}: must lie in [1, {}]", nm("--directions"), r.directions, RuleConfig::kMaxDirections);
   if (r.kind == RuleKind::cons && r.directions != 1)
-    fail(ErrorKind::invalid_argument, "--optimizer zo-sgd-cons compares one step's candidates; it takes --directions 1, not {}",
-         r.directions);
+    fail(ErrorKind::invalid_argument, "{} zo-sgd-cons compares one step's candidates; it takes {} 1, not {}",
+         nm("--optimizer"), nm("--directions"), r.directions);
   if (r.kind == RuleKind::cons && weight_decay != 0.0f)
     fail(ErrorKind::invalid_argument,
-         "--optimizer zo-sgd-cons compares θ ± lr·g·z without weight decay (as ZO-Bench); --weight-decay {} is not "
-         "supported with it",
-         weight_decay);
+         "{} zo-sgd-cons compares θ ± lr·g·z without weight decay (as ZO-Bench); {} {} is not supported "
+         "with it",
+         nm("--optimizer"), nm("--weight-decay"), weight_decay);
   if (r.state_buffers() > 0) {
     if (r.state_dtype != DType::f32 && r.state_dtype != DType::bf16 && r.state_dtype != DType::f8_e4m3)
-      fail(ErrorKind::invalid_argument, "--state-dtype {}: use fp32, bf16 or fp8", dtype_name(r.state_dtype));
+      fail(ErrorKind::invalid_argument, "{} {}: use fp32, bf16 or fp8", nm("--state-dtype"), dtype_name(r.state_dtype));
     const bool momentum = r.kind == RuleKind::momentum;
     if (!(r.beta1 >= 0.0f && r.beta1 < 1.0f))
-      fail(ErrorKind::invalid_argument, "{} {}: must lie in [0, 1)", momentum ? "--momentum" : "--beta1", r.beta1);
+      fail(ErrorKind::invalid_argument, "{} {}: must lie in [0, 1)", nm(momentum ? "--momentum" : "--beta1"), r.beta1);
     if (!momentum && !(r.beta2 >= 0.0f && r.beta2 < 1.0f))
-      fail(ErrorKind::invalid_argument, "--beta2 {}: must lie in [0, 1)", r.beta2);
+      fail(ErrorKind::invalid_argument, "{} {}: must lie in [0, 1)", nm("--beta2"), r.beta2);
     if (!momentum && !(r.adam_eps > 0.0f && std::isfinite(r.adam_eps)))
-      fail(ErrorKind::invalid_argument, "--adam-eps {}: must be a positive number", r.adam_eps);
+      fail(ErrorKind::invalid_argument, "{} {}: must be a positive number", nm("--adam-eps"), r.adam_eps);
   }
 }
 

@@ -82,8 +82,9 @@ struct RuleConfig {
 
 // Error(invalid_argument) naming the flag for combinations a rule does not support
 // (zo-sgd-cons with several directions or with weight decay, a state dtype other than
-// fp32/bf16/fp8, β outside [0, 1), ...).
-void validate_rule(const RuleConfig& r, float weight_decay);
+// fp32/bf16/fp8, β outside [0, 1), ...). c_api: name the zo2_session_params fields
+// (directions, state_dtype, ...) instead of the flags.
+void validate_rule(const RuleConfig& r, float weight_decay, bool c_api = false);
 
 // The rule as the seed log header and the run state record it, and back. from_json names
 // `where` and the field on a bad value; a missing object is today's zo-sgd.

@@ -249,8 +249,12 @@ std::unique_ptr<Model> load_model(py::handle dir, bool check_weights) {
 struct Params {
   zo2_session_params p = zo2_session_default_params();
   std::string device = "cpu", storage = "fp32", compute = "fp32", save_dtype = "fp32";
+  std::string optimizer = "zo-sgd", difference = "central", state_dtype = "fp32";
   std::optional<std::string> seed_log;
   void fix_pointers() {
+    p.optimizer = optimizer.c_str();
+    p.difference = difference.c_str();
+    p.state_dtype = state_dtype.c_str();
     p.device = device.c_str();
     p.storage_dtype = storage.c_str();
     p.compute_dtype = compute.c_str();
@@ -263,7 +267,9 @@ const char* const kParamNames[] = {"lr",           "eps",          "weight_decay
                                    "gpu_mem",      "offload",      "window",        "storage_dtype",
                                    "compute_dtype", "n_threads",   "max_seqs",      "max_seq_len",
                                    "training",     "seed_log",     "seed_log_append", "first_step",
-                                   "save_dtype",   "save_shard_size"};
+                                   "save_dtype",   "save_shard_size", "optimizer",  "directions",
+                                   "difference",   "momentum",     "beta1",         "beta2",      "adam_eps",
+                                   "state_dtype",  "resume_state"};
 
 int64_t int_arg(py::handle v, const char* name) {
   if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v))
@@ -372,6 +378,20 @@ Params parse_params(const py::kwargs& kw) {
       P.save_dtype = str_arg(v, k);
     } else if (key == "save_shard_size") {
       P.p.save_shard_bytes = size_arg(v, k, zo2::Opt::shard_size);
+    } else if (key == "optimizer") {
+      P.optimizer = str_arg(v, k);
+    } else if (key == "directions") {
+      P.p.directions = int32_arg(v, k);
+    } else if (key == "difference") {
+      P.difference = str_arg(v, k);
+    } else if (key == "momentum" || key == "beta1" || key == "beta2" || key == "adam_eps") {
+      const auto x = static_cast<float>(real_arg(v, k));
+      (key == "momentum" ? P.p.momentum : key == "beta1" ? P.p.beta1 : key == "beta2" ? P.p.beta2 : P.p.adam_eps) = x;
+    } else if (key == "state_dtype") {
+      P.state_dtype = str_arg(v, k);
+    } else if (key == "resume_state") {
+      if (!py::isinstance<py::bool_>(v)) invalid("resume_state must be a bool");
+      P.p.resume_state = v.cast<bool>() ? 1 : 0;
     } else {
       std::string names;
       for (const char* n : kParamNames) names += std::string(names.empty() ? "" : ", ") + n;
@@ -403,6 +423,15 @@ py::dict params_dict(const Params& P) {
   d["first_step"] = P.p.first_step;
   d["save_dtype"] = P.save_dtype;
   d["save_shard_size"] = P.p.save_shard_bytes;
+  d["optimizer"] = P.optimizer;
+  d["directions"] = P.p.directions;
+  d["difference"] = P.difference;
+  d["momentum"] = P.p.momentum;
+  d["beta1"] = P.p.beta1;
+  d["beta2"] = P.p.beta2;
+  d["adam_eps"] = P.p.adam_eps;
+  d["state_dtype"] = P.state_dtype;
+  d["resume_state"] = P.p.resume_state != 0;
   return d;
 }
 

@@ -75,6 +75,15 @@ ROUND_TRIPS = {
     "first_step": (4, 4),
     "save_dtype": ("bf16", "bf16"),
     "save_shard_size": ("1M", 1 << 20),
+    "optimizer": ("zo-sgd-sign", "zo-sgd-sign"),
+    "directions": (2, 2),
+    "difference": ("forward", "forward"),
+    "momentum": (0.5, 0.5),
+    "beta1": (0.8, float(np.float32(0.8))),
+    "beta2": (0.99, float(np.float32(0.99))),
+    "adam_eps": (1e-6, float(np.float32(1e-6))),
+    "state_dtype": ("bf16", "bf16"),
+    "resume_state": (True, True),
 }
 
 
