@@ -711,9 +711,10 @@ class BpeTokenizer final : public Tokenizer {
       case PreStep::Kind::metaspace: {
         const std::string& rep = step.replacement;
         std::string buf;
+        // The replacement goes first unless the piece, spaces replaced, starts with it.
         const bool prepend = (step.prepend == PreStep::Prepend::always ||
                               (step.prepend == PreStep::Prepend::first && at_start)) &&
-                             !s.starts_with(rep);
+                             s[0] != ' ' && !s.starts_with(rep);
         buf.reserve(s.size() + rep.size() * 4);
         if (prepend) buf += rep;
         for (char c : s) {

@@ -171,7 +171,8 @@ void unicode_lowercase(std::string_view in, std::string& out) {
 Regex::Regex(std::string_view pattern, bool literal, std::string_view where) {
   int err = 0;
   PCRE2_SIZE off = 0;
-  std::uint32_t opts = PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF | (literal ? PCRE2_LITERAL : 0);
+  // (PCRE2_LITERAL refuses PCRE2_UCP, which a literal does not need.)
+  std::uint32_t opts = PCRE2_UTF | PCRE2_MATCH_INVALID_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP);
   pcre2_code* code =
       pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), opts, &err, &off, nullptr);
   if (!code)
