@@ -92,15 +92,17 @@ RuleConfig RuleFlags::config(float weight_decay) const {
   if (r.state_buffers() == 0) {
     for (const CLI::Option* f : {momentum_flag, beta1_flag, beta2_flag, adam_eps_flag, state_dtype_flag})
       if (f && f->count() > 0)
-        fail(ErrorKind::invalid_argument, "{} applies to zo-sgd-momentum or zo-adam, not --optimizer {}",
-             f->get_name(), optimizer);
+        fail(ErrorKind::invalid_argument, "--{} applies to zo-sgd-momentum or zo-adam, not --optimizer {}",
+             f->get_lnames().front(), optimizer);
     r.state_dtype = DType::f32;
   } else {
     const bool momentum_rule = r.kind == RuleKind::momentum;
-    for (const CLI::Option* f : momentum_rule ? std::initializer_list<const CLI::Option*>{beta1_flag, beta2_flag, adam_eps_flag}
-                                              : std::initializer_list<const CLI::Option*>{momentum_flag})
+    const std::vector<const CLI::Option*> foreign =
+        momentum_rule ? std::vector<const CLI::Option*>{beta1_flag, beta2_flag, adam_eps_flag}
+                      : std::vector<const CLI::Option*>{momentum_flag};
+    for (const CLI::Option* f : foreign)
       if (f && f->count() > 0)
-        fail(ErrorKind::invalid_argument, "{} does not apply to --optimizer {}", f->get_name(), optimizer);
+        fail(ErrorKind::invalid_argument, "--{} does not apply to --optimizer {}", f->get_lnames().front(), optimizer);
     if (momentum_rule) r.beta2 = RuleConfig{}.beta2, r.adam_eps = RuleConfig{}.adam_eps;
   }
   validate_rule(r, weight_decay);
