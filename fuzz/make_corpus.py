@@ -156,6 +156,79 @@ roberta = dict(gpt2_json, post_processor={"type": "RobertaProcessing", "sep": ["
 roberta["model"] = dict(gpt2_json["model"], merges=small_merges[:50])
 put("tokenizer_json", "roberta-post", json.dumps(roberta, ensure_ascii=False))
 
+# The pipeline features of Qwen, Gemma, Mistral (issue 19): one small file each.
+qwen_pattern = llama3_pattern.replace(r"\p{N}{1,3}", r"\p{N}")
+qwen = dict(llama3_json, normalizer={"type": "NFC"},
+            pre_tokenizer={"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": qwen_pattern}, "behavior": "Isolated", "invert": False},
+                dict(byte_level, use_regex=False)]},
+            post_processor=dict(byte_level, add_prefix_space=False, use_regex=False),
+            added_tokens=[special(begin, "<|im_start|>"),
+                          dict(special(end, "<think>"), special=False)])
+qwen["model"] = dict(llama3_json["model"], ignore_merges=False, continuing_subword_prefix="", end_of_word_suffix="")
+put("tokenizer_json", "qwen-nfc", json.dumps(qwen, ensure_ascii=False))
+
+M = "\u2581"
+sp_chars = sorted(set("abcdefghijklmnopqrstuvwxyz.,!?' ") - {" "}) + [M]
+sp_vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+for b in range(256):
+    sp_vocab["<0x%02X>" % b] = len(sp_vocab)
+for c in sp_chars:
+    sp_vocab[c] = len(sp_vocab)
+sp_merges = []
+for a, b in [(M, "t"), ("h", "e"), (M + "t", "he"), (M, "a"), ("i", "n"), (M, M), (M + M, M + M)]:
+    sp_merges.append([a, b])
+    sp_vocab.setdefault(a + b, len(sp_vocab))
+sp_model = {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+            "vocab": sp_vocab, "merges": sp_merges}
+bos_template = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [], "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+sp_specials = [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")]
+sp_decoder = [{"type": "Replace", "pattern": {"String": M}, "content": " "}, {"type": "ByteFallback"},
+              {"type": "Fuse"}]
+put("tokenizer_json", "gemma-byte-fallback", json.dumps({
+    "version": "1.0", "added_tokens": sp_specials,
+    "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": M},
+    "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False},
+    "post_processor": bos_template, "decoder": {"type": "Sequence", "decoders": sp_decoder},
+    "model": sp_model}, ensure_ascii=False))
+put("tokenizer_json", "mistral-prepend", json.dumps({
+    "version": "1.0", "added_tokens": sp_specials,
+    "normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": M}, {"type": "Replace", "pattern": {"String": " "}, "content": M}]},
+    "pre_tokenizer": None, "post_processor": bos_template,
+    "decoder": {"type": "Sequence", "decoders": sp_decoder + [
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+    "model": sp_model}, ensure_ascii=False))
+put("tokenizer_json", "metaspace", json.dumps({
+    "version": "1.0", "added_tokens": sp_specials, "normalizer": None,
+    "pre_tokenizer": {"type": "Metaspace", "replacement": M, "prepend_scheme": "first", "split": True},
+    "post_processor": bos_template,
+    "decoder": {"type": "Metaspace", "replacement": M, "prepend_scheme": "first", "split": True},
+    "model": dict(sp_model, byte_fallback=False, fuse_unk=False)}, ensure_ascii=False))
+put("tokenizer_json", "split-behaviors", json.dumps({
+    "version": "1.0", "added_tokens": [], "normalizer": None,
+    "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\s+"}, "behavior": "Removed", "invert": False},
+        {"type": "Split", "pattern": {"String": "e"}, "behavior": "MergedWithNext", "invert": False},
+        {"type": "Split", "pattern": {"Regex": r"[a-m]+"}, "behavior": "Contiguous", "invert": True},
+        {"type": "Split", "pattern": {"String": "!"}, "behavior": "MergedWithPrevious", "invert": False}]},
+    "decoder": {"type": "Fuse"}, "model": dict(sp_model, ignore_merges=True)}, ensure_ascii=False))
+put("tokenizer_json", "normalizers", json.dumps({
+    "version": "1.0",
+    "added_tokens": [dict(special(1, "<s>"), special=False, normalized=True),
+                     dict(special(2, "HELLO"), normalized=True)],
+    "normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "NFKC"}, {"type": "Lowercase"}, {"type": "Strip", "strip_left": True, "strip_right": True},
+        {"type": "Replace", "pattern": {"Regex": r"\s+"}, "content": " "}, {"type": "NFD"}, {"type": "NFC"}]},
+    "pre_tokenizer": {"type": "Metaspace", "replacement": M, "prepend_scheme": "always", "split": False},
+    "decoder": {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"Regex": M + "+"}, "content": " "}, {"type": "Strip", "content": " ",
+                                                                            "start": 1, "stop": 1}]},
+    "model": sp_model}, ensure_ascii=False))
+
 # tokenizer_dir: tokenizer_config.json NUL special_tokens_map.json NUL config.json
 put("tokenizer_dir", "hf-opt", json.dumps({
     "add_bos_token": True, "add_eos_token": False, "add_prefix_space": False,
