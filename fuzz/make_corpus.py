@@ -246,48 +246,83 @@ put("tokenizer_dir", "config-only", "\0\0" + json.dumps({"bos_token_id": 100, "e
 put("tokenizer_dir", "add-eos", json.dumps({"add_bos_token": False, "add_eos_token": True,
                                             "eos_token": {"content": "<|endoftext|>"}}) + "\0\0")
 
-# ---- dataset: one selector byte, then the file (see dataset_fuzz.cpp) ------------------
+# ---- dataset: two selector bytes, then the file (see dataset_fuzz.cpp) -------------------
+# byte 0: the reader (0 JSONL, 1 sst2, 2 rte, 3 boolq, 4 cb, 5 copa, 6 wsc, 7 wic, 8 multirc,
+# 9 record, 10 squad, 11 drop, 12 safetensors); byte 1: flags (bit 0 left padding, bits 1-2
+# --max-len none/16/64/160, bits 3-4 --num-train 0/1/2/5, bit 5 no shuffling).
+LEFT, NO_SHUFFLE = 0x01, 0x20
+
+
+def maxlen(i):
+    return i << 1
+
+
+def num_train(i):
+    return i << 3
+
+
+def sel(reader, flags=0):
+    return bytes([reader, flags])
+
+
 def lines(path, n):
     with open(os.path.join(root, path), encoding="utf-8") as f:
         return "".join(f.readline() for _ in range(n))
 
 
-put("dataset", "text", b"\x00" + lines("data/examples/reviews-text-train.jsonl", 4).encode())
-put("dataset", "options", b"\x01" + lines("data/examples/reviews-train.jsonl", 3).encode())
-put("dataset", "completion-maxlen-left", b"\x19" + (
+def fixture(name):
+    with open(os.path.join(root, "tests", "data", "tasks", name), "rb") as f:
+        return f.read()
+
+
+put("dataset", "text", sel(0) + lines("data/examples/reviews-text-train.jsonl", 4).encode())
+put("dataset", "options", sel(0) + lines("data/examples/reviews-train.jsonl", 3).encode())
+put("dataset", "completion-maxlen-left", sel(0, LEFT | maxlen(1)) + (
     '{"prompt": "Review: a slow, dull film. Sentiment:", "completion": " negative"}\n'
     '{"prompt": "Review: warm and funny, with a great cast and a clever plot that keeps going. '
     'Sentiment:", "completion": " positive"}\n\n'
     '{"prompt": "Q: 2+2?\\nA:", "completion": " 4"}\r\n').encode())
-put("dataset", "sst2", b"\x02" + b"sentence\tlabel\nit 's a charming and often affecting journey . \t1\n"
+put("dataset", "sst2", sel(1) + b"sentence\tlabel\nit 's a charming and often affecting journey . \t1\n"
     b"unflinchingly bleak and desperate \t0\nthe acting , costumes , music , cinematography and sound are all "
     b"astounding \t1\n")
-put("dataset", "rte", b"\x03" + json.dumps({"premise": "No Weapons of Mass Destruction Found in Iraq Yet.",
-                                            "hypothesis": "Weapons of Mass Destruction Found in Iraq.",
-                                            "label": "not_entailment", "idx": 0}).encode() + b"\n"
+put("dataset", "rte", sel(2) + json.dumps({"premise": "No Weapons of Mass Destruction Found in Iraq Yet.",
+                                           "hypothesis": "Weapons of Mass Destruction Found in Iraq.",
+                                           "label": "not_entailment", "idx": 0}).encode() + b"\n"
     + json.dumps({"premise": "A place of sorrow, after Pope John Paul II died.",
                   "hypothesis": "Pope John Paul II is dead.", "label": "entailment", "idx": 1}).encode() + b"\n")
-put("dataset", "boolq", b"\x24" + json.dumps({"question": "do iran and afghanistan speak the same language",
-                                              "passage": "Persian language -- Persian is spoken in Iran and "
-                                              "Afghanistan.", "idx": 0, "label": True}).encode() + b"\n"
+put("dataset", "boolq", sel(3, num_train(1)) + json.dumps({"question": "do iran and afghanistan speak the same language",
+                                                           "passage": "Persian language -- Persian is spoken in Iran and "
+                                                           "Afghanistan.", "idx": 0, "label": True}).encode() + b"\n"
     + json.dumps({"question": "is the sun a star?", "passage": "The Sun is the star at the centre.",
                   "label": False}).encode() + b"\n")
-put("dataset", "cb", b"\x55" + json.dumps({"premise": "It was a complex language. Not written down but "
-                                           "handed down.", "hypothesis": "the language was peeled down",
-                                           "label": "contradiction", "idx": 0}).encode() + b"\n"
+put("dataset", "cb", sel(4, maxlen(1) | num_train(2)) + json.dumps({
+    "premise": "It was a complex language. Not written down but handed down.",
+    "hypothesis": "the language was peeled down", "label": "contradiction", "idx": 0}).encode() + b"\n"
     + json.dumps({"premise": "He said it might rain.", "hypothesis": "it will rain",
                   "label": "neutral"}).encode() + b"\n")
-put("dataset", "copa", b"\x86" + json.dumps({"premise": "My body cast a shadow over the grass.",
-                                             "choice1": "The sun was rising.", "choice2": "The grass was cut.",
-                                             "question": "cause", "idx": 0, "label": 0}).encode() + b"\n"
+put("dataset", "copa", sel(5, NO_SHUFFLE) + json.dumps({"premise": "My body cast a shadow over the grass.",
+                                                        "choice1": "The sun was rising.", "choice2": "The grass was cut.",
+                                                        "question": "cause", "idx": 0, "label": 0}).encode() + b"\n"
     + json.dumps({"premise": "I hung up the phone.", "choice1": "I said goodbye.",
                   "choice2": "The line went dead.", "question": "effect", "label": 1}).encode() + b"\n")
+# The six tasks of issue 20, from the test fixtures (tests/data/tasks/).
+put("dataset", "wsc", sel(6) + fixture("wsc.jsonl"))
+put("dataset", "wic", sel(7, LEFT) + fixture("wic.jsonl"))
+put("dataset", "multirc", sel(8, NO_SHUFFLE) + fixture("multirc.jsonl"))
+put("dataset", "multirc-sample", sel(8, num_train(2)) + fixture("multirc.jsonl"))
+put("dataset", "record", sel(9) + fixture("record.jsonl"))
+put("dataset", "record-maxlen-left", sel(9, LEFT | maxlen(3)) + fixture("record.jsonl"))
+put("dataset", "squad", sel(10) + fixture("squad.json"))
+put("dataset", "squad-maxlen-sample", sel(10, maxlen(3) | num_train(1)) + fixture("squad.json"))
+put("dataset", "drop", sel(11, NO_SHUFFLE) + fixture("drop.json"))
+put("dataset", "drop-maxlen-left", sel(11, LEFT | maxlen(3)) + fixture("drop.json"))
 ids = i64(*[1, 5, 9, 33, 100, 200, 300, 2, 7, 8, 9, 10, 11, 12, 13, 14])
 mask = i64(*([1] * 8 + [1] * 5 + [0] * 3))
-put("dataset", "tokens", b"\x07" + safetensors([("input_ids", "I64", [2, 8], ids),
+put("dataset", "tokens", sel(12) + safetensors([("input_ids", "I64", [2, 8], ids),
                                                 ("attention_mask", "I64", [2, 8], mask)]))
-put("dataset", "tokens-labels", b"\x2f" + safetensors([("input_ids", "I32", [1, 4], struct.pack("<4i", 5, 6, 7, 8)),
-                                                       ("labels", "I32", [1, 4], struct.pack("<4i", -100, 6, 7, 8))]))
+put("dataset", "tokens-labels", sel(12, LEFT | num_train(1)) + safetensors([
+    ("input_ids", "I32", [1, 4], struct.pack("<4i", 5, 6, 7, 8)),
+    ("labels", "I32", [1, 4], struct.pack("<4i", -100, 6, 7, 8))]))
 
 # ---- state: zo2_state.json over the fixed files of state_fuzz.cpp -----------------------
 import zlib  # noqa: E402
