@@ -686,9 +686,13 @@ class BpeTokenizer final : public Tokenizer {
       return;
     }
     const PreStep& step = pre_[level];
+    const bool last = level + 1 == pre_.size();
     auto next = [&](std::string_view whole) {
       return [&, whole](std::string_view piece) {
-        split_level(piece, level + 1, at_start && piece.data() == whole.data(), out);
+        if (last)
+          bpe_word(piece, out);
+        else
+          split_level(piece, level + 1, at_start && piece.data() == whole.data(), out);
       };
     };
     switch (step.kind) {

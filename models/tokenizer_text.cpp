@@ -56,30 +56,36 @@ std::string pcre2_message(int code) {
   return n < 0 ? "unknown PCRE2 error " + std::to_string(code) : std::string(reinterpret_cast<char*>(buf), n);
 }
 
+}  // namespace
+
 // Per-thread match data (one ovector pair is all a match needs) and a JIT stack large enough
 // for long runs of white space.
-struct MatchState {
+struct Regex::State {
   pcre2_match_data* data = nullptr;
   pcre2_match_context* context = nullptr;
   pcre2_jit_stack* stack = nullptr;
-  MatchState() {
+  const PCRE2_SIZE* ovector = nullptr;
+  State() {
     data = pcre2_match_data_create(1, nullptr);
     context = pcre2_match_context_create(nullptr);
     stack = pcre2_jit_stack_create(32 * 1024, 8 * 1024 * 1024, nullptr);
     if (!data || !context || !stack) fail(ErrorKind::out_of_memory, "PCRE2: cannot allocate match data");
     pcre2_jit_stack_assign(context, nullptr, stack);
+    ovector = pcre2_get_ovector_pointer(data);
   }
-  ~MatchState() {
+  ~State() {
     pcre2_jit_stack_free(stack);
     pcre2_match_context_free(context);
     pcre2_match_data_free(data);
   }
 };
 
-MatchState& match_state() {
-  thread_local MatchState ms;
+Regex::State& Regex::state() {
+  thread_local State ms;
   return ms;
 }
+
+namespace {
 
 const icu::Normalizer2& normalizer2(NormalForm form) {
   UErrorCode status = U_ZERO_ERROR;
@@ -184,17 +190,15 @@ Regex::Regex(std::string_view pattern, bool literal, std::string_view where) {
 
 Regex::~Regex() { pcre2_code_free(static_cast<pcre2_code*>(code_)); }
 
-bool Regex::find(std::string_view s, std::size_t start, std::size_t& begin, std::size_t& end) const {
-  MatchState& ms = match_state();
+bool Regex::find(State& ms, std::string_view s, std::size_t start, std::size_t& begin, std::size_t& end) const {
   auto* code = static_cast<const pcre2_code*>(code_);
   const auto* subject = reinterpret_cast<PCRE2_SPTR>(s.data());
   int rc = jit_ ? pcre2_jit_match(code, subject, s.size(), start, 0, ms.data, ms.context)
                 : pcre2_match(code, subject, s.size(), start, 0, ms.data, ms.context);
   if (rc == PCRE2_ERROR_NOMATCH) return false;
   if (rc < 0) fail(ErrorKind::invalid_argument, "tokenizer: regex match failed: {}", pcre2_message(rc));
-  const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(ms.data);
-  begin = ov[0];
-  end = ov[1];
+  begin = ms.ovector[0];
+  end = ms.ovector[1];
   return true;
 }
 

@@ -39,13 +39,17 @@ class Regex {
   ~Regex();
   Regex(const Regex&) = delete;
   Regex& operator=(const Regex&) = delete;
+  // The calling thread's match data (one thread-local lookup for many find calls).
+  struct State;
+  static State& state();
   // The first match at or after start: [begin, end) (possibly empty); false if none.
-  bool find(std::string_view s, std::size_t start, std::size_t& begin, std::size_t& end) const;
+  bool find(State& st, std::string_view s, std::size_t start, std::size_t& begin, std::size_t& end) const;
   // Non-empty matches left to right (an empty match consumes nothing and is skipped).
   template <class F>
   void for_each_match(std::string_view s, F&& f) const {
+    State& st = state();
     std::size_t start = 0, b = 0, e = 0;
-    while (start < s.size() && find(s, start, b, e)) {
+    while (start < s.size() && find(st, s, start, b, e)) {
       if (e <= b) {  // empty: step over one character
         start = b + 1;
         while (start < s.size() && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80) ++start;
