@@ -685,6 +685,39 @@ TEST(Data, TaskFilesWithBadFieldsNameTheFileLineAndField) {
       << e;
 }
 
+// Fuzz finding (dataset target, fuzz/corpus/dataset/regress-token-label-beyond-vocab): a
+// token file's labels and attention_mask values were not checked when it loaded, so `data`
+// accepted it and `train` failed at the first step that drew the row. They are refused at
+// load now, naming the file, row and position, as token ids are.
+TEST(Data, TokenFilesWithBadLabelOrMaskValuesAreRefusedWhenLoaded) {
+  Workspace w;
+  const std::vector<std::int32_t> ids{5, 6, 7, 8, 9, 10, 11, 12};
+  auto token_file = [&](const std::string& name, const std::vector<std::int32_t>* mask,
+                        const std::vector<std::int32_t>* labels) {
+    std::vector<TensorToWrite> t{{"input_ids", DType::i32, {2, 4}, ids.data(), {}}};
+    if (mask) t.push_back({"attention_mask", DType::i32, {2, 4}, mask->data(), {}});
+    if (labels) t.push_back({"labels", DType::i32, {2, 4}, labels->data(), {}});
+    write_safetensors(w.tmp / name, std::span<const TensorToWrite>(t));
+    return "data --model " + w.model.string() + " --data " + (w.tmp / name).string();
+  };
+  const std::vector<std::int32_t> bad_labels{-100, 6, 7, 8, -100, 6, 117440518, 8};
+  std::string e = w.error(token_file("l.safetensors", nullptr, &bad_labels));
+  EXPECT_NE(e.find("l.safetensors: label 117440518 at row 1, position 2 is outside the model's vocabulary [0, 512) "
+                   "and not -100"),
+            std::string::npos)
+      << e;
+  const std::vector<std::int32_t> negative{-100, 6, 7, 8, -100, -1, 7, 8};
+  e = w.error(token_file("n.safetensors", nullptr, &negative));
+  EXPECT_NE(e.find("n.safetensors: label -1 at row 1, position 1 is outside"), std::string::npos) << e;
+  const std::vector<std::int32_t> bad_mask{1, 2, 1, 1, 1, 1, 1, 0};
+  e = w.error(token_file("m.safetensors", &bad_mask, nullptr));
+  EXPECT_NE(e.find("m.safetensors: attention_mask value 2 at row 0, position 1 is not 0 or 1"), std::string::npos) << e;
+  // Valid values load: -100 labels, a 0/1 mask.
+  const std::vector<std::int32_t> labels{-100, 6, 7, 8, -100, -100, 11, 12}, mask{1, 1, 1, 1, 1, 1, 1, 0};
+  std::string out;
+  EXPECT_EQ(run(token_file("ok.safetensors", &mask, &labels), &out), 0) << out;
+}
+
 TEST(Data, MalformedFilesAreRefusedWithTheirLineNumbers) {
   Workspace w;
   const std::string m = "eval --model " + w.model.string() + " --data ";

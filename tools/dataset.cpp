@@ -717,11 +717,21 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
         for (std::size_t i = 0; i < s.mask.size(); ++i)
           if (s.mask[i] == 0) s.labels[i] = kIgnoreIndex;
       }
-      for (std::size_t i = 0; i < T; ++i)
+      // Every value a batch will be checked for (make_batch), so that a bad row is refused
+      // here, naming the file, and not by the step that first draws it.
+      for (std::size_t i = 0; i < T; ++i) {
         if (s.ids[i] < 0 || s.ids[i] >= config.vocab_size)
           fail(ErrorKind::format,
                "{}: token id {} at row {}, position {} is outside the model's vocabulary [0, {})", file.string(),
                s.ids[i], r, i, config.vocab_size);
+        if (!s.mask.empty() && s.mask[i] != 0 && s.mask[i] != 1)
+          fail(ErrorKind::format, "{}: attention_mask value {} at row {}, position {} is not 0 or 1", file.string(),
+               s.mask[i], r, i);
+        if (!t.labels.empty() && s.labels[i] != kIgnoreIndex && (s.labels[i] < 0 || s.labels[i] >= config.vocab_size))
+          fail(ErrorKind::format,
+               "{}: label {} at row {}, position {} is outside the model's vocabulary [0, {}) and not -100",
+               file.string(), s.labels[i], r, i, config.vocab_size);
+      }
       e.seqs.push_back(std::move(s));
       d.examples_.push_back(std::move(e));
     }
