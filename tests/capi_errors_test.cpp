@@ -420,6 +420,101 @@ TEST_F(CApi, ParamsOutsideTheSharedRangesAreRefusedNamingTheField) {
   EXPECT_ERROR(zo2_session_set_lr(session_, NAN), ZO2_ERR_INVALID_ARGUMENT, "lr nan");
 }
 
+// The update rule's fields (README "Update rules"): each bad value is refused at init (and by
+// zo2_plan) before anything is opened, naming the field as the header spells it — not
+// zo2-tune's flag — and the value. The rule's own checks (zo/rule.h validate_rule) run
+// with the params' weight_decay, so zo-sgd-cons with weight decay fails at init.
+TEST_F(CApi, BadUpdateRuleFieldsAreRefusedNamingTheField) {
+  zo2_session* s = nullptr;
+  auto init_with = [&](auto edit) {
+    zo2_session_params p = params();
+    edit(p);
+    const int rc = zo2_session_init(model_, &p, &s);
+    EXPECT_EQ(s, nullptr);
+    return rc;
+  };
+  constexpr int invalid = ZO2_ERR_INVALID_ARGUMENT;
+  EXPECT_ERROR(init_with([](auto& p) { p.optimizer = "zo-lbfgs"; }), invalid, "optimizer", "zo-lbfgs",
+               "zo-sgd-momentum");
+  EXPECT_ERROR(init_with([](auto& p) { p.optimizer = "ZO-ADAM"; }), invalid, "optimizer", "ZO-ADAM");
+  EXPECT_ERROR(init_with([](auto& p) { p.optimizer = nullptr; }), invalid, "optimizer", "NULL");
+  EXPECT_ERROR(init_with([](auto& p) { p.directions = 0; }), invalid, "directions 0", "[1, 64]");
+  EXPECT_ERROR(init_with([](auto& p) { p.directions = 65; }), invalid, "directions 65", "[1, 64]");
+  EXPECT_ERROR(init_with([](auto& p) { p.directions = -1; }), invalid, "directions -1");
+  EXPECT_ERROR(init_with([](auto& p) { p.difference = "sideways"; }), invalid, "difference", "sideways",
+               "central", "forward");
+  EXPECT_ERROR(init_with([](auto& p) { p.difference = nullptr; }), invalid, "difference", "NULL");
+  // zo-sgd-cons: one direction, no weight decay (as ZO-Bench's conservative step).
+  EXPECT_ERROR(init_with([](auto& p) {
+                 p.optimizer = "zo-sgd-cons";
+                 p.weight_decay = 0.1f;
+               }),
+               invalid, "zo-sgd-cons", "weight_decay 0.1");
+  EXPECT_ERROR(init_with([](auto& p) {
+                 p.optimizer = "zo-sgd-cons";
+                 p.directions = 2;
+               }),
+               invalid, "zo-sgd-cons", "directions");
+  // The state's dtype: fp32, bf16 or fp8. An unknown name is an invalid argument; fp16, a
+  // dtype zo2 knows but keeps no state in, is ZO2_ERR_UNSUPPORTED like every known dtype a
+  // field does not take (compute_dtype "fp8" above, storage_dtype "fp64"); the message names
+  // the field and what it takes either way.
+  EXPECT_ERROR(init_with([](auto& p) {
+                 p.optimizer = "zo-adam";
+                 p.state_dtype = "fp16";
+               }),
+               ZO2_ERR_UNSUPPORTED, "state_dtype", "fp16", "fp32, bf16, fp8");
+  EXPECT_ERROR(init_with([](auto& p) {
+                 p.optimizer = "zo-sgd-momentum";
+                 p.state_dtype = "fp7";
+               }),
+               invalid, "state_dtype", "fp7");
+  EXPECT_ERROR(init_with([](auto& p) {
+                 p.optimizer = "zo-adam";
+                 p.state_dtype = nullptr;
+               }),
+               invalid, "state_dtype", "NULL");
+  // The hyper-parameters of the stateful rules, named as fields.
+  EXPECT_ERROR(init_with([](auto& p) {
+                 p.optimizer = "zo-sgd-momentum";
+                 p.momentum = 1.0f;
+               }),
+               invalid, "momentum 1", "[0, 1)");
+  EXPECT_ERROR(init_with([](auto& p) {
+                 p.optimizer = "zo-adam";
+                 p.beta1 = -0.1f;
+               }),
+               invalid, "beta1 -0.1", "[0, 1)");
+  EXPECT_ERROR(init_with([](auto& p) {
+                 p.optimizer = "zo-adam";
+                 p.beta2 = NAN;
+               }),
+               invalid, "beta2 nan");
+  EXPECT_ERROR(init_with([](auto& p) {
+                 p.optimizer = "zo-adam";
+                 p.adam_eps = 0.0f;
+               }),
+               invalid, "adam_eps 0", "positive");
+  // The plan query checks the same fields.
+  {
+    zo2_session_params p = params();
+    p.directions = 65;
+    zo2_plan_result plan;
+    EXPECT_ERROR(zo2_plan(model_, &p, &plan), invalid, "directions 65");
+  }
+  // Fields of another rule are ignored, as the header's defaults imply: zo-sgd with a state
+  // dtype or an Adam β it does not use opens and steps.
+  zo2_session_params p = params();
+  p.state_dtype = "fp16";
+  p.beta1 = 5.0f;
+  p.momentum = -1.0f;
+  open(p);
+  ASSERT_NE(session_, nullptr);
+  const zo2_batch b = batch();
+  zo2_step_result r;
+  EXPECT_EQ(zo2_session_step(session_, &b, &r), 0) << zo2_last_error();
+}
+
 TEST_F(CApi, CapBelowThePlansMinimumIsOutOfMemoryAndPlanStillReportsTheMinimum) {
   zo2_session_params p = params();
   p.gpu_mem_bytes = 4096;
@@ -603,6 +698,16 @@ TEST_F(CApi, DefaultParamsAreTheDocumentedDefaults) {
   EXPECT_EQ(p.seed_log_path, nullptr);
   EXPECT_STREQ(p.save_dtype, "fp32");
   EXPECT_EQ(p.progress_callback, nullptr);
+  // The update rule: one-direction central ZO-SGD, and the stateful rules' torch defaults.
+  EXPECT_STREQ(p.optimizer, "zo-sgd");
+  EXPECT_EQ(p.directions, 1);
+  EXPECT_STREQ(p.difference, "central");
+  EXPECT_FLOAT_EQ(p.momentum, 0.9f);
+  EXPECT_FLOAT_EQ(p.beta1, 0.9f);
+  EXPECT_FLOAT_EQ(p.beta2, 0.999f);
+  EXPECT_FLOAT_EQ(p.adam_eps, 1e-8f);
+  EXPECT_STREQ(p.state_dtype, "fp32");
+  EXPECT_EQ(p.resume_state, 0);
 }
 
 // Multiple-choice batches: the loss is MeZO's cross-entropy over the candidates' mean

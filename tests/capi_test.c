@@ -1,7 +1,9 @@
 /* The C API from C11, as a host program uses it: zo2-tune makes a tiny model, then
  * load → 5 steps → eval → save → reload the saved checkpoint → eval, and the reloaded
  * model reproduces the session's eval loss exactly (save flushed the pending update);
- * plus the seed log, the plan query and a few error cases. Compiled with
+ * plus the seed log, the plan query and a few error cases; and the update rules as
+ * session params: zo-adam with bf16 state (its state saved as optimizer_state.safetensors
+ * and loaded again with resume_state, continuing exactly) and zo-sgd-cons. Compiled with
  * -std=c11 -Wall -Wextra -pedantic, so this file also checks that zo2.h is clean C.
  *
  *   zo2_capi_test <work dir>     (created if needed; removed on success)
@@ -50,6 +52,34 @@ static int count_steps(int64_t step, const zo2_step_result * r, void * user_data
     return 0;
 }
 
+/* Whether the file at path contains text (read whole; small files only). */
+static int file_contains(const char * path, const char * text) {
+    FILE * f = fopen(path, "rb");
+    char * buf;
+    long n;
+    int found;
+    if (!f) return 0;
+    if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
+        fclose(f);
+        return 0;
+    }
+    buf = (char *) malloc((size_t) n + 1);
+    if (!buf) {
+        fclose(f);
+        return 0;
+    }
+    buf[fread(buf, 1, (size_t) n, f)] = '\0';
+    fclose(f);
+    found = strstr(buf, text) != NULL;
+    free(buf);
+    return found;
+}
+
+static int file_exists(const char * path) {
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
 static int count_lines(const char * path) {
     FILE * f = fopen(path, "r");
     int lines = 0, c;
@@ -70,6 +100,115 @@ static zo2_session_params test_params(const char * seed_log) {
     sp.n_threads = 2;
     sp.seed_log_path = seed_log;
     return sp;
+}
+
+/* The update rules through the params' trailing fields (README "Update rules").
+ * zo-adam with bf16 state: 5 steps, save (the state lands in the checkpoint as
+ * optimizer_state.safetensors, the seed log names the rule), then one more step two ways —
+ * in the same session, and in a session opened on the saved checkpoint with resume_state
+ * and first_step 5 — gives the same loss bit for bit. zo-sgd-cons: steps, a finite g,
+ * a save without a state file. */
+static int rule_runs(const char * work, zo2_model * model, const zo2_batch * batch) {
+    char dir[1100], log[1100], state[1200], cfg[1200];
+    zo2_step_result r;
+    float loss_continued = 0.0f, loss_resumed = -1.0f;
+    int i;
+
+    /* ---- zo-adam, bf16 state ---- */
+    snprintf(dir, sizeof dir, "%s/adam", work);
+    snprintf(log, sizeof log, "%s/adam_seed_log.jsonl", work);
+    snprintf(state, sizeof state, "%s/current/optimizer_state.safetensors", dir);
+    {
+        zo2_session_params p = test_params(log);
+        zo2_session * s = NULL;
+        p.optimizer = "zo-adam";
+        p.state_dtype = "bf16";
+        p.lr = 1e-4f;
+        REQUIRE(zo2_session_init(model, &p, &s) == 0);
+        for (i = 0; i < 5; ++i) {
+            memset(&r, 0, sizeof r);
+            CHECK(zo2_session_step(s, batch, &r) == 0);
+            CHECK(r.loss_plus > 0.0f && r.loss_minus > 0.0f && r.loss_plus != r.loss_minus);
+            CHECK(r.projected_grad == r.projected_grad); /* not NaN */
+        }
+        CHECK(zo2_session_save(s, dir) == 0);
+        CHECK(file_exists(state));
+        CHECK(count_lines(log) == 1 + 5);
+        CHECK(file_contains(log, "zo-adam"));
+        CHECK(file_contains(log, "bf16"));
+        memset(&r, 0, sizeof r);
+        CHECK(zo2_session_step(s, batch, &r) == 0);
+        CHECK(zo2_session_eval(s, batch, &loss_continued) == 0);
+        zo2_session_free(s);
+    }
+    {
+        zo2_model * saved = NULL;
+        zo2_session_params p = test_params(NULL);
+        zo2_session * s = NULL;
+        p.optimizer = "zo-adam";
+        p.state_dtype = "bf16";
+        p.lr = 1e-4f;
+        p.resume_state = 1;
+        p.first_step = 5;
+        REQUIRE(zo2_model_load(dir, NULL, &saved) == 0);
+        REQUIRE(zo2_session_init(saved, &p, &s) == 0);
+        zo2_model_free(saved);
+        CHECK(zo2_session_step_index(s) == 5);
+        CHECK(zo2_session_step(s, batch, &r) == 0);
+        CHECK(zo2_session_eval(s, batch, &loss_resumed) == 0);
+        CHECK(memcmp(&loss_resumed, &loss_continued, sizeof(float)) == 0);
+        if (loss_resumed != loss_continued)
+            fprintf(stderr, "adam: continued %.9g, resumed %.9g\n", (double) loss_continued, (double) loss_resumed);
+        zo2_session_free(s);
+    }
+    /* resume_state without the file: a fresh model directory has none, and init says so. */
+    {
+        zo2_session_params p = test_params(NULL);
+        zo2_session * s = (zo2_session *) 1;
+        char model_dir[1100];
+        snprintf(model_dir, sizeof model_dir, "%s/model", work);
+        zo2_model * base = NULL;
+        REQUIRE(zo2_model_load(model_dir, NULL, &base) == 0);
+        p.optimizer = "zo-adam";
+        p.resume_state = 1;
+        CHECK(zo2_session_init(base, &p, &s) == ZO2_ERR_FORMAT);
+        CHECK(s == NULL);
+        CHECK(strstr(zo2_last_error(), "optimizer_state.safetensors") != NULL);
+        zo2_model_free(base);
+    }
+
+    /* ---- zo-sgd-cons ---- */
+    snprintf(dir, sizeof dir, "%s/cons", work);
+    snprintf(log, sizeof log, "%s/cons_seed_log.jsonl", work);
+    snprintf(state, sizeof state, "%s/current/optimizer_state.safetensors", dir);
+    snprintf(cfg, sizeof cfg, "%s/config.json", dir);
+    {
+        zo2_session_params p = test_params(log);
+        zo2_session * s = NULL;
+        float before = 0.0f, after = 0.0f;
+        p.optimizer = "zo-sgd-cons";
+        REQUIRE(zo2_session_init(model, &p, &s) == 0);
+        CHECK(zo2_session_eval(s, batch, &before) == 0);
+        for (i = 0; i < 5; ++i) {
+            memset(&r, 0, sizeof r);
+            CHECK(zo2_session_step(s, batch, &r) == 0);
+            CHECK(r.loss_plus > 0.0f && r.loss_minus > 0.0f);
+            CHECK(r.projected_grad == r.projected_grad);
+        }
+        CHECK(zo2_session_step_index(s) == 5);
+        CHECK(zo2_session_eval(s, batch, &after) == 0);
+        /* conservative: each step keeps the best of θ, θ − lr·g·z, θ + lr·g·z on this batch,
+         * so the loss on it cannot rise (up to the rounding of a candidate's weights) */
+        CHECK(after <= before * (1.0f + 1e-5f));
+        CHECK(zo2_session_save(s, dir) == 0);
+        CHECK(file_exists(cfg));
+        CHECK(!file_exists(state)); /* no state to save */
+        CHECK(count_lines(log) == 1 + 5);
+        CHECK(file_contains(log, "zo-sgd-cons"));
+        CHECK(file_contains(log, "\"choice\""));
+        zo2_session_free(s);
+    }
+    return 0;
 }
 
 int main(int argc, char ** argv) {
@@ -163,6 +302,9 @@ int main(int argc, char ** argv) {
     CHECK(zo2_session_step(s2, &batch, NULL) == ZO2_ERR_INVALID_ARGUMENT);
     CHECK(strstr(zo2_last_error(), "evaluation only") != NULL);
     zo2_session_free(s2);
+
+    /* ---- the update rules ---- */
+    CHECK(rule_runs(work, model, &batch) == 0);
 
     /* ---- a few error cases ---- */
     zo2_model * bad = (zo2_model *) 1;
