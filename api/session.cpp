@@ -23,7 +23,15 @@ PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, Dev
   r.window = cfg.window;
   r.limits = cfg.limits;
   r.logits_out = cfg.logits_out;
-  r.state = StateSpec{cfg.rule.state_buffers(), cfg.rule.state_dtype};
+  const StateSpec state{cfg.rule.state_buffers(), cfg.rule.state_dtype};
+  if (cfg.peft.lora) {
+    // The adapters keep the rule's state; the frozen blocks none.
+    r.adapter_bytes = adapter_bytes(model, cfg.peft, state);
+    r.frozen_base = true;
+    r.limits.lora_rank = cfg.peft.r;
+  } else {
+    r.state = state;
+  }
   if (cfg.training) {
     const RuleEstimate est = estimate_plan(cfg.rule, 1e-3f);
     r.passes = static_cast<int>(est.passes.size()) + (cfg.rule.host_sync() ? (est.unperturbed_slot >= 0 ? 1 : 2) : 0);
@@ -80,13 +88,17 @@ Session::Session(const std::filesystem::path& model_path, const SessionConfig& c
   const ModelConfig model = ModelConfig::load(model_dir);
   fit_arena_to(plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity())));
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
-  store_ = std::make_unique<BlockStore>(BlockStore::load(model_dir, cfg_.storage, *device_, state));
+  store_ = std::make_unique<BlockStore>(
+      BlockStore::load(model_dir, cfg_.storage, *device_, cfg_.peft.lora ? StateSpec{} : state));
+  open_adapters(model);
   if (cfg_.resume_state && state.buffers > 0) {
-    const std::filesystem::path file = model_dir / kOptimizerStateFile;
+    // A LoRA run keeps its state beside its adapter; a full run beside its checkpoint.
+    const std::filesystem::path file = (cfg_.peft.lora ? cfg_.adapter_dir : model_dir) / kOptimizerStateFile;
     if (!std::filesystem::exists(file))
       fail(ErrorKind::format, "{}: missing; the run used --optimizer {}, whose state a resume needs", file.string(),
            rule_name(cfg_.rule.kind));
-    store_->load_state(file);
+    if (cfg_.peft.lora) adapters_->load_state(file);
+    else store_->load_state(file);
   }
   init(cfg_);
 }
@@ -98,8 +110,18 @@ Session::Session(const ModelConfig& model, const SessionConfig& cfg, std::uint64
   fit_arena_to(plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity())));
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
   store_ = std::make_unique<BlockStore>(
-      BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks, state));
+      BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks, cfg_.peft.lora ? StateSpec{} : state));
+  open_adapters(model);
   init(cfg_);
+}
+
+void Session::open_adapters(const ModelConfig& model) {
+  if (!cfg_.peft.lora) return;
+  validate_peft(cfg_.peft, model);
+  adapters_ = std::make_unique<AdapterStore>(model, cfg_.peft,
+                                             StateSpec{cfg_.rule.state_buffers(), cfg_.rule.state_dtype}, *device_,
+                                             cfg_.run_seed);
+  if (!cfg_.adapter_dir.empty()) adapters_->load_peft(cfg_.adapter_dir);
 }
 
 void Session::init(const SessionConfig& cfg) {
@@ -118,6 +140,7 @@ void Session::init(const SessionConfig& cfg) {
   so.seq = req.seq;
   so.branches = req.branches;
   so.rule = cfg.rule;  // an evaluation session keeps the default; replay needs the log's
+  so.adapters = adapters_.get();
   so.logits_out = cfg.logits_out;
   so.fault = cfg.fault;
   scheduler_ = std::make_unique<Scheduler>(*device_, *store_, placement, so);
@@ -129,6 +152,7 @@ void Session::init(const SessionConfig& cfg) {
     h.base_model = cfg.base_model;
     h.first_step = cfg.first_step;
     h.rule = cfg.rule;
+    h.peft = cfg.peft;
     seed_log_ = std::make_unique<SeedLogWriter>(cfg.seed_log, h, cfg.seed_log_append, next_step_);
   }
 }
@@ -221,7 +245,7 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
          out_dir.string());
   sync();
   try {
-    store_->check_finite();
+    if (!adapters_) store_->check_finite();
   } catch (const Error& e) {
     fail(e.kind(), "{}: not saved at step {}: {}", out_dir.string(), next_step_, e.what());
   }
@@ -232,14 +256,21 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
   r.state["storage_dtype"] = std::string(dtype_name(cfg_.storage));
   r.state["save_dtype"] = std::string(dtype_name(dtype));
   r.state["optimizer"] = rule_to_json(cfg_.rule);
+  if (cfg_.peft.lora) r.state["peft"] = peft_to_json(cfg_.peft);
   if (seed_log_) {
     seed_log_->sync();  // the log lines this checkpoint needs reach the disk before it is published
     r.seed_log = seed_log_->path();
     r.seed_log_position = seed_log_->position();
   }
   r.write = [&](const std::filesystem::path& dir) {
-    store_->save(dir, dtype, shard_bytes);
-    if (store_->state().buffers > 0) store_->save_state(dir / kOptimizerStateFile);
+    if (adapters_) {
+      // A LoRA run saves its adapter (PEFT's layout), not the frozen base.
+      adapters_->save_peft(dir, cfg_.base_model);
+      if (adapters_->state().buffers > 0) adapters_->save_state(dir / kOptimizerStateFile);
+    } else {
+      store_->save(dir, dtype, shard_bytes);
+      if (store_->state().buffers > 0) store_->save_state(dir / kOptimizerStateFile);
+    }
     if (extras.extra_files) extras.extra_files(dir);
   };
   publish_checkpoint(out_dir, r);

@@ -8,6 +8,8 @@
 #include "offload/planner.h"
 #include "offload/scheduler.h"
 #include "runtime/device.h"
+#include "models/peft.h"
+#include "offload/adapter_store.h"
 #include "zo/rule.h"
 #include "zo/seed_log.h"
 
@@ -38,6 +40,11 @@ struct SessionConfig {
   // Resume: read the rule's state from the checkpoint's optimizer_state.safetensors (a
   // rule with state only; Error(format) naming the file when it is missing or mismatched).
   bool resume_state = false;
+  // LoRA (models/peft.h, Note [LoRA under ZO]): adapters the rule trains alone, the base
+  // frozen. adapter_dir: start from (or evaluate) the adapter saved there, in PEFT's layout
+  // (its adapter_config.json decides peft); else adapters are initialized from run_seed.
+  PeftConfig peft;
+  std::filesystem::path adapter_dir;
   int max_batch = 1;               // capacity of the activations: sequences ×
   int max_seq = 0;                 // tokens per sequence (0 = max_position_embeddings)
   bool training = true;            // false: evaluation only (one branch, less memory)
@@ -71,6 +78,7 @@ class Session {
   const Placement& placement() const { return scheduler_->placement(); }
   Device& device() { return *device_; }
   BlockStore& store() { return *store_; }
+  AdapterStore* adapters() { return adapters_.get(); }
   Scheduler& scheduler() { return *scheduler_; }
   const SessionConfig& session_config() const { return cfg_; }
 
@@ -106,6 +114,7 @@ class Session {
 
  private:
   void init(const SessionConfig& cfg);
+  void open_adapters(const ModelConfig& model);
   void fit_arena_to(const Placement& plan);
   void drain();
 
@@ -114,6 +123,7 @@ class Session {
   bool model_is_run_ = false;         // it is a run directory (read through its current checkpoint)
   std::unique_ptr<Device> device_;
   std::unique_ptr<BlockStore> store_;
+  std::unique_ptr<AdapterStore> adapters_;
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<SeedLogWriter> seed_log_;
   std::int64_t next_step_ = 0;

@@ -66,6 +66,7 @@ WorkspacePlan ModelGraph::workspace_plan(int branches, int batch, int seq) const
     act("mlp", c.ffn_dim);
     if (c.family == ModelFamily::llama) act("mlp up", c.ffn_dim);
     if (c.has_projections()) act("projected embeddings", c.word_embed_proj_dim);
+    if (limits_.lora_rank > 0) act("LoRA x·Aᵀ", limits_.lora_rank);
     p.items.push_back({"cross-entropy state" + tag, n * 3 * sizeof(float)});
     p.items.push_back({"token losses" + tag, n * sizeof(float)});
     p.items.push_back({"loss" + tag, sizeof(float)});
@@ -105,6 +106,7 @@ void ModelGraph::allocate(Device& device, Stream& s, int nbranches, int batch, i
     b.m1 = act(c.ffn_dim);
     if (c.family == ModelFamily::llama) b.m2 = act(c.ffn_dim);
     if (c.has_projections()) b.emb = act(c.word_embed_proj_dim);
+    if (limits_.lora_rank > 0) b.lora = act(limits_.lora_rank);
     b.ce_state = static_cast<float*>(next());
     b.row_loss = static_cast<float*>(next());
     b.loss = static_cast<float*>(next());
@@ -165,6 +167,9 @@ void ModelGraph::linear(Ops& ops, Stream& s, const WeightSet& ws, Role weight, R
                         Mat Branch::*in, Mat Branch::*out, const NoiseArgs* noise, int nb, bool relu,
                         Mat Branch::*residual) {
   const StoredTensor& w = ws.at(weight);
+  // An adapted layer adds its adapter after W's tiles; the ReLU waits for it.
+  const bool adapted = lora_ && lora_->a.find(weight);
+  const bool fused_relu = relu && !adapted;
   // The bias first: each output tile's op adds its slice of it (and applies the ReLU).
   const StoredTensor* bt = ws.find(bias);
   const Views bv = vector(ops, s, bt, noise, 0);
@@ -177,10 +182,45 @@ void ModelGraph::linear(Ops& ops, Stream& s, const WeightSet& ws, Role weight, R
       Branch& br = branches_[static_cast<std::size_t>(b)];
       const void* bias_tile = bt ? static_cast<const char*>(bv.w[b].data) + r0 * esize : nullptr;
       const Mat residual_tile = residual ? (br.*residual).cols_range(r0, r1) : Mat{};
-      ops.linear(s, br.*in, v.w[b], (br.*out).cols_range(r0, r1), bias_tile, relu,
+      ops.linear(s, br.*in, v.w[b], (br.*out).cols_range(r0, r1), bias_tile, fused_relu,
                  residual ? &residual_tile : nullptr);
     }
   }
+  if (adapted) {
+    lora_add(ops, s, weight, in, out, nb, residual);
+    if (relu)
+      for (int b = 0; b < nb; ++b) ops.relu(s, branches_[static_cast<std::size_t>(b)].*out);
+  }
+}
+
+bool ModelGraph::lora_add(Ops& ops, Stream& s, Role weight, Mat Branch::*in, Mat Branch::*out, int nb,
+                          Mat Branch::*residual) {
+  const StoredTensor* a = lora_->a.find(weight);
+  if (!a) return false;
+  const StoredTensor& b = lora_->b.at(weight);
+  ZO2_CHECK(a->rows <= limits_.lora_rank && b.cols == a->rows);
+  // lora = in·A±ᵀ, A's rows (the rank) in tiles.
+  const std::int64_t ta = tile_rows(*a);
+  for (std::int64_t r0 = 0; r0 < a->rows; r0 += ta) {
+    const std::int64_t r1 = std::min(a->rows, r0 + ta);
+    const Views v = materialize(ops, s, *a, r0, r1, lora_noise_, weight_scratch_[0], weight_scratch_[1]);
+    for (int i = 0; i < nb; ++i) {
+      Branch& br = branches_[static_cast<std::size_t>(i)];
+      ops.gemm(s, br.*in, false, v.w[i], true, br.lora.cols_range(0, a->rows).cols_range(r0, r1), 1.0f, 0.0f);
+    }
+  }
+  // out (or the residual stream) += scale·lora·B±ᵀ, B's rows (the layer's outputs) in tiles.
+  const std::int64_t tb = tile_rows(b);
+  for (std::int64_t r0 = 0; r0 < b.rows; r0 += tb) {
+    const std::int64_t r1 = std::min(b.rows, r0 + tb);
+    const Views v = materialize(ops, s, b, r0, r1, lora_noise_, weight_scratch_[0], weight_scratch_[1]);
+    for (int i = 0; i < nb; ++i) {
+      Branch& br = branches_[static_cast<std::size_t>(i)];
+      const Mat target = (br.*(residual ? residual : out)).cols_range(r0, r1);
+      ops.gemm(s, br.lora.cols_range(0, a->rows), false, v.w[i], true, target, lora_->scale, 1.0f);
+    }
+  }
+  return true;
 }
 
 void ModelGraph::norm(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias,
@@ -224,8 +264,8 @@ namespace {
 // Restricts a branch's activations to the batch's tokens (the workspace may be larger).
 Branch rows_of(const Branch& b, std::int64_t n) {
   Branch r = b;
-  for (Mat Branch::*m : {&Branch::hidden, &Branch::x, &Branch::q, &Branch::k, &Branch::v,
-                         &Branch::attn, &Branch::m1, &Branch::m2, &Branch::emb, &Branch::final})
+  for (Mat Branch::*m : {&Branch::hidden, &Branch::x, &Branch::q, &Branch::k, &Branch::v, &Branch::attn,
+                         &Branch::m1, &Branch::m2, &Branch::emb, &Branch::lora, &Branch::final})
     if ((r.*m).data) r.*m = (r.*m).rows_range(0, n);
   return r;
 }
@@ -256,8 +296,11 @@ void ModelGraph::embed(Ops& ops, Stream& s, const WeightSet& g, const BatchView&
 }
 
 void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView& batch,
-                       const NoiseArgs* noise, int nb) {
+                       const NoiseArgs* noise, int nb, const LoraSet* lora, const NoiseArgs* lora_noise) {
   ZO2_CHECK(batch.tokens() <= capacity_tokens_);
+  ZO2_CHECK(!lora || limits_.lora_rank > 0);
+  lora_ = lora;
+  lora_noise_ = lora_noise;
   std::vector<Branch> saved(branches_.begin(), branches_.begin() + nb);
   for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = rows_of(saved[static_cast<std::size_t>(i)], batch.tokens());
   const bool opt = config_.family == ModelFamily::opt;
@@ -291,6 +334,8 @@ void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView&
   }
   if (!pre) norm(ops, s, w, Role::mlp_norm_w, Role::mlp_norm_b, &Branch::hidden, &Branch::hidden, noise, nb);
   for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = saved[static_cast<std::size_t>(i)];
+  lora_ = nullptr;
+  lora_noise_ = nullptr;
 }
 
 void ModelGraph::finish(Ops& ops, Stream& s, const WeightSet& g, const BatchView& batch,

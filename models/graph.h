@@ -35,6 +35,13 @@ struct WeightSet {
   const StoredTensor& at(Role r) const;
 };
 
+// LoRA adapters of one block (models/peft.h, Note [LoRA under ZO]): A [r, in] and B [out, r]
+// of each adapted linear layer, addressed by the role of its W; y += scale·(x·Aᵀ)·Bᵀ.
+struct LoraSet {
+  WeightSet a, b;
+  float scale = 0;
+};
+
 // Device-side inputs of one batch of `batch` sequences × `seq` tokens.
 struct BatchView {
   int batch = 0;
@@ -51,6 +58,7 @@ struct BatchView {
 // One activation stream. `final` is the input of the LM head.
 struct Branch {
   Mat hidden, x, q, k, v, attn, m1, m2, emb;
+  Mat lora;  // [N, r]: x·Aᵀ of the adapter being applied
   Mat final;
   float* ce_state = nullptr;  // [N, 3]
   float* row_loss = nullptr;  // [N]
@@ -63,6 +71,7 @@ struct GraphLimits {
   // each tile's GEMM stays large.
   std::int64_t weight_tile_elems = std::int64_t{1} << 24;
   std::int64_t vocab_tile = 8192;      // LM head rows per logits tile
+  int lora_rank = 0;                   // > 0: room for LoRA adapters of this rank
 };
 
 // Everything the graph needs on the device for `branches` streams of N tokens.
@@ -90,8 +99,11 @@ class ModelGraph {
   // noise != nullptr: two branches, the first sees W + eps·z, the second W − eps·z.
   void embed(Ops& ops, Stream& s, const WeightSet& globals, const BatchView& batch,
              const NoiseArgs* noise, int nbranches);
+  // With lora, the block's adapters add to their layers; lora_noise perturbs them (and
+  // noise the base weights; LoRA training passes nullptr there: the base is frozen).
   void block(Ops& ops, Stream& s, const WeightSet& block, const BatchView& batch,
-             const NoiseArgs* noise, int nbranches);
+             const NoiseArgs* noise, int nbranches, const LoraSet* lora = nullptr,
+             const NoiseArgs* lora_noise = nullptr);
   // Final norm (+ OPT project_out) into each branch's `final`.
   void finish(Ops& ops, Stream& s, const WeightSet& globals, const BatchView& batch,
               const NoiseArgs* noise, int nbranches);
@@ -117,6 +129,11 @@ class ModelGraph {
   void linear(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias, Mat Branch::*in,
               Mat Branch::*out, const NoiseArgs* noise, int nbranches, bool relu = false,
               Mat Branch::*residual = nullptr);
+  // The adapter of `weight` (if lora has one): out (or residual) += scale·(in·A±ᵀ)·B±ᵀ.
+  bool lora_add(Ops& ops, Stream& s, Role weight, Mat Branch::*in, Mat Branch::*out, int nbranches,
+                Mat Branch::*residual);
+  const LoraSet* lora_ = nullptr;          // during block(): the block's adapters
+  const NoiseArgs* lora_noise_ = nullptr;
   void norm(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias, Mat Branch::*in,
             Mat Branch::*out, const NoiseArgs* noise, int nbranches);
   void attention(Ops& ops, Stream& s, const BatchView& batch, int nbranches);

@@ -73,7 +73,9 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
                               static_cast<std::size_t>(config.vocab_size) * sizeof(float));
   const std::size_t block = align_up(p.block_bytes);
   p.backend_bytes = r.backend_bytes;
-  const std::size_t fixed = p.globals_bytes + p.workspace_bytes + p.batch_bytes + p.logits_bytes + p.backend_bytes;
+  p.adapter_bytes = align_up(r.adapter_bytes);
+  const std::size_t fixed =
+      p.globals_bytes + p.workspace_bytes + p.batch_bytes + p.logits_bytes + p.backend_bytes + p.adapter_bytes;
   const int k_min = static_cast<int>(std::min<std::int64_t>(r.window, L));
   // In auto mode the window may shrink to 2 slots when the requested one does not fit.
   const int k_floor = r.mode == OffloadMode::auto_ ? static_cast<int>(std::min<std::int64_t>(2, k_min)) : k_min;
@@ -143,7 +145,9 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   // update) writes them back.
   p.passes = std::max(1, r.passes);
   p.h2d_bytes_per_step = static_cast<std::size_t>(p.passes) * static_cast<std::size_t>(p.streamed) * p.block_bytes;
-  p.d2h_bytes_per_step = r.branches == 2 ? static_cast<std::size_t>(p.streamed) * p.block_bytes : 0;
+  p.d2h_bytes_per_step =
+      r.branches == 2 && !r.frozen_base ? static_cast<std::size_t>(p.streamed) * p.block_bytes : 0;
+  p.host_bytes += r.adapter_bytes;
   p.predicted_transfer_s = std::max(static_cast<double>(p.h2d_bytes_per_step) / r.h2d_bytes_per_s,
                                     static_cast<double>(p.d2h_bytes_per_step) / r.d2h_bytes_per_s);
   return p;
@@ -167,6 +171,7 @@ std::string Placement::describe(const ModelConfig& config) const {
   line("activations and scratch", static_cast<double>(workspace_bytes));
   line("batch buffers", static_cast<double>(batch_bytes));
   if (logits_bytes) line("logits", static_cast<double>(logits_bytes));
+  if (adapter_bytes) line("LoRA adapters (+ state)", static_cast<double>(adapter_bytes));
   if (backend_bytes) line("cuBLAS and attention scratch", static_cast<double>(backend_bytes));
   line("predicted device peak", static_cast<double>(total_bytes));
   line("cap", static_cast<double>(cap));

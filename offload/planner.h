@@ -42,6 +42,10 @@ struct PlanRequest {
   DType compute = DType::f32;
   StateSpec state;                // the rule's state, streamed and resident with each block
   int passes = 1;                 // forward passes a step makes over the blocks (the rule's)
+  // LoRA (models/peft.h): the adapters and their state, resident on the device; the base
+  // blocks are frozen, so nothing is written back.
+  std::size_t adapter_bytes = 0;
+  bool frozen_base = false;
   OffloadMode mode = OffloadMode::auto_;
   int window = 3;                 // K device slots for streamed blocks
   GraphLimits limits;
@@ -66,6 +70,7 @@ struct Placement {
   std::size_t slot_bytes = 0;       // window × block
   std::size_t resident_bytes = 0;   // resident blocks
   std::size_t logits_bytes = 0;
+  std::size_t adapter_bytes = 0;    // LoRA adapters and their state (resident)
   std::size_t backend_bytes = 0;    // cuBLAS workspace and attention scratch (CUDA)
   std::size_t total_bytes = 0;      // predicted arena peak
   std::size_t cap = 0;

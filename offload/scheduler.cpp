@@ -28,10 +28,12 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
   if (options_.branches != 1 && options_.branches != 2)
     fail(ErrorKind::invalid_argument, "a scheduler runs one or two branches, not {}", options_.branches);
   validate_rule(options_.rule, 0.0f);
-  if (store.state().buffers != options_.rule.state_buffers() ||
+  // Under LoRA the adapters keep the rule's state and the frozen blocks none.
+  const int block_buffers = options_.adapters ? 0 : options_.rule.state_buffers();
+  if (store.state().buffers != block_buffers ||
       (store.state().buffers > 0 && store.state().dtype != options_.rule.state_dtype))
     fail(ErrorKind::internal, "the block store keeps {} state buffers, the rule {} needs {}", store.state().buffers,
-         rule_name(options_.rule.kind), options_.rule.state_buffers());
+         rule_name(options_.rule.kind), block_buffers);
   Arena& arena = device.arena();
   // Images with their state (Note [Update rules] in zo/rule.h): what is copied and held.
   const std::size_t block_bytes = store.stream_bytes();
@@ -72,6 +74,30 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
   }
   for (std::int64_t i = 0; i < L; ++i) offloaded_.push_back(device.make_event());
 
+  if (AdapterStore* ad = options_.adapters) {
+    ZO2_CHECK(ad->num_blocks() == L && buffers == 0);
+    ZO2_CHECK(ad->state().buffers == options_.rule.state_buffers());
+    adapter_dev_.resize(static_cast<std::size_t>(L));
+    lora_.resize(static_cast<std::size_t>(L));
+    adapter_state_w_.resize(static_cast<std::size_t>(L));
+    for (std::int64_t i = 0; i < L; ++i) {
+      const auto u = static_cast<std::size_t>(i);
+      adapter_dev_[u] = arena.allocate(ad->image_bytes(), fmt::format("LoRA adapters of block {}", i));
+      compute_->copy_h2d(adapter_dev_[u].data(), ad->image(i), ad->image_bytes());
+      totals_.h2d_bytes += ad->image_bytes();
+      auto* base = static_cast<char*>(adapter_dev_[u].data());
+      const LoraLayout& l = ad->layout(i);
+      lora_[u].a = bind_weights(l.a, base);
+      lora_[u].b = bind_weights(l.b, base + l.b_offset);
+      lora_[u].scale = ad->peft().scale();
+      for (int k = 0; k < ad->state().buffers; ++k) {
+        const LoraLayout& sl = ad->state_layout(i);
+        char* s = base + ad->state_offset(k);
+        adapter_state_w_[u][static_cast<std::size_t>(2 * k)] = bind_weights(sl.a, s);
+        adapter_state_w_[u][static_cast<std::size_t>(2 * k + 1)] = bind_weights(sl.b, s + sl.b_offset);
+      }
+    }
+  }
   graph_.allocate(device, *compute_, options_.branches, options_.batch, options_.seq);
 
   const std::size_t n = static_cast<std::size_t>(options_.batch) * static_cast<std::size_t>(options_.seq);
@@ -223,7 +249,8 @@ void Scheduler::run_blocks(const Use& use) {
     begin_busy(*compute_);
     if (use.update) apply_update(w, layout, st);
     if (use.forward) {
-      graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches);
+      graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches,
+                   lora_.empty() ? nullptr : &lora_[static_cast<std::size_t>(i)], use.adapter_noise);
       if (use.hidden && i + 1 < L)  // the last block's output is replaced by the final one
         capture_hidden(graph_.branches()[0].hidden, use.batch->tokens(), use.hidden);
     }
@@ -283,14 +310,18 @@ void Scheduler::run_blocks(const Use& use) {
 
 void Scheduler::forward_pass(const BatchView& view, const NoiseArgs* noise, int nb, bool update,
                              std::int64_t busy_tag) {
+  // Under LoRA the base is frozen: its noise is the adapters', its update theirs.
+  const bool lora = !lora_.empty();
+  const NoiseArgs* base_noise = lora ? nullptr : noise;
   if (busy_tag >= 0) compute_->begin_busy(busy_tag);
-  if (update) apply_update(globals_w_, store_.globals_layout(), globals_state_w_);
-  graph_.embed(ops_, *compute_, globals_w_, view, noise, nb);
+  if (update && lora) apply_adapter_updates();
+  if (update && !lora) apply_update(globals_w_, store_.globals_layout(), globals_state_w_);
+  graph_.embed(ops_, *compute_, globals_w_, view, base_noise, nb);
   if (busy_tag >= 0) compute_->end_busy();
-  run_blocks(Use{update, true, nb, noise, &view, nullptr, busy_tag});
+  run_blocks(Use{update && !lora, true, nb, base_noise, lora ? noise : nullptr, &view, nullptr, busy_tag});
   if (busy_tag >= 0) compute_->begin_busy(busy_tag);
-  graph_.finish(ops_, *compute_, globals_w_, view, noise, nb);
-  graph_.head(ops_, *compute_, globals_w_, view, noise, nb);
+  graph_.finish(ops_, *compute_, globals_w_, view, base_noise, nb);
+  graph_.head(ops_, *compute_, globals_w_, view, base_noise, nb);
   if (busy_tag >= 0) compute_->end_busy();
 }
 
@@ -425,9 +456,30 @@ StepResult Scheduler::wait_result(std::int64_t step) {
 
 void Scheduler::flush() {
   if (!pending_.active) return;
-  apply_update(globals_w_, store_.globals_layout(), globals_state_w_);
-  run_blocks(Use{true, false, 0, nullptr, nullptr, nullptr});
+  if (!lora_.empty()) {
+    apply_adapter_updates();
+  } else {
+    apply_update(globals_w_, store_.globals_layout(), globals_state_w_);
+    run_blocks(Use{true, false, 0, nullptr, nullptr, nullptr, nullptr});
+  }
   pending_.active = false;
+}
+
+void Scheduler::apply_adapter_updates() {
+  for (std::size_t i = 0; i < lora_.size(); ++i) {
+    const LoraLayout& l = options_.adapters->layout(static_cast<std::int64_t>(i));
+    const auto& st = adapter_state_w_[i];
+    const WeightSet sa[2] = {st[0], st[2]}, sb[2] = {st[1], st[3]};
+    apply_update(lora_[i].a, l.a, sa);
+    apply_update(lora_[i].b, l.b, sb);
+  }
+}
+
+void Scheduler::sync_adapters_to_host() {
+  AdapterStore* ad = options_.adapters;
+  if (!ad) return;
+  for (std::size_t i = 0; i < adapter_dev_.size(); ++i)
+    compute_->copy_d2h(ad->image(static_cast<std::int64_t>(i)), adapter_dev_[i].data(), ad->image_bytes());
 }
 
 void Scheduler::replay_update(std::int64_t step, std::uint64_t seed, float lr, float weight_decay,
@@ -464,7 +516,7 @@ float Scheduler::eval(const HostBatch& batch, const EvalOptions& o) {
   }
   graph_.embed(ops_, *compute_, globals_w_, view, nullptr, 1);
   capture_hidden(graph_.branches()[0].hidden, n, o.hidden_states);
-  run_blocks(Use{false, true, 1, nullptr, &view, o.hidden_states});
+  run_blocks(Use{false, true, 1, nullptr, nullptr, &view, o.hidden_states});
   graph_.finish(ops_, *compute_, globals_w_, view, nullptr, 1);
   capture_hidden(graph_.branches()[0].final, n, o.hidden_states);
   Mat logits;
@@ -493,6 +545,7 @@ float Scheduler::eval(const HostBatch& batch, const EvalOptions& o) {
 
 void Scheduler::sync_to_host() {
   flush();
+  sync_adapters_to_host();
   compute_->copy_d2h(store_.globals_image(), globals_dev_.data(), store_.globals_stream_bytes());
   for (std::int64_t i = 0; i < store_.num_blocks(); ++i)
     if (placement_.resident[static_cast<std::size_t>(i)])

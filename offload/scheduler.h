@@ -31,6 +31,7 @@
 #pragma once
 #include "models/batch.h"
 #include "models/graph.h"
+#include "offload/adapter_store.h"
 #include "offload/block_store.h"
 #include "offload/planner.h"
 #include "runtime/device.h"
@@ -99,6 +100,9 @@ struct SchedulerOptions {
   int seq = 1;
   int branches = 2;
   RuleConfig rule;  // the update rule a training scheduler asks (zo/rule.h)
+  // LoRA (Note [LoRA under ZO]): the adapters, resident on the device for the whole run;
+  // the rule perturbs and updates them alone, and streamed blocks are never written back.
+  AdapterStore* adapters = nullptr;
   bool logits_out = false;
   SchedulerFault fault = SchedulerFault::none;  // tests only
 };
@@ -153,7 +157,8 @@ class Scheduler {
     bool update;    // apply the pending update
     bool forward;   // run the forward graph
     int branches;
-    const NoiseArgs* noise;
+    const NoiseArgs* noise;  // the base weights' (nullptr under LoRA: frozen)
+    const NoiseArgs* adapter_noise;  // the LoRA adapters'
     const struct BatchView* batch;
     std::vector<std::vector<float>>* hidden;
     std::int64_t busy_tag = -1;  // ≥ 0: time each stream's work under this tag (a step)
@@ -187,6 +192,12 @@ class Scheduler {
   std::vector<DeviceBuffer> resident_dev_;       // per block (empty when streamed)
   std::vector<WeightSet> resident_w_;
   std::vector<std::array<WeightSet, 2>> resident_state_w_;
+  // LoRA: per block the adapters' device image, their LoraSet and their state (A's, B's).
+  std::vector<DeviceBuffer> adapter_dev_;
+  std::vector<LoraSet> lora_;
+  std::vector<std::array<WeightSet, 4>> adapter_state_w_;  // [k·2 + 0] A's, [k·2 + 1] B's of buffer k
+  void apply_adapter_updates();
+  void sync_adapters_to_host();
   std::vector<DeviceBuffer> slots_;
   // Note [Window slot lifecycle]: the byte ranges a slot is handed over in, and per slot
   // and range (slot k, range c at k × ranges + c) the event that frees it.

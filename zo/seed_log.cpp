@@ -86,6 +86,7 @@ std::string header_line(const SeedLogHeader& h) {
          {"base_model", h.base_model},
          {"first_step", h.first_step}};
   if (h.rule != RuleConfig{}) j["optimizer"] = rule_to_json(h.rule);  // a zo-sgd log keeps its old bytes
+  if (h.peft.lora) j["peft"] = peft_to_json(h.peft);
   return j.dump();
 }
 
@@ -113,6 +114,9 @@ SeedLogWriter::SeedLogWriter(const std::filesystem::path& path, const SeedLogHea
     : path_(path), rule_(header.rule) {
   if (append && std::filesystem::exists(path)) {
     const SeedLog old = SeedLog::read(path);
+    if (!(old.header.peft == header.peft))
+      fail(ErrorKind::invalid_argument, "{}: the seed log's run trained {}, not {}; appending would make it replay neither",
+           path.string(), old.header.peft.describe(), header.peft.describe());
     if (old.header.rule != header.rule)
       fail(ErrorKind::invalid_argument,
            "{}: the seed log's run used the update rule {}, not {}; appending would make it replay neither",
@@ -239,6 +243,7 @@ SeedLog SeedLog::read(const std::filesystem::path& path) {
       if (log.header.first_step < 0)
         fail(ErrorKind::format, "{}: field 'first_step' = {} is negative", where, log.header.first_step);
       if (j.contains("optimizer")) log.header.rule = rule_from_json(j.at("optimizer"), where);
+      if (j.contains("peft")) log.header.peft = peft_from_json(j.at("peft"), where);
       have_header = true;
       log.header_end = log.valid_bytes = pos;
       continue;

@@ -14,6 +14,7 @@
 // up to its checkpoint's step (api/run_dir.h), so a log from another run, or one edited or
 // rewritten, is refused by name before a resume appends to it.
 #pragma once
+#include "models/peft.h"
 #include "zo/rule.h"
 
 #include <cstdint>
@@ -42,6 +43,7 @@ struct SeedLogHeader {
   std::string base_model;  // the checkpoint the run started from
   std::int64_t first_step = 0;
   RuleConfig rule;  // "optimizer" (absent: zo-sgd, one direction, central — the log of before rules)
+  PeftConfig peft;  // "peft" (absent: full fine-tuning); LoRA adapters start from run_seed's init
 };
 
 // Where a log stands: the bytes written so far (complete lines only) and their CRC-32.

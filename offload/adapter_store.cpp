@@ -1,0 +1,252 @@
+#include "offload/adapter_store.h"
+
+#include "models/checkpoint.h"
+#include "models/safetensors.h"
+#include "runtime/common.h"
+#include "runtime/element.h"
+#include "runtime/error.h"
+#include "runtime/file_util.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+#include <oneapi/tbb/parallel_for.h>
+
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+namespace zo2 {
+namespace fs = std::filesystem;
+
+std::size_t adapter_bytes(const ModelConfig& c, const PeftConfig& p, const StateSpec& state) {
+  if (!p.lora || c.num_layers == 0) return 0;
+  const LoraLayout w = lora_layout(c, 0, p);
+  const LoraLayout s = lora_layout(c, 0, p, state.dtype);
+  return static_cast<std::size_t>(c.num_layers) * image_with_state_bytes(w.bytes, s.bytes, state.buffers);
+}
+
+AdapterStore::AdapterStore(const ModelConfig& config, const PeftConfig& peft, const StateSpec& state, Device& device,
+                           std::uint64_t seed)
+    : config_(config), peft_(peft), state_(state) {
+  ZO2_CHECK(peft.lora);
+  for (std::int64_t i = 0; i < config.num_layers; ++i) {
+    layouts_.push_back(lora_layout(config, i, peft));
+    state_layouts_.push_back(lora_layout(config, i, peft, state.dtype));
+  }
+  image_bytes_ = image_with_state_bytes(layouts_[0].bytes, state_layouts_[0].bytes, state.buffers);
+  for (std::int64_t i = 0; i < config.num_layers; ++i) {
+    images_.push_back(device.alloc_host(image_bytes_));
+    auto* base = static_cast<std::byte*>(images_.back().data());
+    std::memset(base, 0, image_bytes_);
+    init_lora_image(layouts_[static_cast<std::size_t>(i)], base, seed);
+    for (int k = 0; k < state.buffers; ++k) {
+      const LoraLayout& sl = state_layouts_[static_cast<std::size_t>(i)];
+      for (const ImageLayout* part : {&sl.a, &sl.b}) {
+        const std::size_t off = state_offset(k) + (part == &sl.b ? sl.b_offset : 0);
+        for (const TensorSlot& t : part->tensors())
+          if (t.has_scales()) std::fill_n(reinterpret_cast<float*>(base + off + t.scale_offset), t.rows, 1.0f);
+      }
+    }
+  }
+}
+
+std::size_t AdapterStore::state_offset(int k) const {
+  return align_up(layouts_.at(0).bytes) + static_cast<std::size_t>(k) * align_up(state_layouts_.at(0).bytes);
+}
+
+bool AdapterStore::is_adapter_dir(const fs::path& dir) {
+  std::error_code ec;
+  return fs::is_regular_file(dir / kAdapterConfigFile, ec);
+}
+
+PeftConfig AdapterStore::peft_config_of(const fs::path& dir) {
+  const fs::path file = dir / kAdapterConfigFile;
+  std::ifstream in(file);
+  if (!in) fail(ErrorKind::io, "{}: cannot open (not a PEFT adapter directory?)", file.string());
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(ss.str());
+  } catch (const nlohmann::json::exception& e) {
+    fail(ErrorKind::format, "{}: not valid JSON: {}", file.string(), e.what());
+  }
+  return peft_from_json(j, file.string());
+}
+
+void AdapterStore::save_peft(const fs::path& dir, const std::string& base_model) const {
+  std::vector<TensorToWrite> tensors;
+  for (std::size_t i = 0; i < layouts_.size(); ++i) {
+    const auto* base = static_cast<const std::byte*>(images_[i].data());
+    for (const ImageLayout* part : {&layouts_[i].a, &layouts_[i].b})
+      for (const TensorSlot& t : part->tensors()) {
+        TensorToWrite x;
+        x.name = peft_tensor_name(t.name);
+        x.dtype = DType::f32;
+        x.shape = t.shape();
+        x.data = base + (part == &layouts_[i].b ? layouts_[i].b_offset : 0) + t.offset;
+        tensors.push_back(std::move(x));
+      }
+  }
+  write_safetensors(dir / kAdapterModelFile, tensors, {{"format", "pt"}});
+  // PEFT's LoraConfig fields (to_dict()), with the values zo2 trains with.
+  nlohmann::json j = {{"peft_type", "LORA"},
+                      {"task_type", "CAUSAL_LM"},
+                      {"base_model_name_or_path", base_model},
+                      {"r", peft_.r},
+                      {"lora_alpha", peft_.alpha},
+                      {"lora_dropout", 0.0},
+                      {"target_modules", peft_.targets},
+                      {"bias", "none"},
+                      {"fan_in_fan_out", false},
+                      {"init_lora_weights", true},
+                      {"inference_mode", true},
+                      {"modules_to_save", nullptr},
+                      {"layers_to_transform", nullptr},
+                      {"layers_pattern", nullptr},
+                      {"rank_pattern", nlohmann::json::object()},
+                      {"alpha_pattern", nlohmann::json::object()},
+                      {"use_rslora", false},
+                      {"use_dora", false},
+                      {"revision", nullptr}};
+  write_file_atomic(dir / kAdapterConfigFile, j.dump(2) + "\n");
+}
+
+void AdapterStore::load_peft(const fs::path& dir) {
+  const PeftConfig p = peft_config_of(dir);
+  if (!(p == peft_))
+    fail(ErrorKind::invalid_argument, "{}: the adapter is {}, not the {} this session was opened with",
+         (dir / kAdapterConfigFile).string(), p.describe(), peft_.describe());
+  const fs::path file = dir / kAdapterModelFile;
+  const SafetensorsFile f = SafetensorsFile::open(file);
+  std::size_t used = 0;
+  for (std::size_t i = 0; i < layouts_.size(); ++i) {
+    auto* base = static_cast<std::byte*>(images_[i].data());
+    for (const ImageLayout* part : {&layouts_[i].a, &layouts_[i].b})
+      for (const TensorSlot& t : part->tensors()) {
+        const std::string name = peft_tensor_name(t.name);
+        const TensorInfo* info = f.find(name);
+        if (!info) fail(ErrorKind::format, "{}: adapter tensor '{}' is missing", file.string(), name);
+        if (info->shape != t.shape())
+          fail(ErrorKind::format, "{}: adapter tensor '{}' has shape [{}], this model needs [{}]", file.string(), name,
+               fmt::join(info->shape, ", "), fmt::join(t.shape(), ", "));
+        if (info->dtype != DType::f32 && info->dtype != DType::bf16 && info->dtype != DType::f16)
+          fail(ErrorKind::format, "{}: adapter tensor '{}' is {}; zo2 reads fp32, bf16 or fp16 adapters",
+               file.string(), name, dtype_name(info->dtype));
+        auto* dst = reinterpret_cast<float*>(base + (part == &layouts_[i].b ? layouts_[i].b_offset : 0) + t.offset);
+        const auto src = f.bytes(*info);
+        for (std::int64_t e = 0; e < t.numel(); ++e) dst[e] = load_element(src.data(), info->dtype, e, 1.0f);
+        if (const std::int64_t bad = first_non_finite(dst, DType::f32, t.numel()); bad >= 0)
+          fail(ErrorKind::format, "{}: adapter tensor '{}' holds a non-finite value at element {}", file.string(), name,
+               bad);
+        ++used;
+      }
+  }
+  if (used != f.tensors().size())
+    fail(ErrorKind::format, "{}: holds {} tensors, the adapter {} has {}", file.string(), f.tensors().size(),
+         peft_.describe(), used);
+}
+
+void AdapterStore::save_state(const fs::path& file) const {
+  ZO2_CHECK(state_.buffers > 0);
+  std::vector<TensorToWrite> w;
+  for (int k = 0; k < state_.buffers; ++k)
+    for (std::size_t i = 0; i < layouts_.size(); ++i) {
+      const auto* base = static_cast<const std::byte*>(images_[i].data()) + state_offset(k);
+      const LoraLayout& sl = state_layouts_[i];
+      for (const ImageLayout* part : {&sl.a, &sl.b})
+        for (const TensorSlot& t : part->tensors()) {
+          const std::byte* p = base + (part == &sl.b ? sl.b_offset : 0);
+          TensorToWrite x;
+          x.name = fmt::format("{}.state{}", t.name, k);
+          x.dtype = t.dtype;
+          x.shape = t.shape();
+          x.data = p + t.offset;
+          w.push_back(std::move(x));
+          if (t.has_scales()) {
+            TensorToWrite sc;
+            sc.name = fmt::format("{}.state{}.scale", t.name, k);
+            sc.dtype = DType::f32;
+            sc.shape = {t.rows};
+            sc.data = p + t.scale_offset;
+            w.push_back(std::move(sc));
+          }
+        }
+    }
+  write_safetensors(file, w, {{"format", "zo2-optimizer-state"}, {"state_dtype", std::string(dtype_name(state_.dtype))},
+                              {"buffers", std::to_string(state_.buffers)}});
+}
+
+void AdapterStore::load_state(const fs::path& file) {
+  ZO2_CHECK(state_.buffers > 0);
+  const SafetensorsFile f = SafetensorsFile::open(file);
+  std::size_t used = 0;
+  auto copy = [&](const std::string& name, DType dt, const std::vector<std::int64_t>& shape, std::byte* dst,
+                  std::size_t bytes) {
+    const TensorInfo* info = f.find(name);
+    if (!info) fail(ErrorKind::format, "{}: optimizer state tensor '{}' is missing", file.string(), name);
+    if (info->dtype != dt || info->shape != shape)
+      fail(ErrorKind::format, "{}: optimizer state tensor '{}' is {} [{}], expected {} [{}]", file.string(), name,
+           dtype_name(info->dtype), fmt::join(info->shape, ", "), dtype_name(dt), fmt::join(shape, ", "));
+    const auto src = f.bytes(*info);
+    ZO2_CHECK(src.size() == bytes);
+    std::memcpy(dst, src.data(), bytes);
+    if (first_non_finite(dst, dt, static_cast<std::int64_t>(bytes / dtype_size(dt))) >= 0)
+      fail(ErrorKind::format, "{}: optimizer state tensor '{}' holds a non-finite value", file.string(), name);
+    ++used;
+  };
+  for (int k = 0; k < state_.buffers; ++k)
+    for (std::size_t i = 0; i < layouts_.size(); ++i) {
+      auto* base = static_cast<std::byte*>(images_[i].data()) + state_offset(k);
+      const LoraLayout& sl = state_layouts_[i];
+      for (const ImageLayout* part : {&sl.a, &sl.b})
+        for (const TensorSlot& t : part->tensors()) {
+          std::byte* p = base + (part == &sl.b ? sl.b_offset : 0);
+          const std::string name = fmt::format("{}.state{}", t.name, k);
+          copy(name, t.dtype, t.shape(), p + t.offset, t.bytes);
+          if (t.has_scales())
+            copy(name + ".scale", DType::f32, {t.rows}, p + t.scale_offset,
+                 static_cast<std::size_t>(t.rows) * sizeof(float));
+        }
+    }
+  if (used != f.tensors().size())
+    fail(ErrorKind::format, "{}: holds {} tensors, the adapters' optimizer state has {}", file.string(),
+         f.tensors().size(), used);
+}
+
+void AdapterStore::merge_into(BlockStore& store) const {
+  ZO2_CHECK(store.num_blocks() == num_blocks());
+  const float scale = peft_.scale();
+  tbb::parallel_for(std::int64_t{0}, num_blocks(), [&](std::int64_t i) {
+    const LoraLayout& l = layouts_[static_cast<std::size_t>(i)];
+    const auto* base = static_cast<const std::byte*>(images_[static_cast<std::size_t>(i)].data());
+    auto* image = static_cast<std::byte*>(store.block_image(i));
+    const ImageLayout& bl = store.block_layout(i);
+    for (const TensorSlot& ta : l.a.tensors()) {
+      const TensorSlot& tb = *l.b.find(ta.role);
+      const TensorSlot& tw = bl.at(ta.role);
+      const auto* A = reinterpret_cast<const float*>(base + ta.offset);
+      const auto* B = reinterpret_cast<const float*>(base + l.b_offset + tb.offset);
+      const std::int64_t r = ta.rows, in = ta.cols, out = tb.rows;
+      std::vector<float> row(static_cast<std::size_t>(in));
+      float* scales = tw.has_scales() ? reinterpret_cast<float*>(image + tw.scale_offset) : nullptr;
+      for (std::int64_t o = 0; o < out; ++o) {
+        for (std::int64_t c = 0; c < in; ++c) {
+          double d = 0;
+          for (std::int64_t k = 0; k < r; ++k)
+            d += static_cast<double>(B[o * r + k]) * static_cast<double>(A[k * in + c]);
+          const float w = load_element(image + tw.offset, tw.dtype, o * in + c, scales ? scales[o] : 1.0f);
+          row[static_cast<std::size_t>(c)] = w + scale * static_cast<float>(d);
+        }
+        if (scales) {
+          quantize_rows_e4m3(row.data(), 1, in, reinterpret_cast<std::uint8_t*>(image + tw.offset) + o * in, scales + o);
+        } else {
+          for (std::int64_t c = 0; c < in; ++c) store_element(image + tw.offset, tw.dtype, o * in + c, row[static_cast<std::size_t>(c)]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace zo2
