@@ -2,6 +2,7 @@
 
 #include "api/options.h"
 #include "api/session.h"
+#include "api/run_dir.h"
 #include "models/checkpoint.h"
 #include "models/safetensors.h"
 #include "offload/block_store.h"
@@ -9,6 +10,7 @@
 #include "runtime/file_util.h"
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 #include <unistd.h>
 
 #include <cstdio>
@@ -65,6 +67,74 @@ void RuleFlags::add(CLI::App& app) {
   state_dtype_flag = app.add_option("--state-dtype", state_dtype,
                                     "dtype of the momentum/Adam state kept beside the master weights: fp32, bf16, fp8")
                          ->capture_default_str();
+}
+
+void LoraFlags::add(CLI::App& app, bool training) {
+  if (training) {
+    lora_flag = app.add_flag("--lora", lora,
+                             "train LoRA adapters only (the base is frozen: streamed blocks are never written back); "
+                             "saves the adapter in PEFT's layout");
+    r_flag = app.add_option("--lora-r", r, "LoRA rank")->capture_default_str();
+    alpha_flag = app.add_option("--lora-alpha", alpha, "LoRA alpha (the update is scaled by alpha / r)")
+                     ->capture_default_str();
+    targets_flag = app.add_option("--lora-targets", targets,
+                                  "the adapted linear layers, by PEFT module name (OPT: q_proj, k_proj, v_proj, "
+                                  "out_proj, fc1, fc2; LLaMA: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                                  "down_proj)")
+                       ->capture_default_str();
+  }
+  adapter_flag = app.add_option("--adapter", adapter,
+                                "a LoRA adapter (PEFT directory, or a LoRA run directory) applied to --model");
+}
+
+void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
+  namespace fs = std::filesystem;
+  std::string adapter_dir = adapter.empty() ? std::string() : resolve_model_dir(adapter).string();
+  // A LoRA run directory or an adapter directory as --model: its base model and itself.
+  if (adapter_dir.empty() && !model.empty()) {
+    const fs::path m = resolve_model_dir(model);
+    if (AdapterStore::is_adapter_dir(m) && !fs::exists(m / "config.json")) {
+      adapter_dir = m.string();
+      std::ifstream in(m / kAdapterConfigFile);
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(in);
+      } catch (const nlohmann::json::exception& e) {
+        fail(ErrorKind::format, "{}: not valid JSON: {}", (m / kAdapterConfigFile).string(), e.what());
+      }
+      const auto base = j.value("base_model_name_or_path", std::string());
+      if (base.empty() || !fs::exists(fs::path(base) / "config.json"))
+        fail(ErrorKind::invalid_argument,
+             "--model {} is a LoRA adapter whose base model ({}) is not a local checkpoint: pass the base as --model "
+             "and the adapter as --adapter",
+             model, base.empty() ? "unnamed" : base);
+      model = base;
+    }
+  }
+  const bool flags_given = (lora_flag && lora_flag->count() > 0) || (r_flag && r_flag->count() > 0) ||
+                           (alpha_flag && alpha_flag->count() > 0) || (targets_flag && targets_flag->count() > 0);
+  if (!adapter_dir.empty()) {
+    sc.peft = AdapterStore::peft_config_of(adapter_dir);
+    sc.adapter_dir = adapter_dir;
+    if (flags_given) {
+      PeftConfig asked;
+      asked.lora = true;
+      asked.r = r;
+      asked.alpha = static_cast<float>(alpha);
+      asked.targets = parse_lora_targets(targets);
+      if (!(asked == sc.peft))
+        fail(ErrorKind::invalid_argument, "--lora-r/--lora-alpha/--lora-targets ask for {}, but the adapter {} is {}",
+             asked.describe(), adapter_dir, sc.peft.describe());
+    }
+  } else if (lora) {
+    sc.peft.lora = true;
+    sc.peft.r = r;
+    sc.peft.alpha = static_cast<float>(alpha);
+    sc.peft.targets = parse_lora_targets(targets);
+  } else if (flags_given) {
+    fail(ErrorKind::invalid_argument, "--lora-r, --lora-alpha and --lora-targets need --lora");
+  }
+  if (sc.peft.lora && !model.empty()) validate_peft(sc.peft, ModelConfig::load(resolve_model_dir(model)));
 }
 
 bool RuleFlags::any_given() const {

@@ -5,6 +5,7 @@
 #include "models/tokenizer.h"
 #include "tools/dataset.h"
 #include "runtime/dtype.h"
+#include "api/session.h"
 #include "zo/rule.h"
 
 #include <CLI/CLI.hpp>
@@ -30,6 +31,7 @@ Runner add_plan(CLI::App& app);
 Runner add_train(CLI::App& app);
 Runner add_eval(CLI::App& app);
 Runner add_replay(CLI::App& app);
+Runner add_merge(CLI::App& app);
 Runner add_synth_data(CLI::App& app);
 Runner add_tokenize(CLI::App& app);
 Runner add_data(CLI::App& app);
@@ -64,6 +66,23 @@ struct RuleFlags {
   bool any_given() const;
   // The flags as a RuleConfig, checked (validate_rule) with the run's weight decay.
   RuleConfig config(float weight_decay) const;
+};
+
+// LoRA (models/peft.h): --lora, --lora-r, --lora-alpha, --lora-targets (train) and
+// --adapter DIR (train, eval, forward: start from or evaluate a saved adapter).
+struct LoraFlags {
+  bool lora = false;
+  int r = 8;
+  double alpha = 16;
+  std::string targets = "q_proj,v_proj";
+  std::string adapter;
+  CLI::Option *lora_flag = nullptr, *r_flag = nullptr, *alpha_flag = nullptr, *targets_flag = nullptr,
+              *adapter_flag = nullptr;
+  void add(CLI::App& app, bool training);
+  // Sets sc.peft and sc.adapter_dir from the flags, and — when `model` names an adapter
+  // (a PEFT directory or a LoRA run directory) — makes `model` its base model
+  // (adapter_config.json's base_model_name_or_path). Checked against the model's config.
+  void apply(std::string& model, SessionConfig& sc) const;
 };
 
 // Options that say how a data file becomes batches (train and eval).

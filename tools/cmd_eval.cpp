@@ -34,6 +34,7 @@ Runner add_eval(CLI::App& app) {
     std::string predictions;
     DeviceFlags dev;
     DataFlags data_flags;
+    LoraFlags lora;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--model", o->model, "HF checkpoint directory")->required();
@@ -54,11 +55,13 @@ Runner add_eval(CLI::App& app) {
                  "squad/drop: write each generated answer as a JSON line {line, prediction, answers, f1, em, ids}");
   o->dev.add(app);
   o->data_flags.add(app);
+  o->lora.add(app, /*training=*/false);
   return [o, num] {
     // Flags first (api/options.h, shared with the C API), then the files.
     check_integer(Opt::batch_size, o->batch, OptionSource::cli);
     if (num->count() > 0) check_integer(Opt::num_eval, o->num, OptionSource::cli);
     SessionConfig sc = session_config(o->dev, false);
+    o->lora.apply(o->model, sc);  // --adapter, or an adapter as --model: its base with it
     o->model = resolve_model_dir(o->model).string();  // a run directory: its current checkpoint
     const ModelConfig config = ModelConfig::load(o->model);
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, o->model);

@@ -18,6 +18,7 @@ Runner add_forward(CLI::App& app) {
   struct Opts {
     std::string model, inputs, out;
     DeviceFlags dev;
+    LoraFlags lora;
     bool hidden = false;
   };
   auto o = std::make_shared<Opts>();
@@ -29,8 +30,10 @@ Runner add_forward(CLI::App& app) {
   app.add_flag("--hidden-states", o->hidden,
                "also write hidden_states.0 … hidden_states.L (as transformers' output_hidden_states)");
   o->dev.add(app);
+  o->lora.add(app, /*training=*/false);
   return [o] {
     SessionConfig sc = session_config(o->dev, false);  // the flags first, then the files
+    o->lora.apply(o->model, sc);  // --adapter, or an adapter as --model: its base with it
     o->model = resolve_model_dir(o->model).string();  // a run directory: its current checkpoint
     const ModelConfig config = ModelConfig::load(o->model);
     const TokenTensors t = read_token_tensors(o->inputs);

@@ -55,6 +55,10 @@ Runner add_replay(CLI::App& app) {
            "another --out",
            o->out);
     sc.rule = log.header.rule;  // the log's update rule, its state rebuilt step by step
+    sc.peft = log.header.peft;  // LoRA: the adapters start from the run seed's init
+    sc.run_seed = log.header.run_seed;
+    sc.base_model = std::filesystem::absolute(o->model).string();
+    if (sc.peft.lora) validate_peft(sc.peft, ModelConfig::load(resolve_model_dir(o->model)));
     sc.max_batch = 1;
     sc.max_seq = 1;
     RunDirLock lock(o->out);

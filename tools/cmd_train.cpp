@@ -139,6 +139,7 @@ Runner add_train(CLI::App& app) {
     DeviceFlags dev;
     DataFlags data_flags;
     RuleFlags rule;
+    LoraFlags lora;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--model", o->model, "HF checkpoint directory to start from");
@@ -177,6 +178,7 @@ Runner add_train(CLI::App& app) {
   o->dev.add(app);
   o->data_flags.add(app);
   o->rule.add(app);
+  o->lora.add(app, /*training=*/true);
   struct Given {
     CLI::Option *steps, *batch, *lr, *eps, *wd, *seed, *sched, *warm, *num_train, *shuffle, *data_seed, *task, *max_len,
         *padding, *storage, *save_dtype, *shard;
@@ -361,13 +363,37 @@ Runner add_train(CLI::App& app) {
                resumed_log_path.string(), resumed_log_bytes, state_file.string(), bytes, crc);
       }
       model_dir = ck.dir.string();
+      // A LoRA run: its checkpoint is the adapter; the frozen base is where the run began.
+      if (ck.state.contains("peft")) {
+        sc.peft = peft_from_json(ck.state.at("peft"), state_file.string());
+        sc.adapter_dir = ck.dir;
+        if (o->lora.lora_flag->count() + o->lora.r_flag->count() + o->lora.alpha_flag->count() +
+                o->lora.targets_flag->count() + o->lora.adapter_flag->count() >
+            0)
+          fail(ErrorKind::invalid_argument,
+               "--resume {}: a LoRA run continues with its own adapter ({}); drop --lora*/--adapter", o->resume,
+               sc.peft.describe());
+        if (base_model.empty() || !std::filesystem::exists(resolve_model_dir(base_model) / "config.json"))
+          fail(ErrorKind::format, "{}: key 'base_model' = '{}' does not name the LoRA run's base checkpoint",
+               state_file.string(), base_model);
+        model_dir = resolve_model_dir(base_model).string();
+      }
       append_log = true;
       if (first_step >= o->steps) {
         log_info("--resume: the run in {} already finished {} of {} steps", o->resume, first_step, o->steps);
         return 0;
       }
     }
-    if (o->resume.empty()) sc.rule = o->rule.config(static_cast<float>(o->wd));
+    if (o->resume.empty()) {
+      sc.rule = o->rule.config(static_cast<float>(o->wd));
+      // LoRA: --lora, or --adapter / an adapter as --model (its base becomes the model).
+      std::string m = o->model;
+      o->lora.apply(m, sc);
+      if (m != o->model) {
+        model_dir = resolve_model_dir(m).string();
+        base_model = m;
+      }
+    }
     validate_rule(sc.rule, static_cast<float>(o->wd));
     if (model_dir.empty()) fail(ErrorKind::invalid_argument, "train needs --model DIR (or --resume DIR)");
     if (o->data.empty()) fail(ErrorKind::invalid_argument, "train needs --data FILE");
@@ -435,7 +461,7 @@ Runner add_train(CLI::App& app) {
              static_cast<double>(config.total_params()) / 1e6, session.device().name(), first_step + 1, o->steps);
     log_info("train data: {}", data.describe());
     if (eval_data) log_info("eval data: {}", eval_data->describe());
-    log_info("update rule: {}", sc.rule.describe());
+    log_info("update rule: {}; parameters: {}", sc.rule.describe(), sc.peft.describe());
     log_info("{}", session.placement().describe(config));
 
     const std::filesystem::path tokenizer_src =

@@ -48,6 +48,7 @@ int main(int argc, char** argv) {
   reg("train", "fine-tune with MeZO steps, streaming blocks through the device window", zo2::cli::add_train);
   reg("eval", "mean loss of a checkpoint on a data file", zo2::cli::add_eval);
   reg("replay", "rebuild tuned weights from a base checkpoint and a seed log", zo2::cli::add_replay);
+  reg("merge", "fold a LoRA adapter into its base: a plain HF checkpoint", zo2::cli::add_merge);
   reg("synth-data", "write a synthetic, learnable token dataset (safetensors)", zo2::cli::add_synth_data);
   reg("tokenize", "print the token ids of a text as a JSON array", zo2::cli::add_tokenize);
   reg("data", "show what a data file becomes: format, sizes, and the first examples as the model sees them", zo2::cli::add_data);

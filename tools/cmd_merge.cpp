@@ -1,0 +1,64 @@
+// zo2-tune merge: a LoRA adapter folded into its base — W += (alpha/r)·B·A for every adapted
+// layer, in fp32 — written as a plain Hugging Face checkpoint (config.json, safetensors,
+// the base's tokenizer files), as PEFT's merge_and_unload() and save_pretrained() would.
+#include "api/run_dir.h"
+#include "api/options.h"
+#include "api/session.h"
+#include "runtime/error.h"
+#include "runtime/log.h"
+#include "tools/cli.h"
+
+#include <memory>
+
+namespace zo2::cli {
+
+SessionConfig session_config(const DeviceFlags& f, bool training);
+
+Runner add_merge(CLI::App& app) {
+  struct Opts {
+    std::string model, out, save_dtype = "fp32", shard = "5G";
+    DeviceFlags dev;
+    LoraFlags lora;
+  };
+  auto o = std::make_shared<Opts>();
+  app.add_option("--model", o->model,
+                 "the base checkpoint (or the adapter / LoRA run directory alone: its adapter_config.json names the "
+                 "base)")
+      ->required();
+  app.add_option("--out", o->out, "output directory: the merged HF checkpoint")->required();
+  app.add_option("--save-dtype", o->save_dtype, "fp32, bf16, fp16")->capture_default_str();
+  app.add_option("--shard-size", o->shard, "largest safetensors shard")->capture_default_str();
+  o->lora.add(app, /*training=*/false);
+  o->dev.threads = 0;
+  app.add_option("--threads", o->dev.threads, "CPU threads (0 = all cores)")->capture_default_str();
+  return [o] {
+    const DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
+    const std::uint64_t shard = parse_size_option(Opt::shard_size, o->shard, OptionSource::cli);
+    SessionConfig sc = session_config(o->dev, false);
+    const std::string given = o->model;
+    o->lora.apply(o->model, sc);
+    if (!sc.peft.lora)
+      fail(ErrorKind::invalid_argument, "merge needs an adapter: --adapter DIR, or an adapter directory as --model");
+    const std::filesystem::path base = resolve_model_dir(o->model);
+    for (const std::filesystem::path& src : {base, sc.adapter_dir})
+      if (same_directory(o->out, src))
+        fail(ErrorKind::invalid_argument, "--out {} is {}: the merged checkpoint would overwrite it", o->out,
+             src.string());
+    if (holds_run(o->out))
+      fail(ErrorKind::invalid_argument, "--out {} holds a training run; choose another directory", o->out);
+    sc.max_batch = 1;
+    sc.max_seq = 1;
+    sc.storage = DType::f32;  // merged in fp32, rounded once to --save-dtype
+    Session session(base, sc);
+    session.adapters()->merge_into(session.store());
+    session.store().check_finite();
+    ensure_writable_dir(o->out);
+    session.store().save(o->out, save_dtype, shard);
+    const int n = copy_tokenizer_files(base, o->out);
+    log_info("merge: {} into {} ({}), written to {} ({} tokenizer files)", sc.adapter_dir.string(), base.string(),
+             sc.peft.describe(), o->out, n);
+    return 0;
+  };
+}
+
+}  // namespace zo2::cli
