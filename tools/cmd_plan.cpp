@@ -21,6 +21,7 @@ Runner add_plan(CLI::App& app) {
     int batch = 1, seq = 0, window = 3;
     bool json = false, eval = false;
     RuleFlags rule;
+    LoraFlags lora;
   };
   auto o = std::make_shared<Opts>();
   auto* m = app.add_option("--model", o->model, "HF checkpoint directory (only config.json is read)");
@@ -37,6 +38,7 @@ Runner add_plan(CLI::App& app) {
   app.add_flag("--eval-only", o->eval, "plan for evaluation (one activation stream)");
   app.add_flag("--json", o->json, "print the plan as JSON");
   o->rule.add(app);
+  o->lora.add(app, /*training=*/true);
   return [o, seq] {
     if (o->model.empty() == o->preset.empty())
       fail(ErrorKind::invalid_argument, "plan needs exactly one of --model DIR or --preset NAME");
@@ -61,6 +63,11 @@ Runner add_plan(CLI::App& app) {
     sc.max_seq = o->seq > 0 ? o->seq : static_cast<int>(c.max_positions);
     sc.training = !o->eval;
     if (sc.training) sc.rule = o->rule.config(0.0f);
+    {
+      std::string m = o->model;
+      o->lora.apply(m, sc);  // LoRA: adapters resident, the base frozen (nothing written back)
+      if (sc.peft.lora) validate_peft(sc.peft, c);
+    }
     const DeviceKind kind = parse_device(o->device).kind;
     const Placement pl = plan_placement(c, plan_request(c, sc, kind, cap));
     if (!o->json) {
@@ -68,7 +75,7 @@ Runner add_plan(CLI::App& app) {
                  o->model.empty() ? o->preset : o->model, c.family_name(), c.num_layers,
                  static_cast<double>(c.total_params()) / 1e9, dtype_name(sc.storage), dtype_name(sc.compute),
                  sc.max_batch, sc.max_seq);
-      if (sc.training) fmt::print("update rule: {}\n", sc.rule.describe());
+      if (sc.training) fmt::print("update rule: {}; parameters: {}\n", sc.rule.describe(), sc.peft.describe());
       fmt::print("{}", pl.describe(c));
       return 0;
     }
@@ -90,6 +97,8 @@ Runner add_plan(CLI::App& app) {
     j["state_block_bytes"] = pl.state_block_bytes;
     j["passes_per_step"] = pl.passes;
     if (sc.training) j["optimizer"] = rule_to_json(sc.rule);
+    if (sc.peft.lora) j["peft"] = peft_to_json(sc.peft);
+    j["adapter_bytes"] = pl.adapter_bytes;
     j["resident_bytes"] = pl.resident_bytes;
     j["slot_bytes"] = pl.slot_bytes;
     j["workspace_bytes"] = pl.workspace_bytes;
