@@ -187,6 +187,23 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
   if (sc.rule.kind == zo2::RuleKind::momentum) sc.rule.beta2 = 0.999f, sc.rule.adam_eps = 1e-8f;
   zo2::validate_rule(sc.rule, p.weight_decay, /*c_api=*/true);
   sc.resume_state = p.resume_state != 0;
+  // LoRA: an adapter directory decides its own shape; else lora_r > 0 asks for new adapters.
+  if (p.adapter_path) {
+    if (p.adapter_path[0] == '\0') invalid("adapter_path is empty (use NULL for none)");
+    sc.adapter_dir = zo2::resolve_model_dir(p.adapter_path);
+    sc.peft = zo2::AdapterStore::peft_config_of(sc.adapter_dir);
+  } else if (p.lora_r != 0) {
+    sc.peft.lora = true;
+    sc.peft.r = p.lora_r;
+    sc.peft.alpha = p.lora_alpha;
+    if (!p.lora_targets) invalid("lora_targets is NULL");
+    try {
+      sc.peft.targets = zo2::parse_lora_targets(p.lora_targets);
+    } catch (const zo2::Error& e) {
+      invalid(fmt::format("lora_targets '{}': an empty module name", p.lora_targets));
+    }
+  }
+  if (sc.peft.lora) zo2::validate_peft(sc.peft, model, /*c_api=*/true);
   return sc;
 }
 
@@ -386,6 +403,10 @@ zo2_session_params zo2_session_default_params(void) {
   p.adam_eps = 1e-8f;
   p.state_dtype = "fp32";
   p.resume_state = 0;
+  p.lora_r = 0;
+  p.lora_alpha = 16.0f;
+  p.lora_targets = "q_proj,v_proj";
+  p.adapter_path = nullptr;
   return p;
 }
 

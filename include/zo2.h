@@ -194,6 +194,14 @@ typedef struct zo2_session_params {
     const char * state_dtype;    // momentum/Adam state beside the master weights: "fp32", "bf16", "fp8". Default "fp32".
     int32_t  resume_state;       // nonzero: load the state saved with the checkpoint (optimizer_state.safetensors),
                                  // to resume a momentum/Adam run exactly. Default 0.
+
+    // LoRA (zo2-tune train --lora; README "LoRA"): the rule perturbs and updates adapters only; the base is
+    // frozen (streamed blocks are never written back) and zo2_session_save writes the adapter in PEFT's layout.
+    int32_t  lora_r;             // adapter rank, 1..4096; 0 = no LoRA (full fine-tuning). Default 0.
+    float    lora_alpha;         // the update is scaled by lora_alpha / lora_r, > 0. Default 16.
+    const char * lora_targets;   // comma-separated PEFT module names. Default "q_proj,v_proj".
+    const char * adapter_path;   // a PEFT adapter directory to start from or evaluate (its adapter_config.json
+                                 // sets rank, alpha and targets); NULL = new adapters from seed. Default NULL.
 } zo2_session_params;
 
 ZO2_API zo2_session_params zo2_session_default_params(void);

@@ -249,12 +249,14 @@ std::unique_ptr<Model> load_model(py::handle dir, bool check_weights) {
 struct Params {
   zo2_session_params p = zo2_session_default_params();
   std::string device = "cpu", storage = "fp32", compute = "fp32", save_dtype = "fp32";
-  std::string optimizer = "zo-sgd", difference = "central", state_dtype = "fp32";
-  std::optional<std::string> seed_log;
+  std::string optimizer = "zo-sgd", difference = "central", state_dtype = "fp32", lora_targets = "q_proj,v_proj";
+  std::optional<std::string> seed_log, adapter;
   void fix_pointers() {
     p.optimizer = optimizer.c_str();
     p.difference = difference.c_str();
     p.state_dtype = state_dtype.c_str();
+    p.lora_targets = lora_targets.c_str();
+    p.adapter_path = adapter ? adapter->c_str() : nullptr;
     p.device = device.c_str();
     p.storage_dtype = storage.c_str();
     p.compute_dtype = compute.c_str();
@@ -269,7 +271,8 @@ const char* const kParamNames[] = {"lr",           "eps",          "weight_decay
                                    "training",     "seed_log",     "seed_log_append", "first_step",
                                    "save_dtype",   "save_shard_size", "optimizer",  "directions",
                                    "difference",   "momentum",     "beta1",         "beta2",      "adam_eps",
-                                   "state_dtype",  "resume_state"};
+                                   "state_dtype",  "resume_state", "lora_r",       "lora_alpha",    "lora_targets",
+                                   "adapter"};
 
 int64_t int_arg(py::handle v, const char* name) {
   if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v))
@@ -389,6 +392,21 @@ Params parse_params(const py::kwargs& kw) {
       (key == "momentum" ? P.p.momentum : key == "beta1" ? P.p.beta1 : key == "beta2" ? P.p.beta2 : P.p.adam_eps) = x;
     } else if (key == "state_dtype") {
       P.state_dtype = str_arg(v, k);
+    } else if (key == "lora_r") {
+      P.p.lora_r = int32_arg(v, k);
+    } else if (key == "lora_alpha") {
+      P.p.lora_alpha = static_cast<float>(real_arg(v, k));
+    } else if (key == "lora_targets") {
+      if (py::isinstance<py::list>(v) || py::isinstance<py::tuple>(v)) {
+        std::string joined;
+        for (auto item : v) joined += (joined.empty() ? "" : ",") + str_arg(item, k);
+        P.lora_targets = joined;
+      } else {
+        P.lora_targets = str_arg(v, k);
+      }
+    } else if (key == "adapter") {
+      if (v.is_none()) P.adapter.reset();
+      else P.adapter = path_string(v);
     } else if (key == "resume_state") {
       if (!py::isinstance<py::bool_>(v)) invalid("resume_state must be a bool");
       P.p.resume_state = v.cast<bool>() ? 1 : 0;
@@ -432,6 +450,10 @@ py::dict params_dict(const Params& P) {
   d["adam_eps"] = P.p.adam_eps;
   d["state_dtype"] = P.state_dtype;
   d["resume_state"] = P.p.resume_state != 0;
+  d["lora_r"] = P.p.lora_r;
+  d["lora_alpha"] = P.p.lora_alpha;
+  d["lora_targets"] = P.lora_targets;
+  d["adapter"] = P.adapter ? py::object(py::str(*P.adapter)) : py::object(py::none());
   return d;
 }
 

@@ -84,6 +84,10 @@ ROUND_TRIPS = {
     "adam_eps": (1e-6, float(np.float32(1e-6))),
     "state_dtype": ("bf16", "bf16"),
     "resume_state": (True, True),
+    "lora_r": (4, 4),
+    "lora_alpha": (8.0, 8.0),
+    "lora_targets": (["q_proj", "fc1"], "q_proj,fc1"),
+    "adapter": (None, None),
 }
 
 
