@@ -429,9 +429,11 @@ Runner add_train(CLI::App& app) {
     schedule.base_lr = o->lr;
     schedule.warmup_steps = o->warmup;
     schedule.total_steps = o->steps;
-    const int candidates = std::max(data.max_candidates(), eval_data ? eval_data->max_candidates() : 1);
+    // A training batch holds what the data trains on (copa and record: the correct candidate
+    // alone); evaluation holds every candidate.
+    const int candidates = std::max(data.train_rows(), eval_data ? eval_data->max_candidates() : 1);
     sc.max_batch = o->batch * candidates;
-    sc.max_seq = std::max(data.longest(), eval_data ? eval_data->longest() : 0);
+    sc.max_seq = std::max(data.train_longest(), eval_data ? eval_data->longest() : 0);
     sc.run_seed = o->seed;
     sc.first_step = first_step;
     plan_placement(config, plan_request(config, sc, parse_device(sc.device).kind, planning_cap(sc)));
