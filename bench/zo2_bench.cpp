@@ -268,7 +268,18 @@ struct Row {
   std::string preset, storage, compute, cap_text;
   int batch = 1, seq = 1;
   bool synthetic = false;
+  std::string tuning = "full";     // full | lora (r 8, alpha 16 on q_proj,v_proj: MeZO's and ZO-Bench's)
+  std::string optimizer = "zo-sgd";
 };
+
+// The row's label: the preset, and what it trains with when that is not full ZO-SGD.
+std::string row_label(const Row& r) {
+  std::string s = r.preset;
+  if (r.synthetic) s += " (synthetic)";
+  if (r.tuning != "full") s += " LoRA";
+  if (r.optimizer != "zo-sgd") s += " " + r.optimizer;
+  return s;
+}
 
 json run_row(const Row& r, const std::string& device, const std::string& offload, int steps, int warmup, int threads,
             std::uint64_t seed) {
@@ -283,7 +294,11 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
   sc.run_seed = seed;
   sc.threads = threads;
   sc.offload = zo2::parse_offload_mode(offload);
-  json row{{"offload", offload}, {"preset", r.preset}, {"params", config.total_params()}, {"device", device},
+  sc.rule.kind = *zo2::parse_rule(r.optimizer);
+  if (r.tuning == "lora") {
+    sc.peft.lora = true;  // PeftConfig's defaults: r 8, alpha 16, q_proj and v_proj
+  }
+  json row{{"offload", offload}, {"preset", r.preset}, {"tuning", r.tuning}, {"optimizer", r.optimizer}, {"params", config.total_params()}, {"device", device},
            {"cap", r.cap_text}, {"cap_bytes", sc.gpu_mem}, {"storage", r.storage}, {"compute", r.compute},
            {"batch", r.batch}, {"seq", r.seq}, {"synthetic", r.synthetic}};
   try {
@@ -354,6 +369,8 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
     row["driver_used_bytes"] = s.device().driver_used_bytes();
     row["pinned_host_bytes"] = s.device().pinned_host_bytes();
     row["host_store_bytes"] = s.store().host_bytes();
+    row["adapter_bytes"] = pl.adapter_bytes;
+    row["state_block_bytes"] = pl.state_block_bytes;
     row["predicted_peak_bytes"] = pl.total_bytes;
     row["h2d_bytes_per_step"] = static_cast<double>(h2d) / n;
     row["d2h_bytes_per_step"] = static_cast<double>(d2h) / n;
@@ -391,6 +408,7 @@ int main(int argc, char** argv) {
   CLI::App app{"zo2-bench: zo2 MeZO step throughput and memory against device-memory caps"};
   std::string presets = "opt-tiny", caps = "none", storages = "fp32", computes = "fp32", batches = "1", seqs = "128";
   std::string device = "cpu", offload = "auto", jsonl, markdown, plot, python, mezo_mode = "auto";
+  std::string tunings = "full", optimizers = "zo-sgd";
   int steps = 5, warmup = 2, threads = 0;
   std::uint64_t seed = 0;
   bool alias = false, quiet = false;
@@ -401,6 +419,13 @@ int main(int argc, char** argv) {
   app.add_option("--compute-dtype", computes, "comma-separated: fp32, bf16, fp16")->capture_default_str();
   app.add_option("--batch-size", batches, "comma-separated batch sizes")->capture_default_str();
   app.add_option("--seq-len", seqs, "comma-separated sequence lengths")->capture_default_str();
+  app.add_option("--tuning", tunings,
+                 "comma-separated: full (every weight) and/or lora (adapters r 8, alpha 16 on q_proj,v_proj; the base "
+                 "frozen, nothing written back)")
+      ->capture_default_str();
+  app.add_option("--optimizer", optimizers,
+                 "comma-separated update rules: zo-sgd, zo-sgd-sign, zo-sgd-cons, zo-sgd-momentum, zo-adam")
+      ->capture_default_str();
   app.add_option("--device", device, "cpu, cuda, cuda:N")->capture_default_str();
   app.add_option("--offload", offload, "auto, all (stream every block), none")->capture_default_str()
       ->check(CLI::IsMember({"auto", "all", "none"}));
@@ -448,6 +473,12 @@ int main(int argc, char** argv) {
       zo2::check_session_options(probe, zo2::OptionSource::cli);
     }
     for (const auto& p : split(presets)) zo2::find_preset(p);
+    for (const auto& t : split(tunings))
+      if (t != "full" && t != "lora") zo2::fail(zo2::ErrorKind::invalid_argument, "--tuning '{}': full or lora", t);
+    for (const auto& o : split(optimizers))
+      if (!zo2::parse_rule(o))
+        zo2::fail(zo2::ErrorKind::invalid_argument,
+                  "--optimizer '{}': zo-sgd, zo-sgd-sign, zo-sgd-cons, zo-sgd-momentum or zo-adam", o);
     for (const auto& b : split(batches))
       if (b.find_first_not_of("0123456789") != std::string::npos || std::stoll(b) < 1)
         zo2::fail(zo2::ErrorKind::invalid_argument, "--batch-size '{}': not a positive integer", b);
@@ -524,13 +555,17 @@ int main(int argc, char** argv) {
         for (const auto& st : split(storages))
           for (const auto& cp : split(computes))
             for (const auto& b : split(batches))
-              for (const auto& t : split(seqs)) {
-                Row r{p, st, cp, cap, std::stoi(b), std::stoi(t), alias};
+              for (const auto& t : split(seqs))
+                for (const auto& tu : split(tunings))
+                  for (const auto& opt : split(optimizers)) {
+                Row r{p, st, cp, cap, std::stoi(b), std::stoi(t), alias, tu, opt};
                 json row = run_row(r, device, offload, steps, warmup, threads, seed);
                 add_link_floor(row, link);
                 if (!mezo.python.empty()) {
                   if (alias) {
                     row["mezo_error"] = "skipped: synthetic (aliased-block) rows have no PyTorch equivalent";
+                  } else if (tu != "full" || opt != "zo-sgd") {
+                    row["mezo_error"] = "skipped: the PyTorch MeZO baseline runs full ZO-SGD";
                   } else if (row["ok"].get<bool>()) {
                     const json m = mezo.run(p, r.batch, r.seq, cp);
                     if (m.contains("error")) {
@@ -554,15 +589,15 @@ int main(int argc, char** argv) {
                 if (jl) jl << row.dump() << "\n" << std::flush;
                 if (!quiet) fmt::print(stderr, "{}\n", row.dump());
                 if (!row["ok"].get<bool>()) {
-                  table += fmt::format("| {}{} | {} | {} | {} | {}×{} | error: {} {}\n", p, alias ? " (synthetic)" : "", cap, st,
-                                       cp, b, t, row["error"].get<std::string>(), std::string(kTableColumns - 5, '|'));
+                  table += fmt::format("| {} | {} | {} | {} | {}×{} | error: {} {}\n", row_label(r), cap, st, cp, b, t,
+                                       row["error"].get<std::string>(), std::string(kTableColumns - 5, '|'));
                   continue;
                 }
                 if (!row["peak_within_cap"].get<bool>()) ++failures;
                 table += fmt::format(
-                    "| {}{} | {} | {} | {} | {}×{} | {}/{} ({}) | {:.1f} | {:.4g} | {:.3g} | {:.3g} | {:.3g} | {:.3g} | {} | {} | {} | "
+                    "| {} | {} | {} | {} | {}×{} | {}/{} ({}) | {:.1f} | {:.4g} | {:.3g} | {:.3g} | {:.3g} | {:.3g} | {} | {} | {} | "
                     "{:.2f} | {:.2f} | {:.3g} | {:.2f} | {} | {} | {} |\n",
-                    p, alias ? " (synthetic)" : "", cap, st, cp, b, t, row["resident_blocks"].get<int>(),
+                    row_label(r), cap, st, cp, b, t, row["resident_blocks"].get<int>(),
                     row["streamed_blocks"].get<int>(), row["window"].get<int>(), row["tokens_per_s"].get<double>(),
                     row["step_s"].get<double>(), row["upload_s"].get<double>(), row["compute_s"].get<double>(),
                     row["offload_s"].get<double>(), row["idle_s"].get<double>(), row["bound"].get<std::string>(),
