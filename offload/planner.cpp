@@ -142,9 +142,10 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   p.resident_bytes = static_cast<std::size_t>(resident) * block;
   p.total_bytes = fixed + p.slot_bytes + p.resident_bytes;
   // Each pass uploads every streamed block; only the first (which applies the pending
-  // update) writes them back.
+  // update) brings the rule's state with it and writes them back.
   p.passes = std::max(1, r.passes);
-  p.h2d_bytes_per_step = static_cast<std::size_t>(p.passes) * static_cast<std::size_t>(p.streamed) * p.block_bytes;
+  p.h2d_bytes_per_step = static_cast<std::size_t>(p.streamed) *
+                         (p.block_bytes + static_cast<std::size_t>(p.passes - 1) * weight_block);
   p.d2h_bytes_per_step =
       r.branches == 2 && !r.frozen_base ? static_cast<std::size_t>(p.streamed) * p.block_bytes : 0;
   p.host_bytes += r.adapter_bytes;

@@ -270,15 +270,19 @@ void Scheduler::run_blocks(const Use& use) {
     const std::size_t chunks = slot_chunks_.size();
     auto chunk_free = [&](std::size_t c) -> Event& { return *slot_free_[static_cast<std::size_t>(k) * chunks + c]; };
     h2d_->wait(*offloaded_[static_cast<std::size_t>(i)]);
+    // A pass that applies no update reads the weights alone: the rule's state (after them
+    // in the image) stays on the host (Note [Update rules], 5).
+    const std::size_t upload = use.update ? block_bytes : store_.block_bytes();
     for (std::size_t c = 0; c < chunks; ++c) {
       const auto [off, bytes] = slot_chunks_[c];
       if (options_.fault != SchedulerFault::skip_slot_free_wait) h2d_->wait(chunk_free(c));
+      if (off >= upload) continue;
       begin_busy(*h2d_);
-      h2d_->copy_h2d(slot + off, image + off, bytes);
+      h2d_->copy_h2d(slot + off, image + off, std::min(bytes, upload - off));
       end_busy(*h2d_);
     }
     h2d_->record(*uploaded_[static_cast<std::size_t>(k)]);
-    totals_.h2d_bytes += block_bytes;
+    totals_.h2d_bytes += upload;
     ++totals_.uploads;
 
     if (options_.fault != SchedulerFault::skip_upload_wait) compute_->wait(*uploaded_[static_cast<std::size_t>(k)]);

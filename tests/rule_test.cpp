@@ -168,6 +168,14 @@ TEST_P(Rules, StreamedEqualsResidentBitwise) {
     }
     for (std::size_t i = 0; i < a.images.size(); ++i)
       EXPECT_TRUE(a.images[i] == b.images[i]) << c.name << " (" << mc.family_name() << "): image " << i << " differs";
+    // The planner's bytes per step are the scheduler's (a steady step; less the batch's ids,
+    // mask, positions and targets).
+    const std::size_t batch_bytes = 4 * sizeof(std::int32_t) * kBatch * kSeq;
+    EXPECT_EQ(a.steps[2].h2d_bytes - batch_bytes, a.placement.h2d_bytes_per_step) << c.name;
+    if (c.rule.kind == RuleKind::cons)  // a step after one that kept θ has nothing to write back
+      EXPECT_LE(a.steps[2].d2h_bytes, a.placement.d2h_bytes_per_step) << c.name;
+    else
+      EXPECT_EQ(a.steps[2].d2h_bytes, a.placement.d2h_bytes_per_step) << c.name;
     // Something moved: the weights are not the checkpoint's.
     Session base(tmp.path(), SessionConfig{});
     EXPECT_FALSE(bytes_of(base.store().block_image(0), base.store().block_bytes()) ==
@@ -374,6 +382,10 @@ TEST(RulesState, ThePlannerCountsStateInTheWindowAndOnTheLink) {
   EXPECT_EQ(adam.d2h_bytes_per_step, 4 * adam.block_bytes);
   EXPECT_GT(adam.host_bytes, 2 * sgd.host_bytes);
   EXPECT_NE(adam.describe(mc).find("optimizer state"), std::string::npos);
+  cfg.rule = rule_of(RuleKind::adam, 2);  // the second pass leaves the state on the host
+  const Placement adam2 = plan_placement(mc, plan_request(mc, cfg, DeviceKind::cpu, cap));
+  EXPECT_EQ(adam2.h2d_bytes_per_step, 4 * (adam.block_bytes + w));
+  EXPECT_EQ(adam2.d2h_bytes_per_step, 4 * adam.block_bytes);
   cfg.rule = rule_of(RuleKind::sgd, 3);
   const Placement q3 = plan_placement(mc, plan_request(mc, cfg, DeviceKind::cpu, cap));
   EXPECT_EQ(q3.passes, 3);
