@@ -24,11 +24,14 @@ PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, Dev
   r.limits = cfg.limits;
   r.logits_out = cfg.logits_out;
   const StateSpec state{cfg.rule.state_buffers(), cfg.rule.state_dtype};
-  if (cfg.peft.lora) {
+  if (cfg.peft.any()) {
     // The adapters keep the rule's state; the frozen blocks none.
     r.adapter_bytes = adapter_bytes(model, cfg.peft, state);
     r.frozen_base = true;
-    r.limits.lora_rank = cfg.peft.r;
+    if (cfg.peft.lora) r.limits.lora_rank = cfg.peft.r;
+    r.limits.prefix_tokens = cfg.peft.prefix;
+    // A new prefix is initialized from a forward of P tokens: room for them.
+    if (cfg.peft.prefix > 0 && cfg.adapter_dir.empty()) r.seq = std::max(r.seq, cfg.peft.prefix);
   } else {
     r.state = state;
   }
@@ -89,15 +92,15 @@ Session::Session(const std::filesystem::path& model_path, const SessionConfig& c
   fit_arena_to(plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity())));
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
   store_ = std::make_unique<BlockStore>(
-      BlockStore::load(model_dir, cfg_.storage, *device_, cfg_.peft.lora ? StateSpec{} : state));
+      BlockStore::load(model_dir, cfg_.storage, *device_, cfg_.peft.any() ? StateSpec{} : state));
   open_adapters(model);
   if (cfg_.resume_state && state.buffers > 0) {
     // A LoRA run keeps its state beside its adapter; a full run beside its checkpoint.
-    const std::filesystem::path file = (cfg_.peft.lora ? cfg_.adapter_dir : model_dir) / kOptimizerStateFile;
+    const std::filesystem::path file = (cfg_.peft.any() ? cfg_.adapter_dir : model_dir) / kOptimizerStateFile;
     if (!std::filesystem::exists(file))
       fail(ErrorKind::format, "{}: missing; the run used --optimizer {}, whose state a resume needs", file.string(),
            rule_name(cfg_.rule.kind));
-    if (cfg_.peft.lora) adapters_->load_state(file);
+    if (cfg_.peft.any()) adapters_->load_state(file);
     else store_->load_state(file);
   }
   init(cfg_);
@@ -110,13 +113,13 @@ Session::Session(const ModelConfig& model, const SessionConfig& cfg, std::uint64
   fit_arena_to(plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity())));
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
   store_ = std::make_unique<BlockStore>(
-      BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks, cfg_.peft.lora ? StateSpec{} : state));
+      BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks, cfg_.peft.any() ? StateSpec{} : state));
   open_adapters(model);
   init(cfg_);
 }
 
 void Session::open_adapters(const ModelConfig& model) {
-  if (!cfg_.peft.lora) return;
+  if (!cfg_.peft.any()) return;
   validate_peft(cfg_.peft, model);
   adapters_ = std::make_unique<AdapterStore>(model, cfg_.peft,
                                              StateSpec{cfg_.rule.state_buffers(), cfg_.rule.state_dtype}, *device_,
@@ -144,6 +147,21 @@ void Session::init(const SessionConfig& cfg) {
   so.logits_out = cfg.logits_out;
   so.fault = cfg.fault;
   scheduler_ = std::make_unique<Scheduler>(*device_, *store_, placement, so);
+  if (cfg.peft.prefix > 0) {
+    if (req.seq + cfg.peft.prefix > model.max_positions)
+      fail(ErrorKind::invalid_argument, "sequence length {} + {} prefix tokens exceeds the model's {} positions", req.seq,
+           cfg.peft.prefix, model.max_positions);
+    if (cfg.adapter_dir.empty()) {
+      // Note [Prefix tuning under ZO]: keys and values of P random tokens, as MeZO's
+      // init_by_real_act, through the base model alone.
+      const std::vector<std::int32_t> ids = prefix_init_tokens(model, cfg.peft.prefix, cfg.run_seed);
+      const HostBatch b = make_batch(model, 1, cfg.peft.prefix, ids);
+      const auto kv = scheduler_->capture_kv(b);
+      for (std::int64_t i = 0; i < model.num_layers; ++i)
+        adapters_->set_prefix(i, kv[static_cast<std::size_t>(2 * i)].data(), kv[static_cast<std::size_t>(2 * i + 1)].data());
+      scheduler_->upload_adapters();
+    }
+  }
   next_step_ = cfg.first_step;
   if (!cfg.seed_log.empty()) {
     SeedLogHeader h;
@@ -256,7 +274,7 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
   r.state["storage_dtype"] = std::string(dtype_name(cfg_.storage));
   r.state["save_dtype"] = std::string(dtype_name(dtype));
   r.state["optimizer"] = rule_to_json(cfg_.rule);
-  if (cfg_.peft.lora) r.state["peft"] = peft_to_json(cfg_.peft);
+  if (cfg_.peft.any()) r.state["peft"] = peft_to_json(cfg_.peft);
   if (seed_log_) {
     seed_log_->sync();  // the log lines this checkpoint needs reach the disk before it is published
     r.seed_log = seed_log_->path();

@@ -67,6 +67,13 @@ WorkspacePlan ModelGraph::workspace_plan(int branches, int batch, int seq) const
     if (c.family == ModelFamily::llama) act("mlp up", c.ffn_dim);
     if (c.has_projections()) act("projected embeddings", c.word_embed_proj_dim);
     if (limits_.lora_rank > 0) act("LoRA x·Aᵀ", limits_.lora_rank);
+    if (limits_.prefix_tokens > 0) {
+      const std::size_t rows = static_cast<std::size_t>(batch) * static_cast<std::size_t>(seq + limits_.prefix_tokens);
+      for (const auto& [what, cols] : {std::pair<const char*, std::int64_t>{"prefix q", c.q_dim()},
+                                       {"prefix k", c.kv_dim()}, {"prefix v", c.kv_dim()},
+                                       {"prefix attention out", c.q_dim()}})
+        p.items.push_back({std::string(what) + tag, rows * static_cast<std::size_t>(cols) * cb});
+    }
     p.items.push_back({"cross-entropy state" + tag, n * 3 * sizeof(float)});
     p.items.push_back({"token losses" + tag, n * sizeof(float)});
     p.items.push_back({"loss" + tag, sizeof(float)});
@@ -107,6 +114,13 @@ void ModelGraph::allocate(Device& device, Stream& s, int nbranches, int batch, i
     if (c.family == ModelFamily::llama) b.m2 = act(c.ffn_dim);
     if (c.has_projections()) b.emb = act(c.word_embed_proj_dim);
     if (limits_.lora_rank > 0) b.lora = act(limits_.lora_rank);
+    if (limits_.prefix_tokens > 0) {
+      const std::int64_t rows = static_cast<std::int64_t>(batch) * (seq + limits_.prefix_tokens);
+      b.qx = Mat::dense(next(), compute_, rows, c.q_dim());
+      b.kx = Mat::dense(next(), compute_, rows, c.kv_dim());
+      b.vx = Mat::dense(next(), compute_, rows, c.kv_dim());
+      b.ax = Mat::dense(next(), compute_, rows, c.q_dim());
+    }
     b.ce_state = static_cast<float*>(next());
     b.row_loss = static_cast<float*>(next());
     b.loss = static_cast<float*>(next());
@@ -168,7 +182,7 @@ void ModelGraph::linear(Ops& ops, Stream& s, const WeightSet& ws, Role weight, R
                         Mat Branch::*residual) {
   const StoredTensor& w = ws.at(weight);
   // An adapted layer adds its adapter after W's tiles; the ReLU waits for it.
-  const bool adapted = lora_ && lora_->a.find(weight);
+  const bool adapted = lora_ && lora_->prefix_tokens == 0 && lora_->a.find(weight);
   const bool fused_relu = relu && !adapted;
   // The bias first: each output tile's op adds its slice of it (and applies the ReLU).
   const StoredTensor* bt = ws.find(bias);
@@ -243,6 +257,21 @@ void ModelGraph::attention(Ops& ops, Stream& s, const BatchView& batch, int nb) 
       ops.rope(s, br.q, static_cast<int>(config_.head_dim), batch.positions, inv_freq_);
       ops.rope(s, br.k, static_cast<int>(config_.head_dim), batch.positions, inv_freq_);
     }
+  }
+  if (kv_capture_) {
+    const Branch& br = branches_[0];
+    for (const Mat* m : {&br.k, &br.v}) {
+      ZO2_CHECK(m->contiguous());
+      kv_capture_->emplace_back(static_cast<std::size_t>(m->rows * m->cols));
+      s.copy_d2h(kv_capture_->back().data(), m->data, kv_capture_->back().size() * dtype_size(m->dtype));
+    }
+  }
+  if (lora_ && lora_->prefix_tokens > 0) {
+    prefix_attention(ops, s, batch, nb);
+    return;
+  }
+  for (int i = 0; i < nb; ++i) {
+    Branch& br = branches_[static_cast<std::size_t>(i)];
     AttentionArgs a;
     a.q = br.q;
     a.k = br.k;
@@ -257,6 +286,53 @@ void ModelGraph::attention(Ops& ops, Stream& s, const BatchView& batch, int nb) 
     a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(config_.head_dim)));
     a.causal = true;
     ops.attention(s, a);
+  }
+}
+
+// Note [Prefix tuning under ZO]: each sequence's rows behind its P prefix rows, attention
+// over P + T rows (the P dummy queries are zeros, their outputs dropped), then the T
+// outputs back in place.
+void ModelGraph::prefix_attention(Ops& ops, Stream& s, const BatchView& batch, int nb) {
+  const std::int64_t P = lora_->prefix_tokens, B = batch.batch, T = batch.seq, S = P + T;
+  ZO2_CHECK(batch.prefix_key_mask != nullptr && P <= limits_.prefix_tokens);
+  const std::size_t cb = dtype_size(compute_);
+  const std::int64_t qd = config_.q_dim(), kd = config_.kv_dim();
+  auto rows = [cb](const Mat& m, std::int64_t r) { return static_cast<char*>(m.data) + r * m.ld * static_cast<std::int64_t>(cb); };
+  // The prefix keys, then values, perturbed per branch, into each sequence's first P rows.
+  for (int kv = 0; kv < 2; ++kv) {
+    const StoredTensor& t = kv == 0 ? lora_->a.at(Role::k_w) : lora_->b.at(Role::v_w);
+    const Views v = materialize(ops, s, t, 0, P, lora_noise_, weight_scratch_[0], weight_scratch_[1]);
+    for (int i = 0; i < nb; ++i) {
+      Branch& br = branches_[static_cast<std::size_t>(i)];
+      const Mat& dst = kv == 0 ? br.kx : br.vx;
+      for (std::int64_t b = 0; b < B; ++b)
+        s.copy_d2d(rows(dst, b * S), v.w[i].data, static_cast<std::size_t>(P * kd) * cb);
+    }
+  }
+  for (int i = 0; i < nb; ++i) {
+    Branch& br = branches_[static_cast<std::size_t>(i)];
+    for (std::int64_t b = 0; b < B; ++b) {
+      s.memset(rows(br.qx, b * S), 0, static_cast<std::size_t>(P * qd) * cb);
+      s.copy_d2d(rows(br.qx, b * S + P), rows(br.q, b * T), static_cast<std::size_t>(T * qd) * cb);
+      s.copy_d2d(rows(br.kx, b * S + P), rows(br.k, b * T), static_cast<std::size_t>(T * kd) * cb);
+      s.copy_d2d(rows(br.vx, b * S + P), rows(br.v, b * T), static_cast<std::size_t>(T * kd) * cb);
+    }
+    AttentionArgs a;
+    a.q = br.qx.rows_range(0, B * S);
+    a.k = br.kx.rows_range(0, B * S);
+    a.v = br.vx.rows_range(0, B * S);
+    a.out = br.ax.rows_range(0, B * S);
+    a.batch = static_cast<int>(B);
+    a.seq = static_cast<int>(S);
+    a.heads = static_cast<int>(config_.num_heads);
+    a.kv_heads = static_cast<int>(config_.num_kv_heads);
+    a.head_dim = static_cast<int>(config_.head_dim);
+    a.key_mask = batch.prefix_key_mask;
+    a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(config_.head_dim)));
+    a.causal = true;
+    ops.attention(s, a);
+    for (std::int64_t b = 0; b < B; ++b)
+      s.copy_d2d(rows(br.attn, b * T), rows(br.ax, b * S + P), static_cast<std::size_t>(T * qd) * cb);
   }
 }
 
@@ -298,7 +374,7 @@ void ModelGraph::embed(Ops& ops, Stream& s, const WeightSet& g, const BatchView&
 void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView& batch,
                        const NoiseArgs* noise, int nb, const LoraSet* lora, const NoiseArgs* lora_noise) {
   ZO2_CHECK(batch.tokens() <= capacity_tokens_);
-  ZO2_CHECK(!lora || limits_.lora_rank > 0);
+  ZO2_CHECK(!lora || (lora->prefix_tokens > 0 ? limits_.prefix_tokens >= lora->prefix_tokens : limits_.lora_rank > 0));
   lora_ = lora;
   lora_noise_ = lora_noise;
   std::vector<Branch> saved(branches_.begin(), branches_.begin() + nb);

@@ -37,9 +37,12 @@ struct WeightSet {
 
 // LoRA adapters of one block (models/peft.h, Note [LoRA under ZO]): A [r, in] and B [out, r]
 // of each adapted linear layer, addressed by the role of its W; y += scale·(x·Aᵀ)·Bᵀ.
+// Prefix tuning (Note [Prefix tuning under ZO]): prefix_tokens > 0, a holds the keys (role
+// k_w) and b the values (role v_w), each [P, kv_dim].
 struct LoraSet {
   WeightSet a, b;
   float scale = 0;
+  int prefix_tokens = 0;
 };
 
 // Device-side inputs of one batch of `batch` sequences × `seq` tokens.
@@ -52,6 +55,8 @@ struct BatchView {
   const std::int32_t* targets = nullptr;    // [B·T] token id to predict at each position, −100 = none
   // [B] multiple-choice candidates (Ops::option_loss): 2·group + is_label; null = token loss.
   const std::int32_t* option_info = nullptr;
+  // Prefix tuning: [B·(P+T)] key mask of each sequence behind its P prefix rows (ones).
+  const std::int32_t* prefix_key_mask = nullptr;
   std::int64_t tokens() const { return static_cast<std::int64_t>(batch) * seq; }
 };
 
@@ -59,6 +64,7 @@ struct BatchView {
 struct Branch {
   Mat hidden, x, q, k, v, attn, m1, m2, emb;
   Mat lora;  // [N, r]: x·Aᵀ of the adapter being applied
+  Mat qx, kx, vx, ax;  // prefix tuning: q, k, v and attention out over B·(P+T) rows
   Mat final;
   float* ce_state = nullptr;  // [N, 3]
   float* row_loss = nullptr;  // [N]
@@ -72,6 +78,7 @@ struct GraphLimits {
   std::int64_t weight_tile_elems = std::int64_t{1} << 24;
   std::int64_t vocab_tile = 8192;      // LM head rows per logits tile
   int lora_rank = 0;                   // > 0: room for LoRA adapters of this rank
+  int prefix_tokens = 0;               // > 0: room for a prefix of this many rows per layer
 };
 
 // Everything the graph needs on the device for `branches` streams of N tokens.
@@ -132,6 +139,13 @@ class ModelGraph {
   // The adapter of `weight` (if lora has one): out (or residual) += scale·(in·A±ᵀ)·B±ᵀ.
   bool lora_add(Ops& ops, Stream& s, Role weight, Mat Branch::*in, Mat Branch::*out, int nbranches,
                 Mat Branch::*residual);
+  void prefix_attention(Ops& ops, Stream& s, const BatchView& batch, int nbranches);
+ public:
+  // While set, block() appends branch 0's keys and values (after RoPE) of every block, in
+  // the compute dtype's packed form (widen_packed_in_place once the stream has run).
+  void capture_kv(std::vector<std::vector<float>>* out) { kv_capture_ = out; }
+ private:
+  std::vector<std::vector<float>>* kv_capture_ = nullptr;
   const LoraSet* lora_ = nullptr;          // during block(): the block's adapters
   const NoiseArgs* lora_noise_ = nullptr;
   void norm(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias, Mat Branch::*in,

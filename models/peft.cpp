@@ -16,6 +16,7 @@
 namespace zo2 {
 
 std::string PeftConfig::describe() const {
+  if (prefix > 0) return fmt::format("prefix tuning, {} tokens per layer", prefix);
   if (!lora) return "full";
   return fmt::format("LoRA r {}, alpha {} on {}", r, alpha, fmt::join(targets, ", "));
 }
@@ -48,6 +49,14 @@ std::vector<std::string> parse_lora_targets(const std::string& list) {
 }
 
 void validate_peft(const PeftConfig& p, const ModelConfig& c, bool c_api) {
+  if (p.prefix != 0) {
+    const char* name = c_api ? "prefix_tokens" : "--num-prefix";
+    if (p.lora) fail(ErrorKind::invalid_argument, "{} and LoRA: choose one kind of adapter", name);
+    if (p.prefix < 1 || p.prefix > 1024) fail(ErrorKind::invalid_argument, "{} {}: must lie in [1, 1024]", name, p.prefix);
+    if (p.prefix >= c.max_positions)
+      fail(ErrorKind::invalid_argument, "{} {}: the model has {} positions", name, p.prefix, c.max_positions);
+    return;
+  }
   if (!p.lora) return;
   const char* r_name = c_api ? "lora_r" : "--lora-r";
   const char* a_name = c_api ? "lora_alpha" : "--lora-alpha";
@@ -77,6 +86,7 @@ void validate_peft(const PeftConfig& p, const ModelConfig& c, bool c_api) {
 }
 
 nlohmann::json peft_to_json(const PeftConfig& p) {
+  if (p.prefix > 0) return {{"peft_type", "PREFIX_TUNING"}, {"num_virtual_tokens", p.prefix}};
   return {{"peft_type", "LORA"}, {"r", p.r}, {"lora_alpha", p.alpha}, {"target_modules", p.targets}};
 }
 
@@ -88,6 +98,16 @@ PeftConfig peft_from_json(const nlohmann::json& j, const std::string& where) {
   };
   if (!j.is_object()) bad("peft", "must be an object");
   if (!j.contains("peft_type") || !j.at("peft_type").is_string()) bad("peft_type", "must name the adapter type");
+  if (j.at("peft_type").get<std::string>() == "PREFIX_TUNING") {
+    if (!j.contains("num_virtual_tokens") || !j.at("num_virtual_tokens").is_number_integer())
+      bad("num_virtual_tokens", "must be an integer");
+    const auto n = j.at("num_virtual_tokens").get<std::int64_t>();
+    if (n < 1 || n > 1024) bad("num_virtual_tokens", fmt::format("= {} is outside [1, 1024]", n));
+    if (j.contains("prefix_projection") && j.at("prefix_projection").is_boolean() && j.at("prefix_projection").get<bool>())
+      bad("prefix_projection", "= true: zo2 trains the prefix itself (MeZO's, without reparametrization)");
+    p.prefix = static_cast<int>(n);
+    return p;
+  }
   if (j.at("peft_type").get<std::string>() != "LORA")
     bad("peft_type", fmt::format("= {}: zo2 reads LORA adapters", j.at("peft_type").dump()));
   p.lora = true;
@@ -145,6 +165,25 @@ LoraLayout lora_layout(const ModelConfig& c, std::int64_t layer, const PeftConfi
 }
 
 std::string peft_tensor_name(const std::string& name) { return "base_model.model." + name; }
+
+LoraLayout prefix_layout(const ModelConfig& c, std::int64_t layer, int tokens, DType dtype) {
+  LoraLayout l;
+  const std::string prefix = block_prefix(c, layer);
+  l.a.add(Role::k_w, prefix + "self_attn.prefix_key", {tokens, c.kv_dim()}, dtype);
+  l.b.add(Role::v_w, prefix + "self_attn.prefix_value", {tokens, c.kv_dim()}, dtype);
+  l.b_offset = align_up(l.a.bytes());
+  l.bytes = l.b_offset + align_up(l.b.bytes());
+  return l;
+}
+
+std::vector<std::int32_t> prefix_init_tokens(const ModelConfig& c, int tokens, std::uint64_t seed) {
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(tokens));
+  const std::uint64_t key = tensor_key("zo2.prefix_init_tokens");
+  for (int i = 0; i < tokens; ++i)
+    ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(
+        rounding_bits(seed, key, static_cast<std::uint64_t>(i)) % static_cast<std::uint32_t>(c.vocab_size));
+  return ids;
+}
 
 void init_lora_image(const LoraLayout& l, void* image, std::uint64_t seed) {
   auto* base = static_cast<std::byte*>(image);

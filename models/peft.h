@@ -32,14 +32,27 @@
 
 namespace zo2 {
 
+// Note [Prefix tuning under ZO]
+//   MeZO's prefix tuning (Li & Liang; MeZO's prefix.py with reparametrization off): each
+//   block gets P trainable key and value rows [P, kv_dim] that every query attends to
+//   before its own sequence, as Hugging Face's past_key_values of P tokens (keys after
+//   RoPE); the sequence's positions start at P. They are initialized, as MeZO's
+//   init_by_real_act, from the keys and values the base model computes for P random
+//   vocabulary tokens (drawn from the run seed), so a seed log replays from the base alone.
+//   The graph runs attention over P + T rows per sequence (P dummy queries whose outputs are
+//   dropped), so the attention kernels need nothing new. Saved in PEFT's PREFIX_TUNING
+//   layout: prompt_embeddings [P, L·2·kv_dim], layer l's keys at columns 2l·kv_dim and its
+//   values at (2l + 1)·kv_dim.
 struct PeftConfig {
   bool lora = false;
+  int prefix = 0;  // prefix tuning: virtual tokens per layer (MeZO: 5); 0 = none
   int r = 8;
   float alpha = 16.0f;
   // PEFT's target_modules: the linear layers' module names (q_proj, v_proj, ...).
   std::vector<std::string> targets = {"q_proj", "v_proj"};
   bool operator==(const PeftConfig&) const = default;
   float scale() const { return alpha / static_cast<float>(r); }
+  bool any() const { return lora || prefix > 0; }  // adapters of either kind: the base is frozen
   std::string describe() const;  // "LoRA r 8, alpha 16 on q_proj, v_proj" or "full"
 };
 
@@ -72,6 +85,13 @@ LoraLayout lora_layout(const ModelConfig& c, std::int64_t layer, const PeftConfi
 
 // PEFT's name of an adapter tensor: "base_model.model." + zo2's name.
 std::string peft_tensor_name(const std::string& name);
+
+// Prefix tuning: the layout of block i's prefix (a: keys with role k_w, b: values with role
+// v_w, both [P, kv_dim] fp32 — or the state dtype), in the same LoraLayout shape so the
+// adapters' storage, streaming and update are shared.
+LoraLayout prefix_layout(const ModelConfig& c, std::int64_t layer, int tokens, DType dtype = DType::f32);
+// The P token ids whose activations initialize a prefix (MeZO's init_by_real_act).
+std::vector<std::int32_t> prefix_init_tokens(const ModelConfig& c, int tokens, std::uint64_t seed);
 
 // Fills a block's adapter image with PEFT's initialization (Note [LoRA under ZO]).
 void init_lora_image(const LoraLayout& l, void* image, std::uint64_t seed);

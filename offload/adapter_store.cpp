@@ -19,27 +19,34 @@
 namespace zo2 {
 namespace fs = std::filesystem;
 
+namespace {
+LoraLayout layout_of(const ModelConfig& c, std::int64_t i, const PeftConfig& p, DType dt = DType::f32) {
+  return p.prefix > 0 ? prefix_layout(c, i, p.prefix, dt) : lora_layout(c, i, p, dt);
+}
+}  // namespace
+
 std::size_t adapter_bytes(const ModelConfig& c, const PeftConfig& p, const StateSpec& state) {
-  if (!p.lora || c.num_layers == 0) return 0;
-  const LoraLayout w = lora_layout(c, 0, p);
-  const LoraLayout s = lora_layout(c, 0, p, state.dtype);
+  if (!p.any() || c.num_layers == 0) return 0;
+  const LoraLayout w = layout_of(c, 0, p);
+  const LoraLayout s = layout_of(c, 0, p, state.dtype);
   return static_cast<std::size_t>(c.num_layers) * image_with_state_bytes(w.bytes, s.bytes, state.buffers);
 }
 
 AdapterStore::AdapterStore(const ModelConfig& config, const PeftConfig& peft, const StateSpec& state, Device& device,
                            std::uint64_t seed)
     : config_(config), peft_(peft), state_(state) {
-  ZO2_CHECK(peft.lora);
+  ZO2_CHECK(peft.any());
   for (std::int64_t i = 0; i < config.num_layers; ++i) {
-    layouts_.push_back(lora_layout(config, i, peft));
-    state_layouts_.push_back(lora_layout(config, i, peft, state.dtype));
+    layouts_.push_back(layout_of(config, i, peft));
+    state_layouts_.push_back(layout_of(config, i, peft, state.dtype));
   }
   image_bytes_ = image_with_state_bytes(layouts_[0].bytes, state_layouts_[0].bytes, state.buffers);
   for (std::int64_t i = 0; i < config.num_layers; ++i) {
     images_.push_back(device.alloc_host(image_bytes_));
     auto* base = static_cast<std::byte*>(images_.back().data());
     std::memset(base, 0, image_bytes_);
-    init_lora_image(layouts_[static_cast<std::size_t>(i)], base, seed);
+    if (peft.lora) init_lora_image(layouts_[static_cast<std::size_t>(i)], base, seed);
+    // A prefix starts at zero here; Session fills it from the base's activations.
     for (int k = 0; k < state.buffers; ++k) {
       const LoraLayout& sl = state_layouts_[static_cast<std::size_t>(i)];
       for (const ImageLayout* part : {&sl.a, &sl.b}) {
@@ -76,6 +83,10 @@ PeftConfig AdapterStore::peft_config_of(const fs::path& dir) {
 }
 
 void AdapterStore::save_peft(const fs::path& dir, const std::string& base_model) const {
+  if (peft_.prefix > 0) {
+    save_prefix(dir, base_model);
+    return;
+  }
   std::vector<TensorToWrite> tensors;
   for (std::size_t i = 0; i < layouts_.size(); ++i) {
     const auto* base = static_cast<const std::byte*>(images_[i].data());
@@ -113,11 +124,85 @@ void AdapterStore::save_peft(const fs::path& dir, const std::string& base_model)
   write_file_atomic(dir / kAdapterConfigFile, j.dump(2) + "\n");
 }
 
+// PEFT's PREFIX_TUNING layout: prompt_embeddings [P, L·2·kv_dim], layer l's keys at columns
+// 2l·kv_dim, its values at (2l + 1)·kv_dim (PrefixEncoder without projection; the model's
+// past_key_values view [P, L·2, kv_heads, head_dim]).
+void AdapterStore::save_prefix(const fs::path& dir, const std::string& base_model) const {
+  const std::int64_t P = peft_.prefix, L = num_blocks(), kv = config_.kv_dim();
+  std::vector<float> emb(static_cast<std::size_t>(P * L * 2 * kv));
+  for (std::int64_t l = 0; l < L; ++l) {
+    const auto* base = static_cast<const std::byte*>(images_[static_cast<std::size_t>(l)].data());
+    const LoraLayout& lay = layouts_[static_cast<std::size_t>(l)];
+    const auto* k = reinterpret_cast<const float*>(base + lay.a.tensors()[0].offset);
+    const auto* v = reinterpret_cast<const float*>(base + lay.b_offset + lay.b.tensors()[0].offset);
+    for (std::int64_t p = 0; p < P; ++p)
+      for (std::int64_t e = 0; e < kv; ++e) {
+        emb[static_cast<std::size_t>(p * L * 2 * kv + (2 * l) * kv + e)] = k[p * kv + e];
+        emb[static_cast<std::size_t>(p * L * 2 * kv + (2 * l + 1) * kv + e)] = v[p * kv + e];
+      }
+  }
+  TensorToWrite t;
+  t.name = "prompt_embeddings";
+  t.dtype = DType::f32;
+  t.shape = {P, L * 2 * kv};
+  t.data = emb.data();
+  write_safetensors(dir / kAdapterModelFile, std::span<const TensorToWrite>(&t, 1), {{"format", "pt"}});
+  nlohmann::json j = {{"peft_type", "PREFIX_TUNING"},
+                      {"task_type", "CAUSAL_LM"},
+                      {"base_model_name_or_path", base_model},
+                      {"num_virtual_tokens", P},
+                      {"num_layers", L},
+                      {"token_dim", kv},
+                      {"num_attention_heads", config_.num_kv_heads},
+                      {"num_transformer_submodules", 1},
+                      {"encoder_hidden_size", config_.hidden_size},
+                      {"prefix_projection", false},
+                      {"inference_mode", true},
+                      {"revision", nullptr}};
+  write_file_atomic(dir / kAdapterConfigFile, j.dump(2) + "\n");
+}
+
+void AdapterStore::load_prefix(const fs::path& dir) {
+  const fs::path file = dir / kAdapterModelFile;
+  const SafetensorsFile f = SafetensorsFile::open(file);
+  const std::int64_t P = peft_.prefix, L = num_blocks(), kv = config_.kv_dim();
+  const TensorInfo* info = f.find("prompt_embeddings");
+  if (!info) fail(ErrorKind::format, "{}: tensor 'prompt_embeddings' is missing", file.string());
+  if (info->shape != std::vector<std::int64_t>{P, L * 2 * kv})
+    fail(ErrorKind::format, "{}: 'prompt_embeddings' has shape [{}], this model's prefix needs [{}, {}]", file.string(),
+         fmt::join(info->shape, ", "), P, L * 2 * kv);
+  if (info->dtype != DType::f32 && info->dtype != DType::bf16 && info->dtype != DType::f16)
+    fail(ErrorKind::format, "{}: 'prompt_embeddings' is {}; zo2 reads fp32, bf16 or fp16", file.string(),
+         dtype_name(info->dtype));
+  if (f.tensors().size() != 1)
+    fail(ErrorKind::format, "{}: holds {} tensors, a prefix adapter one (prompt_embeddings)", file.string(),
+         f.tensors().size());
+  const auto src = f.bytes(*info);
+  for (std::int64_t l = 0; l < L; ++l) {
+    auto* base = static_cast<std::byte*>(images_[static_cast<std::size_t>(l)].data());
+    const LoraLayout& lay = layouts_[static_cast<std::size_t>(l)];
+    auto* k = reinterpret_cast<float*>(base + lay.a.tensors()[0].offset);
+    auto* v = reinterpret_cast<float*>(base + lay.b_offset + lay.b.tensors()[0].offset);
+    for (std::int64_t p = 0; p < P; ++p)
+      for (std::int64_t e = 0; e < kv; ++e) {
+        k[p * kv + e] = load_element(src.data(), info->dtype, p * L * 2 * kv + (2 * l) * kv + e, 1.0f);
+        v[p * kv + e] = load_element(src.data(), info->dtype, p * L * 2 * kv + (2 * l + 1) * kv + e, 1.0f);
+      }
+    for (const float* t : {k, v})
+      if (first_non_finite(t, DType::f32, P * kv) >= 0)
+        fail(ErrorKind::format, "{}: 'prompt_embeddings' holds a non-finite value (layer {})", file.string(), l);
+  }
+}
+
 void AdapterStore::load_peft(const fs::path& dir) {
   const PeftConfig p = peft_config_of(dir);
   if (!(p == peft_))
     fail(ErrorKind::invalid_argument, "{}: the adapter is {}, not the {} this session was opened with",
          (dir / kAdapterConfigFile).string(), p.describe(), peft_.describe());
+  if (peft_.prefix > 0) {
+    load_prefix(dir);
+    return;
+  }
   const fs::path file = dir / kAdapterModelFile;
   const SafetensorsFile f = SafetensorsFile::open(file);
   std::size_t used = 0;
@@ -216,6 +301,9 @@ void AdapterStore::load_state(const fs::path& file) {
 }
 
 void AdapterStore::merge_into(BlockStore& store) const {
+  if (!peft_.lora)
+    fail(ErrorKind::invalid_argument, "a {} adapter has no weights to merge into the base (LoRA adapters do)",
+         peft_.describe());
   ZO2_CHECK(store.num_blocks() == num_blocks());
   const float scale = peft_.scale();
   tbb::parallel_for(std::int64_t{0}, num_blocks(), [&](std::int64_t i) {
@@ -247,6 +335,15 @@ void AdapterStore::merge_into(BlockStore& store) const {
       }
     }
   });
+}
+
+void AdapterStore::set_prefix(std::int64_t i, const float* keys, const float* values) {
+  ZO2_CHECK(peft_.prefix > 0);
+  auto* base = static_cast<std::byte*>(images_[static_cast<std::size_t>(i)].data());
+  const LoraLayout& lay = layouts_[static_cast<std::size_t>(i)];
+  const std::size_t n = static_cast<std::size_t>(peft_.prefix * config_.kv_dim());
+  std::memcpy(base + lay.a.tensors()[0].offset, keys, n * sizeof(float));
+  std::memcpy(base + lay.b_offset + lay.b.tensors()[0].offset, values, n * sizeof(float));
 }
 
 }  // namespace zo2

@@ -50,7 +50,13 @@ class AdapterStore {
   // nearest where narrower than fp32).
   void merge_into(BlockStore& store) const;
 
+  // Prefix tuning: write keys and values of block i (P × kv_dim floats each, from the
+  // base's activations at initialization).
+  void set_prefix(std::int64_t i, const float* keys, const float* values);
+
  private:
+  void save_prefix(const std::filesystem::path& dir, const std::string& base_model) const;
+  void load_prefix(const std::filesystem::path& dir);
   ModelConfig config_;
   PeftConfig peft_;
   StateSpec state_;

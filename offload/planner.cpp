@@ -27,10 +27,15 @@ std::string_view offload_mode_name(OffloadMode m) {
   return "auto";
 }
 
-std::size_t batch_buffer_bytes(int batch, int seq) {
+std::size_t batch_buffer_bytes(int batch, int seq, int prefix_tokens) {
   const std::size_t n = static_cast<std::size_t>(batch) * static_cast<std::size_t>(seq);
+  const std::size_t px =
+      prefix_tokens > 0 ? align_up(static_cast<std::size_t>(batch) * static_cast<std::size_t>(seq + prefix_tokens) *
+                                   sizeof(std::int32_t))
+                        : 0;
   // Two slots of ids, mask, positions, targets and option groups; the projected gradient.
-  return 2 * (4 * align_up(n * sizeof(std::int32_t)) + align_up(static_cast<std::size_t>(batch) * sizeof(std::int32_t))) +
+  return 2 * (4 * align_up(n * sizeof(std::int32_t)) + align_up(static_cast<std::size_t>(batch) * sizeof(std::int32_t)) +
+              px) +
          align_up(kStepScalars * sizeof(float));
 }
 
@@ -67,7 +72,7 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   p.limits = graph.limits();
   p.workspace = graph.workspace_plan(r.branches, r.batch, r.seq);
   p.workspace_bytes = p.workspace.total();
-  p.batch_bytes = batch_buffer_bytes(r.batch, r.seq);
+  p.batch_bytes = batch_buffer_bytes(r.batch, r.seq, r.limits.prefix_tokens);
   if (r.logits_out)
     p.logits_bytes = align_up(static_cast<std::size_t>(r.batch) * static_cast<std::size_t>(r.seq) *
                               static_cast<std::size_t>(config.vocab_size) * sizeof(float));

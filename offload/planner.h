@@ -93,7 +93,8 @@ struct Placement {
 // and staging (offload/scheduler.h).
 inline constexpr int kStepScalars = 4 * 64;
 // Batch buffers on the device: ids, mask, positions, targets (int32), double-buffered.
-std::size_t batch_buffer_bytes(int batch, int seq);
+// Prefix tuning adds each slot's key mask over P + T rows.
+std::size_t batch_buffer_bytes(int batch, int seq, int prefix_tokens = 0);
 
 // Throws Error(out_of_memory) stating the minimum cap when even the all-streamed plan
 // does not fit, or Error(invalid_argument) for impossible requests.

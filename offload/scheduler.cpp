@@ -77,6 +77,7 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
   if (AdapterStore* ad = options_.adapters) {
     ZO2_CHECK(ad->num_blocks() == L && buffers == 0);
     ZO2_CHECK(ad->state().buffers == options_.rule.state_buffers());
+    prefix_tokens_ = ad->peft().prefix;
     adapter_dev_.resize(static_cast<std::size_t>(L));
     lora_.resize(static_cast<std::size_t>(L));
     adapter_state_w_.resize(static_cast<std::size_t>(L));
@@ -89,7 +90,8 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
       const LoraLayout& l = ad->layout(i);
       lora_[u].a = bind_weights(l.a, base);
       lora_[u].b = bind_weights(l.b, base + l.b_offset);
-      lora_[u].scale = ad->peft().scale();
+      lora_[u].scale = ad->peft().lora ? ad->peft().scale() : 0.0f;
+      lora_[u].prefix_tokens = ad->peft().prefix;
       for (int k = 0; k < ad->state().buffers; ++k) {
         const LoraLayout& sl = ad->state_layout(i);
         char* s = base + ad->state_offset(k);
@@ -107,7 +109,11 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
     s.positions = arena.allocate(n * sizeof(std::int32_t), "batch positions");
     s.targets = arena.allocate(n * sizeof(std::int32_t), "batch targets");
     s.options = arena.allocate(static_cast<std::size_t>(options_.batch) * sizeof(std::int32_t), "batch option groups");
-    s.staging = device.alloc_host((4 * n + static_cast<std::size_t>(options_.batch)) * sizeof(std::int32_t));
+    const std::size_t px = prefix_tokens_ > 0 ? static_cast<std::size_t>(options_.batch) *
+                                                    static_cast<std::size_t>(options_.seq + prefix_tokens_)
+                                              : 0;
+    if (px > 0) s.prefix_mask = arena.allocate(px * sizeof(std::int32_t), "batch prefix key mask");
+    s.staging = device.alloc_host((4 * n + static_cast<std::size_t>(options_.batch) + px) * sizeof(std::int32_t));
     s.uploaded = device.make_event();
     s.consumed = device.make_event();
   }
@@ -155,6 +161,7 @@ BatchView Scheduler::batch_view(const BatchSlot& s, const HostBatch& batch) {
   view.positions = s.positions.as<std::int32_t>();
   view.targets = s.targets.as<std::int32_t>();
   if (!batch.option_info.empty()) view.option_info = s.options.as<std::int32_t>();
+  if (s.prefix_mask) view.prefix_key_mask = s.prefix_mask.as<std::int32_t>();
   return view;
 }
 
@@ -172,15 +179,34 @@ int Scheduler::upload_batch(const HostBatch& batch) {
   std::memcpy(staging + 3 * cap, batch.targets.data(), bytes);
   const std::size_t option_bytes = batch.option_info.size() * sizeof(std::int32_t);
   if (option_bytes > 0) std::memcpy(staging + 4 * cap, batch.option_info.data(), option_bytes);
+  // Prefix tuning (Note [Prefix tuning under ZO]): the sequence's positions follow the P
+  // prefix rows, whose keys every query sees.
+  const bool prefix = prefix_tokens_ > 0 && !adapters_off_;
+  std::size_t prefix_bytes = 0;
+  if (prefix) {
+    auto* pos = reinterpret_cast<std::int32_t*>(staging + 2 * cap);
+    for (std::int64_t i = 0; i < batch.tokens(); ++i) pos[i] += prefix_tokens_;
+    auto* pm = reinterpret_cast<std::int32_t*>(staging + 4 * cap +
+                                               static_cast<std::size_t>(options_.batch) * sizeof(std::int32_t));
+    const std::int64_t T = batch.seq, S = T + prefix_tokens_;
+    for (std::int64_t b = 0; b < batch.batch; ++b) {
+      for (std::int64_t p = 0; p < prefix_tokens_; ++p) pm[b * S + p] = 1;
+      for (std::int64_t t = 0; t < T; ++t) pm[b * S + prefix_tokens_ + t] = batch.key_mask[static_cast<std::size_t>(b * T + t)];
+    }
+    prefix_bytes = static_cast<std::size_t>(batch.batch * S) * sizeof(std::int32_t);
+  }
   h2d_->wait(*s.consumed);
   h2d_->copy_h2d(s.ids.data(), staging, bytes);
   h2d_->copy_h2d(s.mask.data(), staging + cap, bytes);
   h2d_->copy_h2d(s.positions.data(), staging + 2 * cap, bytes);
   h2d_->copy_h2d(s.targets.data(), staging + 3 * cap, bytes);
   if (option_bytes > 0) h2d_->copy_h2d(s.options.data(), staging + 4 * cap, option_bytes);
+  if (prefix_bytes > 0)
+    h2d_->copy_h2d(s.prefix_mask.data(),
+                   staging + 4 * cap + static_cast<std::size_t>(options_.batch) * sizeof(std::int32_t), prefix_bytes);
   h2d_->record(*s.uploaded);
   compute_->wait(*s.uploaded);
-  totals_.h2d_bytes += 4 * bytes + option_bytes;
+  totals_.h2d_bytes += 4 * bytes + option_bytes + prefix_bytes;
   return b;
 }
 
@@ -250,7 +276,7 @@ void Scheduler::run_blocks(const Use& use) {
     if (use.update) apply_update(w, layout, st);
     if (use.forward) {
       graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches,
-                   lora_.empty() ? nullptr : &lora_[static_cast<std::size_t>(i)], use.adapter_noise);
+                   lora_.empty() || adapters_off_ ? nullptr : &lora_[static_cast<std::size_t>(i)], use.adapter_noise);
       if (use.hidden && i + 1 < L)  // the last block's output is replaced by the final one
         capture_hidden(graph_.branches()[0].hidden, use.batch->tokens(), use.hidden);
     }
@@ -558,6 +584,42 @@ void Scheduler::sync_to_host() {
   compute_->synchronize();
   d2h_->synchronize();
   h2d_->synchronize();
+}
+
+std::vector<std::vector<float>> Scheduler::capture_kv(const HostBatch& batch) {
+  check_batch(batch);
+  flush();
+  adapters_off_ = true;
+  std::vector<std::vector<float>> kv;
+  kv.reserve(static_cast<std::size_t>(2 * store_.num_blocks()));
+  try {
+    const int b = upload_batch(batch);
+    BatchSlot& bs = batch_slots_[b];
+    const BatchView view = batch_view(bs, batch);
+    graph_.capture_kv(&kv);
+    graph_.embed(ops_, *compute_, globals_w_, view, nullptr, 1);
+    run_blocks(Use{false, true, 1, nullptr, nullptr, &view, nullptr});
+    graph_.capture_kv(nullptr);
+    compute_->record(*bs.consumed);
+    compute_->synchronize();
+    h2d_->check();
+  } catch (...) {
+    graph_.capture_kv(nullptr);
+    adapters_off_ = false;
+    throw;
+  }
+  adapters_off_ = false;
+  for (auto& v : kv) widen_packed_in_place(v.data(), static_cast<std::int64_t>(v.size()), options_.compute);
+  return kv;
+}
+
+void Scheduler::upload_adapters() {
+  AdapterStore* ad = options_.adapters;
+  if (!ad) return;
+  flush();
+  for (std::size_t i = 0; i < adapter_dev_.size(); ++i)
+    compute_->copy_h2d(adapter_dev_[i].data(), ad->image(static_cast<std::int64_t>(i)), ad->image_bytes());
+  compute_->synchronize();
 }
 
 }  // namespace zo2

@@ -139,6 +139,11 @@ class Scheduler {
   float eval(const HostBatch& batch, const EvalOptions& options = {});
   // Flushes and copies every device-side weight back into the block store, then waits.
   void sync_to_host();
+  // Prefix tuning's initialization: an unperturbed forward of `batch` without the adapters,
+  // returning each block's keys (after RoPE) and values of its rows, [2·L][tokens·kv_dim].
+  std::vector<std::vector<float>> capture_kv(const HostBatch& batch);
+  // Copies the host adapters (AdapterStore) to the device again (after the host changed them).
+  void upload_adapters();
   bool pending() const { return pending_.active; }
 
   const Placement& placement() const { return placement_; }
@@ -197,6 +202,8 @@ class Scheduler {
   std::vector<LoraSet> lora_;
   std::vector<std::array<WeightSet, 4>> adapter_state_w_;  // [k·2 + 0] A's, [k·2 + 1] B's of buffer k
   void apply_adapter_updates();
+  int prefix_tokens_ = 0;      // prefix tuning: P (positions shift by P, keys gain P rows)
+  bool adapters_off_ = false;  // capture_kv: the base model alone
   void sync_adapters_to_host();
   std::vector<DeviceBuffer> slots_;
   // Note [Window slot lifecycle]: the byte ranges a slot is handed over in, and per slot
@@ -212,7 +219,7 @@ class Scheduler {
 
   // Double-buffered batch inputs.
   struct BatchSlot {
-    DeviceBuffer ids, mask, positions, targets, options;
+    DeviceBuffer ids, mask, positions, targets, options, prefix_mask;
     HostBuffer staging;  // ids | mask | positions | targets | option info, pinned
     std::unique_ptr<Event> uploaded, consumed;
   };

@@ -239,8 +239,6 @@ TEST_P(LoraFamilies, SavedAdaptersHavePeftsLayoutAndReloadToContinueExactly) {
         << "block " << i;
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, LoraFamilies, ::testing::Values(ModelFamily::opt, ModelFamily::llama),
-                         [](const auto& info) { return info.param == ModelFamily::opt ? "opt" : "llama"; });
 
 TEST(LoraConfig, BadAdaptersAreRefusedNamingTheFlagOrFile) {
   const ModelConfig c = tiny(ModelFamily::llama);
@@ -272,5 +270,99 @@ TEST(LoraConfig, BadAdaptersAreRefusedNamingTheFlagOrFile) {
   EXPECT_EQ(ok.targets.size(), 2u);
 }
 
+}  // namespace
+}  // namespace zo2
+
+namespace zo2 {
+namespace {
+
+// Note [Prefix tuning under ZO]: a prefix initialized from the activations of tokens X makes
+// the forward of a sequence S equal the forward of X followed by S (S's rows), since the
+// prefix rows are exactly X's keys and values at positions 0 … P−1.
+TEST_P(LoraFamilies, APrefixOfXsActivationsEqualsTheForwardOfXThenS) {
+  constexpr int P = 5, T = 7;
+  SessionConfig pc;
+  pc.training = false;
+  pc.logits_out = true;
+  pc.max_batch = 1;
+  pc.max_seq = T;
+  pc.run_seed = 23;
+  pc.peft.prefix = P;
+  std::vector<std::int32_t> s_ids(T);
+  for (int i = 0; i < T; ++i) s_ids[static_cast<std::size_t>(i)] = (i * 13 + 4) % static_cast<int>(config.vocab_size);
+  std::vector<float> with_prefix(static_cast<std::size_t>(T * config.vocab_size));
+  {
+    Session s(tmp / "base", pc);
+    EvalOptions eo;
+    eo.logits = with_prefix.data();
+    s.eval(make_batch(config, 1, T, s_ids), eo);
+  }
+  const std::vector<std::int32_t> x = prefix_init_tokens(config, P, 23);
+  std::vector<std::int32_t> xs = x;
+  xs.insert(xs.end(), s_ids.begin(), s_ids.end());
+  std::vector<float> joint(static_cast<std::size_t>((P + T) * config.vocab_size));
+  {
+    SessionConfig jc;
+    jc.training = false;
+    jc.logits_out = true;
+    jc.max_batch = 1;
+    jc.max_seq = P + T;
+    Session s(tmp / "base", jc);
+    EvalOptions eo;
+    eo.logits = joint.data();
+    s.eval(make_batch(config, 1, P + T, xs), eo);
+  }
+  double diff = 0, scale = 0;
+  for (std::size_t i = 0; i < with_prefix.size(); ++i) {
+    const double j = joint[static_cast<std::size_t>(P * config.vocab_size) + i];
+    diff = std::max(diff, std::fabs(static_cast<double>(with_prefix[i]) - j));
+    scale = std::max(scale, std::fabs(j));
+  }
+  EXPECT_LT(diff / scale, 1e-5) << "max |Δ| " << diff;
+}
+
+TEST_P(LoraFamilies, PrefixTrainingIsStreamedLikeResidentAndSavesPeftsPrefixLayout) {
+  auto cfg = [&](OffloadMode m) {
+    SessionConfig s = train_cfg(GetParam(), m, RuleKind::adam);
+    s.peft = PeftConfig{};
+    s.peft.prefix = 4;
+    return s;
+  };
+  const LoraRun streamed = train(tmp / "base", cfg(OffloadMode::all), 4, 1e-3f, 0, tmp / "prefix");
+  const LoraRun resident = train(tmp / "base", cfg(OffloadMode::none), 4, 1e-3f);
+  Session base(tmp / "base", SessionConfig{});
+  for (std::int64_t i = 0; i < config.num_layers; ++i) {
+    EXPECT_TRUE(streamed.adapters[static_cast<std::size_t>(i)] == resident.adapters[static_cast<std::size_t>(i)]) << i;
+    EXPECT_TRUE(streamed.blocks[static_cast<std::size_t>(i)] == bytes_of(base.store().block_image(i), base.store().block_bytes()))
+        << "block " << i << " changed";
+  }
+  for (std::size_t t = 0; t < streamed.steps.size(); ++t) EXPECT_EQ(streamed.steps[t].losses, resident.steps[t].losses) << t;
+  EXPECT_EQ(streamed.totals.d2h_bytes, 0u);
+  const fs::path dir = resolve_model_dir(tmp / "prefix");
+  std::ifstream in(dir / "adapter_config.json");
+  const nlohmann::json j = nlohmann::json::parse(in);
+  EXPECT_EQ(j.at("peft_type"), "PREFIX_TUNING");
+  EXPECT_EQ(j.at("num_virtual_tokens"), 4);
+  EXPECT_EQ(j.at("num_layers"), config.num_layers);
+  EXPECT_EQ(j.at("prefix_projection"), false);
+  const SafetensorsFile f = SafetensorsFile::open(dir / "adapter_model.safetensors");
+  EXPECT_EQ(f.at("prompt_embeddings").shape, (std::vector<std::int64_t>{4, config.num_layers * 2 * config.kv_dim()}));
+  // Reloaded with its Adam state, two more steps equal a straight six-step run.
+  SessionConfig more = cfg(OffloadMode::all);
+  more.adapter_dir = dir;
+  more.resume_state = true;
+  const LoraRun resumed = train(tmp / "base", more, 2, 1e-3f, 4);
+  const LoraRun straight = train(tmp / "base", cfg(OffloadMode::all), 6, 1e-3f);
+  for (std::int64_t i = 0; i < config.num_layers; ++i)
+    EXPECT_TRUE(straight.adapters[static_cast<std::size_t>(i)] == resumed.adapters[static_cast<std::size_t>(i)]) << i;
+}
+
+}  // namespace
+}  // namespace zo2
+
+namespace zo2 {
+namespace {
+INSTANTIATE_TEST_SUITE_P(Families, LoraFamilies, ::testing::Values(ModelFamily::opt, ModelFamily::llama),
+                         [](const auto& info) { return info.param == ModelFamily::opt ? "opt" : "llama"; });
 }  // namespace
 }  // namespace zo2

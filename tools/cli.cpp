@@ -77,6 +77,11 @@ void LoraFlags::add(CLI::App& app, bool training) {
     r_flag = app.add_option("--lora-r", r, "LoRA rank")->capture_default_str();
     alpha_flag = app.add_option("--lora-alpha", alpha, "LoRA alpha (the update is scaled by alpha / r)")
                      ->capture_default_str();
+    prefix_flag = app.add_flag("--prefix-tuning", prefix,
+                               "train a prefix of --num-prefix key/value rows per layer only (MeZO's prefix tuning; "
+                               "initialized from the base's activations of random tokens; the base is frozen)");
+    num_prefix_flag = app.add_option("--num-prefix", num_prefix, "prefix tuning: virtual tokens per layer")
+                          ->capture_default_str();
     targets_flag = app.add_option("--lora-targets", targets,
                                   "the adapted linear layers, by PEFT module name (OPT: q_proj, k_proj, v_proj, "
                                   "out_proj, fc1, fc2; LLaMA: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
@@ -116,6 +121,9 @@ void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
   if (!adapter_dir.empty()) {
     sc.peft = AdapterStore::peft_config_of(adapter_dir);
     sc.adapter_dir = adapter_dir;
+    if (prefix || (num_prefix_flag && num_prefix_flag->count() > 0))
+      fail(ErrorKind::invalid_argument, "--adapter {} is {}: its shape comes from its adapter_config.json", adapter_dir,
+           sc.peft.describe());
     if (flags_given) {
       PeftConfig asked;
       asked.lora = true;
@@ -126,6 +134,9 @@ void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
         fail(ErrorKind::invalid_argument, "--lora-r/--lora-alpha/--lora-targets ask for {}, but the adapter {} is {}",
              asked.describe(), adapter_dir, sc.peft.describe());
     }
+  } else if (prefix) {
+    if (flags_given) fail(ErrorKind::invalid_argument, "--prefix-tuning and --lora*: choose one kind of adapter");
+    sc.peft.prefix = num_prefix;
   } else if (lora) {
     sc.peft.lora = true;
     sc.peft.r = r;
@@ -134,7 +145,9 @@ void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
   } else if (flags_given) {
     fail(ErrorKind::invalid_argument, "--lora-r, --lora-alpha and --lora-targets need --lora");
   }
-  if (sc.peft.lora && !model.empty()) validate_peft(sc.peft, ModelConfig::load(resolve_model_dir(model)));
+  if (!prefix && num_prefix_flag && num_prefix_flag->count() > 0)
+    fail(ErrorKind::invalid_argument, "--num-prefix needs --prefix-tuning");
+  if (sc.peft.any() && !model.empty()) validate_peft(sc.peft, ModelConfig::load(resolve_model_dir(model)));
 }
 
 bool RuleFlags::any_given() const {

@@ -76,6 +76,9 @@ struct LoraFlags {
   double alpha = 16;
   std::string targets = "q_proj,v_proj";
   std::string adapter;
+  bool prefix = false;  // --prefix-tuning
+  int num_prefix = 5;   // --num-prefix (MeZO's)
+  CLI::Option *prefix_flag = nullptr, *num_prefix_flag = nullptr;
   CLI::Option *lora_flag = nullptr, *r_flag = nullptr, *alpha_flag = nullptr, *targets_flag = nullptr,
               *adapter_flag = nullptr;
   void add(CLI::App& app, bool training);

@@ -66,7 +66,7 @@ Runner add_plan(CLI::App& app) {
     {
       std::string m = o->model;
       o->lora.apply(m, sc);  // LoRA: adapters resident, the base frozen (nothing written back)
-      if (sc.peft.lora) validate_peft(sc.peft, c);
+      if (sc.peft.any()) validate_peft(sc.peft, c);
     }
     const DeviceKind kind = parse_device(o->device).kind;
     const Placement pl = plan_placement(c, plan_request(c, sc, kind, cap));
@@ -97,7 +97,7 @@ Runner add_plan(CLI::App& app) {
     j["state_block_bytes"] = pl.state_block_bytes;
     j["passes_per_step"] = pl.passes;
     if (sc.training) j["optimizer"] = rule_to_json(sc.rule);
-    if (sc.peft.lora) j["peft"] = peft_to_json(sc.peft);
+    if (sc.peft.any()) j["peft"] = peft_to_json(sc.peft);
     j["adapter_bytes"] = pl.adapter_bytes;
     j["resident_bytes"] = pl.resident_bytes;
     j["slot_bytes"] = pl.slot_bytes;

@@ -58,7 +58,7 @@ Runner add_replay(CLI::App& app) {
     sc.peft = log.header.peft;  // LoRA: the adapters start from the run seed's init
     sc.run_seed = log.header.run_seed;
     sc.base_model = std::filesystem::absolute(o->model).string();
-    if (sc.peft.lora) validate_peft(sc.peft, ModelConfig::load(resolve_model_dir(o->model)));
+    if (sc.peft.any()) validate_peft(sc.peft, ModelConfig::load(resolve_model_dir(o->model)));
     sc.max_batch = 1;
     sc.max_seq = 1;
     RunDirLock lock(o->out);

@@ -368,10 +368,11 @@ Runner add_train(CLI::App& app) {
         sc.peft = peft_from_json(ck.state.at("peft"), state_file.string());
         sc.adapter_dir = ck.dir;
         if (o->lora.lora_flag->count() + o->lora.r_flag->count() + o->lora.alpha_flag->count() +
-                o->lora.targets_flag->count() + o->lora.adapter_flag->count() >
+                o->lora.targets_flag->count() + o->lora.adapter_flag->count() + o->lora.prefix_flag->count() +
+                o->lora.num_prefix_flag->count() >
             0)
           fail(ErrorKind::invalid_argument,
-               "--resume {}: a LoRA run continues with its own adapter ({}); drop --lora*/--adapter", o->resume,
+               "--resume {}: the run continues with its own adapter ({}); drop --lora*/--prefix-tuning/--adapter", o->resume,
                sc.peft.describe());
         if (base_model.empty() || !std::filesystem::exists(resolve_model_dir(base_model) / "config.json"))
           fail(ErrorKind::format, "{}: key 'base_model' = '{}' does not name the LoRA run's base checkpoint",

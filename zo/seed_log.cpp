@@ -86,7 +86,7 @@ std::string header_line(const SeedLogHeader& h) {
          {"base_model", h.base_model},
          {"first_step", h.first_step}};
   if (h.rule != RuleConfig{}) j["optimizer"] = rule_to_json(h.rule);  // a zo-sgd log keeps its old bytes
-  if (h.peft.lora) j["peft"] = peft_to_json(h.peft);
+  if (h.peft.any()) j["peft"] = peft_to_json(h.peft);
   return j.dump();
 }
 
