@@ -192,6 +192,9 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
     if (p.adapter_path[0] == '\0') invalid("adapter_path is empty (use NULL for none)");
     sc.adapter_dir = zo2::resolve_model_dir(p.adapter_path);
     sc.peft = zo2::AdapterStore::peft_config_of(sc.adapter_dir);
+  } else if (p.prefix_tokens != 0) {
+    if (p.lora_r != 0) invalid("prefix_tokens and lora_r: choose one kind of adapter");
+    sc.peft.prefix = p.prefix_tokens;
   } else if (p.lora_r != 0) {
     sc.peft.lora = true;
     sc.peft.r = p.lora_r;
@@ -203,7 +206,7 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
       invalid(fmt::format("lora_targets '{}': an empty module name", p.lora_targets));
     }
   }
-  if (sc.peft.lora) zo2::validate_peft(sc.peft, model, /*c_api=*/true);
+  if (sc.peft.any()) zo2::validate_peft(sc.peft, model, /*c_api=*/true);
   return sc;
 }
 
@@ -407,6 +410,7 @@ zo2_session_params zo2_session_default_params(void) {
   p.lora_alpha = 16.0f;
   p.lora_targets = "q_proj,v_proj";
   p.adapter_path = nullptr;
+  p.prefix_tokens = 0;
   return p;
 }
 

@@ -202,6 +202,8 @@ typedef struct zo2_session_params {
     const char * lora_targets;   // comma-separated PEFT module names. Default "q_proj,v_proj".
     const char * adapter_path;   // a PEFT adapter directory to start from or evaluate (its adapter_config.json
                                  // sets rank, alpha and targets); NULL = new adapters from seed. Default NULL.
+    int32_t  prefix_tokens;      // prefix tuning (MeZO's): P key/value rows per layer, 1..1024; 0 = none; not with
+                                 // lora_r. A new prefix starts from the base's activations of P random tokens. Default 0.
 } zo2_session_params;
 
 ZO2_API zo2_session_params zo2_session_default_params(void);

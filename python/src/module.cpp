@@ -272,7 +272,7 @@ const char* const kParamNames[] = {"lr",           "eps",          "weight_decay
                                    "save_dtype",   "save_shard_size", "optimizer",  "directions",
                                    "difference",   "momentum",     "beta1",         "beta2",      "adam_eps",
                                    "state_dtype",  "resume_state", "lora_r",       "lora_alpha",    "lora_targets",
-                                   "adapter"};
+                                   "adapter",      "prefix_tokens"};
 
 int64_t int_arg(py::handle v, const char* name) {
   if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v))
@@ -392,6 +392,8 @@ Params parse_params(const py::kwargs& kw) {
       (key == "momentum" ? P.p.momentum : key == "beta1" ? P.p.beta1 : key == "beta2" ? P.p.beta2 : P.p.adam_eps) = x;
     } else if (key == "state_dtype") {
       P.state_dtype = str_arg(v, k);
+    } else if (key == "prefix_tokens") {
+      P.p.prefix_tokens = int32_arg(v, k);
     } else if (key == "lora_r") {
       P.p.lora_r = int32_arg(v, k);
     } else if (key == "lora_alpha") {
@@ -450,6 +452,7 @@ py::dict params_dict(const Params& P) {
   d["adam_eps"] = P.p.adam_eps;
   d["state_dtype"] = P.state_dtype;
   d["resume_state"] = P.p.resume_state != 0;
+  d["prefix_tokens"] = P.p.prefix_tokens;
   d["lora_r"] = P.p.lora_r;
   d["lora_alpha"] = P.p.lora_alpha;
   d["lora_targets"] = P.lora_targets;

@@ -88,6 +88,7 @@ ROUND_TRIPS = {
     "lora_alpha": (8.0, 8.0),
     "lora_targets": (["q_proj", "fc1"], "q_proj,fc1"),
     "adapter": (None, None),
+    "prefix_tokens": (3, 3),
 }
 
 
