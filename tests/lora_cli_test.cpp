@@ -90,6 +90,33 @@ TEST(LoraCli, TrainEvalMergeReplayAndResume) {
   EXPECT_TRUE(fs::exists(w.tmp / "more/current/adapter_model.safetensors"));
 }
 
+TEST(LoraCli, PrefixTuningTrainsEvaluatesReplaysAndResumes) {
+  Workspace w;
+  std::string out;
+  const std::string prefix = "--prefix-tuning --num-prefix 3 --lr 1e-2";
+  ASSERT_EQ(run(w.train("run", prefix), &out), 0) << out;
+  const fs::path cur = fs::path(w.tmp / "run") / fs::read_symlink(w.tmp / "run/current");
+  const nlohmann::json cfg = nlohmann::json::parse(read_file(cur / "adapter_config.json"));
+  EXPECT_EQ(cfg.at("peft_type"), "PREFIX_TUNING");
+  EXPECT_EQ(cfg.at("num_virtual_tokens"), 3);
+  const std::string data = " --data " + w.data.string();
+  EXPECT_EQ(eval_loss("--model " + (w.tmp / "run").string() + data),
+            eval_loss("--model " + w.model.string() + " --adapter " + (w.tmp / "run").string() + data));
+  ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (w.tmp / "run/seed_log.jsonl").string() +
+                    " --out " + (w.tmp / "replayed").string() + " -q",
+                &out),
+            0)
+      << out;
+  ASSERT_EQ(run(w.train("part", prefix + " --stop-at 4"), &out), 0) << out;
+  ASSERT_EQ(run("train --resume " + (w.tmp / "part").string() + " --out " + (w.tmp / "part").string() + " -q", &out), 0)
+      << out;
+  for (const char* d : {"replayed", "part"})
+    EXPECT_EQ(read_file(cur / "adapter_model.safetensors"), read_file(w.tmp / d / "current/adapter_model.safetensors"))
+        << d;
+  // A prefix has no weights to merge.
+  EXPECT_EQ(run("merge --model " + (w.tmp / "run").string() + " --out " + (w.tmp / "m").string(), &out), 2) << out;
+}
+
 TEST(LoraCli, BadLoraFlagsAreUsageErrors) {
   Workspace w;
   const std::pair<std::string, std::string> cases[] = {
@@ -99,6 +126,9 @@ TEST(LoraCli, BadLoraFlagsAreUsageErrors) {
       {"--lora --lora-alpha -1", "--lora-alpha"},
       {"--lora-r 4", "--lora"},
       {"--lora --lora-targets q_proj,,v_proj", "--lora-targets"},
+      {"--prefix-tuning --lora", "--prefix-tuning"},
+      {"--num-prefix 4", "--num-prefix"},
+      {"--prefix-tuning --num-prefix 0", "--num-prefix 0"},
   };
   for (const auto& [flags, needle] : cases) {
     std::string out;

@@ -136,6 +136,8 @@ void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
     }
   } else if (prefix) {
     if (flags_given) fail(ErrorKind::invalid_argument, "--prefix-tuning and --lora*: choose one kind of adapter");
+    if (num_prefix < 1 || num_prefix > 1024)
+      fail(ErrorKind::invalid_argument, "--num-prefix {}: must lie in [1, 1024]", num_prefix);
     sc.peft.prefix = num_prefix;
   } else if (lora) {
     sc.peft.lora = true;
