@@ -67,19 +67,29 @@ bool AdapterStore::is_adapter_dir(const fs::path& dir) {
   return fs::is_regular_file(dir / kAdapterConfigFile, ec);
 }
 
-PeftConfig AdapterStore::peft_config_of(const fs::path& dir) {
+namespace {
+nlohmann::json read_adapter_config(const fs::path& dir) {
   const fs::path file = dir / kAdapterConfigFile;
   std::ifstream in(file);
   if (!in) fail(ErrorKind::io, "{}: cannot open (not a PEFT adapter directory?)", file.string());
   std::stringstream ss;
   ss << in.rdbuf();
-  nlohmann::json j;
   try {
-    j = nlohmann::json::parse(ss.str());
+    return nlohmann::json::parse(ss.str());
   } catch (const nlohmann::json::exception& e) {
     fail(ErrorKind::format, "{}: not valid JSON: {}", file.string(), e.what());
   }
-  return peft_from_json(j, file.string());
+}
+}  // namespace
+
+PeftConfig AdapterStore::peft_config_of(const fs::path& dir) {
+  return peft_from_json(read_adapter_config(dir), (dir / kAdapterConfigFile).string());
+}
+
+std::string AdapterStore::base_model_of(const fs::path& dir) {
+  const nlohmann::json j = read_adapter_config(dir);
+  const auto it = j.find("base_model_name_or_path");
+  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
 }
 
 void AdapterStore::save_peft(const fs::path& dir, const std::string& base_model) const {
@@ -233,71 +243,27 @@ void AdapterStore::load_peft(const fs::path& dir) {
          peft_.describe(), used);
 }
 
-void AdapterStore::save_state(const fs::path& file) const {
-  ZO2_CHECK(state_.buffers > 0);
-  std::vector<TensorToWrite> w;
-  for (int k = 0; k < state_.buffers; ++k)
-    for (std::size_t i = 0; i < layouts_.size(); ++i) {
-      const auto* base = static_cast<const std::byte*>(images_[i].data()) + state_offset(k);
-      const LoraLayout& sl = state_layouts_[i];
-      for (const ImageLayout* part : {&sl.a, &sl.b})
-        for (const TensorSlot& t : part->tensors()) {
-          const std::byte* p = base + (part == &sl.b ? sl.b_offset : 0);
-          TensorToWrite x;
-          x.name = fmt::format("{}.state{}", t.name, k);
-          x.dtype = t.dtype;
-          x.shape = t.shape();
-          x.data = p + t.offset;
-          w.push_back(std::move(x));
-          if (t.has_scales()) {
-            TensorToWrite sc;
-            sc.name = fmt::format("{}.state{}.scale", t.name, k);
-            sc.dtype = DType::f32;
-            sc.shape = {t.rows};
-            sc.data = p + t.scale_offset;
-            w.push_back(std::move(sc));
-          }
-        }
-    }
-  write_safetensors(file, w, {{"format", "zo2-optimizer-state"}, {"state_dtype", std::string(dtype_name(state_.dtype))},
-                              {"buffers", std::to_string(state_.buffers)}});
-}
-
-void AdapterStore::load_state(const fs::path& file) {
-  ZO2_CHECK(state_.buffers > 0);
-  const SafetensorsFile f = SafetensorsFile::open(file);
-  std::size_t used = 0;
-  auto copy = [&](const std::string& name, DType dt, const std::vector<std::int64_t>& shape, std::byte* dst,
-                  std::size_t bytes) {
-    const TensorInfo* info = f.find(name);
-    if (!info) fail(ErrorKind::format, "{}: optimizer state tensor '{}' is missing", file.string(), name);
-    if (info->dtype != dt || info->shape != shape)
-      fail(ErrorKind::format, "{}: optimizer state tensor '{}' is {} [{}], expected {} [{}]", file.string(), name,
-           dtype_name(info->dtype), fmt::join(info->shape, ", "), dtype_name(dt), fmt::join(shape, ", "));
-    const auto src = f.bytes(*info);
-    ZO2_CHECK(src.size() == bytes);
-    std::memcpy(dst, src.data(), bytes);
-    if (first_non_finite(dst, dt, static_cast<std::int64_t>(bytes / dtype_size(dt))) >= 0)
-      fail(ErrorKind::format, "{}: optimizer state tensor '{}' holds a non-finite value", file.string(), name);
-    ++used;
-  };
+std::vector<StateTensorRef> AdapterStore::state_tensors() const {
+  std::vector<StateTensorRef> out;
   for (int k = 0; k < state_.buffers; ++k)
     for (std::size_t i = 0; i < layouts_.size(); ++i) {
       auto* base = static_cast<std::byte*>(images_[i].data()) + state_offset(k);
       const LoraLayout& sl = state_layouts_[i];
       for (const ImageLayout* part : {&sl.a, &sl.b})
-        for (const TensorSlot& t : part->tensors()) {
-          std::byte* p = base + (part == &sl.b ? sl.b_offset : 0);
-          const std::string name = fmt::format("{}.state{}", t.name, k);
-          copy(name, t.dtype, t.shape(), p + t.offset, t.bytes);
-          if (t.has_scales())
-            copy(name + ".scale", DType::f32, {t.rows}, p + t.scale_offset,
-                 static_cast<std::size_t>(t.rows) * sizeof(float));
-        }
+        for (const TensorSlot& t : part->tensors())
+          out.push_back({fmt::format("{}.state{}", t.name, k), &t, base + (part == &sl.b ? sl.b_offset : 0)});
     }
-  if (used != f.tensors().size())
-    fail(ErrorKind::format, "{}: holds {} tensors, the adapters' optimizer state has {}", file.string(),
-         f.tensors().size(), used);
+  return out;
+}
+
+void AdapterStore::save_state(const fs::path& file) const {
+  ZO2_CHECK(state_.buffers > 0);
+  write_state_file(file, state_tensors(), state_);
+}
+
+void AdapterStore::load_state(const fs::path& file) {
+  ZO2_CHECK(state_.buffers > 0);
+  read_state_file(file, state_tensors(), state_);
 }
 
 void AdapterStore::merge_into(BlockStore& store) const {

@@ -43,6 +43,8 @@ class AdapterStore {
   // The adapter configuration in dir/adapter_config.json (Error(format) naming the file).
   static PeftConfig peft_config_of(const std::filesystem::path& dir);
   static bool is_adapter_dir(const std::filesystem::path& dir);
+  // adapter_config.json's base_model_name_or_path ("" when absent).
+  static std::string base_model_of(const std::filesystem::path& dir);
   // The rule's state of the adapters, as BlockStore::save_state does for blocks.
   void save_state(const std::filesystem::path& file) const;
   void load_state(const std::filesystem::path& file);
@@ -55,6 +57,7 @@ class AdapterStore {
   void set_prefix(std::int64_t i, const float* keys, const float* values);
 
  private:
+  std::vector<StateTensorRef> state_tensors() const;
   void save_prefix(const std::filesystem::path& dir, const std::string& base_model) const;
   void load_prefix(const std::filesystem::path& dir);
   ModelConfig config_;

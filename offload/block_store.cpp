@@ -234,38 +234,12 @@ void BlockStore::check_finite() const {
 }  // namespace zo2
 
 namespace zo2 {
-namespace {
-// Every state tensor of the store as (file name, image slot, base pointer of its image).
-struct StateTensor {
-  std::string name;
-  const TensorSlot* slot;
-  std::byte* base;
-};
-}  // namespace
 
-static std::vector<StateTensor> state_tensors(BlockStore& s, std::vector<HostBuffer>& blocks, HostBuffer& globals,
-                                              bool aliased) {
-  std::vector<StateTensor> out;
-  for (int k = 0; k < s.state().buffers; ++k) {
-    const std::string suffix = fmt::format(".state{}", k);
-    auto* g = static_cast<std::byte*>(globals.data()) + s.globals_state_offset(k);
-    for (const TensorSlot& t : s.globals_state_layout().tensors()) out.push_back({t.name + suffix, &t, g});
-    const std::int64_t images = aliased ? 1 : s.num_blocks();
-    for (std::int64_t i = 0; i < images; ++i) {
-      auto* b = static_cast<std::byte*>(blocks[static_cast<std::size_t>(i)].data()) + s.block_state_offset(k);
-      for (const TensorSlot& t : s.block_state_layout(i).tensors()) out.push_back({t.name + suffix, &t, b});
-    }
-  }
-  return out;
-}
-
-void BlockStore::save_state(const std::filesystem::path& file) const {
-  if (state_.buffers == 0) fail(ErrorKind::internal, "save_state: this store keeps no optimizer state");
-  auto& self = const_cast<BlockStore&>(*this);
-  const auto tensors = state_tensors(self, self.blocks_, self.globals_, aliased_);
+void write_state_file(const std::filesystem::path& file, const std::vector<StateTensorRef>& tensors,
+                      const StateSpec& spec) {
   std::vector<TensorToWrite> w;
   w.reserve(tensors.size() * 2);
-  for (const StateTensor& t : tensors) {
+  for (const StateTensorRef& t : tensors) {
     TensorToWrite x;
     x.name = t.name;
     x.dtype = t.slot->dtype;
@@ -281,15 +255,14 @@ void BlockStore::save_state(const std::filesystem::path& file) const {
       w.push_back(std::move(sc));
     }
   }
-  write_safetensors(file, w, {{"format", "zo2-optimizer-state"}, {"state_dtype", std::string(dtype_name(state_.dtype))},
-                              {"buffers", std::to_string(state_.buffers)}});
+  write_safetensors(file, w, {{"format", "zo2-optimizer-state"}, {"state_dtype", std::string(dtype_name(spec.dtype))},
+                              {"buffers", std::to_string(spec.buffers)}});
 }
 
-void BlockStore::load_state(const std::filesystem::path& file) {
-  if (state_.buffers == 0) fail(ErrorKind::internal, "load_state: this store keeps no optimizer state");
+void read_state_file(const std::filesystem::path& file, const std::vector<StateTensorRef>& tensors,
+                     const StateSpec& spec) {
   const SafetensorsFile f = SafetensorsFile::open(file);
   const std::string where = file.string();
-  const auto tensors = state_tensors(*this, blocks_, globals_, aliased_);
   std::size_t expected = 0;
   auto copy = [&](const std::string& name, DType dtype, const std::vector<std::int64_t>& shape, std::byte* dst,
                   std::size_t bytes) {
@@ -300,7 +273,7 @@ void BlockStore::load_state(const std::filesystem::path& file) {
     if (info->dtype != dtype || info->shape != shape)
       fail(ErrorKind::format, "{}: optimizer state tensor '{}' is {} {}, expected {} {} (--state-dtype {})", where, name,
            dtype_name(info->dtype), fmt::format("[{}]", fmt::join(info->shape, ", ")), dtype_name(dtype),
-           fmt::format("[{}]", fmt::join(shape, ", ")), dtype_name(state_.dtype));
+           fmt::format("[{}]", fmt::join(shape, ", ")), dtype_name(spec.dtype));
     const auto src = f.bytes(*info);
     ZO2_CHECK(src.size() == bytes);
     std::memcpy(dst, src.data(), bytes);
@@ -308,7 +281,7 @@ void BlockStore::load_state(const std::filesystem::path& file) {
       fail(ErrorKind::format, "{}: optimizer state tensor '{}' holds a non-finite value", where, name);
     ++expected;
   };
-  for (const StateTensor& t : tensors) {
+  for (const StateTensorRef& t : tensors) {
     copy(t.name, t.slot->dtype, t.slot->shape(), t.base + t.slot->offset, t.slot->bytes);
     if (t.slot->has_scales())
       copy(t.name + ".scale", DType::f32, {t.slot->rows}, t.base + t.slot->scale_offset,
@@ -317,6 +290,30 @@ void BlockStore::load_state(const std::filesystem::path& file) {
   if (f.tensors().size() != expected)
     fail(ErrorKind::format, "{}: holds {} tensors, this model's optimizer state has {}", where, f.tensors().size(),
          expected);
+}
+
+std::vector<StateTensorRef> BlockStore::state_tensors() const {
+  std::vector<StateTensorRef> out;
+  for (int k = 0; k < state_.buffers; ++k) {
+    const std::string suffix = fmt::format(".state{}", k);
+    auto* g = static_cast<std::byte*>(globals_.data()) + globals_state_offset(k);
+    for (const TensorSlot& t : globals_state_layout_.tensors()) out.push_back({t.name + suffix, &t, g});
+    for (std::size_t i = 0; i < blocks_.size(); ++i) {
+      auto* b = static_cast<std::byte*>(blocks_[i].data()) + block_state_offset(static_cast<int>(k));
+      for (const TensorSlot& t : block_state_layouts_[i].tensors()) out.push_back({t.name + suffix, &t, b});
+    }
+  }
+  return out;
+}
+
+void BlockStore::save_state(const std::filesystem::path& file) const {
+  if (state_.buffers == 0) fail(ErrorKind::internal, "save_state: this store keeps no optimizer state");
+  write_state_file(file, state_tensors(), state_);
+}
+
+void BlockStore::load_state(const std::filesystem::path& file) {
+  if (state_.buffers == 0) fail(ErrorKind::internal, "load_state: this store keeps no optimizer state");
+  read_state_file(file, state_tensors(), state_);
 }
 
 }  // namespace zo2

@@ -8,6 +8,7 @@
 #include "offload/planner.h"
 #include "runtime/device.h"
 
+#include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -25,6 +26,21 @@ WeightSet bind_weights(const ImageLayout& layout, void* base);
 // available (host_memory_available()), naming the bytes and what fp8 storage would need.
 void check_host_memory(const ModelConfig& config, DType storage, std::int64_t block_images,
                        const StateSpec& state = {});
+
+// One tensor of an optimizer state file (zo/rule.h, Note [Update rules]): its name in the
+// file (the weight's HF name + ".state<k>"), its slot in the state layout, and the start of
+// the image that slot is in. The file holds each tensor in the state dtype, fp8 rows with a
+// ".scale" tensor beside them; reading checks every name, dtype, shape and value (finite)
+// and names the file and tensor.
+struct StateTensorRef {
+  std::string name;
+  const TensorSlot* slot;
+  std::byte* base;
+};
+void write_state_file(const std::filesystem::path& file, const std::vector<StateTensorRef>& tensors,
+                      const StateSpec& spec);
+void read_state_file(const std::filesystem::path& file, const std::vector<StateTensorRef>& tensors,
+                     const StateSpec& spec);
 
 class BlockStore {
  public:
@@ -84,6 +100,7 @@ class BlockStore {
 
  private:
   BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks, const StateSpec& state);
+  std::vector<StateTensorRef> state_tensors() const;
 
   ModelConfig config_;
   DType storage_;

@@ -100,14 +100,7 @@ void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
     const fs::path m = resolve_model_dir(model);
     if (AdapterStore::is_adapter_dir(m) && !fs::exists(m / "config.json")) {
       adapter_dir = m.string();
-      std::ifstream in(m / kAdapterConfigFile);
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(in);
-      } catch (const nlohmann::json::exception& e) {
-        fail(ErrorKind::format, "{}: not valid JSON: {}", (m / kAdapterConfigFile).string(), e.what());
-      }
-      const auto base = j.value("base_model_name_or_path", std::string());
+      const std::string base = AdapterStore::base_model_of(m);
       if (base.empty() || !fs::exists(fs::path(base) / "config.json"))
         fail(ErrorKind::invalid_argument,
              "--model {} is a LoRA adapter whose base model ({}) is not a local checkpoint: pass the base as --model "
