@@ -55,6 +55,9 @@ Names names_of(Opt o) {
     case Opt::first_step: return {"--first-step", "first_step"};
     case Opt::gpu_mem: return {"--gpu-mem", "gpu_mem_bytes"};
     case Opt::shard_size: return {"--shard-size", "save_shard_bytes"};
+    case Opt::temperature: return {"--temperature", "temperature"};
+    case Opt::top_p: return {"--top-p", "top_p"};
+    case Opt::max_new_tokens: return {"--max-new-tokens", "max_new_tokens"};
   }
   return {"?", "?"};
 }
@@ -84,6 +87,7 @@ IntRange range_of(Opt o, OptionSource src) {
     case Opt::seq_len: return {1, kMaxSeq, ""};
     case Opt::until_step: return {0, kMaxSteps, ""};
     case Opt::first_step: return {0, kMaxSteps, ""};
+    case Opt::max_new_tokens: return {1, kMaxSeq, ""};
     default: break;
   }
   fail(ErrorKind::internal, "option {} is not an integer option", option_name(o, src));
@@ -130,6 +134,14 @@ void check_real(Opt o, double v, OptionSource src, std::string_view as_written) 
       // are non-finite and every update would be skipped. Below, it must stay a non-zero float.
       if (!std::isfinite(v) || !(v > 0) || !(static_cast<float>(v) > 0) || v > 1)
         refuse(o, src, value, fmt::format("must be in (0, 1]{}", overflow));
+      return;
+    case Opt::temperature:
+      // Logits are divided by it before the softmax: 0 is greedy decoding (its own flag).
+      if (!float_finite || !(v > 0)) refuse(o, src, value, fmt::format("must be finite and > 0{}", overflow));
+      return;
+    case Opt::top_p:
+      // Nucleus sampling keeps the most likely tokens whose probabilities add up to top_p.
+      if (!(v > 0) || !(v <= 1)) refuse(o, src, value, "must be in (0, 1]");
       return;
     default:
       break;

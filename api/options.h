@@ -28,6 +28,8 @@ enum class Opt {
   steps, batch_size, window, threads, warmup_steps, save_every, eval_every,  // integer
   log_every, stop_at, num_train, num_eval, max_len, seq_len, until_step, first_step,
   gpu_mem, shard_size,                                                     // byte sizes
+  temperature, top_p,                                                      // generation: real
+  max_new_tokens,                                                          // generation: integer
 };
 
 // The option's name for `src`: "--lr" on the command line, "lr" in the C API. Options with

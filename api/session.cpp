@@ -23,6 +23,7 @@ PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, Dev
   r.window = cfg.window;
   r.limits = cfg.limits;
   r.logits_out = cfg.logits_out;
+  r.generate = cfg.generate;
   const StateSpec state{cfg.rule.state_buffers(), cfg.rule.state_dtype};
   if (cfg.peft.any()) {
     // The adapters keep the rule's state; the frozen blocks none.
@@ -246,6 +247,11 @@ float Session::eval(const HostBatch& batch, const EvalOptions& options) {
   if (!options.token_loss) require_targets(batch);
   drain();
   return scheduler_->eval(batch, options);
+}
+
+void Session::decode(const HostBatch& batch, int past, bool use_cache, float* logits) {
+  drain();
+  scheduler_->decode(batch, past, use_cache, logits);
 }
 
 void Session::sync() {

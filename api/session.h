@@ -49,6 +49,9 @@ struct SessionConfig {
   int max_seq = 0;                 // tokens per sequence (0 = max_position_embeddings)
   bool training = true;            // false: evaluation only (one branch, less memory)
   bool logits_out = false;         // room for full logits (forward)
+  // Generation (api/generate.h): generate.batch sequences decoded together (≤ max_batch;
+  // max_seq is then the positions of prompt and new tokens) and where the KV cache lives.
+  GenerateRequest generate;
   GraphLimits limits;
   int threads = 0;                 // CPU threads (0 = all)
   std::uint64_t run_seed = 0;
@@ -94,6 +97,8 @@ class Session {
   // step_async + wait.
   StepResult step(const HostBatch& batch, float lr, float eps, float weight_decay);
   float eval(const HostBatch& batch, const EvalOptions& options = {});
+  // Generation's forward (Scheduler::decode) after any outstanding steps; api/generate.h.
+  void decode(const HostBatch& batch, int past, bool use_cache, float* logits);
   // Waits for outstanding steps, flushes the pending update, and publishes an HF checkpoint
   // into the run directory out_dir as one transaction (api/run_dir.h): the checkpoint, the
   // manifest (`state` plus the step, the files and the seed log's prefix) and, through

@@ -267,7 +267,12 @@ void ModelGraph::attention(Ops& ops, Stream& s, const BatchView& batch, int nb) 
     }
   }
   if (lora_ && lora_->prefix_tokens > 0) {
+    ZO2_CHECK(kv_cache_ == nullptr);
     prefix_attention(ops, s, batch, nb);
+    return;
+  }
+  if (kv_cache_) {
+    cached_attention(ops, s, batch, nb);
     return;
   }
   for (int i = 0; i < nb; ++i) {
@@ -334,6 +339,42 @@ void ModelGraph::prefix_attention(Ops& ops, Stream& s, const BatchView& batch, i
     for (std::int64_t b = 0; b < B; ++b)
       s.copy_d2d(rows(br.attn, b * T), rows(br.ax, b * S + P), static_cast<std::size_t>(T * qd) * cb);
   }
+}
+
+// Note [KV cache]: the batch's keys and values into the cache behind each sequence's past
+// rows, then attention over everything the cache holds.
+void ModelGraph::cached_attention(Ops& ops, Stream& s, const BatchView& batch, int nb) {
+  const KvCache& c = *kv_cache_;
+  const std::int64_t B = batch.batch, T = batch.seq;
+  ZO2_CHECK(nb == 1 && c.past >= 0 && c.past + T <= c.capacity && c.key_mask != nullptr);
+  const std::size_t cb = dtype_size(compute_);
+  const std::int64_t kd = config_.kv_dim();
+  const std::size_t row = static_cast<std::size_t>(kd) * cb;
+  const Branch& br = branches_[0];
+  ZO2_CHECK(br.k.contiguous() && br.v.contiguous());
+  const std::size_t past_bytes = static_cast<std::size_t>(c.past) * row;
+  const std::size_t pitch = static_cast<std::size_t>(c.capacity) * row;
+  const std::size_t width = static_cast<std::size_t>(T) * row;
+  s.copy_2d(Stream::CopyKind::d2d, static_cast<char*>(c.k) + past_bytes, pitch, br.k.data, width, width,
+            static_cast<std::size_t>(B));
+  s.copy_2d(Stream::CopyKind::d2d, static_cast<char*>(c.v) + past_bytes, pitch, br.v.data, width, width,
+            static_cast<std::size_t>(B));
+  AttentionArgs a;
+  a.q = br.q;
+  a.k = Mat::dense(c.k, compute_, B * c.capacity, kd);
+  a.v = Mat::dense(c.v, compute_, B * c.capacity, kd);
+  a.out = br.attn;
+  a.batch = static_cast<int>(B);
+  a.seq = static_cast<int>(T);
+  a.kv_seq = static_cast<int>(c.past + T);
+  a.kv_stride = c.capacity;
+  a.heads = static_cast<int>(config_.num_heads);
+  a.kv_heads = static_cast<int>(config_.num_kv_heads);
+  a.head_dim = static_cast<int>(config_.head_dim);
+  a.key_mask = c.key_mask;
+  a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(config_.head_dim)));
+  a.causal = true;
+  ops.attention(s, a);
 }
 
 namespace {
@@ -432,6 +473,25 @@ void ModelGraph::finish(Ops& ops, Stream& s, const WeightSet& g, const BatchView
     full.final = full.*cur;  // full-capacity view of the same buffer
   }
   for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = saved[static_cast<std::size_t>(i)];
+}
+
+void ModelGraph::last_logits(Ops& ops, Stream& s, const WeightSet& g, const BatchView& batch, const Mat& logits) {
+  const std::int64_t B = batch.batch, T = batch.seq;
+  Branch& br = branches_[0];
+  const Mat fin = br.final;
+  const std::size_t row = static_cast<std::size_t>(fin.cols) * dtype_size(compute_);
+  ZO2_CHECK(fin.contiguous() && logits.rows >= B && logits.cols == config_.vocab_size && logits.dtype == DType::f32);
+  // Each sequence's last row, gathered into the MLP buffer (free after the blocks).
+  ZO2_CHECK(br.m1.rows * br.m1.cols >= B * fin.cols);
+  const Mat last = Mat::dense(br.m1.data, compute_, B, fin.cols);
+  s.copy_2d(Stream::CopyKind::d2d, last.data, row, static_cast<const char*>(fin.data) + static_cast<std::size_t>(T - 1) * row,
+            static_cast<std::size_t>(T) * row, row, static_cast<std::size_t>(B));
+  const StoredTensor& w = g.find(Role::lm_head) ? g.at(Role::lm_head) : g.at(Role::embed_tokens);
+  for (std::int64_t v0 = 0; v0 < w.rows; v0 += limits_.vocab_tile) {
+    const std::int64_t v1 = std::min(w.rows, v0 + limits_.vocab_tile);
+    const Views v = materialize(ops, s, w, v0, v1, nullptr, weight_scratch_[0], weight_scratch_[1]);
+    ops.gemm(s, last, false, v.w[0], true, logits.rows_range(0, B).cols_range(v0, v1), 1.0f, 0.0f);
+  }
 }
 
 void ModelGraph::head(Ops& ops, Stream& s, const WeightSet& g, const BatchView& batch,

@@ -71,6 +71,24 @@ struct Branch {
   float* loss = nullptr;      // [1]
 };
 
+// Note [KV cache]
+//   Generation (api/generate.h) decodes a batch of B sequences together. Each block keeps
+//   the keys (after RoPE) and values of every row it has seen, B × capacity rows in the
+//   compute dtype, sequence b at rows [b·capacity, (b + 1)·capacity). A call runs T new rows
+//   per sequence (the left-padded prompts first, then one token at a time) after the `past`
+//   rows the cache already holds: block() writes their keys and values at rows past..past+T
+//   of each sequence and attends over all past + T of them (AttentionArgs' kv_seq), the
+//   padding masked by the cache's key mask. The scheduler decides where caches live
+//   (offload/planner.h): on the device for every block, or in pinned host memory, brought
+//   into one of two device slots with the block and the new rows written back.
+struct KvCache {
+  void* k = nullptr;  // [B·capacity, kv_dim], compute dtype
+  void* v = nullptr;
+  int capacity = 0;   // rows per sequence
+  int past = 0;       // rows each sequence holds before this call
+  const std::int32_t* key_mask = nullptr;  // [B·capacity] on the device, 1 = a real token
+};
+
 struct GraphLimits {
   // Max elements of one materialized weight tile (0 = whole tensors). Perturbed copies
   // of a 175B fc1 would take 2 × 1.2 GB; tiles of 16M elements keep scratch small while
@@ -114,6 +132,11 @@ class ModelGraph {
   // Final norm (+ OPT project_out) into each branch's `final`.
   void finish(Ops& ops, Stream& s, const WeightSet& globals, const BatchView& batch,
               const NoiseArgs* noise, int nbranches);
+  // Generation: the LM head on each sequence's last row only (after finish()): logits
+  // [batch.batch, V] fp32. Branch 0, unperturbed.
+  void last_logits(Ops& ops, Stream& s, const WeightSet& globals, const BatchView& batch, const Mat& logits);
+  // While set, block() runs with this KV cache (Note [KV cache]); one unperturbed branch.
+  void set_kv_cache(const KvCache* cache) { kv_cache_ = cache; }
   // LM head + cross-entropy by vocabulary tiles: row_loss and loss of each branch. With
   // logits (one branch only), the full [N, V] logits are written there too.
   void head(Ops& ops, Stream& s, const WeightSet& globals, const BatchView& batch,
@@ -140,12 +163,14 @@ class ModelGraph {
   bool lora_add(Ops& ops, Stream& s, Role weight, Mat Branch::*in, Mat Branch::*out, int nbranches,
                 Mat Branch::*residual);
   void prefix_attention(Ops& ops, Stream& s, const BatchView& batch, int nbranches);
+  void cached_attention(Ops& ops, Stream& s, const BatchView& batch, int nbranches);
  public:
   // While set, block() appends branch 0's keys and values (after RoPE) of every block, in
   // the compute dtype's packed form (widen_packed_in_place once the stream has run).
   void capture_kv(std::vector<std::vector<float>>* out) { kv_capture_ = out; }
  private:
   std::vector<std::vector<float>>* kv_capture_ = nullptr;
+  const KvCache* kv_cache_ = nullptr;
   const LoraSet* lora_ = nullptr;          // during block(): the block's adapters
   const NoiseArgs* lora_noise_ = nullptr;
   void norm(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias, Mat Branch::*in,

@@ -27,6 +27,29 @@ std::string_view offload_mode_name(OffloadMode m) {
   return "auto";
 }
 
+KvPlace parse_kv_place(std::string_view s) {
+  if (s == "auto") return KvPlace::auto_;
+  if (s == "device") return KvPlace::device;
+  if (s == "host") return KvPlace::host;
+  if (s == "off") return KvPlace::off;
+  fail(ErrorKind::invalid_argument, "--kv-cache '{}': expected auto, device, host or off", s);
+}
+
+std::string_view kv_place_name(KvPlace p) {
+  switch (p) {
+    case KvPlace::auto_: return "auto";
+    case KvPlace::device: return "device";
+    case KvPlace::host: return "host";
+    case KvPlace::off: return "off";
+  }
+  return "auto";
+}
+
+std::size_t kv_block_bytes(const ModelConfig& c, DType compute, int batch, int positions) {
+  return 2 * align_up(static_cast<std::size_t>(batch) * static_cast<std::size_t>(positions) *
+                      static_cast<std::size_t>(c.kv_dim()) * dtype_size(compute));
+}
+
 std::size_t batch_buffer_bytes(int batch, int seq, int prefix_tokens) {
   const std::size_t n = static_cast<std::size_t>(batch) * static_cast<std::size_t>(seq);
   const std::size_t px =
@@ -79,11 +102,34 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   const std::size_t block = align_up(p.block_bytes);
   p.backend_bytes = r.backend_bytes;
   p.adapter_bytes = align_up(r.adapter_bytes);
-  const std::size_t fixed =
+  std::size_t fixed =
       p.globals_bytes + p.workspace_bytes + p.batch_bytes + p.logits_bytes + p.backend_bytes + p.adapter_bytes;
   const int k_min = static_cast<int>(std::min<std::int64_t>(r.window, L));
   // In auto mode the window may shrink to 2 slots when the requested one does not fit.
   const int k_floor = r.mode == OffloadMode::auto_ ? static_cast<int>(std::min<std::int64_t>(2, k_min)) : k_min;
+  if (r.generate.batch > 0) {
+    // Note [KV cache] (models/graph.h): the device holds every block's cache when that fits
+    // beside the minimum window (auto) or when asked; else two slots, the caches on the host.
+    if (r.branches != 1 || r.generate.batch > r.batch)
+      fail(ErrorKind::invalid_argument, "generation needs one branch and a batch of at least {} sequences",
+           r.generate.batch);
+    p.gen_batch = r.generate.batch;
+    p.gen_bytes = align_up(static_cast<std::size_t>(r.generate.batch) * static_cast<std::size_t>(config.vocab_size) *
+                           sizeof(float));
+    if (r.generate.kv != KvPlace::off) {
+      p.kv_positions = r.seq;
+      p.kv_block_bytes = kv_block_bytes(config, r.compute, r.generate.batch, r.seq);
+      p.gen_bytes += align_up(static_cast<std::size_t>(r.generate.batch) * static_cast<std::size_t>(r.seq) *
+                              sizeof(std::int32_t));
+      const std::size_t all = static_cast<std::size_t>(L) * p.kv_block_bytes;
+      const bool fits = fixed + p.gen_bytes + all + static_cast<std::size_t>(k_floor) * block <= r.cap ||
+                        fixed + p.gen_bytes + all + static_cast<std::size_t>(L) * block <= r.cap;
+      p.kv_on_device = r.generate.kv == KvPlace::device || (r.generate.kv == KvPlace::auto_ && fits);
+      p.kv_device_bytes = p.kv_on_device ? all : 2 * p.kv_block_bytes;
+      p.kv_host_bytes = p.kv_on_device ? 0 : all;
+    }
+    fixed += p.gen_bytes + p.kv_device_bytes;
+  }
   p.minimum_cap = fixed + static_cast<std::size_t>(k_floor) * block;
   const std::size_t all_resident = fixed + static_cast<std::size_t>(L) * block;
 
@@ -153,7 +199,7 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
                          (p.block_bytes + static_cast<std::size_t>(p.passes - 1) * weight_block);
   p.d2h_bytes_per_step =
       r.branches == 2 && !r.frozen_base ? static_cast<std::size_t>(p.streamed) * p.block_bytes : 0;
-  p.host_bytes += r.adapter_bytes;
+  p.host_bytes += r.adapter_bytes + p.kv_host_bytes;
   p.predicted_transfer_s = std::max(static_cast<double>(p.h2d_bytes_per_step) / r.h2d_bytes_per_s,
                                     static_cast<double>(p.d2h_bytes_per_step) / r.d2h_bytes_per_s);
   return p;
@@ -179,6 +225,17 @@ std::string Placement::describe(const ModelConfig& config) const {
   if (logits_bytes) line("logits", static_cast<double>(logits_bytes));
   if (adapter_bytes) line("LoRA adapters (+ state)", static_cast<double>(adapter_bytes));
   if (backend_bytes) line("cuBLAS and attention scratch", static_cast<double>(backend_bytes));
+  if (gen_batch > 0) {
+    if (kv_positions > 0) {
+      s += fmt::format("  KV cache: {} sequences x {} positions, {} a block, on the {}\n", gen_batch, kv_positions,
+                       format_bytes(static_cast<double>(kv_block_bytes)), kv_on_device ? "device" : "host");
+      line(kv_on_device ? "KV cache (every block)" : "KV cache slots (2)", static_cast<double>(kv_device_bytes));
+      if (!kv_on_device) line("KV cache on the host", static_cast<double>(kv_host_bytes));
+    } else {
+      s += fmt::format("  KV cache: off (each new token runs the whole sequence of {} sequences)\n", gen_batch);
+    }
+    line("next-token logits", static_cast<double>(gen_bytes));
+  }
   line("predicted device peak", static_cast<double>(total_bytes));
   line("cap", static_cast<double>(cap));
   line("minimum cap (all streamed)", static_cast<double>(minimum_cap));

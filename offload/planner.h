@@ -33,6 +33,23 @@ std::size_t host_store_bytes(const ModelConfig& c, DType storage, std::int64_t b
 OffloadMode parse_offload_mode(std::string_view s);  // auto | all | none
 std::string_view offload_mode_name(OffloadMode m);
 
+// Where generation keeps its KV cache (models/graph.h, Note [KV cache]): auto (the device
+// when the caches of every block fit beside the minimum window, else the host), device,
+// host (pinned; two device slots, each block's cache brought in with the block), or off
+// (no cache: every new token runs the whole sequence again).
+enum class KvPlace { auto_, device, host, off };
+KvPlace parse_kv_place(std::string_view s);  // auto | device | host | off
+std::string_view kv_place_name(KvPlace p);
+
+// Generation (api/generate.h): `batch` sequences decoded together, each of up to the
+// request's seq positions (prompt and new tokens).
+struct GenerateRequest {
+  int batch = 0;  // 0: no generation
+  KvPlace kv = KvPlace::auto_;
+};
+// Bytes of one block's KV cache: keys and values of batch × positions rows (compute dtype).
+std::size_t kv_block_bytes(const ModelConfig& c, DType compute, int batch, int positions);
+
 struct PlanRequest {
   std::size_t cap = 0;            // device bytes available to zo2 (the arena)
   int batch = 1;
@@ -52,6 +69,7 @@ struct PlanRequest {
   double h2d_bytes_per_s = 50e9;  // for the predicted transfer-bound step time
   double d2h_bytes_per_s = 50e9;
   bool logits_out = false;        // forward: room for the full [B·T, V] logits
+  GenerateRequest generate;       // generation: the KV cache and the next-token logits
   // Arena bytes the backend takes for itself on the compute stream (CUDA: the cuBLAS
   // workspace and the attention score chunks).
   std::size_t backend_bytes = 0;
@@ -72,6 +90,15 @@ struct Placement {
   std::size_t logits_bytes = 0;
   std::size_t adapter_bytes = 0;    // LoRA adapters and their state (resident)
   std::size_t backend_bytes = 0;    // cuBLAS workspace and attention scratch (CUDA)
+  // Generation (GenerateRequest): sequences decoded together (0: none), cache rows per
+  // sequence (0: no cache), where the caches are, and their bytes.
+  int gen_batch = 0;
+  int kv_positions = 0;
+  bool kv_on_device = false;
+  std::size_t kv_block_bytes = 0;   // one block's cache
+  std::size_t kv_device_bytes = 0;  // in the arena: every block's cache, or two slots
+  std::size_t kv_host_bytes = 0;    // pinned host caches (host placement)
+  std::size_t gen_bytes = 0;        // next-token logits [B, V] fp32 and the cache's key mask
   std::size_t total_bytes = 0;      // predicted arena peak
   std::size_t cap = 0;
   std::size_t minimum_cap = 0;      // smallest cap this request could run under (all streamed, K slots)

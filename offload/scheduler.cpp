@@ -6,6 +6,7 @@
 #include "runtime/ops.h"
 #include "zo/tensor_key.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -122,6 +123,29 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
   if (options_.logits_out)
     logits_dev_ = arena.allocate(n * static_cast<std::size_t>(store.config().vocab_size) * sizeof(float),
                                  "logits");
+  if (placement_.gen_batch > 0) {
+    const std::int64_t V = store.config().vocab_size;
+    const auto gb = static_cast<std::size_t>(placement_.gen_batch);
+    gen_logits_dev_ = arena.allocate(gb * static_cast<std::size_t>(V) * sizeof(float), "next-token logits");
+    if (placement_.kv_positions > 0) {
+      const std::size_t rows = gb * static_cast<std::size_t>(placement_.kv_positions);
+      kv_mask_dev_ = arena.allocate(rows * sizeof(std::int32_t), "KV cache key mask");
+      kv_mask_host_ = device.alloc_host(rows * sizeof(std::int32_t));
+      const std::size_t kvb = placement_.kv_block_bytes;
+      if (placement_.kv_on_device) {
+        for (std::int64_t i = 0; i < L; ++i) kv_dev_.push_back(arena.allocate(kvb, fmt::format("KV cache of block {}", i)));
+      } else {
+        for (int c = 0; c < 2; ++c) {
+          kv_dev_.push_back(arena.allocate(kvb, fmt::format("KV cache slot {}", c)));
+          kv_uploaded_.push_back(device.make_event());
+          kv_computed_.push_back(device.make_event());
+          kv_free_.push_back(device.make_event());
+        }
+        kv_host_ = device.alloc_host(static_cast<std::size_t>(L) * kvb);
+        for (std::int64_t i = 0; i < L; ++i) kv_written_.push_back(device.make_event());
+      }
+    }
+  }
   results_host_ = device.alloc_host(kRing * kStepScalars * sizeof(float));
   for (int r = 0; r < kRing; ++r) {
     result_ready_[r] = device.make_event();
@@ -272,6 +296,12 @@ void Scheduler::run_blocks(const Use& use) {
   };
   // What happens to a block while it is on the device, wherever it lives.
   auto on_resident = [&](const WeightSet& w, const WeightSet* st, const ImageLayout& layout, std::int64_t i) {
+    int kv_slot = -1;
+    KvCache cache;
+    if (use.kv) {
+      cache = kv_begin(i, *use.kv, kv_slot);
+      graph_.set_kv_cache(&cache);
+    }
     begin_busy(*compute_);
     if (use.update) apply_update(w, layout, st);
     if (use.forward) {
@@ -281,6 +311,10 @@ void Scheduler::run_blocks(const Use& use) {
         capture_hidden(graph_.branches()[0].hidden, use.batch->tokens(), use.hidden);
     }
     end_busy(*compute_);
+    if (use.kv) {
+      graph_.set_kv_cache(nullptr);
+      kv_end(i, *use.kv, kv_slot);
+    }
   };
   for (std::int64_t i = 0; i < L; ++i) {
     const ImageLayout& layout = store_.block_layout(i);
@@ -336,6 +370,104 @@ void Scheduler::run_blocks(const Use& use) {
       for (std::size_t c = 0; c < chunks; ++c) compute_->record(chunk_free(c));
     }
   }
+}
+
+// Note [KV cache] (models/graph.h). On the host, a block's cache is brought into slot
+// c = use mod 2 on the upload stream after the block's previous write-back (kv_written) and
+// the slot's previous use (kv_free); compute appends the new rows; the offload stream writes
+// just those rows back.
+KvCache Scheduler::kv_begin(std::int64_t i, const KvUse& kv, int& slot) {
+  const std::size_t kvb = placement_.kv_block_bytes;
+  KvCache c;
+  c.capacity = placement_.kv_positions;
+  c.past = kv.past;
+  c.key_mask = kv_mask_dev_.as<std::int32_t>();
+  char* dev = nullptr;
+  if (placement_.kv_on_device) {
+    dev = static_cast<char*>(kv_dev_[static_cast<std::size_t>(i)].data());
+  } else {
+    slot = static_cast<int>(kv_uses_++ % 2);
+    const auto u = static_cast<std::size_t>(slot);
+    dev = static_cast<char*>(kv_dev_[u].data());
+    const char* host = static_cast<const char*>(kv_host_.data()) + static_cast<std::size_t>(i) * kvb;
+    h2d_->wait(*kv_free_[u]);
+    h2d_->wait(*kv_written_[static_cast<std::size_t>(i)]);
+    const std::size_t row = static_cast<std::size_t>(store_.config().kv_dim()) * dtype_size(options_.compute);
+    const std::size_t pitch = static_cast<std::size_t>(c.capacity) * row;
+    const std::size_t width = static_cast<std::size_t>(kv.past) * row;
+    for (std::size_t half : {std::size_t{0}, kvb / 2})
+      h2d_->copy_2d(Stream::CopyKind::h2d, dev + half, pitch, host + half, pitch, width, static_cast<std::size_t>(kv.batch));
+    totals_.h2d_bytes += 2 * width * static_cast<std::size_t>(kv.batch);
+    h2d_->record(*kv_uploaded_[u]);
+    compute_->wait(*kv_uploaded_[u]);
+  }
+  c.k = dev;
+  c.v = dev + kvb / 2;
+  return c;
+}
+
+void Scheduler::kv_end(std::int64_t i, const KvUse& kv, int slot) {
+  if (placement_.kv_on_device) return;
+  const auto u = static_cast<std::size_t>(slot);
+  const std::size_t kvb = placement_.kv_block_bytes;
+  compute_->record(*kv_computed_[u]);
+  d2h_->wait(*kv_computed_[u]);
+  const char* dev = static_cast<const char*>(kv_dev_[u].data());
+  char* host = static_cast<char*>(kv_host_.data()) + static_cast<std::size_t>(i) * kvb;
+  const std::size_t row = static_cast<std::size_t>(store_.config().kv_dim()) * dtype_size(options_.compute);
+  const std::size_t pitch = static_cast<std::size_t>(placement_.kv_positions) * row;
+  const std::size_t off = static_cast<std::size_t>(kv.past) * row, width = static_cast<std::size_t>(kv.rows) * row;
+  for (std::size_t half : {std::size_t{0}, kvb / 2})
+    d2h_->copy_2d(Stream::CopyKind::d2h, host + half + off, pitch, dev + half + off, pitch, width,
+                  static_cast<std::size_t>(kv.batch));
+  totals_.d2h_bytes += 2 * width * static_cast<std::size_t>(kv.batch);
+  d2h_->record(*kv_free_[u]);
+  d2h_->record(*kv_written_[static_cast<std::size_t>(i)]);
+}
+
+void Scheduler::decode(const HostBatch& batch, int past, bool use_cache, float* logits) {
+  check_batch(batch);
+  if (placement_.gen_batch <= 0)
+    fail(ErrorKind::internal, "decode: this scheduler was set up without room for generation");
+  if (batch.batch > placement_.gen_batch)
+    fail(ErrorKind::invalid_argument, "decode: {} sequences, room for {}", batch.batch, placement_.gen_batch);
+  if (use_cache && placement_.kv_positions <= 0)
+    fail(ErrorKind::internal, "decode: this scheduler was set up without a KV cache");
+  if (use_cache ? past < 0 || past + batch.seq > placement_.kv_positions : past != 0)
+    fail(ErrorKind::invalid_argument, "decode: {} + {} positions exceed the KV cache's {}", past, batch.seq,
+         placement_.kv_positions);
+  if (prefix_tokens_ > 0)
+    fail(ErrorKind::invalid_argument, "generation with a prefix-tuning adapter is not supported (LoRA adapters are)");
+  flush();
+  const int b = upload_batch(batch);
+  BatchSlot& bs = batch_slots_[b];
+  const BatchView view = batch_view(bs, batch);
+  KvUse kv{past, batch.seq, batch.batch};
+  if (use_cache) {
+    // The cache's key mask: each sequence's new rows after its past ones (a fresh cache
+    // starts from zeros). The previous decode has synchronized, so the host copy is free.
+    const std::size_t cap = static_cast<std::size_t>(placement_.kv_positions);
+    auto* m = kv_mask_host_.as<std::int32_t>();
+    for (std::size_t s = 0; s < static_cast<std::size_t>(batch.batch); ++s) {
+      if (past == 0) std::fill_n(m + s * cap, cap, 0);
+      for (std::size_t t = 0; t < static_cast<std::size_t>(batch.seq); ++t)
+        m[s * cap + static_cast<std::size_t>(past) + t] = batch.key_mask[s * static_cast<std::size_t>(batch.seq) + t];
+    }
+    compute_->copy_h2d(kv_mask_dev_.data(), m, static_cast<std::size_t>(batch.batch) * cap * sizeof(std::int32_t));
+  }
+  graph_.embed(ops_, *compute_, globals_w_, view, nullptr, 1);
+  Use use{false, true, 1, nullptr, nullptr, &view, nullptr};
+  if (use_cache) use.kv = &kv;
+  run_blocks(use);
+  graph_.finish(ops_, *compute_, globals_w_, view, nullptr, 1);
+  const std::int64_t V = store_.config().vocab_size;
+  const Mat out = Mat::dense(gen_logits_dev_.data(), DType::f32, placement_.gen_batch, V);
+  graph_.last_logits(ops_, *compute_, globals_w_, view, out);
+  compute_->record(*bs.consumed);
+  compute_->copy_d2h(logits, gen_logits_dev_.data(), static_cast<std::size_t>(batch.batch * V) * sizeof(float));
+  compute_->synchronize();
+  h2d_->check();
+  d2h_->check();
 }
 
 void Scheduler::forward_pass(const BatchView& view, const NoiseArgs* noise, int nb, bool update,

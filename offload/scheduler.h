@@ -142,6 +142,13 @@ class Scheduler {
   // Prefix tuning's initialization: an unperturbed forward of `batch` without the adapters,
   // returning each block's keys (after RoPE) and values of its rows, [2·L][tokens·kv_dim].
   std::vector<std::vector<float>> capture_kv(const HostBatch& batch);
+  // Generation (models/graph.h, Note [KV cache]; needs a placement with gen_batch): runs the
+  // batch's rows (B ≤ gen_batch sequences × T new tokens: ids, key mask, positions) through
+  // the model after a flush and writes each sequence's next-token logits (its last row's)
+  // to host `logits` [B, V]. With use_cache they follow the `past` rows each sequence already
+  // holds in the cache (0: a fresh cache), and their keys and values join it; without, the
+  // rows are the whole sequences (past = 0). Blocks until the logits are on the host.
+  void decode(const HostBatch& batch, int past, bool use_cache, float* logits);
   // Copies the host adapters (AdapterStore) to the device again (after the host changed them).
   void upload_adapters();
   bool pending() const { return pending_.active; }
@@ -158,6 +165,9 @@ class Scheduler {
     float lr = 0;
     float weight_decay = 0;
   };
+  struct KvUse {  // a decoding pass (Note [KV cache]): rows per sequence before it and in it
+    int past, rows, batch;
+  };
   struct Use {  // what process_block needs to know about one pass over the blocks
     bool update;    // apply the pending update
     bool forward;   // run the forward graph
@@ -167,7 +177,12 @@ class Scheduler {
     const struct BatchView* batch;
     std::vector<std::vector<float>>* hidden;
     std::int64_t busy_tag = -1;  // ≥ 0: time each stream's work under this tag (a step)
+    const KvUse* kv = nullptr;   // decoding with the KV cache
   };
+  // The KV cache of block i for a decoding pass: the device's, or a slot its host cache is
+  // brought into (and, after compute, its new rows written back from: kv_end).
+  KvCache kv_begin(std::int64_t i, const KvUse& kv, int& slot);
+  void kv_end(std::int64_t i, const KvUse& kv, int slot);
   // The pending update of one image (weights w, state st[0..buffers)).
   void apply_update(const WeightSet& w, const ImageLayout& layout, const WeightSet* st);
   // One forward pass over every block for the step's batch (embedding, blocks, final norm,
@@ -232,6 +247,16 @@ class Scheduler {
   DeviceBuffer g_dev_;
   float* grads() { return g_dev_.as<float>() + kGradOffset; }
   DeviceBuffer logits_dev_;
+
+  // Generation (Note [KV cache]): the caches (per block on the device, or two device slots
+  // and every block's cache in pinned host memory), their key mask and the next-token logits.
+  std::vector<DeviceBuffer> kv_dev_;
+  HostBuffer kv_host_;
+  DeviceBuffer kv_mask_dev_, gen_logits_dev_;
+  HostBuffer kv_mask_host_;
+  std::vector<std::unique_ptr<Event>> kv_uploaded_, kv_computed_, kv_free_;  // per slot
+  std::vector<std::unique_ptr<Event>> kv_written_;                           // per block
+  std::int64_t kv_uses_ = 0;
 
   // Results ring: a step's scalars copied to pinned host memory a few steps deep.
   static constexpr int kRing = 4;

@@ -102,19 +102,30 @@ struct StateUpdateArgs {
   std::uint64_t rounding_seed = 0;
 };
 
+// Attention of `seq` query rows per sequence over `keys()` key rows per sequence. Without
+// a KV cache (kv_seq = 0) queries and keys are the same rows. With one (generation), the
+// keys of sequence b are rows [b·kv_stride, b·kv_stride + kv_seq) of k, v and key_mask, and
+// its seq queries are the last seq of them: query i sits at key position kv_seq − seq + i
+// and, causal, sees keys 0..kv_seq − seq + i.
 struct AttentionArgs {
   Mat q;    // [batch·seq, heads·head_dim]
-  Mat k;    // [batch·seq, kv_heads·head_dim]
-  Mat v;    // [batch·seq, kv_heads·head_dim]
+  Mat k;    // [batch·seq (or batch·kv_stride), kv_heads·head_dim]
+  Mat v;    // [batch·seq (or batch·kv_stride), kv_heads·head_dim]
   Mat out;  // [batch·seq, heads·head_dim]
   int batch = 0;
   int seq = 0;
   int heads = 0;
   int kv_heads = 0;  // heads % kv_heads == 0 (grouped-query; 1 = multi-query)
   int head_dim = 0;
-  const std::int32_t* key_mask = nullptr;  // [batch·seq], 1 = attend, 0 = padding; null = all
+  // [batch·seq] (or [batch·kv_stride]), 1 = attend, 0 = padding; null = all
+  const std::int32_t* key_mask = nullptr;
   float scale = 1;
   bool causal = true;
+  int kv_seq = 0;     // keys per sequence, ≥ seq (0: seq, no cache)
+  int kv_stride = 0;  // rows between sequences' keys (0: keys())
+  int keys() const { return kv_seq > 0 ? kv_seq : seq; }
+  int key_stride() const { return kv_stride > 0 ? kv_stride : keys(); }
+  int query_offset() const { return keys() - seq; }
 };
 
 class Ops {

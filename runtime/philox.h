@@ -41,6 +41,7 @@ enum class NoiseDomain : std::uint32_t {
   step_seed = 2,    // deriving step seeds from the run seed
   state_m = 3,      // stochastic rounding of a rule's first state buffer (momentum, Adam m)
   state_v = 4,      // ... and of its second (Adam v)
+  sampling = 5,     // generation: the draw of each sampled token (api/generate.h)
 };
 
 namespace detail {

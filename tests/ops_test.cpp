@@ -267,6 +267,73 @@ TEST_P(OpsTest, AttentionMatchesReferenceWithPaddingAndGroupedHeads) {
   }
 }
 
+// Generation's attention (AttentionArgs kv_seq/kv_stride, models/graph.h Note [KV cache]):
+// T query rows per sequence after `past` cached ones, keys kv_stride rows apart, equal the
+// last T rows of attention over the whole sequence. Rows past kv_seq hold NaN: never read.
+TEST_P(OpsTest, AttentionOverAKvCacheEqualsTheLastRowsOfFullAttention) {
+  const int B = 3, S = 70, H = 4, KVH = 2, D = 8, KS = S + 6;
+  const std::int64_t qd = H * D, kd = KVH * D;
+  auto q = random_floats(static_cast<std::size_t>(B * S * qd), 21), k = random_floats(static_cast<std::size_t>(B * S * kd), 22),
+       v = random_floats(static_cast<std::size_t>(B * S * kd), 23);
+  std::vector<std::int32_t> mask(static_cast<std::size_t>(B * S), 1);
+  for (int t = 0; t < 7; ++t) mask[static_cast<std::size_t>(S + t)] = 0;  // left padding of sequence 1
+  auto full = [&] {
+    auto dq = upload(q), dk = upload(k), dv = upload(v), dm = upload(mask);
+    auto dout = upload(std::vector<float>(static_cast<std::size_t>(B * S * qd), 7.0f));
+    AttentionArgs a;
+    a.q = Mat::dense(dq.data(), DType::f32, B * S, qd);
+    a.k = Mat::dense(dk.data(), DType::f32, B * S, kd);
+    a.v = Mat::dense(dv.data(), DType::f32, B * S, kd);
+    a.out = Mat::dense(dout.data(), DType::f32, B * S, qd);
+    a.batch = B;
+    a.seq = S;
+    a.heads = H;
+    a.kv_heads = KVH;
+    a.head_dim = D;
+    a.key_mask = dm.as<std::int32_t>();
+    a.scale = 0.35f;
+    ops().attention(*stream, a);
+    return download<float>(dout, static_cast<std::size_t>(B * S * qd));
+  }();
+  for (int T : {1, 3, S}) {
+    std::vector<float> qc(static_cast<std::size_t>(B * T * qd));
+    std::vector<float> kc(static_cast<std::size_t>(B * KS * kd), std::nanf("")), vc = kc;
+    std::vector<std::int32_t> mc(static_cast<std::size_t>(B * KS), 1);
+    for (int b = 0; b < B; ++b) {
+      for (int t = 0; t < T; ++t)
+        std::copy_n(q.begin() + (b * S + S - T + t) * qd, qd, qc.begin() + (b * T + t) * qd);
+      std::copy_n(k.begin() + b * S * kd, S * kd, kc.begin() + b * KS * kd);
+      std::copy_n(v.begin() + b * S * kd, S * kd, vc.begin() + b * KS * kd);
+      std::copy_n(mask.begin() + b * S, S, mc.begin() + b * KS);
+    }
+    auto dq = upload(qc), dk = upload(kc), dv = upload(vc), dm = upload(mc);
+    auto dout = upload(std::vector<float>(qc.size(), 7.0f));
+    AttentionArgs a;
+    a.q = Mat::dense(dq.data(), DType::f32, B * T, qd);
+    a.k = Mat::dense(dk.data(), DType::f32, B * KS, kd);
+    a.v = Mat::dense(dv.data(), DType::f32, B * KS, kd);
+    a.out = Mat::dense(dout.data(), DType::f32, B * T, qd);
+    a.batch = B;
+    a.seq = T;
+    a.kv_seq = S;
+    a.kv_stride = KS;
+    a.heads = H;
+    a.kv_heads = KVH;
+    a.head_dim = D;
+    a.key_mask = dm.as<std::int32_t>();
+    a.scale = 0.35f;
+    ops().attention(*stream, a);
+    const auto out = download<float>(dout, qc.size());
+    for (int b = 0; b < B; ++b)
+      for (int t = 0; t < T; ++t)
+        for (int e = 0; e < qd; ++e) {
+          const float want = full[static_cast<std::size_t>((b * S + S - T + t) * qd + e)];
+          const float got = out[static_cast<std::size_t>((b * T + t) * qd + e)];
+          ASSERT_NEAR(got, want, 1e-5f * (1.0f + std::fabs(want))) << "T=" << T << " b=" << b << " t=" << t << " e=" << e;
+        }
+  }
+}
+
 // NaN propagates as softmax does in PyTorch: a NaN score makes its row's probabilities,
 // hence its output, NaN — a row whose every score is NaN included (it used to be taken for
 // "no visible key" and written as zeros, so one NaN weight gave a finite loss). Rows that

@@ -173,6 +173,22 @@ void CpuStream::copy(void* dst, const void* src, std::size_t bytes, bool link) {
 void CpuStream::copy_h2d(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes, true); }
 void CpuStream::copy_d2h(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes, true); }
 void CpuStream::copy_d2d(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes, false); }
+// One task for all rows; host↔device copies take the emulated link's time for their bytes.
+void CpuStream::copy_2d(CopyKind kind, void* dst, std::size_t dpitch, const void* src, std::size_t spitch,
+                        std::size_t width, std::size_t height) {
+  if (width == 0 || height == 0) return;
+  const int delay = copy_delay_us_;
+  const double rate = kind == CopyKind::d2d ? 0.0 : link_bytes_per_s_;
+  enqueue_kernel([=] {
+    if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
+    const auto start = std::chrono::steady_clock::now();
+    for (std::size_t r = 0; r < height; ++r)
+      std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
+    if (rate > 0)
+      std::this_thread::sleep_until(start + std::chrono::ceil<std::chrono::steady_clock::duration>(std::chrono::duration<double>(
+                                                static_cast<double>(width * height) / rate)));
+  });
+}
 void CpuStream::memset(void* dst, int value, std::size_t bytes) {
   enqueue_kernel([=] { std::memset(dst, value, bytes); });
 }

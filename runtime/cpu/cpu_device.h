@@ -48,6 +48,8 @@ class CpuStream final : public Stream {
   void copy_h2d(void* dst, const void* src, std::size_t bytes) override;
   void copy_d2h(void* dst, const void* src, std::size_t bytes) override;
   void copy_d2d(void* dst, const void* src, std::size_t bytes) override;
+  void copy_2d(CopyKind kind, void* dst, std::size_t dpitch, const void* src, std::size_t spitch, std::size_t width,
+               std::size_t height) override;
   void memset(void* dst, int value, std::size_t bytes) override;
   void launch_host(std::function<void()> fn) override;
   void synchronize() override;

@@ -208,6 +208,9 @@ void attention(const AttentionArgs& p) {
     fail(ErrorKind::internal, "cpu attention: {} heads not a multiple of {} kv heads", p.heads,
          p.kv_heads);
   const int T = p.seq, D = p.head_dim;
+  const int S = p.keys(), KS = p.key_stride(), off = p.query_offset();  // keys, their stride, q's offset
+  if (S < T || KS < S)
+    fail(ErrorKind::internal, "cpu attention: {} keys (stride {}) for {} queries per sequence", S, KS, T);
   const int group = p.heads / p.kv_heads;
   constexpr int kTile = 64;  // query rows per task: scores use kTile·T floats, not T·T per head
   const std::int64_t tiles = ceil_div(T, kTile);
@@ -221,18 +224,18 @@ void attention(const AttentionArgs& p) {
       const int kvh = h / group;
       const int q0 = tile * kTile, q1 = std::min(T, q0 + kTile);
       const int nq = q1 - q0;
-      const int nk = p.causal ? q1 : T;  // keys any row of this tile can see
+      const int nk = p.causal ? off + q1 : S;  // keys any row of this tile can see
       scores.assign(static_cast<std::size_t>(nq) * nk, 0.0f);
       const float* q = f32(p.q) + (static_cast<std::int64_t>(b) * T + q0) * p.q.ld + h * D;
-      const float* k = f32(p.k) + static_cast<std::int64_t>(b) * T * p.k.ld + kvh * D;
-      const float* v = f32(p.v) + static_cast<std::int64_t>(b) * T * p.v.ld + kvh * D;
+      const float* k = f32(p.k) + static_cast<std::int64_t>(b) * KS * p.k.ld + kvh * D;
+      const float* v = f32(p.v) + static_cast<std::int64_t>(b) * KS * p.v.ld + kvh * D;
       float* o = f32(p.out) + (static_cast<std::int64_t>(b) * T + q0) * p.out.ld + h * D;
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, D, p.scale, q,
                   static_cast<int>(p.q.ld), k, static_cast<int>(p.k.ld), 0.0f, scores.data(), nk);
-      const std::int32_t* mask = p.key_mask ? p.key_mask + static_cast<std::int64_t>(b) * T : nullptr;
+      const std::int32_t* mask = p.key_mask ? p.key_mask + static_cast<std::int64_t>(b) * KS : nullptr;
       for (int i = 0; i < nq; ++i) {
         float* s = scores.data() + static_cast<std::size_t>(i) * nk;
-        const int last = p.causal ? q0 + i : nk - 1;
+        const int last = p.causal ? off + q0 + i : nk - 1;
         // The max propagates NaN (std::max would skip it): a NaN score makes the row's
         // P and output NaN, as softmax does in PyTorch — never "no visible key" (zeros).
         float mx = -std::numeric_limits<float>::infinity();

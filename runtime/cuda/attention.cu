@@ -109,6 +109,7 @@ struct PointerArgs {
   int heads;
   int group;  // heads per kv head
   std::int64_t seq;
+  std::int64_t kv_stride;  // rows between sequences' keys (seq without a KV cache)
   std::int64_t q0;
   std::int64_t nq;
   std::int64_t tk;
@@ -123,11 +124,11 @@ __global__ void attention_pointers_kernel(PointerArgs a) {
   if (i >= a.n) return;
   const int pair = a.pair0 + i;
   const std::int64_t b = pair / a.heads, h = pair % a.heads, kvh = h / a.group;
-  const std::int64_t row0 = b * a.seq;
-  a.arrays[i] = const_cast<char*>(a.k + (row0 * a.ldk + kvh * a.head_dim) * a.esize);
+  const std::int64_t row0 = b * a.seq, key0 = b * a.kv_stride;
+  a.arrays[i] = const_cast<char*>(a.k + (key0 * a.ldk + kvh * a.head_dim) * a.esize);
   a.arrays[a.n + i] = const_cast<char*>(a.q + ((row0 + a.q0) * a.ldq + h * a.head_dim) * a.esize);
   a.arrays[2 * a.n + i] = a.scores + static_cast<std::int64_t>(i) * a.pair_stride;
-  a.arrays[3 * a.n + i] = const_cast<char*>(a.v + (row0 * a.ldv + kvh * a.head_dim) * a.esize);
+  a.arrays[3 * a.n + i] = const_cast<char*>(a.v + (key0 * a.ldv + kvh * a.head_dim) * a.esize);
   a.arrays[4 * a.n + i] = a.out + ((row0 + a.q0) * a.ldo + h * a.head_dim) * a.esize;
 }
 
@@ -534,7 +535,9 @@ bool aligned16(const Mat& m) {
 bool applies(const AttentionArgs& a, Path path) {
   if (path != Path::fused) return false;
   const DType dt = a.q.dtype;
-  return (dt == DType::bf16 || dt == DType::f16) && (a.head_dim == 64 || a.head_dim == 128) &&
+  // Queries and keys the same rows (no KV cache; decoding takes the chunked path).
+  const bool same_rows = a.keys() == a.seq && a.key_stride() == a.seq;
+  return same_rows && (dt == DType::bf16 || dt == DType::f16) && (a.head_dim == 64 || a.head_dim == 128) &&
          aligned16(a.q) && aligned16(a.k) && aligned16(a.v) && aligned16(a.out) && a.batch <= 65535 &&
          a.heads <= 65535;
 }
@@ -545,8 +548,12 @@ bool applies(const AttentionArgs& a, Path path) {
 
 void attention(KernelStream& s, const AttentionArgs& a) {
   const std::int64_t T = a.seq, D = a.head_dim;
+  // With a KV cache (AttentionArgs): S keys per sequence, KS rows apart; query i of a
+  // sequence sits at key position off + i. Without one S = KS = T and off = 0.
+  const std::int64_t S = a.keys(), KS = a.key_stride(), off = a.query_offset();
   const std::int64_t pairs = std::int64_t{a.batch} * a.heads;
   if (T == 0 || pairs == 0 || D == 0) return;
+  if (S < T || KS < S) throw_unsupported("cuda attention: fewer keys than queries per sequence");
   const Path path = path_from_env();
   if (fused::applies(a, path)) {
     dispatch_activation(a.q.dtype, "attention", [&](auto e) {
@@ -564,13 +571,13 @@ void attention(KernelStream& s, const AttentionArgs& a) {
   // P's row stride in elements: it overlays the fp32 score row (Note above).
   const std::int64_t p_per_float = static_cast<std::int64_t>(sizeof(float)) / esize;
 
-  // Chunk shape from the shape alone: Tq query rows × n pairs × T keys ≤ kScoreBudget.
+  // Chunk shape from the shape alone: Tq query rows × n pairs × S keys ≤ kScoreBudget.
   const std::int64_t budget = static_cast<std::int64_t>(kScoreBudget / sizeof(float));
   std::int64_t tq = std::min<std::int64_t>(T, kMaxChunk);
-  tq = std::max<std::int64_t>(1, std::min(tq, budget / T));
-  const std::int64_t per_pair = ceil_div(tq * T, kPairAlign) * kPairAlign;  // padded (Note above)
+  tq = std::max<std::int64_t>(1, std::min(tq, budget / S));
+  const std::int64_t per_pair = ceil_div(tq * S, kPairAlign) * kPairAlign;  // padded (Note above)
   const std::int64_t nb = std::clamp<std::int64_t>(budget / per_pair, 1, std::min<std::int64_t>(pairs, INT_MAX / 8));
-  if (T > INT_MAX / p_per_float || D > INT_MAX || a.q.ld > INT_MAX || a.k.ld > INT_MAX ||
+  if (S > INT_MAX / p_per_float || D > INT_MAX || a.q.ld > INT_MAX || a.k.ld > INT_MAX ||
       a.v.ld > INT_MAX || a.out.ld > INT_MAX)
     throw_unsupported("cuda attention: a dimension does not fit cuBLAS's int arguments");
   const std::size_t pointer_bytes = align_up(5 * static_cast<std::size_t>(nb) * sizeof(void*));
@@ -584,7 +591,7 @@ void attention(KernelStream& s, const AttentionArgs& a) {
   const float scale = a.scale, one = 1.0f, zero = 0.0f;
   for (std::int64_t q0 = 0; q0 < T; q0 += tq) {
     const std::int64_t nq = std::min(tq, T - q0);
-    const std::int64_t tk = a.causal ? q0 + nq : T;  // keys any row of the chunk can see
+    const std::int64_t tk = a.causal ? off + q0 + nq : S;  // keys any row of the chunk can see
     for (std::int64_t p0 = 0; p0 < pairs; p0 += nb) {
       const int n = static_cast<int>(std::min(nb, pairs - p0));
       PointerArgs pa{static_cast<const char*>(a.q.data),
@@ -598,6 +605,7 @@ void attention(KernelStream& s, const AttentionArgs& a) {
                      a.heads,
                      group,
                      T,
+                     KS,
                      q0,
                      nq,
                      tk,
@@ -622,13 +630,13 @@ void attention(KernelStream& s, const AttentionArgs& a) {
       dispatch_activation(dt, "attention", [&](auto e) {
         using E = decltype(e);
         if (tk <= kRowMaxKeys && path != Path::chunked_block) {  // Note [Row softmax in registers]
-          launch_softmax_rows<E>(s, scores, rows, nq, tk, pa.pair_stride, q0, a.causal, a.key_mask, T,
+          launch_softmax_rows<E>(s, scores, rows, nq, tk, pa.pair_stride, off + q0, a.causal, a.key_mask, KS,
                                  static_cast<int>(p0), a.heads);
           return;
         }
         attention_softmax_kernel<E>
             <<<grid_blocks(s, rows * kSoftmaxThreads, kSoftmaxThreads), kSoftmaxThreads, 0,
-               s.stream()>>>(scores, rows, nq, tk, pa.pair_stride, q0, a.causal, a.key_mask, T,
+               s.stream()>>>(scores, rows, nq, tk, pa.pair_stride, off + q0, a.causal, a.key_mask, KS,
                              static_cast<int>(p0), a.heads);
         ZO2_CUDA_CHECK_LAUNCH();
       });

@@ -149,6 +149,16 @@ void CudaStream::copy_d2d(void* dst, const void* src, std::size_t bytes) {
   }
 }
 
+void CudaStream::copy_2d(CopyKind kind, void* dst, std::size_t dpitch, const void* src, std::size_t spitch,
+                         std::size_t width, std::size_t height) {
+  if (width == 0 || height == 0) return;
+  use_device(state_->index);
+  const cudaMemcpyKind k = kind == CopyKind::h2d   ? cudaMemcpyHostToDevice
+                           : kind == CopyKind::d2h ? cudaMemcpyDeviceToHost
+                                                   : cudaMemcpyDeviceToDevice;
+  ZO2_CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, k, stream_.get()));
+}
+
 void CudaStream::memset(void* dst, int value, std::size_t bytes) {
   if (bytes == 0) return;
   use_device(state_->index);

@@ -1,0 +1,292 @@
+// Generation through the scheduler (api/generate.h, models/graph.h Note [KV cache]) on tiny
+// OPT and LLaMA models, fp32: greedy decoding equals the argmax of eval's logits fed back
+// token by token, prompt by prompt; with and without the KV cache, with the cache on the
+// device and on the host, resident and streamed; streamed == resident bit for bit; the
+// sampler repeats for a seed; stop ids and the stop callback end sequences; bad requests
+// are refused naming the prompt or option.
+#include "api/generate.h"
+#include "api/session.h"
+#include "runtime/error.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace zo2 {
+namespace {
+
+ModelConfig tiny(ModelFamily f) {
+  ModelConfig c;
+  c.family = f;
+  c.vocab_size = f == ModelFamily::opt ? 61 : 67;
+  c.hidden_size = 32;
+  c.num_layers = 3;
+  c.num_heads = 4;
+  c.num_kv_heads = f == ModelFamily::opt ? 4 : 2;
+  c.head_dim = 8;
+  c.ffn_dim = 48;
+  c.max_positions = 40;
+  c.word_embed_proj_dim = 32;
+  if (f == ModelFamily::llama) {
+    c.linear_bias = false;
+    c.tie_word_embeddings = false;
+    c.rope.type = RopeType::default_;
+    c.norm_eps = 1e-6f;
+  }
+  return c;
+}
+
+constexpr int kPositions = 24, kNew = 9;
+
+const std::vector<std::vector<std::int32_t>> kPrompts = {
+    {2, 17, 5, 33, 8}, {2, 40, 9}, {2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, {2, 50}, {2, 21, 22, 23, 24, 1}};
+
+SessionConfig gen_cfg(OffloadMode mode, KvPlace kv, int batch) {
+  SessionConfig s;
+  s.offload = mode;
+  s.gpu_mem = std::size_t{1} << 30;
+  s.window = 2;
+  s.training = false;
+  s.max_batch = batch;
+  s.max_seq = kPositions;
+  s.generate.batch = batch;
+  s.generate.kv = kv;
+  return s;
+}
+
+constexpr std::uint64_t kInit = 7;
+
+// The reference: one prompt at a time, eval's full logits, the argmax of the last row.
+std::vector<std::int32_t> reference_greedy(const ModelConfig& c, const std::vector<std::int32_t>& prompt, int n) {
+  SessionConfig s;
+  s.training = false;
+  s.max_batch = 1;
+  s.max_seq = kPositions;
+  s.logits_out = true;
+  Session session(c, s, kInit, false);
+  std::vector<std::int32_t> seq = prompt, out;
+  std::vector<float> logits;
+  for (int i = 0; i < n; ++i) {
+    const int T = static_cast<int>(seq.size());
+    const HostBatch b = make_batch(c, 1, T, seq);
+    logits.assign(static_cast<std::size_t>(T * c.vocab_size), 0.0f);
+    EvalOptions eo;
+    eo.logits = logits.data();
+    eo.token_loss = nullptr;
+    session.eval(b, eo);
+    const float* row = logits.data() + static_cast<std::size_t>(T - 1) * static_cast<std::size_t>(c.vocab_size);
+    const auto tok = static_cast<std::int32_t>(std::max_element(row, row + c.vocab_size) - row);
+    out.push_back(tok);
+    seq.push_back(tok);
+  }
+  return out;
+}
+
+class GenerateTest : public ::testing::TestWithParam<ModelFamily> {
+ protected:
+  ModelConfig c = tiny(GetParam());
+};
+
+TEST_P(GenerateTest, GreedyEqualsArgmaxOfEvalLogitsEveryPlacementWithAndWithoutCache) {
+  std::vector<std::vector<std::int32_t>> want;
+  for (const auto& p : kPrompts) want.push_back(reference_greedy(c, p, kNew));
+  GenerateOptions o;
+  o.max_new_tokens = kNew;
+  struct Case {
+    OffloadMode mode;
+    KvPlace kv;
+    int batch;
+  };
+  for (const Case& k : {Case{OffloadMode::none, KvPlace::device, 3}, Case{OffloadMode::all, KvPlace::device, 3},
+                        Case{OffloadMode::all, KvPlace::host, 2}, Case{OffloadMode::none, KvPlace::host, 5},
+                        Case{OffloadMode::all, KvPlace::off, 3}, Case{OffloadMode::none, KvPlace::off, 1}}) {
+    Session s(c, gen_cfg(k.mode, k.kv, k.batch), kInit, false);
+    EXPECT_EQ(s.placement().kv_positions, k.kv == KvPlace::off ? 0 : kPositions);
+    if (k.kv != KvPlace::off) {
+      EXPECT_EQ(s.placement().kv_on_device, k.kv == KvPlace::device);
+    }
+    GenerateStats st;
+    const auto got = generate(s, kPrompts, o, &st);
+    ASSERT_EQ(got.size(), kPrompts.size());
+    for (std::size_t i = 0; i < kPrompts.size(); ++i) {
+      EXPECT_EQ(got[i].tokens, want[i]) << "prompt " << i << " offload " << offload_mode_name(k.mode) << " kv "
+                                        << kv_place_name(k.kv) << " batch " << k.batch;
+      EXPECT_FALSE(got[i].stopped);
+    }
+    EXPECT_EQ(st.new_tokens, static_cast<std::int64_t>(kPrompts.size()) * kNew);
+    const std::int64_t batches = (static_cast<std::int64_t>(kPrompts.size()) + k.batch - 1) / k.batch;
+    EXPECT_EQ(st.decode_steps, batches * kNew);
+  }
+}
+
+// fp32: a streamed block runs the kernels a resident one runs, so every logit is the same bits;
+// the cache on the host holds the same bytes as on the device.
+TEST_P(GenerateTest, StreamedEqualsResidentBitForBitWithCacheOnDeviceOrHostAndWithout) {
+  const int B = 2;
+  auto logits_of = [&](OffloadMode mode, KvPlace kv) {
+    Session s(c, gen_cfg(mode, kv, B), kInit, false);
+    std::vector<float> all, step(static_cast<std::size_t>(B * c.vocab_size));
+    // Prefill of 6 rows (the second left-padded by 2), then 3 single rows.
+    std::vector<std::int32_t> ids = {2, 5, 9, 11, 13, 17, 0, 0, 2, 7, 8, 9};
+    std::vector<std::int32_t> mask = {1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1};
+    auto batch = [&](const std::vector<std::int32_t>& i, const std::vector<std::int32_t>& m, int T, int first) {
+      HostBatch hb;
+      hb.batch = B;
+      hb.seq = T;
+      hb.ids = i;
+      hb.key_mask = m;
+      for (int b = 0; b < B; ++b)
+        for (int t = 0; t < T; ++t) hb.positions.push_back((c.family == ModelFamily::opt ? 2 : 0) + first + t);
+      hb.targets.assign(i.size(), kIgnoreIndex);
+      return hb;
+    };
+    const bool cache = kv != KvPlace::off;
+    std::vector<std::int32_t> seq_ids = ids, seq_mask = mask;
+    s.decode(batch(ids, mask, 6, 0), 0, cache, step.data());
+    all.insert(all.end(), step.begin(), step.end());
+    for (int n = 0; n < 3; ++n) {
+      const std::vector<std::int32_t> next = {static_cast<std::int32_t>(20 + n), static_cast<std::int32_t>(30 + n)};
+      std::vector<std::int32_t> ni, nm;
+      for (int b = 0; b < B; ++b) {
+        const auto T = static_cast<std::ptrdiff_t>(6 + n);
+        ni.insert(ni.end(), seq_ids.begin() + b * T, seq_ids.begin() + (b + 1) * T);
+        ni.push_back(next[static_cast<std::size_t>(b)]);
+        nm.insert(nm.end(), seq_mask.begin() + b * T, seq_mask.begin() + (b + 1) * T);
+        nm.push_back(1);
+      }
+      seq_ids = ni;
+      seq_mask = nm;
+      if (cache) s.decode(batch(next, {1, 1}, 1, 6 + n), 6 + n, true, step.data());
+      else s.decode(batch(seq_ids, seq_mask, 7 + n, 0), 0, false, step.data());
+      all.insert(all.end(), step.begin(), step.end());
+    }
+    for (float x : all) EXPECT_TRUE(std::isfinite(x));
+    return all;
+  };
+  for (KvPlace kv : {KvPlace::device, KvPlace::host, KvPlace::off}) {
+    const auto r = logits_of(OffloadMode::none, kv), st = logits_of(OffloadMode::all, kv);
+    ASSERT_EQ(r.size(), st.size());
+    EXPECT_EQ(std::memcmp(r.data(), st.data(), r.size() * sizeof(float)), 0) << kv_place_name(kv);
+  }
+  // The cache on the host is the device's bytes, so the same bits too.
+  const auto dev = logits_of(OffloadMode::all, KvPlace::device), host = logits_of(OffloadMode::all, KvPlace::host);
+  EXPECT_EQ(std::memcmp(dev.data(), host.data(), dev.size() * sizeof(float)), 0);
+  // With and without the cache: the same numbers up to the order of the sums.
+  const auto off = logits_of(OffloadMode::all, KvPlace::off);
+  for (std::size_t i = 0; i < dev.size(); ++i) EXPECT_NEAR(dev[i], off[i], 1e-4f * (1.0f + std::fabs(off[i])));
+}
+
+TEST_P(GenerateTest, SamplingRepeatsForASeedAndTinyTopPIsGreedy) {
+  Session s(c, gen_cfg(OffloadMode::all, KvPlace::auto_, 3), kInit, false);
+  GenerateOptions greedy;
+  greedy.max_new_tokens = kNew;
+  GenerateOptions o = greedy;
+  o.greedy = false;
+  o.temperature = 1.5f;
+  o.seed = 99;
+  const auto a = generate(s, kPrompts, o), b = generate(s, kPrompts, o);
+  for (std::size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i].tokens, b[i].tokens);
+  o.seed = 100;
+  const auto d = generate(s, kPrompts, o);
+  bool differs = false;
+  for (std::size_t i = 0; i < a.size(); ++i) differs = differs || a[i].tokens != d[i].tokens;
+  EXPECT_TRUE(differs) << "another seed drew the same 45 tokens";
+  // A prompt's draws depend on the seed and its place in the list, not on the batches the
+  // list is decoded in.
+  Session two(c, gen_cfg(OffloadMode::none, KvPlace::device, 2), kInit, false);
+  const auto e = generate(two, kPrompts, o);
+  for (std::size_t i = 0; i < d.size(); ++i) EXPECT_EQ(e[i].tokens, d[i].tokens) << i;
+  // top_p below the largest probability keeps one token: the argmax.
+  o.top_p = 1e-7f;
+  const auto nucleus = generate(s, kPrompts, o), g = generate(s, kPrompts, greedy);
+  for (std::size_t i = 0; i < g.size(); ++i) EXPECT_EQ(nucleus[i].tokens, g[i].tokens);
+}
+
+TEST_P(GenerateTest, StopIdsAndTheStopCallbackEndSequencesTheOthersGoOn) {
+  Session s(c, gen_cfg(OffloadMode::auto_, KvPlace::auto_, 5), kInit, false);
+  GenerateOptions o;
+  o.max_new_tokens = kNew;
+  const auto free_run = generate(s, kPrompts, o);
+  // Stop prompt 0 at its third token's id, prompt 2 after two tokens by the callback.
+  o.stop_ids = {free_run[0].tokens[2]};
+  o.stop = [](std::size_t k, const std::vector<std::int32_t>& t) { return k == 2 && t.size() == 2; };
+  const auto got = generate(s, kPrompts, o);
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    const auto& f = free_run[i].tokens;
+    auto stop = std::find(f.begin(), f.end(), o.stop_ids[0]);
+    std::size_t n = stop == f.end() ? f.size() : static_cast<std::size_t>(stop - f.begin()) + 1;
+    if (i == 2) n = std::min<std::size_t>(n, 2);
+    EXPECT_EQ(got[i].tokens, std::vector<std::int32_t>(f.begin(), f.begin() + static_cast<std::ptrdiff_t>(n))) << i;
+    EXPECT_EQ(got[i].stopped, n < f.size() || stop != f.end()) << i;
+  }
+  EXPECT_TRUE(got[0].stopped);
+  EXPECT_TRUE(got[2].stopped);
+}
+
+TEST_P(GenerateTest, BadRequestsAreRefusedNamingThePromptOrOption) {
+  Session s(c, gen_cfg(OffloadMode::none, KvPlace::device, 2), kInit, false);
+  GenerateOptions o;
+  o.max_new_tokens = kNew;
+  auto message = [&](const std::vector<std::vector<std::int32_t>>& p, const GenerateOptions& opt) -> std::string {
+    try {
+      generate(s, p, opt);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
+      return e.what();
+    }
+    return "(no error)";
+  };
+  EXPECT_NE(message({{2, 3}, {}}, o).find("prompt 1 is empty"), std::string::npos);
+  EXPECT_NE(message({std::vector<std::int32_t>(20, 3)}, o).find("prompt 0 has 20 tokens"), std::string::npos);
+  EXPECT_NE(message({{2, 999}}, o).find("prompt 0, token 1: id 999"), std::string::npos);
+  GenerateOptions bad = o;
+  bad.greedy = false;
+  bad.temperature = 0;
+  EXPECT_NE(message({{2}}, bad).find("temperature 0"), std::string::npos);
+  bad.temperature = 1;
+  bad.top_p = 1.5f;
+  EXPECT_NE(message({{2}}, bad).find("top_p 1.5"), std::string::npos);
+  bad = o;
+  bad.max_new_tokens = 0;
+  EXPECT_NE(message({{2}}, bad).find("max_new_tokens 0"), std::string::npos);
+  // A training session has no room for generation.
+  SessionConfig t;
+  t.max_batch = 1;
+  t.max_seq = 8;
+  Session train(c, t, kInit, false);
+  EXPECT_THROW(generate(train, {{2, 3}}, o), Error);
+}
+
+TEST_P(GenerateTest, PlannerPutsTheCacheOnTheDeviceWhenItFitsAndSaysWhere) {
+  SessionConfig sc = gen_cfg(OffloadMode::auto_, KvPlace::auto_, 4);
+  PlanRequest r = plan_request(c, sc, DeviceKind::cpu, std::size_t{1} << 30);
+  Placement p = plan_placement(c, r);
+  EXPECT_TRUE(p.kv_on_device);
+  EXPECT_EQ(p.kv_block_bytes, kv_block_bytes(c, DType::f32, 4, kPositions));
+  EXPECT_EQ(p.kv_device_bytes, static_cast<std::size_t>(c.num_layers) * p.kv_block_bytes);
+  EXPECT_NE(p.describe(c).find("on the device"), std::string::npos);
+  // Just above the all-streamed minimum with the cache on the host: the host it is.
+  r.generate.kv = KvPlace::host;
+  const Placement host = plan_placement(c, r);
+  r.generate.kv = KvPlace::auto_;
+  r.cap = host.minimum_cap;
+  r.mode = OffloadMode::all;
+  p = plan_placement(c, r);
+  EXPECT_FALSE(p.kv_on_device);
+  EXPECT_EQ(p.kv_device_bytes, 2 * p.kv_block_bytes);
+  EXPECT_EQ(p.kv_host_bytes, static_cast<std::size_t>(c.num_layers) * p.kv_block_bytes);
+  EXPECT_NE(p.describe(c).find("on the host"), std::string::npos);
+  r.generate.kv = KvPlace::off;
+  p = plan_placement(c, r);
+  EXPECT_EQ(p.kv_positions, 0);
+  EXPECT_NE(p.describe(c).find("KV cache: off"), std::string::npos);
+  EXPECT_THROW(parse_kv_place("gpu"), Error);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, GenerateTest, ::testing::Values(ModelFamily::opt, ModelFamily::llama),
+                         [](const auto& i) { return std::string(i.param == ModelFamily::opt ? "Opt" : "Llama"); });
+
+}  // namespace
+}  // namespace zo2
