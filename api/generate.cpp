@@ -69,15 +69,14 @@ std::int32_t sample(const float* row, std::int64_t V, float temperature, float t
 
 }  // namespace
 
-std::vector<Generation> generate(Session& session, const std::vector<std::vector<std::int32_t>>& prompts,
-                                 const GenerateOptions& o, GenerateStats* stats) {
-  check_generate_options(o, OptionSource::c_api);
+void check_generate_request(Session& session, const std::vector<std::vector<std::int32_t>>& prompts,
+                            const GenerateOptions& o, OptionSource src) {
+  check_generate_options(o, src);
   const SessionConfig& sc = session.session_config();
   const Placement& pl = session.placement();
   const ModelConfig& config = session.config();
   if (sc.training || pl.gen_batch <= 0)
     fail(ErrorKind::invalid_argument, "this session was not set up for generation (its generate.batch is 0)");
-  const bool cache = pl.kv_positions > 0;
   const int positions = sc.max_seq > 0 ? sc.max_seq : static_cast<int>(config.max_positions);
   const std::int64_t V = config.vocab_size;
   for (std::size_t k = 0; k < prompts.size(); ++k) {
@@ -93,6 +92,15 @@ std::vector<Generation> generate(Session& session, const std::vector<std::vector
   }
   if (o.pad_id < 0 || o.pad_id >= V)
     fail(ErrorKind::invalid_argument, "pad id {} is outside the vocabulary [0, {})", o.pad_id, V);
+}
+
+std::vector<Generation> generate(Session& session, const std::vector<std::vector<std::int32_t>>& prompts,
+                                 const GenerateOptions& o, GenerateStats* stats) {
+  check_generate_request(session, prompts, o, OptionSource::c_api);
+  const Placement& pl = session.placement();
+  const ModelConfig& config = session.config();
+  const bool cache = pl.kv_positions > 0;
+  const std::int64_t V = config.vocab_size;
 
   const auto start = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };

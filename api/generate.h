@@ -65,6 +65,12 @@ struct GenerateStats {
 // (their field names) set them: Error(invalid_argument) naming the option and the value.
 void check_generate_options(const GenerateOptions& o, OptionSource src);
 
+// What generate() checks before it runs anything: the options (check_generate_options),
+// the session (set up for generation), every prompt (non-empty, ids in the vocabulary, room
+// for it and max_new_tokens) and pad_id. Error(invalid_argument) naming the prompt (0-based).
+void check_generate_request(Session& session, const std::vector<std::vector<std::int32_t>>& prompts,
+                            const GenerateOptions& options, OptionSource src);
+
 // Generates for every prompt (token ids, each non-empty; the tokenizer's special prefix
 // included, as the caller wants it) through a session set up for generation
 // (SessionConfig::generate.batch > 0, training = false). Each prompt needs

@@ -7,6 +7,7 @@
 
 #include "api/options.h"
 #include "api/run_dir.h"
+#include "api/generate.h"
 #include "api/session.h"
 #include "api/status.h"
 #include "models/checkpoint.h"
@@ -207,6 +208,17 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
     }
   }
   if (sc.peft.any()) zo2::validate_peft(sc.peft, model, /*c_api=*/true);
+  // Generation (zo2_generate).
+  if (p.generate_seqs < 0 || p.generate_seqs > p.max_seqs)
+    invalid(fmt::format("generate_seqs {}: must be in [0, max_seqs = {}]", p.generate_seqs, p.max_seqs));
+  if (p.generate_seqs > 0 && p.training != 0) invalid("generate_seqs needs training = 0");
+  if (!p.kv_cache) invalid("kv_cache is NULL");
+  try {
+    sc.generate.kv = zo2::parse_kv_place(p.kv_cache);
+  } catch (const zo2::Error&) {
+    invalid(fmt::format("kv_cache '{}' is not one of auto, device, host, off", p.kv_cache));
+  }
+  sc.generate.batch = p.generate_seqs;
   return sc;
 }
 
@@ -411,6 +423,8 @@ zo2_session_params zo2_session_default_params(void) {
   p.lora_targets = "q_proj,v_proj";
   p.adapter_path = nullptr;
   p.prefix_tokens = 0;
+  p.generate_seqs = 0;
+  p.kv_cache = "auto";
   return p;
 }
 
@@ -531,6 +545,62 @@ int zo2_session_eval(zo2_session* s, const zo2_batch* b, float* out_loss) {
     });
   }
   return eval_common("zo2_session_eval", s, b, out_loss, nullptr);
+}
+
+zo2_generate_params zo2_generate_default_params(void) {
+  zo2_generate_params p{};
+  p.max_new_tokens = 32;
+  p.greedy = 1;
+  p.temperature = 1.0f;
+  p.top_p = 1.0f;
+  p.seed = 0;
+  p.stop_ids = nullptr;
+  p.n_stop_ids = 0;
+  p.pad_id = 0;
+  return p;
+}
+
+int zo2_generate(zo2_session* s, const int32_t* const* prompts, const int32_t* prompt_lens, int32_t n_prompts,
+                 const zo2_generate_params* p, int32_t* out_tokens, int32_t* out_lens, int32_t* out_stopped) {
+  bool validated = false;
+  return guarded(
+      "zo2_generate",
+      [&] {
+        zo2_session& ss = usable(s);
+        if (!prompts || !prompt_lens) invalid("prompts or prompt_lens is NULL");
+        if (!out_tokens || !out_lens) invalid("out_tokens or out_lens is NULL");
+        if (n_prompts < 1) invalid(fmt::format("n_prompts must be at least 1 (got {})", n_prompts));
+        const zo2_generate_params params = p ? *p : zo2_generate_default_params();
+        zo2::GenerateOptions o;
+        o.max_new_tokens = params.max_new_tokens;
+        o.greedy = params.greedy != 0;
+        o.temperature = params.temperature;
+        o.top_p = params.top_p;
+        o.seed = params.seed;
+        o.pad_id = params.pad_id;
+        if (params.n_stop_ids < 0 || (params.n_stop_ids > 0 && !params.stop_ids))
+          invalid(fmt::format("stop_ids is NULL or n_stop_ids {} is negative", params.n_stop_ids));
+        o.stop_ids.assign(params.stop_ids, params.stop_ids + params.n_stop_ids);
+        std::vector<std::vector<std::int32_t>> ids(static_cast<std::size_t>(n_prompts));
+        for (std::size_t i = 0; i < ids.size(); ++i) {
+          if (prompt_lens[i] < 0 || (prompt_lens[i] > 0 && !prompts[i]))
+            invalid(fmt::format("prompt {}: NULL or a negative length ({})", i, prompt_lens[i]));
+          ids[i].assign(prompts[i], prompts[i] + prompt_lens[i]);
+        }
+        zo2::check_generate_request(*ss.session, ids, o, zo2::OptionSource::c_api);
+        validated = true;
+        const auto out = zo2::generate(*ss.session, ids, o);
+        const auto stride = static_cast<std::size_t>(o.max_new_tokens);
+        for (std::size_t i = 0; i < out.size(); ++i) {
+          std::copy(out[i].tokens.begin(), out[i].tokens.end(), out_tokens + i * stride);
+          out_lens[i] = static_cast<int32_t>(out[i].tokens.size());
+          if (out_stopped) out_stopped[i] = out[i].stopped ? 1 : 0;
+        }
+        return 0;
+      },
+      [&](int code) {
+        if (validated) poison(s)(code);
+      });
 }
 
 int zo2_session_token_logprobs(zo2_session* s, const zo2_batch* b, float* out) {

@@ -204,6 +204,13 @@ typedef struct zo2_session_params {
                                  // sets rank, alpha and targets); NULL = new adapters from seed. Default NULL.
     int32_t  prefix_tokens;      // prefix tuning (MeZO's): P key/value rows per layer, 1..1024; 0 = none; not with
                                  // lora_r. A new prefix starts from the base's activations of P random tokens. Default 0.
+
+    // Generation (zo2_generate; README "Generate"): room to decode this many prompts together. Needs
+    // training = 0; max_seq_len is then the positions of a prompt and its new tokens. 0 = none. Default 0.
+    int32_t  generate_seqs;      // 0..max_seqs
+    const char * kv_cache;       // where generation keeps its KV cache: "auto" (the device when every block's cache
+                                 // fits beside the minimum window), "device", "host" (pinned; two device slots),
+                                 // "off" (every new token runs the whole sequence again). Default "auto".
 } zo2_session_params;
 
 ZO2_API zo2_session_params zo2_session_default_params(void);
@@ -314,6 +321,39 @@ ZO2_API int64_t zo2_session_step_index(const zo2_session * s);
 ZO2_API uint64_t zo2_session_device_peak(const zo2_session * s);
 
 // ---------------------------------------------------------------------------------------
+// Generation through the streaming runtime (README "Generate"): the prompts decode
+// generate_seqs at a time, left-padded, the blocks streamed once per new token for the
+// whole batch, with the KV cache where kv_cache put it.
+
+typedef struct zo2_generate_params {
+    int32_t  max_new_tokens;   // tokens to generate per prompt, ≥ 1. Default 32.
+    int32_t  greedy;           // nonzero: the argmax (the first of equal logits); 0: sample. Default 1.
+    float    temperature;      // sampling: softmax(logits / temperature), finite and > 0. Default 1.
+    float    top_p;            // sampling: nucleus mass in (0, 1]. Default 1.
+    uint64_t seed;             // sampling: token k of prompt i draws Philox(seed, i, k). Default 0.
+    const int32_t * stop_ids;  // a generated id in this list ends its prompt (the id is kept); NULL = none. Default NULL.
+    int32_t  n_stop_ids;       // entries of stop_ids. Default 0.
+    int32_t  pad_id;           // the id left padding uses (masked; any id in the vocabulary). Default 0.
+} zo2_generate_params;
+
+ZO2_API zo2_generate_params zo2_generate_default_params(void);
+
+// Generates for n_prompts prompts (prompts[i]: prompt_lens[i] ≥ 1 token ids, the tokenizer's
+// special prefix included as the host wants it) with a session opened with generate_seqs > 0
+// and training = 0. out_tokens holds n_prompts·max_new_tokens ids: prompt i's new tokens at
+// [i·max_new_tokens, i·max_new_tokens + out_lens[i]) (a stop id included); out_stopped[i]
+// (may be NULL) is 1 when a stop id ended it, else 0. Applies the pending update first.
+//   ZO2_ERR_INVALID_ARGUMENT  s, prompts, prompt_lens, out_tokens or out_lens NULL; n_prompts < 1; a
+//                             session without generate_seqs; an empty prompt, an id outside the
+//                             vocabulary, or a prompt too long for max_seq_len with max_new_tokens (the
+//                             message names the prompt, 0-based); a field of p out of range. Nothing was
+//                             run; the session is unchanged.
+//   other errors              a device failure mid-generation: the session is unusable (as zo2_session_step).
+ZO2_API int zo2_generate(zo2_session * s, const int32_t * const * prompts, const int32_t * prompt_lens,
+                         int32_t n_prompts, const zo2_generate_params * p, int32_t * out_tokens, int32_t * out_lens,
+                         int32_t * out_stopped);
+
+// ---------------------------------------------------------------------------------------
 // Planning (DESIGN.md §6): the placement of blocks under a device memory cap.
 
 typedef struct zo2_plan_result {
@@ -330,6 +370,7 @@ typedef struct zo2_plan_result {
     uint64_t d2h_bytes_per_step;    // device→host traffic per step (bytes)
     double   predicted_transfer_s;  // transfer-bound step time (seconds)
     uint64_t host_bytes;            // host memory of the master weights: globals + every block image (bytes)
+                                    // (+ the KV caches when generation keeps them on the host)
 } zo2_plan_result;
 
 // Plans a session of m with p without opening the device or allocating anything.

@@ -169,11 +169,15 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
         if (fixed + static_cast<std::size_t>(k) * block > r.cap)
           fail(ErrorKind::out_of_memory,
                "the cap {} is below the minimum of {} this model needs at batch {} × {} tokens "
-               "(globals {}, activations and scratch {}, cuBLAS and attention scratch {}, {} window slots × {})",
+               "(globals {}, activations and scratch {}, cuBLAS and attention scratch {}, {} window slots × {}{})",
                format_bytes(static_cast<double>(r.cap)), format_bytes(static_cast<double>(p.minimum_cap)),
                r.batch, r.seq, format_bytes(static_cast<double>(p.globals_bytes)),
                format_bytes(static_cast<double>(p.workspace_bytes + p.batch_bytes + p.logits_bytes)),
-               format_bytes(static_cast<double>(p.backend_bytes)), k_floor, format_bytes(static_cast<double>(block)));
+               format_bytes(static_cast<double>(p.backend_bytes)), k_floor, format_bytes(static_cast<double>(block)),
+               p.gen_batch > 0 ? fmt::format(", generation: KV cache {}, logits {}",
+                                             format_bytes(static_cast<double>(p.kv_device_bytes)),
+                                             format_bytes(static_cast<double>(p.gen_bytes)))
+                               : std::string());
         const std::int64_t fit = static_cast<std::int64_t>((r.cap - fixed) / block);
         // fit = resident + slots, with slots = min(k, L − resident).
         resident = std::clamp<std::int64_t>(fit - k, 0, L);

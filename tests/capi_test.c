@@ -303,6 +303,85 @@ int main(int argc, char ** argv) {
     CHECK(strstr(zo2_last_error(), "evaluation only") != NULL);
     zo2_session_free(s2);
 
+    /* ---- generation: greedy, two prompts decoded together, equals the argmax fed back ---- */
+    {
+        zo2_session_params gp = test_params(NULL);
+        gp.training = 0;
+        gp.max_seqs = 2;
+        gp.max_seq_len = 16;
+        gp.generate_seqs = 2;
+        gp.kv_cache = "host";
+        zo2_session * g = NULL;
+        REQUIRE(zo2_session_init(model, &gp, &g) == 0);
+        const int32_t p0[] = { 1, 7, 9, 11, 3 }, p1[] = { 1, 40 };
+        const int32_t * prompts[] = { p0, p1 };
+        const int32_t lens[] = { 5, 2 };
+        zo2_generate_params o = zo2_generate_default_params();
+        CHECK(o.greedy == 1 && o.max_new_tokens == 32 && o.top_p == 1.0f);
+        o.max_new_tokens = 4;
+        int32_t out[2 * 4], out_lens[2], stopped[2];
+        CHECK(zo2_generate(g, prompts, lens, 2, &o, out, out_lens, stopped) == 0);
+        CHECK(out_lens[0] == 4 && out_lens[1] == 4 && stopped[0] == 0 && stopped[1] == 0);
+        /* prompt 1 alone, by token log-probabilities: each new token is the argmax of eval's logits */
+        zo2_session_params ep = test_params(NULL);
+        ep.training = 0;
+        ep.max_seqs = 1;
+        ep.max_seq_len = 16;
+        zo2_session * e = NULL;
+        REQUIRE(zo2_session_init(model, &ep, &e) == 0);
+        for (int k = 0; k < 4; ++k) {
+            /* the chosen token has the highest log-probability among all candidates: check
+               against every other id by scoring the sequence with it appended */
+            int32_t seq[16];
+            int n = 0;
+            for (int t = 0; t < 2; ++t) seq[n++] = p1[t];
+            for (int t = 0; t < k; ++t) seq[n++] = out[4 + t];
+            float lp[16], best = -1e30f;
+            int32_t best_id = -1;
+            for (int32_t v = 0; v < n_vocab; ++v) {
+                seq[n] = v;
+                const zo2_batch one = { 1, n + 1, seq, NULL, NULL };
+                CHECK(zo2_session_token_logprobs(e, &one, lp) == 0);
+                if (lp[n - 1] > best) { best = lp[n - 1]; best_id = v; }
+            }
+            CHECK(best_id == out[4 + k]);
+        }
+        zo2_session_free(e);
+        /* a stop id ends a prompt there */
+        o.stop_ids = &out[1];
+        o.n_stop_ids = 1;
+        int32_t out2[2 * 4], lens2[2], stopped2[2];
+        CHECK(zo2_generate(g, prompts, lens, 2, &o, out2, lens2, stopped2) == 0);
+        CHECK(stopped2[0] == 1 && lens2[0] <= 2 && out2[lens2[0] - 1] == out[1]);
+        /* refusals name what is wrong and change nothing */
+        const int32_t empty_len[] = { 5, 0 };
+        CHECK(zo2_generate(g, prompts, empty_len, 2, &o, out2, lens2, NULL) == ZO2_ERR_INVALID_ARGUMENT);
+        CHECK(strstr(zo2_last_error(), "prompt 1 is empty") != NULL);
+        o.max_new_tokens = 15;
+        CHECK(zo2_generate(g, prompts, lens, 2, &o, out2, lens2, NULL) == ZO2_ERR_INVALID_ARGUMENT);
+        CHECK(strstr(zo2_last_error(), "prompt 0 has 5 tokens") != NULL);
+        o.max_new_tokens = 4;
+        o.greedy = 0;
+        o.temperature = -1.0f;
+        CHECK(zo2_generate(g, prompts, lens, 2, &o, out2, lens2, NULL) == ZO2_ERR_INVALID_ARGUMENT);
+        CHECK(strstr(zo2_last_error(), "temperature -1") != NULL);
+        o.temperature = 0.7f;
+        o.seed = 3;
+        CHECK(zo2_generate(g, prompts, lens, 2, &o, out2, lens2, NULL) == 0);
+        zo2_session_free(g);
+        /* a training session has no room to generate; generate_seqs needs training = 0 */
+        CHECK(zo2_generate(s, prompts, lens, 2, &o, out2, lens2, NULL) == ZO2_ERR_INVALID_ARGUMENT);
+        zo2_session_params bad_gp = test_params(NULL);
+        bad_gp.generate_seqs = 1;
+        zo2_session * none = NULL;
+        CHECK(zo2_session_init(model, &bad_gp, &none) == ZO2_ERR_INVALID_ARGUMENT);
+        CHECK(strstr(zo2_last_error(), "generate_seqs needs training = 0") != NULL);
+        bad_gp.training = 0;
+        bad_gp.kv_cache = "gpu";
+        CHECK(zo2_session_init(model, &bad_gp, &none) == ZO2_ERR_INVALID_ARGUMENT);
+        CHECK(strstr(zo2_last_error(), "kv_cache 'gpu'") != NULL);
+    }
+
     /* ---- the update rules ---- */
     CHECK(rule_runs(work, model, &batch) == 0);
 

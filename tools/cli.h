@@ -35,6 +35,7 @@ Runner add_merge(CLI::App& app);
 Runner add_synth_data(CLI::App& app);
 Runner add_tokenize(CLI::App& app);
 Runner add_data(CLI::App& app);
+Runner add_generate(CLI::App& app);
 
 // "fp32"/"bf16"/... → DType, restricted to `allowed`; Error(invalid_argument) naming the flag.
 DType parse_dtype_flag(const std::string& flag, const std::string& value,

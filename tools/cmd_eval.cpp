@@ -1,8 +1,9 @@
 // zo2-tune eval: a checkpoint on a data file: the token-weighted mean next-token loss, or for
 // multiple-choice data (JSONL options, task presets) MeZO's candidate loss and accuracy, and
 // the task's own metrics (multirc: f1a, em; record: f1, em). squad/drop: the gold answer's
-// loss and MeZO's F1/EM of greedy decoding (repeated forward passes, no KV cache; with
-// --max-new-tokens 0 the loss alone, with a note that F1/EM needs generation).
+// loss and MeZO's F1/EM of greedy decoding (api/generate.h: --batch-size prompts at a time,
+// with the KV cache where --kv-cache puts it; with --max-new-tokens 0 the loss alone, with a
+// note that F1/EM needs generation).
 #include "api/run_dir.h"
 #include "api/options.h"
 #include "api/session.h"
@@ -32,6 +33,7 @@ Runner add_eval(CLI::App& app) {
     bool json = false;
     int max_new = 50;
     std::string predictions;
+    std::string kv_cache = "auto";
     DeviceFlags dev;
     DataFlags data_flags;
     LoraFlags lora;
@@ -53,6 +55,10 @@ Runner add_eval(CLI::App& app) {
       ->check(CLI::Range(0, 1 << 20));
   app.add_option("--predictions", o->predictions,
                  "squad/drop: write each generated answer as a JSON line {line, prediction, answers, f1, em, ids}");
+  app.add_option("--kv-cache", o->kv_cache,
+                 "squad/drop decoding: where the KV cache lives: auto (the device when it fits), device, host, off "
+                 "(every token runs the whole sequence again)")
+      ->capture_default_str();
   o->dev.add(app);
   o->data_flags.add(app);
   o->lora.add(app, /*training=*/false);
@@ -61,6 +67,7 @@ Runner add_eval(CLI::App& app) {
     check_integer(Opt::batch_size, o->batch, OptionSource::cli);
     if (num->count() > 0) check_integer(Opt::num_eval, o->num, OptionSource::cli);
     SessionConfig sc = session_config(o->dev, false);
+    const KvPlace kv = parse_kv_place(o->kv_cache);
     o->lora.apply(o->model, sc);  // --adapter, or an adapter as --model: its base with it
     o->model = resolve_model_dir(o->model).string();  // a run directory: its current checkpoint
     const ModelConfig config = ModelConfig::load(o->model);
@@ -71,21 +78,24 @@ Runner add_eval(CLI::App& app) {
     const bool generate = task_is_generation(data.task()) && o->max_new > 0;
     int gen_rows = 0;
     if (generate) {
-      // Room for the prompt and the new tokens (MeZO cuts the prompt to leave it), and for
-      // the host logits of a batch [rows, T, V]: rows shrink to keep them under 1 GiB.
+      // Room for the prompt and the new tokens (MeZO cuts the prompt to leave it); the
+      // prompts decode --batch-size at a time (api/generate.h).
       sc.max_seq = static_cast<int>(
           std::min<std::int64_t>(config.max_positions, std::max(data.longest(), data.longest_prompt() + o->max_new)));
-      sc.logits_out = true;
-      const double per_row = 4.0 * sc.max_seq * static_cast<double>(config.vocab_size);
-      gen_rows = static_cast<int>(std::clamp<double>(std::floor(double(1 << 30) / per_row), 1.0, sc.max_batch));
+      gen_rows = static_cast<int>(std::min<std::int64_t>(o->batch, data.size()));
       sc.max_batch = std::max(sc.max_batch, gen_rows);
+      sc.generate.batch = gen_rows;
+      sc.generate.kv = kv;
     }
     Session session(o->model, sc);
     EvalResult r = evaluate(session, data, sc.max_batch);
     if (generate) {
-      log_info("{}: greedy decoding of up to {} tokens per answer, {} prompts at a time, by repeated forward passes "
-               "over the whole sequence (no KV cache)", data.task(), o->max_new, gen_rows);
-      EvalResult g = evaluate_generation(session, data, *tokenizer, gen_rows, o->max_new);
+      const Placement& pl = session.placement();
+      log_info("{}: greedy decoding of up to {} tokens per answer, {} prompts at a time, {}", data.task(), o->max_new,
+               gen_rows,
+               pl.kv_positions == 0 ? std::string("without a KV cache")
+                                    : fmt::format("KV cache on the {}", pl.kv_on_device ? "device" : "host"));
+      EvalResult g = evaluate_generation(session, data, *tokenizer, o->max_new);
       r.metrics = g.metrics;
       r.note.clear();
       if (!o->predictions.empty()) {

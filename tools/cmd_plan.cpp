@@ -19,7 +19,8 @@ Runner add_plan(CLI::App& app) {
     std::string model, preset, gpu_mem, storage = "fp32", compute = "fp32", offload = "auto";
     std::string device = "cuda";
     int batch = 1, seq = 0, window = 3;
-    bool json = false, eval = false;
+    bool json = false, eval = false, generate = false;
+    std::string kv_cache = "auto";
     RuleFlags rule;
     LoraFlags lora;
   };
@@ -36,6 +37,10 @@ Runner add_plan(CLI::App& app) {
   app.add_option("--window", o->window, "device slots for streamed blocks")->capture_default_str();
   app.add_option("--device", o->device, "cpu or cuda: which transfer bandwidth to predict with")->capture_default_str();
   app.add_flag("--eval-only", o->eval, "plan for evaluation (one activation stream)");
+  app.add_flag("--generate", o->generate,
+               "plan for generation (zo2-tune generate): --batch-size prompts decoded together, --seq-len positions "
+               "(prompt and new tokens), the KV cache where --kv-cache puts it");
+  app.add_option("--kv-cache", o->kv_cache, "with --generate: auto, device, host, off")->capture_default_str();
   app.add_flag("--json", o->json, "print the plan as JSON");
   o->rule.add(app);
   o->lora.add(app, /*training=*/true);
@@ -61,7 +66,14 @@ Runner add_plan(CLI::App& app) {
            c.max_positions);
     sc.max_batch = o->batch;
     sc.max_seq = o->seq > 0 ? o->seq : static_cast<int>(c.max_positions);
-    sc.training = !o->eval;
+    sc.training = !o->eval && !o->generate;
+    if (o->generate) {
+      if (o->rule.any_given()) fail(ErrorKind::invalid_argument, "--generate plans decoding: no --optimizer flags");
+      sc.generate.batch = o->batch;
+      sc.generate.kv = parse_kv_place(o->kv_cache);
+    } else if (o->kv_cache != "auto") {
+      fail(ErrorKind::invalid_argument, "--kv-cache is for --generate");
+    }
     if (sc.training) sc.rule = o->rule.config(0.0f);
     {
       std::string m = o->model;
@@ -107,6 +119,15 @@ Runner add_plan(CLI::App& app) {
     j["d2h_bytes_per_step"] = pl.d2h_bytes_per_step;
     j["predicted_transfer_s"] = pl.predicted_transfer_s;
     j["host_bytes"] = pl.host_bytes;
+    if (pl.gen_batch > 0) {
+      j["generate"] = {{"batch", pl.gen_batch},
+                       {"kv_cache", pl.kv_positions == 0 ? "off" : pl.kv_on_device ? "device" : "host"},
+                       {"kv_positions", pl.kv_positions},
+                       {"kv_block_bytes", pl.kv_block_bytes},
+                       {"kv_device_bytes", pl.kv_device_bytes},
+                       {"kv_host_bytes", pl.kv_host_bytes},
+                       {"logits_bytes", pl.gen_bytes}};
+    }
     fmt::print("{}\n", j.dump(2));
     return 0;
   };

@@ -1,5 +1,6 @@
 #include "tools/dataset.h"
 
+#include "api/generate.h"
 #include "api/session.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
@@ -1070,8 +1071,7 @@ EvalResult evaluate(Session& session, const Dataset& data, int batch_rows) {
     if (task_is_generation(data.task()))
       r.note = fmt::format(
           "{}'s metric (F1/EM of the greedy generation, up to 50 new tokens, stopping at a newline, as MeZO) needs "
-          "generation: `zo2-tune eval` decodes by repeated forward passes (--max-new-tokens > 0); `zo2-tune generate` "
-          "with a KV cache is not available yet; this is the loss of the gold answer's tokens",
+          "generation: `zo2-tune eval` decodes with --max-new-tokens > 0; this is the loss of the gold answer's tokens",
           data.task());
   }
   return r;
@@ -1081,92 +1081,58 @@ EvalResult evaluate(Session& session, const Dataset& data, int batch_rows) {
 
 namespace zo2::cli {
 
-EvalResult evaluate_generation(Session& session, const Dataset& data, const Tokenizer& tokenizer, int rows,
+EvalResult evaluate_generation(Session& session, const Dataset& data, const Tokenizer& tokenizer,
                                int max_new_tokens) {
   if (!task_is_generation(data.task()))
     fail(ErrorKind::invalid_argument, "generation-based evaluation is for squad and drop, not {}",
          data.task().empty() ? std::string("a file without --task") : data.task());
-  if (!session.session_config().logits_out)
-    fail(ErrorKind::internal, "generation-based evaluation needs a session with logits_out");
   const ModelConfig& config = session.config();
   const int max_seq = session.session_config().max_seq > 0 ? session.session_config().max_seq
                                                            : static_cast<int>(config.max_positions);
   if (max_seq <= max_new_tokens)
     fail(ErrorKind::invalid_argument, "sequences of {} tokens leave no room for a prompt and {} new tokens", max_seq,
          max_new_tokens);
+  GenerateOptions go;
+  go.max_new_tokens = max_new_tokens;
+  go.pad_id = data.pad_id();
   const auto newline = tokenizer.encode("\n");
-  std::vector<std::int32_t> stops;
-  if (!newline.empty()) stops.push_back(newline.back());
-  if (tokenizer.eos_id()) stops.push_back(*tokenizer.eos_id());
+  if (!newline.empty()) go.stop_ids.push_back(newline.back());
+  if (tokenizer.eos_id()) go.stop_ids.push_back(*tokenizer.eos_id());
   std::vector<std::int32_t> specials;
   for (auto id : {tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.pad_id()})
     if (id) specials.push_back(*id);
   const std::size_t keep_prefix = tokenizer.special_prefix().size();
-  const auto V = static_cast<std::size_t>(config.vocab_size);
 
   EvalResult r;
   double f1 = 0, em = 0, drop_f1 = 0, drop_em = 0;
-  rows = std::max(1, rows);
-  for (std::int64_t first = 0; first < data.size(); first += rows) {
-    const std::int64_t last = std::min(data.size(), first + rows);
-    std::vector<std::vector<std::int32_t>> seq, gen;
-    std::vector<int> budget;
-    for (std::int64_t i = first; i < last; ++i) {
-      std::vector<std::int32_t> ids = data.example(i).prompt_ids;
-      const auto cap = static_cast<std::size_t>(max_seq - max_new_tokens);
-      if (ids.size() > cap) ids.erase(ids.begin() + static_cast<std::ptrdiff_t>(keep_prefix),
-                                      ids.begin() + static_cast<std::ptrdiff_t>(keep_prefix + ids.size() - cap));
-      budget.push_back(std::min(max_new_tokens, max_seq - static_cast<int>(ids.size())));
-      seq.push_back(std::move(ids));
-      gen.emplace_back();
+  // MeZO cuts each prompt to leave room for the new tokens, keeping the special prefix and the end.
+  std::vector<std::vector<std::int32_t>> prompts;
+  for (std::int64_t i = 0; i < data.size(); ++i) {
+    std::vector<std::int32_t> ids = data.example(i).prompt_ids;
+    const auto cap = static_cast<std::size_t>(max_seq - max_new_tokens);
+    if (ids.size() > cap)
+      ids.erase(ids.begin() + static_cast<std::ptrdiff_t>(keep_prefix),
+                ids.begin() + static_cast<std::ptrdiff_t>(keep_prefix + ids.size() - cap));
+    prompts.push_back(std::move(ids));
+  }
+  const std::vector<Generation> gen = generate(session, prompts, go);
+  for (std::size_t k = 0; k < gen.size(); ++k) {
+    std::vector<std::int32_t> kept;
+    for (auto id : gen[k].tokens)
+      if (id < tokenizer.vocab_size() && std::find(specials.begin(), specials.end(), id) == specials.end())
+        kept.push_back(id);
+    const std::string text = strip(tokenizer.decode(kept));
+    const Example& e = data.example(static_cast<std::int64_t>(k));
+    f1 += metrics::qa_f1(text, e.answers);
+    em += metrics::qa_em(text, e.answers);
+    if (data.task() == "drop") {
+      const auto d = metrics::drop_question(text, e.drop_golds);
+      drop_f1 += d.f1;
+      drop_em += d.em;
     }
-    std::vector<char> done(seq.size(), 0);
-    std::vector<float> logits;
-    for (;;) {
-      std::vector<std::size_t> active;
-      for (std::size_t k = 0; k < seq.size(); ++k)
-        if (!done[k] && static_cast<int>(gen[k].size()) < budget[k]) active.push_back(k);
-      if (active.empty()) break;
-      std::size_t T = 0;
-      for (auto k : active) T = std::max(T, seq[k].size());
-      const std::size_t n = active.size();
-      std::vector<std::int32_t> ids(n * T, data.pad_id()), mask(n * T, 0);
-      for (std::size_t a = 0; a < n; ++a) {
-        std::copy(seq[active[a]].begin(), seq[active[a]].end(), ids.begin() + static_cast<std::ptrdiff_t>(a * T));
-        std::fill_n(mask.begin() + static_cast<std::ptrdiff_t>(a * T), seq[active[a]].size(), 1);
-      }
-      const HostBatch b = make_batch(config, static_cast<int>(n), static_cast<int>(T), ids, mask);
-      logits.assign(n * T * V, 0.0f);
-      EvalOptions eo;
-      eo.logits = logits.data();
-      session.eval(b, eo);
-      for (std::size_t a = 0; a < n; ++a) {
-        const std::size_t k = active[a];
-        const float* row = logits.data() + (a * T + seq[k].size() - 1) * V;
-        const auto tok = static_cast<std::int32_t>(std::max_element(row, row + V) - row);  // the first of ties
-        gen[k].push_back(tok);
-        seq[k].push_back(tok);
-        if (std::find(stops.begin(), stops.end(), tok) != stops.end()) done[k] = 1;
-      }
-    }
-    for (std::size_t k = 0; k < seq.size(); ++k) {
-      std::vector<std::int32_t> kept;
-      for (auto id : gen[k])
-        if (id < tokenizer.vocab_size() && std::find(specials.begin(), specials.end(), id) == specials.end())
-          kept.push_back(id);
-      const std::string text = strip(tokenizer.decode(kept));
-      const Example& e = data.example(first + static_cast<std::int64_t>(k));
-      f1 += metrics::qa_f1(text, e.answers);
-      em += metrics::qa_em(text, e.answers);
-      if (data.task() == "drop") {
-        const auto d = metrics::drop_question(text, e.drop_golds);
-        drop_f1 += d.f1;
-        drop_em += d.em;
-      }
-      r.generated.push_back(std::move(gen[k]));
-      r.predictions.push_back(text);
-      ++r.examples;
-    }
+    r.generated.push_back(gen[k].tokens);
+    r.predictions.push_back(text);
+    ++r.examples;
   }
   const double n = static_cast<double>(std::max<std::int64_t>(1, r.examples));
   r.metrics = {{"f1", r.examples > 0 ? f1 / n : std::nan("")}, {"em", r.examples > 0 ? em / n : std::nan("")}};

@@ -165,9 +165,8 @@ EvalResult evaluate(Session& session, const Dataset& data, int batch_rows);
 // to max_new_tokens tokens, stopping at the last id of encode("\n") or EOS (MeZO's
 // eos_token "\n"); the text is decode() of the new ids without special tokens, stripped;
 // metrics: MeZO's f1 then em against the gold answers (drop: then drop_eval.py's drop_f1,
-// drop_em). Decoding runs repeated forward passes
-// over the whole sequence (no KV cache): each new token costs a full forward of `rows`
-// sequences, and the session needs logits_out. Rows that stop leave the batch.
-EvalResult evaluate_generation(Session& session, const Dataset& data, const Tokenizer& tokenizer, int rows,
+// drop_em). Decoding is api/generate.h's: the session must be set up for generation
+// (SessionConfig::generate, whose batch of prompts decodes together, with its KV cache).
+EvalResult evaluate_generation(Session& session, const Dataset& data, const Tokenizer& tokenizer,
                                int max_new_tokens = 50);
 }  // namespace zo2::cli

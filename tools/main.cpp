@@ -47,6 +47,7 @@ int main(int argc, char** argv) {
   reg("plan", "show the placement and byte budget under a device memory cap", zo2::cli::add_plan);
   reg("train", "fine-tune with MeZO steps, streaming blocks through the device window", zo2::cli::add_train);
   reg("eval", "mean loss of a checkpoint on a data file", zo2::cli::add_eval);
+  reg("generate", "generate text from prompts through the streaming runtime (KV cache)", zo2::cli::add_generate);
   reg("replay", "rebuild tuned weights from a base checkpoint and a seed log", zo2::cli::add_replay);
   reg("merge", "fold a LoRA adapter into its base: a plain HF checkpoint", zo2::cli::add_merge);
   reg("synth-data", "write a synthetic, learnable token dataset (safetensors)", zo2::cli::add_synth_data);
