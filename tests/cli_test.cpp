@@ -45,7 +45,7 @@ struct Workspace {
 };
 
 TEST(Cli, EverySubcommandHasHelp) {
-  for (const char* sub : {"init", "forward", "plan", "train", "eval", "replay", "synth-data", "tokenize", "data"}) {
+  for (const char* sub : {"init", "forward", "plan", "train", "eval", "generate", "replay", "synth-data", "tokenize", "data"}) {
     std::string out;
     EXPECT_EQ(run(std::string(sub) + " --help", &out), 0) << sub;
     EXPECT_NE(out.find("--"), std::string::npos) << sub << ": " << out;

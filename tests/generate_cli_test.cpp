@@ -1,0 +1,171 @@
+// zo2-tune generate and plan --generate as a user runs them (api/generate.h): text in, text
+// out through the model's tokenizer; greedy equals what eval's logits pick; --kv-cache
+// device/host/off and --offload all/none give the same text; sampling repeats for a seed;
+// --stop cuts the text; --data JSONL and --task squad; bad flags are usage errors (exit 2)
+// naming the flag; eval --task squad decodes through the same generator.
+#include "models/tokenizer.h"
+#include "tests/test_util.h"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+
+namespace zo2 {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+int run(const std::string& args, std::string* out = nullptr) {
+  return test::run_command(test::zo2_tune_path().string() + " " + args, out);
+}
+
+void write_text(const fs::path& p, const std::string& s) {
+  std::ofstream(p, std::ios::binary) << s;
+}
+
+// JSON lines of stdout (log lines on stderr interleave in `out`: only lines that parse).
+std::vector<json> json_lines(const std::string& out) {
+  std::vector<json> rows;
+  std::size_t at = 0;
+  while (at < out.size()) {
+    const std::size_t end = out.find('\n', at);
+    const std::string line = out.substr(at, end == std::string::npos ? std::string::npos : end - at);
+    if (!line.empty() && line[0] == '{') rows.push_back(json::parse(line));
+    if (end == std::string::npos) break;
+    at = end + 1;
+  }
+  return rows;
+}
+
+struct Micro {
+  test::TempDir tmp;
+  fs::path model = tmp / "micro";
+  Micro() {
+    std::string out;
+    EXPECT_EQ(run("init --preset opt-micro --tokenizer " + (test::shared_dir() / "data" / "gpt2").string() + " --out " +
+                      model.string() + " --seed 3 -q",
+                  &out),
+              0)
+        << out;
+  }
+  std::string gen(const std::string& args, int want = 0) const {
+    std::string out;
+    EXPECT_EQ(run("generate --model " + model.string() + " " + args, &out), want) << args << "\n" << out;
+    return out;
+  }
+};
+
+TEST(GenerateCli, EveryPlacementAndCacheGiveTheSameGreedyText) {
+  Micro m;
+  const std::string prompts = "--prompt 'The film was' --prompt 'I did not expect the ending to' --max-new-tokens 6 --json -q";
+  const auto ref = json_lines(m.gen(prompts + " --kv-cache off --offload none"));
+  ASSERT_EQ(ref.size(), 2u);
+  EXPECT_EQ(ref[0]["prompt"], "The film was");
+  EXPECT_EQ(ref[0]["tokens"].size(), 6u);
+  // The text is the tokenizer's decoding of the new tokens.
+  const auto tok = Tokenizer::from_dir(m.model);
+  EXPECT_EQ(ref[1]["text"], tok->decode(ref[1]["tokens"].get<std::vector<std::int32_t>>()));
+  for (const char* flags : {"--kv-cache device --offload all --gpu-mem 64M", "--kv-cache host --offload all --gpu-mem 64M",
+                                   "--kv-cache auto --batch-size 1", "--kv-cache off --offload all --gpu-mem 64M"}) {
+    const auto got = json_lines(m.gen(prompts + " " + std::string(flags)));
+    ASSERT_EQ(got.size(), 2u) << flags;
+    for (std::size_t i = 0; i < 2; ++i) EXPECT_EQ(got[i]["tokens"], ref[i]["tokens"]) << flags;
+  }
+  // Plain output: the prompt followed by its text.
+  const std::string plain = m.gen("--prompt 'The film was' --max-new-tokens 6");
+  EXPECT_NE(plain.find("The film was" + ref[0]["text"].get<std::string>()), std::string::npos) << plain;
+  EXPECT_NE(plain.find("tokens/s"), std::string::npos) << plain;
+}
+
+TEST(GenerateCli, SamplingRepeatsForASeedAndStopCutsTheText) {
+  Micro m;
+  const std::string p = "--prompt 'The story' --prompt 'A' --max-new-tokens 8 --json -q --temperature 1.3 --top-p 0.95";
+  const auto a = json_lines(m.gen(p + " --seed 5")), b = json_lines(m.gen(p + " --seed 5")),
+             c = json_lines(m.gen(p + " --seed 6"));
+  ASSERT_EQ(a.size(), 2u);
+  EXPECT_EQ(a[0]["tokens"], b[0]["tokens"]);
+  EXPECT_EQ(a[1]["tokens"], b[1]["tokens"]);
+  EXPECT_TRUE(a[0]["tokens"] != c[0]["tokens"] || a[1]["tokens"] != c[1]["tokens"]);
+  // --stop: the first decoded token's text as the stop string; the text ends before it.
+  const auto greedy = json_lines(m.gen("--prompt 'The story' --max-new-tokens 8 --json -q"));
+  const auto tok = Tokenizer::from_dir(m.model);
+  const auto ids = greedy[0]["tokens"].get<std::vector<std::int32_t>>();
+  std::string stop = tok->decode(std::vector<std::int32_t>{ids[1]});
+  ASSERT_FALSE(stop.empty());
+  const auto cut = json_lines(m.gen("--prompt 'The story' --max-new-tokens 8 --json -q --stop '" + stop + "'"));
+  ASSERT_EQ(cut.size(), 1u);
+  EXPECT_TRUE(cut[0]["stopped"].get<bool>());
+  const std::string text = cut[0]["text"];
+  EXPECT_EQ(text.find(stop), std::string::npos) << text;
+  EXPECT_LE(cut[0]["tokens"].size(), 2u);
+}
+
+TEST(GenerateCli, PromptsFromJsonlAndTheSquadTaskAndOutputFile) {
+  Micro m;
+  write_text(m.tmp / "p.jsonl", "{\"prompt\": \"The film was\"}\n\n{\"text\": \"The ending\"}\n");
+  const fs::path outf = m.tmp / "out.jsonl";
+  m.gen("--data " + (m.tmp / "p.jsonl").string() + " --max-new-tokens 3 -q --output " + outf.string());
+  std::ifstream in(outf);
+  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto rows = json_lines(all);
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[1]["prompt"], "The ending");
+  const fs::path squad = fs::path(__FILE__).parent_path() / "data" / "tasks" / "squad.json";
+  const auto sq = json_lines(m.gen("--task squad --data " + squad.string() + " --max-new-tokens 2 --json -q"));
+  ASSERT_GE(sq.size(), 1u);
+  EXPECT_NE(sq[0]["prompt"].get<std::string>().find("Answer:"), std::string::npos);
+  // eval --task squad decodes through the same generator, with or without the cache.
+  std::string a, b;
+  ASSERT_EQ(run("eval --model " + m.model.string() + " --task squad --data " + squad.string() +
+                    " --max-new-tokens 4 --json -q",
+                &a),
+            0)
+      << a;
+  ASSERT_EQ(run("eval --model " + m.model.string() + " --task squad --data " + squad.string() +
+                    " --max-new-tokens 4 --json -q --kv-cache off --batch-size 1",
+                &b),
+            0)
+      << b;
+  const auto ja = json_lines(a), jb = json_lines(b);
+  ASSERT_EQ(ja.size(), 1u);
+  ASSERT_EQ(jb.size(), 1u);
+  EXPECT_EQ(ja[0]["f1"], jb[0]["f1"]);
+  EXPECT_EQ(ja[0]["em"], jb[0]["em"]);
+}
+
+TEST(GenerateCli, BadRequestsAreUsageErrorsNamingTheFlagOrPrompt) {
+  Micro m;
+  EXPECT_NE(m.gen("--max-new-tokens 4", 2).find("--prompt TEXT or --data FILE"), std::string::npos);
+  EXPECT_NE(m.gen("--prompt x --greedy --temperature 0.5", 2).find("excludes"), std::string::npos);
+  EXPECT_NE(m.gen("--prompt x --temperature 0", 2).find("--temperature 0"), std::string::npos);
+  EXPECT_NE(m.gen("--prompt x --top-p 1.5", 2).find("--top-p 1.5"), std::string::npos);
+  EXPECT_NE(m.gen("--prompt x --max-new-tokens 0", 2).find("--max-new-tokens 0"), std::string::npos);
+  EXPECT_NE(m.gen("--prompt x --kv-cache gpu", 2).find("--kv-cache 'gpu'"), std::string::npos);
+  EXPECT_NE(m.gen("--prompt x --stop ''", 2).find("--stop ''"), std::string::npos);
+  // opt-micro has 512 positions.
+  EXPECT_NE(m.gen("--prompt x --max-new-tokens 600", 2).find("prompt 1 has"), std::string::npos);
+  write_text(m.tmp / "bad.jsonl", "{\"prompt\": 3}\n");
+  EXPECT_NE(m.gen("--data " + (m.tmp / "bad.jsonl").string(), 1).find("bad.jsonl:1:"), std::string::npos);
+}
+
+TEST(GenerateCli, PlanGenerateSaysWhereTheCacheLives) {
+  std::string out;
+  ASSERT_EQ(run("plan --preset opt-1.3b --gpu-mem 8G --generate --batch-size 8 --seq-len 512", &out), 0) << out;
+  EXPECT_NE(out.find("KV cache: 8 sequences x 512 positions"), std::string::npos) << out;
+  EXPECT_NE(out.find("on the device"), std::string::npos) << out;
+  out.clear();
+  ASSERT_EQ(run("plan --preset opt-1.3b --gpu-mem 8G --generate --batch-size 8 --seq-len 512 --kv-cache host --json", &out),
+            0)
+      << out;
+  const json j = json::parse(out);
+  EXPECT_EQ(j["generate"]["kv_cache"], "host");
+  EXPECT_GT(j["generate"]["kv_host_bytes"].get<std::uint64_t>(), 0u);
+  out.clear();
+  EXPECT_EQ(run("plan --preset opt-1.3b --gpu-mem 8G --kv-cache host", &out), 2) << out;
+  EXPECT_NE(out.find("--kv-cache is for --generate"), std::string::npos) << out;
+}
+
+}  // namespace
+}  // namespace zo2
