@@ -23,6 +23,7 @@
 //   bytes per step at the both-at-once rates, and `link_floor_ratio` = that over the step:
 //   1.0 means the bus was the only limit on this machine.
 #include "api/options.h"
+#include "api/generate.h"
 #include "api/session.h"
 #include "models/presets.h"
 #include "runtime/arena.h"
@@ -386,6 +387,64 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
   return row;
 }
 
+// Generation (api/generate.h): B prompts of r.seq tokens each decode `new_tokens` tokens
+// greedily, together, through the same placement machinery; generated tokens/s counts the
+// new tokens over the whole call (prefill included), after one warm-up call.
+json run_generate_row(const Row& r, const std::string& device, const std::string& offload, int new_tokens,
+                      const std::string& kv, int threads, std::uint64_t seed) {
+  const zo2::ModelConfig config = zo2::find_preset(r.preset).config;
+  zo2::SessionConfig sc;
+  sc.device = device;
+  sc.gpu_mem = r.cap_text == "none" ? 0 : zo2::parse_byte_size(r.cap_text);
+  sc.storage = *zo2::dtype_from_name(r.storage);
+  sc.compute = *zo2::dtype_from_name(r.compute);
+  sc.max_batch = r.batch;
+  sc.max_seq = r.seq + new_tokens;
+  sc.training = false;
+  sc.threads = threads;
+  sc.offload = zo2::parse_offload_mode(offload);
+  sc.generate.batch = r.batch;
+  sc.generate.kv = zo2::parse_kv_place(kv);
+  json row{{"mode", "generate"}, {"offload", offload}, {"preset", r.preset}, {"params", config.total_params()},
+           {"device", device}, {"cap", r.cap_text}, {"cap_bytes", sc.gpu_mem}, {"storage", r.storage},
+           {"compute", r.compute}, {"batch", r.batch}, {"prompt_tokens", r.seq}, {"new_tokens", new_tokens},
+           {"kv_cache_requested", kv}, {"synthetic", r.synthetic}};
+  try {
+    if (r.seq + new_tokens > config.max_positions)
+      zo2::fail(zo2::ErrorKind::invalid_argument, "{} prompt + {} new tokens exceed the model's {} positions", r.seq,
+                new_tokens, config.max_positions);
+    zo2::Session s(config, sc, seed, r.synthetic);
+    std::vector<std::vector<std::int32_t>> prompts(static_cast<std::size_t>(r.batch));
+    for (std::size_t b = 0; b < prompts.size(); ++b)
+      for (int t = 0; t < r.seq; ++t)
+        prompts[b].push_back(static_cast<std::int32_t>((b * 131 + static_cast<std::size_t>(t) * 7919 + 13) %
+                                                       static_cast<std::size_t>(config.vocab_size)));
+    zo2::GenerateOptions o;
+    o.max_new_tokens = new_tokens;
+    zo2::generate(s, prompts, o);  // warm-up
+    zo2::GenerateStats st;
+    zo2::generate(s, prompts, o, &st);
+    const auto& pl = s.placement();
+    row["ok"] = true;
+    row["seconds"] = st.seconds;
+    row["generated_tokens"] = st.new_tokens;
+    row["tokens_per_s"] = st.seconds > 0 ? static_cast<double>(st.new_tokens) / st.seconds : 0.0;
+    row["decode_steps"] = st.decode_steps;
+    row["resident_blocks"] = pl.resident_count;
+    row["streamed_blocks"] = pl.streamed;
+    row["window"] = pl.window;
+    row["kv_cache"] = pl.kv_positions == 0 ? "off" : pl.kv_on_device ? "device" : "host";
+    row["device_name"] = s.device().name();
+    row["device_peak_bytes"] = s.device_peak();
+    row["predicted_peak_bytes"] = pl.total_bytes;
+    row["peak_within_cap"] = sc.gpu_mem == 0 || s.device_peak() <= sc.gpu_mem;
+  } catch (const zo2::Error& e) {
+    row["ok"] = false;
+    row["error"] = e.what();
+  }
+  return row;
+}
+
 }  // namespace
 
 namespace {
@@ -401,6 +460,10 @@ constexpr const char* kTableHead =
     "MeZO s/step | × MeZO |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
 constexpr int kTableColumns = 22;
+constexpr const char* kGenerateHead =
+    "| preset | cap | storage | compute | prompts × prompt tokens | new tokens | resident/streamed (window) | KV cache | "
+    "generated tok/s | s | peak | predicted |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
 
 }  // namespace
 
@@ -413,6 +476,14 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 0;
   bool alias = false, quiet = false;
   std::string link_probe = "auto";
+  int generate_tokens = 0;
+  std::string kv_cache = "auto";
+  app.add_option("--generate", generate_tokens,
+                 "generation rows instead of training steps: --batch-size prompts of --seq-len tokens each decode N new "
+                 "tokens greedily (zo2-tune generate); generated tokens/s")
+      ->check(CLI::Range(0, 1 << 20));
+  app.add_option("--kv-cache", kv_cache, "with --generate: auto, device, host, off")->capture_default_str()
+      ->check(CLI::IsMember({"auto", "device", "host", "off"}));
   app.add_option("--presets", presets, "comma-separated presets (zo2-tune init --list)")->capture_default_str();
   app.add_option("--gpu-mem", caps, "comma-separated caps (512M, 18G, none = whole device)")->capture_default_str();
   app.add_option("--storage-dtype", storages, "comma-separated: fp32, bf16, fp16, fp8")->capture_default_str();
@@ -547,6 +618,41 @@ int main(int argc, char** argv) {
       if (!quiet) fmt::print(stderr, "zo2-bench: {}\n", describe(link));
     }
 
+    if (generate_tokens > 0) {
+      // Generation rows (run_generate_row): one table, no baselines.
+      std::string table = kGenerateHead;
+      std::ofstream jl;
+      if (!jsonl.empty()) jl.open(jsonl, std::ios::trunc);
+      int failures = 0;
+      for (const auto& p : split(presets))
+        for (const auto& cap : split(caps))
+          for (const auto& st : split(storages))
+            for (const auto& cp : split(computes))
+              for (const auto& b : split(batches))
+                for (const auto& t : split(seqs)) {
+                  Row r{p, st, cp, cap, std::stoi(b), std::stoi(t), alias, "full", "zo-sgd"};
+                  const json row = run_generate_row(r, device, offload, generate_tokens, kv_cache, threads, seed);
+                  if (jl) jl << row.dump() << "\n" << std::flush;
+                  if (!quiet) fmt::print(stderr, "{}\n", row.dump());
+                  if (!row["ok"].get<bool>()) {
+                    ++failures;
+                    table += fmt::format("| {} | {} | {} | {} | {}×{} | {} | error: {} ||||||\n", row_label(r), cap, st, cp, b,
+                                         t, generate_tokens, row["error"].get<std::string>());
+                    continue;
+                  }
+                  if (!row["peak_within_cap"].get<bool>()) ++failures;
+                  table += fmt::format("| {} | {} | {} | {} | {}×{} | {} | {}/{} ({}) | {} | {:.1f} | {:.3f} | {} | {} |\n",
+                                       row_label(r), cap, st, cp, b, t, generate_tokens, row["resident_blocks"].get<int>(),
+                                       row["streamed_blocks"].get<int>(), row["window"].get<int>(),
+                                       row["kv_cache"].get<std::string>(), row["tokens_per_s"].get<double>(),
+                                       row["seconds"].get<double>(), zo2::format_bytes(row["device_peak_bytes"].get<double>()),
+                                       zo2::format_bytes(row["predicted_peak_bytes"].get<double>()));
+                }
+      fmt::print("{}", table);
+      if (!markdown.empty()) std::ofstream(markdown, std::ios::trunc) << table;
+      if (failures > 0) fmt::print(stderr, "zo2-bench: {} generation row(s) failed or exceeded their cap\n", failures);
+      return failures > 0 ? 1 : 0;
+    }
     std::string table = kTableHead;
     std::vector<json> rows;
     int failures = 0;
