@@ -124,9 +124,9 @@ std::vector<Generation> generate(Session& session, const std::vector<std::vector
       mask[b].assign(T0 - p.size(), 0);
       mask[b].resize(T0, 1);
     }
-    // One call: rows [from, ids.size()) of every sequence.
-    auto run = [&](std::size_t from, int past) {
-      const std::size_t T = ids[0].size() - from;
+    // One call: rows [from, to) of every sequence.
+    auto run = [&](std::size_t from, std::size_t to, int past) {
+      const std::size_t T = to - from;
       HostBatch hb;
       hb.batch = static_cast<int>(B);
       hb.seq = static_cast<int>(T);
@@ -134,7 +134,7 @@ std::vector<Generation> generate(Session& session, const std::vector<std::vector
       for (std::size_t b = 0; b < B; ++b) {
         std::int32_t seen = 0;
         for (std::size_t t = 0; t < from; ++t) seen += mask[b][t];
-        for (std::size_t t = from; t < from + T; ++t) {
+        for (std::size_t t = from; t < to; ++t) {
           hb.ids.push_back(ids[b][t]);
           hb.key_mask.push_back(mask[b][t]);
           const std::int32_t pos = mask[b][t] ? seen : 0;
@@ -147,11 +147,19 @@ std::vector<Generation> generate(Session& session, const std::vector<std::vector
       session.decode(hb, past, cache, logits.data());
       ++st.decode_steps;
     };
+    // The prompts in pieces of at most call_seq rows (PlanRequest's chunk), each after the
+    // cache rows before it; only the last piece's logits are read.
+    const auto chunk = static_cast<std::size_t>(std::max(1, pl.call_seq));
     std::vector<char> done(B, 0);
     std::size_t live = B;
     for (int n = 0; n < o.max_new_tokens && live > 0; ++n) {
-      if (cache) run(n == 0 ? 0 : ids[0].size() - 1, n == 0 ? 0 : static_cast<int>(ids[0].size() - 1));
-      else run(0, 0);
+      if (!cache) {
+        run(0, ids[0].size(), 0);
+      } else if (n == 0) {
+        for (std::size_t from = 0; from < T0; from += chunk) run(from, std::min(T0, from + chunk), static_cast<int>(from));
+      } else {
+        run(ids[0].size() - 1, ids[0].size(), static_cast<int>(ids[0].size() - 1));
+      }
       for (std::size_t b = 0; b < B; ++b) {
         const float* row = logits.data() + b * static_cast<std::size_t>(V);
         const bool was_done = done[b] != 0;

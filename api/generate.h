@@ -57,7 +57,7 @@ struct Generation {
 
 struct GenerateStats {
   std::int64_t new_tokens = 0;    // tokens generated (each sequence's until it stopped)
-  std::int64_t decode_steps = 0;  // forward passes over the blocks (prefill included)
+  std::int64_t decode_steps = 0;  // forward passes over the blocks (each prefill piece counted)
   double seconds = 0;
 };
 

@@ -141,7 +141,7 @@ void Session::init(const SessionConfig& cfg) {
   SchedulerOptions so;
   so.compute = cfg.compute;
   so.batch = req.batch;
-  so.seq = req.seq;
+  so.seq = placement.call_seq;  // the activations' tokens per sequence (a generation chunk, or max_seq)
   so.branches = req.branches;
   so.rule = cfg.rule;  // an evaluation session keeps the default; replay needs the log's
   so.adapters = adapters_.get();

@@ -219,6 +219,8 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
     invalid(fmt::format("kv_cache '{}' is not one of auto, device, host, off", p.kv_cache));
   }
   sc.generate.batch = p.generate_seqs;
+  if (p.prefill_chunk < 0) invalid(fmt::format("prefill_chunk {}: must be ≥ 0 (0 = whole prompts)", p.prefill_chunk));
+  sc.generate.chunk = p.prefill_chunk;
   return sc;
 }
 
@@ -425,6 +427,7 @@ zo2_session_params zo2_session_default_params(void) {
   p.prefix_tokens = 0;
   p.generate_seqs = 0;
   p.kv_cache = "auto";
+  p.prefill_chunk = 0;
   return p;
 }
 

@@ -211,6 +211,9 @@ typedef struct zo2_session_params {
     const char * kv_cache;       // where generation keeps its KV cache: "auto" (the device when every block's cache
                                  // fits beside the minimum window), "device", "host" (pinned; two device slots),
                                  // "off" (every new token runs the whole sequence again). Default "auto".
+    int32_t  prefill_chunk;      // with a KV cache: prompts run through the blocks at most this many tokens per
+                                 // sequence at a time (the activations hold generate_seqs × prefill_chunk tokens);
+                                 // 0 = whole prompts. Default 0.
 } zo2_session_params;
 
 ZO2_API zo2_session_params zo2_session_default_params(void);

@@ -50,6 +50,12 @@ std::size_t kv_block_bytes(const ModelConfig& c, DType compute, int batch, int p
                       static_cast<std::size_t>(c.kv_dim()) * dtype_size(compute));
 }
 
+int activation_seq(const PlanRequest& r) {
+  if (r.generate.batch > 0 && r.generate.kv != KvPlace::off && r.generate.chunk > 0)
+    return std::min(r.seq, r.generate.chunk);
+  return r.seq;
+}
+
 std::size_t batch_buffer_bytes(int batch, int seq, int prefix_tokens) {
   const std::size_t n = static_cast<std::size_t>(batch) * static_cast<std::size_t>(seq);
   const std::size_t px =
@@ -93,9 +99,11 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   p.host_bytes = host_store_bytes(config, r.storage, config.num_layers, r.state);
   const ModelGraph graph(config, r.compute, r.limits);
   p.limits = graph.limits();
-  p.workspace = graph.workspace_plan(r.branches, r.batch, r.seq);
+  p.call_seq = activation_seq(r);
+  if (r.generate.chunk < 0) fail(ErrorKind::invalid_argument, "prefill chunk {} is negative", r.generate.chunk);
+  p.workspace = graph.workspace_plan(r.branches, r.batch, p.call_seq);
   p.workspace_bytes = p.workspace.total();
-  p.batch_bytes = batch_buffer_bytes(r.batch, r.seq, r.limits.prefix_tokens);
+  p.batch_bytes = batch_buffer_bytes(r.batch, p.call_seq, r.limits.prefix_tokens);
   if (r.logits_out)
     p.logits_bytes = align_up(static_cast<std::size_t>(r.batch) * static_cast<std::size_t>(r.seq) *
                               static_cast<std::size_t>(config.vocab_size) * sizeof(float));
@@ -171,7 +179,7 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
                "the cap {} is below the minimum of {} this model needs at batch {} × {} tokens "
                "(globals {}, activations and scratch {}, cuBLAS and attention scratch {}, {} window slots × {}{})",
                format_bytes(static_cast<double>(r.cap)), format_bytes(static_cast<double>(p.minimum_cap)),
-               r.batch, r.seq, format_bytes(static_cast<double>(p.globals_bytes)),
+               r.batch, p.call_seq, format_bytes(static_cast<double>(p.globals_bytes)),
                format_bytes(static_cast<double>(p.workspace_bytes + p.batch_bytes + p.logits_bytes)),
                format_bytes(static_cast<double>(p.backend_bytes)), k_floor, format_bytes(static_cast<double>(block)),
                p.gen_batch > 0 ? fmt::format(", generation: KV cache {}, logits {}",
@@ -233,6 +241,8 @@ std::string Placement::describe(const ModelConfig& config) const {
     if (kv_positions > 0) {
       s += fmt::format("  KV cache: {} sequences x {} positions, {} a block, on the {}\n", gen_batch, kv_positions,
                        format_bytes(static_cast<double>(kv_block_bytes)), kv_on_device ? "device" : "host");
+      if (call_seq < kv_positions)
+        s += fmt::format("  prompts run {} tokens per sequence at a time (the activations' size)\n", call_seq);
       line(kv_on_device ? "KV cache (every block)" : "KV cache slots (2)", static_cast<double>(kv_device_bytes));
       if (!kv_on_device) line("KV cache on the host", static_cast<double>(kv_host_bytes));
     } else {

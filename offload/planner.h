@@ -46,7 +46,13 @@ std::string_view kv_place_name(KvPlace p);
 struct GenerateRequest {
   int batch = 0;  // 0: no generation
   KvPlace kv = KvPlace::auto_;
+  // With a KV cache, a prompt runs through the blocks in pieces of at most `chunk` rows per
+  // sequence, each after the cache rows before it: the activations need batch × chunk
+  // tokens, not batch × positions. 0: whole prompts (the activations hold every position).
+  int chunk = 0;
 };
+// Tokens per sequence the activations hold for a request: seq, or the generation chunk.
+int activation_seq(const struct PlanRequest& r);
 // Bytes of one block's KV cache: keys and values of batch × positions rows (compute dtype).
 std::size_t kv_block_bytes(const ModelConfig& c, DType compute, int batch, int positions);
 
@@ -94,6 +100,7 @@ struct Placement {
   // sequence (0: no cache), where the caches are, and their bytes.
   int gen_batch = 0;
   int kv_positions = 0;
+  int call_seq = 0;                 // tokens per sequence one forward holds (activation_seq)
   bool kv_on_device = false;
   std::size_t kv_block_bytes = 0;   // one block's cache
   std::size_t kv_device_bytes = 0;  // in the arena: every block's cache, or two slots

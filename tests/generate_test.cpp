@@ -121,6 +121,31 @@ TEST_P(GenerateTest, GreedyEqualsArgmaxOfEvalLogitsEveryPlacementWithAndWithoutC
   }
 }
 
+// A prompt prefilled in pieces of 3 rows (GenerateRequest::chunk): the same tokens, and the
+// activations hold 3 rows per sequence instead of every position.
+TEST_P(GenerateTest, ChunkedPrefillGivesTheSameTokensInLessActivationMemory) {
+  std::vector<std::vector<std::int32_t>> want;
+  for (const auto& p : kPrompts) want.push_back(reference_greedy(c, p, kNew));
+  GenerateOptions o;
+  o.max_new_tokens = kNew;
+  for (KvPlace kv : {KvPlace::device, KvPlace::host}) {
+    SessionConfig sc = gen_cfg(OffloadMode::all, kv, 3);
+    sc.generate.chunk = 3;
+    Session s(c, sc, kInit, false);
+    EXPECT_EQ(s.placement().call_seq, 3);
+    EXPECT_EQ(s.placement().kv_positions, kPositions);
+    GenerateStats st;
+    const auto got = generate(s, kPrompts, o, &st);
+    for (std::size_t i = 0; i < kPrompts.size(); ++i) EXPECT_EQ(got[i].tokens, want[i]) << i << " " << kv_place_name(kv);
+    // Two batches: prompts of 11 and 6 tokens prefill in 4 and 2 pieces.
+    EXPECT_EQ(st.decode_steps, (4 + kNew - 1) + (2 + kNew - 1));
+    SessionConfig whole = gen_cfg(OffloadMode::all, kv, 3);
+    const Placement a = plan_placement(c, plan_request(c, sc, DeviceKind::cpu, std::size_t{1} << 30));
+    const Placement b = plan_placement(c, plan_request(c, whole, DeviceKind::cpu, std::size_t{1} << 30));
+    EXPECT_LT(a.workspace_bytes, b.workspace_bytes);
+  }
+}
+
 // fp32: a streamed block runs the kernels a resident one runs, so every logit is the same bits;
 // the cache on the host holds the same bytes as on the device.
 TEST_P(GenerateTest, StreamedEqualsResidentBitForBitWithCacheOnDeviceOrHostAndWithout) {

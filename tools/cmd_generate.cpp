@@ -63,7 +63,7 @@ Runner add_generate(CLI::App& app) {
   struct Opts {
     std::string model, data, output, kv_cache = "auto";
     std::vector<std::string> prompts, stops;
-    int max_new = 32, batch = 8;
+    int max_new = 32, batch = 8, chunk = 512;
     bool greedy = false, json = false, ignore_eos = false;
     double temperature = 1.0, top_p = 1.0;
     std::uint64_t seed = 0;
@@ -91,6 +91,11 @@ Runner add_generate(CLI::App& app) {
                  "where the KV cache lives: auto (the device when it fits), device, host, off (every token runs the "
                  "whole sequence again)")
       ->capture_default_str();
+  app.add_option("--prefill-chunk", o->chunk,
+                 "with a KV cache, prompts run through the blocks this many tokens at a time (activation memory: "
+                 "batch × chunk tokens); 0 = whole prompts")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 30));
   app.add_option("--output", o->output, "write one JSON line per prompt: {prompt, text, tokens, stopped}");
   app.add_flag("--json", o->json, "print one JSON line per prompt instead of the text");
   o->dev.add(app);
@@ -156,6 +161,7 @@ Runner add_generate(CLI::App& app) {
     sc.max_seq = static_cast<int>(longest) + o->max_new;
     sc.generate.batch = batch;
     sc.generate.kv = kv;
+    sc.generate.chunk = o->chunk;
 
     if (!o->ignore_eos && tokenizer->eos_id()) go.stop_ids.push_back(*tokenizer->eos_id());
     std::vector<std::int32_t> specials;

@@ -21,6 +21,7 @@ Runner add_plan(CLI::App& app) {
     int batch = 1, seq = 0, window = 3;
     bool json = false, eval = false, generate = false;
     std::string kv_cache = "auto";
+    int chunk = 512;
     RuleFlags rule;
     LoraFlags lora;
   };
@@ -41,6 +42,9 @@ Runner add_plan(CLI::App& app) {
                "plan for generation (zo2-tune generate): --batch-size prompts decoded together, --seq-len positions "
                "(prompt and new tokens), the KV cache where --kv-cache puts it");
   app.add_option("--kv-cache", o->kv_cache, "with --generate: auto, device, host, off")->capture_default_str();
+  app.add_option("--prefill-chunk", o->chunk, "with --generate: prompt tokens per sequence a forward holds (0 = all)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 30));
   app.add_flag("--json", o->json, "print the plan as JSON");
   o->rule.add(app);
   o->lora.add(app, /*training=*/true);
@@ -71,6 +75,7 @@ Runner add_plan(CLI::App& app) {
       if (o->rule.any_given()) fail(ErrorKind::invalid_argument, "--generate plans decoding: no --optimizer flags");
       sc.generate.batch = o->batch;
       sc.generate.kv = parse_kv_place(o->kv_cache);
+      sc.generate.chunk = o->chunk;
     } else if (o->kv_cache != "auto") {
       fail(ErrorKind::invalid_argument, "--kv-cache is for --generate");
     }
