@@ -266,13 +266,12 @@ void ModelGraph::attention(Ops& ops, Stream& s, const BatchView& batch, int nb) 
       s.copy_d2h(kv_capture_->back().data(), m->data, kv_capture_->back().size() * dtype_size(m->dtype));
     }
   }
-  if (lora_ && lora_->prefix_tokens > 0) {
-    ZO2_CHECK(kv_cache_ == nullptr);
-    prefix_attention(ops, s, batch, nb);
-    return;
-  }
   if (kv_cache_) {
     cached_attention(ops, s, batch, nb);
+    return;
+  }
+  if (lora_ && lora_->prefix_tokens > 0) {
+    prefix_attention(ops, s, batch, nb);
     return;
   }
   for (int i = 0; i < nb; ++i) {
@@ -346,14 +345,24 @@ void ModelGraph::prefix_attention(Ops& ops, Stream& s, const BatchView& batch, i
 void ModelGraph::cached_attention(Ops& ops, Stream& s, const BatchView& batch, int nb) {
   const KvCache& c = *kv_cache_;
   const std::int64_t B = batch.batch, T = batch.seq;
-  ZO2_CHECK(nb == 1 && c.past >= 0 && c.past + T <= c.capacity && c.key_mask != nullptr);
+  const std::int64_t P = lora_ ? lora_->prefix_tokens : 0;  // prefix tuning: P rows before the sequence's own
+  ZO2_CHECK(nb == 1 && c.past >= 0 && P + c.past + T <= c.capacity && c.key_mask != nullptr);
   const std::size_t cb = dtype_size(compute_);
   const std::int64_t kd = config_.kv_dim();
   const std::size_t row = static_cast<std::size_t>(kd) * cb;
   const Branch& br = branches_[0];
   ZO2_CHECK(br.k.contiguous() && br.v.contiguous());
-  const std::size_t past_bytes = static_cast<std::size_t>(c.past) * row;
   const std::size_t pitch = static_cast<std::size_t>(c.capacity) * row;
+  if (P > 0 && c.past == 0) {
+    for (int kv = 0; kv < 2; ++kv) {
+      const StoredTensor& t = kv == 0 ? lora_->a.at(Role::k_w) : lora_->b.at(Role::v_w);
+      const Views v = materialize(ops, s, t, 0, P, nullptr, weight_scratch_[0], weight_scratch_[1]);
+      char* dst = static_cast<char*>(kv == 0 ? c.k : c.v);
+      for (std::int64_t b = 0; b < B; ++b)
+        s.copy_d2d(dst + static_cast<std::size_t>(b) * pitch, v.w[0].data, static_cast<std::size_t>(P) * row);
+    }
+  }
+  const std::size_t past_bytes = static_cast<std::size_t>(P + c.past) * row;
   const std::size_t width = static_cast<std::size_t>(T) * row;
   s.copy_2d(Stream::CopyKind::d2d, static_cast<char*>(c.k) + past_bytes, pitch, br.k.data, width, width,
             static_cast<std::size_t>(B));
@@ -366,7 +375,7 @@ void ModelGraph::cached_attention(Ops& ops, Stream& s, const BatchView& batch, i
   a.out = br.attn;
   a.batch = static_cast<int>(B);
   a.seq = static_cast<int>(T);
-  a.kv_seq = static_cast<int>(c.past + T);
+  a.kv_seq = static_cast<int>(P + c.past + T);
   a.kv_stride = c.capacity;
   a.heads = static_cast<int>(config_.num_heads);
   a.kv_heads = static_cast<int>(config_.num_kv_heads);

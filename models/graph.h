@@ -78,14 +78,18 @@ struct Branch {
 //   per sequence (the left-padded prompts first, then one token at a time) after the `past`
 //   rows the cache already holds: block() writes their keys and values at rows past..past+T
 //   of each sequence and attends over all past + T of them (AttentionArgs' kv_seq), the
-//   padding masked by the cache's key mask. The scheduler decides where caches live
+//   padding masked by the cache's key mask. With a prefix-tuning adapter every sequence's
+//   cache starts with the block's P prefix rows (and positions count from P, as in
+//   training). The scheduler decides where caches live
 //   (offload/planner.h): on the device for every block, or in pinned host memory, brought
 //   into one of two device slots with the block and the new rows written back.
 struct KvCache {
   void* k = nullptr;  // [B·capacity, kv_dim], compute dtype
   void* v = nullptr;
   int capacity = 0;   // rows per sequence
-  int past = 0;       // rows each sequence holds before this call
+  int past = 0;       // rows each sequence holds before this call (after its prefix rows)
+  // Prefix tuning (Note [Prefix tuning under ZO]): each sequence's first rows are the
+  // block's P prefix keys and values, written by the call with past = 0.
   const std::int32_t* key_mask = nullptr;  // [B·capacity] on the device, 1 = a real token
 };
 

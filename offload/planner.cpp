@@ -125,9 +125,10 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
     p.gen_bytes = align_up(static_cast<std::size_t>(r.generate.batch) * static_cast<std::size_t>(config.vocab_size) *
                            sizeof(float));
     if (r.generate.kv != KvPlace::off) {
-      p.kv_positions = r.seq;
-      p.kv_block_bytes = kv_block_bytes(config, r.compute, r.generate.batch, r.seq);
-      p.gen_bytes += align_up(static_cast<std::size_t>(r.generate.batch) * static_cast<std::size_t>(r.seq) *
+      // A prefix-tuning adapter's P rows lead every sequence's cache.
+      p.kv_positions = r.seq + r.limits.prefix_tokens;
+      p.kv_block_bytes = kv_block_bytes(config, r.compute, r.generate.batch, p.kv_positions);
+      p.gen_bytes += align_up(static_cast<std::size_t>(r.generate.batch) * static_cast<std::size_t>(p.kv_positions) *
                               sizeof(std::int32_t));
       const std::size_t all = static_cast<std::size_t>(L) * p.kv_block_bytes;
       const bool fits = fixed + p.gen_bytes + all + static_cast<std::size_t>(k_floor) * block <= r.cap ||

@@ -394,7 +394,8 @@ KvCache Scheduler::kv_begin(std::int64_t i, const KvUse& kv, int& slot) {
     h2d_->wait(*kv_written_[static_cast<std::size_t>(i)]);
     const std::size_t row = static_cast<std::size_t>(store_.config().kv_dim()) * dtype_size(options_.compute);
     const std::size_t pitch = static_cast<std::size_t>(c.capacity) * row;
-    const std::size_t width = static_cast<std::size_t>(kv.past) * row;
+    // The rows the cache holds: a prefix adapter's P rows, then `past` of the sequence's.
+    const std::size_t width = kv.past > 0 ? static_cast<std::size_t>(prefix_tokens_ + kv.past) * row : 0;
     for (std::size_t half : {std::size_t{0}, kvb / 2})
       h2d_->copy_2d(Stream::CopyKind::h2d, dev + half, pitch, host + half, pitch, width, static_cast<std::size_t>(kv.batch));
     totals_.h2d_bytes += 2 * width * static_cast<std::size_t>(kv.batch);
@@ -416,7 +417,11 @@ void Scheduler::kv_end(std::int64_t i, const KvUse& kv, int slot) {
   char* host = static_cast<char*>(kv_host_.data()) + static_cast<std::size_t>(i) * kvb;
   const std::size_t row = static_cast<std::size_t>(store_.config().kv_dim()) * dtype_size(options_.compute);
   const std::size_t pitch = static_cast<std::size_t>(placement_.kv_positions) * row;
-  const std::size_t off = static_cast<std::size_t>(kv.past) * row, width = static_cast<std::size_t>(kv.rows) * row;
+  // The new rows (a fresh cache: with the prefix rows compute wrote before them).
+  const auto lead = static_cast<std::size_t>(kv.past > 0 ? prefix_tokens_ + kv.past : 0);
+  const std::size_t off = lead * row;
+  const std::size_t width = (static_cast<std::size_t>(kv.past > 0 ? 0 : prefix_tokens_ + kv.past) +
+                             static_cast<std::size_t>(kv.rows)) * row;
   for (std::size_t half : {std::size_t{0}, kvb / 2})
     d2h_->copy_2d(Stream::CopyKind::d2h, host + half + off, pitch, dev + half + off, pitch, width,
                   static_cast<std::size_t>(kv.batch));
@@ -433,11 +438,12 @@ void Scheduler::decode(const HostBatch& batch, int past, bool use_cache, float* 
     fail(ErrorKind::invalid_argument, "decode: {} sequences, room for {}", batch.batch, placement_.gen_batch);
   if (use_cache && placement_.kv_positions <= 0)
     fail(ErrorKind::internal, "decode: this scheduler was set up without a KV cache");
-  if (use_cache ? past < 0 || past + batch.seq > placement_.kv_positions : past != 0)
+  // A prefix-tuning adapter's rows lead each sequence's cache (Note [KV cache]); without a
+  // cache its attention is the training path's (prefix_attention).
+  const int P = prefix_tokens_;
+  if (use_cache ? past < 0 || P + past + batch.seq > placement_.kv_positions : past != 0)
     fail(ErrorKind::invalid_argument, "decode: {} + {} positions exceed the KV cache's {}", past, batch.seq,
-         placement_.kv_positions);
-  if (prefix_tokens_ > 0)
-    fail(ErrorKind::invalid_argument, "generation with a prefix-tuning adapter is not supported (LoRA adapters are)");
+         placement_.kv_positions - P);
   flush();
   const int b = upload_batch(batch);
   BatchSlot& bs = batch_slots_[b];
@@ -448,10 +454,14 @@ void Scheduler::decode(const HostBatch& batch, int past, bool use_cache, float* 
     // starts from zeros). The previous decode has synchronized, so the host copy is free.
     const std::size_t cap = static_cast<std::size_t>(placement_.kv_positions);
     auto* m = kv_mask_host_.as<std::int32_t>();
+    const auto lead = static_cast<std::size_t>(P);
     for (std::size_t s = 0; s < static_cast<std::size_t>(batch.batch); ++s) {
-      if (past == 0) std::fill_n(m + s * cap, cap, 0);
+      if (past == 0) {
+        std::fill_n(m + s * cap, cap, 0);
+        std::fill_n(m + s * cap, lead, 1);  // the prefix rows: every query sees them
+      }
       for (std::size_t t = 0; t < static_cast<std::size_t>(batch.seq); ++t)
-        m[s * cap + static_cast<std::size_t>(past) + t] = batch.key_mask[s * static_cast<std::size_t>(batch.seq) + t];
+        m[s * cap + lead + static_cast<std::size_t>(past) + t] = batch.key_mask[s * static_cast<std::size_t>(batch.seq) + t];
     }
     compute_->copy_h2d(kv_mask_dev_.data(), m, static_cast<std::size_t>(batch.batch) * cap * sizeof(std::int32_t));
   }

@@ -59,8 +59,11 @@ SessionConfig gen_cfg(OffloadMode mode, KvPlace kv, int batch) {
 constexpr std::uint64_t kInit = 7;
 
 // The reference: one prompt at a time, eval's full logits, the argmax of the last row.
-std::vector<std::int32_t> reference_greedy(const ModelConfig& c, const std::vector<std::int32_t>& prompt, int n) {
+std::vector<std::int32_t> reference_greedy(const ModelConfig& c, const std::vector<std::int32_t>& prompt, int n,
+                                           int prefix = 0) {
   SessionConfig s;
+  s.peft.prefix = prefix;
+  s.run_seed = 5;  // a new prefix is initialized from the base's activations, by the run seed
   s.training = false;
   s.max_batch = 1;
   s.max_seq = kPositions;
@@ -143,6 +146,34 @@ TEST_P(GenerateTest, ChunkedPrefillGivesTheSameTokensInLessActivationMemory) {
     const Placement a = plan_placement(c, plan_request(c, sc, DeviceKind::cpu, std::size_t{1} << 30));
     const Placement b = plan_placement(c, plan_request(c, whole, DeviceKind::cpu, std::size_t{1} << 30));
     EXPECT_LT(a.workspace_bytes, b.workspace_bytes);
+  }
+}
+
+// A prefix-tuning adapter (Note [Prefix tuning under ZO]): its rows lead every sequence's
+// cache; the tokens equal the argmax of eval's logits, whose attention is the training path's.
+TEST_P(GenerateTest, PrefixAdaptersGenerateWhatEvalPicks) {
+  constexpr int P = 3;
+  std::vector<std::vector<std::int32_t>> want;
+  const std::vector<std::vector<std::int32_t>> prompts(kPrompts.begin(), kPrompts.begin() + 3);
+  bool prefix_matters = false;
+  for (const auto& p : prompts) {
+    want.push_back(reference_greedy(c, p, kNew, P));
+    prefix_matters = prefix_matters || want.back() != reference_greedy(c, p, kNew);
+  }
+  ASSERT_TRUE(prefix_matters) << "the prefix changes no token: the test could not tell it was used";
+  GenerateOptions o;
+  o.max_new_tokens = kNew;
+  for (KvPlace kv : {KvPlace::device, KvPlace::host, KvPlace::off}) {
+    SessionConfig sc = gen_cfg(OffloadMode::all, kv, 2);
+    sc.peft.prefix = P;
+    sc.run_seed = 5;
+    sc.generate.chunk = kv == KvPlace::off ? 0 : 4;
+    Session s(c, sc, kInit, false);
+    if (kv != KvPlace::off) {
+      EXPECT_EQ(s.placement().kv_positions, kPositions + P);
+    }
+    const auto got = generate(s, prompts, o);
+    for (std::size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(got[i].tokens, want[i]) << i << " " << kv_place_name(kv);
   }
 }
 
