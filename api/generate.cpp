@@ -75,7 +75,7 @@ void check_generate_request(Session& session, const std::vector<std::vector<std:
   const SessionConfig& sc = session.session_config();
   const Placement& pl = session.placement();
   const ModelConfig& config = session.config();
-  if (sc.training || pl.gen_batch <= 0)
+  if (pl.gen_batch <= 0)
     fail(ErrorKind::invalid_argument, "this session was not set up for generation (its generate.batch is 0)");
   const int positions = sc.max_seq > 0 ? sc.max_seq : static_cast<int>(config.max_positions);
   const std::int64_t V = config.vocab_size;

@@ -73,7 +73,8 @@ void check_generate_request(Session& session, const std::vector<std::vector<std:
 
 // Generates for every prompt (token ids, each non-empty; the tokenizer's special prefix
 // included, as the caller wants it) through a session set up for generation
-// (SessionConfig::generate.batch > 0, training = false). Each prompt needs
+// (SessionConfig::generate.batch > 0; a training session decodes on its first branch, after
+// applying the pending update, as eval does). Each prompt needs
 // len + max_new_tokens ≤ the session's positions (max_seq): Error(invalid_argument) names
 // the prompt otherwise. Without a KV cache (KvPlace::off) every token runs the whole
 // sequence again.

@@ -211,7 +211,6 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
   // Generation (zo2_generate).
   if (p.generate_seqs < 0 || p.generate_seqs > p.max_seqs)
     invalid(fmt::format("generate_seqs {}: must be in [0, max_seqs = {}]", p.generate_seqs, p.max_seqs));
-  if (p.generate_seqs > 0 && p.training != 0) invalid("generate_seqs needs training = 0");
   if (!p.kv_cache) invalid("kv_cache is NULL");
   try {
     sc.generate.kv = zo2::parse_kv_place(p.kv_cache);

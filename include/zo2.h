@@ -205,8 +205,9 @@ typedef struct zo2_session_params {
     int32_t  prefix_tokens;      // prefix tuning (MeZO's): P key/value rows per layer, 1..1024; 0 = none; not with
                                  // lora_r. A new prefix starts from the base's activations of P random tokens. Default 0.
 
-    // Generation (zo2_generate; README "Generate"): room to decode this many prompts together. Needs
-    // training = 0; max_seq_len is then the positions of a prompt and its new tokens. 0 = none. Default 0.
+    // Generation (zo2_generate; README "Generate"): room to decode this many prompts together (a training
+    // session too: it decodes between steps, as eval); max_seq_len is then the positions of a prompt and its
+    // new tokens. 0 = none. Default 0.
     int32_t  generate_seqs;      // 0..max_seqs
     const char * kv_cache;       // where generation keeps its KV cache: "auto" (the device when every block's cache
                                  // fits beside the minimum window), "device", "host" (pinned; two device slots),
@@ -342,8 +343,7 @@ typedef struct zo2_generate_params {
 ZO2_API zo2_generate_params zo2_generate_default_params(void);
 
 // Generates for n_prompts prompts (prompts[i]: prompt_lens[i] ≥ 1 token ids, the tokenizer's
-// special prefix included as the host wants it) with a session opened with generate_seqs > 0
-// and training = 0. out_tokens holds n_prompts·max_new_tokens ids: prompt i's new tokens at
+// special prefix included as the host wants it) with a session opened with generate_seqs > 0. out_tokens holds n_prompts·max_new_tokens ids: prompt i's new tokens at
 // [i·max_new_tokens, i·max_new_tokens + out_lens[i]) (a stop id included); out_stopped[i]
 // (may be NULL) is 1 when a stop id ended it, else 0. Applies the pending update first.
 //   ZO2_ERR_INVALID_ARGUMENT  s, prompts, prompt_lens, out_tokens or out_lens NULL; n_prompts < 1; a

@@ -369,14 +369,15 @@ int main(int argc, char ** argv) {
         o.seed = 3;
         CHECK(zo2_generate(g, prompts, lens, 2, &o, out2, lens2, NULL) == 0);
         zo2_session_free(g);
-        /* a training session has no room to generate; generate_seqs needs training = 0 */
+        /* a session opened without generate_seqs has no room to generate */
         CHECK(zo2_generate(s, prompts, lens, 2, &o, out2, lens2, NULL) == ZO2_ERR_INVALID_ARGUMENT);
+        CHECK(strstr(zo2_last_error(), "not set up for generation") != NULL);
         zo2_session_params bad_gp = test_params(NULL);
-        bad_gp.generate_seqs = 1;
         zo2_session * none = NULL;
+        bad_gp.generate_seqs = bad_gp.max_seqs + 1;
         CHECK(zo2_session_init(model, &bad_gp, &none) == ZO2_ERR_INVALID_ARGUMENT);
-        CHECK(strstr(zo2_last_error(), "generate_seqs needs training = 0") != NULL);
-        bad_gp.training = 0;
+        CHECK(strstr(zo2_last_error(), "generate_seqs") != NULL);
+        bad_gp.generate_seqs = 1;
         bad_gp.kv_cache = "gpu";
         CHECK(zo2_session_init(model, &bad_gp, &none) == ZO2_ERR_INVALID_ARGUMENT);
         CHECK(strstr(zo2_last_error(), "kv_cache 'gpu'") != NULL);

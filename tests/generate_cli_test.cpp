@@ -135,6 +135,32 @@ TEST(GenerateCli, PromptsFromJsonlAndTheSquadTaskAndOutputFile) {
   EXPECT_EQ(ja[0]["em"], jb[0]["em"]);
 }
 
+// train --eval on squad logs MeZO's F1/EM of greedy decoding, through the training session.
+TEST(GenerateCli, TrainEvalOnSquadLogsTheF1OfGeneratedAnswers) {
+  Micro m;
+  const fs::path squad = fs::path(__FILE__).parent_path() / "data" / "tasks" / "squad.json";
+  const fs::path log = m.tmp / "log.jsonl";
+  std::string out;
+  ASSERT_EQ(run("train --model " + m.model.string() + " --task squad --data " + squad.string() + " --eval " +
+                    squad.string() + " --steps 2 --batch-size 2 --lr 1e-4 --max-new-tokens 4 --out " +
+                    (m.tmp / "run").string() + " --log-json " + log.string(),
+                &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("gold-answer loss"), std::string::npos) << out;
+  EXPECT_NE(out.find("f1 "), std::string::npos) << out;
+  std::ifstream in(log);
+  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  bool found = false;
+  for (const auto& j : json_lines(all))
+    if (j.contains("eval_after_step")) {
+      found = true;
+      EXPECT_TRUE(j.contains("eval_f1")) << j.dump();
+      EXPECT_TRUE(j.contains("eval_em")) << j.dump();
+    }
+  EXPECT_TRUE(found) << all;
+}
+
 TEST(GenerateCli, BadRequestsAreUsageErrorsNamingTheFlagOrPrompt) {
   Micro m;
   EXPECT_NE(m.gen("--max-new-tokens 4", 2).find("--prompt TEXT or --data FILE"), std::string::npos);

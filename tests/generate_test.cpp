@@ -177,6 +177,20 @@ TEST_P(GenerateTest, PrefixAdaptersGenerateWhatEvalPicks) {
   }
 }
 
+// A training session with room to generate (train --eval on squad/drop) decodes on its first
+// branch what an evaluation session decodes.
+TEST_P(GenerateTest, ATrainingSessionGeneratesWhatAnEvalSessionDoes) {
+  std::vector<std::vector<std::int32_t>> want;
+  for (const auto& p : kPrompts) want.push_back(reference_greedy(c, p, kNew));
+  SessionConfig sc = gen_cfg(OffloadMode::all, KvPlace::auto_, 2);
+  sc.training = true;
+  Session s(c, sc, kInit, false);
+  GenerateOptions o;
+  o.max_new_tokens = kNew;
+  const auto got = generate(s, kPrompts, o);
+  for (std::size_t i = 0; i < kPrompts.size(); ++i) EXPECT_EQ(got[i].tokens, want[i]) << i;
+}
+
 // fp32: a streamed block runs the kernels a resident one runs, so every logit is the same bits;
 // the cache on the host holds the same bytes as on the device.
 TEST_P(GenerateTest, StreamedEqualsResidentBitForBitWithCacheOnDeviceOrHostAndWithout) {
@@ -307,7 +321,7 @@ TEST_P(GenerateTest, BadRequestsAreRefusedNamingThePromptOrOption) {
   bad = o;
   bad.max_new_tokens = 0;
   EXPECT_NE(message({{2}}, bad).find("max_new_tokens 0"), std::string::npos);
-  // A training session has no room for generation.
+  // A session opened without generate.batch has no room for generation.
   SessionConfig t;
   t.max_batch = 1;
   t.max_seq = 8;

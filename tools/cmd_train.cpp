@@ -132,6 +132,7 @@ Runner add_train(CLI::App& app) {
     std::string eval;
     std::int64_t steps = 100, save_every = 0, warmup = 0, log_every = 10, stop_at = 0;
     std::int64_t num_train = 0, num_eval = 0, eval_every = 0;
+    int eval_max_new = 50;  // squad/drop --eval: greedy decoding for F1/EM
     int batch = 8;
     double lr = 1e-6, eps = 1e-3, wd = 0;
     std::uint64_t seed = 0, data_seed = 0;
@@ -147,6 +148,11 @@ Runner add_train(CLI::App& app) {
                  "training data: JSONL (text | prompt+completion | prompt+options+label), a --task file, or "
                  "safetensors with input_ids [N, T] (+ attention_mask, labels); with --resume, the run's own by default");
   app.add_option("--eval", o->eval, "evaluation data (same format/task as --data): loss, and accuracy for options");
+  app.add_option("--max-new-tokens,--max_new_tokens", o->eval_max_new,
+                 "squad/drop --eval: greedy decoding of up to N tokens per answer for F1/EM (MeZO's 50; 0: only the "
+                 "gold answer's loss)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 20));
   app.add_option("--eval-every,--eval_steps", o->eval_every, "evaluate every N steps (and at the end; 0: only at the end)")
       ->capture_default_str();
   auto* num_train = app.add_option("--num-train,--num_train", o->num_train, "use a seeded sample of N training examples");
@@ -435,6 +441,14 @@ Runner add_train(CLI::App& app) {
     const int candidates = std::max(data.train_rows(), eval_data ? eval_data->max_candidates() : 1);
     sc.max_batch = o->batch * candidates;
     sc.max_seq = std::max(data.train_longest(), eval_data ? eval_data->longest() : 0);
+    // squad/drop: the evaluation decodes (api/generate.h) through this session: room for the
+    // prompts and their new tokens, and a KV cache for a batch of them.
+    const bool eval_generates = eval_data && task_is_generation(eval_data->task()) && o->eval_max_new > 0;
+    if (eval_generates) {
+      sc.max_seq = static_cast<int>(std::min<std::int64_t>(
+          config.max_positions, std::max<std::int64_t>(sc.max_seq, eval_data->longest_prompt() + o->eval_max_new)));
+      sc.generate.batch = static_cast<int>(std::min<std::int64_t>(o->batch, eval_data->size()));
+    }
     sc.run_seed = o->seed;
     sc.first_step = first_step;
     plan_placement(config, plan_request(config, sc, parse_device(sc.device).kind, planning_cap(sc)));
@@ -553,7 +567,13 @@ Runner add_train(CLI::App& app) {
     auto run_eval = [&](std::int64_t done) {
       if (!eval_data) return;
       const auto t = std::chrono::steady_clock::now();
-      const EvalResult e = evaluate(session, *eval_data, sc.max_batch);
+      EvalResult e = evaluate(session, *eval_data, sc.max_batch);
+      if (eval_generates) {
+        const auto eval_tok = tokenizer ? nullptr : tokenizer_for_data(o->eval, o->data_flags, model_dir);
+        const EvalResult g = evaluate_generation(session, *eval_data, tokenizer ? *tokenizer : *eval_tok, o->eval_max_new);
+        e.metrics = g.metrics;
+        e.note.clear();
+      }
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
       progress.newline();
       std::string extra;
@@ -562,6 +582,9 @@ Runner add_train(CLI::App& app) {
       if (e.accuracy >= 0)
         log_info("eval after step {}: loss {:.4f}, accuracy {:.4f}{} ({} examples, {})", done, e.loss, e.accuracy,
                  extra, e.examples, format_duration(s));
+      else if (eval_generates)
+        log_info("eval after step {}: gold-answer loss {:.4f}{} ({} examples, greedy up to {} new tokens, {})", done, e.loss,
+                 extra, e.examples, o->eval_max_new, format_duration(s));
       else
         log_info("eval after step {}: loss {:.4f}, perplexity {:.3f} ({} tokens, {})", done, e.loss, std::exp(e.loss),
                  e.tokens, format_duration(s));
@@ -591,7 +614,8 @@ Runner add_train(CLI::App& app) {
         run_eval(next);
       }
       if (o->save_every > 0 && next % o->save_every == 0 && next < o->steps) {
-        harvest(in_flight);
+        // (an evaluation at this step has harvested it already)
+        if (in_flight >= 0) harvest(in_flight);
         in_flight = -1;
         save(next);
         progress.newline();
