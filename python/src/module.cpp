@@ -36,6 +36,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cerrno>
@@ -250,6 +251,7 @@ struct Params {
   zo2_session_params p = zo2_session_default_params();
   std::string device = "cpu", storage = "fp32", compute = "fp32", save_dtype = "fp32";
   std::string optimizer = "zo-sgd", difference = "central", state_dtype = "fp32", lora_targets = "q_proj,v_proj";
+  std::string kv_cache = "auto";
   std::optional<std::string> seed_log, adapter;
   void fix_pointers() {
     p.optimizer = optimizer.c_str();
@@ -262,6 +264,7 @@ struct Params {
     p.compute_dtype = compute.c_str();
     p.save_dtype = save_dtype.c_str();
     p.seed_log_path = seed_log ? seed_log->c_str() : nullptr;
+    p.kv_cache = kv_cache.c_str();
   }
 };
 
@@ -272,7 +275,7 @@ const char* const kParamNames[] = {"lr",           "eps",          "weight_decay
                                    "save_dtype",   "save_shard_size", "optimizer",  "directions",
                                    "difference",   "momentum",     "beta1",         "beta2",      "adam_eps",
                                    "state_dtype",  "resume_state", "lora_r",       "lora_alpha",    "lora_targets",
-                                   "adapter",      "prefix_tokens"};
+                                   "adapter",      "prefix_tokens", "generate_seqs", "kv_cache",      "prefill_chunk"};
 
 int64_t int_arg(py::handle v, const char* name) {
   if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v))
@@ -288,6 +291,17 @@ int32_t int32_arg(py::handle v, const char* name) {
   if (x < std::numeric_limits<int32_t>::min() || x > std::numeric_limits<int32_t>::max())
     invalid(std::string(name) + " " + std::to_string(x) + " is out of range");
   return static_cast<int32_t>(x);
+}
+
+// An unsigned 64-bit seed: an int in [0, 2^64).
+uint64_t seed_arg(py::handle v, const char* name) {
+  if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v)) invalid(std::string(name) + " must be an int");
+  const unsigned long long s = PyLong_AsUnsignedLongLong(v.ptr());
+  if (s == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    invalid(std::string(name) + " " + py::repr(v).cast<std::string>() + " is outside [0, 2^64)");
+  }
+  return s;
 }
 
 double real_arg(py::handle v, const char* name) {
@@ -337,13 +351,7 @@ Params parse_params(const py::kwargs& kw) {
         cxx_call([&] { zo2::check_real(opt, x, zo2::OptionSource::c_api); });
       (key == "lr" ? P.p.lr : key == "eps" ? P.p.eps : P.p.weight_decay) = static_cast<float>(x);
     } else if (key == "seed") {
-      if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v)) invalid("seed must be an int");
-      const unsigned long long s = PyLong_AsUnsignedLongLong(v.ptr());
-      if (s == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
-        PyErr_Clear();
-        invalid("seed " + py::repr(v).cast<std::string>() + " is outside [0, 2^64)");
-      }
-      P.p.seed = s;
+      P.p.seed = seed_arg(v, k);
     } else if (key == "device") {
       P.device = str_arg(v, k);
     } else if (key == "gpu_mem") {
@@ -394,6 +402,12 @@ Params parse_params(const py::kwargs& kw) {
       P.state_dtype = str_arg(v, k);
     } else if (key == "prefix_tokens") {
       P.p.prefix_tokens = int32_arg(v, k);
+    } else if (key == "generate_seqs") {
+      P.p.generate_seqs = int32_arg(v, k);
+    } else if (key == "kv_cache") {
+      P.kv_cache = str_arg(v, k);
+    } else if (key == "prefill_chunk") {
+      P.p.prefill_chunk = int32_arg(v, k);
     } else if (key == "lora_r") {
       P.p.lora_r = int32_arg(v, k);
     } else if (key == "lora_alpha") {
@@ -457,6 +471,9 @@ py::dict params_dict(const Params& P) {
   d["lora_alpha"] = P.p.lora_alpha;
   d["lora_targets"] = P.lora_targets;
   d["adapter"] = P.adapter ? py::object(py::str(*P.adapter)) : py::object(py::none());
+  d["generate_seqs"] = P.p.generate_seqs;
+  d["kv_cache"] = P.kv_cache;
+  d["prefill_chunk"] = P.p.prefill_chunk;
   return d;
 }
 
@@ -493,10 +510,16 @@ py::object make_plan(const zo2_plan_result& r) {
 // ---------------------------------------------------------------------------------------
 // Session
 
+struct Generated {
+  std::vector<int32_t> tokens;  // the new tokens (a stop id included)
+  bool stopped = false;
+};
+
 struct Session {
   zo2_session* s = nullptr;
   Params P;
   std::string model_path;
+  int32_t n_vocab = 0, n_ctx = 0;  // the model's, for generate's output buffer and generate_text
   std::mutex mu;  // one call at a time (zo2.h: a session is not used from two threads at once)
 
   ~Session() { zo2_session_free(s); }
@@ -542,6 +565,35 @@ struct Session {
     check_signals();
     return loss;
   }
+
+  // zo2_generate over `prompts` with `p` (its stop_ids set by the caller); the C API
+  // validates everything (prompts, options, the session) before it runs anything.
+  std::vector<Generated> generate(const std::vector<std::vector<int32_t>>& prompts, const zo2_generate_params& p) {
+    if (prompts.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) invalid("too many prompts");
+    const size_t n = prompts.size(), rows = std::max<size_t>(n, 1);  // never NULL: n = 0 gets the C API's message
+    std::vector<const int32_t*> ptrs(rows, nullptr);
+    std::vector<int32_t> lens(rows, 0), out_lens(rows, 0), stopped(rows, 0);
+    for (size_t i = 0; i < n; ++i) {
+      ptrs[i] = prompts[i].data();
+      lens[i] = static_cast<int32_t>(prompts[i].size());
+    }
+    // A prompt (≥ 1 token) and max_new_tokens fit the session's positions (≤ n_ctx): a
+    // larger max_new_tokens is refused before anything is written, so it needs no buffer.
+    const size_t per = p.max_new_tokens >= 1 && p.max_new_tokens <= n_ctx ? static_cast<size_t>(p.max_new_tokens) : 1;
+    std::vector<int32_t> out(rows * per, 0);
+    run([&](zo2_session* s) {
+      return zo2_generate(s, ptrs.data(), lens.data(), static_cast<int32_t>(n), &p, out.data(), out_lens.data(),
+                          stopped.data());
+    });
+    check_signals();
+    std::vector<Generated> result(n);
+    for (size_t i = 0; i < n; ++i) {
+      result[i].tokens.assign(out.begin() + static_cast<std::ptrdiff_t>(i * per),
+                              out.begin() + static_cast<std::ptrdiff_t>(i * per + static_cast<size_t>(out_lens[i])));
+      result[i].stopped = stopped[i] != 0;
+    }
+    return result;
+  }
 };
 
 struct Choices {
@@ -577,6 +629,8 @@ std::unique_ptr<Session> make_session(py::handle model, const py::kwargs& kw) {
   }
   S->model_path = m->path;
   zo2_model* mm = m->get();
+  S->n_vocab = zo2_model_n_vocab(mm);
+  S->n_ctx = zo2_model_n_ctx(mm);
   int rc;
   std::string message;
   {
@@ -586,6 +640,71 @@ std::unique_ptr<Session> make_session(py::handle model, const py::kwargs& kw) {
   }
   if (rc != 0) raise_status(rc, message);
   return S;
+}
+
+// ---------------------------------------------------------------------------------------
+// Generation (zo2_generate): Session.generate and Session.generate_text.
+
+// One sequence of token ids (a prompt, stop_ids): a list, tuple, 1-D array or tensor of
+// integers; an empty one is an empty list (the C API names an empty prompt).
+std::vector<int32_t> id_sequence(py::handle obj, const std::string& name) {
+  if (py::isinstance<py::str>(obj) || py::isinstance<py::bytes>(obj))
+    invalid(name + " is a " + py::str(obj.get_type().attr("__name__")).cast<std::string>() +
+            ": token ids are a sequence of ints (Session.generate_text takes text)");
+  if (py::isinstance<py::int_>(obj))
+    invalid(name + " is an int, not a sequence of token ids (prompts is a list of prompts: [[ids...], ...])");
+  if (!py::isinstance<py::array>(obj) && py::isinstance<py::sequence>(obj) && py::len(obj) == 0) return {};
+  return int_list(obj, name.c_str());
+}
+
+// The prompts: a sequence (list, tuple, 2-D array, ...) of token-id sequences.
+std::vector<std::vector<int32_t>> prompt_list(py::handle prompts) {
+  if (py::isinstance<py::str>(prompts) || py::isinstance<py::bytes>(prompts) || !py::hasattr(prompts, "__iter__"))
+    invalid("prompts must be a sequence of prompts, each a sequence of token ids (got " +
+            py::repr(prompts).cast<std::string>().substr(0, 60) + ")");
+  std::vector<std::vector<int32_t>> out;
+  for (py::handle item : prompts) out.push_back(id_sequence(item, "prompts[" + std::to_string(out.size()) + "]"));
+  return out;
+}
+
+// Generate's keyword arguments as zo2_generate_params; stop_ids point into `stop_ids`.
+zo2_generate_params generate_params(py::handle max_new_tokens, py::handle greedy, py::handle temperature,
+                                    py::handle top_p, py::handle seed, py::handle pad_id, py::handle stop_ids,
+                                    std::vector<int32_t>& stop_storage) {
+  zo2_generate_params p = zo2_generate_default_params();
+  p.max_new_tokens = int32_arg(max_new_tokens, "max_new_tokens");
+  if (!py::isinstance<py::bool_>(greedy)) invalid("greedy must be a bool");
+  p.greedy = greedy.cast<bool>() ? 1 : 0;
+  const double t = real_arg(temperature, "temperature"), top = real_arg(top_p, "top_p");
+  // Sampling's values checked as written where float32 changes them (1e39 is not inf; a
+  // top_p just above 1 is not 1), as lr is; the C API checks the rest.
+  if (!p.greedy && static_cast<double>(static_cast<float>(t)) != t)
+    cxx_call([&] { zo2::check_real(zo2::Opt::temperature, t, zo2::OptionSource::c_api); });
+  if (!p.greedy && static_cast<double>(static_cast<float>(top)) != top)
+    cxx_call([&] { zo2::check_real(zo2::Opt::top_p, top, zo2::OptionSource::c_api); });
+  p.temperature = static_cast<float>(t);
+  p.top_p = static_cast<float>(top);
+  p.seed = seed_arg(seed, "seed");
+  p.pad_id = int32_arg(pad_id, "pad_id");
+  if (!stop_ids.is_none()) {
+    std::vector<int32_t> ids = id_sequence(stop_ids, "stop_ids");
+    stop_storage.insert(stop_storage.end(), ids.begin(), ids.end());
+  }
+  p.stop_ids = stop_storage.empty() ? nullptr : stop_storage.data();
+  p.n_stop_ids = static_cast<int32_t>(stop_storage.size());
+  return p;
+}
+
+py::object make_generation(const Generated& g, py::object text) {
+  py::list tokens;
+  for (int32_t id : g.tokens) tokens.append(py::int_(id));
+  return py::module_::import("zo2._types").attr("Generation")(tokens, py::bool_(g.stopped), text);
+}
+
+py::str utf8_text(const std::string& s) {  // invalid UTF-8 replaced by U+FFFD, as Tokenizer.decode
+  PyObject* u = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
+  if (!u) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(u);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -775,6 +894,84 @@ struct Tokenizer {
   std::shared_ptr<const zo2::Tokenizer> t;
 };
 
+// zo2-tune generate's text handling (tools/cmd_generate.cpp) around Session::generate:
+// each prompt is the tokenizer's special prefix then the text's ids; the tokenizer's EOS
+// stops a prompt (unless ignore_eos); padding uses its PAD (else EOS) id; the text of the
+// new tokens leaves special tokens out and is cut before the first stop string. The C API
+// has no stop callback, so a stop string is found after generation and the tokens are cut
+// after the first token whose text contains it: the same tokens and text as the CLI's.
+py::list generate_text(Session& S, const Tokenizer& T, py::handle texts, const zo2_generate_params& base,
+                       std::vector<int32_t> stop_ids, py::handle stop, bool ignore_eos) {
+  if (py::isinstance<py::str>(texts) || py::isinstance<py::bytes>(texts) || !py::hasattr(texts, "__iter__"))
+    invalid("texts must be a sequence of str (one prompt: [text])");
+  std::vector<std::string> prompts_text;
+  for (py::handle item : texts) prompts_text.push_back(str_arg(item, ("texts[" + std::to_string(prompts_text.size()) + "]").c_str()));
+  std::vector<std::string> stops;
+  if (py::isinstance<py::str>(stop)) {
+    stops.push_back(stop.cast<std::string>());
+  } else if (!stop.is_none()) {
+    for (py::handle item : stop) stops.push_back(str_arg(item, "stop"));
+  }
+  for (const auto& s : stops)
+    if (s.empty()) invalid("stop '': the stop string is empty");
+  const zo2::Tokenizer& tok = *T.t;
+  std::vector<std::vector<int32_t>> prompts = cxx_call([&] {
+    std::vector<std::vector<int32_t>> ids;
+    for (const auto& text : prompts_text) {
+      std::vector<int32_t> p = tok.special_prefix();
+      const auto e = tok.encode(text);
+      p.insert(p.end(), e.begin(), e.end());
+      ids.push_back(std::move(p));
+    }
+    return ids;
+  });
+  zo2_generate_params p = base;
+  if (!ignore_eos && tok.eos_id()) stop_ids.push_back(*tok.eos_id());
+  p.stop_ids = stop_ids.empty() ? nullptr : stop_ids.data();
+  p.n_stop_ids = static_cast<int32_t>(stop_ids.size());
+  if (tok.pad_id() && *tok.pad_id() < S.n_vocab) p.pad_id = *tok.pad_id();
+  else if (tok.eos_id() && *tok.eos_id() < S.n_vocab) p.pad_id = *tok.eos_id();
+  std::vector<Generated> out = S.generate(prompts, p);
+
+  std::vector<int32_t> specials;
+  for (auto id : {tok.bos_id(), tok.eos_id(), tok.pad_id()})
+    if (id) specials.push_back(*id);
+  std::vector<std::string> decoded = cxx_call([&] {
+    auto text_of = [&](const std::vector<int32_t>& t, size_t n, bool* cut) {
+      std::vector<int32_t> kept;
+      for (size_t i = 0; i < n; ++i)
+        if (t[i] < tok.vocab_size() && std::find(specials.begin(), specials.end(), t[i]) == specials.end())
+          kept.push_back(t[i]);
+      std::string s = tok.decode(kept);
+      size_t at = std::string::npos;
+      for (const auto& st : stops) at = std::min(at, s.find(st));
+      *cut = at != std::string::npos;
+      if (at != std::string::npos) s.resize(at);
+      return s;
+    };
+    std::vector<std::string> result;
+    for (Generated& g : out) {
+      bool cut = false;
+      std::string s = text_of(g.tokens, g.tokens.size(), &cut);
+      if (cut) {  // where generation would have stopped: the first token whose text has a stop string
+        size_t n = 1;
+        for (bool c = false; n < g.tokens.size(); ++n) {
+          text_of(g.tokens, n, &c);
+          if (c) break;
+        }
+        g.tokens.resize(n);
+        g.stopped = true;
+        s = text_of(g.tokens, n, &cut);
+      }
+      result.push_back(std::move(s));
+    }
+    return result;
+  });
+  py::list list;
+  for (size_t i = 0; i < out.size(); ++i) list.append(make_generation(out[i], utf8_text(decoded[i])));
+  return list;
+}
+
 py::object opt_id(std::optional<int32_t> id) { return id ? py::object(py::int_(*id)) : py::object(py::none()); }
 
 }  // namespace
@@ -833,13 +1030,17 @@ PYBIND11_MODULE(_zo2, m) {
 Session(model, *, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, device="cpu", gpu_mem=None,
         offload="auto", window=3, storage_dtype="fp32", compute_dtype="fp32", n_threads=0,
         max_seqs=1, max_seq_len=0, training=True, seed_log=None, seed_log_append=False,
-        first_step=0, save_dtype="fp32", save_shard_size=5_000_000_000)
+        first_step=0, save_dtype="fp32", save_shard_size=5_000_000_000, generate_seqs=0,
+        kv_cache="auto", prefill_chunk=0, ...)
 
 `model` is a zo2.Model or a checkpoint directory. Every keyword is a field of the C API's
 zo2_session_params (include/zo2.h documents each), validated by the C API with its ranges
 and messages; gpu_mem (gpu_mem_bytes) and save_shard_size (save_shard_bytes) take bytes or
 a size string ("512M", "4G"); offload takes "auto", "all" or "none". `.params` returns
-them as the session uses them (lr etc. as float32). Opening reads the weights into the
+them as the session uses them (lr etc. as float32). generate_seqs > 0 makes room for
+generate() (a training session too: it decodes between steps, as eval): that many prompts decode together, max_seq_len is then a
+prompt's tokens plus its new ones, kv_cache places the KV cache ("auto", "device", "host",
+"off") and prefill_chunk caps the prompt tokens per sequence a pass runs. Opening reads the weights into the
 host block store (GIL released). Use as a context manager, or close(), to free the session
 deterministically. Calls from several threads on one session are serialized; different
 sessions run in parallel.)doc")
@@ -888,6 +1089,50 @@ group_labels[g]; label only each option's tokens (-100 elsewhere).)doc")
            py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none(),
            "float32 [n_seq, n_tokens]: log p(target of position t | tokens <= t) in nats, 0 where there is no "
            "target (zo2_session_token_logprobs).")
+      .def("generate",
+           [](Session& S, py::object prompts, py::object max_new_tokens, py::object greedy, py::object temperature,
+              py::object top_p, py::object seed, py::object stop_ids, py::object pad_id) {
+             std::vector<std::vector<int32_t>> ids = prompt_list(prompts);
+             std::vector<int32_t> stops;
+             const zo2_generate_params p =
+                 generate_params(max_new_tokens, greedy, temperature, top_p, seed, pad_id, stop_ids, stops);
+             py::list out;
+             for (const Generated& g : S.generate(ids, p)) out.append(make_generation(g, py::none()));
+             return out;
+           },
+           py::arg("prompts"), py::arg("max_new_tokens") = 32, py::arg("greedy") = true, py::arg("temperature") = 1.0,
+           py::arg("top_p") = 1.0, py::arg("seed") = 0, py::arg("stop_ids") = py::none(), py::arg("pad_id") = 0,
+           R"doc(Generates up to max_new_tokens tokens for each prompt (zo2_generate; README "Generate").
+prompts: a sequence of prompts, each a non-empty sequence of token ids (lists, tuples, rows
+of a 2-D array, 1-D tensors), the tokenizer's special prefix (BOS) included as the model
+wants it. Needs a session opened with generate_seqs > 0 (a training session decodes with its
+current weights, the pending update applied, as eval); the prompts decode generate_seqs at a time, left-padded with pad_id (masked), each new token one pass
+over the blocks for the whole batch. greedy=True takes the argmax (the first of equal
+logits); greedy=False samples from softmax(logits / temperature) restricted to the top_p
+nucleus, token k of prompt i drawing from Philox(seed, i, k), so a seed repeats exactly.
+A generated id in stop_ids ends its prompt (the id is kept). Returns one zo2.Generation
+per prompt: tokens (the new ids) and stopped (a stop id ended it). The GIL is released
+while it runs. A bad prompt (empty, an id outside the vocabulary, too long for max_seq_len
+with max_new_tokens; named 0-based), a bad option or a session without generate_seqs raise
+InvalidArgumentError and change nothing.)doc")
+      .def("generate_text",
+           [](Session& S, const Tokenizer& T, py::object texts, py::object max_new_tokens, py::object greedy,
+              py::object temperature, py::object top_p, py::object seed, py::object stop, py::object ignore_eos) {
+             if (!py::isinstance<py::bool_>(ignore_eos)) invalid("ignore_eos must be a bool");
+             std::vector<int32_t> none;
+             const zo2_generate_params p =
+                 generate_params(max_new_tokens, greedy, temperature, top_p, seed, py::int_(0), py::none(), none);
+             return generate_text(S, T, texts, p, {}, stop, ignore_eos.cast<bool>());
+           },
+           py::arg("tokenizer"), py::arg("texts"), py::arg("max_new_tokens") = 32, py::arg("greedy") = true,
+           py::arg("temperature") = 1.0, py::arg("top_p") = 1.0, py::arg("seed") = 0, py::arg("stop") = py::none(),
+           py::arg("ignore_eos") = false,
+           R"doc(generate() on text, as zo2-tune generate does it: each of texts becomes the tokenizer's
+special prefix (BOS) and the text's ids; the tokenizer's EOS ends a prompt (unless
+ignore_eos), padding uses its PAD (else EOS) id; stop (a str or a list of str) ends a
+prompt at the first token whose text contains it, the text cut before it. Returns one
+zo2.Generation per text with text set: the new tokens decoded, special tokens left out
+(invalid UTF-8 replaced by U+FFFD).)doc")
       .def("save",
            [](Session& S, py::object dir) {
              const std::string d = path_string(dir);

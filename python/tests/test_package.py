@@ -36,7 +36,7 @@ def test_stubs_match_the_module():
 
 def test_docstrings():
     for obj in (zo2.Session, zo2.Session.step, zo2.Session.step_choices, zo2.Session.eval, zo2.Session.save,
-                zo2.Session.token_logprobs, zo2.Model.load, zo2.Tokenizer.encode, zo2.train, zo2.plan):
+                zo2.Session.token_logprobs, zo2.Session.generate, zo2.Session.generate_text, zo2.Model.load, zo2.Tokenizer.encode, zo2.train, zo2.plan):
         assert obj.__doc__ and len(obj.__doc__) > 40, obj
 
 

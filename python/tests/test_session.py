@@ -89,6 +89,9 @@ ROUND_TRIPS = {
     "lora_targets": (["q_proj", "fc1"], "q_proj,fc1"),
     "adapter": (None, None),
     "prefix_tokens": (3, 3),
+    "generate_seqs": (2, 2),
+    "kv_cache": ("host", "host"),
+    "prefill_chunk": (4, 4),
 }
 
 
@@ -108,6 +111,8 @@ def test_parameter_round_trips(tiny, tmp_path, name):
     kw[name] = value
     if name == "seed_log_append":
         kw["seed_log"] = str(tmp_path / "seeds.jsonl")
+    if name == "generate_seqs":
+        kw["training"] = False  # generation needs an eval-only session
     defaults = zo2.Session(tiny, max_seqs=2, max_seq_len=16).params
     with zo2.Session(tiny, **kw) as s:
         p = s.params
@@ -133,6 +138,8 @@ def test_parameter_round_trips(tiny, tmp_path, name):
         if name == "seed_log":
             s.step(batch(512))
             assert '"step":0' in open(value).read().replace(" ", "")
+        if name == "generate_seqs":
+            assert len(s.generate([[1, 2, 3]], max_new_tokens=2)[0].tokens) == 2
         if name == "lr":
             s.set_lr(0.5)
             assert s.params["lr"] == 0.5

@@ -13,6 +13,10 @@ as the C API and ``zo2-tune``::
 
     zo2.train("out/micro", data="train.jsonl", out="out/run", steps=300, lr=1e-3)
 
+    tok = zo2.Tokenizer.from_dir("out/micro")
+    with zo2.Session("out/run", training=False, generate_seqs=4, max_seqs=4, max_seq_len=96) as s:
+        print(s.generate_text(tok, ["The movie was"], max_new_tokens=32)[0].text)
+
 Errors raise :class:`zo2.Error` subclasses, one per status code, with zo2's message.
 Steps release the GIL; Ctrl-C stops a step loop between steps (the step that was running
 completes; the session stays usable, so it can still be saved).
@@ -25,14 +29,14 @@ from typing import Any, Union
 
 from ._errors import (AbortedError, DeviceError, Error, FileIOError, FormatError, InternalError,
                       InvalidArgumentError, OutOfMemoryError, UnsupportedError)
-from ._types import Plan, TrainResult
+from ._types import Generation, Plan, TrainResult
 from ._zo2 import Model, Session, StepResult, Tokenizer, set_log_level
 from ._zo2 import __version__
 from ._zo2 import _plan
 from ._train import train
 
 __all__ = [
-    "Model", "Session", "StepResult", "Tokenizer", "Plan", "TrainResult", "plan", "train",
+    "Model", "Session", "StepResult", "Tokenizer", "Generation", "Plan", "TrainResult", "plan", "train",
     "set_log_level", "Error", "InvalidArgumentError", "FileIOError", "FormatError",
     "UnsupportedError", "OutOfMemoryError", "DeviceError", "InternalError", "AbortedError",
     "__version__",

@@ -26,6 +26,15 @@ class Plan:
     host_bytes: int              #: host memory of the master weights
 
 
+@dataclass(frozen=True)
+class Generation:
+    """One prompt's result of :meth:`Session.generate` / :meth:`Session.generate_text`."""
+
+    tokens: List[int]            #: the new token ids (a stop id that ended it included)
+    stopped: bool                #: a stop id (or generate_text's stop string) ended it, not max_new_tokens
+    text: Optional[str] = None   #: generate_text: the new tokens' text (special tokens left out, cut at a stop string)
+
+
 @dataclass
 class TrainResult:
     """What :func:`zo2.train` returns.

@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from ._types import Plan
+from ._types import Generation, Plan
 
 __version__: str
 
@@ -73,6 +73,9 @@ class Session:
         first_step: int = 0,
         save_dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
         save_shard_size: _Size = 5_000_000_000,
+        generate_seqs: int = 0,
+        kv_cache: Literal["auto", "device", "host", "off"] = "auto",
+        prefill_chunk: int = 0,
     ) -> None: ...
     def step(self, input_ids: _IntArray, attention_mask: Optional[_IntArray] = None,
              labels: Optional[_IntArray] = None) -> StepResult: ...
@@ -84,6 +87,12 @@ class Session:
                      attention_mask: Optional[_IntArray] = None, labels: Optional[_IntArray] = None) -> float: ...
     def token_logprobs(self, input_ids: _IntArray, attention_mask: Optional[_IntArray] = None,
                        labels: Optional[_IntArray] = None) -> npt.NDArray[np.float32]: ...
+    def generate(self, prompts: Union[Sequence[Sequence[int]], _IntArray], max_new_tokens: int = 32,
+                 greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 stop_ids: Optional[Sequence[int]] = None, pad_id: int = 0) -> List[Generation]: ...
+    def generate_text(self, tokenizer: Tokenizer, texts: Sequence[str], max_new_tokens: int = 32,
+                      greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                      stop: Union[str, Sequence[str], None] = None, ignore_eos: bool = False) -> List[Generation]: ...
     def save(self, out_dir: _Path) -> None: ...
     def set_lr(self, lr: float) -> None: ...
     @property
