@@ -106,7 +106,10 @@ struct StateUpdateArgs {
 // a KV cache (kv_seq = 0) queries and keys are the same rows. With one (generation), the
 // keys of sequence b are rows [b·kv_stride, b·kv_stride + kv_seq) of k, v and key_mask, and
 // its seq queries are the last seq of them: query i sits at key position kv_seq − seq + i
-// and, causal, sees keys 0..kv_seq − seq + i.
+// and, causal, sees keys 0..kv_seq − seq + i. With a sliding window W > 0 (Mistral; Note
+// [LLaMA-family variants] in models/config.cpp) a query at key position p sees only keys
+// j > p − W (transformers' sliding_window_overlay): positions are absolute (rows of the
+// sequence or of its cache), so the window holds with a KV cache too.
 struct AttentionArgs {
   Mat q;    // [batch·seq, heads·head_dim]
   Mat k;    // [batch·seq (or batch·kv_stride), kv_heads·head_dim]
@@ -123,9 +126,12 @@ struct AttentionArgs {
   bool causal = true;
   int kv_seq = 0;     // keys per sequence, ≥ seq (0: seq, no cache)
   int kv_stride = 0;  // rows between sequences' keys (0: keys())
+  int window = 0;     // sliding window: keys j > p − window only (0: none)
   int keys() const { return kv_seq > 0 ? kv_seq : seq; }
   int key_stride() const { return kv_stride > 0 ? kv_stride : keys(); }
   int query_offset() const { return keys() - seq; }
+  // The first key a query at key position p may see (0 without a window).
+  int first_key(int p) const { return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; }
 };
 
 class Ops {

@@ -844,6 +844,7 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, CudaAttentionTest, ::testing::Values(DType::f32
 struct FusedCase {
   int batch, seq, heads, kv_heads, head_dim;
   bool causal;
+  int window = 0;  // sliding window (AttentionArgs::window; the fused kernel skips tiles before it)
 };
 
 class CudaFusedAttentionTest : public CudaTest, public ::testing::WithParamInterface<DType> {};
@@ -858,12 +859,17 @@ TEST_P(CudaFusedAttentionTest, FusedAndChunkedMatchTheCpuForEveryShape) {
                              // Rows just past each register count of the row softmax (Note [Row
                              // softmax in registers]: 8/16/32/64 per lane), ragged at the end.
                              FusedCase{1, 300, 2, 1, 64, false}, FusedCase{1, 777, 2, 2, 64, false},
-                             FusedCase{1, 1100, 2, 1, 128, true}, FusedCase{1, 2047, 1, 1, 64, false}}) {
+                             FusedCase{1, 1100, 2, 1, 128, true}, FusedCase{1, 2047, 1, 1, 64, false},
+                             // Sliding windows (Mistral): not a multiple of the 64-key tile,
+                             // exactly one tile, one key, and many tiles skipped.
+                             FusedCase{2, 200, 4, 2, 128, true, 70}, FusedCase{2, 131, 6, 1, 64, true, 64},
+                             FusedCase{2, 77, 4, 4, 64, true, 1}, FusedCase{1, 1100, 2, 1, 128, true, 100}}) {
     const AttentionProblem p = make_attention_problem(c.batch, c.seq, c.heads, c.kv_heads, c.head_dim, dt);
     std::vector<float> ref(p.q.size(), 0.0f);
     auto q = p.q, k = p.k, v = p.v;
     AttentionArgs host = attention_args(p, q.data(), k.data(), v.data(), ref.data(), p.mask.data(), DType::f32);
     host.causal = c.causal;
+    host.window = c.window;
     cpu::attention(host);
     DeviceBuffer dq = upload_as(p.q, dt), dk = upload_as(p.k, dt), dv = upload_as(p.v, dt), dm = upload(p.mask);
     std::vector<std::vector<float>> got;
@@ -874,6 +880,7 @@ TEST_P(CudaFusedAttentionTest, FusedAndChunkedMatchTheCpuForEveryShape) {
       DeviceBuffer dout = upload_as(std::vector<float>(p.q.size(), 7.0f), dt);  // garbage to overwrite
       AttentionArgs dev = attention_args(p, dq.data(), dk.data(), dv.data(), dout.data(), dm.as<std::int32_t>(), dt);
       dev.causal = c.causal;
+      dev.window = c.window;
       if (std::string_view(path) == "fused") {
         // On a fresh stream: the chunked paths take score scratch from the arena, the fused
         // kernel nothing — so an unchanged arena shows that the fused kernel took the call.
@@ -888,9 +895,9 @@ TEST_P(CudaFusedAttentionTest, FusedAndChunkedMatchTheCpuForEveryShape) {
       got.push_back(download_as(dout.data(), ref.size(), dt));
       EXPECT_LT(max_rel_err(got.back(), ref), tolerance(dt))
           << path << " " << dtype_name(dt) << " B" << c.batch << " T" << c.seq << " H" << c.heads << "/" << c.kv_heads
-          << " D" << c.head_dim << (c.causal ? " causal" : "");
+          << " D" << c.head_dim << (c.causal ? " causal" : "") << " window " << c.window;
     }
-    EXPECT_LT(max_rel_err(got[0], got[1]), tolerance(dt)) << "fused vs chunked, T" << c.seq;
+    EXPECT_LT(max_rel_err(got[0], got[1]), tolerance(dt)) << "fused vs chunked, T" << c.seq << " window " << c.window;
     const std::size_t width = static_cast<std::size_t>(p.heads * p.head_dim);
     EXPECT_LT(max_row_rel_err(got[1], got[2], width), tolerance(dt)) << "row vs block softmax, T" << c.seq;
     EXPECT_LT(max_row_rel_err(got[1], ref, width), 2 * tolerance(dt)) << "row softmax vs CPU per row, T" << c.seq;

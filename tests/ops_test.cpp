@@ -197,11 +197,17 @@ TEST_P(OpsTest, RopeRotatesEveryHeadByPositionTimesFrequency) {
 struct AttnCase {
   int batch, seq, heads, kv_heads, head_dim;
   bool causal;
+  int window = 0;  // sliding window (AttentionArgs::window): keys j > i − window only
 };
 
 TEST_P(OpsTest, AttentionMatchesReferenceWithPaddingAndGroupedHeads) {
+  // The last four: sliding windows (Mistral) shorter than the sequence, across the CPU's
+  // 64-query tiles, of one key (a row sees itself only; left-padded rows see none), and
+  // longer than the sequence (no effect).
   for (const AttnCase& c : {AttnCase{2, 70, 4, 2, 8, true}, AttnCase{3, 130, 3, 1, 5, true},
-                            AttnCase{1, 17, 2, 2, 16, false}}) {
+                            AttnCase{1, 17, 2, 2, 16, false}, AttnCase{2, 70, 4, 2, 8, true, 9},
+                            AttnCase{3, 130, 3, 1, 5, true, 66}, AttnCase{3, 40, 2, 1, 8, true, 1},
+                            AttnCase{2, 33, 4, 4, 8, true, 500}}) {
     const std::int64_t N = static_cast<std::int64_t>(c.batch) * c.seq;
     const std::int64_t qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim;
     auto q = random_floats(static_cast<std::size_t>(N * qd), 11), k = random_floats(static_cast<std::size_t>(N * kd), 12),
@@ -221,7 +227,7 @@ TEST_P(OpsTest, AttentionMatchesReferenceWithPaddingAndGroupedHeads) {
           double mx = -1e300;
           bool any = false;
           for (int j = 0; j < c.seq; ++j) {
-            if ((c.causal && j > i) || !mask[static_cast<std::size_t>(b * c.seq + j)]) continue;
+            if ((c.causal && j > i) || (c.window > 0 && j <= i - c.window) || !mask[static_cast<std::size_t>(b * c.seq + j)]) continue;
             double d = 0;
             for (int e = 0; e < c.head_dim; ++e)
               d += static_cast<double>(q[static_cast<std::size_t>((b * c.seq + i) * qd + h * c.head_dim + e)]) *
@@ -233,9 +239,9 @@ TEST_P(OpsTest, AttentionMatchesReferenceWithPaddingAndGroupedHeads) {
           if (!any) continue;
           double sum = 0;
           for (int j = 0; j < c.seq; ++j)
-            if (!((c.causal && j > i) || !mask[static_cast<std::size_t>(b * c.seq + j)])) sum += std::exp(s[static_cast<std::size_t>(j)] - mx);
+            if (!((c.causal && j > i) || (c.window > 0 && j <= i - c.window) || !mask[static_cast<std::size_t>(b * c.seq + j)])) sum += std::exp(s[static_cast<std::size_t>(j)] - mx);
           for (int j = 0; j < c.seq; ++j) {
-            if ((c.causal && j > i) || !mask[static_cast<std::size_t>(b * c.seq + j)]) continue;
+            if ((c.causal && j > i) || (c.window > 0 && j <= i - c.window) || !mask[static_cast<std::size_t>(b * c.seq + j)]) continue;
             const double p = std::exp(s[static_cast<std::size_t>(j)] - mx) / sum;
             for (int e = 0; e < c.head_dim; ++e)
               ref[static_cast<std::size_t>((b * c.seq + i) * qd + h * c.head_dim + e)] +=
@@ -258,9 +264,11 @@ TEST_P(OpsTest, AttentionMatchesReferenceWithPaddingAndGroupedHeads) {
     a.key_mask = dm.as<std::int32_t>();
     a.scale = static_cast<float>(scale);
     a.causal = c.causal;
+    a.window = c.window;
     ops().attention(*stream, a);
     const auto out = download<float>(dout, ref.size());
-    EXPECT_LT(max_rel(out, ref), 1e-5) << "T=" << c.seq << " heads " << c.heads << "/" << c.kv_heads;
+    EXPECT_LT(max_rel(out, ref), 1e-5) << "T=" << c.seq << " heads " << c.heads << "/" << c.kv_heads << " window "
+                                       << c.window;
     if (c.batch > 2) {  // rows with no visible key (left padding) are zero
       for (int e = 0; e < qd; ++e) EXPECT_EQ(out[static_cast<std::size_t>((2 * c.seq) * qd + e)], 0.0f);
     }
@@ -271,66 +279,73 @@ TEST_P(OpsTest, AttentionMatchesReferenceWithPaddingAndGroupedHeads) {
 // T query rows per sequence after `past` cached ones, keys kv_stride rows apart, equal the
 // last T rows of attention over the whole sequence. Rows past kv_seq hold NaN: never read.
 TEST_P(OpsTest, AttentionOverAKvCacheEqualsTheLastRowsOfFullAttention) {
-  const int B = 3, S = 70, H = 4, KVH = 2, D = 8, KS = S + 6;
-  const std::int64_t qd = H * D, kd = KVH * D;
-  auto q = random_floats(static_cast<std::size_t>(B * S * qd), 21), k = random_floats(static_cast<std::size_t>(B * S * kd), 22),
-       v = random_floats(static_cast<std::size_t>(B * S * kd), 23);
-  std::vector<std::int32_t> mask(static_cast<std::size_t>(B * S), 1);
-  for (int t = 0; t < 7; ++t) mask[static_cast<std::size_t>(S + t)] = 0;  // left padding of sequence 1
-  auto full = [&] {
-    auto dq = upload(q), dk = upload(k), dv = upload(v), dm = upload(mask);
-    auto dout = upload(std::vector<float>(static_cast<std::size_t>(B * S * qd), 7.0f));
-    AttentionArgs a;
-    a.q = Mat::dense(dq.data(), DType::f32, B * S, qd);
-    a.k = Mat::dense(dk.data(), DType::f32, B * S, kd);
-    a.v = Mat::dense(dv.data(), DType::f32, B * S, kd);
-    a.out = Mat::dense(dout.data(), DType::f32, B * S, qd);
-    a.batch = B;
-    a.seq = S;
-    a.heads = H;
-    a.kv_heads = KVH;
-    a.head_dim = D;
-    a.key_mask = dm.as<std::int32_t>();
-    a.scale = 0.35f;
-    ops().attention(*stream, a);
-    return download<float>(dout, static_cast<std::size_t>(B * S * qd));
-  }();
-  for (int T : {1, 3, S}) {
-    std::vector<float> qc(static_cast<std::size_t>(B * T * qd));
-    std::vector<float> kc(static_cast<std::size_t>(B * KS * kd), std::nanf("")), vc = kc;
-    std::vector<std::int32_t> mc(static_cast<std::size_t>(B * KS), 1);
-    for (int b = 0; b < B; ++b) {
-      for (int t = 0; t < T; ++t)
-        std::copy_n(q.begin() + (b * S + S - T + t) * qd, qd, qc.begin() + (b * T + t) * qd);
-      std::copy_n(k.begin() + b * S * kd, S * kd, kc.begin() + b * KS * kd);
-      std::copy_n(v.begin() + b * S * kd, S * kd, vc.begin() + b * KS * kd);
-      std::copy_n(mask.begin() + b * S, S, mc.begin() + b * KS);
+  // window 0: none; 9: a sliding window counted in absolute key positions, so the cached
+  // call's query t (key position S − T + t) sees what row S − T + t of the full call sees.
+  for (const int window : {0, 9}) {
+    SCOPED_TRACE(window);
+    const int B = 3, S = 70, H = 4, KVH = 2, D = 8, KS = S + 6;
+    const std::int64_t qd = H * D, kd = KVH * D;
+    auto q = random_floats(static_cast<std::size_t>(B * S * qd), 21), k = random_floats(static_cast<std::size_t>(B * S * kd), 22),
+         v = random_floats(static_cast<std::size_t>(B * S * kd), 23);
+    std::vector<std::int32_t> mask(static_cast<std::size_t>(B * S), 1);
+    for (int t = 0; t < 7; ++t) mask[static_cast<std::size_t>(S + t)] = 0;  // left padding of sequence 1
+    auto full = [&] {
+      auto dq = upload(q), dk = upload(k), dv = upload(v), dm = upload(mask);
+      auto dout = upload(std::vector<float>(static_cast<std::size_t>(B * S * qd), 7.0f));
+      AttentionArgs a;
+      a.q = Mat::dense(dq.data(), DType::f32, B * S, qd);
+      a.k = Mat::dense(dk.data(), DType::f32, B * S, kd);
+      a.v = Mat::dense(dv.data(), DType::f32, B * S, kd);
+      a.out = Mat::dense(dout.data(), DType::f32, B * S, qd);
+      a.batch = B;
+      a.seq = S;
+      a.heads = H;
+      a.kv_heads = KVH;
+      a.head_dim = D;
+      a.key_mask = dm.as<std::int32_t>();
+      a.scale = 0.35f;
+      a.window = window;
+      ops().attention(*stream, a);
+      return download<float>(dout, static_cast<std::size_t>(B * S * qd));
+    }();
+    for (int T : {1, 3, S}) {
+      std::vector<float> qc(static_cast<std::size_t>(B * T * qd));
+      std::vector<float> kc(static_cast<std::size_t>(B * KS * kd), std::nanf("")), vc = kc;
+      std::vector<std::int32_t> mc(static_cast<std::size_t>(B * KS), 1);
+      for (int b = 0; b < B; ++b) {
+        for (int t = 0; t < T; ++t)
+          std::copy_n(q.begin() + (b * S + S - T + t) * qd, qd, qc.begin() + (b * T + t) * qd);
+        std::copy_n(k.begin() + b * S * kd, S * kd, kc.begin() + b * KS * kd);
+        std::copy_n(v.begin() + b * S * kd, S * kd, vc.begin() + b * KS * kd);
+        std::copy_n(mask.begin() + b * S, S, mc.begin() + b * KS);
+      }
+      auto dq = upload(qc), dk = upload(kc), dv = upload(vc), dm = upload(mc);
+      auto dout = upload(std::vector<float>(qc.size(), 7.0f));
+      AttentionArgs a;
+      a.q = Mat::dense(dq.data(), DType::f32, B * T, qd);
+      a.k = Mat::dense(dk.data(), DType::f32, B * KS, kd);
+      a.v = Mat::dense(dv.data(), DType::f32, B * KS, kd);
+      a.out = Mat::dense(dout.data(), DType::f32, B * T, qd);
+      a.batch = B;
+      a.seq = T;
+      a.kv_seq = S;
+      a.kv_stride = KS;
+      a.heads = H;
+      a.kv_heads = KVH;
+      a.head_dim = D;
+      a.key_mask = dm.as<std::int32_t>();
+      a.scale = 0.35f;
+      a.window = window;
+      ops().attention(*stream, a);
+      const auto out = download<float>(dout, qc.size());
+      for (int b = 0; b < B; ++b)
+        for (int t = 0; t < T; ++t)
+          for (int e = 0; e < qd; ++e) {
+            const float want = full[static_cast<std::size_t>((b * S + S - T + t) * qd + e)];
+            const float got = out[static_cast<std::size_t>((b * T + t) * qd + e)];
+            ASSERT_NEAR(got, want, 1e-5f * (1.0f + std::fabs(want))) << "T=" << T << " b=" << b << " t=" << t << " e=" << e;
+          }
     }
-    auto dq = upload(qc), dk = upload(kc), dv = upload(vc), dm = upload(mc);
-    auto dout = upload(std::vector<float>(qc.size(), 7.0f));
-    AttentionArgs a;
-    a.q = Mat::dense(dq.data(), DType::f32, B * T, qd);
-    a.k = Mat::dense(dk.data(), DType::f32, B * KS, kd);
-    a.v = Mat::dense(dv.data(), DType::f32, B * KS, kd);
-    a.out = Mat::dense(dout.data(), DType::f32, B * T, qd);
-    a.batch = B;
-    a.seq = T;
-    a.kv_seq = S;
-    a.kv_stride = KS;
-    a.heads = H;
-    a.kv_heads = KVH;
-    a.head_dim = D;
-    a.key_mask = dm.as<std::int32_t>();
-    a.scale = 0.35f;
-    ops().attention(*stream, a);
-    const auto out = download<float>(dout, qc.size());
-    for (int b = 0; b < B; ++b)
-      for (int t = 0; t < T; ++t)
-        for (int e = 0; e < qd; ++e) {
-          const float want = full[static_cast<std::size_t>((b * S + S - T + t) * qd + e)];
-          const float got = out[static_cast<std::size_t>((b * T + t) * qd + e)];
-          ASSERT_NEAR(got, want, 1e-5f * (1.0f + std::fabs(want))) << "T=" << T << " b=" << b << " t=" << t << " e=" << e;
-        }
   }
 }
 

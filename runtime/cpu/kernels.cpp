@@ -236,10 +236,11 @@ void attention(const AttentionArgs& p) {
       for (int i = 0; i < nq; ++i) {
         float* s = scores.data() + static_cast<std::size_t>(i) * nk;
         const int last = p.causal ? off + q0 + i : nk - 1;
+        const int first = p.first_key(off + q0 + i);  // sliding window (0: none)
         // The max propagates NaN (std::max would skip it): a NaN score makes the row's
         // P and output NaN, as softmax does in PyTorch — never "no visible key" (zeros).
         float mx = -std::numeric_limits<float>::infinity();
-        for (int j = 0; j <= last; ++j)
+        for (int j = first; j <= last; ++j)
           if (!mask || mask[j]) mx = max_nan(mx, s[j]);
         if (mx == -std::numeric_limits<float>::infinity()) {
           std::fill(s, s + nk, 0.0f);  // no visible key: a zero output row
@@ -247,7 +248,7 @@ void attention(const AttentionArgs& p) {
         }
         double sum = 0;
         for (int j = 0; j < nk; ++j) {
-          if (j <= last && (!mask || mask[j])) {
+          if (j >= first && j <= last && (!mask || mask[j])) {
             s[j] = std::exp(s[j] - mx);
             sum += s[j];
           } else {

@@ -135,7 +135,7 @@ __global__ void attention_pointers_kernel(PointerArgs a) {
 template <class E>
 __global__ void __launch_bounds__(kSoftmaxThreads)
     attention_softmax_kernel(float* scores, std::int64_t rows, std::int64_t nq, std::int64_t tk,
-                             std::int64_t pair_stride, std::int64_t q0, bool causal,
+                             std::int64_t pair_stride, std::int64_t q0, bool causal, int window,
                              const std::int32_t* key_mask, std::int64_t seq, int pair0,
                              int heads) {
   __shared__ float smem[32];
@@ -148,7 +148,8 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
     typename E::T* p = reinterpret_cast<typename E::T*>(srow);
     const std::int32_t* mask = key_mask != nullptr ? key_mask + b * seq : nullptr;
     const std::int64_t last = causal ? t : tk - 1;  // last key this row may see
-    auto visible = [&](std::int64_t j) { return j <= last && (mask == nullptr || mask[j] != 0); };
+    const std::int64_t first = window > 0 ? t - window + 1 : 0;  // sliding window (AttentionArgs)
+    auto visible = [&](std::int64_t j) { return j >= first && j <= last && (mask == nullptr || mask[j] != 0); };
 
     float mx = kNegInf;
     for (std::int64_t j = threadIdx.x; j < tk; j += blockDim.x)
@@ -205,7 +206,7 @@ constexpr std::int64_t kRowMaxKeys = 32 * 64;
 template <class E, int kPer>
 __global__ void __launch_bounds__(kRowWarps * 32)
     attention_softmax_rows_kernel(float* scores, std::int64_t rows, std::int64_t nq, std::int64_t tk,
-                                  std::int64_t pair_stride, std::int64_t q0, bool causal,
+                                  std::int64_t pair_stride, std::int64_t q0, bool causal, int window,
                                   const std::int32_t* key_mask, std::int64_t seq, int pair0, int heads) {
   const float kNegInf = -__int_as_float(0x7f800000);
   const int lane = threadIdx.x & 31;
@@ -216,6 +217,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     float* srow = scores + local * pair_stride + i * tk;
     const std::int32_t* mask = key_mask != nullptr ? key_mask + b * seq : nullptr;
     const std::int64_t last = causal ? t : tk - 1;  // last key this row may see
+    const std::int64_t first = window > 0 ? t - window + 1 : 0;  // sliding window (AttentionArgs)
 
     float v[kPer];
     std::uint64_t seen = 0;  // bit k: key lane + 32·k is visible
@@ -224,7 +226,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     for (int k = 0; k < kPer; ++k) {
       const std::int64_t j = lane + 32 * k;
       // The score and the mask are independent loads (neither waits for the other).
-      const bool in = j < tk && j <= last;
+      const bool in = j < tk && j <= last && j >= first;
       const float x = in ? srow[j] : kNegInf;
       const bool keep = in && (mask == nullptr || mask[j] != 0);
       v[k] = keep ? x : kNegInf;
@@ -254,12 +256,12 @@ __global__ void __launch_bounds__(kRowWarps * 32)
 // Launches the row kernel with the fewest registers per lane that hold a row of tk keys.
 template <class E>
 void launch_softmax_rows(KernelStream& s, float* scores, std::int64_t rows, std::int64_t nq, std::int64_t tk,
-                         std::int64_t pair_stride, std::int64_t q0, bool causal, const std::int32_t* key_mask,
-                         std::int64_t seq, int pair0, int heads) {
+                         std::int64_t pair_stride, std::int64_t q0, bool causal, int window,
+                         const std::int32_t* key_mask, std::int64_t seq, int pair0, int heads) {
   const int blocks = grid_blocks(s, rows * 32, kRowWarps * 32);
   auto go = [&](auto per) {
     attention_softmax_rows_kernel<E, decltype(per)::value><<<blocks, kRowWarps * 32, 0, s.stream()>>>(
-        scores, rows, nq, tk, pair_stride, q0, causal, key_mask, seq, pair0, heads);
+        scores, rows, nq, tk, pair_stride, q0, causal, window, key_mask, seq, pair0, heads);
   };
   if (tk <= 32 * 8) go(std::integral_constant<int, 8>{});
   else if (tk <= 32 * 16) go(std::integral_constant<int, 16>{});
@@ -298,6 +300,7 @@ struct Args {
   int seq, group;
   float scale;
   bool causal;
+  int window;  // sliding window (AttentionArgs; 0: none)
 };
 
 // Shared memory: Q and K tiles row-major ([row][d], rows padded to D + 8 elements), the V
@@ -415,7 +418,10 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(Args a) {
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
 
   const int key_end = a.causal ? min(q0 + kBQ, a.seq) : a.seq;  // keys [0, key_end) matter
-  for (int k0 = 0; k0 < key_end; k0 += kBK) {
+  // With a sliding window no row of the block sees a key before q0 − window + 1: the key
+  // tiles wholly before it are skipped.
+  const int key_begin = a.window > 0 ? max(0, q0 - a.window + 1) / kBK * kBK : 0;
+  for (int k0 = key_begin; k0 < key_end; k0 += kBK) {
     __syncthreads();  // every warp is done with the previous tile (and with sq)
     load_rows<D, false>(sk, k, a.ldk, k0, a.seq);
     load_rows<D, true>(svt, v, a.ldv, k0, a.seq);
@@ -440,7 +446,8 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(Args a) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, j = 8 * n + 2 * c + (e & 1);
-        const bool visible = skeep[j] != 0 && (!a.causal || k0 + j <= t[r]);
+        const bool visible = skeep[j] != 0 && (!a.causal || k0 + j <= t[r]) &&
+                             (a.window <= 0 || k0 + j > t[r] - a.window);
         s[n][e] = visible ? __fmul_rn(s[n][e], a.scale) : kNegInf;
         tile_max[r] = max_nan(tile_max[r], s[n][e]);  // a NaN score makes the row NaN
       }
@@ -519,7 +526,8 @@ void launch(KernelStream& s, const AttentionArgs& a) {
                   a.seq,
                   a.heads / a.kv_heads,
                   a.scale,
-                  a.causal};
+                  a.causal,
+                  a.window};
   const dim3 grid(static_cast<unsigned>(ceil_div(std::int64_t{a.seq}, kBQ)), static_cast<unsigned>(a.heads),
                   static_cast<unsigned>(a.batch));
   kernel<<<grid, kThreads, Layout<D>::bytes, s.stream()>>>(args);
@@ -630,13 +638,13 @@ void attention(KernelStream& s, const AttentionArgs& a) {
       dispatch_activation(dt, "attention", [&](auto e) {
         using E = decltype(e);
         if (tk <= kRowMaxKeys && path != Path::chunked_block) {  // Note [Row softmax in registers]
-          launch_softmax_rows<E>(s, scores, rows, nq, tk, pa.pair_stride, off + q0, a.causal, a.key_mask, KS,
+          launch_softmax_rows<E>(s, scores, rows, nq, tk, pa.pair_stride, off + q0, a.causal, a.window, a.key_mask, KS,
                                  static_cast<int>(p0), a.heads);
           return;
         }
         attention_softmax_kernel<E>
             <<<grid_blocks(s, rows * kSoftmaxThreads, kSoftmaxThreads), kSoftmaxThreads, 0,
-               s.stream()>>>(scores, rows, nq, tk, pa.pair_stride, off + q0, a.causal, a.key_mask, KS,
+               s.stream()>>>(scores, rows, nq, tk, pa.pair_stride, off + q0, a.causal, a.window, a.key_mask, KS,
                              static_cast<int>(p0), a.heads);
         ZO2_CUDA_CHECK_LAUNCH();
       });
