@@ -2,6 +2,7 @@
 
 #include "runtime/error.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 
@@ -9,6 +10,8 @@ namespace zo2 {
 namespace {
 
 using json = nlohmann::json;
+
+constexpr const char* kModelTypes = "\"opt\", \"llama\", \"qwen2\", \"qwen3\" and \"mistral\"";
 
 // Typed field access with errors that name the file, the field and the value.
 struct Reader {
@@ -152,39 +155,101 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& where) {
     if (c.num_heads > 0 && c.hidden_size % c.num_heads != 0)
       fail(ErrorKind::format, "{}: hidden_size ({}) is not divisible by num_attention_heads ({})",
            where, c.hidden_size, c.num_heads);
-  } else if (model_type == "llama") {
+  } else if (model_type == "llama" || model_type == "qwen2" || model_type == "qwen3" ||
+             model_type == "mistral") {
+    // Note [LLaMA-family variants]
+    const bool qwen = model_type == "qwen2" || model_type == "qwen3";
+    const bool mistral = model_type == "mistral";
+    const std::string arch = model_type == "llama" ? "LLaMA" : model_type == "qwen2" ? "Qwen2"
+                             : model_type == "qwen3" ? "Qwen3" : "Mistral";
     c.family = ModelFamily::llama;
+    c.model_type = model_type;
     c.vocab_size = r.integer("vocab_size");
     c.hidden_size = r.integer("hidden_size");
     c.num_layers = r.integer("num_hidden_layers");
     c.num_heads = r.integer("num_attention_heads");
-    c.num_kv_heads = r.integer_or("num_key_value_heads", c.num_heads);
+    // transformers' classes: LLaMA defaults a missing num_key_value_heads to
+    // num_attention_heads; Qwen2/Qwen3 to 32 and Mistral to 8 (null: num_attention_heads).
+    const std::int64_t kv_default = j.contains("num_key_value_heads") ? c.num_heads
+                                    : qwen                            ? 32
+                                    : mistral                         ? 8
+                                                                      : c.num_heads;
+    c.num_kv_heads = r.integer_or("num_key_value_heads", kv_default);
     c.ffn_dim = r.integer("intermediate_size");
-    c.max_positions = r.integer("max_position_embeddings");
+    // LLaMA's is required (its class default, 2048, is rarely right); the others' class defaults.
+    c.max_positions = model_type == "llama" ? r.integer("max_position_embeddings")
+                      : r.integer_or("max_position_embeddings", mistral ? 4096 * 32 : 32768);
     c.word_embed_proj_dim = c.hidden_size;
     c.pre_layer_norm = true;
     c.final_layer_norm = true;
     c.linear_bias = false;
-    c.attention_bias = r.boolean_or("attention_bias", false);
-    c.mlp_bias = r.boolean_or("mlp_bias", false);
+    if (model_type == "llama") {
+      c.attention_bias = r.boolean_or("attention_bias", false);
+      c.mlp_bias = r.boolean_or("mlp_bias", false);
+    } else if (model_type == "qwen2") {
+      c.qkv_bias = true;  // Qwen2Attention: q/k/v always biased, o_proj and the MLP never
+    } else if (model_type == "qwen3") {
+      c.attention_bias = r.boolean_or("attention_bias", false);  // q, k, v and o (Qwen3Attention)
+      c.qk_norm = true;
+    }  // Mistral: no biases anywhere
     c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", false);
     c.norm_eps = static_cast<float>(r.number_or("rms_norm_eps", 1e-6));
-    if (c.num_heads > 0 && c.hidden_size % c.num_heads != 0 && !r.has("head_dim"))
-      fail(ErrorKind::format,
-           "{}: hidden_size ({}) is not divisible by num_attention_heads ({}) and head_dim is not given",
-           where, c.hidden_size, c.num_heads);
-    c.head_dim = r.integer_or("head_dim", c.num_heads > 0 ? c.hidden_size / c.num_heads : 0);
+    if (model_type == "qwen3") {
+      c.head_dim = r.integer_or("head_dim", 128);  // Qwen3Config's default, not hidden / heads
+    } else {
+      if (c.num_heads > 0 && c.hidden_size % c.num_heads != 0 && !r.has("head_dim"))
+        fail(ErrorKind::format,
+             "{}: hidden_size ({}) is not divisible by num_attention_heads ({}) and head_dim is not given",
+             where, c.hidden_size, c.num_heads);
+      c.head_dim = r.integer_or("head_dim", c.num_heads > 0 ? c.hidden_size / c.num_heads : 0);
+    }
     const std::string act = r.string_or("hidden_act", "silu");
     if (act != "silu")
-      fail(ErrorKind::unsupported, "{}: hidden_act '{}' is not supported for LLaMA (silu)", where,
-           act);
+      fail(ErrorKind::unsupported, "{}: hidden_act '{}' is not supported for {} (silu)", where, act, arch);
     c.rope = read_rope(r);
+    // Sliding-window attention.
+    auto window_field = [&]() -> std::int64_t {
+      // A missing field is the class default (4096); null is no window.
+      if (!j.contains("sliding_window")) return 4096;
+      if (j.at("sliding_window").is_null()) return 0;
+      const std::int64_t w = r.integer("sliding_window");
+      if (w <= 0) fail(ErrorKind::format, "{}: sliding_window must be positive or null, got {}", where, w);
+      return w;
+    };
+    if (mistral) {
+      c.sliding_window = window_field();  // every layer (Mistral ignores layer_types)
+    } else if (qwen && r.boolean_or("use_sliding_window", false) && c.num_layers <= (std::int64_t{1} << 16)) {
+      // (More layers than zo2 runs: validate() refuses them before any per-layer list.)
+      c.sliding_window = window_field();
+      const std::int64_t max_window_layers = r.integer_or("max_window_layers", 28);
+      if (max_window_layers < 0)
+        fail(ErrorKind::format, "{}: max_window_layers must be non-negative, got {}", where, max_window_layers);
+      c.sliding_layers.assign(static_cast<std::size_t>(std::max<std::int64_t>(c.num_layers, 0)), false);
+      if (r.has("layer_types")) {
+        const json& lt = j.at("layer_types");
+        if (!lt.is_array() || static_cast<std::int64_t>(lt.size()) != c.num_layers)
+          fail(ErrorKind::format, "{}: field 'layer_types' must be a list of num_hidden_layers ({}) strings, got {}",
+               where, c.num_layers, lt.dump().substr(0, 200));
+        for (std::size_t i = 0; i < lt.size(); ++i) {
+          const json& e = lt[i];
+          if (e == "sliding_attention") c.sliding_layers[i] = true;
+          else if (e != "full_attention")
+            fail(ErrorKind::unsupported,
+                 "{}: layer_types[{}] {} is not supported (\"full_attention\" or \"sliding_attention\")", where,
+                 i, e.dump());
+        }
+      } else {
+        for (std::int64_t i = max_window_layers; i < c.num_layers; ++i) c.sliding_layers[static_cast<std::size_t>(i)] = true;
+      }
+      if (std::find(c.sliding_layers.begin(), c.sliding_layers.end(), true) == c.sliding_layers.end())
+        c.sliding_window = 0;  // no layer slides
+      if (c.sliding_window == 0) c.sliding_layers.clear();
+    }
   } else if (model_type.empty()) {
-    fail(ErrorKind::format, "{}: field 'model_type' is missing (zo2 runs \"opt\" and \"llama\")",
-         where);
+    fail(ErrorKind::format, "{}: field 'model_type' is missing (zo2 runs {})", where, kModelTypes);
   } else {
-    fail(ErrorKind::unsupported, "{}: model_type '{}' is not supported (zo2 runs \"opt\" and \"llama\")",
-         where, model_type);
+    fail(ErrorKind::unsupported, "{}: model_type '{}' is not supported (zo2 runs {})", where, model_type,
+         kModelTypes);
   }
   c.bos_token_id = r.token_id("bos_token_id");
   c.eos_token_id = r.token_id("eos_token_id");
@@ -194,6 +259,26 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& where) {
   return c;
 }
 
+// Note [LLaMA-family variants]
+//   Qwen2/Qwen2.5, Qwen3 and Mistral are LLaMA's decoder (RMSNorm, RoPE, grouped-query
+//   attention, SiLU-gated MLP, the same tensor names) with a few differences, read from
+//   config.json as transformers' classes read them (its modeling_qwen2/qwen3/mistral.py):
+//   - Qwen2 (Qwen2ForCausalLM): q_proj/k_proj/v_proj always have biases, o_proj and the
+//     MLP never (attention_bias/mlp_bias are not Qwen2 fields): qkv_bias.
+//   - Qwen3 (Qwen3ForCausalLM): q_norm and k_norm, RMSNorms of [head_dim] weights applied
+//     to each head of q and k after the projections and before RoPE: qk_norm. head_dim
+//     defaults to 128 (Qwen3Config), not hidden_size / heads; attention_bias puts biases
+//     on q, k, v and o as in LLaMA.
+//   - Mistral (MistralForCausalLM): no biases; sliding_window (missing: 4096, null: none)
+//     applies to every layer.
+//   - Qwen2/Qwen3 slide only with use_sliding_window true, then in the layers layer_types
+//     marks "sliding_attention" (absent: layers ≥ max_window_layers, default 28).
+//   A sliding window W lets a query at position i see keys j with i − W < j ≤ i
+//   (transformers' masking_utils: sliding_window_overlay ∧ causal), positions counted in the
+//   padded sequence (and, with a KV cache, in the cache), as AttentionArgs::window does.
+//   Class defaults for missing fields follow transformers too: num_key_value_heads 32 (Qwen)
+//   or 8 (Mistral), max_position_embeddings 32768 (Qwen) or 131072 (Mistral). model_type
+//   and architectures are written back as they came.
 void ModelConfig::validate(const std::string& where) const {
   auto positive = [&](const char* field, std::int64_t v) {
     if (v <= 0) fail(ErrorKind::format, "{}: {} must be positive, got {}", where, field, v);
@@ -217,6 +302,12 @@ void ModelConfig::validate(const std::string& where) const {
     fail(ErrorKind::unsupported, "{}: vocab_size {} exceeds 32-bit token ids", where, vocab_size);
   if (!(norm_eps >= 0))
     fail(ErrorKind::format, "{}: the norm epsilon must be non-negative", where);
+  if (sliding_window < 0)
+    fail(ErrorKind::format, "{}: sliding_window must be positive or null, got {}", where, sliding_window);
+  if (!sliding_layers.empty() && static_cast<std::int64_t>(sliding_layers.size()) != num_layers)
+    fail(ErrorKind::format, "{}: {} layer types for num_hidden_layers {}", where, sliding_layers.size(), num_layers);
+  if (family == ModelFamily::opt && (qkv_bias || qk_norm || sliding_window > 0))
+    fail(ErrorKind::internal, "{}: q/k/v biases, q/k norms and sliding windows are LLaMA-family features", where);
   check_sizes(where);
 }
 
@@ -247,13 +338,15 @@ void ModelConfig::check_sizes(const std::string& where) const {
           "every layer gets a block image and its layout; 500x the deepest released model");
   at_most("max_position_embeddings", max_positions, std::int64_t{1} << 30,
           "sequence lengths are ints; 100x the longest released context");
+  at_most("sliding_window", sliding_window, std::int64_t{1} << 30, "the kernels take it as an int");
   // The parameter count in 128-bit arithmetic, as block_params/global_params compute it in
   // int64, so an overflow there is caught here instead of happening there.
   using i128 = __int128;
   const i128 h = hidden_size, f = ffn_dim, w = word_embed_proj_dim, v = vocab_size;
   const i128 q = i128{num_heads} * head_dim, kv = i128{num_kv_heads} * head_dim;
   const i128 block = family == ModelFamily::opt ? 4 * h * h + 2 * h * f + 10 * h + f
-                                                : h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h + q + 2 * kv + 3 * h + 2 * f;
+                                                : h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h + q + 2 * kv + 3 * h + 2 * f +
+                                                      2 * i128{head_dim};
   const i128 globals = 2 * v * w + (i128{max_positions} + 2) * h + 2 * h * w + 2 * h;
   const i128 params = globals + i128{num_layers} * block;
   if (params * 4 > (i128{1} << 62))
@@ -305,15 +398,39 @@ json ModelConfig::to_json() const {
     if (!j.contains("attention_dropout")) j["attention_dropout"] = 0.0;
     if (!j.contains("init_std")) j["init_std"] = 0.02;
   } else {
-    j["model_type"] = "llama";
-    j["architectures"] = json::array({"LlamaForCausalLM"});
+    j["model_type"] = model_type;
+    // A source's architectures are kept as they were; zo2's own configs name the class.
+    if (!(source.is_object() && source.contains("architectures") && source.at("architectures").is_array()))
+      j["architectures"] = json::array({architecture()});
     j["intermediate_size"] = ffn_dim;
     j["num_key_value_heads"] = num_kv_heads;
     j["head_dim"] = head_dim;
     j["hidden_act"] = "silu";
     j["rms_norm_eps"] = norm_eps;
-    j["attention_bias"] = attention_bias;
-    j["mlp_bias"] = mlp_bias;
+    if (model_type == "llama") {
+      j["attention_bias"] = attention_bias;
+      j["mlp_bias"] = mlp_bias;
+    } else if (model_type == "qwen3") {
+      j["attention_bias"] = attention_bias;
+    }
+    if (model_type == "mistral") {
+      // A missing field would mean transformers' default window (4096): write null for none.
+      j["sliding_window"] = sliding_window > 0 ? json(sliding_window) : json(nullptr);
+    } else if (model_type == "qwen2" || model_type == "qwen3") {
+      if (sliding_window > 0) {
+        j["use_sliding_window"] = true;
+        j["sliding_window"] = sliding_window;
+        // The source's layer_types or max_window_layers chose these layers; else name them.
+        if (!j.contains("layer_types") && !j.contains("max_window_layers")) {
+          json types = json::array();
+          for (std::int64_t i = 0; i < num_layers; ++i)
+            types.push_back(attention_window(i) > 0 ? "sliding_attention" : "full_attention");
+          j["layer_types"] = types;
+        }
+      } else if (!j.contains("use_sliding_window")) {
+        j["use_sliding_window"] = false;
+      }  // else the source's fields, under which no layer slides
+    }
     j["rope_theta"] = rope.theta;
     json params;
     switch (rope.type) {
@@ -346,6 +463,14 @@ json ModelConfig::to_json() const {
   return j;
 }
 
+std::string ModelConfig::architecture() const {
+  if (family == ModelFamily::opt) return "OPTForCausalLM";
+  if (model_type == "qwen2") return "Qwen2ForCausalLM";
+  if (model_type == "qwen3") return "Qwen3ForCausalLM";
+  if (model_type == "mistral") return "MistralForCausalLM";
+  return "LlamaForCausalLM";
+}
+
 std::int64_t ModelConfig::block_params() const {
   const std::int64_t h = hidden_size;
   if (family == ModelFamily::opt) {
@@ -355,7 +480,9 @@ std::int64_t ModelConfig::block_params() const {
   }
   std::int64_t p = h * q_dim() + 2 * h * kv_dim() + q_dim() * h + 3 * h * ffn_dim + 2 * h;
   if (attention_bias) p += q_dim() + 2 * kv_dim() + h;
+  else if (qkv_bias) p += q_dim() + 2 * kv_dim();
   if (mlp_bias) p += 2 * ffn_dim + h;
+  if (qk_norm) p += 2 * head_dim;
   return p;
 }
 

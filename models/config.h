@@ -1,5 +1,7 @@
 // A model's architecture as zo2 runs it, read from (and written as) a Hugging Face
-// config.json. Two families: OPT and LLaMA (DESIGN.md §7). Anything zo2 cannot run is
+// config.json. Two families: OPT and LLaMA (DESIGN.md §7); Qwen2/Qwen2.5, Qwen3 and
+// Mistral are LLaMA-family variants (model_type "qwen2", "qwen3", "mistral") told apart by
+// feature flags (Note [LLaMA-family variants] in config.cpp). Anything zo2 cannot run is
 // refused when the config is read, with a message naming the field and its value.
 #pragma once
 #include <nlohmann/json.hpp>
@@ -47,6 +49,15 @@ struct ModelConfig {
   bool attention_bias = false;
   bool mlp_bias = false;
   RopeConfig rope;
+  // LLaMA-family variants (Note [LLaMA-family variants]).
+  std::string model_type = "llama";  // llama | qwen2 | qwen3 | mistral (OPT: "opt")
+  bool qkv_bias = false;             // Qwen2: biases on q/k/v only (not o_proj, not the MLP)
+  bool qk_norm = false;              // Qwen3: RMSNorm q_norm/k_norm [head_dim] on each head before RoPE
+  // Sliding-window attention (Mistral, Qwen2/3 use_sliding_window): a query at position i
+  // sees keys j with i − sliding_window < j ≤ i in the layers that slide; 0 = none.
+  std::int64_t sliding_window = 0;
+  // Which layers slide (num_layers entries) when sliding_window > 0; empty = every layer.
+  std::vector<bool> sliding_layers;
 
   std::optional<std::int64_t> bos_token_id, eos_token_id, pad_token_id;
   std::string torch_dtype = "float32";
@@ -71,7 +82,18 @@ struct ModelConfig {
   // The rotary inverse frequencies (head_dim / 2 of them), scaling applied, as
   // transformers computes them.
   std::vector<float> rope_inv_freq() const;
-  std::string family_name() const { return family == ModelFamily::opt ? "opt" : "llama"; }
+  std::string family_name() const { return family == ModelFamily::opt ? "opt" : model_type; }
+  // The attention window of block `layer` (0 = full causal attention).
+  std::int64_t attention_window(std::int64_t layer) const {
+    if (sliding_window <= 0) return 0;
+    if (sliding_layers.empty()) return sliding_window;
+    return layer >= 0 && layer < static_cast<std::int64_t>(sliding_layers.size()) &&
+                   sliding_layers[static_cast<std::size_t>(layer)]
+               ? sliding_window
+               : 0;
+  }
+  // The transformers class of this config ("LlamaForCausalLM", "Qwen2ForCausalLM", …).
+  std::string architecture() const;
   // Throws Error(unsupported / format) naming the field when the values are inconsistent.
   void validate(const std::string& where) const;
   // Each size within zo2's range and the whole model's bytes addressable without overflow

@@ -250,6 +250,21 @@ void ModelGraph::norm(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Rol
   }
 }
 
+// Qwen3's q_norm/k_norm: each head's head_dim values normalized on their own, i.e. an
+// RMSNorm over the rows of q and k seen as [tokens·heads, head_dim].
+void ModelGraph::qk_norm(Ops& ops, Stream& s, const WeightSet& ws, const NoiseArgs* noise, int nb) {
+  const std::int64_t D = config_.head_dim;
+  for (const auto& [role, m] : {std::pair{Role::q_norm_w, &Branch::q}, std::pair{Role::k_norm_w, &Branch::k}}) {
+    const Views w = vector(ops, s, &ws.at(role), noise, 0);
+    for (int i = 0; i < nb; ++i) {
+      const Mat& x = branches_[static_cast<std::size_t>(i)].*m;
+      ZO2_CHECK(x.contiguous() && x.cols % D == 0);
+      const Mat heads = Mat::dense(x.data, x.dtype, x.rows * (x.cols / D), D);
+      ops.rmsnorm(s, heads, w.w[i].data, config_.norm_eps, heads);
+    }
+  }
+}
+
 void ModelGraph::attention(Ops& ops, Stream& s, const BatchView& batch, int nb) {
   for (int i = 0; i < nb; ++i) {
     Branch& br = branches_[static_cast<std::size_t>(i)];
@@ -289,6 +304,7 @@ void ModelGraph::attention(Ops& ops, Stream& s, const BatchView& batch, int nb) 
     a.key_mask = batch.key_mask;
     a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(config_.head_dim)));
     a.causal = true;
+    a.window = window_;
     ops.attention(s, a);
   }
 }
@@ -334,6 +350,7 @@ void ModelGraph::prefix_attention(Ops& ops, Stream& s, const BatchView& batch, i
     a.key_mask = batch.prefix_key_mask;
     a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(config_.head_dim)));
     a.causal = true;
+    a.window = window_;
     ops.attention(s, a);
     for (std::int64_t b = 0; b < B; ++b)
       s.copy_d2d(rows(br.attn, b * T), rows(br.ax, b * S + P), static_cast<std::size_t>(T * qd) * cb);
@@ -383,6 +400,7 @@ void ModelGraph::cached_attention(Ops& ops, Stream& s, const BatchView& batch, i
   a.key_mask = c.key_mask;
   a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(config_.head_dim)));
   a.causal = true;
+  a.window = window_;
   ops.attention(s, a);
 }
 
@@ -422,11 +440,13 @@ void ModelGraph::embed(Ops& ops, Stream& s, const WeightSet& g, const BatchView&
 }
 
 void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView& batch,
-                       const NoiseArgs* noise, int nb, const LoraSet* lora, const NoiseArgs* lora_noise) {
+                       const NoiseArgs* noise, int nb, const LoraSet* lora, const NoiseArgs* lora_noise,
+                       std::int64_t layer) {
   ZO2_CHECK(batch.tokens() <= capacity_tokens_);
   ZO2_CHECK(!lora || (lora->prefix_tokens > 0 ? limits_.prefix_tokens >= lora->prefix_tokens : limits_.lora_rank > 0));
   lora_ = lora;
   lora_noise_ = lora_noise;
+  window_ = static_cast<int>(config_.attention_window(layer));
   std::vector<Branch> saved(branches_.begin(), branches_.begin() + nb);
   for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = rows_of(saved[static_cast<std::size_t>(i)], batch.tokens());
   const bool opt = config_.family == ModelFamily::opt;
@@ -438,6 +458,7 @@ void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView&
   linear(ops, s, w, Role::q_w, Role::q_b, attn_in, &Branch::q, noise, nb);
   linear(ops, s, w, Role::k_w, Role::k_b, attn_in, &Branch::k, noise, nb);
   linear(ops, s, w, Role::v_w, Role::v_b, attn_in, &Branch::v, noise, nb);
+  if (config_.qk_norm) qk_norm(ops, s, w, noise, nb);
   attention(ops, s, batch, nb);
   // hidden += attn·Woᵀ + bo (x is the tiles' scratch).
   linear(ops, s, w, Role::o_w, Role::o_b, &Branch::attn, &Branch::x, noise, nb, false, &Branch::hidden);
@@ -462,6 +483,7 @@ void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView&
   for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = saved[static_cast<std::size_t>(i)];
   lora_ = nullptr;
   lora_noise_ = nullptr;
+  window_ = 0;
 }
 
 void ModelGraph::finish(Ops& ops, Stream& s, const WeightSet& g, const BatchView& batch,

@@ -130,9 +130,10 @@ class ModelGraph {
              const NoiseArgs* noise, int nbranches);
   // With lora, the block's adapters add to their layers; lora_noise perturbs them (and
   // noise the base weights; LoRA training passes nullptr there: the base is frozen).
+  // `layer` is the block's index (its attention window: ModelConfig::attention_window).
   void block(Ops& ops, Stream& s, const WeightSet& block, const BatchView& batch,
              const NoiseArgs* noise, int nbranches, const LoraSet* lora = nullptr,
-             const NoiseArgs* lora_noise = nullptr);
+             const NoiseArgs* lora_noise = nullptr, std::int64_t layer = 0);
   // Final norm (+ OPT project_out) into each branch's `final`.
   void finish(Ops& ops, Stream& s, const WeightSet& globals, const BatchView& batch,
               const NoiseArgs* noise, int nbranches);
@@ -180,6 +181,9 @@ class ModelGraph {
   void norm(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias, Mat Branch::*in,
             Mat Branch::*out, const NoiseArgs* noise, int nbranches);
   void attention(Ops& ops, Stream& s, const BatchView& batch, int nbranches);
+  // Qwen3: RMSNorm of each head of q and k (q_norm, k_norm), before RoPE.
+  void qk_norm(Ops& ops, Stream& s, const WeightSet& ws, const NoiseArgs* noise, int nbranches);
+  int window_ = 0;  // during block(): the layer's sliding window (0: none)
 
   ModelConfig config_;
   DType compute_;

@@ -102,13 +102,18 @@ ImageLayout block_layout(const ModelConfig& c, std::int64_t layer, DType storage
     if (b) add(Role::fc2_b, "fc2.bias", {h});
   } else {
     const bool ab = c.attention_bias, mb = c.mlp_bias;
+    const bool qkv = ab || c.qkv_bias;  // Qwen2: q/k/v biases without o_proj's
     add(Role::attn_norm_w, "input_layernorm.weight", {h});
     add(Role::q_w, "self_attn.q_proj.weight", {c.q_dim(), h});
-    if (ab) add(Role::q_b, "self_attn.q_proj.bias", {c.q_dim()});
+    if (qkv) add(Role::q_b, "self_attn.q_proj.bias", {c.q_dim()});
     add(Role::k_w, "self_attn.k_proj.weight", {c.kv_dim(), h});
-    if (ab) add(Role::k_b, "self_attn.k_proj.bias", {c.kv_dim()});
+    if (qkv) add(Role::k_b, "self_attn.k_proj.bias", {c.kv_dim()});
     add(Role::v_w, "self_attn.v_proj.weight", {c.kv_dim(), h});
-    if (ab) add(Role::v_b, "self_attn.v_proj.bias", {c.kv_dim()});
+    if (qkv) add(Role::v_b, "self_attn.v_proj.bias", {c.kv_dim()});
+    if (c.qk_norm) {
+      add(Role::q_norm_w, "self_attn.q_norm.weight", {c.head_dim});
+      add(Role::k_norm_w, "self_attn.k_norm.weight", {c.head_dim});
+    }
     add(Role::o_w, "self_attn.o_proj.weight", {h, c.q_dim()});
     if (ab) add(Role::o_b, "self_attn.o_proj.bias", {h});
     add(Role::mlp_norm_w, "post_attention_layernorm.weight", {h});

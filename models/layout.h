@@ -28,6 +28,7 @@ enum class Role : std::uint8_t {
   mlp_norm_w, mlp_norm_b,     // OPT final_layer_norm (in a block), LLaMA post_attention_layernorm
   fc1_w, fc1_b, fc2_w, fc2_b, // OPT MLP
   gate_w, gate_b, up_w, up_b, down_w, down_b,  // LLaMA MLP
+  q_norm_w, k_norm_w,         // Qwen3 per-head RMSNorms of q and k ([head_dim])
   // globals
   embed_tokens, embed_positions, project_in, project_out, final_norm_w, final_norm_b, lm_head,
   count_

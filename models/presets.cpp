@@ -65,6 +65,44 @@ ModelConfig llama3_scaled(ModelConfig c, double factor, std::int64_t original) {
   return c;
 }
 
+// LLaMA-family variants (Note [LLaMA-family variants] in config.cpp).
+ModelConfig qwen2(std::int64_t hidden, std::int64_t layers, std::int64_t heads, std::int64_t kv_heads,
+                  std::int64_t ffn, std::int64_t vocab, bool tied) {
+  ModelConfig c = llama(hidden, layers, heads, kv_heads, ffn, vocab, 32768, 1000000.0, 1e-6f, tied);
+  c.model_type = "qwen2";
+  c.qkv_bias = true;
+  c.bos_token_id = 151643;
+  c.eos_token_id = 151643;
+  return c;
+}
+
+ModelConfig qwen3(std::int64_t hidden, std::int64_t layers, std::int64_t heads, std::int64_t kv_heads,
+                  std::int64_t ffn, bool tied) {
+  ModelConfig c = llama(hidden, layers, heads, kv_heads, ffn, 151936, 40960, 1000000.0, 1e-6f, tied);
+  c.model_type = "qwen3";
+  c.head_dim = 128;
+  c.qk_norm = true;
+  c.bos_token_id = 151643;
+  c.eos_token_id = 151645;
+  return c;
+}
+
+ModelConfig mistral(std::int64_t vocab, std::int64_t positions, double theta, std::int64_t window) {
+  ModelConfig c = llama(4096, 32, 32, 8, 14336, vocab, positions, theta, 1e-5f);
+  c.model_type = "mistral";
+  c.sliding_window = window;
+  c.bos_token_id = 1;
+  c.eos_token_id = 2;
+  return c;
+}
+
+// A tiny preset's special ids inside its vocabulary.
+ModelConfig tiny_ids(ModelConfig c) {
+  c.bos_token_id = 1;
+  c.eos_token_id = 2;
+  return c;
+}
+
 std::vector<Preset> make_presets() {
   std::vector<Preset> p;
   auto add = [&](std::string name, std::string desc, ModelConfig c) {
@@ -79,6 +117,28 @@ std::vector<Preset> make_presets() {
     ModelConfig c = llama(64, 2, 4, 2, 176, 512, 64, 10000.0, 1e-6f);
     c.head_dim = 16;
     add("llama-tiny", "LLaMA, GQA 4/2 heads, 2 blocks, hidden 64 (tests)", c);
+  }
+  {
+    ModelConfig c = tiny_ids(qwen2(64, 2, 4, 2, 176, 512, true));
+    c.max_positions = 64;
+    add("qwen2-tiny", "Qwen2, q/k/v biases, GQA 4/2, tied head, 2 blocks, hidden 64 (tests)", c);
+  }
+  {
+    ModelConfig c = tiny_ids(qwen3(64, 2, 4, 2, 176, false));
+    c.vocab_size = 512;
+    c.head_dim = 24;  // ≠ hidden / heads
+    c.max_positions = 64;
+    add("qwen3-tiny", "Qwen3, q/k norms, head_dim 24 ≠ 64/4, GQA 4/2, 2 blocks (tests)", c);
+  }
+  {
+    ModelConfig c = tiny_ids(mistral(512, 64, 10000.0, 16));
+    c.hidden_size = c.word_embed_proj_dim = 64;
+    c.num_layers = 2;
+    c.num_heads = 4;
+    c.num_kv_heads = 2;
+    c.head_dim = 16;
+    c.ffn_dim = 176;
+    add("mistral-tiny", "Mistral, sliding window 16, GQA 4/2, 2 blocks, hidden 64 (tests)", c);
   }
   add("opt-micro", "OPT, 4 blocks, hidden 128, GPT-2 vocabulary (demos with a real tokenizer)",
       opt(128, 4, 4, 512, 50272, 512));
@@ -107,6 +167,21 @@ std::vector<Preset> make_presets() {
     ModelConfig c = llama3_scaled(llama(2048, 16, 32, 8, 8192, 128256, 131072, 500000.0, 1e-5f, true), 32.0, 8192);
     add("llama3.2-1b", "LLaMA-3.2 1B (tied head, llama3 rotary scaling)", c);
   }
+  // Qwen2.5 (Qwen2ForCausalLM), as Qwen/Qwen2.5-* ship them.
+  add("qwen2.5-0.5b", "Qwen2.5 0.5B (GQA 14/2, q/k/v biases, tied head)", qwen2(896, 24, 14, 2, 4864, 151936, true));
+  add("qwen2.5-1.5b", "Qwen2.5 1.5B (GQA 12/2, q/k/v biases, tied head)", qwen2(1536, 28, 12, 2, 8960, 151936, true));
+  add("qwen2.5-7b", "Qwen2.5 7B (GQA 28/4, q/k/v biases)", qwen2(3584, 28, 28, 4, 18944, 152064, false));
+  // Qwen3 (Qwen3ForCausalLM): head_dim 128 throughout.
+  add("qwen3-0.6b", "Qwen3 0.6B (GQA 16/8, q/k norms, head_dim 128, tied head)", qwen3(1024, 28, 16, 8, 3072, true));
+  add("qwen3-1.7b", "Qwen3 1.7B (GQA 16/8, q/k norms, tied head)", qwen3(2048, 28, 16, 8, 6144, true));
+  add("qwen3-4b", "Qwen3 4B (GQA 32/8, q/k norms, tied head)", qwen3(2560, 36, 32, 8, 9728, true));
+  add("qwen3-8b", "Qwen3 8B (GQA 32/8, q/k norms)", qwen3(4096, 36, 32, 8, 12288, false));
+  add("qwen3-14b", "Qwen3 14B (GQA 40/8, q/k norms)", qwen3(5120, 40, 40, 8, 17408, false));
+  add("qwen3-32b", "Qwen3 32B (GQA 64/8, q/k norms, head_dim 128 ≠ 5120/64)", qwen3(5120, 64, 64, 8, 25600, false));
+  // Mistral 7B: v0.1 with its 4096-token sliding window; v0.3 without one.
+  add("mistral-7b", "Mistral 7B v0.1 (GQA 32/8, sliding window 4096)", mistral(32000, 32768, 10000.0, 4096));
+  add("mistral-7b-v0.3", "Mistral 7B v0.3 (GQA 32/8, vocabulary 32768, no sliding window)",
+      mistral(32768, 32768, 1000000.0, 0));
   return p;
 }
 

@@ -306,7 +306,8 @@ void Scheduler::run_blocks(const Use& use) {
     if (use.update) apply_update(w, layout, st);
     if (use.forward) {
       graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches,
-                   lora_.empty() || adapters_off_ ? nullptr : &lora_[static_cast<std::size_t>(i)], use.adapter_noise);
+                   lora_.empty() || adapters_off_ ? nullptr : &lora_[static_cast<std::size_t>(i)], use.adapter_noise,
+                   i);
       if (use.hidden && i + 1 < L)  // the last block's output is replaced by the final one
         capture_hidden(graph_.branches()[0].hidden, use.batch->tokens(), use.hidden);
     }

@@ -219,6 +219,271 @@ TEST(ModelConfig, Llama31StyleConfigWithEosListParses) {
   EXPECT_EQ(c.total_params(), find_preset("llama3.1-8b").config.total_params());
 }
 
+// ---- LLaMA-family variants (Note [LLaMA-family variants]) ----
+
+// Qwen/Qwen2.5-0.5B's config.json as it ships.
+json qwen25_json() {
+  return json::parse(R"({
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+    "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24,
+    "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": true,
+    "torch_dtype": "bfloat16", "transformers_version": "4.40.1", "use_cache": true,
+    "use_sliding_window": false, "vocab_size": 151936})");
+}
+
+// Qwen/Qwen3-0.6B's.
+json qwen3_json() {
+  return json::parse(R"({
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
+    "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": null, "rope_theta": 1000000, "sliding_window": null, "tie_word_embeddings": true,
+    "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": true,
+    "use_sliding_window": false, "vocab_size": 151936})");
+}
+
+// mistralai/Mistral-7B-v0.1's.
+json mistral_json() {
+  return json::parse(R"({
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+    "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+    "sliding_window": 4096, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+    "transformers_version": "4.34.0.dev0", "use_cache": true, "vocab_size": 32000})");
+}
+
+std::vector<std::string> tensor_names(const ImageLayout& l) {
+  std::vector<std::string> n;
+  for (const auto& t : l.tensors()) n.push_back(t.name);
+  return n;
+}
+
+TEST(ModelConfig, Qwen25ConfigParsesWithQkvBiasesAndATiedHead) {
+  const ModelConfig c = ModelConfig::from_json(qwen25_json());
+  EXPECT_EQ(c.family, ModelFamily::llama);
+  EXPECT_EQ(c.model_type, "qwen2");
+  EXPECT_EQ(c.family_name(), "qwen2");
+  EXPECT_EQ(c.architecture(), "Qwen2ForCausalLM");
+  EXPECT_TRUE(c.qkv_bias);
+  EXPECT_FALSE(c.attention_bias);
+  EXPECT_FALSE(c.mlp_bias);
+  EXPECT_FALSE(c.qk_norm);
+  EXPECT_TRUE(c.tie_word_embeddings);
+  EXPECT_EQ(c.num_kv_heads, 2);
+  EXPECT_EQ(c.head_dim, 64);
+  EXPECT_EQ(c.rope.theta, 1e6);
+  EXPECT_EQ(c.sliding_window, 0) << "use_sliding_window false";
+  EXPECT_EQ(c.attention_window(23), 0);
+  EXPECT_EQ(c.total_params(), 494'032'768);  // transformers' num_parameters()
+  const auto names = tensor_names(block_layout(c, 3, DType::bf16));
+  for (const char* want : {"model.layers.3.self_attn.q_proj.bias", "model.layers.3.self_attn.k_proj.bias",
+                           "model.layers.3.self_attn.v_proj.bias"})
+    EXPECT_NE(std::find(names.begin(), names.end(), want), names.end()) << want;
+  EXPECT_EQ(std::find(names.begin(), names.end(), "model.layers.3.self_attn.o_proj.bias"), names.end());
+  EXPECT_EQ(std::find(names.begin(), names.end(), "model.layers.3.mlp.down_proj.bias"), names.end());
+  // Qwen2 has no attention_bias/mlp_bias fields: transformers ignores them, so does zo2.
+  json j = qwen25_json();
+  j["attention_bias"] = true;
+  j["mlp_bias"] = true;
+  EXPECT_EQ(ModelConfig::from_json(j).total_params(), c.total_params());
+  // Written back: model_type, architectures and the sliding-window fields as they came.
+  const json out = c.to_json();
+  EXPECT_EQ(out.at("model_type"), "qwen2");
+  EXPECT_EQ(out.at("architectures"), json::array({"Qwen2ForCausalLM"}));
+  for (const char* k : {"use_sliding_window", "sliding_window", "max_window_layers", "transformers_version"})
+    EXPECT_EQ(out.at(k), qwen25_json().at(k)) << k;
+  EXPECT_EQ(ModelConfig::from_json(out).total_params(), c.total_params());
+}
+
+TEST(ModelConfig, Qwen3ConfigParsesWithQkNormsAndItsOwnHeadDim) {
+  const ModelConfig c = ModelConfig::from_json(qwen3_json());
+  EXPECT_EQ(c.model_type, "qwen3");
+  EXPECT_EQ(c.architecture(), "Qwen3ForCausalLM");
+  EXPECT_TRUE(c.qk_norm);
+  EXPECT_FALSE(c.qkv_bias);
+  EXPECT_FALSE(c.attention_bias);
+  EXPECT_EQ(c.head_dim, 128);  // ≠ 1024 / 16
+  EXPECT_EQ(c.q_dim(), 2048);
+  EXPECT_EQ(c.sliding_window, 0);
+  EXPECT_EQ(c.total_params(), 596'049'920);
+  const ImageLayout l = block_layout(c, 0, DType::f8_e4m3);
+  const TensorSlot* qn = l.find("model.layers.0.self_attn.q_norm.weight");
+  const TensorSlot* kn = l.find("model.layers.0.self_attn.k_norm.weight");
+  ASSERT_TRUE(qn && kn);
+  EXPECT_EQ(qn->shape(), std::vector<std::int64_t>{128});
+  EXPECT_EQ(kn->role, Role::k_norm_w);
+  EXPECT_EQ(qn->dtype, DType::bf16) << "1-D tensors stay bf16 under fp8 storage";
+  // head_dim missing: Qwen3Config's default 128, not hidden / heads.
+  json nohd = qwen3_json();
+  nohd.erase("head_dim");
+  EXPECT_EQ(ModelConfig::from_json(nohd).head_dim, 128);
+  // attention_bias: q, k, v and o biased, as in LLaMA.
+  json ab = qwen3_json();
+  ab["attention_bias"] = true;
+  const ModelConfig b = ModelConfig::from_json(ab);
+  EXPECT_TRUE(b.attention_bias);
+  EXPECT_TRUE(block_layout(b, 0, DType::f32).find("model.layers.0.self_attn.o_proj.bias"));
+  const json out = c.to_json();
+  EXPECT_EQ(out.at("model_type"), "qwen3");
+  EXPECT_EQ(out.at("architectures"), json::array({"Qwen3ForCausalLM"}));
+  EXPECT_EQ(out.at("head_dim"), 128);
+  EXPECT_EQ(ModelConfig::from_json(out).total_params(), c.total_params());
+}
+
+TEST(ModelConfig, MistralConfigParsesItsSlidingWindowAsTransformersDoes) {
+  const ModelConfig c = ModelConfig::from_json(mistral_json());
+  EXPECT_EQ(c.model_type, "mistral");
+  EXPECT_EQ(c.architecture(), "MistralForCausalLM");
+  EXPECT_FALSE(c.qkv_bias || c.qk_norm || c.attention_bias || c.mlp_bias);
+  EXPECT_EQ(c.sliding_window, 4096);
+  EXPECT_EQ(c.attention_window(0), 4096);
+  EXPECT_EQ(c.attention_window(31), 4096);
+  EXPECT_EQ(c.total_params(), 7'241'732'096);
+  json null_window = mistral_json();
+  null_window["sliding_window"] = nullptr;  // v0.2 and later: no window
+  EXPECT_EQ(ModelConfig::from_json(null_window).attention_window(0), 0);
+  json missing = mistral_json();
+  missing.erase("sliding_window");  // MistralConfig's default
+  EXPECT_EQ(ModelConfig::from_json(missing).sliding_window, 4096);
+  json no_kv = mistral_json();
+  no_kv.erase("num_key_value_heads");  // MistralConfig's default 8
+  EXPECT_EQ(ModelConfig::from_json(no_kv).num_kv_heads, 8);
+  no_kv["num_key_value_heads"] = nullptr;  // null: num_attention_heads
+  EXPECT_EQ(ModelConfig::from_json(no_kv).num_kv_heads, 32);
+  json no_positions = mistral_json();
+  no_positions.erase("max_position_embeddings");
+  EXPECT_EQ(ModelConfig::from_json(no_positions).max_positions, 4096 * 32);
+  // Attention biases are not Mistral fields.
+  json ab = mistral_json();
+  ab["attention_bias"] = true;
+  EXPECT_FALSE(ModelConfig::from_json(ab).attention_bias);
+  // Written back with the window explicit (a missing one would mean 4096).
+  EXPECT_EQ(c.to_json().at("sliding_window"), 4096);
+  EXPECT_TRUE(ModelConfig::from_json(null_window).to_json().at("sliding_window").is_null());
+  EXPECT_EQ(ModelConfig::from_json(c.to_json()).sliding_window, 4096);
+}
+
+TEST(ModelConfig, QwenSlidingWindowAppliesToTheLayersItNames) {
+  json j = qwen25_json();
+  j["num_hidden_layers"] = 4;
+  j["use_sliding_window"] = true;
+  j["sliding_window"] = 8;
+  j["max_window_layers"] = 1;  // layers ≥ 1 slide
+  const ModelConfig c = ModelConfig::from_json(j);
+  EXPECT_EQ(c.sliding_window, 8);
+  EXPECT_EQ(c.attention_window(0), 0);
+  EXPECT_EQ(c.attention_window(1), 8);
+  EXPECT_EQ(c.attention_window(3), 8);
+  {  // through to_json and back
+    const ModelConfig back = ModelConfig::from_json(c.to_json());
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(back.attention_window(i), c.attention_window(i)) << i;
+  }
+  // layer_types, when given, decide.
+  j["layer_types"] = {"sliding_attention", "full_attention", "sliding_attention", "full_attention"};
+  const ModelConfig t = ModelConfig::from_json(j);
+  EXPECT_EQ(t.attention_window(0), 8);
+  EXPECT_EQ(t.attention_window(1), 0);
+  EXPECT_EQ(t.attention_window(2), 8);
+  EXPECT_EQ(t.attention_window(3), 0);
+  // A made config (no source) names its layers in layer_types and reads back the same.
+  ModelConfig made = find_preset("qwen2-tiny").config;
+  made.sliding_window = 5;
+  made.sliding_layers = {false, true};
+  const json mj = made.to_json();
+  EXPECT_EQ(mj.at("use_sliding_window"), true);
+  EXPECT_EQ(mj.at("layer_types"), json::array({"full_attention", "sliding_attention"}));
+  const ModelConfig mb = ModelConfig::from_json(mj);
+  EXPECT_EQ(mb.attention_window(0), 0);
+  EXPECT_EQ(mb.attention_window(1), 5);
+  // Every layer below max_window_layers: no window anywhere.
+  j.erase("layer_types");
+  j["max_window_layers"] = 4;
+  EXPECT_EQ(ModelConfig::from_json(j).sliding_window, 0);
+  // use_sliding_window false: the window fields are not used.
+  j["use_sliding_window"] = false;
+  j["max_window_layers"] = 0;
+  EXPECT_EQ(ModelConfig::from_json(j).sliding_window, 0);
+}
+
+TEST(ModelConfig, VariantFieldsOutOfRangeAreRefusedNamingTheField) {
+  {
+    json j = qwen25_json();
+    j["use_sliding_window"] = "yes";
+    expect_refused(j, ErrorKind::format, {"use_sliding_window", "true or false"});
+  }
+  {
+    json j = qwen25_json();
+    j["use_sliding_window"] = true;
+    j["sliding_window"] = 0;
+    expect_refused(j, ErrorKind::format, {"sliding_window", "positive"});
+  }
+  {
+    json j = mistral_json();
+    j["sliding_window"] = -4;
+    expect_refused(j, ErrorKind::format, {"sliding_window", "-4"});
+  }
+  {
+    json j = mistral_json();
+    j["sliding_window"] = "4096";
+    expect_refused(j, ErrorKind::format, {"sliding_window", "integer"});
+  }
+  {
+    json j = mistral_json();
+    j["sliding_window"] = std::int64_t{1} << 40;
+    expect_refused(j, ErrorKind::unsupported, {"sliding_window", "larger than zo2 runs"});
+  }
+  {
+    json j = qwen25_json();
+    j["use_sliding_window"] = true;
+    j["max_window_layers"] = -1;
+    expect_refused(j, ErrorKind::format, {"max_window_layers", "-1"});
+  }
+  {
+    json j = qwen25_json();
+    j["use_sliding_window"] = true;
+    j["layer_types"] = {"full_attention"};
+    expect_refused(j, ErrorKind::format, {"layer_types", "24"});
+  }
+  {
+    json j = qwen25_json();
+    j["use_sliding_window"] = true;
+    j["num_hidden_layers"] = 2;
+    j["layer_types"] = {"full_attention", "chunked_attention"};
+    expect_refused(j, ErrorKind::unsupported, {"layer_types[1]", "chunked_attention"});
+  }
+  {
+    json j = qwen3_json();
+    j["hidden_act"] = "gelu";
+    expect_refused(j, ErrorKind::unsupported, {"hidden_act", "gelu", "Qwen3"});
+  }
+  {
+    json j = qwen3_json();
+    j["head_dim"] = 127;
+    expect_refused(j, ErrorKind::unsupported, {"head_dim", "127", "even"});
+  }
+  {
+    json j = qwen3_json();
+    j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+    expect_refused(j, ErrorKind::unsupported, {"rope_scaling.rope_type", "yarn"});
+  }
+  {  // A missing num_key_value_heads is Qwen2Config's default 32: 14 heads are not a multiple.
+    json j = qwen25_json();
+    j.erase("num_key_value_heads");
+    expect_refused(j, ErrorKind::format, {"num_attention_heads (14)", "num_key_value_heads (32)"});
+  }
+  {
+    json j = qwen25_json();
+    j["model_type"] = "gemma3_text";
+    expect_refused(j, ErrorKind::unsupported, {"gemma3_text", "qwen2", "qwen3", "mistral"});
+  }
+}
+
+
 TEST(ModelConfig, Llama3RopeInverseFrequenciesMatchTransformersComputation) {
   struct Case {
     double theta, factor, low, high;
@@ -441,6 +706,12 @@ void expect_same_config(const ModelConfig& a, const ModelConfig& b, const std::s
   EXPECT_EQ(a.linear_bias, b.linear_bias);
   EXPECT_EQ(a.attention_bias, b.attention_bias);
   EXPECT_EQ(a.mlp_bias, b.mlp_bias);
+  EXPECT_EQ(a.model_type, b.model_type);
+  EXPECT_EQ(a.qkv_bias, b.qkv_bias);
+  EXPECT_EQ(a.qk_norm, b.qk_norm);
+  EXPECT_EQ(a.sliding_window, b.sliding_window);
+  for (std::int64_t i = 0; i < a.num_layers && i < 256; ++i)
+    EXPECT_EQ(a.attention_window(i), b.attention_window(i)) << "layer " << i;
   EXPECT_EQ(a.rope.type, b.rope.type);
   EXPECT_EQ(a.rope.theta, b.rope.theta);
   if (a.rope.type == RopeType::linear || a.rope.type == RopeType::llama3) {
@@ -499,6 +770,26 @@ TEST(Presets, ParameterCountsMatchTransformers) {
   EXPECT_EQ(find_preset("opt-1.3b").config.total_params(), 1'315'758'080);
   EXPECT_EQ(find_preset("llama2-7b").config.total_params(), 6'738'415'616);
   EXPECT_EQ(find_preset("llama3-8b").config.total_params(), 8'030'261'248);
+  EXPECT_EQ(find_preset("qwen2.5-0.5b").config.total_params(), 494'032'768);
+  EXPECT_EQ(find_preset("qwen2.5-7b").config.total_params(), 7'615'616'512);
+  EXPECT_EQ(find_preset("qwen3-0.6b").config.total_params(), 596'049'920);
+  EXPECT_EQ(find_preset("qwen3-8b").config.total_params(), 8'190'735'360);
+  EXPECT_EQ(find_preset("mistral-7b").config.total_params(), 7'241'732'096);
+}
+
+TEST(Presets, VariantPresetsMatchTheirShippedConfigs) {
+  // The presets equal the shipped config.json files (above) in every field zo2 runs.
+  for (const auto& [name, j] : {std::pair{"qwen2.5-0.5b", qwen25_json()}, std::pair{"qwen3-0.6b", qwen3_json()},
+                                std::pair{"mistral-7b", mistral_json()}}) {
+    const ModelConfig& p = find_preset(name).config;
+    ModelConfig c = ModelConfig::from_json(j);
+    c.torch_dtype = p.torch_dtype;  // the files say bfloat16, init writes float32
+    expect_same_config(p, c, name);
+    EXPECT_EQ(p.model_type, c.model_type) << name;
+    EXPECT_EQ(p.qkv_bias, c.qkv_bias) << name;
+    EXPECT_EQ(p.qk_norm, c.qk_norm) << name;
+    EXPECT_EQ(p.sliding_window, c.sliding_window) << name;
+  }
 }
 
 // ---- layouts ----
@@ -538,7 +829,8 @@ void check_layout(const ImageLayout& l, DType storage, const std::string& what) 
 }
 
 TEST(Layout, TensorsAreAlignedDisjointAndSizedForEveryStorageDtype) {
-  for (const char* name : {"opt-tiny", "opt-tiny-postln", "llama-tiny", "opt-125m", "llama3-8b", "llama2-70b"}) {
+  for (const char* name : {"opt-tiny", "opt-tiny-postln", "llama-tiny", "opt-125m", "llama3-8b", "llama2-70b",
+                           "qwen2-tiny", "qwen3-tiny", "mistral-tiny", "qwen2.5-0.5b", "qwen3-32b", "mistral-7b"}) {
     const ModelConfig& c = find_preset(name).config;
     for (DType dt : {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3}) {
       const std::string tag = std::string(name) + " " + std::string(dtype_name(dt));

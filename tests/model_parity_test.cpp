@@ -2,7 +2,10 @@
 // independent double-precision reference (itself checked against transformers in
 // golden_test.cpp): GQA/MQA, head_dim ≠ hidden/heads, rotary scaling (linear, llama3),
 // biases, untied heads, OPT with and without projections and final norm, odd sizes,
-// left and right padding, and tiled weights and vocabularies.
+// left and right padding, and tiled weights and vocabularies; the LLaMA-family variants
+// (Qwen2's q/k/v biases, Qwen3's q/k norms, Mistral's and Qwen's sliding windows shorter
+// than the sequence). The reference follows transformers as read, not goldens made by
+// transformers: those need torch (a GPU session's job).
 #include "tests/reference_model.h"
 #include "tests/test_util.h"
 
@@ -48,6 +51,14 @@ ModelConfig llama_config() {
   return c;
 }
 
+ModelConfig variant(const std::string& type) {
+  ModelConfig c = llama_config();
+  c.model_type = type;
+  c.qkv_bias = type == "qwen2";
+  c.qk_norm = type == "qwen3";
+  return c;
+}
+
 struct Case {
   std::string name;
   ModelConfig config;
@@ -73,6 +84,21 @@ std::vector<Case> cases() {
     c.rope.low_freq_factor = 1; c.rope.high_freq_factor = 4; c.rope.original_max_positions = 64;
     v.push_back({"LlamaLlama3Rope", c}); }
   { auto c = llama_config(); c.attention_bias = true; c.mlp_bias = true; v.push_back({"LlamaBiases", c}); }
+  // Qwen2: q/k/v biases (no o_proj bias), GQA, tied and untied.
+  { auto c = variant("qwen2"); c.tie_word_embeddings = true; v.push_back({"Qwen2GqaTied", c}); }
+  { auto c = variant("qwen2"); c.num_kv_heads = 1; v.push_back({"Qwen2MqaUntied", c}); }
+  // use_sliding_window with the window in layer 1 only (layers ≥ max_window_layers).
+  { auto c = variant("qwen2"); c.sliding_window = 3; c.sliding_layers = {false, true}; v.push_back({"Qwen2SlidingLayer1", c}); }
+  // Qwen3: q/k norms, head_dim 12 ≠ 40 / 4, GQA; tied with attention_bias.
+  v.push_back({"Qwen3QkNormGqa", variant("qwen3")});
+  { auto c = variant("qwen3"); c.tie_word_embeddings = true; c.attention_bias = true; c.head_dim = 16;
+    v.push_back({"Qwen3QkNormTiedBiases", c}); }
+  // Mistral: a window (4, then 1) shorter than the 13-token sequences, GQA.
+  { auto c = variant("mistral"); c.sliding_window = 4; v.push_back({"MistralWindow4", c}); }
+  { auto c = variant("mistral"); c.sliding_window = 1; c.tie_word_embeddings = true; v.push_back({"MistralWindow1Tied", c}); }
+  { auto c = variant("mistral"); c.sliding_window = 64; v.push_back({"MistralWindowLongerThanSequence", c}); }
+  { auto c = variant("mistral"); c.sliding_window = 5; Case t{"MistralWindowTiled", c}; t.limits.weight_tile_elems = 100;
+    t.limits.vocab_tile = 7; v.push_back(t); }
   { Case t{"OptTiledWeightsAndVocab", opt_config()}; t.limits.weight_tile_elems = 100; t.limits.vocab_tile = 10;
     v.push_back(t); }
   { Case t{"LlamaTiledWeightsAndVocab", llama_config()}; t.limits.weight_tile_elems = 100; t.limits.vocab_tile = 7;

@@ -142,11 +142,17 @@ ReferenceOutput ReferenceModel::forward(int B, int T, const std::vector<std::int
       auto it = w_.find(p + n);
       return it == w_.end() ? nullptr : &it->second;
     };
+    const int window = static_cast<int>(c.attention_window(l));
     auto attention = [&](const Vec& in) {
       const std::string a = p + "self_attn.";
       Vec q = linear(in, N, h, w(a + "q_proj.weight"), H * D, opt_bias("self_attn.q_proj.bias"));
       Vec k = linear(in, N, h, w(a + "k_proj.weight"), KV * D, opt_bias("self_attn.k_proj.bias"));
       Vec v = linear(in, N, h, w(a + "v_proj.weight"), KV * D, opt_bias("self_attn.v_proj.bias"));
+      // Qwen3: q_norm / k_norm, an RMSNorm of each head's D values, before RoPE.
+      if (const Vec* qn = opt_bias("self_attn.q_norm.weight")) {
+        q = rms_norm(q, N * H, D, *qn, c.norm_eps);
+        k = rms_norm(k, N * KV, D, w(a + "k_norm.weight"), c.norm_eps);
+      }
       if (!opt) {
         for (std::int64_t r = 0; r < N; ++r) {
           const double pos = static_cast<double>(r % T);
@@ -173,7 +179,9 @@ ReferenceOutput ReferenceModel::forward(int B, int T, const std::vector<std::int
           for (int i = 0; i < T; ++i) {
             std::vector<double> s(static_cast<std::size_t>(T), -std::numeric_limits<double>::infinity());
             double mx = -std::numeric_limits<double>::infinity();
-            for (int j = 0; j <= i; ++j) {
+            // A sliding window W: keys j with i − W < j ≤ i (transformers' masking_utils).
+            const int j0 = window > 0 ? std::max(0, i - window + 1) : 0;
+            for (int j = j0; j <= i; ++j) {
               if (!mask[static_cast<std::size_t>(b * T + j)]) continue;
               double d = 0;
               for (std::int64_t e = 0; e < D; ++e)
@@ -184,9 +192,9 @@ ReferenceOutput ReferenceModel::forward(int B, int T, const std::vector<std::int
             }
             if (mx == -std::numeric_limits<double>::infinity()) continue;
             double sum = 0;
-            for (int j = 0; j <= i; ++j)
+            for (int j = j0; j <= i; ++j)
               if (mask[static_cast<std::size_t>(b * T + j)]) sum += std::exp(s[static_cast<std::size_t>(j)] - mx);
-            for (int j = 0; j <= i; ++j) {
+            for (int j = j0; j <= i; ++j) {
               if (!mask[static_cast<std::size_t>(b * T + j)]) continue;
               const double pj = std::exp(s[static_cast<std::size_t>(j)] - mx) / sum;
               for (std::int64_t e = 0; e < D; ++e)

@@ -122,6 +122,23 @@ class SchedulerModels : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
     config = GetParam() == "opt" ? small_opt() : small_llama();
+    // LLaMA-family variants (Note [LLaMA-family variants]): Qwen2's q/k/v biases with a
+    // tied head and the window in the last three layers, Qwen3's q/k norms with head_dim
+    // 12 ≠ 32/4, Mistral's window of 5 keys in the 12-token sequences.
+    if (GetParam() == "qwen2") {
+      config.model_type = "qwen2";
+      config.qkv_bias = true;
+      config.tie_word_embeddings = true;
+      config.sliding_window = 4;
+      config.sliding_layers = {false, false, false, true, true, true};
+    } else if (GetParam() == "qwen3") {
+      config.model_type = "qwen3";
+      config.qk_norm = true;
+      config.head_dim = 12;
+    } else if (GetParam() == "mistral") {
+      config.model_type = "mistral";
+      config.sliding_window = 5;
+    }
     test::write_random_checkpoint(tmp.path(), config, 3);
   }
   SessionConfig capped(OffloadMode mode, std::size_t cap, int window = 3) const {
@@ -234,7 +251,7 @@ TEST_P(SchedulerModels, CudaStreamedRunMatchesResidentRunBitwise) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, SchedulerModels, ::testing::Values("opt", "llama"),
+INSTANTIATE_TEST_SUITE_P(Families, SchedulerModels, ::testing::Values("opt", "llama", "qwen2", "qwen3", "mistral"),
                          [](const auto& info) { return info.param; });
 
 // ---- a plain MeZO, no scheduler: the test's own fp64 forward and fp32 master weights ----
