@@ -262,7 +262,7 @@ std::string Placement::describe(const ModelConfig& config) const {
   s += fmt::format("  {:<28} {:>12} up, {} down\n", "transfer per step",
                    format_bytes(static_cast<double>(h2d_bytes_per_step)),
                    format_bytes(static_cast<double>(d2h_bytes_per_step)));
-  s += fmt::format("  {:<28} {:>12} \n", "transfer-bound step time",
+  s += fmt::format("  {:<28} {:>12}\n", "transfer-bound step time",
                    predicted_transfer_s < 1 ? fmt::format("{:.3g} ms", predicted_transfer_s * 1e3)
                                             : fmt::format("{:.3f} s", predicted_transfer_s));
   (void)config;
