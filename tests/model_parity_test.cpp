@@ -6,12 +6,16 @@
 // (Qwen2's q/k/v biases, Qwen3's q/k norms, Mistral's and Qwen's sliding windows shorter
 // than the sequence). The reference follows transformers as read, not goldens made by
 // transformers: those need torch (a GPU session's job).
+#include "models/presets.h"
+#include "runtime/dtype.h"
 #include "tests/reference_model.h"
 #include "tests/test_util.h"
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <cmath>
+#include <fstream>
 
 namespace zo2 {
 namespace {
@@ -140,6 +144,97 @@ TEST_P(ModelParity, ForwardMatchesTheReferenceWithLeftAndRightPadding) {
 
 INSTANTIATE_TEST_SUITE_P(Configs, ModelParity, ::testing::ValuesIn(cases()),
                          [](const auto& info) { return info.param.name; });
+
+}  // namespace
+}  // namespace zo2
+
+namespace zo2 {
+namespace {
+
+// The LLaMA-family variants' checkpoints (Note [LLaMA-family variants]): a saved checkpoint
+// keeps the source config.json's model_type, architectures and other fields, and every
+// storage dtype runs the forward close to the fp64 reference (the narrow ones within their
+// rounding of the weights).
+TEST(VariantCheckpoints, SaveKeepsTheConfigAndEveryStorageDtypeRunsTheForward) {
+  for (const char* name : {"qwen2-tiny", "qwen3-tiny", "mistral-tiny"}) {
+    SCOPED_TRACE(name);
+    ModelConfig c = find_preset(name).config;
+    if (c.model_type == "mistral") {
+      c.sliding_window = 5;  // shorter than the sequences
+    }
+    test::TempDir tmp, out;
+    test::write_random_checkpoint(tmp.path(), c, 9);
+    nlohmann::json source = nlohmann::json::parse(std::ifstream(tmp.path() / "config.json"));
+    source["transformers_version"] = "4.51.0";
+    source["use_cache"] = true;
+    std::ofstream(tmp.path() / "config.json") << source.dump(2);
+    {
+      SessionConfig cfg;
+      cfg.max_batch = 1;
+      cfg.max_seq = 4;
+      Session s(tmp.path(), cfg);
+      s.save(out.path(), DType::bf16, std::uint64_t{1} << 30);
+    }
+    const nlohmann::json saved = nlohmann::json::parse(std::ifstream(out.path() / "config.json"));
+    for (const auto& [key, value] : source.items()) {
+      if (key != "torch_dtype" && key != "dtype") {
+        EXPECT_EQ(saved.at(key), value) << key;
+      }
+    }
+    EXPECT_EQ(saved.at("model_type"), c.model_type);
+
+    const int B = 2, T = 11;
+    std::vector<std::int32_t> ids(B * T), mask(B * T, 1);
+    for (int i = 0; i < B * T; ++i) ids[static_cast<std::size_t>(i)] = (i * 29 + 5) % static_cast<int>(c.vocab_size);
+    for (int t = 0; t < 3; ++t) mask[static_cast<std::size_t>(T + t)] = 0;  // left padding
+    const test::ReferenceOutput r = test::ReferenceModel(tmp.path()).forward(B, T, ids, mask);
+    for (const auto& [dt, tol] : {std::pair{DType::f32, 1e-4}, std::pair{DType::f16, 5e-3},
+                                  std::pair{DType::bf16, 2e-2}, std::pair{DType::f8_e4m3, 0.15}}) {
+      SessionConfig cfg;
+      cfg.storage = dt;
+      const test::Zo2Output o = test::run_forward(tmp.path(), B, T, ids, mask, cfg);
+      const double err = test::masked_rel_error(o.logits, r.logits, mask, c.vocab_size);
+      EXPECT_LT(err, tol) << dtype_name(dt);
+      EXPECT_NEAR(o.loss, r.loss, 10 * tol * std::fabs(r.loss)) << dtype_name(dt);
+    }
+  }
+}
+
+constexpr int kSteps = 60;
+constexpr float kLr = 1e-3f;
+
+// A short MeZO run on each tiny variant lowers its loss on the batch it trains on.
+TEST(VariantCheckpoints, ShortMezoRunLowersTheLoss) {
+  for (const char* name : {"qwen2-tiny", "qwen3-tiny", "mistral-tiny"}) {
+    SCOPED_TRACE(name);
+    ModelConfig c = find_preset(name).config;
+    if (c.model_type == "mistral") {
+      c.sliding_window = 5;
+    }
+    test::TempDir tmp;
+    test::write_random_checkpoint(tmp.path(), c, 4);
+    const int B = 2, T = 12;
+    std::vector<std::int32_t> ids(B * T), mask(B * T, 1);
+    for (int i = 0; i < B * T; ++i) ids[static_cast<std::size_t>(i)] = (i * 13 + 7) % static_cast<int>(c.vocab_size);
+    SessionConfig cfg;
+    cfg.max_batch = B;
+    cfg.max_seq = T;
+    cfg.run_seed = 11;
+    Session s(tmp.path(), cfg);
+    const HostBatch batch = make_batch(c, B, T, ids, mask);
+    std::vector<float> losses;
+    for (int step = 0; step < kSteps; ++step) {
+      const StepResult r = s.wait(s.step_async(batch, kLr, 1e-3f, 0.0f));
+      losses.push_back(0.5f * (r.loss_plus + r.loss_minus));
+    }
+    auto mean = [&](int a, int b) {
+      double m = 0;
+      for (int i = a; i < b; ++i) m += losses[static_cast<std::size_t>(i)];
+      return m / (b - a);
+    };
+    EXPECT_LT(mean(kSteps - 5, kSteps), 0.98 * mean(0, 5)) << "first " << losses.front() << " last " << losses.back();
+  }
+}
 
 }  // namespace
 }  // namespace zo2
