@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 
 namespace zo2 {
 namespace {
@@ -357,6 +358,40 @@ TEST_P(GenerateTest, PlannerPutsTheCacheOnTheDeviceWhenItFitsAndSaysWhere) {
 
 INSTANTIATE_TEST_SUITE_P(Families, GenerateTest, ::testing::Values(ModelFamily::opt, ModelFamily::llama),
                          [](const auto& i) { return std::string(i.param == ModelFamily::opt ? "Opt" : "Llama"); });
+
+// The LLaMA-family variants through the KV cache (Note [LLaMA-family variants]): Mistral's
+// sliding window of 3 keys (shorter than the prompts plus the new tokens: the window is
+// counted in cache positions, so left padding and decoding step by step see what eval sees),
+// Qwen3's q/k norms with the window in its last two layers, Qwen2's q/k/v biases.
+TEST(GenerateVariants, GreedyEqualsArgmaxOfEvalLogitsWithAndWithoutTheCache) {
+  for (const char* type : {"mistral", "qwen3", "qwen2"}) {
+    SCOPED_TRACE(type);
+    ModelConfig c = tiny(ModelFamily::llama);
+    c.model_type = type;
+    if (c.model_type == "mistral") {
+      c.sliding_window = 3;
+    } else if (c.model_type == "qwen3") {
+      c.qk_norm = true;
+      c.sliding_window = 4;
+      c.sliding_layers = {false, true, true};
+    } else {
+      c.qkv_bias = true;
+    }
+    std::vector<std::vector<std::int32_t>> want;
+    for (const auto& p : kPrompts) want.push_back(reference_greedy(c, p, kNew));
+    GenerateOptions o;
+    o.max_new_tokens = kNew;
+    for (const auto& [mode, kv, batch] : {std::tuple{OffloadMode::none, KvPlace::device, 3},
+                                          std::tuple{OffloadMode::all, KvPlace::host, 2},
+                                          std::tuple{OffloadMode::all, KvPlace::off, 5}}) {
+      Session s(c, gen_cfg(mode, kv, batch), kInit, false);
+      const auto got = generate(s, kPrompts, o);
+      ASSERT_EQ(got.size(), kPrompts.size());
+      for (std::size_t i = 0; i < kPrompts.size(); ++i)
+        EXPECT_EQ(got[i].tokens, want[i]) << "prompt " << i << " kv " << kv_place_name(kv) << " batch " << batch;
+    }
+  }
+}
 
 }  // namespace
 }  // namespace zo2
