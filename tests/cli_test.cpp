@@ -13,6 +13,7 @@
 #include <fstream>
 #include <sys/wait.h>
 #include <thread>
+#include <tuple>
 #include <unistd.h>
 
 namespace zo2 {
@@ -90,6 +91,39 @@ TEST(Cli, InitWritesShardedCheckpointsThatForwardReads) {
   std::string list;
   ASSERT_EQ(run("init --list", &list), 0);
   for (const char* p : {"opt-125m", "opt-175b", "llama2-70b", "llama3-8b", "llama3.1-8b"}) EXPECT_NE(list.find(p), std::string::npos) << p;
+}
+
+// Qwen2, Qwen3 and Mistral through the tool (Note [LLaMA-family variants]): init a tiny
+// preset, train on it, and the tuned checkpoint's config.json keeps model_type and
+// architectures; plan takes the real-size presets.
+TEST(Cli, VariantPresetsInitTrainSaveAndPlan) {
+  for (const auto& [preset, type, arch] : {std::tuple{"qwen2-tiny", "qwen2", "Qwen2ForCausalLM"},
+                                           std::tuple{"qwen3-tiny", "qwen3", "Qwen3ForCausalLM"},
+                                           std::tuple{"mistral-tiny", "mistral", "MistralForCausalLM"}}) {
+    SCOPED_TRACE(preset);
+    Workspace w(preset);
+    std::string out;
+    ASSERT_EQ(run("train --model " + w.model.string() + " --data " + w.data.string() + " --out " + (w.tmp / "tuned").string() +
+                      " --steps 3 --batch-size 2 --lr 1e-4 -q",
+                  &out),
+              0)
+        << out;
+    for (const fs::path& dir : {w.model, w.tmp / "tuned"}) {
+      const auto j = nlohmann::json::parse(read_file(dir / "config.json"));
+      EXPECT_EQ(j.at("model_type"), type) << dir;
+      EXPECT_EQ(j.at("architectures"), nlohmann::json::array({arch})) << dir;
+    }
+  }
+  for (const char* preset : {"qwen2.5-0.5b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-8b", "qwen3-32b", "mistral-7b"}) {
+    std::string out;
+    ASSERT_EQ(run(std::string("plan --preset ") + preset + " --gpu-mem 8G --seq-len 512 --storage-dtype bf16", &out), 0)
+        << preset << ": " << out;
+    EXPECT_NE(out.find(preset), std::string::npos) << out;
+  }
+  std::string list;
+  ASSERT_EQ(run("init --list", &list), 0);
+  for (const char* p : {"qwen2-tiny", "qwen3-tiny", "mistral-tiny", "qwen3-0.6b", "qwen3-32b", "mistral-7b"})
+    EXPECT_NE(list.find(p), std::string::npos) << p;
 }
 
 TEST(Cli, PlanReportsAPlacementWithoutAllocatingTheModel) {
