@@ -539,7 +539,19 @@ TEST(Data, RecordAndSquadTrainAndTrainLogsTheTaskMetrics) {
                 &out),
             0)
       << out;
-  EXPECT_NE(out.find("squad's metric (F1/EM of the greedy generation"), std::string::npos) << out;  // said once
+  // squad's metric is F1/EM of greedy decoding, which train --eval now runs (api/generate.h).
+  EXPECT_NE(out.find("gold-answer loss"), std::string::npos) << out;
+  EXPECT_NE(out.find(", f1 "), std::string::npos) << out;
+  EXPECT_EQ(out.find("squad's metric"), std::string::npos) << out;  // no "needs generation" note
+  // --max-new-tokens 0: the loss alone, with the note, said once.
+  out.clear();
+  ASSERT_EQ(run("train --model " + lm.string() + " --task squad --data " + task_fixture("squad.json").string() +
+                    " --eval " + task_fixture("squad.json").string() + " --out " + (w.tmp / "sq0").string() +
+                    " --steps 1 --batch-size 2 --lr 1e-4 --seed 0 --max-new-tokens 0",
+                &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("squad's metric (F1/EM of the greedy generation"), std::string::npos) << out;
   EXPECT_EQ(out.find("squad's metric"), out.rfind("squad's metric")) << out;
 }
 
