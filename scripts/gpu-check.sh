@@ -43,7 +43,7 @@ budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
 # Which phases to run (they run in the order of the code below; a rerun after a fix names
 # only what it needs):
-phases="${ZO2_GPU_PHASES:-tests resident resident_13b resident_30b streamed_175b resident_chunked resident_no_epilogue resident_chunked_no_epilogue streamed_fp8 streamed_fp8_regenerate resident_block micro sanitize streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
+phases="${ZO2_GPU_PHASES:-tests goldens generate resident resident_13b resident_30b streamed_175b resident_chunked resident_no_epilogue resident_chunked_no_epilogue streamed_fp8 streamed_fp8_regenerate resident_block micro sanitize streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -93,6 +93,28 @@ if has tests; then
       { export ZO2_CUDA_FP8_UPDATE=regenerate; note "fp8 update tests failed: later rows use ZO2_CUDA_FP8_UPDATE=regenerate"; }
     gpu_tests rest '*Cuda*:-*CudaFusedAttention*:*CudaLinear*:*OpsTest.Linear*/Cuda:*Fp8Update*:CudaTest.PerturbAndUpdateEqualCpuBitForBit*'
   fi
+  pack_results
+fi
+
+# 1b. Goldens from transformers for the LLaMA-family variants (issue 19): the GPU machine
+#     has torch and transformers; scripts/make-goldens.py writes them (CPU, fp32, eager) into
+#     results.tgz's goldens/ — copy its folders into tests/data/golden/ to test them.
+if has goldens; then
+  start=$(date +%s)
+  timeout "$(limit 60)" python3 "$(dirname "$0")/make-goldens.py" "$work/goldens" > "$work/goldens.log" 2>&1
+  note "goldens: rc=$? in $(( $(date +%s) - start )) s; $(tail -4 "$work/goldens.log" | tr '\n' ' ')"
+  pack_results
+fi
+
+# 1c. Generation (issue 20): generated tokens/s for 8 prompts of 128 tokens, 64 new tokens,
+#     OPT-1.3B fp16, resident and streamed at ZO2's footprint (KV cache where the planner puts it).
+if has generate; then
+  start=$(date +%s)
+  timeout "$(limit "$budget_bench")" zo2-bench --device cuda --presets opt-1.3b --gpu-mem none,2.6G \
+    --storage-dtype fp16 --compute-dtype fp16 --batch-size 8 --seq-len 128 --generate 64 -q --link-probe off \
+    --jsonl "$work/bench_generate.jsonl" --markdown "$work/bench_generate.md" > "$work/bench_generate.log" 2>&1
+  note "generate: rc=$? in $(( $(date +%s) - start )) s"
+  cat "$work/bench_generate.md" >> "$summary" 2>/dev/null
   pack_results
 fi
 

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Golden references from Hugging Face transformers for the LLaMA-family variants zo2 reads
+(issue 19): Qwen2 (q/k/v biases, tied and untied head), Qwen3 (per-head q/k norms, head_dim
+!= hidden/heads) and Mistral (a sliding window shorter than the sequence).
+
+Needs torch and transformers, which this repository's machines lack: it runs on the lent GPU
+machine (scripts/gpu-check.sh, phase `goldens`), on the CPU in fp32 with eager attention, and
+writes one folder per model in ../shared/golden's format (its README):
+  config.json, model.safetensors    the checkpoint, as save_pretrained writes it
+  golden.safetensors                input_ids I64 [3,16], attention_mask I64 [3,16] (rows 1 and
+                                    2 right-padded, token 1 at padded positions), logits F32
+                                    [3,16,V], hidden_states.i F32 (output_hidden_states), loss
+                                    F32 [1] (labels = input_ids, padding -100)
+Copy the folders into tests/data/golden/; tests/golden_test.cpp runs every folder there
+beside ../shared/golden's.
+
+Usage: python3 scripts/make-goldens.py OUT_DIR [--only NAME ...]
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def models():
+    """name -> (config class name, config kwargs)."""
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu",
+                  bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    return {
+        # q/k/v biases, untied head
+        "qwen2-tiny": ("Qwen2Config", dict(common, tie_word_embeddings=False, use_sliding_window=False)),
+        # q/k/v biases, tied head, multi-query attention
+        "qwen2-tiny-tied": ("Qwen2Config", dict(common, tie_word_embeddings=True, num_key_value_heads=1,
+                                                use_sliding_window=False)),
+        # per-head q_norm/k_norm before RoPE, head_dim 24 != 64 / 4
+        "qwen3-tiny": ("Qwen3Config", dict(common, head_dim=24, tie_word_embeddings=False, attention_bias=False,
+                                           use_sliding_window=False)),
+        # a window of 4 keys, shorter than the 16-token sequence
+        "mistral-tiny": ("MistralConfig", dict(common, sliding_window=4, tie_word_embeddings=False)),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--seed", type=int, default=1234)
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    done = []
+    for name, (cls_name, kwargs) in models().items():
+        if args.only and name not in args.only:
+            continue
+        cfg = getattr(transformers, cls_name)(**kwargs)
+        cfg._attn_implementation = "eager"
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+        # A wide spread, so that any wrong op shows in the output: weights N(0, 0.3), norm
+        # weights 1 + N(0, 0.3), biases N(0, 0.3).
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "norm" in pname:
+                    p.copy_(1.0 + 0.3 * torch.randn_like(p))
+                else:
+                    p.copy_(0.3 * torch.randn_like(p))
+        d = os.path.join(args.out, name)
+        model.save_pretrained(d, safe_serialization=True)
+
+        B, T = 3, 16
+        ids = torch.randint(3, cfg.vocab_size, (B, T), dtype=torch.int64)
+        mask = torch.ones(B, T, dtype=torch.int64)
+        mask[1, 12:] = 0
+        mask[2, 9:] = 0
+        ids[mask == 0] = 1
+        labels = ids.clone()
+        labels[mask == 0] = -100
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+        tensors = {"input_ids": ids, "attention_mask": mask, "logits": out.logits.float().contiguous(),
+                   "loss": out.loss.float().reshape(1)}
+        for i, h in enumerate(out.hidden_states):
+            tensors[f"hidden_states.{i}"] = h.float().contiguous()
+        save_file(tensors, os.path.join(d, "golden.safetensors"))
+        with open(os.path.join(d, "golden.json"), "w") as f:
+            json.dump({"transformers": transformers.__version__, "torch": torch.__version__, "seed": args.seed,
+                       "config_class": cls_name}, f, indent=1)
+        done.append(name)
+        print(f"{name}: loss {out.loss.item():.6f}, logits {tuple(out.logits.shape)}", flush=True)
+    if not done:
+        print("make-goldens: nothing to do", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
