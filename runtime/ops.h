@@ -16,6 +16,10 @@ namespace zo2 {
 
 class Stream;
 
+// gelu_tanh's constants (torch's gelu(approximate="tanh")): √(2/π) and 0.044715.
+inline constexpr float kGeluTanhK = 0.7978845608028654f;
+inline constexpr float kGeluTanhC = 0.044715f;
+
 // A row-major 2-D view of device memory.
 struct Mat {
   void* data = nullptr;
@@ -162,8 +166,10 @@ class Ops {
   // y = (x − mean)/sqrt(var + eps)·weight + bias, per row; y may alias x.
   virtual void layernorm(Stream& s, const Mat& x, const void* weight, const void* bias,
                          float eps, const Mat& y) = 0;
-  // y = x/sqrt(mean(x²) + eps)·weight, per row (LLaMA); y may alias x.
-  virtual void rmsnorm(Stream& s, const Mat& x, const void* weight, float eps, const Mat& y) = 0;
+  // y = x/sqrt(mean(x²) + eps)·weight, per row (LLaMA); y may alias x. With weight_offset
+  // (Gemma 3: 1) the factor is (weight_offset + weight), added in fp32: y = (x·inv)·(1 + w).
+  virtual void rmsnorm(Stream& s, const Mat& x, const void* weight, float eps, const Mat& y,
+                       float weight_offset = 0.0f) = 0;
   // In-place rotary embedding (rotate-half convention of HF LLaMA) on every head of x
   // ([tokens, heads·head_dim]): angle = positions[token]·inv_freq[i], i < head_dim/2.
   virtual void rope(Stream& s, const Mat& x, int head_dim, const std::int32_t* positions,
@@ -174,6 +180,11 @@ class Ops {
   virtual void relu(Stream& s, const Mat& x) = 0;
   // out = silu(gate)·up.
   virtual void silu_mul(Stream& s, const Mat& gate, const Mat& up, const Mat& out) = 0;
+  // out = gelu_tanh(gate)·up (Gemma 3's gelu_pytorch_tanh: 0.5·g·(1 + tanh(√(2/π)·(g +
+  // 0.044715·g³)))); out may alias gate or up.
+  virtual void gelu_tanh_mul(Stream& s, const Mat& gate, const Mat& up, const Mat& out) = 0;
+  // x *= alpha, element for element (Gemma 3's embedding scale).
+  virtual void scale(Stream& s, const Mat& x, float alpha) = 0;
   // out[i, :] = table[ids[i], :] (+ sign·eps·z when noise is given), in out.dtype.
   // Ids outside [0, table.rows) give a zero row (callers validate ids on the host).
   virtual void embedding(Stream& s, const StoredTensor& table, const std::int32_t* ids,

@@ -583,6 +583,9 @@ TEST_P(CudaNarrowTest, FusedKernelsMatchTheCpuTwin) {
   ops().rmsnorm(*stream, mx, dw.data(), 1e-6f, my);
   cpu::rmsnorm(hx, w.data(), 1e-6f, href);
   compare("rmsnorm");
+  ops().rmsnorm(*stream, mx, dw.data(), 1e-6f, my, 1.0f);  // Gemma 3: (1 + w)
+  cpu::rmsnorm(hx, w.data(), 1e-6f, href, 1.0f);
+  compare("rmsnorm (1 + w)");
 
   // y = x; y += bias; y += x; relu(y); then silu(y)·x into y (out aliases gate).
   stream->copy_d2d(dy.data(), dx.data(), static_cast<std::size_t>(R * ld) * dtype_size(dt));
@@ -601,6 +604,13 @@ TEST_P(CudaNarrowTest, FusedKernelsMatchTheCpuTwin) {
   ops().silu_mul(*stream, my, mx, my);
   cpu::silu_mul(href, hx, href);
   compare("silu_mul");
+  // Gemma 3: gelu_tanh(y)·x into y, then y ×= 3.
+  ops().gelu_tanh_mul(*stream, my, mx, my);
+  cpu::gelu_tanh_mul(href, hx, href);
+  compare("gelu_tanh_mul");
+  ops().scale(*stream, my, 3.0f);
+  cpu::scale(href, 3.0f);
+  compare("scale");
 
   // RoPE: 10 heads of 100 on each row.
   std::vector<std::int32_t> pos(static_cast<std::size_t>(R));

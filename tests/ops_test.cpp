@@ -172,6 +172,79 @@ TEST_P(OpsTest, LayerNormAndRmsNormMatchReferenceInPlaceAndOutOfPlace) {
   EXPECT_LT(max_rel(download<float>(dx, x.size()), rms), 1e-6);
 }
 
+// Gemma 3's RMSNorm (Gemma3RMSNorm): (x·inv)·(1 + w), the factor in fp32; offset 0 is
+// LLaMA's bit for bit. Also on [rows·heads, head_dim] views, as the q/k norms run it.
+TEST_P(OpsTest, RmsNormWithWeightOffsetOneMultipliesByOnePlusTheWeight) {
+  const std::int64_t R = 6, Cn = 96;
+  auto x = random_floats(static_cast<std::size_t>(R * Cn), 21, 3.0f);
+  auto w = random_floats(static_cast<std::size_t>(Cn), 22, 0.5f);
+  const float eps = 1e-6f;
+  std::vector<double> want(x.size());
+  for (std::int64_t r = 0; r < R; ++r) {
+    double ss = 0;
+    for (std::int64_t c = 0; c < Cn; ++c) ss += static_cast<double>(x[static_cast<std::size_t>(r * Cn + c)]) * x[static_cast<std::size_t>(r * Cn + c)];
+    for (std::int64_t c = 0; c < Cn; ++c) {
+      const std::size_t i = static_cast<std::size_t>(r * Cn + c);
+      want[i] = x[i] / std::sqrt(ss / Cn + eps) * (1.0 + w[static_cast<std::size_t>(c)]);
+    }
+  }
+  auto dx = upload(x), dw = upload(w), dy = zeros(x.size() * 4), dz = zeros(x.size() * 4);
+  const Mat mx = Mat::dense(dx.data(), DType::f32, R, Cn), my = Mat::dense(dy.data(), DType::f32, R, Cn);
+  ops().rmsnorm(*stream, mx, dw.data(), eps, my, 1.0f);
+  EXPECT_LT(max_rel(download<float>(dy, x.size()), want), 1e-6);
+  // Offset 0 is the plain RMSNorm.
+  const Mat mz = Mat::dense(dz.data(), DType::f32, R, Cn);
+  ops().rmsnorm(*stream, mx, dw.data(), eps, mz, 0.0f);
+  const auto plain = download<float>(dz, x.size());
+  ops().rmsnorm(*stream, mx, dw.data(), eps, mz);
+  EXPECT_EQ(download<float>(dz, x.size()), plain);
+  // In place over heads of 32: each row of 32 normalized on its own.
+  auto hw = random_floats(32, 23, 0.5f);
+  auto dhw = upload(hw);
+  const Mat heads = Mat::dense(dx.data(), DType::f32, R * Cn / 32, 32);
+  ops().rmsnorm(*stream, heads, dhw.data(), eps, heads, 1.0f);
+  const auto got = download<float>(dx, x.size());
+  std::vector<double> hwant(x.size());
+  for (std::int64_t r = 0; r < R * Cn / 32; ++r) {
+    double ss = 0;
+    for (int c = 0; c < 32; ++c) ss += static_cast<double>(x[static_cast<std::size_t>(r * 32 + c)]) * x[static_cast<std::size_t>(r * 32 + c)];
+    for (int c = 0; c < 32; ++c)
+      hwant[static_cast<std::size_t>(r * 32 + c)] = x[static_cast<std::size_t>(r * 32 + c)] / std::sqrt(ss / 32 + eps) * (1.0 + hw[static_cast<std::size_t>(c)]);
+  }
+  EXPECT_LT(max_rel(got, hwant), 1e-6);
+}
+
+// Gemma 3's MLP activation: gelu_pytorch_tanh(gate)·up, in place over gate too; and the
+// embedding scale.
+TEST_P(OpsTest, GeluTanhGateAndScaleMatchReference) {
+  const std::int64_t R = 3, Cn = 77;
+  auto g = random_floats(static_cast<std::size_t>(R * Cn), 24, 4.0f), u = random_floats(static_cast<std::size_t>(R * Cn), 25);
+  std::vector<double> gelu(g.size()), scaled(g.size());
+  const double k = std::sqrt(2.0 / M_PI);
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    const double x = g[i];
+    gelu[i] = 0.5 * x * (1 + std::tanh(k * (x + 0.044715 * x * x * x))) * u[i];
+    scaled[i] = static_cast<double>(u[i]) * 8.0;
+  }
+  auto dg = upload(g), du = upload(u), dout = zeros(g.size() * 4);
+  const Mat mg = Mat::dense(dg.data(), DType::f32, R, Cn), mu = Mat::dense(du.data(), DType::f32, R, Cn);
+  ops().gelu_tanh_mul(*stream, mg, mu, Mat::dense(dout.data(), DType::f32, R, Cn));
+  EXPECT_LT(max_rel(download<float>(dout, g.size()), gelu), 1e-5);
+  ops().gelu_tanh_mul(*stream, mg, mu, mg);  // in place
+  EXPECT_EQ(download<float>(dg, g.size()), download<float>(dout, g.size()));
+  ops().scale(*stream, mu, 8.0f);  // a power of two: exact
+  EXPECT_LT(max_rel(download<float>(du, g.size()), scaled), 1e-30);
+  // A row slice (ld > cols) leaves the other columns alone.
+  auto dv = upload(u);
+  ops().scale(*stream, Mat{dv.data(), DType::f32, R, 10, Cn}, 3.0f);
+  const auto v = download<float>(dv, g.size());
+  for (std::int64_t r = 0; r < R; ++r)
+    for (std::int64_t c = 0; c < Cn; ++c) {
+      const std::size_t i = static_cast<std::size_t>(r * Cn + c);
+      EXPECT_EQ(v[i], c < 10 ? u[i] * 3.0f : u[i]) << r << "," << c;
+    }
+}
+
 TEST_P(OpsTest, RopeRotatesEveryHeadByPositionTimesFrequency) {
   const int heads = 3, D = 10;
   const std::int64_t R = 9;

@@ -22,11 +22,13 @@ void gemm(const Mat& a, bool trans_a, const Mat& b, bool trans_b, const Mat& c, 
 void add_bias(const Mat& y, const void* bias);
 void add(const Mat& y, const Mat& x);
 void layernorm(const Mat& x, const void* weight, const void* bias, float eps, const Mat& y);
-void rmsnorm(const Mat& x, const void* weight, float eps, const Mat& y);
+void rmsnorm(const Mat& x, const void* weight, float eps, const Mat& y, float weight_offset = 0.0f);
 void rope(const Mat& x, int head_dim, const std::int32_t* positions, const float* inv_freq);
 void attention(const AttentionArgs& args);
 void relu(const Mat& x);
 void silu_mul(const Mat& gate, const Mat& up, const Mat& out);
+void gelu_tanh_mul(const Mat& gate, const Mat& up, const Mat& out);
+void scale(const Mat& x, float alpha);
 void embedding(const StoredTensor& table, const std::int32_t* ids, std::int64_t n,
                const Mat& out, const NoiseArgs* noise, float sign);
 void ce_accumulate(const Mat& logits_tile, std::int64_t col_offset, const std::int32_t* targets,

@@ -22,8 +22,8 @@ class CpuOps final : public Ops {
                  const Mat& y) override {
     enqueue(s, [=] { cpu::layernorm(x, w, b, eps, y); });
   }
-  void rmsnorm(Stream& s, const Mat& x, const void* w, float eps, const Mat& y) override {
-    enqueue(s, [=] { cpu::rmsnorm(x, w, eps, y); });
+  void rmsnorm(Stream& s, const Mat& x, const void* w, float eps, const Mat& y, float offset) override {
+    enqueue(s, [=] { cpu::rmsnorm(x, w, eps, y, offset); });
   }
   void rope(Stream& s, const Mat& x, int head_dim, const std::int32_t* positions,
             const float* inv_freq) override {
@@ -37,6 +37,12 @@ class CpuOps final : public Ops {
   }
   void silu_mul(Stream& s, const Mat& gate, const Mat& up, const Mat& out) override {
     enqueue(s, [=] { cpu::silu_mul(gate, up, out); });
+  }
+  void gelu_tanh_mul(Stream& s, const Mat& gate, const Mat& up, const Mat& out) override {
+    enqueue(s, [=] { cpu::gelu_tanh_mul(gate, up, out); });
+  }
+  void scale(Stream& s, const Mat& x, float alpha) override {
+    enqueue(s, [=] { cpu::scale(x, alpha); });
   }
   void embedding(Stream& s, const StoredTensor& table, const std::int32_t* ids, std::int64_t n,
                  const Mat& out, const NoiseArgs* noise, float sign) override {

@@ -154,7 +154,7 @@ void layernorm(const Mat& x, const void* weight, const void* bias, float eps, co
   });
 }
 
-void rmsnorm(const Mat& x, const void* weight, float eps, const Mat& y) {
+void rmsnorm(const Mat& x, const void* weight, float eps, const Mat& y, float weight_offset) {
   require_f32(x, "rmsnorm", "x");
   require_f32(y, "rmsnorm", "y");
   const float* w = static_cast<const float*>(weight);
@@ -167,7 +167,11 @@ void rmsnorm(const Mat& x, const void* weight, float eps, const Mat& y) {
       for (std::int64_t c = 0; c < n; ++c) ss += static_cast<double>(in[c]) * in[c];
       const float inv =
           static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + static_cast<double>(eps)));
-      for (std::int64_t c = 0; c < n; ++c) out[c] = w[c] * (in[c] * inv);
+      if (weight_offset == 0.0f) {
+        for (std::int64_t c = 0; c < n; ++c) out[c] = w[c] * (in[c] * inv);
+      } else {  // Gemma 3: (x·inv)·(offset + w), the factor in fp32
+        for (std::int64_t c = 0; c < n; ++c) out[c] = (in[c] * inv) * (weight_offset + w[c]);
+      }
     }
   });
 }
@@ -287,6 +291,36 @@ void silu_mul(const Mat& gate, const Mat& up, const Mat& out) {
                    float* o = f32(out) + r * out.ld;
                    for (std::int64_t c = 0; c < out.cols; ++c)
                      o[c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
+                 }
+               });
+}
+
+void gelu_tanh_mul(const Mat& gate, const Mat& up, const Mat& out) {
+  require_f32(gate, "gelu_tanh_mul", "gate");
+  require_f32(up, "gelu_tanh_mul", "up");
+  require_f32(out, "gelu_tanh_mul", "out");
+  parallel_for(out.rows, std::max<std::int64_t>(1, 16384 / std::max<std::int64_t>(out.cols, 1)),
+               [&](std::int64_t r0, std::int64_t r1) {
+                 for (std::int64_t r = r0; r < r1; ++r) {
+                   const float* g = f32(gate) + r * gate.ld;
+                   const float* u = f32(up) + r * up.ld;
+                   float* o = f32(out) + r * out.ld;
+                   for (std::int64_t c = 0; c < out.cols; ++c) {
+                     const float x = g[c];
+                     const float inner = kGeluTanhK * (x + kGeluTanhC * (x * x * x));
+                     o[c] = (0.5f * x) * (1.0f + std::tanh(inner)) * u[c];
+                   }
+                 }
+               });
+}
+
+void scale(const Mat& x, float alpha) {
+  require_f32(x, "scale", "x");
+  parallel_for(x.rows, std::max<std::int64_t>(1, 16384 / std::max<std::int64_t>(x.cols, 1)),
+               [&](std::int64_t r0, std::int64_t r1) {
+                 for (std::int64_t r = r0; r < r1; ++r) {
+                   float* row = f32(x) + r * x.ld;
+                   for (std::int64_t c = 0; c < x.cols; ++c) row[c] *= alpha;
                  }
                });
 }

@@ -82,9 +82,9 @@ class CudaOps final : public Ops {
     cuda::layernorm(enter(s), x, w, b, eps, y);
   }
 
-  void rmsnorm(Stream& s, const Mat& x, const void* w, float eps, const Mat& y) override {
+  void rmsnorm(Stream& s, const Mat& x, const void* w, float eps, const Mat& y, float offset) override {
     check_norm(x, w, y, "rmsnorm");
-    cuda::rmsnorm(enter(s), x, w, eps, y);
+    cuda::rmsnorm(enter(s), x, w, eps, y, offset);
   }
 
   void rope(Stream& s, const Mat& x, int head_dim, const std::int32_t* positions,
@@ -129,6 +129,20 @@ class CudaOps final : public Ops {
     check_same(out, gate, "silu_mul", "gate");
     check_same(out, up, "silu_mul", "up");
     cuda::silu_mul(enter(s), gate, up, out);
+  }
+
+  void gelu_tanh_mul(Stream& s, const Mat& gate, const Mat& up, const Mat& out) override {
+    check_mat(gate, "gelu_tanh_mul", "gate");
+    check_mat(up, "gelu_tanh_mul", "up");
+    check_mat(out, "gelu_tanh_mul", "out");
+    check_same(out, gate, "gelu_tanh_mul", "gate");
+    check_same(out, up, "gelu_tanh_mul", "up");
+    cuda::gelu_tanh_mul(enter(s), gate, up, out);
+  }
+
+  void scale(Stream& s, const Mat& x, float alpha) override {
+    check_mat(x, "scale", "x");
+    cuda::scale(enter(s), x, alpha);
   }
 
   void embedding(Stream& s, const StoredTensor& table, const std::int32_t* ids, std::int64_t n,

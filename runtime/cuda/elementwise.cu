@@ -1,4 +1,5 @@
-// Element-wise activation kernels: add_bias, add (residual), relu, silu_mul — twins of the
+// Element-wise activation kernels: add_bias, add (residual), relu, silu_mul, gelu_tanh_mul,
+// scale — twins of the
 // loops in runtime/cpu/kernels.cpp.
 //
 // Design: a 2-D grid-stride loop. gridDim.y walks rows (capped at 65535, looping beyond),
@@ -117,6 +118,52 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <class E>
+__global__ void __launch_bounds__(kThreads)
+    gelu_tanh_mul_kernel(const typename E::T* gate, std::int64_t ldg, const typename E::T* up,
+                         std::int64_t ldu, typename E::T* out, std::int64_t ldo, std::int64_t rows,
+                         std::int64_t cols) {
+  constexpr int V = kVec<E>;
+  for (std::int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const typename E::T* gr = gate + r * ldg;
+    const typename E::T* ur = up + r * ldu;
+    typename E::T* orow = out + r * ldo;
+    const bool ag = aligned16(gr), au = aligned16(ur), ao = aligned16(orow);
+    for (std::int64_t c0 = (std::int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * V; c0 < cols;
+         c0 += std::int64_t{gridDim.x} * blockDim.x * V) {
+      float g[V], u[V];
+      load_chunk<E>(gr, c0, cols, ag, g);
+      load_chunk<E>(ur, c0, cols, au, u);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {  // (0.5·x)·(1 + tanh(k·(x + c·x³)))·u, as on the CPU
+        const float x = g[i];
+        const float cube = __fmul_rn(__fmul_rn(x, x), x);
+        const float inner = __fmul_rn(kGeluTanhK, __fadd_rn(x, __fmul_rn(kGeluTanhC, cube)));
+        g[i] = __fmul_rn(__fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, tanhf(inner))), u[i]);
+      }
+      store_chunk<E>(orow, c0, cols, ao, g);
+    }
+  }
+}
+
+template <class E>
+__global__ void __launch_bounds__(kThreads)
+    scale_kernel(typename E::T* x, std::int64_t ldx, float alpha, std::int64_t rows, std::int64_t cols) {
+  constexpr int V = kVec<E>;
+  for (std::int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    typename E::T* xr = x + r * ldx;
+    const bool ax = aligned16(xr);
+    for (std::int64_t c0 = (std::int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * V; c0 < cols;
+         c0 += std::int64_t{gridDim.x} * blockDim.x * V) {
+      float a[V];
+      load_chunk<E>(xr, c0, cols, ax, a);
+#pragma unroll
+      for (int i = 0; i < V; ++i) a[i] = __fmul_rn(a[i], alpha);
+      store_chunk<E>(xr, c0, cols, ax, a);
+    }
+  }
+}
+
 }  // namespace
 
 void add_bias(KernelStream& s, const Mat& y, const void* bias) {
@@ -166,6 +213,30 @@ void silu_mul(KernelStream& s, const Mat& gate, const Mat& up, const Mat& out) {
     silu_mul_kernel<E><<<g.grid, g.block, 0, s.stream()>>>(
         static_cast<const T*>(gate.data), gate.ld, static_cast<const T*>(up.data), up.ld,
         static_cast<T*>(out.data), out.ld, out.rows, out.cols);
+    ZO2_CUDA_CHECK_LAUNCH();
+  });
+}
+
+void gelu_tanh_mul(KernelStream& s, const Mat& gate, const Mat& up, const Mat& out) {
+  if (out.rows == 0 || out.cols == 0) return;
+  dispatch_activation(out.dtype, "gelu_tanh_mul", [&](auto e) {
+    using E = decltype(e);
+    using T = typename E::T;
+    const RowGrid g = row_grid(s, out.rows, out.cols, kVec<E>);
+    gelu_tanh_mul_kernel<E><<<g.grid, g.block, 0, s.stream()>>>(
+        static_cast<const T*>(gate.data), gate.ld, static_cast<const T*>(up.data), up.ld,
+        static_cast<T*>(out.data), out.ld, out.rows, out.cols);
+    ZO2_CUDA_CHECK_LAUNCH();
+  });
+}
+
+void scale(KernelStream& s, const Mat& x, float alpha) {
+  if (x.rows == 0 || x.cols == 0) return;
+  dispatch_activation(x.dtype, "scale", [&](auto e) {
+    using E = decltype(e);
+    using T = typename E::T;
+    const RowGrid g = row_grid(s, x.rows, x.cols, kVec<E>);
+    scale_kernel<E><<<g.grid, g.block, 0, s.stream()>>>(static_cast<T*>(x.data), x.ld, alpha, x.rows, x.cols);
     ZO2_CUDA_CHECK_LAUNCH();
   });
 }

@@ -56,10 +56,13 @@ void add_bias(KernelStream& s, const Mat& y, const void* bias);
 void add(KernelStream& s, const Mat& y, const Mat& x);
 void relu(KernelStream& s, const Mat& x);
 void silu_mul(KernelStream& s, const Mat& gate, const Mat& up, const Mat& out);
+void gelu_tanh_mul(KernelStream& s, const Mat& gate, const Mat& up, const Mat& out);
+void scale(KernelStream& s, const Mat& x, float alpha);
 // norm.cu
 void layernorm(KernelStream& s, const Mat& x, const void* weight, const void* bias, float eps,
                const Mat& y);
-void rmsnorm(KernelStream& s, const Mat& x, const void* weight, float eps, const Mat& y);
+void rmsnorm(KernelStream& s, const Mat& x, const void* weight, float eps, const Mat& y,
+             float weight_offset = 0.0f);
 // rope.cu
 void rope(KernelStream& s, const Mat& x, int head_dim, const std::int32_t* positions,
           const float* inv_freq);

@@ -1,4 +1,4 @@
-// LayerNorm and RMSNorm — twins of layernorm/rmsnorm in runtime/cpu/kernels.cpp.
+// LayerNorm and RMSNorm (also Gemma 3's (1 + w) RMSNorm) — twins of layernorm/rmsnorm in runtime/cpu/kernels.cpp.
 //
 // Design: one block of 256 threads per row (grid-stride over rows), fp32 accumulation.
 // Each thread sums its chunks of the row in order (Note [Chunked rows]), then the block
@@ -22,7 +22,7 @@ template <class E, bool kLayerNorm>
 __global__ void __launch_bounds__(kThreads)
     norm_kernel(const typename E::T* x, std::int64_t ldx, typename E::T* y, std::int64_t ldy,
                 const typename E::T* weight, const typename E::T* bias, std::int64_t rows,
-                std::int64_t cols, float eps) {
+                std::int64_t cols, float eps, float weight_offset) {
   constexpr int V = kVec<E>;
   __shared__ float smem[32];
   const bool aw = aligned16(weight), ab = bias != nullptr && aligned16(bias);
@@ -72,7 +72,9 @@ __global__ void __launch_bounds__(kThreads)
           const float t = __fmul_rn(__fsub_rn(v[i], mean), inv);
           v[i] = bias != nullptr ? __fadd_rn(__fmul_rn(t, w[i]), b[i]) : __fmul_rn(t, w[i]);
         } else {
-          v[i] = __fmul_rn(w[i], __fmul_rn(v[i], inv));
+          // Gemma 3 (weight_offset 1): (x·inv)·(1 + w), the factor in fp32, as on the CPU.
+          v[i] = weight_offset == 0.0f ? __fmul_rn(w[i], __fmul_rn(v[i], inv))
+                                       : __fmul_rn(__fmul_rn(v[i], inv), __fadd_rn(weight_offset, w[i]));
         }
       }
       store_chunk<E>(yr, c0, cols, ay, v);
@@ -82,7 +84,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <bool kLayerNorm>
 void launch_norm(KernelStream& s, const char* op, const Mat& x, const void* weight,
-                 const void* bias, float eps, const Mat& y) {
+                 const void* bias, float eps, const Mat& y, float weight_offset = 0.0f) {
   if (x.rows == 0 || x.cols == 0) return;
   dispatch_activation(x.dtype, op, [&](auto e) {
     using E = decltype(e);
@@ -90,7 +92,7 @@ void launch_norm(KernelStream& s, const char* op, const Mat& x, const void* weig
     const int blocks = grid_blocks(s, x.rows * kThreads, kThreads);
     norm_kernel<E, kLayerNorm><<<blocks, kThreads, 0, s.stream()>>>(
         static_cast<const T*>(x.data), x.ld, static_cast<T*>(y.data), y.ld,
-        static_cast<const T*>(weight), static_cast<const T*>(bias), x.rows, x.cols, eps);
+        static_cast<const T*>(weight), static_cast<const T*>(bias), x.rows, x.cols, eps, weight_offset);
     ZO2_CUDA_CHECK_LAUNCH();
   });
 }
@@ -102,8 +104,9 @@ void layernorm(KernelStream& s, const Mat& x, const void* weight, const void* bi
   launch_norm<true>(s, "layernorm", x, weight, bias, eps, y);
 }
 
-void rmsnorm(KernelStream& s, const Mat& x, const void* weight, float eps, const Mat& y) {
-  launch_norm<false>(s, "rmsnorm", x, weight, nullptr, eps, y);
+void rmsnorm(KernelStream& s, const Mat& x, const void* weight, float eps, const Mat& y,
+             float weight_offset) {
+  launch_norm<false>(s, "rmsnorm", x, weight, nullptr, eps, y, weight_offset);
 }
 
 }  // namespace zo2::cuda
