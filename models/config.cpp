@@ -11,7 +11,8 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr const char* kModelTypes = "\"opt\", \"llama\", \"qwen2\", \"qwen3\" and \"mistral\"";
+constexpr const char* kModelTypes =
+    "\"opt\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\" and \"gemma3_text\"";
 
 // Typed field access with errors that name the file, the field and the value.
 struct Reader {
@@ -120,6 +121,120 @@ RopeConfig read_rope(const Reader& r) {
   return rope;
 }
 
+// Note [Gemma 3]
+//   Gemma3ForCausalLM (transformers' modeling_gemma3.py / configuration_gemma3.py, model_type
+//   "gemma3_text") is LLaMA's decoder with these differences, all run by the LLaMA graph:
+//   - Every RMSNorm (Gemma3RMSNorm) computes in fp32 and multiplies by (1 + weight): the
+//     rmsnorm op's weight_offset 1. Stored weights are the checkpoint's w (zero-centred).
+//   - The token embeddings are multiplied by √hidden_size rounded to the embedding dtype
+//     (Gemma3TextScaledWordEmbedding): to the compute dtype here.
+//   - The MLP is gelu_tanh(gate)·up (hidden_activation "gelu_pytorch_tanh").
+//   - Four norms a layer: input_layernorm before attention, post_attention_layernorm on the
+//     attention output before the residual add, pre_feedforward_layernorm before the MLP,
+//     post_feedforward_layernorm on the MLP output before the residual add.
+//   - q_norm/k_norm on each head before RoPE (as Qwen3, with (1 + w)).
+//   - layer_types (or, before it, sliding_window_pattern P: layer i is global when
+//     (i + 1) % P == 0, default 6) marks local "sliding_attention" layers: they attend
+//     within sliding_window (default 4096) and rotate with rope_local_base_freq (default
+//     10000, no scaling); global layers take rope_theta (default 1e6) and rope_scaling.
+//     transformers ≥ 5 writes rope_parameters as {"full_attention": {...},
+//     "sliding_attention": {...}}; both spellings are read and the source's written back.
+//   - The attention scale is query_pre_attn_scalar^-0.5 (default 256), not head_dim^-0.5;
+//     head_dim defaults to 256; attention_bias biases q, k, v and o; the head is tied by
+//     default.
+//   - attn_logit_softcapping and final_logit_softcapping (null in every Gemma 3 checkpoint)
+//     are refused when set, as is use_bidirectional_attention; Gemma3ForConditionalGeneration
+//     (model_type "gemma3", text_config plus a vision tower, weights under language_model.*)
+//     is refused naming text_config.
+void read_gemma3(const Reader& r, ModelConfig& c) {
+  const json& j = r.j;
+  const std::string& where = r.where;
+  c.family = ModelFamily::llama;
+  c.model_type = "gemma3_text";
+  c.vocab_size = r.integer_or("vocab_size", 262208);
+  c.hidden_size = r.integer_or("hidden_size", 2304);
+  c.num_layers = r.integer_or("num_hidden_layers", 26);
+  c.num_heads = r.integer_or("num_attention_heads", 8);
+  c.num_kv_heads = r.integer_or("num_key_value_heads", 4);
+  c.head_dim = r.integer_or("head_dim", 256);
+  c.ffn_dim = r.integer_or("intermediate_size", 9216);
+  c.max_positions = r.integer_or("max_position_embeddings", 131072);
+  c.word_embed_proj_dim = c.hidden_size;
+  c.pre_layer_norm = true;
+  c.final_layer_norm = true;
+  c.linear_bias = false;
+  c.attention_bias = r.boolean_or("attention_bias", false);
+  c.qk_norm = true;
+  c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", true);
+  c.norm_eps = static_cast<float>(r.number_or("rms_norm_eps", 1e-6));
+  const std::string act = r.string_or("hidden_activation", "gelu_pytorch_tanh");
+  if (act != "gelu_pytorch_tanh")
+    fail(ErrorKind::unsupported, "{}: hidden_activation '{}' is not supported for Gemma 3 (gelu_pytorch_tanh)",
+         where, act);
+  for (const char* field : {"attn_logit_softcapping", "final_logit_softcapping"})
+    if (r.has(field))
+      fail(ErrorKind::unsupported, "{}: field '{}' is {}: soft-capping is not supported (Gemma 3 checkpoints set null)",
+           where, field, j.at(field).dump());
+  if (r.boolean_or("use_bidirectional_attention", false))
+    fail(ErrorKind::unsupported, "{}: field 'use_bidirectional_attention' true is not supported (causal only)", where);
+  c.query_pre_attn_scalar = r.number_or("query_pre_attn_scalar", 256);
+  if (!(c.query_pre_attn_scalar > 0))
+    fail(ErrorKind::format, "{}: query_pre_attn_scalar must be positive, got {}", where, c.query_pre_attn_scalar);
+  // Rotary embeddings: global (rope_theta, rope_scaling) and local (rope_local_base_freq).
+  const bool per_type = r.has("rope_parameters") && j.at("rope_parameters").is_object() &&
+                        (j.at("rope_parameters").contains("full_attention") ||
+                         j.at("rope_parameters").contains("sliding_attention"));
+  if (per_type) {
+    const json& rp = j.at("rope_parameters");
+    auto one = [&](const char* type, double theta) {
+      json sub = json::object();
+      if (rp.contains(type) && !rp.at(type).is_null()) sub["rope_parameters"] = rp.at(type);
+      sub["rope_theta"] = theta;
+      const std::string w = std::string(where) + " (rope_parameters." + type + ")";
+      return read_rope(Reader{sub, w});
+    };
+    c.rope = one("full_attention", r.number_or("rope_theta", 1e6));
+    c.rope_local = one("sliding_attention", r.number_or("rope_local_base_freq", 10000.0));
+  } else {
+    json g = j;
+    if (!r.has("rope_theta")) g["rope_theta"] = 1e6;
+    c.rope = read_rope(Reader{g, where});
+    c.rope_local = RopeConfig{};
+    c.rope_local.type = RopeType::default_;
+    c.rope_local.theta = r.number_or("rope_local_base_freq", 10000.0);
+    if (!(c.rope_local.theta > 0))
+      fail(ErrorKind::format, "{}: rope_local_base_freq must be positive, got {}", where, c.rope_local.theta);
+  }
+  // Sliding window and the local layers.
+  if (!j.contains("sliding_window")) c.sliding_window = 4096;
+  else if (j.at("sliding_window").is_null()) c.sliding_window = 0;
+  else {
+    c.sliding_window = r.integer("sliding_window");
+    if (c.sliding_window <= 0)
+      fail(ErrorKind::format, "{}: sliding_window must be positive or null, got {}", where, c.sliding_window);
+  }
+  if (c.num_layers < 0 || c.num_layers > (std::int64_t{1} << 16)) return;  // validate() refuses it
+  c.sliding_layers.assign(static_cast<std::size_t>(c.num_layers), false);
+  if (r.has("layer_types")) {
+    const json& lt = j.at("layer_types");
+    if (!lt.is_array() || static_cast<std::int64_t>(lt.size()) != c.num_layers)
+      fail(ErrorKind::format, "{}: field 'layer_types' must be a list of num_hidden_layers ({}) strings, got {}", where,
+           c.num_layers, lt.dump().substr(0, 200));
+    for (std::size_t i = 0; i < lt.size(); ++i) {
+      if (lt[i] == "sliding_attention") c.sliding_layers[i] = true;
+      else if (lt[i] != "full_attention")
+        fail(ErrorKind::unsupported,
+             "{}: layer_types[{}] {} is not supported (\"full_attention\" or \"sliding_attention\")", where, i,
+             lt[i].dump());
+    }
+  } else {
+    const char* field = r.has("sliding_window_pattern") ? "sliding_window_pattern" : "_sliding_window_pattern";
+    const std::int64_t pattern = r.integer_or(field, 6);
+    if (pattern <= 0) fail(ErrorKind::format, "{}: {} must be positive, got {}", where, field, pattern);
+    for (std::int64_t i = 0; i < c.num_layers; ++i) c.sliding_layers[static_cast<std::size_t>(i)] = (i + 1) % pattern != 0;
+  }
+}
+
 }  // namespace
 
 ModelConfig ModelConfig::from_json(const json& j, const std::string& where) {
@@ -155,6 +270,15 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& where) {
     if (c.num_heads > 0 && c.hidden_size % c.num_heads != 0)
       fail(ErrorKind::format, "{}: hidden_size ({}) is not divisible by num_attention_heads ({})",
            where, c.hidden_size, c.num_heads);
+  } else if (model_type == "gemma3_text") {
+    read_gemma3(r, c);
+  } else if (model_type == "gemma3") {
+    // Note [Gemma 3]: the multimodal class's text model is not a trivial reading.
+    fail(ErrorKind::unsupported,
+         "{}: model_type 'gemma3' (Gemma3ForConditionalGeneration) is not supported: zo2 runs the text "
+         "model only (model_type \"gemma3_text\", Gemma3ForCausalLM); the field 'text_config' describes "
+         "it, but its weights sit under language_model.* beside a vision tower",
+         where);
   } else if (model_type == "llama" || model_type == "qwen2" || model_type == "qwen3" ||
              model_type == "mistral") {
     // Note [LLaMA-family variants]
@@ -346,7 +470,7 @@ void ModelConfig::check_sizes(const std::string& where) const {
   const i128 q = i128{num_heads} * head_dim, kv = i128{num_kv_heads} * head_dim;
   const i128 block = family == ModelFamily::opt ? 4 * h * h + 2 * h * f + 10 * h + f
                                                 : h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h + q + 2 * kv + 3 * h + 2 * f +
-                                                      2 * i128{head_dim};
+                                                      2 * i128{head_dim} + 2 * h;
   const i128 globals = 2 * v * w + (i128{max_positions} + 2) * h + 2 * h * w + 2 * h;
   const i128 params = globals + i128{num_layers} * block;
   if (params * 4 > (i128{1} << 62))
@@ -397,6 +521,8 @@ json ModelConfig::to_json() const {
     if (!j.contains("dropout")) j["dropout"] = 0.0;
     if (!j.contains("attention_dropout")) j["attention_dropout"] = 0.0;
     if (!j.contains("init_std")) j["init_std"] = 0.02;
+  } else if (gemma3()) {
+    write_gemma3(j);
   } else {
     j["model_type"] = model_type;
     // A source's architectures are kept as they were; zo2's own configs name the class.
@@ -463,11 +589,127 @@ json ModelConfig::to_json() const {
   return j;
 }
 
+// Note [Gemma 3]: the fields written as Gemma3TextConfig reads them; a source's value that
+// reads back as the same (rms_norm_eps 1e-06 as a float, an eos_token_id list led by the id
+// zo2 uses, layer_types or sliding_window_pattern) is kept as the source wrote it.
+void ModelConfig::write_gemma3(json& j) const {
+  auto keep_or = [&](const char* key, const json& v, bool same) {
+    if (!(same && source.is_object() && source.contains(key))) j[key] = v;
+    else j[key] = source.at(key);
+  };
+  auto src_num = [&](const char* key) -> std::optional<double> {
+    if (source.is_object() && source.contains(key) && source.at(key).is_number()) return source.at(key).get<double>();
+    return std::nullopt;
+  };
+  j["model_type"] = "gemma3_text";
+  if (!(source.is_object() && source.contains("architectures") && source.at("architectures").is_array()))
+    j["architectures"] = json::array({architecture()});
+  for (const char* key : {"bos_token_id", "eos_token_id", "pad_token_id"}) {
+    const std::optional<std::int64_t>& id = std::string(key) == "bos_token_id" ? bos_token_id
+                                            : std::string(key) == "eos_token_id" ? eos_token_id
+                                                                                 : pad_token_id;
+    if (id && source.is_object() && source.contains(key) && source.at(key).is_array() && !source.at(key).empty() &&
+        source.at(key).at(0) == *id)
+      j[key] = source.at(key);
+  }
+  j["intermediate_size"] = ffn_dim;
+  j["num_key_value_heads"] = num_kv_heads;
+  j["head_dim"] = head_dim;
+  j["hidden_activation"] = "gelu_pytorch_tanh";
+  const auto eps = src_num("rms_norm_eps");
+  keep_or("rms_norm_eps", norm_eps, eps && static_cast<float>(*eps) == norm_eps);
+  j["attention_bias"] = attention_bias;
+  const auto qpas = src_num("query_pre_attn_scalar");
+  keep_or("query_pre_attn_scalar",
+          query_pre_attn_scalar == std::floor(query_pre_attn_scalar) ? json(static_cast<std::int64_t>(query_pre_attn_scalar))
+                                                                     : json(query_pre_attn_scalar),
+          qpas && *qpas == query_pre_attn_scalar);
+  j["sliding_window"] = sliding_window > 0 ? json(sliding_window) : json(nullptr);
+  // The local layers: the source's layer_types or pattern when they give the same layers.
+  ModelConfig again;
+  bool same_layers = false;
+  if (source.is_object() && (source.contains("layer_types") || source.contains("sliding_window_pattern") ||
+                             source.contains("_sliding_window_pattern"))) {
+    try {
+      json probe = source;
+      probe["num_hidden_layers"] = num_layers;
+      probe["model_type"] = "gemma3_text";
+      again = from_json(probe, "source");
+      same_layers = again.sliding_layers == sliding_layers;
+    } catch (const std::exception&) {
+      same_layers = false;
+    }
+  }
+  if (!same_layers) {
+    json types = json::array();
+    for (std::int64_t i = 0; i < num_layers; ++i)
+      types.push_back(sliding_layers.size() > static_cast<std::size_t>(i) && sliding_layers[static_cast<std::size_t>(i)]
+                          ? "sliding_attention"
+                          : "full_attention");
+    j["layer_types"] = types;
+  }
+  // Rotary embeddings: the source's spelling (per-type rope_parameters, or rope_theta,
+  // rope_local_base_freq and rope_scaling).
+  auto params_of = [](const RopeConfig& r) {
+    json p;
+    if (r.type == RopeType::linear) p = {{"rope_type", "linear"}, {"factor", r.factor}};
+    else if (r.type == RopeType::llama3)
+      p = {{"rope_type", "llama3"},
+           {"factor", r.factor},
+           {"low_freq_factor", r.low_freq_factor},
+           {"high_freq_factor", r.high_freq_factor},
+           {"original_max_position_embeddings", r.original_max_positions}};
+    return p;
+  };
+  const bool per_type = source.is_object() && source.contains("rope_parameters") &&
+                        source.at("rope_parameters").is_object() &&
+                        (source.at("rope_parameters").contains("full_attention") ||
+                         source.at("rope_parameters").contains("sliding_attention"));
+  if (per_type) {
+    json rp = source.at("rope_parameters");
+    const bool same = [&] {
+      try {
+        ModelConfig probe = from_json(source, "source");
+        return probe.rope.type == rope.type && probe.rope.theta == rope.theta && probe.rope.factor == rope.factor &&
+               probe.rope_local.theta == rope_local.theta && probe.rope_local.type == rope_local.type;
+      } catch (const std::exception&) {
+        return false;
+      }
+    }();
+    if (!same) {
+      json full = params_of(rope).is_null() ? json{{"rope_type", "default"}} : params_of(rope);
+      full["rope_theta"] = rope.theta;
+      json local = params_of(rope_local).is_null() ? json{{"rope_type", "default"}} : params_of(rope_local);
+      local["rope_theta"] = rope_local.theta;
+      rp = {{"full_attention", full}, {"sliding_attention", local}};
+    }
+    j["rope_parameters"] = rp;
+  } else {
+    const auto theta = src_num("rope_theta");
+    keep_or("rope_theta", rope.theta, theta && *theta == rope.theta);
+    const auto local = src_num("rope_local_base_freq");
+    keep_or("rope_local_base_freq", rope_local.theta, local && *local == rope_local.theta);
+    const json p = params_of(rope);
+    const bool same_scaling = [&] {
+      if (!(source.is_object() && source.contains("rope_scaling"))) return false;
+      try {
+        const ModelConfig probe = from_json(source, "source");
+        return probe.rope.type == rope.type && probe.rope.factor == rope.factor;
+      } catch (const std::exception&) {
+        return false;
+      }
+    }();
+    keep_or("rope_scaling", p, same_scaling);
+  }
+  if (!j.contains("initializer_range")) j["initializer_range"] = 0.02;
+}
+
 std::string ModelConfig::architecture() const {
   if (family == ModelFamily::opt) return "OPTForCausalLM";
   if (model_type == "qwen2") return "Qwen2ForCausalLM";
   if (model_type == "qwen3") return "Qwen3ForCausalLM";
   if (model_type == "mistral") return "MistralForCausalLM";
+  if (model_type == "gemma3_text") return "Gemma3ForCausalLM";
   return "LlamaForCausalLM";
 }
 
@@ -483,6 +725,7 @@ std::int64_t ModelConfig::block_params() const {
   else if (qkv_bias) p += q_dim() + 2 * kv_dim();
   if (mlp_bias) p += 2 * ffn_dim + h;
   if (qk_norm) p += 2 * head_dim;
+  if (gemma3()) p += 2 * h;  // post_attention_layernorm, post_feedforward_layernorm
   return p;
 }
 
@@ -499,7 +742,9 @@ std::int64_t ModelConfig::global_params() const {
   return p;
 }
 
-std::vector<float> ModelConfig::rope_inv_freq() const {
+std::vector<float> ModelConfig::rope_inv_freq() const { return rope_inv_freq(rope); }
+
+std::vector<float> ModelConfig::rope_inv_freq(const RopeConfig& rope) const {
   std::vector<float> inv;
   if (family != ModelFamily::llama) return inv;
   const std::int64_t half = head_dim / 2;

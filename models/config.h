@@ -6,6 +6,7 @@
 #pragma once
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <optional>
@@ -57,7 +58,13 @@ struct ModelConfig {
   // sees keys j with i − sliding_window < j ≤ i in the layers that slide; 0 = none.
   std::int64_t sliding_window = 0;
   // Which layers slide (num_layers entries) when sliding_window > 0; empty = every layer.
+  // Gemma 3 keeps it (its local layers) even without a window: they take rope_local.
   std::vector<bool> sliding_layers;
+  // Gemma 3 text (model_type "gemma3_text", Note [Gemma 3] in config.cpp): (1 + w) RMSNorms,
+  // embeddings × √hidden, GELU-tanh MLP, post-attention and pre/post-feed-forward norms,
+  // q/k norms, local layers (sliding_layers) with their own rotary embedding.
+  double query_pre_attn_scalar = 0;  // attention scale query_pre_attn_scalar^-0.5 (0: head_dim)
+  RopeConfig rope_local;             // the local layers' rotary embedding (rope_local_base_freq)
 
   std::optional<std::int64_t> bos_token_id, eos_token_id, pad_token_id;
   std::string torch_dtype = "float32";
@@ -82,6 +89,21 @@ struct ModelConfig {
   // The rotary inverse frequencies (head_dim / 2 of them), scaling applied, as
   // transformers computes them.
   std::vector<float> rope_inv_freq() const;
+  bool gemma3() const { return family == ModelFamily::llama && model_type == "gemma3_text"; }
+  // Gemma 3: block `layer` is a local (sliding_attention) layer, with rope_local.
+  bool local_layer(std::int64_t layer) const {
+    return gemma3() && layer >= 0 && layer < static_cast<std::int64_t>(sliding_layers.size()) &&
+           sliding_layers[static_cast<std::size_t>(layer)];
+  }
+  // The softmax scale of the attention scores: query_pre_attn_scalar^-0.5 or head_dim^-0.5.
+  float attention_scale() const {
+    const double d = query_pre_attn_scalar > 0 ? query_pre_attn_scalar : static_cast<double>(head_dim);
+    return static_cast<float>(1.0 / std::sqrt(d));
+  }
+  // Gemma 3's embedding scale √hidden_size (the caller rounds it to the compute dtype).
+  float embed_scale() const { return static_cast<float>(std::sqrt(static_cast<double>(hidden_size))); }
+  // The rotary inverse frequencies of `r` (rope_inv_freq() is the global ones).
+  std::vector<float> rope_inv_freq(const RopeConfig& r) const;
   std::string family_name() const { return family == ModelFamily::opt ? "opt" : model_type; }
   // The attention window of block `layer` (0 = full causal attention).
   std::int64_t attention_window(std::int64_t layer) const {
@@ -92,6 +114,8 @@ struct ModelConfig {
                ? sliding_window
                : 0;
   }
+  // Gemma 3's fields of to_json().
+  void write_gemma3(nlohmann::json& j) const;
   // The transformers class of this config ("LlamaForCausalLM", "Qwen2ForCausalLM", …).
   std::string architecture() const;
   // Throws Error(unsupported / format) naming the field when the values are inconsistent.

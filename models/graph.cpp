@@ -45,6 +45,7 @@ ModelGraph::ModelGraph(const ModelConfig& config, DType compute, GraphLimits lim
     max_tensor_elems_ = std::min(max_tensor_elems_, limits_.weight_tile_elems);
   }
   inv_freq_host_ = config_.rope_inv_freq();
+  if (config_.gemma3()) inv_freq_local_host_ = config_.rope_inv_freq(config_.rope_local);
 }
 
 WorkspacePlan ModelGraph::workspace_plan(int branches, int batch, int seq) const {
@@ -86,6 +87,8 @@ WorkspacePlan ModelGraph::workspace_plan(int branches, int batch, int seq) const
   p.items.push_back({"logits tile", n * static_cast<std::size_t>(limits_.vocab_tile) * sizeof(float)});
   if (!inv_freq_host_.empty())
     p.items.push_back({"rope frequencies", inv_freq_host_.size() * sizeof(float)});
+  if (!inv_freq_local_host_.empty())
+    p.items.push_back({"local rope frequencies", inv_freq_local_host_.size() * sizeof(float)});
   return p;
 }
 
@@ -136,6 +139,11 @@ void ModelGraph::allocate(Device& device, Stream& s, int nbranches, int batch, i
     inv_freq_ = static_cast<float*>(next());
     s.copy_h2d(inv_freq_, inv_freq_host_.data(), inv_freq_host_.size() * sizeof(float));
     s.synchronize();  // the host vector may not outlive an asynchronous copy otherwise
+  }
+  if (!inv_freq_local_host_.empty()) {
+    inv_freq_local_ = static_cast<float*>(next());
+    s.copy_h2d(inv_freq_local_, inv_freq_local_host_.data(), inv_freq_local_host_.size() * sizeof(float));
+    s.synchronize();
   }
 }
 
@@ -246,11 +254,11 @@ void ModelGraph::norm(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Rol
     if (config_.family == ModelFamily::opt)
       ops.layernorm(s, br.*in, w.w[i].data, b.w[i].data, config_.norm_eps, br.*out);
     else
-      ops.rmsnorm(s, br.*in, w.w[i].data, config_.norm_eps, br.*out);
+      ops.rmsnorm(s, br.*in, w.w[i].data, config_.norm_eps, br.*out, config_.gemma3() ? 1.0f : 0.0f);
   }
 }
 
-// Qwen3's q_norm/k_norm: each head's head_dim values normalized on their own, i.e. an
+// Qwen3's (and Gemma 3's, with 1 + w) q_norm/k_norm: each head's head_dim values normalized on their own, i.e. an
 // RMSNorm over the rows of q and k seen as [tokens·heads, head_dim].
 void ModelGraph::qk_norm(Ops& ops, Stream& s, const WeightSet& ws, const NoiseArgs* noise, int nb) {
   const std::int64_t D = config_.head_dim;
@@ -260,7 +268,7 @@ void ModelGraph::qk_norm(Ops& ops, Stream& s, const WeightSet& ws, const NoiseAr
       const Mat& x = branches_[static_cast<std::size_t>(i)].*m;
       ZO2_CHECK(x.contiguous() && x.cols % D == 0);
       const Mat heads = Mat::dense(x.data, x.dtype, x.rows * (x.cols / D), D);
-      ops.rmsnorm(s, heads, w.w[i].data, config_.norm_eps, heads);
+      ops.rmsnorm(s, heads, w.w[i].data, config_.norm_eps, heads, config_.gemma3() ? 1.0f : 0.0f);
     }
   }
 }
@@ -269,8 +277,9 @@ void ModelGraph::attention(Ops& ops, Stream& s, const BatchView& batch, int nb) 
   for (int i = 0; i < nb; ++i) {
     Branch& br = branches_[static_cast<std::size_t>(i)];
     if (config_.family == ModelFamily::llama) {
-      ops.rope(s, br.q, static_cast<int>(config_.head_dim), batch.positions, inv_freq_);
-      ops.rope(s, br.k, static_cast<int>(config_.head_dim), batch.positions, inv_freq_);
+      const float* inv = layer_inv_freq_ ? layer_inv_freq_ : inv_freq_;
+      ops.rope(s, br.q, static_cast<int>(config_.head_dim), batch.positions, inv);
+      ops.rope(s, br.k, static_cast<int>(config_.head_dim), batch.positions, inv);
     }
   }
   if (kv_capture_) {
@@ -302,7 +311,7 @@ void ModelGraph::attention(Ops& ops, Stream& s, const BatchView& batch, int nb) 
     a.kv_heads = static_cast<int>(config_.num_kv_heads);
     a.head_dim = static_cast<int>(config_.head_dim);
     a.key_mask = batch.key_mask;
-    a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(config_.head_dim)));
+    a.scale = config_.attention_scale();
     a.causal = true;
     a.window = window_;
     ops.attention(s, a);
@@ -348,7 +357,7 @@ void ModelGraph::prefix_attention(Ops& ops, Stream& s, const BatchView& batch, i
     a.kv_heads = static_cast<int>(config_.num_kv_heads);
     a.head_dim = static_cast<int>(config_.head_dim);
     a.key_mask = batch.prefix_key_mask;
-    a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(config_.head_dim)));
+    a.scale = config_.attention_scale();
     a.causal = true;
     a.window = window_;
     ops.attention(s, a);
@@ -398,7 +407,7 @@ void ModelGraph::cached_attention(Ops& ops, Stream& s, const BatchView& batch, i
   a.kv_heads = static_cast<int>(config_.num_kv_heads);
   a.head_dim = static_cast<int>(config_.head_dim);
   a.key_mask = c.key_mask;
-  a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(config_.head_dim)));
+  a.scale = config_.attention_scale();
   a.causal = true;
   a.window = window_;
   ops.attention(s, a);
@@ -436,6 +445,17 @@ void ModelGraph::embed(Ops& ops, Stream& s, const WeightSet& g, const BatchView&
       ops.add(s, br.hidden, br.x);
     }
   }
+  if (config_.gemma3()) {
+    // × √hidden_size, the scale rounded to the embeddings' dtype (Note [Gemma 3]).
+    const float scale = config_.embed_scale();
+    float rounded = scale;
+    if (compute_ != DType::f32) {
+      std::uint16_t narrow = 0;
+      convert(&scale, DType::f32, &narrow, compute_, 1);
+      rounded = load_as_f32(&narrow, compute_, 0);
+    }
+    for (int i = 0; i < nb; ++i) ops.scale(s, branches_[static_cast<std::size_t>(i)].hidden, rounded);
+  }
   for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = saved[static_cast<std::size_t>(i)];
 }
 
@@ -447,6 +467,8 @@ void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView&
   lora_ = lora;
   lora_noise_ = lora_noise;
   window_ = static_cast<int>(config_.attention_window(layer));
+  layer_inv_freq_ = config_.local_layer(layer) ? inv_freq_local_ : inv_freq_;
+  const bool gemma = config_.gemma3();
   std::vector<Branch> saved(branches_.begin(), branches_.begin() + nb);
   for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = rows_of(saved[static_cast<std::size_t>(i)], batch.tokens());
   const bool opt = config_.family == ModelFamily::opt;
@@ -460,8 +482,15 @@ void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView&
   linear(ops, s, w, Role::v_w, Role::v_b, attn_in, &Branch::v, noise, nb);
   if (config_.qk_norm) qk_norm(ops, s, w, noise, nb);
   attention(ops, s, batch, nb);
-  // hidden += attn·Woᵀ + bo (x is the tiles' scratch).
-  linear(ops, s, w, Role::o_w, Role::o_b, &Branch::attn, &Branch::x, noise, nb, false, &Branch::hidden);
+  if (gemma) {
+    // Gemma 3: hidden += post_attention_layernorm(attn·Woᵀ + bo).
+    linear(ops, s, w, Role::o_w, Role::o_b, &Branch::attn, &Branch::x, noise, nb);
+    norm(ops, s, w, Role::post_attn_norm_w, Role::count_, &Branch::x, &Branch::x, noise, nb);
+    for (int i = 0; i < nb; ++i) ops.add(s, branches_[static_cast<std::size_t>(i)].hidden, branches_[static_cast<std::size_t>(i)].x);
+  } else {
+    // hidden += attn·Woᵀ + bo (x is the tiles' scratch).
+    linear(ops, s, w, Role::o_w, Role::o_b, &Branch::attn, &Branch::x, noise, nb, false, &Branch::hidden);
+  }
   if (!pre) norm(ops, s, w, Role::attn_norm_w, Role::attn_norm_b, &Branch::hidden, &Branch::hidden, noise, nb);
   // MLP.
   Mat Branch::*mlp_in = &Branch::x;
@@ -475,15 +504,24 @@ void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView&
     linear(ops, s, w, Role::up_w, Role::up_b, mlp_in, &Branch::m2, noise, nb);
     for (int i = 0; i < nb; ++i) {
       Branch& br = branches_[static_cast<std::size_t>(i)];
-      ops.silu_mul(s, br.m1, br.m2, br.m1);
+      if (gemma) ops.gelu_tanh_mul(s, br.m1, br.m2, br.m1);
+      else ops.silu_mul(s, br.m1, br.m2, br.m1);
     }
-    linear(ops, s, w, Role::down_w, Role::down_b, &Branch::m1, &Branch::x, noise, nb, false, &Branch::hidden);
+    if (gemma) {
+      // Gemma 3: hidden += post_feedforward_layernorm(mlp).
+      linear(ops, s, w, Role::down_w, Role::down_b, &Branch::m1, &Branch::x, noise, nb);
+      norm(ops, s, w, Role::post_mlp_norm_w, Role::count_, &Branch::x, &Branch::x, noise, nb);
+      for (int i = 0; i < nb; ++i) ops.add(s, branches_[static_cast<std::size_t>(i)].hidden, branches_[static_cast<std::size_t>(i)].x);
+    } else {
+      linear(ops, s, w, Role::down_w, Role::down_b, &Branch::m1, &Branch::x, noise, nb, false, &Branch::hidden);
+    }
   }
   if (!pre) norm(ops, s, w, Role::mlp_norm_w, Role::mlp_norm_b, &Branch::hidden, &Branch::hidden, noise, nb);
   for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = saved[static_cast<std::size_t>(i)];
   lora_ = nullptr;
   lora_noise_ = nullptr;
   window_ = 0;
+  layer_inv_freq_ = nullptr;
 }
 
 void ModelGraph::finish(Ops& ops, Stream& s, const WeightSet& g, const BatchView& batch,

@@ -198,6 +198,11 @@ class ModelGraph {
   void* vector_scratch_ = nullptr;  // 4 slots × 2 branches × max_vector_
   Mat logits_tile_;
   float* inv_freq_ = nullptr;
+  // Gemma 3's local layers' rotary frequencies (Note [Gemma 3]) and, during block(), the
+  // layer's own (inv_freq_ or inv_freq_local_).
+  std::vector<float> inv_freq_local_host_;
+  float* inv_freq_local_ = nullptr;
+  const float* layer_inv_freq_ = nullptr;
   int capacity_tokens_ = 0;
 };
 

@@ -116,7 +116,13 @@ ImageLayout block_layout(const ModelConfig& c, std::int64_t layer, DType storage
     }
     add(Role::o_w, "self_attn.o_proj.weight", {h, c.q_dim()});
     if (ab) add(Role::o_b, "self_attn.o_proj.bias", {h});
-    add(Role::mlp_norm_w, "post_attention_layernorm.weight", {h});
+    if (c.gemma3()) {  // Note [Gemma 3]: norms after attention and around the MLP
+      add(Role::post_attn_norm_w, "post_attention_layernorm.weight", {h});
+      add(Role::mlp_norm_w, "pre_feedforward_layernorm.weight", {h});
+      add(Role::post_mlp_norm_w, "post_feedforward_layernorm.weight", {h});
+    } else {
+      add(Role::mlp_norm_w, "post_attention_layernorm.weight", {h});
+    }
     add(Role::gate_w, "mlp.gate_proj.weight", {c.ffn_dim, h});
     if (mb) add(Role::gate_b, "mlp.gate_proj.bias", {c.ffn_dim});
     add(Role::up_w, "mlp.up_proj.weight", {c.ffn_dim, h});

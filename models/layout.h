@@ -29,6 +29,7 @@ enum class Role : std::uint8_t {
   fc1_w, fc1_b, fc2_w, fc2_b, // OPT MLP
   gate_w, gate_b, up_w, up_b, down_w, down_b,  // LLaMA MLP
   q_norm_w, k_norm_w,         // Qwen3 per-head RMSNorms of q and k ([head_dim])
+  post_attn_norm_w, post_mlp_norm_w,  // Gemma 3 post_attention_ / post_feedforward_layernorm
   // globals
   embed_tokens, embed_positions, project_in, project_out, final_norm_w, final_norm_b, lm_head,
   count_

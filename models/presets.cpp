@@ -96,6 +96,32 @@ ModelConfig mistral(std::int64_t vocab, std::int64_t positions, double theta, st
   return c;
 }
 
+// Gemma 3 text (Note [Gemma 3] in config.cpp): tied head, rms_norm_eps 1e-6, global layers
+// every 6th (rope_theta 1e6, linear scaling `factor` when > 0), local ones with the window
+// and rope_local_base_freq 10000; bos 2, eos 1, pad 0.
+ModelConfig gemma3(std::int64_t hidden, std::int64_t layers, std::int64_t heads, std::int64_t kv_heads,
+                   std::int64_t head_dim, std::int64_t ffn, std::int64_t vocab, std::int64_t positions,
+                   std::int64_t window, double query_pre_attn_scalar, double factor) {
+  ModelConfig c = llama(hidden, layers, heads, kv_heads, ffn, vocab, positions, 1000000.0, 1e-6f, true);
+  c.model_type = "gemma3_text";
+  c.head_dim = head_dim;
+  c.qk_norm = true;
+  c.query_pre_attn_scalar = query_pre_attn_scalar;
+  if (factor > 0) {
+    c.rope.type = RopeType::linear;
+    c.rope.factor = factor;
+  }
+  c.rope_local.type = RopeType::default_;
+  c.rope_local.theta = 10000.0;
+  c.sliding_window = window;
+  c.sliding_layers.assign(static_cast<std::size_t>(layers), false);
+  for (std::int64_t i = 0; i < layers; ++i) c.sliding_layers[static_cast<std::size_t>(i)] = (i + 1) % 6 != 0;
+  c.bos_token_id = 2;
+  c.eos_token_id = 1;
+  c.pad_token_id = 0;
+  return c;
+}
+
 // A tiny preset's special ids inside its vocabulary.
 ModelConfig tiny_ids(ModelConfig c) {
   c.bos_token_id = 1;
@@ -140,6 +166,13 @@ std::vector<Preset> make_presets() {
     c.ffn_dim = 176;
     add("mistral-tiny", "Mistral, sliding window 16, GQA 4/2, 2 blocks, hidden 64 (tests)", c);
   }
+  {
+    // Local, global, local layers (window 4 < the tests' sequences), head_dim 32 ≠ 64/4,
+    // query_pre_attn_scalar 24 ≠ head_dim, linear rotary scaling on the global layer.
+    ModelConfig c = gemma3(64, 3, 4, 2, 32, 128, 512, 64, 4, 24.0, 2.0);
+    c.sliding_layers = {true, false, true};
+    add("gemma3-tiny", "Gemma 3 text, local/global/local layers (window 4), GQA 4/2, head_dim 32 (tests)", c);
+  }
   add("opt-micro", "OPT, 4 blocks, hidden 128, GPT-2 vocabulary (demos with a real tokenizer)",
       opt(128, 4, 4, 512, 50272, 512));
   add("llama-micro", "LLaMA, 4 blocks, hidden 128, GQA 4/2, LLaMA-2 vocabulary (demos)",
@@ -182,6 +215,15 @@ std::vector<Preset> make_presets() {
   add("mistral-7b", "Mistral 7B v0.1 (GQA 32/8, sliding window 4096)", mistral(32000, 32768, 10000.0, 4096));
   add("mistral-7b-v0.3", "Mistral 7B v0.3 (GQA 32/8, vocabulary 32768, no sliding window)",
       mistral(32768, 32768, 1000000.0, 0));
+  // Gemma 3 text models (Gemma3ForCausalLM; the 4b/12b/27b text_config of google/gemma-3-*).
+  add("gemma3-1b", "Gemma 3 1B (GQA 4/1, head_dim 256, window 512, 5 local : 1 global)",
+      gemma3(1152, 26, 4, 1, 256, 6912, 262144, 32768, 512, 256, 0));
+  add("gemma3-4b", "Gemma 3 4B text (GQA 8/4, window 1024, linear rotary scaling 8 on global layers)",
+      gemma3(2560, 34, 8, 4, 256, 10240, 262208, 131072, 1024, 256, 8.0));
+  add("gemma3-12b", "Gemma 3 12B text (GQA 16/8, window 1024, linear scaling 8)",
+      gemma3(3840, 48, 16, 8, 256, 15360, 262208, 131072, 1024, 256, 8.0));
+  add("gemma3-27b", "Gemma 3 27B text (GQA 32/16, head_dim 128, query_pre_attn_scalar 168, linear scaling 8)",
+      gemma3(5376, 62, 32, 16, 128, 21504, 262208, 131072, 1024, 168, 8.0));
   return p;
 }
 

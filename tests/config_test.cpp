@@ -257,6 +257,19 @@ json mistral_json() {
     "transformers_version": "4.34.0.dev0", "use_cache": true, "vocab_size": 32000})");
 }
 
+// google/gemma-3-1b-it's (transformers 4.50).
+json gemma3_json() {
+  return json::parse(R"({
+    "architectures": ["Gemma3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+    "attn_logit_softcapping": null, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 106],
+    "final_logit_softcapping": null, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+    "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
+    "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+    "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+    "rope_scaling": null, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+    "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": true, "vocab_size": 262144})");
+}
+
 std::vector<std::string> tensor_names(const ImageLayout& l) {
   std::vector<std::string> n;
   for (const auto& t : l.tensors()) n.push_back(t.name);
@@ -333,6 +346,144 @@ TEST(ModelConfig, Qwen3ConfigParsesWithQkNormsAndItsOwnHeadDim) {
   EXPECT_EQ(out.at("architectures"), json::array({"Qwen3ForCausalLM"}));
   EXPECT_EQ(out.at("head_dim"), 128);
   EXPECT_EQ(ModelConfig::from_json(out).total_params(), c.total_params());
+}
+
+void expect_same_config(const ModelConfig& a, const ModelConfig& b, const std::string& what);
+
+TEST(ModelConfig, Gemma3ConfigParsesLocalAndGlobalLayersAndWritesItselfBackUnchanged) {
+  const ModelConfig c = ModelConfig::from_json(gemma3_json());
+  EXPECT_EQ(c.family, ModelFamily::llama);
+  EXPECT_TRUE(c.gemma3());
+  EXPECT_EQ(c.family_name(), "gemma3_text");
+  EXPECT_EQ(c.architecture(), "Gemma3ForCausalLM");
+  EXPECT_TRUE(c.qk_norm);
+  EXPECT_TRUE(c.tie_word_embeddings) << "Gemma3TextConfig's default";
+  EXPECT_EQ(c.head_dim, 256);
+  EXPECT_EQ(c.num_kv_heads, 1);
+  EXPECT_EQ(c.query_pre_attn_scalar, 256);
+  EXPECT_FLOAT_EQ(c.attention_scale(), 1.0f / 16.0f);
+  EXPECT_EQ(c.eos_token_id, 1);
+  EXPECT_EQ(c.rope.type, RopeType::default_);
+  EXPECT_EQ(c.rope.theta, 1e6);
+  EXPECT_EQ(c.rope_local.theta, 10000.0);
+  // sliding_window_pattern 6: layers 5, 11, 17, 23 global, the rest local with the window.
+  for (std::int64_t i = 0; i < 26; ++i) {
+    const bool global = (i + 1) % 6 == 0;
+    EXPECT_EQ(c.local_layer(i), !global) << i;
+    EXPECT_EQ(c.attention_window(i), global ? 0 : 512) << i;
+  }
+  EXPECT_EQ(c.total_params(), 999'885'952);  // the modules' shapes, tied head once (num_parameters())
+  const auto names = tensor_names(block_layout(c, 5, DType::bf16));
+  for (const char* want : {"model.layers.5.input_layernorm.weight", "model.layers.5.post_attention_layernorm.weight",
+                           "model.layers.5.pre_feedforward_layernorm.weight",
+                           "model.layers.5.post_feedforward_layernorm.weight", "model.layers.5.self_attn.q_norm.weight",
+                           "model.layers.5.self_attn.k_norm.weight"})
+    EXPECT_NE(std::find(names.begin(), names.end(), want), names.end()) << want;
+  EXPECT_FALSE(globals_layout(c, DType::f32).find("lm_head.weight"));
+  // Written back as it came: every field of the shipped file, eos_token_id's list included.
+  const json out = c.to_json();
+  const json shipped = gemma3_json();
+  for (const auto& [key, value] : shipped.items()) EXPECT_EQ(out.at(key), value) << key;
+  EXPECT_FALSE(out.contains("hidden_act"));
+  expect_same_config(c, ModelConfig::from_json(out), "gemma3 round trip");
+  // layer_types (transformers ≥ 4.53) instead of the pattern.
+  json lt = gemma3_json();
+  lt.erase("sliding_window_pattern");
+  lt["layer_types"] = json::array();
+  for (int i = 0; i < 26; ++i) lt["layer_types"].push_back(i % 2 ? "full_attention" : "sliding_attention");
+  const ModelConfig t = ModelConfig::from_json(lt);
+  EXPECT_TRUE(t.local_layer(0));
+  EXPECT_FALSE(t.local_layer(1));
+  EXPECT_EQ(t.to_json().at("layer_types"), lt.at("layer_types"));
+  // Missing fields: Gemma3TextConfig's defaults (window 4096, pattern 6, thetas 1e6/1e4, scalar 256).
+  json d = gemma3_json();
+  for (const char* k : {"sliding_window", "sliding_window_pattern", "rope_theta", "rope_local_base_freq",
+                        "query_pre_attn_scalar", "head_dim"})
+    d.erase(k);
+  const ModelConfig dc = ModelConfig::from_json(d);
+  EXPECT_EQ(dc.sliding_window, 4096);
+  EXPECT_EQ(dc.rope.theta, 1e6);
+  EXPECT_EQ(dc.rope_local.theta, 10000.0);
+  EXPECT_EQ(dc.query_pre_attn_scalar, 256);
+  EXPECT_EQ(dc.head_dim, 256);
+  EXPECT_TRUE(dc.local_layer(4));
+  EXPECT_FALSE(dc.local_layer(5));
+}
+
+TEST(ModelConfig, Gemma3RopeSpellingsOldAndNewReadTheSame) {
+  // 4b-style rope_scaling (linear 8) applies to the global layers only.
+  json old = gemma3_json();
+  old["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 8.0}};
+  const ModelConfig a = ModelConfig::from_json(old);
+  EXPECT_EQ(a.rope.type, RopeType::linear);
+  EXPECT_EQ(a.rope.factor, 8.0);
+  EXPECT_EQ(a.rope_local.type, RopeType::default_);
+  EXPECT_EQ(a.to_json().at("rope_scaling"), old.at("rope_scaling"));
+  // transformers ≥ 5: rope_parameters per layer type.
+  json neu = gemma3_json();
+  for (const char* k : {"rope_scaling", "rope_theta", "rope_local_base_freq"}) neu.erase(k);
+  neu["rope_parameters"] = {
+      {"full_attention", {{"rope_type", "linear"}, {"factor", 8.0}, {"rope_theta", 1000000.0}}},
+      {"sliding_attention", {{"rope_type", "default"}, {"rope_theta", 10000.0}}}};
+  const ModelConfig b = ModelConfig::from_json(neu);
+  EXPECT_EQ(b.rope.type, RopeType::linear);
+  EXPECT_EQ(b.rope.factor, 8.0);
+  EXPECT_EQ(b.rope.theta, 1e6);
+  EXPECT_EQ(b.rope_local.type, RopeType::default_);
+  EXPECT_EQ(b.rope_local.theta, 10000.0);
+  EXPECT_EQ(a.rope_inv_freq(), b.rope_inv_freq());
+  EXPECT_EQ(a.rope_inv_freq(a.rope_local), b.rope_inv_freq(b.rope_local));
+  const json out = b.to_json();
+  EXPECT_EQ(out.at("rope_parameters"), neu.at("rope_parameters"));
+  EXPECT_FALSE(out.contains("rope_scaling"));
+}
+
+TEST(ModelConfig, Gemma3FieldsZo2CannotRunAreRefusedNamingTheField) {
+  {
+    json j = gemma3_json();
+    j["attn_logit_softcapping"] = 50.0;
+    expect_refused(j, ErrorKind::unsupported, {"attn_logit_softcapping", "50"});
+  }
+  {
+    json j = gemma3_json();
+    j["final_logit_softcapping"] = 30.0;
+    expect_refused(j, ErrorKind::unsupported, {"final_logit_softcapping", "30"});
+  }
+  {
+    json j = gemma3_json();
+    j["hidden_activation"] = "gelu";
+    expect_refused(j, ErrorKind::unsupported, {"hidden_activation", "gelu", "Gemma 3"});
+  }
+  {
+    json j = gemma3_json();
+    j["use_bidirectional_attention"] = true;
+    expect_refused(j, ErrorKind::unsupported, {"use_bidirectional_attention"});
+  }
+  {
+    json j = gemma3_json();
+    j["query_pre_attn_scalar"] = 0;
+    expect_refused(j, ErrorKind::format, {"query_pre_attn_scalar"});
+  }
+  {
+    json j = gemma3_json();
+    j["sliding_window_pattern"] = 0;
+    expect_refused(j, ErrorKind::format, {"sliding_window_pattern", "0"});
+  }
+  {
+    json j = gemma3_json();
+    j["layer_types"] = {"sliding_attention"};
+    expect_refused(j, ErrorKind::format, {"layer_types", "26"});
+  }
+  {
+    json j = gemma3_json();
+    j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 8.0}};
+    expect_refused(j, ErrorKind::unsupported, {"rope_scaling.rope_type", "yarn"});
+  }
+  {  // Gemma3ForConditionalGeneration: refused naming text_config.
+    json j = {{"model_type", "gemma3"}, {"architectures", {"Gemma3ForConditionalGeneration"}},
+              {"text_config", gemma3_json()}};
+    expect_refused(j, ErrorKind::unsupported, {"gemma3", "text_config", "gemma3_text"});
+  }
 }
 
 TEST(ModelConfig, MistralConfigParsesItsSlidingWindowAsTransformersDoes) {
@@ -478,8 +629,8 @@ TEST(ModelConfig, VariantFieldsOutOfRangeAreRefusedNamingTheField) {
   }
   {
     json j = qwen25_json();
-    j["model_type"] = "gemma3_text";
-    expect_refused(j, ErrorKind::unsupported, {"gemma3_text", "qwen2", "qwen3", "mistral"});
+    j["model_type"] = "gemma2";
+    expect_refused(j, ErrorKind::unsupported, {"gemma2", "qwen2", "qwen3", "mistral", "gemma3_text"});
   }
 }
 
@@ -710,8 +861,15 @@ void expect_same_config(const ModelConfig& a, const ModelConfig& b, const std::s
   EXPECT_EQ(a.qkv_bias, b.qkv_bias);
   EXPECT_EQ(a.qk_norm, b.qk_norm);
   EXPECT_EQ(a.sliding_window, b.sliding_window);
-  for (std::int64_t i = 0; i < a.num_layers && i < 256; ++i)
+  for (std::int64_t i = 0; i < a.num_layers && i < 256; ++i) {
     EXPECT_EQ(a.attention_window(i), b.attention_window(i)) << "layer " << i;
+    EXPECT_EQ(a.local_layer(i), b.local_layer(i)) << "layer " << i;
+  }
+  EXPECT_EQ(a.query_pre_attn_scalar, b.query_pre_attn_scalar);
+  if (a.gemma3()) {
+    EXPECT_EQ(a.rope_local.type, b.rope_local.type);
+    EXPECT_EQ(a.rope_local.theta, b.rope_local.theta);
+  }
   EXPECT_EQ(a.rope.type, b.rope.type);
   EXPECT_EQ(a.rope.theta, b.rope.theta);
   if (a.rope.type == RopeType::linear || a.rope.type == RopeType::llama3) {
@@ -775,12 +933,13 @@ TEST(Presets, ParameterCountsMatchTransformers) {
   EXPECT_EQ(find_preset("qwen3-0.6b").config.total_params(), 596'049'920);
   EXPECT_EQ(find_preset("qwen3-8b").config.total_params(), 8'190'735'360);
   EXPECT_EQ(find_preset("mistral-7b").config.total_params(), 7'241'732'096);
+  EXPECT_EQ(find_preset("gemma3-1b").config.total_params(), 999'885'952);
 }
 
 TEST(Presets, VariantPresetsMatchTheirShippedConfigs) {
   // The presets equal the shipped config.json files (above) in every field zo2 runs.
   for (const auto& [name, j] : {std::pair{"qwen2.5-0.5b", qwen25_json()}, std::pair{"qwen3-0.6b", qwen3_json()},
-                                std::pair{"mistral-7b", mistral_json()}}) {
+                                std::pair{"mistral-7b", mistral_json()}, std::pair{"gemma3-1b", gemma3_json()}}) {
     const ModelConfig& p = find_preset(name).config;
     ModelConfig c = ModelConfig::from_json(j);
     c.torch_dtype = p.torch_dtype;  // the files say bfloat16, init writes float32
@@ -830,7 +989,8 @@ void check_layout(const ImageLayout& l, DType storage, const std::string& what) 
 
 TEST(Layout, TensorsAreAlignedDisjointAndSizedForEveryStorageDtype) {
   for (const char* name : {"opt-tiny", "opt-tiny-postln", "llama-tiny", "opt-125m", "llama3-8b", "llama2-70b",
-                           "qwen2-tiny", "qwen3-tiny", "mistral-tiny", "qwen2.5-0.5b", "qwen3-32b", "mistral-7b"}) {
+                           "qwen2-tiny", "qwen3-tiny", "mistral-tiny", "qwen2.5-0.5b", "qwen3-32b", "mistral-7b",
+                           "gemma3-tiny", "gemma3-27b"}) {
     const ModelConfig& c = find_preset(name).config;
     for (DType dt : {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3}) {
       const std::string tag = std::string(name) + " " + std::string(dtype_name(dt));

@@ -4,7 +4,7 @@
 // biases, untied heads, OPT with and without projections and final norm, odd sizes,
 // left and right padding, and tiled weights and vocabularies; the LLaMA-family variants
 // (Qwen2's q/k/v biases, Qwen3's q/k norms, Mistral's and Qwen's sliding windows shorter
-// than the sequence). The reference follows transformers as read, not goldens made by
+// than the sequence; Gemma 3's local/global layers, norms and MLP). The reference follows transformers as read, not goldens made by
 // transformers: those need torch (a GPU session's job).
 #include "models/presets.h"
 #include "runtime/dtype.h"
@@ -103,6 +103,15 @@ std::vector<Case> cases() {
   { auto c = variant("mistral"); c.sliding_window = 64; v.push_back({"MistralWindowLongerThanSequence", c}); }
   { auto c = variant("mistral"); c.sliding_window = 5; Case t{"MistralWindowTiled", c}; t.limits.weight_tile_elems = 100;
     t.limits.vocab_tile = 7; v.push_back(t); }
+  // Gemma 3 text (Note [Gemma 3]): local, global, local layers with a window of 4 < 13,
+  // their own rotary bases (linear scaling on the global one), (1 + w) norms, four norms a
+  // layer, q/k norms, GELU-tanh, √hidden embedding scale, query_pre_attn_scalar 24 ≠ 32.
+  v.push_back({"Gemma3LocalGlobal", find_preset("gemma3-tiny").config});
+  { auto c = find_preset("gemma3-tiny").config; c.num_kv_heads = 1; c.sliding_window = 1; c.attention_bias = true;
+    c.tie_word_embeddings = false; c.sliding_layers = {false, true, true}; v.push_back({"Gemma3MqaWindow1BiasesUntied", c}); }
+  { auto c = find_preset("gemma3-tiny").config; c.sliding_window = 0; v.push_back({"Gemma3LocalRopeWithoutWindow", c}); }
+  { Case t{"Gemma3Tiled", find_preset("gemma3-tiny").config}; t.limits.weight_tile_elems = 100; t.limits.vocab_tile = 7;
+    v.push_back(t); }
   { Case t{"OptTiledWeightsAndVocab", opt_config()}; t.limits.weight_tile_elems = 100; t.limits.vocab_tile = 10;
     v.push_back(t); }
   { Case t{"LlamaTiledWeightsAndVocab", llama_config()}; t.limits.weight_tile_elems = 100; t.limits.vocab_tile = 7;
@@ -156,7 +165,7 @@ namespace {
 // storage dtype runs the forward close to the fp64 reference (the narrow ones within their
 // rounding of the weights).
 TEST(VariantCheckpoints, SaveKeepsTheConfigAndEveryStorageDtypeRunsTheForward) {
-  for (const char* name : {"qwen2-tiny", "qwen3-tiny", "mistral-tiny"}) {
+  for (const char* name : {"qwen2-tiny", "qwen3-tiny", "mistral-tiny", "gemma3-tiny"}) {
     SCOPED_TRACE(name);
     ModelConfig c = find_preset(name).config;
     if (c.model_type == "mistral") {
@@ -205,7 +214,7 @@ constexpr float kLr = 1e-3f;
 
 // A short MeZO run on each tiny variant lowers its loss on the batch it trains on.
 TEST(VariantCheckpoints, ShortMezoRunLowersTheLoss) {
-  for (const char* name : {"qwen2-tiny", "qwen3-tiny", "mistral-tiny"}) {
+  for (const char* name : {"qwen2-tiny", "qwen3-tiny", "mistral-tiny", "gemma3-tiny"}) {
     SCOPED_TRACE(name);
     ModelConfig c = find_preset(name).config;
     if (c.model_type == "mistral") {

@@ -50,35 +50,36 @@ Vec layer_norm(const Vec& x, std::int64_t n, std::int64_t d, const Vec& w, const
   return y;
 }
 
-Vec rms_norm(const Vec& x, std::int64_t n, std::int64_t d, const Vec& w, double eps) {
+// Gemma 3 (Gemma3RMSNorm): offset 1, the factor (1 + w).
+Vec rms_norm(const Vec& x, std::int64_t n, std::int64_t d, const Vec& w, double eps, double offset = 0) {
   Vec y(x.size());
   for (std::int64_t r = 0; r < n; ++r) {
     double ss = 0;
     for (std::int64_t i = 0; i < d; ++i) ss += x[static_cast<std::size_t>(r * d + i)] * x[static_cast<std::size_t>(r * d + i)];
     const double inv = 1.0 / std::sqrt(ss / static_cast<double>(d) + eps);
     for (std::int64_t i = 0; i < d; ++i)
-      y[static_cast<std::size_t>(r * d + i)] = x[static_cast<std::size_t>(r * d + i)] * inv * w[static_cast<std::size_t>(i)];
+      y[static_cast<std::size_t>(r * d + i)] = x[static_cast<std::size_t>(r * d + i)] * inv * (offset + w[static_cast<std::size_t>(i)]);
   }
   return y;
 }
 
 // Rotary inverse frequencies from the definitions (transformers' _compute_*_parameters).
-Vec inv_freq(const ModelConfig& c) {
+Vec inv_freq(const ModelConfig& c, const RopeConfig& rope) {
   const std::int64_t d = c.head_dim;
   Vec f(static_cast<std::size_t>(d / 2));
   for (std::int64_t i = 0; i < d / 2; ++i) {
-    double v = 1.0 / std::pow(c.rope.theta, static_cast<double>(2 * i) / static_cast<double>(d));
-    if (c.rope.type == RopeType::linear) v /= c.rope.factor;
-    if (c.rope.type == RopeType::llama3) {
-      const double lo = static_cast<double>(c.rope.original_max_positions) / c.rope.low_freq_factor;
-      const double hi = static_cast<double>(c.rope.original_max_positions) / c.rope.high_freq_factor;
+    double v = 1.0 / std::pow(rope.theta, static_cast<double>(2 * i) / static_cast<double>(d));
+    if (rope.type == RopeType::linear) v /= rope.factor;
+    if (rope.type == RopeType::llama3) {
+      const double lo = static_cast<double>(rope.original_max_positions) / rope.low_freq_factor;
+      const double hi = static_cast<double>(rope.original_max_positions) / rope.high_freq_factor;
       const double wl = 2 * M_PI / v;
       if (wl > lo) {
-        v = v / c.rope.factor;
+        v = v / rope.factor;
       } else if (!(wl < hi)) {
-        const double s = (static_cast<double>(c.rope.original_max_positions) / wl - c.rope.low_freq_factor) /
-                         (c.rope.high_freq_factor - c.rope.low_freq_factor);
-        v = (1 - s) * v / c.rope.factor + s * v;
+        const double s = (static_cast<double>(rope.original_max_positions) / wl - rope.low_freq_factor) /
+                         (rope.high_freq_factor - rope.low_freq_factor);
+        v = (1 - s) * v / rope.factor + s * v;
       }
     }
     f[static_cast<std::size_t>(i)] = v;
@@ -120,6 +121,11 @@ ReferenceOutput ReferenceModel::forward(int B, int T, const std::vector<std::int
     for (std::int64_t i = 0; i < wd; ++i)
       emb[static_cast<std::size_t>(r * wd + i)] = E[static_cast<std::size_t>(ids[static_cast<std::size_t>(r)] * wd + i)];
   Vec x = emb;
+  // Gemma 3 (Gemma3TextScaledWordEmbedding): embeddings × √hidden_size.
+  const bool gemma = c.model_type == "gemma3_text";
+  const double norm_offset = gemma ? 1.0 : 0.0;
+  if (gemma)
+    for (double& e : x) e *= std::sqrt(static_cast<double>(h));
   if (opt && c.has_projections()) x = linear(emb, N, wd, w(root + "project_in.weight"), h, nullptr);
   if (opt) {
     const Vec& P = w(root + "embed_positions.weight");
@@ -134,7 +140,7 @@ ReferenceOutput ReferenceModel::forward(int B, int T, const std::vector<std::int
     }
   }
   out.hidden_states.push_back(x);
-  const Vec freqs = opt ? Vec{} : inv_freq(c);
+  const Vec global_freqs = opt ? Vec{} : inv_freq(c, c.rope);
   const std::int64_t H = c.num_heads, KV = c.num_kv_heads, D = c.head_dim;
   for (std::int64_t l = 0; l < c.num_layers; ++l) {
     const std::string p = root + "layers." + std::to_string(l) + ".";
@@ -143,6 +149,10 @@ ReferenceOutput ReferenceModel::forward(int B, int T, const std::vector<std::int
       return it == w_.end() ? nullptr : &it->second;
     };
     const int window = static_cast<int>(c.attention_window(l));
+    // Gemma 3: a local (sliding_attention) layer rotates with rope_local_base_freq.
+    const Vec freqs = gemma && !c.sliding_layers.empty() && c.sliding_layers[static_cast<std::size_t>(l)]
+                          ? inv_freq(c, c.rope_local)
+                          : global_freqs;
     auto attention = [&](const Vec& in) {
       const std::string a = p + "self_attn.";
       Vec q = linear(in, N, h, w(a + "q_proj.weight"), H * D, opt_bias("self_attn.q_proj.bias"));
@@ -150,8 +160,8 @@ ReferenceOutput ReferenceModel::forward(int B, int T, const std::vector<std::int
       Vec v = linear(in, N, h, w(a + "v_proj.weight"), KV * D, opt_bias("self_attn.v_proj.bias"));
       // Qwen3: q_norm / k_norm, an RMSNorm of each head's D values, before RoPE.
       if (const Vec* qn = opt_bias("self_attn.q_norm.weight")) {
-        q = rms_norm(q, N * H, D, *qn, c.norm_eps);
-        k = rms_norm(k, N * KV, D, w(a + "k_norm.weight"), c.norm_eps);
+        q = rms_norm(q, N * H, D, *qn, c.norm_eps, norm_offset);
+        k = rms_norm(k, N * KV, D, w(a + "k_norm.weight"), c.norm_eps, norm_offset);
       }
       if (!opt) {
         for (std::int64_t r = 0; r < N; ++r) {
@@ -172,7 +182,8 @@ ReferenceOutput ReferenceModel::forward(int B, int T, const std::vector<std::int
         }
       }
       Vec o(static_cast<std::size_t>(N * H * D), 0.0);
-      const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+      // Gemma 3: query_pre_attn_scalar^-0.5.
+      const double scale = 1.0 / std::sqrt(gemma ? c.query_pre_attn_scalar : static_cast<double>(D));
       for (int b = 0; b < B; ++b)
         for (std::int64_t hh = 0; hh < H; ++hh) {
           const std::int64_t kh = hh / (H / KV);
@@ -228,6 +239,18 @@ ReferenceOutput ReferenceModel::forward(int B, int T, const std::vector<std::int
         add(x, mlp(x));
         x = ln(x, "final_layer_norm");
       }
+    } else if (gemma) {
+      // Gemma3DecoderLayer: norms around attention and around the GELU-tanh MLP.
+      const double eps = c.norm_eps;
+      auto rn = [&](const Vec& in, const std::string& n) { return rms_norm(in, N, h, w(p + n), eps, 1.0); };
+      add(x, rn(attention(rn(x, "input_layernorm.weight")), "post_attention_layernorm.weight"));
+      const Vec y = rn(x, "pre_feedforward_layernorm.weight");
+      Vec g = linear(y, N, h, w(p + "mlp.gate_proj.weight"), c.ffn_dim, nullptr);
+      const Vec u = linear(y, N, h, w(p + "mlp.up_proj.weight"), c.ffn_dim, nullptr);
+      const double k0 = std::sqrt(2.0 / M_PI);
+      for (std::size_t i = 0; i < g.size(); ++i)
+        g[i] = 0.5 * g[i] * (1 + std::tanh(k0 * (g[i] + 0.044715 * g[i] * g[i] * g[i]))) * u[i];
+      add(x, rn(linear(g, N, c.ffn_dim, w(p + "mlp.down_proj.weight"), h, nullptr), "post_feedforward_layernorm.weight"));
     } else {
       const double eps = c.norm_eps;
       add(x, attention(rms_norm(x, N, h, w(p + "input_layernorm.weight"), eps)));
@@ -245,7 +268,7 @@ ReferenceOutput ReferenceModel::forward(int B, int T, const std::vector<std::int
       f = layer_norm(f, N, h, w(root + "final_layer_norm.weight"), w(root + "final_layer_norm.bias"), 1e-5);
     if (c.has_projections()) f = linear(f, N, h, w(root + "project_out.weight"), wd, nullptr);
   } else {
-    f = rms_norm(f, N, h, w(root + "norm.weight"), c.norm_eps);
+    f = rms_norm(f, N, h, w(root + "norm.weight"), c.norm_eps, norm_offset);
   }
   out.hidden_states.back() = f;
   const Vec& head = c.tie_word_embeddings ? E : w("lm_head.weight");

@@ -1,5 +1,5 @@
 // An independent reference forward pass for the tests: plain loops in double precision,
-// written from the transformers definitions of OPT and LLaMA, sharing no code with
+// written from the transformers definitions of OPT and LLaMA (and its variants, Gemma 3 text), sharing no code with
 // models/graph.cpp. It is itself checked against the transformers goldens, and then checks
 // zo2 on configurations the goldens do not cover.
 #pragma once
