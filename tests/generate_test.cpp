@@ -362,9 +362,10 @@ INSTANTIATE_TEST_SUITE_P(Families, GenerateTest, ::testing::Values(ModelFamily::
 // The LLaMA-family variants through the KV cache (Note [LLaMA-family variants]): Mistral's
 // sliding window of 3 keys (shorter than the prompts plus the new tokens: the window is
 // counted in cache positions, so left padding and decoding step by step see what eval sees),
-// Qwen3's q/k norms with the window in its last two layers, Qwen2's q/k/v biases.
+// Qwen3's q/k norms with the window in its last two layers, Qwen2's q/k/v biases, Gemma 3's
+// local/global layers (window 3 and the local rotary base in layers 0 and 2).
 TEST(GenerateVariants, GreedyEqualsArgmaxOfEvalLogitsWithAndWithoutTheCache) {
-  for (const char* type : {"mistral", "qwen3", "qwen2"}) {
+  for (const char* type : {"mistral", "qwen3", "qwen2", "gemma3_text"}) {
     SCOPED_TRACE(type);
     ModelConfig c = tiny(ModelFamily::llama);
     c.model_type = type;
@@ -374,6 +375,18 @@ TEST(GenerateVariants, GreedyEqualsArgmaxOfEvalLogitsWithAndWithoutTheCache) {
       c.qk_norm = true;
       c.sliding_window = 4;
       c.sliding_layers = {false, true, true};
+    } else if (c.model_type == "gemma3_text") {
+      // Local (window 3, rope_local), global, local layers: the cache sees each layer's
+      // window and rotary base.
+      c.qk_norm = true;
+      c.head_dim = 16;
+      c.tie_word_embeddings = true;
+      c.query_pre_attn_scalar = 6;
+      c.rope.theta = 1e6;
+      c.rope_local.type = RopeType::default_;
+      c.rope_local.theta = 10000;
+      c.sliding_window = 3;
+      c.sliding_layers = {true, false, true};
     } else {
       c.qkv_bias = true;
     }

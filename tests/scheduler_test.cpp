@@ -138,6 +138,21 @@ class SchedulerModels : public ::testing::TestWithParam<std::string> {
     } else if (GetParam() == "mistral") {
       config.model_type = "mistral";
       config.sliding_window = 5;
+    } else if (GetParam() == "gemma3") {
+      // Gemma 3 (Note [Gemma 3]): local layers (window 4, rope_local) around two global
+      // ones, head_dim 16 ≠ 32/4, query_pre_attn_scalar 10, tied head, linear scaling.
+      config.model_type = "gemma3_text";
+      config.qk_norm = true;
+      config.head_dim = 16;
+      config.tie_word_embeddings = true;
+      config.query_pre_attn_scalar = 10;
+      config.rope.theta = 1e6;
+      config.rope.type = RopeType::linear;
+      config.rope.factor = 4;
+      config.rope_local.type = RopeType::default_;
+      config.rope_local.theta = 10000;
+      config.sliding_window = 4;
+      config.sliding_layers = {true, true, false, true, true, false};
     }
     test::write_random_checkpoint(tmp.path(), config, 3);
   }
@@ -251,7 +266,7 @@ TEST_P(SchedulerModels, CudaStreamedRunMatchesResidentRunBitwise) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, SchedulerModels, ::testing::Values("opt", "llama", "qwen2", "qwen3", "mistral"),
+INSTANTIATE_TEST_SUITE_P(Families, SchedulerModels, ::testing::Values("opt", "llama", "qwen2", "qwen3", "mistral", "gemma3"),
                          [](const auto& info) { return info.param; });
 
 // ---- a plain MeZO, no scheduler: the test's own fp64 forward and fp32 master weights ----
