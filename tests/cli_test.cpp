@@ -93,13 +93,14 @@ TEST(Cli, InitWritesShardedCheckpointsThatForwardReads) {
   for (const char* p : {"opt-125m", "opt-175b", "llama2-70b", "llama3-8b", "llama3.1-8b"}) EXPECT_NE(list.find(p), std::string::npos) << p;
 }
 
-// Qwen2, Qwen3 and Mistral through the tool (Note [LLaMA-family variants]): init a tiny
+// Qwen2, Qwen3, Mistral and Gemma 3 through the tool (Note [LLaMA-family variants]): init a tiny
 // preset, train on it, and the tuned checkpoint's config.json keeps model_type and
 // architectures; plan takes the real-size presets.
 TEST(Cli, VariantPresetsInitTrainSaveAndPlan) {
   for (const auto& [preset, type, arch] : {std::tuple{"qwen2-tiny", "qwen2", "Qwen2ForCausalLM"},
                                            std::tuple{"qwen3-tiny", "qwen3", "Qwen3ForCausalLM"},
-                                           std::tuple{"mistral-tiny", "mistral", "MistralForCausalLM"}}) {
+                                           std::tuple{"mistral-tiny", "mistral", "MistralForCausalLM"},
+                                           std::tuple{"gemma3-tiny", "gemma3_text", "Gemma3ForCausalLM"}}) {
     SCOPED_TRACE(preset);
     Workspace w(preset);
     std::string out;
@@ -114,7 +115,8 @@ TEST(Cli, VariantPresetsInitTrainSaveAndPlan) {
       EXPECT_EQ(j.at("architectures"), nlohmann::json::array({arch})) << dir;
     }
   }
-  for (const char* preset : {"qwen2.5-0.5b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-8b", "qwen3-32b", "mistral-7b"}) {
+  for (const char* preset : {"qwen2.5-0.5b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-8b", "qwen3-32b", "mistral-7b",
+                             "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b"}) {
     std::string out;
     ASSERT_EQ(run(std::string("plan --preset ") + preset + " --gpu-mem 8G --seq-len 512 --storage-dtype bf16", &out), 0)
         << preset << ": " << out;
@@ -122,7 +124,8 @@ TEST(Cli, VariantPresetsInitTrainSaveAndPlan) {
   }
   std::string list;
   ASSERT_EQ(run("init --list", &list), 0);
-  for (const char* p : {"qwen2-tiny", "qwen3-tiny", "mistral-tiny", "qwen3-0.6b", "qwen3-32b", "mistral-7b"})
+  for (const char* p : {"qwen2-tiny", "qwen3-tiny", "mistral-tiny", "qwen3-0.6b", "qwen3-32b", "mistral-7b",
+                        "gemma3-tiny", "gemma3-1b", "gemma3-27b"})
     EXPECT_NE(list.find(p), std::string::npos) << p;
 }
 
