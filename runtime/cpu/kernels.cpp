@@ -279,39 +279,34 @@ void relu(const Mat& x) {
                });
 }
 
-void silu_mul(const Mat& gate, const Mat& up, const Mat& out) {
-  require_f32(gate, "silu_mul", "gate");
-  require_f32(up, "silu_mul", "up");
-  require_f32(out, "silu_mul", "out");
+namespace {
+// The gated MLP's act(gate)·up, row by row.
+template <class Act>
+void gated_mul(const Mat& gate, const Mat& up, const Mat& out, const char* name, Act act) {
+  require_f32(gate, name, "gate");
+  require_f32(up, name, "up");
+  require_f32(out, name, "out");
   parallel_for(out.rows, std::max<std::int64_t>(1, 16384 / std::max<std::int64_t>(out.cols, 1)),
                [&](std::int64_t r0, std::int64_t r1) {
                  for (std::int64_t r = r0; r < r1; ++r) {
                    const float* g = f32(gate) + r * gate.ld;
                    const float* u = f32(up) + r * up.ld;
                    float* o = f32(out) + r * out.ld;
-                   for (std::int64_t c = 0; c < out.cols; ++c)
-                     o[c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
+                   for (std::int64_t c = 0; c < out.cols; ++c) o[c] = act(g[c]) * u[c];
                  }
                });
 }
+}  // namespace
+
+void silu_mul(const Mat& gate, const Mat& up, const Mat& out) {
+  gated_mul(gate, up, out, "silu_mul", [](float g) { return g / (1.0f + std::exp(-g)); });
+}
 
 void gelu_tanh_mul(const Mat& gate, const Mat& up, const Mat& out) {
-  require_f32(gate, "gelu_tanh_mul", "gate");
-  require_f32(up, "gelu_tanh_mul", "up");
-  require_f32(out, "gelu_tanh_mul", "out");
-  parallel_for(out.rows, std::max<std::int64_t>(1, 16384 / std::max<std::int64_t>(out.cols, 1)),
-               [&](std::int64_t r0, std::int64_t r1) {
-                 for (std::int64_t r = r0; r < r1; ++r) {
-                   const float* g = f32(gate) + r * gate.ld;
-                   const float* u = f32(up) + r * up.ld;
-                   float* o = f32(out) + r * out.ld;
-                   for (std::int64_t c = 0; c < out.cols; ++c) {
-                     const float x = g[c];
-                     const float inner = kGeluTanhK * (x + kGeluTanhC * (x * x * x));
-                     o[c] = (0.5f * x) * (1.0f + std::tanh(inner)) * u[c];
-                   }
-                 }
-               });
+  gated_mul(gate, up, out, "gelu_tanh_mul", [](float x) {
+    const float inner = kGeluTanhK * (x + kGeluTanhC * (x * x * x));
+    return (0.5f * x) * (1.0f + std::tanh(inner));
+  });
 }
 
 void scale(const Mat& x, float alpha) {

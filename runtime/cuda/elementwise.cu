@@ -94,35 +94,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <class E>
-__global__ void __launch_bounds__(kThreads)
-    silu_mul_kernel(const typename E::T* gate, std::int64_t ldg, const typename E::T* up,
-                    std::int64_t ldu, typename E::T* out, std::int64_t ldo, std::int64_t rows,
-                    std::int64_t cols) {
-  constexpr int V = kVec<E>;
-  for (std::int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const typename E::T* gr = gate + r * ldg;
-    const typename E::T* ur = up + r * ldu;
-    typename E::T* orow = out + r * ldo;
-    const bool ag = aligned16(gr), au = aligned16(ur), ao = aligned16(orow);
-    for (std::int64_t c0 = (std::int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * V; c0 < cols;
-         c0 += std::int64_t{gridDim.x} * blockDim.x * V) {
-      float g[V], u[V];
-      load_chunk<E>(gr, c0, cols, ag, g);
-      load_chunk<E>(ur, c0, cols, au, u);
-#pragma unroll
-      for (int i = 0; i < V; ++i)  // g / (1 + exp(−g)) · u, as on the CPU
-        g[i] = __fmul_rn(__fdiv_rn(g[i], __fadd_rn(1.0f, expf(-g[i]))), u[i]);
-      store_chunk<E>(orow, c0, cols, ao, g);
-    }
+// The gated MLP's act(gate)·up, the activation as on the CPU (runtime/cpu/kernels.cpp).
+struct Silu {  // g / (1 + exp(−g))
+  __device__ static float apply(float g) { return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g))); }
+};
+struct GeluTanh {  // (0.5·x)·(1 + tanh(k·(x + c·x³)))
+  __device__ static float apply(float x) {
+    const float cube = __fmul_rn(__fmul_rn(x, x), x);
+    const float inner = __fmul_rn(kGeluTanhK, __fadd_rn(x, __fmul_rn(kGeluTanhC, cube)));
+    return __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, tanhf(inner)));
   }
-}
+};
 
-template <class E>
+template <class E, class Act>
 __global__ void __launch_bounds__(kThreads)
-    gelu_tanh_mul_kernel(const typename E::T* gate, std::int64_t ldg, const typename E::T* up,
-                         std::int64_t ldu, typename E::T* out, std::int64_t ldo, std::int64_t rows,
-                         std::int64_t cols) {
+    gated_mul_kernel(const typename E::T* gate, std::int64_t ldg, const typename E::T* up, std::int64_t ldu,
+                     typename E::T* out, std::int64_t ldo, std::int64_t rows, std::int64_t cols) {
   constexpr int V = kVec<E>;
   for (std::int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const typename E::T* gr = gate + r * ldg;
@@ -135,12 +122,7 @@ __global__ void __launch_bounds__(kThreads)
       load_chunk<E>(gr, c0, cols, ag, g);
       load_chunk<E>(ur, c0, cols, au, u);
 #pragma unroll
-      for (int i = 0; i < V; ++i) {  // (0.5·x)·(1 + tanh(k·(x + c·x³)))·u, as on the CPU
-        const float x = g[i];
-        const float cube = __fmul_rn(__fmul_rn(x, x), x);
-        const float inner = __fmul_rn(kGeluTanhK, __fadd_rn(x, __fmul_rn(kGeluTanhC, cube)));
-        g[i] = __fmul_rn(__fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, tanhf(inner))), u[i]);
-      }
+      for (int i = 0; i < V; ++i) g[i] = __fmul_rn(Act::apply(g[i]), u[i]);
       store_chunk<E>(orow, c0, cols, ao, g);
     }
   }
@@ -204,30 +186,28 @@ void relu(KernelStream& s, const Mat& x) {
   });
 }
 
-void silu_mul(KernelStream& s, const Mat& gate, const Mat& up, const Mat& out) {
+namespace {
+template <class Act>
+void gated_mul(KernelStream& s, const Mat& gate, const Mat& up, const Mat& out, const char* name) {
   if (out.rows == 0 || out.cols == 0) return;
-  dispatch_activation(out.dtype, "silu_mul", [&](auto e) {
+  dispatch_activation(out.dtype, name, [&](auto e) {
     using E = decltype(e);
     using T = typename E::T;
     const RowGrid g = row_grid(s, out.rows, out.cols, kVec<E>);
-    silu_mul_kernel<E><<<g.grid, g.block, 0, s.stream()>>>(
+    gated_mul_kernel<E, Act><<<g.grid, g.block, 0, s.stream()>>>(
         static_cast<const T*>(gate.data), gate.ld, static_cast<const T*>(up.data), up.ld,
         static_cast<T*>(out.data), out.ld, out.rows, out.cols);
     ZO2_CUDA_CHECK_LAUNCH();
   });
 }
+}  // namespace
+
+void silu_mul(KernelStream& s, const Mat& gate, const Mat& up, const Mat& out) {
+  gated_mul<Silu>(s, gate, up, out, "silu_mul");
+}
 
 void gelu_tanh_mul(KernelStream& s, const Mat& gate, const Mat& up, const Mat& out) {
-  if (out.rows == 0 || out.cols == 0) return;
-  dispatch_activation(out.dtype, "gelu_tanh_mul", [&](auto e) {
-    using E = decltype(e);
-    using T = typename E::T;
-    const RowGrid g = row_grid(s, out.rows, out.cols, kVec<E>);
-    gelu_tanh_mul_kernel<E><<<g.grid, g.block, 0, s.stream()>>>(
-        static_cast<const T*>(gate.data), gate.ld, static_cast<const T*>(up.data), up.ld,
-        static_cast<T*>(out.data), out.ld, out.rows, out.cols);
-    ZO2_CUDA_CHECK_LAUNCH();
-  });
+  gated_mul<GeluTanh>(s, gate, up, out, "gelu_tanh_mul");
 }
 
 void scale(KernelStream& s, const Mat& x, float alpha) {
