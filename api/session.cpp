@@ -147,6 +147,12 @@ void Session::init(const SessionConfig& cfg) {
   so.adapters = adapters_.get();
   so.logits_out = cfg.logits_out;
   so.fault = cfg.fault;
+  const int ranks = cfg.comm ? cfg.comm->size() : 1;
+  if (cfg.training || !cfg.parallel.single()) validate_parallel(cfg.parallel, ranks, cfg.rule, -1, "parallel layout");
+  if (cfg.training) {
+    so.comm = cfg.comm;
+    so.parallel = cfg.parallel;
+  }
   scheduler_ = std::make_unique<Scheduler>(*device_, *store_, placement, so);
   if (cfg.peft.prefix > 0) {
     if (req.seq + cfg.peft.prefix > model.max_positions)
@@ -164,7 +170,7 @@ void Session::init(const SessionConfig& cfg) {
     }
   }
   next_step_ = cfg.first_step;
-  if (!cfg.seed_log.empty()) {
+  if (!cfg.seed_log.empty() && is_writer()) {
     SeedLogHeader h;
     h.run_seed = cfg.run_seed;
     h.storage_dtype = std::string(dtype_name(cfg.storage));
@@ -202,7 +208,15 @@ std::int64_t Session::step_async(const HostBatch& batch, float lr, float eps, fl
   p.lr = lr;
   p.eps = eps;
   p.weight_decay = weight_decay;
-  scheduler_->step(batch, p);
+  const ParallelLayout& layout = cfg_.parallel;
+  if (layout.data > 1 && cfg_.comm) {
+    // Note [Parallel modes]: this rank's shard of the global batch, weighted by its share.
+    const HostBatch shard = shard_batch(batch, rank_coord(layout, cfg_.comm->rank()).data, layout.data);
+    scheduler_->step(shard, p, Scheduler::batch_weight(shard));
+    global_tokens_[t] = batch.target_count();
+  } else {
+    scheduler_->step(batch, p);
+  }
   outstanding_.push_back(t);
   ++next_step_;
   return t;
@@ -210,6 +224,10 @@ std::int64_t Session::step_async(const HostBatch& batch, float lr, float eps, fl
 
 StepResult Session::wait(std::int64_t step) {
   StepResult r = scheduler_->wait_result(step);
+  if (auto it = global_tokens_.find(step); it != global_tokens_.end()) {
+    r.tokens = it->second;
+    global_tokens_.erase(it);
+  }
   outstanding_.erase(std::remove(outstanding_.begin(), outstanding_.end(), step), outstanding_.end());
   if (r.update_skipped)
     log_warn("step {}: the projected gradient is not finite (L+ = {}, L- = {}); its update is skipped",
@@ -268,6 +286,12 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
          "log replays from): choose another directory",
          out_dir.string());
   sync();
+  if (!is_writer()) {
+    // Rank 0 writes the checkpoint (every rank holds the same weights); the others wait for
+    // it, so no rank runs ahead of a save that fails (Note [Rank faults]).
+    cfg_.comm->barrier(fmt::format("the checkpoint of step {}", next_step_));
+    return;
+  }
   try {
     if (!adapters_) store_->check_finite();
   } catch (const Error& e) {
@@ -298,6 +322,7 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
     if (extras.extra_files) extras.extra_files(dir);
   };
   publish_checkpoint(out_dir, r);
+  if (cfg_.comm && cfg_.comm->size() > 1) cfg_.comm->barrier(fmt::format("the checkpoint of step {}", next_step_));
 }
 
 std::size_t Session::device_peak() const { return device_->arena().peak(); }

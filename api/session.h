@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -59,6 +60,13 @@ struct SessionConfig {
   bool seed_log_append = false;    // resume: continue the existing log
   std::string base_model;          // recorded in the seed log header
   std::int64_t first_step = 0;     // resume: the step to start at
+  // Ranks (zo/parallel.h, Note [Parallel modes]; README "Many GPUs and nodes"): the
+  // communicator of the job (not owned; nullptr = one process) and the layout, whose factors
+  // multiply to comm->size(). Every rank opens the same model with the same config and
+  // passes the same global batch to step(); a data-parallel session takes its own shard.
+  // Rank 0 alone writes the seed log and checkpoints; the others wait for it (a fence).
+  Comm* comm = nullptr;
+  ParallelLayout parallel;
   // Tests only: fault injection (offload/scheduler.h) and slow CPU copies.
   SchedulerFault fault = SchedulerFault::none;
   int debug_copy_delay_us = 0;
@@ -115,6 +123,8 @@ class Session {
   }
   // Waits for outstanding steps and flushes the pending update into the host store.
   void sync();
+  // This process writes the run's files (rank 0, or the only process).
+  bool is_writer() const { return !cfg_.comm || cfg_.comm->rank() == 0; }
   std::size_t device_peak() const;
 
  private:
@@ -133,6 +143,7 @@ class Session {
   std::unique_ptr<SeedLogWriter> seed_log_;
   std::int64_t next_step_ = 0;
   std::vector<std::int64_t> outstanding_;
+  std::map<std::int64_t, std::int64_t> global_tokens_;  // data parallel: a step's tokens over every shard
 };
 
 }  // namespace zo2

@@ -95,4 +95,38 @@ void set_option_groups(HostBatch& batch, std::span<const int> group_sizes, std::
   batch.option_info = std::move(info);
 }
 
+HostBatch shard_batch(const HostBatch& batch, int part, int parts) {
+  ZO2_CHECK(parts >= 1 && part >= 0 && part < parts);
+  // Units: sequences, or the sequence ranges of the option groups.
+  std::vector<int> unit_start;
+  for (int r = 0; r < batch.batch; ++r) {
+    const auto u = static_cast<std::size_t>(r);
+    if (batch.option_info.empty() || r == 0 || (batch.option_info[u] >> 1) != (batch.option_info[u - 1] >> 1))
+      unit_start.push_back(r);
+  }
+  const int units = static_cast<int>(unit_start.size());
+  unit_start.push_back(batch.batch);
+  const auto at = [&](int i) { return static_cast<int>(static_cast<std::int64_t>(units) * i / parts); };
+  const int u0 = at(part), u1 = at(part + 1);
+  if (u1 <= u0)
+    fail(ErrorKind::invalid_argument, "a batch of {} {} cannot be split into {} data-parallel parts", units,
+         batch.option_info.empty() ? "sequences" : "examples", parts);
+  const int r0 = unit_start[static_cast<std::size_t>(u0)], r1 = unit_start[static_cast<std::size_t>(u1)];
+  HostBatch out;
+  out.batch = r1 - r0;
+  out.seq = batch.seq;
+  const auto T = static_cast<std::size_t>(batch.seq);
+  auto rows = [&](const std::vector<std::int32_t>& v, std::size_t width) {
+    if (v.empty()) return std::vector<std::int32_t>{};
+    return std::vector<std::int32_t>(v.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(r0) * width),
+                                     v.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(r1) * width));
+  };
+  out.ids = rows(batch.ids, T);
+  out.key_mask = rows(batch.key_mask, T);
+  out.positions = rows(batch.positions, T);
+  out.targets = rows(batch.targets, T);
+  out.option_info = rows(batch.option_info, 1);
+  return out;
+}
+
 }  // namespace zo2

@@ -49,4 +49,10 @@ void require_targets(const HostBatch& batch);
 // target token (its score would be undefined).
 void set_option_groups(HostBatch& batch, std::span<const int> group_sizes, std::span<const int> labels);
 
+// Part `part` of `parts` of a batch (data parallelism, zo/parallel.h): whole sequences
+// [B·part/parts, B·(part+1)/parts), or for a multiple-choice batch whole examples (groups)
+// split the same way with all their candidates. Error(invalid_argument) when the part
+// would be empty (fewer sequences or examples than parts).
+HostBatch shard_batch(const HostBatch& batch, int part, int parts);
+
 }  // namespace zo2

@@ -151,6 +151,18 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
     result_ready_[r] = device.make_event();
     ring_step_[r] = -1;
   }
+  if (options_.comm && !options_.parallel.single()) {
+    if (options_.parallel.size() != options_.comm->size())
+      fail(ErrorKind::internal, "parallel layout {} for {} ranks", options_.parallel.spec(), options_.comm->size());
+    coord_ = rank_coord(options_.parallel, options_.comm->rank());
+    comm_stream_ = device.make_stream("exchange");
+    exchange_comm_ = options_.comm->duplicate();
+    exchange_host_ = device.alloc_host(kRing * 2 * kStepScalars * sizeof(float));
+    for (int r = 0; r < kRing; ++r) {
+      losses_ready_[r] = device.make_event();
+      exchanged_[r] = device.make_event();
+    }
+  }
   compute_->synchronize();
   log_debug("scheduler: device arena {} in use after setup (plan predicted {})",
             format_bytes(static_cast<double>(arena.in_use())),
@@ -158,7 +170,8 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
 }
 
 Scheduler::~Scheduler() {
-  for (Stream* s : {h2d_.get(), compute_.get(), d2h_.get()}) {
+  for (Stream* s : {h2d_.get(), compute_.get(), d2h_.get(), comm_stream_.get()}) {
+    if (!s) continue;
     try {
       s->synchronize();
     } catch (const std::exception& e) {
@@ -500,7 +513,7 @@ void Scheduler::forward_pass(const BatchView& view, const NoiseArgs* noise, int 
 
 // Note [Update rules] (zo/rule.h): the rule's passes estimate each g_j; the update is
 // deferred to the next time each block is on the device.
-void Scheduler::step(const HostBatch& batch, const StepParams& p) {
+void Scheduler::step(const HostBatch& batch, const StepParams& p, double weight) {
   check_batch(batch);
   if (options_.branches != 2)
     fail(ErrorKind::internal, "this scheduler was set up for evaluation only (one branch)");
@@ -515,8 +528,12 @@ void Scheduler::step(const HostBatch& batch, const StepParams& p) {
   const BatchView view = batch_view(bs, batch);
   float* scalars = g_dev_.as<float>();
   auto branches = graph_.branches();
-  for (std::size_t i = 0; i < est.passes.size(); ++i) {
-    const RulePass& pass = est.passes[i];
+  // Ranks: this rank's share of the passes (Note [Parallel modes]).
+  RankWork work;
+  if (distributed()) work = rank_work(est, options_.parallel, coord_);
+  const std::vector<RulePass>& passes = distributed() ? work.passes : est.passes;
+  for (std::size_t i = 0; i < passes.size(); ++i) {
+    const RulePass& pass = passes[i];
     const NoiseArgs noise{direction_seed(p.seed, pass.direction), pass.eps, pass.minus};
     // The pending update of step t − 1 rides on the first pass (after upload_batch's
     // wait, so the busy spans hold no wait).
@@ -526,6 +543,7 @@ void Scheduler::step(const HostBatch& batch, const StepParams& p) {
       compute_->copy_d2d(scalars + pass.slot[k], branches[static_cast<std::size_t>(k)].loss, sizeof(float));
     compute_->end_busy();
   }
+  if (distributed()) exchange_losses(r, p.step, est, weight > 0 ? weight : batch_weight(batch));
   compute_->begin_busy(p.step);
   for (std::size_t j = 0; j < est.grads.size(); ++j) {
     const RuleEstimate::Grad& gr = est.grads[j];
@@ -595,6 +613,47 @@ void Scheduler::conservative(const BatchView& view, const StepParams& p, int r, 
   compute_->synchronize();  // the staging float is read before the next step may reuse it
 }
 
+// Note [Loss exchange]
+//   The ranks' loss slots meet without the host thread ever waiting for a step: compute
+//   copies this rank's slots to pinned memory and records `losses_ready`; the exchange
+//   stream waits for it, runs a host function that gathers every rank's slots and weight
+//   (Comm::all_gather, in rank order) and merges them (merge_losses), copies the merged
+//   slots over the device's, and records `exchanged`; compute waits for that before the
+//   g_j kernels. So compute pauses only for the exchange's latency (microseconds within a
+//   node) while the upload stream keeps prefetching the next step's blocks, and the host
+//   thread goes on enqueuing. A failed exchange (Note [Rank faults]) surfaces when the
+//   step's result is read.
+void Scheduler::exchange_losses(int r, std::int64_t step, const RuleEstimate& est, double weight) {
+  const auto n = static_cast<std::size_t>(est.loss_slots);
+  float* mine = exchange_host_.as<float>() + static_cast<std::size_t>(r) * 2 * kStepScalars;
+  float* merged = mine + kStepScalars;
+  float* scalars = g_dev_.as<float>();
+  compute_->copy_d2h(mine, scalars, n * sizeof(float));
+  compute_->record(*losses_ready_[r]);
+  comm_stream_->wait(*losses_ready_[r]);
+  Comm* comm = exchange_comm_.get();
+  const ParallelLayout layout = options_.parallel;
+  comm_stream_->launch_host([comm, layout, est, mine, merged, n, weight, step] {
+    std::vector<double> row(n + 1);
+    row[0] = weight;
+    for (std::size_t k = 0; k < n; ++k) row[k + 1] = static_cast<double>(mine[k]);
+    const std::vector<double> all = comm->all_gather(row, fmt::format("the losses of step {}", step));
+    const std::vector<float> m = merge_losses(est, layout, all);
+    std::copy(m.begin(), m.end(), merged);
+  });
+  comm_stream_->copy_h2d(scalars, merged, n * sizeof(float));
+  comm_stream_->record(*exchanged_[r]);
+  compute_->wait(*exchanged_[r]);
+}
+
+double Scheduler::batch_weight(const HostBatch& batch) {
+  if (batch.option_info.empty()) return static_cast<double>(batch.target_count());
+  int groups = 0;
+  for (std::size_t i = 0; i < batch.option_info.size(); ++i)
+    if (i == 0 || (batch.option_info[i] >> 1) != (batch.option_info[i - 1] >> 1)) ++groups;
+  return groups;
+}
+
 StepResult Scheduler::wait_result(std::int64_t step) {
   if (auto it = done_.find(step); it != done_.end()) {
     StepResult res = it->second;
@@ -605,7 +664,8 @@ StepResult Scheduler::wait_result(std::int64_t step) {
   if (ring_step_[r] != step)
     fail(ErrorKind::internal, "no result pending for step {}", step);
   result_ready_[r]->synchronize();
-  for (Stream* s : {h2d_.get(), compute_.get(), d2h_.get()}) s->check();
+  for (Stream* s : {h2d_.get(), compute_.get(), d2h_.get(), comm_stream_.get()})
+    if (s) s->check();
   StepResult res = ring_meta_[r];
   const float* host = results_host_.as<float>() + static_cast<std::size_t>(r) * kStepScalars;
   const RuleEstimate est = estimate_plan(options_.rule, res.eps);

@@ -34,7 +34,9 @@
 #include "offload/adapter_store.h"
 #include "offload/block_store.h"
 #include "offload/planner.h"
+#include "runtime/comm.h"
 #include "runtime/device.h"
+#include "zo/parallel.h"
 #include "zo/rule.h"
 
 #include <cstdint>
@@ -104,6 +106,11 @@ struct SchedulerOptions {
   // the rule perturbs and updates them alone, and streamed blocks are never written back.
   AdapterStore* adapters = nullptr;
   bool logits_out = false;
+  // Ranks (zo/parallel.h, Note [Parallel modes]): this scheduler runs its rank's share of
+  // each step's passes and merges the loss slots with the other ranks through `comm` on a
+  // communication stream (Note [Loss exchange]). nullptr or a single layout: one process.
+  Comm* comm = nullptr;
+  ParallelLayout parallel;
   SchedulerFault fault = SchedulerFault::none;  // tests only
 };
 
@@ -122,8 +129,10 @@ class Scheduler {
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
 
-  // Enqueues one ZO step on `batch` and returns without waiting for it.
-  void step(const HostBatch& batch, const StepParams& params);
+  // Enqueues one ZO step on `batch` and returns without waiting for it. With data
+  // parallelism `batch` is this rank's shard and `weight` its share of the global mean
+  // (zo/parallel.h; 0 = the batch's own: target tokens, or multiple-choice examples).
+  void step(const HostBatch& batch, const StepParams& params, double weight = 0);
   // Blocks until the losses of `step` are on the host (each step once, in any order
   // among the last few steps).
   StepResult wait_result(std::int64_t step);
@@ -192,6 +201,11 @@ class Scheduler {
   // zo-sgd-cons, after the estimate: L(θ) and the two candidates, the choice, the update.
   void conservative(const BatchView& view, const StepParams& p, int ring, const RuleEstimate& est);
   void run_blocks(const Use& use);
+  void exchange_losses(int ring, std::int64_t step, const RuleEstimate& est, double weight);
+ public:
+  // A batch's share of a mean loss: its target tokens, or its multiple-choice examples.
+  static double batch_weight(const HostBatch& batch);
+ private:
   int upload_batch(const HostBatch& batch);
   struct BatchSlot;
   static BatchView batch_view(const BatchSlot& slot, const HostBatch& batch);
@@ -204,6 +218,14 @@ class Scheduler {
   SchedulerOptions options_;
   Ops& ops_;
   std::unique_ptr<Stream> h2d_, compute_, d2h_;
+  // Note [Loss exchange]: the communication stream, this rank's place in the layout, and
+  // per results-ring slot the pinned scalars going out and coming back with their events.
+  std::unique_ptr<Stream> comm_stream_;
+  bool distributed() const { return comm_stream_ != nullptr; }
+  RankCoord coord_;
+  std::unique_ptr<Comm> exchange_comm_;  // options_.comm duplicated for the exchange thread
+  HostBuffer exchange_host_;  // kRing × 2 × kStepScalars floats: [mine | merged]
+  std::unique_ptr<Event> losses_ready_[4], exchanged_[4];
   ModelGraph graph_;
 
   DeviceBuffer globals_dev_;

@@ -8,6 +8,7 @@ build="${ZO2_BUILD_DIR:-$root/build}"
 packages=(cmake g++ make pkg-config libtbb-dev libhwloc-dev libfmt-dev nlohmann-json3-dev
           libcli11-dev libopenblas-dev libsentencepiece-dev libpcre2-dev libicu-dev libgtest-dev
           libbenchmark-dev python3-matplotlib zlib1g-dev
+          libopenmpi-dev openmpi-bin
           python3-dev python3-pybind11 python3-pytest python3-numpy)
 if [ "${ZO2_SKIP_APT:-0}" != 1 ]; then
   missing=()

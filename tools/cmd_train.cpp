@@ -137,6 +137,8 @@ Runner add_train(CLI::App& app) {
     double lr = 1e-6, eps = 1e-3, wd = 0;
     std::uint64_t seed = 0, data_seed = 0;
     bool shuffle = true, overwrite = false;
+    std::string parallel;        // zo/parallel.h; empty: data=N under mpirun, else one process
+    double rank_timeout = 600;   // Note [Rank faults] in runtime/comm.h
     DeviceFlags dev;
     DataFlags data_flags;
     RuleFlags rule;
@@ -178,6 +180,13 @@ Runner add_train(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--stop-at", o->stop_at,
                  "stop (and save the state, as on SIGINT) once this many steps are done; --resume continues");
+  app.add_option("--parallel", o->parallel,
+                 "ranks' layout under mpirun/srun: data=D,perturbation=P,directions=Q (product = ranks; default "
+                 "data=N; README \"Many GPUs and nodes\")");
+  app.add_option("--rank-timeout", o->rank_timeout,
+                 "seconds a rank waits for another in an exchange before stopping the job (0: no limit)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1e7));
   app.add_option("--resume", o->resume, "continue the run saved in DIR (its zo2_state.json and checkpoint)");
   app.add_flag("--overwrite", o->overwrite,
                "start a new run in an --out that holds one (its checkpoint and seed log are removed first)");
@@ -217,9 +226,12 @@ Runner add_train(CLI::App& app) {
     for (const auto& [flag, v] : optional)
       if (a->get_option(flag)->count() > 0) check_integer(v.first, v.second, cli);
   };
-  return [o, given, check_flags] {
+  auto body = [o, given, check_flags](Comm& comm) -> int {
     g_stop_signal.store(0);
     check_flags();
+    const bool writer = comm.rank() == 0;  // rank 0 writes --out, the logs and the progress
+    ParallelLayout layout = parse_parallel(o->parallel, "--parallel");
+    if (o->parallel.empty() && comm.size() > 1) layout.data = comm.size();
     DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
     std::uint64_t shard = parse_size_option(Opt::shard_size, o->shard, OptionSource::cli);
     SessionConfig sc = session_config(o->dev, true);
@@ -234,7 +246,8 @@ Runner add_train(CLI::App& app) {
     // resumed, so nothing changes it while its state is read.
     std::optional<RunDirLock> lock;
     const bool resume_in_place = !o->resume.empty() && same_directory(out, o->resume);
-    if (resume_in_place) lock.emplace(out);
+    if (resume_in_place && writer) lock.emplace(out);
+    comm.barrier("opening --out");  // rank 0 holds (and has cleaned) the run directory
     std::optional<SeedLog> resumed_log;
     std::uint64_t resumed_log_bytes = 0;
     std::filesystem::path resumed_log_path;
@@ -249,6 +262,14 @@ Runner add_train(CLI::App& app) {
              "pass --model)",
              o->resume, kRunStateFile);
       const StateReader st{ck.state, state_file};
+      // A resumed run keeps its ranks' layout: data parallelism rounds the losses its own way.
+      const std::string saved_layout = st.get_or<std::string>("parallel", "single");
+      if (saved_layout != layout.spec())
+        fail(ErrorKind::invalid_argument,
+             "--parallel {}: the run in {} used {} (with {} rank{}); a resumed run keeps its layout: start it with "
+             "the same mpirun -np and --parallel",
+             layout.spec(), o->resume, saved_layout, parse_parallel(saved_layout, "parallel").size(),
+             parse_parallel(saved_layout, "parallel").size() == 1 ? "" : "s");
       auto take = [&](CLI::Option* opt, const char* key, auto& field) {
         using T = std::decay_t<decltype(field)>;
         if (!st.has(key)) return;
@@ -402,6 +423,9 @@ Runner add_train(CLI::App& app) {
       }
     }
     validate_rule(sc.rule, static_cast<float>(o->wd));
+    validate_parallel(layout, comm.size(), sc.rule, o->batch, "--parallel");
+    sc.comm = &comm;
+    sc.parallel = layout;
     if (model_dir.empty()) fail(ErrorKind::invalid_argument, "train needs --model DIR (or --resume DIR)");
     if (o->data.empty()) fail(ErrorKind::invalid_argument, "train needs --data FILE");
     // --out never writes over the checkpoint a run starts from: the seed log replays from it.
@@ -452,10 +476,12 @@ Runner add_train(CLI::App& app) {
     sc.run_seed = o->seed;
     sc.first_step = first_step;
     plan_placement(config, plan_request(config, sc, parse_device(sc.device).kind, planning_cap(sc)));
-    if (!lock) lock.emplace(out);  // creates --out; cleans what an interrupted save left
-    ensure_writable_dir(out);
-    if (o->resume.empty() && o->overwrite) remove_run(out);
-    if (append_log && !resume_in_place) {
+    // Every rank has validated its flags and data; only rank 0 touches --out.
+    comm.barrier("checking the flags and data");
+    if (writer && !lock) lock.emplace(out);  // creates --out; cleans what an interrupted save left
+    if (writer) ensure_writable_dir(out);
+    if (writer && o->resume.empty() && o->overwrite) remove_run(out);
+    if (writer && append_log && !resume_in_place) {
       // The log up to the resume step, as the checkpoint was saved with it.
       std::ifstream in(resumed_log_path, std::ios::binary);
       std::string prefix(resumed_log_bytes, '\0');
@@ -468,7 +494,7 @@ Runner add_train(CLI::App& app) {
     sc.base_model = base_model.empty() ? "" : std::filesystem::absolute(base_model).string();
 
     std::unique_ptr<std::ofstream> log_json;
-    if (!o->log_json.empty()) {
+    if (!o->log_json.empty() && writer) {
       log_json = std::make_unique<std::ofstream>(o->log_json, append_log ? std::ios::app : std::ios::trunc);
       if (!*log_json) fail(ErrorKind::io, "{}: cannot write the JSON log", o->log_json);
     }
@@ -480,6 +506,7 @@ Runner add_train(CLI::App& app) {
     if (eval_data) log_info("eval data: {}", eval_data->describe());
     log_info("update rule: {}; parameters: {}", sc.rule.describe(), sc.peft.describe());
     log_info("{}", session.placement().describe(config));
+    if (comm.size() > 1) log_info("ranks: {}; layout {}", comm.describe(), layout.describe());
 
     const std::filesystem::path tokenizer_src =
         o->data_flags.tokenizer.empty() ? resolve_model_dir(model_dir) : std::filesystem::path(o->data_flags.tokenizer);
@@ -506,7 +533,8 @@ Runner add_train(CLI::App& app) {
                      {"shuffle", o->shuffle},
                      {"data_seed", o->data_seed},
                      {"base_model", base_model},
-                     {"shard_bytes", shard}};
+                     {"shard_bytes", shard},
+                     {"parallel", layout.spec()}};
       x.extra_files = [&](const std::filesystem::path& dir) { copy_tokenizer_files(tokenizer_src, dir); };
       session.save(out, save_dtype, shard, x);
     };
@@ -541,7 +569,7 @@ Runner add_train(CLI::App& app) {
       const double tok_s = elapsed > 0 ? tokens_done / elapsed : 0;
       const TransferTotals tt = session.scheduler().totals();
       const double pcie = elapsed > 0 ? static_cast<double>(tt.h2d_bytes + tt.d2h_bytes - t0.h2d_bytes - t0.d2h_bytes) / elapsed / 1e9 : 0;
-      progress.report(r, step_s, tok_s, elapsed, session.device_peak(), pcie, completed);
+      if (writer) progress.report(r, step_s, tok_s, elapsed, session.device_peak(), pcie, completed);
       if (log_json) {
         json j{{"step", r.step + 1},
                {"loss_plus", r.loss_plus},
@@ -600,7 +628,21 @@ Runner add_train(CLI::App& app) {
         log_json->flush();
       }
     };
-    while (next < stop && g_stop_signal.load() == 0 && skipped_in_a_row < kMaxSkippedInARow) {
+    // Ranks stop together: a signal seen by any rank (mpirun forwards SIGINT/SIGTERM to all,
+    // but not at the same instant) stops every rank after the same step.
+    auto stop_requested = [&] {
+      const int local = g_stop_signal.load();
+      if (comm.size() == 1) return local != 0;
+      const double mine = local;
+      const std::vector<double> all = comm.all_gather(std::span<const double>(&mine, 1), "the stop flags");
+      for (double v : all)
+        if (v != 0) {
+          if (g_stop_signal.load() == 0) g_stop_signal.store(static_cast<int>(v));
+          return true;
+        }
+      return false;
+    };
+    while (next < stop && !stop_requested() && skipped_in_a_row < kMaxSkippedInARow) {
       const HostBatch b = data.train_batch(next, o->batch);
       step_tokens.push_back(b.tokens());
       const auto lr_t = static_cast<float>(schedule.at(next));
@@ -649,6 +691,27 @@ Runner add_train(CLI::App& app) {
              format_bytes(static_cast<double>(session.device_peak())),
              format_bytes(static_cast<double>(session.device().arena().capacity())), out.string());
     return sig != 0 ? 130 : 0;
+  };
+  return [o, body] {
+    std::unique_ptr<Comm> comm = make_comm_from_environment();
+    if (comm->size() == 1) return body(*comm);
+    comm->set_timeout(o->rank_timeout);
+    if (comm->rank() != 0 && log_level() < LogLevel::warn) log_set_level(LogLevel::warn);
+    // Note [Rank faults]: an error on any rank ends every rank (never a hang).
+    int code = 1;
+    try {
+      const int rc = body(*comm);
+      comm->barrier("the end of the run");
+      return rc;
+    } catch (const Error& e) {
+      fmt::print(stderr, "zo2-tune: error: rank {} of {}: {}\n", comm->rank(), comm->size(), e.what());
+      code = e.kind() == ErrorKind::invalid_argument ? 2 : 1;
+    } catch (const std::exception& e) {
+      fmt::print(stderr, "zo2-tune: error: rank {} of {}: {}\n", comm->rank(), comm->size(), e.what());
+    }
+    std::fflush(stderr);
+    comm->abort(code);
+    return code;  // not reached
   };
 }
 
