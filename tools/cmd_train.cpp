@@ -19,8 +19,10 @@
 #include <chrono>
 #include <csignal>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <limits>
+#include <thread>
 #include <type_traits>
 #include <memory>
 #include <optional>
@@ -642,7 +644,12 @@ Runner add_train(CLI::App& app) {
         }
       return false;
     };
+    // Tests only (tests/mpi/ranks.sh): one rank hangs before a step, as a stuck process would.
+    const char* hang_rank = std::getenv("ZO2_TEST_HANG_RANK");
+    const char* hang_step = std::getenv("ZO2_TEST_HANG_AT_STEP");
     while (next < stop && !stop_requested() && skipped_in_a_row < kMaxSkippedInARow) {
+      if (hang_rank && hang_step && std::atoi(hang_rank) == comm.rank() && std::atoll(hang_step) == next)
+        for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
       const HostBatch b = data.train_batch(next, o->batch);
       step_tokens.push_back(b.tokens());
       const auto lr_t = static_cast<float>(schedule.at(next));

@@ -181,9 +181,9 @@ class MpiComm final : public Comm {
         }
         if (missing.empty()) missing = "a peer (its receive did not complete)";
         fail(ErrorKind::io,
-             "rank {}: no word from rank {} for {} within {:.0f} s (--rank-timeout): the rank died, hung or "
-             "left the run; stopping every rank",
-             rank_, missing, what, timeout_s_);
+             "no word from rank {} for {} within {:.0f} s (--rank-timeout): the rank died, hung or left the run; "
+             "stopping every rank",
+             missing, what, timeout_s_);
       }
       // Spin briefly (a step's scalars arrive in microseconds on one node), then back off.
       if (pause.count() > 0) std::this_thread::sleep_for(pause);
