@@ -92,8 +92,9 @@ Session::Session(const std::filesystem::path& model_path, const SessionConfig& c
   const ModelConfig model = ModelConfig::load(model_dir);
   fit_arena_to(plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity())));
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
+  open_node_comm();
   store_ = std::make_unique<BlockStore>(
-      BlockStore::load(model_dir, cfg_.storage, *device_, cfg_.peft.any() ? StateSpec{} : state));
+      BlockStore::load(model_dir, cfg_.storage, *device_, cfg_.peft.any() ? StateSpec{} : state, node_comm_.get()));
   open_adapters(model);
   if (cfg_.resume_state && state.buffers > 0) {
     // A LoRA run keeps its state beside its adapter; a full run beside its checkpoint.
@@ -113,10 +114,20 @@ Session::Session(const ModelConfig& model, const SessionConfig& cfg, std::uint64
   device_ = open_device(cfg_);
   fit_arena_to(plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity())));
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
-  store_ = std::make_unique<BlockStore>(
-      BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks, cfg_.peft.any() ? StateSpec{} : state));
+  open_node_comm();
+  store_ = std::make_unique<BlockStore>(BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks,
+                                                              cfg_.peft.any() ? StateSpec{} : state, node_comm_.get()));
   open_adapters(model);
   init(cfg_);
+}
+
+void Session::open_node_comm() {
+  // Only a training session's ranks run in lockstep; an evaluation-only session on several
+  // ranks keeps its own image.
+  if (cfg_.comm && cfg_.comm->size() > 1 && cfg_.share_host_image && cfg_.training) {
+    node_comm_ = cfg_.comm->node();
+    if (node_comm_->size() == 1) node_comm_.reset();
+  }
 }
 
 void Session::open_adapters(const ModelConfig& model) {
@@ -275,6 +286,7 @@ void Session::decode(const HostBatch& batch, int past, bool use_cache, float* lo
 void Session::sync() {
   drain();
   scheduler_->sync_to_host();
+  if (node_comm_) node_comm_->barrier("the shared host image (every rank's slice home)");
 }
 
 void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes,

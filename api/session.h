@@ -67,6 +67,9 @@ struct SessionConfig {
   // Rank 0 alone writes the seed log and checkpoints; the others wait for it (a fence).
   Comm* comm = nullptr;
   ParallelLayout parallel;
+  // Ranks on one node share one host image of the weights (Note [One host image per node] in
+  // offload/block_store.h); false gives each rank its own copy.
+  bool share_host_image = true;
   // Tests only: fault injection (offload/scheduler.h) and slow CPU copies.
   SchedulerFault fault = SchedulerFault::none;
   int debug_copy_delay_us = 0;
@@ -121,7 +124,8 @@ class Session {
   void save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes) {
     save(out_dir, dtype, shard_bytes, SaveExtras{});
   }
-  // Waits for outstanding steps and flushes the pending update into the host store.
+  // Waits for outstanding steps and flushes the pending update into the host store. With a
+  // shared host image, collective over the node's ranks (they fence once every slice is home).
   void sync();
   // This process writes the run's files (rank 0, or the only process).
   bool is_writer() const { return !cfg_.comm || cfg_.comm->rank() == 0; }
@@ -130,10 +134,12 @@ class Session {
  private:
   void init(const SessionConfig& cfg);
   void open_adapters(const ModelConfig& model);
+  void open_node_comm();
   void fit_arena_to(const Placement& plan);
   void drain();
 
   SessionConfig cfg_;
+  std::unique_ptr<Comm> node_comm_;   // shared host image: the node's ranks (outlives store_)
   std::filesystem::path model_path_;  // the directory given (empty: synthesized weights)
   bool model_is_run_ = false;         // it is a run directory (read through its current checkpoint)
   std::unique_ptr<Device> device_;

@@ -1,5 +1,7 @@
 #include "offload/block_store.h"
 
+#include "runtime/shared_host.h"
+
 #include "models/checkpoint.h"
 #include "models/init.h"
 #include "models/safetensors.h"
@@ -69,8 +71,9 @@ void check_host_memory(const ModelConfig& config, DType storage, std::int64_t im
 }
 
 BlockStore::BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks,
-                       const StateSpec& state)
-    : config_(config), storage_(storage), state_(state), aliased_(alias_blocks) {
+                       const StateSpec& state, Comm* node)
+    : config_(config), storage_(storage), state_(state), aliased_(alias_blocks),
+      node_(node && node->size() > 1 ? node : nullptr) {
   if (!dtype_is_storage(storage))
     fail(ErrorKind::invalid_argument, "storage dtype {} is not one of fp32, bf16, fp16, fp8",
          dtype_name(storage));
@@ -86,10 +89,43 @@ BlockStore::BlockStore(const ModelConfig& config, DType storage, Device& device,
                                          state_.buffers);
   globals_stream_bytes_ = image_with_state_bytes(globals_layout_.bytes(), globals_state_layout_.bytes(), state_.buffers);
   const std::int64_t images = alias_blocks ? 1 : config_.num_layers;
-  check_host_memory(config_, storage_, images, state_);
-  globals_ = device.alloc_host(globals_stream_bytes_);
-  for (std::int64_t i = 0; i < images; ++i) blocks_.push_back(device.alloc_host(stream_bytes_));
-  clear_state();
+  if (!node_) {
+    check_host_memory(config_, storage_, images, state_);
+    globals_ = device.alloc_host(globals_stream_bytes_);
+    for (std::int64_t i = 0; i < images; ++i) blocks_.push_back(device.alloc_host(stream_bytes_));
+    clear_state();
+    return;
+  }
+  // Note [One host image per node]: one segment for the node; node rank 0 checks the memory.
+  if (node_->rank() == 0) check_host_memory(config_, storage_, images, state_);
+  const std::size_t g = align_up(globals_stream_bytes_), b = align_up(stream_bytes_);
+  shared_ = alloc_node_shared(*node_, device, g + static_cast<std::size_t>(images) * b, "host image of the weights");
+  const auto R = static_cast<std::size_t>(node_->size());
+  control_ = alloc_node_shared(*node_, device, 2 * static_cast<std::size_t>(config_.num_layers) * R * sizeof(std::uint32_t),
+                               "write-back counters");
+  auto* base = static_cast<char*>(shared_.data());
+  globals_ = HostBuffer(base, globals_stream_bytes_, shared_.pinned(), nullptr);
+  for (std::int64_t i = 0; i < images; ++i)
+    blocks_.emplace_back(base + g + static_cast<std::size_t>(i) * b, stream_bytes_, shared_.pinned(), nullptr);
+  if (node_->rank() == 0) clear_state();
+}
+
+std::uint32_t* BlockStore::written_counters(std::int64_t i) const {
+  ZO2_CHECK(node_ != nullptr);
+  return control_.as<std::uint32_t>() + static_cast<std::size_t>(i) * static_cast<std::size_t>(node_->size());
+}
+
+std::uint32_t* BlockStore::taken_counters(std::int64_t i) const {
+  ZO2_CHECK(node_ != nullptr);
+  return written_counters(config_.num_layers) + static_cast<std::size_t>(i) * static_cast<std::size_t>(node_->size());
+}
+
+std::pair<std::size_t, std::size_t> BlockStore::slice(std::size_t bytes, int r) const {
+  const auto R = static_cast<std::size_t>(node_ranks());
+  constexpr std::size_t kPage = 4096;
+  const std::size_t pages = (bytes + kPage - 1) / kPage;
+  const auto at = [&](std::size_t k) { return std::min(bytes, pages * k / R * kPage); };
+  return {at(static_cast<std::size_t>(r)), at(static_cast<std::size_t>(r) + 1)};
 }
 
 std::size_t BlockStore::block_state_offset(int k) const {
@@ -128,12 +164,17 @@ std::size_t BlockStore::host_bytes() const {
 }
 
 BlockStore BlockStore::load(const std::filesystem::path& model_dir, DType storage, Device& device,
-                            const StateSpec& state) {
+                            const StateSpec& state, Comm* node) {
   const ModelConfig config = ModelConfig::load(model_dir);
   const auto ckpt = SafetensorsCheckpoint::open(model_dir);
   const std::string where = model_dir.string();
   check_checkpoint_tensors(ckpt, config, where);  // before the images are allocated
-  BlockStore store(config, storage, device, false, state);
+  BlockStore store(config, storage, device, false, state, node);
+  if (store.node_ && store.node_->rank() != 0) {
+    // Note [One host image per node]: node rank 0 reads the files into the shared images.
+    store.wait_for_node_rank_zero("reading the checkpoint");
+    return store;
+  }
   const auto unused = unused_checkpoint_tensors(ckpt, config);
   for (const auto& name : unused)
     if (name != "lm_head.weight" && name.find("rotary_emb.inv_freq") == std::string::npos) {
@@ -147,7 +188,17 @@ BlockStore BlockStore::load(const std::filesystem::path& model_dir, DType storag
     load_image(ckpt, store.block_layouts_[static_cast<std::size_t>(i)],
                store.blocks_[static_cast<std::size_t>(i)].data(), where);
   });
+  if (store.node_) store.wait_for_node_rank_zero("reading the checkpoint");
   return store;
+}
+
+void BlockStore::wait_for_node_rank_zero(std::string_view what) {
+  // Reading a large checkpoint can take longer than a step's --rank-timeout: no limit here
+  // (a rank that dies meanwhile is ended by the launcher).
+  const double timeout = node_->timeout_s();
+  node_->set_timeout(0);
+  node_->barrier(fmt::format("node rank 0 {}", what));
+  node_->set_timeout(timeout);
 }
 
 namespace {
@@ -172,14 +223,19 @@ void init_image(const ImageLayout& layout, void* image, std::uint64_t seed) {
 }  // namespace
 
 BlockStore BlockStore::synthetic(const ModelConfig& config, DType storage, Device& device,
-                                 std::uint64_t seed, bool alias_blocks, const StateSpec& state) {
-  BlockStore store(config, storage, device, alias_blocks, state);
+                                 std::uint64_t seed, bool alias_blocks, const StateSpec& state, Comm* node) {
+  BlockStore store(config, storage, device, alias_blocks, state, node);
+  if (store.node_ && store.node_->rank() != 0) {
+    store.wait_for_node_rank_zero("initializing the weights");
+    return store;
+  }
   init_image(store.globals_layout_, store.globals_.data(), seed);
   const std::int64_t images = alias_blocks ? 1 : config.num_layers;
   tbb::parallel_for(std::int64_t{0}, images, [&](std::int64_t i) {
     init_image(store.block_layouts_[static_cast<std::size_t>(i)],
                store.blocks_[static_cast<std::size_t>(i)].data(), seed);
   });
+  if (store.node_) store.wait_for_node_rank_zero("initializing the weights");
   return store;
 }
 
@@ -313,7 +369,8 @@ void BlockStore::save_state(const std::filesystem::path& file) const {
 
 void BlockStore::load_state(const std::filesystem::path& file) {
   if (state_.buffers == 0) fail(ErrorKind::internal, "load_state: this store keeps no optimizer state");
-  read_state_file(file, state_tensors(), state_);
+  if (!node_ || node_->rank() == 0) read_state_file(file, state_tensors(), state_);
+  if (node_) wait_for_node_rank_zero("reading the optimizer state");
 }
 
 }  // namespace zo2

@@ -6,6 +6,7 @@
 #include "models/graph.h"
 #include "models/layout.h"
 #include "offload/planner.h"
+#include "runtime/comm.h"
 #include "runtime/device.h"
 
 #include <cstddef>
@@ -42,18 +43,39 @@ void write_state_file(const std::filesystem::path& file, const std::vector<State
 void read_state_file(const std::filesystem::path& file, const std::vector<StateTensorRef>& tensors,
                      const StateSpec& spec);
 
+// Note [One host image per node]
+//   Ranks on one node (Comm::node()) hold ONE copy of the master weights: the globals and
+//   every block image (with their optimizer state) live in one node-shared segment
+//   (runtime/shared_host.h), pinned by each GPU rank. Node rank 0 reads the checkpoint into
+//   it while the others wait; every rank then uploads from it. Since every rank applies the
+//   same update (Note [Parallel modes]), the write-back is split: rank r writes only its
+//   slice r of R of each streamed block image. Two counters per (block, rank) in a second
+//   shared segment order the ranks' copies (Note [Stream value waits] in runtime/device.h):
+//     written[i][r]  the number of write-backs of block i rank r has finished (slice home)
+//     taken[i][r]    the number of update passes whose upload of block i rank r finished
+//   A block's g-th version is the image after g write-backs. An upload that expects version
+//   g waits until written[i][s] ≥ g for every rank s (every slice is home). The write-back
+//   that makes version g + 1 waits until taken[i][s] ≥ g + 1 for every s: every rank has
+//   uploaded version g for its update pass, the last upload of that version in each rank's
+//   stream order (later passes of the step read version g + 1). Every wait points at a
+//   copy earlier in every rank's order, so the ranks cannot deadlock; resident blocks and
+//   the globals reach the image only through sync_to_host, each rank its slice, followed by
+//   a node barrier (Session::sync).
 class BlockStore {
  public:
   // Reads an HF checkpoint directory into images of `storage` dtype (in parallel).
   // With `state`, each image is followed by the rule's state images (zeros), which stream
   // with it (zo/rule.h, Note [Update rules]).
+  // With `node` (more than one rank), the images are node-shared (Note [One host image per
+  // node]) and node rank 0 alone reads the files.
   static BlockStore load(const std::filesystem::path& model_dir, DType storage, Device& device,
-                         const StateSpec& state = {});
+                         const StateSpec& state = {}, Comm* node = nullptr);
   // Random weights in memory (std 0.02, norms 1, biases 0), as `init` writes them. With
   // alias_blocks every block shares one image (for benchmarks of shapes larger than host
   // memory; such stores cannot be saved).
   static BlockStore synthetic(const ModelConfig& config, DType storage, Device& device,
-                              std::uint64_t seed, bool alias_blocks = false, const StateSpec& state = {});
+                              std::uint64_t seed, bool alias_blocks = false, const StateSpec& state = {},
+                              Comm* node = nullptr);
 
   const ModelConfig& config() const { return config_; }
   DType storage() const { return storage_; }
@@ -98,9 +120,21 @@ class BlockStore {
   // Zeros every state buffer (fp8: zeros with unit row scales).
   void clear_state();
 
+  // Note [One host image per node]: 1 and 0 when the image is this process's own.
+  int node_ranks() const { return node_ ? node_->size() : 1; }
+  int node_rank() const { return node_ ? node_->rank() : 0; }
+  Comm* node() const { return node_; }
+  // The counters of block i: [rank] for the node's ranks.
+  std::uint32_t* written_counters(std::int64_t i) const;
+  std::uint32_t* taken_counters(std::int64_t i) const;
+  // Rank r's byte range [begin, end) of an image of `bytes` (whole 4 KiB pages, r < R).
+  std::pair<std::size_t, std::size_t> slice(std::size_t bytes, int r) const;
+
  private:
-  BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks, const StateSpec& state);
+  BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks, const StateSpec& state,
+             Comm* node);
   std::vector<StateTensorRef> state_tensors() const;
+  void wait_for_node_rank_zero(std::string_view what);
 
   ModelConfig config_;
   DType storage_;
@@ -114,6 +148,8 @@ class BlockStore {
   HostBuffer globals_;
   std::vector<HostBuffer> blocks_;
   bool aliased_ = false;
+  Comm* node_ = nullptr;        // shared images: the node's ranks (not owned)
+  HostBuffer shared_, control_;  // the images' segment and the counters' (globals_/blocks_ point into it)
 };
 
 }  // namespace zo2

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 
 namespace zo2 {
 Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placement,
@@ -74,6 +75,8 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
     for (std::size_t c = 0; c < slot_chunks_.size(); ++c) slot_free_.push_back(device.make_event());
   }
   for (std::int64_t i = 0; i < L; ++i) offloaded_.push_back(device.make_event());
+  versions_.assign(static_cast<std::size_t>(L), 0);
+  if (store.node()) shared_timeout_s_ = store.node()->timeout_s();
 
   if (AdapterStore* ad = options_.adapters) {
     ZO2_CHECK(ad->num_blocks() == L && buffers == 0);
@@ -344,6 +347,14 @@ void Scheduler::run_blocks(const Use& use) {
     const std::size_t chunks = slot_chunks_.size();
     auto chunk_free = [&](std::size_t c) -> Event& { return *slot_free_[static_cast<std::size_t>(k) * chunks + c]; };
     h2d_->wait(*offloaded_[static_cast<std::size_t>(i)]);
+    // Note [One host image per node] (offload/block_store.h): every slice of the version
+    // this upload expects is home.
+    const bool shared = store_.node_ranks() > 1;
+    const std::uint32_t version = shared ? versions_[static_cast<std::size_t>(i)] : 0;
+    if (shared)
+      for (int r = 0; r < store_.node_ranks(); ++r)
+        h2d_->wait_value(store_.written_counters(i) + r, version, shared_timeout_s_,
+                         fmt::format("node rank {}'s slice of block {}, version {}", r, i, version));
     // A pass that applies no update reads the weights alone: the rule's state (after them
     // in the image) stays on the host (Note [Update rules], 5).
     const std::size_t upload = use.update ? block_bytes : store_.block_bytes();
@@ -356,6 +367,7 @@ void Scheduler::run_blocks(const Use& use) {
       end_busy(*h2d_);
     }
     h2d_->record(*uploaded_[static_cast<std::size_t>(k)]);
+    if (shared && use.update) h2d_->write_value(store_.taken_counters(i) + store_.node_rank(), version + 1);
     totals_.h2d_bytes += upload;
     ++totals_.uploads;
 
@@ -369,15 +381,30 @@ void Scheduler::run_blocks(const Use& use) {
 
     if (use.update) {
       d2h_->wait(*computed_[static_cast<std::size_t>(k)]);
+      // Shared image: every rank has taken version g; this rank writes its slice of g + 1.
+      std::size_t lo = 0, hi = block_bytes;
+      if (shared) {
+        for (int r = 0; r < store_.node_ranks(); ++r)
+          d2h_->wait_value(store_.taken_counters(i) + r, version + 1, shared_timeout_s_,
+                           fmt::format("node rank {}'s upload of block {}, version {}", r, i, version));
+        std::tie(lo, hi) = store_.slice(block_bytes, store_.node_rank());
+      }
       for (std::size_t c = 0; c < chunks; ++c) {
         const auto [off, bytes] = slot_chunks_[c];
-        begin_busy(*d2h_);
-        d2h_->copy_d2h(image + off, slot + off, bytes);
-        end_busy(*d2h_);
+        const std::size_t a = std::max(off, lo), b = std::min(off + bytes, hi);
+        if (a < b) {
+          begin_busy(*d2h_);
+          d2h_->copy_d2h(image + a, slot + a, b - a);
+          end_busy(*d2h_);
+        }
         d2h_->record(chunk_free(c));  // the next use of this slot may overwrite this chunk
       }
+      if (shared) {
+        d2h_->write_value(store_.written_counters(i) + store_.node_rank(), version + 1);
+        ++versions_[static_cast<std::size_t>(i)];
+      }
       d2h_->record(*offloaded_[static_cast<std::size_t>(i)]);
-      totals_.d2h_bytes += block_bytes;
+      totals_.d2h_bytes += hi - lo;
       ++totals_.offloads;
     } else {
       // Nothing changed: the slot is free once compute is done with it.
@@ -779,11 +806,16 @@ float Scheduler::eval(const HostBatch& batch, const EvalOptions& o) {
 void Scheduler::sync_to_host() {
   flush();
   sync_adapters_to_host();
-  compute_->copy_d2h(store_.globals_image(), globals_dev_.data(), store_.globals_stream_bytes());
+  // A shared image (Note [One host image per node]): this rank's slice of each; the caller
+  // fences the node's ranks before reading the images (Session::sync).
+  auto write_home = [&](void* image, const void* dev, std::size_t bytes) {
+    const auto [lo, hi] = store_.slice(bytes, store_.node_rank());
+    if (lo < hi) compute_->copy_d2h(static_cast<char*>(image) + lo, static_cast<const char*>(dev) + lo, hi - lo);
+  };
+  write_home(store_.globals_image(), globals_dev_.data(), store_.globals_stream_bytes());
   for (std::int64_t i = 0; i < store_.num_blocks(); ++i)
     if (placement_.resident[static_cast<std::size_t>(i)])
-      compute_->copy_d2h(store_.block_image(i), resident_dev_[static_cast<std::size_t>(i)].data(),
-                         store_.stream_bytes());
+      write_home(store_.block_image(i), resident_dev_[static_cast<std::size_t>(i)].data(), store_.stream_bytes());
   compute_->synchronize();
   d2h_->synchronize();
   h2d_->synchronize();

@@ -252,6 +252,10 @@ class Scheduler {
   std::vector<Chunk> slot_chunks_;
   std::vector<std::unique_ptr<Event>> uploaded_, computed_, slot_free_;
   std::vector<std::unique_ptr<Event>> offloaded_;  // per block
+  // Note [One host image per node]: per block, the write-backs this rank has enqueued (the
+  // version the next upload expects), and how long a wait on another rank may take.
+  std::vector<std::uint32_t> versions_;
+  double shared_timeout_s_ = 600;
   std::int64_t next_use_ = 0;
 
   // Double-buffered batch inputs.

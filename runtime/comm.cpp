@@ -26,6 +26,7 @@ class SingleComm final : public Comm {
     if (root != 0) fail(ErrorKind::internal, "broadcast of {} from rank {} in a single-process run", what, root);
   }
   std::unique_ptr<Comm> duplicate() override { return std::make_unique<SingleComm>(); }
+  std::unique_ptr<Comm> node() override { return std::make_unique<SingleComm>(); }
   [[noreturn]] void abort(int exit_code) override { std::exit(exit_code); }
 };
 

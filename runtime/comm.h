@@ -47,6 +47,9 @@ class Comm {
   // while the host thread fences), since operations match by their order. Collective: every
   // rank calls it at the same point.
   virtual std::unique_ptr<Comm> duplicate() = 0;
+  // The ranks on this node (shared memory reaches them), as a Comm of their own: rank()
+  // is local_rank(). Collective over the world.
+  virtual std::unique_ptr<Comm> node() = 0;
   // Ends every rank of the job (after this rank has reported its error).
   [[noreturn]] virtual void abort(int exit_code) = 0;
   double timeout_s() const { return timeout_s_; }

@@ -4,7 +4,11 @@
 #include "runtime/common.h"
 #include "runtime/error.h"
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <thread>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -36,6 +40,27 @@ void HostBuffer::reset() {
   ptr_ = nullptr;
   bytes_ = 0;
   free_ = nullptr;
+}
+
+// Note [Stream value waits], the portable form: a host function that polls the counter.
+void Stream::wait_value(const std::uint32_t* addr, std::uint32_t value, double timeout_s, std::string_view what) {
+  launch_host([addr, value, timeout_s, what = std::string(what)] {
+    std::atomic_ref<const std::uint32_t> counter(*addr);
+    const auto start = std::chrono::steady_clock::now();
+    auto pause = std::chrono::microseconds(0);
+    while (counter.load(std::memory_order_acquire) < value) {
+      if (timeout_s > 0 &&
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > timeout_s)
+        fail(ErrorKind::io, "waited {:.0f} s for {} (it stayed at {}, {} needed): the rank that writes it died or hung",
+             timeout_s, what, counter.load(std::memory_order_acquire), value);
+      if (pause.count() > 0) std::this_thread::sleep_for(pause);
+      pause = std::min(std::chrono::microseconds(500), pause + std::chrono::microseconds(5));
+    }
+  });
+}
+
+void Stream::write_value(std::uint32_t* addr, std::uint32_t value) {
+  launch_host([addr, value] { std::atomic_ref<std::uint32_t>(*addr).store(value, std::memory_order_release); });
 }
 
 HostBuffer host_alloc_aligned(std::size_t bytes) {

@@ -83,6 +83,16 @@ class Stream {
   }
   // Runs `fn` on a host thread once the work before it is done; later work waits for it.
   virtual void launch_host(std::function<void()> fn) = 0;
+  // Note [Stream value waits]: ordering with another process through a 32-bit counter in
+  // host memory both can see (a node-shared segment, registered with register_host).
+  // wait_value: later work waits until *addr ≥ value. write_value: *addr = value once the
+  // work before it is done (its writes visible first). CPU: a host function polling with
+  // backoff, failing after timeout_s (> 0) with `what` in the message; CUDA:
+  // cuStreamWaitValue32 (GEQ) and cuStreamWriteValue32 on the registered memory, run by the
+  // GPU without a host thread (no timeout there: a rank that dies is ended by the launcher,
+  // one that hangs by the loss exchange's timeout).
+  virtual void wait_value(const std::uint32_t* addr, std::uint32_t value, double timeout_s, std::string_view what);
+  virtual void write_value(std::uint32_t* addr, std::uint32_t value);
   // Blocks until everything enqueued so far has run; rethrows a failure of that work.
   virtual void synchronize() = 0;
   // Rethrows a failure of work that has already run, without waiting.
@@ -152,6 +162,11 @@ class Device {
   virtual std::size_t driver_used_bytes() = 0;
   // Bytes of pinned host memory currently allocated through alloc_host.
   virtual std::size_t pinned_host_bytes() const = 0;
+  // Pins host memory allocated elsewhere (a node-shared segment) for full-speed copies and
+  // the value waits above; true when it was pinned (CUDA), false where nothing needs it
+  // (CPU). unregister_host undoes it.
+  virtual bool register_host(void* ptr, std::size_t bytes) { return false; }
+  virtual void unregister_host(void* ptr) {}
 };
 
 // Host memory a new allocation can take without swapping: /proc/meminfo's MemAvailable;

@@ -63,7 +63,8 @@ class ThreadComm final : public Comm {
         if (v.empty()) return false;
       return true;
     };
-    if (!hub_->cv.wait_until(lock, deadline, complete)) {
+    if (timeout_s_ <= 0) hub_->cv.wait(lock, complete);  // 0: no limit, as the MPI Comm
+    if (!complete() && !hub_->cv.wait_until(lock, deadline, complete)) {
       std::string missing;
       for (int r = 0; r < hub_->size; ++r)
         if (hub_->ops[key][static_cast<std::size_t>(r)].empty()) missing += fmt::format("{}{}", missing.empty() ? "" : ", ", r);
@@ -78,9 +79,21 @@ class ThreadComm final : public Comm {
     return out;
   }
   void barrier(std::string_view what) override { (void)all_gather({}, what); }
-  void broadcast(void*, std::size_t, int, std::string_view) override { FAIL() << "not used"; }
+  void broadcast(void* data, std::size_t bytes, int root, std::string_view what) override {
+    std::vector<double> mine(bytes, 0.0);
+    if (rank_ == root)
+      for (std::size_t i = 0; i < bytes; ++i) mine[i] = static_cast<unsigned char>(static_cast<char*>(data)[i]);
+    const std::vector<double> all = all_gather(mine, what);
+    for (std::size_t i = 0; i < bytes; ++i)
+      static_cast<char*>(data)[i] = static_cast<char>(static_cast<unsigned char>(all[static_cast<std::size_t>(root) * bytes + i]));
+  }
   std::unique_ptr<Comm> duplicate() override {
     auto c = std::make_unique<ThreadComm>(hub_, rank_, fmt::format("{}/{}", channel_, dups_++));
+    c->set_timeout(timeout_s_);
+    return c;
+  }
+  std::unique_ptr<Comm> node() override {
+    auto c = std::make_unique<ThreadComm>(hub_, rank_, fmt::format("{}/node{}", channel_, dups_++));
     c->set_timeout(timeout_s_);
     return c;
   }

@@ -8,6 +8,8 @@
 #include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/parallel_for.h>
 
+#include <cuda.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -190,6 +192,58 @@ void CudaStream::launch_host(std::function<void()> fn) {
   auto task = std::make_unique<HostTask>(HostTask{std::move(fn), host_error_});
   ZO2_CUDA_CHECK(cudaLaunchHostFunc(stream_.get(), run_host_task, task.get()));
   task.release();  // run_host_task owns it now and frees it after running
+}
+
+// Note [Stream value waits] on the GPU: cuStreamWaitValue32/cuStreamWriteValue32 from the
+// driver, reached through the runtime (cudaGetDriverEntryPointByVersion) so libzo2 links
+// no libcuda and still loads on machines without a driver. Where the driver lacks them
+// (or refuses stream memory operations) the host-function fallback of Stream runs.
+namespace {
+using StreamValueFn = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+struct StreamValueOps {
+  StreamValueFn wait = nullptr, write = nullptr;
+};
+const StreamValueOps& stream_value_ops() {
+  static const StreamValueOps ops = [] {
+    StreamValueOps o;
+    cudaDriverEntryPointQueryResult q{};
+    void* fn = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", &fn, 12000, cudaEnableDefault, &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+      o.wait = reinterpret_cast<StreamValueFn>(fn);
+    fn = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuStreamWriteValue32", &fn, 12000, cudaEnableDefault, &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+      o.write = reinterpret_cast<StreamValueFn>(fn);
+    (void)cudaGetLastError();
+    if (!o.wait || !o.write)
+      log_warn("cuda: cuStreamWaitValue32/cuStreamWriteValue32 are not available; cross-process waits poll on a host thread");
+    return o;
+  }();
+  return ops;
+}
+CUdeviceptr mapped(const void* host) {
+  void* d = nullptr;
+  ZO2_CUDA_CHECK(cudaHostGetDevicePointer(&d, const_cast<void*>(host), 0));
+  return reinterpret_cast<CUdeviceptr>(d);
+}
+}  // namespace
+
+void CudaStream::wait_value(const std::uint32_t* addr, std::uint32_t value, double timeout_s, std::string_view what) {
+  use_device(state_->index);
+  const StreamValueOps& ops = stream_value_ops();
+  if (!ops.wait) return Stream::wait_value(addr, value, timeout_s, what);
+  const CUresult r = ops.wait(stream_.get(), mapped(addr), value, CU_STREAM_WAIT_VALUE_GEQ);
+  if (r != CUDA_SUCCESS) fail(ErrorKind::device, "cuStreamWaitValue32 for {} failed (CUresult {})", what, static_cast<int>(r));
+}
+
+void CudaStream::write_value(std::uint32_t* addr, std::uint32_t value) {
+  use_device(state_->index);
+  const StreamValueOps& ops = stream_value_ops();
+  if (!ops.write) return Stream::write_value(addr, value);
+  // The default flags put a system-scope fence before the write: the copies before it land first.
+  const CUresult r = ops.write(stream_.get(), mapped(addr), value, CU_STREAM_WRITE_VALUE_DEFAULT);
+  if (r != CUDA_SUCCESS) fail(ErrorKind::device, "cuStreamWriteValue32 failed (CUresult {})", static_cast<int>(r));
 }
 
 void CudaStream::rethrow_host_error() {
@@ -403,6 +457,22 @@ class CudaDevice final : public Device {
   }
 
   std::size_t pinned_host_bytes() const override { return pinned_->load(); }
+
+  bool register_host(void* ptr, std::size_t bytes) override {
+    use_device(state_->index);
+    const cudaError_t err = cudaHostRegister(ptr, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      log_warn("{}: cannot pin the node-shared host image ({} at {}): {}; its copies run at pageable speed", name_,
+               bytes_text(bytes), ptr, cudaGetErrorString(err));
+      return false;
+    }
+    return true;
+  }
+  void unregister_host(void* ptr) override {
+    use_device(state_->index);
+    (void)cudaHostUnregister(ptr);
+  }
 
  private:
   static void zero_fill(void* p, std::size_t size) {

@@ -81,6 +81,8 @@ class CudaStream final : public Stream, public KernelStream {
                std::size_t height) override;
   void memset(void* dst, int value, std::size_t bytes) override;
   void launch_host(std::function<void()> fn) override;
+  void wait_value(const std::uint32_t* addr, std::uint32_t value, double timeout_s, std::string_view what) override;
+  void write_value(std::uint32_t* addr, std::uint32_t value) override;
   void synchronize() override;
   void check() override;
   const std::string& name() const override { return name_; }

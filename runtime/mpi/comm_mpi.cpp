@@ -133,6 +133,12 @@ class MpiComm final : public Comm {
     return c;
   }
 
+  std::unique_ptr<Comm> node() override {
+    auto c = std::make_unique<MpiComm>(node_, false);
+    c->set_timeout(timeout_s_);
+    return c;
+  }
+
   [[noreturn]] void abort(int exit_code) override {
     MPI_Abort(comm_, exit_code);
     std::_Exit(exit_code);  // MPI_Abort does not return; if it did, end this rank anyway
