@@ -18,6 +18,7 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <exception>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -141,6 +142,7 @@ Runner add_train(CLI::App& app) {
     bool shuffle = true, overwrite = false;
     std::string parallel;        // zo/parallel.h; empty: data=N under mpirun, else one process
     double rank_timeout = 600;   // Note [Rank faults] in runtime/comm.h
+    std::string host_image = "shared";
     DeviceFlags dev;
     DataFlags data_flags;
     RuleFlags rule;
@@ -189,6 +191,11 @@ Runner add_train(CLI::App& app) {
                  "seconds a rank waits for another in an exchange before stopping the job (0: no limit)")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1e7));
+  app.add_option("--host-image", o->host_image,
+                 "ranks on one node: shared (one copy of the weights per node, each rank writing its slice) or "
+                 "private (one per rank)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"shared", "private"}));
   app.add_option("--resume", o->resume, "continue the run saved in DIR (its zo2_state.json and checkpoint)");
   app.add_flag("--overwrite", o->overwrite,
                "start a new run in an --out that holds one (its checkpoint and seed log are removed first)");
@@ -428,6 +435,7 @@ Runner add_train(CLI::App& app) {
     validate_parallel(layout, comm.size(), sc.rule, o->batch, "--parallel");
     sc.comm = &comm;
     sc.parallel = layout;
+    sc.share_host_image = o->host_image == "shared";
     if (model_dir.empty()) fail(ErrorKind::invalid_argument, "train needs --model DIR (or --resume DIR)");
     if (o->data.empty()) fail(ErrorKind::invalid_argument, "train needs --data FILE");
     // --out never writes over the checkpoint a run starts from: the seed log replays from it.
@@ -501,7 +509,17 @@ Runner add_train(CLI::App& app) {
       if (!*log_json) fail(ErrorKind::io, "{}: cannot write the JSON log", o->log_json);
     }
 
-    Session session(model_dir, sc);
+    // Ranks: a failing rank ends the job through Comm::abort (Note [Rank faults]) without
+    // tearing its session down first — that could wait on peers that will never answer.
+    auto session_owner = std::make_unique<Session>(model_dir, sc);
+    Session& session = *session_owner;
+    struct KeepOnRankError {
+      std::unique_ptr<Session>& session;
+      bool ranks;
+      ~KeepOnRankError() {
+        if (ranks && std::uncaught_exceptions() > 0) (void)session.release();
+      }
+    } keep_on_rank_error{session_owner, comm.size() > 1};
     log_info("train: {} ({} blocks, {:.1f}M parameters) on {}; steps {}..{}", model_dir, config.num_layers,
              static_cast<double>(config.total_params()) / 1e6, session.device().name(), first_step + 1, o->steps);
     log_info("train data: {}", data.describe());

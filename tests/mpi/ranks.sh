@@ -9,6 +9,7 @@
 #   - a rank killed with SIGKILL mid-run ends the job within 60 s naming it; the last saved
 #     checkpoint resumes; a hung rank stops the others within --rank-timeout, naming it
 #   - a resume with another layout is refused by name
+#   - 4 ranks with one shared host image hold about (4 − 1) × the model less than 4 private ones
 # Usage: ranks.sh ZO2_TUNE WORK_DIR [MPIRUN]
 set -euo pipefail
 tune=$1
@@ -129,4 +130,15 @@ took=$(( $(date +%s) - start ))
 grep -q "no word from rank 1" hung.log || { cat hung.log; fail "the error does not name the hung rank"; }
 [ $took -le 60 ] || fail "the job took ${took}s to stop after a rank hung"
 echo "ok: a hung rank stops the job in ${took}s: $(grep -m1 'no word from rank 1' hung.log)"
+# One host image per node: 4 ranks hold the weights once, not 4 times (summed PSS).
+summary=$(ZO2_TUNE="$tune" "$(dirname "$0")/../../scripts/ranks-memory.sh" opt-micro 4 2>/dev/null | grep '^SUMMARY')
+echo "$summary"
+python3 - "$summary" <<'PY'
+import sys
+f = dict(kv.split("=") for kv in sys.argv[1].split()[1:])
+model, private, shared, n = (int(f[k]) for k in ("model", "private_pss", "shared_pss", "ranks"))
+saved = private - shared
+assert saved >= 0.8 * (n - 1) * model, f"sharing saved {saved} bytes, expected about {(n - 1) * model}"
+print(f"ok: a shared image saves {saved / 2**20:.1f} MB of {n} ranks' memory ({saved / model:.2f} × the model)")
+PY
 echo "all rank tests passed"
