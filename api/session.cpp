@@ -11,7 +11,7 @@
 namespace zo2 {
 
 PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, DeviceKind kind,
-                         std::size_t cap) {
+                         std::size_t cap, int node_ranks) {
   PlanRequest r;
   r.cap = cap;
   r.batch = cfg.max_batch;
@@ -39,6 +39,12 @@ PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, Dev
   if (cfg.training) {
     const RuleEstimate est = estimate_plan(cfg.rule, 1e-3f);
     r.passes = static_cast<int>(est.passes.size()) + (cfg.rule.host_sync() ? (est.unperturbed_slot >= 0 ? 1 : 2) : 0);
+    if (!cfg.parallel.single()) {
+      // A rank runs its share of the passes (Note [Parallel modes]); every rank of a node
+      // sharing the image writes back its slice.
+      r.passes = static_cast<int>(rank_work(est, cfg.parallel, rank_coord(cfg.parallel, 0)).passes.size());
+      if (cfg.share_host_image) r.writeback_ranks = std::max(1, node_ranks);
+    }
   }
   if (kind == DeviceKind::cuda) r.backend_bytes = kCudaBackendBytes;  // cuBLAS workspace + kernel scratch
   if (kind == DeviceKind::cpu) {
@@ -47,6 +53,55 @@ PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, Dev
     r.d2h_bytes_per_s = 10e9;
   }
   return r;
+}
+
+ParallelPlan plan_parallel(const ModelConfig& model, const SessionConfig& cfg, DeviceKind kind, std::size_t cap,
+                           int ranks_per_node) {
+  ParallelPlan pp;
+  pp.layout = cfg.parallel;
+  pp.ranks_per_node = std::max(1, std::min(ranks_per_node, cfg.parallel.size()));
+  pp.shared_image = cfg.share_host_image;
+  SessionConfig one = cfg;
+  one.parallel = ParallelLayout{};
+  pp.single = plan_placement(model, plan_request(model, one, kind, cap));
+  pp.rank = plan_placement(model, plan_request(model, cfg, kind, cap, pp.ranks_per_node));
+  pp.batch_per_rank = (cfg.max_batch + cfg.parallel.data - 1) / cfg.parallel.data;
+  const RuleEstimate est = estimate_plan(cfg.rule, 1e-3f);
+  int all = 0, mine = 0;
+  for (const RulePass& p : est.passes) all += p.branches;
+  for (const RulePass& p : rank_work(est, cfg.parallel, rank_coord(cfg.parallel, 0)).passes) mine += p.branches;
+  pp.forward_share = all > 0 ? static_cast<double>(mine) / all / cfg.parallel.data : 1;
+  pp.host_bytes_per_node = pp.rank.host_bytes * (pp.shared_image ? 1 : static_cast<std::size_t>(pp.ranks_per_node));
+  return pp;
+}
+
+std::string ParallelPlan::describe() const {
+  std::string s;
+  const int n = layout.size();
+  const int nodes = (n + ranks_per_node - 1) / ranks_per_node;
+  s += fmt::format("parallel: {}; {} per node ({} node{})\n", layout.describe(), ranks_per_node, nodes, nodes == 1 ? "" : "s");
+  auto line = [&](std::string_view what, const std::string& value) { s += fmt::format("  {:<30} {}\n", what, value); };
+  auto bytes = [](std::size_t b) { return format_bytes(static_cast<double>(b)); };
+  auto seconds = [](double t) { return t < 1 ? fmt::format("{:.3g} ms", t * 1e3) : fmt::format("{:.3f} s", t); };
+  line("forward work per rank", fmt::format("{:.3g} of one process's ({:.3g}×)", forward_share, 1 / forward_share));
+  line("device peak per rank", bytes(rank.total_bytes) + fmt::format(" (one process: {})", bytes(single.total_bytes)));
+  line("upload per rank per step", bytes(rank.h2d_bytes_per_step) +
+                                       fmt::format(" (one process: {})", bytes(single.h2d_bytes_per_step)));
+  line("write-back per rank per step",
+       bytes(rank.d2h_bytes_per_step) +
+           (shared_image && ranks_per_node > 1 ? fmt::format(" (its 1/{} slice; one process: {})", ranks_per_node,
+                                                              bytes(single.d2h_bytes_per_step))
+                                               : std::string()));
+  line("host memory per node", bytes(host_bytes_per_node) +
+                                   (shared_image ? fmt::format(" (one shared image for {} rank{})", ranks_per_node,
+                                                               ranks_per_node == 1 ? "" : "s")
+                                                 : fmt::format(" ({} private images)", ranks_per_node)));
+  line("transfer-bound step per rank",
+       seconds(rank.predicted_transfer_s) + fmt::format(" (one process: {})", seconds(single.predicted_transfer_s)));
+  if (rank.streamed > 0 && layout.directions == 1)
+    s += "  (streamed blocks: every rank uploads every block each pass, so data and perturbation ranks divide the "
+         "compute but not a rank's upload; direction groups divide both)\n";
+  return s;
 }
 
 namespace {
@@ -144,7 +199,8 @@ void Session::init(const SessionConfig& cfg) {
   if (cfg.max_seq > model.max_positions)
     fail(ErrorKind::invalid_argument, "sequence length {} exceeds the model's max_position_embeddings ({})",
          cfg.max_seq, model.max_positions);
-  const PlanRequest req = plan_request(model, cfg, device_->kind(), device_->arena().capacity());
+  const PlanRequest req =
+      plan_request(model, cfg, device_->kind(), device_->arena().capacity(), node_comm_ ? node_comm_->size() : 1);
   Placement placement = plan_placement(model, req);
   // The plan reports the user's cap, not the arena sized under it (Note [Arena sized to the
   // plan]); without one, the arena is the cap.

@@ -75,9 +75,27 @@ struct SessionConfig {
   int debug_copy_delay_us = 0;
 };
 
-// The request a planner sees for this session config.
+// The request a planner sees for this session config: with a parallel layout, one rank's
+// (its passes; its slice of the write-back when `node_ranks` share one host image).
 PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, DeviceKind kind,
-                         std::size_t cap);
+                         std::size_t cap, int node_ranks = 1);
+
+// What a parallel layout means for one rank and one node (zo2-tune plan --parallel,
+// zo2_plan_parallel): each rank's placement beside one process's, the share of the forward
+// work and of the traffic each rank has, and the host memory of a node.
+struct ParallelPlan {
+  ParallelLayout layout;
+  int ranks_per_node = 1;
+  bool shared_image = true;
+  Placement rank;                   // one rank (the device memory each GPU needs)
+  Placement single;                 // the same run in one process
+  int batch_per_rank = 0;           // sequences (or examples) of the global batch per rank, at most
+  double forward_share = 1;         // a rank's forward work / one process's
+  std::size_t host_bytes_per_node = 0;
+  std::string describe() const;
+};
+ParallelPlan plan_parallel(const ModelConfig& model, const SessionConfig& cfg, DeviceKind kind, std::size_t cap,
+                           int ranks_per_node);
 
 class Session {
  public:

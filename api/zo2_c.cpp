@@ -31,6 +31,7 @@ struct zo2_model {
 };
 
 struct zo2_session {
+  std::unique_ptr<zo2::Comm> comm;  // ranks (outlives the session)
   std::unique_ptr<zo2::Session> session;
   zo2::ModelConfig config;
   float lr = 0, eps = 0, weight_decay = 0;
@@ -188,6 +189,10 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
   if (sc.rule.kind == zo2::RuleKind::momentum) sc.rule.beta2 = 0.999f, sc.rule.adam_eps = 1e-8f;
   zo2::validate_rule(sc.rule, p.weight_decay, /*c_api=*/true);
   sc.resume_state = p.resume_state != 0;
+  if (p.parallel) sc.parallel = zo2::parse_parallel(p.parallel, "parallel");
+  if (!(p.rank_timeout_s >= 0) || !std::isfinite(p.rank_timeout_s))
+    invalid(fmt::format("rank_timeout_s {} must be finite and ≥ 0 (0 = no limit)", p.rank_timeout_s));
+  sc.share_host_image = p.share_host_image != 0;
   // LoRA: an adapter directory decides its own shape; else lora_r > 0 asks for new adapters.
   if (p.adapter_path) {
     if (p.adapter_path[0] == '\0') invalid("adapter_path is empty (use NULL for none)");
@@ -427,6 +432,10 @@ zo2_session_params zo2_session_default_params(void) {
   p.generate_seqs = 0;
   p.kv_cache = "auto";
   p.prefill_chunk = 0;
+  p.parallel = nullptr;
+  p.mpi_comm = nullptr;
+  p.rank_timeout_s = 600;
+  p.share_host_image = 1;
   return p;
 }
 
@@ -449,6 +458,15 @@ int zo2_session_init(zo2_model* m, const zo2_session_params* p, zo2_session** ou
     s->save_shard_bytes = params.save_shard_bytes;
     s->progress = params.progress_callback;
     s->progress_user_data = params.progress_user_data;
+    // Ranks: the host's communicator, or the launcher's world.
+    const bool ranks = params.parallel || params.mpi_comm || zo2::launched_by_mpi();
+    if (ranks && sc.training) {
+      s->comm = params.mpi_comm ? zo2::make_mpi_comm_from(params.mpi_comm) : zo2::make_comm_from_environment();
+      s->comm->set_timeout(params.rank_timeout_s);
+      if (!params.parallel && s->comm->size() > 1) sc.parallel.data = s->comm->size();
+      zo2::validate_parallel(sc.parallel, s->comm->size(), sc.rule, sc.max_batch, "parallel");
+      sc.comm = s->comm.get();
+    }
     s->session = std::make_unique<zo2::Session>(m->dir, sc);
     *out = s.release();
     return 0;
@@ -690,6 +708,48 @@ int zo2_plan(const zo2_model* m, const zo2_session_params* p, zo2_plan_result* o
       }
       throw;
     }
+    return 0;
+  });
+}
+
+int zo2_plan_parallel(const zo2_model* m, const zo2_session_params* p, int32_t ranks_per_node,
+                      zo2_parallel_plan_result* out) {
+  return guarded("zo2_plan_parallel", [&] {
+    if (!out) invalid("out is NULL");
+    *out = zo2_parallel_plan_result{};
+    if (!m) invalid("model is NULL");
+    if (!p) invalid("params is NULL");
+    if (!p->parallel) invalid("parallel is NULL: give the layout to plan, e.g. \"data=2,perturbation=2\"");
+    if (ranks_per_node < 1) invalid(fmt::format("ranks_per_node {} must be ≥ 1", ranks_per_node));
+    zo2::SessionConfig sc = session_config(m->config, *p);
+    if (!sc.training) invalid("training is 0: a parallel layout plans training ranks");
+    zo2::validate_parallel(sc.parallel, sc.parallel.size(), sc.rule, sc.max_batch, "parallel");
+    const zo2::DeviceOptions dev = zo2::parse_device(sc.device);
+    std::size_t cap = sc.gpu_mem;
+    if (cap == 0) {
+      if (dev.kind != zo2::DeviceKind::cpu)
+        invalid("gpu_mem_bytes is 0 (the whole device): zo2_plan_parallel opens no device, so give the cap to plan for");
+      cap = physical_ram();
+    }
+    const zo2::ParallelPlan pp = zo2::plan_parallel(m->config, sc, dev.kind, cap, ranks_per_node);
+    out->ranks = pp.layout.size();
+    out->data = pp.layout.data;
+    out->perturbation = pp.layout.perturbation;
+    out->directions = pp.layout.directions;
+    out->ranks_per_node = pp.ranks_per_node;
+    out->forward_share = pp.forward_share;
+    out->host_bytes_per_node = pp.host_bytes_per_node;
+    fill_plan(pp.rank, m->config.num_layers, &out->rank);
+    fill_plan(pp.single, m->config.num_layers, &out->single);
+    return 0;
+  });
+}
+
+int zo2_session_rank(const zo2_session* s, int32_t* rank, int32_t* size) {
+  return guarded("zo2_session_rank", [&] {
+    if (!s) invalid("session is NULL");
+    if (rank) *rank = s->comm ? s->comm->rank() : 0;
+    if (size) *size = s->comm ? s->comm->size() : 1;
     return 0;
   });
 }

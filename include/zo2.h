@@ -215,6 +215,21 @@ typedef struct zo2_session_params {
     int32_t  prefill_chunk;      // with a KV cache: prompts run through the blocks at most this many tokens per
                                  // sequence at a time (the activations hold generate_seqs × prefill_chunk tokens);
                                  // 0 = whole prompts. Default 0.
+
+    // Ranks (zo2-tune train --parallel; README "Many GPUs and nodes"). A session can be one rank of an MPI job:
+    // every rank calls every zo2_session_* function in the same order with the same arguments — the same
+    // global batch to zo2_session_step (a data-parallel rank takes its own shard), zo2_session_save and
+    // zo2_session_sync together (rank 0 writes the checkpoint and the seed log, the others wait for it), eval
+    // and generate together. Every rank then holds the same weights. Ranks on one node share one host image of
+    // the weights. A rank that hangs makes the others fail with ZO2_ERR_IO naming it after rank_timeout_s; the
+    // host should then end the job (MPI_Abort), as zo2-tune does.
+    const char * parallel;       // "data=D,perturbation=P,directions=Q" (product = the ranks); NULL = "data=N" under
+                                 // an MPI launcher with N ranks, else one process. Default NULL.
+    const void * mpi_comm;       // the communicator, as a pointer to an MPI_Comm the host owns (MPI initialized by the
+                                 // host; zo2 duplicates it and never finalizes MPI); NULL = MPI_COMM_WORLD when started by
+                                 // mpirun/srun (zo2 then initializes MPI and finalizes it at exit). Default NULL.
+    double   rank_timeout_s;     // seconds a rank waits for another in an exchange; 0 = no limit. Default 600.
+    int32_t  share_host_image;   // nonzero: ranks on one node share one host image of the weights. Default 1.
 } zo2_session_params;
 
 ZO2_API zo2_session_params zo2_session_default_params(void);
@@ -382,6 +397,24 @@ typedef struct zo2_plan_result {
 // are still filled (the other fields are 0), so a host can retry with a larger cap.
 //   ZO2_ERR_INVALID_ARGUMENT  m, p or out NULL; an unknown device/dtype/offload value; bad capacity
 ZO2_API int zo2_plan(const zo2_model * m, const zo2_session_params * p, zo2_plan_result * out);
+
+// One rank of a parallel layout (p->parallel, which must be set): its placement in `rank` (device_bytes is one
+// GPU's peak; h2d/d2h its own traffic, the write-back its slice of a shared image) beside the same run in one
+// process, and what a node holds. Like zo2_plan, opens nothing.
+typedef struct zo2_parallel_plan_result {
+    int32_t  ranks, data, perturbation, directions;
+    int32_t  ranks_per_node;        // as asked (capped at ranks)
+    double   forward_share;         // a rank's forward work / one process's
+    uint64_t host_bytes_per_node;   // master weights held per node (one shared image, or one per rank)
+    zo2_plan_result rank;           // one rank
+    zo2_plan_result single;         // one process
+} zo2_parallel_plan_result;
+//   ZO2_ERR_INVALID_ARGUMENT  as zo2_plan; p->parallel NULL or malformed (the message names the part); the
+//                             factors do not fit the rule or the batch; ranks_per_node < 1
+ZO2_API int zo2_plan_parallel(const zo2_model * m, const zo2_session_params * p, int32_t ranks_per_node,
+                              zo2_parallel_plan_result * out);
+// This session's rank and the number of ranks (0 and 1 for one process). Either pointer may be NULL.
+ZO2_API int zo2_session_rank(const zo2_session * s, int32_t * rank, int32_t * size);
 // The placement a session actually runs with (device_bytes = the planned peak).
 ZO2_API int zo2_session_plan(const zo2_session * s, zo2_plan_result * out);
 

@@ -213,6 +213,9 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
                          (p.block_bytes + static_cast<std::size_t>(p.passes - 1) * weight_block);
   p.d2h_bytes_per_step =
       r.branches == 2 && !r.frozen_base ? static_cast<std::size_t>(p.streamed) * p.block_bytes : 0;
+  if (r.writeback_ranks > 1)
+    p.d2h_bytes_per_step = (p.d2h_bytes_per_step + static_cast<std::size_t>(r.writeback_ranks) - 1) /
+                           static_cast<std::size_t>(r.writeback_ranks);
   p.host_bytes += r.adapter_bytes + p.kv_host_bytes;
   p.predicted_transfer_s = std::max(static_cast<double>(p.h2d_bytes_per_step) / r.h2d_bytes_per_s,
                                     static_cast<double>(p.d2h_bytes_per_step) / r.d2h_bytes_per_s);

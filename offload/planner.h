@@ -69,6 +69,9 @@ struct PlanRequest {
   // blocks are frozen, so nothing is written back.
   std::size_t adapter_bytes = 0;
   bool frozen_base = false;
+  // Ranks sharing one host image write back 1/writeback_ranks of each streamed block each
+  // (Note [One host image per node]).
+  int writeback_ranks = 1;
   OffloadMode mode = OffloadMode::auto_;
   int window = 3;                 // K device slots for streamed blocks
   GraphLimits limits;

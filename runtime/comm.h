@@ -69,8 +69,8 @@ bool launched_by_mpi();
 int launcher_world_size();
 
 // Initializes MPI (MPI_Init_thread, thread level MULTIPLE requested; calls are serialized
-// inside) and returns a Comm over MPI_COMM_WORLD. Error(unsupported) when zo2 was built
-// without MPI. The Comm finalizes MPI when destroyed, unless MPI was initialized by the host.
+// inside) unless the host did, and returns a Comm over MPI_COMM_WORLD. Error(unsupported)
+// when zo2 was built without MPI. MPI initialized by zo2 is finalized at exit.
 std::unique_ptr<Comm> make_mpi_comm();
 // A Comm over a communicator the host program owns (an MPI_Comm passed by address, e.g.
 // from the C API): MPI must already be initialized; the communicator is duplicated, and MPI

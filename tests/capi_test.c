@@ -240,16 +240,46 @@ int main(int argc, char ** argv) {
     sp.progress_user_data = &calls;
 
     zo2_plan_result plan;
+    zo2_session * s0 = NULL;
     CHECK(zo2_plan(model, &sp, &plan) == 0);
     CHECK(plan.n_blocks == 2);
     CHECK(plan.n_resident + plan.n_streamed == 2);
     CHECK(plan.device_bytes > 0 && plan.device_bytes <= plan.cap_bytes);
     CHECK(plan.minimum_cap_bytes > 0 && plan.minimum_cap_bytes <= plan.device_bytes);
 
+    /* A parallel layout's rank beside one process: half the passes per direction group, the
+     * write-back sliced among the node's ranks, one shared host image. */
+    {
+        zo2_session_params pp = sp;
+        zo2_parallel_plan_result par;
+        pp.parallel = "perturbation=2,directions=2";
+        pp.directions = 2;
+        pp.offload = ZO2_OFFLOAD_ALL;
+        CHECK(zo2_plan_parallel(model, &pp, 4, &par) == 0);
+        CHECK(par.ranks == 4 && par.perturbation == 2 && par.directions == 2 && par.data == 1);
+        CHECK(par.ranks_per_node == 4);
+        CHECK(par.forward_share > 0.24 && par.forward_share < 0.26);
+        CHECK(par.single.h2d_bytes_per_step == 2 * par.rank.h2d_bytes_per_step);
+        CHECK(par.rank.d2h_bytes_per_step * 4 >= par.single.d2h_bytes_per_step);
+        CHECK(par.rank.d2h_bytes_per_step < par.single.d2h_bytes_per_step);
+        CHECK(par.host_bytes_per_node == par.single.host_bytes);
+        pp.parallel = "data=3,tensor=2";
+        CHECK(zo2_plan_parallel(model, &pp, 4, &par) == ZO2_ERR_INVALID_ARGUMENT);
+        CHECK(strstr(zo2_last_error(), "unknown factor 'tensor'") != NULL);
+        pp.parallel = "data=2";
+        CHECK(zo2_session_init(model, &pp, &s0) == ZO2_ERR_INVALID_ARGUMENT); /* one process, two ranks asked */
+        CHECK(strstr(zo2_last_error(), "the run has 1 rank") != NULL);
+    }
+
     zo2_session * s = NULL;
     REQUIRE(zo2_session_init(model, &sp, &s) == 0);
     REQUIRE(s != NULL);
     CHECK(zo2_session_step_index(s) == 0);
+    {
+        int32_t rank = -1, size = -1;
+        CHECK(zo2_session_rank(s, &rank, &size) == 0);
+        CHECK(rank == 0 && size == 1);
+    }
 
     int32_t tokens[N_SEQ * N_TOKENS];
     const int32_t n_vocab = zo2_model_n_vocab(model);

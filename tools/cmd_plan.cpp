@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include <memory>
+#include <optional>
 
 namespace zo2::cli {
 
@@ -22,6 +23,8 @@ Runner add_plan(CLI::App& app) {
     bool json = false, eval = false, generate = false;
     std::string kv_cache = "auto";
     int chunk = 512;
+    std::string parallel, host_image = "shared";
+    int ranks_per_node = 0;
     RuleFlags rule;
     LoraFlags lora;
   };
@@ -45,6 +48,13 @@ Runner add_plan(CLI::App& app) {
   app.add_option("--prefill-chunk", o->chunk, "with --generate: prompt tokens per sequence a forward holds (0 = all)")
       ->capture_default_str()
       ->check(CLI::Range(0, 1 << 30));
+  app.add_option("--parallel", o->parallel,
+                 "plan one rank of a layout: data=D,perturbation=P,directions=Q (README \"Many GPUs and nodes\")");
+  app.add_option("--ranks-per-node", o->ranks_per_node, "with --parallel: ranks (GPUs) per node (default: all)")
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--host-image", o->host_image, "with --parallel: shared or private host image per node")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"shared", "private"}));
   app.add_flag("--json", o->json, "print the plan as JSON");
   o->rule.add(app);
   o->lora.add(app, /*training=*/true);
@@ -86,7 +96,17 @@ Runner add_plan(CLI::App& app) {
       if (sc.peft.any()) validate_peft(sc.peft, c);
     }
     const DeviceKind kind = parse_device(o->device).kind;
-    const Placement pl = plan_placement(c, plan_request(c, sc, kind, cap));
+    std::optional<ParallelPlan> pp;
+    if (!o->parallel.empty()) {
+      if (!sc.training) fail(ErrorKind::invalid_argument, "--parallel plans training ranks: not with --eval-only or --generate");
+      sc.parallel = parse_parallel(o->parallel, "--parallel");
+      validate_parallel(sc.parallel, sc.parallel.size(), sc.rule, o->batch, "--parallel");
+      sc.share_host_image = o->host_image == "shared";
+      pp = plan_parallel(c, sc, kind, cap, o->ranks_per_node > 0 ? o->ranks_per_node : sc.parallel.size());
+    } else if (o->ranks_per_node > 0) {
+      fail(ErrorKind::invalid_argument, "--ranks-per-node is for --parallel");
+    }
+    const Placement pl = pp ? pp->rank : plan_placement(c, plan_request(c, sc, kind, cap));
     if (!o->json) {
       fmt::print("model: {} ({}), {} blocks, {:.3f}B parameters, storage {}, compute {}, batch {} × {}\n",
                  o->model.empty() ? o->preset : o->model, c.family_name(), c.num_layers,
@@ -94,6 +114,7 @@ Runner add_plan(CLI::App& app) {
                  sc.max_batch, sc.max_seq);
       if (sc.training) fmt::print("update rule: {}; parameters: {}\n", sc.rule.describe(), sc.peft.describe());
       fmt::print("{}", pl.describe(c));
+      if (pp) fmt::print("{}", pp->describe());
       return 0;
     }
     nlohmann::json j;
@@ -132,6 +153,21 @@ Runner add_plan(CLI::App& app) {
                        {"kv_device_bytes", pl.kv_device_bytes},
                        {"kv_host_bytes", pl.kv_host_bytes},
                        {"logits_bytes", pl.gen_bytes}};
+    }
+    if (pp) {
+      j["parallel"] = {{"layout", pp->layout.spec()},
+                       {"ranks", pp->layout.size()},
+                       {"data", pp->layout.data},
+                       {"perturbation", pp->layout.perturbation},
+                       {"directions", pp->layout.directions},
+                       {"ranks_per_node", pp->ranks_per_node},
+                       {"shared_host_image", pp->shared_image},
+                       {"forward_share_per_rank", pp->forward_share},
+                       {"host_bytes_per_node", pp->host_bytes_per_node},
+                       {"single_process", {{"predicted_peak_bytes", pp->single.total_bytes},
+                                           {"h2d_bytes_per_step", pp->single.h2d_bytes_per_step},
+                                           {"d2h_bytes_per_step", pp->single.d2h_bytes_per_step},
+                                           {"predicted_transfer_s", pp->single.predicted_transfer_s}}}};
     }
     fmt::print("{}\n", j.dump(2));
     return 0;

@@ -17,6 +17,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <chrono>
 #include <cstring>
 #include <mutex>
@@ -35,7 +36,7 @@ void check_mpi(int rc, const char* call) {
 
 class MpiComm final : public Comm {
  public:
-  MpiComm(MPI_Comm base, bool owns_mpi) : owns_mpi_(owns_mpi) {
+  explicit MpiComm(MPI_Comm base) {
     check_mpi(MPI_Comm_dup(base, &comm_), "MPI_Comm_dup");
     // Errors come back as codes (and become zo2 Errors naming the call), not MPI's abort.
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
@@ -59,7 +60,6 @@ class MpiComm final : public Comm {
     if (finalized) return;
     MPI_Comm_free(&node_);
     MPI_Comm_free(&comm_);
-    if (owns_mpi_) MPI_Finalize();
   }
 
   int rank() const override { return rank_; }
@@ -128,13 +128,13 @@ class MpiComm final : public Comm {
   }
 
   std::unique_ptr<Comm> duplicate() override {
-    auto c = std::make_unique<MpiComm>(comm_, false);
+    auto c = std::make_unique<MpiComm>(comm_);
     c->set_timeout(timeout_s_);
     return c;
   }
 
   std::unique_ptr<Comm> node() override {
-    auto c = std::make_unique<MpiComm>(node_, false);
+    auto c = std::make_unique<MpiComm>(node_);
     c->set_timeout(timeout_s_);
     return c;
   }
@@ -200,22 +200,27 @@ class MpiComm final : public Comm {
   MPI_Comm comm_ = MPI_COMM_NULL, node_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
   int tag_ = 0;
-  bool owns_mpi_;
   std::string library_;
   std::mutex mutex_;
 };
 
-bool ensure_initialized() {
+void ensure_initialized() {
   int initialized = 0;
   MPI_Initialized(&initialized);
-  if (initialized) return false;
+  if (initialized) return;
   int provided = 0;
   check_mpi(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided), "MPI_Init_thread");
+  // MPI initializes once per process: a host may open sessions one after another, so zo2
+  // finalizes what it initialized at exit, not when a Comm goes away.
+  std::atexit([] {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Finalize();
+  });
   if (provided < MPI_THREAD_SERIALIZED)
     log_warn("MPI provides thread level {} (< MPI_THREAD_SERIALIZED); zo2 serializes its MPI calls but a "
              "library that needs the main thread for them may misbehave",
              provided);
-  return true;
 }
 
 }  // namespace
@@ -223,8 +228,8 @@ bool ensure_initialized() {
 bool mpi_available() { return true; }
 
 std::unique_ptr<Comm> make_mpi_comm() {
-  const bool owns = ensure_initialized();
-  return std::make_unique<MpiComm>(MPI_COMM_WORLD, owns);
+  ensure_initialized();
+  return std::make_unique<MpiComm>(MPI_COMM_WORLD);
 }
 
 std::unique_ptr<Comm> make_mpi_comm_from(const void* handle) {
@@ -233,7 +238,7 @@ std::unique_ptr<Comm> make_mpi_comm_from(const void* handle) {
   if (!initialized)
     fail(ErrorKind::invalid_argument, "mpi_comm was given but MPI is not initialized: call MPI_Init_thread first");
   if (!handle) fail(ErrorKind::invalid_argument, "mpi_comm is NULL");
-  return std::make_unique<MpiComm>(*static_cast<const MPI_Comm*>(handle), false);
+  return std::make_unique<MpiComm>(*static_cast<const MPI_Comm*>(handle));
 }
 
 }  // namespace zo2

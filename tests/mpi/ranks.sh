@@ -10,11 +10,13 @@
 #     checkpoint resumes; a hung rank stops the others within --rank-timeout, naming it
 #   - a resume with another layout is refused by name
 #   - 4 ranks with one shared host image hold about (4 − 1) × the model less than 4 private ones
-# Usage: ranks.sh ZO2_TUNE WORK_DIR [MPIRUN]
+#   - a C host program (tests/capi_ranks.c) as the ranks: perturbation=2 equals its one-process run
+# Usage: ranks.sh ZO2_TUNE WORK_DIR [MPIRUN [ZO2_CAPI_RANKS]]
 set -euo pipefail
 tune=$1
 work=$2
 mpirun=${3:-mpirun}
+capi=${4:-}
 rm -rf "$work"
 mkdir -p "$work"
 cd "$work"
@@ -130,6 +132,15 @@ took=$(( $(date +%s) - start ))
 grep -q "no word from rank 1" hung.log || { cat hung.log; fail "the error does not name the hung rank"; }
 [ $took -le 60 ] || fail "the job took ${took}s to stop after a rank hung"
 echo "ok: a hung rank stops the job in ${took}s: $(grep -m1 'no word from rank 1' hung.log)"
+# The C API as ranks.
+if [ -n "$capi" ]; then
+  "$capi" m capi-one single 6 >/dev/null
+  mpi 2 "$capi" m capi-pert2 perturbation=2 6 | sort
+  mpi 4 "$capi" m capi-dir-data data=2,perturbation=2 6 >/dev/null
+  same capi-one capi-pert2 "C API: perturbation=2 == one process"
+  [ -e capi-dir-data/current ] || fail "the C API data=2 × perturbation=2 run saved nothing"
+fi
+
 # One host image per node: 4 ranks hold the weights once, not 4 times (summed PSS).
 summary=$(ZO2_TUNE="$tune" "$(dirname "$0")/../../scripts/ranks-memory.sh" opt-micro 4 2>/dev/null | grep '^SUMMARY')
 echo "$summary"
