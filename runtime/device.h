@@ -38,6 +38,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace zo2 {
 
@@ -182,6 +183,9 @@ DeviceOptions parse_device(std::string_view spec);
 // Backend entry points (runtime/cpu/, runtime/cuda/ or runtime/cuda_stub/).
 std::unique_ptr<Device> cpu_make_device(const DeviceOptions& options);
 int cuda_device_count() noexcept;  // never throws: any error means zero devices
+// Each CUDA device's PCI bus id ("0000:17:00.0") by ordinal, for hwloc (runtime/topology.h);
+// empty without CUDA. Never throws.
+std::vector<std::string> cuda_pci_bus_ids() noexcept;
 // What the CUDA backend takes from the arena beside the model (the planner reserves it):
 // the compute stream's cuBLAS workspace and its kernel scratch, reserved whole on first use
 // (attention's scores need at most 64 MiB plus pointer arrays).

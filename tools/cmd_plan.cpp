@@ -6,6 +6,7 @@
 #include "models/presets.h"
 #include "offload/planner.h"
 #include "runtime/arena.h"
+#include "runtime/topology.h"
 #include "tools/cli.h"
 
 #include <nlohmann/json.hpp>
@@ -114,7 +115,13 @@ Runner add_plan(CLI::App& app) {
                  sc.max_batch, sc.max_seq);
       if (sc.training) fmt::print("update rule: {}; parameters: {}\n", sc.rule.describe(), sc.peft.describe());
       fmt::print("{}", pl.describe(c));
-      if (pp) fmt::print("{}", pp->describe());
+      if (pp) {
+        fmt::print("{}", pp->describe());
+        // Note [Rank binding]: what each local rank would get on this machine.
+        const std::vector<std::string> ids = kind == DeviceKind::cuda ? cuda_pci_bus_ids() : std::vector<std::string>{};
+        fmt::print("binding on this machine ({}):\n", ids.empty() ? "no CUDA device: CPU cores" : "GPUs by PCI locality");
+        for (int r = 0; r < pp->ranks_per_node; ++r) fmt::print("  {}\n", bind_rank(r, pp->ranks_per_node, ids, false).describe());
+      }
       return 0;
     }
     nlohmann::json j;

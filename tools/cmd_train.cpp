@@ -9,6 +9,7 @@
 #include "runtime/arena.h"
 #include "runtime/file_util.h"
 #include "runtime/log.h"
+#include "runtime/topology.h"
 #include "tools/cli.h"
 #include "tools/dataset.h"
 #include "zo/schedule.h"
@@ -143,6 +144,7 @@ Runner add_train(CLI::App& app) {
     std::string parallel;        // zo/parallel.h; empty: data=N under mpirun, else one process
     double rank_timeout = 600;   // Note [Rank faults] in runtime/comm.h
     std::string host_image = "shared";
+    std::optional<RankBinding> binding;  // ranks: where this one runs (runtime/topology.h)
     DeviceFlags dev;
     DataFlags data_flags;
     RuleFlags rule;
@@ -436,6 +438,12 @@ Runner add_train(CLI::App& app) {
     sc.comm = &comm;
     sc.parallel = layout;
     sc.share_host_image = o->host_image == "shared";
+    if (o->binding) {
+      // Note [Rank binding]: the GPU and the threads of this rank's share of the node.
+      if (sc.threads == 0) sc.threads = o->binding->threads;
+      if (o->binding->gpu >= 0 && (sc.device == "cuda" || sc.device == "auto"))
+        sc.device = fmt::format("cuda:{}", o->binding->gpu);
+    }
     if (model_dir.empty()) fail(ErrorKind::invalid_argument, "train needs --model DIR (or --resume DIR)");
     if (o->data.empty()) fail(ErrorKind::invalid_argument, "train needs --data FILE");
     // --out never writes over the checkpoint a run starts from: the seed log replays from it.
@@ -721,6 +729,12 @@ Runner add_train(CLI::App& app) {
     std::unique_ptr<Comm> comm = make_comm_from_environment();
     if (comm->size() == 1) return body(*comm);
     comm->set_timeout(o->rank_timeout);
+    // Note [Rank binding]: before any thread pool or host image exists.
+    const bool cuda = parse_device(o->dev.device).kind == DeviceKind::cuda;
+    o->binding = bind_rank(comm->local_rank(), comm->local_size(),
+                           cuda ? cuda_pci_bus_ids() : std::vector<std::string>{}, /*apply=*/true);
+    if (log_level() <= LogLevel::info)
+      fmt::print(stderr, "[rank {}/{}] {}\n", comm->rank(), comm->size(), o->binding->describe());
     if (comm->rank() != 0 && log_level() < LogLevel::warn) log_set_level(LogLevel::warn);
     // Note [Rank faults]: an error on any rank ends every rank (never a hang).
     int code = 1;

@@ -511,6 +511,22 @@ int cuda_device_count() noexcept {
   return n;
 }
 
+std::vector<std::string> cuda_pci_bus_ids() noexcept {
+  std::vector<std::string> ids;
+  try {
+    for (int i = 0, n = cuda_device_count(); i < n; ++i) {
+      char id[32] = {};
+      if (cudaDeviceGetPCIBusId(id, sizeof id, i) != cudaSuccess) {
+        (void)cudaGetLastError();
+        id[0] = '\0';
+      }
+      ids.emplace_back(id);
+    }
+  } catch (...) {
+  }
+  return ids;
+}
+
 std::unique_ptr<Device> cuda_make_device(const DeviceOptions& options) {
   return std::make_unique<cuda::CudaDevice>(options);
 }

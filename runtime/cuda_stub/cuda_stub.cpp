@@ -6,6 +6,8 @@ namespace zo2 {
 
 int cuda_device_count() noexcept { return 0; }
 
+std::vector<std::string> cuda_pci_bus_ids() noexcept { return {}; }
+
 std::unique_ptr<Device> cuda_make_device(const DeviceOptions&) {
   fail(ErrorKind::device,
        "this zo2 was built without CUDA (configure with -DZO2_CUDA=ON on a machine with nvcc); "
