@@ -13,6 +13,7 @@
 #   - a C host program (tests/capi_ranks.c) as the ranks: perturbation=2 equals its one-process run
 # Usage: ranks.sh ZO2_TUNE WORK_DIR [MPIRUN [ZO2_CAPI_RANKS]]
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
 tune=$1
 work=$2
 mpirun=${3:-mpirun}
@@ -142,7 +143,7 @@ if [ -n "$capi" ]; then
 fi
 
 # One host image per node: 4 ranks hold the weights once, not 4 times (summed PSS).
-summary=$(ZO2_TUNE="$tune" "$(dirname "$0")/../../scripts/ranks-memory.sh" opt-micro 4 2>/dev/null | grep '^SUMMARY')
+summary=$(ZO2_TUNE="$tune" "$here/../../scripts/ranks-memory.sh" opt-micro 4 2>/dev/null | grep '^SUMMARY')
 echo "$summary"
 python3 - "$summary" <<'PY'
 import sys
