@@ -22,10 +22,23 @@
 //   direction timed by its own stream's events. Every row then carries `link_floor_s`, its
 //   bytes per step at the both-at-once rates, and `link_floor_ratio` = that over the step:
 //   1.0 means the bus was the only limit on this machine.
+//
+// Note [Disk probe]
+//   The disk tier (DESIGN.md §12, issue 21) moves block images between pinned RAM and a
+//   file under --disk-dir; its step time is bound by the disk as the streamed window's is by
+//   the link. `zo2-bench --disk-probe` measures that disk instead of sweeping: through the
+//   disk tier's own path (io_uring, O_DIRECT so the page cache does not flatter a read;
+//   nothing else is dropped), a file of --disk-probe-bytes written (to an fdatasync), read,
+//   and half read while the other half is written (the direction done first starts over,
+//   so neither runs alone), with --disk-probe-queue-depth requests of
+//   --disk-probe-request bytes in flight per direction, best of 3 after an untimed pass
+//   (offload/disk_file.h, probe_disk). It prints a table (and --markdown), and one JSON
+//   object to --jsonl and stderr.
 #include "api/options.h"
 #include "api/generate.h"
 #include "api/session.h"
 #include "models/presets.h"
+#include "offload/disk_file.h"
 #include "runtime/arena.h"
 #include "runtime/device.h"
 #include "runtime/error.h"
@@ -250,6 +263,35 @@ std::string describe(const LinkRates& link) {
                      "{:.1f} / {:.1f} GB/s both at once (link floor/step uses these)",
                      zo2::format_bytes(static_cast<double>(link.bytes)), link.h2d, link.d2h, link.both_h2d,
                      link.both_d2h);
+}
+
+// ---- the disk probe (Note [Disk probe]) ----
+
+json disk_json(const zo2::DiskRates& d) {
+  return json{{"mode", "disk-probe"},
+              {"dir", d.dir.string()},
+              {"filesystem", d.filesystem},
+              {"direct", d.direct},
+              {"bytes", d.bytes},
+              {"request_bytes", d.request_bytes},
+              {"queue_depth", d.queue_depth},
+              {"write_gb_s", d.write_gb_s},
+              {"read_gb_s", d.read_gb_s},
+              {"both_write_gb_s", d.both_write_gb_s},
+              {"both_read_gb_s", d.both_read_gb_s}};
+}
+
+std::string disk_table(const zo2::DiskRates& d) {
+  std::string t = fmt::format(
+      "disk probe: {} ({}, {}), a {} file, {} requests, queue depth {} per direction, best of 3\n\n",
+      d.dir.string(), d.filesystem, d.direct ? "O_DIRECT" : "buffered: the page cache, not the disk",
+      zo2::format_bytes(static_cast<double>(d.bytes)), zo2::format_bytes(static_cast<double>(d.request_bytes)),
+      d.queue_depth);
+  t += "| pattern | write GB/s | read GB/s |\n|---|---|---|\n";
+  t += fmt::format("| write alone (to fdatasync) | {:.2f} | — |\n", d.write_gb_s);
+  t += fmt::format("| read alone | — | {:.2f} |\n", d.read_gb_s);
+  t += fmt::format("| both at once | {:.2f} | {:.2f} |\n", d.both_write_gb_s, d.both_read_gb_s);
+  return t;
 }
 
 // The row's transfer floor at the probed rates (both directions at once), and its ratio to
@@ -520,6 +562,19 @@ int main(int argc, char** argv) {
                  "time the host<->device copies before the sweep (Note [Link probe]): auto = 1G on CUDA, 64M on the "
                  "CPU backend; a size; off")
       ->capture_default_str();
+  bool disk_probe = false;
+  std::string disk_dir = ".", disk_probe_bytes = "1G", disk_probe_request = "1M";
+  unsigned disk_probe_qd = 16;
+  app.add_flag("--disk-probe", disk_probe,
+               "measure the disk under --disk-dir instead of sweeping (Note [Disk probe]): sequential write, read and "
+               "both at once through io_uring with O_DIRECT");
+  app.add_option("--disk-dir", disk_dir, "with --disk-probe: a directory on the disk to measure")->capture_default_str();
+  app.add_option("--disk-probe-bytes", disk_probe_bytes, "with --disk-probe: the size of the file it writes and reads")
+      ->capture_default_str();
+  app.add_option("--disk-probe-request", disk_probe_request,
+                 "with --disk-probe: bytes per request (a multiple of 4K)")->capture_default_str();
+  app.add_option("--disk-probe-queue-depth", disk_probe_qd, "with --disk-probe: requests in flight per direction")
+      ->capture_default_str()->check(CLI::Range(1, 1024));
   app.add_flag("-q,--quiet", quiet, "only the table");
   try {
     app.parse(argc, argv);
@@ -530,6 +585,24 @@ int main(int argc, char** argv) {
   fs::path scratch;
   int rc = 0;
   try {
+    if (disk_probe) {
+      const zo2::DiskRates d = zo2::probe_disk(disk_dir, zo2::parse_byte_size(disk_probe_bytes),
+                                               zo2::parse_byte_size(disk_probe_request), disk_probe_qd);
+      const std::string table = disk_table(d);
+      fmt::print("{}", table);
+      if (!quiet) fmt::print(stderr, "{}\n", disk_json(d).dump());
+      if (!jsonl.empty()) {
+        std::ofstream jl(jsonl, std::ios::trunc);
+        jl << disk_json(d).dump() << "\n";
+        if (!jl) zo2::fail(zo2::ErrorKind::io, "--jsonl {}: cannot write", jsonl);
+      }
+      if (!markdown.empty()) {
+        std::ofstream md(markdown, std::ios::trunc);
+        md << table;
+        if (!md) zo2::fail(zo2::ErrorKind::io, "--markdown {}: cannot write", markdown);
+      }
+      return 0;
+    }
     for (const auto& s : split(storages))
       if (!zo2::dtype_from_name(s)) zo2::fail(zo2::ErrorKind::invalid_argument, "--storage-dtype '{}'", s);
     for (const auto& s : split(computes)) {

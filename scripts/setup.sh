@@ -5,7 +5,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build="${ZO2_BUILD_DIR:-$root/build}"
-packages=(cmake g++ make pkg-config libtbb-dev libhwloc-dev libfmt-dev nlohmann-json3-dev
+packages=(cmake g++ make pkg-config libtbb-dev libhwloc-dev liburing-dev libfmt-dev nlohmann-json3-dev
           libcli11-dev libopenblas-dev libsentencepiece-dev libpcre2-dev libicu-dev libgtest-dev
           libbenchmark-dev python3-matplotlib zlib1g-dev
           libopenmpi-dev openmpi-bin
