@@ -316,7 +316,7 @@ struct BlockFile::Impl {
     if (reinterpret_cast<std::uintptr_t>(buffer) % kDiskAlignment != 0)
       fail(ErrorKind::invalid_argument,
            "{}: block {}: the {} buffer at {} is not aligned to {} bytes, which O_DIRECT needs (host_alloc_aligned "
-           "gives only {}-byte alignment; use pinned memory from Device::alloc_host or host_alloc_disk_aligned)",
+           "and the CPU backend's alloc_host give only {}; CUDA's pinned memory and host_alloc_disk_aligned are aligned)",
            path.string(), index, what, buffer, kDiskAlignment, kAlignment);
     if (size < padded)
       fail(ErrorKind::invalid_argument,

@@ -27,8 +27,9 @@ namespace zo2 {
 
 // O_DIRECT wants the memory, the length and the file offset of each request aligned to the
 // device's logical block (512 or 4096 bytes): 4096 suits every device. Note that
-// host_alloc_aligned (runtime/device.h) aligns to kAlignment = 256 only; pinned memory from
-// Device::alloc_host is page-aligned, and host_alloc_disk_aligned below is too.
+// host_alloc_aligned (runtime/device.h) aligns to kAlignment = 256 only, and so does the
+// CPU backend's Device::alloc_host, which returns it; CUDA's pinned memory is page-aligned,
+// and host_alloc_disk_aligned below is aligned for any device.
 inline constexpr std::size_t kDiskAlignment = 4096;
 
 // Zero-filled host memory aligned to kDiskAlignment, `bytes` rounded up to a multiple of it
