@@ -612,7 +612,10 @@ Runner add_train(CLI::App& app) {
                {"step_time_s", step_s},
                {"device_peak_bytes", session.device_peak()},
                {"h2d_bytes", r.h2d_bytes},
-               {"d2h_bytes", r.d2h_bytes}};
+               {"d2h_bytes", r.d2h_bytes},
+               {"upload_busy_s", r.upload_busy_s},
+               {"compute_busy_s", r.compute_busy_s},
+               {"offload_busy_s", r.offload_busy_s}};
         *log_json << j.dump() << "\n";
         log_json->flush();
       }

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Scaling of the parallel modes (issue 18) on the CPU backend: zo2-tune train under mpirun
+# with 1, 2 and 4 ranks per mode, every block streamed, ZO2_CPU_LINK_GBPS emulating one
+# host↔device link per rank (each rank's copies take bytes / R seconds on its own streams).
+# Prints one row per run: the global tokens/s and step time (steady state: steps after the
+# first 5), the stream busy times of rank 0 per step (upload, compute, write-back), its
+# traffic per step, and the ranks' summed PSS. The speed-up is against the one-process run
+# with the same rule (directions: one process with --directions q).
+# Usage: scripts/ranks-scaling.sh [PRESET (opt-micro)] [LINK_GBPS (0.5)] [STEPS (30)]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+tune=${ZO2_TUNE:-$root/build/tools/zo2-tune}
+preset=${1:-opt-micro}
+link=${2:-0.5}
+steps=${3:-30}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$tune" init --preset "$preset" --out "$work/m" -q
+"$tune" synth-data --model "$work/m" --out "$work/d.safetensors" --rows 256 --seq 64 -q
+printf "%-34s %5s %10s %10s %9s %9s %9s %10s %10s %8s\n" mode ranks "tok/s" "s/step" "upload" compute "write" "up/step" "down/step" speedup
+run() {  # name ranks directions layout
+  local name=$1 n=$2 q=$3 layout=$4
+  local out="$work/$name-$n"
+  local launch=()
+  [ "$n" -gt 1 ] && launch=(mpirun --oversubscribe --allow-run-as-root -np "$n" -x ZO2_CPU_LINK_GBPS)
+  local par=()
+  [ "$layout" != single ] && par=(--parallel "$layout")
+  ZO2_CPU_LINK_GBPS=$link "${launch[@]}" "$tune" train --model "$work/m" --data "$work/d.safetensors" --out "$out" \
+    --steps "$steps" --batch-size 8 --device cpu --offload all --window 2 --directions "$q" "${par[@]}" \
+    --log-json "$out.jsonl" -q
+  python3 - "$out.jsonl" "$name" "$n" "${base_tok:-0}" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"step"' in l]
+steady = rows[5:] or rows
+def mean(k): return sum(r[k] for r in steady) / len(steady)
+# Steady state: the log's rates are cumulative from the start (elapsed = step_time_s × steps
+# done), so difference them between step 5 and the last.
+t0, t1 = (rows[4], rows[-1]) if len(rows) > 5 else (rows[0], rows[-1])
+def elapsed(r): return r["step_time_s"] * r["step"]
+def tokens(r): return r["tokens_per_s"] * elapsed(r)
+span = elapsed(t1) - elapsed(t0)
+tok_s = (tokens(t1) - tokens(t0)) / span if span > 0 else t1["tokens_per_s"]
+step_s = span / (t1["step"] - t0["step"]) if t1["step"] > t0["step"] else t1["step_time_s"]
+base = float(sys.argv[4])
+speed = f"{tok_s / base:.2f}×" if base > 0 else "1.00×"
+mb = lambda b: f"{b / 2**20:.1f} MB"
+print(f"{sys.argv[2]:<34} {sys.argv[3]:>5} {tok_s:>10.0f} {step_s:>10.4f} {mean('upload_busy_s'):>9.4f} "
+      f"{mean('compute_busy_s'):>9.4f} {mean('offload_busy_s'):>9.4f} {mb(mean('h2d_bytes')):>10} {mb(mean('d2h_bytes')):>10} {speed:>8}")
+open(sys.argv[1] + ".tok", "w").write(str(tok_s))
+PY
+}
+base_tok=""; run "one process, q=1" 1 1 single; base_tok=$(cat "$work/one process, q=1-1.jsonl.tok")
+run "data" 2 1 data=2
+run "data" 4 1 data=4
+run "perturbation" 2 1 perturbation=2
+run "data × perturbation" 4 1 data=2,perturbation=2
+base_tok=""; run "one process, q=4" 1 4 single; base_tok=$(cat "$work/one process, q=4-1.jsonl.tok")
+run "directions (q=4)" 2 4 directions=2
+run "directions (q=4)" 4 4 directions=4
+run "perturbation × directions (q=4)" 4 4 perturbation=2,directions=2
+echo "($preset, batch 8 × 64 tokens, every block streamed through 2 slots, emulated link ${link} GB/s per rank, $steps steps; $(nproc) cores)"
