@@ -6,7 +6,7 @@
 # first 5), the stream busy times of rank 0 per step (upload, compute, write-back), its
 # traffic per step, and the ranks' summed PSS. The speed-up is against the one-process run
 # with the same rule (directions: one process with --directions q).
-# Usage: scripts/ranks-scaling.sh [PRESET (opt-micro)] [LINK_GBPS (0.5)] [STEPS (30)]
+# Usage: scripts/ranks-scaling.sh [PRESET (opt-micro)] [LINK_GBPS (0.5; 0 = none)] [STEPS (30)]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 tune=${ZO2_TUNE:-$root/build/tools/zo2-tune}
@@ -22,10 +22,12 @@ run() {  # name ranks directions layout
   local name=$1 n=$2 q=$3 layout=$4
   local out="$work/$name-$n"
   local launch=()
-  [ "$n" -gt 1 ] && launch=(mpirun --oversubscribe --allow-run-as-root -np "$n" -x ZO2_CPU_LINK_GBPS)
+  local env=()
+  [ "$link" != 0 ] && env=(env ZO2_CPU_LINK_GBPS="$link")  # 0: no emulated link (memory speed)
+  [ "$n" -gt 1 ] && launch=(mpirun --oversubscribe --allow-run-as-root -np "$n")
   local par=()
   [ "$layout" != single ] && par=(--parallel "$layout")
-  ZO2_CPU_LINK_GBPS=$link "${launch[@]}" "$tune" train --model "$work/m" --data "$work/d.safetensors" --out "$out" \
+  "${env[@]}" "${launch[@]}" "$tune" train --model "$work/m" --data "$work/d.safetensors" --out "$out" \
     --steps "$steps" --batch-size 8 --device cpu --offload all --window 2 --directions "$q" "${par[@]}" \
     --log-json "$out.jsonl" -q
   python3 - "$out.jsonl" "$name" "$n" "${base_tok:-0}" <<'PY'

@@ -196,6 +196,11 @@ TEST(ParallelLayout, MergeCopiesALoneSlotAndWeighsDataShards) {
   const auto m2 = merge_losses(est, data, g2);
   EXPECT_FLOAT_EQ(m2[0], (1 * 1.0f + 3 * 2.0f) / 4);
   EXPECT_FLOAT_EQ(m2[1], (1 * 3.0f + 3 * 5.0f) / 4);
+  // A shard without targets (weight 0, mean NaN) does not poison the others.
+  const std::vector<double> g3{0, NAN, NAN, 3, 2.0, 5.0};
+  const auto m3 = merge_losses(est, data, g3);
+  EXPECT_EQ(m3[0], 2.0f);
+  EXPECT_EQ(m3[1], 5.0f);
 }
 
 TEST(ParallelLayout, ShardsSplitSequencesOrWholeExamples) {

@@ -159,6 +159,7 @@ std::vector<float> merge_losses(const RuleEstimate& est, const ParallelLayout& l
     for (int s : w.slots) {
       const auto k = static_cast<std::size_t>(s);
       if (count[k]++ == 0) out[k] = static_cast<float>(row[1 + s]);  // one contributor: its bits
+      if (weight <= 0) continue;  // a shard with nothing to predict (its mean is 0/0) adds nothing
       num[k] += weight * row[1 + s];
       den[k] += weight;
     }
