@@ -37,6 +37,9 @@
 #include "api/options.h"
 #include "api/generate.h"
 #include "api/session.h"
+#include "zo/parallel.h"
+#include "runtime/topology.h"
+#include "runtime/comm.h"
 #include "models/presets.h"
 #include "offload/disk_file.h"
 #include "runtime/arena.h"
@@ -307,6 +310,12 @@ void add_link_floor(json& row, const LinkRates& link) {
   row["link_floor_ratio"] = step > 0 ? floor / step : 0.0;
 }
 
+// Ranks (README "Many GPUs and nodes"): under mpirun every rank runs every row as one rank
+// of `g_layout`; rank 0 alone prints and writes files.
+zo2::Comm* g_comm = nullptr;
+zo2::ParallelLayout g_layout;
+int g_directions = 1;
+
 struct Row {
   std::string preset, storage, compute, cap_text;
   int batch = 1, seq = 1;
@@ -318,10 +327,28 @@ struct Row {
 // The row's label: the preset, and what it trains with when that is not full ZO-SGD.
 std::string row_label(const Row& r) {
   std::string s = r.preset;
+  if (g_directions > 1) s += fmt::format(" q={}", g_directions);
+  if (g_comm) s += fmt::format(" [{} ranks: {}]", g_comm->size(), g_layout.spec());
   if (r.synthetic) s += " (synthetic)";
   if (r.tuning != "full") s += " LoRA";
   if (r.optimizer != "zo-sgd") s += " " + r.optimizer;
   return s;
+}
+
+
+// This process's proportional set size (/proc/self/smaps_rollup), bytes; 0 where unknown.
+double pss_bytes() {
+  std::ifstream f("/proc/self/smaps_rollup");
+  std::string key;
+  double kb = 0;
+  while (f >> key) {
+    if (key == "Pss:") {
+      f >> kb;
+      return kb * 1024;
+    }
+    f.ignore(1 << 20, '\n');
+  }
+  return 0;
 }
 
 json run_row(const Row& r, const std::string& device, const std::string& offload, int steps, int warmup, int threads,
@@ -338,6 +365,11 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
   sc.threads = threads;
   sc.offload = zo2::parse_offload_mode(offload);
   sc.rule.kind = *zo2::parse_rule(r.optimizer);
+  sc.rule.directions = g_directions;
+  if (g_comm) {
+    sc.comm = g_comm;
+    sc.parallel = g_layout;
+  }
   if (r.tuning == "lora") {
     sc.peft.lora = true;  // PeftConfig's defaults: r 8, alpha 16, q_proj and v_proj
   }
@@ -422,6 +454,17 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
     row["predicted_transfer_floor_s"] = pl.predicted_transfer_s;
     row["floor_ratio"] = mean > 0 ? pl.predicted_transfer_s / mean : 0;
     row["peak_within_cap"] = sc.gpu_mem == 0 || s.device_peak() <= sc.gpu_mem;
+    row["directions"] = g_directions;
+    if (g_comm) {
+      // Host memory of the job: every rank's PSS (a page shared by k ranks counts 1/k each).
+      const double mine = pss_bytes();
+      double total = 0;
+      for (double v : g_comm->all_gather(std::span<const double>(&mine, 1), "the ranks' memory")) total += v;
+      row["ranks"] = g_comm->size();
+      row["parallel"] = g_layout.spec();
+      row["ranks_pss_bytes"] = total;
+      row["shared_host_image"] = sc.share_host_image;
+    }
   } catch (const zo2::Error& e) {
     row["ok"] = false;
     row["error"] = e.what();
@@ -480,6 +523,17 @@ json run_generate_row(const Row& r, const std::string& device, const std::string
     row["device_peak_bytes"] = s.device_peak();
     row["predicted_peak_bytes"] = pl.total_bytes;
     row["peak_within_cap"] = sc.gpu_mem == 0 || s.device_peak() <= sc.gpu_mem;
+    row["directions"] = g_directions;
+    if (g_comm) {
+      // Host memory of the job: every rank's PSS (a page shared by k ranks counts 1/k each).
+      const double mine = pss_bytes();
+      double total = 0;
+      for (double v : g_comm->all_gather(std::span<const double>(&mine, 1), "the ranks' memory")) total += v;
+      row["ranks"] = g_comm->size();
+      row["parallel"] = g_layout.spec();
+      row["ranks_pss_bytes"] = total;
+      row["shared_host_image"] = sc.share_host_image;
+    }
   } catch (const zo2::Error& e) {
     row["ok"] = false;
     row["error"] = e.what();
@@ -527,6 +581,12 @@ int main(int argc, char** argv) {
   app.add_option("--kv-cache", kv_cache, "with --generate: auto, device, host, off")->capture_default_str()
       ->check(CLI::IsMember({"auto", "device", "host", "off"}));
   app.add_option("--presets", presets, "comma-separated presets (zo2-tune init --list)")->capture_default_str();
+  std::string parallel;
+  app.add_option("--parallel", parallel,
+                 "under mpirun: each row as ranks of data=D,perturbation=P,directions=Q (default data=N)");
+  app.add_option("--directions", g_directions, "MeZO's q directions per step (every row)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 64));
   app.add_option("--gpu-mem", caps, "comma-separated caps (512M, 18G, none = whole device)")->capture_default_str();
   app.add_option("--storage-dtype", storages, "comma-separated: fp32, bf16, fp16, fp8")->capture_default_str();
   app.add_option("--compute-dtype", computes, "comma-separated: fp32, bf16, fp16")->capture_default_str();
@@ -584,7 +644,38 @@ int main(int argc, char** argv) {
   zo2::log_set_level(zo2::LogLevel::warn);
   fs::path scratch;
   int rc = 0;
+  std::unique_ptr<zo2::Comm> comm;
   try {
+    comm = zo2::make_comm_from_environment();
+    if (comm->size() > 1) {
+      g_layout = parallel.empty() ? zo2::ParallelLayout{comm->size(), 1, 1} : zo2::parse_parallel(parallel, "--parallel");
+      zo2::RuleConfig rule;
+      rule.directions = g_directions;
+      zo2::validate_parallel(g_layout, comm->size(), rule, -1, "--parallel");
+      g_comm = comm.get();
+      // Note [Rank binding]: each rank its cores (and GPU) before any thread exists.
+      const zo2::RankBinding b = zo2::bind_rank(comm->local_rank(), comm->local_size(),
+                                                zo2::parse_device(device).kind == zo2::DeviceKind::cuda
+                                                    ? zo2::cuda_pci_bus_ids()
+                                                    : std::vector<std::string>{},
+                                                true);
+      if (threads == 0) threads = b.threads;
+      if (b.gpu >= 0 && (device == "cuda" || device == "auto")) device = fmt::format("cuda:{}", b.gpu);
+      if (comm->rank() != 0) {
+        // Rank 0 reports; the others run the same rows silently.
+        quiet = true;
+        jsonl.clear();
+        markdown.clear();
+        plot.clear();
+        mezo_mode = "off";
+        link_probe = "off";
+        if (!std::freopen("/dev/null", "w", stdout)) return 1;
+      }
+    } else if (!parallel.empty() && zo2::parse_parallel(parallel, "--parallel").size() != 1) {
+      zo2::RuleConfig rule;
+      rule.directions = g_directions;
+      zo2::validate_parallel(zo2::parse_parallel(parallel, "--parallel"), 1, rule, -1, "--parallel");
+    }
     if (disk_probe) {
       const zo2::DiskRates d = zo2::probe_disk(disk_dir, zo2::parse_byte_size(disk_probe_bytes),
                                                zo2::parse_byte_size(disk_probe_request), disk_probe_qd);

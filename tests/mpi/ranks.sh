@@ -142,6 +142,21 @@ if [ -n "$capi" ]; then
   [ -e capi-dir-data/current ] || fail "the C API data=2 × perturbation=2 run saved nothing"
 fi
 
+# zo2-bench rows as ranks: rank 0 reports the global tok/s, the breakdown and the ranks' memory.
+bench="$(dirname "$tune")/../bench/zo2-bench"
+if [ -x "$bench" ]; then
+  mpi 2 "$bench" --presets opt-tiny --batch-size 4 --seq-len 16 --offload all --steps 2 --warmup 1 --directions 2 \
+    --parallel directions=2 --mezo-baseline off --link-probe off --jsonl bench.jsonl -q >/dev/null
+  python3 - bench.jsonl <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert len(rows) == 1, rows
+r = rows[0]
+assert r["ok"] and r["ranks"] == 2 and r["parallel"] == "directions=2" and r["ranks_pss_bytes"] > 0, r
+print(f"ok: zo2-bench as 2 ranks: {r['tokens_per_s']:.0f} tok/s, ranks' PSS {r['ranks_pss_bytes'] / 2**20:.1f} MB")
+PY
+fi
+
 # One host image per node: 4 ranks hold the weights once, not 4 times (summed PSS).
 summary=$(ZO2_TUNE="$tune" "$here/../../scripts/ranks-memory.sh" opt-micro 4 2>/dev/null | grep '^SUMMARY')
 echo "$summary"
