@@ -408,6 +408,24 @@ TEST_F(ParallelSessions, DataShardsKeepEveryRankIdenticalAndFollowOneProcess) {
   for (const RankRun& r : four) expect_same_bits(ranks[0], r, "data 2 × perturbation 2");
 }
 
+// Issue 18 on a GPU: two ranks sharing one GPU (threads here, each its own Session, streams
+// and arena on cuda:0), through the CUDA exchange stream and, streamed, the shared host
+// image's cuStreamWaitValue32/cuStreamWriteValue32 ordering. fp32: the same bits as one
+// process. Skipped without a device.
+TEST_F(ParallelSessions, CudaRanksSharingOneGpuEqualOneProcessBitForBit) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  SessionConfig cfg = streamed();
+  cfg.device = "cuda";
+  const RankRun one = run_rank(tmp.path(), cfg, 5, false);
+  for (const RankRun& r : run_ranks(tmp.path(), cfg, {1, 2, 1}, 5)) expect_same_bits(one, r, "cuda perturbation=2");
+  cfg.rule.directions = 2;
+  const RankRun q2 = run_rank(tmp.path(), cfg, 5, false);
+  for (const RankRun& r : run_ranks(tmp.path(), cfg, {1, 1, 2}, 5)) expect_same_bits(q2, r, "cuda directions=2");
+  cfg.rule.directions = 1;
+  const auto data = run_ranks(tmp.path(), cfg, {2, 1, 1}, 5, /*per_step_checksums=*/true);
+  EXPECT_EQ(data[0].step_checksums, data[1].step_checksums) << "cuda data=2: the ranks agree after every step";
+}
+
 TEST_F(ParallelSessions, ASilentRankStopsTheOthersNamingIt) {
   auto hub = std::make_shared<ThreadHub>(2);
   std::string error;
