@@ -252,8 +252,9 @@ struct Params {
   std::string device = "cpu", storage = "fp32", compute = "fp32", save_dtype = "fp32";
   std::string optimizer = "zo-sgd", difference = "central", state_dtype = "fp32", lora_targets = "q_proj,v_proj";
   std::string kv_cache = "auto";
-  std::optional<std::string> seed_log, adapter;
+  std::optional<std::string> seed_log, adapter, parallel;
   void fix_pointers() {
+    p.parallel = parallel ? parallel->c_str() : nullptr;
     p.optimizer = optimizer.c_str();
     p.difference = difference.c_str();
     p.state_dtype = state_dtype.c_str();
@@ -275,7 +276,8 @@ const char* const kParamNames[] = {"lr",           "eps",          "weight_decay
                                    "save_dtype",   "save_shard_size", "optimizer",  "directions",
                                    "difference",   "momentum",     "beta1",         "beta2",      "adam_eps",
                                    "state_dtype",  "resume_state", "lora_r",       "lora_alpha",    "lora_targets",
-                                   "adapter",      "prefix_tokens", "generate_seqs", "kv_cache",      "prefill_chunk"};
+                                   "adapter",      "prefix_tokens", "generate_seqs", "kv_cache",      "prefill_chunk",
+                                   "parallel",     "rank_timeout", "share_host_image"};
 
 int64_t int_arg(py::handle v, const char* name) {
   if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v))
@@ -377,6 +379,14 @@ Params parse_params(const py::kwargs& kw) {
     } else if (key == "training") {
       if (!py::isinstance<py::bool_>(v)) invalid("training must be a bool");
       P.p.training = v.cast<bool>() ? 1 : 0;
+    } else if (key == "parallel") {
+      if (v.is_none()) P.parallel.reset();
+      else P.parallel = str_arg(v, k);
+    } else if (key == "rank_timeout") {
+      P.p.rank_timeout_s = real_arg(v, k);
+    } else if (key == "share_host_image") {
+      if (!py::isinstance<py::bool_>(v)) invalid("share_host_image must be a bool");
+      P.p.share_host_image = v.cast<bool>() ? 1 : 0;
     } else if (key == "seed_log") {
       if (v.is_none()) P.seed_log.reset();
       else P.seed_log = path_string(v);
@@ -474,6 +484,9 @@ py::dict params_dict(const Params& P) {
   d["generate_seqs"] = P.p.generate_seqs;
   d["kv_cache"] = P.kv_cache;
   d["prefill_chunk"] = P.p.prefill_chunk;
+  d["parallel"] = P.parallel ? py::object(py::str(*P.parallel)) : py::object(py::none());
+  d["rank_timeout"] = P.p.rank_timeout_s;
+  d["share_host_image"] = P.p.share_host_image != 0;
   return d;
 }
 
@@ -1031,7 +1044,8 @@ Session(model, *, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, device="cpu", gpu
         offload="auto", window=3, storage_dtype="fp32", compute_dtype="fp32", n_threads=0,
         max_seqs=1, max_seq_len=0, training=True, seed_log=None, seed_log_append=False,
         first_step=0, save_dtype="fp32", save_shard_size=5_000_000_000, generate_seqs=0,
-        kv_cache="auto", prefill_chunk=0, ...)
+        kv_cache="auto", prefill_chunk=0, parallel=None, rank_timeout=600.0,
+        share_host_image=True, ...)
 
 `model` is a zo2.Model or a checkpoint directory. Every keyword is a field of the C API's
 zo2_session_params (include/zo2.h documents each), validated by the C API with its ranges
@@ -1149,6 +1163,17 @@ zo2.Generation per text with text set: the new tokens decoded, special tokens le
              S.P.p.lr = static_cast<float>(lr);
            },
            py::arg("lr"), "Sets the learning rate of the following steps (zo2_session_set_lr).")
+      .def_property_readonly("rank", [](Session& S) {
+        int32_t rank = 0;
+        S.run([&](zo2_session* s) { return zo2_session_rank(s, &rank, nullptr); });
+        return rank;
+      }, "This session's rank in its MPI job (0 for one process; zo2_session_rank).")
+      .def_property_readonly("ranks", [](Session& S) {
+        int32_t size = 1;
+        S.run([&](zo2_session* s) { return zo2_session_rank(s, nullptr, &size); });
+        return size;
+      }, "The number of ranks of the job (1 for one process). Under mpirun every rank opens the same Session with "
+         "the same parallel= layout and calls step/save/eval in the same order with the same global batch.")
       .def_property_readonly("step_index", [](Session& S) {
         int64_t i = -1;
         S.run([&](zo2_session* s) { i = zo2_session_step_index(s); return 0; });

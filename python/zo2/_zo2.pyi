@@ -76,7 +76,14 @@ class Session:
         generate_seqs: int = 0,
         kv_cache: Literal["auto", "device", "host", "off"] = "auto",
         prefill_chunk: int = 0,
+        parallel: Optional[str] = None,
+        rank_timeout: float = 600.0,
+        share_host_image: bool = True,
     ) -> None: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def ranks(self) -> int: ...
     def step(self, input_ids: _IntArray, attention_mask: Optional[_IntArray] = None,
              labels: Optional[_IntArray] = None) -> StepResult: ...
     def step_choices(self, input_ids: _IntArray, group_sizes: Sequence[int], group_labels: Sequence[int],
