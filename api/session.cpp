@@ -220,6 +220,25 @@ void Session::init(const SessionConfig& cfg) {
     so.comm = cfg.comm;
     so.parallel = cfg.parallel;
   }
+  if (node_comm_) {
+    // Note [One host image per node]: the ranks of a node take turns block by block, so
+    // they must stream the same blocks through the same slots.
+    std::uint32_t h = 2166136261u;
+    auto mix = [&](std::uint64_t v) {
+      for (int b = 0; b < 8; ++b) h = (h ^ static_cast<std::uint32_t>((v >> (8 * b)) & 0xff)) * 16777619u;
+    };
+    for (bool r : placement.resident) mix(r ? 1 : 0);
+    mix(static_cast<std::uint64_t>(placement.window));
+    const double mine[2] = {static_cast<double>(h), static_cast<double>(placement.resident_count)};
+    const std::vector<double> all = node_comm_->all_gather(mine, "the ranks' placements");
+    for (int r = 0; r < node_comm_->size(); ++r)
+      if (all[2 * static_cast<std::size_t>(r)] != mine[0])
+        fail(ErrorKind::invalid_argument,
+             "the ranks on this node planned different placements (node rank {}: {} resident blocks, node rank {}: "
+             "{}), but ranks sharing a host image must stream the same blocks: give every rank the same --gpu-mem "
+             "(or --host-image private)",
+             node_comm_->rank(), placement.resident_count, r, static_cast<std::int64_t>(all[2 * static_cast<std::size_t>(r) + 1]));
+  }
   scheduler_ = std::make_unique<Scheduler>(*device_, *store_, placement, so);
   if (cfg.peft.prefix > 0) {
     if (req.seq + cfg.peft.prefix > model.max_positions)

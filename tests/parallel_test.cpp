@@ -426,6 +426,56 @@ TEST_F(ParallelSessions, CudaRanksSharingOneGpuEqualOneProcessBitForBit) {
   EXPECT_EQ(data[0].step_checksums, data[1].step_checksums) << "cuda data=2: the ranks agree after every step";
 }
 
+TEST_F(ParallelSessions, RanksSharingAnImageMustPlanTheSameBlocks) {
+  auto hub = std::make_shared<ThreadHub>(2);
+  std::string errors[2];
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        ThreadComm comm(hub, r, "world");
+        SessionConfig c;
+        c.comm = &comm;
+        c.parallel = {2, 1, 1};
+        c.offload = r == 0 ? OffloadMode::all : OffloadMode::none;  // as different --gpu-mem would
+        c.max_batch = kBatch;
+        c.max_seq = kSeq;
+        c.threads = 1;
+        Session s(tmp.path(), c);
+      } catch (const Error& e) {
+        errors[r] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (const std::string& e : errors)
+    EXPECT_NE(e.find("planned different placements"), std::string::npos) << e;
+  // With private images they may differ (each rank streams from its own copy).
+  auto hub2 = std::make_shared<ThreadHub>(2);
+  std::string ok[2] = {"unset", "unset"};
+  threads.clear();
+  for (int r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        ThreadComm comm(hub2, r, "world");
+        SessionConfig c;
+        c.comm = &comm;
+        c.parallel = {2, 1, 1};
+        c.share_host_image = false;
+        c.offload = r == 0 ? OffloadMode::all : OffloadMode::none;
+        c.max_batch = kBatch;
+        c.max_seq = kSeq;
+        c.threads = 1;
+        Session s(tmp.path(), c);
+        ok[r] = "";
+      } catch (const Error& e) {
+        ok[r] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok[0], "");
+  EXPECT_EQ(ok[1], "");
+}
+
 TEST_F(ParallelSessions, ASilentRankStopsTheOthersNamingIt) {
   auto hub = std::make_shared<ThreadHub>(2);
   std::string error;
