@@ -5,7 +5,8 @@ The model is built from a Hugging Face config.json (--config; zo2-bench writes t
 preset's) or from a few built-in OPT shapes (--preset): OPT (learned positions with offset
 2, pre- or post-LN, ReLU, project_in/out when word_embed_proj_dim != hidden_size, biases,
 tied or untied head) and LLaMA (RMSNorm, RoPE, SwiGLU, grouped-query attention, tied or
-untied head). Random weights, one batch of B x T tokens, and the MeZO step as the
+untied head) with its variants Qwen2, Qwen3, Mistral and Gemma 3 text (LlamaBlock's docstring
+says what each adds; sliding windows are not modelled). Random weights, one batch of B x T tokens, and the MeZO step as the
 MeZO/ZO2 reference code writes it (MeZO's trainer.py, zo_perturb_parameters/zo_update):
 
     seed; perturb every parameter in place by +eps*z (z regenerated from the seed);
@@ -123,23 +124,51 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: x · rsqrt(mean x² + eps) · (1 + w), the factor in fp32, w starting at 0."""
+
+    def __init__(self, h, eps):
+        super().__init__(h, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
 class LlamaBlock(nn.Module):
+    """LLaMA, and the LLaMA-family variants zo2 runs (model_type): qwen2 (q/k/v biases), qwen3
+    (per-head q/k RMSNorms, head_dim of its own), mistral (LLaMA's block; its sliding window is
+    a mask, not modelled: the cost of full causal attention), gemma3_text ((1 + w) norms, norms
+    after attention and around the MLP, q/k norms, gelu_tanh(gate)·up; its local layers' window
+    not modelled either)."""
+
     def __init__(self, c):
         super().__init__()
         h = c["hidden_size"]
+        kind = c.get("model_type", "llama")
+        self.gemma = kind == "gemma3_text"
         self.heads = c["num_attention_heads"]
         self.kv_heads = c.get("num_key_value_heads") or self.heads
         self.head_dim = c.get("head_dim") or h // self.heads
         ab, mb = c.get("attention_bias", False), c.get("mlp_bias", False)
-        self.input_layernorm = RMSNorm(h, c.get("rms_norm_eps", 1e-6))
-        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=ab)
-        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=ab)
-        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=ab)
+        qkv_bias = ab or kind == "qwen2"
+        Norm = GemmaRMSNorm if self.gemma else RMSNorm
+        eps = c.get("rms_norm_eps", 1e-6)
+        self.input_layernorm = Norm(h, eps)
+        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=ab)
-        self.post_attention_layernorm = RMSNorm(h, c.get("rms_norm_eps", 1e-6))
+        self.q_norm = Norm(self.head_dim, eps) if kind in ("qwen3", "gemma3_text") else None
+        self.k_norm = Norm(self.head_dim, eps) if kind in ("qwen3", "gemma3_text") else None
+        self.post_attention_layernorm = Norm(h, eps)
+        self.pre_feedforward_layernorm = Norm(h, eps) if self.gemma else None
+        self.post_feedforward_layernorm = Norm(h, eps) if self.gemma else None
         f = c["intermediate_size"]
         self.gate_proj, self.up_proj = nn.Linear(h, f, bias=mb), nn.Linear(h, f, bias=mb)
         self.down_proj = nn.Linear(f, h, bias=mb)
+        self.scale = (c.get("query_pre_attn_scalar") or self.head_dim) ** -0.5 if self.gemma else None
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
@@ -147,7 +176,19 @@ class LlamaBlock(nn.Module):
         q = self.q_proj(y).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(y).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(y).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if self.gemma:
+            if self.kv_heads != self.heads:
+                k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+                v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            # query_pre_attn_scalar^-0.5 instead of head_dim^-0.5: fold it into q.
+            a = attention(q * (self.scale * math.sqrt(self.head_dim)), k, v)
+            x = x + self.post_attention_layernorm(self.o_proj(a.transpose(1, 2).reshape(B, T, -1)))
+            y = self.pre_feedforward_layernorm(x)
+            m = self.down_proj(F.gelu(self.gate_proj(y), approximate="tanh") * self.up_proj(y))
+            return x + self.post_feedforward_layernorm(m)
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
@@ -160,9 +201,11 @@ class Llama(nn.Module):
     def __init__(self, c):
         super().__init__()
         h = c["hidden_size"]
+        self.gemma = c.get("model_type") == "gemma3_text"
         self.embed_tokens = nn.Embedding(c["vocab_size"], h)
         self.layers = nn.ModuleList(LlamaBlock(c) for _ in range(c["num_hidden_layers"]))
-        self.norm = RMSNorm(h, c.get("rms_norm_eps", 1e-6))
+        self.norm = (GemmaRMSNorm if self.gemma else RMSNorm)(h, c.get("rms_norm_eps", 1e-6))
+        self.embed_scale = math.sqrt(h) if self.gemma else None
         self.lm_head = None if c.get("tie_word_embeddings", False) else nn.Linear(h, c["vocab_size"], bias=False)
         d = self.layers[0].head_dim if len(self.layers) else h // c["num_attention_heads"]
         theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
@@ -174,6 +217,8 @@ class Llama(nn.Module):
         angles = torch.outer(torch.arange(T, device=ids.device).float(), self.inv_freq)
         emb = torch.cat((angles, angles), dim=-1)
         x = self.embed_tokens(ids)
+        if self.embed_scale is not None:  # Gemma: embeddings × √hidden, rounded to the compute dtype
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for b in self.layers:
             x = b(x, cos, sin)
@@ -185,9 +230,10 @@ def build(config):
     kind = config.get("model_type", "opt")
     if kind == "opt":
         return Opt(config)
-    if kind == "llama":
+    if kind in ("llama", "qwen2", "qwen3", "mistral", "gemma3_text"):
         return Llama(config)
-    sys.exit(f"mezo_torch.py: --config: model_type '{kind}' is not supported (opt, llama)")
+    sys.exit(f"mezo_torch.py: --config: model_type '{kind}' is not supported "
+             "(opt, llama, qwen2, qwen3, mistral, gemma3_text)")
 
 
 def loss_of(model, ids):
