@@ -1,5 +1,7 @@
 #include "models/init.h"
 
+#include "models/config.h"
+
 #include "runtime/element.h"
 #include "runtime/error.h"
 #include "runtime/philox.h"
@@ -22,17 +24,19 @@ Kind kind_of(std::string_view name, int ndim) {
 
 }  // namespace
 
-float init_value(std::string_view name, int ndim, std::uint64_t seed, std::int64_t index) {
+float init_value(std::string_view name, int ndim, std::uint64_t seed, std::int64_t index, float norm) {
   switch (kind_of(name, ndim)) {
-    case Kind::ones: return 1.0f;
+    case Kind::ones: return norm;
     case Kind::zeros: return 0.0f;
     default:
       return kInitStd * noise_normal(seed, tensor_key(name), static_cast<std::uint64_t>(index));
   }
 }
 
+float init_norm_value(const ModelConfig& config) { return config.gemma3() ? 0.0f : 1.0f; }
+
 void fill_init(std::string_view name, int ndim, std::int64_t numel, std::uint64_t seed, DType dtype,
-               std::span<std::byte> out) {
+               std::span<std::byte> out, float norm) {
   if (!(dtype == DType::f32 || dtype == DType::bf16 || dtype == DType::f16))
     fail(ErrorKind::unsupported, "init writes fp32, bf16 or fp16, not {}", dtype_name(dtype));
   if (out.size() < static_cast<std::size_t>(numel) * dtype_size(dtype))
@@ -48,7 +52,7 @@ void fill_init(std::string_view name, int ndim, std::int64_t numel, std::uint64_
                         if (kind == Kind::matrix) z = noise_normal4(seed, key, static_cast<std::uint64_t>(q));
                         for (std::int64_t i = q * 4; i < std::min(numel, q * 4 + 4); ++i) {
                           const float v = kind == Kind::matrix ? kInitStd * z.v[i - q * 4]
-                                          : kind == Kind::ones ? 1.0f
+                                          : kind == Kind::ones ? norm
                                                                : 0.0f;
                           store_element(dst, dtype, i, v);
                         }

@@ -204,18 +204,18 @@ void BlockStore::wait_for_node_rank_zero(std::string_view what) {
 namespace {
 
 // Fills one image with init values (models/init.h).
-void init_image(const ImageLayout& layout, void* image, std::uint64_t seed) {
+void init_image(const ImageLayout& layout, void* image, std::uint64_t seed, float norm) {
   auto* base = static_cast<std::byte*>(image);
   for (const TensorSlot& s : layout.tensors()) {
     const auto n = static_cast<std::size_t>(s.numel());
     if (s.dtype == DType::f8_e4m3) {
       std::vector<float> tmp(n);
       fill_init(s.name, s.ndim, s.numel(), seed, DType::f32,
-                std::as_writable_bytes(std::span<float>(tmp)));
+                std::as_writable_bytes(std::span<float>(tmp)), norm);
       quantize_rows_e4m3(tmp.data(), s.rows, s.cols, reinterpret_cast<std::uint8_t*>(base + s.offset),
                          reinterpret_cast<float*>(base + s.scale_offset));
     } else {
-      fill_init(s.name, s.ndim, s.numel(), seed, s.dtype, {base + s.offset, s.bytes});
+      fill_init(s.name, s.ndim, s.numel(), seed, s.dtype, {base + s.offset, s.bytes}, norm);
     }
   }
 }
@@ -229,11 +229,12 @@ BlockStore BlockStore::synthetic(const ModelConfig& config, DType storage, Devic
     store.wait_for_node_rank_zero("initializing the weights");
     return store;
   }
-  init_image(store.globals_layout_, store.globals_.data(), seed);
+  const float norm = init_norm_value(config);
+  init_image(store.globals_layout_, store.globals_.data(), seed, norm);
   const std::int64_t images = alias_blocks ? 1 : config.num_layers;
   tbb::parallel_for(std::int64_t{0}, images, [&](std::int64_t i) {
     init_image(store.block_layouts_[static_cast<std::size_t>(i)],
-               store.blocks_[static_cast<std::size_t>(i)].data(), seed);
+               store.blocks_[static_cast<std::size_t>(i)].data(), seed, norm);
   });
   if (store.node_) store.wait_for_node_rank_zero("initializing the weights");
   return store;

@@ -2,6 +2,7 @@
 // expectation thanks to stochastic rounding, bytes moved scale with the storage width,
 // and a tiny model's loss trajectory with bf16 storage stays close to fp32 storage.
 #include "api/session.h"
+#include "models/init.h"
 #include "models/layout.h"
 #include "models/presets.h"
 #include "offload/block_store.h"
@@ -248,6 +249,35 @@ TEST(Storage, Bf16LossTrajectoryStaysCloseToFp32) {
   // Bound: within 5% of the loss scale at every step on average.
   EXPECT_LT(diff, 0.05 * first) << "bf16 storage tracks fp32 storage";
   EXPECT_LT(mean(bf16.loss, steps - 20, steps), first - 0.2) << "and learns too";
+}
+
+}  // namespace
+}  // namespace zo2
+
+namespace zo2 {
+namespace {
+
+// Random init as transformers does it: Gemma 3's (1 + w) RMSNorm weights start at 0 (a scale of
+// 1), every other family's norm weights at 1; matrices and biases are the same for both.
+TEST(Storage, RandomInitStartsGemmaNormsAtZeroAndOthersAtOne) {
+  DeviceOptions o;
+  o.kind = DeviceKind::cpu;
+  o.mem_cap = std::size_t{64} << 20;
+  auto device = make_device(o);
+  for (const char* preset : {"gemma3-tiny", "llama-tiny"}) {
+    const ModelConfig c = find_preset(preset).config;
+    BlockStore store = BlockStore::synthetic(c, DType::f32, *device, 1);
+    const float want = c.gemma3() ? 0.0f : 1.0f;
+    int norms = 0;
+    for (const TensorSlot& s : store.block_layout(0).tensors()) {
+      if (s.name.find("norm") == std::string::npos) continue;
+      const float* w = reinterpret_cast<const float*>(static_cast<const std::byte*>(store.block_image(0)) + s.offset);
+      EXPECT_EQ(w[0], want) << preset << " " << s.name;
+      ++norms;
+    }
+    EXPECT_GE(norms, c.gemma3() ? 6 : 2) << preset;
+    EXPECT_EQ(init_norm_value(c), want);
+  }
 }
 
 }  // namespace

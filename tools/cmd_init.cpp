@@ -79,9 +79,10 @@ Runner add_init(CLI::App& app) {
       const int ndim = static_cast<int>(t.shape.size());
       const std::string name = t.name;
       const std::uint64_t seed = o->seed;
+      const float norm = init_norm_value(c);
       total += static_cast<std::uint64_t>(numel) * dtype_size(dt);
       tensors.push_back({name, dt, t.shape, nullptr, [=](std::span<std::byte> out) {
-                           fill_init(name, ndim, numel, seed, dt, out);
+                           fill_init(name, ndim, numel, seed, dt, out, norm);
                            done->fetch_add(out.size());
                          }});
     }
