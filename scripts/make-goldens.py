@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Golden references from Hugging Face transformers for the LLaMA-family variants zo2 reads
 (issue 19): Qwen2 (q/k/v biases, tied and untied head), Qwen3 (per-head q/k norms, head_dim
-!= hidden/heads) and Mistral (a sliding window shorter than the sequence).
+!= hidden/heads), Mistral (a sliding window shorter than the sequence) and Gemma 3 text (its
+local/global layer mix).
 
 Needs torch and transformers, which this repository's machines lack: it runs on the lent GPU
 machine (scripts/gpu-check.sh, phase `goldens`), on the CPU in fp32 with eager attention, and
@@ -39,6 +40,19 @@ def models():
                                            use_sliding_window=False)),
         # a window of 4 keys, shorter than the 16-token sequence
         "mistral-tiny": ("MistralConfig", dict(common, sliding_window=4, tie_word_embeddings=False)),
+        # Gemma 3 text: local (window 4 < 16) / global / local layers with their own rope bases, linear
+        # scaling on the global ones, head_dim 32 != 64 / 4, query_pre_attn_scalar 24, q/k norms, (1 + w)
+        # norms around attention and the MLP, gelu_tanh gate, embeddings × √hidden, tied head; no
+        # soft-capping (zo2 refuses it). layer_types for transformers >= 4.53; sliding_window_pattern 2
+        # gives the same mix on older ones.
+        "gemma3-tiny": ("Gemma3TextConfig",
+                        dict({k: v for k, v in common.items() if k != "hidden_act"}, num_hidden_layers=3,
+                             head_dim=32, query_pre_attn_scalar=24, sliding_window=4,
+                             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                             sliding_window_pattern=2, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                             rope_scaling={"rope_type": "linear", "factor": 4.0},
+                             hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None,
+                             attn_logit_softcapping=None, tie_word_embeddings=True)),
     }
 
 
