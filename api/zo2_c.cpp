@@ -304,11 +304,7 @@ void check_weights(const std::filesystem::path& dir, const zo2::ModelConfig& c) 
   zo2::check_checkpoint_tensors(zo2::SafetensorsCheckpoint::open(dir), c, dir.string());
 }
 
-std::size_t physical_ram() {
-  const long pages = sysconf(_SC_PHYS_PAGES);
-  const long page = sysconf(_SC_PAGE_SIZE);
-  return pages > 0 && page > 0 ? static_cast<std::size_t>(pages) * static_cast<std::size_t>(page) : 0;
-}
+std::size_t physical_ram() { return zo2::physical_memory_bytes(); }
 
 }  // namespace
 

@@ -9,6 +9,8 @@
 #include <chrono>
 #include <cstdint>
 #include <thread>
+
+#include <unistd.h>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -71,6 +73,12 @@ HostBuffer host_alloc_aligned(std::size_t bytes) {
          format_bytes(static_cast<double>(size)));
   std::memset(p, 0, size);
   return HostBuffer(p, bytes, false, [](void* q) { std::free(q); });
+}
+
+std::size_t physical_memory_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  const long page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<std::size_t>(pages) * static_cast<std::size_t>(page) : 0;
 }
 
 std::size_t host_memory_available() {

@@ -170,6 +170,10 @@ class Device {
   virtual void unregister_host(void* ptr) {}
 };
 
+// The machine's physical memory (sysconf), bytes; 0 when the system does not say. The CPU
+// backend's arena and the plans made for it without a cap use it.
+std::size_t physical_memory_bytes();
+
 // Host memory a new allocation can take without swapping: /proc/meminfo's MemAvailable;
 // ZO2_HOST_MEM_AVAILABLE (a size such as 64G) overrides it — to cap zo2's host memory below
 // what the machine has, and for tests. SIZE_MAX where neither is known.

@@ -301,9 +301,7 @@ void check_model_fits(const std::filesystem::path& model_dir, const ModelConfig&
 std::size_t planning_cap(const SessionConfig& sc) {
   if (sc.gpu_mem != 0) return sc.gpu_mem;
   if (parse_device(sc.device).kind == DeviceKind::cpu) {
-    const long pages = sysconf(_SC_PHYS_PAGES);  // as runtime/cpu/cpu_device.cpp sizes its arena
-    const long page = sysconf(_SC_PAGE_SIZE);
-    if (pages > 0 && page > 0) return static_cast<std::size_t>(pages) * static_cast<std::size_t>(page);
+    if (const std::size_t bytes = physical_memory_bytes(); bytes > 0) return bytes;  // as the CPU arena is sized
   }
   return std::size_t{1} << 50;
 }

@@ -258,10 +258,8 @@ void enqueue(Stream& stream, std::function<void()> fn) {
 namespace {
 
 std::size_t physical_memory() {
-  const long pages = sysconf(_SC_PHYS_PAGES);
-  const long page = sysconf(_SC_PAGE_SIZE);
-  return pages > 0 && page > 0 ? static_cast<std::size_t>(pages) * static_cast<std::size_t>(page)
-                               : (std::size_t{16} << 30);
+  const std::size_t bytes = physical_memory_bytes();
+  return bytes > 0 ? bytes : (std::size_t{16} << 30);
 }
 
 // ZO2_CPU_LINK_GBPS (Note [Emulated link]): 0 when unset or empty.
