@@ -220,6 +220,25 @@ void Session::init(const SessionConfig& cfg) {
     so.comm = cfg.comm;
     so.parallel = cfg.parallel;
   }
+  if (cfg.sliced_upload && ranks > 1) {
+    if (!node_comm_)
+      fail(ErrorKind::invalid_argument,
+           "a sliced upload needs the ranks of a node to share one host image (not --host-image private){}",
+           cfg.training ? "" : ", in a training session");
+    // Note [Sliced upload]: the k-th exchange of every rank must be the same block's.
+    if (cfg.training) {
+      const RuleEstimate est = estimate_plan(cfg.rule, 1e-3f);
+      const std::size_t passes = rank_work(est, cfg.parallel, rank_coord(cfg.parallel, 0)).passes.size();
+      for (int r = 1; r < ranks; ++r)
+        if (rank_work(est, cfg.parallel, rank_coord(cfg.parallel, r)).passes.size() != passes)
+          fail(ErrorKind::invalid_argument,
+               "a sliced upload needs every rank to run as many passes per step, but with --parallel {} and {} rank "
+               "{} runs {} and rank 0 {}: use central differences, or --upload full",
+               cfg.parallel.spec(), cfg.rule.describe(), r,
+               rank_work(est, cfg.parallel, rank_coord(cfg.parallel, r)).passes.size(), passes);
+    }
+    so.sliced_upload = true;
+  }
   if (node_comm_) {
     // Note [One host image per node]: the ranks of a node take turns block by block, so
     // they must stream the same blocks through the same slots.

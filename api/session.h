@@ -70,6 +70,10 @@ struct SessionConfig {
   // Ranks on one node share one host image of the weights (Note [One host image per node] in
   // offload/block_store.h); false gives each rank its own copy.
   bool share_host_image = true;
+  // Note [Sliced upload] (offload/scheduler.cpp): each rank of a node uploads only its slice of
+  // a streamed block and the node's devices exchange the rest (NCCL on CUDA). Needs the shared
+  // host image and the same number of passes per step on every rank.
+  bool sliced_upload = false;
   // Tests only: fault injection (offload/scheduler.h) and slow CPU copies.
   SchedulerFault fault = SchedulerFault::none;
   int debug_copy_delay_us = 0;

@@ -315,6 +315,7 @@ void add_link_floor(json& row, const LinkRates& link) {
 zo2::Comm* g_comm = nullptr;
 zo2::ParallelLayout g_layout;
 int g_directions = 1;
+bool g_sliced = false;
 
 struct Row {
   std::string preset, storage, compute, cap_text;
@@ -328,7 +329,7 @@ struct Row {
 std::string row_label(const Row& r) {
   std::string s = r.preset;
   if (g_directions > 1) s += fmt::format(" q={}", g_directions);
-  if (g_comm) s += fmt::format(" [{} ranks: {}]", g_comm->size(), g_layout.spec());
+  if (g_comm) s += fmt::format(" [{} ranks: {}{}]", g_comm->size(), g_layout.spec(), g_sliced ? ", sliced" : "");
   if (r.synthetic) s += " (synthetic)";
   if (r.tuning != "full") s += " LoRA";
   if (r.optimizer != "zo-sgd") s += " " + r.optimizer;
@@ -369,6 +370,7 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
   if (g_comm) {
     sc.comm = g_comm;
     sc.parallel = g_layout;
+    sc.sliced_upload = g_sliced;
   }
   if (r.tuning == "lora") {
     sc.peft.lora = true;  // PeftConfig's defaults: r 8, alpha 16, q_proj and v_proj
@@ -464,6 +466,7 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
       row["parallel"] = g_layout.spec();
       row["ranks_pss_bytes"] = total;
       row["shared_host_image"] = sc.share_host_image;
+      row["upload"] = g_sliced ? "sliced" : "full";
     }
   } catch (const zo2::Error& e) {
     row["ok"] = false;
@@ -584,6 +587,10 @@ int main(int argc, char** argv) {
   std::string parallel;
   app.add_option("--parallel", parallel,
                  "under mpirun: each row as ranks of data=D,perturbation=P,directions=Q (default data=N)");
+  std::string upload = "full";
+  app.add_option("--upload", upload, "under mpirun: full or sliced uploads (README \"Many GPUs and nodes\")")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"full", "sliced"}));
   app.add_option("--directions", g_directions, "MeZO's q directions per step (every row)")
       ->capture_default_str()
       ->check(CLI::Range(1, 64));
@@ -653,6 +660,7 @@ int main(int argc, char** argv) {
       rule.directions = g_directions;
       zo2::validate_parallel(g_layout, comm->size(), rule, -1, "--parallel");
       g_comm = comm.get();
+      g_sliced = upload == "sliced";
       // Note [Rank binding]: each rank its cores (and GPU) before any thread exists.
       const zo2::RankBinding b = zo2::bind_rank(comm->local_rank(), comm->local_size(),
                                                 zo2::parse_device(device).kind == zo2::DeviceKind::cuda

@@ -77,6 +77,7 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
   for (std::int64_t i = 0; i < L; ++i) offloaded_.push_back(device.make_event());
   versions_.assign(static_cast<std::size_t>(L), 0);
   if (store.node()) shared_timeout_s_ = store.node()->timeout_s();
+  if (options_.sliced_upload && store.node_ranks() > 1) group_ = device.make_group(store.node()->duplicate());
 
   if (AdapterStore* ad = options_.adapters) {
     ZO2_CHECK(ad->num_blocks() == L && buffers == 0);
@@ -348,8 +349,10 @@ void Scheduler::run_blocks(const Use& use) {
     auto chunk_free = [&](std::size_t c) -> Event& { return *slot_free_[static_cast<std::size_t>(k) * chunks + c]; };
     h2d_->wait(*offloaded_[static_cast<std::size_t>(i)]);
     // Note [One host image per node] (offload/block_store.h): every slice of the version
-    // this upload expects is home.
-    const bool shared = store_.node_ranks() > 1;
+    // this upload expects is home. Sliced (Note [Sliced upload]): this rank reads and writes
+    // only its own slice of the image, in its own stream order, so no rank waits on another's.
+    const bool sliced = group_ != nullptr;
+    const bool shared = store_.node_ranks() > 1 && !sliced;
     const std::uint32_t version = shared ? versions_[static_cast<std::size_t>(i)] : 0;
     if (shared)
       for (int r = 0; r < store_.node_ranks(); ++r)
@@ -358,17 +361,33 @@ void Scheduler::run_blocks(const Use& use) {
     // A pass that applies no update reads the weights alone: the rule's state (after them
     // in the image) stays on the host (Note [Update rules], 5).
     const std::size_t upload = use.update ? block_bytes : store_.block_bytes();
-    for (std::size_t c = 0; c < chunks; ++c) {
-      const auto [off, bytes] = slot_chunks_[c];
-      if (options_.fault != SchedulerFault::skip_slot_free_wait) h2d_->wait(chunk_free(c));
-      if (off >= upload) continue;
+    std::size_t uploaded_bytes = upload;
+    if (sliced) {
+      // The whole slot is rewritten: every range of it must be free.
+      for (std::size_t c = 0; c < chunks; ++c)
+        if (options_.fault != SchedulerFault::skip_slot_free_wait) h2d_->wait(chunk_free(c));
+      const int R = store_.node_ranks(), me = store_.node_rank();
+      std::vector<std::size_t> parts(static_cast<std::size_t>(R) + 1, upload);
+      for (int r = 0; r < R; ++r) parts[static_cast<std::size_t>(r)] = std::min(store_.slice(block_bytes, r).first, upload);
+      const std::size_t a = parts[static_cast<std::size_t>(me)], b = parts[static_cast<std::size_t>(me) + 1];
       begin_busy(*h2d_);
-      h2d_->copy_h2d(slot + off, image + off, std::min(bytes, upload - off));
+      if (a < b) h2d_->copy_h2d(slot + a, image + a, b - a);
+      group_->all_gather(*h2d_, slot, parts);
       end_busy(*h2d_);
+      uploaded_bytes = b - a;
+    } else {
+      for (std::size_t c = 0; c < chunks; ++c) {
+        const auto [off, bytes] = slot_chunks_[c];
+        if (options_.fault != SchedulerFault::skip_slot_free_wait) h2d_->wait(chunk_free(c));
+        if (off >= upload) continue;
+        begin_busy(*h2d_);
+        h2d_->copy_h2d(slot + off, image + off, std::min(bytes, upload - off));
+        end_busy(*h2d_);
+      }
     }
     h2d_->record(*uploaded_[static_cast<std::size_t>(k)]);
     if (shared && use.update) h2d_->write_value(store_.taken_counters(i) + store_.node_rank(), version + 1);
-    totals_.h2d_bytes += upload;
+    totals_.h2d_bytes += uploaded_bytes;
     ++totals_.uploads;
 
     if (options_.fault != SchedulerFault::skip_upload_wait) compute_->wait(*uploaded_[static_cast<std::size_t>(k)]);
@@ -387,8 +406,8 @@ void Scheduler::run_blocks(const Use& use) {
         for (int r = 0; r < store_.node_ranks(); ++r)
           d2h_->wait_value(store_.taken_counters(i) + r, version + 1, shared_timeout_s_,
                            fmt::format("node rank {}'s upload of block {}, version {}", r, i, version));
-        std::tie(lo, hi) = store_.slice(block_bytes, store_.node_rank());
       }
+      if (shared || sliced) std::tie(lo, hi) = store_.slice(block_bytes, store_.node_rank());
       for (std::size_t c = 0; c < chunks; ++c) {
         const auto [off, bytes] = slot_chunks_[c];
         const std::size_t a = std::max(off, lo), b = std::min(off + bytes, hi);
@@ -413,6 +432,19 @@ void Scheduler::run_blocks(const Use& use) {
   }
 }
 
+// Note [Sliced upload]
+//   DistZO2's upload (arXiv 2507.03211): the ranks of a node share one host image (Note [One
+//   host image per node]) and each uploads only its slice r of R of a streamed block — the
+//   same page-aligned partition it writes back — then the node's devices exchange the slices
+//   (DeviceGroup::all_gather: NCCL on CUDA, over NVLink where the GPUs have it; MPI between
+//   the processes on the CPU backend), in stream order on the upload stream, so a rank's
+//   host link carries 1/R of each block up and 1/R down. Every rank streams the same blocks
+//   in the same order (the same placement, and as many passes per step: Session checks
+//   both), so the k-th exchange of every rank is the same block's. A rank reads and writes
+//   only its own slice of the image, each in its own stream order (upload, compute, offload,
+//   the next upload after `offloaded`), so the cross-process counters are not needed. On
+//   PCIe-only GPUs the exchange crosses the same links the full upload would: use it where
+//   the GPUs talk over NVLink.
 // Note [KV cache] (models/graph.h). On the host, a block's cache is brought into slot
 // c = use mod 2 on the upload stream after the block's previous write-back (kv_written) and
 // the slot's previous use (kv_free); compute appends the new rows; the offload stream writes

@@ -111,6 +111,9 @@ struct SchedulerOptions {
   // communication stream (Note [Loss exchange]). nullptr or a single layout: one process.
   Comm* comm = nullptr;
   ParallelLayout parallel;
+  // Note [Sliced upload]: with a node-shared host image, each rank uploads its slice of a
+  // streamed block and the node's devices exchange the rest (Device::make_group).
+  bool sliced_upload = false;
   SchedulerFault fault = SchedulerFault::none;  // tests only
 };
 
@@ -256,6 +259,7 @@ class Scheduler {
   // version the next upload expects), and how long a wait on another rank may take.
   std::vector<std::uint32_t> versions_;
   double shared_timeout_s_ = 600;
+  std::unique_ptr<DeviceGroup> group_;  // Note [Sliced upload]: the node's devices
   std::int64_t next_use_ = 0;
 
   // Double-buffered batch inputs.

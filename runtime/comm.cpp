@@ -21,6 +21,7 @@ class SingleComm final : public Comm {
   std::vector<double> all_gather(std::span<const double> mine, std::string_view) override {
     return {mine.begin(), mine.end()};
   }
+  void all_gather_bytes(void*, std::span<const std::size_t>, std::string_view) override {}
   void barrier(std::string_view) override {}
   void broadcast(void*, std::size_t, int root, std::string_view what) override {
     if (root != 0) fail(ErrorKind::internal, "broadcast of {} from rank {} in a single-process run", what, root);

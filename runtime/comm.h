@@ -38,6 +38,10 @@ class Comm {
   // Every rank gives `mine` (the same length everywhere); returns every rank's values in
   // rank order (size() × mine.size()). `what` names the exchange in a timeout's error.
   virtual std::vector<double> all_gather(std::span<const double> mine, std::string_view what) = 0;
+  // Bytes: `buffer` holds every rank's part, rank r's at [offsets[r], offsets[r + 1])
+  // (offsets has size() + 1 entries, ascending); this rank's part is filled, the call fills
+  // the others' from their ranks (parts may be empty). Host memory.
+  virtual void all_gather_bytes(void* buffer, std::span<const std::size_t> offsets, std::string_view what) = 0;
   // Returns once every rank has called it (with the same `what`).
   virtual void barrier(std::string_view what) = 0;
   // Copies `bytes` at `data` from rank `root` to every rank.

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <thread>
+#include <vector>
 
 #include <unistd.h>
 #include <cstdlib>
@@ -63,6 +64,26 @@ void Stream::wait_value(const std::uint32_t* addr, std::uint32_t value, double t
 
 void Stream::write_value(std::uint32_t* addr, std::uint32_t value) {
   launch_host([addr, value] { std::atomic_ref<std::uint32_t>(*addr).store(value, std::memory_order_release); });
+}
+
+namespace {
+// Note [Device groups] where device memory is host memory (the CPU backend).
+class HostMemoryGroup final : public DeviceGroup {
+ public:
+  explicit HostMemoryGroup(std::unique_ptr<Comm> node) : node_(std::move(node)) {}
+  void all_gather(Stream& s, void* buffer, std::span<const std::size_t> offsets) override {
+    std::vector<std::size_t> o(offsets.begin(), offsets.end());
+    Comm* node = node_.get();
+    s.launch_host([node, buffer, o = std::move(o)] { node->all_gather_bytes(buffer, o, "the slices of an upload"); });
+  }
+
+ private:
+  std::unique_ptr<Comm> node_;
+};
+}  // namespace
+
+std::unique_ptr<DeviceGroup> Device::make_group(std::unique_ptr<Comm> node) {
+  return std::make_unique<HostMemoryGroup>(std::move(node));
 }
 
 HostBuffer host_alloc_aligned(std::size_t bytes) {

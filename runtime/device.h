@@ -30,6 +30,7 @@
 //   caller that opens spans must take them. An unknown tag reads 0.
 #pragma once
 #include "runtime/arena.h"
+#include "runtime/comm.h"
 #include "runtime/error.h"
 
 #include <cstddef>
@@ -37,6 +38,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -147,6 +149,23 @@ struct DeviceOptions {
   int debug_copy_delay_us = 0;  // CPU backend, tests only: every async copy first sleeps this long
 };
 
+// Note [Device groups]
+//   The devices of a node's ranks as one group, for collectives on device memory in stream
+//   order: DistZO2's sliced upload, where each rank uploads only its slice of a block over
+//   its own link and the ranks' devices exchange the slices (offload/scheduler.cpp, Note
+//   [Sliced upload]). CPU backend ("device" memory is this process's host memory): a host
+//   function on the stream that runs Comm::all_gather_bytes (MPI between processes, the
+//   twin of the GPU path); CUDA: NCCL broadcasts from each rank's slice (one group call),
+//   over NVLink where the GPUs have it.
+class DeviceGroup {
+ public:
+  virtual ~DeviceGroup() = default;
+  // Once the work before it on `s` is done: every rank's part [offsets[r], offsets[r + 1])
+  // of `device_buffer` (this rank's already filled) lands in every rank's buffer; later work
+  // on `s` waits for it.
+  virtual void all_gather(Stream& s, void* device_buffer, std::span<const std::size_t> offsets) = 0;
+};
+
 class Device {
  public:
   virtual ~Device() = default;
@@ -168,6 +187,9 @@ class Device {
   // (CPU). unregister_host undoes it.
   virtual bool register_host(void* ptr, std::size_t bytes) { return false; }
   virtual void unregister_host(void* ptr) {}
+  // A group of this process's device with the other ranks' of `node` (Note [Device groups]);
+  // the group owns `node` and uses it from stream threads only. Collective over `node`.
+  virtual std::unique_ptr<DeviceGroup> make_group(std::unique_ptr<Comm> node);
 };
 
 // The machine's physical memory (sysconf), bytes; 0 when the system does not say. The CPU

@@ -18,8 +18,10 @@ trap 'rm -rf "$work"' EXIT
 "$tune" init --preset "$preset" --out "$work/m" -q
 "$tune" synth-data --model "$work/m" --out "$work/d.safetensors" --rows 256 --seq 64 -q
 printf "%-34s %5s %10s %10s %9s %9s %9s %10s %10s %8s\n" mode ranks "tok/s" "s/step" "upload" compute "write" "up/step" "down/step" speedup
-run() {  # name ranks directions layout
+run() {  # name ranks directions layout [extra train flags...]
   local name=$1 n=$2 q=$3 layout=$4
+  shift 4
+  local extra=("$@")
   local out="$work/$name-$n"
   local launch=()
   local env=()
@@ -28,7 +30,7 @@ run() {  # name ranks directions layout
   local par=()
   [ "$layout" != single ] && par=(--parallel "$layout")
   "${env[@]}" "${launch[@]}" "$tune" train --model "$work/m" --data "$work/d.safetensors" --out "$out" \
-    --steps "$steps" --batch-size 8 --device cpu --offload all --window 2 --directions "$q" "${par[@]}" \
+    --steps "$steps" --batch-size 8 --device cpu --offload all --window 2 --directions "$q" "${par[@]}" "${extra[@]}" \
     --log-json "$out.jsonl" -q
   python3 - "$out.jsonl" "$name" "$n" "${base_tok:-0}" <<'PY'
 import json, sys
@@ -56,6 +58,10 @@ run "data" 2 1 data=2
 run "data" 4 1 data=4
 run "perturbation" 2 1 perturbation=2
 run "data × perturbation" 4 1 data=2,perturbation=2
+run "data, sliced upload" 2 1 data=2 --upload sliced
+run "data, sliced upload" 4 1 data=4 --upload sliced
+run "perturbation, sliced upload" 2 1 perturbation=2 --upload sliced
+run "data × perturbation, sliced upload" 4 1 data=2,perturbation=2 --upload sliced
 base_tok=""; run "one process, q=4" 1 4 single; base_tok=$(cat "$work/one process, q=4-1.jsonl.tok")
 run "directions (q=4)" 2 4 directions=2
 run "directions (q=4)" 4 4 directions=4

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -77,6 +78,19 @@ class ThreadComm final : public Comm {
       hub_->readers.erase(key);
     }
     return out;
+  }
+  void all_gather_bytes(void* buffer, std::span<const std::size_t> offsets, std::string_view what) override {
+    // Threads: publish the buffer's address (user addresses fit a double's 53 bits), copy the
+    // others' parts straight from their buffers, and fence before anyone reuses its buffer.
+    const double mine = static_cast<double>(reinterpret_cast<std::uintptr_t>(buffer));
+    const std::vector<double> all = all_gather(std::span<const double>(&mine, 1), what);
+    for (int r = 0; r < hub_->size; ++r) {
+      if (r == rank_) continue;
+      const auto u = static_cast<std::size_t>(r);
+      const auto* src = reinterpret_cast<const char*>(static_cast<std::uintptr_t>(all[u]));
+      std::memcpy(static_cast<char*>(buffer) + offsets[u], src + offsets[u], offsets[u + 1] - offsets[u]);
+    }
+    barrier(what);
   }
   void barrier(std::string_view what) override { (void)all_gather({}, what); }
   void broadcast(void* data, std::size_t bytes, int root, std::string_view what) override {
@@ -373,6 +387,52 @@ TEST_F(ParallelSessions, PerturbationPairsEqualOneProcessBitForBit) {
   const RankRun one_fwd = run_rank(tmp.path(), fwd, 4, false);
   for (const RankRun& r : run_ranks(tmp.path(), fwd, {1, 2, 1}, 4)) expect_same_bits(one_fwd, r, "forward difference");
   EXPECT_NE(std::memcmp(one.weights.data(), one_fwd.weights.data(), one.weights.size() * sizeof(float)), 0);
+}
+
+// Note [Sliced upload]: each rank uploads its slice and the ranks' "devices" exchange the
+// rest; the weights are those of one process, and a rank's host traffic falls R-fold.
+TEST_F(ParallelSessions, SlicedUploadsGiveOneProcessBitsWithASliceOfTheTraffic) {
+  const RankRun one = run_rank(tmp.path(), streamed(), 6, false);
+  SessionConfig cfg = streamed();
+  cfg.sliced_upload = true;
+  for (const ParallelLayout& l : {ParallelLayout{1, 2, 1}, ParallelLayout{2, 2, 1}}) {
+    const auto ranks = run_ranks(tmp.path(), cfg, l, 6);
+    for (std::size_t r = 0; r < ranks.size(); ++r) {
+      if (l.data == 1) expect_same_bits(one, ranks[r], fmt::format("sliced, {}, rank {}", l.spec(), r));
+      expect_same_bits(ranks[0], ranks[r], fmt::format("sliced, {}: rank 0 vs {}", l.spec(), r));
+      ASSERT_FALSE(ranks[r].steps.empty());
+      const double ratio = static_cast<double>(ranks[r].steps.back().h2d_bytes) / one.steps.back().h2d_bytes;
+      EXPECT_LT(ratio, 1.5 / static_cast<double>(l.size())) << l.spec() << " rank " << r << ": uploads a slice";
+    }
+  }
+  // Data shards with slices equal data shards without.
+  SessionConfig full = streamed();
+  const auto a = run_ranks(tmp.path(), full, {2, 1, 1}, 4);
+  const auto b = run_ranks(tmp.path(), cfg, {2, 1, 1}, 4);
+  expect_same_bits(a[0], b[0], "data=2, sliced vs full uploads");
+  // Refusals: private images; ranks with different pass counts (forward differences, q = 2).
+  SessionConfig priv = cfg;
+  priv.share_host_image = false;
+  auto hub = std::make_shared<ThreadHub>(2);
+  std::string errors[2];
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        ThreadComm comm(hub, r, "world");
+        SessionConfig c = priv;
+        c.comm = &comm;
+        c.parallel = {1, 2, 1};
+        c.max_batch = kBatch;
+        c.max_seq = kSeq;
+        c.threads = 1;
+        Session s(tmp.path(), c);
+      } catch (const Error& e) {
+        errors[r] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (const std::string& e : errors) EXPECT_NE(e.find("share one host image"), std::string::npos) << e;
 }
 
 TEST_F(ParallelSessions, DirectionGroupsEqualTheOneProcessRunWithAsManyDirections) {

@@ -144,6 +144,7 @@ Runner add_train(CLI::App& app) {
     std::string parallel;        // zo/parallel.h; empty: data=N under mpirun, else one process
     double rank_timeout = 600;   // Note [Rank faults] in runtime/comm.h
     std::string host_image = "shared";
+    std::string upload = "full";
     std::optional<RankBinding> binding;  // ranks: where this one runs (runtime/topology.h)
     DeviceFlags dev;
     DataFlags data_flags;
@@ -198,6 +199,11 @@ Runner add_train(CLI::App& app) {
                  "private (one per rank)")
       ->capture_default_str()
       ->check(CLI::IsMember({"shared", "private"}));
+  app.add_option("--upload", o->upload,
+                 "ranks on one node: full (each rank uploads every streamed block) or sliced (each its slice; the "
+                 "devices exchange the rest: NCCL on CUDA, for GPUs with NVLink)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"full", "sliced"}));
   app.add_option("--resume", o->resume, "continue the run saved in DIR (its zo2_state.json and checkpoint)");
   app.add_flag("--overwrite", o->overwrite,
                "start a new run in an --out that holds one (its checkpoint and seed log are removed first)");
@@ -438,6 +444,7 @@ Runner add_train(CLI::App& app) {
     sc.comm = &comm;
     sc.parallel = layout;
     sc.share_host_image = o->host_image == "shared";
+    sc.sliced_upload = o->upload == "sliced";
     if (o->binding) {
       // Note [Rank binding]: the GPU and the threads of this rank's share of the node.
       if (sc.threads == 0) sc.threads = o->binding->threads;

@@ -1,6 +1,7 @@
 // The CUDA backend's device, streams, events and pinned host memory, and the backend entry
 // points of runtime/device.h. See Note [CUDA device memory] in cuda_device.h.
 #include "runtime/cuda/cuda_device.h"
+#include "runtime/cuda/nccl_group.h"
 
 #include "runtime/common.h"
 #include "runtime/log.h"
@@ -472,6 +473,9 @@ class CudaDevice final : public Device {
   void unregister_host(void* ptr) override {
     use_device(state_->index);
     (void)cudaHostUnregister(ptr);
+  }
+  std::unique_ptr<DeviceGroup> make_group(std::unique_ptr<Comm> node) override {
+    return make_nccl_group(std::move(node), state_->index);
   }
 
  private:

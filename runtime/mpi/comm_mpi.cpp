@@ -95,6 +95,39 @@ class MpiComm final : public Comm {
     return out;
   }
 
+  void all_gather_bytes(void* buffer, std::span<const std::size_t> offsets, std::string_view what) override {
+    ZO2_CHECK(offsets.size() == static_cast<std::size_t>(size_) + 1);
+    constexpr std::size_t kPiece = std::size_t{1} << 30;  // MPI counts are ints
+    auto* base = static_cast<char*>(buffer);
+    const std::size_t me = static_cast<std::size_t>(rank_);
+    std::vector<MPI_Request> sends, recvs;
+    std::vector<int> recv_rank;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      const int tag = next_tag();
+      for (int r = 0; r < size_; ++r) {
+        if (r == rank_) continue;
+        const std::size_t u = static_cast<std::size_t>(r);
+        for (std::size_t off = offsets[me]; off < offsets[me + 1]; off += kPiece) {
+          MPI_Request q;
+          check_mpi(MPI_Isend(base + off, static_cast<int>(std::min(kPiece, offsets[me + 1] - off)), MPI_BYTE, r, tag,
+                              comm_, &q),
+                    "MPI_Isend");
+          sends.push_back(q);
+        }
+        for (std::size_t off = offsets[u]; off < offsets[u + 1]; off += kPiece) {
+          MPI_Request q;
+          check_mpi(MPI_Irecv(base + off, static_cast<int>(std::min(kPiece, offsets[u + 1] - off)), MPI_BYTE, r, tag,
+                              comm_, &q),
+                    "MPI_Irecv");
+          recvs.push_back(q);
+          recv_rank.push_back(r);
+        }
+      }
+    }
+    wait_all(sends, recvs, recv_rank, what);
+  }
+
   void barrier(std::string_view what) override {
     const double zero = 0;
     (void)all_gather(std::span<const double>(&zero, 1), what);

@@ -10,6 +10,7 @@
 #     checkpoint resumes; a hung rank stops the others within --rank-timeout, naming it
 #   - a resume with another layout is refused by name
 #   - 4 ranks with one shared host image hold about (4 − 1) × the model less than 4 private ones
+#   - sliced uploads (each rank its slice, exchanged over MPI) give the same bits
 #   - a C host program (tests/capi_ranks.c) as the ranks: perturbation=2 equals its one-process run
 # Usage: ranks.sh ZO2_TUNE WORK_DIR [MPIRUN [ZO2_CAPI_RANKS]]
 set -euo pipefail
@@ -32,10 +33,14 @@ lr=(--lr 1e-3)
 
 # Perturbation pairs.
 "$tune" train "${common[@]}" "${lr[@]}" --steps 8 --out one
-mpi 2 "$tune" train "${common[@]}" "${lr[@]}" --steps 8 --out pert2 --parallel perturbation=2
+mpi 2 "$tune" train "${common[@]}" "${lr[@]}" --steps 8 --out pert2 --parallel perturbation=2 --offload all --window 2
 same one pert2 "perturbation=2 == one process"
 # The logs agree too (the header's first line aside).
 diff <(tail -n +2 one/seed_log.jsonl) <(tail -n +2 pert2/seed_log.jsonl) >/dev/null || fail "seed logs differ"
+
+# Sliced uploads (Note [Sliced upload]): each rank uploads its slice, the ranks exchange the rest.
+mpi 2 "$tune" train "${common[@]}" "${lr[@]}" --steps 8 --out pert2-sliced --parallel perturbation=2 --upload sliced --offload all --window 2
+same one pert2-sliced "perturbation=2 with sliced uploads == one process"
 
 # Direction groups.
 "$tune" train "${common[@]}" "${lr[@]}" --steps 6 --directions 4 --out q4
@@ -50,6 +55,8 @@ same q4 dir4 "directions=4 == one process with --directions 4"
 "$tune" train "${common[@]}" --lr 1e-4  --steps 20 --out one20
 mpi 2 "$tune" train "${common[@]}" --lr 1e-4  --steps 20 --out data2 --parallel data=2
 mpi 4 "$tune" train "${common[@]}" --lr 1e-4  --steps 20 --out data2p2 --parallel data=2,perturbation=2
+mpi 4 "$tune" train "${common[@]}" --lr 1e-4  --steps 20 --out data2p2s --parallel data=2,perturbation=2 --upload sliced --offload all --window 2
+same data2 data2p2s "data=2 × perturbation=2, sliced uploads, == data=2"
 same data2 data2p2 "data=2 × perturbation=2 == data=2"
 python3 - one20/model.safetensors data2/model.safetensors <<'EOF'
 import json, struct, sys
