@@ -193,6 +193,7 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
   if (!(p.rank_timeout_s >= 0) || !std::isfinite(p.rank_timeout_s))
     invalid(fmt::format("rank_timeout_s {} must be finite and ≥ 0 (0 = no limit)", p.rank_timeout_s));
   sc.share_host_image = p.share_host_image != 0;
+  sc.sliced_upload = p.sliced_upload != 0;
   // LoRA: an adapter directory decides its own shape; else lora_r > 0 asks for new adapters.
   if (p.adapter_path) {
     if (p.adapter_path[0] == '\0') invalid("adapter_path is empty (use NULL for none)");
@@ -432,6 +433,7 @@ zo2_session_params zo2_session_default_params(void) {
   p.mpi_comm = nullptr;
   p.rank_timeout_s = 600;
   p.share_host_image = 1;
+  p.sliced_upload = 0;
   return p;
 }
 

@@ -230,6 +230,8 @@ typedef struct zo2_session_params {
                                  // mpirun/srun (zo2 then initializes MPI and finalizes it at exit). Default NULL.
     double   rank_timeout_s;     // seconds a rank waits for another in an exchange; 0 = no limit. Default 600.
     int32_t  share_host_image;   // nonzero: ranks on one node share one host image of the weights. Default 1.
+    int32_t  sliced_upload;      // nonzero: each rank of a node uploads its slice of a streamed block and the devices
+                                 // exchange the rest (NCCL on CUDA; needs share_host_image). Default 0.
 } zo2_session_params;
 
 ZO2_API zo2_session_params zo2_session_default_params(void);

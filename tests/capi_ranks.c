@@ -38,6 +38,7 @@ int main(int argc, char ** argv) {
     p.offload = ZO2_OFFLOAD_ALL;
     p.window = 2;
     if (strcmp(argv[3], "single") != 0) p.parallel = argv[3];
+    if (getenv("ZO2_CAPI_SLICED")) p.sliced_upload = 1;
     if (zo2_session_init(model, &p, &s) != 0) {
         fprintf(stderr, "session: %s\n", zo2_last_error());
         return 1;

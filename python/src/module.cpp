@@ -277,7 +277,7 @@ const char* const kParamNames[] = {"lr",           "eps",          "weight_decay
                                    "difference",   "momentum",     "beta1",         "beta2",      "adam_eps",
                                    "state_dtype",  "resume_state", "lora_r",       "lora_alpha",    "lora_targets",
                                    "adapter",      "prefix_tokens", "generate_seqs", "kv_cache",      "prefill_chunk",
-                                   "parallel",     "rank_timeout", "share_host_image"};
+                                   "parallel",     "rank_timeout", "share_host_image", "sliced_upload"};
 
 int64_t int_arg(py::handle v, const char* name) {
   if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v))
@@ -384,9 +384,9 @@ Params parse_params(const py::kwargs& kw) {
       else P.parallel = str_arg(v, k);
     } else if (key == "rank_timeout") {
       P.p.rank_timeout_s = real_arg(v, k);
-    } else if (key == "share_host_image") {
-      if (!py::isinstance<py::bool_>(v)) invalid("share_host_image must be a bool");
-      P.p.share_host_image = v.cast<bool>() ? 1 : 0;
+    } else if (key == "share_host_image" || key == "sliced_upload") {
+      if (!py::isinstance<py::bool_>(v)) invalid(std::string(key) + " must be a bool");
+      (key == "sliced_upload" ? P.p.sliced_upload : P.p.share_host_image) = v.cast<bool>() ? 1 : 0;
     } else if (key == "seed_log") {
       if (v.is_none()) P.seed_log.reset();
       else P.seed_log = path_string(v);
@@ -487,6 +487,7 @@ py::dict params_dict(const Params& P) {
   d["parallel"] = P.parallel ? py::object(py::str(*P.parallel)) : py::object(py::none());
   d["rank_timeout"] = P.p.rank_timeout_s;
   d["share_host_image"] = P.p.share_host_image != 0;
+  d["sliced_upload"] = P.p.sliced_upload != 0;
   return d;
 }
 
@@ -1045,7 +1046,7 @@ Session(model, *, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, device="cpu", gpu
         max_seqs=1, max_seq_len=0, training=True, seed_log=None, seed_log_append=False,
         first_step=0, save_dtype="fp32", save_shard_size=5_000_000_000, generate_seqs=0,
         kv_cache="auto", prefill_chunk=0, parallel=None, rank_timeout=600.0,
-        share_host_image=True, ...)
+        share_host_image=True, sliced_upload=False, ...)
 
 `model` is a zo2.Model or a checkpoint directory. Every keyword is a field of the C API's
 zo2_session_params (include/zo2.h documents each), validated by the C API with its ranges

@@ -79,6 +79,7 @@ class Session:
         parallel: Optional[str] = None,
         rank_timeout: float = 600.0,
         share_host_image: bool = True,
+        sliced_upload: bool = False,
     ) -> None: ...
     @property
     def rank(self) -> int: ...

@@ -146,6 +146,9 @@ if [ -n "$capi" ]; then
   mpi 2 "$capi" m capi-pert2 perturbation=2 6 | sort
   mpi 4 "$capi" m capi-dir-data data=2,perturbation=2 6 >/dev/null
   same capi-one capi-pert2 "C API: perturbation=2 == one process"
+  ZO2_CAPI_SLICED=1 "$mpirun" --oversubscribe --allow-run-as-root -np 2 -x ZO2_CAPI_SLICED "$capi" m capi-pert2s \
+    perturbation=2 6 >/dev/null
+  same capi-one capi-pert2s "C API: perturbation=2 with sliced uploads == one process"
   [ -e capi-dir-data/current ] || fail "the C API data=2 × perturbation=2 run saved nothing"
 fi
 
