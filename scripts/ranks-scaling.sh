@@ -7,6 +7,7 @@
 # traffic per step, and the ranks' summed PSS. The speed-up is against the one-process run
 # with the same rule (directions: one process with --directions q).
 # Usage: scripts/ranks-scaling.sh [PRESET (opt-micro)] [LINK_GBPS (0.5; 0 = none)] [STEPS (30)]
+#        ZO2_SCALING_ROWS=REGEX runs only the multi-rank rows whose name matches.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 tune=${ZO2_TUNE:-$root/build/tools/zo2-tune}
@@ -22,6 +23,8 @@ run() {  # name ranks directions layout [extra train flags...]
   local name=$1 n=$2 q=$3 layout=$4
   shift 4
   local extra=("$@")
+  # ZO2_SCALING_ROWS: a regular expression picking rows by name (the base rows always run).
+  if [ -n "${ZO2_SCALING_ROWS:-}" ] && [ "$n" -gt 1 ] && ! [[ "$name" =~ $ZO2_SCALING_ROWS ]]; then return; fi
   local out="$work/$name-$n"
   local launch=()
   local env=()
