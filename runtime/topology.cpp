@@ -61,6 +61,24 @@ class HwlocTopology {
       t_ = nullptr;
       fail(ErrorKind::device, "hwloc: cannot create a topology: {}", std::strerror(errno));
     }
+    // A constructor that throws runs no destructor: free the topology on the way out.
+    try {
+      configure_and_load(description, with_io);
+    } catch (...) {
+      hwloc_topology_destroy(t_);
+      t_ = nullptr;
+      throw;
+    }
+  }
+  ~HwlocTopology() {
+    if (t_) hwloc_topology_destroy(t_);
+  }
+  HwlocTopology(const HwlocTopology&) = delete;
+  HwlocTopology& operator=(const HwlocTopology&) = delete;
+  hwloc_topology_t get() const { return t_; }
+
+ private:
+  void configure_and_load(std::string_view description, bool with_io) {
     const auto start = description.find_first_not_of(" \t\r\n");
     if (start != std::string_view::npos && description[start] == '<') {
       text_.assign(description);  // hwloc wants the terminating NUL counted in the size
@@ -80,14 +98,7 @@ class HwlocTopology {
            std::strerror(errno));
     }
   }
-  ~HwlocTopology() {
-    if (t_) hwloc_topology_destroy(t_);
-  }
-  HwlocTopology(const HwlocTopology&) = delete;
-  HwlocTopology& operator=(const HwlocTopology&) = delete;
-  hwloc_topology_t get() const { return t_; }
 
- private:
   hwloc_topology_t t_ = nullptr;
   std::string text_;
 };
