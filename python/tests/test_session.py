@@ -92,6 +92,11 @@ ROUND_TRIPS = {
     "generate_seqs": (2, 2),
     "kv_cache": ("host", "host"),
     "prefill_chunk": (4, 4),
+    # Ranks (test_ranks.py runs them under mpirun); one process takes the single layout.
+    "parallel": ("single", "single"),
+    "rank_timeout": (30.0, 30.0),
+    "share_host_image": (False, False),
+    "sliced_upload": (True, True),
 }
 
 
