@@ -526,17 +526,6 @@ json run_generate_row(const Row& r, const std::string& device, const std::string
     row["device_peak_bytes"] = s.device_peak();
     row["predicted_peak_bytes"] = pl.total_bytes;
     row["peak_within_cap"] = sc.gpu_mem == 0 || s.device_peak() <= sc.gpu_mem;
-    row["directions"] = g_directions;
-    if (g_comm) {
-      // Host memory of the job: every rank's PSS (a page shared by k ranks counts 1/k each).
-      const double mine = pss_bytes();
-      double total = 0;
-      for (double v : g_comm->all_gather(std::span<const double>(&mine, 1), "the ranks' memory")) total += v;
-      row["ranks"] = g_comm->size();
-      row["parallel"] = g_layout.spec();
-      row["ranks_pss_bytes"] = total;
-      row["shared_host_image"] = sc.share_host_image;
-    }
   } catch (const zo2::Error& e) {
     row["ok"] = false;
     row["error"] = e.what();

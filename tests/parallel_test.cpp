@@ -18,6 +18,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <set>
@@ -242,37 +243,11 @@ TEST(ParallelLayout, ShardsSplitSequencesOrWholeExamples) {
 
 // ---- Sessions as ranks -----------------------------------------------------------------
 
-ModelConfig tiny_llama() {
-  ModelConfig c;
-  c.family = ModelFamily::llama;
-  c.vocab_size = 67;
-  c.hidden_size = 32;
-  c.num_layers = 4;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  c.ffn_dim = 56;
-  c.max_positions = 32;
-  c.word_embed_proj_dim = 32;
-  c.linear_bias = false;
-  c.tie_word_embeddings = false;
-  c.rope.type = RopeType::default_;
-  c.norm_eps = 1e-6f;
-  return c;
-}
 
 constexpr int kBatch = 4, kSeq = 10;
 
 std::vector<HostBatch> batches(const ModelConfig& c, int n) {
-  std::vector<HostBatch> out;
-  for (int b = 0; b < n; ++b) {
-    std::vector<std::int32_t> ids(kBatch * kSeq), mask(kBatch * kSeq, 1);
-    for (int i = 0; i < kBatch * kSeq; ++i)
-      ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>((i * 7 + b * 13 + i * i) % c.vocab_size);
-    for (int t = kSeq - 3; t < kSeq; ++t) mask[static_cast<std::size_t>(kSeq + t)] = 0;
-    out.push_back(make_batch(c, kBatch, kSeq, ids, mask));
-  }
-  return out;
+  return test::patterned_batches(c, n, kBatch, kSeq, /*padded=*/3, /*mul=*/7, /*step=*/13);
 }
 
 struct RankRun {
@@ -324,35 +299,58 @@ RankRun run_rank(const std::filesystem::path& dir, SessionConfig cfg, int steps,
   return r;
 }
 
-// Runs `layout` as layout.size() threads (each its own Session on the CPU backend).
-std::vector<RankRun> run_ranks(const std::filesystem::path& dir, SessionConfig cfg, const ParallelLayout& layout,
-                               int steps, bool per_step_checksums = false) {
-  const int n = layout.size();
+// Runs body(rank, comm) on n threads joined by one ThreadComm hub; returns each rank's error
+// message ("" when it returned).
+std::vector<std::string> on_thread_ranks(int n, const std::function<void(int, Comm&)>& body) {
   auto hub = std::make_shared<ThreadHub>(n);
-  std::vector<RankRun> runs(static_cast<std::size_t>(n));
   std::vector<std::string> errors(static_cast<std::size_t>(n));
   std::vector<std::thread> threads;
   for (int r = 0; r < n; ++r)
     threads.emplace_back([&, r] {
       try {
         ThreadComm comm(hub, r, "world");
-        SessionConfig c = cfg;
-        c.comm = &comm;
-        c.parallel = layout;
-        runs[static_cast<std::size_t>(r)] = run_rank(dir, c, steps, per_step_checksums);
+        body(r, comm);
       } catch (const std::exception& e) {
         errors[static_cast<std::size_t>(r)] = e.what();
       }
     });
   for (auto& t : threads) t.join();
-  for (int r = 0; r < n; ++r) EXPECT_EQ(errors[static_cast<std::size_t>(r)], "") << "rank " << r;
+  return errors;
+}
+
+// Opens (and closes) one Session per rank of `layout`, configured per rank by `configure`.
+std::vector<std::string> open_ranks(const std::filesystem::path& dir, const ParallelLayout& layout,
+                                    const std::function<void(int, SessionConfig&)>& configure) {
+  return on_thread_ranks(layout.size(), [&](int r, Comm& comm) {
+    SessionConfig c;
+    c.comm = &comm;
+    c.parallel = layout;
+    c.max_batch = kBatch;
+    c.max_seq = kSeq;
+    c.threads = 1;
+    configure(r, c);
+    Session s(dir, c);
+  });
+}
+
+// Runs `layout` as layout.size() threads (each its own Session on the CPU backend).
+std::vector<RankRun> run_ranks(const std::filesystem::path& dir, SessionConfig cfg, const ParallelLayout& layout,
+                               int steps, bool per_step_checksums = false) {
+  std::vector<RankRun> runs(static_cast<std::size_t>(layout.size()));
+  const auto errors = on_thread_ranks(layout.size(), [&](int r, Comm& comm) {
+    SessionConfig c = cfg;
+    c.comm = &comm;
+    c.parallel = layout;
+    runs[static_cast<std::size_t>(r)] = run_rank(dir, c, steps, per_step_checksums);
+  });
+  for (std::size_t r = 0; r < errors.size(); ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
   return runs;
 }
 
 class ParallelSessions : public ::testing::Test {
  protected:
   void SetUp() override {
-    config = tiny_llama();
+    config = test::small_llama(4);
     test::write_random_checkpoint(tmp.path(), config, 5);
   }
   // Streamed through two slots: the exchange must keep the cross-step prefetch intact.
@@ -411,27 +409,10 @@ TEST_F(ParallelSessions, SlicedUploadsGiveOneProcessBitsWithASliceOfTheTraffic) 
   const auto b = run_ranks(tmp.path(), cfg, {2, 1, 1}, 4);
   expect_same_bits(a[0], b[0], "data=2, sliced vs full uploads");
   // Refusals: private images; ranks with different pass counts (forward differences, q = 2).
-  SessionConfig priv = cfg;
-  priv.share_host_image = false;
-  auto hub = std::make_shared<ThreadHub>(2);
-  std::string errors[2];
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        ThreadComm comm(hub, r, "world");
-        SessionConfig c = priv;
-        c.comm = &comm;
-        c.parallel = {1, 2, 1};
-        c.max_batch = kBatch;
-        c.max_seq = kSeq;
-        c.threads = 1;
-        Session s(tmp.path(), c);
-      } catch (const Error& e) {
-        errors[r] = e.what();
-      }
-    });
-  for (auto& t : threads) t.join();
+  const auto errors = open_ranks(tmp.path(), {1, 2, 1}, [](int, SessionConfig& c) {
+    c.sliced_upload = true;
+    c.share_host_image = false;
+  });
   for (const std::string& e : errors) EXPECT_NE(e.find("share one host image"), std::string::npos) << e;
 }
 
@@ -487,85 +468,38 @@ TEST_F(ParallelSessions, CudaRanksSharingOneGpuEqualOneProcessBitForBit) {
 }
 
 TEST_F(ParallelSessions, RanksSharingAnImageMustPlanTheSameBlocks) {
-  auto hub = std::make_shared<ThreadHub>(2);
-  std::string errors[2];
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        ThreadComm comm(hub, r, "world");
-        SessionConfig c;
-        c.comm = &comm;
-        c.parallel = {2, 1, 1};
-        c.offload = r == 0 ? OffloadMode::all : OffloadMode::none;  // as different --gpu-mem would
-        c.max_batch = kBatch;
-        c.max_seq = kSeq;
-        c.threads = 1;
-        Session s(tmp.path(), c);
-      } catch (const Error& e) {
-        errors[r] = e.what();
-      }
-    });
-  for (auto& t : threads) t.join();
+  const auto errors = open_ranks(tmp.path(), {2, 1, 1}, [](int r, SessionConfig& c) {
+    c.offload = r == 0 ? OffloadMode::all : OffloadMode::none;  // as different --gpu-mem would
+  });
   for (const std::string& e : errors)
     EXPECT_NE(e.find("planned different placements"), std::string::npos) << e;
   // With private images they may differ (each rank streams from its own copy).
-  auto hub2 = std::make_shared<ThreadHub>(2);
-  std::string ok[2] = {"unset", "unset"};
-  threads.clear();
-  for (int r = 0; r < 2; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        ThreadComm comm(hub2, r, "world");
-        SessionConfig c;
-        c.comm = &comm;
-        c.parallel = {2, 1, 1};
-        c.share_host_image = false;
-        c.offload = r == 0 ? OffloadMode::all : OffloadMode::none;
-        c.max_batch = kBatch;
-        c.max_seq = kSeq;
-        c.threads = 1;
-        Session s(tmp.path(), c);
-        ok[r] = "";
-      } catch (const Error& e) {
-        ok[r] = e.what();
-      }
-    });
-  for (auto& t : threads) t.join();
+  const auto ok = open_ranks(tmp.path(), {2, 1, 1}, [](int r, SessionConfig& c) {
+    c.share_host_image = false;
+    c.offload = r == 0 ? OffloadMode::all : OffloadMode::none;
+  });
   EXPECT_EQ(ok[0], "");
   EXPECT_EQ(ok[1], "");
 }
 
 TEST_F(ParallelSessions, ASilentRankStopsTheOthersNamingIt) {
-  auto hub = std::make_shared<ThreadHub>(2);
-  std::string error;
-  std::thread t0([&] {
-    try {
-      ThreadComm comm(hub, 0, "world");
-      comm.set_timeout(1);
-      SessionConfig c;
-      c.comm = &comm;
-      c.parallel = {1, 2, 1};
-      run_rank(tmp.path(), c, 3, false);
-    } catch (const Error& e) {
-      error = e.what();
-    }
-  });
-  // Rank 1 opens its session (the exchange channel is set up collectively) and never steps.
-  std::thread t1([&] {
-    ThreadComm comm(hub, 1, "world");
+  const auto errors = on_thread_ranks(2, [&](int r, Comm& comm) {
     SessionConfig c;
     c.comm = &comm;
     c.parallel = {1, 2, 1};
+    if (r == 0) {
+      comm.set_timeout(1);
+      run_rank(tmp.path(), c, 3, false);
+      return;
+    }
+    // Rank 1 opens its session (the exchange channel is set up collectively) and never steps.
     c.max_batch = kBatch;
     c.max_seq = kSeq;
     c.threads = 1;
     Session s(tmp.path(), c);
     std::this_thread::sleep_for(std::chrono::seconds(3));
   });
-  t0.join();
-  t1.join();
-  EXPECT_NE(error.find("no word from rank 1 for the losses of step 0"), std::string::npos) << error;
+  EXPECT_NE(errors[0].find("no word from rank 1 for the losses of step 0"), std::string::npos) << errors[0];
 }
 
 TEST_F(ParallelSessions, OnlyRankZeroWritesTheSeedLogAndReplayReproducesTheRun) {

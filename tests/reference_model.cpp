@@ -362,4 +362,52 @@ double masked_rel_error(const std::vector<float>& a, const std::vector<double>& 
   return ref > 0 ? err / ref : err;
 }
 
+ModelConfig small_opt(std::int64_t layers) {
+  ModelConfig c;
+  c.family = ModelFamily::opt;
+  c.vocab_size = 61;
+  c.hidden_size = 32;
+  c.num_layers = layers;
+  c.num_heads = 4;
+  c.num_kv_heads = 4;
+  c.head_dim = 8;
+  c.ffn_dim = 72;
+  c.max_positions = 32;
+  c.word_embed_proj_dim = 32;
+  return c;
+}
+
+ModelConfig small_llama(std::int64_t layers) {
+  ModelConfig c;
+  c.family = ModelFamily::llama;
+  c.vocab_size = 67;
+  c.hidden_size = 32;
+  c.num_layers = layers;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 8;
+  c.ffn_dim = 56;
+  c.max_positions = 32;
+  c.word_embed_proj_dim = 32;
+  c.linear_bias = false;
+  c.tie_word_embeddings = false;
+  c.rope.type = RopeType::default_;
+  c.norm_eps = 1e-6f;
+  return c;
+}
+
+std::vector<HostBatch> patterned_batches(const ModelConfig& c, int n, int batch, int seq, int padded, int mul,
+                                         int step) {
+  std::vector<HostBatch> out;
+  const int tokens = batch * seq;
+  for (int b = 0; b < n; ++b) {
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(tokens)), mask(static_cast<std::size_t>(tokens), 1);
+    for (int i = 0; i < tokens; ++i)
+      ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>((i * mul + b * step + i * i) % c.vocab_size);
+    for (int t = seq - padded; t < seq; ++t) mask[static_cast<std::size_t>(seq + t)] = 0;
+    out.push_back(make_batch(c, batch, seq, ids, mask));
+  }
+  return out;
+}
+
 }  // namespace zo2::test

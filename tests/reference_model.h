@@ -54,6 +54,15 @@ struct Zo2Output {
   float loss = 0;
 };
 
+// Small shapes the scheduler, rule and rank tests share: OPT (61-token vocabulary, hidden
+// 32, 4 heads, ffn 72) and LLaMA (67 tokens, hidden 32, GQA 4/2, ffn 56, untied head).
+ModelConfig small_opt(std::int64_t layers);
+ModelConfig small_llama(std::int64_t layers);
+// n batches of `batch` × `seq` ids (i·mul + b·step + i²) mod V for position i of batch b,
+// the second sequence's last `padded` positions masked.
+std::vector<HostBatch> patterned_batches(const ModelConfig& c, int n, int batch, int seq, int padded, int mul,
+                                         int step);
+
 // Loads `dir` as a user would (Session on the CPU unless cfg says otherwise) and runs one
 // forward pass with hidden states and logits.
 Zo2Output run_forward(const std::filesystem::path& dir, int batch, int seq,

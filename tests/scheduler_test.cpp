@@ -21,52 +21,14 @@
 namespace zo2 {
 namespace {
 
-ModelConfig small_opt(std::int64_t layers = 6) {
-  ModelConfig c;
-  c.family = ModelFamily::opt;
-  c.vocab_size = 61;
-  c.hidden_size = 32;
-  c.num_layers = layers;
-  c.num_heads = 4;
-  c.num_kv_heads = 4;
-  c.head_dim = 8;
-  c.ffn_dim = 72;
-  c.max_positions = 32;
-  c.word_embed_proj_dim = 32;
-  return c;
-}
+ModelConfig small_opt(std::int64_t layers = 6) { return test::small_opt(layers); }
 
-ModelConfig small_llama(std::int64_t layers = 6) {
-  ModelConfig c;
-  c.family = ModelFamily::llama;
-  c.vocab_size = 67;
-  c.hidden_size = 32;
-  c.num_layers = layers;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  c.ffn_dim = 56;
-  c.max_positions = 32;
-  c.word_embed_proj_dim = 32;
-  c.linear_bias = false;
-  c.tie_word_embeddings = false;
-  c.rope.type = RopeType::default_;
-  c.norm_eps = 1e-6f;
-  return c;
-}
+ModelConfig small_llama(std::int64_t layers = 6) { return test::small_llama(layers); }
 
 constexpr int kBatch = 2, kSeq = 12;
 
 std::vector<HostBatch> batches(const ModelConfig& c, int n) {
-  std::vector<HostBatch> out;
-  for (int b = 0; b < n; ++b) {
-    std::vector<std::int32_t> ids(kBatch * kSeq), mask(kBatch * kSeq, 1);
-    for (int i = 0; i < kBatch * kSeq; ++i)
-      ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>((i * 7 + b * 13 + i * i) % c.vocab_size);
-    for (int t = kSeq - 3; t < kSeq; ++t) mask[static_cast<std::size_t>(kSeq + t)] = 0;  // a padded row
-    out.push_back(make_batch(c, kBatch, kSeq, ids, mask));
-  }
-  return out;
+  return test::patterned_batches(c, n, kBatch, kSeq, /*padded=*/3, /*mul=*/7, /*step=*/13);
 }
 
 struct TrainRun {

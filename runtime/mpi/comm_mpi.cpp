@@ -74,58 +74,30 @@ class MpiComm final : public Comm {
     const std::size_t n = mine.size();
     std::vector<double> out(n * static_cast<std::size_t>(size_));
     std::copy(mine.begin(), mine.end(), out.begin() + static_cast<std::ptrdiff_t>(n * static_cast<std::size_t>(rank_)));
-    std::vector<MPI_Request> sends, recvs;
-    std::vector<int> recv_rank;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      const int tag = next_tag();
-      for (int r = 0; r < size_; ++r) {
-        if (r == rank_) continue;
-        MPI_Request q;
-        check_mpi(MPI_Isend(mine.data(), static_cast<int>(n), MPI_DOUBLE, r, tag, comm_, &q), "MPI_Isend");
-        sends.push_back(q);
-        check_mpi(MPI_Irecv(out.data() + n * static_cast<std::size_t>(r), static_cast<int>(n), MPI_DOUBLE, r, tag,
-                            comm_, &q),
-                  "MPI_Irecv");
-        recvs.push_back(q);
-        recv_rank.push_back(r);
-      }
-    }
-    wait_all(sends, recvs, recv_rank, what);
+    std::vector<std::size_t> offsets(static_cast<std::size_t>(size_) + 1);
+    for (std::size_t r = 0; r < offsets.size(); ++r) offsets[r] = r * n * sizeof(double);
+    all_gather_bytes(out.data(), offsets, what);
     return out;
   }
 
   void all_gather_bytes(void* buffer, std::span<const std::size_t> offsets, std::string_view what) override {
     ZO2_CHECK(offsets.size() == static_cast<std::size_t>(size_) + 1);
-    constexpr std::size_t kPiece = std::size_t{1} << 30;  // MPI counts are ints
     auto* base = static_cast<char*>(buffer);
-    const std::size_t me = static_cast<std::size_t>(rank_);
-    std::vector<MPI_Request> sends, recvs;
-    std::vector<int> recv_rank;
+    const auto part = [&](int r) {
+      return std::pair(base + offsets[static_cast<std::size_t>(r)],
+                       offsets[static_cast<std::size_t>(r) + 1] - offsets[static_cast<std::size_t>(r)]);
+    };
+    Requests q;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       const int tag = next_tag();
       for (int r = 0; r < size_; ++r) {
         if (r == rank_) continue;
-        const std::size_t u = static_cast<std::size_t>(r);
-        for (std::size_t off = offsets[me]; off < offsets[me + 1]; off += kPiece) {
-          MPI_Request q;
-          check_mpi(MPI_Isend(base + off, static_cast<int>(std::min(kPiece, offsets[me + 1] - off)), MPI_BYTE, r, tag,
-                              comm_, &q),
-                    "MPI_Isend");
-          sends.push_back(q);
-        }
-        for (std::size_t off = offsets[u]; off < offsets[u + 1]; off += kPiece) {
-          MPI_Request q;
-          check_mpi(MPI_Irecv(base + off, static_cast<int>(std::min(kPiece, offsets[u + 1] - off)), MPI_BYTE, r, tag,
-                              comm_, &q),
-                    "MPI_Irecv");
-          recvs.push_back(q);
-          recv_rank.push_back(r);
-        }
+        post_send(q, part(rank_).first, part(rank_).second, r, tag);
+        post_recv(q, part(r).first, part(r).second, r, tag);
       }
     }
-    wait_all(sends, recvs, recv_rank, what);
+    wait_all(q, what);
   }
 
   void barrier(std::string_view what) override {
@@ -134,43 +106,22 @@ class MpiComm final : public Comm {
   }
 
   void broadcast(void* data, std::size_t bytes, int root, std::string_view what) override {
-    constexpr std::size_t kPiece = std::size_t{1} << 30;  // MPI counts are ints
-    std::vector<MPI_Request> sends, recvs;
-    std::vector<int> recv_rank;
+    Requests q;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       const int tag = next_tag();
-      for (std::size_t off = 0; off < bytes; off += kPiece) {
-        const int len = static_cast<int>(std::min(kPiece, bytes - off));
-        char* p = static_cast<char*>(data) + off;
-        MPI_Request q;
-        if (rank_ == root) {
-          for (int r = 0; r < size_; ++r) {
-            if (r == root) continue;
-            check_mpi(MPI_Isend(p, len, MPI_BYTE, r, tag, comm_, &q), "MPI_Isend");
-            sends.push_back(q);
-          }
-        } else {
-          check_mpi(MPI_Irecv(p, len, MPI_BYTE, root, tag, comm_, &q), "MPI_Irecv");
-          recvs.push_back(q);
-          recv_rank.push_back(root);
-        }
+      if (rank_ != root) {
+        post_recv(q, static_cast<char*>(data), bytes, root, tag);
+      } else {
+        for (int r = 0; r < size_; ++r)
+          if (r != root) post_send(q, static_cast<char*>(data), bytes, r, tag);
       }
     }
-    wait_all(sends, recvs, recv_rank, what);
+    wait_all(q, what);
   }
 
-  std::unique_ptr<Comm> duplicate() override {
-    auto c = std::make_unique<MpiComm>(comm_);
-    c->set_timeout(timeout_s_);
-    return c;
-  }
-
-  std::unique_ptr<Comm> node() override {
-    auto c = std::make_unique<MpiComm>(node_);
-    c->set_timeout(timeout_s_);
-    return c;
-  }
+  std::unique_ptr<Comm> duplicate() override { return over(comm_); }
+  std::unique_ptr<Comm> node() override { return over(node_); }
 
   [[noreturn]] void abort(int exit_code) override {
     MPI_Abort(comm_, exit_code);
@@ -184,9 +135,43 @@ class MpiComm final : public Comm {
     return tag_;
   }
 
+  // A Comm of this one's kind over `c` (duplicated), with the same timeout.
+  std::unique_ptr<Comm> over(MPI_Comm c) const {
+    auto comm = std::make_unique<MpiComm>(c);
+    comm->set_timeout(timeout_s_);
+    return comm;
+  }
+
+  // The requests of one operation: sends, and receives with the rank each waits for.
+  struct Requests {
+    std::vector<MPI_Request> sends, recvs;
+    std::vector<int> recv_rank;
+  };
+  static constexpr std::size_t kPiece = std::size_t{1} << 30;  // MPI counts are ints
+  // Nonblocking send/receive of `bytes` at p with `peer`, in pieces MPI's int counts hold.
+  void post_send(Requests& q, char* p, std::size_t bytes, int peer, int tag) {
+    for (std::size_t off = 0; off < bytes; off += kPiece) {
+      MPI_Request r;
+      check_mpi(MPI_Isend(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, peer, tag, comm_, &r),
+                "MPI_Isend");
+      q.sends.push_back(r);
+    }
+  }
+  void post_recv(Requests& q, char* p, std::size_t bytes, int peer, int tag) {
+    for (std::size_t off = 0; off < bytes; off += kPiece) {
+      MPI_Request r;
+      check_mpi(MPI_Irecv(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, peer, tag, comm_, &r),
+                "MPI_Irecv");
+      q.recvs.push_back(r);
+      q.recv_rank.push_back(peer);
+    }
+  }
+
   // Polls until every request is done; Note [Rank faults] on a timeout.
-  void wait_all(std::vector<MPI_Request>& sends, std::vector<MPI_Request>& recvs, const std::vector<int>& recv_rank,
-                std::string_view what) {
+  void wait_all(Requests& q, std::string_view what) {
+    std::vector<MPI_Request>& sends = q.sends;
+    std::vector<MPI_Request>& recvs = q.recvs;
+    const std::vector<int>& recv_rank = q.recv_rank;
     using clock = std::chrono::steady_clock;
     const auto start = clock::now();
     auto pause = std::chrono::microseconds(0);
