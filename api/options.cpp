@@ -54,6 +54,9 @@ Names names_of(Opt o) {
     case Opt::until_step: return {"--until-step", nullptr};
     case Opt::first_step: return {"--first-step", "first_step"};
     case Opt::gpu_mem: return {"--gpu-mem", "gpu_mem_bytes"};
+    case Opt::host_mem: return {"--host-mem", "host_mem_bytes"};
+    case Opt::disk_lag: return {"--disk-lag", "disk_lag"};
+    case Opt::disk_staging: return {"--disk-staging", "disk_staging"};
     case Opt::shard_size: return {"--shard-size", "save_shard_bytes"};
     case Opt::temperature: return {"--temperature", "temperature"};
     case Opt::top_p: return {"--top-p", "top_p"};
@@ -88,6 +91,10 @@ IntRange range_of(Opt o, OptionSource src) {
     case Opt::until_step: return {0, kMaxSteps, ""};
     case Opt::first_step: return {0, kMaxSteps, ""};
     case Opt::max_new_tokens: return {1, kMaxSeq, ""};
+    // A disk image may lag its block by this many updates, each re-applied at upload: past a
+    // few hundred the noise work of an upload dwarfs the write it saves.
+    case Opt::disk_lag: return {1, 1024, ""};
+    case Opt::disk_staging: return {0, kMaxWindow, " (0 = window + 1)"};
     default: break;
   }
   fail(ErrorKind::internal, "option {} is not an integer option", option_name(o, src));
@@ -162,6 +169,11 @@ void check_size(Opt o, std::uint64_t bytes, OptionSource src) {
       if (bytes == 0 && src == OptionSource::cli)
         refuse(o, src, "0", "must be larger than 0 (leave --gpu-mem out for the whole device)");
       return;
+    case Opt::host_mem:
+      // The C field's 0 means "no cap"; on the command line the flag is left out.
+      if (bytes == 0 && src == OptionSource::cli)
+        refuse(o, src, "0", "must be larger than 0 (leave --host-mem out to keep every block in RAM)");
+      return;
     case Opt::shard_size:
       // Every save splits the checkpoint into shards of at most this size.
       if (bytes == 0) refuse(o, src, "0", "must be larger than 0 (the largest safetensors shard of a save)");
@@ -186,6 +198,13 @@ std::uint64_t parse_size_option(Opt o, std::string_view text, OptionSource src) 
 void check_session_options(const SessionConfig& sc, OptionSource src) {
   check_integer(Opt::window, sc.window, src);
   check_integer(Opt::threads, sc.threads, src);
+  check_integer(Opt::disk_lag, sc.disk_lag, src);
+  check_integer(Opt::disk_staging, sc.disk_staging, src);
+  if (!sc.disk_dir.empty() && sc.host_mem == 0)
+    throw Error(ErrorKind::invalid_argument,
+                fmt::format("{} {}: the disk tier holds the blocks that do not fit under {}, which is not set",
+                            src == OptionSource::cli ? "--disk-dir" : "disk_dir", sc.disk_dir.string(),
+                            option_name(Opt::host_mem, src)));
   // "auto" resolves here as the session will resolve it (a CUDA device when one exists).
   const DeviceOptions dev = parse_device(sc.device);
   if (dev.kind == DeviceKind::cpu && sc.compute != DType::f32) {

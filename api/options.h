@@ -27,7 +27,8 @@ enum class Opt {
   lr, eps, weight_decay,                                                   // real
   steps, batch_size, window, threads, warmup_steps, save_every, eval_every,  // integer
   log_every, stop_at, num_train, num_eval, max_len, seq_len, until_step, first_step,
-  gpu_mem, shard_size,                                                     // byte sizes
+  disk_lag, disk_staging,                                                  // disk tier: integer
+  gpu_mem, shard_size, host_mem,                                           // byte sizes
   temperature, top_p,                                                      // generation: real
   max_new_tokens,                                                          // generation: integer
 };
@@ -47,8 +48,10 @@ void check_integer(Opt o, std::int64_t value, OptionSource src);
 std::uint64_t parse_size_option(Opt o, std::string_view text, OptionSource src);
 void check_size(Opt o, std::uint64_t bytes, OptionSource src);
 
-// The device-level options of a session together: window, threads, and whether the device
-// (after resolving "auto") runs the compute dtype. Opens nothing.
+// The device-level options of a session together: window, threads, the disk tier's
+// (--disk-lag, --disk-staging; --disk-dir without --host-mem, or --host-mem below what the
+// globals need, are refused by the plan), and whether the device (after resolving "auto")
+// runs the compute dtype. Opens nothing.
 void check_session_options(const SessionConfig& sc, OptionSource src);
 
 }  // namespace zo2

@@ -24,6 +24,9 @@ PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, Dev
   r.limits = cfg.limits;
   r.logits_out = cfg.logits_out;
   r.generate = cfg.generate;
+  r.host_mem = cfg.host_mem;
+  r.disk_lag = cfg.disk_lag;
+  r.disk_staging = cfg.disk_staging;
   const StateSpec state{cfg.rule.state_buffers(), cfg.rule.state_dtype};
   if (cfg.peft.any()) {
     // The adapters keep the rule's state; the frozen blocks none.
@@ -137,19 +140,55 @@ void Session::fit_arena_to(const Placement& plan) {
   device_ = open_device(c);
 }
 
+namespace {
+// What the disk tier cannot serve yet, refused before anything is planned or read.
+void check_disk_tier(const SessionConfig& cfg) {
+  if (cfg.host_mem == 0) return;
+  if (cfg.rule.state_buffers() > 0 && !cfg.peft.any())
+    fail(ErrorKind::unsupported,
+         "--host-mem with --optimizer {}: the rule keeps optimizer state beside each block, which the disk tier "
+         "does not hold yet; use a stateless rule (zo-sgd, zo-sgd-sign, zo-sgd-cons) or LoRA, or leave --host-mem out",
+         rule_name(cfg.rule.kind));
+  if (cfg.comm && cfg.comm->size() > 1)
+    fail(ErrorKind::unsupported, "--host-mem: the disk tier serves one process; {} ranks are not supported yet",
+         cfg.comm->size());
+}
+}  // namespace
+
+std::optional<DiskPlacement> Session::disk_placement(const Placement& plan) const {
+  if (plan.disk_blocks == 0) return std::nullopt;
+  if (cfg_.disk_dir.empty())
+    fail(ErrorKind::invalid_argument,
+         "--host-mem {}: the master weights need {} of host memory, so {} of {} blocks must live on disk: give "
+         "--disk-dir DIR (a local SSD) for them, or raise --host-mem",
+         format_bytes(static_cast<double>(cfg_.host_mem)),
+         format_bytes(static_cast<double>(plan.host_bytes + static_cast<std::size_t>(plan.disk_blocks) * plan.block_bytes)),
+         plan.disk_blocks, plan.on_disk.size());
+  DiskPlacement d;
+  d.dir = cfg_.disk_dir;
+  d.on_disk = plan.on_disk;
+  d.staging = plan.disk_staging;
+  d.file = cfg_.disk_file;
+  return d;
+}
+
 Session::Session(const std::filesystem::path& model_path, const SessionConfig& cfg) : cfg_(cfg) {
   // A run directory reads through its current checkpoint, resolved once (api/run_dir.h).
   const std::filesystem::path model_dir = resolve_model_dir(model_path);
   model_path_ = model_path;
   model_is_run_ = model_dir != model_path || holds_run(model_path);
+  check_disk_tier(cfg_);
   device_ = open_device(cfg_);
   // Plan before reading the weights: a cap that cannot work fails fast.
   const ModelConfig model = ModelConfig::load(model_dir);
-  fit_arena_to(plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity())));
+  const Placement plan = plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity()));
+  fit_arena_to(plan);
+  const std::optional<DiskPlacement> disk = disk_placement(plan);
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
   open_node_comm();
-  store_ = std::make_unique<BlockStore>(
-      BlockStore::load(model_dir, cfg_.storage, *device_, cfg_.peft.any() ? StateSpec{} : state, node_comm_.get()));
+  store_ = std::make_unique<BlockStore>(BlockStore::load(model_dir, cfg_.storage, *device_,
+                                                         cfg_.peft.any() ? StateSpec{} : state, node_comm_.get(),
+                                                         disk ? &*disk : nullptr));
   open_adapters(model);
   if (cfg_.resume_state && state.buffers > 0) {
     // A LoRA run keeps its state beside its adapter; a full run beside its checkpoint.
@@ -166,12 +205,18 @@ Session::Session(const std::filesystem::path& model_path, const SessionConfig& c
 Session::Session(const ModelConfig& model, const SessionConfig& cfg, std::uint64_t init_seed,
                  bool alias_blocks)
     : cfg_(cfg) {
+  check_disk_tier(cfg_);
   device_ = open_device(cfg_);
-  fit_arena_to(plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity())));
+  const Placement plan = plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity()));
+  fit_arena_to(plan);
+  const std::optional<DiskPlacement> disk = disk_placement(plan);
+  if (disk && alias_blocks)
+    fail(ErrorKind::invalid_argument, "a benchmark shape with aliased blocks has one block image: it needs no disk tier");
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
   open_node_comm();
   store_ = std::make_unique<BlockStore>(BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks,
-                                                              cfg_.peft.any() ? StateSpec{} : state, node_comm_.get()));
+                                                              cfg_.peft.any() ? StateSpec{} : state, node_comm_.get(),
+                                                              disk ? &*disk : nullptr));
   open_adapters(model);
   init(cfg_);
 }
@@ -214,6 +259,13 @@ void Session::init(const SessionConfig& cfg) {
   so.adapters = adapters_.get();
   so.logits_out = cfg.logits_out;
   so.fault = cfg.fault;
+  so.disk_lag = cfg.disk_lag;
+  if (store_->disk()) {
+    // The re-plan against the fitted arena places the same blocks (Note [Arena sized to the plan]).
+    for (std::int64_t i = 0; i < model.num_layers; ++i)
+      if (store_->on_disk(i) != static_cast<bool>(placement.on_disk[static_cast<std::size_t>(i)]))
+        fail(ErrorKind::internal, "block {}: the plan and the block store disagree on its tier", i);
+  }
   const int ranks = cfg.comm ? cfg.comm->size() : 1;
   if (cfg.training || !cfg.parallel.single()) validate_parallel(cfg.parallel, ranks, cfg.rule, -1, "parallel layout");
   if (cfg.training) {

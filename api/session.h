@@ -74,6 +74,16 @@ struct SessionConfig {
   // a streamed block and the node's devices exchange the rest (NCCL on CUDA). Needs the shared
   // host image and the same number of passes per step on every rank.
   bool sliced_upload = false;
+  // The disk tier (DESIGN.md §12; README "Models larger than host memory"): the host bytes
+  // the master weights may take (0 = no cap); the streamed blocks beyond it live in a block
+  // file in disk_dir, written back once they lag by disk_lag updates, carried by
+  // disk_staging pinned buffers (0: window + 1). disk_file: the block file's options
+  // (tests inject failures through it).
+  std::size_t host_mem = 0;
+  std::filesystem::path disk_dir;
+  int disk_lag = 1;
+  int disk_staging = 0;
+  BlockFileOptions disk_file;
   // Tests only: fault injection (offload/scheduler.h) and slow CPU copies.
   SchedulerFault fault = SchedulerFault::none;
   int debug_copy_delay_us = 0;
@@ -158,6 +168,9 @@ class Session {
   void open_adapters(const ModelConfig& model);
   void open_node_comm();
   void fit_arena_to(const Placement& plan);
+  // The disk tier of a plan (nullopt when every block fits in RAM); checks the options
+  // the tier cannot serve.
+  std::optional<DiskPlacement> disk_placement(const Placement& plan) const;
   void drain();
 
   SessionConfig cfg_;

@@ -70,8 +70,12 @@ void check_host_memory(const ModelConfig& config, DType storage, std::int64_t im
        hint);
 }
 
+std::int64_t DiskPlacement::count() const {
+  return static_cast<std::int64_t>(std::count(on_disk.begin(), on_disk.end(), true));
+}
+
 BlockStore::BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks,
-                       const StateSpec& state, Comm* node)
+                       const StateSpec& state, Comm* node, const DiskPlacement* disk)
     : config_(config), storage_(storage), state_(state), aliased_(alias_blocks),
       node_(node && node->size() > 1 ? node : nullptr) {
   if (!dtype_is_storage(storage))
@@ -89,6 +93,24 @@ BlockStore::BlockStore(const ModelConfig& config, DType storage, Device& device,
                                          state_.buffers);
   globals_stream_bytes_ = image_with_state_bytes(globals_layout_.bytes(), globals_state_layout_.bytes(), state_.buffers);
   const std::int64_t images = alias_blocks ? 1 : config_.num_layers;
+  if (disk && disk->count() > 0) {
+    // The disk tier (offload/disk_tier.h): only the RAM blocks get host images.
+    if (static_cast<std::int64_t>(disk->on_disk.size()) != config_.num_layers)
+      fail(ErrorKind::internal, "a disk placement of {} blocks for a model of {}", disk->on_disk.size(),
+           config_.num_layers);
+    if (alias_blocks || node_ || state_.buffers > 0)
+      fail(ErrorKind::internal, "the disk tier holds neither aliased blocks, nor a node-shared image, nor state");
+    std::vector<std::int64_t> on;
+    for (std::int64_t i = 0; i < config_.num_layers; ++i)
+      if (disk->on_disk[static_cast<std::size_t>(i)]) on.push_back(i);
+    const std::int64_t ram = config_.num_layers - static_cast<std::int64_t>(on.size());
+    check_host_memory(config_, storage_, ram + disk->staging, state_);
+    globals_ = device.alloc_host(globals_stream_bytes_);
+    for (std::int64_t i = 0; i < config_.num_layers; ++i)
+      blocks_.push_back(disk->on_disk[static_cast<std::size_t>(i)] ? HostBuffer() : device.alloc_host(stream_bytes_));
+    disk_ = std::make_unique<DiskTier>(device, disk->dir, std::move(on), stream_bytes_, disk->staging, disk->file);
+    return;
+  }
   if (!node_) {
     check_host_memory(config_, storage_, images, state_);
     globals_ = device.alloc_host(globals_stream_bytes_);
@@ -149,27 +171,44 @@ void BlockStore::clear_state() {
   for (int k = 0; k < state_.buffers; ++k) {
     clear_state_image(globals_state_layout_, static_cast<std::byte*>(globals_.data()) + globals_state_offset(k));
     for (std::size_t i = 0; i < blocks_.size(); ++i)
-      clear_state_image(block_state_layouts_[i], static_cast<std::byte*>(blocks_[i].data()) + block_state_offset(k));
+      if (blocks_[i])
+        clear_state_image(block_state_layouts_[i], static_cast<std::byte*>(blocks_[i].data()) + block_state_offset(k));
   }
 }
 
 void* BlockStore::block_image(std::int64_t i) {
+  if (on_disk(i)) fail(ErrorKind::internal, "block {} lives on the disk tier: it has no host image", i);
   return blocks_[aliased_ ? 0 : static_cast<std::size_t>(i)].data();
 }
 
 std::size_t BlockStore::host_bytes() const {
   std::size_t n = globals_.bytes();
   for (const auto& b : blocks_) n += b.bytes();
+  if (disk_) n += disk_->host_bytes();
   return n;
 }
 
+// The disk tier's blocks, written one image at a time through `fill` (which fills a
+// zeroed image of block i).
+namespace {
+void write_disk_blocks(DiskTier& disk, std::size_t image_bytes,
+                       const std::function<void(std::int64_t, void*)>& fill) {
+  HostBuffer tmp = host_alloc_aligned(image_bytes);
+  for (std::int64_t i : disk.blocks()) {
+    std::memset(tmp.data(), 0, image_bytes);
+    fill(i, tmp.data());
+    disk.write_now(i, tmp.data(), 0);
+  }
+}
+}  // namespace
+
 BlockStore BlockStore::load(const std::filesystem::path& model_dir, DType storage, Device& device,
-                            const StateSpec& state, Comm* node) {
+                            const StateSpec& state, Comm* node, const DiskPlacement* disk) {
   const ModelConfig config = ModelConfig::load(model_dir);
   const auto ckpt = SafetensorsCheckpoint::open(model_dir);
   const std::string where = model_dir.string();
   check_checkpoint_tensors(ckpt, config, where);  // before the images are allocated
-  BlockStore store(config, storage, device, false, state, node);
+  BlockStore store(config, storage, device, false, state, node, disk);
   if (store.node_ && store.node_->rank() != 0) {
     // Note [One host image per node]: node rank 0 reads the files into the shared images.
     store.wait_for_node_rank_zero("reading the checkpoint");
@@ -185,9 +224,14 @@ BlockStore BlockStore::load(const std::filesystem::path& model_dir, DType storag
   load_image(ckpt, store.globals_layout_, store.globals_.data(), where);
   // Blocks convert in parallel (each conversion is itself parallel inside).
   tbb::parallel_for(std::int64_t{0}, config.num_layers, [&](std::int64_t i) {
+    if (store.on_disk(i)) return;
     load_image(ckpt, store.block_layouts_[static_cast<std::size_t>(i)],
                store.blocks_[static_cast<std::size_t>(i)].data(), where);
   });
+  if (store.disk_)
+    write_disk_blocks(*store.disk_, store.stream_bytes_, [&](std::int64_t i, void* image) {
+      load_image(ckpt, store.block_layouts_[static_cast<std::size_t>(i)], image, where);
+    });
   if (store.node_) store.wait_for_node_rank_zero("reading the checkpoint");
   return store;
 }
@@ -223,8 +267,9 @@ void init_image(const ImageLayout& layout, void* image, std::uint64_t seed, floa
 }  // namespace
 
 BlockStore BlockStore::synthetic(const ModelConfig& config, DType storage, Device& device,
-                                 std::uint64_t seed, bool alias_blocks, const StateSpec& state, Comm* node) {
-  BlockStore store(config, storage, device, alias_blocks, state, node);
+                                 std::uint64_t seed, bool alias_blocks, const StateSpec& state, Comm* node,
+                                 const DiskPlacement* disk) {
+  BlockStore store(config, storage, device, alias_blocks, state, node, disk);
   if (store.node_ && store.node_->rank() != 0) {
     store.wait_for_node_rank_zero("initializing the weights");
     return store;
@@ -233,9 +278,14 @@ BlockStore BlockStore::synthetic(const ModelConfig& config, DType storage, Devic
   init_image(store.globals_layout_, store.globals_.data(), seed, norm);
   const std::int64_t images = alias_blocks ? 1 : config.num_layers;
   tbb::parallel_for(std::int64_t{0}, images, [&](std::int64_t i) {
+    if (store.on_disk(i)) return;
     init_image(store.block_layouts_[static_cast<std::size_t>(i)],
                store.blocks_[static_cast<std::size_t>(i)].data(), seed, norm);
   });
+  if (store.disk_)
+    write_disk_blocks(*store.disk_, store.stream_bytes_, [&](std::int64_t i, void* image) {
+      init_image(store.block_layouts_[static_cast<std::size_t>(i)], image, seed, norm);
+    });
   if (store.node_) store.wait_for_node_rank_zero("initializing the weights");
   return store;
 }
@@ -252,8 +302,29 @@ void BlockStore::save(const std::filesystem::path& out_dir, DType dtype,
   for (const auto& s : globals_layout_.tensors())
     tensors.push_back(image_tensor(s, globals_.data(), dtype));
   for (std::int64_t i = 0; i < config_.num_layers; ++i)
-    for (const auto& s : block_layouts_[static_cast<std::size_t>(i)].tensors())
-      tensors.push_back(image_tensor(s, blocks_[static_cast<std::size_t>(i)].data(), dtype));
+    for (const auto& s : block_layouts_[static_cast<std::size_t>(i)].tensors()) {
+      if (!on_disk(i)) {
+        tensors.push_back(image_tensor(s, blocks_[static_cast<std::size_t>(i)].data(), dtype));
+        continue;
+      }
+      // A disk block's tensor is read when the writer reaches it: its bytes (and fp8 row
+      // scales) into a small image of its own, converted as a host image's would be.
+      TensorSlot local = s;
+      local.offset = 0;
+      if (s.has_scales()) local.scale_offset = align_up(s.bytes);
+      const std::size_t scale_bytes = s.has_scales() ? static_cast<std::size_t>(s.rows) * sizeof(float) : 0;
+      TensorToWrite t = image_tensor(local, nullptr, dtype);
+      t.data = nullptr;
+      t.fill = [this, i, s, local, scale_bytes, dtype](std::span<std::byte> out) {
+        std::vector<std::byte> image(local.has_scales() ? local.scale_offset + scale_bytes : s.bytes);
+        disk_->read_range(i, s.offset, s.bytes, image.data());
+        if (s.has_scales()) disk_->read_range(i, s.scale_offset, scale_bytes, image.data() + local.scale_offset);
+        const TensorToWrite w = image_tensor(local, image.data(), dtype);
+        if (w.data) std::memcpy(out.data(), w.data, out.size());
+        else w.fill(out);
+      };
+      tensors.push_back(std::move(t));
+    }
   ModelConfig c = config_;
   c.torch_dtype = dtype == DType::f32 ? "float32" : dtype == DType::bf16 ? "bfloat16" : "float16";
   write_safetensors_sharded(out_dir, tensors, shard_bytes, {{"format", "pt"}});
@@ -283,9 +354,16 @@ void BlockStore::check_finite() const {
   };
   scan(globals_layout_, globals_.data(), "embeddings and head");
   if (aliased_) return;
-  for (std::int64_t i = 0; i < config_.num_layers; ++i)
-    scan(block_layouts_[static_cast<std::size_t>(i)], blocks_[static_cast<std::size_t>(i)].data(),
-         fmt::format("block {}", i));
+  HostBuffer tmp;
+  for (std::int64_t i = 0; i < config_.num_layers; ++i) {
+    const void* image = blocks_[static_cast<std::size_t>(i)].data();
+    if (on_disk(i)) {
+      if (!tmp) tmp = host_alloc_aligned(stream_bytes_);
+      disk_->read_now(i, tmp.data());
+      image = tmp.data();
+    }
+    scan(block_layouts_[static_cast<std::size_t>(i)], image, fmt::format("block {}", i));
+  }
 }
 
 }  // namespace zo2
@@ -350,6 +428,7 @@ void read_state_file(const std::filesystem::path& file, const std::vector<StateT
 }
 
 std::vector<StateTensorRef> BlockStore::state_tensors() const {
+  ZO2_CHECK(!disk_);
   std::vector<StateTensorRef> out;
   for (int k = 0; k < state_.buffers; ++k) {
     const std::string suffix = fmt::format(".state{}", k);

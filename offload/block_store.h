@@ -5,6 +5,7 @@
 #include "models/config.h"
 #include "models/graph.h"
 #include "models/layout.h"
+#include "offload/disk_tier.h"
 #include "offload/planner.h"
 #include "runtime/comm.h"
 #include "runtime/device.h"
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -43,6 +45,17 @@ void write_state_file(const std::filesystem::path& file, const std::vector<State
 void read_state_file(const std::filesystem::path& file, const std::vector<StateTensorRef>& tensors,
                      const StateSpec& spec);
 
+// The disk tier (offload/disk_tier.h, DESIGN.md §12): which blocks live in the block file
+// under `dir` instead of host RAM (plan_tiers in offload/planner.h decides), and how many
+// pinned staging buffers carry them.
+struct DiskPlacement {
+  std::filesystem::path dir;
+  std::vector<bool> on_disk;  // per block; none set: every block in RAM
+  int staging = 2;
+  BlockFileOptions file;
+  std::int64_t count() const;
+};
+
 // Note [One host image per node]
 //   Ranks on one node (Comm::node()) hold ONE copy of the master weights: the globals and
 //   every block image (with their optimizer state) live in one node-shared segment
@@ -68,14 +81,16 @@ class BlockStore {
   // with it (zo/rule.h, Note [Update rules]).
   // With `node` (more than one rank), the images are node-shared (Note [One host image per
   // node]) and node rank 0 alone reads the files.
+  // With `disk`, the blocks it names are written to its block file instead of RAM (one
+  // image at a time through a staging buffer).
   static BlockStore load(const std::filesystem::path& model_dir, DType storage, Device& device,
-                         const StateSpec& state = {}, Comm* node = nullptr);
+                         const StateSpec& state = {}, Comm* node = nullptr, const DiskPlacement* disk = nullptr);
   // Random weights in memory (std 0.02, norms 1, biases 0), as `init` writes them. With
   // alias_blocks every block shares one image (for benchmarks of shapes larger than host
   // memory; such stores cannot be saved).
   static BlockStore synthetic(const ModelConfig& config, DType storage, Device& device,
                               std::uint64_t seed, bool alias_blocks = false, const StateSpec& state = {},
-                              Comm* node = nullptr);
+                              Comm* node = nullptr, const DiskPlacement* disk = nullptr);
 
   const ModelConfig& config() const { return config_; }
   DType storage() const { return storage_; }
@@ -98,7 +113,11 @@ class BlockStore {
   std::size_t block_state_offset(int k) const;
   std::size_t globals_state_offset(int k) const;
   void* globals_image() { return globals_.data(); }
+  // A block's host image; Error(internal) for a block on the disk tier (read it through disk()).
   void* block_image(std::int64_t i);
+  // The disk tier (nullptr when every block is in RAM) and whether block i lives there.
+  DiskTier* disk() const { return disk_.get(); }
+  bool on_disk(std::int64_t i) const { return disk_ && disk_->holds(i); }
   bool aliased() const { return aliased_; }
   bool pinned() const { return globals_.pinned(); }
   std::size_t host_bytes() const;
@@ -132,7 +151,7 @@ class BlockStore {
 
  private:
   BlockStore(const ModelConfig& config, DType storage, Device& device, bool alias_blocks, const StateSpec& state,
-             Comm* node);
+             Comm* node, const DiskPlacement* disk);
   std::vector<StateTensorRef> state_tensors() const;
   void wait_for_node_rank_zero(std::string_view what);
 
@@ -150,6 +169,7 @@ class BlockStore {
   bool aliased_ = false;
   Comm* node_ = nullptr;        // shared images: the node's ranks (not owned)
   HostBuffer shared_, control_;  // the images' segment and the counters' (globals_/blocks_ point into it)
+  std::unique_ptr<DiskTier> disk_;  // blocks_[i] is empty for a block it holds
 };
 
 }  // namespace zo2

@@ -630,6 +630,11 @@ std::size_t BlockFile::count() const { return impl_->count; }
 std::size_t BlockFile::block_bytes() const { return impl_->block_bytes; }
 std::size_t BlockFile::padded_bytes() const { return impl_->padded; }
 bool BlockFile::direct() const { return impl_->direct; }
+std::uint64_t BlockFile::payload_offset(std::size_t index) const {
+  if (index >= impl_->count)
+    fail(ErrorKind::internal, "{}: image {} of {}", impl_->path.string(), index, impl_->count);
+  return impl_->image_offset(index) + kHeaderBytes;
+}
 std::size_t BlockFile::in_flight() const {
   return static_cast<std::size_t>(
       std::count_if(impl_->ops.begin(), impl_->ops.end(), [](const auto& kv) { return !kv.second->finished; }));

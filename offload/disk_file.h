@@ -84,6 +84,9 @@ class BlockFile {
   std::size_t block_bytes() const;   // the bytes of one image that the checksum covers
   std::size_t padded_bytes() const;  // block_bytes rounded up to 4096: what a read or a write moves
   bool direct() const;               // false when the filesystem refused O_DIRECT (or options.direct)
+  // Where image `index`'s payload begins in the file (after its header): for a reader of
+  // part of an image through another descriptor, once no write of it is in flight.
+  std::uint64_t payload_offset(std::size_t index) const;
   std::size_t in_flight() const;     // requests submitted and not yet finished
 
   // Start reading image `index` into dst (kDiskAlignment-aligned, at least padded_bytes();

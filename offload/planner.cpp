@@ -219,7 +219,56 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   p.host_bytes += r.adapter_bytes + p.kv_host_bytes;
   p.predicted_transfer_s = std::max(static_cast<double>(p.h2d_bytes_per_step) / r.h2d_bytes_per_s,
                                     static_cast<double>(p.d2h_bytes_per_step) / r.d2h_bytes_per_s);
+  plan_tiers(p, config, r);
   return p;
+}
+
+// The tiers below the device (DESIGN.md §12): with --host-mem below the host store, the
+// streamed blocks that do not fit (after the globals, the device-resident blocks, which
+// stay in RAM, and the staging buffers) move to the disk tier, spread evenly among the
+// streamed blocks so that each disk read overlaps the RAM blocks' compute.
+void plan_tiers(Placement& p, const ModelConfig& config, const PlanRequest& r) {
+  const std::int64_t L = config.num_layers;
+  p.on_disk.assign(static_cast<std::size_t>(L), false);
+  p.host_mem = r.host_mem;
+  p.disk_lag = std::max(1, r.disk_lag);
+  if (r.host_mem == 0 || p.host_bytes <= r.host_mem) return;
+  const std::size_t image = p.block_bytes;  // a host block image (with its state)
+  const std::size_t others = p.host_bytes - static_cast<std::size_t>(L) * image;  // globals, adapters, KV
+  const int staging = r.disk_staging > 0 ? r.disk_staging : std::max(2, p.window + 1);
+  const std::size_t floor = others + static_cast<std::size_t>(p.resident_count + staging) * image;
+  if (p.streamed == 0 || r.host_mem < floor)
+    fail(ErrorKind::out_of_memory,
+         "--host-mem {}: the host needs at least {} with a disk tier (the globals{} {}, {} device-resident block "
+         "image{} and {} staging buffer{} of {} each){}",
+         format_bytes(static_cast<double>(r.host_mem)), format_bytes(static_cast<double>(floor)),
+         r.adapter_bytes || p.kv_host_bytes ? " and adapters or KV caches" : "", format_bytes(static_cast<double>(others)),
+         p.resident_count, p.resident_count == 1 ? "" : "s", staging, staging == 1 ? "" : "s",
+         format_bytes(static_cast<double>(image)),
+         p.streamed == 0 ? "; every block is resident on the device, so nothing can move to disk" : "");
+  const std::int64_t ram_streamed =
+      std::min<std::int64_t>(p.streamed, static_cast<std::int64_t>((r.host_mem - floor) / image));
+  const std::int64_t D = p.streamed - ram_streamed;
+  if (D == 0) return;
+  std::int64_t j = 0;
+  for (std::int64_t i = 0; i < L; ++i) {
+    if (p.resident[static_cast<std::size_t>(i)]) continue;
+    p.on_disk[static_cast<std::size_t>(i)] = (j + 1) * D / p.streamed > j * D / p.streamed;
+    ++j;
+  }
+  p.disk_blocks = D;
+  p.disk_staging = staging;
+  p.host_bytes = floor + static_cast<std::size_t>(ram_streamed) * image;
+  constexpr std::size_t kPage = 4096;
+  const std::size_t padded = (image + kPage - 1) / kPage * kPage;
+  p.disk_file_bytes = kPage + 2 * static_cast<std::size_t>(D) * (kPage + padded);
+  p.disk_read_bytes_per_step = static_cast<std::size_t>(D) * static_cast<std::size_t>(p.passes) * image;
+  p.disk_write_bytes_per_step =
+      p.d2h_bytes_per_step > 0 ? static_cast<std::size_t>(D) * image / static_cast<std::size_t>(p.disk_lag) : 0;
+  p.disk_read_bytes_per_s = r.disk_read_bytes_per_s;
+  p.disk_write_bytes_per_s = r.disk_write_bytes_per_s;
+  p.predicted_disk_s = static_cast<double>(p.disk_read_bytes_per_step) / r.disk_read_bytes_per_s +
+                       static_cast<double>(p.disk_write_bytes_per_step) / r.disk_write_bytes_per_s;
 }
 
 std::string Placement::describe(const ModelConfig& config) const {
@@ -261,6 +310,24 @@ std::string Placement::describe(const ModelConfig& config) const {
   line(state_block_bytes ? "block image (with state)" : "block image", static_cast<double>(block_bytes));
   if (state_block_bytes) line("  of which optimizer state", static_cast<double>(state_block_bytes));
   line(state_block_bytes ? "host memory (weights, state)" : "host memory (master weights)", static_cast<double>(host_bytes));
+  if (host_mem > 0) line("host memory cap (--host-mem)", static_cast<double>(host_mem));
+  if (disk_blocks > 0) {
+    std::string map;
+    for (std::size_t i = 0; i < on_disk.size(); ++i) map += resident[i] ? 'R' : on_disk[i] ? 'd' : 's';
+    s += fmt::format("  tiers: {} blocks on the device, {} streamed from RAM, {} from disk ({} staging buffers)\n",
+                     resident_count, streamed - disk_blocks, disk_blocks, disk_staging);
+    s += fmt::format("  blocks (R device, s RAM, d disk): {}\n", map);
+    line("disk tier (block file)", static_cast<double>(disk_file_bytes));
+    s += fmt::format("  {:<28} {:>12} read, {} written (--disk-lag {})\n", "disk traffic per step",
+                     format_bytes(static_cast<double>(disk_read_bytes_per_step)),
+                     format_bytes(static_cast<double>(disk_write_bytes_per_step)), disk_lag);
+    s += fmt::format("  {:<28} {:>12} (at {:.3g} GB/s read, {:.3g} GB/s write: zo2-bench --disk-probe measures "
+                     "this disk)\n",
+                     "disk-bound step time",
+                     predicted_disk_s < 1 ? fmt::format("{:.3g} ms", predicted_disk_s * 1e3)
+                                          : fmt::format("{:.3f} s", predicted_disk_s),
+                     disk_read_bytes_per_s / 1e9, disk_write_bytes_per_s / 1e9);
+  }
   if (passes > 1) s += fmt::format("  {:<28} {:>12}\n", "forward passes per step", passes);
   s += fmt::format("  {:<28} {:>12} up, {} down\n", "transfer per step",
                    format_bytes(static_cast<double>(h2d_bytes_per_step)),

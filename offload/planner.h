@@ -82,6 +82,15 @@ struct PlanRequest {
   // Arena bytes the backend takes for itself on the compute stream (CUDA: the cuBLAS
   // workspace and the attention score chunks).
   std::size_t backend_bytes = 0;
+  // The disk tier (DESIGN.md §12, offload/disk_tier.h): host bytes the master weights may
+  // take (--host-mem; 0 = no cap); the streamed blocks that do not fit go to disk, carried
+  // by disk_staging pinned buffers (0: window + 1). disk_lag: --disk-lag K. The rates give
+  // the predicted disk-bound step time (zo2-bench --disk-probe measures them).
+  std::size_t host_mem = 0;
+  int disk_staging = 0;
+  int disk_lag = 1;
+  double disk_read_bytes_per_s = 2e9;
+  double disk_write_bytes_per_s = 1.5e9;
 };
 
 struct Placement {
@@ -115,6 +124,20 @@ struct Placement {
   // The host block store: globals and one image per block (the pinned master weights;
   // BlockStore allocates exactly this, one image in all with aliased blocks).
   std::size_t host_bytes = 0;
+  // The tiers (DESIGN.md §12): which streamed blocks live on disk (per block), the pinned
+  // staging buffers that carry them, the block file's bytes (two images a block), the
+  // disk traffic of a step and its predicted time at the request's rates (reads and writes
+  // take turns on one disk: their times add). host_bytes then counts the RAM tier only.
+  std::vector<bool> on_disk;
+  std::int64_t disk_blocks = 0;
+  int disk_staging = 0;
+  int disk_lag = 1;
+  std::size_t host_mem = 0;
+  std::size_t disk_file_bytes = 0;
+  std::size_t disk_read_bytes_per_step = 0;
+  std::size_t disk_write_bytes_per_step = 0;
+  double predicted_disk_s = 0;
+  double disk_read_bytes_per_s = 0, disk_write_bytes_per_s = 0;  // the rates it assumed
   int passes = 1;                   // the rule's forward passes per step (each streams every block)
   std::size_t h2d_bytes_per_step = 0;
   std::size_t d2h_bytes_per_step = 0;
@@ -136,5 +159,8 @@ std::size_t batch_buffer_bytes(int batch, int seq, int prefix_tokens = 0);
 // Throws Error(out_of_memory) stating the minimum cap when even the all-streamed plan
 // does not fit, or Error(invalid_argument) for impossible requests.
 Placement plan_placement(const ModelConfig& config, const PlanRequest& request);
+// The tier part of plan_placement (DESIGN.md §12): fills p's disk fields from the request's
+// --host-mem; Error(out_of_memory) when even the smallest RAM tier does not fit under it.
+void plan_tiers(Placement& p, const ModelConfig& config, const PlanRequest& request);
 
 }  // namespace zo2

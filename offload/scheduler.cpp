@@ -124,6 +124,18 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
   }
   g_dev_ = arena.allocate(kStepScalars * sizeof(float), "losses and projected gradients");
   compute_->memset(g_dev_.data(), 0, kStepScalars * sizeof(float));
+  if ((disk_ = store.disk()) != nullptr) {
+    // Note [Lagging disk images]
+    if (options_.disk_lag < 1) fail(ErrorKind::invalid_argument, "--disk-lag must be at least 1, not {}", options_.disk_lag);
+    for (std::int64_t i = 0; i < L; ++i)
+      if (store.on_disk(i) && placement_.resident[static_cast<std::size_t>(i)])
+        fail(ErrorKind::internal, "block {} is on the disk tier and resident on the device", i);
+    disk_step_.assign(static_cast<std::size_t>(L), -1);
+    hist_depth_ = options_.disk_lag + 1;
+    const std::size_t bytes = static_cast<std::size_t>(hist_depth_) * RuleConfig::kMaxDirections * sizeof(float);
+    g_hist_ = arena.allocate(bytes, "projected gradients of the lagging disk images");
+    compute_->memset(g_hist_.data(), 0, bytes);
+  }
   if (options_.logits_out)
     logits_dev_ = arena.allocate(n * static_cast<std::size_t>(store.config().vocab_size) * sizeof(float),
                                  "logits");
@@ -180,6 +192,13 @@ Scheduler::~Scheduler() {
       s->synchronize();
     } catch (const std::exception& e) {
       log_warn("scheduler: {} stream failed while shutting down: {}", s->name(), e.what());
+    }
+  }
+  if (disk_) {
+    try {
+      disk_->drain();
+    } catch (const std::exception& e) {
+      log_warn("scheduler: the disk tier failed while shutting down: {}", e.what());
     }
   }
 }
@@ -252,19 +271,20 @@ int Scheduler::upload_batch(const HostBatch& batch) {
 }
 
 // Note [Update rules] (zo/rule.h), question 4: the pending update of one image.
-void Scheduler::apply_update(const WeightSet& w, const ImageLayout& layout, const WeightSet* st) {
+void Scheduler::apply_update(const WeightSet& w, const ImageLayout& layout, const WeightSet* st, const Pending& pending,
+                             const float* g) {
   const RuleConfig& rule = options_.rule;
   const int q = rule.directions;
   if (rule.state_buffers() == 0) {
     // The SGD family: one pass per direction, in order, with lr/q (q = 1: lr itself).
-    const float lr = q == 1 ? pending_.lr : pending_.lr / static_cast<float>(q);
+    const float lr = q == 1 ? pending.lr : pending.lr / static_cast<float>(q);
     for (const TensorSlot& slot : layout.tensors())
       for (int j = 0; j < q; ++j) {
         UpdateArgs a;
-        a.seed = direction_seed(pending_.seed, j);
+        a.seed = direction_seed(pending.seed, j);
         a.lr = lr;
-        a.weight_decay = uses_weight_decay(slot.ndim) ? pending_.weight_decay : 0.0f;
-        a.g = grads() + j;
+        a.weight_decay = uses_weight_decay(slot.ndim) ? pending.weight_decay : 0.0f;
+        a.g = g + j;
         a.rounding_seed = a.seed;
         a.sign = rule.kind == RuleKind::sign;
         ops_.update(*compute_, w.at(slot.role), a);
@@ -274,18 +294,18 @@ void Scheduler::apply_update(const WeightSet& w, const ImageLayout& layout, cons
   ZO2_CHECK(st != nullptr);
   StateUpdateArgs a;
   a.directions = q;
-  for (int j = 0; j < q; ++j) a.seeds[j] = direction_seed(pending_.seed, j);
-  a.g = grads();
-  a.lr = pending_.lr;
+  for (int j = 0; j < q; ++j) a.seeds[j] = direction_seed(pending.seed, j);
+  a.g = g;
+  a.lr = pending.lr;
   a.adam = rule.kind == RuleKind::adam;
   a.beta1 = rule.beta1;
   a.beta2 = rule.beta2;
   a.adam_eps = rule.adam_eps;
-  a.bias1 = a.adam ? adam_bias(rule.beta1, pending_.step + 1) : 1.0f;
-  a.bias2 = a.adam ? adam_bias(rule.beta2, pending_.step + 1) : 1.0f;
-  a.rounding_seed = pending_.seed;
+  a.bias1 = a.adam ? adam_bias(rule.beta1, pending.step + 1) : 1.0f;
+  a.bias2 = a.adam ? adam_bias(rule.beta2, pending.step + 1) : 1.0f;
+  a.rounding_seed = pending.seed;
   for (const TensorSlot& slot : layout.tensors()) {
-    a.weight_decay = uses_weight_decay(slot.ndim) ? pending_.weight_decay : 0.0f;
+    a.weight_decay = uses_weight_decay(slot.ndim) ? pending.weight_decay : 0.0f;
     ops_.update_state(*compute_, w.at(slot.role), st[0].at(slot.role), a.adam ? &st[1].at(slot.role) : nullptr, a);
   }
 }
@@ -311,8 +331,10 @@ void Scheduler::run_blocks(const Use& use) {
   auto end_busy = [&](Stream& s) {
     if (use.busy_tag >= 0) s.end_busy();
   };
-  // What happens to a block while it is on the device, wherever it lives.
-  auto on_resident = [&](const WeightSet& w, const WeightSet* st, const ImageLayout& layout, std::int64_t i) {
+  // What happens to a block while it is on the device, wherever it lives. A disk block
+  // brings the updates [from, to) its image lacks (Note [Lagging disk images]).
+  auto on_resident = [&](const WeightSet& w, const WeightSet* st, const ImageLayout& layout, std::int64_t i,
+                         std::int64_t from = -1, std::int64_t to = -1) {
     int kv_slot = -1;
     KvCache cache;
     if (use.kv) {
@@ -320,7 +342,12 @@ void Scheduler::run_blocks(const Use& use) {
       graph_.set_kv_cache(&cache);
     }
     begin_busy(*compute_);
-    if (use.update) apply_update(w, layout, st);
+    if (from >= 0) {
+      for (std::int64_t t = from; t < to; ++t)
+        if (auto h = history_.find(t); h != history_.end()) apply_update(w, layout, st, h->second, g_history(t));
+    } else if (use.update) {
+      apply_update(w, layout, st);
+    }
     if (use.forward) {
       graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches,
                    lora_.empty() || adapters_off_ ? nullptr : &lora_[static_cast<std::size_t>(i)], use.adapter_noise,
@@ -336,6 +363,18 @@ void Scheduler::run_blocks(const Use& use) {
   };
   for (std::int64_t i = 0; i < L; ++i) {
     const ImageLayout& layout = store_.block_layout(i);
+    // Note [Lagging disk images]: the updates this use brings a disk block to, the ones its
+    // image lacks, and whether the result goes back to disk.
+    const bool on_disk = disk_ && store_.on_disk(i);
+    std::int64_t lag_from = -1, lag_to = -1;
+    bool write_back = false;
+    if (on_disk) {
+      std::int64_t& held = disk_step_[static_cast<std::size_t>(i)];
+      lag_to = use.update ? pending_.step + 1 : applied_;
+      if (held >= 0 && lag_to > held) lag_from = held;
+      write_back = lag_from >= 0 && (use.force_write || (use.update && lag_to - held >= options_.disk_lag));
+    }
+    if (!use.update && !use.forward && lag_from < 0) continue;  // a flush's pass for lagging disk blocks
     if (placement_.resident[static_cast<std::size_t>(i)]) {
       const WeightSet& w = resident_w_[static_cast<std::size_t>(i)];
       on_resident(w, resident_state_w_[static_cast<std::size_t>(i)].data(), layout, i);
@@ -344,7 +383,19 @@ void Scheduler::run_blocks(const Use& use) {
     // See Note [Window slot lifecycle].
     const int k = static_cast<int>(next_use_++ % placement_.window);
     auto* slot = static_cast<char*>(slots_[static_cast<std::size_t>(k)].data());
-    auto* image = static_cast<char*>(store_.block_image(i));
+    DiskTier::Use disk_use;
+    char* image;
+    if (on_disk) {
+      // Note [Disk tier pipeline]: the image arrives in a staging buffer from the I/O thread.
+      disk_use = disk_->begin_use(i, write_back, static_cast<std::uint64_t>(std::max<std::int64_t>(lag_to, 0)));
+      if (write_back) disk_step_[static_cast<std::size_t>(i)] = lag_to;
+      image = reinterpret_cast<char*>(disk_use.buffer);
+      h2d_->wait_value(disk_->read_counter(disk_use.staging), disk_use.stamp, 0,
+                       fmt::format("the disk tier's read of block {}", i));
+    } else {
+      image = static_cast<char*>(store_.block_image(i));
+    }
+    const bool updates = use.update || lag_from >= 0;
     const std::size_t chunks = slot_chunks_.size();
     auto chunk_free = [&](std::size_t c) -> Event& { return *slot_free_[static_cast<std::size_t>(k) * chunks + c]; };
     h2d_->wait(*offloaded_[static_cast<std::size_t>(i)]);
@@ -360,7 +411,7 @@ void Scheduler::run_blocks(const Use& use) {
                          fmt::format("node rank {}'s slice of block {}, version {}", r, i, version));
     // A pass that applies no update reads the weights alone: the rule's state (after them
     // in the image) stays on the host (Note [Update rules], 5).
-    const std::size_t upload = use.update ? block_bytes : store_.block_bytes();
+    const std::size_t upload = updates ? block_bytes : store_.block_bytes();
     std::size_t uploaded_bytes = upload;
     if (sliced) {
       // The whole slot is rewritten: every range of it must be free.
@@ -386,6 +437,7 @@ void Scheduler::run_blocks(const Use& use) {
       }
     }
     h2d_->record(*uploaded_[static_cast<std::size_t>(k)]);
+    if (on_disk) h2d_->write_value(disk_->uploaded_counter(disk_use.staging), disk_use.stamp);
     if (shared && use.update) h2d_->write_value(store_.taken_counters(i) + store_.node_rank(), version + 1);
     totals_.h2d_bytes += uploaded_bytes;
     ++totals_.uploads;
@@ -395,10 +447,10 @@ void Scheduler::run_blocks(const Use& use) {
     std::array<WeightSet, 2> st;
     for (int b = 0; b < buffers; ++b)
       st[static_cast<std::size_t>(b)] = bind_weights(store_.block_state_layout(i), slot + store_.block_state_offset(b));
-    on_resident(w, st.data(), layout, i);
+    on_resident(w, st.data(), layout, i, lag_from, lag_to);
     compute_->record(*computed_[static_cast<std::size_t>(k)]);
 
-    if (use.update) {
+    if (on_disk ? write_back : use.update) {
       d2h_->wait(*computed_[static_cast<std::size_t>(k)]);
       // Shared image: every rank has taken version g; this rank writes its slice of g + 1.
       std::size_t lo = 0, hi = block_bytes;
@@ -422,14 +474,16 @@ void Scheduler::run_blocks(const Use& use) {
         d2h_->write_value(store_.written_counters(i) + store_.node_rank(), version + 1);
         ++versions_[static_cast<std::size_t>(i)];
       }
+      if (on_disk) d2h_->write_value(disk_->offloaded_counter(disk_use.staging), disk_use.stamp);
       d2h_->record(*offloaded_[static_cast<std::size_t>(i)]);
       totals_.d2h_bytes += hi - lo;
       ++totals_.offloads;
     } else {
-      // Nothing changed: the slot is free once compute is done with it.
+      // Nothing to write back: the slot is free once compute is done with it.
       for (std::size_t c = 0; c < chunks; ++c) compute_->record(chunk_free(c));
     }
   }
+  if (use.update) applied_ = pending_.step + 1;
 }
 
 // Note [Sliced upload]
@@ -624,6 +678,7 @@ void Scheduler::step(const HostBatch& batch, const StepParams& p, double weight)
   ring_meta_[r] = meta;
   pending_ = Pending{true, p.step, p.seed, p.lr, p.weight_decay};
   if (rule.host_sync()) conservative(view, p, r, est);
+  record_pending();
   compute_->record(*bs.consumed);
   ring_meta_[r].h2d_bytes = totals_.h2d_bytes - before.h2d_bytes;
   ring_meta_[r].d2h_bytes = totals_.d2h_bytes - before.d2h_bytes;
@@ -742,19 +797,63 @@ StepResult Scheduler::wait_result(std::int64_t step) {
   res.upload_busy_s = h2d_->take_busy_seconds(step);
   res.compute_busy_s = compute_->take_busy_seconds(step);
   res.offload_busy_s = d2h_->take_busy_seconds(step);
+  if (disk_) {
+    disk_->check();  // nothing computed from a failed read is handed out (Note [Disk tier pipeline])
+    const DiskTierStats d = disk_->take_stats();
+    res.disk_read_busy_s = d.read_busy_s;
+    res.disk_write_busy_s = d.write_busy_s;
+    res.disk_read_bytes = d.read_bytes;
+    res.disk_write_bytes = d.write_bytes;
+  }
   ring_step_[r] = -1;
   return res;
 }
 
 void Scheduler::flush() {
-  if (!pending_.active) return;
-  if (!lora_.empty()) {
-    apply_adapter_updates();
-  } else {
-    apply_update(globals_w_, store_.globals_layout(), globals_state_w_);
-    run_blocks(Use{true, false, 0, nullptr, nullptr, nullptr, nullptr});
+  Use pass{true, false, 0, nullptr, nullptr, nullptr, nullptr};
+  pass.force_write = true;  // Note [Lagging disk images]: after a flush every disk image is current
+  if (pending_.active) {
+    if (!lora_.empty()) {
+      apply_adapter_updates();
+    } else {
+      apply_update(globals_w_, store_.globals_layout(), globals_state_w_);
+      run_blocks(pass);
+    }
+    pending_.active = false;
   }
-  pending_.active = false;
+  // Disk images that still lag (a step that kept θ left no pending update behind them).
+  bool lagging = false;
+  for (std::size_t i = 0; i < disk_step_.size(); ++i)
+    lagging = lagging || (disk_step_[i] >= 0 && disk_step_[i] < applied_);
+  if (lagging) {
+    pass.update = false;
+    run_blocks(pass);
+  }
+}
+
+// Note [Lagging disk images]
+//   A block on the disk tier need not go back to disk after every update: its image may lag
+//   its true value by up to K = --disk-lag updates. The scheduler keeps, per disk block, the
+//   number of updates its image holds (disk_step_), and for the last K + 1 updates their
+//   parameters (history_) and a device copy of their g_j (g_hist_, copied after each step's
+//   g kernels, in compute-stream order). A use of the block applies every update its image
+//   lacks, in step order, with the same kernels, seeds and g_j a RAM block got when each
+//   update was pending (so with any storage dtype the weights are the bits of K = 1, whose
+//   image is written back after every update), and writes the block back only when the
+//   lag reaches K (or at a flush, so that eval, save and replay see current images). The
+//   image's header records the updates it holds. Disk writes fall K-fold for K× the noise
+//   work on those uploads.
+void Scheduler::record_pending() {
+  if (!disk_ || !pending_.active) return;
+  if (applied_ < 0) {  // the first update: every image holds the updates before it
+    applied_ = pending_.step;
+    for (std::int64_t i = 0; i < store_.num_blocks(); ++i)
+      if (store_.on_disk(i)) disk_step_[static_cast<std::size_t>(i)] = pending_.step;
+  }
+  history_[pending_.step] = pending_;
+  while (history_.size() > static_cast<std::size_t>(hist_depth_)) history_.erase(history_.begin());
+  compute_->copy_d2d(g_history(pending_.step), grads(),
+                     static_cast<std::size_t>(options_.rule.directions) * sizeof(float));
 }
 
 void Scheduler::apply_adapter_updates() {
@@ -788,9 +887,11 @@ void Scheduler::replay_update(std::int64_t step, std::uint64_t seed, float lr, f
     staging[j] = rule.kind == RuleKind::cons ? static_cast<float>(choice) * gs[j] : gs[j];
   compute_->copy_h2d(grads(), staging, gs.size() * sizeof(float));
   pending_ = Pending{true, step, seed, lr, weight_decay};
+  record_pending();
   flush();
   compute_->synchronize();
   d2h_->synchronize();
+  if (disk_) disk_->drain();
 }
 
 float Scheduler::eval(const HostBatch& batch, const EvalOptions& o) {
@@ -826,6 +927,7 @@ float Scheduler::eval(const HostBatch& batch, const EvalOptions& o) {
   compute_->synchronize();
   h2d_->check();
   d2h_->check();
+  if (disk_) disk_->check();
   if (o.hidden_states) {
     const Branch& b0 = graph_.branches()[0];
     ZO2_CHECK(b0.final.dtype == b0.hidden.dtype);
@@ -851,6 +953,7 @@ void Scheduler::sync_to_host() {
   compute_->synchronize();
   d2h_->synchronize();
   h2d_->synchronize();
+  if (disk_) disk_->drain();  // every write-back on disk: the store reads the file from here
 }
 
 std::vector<std::vector<float>> Scheduler::capture_kv(const HostBatch& batch) {

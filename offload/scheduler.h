@@ -82,6 +82,13 @@ struct StepResult {
   double upload_busy_s = 0;
   double compute_busy_s = 0;
   double offload_busy_s = 0;
+  // The disk tier (Note [Disk tier pipeline]): seconds with a read (write) in the kernel and
+  // the bytes moved since the previous result was read (the I/O of neighbouring steps
+  // overlaps, so a step's share is approximate).
+  double disk_read_busy_s = 0;
+  double disk_write_busy_s = 0;
+  std::size_t disk_read_bytes = 0;
+  std::size_t disk_write_bytes = 0;
 };
 
 struct EvalOptions {
@@ -114,6 +121,9 @@ struct SchedulerOptions {
   // Note [Sliced upload]: with a node-shared host image, each rank uploads its slice of a
   // streamed block and the node's devices exchange the rest (Device::make_group).
   bool sliced_upload = false;
+  // Note [Lagging disk images]: a block on the disk tier is written back once it lags its
+  // true value by this many updates (1: after every update, as RAM blocks are).
+  int disk_lag = 1;
   SchedulerFault fault = SchedulerFault::none;  // tests only
 };
 
@@ -190,13 +200,25 @@ class Scheduler {
     std::vector<std::vector<float>>* hidden;
     std::int64_t busy_tag = -1;  // ≥ 0: time each stream's work under this tag (a step)
     const KvUse* kv = nullptr;   // decoding with the KV cache
+    bool force_write = false;    // disk tier: write every lagging block back (flush)
   };
   // The KV cache of block i for a decoding pass: the device's, or a slot its host cache is
   // brought into (and, after compute, its new rows written back from: kv_end).
   KvCache kv_begin(std::int64_t i, const KvUse& kv, int& slot);
   void kv_end(std::int64_t i, const KvUse& kv, int slot);
-  // The pending update of one image (weights w, state st[0..buffers)).
-  void apply_update(const WeightSet& w, const ImageLayout& layout, const WeightSet* st);
+  // The update of step p.step to one image (weights w, state st[0..buffers)), its g_j at g
+  // on the device: the pending update (pending_, grads()), or a logged one.
+  void apply_update(const WeightSet& w, const ImageLayout& layout, const WeightSet* st, const Pending& p,
+                    const float* g);
+  void apply_update(const WeightSet& w, const ImageLayout& layout, const WeightSet* st) {
+    apply_update(w, layout, st, pending_, grads());
+  }
+  // Note [Lagging disk images]: pending_ became active (a step, a replayed update): keep its
+  // parameters and a copy of its g_j for the disk blocks that will apply it later.
+  void record_pending();
+  float* g_history(std::int64_t step) {
+    return g_hist_.as<float>() + static_cast<std::size_t>(step % hist_depth_) * RuleConfig::kMaxDirections;
+  }
   // One forward pass over every block for the step's batch (embedding, blocks, final norm,
   // head, loss); the first pass of a step also applies the pending update.
   void forward_pass(const BatchView& view, const NoiseArgs* noise, int branches, bool update,
@@ -298,6 +320,16 @@ class Scheduler {
 
   Pending pending_;
   TransferTotals totals_;
+
+  // Note [Lagging disk images]: per block the updates its disk image holds (−1: unknown
+  // until the first update), the updates the weights have (−1: unknown), the parameters of
+  // the last updates and their g_j on the device (hist_depth_ steps).
+  DiskTier* disk_ = nullptr;
+  std::vector<std::int64_t> disk_step_;
+  std::int64_t applied_ = -1;
+  std::map<std::int64_t, Pending> history_;
+  DeviceBuffer g_hist_;
+  int hist_depth_ = 1;
 };
 
 }  // namespace zo2

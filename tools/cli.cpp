@@ -45,6 +45,18 @@ void DeviceFlags::add(CLI::App& app) {
   app.add_option("--compute-dtype", compute, "compute dtype: fp32 (CPU), bf16 or fp16 (GPU)")
       ->capture_default_str();
   app.add_option("--threads", threads, "CPU threads for kernels (0 = all cores)")->capture_default_str();
+  app.add_option("--host-mem", host_mem,
+                 "host memory cap for the master weights, e.g. 64G: the streamed blocks beyond it live on disk "
+                 "(--disk-dir); default: every block in RAM");
+  app.add_option("--disk-dir", disk_dir,
+                 "directory (a local SSD) for the blocks that do not fit under --host-mem: one block file, "
+                 "zo2-blocks.img, two images per block");
+  app.add_option("--disk-lag", disk_lag,
+                 "write a disk block back once its image lags by K updates (re-applied from their seeds at each "
+                 "upload): K-fold fewer disk writes")
+      ->capture_default_str();
+  app.add_option("--disk-staging", disk_staging, "pinned staging buffers between disk and device (0 = window + 1)")
+      ->capture_default_str();
 }
 
 void RuleFlags::add(CLI::App& app) {

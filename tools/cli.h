@@ -50,6 +50,11 @@ struct DeviceFlags {
   std::string storage = "fp32";
   std::string compute = "fp32";
   int threads = 0;
+  // The disk tier (DESIGN.md §12): --host-mem, --disk-dir, --disk-lag, --disk-staging.
+  std::string host_mem;  // empty = no cap
+  std::string disk_dir;
+  int disk_lag = 1;
+  int disk_staging = 0;
   void add(CLI::App& app);
 };
 

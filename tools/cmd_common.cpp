@@ -17,6 +17,10 @@ SessionConfig session_config(const DeviceFlags& f, bool training) {
   sc.compute = parse_dtype_flag("--compute-dtype", f.compute, {DType::f32, DType::bf16, DType::f16});
   sc.threads = f.threads;
   sc.training = training;
+  sc.host_mem = f.host_mem.empty() ? 0 : parse_size_option(Opt::host_mem, f.host_mem, OptionSource::cli);
+  sc.disk_dir = f.disk_dir;
+  sc.disk_lag = f.disk_lag;
+  sc.disk_staging = f.disk_staging;
   check_session_options(sc, OptionSource::cli);
   return sc;
 }

@@ -464,7 +464,7 @@ class CudaDevice final : public Device {
     const cudaError_t err = cudaHostRegister(ptr, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped);
     if (err != cudaSuccess) {
       (void)cudaGetLastError();
-      log_warn("{}: cannot pin the node-shared host image ({} at {}): {}; its copies run at pageable speed", name_,
+      log_warn("{}: cannot pin {} of host memory at {}: {}; its copies run at pageable speed", name_,
                bytes_text(bytes), ptr, cudaGetErrorString(err));
       return false;
     }

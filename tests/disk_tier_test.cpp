@@ -1,0 +1,319 @@
+// The disk tier (offload/disk_tier.h, DESIGN.md §12, issue 21): blocks that do not fit
+// under --host-mem live in a block file and stream disk → staging → slot → staging → disk.
+// A run through the disk tier must give the all-in-RAM run's bits (fp32 and bf16, any
+// --disk-lag), write K-fold less with --disk-lag K, and stop with a clear error on a full
+// disk while the last checkpoint stays intact.
+#include "api/run_dir.h"
+#include "api/session.h"
+#include "offload/disk_tier.h"
+#include "offload/planner.h"
+#include "runtime/device.h"
+#include "tests/reference_model.h"
+#include "tests/test_util.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace zo2 {
+namespace {
+
+TEST(DiskTier, ImagesRoundTripAndASecondUserOfTheDirectoryIsRefused) {
+  test::TempDir tmp;
+  auto device = make_device(DeviceOptions{});
+  const std::size_t bytes = 10000;  // not a multiple of 4096: the padding is the tier's business
+  DiskTier tier(*device, tmp.path(), {1, 3, 4}, bytes, 2);
+  EXPECT_TRUE(tier.holds(3));
+  EXPECT_FALSE(tier.holds(0));
+  EXPECT_FALSE(tier.holds(2));
+  std::vector<unsigned char> a(bytes), b(bytes), back(bytes);
+  for (std::size_t i = 0; i < bytes; ++i) {
+    a[i] = static_cast<unsigned char>(i * 7 + 1);
+    b[i] = static_cast<unsigned char>(i * 13 + 5);
+  }
+  tier.write_now(3, a.data(), 0);
+  tier.write_now(4, b.data(), 0);
+  tier.read_now(3, back.data());
+  EXPECT_EQ(back, a);
+  // A second write goes to the block's other image; the newest is what a read returns.
+  tier.write_now(3, b.data(), 1);
+  tier.read_now(3, back.data());
+  EXPECT_EQ(back, b);
+  std::vector<unsigned char> part(100);
+  tier.read_range(4, 5000, part.size(), part.data());
+  EXPECT_EQ(0, std::memcmp(part.data(), b.data() + 5000, part.size()));
+  EXPECT_NE(std::string(test::error_of([&] { tier.read_now(0, back.data()); }).what()).find("not on the disk tier"),
+            std::string::npos);
+  const Error e = test::error_of([&] { DiskTier second(*device, tmp.path(), {0}, bytes, 2); });
+  EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
+  EXPECT_NE(std::string(e.what()).find("another zo2 process"), std::string::npos) << e.what();
+  EXPECT_NE(std::string(e.what()).find(tmp.path().string()), std::string::npos) << e.what();
+}
+
+TEST(DiskTierPlan, TheStreamedBlocksBeyondHostMemMoveToDiskSpreadEvenly) {
+  const ModelConfig c = test::small_opt(12);
+  PlanRequest r;
+  r.cap = std::size_t{1} << 30;
+  r.batch = 2;
+  r.seq = 8;
+  r.mode = OffloadMode::all;
+  r.window = 2;
+  r.disk_staging = 2;
+  const Placement all_ram = plan_placement(c, r);
+  EXPECT_EQ(all_ram.disk_blocks, 0);
+  const std::size_t image = all_ram.block_bytes;
+  const std::size_t globals = all_ram.host_bytes - 12 * image;
+  // Room for the globals, the two staging buffers and 5 RAM blocks: 7 blocks go to disk.
+  r.host_mem = globals + 7 * image;
+  const Placement p = plan_placement(c, r);
+  EXPECT_EQ(p.disk_blocks, 7);
+  EXPECT_EQ(p.disk_staging, 2);
+  EXPECT_EQ(std::count(p.on_disk.begin(), p.on_disk.end(), true), 7);
+  EXPECT_EQ(p.host_bytes, globals + 7 * image);
+  EXPECT_EQ(p.disk_read_bytes_per_step, 7 * image);
+  EXPECT_EQ(p.disk_write_bytes_per_step, 7 * image);
+  // Evenly: no three disk blocks in a row among 12 with 7 on disk.
+  for (std::size_t i = 0; i + 2 < p.on_disk.size(); ++i)
+    EXPECT_FALSE(p.on_disk[i] && p.on_disk[i + 1] && p.on_disk[i + 2]) << "at " << i;
+  const std::string text = p.describe(c);
+  EXPECT_NE(text.find("7 from disk"), std::string::npos) << text;
+  EXPECT_NE(text.find("disk-bound step time"), std::string::npos) << text;
+  // --disk-lag 4 divides the writes.
+  r.disk_lag = 4;
+  EXPECT_EQ(plan_placement(c, r).disk_write_bytes_per_step, 7 * image / 4);
+  // Below the globals and the staging buffers nothing can work: the error says what is needed.
+  r.host_mem = globals + image;
+  const Error e = test::error_of([&] { plan_placement(c, r); });
+  EXPECT_EQ(e.kind(), ErrorKind::out_of_memory);
+  EXPECT_NE(std::string(e.what()).find("--host-mem"), std::string::npos) << e.what();
+  EXPECT_NE(std::string(e.what()).find("2 staging buffers"), std::string::npos) << e.what();
+}
+
+constexpr int kBatch = 2, kSeq = 8;
+
+struct DiskRun {
+  std::vector<StepResult> steps;
+  std::vector<unsigned char> weights;  // globals, then every block image
+  float eval_loss = 0;
+  DiskTierStats io;                    // every read and write after loading
+};
+
+class DiskTierSessions : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    config = test::small_opt(12);
+    test::write_random_checkpoint(tmp / "model", config, 21);
+  }
+  // All streamed through two slots; with `disk`, host memory for the globals and the two
+  // staging buffers plus `ram_blocks` blocks, the rest on disk.
+  SessionConfig session(DType storage, bool disk, int ram_blocks, int lag) const {
+    SessionConfig s;
+    s.offload = OffloadMode::all;
+    s.window = 2;
+    s.max_batch = kBatch;
+    s.max_seq = kSeq;
+    s.run_seed = 7;
+    s.threads = 1;
+    s.storage = storage;
+    if (disk) {
+      SessionConfig probe = s;
+      const Placement p = plan_placement(config, plan_request(config, probe, DeviceKind::cpu, std::size_t{1} << 30));
+      const std::size_t globals = p.host_bytes - static_cast<std::size_t>(config.num_layers) * p.block_bytes;
+      s.host_mem = globals + static_cast<std::size_t>(2 + ram_blocks) * p.block_bytes;
+      s.disk_staging = 2;
+      s.disk_dir = tmp / fmt::format("disk-{}-{}-{}", dtype_name(storage), ram_blocks, lag);
+      s.disk_lag = lag;
+    }
+    return s;
+  }
+  static std::vector<unsigned char> weights_of(Session& s) {
+    s.sync();
+    BlockStore& st = s.store();
+    std::vector<unsigned char> w;
+    auto add = [&](const void* p, std::size_t bytes) {
+      const auto* b = static_cast<const unsigned char*>(p);
+      w.insert(w.end(), b, b + bytes);
+    };
+    add(st.globals_image(), st.globals_bytes());
+    std::vector<unsigned char> tmp(st.stream_bytes());
+    for (std::int64_t i = 0; i < st.num_blocks(); ++i) {
+      if (st.on_disk(i)) {
+        st.disk()->read_now(i, tmp.data());
+        add(tmp.data(), st.block_bytes());
+      } else {
+        add(st.block_image(i), st.block_bytes());
+      }
+    }
+    return w;
+  }
+  // `steps` steps read a step behind, an eval after step `eval_after`, the weights at the end.
+  DiskRun run(SessionConfig cfg, int steps, int eval_after = -1) {
+    Session s(tmp / "model", cfg);
+    if (cfg.host_mem > 0) {
+      EXPECT_NE(s.store().disk(), nullptr);
+      if (s.store().disk()) s.store().disk()->take_stats();  // forget the load's writes
+    }
+    const auto data = test::patterned_batches(s.config(), 3, kBatch, kSeq, 2, 5, 11);
+    DiskRun r;
+    std::int64_t prev = -1;
+    for (int t = 0; t < steps; ++t) {
+      const std::int64_t id = s.step_async(data[static_cast<std::size_t>(t) % data.size()], 3e-3f, 1e-3f, 0.01f);
+      if (prev >= 0) r.steps.push_back(s.wait(prev));
+      prev = id;
+      if (t == eval_after) {
+        r.steps.push_back(s.wait(prev));
+        prev = -1;
+        r.eval_loss = s.eval(data[0]);
+      }
+    }
+    if (prev >= 0) r.steps.push_back(s.wait(prev));
+    s.sync();  // the final flush's I/O counts; weights_of's own reads below do not
+    for (const StepResult& x : r.steps) {
+      r.io.read_bytes += x.disk_read_bytes;
+      r.io.write_bytes += x.disk_write_bytes;
+    }
+    if (DiskTier* d = s.store().disk()) {
+      const DiskTierStats rest = d->take_stats();
+      r.io.read_bytes += rest.read_bytes;
+      r.io.write_bytes += rest.write_bytes;
+    }
+    r.weights = weights_of(s);
+    return r;
+  }
+  static void expect_same(const DiskRun& a, const DiskRun& b, const std::string& what) {
+    ASSERT_EQ(a.steps.size(), b.steps.size()) << what;
+    for (std::size_t i = 0; i < a.steps.size(); ++i) {
+      EXPECT_EQ(a.steps[i].loss_plus, b.steps[i].loss_plus) << what << " step " << i;
+      EXPECT_EQ(a.steps[i].loss_minus, b.steps[i].loss_minus) << what << " step " << i;
+      EXPECT_EQ(a.steps[i].gs, b.steps[i].gs) << what << " step " << i;
+    }
+    EXPECT_EQ(a.eval_loss, b.eval_loss) << what;
+    ASSERT_EQ(a.weights.size(), b.weights.size()) << what;
+    EXPECT_TRUE(a.weights == b.weights) << what << ": the weights differ";
+  }
+  test::TempDir tmp;
+  ModelConfig config;
+};
+
+TEST_F(DiskTierSessions, AModelSixTimesHostMemTrainsThroughDiskWithTheAllInRamBits) {
+  constexpr int kSteps = 9;
+  const DiskRun ram = run(session(DType::f32, false, 0, 1), kSteps, 4);
+  for (int lag : {1, 4}) {
+    SCOPED_TRACE(fmt::format("--disk-lag {}", lag));
+    // Every block on disk: the host holds the globals and two staging buffers.
+    SessionConfig cfg = session(DType::f32, true, 0, lag);
+    {
+      Session probe(tmp / "model", cfg);
+      const BlockStore& st = probe.store();
+      const std::size_t model = st.globals_bytes() + static_cast<std::size_t>(st.num_blocks()) * st.block_bytes();
+      EXPECT_GE(model, 5 * cfg.host_mem) << "the model is not several times --host-mem";
+      EXPECT_LE(st.host_bytes(), cfg.host_mem + 4096 * 4);
+      EXPECT_EQ(st.disk()->blocks().size(), 12u);
+    }
+    const DiskRun disk = run(cfg, kSteps, 4);
+    expect_same(disk, ram, fmt::format("all on disk, lag {}", lag));
+    const DiskRun mixed = run(session(DType::f32, true, 5, lag), kSteps, 4);
+    expect_same(mixed, ram, fmt::format("7 on disk and 5 in RAM, lag {}", lag));
+  }
+}
+
+TEST_F(DiskTierSessions, LagKWritesKFoldLessAndReadsTheSame) {
+  constexpr int kSteps = 9;
+  const DiskRun k1 = run(session(DType::f32, true, 0, 1), kSteps);
+  const DiskRun k4 = run(session(DType::f32, true, 0, 4), kSteps);
+  expect_same(k4, k1, "lag 4 against lag 1");
+  Session probe(tmp / "model", session(DType::f32, true, 0, 1));
+  const std::size_t image = probe.store().stream_bytes();
+  // Steps 1..8 apply a pending update (step 0 has none), and the final sync flushes step 8's:
+  // lag 1 writes 12 blocks 9 times; lag 4 at steps 4 and 8 and at the flush.
+  EXPECT_EQ(k1.io.write_bytes, 9 * 12 * image);
+  EXPECT_EQ(k4.io.write_bytes, 3 * 12 * image);
+  // Every step reads every block once, and the flush once more.
+  EXPECT_EQ(k1.io.read_bytes, 10 * 12 * image);
+  EXPECT_EQ(k4.io.read_bytes, k1.io.read_bytes);
+}
+
+TEST_F(DiskTierSessions, Bf16StorageAndTwoDirectionsGiveTheBitsOfLagOneAndOfRam) {
+  constexpr int kSteps = 7;
+  // Stochastic rounding draws from each update's own seed: applying an update late on a
+  // disk block gives the bits it got on time in RAM.
+  const DiskRun ram = run(session(DType::bf16, false, 0, 1), kSteps, 3);
+  expect_same(run(session(DType::bf16, true, 3, 3), kSteps, 3), ram, "bf16, lag 3");
+  // Two directions: two passes a step, the second reading images that still lag.
+  SessionConfig two_ram = session(DType::f32, false, 0, 1);
+  two_ram.rule.directions = 2;
+  SessionConfig two_disk = session(DType::f32, true, 2, 4);
+  two_disk.rule.directions = 2;
+  expect_same(run(two_disk, kSteps, 3), run(two_ram, kSteps, 3), "two directions, lag 4");
+}
+
+TEST_F(DiskTierSessions, AFullDiskStopsTheRunWithAClearErrorAndTheLastCheckpointIntact) {
+  SessionConfig cfg = session(DType::f32, true, 0, 1);
+  // The load writes the 12 blocks; the 5th write-back of training finds the disk full.
+  cfg.disk_file.test_fail_write_at = 12 + 4 + 12;
+  const auto out = tmp / "run";
+  std::vector<unsigned char> saved;
+  std::string error;
+  {
+    Session s(tmp / "model", cfg);
+    const auto data = test::patterned_batches(s.config(), 3, kBatch, kSeq, 2, 5, 11);
+    try {
+      for (int t = 0; t < 12; ++t) {
+        s.step(data[static_cast<std::size_t>(t) % data.size()], 3e-3f, 1e-3f, 0.01f);
+        if (t == 0) {
+          s.save(out, DType::f32, std::uint64_t{1} << 30);
+          saved = weights_of(s);
+        }
+      }
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::io);
+      error = e.what();
+    }
+  }
+  EXPECT_NE(error.find("the disk is full"), std::string::npos) << error;
+  EXPECT_NE(error.find(kDiskTierFile), std::string::npos) << error;
+  // The run directory still holds the checkpoint of step 1, whole.
+  const OpenedCheckpoint ck = open_checkpoint(out, /*verify_checksums=*/true);
+  EXPECT_EQ(ck.step, 1);
+  SessionConfig plain = session(DType::f32, false, 0, 1);
+  Session reopened(out, plain);
+  EXPECT_TRUE(weights_of(reopened) == saved);
+}
+
+TEST_F(DiskTierSessions, ASavedCheckpointReadsTheDiskBlocksAndEqualsTheRamRunsFile) {
+  auto save_after = [&](SessionConfig cfg, const std::string& name) {
+    Session s(tmp / "model", cfg);
+    const auto data = test::patterned_batches(s.config(), 3, kBatch, kSeq, 2, 5, 11);
+    for (int t = 0; t < 5; ++t) s.step(data[static_cast<std::size_t>(t) % data.size()], 3e-3f, 1e-3f, 0.01f);
+    s.save(tmp / name, DType::bf16, 20000);  // converted and sharded: every tensor goes through a fill
+    std::string all;
+    for (const auto& f : std::filesystem::directory_iterator(tmp / name / "current"))
+      if (f.path().extension() == ".safetensors") {
+        std::ifstream in(f.path(), std::ios::binary);
+        all += f.path().filename().string() + std::string(std::istreambuf_iterator<char>(in), {});
+      }
+    return all;
+  };
+  const std::string ram = save_after(session(DType::f32, false, 0, 1), "ram");
+  const std::string disk = save_after(session(DType::f32, true, 4, 4), "disk");
+  EXPECT_FALSE(ram.empty());
+  EXPECT_TRUE(ram == disk) << "the checkpoints differ";
+}
+
+TEST_F(DiskTierSessions, OptionsTheTierCannotServeAreRefusedByName) {
+  SessionConfig no_dir = session(DType::f32, true, 0, 1);
+  no_dir.disk_dir.clear();
+  Error e = test::error_of([&] { Session s(tmp / "model", no_dir); });
+  EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
+  EXPECT_NE(std::string(e.what()).find("--disk-dir"), std::string::npos) << e.what();
+  SessionConfig adam = session(DType::f32, true, 0, 1);
+  adam.rule.kind = RuleKind::adam;
+  e = test::error_of([&] { Session s(tmp / "model", adam); });
+  EXPECT_NE(std::string(e.what()).find("zo-adam"), std::string::npos) << e.what();
+}
+
+}  // namespace
+}  // namespace zo2
