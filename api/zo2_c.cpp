@@ -146,7 +146,15 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
   sc.storage = parse_dtype("storage_dtype", p.storage_dtype, {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3});
   sc.compute = parse_dtype("compute_dtype", p.compute_dtype, {DType::f32, DType::bf16, DType::f16});
   sc.threads = p.n_threads;
-  zo2::check_session_options(sc, c_api);  // window, n_threads, and the device runs the compute dtype
+  zo2::check_size(Opt::host_mem, p.host_mem_bytes, c_api);
+  sc.host_mem = static_cast<std::size_t>(p.host_mem_bytes);
+  if (p.disk_dir) {
+    if (p.disk_dir[0] == '\0') invalid("disk_dir is empty (use NULL for none)");
+    sc.disk_dir = p.disk_dir;
+  }
+  sc.disk_lag = p.disk_lag;
+  sc.disk_staging = p.disk_staging;
+  zo2::check_session_options(sc, c_api);  // window, n_threads, the disk tier's, and the device runs the compute dtype
   zo2::check_integer(Opt::batch_size, p.max_seqs, c_api);
   zo2::check_integer(Opt::max_len, p.max_seq_len, c_api);
   if (p.max_seq_len > model.max_positions)
@@ -297,6 +305,11 @@ void fill_plan(const zo2::Placement& pl, std::int64_t blocks, zo2_plan_result* o
   out->d2h_bytes_per_step = pl.d2h_bytes_per_step;
   out->predicted_transfer_s = pl.predicted_transfer_s;
   out->host_bytes = pl.host_bytes;
+  out->n_disk_blocks = pl.disk_blocks;
+  out->disk_file_bytes = pl.disk_file_bytes;
+  out->disk_read_bytes_per_step = pl.disk_read_bytes_per_step;
+  out->disk_write_bytes_per_step = pl.disk_write_bytes_per_step;
+  out->predicted_disk_s = pl.predicted_disk_s;
 }
 
 // Reads the safetensors headers and checks every tensor the model needs is there, with
@@ -434,6 +447,10 @@ zo2_session_params zo2_session_default_params(void) {
   p.rank_timeout_s = 600;
   p.share_host_image = 1;
   p.sliced_upload = 0;
+  p.host_mem_bytes = 0;
+  p.disk_dir = nullptr;
+  p.disk_lag = 1;
+  p.disk_staging = 0;
   return p;
 }
 

@@ -232,6 +232,15 @@ typedef struct zo2_session_params {
     int32_t  share_host_image;   // nonzero: ranks on one node share one host image of the weights. Default 1.
     int32_t  sliced_upload;      // nonzero: each rank of a node uploads its slice of a streamed block and the devices
                                  // exchange the rest (NCCL on CUDA; needs share_host_image). Default 0.
+
+    // The disk tier (zo2-tune --host-mem; README "Models larger than host memory"): the streamed blocks that do not
+    // fit under host_mem_bytes live in one block file in disk_dir (a local SSD), read and written with io_uring.
+    // One process per disk_dir (a second is refused); stateless rules and LoRA only; one rank.
+    uint64_t host_mem_bytes;     // host bytes the master weights may take; 0 = no cap (every block in RAM). Default 0.
+    const char * disk_dir;       // directory of the block file; required when the blocks do not fit. Default NULL.
+    int32_t  disk_lag;           // a disk block is written back once its image lags by this many updates, 1..1024
+                                 // (K-fold fewer writes, K× the noise work at its uploads). Default 1.
+    int32_t  disk_staging;       // pinned staging buffers between disk and device, 0..64; 0 = window + 1. Default 0.
 } zo2_session_params;
 
 ZO2_API zo2_session_params zo2_session_default_params(void);
@@ -248,7 +257,8 @@ ZO2_API zo2_session_params zo2_session_default_params(void);
 //   ZO2_ERR_UNSUPPORTED       a dtype the device does not run: compute_dtype bf16/fp16 on the CPU
 //                             backend (device "cpu", or "auto" without a CUDA device)
 //   ZO2_ERR_OUT_OF_MEMORY     gpu_mem_bytes is below the plan's minimum (the message states it;
-//                             zo2_plan reports it without allocating)
+//                             zo2_plan reports it without allocating); host_mem_bytes is below
+//                             the globals and the staging buffers the disk tier needs
 //   ZO2_ERR_DEVICE            no such device (e.g. "cuda" in a CPU-only build)
 //   ZO2_ERR_IO / _FORMAT      the weights cannot be read; the seed log cannot be written
 ZO2_API int zo2_session_init(zo2_model * m, const zo2_session_params * p, zo2_session ** out);
@@ -390,7 +400,13 @@ typedef struct zo2_plan_result {
     uint64_t d2h_bytes_per_step;    // device→host traffic per step (bytes)
     double   predicted_transfer_s;  // transfer-bound step time (seconds)
     uint64_t host_bytes;            // host memory of the master weights: globals + every block image (bytes)
-                                    // (+ the KV caches when generation keeps them on the host)
+                                    // (+ the KV caches when generation keeps them on the host); with a disk
+                                    // tier, the RAM tier only (its blocks and the staging buffers)
+    int64_t  n_disk_blocks;         // streamed blocks on the disk tier (host_mem_bytes); 0 = none
+    uint64_t disk_file_bytes;       // the block file (two images a block)
+    uint64_t disk_read_bytes_per_step;
+    uint64_t disk_write_bytes_per_step;  // divided by disk_lag
+    double   predicted_disk_s;      // disk-bound step time at 2 GB/s read, 1.5 GB/s write (seconds)
 } zo2_plan_result;
 
 // Plans a session of m with p without opening the device or allocating anything.

@@ -398,6 +398,32 @@ TEST_F(CApi, ParamsOutsideTheSharedRangesAreRefusedNamingTheField) {
   EXPECT_ERROR(init_with([](auto& p) { p.n_threads = -1; }), ZO2_ERR_INVALID_ARGUMENT, "n_threads -1");
   EXPECT_ERROR(init_with([](auto& p) { p.max_seqs = 1 << 21; }), ZO2_ERR_INVALID_ARGUMENT, "max_seqs 2097152");
   EXPECT_ERROR(init_with([](auto& p) { p.save_shard_bytes = 0; }), ZO2_ERR_INVALID_ARGUMENT, "save_shard_bytes 0");
+  // The disk tier's fields.
+  EXPECT_ERROR(init_with([](auto& p) { p.disk_lag = 0; }), ZO2_ERR_INVALID_ARGUMENT, "disk_lag 0");
+  EXPECT_ERROR(init_with([](auto& p) { p.disk_staging = 65; }), ZO2_ERR_INVALID_ARGUMENT, "disk_staging 65");
+  EXPECT_ERROR(init_with([](auto& p) { p.disk_dir = "somewhere"; }), ZO2_ERR_INVALID_ARGUMENT, "disk_dir somewhere",
+               "host_mem_bytes");
+  EXPECT_ERROR(init_with([](auto& p) { p.disk_dir = ""; }), ZO2_ERR_INVALID_ARGUMENT, "disk_dir is empty");
+  EXPECT_ERROR(init_with([](auto& p) {
+                 p.host_mem_bytes = 400u << 10;
+                 p.disk_staging = 1;
+                 p.offload = ZO2_OFFLOAD_ALL;
+               }),
+               ZO2_ERR_INVALID_ARGUMENT, "--disk-dir");
+  EXPECT_ERROR(init_with([](auto& p) { p.host_mem_bytes = 100u << 10; }), ZO2_ERR_OUT_OF_MEMORY, "host needs at least");
+  {
+    zo2_session_params p = params();
+    p.host_mem_bytes = 400u << 10;
+    p.disk_staging = 1;
+    p.offload = ZO2_OFFLOAD_ALL;
+    p.gpu_mem_bytes = 1u << 30;
+    zo2_plan_result plan;
+    ASSERT_EQ(zo2_plan(model_, &p, &plan), 0) << zo2_last_error();
+    EXPECT_EQ(plan.n_disk_blocks, 2);
+    EXPECT_GT(plan.disk_file_bytes, 2 * plan.block_bytes);
+    EXPECT_EQ(plan.disk_read_bytes_per_step, 2 * plan.block_bytes);
+    EXPECT_GT(plan.predicted_disk_s, 0);
+  }
   for (const char* dt : {"bf16", "fp16"}) {
     EXPECT_ERROR(init_with([&](auto& p) { p.compute_dtype = dt; }), ZO2_ERR_UNSUPPORTED, "compute_dtype", dt,
                  "CPU backend");

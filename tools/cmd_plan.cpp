@@ -26,6 +26,9 @@ Runner add_plan(CLI::App& app) {
     int chunk = 512;
     std::string parallel, host_image = "shared";
     int ranks_per_node = 0;
+    std::string host_mem;  // the disk tier
+    int disk_lag = 1, disk_staging = 0;
+    double disk_read = 2.0, disk_write = 1.5;  // GB/s
     RuleFlags rule;
     LoraFlags lora;
   };
@@ -56,6 +59,18 @@ Runner add_plan(CLI::App& app) {
   app.add_option("--host-image", o->host_image, "with --parallel: shared or private host image per node")
       ->capture_default_str()
       ->check(CLI::IsMember({"shared", "private"}));
+  app.add_option("--host-mem", o->host_mem,
+                 "host memory cap for the master weights: the streamed blocks beyond it go to the disk tier");
+  app.add_option("--disk-lag", o->disk_lag, "with --host-mem: write a disk block back every K updates")
+      ->capture_default_str();
+  app.add_option("--disk-staging", o->disk_staging, "with --host-mem: staging buffers (0 = window + 1)")
+      ->capture_default_str();
+  app.add_option("--disk-read-rate", o->disk_read, "with --host-mem: the disk's read rate in GB/s (zo2-bench --disk-probe)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--disk-write-rate", o->disk_write, "with --host-mem: the disk's write rate in GB/s")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_flag("--json", o->json, "print the plan as JSON");
   o->rule.add(app);
   o->lora.add(app, /*training=*/true);
@@ -73,6 +88,9 @@ Runner add_plan(CLI::App& app) {
     sc.window = o->window;
     sc.storage = parse_dtype_flag("--storage-dtype", o->storage, {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3});
     sc.compute = parse_dtype_flag("--compute-dtype", o->compute, {DType::f32, DType::bf16, DType::f16});
+    sc.host_mem = o->host_mem.empty() ? 0 : parse_size_option(Opt::host_mem, o->host_mem, OptionSource::cli);
+    sc.disk_lag = o->disk_lag;
+    sc.disk_staging = o->disk_staging;
     check_session_options(sc, OptionSource::cli);
     const ModelConfig c =
         o->model.empty() ? find_preset(o->preset).config : ModelConfig::load(resolve_model_dir(o->model));
@@ -107,7 +125,11 @@ Runner add_plan(CLI::App& app) {
     } else if (o->ranks_per_node > 0) {
       fail(ErrorKind::invalid_argument, "--ranks-per-node is for --parallel");
     }
-    const Placement pl = pp ? pp->rank : plan_placement(c, plan_request(c, sc, kind, cap));
+    PlanRequest req = plan_request(c, sc, kind, cap);
+    req.disk_read_bytes_per_s = o->disk_read * 1e9;
+    req.disk_write_bytes_per_s = o->disk_write * 1e9;
+    if (pp && sc.host_mem > 0) fail(ErrorKind::invalid_argument, "--host-mem: the disk tier serves one process, not --parallel");
+    const Placement pl = pp ? pp->rank : plan_placement(c, req);
     if (!o->json) {
       fmt::print("model: {} ({}), {} blocks, {:.3f}B parameters, storage {}, compute {}, batch {} × {}\n",
                  o->model.empty() ? o->preset : o->model, c.family_name(), c.num_layers,
@@ -152,6 +174,21 @@ Runner add_plan(CLI::App& app) {
     j["d2h_bytes_per_step"] = pl.d2h_bytes_per_step;
     j["predicted_transfer_s"] = pl.predicted_transfer_s;
     j["host_bytes"] = pl.host_bytes;
+    if (pl.host_mem > 0) {
+      std::string tiers;
+      for (std::size_t i = 0; i < pl.on_disk.size(); ++i) tiers += pl.resident[i] ? 'R' : pl.on_disk[i] ? 'd' : 's';
+      j["disk"] = {{"host_mem_bytes", pl.host_mem},
+                   {"disk_blocks", pl.disk_blocks},
+                   {"tiers", tiers},
+                   {"staging_buffers", pl.disk_staging},
+                   {"disk_lag", pl.disk_lag},
+                   {"file_bytes", pl.disk_file_bytes},
+                   {"read_bytes_per_step", pl.disk_read_bytes_per_step},
+                   {"write_bytes_per_step", pl.disk_write_bytes_per_step},
+                   {"read_bytes_per_s", pl.disk_read_bytes_per_s},
+                   {"write_bytes_per_s", pl.disk_write_bytes_per_s},
+                   {"predicted_disk_s", pl.predicted_disk_s}};
+    }
     if (pl.gen_batch > 0) {
       j["generate"] = {{"batch", pl.gen_batch},
                        {"kv_cache", pl.kv_positions == 0 ? "off" : pl.kv_on_device ? "device" : "host"},

@@ -97,8 +97,9 @@ class Progress {
  public:
   Progress(std::int64_t total, std::int64_t every)
       : total_(total), every_(every), tty_(stderr_is_terminal()), quiet_(log_level() > LogLevel::info) {}
+  // disk_gbps < 0: no disk tier.
   void report(const StepResult& r, double step_s, double tok_s, double elapsed, std::size_t peak,
-              double pcie_gbps, std::int64_t done) {
+              double pcie_gbps, double disk_gbps, std::int64_t done) {
     if (quiet_) return;
     const float loss = 0.5f * (r.loss_plus + r.loss_minus);
     smooth_ = n_ == 0 ? loss : 0.9 * smooth_ + 0.1 * loss;
@@ -106,9 +107,11 @@ class Progress {
     const double eta = done > 0 ? elapsed / static_cast<double>(done) * static_cast<double>(total_ - r.step - 1) : -1;
     const std::string line = fmt::format(
         "step {}/{} | loss {:.4f} (avg {:.4f}) | g {:+.3e} | lr {:.2e} | {:.0f} tok/s | {:.3f} s/step | "
-        "ETA {} | device {} | PCIe {:.2f} GB/s{}",
+        "ETA {} | device {} | PCIe {:.2f} GB/s{}{}",
         r.step + 1, total_, loss, smooth_, r.g, r.lr, tok_s, step_s, format_duration(eta),
-        format_bytes(static_cast<double>(peak)), pcie_gbps, r.update_skipped ? " | update skipped" : "");
+        format_bytes(static_cast<double>(peak)), pcie_gbps,
+        disk_gbps >= 0 ? fmt::format(" | disk {:.2f} GB/s", disk_gbps) : std::string(),
+        r.update_skipped ? " | update skipped" : "");
     if (tty_) {
       fmt::print(stderr, "\r\033[K{}", line);
       if (r.step + 1 == total_) fmt::print(stderr, "\n");
@@ -583,6 +586,7 @@ Runner add_train(CLI::App& app) {
     std::int64_t next = first_step;
     std::vector<std::int64_t> step_tokens;  // B·T of each step run here, by step − first_step
     double tokens_done = 0;
+    double disk_bytes = 0;  // the disk tier's reads and writes so far
     std::int64_t skipped = 0, skipped_in_a_row = 0;
     StepResult last_skipped;
     auto harvest = [&](std::int64_t step) {
@@ -604,7 +608,9 @@ Runner add_train(CLI::App& app) {
       const double tok_s = elapsed > 0 ? tokens_done / elapsed : 0;
       const TransferTotals tt = session.scheduler().totals();
       const double pcie = elapsed > 0 ? static_cast<double>(tt.h2d_bytes + tt.d2h_bytes - t0.h2d_bytes - t0.d2h_bytes) / elapsed / 1e9 : 0;
-      if (writer) progress.report(r, step_s, tok_s, elapsed, session.device_peak(), pcie, completed);
+      disk_bytes += static_cast<double>(r.disk_read_bytes + r.disk_write_bytes);
+      const double disk = session.store().disk() ? (elapsed > 0 ? disk_bytes / elapsed / 1e9 : 0) : -1;
+      if (writer) progress.report(r, step_s, tok_s, elapsed, session.device_peak(), pcie, disk, completed);
       if (log_json) {
         json j{{"step", r.step + 1},
                {"loss_plus", r.loss_plus},
@@ -623,6 +629,12 @@ Runner add_train(CLI::App& app) {
                {"upload_busy_s", r.upload_busy_s},
                {"compute_busy_s", r.compute_busy_s},
                {"offload_busy_s", r.offload_busy_s}};
+        if (session.store().disk()) {
+          j["disk_read_bytes"] = r.disk_read_bytes;
+          j["disk_write_bytes"] = r.disk_write_bytes;
+          j["disk_read_busy_s"] = r.disk_read_busy_s;
+          j["disk_write_busy_s"] = r.disk_write_busy_s;
+        }
         *log_json << j.dump() << "\n";
         log_json->flush();
       }

@@ -252,8 +252,9 @@ struct Params {
   std::string device = "cpu", storage = "fp32", compute = "fp32", save_dtype = "fp32";
   std::string optimizer = "zo-sgd", difference = "central", state_dtype = "fp32", lora_targets = "q_proj,v_proj";
   std::string kv_cache = "auto";
-  std::optional<std::string> seed_log, adapter, parallel;
+  std::optional<std::string> seed_log, adapter, parallel, disk_dir;
   void fix_pointers() {
+    p.disk_dir = disk_dir ? disk_dir->c_str() : nullptr;
     p.parallel = parallel ? parallel->c_str() : nullptr;
     p.optimizer = optimizer.c_str();
     p.difference = difference.c_str();
@@ -277,7 +278,8 @@ const char* const kParamNames[] = {"lr",           "eps",          "weight_decay
                                    "difference",   "momentum",     "beta1",         "beta2",      "adam_eps",
                                    "state_dtype",  "resume_state", "lora_r",       "lora_alpha",    "lora_targets",
                                    "adapter",      "prefix_tokens", "generate_seqs", "kv_cache",      "prefill_chunk",
-                                   "parallel",     "rank_timeout", "share_host_image", "sliced_upload"};
+                                   "parallel",     "rank_timeout", "share_host_image", "sliced_upload",
+                                   "host_mem",     "disk_dir",     "disk_lag",      "disk_staging"};
 
 int64_t int_arg(py::handle v, const char* name) {
   if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v))
@@ -387,6 +389,15 @@ Params parse_params(const py::kwargs& kw) {
     } else if (key == "share_host_image" || key == "sliced_upload") {
       if (!py::isinstance<py::bool_>(v)) invalid(std::string(key) + " must be a bool");
       (key == "sliced_upload" ? P.p.sliced_upload : P.p.share_host_image) = v.cast<bool>() ? 1 : 0;
+    } else if (key == "host_mem") {
+      P.p.host_mem_bytes = v.is_none() ? 0 : size_arg(v, k, zo2::Opt::host_mem);
+    } else if (key == "disk_dir") {
+      if (v.is_none()) P.disk_dir.reset();
+      else P.disk_dir = path_string(v);
+    } else if (key == "disk_lag") {
+      P.p.disk_lag = int32_arg(v, k);
+    } else if (key == "disk_staging") {
+      P.p.disk_staging = int32_arg(v, k);
     } else if (key == "seed_log") {
       if (v.is_none()) P.seed_log.reset();
       else P.seed_log = path_string(v);
@@ -488,6 +499,10 @@ py::dict params_dict(const Params& P) {
   d["rank_timeout"] = P.p.rank_timeout_s;
   d["share_host_image"] = P.p.share_host_image != 0;
   d["sliced_upload"] = P.p.sliced_upload != 0;
+  d["host_mem"] = P.p.host_mem_bytes;
+  d["disk_dir"] = P.disk_dir ? py::object(py::str(*P.disk_dir)) : py::object(py::none());
+  d["disk_lag"] = P.p.disk_lag;
+  d["disk_staging"] = P.p.disk_staging;
   return d;
 }
 
@@ -514,6 +529,11 @@ py::dict plan_dict(const zo2_plan_result& r) {
   d["d2h_bytes_per_step"] = r.d2h_bytes_per_step;
   d["predicted_transfer_s"] = r.predicted_transfer_s;
   d["host_bytes"] = r.host_bytes;
+  d["n_disk_blocks"] = r.n_disk_blocks;
+  d["disk_file_bytes"] = r.disk_file_bytes;
+  d["disk_read_bytes_per_step"] = r.disk_read_bytes_per_step;
+  d["disk_write_bytes_per_step"] = r.disk_write_bytes_per_step;
+  d["predicted_disk_s"] = r.predicted_disk_s;
   return d;
 }
 
@@ -1046,7 +1066,8 @@ Session(model, *, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, device="cpu", gpu
         max_seqs=1, max_seq_len=0, training=True, seed_log=None, seed_log_append=False,
         first_step=0, save_dtype="fp32", save_shard_size=5_000_000_000, generate_seqs=0,
         kv_cache="auto", prefill_chunk=0, parallel=None, rank_timeout=600.0,
-        share_host_image=True, sliced_upload=False, ...)
+        share_host_image=True, sliced_upload=False, host_mem=None, disk_dir=None, disk_lag=1,
+        disk_staging=0, ...)
 
 `model` is a zo2.Model or a checkpoint directory. Every keyword is a field of the C API's
 zo2_session_params (include/zo2.h documents each), validated by the C API with its ranges

@@ -97,6 +97,11 @@ ROUND_TRIPS = {
     "rank_timeout": (30.0, 30.0),
     "share_host_image": (False, False),
     "sliced_upload": (True, True),
+    # The disk tier (test_train.py trains through it).
+    "host_mem": ("8M", 8 << 20),
+    "disk_dir": ("DISKDIR", "DISKDIR"),  # a path under tmp_path, with host_mem
+    "disk_lag": (4, 4),
+    "disk_staging": (3, 3),
 }
 
 
@@ -116,6 +121,9 @@ def test_parameter_round_trips(tiny, tmp_path, name):
     kw[name] = value
     if name == "seed_log_append":
         kw["seed_log"] = str(tmp_path / "seeds.jsonl")
+    if name == "disk_dir":
+        kw[name] = expected = str(tmp_path / "disk")
+        kw["host_mem"] = "8M"  # a disk directory serves a host memory cap (this model fits under it)
     if name == "generate_seqs":
         kw["training"] = False  # generation needs an eval-only session
     defaults = zo2.Session(tiny, max_seqs=2, max_seq_len=16).params

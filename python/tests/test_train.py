@@ -138,3 +138,22 @@ def test_log_json_and_tqdm(tiny, synth, tmp_path, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [x for x in lines if "step" in x] == r.steps
     assert [x["eval_after_step"] for x in r.evals] == [3, 6]
+
+
+def test_a_model_larger_than_host_mem_trains_through_the_disk_tier(tiny, synth, tmp_path):
+    # opt-tiny: 145 KiB of globals and two 195 KiB blocks; under 400K with one staging buffer
+    # both blocks live in the block file, and the run writes the all-in-RAM run's bytes.
+    flags = dict(FLAGS, offload="all", window=2)
+    zo2.train(tiny, data=synth, out=tmp_path / "ram", progress=False, **flags)
+    records = []
+    zo2.train(tiny, data=synth, out=tmp_path / "disk", progress=records.append, host_mem="400K", disk_staging=1,
+              disk_dir=tmp_path / "blocks", disk_lag=3, **flags)
+    assert weights(tmp_path / "disk") == weights(tmp_path / "ram")
+    assert (tmp_path / "blocks" / "zo2-blocks.img").exists()
+    assert sum(r["disk_read_bytes"] for r in records if "disk_read_bytes" in r) > 0
+    with zo2.Session(tiny, host_mem="400K", disk_staging=1, disk_dir=tmp_path / "blocks2", offload="all", window=2,
+                     max_seqs=2, max_seq_len=16) as s:
+        plan = s.plan()
+        assert plan.n_disk_blocks == 2 and plan.disk_file_bytes > 2 * plan.block_bytes
+    with pytest.raises(zo2.InvalidArgumentError, match="--disk-dir|disk_dir"):
+        zo2.Session(tiny, host_mem="400K", disk_staging=1, offload="all", window=2, max_seqs=2, max_seq_len=16)

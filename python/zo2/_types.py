@@ -23,7 +23,12 @@ class Plan:
     h2d_bytes_per_step: int      #: host -> device traffic per step
     d2h_bytes_per_step: int      #: device -> host traffic per step
     predicted_transfer_s: float  #: transfer-bound step time (seconds)
-    host_bytes: int              #: host memory of the master weights
+    host_bytes: int              #: host memory of the master weights (the RAM tier with a disk tier)
+    n_disk_blocks: int = 0       #: streamed blocks on the disk tier (host_mem)
+    disk_file_bytes: int = 0     #: the disk tier's block file
+    disk_read_bytes_per_step: int = 0
+    disk_write_bytes_per_step: int = 0  #: divided by disk_lag
+    predicted_disk_s: float = 0.0  #: disk-bound step time at 2 GB/s read, 1.5 GB/s write (seconds)
 
 
 @dataclass(frozen=True)

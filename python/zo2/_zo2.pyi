@@ -80,6 +80,10 @@ class Session:
         rank_timeout: float = 600.0,
         share_host_image: bool = True,
         sliced_upload: bool = False,
+        host_mem: Optional[_Size] = None,
+        disk_dir: Optional[_Path] = None,
+        disk_lag: int = 1,
+        disk_staging: int = 0,
     ) -> None: ...
     @property
     def rank(self) -> int: ...
