@@ -42,6 +42,7 @@
 #include "runtime/comm.h"
 #include "models/presets.h"
 #include "offload/disk_file.h"
+#include "offload/disk_tier.h"
 #include "runtime/arena.h"
 #include "runtime/device.h"
 #include "runtime/error.h"
@@ -315,6 +316,11 @@ void add_link_floor(json& row, const LinkRates& link) {
 zo2::Comm* g_comm = nullptr;
 zo2::ParallelLayout g_layout;
 int g_directions = 1;
+// The disk tier (--host-mem, README "Models larger than host memory"): every row's master
+// weights capped at g_host_mem, the rest in a block file under g_disk_dir.
+std::size_t g_host_mem = 0;
+std::string g_disk_dir;
+int g_disk_lag = 1, g_disk_staging = 0;
 bool g_sliced = false;
 
 struct Row {
@@ -331,6 +337,7 @@ std::string row_label(const Row& r) {
   if (g_directions > 1) s += fmt::format(" q={}", g_directions);
   if (g_comm) s += fmt::format(" [{} ranks: {}{}]", g_comm->size(), g_layout.spec(), g_sliced ? ", sliced" : "");
   if (r.synthetic) s += " (synthetic)";
+  if (g_host_mem > 0) s += fmt::format(" host {} lag {}", zo2::format_bytes(static_cast<double>(g_host_mem)), g_disk_lag);
   if (r.tuning != "full") s += " LoRA";
   if (r.optimizer != "zo-sgd") s += " " + r.optimizer;
   return s;
@@ -375,6 +382,10 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
   if (r.tuning == "lora") {
     sc.peft.lora = true;  // PeftConfig's defaults: r 8, alpha 16, q_proj and v_proj
   }
+  sc.host_mem = g_host_mem;
+  if (g_host_mem > 0) sc.disk_dir = g_disk_dir;
+  sc.disk_lag = g_disk_lag;
+  sc.disk_staging = g_disk_staging;
   json row{{"offload", offload}, {"preset", r.preset}, {"tuning", r.tuning}, {"optimizer", r.optimizer}, {"params", config.total_params()}, {"device", device},
            {"cap", r.cap_text}, {"cap_bytes", sc.gpu_mem}, {"storage", r.storage}, {"compute", r.compute},
            {"batch", r.batch}, {"seq", r.seq}, {"synthetic", r.synthetic}};
@@ -393,14 +404,19 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
     }
     if (prev >= 0) s.wait(prev);
     prev = -1;
-    std::size_t h2d = 0, d2h = 0;
-    double upload = 0, compute = 0, offload_busy = 0;
+    std::size_t h2d = 0, d2h = 0, disk_read = 0, disk_write = 0;
+    double upload = 0, compute = 0, offload_busy = 0, disk_read_s = 0, disk_write_s = 0;
+    if (zo2::DiskTier* d = s.store().disk()) d->take_stats();  // the warm-up's I/O
     auto add = [&](const zo2::StepResult& res) {
       h2d += res.h2d_bytes;
       d2h += res.d2h_bytes;
       upload += res.upload_busy_s;
       compute += res.compute_busy_s;
       offload_busy += res.offload_busy_s;
+      disk_read += res.disk_read_bytes;
+      disk_write += res.disk_write_bytes;
+      disk_read_s += res.disk_read_busy_s;
+      disk_write_s += res.disk_write_busy_s;
     };
     const auto t0 = std::chrono::steady_clock::now();
     for (int t = 0; t < steps; ++t) {
@@ -422,14 +438,31 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
     upload /= n;
     compute /= n;
     offload_busy /= n;
-    const double busiest = std::max({upload, compute, offload_busy});
+    // The disk: seconds with a read (write) in the kernel per step, and both together.
+    disk_read_s /= n;
+    disk_write_s /= n;
+    const double disk_s = disk_read_s + disk_write_s;
+    const double busiest = std::max({upload, compute, offload_busy, disk_s});
     row["upload_s"] = upload;
     row["compute_s"] = compute;
     row["offload_s"] = offload_busy;
     row["idle_s"] = std::max(0.0, mean - busiest);
     row["compute_idle_s"] = std::max(0.0, mean - compute);
     row["compute_util"] = mean > 0 ? compute / mean : 0;
-    row["bound"] = busiest == compute ? "compute" : busiest == upload ? "upload" : "offload";
+    row["bound"] = busiest == compute ? "compute" : busiest == upload ? "upload" : busiest == offload_busy ? "offload" : "disk";
+    if (s.store().disk()) {
+      row["host_mem_bytes"] = g_host_mem;
+      row["disk_blocks"] = pl.disk_blocks;
+      row["disk_lag"] = g_disk_lag;
+      row["disk_staging"] = pl.disk_staging;
+      row["disk_read_s"] = disk_read_s;
+      row["disk_write_s"] = disk_write_s;
+      row["disk_read_bytes_per_step"] = static_cast<double>(disk_read) / n;
+      row["disk_write_bytes_per_step"] = static_cast<double>(disk_write) / n;
+      row["disk_read_gb_s"] = mean > 0 ? static_cast<double>(disk_read) / n / mean / 1e9 : 0;
+      row["disk_write_gb_s"] = mean > 0 ? static_cast<double>(disk_write) / n / mean / 1e9 : 0;
+      row["predicted_disk_s"] = pl.predicted_disk_s;
+    }
     row["resident_blocks"] = pl.resident_count;
     row["streamed_blocks"] = pl.streamed;
     row["window"] = pl.window;
@@ -624,7 +657,17 @@ int main(int argc, char** argv) {
   app.add_flag("--disk-probe", disk_probe,
                "measure the disk under --disk-dir instead of sweeping (Note [Disk probe]): sequential write, read and "
                "both at once through io_uring with O_DIRECT");
-  app.add_option("--disk-dir", disk_dir, "with --disk-probe: a directory on the disk to measure")->capture_default_str();
+  app.add_option("--disk-dir", disk_dir,
+                 "with --disk-probe: a directory on the disk to measure; with --host-mem: the disk tier's directory")
+      ->capture_default_str();
+  std::string host_mem;
+  app.add_option("--host-mem", host_mem,
+                 "cap every row's master weights in host memory; the streamed blocks beyond it live in a block file "
+                 "under --disk-dir (rows report the disk's busy time)");
+  app.add_option("--disk-lag", g_disk_lag, "with --host-mem: write a disk block back every K updates")
+      ->capture_default_str();
+  app.add_option("--disk-staging", g_disk_staging, "with --host-mem: staging buffers (0 = window + 1)")
+      ->capture_default_str();
   app.add_option("--disk-probe-bytes", disk_probe_bytes, "with --disk-probe: the size of the file it writes and reads")
       ->capture_default_str();
   app.add_option("--disk-probe-request", disk_probe_request,
@@ -672,6 +715,13 @@ int main(int argc, char** argv) {
       zo2::RuleConfig rule;
       rule.directions = g_directions;
       zo2::validate_parallel(zo2::parse_parallel(parallel, "--parallel"), 1, rule, -1, "--parallel");
+    }
+    if (!host_mem.empty()) {
+      g_host_mem = zo2::parse_size_option(zo2::Opt::host_mem, host_mem, zo2::OptionSource::cli);
+      g_disk_dir = disk_dir;
+      zo2::check_integer(zo2::Opt::disk_lag, g_disk_lag, zo2::OptionSource::cli);
+      zo2::check_integer(zo2::Opt::disk_staging, g_disk_staging, zo2::OptionSource::cli);
+      if (alias) zo2::fail(zo2::ErrorKind::invalid_argument, "--host-mem: rows with --alias-blocks hold one block image");
     }
     if (disk_probe) {
       const zo2::DiskRates d = zo2::probe_disk(disk_dir, zo2::parse_byte_size(disk_probe_bytes),

@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # SIGKILL at random moments of a training run that saves every step (single-file and
-# sharded checkpoints): after each kill the run directory must hold exactly the weights of
-# its recorded step (eval loads it; replaying the seed log to that step gives the same
-# bytes), and `--resume` must finish with the bytes of the uninterrupted run.
+# sharded checkpoints, and a run whose blocks live on the disk tier: --host-mem below the
+# model, every block in a block file in --disk-dir, each killed run its own): after each
+# kill the run directory must hold exactly the weights of its recorded step (eval loads it;
+# replaying the seed log to that step gives the same bytes), and `--resume` must finish with
+# the bytes of the uninterrupted run (for the disk layout, also the bytes of the RAM run).
 # Usage: sigkill.sh ZO2_TUNE WORK_DIR [KILLS_PER_LAYOUT (default 30; env ZO2_FAULT_KILLS)]
 source "$(dirname "$0")/common.sh"
 KILLS=${3:-${ZO2_FAULT_KILLS:-30}}
 inconsistent=0 failed_resume=0 divergent=0 before_first_save=0 total=0
-for layout in single sharded; do
+# The disk layout's flags for run directory $1: opt-tiny's two 195 KiB blocks do not fit
+# beside its 145 KiB of globals and one staging buffer under 400K, so both live on disk.
+disk_flags() { echo --offload all --window 2 --host-mem 400K --disk-staging 1 --disk-dir "$1.blocks"; }
+for layout in single sharded disk; do
   shard=5G
   [ "$layout" = sharded ] && shard=100K
+  extra() { [ "$layout" = disk ] && disk_flags "$1"; true; }
   start=$(date +%s%N)
-  "$T" -q train --model base "${COMMON[@]}" --shard-size "$shard" --out "ref-$layout"
+  # shellcheck disable=SC2046
+  "$T" -q train --model base "${COMMON[@]}" --shard-size "$shard" --out "ref-$layout" $(extra "ref-$layout")
   dur_ms=$(( ($(date +%s%N) - start) / 1000000 ))
   [ "$layout" = sharded ] && [ "$(ls ref-sharded/current/*.safetensors | wc -l)" -gt 1 ]
   say "$layout: the uninterrupted run takes ${dur_ms} ms; killing $KILLS runs at random moments in it"
   for i in $(seq 1 "$KILLS"); do
     d="run-$layout-$i"
     delay_ms=$(( RANDOM % (dur_ms + 1) ))
-    "$T" -q train --model base "${COMMON[@]}" --shard-size "$shard" --out "$d" 2>/dev/null &
+    # shellcheck disable=SC2046
+    "$T" -q train --model base "${COMMON[@]}" --shard-size "$shard" --out "$d" $(extra "$d") 2>/dev/null &
     pid=$!
     sleep "$(printf '%d.%03d' $((delay_ms / 1000)) $((delay_ms % 1000)))"
     kill -9 "$pid" 2>/dev/null || true
@@ -28,10 +36,12 @@ for layout in single sharded; do
     if [ -z "$step" ]; then
       # Killed before the first save: nothing is published, and the directory says so.
       before_first_save=$((before_first_save + 1))
-      if "$T" -q train --resume "$d" --out "$d" 2>/dev/null; then
+      # shellcheck disable=SC2046
+      if "$T" -q train --resume "$d" --out "$d" $(extra "$d") 2>/dev/null; then
         say "$d: resumed though no checkpoint was ever published"; inconsistent=$((inconsistent + 1))
       fi
-      "$T" -q train --model base "${COMMON[@]}" --shard-size "$shard" --out "$d" --overwrite 2>/dev/null ||
+      # shellcheck disable=SC2046
+      "$T" -q train --model base "${COMMON[@]}" --shard-size "$shard" --out "$d" --overwrite $(extra "$d") 2>/dev/null ||
         { say "$d: --overwrite after a kill before the first save failed"; failed_resume=$((failed_resume + 1)); continue; }
     else
       if ! check_dir "$d" "$shard"; then
@@ -39,7 +49,8 @@ for layout in single sharded; do
         inconsistent=$((inconsistent + 1))
         continue
       fi
-      if ! "$T" -q train --resume "$d" --out "$d" 2>"$d.err"; then
+      # shellcheck disable=SC2046
+      if ! "$T" -q train --resume "$d" --out "$d" $(extra "$d") 2>"$d.err"; then
         say "$d: --resume from step $step failed: $(cat "$d.err")"; failed_resume=$((failed_resume + 1)); continue
       fi
     fi
@@ -48,8 +59,12 @@ for layout in single sharded; do
       divergent=$((divergent + 1)); continue
     fi
     clean_dir "$d" || { say "$d: leftovers of the interrupted save remain"; inconsistent=$((inconsistent + 1)); }
-    rm -rf "$d" "$d.err"
+    rm -rf "$d" "$d.err" "$d.blocks"
   done
+  # The disk tier gives the all-in-RAM run's bytes.
+  if [ "$layout" = disk ] && ! same_weights ref-disk ref-single; then
+    say "the run through the disk tier differs from the run in RAM"; divergent=$((divergent + 1))
+  fi
 done
 say "kills: $total ($before_first_save before the first save); inconsistent directories: $inconsistent;" \
   "failed resumes: $failed_resume; divergent resumes: $divergent"
