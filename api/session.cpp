@@ -155,7 +155,7 @@ void check_disk_tier(const SessionConfig& cfg) {
 }
 }  // namespace
 
-std::optional<DiskPlacement> Session::disk_placement(const Placement& plan) const {
+std::optional<DiskPlacement> Session::disk_placement(const ModelConfig& model, const Placement& plan) const {
   if (plan.disk_blocks == 0) return std::nullopt;
   if (cfg_.disk_dir.empty())
     fail(ErrorKind::invalid_argument,
@@ -169,6 +169,24 @@ std::optional<DiskPlacement> Session::disk_placement(const Placement& plan) cons
   d.on_disk = plan.on_disk;
   d.staging = plan.disk_staging;
   d.file = cfg_.disk_file;
+  d.reuse = cfg_.disk_resume;
+  d.base_step = cfg_.replay.empty() ? cfg_.first_step : cfg_.replay.front().step;
+  // What the images belong to: a resume keeps them only for the same run (its seed log and
+  // seed), the same model shape and storage, and the same blocks on disk.
+  std::string map;
+  for (bool b : plan.on_disk) map += b ? 'd' : '-';
+  d.identity = nlohmann::json{{"seed_log", cfg_.seed_log.empty() ? std::string()
+                                                                 : std::filesystem::absolute(cfg_.seed_log).string()},
+                              {"run_seed", cfg_.run_seed},
+                              {"storage", std::string(dtype_name(cfg_.storage))},
+                              {"base_model", cfg_.base_model},
+                              {"family", model.family_name()},
+                              {"layers", model.num_layers},
+                              {"hidden", model.hidden_size},
+                              {"vocab", model.vocab_size},
+                              {"block_bytes", plan.block_bytes},
+                              {"blocks", map}}
+                   .dump() + "\n";
   return d;
 }
 
@@ -183,7 +201,7 @@ Session::Session(const std::filesystem::path& model_path, const SessionConfig& c
   const ModelConfig model = ModelConfig::load(model_dir);
   const Placement plan = plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity()));
   fit_arena_to(plan);
-  const std::optional<DiskPlacement> disk = disk_placement(plan);
+  const std::optional<DiskPlacement> disk = disk_placement(model, plan);
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
   open_node_comm();
   store_ = std::make_unique<BlockStore>(BlockStore::load(model_dir, cfg_.storage, *device_,
@@ -209,7 +227,7 @@ Session::Session(const ModelConfig& model, const SessionConfig& cfg, std::uint64
   device_ = open_device(cfg_);
   const Placement plan = plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity()));
   fit_arena_to(plan);
-  const std::optional<DiskPlacement> disk = disk_placement(plan);
+  const std::optional<DiskPlacement> disk = disk_placement(model, plan);
   if (disk && alias_blocks)
     fail(ErrorKind::invalid_argument, "a benchmark shape with aliased blocks has one block image: it needs no disk tier");
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
@@ -337,7 +355,44 @@ void Session::init(const SessionConfig& cfg) {
     h.peft = cfg.peft;
     seed_log_ = std::make_unique<SeedLogWriter>(cfg.seed_log, h, cfg.seed_log_append, next_step_);
   }
+  if (DiskTier* disk = store_->disk(); disk && seed_log_) {
+    // Note [Disk tier resume]: the log's lines so far are durable before any image moves.
+    seed_log_->sync();
+    disk->set_durable(static_cast<std::uint64_t>(next_step_));
+  }
+  if (!cfg.replay.empty()) {
+    // Note [Disk tier resume]: the checkpoint's weights (and the kept disk images) to first_step.
+    for (std::size_t k = 0; k < cfg.replay.size(); ++k)
+      if (cfg.replay[k].step != cfg.replay.front().step + static_cast<std::int64_t>(k) ||
+          cfg.replay.back().step + 1 != cfg.first_step)
+        fail(ErrorKind::internal, "replay entries {}..{} do not lead to step {}", cfg.replay.front().step,
+             cfg.replay.back().step, cfg.first_step);
+    for (const SeedLogEntry& e : cfg.replay)
+      scheduler_->replay_update(e.step, e.seed, e.lr, e.wd, e.gs.empty() ? std::vector<float>{e.g} : e.gs, e.choice);
+    log_info("resume: applied the seed log's {} updates of steps {}..{} to the checkpoint{}", cfg.replay.size(),
+             cfg.replay.front().step + 1, cfg.replay.back().step + 1,
+             store_->disk() && store_->disk()->reused() ? " (each kept disk image from its own step)" : "");
+  }
 }
+
+// Note [Disk tier resume]
+//   With a disk tier, the block file and the seed log together are a state a killed run
+//   resumes from exactly, even past its last checkpoint. Three rules make it so:
+//   1. an image records the step it holds, and a write-back of an image holding step h waits
+//      until the seed log is durable through step h − 1 (Session::wait fdatasyncs the log
+//      after each line and tells the tier, DiskTier::set_durable): every image on disk is at
+//      or behind the durable log, whatever moment the kill came;
+//   2. each block alternates between two images, so a torn write leaves the previous one;
+//   3. a save flushes every image to the checkpoint's step C before publishing it, and
+//      images only move forward: after a kill each block's newest whole image holds a step
+//      in [C, T], T the log's end.
+//   `train --resume` (tools/cmd_train.cpp) then loads checkpoint C, keeps the block file
+//   (its identity — run, seed log, model, blocks on disk — must match), and applies the
+//   log's updates of steps C..T−1 (SessionConfig::replay): RAM blocks and globals from C,
+//   each disk image from its own step, skipping the updates it already holds. The result is
+//   the state an uninterrupted run had at T, bit for bit (replay runs the training kernels),
+//   and training continues at T; nothing the killed run computed and logged is lost.
+//   Without a seed log (a benchmark, a C API host without seed_log_path) rule 1 is off.
 
 Session::~Session() {
   try {
@@ -359,6 +414,16 @@ std::int64_t Session::step_async(const HostBatch& batch, float lr, float eps, fl
   require_targets(batch);  // nothing to predict: refused before the step index moves
   validate_rule(cfg_.rule, weight_decay);
   const std::int64_t t = next_step_;
+  if (store_->disk() && seed_log_) {
+    // Note [Disk tier resume]: a disk write-back waits for the log, whose lines wait() writes;
+    // a host that enqueues steps without reading their results would stall it, so the
+    // results more than two steps old are read here (wait returns them later).
+    std::vector<std::int64_t> old;
+    for (std::int64_t s : outstanding_)
+      if (s + 2 < t) old.push_back(s);
+    std::sort(old.begin(), old.end());
+    for (std::int64_t s : old) harvested_[s] = collect(s);
+  }
   StepParams p;
   p.step = t;
   p.seed = step_seed(t);
@@ -380,6 +445,15 @@ std::int64_t Session::step_async(const HostBatch& batch, float lr, float eps, fl
 }
 
 StepResult Session::wait(std::int64_t step) {
+  if (auto it = harvested_.find(step); it != harvested_.end()) {
+    StepResult r = std::move(it->second);
+    harvested_.erase(it);
+    return r;
+  }
+  return collect(step);
+}
+
+StepResult Session::collect(std::int64_t step) {
   StepResult r = scheduler_->wait_result(step);
   if (auto it = global_tokens_.find(step); it != global_tokens_.end()) {
     r.tokens = it->second;
@@ -404,6 +478,11 @@ StepResult Session::wait(std::int64_t step) {
     if (r.gs.size() > 1) e.gs = r.gs;
     e.choice = r.choice;
     seed_log_->append(e);
+    if (DiskTier* disk = store_->disk()) {
+      // Note [Disk tier resume], rule 1: the line is durable before an image that needs it.
+      seed_log_->sync();
+      disk->set_durable(static_cast<std::uint64_t>(r.step) + 1);
+    }
   }
   return r;
 }

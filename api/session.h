@@ -84,6 +84,14 @@ struct SessionConfig {
   int disk_lag = 1;
   int disk_staging = 0;
   BlockFileOptions disk_file;
+  // Note [Disk tier resume] (api/session.cpp): keep the disk images a killed run left in
+  // disk_dir (where they belong to this run: seed log, model, blocks) instead of rewriting
+  // them from the loaded checkpoint, and bring the whole model to first_step by applying
+  // `replay` — the seed log's entries from the checkpoint's step to first_step − 1 — right
+  // after loading: each disk image from the step it holds, everything else from the
+  // checkpoint's. With an empty `replay` the loaded weights are at first_step.
+  bool disk_resume = false;
+  std::vector<SeedLogEntry> replay;
   // Tests only: fault injection (offload/scheduler.h) and slow CPU copies.
   SchedulerFault fault = SchedulerFault::none;
   int debug_copy_delay_us = 0;
@@ -170,7 +178,7 @@ class Session {
   void fit_arena_to(const Placement& plan);
   // The disk tier of a plan (nullopt when every block fits in RAM); checks the options
   // the tier cannot serve.
-  std::optional<DiskPlacement> disk_placement(const Placement& plan) const;
+  std::optional<DiskPlacement> disk_placement(const ModelConfig& model, const Placement& plan) const;
   void drain();
 
   SessionConfig cfg_;
@@ -184,6 +192,9 @@ class Session {
   std::unique_ptr<SeedLogWriter> seed_log_;
   std::int64_t next_step_ = 0;
   std::vector<std::int64_t> outstanding_;
+  // Note [Disk tier resume]: results read early by step_async (their log lines written), for wait.
+  std::map<std::int64_t, StepResult> harvested_;
+  StepResult collect(std::int64_t step);
   std::map<std::int64_t, std::int64_t> global_tokens_;  // data parallel: a step's tokens over every shard
 };
 

@@ -108,7 +108,9 @@ BlockStore::BlockStore(const ModelConfig& config, DType storage, Device& device,
     globals_ = device.alloc_host(globals_stream_bytes_);
     for (std::int64_t i = 0; i < config_.num_layers; ++i)
       blocks_.push_back(disk->on_disk[static_cast<std::size_t>(i)] ? HostBuffer() : device.alloc_host(stream_bytes_));
-    disk_ = std::make_unique<DiskTier>(device, disk->dir, std::move(on), stream_bytes_, disk->staging, disk->file);
+    disk_ = std::make_unique<DiskTier>(device, disk->dir, std::move(on), stream_bytes_, disk->staging, disk->file,
+                                       DiskTierOpen{disk->identity, disk->reuse});
+    disk_base_step_ = disk->base_step;
     return;
   }
   if (!node_) {
@@ -189,16 +191,25 @@ std::size_t BlockStore::host_bytes() const {
 }
 
 // The disk tier's blocks, written one image at a time through `fill` (which fills a
-// zeroed image of block i).
+// zeroed image of block i) as holding `step` — except, on a resume, those whose image from
+// the previous run holds `step` or later (Note [Disk tier resume]).
 namespace {
-void write_disk_blocks(DiskTier& disk, std::size_t image_bytes,
+void write_disk_blocks(DiskTier& disk, std::size_t image_bytes, std::int64_t step,
                        const std::function<void(std::int64_t, void*)>& fill) {
   HostBuffer tmp = host_alloc_aligned(image_bytes);
+  std::int64_t kept = 0;
   for (std::int64_t i : disk.blocks()) {
+    if (disk.reused() && disk.image_step(i) >= step) {
+      ++kept;
+      continue;
+    }
     std::memset(tmp.data(), 0, image_bytes);
     fill(i, tmp.data());
-    disk.write_now(i, tmp.data(), 0);
+    disk.write_now(i, tmp.data(), static_cast<std::uint64_t>(step));
   }
+  if (disk.reused())
+    log_info("disk tier: {} of {} block images kept from the previous run in {}", kept, disk.blocks().size(),
+             disk.path().string());
 }
 }  // namespace
 
@@ -229,7 +240,7 @@ BlockStore BlockStore::load(const std::filesystem::path& model_dir, DType storag
                store.blocks_[static_cast<std::size_t>(i)].data(), where);
   });
   if (store.disk_)
-    write_disk_blocks(*store.disk_, store.stream_bytes_, [&](std::int64_t i, void* image) {
+    write_disk_blocks(*store.disk_, store.stream_bytes_, store.disk_base_step_, [&](std::int64_t i, void* image) {
       load_image(ckpt, store.block_layouts_[static_cast<std::size_t>(i)], image, where);
     });
   if (store.node_) store.wait_for_node_rank_zero("reading the checkpoint");
@@ -283,7 +294,7 @@ BlockStore BlockStore::synthetic(const ModelConfig& config, DType storage, Devic
                store.blocks_[static_cast<std::size_t>(i)].data(), seed, norm);
   });
   if (store.disk_)
-    write_disk_blocks(*store.disk_, store.stream_bytes_, [&](std::int64_t i, void* image) {
+    write_disk_blocks(*store.disk_, store.stream_bytes_, store.disk_base_step_, [&](std::int64_t i, void* image) {
       init_image(store.block_layouts_[static_cast<std::size_t>(i)], image, seed, norm);
     });
   if (store.node_) store.wait_for_node_rank_zero("initializing the weights");

@@ -53,6 +53,12 @@ struct DiskPlacement {
   std::vector<bool> on_disk;  // per block; none set: every block in RAM
   int staging = 2;
   BlockFileOptions file;
+  // Note [Disk tier resume]: the images a previous run left are kept where `identity`
+  // matches and an image holds at least base_step (the step of the weights being loaded);
+  // every other disk block is written from the loaded weights, as holding base_step.
+  std::string identity;
+  bool reuse = false;
+  std::int64_t base_step = 0;
   std::int64_t count() const;
 };
 
@@ -170,6 +176,7 @@ class BlockStore {
   Comm* node_ = nullptr;        // shared images: the node's ranks (not owned)
   HostBuffer shared_, control_;  // the images' segment and the counters' (globals_/blocks_ point into it)
   std::unique_ptr<DiskTier> disk_;  // blocks_[i] is empty for a block it holds
+  std::int64_t disk_base_step_ = 0;
 };
 
 }  // namespace zo2

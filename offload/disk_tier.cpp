@@ -1,6 +1,7 @@
 #include "offload/disk_tier.h"
 
 #include "runtime/error.h"
+#include "runtime/file_util.h"
 #include "runtime/log.h"
 
 #include <fcntl.h>
@@ -15,6 +16,8 @@
 #include <cstring>
 #include <deque>
 #include <exception>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <mutex>
 #include <thread>
@@ -71,6 +74,9 @@ struct DiskTier::Impl {
   BlockFile file;
   std::vector<std::int64_t> slot_of;  // per model block: its place in the file, or −1
   std::vector<int> newest;            // per slot: which of its two images holds the newest value
+  std::vector<std::int64_t> step_of;  // per slot: the step its newest image holds (−1: none)
+  bool reused = false;
+  std::uint64_t durable = std::numeric_limits<std::uint64_t>::max();  // under mu
   std::size_t image_bytes = 0;
   std::vector<std::byte*> staging;
   HostBuffer counters;  // [read | uploaded | offloaded] × S, registered with the device
@@ -149,6 +155,7 @@ bool DiskTier::Impl::advance() {
       newest[u.slot] ^= 1;
       u.state = State::released;
       std::lock_guard<std::mutex> g(mu);
+      step_of[u.slot] = static_cast<std::int64_t>(u.step);
       write_busy.stop();
       ++stats.writes;
       stats.write_bytes += image_bytes;
@@ -160,6 +167,10 @@ bool DiskTier::Impl::advance() {
     if (u.state != State::read) continue;
     if (u.write_back) {
       if (load(counter(2, u.staging)) < u.stamp) continue;
+      {
+        std::lock_guard<std::mutex> g(mu);
+        if (durable < u.step) continue;  // Note [Disk tier resume]: the log first
+      }
       const std::size_t image = 2 * u.slot + static_cast<std::size_t>(newest[u.slot] ^ 1);
       file.submit_write(image, std::span<const std::byte>(staging[static_cast<std::size_t>(u.staging)], file.padded_bytes()),
                         u.step, 2 * (first_use + k) + 1);
@@ -253,7 +264,7 @@ void DiskTier::Impl::run() {
 }
 
 DiskTier::DiskTier(Device& device, const fs::path& dir, std::vector<std::int64_t> blocks, std::size_t image_bytes,
-                   int staging, const BlockFileOptions& file_options)
+                   int staging, const BlockFileOptions& file_options, const DiskTierOpen& open)
     : blocks_(std::move(blocks)), image_bytes_(image_bytes) {
   if (blocks_.empty()) fail(ErrorKind::internal, "a disk tier without blocks");
   if (staging < 1) fail(ErrorKind::internal, "a disk tier needs at least one staging buffer, not {}", staging);
@@ -285,13 +296,39 @@ DiskTier::DiskTier(Device& device, const fs::path& dir, std::vector<std::int64_t
     // The pid is a courtesy for the message above; the lock itself holds.
   }
   const fs::path path = dir / kDiskTierFile;
+  const fs::path identity_file = dir / kDiskTierIdentity;
+  bool reuse = false;
+  if (open.reuse && fs::exists(path) && fs::exists(identity_file)) {
+    std::ifstream in(identity_file, std::ios::binary);
+    const std::string held{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    reuse = held == open.identity;
+    if (!reuse)
+      log_info("--disk-dir {}: the block file there belongs to another run or layout; it is written anew",
+               dir.string());
+  }
   try {
-    impl_ = std::make_unique<Impl>(BlockFile::create(path, 2 * blocks_.size(), image_bytes, file_options));
+    if (reuse) {
+      impl_ = std::make_unique<Impl>(BlockFile::open(path, file_options));
+      if (impl_->file.count() != 2 * blocks_.size() || impl_->file.block_bytes() != image_bytes) {
+        log_info("--disk-dir {}: the block file there has another shape; it is written anew", dir.string());
+        impl_.reset();
+        reuse = false;
+      }
+    }
+    if (!reuse) {
+      // The identity goes first: a file without it is never reused (a crash in between
+      // leaves a file nobody trusts).
+      std::error_code rm;
+      fs::remove(identity_file, rm);
+      impl_ = std::make_unique<Impl>(BlockFile::create(path, 2 * blocks_.size(), image_bytes, file_options));
+      if (!open.identity.empty()) write_file_atomic(identity_file, open.identity);
+    }
   } catch (...) {
     ::close(lock_fd);
     throw;
   }
   Impl& m = *impl_;
+  m.reused = reuse;
   m.dir = dir;
   m.lock_fd = lock_fd;
   m.device = &device;
@@ -302,6 +339,7 @@ DiskTier::DiskTier(Device& device, const fs::path& dir, std::vector<std::int64_t
   m.slot_of.assign(static_cast<std::size_t>(max_block + 1), -1);
   for (std::size_t d = 0; d < blocks_.size(); ++d) m.slot_of[static_cast<std::size_t>(blocks_[d])] = static_cast<std::int64_t>(d);
   m.newest.assign(blocks_.size(), 0);
+  m.step_of.assign(blocks_.size(), -1);
   // Staging buffers: aligned for O_DIRECT, pinned through the device where it can.
   for (int u = 0; u < staging; ++u) {
     staging_.push_back(host_alloc_disk_aligned(m.file.padded_bytes()));
@@ -311,7 +349,47 @@ DiskTier::DiskTier(Device& device, const fs::path& dir, std::vector<std::int64_t
   m.counters = host_alloc_disk_aligned(3 * static_cast<std::size_t>(staging) * sizeof(std::uint32_t));
   m.registered_counters = device.register_host(m.counters.data(), m.counters.bytes());
   m.next_stamp.assign(static_cast<std::size_t>(staging), 0);
+  if (reuse) {
+    // Note [Disk tier resume]: each block's newest image that reads back whole (header and
+    // payload checksums); a torn newest image leaves the other, a block with neither is -1.
+    for (std::size_t d = 0; d < blocks_.size(); ++d) {
+      std::optional<std::uint64_t> st[2];
+      for (int k = 0; k < 2; ++k) st[k] = m.file.stored_step(2 * d + static_cast<std::size_t>(k));
+      int order[2] = {0, 1};
+      if (st[1] && (!st[0] || *st[1] > *st[0])) std::swap(order[0], order[1]);
+      for (int k : order) {
+        if (!st[k]) continue;
+        try {
+          m.file.submit_read(2 * d + static_cast<std::size_t>(k),
+                             std::span<std::byte>(m.staging[0], m.file.padded_bytes()), 0);
+          m.file.wait(0);
+        } catch (const Error& e) {
+          log_warn("--disk-dir {}: block {}'s image of step {} does not read back ({}); {}", dir.string(), blocks_[d],
+                   *st[k], e.what(), k == order[0] && st[order[1]] ? "its previous image is used" : "it is rebuilt");
+          continue;
+        }
+        m.newest[d] = k;
+        m.step_of[d] = static_cast<std::int64_t>(*st[k]);
+        break;
+      }
+    }
+  }
   m.thread = std::thread([&m] { m.run(); });
+}
+
+bool DiskTier::reused() const { return impl_->reused; }
+
+std::int64_t DiskTier::image_step(std::int64_t block) const {
+  const Impl& m = *impl_;
+  if (block < 0 || static_cast<std::size_t>(block) >= m.slot_of.size() || m.slot_of[static_cast<std::size_t>(block)] < 0)
+    fail(ErrorKind::internal, "block {} is not on the disk tier", block);
+  std::lock_guard<std::mutex> g(impl_->mu);  // step_of changes on the I/O thread at a write's completion
+  return m.step_of[static_cast<std::size_t>(m.slot_of[static_cast<std::size_t>(block)])];
+}
+
+void DiskTier::set_durable(std::uint64_t step) {
+  std::lock_guard<std::mutex> g(impl_->mu);
+  impl_->durable = step;
 }
 
 DiskTier::~DiskTier() {
@@ -371,6 +449,7 @@ void DiskTier::write_now(std::int64_t block, const void* image, std::uint64_t st
                       std::numeric_limits<std::uint64_t>::max());
   m.file.wait(std::numeric_limits<std::uint64_t>::max());
   m.newest[d] ^= 1;
+  m.step_of[d] = static_cast<std::int64_t>(step);
   ++m.stats.writes;
   m.stats.write_bytes += image_bytes_;
 }

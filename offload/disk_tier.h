@@ -21,6 +21,11 @@
 //   Each block has two images in the file (2d, 2d + 1) and is written to the one that does
 //   not hold its newest value, so a torn write (a crash, a full disk) costs only the write
 //   in progress; the header of each image records the step it holds.
+//   Crash consistency (Note [Disk tier resume]): a write-back of an image holding step h waits
+//   until the seed log is durable up to step h (set_durable), so after a kill every image is
+//   at or behind the durable log; a resume reopens the file (its identity in
+//   zo2-blocks.json must match), takes each block's newest image that reads back whole, and
+//   applies the log's updates from that image's step on.
 //   A failed read or write stops the tier: the error is kept, every `read` counter is set
 //   to its maximum so no stream waits forever, and check()/drain() rethrow it — the
 //   scheduler calls check() before it hands out any step's result, so nothing computed
@@ -38,6 +43,17 @@
 namespace zo2 {
 
 inline constexpr const char* kDiskTierFile = "zo2-blocks.img";
+inline constexpr const char* kDiskTierIdentity = "zo2-blocks.json";
+
+// How a tier opens its directory.
+struct DiskTierOpen {
+  // What the images belong to (the run, the model's shape, the storage dtype, the blocks on
+  // disk), written beside the file as zo2-blocks.json; a reuse needs it to match exactly.
+  std::string identity;
+  // Reuse the images already there (a resume) when the identity matches; otherwise, or when
+  // false, the file is created anew.
+  bool reuse = false;
+};
 
 struct DiskTierStats {
   std::int64_t reads = 0, writes = 0;
@@ -52,7 +68,7 @@ class DiskTier {
   // each image `image_bytes`, with `staging` pinned staging buffers. DIR is created; a second
   // process using DIR is refused (Error(invalid_argument) naming DIR and the pid).
   DiskTier(Device& device, const std::filesystem::path& dir, std::vector<std::int64_t> blocks,
-           std::size_t image_bytes, int staging, const BlockFileOptions& file = {});
+           std::size_t image_bytes, int staging, const BlockFileOptions& file = {}, const DiskTierOpen& open = {});
   ~DiskTier();
   DiskTier(const DiskTier&) = delete;
   DiskTier& operator=(const DiskTier&) = delete;
@@ -66,6 +82,17 @@ class DiskTier {
   std::size_t host_bytes() const;
   // Bytes of the block file on disk.
   std::size_t file_bytes() const;
+
+  // Whether the images of a previous run were reused (DiskTierOpen::reuse and a matching
+  // identity), and the step each block's image holds: read back when reused (−1 for a block
+  // with no image that reads back whole: the caller writes one), else the step written.
+  bool reused() const;
+  std::int64_t image_step(std::int64_t block) const;
+
+  // Note [Disk tier resume]: write-backs of images holding a step above `step` wait until
+  // the seed log is durable that far (the session calls this after each fdatasync of the
+  // log; a session without a seed log sets it to the maximum).
+  void set_durable(std::uint64_t step);
 
   // ---- outside the pipeline (load, save, checks): the pipeline must be idle (drain()) ----
   // Writes one image (copied into an aligned buffer) holding `step`, and waits.

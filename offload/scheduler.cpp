@@ -130,7 +130,10 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
     for (std::int64_t i = 0; i < L; ++i)
       if (store.on_disk(i) && placement_.resident[static_cast<std::size_t>(i)])
         fail(ErrorKind::internal, "block {} is on the disk tier and resident on the device", i);
+    // The step each disk image holds (written at load, or kept from a previous run).
     disk_step_.assign(static_cast<std::size_t>(L), -1);
+    for (std::int64_t i = 0; i < L; ++i)
+      if (store.on_disk(i)) disk_step_[static_cast<std::size_t>(i)] = disk_->image_step(i);
     hist_depth_ = options_.disk_lag + 1;
     const std::size_t bytes = static_cast<std::size_t>(hist_depth_) * RuleConfig::kMaxDirections * sizeof(float);
     g_hist_ = arena.allocate(bytes, "projected gradients of the lagging disk images");
@@ -334,7 +337,7 @@ void Scheduler::run_blocks(const Use& use) {
   // What happens to a block while it is on the device, wherever it lives. A disk block
   // brings the updates [from, to) its image lacks (Note [Lagging disk images]).
   auto on_resident = [&](const WeightSet& w, const WeightSet* st, const ImageLayout& layout, std::int64_t i,
-                         std::int64_t from = -1, std::int64_t to = -1) {
+                         bool disk = false, std::int64_t from = -1, std::int64_t to = -1) {
     int kv_slot = -1;
     KvCache cache;
     if (use.kv) {
@@ -345,7 +348,7 @@ void Scheduler::run_blocks(const Use& use) {
     if (from >= 0) {
       for (std::int64_t t = from; t < to; ++t)
         if (auto h = history_.find(t); h != history_.end()) apply_update(w, layout, st, h->second, g_history(t));
-    } else if (use.update) {
+    } else if (use.update && !disk) {  // a disk image already past this update keeps it (a resume)
       apply_update(w, layout, st);
     }
     if (use.forward) {
@@ -374,7 +377,9 @@ void Scheduler::run_blocks(const Use& use) {
       if (held >= 0 && lag_to > held) lag_from = held;
       write_back = lag_from >= 0 && (use.force_write || (use.update && lag_to - held >= options_.disk_lag));
     }
-    if (!use.update && !use.forward && lag_from < 0) continue;  // a flush's pass for lagging disk blocks
+    // A pass without a forward skips disk blocks with nothing to apply (a flush's pass for
+    // lagging images; a replayed update an image already holds, on a resume).
+    if (!use.forward && (on_disk ? lag_from < 0 : !use.update)) continue;
     if (placement_.resident[static_cast<std::size_t>(i)]) {
       const WeightSet& w = resident_w_[static_cast<std::size_t>(i)];
       on_resident(w, resident_state_w_[static_cast<std::size_t>(i)].data(), layout, i);
@@ -447,7 +452,7 @@ void Scheduler::run_blocks(const Use& use) {
     std::array<WeightSet, 2> st;
     for (int b = 0; b < buffers; ++b)
       st[static_cast<std::size_t>(b)] = bind_weights(store_.block_state_layout(i), slot + store_.block_state_offset(b));
-    on_resident(w, st.data(), layout, i, lag_from, lag_to);
+    on_resident(w, st.data(), layout, i, on_disk, lag_from, lag_to);
     compute_->record(*computed_[static_cast<std::size_t>(k)]);
 
     if (on_disk ? write_back : use.update) {
@@ -845,11 +850,7 @@ void Scheduler::flush() {
 //   work on those uploads.
 void Scheduler::record_pending() {
   if (!disk_ || !pending_.active) return;
-  if (applied_ < 0) {  // the first update: every image holds the updates before it
-    applied_ = pending_.step;
-    for (std::int64_t i = 0; i < store_.num_blocks(); ++i)
-      if (store_.on_disk(i)) disk_step_[static_cast<std::size_t>(i)] = pending_.step;
-  }
+  if (applied_ < 0) applied_ = pending_.step;  // the first update: the weights hold the updates before it
   history_[pending_.step] = pending_;
   while (history_.size() > static_cast<std::size_t>(hist_depth_)) history_.erase(history_.begin());
   compute_->copy_d2d(g_history(pending_.step), grads(),

@@ -5,6 +5,7 @@
 // disk while the last checkpoint stays intact.
 #include "api/run_dir.h"
 #include "api/session.h"
+#include "zo/seed_log.h"
 #include "offload/disk_tier.h"
 #include "offload/planner.h"
 #include "runtime/device.h"
@@ -13,7 +14,11 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
+#include <future>
+#include <thread>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -51,6 +56,78 @@ TEST(DiskTier, ImagesRoundTripAndASecondUserOfTheDirectoryIsRefused) {
   EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
   EXPECT_NE(std::string(e.what()).find("another zo2 process"), std::string::npos) << e.what();
   EXPECT_NE(std::string(e.what()).find(tmp.path().string()), std::string::npos) << e.what();
+}
+
+TEST(DiskTier, AResumeKeepsTheNewestWholeImageOfItsOwnRunOnly) {
+  test::TempDir tmp;
+  auto device = make_device(DeviceOptions{});
+  const std::size_t bytes = 6000;
+  std::vector<unsigned char> a(bytes, 1), b(bytes, 2), back(bytes);
+  {
+    DiskTier tier(*device, tmp.path(), {0, 2}, bytes, 1, {}, DiskTierOpen{"run A\n", false});
+    EXPECT_FALSE(tier.reused());
+    tier.write_now(0, a.data(), 3);
+    tier.write_now(0, b.data(), 4);  // block 0: images of steps 3 and 4
+    tier.write_now(2, a.data(), 3);  // block 2: one image
+    EXPECT_EQ(tier.image_step(0), 4);
+  }
+  {
+    DiskTier tier(*device, tmp.path(), {0, 2}, bytes, 1, {}, DiskTierOpen{"run A\n", true});
+    EXPECT_TRUE(tier.reused());
+    EXPECT_EQ(tier.image_step(0), 4);
+    EXPECT_EQ(tier.image_step(2), 3);
+    tier.read_now(0, back.data());
+    EXPECT_EQ(back, b);
+  }
+  // A torn newest image (a byte of its payload changed): the previous one is used.
+  {
+    const std::filesystem::path file = tmp / kDiskTierFile;
+    BlockFile f = BlockFile::open(file);
+    const std::uint64_t at = f.payload_offset(*f.stored_step(1) == 4 ? 1 : 0) + 100;
+    std::fstream io(file, std::ios::in | std::ios::out | std::ios::binary);
+    io.seekp(static_cast<std::streamoff>(at));
+    io.put('\x7f');
+  }
+  {
+    DiskTier tier(*device, tmp.path(), {0, 2}, bytes, 1, {}, DiskTierOpen{"run A\n", true});
+    EXPECT_EQ(tier.image_step(0), 3);
+    tier.read_now(0, back.data());
+    EXPECT_EQ(back, a);
+  }
+  // Another run's identity: the file is written anew, nothing kept.
+  DiskTier other(*device, tmp.path(), {0, 2}, bytes, 1, {}, DiskTierOpen{"run B\n", true});
+  EXPECT_FALSE(other.reused());
+  EXPECT_EQ(other.image_step(0), -1);
+}
+
+// Note [Disk tier resume], rule 1: a write-back of an image holding step h waits until the
+// seed log is durable through h − 1. The test plays the streams: it waits for the read,
+// "uploads" and "offloads" by storing the counters the scheduler's streams would.
+TEST(DiskTier, AWriteBackWaitsUntilTheSeedLogIsDurableThatFar) {
+  test::TempDir tmp;
+  auto device = make_device(DeviceOptions{});
+  const std::size_t bytes = 8192;
+  DiskTier tier(*device, tmp.path(), {1}, bytes, 2);
+  std::vector<unsigned char> a(bytes, 3);
+  tier.write_now(1, a.data(), 4);
+  tier.set_durable(4);
+  const DiskTier::Use u = tier.begin_use(1, /*write_back=*/true, 5);
+  auto counter = [](std::uint32_t* p) { return std::atomic_ref<std::uint32_t>(*p); };
+  while (counter(tier.read_counter(u.staging)).load() < u.stamp) std::this_thread::yield();
+  EXPECT_EQ(u.buffer[0], std::byte{3});
+  std::memset(u.buffer, 7, bytes);  // the updated image comes back from the device
+  counter(tier.uploaded_counter(u.staging)).store(u.stamp);
+  counter(tier.offloaded_counter(u.staging)).store(u.stamp);
+  auto drained = std::async(std::launch::async, [&] { tier.drain(); });
+  EXPECT_EQ(drained.wait_for(std::chrono::milliseconds(200)), std::future_status::timeout)
+      << "the image of step 5 was written before the log was durable through step 4";
+  EXPECT_EQ(tier.image_step(1), 4);
+  tier.set_durable(5);
+  drained.get();
+  EXPECT_EQ(tier.image_step(1), 5);
+  std::vector<unsigned char> back(bytes);
+  tier.read_now(1, back.data());
+  EXPECT_EQ(back, std::vector<unsigned char>(bytes, 7));
 }
 
 TEST(DiskTierPlan, TheStreamedBlocksBeyondHostMemMoveToDiskSpreadEvenly) {
@@ -301,6 +378,71 @@ TEST_F(DiskTierSessions, ASavedCheckpointReadsTheDiskBlocksAndEqualsTheRamRunsFi
   const std::string disk = save_after(session(DType::f32, true, 4, 4), "disk");
   EXPECT_FALSE(ram.empty());
   EXPECT_TRUE(ram == disk) << "the checkpoints differ";
+}
+
+// Note [Disk tier resume]: a run whose process ends without a save (after its last
+// checkpoint at step 2, five more steps at --disk-lag 3: the images hold steps 2..7, the log
+// runs to 7) resumes from the checkpoint, the kept images and the log to the exact weights
+// of the uninterrupted run, and goes on from step 7.
+TEST_F(DiskTierSessions, AKilledRunResumesFromTheBlockFileAndTheSeedLogPastItsCheckpoint) {
+  const auto data = test::patterned_batches(config, 3, kBatch, kSeq, 2, 5, 11);
+  auto train = [&](Session& s, int from, int to) {
+    for (int t = from; t < to; ++t) s.step(data[static_cast<std::size_t>(t) % data.size()], 3e-3f, 1e-3f, 0.01f);
+  };
+  // The uninterrupted run, in RAM.
+  std::vector<unsigned char> want;
+  {
+    Session s(tmp / "model", session(DType::f32, false, 0, 1));
+    train(s, 0, 10);
+    want = weights_of(s);
+  }
+  for (bool tear : {false, true}) {
+    SCOPED_TRACE(tear ? "the newest image of a block torn" : "every image whole");
+    const auto out = tmp / (tear ? "run-torn" : "run");
+    SessionConfig cfg = session(DType::f32, true, 2, 3);
+    cfg.seed_log = out / kRunSeedLog;
+    std::filesystem::create_directories(out);
+    {
+      Session s(tmp / "model", cfg);
+      train(s, 0, 2);
+      s.save(out, DType::f32, std::uint64_t{1} << 30);
+      train(s, 2, 7);
+      // Killed here: no save. The images are where the lag left them.
+      std::int64_t ahead = 0;
+      for (std::int64_t b : s.store().disk()->blocks()) ahead += s.store().disk()->image_step(b) > 2;
+      EXPECT_GT(ahead, 0) << "no image moved past the checkpoint";
+    }
+    if (tear) {
+      // A write torn by the kill: the last image written of some block is damaged.
+      BlockFile f = BlockFile::open(cfg.disk_dir / kDiskTierFile);
+      std::size_t newest = 0;
+      std::uint64_t best = 0;
+      for (std::size_t k = 0; k < f.count(); ++k)
+        if (auto st = f.stored_step(k); st && *st >= best) best = *st, newest = k;
+      std::fstream io(cfg.disk_dir / kDiskTierFile, std::ios::in | std::ios::out | std::ios::binary);
+      io.seekp(static_cast<std::streamoff>(f.payload_offset(newest) + 64));
+      io.put('\x55');
+    }
+    const OpenedCheckpoint ck = open_checkpoint(out, true);
+    ASSERT_EQ(ck.step, 2);
+    const SeedLog log = SeedLog::read(out / kRunSeedLog);
+    ASSERT_EQ(log.next_step(), 7);
+    SessionConfig resume = cfg;
+    resume.disk_resume = true;
+    resume.seed_log_append = true;
+    for (const SeedLogEntry& e : log.entries)
+      if (e.step >= 2) resume.replay.push_back(e);
+    resume.first_step = 7;
+    Session s(ck.dir, resume);
+    EXPECT_TRUE(s.store().disk()->reused());
+    EXPECT_EQ(s.next_step(), 7);
+    // The kept images skipped the updates they held: fewer writes than the 5 replayed
+    // updates of 10 disk blocks (plus their rewrite at load) would take.
+    EXPECT_LT(s.store().disk()->take_stats().writes, 5 * 10);
+    train(s, 7, 10);
+    EXPECT_TRUE(weights_of(s) == want) << "the resumed run differs from the uninterrupted one";
+    EXPECT_EQ(SeedLog::read(out / kRunSeedLog).next_step(), 10);
+  }
 }
 
 TEST_F(DiskTierSessions, OptionsTheTierCannotServeAreRefusedByName) {

@@ -502,6 +502,18 @@ Runner add_train(CLI::App& app) {
       sc.generate.batch = static_cast<int>(std::min<std::int64_t>(o->batch, eval_data->size()));
     }
     sc.run_seed = o->seed;
+    if (resume_in_place && resumed_log && sc.host_mem > 0 && !sc.disk_dir.empty() && comm.size() == 1) {
+      // Note [Disk tier resume] (api/session.cpp): keep the block file and apply the log's
+      // updates past the checkpoint; training goes on where the log ends.
+      sc.disk_resume = true;
+      for (const SeedLogEntry& e : resumed_log->entries)
+        if (e.step >= first_step && e.step < o->steps) sc.replay.push_back(e);
+      if (!sc.replay.empty()) {
+        log_info("--resume: the seed log runs {} steps past the checkpoint (step {}): applying them",
+                 sc.replay.size(), first_step);
+        first_step = sc.replay.back().step + 1;
+      }
+    }
     sc.first_step = first_step;
     plan_placement(config, plan_request(config, sc, parse_device(sc.device).kind, planning_cap(sc)));
     // Every rank has validated its flags and data; only rank 0 touches --out.
