@@ -144,11 +144,6 @@ namespace {
 // What the disk tier cannot serve yet, refused before anything is planned or read.
 void check_disk_tier(const SessionConfig& cfg) {
   if (cfg.host_mem == 0) return;
-  if (cfg.rule.state_buffers() > 0 && !cfg.peft.any())
-    fail(ErrorKind::unsupported,
-         "--host-mem with --optimizer {}: the rule keeps optimizer state beside each block, which the disk tier "
-         "does not hold yet; use a stateless rule (zo-sgd, zo-sgd-sign, zo-sgd-cons) or LoRA, or leave --host-mem out",
-         rule_name(cfg.rule.kind));
   if (cfg.comm && cfg.comm->size() > 1)
     fail(ErrorKind::unsupported, "--host-mem: the disk tier serves one process; {} ranks are not supported yet",
          cfg.comm->size());

@@ -23,6 +23,7 @@
 #include <cstring>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 
 namespace zo2 {
 
@@ -98,8 +99,8 @@ BlockStore::BlockStore(const ModelConfig& config, DType storage, Device& device,
     if (static_cast<std::int64_t>(disk->on_disk.size()) != config_.num_layers)
       fail(ErrorKind::internal, "a disk placement of {} blocks for a model of {}", disk->on_disk.size(),
            config_.num_layers);
-    if (alias_blocks || node_ || state_.buffers > 0)
-      fail(ErrorKind::internal, "the disk tier holds neither aliased blocks, nor a node-shared image, nor state");
+    if (alias_blocks || node_)
+      fail(ErrorKind::internal, "the disk tier holds neither aliased blocks nor a node-shared image");
     std::vector<std::int64_t> on;
     for (std::int64_t i = 0; i < config_.num_layers; ++i)
       if (disk->on_disk[static_cast<std::size_t>(i)]) on.push_back(i);
@@ -111,6 +112,8 @@ BlockStore::BlockStore(const ModelConfig& config, DType storage, Device& device,
     disk_ = std::make_unique<DiskTier>(device, disk->dir, std::move(on), stream_bytes_, disk->staging, disk->file,
                                        DiskTierOpen{disk->identity, disk->reuse});
     disk_base_step_ = disk->base_step;
+    disk_kept_.assign(static_cast<std::size_t>(config_.num_layers), false);
+    clear_state();  // the RAM images' (the disk images get theirs as they are written)
     return;
   }
   if (!node_) {
@@ -169,6 +172,12 @@ void clear_state_image(const ImageLayout& layout, void* image) {
 }
 }  // namespace
 
+void BlockStore::clear_block_state(std::int64_t i, void* image) const {
+  for (int k = 0; k < state_.buffers; ++k)
+    clear_state_image(block_state_layouts_[static_cast<std::size_t>(i)],
+                      static_cast<std::byte*>(image) + block_state_offset(k));
+}
+
 void BlockStore::clear_state() {
   for (int k = 0; k < state_.buffers; ++k) {
     clear_state_image(globals_state_layout_, static_cast<std::byte*>(globals_.data()) + globals_state_offset(k));
@@ -194,13 +203,14 @@ std::size_t BlockStore::host_bytes() const {
 // zeroed image of block i) as holding `step` — except, on a resume, those whose image from
 // the previous run holds `step` or later (Note [Disk tier resume]).
 namespace {
-void write_disk_blocks(DiskTier& disk, std::size_t image_bytes, std::int64_t step,
+void write_disk_blocks(DiskTier& disk, std::size_t image_bytes, std::int64_t step, std::vector<bool>& kept_blocks,
                        const std::function<void(std::int64_t, void*)>& fill) {
   HostBuffer tmp = host_alloc_aligned(image_bytes);
   std::int64_t kept = 0;
   for (std::int64_t i : disk.blocks()) {
     if (disk.reused() && disk.image_step(i) >= step) {
       ++kept;
+      kept_blocks[static_cast<std::size_t>(i)] = true;
       continue;
     }
     std::memset(tmp.data(), 0, image_bytes);
@@ -240,9 +250,11 @@ BlockStore BlockStore::load(const std::filesystem::path& model_dir, DType storag
                store.blocks_[static_cast<std::size_t>(i)].data(), where);
   });
   if (store.disk_)
-    write_disk_blocks(*store.disk_, store.stream_bytes_, store.disk_base_step_, [&](std::int64_t i, void* image) {
-      load_image(ckpt, store.block_layouts_[static_cast<std::size_t>(i)], image, where);
-    });
+    write_disk_blocks(*store.disk_, store.stream_bytes_, store.disk_base_step_, store.disk_kept_,
+                      [&](std::int64_t i, void* image) {
+                        load_image(ckpt, store.block_layouts_[static_cast<std::size_t>(i)], image, where);
+                        store.clear_block_state(i, image);
+                      });
   if (store.node_) store.wait_for_node_rank_zero("reading the checkpoint");
   return store;
 }
@@ -294,9 +306,11 @@ BlockStore BlockStore::synthetic(const ModelConfig& config, DType storage, Devic
                store.blocks_[static_cast<std::size_t>(i)].data(), seed, norm);
   });
   if (store.disk_)
-    write_disk_blocks(*store.disk_, store.stream_bytes_, store.disk_base_step_, [&](std::int64_t i, void* image) {
-      init_image(store.block_layouts_[static_cast<std::size_t>(i)], image, seed, norm);
-    });
+    write_disk_blocks(*store.disk_, store.stream_bytes_, store.disk_base_step_, store.disk_kept_,
+                      [&](std::int64_t i, void* image) {
+                        init_image(store.block_layouts_[static_cast<std::size_t>(i)], image, seed, norm);
+                        store.clear_block_state(i, image);
+                      });
   if (store.node_) store.wait_for_node_rank_zero("initializing the weights");
   return store;
 }
@@ -382,22 +396,33 @@ void BlockStore::check_finite() const {
 namespace zo2 {
 
 void write_state_file(const std::filesystem::path& file, const std::vector<StateTensorRef>& tensors,
-                      const StateSpec& spec) {
+                      const StateSpec& spec, const DiskTier* disk) {
   std::vector<TensorToWrite> w;
   w.reserve(tensors.size() * 2);
+  // Host bytes, or (a disk block) bytes read from its image when the writer reaches them.
+  auto source = [&](TensorToWrite& x, const StateTensorRef& t, std::size_t offset) {
+    if (t.disk_block < 0) {
+      x.data = t.base + offset;
+      return;
+    }
+    ZO2_CHECK(disk != nullptr);
+    const std::int64_t block = t.disk_block;
+    const std::size_t at = t.base_offset + offset;
+    x.fill = [disk, block, at](std::span<std::byte> out) { disk->read_range(block, at, out.size(), out.data()); };
+  };
   for (const StateTensorRef& t : tensors) {
     TensorToWrite x;
     x.name = t.name;
     x.dtype = t.slot->dtype;
     x.shape = t.slot->shape();
-    x.data = t.base + t.slot->offset;
+    source(x, t, t.slot->offset);
     w.push_back(std::move(x));
     if (t.slot->has_scales()) {
       TensorToWrite sc;
       sc.name = t.name + ".scale";
       sc.dtype = DType::f32;
       sc.shape = {t.slot->rows};
-      sc.data = t.base + t.slot->scale_offset;
+      source(sc, t, t.slot->scale_offset);
       w.push_back(std::move(sc));
     }
   }
@@ -406,10 +431,11 @@ void write_state_file(const std::filesystem::path& file, const std::vector<State
 }
 
 void read_state_file(const std::filesystem::path& file, const std::vector<StateTensorRef>& tensors,
-                     const StateSpec& spec) {
+                     const StateSpec& spec, DiskTier* disk) {
   const SafetensorsFile f = SafetensorsFile::open(file);
   const std::string where = file.string();
   std::size_t expected = 0;
+  // dst == nullptr: checked, not copied (StateTensorRef::keep).
   auto copy = [&](const std::string& name, DType dtype, const std::vector<std::int64_t>& shape, std::byte* dst,
                   std::size_t bytes) {
     const TensorInfo* info = f.find(name);
@@ -422,16 +448,35 @@ void read_state_file(const std::filesystem::path& file, const std::vector<StateT
            fmt::format("[{}]", fmt::join(shape, ", ")), dtype_name(spec.dtype));
     const auto src = f.bytes(*info);
     ZO2_CHECK(src.size() == bytes);
+    ++expected;
+    if (!dst) return;
     std::memcpy(dst, src.data(), bytes);
     if (first_non_finite(dst, dtype, static_cast<std::int64_t>(bytes / dtype_size(dtype))) >= 0)
       fail(ErrorKind::format, "{}: optimizer state tensor '{}' holds a non-finite value", where, name);
-    ++expected;
   };
-  for (const StateTensorRef& t : tensors) {
-    copy(t.name, t.slot->dtype, t.slot->shape(), t.base + t.slot->offset, t.slot->bytes);
+  auto copy_ref = [&](const StateTensorRef& t, std::byte* base) {
+    copy(t.name, t.slot->dtype, t.slot->shape(), base ? base + t.slot->offset : nullptr, t.slot->bytes);
     if (t.slot->has_scales())
-      copy(t.name + ".scale", DType::f32, {t.slot->rows}, t.base + t.slot->scale_offset,
+      copy(t.name + ".scale", DType::f32, {t.slot->rows}, base ? base + t.slot->scale_offset : nullptr,
            static_cast<std::size_t>(t.slot->rows) * sizeof(float));
+  };
+  std::map<std::int64_t, std::vector<const StateTensorRef*>> on_disk;
+  for (const StateTensorRef& t : tensors) {
+    if (t.disk_block >= 0 && !t.keep) {
+      on_disk[t.disk_block].push_back(&t);
+      continue;
+    }
+    copy_ref(t, t.keep ? nullptr : t.base);
+  }
+  // A disk block's state: its image read, the tensors copied in, written back (same step).
+  if (!on_disk.empty()) {
+    ZO2_CHECK(disk != nullptr);
+    HostBuffer tmp = host_alloc_aligned(disk->image_bytes());
+    for (const auto& [block, refs] : on_disk) {
+      disk->read_now(block, tmp.data());
+      for (const StateTensorRef* t : refs) copy_ref(*t, static_cast<std::byte*>(tmp.data()) + t->base_offset);
+      disk->write_now(block, tmp.data(), static_cast<std::uint64_t>(std::max<std::int64_t>(disk->image_step(block), 0)));
+    }
   }
   if (f.tensors().size() != expected)
     fail(ErrorKind::format, "{}: holds {} tensors, this model's optimizer state has {}", where, f.tensors().size(),
@@ -439,15 +484,20 @@ void read_state_file(const std::filesystem::path& file, const std::vector<StateT
 }
 
 std::vector<StateTensorRef> BlockStore::state_tensors() const {
-  ZO2_CHECK(!disk_);
   std::vector<StateTensorRef> out;
   for (int k = 0; k < state_.buffers; ++k) {
     const std::string suffix = fmt::format(".state{}", k);
     auto* g = static_cast<std::byte*>(globals_.data()) + globals_state_offset(k);
     for (const TensorSlot& t : globals_state_layout_.tensors()) out.push_back({t.name + suffix, &t, g});
     for (std::size_t i = 0; i < blocks_.size(); ++i) {
-      auto* b = static_cast<std::byte*>(blocks_[i].data()) + block_state_offset(static_cast<int>(k));
-      for (const TensorSlot& t : block_state_layouts_[i].tensors()) out.push_back({t.name + suffix, &t, b});
+      const auto block = static_cast<std::int64_t>(i);
+      const std::size_t offset = block_state_offset(static_cast<int>(k));
+      for (const TensorSlot& t : block_state_layouts_[i].tensors()) {
+        if (on_disk(block))  // Note [Disk tier resume]: a kept image's state is newer than the file's
+          out.push_back({t.name + suffix, &t, nullptr, block, offset, disk_kept_[i]});
+        else
+          out.push_back({t.name + suffix, &t, static_cast<std::byte*>(blocks_[i].data()) + offset});
+      }
     }
   }
   return out;
@@ -455,12 +505,12 @@ std::vector<StateTensorRef> BlockStore::state_tensors() const {
 
 void BlockStore::save_state(const std::filesystem::path& file) const {
   if (state_.buffers == 0) fail(ErrorKind::internal, "save_state: this store keeps no optimizer state");
-  write_state_file(file, state_tensors(), state_);
+  write_state_file(file, state_tensors(), state_, disk_.get());
 }
 
 void BlockStore::load_state(const std::filesystem::path& file) {
   if (state_.buffers == 0) fail(ErrorKind::internal, "load_state: this store keeps no optimizer state");
-  if (!node_ || node_->rank() == 0) read_state_file(file, state_tensors(), state_);
+  if (!node_ || node_->rank() == 0) read_state_file(file, state_tensors(), state_, disk_.get());
   if (node_) wait_for_node_rank_zero("reading the optimizer state");
 }
 

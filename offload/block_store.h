@@ -35,15 +35,23 @@ void check_host_memory(const ModelConfig& config, DType storage, std::int64_t bl
 // the image that slot is in. The file holds each tensor in the state dtype, fp8 rows with a
 // ".scale" tensor beside them; reading checks every name, dtype, shape and value (finite)
 // and names the file and tensor.
+// A tensor of a block on the disk tier has no host base: disk_block names the block and
+// base_offset where its state buffer begins in the block's image; the writer reads it from
+// the disk (DiskTier::read_range), the reader writes it into the image (read-modify-write,
+// one image at a time). `keep`: checked in the file but not copied (a disk image a resume
+// kept holds newer state than the checkpoint's).
 struct StateTensorRef {
   std::string name;
   const TensorSlot* slot;
   std::byte* base;
+  std::int64_t disk_block = -1;
+  std::size_t base_offset = 0;
+  bool keep = false;
 };
 void write_state_file(const std::filesystem::path& file, const std::vector<StateTensorRef>& tensors,
-                      const StateSpec& spec);
+                      const StateSpec& spec, const DiskTier* disk = nullptr);
 void read_state_file(const std::filesystem::path& file, const std::vector<StateTensorRef>& tensors,
-                     const StateSpec& spec);
+                     const StateSpec& spec, DiskTier* disk = nullptr);
 
 // The disk tier (offload/disk_tier.h, DESIGN.md §12): which blocks live in the block file
 // under `dir` instead of host RAM (plan_tiers in offload/planner.h decides), and how many
@@ -144,6 +152,8 @@ class BlockStore {
   void load_state(const std::filesystem::path& file);
   // Zeros every state buffer (fp8: zeros with unit row scales).
   void clear_state();
+  // The same for the state buffers of one image of block i at `image`.
+  void clear_block_state(std::int64_t i, void* image) const;
 
   // Note [One host image per node]: 1 and 0 when the image is this process's own.
   int node_ranks() const { return node_ ? node_->size() : 1; }
@@ -177,6 +187,7 @@ class BlockStore {
   HostBuffer shared_, control_;  // the images' segment and the counters' (globals_/blocks_ point into it)
   std::unique_ptr<DiskTier> disk_;  // blocks_[i] is empty for a block it holds
   std::int64_t disk_base_step_ = 0;
+  std::vector<bool> disk_kept_;  // per block: a resume kept its image (Note [Disk tier resume])
 };
 
 }  // namespace zo2

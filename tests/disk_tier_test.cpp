@@ -186,8 +186,9 @@ class DiskTierSessions : public ::testing::Test {
   }
   // All streamed through two slots; with `disk`, host memory for the globals and the two
   // staging buffers plus `ram_blocks` blocks, the rest on disk.
-  SessionConfig session(DType storage, bool disk, int ram_blocks, int lag) const {
+  SessionConfig session(DType storage, bool disk, int ram_blocks, int lag, const RuleConfig& rule = {}) const {
     SessionConfig s;
+    s.rule = rule;  // before the plan below: a rule's state makes the images larger
     s.offload = OffloadMode::all;
     s.window = 2;
     s.max_batch = kBatch;
@@ -389,17 +390,26 @@ TEST_F(DiskTierSessions, AKilledRunResumesFromTheBlockFileAndTheSeedLogPastItsCh
   auto train = [&](Session& s, int from, int to) {
     for (int t = from; t < to; ++t) s.step(data[static_cast<std::size_t>(t) % data.size()], 3e-3f, 1e-3f, 0.01f);
   };
-  // The uninterrupted run, in RAM.
-  std::vector<unsigned char> want;
-  {
-    Session s(tmp / "model", session(DType::f32, false, 0, 1));
-    train(s, 0, 10);
-    want = weights_of(s);
-  }
-  for (bool tear : {false, true}) {
-    SCOPED_TRACE(tear ? "the newest image of a block torn" : "every image whole");
-    const auto out = tmp / (tear ? "run-torn" : "run");
-    SessionConfig cfg = session(DType::f32, true, 2, 3);
+  RuleConfig adam;
+  adam.kind = RuleKind::adam;
+  struct Case {
+    bool tear;
+    RuleConfig rule;
+  };
+  for (const Case& c : {Case{false, RuleConfig{}}, Case{true, RuleConfig{}}, Case{false, adam}}) {
+    SCOPED_TRACE(fmt::format("{}, {}", c.tear ? "the newest image of a block torn" : "every image whole",
+                             rule_name(c.rule.kind)));
+    const bool tear = c.tear;
+    // The uninterrupted run, in RAM.
+    std::vector<unsigned char> want;
+    {
+      Session s(tmp / "model", session(DType::f32, false, 0, 1, c.rule));
+      train(s, 0, 10);
+      want = weights_of(s);
+    }
+    const auto out = tmp / fmt::format("run-{}-{}", tear, rule_name(c.rule.kind));
+    SessionConfig cfg = session(DType::f32, true, 2, 3, c.rule);
+    cfg.disk_dir = tmp / fmt::format("blocks-{}-{}", tear, rule_name(c.rule.kind));
     cfg.seed_log = out / kRunSeedLog;
     std::filesystem::create_directories(out);
     {
@@ -430,6 +440,7 @@ TEST_F(DiskTierSessions, AKilledRunResumesFromTheBlockFileAndTheSeedLogPastItsCh
     SessionConfig resume = cfg;
     resume.disk_resume = true;
     resume.seed_log_append = true;
+    resume.resume_state = c.rule.state_buffers() > 0;
     for (const SeedLogEntry& e : log.entries)
       if (e.step >= 2) resume.replay.push_back(e);
     resume.first_step = 7;
@@ -451,10 +462,56 @@ TEST_F(DiskTierSessions, OptionsTheTierCannotServeAreRefusedByName) {
   Error e = test::error_of([&] { Session s(tmp / "model", no_dir); });
   EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
   EXPECT_NE(std::string(e.what()).find("--disk-dir"), std::string::npos) << e.what();
-  SessionConfig adam = session(DType::f32, true, 0, 1);
-  adam.rule.kind = RuleKind::adam;
-  e = test::error_of([&] { Session s(tmp / "model", adam); });
-  EXPECT_NE(std::string(e.what()).find("zo-adam"), std::string::npos) << e.what();
+}
+
+// zo-adam's two state buffers live in each image after the weights and stream with their
+// block (Note [Update rules]): through the disk tier too, with lagging images re-applying
+// each update's state step; saved state is read from the disk blocks, and a resume with
+// --resume-state writes it into them.
+TEST_F(DiskTierSessions, OptimizerStateStreamsThroughTheDiskSavesAndResumes) {
+  const auto data = test::patterned_batches(config, 3, kBatch, kSeq, 2, 5, 11);
+  RuleConfig rule;
+  rule.kind = RuleKind::adam;
+  rule.state_dtype = DType::bf16;
+  auto adam = [&](bool disk, int ram_blocks, int lag) { return session(DType::f32, disk, ram_blocks, lag, rule); };
+  auto train = [&](Session& s, int from, int to) {
+    for (int t = from; t < to; ++t) s.step(data[static_cast<std::size_t>(t) % data.size()], 1e-3f, 1e-3f, 0.01f);
+  };
+  auto file = [](const std::filesystem::path& p) {
+    std::ifstream in(p, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  std::vector<unsigned char> want;
+  {
+    Session s(tmp / "model", adam(false, 0, 1));
+    train(s, 0, 3);
+    s.save(tmp / "ram3", DType::f32, std::uint64_t{1} << 30);
+    train(s, 3, 6);
+    s.save(tmp / "ram6", DType::f32, std::uint64_t{1} << 30);
+    want = weights_of(s);
+  }
+  {
+    SessionConfig c = adam(true, 2, 3);
+    Session s(tmp / "model", c);
+    EXPECT_GT(s.store().stream_bytes(), s.store().block_bytes());  // the images carry the state
+    train(s, 0, 3);
+    s.save(tmp / "disk3", DType::f32, std::uint64_t{1} << 30);
+    train(s, 3, 6);
+    s.save(tmp / "disk6", DType::f32, std::uint64_t{1} << 30);
+    EXPECT_TRUE(weights_of(s) == want) << "zo-adam through the disk tier differs from RAM";
+  }
+  for (const char* step : {"3", "6"})
+    EXPECT_TRUE(file(tmp / (std::string("disk") + step) / "current" / kOptimizerStateFile) ==
+                file(tmp / (std::string("ram") + step) / "current" / kOptimizerStateFile))
+        << "the optimizer state saved at step " << step << " differs";
+  // Resume from the step-3 checkpoint with its state, through a fresh block file.
+  SessionConfig c = adam(true, 2, 3);
+  c.disk_dir = tmp / "disk-resumed";
+  c.resume_state = true;
+  c.first_step = 3;
+  Session s(resolve_model_dir(tmp / "disk3"), c);
+  train(s, 3, 6);
+  EXPECT_TRUE(weights_of(s) == want) << "the resumed zo-adam run differs";
 }
 
 }  // namespace
