@@ -298,6 +298,23 @@ TEST_F(DiskTierSessions, AModelSixTimesHostMemTrainsThroughDiskWithTheAllInRamBi
   }
 }
 
+// The same on a GPU: the staging buffers registered with CUDA, the upload stream waiting on
+// the read counters with cuStreamWaitValue32 and the offload stream writing its counters
+// with cuStreamWriteValue32 (Note [Disk tier pipeline]); fp32 and bf16 storage.
+TEST_F(DiskTierSessions, CudaThroughTheDiskEqualsRamBitForBit) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (DType storage : {DType::f32, DType::bf16}) {
+    SessionConfig ram = session(storage, false, 0, 1);
+    ram.device = "cuda";
+    const DiskRun want = run(ram, 7, 3);
+    for (int lag : {1, 3}) {
+      SessionConfig disk = session(storage, true, 2, lag);
+      disk.device = "cuda";
+      expect_same(run(disk, 7, 3), want, fmt::format("cuda, {}, lag {}", dtype_name(storage), lag));
+    }
+  }
+}
+
 TEST_F(DiskTierSessions, LagKWritesKFoldLessAndReadsTheSame) {
   constexpr int kSteps = 9;
   const DiskRun k1 = run(session(DType::f32, true, 0, 1), kSteps);
