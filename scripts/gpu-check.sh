@@ -27,6 +27,8 @@
 #                      with the chunked attention (resident_chunked), without the GEMM
 #                      epilogues (resident_no_epilogue), with neither (the old default) and
 #                      with the block-per-row softmax (resident_block); a cap sweep for 6.7B
+#   bench_disk_*       the disk tier (issue 21): the disk probe, and OPT-1.3B streamed with
+#                      its weights in RAM and half of them on disk (--disk-lag 1 and 4)
 #   summary.txt        the tail of each phase
 set -uo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUT_DIR}"
@@ -43,7 +45,7 @@ budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
 # Which phases to run (they run in the order of the code below; a rerun after a fix names
 # only what it needs):
-phases="${ZO2_GPU_PHASES:-tests goldens generate resident resident_13b resident_30b streamed_175b resident_chunked resident_no_epilogue resident_chunked_no_epilogue streamed_fp8 streamed_fp8_regenerate resident_block micro sanitize streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
+phases="${ZO2_GPU_PHASES:-tests goldens generate disk disk_ram disk_lag1 disk_lag4 resident resident_13b resident_30b streamed_175b resident_chunked resident_no_epilogue resident_chunked_no_epilogue streamed_fp8 streamed_fp8_regenerate resident_block micro sanitize streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -135,6 +137,23 @@ bench() {  # name, then zo2-bench flags
 }
 budget_bench=60 bench resident --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline auto
+# The disk tier (issue 21): this machine's disk through the tier's own path, then OPT-1.3B
+# (fp16, 2.6 GB) streamed at 2.6 GB of GPU memory with its master weights in RAM, and under
+# --host-mem 1.6G (about half its blocks in the block file) at --disk-lag 1 and 4.
+if has disk; then
+  start=$(date +%s)
+  timeout "$(limit 40)" zo2-bench --disk-probe --disk-dir "$work" --disk-probe-bytes 2G -q \
+    --jsonl "$work/bench_disk_probe.jsonl" > "$work/bench_disk_probe.log" 2>&1
+  note "disk probe: rc=$? in $(( $(date +%s) - start )) s"
+  cat "$work/bench_disk_probe.log" >> "$summary"
+  pack_results
+fi
+budget_bench=40 bench disk_ram --presets opt-1.3b --gpu-mem 2.6G --offload all --storage-dtype fp16 \
+  --compute-dtype fp16 --mezo-baseline off
+for lag in 1 4; do
+  budget_bench=50 bench "disk_lag$lag" --presets opt-1.3b --gpu-mem 2.6G --offload all --storage-dtype fp16 \
+    --compute-dtype fp16 --mezo-baseline off --host-mem 1.6G --disk-dir "$work/disk" --disk-lag "$lag"
+done
 # OPT-13B resident with its own master weights (26 GB of pinned host memory, synthesized):
 # the slowest row to set up, and the one issue 8 still lacks.
 budget_bench=110 bench resident_13b --presets opt-13b --gpu-mem none --offload none \
