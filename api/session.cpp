@@ -410,14 +410,12 @@ std::int64_t Session::step_async(const HostBatch& batch, float lr, float eps, fl
   validate_rule(cfg_.rule, weight_decay);
   const std::int64_t t = next_step_;
   if (store_->disk() && seed_log_) {
-    // Note [Disk tier resume]: a disk write-back waits for the log, whose lines wait() writes;
-    // a host that enqueues steps without reading their results would stall it, so the
-    // results more than two steps old are read here (wait returns them later).
-    std::vector<std::int64_t> old;
-    for (std::int64_t s : outstanding_)
-      if (s + 2 < t) old.push_back(s);
-    std::sort(old.begin(), old.end());
-    for (std::int64_t s : old) harvested_[s] = collect(s);
+    // Note [Disk tier resume]: a disk write-back of step t's pass waits for the log line of
+    // step t − 1, which wait() writes. A host that enqueues steps without reading their
+    // results would stall it, so results more than two steps old are read here (wait returns
+    // them later); zo-sgd-cons reads step t's losses inside step t, so every earlier result
+    // is read first.
+    harvest_before(cfg_.rule.host_sync() ? t : t - 2);
   }
   StepParams p;
   p.step = t;
@@ -439,7 +437,18 @@ std::int64_t Session::step_async(const HostBatch& batch, float lr, float eps, fl
   return t;
 }
 
+void Session::harvest_before(std::int64_t step) {
+  std::vector<std::int64_t> old;
+  for (std::int64_t s : outstanding_)
+    if (s < step) old.push_back(s);
+  std::sort(old.begin(), old.end());
+  for (std::int64_t s : old) harvested_[s] = collect(s);
+}
+
 StepResult Session::wait(std::int64_t step) {
+  // Note [Disk tier resume]: the log lines in step order, the earlier ones first (a later
+  // step's compute may wait for them).
+  if (store_->disk() && seed_log_) harvest_before(step);
   if (auto it = harvested_.find(step); it != harvested_.end()) {
     StepResult r = std::move(it->second);
     harvested_.erase(it);

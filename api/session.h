@@ -195,6 +195,7 @@ class Session {
   // Note [Disk tier resume]: results read early by step_async (their log lines written), for wait.
   std::map<std::int64_t, StepResult> harvested_;
   StepResult collect(std::int64_t step);
+  void harvest_before(std::int64_t step);  // collects every outstanding step below `step`, in order
   std::map<std::int64_t, std::int64_t> global_tokens_;  // data parallel: a step's tokens over every shard
 };
 

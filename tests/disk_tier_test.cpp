@@ -16,6 +16,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <future>
 #include <thread>
@@ -470,6 +472,48 @@ TEST_F(DiskTierSessions, AKilledRunResumesFromTheBlockFileAndTheSeedLogPastItsCh
     train(s, 7, 10);
     EXPECT_TRUE(weights_of(s) == want) << "the resumed run differs from the uninterrupted one";
     EXPECT_EQ(SeedLog::read(out / kRunSeedLog).next_step(), 10);
+  }
+}
+
+// With a seed log, a write-back waits for the log line before it (Note [Disk tier resume]);
+// zo-sgd-cons reads its losses inside step_async, and a host may enqueue steps ahead of its
+// waits: neither may stall the pipeline (10 disk blocks through 2 staging buffers, so a
+// step's later reads wait for its own write-backs). Each run must end, with RAM's bits.
+TEST_F(DiskTierSessions, TheSeedLogOrderingNeverStallsAStepThatWaitsInsideOrRunsAhead) {
+  const auto data = test::patterned_batches(config, 3, kBatch, kSeq, 2, 5, 11);
+  RuleConfig cons;
+  cons.kind = RuleKind::cons;
+  for (const RuleConfig& rule : {cons, RuleConfig{}}) {
+    SCOPED_TRACE(rule_name(rule.kind));
+    const float wd = rule.kind == RuleKind::cons ? 0.0f : 0.01f;
+    std::vector<unsigned char> want;
+    {
+      Session s(tmp / "model", session(DType::f32, false, 0, 1, rule));
+      for (int t = 0; t < 6; ++t) s.step(data[static_cast<std::size_t>(t) % data.size()], 3e-3f, 1e-3f, wd);
+      want = weights_of(s);
+    }
+    SessionConfig cfg = session(DType::f32, true, 2, 1, rule);
+    cfg.disk_dir = tmp / fmt::format("blocks-{}", rule_name(rule.kind));
+    cfg.seed_log = tmp / fmt::format("seeds-{}.jsonl", rule_name(rule.kind));
+    auto result = std::async(std::launch::async, [&] {
+      Session s(tmp / "model", cfg);
+      // Three steps enqueued before the first wait, then waits in order.
+      std::vector<std::int64_t> ids;
+      for (int t = 0; t < 6; ++t) {
+        ids.push_back(s.step_async(data[static_cast<std::size_t>(t) % data.size()], 3e-3f, 1e-3f, wd));
+        if (t >= 2) s.wait(ids[static_cast<std::size_t>(t - 2)]);
+      }
+      s.wait(ids[4]);
+      s.wait(ids[5]);
+      return weights_of(s);
+    });
+    if (result.wait_for(std::chrono::seconds(60)) != std::future_status::ready) {
+      // The stalled thread cannot be joined: end the test binary with the failure.
+      std::fprintf(stderr, "%s: the run stalled (a disk write-back waiting for a log line never written)\n",
+                   rule_name(rule.kind).data());
+      std::_Exit(1);
+    }
+    EXPECT_TRUE(result.get() == want);
   }
 }
 
