@@ -170,11 +170,12 @@ std::optional<DiskPlacement> Session::disk_placement(const ModelConfig& model, c
   // seed), the same model shape and storage, and the same blocks on disk.
   std::string map;
   for (bool b : plan.on_disk) map += b ? 'd' : '-';
-  d.identity = nlohmann::json{{"seed_log", cfg_.seed_log.empty() ? std::string()
-                                                                 : std::filesystem::absolute(cfg_.seed_log).string()},
+  // The log by its resolved path: a resume from another working directory is the same run.
+  const std::string log =
+      cfg_.seed_log.empty() ? std::string() : std::filesystem::weakly_canonical(std::filesystem::absolute(cfg_.seed_log)).string();
+  d.identity = nlohmann::json{{"seed_log", log},
                               {"run_seed", cfg_.run_seed},
                               {"storage", std::string(dtype_name(cfg_.storage))},
-                              {"base_model", cfg_.base_model},
                               {"family", model.family_name()},
                               {"layers", model.num_layers},
                               {"hidden", model.hidden_size},

@@ -509,8 +509,8 @@ Runner add_train(CLI::App& app) {
       for (const SeedLogEntry& e : resumed_log->entries)
         if (e.step >= first_step && e.step < o->steps) sc.replay.push_back(e);
       if (!sc.replay.empty()) {
-        log_info("--resume: the seed log runs {} steps past the checkpoint (step {}): applying them",
-                 sc.replay.size(), first_step);
+        log_info("--resume: the seed log runs {} step{} past the checkpoint (step {}): applying {}", sc.replay.size(),
+                 sc.replay.size() == 1 ? "" : "s", first_step, sc.replay.size() == 1 ? "it" : "them");
         first_step = sc.replay.back().step + 1;
       }
     }
