@@ -57,6 +57,7 @@ Names names_of(Opt o) {
     case Opt::host_mem: return {"--host-mem", "host_mem_bytes"};
     case Opt::disk_lag: return {"--disk-lag", "disk_lag"};
     case Opt::disk_staging: return {"--disk-staging", "disk_staging"};
+    case Opt::tile: return {"--tile", "tile_bytes"};
     case Opt::shard_size: return {"--shard-size", "save_shard_bytes"};
     case Opt::temperature: return {"--temperature", "temperature"};
     case Opt::top_p: return {"--top-p", "top_p"};
@@ -95,6 +96,10 @@ IntRange range_of(Opt o, OptionSource src) {
     // few hundred the noise work of an upload dwarfs the write it saves.
     case Opt::disk_lag: return {1, 1024, ""};
     case Opt::disk_staging: return {0, kMaxWindow, " (0 = window + 1)"};
+    // Tiles are at least one row of the widest matrix whatever the size says (ModelGraph).
+    case Opt::tile:
+      return {-1, std::int64_t{1} << 48,
+              src == OptionSource::c_api ? " (0 = auto, -1 = whole blocks only, else the bytes of a weight tile)" : ""};
     default: break;
   }
   fail(ErrorKind::internal, "option {} is not an integer option", option_name(o, src));
@@ -195,8 +200,25 @@ std::uint64_t parse_size_option(Opt o, std::string_view text, OptionSource src) 
   return bytes;
 }
 
+std::int64_t parse_tile_option(std::string_view text, OptionSource src) {
+  if (text == "auto") return 0;
+  if (text == "off") return -1;
+  std::uint64_t bytes = 0;
+  try {
+    bytes = parse_byte_size(text);
+  } catch (const Error& e) {
+    throw Error(ErrorKind::invalid_argument,
+                fmt::format("{} {}: expected auto, off or a size such as 64M ({})", option_name(Opt::tile, src), text,
+                            e.what()));
+  }
+  if (bytes == 0) refuse(Opt::tile, src, std::string(text), "must be larger than 0 (auto picks the size)");
+  if (bytes > (std::uint64_t{1} << 48)) refuse(Opt::tile, src, std::string(text), "must be at most 2^48 bytes");
+  return static_cast<std::int64_t>(bytes);
+}
+
 void check_session_options(const SessionConfig& sc, OptionSource src) {
   check_integer(Opt::window, sc.window, src);
+  check_integer(Opt::tile, sc.tile, src);
   check_integer(Opt::threads, sc.threads, src);
   check_integer(Opt::disk_lag, sc.disk_lag, src);
   check_integer(Opt::disk_staging, sc.disk_staging, src);

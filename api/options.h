@@ -28,6 +28,7 @@ enum class Opt {
   steps, batch_size, window, threads, warmup_steps, save_every, eval_every,  // integer
   log_every, stop_at, num_train, num_eval, max_len, seq_len, until_step, first_step,
   disk_lag, disk_staging,                                                  // disk tier: integer
+  tile,                                                                    // auto (0) | off (−1) | bytes
   gpu_mem, shard_size, host_mem,                                           // byte sizes
   temperature, top_p,                                                      // generation: real
   max_new_tokens,                                                          // generation: integer
@@ -47,6 +48,9 @@ void check_integer(Opt o, std::int64_t value, OptionSource src);
 // flag named in every message.
 std::uint64_t parse_size_option(Opt o, std::string_view text, OptionSource src);
 void check_size(Opt o, std::uint64_t bytes, OptionSource src);
+// --tile auto | off | SIZE (Note [Sub-block streaming] in offload/scheduler.h): 0, −1 or the
+// bytes of a weight tile (SessionConfig::tile), with the flag named in every message.
+std::int64_t parse_tile_option(std::string_view text, OptionSource src);
 
 // The device-level options of a session together: window, threads, the disk tier's
 // (--disk-lag, --disk-staging; --disk-dir without --host-mem, or --host-mem below what the

@@ -21,6 +21,7 @@ PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, Dev
   r.compute = cfg.compute;
   r.mode = cfg.offload;
   r.window = cfg.window;
+  r.tile = cfg.tile;
   r.limits = cfg.limits;
   r.logits_out = cfg.logits_out;
   r.generate = cfg.generate;
@@ -314,6 +315,7 @@ void Session::init(const SessionConfig& cfg) {
     };
     for (bool r : placement.resident) mix(r ? 1 : 0);
     mix(static_cast<std::uint64_t>(placement.window));
+    mix(static_cast<std::uint64_t>(placement.tile_slots));
     const double mine[2] = {static_cast<double>(h), static_cast<double>(placement.resident_count)};
     const std::vector<double> all = node_comm_->all_gather(mine, "the ranks' placements");
     for (int r = 0; r < node_comm_->size(); ++r)

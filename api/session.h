@@ -34,6 +34,10 @@ struct SessionConfig {
                                    // arena then keeps only the plan's bytes: session.cpp)
   OffloadMode offload = OffloadMode::auto_;
   int window = 3;
+  // Note [Sub-block streaming] (offload/scheduler.h): 0 = auto (whole blocks when the
+  // window's smallest size fits the cap, else weight tiles), −1 = whole blocks only (--tile
+  // off), > 0 = stream by weight tiles of at most this many bytes of storage.
+  std::int64_t tile = 0;
   DType storage = DType::f32;
   DType compute = DType::f32;
   RuleConfig rule;                 // the update rule (zo/rule.h); default: today's ZO-SGD. Its

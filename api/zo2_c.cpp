@@ -154,6 +154,7 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
   }
   sc.disk_lag = p.disk_lag;
   sc.disk_staging = p.disk_staging;
+  sc.tile = p.tile_bytes;
   zo2::check_session_options(sc, c_api);  // window, n_threads, the disk tier's, and the device runs the compute dtype
   zo2::check_integer(Opt::batch_size, p.max_seqs, c_api);
   zo2::check_integer(Opt::max_len, p.max_seq_len, c_api);
@@ -310,6 +311,9 @@ void fill_plan(const zo2::Placement& pl, std::int64_t blocks, zo2_plan_result* o
   out->disk_read_bytes_per_step = pl.disk_read_bytes_per_step;
   out->disk_write_bytes_per_step = pl.disk_write_bytes_per_step;
   out->predicted_disk_s = pl.predicted_disk_s;
+  out->tile_slots = pl.tile_slots;
+  out->tile_slot_bytes = pl.tile_slots > 0 ? pl.tile_bytes : 0;
+  out->tiles_per_block = pl.tile_slots > 0 ? pl.block_tiles : 0;
 }
 
 // Reads the safetensors headers and checks every tensor the model needs is there, with
@@ -451,6 +455,7 @@ zo2_session_params zo2_session_default_params(void) {
   p.disk_dir = nullptr;
   p.disk_lag = 1;
   p.disk_staging = 0;
+  p.tile_bytes = 0;
   return p;
 }
 

@@ -322,6 +322,7 @@ std::size_t g_host_mem = 0;
 std::string g_disk_dir;
 int g_disk_lag = 1, g_disk_staging = 0;
 bool g_sliced = false;
+std::int64_t g_tile = 0;  // Note [Sub-block streaming]: --tile auto (0) | off (−1) | bytes
 
 struct Row {
   std::string preset, storage, compute, cap_text;
@@ -338,6 +339,8 @@ std::string row_label(const Row& r) {
   if (g_comm) s += fmt::format(" [{} ranks: {}{}]", g_comm->size(), g_layout.spec(), g_sliced ? ", sliced" : "");
   if (r.synthetic) s += " (synthetic)";
   if (g_host_mem > 0) s += fmt::format(" host {} lag {}", zo2::format_bytes(static_cast<double>(g_host_mem)), g_disk_lag);
+  if (g_tile > 0) s += fmt::format(" tiles {}", zo2::format_bytes(static_cast<double>(g_tile)));
+  if (g_tile < 0) s += " whole blocks";
   if (r.tuning != "full") s += " LoRA";
   if (r.optimizer != "zo-sgd") s += " " + r.optimizer;
   return s;
@@ -386,6 +389,7 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
   if (g_host_mem > 0) sc.disk_dir = g_disk_dir;
   sc.disk_lag = g_disk_lag;
   sc.disk_staging = g_disk_staging;
+  sc.tile = g_tile;
   json row{{"offload", offload}, {"preset", r.preset}, {"tuning", r.tuning}, {"optimizer", r.optimizer}, {"params", config.total_params()}, {"device", device},
            {"cap", r.cap_text}, {"cap_bytes", sc.gpu_mem}, {"storage", r.storage}, {"compute", r.compute},
            {"batch", r.batch}, {"seq", r.seq}, {"synthetic", r.synthetic}};
@@ -466,6 +470,11 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
     row["resident_blocks"] = pl.resident_count;
     row["streamed_blocks"] = pl.streamed;
     row["window"] = pl.window;
+    if (pl.tile_slots > 0) {
+      row["tile_slots"] = pl.tile_slots;
+      row["tile_bytes"] = pl.tile_bytes;
+      row["tiles_per_block"] = pl.block_tiles;
+    }
     row["device_name"] = s.device().name();  // the GPU, or the CPU's threads and noise loop
     // The kernel switches the row ran with (only those set), so rows of one sweep run with
     // different choices stay apart.
@@ -592,6 +601,7 @@ int main(int argc, char** argv) {
   CLI::App app{"zo2-bench: zo2 MeZO step throughput and memory against device-memory caps"};
   std::string presets = "opt-tiny", caps = "none", storages = "fp32", computes = "fp32", batches = "1", seqs = "128";
   std::string device = "cpu", offload = "auto", jsonl, markdown, plot, python, mezo_mode = "auto";
+  std::string tile = "auto";
   std::string tunings = "full", optimizers = "zo-sgd";
   int steps = 5, warmup = 2, threads = 0;
   std::uint64_t seed = 0;
@@ -629,6 +639,10 @@ int main(int argc, char** argv) {
                  "comma-separated update rules: zo-sgd, zo-sgd-sign, zo-sgd-cons, zo-sgd-momentum, zo-adam")
       ->capture_default_str();
   app.add_option("--device", device, "cpu, cuda, cuda:N")->capture_default_str();
+  app.add_option("--tile", tile,
+                 "stream blocks by weight tiles: auto (when two whole blocks do not fit the cap), off, or a tile size "
+                 "such as 64M (every row)")
+      ->capture_default_str();
   app.add_option("--offload", offload, "auto, all (stream every block), none")->capture_default_str()
       ->check(CLI::IsMember({"auto", "all", "none"}));
   app.add_option("--steps", steps, "measured steps per row (their mean is reported)")->capture_default_str()->check(CLI::Range(1, 1 << 30));
@@ -716,6 +730,7 @@ int main(int argc, char** argv) {
       rule.directions = g_directions;
       zo2::validate_parallel(zo2::parse_parallel(parallel, "--parallel"), 1, rule, -1, "--parallel");
     }
+    g_tile = zo2::parse_tile_option(tile, zo2::OptionSource::cli);
     if (!host_mem.empty()) {
       g_host_mem = zo2::parse_size_option(zo2::Opt::host_mem, host_mem, zo2::OptionSource::cli);
       g_disk_dir = disk_dir;

@@ -241,6 +241,13 @@ typedef struct zo2_session_params {
     int32_t  disk_lag;           // a disk block is written back once its image lags by this many updates, 1..1024
                                  // (K-fold fewer writes, K× the noise work at its uploads). Default 1.
     int32_t  disk_staging;       // pinned staging buffers between disk and device, 0..64; 0 = window + 1. Default 0.
+
+    // Sub-block streaming (zo2-tune --tile; README "Below 4 GiB of GPU memory"): streamed blocks move through the
+    // device one weight tile (a row range of one matrix) at a time instead of whole, so the window needs slots of a
+    // tile, not of a block. 0 = auto (whole blocks when two slots of them fit gpu_mem_bytes, else tiles), -1 = whole
+    // blocks only, > 0 = tiles of at most this many bytes of storage (up to 2^48). Not with the disk tier or a
+    // node-shared host image. Default 0.
+    int64_t  tile_bytes;
 } zo2_session_params;
 
 ZO2_API zo2_session_params zo2_session_default_params(void);
@@ -407,6 +414,9 @@ typedef struct zo2_plan_result {
     uint64_t disk_read_bytes_per_step;
     uint64_t disk_write_bytes_per_step;  // divided by disk_lag
     double   predicted_disk_s;      // disk-bound step time at 2 GB/s read, 1.5 GB/s write (seconds)
+    int32_t  tile_slots;            // sub-block streaming (tile_bytes): device slots of one weight tile; 0 = whole blocks
+    uint64_t tile_slot_bytes;       // one tile slot (a tile of the largest matrix with its state rows)
+    int64_t  tiles_per_block;       // weight tiles one block streams in
 } zo2_plan_result;
 
 // Plans a session of m with p without opening the device or allocating anything.

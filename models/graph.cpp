@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 
 namespace zo2 {
 
@@ -36,14 +37,19 @@ ModelGraph::ModelGraph(const ModelConfig& config, DType compute, GraphLimits lim
   }
   if (limits_.vocab_tile <= 0) limits_.vocab_tile = config_.vocab_size;
   limits_.vocab_tile = std::min(limits_.vocab_tile, config_.vocab_size);
-  max_tensor_elems_ = std::max(max_tensor_elems_, limits_.vocab_tile * config_.word_embed_proj_dim);
   if (limits_.weight_tile_elems > 0) {
     // A tile holds at least one row of the widest tensor.
     const std::int64_t widest = std::max({config_.hidden_size, config_.ffn_dim, config_.q_dim(),
                                           config_.word_embed_proj_dim});
     limits_.weight_tile_elems = std::max(limits_.weight_tile_elems, widest);
-    max_tensor_elems_ = std::min(max_tensor_elems_, limits_.weight_tile_elems);
+    // The LM head's vocabulary tiles are perturbed into the same scratch, so they are no
+    // larger than a weight tile either (before, a head of 8192 rows × 4096 columns — LLaMA-7B's
+    // — overran the 2^24-element scratch), in rows of a multiple of 128 where that many fit.
+    const std::int64_t rows = limits_.weight_tile_elems / config_.word_embed_proj_dim;
+    limits_.vocab_tile = std::min(limits_.vocab_tile, rows >= 128 ? rows / 128 * 128 : rows);
   }
+  max_tensor_elems_ = std::max(max_tensor_elems_, limits_.vocab_tile * config_.word_embed_proj_dim);
+  if (limits_.weight_tile_elems > 0) max_tensor_elems_ = std::min(max_tensor_elems_, limits_.weight_tile_elems);
   inv_freq_host_ = config_.rope_inv_freq();
   if (config_.gemma3()) inv_freq_local_host_ = config_.rope_inv_freq(config_.rope_local);
 }
@@ -152,12 +158,18 @@ void ModelGraph::allocate(Device& device, Stream& s, int nbranches, int batch, i
 // (measured on an H200 with OPT-13B's 3276-row tiles: sm75 "align1" kernels at about a
 // third of the aligned rate). Tiles are therefore multiples of kTileRowAlign rows, and of
 // near-equal size, so no GEMM is left with a sliver.
-std::int64_t ModelGraph::tile_rows(const StoredTensor& w) const {
+std::int64_t ModelGraph::tile_rows(std::int64_t rows, std::int64_t cols) const {
   constexpr std::int64_t kTileRowAlign = 128;
-  const std::int64_t most = std::clamp<std::int64_t>(max_tensor_elems_ / std::max<std::int64_t>(w.cols, 1), 1, w.rows);
-  if (most >= w.rows || most < kTileRowAlign) return most;
-  const std::int64_t tiles = (w.rows + most - 1) / most;
-  const std::int64_t even = ((w.rows + tiles - 1) / tiles + kTileRowAlign - 1) / kTileRowAlign * kTileRowAlign;
+  std::int64_t most = std::clamp<std::int64_t>(max_tensor_elems_ / std::max<std::int64_t>(cols, 1), 1, rows);
+  if (most >= rows) return most;
+  if (most < kTileRowAlign) {
+    // A tile starts at a multiple of 4 elements (a Philox group), so a streamed tile draws
+    // its noise from whole groups (Note [Sub-block streaming]).
+    const std::int64_t step = 4 / std::gcd<std::int64_t>(cols, 4);
+    return most >= step ? most / step * step : most;
+  }
+  const std::int64_t tiles = (rows + most - 1) / most;
+  const std::int64_t even = ((rows + tiles - 1) / tiles + kTileRowAlign - 1) / kTileRowAlign * kTileRowAlign;
   return even <= most ? even : most / kTileRowAlign * kTileRowAlign;
 }
 
@@ -199,7 +211,10 @@ void ModelGraph::linear(Ops& ops, Stream& s, const WeightSet& ws, Role weight, R
   const std::int64_t tile = tile_rows(w);
   for (std::int64_t r0 = 0; r0 < w.rows; r0 += tile) {
     const std::int64_t r1 = std::min(w.rows, r0 + tile);
-    const Views v = materialize(ops, s, w, r0, r1, noise, weight_scratch_[0], weight_scratch_[1]);
+    // Streamed by tiles, the rows arrive now and are given back after both branches' GEMMs.
+    const Views v = tiles_ ? materialize(ops, s, tiles_->acquire(weight, r0, r1), 0, r1 - r0, noise,
+                                         weight_scratch_[0], weight_scratch_[1])
+                           : materialize(ops, s, w, r0, r1, noise, weight_scratch_[0], weight_scratch_[1]);
     for (int b = 0; b < nb; ++b) {
       Branch& br = branches_[static_cast<std::size_t>(b)];
       const void* bias_tile = bt ? static_cast<const char*>(bv.w[b].data) + r0 * esize : nullptr;
@@ -207,6 +222,7 @@ void ModelGraph::linear(Ops& ops, Stream& s, const WeightSet& ws, Role weight, R
       ops.linear(s, br.*in, v.w[b], (br.*out).cols_range(r0, r1), bias_tile, fused_relu,
                  residual ? &residual_tile : nullptr);
     }
+    if (tiles_) tiles_->release();
   }
   if (adapted) {
     lora_add(ops, s, weight, in, out, nb, residual);
@@ -461,11 +477,12 @@ void ModelGraph::embed(Ops& ops, Stream& s, const WeightSet& g, const BatchView&
 
 void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView& batch,
                        const NoiseArgs* noise, int nb, const LoraSet* lora, const NoiseArgs* lora_noise,
-                       std::int64_t layer) {
+                       std::int64_t layer, TileFeed* tiles) {
   ZO2_CHECK(batch.tokens() <= capacity_tokens_);
   ZO2_CHECK(!lora || (lora->prefix_tokens > 0 ? limits_.prefix_tokens >= lora->prefix_tokens : limits_.lora_rank > 0));
   lora_ = lora;
   lora_noise_ = lora_noise;
+  tiles_ = tiles;
   window_ = static_cast<int>(config_.attention_window(layer));
   layer_inv_freq_ = config_.local_layer(layer) ? inv_freq_local_ : inv_freq_;
   const bool gemma = config_.gemma3();
@@ -520,6 +537,7 @@ void ModelGraph::block(Ops& ops, Stream& s, const WeightSet& w, const BatchView&
   for (int i = 0; i < nb; ++i) branches_[static_cast<std::size_t>(i)] = saved[static_cast<std::size_t>(i)];
   lora_ = nullptr;
   lora_noise_ = nullptr;
+  tiles_ = nullptr;
   window_ = 0;
   layer_inv_freq_ = nullptr;
 }

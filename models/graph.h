@@ -93,6 +93,20 @@ struct KvCache {
   const std::int32_t* key_mask = nullptr;  // [B·capacity] on the device, 1 = a real token
 };
 
+// Note [Sub-block streaming] (offload/scheduler.h): while block() runs with a feed, the
+// rows of the block's matrices come from it one weight tile at a time — the same row
+// ranges the graph materializes (ModelGraph::tile_rows) — instead of from the WeightSet,
+// whose 2-D tensors then carry only their shape, dtype and key.
+class TileFeed {
+ public:
+  virtual ~TileFeed() = default;
+  // Rows [r0, r1) of the current block's tensor `role`: a view (first_row = r0) whose bytes
+  // are on the device in the compute stream's order once this returns.
+  virtual StoredTensor acquire(Role role, std::int64_t r0, std::int64_t r1) = 0;
+  // The graph has enqueued its last use of the tile acquire() returned.
+  virtual void release() = 0;
+};
+
 struct GraphLimits {
   // Max elements of one materialized weight tile (0 = whole tensors). Perturbed copies
   // of a 175B fc1 would take 2 × 1.2 GB; tiles of 16M elements keep scratch small while
@@ -131,9 +145,12 @@ class ModelGraph {
   // With lora, the block's adapters add to their layers; lora_noise perturbs them (and
   // noise the base weights; LoRA training passes nullptr there: the base is frozen).
   // `layer` is the block's index (its attention window: ModelConfig::attention_window).
+  // With tiles, the block's matrices come from the feed (Note [Sub-block streaming]).
   void block(Ops& ops, Stream& s, const WeightSet& block, const BatchView& batch,
              const NoiseArgs* noise, int nbranches, const LoraSet* lora = nullptr,
-             const NoiseArgs* lora_noise = nullptr, std::int64_t layer = 0);
+             const NoiseArgs* lora_noise = nullptr, std::int64_t layer = 0, TileFeed* tiles = nullptr);
+  // Rows per materialized tile of a rows × cols matrix: the unit of sub-block streaming.
+  std::int64_t tile_rows(std::int64_t rows, std::int64_t cols) const;
   // Final norm (+ OPT project_out) into each branch's `final`.
   void finish(Ops& ops, Stream& s, const WeightSet& globals, const BatchView& batch,
               const NoiseArgs* noise, int nbranches);
@@ -155,7 +172,7 @@ class ModelGraph {
   struct Views {
     Mat w[2];
   };
-  std::int64_t tile_rows(const StoredTensor& w) const;
+  std::int64_t tile_rows(const StoredTensor& w) const { return tile_rows(w.rows, w.cols); }
   Views materialize(Ops& ops, Stream& s, const StoredTensor& w, std::int64_t r0, std::int64_t r1,
                     const NoiseArgs* noise, void* scratch0, void* scratch1);
   Views vector(Ops& ops, Stream& s, const StoredTensor* w, const NoiseArgs* noise, int slot);
@@ -177,6 +194,7 @@ class ModelGraph {
   std::vector<std::vector<float>>* kv_capture_ = nullptr;
   const KvCache* kv_cache_ = nullptr;
   const LoraSet* lora_ = nullptr;          // during block(): the block's adapters
+  TileFeed* tiles_ = nullptr;              // during block(): the feed of its matrices
   const NoiseArgs* lora_noise_ = nullptr;
   void norm(Ops& ops, Stream& s, const WeightSet& ws, Role weight, Role bias, Mat Branch::*in,
             Mat Branch::*out, const NoiseArgs* noise, int nbranches);

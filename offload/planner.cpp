@@ -83,6 +83,33 @@ std::size_t host_store_bytes(const ModelConfig& c, DType storage, std::int64_t b
   return globals + static_cast<std::size_t>(block_images) * block;
 }
 
+namespace {
+void finish_transfer(Placement& p, const PlanRequest& r, std::size_t weight_block);
+}  // namespace
+
+std::size_t tile_piece_bytes(DType storage, DType state, int buffers, std::int64_t rows, std::int64_t cols) {
+  const auto part = [&](DType d) {
+    const auto n = static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols);
+    return align_up(n * dtype_size(d)) +
+           (d == DType::f8_e4m3 ? align_up(static_cast<std::size_t>(rows) * sizeof(float)) : 0);
+  };
+  return part(storage) + static_cast<std::size_t>(std::max(buffers, 0)) * part(state);
+}
+
+TileSizes tile_sizes(const ModelGraph& graph, const ImageLayout& block, const StateSpec& state) {
+  TileSizes t;
+  for (const TensorSlot& ts : block.tensors()) {
+    if (ts.ndim == 1) {
+      t.vectors += tile_piece_bytes(ts.dtype, state.dtype, state.buffers, ts.rows, ts.cols);
+      continue;
+    }
+    const std::int64_t tr = graph.tile_rows(ts.rows, ts.cols);
+    t.tile = std::max(t.tile, tile_piece_bytes(ts.dtype, state.dtype, state.buffers, tr, ts.cols));
+    t.tiles += (ts.rows + tr - 1) / tr;
+  }
+  return t;
+}
+
 Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   if (r.batch <= 0 || r.seq <= 0)
     fail(ErrorKind::invalid_argument, "batch size and sequence length must be positive (got {} × {})",
@@ -97,7 +124,14 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   p.globals_bytes = align_up(image_with_state_bytes(globals_layout(config, r.storage).bytes(),
                                                     globals_layout(config, r.state.dtype).bytes(), r.state.buffers));
   p.host_bytes = host_store_bytes(config, r.storage, config.num_layers, r.state);
-  const ModelGraph graph(config, r.compute, r.limits);
+  if (r.tile < -1) fail(ErrorKind::invalid_argument, "--tile {}: expected auto, off or a size", r.tile);
+  GraphLimits limits = r.limits;
+  if (r.tile > 0) {
+    // A tile of at most r.tile bytes of storage (the graph keeps at least one row).
+    const std::size_t elem = std::max<std::size_t>(dtype_size(r.storage), 1);
+    limits.weight_tile_elems = std::max<std::int64_t>(1, r.tile / static_cast<std::int64_t>(elem));
+  }
+  const ModelGraph graph(config, r.compute, limits);
   p.limits = graph.limits();
   p.call_seq = activation_seq(r);
   if (r.generate.chunk < 0) fail(ErrorKind::invalid_argument, "prefill chunk {} is negative", r.generate.chunk);
@@ -142,6 +176,65 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   }
   p.minimum_cap = fixed + static_cast<std::size_t>(k_floor) * block;
   const std::size_t all_resident = fixed + static_cast<std::size_t>(L) * block;
+  // Note [Sub-block streaming]: weight tiles when asked, or (auto) when the smallest window
+  // of whole blocks does not fit and nothing asks for every block resident.
+  const TileSizes ts = tile_sizes(graph, block_layout(config, 0, r.storage), r.state);
+  const std::size_t vector_slots = 2 * align_up(std::max<std::size_t>(ts.vectors, 1));
+  const std::size_t tile_slot = align_up(std::max<std::size_t>(ts.tile, 1));
+  const std::size_t tile_floor = fixed + vector_slots + 2 * tile_slot;
+  const bool tiled = L > 0 && r.mode != OffloadMode::none &&
+                     (r.tile > 0 || (r.tile == 0 && all_resident > r.cap && p.minimum_cap > r.cap));
+  if (tiled) {
+    p.minimum_cap = tile_floor;
+    if (tile_floor > r.cap)
+      fail(ErrorKind::out_of_memory,
+           "the cap {} is below the minimum of {} this model needs at batch {} × {} tokens even streamed by weight "
+           "tiles (globals {}, activations and scratch {}, cuBLAS and attention scratch {}, 2 tile slots × {}, 2 "
+           "vector slots × {}{})",
+           format_bytes(static_cast<double>(r.cap)), format_bytes(static_cast<double>(tile_floor)), r.batch,
+           p.call_seq, format_bytes(static_cast<double>(p.globals_bytes)),
+           format_bytes(static_cast<double>(p.workspace_bytes + p.batch_bytes + p.logits_bytes)),
+           format_bytes(static_cast<double>(p.backend_bytes)), format_bytes(static_cast<double>(tile_slot)),
+           format_bytes(static_cast<double>(vector_slots / 2)),
+           p.gen_batch > 0 ? fmt::format(", generation: KV cache {}, logits {}",
+                                         format_bytes(static_cast<double>(p.kv_device_bytes)),
+                                         format_bytes(static_cast<double>(p.gen_bytes)))
+                           : std::string());
+    // The ring first (as deep as kMaxTileSlots), then whole blocks resident in what is left.
+    const int slots = static_cast<int>(
+        std::clamp<std::size_t>((r.cap - fixed - vector_slots) / tile_slot, 2, kMaxTileSlots));
+    const std::size_t ring = vector_slots + static_cast<std::size_t>(slots) * tile_slot;
+    const std::int64_t resident = std::min<std::int64_t>(
+        r.mode == OffloadMode::all ? 0 : static_cast<std::int64_t>((r.cap - fixed - ring) / block), L);
+    p.tile_slots = resident == L ? 0 : slots;
+    p.tile_bytes = tile_slot;
+    p.vector_bytes = vector_slots / 2;
+    p.block_tiles = ts.tiles;
+    p.window = 0;
+    p.resident_count = resident;
+    p.streamed = L - resident;
+    p.limits = graph.limits();
+    p.resident.assign(static_cast<std::size_t>(L), false);
+    for (std::int64_t i = 0; i < L; ++i)
+      p.resident[static_cast<std::size_t>(i)] = (i + 1) * resident / L > i * resident / L;
+    p.slot_bytes = p.tile_slots > 0 ? ring : 0;
+    p.resident_bytes = static_cast<std::size_t>(resident) * block;
+    p.total_bytes = fixed + p.slot_bytes + p.resident_bytes;
+    finish_transfer(p, r, weight_block);
+    if (r.writeback_ranks > 1 && p.streamed > 0)
+      fail(ErrorKind::unsupported,
+           "ranks sharing one host image with blocks streamed by weight tiles are not supported yet: raise --gpu-mem "
+           "so that {} window slots of {} fit, or give each rank its own host image",
+           k_floor, format_bytes(static_cast<double>(block)));
+    if (r.host_mem > 0 && p.host_bytes > r.host_mem)
+      fail(ErrorKind::unsupported,
+           "--host-mem {} (a disk tier) with blocks streamed by weight tiles is not supported yet: the disk tier "
+           "moves whole blocks; raise --gpu-mem so that {} window slots of {} fit, or --host-mem to {}",
+           format_bytes(static_cast<double>(r.host_mem)), k_floor, format_bytes(static_cast<double>(block)),
+           format_bytes(static_cast<double>(p.host_bytes)));
+    plan_tiers(p, config, r);
+    return p;
+  }
 
   std::int64_t resident = 0;
   int window = 0;
@@ -206,8 +299,16 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   p.slot_bytes = static_cast<std::size_t>(p.window) * block;
   p.resident_bytes = static_cast<std::size_t>(resident) * block;
   p.total_bytes = fixed + p.slot_bytes + p.resident_bytes;
-  // Each pass uploads every streamed block; only the first (which applies the pending
-  // update) brings the rule's state with it and writes them back.
+  finish_transfer(p, r, weight_block);
+  plan_tiers(p, config, r);
+  return p;
+}
+
+namespace {
+// Each pass uploads every streamed block (by blocks or by tiles: the same bytes); only the
+// first (which applies the pending update) brings the rule's state with it and writes
+// them back.
+void finish_transfer(Placement& p, const PlanRequest& r, std::size_t weight_block) {
   p.passes = std::max(1, r.passes);
   p.h2d_bytes_per_step = static_cast<std::size_t>(p.streamed) *
                          (p.block_bytes + static_cast<std::size_t>(p.passes - 1) * weight_block);
@@ -219,9 +320,8 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   p.host_bytes += r.adapter_bytes + p.kv_host_bytes;
   p.predicted_transfer_s = std::max(static_cast<double>(p.h2d_bytes_per_step) / r.h2d_bytes_per_s,
                                     static_cast<double>(p.d2h_bytes_per_step) / r.d2h_bytes_per_s);
-  plan_tiers(p, config, r);
-  return p;
 }
+}  // namespace
 
 // The tiers below the device (DESIGN.md §12): with --host-mem below the host store, the
 // streamed blocks that do not fit (after the globals, the device-resident blocks, which
@@ -276,8 +376,14 @@ std::string Placement::describe(const ModelConfig& config) const {
   auto line = [&](std::string_view what, double bytes) {
     s += fmt::format("  {:<28} {:>12}\n", what, format_bytes(bytes));
   };
-  s += fmt::format("placement: {} of {} blocks resident, {} streamed through {} slots\n",
-                   resident_count, resident.size(), streamed, window);
+  if (tile_slots > 0)
+    s += fmt::format("placement: {} of {} blocks resident, {} streamed by weight tiles ({} a block) through {} tile "
+                     "slots of {} and 2 vector slots of {}\n",
+                     resident_count, resident.size(), streamed, block_tiles, tile_slots,
+                     format_bytes(static_cast<double>(tile_bytes)), format_bytes(static_cast<double>(vector_bytes)));
+  else
+    s += fmt::format("placement: {} of {} blocks resident, {} streamed through {} slots\n",
+                     resident_count, resident.size(), streamed, window);
   if (streamed > 0 && resident_count > 0) {
     std::string map;
     for (bool b : resident) map += b ? 'R' : 's';
@@ -285,7 +391,7 @@ std::string Placement::describe(const ModelConfig& config) const {
   }
   line("globals", static_cast<double>(globals_bytes));
   line("resident blocks", static_cast<double>(resident_bytes));
-  line("window slots", static_cast<double>(slot_bytes));
+  line(tile_slots > 0 ? "tile and vector slots" : "window slots", static_cast<double>(slot_bytes));
   line("activations and scratch", static_cast<double>(workspace_bytes));
   line("batch buffers", static_cast<double>(batch_bytes));
   if (logits_bytes) line("logits", static_cast<double>(logits_bytes));
@@ -306,7 +412,7 @@ std::string Placement::describe(const ModelConfig& config) const {
   }
   line("predicted device peak", static_cast<double>(total_bytes));
   line("cap", static_cast<double>(cap));
-  line("minimum cap (all streamed)", static_cast<double>(minimum_cap));
+  line(tile_slots > 0 ? "minimum cap (tiles, 2 slots)" : "minimum cap (all streamed)", static_cast<double>(minimum_cap));
   line(state_block_bytes ? "block image (with state)" : "block image", static_cast<double>(block_bytes));
   if (state_block_bytes) line("  of which optimizer state", static_cast<double>(state_block_bytes));
   line(state_block_bytes ? "host memory (weights, state)" : "host memory (master weights)", static_cast<double>(host_bytes));

@@ -56,6 +56,19 @@ int activation_seq(const struct PlanRequest& r);
 // Bytes of one block's KV cache: keys and values of batch × positions rows (compute dtype).
 std::size_t kv_block_bytes(const ModelConfig& c, DType compute, int batch, int positions);
 
+// Note [Sub-block streaming] (offload/scheduler.h): a tile slot holds the rows of one
+// weight tile in the tensor's storage dtype, their fp8 row scales, then the same rows of
+// each optimizer-state buffer (with theirs), each part 256-byte aligned.
+std::size_t tile_piece_bytes(DType storage, DType state, int buffers, std::int64_t rows, std::int64_t cols);
+struct TileSizes {
+  std::size_t tile = 0;     // the largest tile of a block's matrices: a tile slot
+  std::size_t vectors = 0;  // a block's 1-D tensors (norms, biases), each a piece: a vector slot
+  std::int64_t tiles = 0;   // tiles of one block
+};
+TileSizes tile_sizes(const ModelGraph& graph, const ImageLayout& block, const StateSpec& state);
+// The most tile slots a plan gives the ring (more only hold more prefetched tiles).
+inline constexpr int kMaxTileSlots = 6;
+
 struct PlanRequest {
   std::size_t cap = 0;            // device bytes available to zo2 (the arena)
   int batch = 1;
@@ -74,6 +87,10 @@ struct PlanRequest {
   int writeback_ranks = 1;
   OffloadMode mode = OffloadMode::auto_;
   int window = 3;                 // K device slots for streamed blocks
+  // Note [Sub-block streaming]: 0 = auto (whole blocks when the window's smallest size fits
+  // the cap, else weight tiles), −1 = whole blocks only, > 0 = stream weight tiles of at most
+  // this many bytes of storage (GraphLimits::weight_tile_elems follows).
+  std::int64_t tile = 0;
   GraphLimits limits;
   double h2d_bytes_per_s = 50e9;  // for the predicted transfer-bound step time
   double d2h_bytes_per_s = 50e9;
@@ -103,7 +120,13 @@ struct Placement {
   std::size_t globals_bytes = 0;
   std::size_t workspace_bytes = 0;
   std::size_t batch_bytes = 0;
-  std::size_t slot_bytes = 0;       // window × block
+  std::size_t slot_bytes = 0;       // window × block (tiles: the tile and vector slots)
+  // Note [Sub-block streaming]: with tile_slots > 0 the streamed blocks move tile by tile
+  // through tile_slots slots of tile_bytes and two vector slots of vector_bytes (window = 0).
+  int tile_slots = 0;
+  std::size_t tile_bytes = 0;
+  std::size_t vector_bytes = 0;
+  std::int64_t block_tiles = 0;     // tiles a block streams
   std::size_t resident_bytes = 0;   // resident blocks
   std::size_t logits_bytes = 0;
   std::size_t adapter_bytes = 0;    // LoRA adapters and their state (resident)

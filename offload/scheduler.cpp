@@ -25,8 +25,12 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
       graph_(store.config(), options.compute, placement.limits) {
   const std::int64_t L = store.num_blocks();
   ZO2_CHECK(static_cast<std::int64_t>(placement_.resident.size()) == L);
-  if (placement_.streamed > 0 && placement_.window < 1)
-    fail(ErrorKind::internal, "a placement that streams blocks needs at least one window slot");
+  if (placement_.streamed > 0 && placement_.window < 1 && placement_.tile_slots < 1)
+    fail(ErrorKind::internal, "a placement that streams blocks needs at least one window or tile slot");
+  const bool tiled = placement_.tile_slots > 0 && placement_.streamed > 0;
+  if (tiled && (store.disk() || store.node_ranks() > 1 || options_.sliced_upload))
+    fail(ErrorKind::unsupported, "blocks streamed by weight tiles (Note [Sub-block streaming]) cannot use {} yet",
+         store.disk() ? "the disk tier" : options_.sliced_upload ? "the sliced upload" : "a node-shared host image");
   if (options_.branches != 1 && options_.branches != 2)
     fail(ErrorKind::invalid_argument, "a scheduler runs one or two branches, not {}", options_.branches);
   validate_rule(options_.rule, 0.0f);
@@ -73,6 +77,21 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
     uploaded_.push_back(device.make_event());
     computed_.push_back(device.make_event());
     for (std::size_t c = 0; c < slot_chunks_.size(); ++c) slot_free_.push_back(device.make_event());
+  }
+  if (tiled) {
+    // Note [Sub-block streaming]: the tile ring and the two vector slots.
+    for (int k = 0; k < placement_.tile_slots; ++k) {
+      tile_slots_.push_back(arena.allocate(placement_.tile_bytes, fmt::format("tile slot {}", k)));
+      tile_uploaded_.push_back(device.make_event());
+      tile_computed_.push_back(device.make_event());
+      tile_free_.push_back(device.make_event());
+    }
+    for (int k = 0; k < 2; ++k) {
+      vector_slots_.push_back(arena.allocate(placement_.vector_bytes, fmt::format("vector slot {}", k)));
+      vector_uploaded_.push_back(device.make_event());
+      vector_computed_.push_back(device.make_event());
+      vector_free_.push_back(device.make_event());
+    }
   }
   for (std::int64_t i = 0; i < L; ++i) offloaded_.push_back(device.make_event());
   versions_.assign(static_cast<std::size_t>(L), 0);
@@ -275,26 +294,37 @@ int Scheduler::upload_batch(const HostBatch& batch) {
 
 // Note [Update rules] (zo/rule.h), question 4: the pending update of one image.
 void Scheduler::apply_update(const WeightSet& w, const ImageLayout& layout, const WeightSet* st, const Pending& pending,
-                             const float* g) {
+                             const float* g, bool vectors_only) {
+  const bool stateful = options_.rule.state_buffers() > 0;
+  ZO2_CHECK(!stateful || st != nullptr);
+  const bool adam = options_.rule.kind == RuleKind::adam;
+  for (const TensorSlot& slot : layout.tensors()) {
+    if (vectors_only && slot.ndim != 1) continue;
+    apply_update(w.at(slot.role), stateful ? &st[0].at(slot.role) : nullptr,
+                 stateful && adam ? &st[1].at(slot.role) : nullptr, slot.ndim, pending, g);
+  }
+}
+
+void Scheduler::apply_update(const StoredTensor& w, const StoredTensor* m, const StoredTensor* v, int ndim,
+                             const Pending& pending, const float* g) {
   const RuleConfig& rule = options_.rule;
   const int q = rule.directions;
   if (rule.state_buffers() == 0) {
     // The SGD family: one pass per direction, in order, with lr/q (q = 1: lr itself).
     const float lr = q == 1 ? pending.lr : pending.lr / static_cast<float>(q);
-    for (const TensorSlot& slot : layout.tensors())
-      for (int j = 0; j < q; ++j) {
-        UpdateArgs a;
-        a.seed = direction_seed(pending.seed, j);
-        a.lr = lr;
-        a.weight_decay = uses_weight_decay(slot.ndim) ? pending.weight_decay : 0.0f;
-        a.g = g + j;
-        a.rounding_seed = a.seed;
-        a.sign = rule.kind == RuleKind::sign;
-        ops_.update(*compute_, w.at(slot.role), a);
-      }
+    for (int j = 0; j < q; ++j) {
+      UpdateArgs a;
+      a.seed = direction_seed(pending.seed, j);
+      a.lr = lr;
+      a.weight_decay = uses_weight_decay(ndim) ? pending.weight_decay : 0.0f;
+      a.g = g + j;
+      a.rounding_seed = a.seed;
+      a.sign = rule.kind == RuleKind::sign;
+      ops_.update(*compute_, w, a);
+    }
     return;
   }
-  ZO2_CHECK(st != nullptr);
+  ZO2_CHECK(m != nullptr);
   StateUpdateArgs a;
   a.directions = q;
   for (int j = 0; j < q; ++j) a.seeds[j] = direction_seed(pending.seed, j);
@@ -307,10 +337,9 @@ void Scheduler::apply_update(const WeightSet& w, const ImageLayout& layout, cons
   a.bias1 = a.adam ? adam_bias(rule.beta1, pending.step + 1) : 1.0f;
   a.bias2 = a.adam ? adam_bias(rule.beta2, pending.step + 1) : 1.0f;
   a.rounding_seed = pending.seed;
-  for (const TensorSlot& slot : layout.tensors()) {
-    a.weight_decay = uses_weight_decay(slot.ndim) ? pending.weight_decay : 0.0f;
-    ops_.update_state(*compute_, w.at(slot.role), st[0].at(slot.role), a.adam ? &st[1].at(slot.role) : nullptr, a);
-  }
+  a.weight_decay = uses_weight_decay(ndim) ? pending.weight_decay : 0.0f;
+  ZO2_CHECK(!a.adam || v != nullptr);
+  ops_.update_state(*compute_, w, *m, a.adam ? v : nullptr, a);
 }
 
 // Hidden states in a narrow compute dtype (bf16/fp16) land packed at the front of their
@@ -322,6 +351,192 @@ void Scheduler::capture_hidden(const Mat& m, std::int64_t tokens,
   out->emplace_back(static_cast<std::size_t>(tokens * m.cols));
   compute_->copy_d2h(out->back().data(), m.data, out->back().size() * dtype_size(m.dtype));
 }
+
+// Note [Sub-block streaming]: one streamed block's use, its vectors as one unit and its
+// matrices tile by tile, in the order the graph asks for them.
+class Scheduler::BlockTiles final : public TileFeed {
+ public:
+  BlockTiles(Scheduler& s, std::int64_t block, bool update, std::int64_t busy_tag)
+      : s_(s),
+        i_(block),
+        update_(update),
+        tag_(busy_tag),
+        layout_(s.store_.block_layout(block)),
+        image_(static_cast<char*>(s.store_.block_image(block))),
+        host_(bind_weights(layout_, image_)) {}
+
+  // Uploads the block's vectors (and, when this use updates, their state); returns what the
+  // graph sees — the vectors in their slot, the matrices as shapes only — and the state.
+  WeightSet begin(std::array<WeightSet, 2>& st) {
+    const int buffers = s_.store_.state().buffers;
+    vk_ = static_cast<int>(s_.vector_uses_++ % 2);
+    char* slot = vector_slot();
+    s_.h2d_->wait(*s_.offloaded_[static_cast<std::size_t>(i_)]);
+    if (s_.options_.fault != SchedulerFault::skip_slot_free_wait) s_.h2d_->wait(*s_.vector_free_[static_cast<std::size_t>(vk_)]);
+    WeightSet w = host_;
+    for (int k = 0; k < buffers; ++k)
+      st[static_cast<std::size_t>(k)] =
+          bind_weights(s_.store_.block_state_layout(i_), image_ + s_.store_.block_state_offset(k));
+    std::size_t at = 0;
+    for (const TensorSlot& ts : layout_.tensors()) {
+      const auto r = static_cast<std::size_t>(ts.role);
+      StoredTensor v[3];
+      if (ts.ndim == 1) at = place(ts, 0, ts.rows, at, slot, vector_pieces_, v);
+      // A matrix's bytes come from acquire(): no pointer into the host image reaches the graph.
+      w.tensors[r] = ts.ndim == 1 ? v[0] : shape_of(w.tensors[r]);
+      for (int k = 0; k < buffers; ++k) {
+        StoredTensor& t = st[static_cast<std::size_t>(k)].tensors[r];
+        t = ts.ndim == 1 ? v[1 + k] : shape_of(t);
+      }
+    }
+    ZO2_CHECK(at <= s_.placement_.vector_bytes);
+    copy_up(slot, vector_pieces_);
+    s_.h2d_->record(*s_.vector_uploaded_[static_cast<std::size_t>(vk_)]);
+    if (s_.options_.fault != SchedulerFault::skip_upload_wait) s_.compute_->wait(*s_.vector_uploaded_[static_cast<std::size_t>(vk_)]);
+    return w;
+  }
+
+  StoredTensor acquire(Role role, std::int64_t r0, std::int64_t r1) override {
+    ZO2_CHECK(!held_);
+    const TensorSlot* ts = layout_.find(role);
+    ZO2_CHECK(ts != nullptr && ts->ndim == 2 && 0 <= r0 && r0 < r1 && r1 <= ts->rows);
+    if (r0 * ts->cols % 4 != 0)
+      fail(ErrorKind::internal, "a tile of {} starts at row {} of {} columns, not on a 4-element noise group", ts->name,
+           r0, ts->cols);
+    tk_ = static_cast<int>(s_.tile_uses_++ % s_.placement_.tile_slots);
+    char* slot = tile_slot();
+    if (s_.options_.fault != SchedulerFault::skip_slot_free_wait) s_.h2d_->wait(*s_.tile_free_[static_cast<std::size_t>(tk_)]);
+    tile_pieces_.clear();
+    StoredTensor v[3];
+    ZO2_CHECK(place(*ts, r0, r1, 0, slot, tile_pieces_, v) <= s_.placement_.tile_bytes);
+    copy_up(slot, tile_pieces_);
+    s_.h2d_->record(*s_.tile_uploaded_[static_cast<std::size_t>(tk_)]);
+    // Busy spans hold no waits (Note [Stream busy time]).
+    if (tag_ >= 0) s_.compute_->end_busy();
+    if (s_.options_.fault != SchedulerFault::skip_upload_wait) s_.compute_->wait(*s_.tile_uploaded_[static_cast<std::size_t>(tk_)]);
+    if (tag_ >= 0) s_.compute_->begin_busy(tag_);
+    if (update_) {
+      const bool stateful = s_.store_.state().buffers > 0;
+      s_.apply_update(v[0], stateful ? &v[1] : nullptr, s_.store_.state().buffers > 1 ? &v[2] : nullptr, 2,
+                      s_.pending_, s_.grads());
+    }
+    held_ = true;
+    return v[0];
+  }
+
+  void release() override {
+    ZO2_CHECK(held_);
+    held_ = false;
+    Event& computed = *s_.tile_computed_[static_cast<std::size_t>(tk_)];
+    Event& free = *s_.tile_free_[static_cast<std::size_t>(tk_)];
+    s_.compute_->record(computed);
+    if (update_) {
+      s_.d2h_->wait(computed);
+      copy_down(tile_slot(), tile_pieces_);
+      s_.d2h_->record(free);
+    } else {
+      s_.compute_->record(free);  // nothing to write back: the slot is free once compute is done
+    }
+  }
+
+  // A pass that only updates: every tile of every matrix in turn.
+  void update_all() {
+    for (const TensorSlot& ts : layout_.tensors()) {
+      if (ts.ndim != 2) continue;
+      const std::int64_t tr = s_.graph_.tile_rows(ts.rows, ts.cols);
+      for (std::int64_t r0 = 0; r0 < ts.rows; r0 += tr) {
+        acquire(ts.role, r0, std::min(ts.rows, r0 + tr));
+        release();
+      }
+    }
+  }
+
+  // After the graph: the vectors back when updated, then the block is home (offloaded).
+  void end() {
+    ZO2_CHECK(!held_);
+    Event& computed = *s_.vector_computed_[static_cast<std::size_t>(vk_)];
+    Event& free = *s_.vector_free_[static_cast<std::size_t>(vk_)];
+    s_.compute_->record(computed);
+    if (update_) {
+      s_.d2h_->wait(computed);
+      copy_down(vector_slot(), vector_pieces_);
+      s_.d2h_->record(free);
+      s_.d2h_->record(*s_.offloaded_[static_cast<std::size_t>(i_)]);
+      ++s_.totals_.offloads;
+    } else {
+      s_.compute_->record(free);
+    }
+    ++s_.totals_.uploads;
+  }
+
+ private:
+  struct Piece {
+    std::size_t host, dev, bytes;
+    bool state;  // optimizer state: moved only by a use that updates
+  };
+  static StoredTensor shape_of(StoredTensor t) {
+    t.data = nullptr;
+    t.row_scales = nullptr;
+    return t;
+  }
+  char* vector_slot() const { return static_cast<char*>(s_.vector_slots_[static_cast<std::size_t>(vk_)].data()); }
+  char* tile_slot() const { return static_cast<char*>(s_.tile_slots_[static_cast<std::size_t>(tk_)].data()); }
+
+  // Rows [r0, r1) of `ts` and of its state buffers, laid out in a slot from byte `at` as
+  // tile_piece_bytes() counts them (offload/planner.h): the pieces to copy, the views
+  // (weight, then each state buffer) and the next free byte.
+  std::size_t place(const TensorSlot& ts, std::int64_t r0, std::int64_t r1, std::size_t at, char* slot,
+                    std::vector<Piece>& out, StoredTensor (&views)[3]) const {
+    const auto n = static_cast<std::size_t>(r1 - r0);
+    const std::uint64_t key = host_.at(ts.role).key;
+    auto part = [&](const TensorSlot& t, std::size_t base, bool state, StoredTensor& view) {
+      const std::size_t row = static_cast<std::size_t>(t.cols) * dtype_size(t.dtype);
+      out.push_back({base + t.offset + static_cast<std::size_t>(r0) * row, at, n * row, state});
+      view = StoredTensor{slot + at, t.dtype, nullptr, r1 - r0, t.cols, key, r0};
+      at += align_up(n * row);
+      if (t.has_scales()) {
+        out.push_back({base + t.scale_offset + static_cast<std::size_t>(r0) * sizeof(float), at, n * sizeof(float), state});
+        view.row_scales = reinterpret_cast<float*>(slot + at);
+        at += align_up(n * sizeof(float));
+      }
+    };
+    part(ts, 0, false, views[0]);
+    for (int k = 0; k < s_.store_.state().buffers; ++k) {
+      const TensorSlot* st = s_.store_.block_state_layout(i_).find(ts.role);
+      ZO2_CHECK(st != nullptr);
+      part(*st, s_.store_.block_state_offset(k), true, views[1 + k]);
+    }
+    return at;
+  }
+  void copy_up(char* slot, const std::vector<Piece>& pieces) {
+    if (tag_ >= 0) s_.h2d_->begin_busy(tag_);
+    for (const Piece& p : pieces) {
+      if (p.state && !update_) continue;  // a pass without the update reads the weights alone
+      s_.h2d_->copy_h2d(slot + p.dev, image_ + p.host, p.bytes);
+      s_.totals_.h2d_bytes += p.bytes;
+    }
+    if (tag_ >= 0) s_.h2d_->end_busy();
+  }
+  void copy_down(char* slot, const std::vector<Piece>& pieces) {
+    if (tag_ >= 0) s_.d2h_->begin_busy(tag_);
+    for (const Piece& p : pieces) {
+      s_.d2h_->copy_d2h(image_ + p.host, slot + p.dev, p.bytes);
+      s_.totals_.d2h_bytes += p.bytes;
+    }
+    if (tag_ >= 0) s_.d2h_->end_busy();
+  }
+
+  Scheduler& s_;
+  std::int64_t i_;
+  bool update_;
+  std::int64_t tag_;
+  const ImageLayout& layout_;
+  char* image_;
+  WeightSet host_;
+  int vk_ = 0, tk_ = 0;
+  bool held_ = false;
+  std::vector<Piece> vector_pieces_, tile_pieces_;
+};
 
 void Scheduler::run_blocks(const Use& use) {
   const std::int64_t L = store_.num_blocks();
@@ -337,7 +552,8 @@ void Scheduler::run_blocks(const Use& use) {
   // What happens to a block while it is on the device, wherever it lives. A disk block
   // brings the updates [from, to) its image lacks (Note [Lagging disk images]).
   auto on_resident = [&](const WeightSet& w, const WeightSet* st, const ImageLayout& layout, std::int64_t i,
-                         bool disk = false, std::int64_t from = -1, std::int64_t to = -1) {
+                         bool disk = false, std::int64_t from = -1, std::int64_t to = -1,
+                         BlockTiles* tiles = nullptr) {
     int kv_slot = -1;
     KvCache cache;
     if (use.kv) {
@@ -349,14 +565,17 @@ void Scheduler::run_blocks(const Use& use) {
       for (std::int64_t t = from; t < to; ++t)
         if (auto h = history_.find(t); h != history_.end()) apply_update(w, layout, st, h->second, g_history(t));
     } else if (use.update && !disk) {  // a disk image already past this update keeps it (a resume)
-      apply_update(w, layout, st);
+      // By tiles, the matrices are updated as they arrive (Note [Sub-block streaming]).
+      apply_update(w, layout, st, pending_, grads(), /*vectors_only=*/tiles != nullptr);
     }
     if (use.forward) {
       graph_.block(ops_, *compute_, w, *use.batch, use.noise, use.branches,
                    lora_.empty() || adapters_off_ ? nullptr : &lora_[static_cast<std::size_t>(i)], use.adapter_noise,
-                   i);
+                   i, tiles);
       if (use.hidden && i + 1 < L)  // the last block's output is replaced by the final one
         capture_hidden(graph_.branches()[0].hidden, use.batch->tokens(), use.hidden);
+    } else if (tiles) {
+      tiles->update_all();
     }
     end_busy(*compute_);
     if (use.kv) {
@@ -383,6 +602,15 @@ void Scheduler::run_blocks(const Use& use) {
     if (placement_.resident[static_cast<std::size_t>(i)]) {
       const WeightSet& w = resident_w_[static_cast<std::size_t>(i)];
       on_resident(w, resident_state_w_[static_cast<std::size_t>(i)].data(), layout, i);
+      continue;
+    }
+    if (!tile_slots_.empty()) {
+      // Note [Sub-block streaming] (never with the disk tier or a shared image: see the constructor).
+      BlockTiles tiles(*this, i, use.update, use.busy_tag);
+      std::array<WeightSet, 2> st;
+      const WeightSet w = tiles.begin(st);
+      on_resident(w, st.data(), layout, i, false, -1, -1, &tiles);
+      tiles.end();
       continue;
     }
     // See Note [Window slot lifecycle].

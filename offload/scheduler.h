@@ -28,6 +28,29 @@
 //   compute, a streamed block runs exactly the kernels a resident block runs, in the same
 //   order, on the same bytes: a streamed run and a resident run produce bit-identical
 //   weights (the scheduler's main test).
+//
+// Note [Sub-block streaming]
+//   When two whole-block slots do not fit the cap (OPT-175B's bf16 block is 3.6 GB), the
+//   planner streams the blocks by weight tiles instead (Placement::tile_slots > 0): the
+//   unit is one tile of a block matrix — the rows [r0, r1) the graph materializes at a
+//   time (ModelGraph::tile_rows) — and a block's 1-D tensors (norms, biases) travel
+//   together as one vector unit. A streamed block's use is then:
+//     upload:  wait(offloaded[block]) → wait(vector free) → vectors (+ state) → record
+//              then, as the graph asks for tile n (TileFeed::acquire), on slot n mod K:
+//              wait(tile free[slot]) → rows of W (+ fp8 scales, + state rows) → record
+//     compute: wait(vectors) → pending update of the vectors → per tile: wait(tile) →
+//              pending update of the tile → W+ → op(h+); W− → op(h−) → record(computed)
+//     offload: per tile: wait(computed) → write its rows back → record(tile free); at the
+//              block's end the vectors, then record(offloaded[block])
+//   The update is elementwise with z drawn at each element's index in its whole tensor
+//   (StoredTensor::first_row), and the tiles are exactly the graph's materialization
+//   tiles, so a block streamed by tiles runs the same kernels on the same bytes as a block
+//   streamed whole or resident: the weights are bit-identical (fp32; the scheduler test).
+//   The upload stream runs up to K − 1 tiles ahead of compute, the offload stream writes
+//   each tile back as soon as both passes used it, so the link's two directions and
+//   compute overlap as with whole blocks, on slots a block's size / tiles-per-block small.
+//   Not combined (yet) with the disk tier or with ranks that share a host image: the
+//   planner refuses both by name.
 #pragma once
 #include "models/batch.h"
 #include "models/graph.h"
@@ -209,7 +232,10 @@ class Scheduler {
   // The update of step p.step to one image (weights w, state st[0..buffers)), its g_j at g
   // on the device: the pending update (pending_, grads()), or a logged one.
   void apply_update(const WeightSet& w, const ImageLayout& layout, const WeightSet* st, const Pending& p,
-                    const float* g);
+                    const float* g, bool vectors_only = false);
+  // The same for one tensor (or tile): w, its state m and v (nullptr without), its ndim.
+  void apply_update(const StoredTensor& w, const StoredTensor* m, const StoredTensor* v, int ndim,
+                    const Pending& p, const float* g);
   void apply_update(const WeightSet& w, const ImageLayout& layout, const WeightSet* st) {
     apply_update(w, layout, st, pending_, grads());
   }
@@ -226,6 +252,13 @@ class Scheduler {
   // zo-sgd-cons, after the estimate: L(θ) and the two candidates, the choice, the update.
   void conservative(const BatchView& view, const StepParams& p, int ring, const RuleEstimate& est);
   void run_blocks(const Use& use);
+  // Note [Sub-block streaming]: the feed of one streamed block's tiles (scheduler.cpp).
+  class BlockTiles;
+  friend class BlockTiles;
+  std::vector<DeviceBuffer> tile_slots_, vector_slots_;
+  std::vector<std::unique_ptr<Event>> tile_uploaded_, tile_computed_, tile_free_;
+  std::vector<std::unique_ptr<Event>> vector_uploaded_, vector_computed_, vector_free_;
+  std::int64_t tile_uses_ = 0, vector_uses_ = 0;
   void exchange_losses(int ring, std::int64_t step, const RuleEstimate& est, double weight);
  public:
   // A batch's share of a mean loss: its target tokens, or its multiple-choice examples.

@@ -52,7 +52,14 @@ struct StoredTensor {
   std::int64_t rows = 0;
   std::int64_t cols = 0;
   std::uint64_t key = 0;
+  // Sub-block streaming (Note [Sub-block streaming] in offload/scheduler.h): this view holds
+  // rows [first_row, first_row + rows) of a larger tensor (data and row_scales point at its
+  // own first row), and noise and rounding bits are drawn at the whole tensor's indices,
+  // (first_row + r)·cols + c, so a tile perturbs and updates exactly as the rows of the whole
+  // tensor do. first_row·cols must be a multiple of 4 (a Philox group).
+  std::int64_t first_row = 0;
   std::int64_t numel() const { return rows * cols; }
+  std::int64_t first_element() const { return first_row * cols; }
 };
 
 // Perturbation parameters of a forward pass over two branches: the first sees W + eps·z,

@@ -424,6 +424,30 @@ TEST_F(CApi, ParamsOutsideTheSharedRangesAreRefusedNamingTheField) {
     EXPECT_EQ(plan.disk_read_bytes_per_step, 2 * plan.block_bytes);
     EXPECT_GT(plan.predicted_disk_s, 0);
   }
+  // Sub-block streaming's field: auto (0), whole blocks only (-1) or the bytes of a tile.
+  EXPECT_ERROR(init_with([](auto& p) { p.tile_bytes = -2; }), ZO2_ERR_INVALID_ARGUMENT, "tile_bytes -2",
+               "-1 = whole blocks only");
+  EXPECT_ERROR(init_with([](auto& p) { p.tile_bytes = 4096; p.host_mem_bytes = 400u << 10; p.disk_dir = "d"; }),
+               ZO2_ERR_UNSUPPORTED, "weight tiles", "disk tier");
+  {
+    zo2_session_params p = params();
+    p.offload = ZO2_OFFLOAD_ALL;
+    p.gpu_mem_bytes = 1u << 30;
+    zo2_plan_result plan;
+    ASSERT_EQ(zo2_plan(model_, &p, &plan), 0) << zo2_last_error();
+    EXPECT_EQ(plan.tile_slots, 0);
+    EXPECT_GT(plan.window, 0);
+    p.tile_bytes = 4096;
+    ASSERT_EQ(zo2_plan(model_, &p, &plan), 0) << zo2_last_error();
+    EXPECT_EQ(plan.window, 0);
+    EXPECT_GT(plan.tile_slots, 1);
+    EXPECT_GT(plan.tiles_per_block, 6);
+    EXPECT_GT(plan.tile_slot_bytes, 0u);
+    EXPECT_LT(plan.tile_slot_bytes, plan.block_bytes);
+    zo2_session* s = nullptr;
+    ASSERT_EQ(zo2_session_init(model_, &p, &s), 0) << zo2_last_error();
+    zo2_session_free(s);
+  }
   for (const char* dt : {"bf16", "fp16"}) {
     EXPECT_ERROR(init_with([&](auto& p) { p.compute_dtype = dt; }), ZO2_ERR_UNSUPPORTED, "compute_dtype", dt,
                  "CPU backend");

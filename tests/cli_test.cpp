@@ -145,6 +145,48 @@ TEST(Cli, PlanReportsAPlacementWithoutAllocatingTheModel) {
   EXPECT_NE(out.find("minimum"), std::string::npos) << out;
 }
 
+// Note [Sub-block streaming]: below two whole-block slots (2 × 3.4 GiB in bf16), OPT-175B
+// streams by weight tiles; the arena then leaves room for a CUDA context within 4 GiB.
+TEST(Cli, PlanStreamsOpt175bByWeightTilesWithinFourGiB) {
+  std::string out;
+  const std::string shape = " --preset opt-175b --batch-size 1 --seq-len 2048 --storage-dtype bf16 --compute-dtype bf16";
+  ASSERT_EQ(run("plan" + shape + " --gpu-mem 4G --json", &out), 0) << out;
+  const auto j = nlohmann::json::parse(out);
+  EXPECT_EQ(j["streamed_blocks"], 96);
+  EXPECT_EQ(j["window"], 0);
+  ASSERT_TRUE(j.contains("tiles")) << out;
+  EXPECT_GE(j["tiles"]["slots"].get<int>(), 3);
+  EXPECT_GT(j["tiles"]["tiles_per_block"].get<int>(), 12) << "the 1.2 GB fc1 and fc2 in row ranges";
+  EXPECT_LE(j["predicted_peak_bytes"].get<std::uint64_t>(), std::uint64_t{13} << 28) << "3.25 GiB: 0.75 for the context";
+  EXPECT_EQ(j["h2d_bytes_per_step"], j["block_bytes"].get<std::uint64_t>() * 96) << "the same traffic as whole blocks";
+  out.clear();
+  ASSERT_EQ(run("plan" + shape + " --gpu-mem 4G", &out), 0) << out;
+  EXPECT_NE(out.find("streamed by weight tiles"), std::string::npos) << out;
+  // 12G keeps whole blocks; --tile off refuses 4G with the whole-block minimum; bad values are usage errors.
+  out.clear();
+  ASSERT_EQ(run("plan" + shape + " --gpu-mem 12G --json", &out), 0) << out;
+  EXPECT_FALSE(nlohmann::json::parse(out).contains("tiles")) << out;
+  EXPECT_EQ(run("plan" + shape + " --gpu-mem 4G --tile off", &out), 1) << out;
+  EXPECT_NE(out.find("minimum of 9."), std::string::npos) << out;
+  EXPECT_EQ(run("plan" + shape + " --gpu-mem 4G --tile often", &out), 2) << out;
+  EXPECT_NE(out.find("--tile often"), std::string::npos) << out;
+  EXPECT_EQ(run("plan" + shape + " --gpu-mem 4G --tile 0", &out), 2) << out;
+  EXPECT_EQ(run("plan" + shape + " --gpu-mem 2G", &out), 1) << out;
+  EXPECT_NE(out.find("even streamed by weight tiles"), std::string::npos) << out;
+}
+
+TEST(Cli, TiledTrainingWritesTheSameCheckpointAsResident) {
+  Workspace w("opt-tiny-postln");
+  const std::string common = " --model " + w.model.string() + " --data " + w.data.string() + " --steps 6 --batch-size 2 --lr 1e-3 -q";
+  ASSERT_EQ(run("train" + common + " --out " + (w.tmp / "a").string() + " --offload none"), 0);
+  std::string out;
+  // 64M of fp32 is the default tile of 2^24 elements: the resident run's GEMM tiles.
+  ASSERT_EQ(run("train" + common + " --out " + (w.tmp / "b").string() + " --offload all --tile 64M --gpu-mem 64M", &out),
+            0)
+      << out;
+  EXPECT_EQ(read_file(w.tmp / "a" / "model.safetensors"), read_file(w.tmp / "b" / "model.safetensors"));
+}
+
 // The host memory a run needs, before it allocates any: ANCHORS.md asks for OPT-175B in
 // ≤ 360 GB of host memory with bf16 storage and ≤ 190 GB with fp8 (ZO2 asks for ≥ 600 GB).
 TEST(Cli, PlanStatesTheHostMemoryOfTheMasterWeights) {

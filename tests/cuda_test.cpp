@@ -9,6 +9,7 @@
 #include "runtime/element.h"
 #include "runtime/ops.h"
 #include "runtime/philox.h"
+#include "tests/device_fixture.h"
 #include "tests/test_util.h"
 
 #include <gtest/gtest.h>
@@ -498,6 +499,47 @@ TEST_F(CudaTest, Fp8UpdateOfWideRowsEqualsTheCpuBitForBit) {
     update_twice_on_both(dev_w, host_w, -1.25f, 300u, 400u);
     ASSERT_EQ(download<std::uint8_t>(dw.data(), s.bytes.size()), s.bytes) << mode << " C=" << C;
     ASSERT_EQ(download<float>(dscales.data(), s.scales.size()), s.scales) << mode << " C=" << C;
+  }
+}
+
+// Tiles (StoredTensor::first_row) of sub-block streaming, on the device and with the CPU
+// twin: perturb (rows inside the tile) and two updates draw at the whole tensor's indices on
+// both. The tiles start past row 0 (where an ignored offset would go unnoticed), on a group
+// of four (r0·C % 4 == 0), and the last ends at the last row. 1024 columns: the vector
+// paths; 1030: groups straddle rows, the element paths.
+TEST_F(CudaTest, TilesPerturbAndUpdateAsTheCpuTwinBitForBit) {
+  for (std::int64_t C : {std::int64_t{1024}, std::int64_t{1030}}) {
+    const std::int64_t R = 97;
+    const auto values = random_floats(static_cast<std::size_t>(R * C), 23, 0.05f);
+    for (DType sdt : {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3}) {
+      StoredHost s = store_as(values, R, C, sdt);
+      DeviceBuffer dw = upload(s.bytes);
+      DeviceBuffer dscales;
+      if (!s.scales.empty()) dscales = upload(s.scales);
+      const StoredTensor dev_w{dw.data(), sdt, s.scales.empty() ? nullptr : dscales.as<float>(), R, C, 0x711e5ULL};
+      const StoredTensor host_w{s.bytes.data(), sdt, s.scales.empty() ? nullptr : s.scales.data(), R, C, dev_w.key};
+      for (const auto& [r0, r1] : {std::pair<std::int64_t, std::int64_t>{6, 50}, {50, R}}) {
+        const StoredTensor dev_t = test::tile(dev_w, r0, r1), host_t = test::tile(host_w, r0, r1);
+        for (DType cdt : {DType::f32, DType::bf16, DType::f16}) {
+          const std::int64_t b = 1, e = r1 - r0 - 1, n = (e - b) * C;
+          const std::size_t out_bytes = static_cast<std::size_t>(n) * dtype_size(cdt);
+          const NoiseArgs noise{98, 1e-3f};
+          DeviceBuffer plus = zeros(out_bytes), minus = zeros(out_bytes);
+          std::vector<std::uint8_t> cpu_plus(out_bytes), cpu_minus(out_bytes);
+          ops().perturb(*stream, dev_t, b, e, &noise, plus.data(), minus.data(), cdt);
+          cpu::perturb(host_t, b, e, &noise, cpu_plus.data(), cpu_minus.data(), cdt);
+          ASSERT_EQ(download<std::uint8_t>(plus.data(), out_bytes), cpu_plus)
+              << dtype_name(sdt) << "→" << dtype_name(cdt) << " C=" << C << " tile from row " << r0;
+          ASSERT_EQ(download<std::uint8_t>(minus.data(), out_bytes), cpu_minus);
+        }
+        update_twice_on_both(dev_t, host_t, 0.75f, 500u, 600u);
+      }
+      // Rows [0, 6) were never updated on either side; the tiles' rows were, twice.
+      ASSERT_EQ(download<std::uint8_t>(dw.data(), s.bytes.size()), s.bytes) << dtype_name(sdt) << " C=" << C;
+      if (!s.scales.empty()) {
+        ASSERT_EQ(download<float>(dscales.data(), s.scales.size()), s.scales);
+      }
+    }
   }
 }
 

@@ -22,4 +22,13 @@ void BackendTest::TearDown() {
   stream.reset();
 }
 
+StoredTensor tile(const StoredTensor& w, std::int64_t r0, std::int64_t r1) {
+  StoredTensor t = w;
+  t.data = static_cast<char*>(w.data) + r0 * w.cols * static_cast<std::int64_t>(dtype_size(w.dtype));
+  if (w.row_scales != nullptr) t.row_scales = w.row_scales + r0;
+  t.rows = r1 - r0;
+  t.first_row = w.first_row + r0;
+  return t;
+}
+
 }  // namespace zo2::test

@@ -50,4 +50,8 @@ class BackendTest : public ::testing::TestWithParam<std::string> {
 
 std::string backend_test_name(const ::testing::TestParamInfo<std::string>& info);
 
+// Rows [r0, r1) of w as a tile (StoredTensor::first_row): data and row scales shifted to row
+// r0, as sub-block streaming hands a tile to the ops.
+StoredTensor tile(const StoredTensor& w, std::int64_t r0, std::int64_t r1);
+
 }  // namespace zo2::test

@@ -6,6 +6,8 @@
 // (Qwen2's q/k/v biases, Qwen3's q/k norms, Mistral's and Qwen's sliding windows shorter
 // than the sequence; Gemma 3's local/global layers, norms and MLP). The reference follows transformers as read, not goldens made by
 // transformers: those need torch (a GPU session's job).
+#include "models/graph.h"
+#include "models/layout.h"
 #include "models/presets.h"
 #include "runtime/dtype.h"
 #include "tests/reference_model.h"
@@ -242,6 +244,35 @@ TEST(VariantCheckpoints, ShortMezoRunLowersTheLoss) {
       return m / (b - a);
     };
     EXPECT_LT(mean(kSteps - 5, kSteps), 0.98 * mean(0, 5)) << "first " << losses.front() << " last " << losses.back();
+  }
+}
+
+}  // namespace
+}  // namespace zo2
+
+namespace zo2 {
+namespace {
+
+// The perturbed-weight scratch holds every tile the graph materializes into it: each
+// weight tile of a block (and of OPT's projections) and each vocabulary tile of the LM
+// head. Before, the head's 8192-row tiles of a 4096-wide LLaMA-7B (and any head wider than
+// 2048) overran the 2^24-element scratch during training, at every preset's real size.
+TEST(GraphScratch, EveryMaterializedTileFitsTheScratchAtEveryPreset) {
+  for (const Preset& p : presets()) {
+    for (const std::int64_t tile_elems : {std::int64_t{1} << 24, std::int64_t{1} << 20, std::int64_t{0}}) {
+      GraphLimits limits;
+      limits.weight_tile_elems = tile_elems;
+      const ModelGraph g(p.config, DType::bf16, limits);
+      std::size_t scratch = 0;
+      for (const auto& item : g.workspace_plan(2, 1, 8).items)
+        if (item.what == "perturbed weights") scratch = item.bytes / 2 / dtype_size(DType::bf16);
+      ASSERT_GT(scratch, 0u) << p.name;
+      const auto elems = [](std::int64_t rows, std::int64_t cols) { return static_cast<std::size_t>(rows * cols); };
+      EXPECT_LE(elems(g.limits().vocab_tile, p.config.word_embed_proj_dim), scratch) << p.name << " LM head tile";
+      for (const TensorSlot& t : block_layout(p.config, 0, DType::bf16).tensors())
+        if (t.ndim == 2)
+          EXPECT_LE(elems(g.tile_rows(t.rows, t.cols), t.cols), scratch) << p.name << " " << t.name;
+    }
   }
 }
 

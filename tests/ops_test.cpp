@@ -15,6 +15,8 @@
 #include <cstdlib>
 #include <limits>
 #include <random>
+#include <string>
+#include <utility>
 
 namespace zo2 {
 namespace {
@@ -775,6 +777,100 @@ TEST_P(OpsTest, NarrowStorageUpdatesRoundStochasticallyAndFp8RescalesRows) {
       }
     }
   }
+}
+
+// Sub-block streaming (StoredTensor::first_row) tiles a tensor into row ranges that start on
+// a group of four elements (r0·cols % 4 == 0); each tiling below ends with a partial tile.
+// 13 columns: groups of four straddle rows and tiles start on rows ≡ 0 mod 4; 6 columns:
+// tiles start on even rows; 260 columns: a tile spans several CPU chunks.
+struct Tiling {
+  std::int64_t rows, cols, tile;
+};
+constexpr Tiling kTilings[] = {{148, 13, 40}, {150, 6, 18}, {148, 260, 100}};
+
+// Perturbing a tile equals perturbing the same rows of the whole tensor, bit for bit: the
+// whole tile and rows inside it (the range itself need not start on a group).
+TEST_P(OpsTest, PerturbOfATileEqualsTheWholeTensorsRowsBitForBit) {
+  const NoiseArgs noise{4242, 1e-2f};
+  for (const Tiling& t : kTilings)
+    for (DType sdt : {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3}) {
+      const Stored s = store_as(random_floats(static_cast<std::size_t>(t.rows * t.cols), 21), t.rows, t.cols, sdt);
+      auto dw = upload(s.bytes);
+      DeviceBuffer dsc;
+      if (!s.scales.empty()) dsc = upload(s.scales);
+      const StoredTensor whole{dw.data(), sdt, s.scales.empty() ? nullptr : dsc.as<float>(), t.rows, t.cols, 0x7a11};
+      for (DType cdt : {DType::f32, DType::bf16, DType::f16}) {
+        const std::size_t bytes = static_cast<std::size_t>(t.tile * t.cols) * dtype_size(cdt);
+        auto want_plus = zeros(bytes), want_minus = zeros(bytes), got_plus = zeros(bytes), got_minus = zeros(bytes);
+        for (std::int64_t r0 = 0; r0 < t.rows; r0 += t.tile) {
+          const std::int64_t r1 = std::min(t.rows, r0 + t.tile);
+          const StoredTensor part = test::tile(whole, r0, r1);
+          for (const auto& [b, e] : {std::pair{std::int64_t{0}, r1 - r0}, std::pair{std::int64_t{1}, r1 - r0 - 1}}) {
+            ops().perturb(*stream, whole, r0 + b, r0 + e, &noise, want_plus.data(), want_minus.data(), cdt);
+            ops().perturb(*stream, part, b, e, &noise, got_plus.data(), got_minus.data(), cdt);
+            const std::size_t n = static_cast<std::size_t>((e - b) * t.cols) * dtype_size(cdt);
+            const std::string what = std::string(dtype_name(sdt)) + "→" + std::string(dtype_name(cdt)) + ", " +
+                                     std::to_string(t.cols) + " columns, tile rows [" + std::to_string(r0) + ", " +
+                                     std::to_string(r1) + "), local rows [" + std::to_string(b) + ", " +
+                                     std::to_string(e) + ")";
+            ASSERT_EQ(download<std::uint8_t>(got_plus, n), download<std::uint8_t>(want_plus, n)) << what << ": W + eps·z";
+            ASSERT_EQ(download<std::uint8_t>(got_minus, n), download<std::uint8_t>(want_minus, n)) << what << ": W − eps·z";
+          }
+        }
+      }
+    }
+}
+
+// Updating a tensor tile by tile equals updating it whole, bit for bit: the values (z and,
+// for narrow dtypes, the rounding bits at the whole tensor's indices) and the fp8 row scales.
+TEST_P(OpsTest, UpdateTileByTileEqualsTheWholeTensorUpdateBitForBit) {
+  auto dg = upload(std::vector<float>{-7.5f});
+  const UpdateArgs a{11, 1e-2f, 0.1f, dg.as<float>(), 12};
+  for (const Tiling& t : kTilings)
+    for (DType sdt : {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3}) {
+      const Stored s = store_as(random_floats(static_cast<std::size_t>(t.rows * t.cols), 22), t.rows, t.cols, sdt);
+      auto whole_w = upload(s.bytes), tiled_w = upload(s.bytes);
+      DeviceBuffer whole_sc, tiled_sc;
+      if (!s.scales.empty()) {
+        whole_sc = upload(s.scales);
+        tiled_sc = upload(s.scales);
+      }
+      auto stored = [&](DeviceBuffer& w, DeviceBuffer& sc) {
+        return StoredTensor{w.data(), sdt, s.scales.empty() ? nullptr : sc.as<float>(), t.rows, t.cols, 0xb10c};
+      };
+      ops().update(*stream, stored(whole_w, whole_sc), a);
+      const StoredTensor tiled = stored(tiled_w, tiled_sc);
+      for (std::int64_t r0 = 0; r0 < t.rows; r0 += t.tile)
+        ops().update(*stream, test::tile(tiled, r0, std::min(t.rows, r0 + t.tile)), a);
+      const std::string what = std::string(dtype_name(sdt)) + ", " + std::to_string(t.cols) + " columns";
+      const auto want = download<std::uint8_t>(whole_w, s.bytes.size());
+      ASSERT_NE(want, s.bytes) << what << ": nothing changed";
+      ASSERT_EQ(download<std::uint8_t>(tiled_w, s.bytes.size()), want) << what;
+      if (!s.scales.empty())
+        ASSERT_EQ(download<float>(tiled_sc, s.scales.size()), download<float>(whole_sc, s.scales.size())) << what;
+    }
+}
+
+TEST_P(OpsTest, TilesOffAGroupOfFourAndTiledEmbeddingTablesAreInternalErrors) {
+  const std::int64_t R = 8, Cn = 6;
+  auto dw = upload(random_floats(static_cast<std::size_t>(R * Cn), 23));
+  auto dg = upload(std::vector<float>{1.0f});
+  auto out = zeros(static_cast<std::size_t>(R * Cn) * 4);
+  const StoredTensor whole{dw.data(), DType::f32, nullptr, R, Cn, 5};
+  const StoredTensor off = test::tile(whole, 1, 5);  // starts at element 6
+  auto expect_internal = [&](auto fn, const char* what) {
+    const Error e = test::error_of(fn);
+    EXPECT_EQ(e.kind(), ErrorKind::internal) << what << ": " << e.what();
+  };
+  const NoiseArgs noise{1, 1e-3f};
+  expect_internal([&] { ops().perturb(*stream, off, 0, 4, &noise, out.data(), nullptr, DType::f32); }, "perturb");
+  expect_internal([&] { ops().update(*stream, off, UpdateArgs{1, 1e-3f, 0.0f, dg.as<float>(), 2}); }, "update");
+  // Ids index the whole table: an embedding table is never a tile, even on a group.
+  auto ids = upload(std::vector<std::int32_t>{0, 1});
+  expect_internal([&] {
+    ops().embedding(*stream, test::tile(whole, 2, 6), ids.as<std::int32_t>(), 2,
+                    Mat::dense(out.data(), DType::f32, 2, Cn), &noise, 1.0f);
+  }, "embedding");
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, OpsTest, ::testing::ValuesIn(test::backend_names()), test::backend_test_name);

@@ -167,14 +167,97 @@ TEST_P(SchedulerModels, CapBelowTheMinimumIsRefusedWithTheMinimumStated) {
   const Placement all = plan(capped(OffloadMode::auto_, std::size_t{1} << 30));
   const Placement two_slots = plan(capped(OffloadMode::auto_, all.minimum_cap));
   EXPECT_EQ(two_slots.window, 2) << "auto mode shrinks the window to fit";
+  EXPECT_EQ(two_slots.tile_slots, 0) << "whole blocks while two slots of them fit";
   EXPECT_EQ(two_slots.total_bytes, all.minimum_cap);
-  try {
-    train(tmp.path(), capped(OffloadMode::auto_, all.minimum_cap - 1), 1);
-    FAIL() << "expected an out-of-memory error";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::out_of_memory);
-    EXPECT_NE(std::string(e.what()).find("minimum of " + format_bytes(static_cast<double>(all.minimum_cap))), std::string::npos)
-        << e.what();
+  auto expect_refused = [&](SessionConfig cfg, std::size_t minimum) {
+    try {
+      train(tmp.path(), cfg, 1);
+      FAIL() << "expected an out-of-memory error";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::out_of_memory);
+      EXPECT_NE(std::string(e.what()).find("minimum of " + format_bytes(static_cast<double>(minimum))), std::string::npos)
+          << e.what();
+    }
+  };
+  // --tile off: whole blocks or nothing.
+  SessionConfig blocks_only = capped(OffloadMode::auto_, all.minimum_cap - 1);
+  blocks_only.tile = -1;
+  expect_refused(blocks_only, all.minimum_cap);
+  // Below two whole blocks, auto streams weight tiles (Note [Sub-block streaming]), down to
+  // two tile slots; below that it refuses with the tile minimum.
+  const Placement tiles = plan(capped(OffloadMode::auto_, all.minimum_cap - 1));
+  EXPECT_GT(tiles.tile_slots, 0);
+  EXPECT_LT(tiles.minimum_cap, all.minimum_cap);
+  EXPECT_EQ(plan(capped(OffloadMode::auto_, tiles.minimum_cap)).tile_slots, 2);
+  expect_refused(capped(OffloadMode::auto_, tiles.minimum_cap - 1), tiles.minimum_cap);
+}
+
+// Note [Sub-block streaming]: blocks streamed by weight tiles — several per matrix with a
+// partial last one, through the deepest ring and through two slots, all streamed or around
+// resident blocks — train to the resident run's bits; so does the auto plan under a cap
+// too small for two whole blocks (one tile per matrix at the default tile size).
+TEST_P(SchedulerModels, TiledRunMatchesResidentRunBitwise) {
+  constexpr std::int64_t kTile = 1200;  // bytes of fp32 storage: 300 elements, at least 4 rows of each matrix
+  SessionConfig resident_cfg = capped(OffloadMode::none, 0);
+  resident_cfg.limits.weight_tile_elems = kTile / 4;
+  const TrainRun resident = train(tmp.path(), resident_cfg, 6);
+  SessionConfig tiled_cfg = capped(OffloadMode::all, std::size_t{1} << 30);
+  tiled_cfg.tile = kTile;
+  const TrainRun tiled = train(tmp.path(), tiled_cfg, 6);
+  EXPECT_EQ(tiled.placement.resident_count, 0);
+  EXPECT_EQ(tiled.placement.tile_slots, kMaxTileSlots);
+  EXPECT_GT(tiled.placement.block_tiles, 12) << "several tiles per matrix";
+  expect_identical(tiled, resident, "tiles vs resident");
+  EXPECT_EQ(tiled.peak, tiled.placement.total_bytes) << "the planner predicts the arena peak exactly";
+
+  SessionConfig tight = tiled_cfg;
+  tight.offload = OffloadMode::auto_;
+  tight.gpu_mem = plan(tiled_cfg).minimum_cap;
+  const TrainRun two = train(tmp.path(), tight, 6);
+  EXPECT_EQ(two.placement.tile_slots, 2);
+  EXPECT_EQ(two.placement.resident_count, 0);
+  expect_identical(two, resident, "two tile slots vs resident");
+
+  SessionConfig partial = tight;
+  partial.gpu_mem = tiled.placement.total_bytes + 2 * align_up(tiled.placement.block_bytes);
+  const TrainRun around = train(tmp.path(), partial, 6);
+  EXPECT_EQ(around.placement.resident_count, 2);
+  EXPECT_EQ(around.placement.tile_slots, kMaxTileSlots);
+  expect_identical(around, resident, "tiles around resident blocks vs resident");
+  EXPECT_EQ(around.peak, around.placement.total_bytes);
+
+  const Placement blocks = plan(capped(OffloadMode::auto_, std::size_t{1} << 30));
+  const TrainRun auto_tiles = train(tmp.path(), capped(OffloadMode::auto_, blocks.minimum_cap - 1), 6);
+  EXPECT_GT(auto_tiles.placement.tile_slots, 0);
+  expect_identical(auto_tiles, train(tmp.path(), capped(OffloadMode::none, 0), 6), "auto tiles vs resident");
+}
+
+// Tiles carry the rule's state rows and fp8 row scales with the weights; the update of a
+// tile draws z and the rounding bits at its rows' indices in the whole tensor.
+TEST_P(SchedulerModels, TiledRunMatchesResidentRunBitwiseWithStateAndNarrowStorage) {
+  if (GetParam() != "opt" && GetParam() != "llama") GTEST_SKIP() << "the families differ in the graph, not in tiles";
+  struct Case {
+    const char* what;
+    DType storage;
+    RuleKind rule;
+    int directions;
+  };
+  for (const Case& c : {Case{"bf16 zo-adam", DType::bf16, RuleKind::adam, 1},
+                        Case{"fp8 zo-sgd q=2", DType::f8_e4m3, RuleKind::sgd, 2},
+                        Case{"fp16 momentum q=2", DType::f16, RuleKind::momentum, 2}}) {
+    SessionConfig resident_cfg = capped(OffloadMode::none, 0);
+    resident_cfg.storage = c.storage;
+    resident_cfg.rule.kind = c.rule;
+    resident_cfg.rule.directions = c.directions;
+    resident_cfg.limits.weight_tile_elems = 300;
+    SessionConfig tiled_cfg = resident_cfg;
+    tiled_cfg.offload = OffloadMode::all;
+    tiled_cfg.gpu_mem = std::size_t{1} << 30;
+    tiled_cfg.tile = static_cast<std::int64_t>(300 * dtype_size(c.storage));
+    const TrainRun resident = train(tmp.path(), resident_cfg, 4);
+    const TrainRun tiled = train(tmp.path(), tiled_cfg, 4);
+    EXPECT_GT(tiled.placement.tile_slots, 0) << c.what;
+    expect_identical(tiled, resident, c.what);
   }
 }
 

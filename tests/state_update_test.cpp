@@ -116,9 +116,10 @@ StateUpdateArgs make_args(bool adam, int q, std::uint64_t seed, int t, float lr,
 std::vector<float> make_g(int q, std::uint32_t seed) { return random_floats(static_cast<std::size_t>(q), seed, 3.0f); }
 
 // Runs update_state on a device: uploads s (data shifted by `misalign` elements, to reach
-// the unvectorized paths), runs, downloads.
+// the unvectorized paths), runs — on the whole tensors, or with tile_rows > 0 on tiles of
+// that many rows (StoredTensor::first_row), one call per tile — downloads.
 State run_on(Device& device, Stream& stream, State s, StateUpdateArgs a, const std::vector<float>& g,
-             std::int64_t misalign = 0) {
+             std::int64_t misalign = 0, std::int64_t tile_rows = 0) {
   std::vector<DeviceBuffer> keep;
   auto up = [&](const void* p, std::size_t bytes, std::size_t offset) -> char* {
     keep.push_back(device.arena().allocate(bytes + offset + 16, "update_state test"));
@@ -137,7 +138,16 @@ State run_on(Device& device, Stream& stream, State s, StateUpdateArgs a, const s
   if (s.v) v = dev_tensor(*s.v);
   a.g = reinterpret_cast<const float*>(up(g.data(), g.size() * 4, 0));
   stream.synchronize();
-  device.ops().update_state(stream, w, m, v ? &*v : nullptr, a);
+  if (tile_rows == 0) {
+    device.ops().update_state(stream, w, m, v ? &*v : nullptr, a);
+  } else {
+    for (std::int64_t r0 = 0; r0 < w.rows; r0 += tile_rows) {
+      const std::int64_t r1 = std::min(w.rows, r0 + tile_rows);
+      std::optional<StoredTensor> vt;
+      if (v) vt = test::tile(*v, r0, r1);
+      device.ops().update_state(stream, test::tile(w, r0, r1), test::tile(m, r0, r1), vt ? &*vt : nullptr, a);
+    }
+  }
   auto down = [&](HostTensor& t, const StoredTensor& st) {
     if (!t.bytes.empty()) stream.copy_d2h(t.bytes.data(), st.data, t.bytes.size());
     if (!t.scales.empty()) stream.copy_d2h(t.scales.data(), st.row_scales, t.scales.size() * 4);
@@ -192,8 +202,9 @@ constexpr DType kStateDtypes[] = {DType::f32, DType::bf16, DType::f8_e4m3};
 
 class StateUpdateTest : public test::BackendTest {
  protected:
-  State run(const State& s, const StateUpdateArgs& a, const std::vector<float>& g, std::int64_t misalign = 0) {
-    return run_on(*device, *stream, s, a, g, misalign);
+  State run(const State& s, const StateUpdateArgs& a, const std::vector<float>& g, std::int64_t misalign = 0,
+            std::int64_t tile_rows = 0) {
+    return run_on(*device, *stream, s, a, g, misalign, tile_rows);
   }
 };
 
@@ -385,6 +396,34 @@ TEST_P(StateUpdateTest, RepeatedRunsGiveTheSameBits) {
       }
 }
 
+// (5) Sub-block streaming (StoredTensor::first_row): updating W, m and v tile by tile
+// equals updating them whole, bit for bit — the z draws of both directions and the three
+// rounding streams at the whole tensor's indices, and the fp8 row scales. Tiles start on a
+// group of four (r0·cols % 4 == 0); each tiling ends with a partial tile. 13 columns: groups
+// straddle rows and tiles start on rows ≡ 0 mod 4; 6 columns: even rows; 260 columns: a tile
+// spans several CPU chunks.
+TEST_P(StateUpdateTest, TileByTileEqualsTheWholeTensorBitForBit) {
+  struct Tiling {
+    std::int64_t rows, cols, tile;
+  };
+  for (const Tiling& t : {Tiling{148, 13, 40}, Tiling{150, 6, 18}, Tiling{148, 260, 100}})
+    for (DType wdt : kWeightDtypes)
+      for (DType sdt : kStateDtypes)
+        for (bool adam : {false, true}) {
+          const State s = make_state(t.rows, t.cols, wdt, sdt, adam, 71);
+          const StateUpdateArgs a = make_args(adam, 2, 13, 2, 1e-2f, 0.05f);
+          const std::vector<float> g = make_g(2, 72);
+          const State whole = run(s, a, g), tiled = run(s, a, g, 0, t.tile);
+          const std::string what = combo(wdt, sdt, adam) + ", " + std::to_string(t.cols) + " columns";
+          EXPECT_FALSE(whole == s) << what << ": nothing changed";
+          EXPECT_TRUE(tiled.w == whole.w) << what << ": W";
+          EXPECT_TRUE(tiled.m == whole.m) << what << ": m";
+          if (adam) {
+            EXPECT_TRUE(*tiled.v == *whole.v) << what << ": v";
+          }
+        }
+}
+
 TEST_P(StateUpdateTest, BadArgumentsAreInternalErrors) {
   State s = make_state(4, 8, DType::f32, DType::f32, true, 61);
   DeviceBuffer dw = upload(s.w.bytes), dm = upload(s.m.bytes), dv = upload(s.v->bytes), dg = upload(std::vector<float>{1.0f});
@@ -408,12 +447,25 @@ TEST_P(StateUpdateTest, BadArgumentsAreInternalErrors) {
     b.directions = q;
     expect_internal([&] { ops().update_state(*stream, w, m, &v, b); }, "directions");
   }
+  // Tiles: W's must start on a group of four; m and v must be tiles of the same rows.
+  const StoredTensor w6{dw.data(), DType::f32, nullptr, 4, 6, kKey}, m6{dm.data(), DType::f32, nullptr, 4, 6, kKey},
+      v6{dv.data(), DType::f32, nullptr, 4, 6, kKey};
+  const StoredTensor v6_off = test::tile(v6, 1, 3);
+  expect_internal([&] { ops().update_state(*stream, test::tile(w6, 1, 3), test::tile(m6, 1, 3), &v6_off, a); },
+                  "tile off a group");
+  const StoredTensor v6_tile = test::tile(v6, 0, 2);
+  expect_internal([&] { ops().update_state(*stream, test::tile(w6, 2, 4), test::tile(m6, 2, 4), &v6_tile, a); },
+                  "v from other rows");
+  StateUpdateArgs momentum = a;
+  momentum.adam = false;
+  expect_internal([&] { ops().update_state(*stream, test::tile(w6, 2, 4), test::tile(m6, 0, 2), nullptr, momentum); },
+                  "m from other rows");
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, StateUpdateTest, ::testing::ValuesIn(test::backend_names()),
                          test::backend_test_name);
 
-// (5) CUDA against the CPU twin, bit for bit: every weight × state dtype, momentum and
+// (6) CUDA against the CPU twin, bit for bit: every weight × state dtype, momentum and
 // Adam, q = 1, 3 and 64, two consecutive calls; aligned (vectorized) and misaligned data;
 // fp8 rows with their values kept in shared memory and regenerated, and a row too wide to
 // keep. Skips without a CUDA device.

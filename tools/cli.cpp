@@ -40,6 +40,10 @@ void DeviceFlags::add(CLI::App& app) {
       ->check(CLI::IsMember({"auto", "all", "none"}));
   app.add_option("--window", window, "device slots for streamed blocks (>= 3 overlaps upload, compute, offload)")
       ->capture_default_str();  // range: api/options.cpp, checked with the other device flags
+  app.add_option("--tile", tile,
+                 "stream blocks by weight tiles: auto (only when two whole blocks do not fit --gpu-mem), off (whole "
+                 "blocks only), or a tile size such as 64M (forces tiles)")
+      ->capture_default_str();
   app.add_option("--storage-dtype", storage, "dtype of the master weights, transfers and slots: fp32, bf16, fp16, fp8")
       ->capture_default_str();
   app.add_option("--compute-dtype", compute, "compute dtype: fp32 (CPU), bf16 or fp16 (GPU)")

@@ -47,6 +47,7 @@ struct DeviceFlags {
   std::string gpu_mem;       // empty = whole device
   std::string offload = "auto";
   int window = 3;
+  std::string tile = "auto";  // Note [Sub-block streaming]: auto | off | SIZE
   std::string storage = "fp32";
   std::string compute = "fp32";
   int threads = 0;

@@ -13,6 +13,7 @@ SessionConfig session_config(const DeviceFlags& f, bool training) {
   sc.gpu_mem = f.gpu_mem.empty() ? 0 : parse_size_option(Opt::gpu_mem, f.gpu_mem, OptionSource::cli);
   sc.offload = parse_offload_mode(f.offload);
   sc.window = f.window;
+  sc.tile = parse_tile_option(f.tile, OptionSource::cli);
   sc.storage = parse_dtype_flag("--storage-dtype", f.storage, {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3});
   sc.compute = parse_dtype_flag("--compute-dtype", f.compute, {DType::f32, DType::bf16, DType::f16});
   sc.threads = f.threads;

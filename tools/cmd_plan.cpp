@@ -21,6 +21,7 @@ Runner add_plan(CLI::App& app) {
     std::string model, preset, gpu_mem, storage = "fp32", compute = "fp32", offload = "auto";
     std::string device = "cuda";
     int batch = 1, seq = 0, window = 3;
+    std::string tile = "auto";
     bool json = false, eval = false, generate = false;
     std::string kv_cache = "auto";
     int chunk = 512;
@@ -43,6 +44,9 @@ Runner add_plan(CLI::App& app) {
   app.add_option("--compute-dtype", o->compute, "fp32, bf16, fp16")->capture_default_str();
   app.add_option("--offload", o->offload, "auto, all, none")->capture_default_str()->check(CLI::IsMember({"auto", "all", "none"}));
   app.add_option("--window", o->window, "device slots for streamed blocks")->capture_default_str();
+  app.add_option("--tile", o->tile,
+                 "stream by weight tiles: auto (when two whole blocks do not fit), off, or a tile size such as 64M")
+      ->capture_default_str();
   app.add_option("--device", o->device, "cpu or cuda: which transfer bandwidth to predict with")->capture_default_str();
   app.add_flag("--eval-only", o->eval, "plan for evaluation (one activation stream)");
   app.add_flag("--generate", o->generate,
@@ -86,6 +90,7 @@ Runner add_plan(CLI::App& app) {
     sc.device = o->device;
     sc.offload = parse_offload_mode(o->offload);
     sc.window = o->window;
+    sc.tile = parse_tile_option(o->tile, OptionSource::cli);
     sc.storage = parse_dtype_flag("--storage-dtype", o->storage, {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3});
     sc.compute = parse_dtype_flag("--compute-dtype", o->compute, {DType::f32, DType::bf16, DType::f16});
     sc.host_mem = o->host_mem.empty() ? 0 : parse_size_option(Opt::host_mem, o->host_mem, OptionSource::cli);
@@ -153,6 +158,12 @@ Runner add_plan(CLI::App& app) {
     j["resident_blocks"] = pl.resident_count;
     j["streamed_blocks"] = pl.streamed;
     j["window"] = pl.window;
+    if (pl.tile_slots > 0)
+      j["tiles"] = {{"slots", pl.tile_slots},
+                    {"tile_bytes", pl.tile_bytes},
+                    {"vector_bytes", pl.vector_bytes},
+                    {"tiles_per_block", pl.block_tiles},
+                    {"weight_tile_elems", pl.limits.weight_tile_elems}};
     std::string map;
     for (bool b : pl.resident) map += b ? 'R' : 's';
     j["placement"] = map;

@@ -279,7 +279,7 @@ const char* const kParamNames[] = {"lr",           "eps",          "weight_decay
                                    "state_dtype",  "resume_state", "lora_r",       "lora_alpha",    "lora_targets",
                                    "adapter",      "prefix_tokens", "generate_seqs", "kv_cache",      "prefill_chunk",
                                    "parallel",     "rank_timeout", "share_host_image", "sliced_upload",
-                                   "host_mem",     "disk_dir",     "disk_lag",      "disk_staging"};
+                                   "host_mem",     "disk_dir",     "disk_lag",      "disk_staging", "tile"};
 
 int64_t int_arg(py::handle v, const char* name) {
   if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v))
@@ -398,6 +398,22 @@ Params parse_params(const py::kwargs& kw) {
       P.p.disk_lag = int32_arg(v, k);
     } else if (key == "disk_staging") {
       P.p.disk_staging = int32_arg(v, k);
+    } else if (key == "tile") {
+      // Note [Sub-block streaming]: "auto", "off", bytes or a size string ("64M").
+      if (py::isinstance<py::str>(v)) {
+        const std::string text = v.cast<std::string>();
+        P.p.tile_bytes = cxx_call([&] {
+          try {
+            return static_cast<int64_t>(zo2::parse_tile_option(text, zo2::OptionSource::c_api));
+          } catch (const zo2::Error& e) {
+            std::string m = e.what();  // the C API names the field (tile_bytes); name the keyword
+            if (m.rfind("tile_bytes", 0) == 0) m = "tile" + m.substr(10);
+            throw zo2::Error(e.kind(), m);
+          }
+        });
+      } else {
+        P.p.tile_bytes = int_arg(v, k);
+      }
     } else if (key == "seed_log") {
       if (v.is_none()) P.seed_log.reset();
       else P.seed_log = path_string(v);
@@ -503,6 +519,8 @@ py::dict params_dict(const Params& P) {
   d["disk_dir"] = P.disk_dir ? py::object(py::str(*P.disk_dir)) : py::object(py::none());
   d["disk_lag"] = P.p.disk_lag;
   d["disk_staging"] = P.p.disk_staging;
+  d["tile"] = P.p.tile_bytes == 0 ? py::object(py::str("auto"))
+              : P.p.tile_bytes < 0 ? py::object(py::str("off")) : py::object(py::int_(P.p.tile_bytes));
   return d;
 }
 
@@ -534,6 +552,9 @@ py::dict plan_dict(const zo2_plan_result& r) {
   d["disk_read_bytes_per_step"] = r.disk_read_bytes_per_step;
   d["disk_write_bytes_per_step"] = r.disk_write_bytes_per_step;
   d["predicted_disk_s"] = r.predicted_disk_s;
+  d["tile_slots"] = r.tile_slots;
+  d["tile_slot_bytes"] = r.tile_slot_bytes;
+  d["tiles_per_block"] = r.tiles_per_block;
   return d;
 }
 
@@ -1067,7 +1088,7 @@ Session(model, *, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, device="cpu", gpu
         first_step=0, save_dtype="fp32", save_shard_size=5_000_000_000, generate_seqs=0,
         kv_cache="auto", prefill_chunk=0, parallel=None, rank_timeout=600.0,
         share_host_image=True, sliced_upload=False, host_mem=None, disk_dir=None, disk_lag=1,
-        disk_staging=0, ...)
+        disk_staging=0, tile="auto", ...)
 
 `model` is a zo2.Model or a checkpoint directory. Every keyword is a field of the C API's
 zo2_session_params (include/zo2.h documents each), validated by the C API with its ranges

@@ -102,6 +102,8 @@ ROUND_TRIPS = {
     "disk_dir": ("DISKDIR", "DISKDIR"),  # a path under tmp_path, with host_mem
     "disk_lag": (4, 4),
     "disk_staging": (3, 3),
+    # Sub-block streaming: a size string, bytes, "auto" or "off".
+    "tile": ("4K", 4096),
 }
 
 
@@ -297,6 +299,30 @@ def test_plan(tiny):
     with pytest.raises(zo2.OutOfMemoryError) as e:
         zo2.plan(tiny, max_seqs=2, max_seq_len=16, gpu_mem=4096)
     assert e.value.minimum_cap_bytes > 4096 and e.value.n_blocks == 2
+
+
+def test_plan_with_tiles(tiny):
+    blocks = zo2.plan(tiny, max_seqs=2, max_seq_len=16, gpu_mem="64M", offload="all")
+    assert blocks.tile_slots == 0 and blocks.window > 0
+    tiles = zo2.plan(tiny, max_seqs=2, max_seq_len=16, gpu_mem="64M", offload="all", tile=4096)
+    assert tiles.window == 0 and tiles.tile_slots > 1 and tiles.tiles_per_block > 6
+    assert 0 < tiles.tile_slot_bytes < tiles.block_bytes
+    assert tiles.h2d_bytes_per_step == blocks.h2d_bytes_per_step
+    assert zo2.plan(tiny, max_seqs=2, max_seq_len=16, gpu_mem="64M", offload="all", tile="4K") == tiles
+    with pytest.raises(zo2.InvalidArgumentError, match="tile often"):
+        zo2.plan(tiny, max_seqs=2, max_seq_len=16, tile="often")
+    with pytest.raises(zo2.InvalidArgumentError, match="tile_bytes -2"):
+        zo2.plan(tiny, max_seqs=2, max_seq_len=16, tile=-2)
+    # Streamed by tiles at the default tile size (64M of fp32: 2^24 elements) trains to the
+    # resident run's bits.
+    ids = batch(512)
+    images = []
+    for kw in ({"offload": "none"}, {"offload": "all", "gpu_mem": "64M", "tile": "64M"}):
+        with zo2.Session(tiny, max_seqs=2, max_seq_len=16, lr=1e-3, **kw) as s:
+            for _ in range(3):
+                s.step(ids)
+            images.append(bits(s.eval(ids)))
+    assert images[0] == images[1]
 
 
 def test_torch_tensors(tiny):

@@ -29,6 +29,9 @@ class Plan:
     disk_read_bytes_per_step: int = 0
     disk_write_bytes_per_step: int = 0  #: divided by disk_lag
     predicted_disk_s: float = 0.0  #: disk-bound step time at 2 GB/s read, 1.5 GB/s write (seconds)
+    tile_slots: int = 0          #: sub-block streaming (tile=): device slots of one weight tile; 0 = whole blocks
+    tile_slot_bytes: int = 0     #: one tile slot
+    tiles_per_block: int = 0     #: weight tiles one block streams in
 
 
 @dataclass(frozen=True)

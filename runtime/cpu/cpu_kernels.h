@@ -29,6 +29,9 @@ void relu(const Mat& x);
 void silu_mul(const Mat& gate, const Mat& up, const Mat& out);
 void gelu_tanh_mul(const Mat& gate, const Mat& up, const Mat& out);
 void scale(const Mat& x, float alpha);
+// check_embedding_table throws (internal) for a tile of a table (CpuOps calls it when the
+// op is enqueued; embedding checks too).
+void check_embedding_table(const StoredTensor& table);
 void embedding(const StoredTensor& table, const std::int32_t* ids, std::int64_t n,
                const Mat& out, const NoiseArgs* noise, float sign);
 void ce_accumulate(const Mat& logits_tile, std::int64_t col_offset, const std::int32_t* targets,
@@ -37,6 +40,11 @@ void ce_finish(const float* state, const std::int32_t* targets, std::int64_t row
 void loss_mean(const float* row_loss, const std::int32_t* targets, std::int64_t n, float* out);
 void option_loss(const float* row_loss, const std::int32_t* targets, int batch, int seq,
                  const std::int32_t* info, float* out);
+// The Philox group of a tile's element 0 in its whole tensor (StoredTensor::first_row):
+// a tile's local group q is the tensor's group first_group + q, lane for lane. Throws
+// (internal) unless the tile starts on a group boundary (CpuOps calls it when perturb and
+// update are enqueued, so a bad tile fails at the call; the kernels check too).
+std::uint64_t first_group(const StoredTensor& w, const char* op);
 void perturb(const StoredTensor& w, std::int64_t row_begin, std::int64_t row_end,
              const NoiseArgs* noise, void* out_plus, void* out_minus, DType out_dtype);
 void spsa_grad(const float* loss_plus, const float* loss_minus, float eps, float* g);

@@ -46,6 +46,7 @@ class CpuOps final : public Ops {
   }
   void embedding(Stream& s, const StoredTensor& table, const std::int32_t* ids, std::int64_t n,
                  const Mat& out, const NoiseArgs* noise, float sign) override {
+    cpu::check_embedding_table(table);
     const bool has_noise = noise != nullptr;
     const NoiseArgs nz = has_noise ? *noise : NoiseArgs{};
     enqueue(s, [=] { cpu::embedding(table, ids, n, out, has_noise ? &nz : nullptr, sign); });
@@ -68,6 +69,7 @@ class CpuOps final : public Ops {
   }
   void perturb(Stream& s, const StoredTensor& w, std::int64_t r0, std::int64_t r1,
                const NoiseArgs* noise, void* plus, void* minus, DType out_dtype) override {
+    cpu::first_group(w, "perturb");
     const bool has_noise = noise != nullptr;
     const NoiseArgs nz = has_noise ? *noise : NoiseArgs{};
     enqueue(s, [=] { cpu::perturb(w, r0, r1, has_noise ? &nz : nullptr, plus, minus, out_dtype); });
@@ -76,6 +78,7 @@ class CpuOps final : public Ops {
     enqueue(s, [=] { cpu::spsa_grad(lp, lm, eps, g); });
   }
   void update(Stream& s, const StoredTensor& w, const UpdateArgs& args) override {
+    cpu::first_group(w, "update");
     enqueue(s, [=] { cpu::update(w, args); });
   }
   void update_state(Stream& s, const StoredTensor& w, const StoredTensor& m, const StoredTensor* v,

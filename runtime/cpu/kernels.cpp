@@ -320,8 +320,16 @@ void scale(const Mat& x, float alpha) {
                });
 }
 
+void check_embedding_table(const StoredTensor& table) {
+  // Ids index the whole table, so a tile of it has no meaning here.
+  if (table.first_row != 0)
+    fail(ErrorKind::internal, "cpu embedding: the table is a tile from row {}; embedding takes whole tables",
+         table.first_row);
+}
+
 void embedding(const StoredTensor& table, const std::int32_t* ids, std::int64_t n,
                const Mat& out, const NoiseArgs* noise, float sign) {
+  check_embedding_table(table);
   const std::int64_t h = table.cols;
   parallel_for(n, 4, [&](std::int64_t r0, std::int64_t r1) {
     std::vector<float> z;

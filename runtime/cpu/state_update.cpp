@@ -8,7 +8,9 @@
 // from noise_normals (q generations per element), then the element math of
 // Note [State update arithmetic] (runtime/element.h), then the stores: fp32 as is, narrower
 // dtypes stochastically rounded with bits from (rounding_seed, W's key) in the domains
-// rounding (W), state_m (m) and state_v (v).
+// rounding (W), state_m (m) and state_v (v). A tile (StoredTensor::first_row; m and v are
+// tiles of the same rows) draws at the whole tensor's indices: local group q is the
+// tensor's group first_group + q.
 #include "runtime/common.h"
 #include "runtime/cpu/cpu_kernels.h"
 #include "runtime/cpu/noise_simd.h"
@@ -30,14 +32,15 @@ struct Scratch {
   std::vector<std::uint32_t> bits;
 };
 
-// sum[e − e0] = Σ_j c_j·z(seeds[j], key, e) for e in [e0, e1), in j order.
-void direction_sums(const StateUpdateArgs& a, const float* c, std::uint64_t key, std::int64_t e0,
-                    std::int64_t e1, Scratch& s) {
+// sum[e − e0] = Σ_j c_j·z(seeds[j], key, e) for local e in [e0, e1), in j order (group0:
+// first_group of the tile).
+void direction_sums(const StateUpdateArgs& a, const float* c, std::uint64_t key, std::uint64_t group0,
+                    std::int64_t e0, std::int64_t e1, Scratch& s) {
   const std::int64_t q0 = e0 / 4, q1 = (e1 + 3) / 4, base = q0 * 4, n = e1 - e0;
   s.z.resize(static_cast<std::size_t>((q1 - q0) * 4));
   s.sum.assign(static_cast<std::size_t>(n), kDirectionSumStart);
   for (int j = 0; j < a.directions; ++j) {
-    noise_normals(a.seeds[j], key, static_cast<std::uint64_t>(q0), q1 - q0, s.z.data());
+    noise_normals(a.seeds[j], key, group0 + static_cast<std::uint64_t>(q0), q1 - q0, s.z.data());
     const float* z = s.z.data() + (e0 - base);
     float* sum = s.sum.data();
     const float cj = c[j];
@@ -66,18 +69,19 @@ void compute(const StoredTensor& w, const StoredTensor& m, const StoredTensor* v
   }
 }
 
-// Stores values[0 .. e1−e0) as elements [e0, e1) of a tensor of dtype D: fp32 as is, else
-// stochastically rounded (fp8: divided by `scale` first) with bits of `domain`.
+// Stores values[0 .. e1−e0) as local elements [e0, e1) of a tile of dtype D: fp32 as is,
+// else stochastically rounded (fp8: divided by `scale` first) with bits of `domain`.
 template <DType D>
 void store_range(void* data, std::int64_t e0, std::int64_t e1, const float* values, float scale,
-                 std::uint64_t rounding_seed, std::uint64_t key, NoiseDomain domain, Scratch& s) {
+                 std::uint64_t rounding_seed, std::uint64_t key, std::uint64_t group0, NoiseDomain domain,
+                 Scratch& s) {
   const std::int64_t n = e1 - e0;
   if constexpr (D == DType::f32) {
     std::copy(values, values + n, static_cast<float*>(data) + e0);
   } else {
     const std::int64_t q0 = e0 / 4, q1 = (e1 + 3) / 4, base = q0 * 4;
     s.bits.resize(static_cast<std::size_t>((q1 - q0) * 4));
-    noise_words(rounding_seed, key, static_cast<std::uint64_t>(q0), q1 - q0, s.bits.data(), domain);
+    noise_words(rounding_seed, key, group0 + static_cast<std::uint64_t>(q0), q1 - q0, s.bits.data(), domain);
     for (std::int64_t i = 0; i < n; ++i) {
       const float x = D == DType::f8_e4m3 ? detail::fdiv(values[i], scale) : values[i];
       store_element_sr(data, D, e0 + i, x, s.bits[static_cast<std::size_t>(e0 + i - base)]);
@@ -95,15 +99,16 @@ template <DType W, DType S>
 void run(const StoredTensor& w, const StoredTensor& m, const StoredTensor* v, const StateUpdateArgs& a,
          const float* c, const StateCoefficients& k) {
   const std::uint64_t key = w.key;
+  const std::uint64_t g0 = first_group(w, "update_state");
   const std::uint64_t rs = a.rounding_seed;
   if constexpr (W != DType::f8_e4m3 && S != DType::f8_e4m3) {
     parallel_for(w.numel(), kChunk, [&](std::int64_t e0, std::int64_t e1) {
       Scratch s;
-      direction_sums(a, c, key, e0, e1, s);
+      direction_sums(a, c, key, g0, e0, e1, s);
       compute<W, S>(w, m, v, k, e0, e1, 1.0f, 1.0f, 1.0f, s);
-      store_range<W>(w.data, e0, e1, s.w.data(), 1.0f, rs, key, NoiseDomain::rounding, s);
-      store_range<S>(m.data, e0, e1, s.m.data(), 1.0f, rs, key, NoiseDomain::state_m, s);
-      if (v) store_range<S>(v->data, e0, e1, s.v.data(), 1.0f, rs, key, NoiseDomain::state_v, s);
+      store_range<W>(w.data, e0, e1, s.w.data(), 1.0f, rs, key, g0, NoiseDomain::rounding, s);
+      store_range<S>(m.data, e0, e1, s.m.data(), 1.0f, rs, key, g0, NoiseDomain::state_m, s);
+      if (v) store_range<S>(v->data, e0, e1, s.v.data(), 1.0f, rs, key, g0, NoiseDomain::state_v, s);
     });
   } else {
     // Row by row: an fp8 row's new scale (absmax / 448, as `update`) is known only once
@@ -117,7 +122,7 @@ void run(const StoredTensor& w, const StoredTensor& m, const StoredTensor* v, co
         auto old_scale = [&](const StoredTensor* t, DType d) {
           return d == DType::f8_e4m3 ? t->row_scales[r] : 1.0f;
         };
-        direction_sums(a, c, key, e0, e1, s);
+        direction_sums(a, c, key, g0, e0, e1, s);
         compute<W, S>(w, m, v, k, e0, e1, old_scale(&w, W), old_scale(&m, S), v ? old_scale(v, S) : 1.0f, s);
         auto new_scale = [&](const StoredTensor* t, DType d, const std::vector<float>& x) {
           if (d != DType::f8_e4m3) return 1.0f;
@@ -127,9 +132,9 @@ void run(const StoredTensor& w, const StoredTensor& m, const StoredTensor* v, co
         };
         const float ws = new_scale(&w, W, s.w), ms = new_scale(&m, S, s.m);
         const float vs = v ? new_scale(v, S, s.v) : 1.0f;
-        store_range<W>(w.data, e0, e1, s.w.data(), ws, rs, key, NoiseDomain::rounding, s);
-        store_range<S>(m.data, e0, e1, s.m.data(), ms, rs, key, NoiseDomain::state_m, s);
-        if (v) store_range<S>(v->data, e0, e1, s.v.data(), vs, rs, key, NoiseDomain::state_v, s);
+        store_range<W>(w.data, e0, e1, s.w.data(), ws, rs, key, g0, NoiseDomain::rounding, s);
+        store_range<S>(m.data, e0, e1, s.m.data(), ms, rs, key, g0, NoiseDomain::state_m, s);
+        if (v) store_range<S>(v->data, e0, e1, s.v.data(), vs, rs, key, g0, NoiseDomain::state_v, s);
       }
     });
   }
@@ -152,14 +157,17 @@ void check_update_state(const StoredTensor& w, const StoredTensor& m, const Stor
     fail(ErrorKind::unsupported, "cpu update_state: the state must be fp32, bf16 or fp8, not {}", dtype_name(m.dtype));
   check_tensor(w, "weight");
   check_tensor(m, "m");
-  if (m.rows != w.rows || m.cols != w.cols)
-    fail(ErrorKind::internal, "cpu update_state: m is {}x{} but W is {}x{}", m.rows, m.cols, w.rows, w.cols);
+  first_group(w, "update_state");
+  if (m.rows != w.rows || m.cols != w.cols || m.first_row != w.first_row)
+    fail(ErrorKind::internal, "cpu update_state: m is {}x{} from row {} but W is {}x{} from row {}", m.rows, m.cols,
+         m.first_row, w.rows, w.cols, w.first_row);
   if (a.adam != (v != nullptr))
     fail(ErrorKind::internal, "cpu update_state: {}", a.adam ? "Adam needs v" : "momentum takes no v");
   if (v) {
     check_tensor(*v, "v");
-    if (v->rows != w.rows || v->cols != w.cols)
-      fail(ErrorKind::internal, "cpu update_state: v is {}x{} but W is {}x{}", v->rows, v->cols, w.rows, w.cols);
+    if (v->rows != w.rows || v->cols != w.cols || v->first_row != w.first_row)
+      fail(ErrorKind::internal, "cpu update_state: v is {}x{} from row {} but W is {}x{} from row {}", v->rows,
+           v->cols, v->first_row, w.rows, w.cols, w.first_row);
     if (v->dtype != m.dtype)
       fail(ErrorKind::internal, "cpu update_state: v is {} but m is {} (one state dtype)", dtype_name(v->dtype),
            dtype_name(m.dtype));

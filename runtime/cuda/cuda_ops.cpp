@@ -35,6 +35,11 @@ void check_stored(const StoredTensor& w, const char* op) {
     fail(ErrorKind::internal, "cuda {}: bad stored tensor ({}x{})", op, w.rows, w.cols);
   if (w.dtype == DType::f8_e4m3 && w.numel() > 0 && w.row_scales == nullptr)
     fail(ErrorKind::internal, "cuda {}: an fp8 tensor needs its row scales", op);
+  // A tile draws at the whole tensor's indices group by group (its local group q is the
+  // tensor's group first_element/4 + q), so it must start on a group boundary.
+  if (w.first_row < 0 || w.first_element() % 4 != 0)
+    fail(ErrorKind::internal, "cuda {}: a tile from row {} of {} columns does not start on a group of 4 elements",
+         op, w.first_row, w.cols);
 }
 
 class CudaOps final : public Ops {
@@ -148,6 +153,10 @@ class CudaOps final : public Ops {
   void embedding(Stream& s, const StoredTensor& table, const std::int32_t* ids, std::int64_t n,
                  const Mat& out, const NoiseArgs* noise, float sign) override {
     check_stored(table, "embedding");
+    // Ids index the whole table, so a tile of it has no meaning here.
+    if (table.first_row != 0)
+      fail(ErrorKind::internal, "cuda embedding: the table is a tile from row {}; embedding takes whole tables",
+           table.first_row);
     check_mat(out, "embedding", "out");
     if (n < 0 || out.rows < n || out.cols != table.cols || (n > 0 && ids == nullptr))
       fail(ErrorKind::internal, "cuda embedding: {} ids into a {}x{} output of a table with {} columns",
@@ -203,9 +212,9 @@ class CudaOps final : public Ops {
       if (t.dtype != DType::f32 && t.dtype != DType::bf16 && t.dtype != DType::f8_e4m3)
         fail(ErrorKind::unsupported, "cuda update_state: {} is {}; the state must be fp32, bf16 or fp8", what,
              dtype_name(t.dtype));
-      if (t.rows != w.rows || t.cols != w.cols)
-        fail(ErrorKind::internal, "cuda update_state: {} is {}x{} but W is {}x{}", what, t.rows, t.cols, w.rows,
-             w.cols);
+      if (t.rows != w.rows || t.cols != w.cols || t.first_row != w.first_row)
+        fail(ErrorKind::internal, "cuda update_state: {} is {}x{} from row {} but W is {}x{} from row {}", what,
+             t.rows, t.cols, t.first_row, w.rows, w.cols, w.first_row);
       if (t.numel() > 0 && t.data == nullptr) fail(ErrorKind::internal, "cuda update_state: {} has no data", what);
       if (t.dtype == DType::f8_e4m3 && t.numel() > 0 && t.row_scales == nullptr)
         fail(ErrorKind::internal, "cuda update_state: the fp8 {} needs its row scales", what);

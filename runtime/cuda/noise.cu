@@ -12,6 +12,10 @@
 // ends of a row range fall back to element accesses. The work per element is ~50 integer
 // and fp32 operations, so the kernels stay close to memory bandwidth on H100/H200.
 //
+// Tiles (StoredTensor::first_row): the kernels index the tile's own elements, and since a
+// tile starts on a group boundary (checked by CudaOps), its local group q is group
+// first_group + q of the whole tensor, lane for lane; every draw uses that global group.
+//
 // fp8 update: the new row scale (absmax/448 of the updated row) is needed before any
 // element can be rounded, so one block owns a row and makes two passes over it. The first
 // computes the updated values and their max; the second rounds them into the new scale.
@@ -104,7 +108,8 @@ struct PerturbArgs {
   const float* row_scales;
   std::int64_t cols;
   std::uint64_t key;
-  std::int64_t e0;  // first tensor element of the range
+  std::uint64_t first_group;  // the tile's group 0 in the whole tensor (first_element / 4)
+  std::int64_t e0;  // first tile element of the range
   std::int64_t n;   // elements in the range
   bool noise;
   std::uint64_t seed;
@@ -128,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(PerturbArgs a) {
        gi += std::int64_t{gridDim.x} * blockDim.x) {
     const std::int64_t q = g0 + gi, e = q * 4;
     Normal4 z{};
-    if (a.noise) z = noise_normal4(a.seed, a.key, static_cast<std::uint64_t>(q));
+    if (a.noise) z = noise_normal4(a.seed, a.key, a.first_group + static_cast<std::uint64_t>(q));
     float scale[4] = {1.0f, 1.0f, 1.0f, 1.0f};
     if constexpr (S == DType::f8_e4m3) {
       std::int64_t row = (e < a.e0 ? a.e0 : e) / a.cols;
@@ -179,6 +184,7 @@ struct UpdateKernelArgs {
   std::int64_t rows;
   std::int64_t cols;
   std::uint64_t key;
+  std::uint64_t first_group;  // the tile's group 0 in the whole tensor (first_element / 4)
   std::uint64_t seed;
   float lr;
   float weight_decay;
@@ -207,10 +213,10 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdateKernelArgs a) {
   for (std::int64_t q = std::int64_t{blockIdx.x} * blockDim.x + threadIdx.x; q < groups;
        q += std::int64_t{gridDim.x} * blockDim.x) {
     const std::int64_t e = q * 4;
-    const Normal4 z = noise_normal4(a.seed, a.key, static_cast<std::uint64_t>(q));
+    const std::uint64_t gq = a.first_group + static_cast<std::uint64_t>(q);
+    const Normal4 z = noise_normal4(a.seed, a.key, gq);
     Philox4 r{};
-    if constexpr (S != DType::f32)
-      r = noise_bits(a.rounding_seed, a.key, static_cast<std::uint64_t>(q), NoiseDomain::rounding);
+    if constexpr (S != DType::f32) r = noise_bits(a.rounding_seed, a.key, gq, NoiseDomain::rounding);
     const std::uint32_t bits[4] = {r.x, r.y, r.z, r.w};
     if (a.vectorized && e + 4 <= n) {
       using SV = typename Storage<S>::Vec4;
@@ -254,7 +260,7 @@ __global__ void __launch_bounds__(kFp8Threads) update_fp8_kernel(UpdateKernelArg
     // Pass 1: the updated row's absolute maximum (and, with keep, the values).
     float absmax = 0.0f;
     for (std::int64_t q = base / 4 + threadIdx.x; q * 4 < end; q += blockDim.x) {
-      const Normal4 z = noise_normal4(a.seed, a.key, static_cast<std::uint64_t>(q));
+      const Normal4 z = noise_normal4(a.seed, a.key, a.first_group + static_cast<std::uint64_t>(q));
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const std::int64_t e = q * 4 + j;
@@ -271,10 +277,10 @@ __global__ void __launch_bounds__(kFp8Threads) update_fp8_kernel(UpdateKernelArg
     // arithmetic), rounded into the new scale. Each thread rewrites exactly the elements it
     // read in pass 1, and reads back only the values it kept itself.
     for (std::int64_t q = base / 4 + threadIdx.x; q * 4 < end; q += blockDim.x) {
+      const std::uint64_t gq = a.first_group + static_cast<std::uint64_t>(q);
       Normal4 z{};
-      if (!keep) z = noise_normal4(a.seed, a.key, static_cast<std::uint64_t>(q));
-      const Philox4 r =
-          noise_bits(a.rounding_seed, a.key, static_cast<std::uint64_t>(q), NoiseDomain::rounding);
+      if (!keep) z = noise_normal4(a.seed, a.key, gq);
+      const Philox4 r = noise_bits(a.rounding_seed, a.key, gq, NoiseDomain::rounding);
       const std::uint32_t bits[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -330,6 +336,7 @@ void perturb(KernelStream& s, const StoredTensor& w, std::int64_t row_begin,
                 w.row_scales,
                 w.cols,
                 w.key,
+                static_cast<std::uint64_t>(w.first_element() / 4),
                 e0,
                 n,
                 noise != nullptr,
@@ -362,9 +369,19 @@ void spsa_grad(KernelStream& s, const float* loss_plus, const float* loss_minus,
 
 void update(KernelStream& s, const StoredTensor& w, const UpdateArgs& args) {
   if (w.numel() == 0) return;
-  UpdateKernelArgs a{w.data,       w.row_scales,        w.rows,  w.cols,
-                     w.key,        args.seed,           args.lr, args.weight_decay,
-                     args.g,       args.rounding_seed,  args.sign, false};
+  UpdateKernelArgs a{w.data,
+                     w.row_scales,
+                     w.rows,
+                     w.cols,
+                     w.key,
+                     static_cast<std::uint64_t>(w.first_element() / 4),
+                     args.seed,
+                     args.lr,
+                     args.weight_decay,
+                     args.g,
+                     args.rounding_seed,
+                     args.sign,
+                     false};
   if (w.dtype == DType::f8_e4m3) {
     // The row's values in shared memory where they fit the device's opt-in limit. The limit
     // a launch may use is a setting of the current device: raised to the whole opt-in (less

@@ -21,6 +21,11 @@
 // scales. A row whose kept values exceed the device's shared memory (or
 // ZO2_CUDA_FP8_UPDATE=regenerate) recomputes everything in the second pass from the same
 // old values instead — 2q generations per element then, the same bits either way.
+//
+// Tiles (StoredTensor::first_row; m and v are tiles of the same rows): the kernels index the
+// tile's own elements, and since a tile starts on a group boundary (checked by CudaOps), its
+// local group q is group first_group + q of the whole tensor, lane for lane; every draw
+// (z and the three rounding streams) uses that global group.
 #include "runtime/cuda/kernel_util.cuh"
 #include "runtime/cuda/kernels.h"
 #include "runtime/element.h"
@@ -109,6 +114,7 @@ struct StateKernelArgs {
   std::int64_t rows;
   std::int64_t cols;
   std::uint64_t key;
+  std::uint64_t first_group;  // the tile's group 0 in the whole tensor (first_element / 4)
   int directions;
   std::uint64_t seeds[kMaxQ];
   const float* g;
@@ -175,8 +181,9 @@ __global__ void __launch_bounds__(kThreads) state_update_kernel(StateKernelArgs 
         if constexpr (Adam) vi[j] = load_as_f32<S>(v[e + j], 1.0f);
       }
     }
+    const std::uint64_t gq = a.first_group + static_cast<std::uint64_t>(q);
     float s[4];
-    group_sums(a.directions, c, seeds, a.key, static_cast<std::uint64_t>(q), s);
+    group_sums(a.directions, c, seeds, a.key, gq, s);
     float nw[4], nm[4], nv[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -185,12 +192,11 @@ __global__ void __launch_bounds__(kThreads) state_update_kernel(StateKernelArgs 
       nm[j] = r.m;
       nv[j] = r.v;
     }
-    const std::uint64_t uq = static_cast<std::uint64_t>(q);
     Philox4 rw{}, rm{}, rv{};
-    if constexpr (W != DType::f32) rw = noise_bits(a.rounding_seed, a.key, uq, NoiseDomain::rounding);
+    if constexpr (W != DType::f32) rw = noise_bits(a.rounding_seed, a.key, gq, NoiseDomain::rounding);
     if constexpr (S != DType::f32) {
-      rm = noise_bits(a.rounding_seed, a.key, uq, NoiseDomain::state_m);
-      if constexpr (Adam) rv = noise_bits(a.rounding_seed, a.key, uq, NoiseDomain::state_v);
+      rm = noise_bits(a.rounding_seed, a.key, gq, NoiseDomain::state_m);
+      if constexpr (Adam) rv = noise_bits(a.rounding_seed, a.key, gq, NoiseDomain::state_v);
     }
     if (whole) {
       store4<W>(w + e, nw, rw);
@@ -254,15 +260,15 @@ __global__ void __launch_bounds__(kRowThreads) state_update_rows_kernel(StateKer
     // wait in shared memory and the other tensors are stored now.
     float wmax = 0.0f, mmax = 0.0f, vmax = 0.0f;
     for (std::int64_t q = base / 4 + threadIdx.x; q * 4 < end; q += blockDim.x) {
-      const std::uint64_t uq = static_cast<std::uint64_t>(q);
+      const std::uint64_t gq = a.first_group + static_cast<std::uint64_t>(q);
       float s[4];
-      group_sums(a.directions, c, seeds, a.key, uq, s);
+      group_sums(a.directions, c, seeds, a.key, gq, s);
       Philox4 rw{}, rm{}, rv{};
       if (keep) {
-        if constexpr (!w8 && W != DType::f32) rw = noise_bits(a.rounding_seed, a.key, uq, NoiseDomain::rounding);
+        if constexpr (!w8 && W != DType::f32) rw = noise_bits(a.rounding_seed, a.key, gq, NoiseDomain::rounding);
         if constexpr (!s8 && S != DType::f32) {
-          rm = noise_bits(a.rounding_seed, a.key, uq, NoiseDomain::state_m);
-          if constexpr (Adam) rv = noise_bits(a.rounding_seed, a.key, uq, NoiseDomain::state_v);
+          rm = noise_bits(a.rounding_seed, a.key, gq, NoiseDomain::state_m);
+          if constexpr (Adam) rv = noise_bits(a.rounding_seed, a.key, gq, NoiseDomain::state_v);
         }
       }
 #pragma unroll
@@ -300,14 +306,14 @@ __global__ void __launch_bounds__(kRowThreads) state_update_rows_kernel(StateKer
     // the same arithmetic) rounded into the new scales; without keep, everything is
     // stored here. Each thread rewrites exactly the elements it read in pass 1.
     for (std::int64_t q = base / 4 + threadIdx.x; q * 4 < end; q += blockDim.x) {
-      const std::uint64_t uq = static_cast<std::uint64_t>(q);
+      const std::uint64_t gq = a.first_group + static_cast<std::uint64_t>(q);
       float s[4] = {};
-      if (!keep) group_sums(a.directions, c, seeds, a.key, uq, s);
+      if (!keep) group_sums(a.directions, c, seeds, a.key, gq, s);
       Philox4 rw{}, rm{}, rv{};
-      if (W != DType::f32 && (w8 || !keep)) rw = noise_bits(a.rounding_seed, a.key, uq, NoiseDomain::rounding);
+      if (W != DType::f32 && (w8 || !keep)) rw = noise_bits(a.rounding_seed, a.key, gq, NoiseDomain::rounding);
       if (S != DType::f32 && (s8 || !keep)) {
-        rm = noise_bits(a.rounding_seed, a.key, uq, NoiseDomain::state_m);
-        if constexpr (Adam) rv = noise_bits(a.rounding_seed, a.key, uq, NoiseDomain::state_v);
+        rm = noise_bits(a.rounding_seed, a.key, gq, NoiseDomain::state_m);
+        if constexpr (Adam) rv = noise_bits(a.rounding_seed, a.key, gq, NoiseDomain::state_v);
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -420,6 +426,7 @@ void update_state(KernelStream& s, const StoredTensor& w, const StoredTensor& m,
   a.rows = w.rows;
   a.cols = w.cols;
   a.key = w.key;
+  a.first_group = static_cast<std::uint64_t>(w.first_element() / 4);
   a.directions = args.directions;
   for (int j = 0; j < args.directions; ++j) a.seeds[j] = args.seeds[j];
   a.g = args.g;
