@@ -522,6 +522,31 @@ TEST(SchedulerFaultInjection, SkippingTheUploadWaitBreaksTheBitwiseInvariant) {
   EXPECT_TRUE(differs) << "computing on a slot before its upload finished must change the result";
 }
 
+// The tile ring's waits matter as much (Note [Sub-block streaming]): computing on a tile
+// slot before its upload has finished changes the result.
+TEST(SchedulerFaultInjection, SkippingATileUploadWaitBreaksTheBitwiseInvariant) {
+#if defined(ZO2_TSAN)
+  GTEST_SKIP() << "a deliberate race; under ThreadSanitizer the child-process test covers it";
+#endif
+  test::TempDir tmp;
+  const ModelConfig c = small_opt(4);
+  test::write_random_checkpoint(tmp.path(), c, 9);
+  SessionConfig good;
+  good.offload = OffloadMode::all;
+  good.gpu_mem = std::size_t{1} << 30;
+  good.tile = 1200;
+  good.debug_copy_delay_us = 2000;
+  SessionConfig bad = good;
+  bad.fault = SchedulerFault::skip_upload_wait;
+  const TrainRun ok = train(tmp.path(), good, 3);
+  const TrainRun racy = train(tmp.path(), bad, 3);
+  ASSERT_GT(ok.placement.tile_slots, 0);
+  bool differs = false;
+  for (std::size_t i = 0; i < ok.steps.size(); ++i) differs |= ok.steps[i].loss_plus != racy.steps[i].loss_plus;
+  for (std::size_t i = 0; i < ok.images.size(); ++i) differs |= ok.images[i] != racy.images[i];
+  EXPECT_TRUE(differs) << "computing on a tile slot before its upload finished must change the result";
+}
+
 // Under ThreadSanitizer the same fault is a reported data race (run in a child process,
 // since TSan reports and would fail this process too).
 TEST(SchedulerFaultInjection, ThreadSanitizerReportsTheMissingWait) {
