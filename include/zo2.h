@@ -245,8 +245,8 @@ typedef struct zo2_session_params {
     // Sub-block streaming (zo2-tune --tile; README "Below 4 GiB of GPU memory"): streamed blocks move through the
     // device one weight tile (a row range of one matrix) at a time instead of whole, so the window needs slots of a
     // tile, not of a block. 0 = auto (whole blocks when two slots of them fit gpu_mem_bytes, else tiles), -1 = whole
-    // blocks only, > 0 = tiles of at most this many bytes of storage (up to 2^48). Not with the disk tier or a
-    // node-shared host image. Default 0.
+    // blocks only, > 0 = tiles of at most this many bytes of storage (up to 2^48). Not with a node-shared host
+    // image (share_host_image with several ranks on a node). Default 0.
     int64_t  tile_bytes;
 } zo2_session_params;
 

@@ -226,12 +226,6 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
            "ranks sharing one host image with blocks streamed by weight tiles are not supported yet: raise --gpu-mem "
            "so that {} window slots of {} fit, or give each rank its own host image",
            k_floor, format_bytes(static_cast<double>(block)));
-    if (r.host_mem > 0 && p.host_bytes > r.host_mem)
-      fail(ErrorKind::unsupported,
-           "--host-mem {} (a disk tier) with blocks streamed by weight tiles is not supported yet: the disk tier "
-           "moves whole blocks; raise --gpu-mem so that {} window slots of {} fit, or --host-mem to {}",
-           format_bytes(static_cast<double>(r.host_mem)), k_floor, format_bytes(static_cast<double>(block)),
-           format_bytes(static_cast<double>(p.host_bytes)));
     plan_tiers(p, config, r);
     return p;
   }

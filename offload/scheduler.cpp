@@ -28,9 +28,9 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
   if (placement_.streamed > 0 && placement_.window < 1 && placement_.tile_slots < 1)
     fail(ErrorKind::internal, "a placement that streams blocks needs at least one window or tile slot");
   const bool tiled = placement_.tile_slots > 0 && placement_.streamed > 0;
-  if (tiled && (store.disk() || store.node_ranks() > 1 || options_.sliced_upload))
+  if (tiled && (store.node_ranks() > 1 || options_.sliced_upload))
     fail(ErrorKind::unsupported, "blocks streamed by weight tiles (Note [Sub-block streaming]) cannot use {} yet",
-         store.disk() ? "the disk tier" : options_.sliced_upload ? "the sliced upload" : "a node-shared host image");
+         options_.sliced_upload ? "the sliced upload" : "a node-shared host image");
   if (options_.branches != 1 && options_.branches != 2)
     fail(ErrorKind::invalid_argument, "a scheduler runs one or two branches, not {}", options_.branches);
   validate_rule(options_.rule, 0.0f);
@@ -356,13 +356,29 @@ void Scheduler::capture_hidden(const Mat& m, std::int64_t tokens,
 // matrices tile by tile, in the order the graph asks for them.
 class Scheduler::BlockTiles final : public TileFeed {
  public:
-  BlockTiles(Scheduler& s, std::int64_t block, bool update, std::int64_t busy_tag)
+  // Which updates this use applies — the pending one (update), or for a disk block the
+  // logged ones its image lacks, [from, to) (Note [Lagging disk images]) — and whether the
+  // tiles go back to `image`: the block's host image, or the staging buffer the disk tier
+  // read it into (disk: its counters order the buffer's reuse, Note [Disk tier pipeline]).
+  struct Plan {
+    bool update = false;
+    std::int64_t from = -1, to = -1;
+    bool write_back = false;
+    char* image = nullptr;
+    const DiskTier::Use* disk = nullptr;
+  };
+  BlockTiles(Scheduler& s, std::int64_t block, const Plan& plan, std::int64_t busy_tag)
       : s_(s),
         i_(block),
-        update_(update),
+        update_(plan.update),
+        from_(plan.from),
+        to_(plan.to),
+        write_back_(plan.write_back),
+        with_state_(plan.update || plan.from >= 0),
+        disk_(plan.disk),
         tag_(busy_tag),
         layout_(s.store_.block_layout(block)),
-        image_(static_cast<char*>(s.store_.block_image(block))),
+        image_(plan.image),
         host_(bind_weights(layout_, image_)) {}
 
   // Uploads the block's vectors (and, when this use updates, their state); returns what the
@@ -372,6 +388,9 @@ class Scheduler::BlockTiles final : public TileFeed {
     vk_ = static_cast<int>(s_.vector_uses_++ % 2);
     char* slot = vector_slot();
     s_.h2d_->wait(*s_.offloaded_[static_cast<std::size_t>(i_)]);
+    if (disk_)
+      s_.h2d_->wait_value(s_.disk_->read_counter(disk_->staging), disk_->stamp, 0,
+                          fmt::format("the disk tier's read of block {}", i_));
     if (s_.options_.fault != SchedulerFault::skip_slot_free_wait) s_.h2d_->wait(*s_.vector_free_[static_cast<std::size_t>(vk_)]);
     WeightSet w = host_;
     for (int k = 0; k < buffers; ++k)
@@ -415,11 +434,8 @@ class Scheduler::BlockTiles final : public TileFeed {
     if (tag_ >= 0) s_.compute_->end_busy();
     if (s_.options_.fault != SchedulerFault::skip_upload_wait) s_.compute_->wait(*s_.tile_uploaded_[static_cast<std::size_t>(tk_)]);
     if (tag_ >= 0) s_.compute_->begin_busy(tag_);
-    if (update_) {
-      const bool stateful = s_.store_.state().buffers > 0;
-      s_.apply_update(v[0], stateful ? &v[1] : nullptr, s_.store_.state().buffers > 1 ? &v[2] : nullptr, 2,
-                      s_.pending_, s_.grads());
-    }
+    const bool stateful = s_.store_.state().buffers > 0;
+    apply(v[0], stateful ? &v[1] : nullptr, s_.store_.state().buffers > 1 ? &v[2] : nullptr);
     held_ = true;
     return v[0];
   }
@@ -430,7 +446,7 @@ class Scheduler::BlockTiles final : public TileFeed {
     Event& computed = *s_.tile_computed_[static_cast<std::size_t>(tk_)];
     Event& free = *s_.tile_free_[static_cast<std::size_t>(tk_)];
     s_.compute_->record(computed);
-    if (update_) {
+    if (write_back_) {
       s_.d2h_->wait(computed);
       copy_down(tile_slot(), tile_pieces_);
       s_.d2h_->record(free);
@@ -457,10 +473,14 @@ class Scheduler::BlockTiles final : public TileFeed {
     Event& computed = *s_.vector_computed_[static_cast<std::size_t>(vk_)];
     Event& free = *s_.vector_free_[static_cast<std::size_t>(vk_)];
     s_.compute_->record(computed);
-    if (update_) {
+    // Every tile of the block is uploaded: the disk tier may refill its staging buffer once
+    // the write-back (if any) is done too.
+    if (disk_) s_.h2d_->write_value(s_.disk_->uploaded_counter(disk_->staging), disk_->stamp);
+    if (write_back_) {
       s_.d2h_->wait(computed);
       copy_down(vector_slot(), vector_pieces_);
       s_.d2h_->record(free);
+      if (disk_) s_.d2h_->write_value(s_.disk_->offloaded_counter(disk_->staging), disk_->stamp);
       s_.d2h_->record(*s_.offloaded_[static_cast<std::size_t>(i_)]);
       ++s_.totals_.offloads;
     } else {
@@ -474,6 +494,16 @@ class Scheduler::BlockTiles final : public TileFeed {
     std::size_t host, dev, bytes;
     bool state;  // optimizer state: moved only by a use that updates
   };
+  // The updates of this use to one tile (or vector): the logged ones a disk image lacks,
+  // in step order, or the pending one.
+  void apply(const StoredTensor& w, const StoredTensor* m, const StoredTensor* v) {
+    if (from_ >= 0) {
+      for (std::int64_t t = from_; t < to_; ++t)
+        if (auto h = s_.history_.find(t); h != s_.history_.end()) s_.apply_update(w, m, v, 2, h->second, s_.g_history(t));
+    } else if (update_) {
+      s_.apply_update(w, m, v, 2, s_.pending_, s_.grads());
+    }
+  }
   static StoredTensor shape_of(StoredTensor t) {
     t.data = nullptr;
     t.row_scales = nullptr;
@@ -511,7 +541,7 @@ class Scheduler::BlockTiles final : public TileFeed {
   void copy_up(char* slot, const std::vector<Piece>& pieces) {
     if (tag_ >= 0) s_.h2d_->begin_busy(tag_);
     for (const Piece& p : pieces) {
-      if (p.state && !update_) continue;  // a pass without the update reads the weights alone
+      if (p.state && !with_state_) continue;  // a pass without an update reads the weights alone
       s_.h2d_->copy_h2d(slot + p.dev, image_ + p.host, p.bytes);
       s_.totals_.h2d_bytes += p.bytes;
     }
@@ -529,6 +559,9 @@ class Scheduler::BlockTiles final : public TileFeed {
   Scheduler& s_;
   std::int64_t i_;
   bool update_;
+  std::int64_t from_, to_;
+  bool write_back_, with_state_;
+  const DiskTier::Use* disk_;
   std::int64_t tag_;
   const ImageLayout& layout_;
   char* image_;
@@ -563,7 +596,8 @@ void Scheduler::run_blocks(const Use& use) {
     begin_busy(*compute_);
     if (from >= 0) {
       for (std::int64_t t = from; t < to; ++t)
-        if (auto h = history_.find(t); h != history_.end()) apply_update(w, layout, st, h->second, g_history(t));
+        if (auto h = history_.find(t); h != history_.end())
+          apply_update(w, layout, st, h->second, g_history(t), /*vectors_only=*/tiles != nullptr);
     } else if (use.update && !disk) {  // a disk image already past this update keeps it (a resume)
       // By tiles, the matrices are updated as they arrive (Note [Sub-block streaming]).
       apply_update(w, layout, st, pending_, grads(), /*vectors_only=*/tiles != nullptr);
@@ -605,11 +639,27 @@ void Scheduler::run_blocks(const Use& use) {
       continue;
     }
     if (!tile_slots_.empty()) {
-      // Note [Sub-block streaming] (never with the disk tier or a shared image: see the constructor).
-      BlockTiles tiles(*this, i, use.update, use.busy_tag);
+      // Note [Sub-block streaming] (never with a shared image: see the constructor). A disk
+      // block's tiles come from the staging buffer the disk tier reads its image into.
+      BlockTiles::Plan plan;
+      DiskTier::Use disk_use;
+      if (on_disk) {
+        disk_use = disk_->begin_use(i, write_back, static_cast<std::uint64_t>(std::max<std::int64_t>(lag_to, 0)));
+        if (write_back) disk_step_[static_cast<std::size_t>(i)] = lag_to;
+        plan.image = reinterpret_cast<char*>(disk_use.buffer);
+        plan.disk = &disk_use;
+        plan.from = lag_from;
+        plan.to = lag_to;
+        plan.write_back = write_back;
+      } else {
+        plan.image = static_cast<char*>(store_.block_image(i));
+        plan.update = use.update;
+        plan.write_back = use.update;
+      }
+      BlockTiles tiles(*this, i, plan, use.busy_tag);
       std::array<WeightSet, 2> st;
       const WeightSet w = tiles.begin(st);
-      on_resident(w, st.data(), layout, i, false, -1, -1, &tiles);
+      on_resident(w, st.data(), layout, i, on_disk, lag_from, lag_to, &tiles);
       tiles.end();
       continue;
     }

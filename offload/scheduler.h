@@ -49,8 +49,10 @@
 //   The upload stream runs up to K − 1 tiles ahead of compute, the offload stream writes
 //   each tile back as soon as both passes used it, so the link's two directions and
 //   compute overlap as with whole blocks, on slots a block's size / tiles-per-block small.
-//   Not combined (yet) with the disk tier or with ranks that share a host image: the
-//   planner refuses both by name.
+//   A disk block (Note [Disk tier pipeline]) is read whole into a staging buffer as before;
+//   its tiles are uploaded from there, each applies the logged updates the image lacks
+//   (Note [Lagging disk images]) as it arrives, and the write-back goes to the buffer. Not
+//   combined (yet) with ranks that share a host image: the planner refuses it by name.
 #pragma once
 #include "models/batch.h"
 #include "models/graph.h"

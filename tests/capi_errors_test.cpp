@@ -427,8 +427,6 @@ TEST_F(CApi, ParamsOutsideTheSharedRangesAreRefusedNamingTheField) {
   // Sub-block streaming's field: auto (0), whole blocks only (-1) or the bytes of a tile.
   EXPECT_ERROR(init_with([](auto& p) { p.tile_bytes = -2; }), ZO2_ERR_INVALID_ARGUMENT, "tile_bytes -2",
                "-1 = whole blocks only");
-  EXPECT_ERROR(init_with([](auto& p) { p.tile_bytes = 4096; p.host_mem_bytes = 400u << 10; p.disk_dir = "d"; }),
-               ZO2_ERR_UNSUPPORTED, "weight tiles", "disk tier");
   {
     zo2_session_params p = params();
     p.offload = ZO2_OFFLOAD_ALL;

@@ -269,9 +269,12 @@ TEST(GraphScratch, EveryMaterializedTileFitsTheScratchAtEveryPreset) {
       ASSERT_GT(scratch, 0u) << p.name;
       const auto elems = [](std::int64_t rows, std::int64_t cols) { return static_cast<std::size_t>(rows * cols); };
       EXPECT_LE(elems(g.limits().vocab_tile, p.config.word_embed_proj_dim), scratch) << p.name << " LM head tile";
-      for (const TensorSlot& t : block_layout(p.config, 0, DType::bf16).tensors())
-        if (t.ndim == 2)
+      const ImageLayout layout = block_layout(p.config, 0, DType::bf16);
+      for (const TensorSlot& t : layout.tensors()) {
+        if (t.ndim == 2) {
           EXPECT_LE(elems(g.tile_rows(t.rows, t.cols), t.cols), scratch) << p.name << " " << t.name;
+        }
+      }
     }
   }
 }

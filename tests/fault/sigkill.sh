@@ -14,8 +14,14 @@ inconsistent=0 failed_resume=0 divergent=0 before_first_save=0 total=0 past_chec
 # a block is written back every second update, and the run saves every 4th step, so most
 # kills leave images and a seed log past the checkpoint, which a resume applies (Note [Disk
 # tier resume] in api/session.cpp).
-disk_flags() { echo --offload all --window 2 --host-mem 400K --disk-staging 1 --disk-lag 2 --disk-dir "$1.blocks"; }
-for layout in single sharded disk; do
+# ZO2_FAULT_DISK_FLAGS adds flags to that layout (e.g. --tile 64M: the blocks go from the
+# staging buffer to the device by weight tiles, Note [Sub-block streaming]); ZO2_FAULT_LAYOUTS
+# picks the layouts (default: single sharded disk).
+disk_flags() {
+  echo --offload all --window 2 --host-mem 400K --disk-staging 1 --disk-lag 2 --disk-dir "$1.blocks" \
+    ${ZO2_FAULT_DISK_FLAGS:-}
+}
+for layout in ${ZO2_FAULT_LAYOUTS:-single sharded disk}; do
   shard=5G
   [ "$layout" = sharded ] && shard=100K
   extra() { [ "$layout" = disk ] && disk_flags "$1"; true; }
