@@ -68,7 +68,10 @@ TEST(GenerateCli, EveryPlacementAndCacheGiveTheSameGreedyText) {
   const auto tok = Tokenizer::from_dir(m.model);
   EXPECT_EQ(ref[1]["text"], tok->decode(ref[1]["tokens"].get<std::vector<std::int32_t>>()));
   for (const char* flags : {"--kv-cache device --offload all --gpu-mem 64M", "--kv-cache host --offload all --gpu-mem 64M",
-                                   "--kv-cache auto --batch-size 1", "--kv-cache off --offload all --gpu-mem 64M"}) {
+                                   "--kv-cache auto --batch-size 1", "--kv-cache off --offload all --gpu-mem 64M",
+                                   // Note [Sub-block streaming]: the blocks by weight tiles, the cache on either side.
+                                   "--kv-cache device --offload all --gpu-mem 64M --tile 4K",
+                                   "--kv-cache host --offload all --gpu-mem 64M --tile 4K"}) {
     const auto got = json_lines(m.gen(prompts + " " + std::string(flags)));
     ASSERT_EQ(got.size(), 2u) << flags;
     for (std::size_t i = 0; i < 2; ++i) EXPECT_EQ(got[i]["tokens"], ref[i]["tokens"]) << flags;
