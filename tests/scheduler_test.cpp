@@ -232,6 +232,26 @@ TEST_P(SchedulerModels, TiledRunMatchesResidentRunBitwise) {
   expect_identical(auto_tiles, train(tmp.path(), capped(OffloadMode::none, 0), 6), "auto tiles vs resident");
 }
 
+// Ranks sharing one host image hand each block's versions over as a whole (Note [One host
+// image per node]); with tiles the planner refuses the layout by name.
+TEST(SchedulerTiles, RanksSharingAHostImageAreRefusedByName) {
+  PlanRequest r;
+  r.cap = std::size_t{1} << 30;
+  r.batch = kBatch;
+  r.seq = kSeq;
+  r.mode = OffloadMode::all;
+  r.tile = 4096;
+  EXPECT_GT(plan_placement(small_opt(), r).tile_slots, 0);
+  r.writeback_ranks = 2;
+  try {
+    plan_placement(small_opt(), r);
+    FAIL() << "expected a refusal";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::unsupported);
+    EXPECT_NE(std::string(e.what()).find("sharing one host image"), std::string::npos) << e.what();
+  }
+}
+
 // Tiles carry the rule's state rows and fp8 row scales with the weights; the update of a
 // tile draws z and the rounding bits at its rows' indices in the whole tensor.
 TEST_P(SchedulerModels, TiledRunMatchesResidentRunBitwiseWithStateAndNarrowStorage) {
