@@ -83,10 +83,6 @@ std::size_t host_store_bytes(const ModelConfig& c, DType storage, std::int64_t b
   return globals + static_cast<std::size_t>(block_images) * block;
 }
 
-namespace {
-void finish_transfer(Placement& p, const PlanRequest& r, std::size_t weight_block);
-}  // namespace
-
 std::size_t tile_piece_bytes(DType storage, DType state, int buffers, std::int64_t rows, std::int64_t cols) {
   const auto part = [&](DType d) {
     const auto n = static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols);
@@ -200,39 +196,28 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
                                          format_bytes(static_cast<double>(p.kv_device_bytes)),
                                          format_bytes(static_cast<double>(p.gen_bytes)))
                            : std::string());
+  }
+
+  std::int64_t resident = 0;
+  int window = 0;
+  std::size_t ring = 0;  // tiles: the tile and vector slots
+  if (tiled) {
     // The ring first (as deep as kMaxTileSlots), then whole blocks resident in what is left.
     const int slots = static_cast<int>(
         std::clamp<std::size_t>((r.cap - fixed - vector_slots) / tile_slot, 2, kMaxTileSlots));
-    const std::size_t ring = vector_slots + static_cast<std::size_t>(slots) * tile_slot;
-    const std::int64_t resident = std::min<std::int64_t>(
+    ring = vector_slots + static_cast<std::size_t>(slots) * tile_slot;
+    resident = std::min<std::int64_t>(
         r.mode == OffloadMode::all ? 0 : static_cast<std::int64_t>((r.cap - fixed - ring) / block), L);
     p.tile_slots = resident == L ? 0 : slots;
     p.tile_bytes = tile_slot;
     p.vector_bytes = vector_slots / 2;
     p.block_tiles = ts.tiles;
-    p.window = 0;
-    p.resident_count = resident;
-    p.streamed = L - resident;
-    p.limits = graph.limits();
-    p.resident.assign(static_cast<std::size_t>(L), false);
-    for (std::int64_t i = 0; i < L; ++i)
-      p.resident[static_cast<std::size_t>(i)] = (i + 1) * resident / L > i * resident / L;
-    p.slot_bytes = p.tile_slots > 0 ? ring : 0;
-    p.resident_bytes = static_cast<std::size_t>(resident) * block;
-    p.total_bytes = fixed + p.slot_bytes + p.resident_bytes;
-    finish_transfer(p, r, weight_block);
-    if (r.writeback_ranks > 1 && p.streamed > 0)
+    if (r.writeback_ranks > 1 && resident < L)
       fail(ErrorKind::unsupported,
            "ranks sharing one host image with blocks streamed by weight tiles are not supported yet: raise --gpu-mem "
            "so that {} window slots of {} fit, or give each rank its own host image",
            k_floor, format_bytes(static_cast<double>(block)));
-    plan_tiers(p, config, r);
-    return p;
-  }
-
-  std::int64_t resident = 0;
-  int window = 0;
-  switch (r.mode) {
+  } else switch (r.mode) {
     case OffloadMode::none:
       if (all_resident > r.cap)
         fail(ErrorKind::out_of_memory,
@@ -290,19 +275,12 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   p.resident.assign(static_cast<std::size_t>(L), false);
   for (std::int64_t i = 0; i < L; ++i)
     p.resident[static_cast<std::size_t>(i)] = (i + 1) * resident / L > i * resident / L;
-  p.slot_bytes = static_cast<std::size_t>(p.window) * block;
+  p.slot_bytes = p.tile_slots > 0 ? ring : static_cast<std::size_t>(p.window) * block;
   p.resident_bytes = static_cast<std::size_t>(resident) * block;
   p.total_bytes = fixed + p.slot_bytes + p.resident_bytes;
-  finish_transfer(p, r, weight_block);
-  plan_tiers(p, config, r);
-  return p;
-}
-
-namespace {
-// Each pass uploads every streamed block (by blocks or by tiles: the same bytes); only the
-// first (which applies the pending update) brings the rule's state with it and writes
-// them back.
-void finish_transfer(Placement& p, const PlanRequest& r, std::size_t weight_block) {
+  // Each pass uploads every streamed block (by blocks or by tiles: the same bytes); only the
+  // first (which applies the pending update) brings the rule's state with it and writes
+  // them back.
   p.passes = std::max(1, r.passes);
   p.h2d_bytes_per_step = static_cast<std::size_t>(p.streamed) *
                          (p.block_bytes + static_cast<std::size_t>(p.passes - 1) * weight_block);
@@ -314,8 +292,9 @@ void finish_transfer(Placement& p, const PlanRequest& r, std::size_t weight_bloc
   p.host_bytes += r.adapter_bytes + p.kv_host_bytes;
   p.predicted_transfer_s = std::max(static_cast<double>(p.h2d_bytes_per_step) / r.h2d_bytes_per_s,
                                     static_cast<double>(p.d2h_bytes_per_step) / r.d2h_bytes_per_s);
+  plan_tiers(p, config, r);
+  return p;
 }
-}  // namespace
 
 // The tiers below the device (DESIGN.md §12): with --host-mem below the host store, the
 // streamed blocks that do not fit (after the globals, the device-resident blocks, which

@@ -374,7 +374,6 @@ class Scheduler::BlockTiles final : public TileFeed {
         from_(plan.from),
         to_(plan.to),
         write_back_(plan.write_back),
-        with_state_(plan.update || plan.from >= 0),
         disk_(plan.disk),
         tag_(busy_tag),
         layout_(s.store_.block_layout(block)),
@@ -541,7 +540,8 @@ class Scheduler::BlockTiles final : public TileFeed {
   void copy_up(char* slot, const std::vector<Piece>& pieces) {
     if (tag_ >= 0) s_.h2d_->begin_busy(tag_);
     for (const Piece& p : pieces) {
-      if (p.state && !with_state_) continue;  // a pass without an update reads the weights alone
+      // A pass without an update reads the weights alone.
+      if (p.state && !update_ && from_ < 0) continue;
       s_.h2d_->copy_h2d(slot + p.dev, image_ + p.host, p.bytes);
       s_.totals_.h2d_bytes += p.bytes;
     }
@@ -560,7 +560,7 @@ class Scheduler::BlockTiles final : public TileFeed {
   std::int64_t i_;
   bool update_;
   std::int64_t from_, to_;
-  bool write_back_, with_state_;
+  bool write_back_;
   const DiskTier::Use* disk_;
   std::int64_t tag_;
   const ImageLayout& layout_;

@@ -101,6 +101,29 @@ double tolerance(DType dt) {
   }
 }
 
+struct StoredHost {
+  std::vector<std::uint8_t> bytes;
+  std::vector<float> scales;
+};
+StoredHost store_as(const std::vector<float>& v, std::int64_t rows, std::int64_t cols, DType dt) {
+  StoredHost s;
+  if (dt != DType::f8_e4m3) {
+    s.bytes = to_bytes(v, dt);
+    return s;
+  }
+  s.bytes.resize(v.size());
+  s.scales.resize(static_cast<std::size_t>(rows));
+  for (std::int64_t r = 0; r < rows; ++r) {
+    float m = 0;
+    for (std::int64_t c = 0; c < cols; ++c) m = std::max(m, std::fabs(v[static_cast<std::size_t>(r * cols + c)]));
+    s.scales[static_cast<std::size_t>(r)] = m > 0 ? m / kE4M3Max : 1.0f;
+    for (std::int64_t c = 0; c < cols; ++c)
+      s.bytes[static_cast<std::size_t>(r * cols + c)] =
+          f32_to_e4m3(v[static_cast<std::size_t>(r * cols + c)] / s.scales[static_cast<std::size_t>(r)]);
+  }
+  return s;
+}
+
 class CudaTest : public ::testing::Test {
  protected:
   static constexpr std::size_t kCap = std::size_t{1} << 30;
@@ -155,6 +178,24 @@ class CudaTest : public ::testing::Test {
       ops().update(*stream, dev, dev_args);
       cpu::update(host, host_args);
     }
+  }
+
+  // A tensor of `values` stored as dt on the host (fp8 with row scales) and uploaded: the
+  // device's view and the CPU twin's, over copies that live as long as the Twin.
+  struct Twin {
+    StoredHost host_copy;
+    DeviceBuffer data, scales;
+    StoredTensor dev, host;
+  };
+  Twin twin_of(const std::vector<float>& values, std::int64_t rows, std::int64_t cols, DType dt, std::uint64_t key) {
+    Twin t;
+    t.host_copy = store_as(values, rows, cols, dt);
+    StoredHost& s = t.host_copy;
+    t.data = upload(s.bytes);
+    if (!s.scales.empty()) t.scales = upload(s.scales);
+    t.dev = StoredTensor{t.data.data(), dt, s.scales.empty() ? nullptr : t.scales.as<float>(), rows, cols, key};
+    t.host = StoredTensor{s.bytes.data(), dt, s.scales.empty() ? nullptr : s.scales.data(), rows, cols, key};
+    return t;
   }
 
   std::unique_ptr<Device> device;
@@ -420,40 +461,15 @@ TEST_F(CudaTest, PerturbNormalsEqualCpuNormalsBitForBit) {
     }
 }
 
-struct StoredHost {
-  std::vector<std::uint8_t> bytes;
-  std::vector<float> scales;
-};
-StoredHost store_as(const std::vector<float>& v, std::int64_t rows, std::int64_t cols, DType dt) {
-  StoredHost s;
-  if (dt != DType::f8_e4m3) {
-    s.bytes = to_bytes(v, dt);
-    return s;
-  }
-  s.bytes.resize(v.size());
-  s.scales.resize(static_cast<std::size_t>(rows));
-  for (std::int64_t r = 0; r < rows; ++r) {
-    float m = 0;
-    for (std::int64_t c = 0; c < cols; ++c) m = std::max(m, std::fabs(v[static_cast<std::size_t>(r * cols + c)]));
-    s.scales[static_cast<std::size_t>(r)] = m > 0 ? m / kE4M3Max : 1.0f;
-    for (std::int64_t c = 0; c < cols; ++c)
-      s.bytes[static_cast<std::size_t>(r * cols + c)] =
-          f32_to_e4m3(v[static_cast<std::size_t>(r * cols + c)] / s.scales[static_cast<std::size_t>(r)]);
-  }
-  return s;
-}
-
 TEST_F(CudaTest, PerturbAndUpdateEqualCpuBitForBitForEveryStorageAndComputeDtype) {
   for (std::int64_t C : {std::int64_t{1024}, std::int64_t{1030}}) {  // vector and element paths
     const std::int64_t R = 97;
     const auto values = random_floats(static_cast<std::size_t>(R * C), 21, 0.05f);
     for (DType sdt : {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3}) {
-      StoredHost s = store_as(values, R, C, sdt);
-      DeviceBuffer dw = upload(s.bytes);
-      DeviceBuffer dscales;
-      if (!s.scales.empty()) dscales = upload(s.scales);
-      const StoredTensor dev_w{dw.data(), sdt, s.scales.empty() ? nullptr : dscales.as<float>(), R, C, 0xabcdef12345ULL};
-      const StoredTensor host_w{s.bytes.data(), sdt, s.scales.empty() ? nullptr : s.scales.data(), R, C, dev_w.key};
+      Twin t = twin_of(values, R, C, sdt, 0xabcdef12345ULL);
+      const StoredHost& s = t.host_copy;
+      const DeviceBuffer &dw = t.data, &dscales = t.scales;
+      const StoredTensor &dev_w = t.dev, &host_w = t.host;
       for (DType cdt : {DType::f32, DType::bf16, DType::f16})
         for (std::int64_t r0 : {std::int64_t{0}, std::int64_t{5}}) {
           const std::int64_t r1 = R - 2, n = (r1 - r0) * C;
@@ -492,10 +508,10 @@ TEST_F(CudaTest, Fp8UpdateOfWideRowsEqualsTheCpuBitForBit) {
   for (const auto& [R, C] : {std::pair<std::int64_t, std::int64_t>{3, 12288}, {5, 20002}, {5, 16384}, {3, 60001},
                              {4500, 1030}}) {
     const ScopedEnv use("ZO2_CUDA_FP8_UPDATE", mode);
-    StoredHost s = store_as(random_floats(static_cast<std::size_t>(R * C), 77, 0.05f), R, C, DType::f8_e4m3);
-    DeviceBuffer dw = upload(s.bytes), dscales = upload(s.scales);
-    const StoredTensor dev_w{dw.data(), DType::f8_e4m3, dscales.as<float>(), R, C, 0x5eed5ULL};
-    const StoredTensor host_w{s.bytes.data(), DType::f8_e4m3, s.scales.data(), R, C, dev_w.key};
+    Twin t = twin_of(random_floats(static_cast<std::size_t>(R * C), 77, 0.05f), R, C, DType::f8_e4m3, 0x5eed5ULL);
+    const StoredHost& s = t.host_copy;
+    const DeviceBuffer &dw = t.data, &dscales = t.scales;
+    const StoredTensor &dev_w = t.dev, &host_w = t.host;
     update_twice_on_both(dev_w, host_w, -1.25f, 300u, 400u);
     ASSERT_EQ(download<std::uint8_t>(dw.data(), s.bytes.size()), s.bytes) << mode << " C=" << C;
     ASSERT_EQ(download<float>(dscales.data(), s.scales.size()), s.scales) << mode << " C=" << C;
@@ -512,12 +528,10 @@ TEST_F(CudaTest, TilesPerturbAndUpdateAsTheCpuTwinBitForBit) {
     const std::int64_t R = 97;
     const auto values = random_floats(static_cast<std::size_t>(R * C), 23, 0.05f);
     for (DType sdt : {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3}) {
-      StoredHost s = store_as(values, R, C, sdt);
-      DeviceBuffer dw = upload(s.bytes);
-      DeviceBuffer dscales;
-      if (!s.scales.empty()) dscales = upload(s.scales);
-      const StoredTensor dev_w{dw.data(), sdt, s.scales.empty() ? nullptr : dscales.as<float>(), R, C, 0x711e5ULL};
-      const StoredTensor host_w{s.bytes.data(), sdt, s.scales.empty() ? nullptr : s.scales.data(), R, C, dev_w.key};
+      Twin t = twin_of(values, R, C, sdt, 0x711e5ULL);
+      const StoredHost& s = t.host_copy;
+      const DeviceBuffer &dw = t.data, &dscales = t.scales;
+      const StoredTensor &dev_w = t.dev, &host_w = t.host;
       for (const auto& [r0, r1] : {std::pair<std::int64_t, std::int64_t>{6, 50}, {50, R}}) {
         const StoredTensor dev_t = test::tile(dev_w, r0, r1), host_t = test::tile(host_w, r0, r1);
         for (DType cdt : {DType::f32, DType::bf16, DType::f16}) {
@@ -730,7 +744,6 @@ INSTANTIATE_TEST_SUITE_P(Narrow, CudaNarrowTest, ::testing::Values(DType::bf16, 
 
 // ---- the linear layer, with and without the cuBLASLt epilogue (Note [GEMM epilogues]) ----
 
-
 class CudaLinearTest : public CudaTest, public ::testing::WithParamInterface<DType> {};
 
 TEST_P(CudaLinearTest, LinearMatchesTheCpuTwinOnEveryTileWithAndWithoutTheEpilogue) {
@@ -891,7 +904,6 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, CudaAttentionTest, ::testing::Values(DType::f32
                          });
 
 // ---- the fused kernel (Note [Fused attention]) and the chunked path, side by side ----
-
 
 struct FusedCase {
   int batch, seq, heads, kv_heads, head_dim;

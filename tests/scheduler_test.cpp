@@ -521,25 +521,37 @@ TEST(SchedulerBusyTime, StepsReportEachStreamsBusyTimeAndOnlyStreamedBlocksUseTh
 
 // ---- a missing event wait is caught ----
 
-TEST(SchedulerFaultInjection, SkippingTheUploadWaitBreaksTheBitwiseInvariant) {
-#if defined(ZO2_TSAN)
-  GTEST_SKIP() << "a deliberate race; under ThreadSanitizer the child-process test covers it";
-#endif
+// Trains a 4-block OPT twice, with every wait and with the upload wait skipped (slow
+// uploads make the race deterministic): whether the racy run's losses or weights differ,
+// and the placement both ran with.
+struct RaceOutcome {
+  bool differs = false;
+  Placement placement;
+};
+RaceOutcome run_without_the_upload_wait(SessionConfig good) {
   test::TempDir tmp;
   const ModelConfig c = small_opt(4);
   test::write_random_checkpoint(tmp.path(), c, 9);
-  SessionConfig good;
   good.offload = OffloadMode::all;
   good.gpu_mem = std::size_t{1} << 30;
-  good.debug_copy_delay_us = 2000;  // slow uploads make the race deterministic
+  good.debug_copy_delay_us = 2000;
   SessionConfig bad = good;
   bad.fault = SchedulerFault::skip_upload_wait;
   const TrainRun ok = train(tmp.path(), good, 3);
   const TrainRun racy = train(tmp.path(), bad, 3);
-  bool differs = false;
-  for (std::size_t i = 0; i < ok.steps.size(); ++i) differs |= ok.steps[i].loss_plus != racy.steps[i].loss_plus;
-  for (std::size_t i = 0; i < ok.images.size(); ++i) differs |= ok.images[i] != racy.images[i];
-  EXPECT_TRUE(differs) << "computing on a slot before its upload finished must change the result";
+  RaceOutcome out;
+  out.placement = ok.placement;
+  for (std::size_t i = 0; i < ok.steps.size(); ++i) out.differs |= ok.steps[i].loss_plus != racy.steps[i].loss_plus;
+  for (std::size_t i = 0; i < ok.images.size(); ++i) out.differs |= ok.images[i] != racy.images[i];
+  return out;
+}
+
+TEST(SchedulerFaultInjection, SkippingTheUploadWaitBreaksTheBitwiseInvariant) {
+#if defined(ZO2_TSAN)
+  GTEST_SKIP() << "a deliberate race; under ThreadSanitizer the child-process test covers it";
+#endif
+  EXPECT_TRUE(run_without_the_upload_wait({}).differs)
+      << "computing on a slot before its upload finished must change the result";
 }
 
 // The tile ring's waits matter as much (Note [Sub-block streaming]): computing on a tile
@@ -548,23 +560,11 @@ TEST(SchedulerFaultInjection, SkippingATileUploadWaitBreaksTheBitwiseInvariant) 
 #if defined(ZO2_TSAN)
   GTEST_SKIP() << "a deliberate race; under ThreadSanitizer the child-process test covers it";
 #endif
-  test::TempDir tmp;
-  const ModelConfig c = small_opt(4);
-  test::write_random_checkpoint(tmp.path(), c, 9);
-  SessionConfig good;
-  good.offload = OffloadMode::all;
-  good.gpu_mem = std::size_t{1} << 30;
-  good.tile = 1200;
-  good.debug_copy_delay_us = 2000;
-  SessionConfig bad = good;
-  bad.fault = SchedulerFault::skip_upload_wait;
-  const TrainRun ok = train(tmp.path(), good, 3);
-  const TrainRun racy = train(tmp.path(), bad, 3);
-  ASSERT_GT(ok.placement.tile_slots, 0);
-  bool differs = false;
-  for (std::size_t i = 0; i < ok.steps.size(); ++i) differs |= ok.steps[i].loss_plus != racy.steps[i].loss_plus;
-  for (std::size_t i = 0; i < ok.images.size(); ++i) differs |= ok.images[i] != racy.images[i];
-  EXPECT_TRUE(differs) << "computing on a tile slot before its upload finished must change the result";
+  SessionConfig tiles;
+  tiles.tile = 1200;
+  const RaceOutcome r = run_without_the_upload_wait(tiles);
+  ASSERT_GT(r.placement.tile_slots, 0);
+  EXPECT_TRUE(r.differs) << "computing on a tile slot before its upload finished must change the result";
 }
 
 // Under ThreadSanitizer the same fault is a reported data race (run in a child process,

@@ -319,21 +319,29 @@ std::string str_arg(py::handle v, const char* name) {
   return v.cast<std::string>();
 }
 
+// Parses a keyword's string with api/options.cpp's parser `parse`, whose messages name the
+// C API's field (gpu_mem_bytes): they name the keyword (gpu_mem) instead.
+template <class F>
+auto parse_keyword(const char* name, zo2::Opt opt, F&& parse) -> decltype(parse()) {
+  return cxx_call([&] {
+    try {
+      return parse();
+    } catch (const zo2::Error& e) {
+      std::string m = e.what();
+      const std::string c_name = zo2::option_name(opt, zo2::OptionSource::c_api);
+      if (m.rfind(c_name, 0) == 0) m = std::string(name) + m.substr(c_name.size());
+      throw zo2::Error(e.kind(), m);
+    }
+  });
+}
+
 // A byte size: an int, or a string as zo2-tune's flags take it ("512M", "4G"; K/M/G/T are
 // powers of 1024), parsed by the same code (api/options.cpp).
 uint64_t size_arg(py::handle v, const char* name, zo2::Opt opt) {
   if (py::isinstance<py::str>(v)) {
     const std::string text = v.cast<std::string>();
-    return cxx_call([&] {
-      try {
-        return static_cast<uint64_t>(zo2::parse_size_option(opt, text, zo2::OptionSource::c_api));
-      } catch (const zo2::Error& e) {
-        // The C API names the field (gpu_mem_bytes); name the keyword instead.
-        std::string m = e.what();
-        const std::string c_name = zo2::option_name(opt, zo2::OptionSource::c_api);
-        if (m.rfind(c_name, 0) == 0) m = std::string(name) + m.substr(c_name.size());
-        throw zo2::Error(e.kind(), m);
-      }
+    return parse_keyword(name, opt, [&] {
+      return static_cast<uint64_t>(zo2::parse_size_option(opt, text, zo2::OptionSource::c_api));
     });
   }
   const int64_t x = int_arg(v, name);
@@ -402,14 +410,8 @@ Params parse_params(const py::kwargs& kw) {
       // Note [Sub-block streaming]: "auto", "off", bytes or a size string ("64M").
       if (py::isinstance<py::str>(v)) {
         const std::string text = v.cast<std::string>();
-        P.p.tile_bytes = cxx_call([&] {
-          try {
-            return static_cast<int64_t>(zo2::parse_tile_option(text, zo2::OptionSource::c_api));
-          } catch (const zo2::Error& e) {
-            std::string m = e.what();  // the C API names the field (tile_bytes); name the keyword
-            if (m.rfind("tile_bytes", 0) == 0) m = "tile" + m.substr(10);
-            throw zo2::Error(e.kind(), m);
-          }
+        P.p.tile_bytes = parse_keyword(k, zo2::Opt::tile, [&] {
+          return static_cast<int64_t>(zo2::parse_tile_option(text, zo2::OptionSource::c_api));
         });
       } else {
         P.p.tile_bytes = int_arg(v, k);
