@@ -339,6 +339,73 @@ TEST(Cli, OffloadedDiskTierTrainingWritesTheSameCheckpointAsRam) {
   EXPECT_FALSE(fs::exists(w.tmp / "y" / "model.safetensors"));
 }
 
+// Note [What a resume keeps] (tools/cmd_train.cpp): `train --resume DIR --out DIR` alone
+// continues the job with the run's device, disk-tier, evaluation, saving and logging flags.
+TEST(Cli, ResumeAloneKeepsTheRunsFlags) {
+  Workspace w;
+  const std::string common = " --model " + w.model.string() + " --data " + w.data.string() +
+                             " --steps 8 --batch-size 2 --lr 1e-3 --offload all --window 2 --host-mem 400K "
+                             "--disk-staging 1 --eval " + w.data.string() + " --num-eval 8 --eval-every 3 --save-every 5";
+  std::string out;
+  ASSERT_EQ(run("train" + common + " -q --out " + (w.tmp / "full").string() + " --disk-dir " + (w.tmp / "d0").string(), &out),
+            0)
+      << out;
+  const fs::path part = w.tmp / "part", log = w.tmp / "part.jsonl";
+  ASSERT_EQ(run("train" + common + " -q --out " + part.string() + " --disk-dir " + (w.tmp / "d1").string() +
+                    " --log-json " + log.string() + " --stop-at 2",
+                &out),
+            0)
+      << out;
+  out.clear();  // run() appends
+  ASSERT_EQ(run("train --resume " + part.string() + " --out " + part.string(), &out), 0) << out;
+  for (const std::string& kept : std::vector<std::string>{"--offload all", "--window 2", "--host-mem 400K", "--disk-staging 1", "--num-eval 8",
+                                 "--eval-every 3", "--save-every 5", "--log-json " + log.string(),
+                                 "--disk-dir " + (w.tmp / "d1").string()})
+    EXPECT_NE(out.find(kept), std::string::npos) << kept << "\n" << out;
+  EXPECT_NE(out.find("block images kept from the previous run"), std::string::npos) << out;  // the disk tier, in place
+  EXPECT_NE(out.find("saved step 5"), std::string::npos) << out;
+  EXPECT_NE(out.find("eval after step 6"), std::string::npos) << out;
+  EXPECT_EQ(read_file(w.tmp / "full" / "model.safetensors"), read_file(part / "model.safetensors"));
+  // One JSON log for the whole run: steps 1..8 and the evaluations (of the 8-example sample)
+  // after steps 2 (the stop), 3, 6 and 8.
+  std::ifstream in(log);
+  std::vector<std::int64_t> steps, evals;
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("eval_after_step")) {
+      evals.push_back(j["eval_after_step"].get<std::int64_t>());
+      EXPECT_EQ(j["eval_examples"].get<int>(), 8) << line;
+    } else {
+      steps.push_back(j["step"].get<std::int64_t>());
+    }
+  }
+  EXPECT_EQ(steps, (std::vector<std::int64_t>{1, 2, 3, 4, 5, 6, 7, 8}));
+  EXPECT_EQ(evals, (std::vector<std::int64_t>{2, 3, 6, 8}));
+
+  // A flag given again wins; one that changes the numbers (a tile size) says so.
+  const fs::path part2 = w.tmp / "part2";
+  ASSERT_EQ(run("train" + common + " -q --out " + part2.string() + " --disk-dir " + (w.tmp / "d2").string() + " --stop-at 2",
+                &out),
+            0)
+      << out;
+  out.clear();  // run() appends
+  ASSERT_EQ(run("train --resume " + part2.string() + " --out " + part2.string() + " --eval-every 0 --tile 4K", &out), 0)
+      << out;
+  EXPECT_NE(out.find("--tile given as 4K but the run used auto; the result will differ"), std::string::npos) << out;
+  EXPECT_EQ(out.find("eval after step 3"), std::string::npos) << out;
+  // Into another --out the block file stays with the run: every block in RAM, the same bits.
+  const fs::path part3 = w.tmp / "part3";
+  ASSERT_EQ(run("train" + common + " -q --out " + part3.string() + " --disk-dir " + (w.tmp / "d3").string() + " --stop-at 2",
+                &out),
+            0)
+      << out;
+  out.clear();  // run() appends
+  ASSERT_EQ(run("train --resume " + part3.string() + " --out " + (w.tmp / "moved").string(), &out), 0) << out;
+  EXPECT_NE(out.find("that block file stays with the run"), std::string::npos) << out;
+  EXPECT_EQ(out.find("--host-mem 400K"), std::string::npos) << out;
+  EXPECT_EQ(read_file(w.tmp / "full" / "model.safetensors"), read_file(w.tmp / "moved" / "model.safetensors"));
+}
+
 TEST(Cli, BadInputIsRefusedBeforeAnythingIsWritten) {
   Workspace w;
   std::string out;

@@ -14,8 +14,10 @@
 #include "tools/dataset.h"
 #include "zo/schedule.h"
 
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -91,6 +93,87 @@ struct StateReader {
            j.contains(key) ? j.at(key).dump() : std::string("(missing)"), must_be);
   }
 };
+
+// Note [What a resume keeps]
+//   `train --resume DIR` continues the run saved in DIR with the run's own flags, so that
+//   `zo2-tune train --resume out --out out` alone carries on the job:
+//   - what decides the weights (the rule, storage dtype, seed, lr and its schedule, eps,
+//     weight decay, batch, data and its sampling, ranks' layout) is the run's: a different
+//     --storage-dtype, --optimizer or --parallel is refused, a different --lr, --batch-size, …,
+//     --compute-dtype, tile size (--tile SIZE splits the GEMMs by it) or kind of device (CPU
+//     and CUDA kernels round differently) is taken with a warning that the result will differ;
+//   - how it runs (device and memory flags, tiles, the disk tier, evaluation, saving, logging,
+//     ranks' host image and upload) is the run's unless given again; a flag given again wins
+//     without a word, as none of them changes the weights (the bits are the same for any
+//     --gpu-mem, --offload, --window, --threads, disk tier, …: the scheduler's invariant).
+//     The disk tier is kept only when the run resumes in place: its block file belongs to that run directory (a resume into
+//     another --out that took it would rebuild that file and cost the original run the steps
+//     it logged past its checkpoint), so elsewhere it needs --host-mem/--disk-dir again.
+//   The flags are saved with every checkpoint in zo2_state.json (`save` below); a state
+//   written before they were has none, and then every flag is as given.
+template <class Opts>
+std::vector<std::string> keep_run_flags(Opts& o, const CLI::App& app, const StateReader& st, bool in_place) {
+  std::vector<std::string> kept;
+  auto keep = [&](const char* flag, const char* key, auto& field) {
+    using T = std::decay_t<decltype(field)>;
+    if (!st.has(key) || app.get_option(flag)->count() > 0) return;
+    const T saved = st.get<T>(key);
+    if (saved == field) return;  // the default: nothing to say
+    field = saved;
+    kept.push_back(fmt::format("{} {}", flag, saved));
+  };
+  // The device flags that change the numbers, as --lr does: the compute dtype, a tile size
+  // (the GEMMs split by it; auto and off split at the default tile alike), the kind of device.
+  auto keep_or_warn = [&](const char* flag, const char* key, std::string& field, auto same_numbers) {
+    if (!st.has(key)) return;
+    const auto saved = st.get<std::string>(key);
+    if (app.get_option(flag)->count() > 0 && !same_numbers(field, saved))
+      log_warn("--resume: {} given as {} but the run used {}; the result will differ from an uninterrupted run", flag,
+               field, saved);
+    else if (app.get_option(flag)->count() == 0)
+      keep(flag, key, field);
+  };
+  keep_or_warn("--compute-dtype", "compute_dtype", o.dev.compute,
+               [](const std::string& a, const std::string& b) { return a == b; });
+  keep_or_warn("--tile", "tile", o.dev.tile, [](const std::string& a, const std::string& b) {
+    auto split = [](const std::string& t) { return t == "auto" || t == "off" ? std::string() : t; };
+    return split(a) == split(b);
+  });
+  keep_or_warn("--device", "device", o.dev.device, [](const std::string& a, const std::string& b) {
+    try {  // CPU and CUDA kernels round differently; any CUDA device rounds alike
+      return parse_device(a).kind == parse_device(b).kind;
+    } catch (const Error&) {
+      return false;  // checked with the other device flags below
+    }
+  });
+  keep("--gpu-mem", "gpu_mem", o.dev.gpu_mem);
+  keep("--offload", "offload", o.dev.offload);
+  keep("--window", "window", o.dev.window);
+  keep("--threads", "threads", o.dev.threads);
+  const bool disk_given = app.get_option("--host-mem")->count() + app.get_option("--disk-dir")->count() > 0;
+  const std::string saved_disk = st.get_or<std::string>("disk_dir", "");
+  if (in_place || disk_given) {
+    if (!disk_given) {
+      keep("--host-mem", "host_mem", o.dev.host_mem);
+      keep("--disk-dir", "disk_dir", o.dev.disk_dir);
+    }
+    keep("--disk-lag", "disk_lag", o.dev.disk_lag);
+    keep("--disk-staging", "disk_staging", o.dev.disk_staging);
+  } else if (!saved_disk.empty()) {
+    log_info("--resume: the run kept blocks on disk in {}; that block file stays with the run, so this resume into "
+             "another --out keeps every block in RAM unless --host-mem and --disk-dir are given",
+             saved_disk);
+  }
+  keep("--eval-every", "eval_every", o.eval_every);
+  keep("--num-eval", "num_eval", o.num_eval);
+  keep("--max-new-tokens", "max_new_tokens", o.eval_max_new);
+  keep("--save-every", "save_every", o.save_every);
+  keep("--log-every", "log_every", o.log_every);
+  keep("--log-json", "log_json", o.log_json);
+  keep("--host-image", "host_image", o.host_image);
+  keep("--upload", "upload", o.upload);
+  return kept;
+}
 
 // One line of progress: a rewritten status line on a terminal, plain lines otherwise.
 class Progress {
@@ -246,7 +329,7 @@ Runner add_train(CLI::App& app) {
     for (const auto& [flag, v] : optional)
       if (a->get_option(flag)->count() > 0) check_integer(v.first, v.second, cli);
   };
-  auto body = [o, given, check_flags](Comm& comm) -> int {
+  auto body = [o, given, check_flags, a = &app](Comm& comm) -> int {
     g_stop_signal.store(0);
     check_flags();
     const bool writer = comm.rank() == 0;  // rank 0 writes --out, the logs and the progress
@@ -260,6 +343,7 @@ Runner add_train(CLI::App& app) {
     std::int64_t first_step = 0;
     std::string base_model = o->model;
     bool append_log = false;
+    bool log_json_kept = false;  // --log-json is the resumed run's (Note [What a resume keeps])
     bool data_seed_known = given.data_seed->count() > 0;
     const std::filesystem::path out(o->out);
     // The one writer of --out (Note [Run directory]): taken first when --out is the run being
@@ -350,6 +434,25 @@ Runner add_train(CLI::App& app) {
       st.require(o->data_flags.padding_side == "right" || o->data_flags.padding_side == "left", "padding_side",
                  "right or left");
       as_flag("lr_schedule", [&] { (void)LrSchedule::parse(o->schedule); });
+      // The rest of the run's flags (Note [What a resume keeps]): each one not given again is
+      // the run's, each one given again wins.
+      const std::vector<std::string> kept = keep_run_flags(*o, *a, st, resume_in_place);
+      for (const auto& [key, check] : std::initializer_list<std::pair<const char*, std::function<void()>>>{
+               {"eval_every", [&] { check_integer(Opt::eval_every, o->eval_every, cli); }},
+               {"save_every", [&] { check_integer(Opt::save_every, o->save_every, cli); }},
+               {"log_every", [&] { check_integer(Opt::log_every, o->log_every, cli); }},
+               {"num_eval", [&] { if (o->num_eval != 0) check_integer(Opt::num_eval, o->num_eval, cli); }}})
+        as_flag(key, check);
+      st.require(o->eval_max_new >= 0 && o->eval_max_new <= (1 << 20), "max_new_tokens", "between 0 and 2^20");
+      st.require(o->host_image == "shared" || o->host_image == "private", "host_image", "shared or private");
+      st.require(o->upload == "full" || o->upload == "sliced", "upload", "full or sliced");
+      try {
+        sc = session_config(o->dev, true);
+      } catch (const Error& e) {
+        fail(e.kind(), "{} (with {} kept from {})", e.what(), fmt::join(kept, ", "), state_file.string());
+      }
+      log_json_kept = std::any_of(kept.begin(), kept.end(), [](const std::string& k) { return k.starts_with("--log-json "); });
+      if (!kept.empty()) log_info("--resume: the run's {}", fmt::join(kept, ", "));
       first_step = st.get<std::int64_t>("next_step");
       st.require(first_step >= 0 && first_step <= o->steps, "next_step",
                  fmt::format("between 0 and total_steps = {}", o->steps));
@@ -536,7 +639,12 @@ Runner add_train(CLI::App& app) {
     std::unique_ptr<std::ofstream> log_json;
     if (!o->log_json.empty() && writer) {
       log_json = std::make_unique<std::ofstream>(o->log_json, append_log ? std::ios::app : std::ios::trunc);
-      if (!*log_json) fail(ErrorKind::io, "{}: cannot write the JSON log", o->log_json);
+      if (!*log_json) {
+        if (!log_json_kept) fail(ErrorKind::io, "{}: cannot write the JSON log", o->log_json);
+        log_warn("--resume: the run's JSON log {} cannot be written here; no JSON log (give --log-json FILE)",
+                 o->log_json);
+        log_json.reset();
+      }
     }
 
     // Ranks: a failing rank ends the job through Comm::abort (Note [Rank faults]) without
@@ -584,7 +692,27 @@ Runner add_train(CLI::App& app) {
                      {"data_seed", o->data_seed},
                      {"base_model", base_model},
                      {"shard_bytes", shard},
-                     {"parallel", layout.spec()}};
+                     {"parallel", layout.spec()},
+                     // Note [What a resume keeps]: how the run runs.
+                     {"compute_dtype", o->dev.compute},
+                     {"device", o->dev.device},
+                     {"gpu_mem", o->dev.gpu_mem},
+                     {"offload", o->dev.offload},
+                     {"window", o->dev.window},
+                     {"tile", o->dev.tile},
+                     {"threads", o->dev.threads},
+                     {"host_mem", o->dev.host_mem},
+                     {"disk_dir", o->dev.disk_dir.empty() ? std::string() : std::filesystem::absolute(o->dev.disk_dir).string()},
+                     {"disk_lag", o->dev.disk_lag},
+                     {"disk_staging", o->dev.disk_staging},
+                     {"eval_every", o->eval_every},
+                     {"num_eval", o->num_eval},
+                     {"max_new_tokens", o->eval_max_new},
+                     {"save_every", o->save_every},
+                     {"log_every", o->log_every},
+                     {"log_json", o->log_json.empty() ? std::string() : std::filesystem::absolute(o->log_json).string()},
+                     {"host_image", o->host_image},
+                     {"upload", o->upload}};
       x.extra_files = [&](const std::filesystem::path& dir) { copy_tokenizer_files(tokenizer_src, dir); };
       session.save(out, save_dtype, shard, x);
     };
