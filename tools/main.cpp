@@ -1,4 +1,4 @@
-// zo2-tune: zeroth-order fine-tuning of OPT and LLaMA models on one small GPU (or the
+// zo2-tune: zeroth-order fine-tuning of OPT, LLaMA, Qwen, Mistral and Gemma 3 models on one small GPU (or the
 // CPU). Subcommands: init, forward, plan, train, eval, replay, synth-data, tokenize, data.
 #include "runtime/error.h"
 #include "runtime/log.h"
@@ -29,7 +29,7 @@ std::string repeated_flag(const CLI::App& app) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"zo2-tune: zeroth-order (MeZO) fine-tuning of OPT and LLaMA models with "
+  CLI::App app{"zo2-tune: zeroth-order (MeZO) fine-tuning of OPT, LLaMA, Qwen2/3, Mistral and Gemma 3 models with "
                "blocks streamed through a capped GPU window"};
   app.require_subcommand(1);
   app.fallthrough();  // -v and -q also after the subcommand

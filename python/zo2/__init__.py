@@ -1,4 +1,4 @@
-"""zo2: zeroth-order (MeZO / SPSA) fine-tuning of OPT and LLaMA models, from Python.
+"""zo2: zeroth-order (MeZO / SPSA) fine-tuning of OPT, LLaMA, Qwen, Mistral and Gemma 3 models, from Python.
 
 A thin binding over zo2's C API (include/zo2.h) — the same runtime, validation and messages
 as the C API and ``zo2-tune``::
