@@ -222,7 +222,7 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
       invalid(fmt::format("lora_targets '{}': an empty module name", p.lora_targets));
     }
   }
-  if (sc.peft.any()) zo2::validate_peft(sc.peft, model, /*c_api=*/true);
+  if (sc.peft.any() || sc.peft.prefix != 0) zo2::validate_peft(sc.peft, model, /*c_api=*/true);  // prefix < 0 too
   // Generation (zo2_generate).
   if (p.generate_seqs < 0 || p.generate_seqs > p.max_seqs)
     invalid(fmt::format("generate_seqs {}: must be in [0, max_seqs = {}]", p.generate_seqs, p.max_seqs));

@@ -79,10 +79,15 @@ void set_option_groups(HostBatch& batch, std::span<const int> group_sizes, std::
     fail(ErrorKind::invalid_argument, "{} option groups but {} labels", group_sizes.size(), labels.size());
   std::vector<std::int32_t> info;
   info.reserve(static_cast<std::size_t>(batch.batch));
+  std::int64_t covered = 0;
   for (std::size_t g = 0; g < group_sizes.size(); ++g) {
     if (group_sizes[g] <= 0 || labels[g] < 0 || labels[g] >= group_sizes[g])
       fail(ErrorKind::invalid_argument, "option group {}: label {} is not one of its {} candidates", g, labels[g],
            group_sizes[g]);
+    covered += group_sizes[g];  // checked before the group is expanded: a size may be INT_MAX
+    if (covered > batch.batch)
+      fail(ErrorKind::invalid_argument, "option groups 0..{} cover {} sequences but the batch has {}", g, covered,
+           batch.batch);
     for (int k = 0; k < group_sizes[g]; ++k) info.push_back(static_cast<std::int32_t>(2 * g + (k == labels[g] ? 1 : 0)));
   }
   if (static_cast<int>(info.size()) != batch.batch)

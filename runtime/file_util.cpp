@@ -38,7 +38,8 @@ void write_file_atomic(const std::filesystem::path& path, std::string_view conte
   std::error_code ec;
   std::filesystem::rename(tmp, path, ec);
   if (ec) {
-    std::filesystem::remove(tmp, ec);
+    std::error_code removed;  // its own code: the rename's reason is what the message says
+    std::filesystem::remove(tmp, removed);
     fail(ErrorKind::io, "{}: cannot rename to {}: {}", tmp.string(), path.string(), ec.message());
   }
 }

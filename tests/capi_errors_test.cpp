@@ -398,6 +398,9 @@ TEST_F(CApi, ParamsOutsideTheSharedRangesAreRefusedNamingTheField) {
   EXPECT_ERROR(init_with([](auto& p) { p.n_threads = -1; }), ZO2_ERR_INVALID_ARGUMENT, "n_threads -1");
   EXPECT_ERROR(init_with([](auto& p) { p.max_seqs = 1 << 21; }), ZO2_ERR_INVALID_ARGUMENT, "max_seqs 2097152");
   EXPECT_ERROR(init_with([](auto& p) { p.save_shard_bytes = 0; }), ZO2_ERR_INVALID_ARGUMENT, "save_shard_bytes 0");
+  EXPECT_ERROR(init_with([](auto& p) { p.prefix_tokens = -1; }), ZO2_ERR_INVALID_ARGUMENT, "prefix_tokens -1",
+               "[1, 1024]");
+  EXPECT_ERROR(init_with([](auto& p) { p.lora_r = -2; }), ZO2_ERR_INVALID_ARGUMENT, "lora_r -2");
   // The disk tier's fields.
   EXPECT_ERROR(init_with([](auto& p) { p.disk_lag = 0; }), ZO2_ERR_INVALID_ARGUMENT, "disk_lag 0");
   EXPECT_ERROR(init_with([](auto& p) { p.disk_staging = 65; }), ZO2_ERR_INVALID_ARGUMENT, "disk_staging 65");
@@ -795,6 +798,13 @@ TEST_F(CApi, MultipleChoiceBatchesUseTheCandidateLoss) {
   zo2_choices bad{1, short_sizes.data(), first.data()};
   EXPECT_EQ(zo2_session_step_choices(session_, &b, &bad, &r), ZO2_ERR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(zo2_last_error()).find("option groups cover 1 sequences but the batch has 2"), std::string::npos) << zo2_last_error();
+  // A size past the batch is refused before any group is expanded (INT_MAX once took ~8 GB).
+  const std::vector<int32_t> huge_sizes{std::numeric_limits<int32_t>::max(), 1}, labels2{0, 0};
+  bad = zo2_choices{2, huge_sizes.data(), labels2.data()};
+  EXPECT_EQ(zo2_session_eval_choices(session_, &b, &bad, &loss), ZO2_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(zo2_last_error()).find("option groups 0..0 cover 2147483647 sequences but the batch has 2"),
+            std::string::npos)
+      << zo2_last_error();
   bad = c;
   bad.group_labels = bad_label.data();
   EXPECT_EQ(zo2_session_eval_choices(session_, &b, &bad, &loss), ZO2_ERR_INVALID_ARGUMENT);

@@ -441,6 +441,30 @@ TEST(Cli, BadInputIsRefusedBeforeAnythingIsWritten) {
   EXPECT_EQ(run("forward --model " + (w.tmp / "broken").string() + " --inputs " + w.data.string() + " --out " + (w.tmp / "f.safetensors").string(), &out), 1);
   EXPECT_NE(out.find("model.safetensors"), std::string::npos) << out;
   EXPECT_FALSE(fs::exists(w.tmp / "f.safetensors"));
+  // forward --out never replaces what it reads: the inputs, or a file of the checkpoint.
+  const std::string inputs_before = read_file(w.data), weights_before = read_file(w.model / "model.safetensors");
+  out.clear();
+  EXPECT_EQ(run("forward --model " + w.model.string() + " --inputs " + w.data.string() + " --out " + w.data.string(), &out), 2);
+  EXPECT_NE(out.find("is the --inputs file"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run("forward --model " + w.model.string() + " --inputs " + w.data.string() + " --out " +
+                    (w.model / "model.safetensors").string(),
+                &out),
+            2);
+  EXPECT_NE(out.find("a file of the checkpoint this command reads"), std::string::npos) << out;
+  EXPECT_EQ(read_file(w.data), inputs_before);
+  EXPECT_EQ(read_file(w.model / "model.safetensors"), weights_before);
+}
+
+// A write that cannot publish its file says why (the reason was once lost: "…: Success").
+TEST(Cli, AFailedAtomicWriteNamesTheReason) {
+  test::TempDir tmp;
+  fs::create_directories(tmp / "x" / "config.json");
+  std::string out;
+  EXPECT_EQ(run("init --preset opt-tiny --out " + (tmp / "x").string(), &out), 1) << out;
+  EXPECT_NE(out.find("cannot rename to " + (tmp / "x" / "config.json").string() + ": Is a directory"), std::string::npos)
+      << out;
+  EXPECT_EQ(out.find("Success"), std::string::npos) << out;
 }
 
 // A checkpoint holding a NaN or an infinite weight is refused at load by every command,

@@ -740,6 +740,15 @@ TEST(Data, MalformedFilesAreRefusedWithTheirLineNumbers) {
   EXPECT_NE(e.find("bad.jsonl:3: not valid JSON"), std::string::npos) << e;
   e = err("mixed.jsonl", "{\"text\": \"a b c\"}\n{\"prompt\": \"a\", \"completion\": \" b\"}\n");
   EXPECT_NE(e.find("mixed.jsonl:2: a prompt/completion example, but the file's first example is text"), std::string::npos) << e;
+  e = err("extra.jsonl", "{\"text\": \"a b c\"}\n{\"text\": \"a b\", \"id\": 7}\n");
+  EXPECT_NE(e.find("extra.jsonl:2: unknown key \"id\" in a text example (its keys: \"text\")"), std::string::npos) << e;
+  e = err("label.jsonl", "{\"prompt\": \"a\", \"completion\": \" b\", \"label\": 0}\n");
+  EXPECT_NE(e.find("label.jsonl:1: unknown key \"label\" in a prompt/completion example (its keys: \"prompt\", "
+                   "\"completion\")"),
+            std::string::npos)
+      << e;
+  e = err("both.jsonl", "{\"prompt\": \"a\", \"options\": [\" b\", \" c\"], \"label\": 1, \"completion\": \" b\"}\n");
+  EXPECT_NE(e.find("both.jsonl:1: unknown key \"completion\" in a multiple-choice example"), std::string::npos) << e;
   e = err("keys.jsonl", "{\"question\": \"a\"}\n");
   EXPECT_NE(e.find("keys.jsonl:1: expected"), std::string::npos) << e;
   EXPECT_NE(e.find("\"question\""), std::string::npos) << e;

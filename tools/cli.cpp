@@ -1,5 +1,7 @@
 #include "tools/cli.h"
 
+#include <cmath>
+
 #include "api/options.h"
 #include "api/session.h"
 #include "api/run_dir.h"
@@ -28,6 +30,18 @@ DType parse_dtype_flag(const std::string& flag, const std::string& value,
   if (!dt || std::find(allowed.begin(), allowed.end(), *dt) == allowed.end())
     fail(ErrorKind::invalid_argument, "{} '{}': expected one of {}", flag, value, names);
   return *dt;
+}
+
+CLI::Validator finite_range(double lo, double hi, bool open_lo) {
+  return CLI::Validator(
+      [=](const std::string& text) -> std::string {
+        double v = 0;
+        if (!CLI::detail::lexical_cast(text, v)) return fmt::format("{} is not a number", text);
+        if (!std::isfinite(v) || (open_lo ? v <= lo : v < lo) || v > hi)
+          return fmt::format("{} must be a finite number {} {:g} and at most {:g}", text, open_lo ? ">" : ">=", lo, hi);
+        return {};
+      },
+      fmt::format("{}{:g}..{:g}]", open_lo ? "(" : "[", lo, hi));
 }
 
 void DeviceFlags::add(CLI::App& app) {

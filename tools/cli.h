@@ -41,6 +41,10 @@ Runner add_generate(CLI::App& app);
 DType parse_dtype_flag(const std::string& flag, const std::string& value,
                        std::initializer_list<DType> allowed);
 
+// A real flag value in [lo, hi] (lo excluded when `open_lo`), finite: CLI11's Range lets NaN
+// through (every comparison with it is false).
+CLI::Validator finite_range(double lo, double hi, bool open_lo = false);
+
 // Options every subcommand that runs a model shares.
 struct DeviceFlags {
   std::string device = "cpu";

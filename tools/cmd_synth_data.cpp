@@ -26,13 +26,20 @@ Runner add_synth_data(CLI::App& app) {
   app.add_option("--model", o->model, "take the vocabulary size from this checkpoint's config.json");
   app.add_option("--vocab", o->vocab, "vocabulary size (instead of --model)");
   app.add_option("--rows", o->rows, "sequences")->capture_default_str()->check(CLI::Range(1, 1 << 30));
-  app.add_option("--seq", o->seq, "tokens per sequence")->capture_default_str()->check(CLI::Range(1, 1 << 30));
+  app.add_option("--seq", o->seq, "tokens per sequence (at least 2: one to predict from, one to predict)")
+      ->capture_default_str()
+      ->check(CLI::Range(2, 1 << 30));
   app.add_option("--alphabet", o->alphabet, "distinct tokens used (the task's difficulty)")->capture_default_str()->check(CLI::Range(2, 1 << 20));
   app.add_option("--seed", o->seed, "random seed")->capture_default_str();
   return [o] {
     std::int64_t vocab = o->vocab;
     if (!o->model.empty()) vocab = ModelConfig::load(resolve_model_dir(o->model)).vocab_size;
     if (vocab <= 0) fail(ErrorKind::invalid_argument, "synth-data needs --vocab V or --model DIR");
+    // The file is written from memory: refuse what no reader would want before allocating it.
+    constexpr std::int64_t kMaxTokens = std::int64_t{1} << 31;
+    if (o->rows > kMaxTokens / o->seq)
+      fail(ErrorKind::invalid_argument, "--rows {} × --seq {} = {} tokens: synth-data writes at most 2^31 ({} GiB of I32)",
+           o->rows, o->seq, static_cast<double>(o->rows) * static_cast<double>(o->seq), kMaxTokens * 4 >> 30);
     const std::int64_t a = std::min(o->alphabet, vocab);
     // The alphabet: `a` distinct ids spread over the vocabulary; a fixed permutation of it.
     std::vector<std::int32_t> letters(static_cast<std::size_t>(a)), perm(static_cast<std::size_t>(a));

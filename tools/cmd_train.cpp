@@ -279,7 +279,7 @@ Runner add_train(CLI::App& app) {
   app.add_option("--rank-timeout", o->rank_timeout,
                  "seconds a rank waits for another in an exchange before stopping the job (0: no limit)")
       ->capture_default_str()
-      ->check(CLI::Range(0.0, 1e7));
+      ->check(finite_range(0, 1e7));
   app.add_option("--host-image", o->host_image,
                  "ranks on one node: shared (one copy of the weights per node, each rank writing its slice) or "
                  "private (one per rank)")

@@ -133,6 +133,16 @@ std::vector<Record> read_jsonl(const std::filesystem::path& file, DataFormat& fo
              for (auto it = j.begin(); it != j.end(); ++it) keys.push_back(it.key());
              return keys.empty() ? std::string("(none)") : fmt::format("\"{}\"", fmt::join(keys, "\", \""));
            }());
+    // Every key is the format's: a "label" beside a completion, or a typo such as "prompts",
+    // would otherwise be dropped without a word.
+    const std::vector<std::string_view> keys =
+        f == DataFormat::text         ? std::vector<std::string_view>{"text"}
+        : f == DataFormat::completion ? std::vector<std::string_view>{"prompt", "completion"}
+                                      : std::vector<std::string_view>{"prompt", "options", "label"};
+    for (auto it = j.begin(); it != j.end(); ++it)
+      if (std::find(keys.begin(), keys.end(), it.key()) == keys.end())
+        fail(ErrorKind::format, "{}:{}: unknown key \"{}\" in a {} example (its keys: \"{}\")", file.string(), n,
+             it.key(), data_format_name(f), fmt::join(keys, "\", \""));
     if (first) format = f;
     else if (f != format)
       fail(ErrorKind::format, "{}:{}: a {} example, but the file's first example is {}", file.string(), n,

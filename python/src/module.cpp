@@ -103,7 +103,10 @@ void check_signals() {
 
 [[noreturn]] void invalid(const std::string& message) { raise_status(ZO2_ERR_INVALID_ARGUMENT, message); }
 
-std::string path_string(py::handle h) { return py::str(py::module_::import("os").attr("fspath")(h)); }
+// str, bytes or os.PathLike, as the OS spells it: os.fsencode (a bytes path is not "b'...'").
+std::string path_string(py::handle h) {
+  return py::bytes(py::module_::import("os").attr("fsencode")(h)).cast<std::string>();
+}
 
 // ---------------------------------------------------------------------------------------
 // Arrays: token ids, masks and labels as int32 [n_seq, n_tokens].

@@ -288,9 +288,13 @@ def test_save_and_reload(tiny, tmp_path):
         s.save(tmp_path / "run")
         with pytest.raises(zo2.InvalidArgumentError):
             s.save(tiny)  # the plain checkpoint it was loaded from
+        s.save(os.fsencode(tmp_path / "bytes"))  # a bytes path is the path, not "b'...'"
     with zo2.Model.load(tmp_path / "run") as m, zo2.Session(m, max_seqs=2, max_seq_len=16, training=False) as s2:
         assert bits(s2.eval(ids)) == bits(loss)
     assert m.closed
+    with zo2.Model.load(os.fsencode(tmp_path / "bytes")) as m:
+        assert m.n_layer == 2 and m.path == str(tmp_path / "bytes")
+    assert not any(p.name.startswith("b'") for p in __import__("pathlib").Path.cwd().iterdir())
 
 
 def test_plan(tiny):

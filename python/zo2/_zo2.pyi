@@ -9,7 +9,7 @@ from ._types import Generation, Plan
 
 __version__: str
 
-_Path = Union[str, "PathLike[str]"]
+_Path = Union[str, bytes, "PathLike[str]", "PathLike[bytes]"]
 # numpy arrays, PyTorch CPU tensors, nested lists: integers [n_seq, n_tokens] or [n_tokens]
 _IntArray = Union[npt.ArrayLike, Any]
 _Size = Union[int, str]  # bytes, or "512M", "4G" (powers of 1024)
