@@ -176,20 +176,64 @@ void refresh_links(const fs::path& dir) {
 
 // What an interrupted save leaves: hidden step directories, temporary files and links, step
 // directories `current` does not name.
+//
+// A complete checkpoint is never removed unless `current` names another one: a `current`
+// that is not a link, or that names no step directory of DIR, stops the writer with nothing
+// removed; with no `current` at all (a first save cut short before its commit, or a link
+// deleted by hand), the newest complete step directory becomes current — it was written
+// whole, after the seed log lines it needs, so committing it is the commit the save did not
+// get to.
 void clean_run_dir(const fs::path& dir) {
   static const std::regex zo2_tmp(R"(.*\.(json|jsonl|txt|model|bpe)\.tmp)");
   std::error_code ec;
   std::string current;
-  if (fs::is_symlink(fs::symlink_status(dir / kRunCurrent, ec))) current = fs::read_symlink(dir / kRunCurrent, ec).string();
+  const fs::path cur = dir / kRunCurrent;
+  const fs::file_status cur_status = fs::symlink_status(cur, ec);
+  if (fs::is_symlink(cur_status)) {
+    // "step-N", or an absolute or trailing-slash spelling of it: the directory it names.
+    const fs::path target = fs::read_symlink(cur, ec);
+    std::string t = target.string();
+    while (t.size() > 1 && t.back() == '/') t.pop_back();
+    current = fs::path(t).filename().string();
+    if (!is_step_dir_name(current) || !same_directory(dir / current, cur))
+      fail(ErrorKind::format,
+           "{} points at {}, not one of the run's step directories: nothing was removed; point it at the "
+           "checkpoint to continue from (ln -sfn step-NNNNNNNN {})",
+           cur.string(), target.string(), cur.string());
+  } else if (fs::exists(cur_status)) {
+    fail(ErrorKind::format,
+         "{} is not a link (was the run directory copied with links followed, as cp -rL and scp -r do?): nothing "
+         "was removed; replace it by a link to the step directory it copies (rm -r {} && ln -s step-NNNNNNNN {})",
+         cur.string(), cur.string(), cur.string());
+  } else {
+    std::string newest;
+    for (const auto& e : fs::directory_iterator(dir, ec)) {
+      const std::string name = e.path().filename().string();
+      std::error_code e2;
+      if (e.is_directory(e2) && !e.is_symlink(e2) && is_step_dir_name(name) && fs::exists(e.path() / kRunStateFile, e2) &&
+          name > newest)  // step-%08d: the names sort as the steps
+        newest = name;
+    }
+    if (!newest.empty()) {
+      log_warn("{}: no '{}' link; {} is the newest complete checkpoint and becomes current", dir.string(), kRunCurrent,
+               newest);
+      const fs::path cur_tmp = dir / ".current.tmp";
+      fs::remove(cur_tmp, ec);
+      fs::create_symlink(newest, cur_tmp, ec);
+      if (!ec) fs::rename(cur_tmp, cur, ec);
+      if (ec) fail(ErrorKind::io, "{}: cannot point at {}: {}", cur.string(), newest, ec.message());
+      fsync_path(dir, true);
+      current = newest;
+    }
+  }
   std::vector<fs::path> doomed;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string name = e.path().filename().string();
     std::error_code e2;
     const bool is_dir = e.is_directory(e2) && !e.is_symlink(e2);
     if (is_dir && name.rfind(".step-", 0) == 0) doomed.push_back(e.path());
-    else if (is_dir && is_step_dir_name(name) && name != current &&
-             (!current.empty() || fs::exists(e.path() / kRunStateFile, e2)))
-      doomed.push_back(e.path());  // a previous checkpoint, or one whose removal was cut short
+    else if (is_dir && is_step_dir_name(name) && !current.empty() && name != current)
+      doomed.push_back(e.path());  // a previous checkpoint, one whose removal was cut short, or an uncommitted one
     else if (!is_dir && name.rfind(".", 0) == 0 && name.find(".tmp") != std::string::npos)
       doomed.push_back(e.path());  // the links', the switch's and write_safetensors' temporaries
     else if (!is_dir && std::regex_match(name, zo2_tmp))
@@ -429,6 +473,22 @@ bool holds_run(const fs::path& dir) {
   std::error_code ec;
   return fs::is_symlink(fs::symlink_status(dir / kRunCurrent, ec)) || fs::exists(dir / kRunStateFile, ec) ||
          fs::exists(dir / kRunSeedLog, ec);
+}
+
+std::vector<std::string> foreign_checkpoint_files(const fs::path& dir) {
+  static const std::regex ckpt_file(
+      R"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json|adapter_model\.safetensors|)"
+      R"(adapter_config\.json)");
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    std::error_code e2;
+    if (e.is_symlink(e2)) continue;  // a run's links into its checkpoint
+    if (name == kRunCurrent || (e.is_regular_file(e2) && std::regex_match(name, ckpt_file))) out.push_back(name);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 bool same_directory(const fs::path& a, const fs::path& b) {

@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <vector>
 #include <functional>
 #include <optional>
 #include <string>
@@ -96,6 +97,11 @@ void remove_run(const std::filesystem::path& dir);
 
 // Whether DIR holds a run: a `current` link or a zo2_state.json.
 bool holds_run(const std::filesystem::path& dir);
+
+// The files of DIR, not a run's, that a run saved into DIR would replace: a plain
+// checkpoint's config.json, weights, index and adapter files, and a `current` that is not a
+// link. Empty when DIR does not exist or holds none of them.
+std::vector<std::string> foreign_checkpoint_files(const std::filesystem::path& dir);
 
 // Whether two paths name the same directory (after following links); false if either is missing.
 bool same_directory(const std::filesystem::path& a, const std::filesystem::path& b);

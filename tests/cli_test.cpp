@@ -456,6 +456,120 @@ TEST(Cli, BadInputIsRefusedBeforeAnythingIsWritten) {
   EXPECT_EQ(read_file(w.model / "model.safetensors"), weights_before);
 }
 
+// What --out holds is replaced only with --overwrite (Note [Run directory]): another run (also
+// by a resume into it), a plain checkpoint, or the seed log of a run killed before its first
+// save; a run started with relative paths resumes from anywhere, from the base it began at.
+TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
+  Workspace w;
+  const std::string data = " --data " + w.data.string() + " --steps 4 --batch-size 2 --lr 1e-3 -q";
+  const fs::path a = w.tmp / "a", b = w.tmp / "b", full = w.tmp / "full";
+  std::string out;
+  // Relative --model, started from inside the workspace.
+  ASSERT_EQ(test::run_command("cd " + w.tmp.path().string() + " && " + tune() + " train --model model" + data + " --out a --stop-at 2", &out), 0)
+      << out;
+  const auto state = nlohmann::json::parse(read_file(a / "zo2_state.json"));
+  EXPECT_EQ(state["base_model"].get<std::string>(), fs::absolute(w.model).string());
+  ASSERT_EQ(run("train --model " + w.model.string() + data + " --out " + full.string()), 0);
+  ASSERT_EQ(run("train --model " + w.model.string() + data + " --seed 7 --out " + b.string()), 0);
+  const std::string b_weights = read_file(b / "model.safetensors"), b_log = read_file(b / "seed_log.jsonl");
+  out.clear();
+  EXPECT_EQ(run("train --resume " + a.string() + " --out " + b.string(), &out), 2);
+  EXPECT_NE(out.find("already holds another run, which --resume"), std::string::npos) << out;
+  EXPECT_EQ(read_file(b / "model.safetensors"), b_weights);
+  EXPECT_EQ(read_file(b / "seed_log.jsonl"), b_log);
+  out.clear();
+  EXPECT_EQ(run("train --resume " + a.string() + " --out " + a.string() + " --overwrite", &out), 2);
+  EXPECT_NE(out.find("nothing to overwrite; drop --overwrite"), std::string::npos) << out;
+  // With --overwrite the resume replaces b, and ends where the uninterrupted run does.
+  out.clear();
+  ASSERT_EQ(run("train --resume " + a.string() + " --out " + b.string() + " --overwrite -q", &out), 0) << out;
+  EXPECT_EQ(read_file(b / "model.safetensors"), read_file(full / "model.safetensors"));
+  // The JSON log is never one of the run's files; a resume keeps its seed and cannot end before its step.
+  out.clear();
+  EXPECT_EQ(run("train --resume " + b.string() + " --out " + b.string() + " --steps 8 --log-json " +
+                    (b / "seed_log.jsonl").string(),
+                &out),
+            2);
+  EXPECT_NE(out.find("a file this run reads or saves"), std::string::npos) << out;
+  EXPECT_EQ(read_file(b / "model.safetensors"), read_file(full / "model.safetensors"));
+  out.clear();
+  EXPECT_EQ(run("train --resume " + a.string() + " --out " + a.string() + " --seed 5", &out), 2);
+  EXPECT_NE(out.find("--seed 5: the run in " + a.string() + " has run seed 0"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run("train --resume " + a.string() + " --out " + a.string() + " --steps 1", &out), 2);
+  EXPECT_NE(out.find("--steps 1: the run in " + a.string() + " is already at step 2"), std::string::npos) << out;
+  // replay says when --model is not the checkpoint the log's run started from.
+  out.clear();
+  ASSERT_EQ(run("replay --model " + full.string() + " --seed-log " + (full / "seed_log.jsonl").string() + " --out " +
+                    (w.tmp / "rp").string() + " -q",
+                &out),
+            0);
+  EXPECT_NE(out.find("is not the checkpoint the seed log's run started from"), std::string::npos) << out;
+  out.clear();
+  ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (full / "seed_log.jsonl").string() + " --out " +
+                    (w.tmp / "rp2").string() + " -q",
+                &out),
+            0);
+  EXPECT_EQ(out.find("is not the checkpoint"), std::string::npos) << out;
+  EXPECT_EQ(read_file(w.tmp / "rp2" / "model.safetensors"), read_file(full / "model.safetensors"));
+  // A plain checkpoint as --out.
+  out.clear();
+  EXPECT_EQ(run("train --model " + w.model.string() + data + " --out " + w.model.string() + "-copy", &out), 0) << out;
+  const fs::path plain = w.tmp / "plain";
+  ASSERT_EQ(run("init --preset opt-tiny --out " + plain.string() + " -q"), 0);
+  const std::string plain_weights = read_file(plain / "model.safetensors");
+  out.clear();
+  EXPECT_EQ(run("train --model " + w.model.string() + data + " --out " + plain.string(), &out), 2);
+  EXPECT_NE(out.find("holds a checkpoint (config.json, model.safetensors) that this run's saves would replace"),
+            std::string::npos)
+      << out;
+  EXPECT_EQ(read_file(plain / "model.safetensors"), plain_weights);
+  // A run killed before its first save: a seed log, no checkpoint.
+  const fs::path killed = w.tmp / "killed";
+  fs::create_directories(killed);
+  fs::copy_file(a / "seed_log.jsonl", killed / "seed_log.jsonl");
+  out.clear();
+  EXPECT_EQ(run("train --resume " + killed.string() + " --out " + killed.string(), &out), 2);
+  EXPECT_NE(out.find("stopped before its first save"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run("train --model " + w.model.string() + data + " --out " + killed.string(), &out), 2);
+  EXPECT_NE(out.find("stopped before its first save (nothing to resume): pass --overwrite"), std::string::npos) << out;
+  ASSERT_EQ(run("train --model " + w.model.string() + data + " --out " + killed.string() + " --overwrite"), 0);
+  // Another --data on resume is taken, and said to change the result.
+  const fs::path other = w.tmp / "other.safetensors";
+  ASSERT_EQ(run("synth-data --model " + w.model.string() + " --out " + other.string() + " --rows 16 --seq 32 --seed 3 -q"), 0);
+  ASSERT_EQ(run("train --model " + w.model.string() + data + " --out " + (w.tmp / "d").string() + " --stop-at 2"), 0);
+  out.clear();
+  ASSERT_EQ(run("train --resume " + (w.tmp / "d").string() + " --out " + (w.tmp / "d").string() + " --data " +
+                    other.string(),
+                &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("--data given as " + other.string() + " but the run trained on"), std::string::npos) << out;
+  EXPECT_NE(out.find("now gives 16 training examples but the run had 64"), std::string::npos) << out;
+}
+
+// A writer never removes the run's only complete checkpoint (api/run_dir.cpp clean_run_dir):
+// with `current` deleted the newest complete step becomes current; a `current` copied as a
+// directory (cp -rL, scp -r) stops the writer with everything kept.
+TEST(Cli, ACheckpointIsNeverRemovedWhenCurrentIsLost) {
+  Workspace w;
+  const std::string f = " --model " + w.model.string() + " --data " + w.data.string() + " --steps 6 --batch-size 2 --lr 1e-3 -q";
+  const fs::path full = w.tmp / "full", part = w.tmp / "part", copy = w.tmp / "copy";
+  ASSERT_EQ(run("train" + f + " --out " + full.string()), 0);
+  ASSERT_EQ(run("train" + f + " --out " + part.string() + " --stop-at 3"), 0);
+  ASSERT_EQ(test::run_command("cp -rL " + part.string() + " " + copy.string()), 0);
+  fs::remove(part / "current");
+  std::string out;
+  ASSERT_EQ(run("train --resume " + part.string() + " --out " + part.string(), &out), 0) << out;
+  EXPECT_NE(out.find("step-00000003 is the newest complete checkpoint and becomes current"), std::string::npos) << out;
+  EXPECT_EQ(read_file(part / "model.safetensors"), read_file(full / "model.safetensors"));
+  out.clear();
+  EXPECT_EQ(run("train --resume " + copy.string() + " --out " + copy.string(), &out), 1);
+  EXPECT_NE(out.find("is not a link (was the run directory copied with links followed"), std::string::npos) << out;
+  EXPECT_TRUE(fs::exists(copy / "step-00000003" / "zo2_state.json"));
+}
+
 // A write that cannot publish its file says why (the reason was once lost: "…: Success").
 TEST(Cli, AFailedAtomicWriteNamesTheReason) {
   test::TempDir tmp;

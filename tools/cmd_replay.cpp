@@ -54,6 +54,18 @@ Runner add_replay(CLI::App& app) {
            "--out {} holds a training run (its seed log): a replayed checkpoint there would not match it; choose "
            "another --out",
            o->out);
+    // The log's updates hold for the weights it started from: another --model (a moved copy
+    // is fine; a tuned checkpoint, another model) gives other weights.
+    if (!log.header.base_model.empty()) {
+      std::error_code ec;
+      const std::filesystem::path given = resolve_model_dir(o->model), logged(log.header.base_model);
+      const bool same = same_directory(given, logged) ||
+                        (std::filesystem::exists(logged / "config.json", ec) && same_directory(given, resolve_model_dir(logged)));
+      if (!same)
+        log_warn("--model {} is not the checkpoint the seed log's run started from ({}): unless it is a copy of it, the "
+                 "replayed weights are not the run's",
+                 o->model, log.header.base_model);
+    }
     sc.rule = log.header.rule;  // the log's update rule, its state rebuilt step by step
     sc.peft = log.header.peft;  // LoRA: the adapters start from the run seed's init
     sc.run_seed = log.header.run_seed;

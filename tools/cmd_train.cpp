@@ -106,9 +106,12 @@ struct StateReader {
 //     ranks' host image and upload) is the run's unless given again; a flag given again wins
 //     without a word, as none of them changes the weights (the bits are the same for any
 //     --gpu-mem, --offload, --window, --threads, disk tier, …: the scheduler's invariant).
-//     The disk tier is kept only when the run resumes in place: its block file belongs to that run directory (a resume into
-//     another --out that took it would rebuild that file and cost the original run the steps
-//     it logged past its checkpoint), so elsewhere it needs --host-mem/--disk-dir again.
+//     The disk tier and the JSON log are kept only when the run resumes in place: they belong
+//     to that run directory (a resume into another --out that took the block file would
+//     rebuild it and cost the original run the steps it logged past its checkpoint; one that
+//     took the log would append to the original run's), so elsewhere they are given again.
+//   - --data given again is taken with a warning when it names another file, or when the
+//     file now gives another number of examples than the run had.
 //   The flags are saved with every checkpoint in zo2_state.json (`save` below); a state
 //   written before they were has none, and then every flag is as given.
 template <class Opts>
@@ -169,7 +172,7 @@ std::vector<std::string> keep_run_flags(Opts& o, const CLI::App& app, const Stat
   keep("--max-new-tokens", "max_new_tokens", o.eval_max_new);
   keep("--save-every", "save_every", o.save_every);
   keep("--log-every", "log_every", o.log_every);
-  keep("--log-json", "log_json", o.log_json);
+  if (in_place) keep("--log-json", "log_json", o.log_json);  // elsewhere: the original run's log stays its own
   keep("--host-image", "host_image", o.host_image);
   keep("--upload", "upload", o.upload);
   return kept;
@@ -344,6 +347,9 @@ Runner add_train(CLI::App& app) {
     std::string base_model = o->model;
     bool append_log = false;
     bool log_json_kept = false;  // --log-json is the resumed run's (Note [What a resume keeps])
+    bool resume_within_out = false;  // the resumed checkpoint is --out's own (in place, or one of its steps)
+    std::string saved_data;          // the resumed run's --data and its examples, to compare
+    std::int64_t saved_examples = -1;
     bool data_seed_known = given.data_seed->count() > 0;
     const std::filesystem::path out(o->out);
     // The one writer of --out (Note [Run directory]): taken first when --out is the run being
@@ -360,6 +366,11 @@ Runner add_train(CLI::App& app) {
       // a resume continues exactly the run that was saved, or refuses naming what differs.
       const OpenedCheckpoint ck = open_checkpoint(o->resume, /*verify_checksums=*/true);
       const std::filesystem::path state_file = ck.dir / kRunStateFile;
+      if (ck.state.is_null() && std::filesystem::exists(std::filesystem::path(o->resume) / kRunSeedLog))
+        fail(ErrorKind::invalid_argument,
+             "--resume {}: the run there stopped before its first save (a seed log, no checkpoint): there is nothing "
+             "to resume; start it again with --model and --out {} --overwrite",
+             o->resume, o->resume);
       if (ck.state.is_null())
         fail(ErrorKind::invalid_argument,
              "--resume {}: no {}: not a run directory written by zo2-tune train (to start from this checkpoint, "
@@ -388,11 +399,26 @@ Runner add_train(CLI::App& app) {
       take(given.lr, "lr", o->lr);
       take(given.eps, "eps", o->eps);
       take(given.wd, "weight_decay", o->wd);
-      take(given.seed, "run_seed", o->seed);
+      if (st.has("run_seed")) {  // the seed log's steps are this seed's: a resume cannot change it
+        const auto saved_seed = st.get<std::uint64_t>("run_seed");
+        if (given.seed->count() > 0 && o->seed != saved_seed)
+          fail(ErrorKind::invalid_argument,
+               "--seed {}: the run in {} has run seed {}; a resumed run keeps it (its seed log and checkpoint are "
+               "that seed's steps): drop --seed",
+               o->seed, o->resume, saved_seed);
+        o->seed = saved_seed;
+      }
       take(given.sched, "lr_schedule", o->schedule);
       take(given.warm, "warmup_steps", o->warmup);
       take(given.steps, "total_steps", o->steps);
-      if (o->data.empty()) o->data = st.get_or<std::string>("data", "");
+      saved_data = st.get_or<std::string>("data", "");
+      saved_examples = st.get_or<std::int64_t>("data_examples", -1);
+      if (o->data.empty()) o->data = saved_data;
+      else if (!saved_data.empty() && !same_directory(o->data, saved_data) &&
+               std::filesystem::absolute(o->data) != std::filesystem::path(saved_data))
+        log_warn("--resume: --data given as {} but the run trained on {}; the result will differ from an "
+                 "uninterrupted run",
+                 o->data, saved_data);
       if (o->eval.empty()) o->eval = st.get_or<std::string>("eval", "");
       take(given.num_train, "num_train", o->num_train);
       take(given.shuffle, "shuffle", o->shuffle);
@@ -454,6 +480,9 @@ Runner add_train(CLI::App& app) {
       log_json_kept = std::any_of(kept.begin(), kept.end(), [](const std::string& k) { return k.starts_with("--log-json "); });
       if (!kept.empty()) log_info("--resume: the run's {}", fmt::join(kept, ", "));
       first_step = st.get<std::int64_t>("next_step");
+      if (given.steps->count() > 0 && first_step > o->steps)
+        fail(ErrorKind::invalid_argument, "--steps {}: the run in {} is already at step {}; give at least that many",
+             o->steps, o->resume, first_step);
       st.require(first_step >= 0 && first_step <= o->steps, "next_step",
                  fmt::format("between 0 and total_steps = {}", o->steps));
       if (ck.step >= 0 && ck.step != first_step)
@@ -513,6 +542,12 @@ Runner add_train(CLI::App& app) {
                resumed_log_path.string(), resumed_log_bytes, state_file.string(), bytes, crc);
       }
       model_dir = ck.dir.string();
+      resume_within_out = resume_in_place || same_directory(ck.dir.parent_path(), out);
+      if (resume_within_out && o->overwrite)
+        fail(ErrorKind::invalid_argument,
+             "--overwrite with --resume {} --out {}: the resumed checkpoint is this run directory's own, so there is "
+             "nothing to overwrite; drop --overwrite",
+             o->resume, o->out);
       // A LoRA run: its checkpoint is the adapter; the frozen base is where the run began.
       if (ck.state.contains("peft")) {
         sc.peft = peft_from_json(ck.state.at("peft"), state_file.string());
@@ -544,6 +579,10 @@ Runner add_train(CLI::App& app) {
         model_dir = resolve_model_dir(m).string();
         base_model = m;
       }
+      // The checkpoint the run starts from, as it is now: absolute (a resume from another
+      // directory finds it) and resolved (a run directory's `current` moves on as that run
+      // goes on; the seed log replays from this step's weights).
+      if (!base_model.empty()) base_model = std::filesystem::absolute(resolve_model_dir(base_model)).string();
     }
     validate_rule(sc.rule, static_cast<float>(o->wd));
     validate_parallel(layout, comm.size(), sc.rule, o->batch, "--parallel");
@@ -566,11 +605,49 @@ Runner add_train(CLI::App& app) {
              "--out {} is the model directory {}: the tuned checkpoint would overwrite the one the run starts from "
              "(and that its seed log replays from); choose another --out",
              o->out, src);
-    if (o->resume.empty() && !o->overwrite && holds_run(out))
-      fail(ErrorKind::invalid_argument,
-           "--out {} already holds a run: continue it with --resume {} --out {}, or pass --overwrite to start a new "
-           "run there (its checkpoint and seed log are removed)",
-           o->out, o->out, o->out);
+    // --out takes this run only when nothing there would be replaced without --overwrite:
+    // checked before any data is read, and again once its lock is held (another writer may
+    // have finished a run there in between).
+    auto check_out_is_free = [&] {
+      if (resume_within_out || o->overwrite) return;  // the run itself, or replacing was asked for
+      if (holds_run(out)) {
+        if (!std::filesystem::exists(out / kRunStateFile) && !std::filesystem::is_symlink(out / kRunCurrent))
+          fail(ErrorKind::invalid_argument,
+               "--out {} holds the seed log of a run that stopped before its first save (nothing to resume): pass "
+               "--overwrite to start a new run there, or choose another --out",
+               o->out);
+        if (o->resume.empty())
+          fail(ErrorKind::invalid_argument,
+               "--out {} already holds a run: continue it with --resume {} --out {}, or pass --overwrite to start a "
+               "new run there (its checkpoint and seed log are removed)",
+               o->out, o->out, o->out);
+        fail(ErrorKind::invalid_argument,
+             "--out {} already holds another run, which --resume {} --out {} would replace: choose another --out, "
+             "or pass --overwrite to replace it (its checkpoint and seed log are removed)",
+             o->out, o->resume, o->out);
+      }
+      if (const auto files = foreign_checkpoint_files(out); !files.empty())
+        fail(ErrorKind::invalid_argument,
+             "--out {} holds a checkpoint ({}) that this run's saves would replace: choose another --out, or pass "
+             "--overwrite to let them",
+             o->out, fmt::join(files, ", "));
+    };
+    if (!o->log_json.empty()) {
+      // The JSON log is appended to: never one of the run directory's own files.
+      const std::filesystem::path lj = std::filesystem::absolute(o->log_json), parent = lj.parent_path();
+      const std::string name = lj.filename().string();
+      const bool run_file = name == kRunSeedLog || name == kRunStateFile || name == kRunCurrent || name == kRunLockFile ||
+                            name == "config.json" || name.ends_with(".safetensors") || name == "zo2-blocks.img" ||
+                            name == "zo2-blocks.json";
+      if ((same_directory(parent, out) && run_file) ||
+          (same_directory(parent.parent_path(), out) && parent.filename().string().starts_with("step-")) ||
+          (!o->data.empty() && same_directory(lj, o->data)))
+        fail(ErrorKind::invalid_argument,
+             "--log-json {}: a file this run reads or saves (its seed log, state, checkpoint or data); choose another "
+             "file",
+             o->log_json);
+    }
+    check_out_is_free();
 
     // Validate everything cheap before touching the output directory.
     const ModelConfig config = ModelConfig::load(resolve_model_dir(model_dir));
@@ -579,6 +656,10 @@ Runner add_train(CLI::App& app) {
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, model_dir);
     const DataOptions dopt = o->data_flags.options(o->num_train, o->data_seed, o->shuffle);
     const Dataset data = Dataset::load(o->data, config, tokenizer.get(), dopt);
+    if (saved_examples >= 0 && static_cast<std::int64_t>(data.size()) != saved_examples)
+      log_warn("--resume: {} now gives {} training examples but the run had {}; the result will differ from an "
+               "uninterrupted run",
+               o->data, data.size(), saved_examples);
     std::optional<Dataset> eval_data;
     if (!o->eval.empty()) {
       DataOptions eopt = dopt;
@@ -621,9 +702,12 @@ Runner add_train(CLI::App& app) {
     plan_placement(config, plan_request(config, sc, parse_device(sc.device).kind, planning_cap(sc)));
     // Every rank has validated its flags and data; only rank 0 touches --out.
     comm.barrier("checking the flags and data");
-    if (writer && !lock) lock.emplace(out);  // creates --out; cleans what an interrupted save left
+    if (writer && !lock) {
+      lock.emplace(out);  // creates --out; cleans what an interrupted save left
+      check_out_is_free();
+    }
     if (writer) ensure_writable_dir(out);
-    if (writer && o->resume.empty() && o->overwrite) remove_run(out);
+    if (writer && o->overwrite && !resume_within_out) remove_run(out);
     if (writer && append_log && !resume_in_place) {
       // The log up to the resume step, as the checkpoint was saved with it.
       std::ifstream in(resumed_log_path, std::ios::binary);
