@@ -80,7 +80,14 @@ RopeConfig read_rope(const Reader& r) {
   const char* field = r.has("rope_parameters") ? "rope_parameters"
                       : r.has("rope_scaling")  ? "rope_scaling"
                                                : nullptr;
-  if (!field) return rope;
+  auto check_theta = [&] {  // the rotary base: below 1 its frequencies grow past any float
+    if (!(rope.theta >= 1 && std::isfinite(rope.theta)))
+      fail(ErrorKind::format, "{}: rope_theta must be a finite number of at least 1, got {}", r.where, rope.theta);
+  };
+  if (!field) {
+    check_theta();
+    return rope;
+  }
   const json& p = r.j.at(field);
   if (!p.is_object())
     fail(ErrorKind::format, "{}: field '{}' must be an object, got {}", r.where, field, p.dump());
@@ -116,8 +123,7 @@ RopeConfig read_rope(const Reader& r) {
       fail(ErrorKind::format, "{}: {}.high_freq_factor ({}) must exceed low_freq_factor ({})",
            r.where, field, rope.high_freq_factor, rope.low_freq_factor);
   }
-  if (!(rope.theta > 0))
-    fail(ErrorKind::format, "{}: rope_theta must be positive, got {}", r.where, rope.theta);
+  check_theta();
   return rope;
 }
 

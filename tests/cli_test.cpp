@@ -445,10 +445,24 @@ TEST(Cli, BadInputIsRefusedBeforeAnythingIsWritten) {
   const std::string inputs_before = read_file(w.data), weights_before = read_file(w.model / "model.safetensors");
   out.clear();
   EXPECT_EQ(run("forward --model " + w.model.string() + " --inputs " + w.data.string() + " --out " + w.data.string(), &out), 2);
-  EXPECT_NE(out.find("is the --inputs file"), std::string::npos) << out;
+  EXPECT_NE(out.find("is the input file"), std::string::npos) << out;
   out.clear();
   EXPECT_EQ(run("forward --model " + w.model.string() + " --inputs " + w.data.string() + " --out " +
                     (w.model / "model.safetensors").string(),
+                &out),
+            2);
+  EXPECT_NE(out.find("a file of the checkpoint this command reads"), std::string::npos) << out;
+  // generate --output and eval --predictions alike.
+  std::ofstream(w.tmp / "prompts.txt") << "hello\n";
+  out.clear();
+  EXPECT_EQ(run("generate --model " + w.model.string() + " --data " + (w.tmp / "prompts.txt").string() + " --output " +
+                    (w.tmp / "prompts.txt").string(),
+                &out),
+            2);
+  EXPECT_NE(out.find("--output " + (w.tmp / "prompts.txt").string() + " is the input file"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run("eval --model " + w.model.string() + " --data " + w.data.string() + " --predictions " +
+                    (w.model / "config.json").string(),
                 &out),
             2);
   EXPECT_NE(out.find("a file of the checkpoint this command reads"), std::string::npos) << out;

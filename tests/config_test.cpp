@@ -162,6 +162,23 @@ TEST(ModelConfig, RopeThetaComesFromTopLevelRopeParametersOrRopeScaling) {
 
   json none = llama_json();  // no theta anywhere: transformers' default 10000
   EXPECT_EQ(ModelConfig::from_json(none).rope.theta, 10000.0);
+
+  // A base below 1 is refused with or without a rope_scaling object (it once passed unchecked
+  // without one, and every loss came out NaN).
+  for (const double bad : {0.0, -10000.0, 1e-300}) {
+    for (const bool with_null_scaling : {false, true}) {
+      json j = llama_json();
+      j["rope_theta"] = bad;
+      if (with_null_scaling) j["rope_scaling"] = nullptr;
+      try {
+        (void)ModelConfig::from_json(j);
+        ADD_FAILURE() << bad;
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("rope_theta must be a finite number of at least 1"), std::string::npos)
+            << e.what();
+      }
+    }
+  }
 }
 
 TEST(ModelConfig, RopeTypesDefaultLinearAndLlama3ParseWithTheirFields) {

@@ -32,6 +32,27 @@ DType parse_dtype_flag(const std::string& flag, const std::string& value,
   return *dt;
 }
 
+void refuse_output_over_inputs(const char* flag, const std::filesystem::path& out,
+                               std::initializer_list<std::filesystem::path> inputs,
+                               std::initializer_list<std::filesystem::path> dirs) {
+  std::error_code ec;
+  if (out.empty() || !std::filesystem::exists(out, ec)) return;
+  auto is_out = [&](const std::filesystem::path& p) {
+    std::error_code e2;
+    return !p.empty() && std::filesystem::equivalent(p, out, e2);
+  };
+  for (const auto& in : inputs)
+    if (is_out(in))
+      fail(ErrorKind::invalid_argument, "{} {} is the input file {}: writing it would replace what is read; choose "
+           "another {}", flag, out.string(), in.string(), flag);
+  for (const auto& dir : dirs)
+    if (!dir.empty() && std::filesystem::is_directory(dir, ec))
+      for (const auto& entry : std::filesystem::directory_iterator(dir, ec))
+        if (is_out(entry.path()))
+          fail(ErrorKind::invalid_argument, "{} {} is {}, a file of the checkpoint this command reads; choose another "
+               "{}", flag, out.string(), entry.path().string(), flag);
+}
+
 CLI::Validator finite_range(double lo, double hi, bool open_lo) {
   return CLI::Validator(
       [=](const std::string& text) -> std::string {

@@ -41,6 +41,13 @@ Runner add_generate(CLI::App& app);
 DType parse_dtype_flag(const std::string& flag, const std::string& value,
                        std::initializer_list<DType> allowed);
 
+// Output flags never replace what the command reads: refuses (exit 2, naming `flag`) an
+// `out` that is one of `inputs` or a file of one of `dirs` (the checkpoint, the run
+// directory that names it, the adapter). Call before any work.
+void refuse_output_over_inputs(const char* flag, const std::filesystem::path& out,
+                               std::initializer_list<std::filesystem::path> inputs,
+                               std::initializer_list<std::filesystem::path> dirs);
+
 // A real flag value in [lo, hi] (lo excluded when `open_lo`), finite: CLI11's Range lets NaN
 // through (every comparison with it is false).
 CLI::Validator finite_range(double lo, double hi, bool open_lo = false);

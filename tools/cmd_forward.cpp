@@ -36,24 +36,7 @@ Runner add_forward(CLI::App& app) {
     o->lora.apply(o->model, sc);  // --adapter, or an adapter as --model: its base with it
     const std::string given_model = o->model;
     o->model = resolve_model_dir(o->model).string();  // a run directory: its current checkpoint
-    // --out never replaces what this command reads: the inputs, or a file of the checkpoint
-    // (or of the adapter, or of the run directory that names it).
-    if (std::error_code ec; std::filesystem::exists(o->out, ec)) {
-      auto is_out = [&](const std::filesystem::path& p) {
-        std::error_code e2;
-        return std::filesystem::equivalent(p, o->out, e2);
-      };
-      if (is_out(o->inputs))
-        fail(ErrorKind::invalid_argument, "--out {} is the --inputs file: the logits would replace the ids they are "
-             "computed from; choose another --out", o->out);
-      for (const std::filesystem::path& dir : {std::filesystem::path(given_model), std::filesystem::path(o->model),
-                                               sc.adapter_dir})
-        if (!dir.empty() && std::filesystem::is_directory(dir, ec))
-          for (const auto& entry : std::filesystem::directory_iterator(dir, ec))
-            if (is_out(entry.path()))
-              fail(ErrorKind::invalid_argument, "--out {} is {}, a file of the checkpoint this command reads; choose "
-                   "another --out", o->out, entry.path().string());
-    }
+    refuse_output_over_inputs("--out", o->out, {o->inputs}, {given_model, o->model, sc.adapter_dir});
     const ModelConfig config = ModelConfig::load(o->model);
     const TokenTensors t = read_token_tensors(o->inputs);
     // Ids, mask or labels that do not fit the model are the file's contents, not a flag's

@@ -121,8 +121,10 @@ Runner add_generate(CLI::App& app) {
       if (s.empty()) fail(ErrorKind::invalid_argument, "--stop '': the stop string is empty");
     const KvPlace kv = parse_kv_place(o->kv_cache);
     SessionConfig sc = session_config(o->dev, false);
+    const std::string given_model = o->model;
     o->lora.apply(o->model, sc);
     o->model = resolve_model_dir(o->model).string();
+    refuse_output_over_inputs("--output", o->output, {o->data}, {given_model, o->model, sc.adapter_dir});
     const ModelConfig config = ModelConfig::load(o->model);
     const auto tokenizer = tokenizer_for_data(o->data.empty() ? "prompt.txt" : o->data, o->data_flags, o->model);
     if (!tokenizer) fail(ErrorKind::invalid_argument, "--data {}: token-id files are not prompts", o->data);

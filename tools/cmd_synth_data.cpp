@@ -24,7 +24,7 @@ Runner add_synth_data(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   app.add_option("--out", o->out, "output safetensors file (input_ids I32 [rows, seq])")->required();
   app.add_option("--model", o->model, "take the vocabulary size from this checkpoint's config.json");
-  app.add_option("--vocab", o->vocab, "vocabulary size (instead of --model)");
+  app.add_option("--vocab", o->vocab, "vocabulary size (instead of --model)")->check(CLI::Range(std::int64_t{2}, std::int64_t{1} << 31));
   app.add_option("--rows", o->rows, "sequences")->capture_default_str()->check(CLI::Range(1, 1 << 30));
   app.add_option("--seq", o->seq, "tokens per sequence (at least 2: one to predict from, one to predict)")
       ->capture_default_str()
