@@ -166,6 +166,7 @@ std::optional<DiskPlacement> Session::disk_placement(const ModelConfig& model, c
   d.staging = plan.disk_staging;
   d.file = cfg_.disk_file;
   d.reuse = cfg_.disk_resume;
+  d.max_step = cfg_.disk_resume ? cfg_.first_step : -1;  // the seed log's end: the step training goes on from
   d.base_step = cfg_.replay.empty() ? cfg_.first_step : cfg_.replay.front().step;
   // What the images belong to: a resume keeps them only for the same run (its seed log and
   // seed), the same model shape and storage, and the same blocks on disk.

@@ -110,7 +110,7 @@ BlockStore::BlockStore(const ModelConfig& config, DType storage, Device& device,
     for (std::int64_t i = 0; i < config_.num_layers; ++i)
       blocks_.push_back(disk->on_disk[static_cast<std::size_t>(i)] ? HostBuffer() : device.alloc_host(stream_bytes_));
     disk_ = std::make_unique<DiskTier>(device, disk->dir, std::move(on), stream_bytes_, disk->staging, disk->file,
-                                       DiskTierOpen{disk->identity, disk->reuse});
+                                       DiskTierOpen{disk->identity, disk->reuse, disk->max_step});
     disk_base_step_ = disk->base_step;
     disk_kept_.assign(static_cast<std::size_t>(config_.num_layers), false);
     clear_state();  // the RAM images' (the disk images get theirs as they are written)

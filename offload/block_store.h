@@ -67,6 +67,7 @@ struct DiskPlacement {
   std::string identity;
   bool reuse = false;
   std::int64_t base_step = 0;
+  std::int64_t max_step = -1;  // DiskTierOpen::max_step: the seed log's end on a resume
   std::int64_t count() const;
 };
 

@@ -359,6 +359,13 @@ DiskTier::DiskTier(Device& device, const fs::path& dir, std::vector<std::int64_t
       if (st[1] && (!st[0] || *st[1] > *st[0])) std::swap(order[0], order[1]);
       for (int k : order) {
         if (!st[k]) continue;
+        if (open.max_step >= 0 && *st[k] > static_cast<std::uint64_t>(open.max_step)) {
+          log_warn("--disk-dir {}: block {}'s image holds step {}, past the seed log's end (step {}): the log was cut "
+                   "short or replaced; {}",
+                   dir.string(), blocks_[d], *st[k], open.max_step,
+                   k == order[0] && st[order[1]] ? "its previous image is tried" : "it is rebuilt");
+          continue;
+        }
         try {
           m.file.submit_read(2 * d + static_cast<std::size_t>(k),
                              std::span<std::byte>(m.staging[0], m.file.padded_bytes()), 0);

@@ -53,6 +53,10 @@ struct DiskTierOpen {
   // Reuse the images already there (a resume) when the identity matches; otherwise, or when
   // false, the file is created anew.
   bool reuse = false;
+  // The newest step an image may hold (a resume: the seed log's end; −1: no limit). An image
+  // past it holds updates the log no longer has (a log cut short or replaced by hand): it is
+  // not reused, as a torn one is not.
+  std::int64_t max_step = -1;
 };
 
 struct DiskTierStats {

@@ -81,6 +81,19 @@ TEST(DiskTier, AResumeKeepsTheNewestWholeImageOfItsOwnRunOnly) {
     tier.read_now(0, back.data());
     EXPECT_EQ(back, b);
   }
+  // An image past the seed log's end (a log cut short by hand): the previous one is used, and
+  // a block with none at or before it is rebuilt.
+  {
+    DiskTier tier(*device, tmp.path(), {0, 2}, bytes, 1, {}, DiskTierOpen{"run A\n", true, 3});
+    EXPECT_EQ(tier.image_step(0), 3);
+    tier.read_now(0, back.data());
+    EXPECT_EQ(back, a);
+  }
+  {
+    DiskTier tier(*device, tmp.path(), {0, 2}, bytes, 1, {}, DiskTierOpen{"run A\n", true, 2});
+    EXPECT_EQ(tier.image_step(0), -1);
+    EXPECT_EQ(tier.image_step(2), -1);
+  }
   // A torn newest image (a byte of its payload changed): the previous one is used.
   {
     const std::filesystem::path file = tmp / kDiskTierFile;
