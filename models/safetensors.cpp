@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -848,6 +849,11 @@ void write_safetensors_sharded(const fs::path& dir, std::span<const TensorToWrit
 
   std::uint64_t total = 0;
   for (const auto& it : items) total += it.nbytes;
+  // Before the first byte: a checkpoint the file system cannot hold fails now, not after
+  // hours of writing (the older files it replaces go only once it is whole).
+  if (const fs::space_info sp = fs::space(dir, ec); !ec && sp.available < total)
+    fail(ErrorKind::io, "cannot save checkpoint '{}': it needs {:.2f} GiB, but the file system has {:.2f} GiB free",
+         dir.string(), static_cast<double>(total) / (1u << 30), static_cast<double>(sp.available) / (1u << 30));
 
   std::set<std::string> keep;
   if (total <= max_shard_bytes) {
@@ -877,9 +883,18 @@ void write_safetensors_sharded(const fs::path& dir, std::span<const TensorToWrit
     keep.insert("model.safetensors.index.json");
   }
 
-  // The new checkpoint is complete: remove what is left of an older save.
+  // The new checkpoint is complete: remove what is left of an older save — its files, and
+  // the temporaries of a writer that was killed (".<name>.tmp.<pid>.…" of a pid now gone).
   for (const auto& de : fs::directory_iterator(dir, ec)) {
     const std::string name = de.path().filename().string();
+    if (const auto t = name.find(".tmp."); name.starts_with(".") && t != std::string::npos &&
+                                           is_hf_checkpoint_file(name.substr(1, t - 1))) {
+      const long pid = std::strtol(name.c_str() + t + 5, nullptr, 10);
+      std::error_code rec;
+      if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH && de.is_regular_file(rec))
+        fs::remove(de.path(), rec);
+      continue;
+    }
     if (keep.count(name) || !is_hf_checkpoint_file(name)) continue;
     std::error_code rec;
     if (!de.is_regular_file(rec)) continue;

@@ -16,6 +16,9 @@
 #include <string>
 #include <vector>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "runtime/error.h"
 #include "tests/test_util.h"
 
@@ -785,6 +788,25 @@ TEST(SafetensorsSharded, ResavingWithFewerShardsRemovesTheStaleOnes) {
                                       "model-00002-of-00002.safetensors", "model-extra.bin",
                                       "model.safetensors.index.json", "notes.txt"}));
   expect_checkpoint_matches(SafetensorsCheckpoint::open(tmp.path()), m);
+}
+
+// A writer killed mid-save leaves ".<name>.tmp.<pid>.…": the next save removes those of a
+// pid that is gone, and leaves a live writer's alone.
+TEST(SafetensorsSharded, ASaveRemovesTheTemporariesOfAKilledWriterOnly) {
+  test::TempDir tmp;
+  Model m;
+  m.add("w", DType::f32, {25});
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) _exit(0);
+  ASSERT_EQ(waitpid(child, nullptr, 0), child);  // a pid now gone
+  const std::string dead = fmt::format(".model-00003-of-00014.safetensors.tmp.{}.9.73fc6965", child);
+  const std::string live = fmt::format(".model.safetensors.tmp.{}.1.00000000", getpid());
+  write_bytes(tmp / dead, "partial");
+  write_bytes(tmp / live, "in progress");
+  write_safetensors_sharded(tmp.path(), m.tensors, 1000);
+  EXPECT_FALSE(fs::exists(tmp / dead));
+  EXPECT_TRUE(fs::exists(tmp / live));
 }
 
 TEST(SafetensorsSharded, ResavingAsOneFileRemovesTheIndexAndShardsAndBack) {

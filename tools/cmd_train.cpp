@@ -722,6 +722,27 @@ Runner add_train(CLI::App& app) {
 
     std::unique_ptr<std::ofstream> log_json;
     if (!o->log_json.empty() && writer) {
+      if (append_log && std::filesystem::exists(o->log_json)) {
+        // A run killed after its last checkpoint logged steps this resume runs again: its
+        // records past first_step go (and a torn last line), so each step is in the log once.
+        std::ifstream in(o->log_json, std::ios::binary);
+        std::string kept_lines, line;
+        std::int64_t dropped = 0;
+        while (std::getline(in, line)) {
+          const json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+          const bool ok = j.is_object() && ((j.contains("step") && j["step"].is_number_integer() &&
+                                             j["step"].get<std::int64_t>() <= first_step) ||
+                                            (j.contains("eval_after_step") && j["eval_after_step"].is_number_integer() &&
+                                             j["eval_after_step"].get<std::int64_t>() <= first_step));
+          if (ok) kept_lines += line + "\n";
+          else ++dropped;
+        }
+        if (dropped > 0) {
+          write_file_atomic(o->log_json, kept_lines);
+          log_info("--log-json {}: {} record{} past step {} removed (this run logs those steps again)", o->log_json,
+                   dropped, dropped == 1 ? "" : "s", first_step);
+        }
+      }
       log_json = std::make_unique<std::ofstream>(o->log_json, append_log ? std::ios::app : std::ios::trunc);
       if (!*log_json) {
         if (!log_json_kept) fail(ErrorKind::io, "{}: cannot write the JSON log", o->log_json);
