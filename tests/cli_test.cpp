@@ -516,6 +516,13 @@ TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
   out.clear();
   EXPECT_EQ(run("train --resume " + a.string() + " --out " + a.string() + " --steps 1", &out), 2);
   EXPECT_NE(out.find("--steps 1: the run in " + a.string() + " is already at step 2"), std::string::npos) << out;
+  // What a run tunes is the run's: another --model or adapter flags on a resume are refused.
+  out.clear();
+  EXPECT_EQ(run("train --resume " + a.string() + " --out " + a.string() + " --model " + w.model.string(), &out), 2);
+  EXPECT_NE(out.find("a resumed run goes on from its own checkpoint; drop --model"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run("train --resume " + a.string() + " --out " + a.string() + " --lora", &out), 2);
+  EXPECT_NE(out.find("the run tunes every parameter; drop --lora"), std::string::npos) << out;
   // replay says when --model is not the checkpoint the log's run started from.
   out.clear();
   ASSERT_EQ(run("replay --model " + full.string() + " --seed-log " + (full / "seed_log.jsonl").string() + " --out " +

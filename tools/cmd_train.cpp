@@ -549,13 +549,25 @@ Runner add_train(CLI::App& app) {
              "nothing to overwrite; drop --overwrite",
              o->resume, o->out);
       // A LoRA run: its checkpoint is the adapter; the frozen base is where the run began.
+      // What the run tunes is the run's: adapter flags (and another --model) cannot change it.
+      const bool adapter_flags = o->lora.lora_flag->count() + o->lora.r_flag->count() + o->lora.alpha_flag->count() +
+                                     o->lora.targets_flag->count() + o->lora.adapter_flag->count() +
+                                     o->lora.prefix_flag->count() + o->lora.num_prefix_flag->count() >
+                                 0;
+      if (!o->model.empty())
+        fail(ErrorKind::invalid_argument,
+             "--model {} with --resume {}: a resumed run goes on from its own checkpoint; drop --model (to start "
+             "from {}, start a new run)",
+             o->model, o->resume, o->model);
+      if (!ck.state.contains("peft") && adapter_flags)
+        fail(ErrorKind::invalid_argument,
+             "--resume {}: the run tunes every parameter; drop --lora*/--prefix-tuning/--adapter (to tune an adapter "
+             "on this checkpoint, start a new run with --model {})",
+             o->resume, o->resume);
       if (ck.state.contains("peft")) {
         sc.peft = peft_from_json(ck.state.at("peft"), state_file.string());
         sc.adapter_dir = ck.dir;
-        if (o->lora.lora_flag->count() + o->lora.r_flag->count() + o->lora.alpha_flag->count() +
-                o->lora.targets_flag->count() + o->lora.adapter_flag->count() + o->lora.prefix_flag->count() +
-                o->lora.num_prefix_flag->count() >
-            0)
+        if (adapter_flags)
           fail(ErrorKind::invalid_argument,
                "--resume {}: the run continues with its own adapter ({}); drop --lora*/--prefix-tuning/--adapter", o->resume,
                sc.peft.describe());
