@@ -144,12 +144,12 @@ DeviceOptions parse_device(std::string_view spec) {
     if (spec.size() > 4) {
       if (spec[4] != ':' || spec.size() == 5)
         fail(ErrorKind::invalid_argument, "device '{}': expected cpu, cuda, cuda:N or auto", spec);
-      char* end = nullptr;
-      std::string idx(spec.substr(5));
-      long v = std::strtol(idx.c_str(), &end, 10);
-      if (*end != '\0' || v < 0)
-        fail(ErrorKind::invalid_argument, "device '{}': expected cpu, cuda, cuda:N or auto", spec);
-      o.index = static_cast<int>(v);
+      // N: decimal digits only (no sign or blank, as strtol would take), a device ordinal.
+      const std::string_view idx = spec.substr(5);
+      if (idx.size() > 4 || idx.find_first_not_of("0123456789") != std::string_view::npos)
+        fail(ErrorKind::invalid_argument, "device '{}': expected cpu, cuda, cuda:N (N an ordinal, 0–9999) or auto",
+             spec);
+      o.index = std::stoi(std::string(idx));
     }
     return o;
   }

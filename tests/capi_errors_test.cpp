@@ -368,6 +368,9 @@ TEST_F(CApi, UnknownStringsAndBadParamsAreRefusedBeforeAnythingIsOpened) {
   // CUDA in this (CPU-only) build, or a device index that does not exist.
   EXPECT_LT(init_with([](auto& p) { p.device = "cuda:63"; }), 0);
   EXPECT_FALSE(std::string(zo2_last_error()).empty());
+  // An ordinal is digits only: no wrap-around of a huge N, no sign or blank.
+  for (const char* bad : {"cuda:4294967297", "cuda:+1", "cuda: 1", "cuda:1x"})
+    EXPECT_ERROR(init_with([bad](auto& p) { p.device = bad; }), ZO2_ERR_INVALID_ARGUMENT, bad, "an ordinal");
 
   open(params());
   EXPECT_ERROR(zo2_session_set_lr(session_, -1e-3f), ZO2_ERR_INVALID_ARGUMENT, "lr");

@@ -516,6 +516,15 @@ TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
   out.clear();
   EXPECT_EQ(run("train --resume " + a.string() + " --out " + a.string() + " --steps 1", &out), 2);
   EXPECT_NE(out.find("--steps 1: the run in " + a.string() + " is already at step 2"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run("train --model " + w.model.string() + data + " --out ''", &out), 2);
+  EXPECT_NE(out.find("--out '': name the run directory"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run("replay --model " + w.model.string() + " --seed-log " + full.string() + " --out " +
+                    (w.tmp / "rp0").string(),
+                &out),
+            2);
+  EXPECT_NE(out.find("a directory, not a seed log"), std::string::npos) << out;
   // What a run tunes is the run's: another --model or adapter flags on a resume are refused.
   out.clear();
   EXPECT_EQ(run("train --resume " + a.string() + " --out " + a.string() + " --model " + w.model.string(), &out), 2);

@@ -176,6 +176,9 @@ TEST(Data, TaskPresetsUseMezoTemplates) {
   using V = std::vector<std::vector<std::string>>;
   EXPECT_EQ(texts(sst2, "sst2"), (V{{"<s>it 's a charming journey . It was terrible", "<s>it 's a charming journey . It was great"},
                                     {"<s>boring and dull It was terrible", "<s>boring and dull It was great"}}));
+  // A byte order mark (as Windows editors save) is not part of the header.
+  const auto sst2_bom = w.file("sst2-bom.tsv", "\xEF\xBB\xBFsentence\tlabel\nit 's a charming journey . \t1\nboring and dull \t0\n");
+  EXPECT_EQ(texts(sst2_bom, "sst2"), texts(sst2, "sst2"));
   EXPECT_EQ(texts(rte, "rte")[0],
             (std::vector<std::string>{"<s>A man runs.\nDoes this mean that \"A person moves.\" is true? Yes or No?\nYes",
                                       "<s>A man runs.\nDoes this mean that \"A person moves.\" is true? Yes or No?\nNo"}));

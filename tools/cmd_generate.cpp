@@ -36,6 +36,7 @@ std::vector<std::string> read_prompts(const std::filesystem::path& file) {
   std::string line;
   for (std::int64_t n = 1; std::getline(in, line); ++n) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (n == 1 && line.starts_with("\xEF\xBB\xBF")) line.erase(0, 3);  // a UTF-8 byte order mark: not text
     if (line.find_first_not_of(" \t") == std::string::npos) continue;
     if (!jsonl) {
       prompts.push_back(line);

@@ -312,6 +312,7 @@ Runner add_train(CLI::App& app) {
   // for --stop-at, --num-train and --num-eval, so those are checked only when given.
   auto check_flags = [o, a = &app] {
     constexpr auto cli = OptionSource::cli;
+    if (o->out.empty()) fail(ErrorKind::invalid_argument, "--out '': name the run directory");
     check_integer(Opt::steps, o->steps, cli);
     check_integer(Opt::batch_size, o->batch, cli);
     auto written = [a](const char* flag) {  // "1e309" as typed, where the double reads inf

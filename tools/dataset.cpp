@@ -63,6 +63,7 @@ void for_each_line(const std::filesystem::path& file, F&& fn) {
   while (std::getline(in, line)) {
     ++n;
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (n == 1 && line.starts_with("\xEF\xBB\xBF")) line.erase(0, 3);  // a UTF-8 byte order mark: not text
     if (strip(line).empty()) continue;
     fn(n, line);
   }

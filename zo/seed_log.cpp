@@ -193,6 +193,8 @@ std::uint64_t SeedLog::bytes_before(std::int64_t step) const {
 }
 
 SeedLog SeedLog::read(const std::filesystem::path& path) {
+  if (std::error_code ec; std::filesystem::is_directory(path, ec))
+    fail(ErrorKind::invalid_argument, "{}: a directory, not a seed log (a run's is DIR/seed_log.jsonl)", path.string());
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(ErrorKind::io, "{}: cannot open the seed log", path.string());
   std::ostringstream ss;
