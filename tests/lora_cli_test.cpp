@@ -70,6 +70,20 @@ TEST(LoraCli, TrainEvalMergeReplayAndResume) {
       << out;
   EXPECT_TRUE(fs::exists(w.tmp / "merged/config.json"));
   EXPECT_NEAR(eval_loss("--model " + (w.tmp / "merged").string() + data), tuned, 1e-5);
+  // An adapter_config.json naming a module the model lacks: a format error naming that file.
+  const fs::path bad = w.tmp / "bad-adapter";
+  fs::create_directories(bad);
+  fs::copy_file(cur / "adapter_model.safetensors", bad / "adapter_model.safetensors");
+  nlohmann::json bad_cfg = cfg;
+  bad_cfg["target_modules"] = {"q_proj", "nope"};
+  std::ofstream(bad / "adapter_config.json") << bad_cfg.dump();
+  out.clear();
+  EXPECT_EQ(run("merge --model " + w.model.string() + " --adapter " + bad.string() + " --out " + (w.tmp / "m0").string(),
+                &out),
+            1)
+      << out;
+  EXPECT_NE(out.find((bad / "adapter_config.json").string() + ": "), std::string::npos) << out;
+  EXPECT_NE(out.find("no module 'nope'"), std::string::npos) << out;
 
   // Replay from the base and the log; a stopped and resumed run: the same adapter and state.
   ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (w.tmp / "run/seed_log.jsonl").string() +

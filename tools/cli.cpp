@@ -193,7 +193,20 @@ void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
   }
   if (!prefix && num_prefix_flag && num_prefix_flag->count() > 0)
     fail(ErrorKind::invalid_argument, "--num-prefix needs --prefix-tuning");
-  if (sc.peft.any() && !model.empty()) validate_peft(sc.peft, ModelConfig::load(resolve_model_dir(model)));
+  if (sc.peft.any() && !model.empty()) {
+    const ModelConfig config = ModelConfig::load(resolve_model_dir(model));
+    if (sc.adapter_dir.empty() || flags_given) {
+      validate_peft(sc.peft, config);
+    } else {
+      // The shape came from the adapter's own file, not from a flag: an error names that file.
+      try {
+        validate_peft(sc.peft, config, /*c_api=*/true);
+      } catch (const Error& e) {
+        fail(ErrorKind::format, "{}: {} (for the model in {})", (fs::path(adapter_dir) / "adapter_config.json").string(),
+             e.what(), model);
+      }
+    }
+  }
 }
 
 bool RuleFlags::any_given() const {
