@@ -179,10 +179,11 @@ void refresh_links(const fs::path& dir) {
 //
 // A complete checkpoint is never removed unless `current` names another one: a `current`
 // that is not a link, or that names no step directory of DIR, stops the writer with nothing
-// removed; with no `current` at all (a first save cut short before its commit, or a link
-// deleted by hand), the newest complete step directory becomes current — it was written
-// whole, after the seed log lines it needs, so committing it is the commit the save did not
-// get to.
+// removed; with no `current` at all (a first save cut short before its commit, a link
+// deleted by hand, a step directory copied into a new directory), the newest complete step
+// directory becomes current — it was written whole, after the seed log lines it needs, so
+// committing it is the commit the save did not get to (tests/fault/sigkill.sh counts those
+// resumes).
 void clean_run_dir(const fs::path& dir) {
   static const std::regex zo2_tmp(R"(.*\.(json|jsonl|txt|model|bpe)\.tmp)");
   std::error_code ec;
