@@ -735,7 +735,7 @@ Runner add_train(CLI::App& app) {
 
     std::unique_ptr<std::ofstream> log_json;
     if (!o->log_json.empty() && writer) {
-      if (append_log && std::filesystem::exists(o->log_json)) {
+      if (append_log && std::filesystem::is_regular_file(o->log_json)) {  // not a pipe (Python's records)
         // A run killed after its last checkpoint logged steps this resume runs again: its
         // records past first_step go (and a torn last line), so each step is in the log once.
         std::ifstream in(o->log_json, std::ios::binary);
@@ -828,7 +828,10 @@ Runner add_train(CLI::App& app) {
                      {"max_new_tokens", o->eval_max_new},
                      {"save_every", o->save_every},
                      {"log_every", o->log_every},
-                     {"log_json", o->log_json.empty() ? std::string() : std::filesystem::absolute(o->log_json).string()},
+                     // A file, not a pipe or a terminal: what a later resume can append to.
+                     {"log_json", o->log_json.empty() || !std::filesystem::is_regular_file(o->log_json)
+                                      ? std::string()
+                                      : std::filesystem::absolute(o->log_json).string()},
                      {"host_image", o->host_image},
                      {"upload", o->upload}};
       x.extra_files = [&](const std::filesystem::path& dir) { copy_tokenizer_files(tokenizer_src, dir); };
