@@ -174,6 +174,25 @@ void refresh_links(const fs::path& dir) {
   }
 }
 
+// Points DIR/current at step directory `name` atomically (a link beside it, renamed over
+// it), then makes the switch durable: the commit point of a checkpoint. A failure leaves the
+// previous link and is returned.
+std::error_code switch_current(const fs::path& dir, const std::string& name) {
+  std::error_code ec;
+  const fs::path cur_tmp = dir / ".current.tmp";
+  fs::remove(cur_tmp, ec);
+  ec.clear();
+  fs::create_symlink(name, cur_tmp, ec);
+  if (!ec) fs::rename(cur_tmp, dir / kRunCurrent, ec);
+  if (ec) {
+    std::error_code e2;
+    fs::remove(cur_tmp, e2);
+    return ec;
+  }
+  fsync_path(dir, true);
+  return ec;
+}
+
 // What an interrupted save leaves: hidden step directories, temporary files and links, step
 // directories `current` does not name.
 //
@@ -218,12 +237,8 @@ void clean_run_dir(const fs::path& dir) {
     if (!newest.empty()) {
       log_warn("{}: no '{}' link; {} is the newest complete checkpoint and becomes current", dir.string(), kRunCurrent,
                newest);
-      const fs::path cur_tmp = dir / ".current.tmp";
-      fs::remove(cur_tmp, ec);
-      fs::create_symlink(newest, cur_tmp, ec);
-      if (!ec) fs::rename(cur_tmp, cur, ec);
-      if (ec) fail(ErrorKind::io, "{}: cannot point at {}: {}", cur.string(), newest, ec.message());
-      fsync_path(dir, true);
+      if (const std::error_code e = switch_current(dir, newest))
+        fail(ErrorKind::io, "{}: cannot point at {}: {}", cur.string(), newest, e.message());
       current = newest;
     }
   }
@@ -375,17 +390,11 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
   fsync_path(dir, true);
   std::string old;
   if (fs::is_symlink(fs::symlink_status(cur, ec))) old = fs::read_symlink(cur, ec).string();
-  const fs::path cur_tmp = dir / ".current.tmp";
-  fs::remove(cur_tmp, ec);
-  fs::create_symlink(name, cur_tmp, ec);
-  if (!ec) fs::rename(cur_tmp, cur, ec);  // the commit point
-  if (ec) {
+  if (const std::error_code e = switch_current(dir, name)) {  // the commit point
     std::error_code e2;
-    fs::remove(cur_tmp, e2);
     fs::remove_all(dir / name, e2);
-    fail(ErrorKind::io, "{}: cannot point at {}: {}", cur.string(), name, ec.message());
+    fail(ErrorKind::io, "{}: cannot point at {}: {}", cur.string(), name, e.message());
   }
-  fsync_path(dir, true);
   refresh_links(dir);
   if (!old.empty() && old != name && is_step_dir_name(old)) fs::remove_all(dir / old, ec);
 }
