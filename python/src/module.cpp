@@ -103,9 +103,37 @@ void check_signals() {
 
 [[noreturn]] void invalid(const std::string& message) { raise_status(ZO2_ERR_INVALID_ARGUMENT, message); }
 
+// An argument of the wrong type: zo2.InvalidTypeError, a TypeError that is also an
+// InvalidArgumentError (zo2/_errors.py).
+[[noreturn]] void wrong_type(const std::string& message) {
+  static py::object* cls = nullptr;  // leaked on purpose, as error_class's table
+  if (!cls) cls = new py::object(py::module_::import("zo2._errors").attr("InvalidTypeError"));
+  PyErr_SetString(cls->ptr(), message.c_str());
+  throw py::error_already_set();
+}
+
+// The name of v's type, for messages: "int", "NoneType", "numpy.ndarray".
+std::string type_name(py::handle v) {
+  py::handle t = reinterpret_cast<PyObject*>(Py_TYPE(v.ptr()));
+  const std::string mod = py::str(t.attr("__module__")).cast<std::string>();
+  const std::string name = py::str(t.attr("__qualname__")).cast<std::string>();
+  return mod == "builtins" ? name : mod + "." + name;
+}
+
+// A C string zo2 passes on: a NUL inside would cut it short without a word.
+void check_no_nul(const std::string& s, const char* name) {
+  if (s.find('\0') != std::string::npos)
+    invalid(std::string(name) + " contains a NUL character");
+}
+
 // str, bytes or os.PathLike, as the OS spells it: os.fsencode (a bytes path is not "b'...'").
-std::string path_string(py::handle h) {
-  return py::bytes(py::module_::import("os").attr("fsencode")(h)).cast<std::string>();
+std::string path_string(py::handle h, const char* name) {
+  if (!(py::isinstance<py::str>(h) || py::isinstance<py::bytes>(h) || py::hasattr(h, "__fspath__")))
+    wrong_type(std::string(name) + " must be a path (str, bytes or os.PathLike), not " + type_name(h));
+  std::string s = py::bytes(py::module_::import("os").attr("fsencode")(h)).cast<std::string>();
+  check_no_nul(s, name);
+  if (s.empty()) invalid(std::string(name) + " is empty");
+  return s;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -138,12 +166,12 @@ IntMatrix int_matrix(py::handle obj, const char* name, bool allow_bool) {
   py::array a = py::array::ensure(src);
   if (!a) {
     PyErr_Clear();
-    invalid(std::string(name) + ": not an array of integers");
+    wrong_type(std::string(name) + ": a " + type_name(obj) + " is not an array of integers");
   }
   const char kind = a.dtype().kind();
   if (!(kind == 'i' || kind == 'u' || (allow_bool && kind == 'b')))
-    invalid(std::string(name) + " has dtype " + py::str(a.dtype()).cast<std::string>() +
-            ": token ids, masks and labels are integers");
+    wrong_type(std::string(name) + " has dtype " + py::str(a.dtype()).cast<std::string>() +
+               ": token ids, masks and labels are integers");
   if (a.ndim() == 1) {
     m.rows = 1, m.cols = a.shape(0);
   } else if (a.ndim() == 2) {
@@ -233,7 +261,7 @@ struct Model {
 
 std::unique_ptr<Model> load_model(py::handle dir, bool check_weights) {
   auto model = std::make_unique<Model>();
-  model->path = path_string(dir);
+  model->path = path_string(dir, "model");
   zo2_model_params mp = zo2_model_default_params();
   mp.check_weights = check_weights ? 1 : 0;
   int rc;
@@ -286,7 +314,7 @@ const char* const kParamNames[] = {"lr",           "eps",          "weight_decay
 
 int64_t int_arg(py::handle v, const char* name) {
   if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v))
-    invalid(std::string(name) + " must be an int (got " + py::repr(v).cast<std::string>() + ")");
+    wrong_type(std::string(name) + " must be an int, not " + type_name(v) + " (" + py::repr(v).cast<std::string>() + ")");
   int overflow = 0;
   const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
   if (overflow != 0) invalid(std::string(name) + " " + py::repr(v).cast<std::string>() + " is out of range");
@@ -302,7 +330,8 @@ int32_t int32_arg(py::handle v, const char* name) {
 
 // An unsigned 64-bit seed: an int in [0, 2^64).
 uint64_t seed_arg(py::handle v, const char* name) {
-  if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v)) invalid(std::string(name) + " must be an int");
+  if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v))
+    wrong_type(std::string(name) + " must be an int, not " + type_name(v) + " (" + py::repr(v).cast<std::string>() + ")");
   const unsigned long long s = PyLong_AsUnsignedLongLong(v.ptr());
   if (s == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
     PyErr_Clear();
@@ -313,13 +342,16 @@ uint64_t seed_arg(py::handle v, const char* name) {
 
 double real_arg(py::handle v, const char* name) {
   if (py::isinstance<py::bool_>(v) || !(py::isinstance<py::float_>(v) || py::isinstance<py::int_>(v)))
-    invalid(std::string(name) + " must be a number (got " + py::repr(v).cast<std::string>() + ")");
+    wrong_type(std::string(name) + " must be a number, not " + type_name(v) + " (" + py::repr(v).cast<std::string>() + ")");
   return v.cast<double>();
 }
 
 std::string str_arg(py::handle v, const char* name) {
-  if (!py::isinstance<py::str>(v)) invalid(std::string(name) + " must be a str (got " + py::repr(v).cast<std::string>() + ")");
-  return v.cast<std::string>();
+  if (!py::isinstance<py::str>(v))
+    wrong_type(std::string(name) + " must be a str, not " + type_name(v) + " (" + py::repr(v).cast<std::string>() + ")");
+  std::string s = v.cast<std::string>();
+  check_no_nul(s, name);
+  return s;
 }
 
 // Parses a keyword's string with api/options.cpp's parser `parse`, whose messages name the
@@ -390,7 +422,7 @@ Params parse_params(const py::kwargs& kw) {
     } else if (key == "max_seq_len") {
       P.p.max_seq_len = int32_arg(v, k);
     } else if (key == "training") {
-      if (!py::isinstance<py::bool_>(v)) invalid("training must be a bool");
+      if (!py::isinstance<py::bool_>(v)) wrong_type("training must be a bool, not " + type_name(v));
       P.p.training = v.cast<bool>() ? 1 : 0;
     } else if (key == "parallel") {
       if (v.is_none()) P.parallel.reset();
@@ -398,13 +430,13 @@ Params parse_params(const py::kwargs& kw) {
     } else if (key == "rank_timeout") {
       P.p.rank_timeout_s = real_arg(v, k);
     } else if (key == "share_host_image" || key == "sliced_upload") {
-      if (!py::isinstance<py::bool_>(v)) invalid(std::string(key) + " must be a bool");
+      if (!py::isinstance<py::bool_>(v)) wrong_type(key + " must be a bool, not " + type_name(v));
       (key == "sliced_upload" ? P.p.sliced_upload : P.p.share_host_image) = v.cast<bool>() ? 1 : 0;
     } else if (key == "host_mem") {
       P.p.host_mem_bytes = v.is_none() ? 0 : size_arg(v, k, zo2::Opt::host_mem);
     } else if (key == "disk_dir") {
       if (v.is_none()) P.disk_dir.reset();
-      else P.disk_dir = path_string(v);
+      else P.disk_dir = path_string(v, k);
     } else if (key == "disk_lag") {
       P.p.disk_lag = int32_arg(v, k);
     } else if (key == "disk_staging") {
@@ -421,9 +453,9 @@ Params parse_params(const py::kwargs& kw) {
       }
     } else if (key == "seed_log") {
       if (v.is_none()) P.seed_log.reset();
-      else P.seed_log = path_string(v);
+      else P.seed_log = path_string(v, k);
     } else if (key == "seed_log_append") {
-      if (!py::isinstance<py::bool_>(v)) invalid("seed_log_append must be a bool");
+      if (!py::isinstance<py::bool_>(v)) wrong_type("seed_log_append must be a bool, not " + type_name(v));
       P.p.seed_log_append = v.cast<bool>() ? 1 : 0;
     } else if (key == "first_step") {
       P.p.first_step = int_arg(v, k);
@@ -464,9 +496,9 @@ Params parse_params(const py::kwargs& kw) {
       }
     } else if (key == "adapter") {
       if (v.is_none()) P.adapter.reset();
-      else P.adapter = path_string(v);
+      else P.adapter = path_string(v, k);
     } else if (key == "resume_state") {
-      if (!py::isinstance<py::bool_>(v)) invalid("resume_state must be a bool");
+      if (!py::isinstance<py::bool_>(v)) wrong_type("resume_state must be a bool, not " + type_name(v));
       P.p.resume_state = v.cast<bool>() ? 1 : 0;
     } else {
       std::string names;
@@ -709,10 +741,9 @@ std::unique_ptr<Session> make_session(py::handle model, const py::kwargs& kw) {
 // integers; an empty one is an empty list (the C API names an empty prompt).
 std::vector<int32_t> id_sequence(py::handle obj, const std::string& name) {
   if (py::isinstance<py::str>(obj) || py::isinstance<py::bytes>(obj))
-    invalid(name + " is a " + py::str(obj.get_type().attr("__name__")).cast<std::string>() +
-            ": token ids are a sequence of ints (Session.generate_text takes text)");
+    wrong_type(name + " is a " + type_name(obj) + ": token ids are a sequence of ints (Session.generate_text takes text)");
   if (py::isinstance<py::int_>(obj))
-    invalid(name + " is an int, not a sequence of token ids (prompts is a list of prompts: [[ids...], ...])");
+    wrong_type(name + " is an int, not a sequence of token ids (prompts is a list of prompts: [[ids...], ...])");
   if (!py::isinstance<py::array>(obj) && py::isinstance<py::sequence>(obj) && py::len(obj) == 0) return {};
   return int_list(obj, name.c_str());
 }
@@ -720,7 +751,7 @@ std::vector<int32_t> id_sequence(py::handle obj, const std::string& name) {
 // The prompts: a sequence (list, tuple, 2-D array, ...) of token-id sequences.
 std::vector<std::vector<int32_t>> prompt_list(py::handle prompts) {
   if (py::isinstance<py::str>(prompts) || py::isinstance<py::bytes>(prompts) || !py::hasattr(prompts, "__iter__"))
-    invalid("prompts must be a sequence of prompts, each a sequence of token ids (got " +
+    wrong_type("prompts must be a sequence of prompts, each a sequence of token ids (got " +
             py::repr(prompts).cast<std::string>().substr(0, 60) + ")");
   std::vector<std::vector<int32_t>> out;
   for (py::handle item : prompts) out.push_back(id_sequence(item, "prompts[" + std::to_string(out.size()) + "]"));
@@ -733,7 +764,7 @@ zo2_generate_params generate_params(py::handle max_new_tokens, py::handle greedy
                                     std::vector<int32_t>& stop_storage) {
   zo2_generate_params p = zo2_generate_default_params();
   p.max_new_tokens = int32_arg(max_new_tokens, "max_new_tokens");
-  if (!py::isinstance<py::bool_>(greedy)) invalid("greedy must be a bool");
+  if (!py::isinstance<py::bool_>(greedy)) wrong_type("greedy must be a bool, not " + type_name(greedy));
   p.greedy = greedy.cast<bool>() ? 1 : 0;
   const double t = real_arg(temperature, "temperature"), top = real_arg(top_p, "top_p");
   // Sampling's values checked as written where float32 changes them (1e39 is not inf; a
@@ -823,7 +854,7 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
     }
     if (py::isinstance<py::bool_>(value)) {
       if (opt->get_expected_min() != 0)
-        invalid("train option " + name + " takes a value, not " + py::repr(value).cast<std::string>());
+        wrong_type("train option " + name + " takes a value, not " + py::repr(value).cast<std::string>());
       if (value.cast<bool>()) {
         args.push_back(flag);
       } else if (sub->get_option_no_throw("--no-" + dashed)) {
@@ -963,14 +994,16 @@ struct Tokenizer {
 py::list generate_text(Session& S, const Tokenizer& T, py::handle texts, const zo2_generate_params& base,
                        std::vector<int32_t> stop_ids, py::handle stop, bool ignore_eos) {
   if (py::isinstance<py::str>(texts) || py::isinstance<py::bytes>(texts) || !py::hasattr(texts, "__iter__"))
-    invalid("texts must be a sequence of str (one prompt: [text])");
+    wrong_type("texts must be a sequence of str (one prompt: [text]), not " + type_name(texts));
   std::vector<std::string> prompts_text;
   for (py::handle item : texts) prompts_text.push_back(str_arg(item, ("texts[" + std::to_string(prompts_text.size()) + "]").c_str()));
   std::vector<std::string> stops;
   if (py::isinstance<py::str>(stop)) {
-    stops.push_back(stop.cast<std::string>());
+    stops.push_back(str_arg(stop, "stop"));
   } else if (!stop.is_none()) {
-    for (py::handle item : stop) stops.push_back(str_arg(item, "stop"));
+    if (py::isinstance<py::bytes>(stop) || !py::hasattr(stop, "__iter__"))
+      wrong_type("stop must be a str or a sequence of str, not " + type_name(stop));
+    for (py::handle item : stop) stops.push_back(str_arg(item, ("stop[" + std::to_string(stops.size()) + "]").c_str()));
   }
   for (const auto& s : stops)
     if (s.empty()) invalid("stop '': the stop string is empty");
@@ -1180,7 +1213,7 @@ InvalidArgumentError and change nothing.)doc")
       .def("generate_text",
            [](Session& S, const Tokenizer& T, py::object texts, py::object max_new_tokens, py::object greedy,
               py::object temperature, py::object top_p, py::object seed, py::object stop, py::object ignore_eos) {
-             if (!py::isinstance<py::bool_>(ignore_eos)) invalid("ignore_eos must be a bool");
+             if (!py::isinstance<py::bool_>(ignore_eos)) wrong_type("ignore_eos must be a bool, not " + type_name(ignore_eos));
              std::vector<int32_t> none;
              const zo2_generate_params p =
                  generate_params(max_new_tokens, greedy, temperature, top_p, seed, py::int_(0), py::none(), none);
@@ -1197,7 +1230,7 @@ zo2.Generation per text with text set: the new tokens decoded, special tokens le
 (invalid UTF-8 replaced by U+FFFD).)doc")
       .def("save",
            [](Session& S, py::object dir) {
-             const std::string d = path_string(dir);
+             const std::string d = path_string(dir, "out_dir");
              S.run([&](zo2_session* s) { return zo2_session_save(s, d.c_str()); });
            },
            py::arg("out_dir"),
@@ -1327,7 +1360,7 @@ GPT-2 byte-level BPE, HF tokenizer.json BPE (LLaMA-3) and SentencePiece. Immutab
 to use from several threads.)doc")
       .def_static("from_dir",
                   [](py::object dir) {
-                    const std::string d = path_string(dir);
+                    const std::string d = path_string(dir, "path");
                     return Tokenizer{cxx_call([&] { return std::shared_ptr<const zo2::Tokenizer>(zo2::Tokenizer::from_dir(d)); })};
                   },
                   py::arg("path"),
@@ -1335,7 +1368,7 @@ to use from several threads.)doc")
                   "vocab.json + merges.txt (or encoder.json + vocab.bpe), with tokenizer_config.json's special tokens.")
       .def_static("from_files",
                   [](py::object vocab, py::object merges) {
-                    const std::string v = path_string(vocab), mg = path_string(merges);
+                    const std::string v = path_string(vocab, "vocab"), mg = path_string(merges, "merges");
                     return Tokenizer{cxx_call(
                         [&] { return std::shared_ptr<const zo2::Tokenizer>(zo2::Tokenizer::from_vocab_merges(v, mg)); })};
                   },
@@ -1361,7 +1394,17 @@ to use from several threads.)doc")
       .def("token_to_id", [](const Tokenizer& T, const std::string& tok) { return opt_id(T.t->token_to_id(tok)); },
            py::arg("token"))
       .def("id_to_token",
-           [](const Tokenizer& T, int32_t id) { return cxx_call([&] { return T.t->id_to_token(id); }); }, py::arg("id"))
+           [](const Tokenizer& T, int32_t id) {
+             std::string t = cxx_call([&] { return T.t->id_to_token(id); });
+             // The C++ tokenizer answers "" for an id it does not have; no vocabulary has an
+             // empty token, so "" is that, said.
+             if (t.empty())
+               invalid("id_to_token: id " + std::to_string(id) + " is not in the vocabulary (size " +
+                       std::to_string(T.t->vocab_size()) + ")");
+             return t;
+           },
+           py::arg("id"), "The vocabulary's string for id (byte-level form for BPE: \"\u0120the\"); "
+           "InvalidArgumentError for an id the vocabulary does not have.")
       .def_property_readonly("vocab_size", [](const Tokenizer& T) { return T.t->vocab_size(); })
       .def_property_readonly("bos_token_id", [](const Tokenizer& T) { return opt_id(T.t->bos_id()); })
       .def_property_readonly("eos_token_id", [](const Tokenizer& T) { return opt_id(T.t->eos_id()); })

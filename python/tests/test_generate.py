@@ -211,6 +211,9 @@ def test_generate_text_equals_zo2_tune_generate(micro, tune):
                             (dict(texts=[1]), "texts[0] must be a str"),
                             (dict(texts=texts, stop=[""]), "the stop string is empty"),
                             (dict(texts=texts, ignore_eos=1), "ignore_eos must be a bool"),
+                            (dict(texts=texts, stop=5), "stop must be a str or a sequence of str, not int"),
+                            (dict(texts=texts, stop=["ok", 5]), "stop[1] must be a str, not int"),
+                            (dict(texts=texts, stop="a\0b"), "stop contains a NUL character"),
                             (dict(texts=[""] * 0), "n_prompts must be at least 1")]:
             with pytest.raises(zo2.InvalidArgumentError) as e:
                 g.generate_text(tok, max_new_tokens=8, **kw)

@@ -3,10 +3,13 @@ import ast
 import inspect
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import zo2
 from zo2 import _zo2
+
+from conftest import SOURCE
 
 
 def stub_members():
@@ -55,3 +58,26 @@ def test_exception_classes():
     assert [c.status for c in (zo2.InvalidArgumentError, zo2.FileIOError, zo2.FormatError, zo2.UnsupportedError,
                                zo2.OutOfMemoryError, zo2.DeviceError, zo2.InternalError)] == [-1, -2, -3, -4, -5, -6, -7]
     assert issubclass(zo2.InvalidArgumentError, ValueError) and issubclass(zo2.FileIOError, OSError)
+    # A wrong type is a TypeError, and an InvalidArgumentError (status -1) as before.
+    assert issubclass(zo2.InvalidTypeError, TypeError) and issubclass(zo2.InvalidTypeError, zo2.InvalidArgumentError)
+    assert zo2.InvalidTypeError.status == -1
+
+
+def test_wrong_types_raise_type_error(tiny):
+    tok = zo2.Tokenizer.from_dir(SOURCE / "data" / "gpt2")
+    with pytest.raises(TypeError, match="must be a path"):
+        zo2.Model.load(42)
+    with pytest.raises(TypeError, match="ids has dtype object"):
+        tok.decode(object())
+    with pytest.raises(TypeError, match="dtype float"):
+        tok.decode(np.array([1.0, 2.0]))
+    with pytest.raises(zo2.InvalidArgumentError, match="path contains a NUL character"):
+        zo2.Tokenizer.from_dir(str(SOURCE / "data" / "gpt2") + "\0x")
+
+
+def test_id_to_token_out_of_range():
+    tok = zo2.Tokenizer.from_dir(SOURCE / "data" / "gpt2")
+    assert tok.id_to_token(0) != ""
+    for bad in (tok.vocab_size, -1, 2**31 - 1):
+        with pytest.raises(zo2.InvalidArgumentError, match=f"id {bad} is not in the vocabulary"):
+            tok.id_to_token(bad)

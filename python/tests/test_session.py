@@ -188,8 +188,16 @@ ERRORS = [
     (dict(save_shard_size=0), zo2.InvalidArgumentError, "save_shard_bytes 0"),
     (dict(seed=-1), zo2.InvalidArgumentError, "seed -1"),
     (dict(first_step=-2), zo2.InvalidArgumentError, "first_step -2"),
-    (dict(seed_log=""), zo2.InvalidArgumentError, "seed_log_path is empty"),
-    (dict(lr="fast"), zo2.InvalidArgumentError, "lr must be a number"),
+    (dict(seed_log=""), zo2.InvalidArgumentError, "seed_log is empty"),
+    (dict(seed_log="run/\0seeds"), zo2.InvalidArgumentError, "seed_log contains a NUL character"),
+    (dict(device="cpu\0cuda"), zo2.InvalidArgumentError, "device contains a NUL character"),
+    # Wrong types: zo2.InvalidTypeError, a TypeError that is also an InvalidArgumentError.
+    (dict(lr="fast"), zo2.InvalidTypeError, "lr must be a number, not str ('fast')"),
+    (dict(window=2.0), zo2.InvalidTypeError, "window must be an int, not float"),
+    (dict(seed=None), zo2.InvalidTypeError, "seed must be an int, not NoneType"),
+    (dict(device=0), zo2.InvalidTypeError, "device must be a str, not int"),
+    (dict(training=1), zo2.InvalidTypeError, "training must be a bool, not int"),
+    (dict(seed_log=3), zo2.InvalidTypeError, "seed_log must be a path (str, bytes or os.PathLike), not int"),
 ]
 
 

@@ -28,7 +28,7 @@ from os import PathLike
 from typing import Any, Union
 
 from ._errors import (AbortedError, DeviceError, Error, FileIOError, FormatError, InternalError,
-                      InvalidArgumentError, OutOfMemoryError, UnsupportedError)
+                      InvalidArgumentError, InvalidTypeError, OutOfMemoryError, UnsupportedError)
 from ._types import Generation, Plan, TrainResult
 from ._zo2 import Model, Session, StepResult, Tokenizer, set_log_level
 from ._zo2 import __version__
@@ -37,7 +37,7 @@ from ._train import train
 
 __all__ = [
     "Model", "Session", "StepResult", "Tokenizer", "Generation", "Plan", "TrainResult", "plan", "train",
-    "set_log_level", "Error", "InvalidArgumentError", "FileIOError", "FormatError",
+    "set_log_level", "Error", "InvalidArgumentError", "InvalidTypeError", "FileIOError", "FormatError",
     "UnsupportedError", "OutOfMemoryError", "DeviceError", "InternalError", "AbortedError",
     "__version__",
 ]

@@ -21,6 +21,17 @@ class InvalidArgumentError(Error, ValueError):
     status = -1
 
 
+class InvalidTypeError(InvalidArgumentError, TypeError):
+    """An argument of the wrong type (a str where an int goes, a float array of token ids).
+
+    Its status is ZO2_ERR_INVALID_ARGUMENT (-1) too. It is a :class:`TypeError`, as Python
+    code expects of a wrong type, and stays an :class:`InvalidArgumentError` (so also a
+    ``ValueError``) for code written before this class existed.
+    """
+
+    status = -1
+
+
 class FileIOError(Error, OSError):
     """ZO2_ERR_IO (-2): a file could not be opened, read, written or renamed."""
 
