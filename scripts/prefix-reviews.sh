@@ -12,7 +12,7 @@ tune="${ZO2_TUNE:-$root/build/tools/zo2-tune}"
 out="${1:-$root/out/prefix-reviews}"
 d="$root/data/examples"
 mkdir -p "$out"
-"$tune" init --preset opt-micro --tokenizer "$root/data/gpt2" --out "$out/micro"
+"$tune" init --preset opt-micro --tokenizer "$root/data/gpt2" --out "$out/micro" --overwrite
 # The base: the first 100 steps of the momentum run of "Update rules" (a 300-step schedule).
 "$tune" train --model "$out/micro" --data "$d/reviews-train.jsonl" --out "$out/base" --overwrite \
   --optimizer zo-sgd-momentum --lr 2e-4 --lr-schedule linear --steps 300 --stop-at 100 \

@@ -87,10 +87,51 @@ TEST(Cli, InitWritesShardedCheckpointsThatForwardReads) {
   EXPECT_EQ(f.at("logits").shape, (std::vector<std::int64_t>{2, 8, 512}));
   // The same init seed gives the same checkpoint; another seed another one.
   ASSERT_EQ(run("init --preset llama-tiny --out " + (tmp / "m2").string() + " --dtype bf16 --shard-size 100K -q"), 0);
-  EXPECT_EQ(read_file(tmp / "m" / "model-00001-of-00002.safetensors"), read_file(tmp / "m2" / "model-00001-of-00002.safetensors"));
+  const std::string first = read_file(tmp / "m" / "model-00001-of-00004.safetensors");
+  EXPECT_GT(first.size(), 1000u);
+  EXPECT_EQ(first, read_file(tmp / "m2" / "model-00001-of-00004.safetensors"));
+  ASSERT_EQ(run("init --preset llama-tiny --out " + (tmp / "m3").string() + " --dtype bf16 --shard-size 100K --seed 2 -q"), 0);
+  EXPECT_NE(first, read_file(tmp / "m3" / "model-00001-of-00004.safetensors"));
   std::string list;
   ASSERT_EQ(run("init --list", &list), 0);
   for (const char* p : {"opt-125m", "opt-175b", "llama2-70b", "llama3-8b", "llama3.1-8b"}) EXPECT_NE(list.find(p), std::string::npos) << p;
+}
+
+// init never replaces a checkpoint unasked (a tuned or downloaded model a typo away from a
+// fresh directory): refused with exit 2 and the files named; --overwrite replaces it whole
+// (the old shards removed, not left beside the new single file).
+TEST(Cli, InitRefusesToReplaceACheckpoint) {
+  test::TempDir tmp;
+  std::string out;
+  const fs::path m = tmp / "m";
+  ASSERT_EQ(run("init --preset llama-tiny --out " + m.string() + " --dtype bf16 --shard-size 100K -q", &out), 0) << out;
+  const std::string shard = read_file(m / "model-00001-of-00004.safetensors");
+  ASSERT_GT(shard.size(), 1000u);
+  out.clear();
+  EXPECT_EQ(run("init --preset opt-tiny --out " + m.string() + " -q", &out), 2) << out;
+  EXPECT_NE(out.find("--out " + m.string() + " already holds a checkpoint (config.json, model-00001-of-00004.safetensors, "
+                     "model-00002-of-00004.safetensors, model-00003-of-00004.safetensors, "
+                     "model-00004-of-00004.safetensors, model.safetensors.index.json): choose another --out, or pass "
+                     "--overwrite"),
+            std::string::npos)
+      << out;
+  EXPECT_EQ(read_file(m / "model-00001-of-00004.safetensors"), shard);
+  EXPECT_FALSE(fs::exists(m / "model.safetensors"));
+  // Weights alone (no config.json yet) are a checkpoint too.
+  fs::remove(m / "config.json");
+  out.clear();
+  EXPECT_EQ(run("init --preset opt-tiny --out " + m.string() + " -q", &out), 2) << out;
+  out.clear();
+  ASSERT_EQ(run("init --preset opt-tiny --out " + m.string() + " --overwrite -q", &out), 0) << out;
+  EXPECT_TRUE(fs::exists(m / "model.safetensors"));
+  EXPECT_TRUE(fs::exists(m / "config.json"));
+  for (const char* f : {"model-00001-of-00004.safetensors", "model-00004-of-00004.safetensors", "model.safetensors.index.json"})
+    EXPECT_FALSE(fs::exists(m / f)) << f;
+  // An empty or unrelated directory is fine without --overwrite.
+  fs::create_directories(tmp / "e");
+  std::ofstream(tmp / "e" / "notes.txt") << "mine";
+  EXPECT_EQ(run("init --preset opt-tiny --out " + (tmp / "e").string() + " -q"), 0);
+  EXPECT_EQ(read_file(tmp / "e" / "notes.txt"), "mine");
 }
 
 // Qwen2, Qwen3, Mistral and Gemma 3 through the tool (Note [LLaMA-family variants]): init a tiny

@@ -15,7 +15,9 @@
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <limits>
@@ -32,11 +34,27 @@ DType parse_dtype_flag(const std::string& flag, const std::string& value,
   return *dt;
 }
 
+void check_output_file(const char* flag, const std::filesystem::path& out) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(out, ec))
+    fail(ErrorKind::invalid_argument, "{} {} is a directory: name the file to write", flag, out.string());
+  const fs::path parent = fs::absolute(out, ec).parent_path();
+  if (!fs::is_directory(parent, ec))
+    fail(ErrorKind::io, "{} {}: the directory {} does not exist", flag, out.string(), parent.string());
+  if (::access(parent.c_str(), W_OK) != 0)
+    fail(ErrorKind::io, "{} {}: cannot write in {}: {}", flag, out.string(), parent.string(), std::strerror(errno));
+  if (fs::exists(out, ec) && ::access(out.c_str(), W_OK) != 0)
+    fail(ErrorKind::io, "{} {}: cannot write it: {}", flag, out.string(), std::strerror(errno));
+}
+
 void refuse_output_over_inputs(const char* flag, const std::filesystem::path& out,
                                std::initializer_list<std::filesystem::path> inputs,
                                std::initializer_list<std::filesystem::path> dirs) {
   std::error_code ec;
-  if (out.empty() || !std::filesystem::exists(out, ec)) return;
+  if (out.empty()) return;
+  check_output_file(flag, out);
+  if (!std::filesystem::exists(out, ec)) return;
   auto is_out = [&](const std::filesystem::path& p) {
     std::error_code e2;
     return !p.empty() && std::filesystem::equivalent(p, out, e2);

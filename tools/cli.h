@@ -41,9 +41,15 @@ Runner add_generate(CLI::App& app);
 DType parse_dtype_flag(const std::string& flag, const std::string& value,
                        std::initializer_list<DType> allowed);
 
+// An output file is checked before any work, so that hours of generation are not lost to
+// a typo: refused (naming `flag`) when `out` is a directory (exit 2), or its directory is
+// missing or not writable, or it exists read-only (exit 1).
+void check_output_file(const char* flag, const std::filesystem::path& out);
+
 // Output flags never replace what the command reads: refuses (exit 2, naming `flag`) an
 // `out` that is one of `inputs` or a file of one of `dirs` (the checkpoint, the run
-// directory that names it, the adapter). Call before any work.
+// directory that names it, the adapter); and checks `out` as check_output_file does. Call
+// before any work.
 void refuse_output_over_inputs(const char* flag, const std::filesystem::path& out,
                                std::initializer_list<std::filesystem::path> inputs,
                                std::initializer_list<std::filesystem::path> dirs);

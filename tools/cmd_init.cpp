@@ -12,7 +12,6 @@
 #include "runtime/error.h"
 #include "runtime/file_util.h"
 #include "runtime/log.h"
-#include "api/run_dir.h"
 #include "tools/cli.h"
 
 #include <atomic>
@@ -29,7 +28,7 @@ Runner add_init(CLI::App& app) {
   struct Opts {
     std::string preset, out, dtype = "fp32", shard = "5G", tokenizer;
     std::uint64_t seed = 0;
-    bool list = false;
+    bool list = false, overwrite = false;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--preset", o->preset, "model shape (see --list)");
@@ -40,6 +39,9 @@ Runner add_init(CLI::App& app) {
   app.add_option("--tokenizer", o->tokenizer,
                  "copy this directory's tokenizer files into the checkpoint (its special-token ids go to config.json)");
   app.add_flag("--list", o->list, "list the presets and exit");
+  app.add_flag("--overwrite", o->overwrite,
+               "replace a checkpoint already in --out (without it, a directory holding config.json or model weights is "
+               "refused)");
   return [o] {
     if (o->list) {
       for (const auto& p : presets())
@@ -68,6 +70,13 @@ Runner add_init(CLI::App& app) {
            "--out {} holds a training run (zo2-tune train's run directory); init writes a base checkpoint: choose "
            "another --out",
            o->out);
+    // Never a user's model replaced unasked: a fine-tuned or downloaded checkpoint at --out
+    // (a typo away from a fresh directory) would be lost to random weights.
+    if (std::error_code ec; !o->overwrite && std::filesystem::is_directory(o->out, ec))
+      if (const auto files = foreign_checkpoint_files(o->out); !files.empty())
+        fail(ErrorKind::invalid_argument,
+             "--out {} already holds a checkpoint ({}): choose another --out, or pass --overwrite to replace it",
+             o->out, fmt::join(files, ", "));
     ensure_writable_dir(o->out);
 
     std::vector<TensorToWrite> tensors;
