@@ -378,6 +378,23 @@ TEST(Cli, OffloadedDiskTierTrainingWritesTheSameCheckpointAsRam) {
   EXPECT_EQ(run("train" + common + " --out " + (w.tmp / "y").string() + " --host-mem 400K --disk-staging 1", &out), 2) << out;
   EXPECT_NE(out.find("--disk-dir"), std::string::npos) << out;
   EXPECT_FALSE(fs::exists(w.tmp / "y" / "model.safetensors"));
+  // A disk-tier flag without the tier is refused, not ignored.
+  for (const char* flag : {"--disk-lag 4", "--disk-staging 2"}) {
+    out.clear();
+    EXPECT_EQ(run("train" + common + " --out " + (w.tmp / "z").string() + " " + flag, &out), 2) << out;
+    EXPECT_NE(out.find(std::string(flag) + " is for the disk tier (--host-mem SIZE --disk-dir DIR), which is not set"),
+              std::string::npos)
+        << out;
+  }
+  for (const char* flag : {"--disk-read-rate 3", "--disk-write-rate 2", "--disk-lag 4", "--disk-staging 2"}) {
+    out.clear();
+    EXPECT_EQ(run("plan --model " + w.model.string() + " --gpu-mem 1G --batch-size 2 --seq-len 32 " + flag, &out), 2)
+        << out;
+    EXPECT_NE(out.find(std::string(flag) + " is for the disk tier (--host-mem SIZE), which is not set"),
+              std::string::npos)
+        << out;
+  }
+  EXPECT_FALSE(fs::exists(w.tmp / "z"));
 }
 
 // Note [What a resume keeps] (tools/cmd_train.cpp): `train --resume DIR --out DIR` alone

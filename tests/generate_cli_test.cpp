@@ -177,15 +177,18 @@ TEST(GenerateCli, BadRequestsAreUsageErrorsNamingTheFlagOrPrompt) {
   EXPECT_NE(m.gen("--prompt x --max-new-tokens 600", 2).find("prompt 1 has"), std::string::npos);
   write_text(m.tmp / "bad.jsonl", "{\"prompt\": 3}\n");
   EXPECT_NE(m.gen("--data " + (m.tmp / "bad.jsonl").string(), 1).find("bad.jsonl:1:"), std::string::npos);
-  // An --output that cannot be written is refused before anything is generated (no
-  // "prompt 1/1" progress, no text): hours of generation are not lost to a typo.
-  const fs::path missing = m.tmp / "no-such-dir" / "out.jsonl";
-  std::string out = m.gen("--prompt x --max-new-tokens 4 --output " + missing.string(), 1);
-  EXPECT_NE(out.find("--output " + missing.string() + ": the directory " + (m.tmp / "no-such-dir").string() +
-                     " does not exist"),
+  // An --output that cannot be written is refused before anything is generated (no text):
+  // hours of generation are not lost to a typo. A missing directory is made.
+  write_text(m.tmp / "file", "x");
+  const fs::path under_file = m.tmp / "file" / "out.jsonl";
+  std::string out = m.gen("--prompt x --max-new-tokens 4 --json --output " + under_file.string(), 1);
+  EXPECT_NE(out.find("--output " + under_file.string() + ": cannot create the directory " + (m.tmp / "file").string() + ": " +
+                     (m.tmp / "file").string() + " is not a directory"),
             std::string::npos)
       << out;
   EXPECT_EQ(out.find("\"text\""), std::string::npos) << out;
+  m.gen("--prompt x --max-new-tokens 4 -q --output " + (m.tmp / "new" / "dir" / "out.jsonl").string());
+  EXPECT_TRUE(fs::exists(m.tmp / "new" / "dir" / "out.jsonl"));
   out = m.gen("--prompt x --max-new-tokens 4 --output " + m.tmp.path().string(), 2);
   EXPECT_NE(out.find("--output " + m.tmp.path().string() + " is a directory"), std::string::npos) << out;
 }

@@ -39,13 +39,26 @@ void check_output_file(const char* flag, const std::filesystem::path& out) {
   std::error_code ec;
   if (fs::is_directory(out, ec))
     fail(ErrorKind::invalid_argument, "{} {} is a directory: name the file to write", flag, out.string());
+  // The directories the write will make (nothing is made now: a refused command leaves no
+  // trace): the nearest one that exists must be a writable directory.
   const fs::path parent = fs::absolute(out, ec).parent_path();
-  if (!fs::is_directory(parent, ec))
-    fail(ErrorKind::io, "{} {}: the directory {} does not exist", flag, out.string(), parent.string());
-  if (::access(parent.c_str(), W_OK) != 0)
-    fail(ErrorKind::io, "{} {}: cannot write in {}: {}", flag, out.string(), parent.string(), std::strerror(errno));
+  fs::path existing = parent;
+  while (!fs::exists(existing, ec) && existing.has_relative_path()) existing = existing.parent_path();
+  if (!fs::is_directory(existing, ec))
+    fail(ErrorKind::io, "{} {}: cannot create the directory {}: {} is not a directory", flag, out.string(),
+         parent.string(), existing.string());
+  if (::access(existing.c_str(), W_OK) != 0)
+    fail(ErrorKind::io, "{} {}: cannot write in {}: {}", flag, out.string(), existing.string(), std::strerror(errno));
   if (fs::exists(out, ec) && ::access(out.c_str(), W_OK) != 0)
     fail(ErrorKind::io, "{} {}: cannot write it: {}", flag, out.string(), std::strerror(errno));
+}
+
+std::ofstream open_output_file(const char* flag, const std::filesystem::path& out) {
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::absolute(out, ec).parent_path(), ec);
+  std::ofstream file(out, std::ios::binary | std::ios::trunc);
+  if (!file) fail(ErrorKind::io, "{} {}: cannot write it: {}", flag, out.string(), std::strerror(errno));
+  return file;
 }
 
 void refuse_output_over_inputs(const char* flag, const std::filesystem::path& out,
@@ -108,12 +121,13 @@ void DeviceFlags::add(CLI::App& app) {
   app.add_option("--disk-dir", disk_dir,
                  "directory (a local SSD) for the blocks that do not fit under --host-mem: one block file, "
                  "zo2-blocks.img, two images per block");
-  app.add_option("--disk-lag", disk_lag,
+  disk_lag_flag = app.add_option("--disk-lag", disk_lag,
                  "write a disk block back once its image lags by K updates (re-applied from their seeds at each "
                  "upload): K-fold fewer disk writes")
       ->capture_default_str();
-  app.add_option("--disk-staging", disk_staging, "pinned staging buffers between disk and device (0 = window + 1)")
-      ->capture_default_str();
+  disk_staging_flag =
+      app.add_option("--disk-staging", disk_staging, "pinned staging buffers between disk and device (0 = window + 1)")
+          ->capture_default_str();
 }
 
 void RuleFlags::add(CLI::App& app) {

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <string>
@@ -42,9 +43,14 @@ DType parse_dtype_flag(const std::string& flag, const std::string& value,
                        std::initializer_list<DType> allowed);
 
 // An output file is checked before any work, so that hours of generation are not lost to
-// a typo: refused (naming `flag`) when `out` is a directory (exit 2), or its directory is
-// missing or not writable, or it exists read-only (exit 1).
+// a typo: refused (naming `flag`) when `out` is a directory (exit 2), or its directory
+// could not be made or written (the nearest existing ancestor is a file or not writable),
+// or it exists read-only (exit 1). Nothing is created: the writer makes the directories.
 void check_output_file(const char* flag, const std::filesystem::path& out);
+
+// The output file `out` opened for writing (truncated), its directories made; fails naming
+// `flag` and the reason.
+std::ofstream open_output_file(const char* flag, const std::filesystem::path& out);
 
 // Output flags never replace what the command reads: refuses (exit 2, naming `flag`) an
 // `out` that is one of `inputs` or a file of one of `dirs` (the checkpoint, the run
@@ -73,6 +79,7 @@ struct DeviceFlags {
   std::string disk_dir;
   int disk_lag = 1;
   int disk_staging = 0;
+  CLI::Option *disk_lag_flag = nullptr, *disk_staging_flag = nullptr;  // given: count() > 0
   void add(CLI::App& app);
 };
 

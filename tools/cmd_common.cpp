@@ -1,6 +1,7 @@
 #include "api/options.h"
 #include "api/session.h"
 #include "runtime/arena.h"
+#include "runtime/error.h"
 #include "tools/cli.h"
 
 namespace zo2::cli {
@@ -23,6 +24,12 @@ SessionConfig session_config(const DeviceFlags& f, bool training) {
   sc.disk_lag = f.disk_lag;
   sc.disk_staging = f.disk_staging;
   check_session_options(sc, OptionSource::cli);
+  // A disk-tier flag without the tier would be ignored without a word.
+  if (sc.host_mem == 0)
+    for (const CLI::Option* flag : {f.disk_lag_flag, f.disk_staging_flag})
+      if (flag && flag->count() > 0)
+        fail(ErrorKind::invalid_argument, "{} {} is for the disk tier (--host-mem SIZE --disk-dir DIR), which is not set",
+             flag->get_name(), flag->as<std::string>());
   return sc;
 }
 

@@ -101,8 +101,7 @@ Runner add_eval(CLI::App& app) {
       r.metrics = g.metrics;
       r.note.clear();
       if (!o->predictions.empty()) {
-        std::ofstream out(o->predictions, std::ios::binary | std::ios::trunc);
-        if (!out) fail(ErrorKind::io, "{}: cannot write the predictions", o->predictions);
+        std::ofstream out = open_output_file("--predictions", o->predictions);
         for (std::int64_t i = 0; i < data.size(); ++i) {
           const Example& e = data.example(i);
           const auto k = static_cast<std::size_t>(i);

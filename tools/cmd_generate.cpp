@@ -208,8 +208,7 @@ Runner add_generate(CLI::App& app) {
 
     std::ofstream file;
     if (!o->output.empty()) {
-      file.open(o->output, std::ios::binary | std::ios::trunc);
-      if (!file) fail(ErrorKind::io, "{}: cannot write", o->output);
+      file = open_output_file("--output", o->output);
     }
     for (std::size_t k = 0; k < out.size(); ++k) {
       const std::string text = text_of(out[k].tokens);

@@ -78,7 +78,7 @@ Runner add_plan(CLI::App& app) {
   app.add_flag("--json", o->json, "print the plan as JSON");
   o->rule.add(app);
   o->lora.add(app, /*training=*/true);
-  return [o, seq] {
+  return [o, seq, app_ptr = &app] {
     if (o->model.empty() == o->preset.empty())
       fail(ErrorKind::invalid_argument, "plan needs exactly one of --model DIR or --preset NAME");
     // The flags first, through the checks zo2-tune's other subcommands and the C API share
@@ -97,6 +97,11 @@ Runner add_plan(CLI::App& app) {
     sc.disk_lag = o->disk_lag;
     sc.disk_staging = o->disk_staging;
     check_session_options(sc, OptionSource::cli);
+    if (sc.host_mem == 0)
+      for (const char* flag : {"--disk-lag", "--disk-staging", "--disk-read-rate", "--disk-write-rate"})
+        if (const CLI::Option* opt = app_ptr->get_option(flag); opt->count() > 0)
+          fail(ErrorKind::invalid_argument, "{} {} is for the disk tier (--host-mem SIZE), which is not set", flag,
+               opt->as<std::string>());
     const ModelConfig c =
         o->model.empty() ? find_preset(o->preset).config : ModelConfig::load(resolve_model_dir(o->model));
     if (o->seq > c.max_positions)
