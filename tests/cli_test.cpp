@@ -69,6 +69,14 @@ TEST(Cli, UnknownFlagsAndBadValuesAreUsageErrors) {
   EXPECT_EQ(run("forward --model " + w.model.string() + " --inputs " + w.data.string() + " --out o.safetensors --storage-dtype fp12", &out), 2);
   EXPECT_NE(out.find("fp12"), std::string::npos) << out;
   EXPECT_EQ(run("nonsense", &out), 2);
+  // A data file that is not there is said to be missing (not a tokenizer problem).
+  out.clear();
+  EXPECT_EQ(run("train --model " + w.model.string() + " --data " + (w.tmp / "nope.jsonl").string() + " --out " +
+                    (w.tmp / "o").string(),
+                &out),
+            1);
+  EXPECT_NE(out.find((w.tmp / "nope.jsonl").string() + ": no such file"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "o"));
 }
 
 TEST(Cli, InitWritesShardedCheckpointsThatForwardReads) {
@@ -513,7 +521,7 @@ TEST(Cli, BadInputIsRefusedBeforeAnythingIsWritten) {
                     (w.model / "model.safetensors").string(),
                 &out),
             2);
-  EXPECT_NE(out.find("a file of the checkpoint this command reads"), std::string::npos) << out;
+  EXPECT_NE(out.find("a file of the model, adapter or tokenizer this command reads"), std::string::npos) << out;
   // generate --output and eval --predictions alike.
   std::ofstream(w.tmp / "prompts.txt") << "hello\n";
   out.clear();
@@ -527,7 +535,7 @@ TEST(Cli, BadInputIsRefusedBeforeAnythingIsWritten) {
                     (w.model / "config.json").string(),
                 &out),
             2);
-  EXPECT_NE(out.find("a file of the checkpoint this command reads"), std::string::npos) << out;
+  EXPECT_NE(out.find("a file of the model, adapter or tokenizer this command reads"), std::string::npos) << out;
   EXPECT_EQ(read_file(w.data), inputs_before);
   EXPECT_EQ(read_file(w.model / "model.safetensors"), weights_before);
 }
@@ -604,6 +612,33 @@ TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
             0);
   EXPECT_EQ(out.find("is not the checkpoint"), std::string::npos) << out;
   EXPECT_EQ(read_file(w.tmp / "rp2" / "model.safetensors"), read_file(full / "model.safetensors"));
+  // replay never writes into a run's checkpoint (its resume would start from other weights),
+  // nor over a checkpoint unasked; --overwrite replaces a checkpoint.
+  const std::string full_weights = read_file(full / "model.safetensors");
+  for (const std::string sub : {"current", "step-00000004"}) {
+    out.clear();
+    EXPECT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (full / "seed_log.jsonl").string() +
+                      " --until-step 2 --out " + (full / sub).string(),
+                  &out),
+              2)
+        << out;
+    EXPECT_NE(out.find("is a checkpoint of the training run " + full.string()), std::string::npos) << out;
+  }
+  EXPECT_EQ(read_file(full / "model.safetensors"), full_weights);
+  out.clear();
+  EXPECT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (full / "seed_log.jsonl").string() +
+                    " --until-step 2 --out " + (w.tmp / "rp2").string(),
+                &out),
+            2);
+  EXPECT_NE(out.find("--out " + (w.tmp / "rp2").string() + " already holds a checkpoint (current → step-00000004)"),
+            std::string::npos)
+      << out;
+  EXPECT_EQ(read_file(w.tmp / "rp2" / "model.safetensors"), full_weights);
+  ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (full / "seed_log.jsonl").string() +
+                    " --until-step 2 --out " + (w.tmp / "rp2").string() + " --overwrite -q"),
+            0);
+  EXPECT_NE(read_file(w.tmp / "rp2" / "model.safetensors"), full_weights);
+  EXPECT_FALSE(fs::exists(w.tmp / "rp2" / "step-00000004"));
   // A plain checkpoint as --out.
   out.clear();
   EXPECT_EQ(run("train --model " + w.model.string() + data + " --out " + w.model.string() + "-copy", &out), 0) << out;

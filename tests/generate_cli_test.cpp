@@ -21,6 +21,11 @@ int run(const std::string& args, std::string* out = nullptr) {
   return test::run_command(test::zo2_tune_path().string() + " " + args, out);
 }
 
+std::string read_text(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
 void write_text(const fs::path& p, const std::string& s) {
   std::ofstream(p, std::ios::binary) << s;
 }
@@ -187,6 +192,16 @@ TEST(GenerateCli, BadRequestsAreUsageErrorsNamingTheFlagOrPrompt) {
             std::string::npos)
       << out;
   EXPECT_EQ(out.find("\"text\""), std::string::npos) << out;
+  // Nor a file of the --tokenizer directory.
+  fs::create_directories(m.tmp / "tok");
+  for (const char* f : {"encoder.json", "vocab.bpe"})
+    fs::copy_file(test::shared_dir() / "data" / "gpt2" / f, m.tmp / "tok" / f);
+  const std::string encoder = read_text(m.tmp / "tok" / "encoder.json");
+  out = m.gen("--prompt x --max-new-tokens 2 --tokenizer " + (m.tmp / "tok").string() + " --output " +
+                  (m.tmp / "tok" / "encoder.json").string(),
+              2);
+  EXPECT_NE(out.find("a file of the model, adapter or tokenizer this command reads"), std::string::npos) << out;
+  EXPECT_EQ(read_text(m.tmp / "tok" / "encoder.json"), encoder);
   m.gen("--prompt x --max-new-tokens 4 -q --output " + (m.tmp / "new" / "dir" / "out.jsonl").string());
   EXPECT_TRUE(fs::exists(m.tmp / "new" / "dir" / "out.jsonl"));
   out = m.gen("--prompt x --max-new-tokens 4 --output " + m.tmp.path().string(), 2);

@@ -70,6 +70,23 @@ TEST(LoraCli, TrainEvalMergeReplayAndResume) {
       << out;
   EXPECT_TRUE(fs::exists(w.tmp / "merged/config.json"));
   EXPECT_NEAR(eval_loss("--model " + (w.tmp / "merged").string() + data), tuned, 1e-5);
+  // A second merge into the same --out is refused unless --overwrite.
+  const std::string merged = read_file(w.tmp / "merged/model.safetensors");
+  out.clear();
+  EXPECT_EQ(run("merge --model " + (w.tmp / "run").string() + " --out " + (w.tmp / "merged").string(), &out), 2) << out;
+  EXPECT_NE(out.find("already holds a checkpoint (config.json, model.safetensors): choose another --out, or pass "
+                     "--overwrite"),
+            std::string::npos)
+      << out;
+  ASSERT_EQ(run("merge --model " + (w.tmp / "run").string() + " --out " + (w.tmp / "merged").string() +
+                    " --overwrite -q"),
+            0);
+  EXPECT_EQ(read_file(w.tmp / "merged/model.safetensors"), merged);
+  // Nor into the run's own checkpoint.
+  out.clear();
+  EXPECT_EQ(run("merge --model " + (w.tmp / "run").string() + " --out " + (w.tmp / "run" / "current").string(), &out),
+            2)
+      << out;
   // An adapter_config.json naming a module the model lacks: a format error naming that file.
   const fs::path bad = w.tmp / "bad-adapter";
   fs::create_directories(bad);

@@ -61,6 +61,30 @@ std::ofstream open_output_file(const char* flag, const std::filesystem::path& ou
   return file;
 }
 
+void refuse_replacing_checkpoint(const std::filesystem::path& out, bool overwrite) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path p = fs::weakly_canonical(fs::absolute(out, ec), ec);
+  if (fs::exists(p / kRunSeedLog, ec))
+    fail(ErrorKind::invalid_argument,
+         "--out {} holds a training run (its seed log {}): writing a checkpoint there would leave the run's seed log "
+         "and weights disagreeing; choose another --out (train --overwrite replaces a run)",
+         out.string(), kRunSeedLog);
+  if (const fs::path run = p.parent_path(); fs::exists(run / kRunSeedLog, ec))
+    fail(ErrorKind::invalid_argument,
+         "--out {} is a checkpoint of the training run {}: writing there would replace the weights its resume starts "
+         "from; choose another --out",
+         out.string(), run.string());
+  if (overwrite) return;
+  std::vector<std::string> files = foreign_checkpoint_files(p);
+  if (fs::is_symlink(fs::symlink_status(p / kRunCurrent, ec)))
+    files.insert(files.begin(), std::string(kRunCurrent) + " → " + fs::read_symlink(p / kRunCurrent, ec).string());
+  if (!files.empty())
+    fail(ErrorKind::invalid_argument,
+         "--out {} already holds a checkpoint ({}): choose another --out, or pass --overwrite to replace it",
+         out.string(), fmt::join(files, ", "));
+}
+
 void refuse_output_over_inputs(const char* flag, const std::filesystem::path& out,
                                std::initializer_list<std::filesystem::path> inputs,
                                std::initializer_list<std::filesystem::path> dirs) {
@@ -80,7 +104,7 @@ void refuse_output_over_inputs(const char* flag, const std::filesystem::path& ou
     if (!dir.empty() && std::filesystem::is_directory(dir, ec))
       for (const auto& entry : std::filesystem::directory_iterator(dir, ec))
         if (is_out(entry.path()))
-          fail(ErrorKind::invalid_argument, "{} {} is {}, a file of the checkpoint this command reads; choose another "
+          fail(ErrorKind::invalid_argument, "{} {} is {}, a file of the model, adapter or tokenizer this command reads; choose another "
                "{}", flag, out.string(), entry.path().string(), flag);
 }
 
@@ -362,11 +386,15 @@ std::unique_ptr<Tokenizer> tokenizer_for_data(const std::filesystem::path& data,
   std::string ext = data.extension().string();
   for (char& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   if (flags.task.empty() && ext == ".safetensors") return nullptr;
+  // A missing data file is that, not a tokenizer problem (SST-2's directory is data too).
+  if (std::error_code ec; !data.empty() && !std::filesystem::exists(data, ec))
+    fail(ErrorKind::io, "{}: no such file", data.string());
   const std::filesystem::path dir = flags.tokenizer.empty() ? model_dir : std::filesystem::path(flags.tokenizer);
   try {
     return Tokenizer::from_dir(dir);
   } catch (const Error& e) {
-    fail(e.kind(), "{} is text data and needs a tokenizer, but {}: {}{}", data.string(), dir.string(), e.what(),
+    fail(e.kind(), "{} needs a tokenizer, but {}: {}{}",
+         data.empty() ? std::string("the --prompt text") : data.string() + " is text data and", dir.string(), e.what(),
          flags.tokenizer.empty() ? " (pass --tokenizer DIR, or copy the tokenizer files into the model directory)" : "");
   }
 }

@@ -48,6 +48,12 @@ DType parse_dtype_flag(const std::string& flag, const std::string& value,
 // or it exists read-only (exit 1). Nothing is created: the writer makes the directories.
 void check_output_file(const char* flag, const std::filesystem::path& out);
 
+// A checkpoint directory `out` (init, replay, merge) never replaces a user's weights
+// unasked: refused (exit 2, naming what is there) when it holds a training run or is one
+// of a run's checkpoints (RUN/current, RUN/step-N: always), or already holds a checkpoint
+// (unless `overwrite`). Call before any work.
+void refuse_replacing_checkpoint(const std::filesystem::path& out, bool overwrite);
+
 // The output file `out` opened for writing (truncated), its directories made; fails naming
 // `flag` and the reason.
 std::ofstream open_output_file(const char* flag, const std::filesystem::path& out);

@@ -71,7 +71,8 @@ Runner add_eval(CLI::App& app) {
     const std::string given_model = o->model;
     o->lora.apply(o->model, sc);  // --adapter, or an adapter as --model: its base with it
     o->model = resolve_model_dir(o->model).string();  // a run directory: its current checkpoint
-    refuse_output_over_inputs("--predictions", o->predictions, {o->data}, {given_model, o->model, sc.adapter_dir});
+    refuse_output_over_inputs("--predictions", o->predictions, {o->data},
+                              {given_model, o->model, sc.adapter_dir, o->data_flags.tokenizer});
     const ModelConfig config = ModelConfig::load(o->model);
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, o->model);
     const Dataset data = Dataset::load(o->data, config, tokenizer.get(), o->data_flags.options(o->num, o->seed));

@@ -125,9 +125,10 @@ Runner add_generate(CLI::App& app) {
     const std::string given_model = o->model;
     o->lora.apply(o->model, sc);
     o->model = resolve_model_dir(o->model).string();
-    refuse_output_over_inputs("--output", o->output, {o->data}, {given_model, o->model, sc.adapter_dir});
+    refuse_output_over_inputs("--output", o->output, {o->data},
+                              {given_model, o->model, sc.adapter_dir, o->data_flags.tokenizer});
     const ModelConfig config = ModelConfig::load(o->model);
-    const auto tokenizer = tokenizer_for_data(o->data.empty() ? "prompt.txt" : o->data, o->data_flags, o->model);
+    const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, o->model);
     if (!tokenizer) fail(ErrorKind::invalid_argument, "--data {}: token-id files are not prompts", o->data);
 
     // Prompts as the model sees them: the tokenizer's special prefix (BOS), then the text.

@@ -65,19 +65,14 @@ Runner add_init(CLI::App& app) {
       if (tok->eos_id()) c.eos_token_id = *tok->eos_id();
       if (tok->pad_id()) c.pad_token_id = *tok->pad_id();
     }
-    if (holds_run(o->out))
-      fail(ErrorKind::invalid_argument,
-           "--out {} holds a training run (zo2-tune train's run directory); init writes a base checkpoint: choose "
-           "another --out",
-           o->out);
     // Never a user's model replaced unasked: a fine-tuned or downloaded checkpoint at --out
     // (a typo away from a fresh directory) would be lost to random weights.
-    if (std::error_code ec; !o->overwrite && std::filesystem::is_directory(o->out, ec))
-      if (const auto files = foreign_checkpoint_files(o->out); !files.empty())
-        fail(ErrorKind::invalid_argument,
-             "--out {} already holds a checkpoint ({}): choose another --out, or pass --overwrite to replace it",
-             o->out, fmt::join(files, ", "));
+    refuse_replacing_checkpoint(o->out, o->overwrite);
+    RunDirLock lock(o->out);
     ensure_writable_dir(o->out);
+    // --overwrite of a saved run layout (current → step-N): its weights would still be what
+    // --model DIR opens, beside the new plain files.
+    if (holds_run(o->out)) remove_run(o->out);
 
     std::vector<TensorToWrite> tensors;
     std::uint64_t total = 0;

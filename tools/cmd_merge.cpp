@@ -17,6 +17,7 @@ SessionConfig session_config(const DeviceFlags& f, bool training);
 Runner add_merge(CLI::App& app) {
   struct Opts {
     std::string model, out, save_dtype = "fp32", shard = "5G";
+    bool overwrite = false;
     DeviceFlags dev;
     LoraFlags lora;
   };
@@ -28,6 +29,7 @@ Runner add_merge(CLI::App& app) {
   app.add_option("--out", o->out, "output directory: the merged HF checkpoint")->required();
   app.add_option("--save-dtype", o->save_dtype, "fp32, bf16, fp16")->capture_default_str();
   app.add_option("--shard-size", o->shard, "largest safetensors shard")->capture_default_str();
+  app.add_flag("--overwrite", o->overwrite, "replace a checkpoint already in --out (never a training run's)");
   o->lora.add(app, /*training=*/false);
   o->dev.threads = 0;
   app.add_option("--threads", o->dev.threads, "CPU threads (0 = all cores)")->capture_default_str();
@@ -44,15 +46,16 @@ Runner add_merge(CLI::App& app) {
       if (same_directory(o->out, src))
         fail(ErrorKind::invalid_argument, "--out {} is {}: the merged checkpoint would overwrite it", o->out,
              src.string());
-    if (holds_run(o->out))
-      fail(ErrorKind::invalid_argument, "--out {} holds a training run; choose another directory", o->out);
+    refuse_replacing_checkpoint(o->out, o->overwrite);
     sc.max_batch = 1;
     sc.max_seq = 1;
     sc.storage = DType::f32;  // merged in fp32, rounded once to --save-dtype
     Session session(base, sc);
     session.adapters()->merge_into(session.store());
     session.store().check_finite();
+    RunDirLock lock(o->out);
     ensure_writable_dir(o->out);
+    if (holds_run(o->out)) remove_run(o->out);  // --overwrite of a saved run layout (see init)
     session.store().save(o->out, save_dtype, shard);
     const int n = copy_tokenizer_files(base, o->out);
     log_info("merge: {} into {} ({}), written to {} ({} tokenizer files)", sc.adapter_dir.string(), base.string(),

@@ -20,6 +20,7 @@ Runner add_replay(CLI::App& app) {
   struct Opts {
     std::string model, seed_log, out, save_dtype = "fp32", shard = "5G";
     std::int64_t until = -1;
+    bool overwrite = false;
     DeviceFlags dev;
   };
   auto o = std::make_shared<Opts>();
@@ -29,6 +30,7 @@ Runner add_replay(CLI::App& app) {
   app.add_option("--until-step", o->until, "apply only the updates of steps below this one");
   app.add_option("--save-dtype", o->save_dtype, "fp32, bf16, fp16")->capture_default_str();
   app.add_option("--shard-size", o->shard, "largest safetensors shard")->capture_default_str();
+  app.add_flag("--overwrite", o->overwrite, "replace a checkpoint already in --out (never a training run's)");
   o->dev.add(app);
   auto* until = app.get_option("--until-step");
   return [o, until] {
@@ -49,11 +51,7 @@ Runner add_replay(CLI::App& app) {
     if (same_directory(o->out, o->model))
       fail(ErrorKind::invalid_argument, "--out {} is the base model directory: the rebuilt checkpoint would overwrite it",
            o->out);
-    if (std::filesystem::exists(std::filesystem::path(o->out) / kRunSeedLog))
-      fail(ErrorKind::invalid_argument,
-           "--out {} holds a training run (its seed log): a replayed checkpoint there would not match it; choose "
-           "another --out",
-           o->out);
+    refuse_replacing_checkpoint(o->out, o->overwrite);
     // The log's updates hold for the weights it started from: another --model (a moved copy
     // is fine; a tuned checkpoint, another model) gives other weights.
     if (!log.header.base_model.empty()) {
