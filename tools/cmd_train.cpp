@@ -222,6 +222,7 @@ class Progress {
 Runner add_train(CLI::App& app) {
   struct Opts {
     std::string model, data, out, resume, log_json, save_dtype = "fp32", shard = "5G", schedule = "constant";
+    std::string records;  // hidden --records PATH: the --log-json records for an embedding host (Python's pipe)
     std::string eval;
     std::int64_t steps = 100, save_every = 0, warmup = 0, log_every = 10, stop_at = 0;
     std::int64_t num_train = 0, num_eval = 0, eval_every = 0;
@@ -272,6 +273,10 @@ Runner add_train(CLI::App& app) {
   app.add_option("--save-dtype", o->save_dtype, "dtype of the saved checkpoint: fp32, bf16, fp16")->capture_default_str();
   app.add_option("--shard-size", o->shard, "largest safetensors shard")->capture_default_str();
   app.add_option("--log-json", o->log_json, "write one JSON object per step to this file");
+  // The same records, for a host that runs train in its process (zo2.train reads them from
+  // a pipe): not part of the run (never validated against its files, trimmed or kept on a
+  // resume), so the user's own --log-json keeps every guarantee. Hidden from --help.
+  app.add_option("--records", o->records)->group("");
   app.add_option("--log-every,--logging_steps", o->log_every, "progress line every N steps when not on a terminal")
       ->capture_default_str();
   app.add_option("--stop-at", o->stop_at,
@@ -654,10 +659,13 @@ Runner add_train(CLI::App& app) {
                             name == "zo2-blocks.json";
       if ((same_directory(parent, out) && run_file) ||
           (same_directory(parent.parent_path(), out) && parent.filename().string().starts_with("step-")) ||
-          (!o->data.empty() && same_directory(lj, o->data)))
+          (!o->data.empty() && same_directory(lj, o->data)) || (!o->eval.empty() && same_directory(lj, o->eval)) ||
+          same_directory(parent, model_dir) || (!o->model.empty() && same_directory(parent, o->model)) ||
+          (!sc.adapter_dir.empty() && same_directory(parent, sc.adapter_dir)) ||
+          (!o->data_flags.tokenizer.empty() && same_directory(parent, o->data_flags.tokenizer)))
         fail(ErrorKind::invalid_argument,
-             "--log-json {}: a file this run reads or saves (its seed log, state, checkpoint or data); choose another "
-             "file",
+             "--log-json {}: a file this run reads or saves (its seed log, state, checkpoint, model, tokenizer or "
+             "data); choose another file",
              o->log_json);
     }
     check_out_is_free();
@@ -764,6 +772,19 @@ Runner add_train(CLI::App& app) {
         log_json.reset();
       }
     }
+
+    std::unique_ptr<std::ofstream> records;
+    if (!o->records.empty() && writer) {
+      records = std::make_unique<std::ofstream>(o->records, std::ios::binary);
+      if (!*records) fail(ErrorKind::io, "{}: cannot write the records", o->records);
+    }
+    auto emit = [&](const json& j) {  // one record to the JSON log and the host's records
+      for (std::ofstream* f : {log_json.get(), records.get()})
+        if (f) {
+          *f << j.dump() << "\n";
+          f->flush();
+        }
+    };
 
     // Ranks: a failing rank ends the job through Comm::abort (Note [Rank faults]) without
     // tearing its session down first — that could wait on peers that will never answer.
@@ -872,7 +893,7 @@ Runner add_train(CLI::App& app) {
       disk_bytes += static_cast<double>(r.disk_read_bytes + r.disk_write_bytes);
       const double disk = session.store().disk() ? (elapsed > 0 ? disk_bytes / elapsed / 1e9 : 0) : -1;
       if (writer) progress.report(r, step_s, tok_s, elapsed, session.device_peak(), pcie, disk, completed);
-      if (log_json) {
+      if (log_json || records) {
         json j{{"step", r.step + 1},
                {"loss_plus", r.loss_plus},
                {"loss_minus", r.loss_minus},
@@ -896,8 +917,7 @@ Runner add_train(CLI::App& app) {
           j["disk_read_busy_s"] = r.disk_read_busy_s;
           j["disk_write_busy_s"] = r.disk_write_busy_s;
         }
-        *log_json << j.dump() << "\n";
-        log_json->flush();
+        emit(j);
       }
     };
     std::int64_t in_flight = -1;
@@ -931,12 +951,11 @@ Runner add_train(CLI::App& app) {
         log_info("{}", e.note);
         noted = true;
       }
-      if (log_json) {
+      if (log_json || records) {
         json j{{"eval_after_step", done}, {"eval_loss", e.loss}, {"eval_examples", e.examples}, {"eval_tokens", e.tokens}};
         if (e.accuracy >= 0) j["eval_accuracy"] = e.accuracy;
         for (const auto& [name, value] : e.metrics) j["eval_" + name] = value;
-        *log_json << j.dump() << "\n";
-        log_json->flush();
+        emit(j);
       }
     };
     // Ranks stop together: a signal seen by any rank (mpirun forwards SIGINT/SIGTERM to all,

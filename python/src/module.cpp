@@ -13,7 +13,8 @@
 //     this process, with its flags built from the keyword arguments: the same parsing,
 //     validation, data reading, run directory, resume and signal handling as the CLI, so
 //     `zo2.train` and `zo2-tune train` cannot drift apart. Its progress reaches Python
-//     through train's own --log-json records, written into a pipe this module reads.
+//     through train's --log-json records, written (its hidden --records PATH) into a pipe
+//     this module reads; a log_json= keyword is train's own --log-json, checked as the CLI's.
 // The binding adds only what Python needs: array conversion (zero-copy for C-contiguous
 // int32), the GIL released during every call that runs the model or reads files, a
 // per-session mutex (the C API forbids concurrent use of one session; Python threads get
@@ -847,7 +848,7 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
     const CLI::Option* opt = sub->get_option_no_throw("--" + dashed);
     std::string flag = "--" + dashed;
     if (!opt) opt = sub->get_option_no_throw("--" + name), flag = "--" + name;
-    if (!opt || flag == "--log-json" || flag == "--help") {
+    if (!opt || flag == "--records" || flag == "--help") {
       PyErr_SetString(PyExc_TypeError, ("train() got an unknown option '" + name +
                                         "' (the options are zo2-tune train's flags, with _ for -)").c_str());
       throw py::error_already_set();
@@ -869,7 +870,7 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
 
   int fds[2];
   if (pipe2(fds, O_CLOEXEC) != 0) raise_status(ZO2_ERR_IO, std::string("pipe: ") + std::strerror(errno));
-  args.push_back("--log-json");
+  args.push_back("--records");  // train's hidden records sink (tools/cmd_train.cpp)
   args.push_back("/dev/fd/" + std::to_string(fds[1]));
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());

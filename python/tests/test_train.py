@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -138,6 +139,26 @@ def test_log_json_and_tqdm(tiny, synth, tmp_path, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [x for x in lines if "step" in x] == r.steps
     assert [x["eval_after_step"] for x in r.evals] == [3, 6]
+
+
+def test_log_json_never_replaces_a_file_the_run_reads_or_saves(tiny, synth, tmp_path):
+    # log_json is train's own --log-json: checked before anything is opened (it once
+    # truncated the data file, or appended records into a resumed run's seed log).
+    data = tmp_path / "d.safetensors"
+    data.write_bytes(Path(synth).read_bytes())
+    before = data.read_bytes()
+    with pytest.raises(zo2.InvalidArgumentError, match="a file this run reads or saves"):
+        zo2.train(tiny, data=data, out=tmp_path / "a", progress=False, log_json=data, **FLAGS)
+    assert data.read_bytes() == before
+    with pytest.raises(zo2.InvalidArgumentError, match="a file this run reads or saves"):
+        zo2.train(tiny, data=data, out=tmp_path / "a", progress=False, log_json=Path(tiny) / "notes.jsonl", **FLAGS)
+    assert not (Path(tiny) / "notes.jsonl").exists()
+    zo2.train(tiny, data=data, out=tmp_path / "r", progress=False, **{**FLAGS, "steps": 2})
+    seed_log = (tmp_path / "r" / "seed_log.jsonl").read_bytes()
+    with pytest.raises(zo2.InvalidArgumentError, match="a file this run reads or saves"):
+        zo2.train(None, data=data, out=tmp_path / "r", resume=tmp_path / "r", progress=False,
+                  log_json=tmp_path / "r" / "seed_log.jsonl", **{**FLAGS, "steps": 4})
+    assert (tmp_path / "r" / "seed_log.jsonl").read_bytes() == seed_log
 
 
 def test_a_model_larger_than_host_mem_trains_through_the_disk_tier(tiny, synth, tmp_path):

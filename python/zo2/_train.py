@@ -68,14 +68,15 @@ def train(model: Union[str, "os.PathLike[str]", None] = None, *, data: Union[str
         the same way and is re-raised.
     verbose: whether train's own info lines and status line also print (default: only when
         no tqdm bar or callback is used).
-    log_json: also write the records to this file, as ``--log-json`` does.
+    log_json: also write the records to this file: train's own ``--log-json``, with its
+        checks (never a file of the run, its model, tokenizer or data) and its resume
+        behaviour (records past the checkpoint trimmed; kept by a resume in place).
 
     Ctrl-C finishes the current step, saves, and raises KeyboardInterrupt (a second Ctrl-C
     ends the process, as with the CLI). Errors raise zo2's exceptions with train's message
     (a bad value: InvalidArgumentError; a malformed data file: FormatError; ...).
     Returns a :class:`TrainResult` with the records of the steps and evaluations it ran.
     """
-    log_json = options.pop("log_json", None)
     args = []
     if model is not None:
         args.append(("model", _flag_value(model)))
@@ -99,14 +100,8 @@ def train(model: Union[str, "os.PathLike[str]", None] = None, *, data: Union[str
         except ImportError:
             bar = None
     quiet = not verbose if verbose is not None else (user_cb is not None or bar is not None)
-    log_file = None
-    if log_json is not None:
-        log_file = open(log_json, "a" if options.get("resume") else "w", encoding="utf-8")
 
     def on_record(line: str) -> Optional[bool]:
-        if log_file is not None:
-            log_file.write(line + "\n")
-            log_file.flush()
         rec = json.loads(line)
         (result.evals if "eval_after_step" in rec else result.steps).append(rec)
         if bar is not None:
@@ -122,7 +117,5 @@ def train(model: Union[str, "os.PathLike[str]", None] = None, *, data: Union[str
     finally:
         if bar is not None:
             bar.close()
-        if log_file is not None:
-            log_file.close()
     result.stopped = rc == 130
     return result
