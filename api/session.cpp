@@ -537,8 +537,16 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
     cfg_.comm->barrier(fmt::format("the checkpoint of step {}", next_step_));
     return;
   }
+  // A training run's directory (its seed log) takes only that run's checkpoints: another
+  // session's would leave the run's seed log and weights disagreeing (a resume there would
+  // go on from weights its log does not describe).
+  if (std::error_code ec; std::filesystem::exists(out_dir / kRunSeedLog, ec) &&
+                          !(seed_log_ && std::filesystem::equivalent(seed_log_->path(), out_dir / kRunSeedLog, ec)))
+    fail(ErrorKind::invalid_argument,
+         "{}: holds a training run (its {}), which this session's checkpoint would replace: choose another directory",
+         out_dir.string(), kRunSeedLog);
   try {
-    if (!adapters_) store_->check_finite();
+    if (!adapters_) store_->check_finite(dtype);
   } catch (const Error& e) {
     fail(e.kind(), "{}: not saved at step {}: {}", out_dir.string(), next_step_, e.what());
   }

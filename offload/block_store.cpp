@@ -360,8 +360,8 @@ void BlockStore::save(const std::filesystem::path& out_dir, DType dtype,
   write_file_atomic(out_dir / "config.json", j.dump(2) + "\n");
 }
 
-void BlockStore::check_finite() const {
-  auto scan = [](const ImageLayout& layout, const void* image, const std::string& where) {
+void BlockStore::check_finite(DType save_dtype) const {
+  auto scan = [save_dtype](const ImageLayout& layout, const void* image, const std::string& where) {
     const auto* base = static_cast<const std::byte*>(image);
     for (const TensorSlot& s : layout.tensors()) {
       const std::byte* data = base + s.offset;
@@ -375,6 +375,25 @@ void BlockStore::check_finite() const {
         fail(ErrorKind::format, "tensor '{}' ({}) holds a non-finite value at element {} ({}): {}", s.name, where,
              bad, load_element(data, s.dtype, bad, scales ? scales[bad / s.cols] : 1.0f),
              "the weights diverged (a learning rate too large for this model?) or the checkpoint held one");
+      // Finite here, but beyond the save dtype's range (fp16 from fp32, bf16 or fp8 × scale):
+      // the file would hold an infinity that every reader refuses.
+      if (save_dtype == DType::f32 || save_dtype == s.dtype || dtype_size(save_dtype) != 2) continue;
+      const std::int64_t chunk = scales ? s.cols : std::int64_t{1} << 16;
+      std::vector<float> wide(static_cast<std::size_t>(std::min(chunk, s.numel())));
+      std::vector<std::uint16_t> narrow(wide.size());
+      for (std::int64_t at = 0; at < s.numel(); at += chunk) {
+        const std::int64_t n = std::min(chunk, s.numel() - at);
+        convert(data + static_cast<std::size_t>(at) * dtype_size(s.dtype), s.dtype, wide.data(), DType::f32,
+                static_cast<std::size_t>(n));
+        if (scales)
+          for (std::int64_t k = 0; k < n; ++k) wide[static_cast<std::size_t>(k)] *= scales[at / s.cols];
+        convert(wide.data(), DType::f32, narrow.data(), save_dtype, static_cast<std::size_t>(n));
+        if (const std::int64_t k = first_non_finite(narrow.data(), save_dtype, n); k >= 0)
+          fail(ErrorKind::format,
+               "tensor '{}' ({}) holds {} at element {}, beyond {}'s range: it would be saved as infinity; save in a "
+               "wider dtype (fp32, or bf16)",
+               s.name, where, wide[static_cast<std::size_t>(k)], at + k, dtype_name(save_dtype));
+      }
     }
   };
   scan(globals_layout_, globals_.data(), "embeddings and head");

@@ -143,8 +143,9 @@ class BlockStore {
 
   // Error(format) naming the first tensor (and element) holding a NaN or an infinity, fp8
   // row scales included: a save refuses such weights rather than publish them (one parallel
-  // pass over the images, at memory speed).
-  void check_finite() const;
+  // pass over the images, at memory speed). With a save dtype narrower in range than the
+  // weights (fp16: ±65504), a weight that would round to infinity in it is refused too.
+  void check_finite(DType save_dtype = DType::f32) const;
 
   // The state as a safetensors file (tensor names: the weight's HF name + ".state0" /
   // ".state1", in the state dtype, fp8 as its fp32 values), and back: load_state checks

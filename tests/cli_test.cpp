@@ -745,6 +745,24 @@ TEST(Cli, NonFiniteWeightsInACheckpointAreRefusedByName) {
   EXPECT_EQ(run("eval --model " + m.string() + " --data " + w.data.string() + " --storage-dtype fp16", &(out = "")), 1) << out;
   EXPECT_NE(out.find("element [0, 3] = 1000000 overflows fp16 storage"), std::string::npos) << out;
   EXPECT_EQ(run("eval --model " + m.string() + " --data " + w.data.string() + " --storage-dtype bf16", &out), 0) << out;
+  // Nor is it saved as infinity: --save-dtype fp16 of an fp32 run (train, replay) and merge
+  // refuse, naming the tensor; bf16 holds it.
+  const fs::path o = w.tmp / "o16";
+  EXPECT_EQ(run("train --model " + m.string() + " --data " + w.data.string() + " --out " + o.string() +
+                    " --steps 1 --save-dtype fp16",
+                &(out = "")),
+            1)
+      << out;
+  EXPECT_NE(out.find("not saved at step 1: tensor '" + tensor + "' (block 1) holds 1000000 at element 3, beyond "
+                     "fp16's range: it would be saved as infinity"),
+            std::string::npos)
+      << out;
+  EXPECT_FALSE(fs::exists(o / "model.safetensors"));
+  EXPECT_EQ(run("train --model " + m.string() + " --data " + w.data.string() + " --out " + (w.tmp / "ob").string() +
+                    " --steps 1 --save-dtype bf16 -q",
+                &(out = "")),
+            0)
+      << out;
 }
 
 // Finite weights whose forward pass overflows (fc1 row 1 all 3e38: that hidden unit is inf

@@ -52,7 +52,7 @@ Runner add_merge(CLI::App& app) {
     sc.storage = DType::f32;  // merged in fp32, rounded once to --save-dtype
     Session session(base, sc);
     session.adapters()->merge_into(session.store());
-    session.store().check_finite();
+    session.store().check_finite(save_dtype);
     RunDirLock lock(o->out);
     ensure_writable_dir(o->out);
     if (holds_run(o->out)) remove_run(o->out);  // --overwrite of a saved run layout (see init)

@@ -142,6 +142,28 @@ SeedLogWriter::SeedLogWriter(const std::filesystem::path& path, const SeedLogHea
     pos_.bytes = keep;
     pos_.crc32 = crc32_file(path, keep);
   } else {
+    // A new log never replaces a file without a word: not a model's weights or a data file
+    // named by mistake (they would be lost), nor another run's seed log (its run could no
+    // longer be replayed or resumed). An empty file is taken.
+    if (std::error_code ec; std::filesystem::exists(path, ec)) {
+      if (!std::filesystem::is_regular_file(path, ec))
+        fail(ErrorKind::invalid_argument, "{}: not a regular file; the seed log cannot be written there",
+             path.string());
+      if (std::filesystem::file_size(path, ec) > 0 && !ec) {
+        std::ifstream in(path, std::ios::binary);
+        std::string first;
+        std::getline(in, first);
+        const json j = json::parse(first, nullptr, /*allow_exceptions=*/false);
+        if (!(j.is_object() && j.contains("zo2_seed_log")))
+          fail(ErrorKind::invalid_argument,
+               "{}: exists and is not a seed log; a new seed log there would replace it: choose another path",
+               path.string());
+        fail(ErrorKind::invalid_argument,
+             "{}: already holds a seed log (another run's, or this one's from before): continue it (append, as a "
+             "resume does) or remove it first",
+             path.string());
+      }
+    }
     const std::string text = header_line(header) + "\n";
     write_file_atomic(path, text);  // the old log survives a failure here
     pos_.next_step = header.first_step;

@@ -305,6 +305,36 @@ def test_save_and_reload(tiny, tmp_path):
     assert not any(p.name.startswith("b'") for p in __import__("pathlib").Path.cwd().iterdir())
 
 
+def test_seed_log_and_save_never_replace_what_is_there(tiny, tmp_path, tune):
+    # seed_log= names a new log: never an existing file that is not one (a model's weights
+    # named by mistake were truncated), nor another run's log; an empty file is taken.
+    ids = batch(512)
+    weights = (tiny / "model.safetensors").read_bytes()
+    with pytest.raises(zo2.InvalidArgumentError, match="exists and is not a seed log"):
+        zo2.Session(tiny, max_seqs=2, max_seq_len=16, seed_log=tiny / "model.safetensors")
+    assert (tiny / "model.safetensors").read_bytes() == weights
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=16, seed_log=tmp_path / "a.jsonl") as s:
+        s.step(ids)
+    log = (tmp_path / "a.jsonl").read_bytes()
+    with pytest.raises(zo2.InvalidArgumentError, match="already holds a seed log"):
+        zo2.Session(tiny, max_seqs=2, max_seq_len=16, seed_log=tmp_path / "a.jsonl")
+    assert (tmp_path / "a.jsonl").read_bytes() == log
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=16, seed_log=tmp_path / "empty.jsonl") as s:
+        s.step(ids)
+    # save: a training run's directory takes only that run's checkpoints.
+    data = tmp_path / "d.safetensors"
+    subprocess.run([str(tune), "-q", "synth-data", "--out", str(data), "--model", str(tiny), "--rows", "8", "--seq",
+                    "8"], check=True)
+    subprocess.run([str(tune), "-q", "train", "--model", str(tiny), "--data", str(data), "--out",
+                    str(tmp_path / "run"), "--steps", "2", "--batch-size", "2"], check=True)
+    run_weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16) as s:
+        with pytest.raises(zo2.InvalidArgumentError, match="holds a training run"):
+            s.save(tmp_path / "run")
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == run_weights
+
+
 def test_plan(tiny):
     p = zo2.plan(tiny, max_seqs=2, max_seq_len=16, gpu_mem="64M", offload="all")
     assert p.n_blocks == 2 and p.n_streamed == 2 and p.device_bytes <= p.cap_bytes == 64 << 20
