@@ -56,6 +56,9 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
+#include <cerrno>
+#include <cstring>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -649,7 +652,17 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup, "steps before measuring")->capture_default_str()->check(CLI::Range(0, 1 << 30));
   app.add_option("--threads", threads, "CPU threads for zo2 and the PyTorch baseline (0 = all cores)")
       ->capture_default_str();  // range: api/options.cpp, checked below with the device
-  app.add_option("--seed", seed, "init and run seed")->capture_default_str();
+  app.add_option("--seed", seed, "init and run seed")
+      ->capture_default_str()
+      ->check(CLI::Validator(
+          [](const std::string& text) -> std::string {  // CLI11 would wrap -1 and saturate 2^64
+            std::uint64_t v = 0;
+            const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+            return text.empty() || ec != std::errc() || end != text.data() + text.size()
+                       ? text + " is not a seed: an integer in [0, 2^64)"
+                       : std::string();
+          },
+          "SEED"));
   app.add_flag("--alias-blocks", alias, "every block shares one host image (shapes beyond host memory; rows labelled synthetic)");
   app.add_option("--jsonl", jsonl, "write one JSON object per row to this file");
   app.add_option("--markdown", markdown, "write the markdown table to this file (always printed)");
@@ -696,6 +709,23 @@ int main(int argc, char** argv) {
   }
   zo2::log_set_level(zo2::LogLevel::warn);
   fs::path scratch;
+  struct RemoveScratch {  // on every way out of main
+    fs::path& dir;
+    ~RemoveScratch() {
+      std::error_code ec;
+      if (!dir.empty()) fs::remove_all(dir, ec);
+    }
+  } remove_scratch{scratch};
+  std::string block_file_dir;  // --host-mem: the block file this sweep made
+  struct RemoveBlockFile {
+    std::string& dir;
+    ~RemoveBlockFile() {
+      if (dir.empty()) return;
+      std::error_code ec;
+      for (const char* f : {zo2::kDiskTierFile, zo2::kDiskTierIdentity, "zo2-blocks.lock"})
+        fs::remove(fs::path(dir) / f, ec);
+    }
+  } remove_block_file{block_file_dir};
   int rc = 0;
   std::unique_ptr<zo2::Comm> comm;
   try {
@@ -737,6 +767,16 @@ int main(int argc, char** argv) {
       zo2::check_integer(zo2::Opt::disk_lag, g_disk_lag, zo2::OptionSource::cli);
       zo2::check_integer(zo2::Opt::disk_staging, g_disk_staging, zo2::OptionSource::cli);
       if (alias) zo2::fail(zo2::ErrorKind::invalid_argument, "--host-mem: rows with --alias-blocks hold one block image");
+      // The rows' block file is the sweep's own: removed at the end unless it was there before.
+      if (std::error_code ec; !fs::exists(fs::path(disk_dir) / zo2::kDiskTierFile, ec)) block_file_dir = disk_dir;
+    }
+    if (generate_tokens > 0) {
+      // Generation rows decode through whole blocks in RAM: the training-only flags would be
+      // ignored while the labels claimed them.
+      for (const char* flag : {"--plot", "--host-mem", "--tile", "--tuning", "--optimizer", "--directions",
+                               "--mezo-baseline"})
+        if (app.get_option(flag)->count() > 0)
+          zo2::fail(zo2::ErrorKind::invalid_argument, "{} is for training rows, not --generate", flag);
     }
     if (disk_probe) {
       const zo2::DiskRates d = zo2::probe_disk(disk_dir, zo2::parse_byte_size(disk_probe_bytes),
@@ -756,6 +796,16 @@ int main(int argc, char** argv) {
       }
       return 0;
     }
+    // Every list names at least one value (an empty one would run no rows and exit 0).
+    for (const auto& [flag, list] : {std::pair{"--presets", &presets}, std::pair{"--gpu-mem", &caps},
+                                     std::pair{"--storage-dtype", &storages}, std::pair{"--compute-dtype", &computes},
+                                     std::pair{"--batch-size", &batches}, std::pair{"--seq-len", &seqs},
+                                     std::pair{"--tuning", &tunings}, std::pair{"--optimizer", &optimizers}})
+      if (split(*list).empty())
+        zo2::fail(zo2::ErrorKind::invalid_argument, "{} '{}': name at least one value", flag, *list);
+    // Every cap before the first row: a bad one found hours into a sweep loses its table.
+    for (const auto& cap : split(caps))
+      if (cap != "none") zo2::parse_size_option(zo2::Opt::gpu_mem, cap, zo2::OptionSource::cli);
     for (const auto& s : split(storages))
       if (!zo2::dtype_from_name(s)) zo2::fail(zo2::ErrorKind::invalid_argument, "--storage-dtype '{}'", s);
     for (const auto& s : split(computes)) {
@@ -776,12 +826,17 @@ int main(int argc, char** argv) {
       if (!zo2::parse_rule(o))
         zo2::fail(zo2::ErrorKind::invalid_argument,
                   "--optimizer '{}': zo-sgd, zo-sgd-sign, zo-sgd-cons, zo-sgd-momentum or zo-adam", o);
+    // Digits only, at most 9 of them (below 2^31: the rows take int).
+    auto small_int = [](const std::string& v, long long lo) {
+      return !v.empty() && v.size() <= 9 && v.find_first_not_of("0123456789") == std::string::npos &&
+             std::stoll(v) >= lo;
+    };
     for (const auto& b : split(batches))
-      if (b.find_first_not_of("0123456789") != std::string::npos || std::stoll(b) < 1)
-        zo2::fail(zo2::ErrorKind::invalid_argument, "--batch-size '{}': not a positive integer", b);
+      if (!small_int(b, 1))
+        zo2::fail(zo2::ErrorKind::invalid_argument, "--batch-size '{}': not an integer in [1, 10^9)", b);
     for (const auto& t : split(seqs))
-      if (t.find_first_not_of("0123456789") != std::string::npos || std::stoll(t) < 2)
-        zo2::fail(zo2::ErrorKind::invalid_argument, "--seq-len '{}': not an integer ≥ 2", t);
+      if (!small_int(t, 2))
+        zo2::fail(zo2::ErrorKind::invalid_argument, "--seq-len '{}': not an integer in [2, 10^9)", t);
     std::size_t link_bytes = 0;  // --link-probe as bytes; 0 = off
     if (link_probe == "auto") {
       link_bytes = zo2::parse_device(device).kind == zo2::DeviceKind::cuda ? std::size_t{1} << 30 : std::size_t{64} << 20;
@@ -796,11 +851,18 @@ int main(int argc, char** argv) {
     }
     if (!python.empty() && python.find('/') != std::string::npos && !fs::exists(python))
       zo2::fail(zo2::ErrorKind::invalid_argument, "--python '{}': no such file", python);
-    std::ofstream jl;
-    if (!jsonl.empty()) {
-      jl.open(jsonl, std::ios::trunc);
-      if (!jl) zo2::fail(zo2::ErrorKind::io, "--jsonl {}: cannot write", jsonl);
+    // The output files are checked now (opened without truncating: a refusal below must not
+    // empty what they held) and written once every check has passed.
+    for (const auto& [flag, file] : {std::pair{"--jsonl", &jsonl}, std::pair{"--markdown", &markdown},
+                                     std::pair{"--plot", &plot}}) {
+      if (file->empty()) continue;
+      std::error_code ec;
+      const fs::path f = fs::absolute(*file, ec);
+      const bool ok = fs::exists(f, ec) ? !fs::is_directory(f, ec) && ::access(f.c_str(), W_OK) == 0
+                                        : ::access(f.parent_path().c_str(), W_OK) == 0;
+      if (!ok) zo2::fail(zo2::ErrorKind::io, "{} {}: cannot write it: {}", flag, *file, std::strerror(errno ? errno : EISDIR));
     }
+    std::ofstream jl;
     scratch = fs::temp_directory_path() / fmt::format("zo2-bench-{}", ::getpid());
     fs::create_directories(scratch);
 
@@ -838,6 +900,11 @@ int main(int argc, char** argv) {
       }
     }
 
+    if (!jsonl.empty()) {
+      jl.open(jsonl, std::ios::trunc);
+      if (!jl) zo2::fail(zo2::ErrorKind::io, "--jsonl {}: cannot write", jsonl);
+    }
+
     LinkRates link;
     if (link_bytes > 0) {
       link = probe_link(device, threads, link_bytes);
@@ -847,8 +914,6 @@ int main(int argc, char** argv) {
     if (generate_tokens > 0) {
       // Generation rows (run_generate_row): one table, no baselines.
       std::string table = kGenerateHead;
-      std::ofstream jl;
-      if (!jsonl.empty()) jl.open(jsonl, std::ios::trunc);
       int failures = 0;
       for (const auto& p : split(presets))
         for (const auto& cap : split(caps))
@@ -875,9 +940,14 @@ int main(int argc, char** argv) {
                                        zo2::format_bytes(row["predicted_peak_bytes"].get<double>()));
                 }
       fmt::print("{}", table);
-      if (!markdown.empty()) std::ofstream(markdown, std::ios::trunc) << table;
+      if (!markdown.empty()) {
+        std::ofstream md(markdown, std::ios::trunc);
+        md << table;
+        if (!md) zo2::fail(zo2::ErrorKind::io, "--markdown {}: cannot write", markdown);
+      }
       if (failures > 0) fmt::print(stderr, "zo2-bench: {} generation row(s) failed or exceeded their cap\n", failures);
-      return failures > 0 ? 1 : 0;
+      rc = failures > 0 ? 1 : 0;
+      return rc;
     }
     std::string table = kTableHead;
     std::vector<json> rows;
@@ -921,6 +991,7 @@ int main(int argc, char** argv) {
                 if (jl) jl << row.dump() << "\n" << std::flush;
                 if (!quiet) fmt::print(stderr, "{}\n", row.dump());
                 if (!row["ok"].get<bool>()) {
+                  ++failures;
                   table += fmt::format("| {} | {} | {} | {} | {}×{} | error: {} {}\n", row_label(r), cap, st, cp, b, t,
                                        row["error"].get<std::string>(), std::string(kTableColumns - 5, '|'));
                   continue;
@@ -962,10 +1033,12 @@ int main(int argc, char** argv) {
       if (c.status != 0)
         zo2::fail(zo2::ErrorKind::io, "--plot {}: {} failed (exit {}): {}", plot, plot_script.string(), c.status,
                   last_line(c.err.empty() ? c.out : c.err));
+      if (std::error_code ec; !fs::exists(plot, ec))
+        zo2::fail(zo2::ErrorKind::io, "--plot {}: {} exited 0 but wrote no file", plot, shell_quote(plot_python));
       if (!quiet) fmt::print(stderr, "zo2-bench: wrote {}\n", plot);
     }
     if (failures > 0) {
-      fmt::print(stderr, "zo2-bench: {} row(s) exceeded their cap{}\n", failures,
+      fmt::print(stderr, "zo2-bench: {} row(s) failed or exceeded their cap{}\n", failures,
                  mezo_mode == "on" ? " or failed their --mezo-baseline run" : "");
       rc = 1;
     }
@@ -975,10 +1048,6 @@ int main(int argc, char** argv) {
   } catch (const std::exception& e) {
     fmt::print(stderr, "zo2-bench: error: {}\n", e.what());
     rc = 1;
-  }
-  if (!scratch.empty()) {
-    std::error_code ec;
-    fs::remove_all(scratch, ec);
   }
   return rc;
 }

@@ -103,6 +103,13 @@ bool Tokenizer::has_added_tokens() const { return !added_->matchers[0].empty; }
 bool Tokenizer::has_normalized_added_tokens() const { return !added_->matchers[1].empty; }
 std::int32_t Tokenizer::max_added_id() const { return added_->max_id; }
 
+std::int32_t Tokenizer::text_vocab_size() const {
+  std::int32_t n = base_vocab_size();
+  for (const AddedToken& t : added_->tokens)
+    if (!t.special) n = std::max(n, t.id + 1);
+  return n;
+}
+
 std::optional<std::int32_t> Tokenizer::added_token_id(std::string_view content) const {
   auto it = added_->by_content.find(std::string(content));
   if (it == added_->by_content.end()) return std::nullopt;

@@ -74,6 +74,12 @@ class Tokenizer {
   virtual std::string decode(std::span<const std::int32_t> ids) const = 0;
   // One past the largest id (model vocabulary plus added tokens).
   virtual std::int32_t vocab_size() const = 0;
+  // One past the largest id of the vocabulary proper and of the added tokens that are not
+  // special: what a model's embedding must hold. Special tokens above it exist beside
+  // models that never see them (Gemma 3's <image_soft_token> is id 262144 of a 262144-row
+  // text embedding; transformers loads that pairing); the data readers check the ids they
+  // actually produce.
+  std::int32_t text_vocab_size() const;
 
   std::optional<std::int32_t> bos_id() const { return bos_id_; }
   std::optional<std::int32_t> eos_id() const { return eos_id_; }
@@ -113,6 +119,8 @@ class Tokenizer {
   bool has_added_tokens() const;
   // The added tokens' ids above the model's own (for vocab_size()).
   std::int32_t max_added_id() const;
+  // One past the largest id of the vocabulary proper (no added tokens above it).
+  virtual std::int32_t base_vocab_size() const = 0;
   std::optional<std::int32_t> added_token_id(std::string_view content) const;
   const std::string* added_token_content(std::int32_t id) const;
   // Splits text at the added tokens, leftmost-longest: pieces of plain text (id < 0) and

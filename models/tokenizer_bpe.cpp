@@ -607,6 +607,7 @@ class BpeTokenizer final : public Tokenizer {
   std::int32_t vocab_size() const override {
     return std::max(static_cast<std::int32_t>(id_valid_.size()), max_added_id() + 1);
   }
+  std::int32_t base_vocab_size() const override { return static_cast<std::int32_t>(id_valid_.size()); }
 
   std::optional<std::int32_t> token_to_id(std::string_view token) const override {
     if (auto id = added_token_id(token)) return id;

@@ -77,6 +77,7 @@ class SentencePieceTokenizer final : public Tokenizer {
   }
 
   std::int32_t vocab_size() const override { return std::max(pieces_, max_added_id() + 1); }
+  std::int32_t base_vocab_size() const override { return pieces_; }
 
   std::optional<std::int32_t> token_to_id(std::string_view token) const override {
     if (auto id = added_token_id(token)) return id;

@@ -809,9 +809,23 @@ DiskRates probe_disk(const fs::path& dir, std::size_t bytes, std::size_t request
   r.bytes = bytes;
   r.request_bytes = request_bytes;
   r.queue_depth = queue_depth;
+  // Never fill the disk: the file must fit the free space with room to spare (a tenth of
+  // it, or 1 GiB, left over for everything else on it).
+  if (const fs::space_info sp = fs::space(dir, ec); !ec) {
+    const std::uintmax_t spare = std::max<std::uintmax_t>(sp.available / 10, std::uintmax_t{1} << 30);
+    if (bytes + spare > sp.available)
+      fail(ErrorKind::invalid_argument,
+           "disk probe: a {} file does not fit the free space of {} ({} free; the probe leaves {} of it): choose a "
+           "smaller --disk-probe-bytes",
+           format_bytes(static_cast<double>(bytes)), dir.string(), format_bytes(static_cast<double>(sp.available)),
+           format_bytes(static_cast<double>(spare)));
+  }
   ProbeFile file;
   file.path = dir / fmt::format(".zo2-disk-probe-{}", ::getpid());
   file.fd = open_maybe_direct(file.path, O_RDWR | O_CREAT | O_TRUNC, true, false, &r.direct);
+  // Unlinked at once: the open descriptor keeps the blocks, and whatever ends the process
+  // (Ctrl-C, a kill, a crash) gives them back; no file is left behind.
+  ::unlink(file.path.c_str());
   // Random bytes: some drives compress or deduplicate zeros.
   std::vector<AlignedBytes> wbuf, rbuf;
   std::mt19937_64 rng(42);

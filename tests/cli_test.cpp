@@ -75,7 +75,7 @@ TEST(Cli, UnknownFlagsAndBadValuesAreUsageErrors) {
                     (w.tmp / "o").string(),
                 &out),
             1);
-  EXPECT_NE(out.find((w.tmp / "nope.jsonl").string() + ": no such file"), std::string::npos) << out;
+  EXPECT_NE(out.find((w.tmp / "nope.jsonl").string() + ": no such data file"), std::string::npos) << out;
   EXPECT_FALSE(fs::exists(w.tmp / "o"));
 }
 

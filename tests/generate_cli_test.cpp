@@ -178,8 +178,21 @@ TEST(GenerateCli, BadRequestsAreUsageErrorsNamingTheFlagOrPrompt) {
   EXPECT_NE(m.gen("--prompt x --max-new-tokens 0", 2).find("--max-new-tokens 0"), std::string::npos);
   EXPECT_NE(m.gen("--prompt x --kv-cache gpu", 2).find("--kv-cache 'gpu'"), std::string::npos);
   EXPECT_NE(m.gen("--prompt x --stop ''", 2).find("--stop ''"), std::string::npos);
+  // Flags that would change nothing are refused, not ignored.
+  EXPECT_NE(m.gen("--prompt x --seed 5", 2).find("--seed 5: greedy decoding draws nothing"), std::string::npos);
+  EXPECT_NE(m.gen("--prompt x --padding-side left", 2).find("--padding-side: generate places its prompts itself"),
+            std::string::npos);
+  EXPECT_NE(m.gen("--prompt x --max-len -5", 2).find("--max-len -5"), std::string::npos);
+  EXPECT_NE(m.gen("--prompt x --temperature 0.7 --seed -1", 2).find("-1 is not a seed"), std::string::npos);
   // opt-micro has 512 positions.
   EXPECT_NE(m.gen("--prompt x --max-new-tokens 600", 2).find("prompt 1 has"), std::string::npos);
+  // --max-len cuts a long prompt's start (the BOS stays): it then fits.
+  std::string long_prompt = "a";
+  for (int i = 0; i < 600; ++i) long_prompt += " a";
+  EXPECT_NE(m.gen("--prompt '" + long_prompt + "' --max-new-tokens 2", 2).find("prompt 1 has"), std::string::npos);
+  const auto cut = json_lines(m.gen("--prompt '" + long_prompt + "' --max-new-tokens 2 --max-len 100 --json -q"));
+  ASSERT_EQ(cut.size(), 1u);
+  EXPECT_EQ(cut[0]["tokens"].size(), 2u);
   write_text(m.tmp / "bad.jsonl", "{\"prompt\": 3}\n");
   EXPECT_NE(m.gen("--data " + (m.tmp / "bad.jsonl").string(), 1).find("bad.jsonl:1:"), std::string::npos);
   // An --output that cannot be written is refused before anything is generated (no text):

@@ -212,7 +212,10 @@ TEST(SeedLog, ATornLastLineIsIgnoredWithAWarningAndCutOffByTheNextAppend) {
   EXPECT_EQ(log.entries[3].g, 0.25f);
 }
 
-TEST(SeedLog, AppendToAMissingFileStartsANewLogAndNonAppendTruncates) {
+// A new (non-append) log never replaces what is at its path: another run's seed log (it
+// could no longer be replayed) or a file that is not a seed log (a model's weights named by
+// mistake); an empty file is taken.
+TEST(SeedLog, AppendToAMissingFileStartsANewLogAndNonAppendNeverReplaces) {
   test::TempDir dir;
   const auto path = dir / "seeds.jsonl";
   SeedLogHeader h;
@@ -224,8 +227,21 @@ TEST(SeedLog, AppendToAMissingFileStartsANewLogAndNonAppendTruncates) {
   EXPECT_EQ(SeedLog::read(path).header.run_seed, 5u);
   EXPECT_EQ(SeedLog::read(path).entries.size(), 1u);
   h.run_seed = 6;
-  { SeedLogWriter w(path, h, /*append=*/false); }
-  const SeedLog log = SeedLog::read(path);
+  Error e = test::error_of([&] { SeedLogWriter w(path, h, /*append=*/false); });
+  EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
+  EXPECT_NE(std::string(e.what()).find("already holds a seed log"), std::string::npos) << e.what();
+  EXPECT_EQ(SeedLog::read(path).header.run_seed, 5u);
+  EXPECT_EQ(SeedLog::read(path).entries.size(), 1u);
+  const auto weights = dir / "model.safetensors";
+  std::ofstream(weights) << "not a seed log";
+  e = test::error_of([&] { SeedLogWriter w(weights, h, /*append=*/false); });
+  EXPECT_NE(std::string(e.what()).find("exists and is not a seed log"), std::string::npos) << e.what();
+  std::ifstream in(weights);
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), "not a seed log");
+  const auto empty = dir / "empty.jsonl";
+  std::ofstream{empty};
+  { SeedLogWriter w(empty, h, /*append=*/false); }
+  const SeedLog log = SeedLog::read(empty);
   EXPECT_EQ(log.header.run_seed, 6u);
   EXPECT_TRUE(log.entries.empty());
 }

@@ -212,6 +212,47 @@ TEST(TokenizerFamiliesDir, TheCliTokenizesWithEachFamily) {
   }
 }
 
+// Gemma 3's tokenizer has 262145 ids (<image_soft_token> = 262144, special) beside the
+// 262144-row text embedding of its checkpoints, which transformers loads: its text
+// vocabulary fits, and only a text that writes that token out is refused, naming the line.
+TEST(TokenizerFamiliesDir, Gemma3FitsItsOwnVocabularyAndTheDataIsCheckedIdById) {
+  const auto tok = Tokenizer::from_dir(family_dir("gemma3"));
+  EXPECT_EQ(tok->vocab_size(), 262145);
+  EXPECT_EQ(tok->text_vocab_size(), 262144);
+  const auto qwen = Tokenizer::from_dir(family_dir("qwen3"));
+  EXPECT_EQ(qwen->text_vocab_size(), 151669);  // <think> and </think> are added but not special
+  test::TempDir tmp;
+  const std::string tune = test::zo2_tune_path().string();
+  std::string out;
+  ASSERT_EQ(test::run_command(tune + " init --preset gemma3-tiny --out " + (tmp / "m").string() + " -q", &out), 0) << out;
+  {  // the checkpoint's config as Gemma 3's (the data reader reads no weights)
+    std::ifstream in(tmp / "m" / "config.json");
+    json c = json::parse(in);
+    c["vocab_size"] = 262144;
+    std::ofstream(tmp / "m" / "config.json") << c.dump();
+  }
+  std::ofstream(tmp / "ok.jsonl") << "{\"text\": \"Hello world, this is fine.\"}\n";
+  std::ofstream(tmp / "img.jsonl") << "{\"text\": \"Hello\"}\n{\"text\": \"an image <image_soft_token> here\"}\n";
+  const std::string data = tune + " data --model " + (tmp / "m").string() + " --tokenizer " + family_dir("gemma3").string();
+  EXPECT_EQ(test::run_command(data + " --data " + (tmp / "ok.jsonl").string(), &(out = "")), 0) << out;
+  EXPECT_EQ(test::run_command(data + " --data " + (tmp / "img.jsonl").string(), &(out = "")), 1) << out;
+  EXPECT_NE(out.find("img.jsonl:2: the text encodes the token <image_soft_token> (id 262144), outside the model's "
+                     "vocabulary [0, 262144)"),
+            std::string::npos)
+      << out;
+  // A model smaller than the text vocabulary is refused up front.
+  {
+    std::ifstream in(tmp / "m" / "config.json");
+    json c = json::parse(in);
+    c["vocab_size"] = 200000;
+    std::ofstream(tmp / "m" / "config.json") << c.dump();
+  }
+  EXPECT_EQ(test::run_command(data + " --data " + (tmp / "ok.jsonl").string(), &(out = "")), 1) << out;
+  EXPECT_NE(out.find("the tokenizer does not fit the model: it has 262144 ids but the model's vocabulary is only 200000"),
+            std::string::npos)
+      << out;
+}
+
 // ---- features on small files -----------------------------------------------------------------
 
 // A character-level BPE file: the vocabulary `tokens` (ids in order), no merges, and the given

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <charconv>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -106,6 +107,18 @@ void refuse_output_over_inputs(const char* flag, const std::filesystem::path& ou
         if (is_out(entry.path()))
           fail(ErrorKind::invalid_argument, "{} {} is {}, a file of the model, adapter or tokenizer this command reads; choose another "
                "{}", flag, out.string(), entry.path().string(), flag);
+}
+
+CLI::Validator seed_value() {
+  return CLI::Validator(
+      [](const std::string& text) -> std::string {
+        std::uint64_t v = 0;
+        const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+        if (text.empty() || ec != std::errc() || end != text.data() + text.size())
+          return fmt::format("{} is not a seed: an integer in [0, 2^64)", text);
+        return {};
+      },
+      "SEED");
 }
 
 CLI::Validator finite_range(double lo, double hi, bool open_lo) {
@@ -388,7 +401,7 @@ std::unique_ptr<Tokenizer> tokenizer_for_data(const std::filesystem::path& data,
   if (flags.task.empty() && ext == ".safetensors") return nullptr;
   // A missing data file is that, not a tokenizer problem (SST-2's directory is data too).
   if (std::error_code ec; !data.empty() && !std::filesystem::exists(data, ec))
-    fail(ErrorKind::io, "{}: no such file", data.string());
+    fail(ErrorKind::io, "{}: no such data file", data.string());
   const std::filesystem::path dir = flags.tokenizer.empty() ? model_dir : std::filesystem::path(flags.tokenizer);
   try {
     return Tokenizer::from_dir(dir);

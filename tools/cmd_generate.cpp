@@ -83,7 +83,7 @@ Runner add_generate(CLI::App& app) {
   auto* greedy = app.add_flag("--greedy", o->greedy, "greedy decoding (the default without --temperature/--top-p)");
   auto* temp = app.add_option("--temperature", o->temperature, "sample from softmax(logits / T)");
   auto* top_p = app.add_option("--top-p,--top_p", o->top_p, "nucleus sampling: keep the most likely tokens up to this mass");
-  auto* seed = app.add_option("--seed", o->seed, "seed of the sampling draws")->capture_default_str();
+  auto* seed = app.add_option("--seed", o->seed, "seed of the sampling draws")->capture_default_str()->check(seed_value());
   greedy->excludes(temp)->excludes(top_p)->excludes(seed);
   app.add_option("--stop", o->stops, "stop a prompt's text at this string (repeatable; the string is cut off)");
   app.add_flag("--ignore-eos", o->ignore_eos, "do not stop at the tokenizer's end-of-sequence token");
@@ -102,10 +102,19 @@ Runner add_generate(CLI::App& app) {
   o->dev.add(app);
   o->data_flags.add(app);
   o->lora.add(app, /*training=*/false);
-  return [o, prompt, data, temp, top_p] {
+  auto* padding = app.get_option("--padding-side");
+  return [o, prompt, data, temp, top_p, seed, padding] {
     // Flags first (api/options.h, shared with the C API), then the files.
     if (prompt->count() == 0 && data->count() == 0)
       fail(ErrorKind::invalid_argument, "give --prompt TEXT or --data FILE");
+    // Flags that would change nothing are refused rather than ignored.
+    if (seed->count() > 0 && temp->count() == 0 && top_p->count() == 0)
+      fail(ErrorKind::invalid_argument,
+           "--seed {}: greedy decoding draws nothing; the seed is for sampling (--temperature, --top-p)", o->seed);
+    if (padding->count() > 0)
+      fail(ErrorKind::invalid_argument, "--padding-side: generate places its prompts itself (the KV cache's layout)");
+    const bool cut_prompts = o->data_flags.max_len_flag->count() > 0;
+    if (cut_prompts) check_integer(Opt::max_len, o->data_flags.max_len, OptionSource::cli);
     check_integer(Opt::batch_size, o->batch, OptionSource::cli);
     GenerateOptions go;
     go.max_new_tokens = o->max_new;
@@ -147,7 +156,11 @@ Runner add_generate(CLI::App& app) {
       for (const auto& t : texts) {
         std::vector<std::int32_t> p = tokenizer->special_prefix();
         const auto e = tokenizer->encode(t);
-        p.insert(p.end(), e.begin(), e.end());
+        // --max-len: the prompt's start goes (the special prefix stays), as the data readers cut prompts.
+        const auto keep = cut_prompts ? std::min<std::size_t>(e.size(), static_cast<std::size_t>(std::max<std::int64_t>(
+                                                                           0, o->data_flags.max_len - std::int64_t(p.size()))))
+                                      : e.size();
+        p.insert(p.end(), e.end() - static_cast<std::ptrdiff_t>(keep), e.end());
         ids.push_back(std::move(p));
       }
     }

@@ -33,7 +33,7 @@ Runner add_init(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   app.add_option("--preset", o->preset, "model shape (see --list)");
   app.add_option("--out", o->out, "output directory");
-  app.add_option("--seed", o->seed, "init seed")->capture_default_str();
+  app.add_option("--seed", o->seed, "init seed")->capture_default_str()->check(seed_value());
   app.add_option("--dtype", o->dtype, "fp32, bf16 or fp16")->capture_default_str();
   app.add_option("--shard-size", o->shard, "largest safetensors shard (HF sharding above it)")->capture_default_str();
   app.add_option("--tokenizer", o->tokenizer,
@@ -58,9 +58,9 @@ Runner add_init(CLI::App& app) {
     std::unique_ptr<Tokenizer> tok;
     if (!o->tokenizer.empty()) {
       tok = Tokenizer::from_dir(o->tokenizer);
-      if (tok->vocab_size() > c.vocab_size)
-        fail(ErrorKind::invalid_argument, "--tokenizer {}: {} ids do not fit the {} preset's vocabulary of {}",
-             o->tokenizer, tok->vocab_size(), preset.name, c.vocab_size);
+      if (const std::string why = tokenizer_misfit(*tok, c.vocab_size); !why.empty())
+        fail(ErrorKind::invalid_argument, "--tokenizer {} does not fit the {} preset: {}", o->tokenizer, preset.name,
+             why);
       if (tok->bos_id()) c.bos_token_id = *tok->bos_id();
       if (tok->eos_id()) c.eos_token_id = *tok->eos_id();
       if (tok->pad_id()) c.pad_token_id = *tok->pad_id();

@@ -30,7 +30,7 @@ Runner add_synth_data(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(2, 1 << 30));
   app.add_option("--alphabet", o->alphabet, "distinct tokens used (the task's difficulty)")->capture_default_str()->check(CLI::Range(2, 1 << 20));
-  app.add_option("--seed", o->seed, "random seed")->capture_default_str();
+  app.add_option("--seed", o->seed, "random seed")->capture_default_str()->check(seed_value());
   return [o] {
     std::int64_t vocab = o->vocab;
     if (!o->model.empty()) vocab = ModelConfig::load(resolve_model_dir(o->model)).vocab_size;

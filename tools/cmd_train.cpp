@@ -257,7 +257,7 @@ Runner add_train(CLI::App& app) {
   auto* num_train = app.add_option("--num-train,--num_train", o->num_train, "use a seeded sample of N training examples");
   app.add_option("--num-eval,--num_eval", o->num_eval, "use a seeded sample of N evaluation examples");
   auto* shuffle = app.add_flag("--shuffle,!--no-shuffle", o->shuffle, "reshuffle the training examples every epoch (default on)");
-  auto* data_seed = app.add_option("--data-seed", o->data_seed, "seed of the sampling and shuffling (default: --seed)");
+  auto* data_seed = app.add_option("--data-seed", o->data_seed, "seed of the sampling and shuffling (default: --seed)")->check(seed_value());
   app.add_option("--out", o->out, "output directory: tuned checkpoint, seed_log.jsonl, zo2_state.json")->required();
   auto* steps = app.add_option("--steps,--max_steps", o->steps, "total steps")->capture_default_str();
   auto* batch = app.add_option("--batch-size,--per_device_train_batch_size", o->batch, "sequences per step")
@@ -265,7 +265,7 @@ Runner add_train(CLI::App& app) {
   auto* lr = app.add_option("--lr,--learning_rate", o->lr, "learning rate")->capture_default_str();
   auto* eps = app.add_option("--eps,--zo_eps", o->eps, "perturbation scale")->capture_default_str();
   auto* wd = app.add_option("--weight-decay,--weight_decay", o->wd, "weight decay (not on biases and norms)")->capture_default_str();
-  auto* seed = app.add_option("--seed", o->seed, "run seed (step seeds derive from it)")->capture_default_str();
+  auto* seed = app.add_option("--seed", o->seed, "run seed (step seeds derive from it)")->capture_default_str()->check(seed_value());
   auto* sched = app.add_option("--lr-schedule,--lr_scheduler_type", o->schedule, "constant, linear or cosine")
                     ->capture_default_str()->check(CLI::IsMember({"constant", "linear", "cosine"}));
   auto* warm = app.add_option("--warmup-steps,--warmup_steps", o->warmup, "linear warmup steps")->capture_default_str();

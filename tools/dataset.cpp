@@ -686,6 +686,22 @@ const std::vector<std::string>& task_names() {
   return names;
 }
 
+std::string tokenizer_misfit(const Tokenizer& tok, std::int64_t vocab) {
+  if (tok.text_vocab_size() > vocab)
+    return fmt::format("it has {} ids but the model's vocabulary is only {}", tok.text_vocab_size(), vocab);
+  auto outside = [&](std::optional<std::int32_t> id) { return id && (*id < 0 || *id >= vocab); };
+  for (const auto& [name, ids] : {std::pair{"puts first", &tok.special_prefix()}, std::pair{"puts last", &tok.special_suffix()}})
+    for (const std::int32_t id : *ids)
+      if (outside(id))
+        return fmt::format("the special token it {} ({}, id {}) is outside the model's vocabulary [0, {})", name,
+                           tok.id_to_token(id), id, vocab);
+  const std::optional<std::int32_t> pad = tok.pad_id() ? tok.pad_id() : tok.eos_id();
+  if (outside(pad))
+    return fmt::format("the id it pads with ({}, id {}) is outside the model's vocabulary [0, {})",
+                       tok.id_to_token(*pad), *pad, vocab);
+  return {};
+}
+
 bool task_is_generation(const std::string& task) { return task == "squad" || task == "drop"; }
 bool task_trains_on_gold_only(const std::string& task) { return task == "copa" || task == "record"; }
 
@@ -778,9 +794,8 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
     if (!tokenizer)
       fail(ErrorKind::invalid_argument, "{}: {} data needs a tokenizer (--tokenizer DIR)", file.string(),
            data_format_name(d.format_));
-    if (tokenizer->vocab_size() > config.vocab_size)
-      fail(ErrorKind::format, "the tokenizer has {} ids but the model's vocabulary is only {}",
-           tokenizer->vocab_size(), config.vocab_size);
+    if (const std::string why = tokenizer_misfit(*tokenizer, config.vocab_size); !why.empty())
+      fail(ErrorKind::format, "the tokenizer does not fit the model: {}", why);
     const std::vector<std::int32_t>& prefix = tokenizer->special_prefix();
     std::vector<Example> examples(records.size());
     std::vector<char> cut(records.size(), 0);
@@ -848,6 +863,18 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
         for (const auto& o : r.options) e.seqs.push_back(scored_seq(o));
       }
     });
+    // Special tokens above the embedding (Tokenizer::text_vocab_size) are fine until the text
+    // writes one out.
+    for (const Example& e : examples) {
+      auto check = [&](const std::vector<std::int32_t>& ids) {
+        for (const std::int32_t id : ids)
+          if (id < 0 || id >= config.vocab_size)
+            fail(ErrorKind::format, "{}:{}: the text encodes the token {} (id {}), outside the model's vocabulary [0, {})",
+                 file.string(), e.line, tokenizer->id_to_token(id), id, config.vocab_size);
+      };
+      for (const auto& s : e.seqs) check(s.ids);
+      check(e.prompt_ids);
+    }
     d.examples_ = std::move(examples);
     for (char c : cut) d.truncated_ += c;
     d.pad_id_ = tokenizer->pad_id().value_or(tokenizer->eos_id().value_or(0));

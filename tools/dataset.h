@@ -55,6 +55,12 @@ std::string_view data_format_name(DataFormat f);
 const std::vector<std::string>& task_names();
 // squad and drop: MeZO evaluates them by greedy generation (F1/EM of the generated answer).
 bool task_is_generation(const std::string& task);
+
+// Why `tok` cannot feed a model whose embedding has `vocab` rows ("" when it can): its
+// text vocabulary is larger (Tokenizer::text_vocab_size), or a special id it adds (BOS,
+// EOS) or pads with is outside [0, vocab). Special tokens above the embedding that it
+// never adds are fine (Gemma 3's); the readers check the ids the text encodes to.
+std::string tokenizer_misfit(const Tokenizer& tok, std::int64_t vocab);
 // copa and record: trained on the correct option's tokens alone (MeZO's mezo.sh).
 bool task_trains_on_gold_only(const std::string& task);
 
