@@ -150,10 +150,14 @@ void check_real(Opt o, double v, OptionSource src, std::string_view as_written) 
     case Opt::temperature:
       // Logits are divided by it before the softmax: 0 is greedy decoding (its own flag).
       if (!float_finite || !(v > 0)) refuse(o, src, value, fmt::format("must be finite and > 0{}", overflow));
+      if (!(static_cast<float>(v) > 0))
+        refuse(o, src, value, "must be finite and > 0 (it rounds to 0 as a float, whose smallest value is 1.4e-45)");
       return;
     case Opt::top_p:
       // Nucleus sampling keeps the most likely tokens whose probabilities add up to top_p.
       if (!(v > 0) || !(v <= 1)) refuse(o, src, value, "must be in (0, 1]");
+      if (!(static_cast<float>(v) > 0))
+        refuse(o, src, value, "must be in (0, 1] (it rounds to 0 as a float, whose smallest value is 1.4e-45)");
       return;
     default:
       break;

@@ -171,7 +171,9 @@ typedef struct zo2_session_params {
     // Run bookkeeping.
     const char * seed_log_path;  // JSON Lines seed log, one (step, seed, g, lr) line per step, which
                                  // `zo2-tune replay` turns back into the tuned weights; NULL = none. Default NULL.
-    int32_t  seed_log_append;    // nonzero: resume — keep the existing log's entries before first_step. Default 0.
+    int32_t  seed_log_append;    // nonzero: resume — keep the existing log's entries before first_step. Default 0:
+                                 // a new log, which never replaces an existing non-empty file (another run's
+                                 // log, or a file that is no seed log): ZO2_ERR_INVALID_ARGUMENT.
     int64_t  first_step;         // index of the first step (resume a run at this step). Default 0.
 
     // zo2_session_save.
@@ -342,9 +344,11 @@ ZO2_API int zo2_session_eval_choices(zo2_session * s, const zo2_batch * b, const
 // first, so the checkpoint equals the session's weights: a session loaded from it evaluates
 // bit-identically (fp32).
 //   ZO2_ERR_INVALID_ARGUMENT  s or out_dir NULL or empty, or out_dir is the plain checkpoint the
-//                             session was loaded from (a run directory may be saved into again)
-//   ZO2_ERR_FORMAT            a weight is NaN or infinite (the message names the tensor); nothing
-//                             is written
+//                             session was loaded from (a run directory may be saved into again),
+//                             or out_dir holds a training run (a seed_log.jsonl) whose seed log is
+//                             not this session's
+//   ZO2_ERR_FORMAT            a weight is NaN or infinite, or beyond save_dtype's range (fp16:
+//                             ±65504) (the message names the tensor); nothing is written
 //   ZO2_ERR_IO                out_dir cannot be created or written, or another process is
 //                             writing it (its zo2.lock is held); the session stays usable and
 //                             its weights are unchanged (the flush has been applied)

@@ -81,7 +81,10 @@ void set_option_groups(HostBatch& batch, std::span<const int> group_sizes, std::
   info.reserve(static_cast<std::size_t>(batch.batch));
   std::int64_t covered = 0;
   for (std::size_t g = 0; g < group_sizes.size(); ++g) {
-    if (group_sizes[g] <= 0 || labels[g] < 0 || labels[g] >= group_sizes[g])
+    if (group_sizes[g] <= 0)
+      fail(ErrorKind::invalid_argument, "option group {}: size {} (a group holds at least one candidate sequence)", g,
+           group_sizes[g]);
+    if (labels[g] < 0 || labels[g] >= group_sizes[g])
       fail(ErrorKind::invalid_argument, "option group {}: label {} is not one of its {} candidates", g, labels[g],
            group_sizes[g]);
     covered += group_sizes[g];  // checked before the group is expanded: a size may be INT_MAX

@@ -3,6 +3,7 @@
 #include "runtime/error.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <fstream>
 
@@ -29,6 +30,8 @@ struct Reader {
     return has(key) ? integer_at(j.at(key), key) : fallback;
   }
   std::int64_t integer_at(const json& v, const std::string& key) const {
+    if (v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(INT64_MAX))
+      fail(ErrorKind::format, "{}: field '{}' = {} is too large", where, key, v.dump());
     if (v.is_number_integer()) return v.get<std::int64_t>();
     if (v.is_number_float()) {
       const double d = v.get<double>();

@@ -41,6 +41,8 @@ constexpr std::string_view kGpt2Pattern =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 
 std::string read_file(const fs::path& p) {
+  if (std::error_code ec; fs::is_directory(p, ec))
+    fail(ErrorKind::invalid_argument, "{}: a directory, not a tokenizer file", p.string());
   std::ifstream in(p, std::ios::binary);
   if (!in) fail(ErrorKind::io, "cannot open {}: {}", p.string(), std::strerror(errno));
   std::stringstream ss;
@@ -471,6 +473,7 @@ class BpeTokenizer final : public Tokenizer {
 
   BpeTokenizer(std::vector<VocabEntry> vocab, const std::vector<MergeEntry>& merges, Options opt)
       : kind_(std::move(opt.kind)),
+        source_(opt.source),
         byte_level_(opt.byte_level),
         ignore_merges_(opt.ignore_merges),
         byte_fallback_(opt.byte_fallback),
@@ -748,7 +751,10 @@ class BpeTokenizer final : public Tokenizer {
     std::int32_t id = byte_id_[c];
     if (id >= 0) return id;
     if (unk_id_) return *unk_id_;
-    fail(ErrorKind::invalid_argument, "tokenizer: byte 0x{:02x} of the input has no token in the vocabulary", c);
+    fail(ErrorKind::invalid_argument,
+         "tokenizer {}: byte 0x{:02x} of the input has no token in the vocabulary (a byte-level vocabulary holds "
+         "all 256 bytes)",
+         source_, c);
   }
 
   // The initial symbols of a word: its bytes (byte-level) or its characters (each one's
@@ -1011,6 +1017,7 @@ class BpeTokenizer final : public Tokenizer {
   }
 
   std::string kind_;
+  std::string source_;  // the file, for errors
   bool byte_level_ = true;
   bool add_prefix_space_ = false;
   bool ignore_merges_ = false, byte_fallback_ = false, fuse_unk_ = false;

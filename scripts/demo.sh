@@ -23,7 +23,7 @@ out="${1:-$root/out/demo}"
 shift || true
 mkdir -p "$out"
 "$tune" init --preset opt-tiny --out "$out/base" --seed 1 --overwrite
-"$tune" synth-data --model "$out/base" --out "$out/data.safetensors" --rows 256 --seq 32
+"$tune" synth-data --model "$out/base" --out "$out/data.safetensors" --rows 256 --seq 32 --overwrite
 "$tune" plan --model "$out/base" --gpu-mem 4M --batch-size 8 --seq-len 32 --offload all --device cpu
 "$tune" train --model "$out/base" --data "$out/data.safetensors" --out "$out/tuned" --overwrite \
   --steps 400 --batch-size 8 --lr 3e-3 --eps 1e-3 --gpu-mem 4M --offload all \

@@ -76,6 +76,9 @@ TEST(Cli, UnknownFlagsAndBadValuesAreUsageErrors) {
                 &out),
             1);
   EXPECT_NE(out.find((w.tmp / "nope.jsonl").string() + ": no such data file"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run("data --model " + w.model.string() + " --data " + w.tmp.path().string(), &out), 2);
+  EXPECT_NE(out.find(w.tmp.path().string() + ": a directory, not a data file"), std::string::npos) << out;
   EXPECT_FALSE(fs::exists(w.tmp / "o"));
 }
 
@@ -135,6 +138,13 @@ TEST(Cli, InitRefusesToReplaceACheckpoint) {
   EXPECT_TRUE(fs::exists(m / "config.json"));
   for (const char* f : {"model-00001-of-00004.safetensors", "model-00004-of-00004.safetensors", "model.safetensors.index.json"})
     EXPECT_FALSE(fs::exists(m / f)) << f;
+  // A checkpoint the disk cannot hold is refused before anything is made (opt-175b: 650 GiB).
+  if (fs::space(tmp.path()).available < (std::uint64_t{650} << 30)) {
+    out.clear();
+    EXPECT_EQ(run("init --preset opt-175b --out " + (tmp / "big" / "m").string(), &out), 1) << out;
+    EXPECT_NE(out.find("it needs 650."), std::string::npos) << out;
+    EXPECT_FALSE(fs::exists(tmp / "big"));
+  }
   // An empty or unrelated directory is fine without --overwrite.
   fs::create_directories(tmp / "e");
   std::ofstream(tmp / "e" / "notes.txt") << "mine";

@@ -745,6 +745,11 @@ TEST(ModelConfig, RefusalsNameTheFieldAndItsValue) {
     j["hidden_size"] = "64";
     expect_refused(j, ErrorKind::format, {"hidden_size", "\"64\"", "integer"});
   }
+  {  // 2^63 read as int64 would be negative ("must be positive, got -9223372036854775808")
+    json j = llama_json();
+    j["hidden_size"] = std::uint64_t{1} << 63;
+    expect_refused(j, ErrorKind::format, {"field 'hidden_size' = 9223372036854775808 is too large"});
+  }
   {
     json j = opt_json();
     j["num_hidden_layers"] = 2.5;

@@ -175,6 +175,10 @@ TEST(GenerateCli, BadRequestsAreUsageErrorsNamingTheFlagOrPrompt) {
   EXPECT_NE(m.gen("--prompt x --greedy --temperature 0.5", 2).find("excludes"), std::string::npos);
   EXPECT_NE(m.gen("--prompt x --temperature 0", 2).find("--temperature 0"), std::string::npos);
   EXPECT_NE(m.gen("--prompt x --top-p 1.5", 2).find("--top-p 1.5"), std::string::npos);
+  EXPECT_NE(m.gen("--prompt x --temperature 1e-50", 2).find("--temperature 1e-50: must be finite and > 0 (it rounds to 0"),
+            std::string::npos);
+  EXPECT_NE(m.gen("--prompt x --top-p 1e-50", 2).find("--top-p 1e-50: must be in (0, 1] (it rounds to 0"),
+            std::string::npos);
   EXPECT_NE(m.gen("--prompt x --max-new-tokens 0", 2).find("--max-new-tokens 0"), std::string::npos);
   EXPECT_NE(m.gen("--prompt x --kv-cache gpu", 2).find("--kv-cache 'gpu'"), std::string::npos);
   EXPECT_NE(m.gen("--prompt x --stop ''", 2).find("--stop ''"), std::string::npos);

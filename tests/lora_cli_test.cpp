@@ -82,6 +82,16 @@ TEST(LoraCli, TrainEvalMergeReplayAndResume) {
                     " --overwrite -q"),
             0);
   EXPECT_EQ(read_file(w.tmp / "merged/model.safetensors"), merged);
+  // An adapter on other weights than it was trained on is said.
+  ASSERT_EQ(run("init --preset opt-tiny --out " + (w.tmp / "other").string() + " --seed 9 -q"), 0);
+  for (const auto& [m, warned] : {std::pair{w.tmp / "other", true}, std::pair{w.model, false}}) {
+    out.clear();
+    EXPECT_EQ(run("eval --model " + m.string() + " --adapter " + (w.tmp / "run").string() + data, &out), 0) << out;
+    EXPECT_EQ(out.find("was trained on " + fs::absolute(w.model).string() + ", not on --model " + m.string()) !=
+                  std::string::npos,
+              warned)
+        << out;
+  }
   // Nor into the run's own checkpoint.
   out.clear();
   EXPECT_EQ(run("merge --model " + (w.tmp / "run").string() + " --out " + (w.tmp / "run" / "current").string(), &out),
@@ -145,7 +155,10 @@ TEST(LoraCli, PrefixTuningTrainsEvaluatesReplaysAndResumes) {
     EXPECT_EQ(read_file(cur / "adapter_model.safetensors"), read_file(w.tmp / d / "current/adapter_model.safetensors"))
         << d;
   // A prefix has no weights to merge.
+  out.clear();
   EXPECT_EQ(run("merge --model " + (w.tmp / "run").string() + " --out " + (w.tmp / "m").string(), &out), 2) << out;
+  EXPECT_NE(out.find("is a prefix-tuning adapter (3 virtual tokens per layer)"), std::string::npos) << out;
+  EXPECT_NE(out.find("there is nothing to merge"), std::string::npos) << out;
 }
 
 TEST(LoraCli, BadLoraFlagsAreUsageErrors) {

@@ -309,6 +309,7 @@ TEST(SeedLog, ValuesNoRunCanHaveWrittenAreRefused) {
     expect_format_error_at(h + big + "\n", 2, {"1e309"});
   }
   expect_format_error_at(h + line_with(0, "eps", "0") + "\n", 2, {"'eps'", "not positive"});
+  expect_format_error_at(h + line_with(0, "wd", "-1") + "\n", 2, {"'wd'", "negative"});
   expect_format_error_at(h + line_with(0, "wd", "\"nan\"") + "\n", 2, {"'wd'"});
   // A header from another run: every seed is then another run's.
   const std::string other = R"({"zo2_seed_log":1,"run_seed":2,"storage_dtype":"fp32","base_model":"m","first_step":0})";

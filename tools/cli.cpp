@@ -10,6 +10,7 @@
 #include "offload/block_store.h"
 #include "runtime/error.h"
 #include "runtime/file_util.h"
+#include "runtime/log.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -234,6 +235,16 @@ void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
   if (!adapter_dir.empty()) {
     sc.peft = AdapterStore::peft_config_of(adapter_dir);
     sc.adapter_dir = adapter_dir;
+    // An adapter trained on other weights runs, but is not what was tuned: said, as replay
+    // says it of a seed log (a moved copy of the base is fine).
+    if (const std::string base = AdapterStore::base_model_of(adapter_dir); !base.empty() && !model.empty()) {
+      std::error_code ec;
+      if (fs::exists(fs::path(base) / "config.json", ec) &&
+          !same_directory(resolve_model_dir(model), resolve_model_dir(base)))
+        log_warn("--adapter {} was trained on {}, not on --model {}: unless that is a copy of it, the adapter does not "
+                 "fit these weights",
+                 adapter_dir, base, model);
+    }
     if (prefix || (num_prefix_flag && num_prefix_flag->count() > 0))
       fail(ErrorKind::invalid_argument, "--adapter {} is {}: its shape comes from its adapter_config.json", adapter_dir,
            sc.peft.describe());
@@ -336,8 +347,8 @@ std::vector<std::int32_t> as_int32(const SafetensorsFile& f, const TensorInfo& t
       case DType::i8: v = static_cast<std::int8_t>(bytes[i]); break;
       case DType::u8: case DType::boolean: v = static_cast<std::uint8_t>(bytes[i]); break;
       default:
-        fail(ErrorKind::format, "{}: tensor '{}' has dtype {}, expected I64 or I32", f.path().string(),
-             name, dtype_safetensors_name(t.dtype));
+        fail(ErrorKind::format, "{}: tensor '{}' has dtype {}, expected an integer dtype (I64, I32, I16, I8, U8 or BOOL)",
+             f.path().string(), name, dtype_safetensors_name(t.dtype));
     }
     if (v < std::numeric_limits<std::int32_t>::min() || v > std::numeric_limits<std::int32_t>::max())
       fail(ErrorKind::format, "{}: tensor '{}' value {} at index {} does not fit 32 bits", f.path().string(),
@@ -399,9 +410,11 @@ std::unique_ptr<Tokenizer> tokenizer_for_data(const std::filesystem::path& data,
   std::string ext = data.extension().string();
   for (char& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   if (flags.task.empty() && ext == ".safetensors") return nullptr;
-  // A missing data file is that, not a tokenizer problem (SST-2's directory is data too).
+  // A missing data file or a directory is that, not a tokenizer problem.
   if (std::error_code ec; !data.empty() && !std::filesystem::exists(data, ec))
     fail(ErrorKind::io, "{}: no such data file", data.string());
+  if (std::error_code ec; !data.empty() && std::filesystem::is_directory(data, ec))
+    fail(ErrorKind::invalid_argument, "{}: a directory, not a data file", data.string());
   const std::filesystem::path dir = flags.tokenizer.empty() ? model_dir : std::filesystem::path(flags.tokenizer);
   try {
     return Tokenizer::from_dir(dir);

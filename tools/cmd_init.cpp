@@ -68,6 +68,20 @@ Runner add_init(CLI::App& app) {
     // Never a user's model replaced unasked: a fine-tuned or downloaded checkpoint at --out
     // (a typo away from a fresh directory) would be lost to random weights.
     refuse_replacing_checkpoint(o->out, o->overwrite);
+    {  // The space first, so a refusal leaves no directory behind (OPT-175B is 650 GiB).
+      std::uint64_t need = 0;
+      for (const NamedShape& t : checkpoint_tensors(c)) {
+        std::uint64_t numel = 1;
+        for (auto d : t.shape) numel *= static_cast<std::uint64_t>(d);
+        need += numel * dtype_size(dt);
+      }
+      std::error_code ec;
+      std::filesystem::path existing = std::filesystem::absolute(o->out, ec);
+      while (!std::filesystem::exists(existing, ec) && existing.has_relative_path()) existing = existing.parent_path();
+      if (const auto sp = std::filesystem::space(existing, ec); !ec && sp.available < need)
+        fail(ErrorKind::io, "cannot save checkpoint '{}': it needs {:.2f} GiB, but the file system has {:.2f} GiB free",
+             o->out, static_cast<double>(need) / (1u << 30), static_cast<double>(sp.available) / (1u << 30));
+    }
     RunDirLock lock(o->out);
     ensure_writable_dir(o->out);
     // --overwrite of a saved run layout (current → step-N): its weights would still be what

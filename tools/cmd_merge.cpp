@@ -39,6 +39,11 @@ Runner add_merge(CLI::App& app) {
     SessionConfig sc = session_config(o->dev, false);
     const std::string given = o->model;
     o->lora.apply(o->model, sc);
+    if (sc.peft.prefix > 0)
+      fail(ErrorKind::invalid_argument,
+           "{} is a prefix-tuning adapter ({} virtual tokens per layer): a prefix is extra keys and values, not a change "
+           "of weights, so there is nothing to merge; use it as --adapter with eval, generate or forward",
+           sc.adapter_dir.string(), sc.peft.prefix);
     if (!sc.peft.lora)
       fail(ErrorKind::invalid_argument, "merge needs an adapter: --adapter DIR, or an adapter directory as --model");
     const std::filesystem::path base = resolve_model_dir(o->model);

@@ -71,10 +71,10 @@ Runner add_plan(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--disk-read-rate", o->disk_read, "with --host-mem: the disk's read rate in GB/s (zo2-bench --disk-probe)")
       ->capture_default_str()
-      ->check(finite_range(0, 1e6, /*open_lo=*/true));
+      ->check(finite_range(1e-3, 1e6));
   app.add_option("--disk-write-rate", o->disk_write, "with --host-mem: the disk's write rate in GB/s")
       ->capture_default_str()
-      ->check(finite_range(0, 1e6, /*open_lo=*/true));
+      ->check(finite_range(1e-3, 1e6));
   app.add_flag("--json", o->json, "print the plan as JSON");
   o->rule.add(app);
   o->lora.add(app, /*training=*/true);

@@ -20,6 +20,7 @@ Runner add_synth_data(CLI::App& app) {
     std::string out, model;
     std::int64_t vocab = 0, rows = 256, seq = 32, alphabet = 16;
     std::uint64_t seed = 0;
+    bool overwrite = false;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--out", o->out, "output safetensors file (input_ids I32 [rows, seq])")->required();
@@ -31,7 +32,22 @@ Runner add_synth_data(CLI::App& app) {
       ->check(CLI::Range(2, 1 << 30));
   app.add_option("--alphabet", o->alphabet, "distinct tokens used (the task's difficulty)")->capture_default_str()->check(CLI::Range(2, 1 << 20));
   app.add_option("--seed", o->seed, "random seed")->capture_default_str()->check(seed_value());
+  app.add_flag("--overwrite", o->overwrite, "replace an existing --out file");
   return [o] {
+    // The file: named as the data readers tell formats (by the extension), never over the
+    // model it reads, never replacing a file unasked.
+    {
+      std::string ext = std::filesystem::path(o->out).extension().string();
+      for (char& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      if (ext != ".safetensors")
+        fail(ErrorKind::invalid_argument,
+             "--out {}: synth-data writes a safetensors file; name it *.safetensors (the data readers tell a file's "
+             "format by its extension)",
+             o->out);
+      refuse_output_over_inputs("--out", o->out, {}, {o->model});
+      if (std::error_code ec; !o->overwrite && std::filesystem::exists(o->out, ec))
+        fail(ErrorKind::invalid_argument, "--out {} already exists: choose another file, or pass --overwrite", o->out);
+    }
     std::int64_t vocab = o->vocab;
     if (!o->model.empty()) vocab = ModelConfig::load(resolve_model_dir(o->model)).vocab_size;
     if (vocab <= 0) fail(ErrorKind::invalid_argument, "synth-data needs --vocab V or --model DIR");

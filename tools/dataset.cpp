@@ -712,6 +712,9 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
   d.source_ = file.string();
   d.options_ = options;
   if (!std::filesystem::exists(file)) fail(ErrorKind::io, "{}: no such data file", file.string());
+  // A directory would read as an empty file ("no examples").
+  if (std::error_code ec; std::filesystem::is_directory(file, ec))
+    fail(ErrorKind::invalid_argument, "{}: a directory, not a data file", file.string());
   const int limit = options.max_len > 0 ? options.max_len : static_cast<int>(config.max_positions);
   if (options.max_len > config.max_positions)
     fail(ErrorKind::invalid_argument, "--max-len {} exceeds the model's max_position_embeddings ({})",

@@ -295,6 +295,7 @@ SeedLog SeedLog::read(const std::filesystem::path& path) {
     e.wd = j.contains("wd") ? f.real("wd") : 0.0f;
     if (!(e.lr >= 0)) fail(ErrorKind::format, "{}: field 'lr' = {} is negative", where, e.lr);
     if (!(e.eps > 0)) fail(ErrorKind::format, "{}: field 'eps' = {} is not positive", where, e.eps);
+    if (!(e.wd >= 0)) fail(ErrorKind::format, "{}: field 'wd' = {} is negative (weight decay is >= 0)", where, e.wd);
     if (j.contains("g_double") && j.at("g_double").is_number()) e.g_double = j.at("g_double").get<double>();
     const RuleConfig& rule = log.header.rule;
     if (rule.directions > 1) {

@@ -161,13 +161,18 @@ py::object as_array_source(py::handle obj, const char* name) {
   return py::reinterpret_borrow<py::object>(obj);
 }
 
-IntMatrix int_matrix(py::handle obj, const char* name, bool allow_bool) {
+IntMatrix int_matrix(py::handle obj, const char* name, bool allow_bool, bool allow_empty = false) {
   IntMatrix m;
   py::object src = as_array_source(obj, name);
   py::array a = py::array::ensure(src);
   if (!a) {
     PyErr_Clear();
     wrong_type(std::string(name) + ": a " + type_name(obj) + " is not an array of integers");
+  }
+  if (a.size() == 0) {  // [] reads as float64 to numpy: "dtype float64" would mislead
+    if (!allow_empty) invalid(std::string(name) + " is empty: no token ids");
+    m.rows = 1;
+    return m;
   }
   const char kind = a.dtype().kind();
   if (!(kind == 'i' || kind == 'u' || (allow_bool && kind == 'b')))
@@ -242,7 +247,7 @@ Batch make_batch(py::handle input_ids, py::handle attention_mask, py::handle lab
 }
 
 std::vector<int32_t> int_list(py::handle obj, const char* name) {
-  IntMatrix m = int_matrix(obj, name, false);
+  IntMatrix m = int_matrix(obj, name, false, /*allow_empty=*/true);
   if (m.rows != 1) invalid(std::string(name) + " must be one-dimensional");
   return std::vector<int32_t>(m.data, m.data + m.cols);
 }

@@ -37,6 +37,19 @@ def test_stubs_match_the_module():
     assert native_functions == functions
 
 
+def test_session_stub_names_every_keyword(tiny):
+    # The stub's keyword-only parameters of Session.__init__ are the module's: the names its
+    # "unknown session parameter" error lists (a type checker would reject any it lacks).
+    tree = ast.parse((Path(zo2.__file__).parent / "_zo2.pyi").read_text())
+    session = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Session")
+    init = next(n for n in session.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    stubbed = {a.arg for a in init.args.kwonlyargs}
+    with pytest.raises(TypeError) as e:
+        zo2.Session(tiny, bogus=1)
+    listed = set(str(e.value).split("(the parameters: ")[1].rstrip(")").split(", "))
+    assert stubbed == listed
+
+
 def test_docstrings():
     for obj in (zo2.Session, zo2.Session.step, zo2.Session.step_choices, zo2.Session.eval, zo2.Session.save,
                 zo2.Session.token_logprobs, zo2.Session.generate, zo2.Session.generate_text, zo2.Model.load, zo2.Tokenizer.encode, zo2.train, zo2.plan):

@@ -284,6 +284,10 @@ def test_choices(tiny):
             s.step_choices(ids, [2, 1], [0, 0], labels=labels)
         with pytest.raises(zo2.InvalidArgumentError, match="group_labels has 1"):
             s.step_choices(ids, [2, 2], [0], labels=labels)
+        with pytest.raises(zo2.InvalidArgumentError, match="option group 0: size -1"):
+            s.step_choices(ids, [-1, 3], [0, 0], labels=labels)
+        with pytest.raises(zo2.InvalidArgumentError, match="input_ids is empty: no token ids"):
+            s.step([])
         assert s.step_index == 1
 
 

@@ -84,6 +84,21 @@ class Session:
         disk_dir: Optional[_Path] = None,
         disk_lag: int = 1,
         disk_staging: int = 0,
+        tile: Union[int, str] = "auto",
+        optimizer: Literal["zo-sgd", "zo-sgd-sign", "zo-sgd-cons", "zo-sgd-momentum", "zo-adam"] = "zo-sgd",
+        directions: int = 1,
+        difference: Literal["central", "forward"] = "central",
+        momentum: float = 0.9,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        adam_eps: float = 1e-8,
+        state_dtype: Literal["fp32", "bf16", "fp8"] = "fp32",
+        resume_state: bool = False,
+        lora_r: int = 0,
+        lora_alpha: float = 16.0,
+        lora_targets: Union[str, Sequence[str]] = "q_proj,v_proj",
+        adapter: Optional[_Path] = None,
+        prefix_tokens: int = 0,
     ) -> None: ...
     @property
     def rank(self) -> int: ...

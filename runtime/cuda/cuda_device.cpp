@@ -381,7 +381,9 @@ class CudaDevice final : public Device {
   explicit CudaDevice(const DeviceOptions& o) : state_(std::make_shared<DeviceState>()) {
     const int count = cuda_device_count();
     if (count == 0)
-      fail(ErrorKind::device, "no CUDA device is available (no GPU, or no driver); use --device cpu");
+      fail(ErrorKind::device,
+           "no CUDA device is available (no GPU, or no driver); use the CPU backend (--device cpu; device \"cpu\" "
+           "in the C API and Python)");
     if (o.index < 0 || o.index >= count)
       fail(ErrorKind::device, "cuda:{} requested but this machine has {} CUDA device(s)", o.index, count);
     state_->index = o.index;

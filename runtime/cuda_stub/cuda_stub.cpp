@@ -11,7 +11,7 @@ std::vector<std::string> cuda_pci_bus_ids() noexcept { return {}; }
 std::unique_ptr<Device> cuda_make_device(const DeviceOptions&) {
   fail(ErrorKind::device,
        "this zo2 was built without CUDA (configure with -DZO2_CUDA=ON on a machine with nvcc); "
-       "use --device cpu");
+       "use the CPU backend (--device cpu; device \"cpu\" in the C API and Python)");
 }
 
 }  // namespace zo2
