@@ -184,6 +184,14 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
     invalid(fmt::format("optimizer '{}' is not one of zo-sgd, zo-sgd-sign, zo-sgd-cons, zo-sgd-momentum, zo-adam",
                         p.optimizer));
   sc.rule.kind = *kind;
+  // The rules' own fields are checked whatever the optimizer: one the rule does not use holds
+  // its default unless the host set it, and a value no rule accepts (beta2 5, a NaN) is a
+  // mistake to say, not to ignore.
+  for (const auto& [name, v] : {std::pair{"momentum", p.momentum}, std::pair{"beta1", p.beta1},
+                                std::pair{"beta2", p.beta2}})
+    if (!(v >= 0.0f && v < 1.0f)) invalid(fmt::format("{} {}: must lie in [0, 1) (checked for every optimizer)", name, v));
+  if (!(p.adam_eps > 0.0f && std::isfinite(p.adam_eps)))
+    invalid(fmt::format("adam_eps {}: must be a positive number (checked for every optimizer)", p.adam_eps));
   if (!p.difference) invalid("difference is NULL");
   const auto diff = zo2::parse_difference(p.difference);
   if (!diff) invalid(fmt::format("difference '{}' is neither central nor forward", p.difference));

@@ -34,6 +34,7 @@ expect(2 "--compute-dtype ',': name at least one value" --compute-dtype , -q)
 expect(2 "--batch-size '3000000000': not an integer in [1, 10^9)" ${common} --batch-size 3000000000)
 expect(2 "--seq-len '99999999999999999999': not an integer in [2, 10^9)" --presets opt-tiny --seq-len 99999999999999999999)
 expect(2 "-1 is not a seed" ${common} --seed -1)
+expect(2 "--link-probe 1: at least 1M" --presets opt-tiny --seq-len 8 --link-probe 1 -q)
 expect(2 "--plot is for training rows, not --generate" ${common} --generate 2 --plot ${WORK}/g.png)
 expect(2 "--host-mem is for training rows, not --generate" ${common} --generate 2 --host-mem 100K)
 

@@ -848,6 +848,9 @@ int main(int argc, char** argv) {
       if (link_bytes == 0)
         zo2::fail(zo2::ErrorKind::invalid_argument, "--link-probe '{}': expected auto, off or a size (64M, 1G)",
                   link_probe);
+      if (link_bytes < (std::size_t{1} << 20))  // below that, the copies time launch latency, not the link
+        zo2::fail(zo2::ErrorKind::invalid_argument, "--link-probe {}: at least 1M (a rate needs a copy that takes time)",
+                  link_probe);
     }
     if (!python.empty() && python.find('/') != std::string::npos && !fs::exists(python))
       zo2::fail(zo2::ErrorKind::invalid_argument, "--python '{}': no such file", python);

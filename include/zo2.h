@@ -186,6 +186,8 @@ typedef struct zo2_session_params {
 
     // The update rule (zo2-tune train --optimizer; README "Update rules"). Appended after the
     // fields above, which keep their offsets. The defaults are the one-direction ZO-SGD above.
+    // momentum, beta1, beta2 and adam_eps are range-checked whatever the optimizer (a value
+    // no rule accepts is an error, not ignored); state_dtype is read by the stateful rules only.
     const char * optimizer;      // "zo-sgd", "zo-sgd-sign", "zo-sgd-cons", "zo-sgd-momentum", "zo-adam". Default "zo-sgd".
     int32_t  directions;         // q random directions per step, 1..64 (each one more forward pass; lr/q each). Default 1.
     const char * difference;     // "central" (L(θ+εz) − L(θ−εz))/2ε or "forward" (L(θ+εz) − L(θ))/ε. Default "central".

@@ -556,12 +556,13 @@ TEST_F(CApi, BadUpdateRuleFieldsAreRefusedNamingTheField) {
     zo2_plan_result plan;
     EXPECT_ERROR(zo2_plan(model_, &p, &plan), invalid, "directions 65");
   }
-  // Fields of another rule are ignored, as the header's defaults imply: zo-sgd with a state
-  // dtype or an Adam β it does not use opens and steps.
+  // The rules' numbers are range-checked whatever the optimizer (a value no rule takes is a
+  // mistake, not ignored); a state dtype zo-sgd does not use is left alone.
+  EXPECT_ERROR(init_with([](auto& p) { p.beta1 = 5.0f; }), invalid, "beta1 5", "checked for every optimizer");
+  EXPECT_ERROR(init_with([](auto& p) { p.momentum = -1.0f; }), invalid, "momentum -1", "checked for every optimizer");
+  EXPECT_ERROR(init_with([](auto& p) { p.adam_eps = NAN; }), invalid, "adam_eps nan", "checked for every optimizer");
   zo2_session_params p = params();
   p.state_dtype = "fp16";
-  p.beta1 = 5.0f;
-  p.momentum = -1.0f;
   open(p);
   ASSERT_NE(session_, nullptr);
   const zo2_batch b = batch();

@@ -649,6 +649,16 @@ TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
             0);
   EXPECT_NE(read_file(w.tmp / "rp2" / "model.safetensors"), full_weights);
   EXPECT_FALSE(fs::exists(w.tmp / "rp2" / "step-00000004"));
+  // A model of another shape is not a copy of the run's base: refused, not warned of.
+  ASSERT_EQ(run("init --preset llama-tiny --out " + (w.tmp / "llama").string() + " -q"), 0);
+  out.clear();
+  EXPECT_EQ(run("replay --model " + (w.tmp / "llama").string() + " --seed-log " + (full / "seed_log.jsonl").string() +
+                    " --out " + (w.tmp / "rp3").string(),
+                &out),
+            2);
+  EXPECT_NE(out.find("(llama, 2 layers"), std::string::npos) << out;
+  EXPECT_NE(out.find("is not the model the seed log's run tuned"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "rp3"));
   // A plain checkpoint as --out.
   out.clear();
   EXPECT_EQ(run("train --model " + w.model.string() + data + " --out " + w.model.string() + "-copy", &out), 0) << out;
@@ -859,6 +869,20 @@ TEST(Cli, TokenDataWithNothingToPredictIsRefusedByName) {
   EXPECT_EQ(run("forward" + m + " --inputs " + all_padding + " --out " + o + "2.safetensors", &(out = "")), 1) << out;
   EXPECT_NE(out.find(all_padding + ": nothing to predict"), std::string::npos) << out;
   EXPECT_FALSE(fs::exists(o + "2.safetensors"));
+  // Sequences of one token: said so (the mask is not to blame).
+  std::vector<std::int32_t> single{5, 6, 7};
+  std::vector<TensorToWrite> t1{{"input_ids", DType::i32, {3, 1}, single.data(), {}}};
+  write_safetensors(w.tmp / "t1.safetensors", t1);
+  const std::string t1_file = (w.tmp / "t1.safetensors").string();
+  EXPECT_EQ(run("forward" + m + " --inputs " + t1_file + " --out " + o + "3.safetensors", &(out = "")), 1) << out;
+  EXPECT_NE(out.find("sequences of 1 token: a causal LM predicts each token from the ones before it"),
+            std::string::npos)
+      << out;
+  EXPECT_EQ(run("eval" + m + " --data " + t1_file, &(out = "")), 1) << out;
+  EXPECT_NE(out.find(t1_file + ": sequence 0 has nothing to predict: it has 1 token"), std::string::npos) << out;
+  // eval's --max-new-tokens is for generated answers (squad, drop) only.
+  EXPECT_EQ(run("eval" + m + " --data " + w.data.string() + " --max-new-tokens 7", &(out = "")), 2) << out;
+  EXPECT_NE(out.find("--max-new-tokens is for squad and drop"), std::string::npos) << out;
 }
 
 }  // namespace

@@ -62,7 +62,7 @@ Runner add_eval(CLI::App& app) {
   o->dev.add(app);
   o->data_flags.add(app);
   o->lora.add(app, /*training=*/false);
-  return [o, num] {
+  return [o, num, app_ptr = &app] {
     // Flags first (api/options.h, shared with the C API), then the files.
     check_integer(Opt::batch_size, o->batch, OptionSource::cli);
     if (num->count() > 0) check_integer(Opt::num_eval, o->num, OptionSource::cli);
@@ -79,6 +79,9 @@ Runner add_eval(CLI::App& app) {
     sc.max_batch = static_cast<int>(std::min<std::int64_t>(o->batch, data.size())) * data.max_candidates();
     sc.max_seq = data.longest();
     const bool generate = task_is_generation(data.task()) && o->max_new > 0;
+    if (!task_is_generation(data.task()) && app_ptr->get_option("--max-new-tokens")->count() > 0)
+      fail(ErrorKind::invalid_argument,
+           "--max-new-tokens is for squad and drop (generated answers); {} is scored by its loss alone", o->data);
     int gen_rows = 0;
     if (generate) {
       // Room for the prompt and the new tokens (MeZO cuts the prompt to leave it); the

@@ -54,8 +54,10 @@ Runner add_forward(CLI::App& app) {
     if (batch.target_count() == 0)
       fail(ErrorKind::format, "{}: nothing to predict: no position of its {} sequences has a target token ({})",
            o->inputs, t.rows,
-           t.labels.empty() ? "the attention_mask is 0 after each sequence's first position"
-                            : "every label after each sequence's first position is -100");
+           t.seq < 2 ? fmt::format("sequences of {} token: a causal LM predicts each token from the ones before "
+                                   "it, so a sequence needs at least 2", t.seq)
+           : t.labels.empty() ? std::string("the attention_mask is 0 after each sequence's first position")
+                              : std::string("every label after each sequence's first position is -100"));
     sc.max_batch = static_cast<int>(t.rows);
     sc.max_seq = static_cast<int>(t.seq);
     sc.logits_out = true;

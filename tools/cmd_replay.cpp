@@ -59,6 +59,17 @@ Runner add_replay(CLI::App& app) {
       const std::filesystem::path given = resolve_model_dir(o->model), logged(log.header.base_model);
       const bool same = same_directory(given, logged) ||
                         (std::filesystem::exists(logged / "config.json", ec) && same_directory(given, resolve_model_dir(logged)));
+      if (!same && std::filesystem::exists(resolve_model_dir(logged) / "config.json", ec)) {
+        // Another shape is not a copy: the updates would land on other tensors.
+        const ModelConfig a = ModelConfig::load(given), b = ModelConfig::load(resolve_model_dir(logged));
+        if (a.family_name() != b.family_name() || a.num_layers != b.num_layers || a.hidden_size != b.hidden_size ||
+            a.vocab_size != b.vocab_size)
+          fail(ErrorKind::invalid_argument,
+               "--model {} ({}, {} layers, hidden {}, vocabulary {}) is not the model the seed log's run tuned: {} ({}, "
+               "{} layers, hidden {}, vocabulary {})",
+               o->model, a.family_name(), a.num_layers, a.hidden_size, a.vocab_size, log.header.base_model,
+               b.family_name(), b.num_layers, b.hidden_size, b.vocab_size);
+      }
       if (!same)
         log_warn("--model {} is not the checkpoint the seed log's run started from ({}): unless it is a copy of it, the "
                  "replayed weights are not the run's",

@@ -908,8 +908,11 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
           bad > 1 ? fmt::format(" ({} of the {} examples have nothing to predict)", bad, d.examples_.size()) : "";
       if (d.format_ == DataFormat::tokens) {
         fail(ErrorKind::format, "{}: sequence {} has nothing to predict: {}{}", file.string(), first->line - 1,
-             token_labels ? "every label after its first position is -100"
-                          : "its attention_mask is 0 at every position after the first",
+             first->seqs[first_seq].ids.size() < 2
+                 ? std::string("it has 1 token, and a causal LM predicts each token from the ones before it (a "
+                               "sequence needs at least 2)")
+             : token_labels ? std::string("every label after its first position is -100")
+                            : std::string("its attention_mask is 0 at every position after the first"),
              count);
       }
       fail(ErrorKind::format, "{}:{}: nothing to predict: {} has no token after the first position to score{}",

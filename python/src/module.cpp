@@ -392,6 +392,7 @@ uint64_t size_arg(py::handle v, const char* name, zo2::Opt opt) {
 
 Params parse_params(const py::kwargs& kw) {
   Params P;
+  std::vector<std::string> rule_keys;  // the update rule's own keywords given (checked below, as the CLI's flags)
   for (auto item : kw) {
     const std::string key = item.first.cast<std::string>();
     py::handle v = item.second;
@@ -476,9 +477,11 @@ Params parse_params(const py::kwargs& kw) {
     } else if (key == "difference") {
       P.difference = str_arg(v, k);
     } else if (key == "momentum" || key == "beta1" || key == "beta2" || key == "adam_eps") {
+      rule_keys.push_back(key);
       const auto x = static_cast<float>(real_arg(v, k));
       (key == "momentum" ? P.p.momentum : key == "beta1" ? P.p.beta1 : key == "beta2" ? P.p.beta2 : P.p.adam_eps) = x;
     } else if (key == "state_dtype") {
+      rule_keys.push_back(key);
       P.state_dtype = str_arg(v, k);
     } else if (key == "prefix_tokens") {
       P.p.prefix_tokens = int32_arg(v, k);
@@ -512,6 +515,17 @@ Params parse_params(const py::kwargs& kw) {
       PyErr_SetString(PyExc_TypeError, ("unknown session parameter '" + key + "' (the parameters: " + names + ")").c_str());
       throw py::error_already_set();
     }
+  }
+  // A rule's keyword given for a rule without it would be ignored without a word: refused,
+  // as zo2-tune's flags are (tools/cli.cpp, RuleFlags::config).
+  const std::string& opt = P.optimizer;
+  const bool has_state = opt == "zo-sgd-momentum" || opt == "zo-adam";
+  for (const std::string& key : rule_keys) {
+    if (!has_state && (opt == "zo-sgd" || opt == "zo-sgd-sign" || opt == "zo-sgd-cons"))
+      invalid(key + " applies to optimizer zo-sgd-momentum or zo-adam, not '" + opt + "'");
+    if ((opt == "zo-sgd-momentum" && key != "momentum" && key != "state_dtype") ||
+        (opt == "zo-adam" && key == "momentum"))
+      invalid(key + " does not apply to optimizer '" + opt + "'");
   }
   return P;  // the caller calls fix_pointers() once P is where it stays
 }

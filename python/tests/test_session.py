@@ -128,6 +128,10 @@ def test_parameter_round_trips(tiny, tmp_path, name):
         kw["host_mem"] = "8M"  # a disk directory serves a host memory cap (this model fits under it)
     if name == "generate_seqs":
         kw["training"] = False  # generation needs an eval-only session
+    if name == "momentum":
+        kw["optimizer"] = "zo-sgd-momentum"  # a rule's own keyword is refused for another rule
+    if name in ("beta1", "beta2", "adam_eps", "state_dtype"):
+        kw["optimizer"] = "zo-adam"
     defaults = zo2.Session(tiny, max_seqs=2, max_seq_len=16).params
     with zo2.Session(tiny, **kw) as s:
         p = s.params
