@@ -284,8 +284,8 @@ DiskTier::DiskTier(Device& device, const fs::path& dir, std::vector<std::int64_t
     ::close(lock_fd);
     std::string holder = n > 0 ? std::string(pid, static_cast<std::size_t>(n)) : "?";
     while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
-    if (e == EWOULDBLOCK)
-      fail(ErrorKind::invalid_argument,
+    if (e == EWOULDBLOCK)  // a busy directory, as a busy --out: the machine's state, exit 1 (ZO2_ERR_IO)
+      fail(ErrorKind::io,
            "--disk-dir {}: another zo2 process (pid {}) is using this directory for its disk tier; two runs would "
            "overwrite each other's block images — choose another --disk-dir",
            dir.string(), holder);
@@ -308,7 +308,18 @@ DiskTier::DiskTier(Device& device, const fs::path& dir, std::vector<std::int64_t
   }
   try {
     if (reuse) {
-      impl_ = std::make_unique<Impl>(BlockFile::open(path, file_options));
+      // A file that no longer reads (cut short, its header damaged) is a cache lost, not the
+      // run's state: the checkpoint and the seed log rebuild it.
+      try {
+        impl_ = std::make_unique<Impl>(BlockFile::open(path, file_options));
+      } catch (const Error& e) {
+        if (e.kind() != ErrorKind::format && e.kind() != ErrorKind::io) throw;
+        log_warn("--disk-dir {}: the block file there does not read back ({}); it is written anew from the checkpoint",
+                 dir.string(), e.what());
+        reuse = false;
+      }
+    }
+    if (reuse) {
       if (impl_->file.count() != 2 * blocks_.size() || impl_->file.block_bytes() != image_bytes) {
         log_info("--disk-dir {}: the block file there has another shape; it is written anew", dir.string());
         impl_.reset();

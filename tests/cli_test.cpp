@@ -380,6 +380,19 @@ TEST(Cli, OffloadedDiskTierTrainingWritesTheSameCheckpointAsRam) {
     EXPECT_NE(log.find("\"disk_read_bytes\""), std::string::npos) << log;
   }
   EXPECT_TRUE(fs::exists(w.tmp / "disk" / "zo2-blocks.img"));
+  // A block file cut short (a cache, not the run's state) is rebuilt from the checkpoint: the
+  // resume ends with the all-in-RAM bits.
+  {
+    const fs::path cut = w.tmp / "cut";
+    ASSERT_EQ(run("train" + common + " --out " + cut.string() + " --host-mem 400K --disk-staging 1 --disk-dir " +
+                  (w.tmp / "disk-cut").string() + " --stop-at 3"),
+              0);
+    fs::resize_file(w.tmp / "disk-cut" / "zo2-blocks.img", 1000);
+    out.clear();
+    ASSERT_EQ(run("train --resume " + cut.string() + " --out " + cut.string(), &out), 0) << out;
+    EXPECT_NE(out.find("the block file there does not read back"), std::string::npos) << out;
+    EXPECT_EQ(read_file(w.tmp / "ram" / "model.safetensors"), read_file(cut / "model.safetensors"));
+  }
   // plan shows the tiers; the flags are checked like every other.
   ASSERT_EQ(run("plan --model " + w.model.string() + " --gpu-mem 1G --offload all --window 2 --batch-size 2 "
                 "--seq-len 32 --host-mem 400K --disk-staging 1",
@@ -592,6 +605,9 @@ TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
   out.clear();
   EXPECT_EQ(run("train --resume " + a.string() + " --out " + a.string() + " --steps 1", &out), 2);
   EXPECT_NE(out.find("--steps 1: the run in " + a.string() + " is already at step 2"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run("train --resume " + a.string() + " --out " + a.string() + " --stop-at 2", &out), 2);
+  EXPECT_NE(out.find("--stop-at 2: the run in " + a.string() + " is already at step 2"), std::string::npos) << out;
   out.clear();
   EXPECT_EQ(run("train --model " + w.model.string() + data + " --out ''", &out), 2);
   EXPECT_NE(out.find("--out '': name the run directory"), std::string::npos) << out;

@@ -489,6 +489,10 @@ Runner add_train(CLI::App& app) {
       if (given.steps->count() > 0 && first_step > o->steps)
         fail(ErrorKind::invalid_argument, "--steps {}: the run in {} is already at step {}; give at least that many",
              o->steps, o->resume, first_step);
+      if (o->stop_at > 0 && o->stop_at <= first_step)
+        fail(ErrorKind::invalid_argument,
+             "--stop-at {}: the run in {} is already at step {}; a resume stops at a later step (or drop --stop-at)",
+             o->stop_at, o->resume, first_step);
       st.require(first_step >= 0 && first_step <= o->steps, "next_step",
                  fmt::format("between 0 and total_steps = {}", o->steps));
       if (ck.step >= 0 && ck.step != first_step)
