@@ -501,6 +501,20 @@ std::vector<std::string> foreign_checkpoint_files(const fs::path& dir) {
   return out;
 }
 
+fs::path training_run_of_checkpoint(const fs::path& dir) {
+  std::error_code ec;
+  const fs::path p = fs::weakly_canonical(fs::absolute(dir, ec), ec);
+  if (ec || p.filename().empty()) return {};
+  // current resolves to step-N; a path written through `current` ends in its name.
+  const std::string name = p.filename().string();
+  const std::string given = fs::absolute(dir, ec).lexically_normal().filename().string();
+  const bool checkpoint_name = is_step_dir_name(name) || name.rfind(".step-", 0) == 0 || given == kRunCurrent;
+  if (!checkpoint_name) return {};
+  const fs::path run = p.parent_path();
+  if (fs::exists(run / kRunSeedLog, ec)) return run;
+  return {};
+}
+
 bool same_directory(const fs::path& a, const fs::path& b) {
   std::error_code ec;
   const bool same = fs::equivalent(a, b, ec);

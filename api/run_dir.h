@@ -103,6 +103,12 @@ bool holds_run(const std::filesystem::path& dir);
 // link. Empty when DIR does not exist or holds none of them.
 std::vector<std::string> foreign_checkpoint_files(const std::filesystem::path& dir);
 
+// The training run (a directory holding a seed log) whose checkpoint DIR is — DIR being the
+// run's `current`, one of its step directories or a step directory in the making
+// (.step-N) — after following links; empty otherwise. Another writer there would replace
+// the weights the run's resume starts from.
+std::filesystem::path training_run_of_checkpoint(const std::filesystem::path& dir);
+
 // Whether two paths name the same directory (after following links); false if either is missing.
 bool same_directory(const std::filesystem::path& a, const std::filesystem::path& b);
 

@@ -545,6 +545,12 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
     fail(ErrorKind::invalid_argument,
          "{}: holds a training run (its {}), which this session's checkpoint would replace: choose another directory",
          out_dir.string(), kRunSeedLog);
+  if (const std::filesystem::path run = training_run_of_checkpoint(out_dir);
+      !run.empty() && !(seed_log_ && same_directory(seed_log_->path().parent_path(), run)))
+    fail(ErrorKind::invalid_argument,
+         "{}: is a checkpoint of the training run {}, which this session's save would replace: choose another "
+         "directory",
+         out_dir.string(), run.string());
   try {
     if (!adapters_) store_->check_finite(dtype);
   } catch (const Error& e) {

@@ -654,13 +654,14 @@ int main(int argc, char** argv) {
       ->capture_default_str();  // range: api/options.cpp, checked below with the device
   app.add_option("--seed", seed, "init and run seed")
       ->capture_default_str()
-      ->check(CLI::Validator(
-          [](const std::string& text) -> std::string {  // CLI11 would wrap -1 and saturate 2^64
+      ->transform(CLI::Validator(
+          [](std::string& text) -> std::string {  // CLI11 would wrap -1, saturate 2^64 and read 010 as octal
             std::uint64_t v = 0;
             const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-            return text.empty() || ec != std::errc() || end != text.data() + text.size()
-                       ? text + " is not a seed: an integer in [0, 2^64)"
-                       : std::string();
+            if (text.empty() || ec != std::errc() || end != text.data() + text.size())
+              return text + " is not a seed: an integer in [0, 2^64)";
+            text.erase(0, std::min(text.find_first_not_of('0'), text.size() - 1));
+            return std::string();
           },
           "SEED"));
   app.add_flag("--alias-blocks", alias, "every block shares one host image (shapes beyond host memory; rows labelled synthetic)");

@@ -605,6 +605,26 @@ TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
   out.clear();
   EXPECT_EQ(run("train --resume " + a.string() + " --out " + a.string() + " --steps 1", &out), 2);
   EXPECT_NE(out.find("--steps 1: the run in " + a.string() + " is already at step 2"), std::string::npos) << out;
+  // --log-json never writes over a file that is not a JSON log (another run's seed log or
+  // weights, a model's config.json, notes), on a new run or a resume.
+  for (const fs::path& victim : {full / "seed_log.jsonl", w.model / "config.json", w.tmp / "notes.txt"}) {
+    if (!fs::exists(victim)) std::ofstream(victim) << "my notes\n{\"step\": 1}\n";
+    const std::string before = read_file(victim);
+    for (const std::string& cmd : {"train --model " + w.model.string() + data + " --out " + (w.tmp / "lj").string(),
+                                   "train --resume " + a.string() + " --out " + a.string()}) {
+      out.clear();
+      EXPECT_EQ(run(cmd + " --log-json " + victim.string(), &out), 2) << cmd << "\n" << out;
+      EXPECT_NE(out.find("--log-json " + victim.string() + ": "), std::string::npos) << out;
+      EXPECT_EQ(read_file(victim), before) << victim;
+    }
+  }
+  // A seed is decimal as written: 010 is 10 (not octal 8), 09 is 9.
+  for (const auto& [written, value] : {std::pair{"010", "10"}, std::pair{"09", "9"}}) {
+    const fs::path o = w.tmp / (std::string("seed") + written);
+    ASSERT_EQ(run("train --model " + w.model.string() + data + " --out " + o.string() + " --seed " + written), 0);
+    EXPECT_NE(read_file(o / "seed_log.jsonl").find(std::string("\"run_seed\":") + value + ","), std::string::npos)
+        << read_file(o / "seed_log.jsonl");
+  }
   out.clear();
   EXPECT_EQ(run("train --resume " + a.string() + " --out " + a.string() + " --stop-at 2", &out), 2);
   EXPECT_NE(out.find("--stop-at 2: the run in " + a.string() + " is already at step 2"), std::string::npos) << out;
@@ -665,6 +685,11 @@ TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
             0);
   EXPECT_NE(read_file(w.tmp / "rp2" / "model.safetensors"), full_weights);
   EXPECT_FALSE(fs::exists(w.tmp / "rp2" / "step-00000004"));
+  // A new directory inside a run is not one of its checkpoints: allowed.
+  ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (full / "seed_log.jsonl").string() +
+                " --out " + (full / "rebuilt").string() + " -q"),
+            0);
+  EXPECT_EQ(read_file(full / "rebuilt" / "model.safetensors"), full_weights);
   // A model of another shape is not a copy of the run's base: refused, not warned of.
   ASSERT_EQ(run("init --preset llama-tiny --out " + (w.tmp / "llama").string() + " -q"), 0);
   out.clear();
@@ -783,17 +808,30 @@ TEST(Cli, NonFiniteWeightsInACheckpointAreRefusedByName) {
   EXPECT_EQ(run("eval --model " + m.string() + " --data " + w.data.string() + " --storage-dtype bf16", &out), 0) << out;
   // Nor is it saved as infinity: --save-dtype fp16 of an fp32 run (train, replay) and merge
   // refuse, naming the tensor; bf16 holds it.
+  // train checks before its first step (not after hours of them), and leaves no run behind.
   const fs::path o = w.tmp / "o16";
   EXPECT_EQ(run("train --model " + m.string() + " --data " + w.data.string() + " --out " + o.string() +
                     " --steps 1 --save-dtype fp16",
                 &(out = "")),
-            1)
+            2)
       << out;
-  EXPECT_NE(out.find("not saved at step 1: tensor '" + tensor + "' (block 1) holds 1000000 at element 3, beyond "
+  EXPECT_NE(out.find("--save-dtype fp16: tensor '" + tensor + "' (block 1) holds 1000000 at element 3, beyond "
                      "fp16's range: it would be saved as infinity"),
             std::string::npos)
       << out;
   EXPECT_FALSE(fs::exists(o / "model.safetensors"));
+  EXPECT_FALSE(fs::exists(o / "seed_log.jsonl"));
+  EXPECT_EQ(run("train --model " + m.string() + " --data " + w.data.string() + " --out " + o.string() + " --steps 1 -q",
+                &(out = "")),
+            0)
+      << out;
+  // replay checks at its save.
+  EXPECT_EQ(run("replay --model " + m.string() + " --seed-log " + (o / "seed_log.jsonl").string() + " --out " +
+                    (w.tmp / "r16").string() + " --save-dtype fp16",
+                &(out = "")),
+            1)
+      << out;
+  EXPECT_NE(out.find("not saved at step 1: tensor '" + tensor + "' (block 1) holds"), std::string::npos) << out;
   EXPECT_EQ(run("train --model " + m.string() + " --data " + w.data.string() + " --out " + (w.tmp / "ob").string() +
                     " --steps 1 --save-dtype bf16 -q",
                 &(out = "")),

@@ -43,9 +43,17 @@ void check_output_file(const char* flag, const std::filesystem::path& out) {
     fail(ErrorKind::invalid_argument, "{} {} is a directory: name the file to write", flag, out.string());
   // The directories the write will make (nothing is made now: a refused command leaves no
   // trace): the nearest one that exists must be a writable directory.
+  if (fs::is_symlink(fs::symlink_status(out, ec)) && !fs::exists(out, ec))
+    fail(ErrorKind::invalid_argument, "{} {} is a link to nothing ({}): name the file to write", flag, out.string(),
+         fs::read_symlink(out, ec).string());
   const fs::path parent = fs::absolute(out, ec).parent_path();
   fs::path existing = parent;
-  while (!fs::exists(existing, ec) && existing.has_relative_path()) existing = existing.parent_path();
+  while (!fs::exists(existing, ec) && existing.has_relative_path()) {
+    if (fs::is_symlink(fs::symlink_status(existing, ec)))  // a dangling link: the write could not make it
+      fail(ErrorKind::io, "{} {}: cannot create the directory {}: {} is a link to nothing", flag, out.string(),
+           parent.string(), existing.string());
+    existing = existing.parent_path();
+  }
   if (!fs::is_directory(existing, ec))
     fail(ErrorKind::io, "{} {}: cannot create the directory {}: {} is not a directory", flag, out.string(),
          parent.string(), existing.string());
@@ -72,7 +80,7 @@ void refuse_replacing_checkpoint(const std::filesystem::path& out, bool overwrit
          "--out {} holds a training run (its seed log {}): writing a checkpoint there would leave the run's seed log "
          "and weights disagreeing; choose another --out (train --overwrite replaces a run)",
          out.string(), kRunSeedLog);
-  if (const fs::path run = p.parent_path(); fs::exists(run / kRunSeedLog, ec))
+  if (const fs::path run = training_run_of_checkpoint(out); !run.empty())
     fail(ErrorKind::invalid_argument,
          "--out {} is a checkpoint of the training run {}: writing there would replace the weights its resume starts "
          "from; choose another --out",
@@ -112,11 +120,13 @@ void refuse_output_over_inputs(const char* flag, const std::filesystem::path& ou
 
 CLI::Validator seed_value() {
   return CLI::Validator(
-      [](const std::string& text) -> std::string {
+      [](std::string& text) -> std::string {
         std::uint64_t v = 0;
         const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
         if (text.empty() || ec != std::errc() || end != text.data() + text.size())
           return fmt::format("{} is not a seed: an integer in [0, 2^64)", text);
+        // Decimal as written: CLI11 would read "010" as octal 8 (and refuse "09").
+        text.erase(0, std::min(text.find_first_not_of('0'), text.size() - 1));
         return {};
       },
       "SEED");

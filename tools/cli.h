@@ -70,8 +70,9 @@ void refuse_output_over_inputs(const char* flag, const std::filesystem::path& ou
 // through (every comparison with it is false).
 CLI::Validator finite_range(double lo, double hi, bool open_lo = false);
 
-// A seed flag's value: digits only, below 2^64 (CLI11 would wrap -1 to 2^64 - 1 and
-// saturate larger numbers, so two different values would give one seed).
+// A seed flag's value: digits only, below 2^64, read as decimal (CLI11 would wrap -1 to
+// 2^64 - 1, saturate larger numbers and read 010 as octal, so two different values would
+// give one seed). A transform: use with ->transform(seed_value()).
 CLI::Validator seed_value();
 
 // Options every subcommand that runs a model shares.

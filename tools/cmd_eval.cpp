@@ -46,7 +46,7 @@ Runner add_eval(CLI::App& app) {
   app.add_option("--batch-size,--per_device_eval_batch_size", o->batch, "examples per forward pass")
       ->capture_default_str();
   auto* num = app.add_option("--num-eval,--num_eval", o->num, "evaluate a seeded sample of N examples");
-  app.add_option("--data-seed", o->seed, "seed of --num-eval's sample")->capture_default_str()->check(seed_value());
+  app.add_option("--data-seed", o->seed, "seed of --num-eval's sample")->capture_default_str()->transform(seed_value());
   app.add_flag("--json", o->json, "print the result as JSON");
   app.add_option("--max-new-tokens,--max_new_tokens", o->max_new,
                  "squad/drop: greedy decoding of up to N tokens per answer for F1/EM (MeZO's 50; 0: only the gold "

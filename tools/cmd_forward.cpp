@@ -78,6 +78,10 @@ Runner add_forward(CLI::App& app) {
       const std::int64_t dim = static_cast<std::int64_t>(hidden[i].size()) / n;
       out.push_back({names[i], DType::f32, {t.rows, t.seq, dim}, hidden[i].data(), {}});
     }
+    {  // its directories, as check_output_file promised the writer makes them
+      std::error_code ec;
+      std::filesystem::create_directories(std::filesystem::absolute(o->out, ec).parent_path(), ec);
+    }
     write_safetensors(o->out, out, {{"producer", "zo2-tune forward"}});
     log_info("forward: {} × {} tokens on {}, loss {:.6f}, device peak {}", t.rows, t.seq,
              session.device().name(), loss, format_bytes(static_cast<double>(session.device_peak())));

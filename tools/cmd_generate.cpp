@@ -83,7 +83,7 @@ Runner add_generate(CLI::App& app) {
   auto* greedy = app.add_flag("--greedy", o->greedy, "greedy decoding (the default without --temperature/--top-p)");
   auto* temp = app.add_option("--temperature", o->temperature, "sample from softmax(logits / T)");
   auto* top_p = app.add_option("--top-p,--top_p", o->top_p, "nucleus sampling: keep the most likely tokens up to this mass");
-  auto* seed = app.add_option("--seed", o->seed, "seed of the sampling draws")->capture_default_str()->check(seed_value());
+  auto* seed = app.add_option("--seed", o->seed, "seed of the sampling draws")->capture_default_str()->transform(seed_value());
   greedy->excludes(temp)->excludes(top_p)->excludes(seed);
   app.add_option("--stop", o->stops, "stop a prompt's text at this string (repeatable; the string is cut off)");
   app.add_flag("--ignore-eos", o->ignore_eos, "do not stop at the tokenizer's end-of-sequence token");

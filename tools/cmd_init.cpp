@@ -33,7 +33,7 @@ Runner add_init(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   app.add_option("--preset", o->preset, "model shape (see --list)");
   app.add_option("--out", o->out, "output directory");
-  app.add_option("--seed", o->seed, "init seed")->capture_default_str()->check(seed_value());
+  app.add_option("--seed", o->seed, "init seed")->capture_default_str()->transform(seed_value());
   app.add_option("--dtype", o->dtype, "fp32, bf16 or fp16")->capture_default_str();
   app.add_option("--shard-size", o->shard, "largest safetensors shard (HF sharding above it)")->capture_default_str();
   app.add_option("--tokenizer", o->tokenizer,

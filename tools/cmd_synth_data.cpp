@@ -31,7 +31,7 @@ Runner add_synth_data(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(2, 1 << 30));
   app.add_option("--alphabet", o->alphabet, "distinct tokens used (the task's difficulty)")->capture_default_str()->check(CLI::Range(2, 1 << 20));
-  app.add_option("--seed", o->seed, "random seed")->capture_default_str()->check(seed_value());
+  app.add_option("--seed", o->seed, "random seed")->capture_default_str()->transform(seed_value());
   app.add_flag("--overwrite", o->overwrite, "replace an existing --out file");
   return [o] {
     // The file: named as the data readers tell formats (by the extension), never over the
@@ -45,7 +45,8 @@ Runner add_synth_data(CLI::App& app) {
              "format by its extension)",
              o->out);
       refuse_output_over_inputs("--out", o->out, {}, {o->model});
-      if (std::error_code ec; !o->overwrite && std::filesystem::exists(o->out, ec))
+      if (std::error_code ec; !o->overwrite && (std::filesystem::exists(o->out, ec) ||
+                                                 std::filesystem::is_symlink(std::filesystem::symlink_status(o->out, ec))))
         fail(ErrorKind::invalid_argument, "--out {} already exists: choose another file, or pass --overwrite", o->out);
     }
     std::int64_t vocab = o->vocab;

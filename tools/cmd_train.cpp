@@ -257,7 +257,7 @@ Runner add_train(CLI::App& app) {
   auto* num_train = app.add_option("--num-train,--num_train", o->num_train, "use a seeded sample of N training examples");
   app.add_option("--num-eval,--num_eval", o->num_eval, "use a seeded sample of N evaluation examples");
   auto* shuffle = app.add_flag("--shuffle,!--no-shuffle", o->shuffle, "reshuffle the training examples every epoch (default on)");
-  auto* data_seed = app.add_option("--data-seed", o->data_seed, "seed of the sampling and shuffling (default: --seed)")->check(seed_value());
+  auto* data_seed = app.add_option("--data-seed", o->data_seed, "seed of the sampling and shuffling (default: --seed)")->transform(seed_value());
   app.add_option("--out", o->out, "output directory: tuned checkpoint, seed_log.jsonl, zo2_state.json")->required();
   auto* steps = app.add_option("--steps,--max_steps", o->steps, "total steps")->capture_default_str();
   auto* batch = app.add_option("--batch-size,--per_device_train_batch_size", o->batch, "sequences per step")
@@ -265,7 +265,7 @@ Runner add_train(CLI::App& app) {
   auto* lr = app.add_option("--lr,--learning_rate", o->lr, "learning rate")->capture_default_str();
   auto* eps = app.add_option("--eps,--zo_eps", o->eps, "perturbation scale")->capture_default_str();
   auto* wd = app.add_option("--weight-decay,--weight_decay", o->wd, "weight decay (not on biases and norms)")->capture_default_str();
-  auto* seed = app.add_option("--seed", o->seed, "run seed (step seeds derive from it)")->capture_default_str()->check(seed_value());
+  auto* seed = app.add_option("--seed", o->seed, "run seed (step seeds derive from it)")->capture_default_str()->transform(seed_value());
   auto* sched = app.add_option("--lr-schedule,--lr_scheduler_type", o->schedule, "constant, linear or cosine")
                     ->capture_default_str()->check(CLI::IsMember({"constant", "linear", "cosine"}));
   auto* warm = app.add_option("--warmup-steps,--warmup_steps", o->warmup, "linear warmup steps")->capture_default_str();
@@ -665,12 +665,27 @@ Runner add_train(CLI::App& app) {
           (same_directory(parent.parent_path(), out) && parent.filename().string().starts_with("step-")) ||
           (!o->data.empty() && same_directory(lj, o->data)) || (!o->eval.empty() && same_directory(lj, o->eval)) ||
           same_directory(parent, model_dir) || (!o->model.empty() && same_directory(parent, o->model)) ||
+          (!base_model.empty() && same_directory(parent, resolve_model_dir(base_model))) ||
           (!sc.adapter_dir.empty() && same_directory(parent, sc.adapter_dir)) ||
           (!o->data_flags.tokenizer.empty() && same_directory(parent, o->data_flags.tokenizer)))
         fail(ErrorKind::invalid_argument,
              "--log-json {}: a file this run reads or saves (its seed log, state, checkpoint, model, tokenizer or "
              "data); choose another file",
              o->log_json);
+      // An existing file is written over (a new run) or trimmed (a resume): only ever a JSON
+      // log's — never another run's seed log or weights, a config, or notes.
+      std::error_code ec;
+      if (std::filesystem::is_regular_file(lj, ec) && std::filesystem::file_size(lj, ec) > 0 && !ec) {
+        std::ifstream in(lj, std::ios::binary);
+        std::string first;
+        std::getline(in, first);
+        const json j = json::parse(first, nullptr, /*allow_exceptions=*/false);
+        if (!(j.is_object() && (j.contains("step") || j.contains("eval_after_step"))))
+          fail(ErrorKind::invalid_argument,
+               "--log-json {}: the file exists and is not a JSON log of zo2-tune train (its first line is no step "
+               "record); writing it would lose it: choose another file",
+               o->log_json);
+      }
     }
     check_out_is_free();
 
@@ -809,6 +824,22 @@ Runner add_train(CLI::App& app) {
     log_info("{}", session.placement().describe(config));
     if (comm.size() > 1) log_info("ranks: {}; layout {}", comm.describe(), layout.describe());
 
+    // Weights a narrower save dtype cannot hold are refused now, not at the first save after
+    // hours of steps (which would end the run with nothing saved).
+    if (writer && !sc.peft.any() && save_dtype != DType::f32 && save_dtype != sc.storage) {
+      try {
+        session.store().check_finite(save_dtype);
+      } catch (const Error& e) {
+        // Nothing ran: a new run leaves no seed log behind (it would hold --out as a run
+        // stopped before its first save).
+        session_owner.reset();
+        if (o->resume.empty()) {
+          std::error_code ec;
+          std::filesystem::remove(out / kRunSeedLog, ec);
+        }
+        fail(ErrorKind::invalid_argument, "--save-dtype {}: {}", dtype_name(save_dtype), e.what());
+      }
+    }
     const std::filesystem::path tokenizer_src =
         o->data_flags.tokenizer.empty() ? resolve_model_dir(model_dir) : std::filesystem::path(o->data_flags.tokenizer);
     auto save = [&](std::int64_t next_step) {

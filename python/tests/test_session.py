@@ -340,6 +340,10 @@ def test_seed_log_and_save_never_replace_what_is_there(tiny, tmp_path, tune):
     with zo2.Session(tiny, max_seqs=2, max_seq_len=16) as s:
         with pytest.raises(zo2.InvalidArgumentError, match="holds a training run"):
             s.save(tmp_path / "run")
+        for sub in ("current", "step-00000002"):  # nor one of its checkpoints
+            with pytest.raises(zo2.InvalidArgumentError, match="is a checkpoint of the training run"):
+                s.save(tmp_path / "run" / sub)
+        s.save(tmp_path / "run" / "export")  # a new directory inside it is not
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == run_weights
 
 
