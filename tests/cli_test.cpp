@@ -150,6 +150,7 @@ TEST(Cli, InitRefusesToReplaceACheckpoint) {
   std::ofstream(tmp / "e" / "notes.txt") << "mine";
   EXPECT_EQ(run("init --preset opt-tiny --out " + (tmp / "e").string() + " -q"), 0);
   EXPECT_EQ(read_file(tmp / "e" / "notes.txt"), "mine");
+  EXPECT_FALSE(fs::exists(tmp / "e" / "zo2.lock"));  // a plain checkpoint: nothing beside its files
 }
 
 // Qwen2, Qwen3, Mistral and Gemma 3 through the tool (Note [LLaMA-family variants]): init a tiny
@@ -329,10 +330,17 @@ TEST(Cli, SigintFinishesTheStepSavesAndResumesExactly) {
   const pid_t pid = fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
-    execl("/bin/sh", "sh", "-c", ("exec " + tune() + " train" + common + " --out " + part + " >/dev/null 2>&1").c_str(), nullptr);
+    execl("/bin/sh", "sh", "-c",
+          ("exec " + tune() + " train" + common + " --out " + part + " --log-json " + (w.tmp / "part.jsonl").string() +
+           " >/dev/null 2>&1")
+              .c_str(),
+          nullptr);
     _exit(127);
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  // The signal once steps run (train's handler is in place by its first record): a fixed
+  // sleep raced the start-up on a loaded machine, and the default action killed the process.
+  for (int i = 0; i < 3000 && read_file(w.tmp / "part.jsonl").find('\n') == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   kill(pid, SIGINT);
   int status = 0;
   waitpid(pid, &status, 0);

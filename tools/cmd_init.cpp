@@ -19,6 +19,7 @@
 #include <condition_variable>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <thread>
 
@@ -82,11 +83,15 @@ Runner add_init(CLI::App& app) {
         fail(ErrorKind::io, "cannot save checkpoint '{}': it needs {:.2f} GiB, but the file system has {:.2f} GiB free",
              o->out, static_cast<double>(need) / (1u << 30), static_cast<double>(sp.available) / (1u << 30));
     }
-    RunDirLock lock(o->out);
     ensure_writable_dir(o->out);
     // --overwrite of a saved run layout (current → step-N): its weights would still be what
-    // --model DIR opens, beside the new plain files.
-    if (holds_run(o->out)) remove_run(o->out);
+    // --model DIR opens, beside the new plain files. Removed under the directory's lock (a
+    // plain checkpoint takes none: no zo2.lock beside its files).
+    std::optional<RunDirLock> lock;
+    if (holds_run(o->out)) {
+      lock.emplace(o->out);
+      remove_run(o->out);
+    }
 
     std::vector<TensorToWrite> tensors;
     std::uint64_t total = 0;

@@ -9,6 +9,7 @@
 #include "tools/cli.h"
 
 #include <memory>
+#include <optional>
 
 namespace zo2::cli {
 
@@ -58,9 +59,12 @@ Runner add_merge(CLI::App& app) {
     Session session(base, sc);
     session.adapters()->merge_into(session.store());
     session.store().check_finite(save_dtype);
-    RunDirLock lock(o->out);
     ensure_writable_dir(o->out);
-    if (holds_run(o->out)) remove_run(o->out);  // --overwrite of a saved run layout (see init)
+    std::optional<RunDirLock> lock;
+    if (holds_run(o->out)) {  // --overwrite of a saved run layout (see init)
+      lock.emplace(o->out);
+      remove_run(o->out);
+    }
     session.store().save(o->out, save_dtype, shard);
     const int n = copy_tokenizer_files(base, o->out);
     log_info("merge: {} into {} ({}), written to {} ({} tokenizer files)", sc.adapter_dir.string(), base.string(),
