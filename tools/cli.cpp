@@ -41,11 +41,11 @@ void check_output_file(const char* flag, const std::filesystem::path& out) {
   std::error_code ec;
   if (fs::is_directory(out, ec))
     fail(ErrorKind::invalid_argument, "{} {} is a directory: name the file to write", flag, out.string());
-  // The directories the write will make (nothing is made now: a refused command leaves no
-  // trace): the nearest one that exists must be a writable directory.
   if (fs::is_symlink(fs::symlink_status(out, ec)) && !fs::exists(out, ec))
     fail(ErrorKind::invalid_argument, "{} {} is a link to nothing ({}): name the file to write", flag, out.string(),
          fs::read_symlink(out, ec).string());
+  // The directories the write will make (nothing is made now: a refused command leaves no
+  // trace): the nearest one that exists must be a writable directory.
   const fs::path parent = fs::absolute(out, ec).parent_path();
   fs::path existing = parent;
   while (!fs::exists(existing, ec) && existing.has_relative_path()) {
