@@ -47,6 +47,7 @@
 #include "runtime/device.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
+#include "tools/cli.h"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -56,7 +57,6 @@
 
 #include <algorithm>
 #include <array>
-#include <charconv>
 #include <cerrno>
 #include <cstring>
 #include <chrono>
@@ -654,16 +654,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();  // range: api/options.cpp, checked below with the device
   app.add_option("--seed", seed, "init and run seed")
       ->capture_default_str()
-      ->transform(CLI::Validator(
-          [](std::string& text) -> std::string {  // CLI11 would wrap -1, saturate 2^64 and read 010 as octal
-            std::uint64_t v = 0;
-            const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-            if (text.empty() || ec != std::errc() || end != text.data() + text.size())
-              return text + " is not a seed: an integer in [0, 2^64)";
-            text.erase(0, std::min(text.find_first_not_of('0'), text.size() - 1));
-            return std::string();
-          },
-          "SEED"));
+      ->transform(zo2::cli::seed_value());  // zo2-tune's seeds: decimal digits below 2^64
   app.add_flag("--alias-blocks", alias, "every block shares one host image (shapes beyond host memory; rows labelled synthetic)");
   app.add_option("--jsonl", jsonl, "write one JSON object per row to this file");
   app.add_option("--markdown", markdown, "write the markdown table to this file (always printed)");
