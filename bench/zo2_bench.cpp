@@ -795,6 +795,9 @@ int main(int argc, char** argv) {
                                      std::pair{"--tuning", &tunings}, std::pair{"--optimizer", &optimizers}})
       if (split(*list).empty())
         zo2::fail(zo2::ErrorKind::invalid_argument, "{} '{}': name at least one value", flag, *list);
+      else if (list->front() == ',' || list->back() == ',' || list->find(",,") != std::string::npos)
+        zo2::fail(zo2::ErrorKind::invalid_argument, "{} '{}': an empty item (values are separated by single commas)",
+                  flag, *list);
     // Every cap before the first row: a bad one found hours into a sweep loses its table.
     for (const auto& cap : split(caps))
       if (cap != "none") zo2::parse_size_option(zo2::Opt::gpu_mem, cap, zo2::OptionSource::cli);

@@ -840,6 +840,22 @@ TEST(Cli, NonFiniteWeightsInACheckpointAreRefusedByName) {
             1)
       << out;
   EXPECT_NE(out.find("not saved at step 1: tensor '" + tensor + "' (block 1) holds"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "r16"));  // nor the directory it made (with its lock file)
+  // An existing --out stays (its lock file too: another writer may hold it).
+  fs::create_directories(w.tmp / "r16e" / "deeper");
+  EXPECT_EQ(run("replay --model " + m.string() + " --seed-log " + (o / "seed_log.jsonl").string() + " --out " +
+                    (w.tmp / "r16e").string() + " --save-dtype fp16",
+                &(out = "")),
+            1)
+      << out;
+  EXPECT_TRUE(fs::is_directory(w.tmp / "r16e" / "deeper"));
+  // Parents it made go with it.
+  EXPECT_EQ(run("replay --model " + m.string() + " --seed-log " + (o / "seed_log.jsonl").string() + " --out " +
+                    (w.tmp / "r16p" / "a" / "b").string() + "/ --save-dtype fp16",
+                &(out = "")),
+            1)
+      << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "r16p"));
   EXPECT_EQ(run("train --model " + m.string() + " --data " + w.data.string() + " --out " + (w.tmp / "ob").string() +
                     " --steps 1 --save-dtype bf16 -q",
                 &(out = "")),

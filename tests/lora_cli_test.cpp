@@ -173,6 +173,9 @@ TEST(LoraCli, BadLoraFlagsAreUsageErrors) {
       {"--prefix-tuning --lora", "--prefix-tuning"},
       {"--num-prefix 4", "--num-prefix"},
       {"--prefix-tuning --num-prefix 0", "--num-prefix 0"},
+      // The adapters are saved in fp32: a narrower --save-dtype would be ignored.
+      {"--lora --save-dtype fp16", "--save-dtype fp16: an adapter run (LoRA r 8"},
+      {"--prefix-tuning --save-dtype bf16", "--save-dtype bf16: an adapter run (prefix tuning"},
   };
   for (const auto& [flags, needle] : cases) {
     std::string out;

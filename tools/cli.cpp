@@ -466,6 +466,28 @@ std::size_t planning_cap(const SessionConfig& sc) {
   return std::size_t{1} << 50;
 }
 
+NewOutputDir::NewOutputDir(const std::filesystem::path& dir) {
+  std::error_code ec, not_found;  // symlink_status reports a missing path in its error code
+  for (std::filesystem::path p = std::filesystem::absolute(dir, ec).lexically_normal();
+       !ec && p.has_relative_path() && !std::filesystem::exists(std::filesystem::symlink_status(p, not_found));
+       p = p.parent_path()) {
+    if (p.filename().empty()) continue;  // "dir/" normalizes to a trailing empty name
+    made_.push_back(p);
+  }
+}
+
+NewOutputDir::~NewOutputDir() {
+  std::error_code ec;
+  for (const auto& p : made_) {
+    bool only_lock = std::filesystem::is_directory(std::filesystem::symlink_status(p, ec));
+    for (std::filesystem::directory_iterator it(p, ec), end; only_lock && !ec && it != end; it.increment(ec))
+      only_lock = it->path().filename() == kRunLockFile;
+    if (!only_lock || ec) return;
+    std::filesystem::remove(p / kRunLockFile, ec);
+    if (!std::filesystem::remove(p, ec)) return;  // not empty after all: keep it and its parents
+  }
+}
+
 void ensure_writable_dir(const std::filesystem::path& dir) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);

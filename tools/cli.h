@@ -54,6 +54,22 @@ void check_output_file(const char* flag, const std::filesystem::path& out);
 // (unless `overwrite`). Call before any work.
 void refuse_replacing_checkpoint(const std::filesystem::path& out, bool overwrite);
 
+// A checkpoint directory a command is about to create (replay): destroyed before keep() (the
+// command failed), it is removed again with the parents it made, if it holds nothing but
+// zo2's lock file, so a refused command leaves no empty directory behind. Declare it before
+// the directory's RunDirLock, which is then released first.
+class NewOutputDir {
+ public:
+  explicit NewOutputDir(const std::filesystem::path& dir);
+  ~NewOutputDir();
+  NewOutputDir(const NewOutputDir&) = delete;
+  NewOutputDir& operator=(const NewOutputDir&) = delete;
+  void keep() { made_.clear(); }
+
+ private:
+  std::vector<std::filesystem::path> made_;  // dir and the parents it will make, innermost first
+};
+
 // The output file `out` opened for writing (truncated), its directories made; fails naming
 // `flag` and the reason.
 std::ofstream open_output_file(const char* flag, const std::filesystem::path& out);

@@ -82,6 +82,7 @@ Runner add_replay(CLI::App& app) {
     if (sc.peft.any()) validate_peft(sc.peft, ModelConfig::load(resolve_model_dir(o->model)));
     sc.max_batch = 1;
     sc.max_seq = 1;
+    NewOutputDir made(o->out);  // a replay refused at the save (an fp16 overflow) leaves no directory
     RunDirLock lock(o->out);
     ensure_writable_dir(o->out);
     Session session(o->model, sc);
@@ -100,6 +101,7 @@ Runner add_replay(CLI::App& app) {
     x.state = {{"replayed_from", std::filesystem::absolute(o->seed_log).string()},
                {"base_model", std::filesystem::absolute(o->model).string()}};
     session.save(o->out, save_dtype, shard, x);
+    made.keep();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     log_info("replay: applied {} updates to {} in {}, saved to {}", applied, o->model, format_duration(s), o->out);
     return 0;

@@ -606,6 +606,16 @@ Runner add_train(CLI::App& app) {
       // goes on; the seed log replays from this step's weights).
       if (!base_model.empty()) base_model = std::filesystem::absolute(resolve_model_dir(base_model)).string();
     }
+    if (sc.peft.any() && save_dtype != DType::f32) {
+      // An adapter run saves its adapters, which are fp32 (the frozen base is not saved):
+      // a narrower --save-dtype would be ignored.
+      if (given.save_dtype->count() > 0)
+        fail(ErrorKind::invalid_argument,
+             "--save-dtype {}: an adapter run ({}) saves its adapters in fp32 (the base is not saved); drop "
+             "--save-dtype, and give it to `zo2-tune merge`, which folds the adapters into a checkpoint of that dtype",
+             dtype_name(save_dtype), sc.peft.describe());
+      save_dtype = DType::f32;  // a run saved before this check recorded the flag it ignored
+    }
     validate_rule(sc.rule, static_cast<float>(o->wd));
     validate_parallel(layout, comm.size(), sc.rule, o->batch, "--parallel");
     sc.comm = &comm;
