@@ -84,7 +84,9 @@ enum zo2_log_level {
 };
 
 // `text` is one message without a trailing newline, valid only during the call. Called
-// from whichever thread logs (one call at a time: calls are serialized).
+// from whichever thread logs (one call at a time: calls are serialized). The callback may
+// call zo2 functions, zo2_log_set included (it takes effect for the next message); what zo2
+// logs during the callback goes to stderr, not into the callback again.
 typedef void (*zo2_log_callback)(enum zo2_log_level level, const char * text, void * user_data);
 
 // Process-wide: sends every message at or above the level to `callback` instead of

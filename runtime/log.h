@@ -14,7 +14,8 @@ using LogSink = std::function<void(LogLevel, std::string_view)>;
 
 void log_set_level(LogLevel level);
 LogLevel log_level();
-// Installs a sink; an empty function restores stderr.
+// Installs a sink; an empty function restores stderr. Calls to the sink are serialized; a
+// sink may call log_set_sink, and what it logs itself goes to stderr.
 void log_set_sink(LogSink sink);
 void log_write(LogLevel level, std::string_view message);
 

@@ -735,6 +735,37 @@ TEST_F(CApi, LogMessagesGoToTheCallback) {
   EXPECT_TRUE(seen) << "no debug line from the scheduler among " << sink.lines.size();
 }
 
+// The callback may unregister itself (or install another) on its first message, and may
+// call zo2 functions: nothing deadlocks, and later messages go where it said.
+TEST_F(CApi, LogCallbackMayReplaceItselfAndCallZo2) {
+  static int first_calls = 0, second_calls = 0;
+  first_calls = second_calls = 0;
+  zo2_log_set(
+      [](zo2_log_level, const char*, void*) {
+        ++first_calls;
+        zo2_log_set([](zo2_log_level, const char*, void*) { ++second_calls; }, nullptr);
+        zo2_log_set_level(ZO2_LOG_DEBUG);
+      },
+      nullptr);
+  zo2_log_set_level(ZO2_LOG_DEBUG);
+  open(params());
+  zo2_session_free(session_);
+  open(params());  // logs again: into the second callback
+  zo2_session_free(session_);
+  session_ = nullptr;
+  zo2_log_set_level(ZO2_LOG_INFO);
+  zo2_log_set(nullptr, nullptr);
+  EXPECT_EQ(first_calls, 1);
+  EXPECT_GT(second_calls, 0);
+  // One that unregisters itself.
+  first_calls = 0;
+  zo2_log_set([](zo2_log_level, const char*, void*) { ++first_calls; zo2_log_set(nullptr, nullptr); }, nullptr);
+  zo2_log_set_level(ZO2_LOG_DEBUG);
+  open(params());
+  zo2_log_set_level(ZO2_LOG_INFO);
+  EXPECT_EQ(first_calls, 1);
+}
+
 TEST_F(CApi, DefaultParamsAreTheDocumentedDefaults) {
   const zo2_session_params p = zo2_session_default_params();
   EXPECT_FLOAT_EQ(p.lr, 1e-6f);
