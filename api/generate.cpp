@@ -76,7 +76,8 @@ void check_generate_request(Session& session, const std::vector<std::vector<std:
   const Placement& pl = session.placement();
   const ModelConfig& config = session.config();
   if (pl.gen_batch <= 0)
-    fail(ErrorKind::invalid_argument, "this session was not set up for generation (its generate.batch is 0)");
+    fail(ErrorKind::invalid_argument, "this session was not set up for generation ({} is 0)",
+         src == OptionSource::c_api ? "its generate_seqs" : "generate's batch");
   const int positions = sc.max_seq > 0 ? sc.max_seq : static_cast<int>(config.max_positions);
   const std::int64_t V = config.vocab_size;
   for (std::size_t k = 0; k < prompts.size(); ++k) {
@@ -92,6 +93,10 @@ void check_generate_request(Session& session, const std::vector<std::vector<std:
   }
   if (o.pad_id < 0 || o.pad_id >= V)
     fail(ErrorKind::invalid_argument, "pad id {} is outside the vocabulary [0, {})", o.pad_id, V);
+  // An id the model cannot generate would never stop anything: a mistake to say.
+  for (std::size_t k = 0; k < o.stop_ids.size(); ++k)
+    if (o.stop_ids[k] < 0 || o.stop_ids[k] >= V)
+      fail(ErrorKind::invalid_argument, "stop id {} (entry {}) is outside the vocabulary [0, {})", o.stop_ids[k], k, V);
 }
 
 std::vector<Generation> generate(Session& session, const std::vector<std::vector<std::int32_t>>& prompts,

@@ -93,6 +93,14 @@ std::uint64_t manifest_uint(const json& obj, const char* key, const fs::path& fi
 
 // Checks a v2 manifest against the files of its directory.
 void check_manifest(const fs::path& dir, const json& m, bool verify, const fs::path& mfile) {
+  if (verify && m.contains("state_crc32")) {  // older manifests have none
+    const std::uint64_t want = manifest_uint(m, "state_crc32", mfile, "the manifest");
+    if (manifest_crc32(m) != want)
+      fail(ErrorKind::format,
+           "{}: edited since it was saved (its state_crc32 does not match): a resume continues the run as it was "
+           "saved; to change a flag, give it on the command line",
+           mfile.string());
+  }
   if (!m.contains("files") || !m.at("files").is_object() || m.at("files").empty())
     fail(ErrorKind::format, "{}: field 'files' must be an object naming the checkpoint's files", mfile.string());
   for (const auto& [name, rec] : m.at("files").items()) {
@@ -274,6 +282,12 @@ std::string pid_of_lock(int fd) {
 
 }  // namespace
 
+std::uint32_t manifest_crc32(nlohmann::json manifest) {
+  manifest.erase("state_crc32");
+  const std::string text = manifest.dump();
+  return crc32_update(0, std::as_bytes(std::span<const char>(text.data(), text.size())));
+}
+
 RunDirLock::RunDirLock(const fs::path& dir) {
   std::error_code ec;
   fs::create_directories(dir, ec);
@@ -375,6 +389,7 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
                        {"crc32", r.seed_log_position.crc32},
                        {"next_step", r.seed_log_position.next_step}};
     }
+    m["state_crc32"] = manifest_crc32(m);
     write_synced(tmp / kRunStateFile, m.dump(2) + "\n");
     fsync_path(tmp, true);
     name = fmt::format("step-{:08d}", r.step);

@@ -95,6 +95,11 @@ std::filesystem::path resolve_model_dir(const std::filesystem::path& dir);
 // the checkpoint files of a run saved before run directories. The caller holds DIR's lock.
 void remove_run(const std::filesystem::path& dir);
 
+// A manifest's own CRC-32 (its field "state_crc32"): of its compact JSON without that field
+// (keys sorted, numbers printed to round-trip), so that a hand edit (an lr, a step) is caught
+// at a resume like a damaged weights file.
+std::uint32_t manifest_crc32(nlohmann::json manifest);
+
 // Whether DIR holds a run: a `current` link or a zo2_state.json.
 bool holds_run(const std::filesystem::path& dir);
 

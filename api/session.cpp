@@ -2,9 +2,12 @@
 
 #include "api/run_dir.h"
 
+#include "models/safetensors.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
 #include "runtime/philox.h"
+
+#include <fmt/ranges.h>
 
 #include <algorithm>
 
@@ -142,14 +145,119 @@ void Session::fit_arena_to(const Placement& plan) {
 }
 
 namespace {
+// Headers, sizes and each tensor's first bytes of safetensors files, not all of them (Note
+// [One job]): what tells two checkpoints of one shape apart in a moment, at any size.
+Digest weights_digest(const std::vector<std::filesystem::path>& files, std::uint64_t* total_bytes = nullptr) {
+  Digest d;
+  std::uint64_t bytes = 0;
+  for (const std::filesystem::path& file : files) {
+    const SafetensorsFile f = SafetensorsFile::open(file);
+    d.add(file.filename().string()).add(f.file_size());
+    bytes += f.file_size();
+    for (const TensorInfo& t : f.tensors()) {
+      d.add(t.name).add(static_cast<std::uint64_t>(t.dtype)).add(t.begin).add(t.end);
+      for (std::int64_t n : t.shape) d.add(static_cast<std::uint64_t>(n));
+      const std::span<const std::byte> b = f.bytes(t);
+      d.add(b.data(), std::min<std::size_t>(b.size(), 64));
+    }
+    for (const auto& [k, v] : f.metadata()) d.add(k).add(v);
+  }
+  if (total_bytes) *total_bytes = bytes;
+  return d;
+}
+
+std::vector<std::filesystem::path> checkpoint_weight_files(const std::filesystem::path& dir) {
+  std::vector<std::filesystem::path> files;
+  const SafetensorsCheckpoint ck = SafetensorsCheckpoint::open(dir);
+  for (std::size_t i = 0; i < ck.num_files(); ++i) files.push_back(ck.file(i).path());
+  return files;
+}
+}  // namespace
+
+std::string checkpoint_fingerprint(const std::filesystem::path& dir) {
+  return weights_digest(checkpoint_weight_files(resolve_model_dir(dir))).hex();
+}
+
+std::vector<RankPart> session_fingerprint(const std::filesystem::path& model_path, const SessionConfig& cfg) {
+  const std::filesystem::path dir = resolve_model_dir(model_path);
+  const ModelConfig model = ModelConfig::load(dir);
+  auto weights = [](const std::vector<std::filesystem::path>& files) {
+    std::uint64_t bytes = 0;
+    const Digest d = weights_digest(files, &bytes);
+    return fmt::format("{} file{}, {}, digest {}", files.size(), files.size() == 1 ? "" : "s",
+                       format_bytes(static_cast<double>(bytes)), d.hex());
+  };
+  auto safetensors_in = [](const std::filesystem::path& d) {
+    std::vector<std::filesystem::path> files;
+    for (const auto& e : std::filesystem::directory_iterator(d))
+      if (e.is_regular_file() && e.path().extension() == ".safetensors" &&
+          e.path().filename() != kOptimizerStateFile)  // compared by the rule and the step
+        files.push_back(e.path());
+    std::sort(files.begin(), files.end());
+    return files;
+  };
+  std::vector<RankPart> parts;
+  parts.push_back({"the model's config.json",
+                   fmt::format("{} layers, hidden {}, digest {}", model.num_layers, model.hidden_size,
+                               Digest().add(model.to_json().dump()).hex())});
+  parts.push_back({"the model's weights", weights(checkpoint_weight_files(dir))});
+  if (cfg.peft.any() && !cfg.adapter_dir.empty())
+    parts.push_back({"the adapter's weights", weights(safetensors_in(cfg.adapter_dir))});
+  parts.push_back({"the update rule (--optimizer)", rule_to_json(cfg.rule).dump()});
+  parts.push_back({"the tuned parameters (--lora, --prefix-tuning)", cfg.peft.describe()});
+  parts.push_back({"the storage dtype", std::string(dtype_name(cfg.storage))});
+  parts.push_back({"the compute dtype", std::string(dtype_name(cfg.compute))});
+  parts.push_back({"the run seed (--seed)", std::to_string(cfg.run_seed)});
+  parts.push_back({"the first step", std::to_string(cfg.first_step)});
+  parts.push_back({"the layout (--parallel)", cfg.parallel.spec()});
+  parts.push_back({"the host image", cfg.share_host_image ? "shared" : "private"});
+  parts.push_back({"the upload", cfg.sliced_upload ? "sliced" : "full"});
+  return parts;
+}
+
+namespace {
 // What the disk tier cannot serve yet, refused before anything is planned or read.
 void check_disk_tier(const SessionConfig& cfg) {
   if (cfg.host_mem == 0) return;
   if (cfg.comm && cfg.comm->size() > 1)
-    fail(ErrorKind::unsupported, "--host-mem: the disk tier serves one process; {} ranks are not supported yet",
+    fail(ErrorKind::invalid_argument, "--host-mem: the disk tier serves one process; {} ranks are not supported yet",
          cfg.comm->size());
 }
 }  // namespace
+
+// The block file never goes into a checkpoint: the one this session loads (a loader finds it
+// beside the weights, and a copy of the model carries it along), its adapter, or a training
+// run's step directory (the run's next save removes that directory, block file and all).
+void Session::check_disk_dir_placement() const {
+  std::error_code ec;
+  const std::filesystem::path disk = std::filesystem::weakly_canonical(std::filesystem::absolute(cfg_.disk_dir, ec), ec);
+  if (ec) return;  // the disk tier names what is wrong with the directory
+  auto within = [&](const std::filesystem::path& dir) {
+    std::error_code e2;
+    const std::filesystem::path d = std::filesystem::weakly_canonical(std::filesystem::absolute(dir, e2), e2);
+    if (e2 || d.empty()) return false;
+    const auto rel = disk.lexically_relative(d);
+    return !rel.empty() && *rel.begin() != "..";
+  };
+  std::vector<std::filesystem::path> checkpoints;
+  if (!model_path_.empty()) {
+    checkpoints.push_back(resolve_model_dir(model_path_));
+    if (!model_is_run_) checkpoints.push_back(model_path_);  // a run's own directory may hold it (RUN/blocks)
+  }
+  if (!cfg_.adapter_dir.empty()) checkpoints.push_back(resolve_model_dir(cfg_.adapter_dir));
+  for (const auto& ck : checkpoints)
+    if (within(ck))
+      fail(ErrorKind::invalid_argument,
+           "--disk-dir {}: is inside the checkpoint {} this run loads: the block file would be left among its files; "
+           "choose a directory of its own",
+           cfg_.disk_dir.string(), ck.string());
+  for (std::filesystem::path p = disk; p.has_relative_path(); p = p.parent_path())
+    if (const std::filesystem::path run = training_run_of_checkpoint(p); !run.empty())
+      fail(ErrorKind::invalid_argument,
+           "--disk-dir {}: is inside {}, a checkpoint of the training run {}, which a later save removes with the "
+           "block file in it: choose a directory of its own ({}/blocks would do)",
+           cfg_.disk_dir.string(), p.string(), run.string(), run.string());
+}
 
 std::optional<DiskPlacement> Session::disk_placement(const ModelConfig& model, const Placement& plan) const {
   if (plan.disk_blocks == 0) return std::nullopt;
@@ -160,6 +268,7 @@ std::optional<DiskPlacement> Session::disk_placement(const ModelConfig& model, c
          format_bytes(static_cast<double>(cfg_.host_mem)),
          format_bytes(static_cast<double>(plan.host_bytes + static_cast<std::size_t>(plan.disk_blocks) * plan.block_bytes)),
          plan.disk_blocks, plan.on_disk.size());
+  check_disk_dir_placement();
   DiskPlacement d;
   d.dir = cfg_.disk_dir;
   d.on_disk = plan.on_disk;
@@ -188,11 +297,33 @@ std::optional<DiskPlacement> Session::disk_placement(const ModelConfig& model, c
   return d;
 }
 
+// A resume (the seed log appended, or the rule state loaded) starts at the step its checkpoint
+// was saved at: another first_step would trim the log to a step the weights are not at (and
+// the next save would name a step they are not at), or pair the state with other weights.
+void Session::check_resume_step(const std::filesystem::path& model_path) const {
+  if (!cfg_.seed_log_append && !cfg_.resume_state) return;
+  const std::filesystem::path ck = cfg_.peft.any() && !cfg_.adapter_dir.empty() ? cfg_.adapter_dir : model_path;
+  const OpenedCheckpoint opened = open_checkpoint(ck);
+  std::int64_t saved = opened.step;
+  if (saved < 0 && opened.state.is_object() && opened.state.contains("next_step") &&
+      opened.state["next_step"].is_number_integer())
+    saved = opened.state["next_step"].get<std::int64_t>();
+  if (saved < 0) return;  // no manifest: nothing says which step the weights are at
+  const std::int64_t at = cfg_.replay.empty() ? cfg_.first_step : cfg_.replay.front().step;
+  if (at != saved)
+    fail(ErrorKind::invalid_argument, "first_step {}: the checkpoint {} was saved at step {}; a resume ({}) starts there",
+         at, ck.string(), saved, cfg_.seed_log_append ? "seed_log_append" : "resume_state");
+}
+
 Session::Session(const std::filesystem::path& model_path, const SessionConfig& cfg) : cfg_(cfg) {
   // A run directory reads through its current checkpoint, resolved once (api/run_dir.h).
   const std::filesystem::path model_dir = resolve_model_dir(model_path);
   model_path_ = model_path;
   model_is_run_ = model_dir != model_path || holds_run(model_path);
+  check_resume_step(model_path);
+  // Note [One job]: the ranks compare what defines the run before any collective depends on it.
+  if (cfg_.training && cfg_.comm && cfg_.comm->size() > 1)
+    check_ranks_agree(*cfg_.comm, session_fingerprint(model_path, cfg_), "the training session's model and settings");
   check_disk_tier(cfg_);
   device_ = open_device(cfg_);
   // Plan before reading the weights: a cap that cannot work fails fast.
@@ -349,6 +480,9 @@ void Session::init(const SessionConfig& cfg) {
     h.run_seed = cfg.run_seed;
     h.storage_dtype = std::string(dtype_name(cfg.storage));
     h.base_model = cfg.base_model;
+    // What replay and a LoRA resume check the base against (a checkpoint re-made at the
+    // same path is another base). A resumed log keeps the header it has.
+    if (!cfg.base_model.empty() && !cfg.seed_log_append) h.base_fingerprint = checkpoint_fingerprint(cfg.base_model);
     h.first_step = cfg.first_step;
     h.rule = cfg.rule;
     h.peft = cfg.peft;
@@ -545,6 +679,13 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
     fail(ErrorKind::invalid_argument,
          "{}: holds a training run (its {}), which this session's checkpoint would replace: choose another directory",
          out_dir.string(), kRunSeedLog);
+  // Nor any other checkpoint: a plain one (another model's weights, a merged checkpoint) is
+  // replaced only when the caller was asked to.
+  if (!extras.replace_checkpoint && !holds_run(out_dir))
+    if (const auto files = foreign_checkpoint_files(out_dir); !files.empty())
+      fail(ErrorKind::invalid_argument,
+           "{}: holds a checkpoint ({}) that this session's save would replace: choose another directory",
+           out_dir.string(), fmt::join(files, ", "));
   if (const std::filesystem::path run = training_run_of_checkpoint(out_dir);
       !run.empty() && !(seed_log_ && same_directory(seed_log_->path().parent_path(), run)))
     fail(ErrorKind::invalid_argument,

@@ -106,6 +106,16 @@ struct SessionConfig {
 PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, DeviceKind kind,
                          std::size_t cap, int node_ranks = 1);
 
+// Note [One job] (runtime/comm.h): what the ranks of a training session compare before it
+// loads anything — the model's config, checkpoint headers and each tensor's first bytes (and
+// the adapter's), the update rule, tuned parameters, dtypes, run seed, first step and layout.
+std::vector<RankPart> session_fingerprint(const std::filesystem::path& model_path, const SessionConfig& cfg);
+
+// A checkpoint's weights fingerprint (hex): its safetensors headers, sizes and each tensor's
+// first bytes — two checkpoints of one shape (another seed, a tuned copy) differ in it. What
+// a seed log records of its base ("base_fingerprint"), for replay and a LoRA resume to check.
+std::string checkpoint_fingerprint(const std::filesystem::path& dir);
+
 // What a parallel layout means for one rank and one node (zo2-tune plan --parallel,
 // zo2_plan_parallel): each rank's placement beside one process's, the share of the forward
 // work and of the traffic each rank has, and the host memory of a node.
@@ -162,6 +172,9 @@ class Session {
   struct SaveExtras {
     nlohmann::json state = nlohmann::json::object();
     std::function<void(const std::filesystem::path& dir)> extra_files;
+    // The caller was asked to replace a plain checkpoint in out_dir (--overwrite); otherwise
+    // a save refuses one (foreign_checkpoint_files).
+    bool replace_checkpoint = false;
   };
   void save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes,
             const SaveExtras& extras);
@@ -179,6 +192,8 @@ class Session {
   void init(const SessionConfig& cfg);
   void open_adapters(const ModelConfig& model);
   void open_node_comm();
+  void check_resume_step(const std::filesystem::path& model_path) const;
+  void check_disk_dir_placement() const;
   void fit_arena_to(const Placement& plan);
   // The disk tier of a plan (nullopt when every block fits in RAM); checks the options
   // the tier cannot serve.

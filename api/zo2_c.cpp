@@ -170,6 +170,9 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
   sc.run_seed = p.seed;
   if (p.seed_log_path) {
     if (p.seed_log_path[0] == '\0') invalid("seed_log_path is empty (use NULL for no seed log)");
+    // An evaluation-only session logs no steps: its log would be an empty run's, which a
+    // later training session on that path would find in its way.
+    if (!sc.training) invalid("seed_log_path is set but training is 0: an evaluation-only session logs no steps");
     sc.seed_log = p.seed_log_path;
   }
   sc.seed_log_append = p.seed_log_append != 0;
@@ -492,7 +495,8 @@ int zo2_session_init(zo2_model* m, const zo2_session_params* p, zo2_session** ou
       s->comm = params.mpi_comm ? zo2::make_mpi_comm_from(params.mpi_comm) : zo2::make_comm_from_environment();
       s->comm->set_timeout(params.rank_timeout_s);
       if (!params.parallel && s->comm->size() > 1) sc.parallel.data = s->comm->size();
-      zo2::validate_parallel(sc.parallel, s->comm->size(), sc.rule, sc.max_batch, "parallel");
+      zo2::validate_parallel(sc.parallel, s->comm->size(), sc.rule, sc.max_batch, "parallel",
+                            params.parallel ? params.parallel : "");
       sc.comm = s->comm.get();
     }
     s->session = std::make_unique<zo2::Session>(m->dir, sc);
@@ -527,7 +531,20 @@ int step_common(const char* fn, zo2_session* s, const zo2_batch* b, const zo2_ch
         const zo2::StepResult r = ss.session->step(hb, ss.lr, ss.eps, ss.weight_decay);
         zo2_step_result res{r.loss_plus, r.loss_minus, r.g};
         if (out) *out = res;
-        if (ss.progress && ss.progress(r.step, &res, ss.progress_user_data) != 0) {
+        if (!ss.progress) return 0;
+        // The host's code: an exception out of a C++ host's callback is its stop request, not
+        // a fault of the session (the step is done; the session stays usable).
+        int stop = 0;
+        try {
+          stop = ss.progress(r.step, &res, ss.progress_user_data);
+        } catch (const std::exception& e) {
+          set_error(fn, fmt::format("the progress callback threw after step {}: {}", r.step, e.what()));
+          return static_cast<int>(ZO2_ABORTED);
+        } catch (...) {
+          set_error(fn, fmt::format("the progress callback threw after step {}", r.step));
+          return static_cast<int>(ZO2_ABORTED);
+        }
+        if (stop != 0) {
           set_error(fn, fmt::format("the progress callback asked to stop after step {}", r.step));
           return static_cast<int>(ZO2_ABORTED);
         }
@@ -751,7 +768,7 @@ int zo2_plan_parallel(const zo2_model* m, const zo2_session_params* p, int32_t r
     if (ranks_per_node < 1) invalid(fmt::format("ranks_per_node {} must be ≥ 1", ranks_per_node));
     zo2::SessionConfig sc = session_config(m->config, *p);
     if (!sc.training) invalid("training is 0: a parallel layout plans training ranks");
-    zo2::validate_parallel(sc.parallel, sc.parallel.size(), sc.rule, sc.max_batch, "parallel");
+    zo2::validate_parallel(sc.parallel, sc.parallel.size(), sc.rule, sc.max_batch, "parallel", p->parallel);
     const zo2::DeviceOptions dev = zo2::parse_device(sc.device);
     std::size_t cap = sc.gpu_mem;
     if (cap == 0) {

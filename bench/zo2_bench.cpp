@@ -726,7 +726,7 @@ int main(int argc, char** argv) {
       g_layout = parallel.empty() ? zo2::ParallelLayout{comm->size(), 1, 1} : zo2::parse_parallel(parallel, "--parallel");
       zo2::RuleConfig rule;
       rule.directions = g_directions;
-      zo2::validate_parallel(g_layout, comm->size(), rule, -1, "--parallel");
+      zo2::validate_parallel(g_layout, comm->size(), rule, -1, "--parallel", parallel);
       g_comm = comm.get();
       g_sliced = upload == "sliced";
       // Note [Rank binding]: each rank its cores (and GPU) before any thread exists.
@@ -750,7 +750,7 @@ int main(int argc, char** argv) {
     } else if (!parallel.empty() && zo2::parse_parallel(parallel, "--parallel").size() != 1) {
       zo2::RuleConfig rule;
       rule.directions = g_directions;
-      zo2::validate_parallel(zo2::parse_parallel(parallel, "--parallel"), 1, rule, -1, "--parallel");
+      zo2::validate_parallel(zo2::parse_parallel(parallel, "--parallel"), 1, rule, -1, "--parallel", parallel);
     }
     g_tile = zo2::parse_tile_option(tile, zo2::OptionSource::cli);
     if (!host_mem.empty()) {

@@ -3,7 +3,9 @@
 //
 // This is the one header a host program includes. It is plain C11 (and valid C++): opaque
 // handles, a *_default_params() function for every params struct (take the defaults, then
-// change the fields you need — fields may be added in later versions), *_init/*_free pairs,
+// change the fields you need — fields may be added in later versions: a host is rebuilt
+// against each release's header, and before 1.0 the library's SONAME (libzo2.so.0.1) changes
+// with every release, so an older host binary is not loaded with it), *_init/*_free pairs,
 // and integer status codes:
 //
 //   0                 success
@@ -143,7 +145,8 @@ typedef struct zo2_step_result {
 
 // Called by zo2_session_step after each completed step. `step` is the step's 0-based
 // index, `result` its losses (valid only during the call). Return 0 to go on, nonzero to
-// make zo2_session_step return ZO2_ABORTED (the step is done either way).
+// make zo2_session_step return ZO2_ABORTED (the step is done either way). An exception out
+// of a C++ host's callback counts as nonzero (ZO2_ABORTED, its message in zo2_last_error()).
 typedef int (*zo2_progress_callback)(int64_t step, const zo2_step_result * result, void * user_data);
 
 typedef struct zo2_session_params {
@@ -172,7 +175,8 @@ typedef struct zo2_session_params {
 
     // Run bookkeeping.
     const char * seed_log_path;  // JSON Lines seed log, one (step, seed, g, lr) line per step, which
-                                 // `zo2-tune replay` turns back into the tuned weights; NULL = none. Default NULL.
+                                 // `zo2-tune replay` turns back into the tuned weights; NULL = none (set with
+                                 // training = 0: ZO2_ERR_INVALID_ARGUMENT). Default NULL.
     int32_t  seed_log_append;    // nonzero: resume — keep the existing log's entries before first_step. Default 0:
                                  // a new log, which never replaces an existing non-empty file (another run's
                                  // log, or a file that is no seed log): ZO2_ERR_INVALID_ARGUMENT.
@@ -187,7 +191,8 @@ typedef struct zo2_session_params {
     void *   progress_user_data;              // passed to progress_callback. Default NULL.
 
     // The update rule (zo2-tune train --optimizer; README "Update rules"). Appended after the
-    // fields above, which keep their offsets. The defaults are the one-direction ZO-SGD above.
+    // fields above (source-compatible; see the top of this header for binaries). The defaults
+    // are the one-direction ZO-SGD above.
     // momentum, beta1, beta2 and adam_eps are range-checked whatever the optimizer (a value
     // no rule accepts is an error, not ignored); state_dtype is read by the stateful rules only.
     const char * optimizer;      // "zo-sgd", "zo-sgd-sign", "zo-sgd-cons", "zo-sgd-momentum", "zo-adam". Default "zo-sgd".

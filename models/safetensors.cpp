@@ -15,6 +15,8 @@
 //     between two tensors.
 #include "models/safetensors.h"
 
+#include "runtime/arena.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -852,8 +854,8 @@ void write_safetensors_sharded(const fs::path& dir, std::span<const TensorToWrit
   // Before the first byte: a checkpoint the file system cannot hold fails now, not after
   // hours of writing (the older files it replaces go only once it is whole).
   if (const fs::space_info sp = fs::space(dir, ec); !ec && sp.available < total)
-    fail(ErrorKind::io, "cannot save checkpoint '{}': it needs {:.2f} GiB, but the file system has {:.2f} GiB free",
-         dir.string(), static_cast<double>(total) / (1u << 30), static_cast<double>(sp.available) / (1u << 30));
+    fail(ErrorKind::io, "cannot save checkpoint '{}': it needs {}, but the file system has {} free",
+         dir.string(), format_bytes(static_cast<double>(total)), format_bytes(static_cast<double>(sp.available)));
 
   std::set<std::string> keep;
   if (total <= max_shard_bytes) {

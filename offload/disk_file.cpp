@@ -306,21 +306,21 @@ struct BlockFile::Impl {
   }
 
   std::string where(std::size_t index) const {
-    return fmt::format("{}: block {} at offset {}", path.string(), index, image_offset(index));
+    return fmt::format("{}: image {} at offset {}", path.string(), index, image_offset(index));
   }
 
   void check_request(std::size_t index, const void* buffer, std::size_t size, std::uint64_t tag, const char* what) {
     if (index >= count)
-      fail(ErrorKind::invalid_argument, "{}: block {} is out of range (the file holds {} images)", path.string(), index,
+      fail(ErrorKind::invalid_argument, "{}: image {} is out of range (the file holds {} images)", path.string(), index,
            count);
     if (reinterpret_cast<std::uintptr_t>(buffer) % kDiskAlignment != 0)
       fail(ErrorKind::invalid_argument,
-           "{}: block {}: the {} buffer at {} is not aligned to {} bytes, which O_DIRECT needs (host_alloc_aligned "
+           "{}: image {}: the {} buffer at {} is not aligned to {} bytes, which O_DIRECT needs (host_alloc_aligned "
            "and the CPU backend's alloc_host give only {}; CUDA's pinned memory and host_alloc_disk_aligned are aligned)",
            path.string(), index, what, buffer, kDiskAlignment, kAlignment);
     if (size < padded)
       fail(ErrorKind::invalid_argument,
-           "{}: block {}: the {} buffer holds {} bytes, less than the {} of an image ({} rounded up to {})",
+           "{}: image {}: the {} buffer holds {} bytes, less than the {} of an image ({} rounded up to {})",
            path.string(), index, what, size, padded, block_bytes, kDiskAlignment);
     if (ops.contains(tag))
       fail(ErrorKind::invalid_argument, "{}: tag {} already names a request that was not waited for", path.string(),
@@ -644,7 +644,7 @@ void BlockFile::submit_read(std::size_t index, std::span<std::byte> dst, std::ui
   Impl& m = *impl_;
   m.check_request(index, dst.data(), dst.size(), tag, "destination");
   if (auto it = m.busy.find(index); it != m.busy.end() && it->second.writer)
-    fail(ErrorKind::invalid_argument, "{}: block {}: a write of it is still in flight", m.path.string(), index);
+    fail(ErrorKind::invalid_argument, "{}: image {}: a write of it is still in flight", m.path.string(), index);
   m.make_room();
   Impl::Op& op = m.add_op(BlockOp::read, tag);
   op.index = op.result.index = index;
@@ -668,7 +668,7 @@ void BlockFile::submit_write(std::size_t index, std::span<const std::byte> src, 
   Impl& m = *impl_;
   m.check_request(index, src.data(), src.size(), tag, "source");
   if (m.busy.contains(index))
-    fail(ErrorKind::invalid_argument, "{}: block {}: a read or write of it is still in flight", m.path.string(), index);
+    fail(ErrorKind::invalid_argument, "{}: image {}: a read or write of it is still in flight", m.path.string(), index);
   ImageHeader h{};
   std::memcpy(h.magic, kImageMagic, sizeof h.magic);
   h.version = kVersion;
@@ -753,10 +753,10 @@ void BlockFile::sync() {
 std::optional<std::uint64_t> BlockFile::stored_step(std::size_t index) {
   Impl& m = *impl_;
   if (index >= m.count)
-    fail(ErrorKind::invalid_argument, "{}: block {} is out of range (the file holds {} images)", m.path.string(), index,
+    fail(ErrorKind::invalid_argument, "{}: image {} is out of range (the file holds {} images)", m.path.string(), index,
          m.count);
   if (auto it = m.busy.find(index); it != m.busy.end() && it->second.writer)
-    fail(ErrorKind::invalid_argument, "{}: block {}: a write of it is still in flight", m.path.string(), index);
+    fail(ErrorKind::invalid_argument, "{}: image {}: a write of it is still in flight", m.path.string(), index);
   pread_all(m.fd, m.scratch.get(), kHeaderBytes, m.image_offset(index), m.path,
             fmt::format("the header of block {}", index).c_str());
   ImageHeader h{};

@@ -284,6 +284,11 @@ DiskTier::DiskTier(Device& device, const fs::path& dir, std::vector<std::int64_t
     ::close(lock_fd);
     std::string holder = n > 0 ? std::string(pid, static_cast<std::size_t>(n)) : "?";
     while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+    if (e == EWOULDBLOCK && holder == std::to_string(::getpid()))  // flock is per open file: a session here
+      fail(ErrorKind::io,
+           "--disk-dir {}: another session of this process is using this directory for its disk tier; two sessions "
+           "would overwrite each other's block images — give each its own directory",
+           dir.string());
     if (e == EWOULDBLOCK)  // a busy directory, as a busy --out: the machine's state, exit 1 (ZO2_ERR_IO)
       fail(ErrorKind::io,
            "--disk-dir {}: another zo2 process (pid {}) is using this directory for its disk tier; two runs would "

@@ -87,4 +87,37 @@ bool mpi_available();
 // (Error(unsupported) naming the launcher's size when this build has no MPI), else single.
 std::unique_ptr<Comm> make_comm_from_environment();
 
+// Note [One job]
+//   The ranks of a job must run the same job: ranks started with another --seed, --lr or
+//   data file compute other numbers than their peers (and every rank then updates with a mix
+//   of them, silently), and ranks with another --steps wait on one another until
+//   --rank-timeout. Before anything is written or stepped, the ranks compare what defines the
+//   run (check_ranks_agree): a training session (api/session.cpp: the model's config and
+//   checkpoint headers, the update rule, seeds, dtypes and layout) and zo2-tune train
+//   (tools/cmd_train.cpp: the resolved flags, a --resume's included, and digests of the
+//   data). Per-rank choices (threads, device, placement, where --out is) are not compared.
+//   The weights are not hashed whole (175B would take minutes): their headers and sizes are,
+//   and each tensor's first bytes.
+struct RankPart {
+  std::string name;   // "--seed", "the training data"
+  std::string value;  // as shown in the error ("7", "64 examples, digest 0123abcd…")
+};
+// Every rank gives the same parts in the same order. When a value differs from rank 0's,
+// every rank fails with Error(invalid_argument) naming each such part, its values and the
+// ranks that differ; one collective, so never a hang. `what` names it in a timeout's error.
+void check_ranks_agree(Comm& comm, std::span<const RankPart> parts, std::string_view what);
+
+// A 64-bit FNV-1a digest of bytes (not cryptographic: it tells copies that differ by
+// accident apart), shown as 16 hex digits.
+class Digest {
+ public:
+  Digest& add(const void* data, std::size_t bytes);
+  Digest& add(std::string_view s) { return add(static_cast<std::uint64_t>(s.size())).add(s.data(), s.size()); }
+  Digest& add(std::uint64_t v) { return add(&v, sizeof v); }
+  std::string hex() const;
+
+ private:
+  std::uint64_t h_ = 14695981039346656037ull;
+};
+
 }  // namespace zo2

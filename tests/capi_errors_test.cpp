@@ -364,6 +364,11 @@ TEST_F(CApi, UnknownStringsAndBadParamsAreRefusedBeforeAnythingIsOpened) {
   EXPECT_ERROR(init_with([](auto& p) { p.lr = -1; }), ZO2_ERR_INVALID_ARGUMENT, "lr");
   EXPECT_ERROR(init_with([](auto& p) { p.lr = NAN; }), ZO2_ERR_INVALID_ARGUMENT, "lr");
   EXPECT_ERROR(init_with([](auto& p) { p.seed_log_path = ""; }), ZO2_ERR_INVALID_ARGUMENT, "seed_log_path");
+  EXPECT_ERROR(init_with([](auto& p) {
+                 p.seed_log_path = "/nonexistent-dir/evaluation-only.jsonl";
+                 p.training = 0;
+               }),
+               ZO2_ERR_INVALID_ARGUMENT, "seed_log_path is set but training is 0");
   EXPECT_ERROR(init_with([](auto& p) { p.first_step = -2; }), ZO2_ERR_INVALID_ARGUMENT, "first_step");
   // CUDA in this (CPU-only) build, or a device index that does not exist.
   EXPECT_LT(init_with([](auto& p) { p.device = "cuda:63"; }), 0);
@@ -665,6 +670,28 @@ TEST_F(CApi, AProgressCallbackThatAsksToStopGivesAborted) {
   float loss;
   EXPECT_EQ(zo2_session_eval(session_, &b, &loss), 0);
   EXPECT_EQ(zo2_session_step(session_, &b, &r), ZO2_ABORTED);
+}
+
+// A C++ host's callback that throws: a stop request (ZO2_ABORTED with the exception's
+// message), the step done and the session usable — its weights can still be saved.
+TEST_F(CApi, AProgressCallbackThatThrowsStopsWithoutEndingTheSession) {
+  zo2_session_params p = params();
+  p.progress_callback = [](int64_t step, const zo2_step_result*, void*) -> int {
+    if (step == 1) throw std::runtime_error("host bookkeeping failed");
+    return 0;
+  };
+  open(p);
+  const zo2_batch b = batch();
+  zo2_step_result r{};
+  EXPECT_EQ(zo2_session_step(session_, &b, &r), 0);
+  EXPECT_EQ(zo2_session_step(session_, &b, &r), ZO2_ABORTED);
+  EXPECT_NE(std::string(zo2_last_error()).find("the progress callback threw after step 1: host bookkeeping failed"),
+            std::string::npos)
+      << zo2_last_error();
+  EXPECT_EQ(zo2_session_step_index(session_), 2);
+  EXPECT_EQ(zo2_session_step(session_, &b, &r), 0);
+  const std::string out = (fs::path(tmp_->path()) / "after-throw").string();
+  EXPECT_EQ(zo2_session_save(session_, out.c_str()), 0) << zo2_last_error();
 }
 
 TEST_F(CApi, TokenLogprobsAreMinusTheTokenLossesOfAnEval) {

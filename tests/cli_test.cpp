@@ -417,6 +417,32 @@ TEST(Cli, OffloadedDiskTierTrainingWritesTheSameCheckpointAsRam) {
   EXPECT_EQ(run("train" + common + " --out " + (w.tmp / "y").string() + " --host-mem 400K --disk-staging 1", &out), 2) << out;
   EXPECT_NE(out.find("--disk-dir"), std::string::npos) << out;
   EXPECT_FALSE(fs::exists(w.tmp / "y" / "model.safetensors"));
+  // The block file never goes into a checkpoint: the model's (it would stay among its files)
+  // or a run's step directory (the run's next save removes it). The run's own directory is fine.
+  const std::string tier = " --host-mem 400K --disk-staging 1 --disk-dir ";
+  out.clear();
+  EXPECT_EQ(run("train" + common + " --out " + (w.tmp / "y").string() + tier + (w.model / "blocks").string(), &out), 2)
+      << out;
+  EXPECT_NE(out.find("is inside the checkpoint " + w.model.string()), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.model / "blocks"));
+  out.clear();
+  EXPECT_EQ(run("train" + common + " --out " + (w.tmp / "y").string() + tier + (w.tmp / "cut" / "current").string(),
+                &out),
+            2)
+      << out;
+  EXPECT_NE(out.find("a checkpoint of the training run " + (w.tmp / "cut").string()), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run("train" + common + " --out " + (w.tmp / "y").string() + tier + (w.tmp / "cut" / "blocks").string(),
+                &out),
+            0)
+      << out;
+  // A refused run leaves no --out behind (it held only the lock file).
+  fs::remove_all(w.tmp / "y");
+  std::ofstream(w.tmp / "afile") << "hi";
+  out.clear();
+  EXPECT_NE(run("train" + common + " --out " + (w.tmp / "y").string() + tier + (w.tmp / "afile").string(), &out), 0)
+      << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "y")) << out;
   // A disk-tier flag without the tier is refused, not ignored.
   for (const char* flag : {"--disk-lag 4", "--disk-staging 2"}) {
     out.clear();
@@ -505,6 +531,30 @@ TEST(Cli, ResumeAloneKeepsTheRunsFlags) {
   EXPECT_NE(out.find("that block file stays with the run"), std::string::npos) << out;
   EXPECT_EQ(out.find("--host-mem 400K"), std::string::npos) << out;
   EXPECT_EQ(read_file(w.tmp / "full" / "model.safetensors"), read_file(w.tmp / "moved" / "model.safetensors"));
+  // A copy of a run directory, resumed in place, is another run: the original's JSON log and
+  // block file stay the original's (the copy's resume neither appends to that log nor
+  // rebuilds that block file); the copy ends with the same bits.
+  const fs::path part4 = w.tmp / "part4", log4 = w.tmp / "part4.jsonl";
+  ASSERT_EQ(run("train" + common + " -q --out " + part4.string() + " --disk-dir " + (w.tmp / "d4").string() +
+                    " --log-json " + log4.string() + " --stop-at 2",
+                &out),
+            0)
+      << out;
+  const fs::path copy = w.tmp / "copy";
+  fs::copy(part4, copy, fs::copy_options::recursive | fs::copy_options::copy_symlinks);
+  const std::string log_before = read_file(log4);
+  const auto blocks_before = fs::last_write_time(w.tmp / "d4" / "zo2-blocks.img");
+  out.clear();
+  ASSERT_EQ(run("train --resume " + copy.string() + " --out " + copy.string(), &out), 0) << out;
+  EXPECT_NE(out.find("is a copy of the run in " + fs::weakly_canonical(part4).string()), std::string::npos) << out;
+  EXPECT_EQ(read_file(log4), log_before);
+  EXPECT_EQ(fs::last_write_time(w.tmp / "d4" / "zo2-blocks.img"), blocks_before);
+  EXPECT_EQ(read_file(w.tmp / "full" / "model.safetensors"), read_file(copy / "model.safetensors"));
+  // The original resumes in place with both.
+  out.clear();
+  ASSERT_EQ(run("train --resume " + part4.string() + " --out " + part4.string(), &out), 0) << out;
+  EXPECT_NE(out.find("--log-json " + log4.string()), std::string::npos) << out;
+  EXPECT_EQ(read_file(w.tmp / "full" / "model.safetensors"), read_file(part4 / "model.safetensors"));
 }
 
 TEST(Cli, BadInputIsRefusedBeforeAnythingIsWritten) {
@@ -652,13 +702,36 @@ TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
   out.clear();
   EXPECT_EQ(run("train --resume " + a.string() + " --out " + a.string() + " --lora", &out), 2);
   EXPECT_NE(out.find("the run tunes every parameter; drop --lora"), std::string::npos) << out;
-  // replay says when --model is not the checkpoint the log's run started from.
+  // replay refuses a --model whose weights are not those the log's run started from (the log
+  // records their fingerprint): the tuned run, or a base re-made at the same path.
   out.clear();
-  ASSERT_EQ(run("replay --model " + full.string() + " --seed-log " + (full / "seed_log.jsonl").string() + " --out " +
+  EXPECT_EQ(run("replay --model " + full.string() + " --seed-log " + (full / "seed_log.jsonl").string() + " --out " +
                     (w.tmp / "rp").string() + " -q",
                 &out),
-            0);
-  EXPECT_NE(out.find("is not the checkpoint the seed log's run started from"), std::string::npos) << out;
+            2);
+  EXPECT_NE(out.find("its weights are not those the seed log's run started from"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "rp"));
+  const fs::path remade = w.tmp / "remade";
+  fs::copy(w.model, remade, fs::copy_options::recursive);
+  ASSERT_EQ(run("train --model " + remade.string() + data + " --out " + (w.tmp / "on-remade").string() + " -q"), 0);
+  ASSERT_EQ(run("init --preset opt-tiny --seed 7 --out " + remade.string() + " --overwrite -q"), 0);
+  out.clear();
+  EXPECT_EQ(run("replay --model " + remade.string() + " --seed-log " + (w.tmp / "on-remade" / "seed_log.jsonl").string() +
+                    " --out " + (w.tmp / "rp").string() + " -q",
+                &out),
+            2);
+  EXPECT_NE(out.find("its weights are not those the seed log's run started from"), std::string::npos) << out;
+  // A copy of the base elsewhere is the same base: no word.
+  const fs::path copied = w.tmp / "copied-base";
+  fs::copy(w.model, copied, fs::copy_options::recursive);
+  out.clear();
+  ASSERT_EQ(run("replay --model " + copied.string() + " --seed-log " + (full / "seed_log.jsonl").string() + " --out " +
+                    (w.tmp / "rp").string(),
+                &out),
+            0)
+      << out;
+  EXPECT_EQ(out.find("is not the checkpoint"), std::string::npos) << out;
+  EXPECT_EQ(read_file(w.tmp / "rp" / "model.safetensors"), read_file(full / "model.safetensors"));
   out.clear();
   ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (full / "seed_log.jsonl").string() + " --out " +
                     (w.tmp / "rp2").string() + " -q",

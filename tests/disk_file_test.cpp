@@ -189,7 +189,7 @@ TEST(DiskFile, SyncFinishesAfterEveryWriteSubmittedBeforeIt) {
   EXPECT_EQ(f.wait(100).op, BlockOp::sync);
 }
 
-TEST(DiskFile, TornOrCorruptImageIsNamedByItsBlock) {
+TEST(DiskFile, TornOrCorruptImageIsNamedByItsIndex) {
   test::TempDir dir;
   const fs::path path = dir / "blocks.img";
   HostBuffer buf = host_alloc_disk_aligned(kBlock);
@@ -231,7 +231,7 @@ TEST(DiskFile, TornOrCorruptImageIsNamedByItsBlock) {
 
   const Error e1 = read_error(1);
   EXPECT_EQ(e1.kind(), ErrorKind::format);
-  EXPECT_NE(std::string(e1.what()).find(path.string() + ": block 1 at offset " + std::to_string(image_offset(f, 1))),
+  EXPECT_NE(std::string(e1.what()).find(path.string() + ": image 1 at offset " + std::to_string(image_offset(f, 1))),
             std::string::npos)
       << e1.what();
   EXPECT_NE(std::string(e1.what()).find("CRC-32"), std::string::npos) << e1.what();
@@ -239,17 +239,17 @@ TEST(DiskFile, TornOrCorruptImageIsNamedByItsBlock) {
 
   const Error e2 = read_error(2);
   EXPECT_EQ(e2.kind(), ErrorKind::format);
-  EXPECT_NE(std::string(e2.what()).find("block 2"), std::string::npos) << e2.what();
+  EXPECT_NE(std::string(e2.what()).find("image 2"), std::string::npos) << e2.what();
   EXPECT_NE(std::string(e2.what()).find("header is corrupt"), std::string::npos) << e2.what();
   EXPECT_EQ(f.stored_step(2), std::nullopt);
 
   const Error e3 = read_error(3);
-  EXPECT_NE(std::string(e3.what()).find("block 3"), std::string::npos) << e3.what();
+  EXPECT_NE(std::string(e3.what()).find("image 3"), std::string::npos) << e3.what();
   EXPECT_NE(std::string(e3.what()).find("never written"), std::string::npos) << e3.what();
   EXPECT_EQ(f.stored_step(3), std::nullopt);
 
   const Error e4 = read_error(4);
-  EXPECT_NE(std::string(e4.what()).find("block 4"), std::string::npos) << e4.what();
+  EXPECT_NE(std::string(e4.what()).find("image 4"), std::string::npos) << e4.what();
   EXPECT_NE(std::string(e4.what()).find("(step 20)"), std::string::npos) << e4.what();
   EXPECT_NE(std::string(e4.what()).find("CRC-32"), std::string::npos) << e4.what();
   EXPECT_EQ(f.stored_step(4), std::optional<std::uint64_t>(20)) << "the header alone cannot tell a torn payload";
@@ -266,12 +266,12 @@ TEST(DiskFile, MisalignedOrShortBuffersAreRefused) {
     EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
     EXPECT_NE(std::string(e.what()).find("not aligned to 4096 bytes"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("O_DIRECT"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("block 0"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("image 0"), std::string::npos) << e.what();
   }
   const Error shorter = test::error_of([&] { f.submit_read(1, std::span(big.as<std::byte>(), kBlock), 3); });
   EXPECT_NE(std::string(shorter.what()).find("less than the 12288"), std::string::npos) << shorter.what();
   const Error range = test::error_of([&] { f.submit_read(2, span_of(big), 4); });
-  EXPECT_NE(std::string(range.what()).find("block 2 is out of range"), std::string::npos) << range.what();
+  EXPECT_NE(std::string(range.what()).find("image 2 is out of range"), std::string::npos) << range.what();
   EXPECT_EQ(f.in_flight(), 0u);
   // A tag in use, and a write of a block being read, are refused too.
   f.submit_read(0, span_of(big), 5);

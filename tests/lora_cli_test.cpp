@@ -161,6 +161,25 @@ TEST(LoraCli, PrefixTuningTrainsEvaluatesReplaysAndResumes) {
   EXPECT_NE(out.find("there is nothing to merge"), std::string::npos) << out;
 }
 
+// The adapters were tuned on their base's weights: a resume on a base re-made at the same
+// path (another seed) is refused, naming it; the base put back resumes.
+TEST(LoraCli, AResumeOnAnotherBaseAtTheSamePathIsRefused) {
+  Workspace w;
+  std::string out;
+  const fs::path saved = w.tmp / "model-saved";
+  fs::copy(w.model, saved, fs::copy_options::recursive);
+  ASSERT_EQ(run(w.train("run", "--lora --stop-at 2"), &out), 0) << out;
+  ASSERT_EQ(run("init --preset opt-tiny --seed 7 --out " + w.model.string() + " --overwrite -q"), 0);
+  out.clear();
+  const std::string resume = "train --resume " + (w.tmp / "run").string() + " --out " + (w.tmp / "run").string();
+  EXPECT_EQ(run(resume, &out), 2) << out;
+  EXPECT_NE(out.find("is not the one the run's adapters were tuned on"), std::string::npos) << out;
+  fs::remove_all(w.model);
+  fs::copy(saved, w.model, fs::copy_options::recursive);
+  out.clear();
+  EXPECT_EQ(run(resume + " -q", &out), 0) << out;
+}
+
 TEST(LoraCli, BadLoraFlagsAreUsageErrors) {
   Workspace w;
   const std::pair<std::string, std::string> cases[] = {

@@ -169,6 +169,13 @@ TEST(ParallelLayout, ValidationNamesTheFlagAndWhatDoesNotFit) {
   rule.directions = 4;
   EXPECT_NO_THROW(validate_parallel({2, 2, 2}, 8, rule, 2, "--parallel"));
   EXPECT_NO_THROW(validate_parallel({1, 1, 1}, 1, RuleConfig{.kind = RuleKind::cons}, 1, "--parallel"));
+  // The layout as typed, not its canonical spec ("single").
+  const ParallelLayout ones = parse_parallel("data=1,perturbation=1", "--parallel");
+  const std::string typed =
+      test::error_of([&] { validate_parallel(ones, 2, RuleConfig{}, 8, "--parallel", "data=1,perturbation=1"); }).what();
+  EXPECT_NE(typed.find("--parallel data=1,perturbation=1: the factors multiply to 1 but the run has 2 ranks"),
+            std::string::npos)
+      << typed;
 }
 
 TEST(ParallelLayout, EachSlotIsComputedByTheRanksOfItsDirectionAndBranch) {
@@ -482,6 +489,41 @@ TEST_F(ParallelSessions, RanksSharingAnImageMustPlanTheSameBlocks) {
   EXPECT_EQ(ok[1], "");
 }
 
+// Note [One job]: sessions whose ranks run another job are refused on every rank, naming
+// each part that differs and the ranks; per-rank choices (threads, placement) are not compared.
+TEST_F(ParallelSessions, RanksOfAnotherJobAreRefusedOnEveryRankNamingWhatDiffers) {
+  const auto errors = open_ranks(tmp.path(), {1, 1, 3}, [](int r, SessionConfig& c) {
+    c.rule.directions = 3;
+    c.run_seed = r == 0 ? 7 : 8;
+    if (r == 2) c.storage = DType::bf16;
+  });
+  for (const std::string& e : errors) {
+    EXPECT_NE(e.find("the ranks do not run the same job: the storage dtype: bf16 on rank 2 but fp32 on rank 0; the run "
+                     "seed (--seed): 8 on rank 1 (and rank 2) but 7 on rank 0"),
+              std::string::npos)
+        << e;
+  }
+  // Another model of the same shapes: its weights differ.
+  test::TempDir other;
+  test::write_random_checkpoint(other.path(), config, 6);
+  const auto models = on_thread_ranks(2, [&](int r, Comm& comm) {
+    SessionConfig c;
+    c.comm = &comm;
+    c.parallel = {1, 2, 1};
+    c.max_batch = kBatch;
+    c.max_seq = kSeq;
+    Session s(r == 0 ? tmp.path() : other.path(), c);
+  });
+  for (const std::string& e : models) EXPECT_NE(e.find("the model's weights: 1 file"), std::string::npos) << e;
+  const auto ok = open_ranks(tmp.path(), {1, 2, 1}, [](int r, SessionConfig& c) {
+    c.threads = r + 1;
+    c.offload = r == 0 ? OffloadMode::all : OffloadMode::none;
+    c.share_host_image = false;
+  });
+  EXPECT_EQ(ok[0], "");
+  EXPECT_EQ(ok[1], "");
+}
+
 TEST_F(ParallelSessions, ASilentRankStopsTheOthersNamingIt) {
   const auto errors = on_thread_ranks(2, [&](int r, Comm& comm) {
     SessionConfig c;
@@ -496,6 +538,7 @@ TEST_F(ParallelSessions, ASilentRankStopsTheOthersNamingIt) {
     c.max_batch = kBatch;
     c.max_seq = kSeq;
     c.threads = 1;
+    c.run_seed = 11;  // run_rank's (Note [One job])
     Session s(tmp.path(), c);
     std::this_thread::sleep_for(std::chrono::seconds(3));
   });

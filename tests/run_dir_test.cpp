@@ -168,11 +168,13 @@ struct TuneRun {
     EXPECT_EQ(tune("train" + common + " --out " + (tmp / name).string() + extra, &out), expect) << out;
     return tmp / name;
   }
-  // Edits the current checkpoint's zo2_state.json.
-  void edit_state(const fs::path& d, const std::function<void(json&)>& f) {
+  // Edits the current checkpoint's zo2_state.json, its own checksum updated (as a manifest
+  // with bad fields but a good checksum: another writer's), unless `keep_crc`.
+  void edit_state(const fs::path& d, const std::function<void(json&)>& f, bool keep_crc = false) {
     const fs::path p = fs::canonical(d / kRunStateFile);
     json j = json::parse(read_text(p));
     f(j);
+    if (!keep_crc) j["state_crc32"] = manifest_crc32(j);
     write_text(p, j.dump(2));
   }
 };
@@ -182,6 +184,13 @@ TEST(RunDirCli, AStateFileIsCheckedFieldByFieldAndNamed) {
   const fs::path d = r.train("part", " --stop-at 3");
   const std::string before = read_text(d / "model.safetensors");
   std::string out;
+  // A hand edit (the manifest's own checksum no longer matches) is refused at a resume, naming
+  // the file; a flag given on the command line is the way to change one.
+  r.edit_state(d, [](json& j) { j["lr"] = 2e-3; }, /*keep_crc=*/true);
+  EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
+  EXPECT_NE(out.find("zo2_state.json: edited since it was saved (its state_crc32 does not match)"), std::string::npos)
+      << out;
+  r.edit_state(d, [](json& j) { j["lr"] = 3e-3; });  // as it was, with a matching checksum
   // Defect 1: a negative next_step crashed in Dataset::collate.
   r.edit_state(d, [](json& j) { j["next_step"] = -5; });
   EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
@@ -257,10 +266,11 @@ TEST(RunDirCli, ASeedLogThatIsNotTheCheckpointsIsRefusedOnResume) {
   write_text(d / kRunSeedLog, log.substr(0, log.find('\n', log.find('\n') + 1) + 1));
   EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
   EXPECT_NE(out.find("seed_log.jsonl: the seed log holds steps 0..0"), std::string::npos) << out;
-  // An edited line that still parses: its bytes are not those the checkpoint was saved with.
+  // An edited line that still parses (its eps's last digit): its bytes are not those the
+  // checkpoint was saved with.
   std::string edited = log;
-  const auto g = edited.find("\"g\":");
-  edited[g + 5] = edited[g + 5] == '1' ? '2' : '1';
+  const auto eps_end = edited.find(',', edited.find("\"eps\":", edited.find('\n')));
+  edited[eps_end - 1] = edited[eps_end - 1] == '1' ? '2' : '1';
   write_text(d / kRunSeedLog, edited);
   EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
   EXPECT_NE(out.find("rewritten or comes from another run"), std::string::npos) << out;

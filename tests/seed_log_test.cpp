@@ -12,6 +12,7 @@
 #include <fstream>
 #include <limits>
 #include <numbers>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -32,8 +33,9 @@ using test::error_of;
 
 u32 bits(float f) { return std::bit_cast<u32>(f); }
 
+// g_double: g's value in double as a run logs it (the reader checks they agree), unless given.
 SeedLogEntry entry(std::int64_t step, u64 seed, float g, float lr = 1e-6f, float eps = 1e-3f,
-                   float wd = 0.0f, double g_double = 0.0) {
+                   float wd = 0.0f, std::optional<double> g_double = std::nullopt) {
   SeedLogEntry e;
   e.step = step;
   e.seed = seed;
@@ -41,7 +43,7 @@ SeedLogEntry entry(std::int64_t step, u64 seed, float g, float lr = 1e-6f, float
   e.lr = lr;
   e.eps = eps;
   e.wd = wd;
-  e.g_double = g_double;
+  e.g_double = g_double ? *g_double : static_cast<double>(g);
   return e;
 }
 
@@ -75,9 +77,10 @@ TEST(SeedLog, WriteReadRoundTripKeepsEveryFieldBitForBit) {
   const std::vector<SeedLogEntry> entries = {
       entry(3, seed_of(r, 3), std::bit_cast<float>(0x3f8ccccdu), 1e-7f, 1e-3f, 0.0f, 1.1000000000000001),
       entry(4, seed_of(r, 4), -0.0f, 3.3333333e-7f, 5e-4f, 0.1f, -2.5e-300),
-      entry(5, seed_of(r, 5), std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::max(),
-            std::numeric_limits<float>::min(), 1e-2f, 0.1 + 0.2),
-      entry(6, seed_of(r, 6), -123456.789f, 6.1e-5f, 1.0f / 3.0f, 0.0f, -0.0),
+      entry(5, seed_of(r, 5), 0.3f, std::numeric_limits<float>::max(), std::numeric_limits<float>::min(), 1e-2f,
+            0.1 + 0.2),
+      entry(6, seed_of(r, 6), -123456.789f, 6.1e-5f, 1.0f / 3.0f, 0.0f, -123456.789),
+      entry(7, seed_of(r, 7), std::numeric_limits<float>::denorm_min(), 1e-6f, 1e-3f, 0.0f, -0.0),
   };
   {
     SeedLogWriter w(path, h, /*append=*/false);
@@ -303,6 +306,15 @@ TEST(SeedLog, ValuesNoRunCanHaveWrittenAreRefused) {
   expect_format_error_at(h + line_with(0, "seed", "7") + "\n", 2, {"'seed' = 7", "another run"});
   expect_format_error_at(h + line_with(0, "g", "1e39") + "\n", 2, {"'g'", "range of a float"});
   expect_format_error_at(h + line_with(0, "lr", "-1e-3") + "\n", 2, {"'lr'", "negative"});
+  // g and g_double come from the same two losses: an edited g (or g_double) disagrees.
+  expect_format_error_at(h + line(0, ",\"g_double\":0.4999") + "\n", 2,
+                         {"'g' = 0.5 disagrees with field 'g_double' = 0.4999", "edited"});
+  {
+    nlohmann::json j = nlohmann::json::parse(line(0));
+    j["g"] = 5.0;
+    j["g_double"] = 0.5;
+    expect_format_error_at(h + j.dump() + "\n", 2, {"'g' = 5 disagrees"});
+  }
   {
     std::string big = line(0);
     big.replace(big.find("1e-6"), 4, "1e309");  // beyond a double: the JSON parser's overflow

@@ -54,10 +54,10 @@ void check_output_file(const char* flag, const std::filesystem::path& out);
 // (unless `overwrite`). Call before any work.
 void refuse_replacing_checkpoint(const std::filesystem::path& out, bool overwrite);
 
-// A checkpoint directory a command is about to create (replay): destroyed before keep() (the
-// command failed), it is removed again with the parents it made, if it holds nothing but
-// zo2's lock file, so a refused command leaves no empty directory behind. Declare it before
-// the directory's RunDirLock, which is then released first.
+// An output directory a command is about to create (train, replay): destroyed before keep(),
+// it is removed again with the parents it made if it holds nothing but zo2's lock file, so a
+// refused command leaves no empty directory behind. Declare it before the directory's
+// RunDirLock, which is then released first; only the process that writes it (rank 0).
 class NewOutputDir {
  public:
   explicit NewOutputDir(const std::filesystem::path& dir);

@@ -80,8 +80,8 @@ Runner add_init(CLI::App& app) {
       std::filesystem::path existing = std::filesystem::absolute(o->out, ec);
       while (!std::filesystem::exists(existing, ec) && existing.has_relative_path()) existing = existing.parent_path();
       if (const auto sp = std::filesystem::space(existing, ec); !ec && sp.available < need)
-        fail(ErrorKind::io, "cannot save checkpoint '{}': it needs {:.2f} GiB, but the file system has {:.2f} GiB free",
-             o->out, static_cast<double>(need) / (1u << 30), static_cast<double>(sp.available) / (1u << 30));
+        fail(ErrorKind::io, "cannot save checkpoint '{}': it needs {}, but the file system has {} free",
+             o->out, format_bytes(static_cast<double>(need)), format_bytes(static_cast<double>(sp.available)));
     }
     ensure_writable_dir(o->out);
     // --overwrite of a saved run layout (current → step-N): its weights would still be what

@@ -129,7 +129,7 @@ Runner add_plan(CLI::App& app) {
     if (!o->parallel.empty()) {
       if (!sc.training) fail(ErrorKind::invalid_argument, "--parallel plans training ranks: not with --eval-only or --generate");
       sc.parallel = parse_parallel(o->parallel, "--parallel");
-      validate_parallel(sc.parallel, sc.parallel.size(), sc.rule, o->batch, "--parallel");
+      validate_parallel(sc.parallel, sc.parallel.size(), sc.rule, o->batch, "--parallel", o->parallel);
       sc.share_host_image = o->host_image == "shared";
       pp = plan_parallel(c, sc, kind, cap, o->ranks_per_node > 0 ? o->ranks_per_node : sc.parallel.size());
     } else if (o->ranks_per_node > 0) {

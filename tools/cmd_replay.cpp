@@ -70,10 +70,21 @@ Runner add_replay(CLI::App& app) {
                o->model, a.family_name(), a.num_layers, a.hidden_size, a.vocab_size, log.header.base_model,
                b.family_name(), b.num_layers, b.hidden_size, b.vocab_size);
       }
-      if (!same)
+      // The log's fingerprint of its base decides (a checkpoint re-made at the same path is
+      // another base; a copy elsewhere is the same); a log from before it has only the path.
+      if (!log.header.base_fingerprint.empty()) {
+        const std::string fp = checkpoint_fingerprint(o->model);
+        if (fp != log.header.base_fingerprint)
+          fail(ErrorKind::invalid_argument,
+               "--model {}: its weights are not those the seed log's run started from (fingerprint {}; the log "
+               "records {} of {}): the replay would rebuild other weights than the run's — give the run's base "
+               "checkpoint",
+               o->model, fp, log.header.base_fingerprint, log.header.base_model);
+      } else if (!same) {
         log_warn("--model {} is not the checkpoint the seed log's run started from ({}): unless it is a copy of it, the "
                  "replayed weights are not the run's",
                  o->model, log.header.base_model);
+      }
     }
     sc.rule = log.header.rule;  // the log's update rule, its state rebuilt step by step
     sc.peft = log.header.peft;  // LoRA: the adapters start from the run seed's init
@@ -98,6 +109,7 @@ Runner add_replay(CLI::App& app) {
     // The checkpoint is at the step after the last update applied.
     session.set_next_step(log.header.first_step + applied);
     Session::SaveExtras x;
+    x.replace_checkpoint = o->overwrite;  // refused without it, before any work
     x.state = {{"replayed_from", std::filesystem::absolute(o->seed_log).string()},
                {"base_model", std::filesystem::absolute(o->model).string()}};
     session.save(o->out, save_dtype, shard, x);

@@ -20,7 +20,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cerrno>
 #include <csignal>
+#include <cstring>
 #include <exception>
 #include <cmath>
 #include <cstdlib>
@@ -110,6 +112,11 @@ struct StateReader {
 //     to that run directory (a resume into another --out that took the block file would
 //     rebuild it and cost the original run the steps it logged past its checkpoint; one that
 //     took the log would append to the original run's), so elsewhere they are given again.
+//     A copy of the run directory resumed in place is elsewhere too: the state records the
+//     directory it was saved in (run_dir), and while that one exists the copy is another run.
+//   - a state with none of the flags (a run saved by a C API or Python session) needs the
+//     ones that decide the weights given again: --lr, --eps, --weight-decay, --batch-size
+//     and --steps (the defaults would silently change them).
 //   - --data given again is taken with a warning when it names another file, or when the
 //     file now gives another number of examples than the run had.
 //   The flags are saved with every checkpoint in zo2_state.json (`save` below); a state
@@ -360,6 +367,8 @@ Runner add_train(CLI::App& app) {
     const std::filesystem::path out(o->out);
     // The one writer of --out (Note [Run directory]): taken first when --out is the run being
     // resumed, so nothing changes it while its state is read.
+    std::optional<NewOutputDir> made_out;  // a new --out that a refusal leaves holding only the lock goes again
+    if (writer) made_out.emplace(out);
     std::optional<RunDirLock> lock;
     const bool resume_in_place = !o->resume.empty() && same_directory(out, o->resume);
     if (resume_in_place && writer) lock.emplace(out);
@@ -384,13 +393,24 @@ Runner add_train(CLI::App& app) {
              o->resume, kRunStateFile);
       const StateReader st{ck.state, state_file};
       // A resumed run keeps its ranks' layout: data parallelism rounds the losses its own way.
+      // --parallel not given again is the run's (the default data=N is not).
       const std::string saved_layout = st.get_or<std::string>("parallel", "single");
-      if (saved_layout != layout.spec())
+      const int saved_ranks = parse_parallel(saved_layout, "parallel").size();
+      if (o->parallel.empty() && saved_ranks == comm.size()) layout = parse_parallel(saved_layout, "parallel");
+      if (saved_layout != layout.spec()) {
+        const std::string launch =
+            saved_ranks == 1 ? std::string("without mpirun") : fmt::format("with mpirun -np {}", saved_ranks);
+        if (o->parallel.empty())
+          fail(ErrorKind::invalid_argument,
+               "--resume {}: the run used --parallel {} (with {} rank{}) but this job has {} rank{}; a resumed run "
+               "keeps its layout: start it {}",
+               o->resume, saved_layout, saved_ranks, saved_ranks == 1 ? "" : "s", comm.size(),
+               comm.size() == 1 ? "" : "s", launch);
         fail(ErrorKind::invalid_argument,
-             "--parallel {}: the run in {} used {} (with {} rank{}); a resumed run keeps its layout: start it with "
-             "the same mpirun -np and --parallel",
-             layout.spec(), o->resume, saved_layout, parse_parallel(saved_layout, "parallel").size(),
-             parse_parallel(saved_layout, "parallel").size() == 1 ? "" : "s");
+             "--parallel {}: the run in {} used {} (with {} rank{}); a resumed run keeps its layout: start it {} and "
+             "drop --parallel",
+             o->parallel, o->resume, saved_layout, saved_ranks, saved_ranks == 1 ? "" : "s", launch);
+      }
       auto take = [&](CLI::Option* opt, const char* key, auto& field) {
         using T = std::decay_t<decltype(field)>;
         if (!st.has(key)) return;
@@ -417,6 +437,20 @@ Runner add_train(CLI::App& app) {
       take(given.sched, "lr_schedule", o->schedule);
       take(given.warm, "warmup_steps", o->warmup);
       take(given.steps, "total_steps", o->steps);
+      {
+        // A run saved by a C API or Python session records no training flags: the defaults
+        // would silently change them (lr 1e-6 for the run's 1e-3). They are given again.
+        std::vector<std::string> missing;
+        for (const auto& [opt, key] : {std::pair{given.lr, "lr"}, std::pair{given.eps, "eps"},
+                                       std::pair{given.wd, "weight_decay"}, std::pair{given.batch, "batch_size"},
+                                       std::pair{given.steps, "total_steps"}})
+          if (!st.has(key) && opt->count() == 0) missing.push_back(opt->get_name());
+        if (!missing.empty())
+          fail(ErrorKind::invalid_argument,
+               "--resume {}: {} does not record the run's {} (a run saved by a C API or Python session): give {} "
+               "as the run used them",
+               o->resume, state_file.string(), fmt::join(missing, ", "), fmt::join(missing, ", "));
+      }
       saved_data = st.get_or<std::string>("data", "");
       saved_examples = st.get_or<std::int64_t>("data_examples", -1);
       if (o->data.empty()) o->data = saved_data;
@@ -468,7 +502,17 @@ Runner add_train(CLI::App& app) {
       as_flag("lr_schedule", [&] { (void)LrSchedule::parse(o->schedule); });
       // The rest of the run's flags (Note [What a resume keeps]): each one not given again is
       // the run's, each one given again wins.
-      const std::vector<std::string> kept = keep_run_flags(*o, *a, st, resume_in_place);
+      // A copy of a run directory (cp -a RUN COPY; --resume COPY --out COPY) is not the run
+      // it was copied from: the original's JSON log and block file stay the original's.
+      bool own_dir = resume_in_place;
+      if (const std::string saved_dir = st.get_or<std::string>("run_dir", "");
+          own_dir && !saved_dir.empty() && std::filesystem::exists(saved_dir) && !same_directory(saved_dir, out)) {
+        own_dir = false;
+        log_info("--resume: {} is a copy of the run in {}, whose JSON log and block file stay its own here (give "
+                 "--log-json, --host-mem and --disk-dir for this copy)",
+                 o->resume, saved_dir);
+      }
+      const std::vector<std::string> kept = keep_run_flags(*o, *a, st, own_dir);
       for (const auto& [key, check] : std::initializer_list<std::pair<const char*, std::function<void()>>>{
                {"eval_every", [&] { check_integer(Opt::eval_every, o->eval_every, cli); }},
                {"save_every", [&] { check_integer(Opt::save_every, o->save_every, cli); }},
@@ -585,12 +629,15 @@ Runner add_train(CLI::App& app) {
           fail(ErrorKind::format, "{}: key 'base_model' = '{}' does not name the LoRA run's base checkpoint",
                state_file.string(), base_model);
         model_dir = resolve_model_dir(base_model).string();
+        // The adapters were tuned on that base's weights: one re-made at the path is another.
+        if (const std::string& want = resumed_log->header.base_fingerprint;
+            !want.empty() && checkpoint_fingerprint(model_dir) != want)
+          fail(ErrorKind::invalid_argument,
+               "--resume {}: the base checkpoint {} is not the one the run's adapters were tuned on (its weights' "
+               "fingerprint is {}; the seed log records {}): put that base back at {}",
+               o->resume, base_model, checkpoint_fingerprint(model_dir), want, base_model);
       }
       append_log = true;
-      if (first_step >= o->steps) {
-        log_info("--resume: the run in {} already finished {} of {} steps", o->resume, first_step, o->steps);
-        return 0;
-      }
     }
     if (o->resume.empty()) {
       sc.rule = o->rule.config(static_cast<float>(o->wd));
@@ -606,6 +653,34 @@ Runner add_train(CLI::App& app) {
       // goes on; the seed log replays from this step's weights).
       if (!base_model.empty()) base_model = std::filesystem::absolute(resolve_model_dir(base_model)).string();
     }
+    // Note [One job] (runtime/comm.h): the ranks run one job — first its flags (a --resume's
+    // included), before a rank that has nothing left to do leaves; the data and model below.
+    if (comm.size() > 1) {
+      const std::vector<RankPart> flags{
+          {"--steps", std::to_string(o->steps)},
+          {"--stop-at", std::to_string(o->stop_at)},
+          {"--batch-size", std::to_string(o->batch)},
+          {"--lr", fmt::format("{}", o->lr)},
+          {"--eps", fmt::format("{}", o->eps)},
+          {"--weight-decay", fmt::format("{}", o->wd)},
+          {"--lr-schedule", o->schedule},
+          {"--warmup-steps", std::to_string(o->warmup)},
+          {"--seed", std::to_string(o->seed)},
+          {"--parallel", layout.spec()},
+          {"--resume (the step it goes on from)", std::to_string(first_step)},
+          {"--save-every", std::to_string(o->save_every)},
+          {"--eval-every", std::to_string(o->eval_every)},
+          {"--num-eval", std::to_string(o->num_eval)},
+          {"--max-new-tokens", std::to_string(o->eval_max_new)},
+          {"--save-dtype", std::string(dtype_name(save_dtype))},
+          {"--shard-size", std::to_string(shard)},
+          {"--optimizer", sc.rule.describe()}};
+      check_ranks_agree(comm, flags, "the ranks' flags");
+    }
+    if (!o->resume.empty() && first_step >= o->steps) {
+      log_info("--resume: the run in {} already finished {} of {} steps", o->resume, first_step, o->steps);
+      return 0;
+    }
     if (sc.peft.any() && save_dtype != DType::f32) {
       // An adapter run saves its adapters, which are fp32 (the frozen base is not saved):
       // a narrower --save-dtype would be ignored.
@@ -617,7 +692,7 @@ Runner add_train(CLI::App& app) {
       save_dtype = DType::f32;  // a run saved before this check recorded the flag it ignored
     }
     validate_rule(sc.rule, static_cast<float>(o->wd));
-    validate_parallel(layout, comm.size(), sc.rule, o->batch, "--parallel");
+    validate_parallel(layout, comm.size(), sc.rule, o->batch, "--parallel", o->parallel);
     sc.comm = &comm;
     sc.parallel = layout;
     sc.share_host_image = o->host_image == "shared";
@@ -750,6 +825,29 @@ Runner add_train(CLI::App& app) {
     }
     sc.first_step = first_step;
     plan_placement(config, plan_request(config, sc, parse_device(sc.device).kind, planning_cap(sc)));
+    if (comm.size() > 1) {
+      // Note [One job]: the examples as loaded (ids, masks, labels, answers), whatever the files' names.
+      auto digest = [](const Dataset& d) {
+        Digest g;
+        for (std::int64_t i = 0; i < d.size(); ++i) {
+          const Example& e = d.example(i);
+          g.add(e.seqs.size()).add(static_cast<std::uint64_t>(static_cast<std::int64_t>(e.label)));
+          for (const Example::Seq& q : e.seqs)
+            for (const std::vector<std::int32_t>* v : {&q.ids, &q.mask, &q.labels})
+              g.add(v->size()).add(v->data(), v->size() * sizeof(std::int32_t));
+          g.add(e.golds.size()).add(e.golds.data(), e.golds.size() * sizeof(int));
+          g.add(e.prompt_ids.size()).add(e.prompt_ids.data(), e.prompt_ids.size() * sizeof(std::int32_t));
+          for (const std::string& a : e.answers) g.add(a);
+        }
+        return fmt::format("{} examples, digest {}", d.size(), g.hex());
+      };
+      std::vector<RankPart> parts{{"the training data (--data)", digest(data)},
+                                  {"the evaluation data (--eval)", eval_data ? digest(*eval_data) : "none"},
+                                  {"--data-seed", std::to_string(o->data_seed)},
+                                  {"--shuffle", o->shuffle ? "on" : "off"}};
+      for (RankPart& p : session_fingerprint(model_dir, sc)) parts.push_back(std::move(p));
+      check_ranks_agree(comm, parts, "the ranks' data and model");
+    }
     // Every rank has validated its flags and data; only rank 0 touches --out.
     comm.barrier("checking the flags and data");
     if (writer && !lock) {
@@ -807,12 +905,30 @@ Runner add_train(CLI::App& app) {
       records = std::make_unique<std::ofstream>(o->records, std::ios::binary);
       if (!*records) fail(ErrorKind::io, "{}: cannot write the records", o->records);
     }
+    // A record that cannot be written (a full disk) stops the run after this step: saved, then
+    // exit 1 naming it, never a log that silently ends. The torn record is cut off the file.
+    std::string log_failure;
     auto emit = [&](const json& j) {  // one record to the JSON log and the host's records
-      for (std::ofstream* f : {log_json.get(), records.get()})
-        if (f) {
-          *f << j.dump() << "\n";
-          f->flush();
-        }
+      for (std::unique_ptr<std::ofstream>* f : {&log_json, &records}) {
+        if (!*f) continue;
+        const std::streampos before = (*f)->tellp();
+        errno = 0;
+        **f << j.dump() << "\n";
+        (*f)->flush();
+        if (**f) continue;
+        const int e = errno;
+        const bool is_log = f == &log_json;
+        const std::string file = is_log ? o->log_json : o->records;
+        std::error_code ec;
+        if (is_log && before != std::streampos(-1)) std::filesystem::resize_file(file, static_cast<std::uintmax_t>(before), ec);
+        f->reset();
+        const std::string what = j.contains("step") ? fmt::format("step {}'s record", j["step"].dump())
+                                                    : fmt::format("the record of the evaluation after step {}",
+                                                                  j.value("eval_after_step", json()).dump());
+        log_failure = fmt::format("{} {}: cannot write {} ({}), which is missing from it", is_log ? "--log-json" : "--records",
+                                  file, what, e != 0 ? std::strerror(e) : "a write error");
+        log_warn("{}: the run stops after this step", log_failure);
+      }
     };
 
     // Ranks: a failing rank ends the job through Comm::abort (Note [Rank faults]) without
@@ -858,6 +974,7 @@ Runner add_train(CLI::App& app) {
         log_warn("the checkpoint is saved as {} but the weights are {}: --resume will not be exact",
                  dtype_name(save_dtype), dtype_name(sc.storage));
       Session::SaveExtras x;
+      x.replace_checkpoint = o->overwrite;  // refused without it, before any work
       x.state = json{{"total_steps", o->steps},
                      {"lr", o->lr},
                      {"eps", o->eps},
@@ -877,6 +994,9 @@ Runner add_train(CLI::App& app) {
                      {"base_model", base_model},
                      {"shard_bytes", shard},
                      {"parallel", layout.spec()},
+                     // Where the run lives: a copy of the directory is told apart (its resume
+                     // leaves the original's JSON log and block file alone).
+                     {"run_dir", std::filesystem::weakly_canonical(std::filesystem::absolute(out)).string()},
                      // Note [What a resume keeps]: how the run runs.
                      {"compute_dtype", o->dev.compute},
                      {"device", o->dev.device},
@@ -1007,15 +1127,18 @@ Runner add_train(CLI::App& app) {
     // but not at the same instant) stops every rank after the same step.
     auto stop_requested = [&] {
       const int local = g_stop_signal.load();
-      if (comm.size() == 1) return local != 0;
-      const double mine = local;
+      if (comm.size() == 1) return local != 0 || !log_failure.empty();
+      const double mine = local != 0 ? local : log_failure.empty() ? 0 : -1;  // -1: rank 0's log failed
       const std::vector<double> all = comm.all_gather(std::span<const double>(&mine, 1), "the stop flags");
+      bool any = false;
       for (double v : all)
-        if (v != 0) {
+        if (v > 0) {
           if (g_stop_signal.load() == 0) g_stop_signal.store(static_cast<int>(v));
-          return true;
+          any = true;
+        } else if (v < 0) {
+          any = true;
         }
-      return false;
+      return any;
     };
     // Tests only (tests/mpi/ranks.sh): one rank hangs before a step, as a stuck process would.
     const char* hang_rank = std::getenv("ZO2_TEST_HANG_RANK");
@@ -1063,6 +1186,9 @@ Runner add_train(CLI::App& app) {
            "overflow in the forward pass (a huge weight, fp16 compute) or a data problem",
            next, skipped_in_a_row, last_skipped.step + 1, last_skipped.loss_plus, last_skipped.loss_minus, skipped,
            completed, out.string());
+    if (!log_failure.empty())
+      fail(ErrorKind::io, "{}. Stopped after step {} and saved to {}; resume it once the disk has room", log_failure,
+           next, out.string());
     if (skipped > 0)
       log_warn("{} of the {} steps run had a non-finite projected gradient; their updates were skipped", skipped,
                completed);

@@ -1,5 +1,6 @@
 // zo2-tune: zeroth-order fine-tuning of OPT, LLaMA, Qwen, Mistral and Gemma 3 models on one small GPU (or the
 // CPU). Subcommands: init, forward, plan, train, eval, replay, synth-data, tokenize, data.
+#include "runtime/comm.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
 #include "tools/cli.h"
@@ -73,8 +74,17 @@ int main(int argc, char** argv) {
   }
   zo2::log_set_level(verbose ? zo2::LogLevel::debug : quiet ? zo2::LogLevel::warn : zo2::LogLevel::info);
   try {
-    for (auto& [sub, run] : runners)
-      if (sub->parsed()) return run();
+    for (auto& [sub, run] : runners) {
+      if (!sub->parsed()) continue;
+      // Only train runs as ranks; any other subcommand under mpirun would do its whole job
+      // once per rank (the same files written N times, the output printed N times).
+      if (sub->get_name() != "train" && zo2::launched_by_mpi())
+        zo2::fail(zo2::ErrorKind::invalid_argument,
+                  "{} runs as one process, but this one was started by an MPI launcher as one of {} ranks: run it "
+                  "without mpirun (only train runs as ranks; plan --parallel shows a rank's plan from one process)",
+                  sub->get_name(), zo2::launcher_world_size());
+      return run();
+    }
   } catch (const zo2::Error& e) {
     fmt::print(stderr, "zo2-tune: error: {}\n", e.what());
     return e.kind() == zo2::ErrorKind::invalid_argument ? 2 : 1;

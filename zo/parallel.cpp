@@ -93,9 +93,10 @@ RankCoord rank_coord(const ParallelLayout& l, int rank) {
 }
 
 void validate_parallel(const ParallelLayout& l, int ranks, const RuleConfig& rule, int batch_units,
-                       std::string_view flag) {
+                       std::string_view flag, std::string_view typed) {
+  const std::string shown = typed.empty() ? l.spec() : std::string(typed);
   if (l.size() != ranks)
-    fail(ErrorKind::invalid_argument, "{} {}: the factors multiply to {} but the run has {} rank{}{}", flag, l.spec(),
+    fail(ErrorKind::invalid_argument, "{} {}: the factors multiply to {} but the run has {} rank{}{}", flag, shown,
          l.size(), ranks, ranks == 1 ? "" : "s",
          ranks == 1 ? " (start it with mpirun -np N, or srun)" : " (mpirun -np / srun)");
   if (l.single()) return;
@@ -103,14 +104,14 @@ void validate_parallel(const ParallelLayout& l, int ranks, const RuleConfig& rul
     fail(ErrorKind::invalid_argument,
          "{} {}: zo-sgd-cons reads each step's g on the host within the step and is not run across ranks; use "
          "another --optimizer or one rank",
-         flag, l.spec());
+         flag, shown);
   if (rule.directions % l.directions != 0)
     fail(ErrorKind::invalid_argument,
          "{} {}: directions={} needs --directions a multiple of {} (each rank evaluates its own directions), got {}",
-         flag, l.spec(), l.directions, l.directions, rule.directions);
+         flag, shown, l.directions, l.directions, rule.directions);
   if (batch_units >= 0 && batch_units < l.data)
     fail(ErrorKind::invalid_argument, "{} {}: data={} splits the batch, but a step has only {} sequence{} (or examples)",
-         flag, l.spec(), l.data, batch_units, batch_units == 1 ? "" : "s");
+         flag, shown, l.data, batch_units, batch_units == 1 ? "" : "s");
 }
 
 RankWork rank_work(const RuleEstimate& est, const ParallelLayout& l, const RankCoord& c) {

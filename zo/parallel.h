@@ -58,9 +58,10 @@ RankCoord rank_coord(const ParallelLayout& layout, int rank);
 // Refuses a layout the run cannot use, naming `flag` (--parallel, or the C field): product
 // ≠ the rank count, P > 2, q not a multiple of Q, a global batch with fewer sequences (or
 // multiple-choice examples) than D, zo-sgd-cons (it needs g on the host within the step).
-// batch_units < 0 skips the batch check.
+// batch_units < 0 skips the batch check. `typed`: the layout as the user wrote it, echoed in
+// the errors ("" echoes spec()).
 void validate_parallel(const ParallelLayout& layout, int ranks, const RuleConfig& rule, int batch_units,
-                       std::string_view flag);
+                       std::string_view flag, std::string_view typed = {});
 
 // The passes a rank runs and the loss slots it writes.
 struct RankWork {

@@ -85,6 +85,7 @@ std::string header_line(const SeedLogHeader& h) {
          {"storage_dtype", h.storage_dtype},
          {"base_model", h.base_model},
          {"first_step", h.first_step}};
+  if (!h.base_fingerprint.empty()) j["base_fingerprint"] = h.base_fingerprint;
   if (h.rule != RuleConfig{}) j["optimizer"] = rule_to_json(h.rule);  // a zo-sgd log keeps its old bytes
   if (h.peft.any()) j["peft"] = peft_to_json(h.peft);
   return j.dump();
@@ -263,6 +264,7 @@ SeedLog SeedLog::read(const std::filesystem::path& path) {
       if (!dtype_from_name(log.header.storage_dtype))
         fail(ErrorKind::format, "{}: field 'storage_dtype' = '{}' is not a dtype", where, log.header.storage_dtype);
       log.header.base_model = j.contains("base_model") ? f.text("base_model") : "";
+      log.header.base_fingerprint = j.contains("base_fingerprint") ? f.text("base_fingerprint") : "";
       log.header.first_step = j.contains("first_step") ? f.integer("first_step") : 0;
       if (log.header.first_step < 0)
         fail(ErrorKind::format, "{}: field 'first_step' = {} is negative", where, log.header.first_step);
@@ -296,7 +298,16 @@ SeedLog SeedLog::read(const std::filesystem::path& path) {
     if (!(e.lr >= 0)) fail(ErrorKind::format, "{}: field 'lr' = {} is negative", where, e.lr);
     if (!(e.eps > 0)) fail(ErrorKind::format, "{}: field 'eps' = {} is not positive", where, e.eps);
     if (!(e.wd >= 0)) fail(ErrorKind::format, "{}: field 'wd' = {} is negative (weight decay is >= 0)", where, e.wd);
-    if (j.contains("g_double") && j.at("g_double").is_number()) e.g_double = j.at("g_double").get<double>();
+    if (j.contains("g_double") && j.at("g_double").is_number()) {
+      e.g_double = j.at("g_double").get<double>();
+      // Both come from the step's two losses (g rounded to float): a line whose g disagrees
+      // was edited, and a resume past the checkpoint (the disk tier applies such lines
+      // without running their steps again) must not take it.
+      if (std::isfinite(e.g) && std::isfinite(e.g_double) &&
+          !(std::fabs(static_cast<double>(e.g) - e.g_double) <= 1e-5 * std::fabs(e.g_double) + 1e-30))
+        fail(ErrorKind::format, "{}: field 'g' = {} disagrees with field 'g_double' = {}: the line was edited", where,
+             e.g, e.g_double);
+    }
     const RuleConfig& rule = log.header.rule;
     if (rule.directions > 1) {
       const json& gs = f.at("gs");

@@ -41,6 +41,7 @@ struct SeedLogHeader {
   std::uint64_t run_seed = 0;
   std::string storage_dtype = "fp32";
   std::string base_model;  // the checkpoint the run started from
+  std::string base_fingerprint;  // its weights' fingerprint (api checkpoint_fingerprint); empty: not recorded
   std::int64_t first_step = 0;
   RuleConfig rule;  // "optimizer" (absent: zo-sgd, one direction, central — the log of before rules)
   PeftConfig peft;  // "peft" (absent: full fine-tuning); LoRA adapters start from run_seed's init

@@ -103,6 +103,8 @@ GENERATE_ERRORS = [
     (dict(greedy=1), "greedy must be a bool"),
     (dict(seed=-1), "seed -1"),
     (dict(stop_ids=[2**40]), "stop_ids holds"),
+    (dict(stop_ids=[2, 512]), "stop id 512 (entry 1) is outside the vocabulary [0, 512)"),
+    (dict(stop_ids=[-3]), "stop id -3"),
 ]
 
 

@@ -47,6 +47,9 @@ def test_adam_trains_saves_its_state_and_resumes_exactly(tiny, tmp_path):
         assert s2.params["resume_state"] is True and s2.step_index == 4
         s2.step(ids)
         assert bits(s2.eval(ids)) == bits(continued)
+    # The state is the saved step's: at another first_step it would go with other weights.
+    with pytest.raises(zo2.InvalidArgumentError, match="first_step 5: .* saved at step 4; a resume .resume_state"):
+        zo2.Session(tmp_path / "run", resume_state=True, first_step=5, **ADAM)
     # Without the state the same request is refused, naming the file.
     with pytest.raises(zo2.FormatError, match="optimizer_state.safetensors"):
         zo2.Session(tiny, resume_state=True, **ADAM)

@@ -1,6 +1,7 @@
 """zo2.Session against the C API, parameter round trips, arrays, threads and Ctrl-C."""
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import threading
@@ -344,7 +345,44 @@ def test_seed_log_and_save_never_replace_what_is_there(tiny, tmp_path, tune):
             with pytest.raises(zo2.InvalidArgumentError, match="is a checkpoint of the training run"):
                 s.save(tmp_path / "run" / sub)
         s.save(tmp_path / "run" / "export")  # a new directory inside it is not
+        # Nor a plain checkpoint (another model's weights): a save would replace its files.
+        other = tmp_path / "other"
+        shutil.copytree(tiny, other)
+        with pytest.raises(zo2.InvalidArgumentError, match=r"holds a checkpoint \(config.json, model.safetensors"):
+            s.save(other)
+        assert (other / "model.safetensors").read_bytes() == weights and not (other / "current").exists()
+        s.save(tmp_path / "run" / "export")  # its own checkpoint again: a run layout, continued
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == run_weights
+    # A resume starts at the step its checkpoint was saved at: another first_step would cut
+    # the seed log to it while the weights are those of the saved step.
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=16, seed_log=tmp_path / "r.jsonl") as s:
+        s.step(ids)
+        s.step(ids)
+        s.save(tmp_path / "r")
+    log = (tmp_path / "r.jsonl").read_bytes()
+    for first in (0, 1, 3):
+        with pytest.raises(zo2.InvalidArgumentError, match=f"first_step {first}: .* saved at step 2"):
+            zo2.Session(tmp_path / "r", max_seqs=2, max_seq_len=16, seed_log=tmp_path / "r.jsonl",
+                        seed_log_append=True, first_step=first)
+    assert (tmp_path / "r.jsonl").read_bytes() == log
+    with zo2.Session(tmp_path / "r", lr=1e-3, max_seqs=2, max_seq_len=16, seed_log=tmp_path / "r.jsonl",
+                     seed_log_append=True, first_step=2) as s:
+        s.step(ids)
+        assert s.step_index == 3
+    # zo2-tune train --resume of a session's run: its state records no training flags, so
+    # they are given again (the defaults would silently change lr 1e-3 to 1e-6).
+    (tmp_path / "api").mkdir()
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=8, seed_log=tmp_path / "api" / "seed_log.jsonl") as s:
+        s.step(ids[:, :8])
+        s.save(tmp_path / "api")
+    cmd = [str(tune), "-q", "train", "--resume", str(tmp_path / "api"), "--out", str(tmp_path / "api"), "--data",
+           str(data)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    assert "does not record the run's --lr, --eps, --weight-decay, --batch-size, --steps" in p.stderr, p.stderr
+    p = subprocess.run(cmd + ["--lr", "1e-3", "--eps", "1e-3", "--weight-decay", "0", "--batch-size", "2",
+                              "--steps", "3"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
 
 
 def test_plan(tiny):

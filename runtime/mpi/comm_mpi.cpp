@@ -203,11 +203,13 @@ class MpiComm final : public Comm {
               missing += fmt::format("{}{}", missing.empty() ? "" : ", ", recv_rank[i]);
           }
         }
-        if (missing.empty()) missing = "a peer (its receive did not complete)";
+        // Every part arrived but a send is still pending: the peer has not taken it.
+        const std::string who = missing.empty() ? std::string("a peer (a send to it did not complete)")
+                                                : fmt::format("rank {}", missing);
         fail(ErrorKind::io,
-             "no word from rank {} for {} within {:.0f} s (--rank-timeout): the rank died, hung or left the run; "
+             "no word from {} for {} within {:.0f} s (--rank-timeout): the rank died, hung or left the run; "
              "stopping every rank",
-             missing, what, timeout_s_);
+             who, what, timeout_s_);
       }
       // Spin briefly (a step's scalars arrive in microseconds on one node), then back off.
       if (pause.count() > 0) std::this_thread::sleep_for(pause);

@@ -45,5 +45,25 @@ for c in "${cases[@]}"; do
   clean_dir "$d" || { say "$match after $after bytes: leftovers remain"; failures=$((failures + 1)); }
   say "$match after $after bytes: failed cleanly at step ${step:-none}; the resume matches the uninterrupted run"
 done
+# The JSON log: a record that does not fit stops the run after its step (saved, exit 1,
+# naming the log and the record), with no torn line; the resume continues the log.
+rm -rf jl jl.json
+if ZO2_ENOSPC_MATCH="jl.json" ZO2_ENOSPC_AFTER=3000 LD_PRELOAD="$SHIM" \
+   "$T" -q train --model base "${COMMON[@]}" --shard-size 100K --out jl --log-json jl.json 2>jl.err; then
+  say "--log-json on a full disk: the run succeeded"; failures=$((failures + 1))
+elif ! grep -q -- "--log-json jl.json: cannot write step [0-9]*'s record (No space left on device)" jl.err; then
+  say "--log-json on a full disk: the error does not name the log and the reason: $(cat jl.err)"; failures=$((failures + 1))
+elif [ -n "$(tail -c 1 jl.json)" ]; then
+  say "--log-json on a full disk: the log ends in a torn line"; failures=$((failures + 1))
+else
+  step=$(state_step jl)
+  "$T" -q train --resume jl --out jl 2>>jl.err || { say "--log-json: --resume failed: $(cat jl.err)"; failures=$((failures + 1)); }
+  same_weights jl ref || { say "--log-json: the resumed run differs"; failures=$((failures + 1)); }
+  records=$(grep -c '"step"' jl.json)
+  # One record is missing (the one that did not fit), and the error said which.
+  [ "$records" -eq $((STEPS - 1)) ] || { say "--log-json: $records step records after the resume, expected $((STEPS - 1))"; failures=$((failures + 1)); }
+  say "--log-json on a full disk: stopped and saved at step $step; the resume finished"
+fi
+cases+=("jl.json")
 say "ENOSPC cases: ${#cases[@]}; failures: $failures"
 [ "$failures" -eq 0 ]
