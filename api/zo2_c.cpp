@@ -17,6 +17,7 @@
 #include "runtime/log.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -77,6 +78,49 @@ void set_error(const char* fn, std::string_view message) noexcept {
   }
 }
 
+// The layers below name zo2-tune's flags in their messages (the planner's "--offload none
+// needs ..."); a C host reads the fields of its params instead (zo2.h: "the message names
+// the field"). Whole flags only: "--gpu-mem" becomes "gpu_mem_bytes", "--out" stays.
+std::string with_c_names(std::string m) {
+  static const std::pair<std::string_view, std::string_view> kNames[] = {
+      {"--gpu-mem", "gpu_mem_bytes"},       {"--host-mem", "host_mem_bytes"},
+      {"--disk-dir", "disk_dir"},           {"--disk-lag", "disk_lag"},
+      {"--disk-staging", "disk_staging"},   {"--offload", "offload"},
+      {"--window", "window"},               {"--tile", "tile_bytes"},
+      {"--kv-cache", "kv_cache"},           {"--prefill-chunk", "prefill_chunk"},
+      {"--optimizer", "optimizer"},         {"--directions", "directions"},
+      {"--difference", "difference"},       {"--state-dtype", "state_dtype"},
+      {"--storage-dtype", "storage_dtype"}, {"--compute-dtype", "compute_dtype"},
+      {"--save-dtype", "save_dtype"},       {"--shard-size", "save_shard_bytes"},
+      {"--seed", "seed"},                   {"--parallel", "parallel"},
+      {"--rank-timeout", "rank_timeout_s"}, {"--host-image", "share_host_image"},
+      {"--upload", "sliced_upload"},        {"--threads", "n_threads"},
+      {"--device", "device"},               {"--lora-r", "lora_r"},
+      {"--lora-alpha", "lora_alpha"},       {"--lora-targets", "lora_targets"},
+      {"--adapter", "adapter_path"},        {"--num-prefix", "prefix_tokens"},
+      {"--batch-size", "max_seqs"},         {"--lr", "lr"},
+      {"--eps", "eps"},                     {"--weight-decay", "weight_decay"},
+  };
+  auto flag_char = [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-'; };
+  std::string out;
+  out.reserve(m.size());
+  for (std::size_t i = 0; i < m.size();) {
+    if (m.compare(i, 2, "--") == 0 && (i == 0 || !flag_char(m[i - 1]))) {
+      std::size_t end = i + 2;
+      while (end < m.size() && flag_char(m[end])) ++end;
+      const std::string_view flag(m.data() + i, end - i);
+      const auto* hit = std::find_if(std::begin(kNames), std::end(kNames), [&](const auto& n) { return n.first == flag; });
+      if (hit != std::end(kNames)) {
+        out += hit->second;
+        i = end;
+        continue;
+      }
+    }
+    out += m[i++];
+  }
+  return out;
+}
+
 // Runs body(); returns its status, or the code of what it threw with the message recorded.
 // `on_error(code)` runs (noexcept context) before returning a failure, e.g. to poison a session.
 template <class Body, class OnError>
@@ -86,7 +130,7 @@ int guarded(const char* fn, Body&& body, OnError&& on_error) noexcept {
     code = body();
     return code;
   } catch (const zo2::Error& e) {
-    set_error(fn, e.what());
+    set_error(fn, with_c_names(e.what()));
     code = status_of(e.kind());
   } catch (const std::bad_alloc&) {
     set_error(fn, "out of host memory");

@@ -420,8 +420,10 @@ TEST_F(CApi, ParamsOutsideTheSharedRangesAreRefusedNamingTheField) {
                  p.disk_staging = 1;
                  p.offload = ZO2_OFFLOAD_ALL;
                }),
-               ZO2_ERR_INVALID_ARGUMENT, "--disk-dir");
-  EXPECT_ERROR(init_with([](auto& p) { p.host_mem_bytes = 100u << 10; }), ZO2_ERR_OUT_OF_MEMORY, "host needs at least");
+               ZO2_ERR_INVALID_ARGUMENT, "give disk_dir DIR");  // the field, not zo2-tune's --disk-dir
+  EXPECT_ERROR(init_with([](auto& p) { p.host_mem_bytes = 100u << 10; }), ZO2_ERR_OUT_OF_MEMORY, "host needs at least",
+               "host_mem_bytes 100.00 KiB");
+  EXPECT_EQ(std::string(zo2_last_error()).find("--"), std::string::npos) << zo2_last_error();
   {
     zo2_session_params p = params();
     p.host_mem_bytes = 400u << 10;
