@@ -93,7 +93,10 @@ std::uint64_t manifest_uint(const json& obj, const char* key, const fs::path& fi
 
 // Checks a v2 manifest against the files of its directory.
 void check_manifest(const fs::path& dir, const json& m, bool verify, const fs::path& mfile) {
-  if (verify && m.contains("state_crc32")) {  // older manifests have none
+  // Version 3 on carries it; a version-2 manifest (an older zo2's) has none.
+  if (m.value("zo2_state", 0) >= 3 && !m.contains("state_crc32"))
+    fail(ErrorKind::format, "{}: field 'state_crc32' is missing: the manifest was edited", mfile.string());
+  if (verify && m.contains("state_crc32")) {
     const std::uint64_t want = manifest_uint(m, "state_crc32", mfile, "the manifest");
     if (manifest_crc32(m) != want)
       fail(ErrorKind::format,
@@ -284,7 +287,8 @@ std::string pid_of_lock(int fd) {
 
 std::uint32_t manifest_crc32(nlohmann::json manifest) {
   manifest.erase("state_crc32");
-  const std::string text = manifest.dump();
+  // Paths that are not UTF-8 (a directory named in Latin-1) are written with U+FFFD.
+  const std::string text = manifest.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   return crc32_update(0, std::as_bytes(std::span<const char>(text.data(), text.size())));
 }
 
@@ -390,7 +394,7 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
                        {"next_step", r.seed_log_position.next_step}};
     }
     m["state_crc32"] = manifest_crc32(m);
-    write_synced(tmp / kRunStateFile, m.dump(2) + "\n");
+    write_synced(tmp / kRunStateFile, m.dump(2, ' ', false, json::error_handler_t::replace) + "\n");
     fsync_path(tmp, true);
     name = fmt::format("step-{:08d}", r.step);
     for (int k = 2; fs::exists(fs::symlink_status(dir / name, ec)); ++k) name = fmt::format("step-{:08d}.{}", r.step, k);
@@ -443,7 +447,7 @@ OpenedCheckpoint open_checkpoint(const fs::path& dir, bool verify) {
     fail(ErrorKind::format, "{}: not a zo2 state file (no \"zo2_state\")", mfile.string());
   const json& v = o.state.at("zo2_state");
   if (!v.is_number_unsigned() || v.get<std::uint64_t>() < 1 || v.get<std::uint64_t>() > kRunStateVersion)
-    fail(ErrorKind::format, "{}: field 'zo2_state' = {} is not a state version this zo2 reads (1 or 2)",
+    fail(ErrorKind::format, "{}: field 'zo2_state' = {} is not a state version this zo2 reads (1 to 3)",
          mfile.string(), v.dump());
   if (v.get<int>() == 1) {  // written by a zo2 before run directories: no manifest to check
     if (fs::exists(o.dir / kRunSeedLog, ec)) o.seed_log = o.dir / kRunSeedLog;

@@ -38,7 +38,7 @@ inline constexpr const char* kRunStateFile = "zo2_state.json";
 inline constexpr const char* kRunCurrent = "current";
 inline constexpr const char* kRunLockFile = "zo2.lock";
 inline constexpr const char* kRunSeedLog = "seed_log.jsonl";
-inline constexpr int kRunStateVersion = 2;
+inline constexpr int kRunStateVersion = 3;  // 3: the manifest carries its own CRC (state_crc32)
 
 // DIR/zo2.lock held (flock, exclusive) by this object; a second writer — another process,
 // or a second lock of the same directory in this one — is refused: Error(invalid_argument)

@@ -145,22 +145,39 @@ void Session::fit_arena_to(const Placement& plan) {
 }
 
 namespace {
-// Headers, sizes and each tensor's first bytes of safetensors files, not all of them (Note
-// [One job]): what tells two checkpoints of one shape apart in a moment, at any size.
+// Every tensor's name, dtype, shape and 192 of its bytes (its first, middle and last 64), in
+// name order, across the files: what tells two checkpoints of one shape apart in a moment at
+// any size (another seed, a tuned copy), while the same weights saved another way (resharded,
+// another header layout) give the same digest. A fingerprint, not a checksum: an edit of the
+// bytes in between goes unseen (Note [One job]).
 Digest weights_digest(const std::vector<std::filesystem::path>& files, std::uint64_t* total_bytes = nullptr) {
-  Digest d;
+  struct Tensor {
+    std::string name;
+    std::uint64_t dtype;
+    std::vector<std::int64_t> shape;
+    std::vector<std::byte> sample;
+  };
+  std::vector<Tensor> tensors;
   std::uint64_t bytes = 0;
   for (const std::filesystem::path& file : files) {
     const SafetensorsFile f = SafetensorsFile::open(file);
-    d.add(file.filename().string()).add(f.file_size());
     bytes += f.file_size();
     for (const TensorInfo& t : f.tensors()) {
-      d.add(t.name).add(static_cast<std::uint64_t>(t.dtype)).add(t.begin).add(t.end);
-      for (std::int64_t n : t.shape) d.add(static_cast<std::uint64_t>(n));
       const std::span<const std::byte> b = f.bytes(t);
-      d.add(b.data(), std::min<std::size_t>(b.size(), 64));
+      Tensor x{t.name, static_cast<std::uint64_t>(t.dtype), t.shape, {}};
+      const std::size_t n = std::min<std::size_t>(b.size(), 64);
+      for (const std::size_t at : {std::size_t{0}, (b.size() - n) / 2, b.size() - n})
+        x.sample.insert(x.sample.end(), b.begin() + static_cast<std::ptrdiff_t>(at),
+                        b.begin() + static_cast<std::ptrdiff_t>(at + n));
+      tensors.push_back(std::move(x));
     }
-    for (const auto& [k, v] : f.metadata()) d.add(k).add(v);
+  }
+  std::sort(tensors.begin(), tensors.end(), [](const Tensor& a, const Tensor& b) { return a.name < b.name; });
+  Digest d;
+  for (const Tensor& t : tensors) {
+    d.add(t.name).add(t.dtype).add(static_cast<std::uint64_t>(t.shape.size()));
+    for (std::int64_t n : t.shape) d.add(static_cast<std::uint64_t>(n));
+    d.add(t.sample.data(), t.sample.size());
   }
   if (total_bytes) *total_bytes = bytes;
   return d;

@@ -107,13 +107,14 @@ PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, Dev
                          std::size_t cap, int node_ranks = 1);
 
 // Note [One job] (runtime/comm.h): what the ranks of a training session compare before it
-// loads anything — the model's config, checkpoint headers and each tensor's first bytes (and
-// the adapter's), the update rule, tuned parameters, dtypes, run seed, first step and layout.
+// loads anything — the model's config and its weights' fingerprint (checkpoint_fingerprint;
+// the adapter's too), the update rule, tuned parameters, dtypes, run seed, first step and layout.
 std::vector<RankPart> session_fingerprint(const std::filesystem::path& model_path, const SessionConfig& cfg);
 
-// A checkpoint's weights fingerprint (hex): its safetensors headers, sizes and each tensor's
-// first bytes — two checkpoints of one shape (another seed, a tuned copy) differ in it. What
-// a seed log records of its base ("base_fingerprint"), for replay and a LoRA resume to check.
+// A checkpoint's weights fingerprint (hex): every tensor's name, dtype, shape and its first,
+// middle and last 64 bytes — two checkpoints of one shape (another seed, a tuned copy) differ
+// in it, the same weights resharded do not; a fingerprint, not a checksum. What a seed log
+// records of its base ("base_fingerprint"), for replay and a LoRA resume to check.
 std::string checkpoint_fingerprint(const std::filesystem::path& dir);
 
 // What a parallel layout means for one rank and one node (zo2-tune plan --parallel,

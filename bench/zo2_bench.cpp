@@ -77,8 +77,12 @@ using json = nlohmann::json;
 std::vector<std::string> split(const std::string& s) {
   std::vector<std::string> out;
   std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');)
+  for (std::string item; std::getline(ss, item, ',');) {
+    // "1, 2" as "1,2": spaces around an item are the shell's quoting, not part of it.
+    const auto b = item.find_first_not_of(" \t"), e = item.find_last_not_of(" \t");
+    item = b == std::string::npos ? std::string() : item.substr(b, e - b + 1);
     if (!item.empty()) out.push_back(item);
+  }
   return out;
 }
 

@@ -36,7 +36,9 @@ install(FILES ${PROJECT_BINARY_DIR}/zo2Config.cmake ${PROJECT_BINARY_DIR}/zo2Con
 # The installed libzo2 keeps the RUNPATH of dependencies outside the system directories
 # (e.g. TBB from a custom prefix), so hosts load it without LD_LIBRARY_PATH.
 set_property(TARGET zo2 PROPERTY INSTALL_RPATH_USE_LINK_PATH ON)
-# An installed zo2-tune finds the installed libzo2 beside it, wherever the prefix is.
-if(TARGET zo2-tune)
-  set_property(TARGET zo2-tune PROPERTY INSTALL_RPATH "$ORIGIN/../${CMAKE_INSTALL_LIBDIR}")
-endif()
+# An installed zo2-tune (and zo2-bench) finds the installed libzo2 beside it, wherever the prefix is.
+foreach(tool zo2-tune zo2-bench)
+  if(TARGET ${tool})
+    set_property(TARGET ${tool} PROPERTY INSTALL_RPATH "$ORIGIN/../${CMAKE_INSTALL_LIBDIR}")
+  endif()
+endforeach()

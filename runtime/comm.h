@@ -96,8 +96,8 @@ std::unique_ptr<Comm> make_comm_from_environment();
 //   checkpoint headers, the update rule, seeds, dtypes and layout) and zo2-tune train
 //   (tools/cmd_train.cpp: the resolved flags, a --resume's included, and digests of the
 //   data). Per-rank choices (threads, device, placement, where --out is) are not compared.
-//   The weights are not hashed whole (175B would take minutes): their headers and sizes are,
-//   and each tensor's first bytes.
+//   The weights are not hashed whole (175B would take minutes): every tensor's name, dtype,
+//   shape and first, middle and last 64 bytes are.
 struct RankPart {
   std::string name;   // "--seed", "the training data"
   std::string value;  // as shown in the error ("7", "64 examples, digest 0123abcd…")

@@ -436,6 +436,14 @@ TEST(Cli, OffloadedDiskTierTrainingWritesTheSameCheckpointAsRam) {
                 &out),
             0)
       << out;
+  // Nor into one of the new run's own checkpoints (no seed log there yet to tell it by).
+  for (const char* sub : {"current", "step-00000007"}) {
+    out.clear();
+    EXPECT_EQ(run("train" + common + " --out " + (w.tmp / "y2").string() + tier + (w.tmp / "y2" / sub).string(), &out),
+              2)
+        << out;
+    EXPECT_NE(out.find("one of the run's own checkpoints, which its next save replaces"), std::string::npos) << out;
+  }
   // A refused run leaves no --out behind (it held only the lock file).
   fs::remove_all(w.tmp / "y");
   std::ofstream(w.tmp / "afile") << "hi";
@@ -721,6 +729,17 @@ TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
                 &out),
             2);
   EXPECT_NE(out.find("its weights are not those the seed log's run started from"), std::string::npos) << out;
+  // The same weights saved another way (resharded) are the same base.
+  ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (full / "seed_log.jsonl").string() +
+                " --until-step 0 --shard-size 100K --out " + (w.tmp / "resharded").string() + " -q"),
+            0);
+  ASSERT_TRUE(fs::exists(w.tmp / "resharded" / "model.safetensors.index.json"));
+  out.clear();
+  ASSERT_EQ(run("replay --model " + (w.tmp / "resharded").string() + " --seed-log " + (full / "seed_log.jsonl").string() +
+                    " --out " + (w.tmp / "rp-sharded").string() + " -q",
+                &out),
+            0)
+      << out;
   // A copy of the base elsewhere is the same base: no word.
   const fs::path copied = w.tmp / "copied-base";
   fs::copy(w.model, copied, fs::copy_options::recursive);

@@ -32,6 +32,7 @@
 #include <type_traits>
 #include <memory>
 #include <optional>
+#include <regex>
 
 namespace zo2::cli {
 
@@ -347,6 +348,9 @@ Runner add_train(CLI::App& app) {
   };
   auto body = [o, given, check_flags, a = &app](Comm& comm) -> int {
     g_stop_signal.store(0);
+    // A --log-json pipe whose reader went away (tee, a collector) is a write error that stops
+    // the run after its step, saved — not a SIGPIPE that ends it with nothing saved.
+    std::signal(SIGPIPE, SIG_IGN);
     check_flags();
     const bool writer = comm.rank() == 0;  // rank 0 writes --out, the logs and the progress
     ParallelLayout layout = parse_parallel(o->parallel, "--parallel");
@@ -447,8 +451,8 @@ Runner add_train(CLI::App& app) {
           if (!st.has(key) && opt->count() == 0) missing.push_back(opt->get_name());
         if (!missing.empty())
           fail(ErrorKind::invalid_argument,
-               "--resume {}: {} does not record the run's {} (a run saved by a C API or Python session): give {} "
-               "as the run used them",
+               "--resume {}: {} does not record the run's {} (a run saved by a C API or Python session, or by an "
+               "older zo2-tune): give {} again, with the values the run used",
                o->resume, state_file.string(), fmt::join(missing, ", "), fmt::join(missing, ", "));
       }
       saved_data = st.get_or<std::string>("data", "");
@@ -773,6 +777,21 @@ Runner add_train(CLI::App& app) {
       }
     }
     check_out_is_free();
+    if (!o->dev.disk_dir.empty()) {
+      // The block file never goes into one of this run's own checkpoints (RUN/current,
+      // RUN/step-N): the run's next save replaces that directory. (A new run has no seed log
+      // yet, so the session's check of other runs' checkpoints cannot tell.) RUN/blocks is fine.
+      std::error_code ec;
+      const auto rel = std::filesystem::weakly_canonical(std::filesystem::absolute(o->dev.disk_dir), ec)
+                           .lexically_relative(std::filesystem::weakly_canonical(std::filesystem::absolute(out), ec));
+      const std::string first = rel.empty() ? std::string() : rel.begin()->string();
+      static const std::regex step_dir(R"(\.?step-\d+(\..*)?)");
+      if (!ec && (first == kRunCurrent || std::regex_match(first, step_dir)))
+        fail(ErrorKind::invalid_argument,
+             "--disk-dir {}: is inside {}, one of the run's own checkpoints, which its next save replaces: choose "
+             "{}/blocks or a directory of its own",
+             o->dev.disk_dir, (out / first).string(), o->out);
+    }
 
     // Validate everything cheap before touching the output directory.
     const ModelConfig config = ModelConfig::load(resolve_model_dir(model_dir));
@@ -925,8 +944,9 @@ Runner add_train(CLI::App& app) {
         const std::string what = j.contains("step") ? fmt::format("step {}'s record", j["step"].dump())
                                                     : fmt::format("the record of the evaluation after step {}",
                                                                   j.value("eval_after_step", json()).dump());
-        log_failure = fmt::format("{} {}: cannot write {} ({}), which is missing from it", is_log ? "--log-json" : "--records",
-                                  file, what, e != 0 ? std::strerror(e) : "a write error");
+        log_failure = fmt::format("{} {}: cannot write {} ({}); the log has no records from there on",
+                                  is_log ? "--log-json" : "--records", file, what,
+                                  e != 0 ? std::strerror(e) : "a write error");
         log_warn("{}: the run stops after this step", log_failure);
       }
     };
@@ -1187,8 +1207,10 @@ Runner add_train(CLI::App& app) {
            next, skipped_in_a_row, last_skipped.step + 1, last_skipped.loss_plus, last_skipped.loss_minus, skipped,
            completed, out.string());
     if (!log_failure.empty())
-      fail(ErrorKind::io, "{}. Stopped after step {} and saved to {}; resume it once the disk has room", log_failure,
-           next, out.string());
+      fail(ErrorKind::io,
+           "{}. Stopped after step {} and saved to {}; resume it once the disk has room (the records of the steps "
+           "up to {} stay missing from the log)",
+           log_failure, next, out.string(), next);
     if (skipped > 0)
       log_warn("{} of the {} steps run had a non-finite projected gradient; their updates were skipped", skipped,
                completed);

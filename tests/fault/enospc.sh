@@ -60,10 +60,26 @@ else
   "$T" -q train --resume jl --out jl 2>>jl.err || { say "--log-json: --resume failed: $(cat jl.err)"; failures=$((failures + 1)); }
   same_weights jl ref || { say "--log-json: the resumed run differs"; failures=$((failures + 1)); }
   records=$(grep -c '"step"' jl.json)
-  # One record is missing (the one that did not fit), and the error said which.
-  [ "$records" -eq $((STEPS - 1)) ] || { say "--log-json: $records step records after the resume, expected $((STEPS - 1))"; failures=$((failures + 1)); }
+  # The record that did not fit is missing (and the step in flight's, if one was), as the
+  # error said; every other step has its record.
+  { [ "$records" -lt "$STEPS" ] && [ "$records" -ge $((STEPS - 2)) ]; } ||
+    { say "--log-json: $records step records after the resume, expected $((STEPS - 2))..$((STEPS - 1))"; failures=$((failures + 1)); }
   say "--log-json on a full disk: stopped and saved at step $step; the resume finished"
 fi
 cases+=("jl.json")
+# A --log-json pipe whose reader goes away (tee, a collector): the same stop and save, not a
+# SIGPIPE that ends the run with nothing saved.
+rm -rf pj pj.fifo; mkfifo pj.fifo
+(head -c 300 pj.fifo >/dev/null) &
+rc=0; "$T" -q train --model base "${COMMON[@]}" --shard-size 100K --out pj --log-json pj.fifo 2>pj.err || rc=$?
+wait
+if [ "$rc" -ne 1 ] || ! grep -q -- "--log-json pj.fifo: cannot write" pj.err || [ -z "$(state_step pj)" ]; then
+  say "--log-json to a closed pipe: exit $rc, no clean stop and save: $(cat pj.err)"; failures=$((failures + 1))
+else
+  "$T" -q train --resume pj --out pj 2>>pj.err || { say "closed pipe: --resume failed: $(cat pj.err)"; failures=$((failures + 1)); }
+  same_weights pj ref || { say "closed pipe: the resumed run differs"; failures=$((failures + 1)); }
+  say "--log-json to a closed pipe: stopped and saved at step $(state_step pj) (exit 1); the resume finished"
+fi
+cases+=("pj.fifo")
 say "ENOSPC cases: ${#cases[@]}; failures: $failures"
 [ "$failures" -eq 0 ]
