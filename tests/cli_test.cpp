@@ -444,6 +444,16 @@ TEST(Cli, OffloadedDiskTierTrainingWritesTheSameCheckpointAsRam) {
         << out;
     EXPECT_NE(out.find("one of the run's own checkpoints, which its next save replaces"), std::string::npos) << out;
   }
+  // A run directory whose name is not UTF-8 (Latin-1 é) saves and resumes (its manifest
+  // writes the path with U+FFFD).
+  {
+    const fs::path latin1 = w.tmp / std::string("caf\xe9-run");
+    out.clear();
+    ASSERT_EQ(run("train" + common + " --out '" + latin1.string() + "' --stop-at 3", &out), 0) << out;
+    out.clear();
+    ASSERT_EQ(run("train --resume '" + latin1.string() + "' --out '" + latin1.string() + "'", &out), 0) << out;
+    EXPECT_EQ(read_file(w.tmp / "ram" / "model.safetensors"), read_file(latin1 / "model.safetensors"));
+  }
   // A refused run leaves no --out behind (it held only the lock file).
   fs::remove_all(w.tmp / "y");
   std::ofstream(w.tmp / "afile") << "hi";
