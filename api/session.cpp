@@ -339,7 +339,7 @@ Session::Session(const std::filesystem::path& model_path, const SessionConfig& c
   model_is_run_ = model_dir != model_path || holds_run(model_path);
   check_resume_step(model_path);
   // Note [One job]: the ranks compare what defines the run before any collective depends on it.
-  if (cfg_.training && cfg_.comm && cfg_.comm->size() > 1)
+  if (cfg_.training && cfg_.comm && cfg_.comm->size() > 1 && !cfg_.ranks_agreed)
     check_ranks_agree(*cfg_.comm, session_fingerprint(model_path, cfg_), "the training session's model and settings");
   check_disk_tier(cfg_);
   device_ = open_device(cfg_);

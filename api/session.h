@@ -78,6 +78,9 @@ struct SessionConfig {
   // a streamed block and the node's devices exchange the rest (NCCL on CUDA). Needs the shared
   // host image and the same number of passes per step on every rank.
   bool sliced_upload = false;
+  // The caller compared session_fingerprint across the ranks already (zo2-tune train, before
+  // it writes --out): the session does not compute it again.
+  bool ranks_agreed = false;
   // The disk tier (DESIGN.md §12; README "Models larger than host memory"): the host bytes
   // the master weights may take (0 = no cap); the streamed blocks beyond it live in a block
   // file in disk_dir, written back once they lag by disk_lag updates, carried by

@@ -634,12 +634,12 @@ Runner add_train(CLI::App& app) {
                state_file.string(), base_model);
         model_dir = resolve_model_dir(base_model).string();
         // The adapters were tuned on that base's weights: one re-made at the path is another.
-        if (const std::string& want = resumed_log->header.base_fingerprint;
-            !want.empty() && checkpoint_fingerprint(model_dir) != want)
-          fail(ErrorKind::invalid_argument,
-               "--resume {}: the base checkpoint {} is not the one the run's adapters were tuned on (its weights' "
-               "fingerprint is {}; the seed log records {}): put that base back at {}",
-               o->resume, base_model, checkpoint_fingerprint(model_dir), want, base_model);
+        if (const std::string& want = resumed_log->header.base_fingerprint; !want.empty())
+          if (const std::string got = checkpoint_fingerprint(model_dir); got != want)
+            fail(ErrorKind::invalid_argument,
+                 "--resume {}: the base checkpoint {} is not the one the run's adapters were tuned on (its weights' "
+                 "fingerprint is {}; the seed log records {}): put that base back at {}",
+                 o->resume, base_model, got, want, base_model);
       }
       append_log = true;
     }
@@ -866,6 +866,7 @@ Runner add_train(CLI::App& app) {
                                   {"--shuffle", o->shuffle ? "on" : "off"}};
       for (RankPart& p : session_fingerprint(model_dir, sc)) parts.push_back(std::move(p));
       check_ranks_agree(comm, parts, "the ranks' data and model");
+      sc.ranks_agreed = true;
     }
     // Every rank has validated its flags and data; only rank 0 touches --out.
     comm.barrier("checking the flags and data");

@@ -13,15 +13,8 @@
 #   - sliced uploads (each rank its slice, exchanged over MPI) give the same bits
 #   - a C host program (tests/capi_ranks.c) as the ranks: perturbation=2 equals its one-process run
 # Usage: ranks.sh ZO2_TUNE WORK_DIR [MPIRUN [ZO2_CAPI_RANKS]]
-set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-tune=$1
-work=$2
-mpirun=${3:-mpirun}
-capi=${4:-}
-rm -rf "$work"
-mkdir -p "$work"
-cd "$work"
+source "$here/common.sh" "$@"
 mpi() { local n=$1; shift; "$mpirun" --oversubscribe --allow-run-as-root -np "$n" "$@"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
 same() { cmp -s "$1/model.safetensors" "$2/model.safetensors" || fail "$3: $1 and $2 differ"; echo "ok: $3"; }

@@ -11,14 +11,7 @@
 #   - --host-mem with ranks exits 2; --parallel is echoed as typed
 #   - a C host program's ranks with other models are refused by the session
 # Usage: refusals.sh ZO2_TUNE WORK_DIR [MPIRUN [ZO2_CAPI_RANKS]]
-set -euo pipefail
-tune=$1
-work=$2
-mpirun=${3:-mpirun}
-capi=${4:-}
-rm -rf "$work"
-mkdir -p "$work"
-cd "$work"
+source "$(cd "$(dirname "$0")" && pwd)/common.sh" "$@"
 launch=("$mpirun" --oversubscribe --allow-run-as-root)
 fail() { echo "FAIL: $*" >&2; exit 1; }
 # refused NAME PATTERN CMD...: CMD exits 2 within 60 s and its output matches PATTERN.
