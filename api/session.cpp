@@ -10,6 +10,9 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
 
 namespace zo2 {
 
@@ -525,6 +528,14 @@ void Session::init(const SessionConfig& cfg) {
   }
 }
 
+// Note [Records before the log line]
+//   A host's record of a step (zo2-tune's --log-json) is written by the result hook before
+//   the step's seed-log line. A run killed between the two has a record of a step its log
+//   lacks; a resume runs that step again and cuts such records off (train keeps the records
+//   up to the step it resumes at). The other order would lose the record for good under a
+//   disk tier, whose resume applies the logged steps past the checkpoint instead of running
+//   them again (Note [Disk tier resume]).
+
 // Note [Disk tier resume]
 //   With a disk tier, the block file and the seed log together are a state a killed run
 //   resumes from exactly, even past its last checkpoint. Three rules make it so:
@@ -625,6 +636,16 @@ StepResult Session::collect(std::int64_t step) {
   if (cfg_.rule.kind == RuleKind::cons && !r.update_skipped)
     log_debug("step {}: zo-sgd-cons losses L(θ) {} L(θ−lr·g·z) {} L(θ+lr·g·z) {}: choice {}", step, r.cons_losses[0],
               r.cons_losses[1], r.cons_losses[2], r.choice);
+  // Tests only (tests/fault/records.sh): SIGKILL just before or just after step N's log line,
+  // ZO2_TEST_KILL_AT_LOG_LINE=N:before|after.
+  static const std::pair<std::int64_t, bool> kill_at = [] {
+    const char* v = std::getenv("ZO2_TEST_KILL_AT_LOG_LINE");
+    const char* colon = v ? std::strchr(v, ':') : nullptr;
+    if (!colon) return std::pair<std::int64_t, bool>{-1, false};
+    return std::pair<std::int64_t, bool>{std::atoll(v), std::strcmp(colon + 1, "after") == 0};
+  }();
+  if (result_hook_) result_hook_(r);
+  if (r.step == kill_at.first && !kill_at.second) std::raise(SIGKILL);
   if (seed_log_) {
     SeedLogEntry e;
     e.step = r.step;
@@ -643,6 +664,7 @@ StepResult Session::collect(std::int64_t step) {
       disk->set_durable(static_cast<std::uint64_t>(r.step) + 1);
     }
   }
+  if (r.step == kill_at.first && kill_at.second) std::raise(SIGKILL);
   return r;
 }
 

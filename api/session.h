@@ -163,6 +163,9 @@ class Session {
   std::int64_t step_async(const HostBatch& batch, float lr, float eps, float weight_decay);
   // The result of an enqueued step; appends it to the seed log.
   StepResult wait(std::int64_t step);
+  // Called with each step's result as it is collected, in step order, before the step's
+  // seed-log line is written (Note [Records before the log line]); empty: none.
+  void set_result_hook(std::function<void(const StepResult&)> hook) { result_hook_ = std::move(hook); }
   // step_async + wait.
   StepResult step(const HostBatch& batch, float lr, float eps, float weight_decay);
   float eval(const HostBatch& batch, const EvalOptions& options = {});
@@ -217,6 +220,7 @@ class Session {
   std::vector<std::int64_t> outstanding_;
   // Note [Disk tier resume]: results read early by step_async (their log lines written), for wait.
   std::map<std::int64_t, StepResult> harvested_;
+  std::function<void(const StepResult&)> result_hook_;
   StepResult collect(std::int64_t step);
   void harvest_before(std::int64_t step);  // collects every outstanding step below `step`, in order
   std::map<std::int64_t, std::int64_t> global_tokens_;  // data parallel: a step's tokens over every shard

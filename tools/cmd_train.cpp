@@ -889,6 +889,7 @@ Runner add_train(CLI::App& app) {
     sc.base_model = base_model.empty() ? "" : std::filesystem::absolute(base_model).string();
 
     std::unique_ptr<std::ofstream> log_json;
+    bool eval_logged_at_first = false;  // the JSON log holds the evaluation after step first_step
     if (!o->log_json.empty() && writer) {
       if (append_log && std::filesystem::is_regular_file(o->log_json)) {  // not a pipe (Python's records)
         // A run killed after its last checkpoint logged steps this resume runs again: its
@@ -904,6 +905,8 @@ Runner add_train(CLI::App& app) {
                                              j["eval_after_step"].get<std::int64_t>() <= first_step));
           if (ok) kept_lines += line + "\n";
           else ++dropped;
+          if (ok && j.contains("eval_after_step") && j["eval_after_step"].get<std::int64_t>() == first_step)
+            eval_logged_at_first = true;
         }
         if (dropped > 0) {
           write_file_atomic(o->log_json, kept_lines);
@@ -1057,8 +1060,9 @@ Runner add_train(CLI::App& app) {
     double disk_bytes = 0;  // the disk tier's reads and writes so far
     std::int64_t skipped = 0, skipped_in_a_row = 0;
     StepResult last_skipped;
-    auto harvest = [&](std::int64_t step) {
-      const StepResult r = session.wait(step);
+    // Each step's progress and record, as the session collects its result: before its seed-log
+    // line (Note [Records before the log line]).
+    auto on_result = [&](const StepResult& r) {
       if (r.update_skipped) {
         ++skipped;
         ++skipped_in_a_row;
@@ -1069,7 +1073,7 @@ Runner add_train(CLI::App& app) {
       const auto now = std::chrono::steady_clock::now();
       ++completed;
       const double elapsed = std::chrono::duration<double>(now - start).count();
-      tokens_done += static_cast<double>(step_tokens.at(static_cast<std::size_t>(step - first_step)));
+      tokens_done += static_cast<double>(step_tokens.at(static_cast<std::size_t>(r.step - first_step)));
       // Rates over the whole run so far: the time between two harvests says little when a
       // rule waits inside each step (zo-sgd-cons) or when steps overlap.
       const double step_s = elapsed / static_cast<double>(completed);
@@ -1106,6 +1110,12 @@ Runner add_train(CLI::App& app) {
         emit(j);
       }
     };
+    session.set_result_hook(on_result);
+    struct ClearHook {  // the hook captures this scope's locals; the session may outlive them
+      Session& session;
+      ~ClearHook() { session.set_result_hook({}); }
+    } clear_hook{session};
+    auto harvest = [&](std::int64_t step) { (void)session.wait(step); };
     std::int64_t in_flight = -1;
     const std::int64_t stop = o->stop_at > 0 ? std::min(o->stop_at, o->steps) : o->steps;
     bool noted = false;  // squad/drop: their metric needs generation, said once
@@ -1164,6 +1174,11 @@ Runner add_train(CLI::App& app) {
     // Tests only (tests/mpi/ranks.sh): one rank hangs before a step, as a stuck process would.
     const char* hang_rank = std::getenv("ZO2_TEST_HANG_RANK");
     const char* hang_step = std::getenv("ZO2_TEST_HANG_AT_STEP");
+    // A disk-tier resume past the checkpoint (Note [Disk tier resume]) starts after steps the
+    // killed run finished; an evaluation due after the last of them may not have run (or its
+    // record not been written): it runs now.
+    if (!sc.replay.empty() && o->eval_every > 0 && next % o->eval_every == 0 && next < stop && !eval_logged_at_first)
+      run_eval(next);
     while (next < stop && !stop_requested() && skipped_in_a_row < kMaxSkippedInARow) {
       if (hang_rank && hang_step && std::atoi(hang_rank) == comm.rank() && std::atoll(hang_step) == next)
         for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
