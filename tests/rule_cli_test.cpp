@@ -116,6 +116,36 @@ TEST(RuleCli, AResumeKeepsTheRunsRuleAndAMissingStateIsNamed) {
   EXPECT_NE(out.find("optimizer_state.safetensors"), std::string::npos) << out;
 }
 
+// A flag given again on --resume is compared with the run's value; the others stay the
+// run's (they used to be filled with the CLI defaults, so repeating --beta1 alone was refused
+// as a zo-sgd flag).
+TEST(RuleCli, AResumeAcceptsSomeOfTheRunsRuleFlagsGivenAgain) {
+  Workspace w;
+  std::string out;
+  ASSERT_EQ(run(w.train("run", "--optimizer zo-adam --beta1 0.8 --state-dtype bf16 --directions 2 --stop-at 2"), &out),
+            0)
+      << out;
+  struct Case {
+    std::string flags;
+    int code;
+    std::string says;
+  };
+  for (const Case& c : {Case{"--beta1 0.8", 0, ""}, Case{"--directions 2", 0, ""}, Case{"--optimizer zo-adam", 0, ""},
+                        Case{"--state-dtype bf16 --difference central", 0, ""},
+                        Case{"--beta1 0.7", 2, "uses zo-adam (β1 0.8"}, Case{"--directions 3", 2, "3 directions"},
+                        Case{"--momentum 0.5", 2, "--momentum does not apply to the run's update rule zo-adam"},
+                        Case{"--optimizer zo-sgd", 2, "uses zo-adam"}}) {
+    const fs::path copy = w.tmp / "copy";
+    fs::remove_all(copy);
+    ASSERT_EQ(test::run_command("cp -a " + (w.tmp / "run").string() + " " + copy.string()), 0);
+    out.clear();
+    EXPECT_EQ(run("train --resume " + copy.string() + " --out " + copy.string() + " --stop-at 3 -q " + c.flags, &out),
+              c.code)
+        << c.flags << ": " << out;
+    if (!c.says.empty()) EXPECT_NE(out.find(c.says), std::string::npos) << c.flags << ": " << out;
+  }
+}
+
 TEST(RuleCli, BadRuleFlagsAreUsageErrorsNamingTheFlag) {
   Workspace w;
   const std::pair<std::string, std::string> cases[] = {

@@ -341,6 +341,40 @@ RuleConfig RuleFlags::config(float weight_decay) const {
   return r;
 }
 
+RuleConfig RuleFlags::over(const RuleConfig& run, float weight_decay) const {
+  RuleConfig r = run;
+  auto given = [](const CLI::Option* f) { return f && f->count() > 0; };
+  if (given(optimizer_flag)) {
+    const auto kind = parse_rule(optimizer);
+    if (!kind)
+      fail(ErrorKind::invalid_argument,
+           "--optimizer {}: use zo-sgd, zo-sgd-sign, zo-sgd-cons, zo-sgd-momentum or zo-adam", optimizer);
+    if (*kind != run.kind) return config(weight_decay);  // another rule: the flags alone describe it
+  }
+  if (given(difference_flag)) {
+    const auto diff = parse_difference(difference);
+    if (!diff) fail(ErrorKind::invalid_argument, "--difference {}: use central or forward", difference);
+    r.difference = *diff;
+  }
+  if (given(directions_flag)) r.directions = directions;
+  const bool momentum_rule = r.kind == RuleKind::momentum, adam = r.kind == RuleKind::adam;
+  const std::string name(rule_name(r.kind));
+  for (const auto& [f, applies] : {std::pair{momentum_flag, momentum_rule}, std::pair{beta1_flag, adam},
+                                   std::pair{beta2_flag, adam}, std::pair{adam_eps_flag, adam},
+                                   std::pair{state_dtype_flag, momentum_rule || adam}})
+    if (given(f) && !applies)
+      fail(ErrorKind::invalid_argument, "--{} does not apply to the run's update rule {}", f->get_lnames().front(),
+           name);
+  if (given(momentum_flag)) r.beta1 = static_cast<float>(momentum);
+  if (given(beta1_flag)) r.beta1 = static_cast<float>(beta1);
+  if (given(beta2_flag)) r.beta2 = static_cast<float>(beta2);
+  if (given(adam_eps_flag)) r.adam_eps = static_cast<float>(adam_eps);
+  if (given(state_dtype_flag))
+    r.state_dtype = parse_dtype_flag("--state-dtype", state_dtype, {DType::f32, DType::bf16, DType::f8_e4m3});
+  validate_rule(r, weight_decay);
+  return r;
+}
+
 namespace {
 
 std::vector<std::int32_t> as_int32(const SafetensorsFile& f, const TensorInfo& t,

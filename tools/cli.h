@@ -124,6 +124,9 @@ struct RuleFlags {
   bool any_given() const;
   // The flags as a RuleConfig, checked (validate_rule) with the run's weight decay.
   RuleConfig config(float weight_decay) const;
+  // A resumed run's rule with the flags given again applied over it (the others stay the
+  // run's): equal to `run` when they repeat the run's values.
+  RuleConfig over(const RuleConfig& run, float weight_decay) const;
 };
 
 // LoRA (models/peft.h): --lora, --lora-r, --lora-alpha, --lora-targets (train) and

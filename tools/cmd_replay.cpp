@@ -52,6 +52,33 @@ Runner add_replay(CLI::App& app) {
       fail(ErrorKind::invalid_argument, "--out {} is the base model directory: the rebuilt checkpoint would overwrite it",
            o->out);
     refuse_replacing_checkpoint(o->out, o->overwrite);
+    // A log that starts past step 0 (a C API or Python session that began a new log at its
+    // first_step) continues from a checkpoint at that step: its weights — and the rule state
+    // kept beside them — are where the replay starts. Any other --model would take the log's
+    // updates to other weights, silently.
+    if (const std::int64_t first = log.header.first_step; first > 0) {
+      const OpenedCheckpoint ck = open_checkpoint(o->model);
+      std::int64_t at = ck.step;
+      if (at < 0 && ck.state.is_object() && ck.state.contains("next_step") && ck.state["next_step"].is_number_integer())
+        at = ck.state["next_step"].get<std::int64_t>();
+      if (at >= 0 && at != first)
+        fail(ErrorKind::invalid_argument,
+             "--model {} is at step {}, but {} starts at step {}: give the checkpoint the logged run started from (at "
+             "step {})",
+             o->model, at, o->seed_log, first, first);
+      if (at < 0 && log.header.base_fingerprint.empty())
+        fail(ErrorKind::invalid_argument,
+             "{} starts at step {} and records no fingerprint of the checkpoint it started from, and --model {} does "
+             "not say which step it is at (no zo2_state.json): give the checkpoint saved at step {}",
+             o->seed_log, first, o->model, first);
+      if (log.header.peft.any())
+        fail(ErrorKind::invalid_argument,
+             "{} starts at step {} with {} loaded from a checkpoint; replay rebuilds adapters from the run seed at step "
+             "0 only: replay a log that starts at step 0",
+             o->seed_log, first, log.header.peft.describe());
+      if (log.header.rule.state_buffers() > 0) sc.resume_state = true;  // the state at `first`, beside the weights
+      sc.first_step = first;
+    }
     // The log's updates hold for the weights it started from: another --model (a moved copy
     // is fine; a tuned checkpoint, another model) gives other weights.
     if (!log.header.base_model.empty()) {
@@ -78,8 +105,9 @@ Runner add_replay(CLI::App& app) {
           fail(ErrorKind::invalid_argument,
                "--model {}: its weights are not those the seed log's run started from (fingerprint {}; the log "
                "records {} of {}): the replay would rebuild other weights than the run's — give the run's base "
-               "checkpoint",
-               o->model, fp, log.header.base_fingerprint, log.header.base_model);
+               "checkpoint{}",
+               o->model, fp, log.header.base_fingerprint, log.header.base_model,
+               log.header.first_step > 0 ? fmt::format(" (saved at step {})", log.header.first_step) : "");
       } else if (!same) {
         log_warn("--model {} is not the checkpoint the seed log's run started from ({}): unless it is a copy of it, the "
                  "replayed weights are not the run's",

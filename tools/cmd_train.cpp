@@ -561,11 +561,13 @@ Runner add_train(CLI::App& app) {
       // beside the checkpoint): a resumed run keeps the run's.
       const RuleConfig saved_rule = rule_from_json(ck.state.contains("optimizer") ? ck.state.at("optimizer") : json(),
                                                    state_file.string());
-      if (o->rule.any_given() && o->rule.config(static_cast<float>(o->wd)) != saved_rule)
-        fail(ErrorKind::invalid_argument,
-             "--optimizer {}: the run in {} uses {}; a resumed run keeps its update rule (its seed log and state "
-             "replay with it)",
-             o->rule.config(static_cast<float>(o->wd)).describe(), o->resume, saved_rule.describe());
+      // Flags given again are compared with the run's values; those not given are the run's.
+      if (o->rule.any_given())
+        if (const RuleConfig asked = o->rule.over(saved_rule, static_cast<float>(o->wd)); asked != saved_rule)
+          fail(ErrorKind::invalid_argument,
+               "--optimizer {}: the run in {} uses {}; a resumed run keeps its update rule (its seed log and state "
+               "replay with it): drop the rule flags",
+               asked.describe(), o->resume, saved_rule.describe());
       sc.rule = saved_rule;
       sc.resume_state = true;
       // The seed log: this run's (header), reaching next_step, and — when the manifest records
@@ -876,7 +878,12 @@ Runner add_train(CLI::App& app) {
     }
     if (writer) ensure_writable_dir(out);
     if (writer && o->overwrite && !resume_within_out) remove_run(out);
-    if (writer && append_log && !resume_in_place) {
+    // A run saved by a C API or Python session keeps its seed log where the host put it:
+    // the run directory's own log starts as that log's prefix, so it keeps the run's header
+    // (base, fingerprint, first step) and replays from the run's base.
+    std::error_code log_ec;
+    const bool own_log = resume_in_place && std::filesystem::equivalent(resumed_log_path, out / kRunSeedLog, log_ec);
+    if (writer && append_log && !own_log) {
       // The log up to the resume step, as the checkpoint was saved with it.
       std::ifstream in(resumed_log_path, std::ios::binary);
       std::string prefix(resumed_log_bytes, '\0');

@@ -124,3 +124,61 @@ def test_train_with_adam_writes_the_rule_and_its_state(tiny, synth, tmp_path):
     assert header["optimizer"]["name"] == "zo-adam" and header["optimizer"]["directions"] == 2
     assert header["optimizer"]["state_dtype"] == "bf16"
     assert len(steps) == 4 and all(len(s["gs"]) == 2 for s in steps)
+
+
+def test_a_log_that_starts_past_step_zero_replays_from_its_checkpoint_and_state(tiny, tune, tmp_path):
+    """A session that resumes (resume_state, first_step 3) into a new seed log: replay starts
+    from the checkpoint at step 3 and its Adam state, bit for bit; the step-0 base and a
+    checkpoint at another step are refused (they used to replay silently with a zero state)."""
+    import subprocess
+    ids = batch(512, n_seq=2, seed=3)
+    with zo2.Session(tiny, seed_log=tmp_path / "a.jsonl", **ADAM) as s:
+        for _ in range(3):
+            s.step(ids)
+        s.save(tmp_path / "s3")
+        s.step(ids)
+        s.save(tmp_path / "s4")
+    with zo2.Session(tmp_path / "s3", seed_log=tmp_path / "b.jsonl", resume_state=True, first_step=3, **ADAM) as s:
+        for _ in range(3):
+            s.step(ids)
+        s.save(tmp_path / "s6")
+
+    def replay(model, out):
+        return subprocess.run([str(tune), "-q", "replay", "--model", str(model), "--seed-log", str(tmp_path / "b.jsonl"),
+                               "--out", str(tmp_path / out)], capture_output=True, text=True)
+
+    r = replay(tmp_path / "s3", "r6")
+    assert r.returncode == 0, r.stderr
+    for f in ("model.safetensors", "optimizer_state.safetensors"):
+        assert (tmp_path / "r6" / "current" / f).read_bytes() == (tmp_path / "s6" / "current" / f).read_bytes(), f
+    r = replay(tiny, "r6-base")
+    assert r.returncode == 2 and "not those the seed log's run started from" in r.stderr, r.stderr
+    r = replay(tmp_path / "s4", "r6-s4")
+    assert r.returncode == 2 and "is at step 4, but" in r.stderr and "starts at step 3" in r.stderr, r.stderr
+
+
+def test_cli_resume_of_a_session_run_continues_the_sessions_seed_log(tiny, synth, tune, tmp_path):
+    """train --resume of a run a session saved (its seed log outside the run directory): the
+    run directory's log starts as the session's, so replay from the base rebuilds the end (it
+    used to start a new log at the resume step, with no base, that replayed onto anything)."""
+    import subprocess
+    ids = batch(512, n_seq=4, seed=4)
+    kw = dict(ADAM, max_seqs=4)
+    with zo2.Session(tiny, seed_log=tmp_path / "session.jsonl", **kw) as s:
+        for _ in range(2):
+            s.step(ids)
+        s.save(tmp_path / "run")
+    r = subprocess.run([str(tune), "-q", "train", "--resume", str(tmp_path / "run"), "--out", str(tmp_path / "run"),
+                        "--data", str(synth), "--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--eps", "1e-3",
+                        "--weight-decay", "0"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "run" / "seed_log.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["first_step"] == 0 and header["base_fingerprint"] and len(lines) == 5
+    assert lines[:3] == (tmp_path / "session.jsonl").read_text().splitlines()
+    r = subprocess.run([str(tune), "-q", "replay", "--model", str(tiny), "--seed-log",
+                        str(tmp_path / "run" / "seed_log.jsonl"), "--out", str(tmp_path / "rep")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for f in ("model.safetensors", "optimizer_state.safetensors"):
+        assert (tmp_path / "rep" / "current" / f).read_bytes() == (tmp_path / "run" / "current" / f).read_bytes(), f
