@@ -180,6 +180,42 @@ TEST(LoraCli, AResumeOnAnotherBaseAtTheSamePathIsRefused) {
   EXPECT_EQ(run(resume + " -q", &out), 0) << out;
 }
 
+// A base that moved: the resume names its new place with --model, checked by the seed log's
+// fingerprint, and ends with the adapter of a run that never stopped; another model there is
+// refused, and a full run still refuses --model with --resume.
+TEST(LoraCli, AResumeFindsAMovedBaseGivenAsModel) {
+  Workspace w;
+  std::string out;
+  ASSERT_EQ(run(w.train("full", "--lora"), &out), 0) << out;
+  ASSERT_EQ(run(w.train("run", "--lora --stop-at 2"), &out), 0) << out;
+  const fs::path moved = w.tmp / "moved";
+  fs::rename(w.model, moved);
+  const std::string resume = "train --resume " + (w.tmp / "run").string() + " --out " + (w.tmp / "run").string() + " -q";
+  out.clear();
+  EXPECT_EQ(run(resume, &out), 1) << out;
+  EXPECT_NE(out.find("give its new place as --model"), std::string::npos) << out;
+  ASSERT_EQ(run("init --preset opt-tiny --seed 7 --out " + (w.tmp / "other").string() + " -q"), 0);
+  out.clear();
+  EXPECT_EQ(run(resume + " --model " + (w.tmp / "other").string(), &out), 2) << out;
+  EXPECT_NE(out.find("not the base the run's adapters were tuned on"), std::string::npos) << out;
+  out.clear();
+  ASSERT_EQ(run(resume + " --model " + moved.string(), &out), 0) << out;
+  EXPECT_EQ(read_file(w.tmp / "full/current/adapter_model.safetensors"),
+            read_file(w.tmp / "run/current/adapter_model.safetensors"));
+  // The state records the new place: the next resume needs no --model.
+  const nlohmann::json st = nlohmann::json::parse(read_file(w.tmp / "run/current/zo2_state.json"));
+  EXPECT_EQ(fs::path(st.at("base_model").get<std::string>()), fs::absolute(moved));
+  fs::rename(moved, w.model);
+  ASSERT_EQ(run(w.train("plain", "--stop-at 2"), &out), 0) << out;
+  out.clear();
+  EXPECT_EQ(run("train --resume " + (w.tmp / "plain").string() + " --out " + (w.tmp / "plain").string() + " --model " +
+                    w.model.string() + " -q",
+                &out),
+            2)
+      << out;
+  EXPECT_NE(out.find("drop --model"), std::string::npos) << out;
+}
+
 TEST(LoraCli, BadLoraFlagsAreUsageErrors) {
   Workspace w;
   const std::pair<std::string, std::string> cases[] = {

@@ -614,7 +614,9 @@ Runner add_train(CLI::App& app) {
                                      o->lora.targets_flag->count() + o->lora.adapter_flag->count() +
                                      o->lora.prefix_flag->count() + o->lora.num_prefix_flag->count() >
                                  0;
-      if (!o->model.empty())
+      // An adapter run's frozen base may have moved: --model names it again (checked against
+      // the seed log's fingerprint below). A full run goes on from its own checkpoint.
+      if (!o->model.empty() && !ck.state.contains("peft"))
         fail(ErrorKind::invalid_argument,
              "--model {} with --resume {}: a resumed run goes on from its own checkpoint; drop --model (to start "
              "from {}, start a new run)",
@@ -631,16 +633,41 @@ Runner add_train(CLI::App& app) {
           fail(ErrorKind::invalid_argument,
                "--resume {}: the run continues with its own adapter ({}); drop --lora*/--prefix-tuning/--adapter", o->resume,
                sc.peft.describe());
-        if (base_model.empty() || !std::filesystem::exists(resolve_model_dir(base_model) / "config.json"))
-          fail(ErrorKind::format, "{}: key 'base_model' = '{}' does not name the LoRA run's base checkpoint",
+        const std::string& want = resumed_log->header.base_fingerprint;
+        if (!o->model.empty()) {
+          // The base moved (or was copied): its fingerprint says it is the same weights.
+          if (want.empty())
+            fail(ErrorKind::invalid_argument,
+                 "--model {} with --resume {}: the run's seed log records no fingerprint of its base (a log from an "
+                 "older zo2), so another base cannot be checked: put the base back at {} and drop --model",
+                 o->model, o->resume, base_model);
+          if (std::error_code ec; !std::filesystem::is_directory(o->model, ec) ||
+                                  !std::filesystem::exists(resolve_model_dir(o->model) / "config.json"))
+            fail(ErrorKind::invalid_argument, "--model {}: not a model checkpoint (no config.json)", o->model);
+          if (const std::string got = checkpoint_fingerprint(resolve_model_dir(o->model)); got != want)
+            fail(ErrorKind::invalid_argument,
+                 "--model {}: not the base the run's adapters were tuned on (its weights' fingerprint is {}; the "
+                 "seed log records {} of {})",
+                 o->model, got, want, base_model);
+          if (!same_directory(o->model, base_model))
+            log_info("--resume: the run's base is now {} (was {}; the same weights by their fingerprint)", o->model,
+                     base_model);
+          base_model = std::filesystem::absolute(resolve_model_dir(o->model)).string();
+        }
+        if (std::error_code ec; base_model.empty() || !std::filesystem::is_directory(base_model, ec) ||
+                                !std::filesystem::exists(resolve_model_dir(base_model) / "config.json"))
+          fail(ErrorKind::format,
+               "{}: key 'base_model' = '{}' does not name the LoRA run's base checkpoint (if it moved, give its new "
+               "place as --model)",
                state_file.string(), base_model);
         model_dir = resolve_model_dir(base_model).string();
         // The adapters were tuned on that base's weights: one re-made at the path is another.
-        if (const std::string& want = resumed_log->header.base_fingerprint; !want.empty())
+        if (!want.empty() && o->model.empty())
           if (const std::string got = checkpoint_fingerprint(model_dir); got != want)
             fail(ErrorKind::invalid_argument,
                  "--resume {}: the base checkpoint {} is not the one the run's adapters were tuned on (its weights' "
-                 "fingerprint is {}; the seed log records {}): put that base back at {}",
+                 "fingerprint is {}; the seed log records {}): put that base back at {}, or give its new place as "
+                 "--model",
                  o->resume, base_model, got, want, base_model);
       }
       append_log = true;
