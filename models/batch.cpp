@@ -56,7 +56,11 @@ HostBatch make_batch(const ModelConfig& c, int batch, int seq, std::span<const s
     for (int t = 0; t < seq; ++t) {
       const std::size_t i = static_cast<std::size_t>(r) * static_cast<std::size_t>(seq) + static_cast<std::size_t>(t);
       std::int32_t target = kIgnoreIndex;
-      if (t + 1 < seq) {
+      // A masked position (padding) predicts nothing, labels or not: its hidden state is not
+      // that of a token of the sequence, and a left-padded row's last pad would otherwise
+      // predict its first real token (BOS), so the loss would depend on the padding side
+      // and on the longest row of the batch.
+      if (t + 1 < seq && b.key_mask[i]) {
         const std::size_t j = i + 1;
         target = labels.empty() ? (b.key_mask[j] ? ids[j] : kIgnoreIndex) : labels[j];
       }

@@ -30,7 +30,9 @@ struct HostBatch {
 // ids, mask and labels are [batch·seq] row-major. An empty mask means all ones; empty
 // labels mean "predict the next input token where the mask is 1" (labels = input_ids with
 // padding set to −100, as transformers' causal-LM loss). Labels use −100 to ignore a
-// position and are shifted by one inside, as in transformers. Throws
+// position and are shifted by one inside, as in transformers. A position whose mask is 0
+// predicts nothing, labels or not (transformers would score a left-padded row's last pad
+// predicting its first token): the loss does not depend on the padding side. Throws
 // Error(invalid_argument) naming the row and position of a bad id, mask or label, or a
 // sequence longer than the model's positions.
 HostBatch make_batch(const ModelConfig& config, int batch, int seq, std::span<const std::int32_t> ids,

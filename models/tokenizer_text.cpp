@@ -172,6 +172,37 @@ void unicode_lowercase(std::string_view in, std::string& out) {
       [&](std::string_view raw) { out.append(raw); });
 }
 
+void unicode_uppercase(std::string_view in, std::string& out) {
+  out.clear();
+  if (is_ascii(in)) {
+    out.reserve(in.size());
+    for (char c : in) out += (c >= 'a' && c <= 'z') ? static_cast<char>(c - 'a' + 'A') : c;
+    return;
+  }
+  icu::StringByteSink<std::string> sink(&out, static_cast<int32_t>(in.size()));
+  for_each_utf8_run(
+      in,
+      [&](std::string_view run) {
+        UErrorCode status = U_ZERO_ERROR;
+        icu::CaseMap::utf8ToUpper("", 0, icu::StringPiece(run.data(), static_cast<int32_t>(run.size())), sink,
+                                  nullptr, status);
+        if (U_FAILURE(status)) fail(ErrorKind::internal, "ICU: uppercasing failed: {}", u_errorName(status));
+      },
+      [&](std::string_view raw) { out.append(raw); });
+}
+
+bool is_lowercase(char32_t c) { return u_hasBinaryProperty(static_cast<UChar32>(c), UCHAR_LOWERCASE); }
+
+bool is_alnum(char32_t c) {
+  const auto cp = static_cast<UChar32>(c);
+  return u_isalpha(cp) || u_getIntPropertyValue(cp, UCHAR_NUMERIC_TYPE) != U_NT_NONE;
+}
+
+int decimal_digit_value(char32_t c) {
+  const auto cp = static_cast<UChar32>(c);
+  return u_charType(cp) == U_DECIMAL_DIGIT_NUMBER ? u_charDigitValue(cp) : -1;
+}
+
 // ---- Regex -------------------------------------------------------------------------------
 
 Regex::Regex(std::string_view pattern, bool literal, std::string_view where) {

@@ -31,6 +31,16 @@ enum class NormalForm { nfc, nfd, nfkc, nfkd };
 void unicode_normalize(std::string_view in, NormalForm form, std::string& out);
 // out = the full Unicode lowercase of in (ICU's root locale: final sigma, no Turkish i).
 void unicode_lowercase(std::string_view in, std::string& out);
+// out = the full Unicode uppercase of in (ICU's root locale: "ß" → "SS"), as Python's str.upper().
+void unicode_uppercase(std::string_view in, std::string& out);
+// Unicode Lowercase (Python's str.islower() of one character).
+bool is_lowercase(char32_t c);
+// A letter (general category L*) or a character with a numeric value (Numeric_Type not
+// None): Python's str.isalnum() of one character, which with "_" is \w of Python 3's re.
+bool is_alnum(char32_t c);
+// The value of a decimal digit (general category Nd: "7", "٧", "７"), else -1: the digits
+// Python's int() and float() accept.
+int decimal_digit_value(char32_t c);
 
 // A PCRE2 pattern (UTF, Unicode properties, JIT), or a literal string.
 class Regex {

@@ -1143,12 +1143,35 @@ TEST(MakeBatch, TargetsAreTheNextTokenWhereTheNextMaskIsOneElseIgnored) {
   const std::vector<std::int32_t> ids = {5, 6, 7, 1, 1, /**/ 1, 1, 7, 8, 9};
   const std::vector<std::int32_t> mask = {1, 1, 1, 0, 0, /**/ 0, 0, 1, 1, 1};
   const HostBatch b = make_batch(opt_tiny(), 2, 5, ids, mask);
-  EXPECT_EQ(b.targets, (std::vector<std::int32_t>{6, 7, -100, -100, -100, /**/ -100, 7, 8, 9, -100}));
-  EXPECT_EQ(b.target_count(), 5);
+  // Row 1's last pad does not predict its first token (a masked position predicts nothing).
+  EXPECT_EQ(b.targets, (std::vector<std::int32_t>{6, 7, -100, -100, -100, /**/ -100, -100, 8, 9, -100}));
+  EXPECT_EQ(b.target_count(), 4);
   // No mask: every next token is a target, the last position never is.
   const HostBatch all = make_batch(llama_tiny(), 1, 4, std::vector<std::int32_t>{3, 4, 5, 6});
   EXPECT_EQ(all.targets, (std::vector<std::int32_t>{4, 5, 6, -100}));
   EXPECT_EQ(all.key_mask, (std::vector<std::int32_t>{1, 1, 1, 1}));
+}
+
+TEST(MakeBatch, TargetsDoNotDependOnThePaddingSideWithOrWithoutLabels) {
+  // The same sequence [5 6 7] alone, right-padded and left-padded to 5: the same targets
+  // (6, 7), whether they come from the mask or from labels = ids (a text's labels, BOS included).
+  const std::vector<std::int32_t> right = {5, 6, 7, 1, 1}, left = {1, 1, 5, 6, 7};
+  const std::vector<std::int32_t> right_mask = {1, 1, 1, 0, 0}, left_mask = {0, 0, 1, 1, 1};
+  const std::vector<std::int32_t> right_labels = {5, 6, 7, -100, -100}, left_labels = {-100, -100, 5, 6, 7};
+  for (const ModelConfig* c : {&opt_tiny(), &llama_tiny()}) {
+    const HostBatch alone = make_batch(*c, 1, 3, std::vector<std::int32_t>{5, 6, 7});
+    const HostBatch r = make_batch(*c, 1, 5, right, right_mask), l = make_batch(*c, 1, 5, left, left_mask);
+    const HostBatch rl = make_batch(*c, 1, 5, right, right_mask, right_labels);
+    const HostBatch ll = make_batch(*c, 1, 5, left, left_mask, left_labels);
+    EXPECT_EQ(alone.target_count(), 2);
+    EXPECT_EQ(r.target_count(), 2);
+    EXPECT_EQ(l.target_count(), 2);
+    EXPECT_EQ(rl.target_count(), 2);
+    EXPECT_EQ(ll.target_count(), 2);
+    EXPECT_EQ(l.targets, (std::vector<std::int32_t>{-100, -100, 6, 7, -100}));
+    EXPECT_EQ(ll.targets, l.targets);
+    EXPECT_EQ(rl.targets, r.targets);
+  }
 }
 
 TEST(MakeBatch, LabelsAreShiftedByOneAndMinus100IsKept) {

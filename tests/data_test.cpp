@@ -801,6 +801,161 @@ TEST(Data, MalformedFilesAreRefusedWithTheirLineNumbers) {
 // so no target. Refused at load by eval, train and data alike (exit 1), naming file, line
 // and option — not a NaN loss for a batch of such examples, nor a mid-run "candidate
 // sequence has no target token".
+TEST(Data, TaskPresetsStripTheirTextsAsMezoEncodePromptDoes) {
+  Workspace w;
+  const auto tok = Tokenizer::from_dir(w.model);
+  // MeZO's encode_prompt without demonstrations: the sequence is BOS + encode(V.strip(' ')
+  // .lstrip()), the scored tokens len(encode(V.strip(' '))) − len(encode(U.strip(' '))),
+  // for the unverbalized prompt U and each verbalized candidate V = U + answer.
+  auto strip_spaces = [](std::string x) {
+    x.erase(0, std::min(x.size(), x.find_first_not_of(' ')));
+    x.erase(x.find_last_not_of(' ') + 1);
+    return x;
+  };
+  auto mezo = [&](const std::string& u, const std::string& v) {
+    std::string seq = strip_spaces(v);
+    seq.erase(0, std::min(seq.size(), seq.find_first_not_of(" \t\r\n\f\v")));
+    std::vector<std::int32_t> ids = tok->special_prefix();
+    const auto body = tok->encode(seq);
+    ids.insert(ids.end(), body.begin(), body.end());
+    const auto scored = tok->encode(strip_spaces(v)).size() - tok->encode(strip_spaces(u)).size();
+    return std::pair{json(ids), json(scored)};
+  };
+  auto expect = [&](const fs::path& f, const std::string& task, const std::string& u,
+                    const std::vector<std::string>& answers) {
+    const auto rows = w.show(f, "--task " + task);
+    ASSERT_EQ(rows.size(), 1u) << task;
+    ASSERT_EQ(rows[0]["sequences"].size(), answers.size()) << task;
+    for (std::size_t k = 0; k < answers.size(); ++k) {
+      const auto [ids, scored] = mezo(u, u + answers[k]);
+      EXPECT_EQ(rows[0]["sequences"][k]["ids"], ids) << task << " " << k << ": " << rows[0]["sequences"][k]["text"];
+      EXPECT_EQ(rows[0]["sequences"][k]["scored_tokens"], scored) << task << " " << k;
+    }
+  };
+  // RTE: a premise with a leading space loses it; one with a leading newline loses it from
+  // the sequence, while the count keeps it (MeZO counts before its lstrip()).
+  expect(w.file("rte.jsonl", R"({"premise": " The cat sat.", "hypothesis": "A cat.", "label": "entailment"})" "\n"),
+         "rte", " The cat sat.\nDoes this mean that \"A cat.\" is true? Yes or No?\n", {"Yes", "No"});
+  expect(w.file("rte2.jsonl", R"({"premise": "\nThe cat sat.", "hypothesis": "A cat.", "label": 0})" "\n"), "rte",
+         "\nThe cat sat.\nDoes this mean that \"A cat.\" is true? Yes or No?\n", {"Yes", "No"});
+  // CB begins and ends with the template's own text: spaces inside stay.
+  expect(w.file("cb.jsonl", R"({"premise": "It rains. ", "hypothesis": " It is wet.", "label": "neutral"})" "\n"), "cb",
+         "Suppose It rains.  Can we infer that \" It is wet.\"? Yes, No, or Maybe?\n", {"Yes", "No", "Maybe"});
+  // BoolQ: a passage with a leading space.
+  expect(w.file("boolq.jsonl", R"({"question": "is it true", "passage": "  It is.", "label": false})" "\n"), "boolq",
+         "  It is. Is it true?\n", {"No", "Yes"});
+  // COPA: the premise's leading space and a choice's trailing spaces go.
+  expect(w.file("copa.jsonl",
+                R"({"premise": " The man fell.", "choice1": "He slipped.  ", "choice2": "I laughed.", "question": "cause", "label": 0})"
+                "\n"),
+         "copa", " The man fell because ", {"he slipped.  ", "I laughed."});
+  // SST-2: an empty sentence gives "It was terrible", not " It was terrible".
+  expect(w.file("sst2.tsv", "sentence\tlabel\n\t1\n"), "sst2", " It was", {" terrible", " great"});
+  expect(w.file("sst2b.tsv", "sentence\tlabel\n  boring and dull \t1\n"), "sst2", "boring and dull It was",
+         {" terrible", " great"});
+}
+
+TEST(Data, TaskPresetsChangeCaseAsPythonDoesBeyondAscii) {
+  Workspace w;
+  auto texts = [&](const fs::path& f, const std::string& task) {
+    std::vector<std::string> out;
+    for (const auto& row : w.show(f, "--task " + task))
+      for (const auto& s : row["sequences"]) out.push_back(s["text"].get<std::string>());
+    return out;
+  };
+  // BoolQ: question[0].upper() — "élan" → "Élan", "ß" → "SS" (Python's full mapping).
+  EXPECT_EQ(texts(w.file("bq.jsonl", R"({"question": "élan vital exists", "passage": "It is.", "label": true})" "\n"
+                                     R"({"question": "ßo?", "passage": "It is.", "label": false})" "\n"),
+                  "boolq"),
+            (std::vector<std::string>{"<s>It is. Élan vital exists?\nNo", "<s>It is. Élan vital exists?\nYes",
+                                      "<s>It is. SSo?\nNo", "<s>It is. SSo?\nYes"}));
+  // COPA: the choice's first word lower-cased by str.lower(): "ÉTAIT" → "était", "ΟΔΟΣ" → "οδος" (final sigma).
+  EXPECT_EQ(texts(w.file("copa.jsonl",
+                         R"({"premise": "It rained.", "choice1": "ÉTAIT là.", "choice2": "ΟΔΟΣ wet.", "question": "effect", "label": 0})"
+                         "\n"),
+                  "copa"),
+            (std::vector<std::string>{"<s>It rained so était là.", "<s>It rained so οδος wet."}));
+  // WSC (HF's _fix_wst): a span not in the text takes the case of the text's word at its
+  // index by str.islower()/upper()/lower(): "élan vital." at word 0 "Élan" → "Élan vital";
+  // the pronoun is str.lower()'d: "ÉL" → "él".
+  // (The template is longer than opt-tiny's 64 positions: the 1024-position model.)
+  const auto wsc = sequence_texts(show_task(
+      w,
+      w.file("wsc.jsonl",
+             R"({"text": "Élan vital is real. ÉL said so.", "target": {"span1_text": "élan vital.", "span1_index": 0, "span2_text": "ÉL", "span2_index": 4}, "label": true})"
+             "\n"),
+      "wsc"));
+  ASSERT_EQ(wsc.size(), 1u);
+  ASSERT_EQ(wsc[0].size(), 2u);
+  EXPECT_EQ(wsc[0][0], "<s>Élan vital is real. ÉL said so.\nIn the previous sentence, does the pronoun \"él\" refer to "
+                    "Élan vital? Yes or No?\nNo");
+}
+
+TEST(Data, BooleanLabelsAreRefusedWhereTheLabelsAreNamesOrIndices) {
+  Workspace w;
+  auto cmd = [&](const fs::path& f, const std::string& task) {
+    return "data --model " + w.model.string() + " --data " + f.string() + (task.empty() ? "" : " --task " + task);
+  };
+  // RTE's true would be index 1, "not_entailment": the opposite of what it says.
+  std::string e = w.error(cmd(w.file("rte.jsonl", R"({"premise": "A.", "hypothesis": "B.", "label": "entailment"})" "\n"
+                                                  R"({"premise": "A.", "hypothesis": "B.", "label": true})" "\n"),
+                              "rte"));
+  EXPECT_NE(e.find("rte.jsonl:2: \"label\" is the boolean true; it must be an integer in [0, 2) or one of "
+                   "\"entailment\", \"not_entailment\""),
+            std::string::npos)
+      << e;
+  e = w.error(cmd(w.file("cb.jsonl", R"({"premise": "A.", "hypothesis": "B.", "label": false})" "\n"), "cb"));
+  EXPECT_NE(e.find("cb.jsonl:1: \"label\" is the boolean false"), std::string::npos) << e;
+  e = w.error(cmd(w.file("copa.jsonl",
+                         R"({"premise": "A.", "choice1": "B.", "choice2": "C.", "question": "cause", "label": true})" "\n"),
+                  "copa"));
+  EXPECT_NE(e.find("copa.jsonl:1: \"label\" is the boolean true; it must be an integer in [0, 2)"), std::string::npos)
+      << e;
+  e = w.error(cmd(w.file("mc.jsonl", R"({"prompt": "A", "options": [" b", " c"], "label": true})" "\n"), ""));
+  EXPECT_NE(e.find("mc.jsonl:1: \"label\" is the boolean true"), std::string::npos) << e;
+  // BoolQ's labels are booleans: accepted.
+  EXPECT_EQ(w.show(w.file("bq.jsonl", R"({"question": "q", "passage": "p", "label": true})" "\n"), "--task boolq")[0]["label"],
+            1);
+}
+
+TEST(Data, TokenFilesWithUnknownTensorsAreRefusedNamingTheAcceptedNames) {
+  Workspace w;
+  const std::vector<std::int32_t> ids{5, 6, 7, 8, 1, 1}, mask{1, 1, 1, 1, 0, 0};
+  auto token_file = [&](const std::string& name, const std::string& second) {
+    std::vector<TensorToWrite> t{{"input_ids", DType::i32, {1, 6}, ids.data(), {}},
+                                 {second, DType::i32, {1, 6}, mask.data(), {}}};
+    write_safetensors(w.tmp / name, std::span<const TensorToWrite>(t));
+    return "data --model " + w.model.string() + " --data " + (w.tmp / name).string();
+  };
+  const std::string e = w.error(token_file("typo.safetensors", "attention_masks"));
+  EXPECT_NE(e.find("typo.safetensors: unknown tensor 'attention_masks' in a token-id data file; it holds 'input_ids' "
+                   "and optionally 'attention_mask' and 'labels' ('token_type_ids' is accepted and ignored)"),
+            std::string::npos)
+      << e;
+  std::string out;
+  EXPECT_EQ(run(token_file("ok.safetensors", "attention_mask"), &out), 0) << out;
+  EXPECT_EQ(run(token_file("tt.safetensors", "token_type_ids"), &out), 0) << out;
+}
+
+TEST(Data, LeftPaddingScoresTheSameTokensAsRightPaddingAtEveryBatchSize) {
+  Workspace w;
+  // Rows of different lengths: a left-padded row's last pad must not predict its BOS.
+  const auto text = w.file("t.jsonl", "{\"text\": \"The film was good. It was good.\"}\n{\"text\": \"It was\"}\n"
+                                      "{\"text\": \"It was bad.\"}\n");
+  const auto completion = w.file("c.jsonl", "{\"prompt\": \"The film was dull. It\", \"completion\": \" was bad.\"}\n"
+                                            "{\"prompt\": \"It\", \"completion\": \" was\"}\n");
+  const auto options = w.file("o.jsonl", sentiment_jsonl(3, 7));
+  for (const fs::path& f : {text, completion, options}) {
+    const json base = w.eval(f, "--batch-size 1");
+    for (const std::string side : {"right", "left"})
+      for (const char* b : {"1", "3"}) {
+        const json e = w.eval(f, "--padding-side " + side + " --batch-size " + b);
+        EXPECT_EQ(e.at("tokens"), base.at("tokens")) << f << " " << side << " " << b;
+        EXPECT_NEAR(e.at("loss").get<double>(), base.at("loss").get<double>(), 1e-4) << f << " " << side << " " << b;
+      }
+  }
+}
+
 TEST(Data, ExamplesWithNothingToPredictAreRefusedByLine) {
   test::TempDir tmp;
   std::string out;

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <fstream>
 
 namespace zo2 {
@@ -141,6 +142,63 @@ TEST(GenerateCli, PromptsFromJsonlAndTheSquadTaskAndOutputFile) {
   ASSERT_EQ(jb.size(), 1u);
   EXPECT_EQ(ja[0]["f1"], jb[0]["f1"]);
   EXPECT_EQ(ja[0]["em"], jb[0]["em"]);
+}
+
+// --max-len cuts the start of squad's prompts where they are decoded: eval (MeZO's
+// encode_prompt: max_len − max_new_tokens tokens, the special prefix and the end kept, and
+// --predictions records those ids) and generate --task (its --prompt rule: max_len tokens).
+TEST(GenerateCli, MaxLenCutsTheStartOfSquadPromptsInEvalAndGenerate) {
+  Micro m;
+  const fs::path squad = fs::path(__FILE__).parent_path() / "data" / "tasks" / "squad.json";
+  const fs::path whole = m.tmp / "whole.jsonl", cut = m.tmp / "cut.jsonl";
+  std::string out;
+  ASSERT_EQ(run("eval --model " + m.model.string() + " --task squad --data " + squad.string() +
+                    " --max-new-tokens 2 -q --batch-size 1 --predictions " + whole.string(),
+                &out),
+            0)
+      << out;
+  ASSERT_EQ(run("eval --model " + m.model.string() + " --task squad --data " + squad.string() +
+                    " --max-len 24 --max-new-tokens 2 -q --batch-size 1 --predictions " + cut.string(),
+                &out),
+            0)
+      << out;
+  const auto w = json_lines(read_text(whole)), c = json_lines(read_text(cut));
+  ASSERT_EQ(w.size(), 3u);
+  ASSERT_EQ(c.size(), 3u);
+  const std::size_t prefix = Tokenizer::from_dir(m.model)->special_prefix().size();
+  int cuts = 0;
+  for (std::size_t k = 0; k < w.size(); ++k) {
+    const auto full = w[k]["prompt_ids"].get<std::vector<std::int32_t>>();
+    const auto kept = c[k]["prompt_ids"].get<std::vector<std::int32_t>>();
+    if (full.size() <= 22) {
+      EXPECT_EQ(kept, full) << k;
+      continue;
+    }
+    ++cuts;
+    ASSERT_EQ(kept.size(), 22u) << k;
+    EXPECT_TRUE(std::equal(kept.begin(), kept.begin() + static_cast<std::ptrdiff_t>(prefix), full.begin())) << k;
+    EXPECT_TRUE(std::equal(kept.begin() + static_cast<std::ptrdiff_t>(prefix), kept.end(),
+                           full.end() - static_cast<std::ptrdiff_t>(22 - prefix)))
+        << k;
+  }
+  EXPECT_GE(cuts, 1);
+  // generate --task squad --max-len 22: the same prompts (the --prompt rule keeps max_len
+  // tokens), so the same first greedy token; the warning says what happened.
+  const std::string g = m.gen("--task squad --data " + squad.string() + " --max-len 22 --max-new-tokens 2 --json");
+  EXPECT_NE(g.find("prompts truncated to their last 22 tokens"), std::string::npos) << g;
+  const auto gr = json_lines(g);
+  ASSERT_EQ(gr.size(), 3u);
+  const auto tok = Tokenizer::from_dir(m.model);
+  for (std::size_t k = 0; k < gr.size(); ++k) {
+    EXPECT_EQ(gr[k]["prompt"], tok->decode(c[k]["prompt_ids"].get<std::vector<std::int32_t>>())) << k;
+    EXPECT_EQ(gr[k]["tokens"][0], c[k]["ids"][0]) << k;
+  }
+  // Without --max-len a prompt too long for the positions names the --max-len that fits.
+  const std::string e = m.gen("--task squad --data " + squad.string() + " --max-new-tokens 500", 2);
+  EXPECT_NE(e.find("(--max-len 12 keeps the last tokens of each prompt that fit)"), std::string::npos) << e;
+  EXPECT_EQ(json_lines(m.gen("--task squad --data " + squad.string() + " --max-new-tokens 500 --max-len 12 --json -q"))
+                .size(),
+            3u);
 }
 
 // train --eval on squad logs MeZO's F1/EM of greedy decoding, through the training session.

@@ -279,7 +279,9 @@ ReferenceOutput ReferenceModel::forward(int B, int T, const std::vector<std::int
   for (int b = 0; b < B; ++b)
     for (int t = 0; t + 1 < T; ++t) {
       const std::int64_t r = static_cast<std::int64_t>(b) * T + t;
-      if (!mask[static_cast<std::size_t>(r + 1)]) continue;
+      // Neither a padding target nor a padding position's prediction (make_batch: a masked
+      // position predicts nothing; transformers would score a left-padded row's last pad).
+      if (!mask[static_cast<std::size_t>(r)] || !mask[static_cast<std::size_t>(r + 1)]) continue;
       const auto* row = &out.logits[static_cast<std::size_t>(r * c.vocab_size)];
       double mx = row[0];
       for (std::int64_t v = 1; v < c.vocab_size; ++v) mx = std::max(mx, row[v]);

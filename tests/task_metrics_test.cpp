@@ -31,6 +31,50 @@ TEST(TaskMetrics, NormalizationLowersDropsPunctuationArticlesAndExtraSpace) {
   EXPECT_EQ(normalize_answer("The."), "");
 }
 
+TEST(TaskMetrics, NormalizationFollowsPythonsUnicodeLowerAndWordCharactersBeyondLatin1) {
+  // Each expected value is CPython 3's normalize_answer of the input.
+  // str.lower() is the full Unicode lowercase: Greek with final sigma, Latin Extended-B's
+  // DŽ, Armenian, Cherokee (lower-cased to the Cherokee Supplement), İ → "i̇".
+  EXPECT_EQ(normalize_answer("\xCE\x9F\xCE\x94\xCE\x9F\xCE\xA3 \xCE\x9A\xCE\x91\xCE\x9B\xCE\x9F\xCE\xA3"),
+            "\xCE\xBF\xCE\xB4\xCE\xBF\xCF\x82 \xCE\xBA\xCE\xB1\xCE\xBB\xCE\xBF\xCF\x82");  // ΟΔΟΣ ΚΑΛΟΣ → οδος καλος
+  EXPECT_EQ(normalize_answer("\xC7\x84" "EMAL"), "\xC7\x86" "emal");                     // ǄEMAL → ǆemal
+  EXPECT_EQ(normalize_answer("\xD4\xB1\xD5\x90\xD4\xB1\xD5\x84 the"), "\xD5\xA1\xD6\x80\xD5\xA1\xD5\xB4");  // ԱՐԱՄ the
+  EXPECT_EQ(normalize_answer("\xE1\x8F\x97\xE1\x8F\xA9"), "\xEA\xAE\xA7\xEA\xAE\xB9");  // ᏗᏩ → ꮧꮹ
+  EXPECT_EQ(normalize_answer("\xC4\xB0stanbul"), "i\xCC\x87stanbul");
+  // \w is str.isalnum() or "_": a currency sign, a degree sign or a combining mark ends the
+  // word "the" (so it goes); a Roman numeral or a vulgar fraction continues it (it stays).
+  EXPECT_EQ(normalize_answer("the\xE2\x82\xAC"), "\xE2\x82\xAC");     // the€ → €
+  EXPECT_EQ(normalize_answer("the\xC2\xB0" "C"), "\xC2\xB0" "c");     // the°C → °c
+  EXPECT_EQ(normalize_answer("the\xCC\x81"), "\xCC\x81");             // the + U+0301 → U+0301
+  EXPECT_EQ(normalize_answer("the\xE2\x85\xAB"), "the\xE2\x85\xBB");  // theⅫ → theⅻ
+  EXPECT_EQ(normalize_answer("the\xC2\xBD"), "the\xC2\xBD");          // the½ stays
+  EXPECT_EQ(qa_em("the\xE2\x82\xAC", {"\xE2\x82\xAC"}), 1.0);
+  // Punctuation is still ASCII's string.punctuation only: "«" and "»" stay.
+  EXPECT_EQ(normalize_answer("\xC2\xAB" "b\xC2\xBB"), "\xC2\xAB" "b\xC2\xBB");
+  EXPECT_EQ(normalize_answer("\xC2\xAB" "a\xC2\xBB"), "\xC2\xAB \xC2\xBB");  // "a" is a word between them
+}
+
+TEST(TaskMetrics, DropFloatAcceptsUnicodeDigitsAndWhiteSpaceAsPython) {
+  // float("١٢") == 12.0, float("１２.5") == 12.5 and float("\u00a012\u3000") == 12.0 in
+  // CPython; the Arabic decimal separator "٫" is not ".", so float("١٫٥") is a ValueError.
+  double v = 0;
+  ASSERT_TRUE(detail::py_float("\xD9\xA1\xD9\xA2", &v));
+  EXPECT_EQ(v, 12.0);
+  ASSERT_TRUE(detail::py_float("\xEF\xBC\x91\xEF\xBC\x92.5", &v));
+  EXPECT_EQ(v, 12.5);
+  ASSERT_TRUE(detail::py_float("\xC2\xA0" "12\xE3\x80\x80", &v));
+  EXPECT_EQ(v, 12.0);
+  EXPECT_FALSE(detail::py_float("\xD9\xA1\xD9\xAB\xD9\xA5", nullptr));
+  EXPECT_FALSE(detail::py_float("\xE2\x85\xAB", nullptr));  // Ⅻ has a numeric value but is no decimal digit
+  // drop_eval: a number written in Arabic-Indic digits is the number.
+  EXPECT_EQ(drop_normalize("\xD9\xA1\xD9\xA2"), "12.0");
+  EXPECT_EQ(drop_question("\xD9\xA1\xD9\xA2 points", {{"12"}}).f1, 0.67);  // the number matches
+  EXPECT_EQ(drop_question("\xD9\xA1\xD9\xA2", {{"12"}}).em, 1.0);
+  // Python's gold_answer[0].strip(): a gold of Unicode white space alone is blank, skipped
+  // (were it scored, the empty prediction would match it exactly).
+  EXPECT_EQ(drop_question("", {{"\xE3\x80\x80"}}).em, 0.0);
+}
+
 TEST(TaskMetrics, TokenF1CountsSharedTokensWithMultiplicity) {
   // pred [cat, sat], gold [cat, sat, on, mat]: P = 1, R = 1/2, F1 = 2/3.
   EXPECT_DOUBLE_EQ(token_f1("the cat sat", "a cat sat on the mat"), 2.0 / 3.0);

@@ -84,10 +84,15 @@ Runner add_eval(CLI::App& app) {
            "--max-new-tokens is for squad and drop (generated answers); {} is scored by its loss alone", o->data);
     int gen_rows = 0;
     if (generate) {
-      // Room for the prompt and the new tokens (MeZO cuts the prompt to leave it); the
-      // prompts decode --batch-size at a time (api/generate.h).
-      sc.max_seq = static_cast<int>(
-          std::min<std::int64_t>(config.max_positions, std::max(data.longest(), data.longest_prompt() + o->max_new)));
+      // Room for the prompt and the new tokens (MeZO cuts the prompt to --max-len −
+      // --max-new-tokens to leave it); the prompts decode --batch-size at a time (api/generate.h).
+      if (data.max_len() <= o->max_new)
+        fail(ErrorKind::invalid_argument,
+             "--max-new-tokens {}: with {} {} no prompt token is left (MeZO cuts a prompt to max_len − "
+             "max_new_tokens)", o->max_new, o->data_flags.max_len > 0 ? "--max-len" : "max_position_embeddings",
+             data.max_len());
+      sc.max_seq = static_cast<int>(std::min<std::int64_t>(
+          config.max_positions, std::max(data.longest(), data.longest_prompt(o->max_new) + o->max_new)));
       gen_rows = static_cast<int>(std::min<std::int64_t>(o->batch, data.size()));
       sc.max_batch = std::max(sc.max_batch, gen_rows);
       sc.generate.batch = gen_rows;
@@ -114,7 +119,7 @@ Runner add_eval(CLI::App& app) {
                            {"answers", e.answers},
                            {"f1", metrics::qa_f1(g.predictions[k], e.answers)},
                            {"em", metrics::qa_em(g.predictions[k], e.answers)},
-                           {"prompt_ids", e.prompt_ids},
+                           {"prompt_ids", g.prompts[k]},  // as decoded: cut to --max-len − --max-new-tokens
                            {"ids", g.generated[k]}};
           if (data.task() == "drop") {
             const auto d = metrics::drop_question(g.predictions[k], e.drop_golds);

@@ -144,7 +144,10 @@ Runner add_generate(CLI::App& app) {
     std::vector<std::string> texts;
     std::vector<std::vector<std::int32_t>> ids;
     if (!o->data_flags.task.empty()) {
-      const Dataset ds = Dataset::load(o->data, config, tokenizer.get(), o->data_flags.options(0, 0, false));
+      // The prompts alone, cut by --max-len as the --prompt texts below are.
+      DataOptions dopt = o->data_flags.options(0, 0, false);
+      dopt.prompts_only = true;
+      const Dataset ds = Dataset::load(o->data, config, tokenizer.get(), dopt);
       if (!task_is_generation(ds.task()))
         fail(ErrorKind::invalid_argument, "--task {}: generate takes the prompts of squad or drop", ds.task());
       for (std::int64_t i = 0; i < ds.size(); ++i) {
@@ -169,8 +172,12 @@ Runner add_generate(CLI::App& app) {
       if (ids[k].empty()) fail(ErrorKind::invalid_argument, "prompt {} has no tokens", k + 1);
       if (static_cast<std::int64_t>(ids[k].size()) + o->max_new > config.max_positions)
         fail(ErrorKind::invalid_argument,
-             "prompt {} has {} tokens: with --max-new-tokens {} that is more than the model's {} positions", k + 1,
-             ids[k].size(), o->max_new, config.max_positions);
+             "prompt {} has {} tokens: with --max-new-tokens {} that is more than the model's {} positions{}", k + 1,
+             ids[k].size(), o->max_new, config.max_positions,
+             config.max_positions > o->max_new
+                 ? fmt::format(" (--max-len {} keeps the last tokens of each prompt that fit)",
+                               config.max_positions - o->max_new)
+                 : std::string());
       longest = std::max(longest, ids[k].size());
     }
     const int batch = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(o->batch), ids.size()));

@@ -854,8 +854,14 @@ Runner add_train(CLI::App& app) {
     // prompts and their new tokens, and a KV cache for a batch of them.
     const bool eval_generates = eval_data && task_is_generation(eval_data->task()) && o->eval_max_new > 0;
     if (eval_generates) {
+      // MeZO's cut (Dataset::generation_prompt): a prompt keeps its last --max-len −
+      // --max-new-tokens tokens; a cut that leaves nothing fails now, not at the first eval.
+      if (eval_data->max_len() <= o->eval_max_new)
+        fail(ErrorKind::invalid_argument, "--max-new-tokens {} leaves no room for a prompt within --max-len {}",
+             o->eval_max_new, eval_data->max_len());
       sc.max_seq = static_cast<int>(std::min<std::int64_t>(
-          config.max_positions, std::max<std::int64_t>(sc.max_seq, eval_data->longest_prompt() + o->eval_max_new)));
+          config.max_positions,
+          std::max<std::int64_t>(sc.max_seq, eval_data->longest_prompt(o->eval_max_new) + o->eval_max_new)));
       sc.generate.batch = static_cast<int>(std::min<std::int64_t>(o->batch, eval_data->size()));
     }
     sc.run_seed = o->seed;

@@ -2,6 +2,8 @@
 
 #include "api/generate.h"
 #include "api/session.h"
+#include "models/safetensors.h"
+#include "models/tokenizer_text.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
 #include "tools/cli.h"
@@ -34,6 +36,7 @@ struct Record {
   std::int64_t question = -1;           // multirc: the question of this answer option
   std::string where;                    // squad, drop: "file: JSON path (id)" for errors (else file:line)
   std::vector<std::vector<std::string>> drop_golds;  // drop: "answer" and "validated_answers" as drop_eval reads them
+  std::string lead;  // task presets: white space MeZO's lstrip() drops but its option length counts (set_prompt)
 };
 
 std::string lower(std::string s) {
@@ -46,11 +49,6 @@ std::string strip(std::string_view s) {
   const auto b = s.find_first_not_of(ws);
   if (b == std::string_view::npos) return {};
   return std::string(s.substr(b, s.find_last_not_of(ws) - b + 1));
-}
-
-std::string rstrip(std::string_view s) {
-  const auto e = s.find_last_not_of(" \t\r\n\f\v");
-  return e == std::string_view::npos ? std::string() : std::string(s.substr(0, e + 1));
 }
 
 // Calls fn(line_number, line) for every non-blank line.
@@ -88,15 +86,21 @@ std::string string_field(const std::filesystem::path& file, std::int64_t n, cons
   return it->get<std::string>();
 }
 
-// A label given as an integer, a boolean (false = 0) or one of `names`.
+// A label given as an integer, one of `names`, or — only where the format's labels are
+// booleans (BoolQ's true/false) — a boolean (false = 0). Elsewhere a boolean is refused: RTE's
+// true would be index 1, "not_entailment", the opposite of what it says.
 int label_field(const std::filesystem::path& file, std::int64_t n, const json& j, int count,
-                const std::vector<std::string>& names = {}) {
+                const std::vector<std::string>& names = {}, bool booleans = false) {
   const auto it = j.find("label");
   if (it == j.end())
     fail(ErrorKind::format, "{}:{}: no \"label\" field (the test splits of GLUE/SuperGLUE are unlabeled)",
          file.string(), n);
   int v = -1;
   if (it->is_boolean()) {
+    if (!booleans)
+      fail(ErrorKind::format, "{}:{}: \"label\" is the boolean {}; it must be an integer in [0, {}){}", file.string(), n,
+           it->dump(), count,
+           names.empty() ? std::string() : fmt::format(" or one of \"{}\"", fmt::join(names, "\", \"")));
     v = it->get<bool>() ? 1 : 0;
   } else if (it->is_number_integer()) {
     v = static_cast<int>(std::clamp<std::int64_t>(it->get<std::int64_t>(), -1, count));
@@ -177,111 +181,65 @@ std::vector<Record> read_jsonl(const std::filesystem::path& file, DataFormat& fo
   return out;
 }
 
-// SST-2 as GLUE ships it: a TSV with a header naming "sentence" and "label" columns.
-// MeZO's template: "<sentence> It was" + " terrible" | " great".
-std::vector<Record> read_sst2(const std::filesystem::path& file) {
-  std::vector<Record> out;
-  int sentence_col = -1, label_col = -1;
-  std::size_t columns = 0;
-  for_each_line(file, [&](std::int64_t n, const std::string& line) {
-    std::vector<std::string> cells;
-    std::size_t start = 0;
-    for (std::size_t tab; (tab = line.find('\t', start)) != std::string::npos; start = tab + 1)
-      cells.push_back(line.substr(start, tab - start));
-    cells.push_back(line.substr(start));
-    if (sentence_col < 0 && label_col < 0 && columns == 0) {  // the header
-      columns = cells.size();
-      for (std::size_t i = 0; i < cells.size(); ++i) {
-        if (cells[i] == "sentence") sentence_col = static_cast<int>(i);
-        if (cells[i] == "label") label_col = static_cast<int>(i);
-      }
-      if (sentence_col < 0 || label_col < 0)
-        fail(ErrorKind::format,
-             "{}:{}: --task sst2 reads GLUE's SST-2 TSV, whose header names the columns \"sentence\" and "
-             "\"label\"; this header has {} (the test split is unlabeled)",
-             file.string(), n, fmt::format("\"{}\"", fmt::join(cells, "\", \"")));
-      return;
-    }
-    if (cells.size() != columns)
-      fail(ErrorKind::format, "{}:{}: {} tab-separated cells, the header has {}", file.string(), n, cells.size(),
-           columns);
-    const std::string& l = cells[static_cast<std::size_t>(label_col)];
-    if (l != "0" && l != "1") fail(ErrorKind::format, "{}:{}: SST-2 label \"{}\" is not 0 or 1", file.string(), n, l);
-    Record r;
-    r.line = n;
-    r.prompt = strip(cells[static_cast<std::size_t>(sentence_col)]) + " It was";
-    r.options = {" terrible", " great"};
-    r.label = l == "1" ? 1 : 0;
-    out.push_back(std::move(r));
-  });
-  if (out.empty()) fail(ErrorKind::format, "{}: no SST-2 examples", file.string());
-  return out;
-}
-
-// SuperGLUE JSONL tasks with MeZO's templates.
-std::vector<Record> read_superglue(const std::filesystem::path& file, const std::string& task) {
-  std::vector<Record> out;
-  for_each_line(file, [&](std::int64_t n, const std::string& line) {
-    const json j = parse_json_line(file, n, line);
-    Record r;
-    r.line = n;
-    if (task == "rte") {
-      r.prompt = fmt::format("{}\nDoes this mean that \"{}\" is true? Yes or No?\n", string_field(file, n, j, "premise"),
-                             string_field(file, n, j, "hypothesis"));
-      r.options = {"Yes", "No"};
-      r.label = label_field(file, n, j, 2, {"entailment", "not_entailment"});
-    } else if (task == "cb") {
-      r.prompt = fmt::format("Suppose {} Can we infer that \"{}\"? Yes, No, or Maybe?\n",
-                             string_field(file, n, j, "premise"), string_field(file, n, j, "hypothesis"));
-      r.options = {"Yes", "No", "Maybe"};
-      r.label = label_field(file, n, j, 3, {"entailment", "contradiction", "neutral"});
-    } else if (task == "boolq") {
-      std::string q = string_field(file, n, j, "question");
-      if (q.empty() || q.back() != '?') q += "?";
-      q[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(q[0])));
-      r.prompt = fmt::format("{} {}\n", string_field(file, n, j, "passage"), q);
-      r.options = {"No", "Yes"};
-      r.label = label_field(file, n, j, 2, {"False", "True"});
-    } else {  // copa
-      std::string premise = rstrip(string_field(file, n, j, "premise"));
-      if (!premise.empty() && premise.back() == '.') premise.pop_back();
-      const std::string q = string_field(file, n, j, "question");
-      if (q != "cause" && q != "effect")
-        fail(ErrorKind::format, "{}:{}: COPA \"question\" must be \"cause\" or \"effect\", not \"{}\"", file.string(),
-             n, q);
-      // MeZO strips the prompt's trailing space (encode(...).strip(' ')), so the conjunction's
-      // space belongs to the option: the scored tokens are those the choice adds to it.
-      r.prompt = premise + (q == "cause" ? " because" : " so");
-      for (const char* key : {"choice1", "choice2"}) {
-        std::string c = string_field(file, n, j, key);
-        // MeZO lower-cases the first word of the choice, except "I".
-        const auto space = c.find(' ');
-        if (c.substr(0, space) != "I")
-          for (std::size_t i = 0; i < std::min(space, c.size()); ++i)
-            c[i] = static_cast<char>(std::tolower(static_cast<unsigned char>(c[i])));
-        r.options.push_back(" " + c);
-      }
-      r.label = label_field(file, n, j, 2);
-    }
-    out.push_back(std::move(r));
-  });
-  if (out.empty()) fail(ErrorKind::format, "{}: no {} examples", file.string(), task);
-  return out;
-}
-
-// ---- The six tasks added for MeZO's full table (wsc, wic, multirc, record, squad, drop) ----
+// ---- The task presets -----------------------------------------------------------------
 // Each reads the file as the standard release ships it and renders the example the way
-// HF `datasets` (which MeZO loads) and MeZO's templates.py do; `where` names the file and
-// the line (JSONL) or the question (JSON) in errors, and `path` the field.
+// HF `datasets` (which MeZO loads) and MeZO's templates.py do — Python's str methods with
+// their Unicode semantics (strip(), lower(), upper()) — then MeZO's encode_prompt stripping
+// (set_prompt, tail_of); `where` names the file and the line (JSONL) or the question (JSON)
+// in errors, and `path` the field.
 
-// Python's str.lower() (tools/task_metrics.h's table).
+// Python's str.lower() / str.upper(): full Unicode case mapping (ICU, root locale).
 std::string py_lower(std::string_view s) {
-  std::u32string out;
-  for (char32_t c : metrics::detail::decode_utf8(s)) metrics::detail::lower_into(out, c);
   std::string r;
-  for (char32_t c : out) metrics::detail::append_utf8(r, c);
+  tok::unicode_lowercase(s, r);
   return r;
 }
+std::string py_upper(std::string_view s) {
+  std::string r;
+  tok::unicode_uppercase(s, r);
+  return r;
+}
+// Bytes in the first character of s (1 for an ill-formed byte), 0 when s is empty.
+std::size_t first_char_len(std::string_view s) {
+  if (s.empty()) return 0;
+  return std::max<std::size_t>(1, tok::utf8_len(s, 0));
+}
+// s[0].upper() + s[1:] / s[0].lower() + s[1:]: Python's, on the first code point ("élan" →
+// "Élan", "ß…" → "SS…").
+std::string upper_first(std::string_view s) {
+  const std::size_t n = first_char_len(s);
+  return py_upper(s.substr(0, n)) + std::string(s.substr(n));
+}
+std::string lower_first(std::string_view s) {
+  const std::size_t n = first_char_len(s);
+  return py_lower(s.substr(0, n)) + std::string(s.substr(n));
+}
+
+// Python's str.strip() / lstrip() / rstrip() without arguments: Unicode white space
+// (str.isspace: NBSP, the ideographic space, ...), not only ASCII's.
+std::size_t py_ws_prefix(std::string_view s) {
+  std::size_t i = 0;
+  while (i < s.size()) {
+    const std::size_t n = tok::utf8_len(s, i);
+    if (n == 0 || !metrics::detail::is_space(tok::utf8_decode(s, i, n))) break;
+    i += n;
+  }
+  return i;
+}
+std::size_t py_ws_suffix(std::string_view s) {  // the start of the trailing white space
+  std::size_t e = s.size();
+  while (e > 0) {
+    std::size_t b = e - 1;
+    while (b > 0 && (static_cast<unsigned char>(s[b]) & 0xC0) == 0x80 && e - b < 4) --b;
+    const std::size_t n = tok::utf8_len(s, b);
+    if (n != e - b || !metrics::detail::is_space(tok::utf8_decode(s, b, n))) break;
+    e = b;
+  }
+  return e;
+}
+std::string py_lstrip(std::string_view s) { return std::string(s.substr(py_ws_prefix(s))); }
+std::string py_rstrip(std::string_view s) { return std::string(s.substr(0, py_ws_suffix(s))); }
+std::string py_strip(std::string_view s) { return py_lstrip(py_rstrip(s)); }
 
 // Python's str.split() (no argument).
 std::vector<std::string> py_split(std::string_view s) {
@@ -348,25 +306,134 @@ int bool_label(const std::string& where, const json& j, const std::string& path)
   fail(ErrorKind::format, "{}: \"{}\" must be true/false or 0/1, not {}", where, name, it->dump());
 }
 
-// MeZO's encode_prompt without demonstrations: the sequence is verbalize(…).strip(' ') with
-// its leading whitespace dropped; the scored part is what it adds to encode(…).strip(' ').
+// MeZO's encode_prompt without demonstrations (train_samples = [], as its zero-shot
+// evaluation and its training use it), for every task preset:
+//   sequence  = (train_sep + verbalize(…).strip(' ')).lstrip().strip(' ')
+//             = verbalize(…).strip(' ') with its leading (Unicode) white space dropped;
+//   option_len = len(encode(verbalize(…).strip(' '))) − len(encode(encode(…).strip(' '))),
+// the count taken before the lstrip(). Here r.prompt is encode(…).strip(' ').lstrip(), an
+// option the text its verbalization adds to it, and r.lead the white space the lstrip()
+// took (almost always none), which the count puts back: len(encode(lead + prompt + option))
+// − len(encode(lead + prompt)).
 std::string strip_spaces(std::string_view s) {
   const auto b = s.find_first_not_of(' ');
   if (b == std::string_view::npos) return {};
   return std::string(s.substr(b, s.find_last_not_of(' ') - b + 1));
 }
-std::string lstrip_ws(std::string_view s) {
-  const auto b = s.find_first_not_of(" \t\r\n\f\v");
-  return b == std::string_view::npos ? std::string() : std::string(s.substr(b));
+void set_prompt(Record& r, const std::string& encoded) {
+  const std::string stripped = strip_spaces(encoded);
+  r.prompt = py_lstrip(stripped);
+  r.lead = stripped.substr(0, stripped.size() - r.prompt.size());
 }
-void set_prompt(Record& r, const std::string& encoded) { r.prompt = lstrip_ws(strip_spaces(encoded)); }
 std::string tail_of(const Record& r, const std::string& verbalized, const std::string& where) {
-  const std::string full = lstrip_ws(strip_spaces(verbalized));
-  if (full.compare(0, r.prompt.size(), r.prompt) != 0)
+  const std::string stripped = strip_spaces(verbalized);
+  const std::string full = py_lstrip(stripped);
+  if (full.compare(0, r.prompt.size(), r.prompt) != 0 || stripped.compare(0, r.lead.size(), r.lead) != 0 ||
+      stripped.size() - full.size() != r.lead.size())
     fail(ErrorKind::internal, "{}: a template's verbalized text does not extend its prompt", where);
   if (full.size() == r.prompt.size())  // e.g. an empty ReCoRD query
     fail(ErrorKind::format, "{}: the answer adds nothing to the prompt (an empty field?)", where);
   return full.substr(r.prompt.size());
+}
+
+// SST-2 as GLUE ships it: a TSV with a header naming "sentence" and "label" columns.
+// MeZO's template: "{sentence.strip()} It was" + " terrible" | " great".
+std::vector<Record> read_sst2(const std::filesystem::path& file) {
+  std::vector<Record> out;
+  int sentence_col = -1, label_col = -1;
+  std::size_t columns = 0;
+  for_each_line(file, [&](std::int64_t n, const std::string& line) {
+    std::vector<std::string> cells;
+    std::size_t start = 0;
+    for (std::size_t tab; (tab = line.find('\t', start)) != std::string::npos; start = tab + 1)
+      cells.push_back(line.substr(start, tab - start));
+    cells.push_back(line.substr(start));
+    if (sentence_col < 0 && label_col < 0 && columns == 0) {  // the header
+      columns = cells.size();
+      for (std::size_t i = 0; i < cells.size(); ++i) {
+        if (cells[i] == "sentence") sentence_col = static_cast<int>(i);
+        if (cells[i] == "label") label_col = static_cast<int>(i);
+      }
+      if (sentence_col < 0 || label_col < 0)
+        fail(ErrorKind::format,
+             "{}:{}: --task sst2 reads GLUE's SST-2 TSV, whose header names the columns \"sentence\" and "
+             "\"label\"; this header has {} (the test split is unlabeled)",
+             file.string(), n, fmt::format("\"{}\"", fmt::join(cells, "\", \"")));
+      return;
+    }
+    if (cells.size() != columns)
+      fail(ErrorKind::format, "{}:{}: {} tab-separated cells, the header has {}", file.string(), n, cells.size(),
+           columns);
+    const std::string& l = cells[static_cast<std::size_t>(label_col)];
+    if (l != "0" && l != "1") fail(ErrorKind::format, "{}:{}: SST-2 label \"{}\" is not 0 or 1", file.string(), n, l);
+    Record r;
+    r.line = n;
+    const std::string sentence = py_strip(cells[static_cast<std::size_t>(sentence_col)]);
+    const std::string where = fmt::format("{}:{}", file.string(), n);
+    set_prompt(r, sentence + " It was");  // an empty sentence: "It was", as MeZO's strip(' ')
+    for (const char* word : {"terrible", "great"})
+      r.options.push_back(tail_of(r, sentence + " It was " + word, where));
+    r.label = l == "1" ? 1 : 0;
+    out.push_back(std::move(r));
+  });
+  if (out.empty()) fail(ErrorKind::format, "{}: no SST-2 examples", file.string());
+  return out;
+}
+
+// SuperGLUE JSONL tasks with MeZO's templates.
+std::vector<Record> read_superglue(const std::filesystem::path& file, const std::string& task) {
+  std::vector<Record> out;
+  for_each_line(file, [&](std::int64_t n, const std::string& line) {
+    const json j = parse_json_line(file, n, line);
+    const std::string where = fmt::format("{}:{}", file.string(), n);
+    Record r;
+    r.line = n;
+    // The verbalized candidates: the unverbalized prompt + each answer (MeZO's templates).
+    auto verbalize = [&](const std::string& encoded, const std::vector<std::string>& answers) {
+      set_prompt(r, encoded);
+      for (const auto& a : answers) r.options.push_back(tail_of(r, encoded + a, where));
+    };
+    if (task == "rte") {
+      verbalize(fmt::format("{}\nDoes this mean that \"{}\" is true? Yes or No?\n", string_field(file, n, j, "premise"),
+                            string_field(file, n, j, "hypothesis")),
+                {"Yes", "No"});
+      r.label = label_field(file, n, j, 2, {"entailment", "not_entailment"});
+    } else if (task == "cb") {
+      verbalize(fmt::format("Suppose {} Can we infer that \"{}\"? Yes, No, or Maybe?\n",
+                            string_field(file, n, j, "premise"), string_field(file, n, j, "hypothesis")),
+                {"Yes", "No", "Maybe"});
+      r.label = label_field(file, n, j, 3, {"entailment", "contradiction", "neutral"});
+    } else if (task == "boolq") {
+      std::string q = string_field(file, n, j, "question");
+      if (q.empty() || q.back() != '?') q += "?";
+      q = upper_first(q);  // question[0].upper() + question[1:]: "élan …" → "Élan …"
+      verbalize(fmt::format("{} {}\n", string_field(file, n, j, "passage"), q), {"No", "Yes"});
+      r.label = label_field(file, n, j, 2, {"False", "True"}, /*booleans=*/true);
+    } else {  // copa
+      std::string premise = py_rstrip(string_field(file, n, j, "premise"));
+      if (!premise.empty() && premise.back() == '.') premise.pop_back();
+      const std::string q = string_field(file, n, j, "question");
+      if (q != "cause" && q != "effect")
+        fail(ErrorKind::format, "{}:{}: COPA \"question\" must be \"cause\" or \"effect\", not \"{}\"", file.string(),
+             n, q);
+      // MeZO strips the prompt's trailing space (encode(...).strip(' ')), so the conjunction's
+      // space belongs to the option: the scored tokens are those the choice adds to it.
+      const std::string prompt = premise + (q == "cause" ? " because " : " so ");
+      std::vector<std::string> choices;
+      for (const char* key : {"choice1", "choice2"}) {
+        std::string c = string_field(file, n, j, key);
+        // MeZO's capitalize: the first word (split(" ")) lower-cased (str.lower()), except "I".
+        const auto space = std::min(c.find(' '), c.size());
+        if (c.substr(0, space) != "I") c = py_lower(c.substr(0, space)) + c.substr(space);
+        choices.push_back(std::move(c));
+      }
+      verbalize(prompt, choices);
+      r.label = label_field(file, n, j, 2);
+    }
+    out.push_back(std::move(r));
+  });
+  if (out.empty()) fail(ErrorKind::format, "{}: no {} examples", file.string(), task);
+  return out;
 }
 
 // HF datasets' wsc.fixed (_fix_wst): a span text that is not in the text gets the case of
@@ -380,10 +447,11 @@ void fix_wsc_span(const std::string& where, const std::string& text, std::string
   if (index < 0 || index >= static_cast<std::int64_t>(words.size()))
     fail(ErrorKind::format, "{}: \"target.{}_text\" \"{}\" is not in the text and \"target.{}_index\" {} is not one of "
          "its {} words", where, name, span, name, index, words.size());
-  if (!span.empty()) {
-    const unsigned char w = static_cast<unsigned char>(words[static_cast<std::size_t>(index)][0]);
-    const auto c = static_cast<unsigned char>(span[0]);
-    span[0] = static_cast<char>(w >= 'a' && w <= 'z' ? std::tolower(c) : std::toupper(c));
+  if (!span.empty()) {  // first_word[0].islower(): text[0].lower(), else text[0].upper() (Unicode, as Python)
+    const std::string& w = words[static_cast<std::size_t>(index)];
+    const std::size_t n = tok::utf8_len(w, 0);
+    const bool lower = n > 0 && tok::is_lowercase(tok::utf8_decode(w, 0, n));
+    span = lower ? lower_first(span) : upper_first(span);
   }
   while (!span.empty() && span.back() == '.') span.pop_back();
   span = replace_all(span, "\n", " ");
@@ -557,7 +625,7 @@ std::vector<Record> read_qa(const std::filesystem::path& file, const std::string
                  "SQuAD task, which reads v1.1)", where);
           add(std::move(r), where,
               fmt::format("Title: {}\nContext: {}\nQuestion: {}\nAnswer:", title, context,
-                          strip(str(where, qas[q], "", "question"))));
+                          py_strip(str(where, qas[q], "", "question"))));
         }
       }
     }
@@ -596,7 +664,7 @@ std::vector<Record> read_qa(const std::filesystem::path& file, const std::string
             std::vector<std::string> parts;
             for (const char* key : {"day", "month", "year"})
               parts.push_back(d.contains(key) ? str(where, d, gpath + ".date", key) : "");
-            date = strip(fmt::format("{} {} {}", parts[0], parts[1], parts[2]));
+            date = py_strip(fmt::format("{} {} {}", parts[0], parts[1], parts[2]));
             if (parts[0].empty() && parts[1].empty() && parts[2].empty()) date.clear();
           }
           std::vector<std::string> spans;
@@ -640,7 +708,7 @@ std::vector<Record> read_qa(const std::filesystem::path& file, const std::string
           continue;
         }
         add(std::move(r), where,
-            fmt::format("Passage: {}\nQuestion: {}\nAnswer:", passage, strip(str(where, qas[q], "", "question"))));
+            fmt::format("Passage: {}\nQuestion: {}\nAnswer:", passage, py_strip(str(where, qas[q], "", "question"))));
       }
     }
   }
@@ -702,6 +770,21 @@ std::string tokenizer_misfit(const Tokenizer& tok, std::int64_t vocab) {
   return {};
 }
 
+void check_token_tensor_names(const std::filesystem::path& file) {
+  const SafetensorsFile f = SafetensorsFile::open(file);
+  for (const TensorInfo& t : f.tensors()) {
+    // token_type_ids: what BERT-style tokenizers return beside the ids; the causal LMs zo2
+    // runs have no token types, so it is accepted and ignored rather than refused.
+    if (t.name == "input_ids" || t.name == "attention_mask" || t.name == "labels" || t.name == "token_type_ids")
+      continue;
+    fail(ErrorKind::format,
+         "{}: unknown tensor '{}' in a token-id data file; it holds 'input_ids' and optionally 'attention_mask' and "
+         "'labels' ('token_type_ids' is accepted and ignored): a misspelled name would otherwise be dropped without a "
+         "word (an 'attention_masks' typo would train the padding as tokens)",
+         file.string(), t.name);
+  }
+}
+
 bool task_is_generation(const std::string& task) { return task == "squad" || task == "drop"; }
 bool task_trains_on_gold_only(const std::string& task) { return task == "copa" || task == "record"; }
 
@@ -727,6 +810,7 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
 
   bool token_labels = false;  // a token file with a labels tensor (for the error below)
   if (options.task.empty() && ext == ".safetensors") {
+    check_token_tensor_names(file);
     TokenTensors t = read_token_tensors(file);
     token_labels = !t.labels.empty();
     if (t.seq > limit)
@@ -815,12 +899,27 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
       e.question = r.question;
       e.drop_golds = r.drop_golds;
       if (task_is_generation(options.task)) e.prompt_ids = concat(prefix, tokenizer->encode(r.prompt));
+      if (options.prompts_only) {  // generate: the prompt's start goes, the special prefix stays
+        if (options.max_len > 0 && static_cast<std::int64_t>(e.prompt_ids.size()) > options.max_len) {
+          const std::size_t keep = static_cast<std::size_t>(std::max<std::int64_t>(
+              0, options.max_len - static_cast<std::int64_t>(prefix.size())));
+          e.prompt_ids.erase(e.prompt_ids.begin() + static_cast<std::ptrdiff_t>(prefix.size()),
+                             e.prompt_ids.end() - static_cast<std::ptrdiff_t>(keep));
+          cut[i] = 1;
+        }
+        return;
+      }
       const std::string loc = r.where.empty() ? fmt::format("{}:{}", file.string(), r.line) : r.where;
-      // The prompt's own length, encoded once per example (MeZO's option-length rule).
-      const auto head = static_cast<std::int64_t>(format == DataFormat::text ? 0 : tokenizer->encode(r.prompt).size());
+      // The prompt's own length, encoded once per example (MeZO's option-length rule, with
+      // the white space its lstrip() dropped from the sequence: set_prompt).
+      const auto head =
+          static_cast<std::int64_t>(format == DataFormat::text ? 0 : tokenizer->encode(r.lead + r.prompt).size());
       auto scored_seq = [&](const std::string& tail) {
         const auto full = tokenizer->encode(r.prompt + tail);
-        const std::int64_t scored = static_cast<std::int64_t>(full.size()) - head;
+        const std::int64_t counted = static_cast<std::int64_t>(
+            r.lead.empty() ? full.size() : tokenizer->encode(r.lead + r.prompt + tail).size());
+        // (MeZO's labels are the last option_len tokens; never more than the sequence has.)
+        const std::int64_t scored = std::min<std::int64_t>(counted - head, static_cast<std::int64_t>(full.size()));
         if (scored <= 0)
           fail(ErrorKind::format, "{}: \"{}\" adds no tokens to the prompt", loc, tail);
         std::vector<std::int32_t> ids = concat(prefix, full);
@@ -881,15 +980,19 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
     d.examples_ = std::move(examples);
     for (char c : cut) d.truncated_ += c;
     d.pad_id_ = tokenizer->pad_id().value_or(tokenizer->eos_id().value_or(0));
+    d.prefix_size_ = prefix.size();
   }
 
   // An example with nothing to predict (no label after a sequence's first position) would
   // make a batch of its own a 0/0 loss: train would skip the step, eval report NaN. Refused
   // here, naming the first such example and how many there are.
   {
+    // A label counts when the position before it is not padding (make_batch: a masked
+    // position predicts nothing).
     auto predicts = [](const Example::Seq& s) {
-      return std::any_of(s.labels.begin() + std::min<std::ptrdiff_t>(1, static_cast<std::ptrdiff_t>(s.labels.size())),
-                         s.labels.end(), [](std::int32_t l) { return l != kIgnoreIndex; });
+      for (std::size_t t = 1; t < s.labels.size(); ++t)
+        if (s.labels[t] != kIgnoreIndex && (s.mask.empty() || s.mask[t - 1] != 0)) return true;
+      return false;
     };
     std::int64_t bad = 0;
     const Example* first = nullptr;
@@ -941,7 +1044,10 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
   }
   d.train_rows_ = gold_only ? 1 : d.max_candidates_;
   if (!gold_only) d.train_longest_ = d.longest_;
-  if (d.truncated_ > 0)
+  if (d.truncated_ > 0 && options.prompts_only)
+    log_warn("{}: {} of {} prompts truncated to their last {} tokens (the special prefix kept)", d.source_,
+             d.truncated_, d.size(), limit);
+  else if (d.truncated_ > 0)
     log_warn("{}: {} of {} examples truncated to {} tokens", d.source_, d.truncated_, d.size(), limit);
   return d;
 }
@@ -950,6 +1056,29 @@ int Dataset::longest_prompt() const {
   std::size_t n = 0;
   for (const auto& e : examples_) n = std::max(n, e.prompt_ids.size());
   return static_cast<int>(n);
+}
+
+int Dataset::max_len() const {
+  return options_.max_len > 0 ? options_.max_len : static_cast<int>(config_.max_positions);
+}
+
+std::vector<std::int32_t> Dataset::generation_prompt(std::int64_t i, int max_new_tokens) const {
+  if (max_len() <= max_new_tokens)
+    fail(ErrorKind::invalid_argument,
+         "{} of {} tokens leave no room for a prompt and {} new tokens (MeZO cuts a prompt to max_len − "
+         "max_new_tokens)", options_.max_len > 0 ? "--max-len" : "max_position_embeddings", max_len(), max_new_tokens);
+  std::vector<std::int32_t> ids = example(i).prompt_ids;
+  const auto cap = static_cast<std::size_t>(max_len() - max_new_tokens);
+  const std::size_t keep_prefix = std::min(prefix_size_, cap > 0 ? cap - 1 : 0);
+  if (ids.size() > cap)
+    ids.erase(ids.begin() + static_cast<std::ptrdiff_t>(keep_prefix),
+              ids.begin() + static_cast<std::ptrdiff_t>(keep_prefix + ids.size() - cap));
+  return ids;
+}
+
+int Dataset::longest_prompt(int max_new_tokens) const {
+  if (max_len() <= max_new_tokens) return longest_prompt();
+  return std::min(longest_prompt(), max_len() - max_new_tokens);
 }
 
 bool Dataset::trains_on_gold_only() const {
@@ -1136,6 +1265,9 @@ EvalResult evaluate_generation(Session& session, const Dataset& data, const Toke
   if (max_seq <= max_new_tokens)
     fail(ErrorKind::invalid_argument, "sequences of {} tokens leave no room for a prompt and {} new tokens", max_seq,
          max_new_tokens);
+  if (data.max_len() <= max_new_tokens)
+    fail(ErrorKind::invalid_argument, "--max-len {} leaves no room for a prompt and {} new tokens (MeZO cuts a prompt "
+         "to max_len − max_new_tokens)", data.max_len(), max_new_tokens);
   GenerateOptions go;
   go.max_new_tokens = max_new_tokens;
   go.pad_id = data.pad_id();
@@ -1149,10 +1281,11 @@ EvalResult evaluate_generation(Session& session, const Dataset& data, const Toke
 
   EvalResult r;
   double f1 = 0, em = 0, drop_f1 = 0, drop_em = 0;
-  // MeZO cuts each prompt to leave room for the new tokens, keeping the special prefix and the end.
+  // MeZO cuts each prompt to leave room for the new tokens within max_length (--max-len),
+  // keeping the special prefix and the end; the session's max_seq is a cap of its own.
   std::vector<std::vector<std::int32_t>> prompts;
   for (std::int64_t i = 0; i < data.size(); ++i) {
-    std::vector<std::int32_t> ids = data.example(i).prompt_ids;
+    std::vector<std::int32_t> ids = data.generation_prompt(i, max_new_tokens);
     const auto cap = static_cast<std::size_t>(max_seq - max_new_tokens);
     if (ids.size() > cap)
       ids.erase(ids.begin() + static_cast<std::ptrdiff_t>(keep_prefix),
@@ -1160,12 +1293,13 @@ EvalResult evaluate_generation(Session& session, const Dataset& data, const Toke
     prompts.push_back(std::move(ids));
   }
   const std::vector<Generation> gen = generate(session, prompts, go);
+  r.prompts = prompts;
   for (std::size_t k = 0; k < gen.size(); ++k) {
     std::vector<std::int32_t> kept;
     for (auto id : gen[k].tokens)
       if (id < tokenizer.vocab_size() && std::find(specials.begin(), specials.end(), id) == specials.end())
         kept.push_back(id);
-    const std::string text = strip(tokenizer.decode(kept));
+    const std::string text = py_strip(tokenizer.decode(kept));  // Python's strip(), as MeZO
     const Example& e = data.example(static_cast<std::int64_t>(k));
     f1 += metrics::qa_f1(text, e.answers);
     em += metrics::qa_em(text, e.answers);

@@ -61,6 +61,10 @@ bool task_is_generation(const std::string& task);
 // EOS) or pads with is outside [0, vocab). Special tokens above the embedding that it
 // never adds are fine (Gemma 3's); the readers check the ids the text encodes to.
 std::string tokenizer_misfit(const Tokenizer& tok, std::int64_t vocab);
+// A token-id safetensors data file names only 'input_ids', 'attention_mask', 'labels' (and
+// 'token_type_ids', ignored: the causal LMs have no token types); any other tensor — a typo
+// such as 'attention_masks' — is an error naming the file, the tensor and the accepted names.
+void check_token_tensor_names(const std::filesystem::path& file);
 // copa and record: trained on the correct option's tokens alone (MeZO's mezo.sh).
 bool task_trains_on_gold_only(const std::string& task);
 
@@ -71,6 +75,10 @@ struct DataOptions {
   std::int64_t sample = 0;      // >0: keep this many examples, drawn with `seed` (--num-train)
   std::uint64_t seed = 0;       // sampling and shuffling
   bool shuffle = true;
+  // squad, drop for `generate`: only the prompts (prompt_ids) are built, no scored sequences;
+  // --max-len cuts each prompt to its last max_len tokens after the special prefix (as
+  // generate cuts --prompt texts), and a prompt longer than the model is not refused here.
+  bool prompts_only = false;
 };
 
 struct Example {
@@ -111,6 +119,14 @@ class Dataset {
   int train_rows() const { return train_rows_; }
   int train_longest() const { return train_longest_; }
   int longest_prompt() const;                // squad, drop: tokens of the longest prompt_ids (else 0)
+  // --max-len, else the model's max_position_embeddings: MeZO's max_length.
+  int max_len() const;
+  // squad, drop: example i's prompt as greedy decoding sees it — MeZO's encode_prompt with
+  // max_new_tokens: cut to max_len() − max_new_tokens tokens, keeping the special prefix and
+  // the end (the prompt's start goes). Throws when max_len() leaves no room for a prompt.
+  std::vector<std::int32_t> generation_prompt(std::int64_t i, int max_new_tokens) const;
+  // The longest generation_prompt (size a decoding session with it + max_new_tokens).
+  int longest_prompt(int max_new_tokens) const;
   std::int32_t pad_id() const { return pad_id_; }
   std::int64_t truncated() const { return truncated_; }
   std::string describe() const;
@@ -136,6 +152,7 @@ class Dataset {
   int train_longest_ = 0;
   std::int64_t truncated_ = 0;
   std::int32_t pad_id_ = 0;
+  std::size_t prefix_size_ = 0;  // the tokenizer's special prefix (kept when a prompt is cut)
 };
 
 // Evaluation of a session on a dataset: token-weighted mean loss (text, completion,
@@ -153,6 +170,8 @@ struct EvalResult {
   // evaluate_generation: per example, the generated ids (stop token included) and text.
   std::vector<std::vector<std::int32_t>> generated;
   std::vector<std::string> predictions;
+  // evaluate_generation: per example, the prompt ids decoded (Dataset::generation_prompt).
+  std::vector<std::vector<std::int32_t>> prompts;
 };
 
 }  // namespace zo2::cli
@@ -166,8 +185,9 @@ namespace zo2::cli {
 // always share a batch).
 EvalResult evaluate(Session& session, const Dataset& data, int batch_rows);
 
-// squad, drop: MeZO's evaluation. Greedy decoding after each example's prompt (cut to the
-// session's max_seq − max_new_tokens, keeping the special prefix and the end, as MeZO) of up
+// squad, drop: MeZO's evaluation. Greedy decoding after each example's prompt (cut to
+// --max-len (Dataset::max_len) − max_new_tokens, and to the session's max_seq −
+// max_new_tokens, keeping the special prefix and the end, as MeZO's encode_prompt) of up
 // to max_new_tokens tokens, stopping at the last id of encode("\n") or EOS (MeZO's
 // eos_token "\n"); the text is decode() of the new ids without special tokens, stripped;
 // metrics: MeZO's f1 then em against the gold answers (drop: then drop_eval.py's drop_f1,

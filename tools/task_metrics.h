@@ -4,9 +4,12 @@
 //  - normalize_answer: SQuAD v1.1's official normalization (evaluate-v1.1.py, which MeZO's
 //    copies): lower-case, drop ASCII punctuation (Python's string.punctuation), drop the
 //    words a/an/the, collapse whitespace. Python 3 str semantics are followed where the
-//    text is not ASCII: lower() of the Latin-1, Latin Extended-A, Greek and Cyrillic
-//    capitals, a code point >= 0x80 is a word character for \b unless it is punctuation or
-//    a symbol of Latin-1 or General Punctuation, and split() breaks on Unicode whitespace.
+//    text is not ASCII: lower() is the full Unicode lowercase (ICU's root locale, as
+//    str.lower(): final sigma, "İ" → "i̇"), a word character for \b is "_" or one that
+//    str.isalnum() accepts (a letter or a character with a numeric value: not "€", not a
+//    combining mark), and split() breaks on Unicode whitespace (str.isspace()).
+//  - drop_eval's float() is Python's: Unicode white space around, Unicode decimal digits
+//    ("١٢" = 12.0, "１２" = 12.0).
 //  - qa_f1 / qa_em: the max over the gold answers of the token F1 (Counter intersection,
 //    0 when nothing is shared) and exact match. MeZO's F1 special case: when the first gold
 //    answer is "CANNOTANSWER" or "no answer", F1 is exact match with it. MeZO scores DROP
@@ -16,6 +19,7 @@
 //    metric_name); SuperGLUE's F1a (binary F1 of the "true" class over every answer option)
 //    and EM (a question counts when all its options are right) are given alongside.
 #pragma once
+#include "models/tokenizer_text.h"
 #include "models/utf8.h"
 
 #include <algorithm>
@@ -67,26 +71,14 @@ inline std::vector<char32_t> decode_utf8(std::string_view s) {
 
 using zo2::append_utf8;  // models/utf8.h
 
-// Python's str.lower() for the scripts that occur in the QA sets (ASCII, Latin-1, Latin
-// Extended-A, Greek, Cyrillic); İ (U+0130) lowers to "i̇" as Python does.
-inline void lower_into(std::u32string& out, char32_t c) {
-  if (c >= 'A' && c <= 'Z') return out.push_back(c + 32);
-  if (c < 0x80) return out.push_back(c);
-  if (c >= 0xC0 && c <= 0xDE && c != 0xD7) return out.push_back(c + 32);
-  if (c == 0x130) {
-    out.push_back('i');
-    out.push_back(0x307);
-    return;
-  }
-  if (c >= 0x100 && c <= 0x137) return out.push_back((c % 2 == 0) ? c + 1 : c);
-  if (c >= 0x139 && c <= 0x148) return out.push_back((c % 2 == 1) ? c + 1 : c);
-  if (c >= 0x14A && c <= 0x177) return out.push_back((c % 2 == 0) ? c + 1 : c);
-  if (c == 0x178) return out.push_back(0xFF);
-  if (c >= 0x179 && c <= 0x17E) return out.push_back((c % 2 == 1) ? c + 1 : c);
-  if (c >= 0x391 && c <= 0x3AB && c != 0x3A2) return out.push_back(c + 32);
-  if (c >= 0x410 && c <= 0x42F) return out.push_back(c + 32);
-  if (c >= 0x400 && c <= 0x40F) return out.push_back(c + 80);
-  out.push_back(c);
+// Python's str.lower() of the text's code points (decode_utf8's): the full Unicode
+// lowercase, context included (final sigma), from ICU rather than a table of our own.
+inline std::vector<char32_t> lower_code_points(std::string_view s) {
+  std::string valid;
+  for (char32_t c : decode_utf8(s)) append_utf8(valid, c);
+  std::string lowered;
+  tok::unicode_lowercase(valid, lowered);
+  return decode_utf8(lowered);
 }
 
 // Python's str.split() separators.
@@ -96,18 +88,12 @@ inline bool is_space(char32_t c) {
          c == 0x205F || c == 0x3000;
 }
 
-// \w of Python 3's re on str: alphanumerics and "_". Beyond ASCII: letters and digits in
-// practice, so everything except whitespace, Latin-1's punctuation and symbols, × ÷, and
-// General Punctuation / CJK punctuation.
+// \w of Python 3's re on str: "_" and what str.isalnum() accepts — a letter (L*) or a
+// character with a numeric value ("²", "½", "Ⅻ", "一"); symbols ("€", "°"), punctuation and
+// combining marks are not word characters.
 inline bool is_word(char32_t c) {
   if (c < 0x80) return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
-  if (is_space(c)) return false;
-  if (c >= 0xA1 && c <= 0xBF) return c == 0xAA || c == 0xB2 || c == 0xB3 || c == 0xB5 || c == 0xB9 || c == 0xBA ||
-                                     c == 0xBC || c == 0xBD || c == 0xBE;
-  if (c == 0xD7 || c == 0xF7) return false;
-  if (c >= 0x2010 && c <= 0x206F) return false;
-  if (c >= 0x3000 && c <= 0x303F) return false;
-  return true;
+  return tok::is_alnum(c);
 }
 
 inline bool is_ascii_punct(char32_t c) {
@@ -120,18 +106,10 @@ inline bool is_ascii_punct(char32_t c) {
 // the articles and the whitespace (drop_eval applies the first two steps itself).
 inline std::vector<std::string> answer_tokens(std::string_view s, bool lower_and_unpunct = true) {
   using namespace detail;
-  // lower, then remove punctuation
+  // lower (the whole text: final sigma looks at its neighbours), then remove punctuation
   std::u32string t;
-  for (char32_t c : decode_utf8(s)) {
-    if (!lower_and_unpunct) {
-      t.push_back(c);
-      continue;
-    }
-    std::u32string l;
-    lower_into(l, c);
-    for (char32_t x : l)
-      if (!is_ascii_punct(x)) t.push_back(x);
-  }
+  for (char32_t c : lower_and_unpunct ? lower_code_points(s) : decode_utf8(s))
+    if (!lower_and_unpunct || !is_ascii_punct(c)) t.push_back(c);
   // remove articles: re.sub(r'\b(a|an|the)\b', ' ', t), leftmost-first alternation
   std::u32string u;
   const std::size_t n = t.size();
@@ -240,8 +218,23 @@ inline double qa_em(std::string_view prediction, const std::vector<std::string>&
 namespace detail {
 
 // Python's float(text): surrounding whitespace, a sign, digits with single underscores
-// between them, a fraction, an exponent, or inf/infinity/nan in any case.
-inline bool py_float(std::string_view t, double* out) {
+// between them, a fraction, an exponent, or inf/infinity/nan in any case. As CPython
+// (_PyUnicode_TransformDecimalAndSpaceToASCII), Unicode white space counts as a space and a
+// Unicode decimal digit as its ASCII digit first; any other non-ASCII character refuses.
+inline bool py_float(std::string_view text, double* out) {
+  std::string ascii;
+  for (char32_t c : decode_utf8(text)) {
+    if (c < 0x80) {
+      ascii += static_cast<char>(c);
+    } else if (is_space(c)) {
+      ascii += ' ';
+    } else if (const int d = tok::decimal_digit_value(c); d >= 0) {
+      ascii += static_cast<char>('0' + d);
+    } else {
+      return false;
+    }
+  }
+  std::string_view t = ascii;
   const auto ws = [](char c) { return c == ' ' || (c >= '\t' && c <= '\r'); };
   while (!t.empty() && ws(t.front())) t.remove_prefix(1);
   while (!t.empty() && ws(t.back())) t.remove_suffix(1);
@@ -328,11 +321,7 @@ inline std::string drop_normalize(std::string_view text) {
   for (std::size_t i = 0; i <= text.size(); ++i) {
     if (i < text.size() && text[i] != ' ' && text[i] != '-') continue;
     std::string tok;
-    {
-      std::u32string l;
-      for (char32_t c : detail::decode_utf8(text.substr(start, i - start))) detail::lower_into(l, c);
-      for (char32_t c : l) detail::append_utf8(tok, c);
-    }
+    for (char32_t c : detail::lower_code_points(text.substr(start, i - start))) detail::append_utf8(tok, c);
     if (!detail::py_float(tok, nullptr)) {  // _remove_punc
       std::string kept;
       for (char c : tok)
@@ -403,8 +392,8 @@ inline DropScore drop_question(std::string_view prediction, const std::vector<st
   DropScore best;
   for (const auto& g : golds) {
     if (g.empty()) continue;
-    bool blank = true;
-    for (char c : g[0]) blank = blank && (c == ' ' || (c >= '\t' && c <= '\r'));
+    bool blank = true;  // Python's strip(): Unicode white space
+    for (char32_t c : detail::decode_utf8(g[0])) blank = blank && detail::is_space(c);
     if (blank) continue;
     const auto s = drop_metrics(prediction, g);
     best.em = std::max(best.em, s.em);
