@@ -198,6 +198,18 @@ TEST(LoraCli, AResumeFindsAMovedBaseGivenAsModel) {
   out.clear();
   EXPECT_EQ(run(resume + " --model " + (w.tmp / "other").string(), &out), 2) << out;
   EXPECT_NE(out.find("not the base the run's adapters were tuned on"), std::string::npos) << out;
+  // The same weights under another architecture (fewer heads: the same shapes) are another
+  // model, though the weights' fingerprint is the same.
+  const fs::path heads = w.tmp / "heads";
+  fs::copy(moved, heads, fs::copy_options::recursive);
+  {
+    nlohmann::json cfg = nlohmann::json::parse(read_file(heads / "config.json"));
+    cfg["num_attention_heads"] = cfg["num_attention_heads"].get<int>() / 2;
+    std::ofstream(heads / "config.json") << cfg.dump();
+  }
+  out.clear();
+  EXPECT_EQ(run(resume + " --model " + heads.string(), &out), 2) << out;
+  EXPECT_NE(out.find("config.json differs (num_attention_heads"), std::string::npos) << out;
   out.clear();
   ASSERT_EQ(run(resume + " --model " + moved.string(), &out), 0) << out;
   EXPECT_EQ(read_file(w.tmp / "full/current/adapter_model.safetensors"),

@@ -45,6 +45,9 @@ Runner add_replay(CLI::App& app) {
                                   {DType::f32, DType::bf16, DType::f16, DType::f8_e4m3});
     if (o->dev.storage != "fp32" && o->dev.storage != log.header.storage_dtype)
       log_warn("--storage-dtype {} ignored: the seed log was written with {}", o->dev.storage, log.header.storage_dtype);
+    if (until->count() > 0 && o->until < log.header.first_step)
+      fail(ErrorKind::invalid_argument, "--until-step {}: {} starts at step {}; its replay cannot stop before it",
+           o->until, o->seed_log, log.header.first_step);
     if (o->until > log.next_step())
       fail(ErrorKind::invalid_argument, "--until-step {}: {} holds steps {}..{} only", o->until, o->seed_log,
            log.header.first_step, log.next_step() - 1);

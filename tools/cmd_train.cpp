@@ -661,6 +661,26 @@ Runner add_train(CLI::App& app) {
                "place as --model)",
                state_file.string(), base_model);
         model_dir = resolve_model_dir(base_model).string();
+        // The adapters were tuned on that base's architecture: a config.json that says other
+        // heads (same weights' shapes) is another model. A run saved before this was recorded
+        // is checked by the weights alone.
+        if (ck.state.contains("base_config")) {
+          const json now = ModelConfig::load(model_dir).to_json();
+          const json& was = ck.state.at("base_config");
+          if (now != was) {
+            std::string key = "(its layout)";
+            for (auto it = was.begin(); it != was.end(); ++it)
+              if (!now.contains(it.key()) || now.at(it.key()) != it.value()) {
+                key = fmt::format("{}: {} in the run's base, {} here", it.key(), it.value().dump(),
+                                  now.contains(it.key()) ? now.at(it.key()).dump() : std::string("missing"));
+                break;
+              }
+            fail(ErrorKind::invalid_argument,
+                 "--resume {}: the base checkpoint {} is not the model the run's adapters were tuned on: its "
+                 "config.json differs ({})",
+                 o->resume, model_dir, key);
+          }
+        }
         // The adapters were tuned on that base's weights: one re-made at the path is another.
         if (!want.empty() && o->model.empty())
           if (const std::string got = checkpoint_fingerprint(model_dir); got != want)
@@ -971,7 +991,20 @@ Runner add_train(CLI::App& app) {
     // A record that cannot be written (a full disk) stops the run after this step: saved, then
     // exit 1 naming it, never a log that silently ends. The torn record is cut off the file.
     std::string log_failure;
+    // Tests only (tests/fault/records.sh): SIGKILL right after the record "eval:N" (the
+    // evaluation after step N) or "step:N" is written, ZO2_TEST_KILL_AFTER_RECORD.
+    const std::string kill_after_record = std::getenv("ZO2_TEST_KILL_AFTER_RECORD") ? std::getenv("ZO2_TEST_KILL_AFTER_RECORD") : "";
     auto emit = [&](const json& j) {  // one record to the JSON log and the host's records
+      struct KillAfter {
+        const std::string& spec;
+        const json& j;
+        ~KillAfter() {
+          if (spec.empty()) return;
+          const std::string me = j.contains("step") ? fmt::format("step:{}", j["step"].dump())
+                                                    : fmt::format("eval:{}", j.value("eval_after_step", json()).dump());
+          if (me == spec) std::raise(SIGKILL);
+        }
+      } kill_after{kill_after_record, j};
       for (std::unique_ptr<std::ofstream>* f : {&log_json, &records}) {
         if (!*f) continue;
         const std::streampos before = (*f)->tellp();
@@ -1084,6 +1117,9 @@ Runner add_train(CLI::App& app) {
                                       : std::filesystem::absolute(o->log_json).string()},
                      {"host_image", o->host_image},
                      {"upload", o->upload}};
+      // An adapter run's frozen base, as the run read it: a resume checks the base it finds
+      // (or the --model naming where it moved) against it, beside the weights' fingerprint.
+      if (sc.peft.any()) x.state["base_config"] = config.to_json();
       x.extra_files = [&](const std::filesystem::path& dir) { copy_tokenizer_files(tokenizer_src, dir); };
       session.save(out, save_dtype, shard, x);
     };
@@ -1246,7 +1282,8 @@ Runner add_train(CLI::App& app) {
     if (in_flight >= 0) harvest(in_flight);
     const int sig = g_stop_signal.load();
     const bool diverged = skipped_in_a_row >= kMaxSkippedInARow;
-    if (sig == 0 && !diverged) run_eval(next);
+    // (a disk-tier resume that applied every step: the killed run's log may hold this one)
+    if (sig == 0 && !diverged && !(next == first_step && eval_logged_at_first)) run_eval(next);
     std::signal(SIGINT, SIG_DFL);
     std::signal(SIGTERM, SIG_DFL);
     if (sig != 0) {

@@ -151,6 +151,10 @@ def test_a_log_that_starts_past_step_zero_replays_from_its_checkpoint_and_state(
     assert r.returncode == 0, r.stderr
     for f in ("model.safetensors", "optimizer_state.safetensors"):
         assert (tmp_path / "r6" / "current" / f).read_bytes() == (tmp_path / "s6" / "current" / f).read_bytes(), f
+    r = subprocess.run([str(tune), "-q", "replay", "--model", str(tmp_path / "s3"), "--seed-log",
+                        str(tmp_path / "b.jsonl"), "--until-step", "2", "--out", str(tmp_path / "r2")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "starts at step 3" in r.stderr, r.stderr
     r = replay(tiny, "r6-base")
     assert r.returncode == 2 and "not those the seed log's run started from" in r.stderr, r.stderr
     r = replay(tmp_path / "s4", "r6-s4")

@@ -53,5 +53,20 @@ for at in 4:before 4:after 5:before 5:after; do
     say "$at: the log of the resumed run is not the uninterrupted run's"; failures=$((failures + 1))
   fi
 done
-say "kills: 4; failures: $failures"
+# Killed after the last evaluation's record, before the final save: the resume applies every
+# logged step and must not evaluate (or log) step 8 again.
+d=run-final-eval
+set +e
+# shellcheck disable=SC2046
+ZO2_TEST_KILL_AFTER_RECORD=eval:$STEPS "$T" -q train --model base $(flags "$d") --out "$d" 2>/dev/null
+rc=$?
+set -e
+if [ "$rc" -ne 137 ]; then say "final eval: the run was not killed (exit $rc)"; failures=$((failures + 1)); else
+  # shellcheck disable=SC2046
+  "$T" -q train --resume "$d" --out "$d" $(disk "$d") 2>"$d.err" || { cat "$d.err"; failures=$((failures + 1)); }
+  same_weights "$d" ref || { say "final eval: the resumed run differs from the uninterrupted one"; failures=$((failures + 1)); }
+  summary "$d.log" > "$d.summary"
+  diff -u ref.summary "$d.summary" || { say "final eval: the log of the resumed run is not the uninterrupted run's"; failures=$((failures + 1)); }
+fi
+say "kills: 5; failures: $failures"
 [ "$failures" -eq 0 ]
