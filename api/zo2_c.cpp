@@ -44,6 +44,10 @@ struct zo2_session {
   // Set when a failure left the scheduler in an unknown state (see zo2_session_step).
   int broken_code = 0;
   std::string broken_message;
+  // The process that created the session. A child made by fork() inherits the handle but
+  // not the scheduler's worker threads: there every call fails (usable) and
+  // zo2_session_free leaks the session instead of waiting for threads that do not exist.
+  pid_t owner_pid = getpid();
 };
 
 int zo2::status_of(ErrorKind kind) {
@@ -323,8 +327,18 @@ zo2::HostBatch host_batch(const zo2_session& s, const zo2_batch* b, const zo2_ch
   return hb;
 }
 
+// A session used in a process other than its creator's (a fork() child): the message.
+void check_owner(const zo2_session* s) {
+  if (s->owner_pid != getpid())
+    invalid(fmt::format("the session was created in process {}; this is process {}, a forked child, which cannot use "
+                        "it (the session's worker threads exist only in its creator): create a new session in the "
+                        "child (zo2_session_free there releases nothing)",
+                        static_cast<long>(s->owner_pid), static_cast<long>(getpid())));
+}
+
 zo2_session& usable(zo2_session* s) {
   if (!s) invalid("session is NULL");
+  check_owner(s);
   if (s->broken_code != 0)
     throw zo2::Error(s->broken_code == ZO2_ERR_DEVICE ? ErrorKind::device : ErrorKind::internal,
                      "the session is unusable after an earlier failure: " + s->broken_message);
@@ -383,7 +397,7 @@ std::size_t physical_ram() { return zo2::physical_memory_bytes(); }
 
 // The definitions take their C linkage from the declarations in zo2.h.
 
-const char* zo2_version(void) { return "0.1.0"; }
+const char* zo2_version(void) { return "0.2.0"; }
 
 const char* zo2_last_error(void) { return t_last_error.c_str(); }
 
@@ -551,6 +565,10 @@ int zo2_session_init(zo2_model* m, const zo2_session_params* p, zo2_session** ou
 
 void zo2_session_free(zo2_session* s) {
   if (!s) return;
+  // In a forked child the scheduler's threads do not exist: destroying it would wait for
+  // them forever. The child's copy of the session is leaked on purpose (its memory goes
+  // when the child exits); the creator's session is untouched.
+  if (s->owner_pid != getpid()) return;
   guarded("zo2_session_free", [&] {
     // Streams keep running their event items after a failure (runtime/cpu), so even a
     // poisoned session drains and is released; its destructor logs what it cannot finish.
@@ -666,6 +684,8 @@ zo2_generate_params zo2_generate_default_params(void) {
   p.stop_ids = nullptr;
   p.n_stop_ids = 0;
   p.pad_id = 0;
+  p.progress_callback = nullptr;
+  p.progress_user_data = nullptr;
   return p;
 }
 
@@ -690,6 +710,24 @@ int zo2_generate(zo2_session* s, const int32_t* const* prompts, const int32_t* p
         if (params.n_stop_ids < 0 || (params.n_stop_ids > 0 && !params.stop_ids))
           invalid(fmt::format("stop_ids is NULL or n_stop_ids {} is negative", params.n_stop_ids));
         o.stop_ids.assign(params.stop_ids, params.stop_ids + params.n_stop_ids);
+        if (params.progress_callback) {
+          // After each decoding step (the host's code: nothing of the session is in flight);
+          // nonzero, or an exception out of a C++ host's callback, stops the generation.
+          o.progress = [&params](const zo2::GenerateProgress& gp) {
+            int stop = 0;
+            try {
+              stop = params.progress_callback(gp.new_tokens, params.progress_user_data);
+            } catch (const std::exception& e) {
+              throw zo2::Error(ErrorKind::aborted,
+                               fmt::format("the progress callback threw after {} new tokens: {}", gp.new_tokens, e.what()));
+            } catch (...) {
+              throw zo2::Error(ErrorKind::aborted, fmt::format("the progress callback threw after {} new tokens", gp.new_tokens));
+            }
+            if (stop != 0)
+              throw zo2::Error(ErrorKind::aborted,
+                               fmt::format("the progress callback asked to stop after {} new tokens", gp.new_tokens));
+          };
+        }
         std::vector<std::vector<std::int32_t>> ids(static_cast<std::size_t>(n_prompts));
         for (std::size_t i = 0; i < ids.size(); ++i) {
           if (prompt_lens[i] < 0 || (prompt_lens[i] > 0 && !prompts[i]))
@@ -751,19 +789,25 @@ int zo2_session_set_lr(zo2_session* s, float lr) {
 }
 
 int64_t zo2_session_step_index(const zo2_session* s) {
-  if (!s) {
-    set_error("zo2_session_step_index", "session is NULL");
-    return -1;
-  }
-  return s->session->next_step();
+  int64_t index = -1;
+  guarded("zo2_session_step_index", [&] {
+    if (!s) invalid("session is NULL");
+    check_owner(s);
+    index = s->session->next_step();
+    return 0;
+  });
+  return index;
 }
 
 uint64_t zo2_session_device_peak(const zo2_session* s) {
-  if (!s) {
-    set_error("zo2_session_device_peak", "session is NULL");
+  uint64_t peak = 0;
+  guarded("zo2_session_device_peak", [&] {
+    if (!s) invalid("session is NULL");
+    check_owner(s);
+    peak = s->session->device_peak();
     return 0;
-  }
-  return s->session->device_peak();
+  });
+  return peak;
 }
 
 int zo2_plan(const zo2_model* m, const zo2_session_params* p, zo2_plan_result* out) {
@@ -837,6 +881,7 @@ int zo2_plan_parallel(const zo2_model* m, const zo2_session_params* p, int32_t r
 int zo2_session_rank(const zo2_session* s, int32_t* rank, int32_t* size) {
   return guarded("zo2_session_rank", [&] {
     if (!s) invalid("session is NULL");
+    check_owner(s);
     if (rank) *rank = s->comm ? s->comm->rank() : 0;
     if (size) *size = s->comm ? s->comm->size() : 1;
     return 0;
@@ -847,6 +892,7 @@ int zo2_session_plan(const zo2_session* s, zo2_plan_result* out) {
   return guarded("zo2_session_plan", [&] {
     if (!out) invalid("out is NULL");
     if (!s) invalid("session is NULL");
+    check_owner(s);
     fill_plan(s->session->placement(), s->config.num_layers, out);
     return 0;
   });

@@ -1,7 +1,7 @@
 # Installation: the C header, the library and a CMake package (zo2::zo2).
 #
 #   <prefix>/include/zo2.h
-#   <prefix>/lib/libzo2.so -> libzo2.so.0.1 -> libzo2.so.0.1.0
+#   <prefix>/lib/libzo2.so -> libzo2.so.0.2 -> libzo2.so.0.2.0
 #   <prefix>/lib/cmake/zo2/{zo2Config,zo2ConfigVersion,zo2Targets,zo2Targets-<config>}.cmake
 #
 # A host project then needs only:  find_package(zo2 REQUIRED)
@@ -21,7 +21,7 @@ configure_package_config_file(${CMAKE_CURRENT_LIST_DIR}/zo2Config.cmake.in
   ${PROJECT_BINARY_DIR}/zo2Config.cmake
   INSTALL_DESTINATION ${ZO2_INSTALL_CMAKEDIR}
   PATH_VARS CMAKE_INSTALL_INCLUDEDIR)
-# The SONAME carries the ABI (libzo2.so.0.1 before 1.0: CMakeLists.txt), so the package
+# The SONAME carries the ABI (libzo2.so.0.2 before 1.0: CMakeLists.txt), so the package
 # promises the same.
 if(PROJECT_VERSION_MAJOR EQUAL 0)
   set(ZO2_PACKAGE_COMPATIBILITY SameMinorVersion)

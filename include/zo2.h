@@ -4,7 +4,7 @@
 // This is the one header a host program includes. It is plain C11 (and valid C++): opaque
 // handles, a *_default_params() function for every params struct (take the defaults, then
 // change the fields you need — fields may be added in later versions: a host is rebuilt
-// against each release's header, and before 1.0 the library's SONAME (libzo2.so.0.1) changes
+// against each release's header, and before 1.0 the library's SONAME (libzo2.so.0.2) changes
 // with every release, so an older host binary is not loaded with it), *_init/*_free pairs,
 // and integer status codes:
 //
@@ -18,6 +18,13 @@
 //
 // Threads: a zo2_model or zo2_session may be used from any thread, but not from two threads
 // at the same time. Different sessions are independent.
+//
+// fork(): a session belongs to the process that created it (its worker threads exist only
+// there). In a child made by fork() every call on an inherited session fails with
+// ZO2_ERR_INVALID_ARGUMENT ("the session was created in process N; ... create a new session
+// in the child"), and zo2_session_free releases nothing: the child's copy is leaked on
+// purpose (freed with the child), since destroying it would wait for threads the child does
+// not have. A zo2_model holds no threads and may be used in the child.
 //
 // A minimal host:
 //
@@ -65,7 +72,7 @@ enum zo2_status {
     ZO2_ERR_INTERNAL           = -7,  // a bug in zo2 (an invariant did not hold)
 };
 
-// "0.1.0"; the library's version, not the header's.
+// "0.2.0"; the library's version, not the header's.
 ZO2_API const char * zo2_version(void);
 
 // The message of the last call on this thread that returned a nonzero code ("" if none).
@@ -281,7 +288,8 @@ ZO2_API zo2_session_params zo2_session_default_params(void);
 //   ZO2_ERR_IO / _FORMAT      the weights cannot be read; the seed log cannot be written
 ZO2_API int zo2_session_init(zo2_model * m, const zo2_session_params * p, zo2_session ** out);
 // Waits for outstanding work and releases everything. A pending update that was not saved
-// is lost (zo2_session_save first). NULL is allowed.
+// is lost (zo2_session_save first). NULL is allowed. In a fork() child of the process that
+// created s it returns at once and releases nothing (the child's copy is leaked; see the top).
 ZO2_API void zo2_session_free(zo2_session * s);
 
 // A batch of n_seq sequences of n_tokens tokens each, row-major [n_seq][n_tokens].
@@ -385,6 +393,13 @@ typedef struct zo2_generate_params {
     const int32_t * stop_ids;  // a generated id in this list ends its prompt (the id is kept); NULL = none. Default NULL.
     int32_t  n_stop_ids;       // entries of stop_ids. Default 0.
     int32_t  pad_id;           // the id left padding uses (masked; any id in the vocabulary). Default 0.
+    // Called on the calling thread after each decoding step (one new token for each prompt of the
+    // batch running) with the tokens generated so far; return 0 to go on, nonzero to stop (e.g. the
+    // host saw Ctrl-C): zo2_generate then returns ZO2_ABORTED at once, out_tokens/out_lens/out_stopped
+    // unspecified, and the session stays usable (its weights unchanged). NULL = none. Appended after
+    // the fields above. Default NULL.
+    int (*progress_callback)(int64_t new_tokens, void * user_data);
+    void *   progress_user_data;  // passed to progress_callback. Default NULL.
 } zo2_generate_params;
 
 ZO2_API zo2_generate_params zo2_generate_default_params(void);
@@ -398,6 +413,8 @@ ZO2_API zo2_generate_params zo2_generate_default_params(void);
 //                             vocabulary, or a prompt too long for max_seq_len with max_new_tokens (the
 //                             message names the prompt, 0-based); a field of p out of range. Nothing was
 //                             run; the session is unchanged.
+//   ZO2_ABORTED               p->progress_callback returned nonzero (or threw): not an error; the
+//                             outputs are unspecified; the session is unchanged and usable.
 //   other errors              a device failure mid-generation: the session is unusable (as zo2_session_step).
 ZO2_API int zo2_generate(zo2_session * s, const int32_t * const * prompts, const int32_t * prompt_lens,
                          int32_t n_prompts, const zo2_generate_params * p, int32_t * out_tokens, int32_t * out_lens,

@@ -38,7 +38,7 @@ class CMakeBuild(build_ext):
         module = next(built.glob("_zo2*.so"))
         shutil.copy2(module, Path(self.get_ext_fullpath(ext.name)))
         for lib in build.glob("libzo2.so.*"):
-            if lib.is_symlink():  # libzo2.so.0.1: the SONAME the module asks for
+            if lib.is_symlink():  # libzo2.so.0.2: the SONAME the module asks for
                 shutil.copy2(lib.resolve(), dest / lib.name)
 
 

@@ -104,7 +104,7 @@ TEST_F(CApi, StatusCodesHaveTheirDocumentedValues) {
   EXPECT_EQ(ZO2_ERR_OUT_OF_MEMORY, -5);
   EXPECT_EQ(ZO2_ERR_DEVICE, -6);
   EXPECT_EQ(ZO2_ERR_INTERNAL, -7);
-  EXPECT_STREQ(zo2_version(), "0.1.0");
+  EXPECT_STREQ(zo2_version(), "0.2.0");
 }
 
 TEST_F(CApi, NullPointersAreInvalidArgumentsNamingTheParameter) {

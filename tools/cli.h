@@ -30,6 +30,10 @@ Runner add_forward(CLI::App& app);
 Runner add_init(CLI::App& app);
 Runner add_plan(CLI::App& app);
 Runner add_train(CLI::App& app);
+// An embedding host (Python's zo2.train) says why it stops a running train, before it asks
+// the stop through train's SIGINT handler: the log then names that reason, not the signal.
+// Cleared when a train starts.
+void set_train_stop_reason(std::string reason);
 Runner add_eval(CLI::App& app);
 Runner add_replay(CLI::App& app);
 Runner add_merge(CLI::App& app);

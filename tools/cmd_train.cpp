@@ -22,6 +22,7 @@
 #include <chrono>
 #include <cerrno>
 #include <csignal>
+#include <mutex>
 #include <cstring>
 #include <exception>
 #include <cmath>
@@ -41,6 +42,8 @@ SessionConfig session_config(const DeviceFlags& f, bool training);
 namespace {
 
 std::atomic<int> g_stop_signal{0};
+std::mutex g_stop_reason_mu;
+std::string g_stop_reason;  // set_train_stop_reason
 
 // A step whose projected gradient is not finite (a NaN or infinite loss) is logged and its
 // update skipped; this many in a row stop the run (saved, then exit 1): the losses are not
@@ -227,6 +230,11 @@ class Progress {
 
 }  // namespace
 
+void set_train_stop_reason(std::string reason) {
+  std::lock_guard<std::mutex> lock(g_stop_reason_mu);
+  g_stop_reason = std::move(reason);
+}
+
 Runner add_train(CLI::App& app) {
   struct Opts {
     std::string model, data, out, resume, log_json, save_dtype = "fp32", shard = "5G", schedule = "constant";
@@ -348,6 +356,7 @@ Runner add_train(CLI::App& app) {
   };
   auto body = [o, given, check_flags, a = &app](Comm& comm) -> int {
     g_stop_signal.store(0);
+    set_train_stop_reason("");
     // A --log-json pipe whose reader went away (tee, a collector) is a write error that stops
     // the run after its step, saved — not a SIGPIPE that ends it with nothing saved.
     std::signal(SIGPIPE, SIG_IGN);
@@ -1288,7 +1297,13 @@ Runner add_train(CLI::App& app) {
     std::signal(SIGTERM, SIG_DFL);
     if (sig != 0) {
       progress.newline();
-      log_warn("interrupted by signal {} after step {}: saving", sig, next);
+      std::string reason;
+      {
+        std::lock_guard<std::mutex> lock(g_stop_reason_mu);
+        reason = g_stop_reason;
+      }
+      if (!reason.empty()) log_warn("{} after step {}: saving", reason, next);
+      else log_warn("interrupted by signal {} after step {}: saving", sig, next);
     }
     save(next);
     if (skipped > 0) progress.newline();

@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
                "blocks streamed through a capped GPU window"};
   app.require_subcommand(1);
   app.fallthrough();  // -v and -q also after the subcommand
-  app.set_version_flag("--version", "zo2-tune 0.1.0");
+  app.set_version_flag("--version", "zo2-tune 0.2.0");
   bool verbose = false, quiet = false;
   app.add_flag("-v,--verbose", verbose, "debug output");
   app.add_flag("-q,--quiet", quiet, "warnings and errors only");

@@ -88,7 +88,7 @@ std::string header_line(const SeedLogHeader& h) {
   if (!h.base_fingerprint.empty()) j["base_fingerprint"] = h.base_fingerprint;
   if (h.rule != RuleConfig{}) j["optimizer"] = rule_to_json(h.rule);  // a zo-sgd log keeps its old bytes
   if (h.peft.any()) j["peft"] = peft_to_json(h.peft);
-  return j.dump();
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);  // a path that is not UTF-8: U+FFFD (the fingerprint decides)
 }
 
 std::string entry_line(const SeedLogEntry& e, const RuleConfig& rule) {

@@ -65,9 +65,25 @@ py::object error_class(int code) {
   return (*by_status)[py::int_(static_cast<int>(ZO2_ERR_INTERNAL))];
 }
 
+// A message as Python text: zo2's messages are UTF-8 except the bytes of a path that is not
+// (b"/data/\xff"), which read as the escape "\xff" instead of failing the whole message.
+py::str message_text(const std::string& message) {
+  PyObject* u = PyUnicode_DecodeUTF8(message.data(), static_cast<Py_ssize_t>(message.size()), "backslashreplace");
+  if (!u) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(u);
+}
+
+// A path zo2 holds (bytes, as the OS spells it) as os.fsdecode returns it: a str that
+// os.fsencode turns back into the same bytes (surrogateescape for non-UTF-8 bytes).
+py::str fs_text(const std::string& path) {
+  PyObject* u = PyUnicode_DecodeFSDefaultAndSize(path.data(), static_cast<Py_ssize_t>(path.size()));
+  if (!u) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(u);
+}
+
 [[noreturn]] void raise_status(int code, const std::string& message) {
   py::object cls = error_class(code);
-  PyErr_SetString(cls.ptr(), message.c_str());
+  PyErr_SetObject(cls.ptr(), message_text(message).ptr());
   throw py::error_already_set();
 }
 
@@ -109,7 +125,7 @@ void check_signals() {
 [[noreturn]] void wrong_type(const std::string& message) {
   static py::object* cls = nullptr;  // leaked on purpose, as error_class's table
   if (!cls) cls = new py::object(py::module_::import("zo2._errors").attr("InvalidTypeError"));
-  PyErr_SetString(cls->ptr(), message.c_str());
+  PyErr_SetObject(cls->ptr(), message_text(message).ptr());
   throw py::error_already_set();
 }
 
@@ -188,7 +204,9 @@ IntMatrix int_matrix(py::handle obj, const char* name, bool allow_bool, bool all
   if (m.rows > std::numeric_limits<int32_t>::max() || m.cols > std::numeric_limits<int32_t>::max())
     invalid(std::string(name) + ": too many rows or columns");
   using I32 = py::array_t<int32_t, py::array::c_style>;
-  if (kind == 'i' && a.itemsize() == 4 && (a.flags() & py::array::c_style)) {
+  // Native byte order only: a big-endian '>i4' array read as int32 would be other ids.
+  const bool native = a.dtype().attr("isnative").cast<bool>();
+  if (kind == 'i' && a.itemsize() == 4 && native && (a.flags() & py::array::c_style)) {
     I32 v = py::reinterpret_borrow<I32>(a);
     m.data = v.data();
     m.keep = std::move(v);
@@ -352,10 +370,27 @@ double real_arg(py::handle v, const char* name) {
   return v.cast<double>();
 }
 
+// A float32 field: a finite value beyond float32's range (1e60) is refused as written, not as
+// the inf it would narrow to ("adam_eps inf" names a value nobody gave).
+float float32_arg(py::handle v, const char* name) {
+  const double x = real_arg(v, name);
+  if (std::isfinite(x) && !std::isfinite(static_cast<float>(x)))
+    invalid(std::string(name) + " " + py::repr(v).cast<std::string>() +
+            " is beyond float32's range (about 3.4e38), which zo2 stores it in");
+  return static_cast<float>(x);
+}
+
 std::string str_arg(py::handle v, const char* name) {
   if (!py::isinstance<py::str>(v))
     wrong_type(std::string(name) + " must be a str, not " + type_name(v) + " (" + py::repr(v).cast<std::string>() + ")");
-  std::string s = v.cast<std::string>();
+  Py_ssize_t size = 0;
+  const char* utf8 = PyUnicode_AsUTF8AndSize(v.ptr(), &size);
+  if (!utf8) {  // a lone surrogate ("a\udcff"): not text UTF-8 can spell
+    PyErr_Clear();
+    invalid(std::string(name) + " " + py::repr(v).cast<std::string>() +
+            " is not valid Unicode text (it holds a lone surrogate, e.g. from a non-UTF-8 file name)");
+  }
+  std::string s(utf8, static_cast<size_t>(size));
   check_no_nul(s, name);
   return s;
 }
@@ -478,7 +513,7 @@ Params parse_params(const py::kwargs& kw) {
       P.difference = str_arg(v, k);
     } else if (key == "momentum" || key == "beta1" || key == "beta2" || key == "adam_eps") {
       rule_keys.push_back(key);
-      const auto x = static_cast<float>(real_arg(v, k));
+      const float x = float32_arg(v, k);
       (key == "momentum" ? P.p.momentum : key == "beta1" ? P.p.beta1 : key == "beta2" ? P.p.beta2 : P.p.adam_eps) = x;
     } else if (key == "state_dtype") {
       rule_keys.push_back(key);
@@ -494,7 +529,7 @@ Params parse_params(const py::kwargs& kw) {
     } else if (key == "lora_r") {
       P.p.lora_r = int32_arg(v, k);
     } else if (key == "lora_alpha") {
-      P.p.lora_alpha = static_cast<float>(real_arg(v, k));
+      P.p.lora_alpha = float32_arg(v, k);
     } else if (key == "lora_targets") {
       if (py::isinstance<py::list>(v) || py::isinstance<py::tuple>(v)) {
         std::string joined;
@@ -546,7 +581,7 @@ py::dict params_dict(const Params& P) {
   d["max_seqs"] = P.p.max_seqs;
   d["max_seq_len"] = P.p.max_seq_len;
   d["training"] = P.p.training != 0;
-  d["seed_log"] = P.seed_log ? py::object(py::str(*P.seed_log)) : py::object(py::none());
+  d["seed_log"] = P.seed_log ? py::object(fs_text(*P.seed_log)) : py::object(py::none());
   d["seed_log_append"] = P.p.seed_log_append != 0;
   d["first_step"] = P.p.first_step;
   d["save_dtype"] = P.save_dtype;
@@ -564,7 +599,7 @@ py::dict params_dict(const Params& P) {
   d["lora_r"] = P.p.lora_r;
   d["lora_alpha"] = P.p.lora_alpha;
   d["lora_targets"] = P.lora_targets;
-  d["adapter"] = P.adapter ? py::object(py::str(*P.adapter)) : py::object(py::none());
+  d["adapter"] = P.adapter ? py::object(fs_text(*P.adapter)) : py::object(py::none());
   d["generate_seqs"] = P.p.generate_seqs;
   d["kv_cache"] = P.kv_cache;
   d["prefill_chunk"] = P.p.prefill_chunk;
@@ -573,7 +608,7 @@ py::dict params_dict(const Params& P) {
   d["share_host_image"] = P.p.share_host_image != 0;
   d["sliced_upload"] = P.p.sliced_upload != 0;
   d["host_mem"] = P.p.host_mem_bytes;
-  d["disk_dir"] = P.disk_dir ? py::object(py::str(*P.disk_dir)) : py::object(py::none());
+  d["disk_dir"] = P.disk_dir ? py::object(fs_text(*P.disk_dir)) : py::object(py::none());
   d["disk_lag"] = P.p.disk_lag;
   d["disk_staging"] = P.p.disk_staging;
   d["tile"] = P.p.tile_bytes == 0 ? py::object(py::str("auto"))
@@ -627,14 +662,63 @@ struct Generated {
   bool stopped = false;
 };
 
+// Ctrl-C during a generation: zo2_generate's progress callback (after each new token) takes
+// the GIL for a moment and runs Python's signal handlers; what one raises (KeyboardInterrupt)
+// stops the generation and is raised once zo2_generate has returned.
+struct SignalCheck {
+  PyObject *type = nullptr, *value = nullptr, *traceback = nullptr;
+  static int callback(int64_t, void* user_data) {
+    auto* self = static_cast<SignalCheck*>(user_data);
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() == 0) return 0;
+    PyErr_Fetch(&self->type, &self->value, &self->traceback);
+    return 1;
+  }
+  // With the GIL: raises what a handler raised, if one did.
+  void raise_if_caught() {
+    if (!type) return;
+    PyErr_Restore(type, value, traceback);
+    type = value = traceback = nullptr;
+    throw py::error_already_set();
+  }
+};
+
+// Signals reach Python's handlers only on the main thread: elsewhere there is nothing to check.
+bool on_main_thread() {
+  py::module_ threading = py::module_::import("threading");
+  return threading.attr("current_thread")().is(threading.attr("main_thread")());
+}
+
 struct Session {
   zo2_session* s = nullptr;
   Params P;
   std::string model_path;
   int32_t n_vocab = 0, n_ctx = 0;  // the model's, for generate's output buffer and generate_text
   std::mutex mu;  // one call at a time (zo2.h: a session is not used from two threads at once)
+  // Read without the lock (repr, closed), so they never wait for a running step with the GIL
+  // held: whether close() ran, and the step index after the last call.
+  std::atomic<bool> is_closed{false};
+  std::atomic<int64_t> next_index{0};
+  const pid_t owner = getpid();  // a fork() child: see forked()
+
+  // In a child made by fork() (os.fork, multiprocessing's "fork") the mutex may be held by a
+  // parent thread that does not exist here: nothing waits for it. The C API refuses every
+  // call there and zo2_session_free leaks the child's copy (zo2.h, "fork()").
+  bool forked() const { return getpid() != owner; }
 
   ~Session() { zo2_session_free(s); }
+
+  void close() {
+    py::gil_scoped_release nogil;
+    if (forked()) {
+      zo2_session_free(s);  // releases nothing in a child
+    } else {
+      std::lock_guard<std::mutex> lock(mu);
+      zo2_session_free(s);
+    }
+    s = nullptr;
+    is_closed = true;
+  }
 
   // Runs `call(session)` with the GIL released and the session locked; raises on failure.
   template <class F>
@@ -643,13 +727,20 @@ struct Session {
     std::string message;
     {
       py::gil_scoped_release nogil;
-      std::lock_guard<std::mutex> lock(mu);
-      if (!s) {
+      std::unique_lock<std::mutex> lock(mu, std::defer_lock);
+      if (!forked()) lock.lock();
+      if (s && forked()) {  // (the C API refuses it too: zo2.h, "fork()")
+        rc = ZO2_ERR_INVALID_ARGUMENT;
+        message = "the session was created in process " + std::to_string(owner) + "; this is process " +
+                  std::to_string(getpid()) + ", a forked child, which cannot use it (its worker threads exist only "
+                  "in the process that created it): create a new Session in the child";
+      } else if (!s) {
         rc = ZO2_ERR_INVALID_ARGUMENT;
         message = "the session is closed";
       } else {
         rc = call(s);
         if (rc < 0 || (rc > 0 && !allow_aborted)) message = zo2_last_error();
+        if (!forked()) next_index = zo2_session_step_index(s);
       }
     }
     if (rc < 0) raise_status(rc, message);
@@ -693,10 +784,18 @@ struct Session {
     // larger max_new_tokens is refused before anything is written, so it needs no buffer.
     const size_t per = p.max_new_tokens >= 1 && p.max_new_tokens <= n_ctx ? static_cast<size_t>(p.max_new_tokens) : 1;
     std::vector<int32_t> out(rows * per, 0);
-    run([&](zo2_session* s) {
-      return zo2_generate(s, ptrs.data(), lens.data(), static_cast<int32_t>(n), &p, out.data(), out_lens.data(),
+    zo2_generate_params params = p;
+    SignalCheck signal_check;
+    if (on_main_thread()) {
+      params.progress_callback = &SignalCheck::callback;
+      params.progress_user_data = &signal_check;
+    }
+    const int rc = run([&](zo2_session* s) {
+      return zo2_generate(s, ptrs.data(), lens.data(), static_cast<int32_t>(n), &params, out.data(), out_lens.data(),
                           stopped.data());
-    });
+    }, /*allow_aborted=*/true);
+    signal_check.raise_if_caught();
+    if (rc != 0) raise_status(ZO2_ERR_INTERNAL, "zo2_generate stopped without a signal");
     check_signals();
     std::vector<Generated> result(n);
     for (size_t i = 0; i < n; ++i) {
@@ -751,6 +850,7 @@ std::unique_ptr<Session> make_session(py::handle model, const py::kwargs& kw) {
     if (rc != 0) message = zo2_last_error();
   }
   if (rc != 0) raise_status(rc, message);
+  S->next_index = zo2_session_step_index(S->s);
   return S;
 }
 
@@ -822,6 +922,9 @@ py::str utf8_text(const std::string& s) {  // invalid UTF-8 replaced by U+FFFD, 
 // train: zo2-tune's train subcommand in this process (Note [Binding]).
 
 std::mutex g_train_mu;  // train's stop flag and signal handlers are process-wide: one run at a time
+// The thread running a train (holding g_train_mu): a second train from that thread (its
+// progress callback) would wait for the lock it holds, forever, so it is refused.
+std::atomic<std::thread::id> g_train_thread{};
 
 // Asks a running train to stop after its current step, as SIGINT does. Train's own handler
 // is swapped out atomically and called directly, so no signal is raised: if train has
@@ -851,11 +954,20 @@ struct TrainOutcome {
 };
 
 int train_impl(const std::vector<std::pair<std::string, py::object>>& options, py::object on_record, bool quiet) {
+  if (g_train_thread.load() == std::this_thread::get_id())
+    invalid("zo2.train was called while another zo2.train runs on this thread (from its progress callback?): one "
+            "train runs at a time per process, and this one would wait forever for the one that called it; start "
+            "it after that zo2.train returns (or from another thread, where it waits its turn)");
   std::unique_lock<std::mutex> train_lock(g_train_mu, std::defer_lock);
   {
     py::gil_scoped_release nogil;
     train_lock.lock();
   }
+  struct TrainThread {  // cleared before train_lock is released, on every path
+    TrainThread() { g_train_thread = std::this_thread::get_id(); }
+    ~TrainThread() { g_train_thread = std::thread::id(); }
+    void clear() { g_train_thread = std::thread::id(); }
+  } train_thread;
   CLI::App app{"zo2-tune"};
   CLI::App* sub = app.add_subcommand("train");
   zo2::cli::Runner runner = zo2::cli::add_train(*sub);
@@ -884,7 +996,12 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
     }
     if (opt->get_expected_min() == 0) invalid("train option " + name + " is a flag: pass True or False");
     args.push_back(flag);
-    args.push_back(py::str(value).cast<std::string>());
+    // As the OS spells it (os.fsencode): a bytes path as is, a str path os.fsdecode made from
+    // non-UTF-8 bytes back to those bytes, as zo2-tune's argv would carry them.
+    py::object text = py::isinstance<py::bytes>(value) ? value : py::object(py::str(value));
+    std::string arg = py::bytes(py::module_::import("os").attr("fsencode")(text)).cast<std::string>();
+    check_no_nul(arg, name.c_str());
+    args.push_back(std::move(arg));
   }
 
   int fds[2];
@@ -933,6 +1050,11 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
   // Read train's records on this thread; call Python for each line.
   std::optional<py::error_already_set> py_error;
   bool stop_wanted = false, stop_delivered = false;
+  // The callback's stop goes through train's SIGINT handler; train's log names the callback
+  // as the reason instead of signal 2 (zo2::cli::set_train_stop_reason).
+  auto say_callback_stopped = [](const char* how) {
+    zo2::cli::set_train_stop_reason(std::string("stopped by the progress callback (") + how + ")");
+  };
   std::string buffer;
   char chunk[8192];
   bool eof = false;
@@ -965,8 +1087,12 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
       if (py_error || on_record.is_none()) continue;
       try {
         py::object keep_going = on_record(py::str(line));
-        if (!keep_going.is_none() && !keep_going.cast<bool>()) stop_wanted = true;
+        if (!keep_going.is_none() && !keep_going.cast<bool>()) {
+          if (!stop_wanted) say_callback_stopped("it returned False");
+          stop_wanted = true;
+        }
       } catch (py::error_already_set& e) {
+        if (!stop_wanted && !e.matches(PyExc_KeyboardInterrupt)) say_callback_stopped("it raised");
         py_error.emplace(std::move(e));
         stop_wanted = true;
       }
@@ -984,6 +1110,7 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
   sigaction(SIGINT, &saved_int, nullptr);
   sigaction(SIGTERM, &saved_term, nullptr);
   zo2::log_set_level(saved_level);
+  train_thread.clear();
   train_lock.unlock();
   if (py_error) {
     py_error->restore();
@@ -1093,7 +1220,8 @@ PYBIND11_MODULE(_zo2, m) {
   m.doc() = "zo2's native module (pybind11 over the C API include/zo2.h); use the package `zo2`.";
   m.attr("__version__") = zo2_version();
   m.def("version", &zo2_version, "The library's version (zo2_version()).");
-  m.def("set_log_level", [](const std::string& level) {
+  m.def("set_log_level", [](py::object level_arg) {
+        const std::string level = str_arg(level_arg, "level");
         static const std::pair<const char*, zo2_log_level> levels[] = {
             {"debug", ZO2_LOG_DEBUG}, {"info", ZO2_LOG_INFO}, {"warn", ZO2_LOG_WARN},
             {"warning", ZO2_LOG_WARN}, {"error", ZO2_LOG_ERROR}, {"off", ZO2_LOG_OFF}};
@@ -1110,7 +1238,8 @@ PYBIND11_MODULE(_zo2, m) {
                   py::arg("path"), py::arg("check_weights") = true,
                   "Reads PATH/config.json (and the safetensors headers unless check_weights=False). "
                   "A run directory resolves through its current checkpoint.")
-      .def_property_readonly("path", [](const Model& x) { return x.path; })
+      .def_property_readonly("path", [](const Model& x) { return fs_text(x.path); },
+                             "The directory as os.fsdecode returns it (os.fsencode gives back its bytes).")
       .def_property_readonly("n_vocab", [](const Model& x) { return zo2_model_n_vocab(x.get()); })
       .def_property_readonly("n_ctx", [](const Model& x) { return zo2_model_n_ctx(x.get()); })
       .def_property_readonly("n_layer", [](const Model& x) { return zo2_model_n_layer(x.get()); })
@@ -1120,9 +1249,10 @@ PYBIND11_MODULE(_zo2, m) {
       .def("__enter__", [](py::object self) { return self; })
       .def("__exit__", [](Model& x, py::args) { zo2_model_free(x.m); x.m = nullptr; return false; })
       .def("__repr__", [](const Model& x) {
-        if (!x.m) return "<zo2.Model " + x.path + " (closed)>";
-        return "<zo2.Model " + x.path + ": " + std::to_string(zo2_model_n_layer(x.m)) + " layers, " +
-               std::to_string(zo2_model_n_params(x.m)) + " parameters>";
+        if (!x.m) return py::str("<zo2.Model ") + message_text(x.path) + py::str(" (closed)>");
+        return py::str("<zo2.Model ") + message_text(x.path) +
+               py::str(": " + std::to_string(zo2_model_n_layer(x.m)) + " layers, " +
+                       std::to_string(zo2_model_n_params(x.m)) + " parameters>");
       });
 
   py::class_<StepResult>(m, "StepResult", "The losses of one ZO step (zo2_step_result).")
@@ -1252,12 +1382,23 @@ zo2.Generation per text with text set: the new tokens decoded, special tokens le
            [](Session& S, py::object dir) {
              const std::string d = path_string(dir, "out_dir");
              S.run([&](zo2_session* s) { return zo2_session_save(s, d.c_str()); });
+             // A Ctrl-C during the save is handled now, after it: say that the save is complete.
+             if (PyErr_CheckSignals() != 0) {
+               if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+                 PyErr_Clear();
+                 const py::str text = py::str("interrupted during Session.save; the save into ") + message_text(d) +
+                                      py::str(" completed before the interrupt was handled (the checkpoint is whole)");
+                 PyErr_SetObject(PyExc_KeyboardInterrupt, text.ptr());
+               }
+               throw py::error_already_set();
+             }
            },
            py::arg("out_dir"),
            "Writes the current weights as an HF checkpoint into the run directory out_dir, as one transaction "
            "(zo2_session_save; README \"Run directories\").")
       .def("set_lr",
-           [](Session& S, double lr) {
+           [](Session& S, py::object value) {
+             const double lr = real_arg(value, "lr");  // a bool or a str is refused, as Session(lr=...) does
              if (std::isfinite(lr) && !std::isfinite(static_cast<float>(lr)))
                cxx_call([&] { zo2::check_real(zo2::Opt::lr, lr, zo2::OptionSource::c_api); });
              S.run([&](zo2_session* s) { return zo2_session_set_lr(s, static_cast<float>(lr)); });
@@ -1292,31 +1433,22 @@ zo2.Generation per text with text set: the new tokens decoded, special tokens le
       }, "The placement this session runs with (zo2.Plan).")
       .def_property_readonly("params", [](Session& S) { return params_dict(S.P); },
                              "Every session parameter as the session uses it (a dict of the keywords).")
-      .def_property_readonly("model_path", [](Session& S) { return S.model_path; })
-      .def_property_readonly("closed", [](Session& S) {
-        std::lock_guard<std::mutex> lock(S.mu);
-        return S.s == nullptr;
-      })
-      .def("close", [](Session& S) {
-        py::gil_scoped_release nogil;
-        std::lock_guard<std::mutex> lock(S.mu);
-        zo2_session_free(S.s);
-        S.s = nullptr;
-      }, "Waits for outstanding work and frees the session (idempotent). An unsaved pending update is lost.")
+      .def_property_readonly("model_path", [](Session& S) { return fs_text(S.model_path); },
+                             "The model's directory as os.fsdecode returns it (os.fsencode gives back its bytes).")
+      .def_property_readonly("closed", [](Session& S) { return S.is_closed.load(); },
+                             "Whether close() ran (never waits for a running call).")
+      .def("close", [](Session& S) { S.close(); },
+           "Waits for outstanding work and frees the session (idempotent). An unsaved pending update is lost. "
+           "In a child made by fork() it releases nothing (the child's copy of the parent's session is leaked).")
       .def("__repr__", [](Session& S) {
-        std::lock_guard<std::mutex> lock(S.mu);
-        if (!S.s) return "<zo2.Session " + S.model_path + " (closed)>";
-        return "<zo2.Session " + S.model_path + " on " + S.P.device + ", next step " +
-               std::to_string(zo2_session_step_index(S.s)) + ">";
+        // No lock: a repr never waits for a running step (the index is the last call's).
+        if (S.is_closed) return py::str("<zo2.Session " ) + message_text(S.model_path) + py::str(" (closed)>");
+        return py::str("<zo2.Session ") + message_text(S.model_path) +
+               py::str(" on " + S.P.device + ", next step " + std::to_string(S.next_index.load()) + ">");
       })
       .def("__enter__", [](py::object self) { return self; })
       .def("__exit__", [](Session& S, py::args) {
-        {
-          py::gil_scoped_release nogil;
-          std::lock_guard<std::mutex> lock(S.mu);
-          zo2_session_free(S.s);
-          S.s = nullptr;
-        }
+        S.close();
         return false;
       });
 
@@ -1394,7 +1526,11 @@ to use from several threads.)doc")
                   },
                   py::arg("vocab"), py::arg("merges"))
       .def("encode",
-           [](const Tokenizer& T, const std::string& text, bool add_special_tokens) {
+           [](const Tokenizer& T, py::object text_arg, py::object special) {
+             const std::string text = str_arg(text_arg, "text");
+             if (!py::isinstance<py::bool_>(special))
+               wrong_type("add_special_tokens must be a bool, not " + type_name(special));
+             const bool add_special_tokens = special.cast<bool>();
              return cxx_call([&] { return add_special_tokens ? T.t->encode_with_special(text) : T.t->encode(text); });
            },
            py::arg("text"), py::arg("add_special_tokens") = true,
@@ -1411,10 +1547,16 @@ to use from several threads.)doc")
            },
            py::arg("ids"), py::arg("as_bytes") = false,
            "The text of ids (invalid UTF-8 replaced by U+FFFD; as_bytes=True returns the raw bytes).")
-      .def("token_to_id", [](const Tokenizer& T, const std::string& tok) { return opt_id(T.t->token_to_id(tok)); },
+      .def("token_to_id",
+           [](const Tokenizer& T, py::object token) { return opt_id(T.t->token_to_id(str_arg(token, "token"))); },
            py::arg("token"))
       .def("id_to_token",
-           [](const Tokenizer& T, int32_t id) {
+           [](const Tokenizer& T, py::object id_arg) {
+             const int64_t wide = int_arg(id_arg, "id");
+             if (wide < 0 || wide >= T.t->vocab_size())
+               invalid("id_to_token: id " + std::to_string(wide) + " is not in the vocabulary (size " +
+                       std::to_string(T.t->vocab_size()) + ")");
+             const auto id = static_cast<int32_t>(wide);
              std::string t = cxx_call([&] { return T.t->id_to_token(id); });
              // The C++ tokenizer answers "" for an id it does not have; no vocabulary has an
              // empty token, so "" is that, said.

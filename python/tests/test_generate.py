@@ -220,3 +220,24 @@ def test_generate_text_equals_zo2_tune_generate(micro, tune):
             with pytest.raises(zo2.InvalidArgumentError) as e:
                 g.generate_text(tok, max_new_tokens=8, **kw)
             assert message in str(e.value)
+
+
+def test_ctrl_c_stops_a_generation_promptly(tiny):
+    import os
+    import signal
+    import threading
+    import time
+    with zo2.Session(tiny, training=False, max_seqs=1, generate_seqs=1, kv_cache="off") as s:
+        start = time.perf_counter()
+        s.generate([[1, 2, 3]] * 4, max_new_tokens=60)
+        per_prompt = (time.perf_counter() - start) / 4
+        prompts = [[1, 2, 3]] * max(40, int(8 / per_prompt))  # some 8 s of work uninterrupted
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        start = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            s.generate(prompts, max_new_tokens=60)
+        took = time.perf_counter() - start
+        timer.join()
+        assert took < 2.0, took
+        assert s.generate([[1, 2, 3]], max_new_tokens=3)[0].tokens  # still usable

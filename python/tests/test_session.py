@@ -1,4 +1,5 @@
 """zo2.Session against the C API, parameter round trips, arrays, threads and Ctrl-C."""
+import json
 import os
 import signal
 import shutil
@@ -533,3 +534,219 @@ def test_tokenizer(tune):
     assert tok.vocab_size == 50257 and tok.kind
     assert tok.token_to_id("Hello") == ids[0] and tok.id_to_token(ids[0]) == "Hello"
     assert tok.encode(text) == tok.special_prefix + ids
+
+
+def test_a_forked_child_never_hangs_on_an_inherited_session(tiny):
+    # The child inherits the session but not its worker threads: using it fails at once with
+    # a clear error, and freeing it (as the child's interpreter exit does) does not hang.
+    ids = batch(512)
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=16) as s:
+        s.step(ids)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, then exit through the interpreter (atexit, GC)
+            os.close(r)
+            lines = []
+            for call in (lambda: s.step(ids), lambda: s.eval(ids), lambda: s.step_index):
+                try:
+                    call()
+                    lines.append("no error")
+                except zo2.InvalidArgumentError as e:
+                    lines.append(str(e))
+            lines.append(repr(s))
+            os.write(w, "\n".join(lines).encode())
+            os.close(w)
+            s.close()  # zo2_session_free, as the interpreter's exit would: releases nothing here
+            os._exit(0 if s.closed else 3)  # (not sys.exit: this is pytest's process, forked)
+        os.close(w)
+        for _ in range(300):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            threading.Event().wait(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        with os.fdopen(r) as f:
+            report = f.read().splitlines()
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert len(report) == 4
+        for line in report[:3]:
+            assert f"created in process {os.getpid()}" in line and "forked child" in line, line
+            assert "create a new session in the child" in line.lower()
+        assert report[3].startswith("<zo2.Session")
+        assert s.step(ids).step == 1  # the parent's session is untouched
+
+
+def test_non_utf8_paths(tiny, tmp_path):
+    base = os.fsencode(tmp_path)
+    missing = base + b"/missing_\xfe"
+    for call in (lambda: zo2.Model.load(missing), lambda: zo2.Session(missing),
+                 lambda: zo2.Tokenizer.from_dir(missing)):
+        with pytest.raises(zo2.FileIOError) as e:
+            call()
+        assert "missing_\\xfe" in str(e.value)  # the message survives and names the path
+    d = base + b"/mod_\xff"
+    shutil.copytree(os.fsencode(tiny), d)
+    m = zo2.Model.load(d)
+    assert os.fsencode(m.path) == d and m.path == os.fsdecode(d)
+    assert "mod_\\xff" in repr(m)
+    with zo2.Session(m, max_seqs=2, max_seq_len=16) as s:
+        assert os.fsencode(s.model_path) == d
+        assert "mod_\\xff" in repr(s)
+    log = base + b"/log_\xff.jsonl"
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16, seed_log=log) as s:
+        assert os.fsencode(s.params["seed_log"]) == log
+    with zo2.Session(os.fsdecode(d), max_seqs=2, max_seq_len=16) as s:  # the str round trip
+        assert os.fsencode(s.model_path) == d
+    # A seed log of a model whose path is not UTF-8: its header names it with U+FFFD (it
+    # failed with a JSON exception), and the base fingerprint still identifies the weights.
+    with zo2.Session(d, max_seqs=2, max_seq_len=16, seed_log=base + b"/log2.jsonl") as s:
+        s.step(batch(512))
+    header = json.loads(open(base + b"/log2.jsonl", "rb").readline())
+    assert "mod_\ufffd" in header["base_model"] and header["base_fingerprint"]
+
+
+def test_big_endian_arrays_are_converted(tiny):
+    ids = batch(512)
+    labels = ids.copy()
+    labels[:, :3] = -100
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    with zo2.Session(tiny, training=False, max_seqs=2, max_seq_len=16) as s:
+        want = s.eval(ids, attention_mask=mask, labels=labels)
+        got = s.eval(ids.astype(">i4"), attention_mask=mask.astype(">i4"), labels=labels.astype(">i4"))
+        assert bits(got) == bits(want)
+        assert bits(s.eval(ids.astype(">i8"))) == bits(s.eval(ids))
+        with pytest.raises(zo2.InvalidArgumentError, match="token id 600"):
+            s.eval(np.full((1, 4), 600, ">i4"))  # the value as written, not byte-swapped
+
+
+def test_type_checks_name_the_argument(tiny, tune):
+    from conftest import SOURCE
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16) as s:
+        for bad in (True, "fast", None):
+            with pytest.raises(zo2.InvalidTypeError, match="lr must be a number"):
+                s.set_lr(bad)
+        assert s.params["lr"] == pytest.approx(1e-6)
+        s.set_lr(1)
+        assert s.params["lr"] == 1.0
+    with pytest.raises(zo2.InvalidArgumentError, match=r"adam_eps 1e\+60 is beyond float32"):
+        zo2.Session(tiny, optimizer="zo-adam", adam_eps=1e60)
+    with pytest.raises(zo2.InvalidArgumentError, match=r"beta1 1e\+40 is beyond float32"):
+        zo2.Session(tiny, optimizer="zo-adam", beta1=1e40)
+    tok = zo2.Tokenizer.from_dir(SOURCE / "data" / "gpt2")
+    with pytest.raises(zo2.InvalidArgumentError, match="id 1099511627776 is not in the vocabulary"):
+        tok.id_to_token(2 ** 40)
+    with pytest.raises(zo2.InvalidTypeError, match="id must be an int"):
+        tok.id_to_token("5")
+    with pytest.raises(zo2.InvalidArgumentError, match="lone surrogate"):
+        tok.encode("a\udcff")
+    with pytest.raises(zo2.InvalidTypeError, match="text must be a str"):
+        tok.encode(b"abc")
+    with pytest.raises(zo2.InvalidTypeError, match="add_special_tokens must be a bool"):
+        tok.encode("abc", add_special_tokens="yes")
+    with pytest.raises(zo2.InvalidTypeError, match="token must be a str"):
+        tok.token_to_id(5)
+    with pytest.raises(zo2.InvalidTypeError, match="level must be a str"):
+        zo2.set_log_level(5)
+    assert issubclass(zo2.InvalidTypeError, TypeError)
+
+
+def test_repr_and_closed_never_wait_for_a_running_call(tiny):
+    import time
+    ids = batch(512)
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=16) as s:
+        s.step(ids)
+        t = threading.Thread(target=zo2._zo2._capi_step_loop, args=(s, ids, 400))  # holds the session's lock
+        t.start()
+        try:
+            threading.Event().wait(0.05)
+            start = time.perf_counter()
+            for _ in range(20):
+                text, closed = repr(s), s.closed
+            took = time.perf_counter() - start
+            running = t.is_alive()
+        finally:
+            t.join()
+        assert running, "the step loop ended too soon to test anything"
+        assert took < 0.05 and not closed and "next step 1" in text
+        s.step(ids)
+        assert f"next step {s.step_index}" in repr(s)
+    assert s.closed and "(closed)" in repr(s)
+
+
+def test_ctrl_c_during_save_says_the_save_completed(tiny, tmp_path):
+    import random
+    import time
+    rng = random.Random(0)
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=16) as s:
+        s.step(batch(512))
+        start = time.perf_counter()
+        s.save(tmp_path / "timing")
+        took = time.perf_counter() - start
+        for attempt in range(200):
+            out = tmp_path / f"run{attempt}"
+            t = threading.Timer(rng.uniform(0, took), os.kill, (os.getpid(), signal.SIGINT))
+            try:
+                t.start()
+                s.save(out)
+                t.join()
+                for _ in range(1000):
+                    pass  # a KeyboardInterrupt that came after save() raises here, without the note
+            except KeyboardInterrupt as e:
+                t.join()
+                if str(e):
+                    assert "completed before the interrupt" in str(e) and str(out) in str(e)
+                    assert (out / "config.json").exists() and (out / "zo2_state.json").exists()
+                    break
+        else:
+            pytest.fail("no Ctrl-C arrived during a save in 200 tries")
+        s.step(batch(512))  # still usable
+
+
+def test_c_api_refuses_a_forked_child_and_its_free_returns(tiny):
+    # The C API's own check (zo2.h, "fork()"), through ctypes: every call on an inherited
+    # session fails in the child, and zo2_session_free returns there without waiting.
+    import ctypes
+    import glob
+    here = os.path.dirname(zo2._zo2.__file__)
+    libs = sorted(glob.glob(os.path.join(here, "libzo2.so*")) + glob.glob(os.path.join(here, "..", "..", "libzo2.so*")))
+    if not libs:
+        pytest.skip("libzo2.so not found beside the module")
+    lib = ctypes.CDLL(libs[0])
+    lib.zo2_last_error.restype = ctypes.c_char_p
+    lib.zo2_session_step_index.restype = ctypes.c_int64
+    model, session = ctypes.c_void_p(), ctypes.c_void_p()
+    assert lib.zo2_model_load(os.fsencode(tiny), None, ctypes.byref(model)) == 0
+    assert lib.zo2_session_init(model, None, ctypes.byref(session)) == 0, lib.zo2_last_error()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        index = lib.zo2_session_step_index(session)
+        os.write(w, b"%d %s" % (index, lib.zo2_last_error()))
+        plan = ctypes.create_string_buffer(4096)
+        rc = lib.zo2_session_plan(session, plan)
+        lib.zo2_session_free(session)  # would wait forever for the parent's threads
+        lib.zo2_model_free(model)
+        os._exit(0 if rc == -1 else 3)
+    os.close(w)
+    for _ in range(300):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        threading.Event().wait(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    with os.fdopen(r, "rb") as f:
+        report = f.read().decode()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert report.startswith("-1 zo2_session_step_index: the session was created in process")
+    assert "forked child" in report and "create a new session in the child" in report
+    assert lib.zo2_session_step_index(session) == 0  # the parent's is fine
+    lib.zo2_session_free(session)
+    lib.zo2_model_free(model)

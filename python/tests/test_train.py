@@ -178,3 +178,64 @@ def test_a_model_larger_than_host_mem_trains_through_the_disk_tier(tiny, synth, 
         assert plan.n_disk_blocks == 2 and plan.disk_file_bytes > 2 * plan.block_bytes
     with pytest.raises(zo2.InvalidArgumentError, match="--disk-dir|disk_dir"):
         zo2.Session(tiny, host_mem="400K", disk_staging=1, offload="all", window=2, max_seqs=2, max_seq_len=16)
+
+
+def test_train_from_its_own_callback_is_refused(tiny, synth, tmp_path):
+    inner = []
+
+    def nested(rec):
+        if rec["step"] == 2:
+            try:
+                zo2.train(tiny, data=synth, out=tmp_path / "inner", steps=2, progress=False)
+            except zo2.InvalidArgumentError as e:
+                inner.append(str(e))
+
+    r = zo2.train(tiny, data=synth, out=tmp_path / "outer", progress=nested, **{**FLAGS, "steps": 4})
+    assert len(r.steps) == 4 and not r.stopped
+    assert len(inner) == 1 and "another zo2.train runs on this thread" in inner[0]
+    assert not (tmp_path / "inner").exists()
+    # Two threads still take turns.
+    import threading
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(
+        zo2.train(tiny, data=synth, out=tmp_path / f"t{i}", steps=2, progress=False))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and all(len(x.steps) == 2 for x in results)
+
+
+def test_train_paths_as_bytes_non_utf8_and_pathlike(tiny, synth, tmp_path):
+    out = os.fsencode(tmp_path) + b"/run_\xff"
+    r = zo2.train(os.fsencode(tiny), data=os.fsencode(synth), out=out, steps=2, batch_size=2, progress=False)
+    assert len(r.steps) == 2 and os.fsencode(r.out) == out
+    assert os.path.exists(out + b"/zo2_state.json")
+    out2 = os.fsdecode(os.fsencode(tmp_path) + b"/run2_\xfe")  # a str with surrogateescape
+    r = zo2.train(Path(tiny), data=Path(synth), out=Path(out2), steps=2, batch_size=2, progress=False)
+    assert os.path.exists(os.fsencode(out2) + b"/zo2_state.json") and r.out == Path(out2)
+    r = zo2.train(tiny, data=synth, out=tmp_path / "lora", steps=2, batch_size=2, lora=True, lora_r=2,
+                  lora_targets=["q_proj", "v_proj"], progress=False)
+    assert len(r.steps) == 2
+    with pytest.raises(zo2.FileIOError) as e:
+        zo2.train(os.fsencode(tmp_path) + b"/missing_\xfe", data=synth, out=tmp_path / "m", steps=2, progress=False)
+    assert "missing_\\xfe" in str(e.value)
+
+
+def test_train_type_checks(tiny, synth, tmp_path):
+    for bad in (5, "yes", 1.0):
+        with pytest.raises(zo2.InvalidTypeError, match="progress must be True, False, None or a callable"):
+            zo2.train(tiny, data=synth, out=tmp_path / "x", steps=2, progress=bad)
+    with pytest.raises(zo2.InvalidTypeError, match="verbose"):
+        zo2.train(tiny, data=synth, out=tmp_path / "x", steps=2, verbose="no")
+    with pytest.raises(zo2.InvalidTypeError, match="out must be a path"):
+        zo2.train(tiny, data=synth, out=None, steps=2)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_callback_stop_is_logged_as_the_callback(tiny, synth, tmp_path, capfd):
+    r = zo2.train(tiny, data=synth, out=tmp_path / "s", progress=lambda rec: rec["step"] < 2, **FLAGS)
+    assert r.stopped
+    err = capfd.readouterr().err
+    assert "stopped by the progress callback (it returned False) after step" in err
+    assert "interrupted by signal" not in err

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
+from ._errors import InvalidTypeError
 from ._types import TrainResult
 from ._zo2 import _train
 
@@ -15,13 +16,23 @@ Record = Dict[str, Any]
 ProgressArg = Union[bool, None, Callable[[Record], Optional[bool]]]
 
 
-def _flag_value(value: Any) -> Any:
+def _flag_value(name: str, value: Any) -> Any:
     if isinstance(value, bool):
         return value
     if isinstance(value, float):
         return repr(value)  # shortest round-trip digits: 1e-06 reads back as the same double
+    if isinstance(value, (str, bytes)):
+        return value  # a path as the OS spells it: the binding passes it on with os.fsencode
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if isinstance(value, (list, tuple)) and name == "lora_targets":
+        # As Session(lora_targets=[...]): the flag's comma-separated names.
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise InvalidTypeError(f"lora_targets[{i}] must be a str, not {type(item).__name__}")
+        return ",".join(value)
+    if isinstance(value, (list, tuple, dict, set)):
+        raise InvalidTypeError(f"train option {name} takes one value, not a {type(value).__name__} ({value!r})")
     return str(value)
 
 
@@ -45,8 +56,11 @@ class _TqdmBar:
         self.bar.close()
 
 
-def train(model: Union[str, "os.PathLike[str]", None] = None, *, data: Union[str, "os.PathLike[str]", None] = None,
-          out: Union[str, "os.PathLike[str]"], progress: ProgressArg = True, verbose: Optional[bool] = None,
+PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+
+def train(model: Optional[PathArg] = None, *, data: Optional[PathArg] = None,
+          out: PathArg, progress: ProgressArg = True, verbose: Optional[bool] = None,
           **options: Any) -> TrainResult:
     """Fine-tune a checkpoint with MeZO steps: ``zo2-tune train`` as a function.
 
@@ -77,18 +91,26 @@ def train(model: Union[str, "os.PathLike[str]", None] = None, *, data: Union[str
     (a bad value: InvalidArgumentError; a malformed data file: FormatError; ...).
     Returns a :class:`TrainResult` with the records of the steps and evaluations it ran.
     """
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise InvalidTypeError(f"progress must be True, False, None or a callable, not {type(progress).__name__} "
+                               f"({progress!r})")
+    if not (verbose is None or isinstance(verbose, bool)):
+        raise InvalidTypeError(f"verbose must be True, False or None, not {type(verbose).__name__} ({verbose!r})")
+    for name, path in (("model", model), ("data", data), ("out", out)):
+        if (path is not None or name == "out") and not isinstance(path, (str, bytes, os.PathLike)):
+            raise InvalidTypeError(f"{name} must be a path (str, bytes or os.PathLike), not {type(path).__name__}")
     args = []
     if model is not None:
-        args.append(("model", _flag_value(model)))
+        args.append(("model", _flag_value("model", model)))
     if data is not None:
-        args.append(("data", _flag_value(data)))
-    args.append(("out", _flag_value(out)))
+        args.append(("data", _flag_value("data", data)))
+    args.append(("out", _flag_value("out", out)))
     for name, value in options.items():
         if value is None:
             continue
-        args.append((name, _flag_value(value)))
+        args.append((name, _flag_value(name, value)))
 
-    result = TrainResult(out=Path(out))
+    result = TrainResult(out=Path(os.fsdecode(out)))
     user_cb: Optional[Callable[[Record], Optional[bool]]] = None
     bar: Optional[_TqdmBar] = None
     if callable(progress):
