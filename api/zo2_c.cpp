@@ -327,8 +327,10 @@ zo2::HostBatch host_batch(const zo2_session& s, const zo2_batch* b, const zo2_ch
   return hb;
 }
 
-// A session used in a process other than its creator's (a fork() child): the message.
+// A non-NULL session used by the process that created it (not a fork() child, whose copy
+// has no worker threads).
 void check_owner(const zo2_session* s) {
+  if (!s) invalid("session is NULL");
   if (s->owner_pid != getpid())
     invalid(fmt::format("the session was created in process {}; this is process {}, a forked child, which cannot use "
                         "it (the session's worker threads exist only in its creator): create a new session in the "
@@ -337,7 +339,6 @@ void check_owner(const zo2_session* s) {
 }
 
 zo2_session& usable(zo2_session* s) {
-  if (!s) invalid("session is NULL");
   check_owner(s);
   if (s->broken_code != 0)
     throw zo2::Error(s->broken_code == ZO2_ERR_DEVICE ? ErrorKind::device : ErrorKind::internal,
@@ -791,7 +792,6 @@ int zo2_session_set_lr(zo2_session* s, float lr) {
 int64_t zo2_session_step_index(const zo2_session* s) {
   int64_t index = -1;
   guarded("zo2_session_step_index", [&] {
-    if (!s) invalid("session is NULL");
     check_owner(s);
     index = s->session->next_step();
     return 0;
@@ -802,7 +802,6 @@ int64_t zo2_session_step_index(const zo2_session* s) {
 uint64_t zo2_session_device_peak(const zo2_session* s) {
   uint64_t peak = 0;
   guarded("zo2_session_device_peak", [&] {
-    if (!s) invalid("session is NULL");
     check_owner(s);
     peak = s->session->device_peak();
     return 0;
@@ -880,7 +879,6 @@ int zo2_plan_parallel(const zo2_model* m, const zo2_session_params* p, int32_t r
 
 int zo2_session_rank(const zo2_session* s, int32_t* rank, int32_t* size) {
   return guarded("zo2_session_rank", [&] {
-    if (!s) invalid("session is NULL");
     check_owner(s);
     if (rank) *rank = s->comm ? s->comm->rank() : 0;
     if (size) *size = s->comm ? s->comm->size() : 1;
@@ -891,7 +889,6 @@ int zo2_session_rank(const zo2_session* s, int32_t* rank, int32_t* size) {
 int zo2_session_plan(const zo2_session* s, zo2_plan_result* out) {
   return guarded("zo2_session_plan", [&] {
     if (!out) invalid("out is NULL");
-    if (!s) invalid("session is NULL");
     check_owner(s);
     fill_plan(s->session->placement(), s->config.num_layers, out);
     return 0;

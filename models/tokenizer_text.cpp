@@ -153,11 +153,15 @@ void unicode_normalize(std::string_view in, NormalForm form, std::string& out) {
       [&](std::string_view raw) { out.append(raw); });
 }
 
-void unicode_lowercase(std::string_view in, std::string& out) {
+namespace {
+
+// ICU's full case mapping (root locale) of each well-formed run; other bytes are copied.
+void change_case(std::string_view in, std::string& out, bool upper) {
   out.clear();
   if (is_ascii(in)) {
     out.reserve(in.size());
-    for (char c : in) out += (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
+    const char from = upper ? 'a' : 'A', to = upper ? 'A' : 'a';
+    for (char c : in) out += (c >= from && c <= from + 25) ? static_cast<char>(c - from + to) : c;
     return;
   }
   icu::StringByteSink<std::string> sink(&out, static_cast<int32_t>(in.size()));
@@ -165,31 +169,20 @@ void unicode_lowercase(std::string_view in, std::string& out) {
       in,
       [&](std::string_view run) {
         UErrorCode status = U_ZERO_ERROR;
-        icu::CaseMap::utf8ToLower("", 0, icu::StringPiece(run.data(), static_cast<int32_t>(run.size())), sink,
-                                  nullptr, status);
-        if (U_FAILURE(status)) fail(ErrorKind::internal, "ICU: lowercasing failed: {}", u_errorName(status));
+        const icu::StringPiece piece(run.data(), static_cast<int32_t>(run.size()));
+        if (upper) icu::CaseMap::utf8ToUpper("", 0, piece, sink, nullptr, status);
+        else icu::CaseMap::utf8ToLower("", 0, piece, sink, nullptr, status);
+        if (U_FAILURE(status))
+          fail(ErrorKind::internal, "ICU: {} failed: {}", upper ? "uppercasing" : "lowercasing", u_errorName(status));
       },
       [&](std::string_view raw) { out.append(raw); });
 }
 
-void unicode_uppercase(std::string_view in, std::string& out) {
-  out.clear();
-  if (is_ascii(in)) {
-    out.reserve(in.size());
-    for (char c : in) out += (c >= 'a' && c <= 'z') ? static_cast<char>(c - 'a' + 'A') : c;
-    return;
-  }
-  icu::StringByteSink<std::string> sink(&out, static_cast<int32_t>(in.size()));
-  for_each_utf8_run(
-      in,
-      [&](std::string_view run) {
-        UErrorCode status = U_ZERO_ERROR;
-        icu::CaseMap::utf8ToUpper("", 0, icu::StringPiece(run.data(), static_cast<int32_t>(run.size())), sink,
-                                  nullptr, status);
-        if (U_FAILURE(status)) fail(ErrorKind::internal, "ICU: uppercasing failed: {}", u_errorName(status));
-      },
-      [&](std::string_view raw) { out.append(raw); });
-}
+}  // namespace
+
+void unicode_lowercase(std::string_view in, std::string& out) { change_case(in, out, /*upper=*/false); }
+
+void unicode_uppercase(std::string_view in, std::string& out) { change_case(in, out, /*upper=*/true); }
 
 bool is_lowercase(char32_t c) { return u_hasBinaryProperty(static_cast<UChar32>(c), UCHAR_LOWERCASE); }
 

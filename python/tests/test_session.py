@@ -536,6 +536,18 @@ def test_tokenizer(tune):
     assert tok.encode(text) == tok.special_prefix + ids
 
 
+def wait_for_child(pid, seconds=30):
+    """The exit status of a forked child; fails the test (killing the child) if it hangs."""
+    for _ in range(int(seconds * 10)):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        threading.Event().wait(0.1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung")
+
+
 def test_a_forked_child_never_hangs_on_an_inherited_session(tiny):
     # The child inherits the session but not its worker threads: using it fails at once with
     # a clear error, and freeing it (as the child's interpreter exit does) does not hang.
@@ -559,15 +571,7 @@ def test_a_forked_child_never_hangs_on_an_inherited_session(tiny):
             s.close()  # zo2_session_free, as the interpreter's exit would: releases nothing here
             os._exit(0 if s.closed else 3)  # (not sys.exit: this is pytest's process, forked)
         os.close(w)
-        for _ in range(300):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            threading.Event().wait(0.1)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung")
+        status = wait_for_child(pid)
         with os.fdopen(r) as f:
             report = f.read().splitlines()
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
@@ -733,15 +737,7 @@ def test_c_api_refuses_a_forked_child_and_its_free_returns(tiny):
         lib.zo2_model_free(model)
         os._exit(0 if rc == -1 else 3)
     os.close(w)
-    for _ in range(300):
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        threading.Event().wait(0.1)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child hung")
+    status = wait_for_child(pid)
     with os.fdopen(r, "rb") as f:
         report = f.read().decode()
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
