@@ -227,6 +227,45 @@ TEST(GenerateCli, TrainEvalOnSquadLogsTheF1OfGeneratedAnswers) {
   EXPECT_TRUE(found) << all;
 }
 
+// Ctrl-C while train's squad evaluation decodes stops it after the token in progress
+// (Note [An interrupted evaluation]): exit 130, nothing recorded, and the resume runs the
+// evaluation it owes, logging what an uninterrupted run logs.
+TEST(GenerateCli, CtrlCDuringTrainsGeneratedEvaluationStopsItAndTheResumeRunsIt) {
+  Micro m;
+  const fs::path squad = fs::path(__FILE__).parent_path() / "data" / "tasks" / "squad.json";
+  auto train = [&](const std::string& name, const std::string& env, int want) {
+    std::string out;
+    EXPECT_EQ(test::run_command(env + " " + test::zo2_tune_path().string() + " train --model " + m.model.string() +
+                      " --task squad --data " + squad.string() + " --eval " + squad.string() +
+                      " --steps 2 --batch-size 2 --lr 1e-4 --max-new-tokens 4 --out " + (m.tmp / name).string() +
+                      " --log-json " + (m.tmp / (name + ".jsonl")).string(),
+                  &out),
+              want)
+        << out;
+    return out;
+  };
+  auto evals = [&](const std::string& name) {
+    std::vector<json> e;
+    for (const auto& j : json_lines(read_text(m.tmp / (name + ".jsonl"))))
+      if (j.contains("eval_after_step")) e.push_back(j);
+    return e;
+  };
+  train("ref", "", 0);
+  const auto ref = evals("ref");
+  ASSERT_EQ(ref.size(), 1u);
+  // Two asks before the loss's two batches, one before decoding, then one after each token:
+  // the 4th comes after the first decoded token.
+  std::string out = train("cut", "ZO2_TEST_SIGINT_IN_EVAL=2:4", 130);
+  EXPECT_NE(out.find("the evaluation after step 2 was interrupted"), std::string::npos) << out;
+  EXPECT_TRUE(evals("cut").empty());
+  out.clear();
+  ASSERT_EQ(run("train --resume " + (m.tmp / "cut").string() + " --out " + (m.tmp / "cut").string(), &out), 0) << out;
+  const auto resumed = evals("cut");
+  ASSERT_EQ(resumed.size(), 1u);
+  for (const char* key : {"eval_after_step", "eval_loss", "eval_f1", "eval_em", "eval_examples"})
+    EXPECT_EQ(resumed[0][key], ref[0][key]) << key;
+}
+
 TEST(GenerateCli, BadRequestsAreUsageErrorsNamingTheFlagOrPrompt) {
   Micro m;
   EXPECT_NE(m.gen("--max-new-tokens 4", 2).find("--prompt TEXT or --data FILE"), std::string::npos);

@@ -100,6 +100,16 @@ struct StateReader {
   }
 };
 
+// Note [An interrupted evaluation]
+//   Ctrl-C (SIGINT/SIGTERM, a Python callback's stop) during an evaluation stops it before
+//   its next batch, or its next decoded token for squad/drop, instead of after every example
+//   of a long --eval file; the run then saves and exits 130 as after a step. The partial
+//   numbers are not recorded (they are not the evaluation's); the checkpoint's state says
+//   `eval_owed_after_step` N, and a --resume runs that evaluation before its first step (at
+//   the last step, as the final evaluation), so the resumed run's log holds every
+//   evaluation an uninterrupted run's does. With ranks the stop is asked collectively (every
+//   rank the same number of times), so they stop the evaluation at the same batch.
+
 // Note [What a resume keeps]
 //   `train --resume DIR` continues the run saved in DIR with the run's own flags, so that
 //   `zo2-tune train --resume out --out out` alone carries on the job:
@@ -370,6 +380,7 @@ Runner add_train(CLI::App& app) {
     // A run directory as --model: its current checkpoint, resolved once.
     std::string model_dir = o->model.empty() ? std::string() : resolve_model_dir(o->model).string();
     std::int64_t first_step = 0;
+    std::int64_t eval_owed_at_resume = -1;  // the resumed run's state: an evaluation it owes (or -1)
     std::string base_model = o->model;
     bool append_log = false;
     bool log_json_kept = false;  // --log-json is the resumed run's (Note [What a resume keeps])
@@ -543,6 +554,8 @@ Runner add_train(CLI::App& app) {
       log_json_kept = std::any_of(kept.begin(), kept.end(), [](const std::string& k) { return k.starts_with("--log-json "); });
       if (!kept.empty()) log_info("--resume: the run's {}", fmt::join(kept, ", "));
       first_step = st.get<std::int64_t>("next_step");
+      // Note [An interrupted evaluation]: the evaluation due after that step did not finish.
+      eval_owed_at_resume = st.get_or<std::int64_t>("eval_owed_after_step", -1);
       if (given.steps->count() > 0 && first_step > o->steps)
         fail(ErrorKind::invalid_argument, "--steps {}: the run in {} is already at step {}; give at least that many",
              o->steps, o->resume, first_step);
@@ -740,8 +753,12 @@ Runner add_train(CLI::App& app) {
       check_ranks_agree(comm, flags, "the ranks' flags");
     }
     if (!o->resume.empty() && first_step >= o->steps) {
-      log_info("--resume: the run in {} already finished {} of {} steps", o->resume, first_step, o->steps);
-      return 0;
+      if (eval_owed_at_resume != first_step || o->eval.empty()) {
+        log_info("--resume: the run in {} already finished {} of {} steps", o->resume, first_step, o->steps);
+        return 0;
+      }
+      log_info("--resume: the run in {} finished its {} steps; its final evaluation was interrupted: running it",
+               o->resume, o->steps);
     }
     if (sc.peft.any() && save_dtype != DType::f32) {
       // An adapter run saves its adapters, which are fp32 (the frozen base is not saved):
@@ -1074,6 +1091,9 @@ Runner add_train(CLI::App& app) {
     }
     const std::filesystem::path tokenizer_src =
         o->data_flags.tokenizer.empty() ? resolve_model_dir(model_dir) : std::filesystem::path(o->data_flags.tokenizer);
+    // Note [An interrupted evaluation]: a stop during the evaluation after step N ends it
+    // unrecorded; the checkpoint of step N says it is owed and a resume runs it first.
+    std::int64_t eval_owed = -1;
     auto save = [&](std::int64_t next_step) {
       ZO2_CHECK(session.next_step() == next_step);
       if (save_dtype != DType::f32 && save_dtype != sc.storage)
@@ -1129,6 +1149,7 @@ Runner add_train(CLI::App& app) {
       // An adapter run's frozen base, as the run read it: a resume checks the base it finds
       // (or the --model naming where it moved) against it, beside the weights' fingerprint.
       if (sc.peft.any()) x.state["base_config"] = config.to_json();
+      if (eval_owed == next_step) x.state["eval_owed_after_step"] = eval_owed;
       x.extra_files = [&](const std::filesystem::path& dir) { copy_tokenizer_files(tokenizer_src, dir); };
       session.save(out, save_dtype, shard, x);
     };
@@ -1203,19 +1224,54 @@ Runner add_train(CLI::App& app) {
     auto harvest = [&](std::int64_t step) { (void)session.wait(step); };
     std::int64_t in_flight = -1;
     const std::int64_t stop = o->stop_at > 0 ? std::min(o->stop_at, o->steps) : o->steps;
+    // Ranks stop together: a signal seen by any rank (mpirun forwards SIGINT/SIGTERM to all,
+    // but not at the same instant) stops every rank after the same step.
+    auto stop_requested = [&] {
+      const int local = g_stop_signal.load();
+      if (comm.size() == 1) return local != 0 || !log_failure.empty();
+      const double mine = local != 0 ? local : log_failure.empty() ? 0 : -1;  // -1: rank 0's log failed
+      const std::vector<double> all = comm.all_gather(std::span<const double>(&mine, 1), "the stop flags");
+      bool any = false;
+      for (double v : all)
+        if (v > 0) {
+          if (g_stop_signal.load() == 0) g_stop_signal.store(static_cast<int>(v));
+          any = true;
+        } else if (v < 0) {
+          any = true;
+        }
+      return any;
+    };
     bool noted = false;  // squad/drop: their metric needs generation, said once
-    auto run_eval = [&](std::int64_t done) {
-      if (!eval_data) return;
+    // Tests only (tests/fault/eval_interrupt.sh): SIGINT arrives as the evaluation after
+    // step N asks for the K-th time whether to stop, ZO2_TEST_SIGINT_IN_EVAL=N:K.
+    const char* sigint_in_eval = std::getenv("ZO2_TEST_SIGINT_IN_EVAL");
+    // Runs the evaluation after step `done`; false: a stop interrupted it (nothing recorded).
+    auto run_eval = [&](std::int64_t done) -> bool {
+      if (!eval_data) return true;
       const auto t = std::chrono::steady_clock::now();
-      EvalResult e = evaluate(session, *eval_data, sc.max_batch);
-      if (eval_generates) {
+      std::int64_t asked = 0;
+      auto eval_stop = [&] {
+        ++asked;
+        if (sigint_in_eval && std::string(sigint_in_eval) == fmt::format("{}:{}", done, asked)) std::raise(SIGINT);
+        return stop_requested();
+      };
+      EvalResult e = evaluate(session, *eval_data, sc.max_batch, eval_stop);
+      if (eval_generates && !e.interrupted) {
         const auto eval_tok = tokenizer ? nullptr : tokenizer_for_data(o->eval, o->data_flags, model_dir);
-        const EvalResult g = evaluate_generation(session, *eval_data, tokenizer ? *tokenizer : *eval_tok, o->eval_max_new);
+        const EvalResult g =
+            evaluate_generation(session, *eval_data, tokenizer ? *tokenizer : *eval_tok, o->eval_max_new, eval_stop);
+        e.interrupted = g.interrupted;
         e.metrics = g.metrics;
         e.note.clear();
       }
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
       progress.newline();
+      if (e.interrupted) {
+        eval_owed = done;
+        log_warn("the evaluation after step {} was interrupted after {}: not recorded; --resume runs it first", done,
+                 format_duration(s));
+        return false;
+      }
       std::string extra;
       for (const auto& [name, value] : e.metrics)
         if (name != "accuracy") extra += fmt::format(", {} {:.4f}", name, value);
@@ -1238,32 +1294,19 @@ Runner add_train(CLI::App& app) {
         for (const auto& [name, value] : e.metrics) j["eval_" + name] = value;
         emit(j);
       }
-    };
-    // Ranks stop together: a signal seen by any rank (mpirun forwards SIGINT/SIGTERM to all,
-    // but not at the same instant) stops every rank after the same step.
-    auto stop_requested = [&] {
-      const int local = g_stop_signal.load();
-      if (comm.size() == 1) return local != 0 || !log_failure.empty();
-      const double mine = local != 0 ? local : log_failure.empty() ? 0 : -1;  // -1: rank 0's log failed
-      const std::vector<double> all = comm.all_gather(std::span<const double>(&mine, 1), "the stop flags");
-      bool any = false;
-      for (double v : all)
-        if (v > 0) {
-          if (g_stop_signal.load() == 0) g_stop_signal.store(static_cast<int>(v));
-          any = true;
-        } else if (v < 0) {
-          any = true;
-        }
-      return any;
+      return true;
     };
     // Tests only (tests/mpi/ranks.sh): one rank hangs before a step, as a stuck process would.
     const char* hang_rank = std::getenv("ZO2_TEST_HANG_RANK");
     const char* hang_step = std::getenv("ZO2_TEST_HANG_AT_STEP");
     // A disk-tier resume past the checkpoint (Note [Disk tier resume]) starts after steps the
     // killed run finished; an evaluation due after the last of them may not have run (or its
-    // record not been written): it runs now.
-    if (!sc.replay.empty() && o->eval_every > 0 && next % o->eval_every == 0 && next < stop && !eval_logged_at_first)
-      run_eval(next);
+    // record not been written): it runs now. So does one a stop interrupted (Note [An
+    // interrupted evaluation]), whatever --eval-every is now. (At the last step, the final
+    // evaluation below is it.)
+    const bool eval_owed_now = eval_owed_at_resume == next ||
+                               (!sc.replay.empty() && o->eval_every > 0 && next % o->eval_every == 0);
+    if (eval_owed_now && next < stop && !eval_logged_at_first) run_eval(next);
     while (next < stop && !stop_requested() && skipped_in_a_row < kMaxSkippedInARow) {
       if (hang_rank && hang_step && std::atoi(hang_rank) == comm.rank() && std::atoll(hang_step) == next)
         for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
@@ -1289,10 +1332,11 @@ Runner add_train(CLI::App& app) {
       }
     }
     if (in_flight >= 0) harvest(in_flight);
-    const int sig = g_stop_signal.load();
+    int sig = g_stop_signal.load();
     const bool diverged = skipped_in_a_row >= kMaxSkippedInARow;
     // (a disk-tier resume that applied every step: the killed run's log may hold this one)
-    if (sig == 0 && !diverged && !(next == first_step && eval_logged_at_first)) run_eval(next);
+    if (sig == 0 && !diverged && !(next == first_step && eval_logged_at_first) && !run_eval(next))
+      sig = g_stop_signal.load();  // (0 when a failed --log-json write stopped it: that error follows)
     std::signal(SIGINT, SIG_DFL);
     std::signal(SIGTERM, SIG_DFL);
     if (sig != 0) {

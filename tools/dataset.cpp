@@ -1164,13 +1164,17 @@ HostBatch Dataset::collate(const std::vector<std::int64_t>& examples, bool gold_
   return b;
 }
 
-EvalResult evaluate(Session& session, const Dataset& data, int batch_rows) {
+EvalResult evaluate(Session& session, const Dataset& data, int batch_rows, const std::function<bool()>& stop) {
   EvalResult r;
   const std::int64_t per_batch = std::max<std::int64_t>(1, batch_rows / data.max_candidates());
   double sum = 0;
   std::int64_t correct = 0;
   std::vector<int> predicted;  // options: the argmax candidate of each example, in order
   for (std::int64_t first = 0; first < data.size(); first += per_batch) {
+    if (stop && stop()) {
+      r.interrupted = true;
+      return r;
+    }
     const HostBatch b = data.eval_batch(first, per_batch);
     std::vector<float> token_loss(static_cast<std::size_t>(b.tokens()));
     EvalOptions eo;
@@ -1255,7 +1259,7 @@ EvalResult evaluate(Session& session, const Dataset& data, int batch_rows) {
 namespace zo2::cli {
 
 EvalResult evaluate_generation(Session& session, const Dataset& data, const Tokenizer& tokenizer,
-                               int max_new_tokens) {
+                               int max_new_tokens, const std::function<bool()>& stop) {
   if (!task_is_generation(data.task()))
     fail(ErrorKind::invalid_argument, "generation-based evaluation is for squad and drop, not {}",
          data.task().empty() ? std::string("a file without --task") : data.task());
@@ -1292,7 +1296,21 @@ EvalResult evaluate_generation(Session& session, const Dataset& data, const Toke
                 ids.begin() + static_cast<std::ptrdiff_t>(keep_prefix + ids.size() - cap));
     prompts.push_back(std::move(ids));
   }
-  const std::vector<Generation> gen = generate(session, prompts, go);
+  // A stop ends the decoding after the step in progress (the session stays usable, as a
+  // progress callback's stop in the C API).
+  struct Stopped {};
+  if (stop)
+    go.progress = [&stop](const GenerateProgress&) {
+      if (stop()) throw Stopped{};
+    };
+  std::vector<Generation> gen;
+  try {
+    if (stop && stop()) throw Stopped{};
+    gen = generate(session, prompts, go);
+  } catch (const Stopped&) {
+    r.interrupted = true;
+    return r;
+  }
   r.prompts = prompts;
   for (std::size_t k = 0; k < gen.size(); ++k) {
     std::vector<std::int32_t> kept;

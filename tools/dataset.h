@@ -42,6 +42,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -172,6 +173,9 @@ struct EvalResult {
   std::vector<std::string> predictions;
   // evaluate_generation: per example, the prompt ids decoded (Dataset::generation_prompt).
   std::vector<std::vector<std::int32_t>> prompts;
+  // The `stop` predicate ended the evaluation early: the numbers above cover only part of
+  // the data and are not the evaluation's (the caller reports none).
+  bool interrupted = false;
 };
 
 }  // namespace zo2::cli
@@ -182,8 +186,10 @@ class Session;
 
 namespace zo2::cli {
 // Evaluates in batches of at most `batch_rows` sequences (an option example's candidates
-// always share a batch).
-EvalResult evaluate(Session& session, const Dataset& data, int batch_rows);
+// always share a batch). `stop`, when given, is asked before each batch (with ranks it must
+// be collective: every rank asks it as often); true ends the evaluation there, interrupted.
+EvalResult evaluate(Session& session, const Dataset& data, int batch_rows,
+                    const std::function<bool()>& stop = {});
 
 // squad, drop: MeZO's evaluation. Greedy decoding after each example's prompt (cut to
 // --max-len (Dataset::max_len) − max_new_tokens, and to the session's max_seq −
@@ -193,6 +199,7 @@ EvalResult evaluate(Session& session, const Dataset& data, int batch_rows);
 // metrics: MeZO's f1 then em against the gold answers (drop: then drop_eval.py's drop_f1,
 // drop_em). Decoding is api/generate.h's: the session must be set up for generation
 // (SessionConfig::generate, whose batch of prompts decodes together, with its KV cache).
+// `stop` as evaluate's, asked after each decoding step.
 EvalResult evaluate_generation(Session& session, const Dataset& data, const Tokenizer& tokenizer,
-                               int max_new_tokens = 50);
+                               int max_new_tokens = 50, const std::function<bool()>& stop = {});
 }  // namespace zo2::cli
