@@ -80,9 +80,13 @@ RopeConfig read_rope(const Reader& r) {
   rope.type = RopeType::default_;
   rope.theta = r.number_or("rope_theta", 10000.0);
   // transformers ≥ 5 writes `rope_parameters` (theta inside); older configs `rope_scaling`.
-  const char* field = r.has("rope_parameters") ? "rope_parameters"
-                      : r.has("rope_scaling")  ? "rope_scaling"
-                                               : nullptr;
+  // Where both are set, rope_scaling wins, unless it is empty: transformers 4 knows no
+  // other, and 5 takes `rope_scaling or rope_parameters`, theta then from the top-level
+  // rope_theta (PreTrainedConfig.convert_rope_params_to_dict).
+  const bool scaling = r.has("rope_scaling") && !(r.j.at("rope_scaling").is_object() && r.j.at("rope_scaling").empty());
+  const char* field = scaling                     ? "rope_scaling"
+                      : r.has("rope_parameters") ? "rope_parameters"
+                                                 : nullptr;
   auto check_theta = [&] {  // the rotary base: below 1 its frequencies grow past any float
     if (!(rope.theta >= 1 && std::isfinite(rope.theta)))
       fail(ErrorKind::format, "{}: rope_theta must be a finite number of at least 1, got {}", r.where, rope.theta);
@@ -116,12 +120,26 @@ RopeConfig read_rope(const Reader& r) {
       fail(ErrorKind::format, "{}: {}.factor must be positive, got {}", r.where, field, rope.factor);
   }
   if (rope.type == RopeType::llama3) {
-    for (const char* k : {"low_freq_factor", "high_freq_factor", "original_max_position_embeddings"})
+    for (const char* k : {"low_freq_factor", "high_freq_factor"})
       if (!pr.has(k))
         fail(ErrorKind::format, "{}: {}.{} is required for rope_type 'llama3'", r.where, field, k);
     rope.low_freq_factor = pr.number_or("low_freq_factor", 1.0);
     rope.high_freq_factor = pr.number_or("high_freq_factor", 4.0);
-    rope.original_max_positions = pr.integer("original_max_position_embeddings");
+    // transformers 5 fills a missing original_max_position_embeddings with the config's
+    // max_position_embeddings (standardize_rope_params).
+    if (pr.has("original_max_position_embeddings")) {
+      rope.original_max_positions = pr.integer("original_max_position_embeddings");
+    } else if (r.has("max_position_embeddings")) {
+      rope.original_max_positions = r.integer("max_position_embeddings");
+    } else {
+      fail(ErrorKind::format,
+           "{}: {}.original_max_position_embeddings is required for rope_type 'llama3' (or max_position_embeddings, "
+           "which stands in for it)",
+           r.where, field);
+    }
+    if (rope.original_max_positions <= 0)
+      fail(ErrorKind::format, "{}: {}.original_max_position_embeddings must be positive, got {}", r.where, field,
+           rope.original_max_positions);
     if (!(rope.high_freq_factor > rope.low_freq_factor))
       fail(ErrorKind::format, "{}: {}.high_freq_factor ({}) must exceed low_freq_factor ({})",
            r.where, field, rope.high_freq_factor, rope.low_freq_factor);
@@ -199,6 +217,7 @@ void read_gemma3(const Reader& r, ModelConfig& c) {
       json sub = json::object();
       if (rp.contains(type) && !rp.at(type).is_null()) sub["rope_parameters"] = rp.at(type);
       sub["rope_theta"] = theta;
+      if (r.has("max_position_embeddings")) sub["max_position_embeddings"] = j.at("max_position_embeddings");
       const std::string w = std::string(where) + " (rope_parameters." + type + ")";
       return read_rope(Reader{sub, w});
     };
@@ -336,8 +355,9 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& where) {
              where, c.hidden_size, c.num_heads);
       c.head_dim = r.integer_or("head_dim", c.num_heads > 0 ? c.hidden_size / c.num_heads : 0);
     }
+    // transformers' ACT2FN: "swish" is SiLU too.
     const std::string act = r.string_or("hidden_act", "silu");
-    if (act != "silu")
+    if (act != "silu" && act != "swish")
       fail(ErrorKind::unsupported, "{}: hidden_act '{}' is not supported for {} (silu)", where, act, arch);
     c.rope = read_rope(r);
     // Sliding-window attention.

@@ -205,6 +205,45 @@ TEST(ModelConfig, RopeTypesDefaultLinearAndLlama3ParseWithTheirFields) {
   EXPECT_EQ(ModelConfig::from_json(def).rope.type, RopeType::default_);
 }
 
+// Where rope_scaling and rope_parameters are both set, transformers (4 and 5) take
+// rope_scaling, with the top-level rope_theta; an empty rope_scaling does not count. A
+// llama3 scaling without original_max_position_embeddings takes max_position_embeddings
+// (transformers 5's standardize_rope_params); "swish" is SiLU (transformers' ACT2FN).
+TEST(ModelConfig, RopeScalingWinsOverRopeParametersAndLlama3FillsItsOriginalLength) {
+  json both = llama_json();
+  both["rope_theta"] = 50.0;
+  both["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 2.0}};
+  both["rope_parameters"] = {{"rope_type", "linear"}, {"factor", 4.0}, {"rope_theta", 500.0}};
+  const ModelConfig b = ModelConfig::from_json(both);
+  EXPECT_EQ(b.rope.type, RopeType::linear);
+  EXPECT_EQ(b.rope.factor, 2.0);
+  EXPECT_EQ(b.rope.theta, 50.0);
+  // A model card's YaRN snippet pasted beside transformers 5's rope_parameters is refused,
+  // not run as plain RoPE.
+  json yarn = llama_json();
+  yarn["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 1e6}};
+  yarn["rope_scaling"] = {{"type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 32768}};
+  expect_refused(yarn, ErrorKind::unsupported, {"rope_scaling.rope_type", "yarn"});
+  json empty = llama_json();
+  empty["rope_scaling"] = json::object();
+  empty["rope_parameters"] = {{"rope_type", "linear"}, {"factor", 4.0}, {"rope_theta", 500.0}};
+  EXPECT_EQ(ModelConfig::from_json(empty).rope.factor, 4.0);
+  EXPECT_EQ(ModelConfig::from_json(empty).rope.theta, 500.0);
+
+  json l3 = llama_json();
+  l3["max_position_embeddings"] = 2048;
+  l3["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0}};
+  EXPECT_EQ(ModelConfig::from_json(l3).rope.original_max_positions, 2048);
+  l3["rope_scaling"]["original_max_position_embeddings"] = 0;
+  expect_refused(l3, ErrorKind::format, {"original_max_position_embeddings", "0"});
+
+  json swish = llama_json();
+  swish["hidden_act"] = "swish";
+  EXPECT_NO_THROW(ModelConfig::from_json(swish));
+  swish["hidden_act"] = "gelu";
+  expect_refused(swish, ErrorKind::unsupported, {"hidden_act", "gelu"});
+}
+
 TEST(ModelConfig, Llama31StyleConfigWithEosListParses) {
   const json j = json::parse(R"({
     "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
