@@ -632,7 +632,7 @@ StepResult Session::collect(std::int64_t step) {
   outstanding_.erase(std::remove(outstanding_.begin(), outstanding_.end(), step), outstanding_.end());
   if (r.update_skipped)
     log_warn("step {}: the projected gradient is not finite (L+ = {}, L- = {}); its update is skipped",
-             step, r.loss_plus, r.loss_minus);
+             step + 1, r.loss_plus, r.loss_minus);  // (numbered from 1, as the progress and --log-json)
   if (cfg_.rule.kind == RuleKind::cons && !r.update_skipped)
     log_debug("step {}: zo-sgd-cons losses L(θ) {} L(θ−lr·g·z) {} L(θ+lr·g·z) {}: choice {}", step, r.cons_losses[0],
               r.cons_losses[1], r.cons_losses[2], r.choice);
@@ -732,7 +732,13 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
          "directory",
          out_dir.string(), run.string());
   try {
-    if (!adapters_) store_->check_finite(dtype);
+    // What a load would refuse is not saved: non-finite weights, adapters or rule state.
+    if (adapters_) {
+      adapters_->check_finite();
+    } else {
+      store_->check_finite(dtype);
+      store_->check_state_finite();
+    }
   } catch (const Error& e) {
     fail(e.kind(), "{}: not saved at step {}: {}", out_dir.string(), next_step_, e.what());
   }

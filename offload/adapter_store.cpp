@@ -266,6 +266,23 @@ void AdapterStore::load_state(const fs::path& file) {
   read_state_file(file, state_tensors(), state_);
 }
 
+void AdapterStore::check_finite() const {
+  for (std::size_t i = 0; i < layouts_.size(); ++i) {
+    const auto* base = static_cast<const std::byte*>(images_[i].data());
+    for (const ImageLayout* part : {&layouts_[i].a, &layouts_[i].b})
+      for (const TensorSlot& t : part->tensors()) {
+        const auto* data = base + (part == &layouts_[i].b ? layouts_[i].b_offset : 0) + t.offset;
+        if (const std::int64_t bad = first_non_finite(data, t.dtype, t.numel()); bad >= 0)
+          fail(ErrorKind::format,
+               "{} tensor '{}' holds a non-finite value at element {} ({}): the adapters diverged (a learning rate "
+               "too large for this model?)",
+               peft_.prefix > 0 ? "prefix" : "adapter", peft_.prefix > 0 ? t.name : peft_tensor_name(t.name), bad,
+               load_element(data, t.dtype, bad, 1.0f));
+      }
+  }
+  if (state_.buffers > 0) check_state_finite(state_tensors());
+}
+
 void AdapterStore::merge_into(BlockStore& store) const {
   if (!peft_.lora)
     fail(ErrorKind::invalid_argument, "a {} adapter has no weights to merge into the base (LoRA adapters do)",

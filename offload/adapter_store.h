@@ -48,6 +48,9 @@ class AdapterStore {
   // The rule's state of the adapters, as BlockStore::save_state does for blocks.
   void save_state(const std::filesystem::path& file) const;
   void load_state(const std::filesystem::path& file);
+  // Error(format) naming the first adapter (or prefix) tensor, or state tensor, that holds a
+  // non-finite value: a save refuses what a load would.
+  void check_finite() const;
   // W += scale·B·A in fp32, for every adapted layer of `store` (whose storage is rounded to
   // nearest where narrower than fp32).
   void merge_into(BlockStore& store) const;

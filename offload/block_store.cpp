@@ -449,6 +449,36 @@ void write_state_file(const std::filesystem::path& file, const std::vector<State
                               {"buffers", std::to_string(spec.buffers)}});
 }
 
+void check_state_finite(const std::vector<StateTensorRef>& tensors, const DiskTier* disk) {
+  std::vector<std::byte> tmp;
+  auto bytes = [&](const StateTensorRef& t, std::size_t offset, std::size_t n) -> const std::byte* {
+    if (t.disk_block < 0) return t.base + offset;
+    ZO2_CHECK(disk != nullptr);
+    tmp.resize(n);
+    disk->read_range(t.disk_block, t.base_offset + offset, n, tmp.data());
+    return tmp.data();
+  };
+  for (const StateTensorRef& t : tensors) {
+    const TensorSlot& s = *t.slot;
+    std::int64_t bad = first_non_finite(bytes(t, s.offset, s.bytes), s.dtype, s.numel());
+    if (bad < 0 && s.has_scales()) {
+      const std::int64_t row = first_non_finite(bytes(t, s.scale_offset, static_cast<std::size_t>(s.rows) * sizeof(float)),
+                                                DType::f32, s.rows);
+      if (row >= 0) bad = row * s.cols;
+    }
+    if (bad >= 0)
+      fail(ErrorKind::format,
+           "optimizer state tensor '{}' holds a non-finite value at element {}: the rule's state overflowed (zo-adam "
+           "squares each projected gradient; one beyond ~1e19 is infinite in its second moment): the losses are huge "
+           "(a weight that overflows the forward pass?) or the learning rate is too large",
+           t.name, bad);
+  }
+}
+
+void BlockStore::check_state_finite() const {
+  if (state_.buffers > 0) zo2::check_state_finite(state_tensors(), disk_.get());
+}
+
 void read_state_file(const std::filesystem::path& file, const std::vector<StateTensorRef>& tensors,
                      const StateSpec& spec, DiskTier* disk) {
   const SafetensorsFile f = SafetensorsFile::open(file);

@@ -50,6 +50,9 @@ struct StateTensorRef {
 };
 void write_state_file(const std::filesystem::path& file, const std::vector<StateTensorRef>& tensors,
                       const StateSpec& spec, const DiskTier* disk = nullptr);
+// Error(format) naming the first state tensor (or its row scale) that holds a non-finite
+// value: a save refuses such state, as a load would (read_state_file).
+void check_state_finite(const std::vector<StateTensorRef>& tensors, const DiskTier* disk = nullptr);
 void read_state_file(const std::filesystem::path& file, const std::vector<StateTensorRef>& tensors,
                      const StateSpec& spec, DiskTier* disk = nullptr);
 
@@ -146,6 +149,8 @@ class BlockStore {
   // pass over the images, at memory speed). With a save dtype narrower in range than the
   // weights (fp16: ±65504), a weight that would round to infinity in it is refused too.
   void check_finite(DType save_dtype = DType::f32) const;
+  // The same for the rule's state (none kept: nothing to check).
+  void check_state_finite() const;
 
   // The state as a safetensors file (tensor names: the weight's HF name + ".state0" /
   // ".state1", in the state dtype, fp8 as its fp32 values), and back: load_state checks

@@ -266,6 +266,30 @@ TEST(GenerateCli, CtrlCDuringTrainsGeneratedEvaluationStopsItAndTheResumeRunsIt)
     EXPECT_EQ(resumed[0][key], ref[0][key]) << key;
 }
 
+// Weights that overflow the forward pass (a finite checkpoint: the final LayerNorm's
+// weight 3e38) give NaN logits: generate and eval stop with an error saying so, instead of
+// greedy picking id 0 over the NaNs (and squad's EM scoring "!!!" against "the" as 1).
+TEST(GenerateCli, NonFiniteLogitsStopGenerateAndEvalWithAnError) {
+  Micro m;
+  const fs::path bad = m.tmp / "overflow";
+  fs::copy(m.model, bad);
+  for (std::int64_t e = 0; e < test::hidden_size(bad); ++e)
+    test::poke_safetensors(bad / "model.safetensors", "model.decoder.final_layer_norm.weight", e, 3e38f);
+  std::string out;
+  for (const std::string how : {"", " --temperature 0.8 --top-p 0.9 --seed 1"}) {
+    out.clear();
+    EXPECT_EQ(run("generate --model " + bad.string() + " --prompt 'The film was' --max-new-tokens 3" + how, &out), 1)
+        << out;
+    EXPECT_NE(out.find("the logits of prompt 0 at new token 1 are not finite"), std::string::npos) << out;
+  }
+  const fs::path squad = fs::path(__FILE__).parent_path() / "data" / "tasks" / "squad.json";
+  out.clear();
+  EXPECT_EQ(run("eval --model " + bad.string() + " --task squad --data " + squad.string() + " --max-new-tokens 3", &out), 1)
+      << out;
+  EXPECT_NE(out.find("the loss is not finite"), std::string::npos) << out;
+  EXPECT_EQ(out.find("em 1.0"), std::string::npos) << out;
+}
+
 TEST(GenerateCli, BadRequestsAreUsageErrorsNamingTheFlagOrPrompt) {
   Micro m;
   EXPECT_NE(m.gen("--max-new-tokens 4", 2).find("--prompt TEXT or --data FILE"), std::string::npos);

@@ -228,6 +228,28 @@ TEST(LoraCli, AResumeFindsAMovedBaseGivenAsModel) {
   EXPECT_NE(out.find("drop --model"), std::string::npos) << out;
 }
 
+// Diverged adapters are not saved, as diverged full weights are not: the save names the
+// tensor (a load refuses it), and replay of the run's log refuses to write them too.
+TEST(LoraCli, NonFiniteAdaptersAreNotSavedNorReplayed) {
+  Workspace w;
+  // lr 3e38: with seed 1 the first update overflows some adapter elements to infinity.
+  const std::string train = "train --model " + w.model.string() + " --data " + w.data.string() + " --out " +
+                            (w.tmp / "lora").string() + " --steps 8 --batch-size 4 --eps 1e-3 --seed 1 --lora --lr 3e38";
+  std::string out;
+  EXPECT_EQ(run(train, &out), 1) << out;
+  EXPECT_NE(out.find("adapter tensor 'base_model.model."), std::string::npos) << out;
+  EXPECT_NE(out.find("holds a non-finite value"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "lora" / "current")) << out;
+  out.clear();
+  EXPECT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (w.tmp / "lora" / "seed_log.jsonl").string() +
+                    " --out " + (w.tmp / "replay").string(),
+                &out),
+            1)
+      << out;
+  EXPECT_NE(out.find("holds a non-finite value"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "replay" / "adapter_model.safetensors")) << out;
+}
+
 TEST(LoraCli, BadLoraFlagsAreUsageErrors) {
   Workspace w;
   const std::pair<std::string, std::string> cases[] = {

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+
 #include <fstream>
 #include <sstream>
 
@@ -144,6 +145,34 @@ TEST(RuleCli, AResumeAcceptsSomeOfTheRunsRuleFlagsGivenAgain) {
         << c.flags << ": " << out;
     if (!c.says.empty()) EXPECT_NE(out.find(c.says), std::string::npos) << c.flags << ": " << out;
   }
+}
+
+// A finite checkpoint whose losses are huge (~5e32: the final LayerNorm's weight 1e33)
+// gives projected gradients whose squares overflow zo-adam's second moment. The run's save
+// refuses the infinite state, naming it, instead of writing a checkpoint --resume refuses
+// (and the weights, whose steps m/sqrt(v) are then 0, never moved).
+TEST(RuleCli, AnOverflowedAdamStateIsNotSavedAndIsNamed) {
+  Workspace w;
+  const fs::path huge = w.tmp / "huge";
+  fs::copy(w.model, huge);
+  for (std::int64_t e = 0; e < test::hidden_size(huge); ++e)
+    test::poke_safetensors(huge / "model.safetensors", "model.decoder.final_layer_norm.weight", e, 1e33f);
+  std::string out;
+  EXPECT_EQ(run("train --model " + huge.string() + " --data " + w.data.string() + " --out " + (w.tmp / "adam").string() +
+                    " --steps 3 --batch-size 4 --lr 1e-6 --optimizer zo-adam -q",
+                &out),
+            1)
+      << out;
+  EXPECT_NE(out.find("optimizer state tensor"), std::string::npos) << out;
+  EXPECT_NE(out.find("holds a non-finite value"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "adam" / "current")) << out;
+  // zo-sgd has no state: the same run saves.
+  out.clear();
+  EXPECT_EQ(run("train --model " + huge.string() + " --data " + w.data.string() + " --out " + (w.tmp / "sgd").string() +
+                    " --steps 3 --batch-size 4 --lr 1e-40 -q",
+                &out),
+            0)
+      << out;
 }
 
 TEST(RuleCli, BadRuleFlagsAreUsageErrorsNamingTheFlag) {

@@ -69,6 +69,11 @@ std::filesystem::path zo2_tune_path() {
   return p;
 }
 
+std::int64_t hidden_size(const std::filesystem::path& dir) {
+  std::ifstream in(dir / "config.json");
+  return nlohmann::json::parse(in).at("hidden_size").get<std::int64_t>();
+}
+
 int run_command(const std::string& command, std::string* output) {
   std::string cmd = command + " 2>&1";
   FILE* pipe = popen(cmd.c_str(), "r");

@@ -48,6 +48,9 @@ Error error_of(F&& fn) {
 void poke_safetensors(const std::filesystem::path& file, const std::string& tensor, std::int64_t element,
                       float value);
 
+// hidden_size of the checkpoint in `dir` (its config.json).
+std::int64_t hidden_size(const std::filesystem::path& dir);
+
 // Runs a shell command, returns its exit status; stdout+stderr go to *output if given.
 int run_command(const std::string& command, std::string* output = nullptr);
 

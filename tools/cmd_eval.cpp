@@ -100,6 +100,13 @@ Runner add_eval(CLI::App& app) {
     }
     Session session(o->model, sc);
     EvalResult r = evaluate(session, data, sc.max_batch);
+    // A loss from finite logits is finite (a log-sum-exp): a NaN or infinity means the
+    // forward pass overflowed, and every number from it would mislead.
+    if (!std::isfinite(r.loss))
+      fail(ErrorKind::format,
+           "{}: the loss is not finite ({}): the model's logits overflow (weights with huge or non-finite values, or "
+           "a compute dtype too narrow for them); no evaluation is reported",
+           o->model, r.loss);
     if (generate) {
       const Placement& pl = session.placement();
       log_info("{}: greedy decoding of up to {} tokens per answer, {} prompts at a time, {}", data.task(), o->max_new,
