@@ -633,6 +633,20 @@ StepResult Session::collect(std::int64_t step) {
   if (r.update_skipped)
     log_warn("step {}: the projected gradient is not finite (L+ = {}, L- = {}); its update is skipped",
              step + 1, r.loss_plus, r.loss_minus);  // (numbered from 1, as the progress and --log-json)
+  // zo-adam squares each element's u = g·z/q (+ wd·W) in fp32: past |u| ≈ 1.8e19 the square
+  // is infinite, v' too, and that weight's steps m'/√v' are 0 from then on. The save refuses
+  // such state (BlockStore::check_state_finite); say so when it starts, not only there.
+  if (cfg_.rule.kind == RuleKind::adam && !r.update_skipped && !adam_overflow_said_) {
+    float largest = 0;
+    for (float g : r.gs) largest = std::max(largest, std::fabs(g) / static_cast<float>(r.gs.size()));
+    if (largest * 6.0f > 1.8e19f) {  // |z| reaches 6 among millions of normal draws
+      adam_overflow_said_ = true;
+      log_warn("step {}: the projected gradient {} is so large that zo-adam's second moment overflows to infinity "
+               "(its square passes 3.4e38 where |g·z| > 1.8e19): the weights there stop moving and the save will "
+               "refuse the state; the losses (L+ = {}) are huge: a weight that overflows the forward pass?",
+               step + 1, r.g, r.loss_plus);
+    }
+  }
   if (cfg_.rule.kind == RuleKind::cons && !r.update_skipped)
     log_debug("step {}: zo-sgd-cons losses L(θ) {} L(θ−lr·g·z) {} L(θ+lr·g·z) {}: choice {}", step, r.cons_losses[0],
               r.cons_losses[1], r.cons_losses[2], r.choice);

@@ -221,6 +221,7 @@ class Session {
   // Note [Disk tier resume]: results read early by step_async (their log lines written), for wait.
   std::map<std::int64_t, StepResult> harvested_;
   std::function<void(const StepResult&)> result_hook_;
+  bool adam_overflow_said_ = false;  // the warning of Session::collect, once a session
   StepResult collect(std::int64_t step);
   void harvest_before(std::int64_t step);  // collects every outstanding step below `step`, in order
   std::map<std::int64_t, std::int64_t> global_tokens_;  // data parallel: a step's tokens over every shard
