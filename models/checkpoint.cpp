@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <set>
 #include <vector>
 
@@ -29,14 +30,15 @@ void quantize_rows_e4m3(const float* src, std::int64_t rows, std::int64_t cols, 
     const float* row = src + r * cols;
     float absmax = 0.0f;
     for (std::int64_t c = 0; c < cols; ++c) absmax = std::max(absmax, std::fabs(row[c]));
-    const float scale = absmax > 0.0f ? absmax / kE4M3Max : 1.0f;
+    const float scale = fp8_row_scale(absmax);  // Note [Tiny fp8 rows] in runtime/element.h
     scales[r] = scale;
     for (std::int64_t c = 0; c < cols; ++c) dst[r * cols + c] = f32_to_e4m3(row[c] / scale);
   });
 }
 
-// (checkpoint.h) All exponent bits set is NaN or infinity in fp32, bf16 and fp16; fp8 e4m3
-// has no infinity and its NaN is S.1111.111. Fixed chunks, so the answer is deterministic.
+// (checkpoint.h) All exponent bits set is NaN or infinity in fp32, bf16, fp16 and fp8 e5m2;
+// fp8 e4m3 has no infinity and its NaN is S.1111.111. Fixed chunks, so the answer is
+// deterministic.
 std::int64_t first_non_finite(const void* data, DType dt, std::int64_t n) {
   constexpr std::int64_t kChunk = std::int64_t{1} << 16;
   const std::int64_t chunks = (n + kChunk - 1) / kChunk;
@@ -62,6 +64,7 @@ std::int64_t first_non_finite(const void* data, DType dt, std::int64_t n) {
         dt == DType::f32     ? scan(std::uint32_t{}, std::uint32_t{0x7F800000u}, c)
         : dt == DType::bf16  ? scan(std::uint16_t{}, std::uint16_t{0x7F80u}, c)
         : dt == DType::f16   ? scan(std::uint16_t{}, std::uint16_t{0x7C00u}, c)
+        : dt == DType::f8_e5m2 ? scan(std::uint8_t{}, std::uint8_t{0x7Cu}, c)
                              : scan(std::uint8_t{}, std::uint8_t{0x7Fu}, c);
   });
   for (const std::int64_t i : found)
@@ -82,11 +85,24 @@ namespace {
           DType::f64, 1);
   const std::string at = slot.ndim == 2 ? fmt::format("element [{}, {}]", i / slot.cols, i % slot.cols)
                                         : fmt::format("element {}", i);
-  if (std::isfinite(v))
+  if (std::isfinite(v)) {
+    // The largest finite value of the storage: fp16 65504, bf16 (2 − 2^-7)·2^127; fp32 and
+    // fp8 (whose per-row scales are fp32) (2 − 2^-23)·2^127. Only an fp64 source exceeds
+    // the latter.
+    const double max = slot.dtype == DType::f16    ? 65504.0
+                       : slot.dtype == DType::bf16 ? static_cast<double>(bf16_to_f32(0x7F7Fu))
+                                                   : static_cast<double>(std::numeric_limits<float>::max());
+    // A wider storage that holds it, if any.
+    const bool f32_holds = std::fabs(v) <= std::numeric_limits<float>::max();
+    const bool bf16_holds = f32_holds && std::isfinite(bf16_to_f32(f32_to_bf16(static_cast<float>(v))));
+    const char* holds = "";
+    if (slot.dtype == DType::f16 && bf16_holds)
+      holds = "; fp32 or bf16 storage holds it";
+    else if ((slot.dtype == DType::f16 || slot.dtype == DType::bf16) && f32_holds)
+      holds = "; fp32 storage holds it";
     fail(ErrorKind::format, "{}: tensor '{}' in {}: {} = {} overflows {} storage (max {}){}", where, slot.name,
-         entry.file->path().filename().string(), at, v, dtype_name(slot.dtype),
-         slot.dtype == DType::f16 ? "65504" : "3.4e38",
-         slot.dtype == DType::f16 ? "; fp32 or bf16 storage holds it" : "");
+         entry.file->path().filename().string(), at, v, dtype_name(slot.dtype), max, holds);
+  }
   fail(ErrorKind::format,
        "{}: tensor '{}' in {} holds a non-finite weight ({} = {}); a checkpoint with NaN or infinite "
        "weights is refused (every loss would be NaN)",

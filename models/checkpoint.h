@@ -23,15 +23,16 @@ const SafetensorsCheckpoint::Entry* find_checkpoint_tensor(const SafetensorsChec
 void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, void* image,
                 const std::string& where);
 
-// The index of the first of n elements (fp32, bf16, fp16 or fp8 e4m3 bits) that is NaN or
-// infinite, or −1: one parallel pass at memory speed; the lowest index wins.
+// The index of the first of n elements (fp32, bf16, fp16, fp8 e4m3 or e5m2 bits) that is
+// NaN or infinite, or −1: one parallel pass at memory speed; the lowest index wins.
 std::int64_t first_non_finite(const void* data, DType dt, std::int64_t n);
 
 // Converts an image slot to a checkpoint tensor of dtype `dt` (fp32, bf16, fp16; fp8 only
 // when the slot is fp8) — a fill callback, so large saves stream without a second copy.
 TensorToWrite image_tensor(const TensorSlot& slot, const void* image, DType dt);
 
-// Quantizes fp32 values into an fp8 slot: per-row scale = absmax/448, round to nearest.
+// Quantizes fp32 values into an fp8 slot: per-row scale = fp8_row_scale(absmax) (absmax/448;
+// Note [Tiny fp8 rows] in runtime/element.h), round to nearest.
 void quantize_rows_e4m3(const float* src, std::int64_t rows, std::int64_t cols, std::uint8_t* dst,
                         float* scales);
 

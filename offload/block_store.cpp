@@ -391,8 +391,9 @@ void BlockStore::check_finite(DType save_dtype) const {
         if (const std::int64_t k = first_non_finite(narrow.data(), save_dtype, n); k >= 0)
           fail(ErrorKind::format,
                "tensor '{}' ({}) holds {} at element {}, beyond {}'s range: it would be saved as infinity; save in a "
-               "wider dtype (fp32, or bf16)",
-               s.name, where, wide[static_cast<std::size_t>(k)], at + k, dtype_name(save_dtype));
+               "wider dtype ({})",
+               s.name, where, wide[static_cast<std::size_t>(k)], at + k, dtype_name(save_dtype),
+               save_dtype == DType::f16 ? "fp32, or bf16" : "fp32");
       }
     }
   };

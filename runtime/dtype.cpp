@@ -116,6 +116,7 @@ float decode(const unsigned char* p, std::size_t i) {
   if constexpr (S == DType::bf16) return bf16_to_f32(load_elem<std::uint16_t>(p, i));
   if constexpr (S == DType::f16) return f16_to_f32(load_elem<std::uint16_t>(p, i));
   if constexpr (S == DType::f8_e4m3) return e4m3_to_f32(p[i]);
+  if constexpr (S == DType::f8_e5m2) return e5m2_to_f32(p[i]);
 }
 
 // Stores fp32 x as element i of a destination of type D (not f64), rounding to nearest.
@@ -167,6 +168,7 @@ RangeFn pick(DType src, DType dst) {
     case DType::bf16: return pick_dst<DType::bf16>(dst);
     case DType::f16: return pick_dst<DType::f16>(dst);
     case DType::f8_e4m3: return pick_dst<DType::f8_e4m3>(dst);
+    case DType::f8_e5m2: return pick_dst<DType::f8_e5m2>(dst);  // a source only
     default: return nullptr;
   }
 }
@@ -203,6 +205,7 @@ float load_as_f32(const void* src, DType dt, std::size_t i) {
     case DType::bf16: return decode<DType::bf16>(p, i);
     case DType::f16: return decode<DType::f16>(p, i);
     case DType::f8_e4m3: return decode<DType::f8_e4m3>(p, i);
+    case DType::f8_e5m2: return decode<DType::f8_e5m2>(p, i);
     default:
       fail(ErrorKind::unsupported, "cannot load {} as fp32", dtype_name(dt));
   }

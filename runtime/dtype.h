@@ -42,13 +42,15 @@ bool dtype_is_float(DType dt);
 bool dtype_is_storage(DType dt);
 
 // Converts n elements between the floating types f64, f32, bf16, f16 and f8_e4m3
-// (any pair, same type included): round-to-nearest-even with the scalar functions of
-// dtype_convert.h (e4m3 saturates at +-448); f64 -> f32 is static_cast, and f64 to a
-// narrower type rounds once (through fp32 rounded to odd, so there is no double rounding).
+// (any pair, same type included), and from f8_e5m2 (a checkpoint dtype zo2 reads, never
+// writes) to any of them: round-to-nearest-even with the scalar functions of
+// dtype_convert.h (e4m3 saturates at +-448; e5m2 widens exactly, inf and NaN included);
+// f64 -> f32 is static_cast, and f64 to a narrower type rounds once (through fp32 rounded
+// to odd, so there is no double rounding).
 // src and dst may be unaligned and must not overlap. Runs in parallel over fixed chunks,
 // so the result never depends on scheduling. Any other pair throws Error(unsupported).
 void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::size_t n);
-// Element i of src (of type dt: f64, f32, bf16, f16, f8_e4m3) as fp32; others throw.
+// Element i of src (of type dt: f64, f32, bf16, f16, f8_e4m3, f8_e5m2) as fp32; others throw.
 float load_as_f32(const void* src, DType dt, std::size_t i);
 
 }  // namespace zo2

@@ -195,6 +195,13 @@ ZO2_HD std::uint16_t f32_to_f16_sr(float x, std::uint32_t r) {
   return static_cast<std::uint16_t>(sign | (v.integer + (r < v.fraction ? 1u : 0u)));
 }
 
+// ------------------------------------------------------------------------ fp8 e5m2
+
+// OCP fp8 e5m2 (bias 15, 2 mantissa bits, IEEE-like: 0x7C is inf, 0x7D..0x7F NaN) is the
+// top byte of an IEEE fp16, so widening it is exact. Read-only: zo2 accepts e5m2 in a
+// checkpoint (converted to the storage dtype at load) but never stores or writes it.
+ZO2_HD float e5m2_to_f32(std::uint8_t v) { return f16_to_f32(static_cast<std::uint16_t>(v << 8)); }
+
 // ------------------------------------------------------------------------ fp8 e4m3
 
 ZO2_HD float e4m3_to_f32(std::uint8_t v) {

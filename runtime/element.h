@@ -133,8 +133,28 @@ ZO2_HD StateValues state_updated(const StateCoefficients& k, float w, float m, f
   return {ffma(k.neg_step, fdiv(m1, denom), w), m1, v1};
 }
 
-// The row scale of an fp8 row whose new values have this absolute maximum (as `update`).
-ZO2_HD float fp8_row_scale(float absmax) { return absmax > 0.0f ? detail::fdiv(absmax, kE4M3Max) : 1.0f; }
+// The row scale of an fp8 row whose values have this absolute maximum: absmax / 448, so the
+// largest value encodes as 448 (1 for an all-zero row). Every CPU and CUDA encoder (load
+// from a checkpoint, `update`, the stateful update) takes its scales from here.
+//
+// Note [Tiny fp8 rows]
+//   Where absmax / 448 is subnormal in fp32 (absmax < 448·2^-126 ≈ 5.3e-36) the quotient
+//   is rounded to a multiple of 2^-149, and for absmax ≤ 224·2^-149 ≈ 3.1e-43 it underflows
+//   to 0: the row would be divided by 0 (NaN). There the scale is at least 2^-149 (the
+//   smallest subnormal), and one ulp more when the rounding went down far enough that
+//   absmax / scale would exceed 448 (which would saturate the largest values): the exact
+//   quotient k·2^-149 ≥ absmax/448 − 2^-150 grows to (k+1)·2^-149 > absmax/448, so every
+//   value of the row encodes unsaturated and stays finite. A row whose quotient is normal
+//   (every row of a real model) keeps exactly absmax / 448.
+ZO2_HD float fp8_row_scale(float absmax) {
+  if (!(absmax > 0.0f)) return 1.0f;
+  const float s = detail::fdiv(absmax, kE4M3Max);
+  std::uint32_t k = detail::float_to_bits(s);  // s >= 0: in units of 2^-149 while subnormal
+  if (k >= 0x00800000u) return s;              // normal (or +inf): unchanged
+  if (k == 0) k = 1;
+  if (detail::fdiv(absmax, detail::bits_to_float(k)) > kE4M3Max) ++k;
+  return detail::bits_to_float(k);
+}
 
 // n elements of dtype `packed` (bf16 or fp16) stored at the front of v[0..n), widened to
 // fp32 in place. Element i's bytes sit at [i·w, (i+1)·w) with w < 4, so writing float i at

@@ -185,6 +185,55 @@ TEST(DTypeConvert, E4m3DecodesEveryBitPatternToItsValue) {
   EXPECT_EQ(e4m3_to_f32(0x08), std::ldexp(1.0f, -6));  // smallest normal
 }
 
+// fp8 e5m2 (a checkpoint dtype zo2 reads): bias 15, 2 mantissa bits, subnormals m·2^-16,
+// S.11111.00 infinity and S.11111.xx (xx ≠ 0) NaN, as in IEEE fp16 whose top byte it is.
+TEST(DTypeConvert, E5m2DecodesEveryBitPatternToItsValue) {
+  for (int v = 0; v < 256; ++v) {
+    const float x = e5m2_to_f32(static_cast<u8>(v));
+    const int e = (v >> 2) & 0x1f, m = v & 3;
+    EXPECT_EQ(std::signbit(x), v >= 0x80) << v;
+    if (e == 31) {
+      EXPECT_TRUE(m == 0 ? std::isinf(x) : std::isnan(x)) << v;
+      continue;
+    }
+    const double mag = e == 0 ? std::ldexp(m, -16) : std::ldexp(1.0 + m / 4.0, e - 15);
+    EXPECT_EQ(static_cast<double>(x), v >= 0x80 ? -mag : mag) << v;
+  }
+  EXPECT_EQ(e5m2_to_f32(0x38), 0.5f);
+  EXPECT_EQ(e5m2_to_f32(0x7b), 57344.0f);  // the largest finite value
+  EXPECT_EQ(e5m2_to_f32(0x01), std::ldexp(1.0f, -16));
+}
+
+// Every e5m2 pattern converts to each type zo2 stores (and to f64) exactly as its fp32 value
+// does; e5m2 is a source only.
+TEST(DTypeConvert, ConvertReadsE5m2IntoEveryFloatType) {
+  std::array<u8, 256> src{};
+  for (int v = 0; v < 256; ++v) src[static_cast<std::size_t>(v)] = static_cast<u8>(v);
+  for (DType d : {DType::f64, DType::f32, DType::bf16, DType::f16, DType::f8_e4m3}) {
+    std::vector<u8> dst(256 * dtype_size(d)), want(dst.size());
+    convert(src.data(), DType::f8_e5m2, dst.data(), d, 256);
+    for (std::size_t i = 0; i < 256; ++i) {
+      const float x = e5m2_to_f32(src[i]);
+      u8* w = want.data() + i * dtype_size(d);
+      switch (d) {
+        case DType::f64: { const double y = x; std::memcpy(w, &y, 8); break; }
+        case DType::f32: std::memcpy(w, &x, 4); break;
+        case DType::bf16: { const u16 h = f32_to_bf16(x); std::memcpy(w, &h, 2); break; }
+        case DType::f16: { const u16 h = f32_to_f16(x); std::memcpy(w, &h, 2); break; }
+        default: *w = f32_to_e4m3(x); break;
+      }
+      EXPECT_EQ(bits(load_as_f32(src.data(), DType::f8_e5m2, i)), bits(x)) << i;
+    }
+    EXPECT_EQ(dst, want) << "e5m2 -> " << dtype_name(d);
+  }
+  // To fp16 it is exact: the byte is the top byte of the fp16.
+  std::array<u16, 256> h{};
+  convert(src.data(), DType::f8_e5m2, h.data(), DType::f16, 256);
+  for (int v = 0; v < 256; ++v)
+    if ((v & 0x7f) <= 0x7c) EXPECT_EQ(h[static_cast<std::size_t>(v)], v << 8) << v;
+  EXPECT_THROW(convert(h.data(), DType::f32, src.data(), DType::f8_e5m2, 1), Error);
+}
+
 TEST(DTypeConvert, E4m3RoundTripsEveryBitPattern) {
   for (int v = 0; v < 256; ++v) {
     // Finite values come back exactly; NaN comes back as 0x7F / 0xFF (sign kept).
@@ -637,7 +686,7 @@ TEST(DTypeConvert, ConvertRejectsUnsupportedPairs) {
     EXPECT_NE(std::string(e.what()).find("fp32"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("i32"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(convert(src, DType::f8_e5m2, dst, DType::f32, 0), Error);
+  EXPECT_THROW(convert(src, DType::f32, dst, DType::f8_e5m2, 0), Error);  // e5m2 is read, never written
   EXPECT_THROW(convert(src, DType::u8, dst, DType::bf16, 3), Error);
   EXPECT_THROW(convert(src, DType::f32, dst, DType::boolean, 3), Error);
 }

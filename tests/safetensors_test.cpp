@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
@@ -19,6 +20,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "runtime/dtype_convert.h"
 #include "runtime/error.h"
 #include "tests/test_util.h"
 
@@ -1062,6 +1064,123 @@ TEST(SafetensorsGolden, RewritingAGoldenModelReproducesItByteForByte) {
     write_safetensors(out, tensors, f.metadata());
     EXPECT_EQ(read_bytes(out), read_bytes(src));
   }
+}
+
+
+// ---- fp8 e5m2 checkpoints --------------------------------------------------------------
+
+// A copy of the model directory `from` as `to` whose tensor `name` is replaced by `bytes` of
+// dtype dt (same shape).
+void replace_tensor(const fs::path& from, const fs::path& to, const std::string& name, DType dt,
+                    const std::vector<std::uint8_t>& bytes) {
+  fs::copy(from, to, fs::copy_options::recursive);
+  const SafetensorsFile f = SafetensorsFile::open(from / "model.safetensors");
+  std::vector<TensorToWrite> tensors;
+  for (const TensorInfo& t : f.tensors()) {
+    if (t.name == name)
+      tensors.push_back({t.name, dt, t.shape, bytes.data(), {}});
+    else
+      tensors.push_back({t.name, t.dtype, t.shape, f.bytes(t).data(), {}});
+  }
+  write_safetensors(to / "model.safetensors", tensors, f.metadata());
+}
+
+// README: a checkpoint may hold any float dtype. An F8_E5M2 tensor was refused with "no
+// conversion from fp8_e5m2 to fp32", naming neither file nor tensor. It loads into every
+// storage dtype, exactly as the same values in F32 do, and its infinity and NaN encodings
+// are refused like any non-finite weight, naming the tensor and the element.
+TEST(SafetensorsCheckpoint, AnF8E5m2TensorIsReadExactlyAndItsNonFiniteCodesAreRefusedByName) {
+  test::TempDir tmp;
+  const std::string tune = test::zo2_tune_path().string();
+  const fs::path base = tmp / "base";
+  const std::string data = (tmp / "d.safetensors").string();
+  std::string out;
+  ASSERT_EQ(test::run_command(tune + " init --preset opt-tiny --out " + base.string() + " --seed 1 -q", &out), 0) << out;
+  ASSERT_EQ(test::run_command(tune + " synth-data --model " + base.string() + " --out " + data + " --rows 8 --seq 16 -q",
+                              &out),
+            0)
+      << out;
+  const std::string name = "model.decoder.layers.0.fc1.weight";
+  std::int64_t n = 0, cols = 0;
+  {
+    const SafetensorsFile f = SafetensorsFile::open(base / "model.safetensors");
+    n = f.at(name).numel();
+    cols = f.at(name).shape.back();
+  }
+  // Weights of 2^-8 .. 1.75·2^-5 in magnitude, both signs, and a few subnormals and zeros.
+  std::vector<std::uint8_t> e5(static_cast<std::size_t>(n));
+  std::vector<float> f32(e5.size());
+  for (std::size_t i = 0; i < e5.size(); ++i) {
+    const auto code = static_cast<std::uint8_t>(i % 97 == 0 ? i % 4 : 0x1c + (i * 7) % 16);
+    e5[i] = static_cast<std::uint8_t>(code | (i % 3 == 0 ? 0x80 : 0));
+    f32[i] = e5m2_to_f32(e5[i]);
+  }
+  std::vector<std::uint8_t> f32_bytes(f32.size() * 4);
+  std::memcpy(f32_bytes.data(), f32.data(), f32_bytes.size());
+  replace_tensor(base, tmp / "e5", name, DType::f8_e5m2, e5);
+  replace_tensor(base, tmp / "f32", name, DType::f32, f32_bytes);
+  auto eval = [&](const fs::path& model, const std::string& storage, std::string* o) {
+    o->clear();
+    return test::run_command(tune + " eval --model " + model.string() + " --data " + data + " --storage-dtype " + storage,
+                             o);
+  };
+  for (const char* sd : {"fp32", "bf16", "fp16", "fp8"}) {
+    std::string a, b;
+    ASSERT_EQ(eval(tmp / "e5", sd, &a), 0) << sd << ": " << a;
+    ASSERT_EQ(eval(tmp / "f32", sd, &b), 0) << sd << ": " << b;
+    EXPECT_NE(a.find("eval: loss "), std::string::npos) << a;
+    EXPECT_EQ(a, b) << sd << ": the e5m2 values are read exactly";
+  }
+  // 0x7C is +inf, 0xFF a NaN: refused at load, naming the tensor and the element.
+  for (const std::uint8_t bad : {std::uint8_t{0x7c}, std::uint8_t{0xff}}) {
+    std::vector<std::uint8_t> b = e5;
+    b[static_cast<std::size_t>(cols + 5)] = bad;
+    const fs::path m = tmp / ("bad" + std::to_string(bad));
+    replace_tensor(base, m, name, DType::f8_e5m2, b);
+    for (const char* sd : {"fp32", "bf16", "fp8"}) {
+      EXPECT_EQ(eval(m, sd, &out), 1) << sd << ": " << out;
+      EXPECT_NE(out.find("tensor '" + name + "' in model.safetensors holds a non-finite weight (element [1, 5] = " +
+                         (bad == 0x7c ? "inf" : "") ),
+                std::string::npos)
+          << sd << ": " << out;
+    }
+  }
+}
+
+
+// A finite weight that the storage dtype cannot hold is refused naming the storage's true
+// largest value (bf16's is 3.3895313892515355e38, not 3.4e38) and a storage that holds it.
+TEST(SafetensorsCheckpoint, AWeightBeyondTheStorageRangeIsRefusedWithTheTrueMaximum) {
+  test::TempDir tmp;
+  const std::string tune = test::zo2_tune_path().string();
+  const fs::path base = tmp / "base";
+  const std::string data = (tmp / "d.safetensors").string();
+  std::string out;
+  ASSERT_EQ(test::run_command(tune + " init --preset opt-tiny --out " + base.string() + " --seed 1 -q", &out), 0) << out;
+  ASSERT_EQ(test::run_command(tune + " synth-data --model " + base.string() + " --out " + data + " --rows 8 --seq 16 -q",
+                              &out),
+            0)
+      << out;
+  const std::string name = "model.decoder.layers.0.fc2.weight";
+  test::poke_safetensors(base / "model.safetensors", name, 5, std::numeric_limits<float>::max());
+  auto eval = [&](const std::string& storage) {
+    out.clear();
+    return test::run_command(tune + " eval --model " + base.string() + " --data " + data + " --storage-dtype " + storage,
+                             &out);
+  };
+  EXPECT_EQ(eval("bf16"), 1) << out;
+  EXPECT_NE(out.find("tensor '" + name + "' in model.safetensors: element [0, 5] = 3.4028234663852886e+38 overflows "
+                     "bf16 storage (max 3.3895313892515355e+38); fp32 storage holds it"),
+            std::string::npos)
+      << out;
+  EXPECT_EQ(eval("fp16"), 1) << out;
+  EXPECT_NE(out.find("overflows fp16 storage (max 65504); fp32 storage holds it"), std::string::npos) << out;
+  EXPECT_EQ(eval("fp32"), 0) << out;
+  test::poke_safetensors(base / "model.safetensors", name, 5, 1e6f);  // bf16 holds this one
+  EXPECT_EQ(eval("fp16"), 1) << out;
+  EXPECT_NE(out.find("element [0, 5] = 1000000 overflows fp16 storage (max 65504); fp32 or bf16 storage holds it"),
+            std::string::npos)
+      << out;
 }
 
 }  // namespace

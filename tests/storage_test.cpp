@@ -2,6 +2,7 @@
 // expectation thanks to stochastic rounding, bytes moved scale with the storage width,
 // and a tiny model's loss trajectory with bf16 storage stays close to fp32 storage.
 #include "api/session.h"
+#include "models/checkpoint.h"
 #include "models/init.h"
 #include "models/layout.h"
 #include "models/presets.h"
@@ -18,6 +19,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 
 namespace zo2 {
 namespace {
@@ -277,6 +280,170 @@ TEST(Storage, RandomInitStartsGemmaNormsAtZeroAndOthersAtOne) {
     }
     EXPECT_GE(norms, c.gemma3() ? 6 : 2) << preset;
     EXPECT_EQ(init_norm_value(c), want);
+  }
+}
+
+
+// ---- fp8 rows whose largest value is tiny (Note [Tiny fp8 rows] in runtime/element.h) ----
+//
+// absmax / 448 underflowed to 0 for absmax ≤ ~3e-43 (the row was divided by 0: NaN weights
+// from a finite checkpoint, NaN momentum from a tiny weight decay), and a subnormal quotient
+// rounded down let absmax / scale exceed 448 (the largest values saturated).
+
+constexpr float kTiny = 1.4e-45f;  // 2^-149, the smallest subnormal
+
+// The decoded value of x after quantizing with `scale` is within fp8's relative precision
+// (2^-4: 3 mantissa bits, round to nearest) plus the rounding of the fp32 product itself.
+void expect_fp8_close(float x, float scale, const char* what) {
+  const float q = detail::fdiv(x, scale);
+  EXPECT_LE(std::fabs(q), kE4M3Max) << what << " x=" << x << " scale=" << scale;
+  const float d = load_element(std::array<std::uint8_t, 1>{f32_to_e4m3(q)}.data(), DType::f8_e4m3, 0, scale);
+  ASSERT_TRUE(std::isfinite(d)) << what << " x=" << x << " scale=" << scale;
+  EXPECT_LE(std::fabs(static_cast<double>(d) - x), std::fabs(static_cast<double>(x)) / 16 + kTiny)
+      << what << " x=" << x << " scale=" << scale << " decoded " << d;
+}
+
+TEST(Storage, Fp8RowScaleIsPositiveAndNeverSaturatesARowWithASubnormalMaximum) {
+  // Every absmax whose quotient is subnormal (or 0): every fp32 below 448·2^-126, and a few beyond.
+  const std::uint32_t last = std::bit_cast<std::uint32_t>(kE4M3Max * std::numeric_limits<float>::min());
+  for (std::uint32_t b = 1; b <= last + 4096; ++b) {
+    const float absmax = std::bit_cast<float>(b);
+    const float scale = fp8_row_scale(absmax);
+    const float quotient = absmax / kE4M3Max;
+    // A normal quotient is kept (its absmax / scale may round to 448 + 1 ulp: e4m3 saturates
+    // that to 448, as it always did); a subnormal one never lets absmax / scale pass 448.
+    const bool ok = quotient >= std::numeric_limits<float>::min()
+                        ? scale == quotient
+                        : scale > 0.0f && detail::fdiv(absmax, scale) <= kE4M3Max;
+    if (!ok) {
+      ADD_FAILURE() << "absmax " << absmax << " (bits " << b << "): scale " << scale;
+      break;
+    }
+    if (b % 4099 == 0 || b < 2048) expect_fp8_close(absmax, scale, "absmax");
+  }
+  // A normal quotient is absmax / 448 exactly, as before: the rows of every real model.
+  for (const float absmax : {kE4M3Max * std::numeric_limits<float>::min(), 1e-30f, 1e-3f, 0.02f, 1.0f, 448.0f,
+                             3e38f, std::numeric_limits<float>::max()})
+    EXPECT_EQ(fp8_row_scale(absmax), absmax / kE4M3Max) << absmax;
+  EXPECT_EQ(fp8_row_scale(0.0f), 1.0f);
+  EXPECT_EQ(fp8_row_scale(kTiny), kTiny);
+  EXPECT_EQ(fp8_row_scale(1e-42f), 2 * kTiny);  // 714 · 2^-149 / 448 = 1.59 units: 2, not saturated
+  EXPECT_EQ(fp8_row_scale(671 * kTiny), 2 * kTiny) << "1.498 rounds to 1 unit, 671 > 448: one more";
+}
+
+TEST(Storage, Fp8QuantizationOfACheckpointRowWithATinyMaximumStaysFinite) {
+  const std::int64_t cols = 6;
+  const std::vector<float> src = {
+      kTiny, 0, 0, 0, 0, 0,                            // absmax 1e-45: its scale underflowed to 0
+      1e-42f, -3e-43f, 0, kTiny, 0, 0,                 // 1e-42: so did this one
+      671 * kTiny, -kTiny, 0, 0, 0, 300 * kTiny,       // a subnormal quotient rounded down
+      3e-39f, 1e-40f, -2e-39f, 0, 0, 0,                // subnormal absmax, subnormal quotient
+      0, 0, 0, 0, 0, 0,                                // all zero: scale 1
+      0.02f, -0.013f, 0.5f, 1e-3f, -0.25f, 0.125f,     // an ordinary row
+  };
+  const std::int64_t rows = static_cast<std::int64_t>(src.size()) / cols;
+  std::vector<std::uint8_t> q(src.size());
+  std::vector<float> scales(static_cast<std::size_t>(rows));
+  quantize_rows_e4m3(src.data(), rows, cols, q.data(), scales.data());
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float scale = scales[static_cast<std::size_t>(r)];
+    EXPECT_TRUE(scale > 0.0f && std::isfinite(scale)) << "row " << r << ": " << scale;
+    for (std::int64_t c = 0; c < cols; ++c) {
+      const std::size_t i = static_cast<std::size_t>(r * cols + c);
+      const float d = load_element(q.data(), DType::f8_e4m3, static_cast<std::int64_t>(i), scale);
+      ASSERT_TRUE(std::isfinite(d)) << "row " << r << " col " << c;
+      EXPECT_NE(q[i] & 0x7f, 0x7f) << "row " << r << " col " << c;  // no NaN code
+      EXPECT_LE(std::fabs(static_cast<double>(d) - src[i]), std::fabs(static_cast<double>(src[i])) / 16 + kTiny)
+          << "row " << r << " col " << c << ": " << src[i] << " decodes as " << d;
+    }
+  }
+  EXPECT_EQ(load_element(q.data(), DType::f8_e4m3, 0, scales[0]), kTiny) << "2^-149 is exact";
+  EXPECT_EQ(scales[4], 1.0f);
+  const float absmax = 0.5f;  // the ordinary row: the same bits as before
+  EXPECT_EQ(scales[5], absmax / kE4M3Max);
+  for (std::int64_t c = 0; c < cols; ++c)
+    EXPECT_EQ(q[static_cast<std::size_t>(5 * cols + c)], f32_to_e4m3(src[static_cast<std::size_t>(5 * cols + c)] / (absmax / kE4M3Max)));
+}
+
+// The CPU update of an fp8 row whose values are tiny (g = 0: the values stay, and so must
+// their encoding); it rescaled the row by absmax / 448 = 0.
+TEST(Storage, Fp8UpdateOfARowWithATinyMaximumStaysFinite) {
+  const std::int64_t rows = 3, cols = 8;
+  std::vector<std::uint8_t> w(static_cast<std::size_t>(rows * cols), 0);
+  std::vector<float> scales = {kTiny, 5 * kTiny, 1.0f};
+  w[0] = f32_to_e4m3(1.0f);     // row 0: {2^-149, 0, ...}
+  w[8] = f32_to_e4m3(128.0f);   // row 1: {640·2^-149, −5·2^-149, 0, ...}
+  w[9] = f32_to_e4m3(-1.0f);
+  w[16] = f32_to_e4m3(0.875f);  // row 2: ordinary (0.875 / 448 = 2^-9 exactly)
+  const std::vector<std::uint8_t> before = w;
+  const float g = 0.0f;
+  StoredTensor t{w.data(), DType::f8_e4m3, scales.data(), rows, cols, 77};
+  cpu::update(t, UpdateArgs{5, 1e-3f, 0.0f, &g, 6});
+  for (std::int64_t e = 0; e < rows * cols; ++e) {
+    const float old_scale = e < 8 ? kTiny : e < 16 ? 5 * kTiny : 1.0f;
+    const float was = load_element(before.data(), DType::f8_e4m3, e, old_scale);
+    const float now = load_element(w.data(), DType::f8_e4m3, e, scales[static_cast<std::size_t>(e / cols)]);
+    ASSERT_TRUE(std::isfinite(now)) << "element " << e;
+    EXPECT_EQ(now, was) << "element " << e;
+  }
+  EXPECT_EQ(scales[0], kTiny);
+  EXPECT_EQ(scales[1], 2 * kTiny);  // 640/448 = 1.43 units rounds to 1, 640 > 448: 2
+  EXPECT_EQ(scales[2], 0.875f / kE4M3Max);
+}
+
+// fp8 optimizer state (--state-dtype fp8): momentum m' = wd·W when g = 0, so a tiny weight
+// decay made a row of m whose maximum is ~1e-44, and its scale 0 (NaN momentum, NaN weights).
+TEST(Storage, Fp8MomentumStateWithTinyValuesStaysFinite) {
+  const std::int64_t rows = 2, cols = 4;
+  std::vector<float> w = {1.0f, -0.5f, 0.25f, 0.0f, 0.75f, 1.0f, -1.0f, 0.5f};
+  std::vector<std::uint8_t> m(w.size(), 0);
+  std::vector<float> m_scales = {1.0f, 1.0f};
+  const float g = 0.0f;
+  StoredTensor tw{w.data(), DType::f32, nullptr, rows, cols, 3};
+  StoredTensor tm{m.data(), DType::f8_e4m3, m_scales.data(), rows, cols, 3};
+  StateUpdateArgs a;
+  a.g = &g;
+  a.seeds[0] = 9;
+  a.lr = 1e-3f;
+  a.weight_decay = 1e-44f;  // u = wd·W: 7·2^-149 and below
+  a.beta1 = 0.9f;
+  a.rounding_seed = 11;
+  const std::vector<float> w0 = w;
+  cpu::update_state(tw, tm, nullptr, a);
+  for (std::size_t i = 0; i < w.size(); ++i) {
+    const float mi = load_element(m.data(), DType::f8_e4m3, static_cast<std::int64_t>(i), m_scales[i / cols]);
+    ASSERT_TRUE(std::isfinite(mi)) << "m " << i;
+    ASSERT_TRUE(std::isfinite(w[i])) << "W " << i;
+    EXPECT_EQ(w[i], w0[i]) << "lr·m is far below W's ulp";
+  }
+  for (const float s : m_scales) EXPECT_TRUE(s > 0.0f && std::isfinite(s)) << s;
+  // Row 0: u = {7, −4, 2, 0}·2^-149 (exact products): stored exactly with scale 2^-149.
+  EXPECT_EQ(load_element(m.data(), DType::f8_e4m3, 0, m_scales[0]), 7 * kTiny);
+  EXPECT_EQ(load_element(m.data(), DType::f8_e4m3, 1, m_scales[0]), -4 * kTiny);
+}
+
+// End to end: `eval --storage-dtype fp8` of a finite checkpoint with a row {1e-45, 0, ...}
+// reports a finite loss (it printed "loss -nan" with exit status 0).
+TEST(Storage, EvalWithFp8StorageOfACheckpointWithATinyRowIsFinite) {
+  test::TempDir tmp;
+  const std::string tune = test::zo2_tune_path().string();
+  const std::string model = (tmp / "m").string(), data = (tmp / "d.safetensors").string();
+  std::string out;
+  ASSERT_EQ(test::run_command(tune + " init --preset opt-tiny --out " + model + " --seed 1 -q", &out), 0) << out;
+  ASSERT_EQ(test::run_command(tune + " synth-data --model " + model + " --out " + data + " --rows 8 --seq 16 -q", &out), 0)
+      << out;
+  const std::int64_t hidden = find_preset("opt-tiny").config.hidden_size;
+  const std::string tensor = "model.decoder.layers.0.fc1.weight";  // [ffn, hidden]: row 3
+  for (std::int64_t c = 0; c < hidden; ++c)
+    test::poke_safetensors(tmp / "m" / "model.safetensors", tensor, 3 * hidden + c, c == 0 ? kTiny : 0.0f);
+  for (std::int64_t c = 0; c < hidden; ++c)  // row 4: a maximum of 1e-42
+    test::poke_safetensors(tmp / "m" / "model.safetensors", tensor, 4 * hidden + c, c == 1 ? 1e-42f : c == 2 ? -3e-43f : 0.0f);
+  for (const char* sd : {"fp32", "fp8"}) {
+    out.clear();
+    ASSERT_EQ(test::run_command(tune + " eval --model " + model + " --data " + data + " --storage-dtype " + sd, &out), 0)
+        << out;
+    EXPECT_NE(out.find("eval: loss "), std::string::npos) << sd << ": " << out;
+    EXPECT_EQ(out.find("nan"), std::string::npos) << sd << ": " << out;
   }
 }
 

@@ -119,8 +119,9 @@ void update(const StoredTensor& w, const UpdateArgs& a) {
   const float g = update_coefficient(*a.g, a.sign);
   const std::int64_t n = w.numel();
   if (w.dtype == DType::f8_e4m3) {
-    // Row-wise: the new values decide the row's new scale (absmax / 448), then each is
-    // stochastically rounded. Every element changes every step, so rescaling loses nothing.
+    // Row-wise: the new values decide the row's new scale (fp8_row_scale: absmax / 448),
+    // then each is stochastically rounded. Every element changes every step, so rescaling
+    // loses nothing.
     parallel_for(w.rows, 1, [&](std::int64_t r0, std::int64_t r1) {
       std::vector<float> row(static_cast<std::size_t>(w.cols));
       std::vector<std::uint32_t> bits;
@@ -135,7 +136,7 @@ void update(const StoredTensor& w, const UpdateArgs& a) {
           row[static_cast<std::size_t>(e - b)] = v;
           absmax = std::max(absmax, std::fabs(v));
         }
-        const float new_scale = absmax > 0.0f ? detail::fdiv(absmax, kE4M3Max) : 1.0f;
+        const float new_scale = fp8_row_scale(absmax);
         w.row_scales[r] = new_scale;
         const std::int64_t q0 = b / 4, q1 = (e_end + 3) / 4;
         bits.resize(static_cast<std::size_t>((q1 - q0) * 4));

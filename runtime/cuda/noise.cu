@@ -272,7 +272,7 @@ __global__ void __launch_bounds__(kFp8Threads) update_fp8_kernel(UpdateKernelArg
     }
     // Every thread read the old scale and its elements before this barrier.
     absmax = block_max(absmax, smem);
-    const float new_scale = absmax > 0.0f ? detail::fdiv(absmax, kE4M3Max) : 1.0f;
+    const float new_scale = fp8_row_scale(absmax);
     // Pass 2: the same values (kept, or recomputed from the same z with the same
     // arithmetic), rounded into the new scale. Each thread rewrites exactly the elements it
     // read in pass 1, and reads back only the values it kept itself.
