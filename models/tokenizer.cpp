@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <unordered_map>
 
@@ -38,7 +39,7 @@ struct Tokenizer::AddedTable {
   Matcher matchers[2];
   std::unordered_map<std::string, std::uint32_t> by_content;
   std::unordered_map<std::int32_t, std::uint32_t> by_id;
-  std::int32_t max_id = -1;
+  std::int32_t max_id = -1, min_id = std::numeric_limits<std::int32_t>::max();
 
   void index(std::uint32_t i) {
     if (cls[i] > 1) return;
@@ -59,10 +60,12 @@ struct Tokenizer::AddedTable {
     by_content.clear();
     by_id.clear();
     max_id = -1;
+    min_id = std::numeric_limits<std::int32_t>::max();
     for (std::uint32_t i = 0; i < tokens.size(); ++i) {
       by_content[tokens[i].content] = i;
       by_id.emplace(tokens[i].id, i);  // the first registered content wins for decode
       max_id = std::max(max_id, tokens[i].id);
+      min_id = std::min(min_id, tokens[i].id);
       index(i);
     }
   }
@@ -96,6 +99,7 @@ void Tokenizer::add_token(AddedToken token) {
   t.by_content.emplace(added.content, idx);
   t.by_id.emplace(added.id, idx);
   t.max_id = std::max(t.max_id, added.id);
+  t.min_id = std::min(t.min_id, added.id);
   t.index(idx);
 }
 
@@ -118,8 +122,12 @@ std::optional<std::int32_t> Tokenizer::added_token_id(std::string_view content) 
 
 const std::string* Tokenizer::added_token_content(std::int32_t id) const {
   auto it = added_->by_id.find(id);
-  return it == added_->by_id.end() ? nullptr : &added_->tokens[it->second].content;
+  // A token matched in the normalized text decodes as its normalized form (HF 0.23's
+  // normalized_cache); match[] holds it (the content for the others).
+  return it == added_->by_id.end() ? nullptr : &added_->match[it->second];
 }
+
+bool Tokenizer::maybe_added_id(std::int32_t id) const { return id >= added_->min_id && id <= added_->max_id; }
 
 namespace {
 bool is_space_byte(unsigned char c) {

@@ -18,13 +18,20 @@
 // (leftmost-longest) before pre-tokenization, as HF does; where tokenizer.json has a
 // normalizer, tokens marked "normalized" are matched in the normalized text instead.
 //
-// Byte-level details: the pre-tokenizer regexes run on PCRE2 (UTF + UCP, JIT); `\s` is
-// PCRE2's Unicode white space, which may differ from Python's/JavaScript's on rare code
-// points (U+0085, U+FEFF). Bytes that are not valid UTF-8 match no regex branch; they form
-// pieces of their own and are encoded through the byte tokens, so decode(encode(s)) == s
-// for any byte string. decode() returns raw bytes (no U+FFFD replacement: HF's ByteLevel
-// and ByteFallback decoders put U+FFFD where the bytes are not UTF-8). Unicode normalization
-// applies to the well-formed UTF-8 of a text and keeps other bytes as they are.
+// Byte-level details: the pre-tokenizer regexes run on PCRE2 (UTF + UCP, JIT; Unicode 14
+// property data), `\s` rewritten to HF's (Oniguruma's Unicode White_Space, without the
+// U+180E PCRE2 adds), and their empty matches cut as HF's do. Bytes that are not valid UTF-8
+// match no regex branch; they form pieces of their own and are encoded through the byte
+// tokens, so decode(encode(s)) == s for any byte string. decode() returns raw bytes (no U+FFFD
+// replacement: HF's ByteLevel decoder writes U+FFFD for each ill-formed sequence (Rust's
+// from_utf8_lossy), its ByteFallback for every byte of a run of <0xXX> tokens that is not UTF-8, even the ASCII
+// ones). Unicode normalization applies to the well-formed UTF-8 of a text and keeps other bytes
+// as they are.
+//
+// tokenizer.json's added_tokens get the ids HF gives them, not the "id" fields: a content in
+// the vocabulary (or added before) takes that id, the others the next ids from the
+// vocabulary's count of tokens on, in the file's order (zo2 warns where a field differs). An
+// added token matched in the normalized text decodes as its normalized form (HF 0.23).
 //
 // All tokenizers are immutable after loading; encode() and decode() may be called from
 // several threads at once (the BPE word cache is a per-thread front cache in front of a
@@ -122,7 +129,12 @@ class Tokenizer {
   // One past the largest id of the vocabulary proper (no added tokens above it).
   virtual std::int32_t base_vocab_size() const = 0;
   std::optional<std::int32_t> added_token_id(std::string_view content) const;
+  // The string an added token's id decodes as (HF's simple_id_to_token): its content, or, for
+  // a token matched in the normalized text, its normalized form. nullptr if no added token
+  // has that id.
   const std::string* added_token_content(std::int32_t id) const;
+  // false when no added token has that id (a quick range check before added_token_content).
+  bool maybe_added_id(std::int32_t id) const;
   // Splits text at the added tokens, leftmost-longest: pieces of plain text (id < 0) and
   // matched tokens (id >= 0), in order. Empty plain pieces are left out. normalized=false:
   // the tokens matched in the raw text (all of them unless set_split_normalized(true));

@@ -9,6 +9,7 @@
 #include "models/tokenizer_text.h"
 #include "models/utf8.h"
 #include "runtime/error.h"
+#include "runtime/log.h"
 
 #include <nlohmann/json.hpp>
 
@@ -196,7 +197,8 @@ enum class SplitBehavior { removed, isolated, merged_with_previous, merged_with_
 
 // A regex (or literal) Split: cuts a piece at the pattern's matches and does with them what
 // the behavior says (HF's NormalizedString::split); invert: the non-matching parts are the
-// delimiters. Empty matches are no delimiters.
+// delimiters. Empty matches cut too (HF: onig's find_iter, see tok::Regex::for_each_match);
+// empty pieces are dropped.
 class Splitter {
  public:
   Splitter(std::string_view pattern, bool literal, std::string_view where, SplitBehavior behavior = SplitBehavior::isolated,
@@ -209,7 +211,7 @@ class Splitter {
       std::size_t pos = 0;
       re_.for_each_match(s, [&](std::size_t b, std::size_t e) {
         if (b > pos) emit(s.substr(pos, b - pos));
-        emit(s.substr(b, e - b));
+        if (e > b) emit(s.substr(b, e - b));
         pos = e;
       });
       if (pos < s.size()) emit(s.substr(pos));
@@ -570,39 +572,32 @@ class BpeTokenizer final : public Tokenizer {
     return out;
   }
 
+  // Each id's string, as HF's decode takes it: an added token's (its normalized form where it
+  // is matched normalized), else the vocabulary's; the decoder's steps on those (HF's
+  // decode_chain), then joined. A byte-level model writes each string's bytes through GPT-2's
+  // alphabet (a string with a character outside it, as written), added tokens included.
   std::string decode(std::span<const std::int32_t> ids) const override {
     std::string out;
     if (plain_decode_) {
       out.reserve(ids.size() * 4);
       for (std::int32_t id : ids) {
-        if (valid(id))
+        if (const std::string* s = maybe_added_id(id) ? added_token_content(id) : nullptr)
+          out += byte_level_string(*s);
+        else if (valid(id))
           out += id_bytes_[id];
-        else if (const std::string* s = added_token_content(id))
-          out += *s;
         else
           bad_id(id);
       }
       return out;
     }
-    // The decoder's steps on the tokens' strings (HF's decode_chain), then joined.
     std::vector<std::string> toks;
-    std::vector<std::uint8_t> added;  // an added token (ByteLevel keeps it as written)
     toks.reserve(ids.size());
-    for (std::int32_t id : ids) {
-      const std::string* added_content = added_token_content(id);
-      if (valid(id))
-        toks.push_back(id_token_[id]);
-      else if (added_content)
-        toks.push_back(*added_content);
-      else
-        bad_id(id);
-      added.push_back(added_content != nullptr);
-    }
+    for (std::int32_t id : ids) toks.push_back(token_string(id));
     if (!decoder_) {  // no decoder: HF joins the tokens with spaces
       for (std::size_t i = 0; i < toks.size(); ++i) out.append(i ? " " : "").append(toks[i]);
       return out;
     }
-    for (const DecodeStep& step : *decoder_) decode_step(step, toks, added);
+    for (const DecodeStep& step : *decoder_) decode_step(step, toks);
     for (const auto& t : toks) out += t;
     return out;
   }
@@ -620,8 +615,8 @@ class BpeTokenizer final : public Tokenizer {
   }
 
   std::string id_to_token(std::int32_t id) const override {
+    if (const std::string* s = maybe_added_id(id) ? added_token_content(id) : nullptr) return *s;
     if (valid(id)) return id_token_[id];
-    if (const std::string* s = added_token_content(id)) return *s;
     return {};
   }
 
@@ -649,6 +644,18 @@ class BpeTokenizer final : public Tokenizer {
  private:
   bool valid(std::int32_t id) const {
     return id >= 0 && static_cast<std::size_t>(id) < id_valid_.size() && id_valid_[id];
+  }
+  // HF's string for an id (id_to_token); an id out of range is an error.
+  std::string token_string(std::int32_t id) const {
+    if (const std::string* s = maybe_added_id(id) ? added_token_content(id) : nullptr) return *s;
+    if (!valid(id)) bad_id(id);
+    return id_token_[id];
+  }
+  // HF's ByteLevel decoder on one string: its characters' bytes in GPT-2's alphabet, or the
+  // string as it is when a character is outside that alphabet.
+  static std::string byte_level_string(const std::string& s) {
+    auto bytes = byte_map().to_bytes(s);
+    return bytes ? std::move(*bytes) : s;
   }
   [[noreturn]] void bad_id(std::int32_t id) const {
     fail(ErrorKind::invalid_argument, "decode: token id {} is not in the vocabulary (size {})", id, vocab_size());
@@ -916,53 +923,50 @@ class BpeTokenizer final : public Tokenizer {
   }
 
   // One decoder step over the tokens (HF's decode_chain of that decoder).
-  void decode_step(const DecodeStep& step, std::vector<std::string>& toks, std::vector<std::uint8_t>& added) const {
+  void decode_step(const DecodeStep& step, std::vector<std::string>& toks) const {
     auto fuse = [&](std::vector<std::string> parts) {
       std::string all;
       for (auto& p : parts) all += p;
       toks.assign(1, std::move(all));
-      added.assign(1, 0);
     };
     switch (step.kind) {
       case DecodeStep::Kind::byte_level: {
-        const ByteMap& bm = byte_map();
         std::string all;
-        for (std::size_t i = 0; i < toks.size(); ++i) {
-          std::optional<std::string> bytes;
-          if (!added[i]) bytes = bm.to_bytes(toks[i]);
-          all += bytes ? *bytes : toks[i];
-        }
+        for (const std::string& t : toks) all += byte_level_string(t);
         toks.assign(1, std::move(all));
-        added.assign(1, 0);
         return;
       }
       case DecodeStep::Kind::replace:
         for (auto& t : toks) {
           std::string r;
           std::size_t pos = 0;
+          bool matched = false;
           if (step.regex) {
             step.regex->for_each_match(t, [&](std::size_t b, std::size_t e) {
               r.append(t, pos, b - pos).append(step.content);
               pos = e;
+              matched = true;
             });
-          } else if (!step.literal.empty()) {
-            for (std::size_t b; (b = t.find(step.literal, pos)) != std::string::npos; pos = b + step.literal.size())
+          } else {
+            for (std::size_t b; (b = t.find(step.literal, pos)) != std::string::npos; pos = b + step.literal.size()) {
               r.append(t, pos, b - pos).append(step.content);
+              matched = true;
+            }
           }
-          if (pos == 0) continue;
+          if (!matched) continue;
           r.append(t, pos, std::string::npos);
           t.swap(r);
         }
         return;
       case DecodeStep::Kind::byte_fallback: {
         std::vector<std::string> res;
-        std::vector<std::uint8_t> res_added;
         std::string run;
         bool in_run = false;
+        // HF: a run that is UTF-8 is one token, otherwise a U+FFFD token per byte; zo2 keeps
+        // the raw bytes as one token (decode returns bytes, see tokenizer.h).
         auto flush = [&] {
           if (!in_run) return;
           res.push_back(std::move(run));
-          res_added.push_back(0);
           run.clear();
           in_run = false;
         };
@@ -978,12 +982,10 @@ class BpeTokenizer final : public Tokenizer {
           } else {
             flush();
             res.push_back(t);
-            res_added.push_back(added[i]);
           }
         }
         flush();
         toks.swap(res);
-        added.swap(res_added);
         return;
       }
       case DecodeStep::Kind::fuse:
@@ -1046,9 +1048,12 @@ std::vector<VocabEntry> vocab_from_json(const json& j, const std::string& where)
   std::vector<VocabEntry> out;
   out.reserve(j.size());
   for (const auto& [token, v] : j.items()) {
-    if (!v.is_number_integer() || v.get<std::int64_t>() < 0 || v.get<std::int64_t>() > INT32_MAX - 1)
+    if (!v.is_number_integer() || v.get<std::int64_t>() < 0)
       fail(ErrorKind::format, "{}: field \"{}\": expected a non-negative integer id, got {}", where, excerpt(token),
            excerpt(v.dump()));
+    if (v.get<std::int64_t>() >= kMaxVocab)
+      fail(ErrorKind::format, "{}: field \"{}\": id {} is out of range (zo2 accepts ids up to {})", where,
+           excerpt(token), excerpt(v.dump()), kMaxVocab - 1);
     out.push_back({token, static_cast<std::int32_t>(v.get<std::int64_t>())});
   }
   if (out.empty()) fail(ErrorKind::format, "{}: the vocabulary is empty", where);
@@ -1110,9 +1115,12 @@ std::vector<MergeEntry> merges_from_json(const json& j, const std::string& where
   return out;
 }
 
+// A "type" field: its string, the JSON of a value that is no string (refused by the callers as
+// an unsupported type), or "(none)".
 std::string type_of(const json& j) {
   auto it = j.find("type");
-  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string("(none)");
+  if (it == j.end() || it->is_null()) return "(none)";
+  return it->is_string() ? it->get<std::string>() : it->dump();
 }
 
 [[noreturn]] void unsupported(const std::string& where, const std::string& field, const std::string& value,
@@ -1313,10 +1321,10 @@ void parse_decoder(const json& d, const std::string& where, const std::string& f
   } else if (type == "Replace") {
     st.kind = DecodeStep::Kind::replace;
     auto [pattern, literal] = pattern_field(d, where, field);
-    if (literal)
+    if (literal && !pattern.empty())
       st.literal = pattern;
-    else
-      st.regex = std::make_unique<tok::Regex>(pattern, false, where + ": " + field + ".pattern");
+    else  // (HF: an empty String matches the empty string at each character boundary)
+      st.regex = std::make_unique<tok::Regex>(pattern, literal, where + ": " + field + ".pattern");
     st.content = string_field(d, "content", where, field);
   } else if (type == "Strip") {
     st.kind = DecodeStep::Kind::strip;
@@ -1397,21 +1405,42 @@ std::unique_ptr<Tokenizer> Tokenizer::from_tokenizer_json(const fs::path& file) 
   auto vit = model.find("vocab");
   if (vit == model.end()) fail(ErrorKind::format, "{}: model.vocab is missing", where);
   auto entries = vocab_from_json(*vit, where + ": model.vocab");
+  const auto model_size = static_cast<std::int64_t>(entries.size());  // HF's BPE get_vocab_size()
   auto mit = model.find("merges");
   auto merge_list = mit == model.end() ? std::vector<MergeEntry>{} : merges_from_json(*mit, where);
   auto tok = std::make_unique<BpeTokenizer>(std::move(entries), merge_list, std::move(opt));
 
+  // Added tokens get their ids as HF's AddedVocabulary::add_tokens gives them, in the file's
+  // order (HF's deserializer ignores the "id" fields but for a warning): an empty content is
+  // skipped; a content already added, or in the vocabulary, takes that id; any other token the
+  // next id from the vocabulary's size (its count of tokens) on. Where that is not the file's
+  // id, zo2 warns.
   if (auto it = j.find("added_tokens"); it != j.end() && !it->is_null()) {
     if (!it->is_array()) fail(ErrorKind::format, "{}: added_tokens: expected an array", where);
+    std::int64_t next_id = model_size;
     for (std::size_t i = 0; i < it->size(); ++i) {
       const json& a = (*it)[i];
       if (!a.is_object() || !a.contains("id") || !a["id"].is_number_integer() || a["id"].get<std::int64_t>() < 0 ||
-          !a.contains("content") || !a["content"].is_string())
-        fail(ErrorKind::format, "{}: added_tokens[{}]: expected {{\"id\": integer, \"content\": string, ...}}", where,
-             i);
+          a["id"].get<std::int64_t>() > std::numeric_limits<std::uint32_t>::max() || !a.contains("content") ||
+          !a["content"].is_string())
+        fail(ErrorKind::format,
+             "{}: added_tokens[{}]: expected {{\"id\": integer from 0 to 4294967295, \"content\": string, ...}}",
+             where, i);
       AddedToken t;
-      t.id = a["id"].get<std::int32_t>();
       t.content = a["content"].get<std::string>();
+      if (t.content.empty()) continue;
+      const std::int64_t file_id = a["id"].get<std::int64_t>();
+      if (auto known = tok->token_to_id(t.content)) {
+        t.id = *known;
+      } else {
+        if (next_id >= kMaxVocab)
+          fail(ErrorKind::format, "{}: added_tokens[{}] \"{}\": id {} is beyond what zo2 accepts ({})", where, i,
+               excerpt(t.content), next_id, kMaxVocab - 1);
+        t.id = static_cast<std::int32_t>(next_id++);
+      }
+      if (t.id != file_id)
+        log_warn("tokenizer: {}: added_tokens[{}] \"{}\" has id {} in the file; it gets id {}, as HF assigns it", where,
+                 i, excerpt(t.content), file_id, t.id);
       t.lstrip = a.value("lstrip", false);
       t.rstrip = a.value("rstrip", false);
       t.single_word = a.value("single_word", false);

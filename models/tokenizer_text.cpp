@@ -198,16 +198,91 @@ int decimal_digit_value(char32_t c) {
 
 // ---- Regex -------------------------------------------------------------------------------
 
-Regex::Regex(std::string_view pattern, bool literal, std::string_view where) {
+namespace {
+
+// Oniguruma's \s (what HF's regexes run on): Unicode White_Space. PCRE2's \s with UCP adds
+// U+180E (its \h list predates Unicode 6.3, which took U+180E out of White_Space).
+constexpr std::string_view kWhiteSpaceItems =
+    R"(\x{09}-\x{0d}\x{20}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000})";
+// Everything else, as ranges (for \S inside a class, where a negation cannot be nested).
+constexpr std::string_view kNonWhiteSpaceItems =
+    R"(\x{00}-\x{08}\x{0e}-\x{1f}\x{21}-\x{84}\x{86}-\x{9f}\x{a1}-\x{167f}\x{1681}-\x{1fff}\x{200b}-\x{2027})"
+    R"(\x{202a}-\x{202e}\x{2030}-\x{205e}\x{2060}-\x{2fff}\x{3001}-\x{10ffff})";
+
+}  // namespace
+
+std::string oniguruma_white_space(std::string_view pattern) {
+  std::string out;
+  out.reserve(pattern.size() + 64);
+  bool in_class = false;
+  std::size_t class_start = 0;  // where the current class's items begin (after "[" or "[^")
+  for (std::size_t i = 0; i < pattern.size(); ++i) {
+    const char c = pattern[i];
+    if (c == '\\' && i + 1 < pattern.size()) {
+      const char n = pattern[i + 1];
+      if (n == 'Q') {  // \Q...\E: literal text, copied as it is
+        const std::size_t end = pattern.find("\\E", i + 2);
+        const std::size_t stop = end == std::string_view::npos ? pattern.size() : end + 2;
+        out.append(pattern.substr(i, stop - i));
+        i = stop - 1;
+      } else if (n == 's' || n == 'S') {
+        if (in_class)
+          out.append(n == 's' ? kWhiteSpaceItems : kNonWhiteSpaceItems);
+        else
+          out.append(n == 's' ? "[" : "[^").append(kWhiteSpaceItems).append("]");
+        ++i;
+      } else {  // any other escape (\\ included) is copied whole
+        out += c;
+        out += n;
+        ++i;
+      }
+      continue;
+    }
+    if (!in_class) {
+      if (c == '(' && pattern.substr(i).starts_with("(?#")) {  // a comment
+        const std::size_t end = pattern.find(')', i);
+        const std::size_t stop = end == std::string_view::npos ? pattern.size() : end + 1;
+        out.append(pattern.substr(i, stop - i));
+        i = stop - 1;
+        continue;
+      }
+      if (c == '[') {
+        in_class = true;
+        out += c;
+        if (i + 1 < pattern.size() && pattern[i + 1] == '^') out += pattern[++i];
+        class_start = i + 1;
+        continue;
+      }
+      out += c;
+      continue;
+    }
+    // In a class: "]" first is a literal; "[:name:]" is a POSIX class.
+    if (c == '[' && i + 1 < pattern.size() && pattern[i + 1] == ':') {
+      const std::size_t end = pattern.find(":]", i + 2);
+      if (end != std::string_view::npos) {
+        out.append(pattern.substr(i, end + 2 - i));
+        i = end + 1;
+        continue;
+      }
+    }
+    if (c == ']' && i != class_start) in_class = false;
+    out += c;
+  }
+  return out;
+}
+
+Regex::Regex(std::string_view pattern_in, bool literal, std::string_view where) {
   int err = 0;
   PCRE2_SIZE off = 0;
+  const std::string translated = literal ? std::string() : oniguruma_white_space(pattern_in);
+  const std::string_view pattern = literal ? pattern_in : std::string_view(translated);
   // (PCRE2_LITERAL refuses PCRE2_UCP, which a literal does not need.)
   std::uint32_t opts = PCRE2_UTF | PCRE2_MATCH_INVALID_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP);
   pcre2_code* code =
       pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), opts, &err, &off, nullptr);
   if (!code)
-    fail(ErrorKind::format, "{}: cannot compile the regex \"{}\" at offset {}: {}", where, excerpt(pattern, 200), off,
-         pcre2_message(err));
+    fail(ErrorKind::format, "{}: cannot compile the regex \"{}\"{}: {}", where, excerpt(pattern_in, 200),
+         literal || translated == pattern_in ? fmt::format(" at offset {}", off) : std::string(), pcre2_message(err));
   code_ = code;
   jit_ = pcre2_jit_compile(code, PCRE2_JIT_COMPLETE) == 0;  // without JIT, pcre2_match interprets
 }
@@ -316,9 +391,11 @@ void Normalizer::parse(const json& j, const std::string& where, const std::strin
     const std::string pfield = field + ".pattern";
     if (pat == j.end() || !pat->is_object())
       fail(ErrorKind::format, "{}: {}: expected {{\"String\": ...}} or {{\"Regex\": ...}}", where, pfield);
-    if (auto s = pat->find("String"); s != pat->end() && s->is_string())
+    if (auto s = pat->find("String"); s != pat->end() && s->is_string()) {
       r.literal = s->get<std::string>();
-    else if (auto re = pat->find("Regex"); re != pat->end() && re->is_string())
+      // HF: an empty String matches the empty string at each character boundary.
+      if (r.literal.empty()) r.regex = std::make_unique<Regex>("", true, where + ": " + pfield);
+    } else if (auto re = pat->find("Regex"); re != pat->end() && re->is_string())
       r.regex = std::make_unique<Regex>(re->get<std::string>(), false, where + ": " + pfield);
     else
       fail(ErrorKind::format, "{}: {}: expected {{\"String\": ...}} or {{\"Regex\": ...}}", where, pfield);
@@ -338,16 +415,20 @@ void Normalizer::apply(std::string& s) const {
     } else if (const auto* r = std::get_if<ReplaceStep>(&step.v)) {
       tmp.clear();
       std::size_t pos = 0;
+      bool matched = false;
       if (r->regex) {
         r->regex->for_each_match(s, [&](std::size_t b, std::size_t e) {
           tmp.append(s, pos, b - pos).append(r->content);
           pos = e;
+          matched = true;
         });
-      } else if (!r->literal.empty()) {
-        for (std::size_t b; (b = s.find(r->literal, pos)) != std::string::npos; pos = b + r->literal.size())
+      } else {
+        for (std::size_t b; (b = s.find(r->literal, pos)) != std::string::npos; pos = b + r->literal.size()) {
           tmp.append(s, pos, b - pos).append(r->content);
+          matched = true;
+        }
       }
-      if (pos == 0) continue;  // no match
+      if (!matched) continue;
       tmp.append(s, pos, std::string::npos);
       s.swap(tmp);
     } else if (const auto* p = std::get_if<PrependStep>(&step.v)) {

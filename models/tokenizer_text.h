@@ -42,7 +42,13 @@ bool is_alnum(char32_t c);
 // Python's int() and float() accept.
 int decimal_digit_value(char32_t c);
 
-// A PCRE2 pattern (UTF, Unicode properties, JIT), or a literal string.
+// A HF (Oniguruma) pattern rewritten for PCRE2: \s becomes the class of Unicode White_Space
+// (U+0009–000D, 0020, 0085, 00A0, 1680, 2000–200A, 2028, 2029, 202F, 205F, 3000) and \S its
+// complement, in and out of character classes; PCRE2's own \s has U+180E besides. Escaped
+// backslashes, \Q...\E and (?#...) are left alone.
+std::string oniguruma_white_space(std::string_view pattern);
+
+// A PCRE2 pattern (UTF, Unicode properties, JIT; \s as above), or a literal string.
 class Regex {
  public:
   Regex(std::string_view pattern, bool literal, std::string_view where);
@@ -54,19 +60,28 @@ class Regex {
   static State& state();
   // The first match at or after start: [begin, end) (possibly empty); false if none.
   bool find(State& st, std::string_view s, std::size_t start, std::size_t& begin, std::size_t& end) const;
-  // Non-empty matches left to right (an empty match consumes nothing and is skipped).
+  // The matches left to right, as HF's find_iter (the onig crate's FindMatches) gives them:
+  // empty ones included, except an empty match found right after a non-empty one; nothing in
+  // an empty string. After an empty match the search resumes one character further on.
   template <class F>
   void for_each_match(std::string_view s, F&& f) const {
+    if (s.empty()) return;
     State& st = state();
     std::size_t start = 0, b = 0, e = 0;
-    while (start < s.size() && find(st, s, start, b, e)) {
-      if (e <= b) {  // empty: step over one character
-        start = b + 1;
-        while (start < s.size() && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80) ++start;
-        continue;
+    bool skip_next_empty = false;
+    while (start <= s.size() && find(st, s, start, b, e)) {
+      start = e;
+      if (b == e) {
+        const std::size_t n = start < s.size() ? utf8_len(s, start) : 0;
+        start += n == 0 ? 1 : n;
+        if (skip_next_empty) {
+          skip_next_empty = false;
+          continue;
+        }
+      } else {
+        skip_next_empty = true;
       }
       f(b, e);
-      start = e;
     }
   }
 

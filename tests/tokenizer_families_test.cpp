@@ -375,14 +375,14 @@ TEST(TokenizerFeatures, NormalizersComposeInOrder) {
 TEST(TokenizerFeatures, NormalizedAddedTokensMatchTheNormalizedText) {
   test::TempDir dir;
   std::vector<std::string> vocab = {"h", "e", "l", "o", " ", "w", "r", "d", "H", "E", "L", "O"};
-  json added = json::array({{{"id", 20}, {"content", "hello"}, {"special", false}, {"normalized", true}},
-                            {{"id", 21}, {"content", "WORLD"}, {"special", true}, {"normalized", false}}});
+  json added = json::array({{{"id", 12}, {"content", "hello"}, {"special", false}, {"normalized", true}},
+                            {{"id", 13}, {"content", "WORLD"}, {"special", true}, {"normalized", false}}});
   auto tok = Tokenizer::from_tokenizer_json(write_char_bpe(
       dir, vocab, {{"normalizer", {{"type", "Lowercase"}}}, {"added_tokens", added}, {"decoder", {{"type", "Fuse"}}}}));
-  EXPECT_EQ(tok->encode("HELLO"), Ids{20});                 // matched after lowercasing
-  EXPECT_EQ(tok->encode("WORLD hello"), (Ids{21, 4, 20}));  // WORLD matched before
+  EXPECT_EQ(tok->encode("HELLO"), Ids{12});                 // matched after lowercasing
+  EXPECT_EQ(tok->encode("WORLD hello"), (Ids{13, 4, 12}));  // WORLD matched before
   EXPECT_EQ(tok->encode("world"), (Ids{5, 3, 6, 2, 7}));    // not normalized: raw text only
-  EXPECT_EQ(tok->decode(Ids{20, 4, 21}), "hello WORLD");
+  EXPECT_EQ(tok->decode(Ids{12, 4, 13}), "hello WORLD");
 }
 
 TEST(TokenizerFeatures, DecodersFollowHuggingFace) {

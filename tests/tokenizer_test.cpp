@@ -1,6 +1,7 @@
 // Tokenizers: GPT-2 byte-level BPE against an independent implementation's ids, HF
 // tokenizer.json (GPT-2 and LLaMA-3 styles), SentencePiece, special tokens, and errors.
 #include "models/tokenizer.h"
+#include "models/tokenizer_text.h"
 #include "runtime/error.h"
 #include "tests/test_util.h"
 
@@ -638,6 +639,150 @@ TEST(TokenizerErrors, BadSpecialTokenConfigurationNamesTheFileAndField) {
   msg = message_of([&] { Tokenizer::from_dir(dir.path()); });
   EXPECT_NE(msg.find("config.json"), std::string::npos) << msg;
   EXPECT_NE(msg.find("eos_token_id"), std::string::npos) << msg;
+}
+
+// ---- agreement with HF tokenizers 0.23 (Rust) on the corners below ------------------------------
+
+// A BPE tokenizer.json over characters: vocab a b c ab abc <unk> " " x (ids 0–7, merges a+b, ab+c)
+// plus the given parts.
+std::unique_ptr<Tokenizer> small_bpe(const test::TempDir& dir, json extra) {
+  json j = {{"model",
+             {{"type", "BPE"},
+              {"vocab", {{"a", 0}, {"b", 1}, {"c", 2}, {"ab", 3}, {"abc", 4}, {"<unk>", 5}, {" ", 6}, {"x", 7}}},
+              {"merges", {"a b", "ab c"}},
+              {"unk_token", "<unk>"}}}};
+  j.update(extra);
+  write_text(dir / "tokenizer.json", j.dump());
+  return Tokenizer::from_tokenizer_json(dir / "tokenizer.json");
+}
+
+json added_token(std::int64_t id, const std::string& content, bool special = true, bool normalized = false) {
+  return {{"id", id},         {"content", content},       {"single_word", false}, {"lstrip", false},
+          {"rstrip", false},  {"normalized", normalized}, {"special", special}};
+}
+
+// Oniguruma's \s is Unicode White_Space; PCRE2's adds U+180E. HF's GPT-2 ids.
+TEST(TokenizerHfAgreement, RegexWhiteSpaceIsUnicodeWhiteSpaceAsInOniguruma) {
+  EXPECT_EQ(gpt2().encode("\u180e'm"), (Ids{157, 254, 236, 6, 76}));  // not " ?[^\s\p{L}\p{N}]+" then 'm
+  EXPECT_EQ(gpt2().encode("\u0085'm"), (Ids{126, 227, 1101}));         // U+0085 is white space to both
+  EXPECT_EQ(gpt2().encode("\ufeff'm"), (Ids{171, 119, 123, 6, 76}));   // U+FEFF is not, to either
+  // The rewrite: \s and \S in and out of classes; escaped backslashes and \Q...\E stay.
+  EXPECT_EQ(tok::oniguruma_white_space(R"(a\\s\Q\s\E)"), R"(a\\s\Q\s\E)");
+  const std::string ws = tok::oniguruma_white_space(R"(\s)");
+  EXPECT_EQ(ws.front(), '[');
+  EXPECT_EQ(ws.find("180e"), std::string::npos);
+  EXPECT_NE(ws.find(R"(\x{3000})"), std::string::npos);
+  EXPECT_EQ(tok::oniguruma_white_space(R"([^\s\p{L}])"), "[^" + ws.substr(1, ws.size() - 2) + R"(\p{L}])");
+  // \S in a class is the complement of the same list: U+180E is in it, U+0085 is not.
+  tok::Normalizer n({{"type", "Replace"}, {"pattern", {{"Regex", R"([x\S]|[]\s])"}}}, {"content", "_"}}, "test",
+                    "normalizer");
+  std::string s = "a\u180e \u0085]\u3000";
+  n.apply(s);
+  EXPECT_EQ(s, "______");
+  tok::Normalizer k({{"type", "Replace"}, {"pattern", {{"Regex", R"([\S])"}}}, {"content", "_"}}, "test", "normalizer");
+  s = "a\u180e \u0085\u3000";
+  k.apply(s);
+  EXPECT_EQ(s, "__ \u0085\u3000");
+  tok::Normalizer m({{"type", "Replace"}, {"pattern", {{"Regex", R"(\S+)"}}}, {"content", "_"}}, "test", "normalizer");
+  s = "a\u180eb c\u2028";
+  m.apply(s);
+  EXPECT_EQ(s, "_ _\u2028");
+}
+
+// HF ignores added_tokens[].id: a content already added or in the vocabulary takes that id, the
+// others the next ids from the vocabulary's size on, in the file's order.
+TEST(TokenizerHfAgreement, AddedTokensGetTheIdsHfAssigns) {
+  test::TempDir dir;
+  auto tok = small_bpe(dir, {{"added_tokens", json::array({added_token(9, "<y>"), added_token(0, "<x>"),
+                                                           added_token(8, "ab"), added_token(3, "<x>"),
+                                                           added_token(100, "<z>", false), added_token(7, "")})}});
+  EXPECT_EQ(tok->encode("<x>ab<y><z>c"), (Ids{9, 3, 8, 10, 2}));
+  EXPECT_EQ(tok->encode("abc"), (Ids{3, 2}));  // "ab" is an added token with the vocabulary's id
+  EXPECT_EQ(tok->vocab_size(), 11);
+  EXPECT_EQ(tok->decode(Ids{9, 8, 10}), "<x> <y> <z>");
+  // A vocabulary with a gap: the next id is its count of tokens, even where that id is taken.
+  test::TempDir gap;
+  write_text(gap / "tokenizer.json",
+             json({{"model", {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}, {"c", 3}}}, {"merges", json::array()}}},
+                   {"added_tokens", json::array({added_token(9, "<x>")})}})
+                 .dump());
+  auto g = Tokenizer::from_tokenizer_json(gap / "tokenizer.json");
+  EXPECT_EQ(g->encode("<x>abc"), (Ids{3, 0, 1, 3}));
+  EXPECT_EQ(g->decode(Ids{3}), "<x>");  // the added token's string first, as HF's id_to_token
+}
+
+// HF 0.23 decodes a token matched in the normalized text as its normalized form.
+TEST(TokenizerHfAgreement, NormalizedAddedTokensDecodeAsTheirNormalizedForm) {
+  test::TempDir dir;
+  auto tok = small_bpe(dir, {{"normalizer", {{"type", "Lowercase"}}},
+                             {"decoder", {{"type", "Fuse"}}},
+                             {"added_tokens", json::array({added_token(8, "AbC", false, true),
+                                                           added_token(9, "<X>", true, true)})}});
+  EXPECT_EQ(tok->encode("<x>AbC"), (Ids{9, 8}));
+  EXPECT_EQ(tok->decode(Ids{9, 8}), "<x>abc");
+  EXPECT_EQ(tok->id_to_token(8), "abc");
+  EXPECT_EQ(tok->token_to_id("AbC"), 8);
+  // Mistral-style: Prepend "▁" and Replace " " → "▁"; "<s>" normalized is "▁<s>", which the
+  // Metaspace-style Replace decoder turns into " <s>".
+  test::TempDir d2;
+  const std::string m = "\u2581";
+  json vocab = {{"<unk>", 0}, {"<s>", 1}, {m + "a", 2}, {m + "b", 3}, {m, 4}, {"a", 5}, {"b", 6}};
+  json j = {{"normalizer", {{"type", "Sequence"},
+                            {"normalizers", {{{"type", "Prepend"}, {"prepend", m}},
+                                             {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", m}}}}}},
+            {"decoder", {{"type", "Sequence"},
+                         {"decoders", {{{"type", "Replace"}, {"pattern", {{"String", m}}}, {"content", " "}},
+                                       {{"type", "Fuse"}},
+                                       {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}}},
+            {"added_tokens", json::array({added_token(1, "<s>", true, true)})},
+            {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", {m + " a", m + " b"}}, {"unk_token", "<unk>"}}}};
+  write_text(d2 / "tokenizer.json", j.dump());
+  auto mis = Tokenizer::from_tokenizer_json(d2 / "tokenizer.json");
+  EXPECT_EQ(mis->decode(Ids{2, 1, 3}), "a <s> b");
+  // ByteLevel decodes every token's string through GPT-2's alphabet, added tokens included:
+  // "ÅB" is the bytes C5 42 (HF then writes U+FFFD for the C5).
+  test::TempDir d3;
+  json g = gpt2_tokenizer_json(false, false);
+  g["added_tokens"].push_back(added_token(50257, "\u00c5B", false, false));
+  write_text(d3 / "tokenizer.json", g.dump());
+  auto gt = Tokenizer::from_tokenizer_json(d3 / "tokenizer.json");
+  EXPECT_EQ(gt->encode("x\u00c5B"), (Ids{87, 50257}));
+  EXPECT_EQ(gt->decode(Ids{87, 50257}), "x\xc5" "B");
+}
+
+// Patterns that match the empty string cut at each character boundary (onig's find_iter).
+TEST(TokenizerHfAgreement, EmptyMatchesSplitAndReplaceAsInHf) {
+  auto split = [](const json& pattern, const char* behavior, bool invert) {
+    return json{{"pre_tokenizer", {{"type", "Split"}, {"pattern", pattern}, {"behavior", behavior}, {"invert", invert}}}};
+  };
+  test::TempDir d1, d2, d3, d4, d5, d6, d7;
+  EXPECT_EQ(small_bpe(d1, split({{"Regex", ""}}, "Isolated", false))->encode("abc"), (Ids{0, 1, 2}));
+  EXPECT_EQ(small_bpe(d2, split({{"String", ""}}, "Isolated", false))->encode("xxabxcx"), (Ids{7, 7, 0, 1, 7, 2, 7}));
+  EXPECT_EQ(small_bpe(d3, split({{"Regex", "x*"}}, "MergedWithNext", false))->encode("bab"), (Ids{1, 0, 1}));
+  EXPECT_EQ(small_bpe(d4, split({{"Regex", "x*"}}, "Removed", false))->encode("axxbc"), (Ids{0, 1, 2}));
+  test::TempDir d8;  // inverted: a, b and c are the delimiters ("ab" is never merged)
+  EXPECT_EQ(small_bpe(d8, split({{"Regex", "x*"}}, "Removed", true))->encode("axxbc"), (Ids{7, 7}));
+  // Replace: the content goes in at every empty match (not right after a non-empty one).
+  auto replace = [](const json& pattern) {
+    return json{{"normalizer", {{"type", "Replace"}, {"pattern", pattern}, {"content", "x"}}}};
+  };
+  EXPECT_EQ(small_bpe(d5, replace({{"String", ""}}))->encode("ab"), (Ids{7, 0, 7, 1, 7}));
+  EXPECT_EQ(small_bpe(d6, replace({{"Regex", "b*"}}))->encode("abc"), (Ids{7, 0, 7, 2, 7}));
+  auto dec = small_bpe(d7, {{"decoder", {{"type", "Replace"}, {"pattern", {{"Regex", "b*"}}}, {"content", "x"}}}});
+  EXPECT_EQ(dec->decode(Ids{1, 3}), "xxax");
+}
+
+TEST(TokenizerErrors, ModelTypeThatIsNoStringAndVocabIdsOutOfRangeAreNamed) {
+  test::TempDir dir;
+  write_text(dir / "tokenizer.json", R"({"model": {"type": 5, "vocab": {"a": 0}, "merges": []}})");
+  ErrorKind kind{};
+  std::string msg = message_of([&] { Tokenizer::from_tokenizer_json(dir / "tokenizer.json"); }, &kind);
+  EXPECT_EQ(kind, ErrorKind::unsupported);
+  EXPECT_NE(msg.find("model.type \"5\""), std::string::npos) << msg;
+  write_text(dir / "tokenizer.json", R"({"model": {"type": "BPE", "vocab": {"a": 4000000000}, "merges": []}})");
+  msg = message_of([&] { Tokenizer::from_tokenizer_json(dir / "tokenizer.json"); });
+  EXPECT_NE(msg.find("4000000000 is out of range"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("16777215"), std::string::npos) << msg;
 }
 
 }  // namespace
