@@ -174,10 +174,11 @@ std::vector<Generation> generate(Session& session, const std::vector<std::vector
           // meaningful: greedy would take id 0 over NaNs, sampling an arbitrary id.
           if (const std::int64_t bad = std::find_if_not(row, row + V, [](float x) { return std::isfinite(x); }) - row;
               bad < V)
-            fail(ErrorKind::format,
-                 "the logits of prompt {} at new token {} are not finite (id {}: {}): the model's weights overflow its "
-                 "forward pass (huge or non-finite values?), so no token can be chosen",
-                 first + b, n + 1, bad, row[bad]);
+            throw NonFiniteLogits(
+                ErrorKind::format,
+                fmt::format("the logits of prompt {} at new token {} are not finite (id {}: {}): the model's weights "
+                            "overflow its forward pass (huge or non-finite values?), so no token can be chosen",
+                            first + b, n + 1, bad, row[bad]));
           tok = o.greedy ? argmax(row, V)
                          : sample(row, V, o.temperature, o.top_p, draw(o.seed, first + b, static_cast<std::uint64_t>(n)),
                                   order, probs);

@@ -78,6 +78,13 @@ void check_generate_request(Session& session, const std::vector<std::vector<std:
 // len + max_new_tokens ≤ the session's positions (max_seq): Error(invalid_argument) names
 // the prompt otherwise. Without a KV cache (KvPlace::off) every token runs the whole
 // sequence again.
+// What generate() throws when a row of logits holds a NaN or an infinity (weights that
+// overflow the forward pass): Error(format) naming the prompt and the token, a type of its
+// own so that an evaluation can report it without ending a training run.
+struct NonFiniteLogits : Error {
+  using Error::Error;
+};
+
 std::vector<Generation> generate(Session& session, const std::vector<std::vector<std::int32_t>>& prompts,
                                  const GenerateOptions& options, GenerateStats* stats = nullptr);
 

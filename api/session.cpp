@@ -642,8 +642,9 @@ StepResult Session::collect(std::int64_t step) {
     if (largest * 6.0f > 1.8e19f) {  // |z| reaches 6 among millions of normal draws
       adam_overflow_said_ = true;
       log_warn("step {}: the projected gradient {} is so large that zo-adam's second moment overflows to infinity "
-               "(its square passes 3.4e38 where |g·z| > 1.8e19): the weights there stop moving and the save will "
-               "refuse the state; the losses (L+ = {}) are huge: a weight that overflows the forward pass?",
+               "(its square passes 3.4e38 where |g·z| > 1.8e19): the weights there stop moving (with fp8 state, whose "
+               "row scale cannot hold an infinity, they turn NaN) and the save will refuse the state or the weights; "
+               "the losses (L+ = {}) are huge: a weight that overflows the forward pass?",
                step + 1, r.g, r.loss_plus);
     }
   }

@@ -36,6 +36,8 @@ expect(2 "--gpu-mem 'none,,4G': an empty item" ${common} --gpu-mem none,,4G)
 expect(2 "--batch-size '3000000000': not an integer in [1, 10^9)" ${common} --batch-size 3000000000)
 expect(2 "--seq-len '99999999999999999999': not an integer in [2, 10^9)" --presets opt-tiny --seq-len 99999999999999999999)
 expect(2 "-1 is not a seed" ${common} --seed -1)
+# Integer flags are decimal as written (Note [Decimal integers], tools/cli.h).
+expect(2 "--warmup: 0x2 is not a whole number" --presets opt-tiny --seq-len 8 --steps 1 --warmup 0x2 -q)
 expect(2 "--link-probe 1: at least 1M" --presets opt-tiny --seq-len 8 --link-probe 1 -q)
 expect(2 "--plot is for training rows, not --generate" ${common} --generate 2 --plot ${WORK}/g.png)
 expect(2 "--host-mem is for training rows, not --generate" ${common} --generate 2 --host-mem 100K)

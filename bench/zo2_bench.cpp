@@ -698,6 +698,7 @@ int main(int argc, char** argv) {
   app.add_option("--disk-probe-queue-depth", disk_probe_qd, "with --disk-probe: requests in flight per direction")
       ->capture_default_str()->check(CLI::Range(1, 1024));
   app.add_flag("-q,--quiet", quiet, "only the table");
+  zo2::cli::decimal_integer_options(app);  // Note [Decimal integers] (tools/cli.h)
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -212,7 +212,19 @@ void read_gemma3(const Reader& r, ModelConfig& c) {
                         (j.at("rope_parameters").contains("full_attention") ||
                          j.at("rope_parameters").contains("sliding_attention"));
   if (per_type) {
-    const json& rp = j.at("rope_parameters");
+    json rp = j.at("rope_parameters");
+    // transformers 5 (Gemma3TextConfig.convert_rope_params_to_dict) merges a set rope_scaling
+    // into the global layers' parameters: rope_parameters["full_attention"].update(rope_scaling).
+    if (r.has("rope_scaling")) {
+      const json& scaling = j.at("rope_scaling");
+      if (!scaling.is_object())
+        fail(ErrorKind::format, "{}: field 'rope_scaling' must be an object, got {}", where, scaling.dump());
+      if (!scaling.empty()) {
+        if (!rp.contains("full_attention") || !rp.at("full_attention").is_object())
+          rp["full_attention"] = json::object();
+        for (const auto& [key, value] : scaling.items()) rp["full_attention"][key] = value;
+      }
+    }
     auto one = [&](const char* type, double theta) {
       json sub = json::object();
       if (rp.contains(type) && !rp.at(type).is_null()) sub["rope_parameters"] = rp.at(type);

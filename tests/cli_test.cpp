@@ -82,6 +82,32 @@ TEST(Cli, UnknownFlagsAndBadValuesAreUsageErrors) {
   EXPECT_FALSE(fs::exists(w.tmp / "o"));
 }
 
+// Integer flags are decimal as written (Note [Decimal integers], tools/cli.h): "010" is 10,
+// not CLI11's octal 8; "0x3" is refused; a value beyond 64 bits is named as typed, not as
+// the saturated 9223372036854775807.
+TEST(Cli, IntegerFlagsAreDecimalAsWritten) {
+  Workspace w;
+  const std::string train = "train --model " + w.model.string() + " --data " + w.data.string() + " --batch-size 02 -q";
+  ASSERT_EQ(run(train + " --steps 010 --out " + (w.tmp / "ten").string()), 0);
+  std::ifstream log(w.tmp / "ten" / "seed_log.jsonl");
+  std::string line, last;
+  int steps = 0;
+  while (std::getline(log, line))
+    if (line.find("\"step\"") != std::string::npos) ++steps;
+  EXPECT_EQ(steps, 10);
+  std::string out;
+  EXPECT_EQ(run(train + " --steps 0x3 --out " + (w.tmp / "hex").string(), &out), 2);
+  EXPECT_NE(out.find("--steps: 0x3 is not a whole number"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run(train + " --steps 18446744073709551615 --out " + (w.tmp / "big").string(), &out), 2);
+  EXPECT_NE(out.find("18446744073709551615 is beyond what this flag can hold"), std::string::npos) << out;
+  EXPECT_EQ(out.find("9223372036854775807:"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run(train + " --steps -0 --out " + (w.tmp / "zero").string(), &out), 2);
+  EXPECT_NE(out.find("--steps 0: must be an integer in [1,"), std::string::npos) << out;
+  // zo2-bench's: bench/check_bench_errors.cmake.
+}
+
 TEST(Cli, InitWritesShardedCheckpointsThatForwardReads) {
   test::TempDir tmp;
   std::string out;

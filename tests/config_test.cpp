@@ -492,6 +492,19 @@ TEST(ModelConfig, Gemma3RopeSpellingsOldAndNewReadTheSame) {
   const json out = b.to_json();
   EXPECT_EQ(out.at("rope_parameters"), neu.at("rope_parameters"));
   EXPECT_FALSE(out.contains("rope_scaling"));
+  // A rope_scaling beside per-type rope_parameters updates the global layers' (transformers
+  // 5's Gemma3TextConfig); a pasted YaRN snippet is refused, not ignored.
+  json both = neu;
+  both["rope_parameters"]["full_attention"] = {{"rope_type", "default"}, {"rope_theta", 1000000.0}};
+  both["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 8.0}};
+  const ModelConfig c = ModelConfig::from_json(both);
+  EXPECT_EQ(c.rope.type, RopeType::linear);
+  EXPECT_EQ(c.rope.factor, 8.0);
+  EXPECT_EQ(c.rope.theta, 1e6);
+  EXPECT_EQ(c.rope_local.type, RopeType::default_);
+  expect_same_config(ModelConfig::from_json(c.to_json()), c, "gemma3 per-type + rope_scaling");
+  both["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 8.0}};
+  expect_refused(both, ErrorKind::unsupported, {"rope_type", "yarn"});
 }
 
 TEST(ModelConfig, Gemma3FieldsZo2CannotRunAreRefusedNamingTheField) {

@@ -288,6 +288,26 @@ TEST(GenerateCli, NonFiniteLogitsStopGenerateAndEvalWithAnError) {
       << out;
   EXPECT_NE(out.find("the loss is not finite"), std::string::npos) << out;
   EXPECT_EQ(out.find("em 1.0"), std::string::npos) << out;
+  // train's own evaluation reports no metric from them, and the run goes on and saves.
+  out.clear();
+  const fs::path log = m.tmp / "overflow.jsonl";
+  EXPECT_EQ(run("train --model " + bad.string() + " --task squad --data " + squad.string() + " --eval " + squad.string() +
+                    " --steps 2 --batch-size 2 --max-new-tokens 3 --out " + (m.tmp / "run").string() + " --log-json " +
+                    log.string(),
+                &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("the evaluation after step 2 is not finite"), std::string::npos) << out;
+  EXPECT_TRUE(fs::exists(m.tmp / "run" / "current")) << out;
+  int evals = 0;
+  for (const auto& j : json_lines(read_text(log)))
+    if (j.contains("eval_after_step")) {
+      ++evals;
+      EXPECT_TRUE(j.at("eval_loss").is_null()) << j.dump();
+      EXPECT_FALSE(j.contains("eval_f1")) << j.dump();
+      EXPECT_FALSE(j.contains("eval_em")) << j.dump();
+    }
+  EXPECT_EQ(evals, 1);
 }
 
 TEST(GenerateCli, BadRequestsAreUsageErrorsNamingTheFlagOrPrompt) {

@@ -132,6 +132,41 @@ CLI::Validator seed_value() {
       "SEED");
 }
 
+void decimal_integer_options(CLI::App& app) {
+  for (CLI::Option* opt : app.get_options()) {
+    const std::string type = opt->get_type_name();
+    const std::string base = type.substr(0, type.find(':'));
+    if ((base != "INT" && base != "UINT") || type.find("SEED") != std::string::npos) continue;
+    const bool is_unsigned = base == "UINT";
+    opt->transform(CLI::Validator(
+        [is_unsigned](std::string& text) -> std::string {
+          std::string_view t = text;
+          const bool negative = !t.empty() && t.front() == '-';
+          if (!t.empty() && (t.front() == '-' || t.front() == '+')) t.remove_prefix(1);
+          if (t.empty() || t.find_first_not_of("0123456789") != std::string_view::npos)
+            return fmt::format("{} is not a whole number (decimal digits{})", text, is_unsigned ? "" : ", an optional sign");
+          t.remove_prefix(std::min(t.find_first_not_of('0'), t.size() - 1));
+          const std::string digits = (negative && t != "0" ? "-" : "") + std::string(t);
+          std::errc ec{};
+          if (is_unsigned) {
+            std::uint64_t v = 0;
+            if (negative && t != "0") return fmt::format("{} is negative; this flag takes a whole number >= 0", text);
+            ec = std::from_chars(t.data(), t.data() + t.size(), v).ec;
+          } else {
+            std::int64_t v = 0;
+            ec = std::from_chars(digits.data(), digits.data() + digits.size(), v).ec;
+          }
+          if (ec != std::errc())
+            return fmt::format("{} is beyond what this flag can hold ({} at most)", text,
+                               is_unsigned ? "18446744073709551615" : "9223372036854775807");
+          text = digits;
+          return {};
+        },
+        ""));
+  }
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) decimal_integer_options(*sub);
+}
+
 CLI::Validator finite_range(double lo, double hi, bool open_lo) {
   return CLI::Validator(
       [=](const std::string& text) -> std::string {

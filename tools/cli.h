@@ -95,6 +95,15 @@ CLI::Validator finite_range(double lo, double hi, bool open_lo = false);
 // give one seed). A transform: use with ->transform(seed_value()).
 CLI::Validator seed_value();
 
+// Note [Decimal integers]
+//   CLI11 2.1 reads an integer flag's text with strtoll(…, 0): "010" is octal 8 and "0x10"
+//   hex 16 (`--steps 010` ran 8 steps), and a value beyond 64 bits saturates, so a refusal
+//   named 9223372036854775807 instead of what was typed. Every integer option of `app` and
+//   its subcommands (not seeds: seed_value) first goes through a transform that takes
+//   decimal digits only, with an optional sign, drops leading zeros, and refuses a value
+//   beyond 64 bits naming it as written. Called once the options are declared.
+void decimal_integer_options(CLI::App& app);
+
 // Options every subcommand that runs a model shares.
 struct DeviceFlags {
   std::string device = "cpu";

@@ -114,6 +114,7 @@ Runner add_eval(CLI::App& app) {
                pl.kv_positions == 0 ? std::string("without a KV cache")
                                     : fmt::format("KV cache on the {}", pl.kv_on_device ? "device" : "host"));
       EvalResult g = evaluate_generation(session, data, *tokenizer, o->max_new);
+      if (g.non_finite) fail(ErrorKind::format, "{}: {}; no evaluation is reported", o->model, g.note);
       r.metrics = g.metrics;
       r.note.clear();
       if (!o->predictions.empty()) {

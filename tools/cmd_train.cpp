@@ -1256,13 +1256,19 @@ Runner add_train(CLI::App& app) {
         return stop_requested();
       };
       EvalResult e = evaluate(session, *eval_data, sc.max_batch, eval_stop);
-      if (eval_generates && !e.interrupted) {
+      // Non-finite logits (weights that overflow on the --eval data) give no metric: the
+      // evaluation is logged with a null loss and nothing else, and training goes on (its own
+      // losses decide whether it stops: kMaxSkippedInARow).
+      std::string non_finite = !e.interrupted && !std::isfinite(e.loss)
+                                   ? fmt::format("its loss is {}", e.loss) : std::string();
+      if (eval_generates && !e.interrupted && non_finite.empty()) {
         const auto eval_tok = tokenizer ? nullptr : tokenizer_for_data(o->eval, o->data_flags, model_dir);
         const EvalResult g =
             evaluate_generation(session, *eval_data, tokenizer ? *tokenizer : *eval_tok, o->eval_max_new, eval_stop);
         e.interrupted = g.interrupted;
         e.metrics = g.metrics;
         e.note.clear();
+        if (g.non_finite) non_finite = g.note;
       }
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
       progress.newline();
@@ -1271,6 +1277,15 @@ Runner add_train(CLI::App& app) {
         log_warn("the evaluation after step {} was interrupted after {}: not recorded; --resume runs it first", done,
                  format_duration(s));
         return false;
+      }
+      if (!non_finite.empty()) {
+        log_warn("the evaluation after step {} is not finite ({}): the model's logits overflow on the --eval data; "
+                 "no metric is reported (its --log-json record has eval_loss null)",
+                 done, non_finite);
+        if (log_json || records)
+          emit(json{{"eval_after_step", done}, {"eval_loss", nullptr}, {"eval_examples", e.examples},
+                    {"eval_tokens", e.tokens}});
+        return true;
       }
       std::string extra;
       for (const auto& [name, value] : e.metrics)

@@ -1310,6 +1310,11 @@ EvalResult evaluate_generation(Session& session, const Dataset& data, const Toke
   } catch (const Stopped&) {
     r.interrupted = true;
     return r;
+  } catch (const NonFiniteLogits& e) {
+    r.non_finite = true;
+    r.note = e.what();
+    r.loss = std::nan("");
+    return r;
   }
   r.prompts = prompts;
   for (std::size_t k = 0; k < gen.size(); ++k) {

@@ -176,6 +176,9 @@ struct EvalResult {
   // The `stop` predicate ended the evaluation early: the numbers above cover only part of
   // the data and are not the evaluation's (the caller reports none).
   bool interrupted = false;
+  // evaluate_generation: the logits were not finite (NonFiniteLogits; `note` says where):
+  // no metric is computed.
+  bool non_finite = false;
 };
 
 }  // namespace zo2::cli

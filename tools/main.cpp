@@ -54,6 +54,7 @@ int main(int argc, char** argv) {
   reg("synth-data", "write a synthetic, learnable token dataset (safetensors)", zo2::cli::add_synth_data);
   reg("tokenize", "print the token ids of a text as a JSON array", zo2::cli::add_tokenize);
   reg("data", "show what a data file becomes: format, sizes, and the first examples as the model sees them", zo2::cli::add_data);
+  zo2::cli::decimal_integer_options(app);  // Note [Decimal integers]
   try {
     app.parse(argc, argv);
   } catch (const CLI::ArgumentMismatch& e) {

@@ -971,6 +971,7 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
   CLI::App app{"zo2-tune"};
   CLI::App* sub = app.add_subcommand("train");
   zo2::cli::Runner runner = zo2::cli::add_train(*sub);
+  zo2::cli::decimal_integer_options(app);  // as zo2-tune's (Note [Decimal integers])
   std::vector<std::string> args{"zo2-tune", "train"};
   for (const auto& [name, value] : options) {
     std::string dashed = name;
