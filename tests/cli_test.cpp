@@ -102,6 +102,12 @@ TEST(Cli, IntegerFlagsAreDecimalAsWritten) {
   EXPECT_EQ(run(train + " --steps 18446744073709551615 --out " + (w.tmp / "big").string(), &out), 2);
   EXPECT_NE(out.find("18446744073709551615 is beyond what this flag can hold"), std::string::npos) << out;
   EXPECT_EQ(out.find("9223372036854775807:"), std::string::npos) << out;
+  // Blanks around the number (a padded command substitution) and a '+' are fine, seeds too.
+  out.clear();
+  EXPECT_EQ(run(train + " --steps ' 3 ' --seed ' +07' --out " + (w.tmp / "padded").string(), &out), 0) << out;
+  out.clear();
+  EXPECT_EQ(run("data --data " + w.data.string() + " --show -9223372036854775809", &out), 2);
+  EXPECT_NE(out.find("-9223372036854775808 at least"), std::string::npos) << out;
   out.clear();
   EXPECT_EQ(run(train + " --steps -0 --out " + (w.tmp / "zero").string(), &out), 2);
   EXPECT_NE(out.find("--steps 0: must be an integer in [1,"), std::string::npos) << out;

@@ -118,9 +118,21 @@ void refuse_output_over_inputs(const char* flag, const std::filesystem::path& ou
                "{}", flag, out.string(), entry.path().string(), flag);
 }
 
+namespace {
+// Without the blanks around it (a padded `$(wc -l < f)`: strtoll skipped leading ones).
+std::string_view trim_blanks(std::string_view t) {
+  t.remove_prefix(std::min(t.find_first_not_of(" \t"), t.size()));
+  t.remove_suffix(t.size() - std::min(t.find_last_not_of(" \t") + 1, t.size()));
+  return t;
+}
+}  // namespace
+
 CLI::Validator seed_value() {
   return CLI::Validator(
       [](std::string& text) -> std::string {
+        // Blanks around it and a leading '+', as the other integer flags (Note [Decimal integers]).
+        text = std::string(trim_blanks(text));
+        if (text.size() > 1 && text.front() == '+') text.erase(0, 1);
         std::uint64_t v = 0;
         const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
         if (text.empty() || ec != std::errc() || end != text.data() + text.size())
@@ -140,7 +152,7 @@ void decimal_integer_options(CLI::App& app) {
     const bool is_unsigned = base == "UINT";
     opt->transform(CLI::Validator(
         [is_unsigned](std::string& text) -> std::string {
-          std::string_view t = text;
+          std::string_view t = trim_blanks(text);
           const bool negative = !t.empty() && t.front() == '-';
           if (!t.empty() && (t.front() == '-' || t.front() == '+')) t.remove_prefix(1);
           if (t.empty() || t.find_first_not_of("0123456789") != std::string_view::npos)
@@ -157,8 +169,10 @@ void decimal_integer_options(CLI::App& app) {
             ec = std::from_chars(digits.data(), digits.data() + digits.size(), v).ec;
           }
           if (ec != std::errc())
-            return fmt::format("{} is beyond what this flag can hold ({} at most)", text,
-                               is_unsigned ? "18446744073709551615" : "9223372036854775807");
+            return fmt::format("{} is beyond what this flag can hold ({})", text,
+                               is_unsigned ? "18446744073709551615 at most"
+                               : negative  ? "-9223372036854775808 at least"
+                                           : "9223372036854775807 at most");
           text = digits;
           return {};
         },

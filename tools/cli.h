@@ -100,8 +100,8 @@ CLI::Validator seed_value();
 //   hex 16 (`--steps 010` ran 8 steps), and a value beyond 64 bits saturates, so a refusal
 //   named 9223372036854775807 instead of what was typed. Every integer option of `app` and
 //   its subcommands (not seeds: seed_value) first goes through a transform that takes
-//   decimal digits only, with an optional sign, drops leading zeros, and refuses a value
-//   beyond 64 bits naming it as written. Called once the options are declared.
+//   decimal digits only, with an optional sign and blanks around them, drops leading zeros,
+//   and refuses a value beyond 64 bits naming it as written. Called once the options are declared.
 void decimal_integer_options(CLI::App& app);
 
 // Options every subcommand that runs a model shares.

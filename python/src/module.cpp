@@ -336,9 +336,22 @@ const char* const kParamNames[] = {"lr",           "eps",          "weight_decay
                                    "parallel",     "rank_timeout", "share_host_image", "sliced_upload",
                                    "host_mem",     "disk_dir",     "disk_lag",      "disk_staging", "tile"};
 
-int64_t int_arg(py::handle v, const char* name) {
-  if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v))
+// An int, or an integer type with __index__ (numpy's np.int64, np.uint32, ...), as Python's
+// operator.index takes it; never a bool (nor numpy's, whose __index__ numpy 1.x still has).
+py::object index_arg(py::handle v, const char* name) {
+  if (py::isinstance<py::bool_>(v) || type_name(v).starts_with("numpy.bool"))
     wrong_type(std::string(name) + " must be an int, not " + type_name(v) + " (" + py::repr(v).cast<std::string>() + ")");
+  if (py::isinstance<py::int_>(v)) return py::reinterpret_borrow<py::object>(v);
+  PyObject* i = PyNumber_Index(v.ptr());
+  if (!i) {
+    PyErr_Clear();
+    wrong_type(std::string(name) + " must be an int, not " + type_name(v) + " (" + py::repr(v).cast<std::string>() + ")");
+  }
+  return py::reinterpret_steal<py::object>(i);
+}
+
+int64_t int_arg(py::handle v_in, const char* name) {
+  const py::object v = index_arg(v_in, name);
   int overflow = 0;
   const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
   if (overflow != 0) invalid(std::string(name) + " " + py::repr(v).cast<std::string>() + " is out of range");
@@ -353,9 +366,8 @@ int32_t int32_arg(py::handle v, const char* name) {
 }
 
 // An unsigned 64-bit seed: an int in [0, 2^64).
-uint64_t seed_arg(py::handle v, const char* name) {
-  if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v))
-    wrong_type(std::string(name) + " must be an int, not " + type_name(v) + " (" + py::repr(v).cast<std::string>() + ")");
+uint64_t seed_arg(py::handle v_in, const char* name) {
+  const py::object v = index_arg(v_in, name);
   const unsigned long long s = PyLong_AsUnsignedLongLong(v.ptr());
   if (s == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
     PyErr_Clear();

@@ -207,6 +207,16 @@ ERRORS = [
 ]
 
 
+def test_numpy_integers_are_ints(tiny):
+    np = pytest.importorskip("numpy")
+    with zo2.Session(tiny, max_seqs=np.int32(2), max_seq_len=np.int64(16), n_threads=np.uint8(1), seed=np.uint64(3)):
+        pass
+    with pytest.raises(zo2.InvalidTypeError, match="n_threads must be an int, not numpy.bool"):
+        zo2.Session(tiny, max_seqs=2, max_seq_len=16, n_threads=np.bool_(True))
+    with pytest.raises(zo2.InvalidTypeError, match="window must be an int, not numpy.float64"):
+        zo2.Session(tiny, max_seqs=2, max_seq_len=16, window=np.float64(2.0))
+
+
 @pytest.mark.parametrize("kw,cls,message", ERRORS, ids=[repr(e[0]) for e in ERRORS])
 def test_session_errors(tiny, kw, cls, message):
     with pytest.raises(cls) as e:

@@ -141,6 +141,37 @@ def test_log_json_and_tqdm(tiny, synth, tmp_path, monkeypatch):
     assert [x["eval_after_step"] for x in r.evals] == [3, 6]
 
 
+def test_tqdm_bar_takes_null_losses(monkeypatch):
+    # A skipped step's loss and g, and a non-finite evaluation's loss, are null in the records:
+    # the bar shows nan instead of raising (which stopped the run as a callback error).
+    shown = []
+
+    class FakeTqdm:
+        def __init__(self, total=None, **kw):
+            self.n = 0
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, **kw):
+            shown.append(kw)
+
+        @staticmethod
+        def write(s):
+            shown.append(s)
+
+    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=FakeTqdm))
+    from zo2._train import _TqdmBar
+
+    bar = _TqdmBar(4)
+    bar({"step": 1, "loss": None, "g": None, "update_skipped": True})
+    bar({"step": 2, "loss": 2.5, "g": 0.125})
+    bar({"eval_after_step": 2, "eval_loss": None, "eval_examples": 8, "eval_tokens": 16})
+    assert shown[0]["loss"] == "nan" and shown[0]["g"] == "nan"
+    assert shown[1]["loss"] == "2.5000" and shown[1]["g"] == "+1.25e-01"
+    assert shown[2] == "eval after step 2: loss nan"
+
+
 def test_log_json_never_replaces_a_file_the_run_reads_or_saves(tiny, synth, tmp_path):
     # log_json is train's own --log-json: checked before anything is opened (it once
     # truncated the data file, or appended records into a resumed run's seed log).

@@ -36,6 +36,10 @@ def _flag_value(name: str, value: Any) -> Any:
     return str(value)
 
 
+def _num(value: Any, spec: str) -> str:
+    return "nan" if value is None else format(value, spec)
+
+
 class _TqdmBar:
     def __init__(self, total: Optional[int]):
         from tqdm import tqdm  # noqa: imported only when installed
@@ -46,11 +50,11 @@ class _TqdmBar:
     def __call__(self, rec: Record) -> None:
         if "step" in rec:
             self.bar.update(rec["step"] - self.bar.n)
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", g=f"{rec['g'] if rec['g'] is not None else float('nan'):+.2e}",
-                                 refresh=False)
+            # A skipped step's loss and g, and a non-finite evaluation's loss, are null.
+            self.bar.set_postfix(loss=_num(rec.get("loss"), ".4f"), g=_num(rec.get("g"), "+.2e"), refresh=False)
         elif "eval_after_step" in rec:
             extra = f", accuracy {rec['eval_accuracy']:.4f}" if "eval_accuracy" in rec else ""
-            self._tqdm.write(f"eval after step {rec['eval_after_step']}: loss {rec['eval_loss']:.4f}{extra}")
+            self._tqdm.write(f"eval after step {rec['eval_after_step']}: loss {_num(rec.get('eval_loss'), '.4f')}{extra}")
 
     def close(self) -> None:
         self.bar.close()
