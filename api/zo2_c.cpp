@@ -251,9 +251,9 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
   sc.rule.beta1 = sc.rule.kind == zo2::RuleKind::momentum ? p.momentum : p.beta1;
   sc.rule.beta2 = p.beta2;
   sc.rule.adam_eps = p.adam_eps;
-  sc.rule.state_dtype = sc.rule.state_buffers() > 0
-                            ? parse_dtype("state_dtype", p.state_dtype, {DType::f32, DType::bf16, DType::f8_e4m3})
-                            : DType::f32;
+  // (checked for every optimizer too: "fp16" or a typo is a mistake whatever the rule)
+  const DType state_dtype = parse_dtype("state_dtype", p.state_dtype, {DType::f32, DType::bf16, DType::f8_e4m3});
+  sc.rule.state_dtype = sc.rule.state_buffers() > 0 ? state_dtype : DType::f32;
   if (sc.rule.kind == zo2::RuleKind::momentum) sc.rule.beta2 = 0.999f, sc.rule.adam_eps = 1e-8f;
   zo2::validate_rule(sc.rule, p.weight_decay, /*c_api=*/true);
   sc.resume_state = p.resume_state != 0;
@@ -835,6 +835,12 @@ int zo2_plan(const zo2_model* m, const zo2_session_params* p, zo2_plan_result* o
           const auto big = zo2::plan_placement(
               m->config, zo2::plan_request(m->config, sc, dev.kind, std::numeric_limits<std::size_t>::max() / 4));
           out->minimum_cap_bytes = big.minimum_cap;
+          // Under a cap that large no weight tiles are planned; below the whole blocks' minimum
+          // (tile auto) they are, and their floor may be smaller: what the error names.
+          if (big.minimum_cap > 1) {
+            const auto below = zo2::plan_placement(m->config, zo2::plan_request(m->config, sc, dev.kind, big.minimum_cap - 1));
+            out->minimum_cap_bytes = std::min<std::uint64_t>(out->minimum_cap_bytes, below.minimum_cap);
+          }
         } catch (...) {
         }
       }

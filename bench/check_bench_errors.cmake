@@ -51,8 +51,14 @@ if(NOT kept STREQUAL "{\"old\": 1}\n")
   message(FATAL_ERROR "a refused sweep changed --jsonl: '${kept}'")
 endif()
 
-# A row that fails (opt-tiny has 64 positions) fails the sweep: exit 1, its error in the table.
-expect(1 "1 row(s) failed or exceeded their cap" --presets opt-tiny --seq-len 128 --steps 1 --warmup 0
+# A sequence length beyond a preset's positions (opt-tiny: 64) is refused before any row.
+expect(2 "--seq-len 128: preset opt-tiny has 64 positions" --presets opt-tiny --seq-len 128 --steps 1 --warmup 0
+       --mezo-baseline off --link-probe off -q)
+# Leading zeros and a '+' in the lists, as in every integer flag.
+expect(0 "| opt-tiny |" --presets opt-tiny --seq-len 08 --batch-size +1 --steps 1 --warmup 0 --mezo-baseline off
+       --link-probe off)
+# A row that fails (a cap below what opt-tiny needs) fails the sweep: exit 1, its error in the table.
+expect(1 "1 row(s) failed or exceeded their cap" --presets opt-tiny --seq-len 8 --gpu-mem 64K --steps 1 --warmup 0
        --mezo-baseline off --link-probe off -q)
 
 # The disk probe refuses a file beyond the free space (1 EiB), and leaves no file.

@@ -606,7 +606,7 @@ constexpr const char* kGenerateHead =
 
 int main(int argc, char** argv) {
   CLI::App app{"zo2-bench: zo2 MeZO step throughput and memory against device-memory caps"};
-  std::string presets = "opt-tiny", caps = "none", storages = "fp32", computes = "fp32", batches = "1", seqs = "128";
+  std::string presets = "opt-tiny", caps = "none", storages = "fp32", computes = "fp32", batches = "1", seqs = "64";
   std::string device = "cpu", offload = "auto", jsonl, markdown, plot, python, mezo_mode = "auto";
   std::string tile = "auto";
   std::string tunings = "full", optimizers = "zo-sgd";
@@ -827,7 +827,10 @@ int main(int argc, char** argv) {
         zo2::fail(zo2::ErrorKind::invalid_argument,
                   "--optimizer '{}': zo-sgd, zo-sgd-sign, zo-sgd-cons, zo-sgd-momentum or zo-adam", o);
     // Digits only, at most 9 of them (below 2^31: the rows take int).
-    auto small_int = [](const std::string& v, long long lo) {
+    // (as the other integer flags, Note [Decimal integers]: a '+' and leading zeros are fine)
+    auto small_int = [](std::string v, long long lo) {
+      if (!v.empty() && v.front() == '+') v.erase(0, 1);
+      v.erase(0, std::min(v.find_first_not_of('0'), v.size() > 0 ? v.size() - 1 : 0));
       return !v.empty() && v.size() <= 9 && v.find_first_not_of("0123456789") == std::string::npos &&
              std::stoll(v) >= lo;
     };
@@ -837,6 +840,12 @@ int main(int argc, char** argv) {
     for (const auto& t : split(seqs))
       if (!small_int(t, 2))
         zo2::fail(zo2::ErrorKind::invalid_argument, "--seq-len '{}': not an integer in [2, 10^9)", t);
+    // A length beyond a preset's positions would fail its rows one by one, hours in.
+    for (const auto& p : split(presets))
+      for (const auto& t : split(seqs))
+        if (const auto& c = zo2::find_preset(p).config; std::stoll(t.front() == '+' ? t.substr(1) : t) > c.max_positions)
+          zo2::fail(zo2::ErrorKind::invalid_argument, "--seq-len {}: preset {} has {} positions (max_position_embeddings)",
+                    t, p, c.max_positions);
     std::size_t link_bytes = 0;  // --link-probe as bytes; 0 = off
     if (link_probe == "auto") {
       link_bytes = zo2::parse_device(device).kind == zo2::DeviceKind::cuda ? std::size_t{1} << 30 : std::size_t{64} << 20;

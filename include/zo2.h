@@ -200,8 +200,8 @@ typedef struct zo2_session_params {
     // The update rule (zo2-tune train --optimizer; README "Update rules"). Appended after the
     // fields above (source-compatible; see the top of this header for binaries). The defaults
     // are the one-direction ZO-SGD above.
-    // momentum, beta1, beta2 and adam_eps are range-checked whatever the optimizer (a value
-    // no rule accepts is an error, not ignored); state_dtype is read by the stateful rules only.
+    // momentum, beta1, beta2, adam_eps and state_dtype are checked whatever the optimizer (a
+    // value no rule accepts is an error, not ignored); the stateful rules alone use them.
     const char * optimizer;      // "zo-sgd", "zo-sgd-sign", "zo-sgd-cons", "zo-sgd-momentum", "zo-adam". Default "zo-sgd".
     int32_t  directions;         // q random directions per step, 1..64 (each one more forward pass; lr/q each). Default 1.
     const char * difference;     // "central" (L(θ+εz) − L(θ−εz))/2ε or "forward" (L(θ+εz) − L(θ))/ε. Default "central".
@@ -236,8 +236,8 @@ typedef struct zo2_session_params {
 
     // Ranks (zo2-tune train --parallel; README "Many GPUs and nodes"). A session can be one rank of an MPI job:
     // every rank calls every zo2_session_* function in the same order with the same arguments — the same
-    // global batch to zo2_session_step (a data-parallel rank takes its own shard), zo2_session_save and
-    // zo2_session_sync together (rank 0 writes the checkpoint and the seed log, the others wait for it), eval
+    // global batch to zo2_session_step (a data-parallel rank takes its own shard), zo2_session_save
+    // together (rank 0 writes the checkpoint and the seed log, the others wait for it), eval
     // and generate together. Every rank then holds the same weights. Ranks on one node share one host image of
     // the weights. A rank that hangs makes the others fail with ZO2_ERR_IO naming it after rank_timeout_s; the
     // host should then end the job (MPI_Abort), as zo2-tune does.

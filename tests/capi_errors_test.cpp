@@ -535,6 +535,10 @@ TEST_F(CApi, BadUpdateRuleFieldsAreRefusedNamingTheField) {
                  p.state_dtype = nullptr;
                }),
                invalid, "state_dtype", "NULL");
+  // ... whatever the optimizer, as the other rule fields (README: a value no rule takes is an
+  // error, not ignored).
+  EXPECT_ERROR(init_with([](auto& p) { p.state_dtype = "int4"; }), invalid, "state_dtype", "int4");
+  EXPECT_ERROR(init_with([](auto& p) { p.state_dtype = "fp16"; }), ZO2_ERR_UNSUPPORTED, "state_dtype", "fp16");
   // The hyper-parameters of the stateful rules, named as fields.
   EXPECT_ERROR(init_with([](auto& p) {
                  p.optimizer = "zo-sgd-momentum";
@@ -563,13 +567,13 @@ TEST_F(CApi, BadUpdateRuleFieldsAreRefusedNamingTheField) {
     zo2_plan_result plan;
     EXPECT_ERROR(zo2_plan(model_, &p, &plan), invalid, "directions 65");
   }
-  // The rules' numbers are range-checked whatever the optimizer (a value no rule takes is a
-  // mistake, not ignored); a state dtype zo-sgd does not use is left alone.
+  // The rules' numbers and state dtype are checked whatever the optimizer (a value no rule
+  // takes is a mistake, not ignored); a valid state dtype zo-sgd does not use is left alone.
   EXPECT_ERROR(init_with([](auto& p) { p.beta1 = 5.0f; }), invalid, "beta1 5", "checked for every optimizer");
   EXPECT_ERROR(init_with([](auto& p) { p.momentum = -1.0f; }), invalid, "momentum -1", "checked for every optimizer");
   EXPECT_ERROR(init_with([](auto& p) { p.adam_eps = NAN; }), invalid, "adam_eps nan", "checked for every optimizer");
   zo2_session_params p = params();
-  p.state_dtype = "fp16";
+  p.state_dtype = "bf16";
   open(p);
   ASSERT_NE(session_, nullptr);
   const zo2_batch b = batch();
@@ -588,6 +592,14 @@ TEST_F(CApi, CapBelowThePlansMinimumIsOutOfMemoryAndPlanStillReportsTheMinimum) 
   EXPECT_ERROR(zo2_plan(model_, &p, &plan), ZO2_ERR_OUT_OF_MEMORY, "minimum");
   EXPECT_GT(plan.minimum_cap_bytes, 4096u);
   EXPECT_EQ(plan.n_blocks, 2);
+  // It is the smallest: one byte less fails, and it plans (with weight tiles where whole
+  // blocks do not fit: the minimum the error names, not the whole blocks' larger one).
+  const std::uint64_t minimum = plan.minimum_cap_bytes;
+  p.gpu_mem_bytes = minimum - 1;
+  EXPECT_ERROR(zo2_plan(model_, &p, &plan), ZO2_ERR_OUT_OF_MEMORY, "minimum");
+  EXPECT_EQ(plan.minimum_cap_bytes, minimum);
+  p.gpu_mem_bytes = minimum;
+  EXPECT_EQ(zo2_plan(model_, &p, &plan), 0) << zo2_last_error();
 
   // At the minimum it plans (every block streamed), and a session opens under it.
   p.gpu_mem_bytes = plan.minimum_cap_bytes;

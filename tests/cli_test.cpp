@@ -111,6 +111,13 @@ TEST(Cli, IntegerFlagsAreDecimalAsWritten) {
   out.clear();
   EXPECT_EQ(run(train + " --steps -0 --out " + (w.tmp / "zero").string(), &out), 2);
   EXPECT_NE(out.find("--steps 0: must be an integer in [1,"), std::string::npos) << out;
+  // A rule coefficient that rounds out of range as a float is named as typed.
+  out.clear();
+  EXPECT_EQ(run(train + " --steps 1 --optimizer zo-adam --beta1 0.99999999 --out " + (w.tmp / "b1").string(), &out), 2);
+  EXPECT_NE(out.find("--beta1 0.99999999: rounds to 1 as a float"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run(train + " --steps 1 --optimizer zo-adam --adam-eps 1e-46 --out " + (w.tmp / "ae").string(), &out), 2);
+  EXPECT_NE(out.find("--adam-eps 1e-46: rounds to 0 as a float"), std::string::npos) << out;
   // zo2-bench's: bench/check_bench_errors.cmake.
 }
 

@@ -199,6 +199,9 @@ TEST(GenerateCli, MaxLenCutsTheStartOfSquadPromptsInEvalAndGenerate) {
   EXPECT_EQ(json_lines(m.gen("--task squad --data " + squad.string() + " --max-new-tokens 500 --max-len 12 --json -q"))
                 .size(),
             3u);
+  // --prompt texts cut by --max-len: it says so.
+  const std::string p = m.gen("--prompt 'The film was long and slow' --prompt 'Hi' --max-len 2 --max-new-tokens 1");
+  EXPECT_NE(p.find("--max-len 2: cut the start of 1 of the 2 prompts"), std::string::npos) << p;
 }
 
 // train --eval on squad logs MeZO's F1/EM of greedy decoding, through the training session.

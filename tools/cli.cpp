@@ -366,6 +366,7 @@ RuleConfig RuleFlags::config(float weight_decay) const {
   if (!diff) fail(ErrorKind::invalid_argument, "--difference {}: use central or forward", difference);
   r.difference = *diff;
   r.directions = directions;
+  check_float_rounding();
   r.beta1 = static_cast<float>(r.kind == RuleKind::momentum ? momentum : beta1);
   r.beta2 = static_cast<float>(beta2);
   r.adam_eps = static_cast<float>(adam_eps);
@@ -373,8 +374,11 @@ RuleConfig RuleFlags::config(float weight_decay) const {
   if (r.state_buffers() == 0) {
     for (const CLI::Option* f : {momentum_flag, beta1_flag, beta2_flag, adam_eps_flag, state_dtype_flag})
       if (f && f->count() > 0)
-        fail(ErrorKind::invalid_argument, "--{} applies to zo-sgd-momentum or zo-adam, not --optimizer {}",
-             f->get_lnames().front(), optimizer);
+        fail(ErrorKind::invalid_argument, "--{} applies to {}, not --optimizer {}", f->get_lnames().front(),
+             f == momentum_flag      ? "zo-sgd-momentum"
+             : f == state_dtype_flag ? "zo-sgd-momentum or zo-adam"
+                                     : "zo-adam",
+             optimizer);
     r.state_dtype = DType::f32;
   } else {
     const bool momentum_rule = r.kind == RuleKind::momentum;
@@ -388,6 +392,19 @@ RuleConfig RuleFlags::config(float weight_decay) const {
   }
   validate_rule(r, weight_decay);
   return r;
+}
+
+// The rule's coefficients are floats: a value that lies in range as typed but not once
+// rounded is named as typed (validate_rule, which sees only the float, would say
+// "--beta1 1" of --beta1 0.99999999).
+void RuleFlags::check_float_rounding() const {
+  for (const auto& [f, v] : {std::pair{momentum_flag, momentum}, std::pair{beta1_flag, beta1}, std::pair{beta2_flag, beta2}})
+    if (f && f->count() > 0 && v < 1.0 && static_cast<float>(v) >= 1.0f)
+      fail(ErrorKind::invalid_argument, "--{} {}: rounds to 1 as a float; it must lie in [0, 1) (at most 0.99999994)",
+           f->get_lnames().front(), f->results().back());
+  if (adam_eps_flag && adam_eps_flag->count() > 0 && adam_eps > 0.0 && static_cast<float>(adam_eps) == 0.0f)
+    fail(ErrorKind::invalid_argument, "--adam-eps {}: rounds to 0 as a float; it must be positive (at least 1.4e-45)",
+         adam_eps_flag->results().back());
 }
 
 RuleConfig RuleFlags::over(const RuleConfig& run, float weight_decay) const {
@@ -414,6 +431,7 @@ RuleConfig RuleFlags::over(const RuleConfig& run, float weight_decay) const {
     if (given(f) && !applies)
       fail(ErrorKind::invalid_argument, "--{} does not apply to the run's update rule {}", f->get_lnames().front(),
            name);
+  check_float_rounding();
   if (given(momentum_flag)) r.beta1 = static_cast<float>(momentum);
   if (given(beta1_flag)) r.beta1 = static_cast<float>(beta1);
   if (given(beta2_flag)) r.beta2 = static_cast<float>(beta2);

@@ -140,6 +140,9 @@ struct RuleFlags {
   // A resumed run's rule with the flags given again applied over it (the others stay the
   // run's): equal to `run` when they repeat the run's values.
   RuleConfig over(const RuleConfig& run, float weight_decay) const;
+
+ private:
+  void check_float_rounding() const;
 };
 
 // LoRA (models/peft.h): --lora, --lora-r, --lora-alpha, --lora-targets (train) and

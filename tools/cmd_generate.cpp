@@ -156,6 +156,7 @@ Runner add_generate(CLI::App& app) {
       }
     } else {
       texts = o->data.empty() ? o->prompts : read_prompts(o->data);
+      std::size_t cut_prompts_n = 0, cut_tokens = 0;
       for (const auto& t : texts) {
         std::vector<std::int32_t> p = tokenizer->special_prefix();
         const auto e = tokenizer->encode(t);
@@ -165,7 +166,11 @@ Runner add_generate(CLI::App& app) {
                                       : e.size();
         p.insert(p.end(), e.end() - static_cast<std::ptrdiff_t>(keep), e.end());
         ids.push_back(std::move(p));
+        if (keep < e.size()) ++cut_prompts_n, cut_tokens += e.size() - keep;
       }
+      if (cut_prompts_n > 0)
+        log_info("--max-len {}: cut the start of {} of the {} prompts ({} tokens in all)", o->data_flags.max_len,
+                 cut_prompts_n, texts.size(), cut_tokens);
     }
     std::size_t longest = 0;
     for (std::size_t k = 0; k < ids.size(); ++k) {

@@ -569,7 +569,11 @@ Params parse_params(const py::kwargs& kw) {
   const bool has_state = opt == "zo-sgd-momentum" || opt == "zo-adam";
   for (const std::string& key : rule_keys) {
     if (!has_state && (opt == "zo-sgd" || opt == "zo-sgd-sign" || opt == "zo-sgd-cons"))
-      invalid(key + " applies to optimizer zo-sgd-momentum or zo-adam, not '" + opt + "'");
+      invalid(key + " applies to optimizer " +
+              (key == "momentum"    ? std::string("zo-sgd-momentum")
+               : key == "state_dtype" ? std::string("zo-sgd-momentum or zo-adam")
+                                      : std::string("zo-adam")) +
+              ", not '" + opt + "'");
     if ((opt == "zo-sgd-momentum" && key != "momentum" && key != "state_dtype") ||
         (opt == "zo-adam" && key == "momentum"))
       invalid(key + " does not apply to optimizer '" + opt + "'");

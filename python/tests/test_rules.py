@@ -99,7 +99,7 @@ RULE_ERRORS = [
     (dict(optimizer="zo-adam", state_dtype="fp16"), zo2.UnsupportedError, "state_dtype 'fp16'"),
     (dict(optimizer="zo-adam", state_dtype="fp5"), zo2.InvalidArgumentError, "state_dtype 'fp5'"),
     # A rule's keyword for a rule without it is refused, not ignored (as zo2-tune's flags).
-    (dict(beta2=5.0), zo2.InvalidArgumentError, "beta2 applies to optimizer zo-sgd-momentum or zo-adam, not 'zo-sgd'"),
+    (dict(beta2=5.0), zo2.InvalidArgumentError, "beta2 applies to optimizer zo-adam, not 'zo-sgd'"),
     (dict(optimizer="zo-sgd-sign", state_dtype="bf16"), zo2.InvalidArgumentError, "state_dtype applies to"),
     (dict(optimizer="zo-sgd-momentum", beta1=0.5), zo2.InvalidArgumentError,
      "beta1 does not apply to optimizer 'zo-sgd-momentum'"),
