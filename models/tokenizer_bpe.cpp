@@ -1251,11 +1251,22 @@ void parse_post_processor(const json& pp, const std::string& where, const std::s
     if (auto st = pp.find("special_tokens"); st != pp.end() && st->is_object()) {
       for (const auto& [name, v] : st->items()) {
         std::vector<std::int32_t> ids;
+        std::vector<std::string> names;  // "tokens": the text of each id
+        if (auto tk = v.find("tokens"); tk != v.end() && tk->is_array())
+          for (const auto& x : *tk) names.push_back(x.is_string() ? x.get<std::string>() : std::string());
         if (auto idsit = v.find("ids"); idsit != v.end() && idsit->is_array())
-          for (const auto& x : *idsit) {
+          for (std::size_t k = 0; k < idsit->size(); ++k) {
+            const json& x = (*idsit)[k];
             if (!x.is_number_integer())
               fail(ErrorKind::format, "{}: {}.special_tokens.{}.ids: expected integers", where, field, name);
-            ids.push_back(x.get<std::int32_t>());
+            // The id must be its token's (as Roberta's below): an id beyond the vocabulary
+            // would reach the embedding.
+            const std::string text = k < names.size() && !names[k].empty() ? names[k] : name;
+            const std::int32_t id = id_of(text, fmt::format("{}.special_tokens.{}", field, name));
+            if (x != json(id))
+              fail(ErrorKind::format, "{}: {}.special_tokens.{}.ids[{}]: token \"{}\" has id {} in the vocabulary, not {}",
+                   where, field, name, k, text, id, x.dump());
+            ids.push_back(id);
           }
         specials[name] = std::move(ids);
       }

@@ -372,6 +372,26 @@ class TokenizerLlama3Json : public ::testing::Test {
   static inline Tokenizer* tok_ = nullptr;
 };
 
+// A TemplateProcessing special token's ids must be its token's: an id beyond the vocabulary
+// (the fuzzer's file: added_tokens gone, the template still emitting 456 of 456 tokens)
+// would reach the embedding. (fuzz/corpus/tokenizer_json/regress-template-id-beyond-vocab)
+TEST(TokenizerTemplate, SpecialTokenIdsMustBeTheTokensOwn) {
+  test::TempDir dir;
+  json gone = llama3_tokenizer_json();
+  gone.erase("added_tokens");
+  write_text(dir / "tokenizer.json", gone.dump());
+  const Error e = test::error_of([&] { (void)Tokenizer::from_dir(dir.path()); });
+  EXPECT_EQ(e.kind(), ErrorKind::format);
+  EXPECT_NE(std::string(e.what()).find("special_tokens.<|begin_of_text|>"), std::string::npos) << e.what();
+  json other = llama3_tokenizer_json();
+  other["post_processor"]["processors"][1]["special_tokens"]["<|begin_of_text|>"]["ids"] = {kEnd};
+  write_text(dir / "tokenizer.json", other.dump());
+  const Error e2 = test::error_of([&] { (void)Tokenizer::from_dir(dir.path()); });
+  EXPECT_NE(std::string(e2.what()).find("has id " + std::to_string(kBegin) + " in the vocabulary, not " + std::to_string(kEnd)),
+            std::string::npos)
+      << e2.what();
+}
+
 TEST_F(TokenizerLlama3Json, MatchesSpecialTokensInTheTextWhole) {
   EXPECT_EQ(tok_->encode("<|begin_of_text|>Hello<|eot_id|>"), (Ids{kBegin, 15496, kEot}));
   EXPECT_EQ(tok_->encode("a<|end_of_text|><|end_of_text|> b"), (Ids{64, kEnd, kEnd, 275}));
