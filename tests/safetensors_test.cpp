@@ -1085,21 +1085,33 @@ void replace_tensor(const fs::path& from, const fs::path& to, const std::string&
   write_safetensors(to / "model.safetensors", tensors, f.metadata());
 }
 
+// opt-tiny (seed 1) in tmp/base and 8 rows of synthetic data beside it.
+struct TinyCheckpoint {
+  test::TempDir tmp;
+  std::string tune = test::zo2_tune_path().string();
+  fs::path base = tmp / "base";
+  std::string data = (tmp / "d.safetensors").string();
+  TinyCheckpoint() {
+    std::string out;
+    EXPECT_EQ(test::run_command(tune + " init --preset opt-tiny --out " + base.string() + " --seed 1 -q", &out), 0) << out;
+    EXPECT_EQ(test::run_command(tune + " synth-data --model " + base.string() + " --out " + data + " --rows 8 --seq 16 -q",
+                                &out),
+              0)
+        << out;
+  }
+};
+
 // README: a checkpoint may hold any float dtype. An F8_E5M2 tensor was refused with "no
 // conversion from fp8_e5m2 to fp32", naming neither file nor tensor. It loads into every
 // storage dtype, exactly as the same values in F32 do, and its infinity and NaN encodings
 // are refused like any non-finite weight, naming the tensor and the element.
 TEST(SafetensorsCheckpoint, AnF8E5m2TensorIsReadExactlyAndItsNonFiniteCodesAreRefusedByName) {
-  test::TempDir tmp;
-  const std::string tune = test::zo2_tune_path().string();
-  const fs::path base = tmp / "base";
-  const std::string data = (tmp / "d.safetensors").string();
+  TinyCheckpoint w;
+  const fs::path& tmp = w.tmp.path();
+  const std::string& tune = w.tune;
+  const fs::path& base = w.base;
+  const std::string& data = w.data;
   std::string out;
-  ASSERT_EQ(test::run_command(tune + " init --preset opt-tiny --out " + base.string() + " --seed 1 -q", &out), 0) << out;
-  ASSERT_EQ(test::run_command(tune + " synth-data --model " + base.string() + " --out " + data + " --rows 8 --seq 16 -q",
-                              &out),
-            0)
-      << out;
   const std::string name = "model.decoder.layers.0.fc1.weight";
   std::int64_t n = 0, cols = 0;
   {
@@ -1151,16 +1163,12 @@ TEST(SafetensorsCheckpoint, AnF8E5m2TensorIsReadExactlyAndItsNonFiniteCodesAreRe
 // A finite weight that the storage dtype cannot hold is refused naming the storage's true
 // largest value (bf16's is 3.3895313892515355e38, not 3.4e38) and a storage that holds it.
 TEST(SafetensorsCheckpoint, AWeightBeyondTheStorageRangeIsRefusedWithTheTrueMaximum) {
-  test::TempDir tmp;
-  const std::string tune = test::zo2_tune_path().string();
-  const fs::path base = tmp / "base";
-  const std::string data = (tmp / "d.safetensors").string();
+  TinyCheckpoint w;
+  const fs::path& tmp = w.tmp.path();
+  const std::string& tune = w.tune;
+  const fs::path& base = w.base;
+  const std::string& data = w.data;
   std::string out;
-  ASSERT_EQ(test::run_command(tune + " init --preset opt-tiny --out " + base.string() + " --seed 1 -q", &out), 0) << out;
-  ASSERT_EQ(test::run_command(tune + " synth-data --model " + base.string() + " --out " + data + " --rows 8 --seq 16 -q",
-                              &out),
-            0)
-      << out;
   const std::string name = "model.decoder.layers.0.fc2.weight";
   test::poke_safetensors(base / "model.safetensors", name, 5, std::numeric_limits<float>::max());
   auto eval = [&](const std::string& storage) {

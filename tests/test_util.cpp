@@ -74,6 +74,12 @@ std::int64_t hidden_size(const std::filesystem::path& dir) {
   return nlohmann::json::parse(in).at("hidden_size").get<std::int64_t>();
 }
 
+void copy_with_filled_tensor(const std::filesystem::path& from, const std::filesystem::path& to,
+                             const std::string& tensor, float value) {
+  std::filesystem::copy(from, to);
+  for (std::int64_t e = 0; e < hidden_size(to); ++e) poke_safetensors(to / "model.safetensors", tensor, e, value);
+}
+
 int run_command(const std::string& command, std::string* output) {
   std::string cmd = command + " 2>&1";
   FILE* pipe = popen(cmd.c_str(), "r");

@@ -51,6 +51,12 @@ void poke_safetensors(const std::filesystem::path& file, const std::string& tens
 // hidden_size of the checkpoint in `dir` (its config.json).
 std::int64_t hidden_size(const std::filesystem::path& dir);
 
+// A copy of the checkpoint `from` (model.safetensors) at `to` whose tensor `tensor`, of
+// hidden_size elements (a norm's weight), holds `value` in every element: finite weights
+// that overflow the forward pass.
+void copy_with_filled_tensor(const std::filesystem::path& from, const std::filesystem::path& to,
+                             const std::string& tensor, float value);
+
 // Runs a shell command, returns its exit status; stdout+stderr go to *output if given.
 int run_command(const std::string& command, std::string* output = nullptr);
 
