@@ -6,6 +6,8 @@
 #include <climits>
 #include <cmath>
 #include <fstream>
+#include <limits>
+#include <string_view>
 
 namespace zo2 {
 namespace {
@@ -169,8 +171,10 @@ RopeConfig read_rope(const Reader& r) {
 //   - The attention scale is query_pre_attn_scalar^-0.5 (default 256), not head_dim^-0.5;
 //     head_dim defaults to 256; attention_bias biases q, k, v and o; the head is tied by
 //     default.
-//   - attn_logit_softcapping and final_logit_softcapping (null in every Gemma 3 checkpoint)
-//     are refused when set, as is use_bidirectional_attention; Gemma3ForConditionalGeneration
+//   - attn_logit_softcapping and final_logit_softcapping (null in every Gemma 3 checkpoint),
+//     when set, cap the scaled attention scores (before the mask) and the logits (before
+//     the loss) as Gemma 2 does: x → cap·tanh(x / cap). use_bidirectional_attention is
+//     refused; Gemma3ForConditionalGeneration
 //     (model_type "gemma3", text_config plus a vision tower, weights under language_model.*)
 //     is refused naming text_config.
 void read_gemma3(const Reader& r, ModelConfig& c) {
@@ -198,10 +202,17 @@ void read_gemma3(const Reader& r, ModelConfig& c) {
   if (act != "gelu_pytorch_tanh")
     fail(ErrorKind::unsupported, "{}: hidden_activation '{}' is not supported for Gemma 3 (gelu_pytorch_tanh)",
          where, act);
-  for (const char* field : {"attn_logit_softcapping", "final_logit_softcapping"})
-    if (r.has(field))
-      fail(ErrorKind::unsupported, "{}: field '{}' is {}: soft-capping is not supported (Gemma 3 checkpoints set null)",
-           where, field, j.at(field).dump());
+  for (const char* field : {"attn_logit_softcapping", "final_logit_softcapping"}) {
+    if (!r.has(field)) continue;
+    const double cap = r.number_or(field, 0);
+    // A float: a cap beyond float's range, or below its smallest normal, is refused rather
+    // than rounded to infinity or zero (no cap at all).
+    if (!(cap >= static_cast<double>(std::numeric_limits<float>::min()) &&
+          cap <= static_cast<double>(std::numeric_limits<float>::max())))
+      fail(ErrorKind::format, "{}: field '{}' must be a positive number (or null for none), got {}", where, field,
+           j.at(field).dump());
+    (std::string_view(field) == "attn_logit_softcapping" ? c.attn_softcap : c.final_softcap) = static_cast<float>(cap);
+  }
   if (r.boolean_or("use_bidirectional_attention", false))
     fail(ErrorKind::unsupported, "{}: field 'use_bidirectional_attention' true is not supported (causal only)", where);
   c.query_pre_attn_scalar = r.number_or("query_pre_attn_scalar", 256);
@@ -666,6 +677,11 @@ void ModelConfig::write_gemma3(json& j) const {
                                                                      : json(query_pre_attn_scalar),
           qpas && *qpas == query_pre_attn_scalar);
   j["sliding_window"] = sliding_window > 0 ? json(sliding_window) : json(nullptr);
+  for (const auto& [key, cap] : {std::pair{"attn_logit_softcapping", attn_softcap},
+                                 std::pair{"final_logit_softcapping", final_softcap}}) {
+    const auto src = src_num(key);
+    keep_or(key, cap > 0 ? json(static_cast<double>(cap)) : json(nullptr), src && static_cast<float>(*src) == cap);
+  }
   // The local layers: the source's layer_types or pattern when they give the same layers.
   ModelConfig again;
   bool same_layers = false;

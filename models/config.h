@@ -65,6 +65,11 @@ struct ModelConfig {
   // q/k norms, local layers (sliding_layers) with their own rotary embedding.
   double query_pre_attn_scalar = 0;  // attention scale query_pre_attn_scalar^-0.5 (0: head_dim)
   RopeConfig rope_local;             // the local layers' rotary embedding (rope_local_base_freq)
+  // Soft-capping (Gemma 3's attn_logit_softcapping / final_logit_softcapping, null in its
+  // checkpoints): x → cap·tanh(x / cap) on the scaled attention scores before the mask, and
+  // on the logits before the loss. 0 = none.
+  float attn_softcap = 0;
+  float final_softcap = 0;
 
   std::optional<std::int64_t> bos_token_id, eos_token_id, pad_token_id;
   std::string torch_dtype = "float32";

@@ -330,6 +330,7 @@ void ModelGraph::attention(Ops& ops, Stream& s, const BatchView& batch, int nb) 
     a.scale = config_.attention_scale();
     a.causal = true;
     a.window = window_;
+    a.softcap = config_.attn_softcap;
     ops.attention(s, a);
   }
 }
@@ -376,6 +377,7 @@ void ModelGraph::prefix_attention(Ops& ops, Stream& s, const BatchView& batch, i
     a.scale = config_.attention_scale();
     a.causal = true;
     a.window = window_;
+    a.softcap = config_.attn_softcap;
     ops.attention(s, a);
     for (std::int64_t b = 0; b < B; ++b)
       s.copy_d2d(rows(br.attn, b * T), rows(br.ax, b * S + P), static_cast<std::size_t>(T * qd) * cb);
@@ -426,6 +428,7 @@ void ModelGraph::cached_attention(Ops& ops, Stream& s, const BatchView& batch, i
   a.scale = config_.attention_scale();
   a.causal = true;
   a.window = window_;
+  a.softcap = config_.attn_softcap;
   ops.attention(s, a);
 }
 
@@ -577,7 +580,9 @@ void ModelGraph::last_logits(Ops& ops, Stream& s, const WeightSet& g, const Batc
   for (std::int64_t v0 = 0; v0 < w.rows; v0 += limits_.vocab_tile) {
     const std::int64_t v1 = std::min(w.rows, v0 + limits_.vocab_tile);
     const Views v = materialize(ops, s, w, v0, v1, nullptr, weight_scratch_[0], weight_scratch_[1]);
-    ops.gemm(s, last, false, v.w[0], true, logits.rows_range(0, B).cols_range(v0, v1), 1.0f, 0.0f);
+    const Mat out = logits.rows_range(0, B).cols_range(v0, v1);
+    ops.gemm(s, last, false, v.w[0], true, out, 1.0f, 0.0f);
+    if (config_.final_softcap > 0) ops.softcap(s, out, config_.final_softcap);
   }
 }
 
@@ -595,6 +600,7 @@ void ModelGraph::head(Ops& ops, Stream& s, const WeightSet& g, const BatchView& 
       const Mat out = logits ? logits->cols_range(v0, v1).rows_range(0, n)
                              : logits_tile_.rows_range(0, n).cols_range(0, v1 - v0);
       ops.gemm(s, br.final.rows_range(0, n), false, v.w[i], true, out, 1.0f, 0.0f);
+      if (config_.final_softcap > 0) ops.softcap(s, out, config_.final_softcap);  // before the loss, as transformers
       ops.ce_accumulate(s, out, v0, batch.targets, br.ce_state, v0 == 0);
     }
   }

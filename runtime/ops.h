@@ -138,6 +138,9 @@ struct AttentionArgs {
   int kv_seq = 0;     // keys per sequence, ≥ seq (0: seq, no cache)
   int kv_stride = 0;  // rows between sequences' keys (0: keys())
   int window = 0;     // sliding window: keys j > p − window only (0: none)
+  // Soft-capping (Gemma's attn_logit_softcapping): each scaled score s becomes
+  // softcap·tanh(s / softcap) before the mask and the softmax (0: none).
+  float softcap = 0;
   int keys() const { return kv_seq > 0 ? kv_seq : seq; }
   int key_stride() const { return kv_stride > 0 ? kv_stride : keys(); }
   int query_offset() const { return keys() - seq; }
@@ -192,6 +195,8 @@ class Ops {
   virtual void gelu_tanh_mul(Stream& s, const Mat& gate, const Mat& up, const Mat& out) = 0;
   // x *= alpha, element for element (Gemma 3's embedding scale).
   virtual void scale(Stream& s, const Mat& x, float alpha) = 0;
+  // x = cap·tanh(x / cap), element for element (Gemma's final_logit_softcapping); cap > 0.
+  virtual void softcap(Stream& s, const Mat& x, float cap) = 0;
   // out[i, :] = table[ids[i], :] (+ sign·eps·z when noise is given), in out.dtype.
   // Ids outside [0, table.rows) give a zero row (callers validate ids on the host).
   virtual void embedding(Stream& s, const StoredTensor& table, const std::int32_t* ids,

@@ -46,7 +46,7 @@ budget_tests="${ZO2_GPU_TEST_TIMEOUT:-90}"
 budget_bench="${ZO2_GPU_BENCH_TIMEOUT:-70}"
 # Which phases to run (they run in the order of the code below; a rerun after a fix names
 # only what it needs):
-phases="${ZO2_GPU_PHASES:-tests goldens generate disk disk_ram disk_lag1 disk_lag4 resident resident_13b resident_30b streamed_175b streamed_175b_tiles resident_chunked resident_no_epilogue resident_chunked_no_epilogue streamed_fp8 streamed_fp8_regenerate resident_block micro sanitize streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
+phases="${ZO2_GPU_PHASES:-tests goldens streamed_175b streamed_175b_tiles resident generate disk disk_ram disk_lag1 disk_lag4 resident_13b resident_30b resident_chunked resident_no_epilogue resident_chunked_no_epilogue streamed_fp8 streamed_fp8_regenerate resident_block micro sanitize anchors streamed_6.7b streamed_13b streamed_1.3b streamed_30b sweep_6.7b}"
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -102,22 +102,21 @@ fi
 # 1b. Goldens from transformers for the LLaMA-family variants (issue 19): the GPU machine
 #     has torch and transformers; scripts/make-goldens.py writes them (CPU, fp32, eager) into
 #     results.tgz's goldens/ — copy its folders into tests/data/golden/ to test them.
+#     Then the goldens just made are tested in the same call, on the CPU and on the GPU (fp32
+#     and bf16, streamed = resident): RepoGoldenParity(Cuda) in tests/golden_test.cpp read
+#     ZO2_REPO_GOLDEN_DIR.
 if has goldens; then
   start=$(date +%s)
-  timeout "$(limit 60)" python3 "$(dirname "$0")/make-goldens.py" "$work/goldens" > "$work/goldens.log" 2>&1
-  note "goldens: rc=$? in $(( $(date +%s) - start )) s; $(tail -4 "$work/goldens.log" | tr '\n' ' ')"
-  pack_results
-fi
-
-# 1c. Generation (issue 20): generated tokens/s for 8 prompts of 128 tokens, 64 new tokens,
-#     OPT-1.3B fp16, resident and streamed at ZO2's footprint (KV cache where the planner puts it).
-if has generate; then
-  start=$(date +%s)
-  timeout "$(limit "$budget_bench")" zo2-bench --device cuda --presets opt-1.3b --gpu-mem none,2.6G \
-    --storage-dtype fp16 --compute-dtype fp16 --batch-size 8 --seq-len 128 --generate 64 -q --link-probe off \
-    --jsonl "$work/bench_generate.jsonl" --markdown "$work/bench_generate.md" > "$work/bench_generate.log" 2>&1
-  note "generate: rc=$? in $(( $(date +%s) - start )) s"
-  cat "$work/bench_generate.md" >> "$summary" 2>/dev/null
+  timeout "$(limit 90)" python3 "$(dirname "$0")/make-goldens.py" "$work/goldens" > "$work/goldens.log" 2>&1
+  note "goldens: rc=$? in $(( $(date +%s) - start )) s; $(grep -E '^(transformers|made|[a-z0-9-]+: (loss|FAILED))' "$work/goldens.log" | tr '\n' ' ')"
+  if ls "$work"/goldens/*/golden.safetensors > /dev/null 2>&1; then
+    start=$(date +%s)
+    ZO2_REPO_GOLDEN_DIR="$work/goldens" timeout "$(limit 60)" "$(command -v zo2_tests)" \
+      --gtest_filter='Repo/RepoGoldenParity*' --gtest_output="xml:$work/gpu_tests_repo_goldens.xml" \
+      > "$work/gpu_tests_repo_goldens.log" 2>&1
+    note "repo goldens (cpu + cuda): rc=$? in $(( $(date +%s) - start )) s; $(grep -E '^\[  (PASSED|FAILED) ' "$work/gpu_tests_repo_goldens.log" | tr '\n' ' ')"
+    grep -E '^\[  FAILED  \]|Expected|Which is|actual|error' "$work/gpu_tests_repo_goldens.log" | head -30 >> "$summary"
+  fi
   pack_results
 fi
 
@@ -136,8 +135,29 @@ bench() {  # name, then zo2-bench flags
   grep -iE 'error|fail' "$work/bench_$name.log" | grep -v '^[|{]' | head -5 >> "$summary"
   pack_results
 }
+# OPT-175B in 12 GB: --offload auto takes 2 slots (the planner: 9.11 GiB); ~7 s a step at
+# the PCIe floor, so one warm-up and one measured step.
+ZO2_GPU_STEPS=1 budget_bench=90 bench streamed_175b --presets opt-175b --gpu-mem 12G --offload auto --alias-blocks \
+  --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
+# The same under 4G (issue 21): two whole-block slots do not fit, so the planner streams
+# weight tiles (Note [Sub-block streaming]; a 2.48 GiB arena); the target is >= 90 % of
+# the 12G row's tok/s with the process (arena + context) within 4 GiB.
+ZO2_GPU_STEPS=1 budget_bench=90 bench streamed_175b_tiles --presets opt-175b --gpu-mem 4G --offload auto --alias-blocks \
+  --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
 budget_bench=60 bench resident --presets opt-1.3b,opt-6.7b --gpu-mem none --offload none \
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline auto
+# 1c. Generation (issue 20): generated tokens/s for 8 prompts of 128 tokens, 64 new tokens,
+#     OPT-1.3B fp16, resident and streamed at ZO2's footprint (KV cache where the planner puts it).
+if has generate; then
+  start=$(date +%s)
+  timeout "$(limit "$budget_bench")" zo2-bench --device cuda --presets opt-1.3b --gpu-mem none,2.6G \
+    --storage-dtype fp16 --compute-dtype fp16 --batch-size 8 --seq-len 128 --generate 64 -q --link-probe off \
+    --jsonl "$work/bench_generate.jsonl" --markdown "$work/bench_generate.md" > "$work/bench_generate.log" 2>&1
+  note "generate: rc=$? in $(( $(date +%s) - start )) s"
+  cat "$work/bench_generate.md" >> "$summary" 2>/dev/null
+  pack_results
+fi
+
 # The disk tier (issue 21): this machine's disk through the tier's own path, then OPT-1.3B
 # (fp16, 2.6 GB) streamed at 2.6 GB of GPU memory with its master weights in RAM, and under
 # --host-mem 1.6G (about half its blocks in the block file) at --disk-lag 1 and 4.
@@ -161,15 +181,6 @@ budget_bench=110 bench resident_13b --presets opt-13b --gpu-mem none --offload n
   --storage-dtype fp16 --compute-dtype fp16 --mezo-baseline auto
 budget_bench=80 bench resident_30b --presets opt-30b --gpu-mem none --offload none --alias-blocks \
   --storage-dtype bf16,fp8 --compute-dtype bf16 --mezo-baseline off
-# OPT-175B in 12 GB: --offload auto takes 2 slots (the planner: 9.11 GiB); ~7 s a step at
-# the PCIe floor, so one warm-up and one measured step.
-ZO2_GPU_STEPS=1 budget_bench=90 bench streamed_175b --presets opt-175b --gpu-mem 12G --offload auto --alias-blocks \
-  --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
-# The same under 4G (issue 21): two whole-block slots do not fit, so the planner streams
-# weight tiles (Note [Sub-block streaming]; a 2.48 GiB arena); the target is >= 90 % of
-# the 12G row's tok/s with the process (arena + context) within 4 GiB.
-ZO2_GPU_STEPS=1 budget_bench=90 bench streamed_175b_tiles --presets opt-175b --gpu-mem 4G --offload auto --alias-blocks \
-  --storage-dtype bf16 --compute-dtype bf16 --mezo-baseline off
 # The resident rows again with the predecessors of today's default kernels, for a same-run
 # measure of each (first run on an H100 at e4931a4, bench/RESULTS.md): the chunked
 # attention path instead of the register-resident kernel of Note [Fused attention]
@@ -242,6 +253,24 @@ sanitize() {
   pack_results
 }
 sanitize
+# Upstream ZO2 in the same run (issue 23): its own speed test (../shared/anchors/zo2-baseline.sh,
+# under ZO2_SHARED_DIR in the pack) for OPT-1.3B and 6.7B, MeZO resident (zo) and ZO2
+# offloaded (zo2), beside zo2's resident and streamed rows of this run.
+anchors() {
+  has anchors || return 0
+  local base="${ZO2_SHARED_DIR:-$(dirname "$0")/../../shared}/anchors/zo2-baseline.sh" model method lim
+  if [ ! -f "$base" ]; then note "anchors: no $base"; return 0; fi
+  for model in opt_1_3b opt_6_7b; do
+    for method in zo zo2; do
+      lim=$(limit 60)
+      if [ "$lim" -lt 20 ]; then note "anchors ($model $method): skipped, $lim s left before the deadline"; continue; fi
+      bash "$base" "$model" "$method" 4 "$lim" > "$work/anchor_${model}_$method.log" 2>&1
+      note "anchors: $(grep '^RESULT' "$work/anchor_${model}_$method.log" || tail -2 "$work/anchor_${model}_$method.log" | tr '\n' ' ')"
+    done
+  done
+  pack_results
+}
+anchors
 bench streamed_6.7b --presets opt-6.7b --gpu-mem 4.3G --offload all \
   --storage-dtype fp16,bf16,fp8 --compute-dtype fp16 --mezo-baseline off
 bench streamed_13b --presets opt-13b --gpu-mem 5.5G --offload all --alias-blocks \

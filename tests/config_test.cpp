@@ -507,17 +507,42 @@ TEST(ModelConfig, Gemma3RopeSpellingsOldAndNewReadTheSame) {
   expect_refused(both, ErrorKind::unsupported, {"rope_type", "yarn"});
 }
 
+// Soft-capping (Gemma 2's attn_logit_softcapping 50 and final_logit_softcapping 30; null in
+// Gemma 3's checkpoints): read, written back as the source spelled it, and a value that is
+// no cap at all (0, negative, not a number, beyond float) refused naming the field.
+TEST(ModelConfig, Gemma3SoftCappingIsReadAndWrittenBack) {
+  json j = gemma3_json();
+  j["attn_logit_softcapping"] = 50.0;
+  j["final_logit_softcapping"] = 30;
+  const ModelConfig c = ModelConfig::from_json(j);
+  EXPECT_EQ(c.attn_softcap, 50.0f);
+  EXPECT_EQ(c.final_softcap, 30.0f);
+  const json back = c.to_json();
+  EXPECT_EQ(back.at("attn_logit_softcapping"), json(50.0));
+  EXPECT_EQ(back.at("final_logit_softcapping"), json(30));
+  const ModelConfig again = ModelConfig::from_json(back);
+  EXPECT_EQ(again.attn_softcap, 50.0f);
+  EXPECT_EQ(again.final_softcap, 30.0f);
+  // null, or absent, is none; a config zo2 made writes null.
+  j["attn_logit_softcapping"] = nullptr;
+  j.erase("final_logit_softcapping");
+  const ModelConfig none = ModelConfig::from_json(j);
+  EXPECT_EQ(none.attn_softcap, 0.0f);
+  EXPECT_EQ(none.final_softcap, 0.0f);
+  ModelConfig made = none;
+  made.source = json();
+  EXPECT_TRUE(made.to_json().at("attn_logit_softcapping").is_null());
+  made.final_softcap = 2.5f;
+  EXPECT_EQ(made.to_json().at("final_logit_softcapping"), json(2.5));
+  for (const char* field : {"attn_logit_softcapping", "final_logit_softcapping"})
+    for (const json& bad : {json(0), json(-30.0), json("30"), json(1e39), json(true)}) {
+      json k = gemma3_json();
+      k[field] = bad;
+      expect_refused(k, ErrorKind::format, {field, bad.dump()});
+    }
+}
+
 TEST(ModelConfig, Gemma3FieldsZo2CannotRunAreRefusedNamingTheField) {
-  {
-    json j = gemma3_json();
-    j["attn_logit_softcapping"] = 50.0;
-    expect_refused(j, ErrorKind::unsupported, {"attn_logit_softcapping", "50"});
-  }
-  {
-    json j = gemma3_json();
-    j["final_logit_softcapping"] = 30.0;
-    expect_refused(j, ErrorKind::unsupported, {"final_logit_softcapping", "30"});
-  }
   {
     json j = gemma3_json();
     j["hidden_activation"] = "gelu";

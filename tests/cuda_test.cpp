@@ -909,6 +909,7 @@ struct FusedCase {
   int batch, seq, heads, kv_heads, head_dim;
   bool causal;
   int window = 0;  // sliding window (AttentionArgs::window; the fused kernel skips tiles before it)
+  float softcap = 0;  // AttentionArgs::softcap (Gemma's attn_logit_softcapping)
 };
 
 class CudaFusedAttentionTest : public CudaTest, public ::testing::WithParamInterface<DType> {};
@@ -927,13 +928,18 @@ TEST_P(CudaFusedAttentionTest, FusedAndChunkedMatchTheCpuForEveryShape) {
                              // Sliding windows (Mistral): not a multiple of the 64-key tile,
                              // exactly one tile, one key, and many tiles skipped.
                              FusedCase{2, 200, 4, 2, 128, true, 70}, FusedCase{2, 131, 6, 1, 64, true, 64},
-                             FusedCase{2, 77, 4, 4, 64, true, 1}, FusedCase{1, 1100, 2, 1, 128, true, 100}}) {
+                             FusedCase{2, 77, 4, 4, 64, true, 1}, FusedCase{1, 1100, 2, 1, 128, true, 100},
+                             // Soft-capped scores (Gemma), with and without a window, past the
+                             // row softmax's register rows (the block kernel) too.
+                             FusedCase{2, 200, 4, 2, 128, true, 0, 0.5f}, FusedCase{2, 131, 6, 1, 64, true, 64, 2.0f},
+                             FusedCase{1, 2100, 1, 1, 64, false, 0, 1.0f}}) {
     const AttentionProblem p = make_attention_problem(c.batch, c.seq, c.heads, c.kv_heads, c.head_dim, dt);
     std::vector<float> ref(p.q.size(), 0.0f);
     auto q = p.q, k = p.k, v = p.v;
     AttentionArgs host = attention_args(p, q.data(), k.data(), v.data(), ref.data(), p.mask.data(), DType::f32);
     host.causal = c.causal;
     host.window = c.window;
+    host.softcap = c.softcap;
     cpu::attention(host);
     DeviceBuffer dq = upload_as(p.q, dt), dk = upload_as(p.k, dt), dv = upload_as(p.v, dt), dm = upload(p.mask);
     std::vector<std::vector<float>> got;
@@ -945,6 +951,7 @@ TEST_P(CudaFusedAttentionTest, FusedAndChunkedMatchTheCpuForEveryShape) {
       AttentionArgs dev = attention_args(p, dq.data(), dk.data(), dv.data(), dout.data(), dm.as<std::int32_t>(), dt);
       dev.causal = c.causal;
       dev.window = c.window;
+      dev.softcap = c.softcap;
       if (std::string_view(path) == "fused") {
         // On a fresh stream: the chunked paths take score scratch from the arena, the fused
         // kernel nothing — so an unchanged arena shows that the fused kernel took the call.
@@ -959,7 +966,7 @@ TEST_P(CudaFusedAttentionTest, FusedAndChunkedMatchTheCpuForEveryShape) {
       got.push_back(download_as(dout.data(), ref.size(), dt));
       EXPECT_LT(max_rel_err(got.back(), ref), tolerance(dt))
           << path << " " << dtype_name(dt) << " B" << c.batch << " T" << c.seq << " H" << c.heads << "/" << c.kv_heads
-          << " D" << c.head_dim << (c.causal ? " causal" : "") << " window " << c.window;
+          << " D" << c.head_dim << (c.causal ? " causal" : "") << " window " << c.window << " softcap " << c.softcap;
     }
     EXPECT_LT(max_rel_err(got[0], got[1]), tolerance(dt)) << "fused vs chunked, T" << c.seq << " window " << c.window;
     const std::size_t width = static_cast<std::size_t>(p.heads * p.head_dim);

@@ -9,6 +9,7 @@
 #include "models/graph.h"
 #include "models/layout.h"
 #include "models/presets.h"
+#include "runtime/device.h"
 #include "runtime/dtype.h"
 #include "tests/reference_model.h"
 #include "tests/test_util.h"
@@ -112,6 +113,12 @@ std::vector<Case> cases() {
   { auto c = find_preset("gemma3-tiny").config; c.num_kv_heads = 1; c.sliding_window = 1; c.attention_bias = true;
     c.tie_word_embeddings = false; c.sliding_layers = {false, true, true}; v.push_back({"Gemma3MqaWindow1BiasesUntied", c}); }
   { auto c = find_preset("gemma3-tiny").config; c.sliding_window = 0; v.push_back({"Gemma3LocalRopeWithoutWindow", c}); }
+  // Soft-capping (attn_logit_softcapping, final_logit_softcapping) small enough to bend
+  // these scores and logits: the attention's before the mask, the head's before the loss.
+  { auto c = find_preset("gemma3-tiny").config; c.attn_softcap = 0.5f; c.final_softcap = 1.0f;
+    v.push_back({"Gemma3SoftCapping", c}); }
+  { auto c = find_preset("gemma3-tiny").config; c.attn_softcap = 0.5f; c.final_softcap = 1.0f;
+    Case t{"Gemma3SoftCappingTiled", c}; t.limits.weight_tile_elems = 100; t.limits.vocab_tile = 7; v.push_back(t); }
   { Case t{"Gemma3Tiled", find_preset("gemma3-tiny").config}; t.limits.weight_tile_elems = 100; t.limits.vocab_tile = 7;
     v.push_back(t); }
   { Case t{"OptTiledWeightsAndVocab", opt_config()}; t.limits.weight_tile_elems = 100; t.limits.vocab_tile = 10;
@@ -151,6 +158,47 @@ TEST_P(ModelParity, ForwardMatchesTheReferenceWithLeftAndRightPadding) {
   EXPECT_NEAR(out.loss, r.loss, 1e-5 * std::fabs(r.loss));
   for (std::size_t i = 0; i < r.token_loss.size(); ++i)
     EXPECT_NEAR(out.token_loss[i], r.token_loss[i], 1e-4 * (1 + std::fabs(r.token_loss[i]))) << i;
+}
+
+// The same cases on the GPU (issue 19's CUDA paths: the sliding window in the attention
+// kernels, the q/k norms, Gemma's norms and MLP, tiled weights and vocabularies): fp32
+// compute against the same fp64 reference, bf16 within its rounding, and streamed through
+// one slot the same bits as resident.
+TEST_P(ModelParity, CudaForwardMatchesTheReference) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const Case& tc = GetParam();
+  test::TempDir tmp;
+  test::write_random_checkpoint(tmp.path(), tc.config, 42);
+  const int B = 3, T = 13;
+  std::vector<std::int32_t> ids(B * T), mask(B * T, 1);
+  for (int i = 0; i < B * T; ++i) ids[static_cast<std::size_t>(i)] = (i * 37 + 11) % static_cast<int>(tc.config.vocab_size);
+  for (int t = 9; t < T; ++t) mask[static_cast<std::size_t>(1 * T + t)] = 0;
+  for (int t = 0; t < 4; ++t) mask[static_cast<std::size_t>(2 * T + t)] = 0;
+  const test::ReferenceModel ref(tmp.path());
+  const test::ReferenceOutput r = ref.forward(B, T, ids, mask);
+  for (const DType compute : {DType::f32, DType::bf16}) {
+    SCOPED_TRACE(dtype_name(compute));
+    SessionConfig cfg;
+    cfg.limits = tc.limits;
+    cfg.device = "cuda";
+    cfg.compute = compute;
+    const test::Zo2Output out = test::run_forward(tmp.path(), B, T, ids, mask, cfg);
+    const double tol = compute == DType::f32 ? 1e-4 : 2e-2;
+    EXPECT_LT(test::masked_rel_error(out.logits, r.logits, mask, tc.config.vocab_size), tol);
+    EXPECT_NEAR(out.loss, r.loss, (compute == DType::f32 ? 1e-5 : 2e-2) * std::fabs(r.loss));
+    if (compute == DType::f32) {
+      ASSERT_EQ(out.hidden_states.size(), r.hidden_states.size());
+      for (std::size_t i = 0; i < r.hidden_states.size(); ++i) {
+        const auto width = static_cast<std::int64_t>(r.hidden_states[i].size()) / (B * T);
+        EXPECT_LT(test::masked_rel_error(out.hidden_states[i], r.hidden_states[i], mask, width), 1e-4)
+            << "hidden_states." << i;
+      }
+    }
+    cfg.offload = OffloadMode::all;
+    cfg.window = 1;
+    const test::Zo2Output streamed = test::run_forward(tmp.path(), B, T, ids, mask, cfg);
+    EXPECT_EQ(streamed.logits, out.logits);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Configs, ModelParity, ::testing::ValuesIn(cases()),

@@ -247,6 +247,28 @@ TEST_P(OpsTest, GeluTanhGateAndScaleMatchReference) {
     }
 }
 
+// Gemma's final_logit_softcapping: x → cap·tanh(x / cap), in place, over a row slice too.
+TEST_P(OpsTest, SoftcapMatchesReferenceAndLeavesOtherColumnsAlone) {
+  const std::int64_t R = 4, Cn = 53;
+  const auto x = random_floats(static_cast<std::size_t>(R * Cn), 26, 6.0f);
+  std::vector<double> ref(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) ref[i] = 2.5 * std::tanh(static_cast<double>(x[i]) / 2.5);
+  auto dx = upload(x);
+  ops().softcap(*stream, Mat::dense(dx.data(), DType::f32, R, Cn), 2.5f);
+  const auto got = download<float>(dx, x.size());
+  EXPECT_LT(max_rel(got, ref), 1e-6);
+  for (float v : got) EXPECT_LE(std::fabs(v), 2.5f);
+  auto dy = upload(x);
+  ops().softcap(*stream, Mat{dy.data(), DType::f32, R, 7, Cn}, 2.5f);
+  const auto y = download<float>(dy, x.size());
+  for (std::int64_t r = 0; r < R; ++r)
+    for (std::int64_t c = 0; c < Cn; ++c) {
+      const std::size_t i = static_cast<std::size_t>(r * Cn + c);
+      if (c < 7) EXPECT_EQ(y[i], got[i]) << r << "," << c;
+      else EXPECT_EQ(y[i], x[i]) << r << "," << c;
+    }
+}
+
 TEST_P(OpsTest, RopeRotatesEveryHeadByPositionTimesFrequency) {
   const int heads = 3, D = 10;
   const std::int64_t R = 9;
@@ -273,6 +295,7 @@ struct AttnCase {
   int batch, seq, heads, kv_heads, head_dim;
   bool causal;
   int window = 0;  // sliding window (AttentionArgs::window): keys j > i − window only
+  float softcap = 0;  // AttentionArgs::softcap: scores s → softcap·tanh(s / softcap)
 };
 
 TEST_P(OpsTest, AttentionMatchesReferenceWithPaddingAndGroupedHeads) {
@@ -282,7 +305,8 @@ TEST_P(OpsTest, AttentionMatchesReferenceWithPaddingAndGroupedHeads) {
   for (const AttnCase& c : {AttnCase{2, 70, 4, 2, 8, true}, AttnCase{3, 130, 3, 1, 5, true},
                             AttnCase{1, 17, 2, 2, 16, false}, AttnCase{2, 70, 4, 2, 8, true, 9},
                             AttnCase{3, 130, 3, 1, 5, true, 66}, AttnCase{3, 40, 2, 1, 8, true, 1},
-                            AttnCase{2, 33, 4, 4, 8, true, 500}}) {
+                            AttnCase{2, 33, 4, 4, 8, true, 500}, AttnCase{2, 70, 4, 2, 8, true, 0, 0.7f},
+                            AttnCase{3, 130, 3, 1, 5, true, 66, 1.5f}, AttnCase{1, 17, 2, 2, 16, false, 0, 0.3f}}) {
     const std::int64_t N = static_cast<std::int64_t>(c.batch) * c.seq;
     const std::int64_t qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim;
     auto q = random_floats(static_cast<std::size_t>(N * qd), 11), k = random_floats(static_cast<std::size_t>(N * kd), 12),
@@ -308,6 +332,7 @@ TEST_P(OpsTest, AttentionMatchesReferenceWithPaddingAndGroupedHeads) {
               d += static_cast<double>(q[static_cast<std::size_t>((b * c.seq + i) * qd + h * c.head_dim + e)]) *
                    k[static_cast<std::size_t>((b * c.seq + j) * kd + kh * c.head_dim + e)];
             s[static_cast<std::size_t>(j)] = d * scale;
+            if (c.softcap > 0) s[static_cast<std::size_t>(j)] = c.softcap * std::tanh(s[static_cast<std::size_t>(j)] / c.softcap);
             mx = std::max(mx, s[static_cast<std::size_t>(j)]);
             any = true;
           }
@@ -340,10 +365,11 @@ TEST_P(OpsTest, AttentionMatchesReferenceWithPaddingAndGroupedHeads) {
     a.scale = static_cast<float>(scale);
     a.causal = c.causal;
     a.window = c.window;
+    a.softcap = c.softcap;
     ops().attention(*stream, a);
     const auto out = download<float>(dout, ref.size());
     EXPECT_LT(max_rel(out, ref), 1e-5) << "T=" << c.seq << " heads " << c.heads << "/" << c.kv_heads << " window "
-                                       << c.window;
+                                       << c.window << " softcap " << c.softcap;
     if (c.batch > 2) {  // rows with no visible key (left padding) are zero
       for (int e = 0; e < qd; ++e) EXPECT_EQ(out[static_cast<std::size_t>((2 * c.seq) * qd + e)], 0.0f);
     }

@@ -199,6 +199,9 @@ ReferenceOutput ReferenceModel::forward(int B, int T, const std::vector<std::int
                 d += q[static_cast<std::size_t>((b * T + i) * H * D + hh * D + e)] *
                      k[static_cast<std::size_t>((b * T + j) * KV * D + kh * D + e)];
               s[static_cast<std::size_t>(j)] = d * scale;
+              // Soft-capping (Gemma's attn_logit_softcapping) after the scale, before the mask.
+              if (c.attn_softcap > 0)
+                s[static_cast<std::size_t>(j)] = c.attn_softcap * std::tanh(s[static_cast<std::size_t>(j)] / c.attn_softcap);
               mx = std::max(mx, s[static_cast<std::size_t>(j)]);
             }
             if (mx == -std::numeric_limits<double>::infinity()) continue;
@@ -273,6 +276,8 @@ ReferenceOutput ReferenceModel::forward(int B, int T, const std::vector<std::int
   out.hidden_states.back() = f;
   const Vec& head = c.tie_word_embeddings ? E : w("lm_head.weight");
   out.logits = linear(f, N, wd, head, c.vocab_size, nullptr);
+  if (c.final_softcap > 0)  // final_logit_softcapping, before the loss
+    for (double& x : out.logits) x = c.final_softcap * std::tanh(x / c.final_softcap);
   out.token_loss.assign(static_cast<std::size_t>(N), 0.0);
   double sum = 0;
   std::int64_t count = 0;

@@ -2,8 +2,10 @@
 // reduction order). They are the reference every CUDA kernel is tested against, and
 // CpuOps (cpu_ops.cpp) runs them on CPU streams. Arguments mean what they mean in ops.h.
 #pragma once
+
 #include "runtime/ops.h"
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -29,6 +31,9 @@ void relu(const Mat& x);
 void silu_mul(const Mat& gate, const Mat& up, const Mat& out);
 void gelu_tanh_mul(const Mat& gate, const Mat& up, const Mat& out);
 void scale(const Mat& x, float alpha);
+void softcap(const Mat& x, float cap);
+// cap·tanh(x / cap), rounded as the CUDA twin writes it (a division, tanh, a product).
+inline float softcap_of(float x, float cap) { return std::tanh(x / cap) * cap; }
 // check_embedding_table throws (internal) for a tile of a table (CpuOps calls it when the
 // op is enqueued; embedding checks too).
 void check_embedding_table(const StoredTensor& table);

@@ -41,6 +41,9 @@ class CpuOps final : public Ops {
   void gelu_tanh_mul(Stream& s, const Mat& gate, const Mat& up, const Mat& out) override {
     enqueue(s, [=] { cpu::gelu_tanh_mul(gate, up, out); });
   }
+  void softcap(Stream& s, const Mat& x, float cap) override {
+    enqueue(s, [=] { cpu::softcap(x, cap); });
+  }
   void scale(Stream& s, const Mat& x, float alpha) override {
     enqueue(s, [=] { cpu::scale(x, alpha); });
   }

@@ -241,6 +241,8 @@ void attention(const AttentionArgs& p) {
         float* s = scores.data() + static_cast<std::size_t>(i) * nk;
         const int last = p.causal ? off + q0 + i : nk - 1;
         const int first = p.first_key(off + q0 + i);  // sliding window (0: none)
+        if (p.softcap > 0)
+          for (int j = first; j <= last; ++j) s[j] = softcap_of(s[j], p.softcap);
         // The max propagates NaN (std::max would skip it): a NaN score makes the row's
         // P and output NaN, as softmax does in PyTorch — never "no visible key" (zeros).
         float mx = -std::numeric_limits<float>::infinity();
@@ -316,6 +318,17 @@ void scale(const Mat& x, float alpha) {
                  for (std::int64_t r = r0; r < r1; ++r) {
                    float* row = f32(x) + r * x.ld;
                    for (std::int64_t c = 0; c < x.cols; ++c) row[c] *= alpha;
+                 }
+               });
+}
+
+void softcap(const Mat& x, float cap) {
+  require_f32(x, "softcap", "x");
+  parallel_for(x.rows, std::max<std::int64_t>(1, 16384 / std::max<std::int64_t>(x.cols, 1)),
+               [&](std::int64_t r0, std::int64_t r1) {
+                 for (std::int64_t r = r0; r < r1; ++r) {
+                   float* row = f32(x) + r * x.ld;
+                   for (std::int64_t c = 0; c < x.cols; ++c) row[c] = softcap_of(row[c], cap);
                  }
                });
 }

@@ -136,7 +136,7 @@ template <class E>
 __global__ void __launch_bounds__(kSoftmaxThreads)
     attention_softmax_kernel(float* scores, std::int64_t rows, std::int64_t nq, std::int64_t tk,
                              std::int64_t pair_stride, std::int64_t q0, bool causal, int window,
-                             const std::int32_t* key_mask, std::int64_t seq, int pair0,
+                             float softcap, const std::int32_t* key_mask, std::int64_t seq, int pair0,
                              int heads) {
   __shared__ float smem[32];
   const float kNegInf = -__int_as_float(0x7f800000);
@@ -144,7 +144,8 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
     const std::int64_t local = row / nq, i = row % nq, t = q0 + i;
     const std::int64_t b = (pair0 + local) / heads;
     float* srow = scores + local * pair_stride + i * tk;
-    const float* s = srow;
+    // Soft-capping (AttentionArgs::softcap) at every read: the same value in each pass.
+    auto score = [&](std::int64_t j) { return softcap_of(srow[j], softcap); };
     typename E::T* p = reinterpret_cast<typename E::T*>(srow);
     const std::int32_t* mask = key_mask != nullptr ? key_mask + b * seq : nullptr;
     const std::int64_t last = causal ? t : tk - 1;  // last key this row may see
@@ -153,21 +154,21 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
 
     float mx = kNegInf;
     for (std::int64_t j = threadIdx.x; j < tk; j += blockDim.x)
-      if (visible(j)) mx = max_nan(mx, s[j]);  // a NaN score makes the row NaN
+      if (visible(j)) mx = max_nan(mx, score(j));  // a NaN score makes the row NaN
     mx = block_max_nan(mx, smem);
     const bool empty = mx == kNegInf;  // no visible key: P = 0, a zero output row
     float inv = 0.0f;
     if (!empty) {
       float sum = 0.0f;
       for (std::int64_t j = threadIdx.x; j < tk; j += blockDim.x)
-        if (visible(j)) sum = __fadd_rn(sum, expf(__fsub_rn(s[j], mx)));
+        if (visible(j)) sum = __fadd_rn(sum, expf(__fsub_rn(score(j), mx)));
       sum = block_sum(sum, smem);
       inv = __fdiv_rn(1.0f, sum);
     }
     for (std::int64_t c0 = 0; c0 < tk; c0 += blockDim.x) {
       const std::int64_t j = c0 + threadIdx.x;
       float v = 0.0f;
-      if (!empty && j < tk && visible(j)) v = __fmul_rn(expf(__fsub_rn(s[j], mx)), inv);
+      if (!empty && j < tk && visible(j)) v = __fmul_rn(expf(__fsub_rn(score(j), mx)), inv);
       if constexpr (sizeof(typename E::T) < sizeof(float)) __syncthreads();
       if (j < tk) p[j] = E::store(v);
     }
@@ -207,7 +208,8 @@ template <class E, int kPer>
 __global__ void __launch_bounds__(kRowWarps * 32)
     attention_softmax_rows_kernel(float* scores, std::int64_t rows, std::int64_t nq, std::int64_t tk,
                                   std::int64_t pair_stride, std::int64_t q0, bool causal, int window,
-                                  const std::int32_t* key_mask, std::int64_t seq, int pair0, int heads) {
+                                  float softcap, const std::int32_t* key_mask, std::int64_t seq, int pair0,
+                                  int heads) {
   const float kNegInf = -__int_as_float(0x7f800000);
   const int lane = threadIdx.x & 31;
   const std::int64_t stride = std::int64_t{gridDim.x} * kRowWarps;
@@ -227,7 +229,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
       const std::int64_t j = lane + 32 * k;
       // The score and the mask are independent loads (neither waits for the other).
       const bool in = j < tk && j <= last && j >= first;
-      const float x = in ? srow[j] : kNegInf;
+      const float x = in ? softcap_of(srow[j], softcap) : kNegInf;  // AttentionArgs::softcap
       const bool keep = in && (mask == nullptr || mask[j] != 0);
       v[k] = keep ? x : kNegInf;
       seen |= keep ? std::uint64_t{1} << k : std::uint64_t{0};
@@ -256,12 +258,12 @@ __global__ void __launch_bounds__(kRowWarps * 32)
 // Launches the row kernel with the fewest registers per lane that hold a row of tk keys.
 template <class E>
 void launch_softmax_rows(KernelStream& s, float* scores, std::int64_t rows, std::int64_t nq, std::int64_t tk,
-                         std::int64_t pair_stride, std::int64_t q0, bool causal, int window,
+                         std::int64_t pair_stride, std::int64_t q0, bool causal, int window, float softcap,
                          const std::int32_t* key_mask, std::int64_t seq, int pair0, int heads) {
   const int blocks = grid_blocks(s, rows * 32, kRowWarps * 32);
   auto go = [&](auto per) {
     attention_softmax_rows_kernel<E, decltype(per)::value><<<blocks, kRowWarps * 32, 0, s.stream()>>>(
-        scores, rows, nq, tk, pair_stride, q0, causal, window, key_mask, seq, pair0, heads);
+        scores, rows, nq, tk, pair_stride, q0, causal, window, softcap, key_mask, seq, pair0, heads);
   };
   if (tk <= 32 * 8) go(std::integral_constant<int, 8>{});
   else if (tk <= 32 * 16) go(std::integral_constant<int, 16>{});
@@ -301,6 +303,7 @@ struct Args {
   float scale;
   bool causal;
   int window;  // sliding window (AttentionArgs; 0: none)
+  float softcap;  // AttentionArgs::softcap (0: none)
 };
 
 // Shared memory: Q and K tiles row-major ([row][d], rows padded to D + 8 elements), the V
@@ -448,7 +451,7 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(Args a) {
         const int r = e >> 1, j = 8 * n + 2 * c + (e & 1);
         const bool visible = skeep[j] != 0 && (!a.causal || k0 + j <= t[r]) &&
                              (a.window <= 0 || k0 + j > t[r] - a.window);
-        s[n][e] = visible ? __fmul_rn(s[n][e], a.scale) : kNegInf;
+        s[n][e] = visible ? softcap_of(__fmul_rn(s[n][e], a.scale), a.softcap) : kNegInf;
         tile_max[r] = max_nan(tile_max[r], s[n][e]);  // a NaN score makes the row NaN
       }
     }
@@ -527,7 +530,8 @@ void launch(KernelStream& s, const AttentionArgs& a) {
                   a.heads / a.kv_heads,
                   a.scale,
                   a.causal,
-                  a.window};
+                  a.window,
+                  a.softcap};
   const dim3 grid(static_cast<unsigned>(ceil_div(std::int64_t{a.seq}, kBQ)), static_cast<unsigned>(a.heads),
                   static_cast<unsigned>(a.batch));
   kernel<<<grid, kThreads, Layout<D>::bytes, s.stream()>>>(args);
@@ -638,13 +642,13 @@ void attention(KernelStream& s, const AttentionArgs& a) {
       dispatch_activation(dt, "attention", [&](auto e) {
         using E = decltype(e);
         if (tk <= kRowMaxKeys && path != Path::chunked_block) {  // Note [Row softmax in registers]
-          launch_softmax_rows<E>(s, scores, rows, nq, tk, pa.pair_stride, off + q0, a.causal, a.window, a.key_mask, KS,
+          launch_softmax_rows<E>(s, scores, rows, nq, tk, pa.pair_stride, off + q0, a.causal, a.window, a.softcap, a.key_mask, KS,
                                  static_cast<int>(p0), a.heads);
           return;
         }
         attention_softmax_kernel<E>
             <<<grid_blocks(s, rows * kSoftmaxThreads, kSoftmaxThreads), kSoftmaxThreads, 0,
-               s.stream()>>>(scores, rows, nq, tk, pa.pair_stride, off + q0, a.causal, a.window, a.key_mask, KS,
+               s.stream()>>>(scores, rows, nq, tk, pa.pair_stride, off + q0, a.causal, a.window, a.softcap, a.key_mask, KS,
                              static_cast<int>(p0), a.heads);
         ZO2_CUDA_CHECK_LAUNCH();
       });

@@ -145,6 +145,10 @@ class CudaOps final : public Ops {
     cuda::gelu_tanh_mul(enter(s), gate, up, out);
   }
 
+  void softcap(Stream& s, const Mat& x, float cap) override {
+    check_mat(x, "softcap", "x");
+    cuda::softcap(enter(s), x, cap);
+  }
   void scale(Stream& s, const Mat& x, float alpha) override {
     check_mat(x, "scale", "x");
     cuda::scale(enter(s), x, alpha);

@@ -1,5 +1,5 @@
 // Element-wise activation kernels: add_bias, add (residual), relu, silu_mul, gelu_tanh_mul,
-// scale — twins of the
+// scale, softcap — twins of the
 // loops in runtime/cpu/kernels.cpp.
 //
 // Design: a 2-D grid-stride loop. gridDim.y walks rows (capped at 65535, looping beyond),
@@ -146,6 +146,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <class E>
+__global__ void __launch_bounds__(kThreads)
+    softcap_kernel(typename E::T* x, std::int64_t ldx, float cap, std::int64_t rows, std::int64_t cols) {
+  constexpr int V = kVec<E>;
+  for (std::int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    typename E::T* xr = x + r * ldx;
+    const bool ax = aligned16(xr);
+    for (std::int64_t c0 = (std::int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * V; c0 < cols;
+         c0 += std::int64_t{gridDim.x} * blockDim.x * V) {
+      float a[V];
+      load_chunk<E>(xr, c0, cols, ax, a);
+#pragma unroll
+      for (int i = 0; i < V; ++i) a[i] = softcap_of(a[i], cap);
+      store_chunk<E>(xr, c0, cols, ax, a);
+    }
+  }
+}
+
 }  // namespace
 
 void add_bias(KernelStream& s, const Mat& y, const void* bias) {
@@ -217,6 +235,17 @@ void scale(KernelStream& s, const Mat& x, float alpha) {
     using T = typename E::T;
     const RowGrid g = row_grid(s, x.rows, x.cols, kVec<E>);
     scale_kernel<E><<<g.grid, g.block, 0, s.stream()>>>(static_cast<T*>(x.data), x.ld, alpha, x.rows, x.cols);
+    ZO2_CUDA_CHECK_LAUNCH();
+  });
+}
+
+void softcap(KernelStream& s, const Mat& x, float cap) {
+  if (x.rows == 0 || x.cols == 0) return;
+  dispatch_activation(x.dtype, "softcap", [&](auto e) {
+    using E = decltype(e);
+    using T = typename E::T;
+    const RowGrid g = row_grid(s, x.rows, x.cols, kVec<E>);
+    softcap_kernel<E><<<g.grid, g.block, 0, s.stream()>>>(static_cast<T*>(x.data), x.ld, cap, x.rows, x.cols);
     ZO2_CUDA_CHECK_LAUNCH();
   });
 }

@@ -130,6 +130,12 @@ __device__ __forceinline__ float warp_max(float v) {
 // so a NaN score or logit makes its row NaN instead of being skipped.
 __device__ __forceinline__ float max_nan(float a, float b) { return a > b || a != a ? a : b; }
 
+// Soft-capping (AttentionArgs::softcap, Ops::softcap): cap·tanh(x / cap), rounded as the CPU
+// twin (softcap_of in runtime/cpu/cpu_kernels.h) writes it; cap ≤ 0 leaves x.
+__device__ __forceinline__ float softcap_of(float x, float cap) {
+  return cap > 0.0f ? __fmul_rn(tanhf(__fdiv_rn(x, cap)), cap) : x;
+}
+
 __device__ __forceinline__ float warp_max_nan(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, o));

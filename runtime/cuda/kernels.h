@@ -58,6 +58,7 @@ void relu(KernelStream& s, const Mat& x);
 void silu_mul(KernelStream& s, const Mat& gate, const Mat& up, const Mat& out);
 void gelu_tanh_mul(KernelStream& s, const Mat& gate, const Mat& up, const Mat& out);
 void scale(KernelStream& s, const Mat& x, float alpha);
+void softcap(KernelStream& s, const Mat& x, float cap);
 // norm.cu
 void layernorm(KernelStream& s, const Mat& x, const void* weight, const void* bias, float eps,
                const Mat& y);
