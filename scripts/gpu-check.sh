@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 4, 5 and 8 in one prepared run, for a session lent a GPU machine
-# (15 minutes of device time, start included). Here:   ../shared/tools/gpu-pack.sh
-# (the pack is 57 MiB, the tracked tree 3 MB — under the 64 MiB that may travel; OpenBLAS is
-# 36 MiB of it). Then one device call, from the repo root, carrying .gpupack:
+# (15 minutes of device time, start included). Here:   scripts/gpu-pack.sh
+# (../shared/tools/gpu-pack.sh's CUDA Release build and pack, slimmed to ~43 MiB: with ICU
+# and OpenBLAS the libraries alone are ~93 MiB, over the 64 MiB that may travel, so the
+# largest travel xz-compressed). Then one device call, from the repo root, carrying .gpupack:
 #   .gpupack/run.sh scripts/gpu-check.sh "$OUT"        (timeout_s 600; every phase ends by
 #   ZO2_GPU_DEADLINE, 540 s; ZO2_GPU_PHASES picks phases, ZO2_GPU_TEST_FILTER the tests)
+# The call prepared on 2026-12-06 (not run: no machine was lent at the time), for issues 19,
+# 21 and 23 in that order:
+#   export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:$(ls -d /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib | tr '\n' ':')
+#   ZO2_GPU_DEADLINE=510 ZO2_GPU_PHASES="tests goldens streamed_175b streamed_175b_tiles resident
+#     resident_13b streamed_fp8 micro sanitize anchors streamed_6.7b" .gpupack/run.sh scripts/gpu-check.sh "$OUT"
 # On an H100 80GB HBM3 (2026-11-26, e4931a4, deadline 555) everything ran in 550 s: tests
 # 20 s, resident 38, resident_13b 45, resident_30b 16, streamed_175b 23, each resident A/B
 # ~24, streamed_fp8(_regenerate) 12, micro 73, sanitize ~60, streamed_6.7b 50,
