@@ -4,6 +4,7 @@
 
 #include "models/safetensors.h"
 #include "runtime/error.h"
+#include "runtime/file_util.h"
 #include "runtime/log.h"
 #include "runtime/philox.h"
 
@@ -13,6 +14,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 
 namespace zo2 {
 
@@ -348,6 +350,11 @@ Session::Session(const std::filesystem::path& model_path, const SessionConfig& c
   device_ = open_device(cfg_);
   // Plan before reading the weights: a cap that cannot work fails fast.
   const ModelConfig model = ModelConfig::load(model_dir);
+  if (const std::filesystem::path gen = model_dir / kGenerationConfig; std::filesystem::is_regular_file(gen)) {
+    std::ifstream in(gen, std::ios::binary);
+    if (!in) fail(ErrorKind::io, "{}: cannot read", gen.string());
+    generation_config_ = std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
   const Placement plan = plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity()));
   fit_arena_to(plan);
   const std::optional<DiskPlacement> disk = disk_placement(model, plan);
@@ -780,6 +787,9 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
       if (store_->state().buffers > 0) store_->save_state(dir / kOptimizerStateFile);
     }
     if (extras.extra_files) extras.extra_files(dir);
+    // How transformers' generate() runs the model (its EOS ids, sampling defaults): the
+    // model's, whoever's tokenizer files extra_files copied.
+    if (generation_config_) write_file_atomic(dir / kGenerationConfig, *generation_config_);
   };
   publish_checkpoint(out_dir, r);
   if (cfg_.comm && cfg_.comm->size() > 1) cfg_.comm->barrier(fmt::format("the checkpoint of step {}", next_step_));

@@ -174,8 +174,12 @@ class Session {
   // Waits for outstanding steps, flushes the pending update, and publishes an HF checkpoint
   // into the run directory out_dir as one transaction (api/run_dir.h): the checkpoint, the
   // manifest (`state` plus the step, the files and the seed log's prefix) and, through
-  // `extra_files`, anything else that belongs with it (tokenizer files). Non-finite weights
-  // are refused (Error(format) naming the tensor) and out_dir keeps its previous checkpoint.
+  // `extra_files`, anything else that belongs with it (tokenizer files). The model
+  // directory's generation_config.json (as it was when the session loaded it) is written
+  // after extra_files: it belongs to the model, not to a tokenizer's directory. Non-finite
+  // weights are refused (Error(format) naming the tensor) and out_dir keeps its previous
+  // checkpoint.
+  static constexpr const char* kGenerationConfig = "generation_config.json";
   struct SaveExtras {
     nlohmann::json state = nlohmann::json::object();
     std::function<void(const std::filesystem::path& dir)> extra_files;
@@ -211,6 +215,9 @@ class Session {
   std::unique_ptr<Comm> node_comm_;   // shared host image: the node's ranks (outlives store_)
   std::filesystem::path model_path_;  // the directory given (empty: synthesized weights)
   bool model_is_run_ = false;         // it is a run directory (read through its current checkpoint)
+  // The model directory's generation_config.json, read at load: a run's step directory it
+  // came from is removed by the run's next save, before the save after that.
+  std::optional<std::string> generation_config_;
   std::unique_ptr<Device> device_;
   std::unique_ptr<BlockStore> store_;
   std::unique_ptr<AdapterStore> adapters_;

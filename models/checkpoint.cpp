@@ -109,10 +109,102 @@ namespace {
        where, slot.name, entry.file->path().filename().string(), at, v);
 }
 
+// Note [Quantized checkpoints]
+//   transformers' FineGrainedFP8 checkpoints (config.json quantization_config.quant_method
+//   "fp8": Qwen3-*-FP8, DeepSeek-V3; models/config.cpp reads the block size) store each
+//   quantized linear weight W [R, C] as F8_E4M3 values q beside `<name>_scale_inv`
+//   [⌈R/br⌉, ⌈C/bc⌉] (fp32 or bf16), one scale per block of br × bc elements:
+//   W[r, c] = q[r, c] · scale_inv[r / br, c / bc], in fp32 (transformers' own
+//   dequantization). zo2 dequantizes at load into the storage dtype (fp8 storage then takes
+//   its per-row scales, Note [Tiny fp8 rows]); the tensors the method leaves unquantized
+//   (embeddings, norms, biases, modules_to_not_convert, a bf16 lm_head) are read as they
+//   are. Read raw, a quantized weight is a silently wrong model (every linear weight off by
+//   its scale), so an F8 tensor without its scale in a quantized checkpoint, a scale beside
+//   a tensor that is not F8, and a scale tensor in a checkpoint whose config.json has no
+//   quantization_config are refused, naming the tensor. Saves write plain tensors and drop
+//   quantization_config (ModelConfig::to_json).
+bool is_fp8(DType dt) { return dt == DType::f8_e4m3 || dt == DType::f8_e5m2; }
+
+// The expected shape of a quantized weight's scale_inv.
+std::vector<std::int64_t> fp8_scale_shape(const std::vector<std::int64_t>& shape, const ModelConfig& config) {
+  return {(shape[0] + config.fp8_block_rows - 1) / config.fp8_block_rows,
+          (shape[1] + config.fp8_block_cols - 1) / config.fp8_block_cols};
+}
+
+// Headers only: the checks of the Note. Returns the scale's entry for a quantized weight.
+const SafetensorsCheckpoint::Entry* check_fp8_scale(const SafetensorsCheckpoint& ckpt, const ModelConfig& config,
+                                                    const std::string& name, const SafetensorsCheckpoint::Entry& entry,
+                                                    const std::string& where) {
+  const TensorInfo& info = *entry.info;
+  const std::string file = entry.file->path().filename().string();
+  const std::string scale_name = info.name + "_scale_inv";
+  const auto* scale = ckpt.find(scale_name);
+  if (!config.fp8_quantized()) {
+    for (const std::string& sibling : {scale_name, info.name + "_scale"})
+      if (ckpt.find(sibling))
+        fail(ErrorKind::unsupported,
+             "{}: tensor '{}' in {} has a scale tensor '{}', but config.json has no quantization_config: a quantized "
+             "checkpoint zo2 cannot read as it is (it reads quant_method \"fp8\" with weight_block_size)",
+             where, name, file, sibling);
+    return nullptr;
+  }
+  if (!is_fp8(info.dtype)) {
+    if (scale)
+      fail(ErrorKind::format, "{}: tensor '{}' in {} is {} but has a scale tensor '{}' (quantized weights are F8_E4M3)",
+           where, name, file, dtype_safetensors_name(info.dtype), scale_name);
+    return nullptr;
+  }
+  if (info.dtype != DType::f8_e4m3)
+    fail(ErrorKind::unsupported, "{}: tensor '{}' in {} is F8_E5M2; quant_method \"fp8\" stores F8_E4M3", where, name,
+         file);
+  if (!scale)
+    fail(ErrorKind::format,
+         "{}: tensor '{}' in {} is fp8 in a quantized checkpoint (quantization_config.quant_method \"fp8\") but "
+         "'{}' is missing: without its scales the weight cannot be read",
+         where, name, file, scale_name);
+  if (info.shape.size() != 2)
+    fail(ErrorKind::unsupported, "{}: tensor '{}' in {} is a quantized fp8 tensor of {} dimensions (2 expected)", where,
+         name, file, info.shape.size());
+  const TensorInfo& s = *scale->info;
+  const auto want = fp8_scale_shape(info.shape, config);
+  if (s.shape != want)
+    fail(ErrorKind::format,
+         "{}: tensor '{}' has shape [{}] in {}; a [{}] weight in blocks of {} × {} (quantization_config."
+         "weight_block_size) has [{}] scales",
+         where, scale_name, fmt::join(s.shape, ", "), scale->file->path().filename().string(),
+         fmt::join(info.shape, ", "), config.fp8_block_rows, config.fp8_block_cols, fmt::join(want, ", "));
+  if (!dtype_is_float(s.dtype) || is_fp8(s.dtype))
+    fail(ErrorKind::format, "{}: tensor '{}' has dtype {}; block scales are fp32, bf16 or fp16", where, scale_name,
+         dtype_safetensors_name(s.dtype));
+  return scale;
+}
+
+// W = q · scale_inv per block, in fp32 (the Note).
+std::vector<float> dequantize_fp8_blocks(const SafetensorsCheckpoint::Entry& q, const SafetensorsCheckpoint::Entry& s,
+                                         const ModelConfig& config, const std::string& where,
+                                         const std::string& name) {
+  const std::int64_t R = q.info->shape[0], C = q.info->shape[1];
+  const std::int64_t SC = s.info->shape[1];
+  std::vector<float> scales(static_cast<std::size_t>(s.info->numel()));
+  convert(s.file->bytes(*s.info).data(), s.info->dtype, scales.data(), DType::f32, scales.size());
+  for (std::size_t i = 0; i < scales.size(); ++i)
+    if (!std::isfinite(scales[i]))
+      fail(ErrorKind::format, "{}: tensor '{}_scale_inv' holds a non-finite scale ({} = {})", where, name, i,
+           scales[i]);
+  std::vector<float> w(static_cast<std::size_t>(R * C));
+  convert(q.file->bytes(*q.info).data(), DType::f8_e4m3, w.data(), DType::f32, w.size());
+  tbb::parallel_for(std::int64_t{0}, R, [&](std::int64_t r) {
+    const float* sr = scales.data() + (r / config.fp8_block_rows) * SC;
+    float* row = w.data() + r * C;
+    for (std::int64_t c = 0; c < C; ++c) row[c] *= sr[c / config.fp8_block_cols];
+  });
+  return w;
+}
+
 }  // namespace
 
 void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, void* image,
-                const std::string& where) {
+                const std::string& where, const ModelConfig& config) {
   auto* base = static_cast<std::byte*>(image);
   for (const TensorSlot& slot : layout.tensors()) {
     const auto* entry = find_checkpoint_tensor(ckpt, slot.name);
@@ -131,7 +223,17 @@ void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, vo
     const auto src = entry->file->bytes(info);
     std::byte* dst = base + slot.offset;
     const auto n = static_cast<std::size_t>(slot.numel());
-    if (slot.dtype == DType::f8_e4m3) {
+    if (const auto* scale = check_fp8_scale(ckpt, config, slot.name, *entry, where)) {
+      // Note [Quantized checkpoints]
+      const std::vector<float> w = dequantize_fp8_blocks(*entry, *scale, config, where, slot.name);
+      if (const std::int64_t bad = first_non_finite(w.data(), DType::f32, slot.numel()); bad >= 0)
+        refuse_non_finite(where, slot, *entry, bad);
+      if (slot.dtype == DType::f8_e4m3)
+        quantize_rows_e4m3(w.data(), slot.rows, slot.cols, reinterpret_cast<std::uint8_t*>(dst),
+                           reinterpret_cast<float*>(base + slot.scale_offset));
+      else
+        convert(w.data(), DType::f32, dst, slot.dtype, n);
+    } else if (slot.dtype == DType::f8_e4m3) {
       std::vector<float> tmp(n);
       convert(src.data(), info.dtype, tmp.data(), DType::f32, n);
       if (const std::int64_t bad = first_non_finite(tmp.data(), DType::f32, slot.numel()); bad >= 0)
@@ -201,8 +303,10 @@ std::vector<std::string> unused_checkpoint_tensors(const SafetensorsCheckpoint& 
                                                    const ModelConfig& config) {
   std::set<std::string> used;
   for (const auto& t : checkpoint_tensors(config)) {
-    used.insert(t.name);
-    if (t.name.rfind("model.", 0) == 0) used.insert(t.name.substr(6));
+    for (const std::string& n : {t.name, t.name.rfind("model.", 0) == 0 ? t.name.substr(6) : t.name}) {
+      used.insert(n);
+      if (config.fp8_quantized()) used.insert(n + "_scale_inv");  // Note [Quantized checkpoints]
+    }
   }
   std::vector<std::string> out;
   for (const auto& name : ckpt.names())
@@ -215,14 +319,25 @@ void check_checkpoint_tensors(const SafetensorsCheckpoint& ckpt, const ModelConf
   auto check = [&](const ImageLayout& layout) {
     for (const TensorSlot& slot : layout.tensors()) {
       const auto* e = find_checkpoint_tensor(ckpt, slot.name);
-      if (!e)
-        fail(ErrorKind::format, "{}: tensor '{}' is missing from the checkpoint (config.json: {} layers)", where,
-             slot.name, config.num_layers);
+      if (!e) {
+        // Weights saved from a wrapper (torch.compile's _orig_mod., DDP's module., a
+        // multimodal model's language_model.) carry a prefix on every name: say so.
+        std::string prefixed;
+        const std::string bare = slot.name.starts_with("model.") ? slot.name.substr(6) : slot.name;
+        for (const std::string& have : ckpt.names())
+          if (have.ends_with("." + slot.name) || have.ends_with("." + bare)) {
+            prefixed = fmt::format(": the checkpoint has '{}', a prefix zo2 does not strip", have);
+            break;
+          }
+        fail(ErrorKind::format, "{}: tensor '{}' is missing from the checkpoint (config.json: {} layers){}", where,
+             slot.name, config.num_layers, prefixed);
+      }
       if (e->info->shape != slot.shape())
         fail(ErrorKind::format, "{}: tensor '{}' has shape [{}], config.json implies [{}]", where, slot.name,
              fmt::join(e->info->shape, ", "), fmt::join(slot.shape(), ", "));
       if (!dtype_is_float(e->info->dtype))
         fail(ErrorKind::format, "{}: tensor '{}' is not a floating-point tensor", where, slot.name);
+      check_fp8_scale(ckpt, config, slot.name, *e, where);  // Note [Quantized checkpoints]
     }
   };
   check(globals_layout(config, DType::f32));

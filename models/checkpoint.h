@@ -18,10 +18,12 @@ const SafetensorsCheckpoint::Entry* find_checkpoint_tensor(const SafetensorsChec
                                                            const std::string& name);
 
 // Fills `image` (layout.bytes() bytes, zeroed padding) with the layout's tensors read
-// from `ckpt`. Errors name the model and tensor: missing, wrong shape, non-float dtype, a
-// NaN or infinite weight (or one the storage dtype overflows on), with its element.
+// from `ckpt` (fp8 block-quantized weights dequantized, Note [Quantized checkpoints] in
+// checkpoint.cpp; `config` gives the blocks). Errors name the model and tensor: missing,
+// wrong shape, non-float dtype, a NaN or infinite weight (or one the storage dtype
+// overflows on), with its element; a quantized weight without its scales.
 void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, void* image,
-                const std::string& where);
+                const std::string& where, const ModelConfig& config);
 
 // The index of the first of n elements (fp32, bf16, fp16, fp8 e4m3 or e5m2 bits) that is
 // NaN or infinite, or −1: one parallel pass at memory speed; the lowest index wins.

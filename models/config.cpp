@@ -77,6 +77,23 @@ struct Reader {
   }
 };
 
+// `architectures` names the head the weights carry. A classifier, tagger, QA or masked-LM
+// checkpoint of a model_type zo2 runs (Qwen2ForSequenceClassification: score.weight beside
+// tied embeddings) would train as a causal LM, its head ignored and left out of the save.
+void check_architectures(const Reader& r) {
+  if (!r.has("architectures")) return;
+  const json& a = r.j.at("architectures");
+  for (const json& name : a.is_array() ? a : json::array({a})) {
+    if (!name.is_string()) continue;
+    for (const char* head : {"ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM"})
+      if (name.get<std::string>().ends_with(head))
+        fail(ErrorKind::unsupported,
+             "{}: field 'architectures' names '{}', which zo2 does not tune: zo2 tunes causal language models "
+             "(*ForCausalLM), and the {} head would be neither trained nor saved",
+             r.where, name.get<std::string>(), head + 3);
+  }
+}
+
 RopeConfig read_rope(const Reader& r) {
   RopeConfig rope;
   rope.type = RopeType::default_;
@@ -288,12 +305,54 @@ void read_gemma3(const Reader& r, ModelConfig& c) {
 
 }  // namespace
 
+// Note [Quantized checkpoints] (models/checkpoint.cpp): quantization_config. Only
+// transformers' "fp8" method (FineGrainedFP8Config: fmt e4m3, weight_block_size, default
+// [128, 128]) is read; its activation_scheme is about the quantized model's own matmuls,
+// which zo2 does not run (it computes with the dequantized weights, as transformers'
+// dequantize=True does). Any other method (gptq, awq, bitsandbytes, compressed-tensors,
+// mxfp4, …) stores weights zo2 cannot read as they are: refused, naming it.
+namespace {
+void read_quantization(const Reader& r, ModelConfig& c) {
+  const std::string& where = r.where;
+  if (!r.has("quantization_config")) return;
+  const json& q = r.j.at("quantization_config");
+  if (!q.is_object())
+    fail(ErrorKind::format, "{}: field 'quantization_config' must be an object, got {}", where, q.dump());
+  const json method = q.contains("quant_method") ? q.at("quant_method") : json();
+  if (!method.is_string() || method.get<std::string>() != "fp8")
+    fail(ErrorKind::unsupported,
+         "{}: quantization_config.quant_method {} is not supported: zo2 reads unquantized checkpoints and fp8 "
+         "block-quantized ones (quant_method \"fp8\", e.g. Qwen3-*-FP8); dequantize the model first",
+         where, method.is_null() ? std::string("(missing)") : method.dump());
+  if (q.contains("fmt") && !q.at("fmt").is_null() && q.at("fmt") != "e4m3")
+    fail(ErrorKind::unsupported, "{}: quantization_config.fmt {} is not supported (e4m3)", where, q.at("fmt").dump());
+  std::int64_t block[2] = {128, 128};  // FineGrainedFP8Config's default
+  if (q.contains("weight_block_size") && !q.at("weight_block_size").is_null()) {
+    const json& b = q.at("weight_block_size");
+    auto whole = [](const json& v) {
+      return v.is_number_integer() || (v.is_number_float() && std::isfinite(v.get<double>()) &&
+                                       v.get<double>() == std::floor(v.get<double>()));
+    };
+    if (!b.is_array() || b.size() != 2 || !whole(b.at(0)) || !whole(b.at(1)) || b.at(0).get<double>() < 1 ||
+        b.at(1).get<double>() < 1 || b.at(0).get<double>() > 1e9 || b.at(1).get<double>() > 1e9)
+      fail(ErrorKind::format,
+           "{}: quantization_config.weight_block_size must be two positive whole numbers [rows, columns], got {}",
+           where, b.dump());
+    block[0] = static_cast<std::int64_t>(b.at(0).get<double>());
+    block[1] = static_cast<std::int64_t>(b.at(1).get<double>());
+  }
+  c.fp8_block_rows = block[0];
+  c.fp8_block_cols = block[1];
+}
+}  // namespace
+
 ModelConfig ModelConfig::from_json(const json& j, const std::string& where) {
   if (!j.is_object()) fail(ErrorKind::format, "{}: expected a JSON object", where);
   const Reader r{j, where};
   ModelConfig c;
   c.source = j;
   const std::string model_type = r.string_or("model_type", "");
+  check_architectures(r);
   if (model_type == "opt") {
     c.family = ModelFamily::opt;
     c.vocab_size = r.integer("vocab_size");
@@ -431,6 +490,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& where) {
   c.eos_token_id = r.token_id("eos_token_id");
   c.pad_token_id = r.token_id("pad_token_id");
   c.torch_dtype = r.string_or("torch_dtype", r.string_or("dtype", "float32"));
+  read_quantization(r, c);
   c.validate(where);
   return c;
 }
@@ -548,17 +608,47 @@ ModelConfig ModelConfig::load(const std::filesystem::path& model_dir) {
   return from_json(j, path.string());
 }
 
+namespace {
+
+// A float field (rms_norm_eps) as the shortest decimal that reads back as the same float:
+// 1e-05, not the double 9.999999747378752e-06 the float widens to.
+json float_spelling(float v) {
+  if (!std::isfinite(v)) return static_cast<double>(v);
+  const double d = std::stod(fmt::format("{}", v));  // fmt's shortest round-trip digits
+  return static_cast<float>(d) == v ? d : static_cast<double>(v);
+}
+
+// The source's value of `key` when it reads back as the float zo2 holds (its spelling kept:
+// transformers reads the file, not zo2's float), else the float's shortest spelling.
+json float_or_source(const json& source, const char* key, float v) {
+  if (source.is_object() && source.contains(key) && source.at(key).is_number() &&
+      static_cast<float>(source.at(key).get<double>()) == v)
+    return source.at(key);
+  return float_spelling(v);
+}
+
+}  // namespace
+
 json ModelConfig::to_json() const {
   json j = source.is_object() ? source : json::object();
+  // Note [Quantized checkpoints]: what zo2 writes is never the source's quantized format.
+  j.erase("quantization_config");
   j["vocab_size"] = vocab_size;
   j["hidden_size"] = hidden_size;
   j["num_hidden_layers"] = num_layers;
   j["num_attention_heads"] = num_heads;
   j["max_position_embeddings"] = max_positions;
   j["tie_word_embeddings"] = tie_word_embeddings;
-  if (bos_token_id) j["bos_token_id"] = *bos_token_id;
-  if (eos_token_id) j["eos_token_id"] = *eos_token_id;
-  if (pad_token_id) j["pad_token_id"] = *pad_token_id;
+  // A list of ids (Llama-3.1-Instruct's eos_token_id [128001, 128008, 128009]) is read as
+  // its first; written back as that id alone, transformers' generate would stop at it only.
+  // So the source's list is kept while it is led by the id zo2 holds.
+  for (const auto& [key, id] : {std::pair{"bos_token_id", bos_token_id}, std::pair{"eos_token_id", eos_token_id},
+                                std::pair{"pad_token_id", pad_token_id}}) {
+    if (!id) continue;
+    const bool listed = source.is_object() && source.contains(key) && source.at(key).is_array() &&
+                        !source.at(key).empty() && source.at(key).at(0) == *id;
+    j[key] = listed ? source.at(key) : json(*id);
+  }
   j["torch_dtype"] = torch_dtype;
   if (family == ModelFamily::opt) {
     j["model_type"] = "opt";
@@ -584,7 +674,7 @@ json ModelConfig::to_json() const {
     j["num_key_value_heads"] = num_kv_heads;
     j["head_dim"] = head_dim;
     j["hidden_act"] = "silu";
-    j["rms_norm_eps"] = norm_eps;
+    j["rms_norm_eps"] = float_or_source(source, "rms_norm_eps", norm_eps);
     if (model_type == "llama") {
       j["attention_bias"] = attention_bias;
       j["mlp_bias"] = mlp_bias;
@@ -609,7 +699,9 @@ json ModelConfig::to_json() const {
         j["use_sliding_window"] = false;
       }  // else the source's fields, under which no layer slides
     }
-    j["rope_theta"] = rope.theta;
+    const bool same_theta = source.is_object() && source.contains("rope_theta") &&
+                            source.at("rope_theta").is_number() && source.at("rope_theta").get<double>() == rope.theta;
+    j["rope_theta"] = same_theta ? source.at("rope_theta") : json(rope.theta);  // 1000000 stays 1000000
     json params;
     switch (rope.type) {
       case RopeType::linear:
@@ -656,20 +748,12 @@ void ModelConfig::write_gemma3(json& j) const {
   j["model_type"] = "gemma3_text";
   if (!(source.is_object() && source.contains("architectures") && source.at("architectures").is_array()))
     j["architectures"] = json::array({architecture()});
-  for (const char* key : {"bos_token_id", "eos_token_id", "pad_token_id"}) {
-    const std::optional<std::int64_t>& id = std::string(key) == "bos_token_id" ? bos_token_id
-                                            : std::string(key) == "eos_token_id" ? eos_token_id
-                                                                                 : pad_token_id;
-    if (id && source.is_object() && source.contains(key) && source.at(key).is_array() && !source.at(key).empty() &&
-        source.at(key).at(0) == *id)
-      j[key] = source.at(key);
-  }
+  // (to_json kept the source's token id lists.)
   j["intermediate_size"] = ffn_dim;
   j["num_key_value_heads"] = num_kv_heads;
   j["head_dim"] = head_dim;
   j["hidden_activation"] = "gelu_pytorch_tanh";
-  const auto eps = src_num("rms_norm_eps");
-  keep_or("rms_norm_eps", norm_eps, eps && static_cast<float>(*eps) == norm_eps);
+  j["rms_norm_eps"] = float_or_source(source, "rms_norm_eps", norm_eps);
   j["attention_bias"] = attention_bias;
   const auto qpas = src_num("query_pre_attn_scalar");
   keep_or("query_pre_attn_scalar",

@@ -71,6 +71,14 @@ struct ModelConfig {
   float attn_softcap = 0;
   float final_softcap = 0;
 
+  // Note [Quantized checkpoints] (models/checkpoint.cpp): quantization_config.quant_method
+  // "fp8" (transformers' FineGrainedFP8, the format of Qwen3-*-FP8 and DeepSeek-V3): the
+  // checkpoint's F8_E4M3 weights each carry a `<name>_scale_inv` tensor, one fp32 scale per
+  // block of fp8_block_rows × fp8_block_cols elements; they are dequantized at load (the
+  // saved checkpoint is plain, without quantization_config). 0: not quantized.
+  std::int64_t fp8_block_rows = 0, fp8_block_cols = 0;
+  bool fp8_quantized() const { return fp8_block_rows > 0; }
+
   std::optional<std::int64_t> bos_token_id, eos_token_id, pad_token_id;
   std::string torch_dtype = "float32";
   // The config.json this came from (written back on save with updated fields).

@@ -174,6 +174,18 @@ std::optional<std::uint64_t> checked_nbytes(std::int64_t numel, DType dt) {
   fail(ErrorKind::invalid_argument, "cannot write '{}': tensor '{}': {}", p.string(), name, why);
 }
 
+// The first line of a Git LFS pointer file (https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md).
+constexpr std::string_view kGitLfsPointer = "version https://git-lfs.github.com/spec/v1";
+
+// ", pointing at N bytes" from a pointer's "size N" line; "" when it has none.
+std::string git_lfs_size(std::string_view pointer) {
+  const auto at = pointer.find("\nsize ");
+  if (at == std::string_view::npos) return "";
+  std::string_view digits = pointer.substr(at + 6);
+  digits = digits.substr(0, std::min(digits.find_first_not_of("0123456789"), digits.size()));
+  return digits.empty() ? "" : fmt::format(", pointing at {} bytes", digits);
+}
+
 class FdCloser {
  public:
   explicit FdCloser(int fd) : fd_(fd) {}
@@ -507,6 +519,13 @@ SafetensorsFile SafetensorsFile::open(const fs::path& path) {
   f.map_ = m;  // unmapped by ~SafetensorsFile if validation throws
   f.file_size_ = size;
   const auto* base = static_cast<const unsigned char*>(m);
+  // A clone without git-lfs holds the pointer file in the weights' place; read as a header
+  // length, its "version " is 2336927755350992246 bytes.
+  if (const std::string_view head(reinterpret_cast<const char*>(base), std::min<std::uint64_t>(size, 1024));
+      head.starts_with(kGitLfsPointer))
+    bad_file(p, fmt::format("is a Git LFS pointer file ({} bytes{}), not the weights: run `git lfs pull` in its "
+                            "repository (or download the file itself)",
+                            size, git_lfs_size(head)));
 
   std::uint64_t n = 0;
   for (int i = 0; i < 8; ++i) n |= static_cast<std::uint64_t>(base[i]) << (8 * i);
@@ -523,17 +542,20 @@ SafetensorsFile SafetensorsFile::open(const fs::path& path) {
             MADV_WILLNEED);
 
   const std::string_view text(reinterpret_cast<const char*>(base + 8), n);
+  // A header that is not JSON may be one whose length field is wrong (too long, it takes in
+  // tensor bytes: "bad byte at header offset 2147"), which the message says too.
+  const std::string length_note = fmt::format(" (or the header length field, {}, is wrong)", n);
   if (auto at = find_invalid_utf8(text); at != std::string_view::npos)
-    bad_file(p, fmt::format("header is not valid UTF-8 (bad byte at header offset {})", at));
+    bad_file(p, fmt::format("header is not valid UTF-8 (bad byte at header offset {}){}", at, length_note));
   // nlohmann's lexer takes a NUL byte for the end of the input and would ignore what follows;
   // raw NUL is never valid JSON (inside strings it must be escaped).
   if (auto at = text.find('\0'); at != std::string_view::npos)
-    bad_file(p, fmt::format("header is not valid JSON: NUL byte at header offset {}", at));
+    bad_file(p, fmt::format("header is not valid JSON: NUL byte at header offset {}{}", at, length_note));
   json header;
   try {
     header = parse_json_strict(text);
   } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
-    bad_file(p, fmt::format("header is not valid JSON: {}", e.what()));
+    bad_file(p, fmt::format("header is not valid JSON{}: {}", length_note, e.what()));
   } catch (const DuplicateKey& d) {
     if (d.depth == 1 && d.key != "__metadata__")
       bad_file(p, fmt::format("duplicate tensor name '{}' in the header", d.key));
@@ -728,6 +750,8 @@ SafetensorsCheckpoint SafetensorsCheckpoint::open(const fs::path& dir_or_file) {
   ck.sharded_ = true;
   const std::string ip = index.string();
   const std::string text = read_text_file(index, "checkpoint index");
+  if (text.starts_with(kGitLfsPointer))
+    bad_index(ip, "is a Git LFS pointer file, not the index: run `git lfs pull` in its repository");
   if (auto at = find_invalid_utf8(text); at != std::string_view::npos)
     bad_index(ip, fmt::format("not valid UTF-8 (bad byte at offset {})", at));
   if (auto at = text.find('\0'); at != std::string_view::npos)
@@ -769,7 +793,9 @@ SafetensorsCheckpoint SafetensorsCheckpoint::open(const fs::path& dir_or_file) {
       bad_index(ip, fmt::format("weight_map entry '{}': shard file name \"{}\" contains \"..\" (it must "
                       "stay inside the checkpoint directory)",
                       name, shard));
-    shards[shard].push_back(name);
+    // One shard may be spelled "./model-00001-of-00002.safetensors" and
+    // "model-00001-of-00002.safetensors": grouped as one file, not "two shards".
+    shards[sp.lexically_normal().string()].push_back(name);
   }
 
   std::map<std::string, std::string, std::less<>> shard_of;  // tensor -> shard, from the files

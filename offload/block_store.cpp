@@ -242,17 +242,17 @@ BlockStore BlockStore::load(const std::filesystem::path& model_dir, DType storag
                name, config.family_name(), unused.size());
       break;
     }
-  load_image(ckpt, store.globals_layout_, store.globals_.data(), where);
+  load_image(ckpt, store.globals_layout_, store.globals_.data(), where, config);
   // Blocks convert in parallel (each conversion is itself parallel inside).
   tbb::parallel_for(std::int64_t{0}, config.num_layers, [&](std::int64_t i) {
     if (store.on_disk(i)) return;
     load_image(ckpt, store.block_layouts_[static_cast<std::size_t>(i)],
-               store.blocks_[static_cast<std::size_t>(i)].data(), where);
+               store.blocks_[static_cast<std::size_t>(i)].data(), where, config);
   });
   if (store.disk_)
     write_disk_blocks(*store.disk_, store.stream_bytes_, store.disk_base_step_, store.disk_kept_,
                       [&](std::int64_t i, void* image) {
-                        load_image(ckpt, store.block_layouts_[static_cast<std::size_t>(i)], image, where);
+                        load_image(ckpt, store.block_layouts_[static_cast<std::size_t>(i)], image, where, config);
                         store.clear_block_state(i, image);
                       });
   if (store.node_) store.wait_for_node_rank_zero("reading the checkpoint");

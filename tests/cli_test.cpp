@@ -228,6 +228,38 @@ TEST(Cli, VariantPresetsInitTrainSaveAndPlan) {
     EXPECT_NE(list.find(p), std::string::npos) << p;
 }
 
+// `train --tokenizer DIR` copied generation_config.json from DIR: the checkpoint then
+// generated with another model's EOS ids and sampling. It is the model directory's; the
+// tokenizer's files come from --tokenizer.
+TEST(Cli, TrainTakesGenerationConfigFromTheModelAndTokenizerFilesFromTokenizer) {
+  Workspace w;
+  const fs::path tok = w.tmp / "tok";
+  fs::create_directories(tok);
+  auto write = [](const fs::path& p, const std::string& text) {
+    std::ofstream(p, std::ios::binary) << text;
+  };
+  const std::string model_gen = "{\"eos_token_id\": 2, \"max_length\": 20}\n";
+  write(w.model / "generation_config.json", model_gen);
+  write(tok / "generation_config.json", "{\"eos_token_id\": 50256}\n");
+  write(tok / "tokenizer_config.json", "{\"model_max_length\": 2048}\n");
+  write(tok / "special_tokens_map.json", "{}\n");
+  auto train = [&](const fs::path& out_dir, std::string* out) {
+    return run("train --model " + w.model.string() + " --data " + w.data.string() + " --tokenizer " + tok.string() +
+                   " --out " + out_dir.string() + " --steps 2 --batch-size 2 -q",
+               out);
+  };
+  std::string out;
+  ASSERT_EQ(train(w.tmp / "tuned", &out), 0) << out;
+  EXPECT_EQ(read_file(w.tmp / "tuned" / "generation_config.json"), model_gen);
+  EXPECT_EQ(read_file(w.tmp / "tuned" / "tokenizer_config.json"), read_file(tok / "tokenizer_config.json"));
+  EXPECT_EQ(read_file(w.tmp / "tuned" / "special_tokens_map.json"), "{}\n");
+  // A model without one: none, not the tokenizer directory's.
+  fs::remove(w.model / "generation_config.json");
+  ASSERT_EQ(train(w.tmp / "tuned2", &out), 0) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "tuned2" / "generation_config.json"));
+  EXPECT_TRUE(fs::exists(w.tmp / "tuned2" / "tokenizer_config.json"));
+}
+
 TEST(Cli, PlanReportsAPlacementWithoutAllocatingTheModel) {
   std::string out;
   ASSERT_EQ(run("plan --preset opt-175b --gpu-mem 11G --batch-size 1 --seq-len 2048 --storage-dtype bf16 "

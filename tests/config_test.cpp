@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "models/batch.h"
+#include "models/checkpoint.h"
 #include "models/config.h"
 #include "models/layout.h"
 #include "models/presets.h"
@@ -29,6 +30,7 @@ namespace zo2 {
 namespace {
 
 using json = nlohmann::json;
+namespace fs = std::filesystem;
 
 using test::error_of;
 
@@ -405,6 +407,115 @@ TEST(ModelConfig, Qwen3ConfigParsesWithQkNormsAndItsOwnHeadDim) {
 }
 
 void expect_same_config(const ModelConfig& a, const ModelConfig& b, const std::string& what);
+
+// A saved config.json is what transformers generates with: Llama-3.1-Instruct's
+// eos_token_id list was written as its first id (generate then stopped at 128001 only) and
+// rms_norm_eps 1e-05 as the float's 9.999999747378752e-06. The source's list and spelling
+// are kept while zo2's value is the same; a changed value is written as the new one.
+TEST(ModelConfig, TokenIdListsAndFloatSpellingsAreWrittenBackAsTheSourceHadThem) {
+  json j = json::parse(R"({
+    "architectures": ["LlamaForCausalLM"], "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 176, "max_position_embeddings": 64,
+    "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-05, "rope_theta": 500000, "vocab_size": 128256})");
+  ModelConfig c = ModelConfig::from_json(j);
+  ASSERT_EQ(c.eos_token_id, 128001);
+  json out = c.to_json();
+  EXPECT_EQ(out.at("eos_token_id"), json::array({128001, 128008, 128009}));
+  EXPECT_EQ(out.at("bos_token_id"), 128000);
+  EXPECT_EQ(out.dump().find("9.99999"), std::string::npos) << out.dump();
+  EXPECT_EQ(out.at("rms_norm_eps").dump(), "1e-05");
+  EXPECT_EQ(out.at("rope_theta").dump(), "500000");
+  expect_same_config(c, ModelConfig::from_json(json::parse(out.dump())), "llama round trip");
+  // Changed values are written as the new ones (an eps zo2 made: its shortest spelling).
+  c.eos_token_id = 128009;
+  c.norm_eps = 2e-6f;
+  c.rope.theta = 10000;
+  out = c.to_json();
+  EXPECT_EQ(out.at("eos_token_id"), 128009);
+  EXPECT_EQ(out.at("rms_norm_eps").dump(), "2e-06");
+  EXPECT_EQ(static_cast<float>(out.at("rms_norm_eps").get<double>()), 2e-6f);
+  EXPECT_EQ(out.at("rope_theta"), 10000.0);
+  // Qwen, Mistral and OPT keep their lists too.
+  for (json v : {qwen25_json(), mistral_json(), opt_json()}) {
+    v["eos_token_id"] = json::array({2, 7});
+    v["pad_token_id"] = json::array({1});
+    const json w = ModelConfig::from_json(v).to_json();
+    EXPECT_EQ(w.at("eos_token_id"), json::array({2, 7})) << v.at("model_type");
+    EXPECT_EQ(w.at("pad_token_id"), json::array({1})) << v.at("model_type");
+    if (v.contains("rms_norm_eps")) EXPECT_EQ(w.at("rms_norm_eps").dump(), v.at("rms_norm_eps").dump());
+  }
+}
+
+// A Qwen2ForSequenceClassification checkpoint (score.weight, tied embeddings) was trained as a
+// causal LM with an "unused tensor" warning and saved without its head.
+TEST(ModelConfig, ArchitecturesThatAreNotCausalLanguageModelsAreRefused) {
+  for (const char* arch : {"Qwen2ForSequenceClassification", "LlamaForTokenClassification",
+                           "MistralForQuestionAnswering", "OPTForSequenceClassification", "Qwen3ForMaskedLM"}) {
+    json j = std::string(arch).starts_with("OPT") ? opt_json() : qwen25_json();
+    j["architectures"] = json::array({arch});
+    expect_refused(j, ErrorKind::unsupported, {"'architectures'", arch, "ForCausalLM"});
+  }
+  json ok = qwen25_json();
+  ok["architectures"] = json::array({"Qwen2ForCausalLM"});
+  EXPECT_NO_THROW((void)ModelConfig::from_json(ok));
+  ok.erase("architectures");
+  EXPECT_NO_THROW((void)ModelConfig::from_json(ok));
+}
+
+// Weights saved from a wrapper (torch.compile's _orig_mod., DDP's module., model.model.,
+// language_model.) carry a prefix on every name and were refused as "tensor
+// 'model.embed_tokens.weight' is missing": the message names the prefixed tensor (zo2 still
+// does not strip prefixes).
+TEST(ModelConfig, ACheckpointWithPrefixedNamesIsRefusedNamingThePrefixedTensor) {
+  auto write = [](const fs::path& dir, const ModelConfig& c, const std::string& prefix, bool strip_model) {
+    std::vector<TensorSlot> slots = globals_layout(c, DType::f32).tensors();
+    for (std::int64_t i = 0; i < c.num_layers; ++i) {
+      const ImageLayout block = block_layout(c, i, DType::f32);
+      slots.insert(slots.end(), block.tensors().begin(), block.tensors().end());
+    }
+    std::vector<TensorToWrite> ts;
+    for (const TensorSlot& t : slots) {
+      const std::string name = strip_model && t.name.starts_with("model.") ? t.name.substr(6) : t.name;
+      ts.push_back({prefix + name, DType::f32, t.shape(), nullptr,
+                    [](std::span<std::byte> out) { std::fill(out.begin(), out.end(), std::byte{0}); }});
+    }
+    fs::create_directories(dir);
+    write_safetensors(dir / "model.safetensors", ts);
+  };
+  test::TempDir tmp;
+  const ModelConfig llama = ModelConfig::from_json(llama_json());
+  const ModelConfig opt = ModelConfig::from_json(opt_json());
+  struct Case {
+    const ModelConfig& c;
+    std::string prefix;
+    bool strip_model;
+    std::string have;
+  };
+  for (const Case& k : {Case{llama, "_orig_mod.", false, "_orig_mod.model.embed_tokens.weight"},
+                        Case{llama, "module.", false, "module.model.embed_tokens.weight"},
+                        Case{llama, "model.", false, "model.model.embed_tokens.weight"},
+                        Case{llama, "language_model.", false, "language_model.model.embed_tokens.weight"},
+                        Case{opt, "module.", true, "module.decoder.embed_tokens.weight"}}) {
+    const fs::path dir = tmp / (k.prefix + (k.strip_model ? "bare" : ""));
+    write(dir, k.c, k.prefix, k.strip_model);
+    const Error e = error_of([&] { check_checkpoint_tensors(SafetensorsCheckpoint::open(dir), k.c, "ck"); });
+    EXPECT_EQ(e.kind(), ErrorKind::format);
+    EXPECT_NE(std::string(e.what()).find("the checkpoint has '" + k.have + "', a prefix zo2 does not strip"),
+              std::string::npos)
+        << e.what();
+  }
+  // Unprefixed (and OPT's names without "model.") load; a tensor simply missing gets no hint.
+  write(tmp / "plain", llama, "", false);
+  EXPECT_NO_THROW(check_checkpoint_tensors(SafetensorsCheckpoint::open(tmp / "plain"), llama, "ck"));
+  write(tmp / "opt", opt, "", true);
+  EXPECT_NO_THROW(check_checkpoint_tensors(SafetensorsCheckpoint::open(tmp / "opt"), opt, "ck"));
+  ModelConfig deeper = llama;
+  deeper.num_layers = 3;
+  const Error e = error_of([&] { check_checkpoint_tensors(SafetensorsCheckpoint::open(tmp / "plain"), deeper, "ck"); });
+  EXPECT_NE(std::string(e.what()).find("tensor 'model.layers.2."), std::string::npos) << e.what();
+  EXPECT_EQ(std::string(e.what()).find("prefix"), std::string::npos) << e.what();
+}
 
 TEST(ModelConfig, Gemma3ConfigParsesLocalAndGlobalLayersAndWritesItselfBackUnchanged) {
   const ModelConfig c = ModelConfig::from_json(gemma3_json());

@@ -9,6 +9,8 @@
 #include "models/graph.h"
 #include "models/layout.h"
 #include "models/presets.h"
+#include "models/safetensors.h"
+#include "runtime/dtype_convert.h"
 #include "runtime/device.h"
 #include "runtime/dtype.h"
 #include "tests/reference_model.h"
@@ -17,8 +19,10 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <functional>
 
 namespace zo2 {
 namespace {
@@ -324,6 +328,205 @@ TEST(GraphScratch, EveryMaterializedTileFitsTheScratchAtEveryPreset) {
         }
       }
     }
+  }
+}
+
+}  // namespace
+}  // namespace zo2
+
+namespace zo2 {
+namespace {
+
+// Note [Quantized checkpoints] (models/checkpoint.cpp): a FineGrainedFP8 checkpoint (F8_E4M3
+// linear weights, each with `<name>_scale_inv` per block; config.json quantization_config
+// quant_method "fp8") is written from a random one, beside the same model with the
+// dequantized weights in fp32. Blocks of 16 × 16 over 40- and 72-wide weights leave partial
+// blocks at both edges.
+struct Fp8Checkpoints {
+  test::TempDir source, quantized, dequantized;
+  ModelConfig config;
+};
+
+std::span<const std::byte> entry_bytes(const SafetensorsCheckpoint& c, const std::string& name) {
+  const auto& e = c.at(name);
+  return e.file->bytes(*e.info);
+}
+
+nlohmann::json fp8_quantization_config() {
+  return {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"}, {"weight_block_size", {16, 16}}};
+}
+
+void write_fp8_checkpoints(Fp8Checkpoints& f, DType scale_dtype = DType::f32) {
+  f.config = variant("qwen3");
+  f.config.num_layers = 2;
+  test::write_random_checkpoint(f.source.path(), f.config, 21);
+  const auto ckpt = SafetensorsCheckpoint::open(f.source.path());
+  std::vector<std::vector<std::uint8_t>> storage;
+  std::vector<TensorToWrite> quantized, dequantized;
+  storage.reserve(4 * ckpt.names().size());
+  for (const std::string& name : ckpt.names()) {
+    const TensorInfo& info = *ckpt.at(name).info;
+    std::vector<float> w(static_cast<std::size_t>(info.numel()));
+    convert(entry_bytes(ckpt, name).data(), info.dtype, w.data(), DType::f32, w.size());
+    const bool linear = info.shape.size() == 2 && name.find("_proj.weight") != std::string::npos;
+    if (!linear) {
+      auto& bytes = storage.emplace_back(reinterpret_cast<const std::uint8_t*>(w.data()),
+                                         reinterpret_cast<const std::uint8_t*>(w.data() + w.size()));
+      quantized.push_back({name, DType::f32, info.shape, bytes.data(), {}});
+      dequantized.push_back({name, DType::f32, info.shape, bytes.data(), {}});
+      continue;
+    }
+    const std::int64_t R = info.shape[0], C = info.shape[1], SR = (R + 15) / 16, SC = (C + 15) / 16;
+    std::vector<float> scale(static_cast<std::size_t>(SR * SC), 0.0f);
+    for (std::int64_t r = 0; r < R; ++r)
+      for (std::int64_t c = 0; c < C; ++c) {
+        float& s = scale[static_cast<std::size_t>((r / 16) * SC + c / 16)];
+        s = std::max(s, std::fabs(w[static_cast<std::size_t>(r * C + c)]) / 448.0f);
+      }
+    std::vector<std::uint8_t> sbytes(static_cast<std::size_t>(SR * SC) * dtype_size(scale_dtype));
+    for (std::size_t i = 0; i < scale.size(); ++i) {
+      if (scale[i] == 0) scale[i] = 1;
+      if (scale_dtype == DType::bf16) scale[i] = bf16_to_f32(f32_to_bf16(scale[i]));  // as stored
+    }
+    convert(scale.data(), DType::f32, sbytes.data(), scale_dtype, scale.size());
+    std::vector<std::uint8_t> q(static_cast<std::size_t>(R * C));
+    std::vector<float> deq(q.size());
+    for (std::int64_t r = 0; r < R; ++r)
+      for (std::int64_t c = 0; c < C; ++c) {
+        const std::size_t i = static_cast<std::size_t>(r * C + c);
+        const float s = scale[static_cast<std::size_t>((r / 16) * SC + c / 16)];
+        q[i] = f32_to_e4m3(w[i] / s);
+        deq[i] = e4m3_to_f32(q[i]) * s;
+      }
+    auto& qb = storage.emplace_back(std::move(q));
+    auto& sb = storage.emplace_back(std::move(sbytes));
+    auto& db = storage.emplace_back(reinterpret_cast<const std::uint8_t*>(deq.data()),
+                                    reinterpret_cast<const std::uint8_t*>(deq.data() + deq.size()));
+    quantized.push_back({name, DType::f8_e4m3, info.shape, qb.data(), {}});
+    quantized.push_back({name + "_scale_inv", scale_dtype, {SR, SC}, sb.data(), {}});
+    dequantized.push_back({name, DType::f32, info.shape, db.data(), {}});
+  }
+  write_safetensors(f.quantized.path() / "model.safetensors", quantized);
+  write_safetensors(f.dequantized.path() / "model.safetensors", dequantized);
+  nlohmann::json config = nlohmann::json::parse(std::ifstream(f.source.path() / "config.json"));
+  std::ofstream(f.dequantized.path() / "config.json") << config.dump(2);
+  config["quantization_config"] = fp8_quantization_config();
+  std::ofstream(f.quantized.path() / "config.json") << config.dump(2);
+}
+
+TEST(QuantizedCheckpoints, Fp8BlockWeightsLoadAsTheirDequantizedValues) {
+  for (const DType scale_dtype : {DType::f32, DType::bf16}) {
+    SCOPED_TRACE(dtype_name(scale_dtype));
+    Fp8Checkpoints f;
+    write_fp8_checkpoints(f, scale_dtype);
+    const int B = 2, T = 9;
+    std::vector<std::int32_t> ids(B * T), mask(B * T, 1);
+    for (int i = 0; i < B * T; ++i) ids[static_cast<std::size_t>(i)] = (i * 31 + 3) % static_cast<int>(f.config.vocab_size);
+    for (const DType storage : {DType::f32, DType::bf16, DType::f8_e4m3}) {
+      SessionConfig cfg;
+      cfg.storage = storage;
+      const test::Zo2Output q = test::run_forward(f.quantized.path(), B, T, ids, mask, cfg);
+      const test::Zo2Output d = test::run_forward(f.dequantized.path(), B, T, ids, mask, cfg);
+      EXPECT_EQ(q.logits, d.logits) << dtype_name(storage);
+      EXPECT_EQ(q.loss, d.loss) << dtype_name(storage);
+    }
+    // Dequantized, the model is the source within fp8's rounding.
+    const test::Zo2Output src = test::run_forward(f.source.path(), B, T, ids, mask);
+    const test::Zo2Output q = test::run_forward(f.quantized.path(), B, T, ids, mask);
+    EXPECT_LT(test::masked_rel_error(q.logits, std::vector<double>(src.logits.begin(), src.logits.end()), mask,
+                                     f.config.vocab_size),
+              0.1);
+    // A save writes the plain weights, and its config.json has no quantization_config.
+    test::TempDir out;
+    {
+      SessionConfig cfg;
+      cfg.max_batch = 1;
+      cfg.max_seq = 4;
+      Session s(f.quantized.path(), cfg);
+      s.save(out.path(), DType::f32, std::uint64_t{1} << 30);
+    }
+    const nlohmann::json saved = nlohmann::json::parse(std::ifstream(out.path() / "config.json"));
+    EXPECT_FALSE(saved.contains("quantization_config"));
+    const auto a = SafetensorsCheckpoint::open(out.path()), b = SafetensorsCheckpoint::open(f.dequantized.path());
+    EXPECT_EQ(a.names(), b.names());
+    for (const std::string& name : b.names()) {
+      const auto x = entry_bytes(a, name), y = entry_bytes(b, name);
+      EXPECT_TRUE(std::equal(x.begin(), x.end(), y.begin(), y.end())) << name;
+    }
+  }
+}
+
+// Read raw, a quantized weight is a silently wrong model: every way of losing or
+// misplacing the scales is refused, naming the tensor or field.
+TEST(QuantizedCheckpoints, MissingOrMisshapedScalesAndOtherMethodsAreRefused) {
+  Fp8Checkpoints f;
+  write_fp8_checkpoints(f);
+  const std::string w = "model.layers.1.mlp.down_proj.weight";
+  auto refused = [&](const std::filesystem::path& dir, ErrorKind kind, std::vector<std::string> pieces) {
+    const Error e = test::error_of([&] {
+      SessionConfig cfg;
+      cfg.max_batch = 1;
+      cfg.max_seq = 4;
+      Session s(dir, cfg);
+    });
+    EXPECT_EQ(e.kind(), kind) << e.what();
+    for (const auto& p : pieces) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << p << " in " << e.what();
+  };
+  // Rewrites the quantized checkpoint with `edit` applied to its tensor list / config.
+  auto variant_dir = [&](test::TempDir& dir, const std::function<void(std::vector<TensorToWrite>&)>& tensors,
+                         const std::function<void(nlohmann::json&)>& config) {
+    const auto ckpt = SafetensorsCheckpoint::open(f.quantized.path());
+    std::vector<TensorToWrite> list;
+    for (const std::string& name : ckpt.names()) {
+      const TensorInfo& info = *ckpt.at(name).info;
+      list.push_back({name, info.dtype, info.shape, entry_bytes(ckpt, name).data(), {}});
+    }
+    tensors(list);
+    write_safetensors(dir.path() / "model.safetensors", list);
+    nlohmann::json c = nlohmann::json::parse(std::ifstream(f.quantized.path() / "config.json"));
+    config(c);
+    std::ofstream(dir.path() / "config.json") << c.dump(2);
+  };
+  const auto keep = [](nlohmann::json&) {};
+  const auto same = [](std::vector<TensorToWrite>&) {};
+  {
+    test::TempDir d;  // a weight's scales missing
+    variant_dir(d, [&](auto& l) { std::erase_if(l, [&](const TensorToWrite& t) { return t.name == w + "_scale_inv"; }); }, keep);
+    refused(d.path(), ErrorKind::format, {w, w + "_scale_inv", "missing"});
+  }
+  {
+    test::TempDir d;  // the scales of another block size
+    variant_dir(d, same, [](nlohmann::json& c) { c["quantization_config"]["weight_block_size"] = {32, 16}; });
+    refused(d.path(), ErrorKind::format, {"_scale_inv", "weight_block_size", "32 × 16"});
+  }
+  {
+    test::TempDir d;  // the scales with no quantization_config
+    variant_dir(d, same, [](nlohmann::json& c) { c.erase("quantization_config"); });
+    refused(d.path(), ErrorKind::unsupported, {"_scale_inv", "no quantization_config"});
+  }
+  {
+    test::TempDir d;  // a method zo2 does not read
+    variant_dir(d, same, [](nlohmann::json& c) { c["quantization_config"]["quant_method"] = "gptq"; });
+    refused(d.path(), ErrorKind::unsupported, {"quant_method", "\"gptq\""});
+  }
+  {
+    test::TempDir d;  // fp8 e5m2
+    variant_dir(d, same, [](nlohmann::json& c) { c["quantization_config"]["fmt"] = "e5m2"; });
+    refused(d.path(), ErrorKind::unsupported, {"quantization_config.fmt", "e5m2"});
+  }
+  for (const nlohmann::json& bad : {nlohmann::json{16}, nlohmann::json{0, 16}, nlohmann::json{16.5, 16}, nlohmann::json("16")}) {
+    test::TempDir d;
+    variant_dir(d, same, [&](nlohmann::json& c) { c["quantization_config"]["weight_block_size"] = bad; });
+    refused(d.path(), ErrorKind::format, {"weight_block_size", bad.dump()});
+  }
+  {
+    test::TempDir d;  // a scale beside a weight that is not fp8
+    const auto deq = SafetensorsCheckpoint::open(f.dequantized.path());
+    variant_dir(d, [&](auto& l) {
+      for (auto& t : l)
+        if (t.name == w) t = {w, DType::f32, deq.at(w).info->shape, entry_bytes(deq, w).data(), {}};
+    }, keep);
+    refused(d.path(), ErrorKind::format, {w, "F32", "scale tensor"});
   }
 }
 

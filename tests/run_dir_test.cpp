@@ -6,8 +6,10 @@
 #include <nlohmann/json.hpp>
 
 #include "api/run_dir.h"
+#include "api/session.h"
 #include "runtime/checksum.h"
 #include "runtime/error.h"
+#include "tests/reference_model.h"
 #include "tests/test_util.h"
 
 #include <filesystem>
@@ -102,6 +104,52 @@ TEST(RunDir, ADamagedOrMixedDirectoryIsRefusedNamingTheFile) {
   fs::remove_all(d / "step-00000007");
   e = error_of([&] { (void)resolve_model_dir(d); });
   EXPECT_TRUE(has_text(e, "current") && has_text(e, "missing")) << e.what();
+}
+
+// Session::save (zo2_session_save, Python's Session.save) wrote no generation_config.json: a
+// model tuned through the API then generated with transformers' defaults instead of its own
+// EOS ids and sampling settings. It is the model directory's, as the session loaded it.
+TEST(SessionSave, WritesTheModelDirectorysGenerationConfigInTheTransaction) {
+  test::TempDir tmp;
+  const ModelConfig c = test::small_llama(2);
+  test::write_random_checkpoint(tmp / "model", c, 3);
+  test::write_random_checkpoint(tmp / "bare", c, 3);
+  const std::string gen = "{\"eos_token_id\": [128001, 128009], \"temperature\": 0.6}\n";
+  write_text(tmp / "model" / Session::kGenerationConfig, gen);
+  constexpr std::uint64_t kShard = 5'000'000'000;
+  SessionConfig cfg;
+  cfg.max_seq = 8;
+  {
+    Session s(tmp / "model", cfg);
+    fs::remove(tmp / "model" / Session::kGenerationConfig);  // read at load, not at the save
+    s.save(tmp / "run", DType::f32, kShard);
+    EXPECT_EQ(read_text(tmp / "run" / Session::kGenerationConfig), gen);
+    // A tokenizer directory's copy (extra_files) does not replace the model's.
+    Session::SaveExtras x;
+    x.extra_files = [](const fs::path& dir) {
+      write_text(dir / Session::kGenerationConfig, "{\"from\": \"the tokenizer\"}\n");
+      write_text(dir / "tokenizer_config.json", "{}\n");
+    };
+    s.save(tmp / "run", DType::f32, kShard, x);
+  }
+  EXPECT_EQ(read_text(tmp / "run" / Session::kGenerationConfig), gen);
+  EXPECT_EQ(read_text(tmp / "run" / "tokenizer_config.json"), "{}\n");
+  const OpenedCheckpoint o = open_checkpoint(tmp / "run", /*verify_checksums=*/true);
+  EXPECT_TRUE(o.state.at("files").contains(Session::kGenerationConfig)) << o.state.dump();
+  {
+    // Continued from the run: the step directory it was read from is gone after one save,
+    // and the next still writes it.
+    Session s(tmp / "run", cfg);
+    s.save(tmp / "run", DType::f32, kShard);
+    s.save(tmp / "run", DType::f32, kShard);
+  }
+  EXPECT_EQ(read_text(tmp / "run" / Session::kGenerationConfig), gen);
+  {
+    Session s(tmp / "bare", cfg);  // a model without one: none
+    s.save(tmp / "bare-run", DType::f32, kShard);
+  }
+  EXPECT_TRUE(fs::exists(tmp / "bare-run" / "config.json"));
+  EXPECT_FALSE(fs::exists(tmp / "bare-run" / Session::kGenerationConfig));
 }
 
 TEST(RunDir, OneWriterAtATime) {

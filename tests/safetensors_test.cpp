@@ -454,6 +454,36 @@ TEST(SafetensorsMalformed, HeaderThatIsNotJson) {
   expect_malformed(raw_file(std::string("{}\0{\"x\"", 7)), {"not valid JSON", "NUL"});
 }
 
+// A header length too large but inside the file takes in tensor bytes: the error was "header
+// is not valid UTF-8 (bad byte at header offset 2147)", with no word of the length field.
+TEST(SafetensorsMalformed, AHeaderThatIsNotJsonMayHaveAWrongLengthFieldAndTheMessageSaysSo) {
+  const std::string header = "{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}";
+  const std::string data = "\xff\xff\x7f\x7f\0\0\0\0\x01\x02\x03\x04\0\0\x80\x3f";
+  expect_malformed(raw_file(header, data, header.size() + 4),
+                   {"UTF-8", "(or the header length field, " + std::to_string(header.size() + 4) + ", is wrong)"});
+  expect_malformed(raw_file(header, "abcdefghijklmnop", header.size() + 2),
+                   {"not valid JSON (or the header length field, " + std::to_string(header.size() + 2) + ", is wrong)"});
+  expect_malformed(raw_file(header, std::string(16, '\0'), header.size() + 3),
+                   {"NUL", "header length field, " + std::to_string(header.size() + 3)});
+}
+
+// A clone without git-lfs holds pointer files in the weights' place; read as a header length,
+// "version " was "header length 2336927755350992246 exceeds the limit".
+TEST(SafetensorsMalformed, AGitLfsPointerFileIsNamedAsOne) {
+  const std::string pointer =
+      "version https://git-lfs.github.com/spec/v1\n"
+      "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+      "size 988097824\n";
+  expect_malformed(pointer, {"Git LFS pointer file", "pointing at 988097824 bytes", "not the weights", "git lfs pull"});
+  test::TempDir tmp;
+  write_bytes(tmp / "model.safetensors", pointer);
+  expect_checkpoint_error(tmp.path(), ErrorKind::format, {"model.safetensors", "Git LFS pointer", "git lfs pull"});
+  fs::remove(tmp / "model.safetensors");
+  write_bytes(tmp / "model.safetensors.index.json", pointer);
+  expect_checkpoint_error(tmp.path(), ErrorKind::format,
+                          {"model.safetensors.index.json", "Git LFS pointer", "git lfs pull"});
+}
+
 TEST(SafetensorsMalformed, HeaderThatIsNotAnObject) {
   expect_malformed(raw_file("[1,2]   "), {"not a JSON object", "array"});
   expect_malformed(raw_file("\"text\"  "), {"not a JSON object"});
@@ -966,6 +996,19 @@ TEST(SafetensorsCheckpoint, RejectsTheSameTensorInTwoShards) {
               R"({"weight_map":{"a":"s1.safetensors","b":"s1.safetensors","c":"s2.safetensors"}})");
   expect_checkpoint_error(tmp.path(), ErrorKind::format,
                           {"tensor 'b'", "two shards", "s1.safetensors", "s2.safetensors"});
+}
+
+// weight_map may spell one shard "./s1.safetensors" and "s1.safetensors": one file, not
+// "tensor 'a' is in two shards".
+TEST(SafetensorsCheckpoint, OneShardSpelledTwoWaysIsOneShard) {
+  test::TempDir tmp;
+  make_two_shards(tmp.path());
+  write_index(tmp.path(),
+              R"({"weight_map":{"a":"./s1.safetensors","b":"s1.safetensors","c":".//s2.safetensors"}})");
+  const auto ck = SafetensorsCheckpoint::open(tmp.path());
+  EXPECT_EQ(ck.names(), (std::vector<std::string>{"a", "b", "c"}));
+  EXPECT_EQ(ck.num_files(), 2u);
+  EXPECT_EQ(ck.at("a").file, ck.at("b").file);
 }
 
 TEST(SafetensorsCheckpoint, RejectsATensorListedTwiceInTheWeightMap) {

@@ -1150,7 +1150,13 @@ Runner add_train(CLI::App& app) {
       // (or the --model naming where it moved) against it, beside the weights' fingerprint.
       if (sc.peft.any()) x.state["base_config"] = config.to_json();
       if (eval_owed == next_step) x.state["eval_owed_after_step"] = eval_owed;
-      x.extra_files = [&](const std::filesystem::path& dir) { copy_tokenizer_files(tokenizer_src, dir); };
+      x.extra_files = [&](const std::filesystem::path& dir) {
+        copy_tokenizer_files(tokenizer_src, dir);
+        // generation_config.json is the model's, which Session::save writes next: never the
+        // --tokenizer directory's (nor any when the model has none).
+        std::error_code ec;
+        std::filesystem::remove(dir / Session::kGenerationConfig, ec);
+      };
       session.save(out, save_dtype, shard, x);
     };
 
