@@ -136,72 +136,68 @@ std::vector<Case> cases() {
   return v;
 }
 
+// A case's checkpoint, its batch (row 1 right-padded, row 2 left-padded) and the fp64
+// reference's output on it.
+struct ParityFixture {
+  static constexpr int B = 3, T = 13;
+  test::TempDir tmp;
+  std::vector<std::int32_t> ids, mask;
+  test::ReferenceOutput ref;
+  explicit ParityFixture(const ModelConfig& config) : ids(B * T), mask(B * T, 1) {
+    test::write_random_checkpoint(tmp.path(), config, 42);
+    for (int i = 0; i < B * T; ++i) ids[static_cast<std::size_t>(i)] = (i * 37 + 11) % static_cast<int>(config.vocab_size);
+    for (int t = 9; t < T; ++t) mask[static_cast<std::size_t>(1 * T + t)] = 0;  // right padding
+    for (int t = 0; t < 4; ++t) mask[static_cast<std::size_t>(2 * T + t)] = 0;  // left padding
+    ref = test::ReferenceModel(tmp.path()).forward(B, T, ids, mask);
+  }
+  test::Zo2Output run(const SessionConfig& cfg) const { return test::run_forward(tmp.path(), B, T, ids, mask, cfg); }
+  // Logits, every hidden state (when `hidden`) and the loss within `tol` of the reference.
+  void expect_close(const test::Zo2Output& out, std::int64_t vocab, double tol, double loss_tol, bool hidden) const {
+    EXPECT_LT(test::masked_rel_error(out.logits, ref.logits, mask, vocab), tol);
+    EXPECT_NEAR(out.loss, ref.loss, loss_tol * std::fabs(ref.loss));
+    if (!hidden) return;
+    ASSERT_EQ(out.hidden_states.size(), ref.hidden_states.size());
+    for (std::size_t i = 0; i < ref.hidden_states.size(); ++i) {
+      const auto width = static_cast<std::int64_t>(ref.hidden_states[i].size()) / (B * T);
+      EXPECT_LT(test::masked_rel_error(out.hidden_states[i], ref.hidden_states[i], mask, width), tol)
+          << "hidden_states." << i;
+    }
+  }
+};
+
 class ModelParity : public ::testing::TestWithParam<Case> {};
 
 TEST_P(ModelParity, ForwardMatchesTheReferenceWithLeftAndRightPadding) {
   const Case& tc = GetParam();
-  test::TempDir tmp;
-  test::write_random_checkpoint(tmp.path(), tc.config, 42);
-  const int B = 3, T = 13;
-  std::vector<std::int32_t> ids(B * T), mask(B * T, 1);
-  for (int i = 0; i < B * T; ++i) ids[static_cast<std::size_t>(i)] = (i * 37 + 11) % static_cast<int>(tc.config.vocab_size);
-  for (int t = 9; t < T; ++t) mask[static_cast<std::size_t>(1 * T + t)] = 0;  // right padding
-  for (int t = 0; t < 4; ++t) mask[static_cast<std::size_t>(2 * T + t)] = 0;  // left padding
+  const ParityFixture f(tc.config);
   SessionConfig cfg;
   cfg.limits = tc.limits;
-  const test::Zo2Output out = test::run_forward(tmp.path(), B, T, ids, mask, cfg);
-  const test::ReferenceModel ref(tmp.path());
-  const test::ReferenceOutput r = ref.forward(B, T, ids, mask);
-  EXPECT_LT(test::masked_rel_error(out.logits, r.logits, mask, tc.config.vocab_size), 1e-4);
-  ASSERT_EQ(out.hidden_states.size(), r.hidden_states.size());
-  for (std::size_t i = 0; i < r.hidden_states.size(); ++i) {
-    const auto width = static_cast<std::int64_t>(r.hidden_states[i].size()) / (B * T);
-    EXPECT_LT(test::masked_rel_error(out.hidden_states[i], r.hidden_states[i], mask, width), 1e-4)
-        << "hidden_states." << i;
-  }
-  EXPECT_NEAR(out.loss, r.loss, 1e-5 * std::fabs(r.loss));
-  for (std::size_t i = 0; i < r.token_loss.size(); ++i)
-    EXPECT_NEAR(out.token_loss[i], r.token_loss[i], 1e-4 * (1 + std::fabs(r.token_loss[i]))) << i;
+  const test::Zo2Output out = f.run(cfg);
+  f.expect_close(out, tc.config.vocab_size, 1e-4, 1e-5, true);
+  for (std::size_t i = 0; i < f.ref.token_loss.size(); ++i)
+    EXPECT_NEAR(out.token_loss[i], f.ref.token_loss[i], 1e-4 * (1 + std::fabs(f.ref.token_loss[i]))) << i;
 }
 
 // The same cases on the GPU (issue 19's CUDA paths: the sliding window in the attention
-// kernels, the q/k norms, Gemma's norms and MLP, tiled weights and vocabularies): fp32
-// compute against the same fp64 reference, bf16 within its rounding, and streamed through
-// one slot the same bits as resident.
+// kernels, the q/k norms, Gemma's norms, MLP and soft-capping, tiled weights and
+// vocabularies): fp32 compute against the same fp64 reference, bf16 within its rounding,
+// and streamed through one slot the same bits as resident.
 TEST_P(ModelParity, CudaForwardMatchesTheReference) {
   if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const Case& tc = GetParam();
-  test::TempDir tmp;
-  test::write_random_checkpoint(tmp.path(), tc.config, 42);
-  const int B = 3, T = 13;
-  std::vector<std::int32_t> ids(B * T), mask(B * T, 1);
-  for (int i = 0; i < B * T; ++i) ids[static_cast<std::size_t>(i)] = (i * 37 + 11) % static_cast<int>(tc.config.vocab_size);
-  for (int t = 9; t < T; ++t) mask[static_cast<std::size_t>(1 * T + t)] = 0;
-  for (int t = 0; t < 4; ++t) mask[static_cast<std::size_t>(2 * T + t)] = 0;
-  const test::ReferenceModel ref(tmp.path());
-  const test::ReferenceOutput r = ref.forward(B, T, ids, mask);
+  const ParityFixture f(tc.config);
   for (const DType compute : {DType::f32, DType::bf16}) {
     SCOPED_TRACE(dtype_name(compute));
     SessionConfig cfg;
     cfg.limits = tc.limits;
     cfg.device = "cuda";
     cfg.compute = compute;
-    const test::Zo2Output out = test::run_forward(tmp.path(), B, T, ids, mask, cfg);
-    const double tol = compute == DType::f32 ? 1e-4 : 2e-2;
-    EXPECT_LT(test::masked_rel_error(out.logits, r.logits, mask, tc.config.vocab_size), tol);
-    EXPECT_NEAR(out.loss, r.loss, (compute == DType::f32 ? 1e-5 : 2e-2) * std::fabs(r.loss));
-    if (compute == DType::f32) {
-      ASSERT_EQ(out.hidden_states.size(), r.hidden_states.size());
-      for (std::size_t i = 0; i < r.hidden_states.size(); ++i) {
-        const auto width = static_cast<std::int64_t>(r.hidden_states[i].size()) / (B * T);
-        EXPECT_LT(test::masked_rel_error(out.hidden_states[i], r.hidden_states[i], mask, width), 1e-4)
-            << "hidden_states." << i;
-      }
-    }
+    const test::Zo2Output out = f.run(cfg);
+    const bool fp32 = compute == DType::f32;
+    f.expect_close(out, tc.config.vocab_size, fp32 ? 1e-4 : 2e-2, fp32 ? 1e-5 : 2e-2, fp32);
     cfg.offload = OffloadMode::all;
     cfg.window = 1;
-    const test::Zo2Output streamed = test::run_forward(tmp.path(), B, T, ids, mask, cfg);
-    EXPECT_EQ(streamed.logits, out.logits);
+    EXPECT_EQ(f.run(cfg).logits, out.logits);
   }
 }
 

@@ -311,26 +311,27 @@ void gelu_tanh_mul(const Mat& gate, const Mat& up, const Mat& out) {
   });
 }
 
-void scale(const Mat& x, float alpha) {
-  require_f32(x, "scale", "x");
+namespace {
+// In place, element for element: x = op(x) (scale, softcap).
+template <class Op>
+void map_in_place(const Mat& x, const char* name, Op op) {
+  require_f32(x, name, "x");
   parallel_for(x.rows, std::max<std::int64_t>(1, 16384 / std::max<std::int64_t>(x.cols, 1)),
                [&](std::int64_t r0, std::int64_t r1) {
                  for (std::int64_t r = r0; r < r1; ++r) {
                    float* row = f32(x) + r * x.ld;
-                   for (std::int64_t c = 0; c < x.cols; ++c) row[c] *= alpha;
+                   for (std::int64_t c = 0; c < x.cols; ++c) row[c] = op(row[c]);
                  }
                });
 }
+}  // namespace
+
+void scale(const Mat& x, float alpha) {
+  map_in_place(x, "scale", [alpha](float v) { return v * alpha; });
+}
 
 void softcap(const Mat& x, float cap) {
-  require_f32(x, "softcap", "x");
-  parallel_for(x.rows, std::max<std::int64_t>(1, 16384 / std::max<std::int64_t>(x.cols, 1)),
-               [&](std::int64_t r0, std::int64_t r1) {
-                 for (std::int64_t r = r0; r < r1; ++r) {
-                   float* row = f32(x) + r * x.ld;
-                   for (std::int64_t c = 0; c < x.cols; ++c) row[c] = softcap_of(row[c], cap);
-                 }
-               });
+  map_in_place(x, "softcap", [cap](float v) { return softcap_of(v, cap); });
 }
 
 void check_embedding_table(const StoredTensor& table) {

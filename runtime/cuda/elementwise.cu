@@ -128,9 +128,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <class E>
+// In place, element for element: x = Op(x), Op holding its one parameter (Scale: x·alpha;
+// Softcap: cap·tanh(x / cap), rounded as the CPU twin).
+struct Scale {
+  float alpha;
+  __device__ float operator()(float x) const { return __fmul_rn(x, alpha); }
+};
+struct Softcap {
+  float cap;
+  __device__ float operator()(float x) const { return softcap_of(x, cap); }
+};
+
+template <class E, class Op>
 __global__ void __launch_bounds__(kThreads)
-    scale_kernel(typename E::T* x, std::int64_t ldx, float alpha, std::int64_t rows, std::int64_t cols) {
+    map_kernel(typename E::T* x, std::int64_t ldx, Op op, std::int64_t rows, std::int64_t cols) {
   constexpr int V = kVec<E>;
   for (std::int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     typename E::T* xr = x + r * ldx;
@@ -140,28 +151,22 @@ __global__ void __launch_bounds__(kThreads)
       float a[V];
       load_chunk<E>(xr, c0, cols, ax, a);
 #pragma unroll
-      for (int i = 0; i < V; ++i) a[i] = __fmul_rn(a[i], alpha);
+      for (int i = 0; i < V; ++i) a[i] = op(a[i]);
       store_chunk<E>(xr, c0, cols, ax, a);
     }
   }
 }
 
-template <class E>
-__global__ void __launch_bounds__(kThreads)
-    softcap_kernel(typename E::T* x, std::int64_t ldx, float cap, std::int64_t rows, std::int64_t cols) {
-  constexpr int V = kVec<E>;
-  for (std::int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    typename E::T* xr = x + r * ldx;
-    const bool ax = aligned16(xr);
-    for (std::int64_t c0 = (std::int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * V; c0 < cols;
-         c0 += std::int64_t{gridDim.x} * blockDim.x * V) {
-      float a[V];
-      load_chunk<E>(xr, c0, cols, ax, a);
-#pragma unroll
-      for (int i = 0; i < V; ++i) a[i] = softcap_of(a[i], cap);
-      store_chunk<E>(xr, c0, cols, ax, a);
-    }
-  }
+template <class Op>
+void map_in_place(KernelStream& s, const Mat& x, Op op, const char* name) {
+  if (x.rows == 0 || x.cols == 0) return;
+  dispatch_activation(x.dtype, name, [&](auto e) {
+    using E = decltype(e);
+    using T = typename E::T;
+    const RowGrid g = row_grid(s, x.rows, x.cols, kVec<E>);
+    map_kernel<E, Op><<<g.grid, g.block, 0, s.stream()>>>(static_cast<T*>(x.data), x.ld, op, x.rows, x.cols);
+    ZO2_CUDA_CHECK_LAUNCH();
+  });
 }
 
 }  // namespace
@@ -228,26 +233,8 @@ void gelu_tanh_mul(KernelStream& s, const Mat& gate, const Mat& up, const Mat& o
   gated_mul<GeluTanh>(s, gate, up, out, "gelu_tanh_mul");
 }
 
-void scale(KernelStream& s, const Mat& x, float alpha) {
-  if (x.rows == 0 || x.cols == 0) return;
-  dispatch_activation(x.dtype, "scale", [&](auto e) {
-    using E = decltype(e);
-    using T = typename E::T;
-    const RowGrid g = row_grid(s, x.rows, x.cols, kVec<E>);
-    scale_kernel<E><<<g.grid, g.block, 0, s.stream()>>>(static_cast<T*>(x.data), x.ld, alpha, x.rows, x.cols);
-    ZO2_CUDA_CHECK_LAUNCH();
-  });
-}
+void scale(KernelStream& s, const Mat& x, float alpha) { map_in_place(s, x, Scale{alpha}, "scale"); }
 
-void softcap(KernelStream& s, const Mat& x, float cap) {
-  if (x.rows == 0 || x.cols == 0) return;
-  dispatch_activation(x.dtype, "softcap", [&](auto e) {
-    using E = decltype(e);
-    using T = typename E::T;
-    const RowGrid g = row_grid(s, x.rows, x.cols, kVec<E>);
-    softcap_kernel<E><<<g.grid, g.block, 0, s.stream()>>>(static_cast<T*>(x.data), x.ld, cap, x.rows, x.cols);
-    ZO2_CUDA_CHECK_LAUNCH();
-  });
-}
+void softcap(KernelStream& s, const Mat& x, float cap) { map_in_place(s, x, Softcap{cap}, "softcap"); }
 
 }  // namespace zo2::cuda
