@@ -3,9 +3,14 @@
 #include "runtime/error.h"
 #include "runtime/philox.h"
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cmath>
+#include <cstdint>
+#include <fstream>
 #include <numeric>
 
 namespace zo2 {
@@ -205,6 +210,35 @@ std::vector<Generation> generate(Session& session, const std::vector<std::vector
   st.seconds = elapsed();
   if (stats) *stats = st;
   return out;
+}
+
+std::vector<std::int32_t> model_eos_ids(const std::filesystem::path& model_dir, std::int64_t vocab_size) {
+  // Note [A model's end-of-sequence ids]
+  const std::filesystem::path gen = model_dir / "generation_config.json";
+  std::error_code ec;
+  const std::filesystem::path file = std::filesystem::is_regular_file(gen, ec) ? gen : model_dir / "config.json";
+  std::ifstream in(file);
+  if (!in) return {};  // no config.json: the model's loader says so
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    fail(ErrorKind::format, "{}: not valid JSON ({})", file.string(), e.what());
+  }
+  if (!j.is_object() || !j.contains("eos_token_id") || j.at("eos_token_id").is_null()) return {};
+  const nlohmann::json& v = j.at("eos_token_id");
+  std::vector<std::int32_t> ids;
+  auto take = [&](const nlohmann::json& x) {
+    if (!x.is_number_integer() || x.get<std::int64_t>() < 0 || x.get<std::int64_t>() > INT32_MAX)
+      fail(ErrorKind::format, "{}: field 'eos_token_id' must be a token id or a list of them, got {}", file.string(),
+           v.dump());
+    if (x.get<std::int64_t>() < vocab_size) ids.push_back(static_cast<std::int32_t>(x.get<std::int64_t>()));
+  };
+  if (v.is_array())
+    for (const auto& x : v) take(x);
+  else
+    take(v);
+  return ids;
 }
 
 }  // namespace zo2

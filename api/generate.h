@@ -21,6 +21,7 @@
 #include "api/session.h"
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <vector>
 
@@ -60,6 +61,16 @@ struct GenerateStats {
   std::int64_t decode_steps = 0;  // forward passes over the blocks (each prefill piece counted)
   double seconds = 0;
 };
+
+// Note [A model's end-of-sequence ids]: transformers' generate stops at its generation
+// config's eos_token_id, read from the model's generation_config.json (else config.json):
+// an id or a list — Llama-3-Instruct's [128001, 128008, 128009] (<|eot_id|> ends a turn),
+// Gemma 3's [1, 106] (<end_of_turn>). zo2-tune generate and the Python generate stop at
+// these as well as at the tokenizer's end-of-sequence token (unless told to ignore them).
+// Ids at or beyond `vocab_size` are left out (no logit can pick them). A file that is not
+// JSON, or an eos_token_id that is not a whole id or a list of them, is Error(format)
+// naming the file and the field.
+std::vector<std::int32_t> model_eos_ids(const std::filesystem::path& model_dir, std::int64_t vocab_size);
 
 // The options as the CLI (`--max-new-tokens`, `--temperature`, `--top-p`) or the C API
 // (their field names) set them: Error(invalid_argument) naming the option and the value.

@@ -111,6 +111,47 @@ TEST(GenerateCli, SamplingRepeatsForASeedAndStopCutsTheText) {
   EXPECT_LE(cut[0]["tokens"].size(), 2u);
 }
 
+// Note [A model's end-of-sequence ids] (api/generate.h): the model's generation_config.json
+// eos_token_id (an id or a list; else config.json's) stops a prompt as the tokenizer's EOS
+// does, its text left out; --ignore-eos ignores both; a malformed file is named.
+TEST(GenerateCli, TheModelsGenerationConfigEosIdsStopAPrompt) {
+  Micro m;
+  const std::string p = "--prompt 'The story' --max-new-tokens 8 --json -q";
+  const auto free_run = json_lines(m.gen(p + " --ignore-eos"));
+  ASSERT_EQ(free_run.size(), 1u);
+  const auto ids = free_run[0]["tokens"].get<std::vector<std::int32_t>>();
+  ASSERT_EQ(ids.size(), 8u);
+  // The last generated token that none before it equals ends the prompt there when the
+  // model's generation config lists it (the first token at least qualifies).
+  std::size_t k = 0;
+  for (std::size_t i = 0; i < ids.size(); ++i)
+    if (std::find(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(i), ids[i]) == ids.begin() + static_cast<std::ptrdiff_t>(i)) k = i;
+  const std::int32_t eos = ids[k];
+  const auto upto = [&](std::size_t n) { return std::vector<std::int32_t>(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(n)); };
+  write_text(m.model / "generation_config.json", json{{"eos_token_id", json::array({99999, eos})}}.dump());
+  const auto stopped = json_lines(m.gen(p));
+  ASSERT_EQ(stopped.size(), 1u);
+  EXPECT_TRUE(stopped[0]["stopped"].get<bool>());
+  EXPECT_EQ(stopped[0]["tokens"], json(upto(k + 1)));
+  const auto tok = Tokenizer::from_dir(m.model);
+  EXPECT_EQ(stopped[0]["text"], tok->decode(upto(k)));
+  EXPECT_EQ(json_lines(m.gen(p + " --ignore-eos"))[0]["tokens"], free_run[0]["tokens"]);
+  // Without generation_config.json, config.json's eos_token_id list.
+  fs::remove(m.model / "generation_config.json");
+  json config = json::parse(read_text(m.model / "config.json"));
+  const json eos_before = config["eos_token_id"];
+  config["eos_token_id"] = json::array({eos_before, eos});
+  write_text(m.model / "config.json", config.dump());
+  EXPECT_EQ(json_lines(m.gen(p))[0]["tokens"], json(upto(k + 1)));
+  // A generation_config.json that is not JSON, or an eos_token_id that is not an id.
+  write_text(m.model / "generation_config.json", "{not json");
+  std::string out = m.gen(p, 1);
+  EXPECT_NE(out.find("generation_config.json"), std::string::npos) << out;
+  write_text(m.model / "generation_config.json", R"({"eos_token_id": "2"})");
+  out = m.gen(p, 1);
+  EXPECT_NE(out.find("eos_token_id"), std::string::npos) << out;
+}
+
 TEST(GenerateCli, PromptsFromJsonlAndTheSquadTaskAndOutputFile) {
   Micro m;
   write_text(m.tmp / "p.jsonl", "{\"prompt\": \"The film was\"}\n\n{\"text\": \"The ending\"}\n");

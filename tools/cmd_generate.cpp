@@ -86,7 +86,9 @@ Runner add_generate(CLI::App& app) {
   auto* seed = app.add_option("--seed", o->seed, "seed of the sampling draws")->capture_default_str()->transform(seed_value());
   greedy->excludes(temp)->excludes(top_p)->excludes(seed);
   app.add_option("--stop", o->stops, "stop a prompt's text at this string (repeatable; the string is cut off)");
-  app.add_flag("--ignore-eos", o->ignore_eos, "do not stop at the tokenizer's end-of-sequence token");
+  app.add_flag("--ignore-eos", o->ignore_eos,
+               "do not stop at the end-of-sequence tokens (the tokenizer's, and the model's generation_config.json "
+               "eos_token_id)");
   app.add_option("--batch-size", o->batch, "prompts decoded together")->capture_default_str();
   app.add_option("--kv-cache", o->kv_cache,
                  "where the KV cache lives: auto (the device when it fits), device, host, off (every token runs the "
@@ -192,8 +194,14 @@ Runner add_generate(CLI::App& app) {
     sc.generate.kv = kv;
     sc.generate.chunk = o->chunk;
 
-    if (!o->ignore_eos && tokenizer->eos_id()) go.stop_ids.push_back(*tokenizer->eos_id());
-    std::vector<std::int32_t> specials;
+    // The tokenizer's end-of-sequence token and the model's (Note [A model's end-of-sequence
+    // ids] in api/generate.h), whose text is left out like the tokenizer's specials.
+    const std::vector<std::int32_t> model_eos = model_eos_ids(o->model, config.vocab_size);
+    if (!o->ignore_eos) {
+      if (tokenizer->eos_id()) go.stop_ids.push_back(*tokenizer->eos_id());
+      go.stop_ids.insert(go.stop_ids.end(), model_eos.begin(), model_eos.end());
+    }
+    std::vector<std::int32_t> specials = model_eos;
     for (auto id : {tokenizer->bos_id(), tokenizer->eos_id(), tokenizer->pad_id()})
       if (id) specials.push_back(*id);
     // The text of generated ids: special tokens left out, cut at the first stop string.

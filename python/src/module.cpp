@@ -21,6 +21,7 @@
 // serialized instead of undefined behaviour), and Ctrl-C checks between steps.
 #include "zo2.h"
 
+#include "api/generate.h"
 #include "api/options.h"
 #include "api/status.h"
 #include "models/tokenizer.h"
@@ -1183,14 +1184,19 @@ py::list generate_text(Session& S, const Tokenizer& T, py::handle texts, const z
     return ids;
   });
   zo2_generate_params p = base;
-  if (!ignore_eos && tok.eos_id()) stop_ids.push_back(*tok.eos_id());
+  // Note [A model's end-of-sequence ids] (api/generate.h), as zo2-tune generate.
+  const std::vector<int32_t> model_eos = cxx_call([&] { return zo2::model_eos_ids(S.model_path, S.n_vocab); });
+  if (!ignore_eos) {
+    if (tok.eos_id()) stop_ids.push_back(*tok.eos_id());
+    stop_ids.insert(stop_ids.end(), model_eos.begin(), model_eos.end());
+  }
   p.stop_ids = stop_ids.empty() ? nullptr : stop_ids.data();
   p.n_stop_ids = static_cast<int32_t>(stop_ids.size());
   if (tok.pad_id() && *tok.pad_id() < S.n_vocab) p.pad_id = *tok.pad_id();
   else if (tok.eos_id() && *tok.eos_id() < S.n_vocab) p.pad_id = *tok.eos_id();
   std::vector<Generated> out = S.generate(prompts, p);
 
-  std::vector<int32_t> specials;
+  std::vector<int32_t> specials = model_eos;
   for (auto id : {tok.bos_id(), tok.eos_id(), tok.pad_id()})
     if (id) specials.push_back(*id);
   std::vector<std::string> decoded = cxx_call([&] {

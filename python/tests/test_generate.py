@@ -222,6 +222,27 @@ def test_generate_text_equals_zo2_tune_generate(micro, tune):
             assert message in str(e.value)
 
 
+def test_generate_text_stops_at_the_models_generation_config_eos_ids(micro, tune, tmp_path):
+    """Note [A model's end-of-sequence ids] (api/generate.h): generation_config.json's
+    eos_token_id list stops a prompt as the CLI's generate stops it; ignore_eos ignores it."""
+    import shutil
+    model = tmp_path / "micro"
+    shutil.copytree(micro, model)
+    tok = zo2.Tokenizer.from_dir(model)
+    texts = ["The film was"]
+    with zo2.Session(model, training=False, max_seqs=1, max_seq_len=64, generate_seqs=1) as g:
+        free = g.generate_text(tok, texts, max_new_tokens=8, ignore_eos=True)[0].tokens
+    k = max(i for i in range(len(free)) if free[i] not in free[:i])
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [free[k]]}))
+    with zo2.Session(model, training=False, max_seqs=1, max_seq_len=64, generate_seqs=1) as g:
+        got = g.generate_text(tok, texts, max_new_tokens=8)[0]
+        assert got.tokens == free[:k + 1] and got.stopped
+        assert got.text == tok.decode(free[:k])
+        assert g.generate_text(tok, texts, max_new_tokens=8, ignore_eos=True)[0].tokens == free
+    ref = cli_generate(tune, model, texts, "--max-new-tokens", "8")
+    assert ref[0]["tokens"] == got.tokens and ref[0]["text"] == got.text
+
+
 def test_ctrl_c_stops_a_generation_promptly(tiny):
     import os
     import signal
