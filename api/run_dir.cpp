@@ -420,8 +420,12 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
 
 OpenedCheckpoint open_checkpoint(const fs::path& dir, bool verify) {
   std::error_code ec;
-  if (!fs::is_directory(dir, ec)) {
-    if (fs::exists(dir, ec)) fail(ErrorKind::io, "{}: not a directory", dir.string());
+  if (const fs::file_status st = fs::status(dir, ec); !fs::is_directory(st)) {
+    if (fs::exists(st)) fail(ErrorKind::io, "{}: not a directory", dir.string());
+    // A path that is there but cannot be followed (a symbolic link loop: ELOOP, a directory
+    // without search permission) is not "no such directory": say what stat said.
+    if (ec && ec != std::errc::no_such_file_or_directory && ec != std::errc::not_a_directory)
+      fail(ErrorKind::io, "{}: cannot open the directory: {}", dir.string(), ec.message());
     fail(ErrorKind::io, "{}: no such directory", dir.string());
   }
   OpenedCheckpoint o;

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <limits>
 
 namespace zo2 {
 
@@ -562,6 +563,22 @@ void Session::init(const SessionConfig& cfg) {
 //   and training continues at T; nothing the killed run computed and logged is lost.
 //   Without a seed log (a benchmark, a C API host without seed_log_path) rule 1 is off.
 
+// Note [A stopped seed log]
+//   Session::collect has taken a step off outstanding_ when it calls the result hook, and
+//   the step's line follows the hook (Note [Records before the log line]). A hook that throws
+//   (zo2-tune's progress on a dead stderr, once) or an append that fails (a full disk) leaves
+//   the step without its line; the steps after it still run and are collected (drain, at the
+//   latest by ~Session), and appending their lines would leave a hole no resume accepts
+//   ("step 8 does not follow step 6"). So the log stops there: collect returns the later
+//   steps' results without calling the hook or appending (a record of a step the log lacks
+//   is what a resume cuts off anyway); step_async refuses new steps; a save is refused
+//   unless the weights are at the log's end (they are past it once any step was lost), as
+//   its manifest would pair weights with a log that does not reach them. The run directory
+//   keeps its last checkpoint and a log that is a whole prefix, from which `--resume` runs
+//   the lost steps again. A disk tier's write-backs wait for log lines (rule 1 above) that
+//   will not come: they are let through, and a resume does not reuse an image past the
+//   log's end (DiskTierOpen::max_step) — the block is read from its other image or rebuilt.
+
 Session::~Session() {
   try {
     drain();
@@ -582,6 +599,8 @@ std::int64_t Session::step_async(const HostBatch& batch, float lr, float eps, fl
   require_targets(batch);  // nothing to predict: refused before the step index moves
   validate_rule(cfg_.rule, weight_decay);
   const std::int64_t t = next_step_;
+  if (seed_log_ && log_stopped_at_ >= 0)  // Note [A stopped seed log]
+    fail(ErrorKind::io, "step {} is refused: {}; resume the run from its last checkpoint", t + 1, log_stopped_message());
   if (store_->disk() && seed_log_) {
     // Note [Disk tier resume]: a disk write-back of step t's pass waits for the log line of
     // step t − 1, which wait() writes. A host that enqueues steps without reading their
@@ -666,7 +685,17 @@ StepResult Session::collect(std::int64_t step) {
     if (!colon) return std::pair<std::int64_t, bool>{-1, false};
     return std::pair<std::int64_t, bool>{std::atoll(v), std::strcmp(colon + 1, "after") == 0};
   }();
-  if (result_hook_) result_hook_(r);
+  // Note [A stopped seed log]: a step after the one the log lacks is neither recorded nor logged.
+  if (seed_log_ && log_stopped_at_ >= 0) return r;
+  try {
+    if (result_hook_) result_hook_(r);
+  } catch (const std::exception& e) {
+    if (seed_log_) stop_log(r.step, fmt::format("the result hook failed at step {}: {}", r.step + 1, e.what()));
+    throw;
+  } catch (...) {
+    if (seed_log_) stop_log(r.step, fmt::format("the result hook failed at step {}", r.step + 1));
+    throw;
+  }
   if (r.step == kill_at.first && !kill_at.second) std::raise(SIGKILL);
   if (seed_log_) {
     SeedLogEntry e;
@@ -679,15 +708,38 @@ StepResult Session::collect(std::int64_t step) {
     e.g_double = r.g_double;
     if (r.gs.size() > 1) e.gs = r.gs;
     e.choice = r.choice;
-    seed_log_->append(e);
+    try {
+      seed_log_->append(e);  // (on failure the log is cut back to the lines before this one)
+    } catch (const std::exception& x) {
+      stop_log(r.step, x.what());
+      throw;
+    }
     if (DiskTier* disk = store_->disk()) {
       // Note [Disk tier resume], rule 1: the line is durable before an image that needs it.
-      seed_log_->sync();
+      try {
+        seed_log_->sync();
+      } catch (const std::exception& x) {
+        stop_log(r.step + 1, x.what());  // the line is there, not known durable
+        throw;
+      }
       disk->set_durable(static_cast<std::uint64_t>(r.step) + 1);
     }
   }
   if (r.step == kill_at.first && kill_at.second) std::raise(SIGKILL);
   return r;
+}
+
+void Session::stop_log(std::int64_t step, std::string why) noexcept {
+  if (log_stopped_at_ >= 0) return;  // the first stop is where the log ends
+  log_stopped_at_ = step;
+  log_stop_reason_ = std::move(why);
+  // The tier's write-backs must not wait for lines that will not come (Note [A stopped seed log]).
+  if (DiskTier* disk = store_ ? store_->disk() : nullptr) disk->set_durable(std::numeric_limits<std::uint64_t>::max());
+}
+
+std::string Session::log_stopped_message() const {
+  return fmt::format("the seed log {} stopped before step {} ({}); the steps from there are in no log", seed_log_->path().string(),
+                     log_stopped_at_ + 1, log_stop_reason_);
 }
 
 StepResult Session::step(const HostBatch& batch, float lr, float eps, float weight_decay) {
@@ -726,6 +778,11 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
          "log replays from): choose another directory",
          out_dir.string());
   sync();
+  // Note [A stopped seed log]: weights past the log's end would get a manifest whose log
+  // prefix does not reach them; the run directory keeps its last checkpoint.
+  if (seed_log_ && log_stopped_at_ >= 0 && next_step_ != log_stopped_at_)
+    fail(ErrorKind::io, "{}: not saved at step {}: {}; the directory keeps its last checkpoint, from which --resume runs "
+         "them again", out_dir.string(), next_step_, log_stopped_message());
   if (!is_writer()) {
     // Rank 0 writes the checkpoint (every rank holds the same weights); the others wait for
     // it, so no rank runs ahead of a save that fails (Note [Rank faults]).

@@ -164,7 +164,8 @@ class Session {
   // The result of an enqueued step; appends it to the seed log.
   StepResult wait(std::int64_t step);
   // Called with each step's result as it is collected, in step order, before the step's
-  // seed-log line is written (Note [Records before the log line]); empty: none.
+  // seed-log line is written (Note [Records before the log line]); empty: none. If it
+  // throws, the seed log stops before that step (Note [A stopped seed log]).
   void set_result_hook(std::function<void(const StepResult&)> hook) { result_hook_ = std::move(hook); }
   // step_async + wait.
   StepResult step(const HostBatch& batch, float lr, float eps, float weight_decay);
@@ -228,6 +229,11 @@ class Session {
   // Note [Disk tier resume]: results read early by step_async (their log lines written), for wait.
   std::map<std::int64_t, StepResult> harvested_;
   std::function<void(const StepResult&)> result_hook_;
+  // Note [A stopped seed log]: the step whose line the log lacks (−1: the log is whole), and why.
+  std::int64_t log_stopped_at_ = -1;
+  std::string log_stop_reason_;
+  void stop_log(std::int64_t step, std::string why) noexcept;
+  std::string log_stopped_message() const;
   bool adam_overflow_said_ = false;  // the warning of Session::collect, once a session
   StepResult collect(std::int64_t step);
   void harvest_before(std::int64_t step);  // collects every outstanding step below `step`, in order

@@ -68,6 +68,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -605,6 +606,7 @@ constexpr const char* kGenerateHead =
 }  // namespace
 
 int main(int argc, char** argv) {
+  zo2::cli::open_standard_streams();  // Note [Standard streams] (tools/cli.h): before any file is opened
   CLI::App app{"zo2-bench: zo2 MeZO step throughput and memory against device-memory caps"};
   std::string presets = "opt-tiny", caps = "none", storages = "fp32", computes = "fp32", batches = "1", seqs = "64";
   std::string device = "cpu", offload = "auto", jsonl, markdown, plot, python, mezo_mode = "auto";
@@ -780,18 +782,19 @@ int main(int argc, char** argv) {
                                                zo2::parse_byte_size(disk_probe_request), disk_probe_qd);
       const std::string table = disk_table(d);
       fmt::print("{}", table);
-      if (!quiet) fmt::print(stderr, "{}\n", disk_json(d).dump());
-      if (!jsonl.empty()) {
-        std::ofstream jl(jsonl, std::ios::trunc);
-        jl << disk_json(d).dump() << "\n";
-        if (!jl) zo2::fail(zo2::ErrorKind::io, "--jsonl {}: cannot write", jsonl);
+      if (!quiet) zo2::print_stderr("{}\n", disk_json(d).dump());
+      // Each file checked once closed: a full disk shows at the flush, not at <<.
+      for (const auto& [flag, file, text] : {std::tuple{"--jsonl", &jsonl, disk_json(d).dump() + "\n"},
+                                             std::tuple{"--markdown", &markdown, table}}) {
+        if (file->empty()) continue;
+        std::ofstream f(*file, std::ios::trunc);
+        errno = 0;
+        f << text;
+        f.close();
+        if (f.fail())
+          zo2::fail(zo2::ErrorKind::io, "{} {}: cannot write: {}", flag, *file, errno != 0 ? std::strerror(errno) : "a write error");
       }
-      if (!markdown.empty()) {
-        std::ofstream md(markdown, std::ios::trunc);
-        md << table;
-        if (!md) zo2::fail(zo2::ErrorKind::io, "--markdown {}: cannot write", markdown);
-      }
-      return 0;
+      return zo2::cli::finish_stdout("zo2-bench", 0);
     }
     // Every list names at least one value (an empty one would run no rows and exit 0).
     for (const auto& [flag, list] : {std::pair{"--presets", &presets}, std::pair{"--gpu-mem", &caps},
@@ -875,15 +878,31 @@ int main(int argc, char** argv) {
       if (!ok) zo2::fail(zo2::ErrorKind::io, "{} {}: cannot write it: {}", flag, *file, std::strerror(errno ? errno : EISDIR));
     }
     std::ofstream jl;
-    scratch = fs::temp_directory_path() / fmt::format("zo2-bench-{}", ::getpid());
-    fs::create_directories(scratch);
+    // The scratch directory (the Python probes' and baseline's files, --plot's rows) only when
+    // one of them runs: a sweep that needs none does not depend on TMPDIR. Its error names it.
+    auto need_scratch = [&]() -> const fs::path& {
+      if (!scratch.empty()) return scratch;
+      const char* tmpdir = std::getenv("TMPDIR");
+      std::error_code ec;
+      const fs::path base = fs::temp_directory_path(ec);
+      if (ec)
+        zo2::fail(zo2::ErrorKind::io, "cannot find a directory for scratch files (TMPDIR={}): {}",
+                  tmpdir ? tmpdir : "(unset)", ec.message());
+      const fs::path dir = base / fmt::format("zo2-bench-{}", ::getpid());
+      fs::create_directories(dir, ec);
+      if (ec)
+        zo2::fail(zo2::ErrorKind::io, "{}: cannot create the scratch directory (TMPDIR={}): {}", dir.string(),
+                  tmpdir ? tmpdir : "(unset)", ec.message());
+      scratch = dir;
+      return scratch;
+    };
 
     // Find the interpreters before the sweep, which may take hours, rather than after it.
     std::string plot_python, tried;
     fs::path plot_script;
     if (!plot.empty()) {
       plot_script = script_path("plot_bench.py");
-      plot_python = python_with("matplotlib", python, scratch, tried);
+      plot_python = python_with("matplotlib", python, need_scratch(), tried);
       if (plot_python.empty())
         zo2::fail(zo2::ErrorKind::invalid_argument,
                   "--plot {}: no Python that imports matplotlib (tried {}); install it (Debian: apt-get install "
@@ -898,29 +917,63 @@ int main(int argc, char** argv) {
     mezo.warmup = warmup;
     // The same CPU threads as zo2 (torch's own default can be 1 where OpenMP sees a quota).
     mezo.threads = threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    mezo.scratch = scratch;
     if (mezo_mode != "off") {
+      mezo.scratch = need_scratch();
       mezo.script = script_path("mezo_torch.py");
-      mezo.python = python_with("torch", python, scratch, tried);
+      mezo.python = python_with("torch", python, mezo.scratch, tried);
       if (mezo.python.empty()) {
         if (mezo_mode == "on")
           zo2::fail(zo2::ErrorKind::invalid_argument,
                     "--mezo-baseline on: no Python that imports torch (tried {}); install it (Debian: apt-get install "
                     "python3-torch) or name an interpreter with --python",
                     tried);
-        if (!quiet) fmt::print(stderr, "zo2-bench: no PyTorch MeZO baseline: no Python that imports torch (tried {})\n", tried);
+        if (!quiet) zo2::print_stderr("zo2-bench: no PyTorch MeZO baseline: no Python that imports torch (tried {})\n", tried);
       }
     }
 
     if (!jsonl.empty()) {
       jl.open(jsonl, std::ios::trunc);
-      if (!jl) zo2::fail(zo2::ErrorKind::io, "--jsonl {}: cannot write", jsonl);
+      if (!jl) zo2::fail(zo2::ErrorKind::io, "--jsonl {}: cannot write: {}", jsonl, std::strerror(errno));
     }
+    // A row that cannot be written (a full disk) is said once; the sweep goes on (its table
+    // still reaches stdout and --markdown) and exits 1 naming the file — a JSONL that silently
+    // ends would pass for a whole sweep.
+    std::string jsonl_error;
+    auto write_row = [&](const json& row) {
+      if (!jl.is_open() || !jsonl_error.empty()) return;
+      errno = 0;
+      jl << row.dump() << "\n" << std::flush;
+      if (jl) return;
+      jsonl_error = fmt::format("--jsonl {}: cannot write: {}", jsonl, errno != 0 ? std::strerror(errno) : "a write error");
+      if (!quiet) zo2::print_stderr("zo2-bench: {}; the rows from here on are not in it\n", jsonl_error);
+    };
+    // The sweep's files once its rows are done: the JSONL closed, the table to --markdown,
+    // each checked once closed (a full disk shows at the flush, not at <<); every failure
+    // named in one error.
+    auto finish_files = [&](const std::string& table) {
+      if (jl.is_open() && jsonl_error.empty()) {
+        errno = 0;
+        jl.close();
+        if (jl.fail())
+          jsonl_error = fmt::format("--jsonl {}: cannot write: {}", jsonl, errno != 0 ? std::strerror(errno) : "a write error");
+      }
+      std::string errors = jsonl_error;
+      if (!markdown.empty()) {
+        std::ofstream md(markdown, std::ios::trunc);
+        errno = 0;
+        md << table;
+        md.close();
+        if (md.fail())
+          errors += fmt::format("{}--markdown {}: cannot write: {}", errors.empty() ? "" : "; ", markdown,
+                                errno != 0 ? std::strerror(errno) : "a write error");
+      }
+      if (!errors.empty()) zo2::fail(zo2::ErrorKind::io, "{}", errors);
+    };
 
     LinkRates link;
     if (link_bytes > 0) {
       link = probe_link(device, threads, link_bytes);
-      if (!quiet) fmt::print(stderr, "zo2-bench: {}\n", describe(link));
+      if (!quiet) zo2::print_stderr("zo2-bench: {}\n", describe(link));
     }
 
     if (generate_tokens > 0) {
@@ -935,8 +988,8 @@ int main(int argc, char** argv) {
                 for (const auto& t : split(seqs)) {
                   Row r{p, st, cp, cap, std::stoi(b), std::stoi(t), alias, "full", "zo-sgd"};
                   const json row = run_generate_row(r, device, offload, generate_tokens, kv_cache, threads, seed);
-                  if (jl) jl << row.dump() << "\n" << std::flush;
-                  if (!quiet) fmt::print(stderr, "{}\n", row.dump());
+                  write_row(row);
+                  if (!quiet) zo2::print_stderr("{}\n", row.dump());
                   if (!row["ok"].get<bool>()) {
                     ++failures;
                     table += fmt::format("| {} | {} | {} | {} | {}×{} | {} | error: {} ||||||\n", row_label(r), cap, st, cp, b,
@@ -952,14 +1005,10 @@ int main(int argc, char** argv) {
                                        zo2::format_bytes(row["predicted_peak_bytes"].get<double>()));
                 }
       fmt::print("{}", table);
-      if (!markdown.empty()) {
-        std::ofstream md(markdown, std::ios::trunc);
-        md << table;
-        if (!md) zo2::fail(zo2::ErrorKind::io, "--markdown {}: cannot write", markdown);
-      }
-      if (failures > 0) fmt::print(stderr, "zo2-bench: {} generation row(s) failed or exceeded their cap\n", failures);
+      finish_files(table);
+      if (failures > 0) zo2::print_stderr("zo2-bench: {} generation row(s) failed or exceeded their cap\n", failures);
       rc = failures > 0 ? 1 : 0;
-      return rc;
+      return zo2::cli::finish_stdout("zo2-bench", rc);
     }
     std::string table = kTableHead;
     std::vector<json> rows;
@@ -1000,8 +1049,8 @@ int main(int argc, char** argv) {
                   }
                 }
                 rows.push_back(row);
-                if (jl) jl << row.dump() << "\n" << std::flush;
-                if (!quiet) fmt::print(stderr, "{}\n", row.dump());
+                write_row(row);
+                if (!quiet) zo2::print_stderr("{}\n", row.dump());
                 if (!row["ok"].get<bool>()) {
                   ++failures;
                   table += fmt::format("| {} | {} | {} | {} | {}×{} | error: {} {}\n", row_label(r), cap, st, cp, b, t,
@@ -1025,41 +1074,38 @@ int main(int argc, char** argv) {
               }
     if (link.bytes > 0) table += fmt::format("\n{}\n", describe(link));
     fmt::print("{}", table);
-    if (!markdown.empty()) {
-      std::ofstream md(markdown, std::ios::trunc);
-      md << table;
-      if (!md) zo2::fail(zo2::ErrorKind::io, "--markdown {}: cannot write", markdown);
-    }
+    finish_files(table);
     if (!plot.empty()) {
       fs::path source = jsonl;
       if (jsonl.empty()) {
-        source = scratch / "rows.jsonl";
+        source = need_scratch() / "rows.jsonl";
         std::ofstream f(source, std::ios::trunc);
         for (const auto& row : rows) f << row.dump() << "\n";
-      } else {
-        jl.flush();
+        f.close();
+        if (f.fail()) zo2::fail(zo2::ErrorKind::io, "{}: cannot write the rows for --plot: {}", source.string(), std::strerror(errno));
       }
       const Command c = run_command(fmt::format("{} {} {} {}", shell_quote(plot_python), shell_quote(plot_script.string()),
                                                 shell_quote(source.string()), shell_quote(plot)),
-                                    scratch);
+                                    need_scratch());
       if (c.status != 0)
         zo2::fail(zo2::ErrorKind::io, "--plot {}: {} failed (exit {}): {}", plot, plot_script.string(), c.status,
                   last_line(c.err.empty() ? c.out : c.err));
       if (std::error_code ec; !fs::exists(plot, ec))
         zo2::fail(zo2::ErrorKind::io, "--plot {}: {} exited 0 but wrote no file", plot, shell_quote(plot_python));
-      if (!quiet) fmt::print(stderr, "zo2-bench: wrote {}\n", plot);
+      if (!quiet) zo2::print_stderr("zo2-bench: wrote {}\n", plot);
     }
     if (failures > 0) {
-      fmt::print(stderr, "zo2-bench: {} row(s) failed or exceeded their cap{}\n", failures,
-                 mezo_mode == "on" ? " or failed their --mezo-baseline run" : "");
+      zo2::print_stderr("zo2-bench: {} row(s) failed or exceeded their cap{}\n", failures,
+                        mezo_mode == "on" ? " or failed their --mezo-baseline run" : "");
       rc = 1;
     }
   } catch (const zo2::Error& e) {
-    fmt::print(stderr, "zo2-bench: error: {}\n", e.what());
+    // (print_stderr never throws: a throw in a handler would end the process in std::terminate)
+    zo2::print_stderr("zo2-bench: error: {}\n", e.what());
     rc = e.kind() == zo2::ErrorKind::invalid_argument ? 2 : 1;
   } catch (const std::exception& e) {
-    fmt::print(stderr, "zo2-bench: error: {}\n", e.what());
+    zo2::print_stderr("zo2-bench: error: {}\n", zo2::cli::describe_error(e));
     rc = 1;
   }
-  return rc;
+  return zo2::cli::finish_stdout("zo2-bench", rc);
 }

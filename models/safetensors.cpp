@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cerrno>
 #include <csignal>
 #include <cstring>
@@ -227,7 +228,18 @@ class AtomicFile {
     static std::atomic<std::uint64_t> counter{0};
     std::random_device rd;
     for (int attempt = 0;; ++attempt) {
-      tmp_ = dir / fmt::format(".{}.tmp.{}.{}.{:08x}", base, ::getpid(), counter++, rd());
+      // ".NAME.tmp.PID.N.RANDOM", beside the target (the rename stays in one filesystem).
+      // A NAME near NAME_MAX (a legal 252-byte --out) would make it too long: NAME is cut
+      // (at a UTF-8 character's start) — the pid, counter and random part keep it unique, and
+      // the ".tmp" in it keeps it recognizable as a leftover (clean_run_dir).
+      const std::string suffix = fmt::format(".tmp.{}.{}.{:08x}", ::getpid(), counter++, rd());
+      std::string stem = base;
+      if (1 + stem.size() + suffix.size() > NAME_MAX) {
+        std::size_t keep = NAME_MAX - 1 - suffix.size();
+        while (keep > 0 && (static_cast<unsigned char>(stem[keep]) & 0xC0) == 0x80) --keep;
+        stem.resize(keep);
+      }
+      tmp_ = dir / ("." + stem + suffix);
       fd_ = ::open(tmp_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
       if (fd_ >= 0) break;
       const int e = errno;

@@ -3,6 +3,7 @@
 #include "runtime/log.h"
 
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <mutex>
 
@@ -30,14 +31,25 @@ std::recursive_mutex g_sink_mutex;
 LogSink g_sink;
 thread_local bool t_in_sink = false;
 
-void write_stderr(LogLevel level, std::string_view message) {
+void write_log_line(LogLevel level, std::string_view message) noexcept {
   static constexpr const char* kTag[] = {"debug", "info", "warn", "error", ""};
   if (level == LogLevel::info)
-    fmt::print(stderr, "{}\n", message);
+    print_stderr("{}\n", message);
   else
-    fmt::print(stderr, "[{}] {}\n", kTag[static_cast<int>(level)], message);
+    print_stderr("[{}] {}\n", kTag[static_cast<int>(level)], message);
 }
 }  // namespace
+
+bool write_stderr(std::string_view text) noexcept {
+  // One fwrite (stderr is unbuffered: one write(2) for the whole line), its error read from
+  // this call alone: a failure earlier (a full disk since freed) does not taint this one.
+  std::clearerr(stderr);
+  const bool ok = std::fwrite(text.data(), 1, text.size(), stderr) == text.size() && std::fflush(stderr) == 0;
+  const int e = errno;
+  std::clearerr(stderr);
+  errno = e;
+  return ok;
+}
 
 void log_set_level(LogLevel level) { g_level.store(static_cast<int>(level)); }
 LogLevel log_level() { return static_cast<LogLevel>(g_level.load(std::memory_order_relaxed)); }
@@ -47,19 +59,24 @@ void log_set_sink(LogSink sink) {
   g_sink = std::move(sink);
 }
 
-void log_write(LogLevel level, std::string_view message) {
+void log_write(LogLevel level, std::string_view message) noexcept {
   if (level < log_level()) return;
-  std::lock_guard lock(g_sink_mutex);
-  if (!g_sink || t_in_sink) {
-    write_stderr(level, message);
-    return;
+  try {
+    std::lock_guard lock(g_sink_mutex);
+    if (!g_sink || t_in_sink) {
+      write_log_line(level, message);
+      return;
+    }
+    const LogSink sink = g_sink;  // a copy: the call may replace g_sink
+    struct InSink {
+      InSink() { t_in_sink = true; }
+      ~InSink() { t_in_sink = false; }
+    } in_sink;
+    sink(level, message);
+  } catch (...) {
+    // A sink that throws (or a lock that cannot be taken): the line is lost, not the caller's
+    // work — log calls sit in destructors and catch handlers, where a throw terminates.
   }
-  const LogSink sink = g_sink;  // a copy: the call may replace g_sink
-  struct InSink {
-    InSink() { t_in_sink = true; }
-    ~InSink() { t_in_sink = false; }
-  } in_sink;
-  sink(level, message);
 }
 
 }  // namespace zo2

@@ -1136,5 +1136,90 @@ TEST(Cli, TokenDataWithNothingToPredictIsRefusedByName) {
   EXPECT_NE(out.find("--max-new-tokens is for squad and drop"), std::string::npos) << out;
 }
 
+// Note [Standard streams] (tools/cli.h). Output a command exists to print (tokenize, eval
+// --json, plan --json) that cannot be written — a full disk, a closed stdout — exits 1 naming
+// the standard output (it exited 0 with nothing written); a closed or full stderr never turns
+// an exit into SIGABRT (134: fmt threw inside main's catch handler), and a closed stderr is
+// never the number a run directory's lock file gets (the progress lines went into it).
+TEST(Cli, LostStandardOutputIsAnErrorAndAClosedOrFullStderrIsNot) {
+  Workspace w;
+  const std::string tok = (fs::path(ZO2_TEST_TOKENIZERS_DIR) / "llama3").string();
+  // In a subshell: run_command's own 2>&1 must not undo the redirections under test.
+  auto sh = [](const std::string& args, const std::string& redirect, std::string* out) {
+    out->clear();
+    return test::run_command("(" + tune() + " " + args + " " + redirect + ")", out);
+  };
+  std::string out;
+  for (const std::string& cmd : {"tokenize --tokenizer " + tok + " --text hello",
+                                 "eval --model " + w.model.string() + " --data " + w.data.string() + " --json -q",
+                                 std::string("plan --preset opt-125m --gpu-mem 1G --json")}) {
+    SCOPED_TRACE(cmd);
+    EXPECT_EQ(sh(cmd, ">/dev/full", &out), 1) << out;
+    EXPECT_NE(out.find("zo2-tune: error: cannot write the standard output: No space left on device"), std::string::npos)
+        << out;
+    EXPECT_EQ(sh(cmd, ">&-", &out), 1) << out;
+    EXPECT_NE(out.find("cannot write the standard output: it was closed"), std::string::npos) << out;
+    EXPECT_EQ(sh(cmd, ">/dev/null", &out), 0) << out;
+  }
+  // A command that writes nothing to stdout does not need one.
+  EXPECT_EQ(sh("init --preset opt-tiny --out " + (w.tmp / "i0").string() + " -q", ">&-", &out), 0) << out;
+  // stderr closed or full: the work is done and the exit status is the command's.
+  EXPECT_EQ(sh("init --preset opt-tiny --out " + (w.tmp / "i1").string(), "2>&-", &out), 0) << out;
+  EXPECT_EQ(sh("init --preset opt-tiny --out " + (w.tmp / "i2").string(), "2>/dev/full", &out), 0) << out;
+  EXPECT_TRUE(fs::exists(w.tmp / "i1" / "model.safetensors") && fs::exists(w.tmp / "i2" / "model.safetensors"));
+  EXPECT_EQ(sh("eval --model " + (w.tmp / "none").string() + " --data " + w.data.string(), "2>/dev/full", &out), 1)
+      << out;
+  EXPECT_EQ(sh("eval --model " + w.model.string() + " --data " + w.data.string() + " --max-len x", "2>&-", &out), 2)
+      << out;
+  EXPECT_EQ(sh("forward --model " + w.model.string() + " --inputs " + w.data.string() + " --out " +
+                   (w.tmp / "f.safetensors").string(),
+               "2>/dev/full", &out),
+            0)
+      << out;
+  const fs::path run_dir = w.tmp / "run";
+  EXPECT_EQ(sh("train --model " + w.model.string() + " --data " + w.data.string() + " --out " + run_dir.string() +
+                   " --steps 3 --batch-size 2 --log-every 1",
+               "2>&- >&-", &out),
+            0)
+      << out;
+  const std::string lock = read_file(run_dir / "zo2.lock");
+  EXPECT_TRUE(!lock.empty() && lock.find_first_not_of("0123456789\n") == std::string::npos)
+      << "the lock file holds its pid only: " << lock;
+}
+
+// Edge cases of names and values (the adversarial tester's report): a legal --out of 252
+// bytes (the temp file beside it must still fit NAME_MAX), a model path that is a symbolic
+// link loop (said as such, not "no such directory"), and ZO2_CPU_LINK_GBPS so small that a
+// copy's time overflows the clock.
+TEST(Cli, LongNamesSymlinkLoopsAndATinyEmulatedLinkAreHandled) {
+  Workspace w;
+  std::string out;
+  const fs::path long_out = w.tmp / (std::string(240, 'a') + ".safetensors");  // 252 bytes
+  EXPECT_EQ(run("synth-data --model " + w.model.string() + " --out " + long_out.string() + " --rows 4 --seq 8 -q", &out), 0)
+      << out;
+  EXPECT_TRUE(fs::exists(long_out));
+  const fs::path long_fwd = w.tmp / (std::string(241, 'b') + ".safetensors");  // 253 bytes
+  EXPECT_EQ(run("forward --model " + w.model.string() + " --inputs " + long_out.string() + " --out " + long_fwd.string() +
+                    " -q",
+                &out),
+            0)
+      << out;
+  EXPECT_TRUE(fs::exists(long_fwd));
+  for (const auto& e : fs::directory_iterator(w.tmp.path()))
+    EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << "a temp file is left: " << e.path();
+  fs::create_symlink("loop", w.tmp / "loop");
+  EXPECT_EQ(run("eval --model " + (w.tmp / "loop").string() + " --data " + w.data.string(), &out), 1) << out;
+  EXPECT_NE(out.find("loop: cannot open the directory: Too many levels of symbolic links"), std::string::npos) << out;
+  EXPECT_EQ(run("eval --model " + (w.tmp / "absent").string() + " --data " + w.data.string(), &out), 1) << out;
+  EXPECT_NE(out.find("absent: no such directory"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(test::run_command("ZO2_CPU_LINK_GBPS=1e-300 " + tune() + " eval --model " + w.model.string() + " --data " +
+                                  w.data.string(),
+                              &out),
+            2)
+      << out;
+  EXPECT_NE(out.find("ZO2_CPU_LINK_GBPS='1e-300': below the slowest emulated link"), std::string::npos) << out;
+}
+
 }  // namespace
 }  // namespace zo2

@@ -7,8 +7,10 @@
 
 #include "api/run_dir.h"
 #include "api/session.h"
+#include "offload/planner.h"
 #include "runtime/checksum.h"
 #include "runtime/error.h"
+#include "zo/seed_log.h"
 #include "tests/reference_model.h"
 #include "tests/test_util.h"
 
@@ -151,6 +153,109 @@ TEST(SessionSave, WritesTheModelDirectorysGenerationConfigInTheTransaction) {
   EXPECT_TRUE(fs::exists(tmp / "bare-run" / "config.json"));
   EXPECT_FALSE(fs::exists(tmp / "bare-run" / Session::kGenerationConfig));
 }
+
+// Note [A stopped seed log] (api/session.cpp): a result hook that throws at step k (zo2-tune's
+// progress on a stderr pipe whose reader exited) left the step without its seed-log line while
+// ~Session appended the next steps' lines: a log with a hole that no resume accepts ("step 8
+// does not follow step 6"). Now the log ends before k, nothing later is logged or saved, and
+// the run resumes from its checkpoint to the uninterrupted run's log and weights. With a disk
+// tier too, whose write-backs wait for log lines (they must not wait for ever).
+void hook_failure_ends_the_log(bool disk) {
+  test::TempDir tmp;
+  const ModelConfig c = test::small_llama(3);
+  test::write_random_checkpoint(tmp / "model", c, 5);
+  constexpr int kBatch = 2, kSeq = 8, kSaved = 2, kFails = 4, kSteps = 7;
+  constexpr std::uint64_t kShard = 5'000'000'000;
+  const auto data = test::patterned_batches(c, 3, kBatch, kSeq, 2, 5, 11);
+  auto config = [&](const std::string& run) {
+    fs::create_directories(tmp / run);  // the run directory holds its seed log (train makes it first)
+    SessionConfig s;
+    s.offload = OffloadMode::all;
+    s.window = 2;
+    s.max_batch = kBatch;
+    s.max_seq = kSeq;
+    s.run_seed = 7;
+    s.threads = 1;
+    s.seed_log = tmp / run / kRunSeedLog;
+    s.base_model = (tmp / "model").string();
+    if (disk) {
+      const Placement p = plan_placement(c, plan_request(c, s, DeviceKind::cpu, std::size_t{1} << 30));
+      const std::size_t globals = p.host_bytes - static_cast<std::size_t>(c.num_layers) * p.block_bytes;
+      s.host_mem = globals + 2 * p.block_bytes;  // the staging buffers: every block on disk
+      s.disk_staging = 2;
+      s.disk_dir = tmp / (run + "-blocks");
+    }
+    return s;
+  };
+  auto enqueue = [&](Session& s, std::int64_t t) {
+    return s.step_async(data[static_cast<std::size_t>(t) % data.size()], 3e-3f, 1e-3f, 0.0f);
+  };
+  {
+    Session s(tmp / "model", config("ref"));
+    for (int t = 0; t < kSteps; ++t) s.wait(enqueue(s, t));
+    s.save(tmp / "ref", DType::f32, kShard);
+  }
+  const fs::path run = tmp / "run";
+  {
+    Session s(tmp / "model", config("run"));
+    if (disk) {
+      ASSERT_NE(s.store().disk(), nullptr);
+    }
+    for (int t = 0; t < kSaved; ++t) s.wait(enqueue(s, t));
+    s.save(run, DType::f32, kShard);
+    s.set_result_hook([](const StepResult& r) {
+      if (r.step == kFails) throw Error(ErrorKind::io, "cannot write the progress: Broken pipe");
+    });
+    // Read a step behind, as train does: step kFails + 1 is running when kFails's hook throws.
+    std::int64_t prev = -1;
+    bool threw = false;
+    for (int t = kSaved; t < kSteps && !threw; ++t) {
+      const std::int64_t id = enqueue(s, t);
+      if (prev >= 0) {
+        try {
+          s.wait(prev);
+        } catch (const Error& e) {
+          threw = true;
+          EXPECT_TRUE(has_text(e, "Broken pipe")) << e.what();
+          EXPECT_EQ(prev, kFails);
+        }
+      }
+      prev = id;
+    }
+    ASSERT_TRUE(threw);
+    // No step after it, and no checkpoint of weights the log does not reach.
+    const Error refused = error_of([&] { enqueue(s, kFails + 2); });
+    EXPECT_TRUE(has_text(refused, "stopped before step 5")) << refused.what();
+    const Error not_saved = error_of([&] { s.save(run, DType::f32, kShard); });
+    EXPECT_TRUE(has_text(not_saved, "not saved at step 6")) << not_saved.what();
+    EXPECT_TRUE(has_text(not_saved, "Broken pipe")) << not_saved.what();
+  }  // ~Session collects step kFails + 1: without a line
+  const SeedLog log = SeedLog::read(run / kRunSeedLog);
+  ASSERT_EQ(log.entries.size(), static_cast<std::size_t>(kFails)) << read_text(run / kRunSeedLog);
+  for (int i = 0; i < kFails; ++i) EXPECT_EQ(log.entries[static_cast<std::size_t>(i)].step, i);
+  EXPECT_EQ(open_checkpoint(run).step, kSaved);
+  {
+    // The resume: from the checkpoint, its log cut back to it, the lost steps run again.
+    SessionConfig cfg = config("run");
+    cfg.seed_log_append = true;
+    cfg.first_step = kSaved;
+    Session s(run, cfg);
+    for (int t = kSaved; t < kSteps; ++t) s.wait(enqueue(s, t));
+    s.save(run, DType::f32, kShard);
+  }
+  const SeedLog resumed = SeedLog::read(run / kRunSeedLog), ref = SeedLog::read(tmp / "ref" / kRunSeedLog);
+  ASSERT_EQ(resumed.entries.size(), ref.entries.size());
+  for (std::size_t i = 0; i < ref.entries.size(); ++i) {
+    EXPECT_EQ(resumed.entries[i].step, ref.entries[i].step);
+    EXPECT_EQ(resumed.entries[i].seed, ref.entries[i].seed);
+    EXPECT_EQ(resumed.entries[i].g, ref.entries[i].g) << "step " << i;
+  }
+  EXPECT_EQ(read_text(run / "model.safetensors"), read_text(tmp / "ref" / "model.safetensors"));
+}
+
+TEST(SessionLog, AResultHookThatThrowsEndsTheSeedLogBeforeItsStepAndTheRunResumes) { hook_failure_ends_the_log(false); }
+
+TEST(SessionLog, AResultHookThatThrowsWithADiskTierNeitherHangsNorLosesTheResume) { hook_failure_ends_the_log(true); }
 
 TEST(RunDir, OneWriterAtATime) {
   test::TempDir tmp;

@@ -14,7 +14,11 @@
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+#include <fcntl.h>
 #include <unistd.h>
+
+#include <csignal>
+#include <system_error>
 
 #include <cerrno>
 #include <charconv>
@@ -609,6 +613,50 @@ std::string format_duration(double s) {
   if (total < 60) return fmt::format("{}s", total);
   if (total < 3600) return fmt::format("{}m{:02}s", total / 60, total % 60);
   return fmt::format("{}h{:02}m", total / 3600, (total % 3600) / 60);
+}
+
+namespace {
+bool g_stdout_error_said = false;  // describe_error named the standard output already
+bool g_stdout_closed = false;      // fd 1 was closed at the start (open_standard_streams)
+}  // namespace
+
+void open_standard_streams() noexcept {
+  // Note [Standard streams]. (fcntl: whether the descriptor is open; open returns the lowest
+  // free number, which is the closed one since the lower ones are open by now.)
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (::fcntl(fd, F_GETFD) != -1 || errno != EBADF) continue;
+    if (fd == 1) g_stdout_closed = true;
+    const int flags = fd == 2 ? O_WRONLY : O_RDONLY;  // stdout read-only: its writes still fail
+    const int got = ::open("/dev/null", flags);
+    if (got >= 0 && got != fd) {
+      ::dup2(got, fd);
+      ::close(got);
+    }
+  }
+  std::signal(SIGPIPE, SIG_IGN);
+  std::signal(SIGXFSZ, SIG_IGN);
+}
+
+int finish_stdout(const char* program, int rc) noexcept {
+  errno = 0;
+  const bool flushed = std::fflush(stdout) == 0;
+  const int e = errno;
+  if (flushed && !std::ferror(stdout)) return rc;
+  if (!g_stdout_error_said)
+    print_stderr("{}: error: cannot write the standard output: {}\n", program,
+                 g_stdout_closed           ? "it was closed when the program started"
+                 : !flushed && e != 0 ? std::strerror(e)
+                                      : "a write failed, so the output is incomplete");
+  return rc == 0 ? 1 : rc;
+}
+
+std::string describe_error(const std::exception& e) {
+  const auto* se = dynamic_cast<const std::system_error*>(&e);
+  if (se && std::ferror(stdout) && !dynamic_cast<const std::filesystem::filesystem_error*>(&e)) {
+    g_stdout_error_said = true;
+    return fmt::format("cannot write the standard output: {}", se->code().message());
+  }
+  return e.what();
 }
 
 }  // namespace zo2::cli

@@ -11,6 +11,7 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdint>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -213,5 +214,29 @@ void ensure_writable_dir(const std::filesystem::path& dir);
 
 bool stderr_is_terminal();
 std::string format_duration(double seconds);
+
+// Note [Standard streams]
+//   zo2-tune and zo2-bench call open_standard_streams() first thing in main:
+//   - fds 0, 1 and 2 are made open: a program started with one closed (`2>&-`) hands that
+//     number to the next file it opens, and what it then says on stderr lands in that file
+//     (a run directory's zo2.lock got the progress lines over its pid). A closed stdin or
+//     stderr becomes /dev/null: nothing to read; what is said is discarded, as the user
+//     asked. A closed stdout becomes /dev/null opened read-only, so writing to it still fails
+//     (EBADF) as the closed descriptor did: a command whose output is its product
+//     (tokenize, eval --json, generate) reports the lost output and exits 1, and one that
+//     writes nothing to stdout succeeds (finish_stdout);
+//   - SIGPIPE and SIGXFSZ are ignored in every subcommand: a pipe whose reader exited and a
+//     file past `ulimit -f` come back from the write as EPIPE and EFBIG, which the writer
+//     reports naming the file (and a failed save removes its temporary files) — not a death
+//     by signal that says nothing and leaves them behind.
+void open_standard_streams() noexcept;
+// At the end of main: stdout flushed; if any write to it failed (a full disk, a pipe whose
+// reader exited, a closed stdout), "PROGRAM: error: cannot write the standard output: REASON"
+// on stderr and 1 (or `rc` when the command had failed already). Otherwise `rc`.
+int finish_stdout(const char* program, int rc) noexcept;
+// The message for an exception that ends PROGRAM: its what(), or — when it is fmt's failed
+// write to stdout (fmt::print throws std::system_error) — one naming the standard output,
+// which finish_stdout then does not repeat.
+std::string describe_error(const std::exception& e);
 
 }  // namespace zo2::cli

@@ -4,6 +4,7 @@
 // before a long run.
 #include "models/config.h"
 #include "runtime/error.h"
+#include "runtime/log.h"
 #include "api/run_dir.h"
 #include "tools/cli.h"
 #include "tools/dataset.h"
@@ -33,7 +34,7 @@ Runner add_data(CLI::App& app) {
     const ModelConfig config = ModelConfig::load(o->model);
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, o->model);
     const Dataset data = Dataset::load(o->data, config, tokenizer.get(), o->data_flags.options());
-    fmt::print(stderr, "{}\n", data.describe());
+    print_stderr("{}\n", data.describe());  // (never throws: a closed stderr loses only this)
     for (std::int64_t i = 0; i < std::min(o->show, data.size()); ++i) {
       const Example& e = data.example(i);
       nlohmann::json cands = nlohmann::json::array();

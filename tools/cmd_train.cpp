@@ -199,15 +199,18 @@ std::vector<std::string> keep_run_flags(Opts& o, const CLI::App& app, const Stat
   return kept;
 }
 
-// One line of progress: a rewritten status line on a terminal, plain lines otherwise.
+// One line of progress: a rewritten status line on a terminal, plain lines otherwise. A line
+// that cannot be written (stderr full, or a pipe whose reader exited) ends the progress:
+// failure() says why, and train stops after the step, saved, as for a --log-json record.
 class Progress {
  public:
   Progress(std::int64_t total, std::int64_t every)
       : total_(total), every_(every), tty_(stderr_is_terminal()), quiet_(log_level() > LogLevel::info) {}
+  const std::string& failure() const { return failure_; }
   // disk_gbps < 0: no disk tier.
   void report(const StepResult& r, double step_s, double tok_s, double elapsed, std::size_t peak,
               double pcie_gbps, double disk_gbps, std::int64_t done) {
-    if (quiet_) return;
+    if (quiet_ || !failure_.empty()) return;
     const float loss = 0.5f * (r.loss_plus + r.loss_minus);
     smooth_ = n_ == 0 ? loss : 0.9 * smooth_ + 0.1 * loss;
     ++n_;
@@ -219,21 +222,25 @@ class Progress {
         format_bytes(static_cast<double>(peak)), pcie_gbps,
         disk_gbps >= 0 ? fmt::format(" | disk {:.2f} GB/s", disk_gbps) : std::string(),
         r.update_skipped ? " | update skipped" : "");
-    if (tty_) {
-      fmt::print(stderr, "\r\033[K{}", line);
-      if (r.step + 1 == total_) fmt::print(stderr, "\n");
-      std::fflush(stderr);
-    } else if ((r.step + 1) % every_ == 0 || r.step + 1 == total_ || r.step == 0) {
-      fmt::print(stderr, "{}\n", line);
-    }
+    if (tty_)
+      put(fmt::format("\r\033[K{}{}", line, r.step + 1 == total_ ? "\n" : ""));
+    else if ((r.step + 1) % every_ == 0 || r.step + 1 == total_ || r.step == 0)
+      put(line + "\n");
   }
   void newline() {
-    if (tty_ && !quiet_) fmt::print(stderr, "\n");
+    if (tty_ && !quiet_ && failure_.empty()) put("\n");
   }
 
  private:
+  void put(const std::string& text) {
+    if (write_stderr(text)) return;
+    const int e = errno;
+    failure_ = fmt::format("the progress output (stderr) cannot be written ({}{})", std::strerror(e),
+                           e == EPIPE ? ": the program reading it exited" : "");
+  }
   std::int64_t total_, every_;
   bool tty_, quiet_;
+  std::string failure_;
   double smooth_ = 0;
   std::int64_t n_ = 0;
 };
@@ -368,7 +375,8 @@ Runner add_train(CLI::App& app) {
     g_stop_signal.store(0);
     set_train_stop_reason("");
     // A --log-json pipe whose reader went away (tee, a collector) is a write error that stops
-    // the run after its step, saved — not a SIGPIPE that ends it with nothing saved.
+    // the run after its step, saved — not a SIGPIPE that ends it with nothing saved. (main
+    // ignores it already, Note [Standard streams]; Python's in-process train comes here.)
     std::signal(SIGPIPE, SIG_IGN);
     check_flags();
     const bool writer = comm.rank() == 0;  // rank 0 writes --out, the logs and the progress
@@ -1017,6 +1025,7 @@ Runner add_train(CLI::App& app) {
     // A record that cannot be written (a full disk) stops the run after this step: saved, then
     // exit 1 naming it, never a log that silently ends. The torn record is cut off the file.
     std::string log_failure;
+    int log_failure_errno = 0;
     // Tests only (tests/fault/records.sh): SIGKILL right after the record "eval:N" (the
     // evaluation after step N) or "step:N" is written, ZO2_TEST_KILL_AFTER_RECORD.
     const std::string kill_after_record = std::getenv("ZO2_TEST_KILL_AFTER_RECORD") ? std::getenv("ZO2_TEST_KILL_AFTER_RECORD") : "";
@@ -1047,9 +1056,11 @@ Runner add_train(CLI::App& app) {
         const std::string what = j.contains("step") ? fmt::format("step {}'s record", j["step"].dump())
                                                     : fmt::format("the record of the evaluation after step {}",
                                                                   j.value("eval_after_step", json()).dump());
-        log_failure = fmt::format("{} {}: cannot write {} ({}); the log has no records from there on",
+        log_failure_errno = e;
+        log_failure = fmt::format("{} {}: cannot write {} ({}{}); the log has no records from there on",
                                   is_log ? "--log-json" : "--records", file, what,
-                                  e != 0 ? std::strerror(e) : "a write error");
+                                  e != 0 ? std::strerror(e) : "a write error",
+                                  e == EPIPE ? ": the program reading it exited" : "");
         log_warn("{}: the run stops after this step", log_failure);
       }
     };
@@ -1234,8 +1245,9 @@ Runner add_train(CLI::App& app) {
     // but not at the same instant) stops every rank after the same step.
     auto stop_requested = [&] {
       const int local = g_stop_signal.load();
-      if (comm.size() == 1) return local != 0 || !log_failure.empty();
-      const double mine = local != 0 ? local : log_failure.empty() ? 0 : -1;  // -1: rank 0's log failed
+      const bool output_failed = !log_failure.empty() || !progress.failure().empty();
+      if (comm.size() == 1) return local != 0 || output_failed;
+      const double mine = local != 0 ? local : output_failed ? -1 : 0;  // -1: rank 0's log or progress failed
       const std::vector<double> all = comm.all_gather(std::span<const double>(&mine, 1), "the stop flags");
       bool any = false;
       for (double v : all)
@@ -1380,10 +1392,18 @@ Runner add_train(CLI::App& app) {
            next, skipped_in_a_row, last_skipped.step + 1, last_skipped.loss_plus, last_skipped.loss_minus, skipped,
            completed, out.string());
     if (!log_failure.empty())
-      fail(ErrorKind::io,
-           "{}. Stopped after step {} and saved to {}; resume it once the disk has room (the records of the steps "
-           "up to {} stay missing from the log)",
-           log_failure, next, out.string(), next);
+      fail(ErrorKind::io, "{}. Stopped after step {} and saved to {}; {} (the records of the steps up to {} stay missing "
+           "from the log)",
+           log_failure, next, out.string(),
+           log_failure_errno == EPIPE ? "resume it with --resume once a program reads the log"
+           : log_failure_errno == ENOSPC || log_failure_errno == EDQUOT || log_failure_errno == EFBIG
+               ? "resume it once the disk has room"
+               : "resume it once the log can be written",
+           next);
+    // (this message itself may be lost with the progress: the exit status 1 says it)
+    if (!progress.failure().empty())
+      fail(ErrorKind::io, "{}. Stopped after step {} and saved to {}; resume it with --resume {} --out {}",
+           progress.failure(), next, out.string(), out.string(), out.string());
     if (skipped > 0)
       log_warn("{} of the {} steps run had a non-finite projected gradient; their updates were skipped", skipped,
                completed);
@@ -1402,7 +1422,7 @@ Runner add_train(CLI::App& app) {
     o->binding = bind_rank(comm->local_rank(), comm->local_size(),
                            cuda ? cuda_pci_bus_ids() : std::vector<std::string>{}, /*apply=*/true);
     if (log_level() <= LogLevel::info)
-      fmt::print(stderr, "[rank {}/{}] {}\n", comm->rank(), comm->size(), o->binding->describe());
+      print_stderr("[rank {}/{}] {}\n", comm->rank(), comm->size(), o->binding->describe());
     if (comm->rank() != 0 && log_level() < LogLevel::warn) log_set_level(LogLevel::warn);
     // Note [Rank faults]: an error on any rank ends every rank (never a hang).
     int code = 1;
@@ -1411,10 +1431,10 @@ Runner add_train(CLI::App& app) {
       comm->barrier("the end of the run");
       return rc;
     } catch (const Error& e) {
-      fmt::print(stderr, "zo2-tune: error: rank {} of {}: {}\n", comm->rank(), comm->size(), e.what());
+      print_stderr("zo2-tune: error: rank {} of {}: {}\n", comm->rank(), comm->size(), e.what());
       code = e.kind() == ErrorKind::invalid_argument ? 2 : 1;
     } catch (const std::exception& e) {
-      fmt::print(stderr, "zo2-tune: error: rank {} of {}: {}\n", comm->rank(), comm->size(), e.what());
+      print_stderr("zo2-tune: error: rank {} of {}: {}\n", comm->rank(), comm->size(), e.what());
     }
     std::fflush(stderr);
     comm->abort(code);

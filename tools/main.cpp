@@ -27,9 +27,7 @@ std::string repeated_flag(const CLI::App& app) {
   return "";
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run_main(int argc, char** argv) {
   CLI::App app{"zo2-tune: zeroth-order (MeZO) fine-tuning of OPT, LLaMA, Qwen2/3, Mistral and Gemma 3 models with "
                "blocks streamed through a capped GPU window"};
   app.require_subcommand(1);
@@ -63,14 +61,14 @@ int main(int argc, char** argv) {
     // the user just added (a script that appends `--batch-size 1000000000` to a command that
     // already has one sees "--batch-size: ... received 2"). Say what happened instead.
     if (const std::string repeated = repeated_flag(app); !repeated.empty()) {
-      fmt::print(stderr, "zo2-tune: error: {}\n", repeated);
+      zo2::print_stderr("zo2-tune: error: {}\n", repeated);
       return 2;
     }
     return app.exit(e) == 0 ? 0 : 2;
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;  // --help and --version succeed; usage errors exit 2
   } catch (const zo2::Error& e) {
-    fmt::print(stderr, "zo2-tune: error: {}\n", e.what());
+    zo2::print_stderr("zo2-tune: error: {}\n", e.what());
     return 2;
   }
   zo2::log_set_level(verbose ? zo2::LogLevel::debug : quiet ? zo2::LogLevel::warn : zo2::LogLevel::info);
@@ -87,11 +85,20 @@ int main(int argc, char** argv) {
       return run();
     }
   } catch (const zo2::Error& e) {
-    fmt::print(stderr, "zo2-tune: error: {}\n", e.what());
+    // (print_stderr never throws: a throw in a handler would end the process in std::terminate)
+    zo2::print_stderr("zo2-tune: error: {}\n", e.what());
     return e.kind() == zo2::ErrorKind::invalid_argument ? 2 : 1;
   } catch (const std::exception& e) {
-    fmt::print(stderr, "zo2-tune: error: {}\n", e.what());
+    zo2::print_stderr("zo2-tune: error: {}\n", zo2::cli::describe_error(e));
     return 1;
   }
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  zo2::cli::open_standard_streams();  // Note [Standard streams]: before any file is opened
+  const int rc = run_main(argc, argv);
+  return zo2::cli::finish_stdout("zo2-tune", rc);
 }

@@ -268,8 +268,15 @@ double emulated_link_bytes_per_s() {
   if (env == nullptr || *env == '\0') return 0.0;
   char* end = nullptr;
   const double gbps = std::strtod(env, &end);
+  // A floor of 1 kB/s: below it a copy's time (bytes / rate) overflows the clock's
+  // duration (1e-300 GB/s made it an undefined double → int64 conversion), and no study of
+  // the link needs a rate that slow.
+  constexpr double kMinGbps = 1e-6;
   if (end == env || *end != '\0' || !(gbps > 0) || !std::isfinite(gbps))
     fail(ErrorKind::invalid_argument, "ZO2_CPU_LINK_GBPS='{}': expected a rate in GB/s above 0 (e.g. 25)", env);
+  if (gbps < kMinGbps)
+    fail(ErrorKind::invalid_argument, "ZO2_CPU_LINK_GBPS='{}': below the slowest emulated link, {} GB/s (1 kB/s)", env,
+         kMinGbps);
   return gbps * 1e9;
 }
 
