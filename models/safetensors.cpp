@@ -40,6 +40,7 @@
 #include <unordered_set>
 
 #include "runtime/error.h"
+#include "runtime/file_util.h"
 #include "runtime/log.h"
 
 namespace zo2 {
@@ -213,100 +214,6 @@ std::string read_text_file(const fs::path& path, std::string_view what) {
   if (in.bad()) fail(ErrorKind::io, "cannot read {} '{}'", what, path.string());
   return std::move(ss).str();
 }
-
-// ---------------------------------------------------------------------------------------
-// Atomic file creation: temp file beside the target, mapped, synced, renamed.
-
-class AtomicFile {
- public:
-  explicit AtomicFile(const fs::path& target) : target_(target) {
-    fs::path dir = target.parent_path();
-    if (dir.empty()) dir = ".";
-    const std::string base = target.filename().string();
-    if (base.empty() || base == "." || base == "..")
-      fail(ErrorKind::invalid_argument, "cannot write '{}': not a file name", target.string());
-    static std::atomic<std::uint64_t> counter{0};
-    std::random_device rd;
-    for (int attempt = 0;; ++attempt) {
-      // ".NAME.tmp.PID.N.RANDOM", beside the target (the rename stays in one filesystem).
-      // A NAME near NAME_MAX (a legal 252-byte --out) would make it too long: NAME is cut
-      // (at a UTF-8 character's start) — the pid, counter and random part keep it unique, and
-      // the ".tmp" in it keeps it recognizable as a leftover (clean_run_dir).
-      const std::string suffix = fmt::format(".tmp.{}.{}.{:08x}", ::getpid(), counter++, rd());
-      std::string stem = base;
-      if (1 + stem.size() + suffix.size() > NAME_MAX) {
-        std::size_t keep = NAME_MAX - 1 - suffix.size();
-        while (keep > 0 && (static_cast<unsigned char>(stem[keep]) & 0xC0) == 0x80) --keep;
-        stem.resize(keep);
-      }
-      tmp_ = dir / ("." + stem + suffix);
-      fd_ = ::open(tmp_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-      if (fd_ >= 0) break;
-      const int e = errno;
-      if (e != EEXIST || attempt > 100)
-        fail(ErrorKind::io, "cannot write '{}': cannot create a temp file in '{}': {}",
-             target.string(), dir.string(), errno_message(e));
-    }
-  }
-  ~AtomicFile() {
-    if (map_) ::munmap(map_, size_);
-    if (fd_ >= 0) ::close(fd_);
-    if (!committed_) ::unlink(tmp_.c_str());
-  }
-  AtomicFile(const AtomicFile&) = delete;
-  AtomicFile& operator=(const AtomicFile&) = delete;
-
-  // Sizes the file and maps it writable. size > 0.
-  std::span<std::byte> map(std::uint64_t size) {
-    ZO2_CHECK(size > 0 && !map_);
-    if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) io_fail("ftruncate", errno);
-    // Reserve the blocks now: running out of space while writing through a mapping is a
-    // SIGBUS, not an error code. Filesystems without fallocate just skip this.
-    if (int e = ::posix_fallocate(fd_, 0, static_cast<off_t>(size)); e != 0) {
-      if (e != EINVAL && e != EOPNOTSUPP) io_fail("fallocate", e);
-    }
-    void* m = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
-    if (m == MAP_FAILED) io_fail("mmap", errno);
-    map_ = m;
-    size_ = size;
-    return {static_cast<std::byte*>(m), static_cast<std::size_t>(size)};
-  }
-
-  void commit() {
-    if (map_) {
-      if (::msync(map_, size_, MS_SYNC) != 0) io_fail("msync", errno);
-      ::munmap(map_, size_);
-      map_ = nullptr;
-    }
-    if (::fsync(fd_) != 0) io_fail("fsync", errno);
-    const int fd = fd_;
-    fd_ = -1;
-    if (::close(fd) != 0) io_fail("close", errno);
-    if (::rename(tmp_.c_str(), target_.c_str()) != 0) io_fail("rename", errno);
-    committed_ = true;
-    // Make the rename durable. Some filesystems refuse fsync on a directory: not an error.
-    fs::path dir = target_.parent_path();
-    if (dir.empty()) dir = ".";
-    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-      if (::fsync(dfd) != 0 && errno != EINVAL && errno != EROFS)
-        log_warn("fsync of directory '{}' failed: {}", dir.string(), errno_message(errno));
-      ::close(dfd);
-    }
-  }
-
- private:
-  [[noreturn]] void io_fail(const char* op, int e) {
-    fail(ErrorKind::io, "cannot write '{}': {} failed: {}", target_.string(), op,
-         errno_message(e));
-  }
-
-  fs::path target_, tmp_;
-  int fd_ = -1;
-  void* map_ = nullptr;
-  std::uint64_t size_ = 0;
-  bool committed_ = false;
-};
 
 void write_text_atomic(const fs::path& path, std::string_view text) {
   AtomicFile f(path);
@@ -924,14 +831,12 @@ void write_safetensors_sharded(const fs::path& dir, std::span<const TensorToWrit
   }
 
   // The new checkpoint is complete: remove what is left of an older save — its files, and
-  // the temporaries of a writer that was killed (".<name>.tmp.<pid>.…" of a pid now gone).
+  // the temporaries of a writer that was killed (Note [Temp files] in runtime/file_util.h).
   for (const auto& de : fs::directory_iterator(dir, ec)) {
     const std::string name = de.path().filename().string();
-    if (const auto t = name.find(".tmp."); name.starts_with(".") && t != std::string::npos &&
-                                           is_hf_checkpoint_file(name.substr(1, t - 1))) {
-      const long pid = std::strtol(name.c_str() + t + 5, nullptr, 10);
+    if (name.starts_with(".")) {
       std::error_code rec;
-      if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH && de.is_regular_file(rec))
+      if (const auto of = abandoned_temp_target(name); of && is_hf_checkpoint_file(*of) && de.is_regular_file(rec))
         fs::remove(de.path(), rec);
       continue;
     }

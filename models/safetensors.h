@@ -146,7 +146,7 @@ struct TensorToWrite {
 // dim or an overflow.
 std::uint64_t safetensors_tensor_nbytes(DType dtype, std::span<const std::int64_t> shape);
 
-// Writes one file atomically: a temp file in the same directory (".<name>.tmp.<unique>"),
+// Writes one file atomically (runtime/file_util.h, Note [Temp files]): a temp file beside it,
 // ftruncate + fallocate, mmap, header (compact JSON: "__metadata__" first if not empty, then
 // the tensors in the given order; padded with spaces to a multiple of 8), the tensor data
 // contiguously in the given order (in parallel), msync/fsync, rename over `path`, fsync of

@@ -1,46 +1,181 @@
 #include "runtime/file_util.h"
 
 #include "runtime/error.h"
+#include "runtime/log.h"
 
+#include <atomic>
 #include <cerrno>
+#include <climits>
+#include <csignal>
 #include <cstring>
 #include <fcntl.h>
+#include <random>
+#include <sys/mman.h>
 #include <system_error>
 #include <unistd.h>
 
 namespace zo2 {
+namespace fs = std::filesystem;
 
-void write_file_atomic(const std::filesystem::path& path, std::string_view contents) {
-  const std::filesystem::path tmp = path.string() + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) fail(ErrorKind::io, "{}: cannot write: {}", tmp.string(), std::strerror(errno));
-  auto give_up = [&](const char* what, int err) {
-    ::close(fd);
-    std::error_code ec;
-    std::filesystem::remove(tmp, ec);
-    fail(ErrorKind::io, "{}: {} failed: {}", tmp.string(), what, std::strerror(err));
-  };
+namespace {
+
+std::string errno_message(int e) { return std::system_category().message(e); }
+
+// 8 hex digits of an FNV-1a hash of the host name (Note [Temp files]).
+const std::string& host_tag() {
+  static const std::string tag = [] {
+    char name[HOST_NAME_MAX + 1] = {};
+    if (::gethostname(name, sizeof name - 1) != 0) name[0] = '\0';
+    std::uint32_t h = 2166136261u;
+    for (const char* c = name; *c; ++c) h = (h ^ static_cast<unsigned char>(*c)) * 16777619u;
+    return fmt::format("{:08x}", h);
+  }();
+  return tag;
+}
+
+// The temp name for `base` with the given unique suffix, `base` cut to fit NAME_MAX.
+std::string temp_name(std::string_view base, std::string_view suffix) {
+  std::string stem(base);
+  if (1 + stem.size() + suffix.size() > NAME_MAX) {
+    std::size_t keep = NAME_MAX - 1 - suffix.size();
+    while (keep > 0 && (static_cast<unsigned char>(stem[keep]) & 0xC0) == 0x80) --keep;
+    stem.resize(keep);
+  }
+  return "." + stem + std::string(suffix);
+}
+
+}  // namespace
+
+AtomicFile::AtomicFile(const fs::path& target) : target_(target) {
+  fs::path dir = target.parent_path();
+  if (dir.empty()) dir = ".";
+  const std::string base = target.filename().string();
+  if (base.empty() || base == "." || base == "..")
+    fail(ErrorKind::invalid_argument, "cannot write '{}': not a file name", target.string());
+  static std::atomic<std::uint64_t> counter{0};
+  std::random_device rd;
+  for (int attempt = 0;; ++attempt) {
+    const std::string suffix =
+        fmt::format(".tmp.{}-{}.{}.{:08x}", ::getpid(), host_tag(), counter++, rd());
+    tmp_ = dir / temp_name(base, suffix);
+    fd_ = ::open(tmp_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd_ >= 0) break;
+    const int e = errno;
+    if (e != EEXIST || attempt > 100)
+      fail(ErrorKind::io, "cannot write '{}': cannot create a temp file in '{}': {}", target.string(),
+           dir.string(), errno_message(e));
+  }
+}
+
+AtomicFile::~AtomicFile() {
+  if (map_) ::munmap(map_, size_);
+  if (fd_ >= 0) ::close(fd_);
+  if (!committed_) ::unlink(tmp_.c_str());
+}
+
+std::span<std::byte> AtomicFile::map(std::uint64_t size) {
+  ZO2_CHECK(size > 0 && !map_ && fd_ >= 0);
+  if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) io_fail("ftruncate", errno);
+  // Reserve the blocks now: running out of space while writing through a mapping is a
+  // SIGBUS, not an error code. Filesystems without fallocate just skip this.
+  if (int e = ::posix_fallocate(fd_, 0, static_cast<off_t>(size)); e != 0) {
+    if (e != EINVAL && e != EOPNOTSUPP) io_fail("fallocate", e);
+  }
+  void* m = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+  if (m == MAP_FAILED) io_fail("mmap", errno);
+  map_ = m;
+  size_ = size;
+  return {static_cast<std::byte*>(m), static_cast<std::size_t>(size)};
+}
+
+void AtomicFile::write(std::string_view bytes) {
+  ZO2_CHECK(!map_ && fd_ >= 0);
   std::size_t done = 0;
-  while (done < contents.size()) {
-    const ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(fd_, bytes.data() + done, bytes.size() - done);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) give_up("write", n < 0 ? errno : EIO);
+    if (n <= 0) io_fail("write", n < 0 ? errno : EIO);
     done += static_cast<std::size_t>(n);
   }
-  // On disk before the rename publishes it: a crash never leaves an empty file under `path`.
-  if (::fsync(fd) != 0) give_up("fsync", errno);
-  if (::close(fd) != 0) {
-    const int e = errno;
-    std::error_code ec;
-    std::filesystem::remove(tmp, ec);
-    fail(ErrorKind::io, "{}: close failed: {}", tmp.string(), std::strerror(e));
+}
+
+void AtomicFile::commit() {
+  ZO2_CHECK(fd_ >= 0);
+  if (map_) {
+    if (::msync(map_, size_, MS_SYNC) != 0) io_fail("msync", errno);
+    ::munmap(map_, size_);
+    map_ = nullptr;
   }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::error_code removed;  // its own code: the rename's reason is what the message says
-    std::filesystem::remove(tmp, removed);
-    fail(ErrorKind::io, "{}: cannot rename to {}: {}", tmp.string(), path.string(), ec.message());
+  // On disk before the rename publishes it: a crash never leaves an empty file under target.
+  if (::fsync(fd_) != 0) io_fail("fsync", errno);
+  const int fd = fd_;
+  fd_ = -1;
+  if (::close(fd) != 0) io_fail("close", errno);
+  if (::rename(tmp_.c_str(), target_.c_str()) != 0) io_fail("rename", errno);
+  committed_ = true;
+  // Make the rename durable. Some filesystems refuse fsync on a directory: not an error.
+  fs::path dir = target_.parent_path();
+  if (dir.empty()) dir = ".";
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    if (::fsync(dfd) != 0 && errno != EINVAL && errno != EROFS)
+      log_warn("fsync of directory '{}' failed: {}", dir.string(), errno_message(errno));
+    ::close(dfd);
+  }
+  remove_abandoned_temps(target_);
+}
+
+void AtomicFile::io_fail(const char* op, int e) {
+  fail(ErrorKind::io, "cannot write '{}': {} failed: {}", target_.string(), op, errno_message(e));
+}
+
+void write_file_atomic(const fs::path& path, std::string_view contents) {
+  AtomicFile f(path);
+  f.write(contents);
+  f.commit();
+}
+
+std::optional<std::string> abandoned_temp_target(std::string_view name) {
+  // ".<name>.tmp.<pid>-<host>.<n>.<random>" or, from 0.2.0 and older, ".<name>.tmp.<pid>.…"
+  const std::size_t t = name.rfind(".tmp.");
+  if (!name.starts_with(".") || t == std::string_view::npos || t < 2) return std::nullopt;
+  std::string_view rest = name.substr(t + 5);
+  std::uint64_t pid = 0;
+  std::size_t i = 0;
+  while (i < rest.size() && rest[i] >= '0' && rest[i] <= '9' && pid < (1u << 30))
+    pid = pid * 10 + static_cast<unsigned>(rest[i++] - '0');
+  if (i == 0 || pid == 0 || pid >= (1u << 30) || i == rest.size()) return std::nullopt;
+  if (rest[i] == '-') {
+    if (rest.substr(i + 1, 8) != host_tag() || rest.size() < i + 10 || rest[i + 9] != '.') return std::nullopt;
+  } else if (rest[i] != '.') {
+    return std::nullopt;
+  }
+  if (pid == static_cast<std::uint64_t>(::getpid())) return std::nullopt;
+  if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) return std::nullopt;  // alive, or not ours to tell
+  return std::string(name.substr(1, t - 1));
+}
+
+void remove_abandoned_temps(const fs::path& target) noexcept {
+  try {
+    fs::path dir = target.parent_path();
+    if (dir.empty()) dir = ".";
+    const std::string base = target.filename().string();
+    std::error_code ec;
+    for (const auto& de : fs::directory_iterator(dir, ec)) {
+      const std::string name = de.path().filename().string();
+      const auto of = abandoned_temp_target(name);
+      // The temp name may have cut the target's name (NAME_MAX).
+      if (!of || of->empty() || !base.starts_with(*of)) continue;
+      const std::size_t suffix = name.size() - 1 - of->size();
+      if (*of != base && 1 + base.size() + suffix <= NAME_MAX) continue;  // another file's
+      std::error_code rec;
+      if (!de.is_regular_file(rec)) continue;
+      if (fs::remove(de.path(), rec))
+        log_debug("removed '{}', left by a writer of '{}' that is gone", de.path().string(), target.string());
+      else if (rec)
+        log_debug("cannot remove '{}': {}", de.path().string(), rec.message());
+    }
+  } catch (...) {
   }
 }
 

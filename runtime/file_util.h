@@ -1,12 +1,66 @@
-// Writing small files so that a reader never sees half of one: write a temp file in the
-// same directory, flush, rename over the target. (Large tensors: models/safetensors.h.)
+// Writing files so that a reader never sees half of one: write a temp file in the same
+// directory, sync, rename over the target, sync the directory. Note [Temp files].
 #pragma once
+#include <cstddef>
+#include <cstdint>
 #include <filesystem>
+#include <optional>
+#include <span>
+#include <string>
 #include <string_view>
 
 namespace zo2 {
 
+// Note [Temp files]
+// A temp file is ".<name>.tmp.<pid>-<host>.<n>.<random>" beside its target (the rename
+// stays in one filesystem): <pid> and <host> (8 hex digits of a hash of the host name) say
+// who writes it, <n> and <random> keep two writers of one process, or of two processes,
+// apart (O_EXCL). A <name> near NAME_MAX is cut at a UTF-8 character's start so the whole
+// fits. A writer killed before its rename (kill -9, a power cut) leaves its temp file: the
+// next successful write of the same target removes those whose writer is gone — a pid of
+// this host that no longer runs — and never a live writer's, nor one of another host
+// sharing the directory (whose pids mean nothing here). Names without the "-<host>" part
+// come from zo2 0.2.0 and older and count as this host's.
+
+class AtomicFile {
+ public:
+  // Creates the temp file; throws Error(invalid_argument) when target has no file name,
+  // Error(io) naming the target and its directory when the temp cannot be created.
+  explicit AtomicFile(const std::filesystem::path& target);
+  ~AtomicFile();  // an uncommitted temp is removed
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  // Sizes the file (blocks reserved, so a full disk is an error here rather than a SIGBUS
+  // while writing) and maps it writable. size > 0; at most once.
+  std::span<std::byte> map(std::uint64_t size);
+  // Appends bytes with write(2) (for a file not mapped).
+  void write(std::string_view bytes);
+  // Syncs, renames over the target, syncs the directory, then removes the temp files of
+  // this target's killed writers. Throws Error(io) naming the target.
+  void commit();
+
+  const std::filesystem::path& temp_path() const { return tmp_; }
+
+ private:
+  [[noreturn]] void io_fail(const char* op, int e);
+
+  std::filesystem::path target_, tmp_;
+  int fd_ = -1;
+  void* map_ = nullptr;
+  std::uint64_t size_ = 0;
+  bool committed_ = false;
+};
+
 // Throws Error(io) naming the path; on failure the old file (if any) is untouched.
 void write_file_atomic(const std::filesystem::path& path, std::string_view contents);
+
+// When `name` (a directory entry's file name) is the temp file of a writer that is gone,
+// the file name it was writing (cut as the temp name cut it); else nullopt.
+std::optional<std::string> abandoned_temp_target(std::string_view name);
+
+// Removes, from target's directory, the temp files of target's writers that are gone.
+// Best effort: failures are logged at debug level.
+void remove_abandoned_temps(const std::filesystem::path& target) noexcept;
 
 }  // namespace zo2
