@@ -1023,7 +1023,16 @@ TEST(Data, MissingTokenizerAndOverlongTextsAreClearErrors) {
   EXPECT_EQ(cut[0]["sequences"][0]["ids"][0], *tok->bos_id());  // BOS stays
   EXPECT_EQ(cut[0]["sequences"][0]["scored"], "It was bad.");
   e = w.error("eval --model " + w.model.string() + " --data " + pc.string() + " --max-len 4");
-  EXPECT_NE(e.find("pc.jsonl:1: the scored part alone"), std::string::npos) << e;
+  EXPECT_NE(e.find("pc.jsonl:1: the scored part is 4 tokens; with at least one token of prompt before it and the "
+                   "tokenizer's 1 special token first it does not fit --max-len 4"),
+            std::string::npos)
+      << e;
+  // --max-len 1 leaves one token of a text: the flag is named, not the text (exit 2).
+  out.clear();
+  EXPECT_EQ(run("eval --model " + w.model.string() + " --data " + longf.string() + " --max-len 1", &out), 2) << out;
+  EXPECT_NE(out.find("long.jsonl:1: --max-len 1 leaves 1 token of the text: a sequence needs at least 2"),
+            std::string::npos)
+      << out;
 }
 
 TEST(Data, OptionTrainingRaisesAccuracyAndTheCheckpointCarriesTheTokenizer) {

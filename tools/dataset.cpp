@@ -931,8 +931,13 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
                  ids.size(), limit);
           if (scored + keep_prefix + 1 > limit)
             fail(ErrorKind::invalid_argument,
-                 "{}: the scored part alone is {} tokens; with the prompt it does not fit --max-len {}", loc,
-                 scored, limit);
+                 "{}: the scored part is {} token{}; with at least one token of prompt before it{} it does not "
+                 "fit --max-len {}",
+                 loc, scored, scored == 1 ? "" : "s",
+                 keep_prefix > 0 ? fmt::format(" and the tokenizer's {} special token{} first", keep_prefix,
+                                               keep_prefix == 1 ? "" : "s")
+                                 : "",
+                 limit);
           const auto drop = static_cast<std::int64_t>(ids.size()) - limit;
           ids.erase(ids.begin() + keep_prefix, ids.begin() + keep_prefix + drop);
           cut[i] = 1;
@@ -954,6 +959,11 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
           s.ids.resize(static_cast<std::size_t>(limit));
           cut[i] = 1;
         }
+        if (s.ids.size() < 2 && cut[i])
+          fail(ErrorKind::invalid_argument,
+               "{}:{}: --max-len {} leaves 1 token of the text: a sequence needs at least 2 (one to predict "
+               "from, one to predict)",
+               file.string(), r.line, limit);
         if (s.ids.size() < 2)
           fail(ErrorKind::format, "{}:{}: the text has fewer than 2 tokens, so nothing to predict", file.string(),
                r.line);
