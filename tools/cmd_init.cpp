@@ -17,6 +17,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <exception>
 #include <fstream>
 #include <memory>
 #include <optional>
@@ -83,6 +84,18 @@ Runner add_init(CLI::App& app) {
         fail(ErrorKind::io, "cannot save checkpoint '{}': it needs {}, but the file system has {} free",
              o->out, format_bytes(static_cast<double>(need)), format_bytes(static_cast<double>(sp.available)));
     }
+    // A directory this init creates goes again if the init fails (a full disk, ulimit -f): what
+    // is in it is this init's half-written checkpoint.
+    struct RemoveIfFailed {
+      std::filesystem::path dir;
+      int uncaught = std::uncaught_exceptions();
+      ~RemoveIfFailed() {
+        if (dir.empty() || std::uncaught_exceptions() == uncaught) return;
+        std::error_code ec;
+        std::filesystem::remove_all(dir, ec);
+      }
+    } remove_if_failed;
+    if (std::error_code ec; !std::filesystem::exists(o->out, ec) && !ec) remove_if_failed.dir = o->out;
     ensure_writable_dir(o->out);
     // --overwrite of a saved run layout (current → step-N): its weights would still be what
     // --model DIR opens, beside the new plain files. Removed under the directory's lock (a

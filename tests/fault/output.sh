@@ -69,8 +69,14 @@ else
   say "ulimit -f: train failed with 'File too large', its checkpoint kept, nothing left behind"
 fi
 (ulimit -f 16; "$T" -q init --preset opt-tiny --out small) 2>init.err && rc=0 || rc=$?
-if [ "$rc" != 1 ] || ! grep -q "File too large" init.err || ! no_temps small; then
-  bad "ulimit -f: init exit $rc, or temporary files left: $(cat init.err) $(ls -a small 2>/dev/null)"
+if [ "$rc" != 1 ] || ! grep -q "File too large" init.err || [ -e small ]; then
+  bad "ulimit -f: init exit $rc, or the directory it made is left: $(cat init.err) $(ls -a small 2>/dev/null)"
+fi
+# ... and a directory that was there before stays, with what it had.
+mkdir -p had && echo "notes" > had/notes.txt
+(ulimit -f 16; "$T" -q init --preset opt-tiny --out had) 2>init.err && rc=0 || rc=$?
+if [ "$rc" != 1 ] || ! no_temps had || [ "$(cat had/notes.txt)" != notes ]; then
+  bad "ulimit -f: init into an existing directory exit $rc, or it lost its files: $(cat init.err) $(ls -a had)"
 fi
 
 # 4. zo2-bench: its files on a full disk are errors naming them; stderr full or closed is not;
