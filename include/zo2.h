@@ -321,7 +321,9 @@ ZO2_API int zo2_session_step(zo2_session * s, const zo2_batch * b, zo2_step_resu
 // Mean token cross-entropy (nats) of the current weights on b, unperturbed. Applies the
 // pending update first (as save does); the step index is unchanged. Errors: as step (an
 // invalid argument, a batch with no target token included, changes nothing; a device
-// failure makes the session unusable).
+// failure makes the session unusable). Weights whose logits overflow (huge or non-finite
+// values, or a compute dtype too narrow for them) give a loss of NaN or +inf with 0
+// returned: the value is what the forward pass computed (`zo2-tune eval` refuses to report one).
 ZO2_API int zo2_session_eval(zo2_session * s, const zo2_batch * b, float * out_loss);
 
 // Per-position log-likelihoods of b under the current weights (what classification and

@@ -264,6 +264,28 @@ TEST_F(CApi, ACheckpointWithANanWeightIsRefusedByName) {
   zo2_model_free(m);
 }
 
+// Huge finite weights load; their logits overflow, and eval returns the non-finite loss it
+// computed with 0 (zo2.h): the host sees the value as it is.
+TEST_F(CApi, AnEvalWhoseLogitsOverflowReturnsANonFiniteLoss) {
+  const fs::path dir = *tmp_ / "huge-weight";
+  fs::remove_all(dir);
+  fs::copy(*model_dir_, dir);
+  for (std::int64_t i = 0; i < 8; ++i)
+    test::poke_safetensors(dir / "model.safetensors", "model.decoder.final_layer_norm.weight", i, 3e38f);
+  zo2_model* m = nullptr;
+  ASSERT_EQ(zo2_model_load(dir.c_str(), nullptr, &m), 0) << zo2_last_error();
+  zo2_session* s = nullptr;
+  zo2_session_params p = params();
+  p.training = 0;
+  ASSERT_EQ(zo2_session_init(m, &p, &s), 0) << zo2_last_error();
+  const zo2_batch b = batch();
+  float loss = 0;
+  EXPECT_EQ(zo2_session_eval(s, &b, &loss), 0) << zo2_last_error();
+  EXPECT_FALSE(std::isfinite(loss)) << loss;
+  zo2_session_free(s);
+  zo2_model_free(m);
+}
+
 TEST_F(CApi, BadPathsAreIoOrFormatErrors) {
   zo2_model* m = reinterpret_cast<zo2_model*>(0x1);
   const fs::path missing = *tmp_ / "no-such-model";

@@ -1337,7 +1337,8 @@ group_labels[g]; label only each option's tokens (-100 elsewhere).)doc")
       .def("eval",
            [](Session& S, py::object ids, py::object mask, py::object labels) { return S.eval(ids, mask, labels, nullptr); },
            py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none(),
-           "Mean token cross-entropy (nats) of the current weights on the batch, unperturbed (zo2_session_eval).")
+           "Mean token cross-entropy (nats) of the current weights on the batch, unperturbed (zo2_session_eval). "
+           "NaN or inf when the logits overflow (weights with huge or non-finite values): check math.isfinite.")
       .def("eval_choices",
            [](Session& S, py::object ids, py::object sizes, py::object glabels, py::object mask, py::object labels) {
              Choices c = make_choices(sizes, glabels);
