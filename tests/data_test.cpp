@@ -724,6 +724,18 @@ TEST(Data, TokenFilesWithBadLabelOrMaskValuesAreRefusedWhenLoaded) {
   const std::vector<std::int32_t> negative{-100, 6, 7, 8, -100, -1, 7, 8};
   e = w.error(token_file("n.safetensors", nullptr, &negative));
   EXPECT_NE(e.find("n.safetensors: label -1 at row 1, position 1 is outside"), std::string::npos) << e;
+  // An I64 value beyond 32 bits is named by row and position too.
+  {
+    std::vector<std::int64_t> wide(ids.begin(), ids.end());
+    wide[6] = std::int64_t{1} << 40;
+    std::vector<TensorToWrite> t{{"input_ids", DType::i64, {2, 4}, wide.data(), {}}};
+    write_safetensors(w.tmp / "wide.safetensors", std::span<const TensorToWrite>(t));
+    e = w.error("data --model " + w.model.string() + " --data " + (w.tmp / "wide.safetensors").string());
+    EXPECT_NE(e.find("wide.safetensors: tensor 'input_ids' value 1099511627776 at row 1, position 2 does not fit 32 "
+                     "bits"),
+              std::string::npos)
+        << e;
+  }
   const std::vector<std::int32_t> bad_mask{1, 2, 1, 1, 1, 1, 1, 0};
   e = w.error(token_file("m.safetensors", &bad_mask, nullptr));
   EXPECT_NE(e.find("m.safetensors: attention_mask value 2 at row 0, position 1 is not 0 or 1"), std::string::npos) << e;

@@ -466,8 +466,11 @@ std::vector<std::int32_t> as_int32(const SafetensorsFile& f, const TensorInfo& t
              f.path().string(), name, dtype_safetensors_name(t.dtype));
     }
     if (v < std::numeric_limits<std::int32_t>::min() || v > std::numeric_limits<std::int32_t>::max())
-      fail(ErrorKind::format, "{}: tensor '{}' value {} at index {} does not fit 32 bits", f.path().string(),
-           name, v, i);
+      fail(ErrorKind::format, "{}: tensor '{}' value {} at {} does not fit 32 bits", f.path().string(), name, v,
+           t.shape.size() == 2 && t.shape[1] > 0
+               ? fmt::format("row {}, position {}", i / static_cast<std::size_t>(t.shape[1]),
+                             i % static_cast<std::size_t>(t.shape[1]))
+               : fmt::format("index {}", i));
     out[i] = static_cast<std::int32_t>(v);
   }
   return out;
