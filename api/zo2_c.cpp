@@ -392,7 +392,7 @@ void check_weights(const std::filesystem::path& dir, const zo2::ModelConfig& c) 
   zo2::check_checkpoint_tensors(zo2::SafetensorsCheckpoint::open(dir), c, dir.string());
 }
 
-std::size_t physical_ram() { return zo2::physical_memory_bytes(); }
+std::size_t physical_ram() { return zo2::cpu_default_arena_bytes(); }  // the CPU arena without a cap
 
 }  // namespace
 

@@ -11,12 +11,15 @@
 #include <thread>
 #include <vector>
 
+#include <sys/resource.h>
 #include <unistd.h>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <limits>
 #include <string>
+#include <string_view>
+#include <utility>
 
 namespace zo2 {
 
@@ -100,6 +103,41 @@ std::size_t physical_memory_bytes() {
   const long pages = sysconf(_SC_PHYS_PAGES);
   const long page = sysconf(_SC_PAGE_SIZE);
   return pages > 0 && page > 0 ? static_cast<std::size_t>(pages) * static_cast<std::size_t>(page) : 0;
+}
+
+std::size_t address_space_headroom() {
+  // The current use of each limited quantity: VmSize for RLIMIT_AS, VmData for RLIMIT_DATA.
+  auto status_bytes = [](std::string_view key) -> std::size_t {
+    std::ifstream in("/proc/self/status");
+    std::string line;
+    while (std::getline(in, line))
+      if (line.starts_with(key)) return static_cast<std::size_t>(std::strtoull(line.c_str() + key.size(), nullptr, 10)) << 10;
+    return 0;
+  };
+  std::size_t headroom = SIZE_MAX;
+  for (const auto& [resource, key] : {std::pair{RLIMIT_AS, "VmSize:"}, std::pair{RLIMIT_DATA, "VmData:"}}) {
+    rlimit r{};
+    if (::getrlimit(resource, &r) != 0 || r.rlim_cur == RLIM_INFINITY) continue;
+    const std::size_t used = status_bytes(key);
+    const auto limit = static_cast<std::size_t>(r.rlim_cur);
+    headroom = std::min(headroom, limit > used ? limit - used : 0);
+  }
+  return headroom;
+}
+
+std::size_t kernel_threads_address_space(int threads) {
+  const auto n = static_cast<std::size_t>(threads > 0 ? threads : std::max(1u, std::thread::hardware_concurrency()));
+  return (n + kKernelCallingStreams) * kThreadAddressSpace;
+}
+
+std::size_t cpu_default_arena_bytes(int threads) {
+  std::size_t bytes = physical_memory_bytes();
+  if (bytes == 0) bytes = std::size_t{16} << 30;
+  const std::size_t headroom = address_space_headroom();
+  if (headroom == SIZE_MAX) return bytes;
+  const std::size_t kernels = kernel_threads_address_space(threads);
+  const std::size_t rest = headroom > kernels ? (headroom - kernels) / 2 : 0;
+  return std::min(bytes, rest & ~std::size_t{4095});
 }
 
 std::size_t host_memory_available() {

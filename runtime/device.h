@@ -192,9 +192,40 @@ class Device {
   virtual std::unique_ptr<DeviceGroup> make_group(std::unique_ptr<Comm> node);
 };
 
-// The machine's physical memory (sysconf), bytes; 0 when the system does not say. The CPU
-// backend's arena and the plans made for it without a cap use it.
+// The machine's physical memory (sysconf), bytes; 0 when the system does not say.
 std::size_t physical_memory_bytes();
+
+// Note [Address-space limits]
+// `ulimit -v` (RLIMIT_AS, an HPC scheduler's h_vmem) and `ulimit -d` (RLIMIT_DATA) cap the
+// address space a process may map, reserved or not. The CPU backend maps more than it
+// touches: its arena is one reservation (MAP_NORESERVE), by default the size of physical
+// memory; each thread that runs kernels gets a malloc arena (glibc reserves 64 MiB) and a
+// stack; and OpenBLAS maps a 128 MiB buffer for each thread that calls it at once — and when
+// that mmap fails it retries forever, so a run under a tight limit hung in its first GEMM.
+// (OpenBLAS's own thread pool, started when the library loads, takes a buffer per core too:
+// under a limit, OPENBLAS_NUM_THREADS=1 in the environment keeps it from starting. zo2 calls
+// OpenBLAS from its own threads, one GEMM each, and needs no pool. Debian's serial OpenBLAS
+// has no pool, but it is not safe to call from several threads at once: evaluations then
+// differed from run to run.) So the limit is read first
+// (address_space_headroom): each kernel thread's share (kThreadAddressSpace, for the kernel
+// threads and the streams' threads that call kernels too) is set aside, the default arena is
+// half of what remains (the other half for the host's weights and the rest), and a limit
+// that leaves too little is an error naming it, before any BLAS call.
+inline constexpr std::size_t kThreadAddressSpace = std::size_t{200} << 20;  // BLAS 128 + malloc 64 + stack 8 MiB
+inline constexpr int kKernelCallingStreams = 3;  // the scheduler's upload, compute and offload streams
+
+// The address space set aside for the kernels of `threads` kernel threads (0 = all cores).
+std::size_t kernel_threads_address_space(int threads);
+
+// What the address-space limits (RLIMIT_AS, RLIMIT_DATA) leave this process to map, bytes;
+// SIZE_MAX when neither is set.
+std::size_t address_space_headroom();
+
+// The CPU backend's arena when no cap is given, for `threads` kernel threads (0 = all
+// cores): physical memory, or less under an address-space limit (Note [Address-space
+// limits]); 0 when the limit leaves nothing for it. The CPU device and the plans made for
+// it without a cap use it.
+std::size_t cpu_default_arena_bytes(int threads = 0);
 
 // Host memory a new allocation can take without swapping: /proc/meminfo's MemAvailable;
 // ZO2_HOST_MEM_AVAILABLE (a size such as 64G) overrides it — to cap zo2's host memory below

@@ -5,7 +5,13 @@
 
 #include "tests/test_util.h"
 
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <fstream>
+#include <functional>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -21,7 +27,7 @@
 namespace zo2 {
 namespace {
 
-constexpr std::size_t KiB = 1024, MiB = 1024 * 1024;
+constexpr std::size_t KiB = 1024, MiB = 1024 * 1024, GiB = 1024 * MiB;
 
 // An arena over plain aligned host memory, so offsets can be checked exactly.
 struct TestArena {
@@ -313,6 +319,87 @@ TEST(FormatBytes, UsesBinaryUnitsWithTwoDecimals) {
   // format_bytes and parse_byte_size agree on what a unit is.
   EXPECT_EQ(parse_byte_size(format_bytes(static_cast<double>(parse_byte_size("18G")))),
             parse_byte_size("18G"));
+}
+
+}  // namespace
+}  // namespace zo2
+
+namespace zo2 {
+namespace {
+
+// Runs fn in a child process under an address-space limit `extra` bytes above what the
+// process maps now; the child's exit status is fn's result (0 = as expected), 99 when the
+// limit could not be set.
+int under_address_space_limit(std::size_t extra, const std::function<int()>& fn) {
+  const pid_t child = ::fork();
+  if (child == 0) {
+    const std::size_t used = [] {
+      std::ifstream in("/proc/self/status");
+      std::string line;
+      while (std::getline(in, line))
+        if (line.starts_with("VmSize:")) return static_cast<std::size_t>(std::stoull(line.substr(7))) << 10;
+      return std::size_t{0};
+    }();
+    rlimit r{};
+    ::getrlimit(RLIMIT_AS, &r);
+    r.rlim_cur = used + extra;
+    if (used == 0 || ::setrlimit(RLIMIT_AS, &r) != 0) ::_exit(99);
+    int rc = 98;
+    try {
+      rc = fn();
+    } catch (...) {
+    }
+    ::_exit(rc);
+  }
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+// Note [Address-space limits]: under `ulimit -v` the CPU device's default arena shrinks to
+// what the limit leaves, and a limit that leaves too little for its kernel threads is an
+// error naming it — before any BLAS call, whose buffer allocation would retry forever.
+TEST(Arena, TheCpuDeviceFitsItselfUnderAnAddressSpaceLimitOrSaysWhy) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__) || defined(ZO2_TSAN)
+  GTEST_SKIP() << "the sanitizers' shadow memory does not live under an address-space limit";
+#endif
+  EXPECT_EQ(address_space_headroom(), SIZE_MAX) << "the test process runs under an address-space limit already";
+  const std::size_t threads_share = kernel_threads_address_space(2);
+  // Room for two threads' share and a 1 GiB arena: the device holds about half a GiB.
+  EXPECT_EQ(under_address_space_limit(threads_share + 2 * GiB, [] {
+              const std::size_t headroom = address_space_headroom();
+              if (headroom == SIZE_MAX || headroom > 3 * GiB + kernel_threads_address_space(2)) return 1;
+              DeviceOptions o;
+              o.kind = DeviceKind::cpu;
+              o.threads = 2;
+              const std::size_t expected = cpu_default_arena_bytes(2);  // (before the device maps it)
+              auto dev = make_device(o);
+              const std::size_t cap = dev->arena().capacity();
+              if (cap > expected || cap + 16 * MiB < expected || cap < 512 * MiB || cap > 1100 * MiB) return 2;
+              return dev->arena().allocate(256 * MiB, "test").data() != nullptr ? 0 : 3;
+            }),
+            0);
+  // Too little: an out-of-memory error naming the limit, with or without a cap.
+  for (const std::size_t cap : {std::size_t{0}, 64 * MiB}) {
+    EXPECT_EQ(under_address_space_limit(threads_share / 2, [cap] {
+                DeviceOptions o;
+                o.kind = DeviceKind::cpu;
+                o.threads = 2;
+                o.mem_cap = cap;
+                try {
+                  make_device(o);
+                  return 1;
+                } catch (const Error& e) {
+                  const std::string m = e.what();
+                  return e.kind() == ErrorKind::out_of_memory && m.find("address-space limit (ulimit -v") != m.npos &&
+                                 m.find("--threads") != m.npos
+                             ? 0
+                             : 2;
+                }
+              }),
+              0)
+        << "cap " << cap;
+  }
 }
 
 }  // namespace

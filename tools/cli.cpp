@@ -569,7 +569,7 @@ void check_model_fits(const std::filesystem::path& model_dir, const ModelConfig&
 std::size_t planning_cap(const SessionConfig& sc) {
   if (sc.gpu_mem != 0) return sc.gpu_mem;
   if (parse_device(sc.device).kind == DeviceKind::cpu) {
-    if (const std::size_t bytes = physical_memory_bytes(); bytes > 0) return bytes;  // as the CPU arena is sized
+    if (const std::size_t bytes = cpu_default_arena_bytes(sc.threads); bytes > 0) return bytes;  // as the CPU arena is sized
   }
   return std::size_t{1} << 50;
 }

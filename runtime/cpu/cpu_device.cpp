@@ -1,6 +1,8 @@
 #include "runtime/cpu/cpu_device.h"
 
 #include "runtime/common.h"
+#include "runtime/device.h"
+#include "runtime/log.h"
 #include "runtime/cpu/cpu_kernels.h"
 #include "runtime/cpu/noise_simd.h"
 #include "runtime/ops.h"
@@ -291,7 +293,30 @@ class CpuDevice final : public Device {
           tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(o.threads));
     // Kernels split GEMMs across TBB themselves; OpenBLAS must not start its own threads.
     openblas_set_num_threads(1);
-    cap_ = o.mem_cap > 0 ? o.mem_cap : physical_memory();
+    // Note [Address-space limits] (runtime/device.h): checked before any BLAS call can hang.
+    if (const std::size_t headroom = address_space_headroom(); headroom != SIZE_MAX) {
+      const std::size_t kernels = kernel_threads_address_space(threads_);
+      const std::size_t arena = o.mem_cap > 0 ? o.mem_cap : cpu_default_arena_bytes(threads_);
+      constexpr std::size_t kLeast = std::size_t{64} << 20;  // a default arena smaller is no use
+      if (headroom < kernels + std::max(arena, kLeast))
+        fail(ErrorKind::out_of_memory,
+             "cpu device: the process's address-space limit (ulimit -v or -d) leaves {} to map; {} threads run "
+             "kernels ({} kernel threads and {} streams), and each needs {} of address space (a 128 MiB BLAS "
+             "buffer, a malloc arena, a stack): {}{}: raise the limit{}{}",
+             format_bytes(static_cast<double>(headroom)), threads_ + kKernelCallingStreams, threads_,
+             kKernelCallingStreams, format_bytes(static_cast<double>(kThreadAddressSpace)),
+             format_bytes(static_cast<double>(kernels)),
+             o.mem_cap > 0 ? fmt::format(", and the device memory {} more", format_bytes(static_cast<double>(o.mem_cap)))
+                           : fmt::format(", and the device memory at least {} more", format_bytes(static_cast<double>(kLeast))),
+             threads_ > 1 ? " or use fewer kernel threads (--threads)" : "",
+             std::getenv("OPENBLAS_NUM_THREADS") == nullptr
+                 ? "; and set OPENBLAS_NUM_THREADS=1, or OpenBLAS's own thread pool takes 128 MiB per core"
+                 : "");
+      if (o.mem_cap == 0 && arena < physical_memory())
+        log_info("cpu device: the address-space limit leaves {}: device memory {} (half of it after the kernel threads' share)",
+                 format_bytes(static_cast<double>(headroom)), format_bytes(static_cast<double>(arena)));
+    }
+    cap_ = o.mem_cap > 0 ? o.mem_cap : cpu_default_arena_bytes(threads_);
     // Reserve address space only: pages are committed when first touched.
     region_ = mmap(nullptr, std::max<std::size_t>(cap_, 4096), PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
