@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <charconv>
 #include <cmath>
 #include <fstream>
 #include <limits>
@@ -614,7 +615,9 @@ namespace {
 // 1e-05, not the double 9.999999747378752e-06 the float widens to.
 json float_spelling(float v) {
   if (!std::isfinite(v)) return static_cast<double>(v);
-  const double d = std::stod(fmt::format("{}", v));  // fmt's shortest round-trip digits
+  const std::string text = fmt::format("{}", v);  // fmt's shortest round-trip digits
+  double d = 0;
+  std::from_chars(text.data(), text.data() + text.size(), d);  // (not stod: locale-free)
   return static_cast<float>(d) == v ? d : static_cast<double>(v);
 }
 

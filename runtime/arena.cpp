@@ -1,5 +1,7 @@
 #include "runtime/arena.h"
 
+#include <charconv>
+
 #include "runtime/common.h"
 #include "runtime/error.h"
 
@@ -106,19 +108,21 @@ std::size_t Arena::live_allocations() const {
 }
 
 std::size_t parse_byte_size(std::string_view text) {
-  std::string s(text);
-  std::size_t pos = 0;
+  // Locale-independent throughout (a host's setlocale(LC_ALL, "de_DE.UTF-8") made "1.5G" an
+  // unknown unit '.5G' and "1,5G" a size; Turkish casing made "MiB" unknown): the number by
+  // from_chars (decimal only: not hex, which stod took), the unit by ASCII rules.
+  auto blank = [](char c) { return c == ' ' || c == '\t'; };
+  std::string_view s = text;
+  while (!s.empty() && blank(s.front())) s.remove_prefix(1);
+  if (!s.empty() && s.front() == '+') s.remove_prefix(1);
   double value = 0;
-  try {
-    value = std::stod(s, &pos);
-  } catch (const std::exception&) {
-    fail(ErrorKind::invalid_argument, "'{}' is not a size (examples: 512M, 18G, 1.5GiB, 4096)",
-         text);
-  }
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), value, std::chars_format::general);
+  if (ec == std::errc::invalid_argument || end == s.data())
+    fail(ErrorKind::invalid_argument, "'{}' is not a size (examples: 512M, 18G, 1.5GiB, 4096)", text);
+  if (ec == std::errc::result_out_of_range) fail(ErrorKind::invalid_argument, "'{}' is out of a size's range", text);
   std::string unit;
-  for (std::size_t i = pos; i < s.size(); ++i)
-    if (!std::isspace(static_cast<unsigned char>(s[i])))
-      unit += static_cast<char>(std::toupper(static_cast<unsigned char>(s[i])));
+  for (const char* c = end; c != s.data() + s.size(); ++c)
+    if (!blank(*c)) unit += *c >= 'a' && *c <= 'z' ? static_cast<char>(*c - 'a' + 'A') : *c;
   double mult = 1;
   if (unit.empty() || unit == "B") mult = 1;
   else if (unit == "K" || unit == "KB" || unit == "KIB") mult = 1024.0;

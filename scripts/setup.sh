@@ -9,7 +9,8 @@ packages=(cmake g++ make pkg-config libtbb-dev libhwloc-dev liburing-dev libfmt-
           libcli11-dev libopenblas-dev libsentencepiece-dev libpcre2-dev libicu-dev libgtest-dev
           libbenchmark-dev python3-matplotlib zlib1g-dev
           libopenmpi-dev openmpi-bin
-          python3-dev python3-pybind11 python3-pytest python3-numpy)
+          python3-dev python3-pybind11 python3-pytest python3-numpy
+          locales)
 if [ "${ZO2_SKIP_APT:-0}" != 1 ]; then
   missing=()
   for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -945,7 +945,8 @@ TEST(Cli, AFailedAtomicWriteNamesTheReason) {
   fs::create_directories(tmp / "x" / "config.json");
   std::string out;
   EXPECT_EQ(run("init --preset opt-tiny --out " + (tmp / "x").string(), &out), 1) << out;
-  EXPECT_NE(out.find("cannot rename to " + (tmp / "x" / "config.json").string() + ": Is a directory"), std::string::npos)
+  EXPECT_NE(out.find("cannot write '" + (tmp / "x" / "config.json").string() + "': rename failed: Is a directory"),
+            std::string::npos)
       << out;
   EXPECT_EQ(out.find("Success"), std::string::npos) << out;
 }

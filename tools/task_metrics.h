@@ -270,7 +270,7 @@ inline bool py_float(std::string_view text, double* out) {
     }
   }
   if (!digits || (exp && !exp_digits)) return false;
-  if (out) *out = std::strtod(clean.c_str(), nullptr);
+  if (out) std::from_chars(clean.data(), clean.data() + clean.size(), *out);  // (not strtod: locale-free)
   return true;
 }
 
@@ -381,9 +381,10 @@ inline DropScore drop_metrics(std::string_view prediction, const std::vector<std
     best = std::max(best, f1);
   }
   const double mean = best / static_cast<double>(std::max<std::size_t>(1, gn.size()));
+  // Python's round(x, 2): the exact binary value rounded, as to_chars does; locale-free.
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f", mean);  // Python's round(x, 2): the exact binary value, ties to even
-  s.f1 = std::strtod(buf, nullptr);
+  const auto r = std::to_chars(buf, buf + sizeof buf, mean, std::chars_format::fixed, 2);
+  std::from_chars(buf, r.ptr, s.f1);
   return s;
 }
 

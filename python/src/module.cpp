@@ -34,6 +34,7 @@
 #include <pybind11/stl.h>
 
 #include <fcntl.h>
+#include <locale.h>
 #include <poll.h>
 #include <signal.h>
 #include <unistd.h>
@@ -410,6 +411,20 @@ std::string str_arg(py::handle v, const char* name) {
 
 // Parses a keyword's string with api/options.cpp's parser `parse`, whose messages name the
 // C API's field (gpu_mem_bytes): they name the keyword (gpu_mem) instead.
+// The C locale on the calling thread while it lives (uselocale; Note [The C locale for parsing]).
+struct CLocale {
+  locale_t c = newlocale(LC_ALL_MASK, "C", static_cast<locale_t>(0));
+  locale_t previous = c ? uselocale(c) : static_cast<locale_t>(0);
+  CLocale() = default;
+  CLocale(const CLocale&) = delete;
+  CLocale& operator=(const CLocale&) = delete;
+  ~CLocale() {
+    if (!c) return;
+    uselocale(previous);
+    freelocale(c);
+  }
+};
+
 template <class F>
 auto parse_keyword(const char* name, zo2::Opt opt, F&& parse) -> decltype(parse()) {
   return cxx_call([&] {
@@ -985,6 +1000,11 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
     ~TrainThread() { g_train_thread = std::thread::id(); }
     void clear() { g_train_thread = std::thread::id(); }
   } train_thread;
+  // Note [The C locale for parsing]: zo2-tune runs under the C locale (it never calls
+  // setlocale); a Python host may have called locale.setlocale(LC_ALL, "de_DE.UTF-8"), under
+  // which CLI11's strtold read "--lr 0.001" as 0 and refused it. The parse and the run use
+  // the C locale, on this thread and on the worker's.
+  CLocale c_locale;
   CLI::App app{"zo2-tune"};
   CLI::App* sub = app.add_subcommand("train");
   zo2::cli::Runner runner = zo2::cli::add_train(*sub);
@@ -1050,6 +1070,7 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
   std::string err_message;
   std::atomic<bool> done{false};
   std::thread worker([&] {
+    CLocale worker_locale;
     try {
       rc = runner();
     } catch (const zo2::Error& e) {

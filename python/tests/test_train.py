@@ -1,6 +1,7 @@
 """zo2.train: zo2-tune's train in-process, progress, stopping, errors."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,3 +271,46 @@ def test_a_callback_stop_is_logged_as_the_callback(tiny, synth, tmp_path, capfd)
     err = capfd.readouterr().err
     assert "stopped by the progress callback (it returned False) after step" in err
     assert "interrupted by signal" not in err
+
+
+def _locales(tmp_path):
+    """de_DE.UTF-8 and tr_TR.UTF-8 made with localedef into a LOCPATH (no root needed)."""
+    if shutil.which("localedef") is None or not Path("/usr/share/i18n/locales/de_DE").exists():
+        pytest.skip("localedef and Debian's locales package are needed to make the locales")
+    path = tmp_path / "locale"
+    path.mkdir()
+    for name in ("de_DE", "tr_TR"):
+        subprocess.run(["localedef", "-i", name, "-f", "UTF-8", str(path / f"{name}.UTF-8")], check=True,
+                       capture_output=True)
+    return path
+
+
+# A host that calls locale.setlocale(LC_ALL, "de_DE.UTF-8") (decimal comma) or runs under a
+# Turkish LC_CTYPE (toupper('i') is not 'I'): floats, sizes and units read as in the C locale
+# (Note [The C locale for parsing] in python/src/module.cpp; parse_byte_size): lr=0.001 was
+# refused, "1.5G" was an unknown unit '.5G', "1,5G" was 1.5 GiB, and "512MiB" an unknown unit.
+def test_a_hosts_locale_changes_no_number_or_unit(tiny, synth, tmp_path):
+    env = dict(os.environ, LOCPATH=str(_locales(tmp_path)))
+    script = f"""
+import locale, pathlib, sys, zo2
+locale.setlocale(locale.LC_ALL, sys.argv[1])
+out = pathlib.Path(sys.argv[2])
+r = zo2.train({str(tiny)!r}, data={str(synth)!r}, out=out, steps=3, lr=0.001, eps=0.002, gpu_mem="1.5G",
+              progress=False)
+assert len(r.steps) == 3 and abs(r.steps[0]["lr"] - 0.001) < 1e-9, r.steps[0]
+for text in ("1.5G", "512MiB", "64mib", "1GiB"):
+    zo2.plan({str(tiny)!r}, gpu_mem=text)
+try:
+    zo2.plan({str(tiny)!r}, gpu_mem="1,5G")
+    raise SystemExit("1,5G was taken as a size")
+except zo2.InvalidArgumentError:
+    pass
+print(open(out / "model.safetensors", "rb").read().hex()[-64:])
+"""
+    tails = []
+    for name in ("C.UTF-8", "de_DE.UTF-8", "tr_TR.UTF-8"):
+        r = subprocess.run([sys.executable, "-c", script, name, str(tmp_path / name)], env=env, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, f"{name}: {r.stderr}"
+        tails.append(r.stdout)
+    assert tails[0] == tails[1] == tails[2]

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -268,8 +269,10 @@ std::size_t physical_memory() {
 double emulated_link_bytes_per_s() {
   const char* env = std::getenv("ZO2_CPU_LINK_GBPS");
   if (env == nullptr || *env == '\0') return 0.0;
-  char* end = nullptr;
-  const double gbps = std::strtod(env, &end);
+  double gbps = 0;
+  const char* last = env + std::strlen(env);
+  const auto [stop, ec] = std::from_chars(env, last, gbps);  // (not strtod: locale-free)
+  const char* end = ec == std::errc() ? stop : env;
   // A floor of 1 kB/s: below it a copy's time (bytes / rate) overflows the clock's
   // duration (1e-300 GB/s made it an undefined double → int64 conversion), and no study of
   // the link needs a rate that slow.
