@@ -804,6 +804,32 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
       fail(ErrorKind::invalid_argument,
            "{}: holds a checkpoint ({}) that this session's save would replace: choose another directory",
            out_dir.string(), fmt::join(files, ", "));
+  // A run directory written by another session (its seed log elsewhere, or none) is that
+  // session's run: a save of this one would replace its checkpoint, as another run's seed
+  // log beside it would be (adversarial pass 50: two sessions saving to one directory took
+  // turns replacing each other's checkpoints, with no error). Its manifest says whose it is.
+  if (holds_run(out_dir)) {
+    std::optional<OpenedCheckpoint> theirs;
+    try {
+      theirs = open_checkpoint(out_dir);
+    } catch (const Error&) {  // a damaged run directory: the publish below says what is wrong
+    }
+    if (theirs && theirs->state.is_object()) {
+      std::error_code ec;
+      const bool same_log = seed_log_ && !theirs->seed_log.empty() &&
+                            std::filesystem::equivalent(theirs->seed_log, seed_log_->path(), ec);
+      const auto seed = theirs->state.find("run_seed");
+      const bool same_unlogged = !seed_log_ && theirs->seed_log.empty() && seed != theirs->state.end() &&
+                                 seed->is_number_unsigned() && seed->get<std::uint64_t>() == cfg_.run_seed;
+      if (!same_log && !same_unlogged)
+        fail(ErrorKind::invalid_argument,
+             "{}: holds the checkpoint of another run (run seed {}, {}), which this session's save would replace: "
+             "choose another directory",
+             out_dir.string(), seed != theirs->state.end() ? seed->dump() : std::string("unknown"),
+             theirs->seed_log.empty() ? std::string("no seed log")
+                                      : fmt::format("seed log {}", theirs->seed_log.string()));
+    }
+  }
   if (const std::filesystem::path run = training_run_of_checkpoint(out_dir);
       !run.empty() && !(seed_log_ && same_directory(seed_log_->path().parent_path(), run)))
     fail(ErrorKind::invalid_argument,

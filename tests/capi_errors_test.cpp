@@ -286,6 +286,52 @@ TEST_F(CApi, AnEvalWhoseLogitsOverflowReturnsANonFiniteLoss) {
   zo2_model_free(m);
 }
 
+// Two sessions, each with its seed log outside the run directory, save into one directory:
+// the second is refused (another run's checkpoint), not a silent replacement (adversarial
+// pass 50); a session saves into its own run again, and one without a seed log into a run of
+// its own run seed.
+TEST_F(CApi, ASessionsSaveNeverReplacesAnotherRunsCheckpoint) {
+  const fs::path dir = *tmp_ / "two-sessions";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string log_a = (dir / "a.jsonl").string(), log_b = (dir / "b.jsonl").string();
+  const std::string out = (dir / "out").string();
+  auto session = [&](std::uint64_t seed, const std::string* log) {
+    zo2_session_params p = params();
+    p.seed = seed;
+    p.seed_log_path = log ? log->c_str() : nullptr;
+    zo2_session* s = nullptr;
+    EXPECT_EQ(zo2_session_init(model_, &p, &s), 0) << zo2_last_error();
+    const zo2_batch b = batch();
+    zo2_step_result r{};
+    EXPECT_EQ(zo2_session_step(s, &b, &r), 0) << zo2_last_error();
+    return s;
+  };
+  zo2_session* a = session(1, &log_a);
+  zo2_session* b = session(2, &log_b);
+  ASSERT_EQ(zo2_session_save(a, out.c_str()), 0) << zo2_last_error();
+  auto manifest = [&] {
+    std::ifstream in(dir / "out" / "zo2_state.json");
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  const std::string a_manifest = manifest();
+  EXPECT_ERROR(zo2_session_save(b, out.c_str()), ZO2_ERR_INVALID_ARGUMENT, "holds the checkpoint of another run",
+               "run seed 1", "a.jsonl");
+  EXPECT_EQ(manifest(), a_manifest);
+  EXPECT_EQ(zo2_session_save(a, out.c_str()), 0) << zo2_last_error();  // its own run, again
+  zo2_session_free(a);
+  zo2_session_free(b);
+  // Without seed logs: the run seed says whose run it is.
+  const std::string plain = (dir / "plain").string();
+  zo2_session* c = session(3, nullptr);
+  zo2_session* d = session(4, nullptr);
+  ASSERT_EQ(zo2_session_save(c, plain.c_str()), 0) << zo2_last_error();
+  EXPECT_ERROR(zo2_session_save(d, plain.c_str()), ZO2_ERR_INVALID_ARGUMENT, "another run", "run seed 3", "no seed log");
+  EXPECT_EQ(zo2_session_save(c, plain.c_str()), 0) << zo2_last_error();
+  zo2_session_free(c);
+  zo2_session_free(d);
+}
+
 TEST_F(CApi, BadPathsAreIoOrFormatErrors) {
   zo2_model* m = reinterpret_cast<zo2_model*>(0x1);
   const fs::path missing = *tmp_ / "no-such-model";

@@ -374,8 +374,12 @@ TEST(Cli, ResumeAfterAStopGivesTheUninterruptedRunsWeights) {
                              " --steps 9 --batch-size 2 --lr 1e-3 --lr-schedule cosine --warmup-steps 2 --seed 5 -q";
   std::string out;
   ASSERT_EQ(run("train" + common + " --out " + (w.tmp / "full").string(), &out), 0) << out;
-  ASSERT_EQ(run("train" + common + " --out " + (w.tmp / "part").string() + " --stop-at 4", &out), 0) << out;
+  ASSERT_EQ(run("train" + common + " --out " + (w.tmp / "part").string() + " --stop-at 4 --save-every 2", &out), 0)
+      << out;
   EXPECT_NE(read_file(w.tmp / "full" / "model.safetensors"), read_file(w.tmp / "part" / "model.safetensors"));
+  // The stop at step 4 follows the periodic save of step 4: it is not written twice (a second
+  // save would be the step directory "step-00000004.2").
+  EXPECT_EQ(fs::read_symlink(w.tmp / "part" / "current").string(), "step-00000004");
   ASSERT_EQ(run("train --data " + w.data.string() + " --resume " + (w.tmp / "part").string() + " --out " +
                     (w.tmp / "resumed").string() + " -q",
                 &out),

@@ -31,6 +31,7 @@
 #include <limits>
 #include <thread>
 #include <type_traits>
+#include <map>
 #include <memory>
 #include <optional>
 #include <regex>
@@ -1105,6 +1106,10 @@ Runner add_train(CLI::App& app) {
     // Note [An interrupted evaluation]: a stop during the evaluation after step N ends it
     // unrecorded; the checkpoint of step N says it is owed and a resume runs it first.
     std::int64_t eval_owed = -1;
+    // The last checkpoint saved: a stop (--stop-at, a signal) right after a periodic save of the
+    // same step and state does not write it again (a 175B save twice in a preemption's grace).
+    std::int64_t saved_step = -1;
+    bool saved_owing = false;
     auto save = [&](std::int64_t next_step) {
       ZO2_CHECK(session.next_step() == next_step);
       if (save_dtype != DType::f32 && save_dtype != sc.storage)
@@ -1169,6 +1174,8 @@ Runner add_train(CLI::App& app) {
         std::filesystem::remove(dir / Session::kGenerationConfig, ec);
       };
       session.save(out, save_dtype, shard, x);
+      saved_step = next_step;
+      saved_owing = eval_owed == next_step;
     };
 
     std::signal(SIGINT, on_stop_signal);
@@ -1178,7 +1185,7 @@ Runner add_train(CLI::App& app) {
     const TransferTotals t0 = session.scheduler().totals();
     std::int64_t completed = 0;
     std::int64_t next = first_step;
-    std::vector<std::int64_t> step_tokens;  // B·T of each step run here, by step − first_step
+    std::map<std::int64_t, std::int64_t> step_tokens;  // B·T of each step in flight, by step (taken at harvest)
     double tokens_done = 0;
     double disk_bytes = 0;  // the disk tier's reads and writes so far
     std::int64_t skipped = 0, skipped_in_a_row = 0;
@@ -1196,7 +1203,10 @@ Runner add_train(CLI::App& app) {
       const auto now = std::chrono::steady_clock::now();
       ++completed;
       const double elapsed = std::chrono::duration<double>(now - start).count();
-      tokens_done += static_cast<double>(step_tokens.at(static_cast<std::size_t>(r.step - first_step)));
+      if (const auto it = step_tokens.find(r.step); it != step_tokens.end()) {
+        tokens_done += static_cast<double>(it->second);
+        step_tokens.erase(it);
+      }
       // Rates over the whole run so far: the time between two harvests says little when a
       // rule waits inside each step (zo-sgd-cons) or when steps overlap.
       const double step_s = elapsed / static_cast<double>(completed);
@@ -1344,7 +1354,7 @@ Runner add_train(CLI::App& app) {
       if (hang_rank && hang_step && std::atoi(hang_rank) == comm.rank() && std::atoll(hang_step) == next)
         for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
       const HostBatch b = data.train_batch(next, o->batch);
-      step_tokens.push_back(b.tokens());
+      step_tokens[next] = b.tokens();
       const auto lr_t = static_cast<float>(schedule.at(next));
       session.step_async(b, lr_t, static_cast<float>(o->eps), static_cast<float>(o->wd));
       if (in_flight >= 0) harvest(in_flight);  // losses are read a step behind
@@ -1382,7 +1392,8 @@ Runner add_train(CLI::App& app) {
       if (!reason.empty()) log_warn("{} after step {}: saving", reason, next);
       else log_warn("interrupted by signal {} after step {}: saving", sig, next);
     }
-    save(next);
+    if (saved_step != next || saved_owing != (eval_owed == next)) save(next);
+    else log_info("step {} is saved already", next);
     if (skipped > 0) progress.newline();
     if (diverged)
       fail(ErrorKind::aborted,
