@@ -1120,3 +1120,36 @@ TEST(Data, ResumeWithShuffledJsonlAndEvaluationsInBetweenAreExact) {
 
 }  // namespace
 }  // namespace zo2
+
+namespace zo2 {
+namespace {
+
+// A resumed run's saves keep the tokenizer: it is read when the run starts, not from the step
+// directory the run started from, which its first save removes (adversarial pass 51: every
+// checkpoint after that lacked encoder.json and vocab.bpe, and the next resume or text eval
+// failed with "no tokenizer").
+TEST(Data, EveryCheckpointOfAResumedTextRunKeepsItsTokenizer) {
+  test::TempDir tmp;
+  std::string out;
+  const fs::path model = tmp / "micro";
+  ASSERT_EQ(run("init --preset opt-micro --tokenizer " + (test::shared_dir() / "data" / "gpt2").string() + " --out " +
+                    model.string() + " -q",
+                &out),
+            0)
+      << out;
+  std::string text;
+  for (int i = 0; i < 24; ++i) text += "{\"text\": \"The film number " + std::to_string(i) + " was good.\"}\n";
+  write_text(tmp / "t.jsonl", text);
+  const fs::path run_dir = tmp / "run";
+  const std::string common = " --data " + (tmp / "t.jsonl").string() + " --out " + run_dir.string() +
+                             " --steps 12 --batch-size 2 --save-every 3 -q";
+  ASSERT_EQ(run("train --model " + model.string() + common + " --stop-at 6", &out), 0) << out;
+  ASSERT_EQ(run("train --resume " + run_dir.string() + common, &out), 0) << out;
+  const fs::path last = run_dir / fs::read_symlink(run_dir / "current");
+  EXPECT_EQ(last.filename(), "step-00000012");
+  for (const char* f : {"encoder.json", "vocab.bpe"}) EXPECT_TRUE(fs::exists(last / f)) << f;
+  EXPECT_EQ(run("eval --model " + run_dir.string() + " --data " + (tmp / "t.jsonl").string() + " -q", &out), 0) << out;
+}
+
+}  // namespace
+}  // namespace zo2

@@ -543,10 +543,8 @@ std::unique_ptr<Tokenizer> tokenizer_for_data(const std::filesystem::path& data,
   }
 }
 
-int copy_tokenizer_files(const std::filesystem::path& from, const std::filesystem::path& to) {
-  std::error_code ec;
-  if (std::filesystem::equivalent(from, to, ec)) return 0;
-  int copied = 0;
+std::vector<std::pair<std::string, std::string>> read_tokenizer_files(const std::filesystem::path& from) {
+  std::vector<std::pair<std::string, std::string>> files;
   for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                            "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "added_tokens.json",
                            "generation_config.json"}) {
@@ -555,10 +553,23 @@ int copy_tokenizer_files(const std::filesystem::path& from, const std::filesyste
     std::ifstream in(src, std::ios::binary);
     if (!in) fail(ErrorKind::io, "{}: cannot read", src.string());
     std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    write_file_atomic(to / name, bytes);
-    ++copied;
+    if (in.bad()) fail(ErrorKind::io, "{}: cannot read", src.string());
+    files.emplace_back(name, std::move(bytes));
   }
-  return copied;
+  return files;
+}
+
+void write_tokenizer_files(const std::vector<std::pair<std::string, std::string>>& files,
+                           const std::filesystem::path& to) {
+  for (const auto& [name, bytes] : files) write_file_atomic(to / name, bytes);
+}
+
+int copy_tokenizer_files(const std::filesystem::path& from, const std::filesystem::path& to) {
+  std::error_code ec;
+  if (std::filesystem::equivalent(from, to, ec)) return 0;
+  const auto files = read_tokenizer_files(from);
+  write_tokenizer_files(files, to);
+  return static_cast<int>(files.size());
 }
 
 void check_model_fits(const std::filesystem::path& model_dir, const ModelConfig& config, DType storage) {

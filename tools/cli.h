@@ -17,6 +17,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace zo2 {
@@ -189,6 +190,12 @@ std::unique_ptr<Tokenizer> tokenizer_for_data(const std::filesystem::path& data,
 // vocab.bpe, added_tokens.json, generation_config.json) copied into `to`, each written
 // atomically. Returns how many were copied.
 int copy_tokenizer_files(const std::filesystem::path& from, const std::filesystem::path& to);
+// The tokenizer files of a directory (name, bytes), read once, and their copy into another:
+// a run reads its tokenizer when it starts, so its saves never depend on a directory that a
+// later save may remove (a resumed run's starting step directory).
+std::vector<std::pair<std::string, std::string>> read_tokenizer_files(const std::filesystem::path& from);
+void write_tokenizer_files(const std::vector<std::pair<std::string, std::string>>& files,
+                           const std::filesystem::path& to);
 
 // Token ids [N, T] (+ optional attention_mask, labels) from a safetensors file, as int32.
 struct TokenTensors {

@@ -1101,8 +1101,11 @@ Runner add_train(CLI::App& app) {
         fail(ErrorKind::invalid_argument, "--save-dtype {}: {}", dtype_name(save_dtype), e.what());
       }
     }
+    // Read now: a resumed run's starting step directory is removed by a later save, and its
+    // saves after that one lost the tokenizer (adversarial pass 51).
     const std::filesystem::path tokenizer_src =
         o->data_flags.tokenizer.empty() ? resolve_model_dir(model_dir) : std::filesystem::path(o->data_flags.tokenizer);
+    const auto tokenizer_files = read_tokenizer_files(tokenizer_src);
     // Note [An interrupted evaluation]: a stop during the evaluation after step N ends it
     // unrecorded; the checkpoint of step N says it is owed and a resume runs it first.
     std::int64_t eval_owed = -1;
@@ -1167,7 +1170,7 @@ Runner add_train(CLI::App& app) {
       if (sc.peft.any()) x.state["base_config"] = config.to_json();
       if (eval_owed == next_step) x.state["eval_owed_after_step"] = eval_owed;
       x.extra_files = [&](const std::filesystem::path& dir) {
-        copy_tokenizer_files(tokenizer_src, dir);
+        write_tokenizer_files(tokenizer_files, dir);
         // generation_config.json is the model's, which Session::save writes next: never the
         // --tokenizer directory's (nor any when the model has none).
         std::error_code ec;
