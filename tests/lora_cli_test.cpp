@@ -282,3 +282,64 @@ TEST(LoraCli, BadLoraFlagsAreUsageErrors) {
 
 }  // namespace
 }  // namespace zo2
+
+#include "api/run_dir.h"
+
+namespace zo2 {
+namespace {
+
+// A LoRA run's recorded base config is compared with the base by meaning, not spelling: zo2
+// 0.1 wrote rms_norm_eps 1e-06 as 9.999999974752427e-07 and one id of an eos_token_id list,
+// and its runs could not be resumed by 0.2 (adversarial pass 51). A real difference is still
+// refused.
+TEST(LoraCli, TheRecordedBaseConfigIsComparedByMeaning) {
+  test::TempDir tmp;
+  std::string out;
+  const fs::path model = tmp / "llama", data = tmp / "data.safetensors", run_dir = tmp / "run";
+  ASSERT_EQ(run("init --preset llama-tiny --out " + model.string() + " --seed 1 -q", &out), 0) << out;
+  {
+    nlohmann::json cfg = nlohmann::json::parse(read_file(model / "config.json"));
+    cfg["rms_norm_eps"] = 1e-06;
+    cfg["eos_token_id"] = nlohmann::json::array({2, 3});
+    std::ofstream(model / "config.json") << cfg.dump(2);
+  }
+  ASSERT_EQ(run("synth-data --model " + model.string() + " --out " + data.string() + " --rows 16 --seq 16 -q", &out), 0)
+      << out;
+  const std::string common = " --data " + data.string() + " --out " + run_dir.string() + " --steps 4 -q";
+  ASSERT_EQ(run("train --model " + model.string() + common + " --lora --stop-at 2", &out), 0) << out;
+  // The manifest as zo2 0.1 spelled its base.
+  const fs::path manifest = run_dir / fs::read_symlink(run_dir / "current") / "zo2_state.json";
+  auto respell = [&](const nlohmann::json& eps, const nlohmann::json& eos) {
+    nlohmann::json m = nlohmann::json::parse(read_file(manifest));
+    m["base_config"]["rms_norm_eps"] = eps;
+    m["base_config"]["eos_token_id"] = eos;
+    m["state_crc32"] = manifest_crc32(m);
+    std::ofstream(manifest) << m.dump(2);
+  };
+  respell(9.999999974752427e-07, 2);
+  out.clear();
+  EXPECT_EQ(run("train --resume " + run_dir.string() + common, &out), 0) << out;
+  // A base whose eps is another value is another model.
+  ASSERT_EQ(run("train --model " + model.string() + " --data " + data.string() + " --out " + (tmp / "r2").string() +
+                    " --lora --steps 4 --stop-at 2 -q",
+                &out),
+            0)
+      << out;
+  const fs::path manifest2 = tmp / "r2" / fs::read_symlink(tmp / "r2" / "current") / "zo2_state.json";
+  {
+    nlohmann::json m = nlohmann::json::parse(read_file(manifest2));
+    m["base_config"]["rms_norm_eps"] = 1e-05;
+    m["state_crc32"] = manifest_crc32(m);
+    std::ofstream(manifest2) << m.dump(2);
+  }
+  out.clear();
+  EXPECT_EQ(run("train --resume " + (tmp / "r2").string() + " --data " + data.string() + " --out " +
+                    (tmp / "r2").string() + " --steps 4 -q",
+                &out),
+            2)
+      << out;
+  EXPECT_NE(out.find("config.json differs (rms_norm_eps"), std::string::npos) << out;
+}
+
+}  // namespace
+}  // namespace zo2

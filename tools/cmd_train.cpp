@@ -696,8 +696,19 @@ Runner add_train(CLI::App& app) {
         // heads (same weights' shapes) is another model. A run saved before this was recorded
         // is checked by the weights alone.
         if (ck.state.contains("base_config")) {
-          const json now = ModelConfig::load(model_dir).to_json();
-          const json& was = ck.state.at("base_config");
+          // Compared by meaning, each side read as a config and written without its source's
+          // spellings: zo2 0.1 wrote rms_norm_eps 1e-06 as 9.999999974752427e-07 and kept one id
+          // of an eos_token_id list, and its LoRA runs could not be resumed (adversarial pass 51).
+          auto canonical = [](ModelConfig c) {
+            c.source = json();
+            return c.to_json();
+          };
+          const json now = canonical(ModelConfig::load(model_dir));
+          json was = ck.state.at("base_config");
+          try {
+            was = canonical(ModelConfig::from_json(was, state_file.string() + ": base_config"));
+          } catch (const Error&) {  // not a config zo2 reads: compared as written
+          }
           if (now != was) {
             std::string key = "(its layout)";
             for (auto it = was.begin(); it != was.end(); ++it)
