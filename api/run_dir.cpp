@@ -369,7 +369,8 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
   try {
     r.write(tmp);
     json m = r.state.is_object() ? r.state : json::object();
-    m["zo2_state"] = kRunStateVersion;
+    m["zo2_state"] = m.contains("eval_owed_after_step") ? 4 : 3;  // Note [State versions]
+    m["written_by"] = "zo2 " ZO2_VERSION_STRING;
     m["step"] = r.step;
     m["next_step"] = r.step;
     json files = json::object();
@@ -451,8 +452,11 @@ OpenedCheckpoint open_checkpoint(const fs::path& dir, bool verify) {
     fail(ErrorKind::format, "{}: not a zo2 state file (no \"zo2_state\")", mfile.string());
   const json& v = o.state.at("zo2_state");
   if (!v.is_number_unsigned() || v.get<std::uint64_t>() < 1 || v.get<std::uint64_t>() > kRunStateVersion)
-    fail(ErrorKind::format, "{}: field 'zo2_state' = {} is not a state version this zo2 reads (1 to 3)",
-         mfile.string(), v.dump());
+    fail(ErrorKind::format, "{}: field 'zo2_state' = {} is not a state version this zo2 ({}) reads (1 to {}){}",
+         mfile.string(), v.dump(), ZO2_VERSION_STRING, kRunStateVersion,
+         o.state.contains("written_by") && o.state.at("written_by").is_string()
+             ? fmt::format(": it was written by {}", o.state.at("written_by").get<std::string>())
+             : std::string());
   if (v.get<int>() == 1) {  // written by a zo2 before run directories: no manifest to check
     if (fs::exists(o.dir / kRunSeedLog, ec)) o.seed_log = o.dir / kRunSeedLog;
     return o;

@@ -38,7 +38,11 @@ inline constexpr const char* kRunStateFile = "zo2_state.json";
 inline constexpr const char* kRunCurrent = "current";
 inline constexpr const char* kRunLockFile = "zo2.lock";
 inline constexpr const char* kRunSeedLog = "seed_log.jsonl";
-inline constexpr int kRunStateVersion = 3;  // 3: the manifest carries its own CRC (state_crc32)
+// Note [State versions]: 3, the manifest carries its own CRC (state_crc32); 4, it owes an
+// evaluation (eval_owed_after_step), which a zo2 that reads only 1 to 3 would skip silently.
+// A manifest is written with the lowest version that holds what it says: a run directory
+// stays readable by the zo2 before unless it holds something that zo2 would misread.
+inline constexpr int kRunStateVersion = 4;
 
 // DIR/zo2.lock held (flock, exclusive) by this object; a second writer — another process,
 // or a second lock of the same directory in this one — is refused: Error(invalid_argument)

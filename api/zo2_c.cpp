@@ -398,7 +398,7 @@ std::size_t physical_ram() { return zo2::cpu_default_arena_bytes(); }  // the CP
 
 // The definitions take their C linkage from the declarations in zo2.h.
 
-const char* zo2_version(void) { return "0.2.0"; }
+const char* zo2_version(void) { return ZO2_VERSION_STRING; }
 
 const char* zo2_last_error(void) { return t_last_error.c_str(); }
 

@@ -455,6 +455,28 @@ TEST(RunDirCli, ARunSavedBeforeRunDirectoriesResumesAndBecomesOne) {
   EXPECT_EQ(open_checkpoint(old, true).step, 8);
 }
 
+// Note [State versions]: a manifest says which zo2 wrote it and is version 3 unless it owes
+// an evaluation; one from a later zo2 (a version this one does not read) is refused naming
+// both versions.
+TEST(RunDirCli, AManifestSaysWhoWroteItAndALaterVersionIsRefusedNamingIt) {
+  TuneRun r;
+  const fs::path d = r.train("run", " --stop-at 3");
+  const fs::path mfile = d / "current" / kRunStateFile;
+  json m = json::parse(read_text(mfile));
+  EXPECT_EQ(m["zo2_state"], 3);
+  EXPECT_EQ(m["written_by"], std::string("zo2 ") + ZO2_TEST_VERSION);
+  m["zo2_state"] = 5;
+  m["written_by"] = "zo2 9.0.0";
+  m["state_crc32"] = manifest_crc32(m);
+  write_text(fs::canonical(mfile), m.dump(2));
+  std::string out;
+  EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string() + " -q", &out), 1) << out;
+  EXPECT_NE(out.find("field 'zo2_state' = 5 is not a state version this zo2 (" + std::string(ZO2_TEST_VERSION) +
+                     ") reads (1 to 4): it was written by zo2 9.0.0"),
+            std::string::npos)
+      << out;
+}
+
 TEST(RunDirCli, ReplayRefusesAStepBeyondTheLogAndWritesARunDirectoryOfItsStep) {
   TuneRun r;
   const fs::path d = r.train("run");
