@@ -3,6 +3,7 @@
 // MeZO's templates, truncation, clear errors with line numbers, tokenizer files carried
 // into checkpoints, exact resume with shuffling, and multiple-choice training that raises
 // the accuracy of a small learnable task.
+#include "api/run_dir.h"
 #include "models/safetensors.h"
 #include "models/tokenizer.h"
 #include "tests/test_util.h"
@@ -1149,6 +1150,44 @@ TEST(Data, EveryCheckpointOfAResumedTextRunKeepsItsTokenizer) {
   EXPECT_EQ(last.filename(), "step-00000012");
   for (const char* f : {"encoder.json", "vocab.bpe"}) EXPECT_TRUE(fs::exists(last / f)) << f;
   EXPECT_EQ(run("eval --model " + run_dir.string() + " --data " + (tmp / "t.jsonl").string() + " -q", &out), 0) << out;
+}
+
+// A resume whose data now tokenizes to other examples (the file edited, or another tokenizer,
+// the same number of examples) says so; a state without the fingerprint (an older zo2's)
+// says it cannot tell (adversarial pass 51: the resumed run trained on other batches silently).
+TEST(Data, AResumeOnDataThatChangedSaysSo) {
+  test::TempDir tmp;
+  std::string out;
+  const fs::path model = tmp / "micro";
+  ASSERT_EQ(run("init --preset opt-micro --tokenizer " + (test::shared_dir() / "data" / "gpt2").string() + " --out " +
+                    model.string() + " -q",
+                &out),
+            0)
+      << out;
+  auto texts = [&](const std::string& word) {
+    std::string text;
+    for (int i = 0; i < 16; ++i) text += "{\"text\": \"The " + word + " number " + std::to_string(i) + ".\"}\n";
+    write_text(tmp / "t.jsonl", text);
+  };
+  texts("film");
+  const fs::path run_dir = tmp / "run";
+  const std::string common = " --data " + (tmp / "t.jsonl").string() + " --out " + run_dir.string() +
+                             " --steps 6 --batch-size 2";
+  ASSERT_EQ(run("train -q --model " + model.string() + common + " --stop-at 2", &out), 0) << out;
+  ASSERT_EQ(run("train --resume " + run_dir.string() + common + " --stop-at 3", &(out = "")), 0) << out;
+  EXPECT_EQ(out.find("now gives other training examples"), std::string::npos) << out;
+  texts("book");
+  ASSERT_EQ(run("train --resume " + run_dir.string() + common + " --stop-at 4", &(out = "")), 0) << out;
+  EXPECT_NE(out.find("now gives other training examples than the run's"), std::string::npos) << out;
+  // A state without data_crc32, as zo2 0.2.0 and older saved it.
+  const fs::path manifest = run_dir / fs::read_symlink(run_dir / "current") / "zo2_state.json";
+  nlohmann::json m = nlohmann::json::parse(read_file(manifest));
+  ASSERT_TRUE(m.contains("data_crc32"));
+  m.erase("data_crc32");
+  m["state_crc32"] = manifest_crc32(m);
+  std::ofstream(manifest) << m.dump(2);
+  ASSERT_EQ(run("train --resume " + run_dir.string() + common, &(out = "")), 0) << out;
+  EXPECT_NE(out.find("records no fingerprint of its tokenized data"), std::string::npos) << out;
 }
 
 }  // namespace

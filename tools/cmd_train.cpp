@@ -253,6 +253,26 @@ void set_train_stop_reason(std::string reason) {
   g_stop_reason = std::move(reason);
 }
 
+namespace {
+// CRC-32 of a training set as its steps see it: each example's label and each sequence's
+// ids, mask and labels, with their lengths.
+std::uint32_t training_set_crc32(const Dataset& data) {
+  std::uint32_t crc = 0;
+  auto add = [&](const auto& v) {
+    const auto n = static_cast<std::uint64_t>(v.size());
+    crc = crc32_update(crc, std::as_bytes(std::span(&n, 1)));
+    crc = crc32_update(crc, std::as_bytes(std::span(v.data(), v.size())));
+  };
+  for (std::int64_t i = 0; i < data.size(); ++i) {
+    const Example& e = data.example(i);
+    const std::int64_t label = e.label;
+    crc = crc32_update(crc, std::as_bytes(std::span(&label, 1)));
+    for (const auto& q : e.seqs) add(q.ids), add(q.mask), add(q.labels);
+  }
+  return crc;
+}
+}  // namespace
+
 Runner add_train(CLI::App& app) {
   struct Opts {
     std::string model, data, out, resume, log_json, save_dtype = "fp32", shard = "5G", schedule = "constant";
@@ -396,6 +416,7 @@ Runner add_train(CLI::App& app) {
     bool resume_within_out = false;  // the resumed checkpoint is --out's own (in place, or one of its steps)
     std::string saved_data;          // the resumed run's --data and its examples, to compare
     std::int64_t saved_examples = -1;
+    std::int64_t saved_data_crc = -1;  // the run's data_crc32, -1 when its state has none
     bool data_seed_known = given.data_seed->count() > 0;
     const std::filesystem::path out(o->out);
     // The one writer of --out (Note [Run directory]): taken first when --out is the run being
@@ -486,6 +507,7 @@ Runner add_train(CLI::App& app) {
       }
       saved_data = st.get_or<std::string>("data", "");
       saved_examples = st.get_or<std::int64_t>("data_examples", -1);
+      saved_data_crc = st.get_or<std::int64_t>("data_crc32", -1);
       if (o->data.empty()) o->data = saved_data;
       else if (!saved_data.empty() && !same_directory(o->data, saved_data) &&
                std::filesystem::absolute(o->data) != std::filesystem::path(saved_data))
@@ -895,10 +917,23 @@ Runner add_train(CLI::App& app) {
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, model_dir);
     const DataOptions dopt = o->data_flags.options(o->num_train, o->data_seed, o->shuffle);
     const Dataset data = Dataset::load(o->data, config, tokenizer.get(), dopt);
+    // The training set as the run's steps see it (ids, masks, labels): a resume that reads the
+    // same file through a changed tokenizer (zo2 0.2.0's \s no longer matches U+180E) drew
+    // other batches with no word of it (adversarial pass 51).
+    const std::uint32_t data_crc = training_set_crc32(data);
     if (saved_examples >= 0 && static_cast<std::int64_t>(data.size()) != saved_examples)
       log_warn("--resume: {} now gives {} training examples but the run had {}; the result will differ from an "
                "uninterrupted run",
                o->data, data.size(), saved_examples);
+    else if (saved_data_crc >= 0 && saved_data_crc != data_crc)
+      log_warn("--resume: {} now gives other training examples than the run's (their ids, masks and labels: CRC-32 "
+               "{:08x}, the run's {:08x}): the file or its tokenizer changed, and the result will differ from an "
+               "uninterrupted run",
+               o->data, data_crc, static_cast<std::uint32_t>(saved_data_crc));
+    else if (!o->resume.empty() && saved_data_crc < 0 && tokenizer)
+      log_warn("--resume: the run's state records no fingerprint of its tokenized data (saved by an older zo2): if the "
+               "tokenizer or {} changed since, the result will differ from an uninterrupted run",
+               o->data);
     std::optional<Dataset> eval_data;
     if (!o->eval.empty()) {
       DataOptions eopt = dopt;
@@ -1141,6 +1176,7 @@ Runner add_train(CLI::App& app) {
                      {"data", std::filesystem::absolute(data.source()).string()},
                      {"eval", o->eval.empty() ? std::string() : std::filesystem::absolute(o->eval).string()},
                      {"data_examples", data.size()},
+                     {"data_crc32", data_crc},
                      {"task", o->data_flags.task},
                      {"max_len", o->data_flags.max_len},
                      {"padding_side", o->data_flags.padding_side},
