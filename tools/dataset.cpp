@@ -12,6 +12,8 @@
 #include <nlohmann/json.hpp>
 #include <oneapi/tbb/parallel_for.h>
 
+#include <exception>
+
 #include <algorithm>
 #include <cmath>
 #include <fstream>
@@ -887,8 +889,10 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
     std::vector<Example> examples(records.size());
     std::vector<char> cut(records.size(), 0);
     const DataFormat format = d.format_;
-    // Tokenize in parallel; errors carry the line.
-    tbb::parallel_for(std::size_t{0}, records.size(), [&](std::size_t i) {
+    // Tokenize in parallel; errors carry the line, and the first line's is the one reported
+    // (whichever thread failed first made it vary from run to run).
+    std::vector<std::exception_ptr> errors(records.size());
+    auto tokenize = [&](std::size_t i) {
       const Record& r = records[i];
       Example& e = examples[i];
       e.line = r.line;
@@ -974,7 +978,16 @@ Dataset Dataset::load(const std::filesystem::path& file, const ModelConfig& conf
       } else {
         for (const auto& o : r.options) e.seqs.push_back(scored_seq(o));
       }
+    };
+    tbb::parallel_for(std::size_t{0}, records.size(), [&](std::size_t i) {
+      try {
+        tokenize(i);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
     });
+    for (const std::exception_ptr& e : errors)
+      if (e) std::rethrow_exception(e);
     // Special tokens above the embedding (Tokenizer::text_vocab_size) are fine until the text
     // writes one out.
     for (const Example& e : examples) {
