@@ -102,6 +102,15 @@ TEST(Cli, IntegerFlagsAreDecimalAsWritten) {
   EXPECT_EQ(run(train + " --steps 18446744073709551615 --out " + (w.tmp / "big").string(), &out), 2);
   EXPECT_NE(out.find("18446744073709551615 is beyond what this flag can hold"), std::string::npos) << out;
   EXPECT_EQ(out.find("9223372036854775807:"), std::string::npos) << out;
+  // A 32-bit flag past 2^31: named with its value as zo2's other errors are (was CLI11's bare
+  // "Could not convert: --batch-size = 3000000000"); a float flag's non-number too.
+  out.clear();
+  EXPECT_EQ(run(train + " --window 3000000000 --out " + (w.tmp / "wide").string(), &out), 2);
+  EXPECT_NE(out.find("zo2-tune: error: --window 3000000000: beyond what this flag can hold"), std::string::npos)
+      << out;
+  out.clear();
+  EXPECT_EQ(run(train + " --lr abc --out " + (w.tmp / "nan").string(), &out), 2);
+  EXPECT_NE(out.find("zo2-tune: error: --lr abc: not a number"), std::string::npos) << out;
   // Blanks around the number (a padded command substitution) and a '+' are fine, seeds too.
   out.clear();
   EXPECT_EQ(run(train + " --steps ' 3 ' --seed ' +07' --out " + (w.tmp / "padded").string(), &out), 0) << out;

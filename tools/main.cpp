@@ -14,6 +14,16 @@
 
 namespace {
 
+// "--batch-size 3000000000" from CLI11's "Could not convert: --batch-size = 3000000000".
+std::string conversion_subject(std::string_view what) {
+  constexpr std::string_view kPrefix = "Could not convert: ";
+  if (!what.starts_with(kPrefix)) return std::string(what);
+  std::string rest(what.substr(kPrefix.size()));
+  if (const auto eq = rest.find(" = "); eq != std::string::npos) rest.replace(eq, 3, " ");
+  return rest;
+}
+
+
 // "--steps was given 2 times (5, 7); give it once" for the first single-value option that
 // was given more than once, in the app or the subcommand that was parsed; "" if none was.
 std::string repeated_flag(const CLI::App& app) {
@@ -65,6 +75,15 @@ int run_main(int argc, char** argv) {
       return 2;
     }
     return app.exit(e) == 0 ? 0 : 2;
+  } catch (const CLI::ConversionError& e) {
+    // A whole number past what the flag's type holds (--batch-size 3000000000: a 32-bit
+    // field): CLI11 says only "Could not convert: --batch-size = 3000000000".
+    const std::string subject = conversion_subject(e.what());
+    const std::string value = subject.substr(subject.find(' ') == std::string::npos ? 0 : subject.find(' ') + 1);
+    const bool whole = !value.empty() && value.find_first_not_of("+-0123456789") == std::string::npos;
+    zo2::print_stderr("zo2-tune: error: {}: {}\n", subject,
+                      whole ? "beyond what this flag can hold (its range is in --help)" : "not a number");
+    return 2;
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;  // --help and --version succeed; usage errors exit 2
   } catch (const zo2::Error& e) {
