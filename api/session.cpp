@@ -804,11 +804,25 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
       fail(ErrorKind::invalid_argument,
            "{}: holds a checkpoint ({}) that this session's save would replace: choose another directory",
            out_dir.string(), fmt::join(files, ", "));
+  if (const std::filesystem::path run = training_run_of_checkpoint(out_dir);
+      !run.empty() && !(seed_log_ && same_directory(seed_log_->path().parent_path(), run)))
+    fail(ErrorKind::invalid_argument,
+         "{}: is a checkpoint of the training run {}, which this session's save would replace: choose another "
+         "directory",
+         out_dir.string(), run.string());
   // A run directory written by another session (its seed log elsewhere, or none) is that
   // session's run: a save of this one would replace its checkpoint, as another run's seed
   // log beside it would be (adversarial pass 50: two sessions saving to one directory took
   // turns replacing each other's checkpoints, with no error). Its manifest says whose it is.
-  if (holds_run(out_dir)) {
+  // A session loaded from that run directory continues its run (a CLI --resume of a session's
+  // run continues the session's seed log in a copy of its own).
+  const bool continues_run = [&] {  // loaded from out_dir, its `current` or a step directory of it
+    if (model_path_.empty() || !model_is_run_) return false;
+    std::error_code ec;
+    const std::filesystem::path p = std::filesystem::weakly_canonical(std::filesystem::absolute(model_path_, ec), ec);
+    return same_directory(model_path_, out_dir) || (!ec && same_directory(p.parent_path(), out_dir));
+  }();
+  if (holds_run(out_dir) && !continues_run) {
     std::optional<OpenedCheckpoint> theirs;
     try {
       theirs = open_checkpoint(out_dir);
@@ -830,12 +844,6 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
                                       : fmt::format("seed log {}", theirs->seed_log.string()));
     }
   }
-  if (const std::filesystem::path run = training_run_of_checkpoint(out_dir);
-      !run.empty() && !(seed_log_ && same_directory(seed_log_->path().parent_path(), run)))
-    fail(ErrorKind::invalid_argument,
-         "{}: is a checkpoint of the training run {}, which this session's save would replace: choose another "
-         "directory",
-         out_dir.string(), run.string());
   try {
     // What a load would refuse is not saved: non-finite weights, adapters or rule state.
     if (adapters_) {
