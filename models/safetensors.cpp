@@ -215,15 +215,6 @@ std::string read_text_file(const fs::path& path, std::string_view what) {
   return std::move(ss).str();
 }
 
-void write_text_atomic(const fs::path& path, std::string_view text) {
-  AtomicFile f(path);
-  if (!text.empty()) {
-    auto out = f.map(text.size());
-    std::memcpy(out.data(), text.data(), text.size());
-  }
-  f.commit();
-}
-
 // ---------------------------------------------------------------------------------------
 // Writer internals.
 
@@ -826,7 +817,7 @@ void write_safetensors_sharded(const fs::path& dir, std::span<const TensorToWrit
       for (const auto& it : groups[g]) weight_map[it.t->name] = name;
     }
     json index = {{"metadata", {{"total_size", total}}}, {"weight_map", std::move(weight_map)}};
-    write_text_atomic(dir / "model.safetensors.index.json", index.dump(2) + "\n");
+    write_file_atomic(dir / "model.safetensors.index.json", index.dump(2) + "\n");
     keep.insert("model.safetensors.index.json");
   }
 

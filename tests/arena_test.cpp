@@ -331,8 +331,7 @@ namespace {
 // process maps now; the child's exit status is fn's result (0 = as expected), 99 when the
 // limit could not be set.
 int under_address_space_limit(std::size_t extra, const std::function<int()>& fn) {
-  const pid_t child = ::fork();
-  if (child == 0) {
+  return test::in_child([&] {
     const std::size_t used = [] {
       std::ifstream in("/proc/self/status");
       std::string line;
@@ -343,17 +342,9 @@ int under_address_space_limit(std::size_t extra, const std::function<int()>& fn)
     rlimit r{};
     ::getrlimit(RLIMIT_AS, &r);
     r.rlim_cur = used + extra;
-    if (used == 0 || ::setrlimit(RLIMIT_AS, &r) != 0) ::_exit(99);
-    int rc = 98;
-    try {
-      rc = fn();
-    } catch (...) {
-    }
-    ::_exit(rc);
-  }
-  int status = 0;
-  ::waitpid(child, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (used == 0 || ::setrlimit(RLIMIT_AS, &r) != 0) return 99;
+    return fn();
+  });
 }
 
 // Note [Address-space limits]: under `ulimit -v` the CPU device's default arena shrinks to

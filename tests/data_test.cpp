@@ -41,6 +41,17 @@ std::string read_file(const fs::path& p) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
+// An opt-micro checkpoint with the GPT-2 tokenizer in tmp/micro (empty on failure, said).
+fs::path micro_with_gpt2(const test::TempDir& tmp) {
+  std::string out;
+  const fs::path model = tmp / "micro";
+  const int rc = run("init --preset opt-micro --tokenizer " + (test::shared_dir() / "data" / "gpt2").string() +
+                         " --out " + model.string() + " -q",
+                     &out);
+  EXPECT_EQ(rc, 0) << out;
+  return rc == 0 ? model : fs::path();
+}
+
 const std::vector<std::string> kPositive{"wonderful", "lovely", "superb", "charming", "delightful"};
 const std::vector<std::string> kNegative{"awful", "dreadful", "boring", "horrible", "dull"};
 
@@ -972,12 +983,8 @@ TEST(Data, LeftPaddingScoresTheSameTokensAsRightPaddingAtEveryBatchSize) {
 TEST(Data, ExamplesWithNothingToPredictAreRefusedByLine) {
   test::TempDir tmp;
   std::string out;
-  const fs::path model = tmp / "micro";
-  ASSERT_EQ(run("init --preset opt-micro --tokenizer " + (test::shared_dir() / "data" / "gpt2").string() + " --out " +
-                    model.string() + " -q",
-                &out),
-            0)
-      << out;
+  const fs::path model = micro_with_gpt2(tmp);
+  ASSERT_FALSE(model.empty());
   write_text(tmp / "c.jsonl", "{\"prompt\": \"The film\", \"completion\": \" was good\"}\n"
                               "{\"prompt\": \"\", \"completion\": \"Hello\"}\n"
                               "{\"prompt\": \"\", \"completion\": \"Hi\"}\n");
@@ -1132,12 +1139,8 @@ namespace {
 TEST(Data, EveryCheckpointOfAResumedTextRunKeepsItsTokenizer) {
   test::TempDir tmp;
   std::string out;
-  const fs::path model = tmp / "micro";
-  ASSERT_EQ(run("init --preset opt-micro --tokenizer " + (test::shared_dir() / "data" / "gpt2").string() + " --out " +
-                    model.string() + " -q",
-                &out),
-            0)
-      << out;
+  const fs::path model = micro_with_gpt2(tmp);
+  ASSERT_FALSE(model.empty());
   std::string text;
   for (int i = 0; i < 24; ++i) text += "{\"text\": \"The film number " + std::to_string(i) + " was good.\"}\n";
   write_text(tmp / "t.jsonl", text);
@@ -1158,12 +1161,8 @@ TEST(Data, EveryCheckpointOfAResumedTextRunKeepsItsTokenizer) {
 TEST(Data, AResumeOnDataThatChangedSaysSo) {
   test::TempDir tmp;
   std::string out;
-  const fs::path model = tmp / "micro";
-  ASSERT_EQ(run("init --preset opt-micro --tokenizer " + (test::shared_dir() / "data" / "gpt2").string() + " --out " +
-                    model.string() + " -q",
-                &out),
-            0)
-      << out;
+  const fs::path model = micro_with_gpt2(tmp);
+  ASSERT_FALSE(model.empty());
   auto texts = [&](const std::string& word) {
     std::string text;
     for (int i = 0; i < 16; ++i) text += "{\"text\": \"The " + word + " number " + std::to_string(i) + ".\"}\n";

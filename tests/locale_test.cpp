@@ -34,20 +34,10 @@ bool make_locale(const fs::path& dir, const std::string& name) {
 // fn's result in a child process whose whole locale is `name` (0 = as expected; 77 = the
 // locale could not be set).
 int in_locale(const fs::path& locpath, const std::string& name, const std::function<int()>& fn) {
-  const pid_t child = ::fork();
-  if (child == 0) {
+  return test::in_child([&] {
     ::setenv("LOCPATH", locpath.c_str(), 1);
-    if (!std::setlocale(LC_ALL, name.c_str())) ::_exit(77);
-    int rc = 98;
-    try {
-      rc = fn();
-    } catch (...) {
-    }
-    ::_exit(rc);
-  }
-  int status = 0;
-  ::waitpid(child, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+    return std::setlocale(LC_ALL, name.c_str()) ? fn() : 77;
+  });
 }
 
 int check_sizes_and_drop() {

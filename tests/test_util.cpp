@@ -80,6 +80,21 @@ void copy_with_filled_tensor(const std::filesystem::path& from, const std::files
   for (std::int64_t e = 0; e < hidden_size(to); ++e) poke_safetensors(to / "model.safetensors", tensor, e, value);
 }
 
+int in_child(const std::function<int()>& fn) {
+  const pid_t child = ::fork();
+  if (child == 0) {
+    int rc = 98;
+    try {
+      rc = fn();
+    } catch (...) {
+    }
+    ::_exit(rc);
+  }
+  int status = 0;
+  if (child < 0 || ::waitpid(child, &status, 0) != child) return 97;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
 int run_command(const std::string& command, std::string* output) {
   std::string cmd = command + " 2>&1";
   FILE* pipe = popen(cmd.c_str(), "r");

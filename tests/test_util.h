@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <exception>
 #include <filesystem>
+#include <functional>
 #include <string>
 
 namespace zo2::test {
@@ -59,6 +60,11 @@ void copy_with_filled_tensor(const std::filesystem::path& from, const std::files
 
 // Runs a shell command, returns its exit status; stdout+stderr go to *output if given.
 int run_command(const std::string& command, std::string* output = nullptr);
+
+// Runs fn in a forked child (for process-wide state a test must not leave behind: a locale,
+// an rlimit) and returns its result as the child's exit status: 98 when fn threw, 128 + the
+// signal when the child was killed.
+int in_child(const std::function<int()>& fn);
 
 // Sets an environment variable for one scope and unsets it at the end (also when an
 // assertion returns early): the backends read their kernel switches (ZO2_CUDA_ATTENTION,

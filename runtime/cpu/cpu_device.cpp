@@ -260,11 +260,6 @@ void enqueue(Stream& stream, std::function<void()> fn) {
 
 namespace {
 
-std::size_t physical_memory() {
-  const std::size_t bytes = physical_memory_bytes();
-  return bytes > 0 ? bytes : (std::size_t{16} << 30);
-}
-
 // ZO2_CPU_LINK_GBPS (Note [Emulated link]): 0 when unset or empty.
 double emulated_link_bytes_per_s() {
   const char* env = std::getenv("ZO2_CPU_LINK_GBPS");
@@ -296,12 +291,12 @@ class CpuDevice final : public Device {
           tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(o.threads));
     // Kernels split GEMMs across TBB themselves; OpenBLAS must not start its own threads.
     openblas_set_num_threads(1);
+    cap_ = o.mem_cap > 0 ? o.mem_cap : cpu_default_arena_bytes(threads_);
     // Note [Address-space limits] (runtime/device.h): checked before any BLAS call can hang.
     if (const std::size_t headroom = address_space_headroom(); headroom != SIZE_MAX) {
       const std::size_t kernels = kernel_threads_address_space(threads_);
-      const std::size_t arena = o.mem_cap > 0 ? o.mem_cap : cpu_default_arena_bytes(threads_);
       constexpr std::size_t kLeast = std::size_t{64} << 20;  // a default arena smaller is no use
-      if (headroom < kernels + std::max(arena, kLeast))
+      if (headroom < kernels + std::max(cap_, kLeast))
         fail(ErrorKind::out_of_memory,
              "cpu device: the process's address-space limit (ulimit -v or -d) leaves {} to map; {} threads run "
              "kernels ({} kernel threads and {} streams), and each needs {} of address space (a 128 MiB BLAS "
@@ -315,11 +310,10 @@ class CpuDevice final : public Device {
              std::getenv("OPENBLAS_NUM_THREADS") == nullptr
                  ? "; and set OPENBLAS_NUM_THREADS=1, or OpenBLAS's own thread pool takes 128 MiB per core"
                  : "");
-      if (o.mem_cap == 0 && arena < physical_memory())
+      if (o.mem_cap == 0 && cap_ < physical_memory_bytes())
         log_info("cpu device: the address-space limit leaves {}: device memory {} (half of it after the kernel threads' share)",
-                 format_bytes(static_cast<double>(headroom)), format_bytes(static_cast<double>(arena)));
+                 format_bytes(static_cast<double>(headroom)), format_bytes(static_cast<double>(cap_)));
     }
-    cap_ = o.mem_cap > 0 ? o.mem_cap : cpu_default_arena_bytes(threads_);
     // Reserve address space only: pages are committed when first touched.
     region_ = mmap(nullptr, std::max<std::size_t>(cap_, 4096), PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
