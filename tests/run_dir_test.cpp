@@ -384,6 +384,27 @@ TEST(RunDirCli, ResumeKeepsTheStorageDtypeAndEndsWithTheUninterruptedRunsBytes) 
   EXPECT_NE(out.find("stores its weights as bf16"), std::string::npos) << out;
 }
 
+TEST(RunDirCli, AResumeWithoutOutCarriesOnTheRunInPlace) {
+  TuneRun r;
+  const fs::path full = r.train("full");
+  const fs::path part = r.train("part", " --stop-at 2");
+  std::string out;
+  // --resume RUN alone (a requeued job's command line), then through `current` and a step
+  // directory: each continues RUN itself.
+  ASSERT_EQ(tune("train --resume " + part.string() + " --stop-at 3 -q", &out), 0) << out;
+  EXPECT_EQ(json::parse(read_text(part / kRunStateFile)).at("step"), 3);
+  ASSERT_EQ(tune("train --resume " + (part / kRunCurrent).string() + " --stop-at 4 -q", &out), 0) << out;
+  const fs::path step = part / fs::read_symlink(part / kRunCurrent);
+  ASSERT_EQ(tune("train --resume " + step.string() + " -q", &out), 0) << out;
+  EXPECT_EQ(read_text(full / "model.safetensors"), read_text(part / "model.safetensors"));
+  // A checkpoint that is no run's needs --out named.
+  EXPECT_EQ(tune("train --resume " + r.model.string(), &out), 2) << out;
+  EXPECT_NE(out.find("--out is required: --resume " + r.model.string() + " is not a run directory"),
+            std::string::npos) << out;
+  EXPECT_EQ(tune("train" + r.common, &out), 2) << out;
+  EXPECT_NE(out.find("--out is required"), std::string::npos) << out;
+}
+
 TEST(RunDirCli, TheBaseModelAndAnotherRunAreNeverWrittenOver) {
   TuneRun r;
   const std::string base = read_text(r.model / "model.safetensors");

@@ -113,7 +113,7 @@ struct StateReader {
 
 // Note [What a resume keeps]
 //   `train --resume DIR` continues the run saved in DIR with the run's own flags, so that
-//   `zo2-tune train --resume out --out out` alone carries on the job:
+//   `zo2-tune train --resume out` alone carries on the job (--out defaults to that run):
 //   - what decides the weights (the rule, storage dtype, seed, lr and its schedule, eps,
 //     weight decay, batch, data and its sampling, ranks' layout) is the run's: a different
 //     --storage-dtype, --optimizer or --parallel is refused, a different --lr, --batch-size, …,
@@ -271,6 +271,17 @@ std::uint32_t training_set_crc32(const Dataset& data) {
   }
   return crc;
 }
+
+// --out when only --resume DIR is given: the run DIR is (a directory holding a run), or the
+// run whose step directory (or `current`) DIR names.
+std::string default_resume_out(const std::string& resume) {
+  if (const std::filesystem::path run = training_run_of_checkpoint(resume); !run.empty()) return run.string();
+  if (holds_run(resume)) return resume;
+  fail(ErrorKind::invalid_argument,
+       "--out is required: --resume {} is not a run directory (or one of its step directories) to carry on in "
+       "place; name the run directory to write",
+       resume);
+}
 }  // namespace
 
 Runner add_train(CLI::App& app) {
@@ -312,7 +323,9 @@ Runner add_train(CLI::App& app) {
   app.add_option("--num-eval,--num_eval", o->num_eval, "use a seeded sample of N evaluation examples");
   auto* shuffle = app.add_flag("--shuffle,!--no-shuffle", o->shuffle, "reshuffle the training examples every epoch (default on)");
   auto* data_seed = app.add_option("--data-seed", o->data_seed, "seed of the sampling and shuffling (default: --seed)")->transform(seed_value());
-  app.add_option("--out", o->out, "output directory: tuned checkpoint, seed_log.jsonl, zo2_state.json")->required();
+  app.add_option("--out", o->out,
+                 "output directory: tuned checkpoint, seed_log.jsonl, zo2_state.json (with --resume, the run "
+                 "being resumed by default)");
   auto* steps = app.add_option("--steps,--max_steps", o->steps, "total steps")->capture_default_str();
   auto* batch = app.add_option("--batch-size,--per_device_train_batch_size", o->batch, "sequences per step")
                     ->capture_default_str();
@@ -371,6 +384,12 @@ Runner add_train(CLI::App& app) {
   // for --stop-at, --num-train and --num-eval, so those are checked only when given.
   auto check_flags = [o, a = &app] {
     constexpr auto cli = OptionSource::cli;
+    if (o->out.empty() && a->get_option("--out")->count() == 0) {
+      // `train --resume RUN` carries on RUN in place (a requeued job's command line): the run
+      // directory RUN is, or holds the step directory it names.
+      if (o->resume.empty()) fail(ErrorKind::invalid_argument, "--out is required: name the run directory to write");
+      o->out = default_resume_out(o->resume);
+    }
     if (o->out.empty()) fail(ErrorKind::invalid_argument, "--out '': name the run directory");
     check_integer(Opt::steps, o->steps, cli);
     check_integer(Opt::batch_size, o->batch, cli);
