@@ -377,6 +377,30 @@ TEST(Cli, LossFallsClearlyOnALearnableTask) {
   EXPECT_LT(last, 0.9 * first) << "mean of the last 50 steps " << last / 50 << " vs first 50 " << first / 50;
 }
 
+TEST(Cli, AnEvaluationShowsItsProgressOnATerminalAndNoLinesElsewhere) {
+  if (test::run_command("command -v script") != 0) GTEST_SKIP() << "no script(1) to give zo2-tune a terminal";
+  Workspace w;
+  const std::string tune = test::zo2_tune_path().string();
+  const std::string eval = " eval --model " + w.model.string() + " --data " + w.data.string() + " --batch-size 8";
+  std::string out;
+  ASSERT_EQ(test::run_command("script -qec '" + tune + eval + "' /dev/null", &out), 0) << out;
+  // The status line goes as the batches do, ends at every example, and is cleared for the result.
+  EXPECT_NE(out.find("\r\033[Keval: 64/64 examples | "), std::string::npos) << out;
+  EXPECT_NE(out.find("\r\033[Keval: loss "), std::string::npos) << out;
+  out.clear();
+  ASSERT_EQ(run(eval, &out), 0) << out;  // a pipe: a short evaluation prints no progress
+  EXPECT_EQ(out.find("examples/s"), std::string::npos) << out;
+  // train's evaluations: their own line, between the steps' status lines.
+  const std::string train = " train --model " + w.model.string() + " --data " + w.data.string() + " --eval " +
+                            w.data.string() + " --eval-every 2 --steps 4 --batch-size 8 --out " +
+                            (w.tmp / "run").string();
+  out.clear();
+  ASSERT_EQ(test::run_command("script -qec '" + tune + train + "' /dev/null", &out), 0) << out;
+  const auto at = out.find("\r\033[Keval after step 2: 64/64 examples | ");
+  ASSERT_NE(at, std::string::npos) << out;
+  EXPECT_NE(out.find("step 3/4 | ", at), std::string::npos) << out;
+}
+
 TEST(Cli, ResumeAfterAStopGivesTheUninterruptedRunsWeights) {
   Workspace w("llama-tiny");
   const std::string common = " --model " + w.model.string() + " --data " + w.data.string() +

@@ -22,6 +22,7 @@
 
 #include <cerrno>
 #include <charconv>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -620,6 +621,37 @@ void ensure_writable_dir(const std::filesystem::path& dir) {
 }
 
 bool stderr_is_terminal() { return isatty(fileno(stderr)) != 0; }
+
+namespace {
+double monotonic_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
+EvalProgressLine::EvalProgressLine(std::string what)
+    : what_(std::move(what)), tty_(stderr_is_terminal()), quiet_(log_level() > LogLevel::info),
+      start_(monotonic_seconds()), last_(start_) {}
+
+void EvalProgressLine::report(std::int64_t done, std::int64_t total, std::int64_t new_tokens) {
+  if (quiet_ || failed_ || total <= 0) return;
+  const double now = monotonic_seconds();
+  constexpr double kPlainEvery = 30;  // seconds between lines that are not a terminal's
+  if (tty_ ? now - last_ < 0.2 && done < total : now - last_ < kPlainEvery) return;
+  last_ = now;
+  const double elapsed = now - start_;
+  const double rate = elapsed > 0 ? static_cast<double>(done) / elapsed : 0;
+  const double eta = done > 0 ? elapsed / static_cast<double>(done) * static_cast<double>(total - done) : -1;
+  const std::string line = fmt::format(
+      "{}: {}/{} examples | {:.1f} examples/s{} | ETA {}", what_, done, total, rate,
+      new_tokens >= 0 ? fmt::format(" | {} new tokens", new_tokens) : std::string(), format_duration(eta));
+  failed_ = !write_stderr(tty_ ? "\r\033[K" + line : line + "\n");
+  open_ = tty_ && !failed_;
+}
+
+void EvalProgressLine::finish() {
+  if (open_) failed_ = !write_stderr("\r\033[K");
+  open_ = false;
+}
 
 std::string format_duration(double s) {
   if (!(s >= 0) || s > 1e9) return "?";

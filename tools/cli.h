@@ -222,6 +222,27 @@ void ensure_writable_dir(const std::filesystem::path& dir);
 bool stderr_is_terminal();
 std::string format_duration(double seconds);
 
+// Progress of a long evaluation on stderr: "eval after step 100: 320/1000 examples | 12.3
+// examples/s | 850 new tokens | ETA 55s". On a terminal the line is rewritten as it goes and
+// cleared at the end (the result is logged in its place); elsewhere (a log file, a pipe) a
+// line at most every 30 s, so an evaluation shorter than that prints none. Nothing under -q.
+// A line that cannot be written ends the progress, not the evaluation.
+class EvalProgressLine {
+ public:
+  explicit EvalProgressLine(std::string what);
+  ~EvalProgressLine() { finish(); }
+  EvalProgressLine(const EvalProgressLine&) = delete;
+  EvalProgressLine& operator=(const EvalProgressLine&) = delete;
+  // `new_tokens` < 0: not a generation.
+  void report(std::int64_t done, std::int64_t total, std::int64_t new_tokens = -1);
+  void finish();
+
+ private:
+  std::string what_;
+  bool tty_, quiet_, open_ = false, failed_ = false;
+  double start_, last_;
+};
+
 // Note [Standard streams]
 //   zo2-tune and zo2-bench call open_standard_streams() first thing in main:
 //   - fds 0, 1 and 2 are made open: a program started with one closed (`2>&-`) hands that

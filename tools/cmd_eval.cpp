@@ -99,7 +99,12 @@ Runner add_eval(CLI::App& app) {
       sc.generate.kv = kv;
     }
     Session session(o->model, sc);
-    EvalResult r = evaluate(session, data, sc.max_batch);
+    EvalResult r;
+    {
+      EvalProgressLine line(generate ? "eval (gold-answer loss)" : "eval");
+      r = evaluate(session, data, sc.max_batch, {},
+                   [&line](std::int64_t done, std::int64_t total, std::int64_t) { line.report(done, total); });
+    }
     // A loss from finite logits is finite (a log-sum-exp): a NaN or infinity means the
     // forward pass overflowed, and every number from it would mislead.
     if (!std::isfinite(r.loss))
@@ -113,7 +118,11 @@ Runner add_eval(CLI::App& app) {
                gen_rows,
                pl.kv_positions == 0 ? std::string("without a KV cache")
                                     : fmt::format("KV cache on the {}", pl.kv_on_device ? "device" : "host"));
-      EvalResult g = evaluate_generation(session, data, *tokenizer, o->max_new);
+      EvalProgressLine line("eval (greedy decoding)");
+      EvalResult g = evaluate_generation(
+          session, data, *tokenizer, o->max_new, {},
+          [&line](std::int64_t done, std::int64_t total, std::int64_t tokens) { line.report(done, total, tokens); });
+      line.finish();
       if (g.non_finite) fail(ErrorKind::format, "{}: {}; no evaluation is reported", o->model, g.note);
       r.metrics = g.metrics;
       r.note.clear();

@@ -223,13 +223,16 @@ class Progress {
         format_bytes(static_cast<double>(peak)), pcie_gbps,
         disk_gbps >= 0 ? fmt::format(" | disk {:.2f} GB/s", disk_gbps) : std::string(),
         r.update_skipped ? " | update skipped" : "");
-    if (tty_)
+    if (tty_) {
       put(fmt::format("\r\033[K{}{}", line, r.step + 1 == total_ ? "\n" : ""));
-    else if ((r.step + 1) % every_ == 0 || r.step + 1 == total_ || r.step == 0)
+      open_ = r.step + 1 != total_ && failure_.empty();
+    } else if ((r.step + 1) % every_ == 0 || r.step + 1 == total_ || r.step == 0)
       put(line + "\n");
   }
+  // Ends the status line a terminal shows, if one is open, so that what follows starts a line.
   void newline() {
-    if (tty_ && !quiet_ && failure_.empty()) put("\n");
+    if (open_ && failure_.empty()) put("\n");
+    open_ = false;
   }
 
  private:
@@ -240,7 +243,7 @@ class Progress {
                            e == EPIPE ? ": the program reading it exited" : "");
   }
   std::int64_t total_, every_;
-  bool tty_, quiet_;
+  bool tty_, quiet_, open_ = false;
   std::string failure_;
   double smooth_ = 0;
   std::int64_t n_ = 0;
@@ -1258,6 +1261,7 @@ Runner add_train(CLI::App& app) {
     double tokens_done = 0;
     double disk_bytes = 0;  // the disk tier's reads and writes so far
     std::int64_t skipped = 0, skipped_in_a_row = 0;
+    double eval_seconds = 0;  // spent in evaluations since `start`
     StepResult last_skipped;
     // Each step's progress and record, as the session collects its result: before its seed-log
     // line (Note [Records before the log line]).
@@ -1277,9 +1281,11 @@ Runner add_train(CLI::App& app) {
         step_tokens.erase(it);
       }
       // Rates over the whole run so far: the time between two harvests says little when a
-      // rule waits inside each step (zo-sgd-cons) or when steps overlap.
-      const double step_s = elapsed / static_cast<double>(completed);
-      const double tok_s = elapsed > 0 ? tokens_done / elapsed : 0;
+      // rule waits inside each step (zo-sgd-cons) or when steps overlap. The evaluations' time
+      // is left out of the step rates (the ETA keeps it: they recur).
+      const double stepping = std::max(0.0, elapsed - eval_seconds);
+      const double step_s = stepping / static_cast<double>(completed);
+      const double tok_s = stepping > 0 ? tokens_done / stepping : 0;
       const TransferTotals tt = session.scheduler().totals();
       const double pcie = elapsed > 0 ? static_cast<double>(tt.h2d_bytes + tt.d2h_bytes - t0.h2d_bytes - t0.d2h_bytes) / elapsed / 1e9 : 0;
       disk_bytes += static_cast<double>(r.disk_read_bytes + r.disk_write_bytes);
@@ -1352,7 +1358,15 @@ Runner add_train(CLI::App& app) {
         if (sigint_in_eval && std::string(sigint_in_eval) == fmt::format("{}:{}", done, asked)) std::raise(SIGINT);
         return stop_requested();
       };
-      EvalResult e = evaluate(session, *eval_data, sc.max_batch, eval_stop);
+      std::optional<EvalProgressLine> line;
+      if (writer) {
+        progress.newline();
+        line.emplace(fmt::format("eval after step {}", done));
+      }
+      auto eval_progress = [&line](std::int64_t n, std::int64_t total, std::int64_t tokens) {
+        if (line) line->report(n, total, tokens);
+      };
+      EvalResult e = evaluate(session, *eval_data, sc.max_batch, eval_stop, eval_progress);
       // Non-finite logits (weights that overflow on the --eval data) give no metric: the
       // evaluation is logged with a null loss and nothing else, and training goes on (its own
       // losses decide whether it stops: kMaxSkippedInARow).
@@ -1361,14 +1375,16 @@ Runner add_train(CLI::App& app) {
       if (eval_generates && !e.interrupted && non_finite.empty()) {
         const auto eval_tok = tokenizer ? nullptr : tokenizer_for_data(o->eval, o->data_flags, model_dir);
         const EvalResult g =
-            evaluate_generation(session, *eval_data, tokenizer ? *tokenizer : *eval_tok, o->eval_max_new, eval_stop);
+            evaluate_generation(session, *eval_data, tokenizer ? *tokenizer : *eval_tok, o->eval_max_new, eval_stop,
+                                eval_progress);
         e.interrupted = g.interrupted;
         e.metrics = g.metrics;
         e.note.clear();
         if (g.non_finite) non_finite = g.note;
       }
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-      progress.newline();
+      eval_seconds += s;
+      if (line) line->finish();
       if (e.interrupted) {
         eval_owed = done;
         log_warn("the evaluation after step {} was interrupted after {}: not recorded; --resume runs it first", done,

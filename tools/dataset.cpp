@@ -1187,7 +1187,8 @@ HostBatch Dataset::collate(const std::vector<std::int64_t>& examples, bool gold_
   return b;
 }
 
-EvalResult evaluate(Session& session, const Dataset& data, int batch_rows, const std::function<bool()>& stop) {
+EvalResult evaluate(Session& session, const Dataset& data, int batch_rows, const std::function<bool()>& stop,
+                    const EvalProgress& progress) {
   EvalResult r;
   const std::int64_t per_batch = std::max<std::int64_t>(1, batch_rows / data.max_candidates());
   double sum = 0;
@@ -1211,6 +1212,7 @@ EvalResult evaluate(Session& session, const Dataset& data, int batch_rows, const
           ++r.tokens;
         }
       r.examples += static_cast<std::int64_t>(b.batch);
+      if (progress) progress(r.examples, data.size(), -1);
       continue;
     }
     // Candidates' mean log-likelihoods → MeZO's cross-entropy over candidates and accuracy.
@@ -1240,6 +1242,7 @@ EvalResult evaluate(Session& session, const Dataset& data, int batch_rows, const
       predicted.push_back(pick);
       ++r.examples;
     }
+    if (progress) progress(r.examples, data.size(), -1);
   }
   if (data.format() == DataFormat::options) {
     r.loss = r.examples > 0 ? sum / static_cast<double>(r.examples) : std::nan("");
@@ -1282,7 +1285,7 @@ EvalResult evaluate(Session& session, const Dataset& data, int batch_rows, const
 namespace zo2::cli {
 
 EvalResult evaluate_generation(Session& session, const Dataset& data, const Tokenizer& tokenizer,
-                               int max_new_tokens, const std::function<bool()>& stop) {
+                               int max_new_tokens, const std::function<bool()>& stop, const EvalProgress& progress) {
   if (!task_is_generation(data.task()))
     fail(ErrorKind::invalid_argument, "generation-based evaluation is for squad and drop, not {}",
          data.task().empty() ? std::string("a file without --task") : data.task());
@@ -1322,9 +1325,10 @@ EvalResult evaluate_generation(Session& session, const Dataset& data, const Toke
   // A stop ends the decoding after the step in progress (the session stays usable, as a
   // progress callback's stop in the C API).
   struct Stopped {};
-  if (stop)
-    go.progress = [&stop](const GenerateProgress&) {
-      if (stop()) throw Stopped{};
+  if (stop || progress)
+    go.progress = [&stop, &progress](const GenerateProgress& p) {
+      if (progress) progress(p.prompts_done, p.prompts, p.new_tokens);
+      if (stop && stop()) throw Stopped{};
     };
   std::vector<Generation> gen;
   try {

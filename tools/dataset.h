@@ -191,8 +191,10 @@ namespace zo2::cli {
 // Evaluates in batches of at most `batch_rows` sequences (an option example's candidates
 // always share a batch). `stop`, when given, is asked before each batch (with ranks it must
 // be collective: every rank asks it as often); true ends the evaluation there, interrupted.
+// `progress`, when given, is told the examples done (of data.size()) after each batch.
+using EvalProgress = std::function<void(std::int64_t done, std::int64_t total, std::int64_t new_tokens)>;
 EvalResult evaluate(Session& session, const Dataset& data, int batch_rows,
-                    const std::function<bool()>& stop = {});
+                    const std::function<bool()>& stop = {}, const EvalProgress& progress = {});
 
 // squad, drop: MeZO's evaluation. Greedy decoding after each example's prompt (cut to
 // --max-len (Dataset::max_len) − max_new_tokens, and to the session's max_seq −
@@ -202,7 +204,9 @@ EvalResult evaluate(Session& session, const Dataset& data, int batch_rows,
 // metrics: MeZO's f1 then em against the gold answers (drop: then drop_eval.py's drop_f1,
 // drop_em). Decoding is api/generate.h's: the session must be set up for generation
 // (SessionConfig::generate, whose batch of prompts decodes together, with its KV cache).
-// `stop` as evaluate's, asked after each decoding step.
+// `stop` as evaluate's, asked after each decoding step; `progress` told the prompts done and
+// the tokens generated after each decoding step.
 EvalResult evaluate_generation(Session& session, const Dataset& data, const Tokenizer& tokenizer,
-                               int max_new_tokens = 50, const std::function<bool()>& stop = {});
+                               int max_new_tokens = 50, const std::function<bool()>& stop = {},
+                               const EvalProgress& progress = {});
 }  // namespace zo2::cli
