@@ -2,6 +2,7 @@
 
 #include "runtime/checksum.h"
 #include "runtime/error.h"
+#include "runtime/file_util.h"
 #include "runtime/log.h"
 
 #include <fmt/format.h>
@@ -83,6 +84,20 @@ bool plain_name(const std::string& n) {
 }
 
 bool is_step_dir_name(const std::string& n) { return n.rfind("step-", 0) == 0; }
+
+// The step directory of DIR a `current` link names: its target "step-N" (or "step-N/"), or an
+// absolute path whose parent is DIR itself; empty for any other target. A relative path
+// through other directories ("step-1/../../elsewhere/step-1") names something outside DIR,
+// which a save would then remove as the previous checkpoint (adversarial pass 52).
+std::string current_step_name(const fs::path& dir, const fs::path& target) {
+  std::string t = target.string();
+  while (t.size() > 1 && t.back() == '/') t.pop_back();
+  const fs::path p(t);
+  const std::string name = p.filename().string();
+  if (!plain_name(name) || !is_step_dir_name(name)) return {};
+  if (p.is_absolute() ? !same_directory(p.parent_path(), dir) : !plain_name(t)) return {};
+  return name;
+}
 
 std::uint64_t manifest_uint(const json& obj, const char* key, const fs::path& file, const std::string& what) {
   if (!obj.is_object() || !obj.contains(key) || !obj.at(key).is_number_unsigned())
@@ -223,10 +238,8 @@ void clean_run_dir(const fs::path& dir) {
   if (fs::is_symlink(cur_status)) {
     // "step-N", or an absolute or trailing-slash spelling of it: the directory it names.
     const fs::path target = fs::read_symlink(cur, ec);
-    std::string t = target.string();
-    while (t.size() > 1 && t.back() == '/') t.pop_back();
-    current = fs::path(t).filename().string();
-    if (!is_step_dir_name(current) || !same_directory(dir / current, cur))
+    current = current_step_name(dir, target);
+    if (current.empty() || !same_directory(dir / current, cur))
       fail(ErrorKind::format,
            "{} points at {}, not one of the run's step directories: nothing was removed; point it at the "
            "checkpoint to continue from (ln -sfn step-NNNNNNNN {})",
@@ -306,8 +319,7 @@ RunDirLock::RunDirLock(const fs::path& dir) {
            dir.string());
   }
   const fs::path file = dir / kRunLockFile;
-  fd_ = ::open(file.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd_ < 0) fail(ErrorKind::io, "{}: cannot open the lock file: {}", file.string(), std::strerror(errno));
+  fd_ = open_own_file(file, O_RDWR | O_CREAT);
   if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
     const int e = errno;
     const std::string pid = pid_of_lock(fd_);
@@ -408,8 +420,8 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
   }
   add_links(dir, files_of(dir / name), /*replace_files=*/false);
   fsync_path(dir, true);
-  std::string old;
-  if (fs::is_symlink(fs::symlink_status(cur, ec))) old = fs::read_symlink(cur, ec).string();
+  std::string old;  // the step directory of DIR that was current: removed once the switch is done
+  if (fs::is_symlink(fs::symlink_status(cur, ec))) old = current_step_name(dir, fs::read_symlink(cur, ec));
   if (const std::error_code e = switch_current(dir, name)) {  // the commit point
     std::error_code e2;
     fs::remove_all(dir / name, e2);

@@ -1,5 +1,6 @@
 // BlockFile (disk_file.h): block images on disk through io_uring, and the disk probe.
 #include "offload/disk_file.h"
+#include "runtime/file_util.h"
 
 #include "runtime/arena.h"
 #include "runtime/checksum.h"
@@ -141,19 +142,31 @@ std::string free_space(const fs::path& path) {
 // warning when O_DIRECT was asked for). Sets *direct to what it got.
 int open_maybe_direct(const fs::path& path, int flags, bool want_direct, bool refuse_direct, bool* direct) {
   if (want_direct) {
-    const int fd = refuse_direct ? (errno = EINVAL, -1) : ::open(path.c_str(), flags | O_DIRECT | O_CLOEXEC, 0644);
+    const int fd = refuse_direct ? (errno = EINVAL, -1)
+                                 : ::open(path.c_str(), flags | O_DIRECT | O_NOFOLLOW | O_CLOEXEC, 0644);
     if (fd >= 0) {
+      struct stat st {};
+      if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        ::close(fd);
+        return open_own_file(path, flags);  // says what is there
+      }
       *direct = true;
       return fd;
     }
+    if (errno == ELOOP) return open_own_file(path, flags);  // a link: says so
     if (errno != EINVAL)
       fail(ErrorKind::io, "{}: cannot open: {}", path.string(), describe_errno(errno));
     log_warn("{}: the filesystem ({}) refuses O_DIRECT; reading and writing through the page cache instead",
              path.string(), filesystem_name(path.parent_path().empty() ? fs::path(".") : path.parent_path()));
   }
   *direct = false;
-  const int fd = ::open(path.c_str(), flags | O_CLOEXEC, 0644);
+  const int fd = ::open(path.c_str(), flags | O_NOFOLLOW | O_CLOEXEC, 0644);
+  if (fd < 0 && errno == ELOOP) return open_own_file(path, flags);  // a link: says so
   if (fd < 0) fail(ErrorKind::io, "{}: cannot open: {}", path.string(), describe_errno(errno));
+  if (struct stat st {}; ::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return open_own_file(path, flags);  // says what is there
+  }
   return fd;
 }
 

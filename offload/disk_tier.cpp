@@ -275,8 +275,7 @@ DiskTier::DiskTier(Device& device, const fs::path& dir, std::vector<std::int64_t
          ec ? ec.message() : std::string());
   // One process per directory: two would overwrite each other's images.
   const fs::path lock = dir / kDiskTierLock;
-  const int lock_fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (lock_fd < 0) fail(ErrorKind::io, "{}: cannot open the lock file: {}", lock.string(), std::strerror(errno));
+  const int lock_fd = open_own_file(lock, O_RDWR | O_CREAT);
   if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
     const int e = errno;
     char pid[32] = {};

@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <random>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <system_error>
 #include <unistd.h>
 
@@ -127,6 +128,26 @@ void AtomicFile::commit() {
 
 void AtomicFile::io_fail(const char* op, int e) {
   fail(ErrorKind::io, "cannot write '{}': {} failed: {}", target_.string(), op, errno_message(e));
+}
+
+int open_own_file(const std::filesystem::path& path, int flags, unsigned mode) {
+  const int fd = ::open(path.c_str(), flags | O_NOFOLLOW | O_CLOEXEC, static_cast<mode_t>(mode));
+  if (fd < 0) {
+    const int e = errno;
+    std::error_code ec;
+    if (e == ELOOP && std::filesystem::is_symlink(std::filesystem::symlink_status(path, ec)))
+      fail(ErrorKind::io,
+           "{}: is a symbolic link (to {}); zo2 writes this file itself and never through a link: remove the link",
+           path.string(), std::filesystem::read_symlink(path, ec).string());
+    fail(ErrorKind::io, "{}: cannot open: {}", path.string(), std::strerror(e));
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    fail(ErrorKind::io, "{}: is not a regular file; zo2 keeps its own file of this name here: remove it",
+         path.string());
+  }
+  return fd;
 }
 
 void write_file_atomic(const fs::path& path, std::string_view contents) {

@@ -52,6 +52,13 @@ class AtomicFile {
   bool committed_ = false;
 };
 
+// Opens (O_CREAT when `flags` has it) a file zo2 keeps in a directory it writes — a lock file,
+// a block file — as the plain file of that name, never through a symbolic link planted there
+// (O_NOFOLLOW: a link named zo2.lock would have zo2 empty the file it points at and write its
+// pid into it; adversarial pass 52), and refuses anything but a regular file. Returns the
+// descriptor (O_CLOEXEC); throws Error(io) naming the path and what is there.
+int open_own_file(const std::filesystem::path& path, int flags, unsigned mode = 0644);
+
 // Throws Error(io) naming the path; on failure the old file (if any) is untouched.
 void write_file_atomic(const std::filesystem::path& path, std::string_view contents);
 

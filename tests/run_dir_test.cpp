@@ -298,6 +298,49 @@ TEST(RunDir, WhatAnInterruptedSaveLeftIsRemovedWhenTheNextWriterStarts) {
   EXPECT_EQ(open_checkpoint(d, true).step, 2);
 }
 
+// Adversarial pass 52: links planted in a directory zo2 writes (shared scratch space, a
+// downloaded run) never make it remove, empty or write what they point at.
+TEST(RunDir, LinksPlantedInTheDirectoryNeverMakeAWriterTouchWhatTheyName) {
+  test::TempDir tmp;
+  const fs::path victim = tmp / "victim" / "step-00000001";
+  fs::create_directories(victim);
+  write_text(victim / "thesis.tex", "precious");
+  write_text(tmp / "victim" / "notes.txt", "notes");
+  // `current` through the step directory's link and out of DIR: refused, nothing removed.
+  const fs::path d = tmp / "out";
+  fs::create_directories(d);
+  fs::create_directory_symlink(victim, d / "step-00000001");
+  fs::create_directory_symlink("step-00000001/../../victim/step-00000001", d / kRunCurrent);
+  Error e = error_of([&] { RunDirLock lock(d); });
+  EXPECT_NE(std::string(e.what()).find("not one of the run's step directories"), std::string::npos) << e.what();
+  EXPECT_EQ(read_text(victim / "thesis.tex"), "precious");
+  // A save replacing a checkpoint whose `current` is written as an absolute path of DIR's own
+  // step directory removes that one, and only in DIR.
+  const fs::path r = tmp / "run";
+  publish_checkpoint(r, request(1, "step 1"));
+  fs::remove(r / kRunCurrent);
+  fs::create_directory_symlink(fs::absolute(r / "step-00000001"), r / kRunCurrent);
+  publish_checkpoint(r, request(2, "step 2"));
+  EXPECT_FALSE(fs::exists(r / "step-00000001"));
+  EXPECT_EQ(open_checkpoint(r, true).step, 2);
+  // zo2.lock as a link: refused naming it; the file it names keeps its text.
+  const fs::path l = tmp / "locked";
+  fs::create_directories(l);
+  fs::create_symlink(tmp / "victim" / "notes.txt", l / kRunLockFile);
+  e = error_of([&] { RunDirLock lock(l); });
+  EXPECT_EQ(e.kind(), ErrorKind::io);
+  EXPECT_NE(std::string(e.what()).find("is a symbolic link"), std::string::npos) << e.what();
+  EXPECT_EQ(read_text(tmp / "victim" / "notes.txt"), "notes");
+  // The CLI's writability probe: a `.zo2-write-test` link is left alone.
+  const fs::path n = tmp / "new";
+  fs::create_directories(n);
+  fs::create_symlink(tmp / "victim" / "notes.txt", n / ".zo2-write-test");
+  std::string out;
+  EXPECT_EQ(test::run_command(test::zo2_tune_path().string() + " init --preset opt-tiny -q --out " + n.string(), &out),
+            0) << out;
+  EXPECT_EQ(read_text(tmp / "victim" / "notes.txt"), "notes");
+}
+
 // ---- zo2-tune train/replay over run directories (issue 16's defects 1, 3, 6, 7, 8, 9) ----
 
 int tune(const std::string& args, std::string* out = nullptr) {
@@ -403,6 +446,31 @@ TEST(RunDirCli, AResumeWithoutOutCarriesOnTheRunInPlace) {
             std::string::npos) << out;
   EXPECT_EQ(tune("train" + r.common, &out), 2) << out;
   EXPECT_NE(out.find("--out is required"), std::string::npos) << out;
+}
+
+TEST(RunDirCli, AStateSavedElsewhereNeverPicksTheFilesAResumeWrites) {
+  // Adversarial pass 52: a downloaded run whose state (its CRC recomputed) names a JSON log
+  // and a block directory of this machine had the resume trim and append to that log and
+  // write block images there. Those paths are kept only for the directory the state was saved in.
+  TuneRun r;
+  const fs::path d = r.train("part", " --stop-at 3");
+  const std::string log_text = "{\"step\": 1, \"note\": \"the user's own\"}\n{\"step\": 9}\n";
+  write_text(r.tmp / "mine.jsonl", log_text);
+  fs::create_directories(r.tmp / "blocks");
+  write_text(r.tmp / "blocks" / "zo2-blocks.img", "precious");
+  r.edit_state(d, [&](json& j) {
+    j["run_dir"] = "/nonexistent/run";
+    j["log_json"] = (r.tmp / "mine.jsonl").string();
+    j["host_mem"] = "64K";
+    j["disk_dir"] = (r.tmp / "blocks").string();
+  });
+  std::string out;
+  EXPECT_EQ(tune("train --resume " + d.string() + " --stop-at 5", &out), 0) << out;
+  EXPECT_NE(out.find("was saved in /nonexistent/run, so its JSON log and block file are not taken from its state"),
+            std::string::npos) << out;
+  EXPECT_EQ(read_text(r.tmp / "mine.jsonl"), log_text);
+  EXPECT_EQ(read_text(r.tmp / "blocks" / "zo2-blocks.img"), "precious");
+  EXPECT_EQ(json::parse(read_text(d / kRunStateFile)).at("step"), 5);
 }
 
 TEST(RunDirCli, TheBaseModelAndAnotherRunAreNeverWrittenOver) {

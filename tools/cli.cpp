@@ -612,12 +612,13 @@ void ensure_writable_dir(const std::filesystem::path& dir) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) fail(ErrorKind::io, "{}: cannot create the directory: {}", dir.string(), ec.message());
-  const auto probe = dir / ".zo2-write-test";
-  {
-    std::ofstream out(probe);
-    if (!out) fail(ErrorKind::io, "{}: the directory is not writable", dir.string());
-  }
-  std::filesystem::remove(probe, ec);
+  // A new file of a unique name (mkostemp: O_EXCL), never one already there: a planted
+  // `.zo2-write-test` link would have this probe empty the file it points at (pass 52).
+  std::string probe = (dir / ".zo2-write-test.XXXXXX").string();
+  const int fd = ::mkostemp(probe.data(), O_CLOEXEC);
+  if (fd < 0) fail(ErrorKind::io, "{}: the directory is not writable: {}", dir.string(), std::strerror(errno));
+  ::close(fd);
+  ::unlink(probe.c_str());
 }
 
 bool stderr_is_terminal() { return isatty(fileno(stderr)) != 0; }

@@ -581,13 +581,21 @@ Runner add_train(CLI::App& app) {
       // the run's, each one given again wins.
       // A copy of a run directory (cp -a RUN COPY; --resume COPY --out COPY) is not the run
       // it was copied from: the original's JSON log and block file stay the original's.
+      // The paths the run wrote besides its directory (--log-json, --disk-dir) are kept only
+      // when the state was saved in this very directory: a copy, a moved run or one from
+      // elsewhere (a download whose state names paths of this machine; adversarial pass 52)
+      // has them given again, so a state file never picks what a resume writes or trims.
       bool own_dir = resume_in_place;
       if (const std::string saved_dir = st.get_or<std::string>("run_dir", "");
-          own_dir && !saved_dir.empty() && std::filesystem::exists(saved_dir) && !same_directory(saved_dir, out)) {
+          own_dir && (saved_dir.empty() || !same_directory(saved_dir, out))) {
         own_dir = false;
-        log_info("--resume: {} is a copy of the run in {}, whose JSON log and block file stay its own here (give "
-                 "--log-json, --host-mem and --disk-dir for this copy)",
-                 o->resume, saved_dir);
+        const std::string where =
+            saved_dir.empty() ? "'s state does not say which directory it was saved in"
+            : std::filesystem::exists(saved_dir) ? " is a copy of the run in " + saved_dir
+                                                 : " was saved in " + saved_dir;
+        log_info("--resume: {}{}, so its JSON log and block file are not taken from its state here (give --log-json, "
+                 "--host-mem and --disk-dir again for this directory)",
+                 o->resume, where);
       }
       const std::vector<std::string> kept = keep_run_flags(*o, *a, st, own_dir);
       for (const auto& [key, check] : std::initializer_list<std::pair<const char*, std::function<void()>>>{
