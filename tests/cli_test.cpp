@@ -463,6 +463,46 @@ TEST(Cli, SigintFinishesTheStepSavesAndResumesExactly) {
   EXPECT_EQ(read_file(w.tmp / "full" / "model.safetensors"), read_file(fs::path(part) / "model.safetensors"));
 }
 
+TEST(Cli, EveryStopSignalFinishesTheStepAndSavesEvenWhenTheParentBlockedIt) {
+  // Note [Stop signals] (adversarial pass 54): SIGHUP (an ssh drop), SIGUSR1/2 (Slurm's
+  // --signal), SIGXCPU killed the run with nothing saved; a SIGTERM the parent had blocked
+  // stayed pending until the SIGKILL. Each run here starts with every one of them blocked.
+  Workspace w;
+  struct Case {
+    int sig;
+    int times;  // a second SIGHUP or SIGXCPU is ignored
+  };
+  for (const Case c : {Case{SIGHUP, 2}, Case{SIGUSR1, 1}, Case{SIGUSR2, 1}, Case{SIGXCPU, 2}, Case{SIGTERM, 1}}) {
+    SCOPED_TRACE(sigabbrev_np(c.sig));
+    const fs::path run_dir = w.tmp / (std::string("run-") + sigabbrev_np(c.sig));
+    const fs::path log = w.tmp / (std::string("log-") + sigabbrev_np(c.sig) + ".jsonl");
+    const pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      sigset_t all;
+      sigemptyset(&all);
+      for (int s : {SIGHUP, SIGUSR1, SIGUSR2, SIGXCPU, SIGTERM, SIGINT}) sigaddset(&all, s);
+      sigprocmask(SIG_BLOCK, &all, nullptr);  // kept across exec
+      execl("/bin/sh", "sh", "-c",
+            ("exec " + tune() + " train --model " + w.model.string() + " --data " + w.data.string() +
+             " --steps 1000000 --batch-size 2 --lr 1e-3 -q --out " + run_dir.string() + " --log-json " +
+             log.string() + " >/dev/null 2>&1")
+                .c_str(),
+            nullptr);
+      _exit(127);
+    }
+    for (int i = 0; i < 3000 && read_file(log).find('\n') == std::string::npos; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    for (int k = 0; k < c.times; ++k) kill(pid, c.sig);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+    EXPECT_EQ(WEXITSTATUS(status), 130);
+    const auto state = nlohmann::json::parse(read_file(run_dir / "zo2_state.json"));
+    EXPECT_GT(state["next_step"].get<int>(), 0);
+  }
+}
+
 TEST(Cli, OffloadedTrainingWritesTheSameCheckpointAsResident) {
   Workspace w("opt-tiny-postln");
   const std::string common = " --model " + w.model.string() + " --data " + w.data.string() + " --steps 6 --batch-size 2 --lr 1e-3 -q";

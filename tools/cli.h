@@ -36,6 +36,8 @@ Runner add_train(CLI::App& app);
 // the stop through train's SIGINT handler: the log then names that reason, not the signal.
 // Cleared when a train starts.
 void set_train_stop_reason(std::string reason);
+// The signal that stopped the last train (Note [Stop signals]), 0 when none did.
+int train_stop_signal();
 Runner add_eval(CLI::App& app);
 Runner add_replay(CLI::App& app);
 Runner add_merge(CLI::App& app);

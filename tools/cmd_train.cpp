@@ -22,6 +22,8 @@
 #include <chrono>
 #include <cerrno>
 #include <csignal>
+#include <pthread.h>
+#include <signal.h>
 #include <mutex>
 #include <cstring>
 #include <exception>
@@ -52,10 +54,65 @@ std::string g_stop_reason;  // set_train_stop_reason
 // and end in a "successful" run that learned nothing.
 constexpr std::int64_t kMaxSkippedInARow = 10;
 
+// Note [Stop signals]
+//   train stops after the step in progress, saves and exits 130 on
+//   - SIGINT and SIGTERM: Ctrl-C, kill, `timeout`, a scheduler's time limit or preemption;
+//   - SIGHUP: the terminal or the ssh session went away (a foreground run used to die with
+//     everything since its last save; adversarial pass 54);
+//   - SIGUSR1 and SIGUSR2: Slurm's `--signal=[B:]USR1@SECONDS` warning before a time limit,
+//     and other launchers' "checkpoint now";
+//   - SIGXCPU: a CPU-time limit's warning (`ulimit -S -t`, a batch queue's).
+//   A second SIGINT, SIGTERM, SIGUSR1 or SIGUSR2 ends the process at once (the way out of a
+//   save that hangs); a second SIGHUP (the kernel's and then the shell's, as a session
+//   closes) or SIGXCPU (sent again every second past the soft limit) is ignored. SIGHUP,
+//   SIGUSR1, SIGUSR2 and SIGXCPU that are ignored when train starts (nohup, a launcher) stay
+//   ignored. The handlers stay through the final save — a time limit that arrives while it
+//   is written must not kill it (pass 54: one SIGTERM during the final save lost the run) —
+//   and are put back as they were after it. These signals are unblocked for train's thread:
+//   a parent that blocked SIGTERM left it pending until the scheduler's SIGKILL.
 extern "C" void on_stop_signal(int sig) {
   g_stop_signal.store(sig);
-  std::signal(sig, SIG_DFL);  // a second signal ends the process at once
+  struct sigaction next {};
+  next.sa_handler = sig == SIGHUP || sig == SIGXCPU ? SIG_IGN : SIG_DFL;
+  sigemptyset(&next.sa_mask);
+  sigaction(sig, &next, nullptr);
 }
+
+class StopSignals {
+ public:
+  static constexpr int kSignals[] = {SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, SIGXCPU};
+  StopSignals() {
+    sigset_t set;
+    sigemptyset(&set);
+    for (std::size_t i = 0; i < std::size(kSignals); ++i) {
+      const int s = kSignals[i];
+      sigaction(s, nullptr, &saved_[i]);
+      const bool ignored = !(saved_[i].sa_flags & SA_SIGINFO) && saved_[i].sa_handler == SIG_IGN;
+      if (ignored && s != SIGINT && s != SIGTERM) continue;  // (a background job's SIGINT is SIG_IGN)
+      struct sigaction a {};
+      a.sa_handler = on_stop_signal;
+      sigemptyset(&a.sa_mask);
+      a.sa_flags = SA_RESTART;
+      sigaction(s, &a, nullptr);
+      sigaddset(&set, s);
+    }
+    pthread_sigmask(SIG_UNBLOCK, &set, &saved_mask_);
+  }
+  ~StopSignals() { restore(); }
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+  void restore() {
+    if (restored_) return;
+    restored_ = true;
+    for (std::size_t i = 0; i < std::size(kSignals); ++i) sigaction(kSignals[i], &saved_[i], nullptr);
+    pthread_sigmask(SIG_SETMASK, &saved_mask_, nullptr);
+  }
+
+ private:
+  struct sigaction saved_[std::size(kSignals)] {};
+  sigset_t saved_mask_{};
+  bool restored_ = false;
+};
 
 using json = nlohmann::json;
 
@@ -256,6 +313,8 @@ void set_train_stop_reason(std::string reason) {
   g_stop_reason = std::move(reason);
 }
 
+int train_stop_signal() { return g_stop_signal.load(); }
+
 namespace {
 // CRC-32 of a training set as its steps see it: each example's label and each sequence's
 // ids, mask and labels, with their lengths.
@@ -443,6 +502,17 @@ Runner add_train(CLI::App& app) {
     const std::filesystem::path out(o->out);
     // The one writer of --out (Note [Run directory]): taken first when --out is the run being
     // resumed, so nothing changes it while its state is read.
+    // A run's own checkpoint (its `current` or a step directory) is replaced by that run's next
+    // save and is no run directory of its own: `--resume RUN/step-N --out RUN/step-N` wrote a
+    // seed log and lock into the checkpoint, trained every step and then had its save refused
+    // (adversarial pass 53). Refused before anything is written.
+    if (const std::filesystem::path run = training_run_of_checkpoint(out); !run.empty())
+      fail(ErrorKind::invalid_argument,
+           "--out {}: is a checkpoint of the training run {} (which that run's next save replaces), not a run "
+           "directory: {}",
+           o->out, run.string(),
+           o->resume.empty() ? "choose another --out"
+                             : fmt::format("to carry the run on, give --out {} (or drop --out)", run.string()));
     std::optional<NewOutputDir> made_out;  // a new --out that a refusal leaves holding only the lock goes again
     if (writer) made_out.emplace(out);
     std::optional<RunDirLock> lock;
@@ -717,6 +787,19 @@ Runner add_train(CLI::App& app) {
                "--resume {}: the run continues with its own adapter ({}); drop --lora*/--prefix-tuning/--adapter", o->resume,
                sc.peft.describe());
         const std::string& want = resumed_log->header.base_fingerprint;
+        if (base_model.empty()) {
+          // A run saved by a C API or Python session records no base in its state: the seed
+          // log's header names it (with its fingerprint, checked below), as the adapter's
+          // adapter_config.json does (adversarial pass 53: such runs could not be resumed).
+          base_model = resumed_log->header.base_model;
+          const char* from = "the seed log's header";
+          if (base_model.empty()) {
+            base_model = AdapterStore::base_model_of(ck.dir);
+            from = "its adapter_config.json";
+          }
+          if (!base_model.empty() && o->model.empty())
+            log_info("--resume: the run's base is {} (from {}; its state records none)", base_model, from);
+        }
         if (!o->model.empty()) {
           // The base moved (or was copied): its fingerprint says it is the same weights.
           if (want.empty())
@@ -1177,6 +1260,20 @@ Runner add_train(CLI::App& app) {
         fail(ErrorKind::invalid_argument, "--save-dtype {}: {}", dtype_name(save_dtype), e.what());
       }
     }
+    // Note [Save refusals up front] (api/session.cpp): a save into --out that would be refused
+    // for whose directory it is is refused now, before any step runs, not after all of them.
+    if (writer) {
+      try {
+        session.check_save_target(out, o->overwrite);
+      } catch (const Error& e) {
+        session_owner.reset();
+        if (o->resume.empty()) {
+          std::error_code ec;
+          std::filesystem::remove(out / kRunSeedLog, ec);
+        }
+        fail(e.kind(), "--out {}: {}", o->out, e.what());
+      }
+    }
     // Read now: a resumed run's starting step directory is removed by a later save, and its
     // saves after that one lost the tokenizer (adversarial pass 51).
     const std::filesystem::path tokenizer_src =
@@ -1258,8 +1355,7 @@ Runner add_train(CLI::App& app) {
       saved_owing = eval_owed == next_step;
     };
 
-    std::signal(SIGINT, on_stop_signal);
-    std::signal(SIGTERM, on_stop_signal);
+    StopSignals stop_signals;  // Note [Stop signals]: through the final save
     Progress progress(o->steps, o->log_every);
     const auto start = std::chrono::steady_clock::now();
     const TransferTotals t0 = session.scheduler().totals();
@@ -1473,8 +1569,6 @@ Runner add_train(CLI::App& app) {
     // (a disk-tier resume that applied every step: the killed run's log may hold this one)
     if (sig == 0 && !diverged && !(next == first_step && eval_logged_at_first) && !run_eval(next))
       sig = g_stop_signal.load();  // (0 when a failed --log-json write stopped it: that error follows)
-    std::signal(SIGINT, SIG_DFL);
-    std::signal(SIGTERM, SIG_DFL);
     if (sig != 0) {
       progress.newline();
       std::string reason;
@@ -1483,10 +1577,11 @@ Runner add_train(CLI::App& app) {
         reason = g_stop_reason;
       }
       if (!reason.empty()) log_warn("{} after step {}: saving", reason, next);
-      else log_warn("interrupted by signal {} after step {}: saving", sig, next);
+      else log_warn("interrupted by signal {} (SIG{}) after step {}: saving", sig, sigabbrev_np(sig) ? sigabbrev_np(sig) : "?", next);
     }
     if (saved_step != next || saved_owing != (eval_owed == next)) save(next);
     else log_info("step {} is saved already", next);
+    stop_signals.restore();
     if (skipped > 0) progress.newline();
     if (diverged)
       fail(ErrorKind::aborted,

@@ -1157,7 +1157,18 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
   }
   if (err_code != 0) raise_status(err_code, err_message);
   if (rc == 130 && !stop_delivered) {
-    // Ctrl-C (or SIGTERM) during the run: train finished its step and saved, as the CLI does.
+    // A stop signal during the run (Note [Stop signals]): train finished its step and saved,
+    // as the CLI does. A signal the program has its own Python handler for goes to that
+    // handler now (train's handler stood in for it during the run, and train has put it
+    // back); any other raises KeyboardInterrupt (Python's default for SIGINT).
+    const int sig = zo2::cli::train_stop_signal();
+    struct sigaction now {};
+    if (sig > 0 && sigaction(sig, nullptr, &now) == 0 &&
+        ((now.sa_flags & SA_SIGINFO) || (now.sa_handler != SIG_DFL && now.sa_handler != SIG_IGN))) {
+      ::raise(sig);
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      return rc;
+    }
     PyErr_SetNone(PyExc_KeyboardInterrupt);
     throw py::error_already_set();
   }

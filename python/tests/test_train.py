@@ -91,6 +91,38 @@ def test_ctrl_c_saves_and_raises_keyboard_interrupt(tiny, synth, tmp_path):
             pass
 
 
+def test_a_stop_signal_saves_then_goes_to_the_programs_own_handler(tiny, synth, tmp_path):
+    # Note [Stop signals]: train's handler stands in while it runs; after the save, a signal
+    # the program handles itself reaches its handler (it used to become KeyboardInterrupt).
+    ran = []
+
+    def on_term(signum, frame):
+        ran.append(signum)
+        raise SystemExit(3)
+
+    def send(sig):
+        def cb(rec):
+            if rec["step"] == 2:
+                os.kill(os.getpid(), sig)
+        return cb
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with pytest.raises(SystemExit) as e:
+            zo2.train(tiny, data=synth, out=tmp_path / "t", progress=send(signal.SIGTERM), **{**FLAGS, "steps": 100000})
+        assert e.value.code == 3 and ran == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is on_term
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert 2 <= json.loads((tmp_path / "t" / "zo2_state.json").read_text())["next_step"] < 100000
+    # SIGUSR1 (Slurm's warning before a time limit) with no handler of the program's: saved,
+    # KeyboardInterrupt, and its default disposition back.
+    with pytest.raises(KeyboardInterrupt):
+        zo2.train(tiny, data=synth, out=tmp_path / "u", progress=send(signal.SIGUSR1), **{**FLAGS, "steps": 100000})
+    assert 2 <= json.loads((tmp_path / "u" / "zo2_state.json").read_text())["next_step"] < 100000
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
 def test_errors(tiny, synth, tmp_path):
     with pytest.raises(zo2.InvalidArgumentError, match=r"--steps 0: must be an integer"):
         zo2.train(tiny, data=synth, out=tmp_path / "e", steps=0)
