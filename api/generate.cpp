@@ -1,6 +1,7 @@
 #include "api/generate.h"
 
 #include "runtime/error.h"
+#include "runtime/json_file.h"
 #include "runtime/philox.h"
 
 #include <nlohmann/json.hpp>
@@ -216,12 +217,15 @@ std::vector<std::int32_t> model_eos_ids(const std::filesystem::path& model_dir, 
   // Note [A model's end-of-sequence ids]
   const std::filesystem::path gen = model_dir / "generation_config.json";
   std::error_code ec;
-  const std::filesystem::path file = std::filesystem::is_regular_file(gen, ec) ? gen : model_dir / "config.json";
-  std::ifstream in(file);
-  if (!in) return {};  // no config.json: the model's loader says so
+  // exists, not is_regular_file: a FIFO or a directory named generation_config.json is refused
+  // by name below, not passed over for config.json.
+  const std::filesystem::path file = std::filesystem::exists(gen, ec) ? gen : model_dir / "config.json";
+  if (!std::filesystem::exists(file, ec)) return {};  // no config.json: the model's loader says so
+  // Not a FIFO nor nested past kMaxJsonDepth (Note [Reading JSON]).
+  const std::string text = read_regular_file(file);
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(in);
+    j = parse_json_text(text, file.string());
   } catch (const nlohmann::json::exception& e) {
     fail(ErrorKind::format, "{}: not valid JSON ({})", file.string(), e.what());
   }

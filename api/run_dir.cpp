@@ -3,6 +3,7 @@
 #include "runtime/checksum.h"
 #include "runtime/error.h"
 #include "runtime/file_util.h"
+#include "runtime/json_file.h"
 #include "runtime/log.h"
 
 #include <fmt/format.h>
@@ -69,10 +70,9 @@ void write_synced(const fs::path& p, const std::string& text) {
 }
 
 json read_json_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) fail(ErrorKind::io, "{}: cannot open", p.string());
+  const std::string text = read_regular_file(p);  // Note [Reading JSON]: no FIFO, no deep nesting
   try {
-    return json::parse(in);
+    return parse_json_text(text, p.string());
   } catch (const json::exception& e) {  // parse errors, and numbers beyond a double
     fail(ErrorKind::format, "{}: not valid JSON: {}", p.string(), e.what());
   }

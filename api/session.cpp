@@ -5,6 +5,7 @@
 #include "models/safetensors.h"
 #include "runtime/error.h"
 #include "runtime/file_util.h"
+#include "runtime/json_file.h"
 #include "runtime/log.h"
 #include "runtime/philox.h"
 
@@ -351,11 +352,9 @@ Session::Session(const std::filesystem::path& model_path, const SessionConfig& c
   device_ = open_device(cfg_);
   // Plan before reading the weights: a cap that cannot work fails fast.
   const ModelConfig model = ModelConfig::load(model_dir);
-  if (const std::filesystem::path gen = model_dir / kGenerationConfig; std::filesystem::is_regular_file(gen)) {
-    std::ifstream in(gen, std::ios::binary);
-    if (!in) fail(ErrorKind::io, "{}: cannot read", gen.string());
-    generation_config_ = std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  }
+  // A FIFO or a directory of that name is refused by name, never waited on (Note [Reading JSON]).
+  if (const std::filesystem::path gen = model_dir / kGenerationConfig; std::filesystem::exists(gen))
+    generation_config_ = read_regular_file(gen);
   const Placement plan = plan_placement(model, plan_request(model, cfg_, device_->kind(), device_->arena().capacity()));
   fit_arena_to(plan);
   const std::optional<DiskPlacement> disk = disk_placement(model, plan);

@@ -1,6 +1,7 @@
 #include "models/config.h"
 
 #include "runtime/error.h"
+#include "runtime/json_file.h"
 
 #include <algorithm>
 #include <climits>
@@ -596,13 +597,12 @@ void ModelConfig::check_sizes(const std::string& where) const {
 
 ModelConfig ModelConfig::load(const std::filesystem::path& model_dir) {
   const auto path = model_dir / "config.json";
-  std::ifstream in(path);
-  if (!in)
-    fail(ErrorKind::io, "{}: cannot open (is {} a Hugging Face model directory?)", path.string(),
-         model_dir.string());
+  // Not a FIFO nor nested past kMaxJsonDepth (Note [Reading JSON]).
+  const std::string text =
+      read_regular_file(path, fmt::format(" (is {} a Hugging Face model directory?)", model_dir.string()));
   json j;
   try {
-    j = json::parse(in);
+    j = parse_json_text(text, path.string());
   } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     fail(ErrorKind::format, "{}: not valid JSON: {}", path.string(), e.what());
   }

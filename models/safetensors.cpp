@@ -41,6 +41,7 @@
 
 #include "runtime/error.h"
 #include "runtime/file_util.h"
+#include "runtime/json_file.h"
 #include "runtime/log.h"
 
 namespace zo2 {
@@ -49,7 +50,6 @@ using json = nlohmann::json;
 
 namespace {
 
-constexpr int kMaxJsonDepth = 64;
 // Data tensors are copied in pieces of this size so that one big tensor uses every core.
 constexpr std::uint64_t kCopyChunk = 32ull << 20;
 constexpr DType kLastDType = DType::boolean;
@@ -101,7 +101,7 @@ struct DuplicateKey {
 struct TooDeep {};
 
 // nlohmann::json::parse, but a duplicate key in any object throws DuplicateKey and nesting
-// deeper than kMaxJsonDepth throws TooDeep; json::parse_error for invalid JSON (out_of_range
+// deeper than kMaxJsonDepth (runtime/json_file.h, Note [Reading JSON]) throws TooDeep; json::parse_error for invalid JSON (out_of_range
 // for a number beyond a double).
 json parse_json_strict(std::string_view text) {
   std::vector<std::unordered_set<std::string>> keys;
@@ -206,13 +206,9 @@ std::size_t page_size() {
   return p;
 }
 
+// A FIFO or a directory in the file's place is refused by name, never waited on.
 std::string read_text_file(const fs::path& path, std::string_view what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(ErrorKind::io, "cannot open {} '{}': {}", what, path.string(), errno_message(errno));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) fail(ErrorKind::io, "cannot read {} '{}'", what, path.string());
-  return std::move(ss).str();
+  return read_regular_file(path, fmt::format(" (the {})", what));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 #include "models/tokenizer.h"
 
 #include "runtime/error.h"
+#include "runtime/json_file.h"
 #include "runtime/log.h"
 
 #include <nlohmann/json.hpp>
@@ -241,15 +242,14 @@ void Tokenizer::apply_special_config(const SpecialConfig& c) {
 
 namespace {
 
+// A FIFO or a directory of that name is refused by name, never waited on or passed over
+// (Note [Reading JSON]).
 std::optional<json> read_json_if_exists(const fs::path& p) {
   std::error_code ec;
-  if (!fs::is_regular_file(p, ec)) return std::nullopt;
-  std::ifstream in(p, std::ios::binary);
-  if (!in) fail(ErrorKind::io, "cannot open {}", p.string());
-  std::stringstream ss;
-  ss << in.rdbuf();
+  if (!fs::exists(p, ec)) return std::nullopt;
+  const std::string text = read_regular_file(p);
   try {
-    return json::parse(ss.str());
+    return parse_json_text(text, p.string());
   } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     fail(ErrorKind::format, "{}: malformed JSON: {}", p.string(), e.what());
   }
@@ -314,7 +314,9 @@ std::unique_ptr<Tokenizer> Tokenizer::from_dir(const fs::path& dir) try {
   if (!fs::is_directory(dir, ec))
     fail(ErrorKind::io, "tokenizer directory {} does not exist", dir.string());
 
-  auto exists = [&](const char* name) { return fs::is_regular_file(dir / name, ec); };
+  // exists, not is_regular_file: a FIFO or a directory named tokenizer.json is refused by
+  // name when read (Note [Reading JSON]), not passed over for the next kind of tokenizer.
+  auto exists = [&](const char* name) { return fs::exists(dir / name, ec); };
   std::unique_ptr<Tokenizer> tok;
   bool slow_style = false;  // vocab + merges: special tokens come only from the configs
   if (exists("tokenizer.json")) {

@@ -9,6 +9,7 @@
 #include "models/tokenizer_text.h"
 #include "models/utf8.h"
 #include "runtime/error.h"
+#include "runtime/json_file.h"
 #include "runtime/log.h"
 
 #include <nlohmann/json.hpp>
@@ -44,18 +45,15 @@ constexpr std::string_view kGpt2Pattern =
 std::string read_file(const fs::path& p) {
   if (std::error_code ec; fs::is_directory(p, ec))
     fail(ErrorKind::invalid_argument, "{}: a directory, not a tokenizer file", p.string());
-  std::ifstream in(p, std::ios::binary);
-  if (!in) fail(ErrorKind::io, "cannot open {}: {}", p.string(), std::strerror(errno));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) fail(ErrorKind::io, "cannot read {}", p.string());
-  return ss.str();
+  return read_regular_file(p);  // a FIFO is refused, not waited on (Note [Reading JSON])
 }
 
+// Nested past kMaxJsonDepth is refused before zo2's recursive readers of "Sequence"
+// normalizers, pre-tokenizers, decoders and post-processors see it (Note [Reading JSON]).
 json parse_json_file(const fs::path& p) {
   std::string text = read_file(p);
   try {
-    return json::parse(text);
+    return parse_json_text(text, p.string());
   } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     fail(ErrorKind::format, "{}: malformed JSON: {}", p.string(), e.what());
   }

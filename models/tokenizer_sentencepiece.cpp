@@ -15,7 +15,10 @@ class SentencePieceTokenizer final : public Tokenizer {
  public:
   explicit SentencePieceTokenizer(const fs::path& file) : source_(file.string()) {
     std::error_code ec;
-    if (!fs::is_regular_file(file, ec)) fail(ErrorKind::io, "cannot open {}: no such file", source_);
+    if (!fs::is_regular_file(file, ec)) {
+      if (fs::exists(file, ec)) fail(ErrorKind::io, "{}: is not a regular file", source_);  // a FIFO: never opened
+      fail(ErrorKind::io, "cannot open {}: no such file", source_);
+    }
     sentencepiece::util::Status status;
     try {
       status = sp_.Load(file.string());

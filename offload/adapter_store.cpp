@@ -6,6 +6,7 @@
 #include "runtime/element.h"
 #include "runtime/error.h"
 #include "runtime/file_util.h"
+#include "runtime/json_file.h"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -70,12 +71,10 @@ bool AdapterStore::is_adapter_dir(const fs::path& dir) {
 namespace {
 nlohmann::json read_adapter_config(const fs::path& dir) {
   const fs::path file = dir / kAdapterConfigFile;
-  std::ifstream in(file);
-  if (!in) fail(ErrorKind::io, "{}: cannot open (not a PEFT adapter directory?)", file.string());
-  std::stringstream ss;
-  ss << in.rdbuf();
+  // Note [Reading JSON]: not a FIFO, not nested past kMaxJsonDepth.
+  const std::string text = read_regular_file(file, " (not a PEFT adapter directory?)");
   try {
-    return nlohmann::json::parse(ss.str());
+    return parse_json_text(text, file.string());
   } catch (const nlohmann::json::exception& e) {
     fail(ErrorKind::format, "{}: not valid JSON: {}", file.string(), e.what());
   }

@@ -11,6 +11,8 @@
 #include <numbers>
 #include <set>
 #include <string>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <utility>
 #include <vector>
 
@@ -1026,6 +1028,55 @@ TEST(ModelConfig, ConfigJsonThatIsNotJsonIsAFormatErrorNamingThePath) {
   const Error missing = error_of([&] { (void)ModelConfig::load(dir / "nowhere"); });
   EXPECT_EQ(missing.kind(), ErrorKind::io);
   EXPECT_NE(std::string(missing.what()).find("nowhere"), std::string::npos) << missing.what();
+}
+
+// Adversarial pass 52: 300,000 '[' (600 KB) under an unknown key crashed ModelConfig::load with
+// a stack overflow (the tree's recursive copy into c.source): the file is refused by its depth
+// before a deep tree is built (Note [Reading JSON]). In a child, so that a crash fails the
+// test, not the test binary.
+TEST(ModelConfig, ConfigJsonNestedPastTheLimitIsRefusedNamingTheFile) {
+  test::TempDir dir;
+  auto write = [&](int depth) {
+    std::string text = opt_json().dump();
+    text.pop_back();  // the closing brace
+    std::ofstream(dir / "config.json") << text + ", \"zz\": " + std::string(depth, '[') + std::string(depth, ']') + "}";
+  };
+  write(63);  // with the top-level object, 64 levels: the limit, taken
+  EXPECT_NO_THROW((void)ModelConfig::load(dir.path()));
+  write(64);
+  Error e = error_of([&] { (void)ModelConfig::load(dir.path()); });
+  EXPECT_EQ(e.kind(), ErrorKind::format);
+  EXPECT_EQ(std::string(e.what()), (dir / "config.json").string() + ": nested deeper than 64 levels");
+  write(300000);
+  const int rc = test::in_child([&] {
+    const Error deep = error_of([&] { (void)ModelConfig::load(dir.path()); });
+    return std::string(deep.what()) == (dir / "config.json").string() + ": nested deeper than 64 levels" ? 0 : 1;
+  });
+  EXPECT_EQ(rc, 0) << "1: the wrong error; 128 + N: killed by signal N";
+}
+
+// A config.json that is a FIFO (a shared model directory) hung `zo2-tune plan` in open(2); a
+// FIFO or a directory there is refused by name, as a FIFO model.safetensors is. In a child
+// with an alarm, so that a hang fails the test.
+TEST(ModelConfig, ConfigJsonThatIsAFifoOrADirectoryIsRefusedNamingIt) {
+  for (bool fifo : {true, false}) {
+    test::TempDir dir;
+    const fs::path cfg = dir / "config.json";
+    if (fifo)
+      ASSERT_EQ(::mkfifo(cfg.c_str(), 0600), 0);
+    else
+      fs::create_directory(cfg);
+    const int rc = test::in_child([&] {
+      ::alarm(10);
+      const Error e = error_of([&] { (void)ModelConfig::load(dir.path()); });
+      return e.kind() == ErrorKind::io &&
+                     std::string(e.what()) == cfg.string() + (fifo ? ": is a FIFO, not a regular file"
+                                                                   : ": is a directory, not a file")
+                 ? 0
+                 : 1;
+    });
+    EXPECT_EQ(rc, 0) << (fifo ? "FIFO" : "directory") << " — 1: the wrong error; 128 + 14: it hung";
+  }
 }
 
 // Found by fuzz/config_fuzz.cpp: a whole number beyond int64 was converted anyway (undefined

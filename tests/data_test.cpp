@@ -765,6 +765,11 @@ TEST(Data, MalformedFilesAreRefusedWithTheirLineNumbers) {
   };
   std::string e = err("bad.jsonl", "{\"text\": \"a b c\"}\n\n{\"text\": \"x\"\n");
   EXPECT_NE(e.find("bad.jsonl:3: not valid JSON"), std::string::npos) << e;
+  // 300,000 '[' under an extra key crashed eval (a stack overflow in the JSON tree's copy):
+  // refused by line before the tree is built (Note [Reading JSON]).
+  e = err("deep.jsonl", "{\"text\": \"a b c\"}\n{\"text\": \"x\", \"zz\": " + std::string(300000, '[') +
+                            std::string(300000, ']') + "}\n");
+  EXPECT_NE(e.find("deep.jsonl:2: nested deeper than 256 levels"), std::string::npos) << e;
   e = err("mixed.jsonl", "{\"text\": \"a b c\"}\n{\"prompt\": \"a\", \"completion\": \" b\"}\n");
   EXPECT_NE(e.find("mixed.jsonl:2: a prompt/completion example, but the file's first example is text"), std::string::npos) << e;
   e = err("extra.jsonl", "{\"text\": \"a b c\"}\n{\"text\": \"a b\", \"id\": 7}\n");

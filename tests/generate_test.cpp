@@ -7,13 +7,17 @@
 #include "api/generate.h"
 #include "api/session.h"
 #include "runtime/error.h"
+#include "tests/test_util.h"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <fstream>
+#include <sys/stat.h>
 #include <tuple>
+#include <unistd.h>
 
 namespace zo2 {
 namespace {
@@ -404,6 +408,34 @@ TEST(GenerateVariants, GreedyEqualsArgmaxOfEvalLogitsWithAndWithoutTheCache) {
         EXPECT_EQ(got[i].tokens, want[i]) << "prompt " << i << " kv " << kv_place_name(kv) << " batch " << batch;
     }
   }
+}
+
+// Note [A model's end-of-sequence ids]: a generation_config.json nested 300,000 deep crashed
+// `zo2-tune generate` (a stack overflow in the JSON tree's copy), and one that is a FIFO hung it
+// or was passed over for config.json: refused naming the file (Note [Reading JSON]). In a child
+// with an alarm, so that a crash or a hang fails the test, not the test binary.
+TEST(GenerateEosIds, GenerationConfigNestedDeepOrAFifoOrADirectoryIsRefusedNamingIt) {
+  test::TempDir dir;
+  const std::filesystem::path gen = dir / "generation_config.json";
+  { std::ofstream(dir / "config.json") << R"({"eos_token_id": 3})"; }
+  { std::ofstream(gen) << R"({"eos_token_id": [1, 2], "zz": )" + std::string(62, '[') + std::string(62, ']') + "}"; }
+  EXPECT_EQ(model_eos_ids(dir.path(), 10), (std::vector<std::int32_t>{1, 2}));  // 63 levels: taken
+  auto refused = [&](const char* what) {
+    return test::in_child([&] {
+      ::alarm(10);
+      const Error e = test::error_of([&] { (void)model_eos_ids(dir.path(), 10); });
+      const std::string msg = e.what();
+      return msg.starts_with(gen.string() + ": ") && msg.find(what) != std::string::npos ? 0 : 1;
+    });
+  };
+  { std::ofstream(gen) << "{\"zz\": " + std::string(300000, '[') + std::string(300000, ']') + "}"; }
+  EXPECT_EQ(refused("nested deeper than 64 levels"), 0) << "1: the wrong error; 128 + N: killed by signal N";
+  std::filesystem::remove(gen);
+  ASSERT_EQ(::mkfifo(gen.c_str(), 0600), 0);
+  EXPECT_EQ(refused("is a FIFO"), 0) << "1: the wrong error; 128 + 14: it hung";
+  std::filesystem::remove(gen);
+  std::filesystem::create_directory(gen);
+  EXPECT_EQ(refused("is a directory"), 0) << "1: the wrong error";
 }
 
 }  // namespace

@@ -17,6 +17,8 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace zo2 {
 namespace {
@@ -106,6 +108,32 @@ TEST(RunDir, ADamagedOrMixedDirectoryIsRefusedNamingTheFile) {
   fs::remove_all(d / "step-00000007");
   e = error_of([&] { (void)resolve_model_dir(d); });
   EXPECT_TRUE(has_text(e, "current") && has_text(e, "missing")) << e.what();
+}
+
+// Adversarial pass 52: a zo2_state.json with 300,000 '[' under an extra key crashed `train
+// --resume` (a stack overflow copying the tree for its checksum), and one that is a FIFO would
+// hang it: both refused naming the file (Note [Reading JSON]). In a child with an alarm, so that
+// a crash or a hang fails the test, not the test binary.
+TEST(RunDir, AStateFileNestedPastTheJsonDepthLimitOrAFifoIsRefusedNamingIt) {
+  test::TempDir tmp;
+  const fs::path d = tmp / "run";
+  publish_checkpoint(d, request(7, "0123456789"));
+  const fs::path s = d / "step-00000007" / kRunStateFile;
+  auto refused = [&](const std::string& what) {
+    return test::in_child([&] {
+      ::alarm(10);
+      const Error e = error_of([&] { (void)open_checkpoint(d, false); });
+      return std::string(e.what()) == s.string() + ": " + what ? 0 : 1;
+    });
+  };
+  std::string text = read_text(s);
+  text.erase(text.rfind('}'));
+  fs::remove(s);
+  write_text(s, text + ", \"zz\": " + std::string(300000, '[') + std::string(300000, ']') + "}");
+  EXPECT_EQ(refused("nested deeper than 64 levels"), 0) << "1: the wrong error; 128 + N: killed by signal N";
+  fs::remove(s);
+  ASSERT_EQ(::mkfifo(s.c_str(), 0600), 0);
+  EXPECT_EQ(refused("is a FIFO, not a regular file"), 0) << "1: the wrong error; 128 + 14: it hung";
 }
 
 // Session::save (zo2_session_save, Python's Session.save) wrote no generation_config.json: a

@@ -298,7 +298,7 @@ TEST(SeedLog, ValuesNoRunCanHaveWrittenAreRefused) {
   const std::string h = std::string(kHeader) + "\n";
   expect_format_error_at(h + line(0) + "\n" + line(2) + "\n", 3, {"step 2 does not follow step 0"});  // a gap
   expect_format_error_at(h + line(0) + "\n" + line_with(1, "step", "4611686018427387904") + "\n", 3,
-                         {"does not follow"});                                                  // a huge step
+                         {"'step' = 4611686018427387904", "not a step a run reaches"});         // a huge step
   expect_format_error_at(h + line(1) + "\n", 2, {"first step 0"});                              // not first_step
   expect_format_error_at(h + line_with(0, "seed", "-1") + "\n", 2, {"'seed'", "-1"});
   expect_format_error_at(h + line_with(0, "seed", "1.5") + "\n", 2, {"'seed'", "1.5"});
@@ -329,6 +329,52 @@ TEST(SeedLog, ValuesNoRunCanHaveWrittenAreRefused) {
   expect_format_error_at(R"({"zo2_seed_log":1,"run_seed":-3})" "\n", 1, {"'run_seed'"});
   expect_format_error_at(R"({"zo2_seed_log":1,"run_seed":1,"storage_dtype":"fp7"})" "\n", 1, {"fp7"});
   expect_format_error_at(R"({"zo2_seed_log":2,"run_seed":1})" "\n", 1, {"version"});
+}
+
+// Adversarial pass 52: a log whose header's first_step and only step are INT64_MAX (with that
+// step's true seed) was read, and next_step() (step + 1) overflowed; replay then blamed an
+// --until-step that was never given. Steps beyond kMaxSeedLogStep (2^53, the bound of --steps
+// and --first-step) are refused naming file, line and field; 2^53 itself is taken.
+TEST(SeedLog, StepsBeyondWhatARunReachesAreRefusedNamingTheField) {
+  auto header = [](std::int64_t first) {
+    nlohmann::json h = nlohmann::json::parse(kHeader);
+    h["first_step"] = first;
+    return h.dump() + "\n";
+  };
+  auto entry_line = [](std::int64_t step) {
+    nlohmann::json j = nlohmann::json::parse(line(0));
+    j["step"] = step;
+    j["seed"] = seed_of(1, step);
+    return j.dump() + "\n";
+  };
+  constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
+  expect_format_error_at(header(kMax) + entry_line(kMax), 1, {"'first_step' = 9223372036854775807", "2^53"});
+  expect_format_error_at(header(kMaxSeedLogStep + 1) + entry_line(kMaxSeedLogStep + 1), 1, {"'first_step'"});
+  expect_format_error_at(header(kMaxSeedLogStep) + entry_line(kMaxSeedLogStep) + entry_line(kMaxSeedLogStep + 1), 3,
+                         {"'step' = 9007199254740993", "not a step a run reaches"});
+  expect_format_error_at(header(0) + entry_line(kMax), 2, {"'step' = 9223372036854775807"});
+  test::TempDir dir;
+  write_file(dir / "last.jsonl", header(kMaxSeedLogStep) + entry_line(kMaxSeedLogStep));
+  const SeedLog log = SeedLog::read(dir / "last.jsonl");
+  ASSERT_EQ(log.entries.size(), 1u);
+  EXPECT_EQ(log.next_step(), kMaxSeedLogStep + 1);
+}
+
+// A line nested 300,000 deep under an extra key is refused naming file and line before a deep
+// tree is built (Note [Reading JSON]); replay crashed on it. In a child, so that a crash fails
+// the test, not the test binary.
+TEST(SeedLog, ALineNestedPastTheJsonDepthLimitIsRefusedNamingFileAndLine) {
+  const std::string h = std::string(kHeader) + "\n";
+  expect_format_error_at(h + line(0, (",\"zz\":" + std::string(64, '[') + std::string(64, ']')).c_str()) + "\n", 2,
+                         {"nested deeper than 64 levels"});
+  const int rc = test::in_child([&] {
+    test::TempDir dir;
+    write_file(dir / "deep.jsonl",
+               h + line(0) + "\n" + line(1, (",\"zz\":" + std::string(300000, '[') + std::string(300000, ']')).c_str()) + "\n");
+    const Error e = error_of([&] { (void)SeedLog::read(dir / "deep.jsonl"); });
+    return std::string(e.what()) == (dir / "deep.jsonl").string() + ":3: nested deeper than 64 levels" ? 0 : 1;
+  });
+  EXPECT_EQ(rc, 0) << "1: the wrong error; 128 + N: killed by signal N";
 }
 
 TEST(SeedLog, EmptyOrMissingLogsAreRefused) {

@@ -14,7 +14,9 @@
 #include <functional>
 #include <random>
 #include <sstream>
+#include <sys/stat.h>
 #include <thread>
+#include <unistd.h>
 
 namespace zo2 {
 namespace {
@@ -659,6 +661,72 @@ TEST(TokenizerErrors, BadSpecialTokenConfigurationNamesTheFileAndField) {
   msg = message_of([&] { Tokenizer::from_dir(dir.path()); });
   EXPECT_NE(msg.find("config.json"), std::string::npos) << msg;
   EXPECT_NE(msg.find("eos_token_id"), std::string::npos) << msg;
+}
+
+// Adversarial pass 52: a "Sequence" nested 30,000 deep (1.2 MB) crashed zo2's recursive readers
+// of the decoder and post-processor (stack overflow) and exhausted memory in the normalizer's
+// and pre-tokenizer's (a path string per level): the file is refused by its JSON depth first
+// (Note [Reading JSON]). In a child, so that a crash fails the test, not the test binary.
+TEST(TokenizerErrors, SequencesNestedThousandsDeepAreRefusedNamingTheFile) {
+  const char* fields[][3] = {{"normalizer", "normalizers", R"({"type":"Lowercase"})"},
+                             {"pre_tokenizer", "pretokenizers", R"({"type":"ByteLevel"})"},
+                             {"decoder", "decoders", R"({"type":"ByteLevel"})"},
+                             {"post_processor", "processors", R"({"type":"ByteLevel"})"}};
+  const json model = {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}, {"ab", 2}}}, {"merges", {"a b"}}};
+  for (const auto& [field, list, leaf] : fields) {
+    SCOPED_TRACE(field);
+    test::TempDir dir;
+    auto nested = [&](int depth) {
+      std::string open, close;
+      for (int i = 0; i < depth; ++i) {
+        open += fmt::format(R"({{"type":"Sequence","{}":[)", list);
+        close += "]}";
+      }
+      return fmt::format(R"({{"model":{},"{}":{}{}{}}})", model.dump(), field, open, leaf, close);
+    };
+    // As real tokenizers nest them (Gemma's and LLaMA's: a Sequence in a Sequence), and deeper.
+    for (int depth : {1, 3, 20}) {
+      write_text(dir / "tokenizer.json", nested(depth));
+      EXPECT_NO_THROW((void)Tokenizer::from_dir(dir.path())) << depth << " deep";
+    }
+    write_text(dir / "tokenizer.json", nested(30000));
+    const int rc = test::in_child([&] {
+      ErrorKind kind{};
+      const std::string msg = message_of([&] { (void)Tokenizer::from_dir(dir.path()); }, &kind);
+      return kind == ErrorKind::format && msg == (dir / "tokenizer.json").string() + ": nested deeper than 64 levels"
+                 ? 0
+                 : 1;
+    });
+    EXPECT_EQ(rc, 0) << "1: the wrong error; 98: not a zo2 error; 128 + N: killed by signal N";
+  }
+}
+
+// A FIFO in a tokenizer file's place (a shared directory) hung the reader in open(2), or was
+// passed over as if absent; a directory there was passed over too. Both are refused by name.
+// In a child with an alarm, so that a hang fails the test.
+TEST(TokenizerErrors, AFifoOrADirectoryInATokenizerFilesPlaceIsRefusedNamingIt) {
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
+                           "merges.txt"}) {
+    for (bool fifo : {true, false}) {
+      SCOPED_TRACE(std::string(name) + (fifo ? " (FIFO)" : " (directory)"));
+      test::TempDir dir;
+      write_tiny_vocab(dir);
+      if (std::string_view(name) != "merges.txt") write_text(dir / "merges.txt", "Ġ t\n");
+      if (fifo)
+        ASSERT_EQ(::mkfifo((dir / name).c_str(), 0600), 0);
+      else
+        fs::create_directory(dir / name);
+      const int rc = test::in_child([&] {
+        ::alarm(10);
+        const std::string msg = message_of([&] { (void)Tokenizer::from_dir(dir.path()); });
+        return msg.find((dir / name).string()) != std::string::npos &&
+                       msg.find(fifo ? "is a FIFO" : "directory") != std::string::npos
+                   ? 0
+                   : 1;
+      });
+      EXPECT_EQ(rc, 0) << "1: the wrong error; 128 + 14: it hung";
+    }
+  }
 }
 
 // ---- agreement with HF tokenizers 0.23 (Rust) on the corners below ------------------------------

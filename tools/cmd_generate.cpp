@@ -8,6 +8,7 @@
 #include "api/session.h"
 #include "runtime/arena.h"
 #include "runtime/error.h"
+#include "runtime/json_file.h"
 #include "runtime/log.h"
 #include "tools/cli.h"
 #include "tools/dataset.h"
@@ -44,7 +45,8 @@ std::vector<std::string> read_prompts(const std::filesystem::path& file) {
     }
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(line);
+      // Note [Reading JSON]: refused past kMaxJsonDataDepth, naming file:line.
+      j = parse_json_text(line, fmt::format("{}:{}", file.string(), n), kMaxJsonDataDepth);
     } catch (const nlohmann::json::exception& e) {
       fail(ErrorKind::format, "{}:{}: not JSON: {}", file.string(), n, e.what());
     }

@@ -5,6 +5,7 @@
 #include "models/safetensors.h"
 #include "models/tokenizer_text.h"
 #include "runtime/error.h"
+#include "runtime/json_file.h"
 #include "runtime/log.h"
 #include "tools/cli.h"
 #include "tools/task_metrics.h"
@@ -20,6 +21,7 @@
 #include <limits>
 #include <random>
 #include <span>
+#include <sstream>
 
 namespace zo2::cli {
 namespace {
@@ -72,7 +74,8 @@ void for_each_line(const std::filesystem::path& file, F&& fn) {
 json parse_json_line(const std::filesystem::path& file, std::int64_t n, const std::string& line) {
   json j;
   try {
-    j = json::parse(line);
+    // Note [Reading JSON]: refused past kMaxJsonDataDepth, naming file:line.
+    j = parse_json_text(line, fmt::format("{}:{}", file.string(), n), kMaxJsonDataDepth);
   } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     fail(ErrorKind::format, "{}:{}: not valid JSON: {}", file.string(), n, e.what());
   }
@@ -576,7 +579,9 @@ nlohmann::ordered_json parse_json_file(const std::filesystem::path& file) {
   std::ifstream in(file, std::ios::binary);
   if (!in) fail(ErrorKind::io, "{}: cannot open the data file", file.string());
   try {
-    return nlohmann::ordered_json::parse(in);
+    std::ostringstream text;
+    text << in.rdbuf();
+    return parse_ordered_json_text(text.str(), file.string(), kMaxJsonDataDepth);  // Note [Reading JSON]
   } catch (const nlohmann::ordered_json::exception& e) {
     fail(ErrorKind::format, "{}: not valid JSON: {}", file.string(), e.what());
   }

@@ -4,6 +4,7 @@
 #include "runtime/dtype.h"
 #include "runtime/error.h"
 #include "runtime/file_util.h"
+#include "runtime/json_file.h"
 #include "runtime/log.h"
 #include "runtime/philox.h"
 
@@ -88,6 +89,10 @@ std::string header_line(const SeedLogHeader& h) {
   if (!h.base_fingerprint.empty()) j["base_fingerprint"] = h.base_fingerprint;
   if (h.rule != RuleConfig{}) j["optimizer"] = rule_to_json(h.rule);  // a zo-sgd log keeps its old bytes
   if (h.peft.any()) j["peft"] = peft_to_json(h.peft);
+  if (!h.adapter.empty()) {
+    j["adapter"] = h.adapter;
+    j["adapter_fingerprint"] = h.adapter_fingerprint;
+  }
   return j.dump(-1, ' ', false, json::error_handler_t::replace);  // a path that is not UTF-8: U+FFFD (the fingerprint decides)
 }
 
@@ -245,7 +250,7 @@ SeedLog SeedLog::read(const std::filesystem::path& path) {
     }
     json j;
     try {
-      j = json::parse(line);
+      j = parse_json_text(line, where);  // Note [Reading JSON]: refused past kMaxJsonDepth
     } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
       fail(ErrorKind::format, "{}: not valid JSON: {}", where, e.what());
     }
@@ -266,14 +271,25 @@ SeedLog SeedLog::read(const std::filesystem::path& path) {
       log.header.first_step = j.contains("first_step") ? f.integer("first_step") : 0;
       if (log.header.first_step < 0)
         fail(ErrorKind::format, "{}: field 'first_step' = {} is negative", where, log.header.first_step);
+      if (log.header.first_step > kMaxSeedLogStep)
+        fail(ErrorKind::format, "{}: field 'first_step' = {} is beyond any step a run reaches (at most 2^53 = {})",
+             where, log.header.first_step, kMaxSeedLogStep);
       if (j.contains("optimizer")) log.header.rule = rule_from_json(j.at("optimizer"), where);
       if (j.contains("peft")) log.header.peft = peft_from_json(j.at("peft"), where);
+      log.header.adapter = j.contains("adapter") ? f.text("adapter") : "";
+      log.header.adapter_fingerprint = j.contains("adapter_fingerprint") ? f.text("adapter_fingerprint") : "";
+      if (!log.header.adapter.empty() && (!log.header.peft.any() || log.header.adapter_fingerprint.empty()))
+        fail(ErrorKind::format, "{}: field 'adapter' = '{}' needs 'peft' and 'adapter_fingerprint' beside it", where,
+             log.header.adapter);
       have_header = true;
       log.header_end = log.valid_bytes = pos;
       continue;
     }
     SeedLogEntry e;
     e.step = f.integer("step");
+    if (e.step < 0 || e.step > kMaxSeedLogStep)  // and so next_step() cannot overflow
+      fail(ErrorKind::format, "{}: field 'step' = {} is not a step a run reaches (0 to 2^53 = {})", where, e.step,
+           kMaxSeedLogStep);
     const std::int64_t expected = log.next_step();
     if (e.step != expected) {
       if (log.entries.empty())

@@ -12,7 +12,9 @@
 // mid-append: it is ignored with a warning, and a writer continuing the log cuts it off
 // first. A run directory's manifest records the byte length and CRC-32 of the log's prefix
 // up to its checkpoint's step (api/run_dir.h), so a log from another run, or one edited or
-// rewritten, is refused by name before a resume appends to it.
+// rewritten, is refused by name before a resume appends to it. A step or first_step beyond
+// kMaxSeedLogStep is refused too: no run reaches it, and next_step() (step + 1) must not
+// overflow.
 #pragma once
 #include "models/peft.h"
 #include "zo/rule.h"
@@ -23,6 +25,10 @@
 #include <vector>
 
 namespace zo2 {
+
+// The last step a seed log may name: 2^53, the bound api/options.cpp (kMaxSteps) puts on
+// --steps and --first-step (the lr schedule's doubles hold every step up to it exactly).
+inline constexpr std::int64_t kMaxSeedLogStep = std::int64_t{1} << 53;
 
 struct SeedLogEntry {
   std::int64_t step = 0;
@@ -45,6 +51,12 @@ struct SeedLogHeader {
   std::int64_t first_step = 0;
   RuleConfig rule;  // "optimizer" (absent: zo-sgd, one direction, central — the log of before rules)
   PeftConfig peft;  // "peft" (absent: full fine-tuning); LoRA adapters start from run_seed's init
+  // "adapter", "adapter_fingerprint": the adapter directory the run's adapters started from
+  // (train --adapter, a session's adapter_dir) and its fingerprint (api adapter_fingerprint);
+  // empty: from run_seed's init, or a log from before they were recorded (Note [A run's
+  // starting adapter], tools/cmd_replay.cpp).
+  std::string adapter;
+  std::string adapter_fingerprint;
 };
 
 // Where a log stands: the bytes written so far (complete lines only) and their CRC-32.
