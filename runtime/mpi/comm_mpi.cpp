@@ -173,7 +173,13 @@ class MpiComm final : public Comm {
     std::vector<MPI_Request>& recvs = q.recvs;
     const std::vector<int>& recv_rank = q.recv_rank;
     using clock = std::chrono::steady_clock;
-    const auto start = clock::now();
+    // The time waited is the sum of the gaps between polls, each counted up to 1 s: polls
+    // come every millisecond at most, so a longer gap is time this process did not run —
+    // a job suspended (Slurm's `scontrol suspend`, gang scheduling, Ctrl-Z) and continued,
+    // which used to abort every rank at once (adversarial pass 54).
+    constexpr double kMaxGap = 1.0;
+    double waited = 0;
+    auto last = clock::now();
     auto pause = std::chrono::microseconds(0);
     while (true) {
       int sends_done = 0, recvs_done = 0;
@@ -191,7 +197,9 @@ class MpiComm final : public Comm {
           recvs_done = 1;
       }
       if (sends_done && recvs_done) return;
-      const double waited = std::chrono::duration<double>(clock::now() - start).count();
+      const auto now = clock::now();
+      waited += std::min(kMaxGap, std::chrono::duration<double>(now - last).count());
+      last = now;
       if (timeout_s_ > 0 && waited > timeout_s_) {
         std::string missing;
         {

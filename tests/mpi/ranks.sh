@@ -133,6 +133,25 @@ took=$(( $(date +%s) - start ))
 grep -q "no word from rank 1" hung.log || { cat hung.log; fail "the error does not name the hung rank"; }
 [ $took -le 60 ] || fail "the job took ${took}s to stop after a rank hung"
 echo "ok: a hung rank stops the job in ${took}s: $(grep -m1 'no word from rank 1' hung.log)"
+# A whole job suspended (SIGSTOP to every rank: Slurm's scontrol suspend, Ctrl-Z) for longer
+# than --rank-timeout and continued: the time the ranks were stopped is not a peer's silence.
+mpi 2 "$tune" train "${common[@]}" "${lr[@]}" --steps 1000000 --out suspended --parallel perturbation=2 \
+  --rank-timeout 2 --log-json suspended.jsonl >suspended.log 2>&1 &
+job=$!
+for _ in $(seq 1 600); do [ -s suspended.jsonl ] && break; sleep 0.1; done
+ranks=$(pgrep -f "zo2-tune train .*--out suspended" | tr '\n' ' ')
+kill -STOP $ranks; sleep 4; kill -CONT $ranks
+sleep 2
+kill -INT $ranks 2>/dev/null || true
+set +e
+timeout 120 tail --pid=$job -f /dev/null
+wait $job
+rc=$?
+set -e
+# (mpirun reports the ranks' 130 as its own 1)
+[ $rc -ne 0 ] && ! grep -q "no word" suspended.log && grep -q "SIGINT" suspended.log && [ -e suspended/current ] ||
+  { cat suspended.log; fail "a suspended job: exit $rc"; }
+echo "ok: a job suspended for twice --rank-timeout continues, and stops saved on SIGINT"
 # The C API as ranks.
 if [ -n "$capi" ]; then
   "$capi" m capi-one single 6 >/dev/null
