@@ -334,6 +334,26 @@ std::uint32_t training_set_crc32(const Dataset& data) {
   return crc;
 }
 
+// What to do with a run directory holding a seed log and no checkpoint (a run killed before
+// its first save): its steps are not lost — replay rebuilds them from the seed log — and
+// --overwrite would remove them (adversarial pass 54).
+std::string unsaved_run_advice(const std::filesystem::path& dir) {
+  const std::filesystem::path log = dir / kRunSeedLog;
+  std::int64_t steps = -1;
+  std::string base = "BASE";
+  try {
+    const SeedLog l = SeedLog::read(log);
+    steps = static_cast<std::int64_t>(l.entries.size());
+    if (!l.header.base_model.empty()) base = l.header.base_model;
+  } catch (const Error&) {  // a damaged log: the advice stands without its numbers
+  }
+  return fmt::format(
+      "Its {} steps are in {}: `zo2-tune replay --model {} --seed-log {} --out NEW` rebuilds their weights, and "
+      "`zo2-tune train --resume NEW --data DATA` with the run's --lr, --eps, --weight-decay, --batch-size and --steps "
+      "carries on from there; --overwrite starts a new run in {}, removing that seed log",
+      steps >= 0 ? std::to_string(steps) : std::string("logged"), log.string(), base, log.string(), dir.string());
+}
+
 // --out when only --resume DIR is given: the run DIR is (a directory holding a run), or the
 // run whose step directory (or `current`) DIR names.
 std::string default_resume_out(const std::string& resume) {
@@ -529,9 +549,8 @@ Runner add_train(CLI::App& app) {
       const std::filesystem::path state_file = ck.dir / kRunStateFile;
       if (ck.state.is_null() && std::filesystem::exists(std::filesystem::path(o->resume) / kRunSeedLog))
         fail(ErrorKind::invalid_argument,
-             "--resume {}: the run there stopped before its first save (a seed log, no checkpoint): there is nothing "
-             "to resume; start it again with --model and --out {} --overwrite",
-             o->resume, o->resume);
+             "--resume {}: the run there stopped before its first save (a seed log, no checkpoint). {}",
+             o->resume, unsaved_run_advice(o->resume));
       if (ck.state.is_null())
         fail(ErrorKind::invalid_argument,
              "--resume {}: no {}: not a run directory written by zo2-tune train (to start from this checkpoint, "
@@ -659,6 +678,7 @@ Runner add_train(CLI::App& app) {
       if (const std::string saved_dir = st.get_or<std::string>("run_dir", "");
           own_dir && (saved_dir.empty() || !same_directory(saved_dir, out))) {
         own_dir = false;
+        if (st.has("log_json") || st.has("disk_dir")) {
         const std::string where =
             saved_dir.empty() ? "'s state does not say which directory it was saved in"
             : std::filesystem::exists(saved_dir) ? " is a copy of the run in " + saved_dir
@@ -666,6 +686,7 @@ Runner add_train(CLI::App& app) {
         log_info("--resume: {}{}, so its JSON log and block file are not taken from its state here (give --log-json, "
                  "--host-mem and --disk-dir again for this directory)",
                  o->resume, where);
+        }
       }
       const std::vector<std::string> kept = keep_run_flags(*o, *a, st, own_dir);
       for (const auto& [key, check] : std::initializer_list<std::pair<const char*, std::function<void()>>>{
@@ -726,6 +747,11 @@ Runner add_train(CLI::App& app) {
       // The seed log: this run's (header), reaching next_step, and — when the manifest records
       // it — byte for byte the prefix the checkpoint was saved with.
       resumed_log_path = !ck.seed_log.empty() ? ck.seed_log : std::filesystem::path(o->resume) / kRunSeedLog;
+      // A checkpoint `replay` wrote (from a run killed before its first save, say) continues
+      // the seed log it was replayed from.
+      if (std::error_code ec; ck.seed_log.empty() && !std::filesystem::exists(resumed_log_path, ec) &&
+                              st.has("replayed_from"))
+        resumed_log_path = st.get<std::string>("replayed_from");
       resumed_log = SeedLog::read(resumed_log_path);
       const std::uint64_t run_seed = o->seed;
       if (resumed_log->header.rule != sc.rule)
@@ -953,10 +979,8 @@ Runner add_train(CLI::App& app) {
       if (resume_within_out || o->overwrite) return;  // the run itself, or replacing was asked for
       if (holds_run(out)) {
         if (!std::filesystem::exists(out / kRunStateFile) && !std::filesystem::is_symlink(out / kRunCurrent))
-          fail(ErrorKind::invalid_argument,
-               "--out {} holds the seed log of a run that stopped before its first save (nothing to resume): pass "
-               "--overwrite to start a new run there, or choose another --out",
-               o->out);
+          fail(ErrorKind::invalid_argument, "--out {} holds the seed log of a run that stopped before its first save. {}",
+               o->out, unsaved_run_advice(o->out));
         if (o->resume.empty())
           fail(ErrorKind::invalid_argument,
                "--out {} already holds a run: continue it with --resume {} --out {}, or pass --overwrite to start a "
