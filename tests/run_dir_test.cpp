@@ -501,6 +501,29 @@ TEST(RunDirCli, AStateSavedElsewhereNeverPicksTheFilesAResumeWrites) {
   EXPECT_EQ(json::parse(read_text(d / kRunStateFile)).at("step"), 5);
 }
 
+TEST(RunDirCli, AResumesTrimOfTheJsonLogWritesTheFileALinkNames) {
+  // Adversarial pass 54: the trim renamed a copy over the link (logs/latest.jsonl), leaving
+  // run1.jsonl with the records a resume logs again; --log-json /dev/stdout > f.jsonl had a
+  // later resume rename a file over /dev/stdout. The state records the file itself.
+  TuneRun r;
+  fs::create_directories(r.tmp / "logs");
+  write_text(r.tmp / "logs" / "run1.jsonl", "");
+  fs::create_symlink("run1.jsonl", r.tmp / "logs" / "latest.jsonl");
+  const fs::path d = r.train("part", " --stop-at 3 --log-json " + (r.tmp / "logs" / "latest.jsonl").string());
+  EXPECT_EQ(json::parse(read_text(d / kRunStateFile)).at("log_json"), (r.tmp / "logs" / "run1.jsonl").string());
+  // As a run killed after its checkpoint leaves it: records past step 3.
+  std::ofstream(r.tmp / "logs" / "run1.jsonl", std::ios::app) << "{\"step\": 4}\n{\"step\": 5}\n";
+  std::string out;
+  ASSERT_EQ(tune("train --resume " + d.string() + " --stop-at 5 --log-json " + (r.tmp / "logs" / "latest.jsonl").string(),
+                 &out), 0) << out;
+  EXPECT_NE(out.find("2 records past step 3 removed"), std::string::npos) << out;
+  EXPECT_TRUE(fs::is_symlink(r.tmp / "logs" / "latest.jsonl"));
+  std::vector<std::int64_t> steps;
+  std::ifstream in(r.tmp / "logs" / "run1.jsonl");
+  for (std::string line; std::getline(in, line);) steps.push_back(json::parse(line).at("step").get<std::int64_t>());
+  EXPECT_EQ(steps, (std::vector<std::int64_t>{1, 2, 3, 4, 5}));
+}
+
 TEST(RunDirCli, TheBaseModelAndAnotherRunAreNeverWrittenOver) {
   TuneRun r;
   const std::string base = read_text(r.model / "model.safetensors");

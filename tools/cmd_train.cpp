@@ -22,10 +22,12 @@
 #include <chrono>
 #include <cerrno>
 #include <csignal>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <mutex>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <cmath>
 #include <cstdlib>
@@ -266,13 +268,12 @@ class Progress {
       : total_(total), every_(every), tty_(stderr_is_terminal()), quiet_(log_level() > LogLevel::info) {}
   const std::string& failure() const { return failure_; }
   // disk_gbps < 0: no disk tier.
-  void report(const StepResult& r, double step_s, double tok_s, double elapsed, std::size_t peak,
-              double pcie_gbps, double disk_gbps, std::int64_t done) {
+  void report(const StepResult& r, double step_s, double tok_s, double eta, std::size_t peak, double pcie_gbps,
+              double disk_gbps) {
     if (quiet_ || !failure_.empty()) return;
     const float loss = 0.5f * (r.loss_plus + r.loss_minus);
     smooth_ = n_ == 0 ? loss : 0.9 * smooth_ + 0.1 * loss;
     ++n_;
-    const double eta = done > 0 ? elapsed / static_cast<double>(done) * static_cast<double>(total_ - r.step - 1) : -1;
     const std::string line = fmt::format(
         "step {}/{} | loss {:.4f} (avg {:.4f}) | g {:+.3e} | lr {:.2e} | {:.0f} tok/s | {:.3f} s/step | "
         "ETA {} | device {} | PCIe {:.2f} GB/s{}{}",
@@ -1187,10 +1188,19 @@ Runner add_train(CLI::App& app) {
             eval_logged_at_first = true;
         }
         if (dropped > 0) {
-          write_file_atomic(o->log_json, kept_lines);
+          // The file itself, where a link (logs/latest.jsonl -> run1.jsonl) names it: the
+          // link stays a link (pass 54: it became a copy, and run1.jsonl kept its records).
+          write_file_atomic(std::filesystem::weakly_canonical(std::filesystem::absolute(o->log_json)), kept_lines);
           log_info("--log-json {}: {} record{} past step {} removed (this run logs those steps again)", o->log_json,
                    dropped, dropped == 1 ? "" : "s", first_step);
         }
+      }
+      // A FIFO no program reads yet would hold this open(2) with nothing said (pass 54).
+      if (std::error_code ec; std::filesystem::is_fifo(o->log_json, ec)) {
+        const int probe = ::open(o->log_json.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+        if (probe >= 0) ::close(probe);
+        else if (errno == ENXIO)
+          log_info("--log-json {}: a FIFO that no program reads yet; waiting for one to open it", o->log_json);
       }
       log_json = std::make_unique<std::ofstream>(o->log_json, append_log ? std::ios::app : std::ios::trunc);
       if (!*log_json) {
@@ -1310,7 +1320,19 @@ Runner add_train(CLI::App& app) {
     // same step and state does not write it again (a 175B save twice in a preemption's grace).
     std::int64_t saved_step = -1;
     bool saved_owing = false;
+    double paused_seconds = 0;  // spent in evaluations and saves (the step rates leave it out)
+    double last_save_s = 0;     // how long the last save took (a grace period must hold one)
     auto save = [&](std::int64_t next_step) {
+      const auto save_start = std::chrono::steady_clock::now();
+      struct Timed {
+        std::chrono::steady_clock::time_point t0;
+        double& paused;
+        double& last;
+        ~Timed() {
+          last = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          paused += last;
+        }
+      } timed{save_start, paused_seconds, last_save_s};
       ZO2_CHECK(session.next_step() == next_step);
       if (save_dtype != DType::f32 && save_dtype != sc.storage)
         log_warn("the checkpoint is saved as {} but the weights are {}: --resume will not be exact",
@@ -1357,10 +1379,18 @@ Runner add_train(CLI::App& app) {
                      {"max_new_tokens", o->eval_max_new},
                      {"save_every", o->save_every},
                      {"log_every", o->log_every},
-                     // A file, not a pipe or a terminal: what a later resume can append to.
-                     {"log_json", o->log_json.empty() || !std::filesystem::is_regular_file(o->log_json)
-                                      ? std::string()
-                                      : std::filesystem::absolute(o->log_json).string()},
+                     // A file or a named pipe, not an anonymous pipe or a terminal: what a later
+                     // resume can append to, as the file itself (--log-json /dev/stdout > f.jsonl
+                     // is f.jsonl; pass 54: a resume's trim renamed a file over /dev/stdout).
+                     {"log_json", [&] {
+                        if (o->log_json.empty()) return std::string();
+                        std::error_code ec;
+                        const std::filesystem::path f =
+                            std::filesystem::weakly_canonical(std::filesystem::absolute(o->log_json), ec);
+                        const std::filesystem::file_status st = std::filesystem::symlink_status(f, ec);
+                        return !ec && (std::filesystem::is_regular_file(st) || std::filesystem::is_fifo(st))
+                                   ? f.string() : std::string();  // (an anonymous pipe's is "pipe:[N]")
+                      }()},
                      {"host_image", o->host_image},
                      {"upload", o->upload}};
       // An adapter run's frozen base, as the run read it: a resume checks the base it finds
@@ -1389,7 +1419,12 @@ Runner add_train(CLI::App& app) {
     double tokens_done = 0;
     double disk_bytes = 0;  // the disk tier's reads and writes so far
     std::int64_t skipped = 0, skipped_in_a_row = 0;
-    double eval_seconds = 0;  // spent in evaluations since `start`
+    double eval_seconds = 0;    // spent in evaluations since `start`
+    struct RatePoint {
+      double t, tokens;  // stepping time (paused_seconds left out) and tokens done
+    };
+    constexpr std::size_t kRateWindow = 32;
+    std::deque<RatePoint> rate_window;
     StepResult last_skipped;
     // Each step's progress and record, as the session collects its result: before its seed-log
     // line (Note [Records before the log line]).
@@ -1408,17 +1443,26 @@ Runner add_train(CLI::App& app) {
         tokens_done += static_cast<double>(it->second);
         step_tokens.erase(it);
       }
-      // Rates over the whole run so far: the time between two harvests says little when a
-      // rule waits inside each step (zo-sgd-cons) or when steps overlap. The evaluations' time
-      // is left out of the step rates (the ETA keeps it: they recur).
-      const double stepping = std::max(0.0, elapsed - eval_seconds);
-      const double step_s = stepping / static_cast<double>(completed);
-      const double tok_s = stepping > 0 ? tokens_done / stepping : 0;
+      // Rates over the last kRateWindow steps: the time between two harvests says little when
+      // a rule waits inside each step (zo-sgd-cons) or when steps overlap, and the whole run's
+      // mean stays wrong long after a pause (Ctrl-Z and fg, a suspended job: pass 54). The
+      // evaluations' and saves' time is left out of the step rates; the ETA adds it back as a
+      // share per step (they recur).
+      const double stepping = std::max(0.0, elapsed - paused_seconds);
+      rate_window.push_back({stepping, tokens_done});
+      if (rate_window.size() > kRateWindow + 1) rate_window.pop_front();
+      const RatePoint& from = rate_window.size() > 1 ? rate_window.front() : RatePoint{0, 0};
+      const double span = stepping - from.t;
+      const double span_steps = rate_window.size() > 1 ? static_cast<double>(rate_window.size() - 1) : 1.0;
+      const double step_s = span / span_steps;
+      const double tok_s = span > 0 ? (tokens_done - from.tokens) / span : 0;
+      const double eta = (step_s + paused_seconds / static_cast<double>(completed)) *
+                         static_cast<double>(std::max<std::int64_t>(0, o->steps - r.step - 1));
       const TransferTotals tt = session.scheduler().totals();
       const double pcie = elapsed > 0 ? static_cast<double>(tt.h2d_bytes + tt.d2h_bytes - t0.h2d_bytes - t0.d2h_bytes) / elapsed / 1e9 : 0;
       disk_bytes += static_cast<double>(r.disk_read_bytes + r.disk_write_bytes);
       const double disk = session.store().disk() ? (elapsed > 0 ? disk_bytes / elapsed / 1e9 : 0) : -1;
-      if (writer) progress.report(r, step_s, tok_s, elapsed, session.device_peak(), pcie, disk, completed);
+      if (writer) progress.report(r, step_s, tok_s, eta, session.device_peak(), pcie, disk);
       if (log_json || records) {
         json j{{"step", r.step + 1},
                {"loss_plus", r.loss_plus},
@@ -1512,6 +1556,7 @@ Runner add_train(CLI::App& app) {
       }
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
       eval_seconds += s;
+      paused_seconds += s;
       if (line) line->finish();
       if (e.interrupted) {
         eval_owed = done;
@@ -1584,7 +1629,7 @@ Runner add_train(CLI::App& app) {
         in_flight = -1;
         save(next);
         progress.newline();
-        log_info("saved step {} to {}", next, out.string());
+        log_info("saved step {} to {} in {:.1f} s", next, out.string(), last_save_s);
       }
     }
     if (in_flight >= 0) harvest(in_flight);
@@ -1631,9 +1676,9 @@ Runner add_train(CLI::App& app) {
       log_warn("{} of the {} steps run had a non-finite projected gradient; their updates were skipped", skipped,
                completed);
     const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    log_info("train: {} steps in {}, device peak {} (arena {}), saved to {}", completed, format_duration(total_s),
-             format_bytes(static_cast<double>(session.device_peak())),
-             format_bytes(static_cast<double>(session.device().arena().capacity())), out.string());
+    log_info("train: {} steps in {}, device peak {} (arena {}), saved to {} (its last save took {:.1f} s)", completed,
+             format_duration(total_s), format_bytes(static_cast<double>(session.device_peak())),
+             format_bytes(static_cast<double>(session.device().arena().capacity())), out.string(), last_save_s);
     return sig != 0 ? 130 : 0;
   };
   return [o, body] {
