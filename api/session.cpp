@@ -3,6 +3,7 @@
 #include "api/run_dir.h"
 
 #include "models/safetensors.h"
+#include "runtime/checksum.h"
 #include "runtime/error.h"
 #include "runtime/file_util.h"
 #include "runtime/json_file.h"
@@ -200,6 +201,13 @@ std::vector<std::filesystem::path> checkpoint_weight_files(const std::filesystem
 
 std::string checkpoint_fingerprint(const std::filesystem::path& dir) {
   return weights_digest(checkpoint_weight_files(resolve_model_dir(dir))).hex();
+}
+
+std::string adapter_fingerprint(const std::filesystem::path& dir) {
+  const std::filesystem::path file = resolve_model_dir(dir) / kAdapterModelFile;
+  if (std::error_code ec; !std::filesystem::is_regular_file(file, ec))
+    fail(ErrorKind::io, "{}: missing (or not a file): not an adapter directory", file.string());
+  return fmt::format("{:08x}", crc32_file(file));
 }
 
 std::vector<RankPart> session_fingerprint(const std::filesystem::path& model_path, const SessionConfig& cfg) {
@@ -410,7 +418,10 @@ void Session::open_adapters(const ModelConfig& model) {
   adapters_ = std::make_unique<AdapterStore>(model, cfg_.peft,
                                              StateSpec{cfg_.rule.state_buffers(), cfg_.rule.state_dtype}, *device_,
                                              cfg_.run_seed);
-  if (!cfg_.adapter_dir.empty()) adapters_->load_peft(cfg_.adapter_dir);
+  if (!cfg_.adapter_dir.empty()) {
+    adapters_->load_peft(cfg_.adapter_dir);
+    adapter_is_run_ = holds_run(cfg_.adapter_dir);
+  }
 }
 
 void Session::init(const SessionConfig& cfg) {
@@ -487,8 +498,12 @@ void Session::init(const SessionConfig& cfg) {
   }
   scheduler_ = std::make_unique<Scheduler>(*device_, *store_, placement, so);
   if (cfg.peft.prefix > 0) {
-    if (req.seq + cfg.peft.prefix > model.max_positions)
-      fail(ErrorKind::invalid_argument, "sequence length {} + {} prefix tokens exceeds the model's {} positions", req.seq,
+    // The sequences' own length, not req.seq: that is raised to P for the initializing forward
+    // below (plan_request), which runs without a prefix (adversarial pass 53: 16-token data
+    // with P = 40 on 64 positions was refused as "sequence length 40 + 40").
+    const std::int64_t seq = cfg.max_seq > 0 ? cfg.max_seq : model.max_positions;
+    if (seq + cfg.peft.prefix > model.max_positions)
+      fail(ErrorKind::invalid_argument, "sequence length {} + {} prefix tokens exceeds the model's {} positions", seq,
            cfg.peft.prefix, model.max_positions);
     if (cfg.adapter_dir.empty()) {
       // Note [Prefix tuning under ZO]: keys and values of P random tokens, as MeZO's
@@ -513,6 +528,13 @@ void Session::init(const SessionConfig& cfg) {
     h.first_step = cfg.first_step;
     h.rule = cfg.rule;
     h.peft = cfg.peft;
+    // Note [A run's starting adapter] (tools/cmd_replay.cpp): adapters loaded, not initialized
+    // from the run seed, are where replay starts; resolved as the base is (a run directory's
+    // `current` moves on).
+    if (cfg.peft.any() && !cfg.adapter_dir.empty() && !cfg.seed_log_append) {
+      h.adapter = std::filesystem::absolute(resolve_model_dir(cfg.adapter_dir)).string();
+      h.adapter_fingerprint = adapter_fingerprint(cfg.adapter_dir);
+    }
     seed_log_ = std::make_unique<SeedLogWriter>(cfg.seed_log, h, cfg.seed_log_append, next_step_);
   }
   if (DiskTier* disk = store_->disk(); disk && seed_log_) {
@@ -768,26 +790,25 @@ void Session::sync() {
   if (node_comm_) node_comm_->barrier("the shared host image (every rank's slice home)");
 }
 
-void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes,
-                   const SaveExtras& extras) {
+void Session::check_not_loaded_from(const std::filesystem::path& out_dir) const {
   // A run continues into its own run directory; a plain checkpoint is never written over.
   if (!model_path_.empty() && !model_is_run_ && same_directory(out_dir, model_path_))
     fail(ErrorKind::invalid_argument,
          "{}: is the checkpoint this session was loaded from; saving there would overwrite it (and the base a seed "
          "log replays from): choose another directory",
          out_dir.string());
-  sync();
-  // Note [A stopped seed log]: weights past the log's end would get a manifest whose log
-  // prefix does not reach them; the run directory keeps its last checkpoint.
-  if (seed_log_ && log_stopped_at_ >= 0 && next_step_ != log_stopped_at_)
-    fail(ErrorKind::io, "{}: not saved at step {}: {}; the directory keeps its last checkpoint, from which --resume runs "
-         "them again", out_dir.string(), next_step_, log_stopped_message());
-  if (!is_writer()) {
-    // Rank 0 writes the checkpoint (every rank holds the same weights); the others wait for
-    // it, so no rank runs ahead of a save that fails (Note [Rank faults]).
-    cfg_.comm->barrier(fmt::format("the checkpoint of step {}", next_step_));
-    return;
-  }
+}
+
+// Note [Save refusals up front]
+//   Every refusal of a save that depends on the directory alone (the checkpoint this session
+//   was loaded from, a plain checkpoint there, another run's seed log or checkpoint) is in
+//   check_save_target, which a host that knows where it will save calls before its first
+//   step: zo2-tune train once ran every step of a resumed session run and then had its save
+//   refused (adversarial pass 53), the steps in its seed log and not in its checkpoint. save
+//   runs the same checks again (the directory may have changed since).
+void Session::check_save_target(const std::filesystem::path& out_dir, bool replace_checkpoint) const {
+  check_not_loaded_from(out_dir);
+  if (!is_writer()) return;
   // A training run's directory (its seed log) takes only that run's checkpoints: another
   // session's would leave the run's seed log and weights disagreeing (a resume there would
   // go on from weights its log does not describe).
@@ -798,7 +819,7 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
          out_dir.string(), kRunSeedLog);
   // Nor any other checkpoint: a plain one (another model's weights, a merged checkpoint) is
   // replaced only when the caller was asked to.
-  if (!extras.replace_checkpoint && !holds_run(out_dir))
+  if (!replace_checkpoint && !holds_run(out_dir))
     if (const auto files = foreign_checkpoint_files(out_dir); !files.empty())
       fail(ErrorKind::invalid_argument,
            "{}: holds a checkpoint ({}) that this session's save would replace: choose another directory",
@@ -814,13 +835,17 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
   // log beside it would be (adversarial pass 50: two sessions saving to one directory took
   // turns replacing each other's checkpoints, with no error). Its manifest says whose it is.
   // A session loaded from that run directory continues its run (a CLI --resume of a session's
-  // run continues the session's seed log in a copy of its own).
-  const bool continues_run = [&] {  // loaded from out_dir, its `current` or a step directory of it
-    if (model_path_.empty() || !model_is_run_) return false;
+  // run continues the session's seed log in a copy of its own). An adapter run is loaded from
+  // its base and its adapter: a training session's adapter directory is the run's
+  // (adversarial pass 53: a LoRA session run resumed in place trained every step and then had
+  // its save refused); a replay that starts from a run's adapter is no continuation of it.
+  auto within = [&](const std::filesystem::path& dir) {  // out_dir, its `current` or a step directory of it
     std::error_code ec;
-    const std::filesystem::path p = std::filesystem::weakly_canonical(std::filesystem::absolute(model_path_, ec), ec);
-    return same_directory(model_path_, out_dir) || (!ec && same_directory(p.parent_path(), out_dir));
-  }();
+    const std::filesystem::path p = std::filesystem::weakly_canonical(std::filesystem::absolute(dir, ec), ec);
+    return same_directory(dir, out_dir) || (!ec && same_directory(p.parent_path(), out_dir));
+  };
+  const bool continues_run = (!model_path_.empty() && model_is_run_ && within(model_path_)) ||
+                             (cfg_.training && adapter_is_run_ && within(cfg_.adapter_dir));
   if (holds_run(out_dir) && !continues_run) {
     std::optional<OpenedCheckpoint> theirs;
     try {
@@ -843,6 +868,24 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
                                       : fmt::format("seed log {}", theirs->seed_log.string()));
     }
   }
+}
+
+void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes,
+                   const SaveExtras& extras) {
+  check_not_loaded_from(out_dir);
+  sync();
+  // Note [A stopped seed log]: weights past the log's end would get a manifest whose log
+  // prefix does not reach them; the run directory keeps its last checkpoint.
+  if (seed_log_ && log_stopped_at_ >= 0 && next_step_ != log_stopped_at_)
+    fail(ErrorKind::io, "{}: not saved at step {}: {}; the directory keeps its last checkpoint, from which --resume runs "
+         "them again", out_dir.string(), next_step_, log_stopped_message());
+  if (!is_writer()) {
+    // Rank 0 writes the checkpoint (every rank holds the same weights); the others wait for
+    // it, so no rank runs ahead of a save that fails (Note [Rank faults]).
+    cfg_.comm->barrier(fmt::format("the checkpoint of step {}", next_step_));
+    return;
+  }
+  check_save_target(out_dir, extras.replace_checkpoint);
   try {
     // What a load would refuse is not saved: non-finite weights, adapters or rule state.
     if (adapters_) {

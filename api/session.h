@@ -119,6 +119,10 @@ std::vector<RankPart> session_fingerprint(const std::filesystem::path& model_pat
 // in it, the same weights resharded do not; a fingerprint, not a checksum. What a seed log
 // records of its base ("base_fingerprint"), for replay and a LoRA resume to check.
 std::string checkpoint_fingerprint(const std::filesystem::path& dir);
+// An adapter directory's fingerprint (hex): the CRC-32 of its whole adapter_model.safetensors
+// (an adapter is small; a run directory is read through its current checkpoint). What a seed
+// log records of the adapter its run started from ("adapter_fingerprint"), for replay.
+std::string adapter_fingerprint(const std::filesystem::path& dir);
 
 // What a parallel layout means for one rank and one node (zo2-tune plan --parallel,
 // zo2_plan_parallel): each rank's placement beside one process's, the share of the forward
@@ -193,6 +197,11 @@ class Session {
   void save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes) {
     save(out_dir, dtype, shard_bytes, SaveExtras{});
   }
+  // The refusals of a save into out_dir that depend on the directory alone (whose run or
+  // checkpoint it holds), without saving: a host that knows where it will save calls it
+  // before its first step (Note [Save refusals up front]). Rank 0's; a no-op on the others
+  // but for the checkpoint the session was loaded from.
+  void check_save_target(const std::filesystem::path& out_dir, bool replace_checkpoint) const;
   // Waits for outstanding steps and flushes the pending update into the host store. With a
   // shared host image, collective over the node's ranks (they fence once every slice is home).
   void sync();
@@ -205,6 +214,7 @@ class Session {
   void open_adapters(const ModelConfig& model);
   void open_node_comm();
   void check_resume_step(const std::filesystem::path& model_path) const;
+  void check_not_loaded_from(const std::filesystem::path& out_dir) const;
   void check_disk_dir_placement() const;
   void fit_arena_to(const Placement& plan);
   // The disk tier of a plan (nullopt when every block fits in RAM); checks the options
@@ -216,6 +226,7 @@ class Session {
   std::unique_ptr<Comm> node_comm_;   // shared host image: the node's ranks (outlives store_)
   std::filesystem::path model_path_;  // the directory given (empty: synthesized weights)
   bool model_is_run_ = false;         // it is a run directory (read through its current checkpoint)
+  bool adapter_is_run_ = false;       // cfg_.adapter_dir is a run directory or one of its checkpoints
   // The model directory's generation_config.json, read at load: a run's step directory it
   // came from is removed by the run's next save, before the save after that.
   std::optional<std::string> generation_config_;

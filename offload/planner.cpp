@@ -212,11 +212,19 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
     p.tile_bytes = tile_slot;
     p.vector_bytes = vector_slots / 2;
     p.block_tiles = ts.tiles;
+    // The tiles come from --tile SIZE (asked), or from a cap below the smallest window (auto):
+    // the way out names the one that chose them (adversarial pass 53: a forced --tile was
+    // told to raise a --gpu-mem never given).
     if (r.writeback_ranks > 1 && resident < L)
       fail(ErrorKind::unsupported,
-           "ranks sharing one host image with blocks streamed by weight tiles are not supported yet: raise --gpu-mem "
-           "so that {} window slots of {} fit, or give each rank its own host image",
-           k_floor, format_bytes(static_cast<double>(block)));
+           "ranks sharing one host image with blocks streamed by weight tiles are not supported yet: {}, or give each "
+           "rank its own host image (--host-image private)",
+           r.tile > 0 ? fmt::format("the tiles are asked for by --tile {}: drop it or give --tile off (whole blocks, "
+                                    "{} window slots of {})",
+                                    format_bytes(static_cast<double>(r.tile)), k_floor,
+                                    format_bytes(static_cast<double>(block)))
+                      : fmt::format("raise --gpu-mem so that {} window slots of {} fit", k_floor,
+                                    format_bytes(static_cast<double>(block))));
   } else switch (r.mode) {
     case OffloadMode::none:
       if (all_resident > r.cap)

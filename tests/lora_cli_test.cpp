@@ -228,6 +228,79 @@ TEST(LoraCli, AResumeFindsAMovedBaseGivenAsModel) {
   EXPECT_NE(out.find("drop --model"), std::string::npos) << out;
 }
 
+// Note [A run's starting adapter] (tools/cmd_replay.cpp): a run started from an existing
+// adapter (train --adapter A) records it in its seed log, and replay starts from it: the run's
+// adapter bit for bit (adversarial pass 53: replay rebuilt it from the run seed's init and
+// wrote other weights, exit 0). Moved, it is named with --adapter; another adapter, or a
+// missing one, is refused; a log without the record (an older zo2's) is still read.
+TEST(LoraCli, ReplayOfARunStartedFromAnAdapterStartsFromIt) {
+  Workspace w;
+  for (const std::string kind : {"--lora --lora-r 4", "--prefix-tuning --num-prefix 3"}) {
+    SCOPED_TRACE(kind);
+    for (const char* d : {"a", "b", "other", "rep", "rep2", "rep3", "moved"}) fs::remove_all(w.tmp / d);
+    std::string out;
+    ASSERT_EQ(run(w.train("a", kind + " --lr 1e-2"), &out), 0) << out;
+    ASSERT_EQ(run(w.train("other", kind + " --lr 2e-2"), &out), 0) << out;
+    ASSERT_EQ(run(w.train("b", "--lr 1e-2 --adapter " + (w.tmp / "a").string()), &out), 0) << out;
+    const fs::path log = w.tmp / "b/seed_log.jsonl";
+    const std::string replay = "replay --model " + w.model.string() + " --seed-log " + log.string() + " -q --out ";
+    const std::string tuned = read_file(w.tmp / "b/current/adapter_model.safetensors");
+    ASSERT_EQ(run(replay + (w.tmp / "rep").string(), &out), 0) << out;
+    EXPECT_EQ(read_file(w.tmp / "rep/current/adapter_model.safetensors"), tuned);
+    // Moved: refused by name, then found through --adapter.
+    const fs::path a_step = w.tmp / "a" / fs::read_symlink(w.tmp / "a/current");
+    fs::rename(a_step, w.tmp / "moved");
+    out.clear();
+    EXPECT_EQ(run(replay + (w.tmp / "rep2").string(), &out), 2) << out;
+    EXPECT_NE(out.find("the adapter the run started from, " + a_step.string() + ": missing"), std::string::npos) << out;
+    EXPECT_NE(out.find("give its new place as --adapter"), std::string::npos) << out;
+    EXPECT_FALSE(fs::exists(w.tmp / "rep2"));
+    out.clear();
+    EXPECT_EQ(run(replay + (w.tmp / "rep2").string() + " --adapter " + (w.tmp / "other").string(), &out), 2) << out;
+    EXPECT_NE(out.find("--adapter " + (w.tmp / "other").string() + ": not the adapter"), std::string::npos) << out;
+    ASSERT_EQ(run(replay + (w.tmp / "rep2").string() + " --adapter " + (w.tmp / "moved").string(), &out), 0) << out;
+    EXPECT_EQ(read_file(w.tmp / "rep2/current/adapter_model.safetensors"), tuned);
+    // A log whose adapters start from the run seed takes no --adapter.
+    out.clear();
+    EXPECT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (w.tmp / "other/seed_log.jsonl").string() +
+                      " --out " + (w.tmp / "rep3").string() + " --adapter " + (w.tmp / "moved").string(),
+                  &out),
+              2)
+        << out;
+    EXPECT_NE(out.find("records no adapter its run started from"), std::string::npos) << out;
+    // A header without the record (as zo2 wrote it before) is read: replayed from the init.
+    std::string text = read_file(log);
+    nlohmann::json h = nlohmann::json::parse(text.substr(0, text.find('\n')));
+    EXPECT_EQ(fs::path(h.at("adapter").get<std::string>()), a_step);
+    h.erase("adapter"), h.erase("adapter_fingerprint");
+    std::ofstream(w.tmp / "old.jsonl") << h.dump() << text.substr(text.find('\n'));
+    ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (w.tmp / "old.jsonl").string() + " -q --out " +
+                      (w.tmp / "rep3").string(),
+                  &out),
+              0)
+        << out;
+  }
+}
+
+// Prefix tuning checks its sequences' own length plus P against the positions, not P (the
+// length of the initializing forward) plus P (adversarial pass 53: 16-token data with P = 40
+// on 64 positions was refused as "sequence length 40 + 40").
+TEST(LoraCli, APrefixLongerThanTheSequencesFitsWhenTheirSumDoes) {
+  Workspace w;
+  const fs::path d16 = w.tmp / "d16.safetensors";
+  std::string out;
+  ASSERT_EQ(run("synth-data --model " + w.model.string() + " --out " + d16.string() + " --rows 16 --seq 16 -q", &out), 0)
+      << out;
+  const std::string train = "train --model " + w.model.string() + " --data " + d16.string() +
+                            " --steps 2 --batch-size 2 --prefix-tuning -q --out ";
+  EXPECT_EQ(run(train + (w.tmp / "p40").string() + " --num-prefix 40", &out), 0) << out;  // 16 + 40 <= 64
+  EXPECT_TRUE(fs::exists(w.tmp / "p40/current/adapter_model.safetensors"));
+  out.clear();
+  EXPECT_EQ(run(train + (w.tmp / "p50").string() + " --num-prefix 50", &out), 2) << out;
+  EXPECT_NE(out.find("sequence length 16 + 50 prefix tokens exceeds the model's 64 positions"), std::string::npos)
+      << out;
+}
+
 // Diverged adapters are not saved, as diverged full weights are not: the save names the
 // tensor (a load refuses it), and replay of the run's log refuses to write them too.
 TEST(LoraCli, NonFiniteAdaptersAreNotSavedNorReplayed) {

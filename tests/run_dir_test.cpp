@@ -617,6 +617,66 @@ TEST(RunDirCli, AManifestSaysWhoWroteItAndALaterVersionIsRefusedNamingIt) {
       << out;
 }
 
+// Adversarial pass 53: a LoRA or prefix run saved by a C API or Python session (its seed log
+// elsewhere, no base in its state) could not be resumed in place: refused for the state's
+// empty base, and with --model it ran every step and then had its save refused ("holds the
+// checkpoint of another run"), its checkpoint left at the old step. It resumes as a full
+// session run does, the base from the seed log's header (fingerprint-checked) or --model, and
+// the log it ends with replays to its adapter. A save that would be refused for its directory
+// is refused before any step (Note [Save refusals up front]): --out a run's step directory.
+TEST(RunDirCli, AnAdapterRunSavedByASessionResumesInPlace) {
+  TuneRun r;
+  const ModelConfig c = ModelConfig::load(r.model);
+  const auto batches = test::patterned_batches(c, 3, 2, 16, 0, 5, 11);
+  for (const bool prefix : {false, true}) {
+    const std::string name = prefix ? "prefix" : "lora";
+    SCOPED_TRACE(name);
+    const fs::path run = r.tmp / name;
+    {
+      SessionConfig s;
+      s.max_batch = 2;
+      s.max_seq = 16;
+      s.threads = 1;
+      s.run_seed = 5;
+      s.seed_log = r.tmp / (name + ".seed_log.jsonl");  // outside the run directory, as a host keeps it
+      s.base_model = fs::absolute(r.model).string();
+      if (prefix) {
+        s.peft.prefix = 3;
+      } else {
+        s.peft.lora = true;
+        s.peft.r = 4;
+      }
+      Session session(r.model, s);
+      for (int t = 0; t < 3; ++t) session.step(batches[static_cast<std::size_t>(t)], 3e-3f, 1e-3f, 0.0f);
+      session.save(run, DType::f32, 5'000'000'000);
+    }
+    EXPECT_FALSE(json::parse(read_text(run / kRunStateFile)).contains("base_model"));
+    const std::string resume = "train --resume " + run.string() + " --out " + run.string() + " --data " +
+                               r.data.string() + " --steps 6 --batch-size 2 --lr 3e-3 --eps 1e-3 --weight-decay 0 -q";
+    std::string out;
+    // The base from the header (prefix), or named again (LoRA): both continue in place.
+    ASSERT_EQ(tune(resume + " --stop-at 5" + (prefix ? std::string() : " --model " + r.model.string()), &out), 0)
+        << out;
+    EXPECT_EQ(json::parse(read_text(run / kRunStateFile)).at("step"), 5);
+    ASSERT_EQ(tune(resume, &out), 0) << out;
+    EXPECT_EQ(json::parse(read_text(run / kRunStateFile)).at("step"), 6);
+    const fs::path rep = r.tmp / (name + "-replayed");
+    ASSERT_EQ(tune("replay --model " + r.model.string() + " --seed-log " + (run / kRunSeedLog).string() + " -q --out " +
+                       rep.string(),
+                   &out),
+              0)
+        << out;
+    EXPECT_EQ(read_text(rep / "adapter_model.safetensors"), read_text(run / "adapter_model.safetensors"));
+  }
+  const fs::path step = r.tmp / "lora" / fs::read_symlink(r.tmp / "lora" / kRunCurrent);
+  std::string out;
+  EXPECT_EQ(tune("train --resume " + step.string() + " --out " + step.string() + " --steps 8", &out), 2) << out;
+  EXPECT_NE(out.find("is a checkpoint of the training run " + (r.tmp / "lora").string()), std::string::npos) << out;
+  EXPECT_EQ(out.find("step 7/8"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(step / kRunSeedLog));
+  EXPECT_FALSE(fs::exists(step / kRunLockFile));
+}
+
 TEST(RunDirCli, ReplayRefusesAStepBeyondTheLogAndWritesARunDirectoryOfItsStep) {
   TuneRun r;
   const fs::path d = r.train("run");

@@ -233,7 +233,9 @@ TEST_P(SchedulerModels, TiledRunMatchesResidentRunBitwise) {
 }
 
 // Ranks sharing one host image hand each block's versions over as a whole (Note [One host
-// image per node]); with tiles the planner refuses the layout by name.
+// image per node]); with tiles the planner refuses the layout by name, and names what chose
+// the tiles: --tile SIZE (adversarial pass 53: it told a forced --tile to raise a --gpu-mem
+// never given), or a cap below the smallest window.
 TEST(SchedulerTiles, RanksSharingAHostImageAreRefusedByName) {
   PlanRequest r;
   r.cap = std::size_t{1} << 30;
@@ -243,13 +245,30 @@ TEST(SchedulerTiles, RanksSharingAHostImageAreRefusedByName) {
   r.tile = 4096;
   EXPECT_GT(plan_placement(small_opt(), r).tile_slots, 0);
   r.writeback_ranks = 2;
-  try {
-    plan_placement(small_opt(), r);
-    FAIL() << "expected a refusal";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::unsupported);
-    EXPECT_NE(std::string(e.what()).find("sharing one host image"), std::string::npos) << e.what();
-  }
+  auto refusal = [&] {
+    try {
+      plan_placement(small_opt(), r);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::unsupported);
+      return std::string(e.what());
+    }
+    ADD_FAILURE() << "expected a refusal";
+    return std::string();
+  };
+  const std::string asked = refusal();
+  EXPECT_NE(asked.find("sharing one host image"), std::string::npos) << asked;
+  EXPECT_NE(asked.find("asked for by --tile 4.00 KiB: drop it or give --tile off"), std::string::npos) << asked;
+  EXPECT_NE(asked.find("--host-image private"), std::string::npos) << asked;
+  EXPECT_EQ(asked.find("--gpu-mem"), std::string::npos) << asked;
+  // Tiles chosen by the cap (auto): a larger cap is the way out.
+  r.tile = 0;
+  r.writeback_ranks = 1;
+  r.cap = plan_placement(small_opt(), r).minimum_cap - 1;
+  EXPECT_GT(plan_placement(small_opt(), r).tile_slots, 0);
+  r.writeback_ranks = 2;
+  const std::string chosen = refusal();
+  EXPECT_NE(chosen.find("raise --gpu-mem so that 3 window slots"), std::string::npos) << chosen;
+  EXPECT_EQ(chosen.find("--tile"), std::string::npos) << chosen;
 }
 
 // Tiles carry the rule's state rows and fp8 row scales with the weights; the update of a

@@ -1,6 +1,17 @@
 // zo2-tune replay: the tuned weights from the base checkpoint and the seed log alone
 // (DESIGN.md §1): every logged update is applied by the kernels the training run used, in
 // the same order, so the result is bit-identical to the run's own checkpoint.
+//
+// Note [A run's starting adapter]
+//   An adapter run either initializes its adapters from the run seed (LoRA's B = 0 and a
+//   seeded A; a prefix from a forward of seeded tokens) or starts from an adapter it loads
+//   (train --adapter A, a session's adapter_dir). The seed log's header records the latter
+//   ("adapter": its resolved directory, "adapter_fingerprint": the CRC-32 of its weights),
+//   and replay loads it — from --adapter where it moved — refusing one that is missing or
+//   whose fingerprint differs. Without the record, replay of such a run rebuilt the adapters
+//   from the run seed's init and silently wrote other weights (adversarial pass 53). A log
+//   from before the record has no way to say which it was: it is replayed from the init, as
+//   before.
 #include "api/options.h"
 #include "api/run_dir.h"
 #include "api/session.h"
@@ -18,7 +29,7 @@ SessionConfig session_config(const DeviceFlags& f, bool training);
 
 Runner add_replay(CLI::App& app) {
   struct Opts {
-    std::string model, seed_log, out, save_dtype = "fp32", shard = "5G";
+    std::string model, seed_log, out, adapter, save_dtype = "fp32", shard = "5G";
     std::int64_t until = -1;
     bool overwrite = false;
     DeviceFlags dev;
@@ -27,6 +38,9 @@ Runner add_replay(CLI::App& app) {
   app.add_option("--model", o->model, "the base checkpoint the run started from")->required();
   app.add_option("--seed-log", o->seed_log, "the run's seed_log.jsonl")->required();
   app.add_option("--out", o->out, "output directory for the rebuilt checkpoint")->required();
+  app.add_option("--adapter", o->adapter,
+                 "the adapter the run started from (train --adapter), where it moved: checked against the seed log's "
+                 "fingerprint of it (default: the place the log records)");
   app.add_option("--until-step", o->until, "apply only the updates of steps below this one");
   app.add_option("--save-dtype", o->save_dtype, "fp32, bf16, fp16")->capture_default_str();
   app.add_option("--shard-size", o->shard, "largest safetensors shard")->capture_default_str();
@@ -118,7 +132,31 @@ Runner add_replay(CLI::App& app) {
       }
     }
     sc.rule = log.header.rule;  // the log's update rule, its state rebuilt step by step
-    sc.peft = log.header.peft;  // LoRA: the adapters start from the run seed's init
+    sc.peft = log.header.peft;  // LoRA: the adapters start from the run seed's init, or from the logged adapter
+    if (!o->adapter.empty() && log.header.adapter.empty())
+      fail(ErrorKind::invalid_argument,
+           "--adapter {}: {} records no adapter its run started from ({}): drop --adapter",
+           o->adapter, o->seed_log,
+           log.header.peft.any() ? "its adapters start from the run seed's init" : "it tunes every parameter");
+    if (!log.header.adapter.empty()) {
+      // Note [A run's starting adapter]: the run's adapters began as that adapter's weights,
+      // not as the run seed's init; a replay from anything else rebuilds other weights.
+      const std::filesystem::path dir = o->adapter.empty() ? log.header.adapter : o->adapter;
+      const std::string where = o->adapter.empty() ? fmt::format("the adapter the run started from, {}", dir.string())
+                                                   : fmt::format("--adapter {}", o->adapter);
+      if (std::error_code ec; !std::filesystem::is_directory(dir, ec) ||
+                              !std::filesystem::exists(resolve_model_dir(dir) / kAdapterModelFile, ec))
+        fail(ErrorKind::invalid_argument,
+             "{}: missing (no {}): {} starts its adapters from it (fingerprint {}); give its new place as --adapter",
+             where, kAdapterModelFile, o->seed_log, log.header.adapter_fingerprint);
+      if (const std::string fp = adapter_fingerprint(dir); fp != log.header.adapter_fingerprint)
+        fail(ErrorKind::invalid_argument,
+             "{}: not the adapter {}'s run started from (its fingerprint is {}; the log records {} of {}): the "
+             "replay would rebuild other weights than the run's{}",
+             where, o->seed_log, fp, log.header.adapter_fingerprint, log.header.adapter,
+             o->adapter.empty() ? "; give the adapter the run started from as --adapter" : "");
+      sc.adapter_dir = dir;
+    }
     sc.run_seed = log.header.run_seed;
     sc.base_model = std::filesystem::absolute(o->model).string();
     if (sc.peft.any()) validate_peft(sc.peft, ModelConfig::load(resolve_model_dir(o->model)));

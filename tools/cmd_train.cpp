@@ -1299,13 +1299,16 @@ Runner add_train(CLI::App& app) {
     if (writer) {
       try {
         session.check_save_target(out, o->overwrite);
-      } catch (const Error& e) {
+      } catch (const Error&) {
+        // Nothing ran: a new run leaves no seed log behind (ranks: Note [Rank faults], the
+        // session is not torn down under peers that wait in it).
+        if (comm.size() > 1) throw;
         session_owner.reset();
         if (o->resume.empty()) {
           std::error_code ec;
           std::filesystem::remove(out / kRunSeedLog, ec);
         }
-        fail(e.kind(), "--out {}: {}", o->out, e.what());
+        throw;
       }
     }
     // Read now: a resumed run's starting step directory is removed by a later save, and its
