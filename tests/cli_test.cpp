@@ -501,6 +501,32 @@ TEST(Cli, EveryStopSignalFinishesTheStepAndSavesEvenWhenTheParentBlockedIt) {
     const auto state = nlohmann::json::parse(read_file(run_dir / "zo2_state.json"));
     EXPECT_GT(state["next_step"].get<int>(), 0);
   }
+  // Under nohup (SIGHUP ignored when train starts) a SIGHUP changes nothing: the run goes on
+  // until the SIGTERM that follows.
+  const fs::path run_dir = w.tmp / "run-nohup", log = w.tmp / "log-nohup.jsonl", err = w.tmp / "nohup.err";
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    signal(SIGHUP, SIG_IGN);  // kept across exec, as nohup does
+    execl("/bin/sh", "sh", "-c",
+          ("exec " + tune() + " train --model " + w.model.string() + " --data " + w.data.string() +
+           " --steps 1000000 --batch-size 2 --lr 1e-3 --out " + run_dir.string() + " --log-json " + log.string() +
+           " >/dev/null 2>" + err.string())
+              .c_str(),
+          nullptr);
+    _exit(127);
+  }
+  for (int i = 0; i < 3000 && read_file(log).find('\n') == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  kill(pid, SIGHUP);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  kill(pid, SIGTERM);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 130);
+  EXPECT_NE(read_file(err).find("(SIGTERM)"), std::string::npos) << read_file(err);
+  EXPECT_EQ(read_file(err).find("SIGHUP"), std::string::npos) << read_file(err);
 }
 
 TEST(Cli, OffloadedTrainingWritesTheSameCheckpointAsResident) {
