@@ -311,8 +311,12 @@ std::unique_ptr<Tokenizer> Tokenizer::from_dir(const fs::path& dir) try {
          "{} is a file; give a tokenizer directory, a tokenizer.json or a SentencePiece .model",
          dir.string());
   }
-  if (!fs::is_directory(dir, ec))
+  if (!fs::is_directory(dir, ec)) {
+    if (fs::exists(fs::symlink_status(dir, ec)))  // a FIFO, a socket, a device, a dangling link
+      fail(ErrorKind::io, "tokenizer {}: neither a directory nor a regular file; give a tokenizer directory, a "
+           "tokenizer.json or a SentencePiece .model", dir.string());
     fail(ErrorKind::io, "tokenizer directory {} does not exist", dir.string());
+  }
 
   // exists, not is_regular_file: a FIFO or a directory named tokenizer.json is refused by
   // name when read (Note [Reading JSON]), not passed over for the next kind of tokenizer.

@@ -727,6 +727,11 @@ TEST(TokenizerErrors, AFifoOrADirectoryInATokenizerFilesPlaceIsRefusedNamingIt) 
       EXPECT_EQ(rc, 0) << "1: the wrong error; 128 + 14: it hung";
     }
   }
+  // The tokenizer itself a FIFO: named as such, not as a directory that does not exist.
+  test::TempDir dir;
+  ASSERT_EQ(::mkfifo((dir / "tok").c_str(), 0600), 0);
+  const std::string msg = message_of([&] { (void)Tokenizer::from_dir(dir / "tok"); });
+  EXPECT_NE(msg.find("neither a directory nor a regular file"), std::string::npos) << msg;
 }
 
 // ---- agreement with HF tokenizers 0.23 (Rust) on the corners below ------------------------------
