@@ -47,6 +47,27 @@ struct Workspace {
   }
 };
 
+TEST(LoraCli, AnAdapterRunIsEvaluatedOnItsBaseStoredAsItWasTrained) {
+  // Adversarial pass 53: eval --model RUN of an fp8 LoRA run loaded an fp32 base, so its loss
+  // was not the run's own final evaluation.
+  Workspace w;
+  for (const char* peft : {"--lora --lora-r 2", "--prefix-tuning --num-prefix 3"}) {
+    SCOPED_TRACE(peft);
+    const fs::path log = w.tmp / "log.jsonl";
+    std::string out;
+    ASSERT_EQ(run(w.train("fp8", std::string(peft) + " --storage-dtype fp8 --overwrite --eval " + w.data.string() +
+                                     " --log-json " + log.string()),
+                  &out), 0) << out;
+    const std::string text = read_file(log);
+    const auto last = nlohmann::json::parse(text.substr(text.rfind('{')));
+    ASSERT_TRUE(last.contains("eval_loss")) << text;
+    // (the run's batch: another batch size rounds a prefix run's GEMMs otherwise in the last bits)
+    const std::string args = "--model " + (w.tmp / "fp8").string() + " --data " + w.data.string() + " --batch-size 4";
+    EXPECT_EQ(eval_loss(args), last.at("eval_loss").get<double>());
+    EXPECT_NE(eval_loss(args + " --storage-dtype fp32"), last.at("eval_loss").get<double>()) << "the test would show nothing";
+  }
+}
+
 TEST(LoraCli, TrainEvalMergeReplayAndResume) {
   Workspace w;
   std::string out;

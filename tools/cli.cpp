@@ -212,8 +212,10 @@ void DeviceFlags::add(CLI::App& app) {
                  "stream blocks by weight tiles: auto (only when two whole blocks do not fit --gpu-mem), off (whole "
                  "blocks only), or a tile size such as 64M (forces tiles)")
       ->capture_default_str();
-  app.add_option("--storage-dtype", storage, "dtype of the master weights, transfers and slots: fp32, bf16, fp16, fp8")
-      ->capture_default_str();
+  storage_flag = app.add_option("--storage-dtype", storage,
+                                "dtype of the master weights, transfers and slots: fp32, bf16, fp16, fp8 (an adapter "
+                                "run's own by default)")
+                     ->capture_default_str();
   app.add_option("--compute-dtype", compute, "compute dtype: fp32 (CPU), bf16 or fp16 (GPU)")
       ->capture_default_str();
   app.add_option("--threads", threads, "CPU threads for kernels (0 = all cores)")->capture_default_str();
@@ -275,6 +277,23 @@ void LoraFlags::add(CLI::App& app, bool training) {
   }
   adapter_flag = app.add_option("--adapter", adapter,
                                 "a LoRA adapter (PEFT directory, or a LoRA run directory) applied to --model");
+}
+
+void use_the_adapter_runs_storage(const DeviceFlags& flags, SessionConfig& sc) {
+  if (sc.adapter_dir.empty() || (flags.storage_flag && flags.storage_flag->count() > 0)) return;
+  nlohmann::json state;
+  try {
+    state = open_checkpoint(sc.adapter_dir).state;
+  } catch (const Error&) {
+    return;  // a plain adapter directory (no run), or a damaged one: loading it says what is wrong
+  }
+  if (!state.is_object() || !state.contains("storage_dtype") || !state.at("storage_dtype").is_string()) return;
+  const std::optional<DType> d = dtype_from_name(state.at("storage_dtype").get<std::string>());
+  if (!d || *d == sc.storage) return;
+  sc.storage = *d;
+  log_info("{}: the adapters were trained on a base stored as {}, so it is loaded that way (--storage-dtype fp32 for "
+           "the full-precision base)",
+           sc.adapter_dir.string(), dtype_name(*d));
 }
 
 void LoraFlags::apply(std::string& model, SessionConfig& sc) const {

@@ -124,8 +124,16 @@ struct DeviceFlags {
   int disk_lag = 1;
   int disk_staging = 0;
   CLI::Option *disk_lag_flag = nullptr, *disk_staging_flag = nullptr;  // given: count() > 0
+  CLI::Option* storage_flag = nullptr;
   void add(CLI::App& app);
 };
+
+// An adapter run (sc.adapter_dir, a LoRA or prefix run directory) trained on a base stored
+// as bf16, fp16 or fp8: its adapters fit that base, not the full-precision one, so eval,
+// forward and generate load the base the same way unless --storage-dtype is given (said
+// with an info line; adversarial pass 53: `eval --model RUN` of an fp8 run gave another
+// loss than the run's own evaluation).
+void use_the_adapter_runs_storage(const DeviceFlags& flags, SessionConfig& sc);
 
 // The update rule (zo/rule.h): --optimizer and its hyper-parameters (train, plan).
 struct RuleFlags {

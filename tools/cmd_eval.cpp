@@ -70,6 +70,7 @@ Runner add_eval(CLI::App& app) {
     const KvPlace kv = parse_kv_place(o->kv_cache);
     const std::string given_model = o->model;
     o->lora.apply(o->model, sc);  // --adapter, or an adapter as --model: its base with it
+    use_the_adapter_runs_storage(o->dev, sc);
     o->model = resolve_model_dir(o->model).string();  // a run directory: its current checkpoint
     refuse_output_over_inputs("--predictions", o->predictions, {o->data},
                               {given_model, o->model, sc.adapter_dir, o->data_flags.tokenizer});

@@ -34,6 +34,7 @@ Runner add_forward(CLI::App& app) {
   return [o] {
     SessionConfig sc = session_config(o->dev, false);  // the flags first, then the files
     o->lora.apply(o->model, sc);  // --adapter, or an adapter as --model: its base with it
+    use_the_adapter_runs_storage(o->dev, sc);
     const std::string given_model = o->model;
     o->model = resolve_model_dir(o->model).string();  // a run directory: its current checkpoint
     refuse_output_over_inputs("--out", o->out, {o->inputs}, {given_model, o->model, sc.adapter_dir});

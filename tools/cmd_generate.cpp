@@ -137,6 +137,7 @@ Runner add_generate(CLI::App& app) {
     SessionConfig sc = session_config(o->dev, false);
     const std::string given_model = o->model;
     o->lora.apply(o->model, sc);
+    use_the_adapter_runs_storage(o->dev, sc);
     o->model = resolve_model_dir(o->model).string();
     refuse_output_over_inputs("--output", o->output, {o->data},
                               {given_model, o->model, sc.adapter_dir, o->data_flags.tokenizer});
