@@ -325,7 +325,7 @@ std::optional<DiskPlacement> Session::disk_placement(const ModelConfig& model, c
                               {"vocab", model.vocab_size},
                               {"block_bytes", plan.block_bytes},
                               {"blocks", map}}
-                   .dump() + "\n";
+                   .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";  // (a path not UTF-8)
   return d;
 }
 
@@ -620,6 +620,9 @@ std::int64_t Session::step_async(const HostBatch& batch, float lr, float eps, fl
   require_targets(batch);  // nothing to predict: refused before the step index moves
   validate_rule(cfg_.rule, weight_decay);
   const std::int64_t t = next_step_;
+  if (t > kMaxSeedLogStep)  // (adversarial pass 57: the steps past it made a log nothing reads)
+    fail(ErrorKind::invalid_argument, "step {} is refused: a run ends by step 2^53 = {} (the last step a seed log names)",
+         t, kMaxSeedLogStep);
   if (seed_log_ && log_stopped_at_ >= 0)  // Note [A stopped seed log]
     fail(ErrorKind::io, "step {} is refused: {}; resume the run from its last checkpoint", t + 1, log_stopped_message());
   if (store_->disk() && seed_log_) {
@@ -830,6 +833,22 @@ void Session::check_save_target(const std::filesystem::path& out_dir, bool repla
          "{}: is a checkpoint of the training run {}, which this session's save would replace: choose another "
          "directory",
          out_dir.string(), run.string());
+  // Nor is a run's own checkpoint (its `current`, a step directory) ever a save's directory,
+  // whoever's run it is: the save would nest a run inside it and replace its files with links
+  // (adversarial pass 57: zo2_session_save(s, "R/current") destroyed R's published step).
+  {
+    std::error_code ec;
+    const std::filesystem::path abs = std::filesystem::absolute(out_dir, ec);
+    const std::filesystem::path p = std::filesystem::weakly_canonical(abs, ec);
+    const std::string name = p.filename().string();
+    if (!ec && (name.rfind("step-", 0) == 0 || name.rfind(".step-", 0) == 0 ||
+                abs.lexically_normal().filename() == kRunCurrent) &&
+        holds_run(p.parent_path()))
+      fail(ErrorKind::invalid_argument,
+           "{}: is a checkpoint of the run in {} (one of its step directories): a save goes into the run directory "
+           "{} itself",
+           out_dir.string(), p.parent_path().string(), p.parent_path().string());
+  }
   // A run directory written by another session (its seed log elsewhere, or none) is that
   // session's run: a save of this one would replace its checkpoint, as another run's seed
   // log beside it would be (adversarial pass 50: two sessions saving to one directory took

@@ -559,6 +559,24 @@ int zo2_session_init(zo2_model* m, const zo2_session_params* p, zo2_session** ou
       sc.comm = s->comm.get();
     }
     s->session = std::make_unique<zo2::Session>(m->dir, sc);
+    // The session reads the directory again: a checkpoint replaced since zo2_model_load
+    // (another vocabulary) would have its batches checked against the handle's old config
+    // (adversarial pass 57: ids past the new vocabulary were read out of bounds).
+    const zo2::ModelConfig& now = s->session->config();
+    const std::pair<const char*, std::pair<std::int64_t, std::int64_t>> fields[] = {
+        {"vocab_size", {m->config.vocab_size, now.vocab_size}},
+        {"hidden_size", {m->config.hidden_size, now.hidden_size}},
+        {"num_hidden_layers", {m->config.num_layers, now.num_layers}},
+        {"num_attention_heads", {m->config.num_heads, now.num_heads}},
+        {"num_key_value_heads", {m->config.num_kv_heads, now.num_kv_heads}},
+        {"head_dim", {m->config.head_dim, now.head_dim}},
+        {"intermediate_size", {m->config.ffn_dim, now.ffn_dim}},
+        {"max_position_embeddings", {m->config.max_positions, now.max_positions}}};
+    for (const auto& [name, v] : fields)
+      if (v.first != v.second || m->config.family != now.family)
+        zo2::fail(zo2::ErrorKind::format,
+                  "{}: config.json changed since zo2_model_load ({} {} → {}): load the model again", m->dir.string(),
+                  name, v.first, v.second);
     *out = s.release();
     return 0;
   });

@@ -130,7 +130,9 @@ void AdapterStore::save_peft(const fs::path& dir, const std::string& base_model)
                       {"use_rslora", false},
                       {"use_dora", false},
                       {"revision", nullptr}};
-  write_file_atomic(dir / kAdapterConfigFile, j.dump(2) + "\n");
+  // (a base path that is not UTF-8 is written with U+FFFD: a reader then asks for the base by
+  // --model, where a JSON error here made the save fail and the session unusable; pass 57)
+  write_file_atomic(dir / kAdapterConfigFile, j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
 }
 
 // PEFT's PREFIX_TUNING layout: prompt_embeddings [P, L·2·kv_dim], layer l's keys at columns
@@ -168,7 +170,9 @@ void AdapterStore::save_prefix(const fs::path& dir, const std::string& base_mode
                       {"prefix_projection", false},
                       {"inference_mode", true},
                       {"revision", nullptr}};
-  write_file_atomic(dir / kAdapterConfigFile, j.dump(2) + "\n");
+  // (a base path that is not UTF-8 is written with U+FFFD: a reader then asks for the base by
+  // --model, where a JSON error here made the save fail and the session unusable; pass 57)
+  write_file_atomic(dir / kAdapterConfigFile, j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
 }
 
 void AdapterStore::load_prefix(const fs::path& dir) {

@@ -332,6 +332,65 @@ TEST_F(CApi, ASessionsSaveNeverReplacesAnotherRunsCheckpoint) {
   zo2_session_free(d);
 }
 
+// Adversarial pass 57: a host's misuses that returned 0 (or INTERNAL) and lost work.
+TEST_F(CApi, AHostsSavesStepsAndModelsAreCheckedAgainstWhatTheyWouldBreak) {
+  const fs::path dir = *tmp_ / "pass57";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const zo2_batch b = batch();
+  zo2_step_result r{};
+  // A save into a run's own `current` or step directory replaced its files with links into a
+  // nested run: refused, the run's step untouched.
+  zo2_session* s = open(params());
+  ASSERT_EQ(zo2_session_step(s, &b, &r), 0) << zo2_last_error();
+  const fs::path run = dir / "run";
+  ASSERT_EQ(zo2_session_save(s, run.c_str()), 0) << zo2_last_error();
+  const fs::path step = run / fs::read_symlink(run / "current");
+  const auto before = fs::file_size(step / "model.safetensors");
+  ASSERT_EQ(zo2_session_step(s, &b, &r), 0) << zo2_last_error();
+  for (const fs::path& into : {run / "current", step})
+    EXPECT_ERROR(zo2_session_save(s, into.c_str()), ZO2_ERR_INVALID_ARGUMENT, "is a checkpoint of the run in");
+  EXPECT_TRUE(fs::is_regular_file(fs::symlink_status(step / "model.safetensors")));
+  EXPECT_EQ(fs::file_size(step / "model.safetensors"), before);
+  zo2_session_free(s);
+  session_ = nullptr;
+  // Steps past 2^53 made a seed log nothing reads.
+  zo2_session_params p = params();
+  p.first_step = std::int64_t{1} << 53;
+  s = open(p);
+  EXPECT_EQ(zo2_session_step(s, &b, &r), 0) << zo2_last_error();
+  EXPECT_ERROR(zo2_session_step(s, &b, &r), ZO2_ERR_INVALID_ARGUMENT, "a run ends by step 2^53");
+  zo2_session_free(s);
+  session_ = nullptr;
+  // A checkpoint replaced between zo2_model_load and zo2_session_init: refused, not checked
+  // against the handle's old config.
+  const fs::path moved = dir / "replaced";
+  fs::copy(*model_dir_, moved, fs::copy_options::recursive);
+  zo2_model* m = nullptr;
+  ASSERT_EQ(zo2_model_load(moved.c_str(), nullptr, &m), 0) << zo2_last_error();
+  fs::remove_all(moved);
+  std::string out;
+  ASSERT_EQ(test::run_command(test::zo2_tune_path().string() + " init --preset llama-tiny -q --out " + moved.string(),
+                              &out), 0) << out;
+  zo2_session* t = nullptr;
+  EXPECT_ERROR(zo2_session_init(m, &p, &t), ZO2_ERR_FORMAT, "config.json changed since zo2_model_load");
+  EXPECT_EQ(t, nullptr);
+  zo2_model_free(m);
+  // A LoRA run on a base whose path is not UTF-8: the save gave INTERNAL and left the session
+  // unusable; now it saves (the path in adapter_config.json written with U+FFFD).
+  const fs::path odd = dir / "base_\xff\xfe";
+  fs::copy(*model_dir_, odd, fs::copy_options::recursive);
+  ASSERT_EQ(zo2_model_load(odd.c_str(), nullptr, &m), 0) << zo2_last_error();
+  zo2_session_params lp = params();
+  lp.lora_r = 4;
+  ASSERT_EQ(zo2_session_init(m, &lp, &t), 0) << zo2_last_error();
+  ASSERT_EQ(zo2_session_step(t, &b, &r), 0) << zo2_last_error();
+  EXPECT_EQ(zo2_session_save(t, (dir / "lora").c_str()), 0) << zo2_last_error();
+  EXPECT_EQ(zo2_session_step(t, &b, &r), 0) << zo2_last_error();
+  zo2_session_free(t);
+  zo2_model_free(m);
+}
+
 TEST_F(CApi, BadPathsAreIoOrFormatErrors) {
   zo2_model* m = reinterpret_cast<zo2_model*>(0x1);
   const fs::path missing = *tmp_ / "no-such-model";
