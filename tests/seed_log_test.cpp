@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <numbers>
 #include <optional>
@@ -115,6 +116,41 @@ TEST(SeedLog, NonFiniteProjectedGradientsRoundTripAsSkippedUpdates) {
   EXPECT_EQ(log.entries[1].seed, seed_of(0, 1));
   EXPECT_EQ(log.entries[3].g_double, 0.25);
   for (const auto& e : log.entries) EXPECT_FALSE(std::isnan(e.lr));
+}
+
+TEST(SeedLog, AWriterRefusesALogRemovedReplacedOrWrittenByAnotherProgram) {
+  // Note [The seed log stays this writer's] (adversarial pass 57): the lines went to a deleted
+  // file, or mixed with a second session's, and every step and save returned success.
+  test::TempDir dir;
+  const auto path = dir / "seeds.jsonl";
+  auto message = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  {
+    SeedLogWriter w(path, SeedLogHeader{}, false);
+    w.append(entry(0, seed_of(0, 0), 0.5f));
+    std::filesystem::remove(path);
+    EXPECT_NE(message([&] { w.append(entry(1, seed_of(0, 1), 0.5f)); }).find("the seed log was removed"),
+              std::string::npos);
+  }
+  {
+    SeedLogWriter w(path, SeedLogHeader{}, false);
+    w.append(entry(0, seed_of(0, 0), 0.5f));
+    std::filesystem::copy_file(path, dir / "copy.jsonl");
+    std::filesystem::rename(dir / "copy.jsonl", path);
+    EXPECT_NE(message([&] { w.sync(); }).find("replaced by another file"), std::string::npos);
+  }
+  std::filesystem::remove(path);
+  SeedLogWriter w(path, SeedLogHeader{}, false);
+  w.append(entry(0, seed_of(0, 0), 0.5f));
+  std::ofstream(path, std::ios::app) << "{\"step\": 1}\n";  // another writer's line
+  const std::string m = message([&] { w.append(entry(1, seed_of(0, 1), 0.5f)); });
+  EXPECT_NE(m.find("another program (a second session on the same log?) changed it"), std::string::npos) << m;
 }
 
 TEST(SeedLog, AppendingOnResumeDropsEntriesFromTheResumeStepOn) {

@@ -1382,17 +1382,18 @@ Runner add_train(CLI::App& app) {
                      {"max_new_tokens", o->eval_max_new},
                      {"save_every", o->save_every},
                      {"log_every", o->log_every},
-                     // A file or a named pipe, not an anonymous pipe or a terminal: what a later
-                     // resume can append to, as the file itself (--log-json /dev/stdout > f.jsonl
-                     // is f.jsonl; pass 54: a resume's trim renamed a file over /dev/stdout).
+                     // A file, not a pipe or a terminal: what a later resume can append to, as the
+                     // file itself (--log-json /dev/stdout > f.jsonl is f.jsonl; pass 54: a
+                     // resume's trim renamed a file over /dev/stdout).
                      {"log_json", [&] {
                         if (o->log_json.empty()) return std::string();
                         std::error_code ec;
                         const std::filesystem::path f =
                             std::filesystem::weakly_canonical(std::filesystem::absolute(o->log_json), ec);
                         const std::filesystem::file_status st = std::filesystem::symlink_status(f, ec);
-                        return !ec && (std::filesystem::is_regular_file(st) || std::filesystem::is_fifo(st))
-                                   ? f.string() : std::string();  // (an anonymous pipe's is "pipe:[N]")
+                        // (a pipe, even a named one, is not kept: its reader is gone by the resume,
+                        // which would wait on it forever; an anonymous pipe's name is "pipe:[N]")
+                        return !ec && std::filesystem::is_regular_file(st) ? f.string() : std::string();
                       }()},
                      {"host_image", o->host_image},
                      {"upload", o->upload}};

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -185,7 +186,32 @@ SeedLogWriter::~SeedLogWriter() {
   if (fd_ >= 0) ::close(fd_);
 }
 
+// Note [The seed log stays this writer's]
+//   The writer appends through one descriptor; another program that deletes, replaces,
+//   truncates or appends to the file meanwhile (a second session opened on the same path,
+//   a cleanup script) would have the lines go to a deleted file, or two runs' lines mix,
+//   and a save record a prefix the file no longer holds — seen only at a resume
+//   (adversarial pass 57). Each append and sync first checks that the path still names
+//   the file opened and that it holds exactly what this writer wrote.
+void SeedLogWriter::check_still_ours() const {
+  struct stat mine {}, named {};
+  if (::fstat(fd_, &mine) != 0) return;  // (cannot tell: the write says what is wrong)
+  const char* fix = "; the run continues from its last checkpoint with the log it was saved with (restore it)";
+  if (::stat(path_.c_str(), &named) != 0)
+    fail(ErrorKind::io, "{}: the seed log was removed since this session opened it ({}){}", path_.string(),
+         std::strerror(errno), fix);
+  if (named.st_dev != mine.st_dev || named.st_ino != mine.st_ino)
+    fail(ErrorKind::io, "{}: the seed log was replaced by another file since this session opened it{}", path_.string(),
+         fix);
+  if (static_cast<std::uint64_t>(mine.st_size) != pos_.bytes)
+    fail(ErrorKind::io,
+         "{}: the seed log holds {} bytes but this session wrote {}: another program (a second session on the same "
+         "log?) changed it{}",
+         path_.string(), static_cast<std::uint64_t>(mine.st_size), pos_.bytes, fix);
+}
+
 void SeedLogWriter::append(const SeedLogEntry& e) {
+  check_still_ours();
   const std::string line = entry_line(e, rule_);
   std::size_t done = 0;
   while (done < line.size()) {
@@ -207,6 +233,7 @@ void SeedLogWriter::append(const SeedLogEntry& e) {
 }
 
 void SeedLogWriter::sync() {
+  check_still_ours();
   if (::fdatasync(fd_) != 0)
     fail(ErrorKind::io, "{}: cannot write the seed log to disk: {}", path_.string(), std::strerror(errno));
 }

@@ -88,6 +88,8 @@ class SeedLogWriter {
   const std::filesystem::path& path() const { return path_; }
 
  private:
+  void check_still_ours() const;  // Note [The seed log stays this writer's]
+
   std::filesystem::path path_;
   RuleConfig rule_;
   int fd_ = -1;
