@@ -285,7 +285,12 @@ ZO2_API zo2_session_params zo2_session_default_params(void);
 //                             zo2_plan reports it without allocating); host_mem_bytes is below
 //                             the globals and the staging buffers the disk tier needs
 //   ZO2_ERR_DEVICE            no such device (e.g. "cuda" in a CPU-only build)
-//   ZO2_ERR_IO / _FORMAT      the weights cannot be read; the seed log cannot be written
+//   ZO2_ERR_IO / _FORMAT      the weights cannot be read; the seed log cannot be written;
+//                             config.json changed since zo2_model_load (load it again)
+// The weights files are read through a memory mapping: another program that truncates or
+// rewrites one in place while this call reads it makes the kernel raise SIGBUS in the host
+// (the one failure no status code can report). Replace checkpoints by writing a new file
+// and renaming it over the old one, as zo2 itself does.
 ZO2_API int zo2_session_init(zo2_model * m, const zo2_session_params * p, zo2_session ** out);
 // Waits for outstanding work and releases everything. A pending update that was not saved
 // is lost (zo2_session_save first). NULL is allowed. In a fork() child of the process that
