@@ -317,8 +317,12 @@ typedef struct zo2_batch {
 //   ZO2_ERR_INVALID_ARGUMENT  s or b or b->tokens NULL; n_seq/n_tokens out of [1, capacity]; a token,
 //                             mask or label out of range; an eval-only session; a batch with nothing to
 //                             predict (no target token: every label −100, or the mask 0 after each
-//                             sequence's first position). Nothing was run: the session (weights,
-//                             pending update, step index) is unchanged and stays usable.
+//                             sequence's first position); a step past 2^53. Nothing was run: the
+//                             session (weights, pending update, step index) is unchanged and stays usable.
+//   ZO2_ERR_IO                the seed log could not be appended (a full disk; the file removed,
+//                             replaced or written by another program): the step ran and counts, but
+//                             its line is not in the log, so later steps and saves are refused; eval
+//                             still works. Resume from the last checkpoint (its log prefix is intact).
 //   other errors              a device/internal failure mid-step: the session is unusable; every later
 //                             call on it fails with the same code; only zo2_session_free is safe.
 ZO2_API int zo2_session_step(zo2_session * s, const zo2_batch * b, zo2_step_result * out);
