@@ -378,7 +378,8 @@ TEST(Cli, LossFallsClearlyOnALearnableTask) {
 }
 
 TEST(Cli, AnEvaluationShowsItsProgressOnATerminalAndNoLinesElsewhere) {
-  if (test::run_command("command -v script") != 0) GTEST_SKIP() << "no script(1) to give zo2-tune a terminal";
+  if (test::run_command("script -qec true /dev/null") != 0)
+    GTEST_SKIP() << "no script(1), or no pseudo-terminal for it, to give zo2-tune a terminal";
   Workspace w;
   const std::string tune = test::zo2_tune_path().string();
   const std::string eval = " eval --model " + w.model.string() + " --data " + w.data.string() + " --batch-size 8";
