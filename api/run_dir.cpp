@@ -540,7 +540,7 @@ std::vector<std::string> foreign_checkpoint_files(const fs::path& dir) {
   return out;
 }
 
-fs::path training_run_of_checkpoint(const fs::path& dir) {
+fs::path run_of_checkpoint(const fs::path& dir) {
   std::error_code ec;
   const fs::path p = fs::weakly_canonical(fs::absolute(dir, ec), ec);
   if (ec || p.filename().empty()) return {};
@@ -550,8 +550,13 @@ fs::path training_run_of_checkpoint(const fs::path& dir) {
   const bool checkpoint_name = is_step_dir_name(name) || name.rfind(".step-", 0) == 0 || given == kRunCurrent;
   if (!checkpoint_name) return {};
   const fs::path run = p.parent_path();
-  if (fs::exists(run / kRunSeedLog, ec)) return run;
-  return {};
+  return holds_run(run) || fs::exists(run / kRunSeedLog, ec) ? run : fs::path();
+}
+
+fs::path training_run_of_checkpoint(const fs::path& dir) {
+  std::error_code ec;
+  const fs::path run = run_of_checkpoint(dir);
+  return !run.empty() && fs::exists(run / kRunSeedLog, ec) ? run : fs::path();
 }
 
 bool same_directory(const fs::path& a, const fs::path& b) {

@@ -117,6 +117,9 @@ std::vector<std::string> foreign_checkpoint_files(const std::filesystem::path& d
 // (.step-N) — after following links; empty otherwise. Another writer there would replace
 // the weights the run's resume starts from.
 std::filesystem::path training_run_of_checkpoint(const std::filesystem::path& dir);
+// The same for any run (a directory holding a run: holds_run), with or without a seed log:
+// what no save may write into (it would nest a run in the checkpoint and replace its files).
+std::filesystem::path run_of_checkpoint(const std::filesystem::path& dir);
 
 // Whether two paths name the same directory (after following links); false if either is missing.
 bool same_directory(const std::filesystem::path& a, const std::filesystem::path& b);

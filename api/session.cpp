@@ -827,27 +827,15 @@ void Session::check_save_target(const std::filesystem::path& out_dir, bool repla
       fail(ErrorKind::invalid_argument,
            "{}: holds a checkpoint ({}) that this session's save would replace: choose another directory",
            out_dir.string(), fmt::join(files, ", "));
-  if (const std::filesystem::path run = training_run_of_checkpoint(out_dir);
-      !run.empty() && !(seed_log_ && same_directory(seed_log_->path().parent_path(), run)))
-    fail(ErrorKind::invalid_argument,
-         "{}: is a checkpoint of the training run {}, which this session's save would replace: choose another "
-         "directory",
-         out_dir.string(), run.string());
   // Nor is a run's own checkpoint (its `current`, a step directory) ever a save's directory,
   // whoever's run it is: the save would nest a run inside it and replace its files with links
   // (adversarial pass 57: zo2_session_save(s, "R/current") destroyed R's published step).
-  {
+  if (const std::filesystem::path run = run_of_checkpoint(out_dir); !run.empty()) {
     std::error_code ec;
-    const std::filesystem::path abs = std::filesystem::absolute(out_dir, ec);
-    const std::filesystem::path p = std::filesystem::weakly_canonical(abs, ec);
-    const std::string name = p.filename().string();
-    if (!ec && (name.rfind("step-", 0) == 0 || name.rfind(".step-", 0) == 0 ||
-                abs.lexically_normal().filename() == kRunCurrent) &&
-        holds_run(p.parent_path()))
-      fail(ErrorKind::invalid_argument,
-           "{}: is a checkpoint of the run in {} (one of its step directories): a save goes into the run directory "
-           "{} itself",
-           out_dir.string(), p.parent_path().string(), p.parent_path().string());
+    fail(ErrorKind::invalid_argument,
+         "{}: is a checkpoint of the {} {} (one of its step directories), which this session's save would replace: "
+         "a save goes into the run directory itself",
+         out_dir.string(), std::filesystem::exists(run / kRunSeedLog, ec) ? "training run" : "run in", run.string());
   }
   // A run directory written by another session (its seed log elsewhere, or none) is that
   // session's run: a save of this one would replace its checkpoint, as another run's seed

@@ -572,8 +572,11 @@ int zo2_session_init(zo2_model* m, const zo2_session_params* p, zo2_session** ou
         {"head_dim", {m->config.head_dim, now.head_dim}},
         {"intermediate_size", {m->config.ffn_dim, now.ffn_dim}},
         {"max_position_embeddings", {m->config.max_positions, now.max_positions}}};
+    if (m->config.family != now.family)
+      zo2::fail(zo2::ErrorKind::format, "{}: config.json changed since zo2_model_load ({} → {}): load the model again",
+                m->dir.string(), m->config.family_name(), now.family_name());
     for (const auto& [name, v] : fields)
-      if (v.first != v.second || m->config.family != now.family)
+      if (v.first != v.second)
         zo2::fail(zo2::ErrorKind::format,
                   "{}: config.json changed since zo2_model_load ({} {} → {}): load the model again", m->dir.string(),
                   name, v.first, v.second);

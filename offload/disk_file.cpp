@@ -141,31 +141,27 @@ std::string free_space(const fs::path& path) {
 // Opens `path` with O_DIRECT when asked and the filesystem allows it, else buffered (with a
 // warning when O_DIRECT was asked for). Sets *direct to what it got.
 int open_maybe_direct(const fs::path& path, int flags, bool want_direct, bool refuse_direct, bool* direct) {
-  if (want_direct) {
-    const int fd = refuse_direct ? (errno = EINVAL, -1)
-                                 : ::open(path.c_str(), flags | O_DIRECT | O_NOFOLLOW | O_CLOEXEC, 0644);
-    if (fd >= 0) {
-      struct stat st {};
-      if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        ::close(fd);
-        return open_own_file(path, flags);  // says what is there
-      }
-      *direct = true;
-      return fd;
-    }
-    if (errno == ELOOP) return open_own_file(path, flags);  // a link: says so
-    if (errno != EINVAL)
-      fail(ErrorKind::io, "{}: cannot open: {}", path.string(), describe_errno(errno));
-    log_warn("{}: the filesystem ({}) refuses O_DIRECT; reading and writing through the page cache instead",
-             path.string(), filesystem_name(path.parent_path().empty() ? fs::path(".") : path.parent_path()));
-  }
   *direct = false;
-  const int fd = ::open(path.c_str(), flags | O_NOFOLLOW | O_CLOEXEC, 0644);
-  if (fd < 0 && errno == ELOOP) return open_own_file(path, flags);  // a link: says so
-  if (fd < 0) fail(ErrorKind::io, "{}: cannot open: {}", path.string(), describe_errno(errno));
+  int fd = -1, e = 0;
+  if (want_direct) {
+    fd = refuse_direct ? -1 : ::open(path.c_str(), flags | O_DIRECT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    e = refuse_direct ? EINVAL : errno;
+    *direct = fd >= 0;
+    if (fd < 0 && e == EINVAL)
+      log_warn("{}: the filesystem ({}) refuses O_DIRECT; reading and writing through the page cache instead",
+               path.string(), filesystem_name(path.parent_path().empty() ? fs::path(".") : path.parent_path()));
+  }
+  if (fd < 0 && (!want_direct || e == EINVAL)) {
+    fd = ::open(path.c_str(), flags | O_NOFOLLOW | O_CLOEXEC, 0644);
+    e = errno;
+  }
+  // A link, or something other than a regular file: open_own_file (runtime/file_util.h)
+  // refuses it, saying what is there.
+  if (fd < 0 && e == ELOOP) return open_own_file(path, flags);
+  if (fd < 0) fail(ErrorKind::io, "{}: cannot open: {}", path.string(), describe_errno(e));
   if (struct stat st {}; ::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
-    return open_own_file(path, flags);  // says what is there
+    return open_own_file(path, flags);
   }
   return fd;
 }

@@ -680,13 +680,13 @@ Runner add_train(CLI::App& app) {
           own_dir && (saved_dir.empty() || !same_directory(saved_dir, out))) {
         own_dir = false;
         if (st.has("log_json") || st.has("disk_dir")) {
-        const std::string where =
-            saved_dir.empty() ? "'s state does not say which directory it was saved in"
-            : std::filesystem::exists(saved_dir) ? " is a copy of the run in " + saved_dir
-                                                 : " was saved in " + saved_dir;
-        log_info("--resume: {}{}, so its JSON log and block file are not taken from its state here (give --log-json, "
-                 "--host-mem and --disk-dir again for this directory)",
-                 o->resume, where);
+          const std::string where =
+              saved_dir.empty() ? "'s state does not say which directory it was saved in"
+              : std::filesystem::exists(saved_dir) ? " is a copy of the run in " + saved_dir
+                                                   : " was saved in " + saved_dir;
+          log_info("--resume: {}{}, so its JSON log and block file are not taken from its state here (give "
+                   "--log-json, --host-mem and --disk-dir again for this directory)",
+                   o->resume, where);
         }
       }
       const std::vector<std::string> kept = keep_run_flags(*o, *a, st, own_dir);
@@ -1423,7 +1423,6 @@ Runner add_train(CLI::App& app) {
     double tokens_done = 0;
     double disk_bytes = 0;  // the disk tier's reads and writes so far
     std::int64_t skipped = 0, skipped_in_a_row = 0;
-    double eval_seconds = 0;    // spent in evaluations since `start`
     struct RatePoint {
       double t, tokens;  // stepping time (paused_seconds left out) and tokens done
     };
@@ -1559,7 +1558,6 @@ Runner add_train(CLI::App& app) {
         if (g.non_finite) non_finite = g.note;
       }
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-      eval_seconds += s;
       paused_seconds += s;
       if (line) line->finish();
       if (e.interrupted) {
