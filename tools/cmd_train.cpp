@@ -1195,14 +1195,17 @@ Runner add_train(CLI::App& app) {
                    dropped, dropped == 1 ? "" : "s", first_step);
         }
       }
-      // A FIFO no program reads yet would hold this open(2) with nothing said (pass 54).
+      // A FIFO no program reads yet would hold this open(2) with nothing said (pass 54). The
+      // probe stays open until the stream is: closing it first lets a reader that is already
+      // there see end-of-file and leave, and the stream's open would then wait for ever.
+      int probe = -1;
       if (std::error_code ec; std::filesystem::is_fifo(o->log_json, ec)) {
-        const int probe = ::open(o->log_json.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
-        if (probe >= 0) ::close(probe);
-        else if (errno == ENXIO)
+        probe = ::open(o->log_json.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+        if (probe < 0 && errno == ENXIO)
           log_info("--log-json {}: a FIFO that no program reads yet; waiting for one to open it", o->log_json);
       }
       log_json = std::make_unique<std::ofstream>(o->log_json, append_log ? std::ios::app : std::ios::trunc);
+      if (probe >= 0) ::close(probe);
       if (!*log_json) {
         if (!log_json_kept) fail(ErrorKind::io, "{}: cannot write the JSON log", o->log_json);
         log_warn("--resume: the run's JSON log {} cannot be written here; no JSON log (give --log-json FILE)",

@@ -71,12 +71,17 @@ cases+=("jl.json")
 # SIGPIPE that ends the run with nothing saved.
 rm -rf pj pj.fifo; mkfifo pj.fifo
 (head -c 300 pj.fifo >/dev/null) &
-rc=0; "$T" -q train --model base "${COMMON[@]}" --shard-size 100K --out pj --log-json pj.fifo 2>pj.err || rc=$?
+# The reader waits in its open(2) before train starts: a train that opened the FIFO twice
+# (a probe, then the stream) let it read end-of-file and leave in between, and then waited
+# for ever for a reader (the CI of e4bebcc). A hang fails here (timeout's 124), not in CI's.
+sleep 0.5
+rc=0; timeout 300 "$T" -q train --model base "${COMMON[@]}" --shard-size 100K --out pj --log-json pj.fifo 2>pj.err || rc=$?
+kill %1 2>/dev/null || true
 wait
 if [ "$rc" -ne 1 ] || ! grep -q -- "--log-json pj.fifo: cannot write" pj.err || [ -z "$(state_step pj)" ]; then
   say "--log-json to a closed pipe: exit $rc, no clean stop and save: $(cat pj.err)"; failures=$((failures + 1))
 else
-  "$T" -q train --resume pj --out pj 2>>pj.err || { say "closed pipe: --resume failed: $(cat pj.err)"; failures=$((failures + 1)); }
+  timeout 300 "$T" -q train --resume pj --out pj 2>>pj.err || { say "closed pipe: --resume failed: $(cat pj.err)"; failures=$((failures + 1)); }
   same_weights pj ref || { say "closed pipe: the resumed run differs"; failures=$((failures + 1)); }
   say "--log-json to a closed pipe: stopped and saved at step $(state_step pj) (exit 1); the resume finished"
 fi
