@@ -171,12 +171,13 @@ Digest weights_digest(const std::vector<std::filesystem::path>& files, std::uint
     const SafetensorsFile f = SafetensorsFile::open(file);
     bytes += f.file_size();
     for (const TensorInfo& t : f.tensors()) {
-      const std::span<const std::byte> b = f.bytes(t);
+      const auto size = static_cast<std::size_t>(t.end - t.begin);
       Tensor x{t.name, static_cast<std::uint64_t>(t.dtype), t.shape, {}};
-      const std::size_t n = std::min<std::size_t>(b.size(), 64);
-      for (const std::size_t at : {std::size_t{0}, (b.size() - n) / 2, b.size() - n})
-        x.sample.insert(x.sample.end(), b.begin() + static_cast<std::ptrdiff_t>(at),
-                        b.begin() + static_cast<std::ptrdiff_t>(at + n));
+      const std::size_t n = std::min<std::size_t>(size, 64);
+      for (const std::size_t at : {std::size_t{0}, (size - n) / 2, size - n}) {
+        x.sample.resize(x.sample.size() + n);
+        f.read(t, at, std::span(x.sample).last(n));
+      }
       tensors.push_back(std::move(x));
     }
   }

@@ -287,10 +287,10 @@ ZO2_API zo2_session_params zo2_session_default_params(void);
 //   ZO2_ERR_DEVICE            no such device (e.g. "cuda" in a CPU-only build)
 //   ZO2_ERR_IO / _FORMAT      the weights cannot be read; the seed log cannot be written;
 //                             config.json changed since zo2_model_load (load it again)
-// The weights files are read through a memory mapping: another program that truncates or
-// rewrites one in place while this call reads it makes the kernel raise SIGBUS in the host
-// (the one failure no status code can report). Replace checkpoints by writing a new file
-// and renaming it over the old one, as zo2 itself does.
+// The weights are read with read(2), never through a memory mapping: a weights file that
+// another program truncates while this call reads it is ZO2_ERR_IO naming the file and the
+// tensor (not a SIGBUS in the host). One rewritten in place at the same size goes unseen:
+// replace checkpoints by writing a new file and renaming it over, as zo2 itself does.
 ZO2_API int zo2_session_init(zo2_model * m, const zo2_session_params * p, zo2_session ** out);
 // Waits for outstanding work and releases everything. A pending update that was not saved
 // is lost (zo2_session_save first). NULL is allowed. In a fork() child of the process that

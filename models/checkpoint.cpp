@@ -81,8 +81,7 @@ namespace {
                                     const SafetensorsCheckpoint::Entry& entry, std::int64_t i) {
   const TensorInfo& info = *entry.info;
   double v = 0;
-  convert(entry.file->bytes(info).data() + static_cast<std::size_t>(i) * dtype_size(info.dtype), info.dtype, &v,
-          DType::f64, 1);
+  entry.file->read_converted(info, i, 1, &v, DType::f64);
   const std::string at = slot.ndim == 2 ? fmt::format("element [{}, {}]", i / slot.cols, i % slot.cols)
                                         : fmt::format("element {}", i);
   if (std::isfinite(v)) {
@@ -186,13 +185,13 @@ std::vector<float> dequantize_fp8_blocks(const SafetensorsCheckpoint::Entry& q, 
   const std::int64_t R = q.info->shape[0], C = q.info->shape[1];
   const std::int64_t SC = s.info->shape[1];
   std::vector<float> scales(static_cast<std::size_t>(s.info->numel()));
-  convert(s.file->bytes(*s.info).data(), s.info->dtype, scales.data(), DType::f32, scales.size());
+  s.file->read_converted(*s.info, 0, s.info->numel(), scales.data(), DType::f32);
   for (std::size_t i = 0; i < scales.size(); ++i)
     if (!std::isfinite(scales[i]))
       fail(ErrorKind::format, "{}: tensor '{}_scale_inv' holds a non-finite scale ({} = {})", where, name, i,
            scales[i]);
   std::vector<float> w(static_cast<std::size_t>(R * C));
-  convert(q.file->bytes(*q.info).data(), DType::f8_e4m3, w.data(), DType::f32, w.size());
+  q.file->read_converted(*q.info, 0, R * C, w.data(), DType::f32);
   tbb::parallel_for(std::int64_t{0}, R, [&](std::int64_t r) {
     const float* sr = scales.data() + (r / config.fp8_block_rows) * SC;
     float* row = w.data() + r * C;
@@ -220,7 +219,6 @@ void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, vo
     if (!dtype_is_float(info.dtype))
       fail(ErrorKind::format, "{}: tensor '{}' has dtype {}, expected a floating type", where,
            slot.name, dtype_safetensors_name(info.dtype));
-    const auto src = entry->file->bytes(info);
     std::byte* dst = base + slot.offset;
     const auto n = static_cast<std::size_t>(slot.numel());
     if (const auto* scale = check_fp8_scale(ckpt, config, slot.name, *entry, where)) {
@@ -235,15 +233,14 @@ void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, vo
         convert(w.data(), DType::f32, dst, slot.dtype, n);
     } else if (slot.dtype == DType::f8_e4m3) {
       std::vector<float> tmp(n);
-      convert(src.data(), info.dtype, tmp.data(), DType::f32, n);
+      entry->file->read_converted(info, 0, slot.numel(), tmp.data(), DType::f32);
       if (const std::int64_t bad = first_non_finite(tmp.data(), DType::f32, slot.numel()); bad >= 0)
         refuse_non_finite(where, slot, *entry, bad);
       quantize_rows_e4m3(tmp.data(), slot.rows, slot.cols, reinterpret_cast<std::uint8_t*>(dst),
                          reinterpret_cast<float*>(base + slot.scale_offset));
-    } else if (info.dtype == slot.dtype) {
-      std::memcpy(dst, src.data(), slot.bytes);
     } else {
-      convert(src.data(), info.dtype, dst, slot.dtype, n);
+      // (the same dtype: read straight into the image)
+      entry->file->read_converted(info, 0, slot.numel(), dst, slot.dtype);
     }
     if (slot.dtype != DType::f8_e4m3)
       if (const std::int64_t bad = first_non_finite(dst, slot.dtype, slot.numel()); bad >= 0)

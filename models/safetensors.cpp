@@ -1,4 +1,4 @@
-// safetensors reader (mmap, validated up front) and atomic writer; see safetensors.h.
+// safetensors reader (pread, validated up front) and atomic writer; see safetensors.h.
 //
 // What open() checks, each an Error(format) naming the file (and tensor):
 //   - the file is at least 8 bytes; the header length is not 0, not above 100 MB and not
@@ -18,7 +18,6 @@
 #include "runtime/arena.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -50,8 +49,10 @@ using json = nlohmann::json;
 
 namespace {
 
-// Data tensors are copied in pieces of this size so that one big tensor uses every core.
+// Data tensors are copied (and read) in pieces of this size so that one big tensor uses every
+// core; a conversion on read goes through buffers of kConvertChunk bytes.
 constexpr std::uint64_t kCopyChunk = 32ull << 20;
+constexpr std::size_t kConvertChunk = 4u << 20;
 constexpr DType kLastDType = DType::boolean;
 
 std::string errno_message(int e) { return std::system_category().message(e); }
@@ -186,24 +187,6 @@ std::string git_lfs_size(std::string_view pointer) {
   std::string_view digits = pointer.substr(at + 6);
   digits = digits.substr(0, std::min(digits.find_first_not_of("0123456789"), digits.size()));
   return digits.empty() ? "" : fmt::format(", pointing at {} bytes", digits);
-}
-
-class FdCloser {
- public:
-  explicit FdCloser(int fd) : fd_(fd) {}
-  ~FdCloser() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  FdCloser(const FdCloser&) = delete;
-  FdCloser& operator=(const FdCloser&) = delete;
-
- private:
-  int fd_;
-};
-
-std::size_t page_size() {
-  static const std::size_t p = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
-  return p;
 }
 
 // A FIFO or a directory in the file's place is refused by name, never waited on.
@@ -371,7 +354,7 @@ std::uint64_t safetensors_tensor_nbytes(DType dtype, std::span<const std::int64_
 
 SafetensorsFile::SafetensorsFile(SafetensorsFile&& o) noexcept
     : path_(std::move(o.path_)),
-      map_(std::exchange(o.map_, nullptr)),
+      fd_(std::exchange(o.fd_, -1)),
       file_size_(std::exchange(o.file_size_, 0)),
       header_size_(std::exchange(o.header_size_, 0)),
       tensors_(std::move(o.tensors_)),
@@ -380,9 +363,9 @@ SafetensorsFile::SafetensorsFile(SafetensorsFile&& o) noexcept
 
 SafetensorsFile& SafetensorsFile::operator=(SafetensorsFile&& o) noexcept {
   if (this != &o) {
-    unmap();
+    close_fd();
     path_ = std::move(o.path_);
-    map_ = std::exchange(o.map_, nullptr);
+    fd_ = std::exchange(o.fd_, -1);
     file_size_ = std::exchange(o.file_size_, 0);
     header_size_ = std::exchange(o.header_size_, 0);
     tensors_ = std::move(o.tensors_);
@@ -392,11 +375,11 @@ SafetensorsFile& SafetensorsFile::operator=(SafetensorsFile&& o) noexcept {
   return *this;
 }
 
-SafetensorsFile::~SafetensorsFile() { unmap(); }
+SafetensorsFile::~SafetensorsFile() { close_fd(); }
 
-void SafetensorsFile::unmap() noexcept {
-  if (map_) ::munmap(map_, file_size_);
-  map_ = nullptr;
+void SafetensorsFile::close_fd() noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
 }
 
 SafetensorsFile SafetensorsFile::open(const fs::path& path) {
@@ -410,7 +393,7 @@ SafetensorsFile SafetensorsFile::open(const fs::path& path) {
     const int e = errno;
     fail(ErrorKind::io, "cannot open safetensors file '{}': {}", p, errno_message(e));
   }
-  FdCloser closer(fd);
+  f.fd_ = fd;  // closed by ~SafetensorsFile if validation throws
   struct stat st {};
   if (::fstat(fd, &st) != 0)
     fail(ErrorKind::io, "cannot stat safetensors file '{}': {}", p, errno_message(errno));
@@ -419,16 +402,15 @@ SafetensorsFile SafetensorsFile::open(const fs::path& path) {
   const auto size = static_cast<std::uint64_t>(st.st_size);
   if (size < 8)
     bad_file(p, fmt::format("file is {} bytes, shorter than the 8-byte header length", size));
-  void* m = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  if (m == MAP_FAILED)
-    fail(ErrorKind::io, "cannot mmap safetensors file '{}': {}", p, errno_message(errno));
-  f.map_ = m;  // unmapped by ~SafetensorsFile if validation throws
   f.file_size_ = size;
-  const auto* base = static_cast<const unsigned char*>(m);
+  // Note [No mapped reads]: the header and every tensor are read with pread.
+  std::string first(static_cast<std::size_t>(std::min<std::uint64_t>(size, 1024)), '\0');
+  if (pread_full(fd, std::as_writable_bytes(std::span(first)), 0, p) != first.size())
+    fail(ErrorKind::io, "safetensors file '{}' became shorter while it was opened", p);
+  const auto* base = reinterpret_cast<const unsigned char*>(first.data());
   // A clone without git-lfs holds the pointer file in the weights' place; read as a header
   // length, its "version " is 2336927755350992246 bytes.
-  if (const std::string_view head(reinterpret_cast<const char*>(base), std::min<std::uint64_t>(size, 1024));
-      head.starts_with(kGitLfsPointer))
+  if (const std::string_view head(first); head.starts_with(kGitLfsPointer))
     bad_file(p, fmt::format("is a Git LFS pointer file ({} bytes{}), not the weights: run `git lfs pull` in its "
                             "repository (or download the file itself)",
                             size, git_lfs_size(head)));
@@ -443,11 +425,10 @@ SafetensorsFile SafetensorsFile::open(const fs::path& path) {
     bad_file(p, fmt::format("header length {} goes beyond the end of the file ({} bytes)", n, size));
   f.header_size_ = n;
   const std::uint64_t data_size = size - 8 - n;
-  // The header is read once now; the data is left to the caller's access pattern.
-  ::madvise(const_cast<unsigned char*>(base), std::min<std::uint64_t>(size, 8 + n),
-            MADV_WILLNEED);
-
-  const std::string_view text(reinterpret_cast<const char*>(base + 8), n);
+  std::string header_text(static_cast<std::size_t>(n), '\0');
+  if (pread_full(fd, std::as_writable_bytes(std::span(header_text)), 8, p) != header_text.size())
+    fail(ErrorKind::io, "safetensors file '{}' became shorter while its header was read", p);
+  const std::string_view text(header_text);
   // A header that is not JSON may be one whose length field is wrong (too long, it takes in
   // tensor bytes: "bad byte at header offset 2147"), which the message says too.
   const std::string length_note = fmt::format(" (or the header length field, {}, is wrong)", n);
@@ -585,27 +566,66 @@ const TensorInfo& SafetensorsFile::at(std::string_view name) const {
   fail(ErrorKind::format, "safetensors file '{}' has no tensor '{}'", path_.string(), name);
 }
 
-std::span<const std::byte> SafetensorsFile::bytes(const TensorInfo& info) const {
-  ZO2_CHECK(map_ && info.begin <= info.end && info.end <= data_size());
-  const auto* data = static_cast<const std::byte*>(map_) + 8 + header_size_;
-  return {data + info.begin, static_cast<std::size_t>(info.end - info.begin)};
+// Note [No mapped reads]
+// ~~~~~~~~~~~~~~~~~~~~~~
+// Tensors are read with pread, never through a mapping of the file. A mapped file that
+// another program truncates in place (a download tool rewriting a checkpoint, `cp` over it,
+// a full disk on a network filesystem) makes the next touch of a lost page raise SIGBUS,
+// which kills the process — and with libzo2 the host program — with nothing said (adversarial
+// pass 57). A read past the new end is a short read instead, which becomes an Error(io)
+// naming the file, the tensor and both sizes. The cost is one copy from the page cache,
+// which a mapping pays as a page fault per page; loading stays bound by the disk. A file
+// rewritten in place at the same size is not detected (zo2's own writers never do that:
+// they write a temp file and rename it over).
+void SafetensorsFile::read(const TensorInfo& info, std::uint64_t offset, std::span<std::byte> dst) const {
+  ZO2_CHECK(fd_ >= 0 && info.begin <= info.end && info.end <= data_size() && offset <= info.end - info.begin &&
+            dst.size() <= info.end - info.begin - offset);
+  const std::uint64_t at = 8 + header_size_ + info.begin + offset;
+  auto piece = [&](std::size_t b, std::size_t n) {
+    if (pread_full(fd_, dst.subspan(b, n), at + b, path_.string()) == n) return;
+    struct stat st {};
+    const std::string now = ::fstat(fd_, &st) == 0 ? fmt::format("{} bytes", st.st_size) : std::string("unknown");
+    fail(ErrorKind::io,
+         "safetensors file '{}': tensor '{}' cannot be read: the file is now {}, it was {} bytes when opened (another "
+         "program truncated or rewrote it; replace a checkpoint by writing a new file and renaming it over)",
+         path_.string(), info.name, now, file_size_);
+  };
+  const std::size_t chunks = (dst.size() + kCopyChunk - 1) / kCopyChunk;
+  if (chunks <= 1) {
+    if (!dst.empty()) piece(0, dst.size());
+    return;
+  }
+  // Big tensors in pieces, several at once: from the page cache, one core copies ~10 GB/s.
+  tbb::parallel_for(std::size_t{0}, chunks, [&](std::size_t c) {
+    const std::size_t b = c * kCopyChunk;
+    piece(b, std::min<std::size_t>(kCopyChunk, dst.size() - b));
+  });
 }
 
-void SafetensorsFile::prefetch(const TensorInfo& info) const {
-  if (!map_ || info.begin == info.end) return;
-  const std::size_t ps = page_size();
-  const std::uint64_t lo = (8 + header_size_ + info.begin) / ps * ps;
-  const std::uint64_t hi = 8 + header_size_ + info.end;
-  ::madvise(static_cast<char*>(map_) + lo, hi - lo, MADV_WILLNEED);
+std::vector<std::byte> SafetensorsFile::read(const TensorInfo& info) const {
+  std::vector<std::byte> out(static_cast<std::size_t>(info.end - info.begin));
+  read(info, 0, out);
+  return out;
 }
 
-void SafetensorsFile::release(const TensorInfo& info) const {
-  if (!map_) return;
-  // Only the pages wholly inside the tensor, so that neighbours stay resident.
-  const std::size_t ps = page_size();
-  const std::uint64_t lo = (8 + header_size_ + info.begin + ps - 1) / ps * ps;
-  const std::uint64_t hi = (8 + header_size_ + info.end) / ps * ps;
-  if (hi > lo) ::madvise(static_cast<char*>(map_) + lo, hi - lo, MADV_DONTNEED);
+void SafetensorsFile::read_converted(const TensorInfo& info, std::int64_t first, std::int64_t count, void* dst,
+                                     DType dst_dtype) const {
+  ZO2_CHECK(first >= 0 && count >= 0 && first + count <= info.numel());
+  const std::size_t es = dtype_size(info.dtype), ds = dtype_size(dst_dtype);
+  auto* out = static_cast<std::byte*>(dst);
+  if (info.dtype == dst_dtype) {
+    read(info, static_cast<std::uint64_t>(first) * es, {out, static_cast<std::size_t>(count) * es});
+    return;
+  }
+  // Through a buffer of kConvertChunk source bytes per task.
+  const auto per = static_cast<std::int64_t>(std::max<std::size_t>(kConvertChunk / es, 1));
+  const std::int64_t chunks = (count + per - 1) / per;
+  tbb::parallel_for(std::int64_t{0}, chunks, [&](std::int64_t c) {
+    const std::int64_t b = c * per, n = std::min(per, count - b);
+    std::vector<std::byte> buf(static_cast<std::size_t>(n) * es);
+    read(info, static_cast<std::uint64_t>(first + b) * es, buf);
+    convert(buf.data(), info.dtype, out + static_cast<std::size_t>(b) * ds, dst_dtype, static_cast<std::size_t>(n));
+  });
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-// safetensors (https://github.com/huggingface/safetensors): a memory-mapped reader that
+// safetensors (https://github.com/huggingface/safetensors): a reader that
 // validates a file completely when it is opened, an atomic writer, and the HF checkpoint
 // layouts (one model.safetensors, or shards listed by model.safetensors.index.json).
 //
@@ -8,7 +8,7 @@
 // the tensors must cover exactly (no overlap, no hole, no unused byte at the end).
 //
 // Every problem with a file is a zo2::Error naming the file (and tensor): kind io when the
-// file cannot be opened/read/mapped/written, kind format when it is malformed, kind
+// file cannot be opened/read/written, kind format when it is malformed, kind
 // invalid_argument for bad arguments to the writers.
 #pragma once
 #include <cstddef>
@@ -39,13 +39,13 @@ struct TensorInfo {
   std::uint64_t nbytes() const;  // numel() * dtype_size(dtype) == end - begin
 };
 
-// One .safetensors file, mapped read-only (MAP_PRIVATE). Move-only; the mapping lives as
-// long as the object, so spans from bytes() must not outlive it. All const methods are safe
-// to call from several threads. If another process truncates the file while it is mapped,
-// reading the lost pages raises SIGBUS (inherent to mmap; zo2 never writes files in place).
+// One .safetensors file, open for reading and validated when opened. Move-only. Tensors are
+// read with pread (Note [No mapped reads] in safetensors.cpp): a file another program
+// truncates while it is open is an Error(io) naming it at the next read, never a SIGBUS. All
+// const methods are safe to call from several threads.
 class SafetensorsFile {
  public:
-  // Opens, maps and validates everything up front (see the list in safetensors.cpp).
+  // Opens and validates everything up front (see the list in safetensors.cpp).
   static SafetensorsFile open(const std::filesystem::path& path);
 
   SafetensorsFile(SafetensorsFile&&) noexcept;
@@ -61,27 +61,27 @@ class SafetensorsFile {
   const TensorInfo* find(std::string_view name) const;  // nullptr if absent
   // Throws Error(format) naming the file and the tensor when absent.
   const TensorInfo& at(std::string_view name) const;
-  // The tensor's bytes inside the mapping; the pointer may be unaligned for the dtype.
-  std::span<const std::byte> bytes(const TensorInfo& info) const;
-  std::span<const std::byte> bytes(std::string_view name) const { return bytes(at(name)); }
+  // The tensor's bytes, read from the file.
+  std::vector<std::byte> read(const TensorInfo& info) const;
+  std::vector<std::byte> read(std::string_view name) const { return read(at(name)); }
+  // Bytes [offset, offset + dst.size()) of the tensor's data into dst.
+  void read(const TensorInfo& info, std::uint64_t offset, std::span<std::byte> dst) const;
+  // Elements [first, first + count) of the tensor, converted to dst_dtype, into dst (count
+  // elements of dst_dtype); a float tensor to a float dtype. Big ranges use several threads.
+  void read_converted(const TensorInfo& info, std::int64_t first, std::int64_t count, void* dst,
+                      DType dst_dtype) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }  // "__metadata__"
 
   std::uint64_t file_size() const { return file_size_; }
   std::uint64_t header_size() const { return header_size_; }  // N, the JSON bytes incl. padding
   std::uint64_t data_size() const { return file_size_ - 8 - header_size_; }
 
-  // Paging hints for the tensor's byte range (madvise WILLNEED / DONTNEED). prefetch starts
-  // reading ahead asynchronously; release drops the pages once a tensor has been converted
-  // (they are re-read from the file if touched again). Both are hints and never fail.
-  void prefetch(const TensorInfo& info) const;
-  void release(const TensorInfo& info) const;
-
  private:
   SafetensorsFile() = default;
-  void unmap() noexcept;
+  void close_fd() noexcept;
 
   std::filesystem::path path_;
-  void* map_ = nullptr;  // the whole file; never a zero-byte mapping (files are >= 8 bytes)
+  int fd_ = -1;
   std::uint64_t file_size_ = 0;
   std::uint64_t header_size_ = 0;
   std::vector<TensorInfo> tensors_;

@@ -190,7 +190,7 @@ void AdapterStore::load_prefix(const fs::path& dir) {
   if (f.tensors().size() != 1)
     fail(ErrorKind::format, "{}: holds {} tensors, a prefix adapter one (prompt_embeddings)", file.string(),
          f.tensors().size());
-  const auto src = f.bytes(*info);
+  const std::vector<std::byte> src = f.read(*info);
   for (std::int64_t l = 0; l < L; ++l) {
     auto* base = static_cast<std::byte*>(images_[static_cast<std::size_t>(l)].data());
     const LoraLayout& lay = layouts_[static_cast<std::size_t>(l)];
@@ -233,7 +233,7 @@ void AdapterStore::load_peft(const fs::path& dir) {
           fail(ErrorKind::format, "{}: adapter tensor '{}' is {}; zo2 reads fp32, bf16 or fp16 adapters",
                file.string(), name, dtype_name(info->dtype));
         auto* dst = reinterpret_cast<float*>(base + (part == &layouts_[i].b ? layouts_[i].b_offset : 0) + t.offset);
-        const auto src = f.bytes(*info);
+        const std::vector<std::byte> src = f.read(*info);
         for (std::int64_t e = 0; e < t.numel(); ++e) dst[e] = load_element(src.data(), info->dtype, e, 1.0f);
         if (const std::int64_t bad = first_non_finite(dst, DType::f32, t.numel()); bad >= 0)
           fail(ErrorKind::format, "{}: adapter tensor '{}' holds a non-finite value at element {}", file.string(), name,

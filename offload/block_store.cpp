@@ -496,11 +496,10 @@ void read_state_file(const std::filesystem::path& file, const std::vector<StateT
       fail(ErrorKind::format, "{}: optimizer state tensor '{}' is {} {}, expected {} {} (--state-dtype {})", where, name,
            dtype_name(info->dtype), fmt::format("[{}]", fmt::join(info->shape, ", ")), dtype_name(dtype),
            fmt::format("[{}]", fmt::join(shape, ", ")), dtype_name(spec.dtype));
-    const auto src = f.bytes(*info);
-    ZO2_CHECK(src.size() == bytes);
+    ZO2_CHECK(info->end - info->begin == bytes);
     ++expected;
     if (!dst) return;
-    std::memcpy(dst, src.data(), bytes);
+    f.read(*info, 0, {dst, bytes});
     if (first_non_finite(dst, dtype, static_cast<std::int64_t>(bytes / dtype_size(dtype))) >= 0)
       fail(ErrorKind::format, "{}: optimizer state tensor '{}' holds a non-finite value", where, name);
   };

@@ -3,6 +3,7 @@
 #include "runtime/error.h"
 #include "runtime/log.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <climits>
@@ -46,6 +47,23 @@ std::string temp_name(std::string_view base, std::string_view suffix) {
 }
 
 }  // namespace
+
+std::size_t pread_full(int fd, std::span<std::byte> dst, std::uint64_t offset, const std::string& path) {
+  std::size_t done = 0;
+  while (done < dst.size()) {
+    // Linux moves at most 0x7ffff000 bytes per call.
+    const std::size_t want = std::min<std::size_t>(dst.size() - done, std::size_t{1} << 30);
+    const ssize_t n = ::pread(fd, dst.data() + done, want, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      const int e = errno;
+      fail(ErrorKind::io, "{}: cannot read {} bytes at offset {}: {}", path, want, offset + done, errno_message(e));
+    }
+    if (n == 0) break;  // end of file
+    done += static_cast<std::size_t>(n);
+  }
+  return done;
+}
 
 AtomicFile::AtomicFile(const fs::path& target) : target_(target) {
   fs::path dir = target.parent_path();

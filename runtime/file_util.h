@@ -59,6 +59,13 @@ class AtomicFile {
 // descriptor (O_CLOEXEC); throws Error(io) naming the path and what is there.
 int open_own_file(const std::filesystem::path& path, int flags, unsigned mode = 0644);
 
+// Reads dst.size() bytes at `offset` of the open file `fd` (pread, EINTR retried, in pieces
+// the kernel takes). Returns the bytes read: fewer when the file ends first (another program
+// truncated it, say), which the caller turns into its own error. A read error is an
+// Error(io) naming `path`. Reading rather than mapping is what keeps a file truncated under a
+// reader an error instead of the SIGBUS a mapping raises (Note [No mapped reads]).
+std::size_t pread_full(int fd, std::span<std::byte> dst, std::uint64_t offset, const std::string& path);
+
 // Throws Error(io) naming the path; on failure the old file (if any) is untouched.
 void write_file_atomic(const std::filesystem::path& path, std::string_view contents);
 

@@ -449,7 +449,7 @@ std::vector<float> forward_logits(const Workspace& w, const fs::path& model, con
             0)
       << log;
   const auto f = SafetensorsFile::open(out);
-  const auto bytes = f.bytes("logits");
+  const auto bytes = f.read("logits");
   std::vector<float> v(bytes.size() / sizeof(float));
   std::memcpy(v.data(), bytes.data(), bytes.size());
   return v;

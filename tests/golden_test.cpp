@@ -32,14 +32,14 @@ struct Golden {
 std::vector<float> f32_tensor(const SafetensorsFile& f, const std::string& name) {
   const auto& t = f.at(name);
   std::vector<float> v(static_cast<std::size_t>(t.numel()));
-  std::memcpy(v.data(), f.bytes(t).data(), v.size() * sizeof(float));
+  std::memcpy(v.data(), f.read(t).data(), v.size() * sizeof(float));
   return v;
 }
 
 std::vector<std::int32_t> i32_tensor(const SafetensorsFile& f, const std::string& name) {
   const auto& t = f.at(name);
   std::vector<std::int64_t> v(static_cast<std::size_t>(t.numel()));
-  std::memcpy(v.data(), f.bytes(t).data(), v.size() * sizeof(std::int64_t));
+  std::memcpy(v.data(), f.read(t).data(), v.size() * sizeof(std::int64_t));
   return {v.begin(), v.end()};
 }
 

@@ -16,6 +16,7 @@
 #include "tests/reference_model.h"
 #include "tests/test_util.h"
 
+#include <deque>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -343,9 +344,12 @@ struct Fp8Checkpoints {
   ModelConfig config;
 };
 
+// The tensor's bytes, kept until the test program ends: TensorToWrite lists point at them
+// after the checkpoint is gone (the models are tiny).
 std::span<const std::byte> entry_bytes(const SafetensorsCheckpoint& c, const std::string& name) {
+  static std::deque<std::vector<std::byte>> kept;
   const auto& e = c.at(name);
-  return e.file->bytes(*e.info);
+  return kept.emplace_back(e.file->read(*e.info));
 }
 
 nlohmann::json fp8_quantization_config() {

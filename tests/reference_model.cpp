@@ -95,7 +95,7 @@ ReferenceModel::ReferenceModel(const std::filesystem::path& dir) : c_(ModelConfi
     const auto& e = ckpt.at(name);
     const auto n = static_cast<std::size_t>(e.info->numel());
     std::vector<float> f(n);
-    convert(e.file->bytes(*e.info).data(), e.info->dtype, f.data(), DType::f32, n);
+    convert(e.file->read(*e.info).data(), e.info->dtype, f.data(), DType::f32, n);
     w_[name] = Vec(f.begin(), f.end());
   }
 }

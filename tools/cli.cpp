@@ -470,7 +470,7 @@ namespace {
 
 std::vector<std::int32_t> as_int32(const SafetensorsFile& f, const TensorInfo& t,
                                    const std::string& name) {
-  const auto bytes = f.bytes(t);
+  const std::vector<std::byte> bytes = f.read(t);
   const auto n = static_cast<std::size_t>(t.numel());
   std::vector<std::int32_t> out(n);
   for (std::size_t i = 0; i < n; ++i) {
