@@ -529,6 +529,7 @@ void Session::init(const SessionConfig& cfg) {
     h.first_step = cfg.first_step;
     h.rule = cfg.rule;
     h.peft = cfg.peft;
+    h.run_flags = cfg.seed_log_run_flags;
     // Note [A run's starting adapter] (tools/cmd_replay.cpp): adapters loaded, not initialized
     // from the run seed, are where replay starts; resolved as the base is (a run directory's
     // `current` moves on).

@@ -63,6 +63,7 @@ struct SessionConfig {
   std::filesystem::path seed_log;  // empty: no seed log
   bool seed_log_append = false;    // resume: continue the existing log
   std::string base_model;          // recorded in the seed log header
+  std::string seed_log_run_flags;  // the header's "run" (SeedLogHeader::run_flags); empty: none
   std::int64_t first_step = 0;     // resume: the step to start at
   // Ranks (zo/parallel.h, Note [Parallel modes]; README "Many GPUs and nodes"): the
   // communicator of the job (not owned; nullptr = one process) and the layout, whose factors

@@ -1008,13 +1008,17 @@ TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
   EXPECT_EQ(run("train --model " + w.model.string() + data + " --out " + killed.string(), &out), 2);
   EXPECT_NE(out.find(" steps are in " + (killed / "seed_log.jsonl").string() + ": `zo2-tune replay --model "),
             std::string::npos) << out;
+  EXPECT_NE(out.find("`zo2-tune train --resume NEW` carries on from there with the run's flags, which the seed log "
+                     "records"),
+            std::string::npos) << out;
   // Its advice carries the run on: replay, then a resume of the replayed checkpoint (which
-  // continues the seed log it was replayed from) ends where an uninterrupted run does.
+  // continues the seed log it was replayed from, with the data, lr, batch size and the rest
+  // that the log's header records: Note [A run's flags in its seed log]) ends where an
+  // uninterrupted run does. Only --steps is given, to have steps left.
   const fs::path rebuilt = w.tmp / "rebuilt";
   ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (killed / "seed_log.jsonl").string() + " --out " +
                 rebuilt.string() + " -q", &out), 0) << out;
-  ASSERT_EQ(run("train --resume " + rebuilt.string() + " --data " + w.data.string() +
-                " --lr 1e-3 --eps 1e-3 --weight-decay 0 --batch-size 2 --steps 6 -q", &out), 0) << out;
+  ASSERT_EQ(run("train --resume " + rebuilt.string() + " --steps 6 -q", &out), 0) << out;
   ASSERT_EQ(run("train --model " + w.model.string() + " --data " + w.data.string() +
                 " --steps 6 --batch-size 2 --lr 1e-3 -q --out " + (w.tmp / "six").string()), 0);
   EXPECT_EQ(read_file(rebuilt / "model.safetensors"), read_file(w.tmp / "six" / "model.safetensors"));

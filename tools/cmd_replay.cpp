@@ -16,11 +16,13 @@
 #include "api/run_dir.h"
 #include "api/session.h"
 #include "runtime/arena.h"
+#include "runtime/json_file.h"
 #include "runtime/log.h"
 #include "tools/cli.h"
 #include "zo/seed_log.h"
 
 #include <chrono>
+#include <nlohmann/json.hpp>
 #include <memory>
 
 namespace zo2::cli {
@@ -179,8 +181,12 @@ Runner add_replay(CLI::App& app) {
     session.set_next_step(log.header.first_step + applied);
     Session::SaveExtras x;
     x.replace_checkpoint = o->overwrite;  // refused without it, before any work
-    x.state = {{"replayed_from", std::filesystem::absolute(o->seed_log).string()},
-               {"base_model", std::filesystem::absolute(o->model).string()}};
+    // Note [A run's flags in its seed log] (tools/cmd_train.cpp): the run's training flags,
+    // so that `train --resume` of this checkpoint carries the run on as it was started.
+    x.state = log.header.run_flags.empty() ? nlohmann::json::object()
+                                           : parse_json_text(log.header.run_flags, o->seed_log);
+    x.state["replayed_from"] = std::filesystem::absolute(o->seed_log).string();
+    x.state["base_model"] = std::filesystem::absolute(o->model).string();
     session.save(o->out, save_dtype, shard, x);
     made.keep();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

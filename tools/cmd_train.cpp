@@ -342,17 +342,23 @@ std::string unsaved_run_advice(const std::filesystem::path& dir) {
   const std::filesystem::path log = dir / kRunSeedLog;
   std::int64_t steps = -1;
   std::string base = "BASE";
+  bool flags = false;  // the log records the run's flags (Note [A run's flags in its seed log])
   try {
     const SeedLog l = SeedLog::read(log);
     steps = static_cast<std::int64_t>(l.entries.size());
     if (!l.header.base_model.empty()) base = l.header.base_model;
+    flags = !l.header.run_flags.empty();
   } catch (const Error&) {  // a damaged log: the advice stands without its numbers
   }
   return fmt::format(
       "Its {} steps are in {}: `zo2-tune replay --model {} --seed-log {} --out NEW` rebuilds their weights, and "
-      "`zo2-tune train --resume NEW --data DATA` with the run's --lr, --eps, --weight-decay, --batch-size and --steps "
-      "carries on from there; --overwrite starts a new run in {}, removing that seed log",
-      steps >= 0 ? std::to_string(steps) : std::string("logged"), log.string(), base, log.string(), dir.string());
+      "`zo2-tune train --resume NEW{}` carries on from there{}; --overwrite starts a new run in {}, removing that "
+      "seed log",
+      steps >= 0 ? std::to_string(steps) : std::string("logged"), log.string(), base, log.string(),
+      flags ? "" : " --data DATA",
+      flags ? " with the run's flags, which the seed log records"
+            : " given the run's --lr, --eps, --weight-decay, --batch-size and --steps",
+      dir.string());
 }
 
 // --out when only --resume DIR is given: the run DIR is (a directory holding a run), or the
@@ -1262,6 +1268,57 @@ Runner add_train(CLI::App& app) {
       }
     };
 
+    // Note [A run's flags in its seed log]
+    // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    // What the run's checkpoints record of how it trains (zo2_state.json, Note [What a resume
+    // keeps]) is also the seed log header's "run", written before the first step. A run killed
+    // before its first save leaves only the log: `replay` rebuilds its weights and writes these
+    // flags into the state it saves, so `train --resume` of that checkpoint carries on with the
+    // run's data, lr, schedule, batch and the rest — given again they were easy to get wrong
+    // (a schedule or a --shuffle left at its default changed the run with nothing said). The
+    // paths a resume writes (run_dir, --log-json, --disk-dir) stay out: they belong to the
+    // directory (Note [What a resume keeps]). A resumed run keeps the header it has: the
+    // flags the run started with.
+    const json run_flags = json{{"total_steps", o->steps},
+                                {"lr", o->lr},
+                                {"eps", o->eps},
+                                {"weight_decay", o->wd},
+                                {"lr_schedule", o->schedule},
+                                {"warmup_steps", o->warmup},
+                                {"batch_size", o->batch},
+                                {"data", std::filesystem::absolute(data.source()).string()},
+                                {"eval", o->eval.empty() ? std::string() : std::filesystem::absolute(o->eval).string()},
+                                {"data_examples", data.size()},
+                                {"data_crc32", data_crc},
+                                {"task", o->data_flags.task},
+                                {"max_len", o->data_flags.max_len},
+                                {"padding_side", o->data_flags.padding_side},
+                                {"num_train", o->num_train},
+                                {"shuffle", o->shuffle},
+                                {"data_seed", o->data_seed},
+                                {"base_model", base_model},
+                                {"shard_bytes", shard},
+                                {"parallel", layout.spec()},
+                                // Note [What a resume keeps]: how the run runs.
+                                {"compute_dtype", o->dev.compute},
+                                {"device", o->dev.device},
+                                {"gpu_mem", o->dev.gpu_mem},
+                                {"offload", o->dev.offload},
+                                {"window", o->dev.window},
+                                {"tile", o->dev.tile},
+                                {"threads", o->dev.threads},
+                                {"host_mem", o->dev.host_mem},
+                                {"disk_lag", o->dev.disk_lag},
+                                {"disk_staging", o->dev.disk_staging},
+                                {"eval_every", o->eval_every},
+                                {"num_eval", o->num_eval},
+                                {"max_new_tokens", o->eval_max_new},
+                                {"save_every", o->save_every},
+                                {"log_every", o->log_every},
+                                {"host_image", o->host_image},
+                                {"upload", o->upload}};
+    sc.seed_log_run_flags = run_flags.dump(-1, ' ', false, json::error_handler_t::replace);
+
     // Ranks: a failing rank ends the job through Comm::abort (Note [Rank faults]) without
     // tearing its session down first — that could wait on peers that will never answer.
     auto session_owner = std::make_unique<Session>(model_dir, sc);
@@ -1345,61 +1402,24 @@ Runner add_train(CLI::App& app) {
                  dtype_name(save_dtype), dtype_name(sc.storage));
       Session::SaveExtras x;
       x.replace_checkpoint = o->overwrite;  // refused without it, before any work
-      x.state = json{{"total_steps", o->steps},
-                     {"lr", o->lr},
-                     {"eps", o->eps},
-                     {"weight_decay", o->wd},
-                     {"lr_schedule", o->schedule},
-                     {"warmup_steps", o->warmup},
-                     {"batch_size", o->batch},
-                     {"data", std::filesystem::absolute(data.source()).string()},
-                     {"eval", o->eval.empty() ? std::string() : std::filesystem::absolute(o->eval).string()},
-                     {"data_examples", data.size()},
-                     {"data_crc32", data_crc},
-                     {"task", o->data_flags.task},
-                     {"max_len", o->data_flags.max_len},
-                     {"padding_side", o->data_flags.padding_side},
-                     {"num_train", o->num_train},
-                     {"shuffle", o->shuffle},
-                     {"data_seed", o->data_seed},
-                     {"base_model", base_model},
-                     {"shard_bytes", shard},
-                     {"parallel", layout.spec()},
-                     // Where the run lives: a copy of the directory is told apart (its resume
-                     // leaves the original's JSON log and block file alone).
-                     {"run_dir", std::filesystem::weakly_canonical(std::filesystem::absolute(out)).string()},
-                     // Note [What a resume keeps]: how the run runs.
-                     {"compute_dtype", o->dev.compute},
-                     {"device", o->dev.device},
-                     {"gpu_mem", o->dev.gpu_mem},
-                     {"offload", o->dev.offload},
-                     {"window", o->dev.window},
-                     {"tile", o->dev.tile},
-                     {"threads", o->dev.threads},
-                     {"host_mem", o->dev.host_mem},
-                     {"disk_dir", o->dev.disk_dir.empty() ? std::string() : std::filesystem::absolute(o->dev.disk_dir).string()},
-                     {"disk_lag", o->dev.disk_lag},
-                     {"disk_staging", o->dev.disk_staging},
-                     {"eval_every", o->eval_every},
-                     {"num_eval", o->num_eval},
-                     {"max_new_tokens", o->eval_max_new},
-                     {"save_every", o->save_every},
-                     {"log_every", o->log_every},
-                     // A file, not a pipe or a terminal: what a later resume can append to, as the
-                     // file itself (--log-json /dev/stdout > f.jsonl is f.jsonl; pass 54: a
-                     // resume's trim renamed a file over /dev/stdout).
-                     {"log_json", [&] {
-                        if (o->log_json.empty()) return std::string();
-                        std::error_code ec;
-                        const std::filesystem::path f =
-                            std::filesystem::weakly_canonical(std::filesystem::absolute(o->log_json), ec);
-                        const std::filesystem::file_status st = std::filesystem::symlink_status(f, ec);
-                        // (a pipe, even a named one, is not kept: its reader is gone by the resume,
-                        // which would wait on it forever; an anonymous pipe's name is "pipe:[N]")
-                        return !ec && std::filesystem::is_regular_file(st) ? f.string() : std::string();
-                      }()},
-                     {"host_image", o->host_image},
-                     {"upload", o->upload}};
+      x.state = run_flags;
+      // Where the run lives: a copy of the directory is told apart (its resume leaves the
+      // original's JSON log and block file alone).
+      x.state["run_dir"] = std::filesystem::weakly_canonical(std::filesystem::absolute(out)).string();
+      x.state["disk_dir"] =
+          o->dev.disk_dir.empty() ? std::string() : std::filesystem::absolute(o->dev.disk_dir).string();
+      // A file, not a pipe or a terminal: what a later resume can append to, as the file
+      // itself (--log-json /dev/stdout > f.jsonl is f.jsonl; pass 54: a resume's trim renamed a
+      // file over /dev/stdout).
+      x.state["log_json"] = [&] {
+        if (o->log_json.empty()) return std::string();
+        std::error_code ec;
+        const std::filesystem::path f = std::filesystem::weakly_canonical(std::filesystem::absolute(o->log_json), ec);
+        const std::filesystem::file_status st = std::filesystem::symlink_status(f, ec);
+        // (a pipe, even a named one, is not kept: its reader is gone by the resume, which
+        // would wait on it forever; an anonymous pipe's name is "pipe:[N]")
+        return !ec && std::filesystem::is_regular_file(st) ? f.string() : std::string();
+      }();
       // An adapter run's frozen base, as the run read it: a resume checks the base it finds
       // (or the --model naming where it moved) against it, beside the weights' fingerprint.
       if (sc.peft.any()) x.state["base_config"] = config.to_json();

@@ -94,6 +94,7 @@ std::string header_line(const SeedLogHeader& h) {
     j["adapter"] = h.adapter;
     j["adapter_fingerprint"] = h.adapter_fingerprint;
   }
+  if (!h.run_flags.empty()) j["run"] = parse_json_text(h.run_flags, "the seed log header's run flags");
   return j.dump(-1, ' ', false, json::error_handler_t::replace);  // a path that is not UTF-8: U+FFFD (the fingerprint decides)
 }
 
@@ -308,6 +309,12 @@ SeedLog SeedLog::read(const std::filesystem::path& path) {
       if (!log.header.adapter.empty() && (!log.header.peft.any() || log.header.adapter_fingerprint.empty()))
         fail(ErrorKind::format, "{}: field 'adapter' = '{}' needs 'peft' and 'adapter_fingerprint' beside it", where,
              log.header.adapter);
+      if (j.contains("run")) {
+        if (!j.at("run").is_object())
+          fail(ErrorKind::format, "{}: field 'run' is {}, not an object of the run's flags", where,
+               j.at("run").type_name());
+        log.header.run_flags = j.at("run").dump(-1, ' ', false, json::error_handler_t::replace);
+      }
       have_header = true;
       log.header_end = log.valid_bytes = pos;
       continue;

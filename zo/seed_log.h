@@ -57,6 +57,12 @@ struct SeedLogHeader {
   // starting adapter], tools/cmd_replay.cpp).
   std::string adapter;
   std::string adapter_fingerprint;
+  // "run": the flags of the `zo2-tune train` that started the log — the keys and values its
+  // checkpoints' zo2_state.json records — as compact JSON text of an object; empty: a
+  // session's log, or one from before they were recorded. Replay writes them into the state
+  // of the checkpoint it makes, so a `train --resume` of it carries on with the run's flags
+  // (Note [A run's flags in its seed log], tools/cmd_train.cpp).
+  std::string run_flags;
 };
 
 // Where a log stands: the bytes written so far (complete lines only) and their CRC-32.
