@@ -676,7 +676,9 @@ TEST(Cli, ResumeAloneKeepsTheRunsFlags) {
   // torn last line. The resume runs those steps again and logs each once.
   std::ofstream(log, std::ios::app) << "{\"step\": 3, \"loss\": 1}\n{\"eval_after_step\": 3}\n{\"step\": 4, \"lo";
   out.clear();  // run() appends
-  ASSERT_EQ(run("train --resume " + part.string() + " --out " + part.string(), &out), 0) << out;
+  // --disk-lag given again alone is the run's disk tier's (adversarial pass 58: it was
+  // refused as "the disk tier is not set" before the run's --host-mem was kept).
+  ASSERT_EQ(run("train --resume " + part.string() + " --out " + part.string() + " --disk-lag 1", &out), 0) << out;
   EXPECT_NE(out.find("3 records past step 2 removed"), std::string::npos) << out;
   for (const std::string& kept : std::vector<std::string>{"--offload all", "--window 2", "--host-mem 400K", "--disk-staging 1", "--num-eval 8",
                                  "--eval-every 3", "--save-every 5", "--log-json " + log.string(),
@@ -936,6 +938,21 @@ TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
       << out;
   EXPECT_EQ(out.find("is not the checkpoint"), std::string::npos) << out;
   EXPECT_EQ(read_file(w.tmp / "rp" / "model.safetensors"), read_file(full / "model.safetensors"));
+  // The base moved away (nothing at the logged path any more), its new place given: the same
+  // weights (adversarial pass 58: the replay failed resolving the vanished path).
+  {
+    const fs::path moving = w.tmp / "moving-base", moved = w.tmp / "moved-base";
+    fs::copy(w.model, moving, fs::copy_options::recursive);
+    ASSERT_EQ(run("train --model " + moving.string() + data + " --out " + (w.tmp / "on-moving").string() + " -q"), 0);
+    fs::rename(moving, moved);
+    out.clear();
+    ASSERT_EQ(run("replay --model " + moved.string() + " --seed-log " + (w.tmp / "on-moving" / "seed_log.jsonl").string() +
+                      " --out " + (w.tmp / "rp-moved").string(),
+                  &out),
+              0)
+        << out;
+    EXPECT_EQ(read_file(w.tmp / "rp-moved" / "model.safetensors"), read_file(w.tmp / "on-moving" / "model.safetensors"));
+  }
   out.clear();
   ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (full / "seed_log.jsonl").string() + " --out " +
                     (w.tmp / "rp2").string() + " -q",

@@ -11,6 +11,7 @@
 #include "runtime/error.h"
 #include "runtime/file_util.h"
 #include "runtime/log.h"
+#include "zo/seed_log.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -296,6 +297,43 @@ void use_the_adapter_runs_storage(const DeviceFlags& flags, SessionConfig& sc) {
            sc.adapter_dir.string(), dtype_name(*d));
 }
 
+namespace {
+
+// The base a LoRA/prefix run's adapters were trained on, when the run's seed log records its
+// fingerprint: a checkpoint re-made at the recorded path is another base (adversarial pass
+// 58: `eval`/`merge --model RUN` used it with nothing said). Refused when the base came from
+// the adapter's own record; said when --model named it (a deliberate other base). Returns
+// whether the log decided (false: no fingerprint to compare with).
+bool check_adapter_base(const std::filesystem::path& adapter_dir, const std::string& model, bool from_record) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path run = training_run_of_checkpoint(adapter_dir);
+  if (run.empty() && fs::exists(adapter_dir / kRunSeedLog, ec)) run = adapter_dir;
+  if (run.empty() || !fs::exists(run / kRunSeedLog, ec)) return false;
+  std::string logged;
+  try {
+    logged = SeedLog::read(run / kRunSeedLog).header.base_fingerprint;
+  } catch (const Error&) {
+    return false;  // a damaged log is the run's business (resume and replay refuse it by name)
+  }
+  if (logged.empty()) return false;  // a log from before fingerprints
+  const std::string fp = checkpoint_fingerprint(model);
+  if (fp == logged) return true;  // the base, or a copy of it anywhere
+  if (from_record)
+    fail(ErrorKind::invalid_argument,
+         "{}: its adapters were trained on the base recorded as {}, but the checkpoint there now has other weights "
+         "(fingerprint {}; the run's seed log records {}): it was replaced — give the run's base as --model and the "
+         "run as --adapter",
+         adapter_dir.string(), model, fp, logged);
+  const std::string base = AdapterStore::base_model_of(adapter_dir);
+  log_warn("--adapter {} was trained on {} (fingerprint {}, its run's seed log records), not on --model {} (fingerprint "
+           "{}): the adapter does not fit these weights unless that is intended",
+           adapter_dir.string(), base.empty() ? std::string("another base") : base, logged, model, fp);
+  return true;
+}
+
+}  // namespace
+
 void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
   namespace fs = std::filesystem;
   std::string adapter_dir = adapter.empty() ? std::string() : resolve_model_dir(adapter).string();
@@ -318,9 +356,10 @@ void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
   if (!adapter_dir.empty()) {
     sc.peft = AdapterStore::peft_config_of(adapter_dir);
     sc.adapter_dir = adapter_dir;
+    const bool decided = !model.empty() && check_adapter_base(adapter_dir, model, /*from_record=*/adapter.empty());
     // An adapter trained on other weights runs, but is not what was tuned: said, as replay
-    // says it of a seed log (a moved copy of the base is fine).
-    if (const std::string base = AdapterStore::base_model_of(adapter_dir); !base.empty() && !model.empty()) {
+    // says it of a seed log (a moved copy of the base is fine). By path when no fingerprint decided.
+    if (const std::string base = AdapterStore::base_model_of(adapter_dir); !decided && !base.empty() && !model.empty()) {
       std::error_code ec;
       if (fs::exists(fs::path(base) / "config.json", ec) &&
           !same_directory(resolve_model_dir(model), resolve_model_dir(base)))

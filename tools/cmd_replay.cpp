@@ -103,11 +103,19 @@ Runner add_replay(CLI::App& app) {
     if (!log.header.base_model.empty()) {
       std::error_code ec;
       const std::filesystem::path given = resolve_model_dir(o->model), logged(log.header.base_model);
-      const bool same = same_directory(given, logged) ||
-                        (std::filesystem::exists(logged / "config.json", ec) && same_directory(given, resolve_model_dir(logged)));
-      if (!same && std::filesystem::exists(resolve_model_dir(logged) / "config.json", ec)) {
+      // The logged base as a model directory, when something is still there: a base moved
+      // away (its copy given as --model) is the usual case, not an error (adversarial pass 58:
+      // resolving the vanished path failed the replay).
+      std::filesystem::path logged_dir;
+      try {
+        if (std::filesystem::exists(logged, ec)) logged_dir = resolve_model_dir(logged);
+      } catch (const Error&) {  // an empty directory or a run without a checkpoint there now
+      }
+      const bool logged_model = !logged_dir.empty() && std::filesystem::exists(logged_dir / "config.json", ec);
+      const bool same = same_directory(given, logged) || (logged_model && same_directory(given, logged_dir));
+      if (!same && logged_model) {
         // Another shape is not a copy: the updates would land on other tensors.
-        const ModelConfig a = ModelConfig::load(given), b = ModelConfig::load(resolve_model_dir(logged));
+        const ModelConfig a = ModelConfig::load(given), b = ModelConfig::load(logged_dir);
         if (a.family_name() != b.family_name() || a.num_layers != b.num_layers || a.hidden_size != b.hidden_size ||
             a.vocab_size != b.vocab_size)
           fail(ErrorKind::invalid_argument,

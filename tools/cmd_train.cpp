@@ -513,7 +513,12 @@ Runner add_train(CLI::App& app) {
     if (o->parallel.empty() && comm.size() > 1) layout.data = comm.size();
     DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
     std::uint64_t shard = parse_size_option(Opt::shard_size, o->shard, OptionSource::cli);
-    SessionConfig sc = session_config(o->dev, true);
+    // A resume checks --disk-lag / --disk-staging against the disk tier once the run's
+    // --host-mem and --disk-dir are kept (below): given again alone, they are the run's tier's
+    // (adversarial pass 58: they were refused as "the disk tier is not set").
+    DeviceFlags early = o->dev;
+    if (!o->resume.empty()) early.disk_lag_flag = early.disk_staging_flag = nullptr;
+    SessionConfig sc = session_config(early, true);
     // A run directory as --model: its current checkpoint, resolved once.
     std::string model_dir = o->model.empty() ? std::string() : resolve_model_dir(o->model).string();
     std::int64_t first_step = 0;
