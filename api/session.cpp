@@ -538,6 +538,7 @@ void Session::init(const SessionConfig& cfg) {
       h.adapter_fingerprint = adapter_fingerprint(cfg.adapter_dir);
     }
     seed_log_ = std::make_unique<SeedLogWriter>(cfg.seed_log, h, cfg.seed_log_append, next_step_);
+    if (!cfg.seed_log_loaded_as.empty()) seed_log_->mark_next_loaded_as(cfg.seed_log_loaded_as);
   }
   if (DiskTier* disk = store_->disk(); disk && seed_log_) {
     // Note [Disk tier resume]: the log's lines so far are durable before any image moves.
@@ -906,6 +907,12 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
   } catch (const Error& e) {
     fail(e.kind(), "{}: not saved at step {}: {}", out_dir.string(), next_step_, e.what());
   }
+  // Note [A resume from a rounded checkpoint] (tools/cmd_train.cpp): said on every save of a
+  // run (the CLI's and a host's alike).
+  if (seed_log_ && !adapters_ && dtype != DType::f32 && dtype != cfg_.storage)
+    log_warn("{}: the checkpoint is saved as {} but the weights are {}: a resume from it goes on from the rounded "
+             "weights, not those of the run that was saved",
+             out_dir.string(), dtype_name(dtype), dtype_name(cfg_.storage));
   PublishRequest r;
   r.step = next_step_;
   r.state = extras.state.is_object() ? extras.state : nlohmann::json::object();

@@ -819,6 +819,40 @@ TEST(Cli, BadInputIsRefusedBeforeAnythingIsWritten) {
 // What --out holds is replaced only with --overwrite (Note [Run directory]): another run (also
 // by a resume into it), a plain checkpoint, or the seed log of a run killed before its first
 // save; a run started with relative paths resumes from anywhere, from the base it began at.
+// Note [A resume from a rounded checkpoint] (tools/cmd_train.cpp): a run saved as bf16 (its
+// weights stored as fp32) and resumed goes on from the rounded weights; its seed log says so
+// at the resume's first step, and replay rounds there too, giving the run's checkpoint byte
+// for byte (adversarial pass 58: replay exited 0 with other weights). With a rule that keeps
+// state (its state saved and loaded as the resume did) and with plain zo-sgd.
+TEST(Cli, AResumeFromARoundedCheckpointIsReplayedExactly) {
+  Workspace w;
+  for (const std::string rule : {"", " --optimizer zo-adam"}) {
+    SCOPED_TRACE(rule);
+    const fs::path r = w.tmp / ("run" + std::to_string(rule.size())), rep = w.tmp / ("rep" + std::to_string(rule.size()));
+    std::string out;
+    ASSERT_EQ(run("train --model " + w.model.string() + " --data " + w.data.string() +
+                      " --steps 8 --batch-size 2 --lr 1e-3 --save-dtype bf16 --stop-at 3 -q --out " + r.string() + rule,
+                  &out),
+              0)
+        << out;
+    out.clear();
+    ASSERT_EQ(run("train --resume " + r.string(), &out), 0) << out;
+    EXPECT_NE(out.find("holds the weights rounded to bf16"), std::string::npos) << out;
+    EXPECT_NE(read_file(r / "seed_log.jsonl").find("\"loaded_as\":\"bf16\""), std::string::npos);
+    out.clear();
+    ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (r / "seed_log.jsonl").string() +
+                      " --save-dtype bf16 --out " + rep.string(),
+                  &out),
+              0)
+        << out;
+    EXPECT_NE(out.find("step 3: the run was resumed from a checkpoint saved as bf16"), std::string::npos) << out;
+    EXPECT_EQ(read_file(rep / "model.safetensors"), read_file(r / "model.safetensors"));
+    // No scratch left beside the replayed checkpoint.
+    for (const auto& entry : fs::directory_iterator(rep))
+      EXPECT_EQ(entry.path().filename().string().find(".zo2-replay"), std::string::npos) << entry.path();
+  }
+}
+
 TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
   Workspace w;
   const std::string data = " --data " + w.data.string() + " --steps 4 --batch-size 2 --lr 1e-3 -q";

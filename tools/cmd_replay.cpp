@@ -175,17 +175,46 @@ Runner add_replay(CLI::App& app) {
     NewOutputDir made(o->out);  // a replay refused at the save (an fp16 overflow) leaves no directory
     RunDirLock lock(o->out);
     ensure_writable_dir(o->out);
-    Session session(o->model, sc);
+    auto session_owner = std::make_unique<Session>(o->model, sc);
     const auto start = std::chrono::steady_clock::now();
     std::int64_t applied = 0;
     for (const SeedLogEntry& e : log.entries) {
       if (o->until >= 0 && e.step >= o->until) break;
+      if (!e.loaded_as.empty()) {
+        // Note [A resume from a rounded checkpoint] (tools/cmd_train.cpp): the run was resumed
+        // here from a checkpoint saved as e.loaded_as. The same save and load, into a scratch
+        // directory beside --out, give the weights (and rule state) the resume went on from.
+        const DType dt = parse_dtype_flag("loaded_as", e.loaded_as, {DType::bf16, DType::f16});
+        const std::filesystem::path scratch =
+            std::filesystem::path(o->out) / fmt::format(".zo2-replay-rounded-{}", e.step);
+        struct Remove {
+          std::filesystem::path p;
+          ~Remove() {
+            std::error_code ec;
+            std::filesystem::remove_all(p, ec);
+          }
+        } remove{scratch};
+        std::filesystem::remove_all(scratch);
+        session_owner->set_next_step(e.step);
+        session_owner->save(scratch, dt, shard);
+        SessionConfig at = sc;
+        at.first_step = e.step;
+        at.resume_state = sc.rule.state_buffers() > 0;
+        at.adapter_dir.clear();
+        session_owner.reset();
+        session_owner = std::make_unique<Session>(scratch, at);
+        log_info("replay: step {}: the run was resumed from a checkpoint saved as {}; its weights are rounded the "
+                 "same way here",
+                 e.step, e.loaded_as);
+      }
+      Session& session = *session_owner;
       session.scheduler().replay_update(e.step, e.seed, e.lr, e.wd, e.gs.empty() ? std::vector<float>{e.g} : e.gs,
                                         e.choice);
       ++applied;
       if (applied % 100 == 0) log_info("replay: {} of {} updates", applied, log.entries.size());
     }
     // The checkpoint is at the step after the last update applied.
+    Session& session = *session_owner;
     session.set_next_step(log.header.first_step + applied);
     Session::SaveExtras x;
     x.replace_checkpoint = o->overwrite;  // refused without it, before any work

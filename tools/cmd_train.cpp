@@ -552,6 +552,7 @@ Runner add_train(CLI::App& app) {
     if (resume_in_place && writer) lock.emplace(out);
     comm.barrier("opening --out");  // rank 0 holds (and has cleaned) the run directory
     std::optional<SeedLog> resumed_log;
+    std::string resumed_saved_as = "fp32";  // the dtype the resumed checkpoint was saved as
     std::uint64_t resumed_log_bytes = 0;
     std::filesystem::path resumed_log_path;
     if (!o->resume.empty()) {
@@ -743,6 +744,7 @@ Runner add_train(CLI::App& app) {
              "replays with {} rounding)",
              dtype_name(sc.storage), o->resume, storage, storage);
       sc.storage = *storage_dt;
+      resumed_saved_as = st.get_or<std::string>("save_dtype", "fp32");
       // The update rule and its hyper-parameters decide every update (and the state saved
       // beside the checkpoint): a resumed run keeps the run's.
       const RuleConfig saved_rule = rule_from_json(ck.state.contains("optimizer") ? ck.state.at("optimizer") : json(),
@@ -1115,7 +1117,29 @@ Runner add_train(CLI::App& app) {
       sc.generate.batch = static_cast<int>(std::min<std::int64_t>(o->batch, eval_data->size()));
     }
     sc.run_seed = o->seed;
-    if (resume_in_place && resumed_log && sc.host_mem > 0 && !sc.disk_dir.empty() && comm.size() == 1) {
+    // Note [A resume from a rounded checkpoint]
+    // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    // A checkpoint saved as bf16 or fp16 of weights stored wider holds them rounded, and the
+    // resumed run goes on from those rounded weights: not the uninterrupted run's (the saves
+    // say so), and not what the seed log's updates alone rebuild. The first step the resume
+    // logs carries "loaded_as": DTYPE, and replay rounds its weights there the same way — a
+    // save as DTYPE and a load — so replay still gives the run's checkpoint byte for byte
+    // (adversarial pass 58: it gave other weights with nothing said). The disk tier's kept
+    // block images hold the weights unrounded, so such a resume loads every block from the
+    // checkpoint instead of keeping them.
+    std::optional<DType> saved_as = dtype_from_name(resumed_saved_as);
+    const bool rounded_checkpoint = !o->resume.empty() && !sc.peft.any() && saved_as &&
+                                    *saved_as != DType::f32 && *saved_as != sc.storage;
+    if (rounded_checkpoint) {
+      sc.seed_log_loaded_as = std::string(dtype_name(*saved_as));
+      if (writer)
+        log_warn("--resume: the checkpoint in {} holds the weights rounded to {} (--save-dtype {}, the run stores {}): the "
+                 "run goes on from the rounded weights, so it differs from an uninterrupted run; its seed log records "
+                 "it, so replay rebuilds these weights",
+                 o->resume, resumed_saved_as, resumed_saved_as, dtype_name(sc.storage));
+    }
+    if (!rounded_checkpoint && resume_in_place && resumed_log && sc.host_mem > 0 && !sc.disk_dir.empty() &&
+        comm.size() == 1) {
       // Note [Disk tier resume] (api/session.cpp): keep the block file and apply the log's
       // updates past the checkpoint; training goes on where the log ends.
       sc.disk_resume = true;
@@ -1402,9 +1426,6 @@ Runner add_train(CLI::App& app) {
         }
       } timed{save_start, paused_seconds, last_save_s};
       ZO2_CHECK(session.next_step() == next_step);
-      if (save_dtype != DType::f32 && save_dtype != sc.storage)
-        log_warn("the checkpoint is saved as {} but the weights are {}: --resume will not be exact",
-                 dtype_name(save_dtype), dtype_name(sc.storage));
       Session::SaveExtras x;
       x.replace_checkpoint = o->overwrite;  // refused without it, before any work
       x.state = run_flags;

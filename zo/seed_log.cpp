@@ -108,6 +108,7 @@ std::string entry_line(const SeedLogEntry& e, const RuleConfig& rule) {
     j["gs"] = std::move(gs);
   }
   if (rule.kind == RuleKind::cons) j["choice"] = e.choice;
+  if (!e.loaded_as.empty()) j["loaded_as"] = e.loaded_as;
   return j.dump() + "\n";
 }
 
@@ -213,7 +214,12 @@ void SeedLogWriter::check_still_ours() const {
 
 void SeedLogWriter::append(const SeedLogEntry& e) {
   check_still_ours();
-  const std::string line = entry_line(e, rule_);
+  SeedLogEntry marked;
+  if (!loaded_as_.empty()) {
+    marked = e;
+    marked.loaded_as = loaded_as_;
+  }
+  const std::string line = entry_line(loaded_as_.empty() ? e : marked, rule_);
   std::size_t done = 0;
   while (done < line.size()) {
     const ssize_t n = ::write(fd_, line.data() + done, line.size() - done);
@@ -231,6 +237,7 @@ void SeedLogWriter::append(const SeedLogEntry& e) {
   pos_.bytes += line.size();
   pos_.crc32 = crc32_update(pos_.crc32, bytes_of(line));
   pos_.next_step = e.step + 1;
+  loaded_as_.clear();
 }
 
 void SeedLogWriter::sync() {
@@ -375,6 +382,16 @@ SeedLog SeedLog::read(const std::filesystem::path& path) {
       e.choice = static_cast<int>(c);
     } else if (j.contains("choice")) {
       fail(ErrorKind::format, "{}: field 'choice' belongs to zo-sgd-cons logs, not {}", where, rule_name(rule.kind));
+    }
+    if (j.contains("loaded_as")) {
+      e.loaded_as = f.text("loaded_as");
+      const std::optional<DType> d = dtype_from_name(e.loaded_as);
+      if (!d || !(*d == DType::bf16 || *d == DType::f16))
+        fail(ErrorKind::format, "{}: field 'loaded_as' = '{}' is not bf16 or fp16 (the dtypes a checkpoint rounds to)",
+             where, e.loaded_as);
+      if (log.header.peft.any())
+        fail(ErrorKind::format, "{}: field 'loaded_as' in a {} log (adapters are saved in fp32)", where,
+             log.header.peft.describe());
     }
     e.end_offset = log.valid_bytes = pos;
     log.entries.push_back(e);

@@ -40,6 +40,11 @@ struct SeedLogEntry {
   double g_double = 0;  // (L+ − L−)/(2·eps) in double, for the record
   std::vector<float> gs;  // every direction's g_j when the rule has several ("gs"; gs[0] == g)
   int choice = 1;         // zo-sgd-cons: the candidate kept (+1, 0, −1; "choice")
+  // "loaded_as": before this step the weights were a checkpoint saved as this narrower dtype
+  // and loaded back (a resume from a --save-dtype bf16/fp16 checkpoint); replay rounds them
+  // the same way here (Note [A resume from a rounded checkpoint], tools/cmd_train.cpp). Empty:
+  // the weights went on unrounded.
+  std::string loaded_as;
   std::uint64_t end_offset = 0;  // reader: the byte just past this entry's line
 };
 
@@ -87,6 +92,8 @@ class SeedLogWriter {
   // Appends one line with one write(); on failure (a full disk) the file is cut back to the
   // lines before it and Error(io) names the file and the system's reason.
   void append(const SeedLogEntry& e);
+  // The next entry appended carries "loaded_as": dtype (SeedLogEntry::loaded_as).
+  void mark_next_loaded_as(std::string dtype) { loaded_as_ = std::move(dtype); }
   // The appended lines reach the disk (fdatasync) before a checkpoint that needs them is
   // published.
   void sync();
@@ -98,6 +105,7 @@ class SeedLogWriter {
 
   std::filesystem::path path_;
   RuleConfig rule_;
+  std::string loaded_as_;  // for the next entry (mark_next_loaded_as)
   int fd_ = -1;
   SeedLogPosition pos_;
 };
