@@ -5,6 +5,8 @@
 #include "tests/test_util.h"
 
 #include <gtest/gtest.h>
+
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include <fstream>
@@ -65,6 +67,20 @@ TEST(LoraCli, AnAdapterRunIsEvaluatedOnItsBaseStoredAsItWasTrained) {
     const std::string args = "--model " + (w.tmp / "fp8").string() + " --data " + w.data.string() + " --batch-size 4";
     EXPECT_EQ(eval_loss(args), last.at("eval_loss").get<double>());
     EXPECT_NE(eval_loss(args + " --storage-dtype fp32"), last.at("eval_loss").get<double>()) << "the test would show nothing";
+    if (std::string(peft).starts_with("--lora")) {
+      // Note [Merging into the base the adapters saw] (tools/cmd_merge.cpp): the merged
+      // checkpoint is the model that was evaluated — the adapters folded into the base as
+      // stored for them (fp8) — not the full-precision base plus the adapters.
+      const fs::path merged = w.tmp / "merged", full = w.tmp / "merged-full";
+      ASSERT_EQ(run("merge --model " + (w.tmp / "fp8").string() + " --overwrite --out " + merged.string(), &out), 0) << out;
+      ASSERT_EQ(run("merge --model " + (w.tmp / "fp8").string() + " --storage-dtype fp32 --overwrite --out " +
+                        full.string(), &out), 0) << out;
+      const double run_loss = last.at("eval_loss").get<double>();
+      const double as_seen = eval_loss("--model " + merged.string() + " --data " + w.data.string() + " --batch-size 4");
+      const double full_base = eval_loss("--model " + full.string() + " --data " + w.data.string() + " --batch-size 4");
+      EXPECT_NEAR(as_seen, run_loss, 2e-6);
+      EXPECT_GT(std::abs(full_base - run_loss), 1e-5) << "the test would show nothing";
+    }
   }
 }
 

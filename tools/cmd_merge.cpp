@@ -4,16 +4,61 @@
 #include "api/run_dir.h"
 #include "api/options.h"
 #include "api/session.h"
+#include "models/checkpoint.h"
+#include "models/layout.h"
+#include "runtime/dtype_convert.h"
+#include "runtime/element.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
 #include "tools/cli.h"
 
+#include <tbb/parallel_for.h>
+
 #include <memory>
 #include <optional>
+#include <vector>
 
 namespace zo2::cli {
 
 SessionConfig session_config(const DeviceFlags& f, bool training);
+
+namespace {
+
+// Note [Merging into the base the adapters saw]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A LoRA run on a base stored as fp8 (or bf16/fp16) trained its adapters against the base as
+// stored: each weight rounded to that dtype (fp8 with its row's scale). `eval --model RUN`
+// evaluates that model (use_the_adapter_runs_storage), so merge folds the adapters into the
+// same rounded weights — in fp32, rounded once more only to --save-dtype — and the merged
+// checkpoint is the model that was tuned and evaluated (adversarial pass 53 left this: the
+// merge used the full-precision base, another model). `--storage-dtype fp32` merges into the
+// full-precision base instead. The rounding is the load's own: a weight read as fp32 and
+// stored as `storage` (quantize_rows_e4m3, convert), read back as a kernel reads it
+// (load_element).
+void round_as_stored(const ImageLayout& layout, void* image, DType storage) {
+  auto* base = static_cast<std::byte*>(image);
+  for (const TensorSlot& t : layout.tensors()) {
+    ZO2_CHECK(t.dtype == DType::f32);
+    const DType d = slot_dtype(storage, t.ndim);
+    if (d == DType::f32) continue;
+    auto* w = reinterpret_cast<float*>(base + t.offset);
+    const auto n = static_cast<std::size_t>(t.numel());
+    if (d == DType::f8_e4m3) {
+      std::vector<std::uint8_t> q(n);
+      std::vector<float> scales(static_cast<std::size_t>(t.rows));
+      quantize_rows_e4m3(w, t.rows, t.cols, q.data(), scales.data());
+      for (std::size_t i = 0; i < n; ++i)
+        w[i] = load_element(q.data(), DType::f8_e4m3, static_cast<std::int64_t>(i),
+                            scales[i / static_cast<std::size_t>(t.cols)]);
+    } else {
+      std::vector<std::byte> narrow(n * dtype_size(d));
+      convert(w, DType::f32, narrow.data(), d, n);
+      convert(narrow.data(), d, w, DType::f32, n);
+    }
+  }
+}
+
+}  // namespace
 
 Runner add_merge(CLI::App& app) {
   struct Opts {
@@ -34,6 +79,11 @@ Runner add_merge(CLI::App& app) {
   o->lora.add(app, /*training=*/false);
   o->dev.threads = 0;
   app.add_option("--threads", o->dev.threads, "CPU threads (0 = all cores)")->capture_default_str();
+  o->dev.storage_flag =
+      app.add_option("--storage-dtype", o->dev.storage,
+                     "the base as the adapters saw it: fp32, bf16, fp16 or fp8 (default: the adapter run's own storage "
+                     "dtype; fp32 for a plain adapter directory); the fold itself is in fp32")
+          ->capture_default_str();
   return [o] {
     const DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
     const std::uint64_t shard = parse_size_option(Opt::shard_size, o->shard, OptionSource::cli);
@@ -55,8 +105,17 @@ Runner add_merge(CLI::App& app) {
     refuse_replacing_checkpoint(o->out, o->overwrite);
     sc.max_batch = 1;
     sc.max_seq = 1;
+    // Note [Merging into the base the adapters saw]: the run's storage dtype unless given.
+    use_the_adapter_runs_storage(o->dev, sc);
+    const DType seen = sc.storage;
     sc.storage = DType::f32;  // merged in fp32, rounded once to --save-dtype
     Session session(base, sc);
+    if (seen != DType::f32) {
+      BlockStore& store = session.store();
+      round_as_stored(store.globals_layout(), store.globals_image(), seen);
+      tbb::parallel_for(std::int64_t{0}, store.num_blocks(),
+                        [&](std::int64_t i) { round_as_stored(store.block_layout(i), store.block_image(i), seen); });
+    }
     session.adapters()->merge_into(session.store());
     session.store().check_finite(save_dtype);
     ensure_writable_dir(o->out);
