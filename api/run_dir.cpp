@@ -431,6 +431,23 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
   if (!old.empty() && old != name && is_step_dir_name(old)) fs::remove_all(dir / old, ec);
 }
 
+std::vector<std::string> checkpoint_roundings(const nlohmann::json& state, DType storage) {
+  std::vector<std::string> out;
+  if (!state.is_object() || (state.contains("peft") && !state.at("peft").is_null())) return out;
+  auto narrow = [&](const nlohmann::json& v) -> std::optional<std::string> {
+    if (!v.is_string()) return std::nullopt;
+    const std::optional<DType> d = dtype_from_name(v.get<std::string>());
+    if (!d || !(*d == DType::bf16 || *d == DType::f16) || *d == storage) return std::nullopt;
+    return std::string(dtype_name(*d));
+  };
+  if (const auto p = state.find("rounded_pending"); p != state.end() && p->is_array())
+    for (const nlohmann::json& v : *p)
+      if (const auto d = narrow(v)) out.push_back(*d);
+  if (const auto s = state.find("save_dtype"); s != state.end())
+    if (const auto d = narrow(*s)) out.push_back(*d);
+  return out;
+}
+
 OpenedCheckpoint open_checkpoint(const fs::path& dir, bool verify) {
   std::error_code ec;
   if (const fs::file_status st = fs::status(dir, ec); !fs::is_directory(st)) {

@@ -91,6 +91,26 @@ struct OpenedCheckpoint {
 // zo2_state.json if it has one (a run saved by an older zo2). Errors name the file.
 OpenedCheckpoint open_checkpoint(const std::filesystem::path& dir, bool verify_checksums = false);
 
+// Note [A resume from a rounded checkpoint]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A checkpoint saved as bf16 or fp16 of weights stored wider holds them rounded, and a run
+// continued from it (its seed log appended) goes on from the rounded weights: not the
+// uninterrupted run's, and not what the log's updates alone rebuild. The session marks the
+// first entry it appends with "loaded_as": the dtypes, in order (SeedLogEntry::loaded_as), and
+// replay rounds its weights there the same way (a save as each dtype and a load), so it
+// still gives the run's checkpoint byte for byte (adversarial pass 58: it gave other weights
+// with nothing said). A checkpoint saved before that first entry was written carries the
+// marks not yet written in its state ("rounded_pending"), so a resume of it marks them all
+// (pass 58's review: a resume that saved fp32 before its first step lost the mark). The disk
+// tier's kept block images hold weights unrounded: such a resume loads every block from the
+// checkpoint instead (tools/cmd_train.cpp).
+//
+// The roundings the weights of a checkpoint with zo2_state.json `state` went through that the
+// seed log does not record yet: its "rounded_pending", then its "save_dtype" when that is
+// neither fp32 nor the run's storage dtype. Empty for an adapter run (adapters are saved in
+// fp32) and a state that names none.
+std::vector<std::string> checkpoint_roundings(const nlohmann::json& state, DType storage);
+
 // open_checkpoint(dir).dir: what --model DIR means for every loader.
 std::filesystem::path resolve_model_dir(const std::filesystem::path& dir);
 

@@ -538,7 +538,13 @@ void Session::init(const SessionConfig& cfg) {
       h.adapter_fingerprint = adapter_fingerprint(cfg.adapter_dir);
     }
     seed_log_ = std::make_unique<SeedLogWriter>(cfg.seed_log, h, cfg.seed_log_append, next_step_);
-    if (!cfg.seed_log_loaded_as.empty()) seed_log_->mark_next_loaded_as(cfg.seed_log_loaded_as);
+    // Note [A resume from a rounded checkpoint] (api/run_dir.h): a log continued from weights
+    // a narrower save rounded says so at its next entry.
+    std::vector<std::string> rounded;
+    if (cfg.seed_log_append && !cfg.peft.any())
+      rounded = checkpoint_roundings(open_checkpoint(model_path_).state, cfg.storage);
+    if (!rounded.empty() || !cfg.seed_log_run_update.empty())
+      seed_log_->mark_next(std::move(rounded), cfg.seed_log_run_update);
   }
   if (DiskTier* disk = store_->disk(); disk && seed_log_) {
     // Note [Disk tier resume]: the log's lines so far are durable before any image moves.
@@ -919,6 +925,8 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
   r.state["run_seed"] = cfg_.run_seed;
   r.state["storage_dtype"] = std::string(dtype_name(cfg_.storage));
   r.state["save_dtype"] = std::string(dtype_name(dtype));
+  // Note [A resume from a rounded checkpoint]: roundings the log has not recorded yet.
+  if (seed_log_ && !seed_log_->pending_loaded_as().empty()) r.state["rounded_pending"] = seed_log_->pending_loaded_as();
   r.state["optimizer"] = rule_to_json(cfg_.rule);
   if (cfg_.peft.any()) r.state["peft"] = peft_to_json(cfg_.peft);
   if (seed_log_) {

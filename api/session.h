@@ -64,9 +64,9 @@ struct SessionConfig {
   bool seed_log_append = false;    // resume: continue the existing log
   std::string base_model;          // recorded in the seed log header
   std::string seed_log_run_flags;  // the header's "run" (SeedLogHeader::run_flags); empty: none
-  // The weights were loaded from a checkpoint saved as this narrower dtype (bf16/fp16): the
-  // first entry appended says so (SeedLogEntry::loaded_as) for replay; empty: not rounded.
-  std::string seed_log_loaded_as;
+  // A resume that changed the run's flags: the first entry appended carries them
+  // (SeedLogEntry::run_flags; Note [A run's flags in its seed log]); empty: unchanged.
+  std::string seed_log_run_update;
   std::int64_t first_step = 0;     // resume: the step to start at
   // Ranks (zo/parallel.h, Note [Parallel modes]; README "Many GPUs and nodes"): the
   // communicator of the job (not owned; nullptr = one process) and the layout, whose factors

@@ -65,18 +65,39 @@ std::size_t pread_full(int fd, std::span<std::byte> dst, std::uint64_t offset, c
   return done;
 }
 
+namespace {
+std::atomic<std::uint64_t> g_temp_counter{0};
+
+std::string temp_suffix() {
+  std::random_device rd;
+  return fmt::format(".tmp.{}-{}.{}.{:08x}", ::getpid(), host_tag(), g_temp_counter++, rd());
+}
+}  // namespace
+
+fs::path make_temp_dir(const fs::path& target) {
+  fs::path dir = target.parent_path();
+  if (dir.empty()) dir = ".";
+  const std::string base = target.filename().string();
+  if (base.empty() || base == "." || base == "..")
+    fail(ErrorKind::invalid_argument, "cannot write '{}': not a file name", target.string());
+  for (int attempt = 0;; ++attempt) {
+    const fs::path p = dir / temp_name(base, temp_suffix());
+    if (::mkdir(p.c_str(), 0777) == 0) return p;
+    const int e = errno;
+    if (e != EEXIST || attempt > 100)
+      fail(ErrorKind::io, "cannot write '{}': cannot create a temp directory in '{}': {}", target.string(), dir.string(),
+           errno_message(e));
+  }
+}
+
 AtomicFile::AtomicFile(const fs::path& target) : target_(target) {
   fs::path dir = target.parent_path();
   if (dir.empty()) dir = ".";
   const std::string base = target.filename().string();
   if (base.empty() || base == "." || base == "..")
     fail(ErrorKind::invalid_argument, "cannot write '{}': not a file name", target.string());
-  static std::atomic<std::uint64_t> counter{0};
-  std::random_device rd;
   for (int attempt = 0;; ++attempt) {
-    const std::string suffix =
-        fmt::format(".tmp.{}-{}.{}.{:08x}", ::getpid(), host_tag(), counter++, rd());
-    tmp_ = dir / temp_name(base, suffix);
+    tmp_ = dir / temp_name(base, temp_suffix());
     fd_ = ::open(tmp_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
     if (fd_ >= 0) break;
     const int e = errno;
@@ -208,6 +229,12 @@ void remove_abandoned_temps(const fs::path& target) noexcept {
       const std::size_t suffix = name.size() - 1 - of->size();
       if (*of != base && 1 + base.size() + suffix <= NAME_MAX) continue;  // another file's
       std::error_code rec;
+      // A temp directory (make_temp_dir) goes whole; nothing else (a link is not followed).
+      if (de.is_directory(rec) && !de.is_symlink(rec)) {
+        if (fs::remove_all(de.path(), rec) > 0 && !rec)
+          log_debug("removed '{}', left by a writer of '{}' that is gone", de.path().string(), target.string());
+        continue;
+      }
       if (!de.is_regular_file(rec)) continue;
       if (fs::remove(de.path(), rec))
         log_debug("removed '{}', left by a writer of '{}' that is gone", de.path().string(), target.string());

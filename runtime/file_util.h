@@ -66,6 +66,11 @@ int open_own_file(const std::filesystem::path& path, int flags, unsigned mode = 
 // reader an error instead of the SIGBUS a mapping raises (Note [No mapped reads]).
 std::size_t pread_full(int fd, std::span<std::byte> dst, std::uint64_t offset, const std::string& path);
 
+// A new, empty directory named as a temp file of `target` (Note [Temp files]) beside it: a
+// scratch that the next remove_abandoned_temps(target) removes, whole, once its writer is
+// gone (a kill -9 in between). The caller removes it when done. Throws Error(io).
+std::filesystem::path make_temp_dir(const std::filesystem::path& target);
+
 // Throws Error(io) naming the path; on failure the old file (if any) is untouched.
 void write_file_atomic(const std::filesystem::path& path, std::string_view contents);
 
@@ -73,7 +78,8 @@ void write_file_atomic(const std::filesystem::path& path, std::string_view conte
 // the file name it was writing (cut as the temp name cut it); else nullopt.
 std::optional<std::string> abandoned_temp_target(std::string_view name);
 
-// Removes, from target's directory, the temp files of target's writers that are gone.
+// Removes, from target's directory, the temp files (and make_temp_dir directories) of
+// target's writers that are gone.
 // Best effort: failures are logged at debug level.
 void remove_abandoned_temps(const std::filesystem::path& target) noexcept;
 

@@ -838,7 +838,7 @@ TEST(Cli, AResumeFromARoundedCheckpointIsReplayedExactly) {
     out.clear();
     ASSERT_EQ(run("train --resume " + r.string(), &out), 0) << out;
     EXPECT_NE(out.find("holds the weights rounded to bf16"), std::string::npos) << out;
-    EXPECT_NE(read_file(r / "seed_log.jsonl").find("\"loaded_as\":\"bf16\""), std::string::npos);
+    EXPECT_NE(read_file(r / "seed_log.jsonl").find("\"loaded_as\":[\"bf16\"]"), std::string::npos);
     out.clear();
     ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (r / "seed_log.jsonl").string() +
                       " --save-dtype bf16 --out " + rep.string(),
@@ -847,10 +847,64 @@ TEST(Cli, AResumeFromARoundedCheckpointIsReplayedExactly) {
         << out;
     EXPECT_NE(out.find("step 3: the run was resumed from a checkpoint saved as bf16"), std::string::npos) << out;
     EXPECT_EQ(read_file(rep / "model.safetensors"), read_file(r / "model.safetensors"));
-    // No scratch left beside the replayed checkpoint.
-    for (const auto& entry : fs::directory_iterator(rep))
-      EXPECT_EQ(entry.path().filename().string().find(".zo2-replay"), std::string::npos) << entry.path();
+    // No scratch left beside the replayed checkpoint, nor in it.
+    for (const fs::path& dir : std::vector<fs::path>{rep, w.tmp.path()})
+      for (const auto& entry : fs::directory_iterator(dir))
+        EXPECT_EQ(entry.path().filename().string().find(".tmp."), std::string::npos) << entry.path();
   }
+  // A resume that saves before its first step (Ctrl-C in the evaluation it owes), as fp32:
+  // the checkpoint keeps the rounding the log has not recorded yet ("rounded_pending"), and
+  // so does the next resume's mark; replay still rebuilds the run (pass 58's review: the
+  // mark was lost and replay gave other weights with rc 0).
+  const fs::path c = w.tmp / "cut", crep = w.tmp / "cut-replayed";
+  const std::string flags = " --data " + w.data.string() + " --eval " + w.data.string() +
+                            " --num-eval 4 --eval-every 3 --steps 8 --batch-size 2 --lr 1e-3";
+  std::string out;
+  EXPECT_EQ(test::run_command("ZO2_TEST_SIGINT_IN_EVAL=3:1 " + tune() + " train --model " + w.model.string() + flags +
+                                  " --save-dtype bf16 -q --out " + c.string(),
+                              &out),
+            130)
+      << out;
+  out.clear();
+  EXPECT_EQ(test::run_command("ZO2_TEST_SIGINT_IN_EVAL=3:1 " + tune() + " train --resume " + c.string() +
+                                  " --save-dtype fp32",
+                              &out),
+            130)
+      << out;
+  EXPECT_NE(read_file(c / "zo2_state.json").find("\"rounded_pending\""), std::string::npos) << read_file(c / "zo2_state.json");
+  out.clear();
+  ASSERT_EQ(run("train --resume " + c.string() + " -q", &out), 0) << out;
+  EXPECT_NE(read_file(c / "seed_log.jsonl").find("\"loaded_as\":[\"bf16\"]"), std::string::npos);
+  out.clear();
+  ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (c / "seed_log.jsonl").string() + " -q --out " +
+                    crep.string(),
+                &out),
+            0)
+      << out;
+  EXPECT_EQ(read_file(crep / "model.safetensors"), read_file(c / "model.safetensors"));
+}
+
+// Note [A run's flags in its seed log]: a resume that changes the run's flags records them on
+// its first step, and a replayed checkpoint past it carries the changed ones (pass 58's
+// review: it carried the starting --steps 4, below its step 6, and a resume of it failed).
+TEST(Cli, AReplayedCheckpointCarriesTheFlagsAResumeChanged) {
+  Workspace w;
+  const fs::path r = w.tmp / "run", rep = w.tmp / "rep", full = w.tmp / "full";
+  const std::string common = " --data " + w.data.string() + " --batch-size 2 --lr-schedule linear -q";
+  std::string out;
+  ASSERT_EQ(run("train --model " + w.model.string() + common + " --steps 4 --lr 1e-3 --out " + r.string(), &out), 0) << out;
+  ASSERT_EQ(run("train --resume " + r.string() + " --steps 8 --lr 2e-3", &out), 0) << out;
+  ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (r / "seed_log.jsonl").string() +
+                    " --until-step 6 -q --out " + rep.string(),
+                &out),
+            0)
+      << out;
+  const auto state = nlohmann::json::parse(read_file(rep / "zo2_state.json"));
+  EXPECT_EQ(state.at("total_steps"), 8) << state.dump();
+  EXPECT_EQ(state.at("lr"), 2e-3) << state.dump();
+  out.clear();
+  ASSERT_EQ(run("train --resume " + rep.string() + " -q", &out), 0) << out;
+  EXPECT_EQ(read_file(rep / "model.safetensors"), read_file(r / "model.safetensors"));
 }
 
 TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {

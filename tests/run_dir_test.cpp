@@ -50,6 +50,31 @@ PublishRequest request(std::int64_t step, const std::string& weights) {
 
 bool has_text(const Error& e, const std::string& piece) { return std::string(e.what()).find(piece) != std::string::npos; }
 
+// crc32_file reads the file in pieces summed in parallel (Note [No mapped reads]): the same
+// CRC as crc32_update over the bytes, whole, up to a limit inside a piece or on its edge,
+// and zlib's check value; a file shorter than the limit is refused by name.
+TEST(Checksum, AFileReadInPiecesHasTheCrcOfItsBytes) {
+  test::TempDir tmp;
+  const fs::path f = tmp / "f.bin";
+  std::vector<std::byte> bytes((std::size_t{8} << 20) * 3 + 5);
+  std::uint64_t x = 88172645463325252ull;
+  for (std::byte& b : bytes) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    b = static_cast<std::byte>(x);
+  }
+  std::ofstream(f, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()),
+                                           static_cast<std::streamsize>(bytes.size()));
+  EXPECT_EQ(crc32_file(f), crc32_update(0, bytes));
+  for (const std::size_t limit : {std::size_t{0}, std::size_t{1}, std::size_t{8} << 20, (std::size_t{8} << 20) + 1,
+                                  bytes.size() - 1})
+    EXPECT_EQ(crc32_file(f, limit), crc32_update(0, std::span(bytes).first(limit))) << limit;
+  const std::string check = "123456789";
+  std::ofstream(tmp / "c.bin", std::ios::binary) << check;
+  EXPECT_EQ(crc32_file(tmp / "c.bin"), 0xCBF43926u);
+  const Error e = error_of([&] { (void)crc32_file(tmp / "c.bin", 10); });
+  EXPECT_NE(std::string(e.what()).find("c.bin"), std::string::npos) << e.what();
+}
+
 TEST(RunDir, APublishedCheckpointIsReadThroughCurrentAndTheDirectoryReadsAsACheckpoint) {
   test::TempDir tmp;
   const fs::path d = tmp / "run";

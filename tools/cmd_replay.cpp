@@ -16,6 +16,7 @@
 #include "api/run_dir.h"
 #include "api/session.h"
 #include "runtime/arena.h"
+#include "runtime/file_util.h"
 #include "runtime/json_file.h"
 #include "runtime/log.h"
 #include "tools/cli.h"
@@ -172,6 +173,7 @@ Runner add_replay(CLI::App& app) {
     if (sc.peft.any()) validate_peft(sc.peft, ModelConfig::load(resolve_model_dir(o->model)));
     sc.max_batch = 1;
     sc.max_seq = 1;
+    remove_abandoned_temps(std::filesystem::absolute(o->out));  // a killed replay's scratch (Note [Temp files])
     NewOutputDir made(o->out);  // a replay refused at the save (an fp16 overflow) leaves no directory
     RunDirLock lock(o->out);
     ensure_writable_dir(o->out);
@@ -180,13 +182,13 @@ Runner add_replay(CLI::App& app) {
     std::int64_t applied = 0;
     for (const SeedLogEntry& e : log.entries) {
       if (o->until >= 0 && e.step >= o->until) break;
-      if (!e.loaded_as.empty()) {
-        // Note [A resume from a rounded checkpoint] (tools/cmd_train.cpp): the run was resumed
-        // here from a checkpoint saved as e.loaded_as. The same save and load, into a scratch
-        // directory beside --out, give the weights (and rule state) the resume went on from.
-        const DType dt = parse_dtype_flag("loaded_as", e.loaded_as, {DType::bf16, DType::f16});
-        const std::filesystem::path scratch =
-            std::filesystem::path(o->out) / fmt::format(".zo2-replay-rounded-{}", e.step);
+      for (const std::string& as : e.loaded_as) {
+        // Note [A resume from a rounded checkpoint] (api/run_dir.h): the run was resumed here
+        // from a checkpoint saved as `as`. The same save and load, through a scratch directory
+        // beside --out (removed after; one a killed replay left goes at the next replay to
+        // --out), give the weights (and rule state) the resume went on from.
+        const DType dt = parse_dtype_flag("loaded_as", as, {DType::bf16, DType::f16});
+        const std::filesystem::path scratch = make_temp_dir(std::filesystem::absolute(o->out));
         struct Remove {
           std::filesystem::path p;
           ~Remove() {
@@ -194,18 +196,16 @@ Runner add_replay(CLI::App& app) {
             std::filesystem::remove_all(p, ec);
           }
         } remove{scratch};
-        std::filesystem::remove_all(scratch);
         session_owner->set_next_step(e.step);
         session_owner->save(scratch, dt, shard);
         SessionConfig at = sc;
         at.first_step = e.step;
         at.resume_state = sc.rule.state_buffers() > 0;
-        at.adapter_dir.clear();
         session_owner.reset();
         session_owner = std::make_unique<Session>(scratch, at);
         log_info("replay: step {}: the run was resumed from a checkpoint saved as {}; its weights are rounded the "
                  "same way here",
-                 e.step, e.loaded_as);
+                 e.step, as);
       }
       Session& session = *session_owner;
       session.scheduler().replay_update(e.step, e.seed, e.lr, e.wd, e.gs.empty() ? std::vector<float>{e.g} : e.gs,
@@ -220,8 +220,12 @@ Runner add_replay(CLI::App& app) {
     x.replace_checkpoint = o->overwrite;  // refused without it, before any work
     // Note [A run's flags in its seed log] (tools/cmd_train.cpp): the run's training flags,
     // so that `train --resume` of this checkpoint carries the run on as it was started.
-    x.state = log.header.run_flags.empty() ? nlohmann::json::object()
-                                           : parse_json_text(log.header.run_flags, o->seed_log);
+    // The flags at the checkpoint's step: the header's, or the last a resume recorded at or
+    // before it (SeedLogEntry::run_flags).
+    std::string flags = log.header.run_flags;
+    for (const SeedLogEntry& e : log.entries)
+      if (e.step <= session.next_step() && !e.run_flags.empty()) flags = e.run_flags;
+    x.state = flags.empty() ? nlohmann::json::object() : parse_json_text(flags, o->seed_log);
     x.state["replayed_from"] = std::filesystem::absolute(o->seed_log).string();
     x.state["base_model"] = std::filesystem::absolute(o->model).string();
     session.save(o->out, save_dtype, shard, x);

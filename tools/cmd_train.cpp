@@ -8,6 +8,7 @@
 #include "runtime/dtype.h"
 #include "runtime/arena.h"
 #include "runtime/file_util.h"
+#include "runtime/json_file.h"
 #include "runtime/log.h"
 #include "runtime/topology.h"
 #include "tools/cli.h"
@@ -552,7 +553,7 @@ Runner add_train(CLI::App& app) {
     if (resume_in_place && writer) lock.emplace(out);
     comm.barrier("opening --out");  // rank 0 holds (and has cleaned) the run directory
     std::optional<SeedLog> resumed_log;
-    std::string resumed_saved_as = "fp32";  // the dtype the resumed checkpoint was saved as
+    std::vector<std::string> resumed_roundings;  // Note [A resume from a rounded checkpoint] (api/run_dir.h)
     std::uint64_t resumed_log_bytes = 0;
     std::filesystem::path resumed_log_path;
     if (!o->resume.empty()) {
@@ -744,7 +745,7 @@ Runner add_train(CLI::App& app) {
              "replays with {} rounding)",
              dtype_name(sc.storage), o->resume, storage, storage);
       sc.storage = *storage_dt;
-      resumed_saved_as = st.get_or<std::string>("save_dtype", "fp32");
+      resumed_roundings = checkpoint_roundings(ck.state, sc.storage);
       // The update rule and its hyper-parameters decide every update (and the state saved
       // beside the checkpoint): a resumed run keeps the run's.
       const RuleConfig saved_rule = rule_from_json(ck.state.contains("optimizer") ? ck.state.at("optimizer") : json(),
@@ -1117,27 +1118,15 @@ Runner add_train(CLI::App& app) {
       sc.generate.batch = static_cast<int>(std::min<std::int64_t>(o->batch, eval_data->size()));
     }
     sc.run_seed = o->seed;
-    // Note [A resume from a rounded checkpoint]
-    // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-    // A checkpoint saved as bf16 or fp16 of weights stored wider holds them rounded, and the
-    // resumed run goes on from those rounded weights: not the uninterrupted run's (the saves
-    // say so), and not what the seed log's updates alone rebuild. The first step the resume
-    // logs carries "loaded_as": DTYPE, and replay rounds its weights there the same way — a
-    // save as DTYPE and a load — so replay still gives the run's checkpoint byte for byte
-    // (adversarial pass 58: it gave other weights with nothing said). The disk tier's kept
-    // block images hold the weights unrounded, so such a resume loads every block from the
-    // checkpoint instead of keeping them.
-    std::optional<DType> saved_as = dtype_from_name(resumed_saved_as);
-    const bool rounded_checkpoint = !o->resume.empty() && !sc.peft.any() && saved_as &&
-                                    *saved_as != DType::f32 && *saved_as != sc.storage;
-    if (rounded_checkpoint) {
-      sc.seed_log_loaded_as = std::string(dtype_name(*saved_as));
-      if (writer)
-        log_warn("--resume: the checkpoint in {} holds the weights rounded to {} (--save-dtype {}, the run stores {}): the "
-                 "run goes on from the rounded weights, so it differs from an uninterrupted run; its seed log records "
-                 "it, so replay rebuilds these weights",
-                 o->resume, resumed_saved_as, resumed_saved_as, dtype_name(sc.storage));
-    }
+    // Note [A resume from a rounded checkpoint] (api/run_dir.h): the session marks the seed
+    // log; the disk tier's kept images are not the rounded weights, so all blocks load from
+    // the checkpoint.
+    const bool rounded_checkpoint = !o->resume.empty() && !sc.peft.any() && !resumed_roundings.empty();
+    if (rounded_checkpoint && writer)
+      log_warn("--resume: the checkpoint in {} holds the weights rounded to {} (the run stores {}): the run goes on "
+               "from the rounded weights, so it differs from an uninterrupted run; its seed log records it, so replay "
+               "rebuilds these weights",
+               o->resume, fmt::join(resumed_roundings, " then "), dtype_name(sc.storage));
     if (!rounded_checkpoint && resume_in_place && resumed_log && sc.host_mem > 0 && !sc.disk_dir.empty() &&
         comm.size() == 1) {
       // Note [Disk tier resume] (api/session.cpp): keep the block file and apply the log's
@@ -1347,6 +1336,17 @@ Runner add_train(CLI::App& app) {
                                 {"host_image", o->host_image},
                                 {"upload", o->upload}};
     sc.seed_log_run_flags = run_flags.dump(-1, ' ', false, json::error_handler_t::replace);
+    // A resume that trains with other flags than the log records (the header's, or the last
+    // change before this step) records them on its first step, where replay takes them up
+    // (pass 58's review: a replayed checkpoint of a resumed run otherwise got the flags the run
+    // started with — its old --steps below the step it is at, its old lr).
+    if (append_log && resumed_log && writer) {
+      std::string logged = resumed_log->header.run_flags;
+      for (const SeedLogEntry& e : resumed_log->entries)
+        if (e.step < sc.first_step && !e.run_flags.empty()) logged = e.run_flags;
+      if (logged.empty() || parse_json_text(logged, resumed_log_path.string()) != run_flags)
+        sc.seed_log_run_update = sc.seed_log_run_flags;
+    }
 
     // Ranks: a failing rank ends the job through Comm::abort (Note [Rank faults]) without
     // tearing its session down first — that could wait on peers that will never answer.

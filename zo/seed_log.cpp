@@ -109,6 +109,7 @@ std::string entry_line(const SeedLogEntry& e, const RuleConfig& rule) {
   }
   if (rule.kind == RuleKind::cons) j["choice"] = e.choice;
   if (!e.loaded_as.empty()) j["loaded_as"] = e.loaded_as;
+  if (!e.run_flags.empty()) j["run"] = parse_json_text(e.run_flags, "a seed log line's run flags");
   return j.dump() + "\n";
 }
 
@@ -214,12 +215,14 @@ void SeedLogWriter::check_still_ours() const {
 
 void SeedLogWriter::append(const SeedLogEntry& e) {
   check_still_ours();
+  const bool mark = !loaded_as_.empty() || !run_flags_.empty();
   SeedLogEntry marked;
-  if (!loaded_as_.empty()) {
+  if (mark) {
     marked = e;
     marked.loaded_as = loaded_as_;
+    marked.run_flags = run_flags_;
   }
-  const std::string line = entry_line(loaded_as_.empty() ? e : marked, rule_);
+  const std::string line = entry_line(mark ? marked : e, rule_);
   std::size_t done = 0;
   while (done < line.size()) {
     const ssize_t n = ::write(fd_, line.data() + done, line.size() - done);
@@ -238,6 +241,7 @@ void SeedLogWriter::append(const SeedLogEntry& e) {
   pos_.crc32 = crc32_update(pos_.crc32, bytes_of(line));
   pos_.next_step = e.step + 1;
   loaded_as_.clear();
+  run_flags_.clear();
 }
 
 void SeedLogWriter::sync() {
@@ -384,14 +388,25 @@ SeedLog SeedLog::read(const std::filesystem::path& path) {
       fail(ErrorKind::format, "{}: field 'choice' belongs to zo-sgd-cons logs, not {}", where, rule_name(rule.kind));
     }
     if (j.contains("loaded_as")) {
-      e.loaded_as = f.text("loaded_as");
-      const std::optional<DType> d = dtype_from_name(e.loaded_as);
-      if (!d || !(*d == DType::bf16 || *d == DType::f16))
-        fail(ErrorKind::format, "{}: field 'loaded_as' = '{}' is not bf16 or fp16 (the dtypes a checkpoint rounds to)",
-             where, e.loaded_as);
+      const json& l = j.at("loaded_as");
+      if (!l.is_array() || l.empty() || l.size() > 16)
+        fail(ErrorKind::format, "{}: field 'loaded_as' = {} is not a list of the dtypes the weights were rounded to",
+             where, l.dump(-1, ' ', false, json::error_handler_t::replace));
+      for (const json& d : l) {
+        const std::optional<DType> dt = d.is_string() ? dtype_from_name(d.get<std::string>()) : std::nullopt;
+        if (!dt || !(*dt == DType::bf16 || *dt == DType::f16))
+          fail(ErrorKind::format, "{}: field 'loaded_as' holds {}, not bf16 or fp16 (the dtypes a checkpoint rounds to)",
+               where, d.dump(-1, ' ', false, json::error_handler_t::replace));
+        e.loaded_as.push_back(d.get<std::string>());
+      }
       if (log.header.peft.any())
         fail(ErrorKind::format, "{}: field 'loaded_as' in a {} log (adapters are saved in fp32)", where,
              log.header.peft.describe());
+    }
+    if (j.contains("run")) {
+      if (!j.at("run").is_object())
+        fail(ErrorKind::format, "{}: field 'run' is {}, not an object of the run's flags", where, j.at("run").type_name());
+      e.run_flags = j.at("run").dump(-1, ' ', false, json::error_handler_t::replace);
     }
     e.end_offset = log.valid_bytes = pos;
     log.entries.push_back(e);

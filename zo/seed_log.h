@@ -40,12 +40,16 @@ struct SeedLogEntry {
   double g_double = 0;  // (L+ − L−)/(2·eps) in double, for the record
   std::vector<float> gs;  // every direction's g_j when the rule has several ("gs"; gs[0] == g)
   int choice = 1;         // zo-sgd-cons: the candidate kept (+1, 0, −1; "choice")
-  // "loaded_as": before this step the weights were a checkpoint saved as this narrower dtype
-  // and loaded back (a resume from a --save-dtype bf16/fp16 checkpoint); replay rounds them
-  // the same way here (Note [A resume from a rounded checkpoint], tools/cmd_train.cpp). Empty:
-  // the weights went on unrounded.
-  std::string loaded_as;
   std::uint64_t end_offset = 0;  // reader: the byte just past this entry's line
+  // "loaded_as": before this step the weights were saved as these narrower dtypes and loaded
+  // back, in this order (a resume from a --save-dtype bf16/fp16 checkpoint; two when that
+  // resume saved again, narrower, before its first step); replay rounds them the same way
+  // here (Note [A resume from a rounded checkpoint], api/run_dir.h). Empty: unrounded.
+  std::vector<std::string> loaded_as;
+  // "run": from this step on the run trained with these flags (a resume that changed some:
+  // compact JSON text of the whole object, as the header's "run"); empty: those before
+  // (Note [A run's flags in its seed log], tools/cmd_train.cpp).
+  std::string run_flags;
 };
 
 struct SeedLogHeader {
@@ -92,8 +96,14 @@ class SeedLogWriter {
   // Appends one line with one write(); on failure (a full disk) the file is cut back to the
   // lines before it and Error(io) names the file and the system's reason.
   void append(const SeedLogEntry& e);
-  // The next entry appended carries "loaded_as": dtype (SeedLogEntry::loaded_as).
-  void mark_next_loaded_as(std::string dtype) { loaded_as_ = std::move(dtype); }
+  // The next entry appended carries these "loaded_as" and "run" (SeedLogEntry), unless empty.
+  void mark_next(std::vector<std::string> loaded_as, std::string run_flags) {
+    loaded_as_ = std::move(loaded_as);
+    run_flags_ = std::move(run_flags);
+  }
+  // The roundings marked for the next entry and not yet written: a checkpoint saved now holds
+  // them (Session::save records them in its state).
+  const std::vector<std::string>& pending_loaded_as() const { return loaded_as_; }
   // The appended lines reach the disk (fdatasync) before a checkpoint that needs them is
   // published.
   void sync();
@@ -105,7 +115,8 @@ class SeedLogWriter {
 
   std::filesystem::path path_;
   RuleConfig rule_;
-  std::string loaded_as_;  // for the next entry (mark_next_loaded_as)
+  std::vector<std::string> loaded_as_;  // for the next entry (mark_next)
+  std::string run_flags_;
   int fd_ = -1;
   SeedLogPosition pos_;
 };
