@@ -18,6 +18,7 @@
 #include "runtime/arena.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -56,6 +57,19 @@ constexpr std::size_t kConvertChunk = 4u << 20;
 constexpr DType kLastDType = DType::boolean;
 
 std::string errno_message(int e) { return std::system_category().message(e); }
+
+// A checkpoint keeps each shard open while it is read (Note [No mapped reads]); one of more
+// shards than the soft limit on open files (often 1024) raises that limit to the hard one,
+// once, as a server would. Returns whether it went up.
+bool raise_open_file_limit() {
+  struct rlimit rl {};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= rl.rlim_max) return false;
+  const rlim_t was = rl.rlim_cur;
+  rl.rlim_cur = rl.rlim_max;
+  if (::setrlimit(RLIMIT_NOFILE, &rl) != 0) return false;
+  log_debug("raised the open-file limit from {} to {} to read a checkpoint's shards", was, rl.rlim_max);
+  return true;
+}
 
 bool valid_dtype(DType dt) {
   return static_cast<unsigned>(dt) <= static_cast<unsigned>(kLastDType);
@@ -388,10 +402,13 @@ SafetensorsFile SafetensorsFile::open(const fs::path& path) {
   SafetensorsFile f;
   f.path_ = path;
   // O_NONBLOCK: opening a FIFO by mistake must not hang; no effect on regular files.
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0 && errno == EMFILE && raise_open_file_limit())
+    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     const int e = errno;
-    fail(ErrorKind::io, "cannot open safetensors file '{}': {}", p, errno_message(e));
+    fail(ErrorKind::io, "cannot open safetensors file '{}': {}{}", p, errno_message(e),
+         e == EMFILE ? " (every shard of a checkpoint stays open while it is read: raise `ulimit -n`)" : "");
   }
   f.fd_ = fd;  // closed by ~SafetensorsFile if validation throws
   struct stat st {};

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -878,6 +879,35 @@ TEST(SafetensorsSharded, ASaveRemovesTheTemporariesOfAKilledWriterOnly) {
   write_safetensors_sharded(tmp.path(), m.tensors, 1000);
   EXPECT_FALSE(fs::exists(tmp / dead));
   EXPECT_TRUE(fs::exists(tmp / live));
+}
+
+// Every shard stays open while a checkpoint is read (Note [No mapped reads]): more shards
+// than the soft open-file limit raise it to the hard one instead of failing with EMFILE. In
+// a child, whose limit the test lowers.
+TEST(SafetensorsSharded, MoreShardsThanTheSoftOpenFileLimitStillOpen) {
+  test::TempDir tmp;
+  Model m;
+  for (int i = 0; i < 80; ++i) m.add(fmt::format("w{}", i), DType::f32, {25});
+  write_safetensors_sharded(tmp.path(), m.tensors, 100);  // one shard per tensor
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    struct rlimit rl {};
+    if (::getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_max < 200) _exit(3);  // cannot show it here
+    rl.rlim_cur = 40;
+    if (::setrlimit(RLIMIT_NOFILE, &rl) != 0) _exit(4);
+    try {
+      const auto ck = SafetensorsCheckpoint::open(tmp.path());
+      _exit(ck.num_files() == 80 ? 0 : 5);
+    } catch (...) {
+      _exit(6);
+    }
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  if (WEXITSTATUS(status) == 3) GTEST_SKIP() << "the hard open-file limit is below 200 here";
+  EXPECT_EQ(WEXITSTATUS(status), 0);
 }
 
 TEST(SafetensorsSharded, ResavingAsOneFileRemovesTheIndexAndShardsAndBack) {
