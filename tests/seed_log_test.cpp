@@ -94,6 +94,12 @@ TEST(SeedLog, WriteReadRoundTripKeepsEveryFieldBitForBit) {
   EXPECT_EQ(log.header.first_step, 3);
   ASSERT_EQ(log.entries.size(), entries.size());
   for (std::size_t i = 0; i < entries.size(); ++i) expect_same_entry(log.entries[i], entries[i]);
+  // The header alone: the same header, no entries.
+  const SeedLog head = SeedLog::read(path, /*header_only=*/true);
+  EXPECT_EQ(head.header.run_seed, h.run_seed);
+  EXPECT_EQ(head.header.first_step, 3);
+  EXPECT_EQ(head.header_end, log.header_end);
+  EXPECT_TRUE(head.entries.empty());
 }
 
 TEST(SeedLog, NonFiniteProjectedGradientsRoundTripAsSkippedUpdates) {

@@ -312,7 +312,7 @@ bool check_adapter_base(const std::filesystem::path& adapter_dir, const std::str
   if (run.empty() || !fs::exists(run / kRunSeedLog, ec)) return false;
   std::string logged;
   try {
-    logged = SeedLog::read(run / kRunSeedLog).header.base_fingerprint;
+    logged = SeedLog::read(run / kRunSeedLog, /*header_only=*/true).header.base_fingerprint;
   } catch (const Error&) {
     return false;  // a damaged log is the run's business (resume and replay refuse it by name)
   }

@@ -259,7 +259,7 @@ std::uint64_t SeedLog::bytes_before(std::int64_t step) const {
   return end;
 }
 
-SeedLog SeedLog::read(const std::filesystem::path& path) {
+SeedLog SeedLog::read(const std::filesystem::path& path, bool header_only) {
   if (std::error_code ec; std::filesystem::is_directory(path, ec))
     fail(ErrorKind::invalid_argument, "{}: a directory, not a seed log (a run's is DIR/seed_log.jsonl)", path.string());
   std::ifstream in(path, std::ios::binary);
@@ -328,6 +328,7 @@ SeedLog SeedLog::read(const std::filesystem::path& path) {
       }
       have_header = true;
       log.header_end = log.valid_bytes = pos;
+      if (header_only) break;
       continue;
     }
     SeedLogEntry e;

@@ -127,7 +127,8 @@ struct SeedLog {
   std::uint64_t header_end = 0;   // the byte just past the header line
   std::uint64_t valid_bytes = 0;  // complete lines; a torn last line is not counted
   bool torn_tail = false;
-  static SeedLog read(const std::filesystem::path& path);
+  // header_only: the header line alone (entries empty), for a caller that needs only it.
+  static SeedLog read(const std::filesystem::path& path, bool header_only = false);
   // The length of the log's prefix that holds the entries of the steps before `step` (the
   // header and nothing else when step ≤ first_step).
   std::uint64_t bytes_before(std::int64_t step) const;
