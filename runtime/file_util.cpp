@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <system_error>
 #include <unistd.h>
+#include <utility>
 
 namespace zo2 {
 namespace fs = std::filesystem;
@@ -68,6 +69,16 @@ std::size_t pread_full(int fd, std::span<std::byte> dst, std::uint64_t offset, c
 namespace {
 std::atomic<std::uint64_t> g_temp_counter{0};
 
+// Where a temp of `target` goes (its directory) and the name it is made from.
+std::pair<fs::path, std::string> temp_place(const fs::path& target) {
+  fs::path dir = target.parent_path();
+  if (dir.empty()) dir = ".";
+  std::string base = target.filename().string();
+  if (base.empty() || base == "." || base == "..")
+    fail(ErrorKind::invalid_argument, "cannot write '{}': not a file name", target.string());
+  return {dir, base};
+}
+
 std::string temp_suffix() {
   std::random_device rd;
   return fmt::format(".tmp.{}-{}.{}.{:08x}", ::getpid(), host_tag(), g_temp_counter++, rd());
@@ -75,11 +86,7 @@ std::string temp_suffix() {
 }  // namespace
 
 fs::path make_temp_dir(const fs::path& target) {
-  fs::path dir = target.parent_path();
-  if (dir.empty()) dir = ".";
-  const std::string base = target.filename().string();
-  if (base.empty() || base == "." || base == "..")
-    fail(ErrorKind::invalid_argument, "cannot write '{}': not a file name", target.string());
+  const auto [dir, base] = temp_place(target);
   for (int attempt = 0;; ++attempt) {
     const fs::path p = dir / temp_name(base, temp_suffix());
     if (::mkdir(p.c_str(), 0777) == 0) return p;
@@ -91,11 +98,7 @@ fs::path make_temp_dir(const fs::path& target) {
 }
 
 AtomicFile::AtomicFile(const fs::path& target) : target_(target) {
-  fs::path dir = target.parent_path();
-  if (dir.empty()) dir = ".";
-  const std::string base = target.filename().string();
-  if (base.empty() || base == "." || base == "..")
-    fail(ErrorKind::invalid_argument, "cannot write '{}': not a file name", target.string());
+  const auto [dir, base] = temp_place(target);
   for (int attempt = 0;; ++attempt) {
     tmp_ = dir / temp_name(base, temp_suffix());
     fd_ = ::open(tmp_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);

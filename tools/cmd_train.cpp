@@ -1295,8 +1295,8 @@ Runner add_train(CLI::App& app) {
     // run's data, lr, schedule, batch and the rest — given again they were easy to get wrong
     // (a schedule or a --shuffle left at its default changed the run with nothing said). The
     // paths a resume writes (run_dir, --log-json, --disk-dir) stay out: they belong to the
-    // directory (Note [What a resume keeps]). A resumed run keeps the header it has: the
-    // flags the run started with.
+    // directory (Note [What a resume keeps]). A resumed run keeps the header it has and
+    // records flags it changed on its first step (below).
     const json run_flags = json{{"total_steps", o->steps},
                                 {"lr", o->lr},
                                 {"eps", o->eps},
