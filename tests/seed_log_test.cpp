@@ -12,6 +12,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <numbers>
 #include <optional>
 #include <string>
@@ -19,6 +20,7 @@
 
 #include "runtime/checksum.h"
 #include "runtime/error.h"
+#include "runtime/json_file.h"
 #include "runtime/philox.h"
 #include "tests/test_util.h"
 #include "zo/schedule.h"
@@ -157,6 +159,46 @@ TEST(SeedLog, AWriterRefusesALogRemovedReplacedOrWrittenByAnotherProgram) {
   std::ofstream(path, std::ios::app) << "{\"step\": 1}\n";  // another writer's line
   const std::string m = message([&] { w.append(entry(1, seed_of(0, 1), 0.5f)); });
   EXPECT_NE(m.find("another program (a second session on the same log?) changed it"), std::string::npos) << m;
+}
+
+TEST(SeedLog, ASecondWriterOfALiveLogIsRefusedBeforeItChangesAnything) {
+  // Note [One writer per seed log] (adversarial pass 60): a second session continuing the log
+  // from an earlier step cut off the steps the live one had written.
+  test::TempDir dir;
+  const auto path = dir / "seeds.jsonl";
+  SeedLogHeader h;
+  h.run_seed = 7;
+  auto first = std::make_unique<SeedLogWriter>(path, h, false);
+  for (int t = 0; t < 6; ++t) first->append(entry(t, seed_of(7, t), 0.5f));
+  first->sync();
+  const std::string before = read_regular_file(path);
+  const Error e = test::error_of([&] { SeedLogWriter second(path, h, /*append=*/true, 3); });
+  EXPECT_EQ(e.kind(), ErrorKind::io);
+  EXPECT_NE(std::string(e.what()).find("another session (in this process or another) is writing this seed log"),
+            std::string::npos)
+      << e.what();
+  EXPECT_NE(std::string(e.what()).find(path.string()), std::string::npos) << e.what();
+  EXPECT_EQ(read_regular_file(path), before);
+  // (A new log there is refused as before: the file holds one.)
+  EXPECT_EQ(test::error_of([&] { SeedLogWriter second(path, h, /*append=*/false); }).kind(),
+            ErrorKind::invalid_argument);
+  EXPECT_EQ(read_regular_file(path), before);
+  // Another process too (a forked child opens the file anew; the lock is the open file's).
+  EXPECT_EQ(test::in_child([&] {
+              try {
+                SeedLogWriter second(path, h, true, 3);
+              } catch (const Error& e) {
+                return e.kind() == ErrorKind::io ? 0 : 2;
+              }
+              return 1;
+            }),
+            0);
+  EXPECT_EQ(read_regular_file(path), before);
+  first->append(entry(6, seed_of(7, 6), 0.5f));  // the live writer goes on
+  first.reset();
+  SeedLogWriter again(path, h, /*append=*/true, 3);  // and once it is closed, a resume may cut
+  EXPECT_EQ(again.position().next_step, 3);
+  EXPECT_EQ(SeedLog::read(path).entries.size(), 3u);
 }
 
 TEST(SeedLog, AppendingOnResumeDropsEntriesFromTheResumeStepOn) {

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <fstream>
 #include <limits>
@@ -122,7 +123,21 @@ std::span<const std::byte> bytes_of(const std::string& s) {
 SeedLogWriter::SeedLogWriter(const std::filesystem::path& path, const SeedLogHeader& header,
                              bool append, std::int64_t keep_until_step)
     : path_(path), rule_(header.rule) {
+  try {
+    open(header, append, keep_until_step);
+  } catch (...) {
+    if (fd_ >= 0) ::close(fd_);  // a refused open leaves no lock behind (no destructor runs)
+    fd_ = -1;
+    throw;
+  }
+}
+
+void SeedLogWriter::open(const SeedLogHeader& header, bool append, std::int64_t keep_until_step) {
+  const std::filesystem::path& path = path_;
   if (append && std::filesystem::exists(path)) {
+    // Locked before it is read or cut: a second session continuing a live run's log would cut
+    // off the steps the live one wrote (Note [One writer per seed log]).
+    open_locked();
     const SeedLog old = SeedLog::read(path);
     if (!(old.header.peft == header.peft))
       fail(ErrorKind::invalid_argument, "{}: the seed log's run trained {}, not {}; appending would make it replay neither",
@@ -144,7 +159,7 @@ SeedLogWriter::SeedLogWriter(const std::filesystem::path& path, const SeedLogHea
     const std::uint64_t keep = old.bytes_before(keep_until_step);
     if (keep < old.valid_bytes || old.torn_tail) {
       // One truncate: a crash leaves either the old file or the cut one, both readable.
-      if (::truncate(path.c_str(), static_cast<off_t>(keep)) != 0)
+      if (::ftruncate(fd_, static_cast<off_t>(keep)) != 0)
         fail(ErrorKind::io, "{}: cannot cut the seed log back to step {}: {}", path.string(), keep_until_step,
              std::strerror(errno));
     }
@@ -179,14 +194,44 @@ SeedLogWriter::SeedLogWriter(const std::filesystem::path& path, const SeedLogHea
     pos_.next_step = header.first_step;
     pos_.bytes = text.size();
     pos_.crc32 = crc32_update(0, bytes_of(text));
+    open_locked();
   }
-  fd_ = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
-  if (fd_ < 0)
-    fail(ErrorKind::io, "{}: cannot open the seed log for appending: {}", path.string(), std::strerror(errno));
+  // What was opened and locked is still what the path names and holds what was read or written
+  // (a writer that replaced or cut it between the open and the lock is caught here, not at the
+  // first step).
+  check_still_ours();
 }
 
 SeedLogWriter::~SeedLogWriter() {
-  if (fd_ >= 0) ::close(fd_);
+  if (fd_ >= 0) ::close(fd_);  // releases the lock
+}
+
+// Note [One writer per seed log]
+//   A log has one writer at a time. Two sessions on one path (a host resuming a run's last
+//   checkpoint into the log while the run still writes it, the same script started twice)
+//   used to be seen only afterwards: the second cut the first's steps off on open, and the
+//   first failed at its next step with checkpoints whose steps the log no longer held
+//   (adversarial pass 60). The writer holds an exclusive flock on the file for its life, so
+//   the second is refused before it reads or changes anything. flock, not fcntl: its locks
+//   belong to the open file, so two sessions in one process exclude each other too, and
+//   closing any other descriptor of the file does not drop it. A CLI run's log is inside its
+//   run directory, which RunDirLock already guards; this covers logs the C API and Python
+//   name anywhere.
+void SeedLogWriter::open_locked() {
+  fd_ = ::open(path_.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+  if (fd_ < 0)
+    fail(ErrorKind::io, "{}: cannot open the seed log for appending: {}", path_.string(), std::strerror(errno));
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int e = errno;
+    ::close(fd_);
+    fd_ = -1;
+    if (e == EWOULDBLOCK)
+      fail(ErrorKind::io,
+           "{}: another session (in this process or another) is writing this seed log; two writers would cut and mix "
+           "each other's steps — close that session first, or give this one another seed log",
+           path_.string());
+    fail(ErrorKind::io, "{}: cannot lock the seed log: {}", path_.string(), std::strerror(e));
+  }
 }
 
 // Note [The seed log stays this writer's]

@@ -87,7 +87,9 @@ class SeedLogWriter {
   // torn last line, are cut off first, since the run will write them again. The existing
   // header must be this run's (same run seed and storage dtype) and its entries must reach
   // keep_until_step; else Error(invalid_argument) naming the file. A missing file starts a
-  // new log.
+  // new log. The writer holds the file locked while it lives: a second writer of it, in this
+  // process or another, is Error(io) before anything is read or changed (Note [One writer per
+  // seed log]).
   SeedLogWriter(const std::filesystem::path& path, const SeedLogHeader& header, bool append,
                 std::int64_t keep_until_step = 0);
   ~SeedLogWriter();
@@ -112,6 +114,8 @@ class SeedLogWriter {
 
  private:
   void check_still_ours() const;  // Note [The seed log stays this writer's]
+  void open_locked();  // Note [One writer per seed log]
+  void open(const SeedLogHeader& header, bool append, std::int64_t keep_until_step);  // the constructor's work
 
   std::filesystem::path path_;
   RuleConfig rule_;

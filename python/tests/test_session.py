@@ -756,3 +756,38 @@ def test_c_api_refuses_a_forked_child_and_its_free_returns(tiny):
     assert lib.zo2_session_step_index(session) == 0  # the parent's is fine
     lib.zo2_session_free(session)
     lib.zo2_model_free(model)
+
+
+def test_a_second_writer_of_a_live_seed_log_is_refused(tiny, tmp_path):
+    """Note [One writer per seed log] (adversarial pass 60): a session resuming a run's earlier
+    checkpoint into the log the run was still writing cut the run's later steps off, and the
+    run's checkpoints past that step could no longer be resumed or replayed. Now the second
+    writer, in this process or another, is refused before it reads or changes the log."""
+    ids = batch(512)
+    kw = dict(lr=1e-3, max_seqs=2, max_seq_len=16)
+    log = tmp_path / "a.jsonl"
+    with zo2.Session(tiny, seed_log=log, **kw) as a:
+        for _ in range(3):
+            a.step(ids)
+        a.save(tmp_path / "s3")
+        for _ in range(3):
+            a.step(ids)
+        before = log.read_bytes()
+        with pytest.raises(zo2.FileIOError, match="another session .* is writing this seed log"):
+            zo2.Session(tmp_path / "s3", seed_log=log, seed_log_append=True, first_step=3, **kw)
+        code = ("import sys, zo2\n"
+                "try:\n"
+                f"    zo2.Session({str(tmp_path / 's3')!r}, seed_log={str(log)!r}, seed_log_append=True, first_step=3,"
+                " lr=1e-3, max_seqs=2, max_seq_len=16)\n"
+                "except zo2.FileIOError as e:\n"
+                "    print(e); sys.exit(0 if 'is writing this seed log' in str(e) else 3)\n"
+                "sys.exit(1)\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert log.read_bytes() == before
+        a.step(ids)  # the live run goes on
+        a.save(tmp_path / "s7")
+    # Closed, the log may be continued (a resume cuts it back to its step).
+    with zo2.Session(tmp_path / "s3", seed_log=log, seed_log_append=True, first_step=3, **kw) as b:
+        b.step(ids)
+    assert len(log.read_text().splitlines()) == 1 + 4
