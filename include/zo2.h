@@ -186,7 +186,9 @@ typedef struct zo2_session_params {
                                  // training = 0: ZO2_ERR_INVALID_ARGUMENT). Default NULL.
     int32_t  seed_log_append;    // nonzero: resume — keep the existing log's entries before first_step. Default 0:
                                  // a new log, which never replaces an existing non-empty file (another run's
-                                 // log, or a file that is no seed log): ZO2_ERR_INVALID_ARGUMENT.
+                                 // log, or a file that is no seed log): ZO2_ERR_INVALID_ARGUMENT. The session
+                                 // holds the log locked (flock) until freed: a second session on the same
+                                 // log, in this process or another, is ZO2_ERR_IO.
     int64_t  first_step;         // index of the first step (resume a run at this step). Default 0.
 
     // zo2_session_save.

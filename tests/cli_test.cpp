@@ -884,6 +884,38 @@ TEST(Cli, AResumeFromARoundedCheckpointIsReplayedExactly) {
   EXPECT_EQ(read_file(crep / "model.safetensors"), read_file(c / "model.safetensors"));
 }
 
+// The same through the disk tier: the kept block images are the unrounded weights, so the
+// resume loads every block from the rounded checkpoint (api/run_dir.h, Note [A resume from a
+// rounded checkpoint]); it ends with the all-in-RAM resume's bytes, with K = 1 and K = 3, and
+// replay rebuilds them.
+TEST(Cli, ADiskTierResumeFromARoundedCheckpointEqualsTheRamResume) {
+  Workspace w;
+  const std::string common = " --model " + w.model.string() + " --data " + w.data.string() +
+                             " --steps 7 --batch-size 2 --lr 1e-3 --offload all --window 2 --save-dtype bf16 -q";
+  const fs::path ram = w.tmp / "ram";
+  ASSERT_EQ(run("train" + common + " --stop-at 3 --out " + ram.string()), 0);
+  ASSERT_EQ(run("train --resume " + ram.string()), 0);
+  for (const char* lag : {"1", "3"}) {
+    SCOPED_TRACE(lag);
+    const fs::path r = w.tmp / (std::string("disk") + lag), rep = w.tmp / (std::string("rep") + lag);
+    const std::string tier = " --host-mem 400K --disk-staging 1 --disk-lag " + std::string(lag) + " --disk-dir " +
+                             (w.tmp / (std::string("blocks") + lag)).string();
+    std::string out;
+    ASSERT_EQ(run("train" + common + " --stop-at 3 --out " + r.string() + tier, &out), 0) << out;
+    out.clear();
+    ASSERT_EQ(run("train --resume " + r.string(), &out), 0) << out;
+    EXPECT_NE(out.find("holds the weights rounded to bf16"), std::string::npos) << out;
+    EXPECT_EQ(read_file(r / "model.safetensors"), read_file(ram / "model.safetensors"));
+    out.clear();
+    ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (r / "seed_log.jsonl").string() +
+                      " --save-dtype bf16 -q --out " + rep.string(),
+                  &out),
+              0)
+        << out;
+    EXPECT_EQ(read_file(rep / "model.safetensors"), read_file(r / "model.safetensors"));
+  }
+}
+
 // Note [A run's flags in its seed log]: a resume that changes the run's flags records them on
 // its first step, and a replayed checkpoint past it carries the changed ones (pass 58's
 // review: it carried the starting --steps 4, below its step 6, and a resume of it failed).
