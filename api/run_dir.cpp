@@ -13,11 +13,13 @@
 #include <cstring>
 #include <fcntl.h>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <regex>
 #include <set>
 #include <sstream>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace zo2 {
@@ -37,6 +39,84 @@ fs::path lock_key(const fs::path& dir) {
   fs::path p = fs::weakly_canonical(fs::absolute(dir), ec);
   return ec ? fs::absolute(dir).lexically_normal() : p;
 }
+
+// Note [Readers of a live run]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// `eval --model RUN` (or generate, forward, a C API or Python load) beside the training run
+// writing RUN resolves `current` once and reads that step directory's files for a while; the
+// run's next save removed it as the previous checkpoint, and the reader failed midway with
+// "no safetensors checkpoint in directory RUN/step-N" (adversarial pass 60: 1 eval in 40
+// against a run saving every step). Now a reader holds a shared flock on the step directory
+// it resolved, and a save removes a superseded step directory only if it gets the exclusive
+// lock; one still read is kept and removed by a later save (or the next writer's start) once
+// its readers are gone. A process keeps one such pin per run directory, the newest it
+// resolved, until it exits or resolves a newer step (a host that evaluates a live run again
+// and again keeps at most one older checkpoint from removal). A reader whose step directory
+// went away between reading `current` and taking the lock reads `current` again. The writer
+// drops its own pins on the run it writes: it has what it needs in memory.
+namespace {
+
+struct ReadPin {
+  std::string step;
+  int fd = -1;
+};
+std::mutex g_pins_mu;
+std::map<fs::path, ReadPin>& read_pins() {
+  static std::map<fs::path, ReadPin> m;
+  return m;
+}
+
+enum class Pin { held, unpinnable, gone };
+
+Pin pin_step(const fs::path& dir, const std::string& step) {
+  const fs::path key = lock_key(dir);
+  {
+    std::lock_guard<std::mutex> g(g_pins_mu);
+    if (const auto it = read_pins().find(key); it != read_pins().end() && it->second.step == step) return Pin::held;
+  }
+  const int fd = ::open((dir / step).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return errno == ENOENT ? Pin::gone : Pin::unpinnable;
+  if (::flock(fd, LOCK_SH | LOCK_NB) != 0) {
+    const int e = errno;
+    ::close(fd);
+    return e == EWOULDBLOCK ? Pin::gone : Pin::unpinnable;  // the writer is removing it
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) == 0 && st.st_nlink == 0) {  // removed between the open and the lock
+    ::close(fd);
+    return Pin::gone;
+  }
+  std::lock_guard<std::mutex> g(g_pins_mu);
+  ReadPin& p = read_pins()[key];
+  if (p.fd >= 0) ::close(p.fd);
+  p = ReadPin{step, fd};
+  return Pin::held;
+}
+
+void unpin_run(const fs::path& dir) {
+  std::lock_guard<std::mutex> g(g_pins_mu);
+  if (const auto it = read_pins().find(lock_key(dir)); it != read_pins().end()) {
+    if (it->second.fd >= 0) ::close(it->second.fd);
+    read_pins().erase(it);
+  }
+}
+
+// Removes a superseded step directory of a run unless a reader holds it; false if kept.
+bool remove_step_dir(const fs::path& p) {
+  std::error_code ec;
+  const int fd = ::open(p.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
+    ::close(fd);
+    log_info("{}: kept for now: another process is reading this checkpoint; a later save removes it", p.string());
+    return false;
+  }
+  fs::remove_all(p, ec);
+  if (fd >= 0) ::close(fd);
+  if (ec) log_warn("{}: cannot remove ({}); remove it by hand", p.string(), ec.message());
+  return true;
+}
+
+}  // namespace
 
 void fsync_path(const fs::path& p, bool directory) {
   const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | (directory ? O_DIRECTORY : 0));
@@ -279,7 +359,12 @@ void clean_run_dir(const fs::path& dir) {
     else if (!is_dir && std::regex_match(name, zo2_tmp))
       doomed.push_back(e.path());  // write_file_atomic's, of the seed log and an older layout's files
   }
+  unpin_run(dir);  // this process writes DIR now (Note [Readers of a live run])
   for (const auto& p : doomed) {
+    if (is_step_dir_name(p.filename().string())) {  // a previous checkpoint: kept while read
+      (void)remove_step_dir(p);
+      continue;
+    }
     log_debug("{}: removing what an interrupted save left", p.string());
     std::error_code e2;
     fs::remove_all(p, e2);
@@ -420,15 +505,22 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
   }
   add_links(dir, files_of(dir / name), /*replace_files=*/false);
   fsync_path(dir, true);
-  std::string old;  // the step directory of DIR that was current: removed once the switch is done
-  if (fs::is_symlink(fs::symlink_status(cur, ec))) old = current_step_name(dir, fs::read_symlink(cur, ec));
   if (const std::error_code e = switch_current(dir, name)) {  // the commit point
     std::error_code e2;
     fs::remove_all(dir / name, e2);
     fail(ErrorKind::io, "{}: cannot point at {}: {}", cur.string(), name, e.message());
   }
   refresh_links(dir);
-  if (!old.empty() && old != name && is_step_dir_name(old)) fs::remove_all(dir / old, ec);
+  // The previous checkpoint goes, and any kept earlier while a reader held it (Note [Readers
+  // of a live run]).
+  unpin_run(dir);
+  std::vector<fs::path> superseded;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    std::error_code e2;
+    if (n != name && is_step_dir_name(n) && e.is_directory(e2) && !e.is_symlink(e2)) superseded.push_back(e.path());
+  }
+  for (const auto& p : superseded) (void)remove_step_dir(p);
 }
 
 std::vector<std::string> checkpoint_roundings(const nlohmann::json& state, DType storage) {
@@ -462,9 +554,18 @@ OpenedCheckpoint open_checkpoint(const fs::path& dir, bool verify) {
   o.dir = dir;
   const fs::path cur = dir / kRunCurrent;
   if (fs::is_symlink(fs::symlink_status(cur, ec))) {
-    const fs::path target = fs::read_symlink(cur, ec);
+    fs::path target = fs::read_symlink(cur, ec);
     if (ec || !plain_name(target.string()) || !is_step_dir_name(target.string()))
       fail(ErrorKind::format, "{}: names '{}', not one of the run's step directories", cur.string(), target.string());
+    // Note [Readers of a live run]: held while this process reads it; a save that removed it
+    // first moved `current` on, so read the link again.
+    for (int tries = 0; pin_step(dir, target.string()) == Pin::gone; ++tries) {
+      const fs::path again = fs::read_symlink(cur, ec);
+      if (tries == 100 || ec || again == target) break;  // not a save moving on: the check below says what is wrong
+      target = again;
+      if (!plain_name(target.string()) || !is_step_dir_name(target.string()))
+        fail(ErrorKind::format, "{}: names '{}', not one of the run's step directories", cur.string(), target.string());
+    }
     o.dir = dir / target;
     o.run_dir = dir;
     if (!fs::is_directory(o.dir, ec))

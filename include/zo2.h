@@ -120,6 +120,10 @@ ZO2_API zo2_model_params zo2_model_default_params(void);
 
 // Reads <hf_dir>/config.json (and, with check_weights, the safetensors headers). No weight
 // data is read: zo2_session_init streams the weights into the session's block store.
+// A run directory (zo2-tune train --out) means its current checkpoint, resolved here once; while
+// the run goes on training, this process holds that checkpoint (a shared flock) so the run's
+// next save cannot remove it before it is read: one per run directory, the newest this
+// process resolved, until the process exits.
 // p may be NULL (defaults). On success *out owns a new model; on error *out is set to NULL
 // (when out is not NULL) and nothing is allocated.
 //   ZO2_ERR_INVALID_ARGUMENT  hf_dir or out is NULL, or hf_dir is empty

@@ -3,6 +3,7 @@
 // name, one writer at a time, leftovers cleaned, and `train --resume` checks the state file
 // and the seed log field by field before it continues a run.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <nlohmann/json.hpp>
 
 #include "api/run_dir.h"
@@ -309,6 +310,52 @@ void hook_failure_ends_the_log(bool disk) {
 TEST(SessionLog, AResultHookThatThrowsEndsTheSeedLogBeforeItsStepAndTheRunResumes) { hook_failure_ends_the_log(false); }
 
 TEST(SessionLog, AResultHookThatThrowsWithADiskTierNeitherHangsNorLosesTheResume) { hook_failure_ends_the_log(true); }
+
+// Note [Readers of a live run] (adversarial pass 60): `eval --model RUN` beside the run that
+// writes RUN failed when a save removed the step directory it was reading.
+TEST(RunDir, AStepDirectoryAnotherProcessReadsIsKeptUntilItIsDone) {
+  test::TempDir tmp;
+  const fs::path d = tmp / "run";
+  publish_checkpoint(d, request(4, "weights of step 4"));
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {  // the reader: resolves RUN, then reads its files after the writer saved twice
+    int rc = 0;
+    try {
+      const OpenedCheckpoint o = open_checkpoint(d);
+      char c = 1;
+      if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) rc = 3;
+      if (rc == 0) rc = read_text(o.dir / "model.safetensors") == "weights of step 4" ? 0 : 4;
+      if (rc == 0) rc = open_checkpoint(d).dir == d / "step-00000006" ? 0 : 5;  // and moves on to the newest
+    } catch (...) {
+      rc = 2;
+    }
+    ::_exit(rc);
+  }
+  char c = 0;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  publish_checkpoint(d, request(5, "weights of step 5"));
+  EXPECT_TRUE(fs::exists(d / "step-00000004" / "model.safetensors")) << "kept while the reader holds it";
+  publish_checkpoint(d, request(6, "weights of step 6"));
+  EXPECT_TRUE(fs::exists(d / "step-00000004"));
+  EXPECT_FALSE(fs::exists(d / "step-00000005")) << "an unread previous checkpoint goes as before";
+  EXPECT_EQ(resolve_model_dir(d), d / "step-00000006");
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
+  // The reader is gone: the next save removes what it kept.
+  publish_checkpoint(d, request(7, "weights of step 7"));
+  std::vector<std::string> steps;
+  for (const auto& e : fs::directory_iterator(d))
+    if (e.path().filename().string().rfind("step-", 0) == 0) steps.push_back(e.path().filename().string());
+  EXPECT_EQ(steps, std::vector<std::string>{"step-00000007"});
+  EXPECT_EQ(read_text(d / "model.safetensors"), "weights of step 7");
+}
 
 TEST(RunDir, OneWriterAtATime) {
   test::TempDir tmp;
