@@ -7,10 +7,13 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <csignal>
 #include <limits>
 #include <fstream>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/wait.h>
 #include <thread>
 #include <tuple>
@@ -937,6 +940,38 @@ TEST(Cli, AReplayedCheckpointCarriesTheFlagsAResumeChanged) {
   out.clear();
   ASSERT_EQ(run("train --resume " + rep.string() + " -q", &out), 0) << out;
   EXPECT_EQ(read_file(rep / "model.safetensors"), read_file(r / "model.safetensors"));
+}
+
+// Note [One writer per JSON log] (adversarial pass 60): a second run given a live run's
+// --log-json truncated it under the first, whose records were lost and replaced by NULs.
+TEST(Cli, ASecondRunOnALiveRunsJsonLogIsRefusedAndTheLogKept) {
+  Workspace w;
+  const fs::path log = w.tmp / "metrics.jsonl", link = w.tmp / "latest.jsonl";
+  const std::string train = "train --model " + w.model.string() + " --data " + w.data.string() +
+                            " --steps 2 --batch-size 2 -q --log-json ";
+  ASSERT_EQ(run(train + log.string() + " --out " + (w.tmp / "first").string()), 0);
+  const std::string records = read_file(log);
+  fs::create_symlink(log, link);
+  {
+    const int live = ::open(log.c_str(), O_WRONLY | O_CLOEXEC);  // what the live run holds
+    ASSERT_GE(live, 0);
+    ASSERT_EQ(::flock(live, LOCK_EX | LOCK_NB), 0);
+    for (const fs::path& given : {log, link}) {
+      std::string out;
+      EXPECT_EQ(run(train + given.string() + " --out " + (w.tmp / "second").string(), &out), 1) << out;
+      EXPECT_NE(out.find("another zo2-tune train is writing this JSON log"), std::string::npos) << out;
+      EXPECT_EQ(read_file(log), records) << "the live run's records are untouched";
+      EXPECT_FALSE(fs::exists(w.tmp / "second" / "model.safetensors"));
+    }
+    ::close(live);
+  }
+  // Once it is done, a new run writes over the log, as always; a resume trims it in place of
+  // the lock it holds.
+  ASSERT_EQ(run(train + link.string() + " --out " + (w.tmp / "second").string()), 0);
+  EXPECT_TRUE(fs::is_symlink(link));
+  ASSERT_EQ(run("train --resume " + (w.tmp / "second").string() + " --steps 4"), 0);
+  const std::string resumed = read_file(log);
+  EXPECT_EQ(std::count(resumed.begin(), resumed.end(), '\n'), 4) << resumed;
 }
 
 TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {

@@ -26,6 +26,8 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/file.h>
+#include <unistd.h>
 #include <mutex>
 #include <cstring>
 #include <deque>
@@ -306,6 +308,49 @@ class Progress {
   std::string failure_;
   double smooth_ = 0;
   std::int64_t n_ = 0;
+};
+
+// Note [One writer per JSON log]
+//   A second run given the --log-json file of a run still training truncated it under the
+//   first, which went on writing at its own offset: the first run's records were lost and
+//   the file filled with NUL bytes, both runs exiting 0 (adversarial pass 60). The writer
+//   holds an exclusive flock on the file (a regular file: a FIFO or a terminal is not
+//   locked) from before it trims or truncates it until the run ends; a second run is
+//   refused before it touches the file.
+class JsonLogLock {
+ public:
+  JsonLogLock() = default;
+  JsonLogLock(const JsonLogLock&) = delete;
+  JsonLogLock& operator=(const JsonLogLock&) = delete;
+  ~JsonLogLock() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  // Locks the file `log` names (following links), taking over from the lock held, if any
+  // (the trim of a resume writes a new file in its place).
+  void take(const std::string& log) {
+    std::error_code ec;
+    const std::filesystem::path file = std::filesystem::weakly_canonical(std::filesystem::absolute(log), ec);
+    if (ec) return;
+    if (const auto st = std::filesystem::status(file, ec); std::filesystem::exists(st) && !std::filesystem::is_regular_file(st))
+      return;
+    const int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) return;  // the log's own open says why
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      const int e = errno;
+      ::close(fd);
+      if (e == EWOULDBLOCK)
+        fail(ErrorKind::io,
+             "--log-json {}: another zo2-tune train is writing this JSON log; two runs would overwrite and mix each "
+             "other's records: choose another file",
+             log);
+      return;  // a file system without flock: unlocked, as before
+    }
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = fd;
+  }
+
+ private:
+  int fd_ = -1;
 };
 
 }  // namespace
@@ -1191,9 +1236,11 @@ Runner add_train(CLI::App& app) {
     sc.seed_log_append = append_log;
     sc.base_model = base_model.empty() ? "" : std::filesystem::absolute(base_model).string();
 
+    JsonLogLock log_json_lock;  // Note [One writer per JSON log]; outlives the stream below
     std::unique_ptr<std::ofstream> log_json;
     bool eval_logged_at_first = false;  // the JSON log holds the evaluation after step first_step
     if (!o->log_json.empty() && writer) {
+      log_json_lock.take(o->log_json);
       if (append_log && std::filesystem::is_regular_file(o->log_json)) {  // not a pipe (Python's records)
         // A run killed after its last checkpoint logged steps this resume runs again: its
         // records past first_step go (and a torn last line), so each step is in the log once.
@@ -1215,6 +1262,7 @@ Runner add_train(CLI::App& app) {
           // The file itself, where a link (logs/latest.jsonl -> run1.jsonl) names it: the
           // link stays a link (pass 54: it became a copy, and run1.jsonl kept its records).
           write_file_atomic(std::filesystem::weakly_canonical(std::filesystem::absolute(o->log_json)), kept_lines);
+          log_json_lock.take(o->log_json);  // the new file in its place
           log_info("--log-json {}: {} record{} past step {} removed (this run logs those steps again)", o->log_json,
                    dropped, dropped == 1 ? "" : "s", first_step);
         }
