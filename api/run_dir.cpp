@@ -610,6 +610,8 @@ OpenedCheckpoint open_checkpoint(const fs::path& dir, bool verify) {
 
 fs::path resolve_model_dir(const fs::path& dir) { return open_checkpoint(dir, false).dir; }
 
+void release_read_pin(const fs::path& dir) { unpin_run(dir); }
+
 void remove_run(const fs::path& dir) {
   ZO2_CHECK(RunDirLock::held(dir));
   std::error_code ec;

@@ -111,6 +111,11 @@ OpenedCheckpoint open_checkpoint(const std::filesystem::path& dir, bool verify_c
 // fp32) and a state that names none.
 std::vector<std::string> checkpoint_roundings(const nlohmann::json& state, DType storage);
 
+// Lets go of the step directory of the run DIR this process holds for reading (Note
+// [Readers of a live run] in run_dir.cpp), if any: for the ranks of a run, which have its
+// weights in memory and must not keep its saves from removing the checkpoint they resumed.
+void release_read_pin(const std::filesystem::path& dir);
+
 // open_checkpoint(dir).dir: what --model DIR means for every loader.
 std::filesystem::path resolve_model_dir(const std::filesystem::path& dir);
 

@@ -1400,6 +1400,9 @@ Runner add_train(CLI::App& app) {
     // tearing its session down first — that could wait on peers that will never answer.
     auto session_owner = std::make_unique<Session>(model_dir, sc);
     Session& session = *session_owner;
+    // Every rank of a run has its weights in memory now: none holds the checkpoint it resumed
+    // from, or the run's first save could not remove it (Note [Readers of a live run]).
+    release_read_pin(out);
     struct KeepOnRankError {
       std::unique_ptr<Session>& session;
       bool ranks;

@@ -112,6 +112,10 @@ done_steps=$(python3 -c "import json;print(json.load(open('killed/zo2_state.json
              python3 -c "import json,glob;print(json.load(open(glob.glob('killed/current/zo2_state.json')[0]))['step'])")
 mpi 2 "$tune" train --resume killed --out killed --steps $((done_steps + 3)) --device cpu --threads 1 -q --parallel data=2
 echo "ok: the last checkpoint (step $done_steps) resumes"
+# No rank holds the checkpoint it resumed from (Note [Readers of a live run]): the save
+# removed it, as it does in one process.
+steps_left=$(find killed -maxdepth 1 -type d -name 'step-*' | wc -l)
+[ "$steps_left" -eq 1 ] || { ls -la killed; fail "the resumed run keeps $steps_left step directories"; }
 set +e
 mpi 2 "$tune" train --resume killed --out killed --steps $((done_steps + 6)) --device cpu --threads 1 -q \
   --parallel perturbation=2 >relayout.log 2>&1
