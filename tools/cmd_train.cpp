@@ -1400,9 +1400,6 @@ Runner add_train(CLI::App& app) {
     // tearing its session down first — that could wait on peers that will never answer.
     auto session_owner = std::make_unique<Session>(model_dir, sc);
     Session& session = *session_owner;
-    // Every rank of a run has its weights in memory now: none holds the checkpoint it resumed
-    // from, or the run's first save could not remove it (Note [Readers of a live run]).
-    release_read_pin(out);
     struct KeepOnRankError {
       std::unique_ptr<Session>& session;
       bool ranks;
@@ -1456,6 +1453,10 @@ Runner add_train(CLI::App& app) {
     const std::filesystem::path tokenizer_src =
         o->data_flags.tokenizer.empty() ? resolve_model_dir(model_dir) : std::filesystem::path(o->data_flags.tokenizer);
     const auto tokenizer_files = read_tokenizer_files(tokenizer_src);
+    // Every rank of the run has its weights and tokenizer in memory now: none holds the
+    // checkpoint it resumed from, or the run's saves could not remove it (Note [Readers of a
+    // live run]).
+    release_read_pin(out);
     // Note [An interrupted evaluation]: a stop during the evaluation after step N ends it
     // unrecorded; the checkpoint of step N says it is owed and a resume runs it first.
     std::int64_t eval_owed = -1;
