@@ -101,19 +101,18 @@ void unpin_run(const fs::path& dir) {
   }
 }
 
-// Removes a superseded step directory of a run unless a reader holds it; false if kept.
-bool remove_step_dir(const fs::path& p) {
+// Removes a superseded step directory of a run unless a reader holds it.
+void remove_step_dir(const fs::path& p) {
   std::error_code ec;
   const int fd = ::open(p.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
   if (fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
     ::close(fd);
     log_info("{}: kept for now: another process is reading this checkpoint; a later save removes it", p.string());
-    return false;
+    return;
   }
   fs::remove_all(p, ec);
   if (fd >= 0) ::close(fd);
   if (ec) log_warn("{}: cannot remove ({}); remove it by hand", p.string(), ec.message());
-  return true;
 }
 
 }  // namespace
@@ -362,7 +361,7 @@ void clean_run_dir(const fs::path& dir) {
   unpin_run(dir);  // this process writes DIR now (Note [Readers of a live run])
   for (const auto& p : doomed) {
     if (is_step_dir_name(p.filename().string())) {  // a previous checkpoint: kept while read
-      (void)remove_step_dir(p);
+      remove_step_dir(p);
       continue;
     }
     log_debug("{}: removing what an interrupted save left", p.string());
@@ -520,7 +519,7 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
     std::error_code e2;
     if (n != name && is_step_dir_name(n) && e.is_directory(e2) && !e.is_symlink(e2)) superseded.push_back(e.path());
   }
-  for (const auto& p : superseded) (void)remove_step_dir(p);
+  for (const auto& p : superseded) remove_step_dir(p);
 }
 
 std::vector<std::string> checkpoint_roundings(const nlohmann::json& state, DType storage) {
