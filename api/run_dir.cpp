@@ -76,10 +76,10 @@ Pin pin_step(const fs::path& dir, const std::string& step) {
   }
   const int fd = ::open((dir / step).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return errno == ENOENT ? Pin::gone : Pin::unpinnable;
-  if (::flock(fd, LOCK_SH | LOCK_NB) != 0) {
-    const int e = errno;
+  if (const FileLock l = try_lock_file(fd, false, dir / step, "a save removing this checkpoint while it is read");
+      l != FileLock::held) {
     ::close(fd);
-    return e == EWOULDBLOCK ? Pin::gone : Pin::unpinnable;  // the writer is removing it
+    return l == FileLock::busy ? Pin::gone : Pin::unpinnable;  // busy: the writer is removing it
   }
   struct stat st {};
   if (::fstat(fd, &st) == 0 && st.st_nlink == 0) {  // removed between the open and the lock
@@ -404,17 +404,14 @@ RunDirLock::RunDirLock(const fs::path& dir) {
   }
   const fs::path file = dir / kRunLockFile;
   fd_ = open_own_file(file, O_RDWR | O_CREAT);
-  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
-    const int e = errno;
+  if (try_lock_file(fd_, true, file, "a second zo2 process writing this run directory") == FileLock::busy) {
     const std::string pid = pid_of_lock(fd_);
     ::close(fd_);
     fd_ = -1;
-    if (e == EWOULDBLOCK)
-      fail(ErrorKind::io,
-           "{}: another zo2 process (pid {}) is writing this directory (it holds {}); two writers would mix their "
-           "checkpoints and seed logs — wait for it, or choose another --out",
-           dir.string(), pid, file.string());
-    fail(ErrorKind::io, "{}: cannot lock: {}", file.string(), std::strerror(e));
+    fail(ErrorKind::io,
+         "{}: another zo2 process (pid {}) is writing this directory (it holds {}); two writers would mix their "
+         "checkpoints and seed logs — wait for it, or choose another --out",
+         dir.string(), pid, file.string());
   }
   const std::string me = fmt::format("{}\n", ::getpid());
   if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, me.data(), me.size(), 0) < 0) {

@@ -27,7 +27,8 @@
 //   The disk tier (DESIGN.md §12, issue 21) moves block images between pinned RAM and a
 //   file under --disk-dir; its step time is bound by the disk as the streamed window's is by
 //   the link. `zo2-bench --disk-probe` measures that disk instead of sweeping: through the
-//   disk tier's own path (io_uring, O_DIRECT so the page cache does not flatter a read;
+//   disk tier's own path (io_uring — or threads where it is refused, or --disk-io says so:
+//   Note [Disk I/O without io_uring] — O_DIRECT so the page cache does not flatter a read;
 //   nothing else is dropped), a file of --disk-probe-bytes written (to an fdatasync), read,
 //   and half read while the other half is written (the direction done first starts over,
 //   so neither runs alone), with --disk-probe-queue-depth requests of
@@ -284,6 +285,7 @@ json disk_json(const zo2::DiskRates& d) {
               {"dir", d.dir.string()},
               {"filesystem", d.filesystem},
               {"direct", d.direct},
+              {"io", std::string(zo2::disk_io_name(d.io))},
               {"bytes", d.bytes},
               {"request_bytes", d.request_bytes},
               {"queue_depth", d.queue_depth},
@@ -295,8 +297,9 @@ json disk_json(const zo2::DiskRates& d) {
 
 std::string disk_table(const zo2::DiskRates& d) {
   std::string t = fmt::format(
-      "disk probe: {} ({}, {}), a {} file, {} requests, queue depth {} per direction, best of 3\n\n",
+      "disk probe: {} ({}, {}, {}), a {} file, {} requests, queue depth {} per direction, best of 3\n\n",
       d.dir.string(), d.filesystem, d.direct ? "O_DIRECT" : "buffered: the page cache, not the disk",
+      d.io == zo2::DiskIo::threads ? "threads" : "io_uring",
       zo2::format_bytes(static_cast<double>(d.bytes)), zo2::format_bytes(static_cast<double>(d.request_bytes)),
       d.queue_depth);
   t += "| pattern | write GB/s | read GB/s |\n|---|---|---|\n";
@@ -328,6 +331,7 @@ int g_directions = 1;
 // weights capped at g_host_mem, the rest in a block file under g_disk_dir.
 std::size_t g_host_mem = 0;
 std::string g_disk_dir;
+zo2::DiskIo g_disk_io = zo2::DiskIo::automatic;  // --disk-io
 int g_disk_lag = 1, g_disk_staging = 0;
 bool g_sliced = false;
 std::int64_t g_tile = 0;  // Note [Sub-block streaming]: --tile auto (0) | off (−1) | bytes
@@ -395,6 +399,7 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
   }
   sc.host_mem = g_host_mem;
   if (g_host_mem > 0) sc.disk_dir = g_disk_dir;
+  sc.disk_file.io = g_disk_io;
   sc.disk_lag = g_disk_lag;
   sc.disk_staging = g_disk_staging;
   sc.tile = g_tile;
@@ -681,7 +686,13 @@ int main(int argc, char** argv) {
   unsigned disk_probe_qd = 16;
   app.add_flag("--disk-probe", disk_probe,
                "measure the disk under --disk-dir instead of sweeping (Note [Disk probe]): sequential write, read and "
-               "both at once through io_uring with O_DIRECT");
+               "both at once through io_uring (or --disk-io) with O_DIRECT");
+  std::string disk_io = "auto";
+  app.add_option("--disk-io", disk_io,
+                 "how the disk tier and --disk-probe move bytes: auto (io_uring, else threads where a container or the "
+                 "kernel refuses it), io_uring, threads")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "io_uring", "threads"}));
   app.add_option("--disk-dir", disk_dir,
                  "with --disk-probe: a directory on the disk to measure; with --host-mem: the disk tier's directory")
       ->capture_default_str();
@@ -777,9 +788,11 @@ int main(int argc, char** argv) {
         if (app.get_option(flag)->count() > 0)
           zo2::fail(zo2::ErrorKind::invalid_argument, "{} is for training rows, not --generate", flag);
     }
+    g_disk_io = zo2::parse_disk_io(disk_io);
     if (disk_probe) {
       const zo2::DiskRates d = zo2::probe_disk(disk_dir, zo2::parse_byte_size(disk_probe_bytes),
-                                               zo2::parse_byte_size(disk_probe_request), disk_probe_qd);
+                                               zo2::parse_byte_size(disk_probe_request), disk_probe_qd,
+                                               zo2::parse_disk_io(disk_io));
       const std::string table = disk_table(d);
       fmt::print("{}", table);
       if (!quiet) zo2::print_stderr("{}\n", disk_json(d).dump());
@@ -915,8 +928,9 @@ int main(int argc, char** argv) {
                                                                                           : device;
     mezo.steps = steps;
     mezo.warmup = warmup;
-    // The same CPU threads as zo2 (torch's own default can be 1 where OpenMP sees a quota).
-    mezo.threads = threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    // The same CPU threads as zo2's CPU device (torch's own default can be 1 where OpenMP
+    // sees a quota): the affinity mask's CPUs, at most the cgroup's quota.
+    mezo.threads = threads > 0 ? threads : zo2::default_threads();
     if (mezo_mode != "off") {
       mezo.scratch = need_scratch();
       mezo.script = script_path("mezo_torch.py");

@@ -258,8 +258,9 @@ typedef struct zo2_session_params {
                                  // exchange the rest (NCCL on CUDA; needs share_host_image). Default 0.
 
     // The disk tier (zo2-tune --host-mem; README "Models larger than host memory"): the streamed blocks that do not
-    // fit under host_mem_bytes live in one block file in disk_dir (a local SSD), read and written with io_uring.
-    // One process per disk_dir (a second is refused); one rank.
+    // fit under host_mem_bytes live in one block file in disk_dir (a local SSD), read and written with io_uring
+    // (with threads, and a warning, where a container's seccomp profile or the kernel refuses io_uring).
+    // One process per disk_dir (a second is refused; not on a file system that refuses file locks); one rank.
     uint64_t host_mem_bytes;     // host bytes the master weights may take; 0 = no cap (every block in RAM). Default 0.
     const char * disk_dir;       // directory of the block file; required when the blocks do not fit. Default NULL.
     int32_t  disk_lag;           // a disk block is written back once its image lags by this many updates, 1..1024

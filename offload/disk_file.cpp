@@ -1,4 +1,4 @@
-// BlockFile (disk_file.h): block images on disk through io_uring, and the disk probe.
+// BlockFile (disk_file.h): block images on disk through io_uring (or threads), and the disk probe.
 #include "offload/disk_file.h"
 #include "runtime/file_util.h"
 
@@ -9,7 +9,6 @@
 #include "runtime/log.h"
 
 #include <fcntl.h>
-#include <liburing.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
@@ -207,29 +206,6 @@ AlignedBytes aligned_bytes(std::size_t n) {
   return AlignedBytes(p);
 }
 
-// A ring of `entries` (the caller keeps at most that many requests in it).
-void ring_init(io_uring* ring, unsigned entries, const fs::path& path) {
-  const int r = io_uring_queue_init(entries, ring, 0);
-  if (r < 0)
-    fail(ErrorKind::io,
-         "{}: cannot set up io_uring ({} entries): {} (a kernel without io_uring, kernel.io_uring_disabled, or a "
-         "container's seccomp profile that blocks it)",
-         path.string(), entries, std::strerror(-r));
-}
-
-// io_uring_submit until the prepared entries are in; the transient refusals are retried.
-void ring_submit(io_uring* ring, const fs::path& path) {
-  for (int tries = 0;; ++tries) {
-    const int r = io_uring_submit(ring);
-    if (r > 0 || (r == 0 && io_uring_sq_ready(ring) == 0)) return;
-    if ((r == 0 || r == -EINTR || r == -EAGAIN || r == -EBUSY) && tries < 10000) {
-      std::this_thread::sleep_for(std::chrono::microseconds(100));
-      continue;
-    }
-    fail(ErrorKind::io, "{}: io_uring_submit: {}", path.string(), std::strerror(r < 0 ? -r : EAGAIN));
-  }
-}
-
 }  // namespace
 
 HostBuffer host_alloc_disk_aligned(std::size_t bytes) {
@@ -244,7 +220,7 @@ HostBuffer host_alloc_disk_aligned(std::size_t bytes) {
 // ---- BlockFile ----
 
 struct BlockFile::Impl {
-  // One request from submit to wait. Pointers to it are the io_uring user data, so it
+  // One request from submit to wait. Pointers to it are the queue's user data, so it
   // lives on the heap and never moves.
   struct Op {
     BlockOp kind = BlockOp::read;
@@ -275,9 +251,8 @@ struct BlockFile::Impl {
   BlockFileOptions options;
   std::size_t count = 0, block_bytes = 0, padded = 0;
   std::uint64_t stride = 0, first_image = kHeaderBytes;
-  io_uring ring{};
-  bool ring_ok = false;
-  unsigned kernel_requests = 0;  // SQEs submitted and not yet reaped
+  std::unique_ptr<IoQueue> queue;  // io_uring, or threads (Note [Disk I/O without io_uring])
+  unsigned kernel_requests = 0;     // requests submitted and not yet reaped
   AlignedBytes headers;          // queue_depth image headers, one per read/write in the kernel
   std::vector<int> free_headers;
   AlignedBytes scratch;          // one header for stored_step()
@@ -288,27 +263,15 @@ struct BlockFile::Impl {
   std::int64_t reads_submitted = 0, writes_submitted = 0;
 
   ~Impl() {
-    if (ring_ok) {
-      // The kernel may still write into the callers' buffers: let every request end.
-      while (kernel_requests > 0) {
-        io_uring_cqe* cqe = nullptr;
-        const int r = io_uring_wait_cqe(&ring, &cqe);
-        if (r == -EINTR) continue;
-        if (r < 0) break;
-        io_uring_cqe_seen(&ring, cqe);
-        --kernel_requests;
-      }
-      io_uring_queue_exit(&ring);
-    }
+    queue.reset();  // lets every request end: the kernel may still use the callers' buffers and the headers
     if (fd >= 0) ::close(fd);
   }
 
   std::byte* header(int slot) const { return headers.get() + static_cast<std::size_t>(slot) * kHeaderBytes; }
   std::uint64_t image_offset(std::size_t index) const { return first_image + index * stride; }
 
-  void setup_ring() {
-    ring_init(&ring, options.queue_depth, path);
-    ring_ok = true;
+  void setup_queue() {
+    queue = IoQueue::open(options.io, options.queue_depth, path);
     headers = aligned_bytes(std::size_t{options.queue_depth} * kHeaderBytes);
     for (int i = static_cast<int>(options.queue_depth) - 1; i >= 0; --i) free_headers.push_back(i);
     scratch = aligned_bytes(kHeaderBytes);
@@ -356,14 +319,10 @@ struct BlockFile::Impl {
         if (op.iov[k].iov_len == 0) n = k;
       }
     }
-    io_uring_sqe* sqe = io_uring_get_sqe(&ring);
-    ZO2_CHECK(sqe != nullptr);
     if (op.kind == BlockOp::write)
-      io_uring_prep_writev(sqe, fd, op.iov, n, op.offset + op.done);
+      queue->writev(fd, op.iov, n, op.offset + op.done, &op);
     else
-      io_uring_prep_readv(sqe, fd, op.iov, n, op.offset + op.done);
-    io_uring_sqe_set_data(sqe, &op);
-    ring_submit(&ring, path);
+      queue->readv(fd, op.iov, n, op.offset + op.done, &op);
     ++kernel_requests;
   }
 
@@ -374,11 +333,7 @@ struct BlockFile::Impl {
                                                 op.failed_write))));
       return;
     }
-    io_uring_sqe* sqe = io_uring_get_sqe(&ring);
-    ZO2_CHECK(sqe != nullptr);
-    io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
-    io_uring_sqe_set_data(sqe, &op);
-    ring_submit(&ring, path);
+    queue->fdatasync(fd, &op);
     ++kernel_requests;
   }
 
@@ -509,19 +464,11 @@ struct BlockFile::Impl {
 
   // Processes one completion; false when `block` is false and none is ready.
   bool reap(bool block) {
-    io_uring_cqe* cqe = nullptr;
-    for (;;) {
-      const int r = block ? io_uring_wait_cqe(&ring, &cqe) : io_uring_peek_cqe(&ring, &cqe);
-      if (r == -EINTR) continue;
-      if (r == -EAGAIN && !block) return false;
-      if (r < 0) fail(ErrorKind::io, "{}: waiting for io_uring completions: {}", path.string(), std::strerror(-r));
-      break;
-    }
-    Op* op = static_cast<Op*>(io_uring_cqe_get_data(cqe));
-    const int res = cqe->res;
-    io_uring_cqe_seen(&ring, cqe);
+    void* user = nullptr;
+    int res = 0;
+    if (!queue->next(&user, &res, block)) return false;
     --kernel_requests;
-    complete(*op, res);
+    complete(*static_cast<Op*>(user), res);
     pump();
     return true;
   }
@@ -596,7 +543,7 @@ BlockFile BlockFile::create(const fs::path& path, std::size_t count, std::size_t
     ::fsync(dfd);
     ::close(dfd);
   }
-  impl->setup_ring();
+  impl->setup_queue();
   return BlockFile(std::move(impl));
 }
 
@@ -630,7 +577,7 @@ BlockFile BlockFile::open(const fs::path& path, const BlockFileOptions& options)
   if (static_cast<std::uint64_t>(st.st_size) < size)
     fail(ErrorKind::format, "{}: {} bytes, but its {} images of {} need {} (truncated?)", path.string(), st.st_size,
          impl->count, impl->block_bytes, size);
-  impl->setup_ring();
+  impl->setup_queue();
   return BlockFile(std::move(impl));
 }
 
@@ -639,6 +586,7 @@ std::size_t BlockFile::count() const { return impl_->count; }
 std::size_t BlockFile::block_bytes() const { return impl_->block_bytes; }
 std::size_t BlockFile::padded_bytes() const { return impl_->padded; }
 bool BlockFile::direct() const { return impl_->direct; }
+DiskIo BlockFile::io() const { return impl_->queue->kind(); }
 std::uint64_t BlockFile::payload_offset(std::size_t index) const {
   if (index >= impl_->count)
     fail(ErrorKind::internal, "{}: image {} of {}", impl_->path.string(), index, impl_->count);
@@ -790,17 +738,13 @@ struct ProbeFile {
   }
 };
 
-struct ProbeRing {
-  io_uring ring{};
-  ~ProbeRing() { io_uring_queue_exit(&ring); }
-};
-
 struct PassTimes {
   double write_s = 0, read_s = 0;  // each direction's seconds to move its region once (0 = not run)
 };
 }  // namespace
 
-DiskRates probe_disk(const fs::path& dir, std::size_t bytes, std::size_t request_bytes, unsigned queue_depth) {
+DiskRates probe_disk(const fs::path& dir, std::size_t bytes, std::size_t request_bytes, unsigned queue_depth,
+                     DiskIo io) {
   if (request_bytes == 0 || request_bytes % kDiskAlignment != 0)
     fail(ErrorKind::invalid_argument, "disk probe: request size {} is not a positive multiple of {}", request_bytes,
          kDiskAlignment);
@@ -844,9 +788,10 @@ DiskRates probe_disk(const fs::path& dir, std::size_t bytes, std::size_t request
     auto* w = reinterpret_cast<std::uint64_t*>(wbuf.back().get());
     for (std::size_t k = 0; k < request_bytes / 8; ++k) w[k] = rng();
   }
-  ProbeRing pr;
-  ring_init(&pr.ring, 2 * queue_depth, file.path);
-  io_uring* ring = &pr.ring;
+  std::vector<iovec> iovs(2 * std::size_t{queue_depth});  // what a request hands over, one per slot
+  // Declared after the buffers: destroyed first, it lets every request end before they go.
+  const std::unique_ptr<IoQueue> queue = IoQueue::open(io, 2 * queue_depth, file.path);
+  r.io = queue->kind();
 
   // Writes over [w0, w1) and reads over [r0, r1) at once, queue_depth requests each. A
   // direction that has moved its region once while the other still runs starts over, so
@@ -879,15 +824,12 @@ DiskRates probe_disk(const fs::path& dir, std::size_t bytes, std::size_t request
     }
     auto issue = [&](Req& q) {
       const Side& s = sides[q.side];
-      std::byte* buf = (s.write ? wbuf : rbuf)[q.slot].get() + q.done;
-      io_uring_sqe* sqe = io_uring_get_sqe(ring);
-      ZO2_CHECK(sqe != nullptr);
-      const auto n = static_cast<unsigned>(request_bytes - q.done);
+      iovec& v = iovs[std::size_t{q.side} * queue_depth + q.slot];
+      v = {(s.write ? wbuf : rbuf)[q.slot].get() + q.done, request_bytes - q.done};
       if (s.write)
-        io_uring_prep_write(sqe, file.fd, buf, n, q.offset + q.done);
+        queue->writev(file.fd, &v, 1, q.offset + q.done, &q);
       else
-        io_uring_prep_read(sqe, file.fd, buf, n, q.offset + q.done);
-      io_uring_sqe_set_data(sqe, &q);
+        queue->readv(file.fd, &v, 1, q.offset + q.done, &q);
     };
     const auto t0 = Clock::now();
     for (;;) {
@@ -909,14 +851,10 @@ DiskRates probe_disk(const fs::path& dir, std::size_t bytes, std::size_t request
         }
       }
       if (sides[0].in_flight + sides[1].in_flight == 0) break;
-      ring_submit(ring, file.path);
-      io_uring_cqe* cqe = nullptr;
-      const int w = io_uring_wait_cqe(ring, &cqe);
-      if (w == -EINTR) continue;
-      if (w < 0) fail(ErrorKind::io, "{}: waiting for io_uring completions: {}", file.path.string(), std::strerror(-w));
-      Req& q = *static_cast<Req*>(io_uring_cqe_get_data(cqe));
-      const int res = cqe->res;
-      io_uring_cqe_seen(ring, cqe);
+      void* user = nullptr;
+      int res = 0;
+      queue->next(&user, &res, true);
+      Req& q = *static_cast<Req*>(user);
       Side& s = sides[q.side];
       if (res < 0 && res != -EINTR && res != -EAGAIN)
         fail(ErrorKind::io, "{}: {} {} at offset {}: {}", file.path.string(), s.write ? "writing" : "reading",

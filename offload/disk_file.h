@@ -12,6 +12,7 @@
 // alternately and trusts the valid one with the newer step: one image is rewritten at a
 // time, so a torn write costs only the write in progress.
 #pragma once
+#include "offload/io_queue.h"
 #include "runtime/device.h"
 
 #include <cstddef>
@@ -45,6 +46,8 @@ struct BlockFileOptions {
   std::int64_t test_fail_write_at = -1;
   std::int64_t test_fail_read_at = -1;
   bool test_refuse_direct = false;  // behave as if open(O_DIRECT) failed with EINVAL
+  // io_uring, else worker threads (Note [Disk I/O without io_uring]); tests and the probe pick one.
+  DiskIo io = DiskIo::automatic;
   // Tests: hand the kernel at most this many bytes per request (a multiple of 4096), so that
   // every read and write of an image completes short and its rest is resubmitted; 0 = off.
   std::size_t test_max_request = 0;
@@ -84,6 +87,7 @@ class BlockFile {
   std::size_t block_bytes() const;   // the bytes of one image that the checksum covers
   std::size_t padded_bytes() const;  // block_bytes rounded up to 4096: what a read or a write moves
   bool direct() const;               // false when the filesystem refused O_DIRECT (or options.direct)
+  DiskIo io() const;                 // io_uring or threads: what the queue under it is
   // Where image `index`'s payload begins in the file (after its header): for a reader of
   // part of an image through another descriptor, once no write of it is in flight.
   std::uint64_t payload_offset(std::size_t index) const;
@@ -139,10 +143,11 @@ struct DiskRates {
   bool direct = false;     // false: the filesystem refused O_DIRECT; the rates are the page cache's
   std::size_t bytes = 0, request_bytes = 0;
   unsigned queue_depth = 0;
+  DiskIo io = DiskIo::io_uring;  // what moved the bytes (io_uring, or threads where it is refused)
   double write_gb_s = 0, read_gb_s = 0;            // each alone
   double both_write_gb_s = 0, both_read_gb_s = 0;  // at once
 };
 DiskRates probe_disk(const std::filesystem::path& dir, std::size_t bytes, std::size_t request_bytes,
-                     unsigned queue_depth);
+                     unsigned queue_depth, DiskIo io = DiskIo::automatic);
 
 }  // namespace zo2

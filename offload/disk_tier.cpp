@@ -276,24 +276,22 @@ DiskTier::DiskTier(Device& device, const fs::path& dir, std::vector<std::int64_t
   // One process per directory: two would overwrite each other's images.
   const fs::path lock = dir / kDiskTierLock;
   const int lock_fd = open_own_file(lock, O_RDWR | O_CREAT);
-  if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
-    const int e = errno;
+  if (try_lock_file(lock_fd, true, lock, "a second process using this disk tier directory") == FileLock::busy) {
     char pid[32] = {};
     const ssize_t n = ::pread(lock_fd, pid, sizeof(pid) - 1, 0);
     ::close(lock_fd);
     std::string holder = n > 0 ? std::string(pid, static_cast<std::size_t>(n)) : "?";
     while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
-    if (e == EWOULDBLOCK && holder == std::to_string(::getpid()))  // flock is per open file: a session here
+    if (holder == std::to_string(::getpid()))  // flock is per open file: a session here
       fail(ErrorKind::io,
            "--disk-dir {}: another session of this process is using this directory for its disk tier; two sessions "
            "would overwrite each other's block images — give each its own directory",
            dir.string());
-    if (e == EWOULDBLOCK)  // a busy directory, as a busy --out: the machine's state, exit 1 (ZO2_ERR_IO)
-      fail(ErrorKind::io,
-           "--disk-dir {}: another zo2 process (pid {}) is using this directory for its disk tier; two runs would "
-           "overwrite each other's block images — choose another --disk-dir",
-           dir.string(), holder);
-    fail(ErrorKind::io, "{}: cannot lock: {}", lock.string(), std::strerror(e));
+    // A busy directory, as a busy --out: the machine's state, exit 1 (ZO2_ERR_IO).
+    fail(ErrorKind::io,
+         "--disk-dir {}: another zo2 process (pid {}) is using this directory for its disk tier; two runs would "
+         "overwrite each other's block images — choose another --disk-dir",
+         dir.string(), holder);
   }
   const std::string me = std::to_string(::getpid()) + "\n";
   if (::ftruncate(lock_fd, 0) != 0 || ::pwrite(lock_fd, me.data(), me.size(), 0) < 0) {

@@ -10,6 +10,9 @@
 #include <csignal>
 #include <cstring>
 #include <fcntl.h>
+#include <mutex>
+#include <set>
+#include <sys/file.h>
 #include <random>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -190,6 +193,31 @@ int open_own_file(const std::filesystem::path& path, int flags, unsigned mode) {
          path.string());
   }
   return fd;
+}
+
+FileLock try_lock_file(int fd, bool exclusive, const fs::path& path, std::string_view guards) {
+  int e = 0;
+  do e = ::flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0 ? 0 : errno;
+  while (e == EINTR);
+  if (e == 0) return FileLock::held;
+  if (e == EWOULDBLOCK) return FileLock::busy;
+  // Note [File systems without locks]: a warning once per file system (st_dev).
+  static std::mutex mu;
+  static std::set<dev_t> warned;
+  struct stat st {};
+  const dev_t dev = ::fstat(fd, &st) == 0 ? st.st_dev : dev_t{};
+  bool first = false;
+  {
+    std::lock_guard<std::mutex> g(mu);
+    first = warned.insert(dev).second;
+  }
+  if (first)
+    log_warn("{}: the file system refuses file locks ({}), so {} is not refused here; zo2 goes on unlocked (on "
+             "Lustre, mount with -o flock; on NFS, run the lock daemon)",
+             path.string(), std::strerror(e), guards);
+  else
+    log_debug("{}: no file lock ({}): {} is not refused here", path.string(), std::strerror(e), guards);
+  return FileLock::unsupported;
 }
 
 void write_file_atomic(const fs::path& path, std::string_view contents) {

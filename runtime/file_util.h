@@ -59,6 +59,23 @@ class AtomicFile {
 // descriptor (O_CLOEXEC); throws Error(io) naming the path and what is there.
 int open_own_file(const std::filesystem::path& path, int flags, unsigned mode = 0644);
 
+// Note [File systems without locks]
+// zo2 refuses a second writer with flock(2) locks: of a run directory (zo2.lock), a seed
+// log, a disk tier's directory, a JSON log, and the shared locks readers hold on a step
+// directory (Note [Readers of a live run]). Some file systems refuse locks altogether:
+// Lustre mounted without -o flock answers ENOSYS, NFS without a lock daemon ENOLCK, some
+// FUSE and network file systems EOPNOTSUPP or EINVAL. Failing there would keep zo2 off the
+// cluster file systems its users train on (adversarial pass 61: before, `train` stopped at
+// "zo2.lock: cannot lock: Function not implemented"). So a refused lock is a warning, once
+// per file system, naming the file and what is then not guarded, and the work goes on
+// unlocked, as HDF5's "ignore disabled file locks" does. Only EWOULDBLOCK — another open
+// file holds the lock — is a conflict. Within one process, the run directory's registry
+// still refuses a second writer there.
+enum class FileLock { held, busy, unsupported };
+// flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB). `path` and `guards` (what the lock
+// would have refused, e.g. "a second writer of this run directory") go into the warning.
+FileLock try_lock_file(int fd, bool exclusive, const std::filesystem::path& path, std::string_view guards);
+
 // Reads dst.size() bytes at `offset` of the open file `fd` (pread, EINTR retried, in pieces
 // the kernel takes). Returns the bytes read: fewer when the file ends first (another program
 // truncated it, say), which the caller turns into its own error. A read error is an

@@ -1,8 +1,10 @@
 // The disk tier's block file (offload/disk_file.h, Note [Block file format]): images come
-// back as written with the step they hold, reads and writes interleave through io_uring, a
-// torn or corrupt image is named by its block, misaligned buffers are refused, a full disk
-// stops a write with a message that names the file and says so, and a sync is ordered
-// after the writes before it.
+// back as written with the step they hold, reads and writes interleave through io_uring —
+// and through the worker threads that replace it where a container refuses io_uring (Note
+// [Disk I/O without io_uring]): the tests that move bytes run on both — a torn or corrupt
+// image is named by its block, misaligned buffers are refused, a full disk stops a write
+// with a message that names the file and says so, and a sync is ordered after the writes
+// before it.
 #include "offload/disk_file.h"
 #include "runtime/log.h"
 #include "tests/test_util.h"
@@ -10,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include <sys/statfs.h>
+#include <sys/syscall.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -27,6 +30,14 @@ namespace {
 namespace fs = std::filesystem;
 
 constexpr std::size_t kBlock = 10000;  // not a multiple of 4096: the padding is exercised
+
+// The two queues under a block file: every test that moves bytes runs on each.
+constexpr DiskIo kQueues[] = {DiskIo::io_uring, DiskIo::threads};
+BlockFileOptions on(DiskIo io) {
+  BlockFileOptions o;
+  o.io = io;
+  return o;
+}
 
 // The bytes image `index` holds in `round`.
 void fill(std::span<std::byte> buf, std::size_t index, int round) {
@@ -67,6 +78,7 @@ void round_trip(BlockFileOptions o) {
   const std::size_t n = 24;
   o.queue_depth = 4;  // fewer than the requests a round keeps open: submits wait for room
   BlockFile f = BlockFile::create(dir / "blocks.img", n, kBlock, o);
+  EXPECT_EQ(f.io(), o.io);
   EXPECT_TRUE(f.direct()) << "ext4 or tmpfs should take O_DIRECT";
   EXPECT_EQ(f.padded_bytes(), 12288u);
   std::vector<HostBuffer> wbuf, rbuf;
@@ -125,7 +137,7 @@ void round_trip(BlockFileOptions o) {
   }
   f.sync();
   // Reopened: every image holds round 2's bytes and step.
-  BlockFile g = BlockFile::open(dir / "blocks.img");
+  BlockFile g = BlockFile::open(dir / "blocks.img", on(o.io));
   EXPECT_EQ(g.count(), n);
   EXPECT_EQ(g.block_bytes(), kBlock);
   for (std::size_t i = 0; i < n; ++i) g.submit_read(i, span_of(rbuf[i]), 1000 + i);
@@ -136,23 +148,31 @@ void round_trip(BlockFileOptions o) {
   }
 }
 
-TEST(DiskFile, ImagesRoundTripThroughInterleavedAsyncReadsAndWrites) { round_trip({}); }
+TEST(DiskFile, ImagesRoundTripThroughInterleavedAsyncReadsAndWrites) {
+  for (DiskIo io : kQueues) {
+    SCOPED_TRACE(disk_io_name(io));
+    round_trip(on(io));
+  }
+}
 
 // Every request handed to the kernel in pieces (header alone, then the payload in parts;
 // or the header with part of the payload, then the rest): short transfers are resubmitted
 // from where they stopped, across the header/payload boundary.
 TEST(DiskFile, ShortTransfersAreResubmittedUntilTheImageIsWhole) {
-  for (std::size_t cap : {std::size_t{4096}, std::size_t{12288}}) {
-    SCOPED_TRACE(cap);
-    BlockFileOptions o;
-    o.test_max_request = cap;
-    round_trip(o);
-  }
+  for (DiskIo io : kQueues)
+    for (std::size_t cap : {std::size_t{4096}, std::size_t{12288}}) {
+      SCOPED_TRACE(fmt::format("{}, {}", disk_io_name(io), cap));
+      BlockFileOptions o = on(io);
+      o.test_max_request = cap;
+      round_trip(o);
+    }
 }
 
 TEST(DiskFile, PollReportsEachFinishedRequestOnce) {
+  for (DiskIo io : kQueues) {
+  SCOPED_TRACE(disk_io_name(io));
   test::TempDir dir;
-  BlockFile f = BlockFile::create(dir / "blocks.img", 8, kBlock);
+  BlockFile f = BlockFile::create(dir / "blocks.img", 8, kBlock, on(io));
   std::vector<HostBuffer> buf;
   for (std::size_t i = 0; i < 8; ++i) {
     buf.push_back(host_alloc_disk_aligned(kBlock));
@@ -165,12 +185,15 @@ TEST(DiskFile, PollReportsEachFinishedRequestOnce) {
   for (std::uint64_t t = 50; t < 58; ++t) EXPECT_EQ(seen.count(t), 1u) << t;
   EXPECT_EQ(f.in_flight(), 0u);
   for (std::uint64_t t = 50; t < 58; ++t) EXPECT_EQ(f.wait(t).index, t - 50);
+  }
 }
 
 // Note [Block file format]: a sync reaches the kernel only after the writes before it.
 TEST(DiskFile, SyncFinishesAfterEveryWriteSubmittedBeforeIt) {
+  for (DiskIo io : kQueues) {
+  SCOPED_TRACE(disk_io_name(io));
   test::TempDir dir;
-  BlockFileOptions o;
+  BlockFileOptions o = on(io);
   o.queue_depth = 2;
   BlockFile f = BlockFile::create(dir / "blocks.img", 6, kBlock, o);
   std::vector<HostBuffer> buf;
@@ -187,6 +210,7 @@ TEST(DiskFile, SyncFinishesAfterEveryWriteSubmittedBeforeIt) {
   // Nothing in flight: a sync starts at once.
   f.submit_sync(100);
   EXPECT_EQ(f.wait(100).op, BlockOp::sync);
+  }
 }
 
 TEST(DiskFile, TornOrCorruptImageIsNamedByItsIndex) {
@@ -284,9 +308,11 @@ TEST(DiskFile, MisalignedOrShortBuffersAreRefused) {
 }
 
 TEST(DiskFile, FullDiskStopsTheWriteNamingTheFileAndTheBlock) {
+  for (DiskIo io : kQueues) {
+  SCOPED_TRACE(disk_io_name(io));
   test::TempDir dir;
   const fs::path path = dir / "blocks.img";
-  BlockFileOptions o;
+  BlockFileOptions o = on(io);
   o.test_fail_write_at = 2;  // the third write completes with ENOSPC
   BlockFile f = BlockFile::create(path, 4, kBlock, o);
   HostBuffer buf = host_alloc_disk_aligned(kBlock);
@@ -311,6 +337,7 @@ TEST(DiskFile, FullDiskStopsTheWriteNamingTheFileAndTheBlock) {
   f.wait(11);
   f.sync();
   EXPECT_EQ(f.stored_step(2), std::optional<std::uint64_t>(4));
+  }
 }
 
 // A real ENOSPC from the kernel: tmpfs refuses a reservation beyond its size at once
@@ -335,8 +362,10 @@ TEST(DiskFile, FileLargerThanTheDiskIsRefusedAtCreate) {
 }
 
 TEST(DiskFile, ReadErrorNamesTheBlockAndOffset) {
+  for (DiskIo io : kQueues) {
+  SCOPED_TRACE(disk_io_name(io));
   test::TempDir dir;
-  BlockFileOptions o;
+  BlockFileOptions o = on(io);
   o.test_fail_read_at = 1;
   BlockFile f = BlockFile::create(dir / "blocks.img", 2, kBlock, o);
   HostBuffer buf = host_alloc_disk_aligned(kBlock);
@@ -349,6 +378,7 @@ TEST(DiskFile, ReadErrorNamesTheBlockAndOffset) {
   EXPECT_EQ(e.kind(), ErrorKind::io);
   EXPECT_NE(std::string(e.what()).find("reading block 1"), std::string::npos) << e.what();
   EXPECT_NE(std::string(e.what()).find("Input/output error"), std::string::npos) << e.what();
+  }
 }
 
 TEST(DiskFile, FallsBackToBufferedIoWithANoteWhereODirectIsRefused) {
@@ -390,8 +420,11 @@ TEST(DiskFile, OpenRefusesWhatIsNotABlockFile) {
 }
 
 TEST(DiskFile, ProbeMeasuresWriteReadAndBothAtOnce) {
+  for (DiskIo io : kQueues) {
+  SCOPED_TRACE(disk_io_name(io));
   test::TempDir dir;
-  const DiskRates r = probe_disk(dir.path(), std::size_t{8} << 20, std::size_t{1} << 20, 4);
+  const DiskRates r = probe_disk(dir.path(), std::size_t{8} << 20, std::size_t{1} << 20, 4, io);
+  EXPECT_EQ(r.io, io);
   EXPECT_EQ(r.bytes, std::size_t{8} << 20);
   EXPECT_EQ(r.queue_depth, 4u);
   EXPECT_GT(r.write_gb_s, 0);
@@ -401,6 +434,58 @@ TEST(DiskFile, ProbeMeasuresWriteReadAndBothAtOnce) {
   EXPECT_FALSE(r.filesystem.empty());
   EXPECT_TRUE(fs::is_empty(dir.path())) << "the probe removes its file";
   EXPECT_EQ(test::error_of([&] { probe_disk(dir.path(), 1 << 20, 1000, 4); }).kind(), ErrorKind::invalid_argument);
+  }
+}
+
+// Note [Disk I/O without io_uring]: where the kernel refuses io_uring_setup — as Docker's
+// and containerd's seccomp profiles do (EPERM), or a kernel without it (ENOSYS) — the block
+// file and the probe run on threads, with one warning that says why; asked for io_uring by
+// name, they say why not. In a child under a seccomp filter, as in such a container.
+TEST(DiskFile, WhereIoUringIsRefusedTheBlockFileAndTheProbeRunOnThreads) {
+  for (const auto& [err, text] : {std::pair{EPERM, "Operation not permitted"}, std::pair{ENOSYS, "Function not implemented"}}) {
+    SCOPED_TRACE(text);
+    test::TempDir dir;
+    const int rc = test::in_child([&, err = err, text = text] {
+      if (!test::deny_syscalls({{__NR_io_uring_setup, err}})) return 77;
+      std::vector<std::string> warnings;
+      log_set_sink([&](LogLevel level, std::string_view m) {
+        if (level == LogLevel::warn) warnings.emplace_back(m);
+      });
+      BlockFileOptions o;  // automatic
+      o.queue_depth = 4;
+      {
+        BlockFile f = BlockFile::create(dir / "blocks.img", 6, kBlock, o);
+        if (f.io() != DiskIo::threads) return 10;
+        HostBuffer w = host_alloc_disk_aligned(kBlock), r = host_alloc_disk_aligned(kBlock);
+        for (std::size_t i = 0; i < 6; ++i) {
+          fill(span_of(w), i, 1);
+          f.submit_write(i, span_of(w), 40 + i, i);
+          f.wait(i);
+        }
+        f.sync();
+        BlockFile g = BlockFile::open(dir / "blocks.img", o);
+        for (std::size_t i = 0; i < 6; ++i) {
+          g.submit_read(i, span_of(r), 100 + i);
+          if (g.wait(100 + i).step != 40 + i || !holds(span_of(r), i, 1)) return 11;
+        }
+      }
+      const DiskRates p = probe_disk(dir.path() / "", std::size_t{2} << 20, std::size_t{1} << 20, 2);
+      if (p.io != DiskIo::threads || p.read_gb_s <= 0) return 12;
+      // One warning for the process, naming the cause.
+      if (warnings.size() != 1) return 13;
+      if (warnings[0].find(text) == std::string::npos || warnings[0].find("threads instead") == std::string::npos ||
+          warnings[0].find("seccomp") == std::string::npos)
+        return 14;
+      // Asked for by name, io_uring is an error that says why.
+      o.io = DiskIo::io_uring;
+      const Error e = test::error_of([&] { BlockFile::open(dir / "blocks.img", o); });
+      if (e.kind() != ErrorKind::io || std::string(e.what()).find("cannot set up io_uring") == std::string::npos)
+        return 15;
+      return 0;
+    });
+    if (rc == 77) GTEST_SKIP() << "no seccomp filters here";
+    EXPECT_EQ(rc, 0);
+  }
 }
 
 }  // namespace

@@ -11,6 +11,8 @@
 #include "offload/planner.h"
 #include "runtime/checksum.h"
 #include "runtime/error.h"
+#include "runtime/file_util.h"
+#include "runtime/log.h"
 #include "zo/seed_log.h"
 #include "tests/reference_model.h"
 #include "tests/test_util.h"
@@ -19,6 +21,8 @@
 #include <fstream>
 #include <string>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 namespace zo2 {
@@ -310,6 +314,54 @@ void hook_failure_ends_the_log(bool disk) {
 TEST(SessionLog, AResultHookThatThrowsEndsTheSeedLogBeforeItsStepAndTheRunResumes) { hook_failure_ends_the_log(false); }
 
 TEST(SessionLog, AResultHookThatThrowsWithADiskTierNeitherHangsNorLosesTheResume) { hook_failure_ends_the_log(true); }
+
+// Note [File systems without locks] (adversarial pass 61): Lustre without -o flock (ENOSYS)
+// and NFS without a lock daemon (ENOLCK) refuse flock(2); every writer and reader used to stop
+// at "cannot lock". Now each goes on unlocked, with one warning per file system that says
+// what is not guarded; a lock another process holds is still a conflict (the parent, below).
+TEST(RunDir, WhereTheFileSystemRefusesLocksWritersAndReadersGoOnWithOneWarning) {
+  for (const auto& [err, text] : {std::pair{ENOSYS, "Function not implemented"}, std::pair{ENOLCK, "No locks available"}}) {
+    SCOPED_TRACE(text);
+    test::TempDir dir;
+    const fs::path run = dir / "run", log = dir / "seeds.jsonl", other = dir / "other";
+    const int rc = test::in_child([&, err = err, text = text] {
+      if (!test::deny_syscalls({{__NR_flock, err}})) return 77;
+      std::vector<std::string> warnings;
+      log_set_sink([&](LogLevel level, std::string_view m) {
+        if (level == LogLevel::warn) warnings.emplace_back(m);
+      });
+      {
+        RunDirLock lock(run);
+        if (!RunDirLock::held(run)) return 10;
+        // Within the process the registry still refuses a second writer.
+        if (test::error_of([&] { RunDirLock again(run); }).kind() != ErrorKind::io) return 11;
+        SeedLogHeader h;
+        h.run_seed = 3;
+        SeedLogWriter w(log, h, false);
+        RunDirLock lock2(other);
+      }
+      // One warning for the file system, naming the file, the cause and what is unguarded.
+      if (warnings.size() != 1) return 12;
+      if (warnings[0].find((run / "zo2.lock").string()) == std::string::npos ||
+          warnings[0].find(text) == std::string::npos ||
+          warnings[0].find("a second zo2 process writing this run directory is not refused") == std::string::npos)
+        return 13;
+      const int fd = ::open(log.c_str(), O_RDONLY | O_CLOEXEC);
+      const FileLock l = try_lock_file(fd, true, log, "test");
+      ::close(fd);
+      return l == FileLock::unsupported ? 0 : 14;
+    });
+    if (rc == 77) GTEST_SKIP() << "no seccomp filters here";
+    EXPECT_EQ(rc, 0);
+    // Where locks work, a held lock is a conflict and a free one is taken.
+    const int a = ::open(log.c_str(), O_RDONLY | O_CLOEXEC), b = ::open(log.c_str(), O_RDONLY | O_CLOEXEC);
+    EXPECT_EQ(try_lock_file(a, true, log, "test"), FileLock::held);
+    EXPECT_EQ(try_lock_file(b, false, log, "test"), FileLock::busy);
+    ::close(a);
+    EXPECT_EQ(try_lock_file(b, false, log, "test"), FileLock::held);
+    ::close(b);
+  }
+}
 
 // Note [Readers of a live run] (adversarial pass 60): `eval --model RUN` beside the run that
 // writes RUN failed when a save removed the step directory it was reading.

@@ -1,4 +1,5 @@
 #include "tests/test_util.h"
+#include "tests/fault/seccomp_deny.h"
 
 #include "runtime/dtype_convert.h"
 
@@ -93,6 +94,16 @@ int in_child(const std::function<int()>& fn) {
   int status = 0;
   if (child < 0 || ::waitpid(child, &status, 0) != child) return 97;
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+bool deny_syscalls(std::initializer_list<std::pair<long, int>> calls) {
+  std::vector<long> nrs;
+  std::vector<int> errs;
+  for (const auto& [nr, err] : calls) {
+    nrs.push_back(nr);
+    errs.push_back(err);
+  }
+  return zo2_deny_syscalls(nrs.data(), errs.data(), static_cast<int>(nrs.size())) == 0;
 }
 
 int run_command(const std::string& command, std::string* output) {

@@ -8,7 +8,9 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 namespace zo2::test {
 
@@ -65,6 +67,12 @@ int run_command(const std::string& command, std::string* output = nullptr);
 // an rlimit) and returns its result as the child's exit status: 98 when fn threw, 128 + the
 // signal when the child was killed.
 int in_child(const std::function<int()>& fn);
+
+// From now on, each call {number, errno} of this process and its children fails with that
+// errno, as a container's seccomp profile or a file system without the feature makes it
+// fail (tests/fault/seccomp_deny.h). Irreversible: call it in in_child. False where the
+// kernel has no seccomp filters (the test skips).
+bool deny_syscalls(std::initializer_list<std::pair<long, int>> calls);
 
 // Sets an environment variable for one scope and unsets it at the end (also when an
 // assertion returns early): the backends read their kernel switches (ZO2_CUDA_ATTENTION,

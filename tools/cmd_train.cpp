@@ -335,15 +335,18 @@ class JsonLogLock {
       return;
     const int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) return;  // the log's own open says why
-    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-      const int e = errno;
-      ::close(fd);
-      if (e == EWOULDBLOCK)
+    switch (try_lock_file(fd, true, file, "a second run writing this JSON log")) {
+      case FileLock::busy:
+        ::close(fd);
         fail(ErrorKind::io,
              "--log-json {}: another zo2-tune train is writing this JSON log; two runs would overwrite and mix each "
              "other's records: choose another file",
              log);
-      return;  // a file system without flock: unlocked, as before
+      case FileLock::unsupported:  // Note [File systems without locks]: unlocked
+        ::close(fd);
+        return;
+      case FileLock::held:
+        break;
     }
     if (fd_ >= 0) ::close(fd_);
     fd_ = fd;

@@ -221,16 +221,13 @@ void SeedLogWriter::open_locked() {
   fd_ = ::open(path_.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
   if (fd_ < 0)
     fail(ErrorKind::io, "{}: cannot open the seed log for appending: {}", path_.string(), std::strerror(errno));
-  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
-    const int e = errno;
+  if (try_lock_file(fd_, true, path_, "a second session writing this seed log") == FileLock::busy) {
     ::close(fd_);
     fd_ = -1;
-    if (e == EWOULDBLOCK)
-      fail(ErrorKind::io,
-           "{}: another session (in this process or another) is writing this seed log; two writers would cut and mix "
-           "each other's steps — close that session first, or give this one another seed log",
-           path_.string());
-    fail(ErrorKind::io, "{}: cannot lock the seed log: {}", path_.string(), std::strerror(e));
+    fail(ErrorKind::io,
+         "{}: another session (in this process or another) is writing this seed log; two writers would cut and mix "
+         "each other's steps — close that session first, or give this one another seed log",
+         path_.string());
   }
 }
 
