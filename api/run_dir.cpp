@@ -115,6 +115,31 @@ void remove_step_dir(const fs::path& p) {
   if (ec) log_warn("{}: cannot remove ({}); remove it by hand", p.string(), ec.message());
 }
 
+// Note [Run directories need links]
+//   A run directory's `current` and its top-level files are symbolic links (Note [Run
+//   directory]). Some file systems have none: exFAT and FAT (a USB drive), a CIFS/SMB share
+//   without the Unix extensions, some FUSE mounts; symlink(2) answers EPERM, EOPNOTSUPP or
+//   ENOSYS there. A run writing to one trained to its first save and failed there ("cannot
+//   link to current/config.json"), its hours of steps behind a directory no resume reads
+//   (adversarial pass 61). The writer now tries a link when it takes the directory, before
+//   any work, and says what to do.
+void require_links(const fs::path& dir) {
+  const fs::path probe = dir / fmt::format(".zo2-link-probe.tmp.{}", ::getpid());  // clean_run_dir removes a stray one
+  ::unlink(probe.c_str());
+  if (::symlink(kRunLockFile, probe.c_str()) == 0) {
+    ::unlink(probe.c_str());
+    return;
+  }
+  const int e = errno;
+  if (e == EPERM || e == EOPNOTSUPP || e == ENOSYS || e == EINVAL)
+    fail(ErrorKind::io,
+         "{}: cannot create a symbolic link there ({}): a run directory needs them (its 'current' link names the "
+         "newest checkpoint), and this file system has none (as exFAT, FAT and SMB shares without the Unix "
+         "extensions): choose a directory on another file system",
+         dir.string(), std::strerror(e));
+  fail(ErrorKind::io, "{}: cannot create a link there ({}), which a run directory needs", dir.string(), std::strerror(e));
+}
+
 }  // namespace
 
 void fsync_path(const fs::path& p, bool directory) {
@@ -422,6 +447,7 @@ RunDirLock::RunDirLock(const fs::path& dir) {
     held_locks().insert(key_);
   }
   try {
+    require_links(dir);
     clean_run_dir(dir);
   } catch (...) {
     std::lock_guard<std::mutex> g(g_locks_mu);

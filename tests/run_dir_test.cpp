@@ -363,6 +363,35 @@ TEST(RunDir, WhereTheFileSystemRefusesLocksWritersAndReadersGoOnWithOneWarning) 
   }
 }
 
+// Note [Run directories need links] (adversarial pass 61): on a file system without symbolic
+// links (exFAT, an SMB share) a run trained to its first save and failed there. The writer
+// now finds out when it takes the directory.
+TEST(RunDir, AFileSystemWithoutLinksIsRefusedWhenTheWriterTakesTheDirectory) {
+  test::TempDir dir;
+  const int rc = test::in_child([&] {
+#ifdef __NR_symlink
+    if (!test::deny_syscalls({{__NR_symlink, EPERM}, {__NR_symlinkat, EPERM}})) return 77;
+#else
+    if (!test::deny_syscalls({{__NR_symlinkat, EPERM}})) return 77;
+#endif
+    const Error e = test::error_of([&] { RunDirLock lock(dir / "run"); });
+    const std::string m = e.what();
+    if (e.kind() != ErrorKind::io) return 10;
+    if (m.find((dir / "run").string() + ": cannot create a symbolic link there (Operation not permitted)") ==
+            std::string::npos ||
+        m.find("choose a directory on another file system") == std::string::npos)
+      return 11;
+    if (RunDirLock::held(dir / "run")) return 12;
+    for (const auto& e2 : fs::directory_iterator(dir / "run"))
+      if (e2.path().filename() != "zo2.lock") return 13;  // no probe left behind
+    return 0;
+  });
+  if (rc == 77) GTEST_SKIP() << "no seccomp filters here";
+  EXPECT_EQ(rc, 0);
+  RunDirLock lock(dir / "run");  // where links work, the same directory is taken
+  EXPECT_TRUE(RunDirLock::held(dir / "run"));
+}
+
 // Note [Readers of a live run] (adversarial pass 60): `eval --model RUN` beside the run that
 // writes RUN failed when a save removed the step directory it was reading.
 TEST(RunDir, AStepDirectoryAnotherProcessReadsIsKeptUntilItIsDone) {

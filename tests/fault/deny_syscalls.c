@@ -23,6 +23,10 @@ static const struct named calls[] = {
     {"io_uring_setup", __NR_io_uring_setup},
     {"flock", __NR_flock},
     {"fallocate", __NR_fallocate},
+#ifdef __NR_symlink
+    {"symlink", __NR_symlink},
+#endif
+    {"symlinkat", __NR_symlinkat},
 };
 static const struct named errnos[] = {{"EPERM", EPERM},   {"ENOSYS", ENOSYS},         {"ENOLCK", ENOLCK},
                                       {"EINVAL", EINVAL}, {"EOPNOTSUPP", EOPNOTSUPP}, {"ENOMEM", ENOMEM}};

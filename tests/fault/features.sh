@@ -6,7 +6,9 @@
 # run there trains, resumes and evaluates to the unrestricted run's exact bytes, saying once
 # what it does instead (Note [Disk I/O without io_uring] in offload/io_queue.h, Note [File
 # systems without locks] in runtime/file_util.h); zo2-bench's disk probe runs too. Before,
-# train stopped at "cannot set up io_uring" or "zo2.lock: cannot lock".
+# train stopped at "cannot set up io_uring" or "zo2.lock: cannot lock". And a file system
+# without symbolic links (exFAT, an SMB share) is refused before the first step instead of
+# at the first save.
 # Usage: features.sh ZO2_TUNE WORK_DIR DENY_SYSCALLS [ZO2_BENCH]
 STEPS=6
 source "$(dirname "$0")/common.sh"
@@ -49,6 +51,14 @@ for lock_errno in ENOSYS ENOLCK; do
   "$T" -q eval --model ref --data data.safetensors --batch-size 8 >ref.eval
   cmp -s "$d.eval" ref.eval || bad "$lock_errno: eval says $(cat "$d.eval"), not $(cat ref.eval)"
 done
+
+# A file system without symbolic links (exFAT, an SMB share): refused before the first step,
+# not at the first save (Note [Run directories need links] in api/run_dir.cpp).
+"$DENY" symlink=EPERM symlinkat=EPERM -- "$T" -q train --model base $(flags nolinks) --out nolinks 2>nolinks.err &&
+  rc=0 || rc=$?
+[ "$rc" = 1 ] && grep -q "cannot create a symbolic link there (Operation not permitted)" nolinks.err ||
+  bad "a run directory without links: exit $rc: $(cat nolinks.err)"
+! grep -qs '"step"' nolinks.log || bad "a run directory without links: it trained before refusing"
 
 if [ -n "$BENCH" ]; then
   "$DENY" io_uring_setup=EPERM -- "$BENCH" --disk-probe --disk-dir . --disk-probe-bytes 8M -q >probe.out 2>probe.err &&
