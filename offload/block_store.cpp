@@ -45,11 +45,13 @@ WeightSet bind_weights(const ImageLayout& layout, void* base) {
   return w;
 }
 
-// Pinned memory cannot be swapped out: past MemAvailable the allocation fails or the kernel
-// starts killing processes, so refuse first, with the numbers.
+// Pinned memory cannot be swapped out: past MemAvailable (or a container's cgroup memory
+// limit: Note [Cgroup limits]) the allocation fails or the kernel starts killing processes,
+// so refuse first, with the numbers and where the available bytes come from.
 void check_host_memory(const ModelConfig& config, DType storage, std::int64_t images, const StateSpec& state) {
   const std::size_t need = host_store_bytes(config, storage, images, state);
-  const std::size_t available = host_memory_available();
+  const HostMemory host = host_memory();
+  const std::size_t available = host.available;
   if (need <= available) return;
   const std::size_t globals = globals_layout(config, storage).bytes();
   const std::size_t block = config.num_layers > 0 ? block_layout(config, 0, storage).bytes() : 0;
@@ -67,8 +69,7 @@ void check_host_memory(const ModelConfig& config, DType storage, std::int64_t im
                          : std::string(),
        images, format_bytes(static_cast<double>(block)), format_bytes(static_cast<double>(globals)),
        dtype_name(storage), format_bytes(static_cast<double>(need)), format_bytes(static_cast<double>(available)),
-       std::getenv("ZO2_HOST_MEM_AVAILABLE") != nullptr ? "ZO2_HOST_MEM_AVAILABLE" : "MemAvailable in /proc/meminfo",
-       hint);
+       host.source, hint);
 }
 
 std::int64_t DiskPlacement::count() const {

@@ -2,6 +2,7 @@
 
 #include "runtime/error.h"
 #include "runtime/file_util.h"
+#include "runtime/thread.h"
 #include "runtime/log.h"
 
 #include <fcntl.h>
@@ -394,7 +395,7 @@ DiskTier::DiskTier(Device& device, const fs::path& dir, std::vector<std::int64_t
       }
     }
   }
-  m.thread = std::thread([&m] { m.run(); });
+  m.thread = start_thread("the disk tier's I/O thread", [&m] { m.run(); });
 }
 
 bool DiskTier::reused() const { return impl_->reused; }

@@ -3,6 +3,7 @@
 
 #include "runtime/error.h"
 #include "runtime/log.h"
+#include "runtime/thread.h"
 
 #include <fmt/format.h>
 
@@ -117,15 +118,22 @@ class ThreadQueue final : public IoQueue {
   explicit ThreadQueue(unsigned depth) {
     // A few threads keep a disk busy with MiB-sized requests; more only contend.
     const unsigned n = std::clamp(depth, 1u, 8u);
-    for (unsigned i = 0; i < n; ++i) workers_.emplace_back([this] { work(); });
+    try {
+      for (unsigned i = 0; i < n; ++i) workers_.push_back(start_thread("a disk I/O worker thread", [this] { work(); }));
+    } catch (...) {
+      stop();  // the ones started must end before this object goes
+      throw;
+    }
   }
-  ~ThreadQueue() override {
+  ~ThreadQueue() override { stop(); }
+  void stop() {
     {
       std::lock_guard<std::mutex> g(mu_);
       stop_ = true;  // the workers finish what is queued first
     }
     todo_cv_.notify_all();
-    for (std::thread& t : workers_) t.join();
+    for (std::thread& t : workers_)
+      if (t.joinable()) t.join();
   }
   void readv(int fd, const iovec* iov, unsigned count, std::uint64_t offset, void* user) override {
     push({Kind::read, fd, iov, count, offset, user});

@@ -1,6 +1,7 @@
 #include "runtime/device.h"
 
 #include "runtime/arena.h"
+#include "runtime/cgroup.h"
 #include "runtime/common.h"
 #include "runtime/error.h"
 
@@ -11,6 +12,8 @@
 #include <thread>
 #include <vector>
 
+#include <fmt/format.h>
+#include <oneapi/tbb/info.h>
 #include <sys/resource.h>
 #include <unistd.h>
 #include <cstdlib>
@@ -102,7 +105,15 @@ HostBuffer host_alloc_aligned(std::size_t bytes) {
 std::size_t physical_memory_bytes() {
   const long pages = sysconf(_SC_PHYS_PAGES);
   const long page = sysconf(_SC_PAGE_SIZE);
-  return pages > 0 && page > 0 ? static_cast<std::size_t>(pages) * static_cast<std::size_t>(page) : 0;
+  const std::size_t ram = pages > 0 && page > 0 ? static_cast<std::size_t>(pages) * static_cast<std::size_t>(page) : 0;
+  const CgroupMemory cgroup = cgroup_memory();
+  return cgroup.tightest.set() && (ram == 0 || cgroup.tightest.limit < ram) ? cgroup.tightest.limit : ram;
+}
+
+int default_threads() {
+  const int pool = std::max(1, tbb::info::default_concurrency());
+  const CgroupCpuQuota quota = cgroup_cpu_quota();
+  return quota.cpus > 0 ? std::min(pool, quota.cpus) : pool;
 }
 
 std::size_t address_space_headroom() {
@@ -126,7 +137,7 @@ std::size_t address_space_headroom() {
 }
 
 std::size_t kernel_threads_address_space(int threads) {
-  const auto n = static_cast<std::size_t>(threads > 0 ? threads : std::max(1u, std::thread::hardware_concurrency()));
+  const auto n = static_cast<std::size_t>(threads > 0 ? threads : default_threads());
   return (n + kKernelCallingStreams) * kThreadAddressSpace;
 }
 
@@ -140,24 +151,35 @@ std::size_t cpu_default_arena_bytes(int threads) {
   return std::min(bytes, rest & ~std::size_t{4095});
 }
 
-std::size_t host_memory_available() {
+HostMemory host_memory() {
   if (const char* env = std::getenv("ZO2_HOST_MEM_AVAILABLE"); env != nullptr && *env != '\0') {
     try {
-      return parse_byte_size(env);
+      return {parse_byte_size(env), "ZO2_HOST_MEM_AVAILABLE"};
     } catch (const Error& e) {
       fail(ErrorKind::invalid_argument, "ZO2_HOST_MEM_AVAILABLE: {}", e.what());
     }
   }
+  HostMemory h;
   std::ifstream meminfo("/proc/meminfo");
   std::string key;
   std::uint64_t kib = 0;
   std::string unit;
   while (meminfo >> key >> kib) {
     std::getline(meminfo, unit);
-    if (key == "MemAvailable:") return static_cast<std::size_t>(kib) * 1024;
+    if (key == "MemAvailable:") {
+      h = {static_cast<std::size_t>(kib) * 1024, "MemAvailable in /proc/meminfo"};
+      break;
+    }
   }
-  return std::numeric_limits<std::size_t>::max();
+  // Note [Cgroup limits]: in a container MemAvailable is the host's.
+  if (const CgroupMemoryLimit& c = cgroup_memory().least_headroom; c.set() && c.headroom() < h.available)
+    h = {c.headroom(), fmt::format("the cgroup memory limit, {} in {}, less {} in use",
+                                   format_bytes(static_cast<double>(c.limit)), c.file,
+                                   format_bytes(static_cast<double>(c.used)))};
+  return h;
 }
+
+std::size_t host_memory_available() { return host_memory().available; }
 
 std::unique_ptr<Device> make_device(const DeviceOptions& options) {
   if (options.kind == DeviceKind::cpu) return cpu_make_device(options);

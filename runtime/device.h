@@ -192,8 +192,15 @@ class Device {
   virtual std::unique_ptr<DeviceGroup> make_group(std::unique_ptr<Comm> node);
 };
 
-// The machine's physical memory (sysconf), bytes; 0 when the system does not say.
+// The machine's physical memory (sysconf), or the process's cgroup memory limit where that
+// is smaller (Note [Cgroup limits], runtime/cgroup.h), bytes; 0 when neither says.
 std::size_t physical_memory_bytes();
+
+// The CPU backend's kernel threads when none are asked for: the threads TBB would run (the
+// CPUs of the process's affinity mask), or the cgroup's CPU quota rounded up where that is
+// fewer (docker --cpus=4 on a 64-core host: 4, not 64 threads throttled to 4 CPUs' time;
+// TBB itself does not read the quota). At least 1.
+int default_threads();
 
 // Note [Address-space limits]
 // `ulimit -v` (RLIMIT_AS, an HPC scheduler's h_vmem) and `ulimit -d` (RLIMIT_DATA) cap the
@@ -214,7 +221,7 @@ std::size_t physical_memory_bytes();
 inline constexpr std::size_t kThreadAddressSpace = std::size_t{200} << 20;  // BLAS 128 + malloc 64 + stack 8 MiB
 inline constexpr int kKernelCallingStreams = 3;  // the scheduler's upload, compute and offload streams
 
-// The address space set aside for the kernels of `threads` kernel threads (0 = all cores).
+// The address space set aside for the kernels of `threads` kernel threads (0 = default_threads()).
 std::size_t kernel_threads_address_space(int threads);
 
 // What the address-space limits (RLIMIT_AS, RLIMIT_DATA) leave this process to map, bytes;
@@ -227,10 +234,20 @@ std::size_t address_space_headroom();
 // it without a cap use it.
 std::size_t cpu_default_arena_bytes(int threads = 0);
 
-// Host memory a new allocation can take without swapping: /proc/meminfo's MemAvailable;
-// ZO2_HOST_MEM_AVAILABLE (a size such as 64G) overrides it — to cap zo2's host memory below
-// what the machine has, and for tests. SIZE_MAX where neither is known.
+// Host memory a new allocation can take without swapping: /proc/meminfo's MemAvailable, or
+// what the process's cgroup memory limit leaves where that is less (Note [Cgroup limits]:
+// past it the kernel's OOM killer ends the process without a word); ZO2_HOST_MEM_AVAILABLE
+// (a size such as 64G) overrides both — to cap zo2's host memory below what the machine has,
+// and for tests. SIZE_MAX where none is known.
 std::size_t host_memory_available();
+// The same, with where the number came from for messages: "ZO2_HOST_MEM_AVAILABLE",
+// "MemAvailable in /proc/meminfo" or "the cgroup memory limit, 256 MiB in
+// /sys/fs/cgroup/.../memory.max, less 20 MiB in use"; empty where nothing is known.
+struct HostMemory {
+  std::size_t available = SIZE_MAX;
+  std::string source;
+};
+HostMemory host_memory();
 
 // kind = cpu always works; cuda needs a CUDA build and a device (clear error otherwise).
 std::unique_ptr<Device> make_device(const DeviceOptions& options);

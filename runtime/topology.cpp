@@ -2,6 +2,8 @@
 // bind_rank applies the plan with hwloc's binding calls, reporting failures in the result.
 #include "runtime/topology.h"
 
+#include "runtime/cgroup.h"
+#include "runtime/device.h"
 #include "runtime/error.h"
 
 #include <fmt/format.h>
@@ -271,9 +273,18 @@ RankBinding bind_rank(int local_rank, int local_size, std::span<const std::strin
     b.local_rank = local_rank;
     b.local_size = local_size;
     if (!gpu_pci_bus_ids.empty()) b.gpu = local_rank % static_cast<int>(gpu_pci_bus_ids.size());
-    b.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local_size);
+    b.threads = std::max(1, default_threads() / local_size);
     add_note(b, e.what());
     return b;
+  }
+  // hwloc lists the cores of the affinity mask but not the cgroup's CPU quota, which the
+  // node's ranks share (Note [Cgroup limits]): more threads would only be throttled.
+  if (const CgroupCpuQuota quota = cgroup_cpu_quota();
+      quota.cpus > 0 && std::max(1, quota.cpus / local_size) < b.threads) {
+    b.threads = std::max(1, quota.cpus / local_size);
+    add_note(b, fmt::format("{} thread{}: the cgroup's CPU quota of {} CPU{} ({}){}", b.threads,
+                            b.threads == 1 ? "" : "s", quota.cpus, quota.cpus == 1 ? "" : "s", quota.file,
+                            local_size > 1 ? fmt::format(" shared by {} ranks", local_size) : std::string()));
   }
   if (!apply_binding) {
     add_note(b, "binding not asked for");

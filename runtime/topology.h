@@ -95,7 +95,9 @@ RankBinding plan_rank_binding(const NodeTopology& topology, int local_rank, int 
 
 // Reads this machine, plans local rank `local_rank` of `local_size`, and when `apply` binds
 // the process to the plan. Never fails for the machine's sake: when hwloc cannot read it,
-// the binding is unplanned (threads = hardware threads / local_size) and `note` says why.
+// the binding is unplanned (threads = default_threads() / local_size) and `note` says why.
+// Under a cgroup CPU quota the threads are at most the quota's CPUs / local_size (Note
+// [Cgroup limits]), and `note` says so.
 // Throws Error(invalid_argument) only for a rank outside [0, local_size).
 RankBinding bind_rank(int local_rank, int local_size, std::span<const std::string> gpu_pci_bus_ids,
                       bool apply);

@@ -6,6 +6,7 @@
 // with a message that names the file and says so, and a sync is ordered after the writes
 // before it.
 #include "offload/disk_file.h"
+#include "runtime/cpu/cpu_device.h"
 #include "runtime/log.h"
 #include "tests/test_util.h"
 
@@ -486,6 +487,38 @@ TEST(DiskFile, WhereIoUringIsRefusedTheBlockFileAndTheProbeRunOnThreads) {
     if (rc == 77) GTEST_SKIP() << "no seccomp filters here";
     EXPECT_EQ(rc, 0);
   }
+}
+
+}  // namespace
+}  // namespace zo2
+
+namespace zo2 {
+namespace {
+
+// Note [Thread limits] (runtime/thread.h): where the system refuses a thread (a pids limit,
+// ulimit -u) zo2's own threads — the CPU backend's streams, the disk I/O workers — fail with
+// an error naming the thread and the limits, not a bare "Resource temporarily unavailable",
+// and a pool cut short by a refusal ends the threads it started (no std::terminate). In a
+// child whose clone3 fails with EAGAIN, as pthread_create's does under a full pids limit.
+TEST(Threads, ARefusedThreadIsAnErrorThatNamesItAndTheLimits) {
+  test::TempDir dir;
+  const int rc = test::in_child([&] {
+    if (!test::deny_syscalls({{__NR_clone3, EAGAIN}})) return 77;
+    const auto says = [](const Error& e, std::string_view what) {
+      const std::string m = e.what();
+      return e.kind() == ErrorKind::out_of_memory && m.find(what) != std::string::npos &&
+             m.find("Resource temporarily unavailable") != std::string::npos && m.find("pids.max") != std::string::npos;
+    };
+    if (!says(test::error_of([&] { (void)IoQueue::open(DiskIo::threads, 4, dir / "f"); }), "a disk I/O worker thread"))
+      return 10;
+    // (The stream itself: a whole CPU device would first call OpenBLAS, whose own pool
+    // raises SIGINT when it cannot start a thread.)
+    if (!says(test::error_of([&] { cpu::CpuStream s("compute", 0, 0); }), "the CPU backend's stream 'compute'"))
+      return 11;
+    return 0;
+  });
+  if (rc == 77) GTEST_SKIP() << "no seccomp filters here";
+  EXPECT_EQ(rc, 0);
 }
 
 }  // namespace

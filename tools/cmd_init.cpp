@@ -11,6 +11,7 @@
 #include "runtime/arena.h"
 #include "runtime/error.h"
 #include "runtime/file_util.h"
+#include "runtime/thread.h"
 #include "runtime/log.h"
 #include "tools/cli.h"
 
@@ -129,7 +130,7 @@ Runner add_init(CLI::App& app) {
     std::thread progress;
     const auto start = std::chrono::steady_clock::now();
     if (total > (std::uint64_t{1} << 30)) {
-      progress = std::thread([&] {
+      progress = start_thread("init's progress thread", [&] {
         std::unique_lock lock(m);
         while (!cv.wait_for(lock, std::chrono::seconds(2), [&] { return finished; })) {
           const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

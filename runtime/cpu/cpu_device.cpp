@@ -1,5 +1,7 @@
 #include "runtime/cpu/cpu_device.h"
+#include "runtime/thread.h"
 
+#include "runtime/cgroup.h"
 #include "runtime/common.h"
 #include "runtime/device.h"
 #include "runtime/log.h"
@@ -77,7 +79,7 @@ void CpuEvent::wait_for(std::uint64_t generation) {
 
 CpuStream::CpuStream(std::string name, int copy_delay_us, double link_bytes_per_s)
     : name_(std::move(name)), copy_delay_us_(copy_delay_us), link_bytes_per_s_(link_bytes_per_s),
-      worker_([this] { run(); }) {}
+      worker_(start_thread(fmt::format("the CPU backend's stream '{}'", name_), [this] { run(); })) {}
 
 CpuStream::~CpuStream() {
   {
@@ -283,12 +285,20 @@ double emulated_link_bytes_per_s() {
 class CpuDevice final : public Device {
  public:
   explicit CpuDevice(const DeviceOptions& o) {
-    threads_ = o.threads > 0 ? o.threads : tbb::info::default_concurrency();
+    threads_ = o.threads > 0 ? o.threads : default_threads();
     copy_delay_us_ = o.debug_copy_delay_us;
     link_bytes_per_s_ = emulated_link_bytes_per_s();
-    if (o.threads > 0)
+    // A default below TBB's is the cgroup's CPU quota (Note [Cgroup limits]): TBB would still
+    // start a worker per CPU of the affinity mask, so its pool is capped like --threads.
+    const int pool = tbb::info::default_concurrency();
+    if (o.threads > 0 || threads_ < pool)
       control_ = std::make_unique<tbb::global_control>(
-          tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(o.threads));
+          tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(threads_));
+    if (o.threads <= 0 && threads_ < pool) {
+      const CgroupCpuQuota quota = cgroup_cpu_quota();
+      log_info("cpu device: {} kernel thread{}, not {}: the cgroup's CPU quota ({} us per {} us in {})", threads_,
+               threads_ == 1 ? "" : "s", pool, quota.quota_us, quota.period_us, quota.file);
+    }
     // Kernels split GEMMs across TBB themselves; OpenBLAS must not start its own threads.
     openblas_set_num_threads(1);
     cap_ = o.mem_cap > 0 ? o.mem_cap : cpu_default_arena_bytes(threads_);

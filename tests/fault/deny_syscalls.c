@@ -27,9 +27,11 @@ static const struct named calls[] = {
     {"symlink", __NR_symlink},
 #endif
     {"symlinkat", __NR_symlinkat},
+    {"clone3", __NR_clone3},
 };
 static const struct named errnos[] = {{"EPERM", EPERM},   {"ENOSYS", ENOSYS},         {"ENOLCK", ENOLCK},
-                                      {"EINVAL", EINVAL}, {"EOPNOTSUPP", EOPNOTSUPP}, {"ENOMEM", ENOMEM}};
+                                      {"EINVAL", EINVAL}, {"EOPNOTSUPP", EOPNOTSUPP}, {"ENOMEM", ENOMEM},
+                                      {"EAGAIN", EAGAIN}};
 
 static long lookup(const struct named* t, size_t n, const char* s, size_t len) {
   for (size_t i = 0; i < n; ++i)

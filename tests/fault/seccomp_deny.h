@@ -16,6 +16,9 @@
 #ifndef __NR_io_uring_setup
 #define __NR_io_uring_setup 425
 #endif
+#ifndef __NR_clone3
+#define __NR_clone3 435
+#endif
 
 #if defined(__x86_64__)
 #define ZO2_SECCOMP_ARCH AUDIT_ARCH_X86_64
