@@ -661,7 +661,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "all", "none"}));
   app.add_option("--steps", steps, "measured steps per row (their mean is reported)")->capture_default_str()->check(CLI::Range(1, 1 << 30));
   app.add_option("--warmup", warmup, "steps before measuring")->capture_default_str()->check(CLI::Range(0, 1 << 30));
-  app.add_option("--threads", threads, "CPU threads for zo2 and the PyTorch baseline (0 = all cores)")
+  app.add_option("--threads", threads, "CPU threads for zo2 and the PyTorch baseline (0 = the cores this process may use, at most its cgroup CPU quota)")
       ->capture_default_str();  // range: api/options.cpp, checked below with the device
   app.add_option("--seed", seed, "init and run seed")
       ->capture_default_str()

@@ -175,7 +175,7 @@ typedef struct zo2_session_params {
     int32_t  window;             // device slots for streamed blocks, 1..64 (≥ 3 overlaps all three streams). Default 3.
     const char * storage_dtype;  // weights in host memory and slots: "fp32", "bf16", "fp16", "fp8". Default "fp32".
     const char * compute_dtype;  // activations and GEMMs: "fp32", "bf16", "fp16". Default "fp32".
-    int32_t  n_threads;          // CPU threads for kernels, 0..65536; 0 = all cores. Default 0.
+    int32_t  n_threads;          // CPU threads for kernels, 0..65536; 0 = the cores the process may use (affinity, cgroup CPU quota). Default 0.
 
     // Capacity: the largest batch any step/eval of this session takes (activations are
     // allocated for it at init).

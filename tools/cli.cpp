@@ -219,7 +219,7 @@ void DeviceFlags::add(CLI::App& app) {
                      ->capture_default_str();
   app.add_option("--compute-dtype", compute, "compute dtype: fp32 (CPU), bf16 or fp16 (GPU)")
       ->capture_default_str();
-  app.add_option("--threads", threads, "CPU threads for kernels (0 = all cores)")->capture_default_str();
+  app.add_option("--threads", threads, "CPU threads for kernels (0 = the cores this process may use: its affinity mask, at most its cgroup CPU quota)")->capture_default_str();
   app.add_option("--host-mem", host_mem,
                  "host memory cap for the master weights, e.g. 64G: the streamed blocks beyond it live on disk "
                  "(--disk-dir); default: every block in RAM");

@@ -78,7 +78,7 @@ Runner add_merge(CLI::App& app) {
   app.add_flag("--overwrite", o->overwrite, "replace a checkpoint already in --out (never a training run's)");
   o->lora.add(app, /*training=*/false);
   o->dev.threads = 0;
-  app.add_option("--threads", o->dev.threads, "CPU threads (0 = all cores)")->capture_default_str();
+  app.add_option("--threads", o->dev.threads, "CPU threads (0 = the cores this process may use, at most its cgroup CPU quota)")->capture_default_str();
   o->dev.storage_flag =
       app.add_option("--storage-dtype", o->dev.storage,
                      "the base as the adapters saw it: fp32, bf16, fp16 or fp8 (default: the adapter run's own storage "
