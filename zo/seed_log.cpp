@@ -19,6 +19,8 @@
 #include <sys/stat.h>
 #include <fstream>
 #include <limits>
+#include <mutex>
+#include <set>
 #include <sstream>
 #include <unistd.h>
 
@@ -126,8 +128,7 @@ SeedLogWriter::SeedLogWriter(const std::filesystem::path& path, const SeedLogHea
   try {
     open(header, append, keep_until_step);
   } catch (...) {
-    if (fd_ >= 0) ::close(fd_);  // a refused open leaves no lock behind (no destructor runs)
-    fd_ = -1;
+    release();  // a refused open leaves no lock behind (no destructor runs)
     throw;
   }
 }
@@ -202,8 +203,25 @@ void SeedLogWriter::open(const SeedLogHeader& header, bool append, std::int64_t 
   check_still_ours();
 }
 
-SeedLogWriter::~SeedLogWriter() {
+SeedLogWriter::~SeedLogWriter() { release(); }
+
+namespace {
+// The logs this process's writers hold, by file (Note [One writer per seed log]).
+std::mutex g_live_logs_mu;
+std::set<std::pair<dev_t, ino_t>>& live_logs() {
+  static std::set<std::pair<dev_t, ino_t>> s;
+  return s;
+}
+}  // namespace
+
+void SeedLogWriter::release() {
+  if (registered_) {
+    std::lock_guard<std::mutex> g(g_live_logs_mu);
+    live_logs().erase(file_);
+    registered_ = false;
+  }
   if (fd_ >= 0) ::close(fd_);  // releases the lock
+  fd_ = -1;
 }
 
 // Note [One writer per seed log]
@@ -216,17 +234,36 @@ SeedLogWriter::~SeedLogWriter() {
 //   belong to the open file, so two sessions in one process exclude each other too, and
 //   closing any other descriptor of the file does not drop it. A CLI run's log is inside its
 //   run directory, which RunDirLock already guards; this covers logs the C API and Python
-//   name anywhere.
+//   name anywhere. Within one process a registry of the files the writers hold says so
+//   first, with what closes the other session (adversarial pass 61): a notebook cell that
+//   raised keeps its session alive through the traceback IPython holds, and the next cell's
+//   session on the same log met the lock; the registry also holds where the file system
+//   refuses locks (Note [File systems without locks]).
 void SeedLogWriter::open_locked() {
   fd_ = ::open(path_.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
   if (fd_ < 0)
     fail(ErrorKind::io, "{}: cannot open the seed log for appending: {}", path_.string(), std::strerror(errno));
+  if (struct stat st {}; ::fstat(fd_, &st) == 0) {
+    std::lock_guard<std::mutex> g(g_live_logs_mu);
+    if (live_logs().contains({st.st_dev, st.st_ino})) {
+      ::close(fd_);
+      fd_ = -1;
+      fail(ErrorKind::io,
+           "{}: another session of this process is writing this seed log; two writers would cut and mix each other's "
+           "steps — close that session first (zo2_session_free; from Python Session.close() or its with block — a "
+           "session that a caught exception's traceback still references, as a notebook keeps the last one, stays "
+           "open until that traceback is gone), or give this one another seed log",
+           path_.string());
+    }
+    file_ = {st.st_dev, st.st_ino};
+    live_logs().insert(file_);
+    registered_ = true;
+  }
   if (try_lock_file(fd_, true, path_, "a second session writing this seed log") == FileLock::busy) {
-    ::close(fd_);
-    fd_ = -1;
+    release();
     fail(ErrorKind::io,
-         "{}: another session (in this process or another) is writing this seed log; two writers would cut and mix "
-         "each other's steps — close that session first, or give this one another seed log",
+         "{}: another process is writing this seed log; two writers would cut and mix each other's steps — close "
+         "that session first, or give this one another seed log",
          path_.string());
   }
 }

@@ -19,9 +19,12 @@
 #include "models/peft.h"
 #include "zo/rule.h"
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace zo2 {
@@ -116,12 +119,15 @@ class SeedLogWriter {
   void check_still_ours() const;  // Note [The seed log stays this writer's]
   void open_locked();  // Note [One writer per seed log]
   void open(const SeedLogHeader& header, bool append, std::int64_t keep_until_step);  // the constructor's work
+  void release();      // closes the file (its lock) and leaves the process's registry
 
   std::filesystem::path path_;
   RuleConfig rule_;
   std::vector<std::string> loaded_as_;  // for the next entry (mark_next)
   std::string run_flags_;
   int fd_ = -1;
+  std::pair<dev_t, ino_t> file_{};  // what fd_ opened, in the registry when registered_
+  bool registered_ = false;
   SeedLogPosition pos_;
 };
 
