@@ -299,7 +299,7 @@ std::string disk_table(const zo2::DiskRates& d) {
   std::string t = fmt::format(
       "disk probe: {} ({}, {}, {}), a {} file, {} requests, queue depth {} per direction, best of 3\n\n",
       d.dir.string(), d.filesystem, d.direct ? "O_DIRECT" : "buffered: the page cache, not the disk",
-      d.io == zo2::DiskIo::threads ? "threads" : "io_uring",
+      zo2::disk_io_name(d.io),
       zo2::format_bytes(static_cast<double>(d.bytes)), zo2::format_bytes(static_cast<double>(d.request_bytes)),
       d.queue_depth);
   t += "| pattern | write GB/s | read GB/s |\n|---|---|---|\n";

@@ -29,6 +29,10 @@ namespace fs = std::filesystem;
 
 enum class Kind { read, write, sync };
 
+// The thread queue's workers for `depth` requests in flight: a few threads keep a disk busy
+// with MiB-sized requests; more only contend.
+unsigned thread_queue_workers(unsigned depth) { return std::clamp(depth, 1u, 8u); }
+
 // ---- io_uring ----
 
 class UringQueue final : public IoQueue {
@@ -54,16 +58,19 @@ class UringQueue final : public IoQueue {
     io_uring_queue_exit(&ring_);
   }
   void readv(int fd, const iovec* iov, unsigned count, std::uint64_t offset, void* user) override {
-    io_uring_prep_readv(sqe(), fd, iov, count, offset);
-    submit(user);
+    io_uring_sqe* s = sqe();
+    io_uring_prep_readv(s, fd, iov, count, offset);
+    submit(s, user);
   }
   void writev(int fd, const iovec* iov, unsigned count, std::uint64_t offset, void* user) override {
-    io_uring_prep_writev(sqe(), fd, iov, count, offset);
-    submit(user);
+    io_uring_sqe* s = sqe();
+    io_uring_prep_writev(s, fd, iov, count, offset);
+    submit(s, user);
   }
   void fdatasync(int fd, void* user) override {
-    io_uring_prep_fsync(sqe(), fd, IORING_FSYNC_DATASYNC);
-    submit(user);
+    io_uring_sqe* s = sqe();
+    io_uring_prep_fsync(s, fd, IORING_FSYNC_DATASYNC);
+    submit(s, user);
   }
   bool next(void** user, int* result, bool block) override {
     io_uring_cqe* cqe = nullptr;
@@ -86,12 +93,11 @@ class UringQueue final : public IoQueue {
   io_uring_sqe* sqe() {
     io_uring_sqe* s = io_uring_get_sqe(&ring_);
     ZO2_CHECK(s != nullptr);  // the caller keeps at most `depth` requests in flight
-    last_ = s;
     return s;
   }
   // io_uring_submit until the prepared entry is in; the transient refusals are retried.
-  void submit(void* user) {
-    io_uring_sqe_set_data(last_, user);  // the entry sqe() gave, just prepared
+  void submit(io_uring_sqe* s, void* user) {
+    io_uring_sqe_set_data(s, user);
     for (int tries = 0;; ++tries) {
       const int r = io_uring_submit(&ring_);
       if (r > 0 || (r == 0 && io_uring_sq_ready(&ring_) == 0)) break;
@@ -107,7 +113,6 @@ class UringQueue final : public IoQueue {
   fs::path path_;
   io_uring ring_{};
   bool ok_ = false;
-  io_uring_sqe* last_ = nullptr;
   unsigned in_flight_ = 0;
 };
 
@@ -116,8 +121,7 @@ class UringQueue final : public IoQueue {
 class ThreadQueue final : public IoQueue {
  public:
   explicit ThreadQueue(unsigned depth) {
-    // A few threads keep a disk busy with MiB-sized requests; more only contend.
-    const unsigned n = std::clamp(depth, 1u, 8u);
+    const unsigned n = thread_queue_workers(depth);
     try {
       for (unsigned i = 0; i < n; ++i) workers_.push_back(start_thread("a disk I/O worker thread", [this] { work(); }));
     } catch (...) {
@@ -126,15 +130,6 @@ class ThreadQueue final : public IoQueue {
     }
   }
   ~ThreadQueue() override { stop(); }
-  void stop() {
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      stop_ = true;  // the workers finish what is queued first
-    }
-    todo_cv_.notify_all();
-    for (std::thread& t : workers_)
-      if (t.joinable()) t.join();
-  }
   void readv(int fd, const iovec* iov, unsigned count, std::uint64_t offset, void* user) override {
     push({Kind::read, fd, iov, count, offset, user});
   }
@@ -154,6 +149,17 @@ class ThreadQueue final : public IoQueue {
   DiskIo kind() const override { return DiskIo::threads; }
 
  private:
+  // Lets the workers finish what is queued, then joins them.
+  void stop() {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      stop_ = true;  // the workers finish what is queued first
+    }
+    todo_cv_.notify_all();
+    for (std::thread& t : workers_)
+      if (t.joinable()) t.join();
+  }
+
   struct Request {
     Kind kind;
     int fd;
@@ -242,7 +248,7 @@ std::unique_ptr<IoQueue> IoQueue::open(DiskIo io, unsigned depth, const fs::path
   static std::atomic<bool> warned{false};
   if (!warned.exchange(true))
     log_warn("{}: {}; reading and writing with {} threads instead (the same bytes, a little more CPU)", path.string(),
-             why, std::clamp(depth, 1u, 8u));
+             why, thread_queue_workers(depth));
   else
     log_debug("{}: {}; threads instead", path.string(), why);
   return std::make_unique<ThreadQueue>(depth);

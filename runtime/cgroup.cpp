@@ -30,21 +30,17 @@ std::string_view trim(std::string_view s) {
   return s.substr(first, s.find_last_not_of(" \t\n") - first + 1);
 }
 
-std::optional<std::int64_t> parse_int(std::string_view s) {
+// The whole of `s` (spaces around it aside) as a T; nullopt otherwise.
+template <class T>
+std::optional<T> parse_number(std::string_view s) {
   s = trim(s);
-  std::int64_t v = 0;
+  T v = 0;
   const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
   if (ec != std::errc() || end != s.data() + s.size() || s.empty()) return std::nullopt;
   return v;
 }
-
-std::optional<std::uint64_t> parse_uint(std::string_view s) {
-  s = trim(s);
-  std::uint64_t v = 0;
-  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-  if (ec != std::errc() || end != s.data() + s.size() || s.empty()) return std::nullopt;
-  return v;
-}
+std::optional<std::int64_t> parse_int(std::string_view s) { return parse_number<std::int64_t>(s); }
+std::optional<std::uint64_t> parse_uint(std::string_view s) { return parse_number<std::uint64_t>(s); }
 
 std::vector<std::string_view> split(std::string_view s, char sep) {
   std::vector<std::string_view> parts;
