@@ -68,7 +68,10 @@ std::map<fs::path, ReadPin>& read_pins() {
 
 enum class Pin { held, unpinnable, gone };
 
+std::function<void(const std::string&)> g_current_read_hook;  // set_current_read_hook_for_testing
+
 Pin pin_step(const fs::path& dir, const std::string& step) {
+  if (g_current_read_hook) g_current_read_hook(step);
   const fs::path key = lock_key(dir);
   {
     std::lock_guard<std::mutex> g(g_pins_mu);
@@ -560,6 +563,10 @@ std::vector<std::string> checkpoint_roundings(const nlohmann::json& state, DType
   if (const auto s = state.find("save_dtype"); s != state.end())
     if (const auto d = narrow(*s)) out.push_back(*d);
   return out;
+}
+
+void set_current_read_hook_for_testing(std::function<void(const std::string& step)> hook) {
+  g_current_read_hook = std::move(hook);
 }
 
 OpenedCheckpoint open_checkpoint(const fs::path& dir, bool verify) {

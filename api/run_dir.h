@@ -116,6 +116,11 @@ std::vector<std::string> checkpoint_roundings(const nlohmann::json& state, DType
 // weights in memory and must not keep its saves from removing the checkpoint they resumed.
 void release_read_pin(const std::filesystem::path& dir);
 
+// For tests of Note [Readers of a live run]: called by open_checkpoint after each read of a
+// run's `current` link, with the step directory it names, before that directory is pinned —
+// where a save that moves `current` on and removes it lands in a real race. Empty: nothing.
+void set_current_read_hook_for_testing(std::function<void(const std::string& step)> hook);
+
 // open_checkpoint(dir).dir: what --model DIR means for every loader.
 std::filesystem::path resolve_model_dir(const std::filesystem::path& dir);
 

@@ -443,6 +443,33 @@ TEST(RunDir, AStepDirectoryAnotherProcessReadsIsKeptUntilItIsDone) {
   EXPECT_EQ(read_text(d / "model.safetensors"), "weights of step 7");
 }
 
+// Note [Readers of a live run]: a save lands between the reader's read of `current` and its
+// pin — it moves `current` on and removes the step directory the reader was about to take.
+// The reader reads the link again and takes the newer checkpoint (before, it failed: "names
+// RUN/step-N, which is missing: the run directory was damaged").
+TEST(RunDir, AReaderWhoseStepIsRemovedBeforeItsPinReadsCurrentAgain) {
+  test::TempDir tmp;
+  const fs::path d = tmp / "run";
+  publish_checkpoint(d, request(4, "weights of step 4"));
+  std::vector<std::string> reads;
+  set_current_read_hook_for_testing([&](const std::string& step) {
+    reads.push_back(step);
+    if (reads.size() == 1) {  // one save, as the writer makes it: step 4 goes, nobody pins it
+      publish_checkpoint(d, request(5, "weights of step 5"));
+      ASSERT_FALSE(fs::exists(d / step));
+    } else if (reads.size() == 2) {  // and another before the second read is pinned
+      publish_checkpoint(d, request(6, "weights of step 6"));
+    }
+  });
+  const OpenedCheckpoint o = open_checkpoint(d, /*verify_checksums=*/true);
+  set_current_read_hook_for_testing({});
+  EXPECT_EQ(reads, (std::vector<std::string>{"step-00000004", "step-00000005", "step-00000006"}));
+  EXPECT_EQ(o.dir, d / "step-00000006");
+  EXPECT_EQ(o.step, 6);
+  EXPECT_EQ(read_text(o.dir / "model.safetensors"), "weights of step 6");
+  release_read_pin(d);
+}
+
 TEST(RunDir, OneWriterAtATime) {
   test::TempDir tmp;
   const fs::path d = tmp / "run";
