@@ -76,7 +76,7 @@ IntRange range_of(Opt o, OptionSource src) {
     case Opt::steps: return {1, kMaxSteps, ""};
     case Opt::batch_size: return {1, kMaxBatch, ""};
     case Opt::window: return {1, kMaxWindow, ""};
-    case Opt::threads: return {0, kMaxThreads, " (0 = all cores)"};
+    case Opt::threads: return {0, kMaxThreads, " (0 = the cores this process may use)"};
     case Opt::warmup_steps: return {0, kMaxSteps, ""};
     case Opt::save_every: return {0, kMaxSteps, " (0 = only at the end)"};
     case Opt::eval_every: return {0, kMaxSteps, " (0 = only at the end)"};

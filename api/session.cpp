@@ -63,9 +63,12 @@ PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, Dev
   }
   if (kind == DeviceKind::cuda) r.backend_bytes = kCudaBackendBytes;  // cuBLAS workspace + kernel scratch
   if (kind == DeviceKind::cpu) {
-    // "Transfers" on the CPU backend are memcpy: roughly memory bandwidth per direction.
-    r.h2d_bytes_per_s = 10e9;
-    r.d2h_bytes_per_s = 10e9;
+    // "Transfers" on the CPU backend are memcpy: roughly memory bandwidth per direction, or
+    // the emulated link's rate where ZO2_CPU_LINK_GBPS sets one (pass 62: the prediction
+    // ignored it, 200× off at 0.05 GB/s).
+    const double link = cpu_emulated_link_bytes_per_s();
+    r.h2d_bytes_per_s = link > 0 ? link : 10e9;
+    r.d2h_bytes_per_s = link > 0 ? link : 10e9;
   }
   return r;
 }

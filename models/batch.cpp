@@ -4,6 +4,13 @@
 
 namespace zo2 {
 
+std::int64_t HostBatch::unpadded_tokens() const {
+  if (key_mask.empty()) return tokens();
+  std::int64_t n = 0;
+  for (auto m : key_mask) n += m != 0 ? 1 : 0;
+  return n;
+}
+
 std::int64_t HostBatch::target_count() const {
   std::int64_t n = 0;
   for (auto t : targets) n += t >= 0 ? 1 : 0;

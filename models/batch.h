@@ -23,7 +23,8 @@ struct HostBatch {
   // (1 if it is the group's correct candidate); groups are runs of consecutive sequences.
   // Empty: the loss is the mean next-token loss. See set_option_groups().
   std::vector<std::int32_t> option_info;
-  std::int64_t tokens() const { return static_cast<std::int64_t>(batch) * seq; }
+  std::int64_t tokens() const { return static_cast<std::int64_t>(batch) * seq; }  // B·T, padding included
+  std::int64_t unpadded_tokens() const;  // the positions whose mask is 1: the examples' own tokens
   std::int64_t target_count() const;
 };
 

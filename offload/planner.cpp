@@ -170,6 +170,14 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
     }
     fixed += p.gen_bytes + p.kv_device_bytes;
   }
+  // A disk tier (the host store over --host-mem: plan_tiers) keeps the projected gradients of
+  // its lagging images on the device (adversarial pass 62: left out, so a plan at its own
+  // minimum cap was refused by the run it planned, a few hundred bytes short).
+  if (r.host_mem > 0 && p.host_bytes + r.adapter_bytes + p.kv_host_bytes > r.host_mem) {
+    const std::size_t history = align_up(disk_history_bytes(std::max(1, r.disk_lag)));
+    p.batch_bytes += history;
+    fixed += history;
+  }
   p.minimum_cap = fixed + static_cast<std::size_t>(k_floor) * block;
   const std::size_t all_resident = fixed + static_cast<std::size_t>(L) * block;
   // Note [Sub-block streaming]: weight tiles when asked, or (auto) when the smallest window
@@ -376,7 +384,7 @@ std::string Placement::describe(const ModelConfig& config) const {
   line("activations and scratch", static_cast<double>(workspace_bytes));
   line("batch buffers", static_cast<double>(batch_bytes));
   if (logits_bytes) line("logits", static_cast<double>(logits_bytes));
-  if (adapter_bytes) line("LoRA adapters (+ state)", static_cast<double>(adapter_bytes));
+  if (adapter_bytes) line("adapters (+ state)", static_cast<double>(adapter_bytes));
   if (backend_bytes) line("cuBLAS and attention scratch", static_cast<double>(backend_bytes));
   if (gen_batch > 0) {
     if (kv_positions > 0) {

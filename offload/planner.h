@@ -175,6 +175,12 @@ struct Placement {
 // Floats a training step keeps on the device: loss slots and g_j for up to 64 directions,
 // and staging (offload/scheduler.h).
 inline constexpr int kStepScalars = 4 * 64;
+// The projected gradients a disk tier keeps on the device for its lagging images: the last
+// disk_lag + 1 steps' g_j for up to 64 directions (Note [Lagging disk images],
+// offload/scheduler.cpp). The planner counts them with the batch buffers.
+inline std::size_t disk_history_bytes(int disk_lag) {
+  return static_cast<std::size_t>(disk_lag + 1) * 64 * sizeof(float);
+}
 // Batch buffers on the device: ids, mask, positions, targets (int32), double-buffered.
 // Prefix tuning adds each slot's key mask over P + T rows.
 std::size_t batch_buffer_bytes(int batch, int seq, int prefix_tokens = 0);

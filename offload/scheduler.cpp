@@ -154,7 +154,8 @@ Scheduler::Scheduler(Device& device, BlockStore& store, const Placement& placeme
     for (std::int64_t i = 0; i < L; ++i)
       if (store.on_disk(i)) disk_step_[static_cast<std::size_t>(i)] = disk_->image_step(i);
     hist_depth_ = options_.disk_lag + 1;
-    const std::size_t bytes = static_cast<std::size_t>(hist_depth_) * RuleConfig::kMaxDirections * sizeof(float);
+    static_assert(RuleConfig::kMaxDirections == 64, "disk_history_bytes (offload/planner.h) counts 64 directions");
+    const std::size_t bytes = disk_history_bytes(options_.disk_lag);
     g_hist_ = arena.allocate(bytes, "projected gradients of the lagging disk images");
     compute_->memset(g_hist_.data(), 0, bytes);
   }

@@ -145,7 +145,7 @@ struct DeviceOptions {
   DeviceKind kind = DeviceKind::cpu;
   int index = 0;                // CUDA device ordinal
   std::size_t mem_cap = 0;      // arena bytes; 0 = the device's memory (CPU: physical RAM)
-  int threads = 0;              // CPU worker threads for kernels; 0 = all cores
+  int threads = 0;              // CPU worker threads for kernels; 0 = default_threads()
   int debug_copy_delay_us = 0;  // CPU backend, tests only: every async copy first sleeps this long
 };
 
@@ -256,6 +256,10 @@ DeviceOptions parse_device(std::string_view spec);
 
 // Backend entry points (runtime/cpu/, runtime/cuda/ or runtime/cuda_stub/).
 std::unique_ptr<Device> cpu_make_device(const DeviceOptions& options);
+// The CPU backend's emulated host↔device link, ZO2_CPU_LINK_GBPS in bytes/s (Note [Emulated
+// link], runtime/cpu/cpu_device.cpp); 0 when unset (copies at memory speed). A value that is
+// not a rate is Error(invalid_argument) naming it.
+double cpu_emulated_link_bytes_per_s();
 int cuda_device_count() noexcept;  // never throws: any error means zero devices
 // Each CUDA device's PCI bus id ("0000:17:00.0") by ordinal, for hwloc (runtime/topology.h);
 // empty without CUDA. Never throws.

@@ -40,14 +40,10 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"step"' in l]
 steady = rows[5:] or rows
 def mean(k): return sum(r[k] for r in steady) / len(steady)
-# Steady state: the log's rates are cumulative from the start (elapsed = step_time_s × steps
-# done), so difference them between step 5 and the last.
-t0, t1 = (rows[4], rows[-1]) if len(rows) > 5 else (rows[0], rows[-1])
-def elapsed(r): return r["step_time_s"] * r["step"]
-def tokens(r): return r["tokens_per_s"] * elapsed(r)
-span = elapsed(t1) - elapsed(t0)
-tok_s = (tokens(t1) - tokens(t0)) / span if span > 0 else t1["tokens_per_s"]
-step_s = span / (t1["step"] - t0["step"]) if t1["step"] > t0["step"] else t1["step_time_s"]
+# Steady state: each record's tokens and step_time_s are its own step's; sum them from step 6 on.
+span = sum(r["step_time_s"] for r in steady)
+tok_s = sum(r["tokens"] for r in steady) / span if span > 0 else steady[-1]["tokens_per_s"]
+step_s = span / len(steady)
 base = float(sys.argv[4])
 speed = f"{tok_s / base:.2f}×" if base > 0 else "1.00×"
 mb = lambda b: f"{b / 2**20:.1f} MB"

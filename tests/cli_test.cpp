@@ -3,11 +3,13 @@
 // the loss falling on a learnable task, and bad input refused before anything is written.
 #include "models/safetensors.h"
 #include "tests/test_util.h"
+#include "tools/cli.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <csignal>
 #include <limits>
@@ -15,6 +17,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/wait.h>
+#include <sstream>
 #include <thread>
 #include <tuple>
 #include <unistd.h>
@@ -378,6 +381,121 @@ TEST(Cli, LossFallsClearlyOnALearnableTask) {
     last += loss[loss.size() - 1 - static_cast<std::size_t>(i)];
   }
   EXPECT_LT(last, 0.9 * first) << "mean of the last 50 steps " << last / 50 << " vs first 50 " << first / 50;
+}
+
+// Note [The ETA] (tools/cli.h): the steps left, and each evaluation and save still due at what
+// those run so far took, never their time spread over the steps done.
+TEST(TrainEta, CountsTheEvaluationsAndSavesStillDueAtTheirOwnCost) {
+  cli::EtaInputs in;
+  in.steps = 60;
+  in.done = 21;
+  in.step_s = 0.1;
+  EXPECT_DOUBLE_EQ(cli::train_eta(in), 39 * 0.1);  // nothing else: the final save's cost is unknown yet
+  // A resume ran the evaluation it owed (10 s) before its first step: the evaluations after
+  // steps 40 and 60 are due, not 10 s for each step done (the old ETA: 39 × (0.1 + 10 / 1)).
+  in.evaluates = true;
+  in.eval_every = 20;
+  in.eval_seconds = 10;
+  in.evals_done = 1;
+  EXPECT_DOUBLE_EQ(cli::train_eta(in), 39 * 0.1 + 2 * 10.0);
+  // The step whose evaluation is next still has it ahead; the last step has the final one.
+  in.done = 40;
+  EXPECT_DOUBLE_EQ(cli::train_eta(in), 20 * 0.1 + 2 * 10.0);
+  in.done = 41;
+  EXPECT_DOUBLE_EQ(cli::train_eta(in), 19 * 0.1 + 10.0);
+  in.done = 60;
+  EXPECT_DOUBLE_EQ(cli::train_eta(in), 10.0);
+  // Before any evaluation ran: a forward pass (half a step) for each of its batches.
+  in.done = 1;
+  in.evals_done = 0;
+  in.eval_seconds = 0;
+  in.eval_batches = 50;
+  EXPECT_DOUBLE_EQ(cli::train_eta(in), 59 * 0.1 + 3 * (50 * 0.05));
+  // One that decodes is not estimated (eval_batches 0) until it has run.
+  in.eval_batches = 0;
+  EXPECT_DOUBLE_EQ(cli::train_eta(in), 59 * 0.1);
+  // Saves every 25 steps (after 25 and 50) and the final one, at 2 s each once one is measured.
+  in.evaluates = false;
+  in.save_every = 25;
+  in.saves_done = 2;
+  in.save_seconds = 4;
+  EXPECT_DOUBLE_EQ(cli::train_eta(in), 59 * 0.1 + 3 * 2.0);
+  in.done = 50;
+  EXPECT_DOUBLE_EQ(cli::train_eta(in), 10 * 0.1 + 2 * 2.0);
+  in.done = 51;
+  EXPECT_DOUBLE_EQ(cli::train_eta(in), 9 * 0.1 + 2.0);
+}
+
+// On the CPU backend the plan's transfer time is at the emulated link's rate where
+// ZO2_CPU_LINK_GBPS sets one (pass 62: always memory speed, 200× off at 0.05 GB/s).
+TEST(Cli, ThePlansTransferTimeIsAtTheEmulatedLinksRate) {
+  Workspace w;
+  std::string out;
+  const std::string plan = "plan --model " + w.model.string() +
+                           " --device cpu --gpu-mem 1M --batch-size 2 --seq-len 16 --offload all --json 2>/dev/null";
+  for (const double gbps : {0.05, 2.0}) {
+    out.clear();
+    ASSERT_EQ(test::run_command("env ZO2_CPU_LINK_GBPS=" + std::to_string(gbps) + " " + tune() + " " + plan, &out), 0)
+        << out;
+    const auto j = nlohmann::json::parse(out);
+    const double bytes = std::max(j.at("h2d_bytes_per_step").get<double>(), j.at("d2h_bytes_per_step").get<double>());
+    ASSERT_GT(bytes, 0) << out;
+    EXPECT_NEAR(j.at("predicted_transfer_s").get<double>(), bytes / (gbps * 1e9), 1e-9 * bytes / (gbps * 1e9)) << gbps;
+  }
+}
+
+// A step's tokens are its examples' own (padding left out), and each --log-json record's rate
+// and time are that step's (pass 62: B·T counted the padding, 3× the tokens on this data, and
+// the records carried the progress line's 32-step window).
+TEST(Cli, EachStepsRecordHasItsOwnTokensAndTimeWithoutThePadding) {
+  test::TempDir tmp;
+  const fs::path model = tmp / "text-model";
+  const fs::path data = tmp / "mixed.jsonl";
+  std::string out;
+  ASSERT_EQ(run("init --preset opt-micro --out " + model.string() + " --tokenizer " +
+                    (test::shared_dir() / "data" / "gpt2").string() + " -q", &out), 0) << out;
+  {
+    std::ofstream f(data);
+    f << R"({"text": "Hi there."})" "\n"
+      << R"({"text": "The soundtrack was dull. It was terrible. The soundtrack was dull. It was terrible. The soundtrack was dull."})" "\n"
+      << R"({"text": "Ok go"})" "\n"
+      << R"({"text": "The ending is lifeless."})" "\n";
+  }
+  // The examples' tokens, as `data` shows them (every step's batch holds all four).
+  std::int64_t expected_tokens = 0;
+  std::size_t longest = 0;
+  ASSERT_EQ(run("data --model " + model.string() + " --data " + data.string() + " --show 4 2>/dev/null", &out), 0) << out;
+  std::istringstream shown(out);
+  for (std::string line; std::getline(shown, line);) {
+    if (line.empty() || line[0] != '{') continue;
+    const auto ids = nlohmann::json::parse(line).at("sequences").at(0).at("ids");
+    expected_tokens += static_cast<std::int64_t>(ids.size());
+    longest = std::max(longest, ids.size());
+  }
+  ASSERT_GT(4 * static_cast<std::int64_t>(longest), 2 * expected_tokens) << "the data must pad much: " << out;
+  const fs::path log = tmp / "log.jsonl";
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_EQ(run("train --model " + model.string() + " --data " + data.string() + " --steps 3 --batch-size 4 --out " +
+                    (tmp / "run").string() + " --log-json " + log.string() + " -q", &out),
+            0)
+      << out;
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::ifstream in(log);
+  double stepping = 0;
+  int records = 0;
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (!j.contains("step")) continue;
+    ++records;
+    const auto n = j.at("tokens").get<std::int64_t>();
+    const double s = j.at("step_time_s").get<double>();
+    EXPECT_GT(s, 0) << line;
+    EXPECT_NEAR(j.at("tokens_per_s").get<double>(), static_cast<double>(n) / s, 1e-6 * static_cast<double>(n) / s) << line;
+    EXPECT_EQ(n, expected_tokens) << line;
+    stepping += s;
+  }
+  EXPECT_EQ(records, 3);
+  EXPECT_LE(stepping, wall) << "the steps' own times add up to at most the run's";
 }
 
 TEST(Cli, AnEvaluationShowsItsProgressOnATerminalAndNoLinesElsewhere) {

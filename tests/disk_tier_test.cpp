@@ -319,6 +319,27 @@ TEST_F(DiskTierSessions, WeightTilesFromDiskImagesGiveTheAllInRamBits) {
   }
 }
 
+// The plan of a disk-tier run counts what the run allocates on the device — the projected
+// gradients its lagging images may owe among them: a session capped at the plan's own
+// minimum runs, and its peak is the plan's to the byte (adversarial pass 62: they were left
+// out, and the run was refused "projected gradients of the lagging disk images" at that cap).
+TEST_F(DiskTierSessions, ASessionAtThePlansOwnMinimumCapRunsAndPeaksWhereThePlanSaid) {
+  for (int lag : {1, 64}) {
+    SCOPED_TRACE(fmt::format("--disk-lag {}", lag));
+    SessionConfig cfg = session(DType::f32, true, 1, lag);
+    const Placement wide = plan_placement(config, plan_request(config, cfg, DeviceKind::cpu, std::size_t{1} << 30));
+    ASSERT_GT(wide.disk_blocks, 0);
+    cfg.gpu_mem = wide.minimum_cap;
+    cfg.disk_dir += "-capped";
+    Session s(tmp / "model", cfg);
+    ASSERT_NE(s.store().disk(), nullptr);
+    EXPECT_EQ(s.placement().total_bytes, wide.minimum_cap);
+    const auto data = test::patterned_batches(s.config(), 2, kBatch, kSeq, 2, 5, 11);
+    for (int t = 0; t < 3; ++t) (void)s.wait(s.step_async(data[static_cast<std::size_t>(t) % data.size()], 3e-3f, 1e-3f, 0.f));
+    EXPECT_EQ(s.device_peak(), s.placement().total_bytes);
+  }
+}
+
 TEST_F(DiskTierSessions, AModelSixTimesHostMemTrainsThroughDiskWithTheAllInRamBits) {
   constexpr int kSteps = 9;
   const DiskRun ram = run(session(DType::f32, false, 0, 1), kSteps, 4);

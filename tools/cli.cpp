@@ -712,6 +712,19 @@ void EvalProgressLine::finish() {
   open_ = false;
 }
 
+double train_eta(const EtaInputs& in) {
+  // checkpoints k in [done, steps) with k % every == 0: those after the steps still to come
+  auto due = [&](std::int64_t every) {
+    return every > 0 && in.steps > 0 ? std::max<std::int64_t>(0, (in.steps - 1) / every - (in.done - 1) / every) : 0;
+  };
+  const double eval_s = in.evals_done > 0 ? in.eval_seconds / static_cast<double>(in.evals_done)
+                                          : static_cast<double>(in.eval_batches) * in.step_s / 2;
+  const double save_s = in.saves_done > 0 ? in.save_seconds / static_cast<double>(in.saves_done) : 0;
+  return in.step_s * static_cast<double>(std::max<std::int64_t>(0, in.steps - in.done)) +
+         (in.evaluates ? eval_s * static_cast<double>(due(in.eval_every) + 1) : 0) +
+         save_s * static_cast<double>(due(in.save_every) + 1);
+}
+
 std::string format_duration(double s) {
   if (!(s >= 0) || s > 1e9) return "?";
   const auto total = static_cast<long long>(s + 0.5);

@@ -232,6 +232,27 @@ void ensure_writable_dir(const std::filesystem::path& dir);
 bool stderr_is_terminal();
 std::string format_duration(double seconds);
 
+// Note [The ETA]
+// ~~~~~~~~~~~~~~
+// train's time to --steps after `done` steps: the steps left at `step_s` (the progress
+// window's step time), plus the evaluations and saves still due — every `eval_every`-th and
+// `save_every`-th step before the last (0: none), and the final one of each — each at the
+// mean of those this process ran. An evaluation not yet run counts as one forward pass (half
+// a step) per evaluation batch, unless it decodes (squad, drop: eval_batches 0), when it
+// counts from its first run; a save counts from its first. (Before, the time evaluations and
+// saves took was spread over the steps done: an evaluation owed at a resume made the first
+// ETAs many times too long, and none counted before the first ran: adversarial pass 62.)
+struct EtaInputs {
+  std::int64_t steps = 0, done = 0;
+  double step_s = 0;
+  bool evaluates = false;            // --eval given
+  std::int64_t eval_every = 0, save_every = 0;
+  std::int64_t eval_batches = 0;     // of one evaluation, for the estimate before one ran (0: none)
+  double eval_seconds = 0, save_seconds = 0;  // those run so far in this process, in all
+  std::int64_t evals_done = 0, saves_done = 0;
+};
+double train_eta(const EtaInputs& in);
+
 // Progress of a long evaluation on stderr: "eval after step 100: 320/1000 examples | 12.3
 // examples/s | 850 new tokens | ETA 55s". On a terminal the line is rewritten as it goes and
 // cleared at the end (the result is logged in its place); elsewhere (a log file, a pipe) a

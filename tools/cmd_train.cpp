@@ -287,7 +287,7 @@ class Progress {
     if (tty_) {
       put(fmt::format("\r\033[K{}{}", line, r.step + 1 == total_ ? "\n" : ""));
       open_ = r.step + 1 != total_ && failure_.empty();
-    } else if ((r.step + 1) % every_ == 0 || r.step + 1 == total_ || r.step == 0)
+    } else if ((r.step + 1) % every_ == 0 || r.step + 1 == total_ || n_ == 1)  // (n_ == 1: a resume's first too)
       put(line + "\n");
   }
   // Ends the status line a terminal shows, if one is open, so that what follows starts a line.
@@ -1469,17 +1469,23 @@ Runner add_train(CLI::App& app) {
     bool saved_owing = false;
     double paused_seconds = 0;  // spent in evaluations and saves (the step rates leave it out)
     double last_save_s = 0;     // how long the last save took (a grace period must hold one)
+    double save_seconds = 0, eval_seconds = 0;  // the saves' and evaluations' time in this process,
+    std::int64_t saves_done = 0, evals_done = 0;  // for the ETA (Note [The ETA])
     auto save = [&](std::int64_t next_step) {
       const auto save_start = std::chrono::steady_clock::now();
       struct Timed {
         std::chrono::steady_clock::time_point t0;
         double& paused;
         double& last;
+        double& total;
+        std::int64_t& count;
         ~Timed() {
           last = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
           paused += last;
+          total += last;
+          ++count;
         }
-      } timed{save_start, paused_seconds, last_save_s};
+      } timed{save_start, paused_seconds, last_save_s, save_seconds, saves_done};
       ZO2_CHECK(session.next_step() == next_step);
       Session::SaveExtras x;
       x.replace_checkpoint = o->overwrite;  // refused without it, before any work
@@ -1519,12 +1525,22 @@ Runner add_train(CLI::App& app) {
 
     StopSignals stop_signals;  // Note [Stop signals]: through the final save
     Progress progress(o->steps, o->log_every);
+    // The batches of one evaluation, as evaluate() makes them (Note [The ETA]).
+    const std::int64_t eval_batches = [&]() -> std::int64_t {
+      if (!eval_data) return 0;
+      const std::int64_t per = std::max<std::int64_t>(1, sc.max_batch / std::max(1, eval_data->max_candidates()));
+      return (eval_data->size() + per - 1) / per;
+    }();
     const auto start = std::chrono::steady_clock::now();
     const TransferTotals t0 = session.scheduler().totals();
     std::int64_t completed = 0;
     std::int64_t next = first_step;
-    std::map<std::int64_t, std::int64_t> step_tokens;  // B·T of each step in flight, by step (taken at harvest)
+    // The tokens of each step in flight, by step (taken at harvest): the batch's own tokens,
+    // padding left out (a batch pads to its longest row: B·T would count the padding as work
+    // done, 3× the tokens on data of mixed lengths: pass 62).
+    std::map<std::int64_t, std::int64_t> step_tokens;
     double tokens_done = 0;
+    double last_stepping = 0;  // the stepping time at the previous step's result
     double disk_bytes = 0;  // the disk tier's reads and writes so far
     std::int64_t skipped = 0, skipped_in_a_row = 0;
     struct RatePoint {
@@ -1546,8 +1562,10 @@ Runner add_train(CLI::App& app) {
       const auto now = std::chrono::steady_clock::now();
       ++completed;
       const double elapsed = std::chrono::duration<double>(now - start).count();
+      std::int64_t tokens = 0;
       if (const auto it = step_tokens.find(r.step); it != step_tokens.end()) {
-        tokens_done += static_cast<double>(it->second);
+        tokens = it->second;
+        tokens_done += static_cast<double>(tokens);
         step_tokens.erase(it);
       }
       // Rates over the last kRateWindow steps: the time between two harvests says little when
@@ -1563,8 +1581,23 @@ Runner add_train(CLI::App& app) {
       const double span_steps = rate_window.size() > 1 ? static_cast<double>(rate_window.size() - 1) : 1.0;
       const double step_s = span / span_steps;
       const double tok_s = span > 0 ? (tokens_done - from.tokens) / span : 0;
-      const double eta = (step_s + paused_seconds / static_cast<double>(completed)) *
-                         static_cast<double>(std::max<std::int64_t>(0, o->steps - r.step - 1));
+      // This step's own time and rate, for its --log-json record (the progress line shows the
+      // window's: pass 62 found the records smeared over 32 steps).
+      const double this_step_s = std::max(0.0, stepping - last_stepping);
+      last_stepping = stepping;
+      EtaInputs ei;  // Note [The ETA] (tools/cli.h)
+      ei.steps = o->steps;
+      ei.done = r.step + 1;
+      ei.step_s = step_s;
+      ei.evaluates = eval_data.has_value();
+      ei.eval_every = o->eval_every;
+      ei.save_every = o->save_every;
+      ei.eval_batches = eval_generates ? 0 : eval_batches;
+      ei.eval_seconds = eval_seconds;
+      ei.evals_done = evals_done;
+      ei.save_seconds = save_seconds;
+      ei.saves_done = saves_done;
+      const double eta = train_eta(ei);
       const TransferTotals tt = session.scheduler().totals();
       const double pcie = elapsed > 0 ? static_cast<double>(tt.h2d_bytes + tt.d2h_bytes - t0.h2d_bytes - t0.d2h_bytes) / elapsed / 1e9 : 0;
       disk_bytes += static_cast<double>(r.disk_read_bytes + r.disk_write_bytes);
@@ -1580,8 +1613,9 @@ Runner add_train(CLI::App& app) {
                {"lr", r.lr},
                {"eps", r.eps},
                {"seed", r.seed},
-               {"tokens_per_s", tok_s},
-               {"step_time_s", step_s},
+               {"tokens", tokens},
+               {"tokens_per_s", this_step_s > 0 ? static_cast<double>(tokens) / this_step_s : 0.0},
+               {"step_time_s", this_step_s},
                {"device_peak_bytes", session.device_peak()},
                {"h2d_bytes", r.h2d_bytes},
                {"d2h_bytes", r.d2h_bytes},
@@ -1663,6 +1697,10 @@ Runner add_train(CLI::App& app) {
       }
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
       paused_seconds += s;
+      if (!e.interrupted) {
+        eval_seconds += s;
+        ++evals_done;
+      }
       if (line) line->finish();
       if (e.interrupted) {
         eval_owed = done;
@@ -1718,7 +1756,7 @@ Runner add_train(CLI::App& app) {
       if (hang_rank && hang_step && std::atoi(hang_rank) == comm.rank() && std::atoll(hang_step) == next)
         for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
       const HostBatch b = data.train_batch(next, o->batch);
-      step_tokens[next] = b.tokens();
+      step_tokens[next] = b.unpadded_tokens();
       const auto lr_t = static_cast<float>(schedule.at(next));
       session.step_async(b, lr_t, static_cast<float>(o->eps), static_cast<float>(o->wd));
       if (in_flight >= 0) harvest(in_flight);  // losses are read a step behind
@@ -1782,8 +1820,8 @@ Runner add_train(CLI::App& app) {
       log_warn("{} of the {} steps run had a non-finite projected gradient; their updates were skipped", skipped,
                completed);
     const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    log_info("train: {} steps in {}, device peak {} (arena {}), saved to {} (its last save took {:.1f} s)", completed,
-             format_duration(total_s), format_bytes(static_cast<double>(session.device_peak())),
+    log_info("train: {} step{} in {}, device peak {} (arena {}), saved to {} (its last save took {:.1f} s)", completed,
+             completed == 1 ? "" : "s", format_duration(total_s), format_bytes(static_cast<double>(session.device_peak())),
              format_bytes(static_cast<double>(session.device().arena().capacity())), out.string(), last_save_s);
     return sig != 0 ? 130 : 0;
   };

@@ -80,8 +80,11 @@ def train(model: Optional[PathArg] = None, *, data: Optional[PathArg] = None,
     progress: True (default) — a tqdm bar when tqdm is installed, else train's own progress
         lines on stderr; False — only train's log lines; a callable — called with every
         ``--log-json`` record (a dict per step: step, loss_plus, loss_minus, loss, g, lr,
-        tokens_per_s, ...; a dict per evaluation: eval_after_step, eval_loss, ...). Returning
-        False from it stops the run after the current step; it saves (resume with
+        tokens, tokens_per_s, ...; a dict per evaluation: eval_after_step, eval_loss, ...).
+        Returning False from it stops the run after the step in progress when the callback
+        returns: training goes on while the records are delivered (losses are read a step
+        behind), so that is one or two steps past the record's — ``result.steps`` ends with
+        the last step run, and the warning names it. The run saves (resume with
         ``resume=out``) and returns with ``stopped=True``. An exception from it stops the run
         the same way and is re-raised.
     verbose: whether train's own info lines and status line also print (default: only when

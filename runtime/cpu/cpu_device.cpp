@@ -260,8 +260,6 @@ void enqueue(Stream& stream, std::function<void()> fn) {
 
 // ---- device ----
 
-namespace {
-
 // ZO2_CPU_LINK_GBPS (Note [Emulated link]): 0 when unset or empty.
 double emulated_link_bytes_per_s() {
   const char* env = std::getenv("ZO2_CPU_LINK_GBPS");
@@ -281,6 +279,8 @@ double emulated_link_bytes_per_s() {
          kMinGbps);
   return gbps * 1e9;
 }
+
+namespace {
 
 class CpuDevice final : public Device {
  public:
@@ -373,4 +373,5 @@ namespace zo2 {
 std::unique_ptr<Device> cpu_make_device(const DeviceOptions& options) {
   return std::make_unique<cpu::CpuDevice>(options);
 }
+double cpu_emulated_link_bytes_per_s() { return cpu::emulated_link_bytes_per_s(); }
 }  // namespace zo2
