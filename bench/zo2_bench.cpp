@@ -272,8 +272,9 @@ LinkRates probe_link(const std::string& device, int threads, std::size_t bytes) 
 // One line for the log and under the table.
 std::string describe(const LinkRates& link) {
   if (!link.error.empty()) return fmt::format("link probe: {}", link.error);
-  return fmt::format("link probe ({} pinned, best of 3): to the device {:.1f} GB/s, to the host {:.1f} GB/s alone; "
-                     "{:.1f} / {:.1f} GB/s both at once (link floor/step uses these)",
+  // (three significant digits: an emulated link of 0.05 GB/s printed as 0.0: pass 62)
+  return fmt::format("link probe ({} pinned, best of 3): to the device {:.3g} GB/s, to the host {:.3g} GB/s alone; "
+                     "{:.3g} / {:.3g} GB/s both at once (link floor/step uses these)",
                      zo2::format_bytes(static_cast<double>(link.bytes)), link.h2d, link.d2h, link.both_h2d,
                      link.both_d2h);
 }
@@ -470,6 +471,7 @@ json run_row(const Row& r, const std::string& device, const std::string& offload
     if (s.store().disk()) {
       row["host_mem_bytes"] = g_host_mem;
       row["disk_blocks"] = pl.disk_blocks;
+      row["io"] = std::string(zo2::disk_io_name(s.store().disk()->io()));  // --disk-io auto: what it fell to
       row["disk_lag"] = g_disk_lag;
       row["disk_staging"] = pl.disk_staging;
       row["disk_read_s"] = disk_read_s;
@@ -1075,8 +1077,12 @@ int main(int argc, char** argv) {
                 table += fmt::format(
                     "| {} | {} | {} | {} | {}×{} | {}/{} ({}) | {:.1f} | {:.4g} | {:.3g} | {:.3g} | {:.3g} | {:.3g} | {} | {} | {} | "
                     "{:.2f} | {:.2f} | {:.3g} | {:.2f} | {} | {} | {} |\n",
-                    row_label(r), cap, st, cp, b, t, row["resident_blocks"].get<int>(),
-                    row["streamed_blocks"].get<int>(), row["window"].get<int>(), row["tokens_per_s"].get<double>(),
+                    row_label(r) + (row.contains("io") ? " io " + row["io"].get<std::string>() : std::string()),
+                    cap, st, cp, b, t, row["resident_blocks"].get<int>(), row["streamed_blocks"].get<int>(),
+                    // the slots: whole-block window slots, or the weight tiles' ring (pass 62: "(0)")
+                    row.contains("tile_slots") ? fmt::format("{} tile slots", row["tile_slots"].get<int>())
+                                               : std::to_string(row["window"].get<int>()),
+                    row["tokens_per_s"].get<double>(),
                     row["step_s"].get<double>(), row["upload_s"].get<double>(), row["compute_s"].get<double>(),
                     row["offload_s"].get<double>(), row["idle_s"].get<double>(), row["bound"].get<std::string>(),
                     zo2::format_bytes(row["device_peak_bytes"].get<double>()),

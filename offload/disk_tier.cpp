@@ -440,6 +440,7 @@ bool DiskTier::holds(std::int64_t block) const {
 }
 
 const fs::path& DiskTier::path() const { return impl_->file.path(); }
+DiskIo DiskTier::io() const { return impl_->file.io(); }
 
 std::size_t DiskTier::host_bytes() const {
   std::size_t n = impl_->counters.bytes();

@@ -80,6 +80,7 @@ class DiskTier {
   bool holds(std::int64_t block) const;
   const std::vector<std::int64_t>& blocks() const { return blocks_; }
   const std::filesystem::path& path() const;
+  DiskIo io() const;  // what moves its bytes: io_uring or worker threads (Note [Disk I/O without io_uring])
   int staging_count() const { return static_cast<int>(staging_.size()); }
   std::size_t image_bytes() const { return image_bytes_; }
   // Pinned host bytes the tier holds (staging buffers and counters).

@@ -354,6 +354,16 @@ void plan_tiers(Placement& p, const ModelConfig& config, const PlanRequest& r) {
   p.disk_read_bytes_per_step = static_cast<std::size_t>(D) * static_cast<std::size_t>(p.passes) * image;
   p.disk_write_bytes_per_step =
       p.d2h_bytes_per_step > 0 ? static_cast<std::size_t>(D) * image / static_cast<std::size_t>(p.disk_lag) : 0;
+  // A block on disk comes back from the device only when its image is written (Note [Lagging
+  // disk images]): every disk_lag-th step, so the link's traffic down is the RAM blocks' and
+  // a K-th of the disk blocks' (pass 62: every block every step was shown).
+  if (p.d2h_bytes_per_step > 0 && p.disk_lag > 1) {
+    const double per_block = static_cast<double>(p.d2h_bytes_per_step) / static_cast<double>(p.streamed);
+    p.d2h_bytes_per_step = static_cast<std::size_t>(
+        per_block * (static_cast<double>(p.streamed - D) + static_cast<double>(D) / static_cast<double>(p.disk_lag)));
+    p.predicted_transfer_s = std::max(static_cast<double>(p.h2d_bytes_per_step) / r.h2d_bytes_per_s,
+                                      static_cast<double>(p.d2h_bytes_per_step) / r.d2h_bytes_per_s);
+  }
   p.disk_read_bytes_per_s = r.disk_read_bytes_per_s;
   p.disk_write_bytes_per_s = r.disk_write_bytes_per_s;
   p.predicted_disk_s = static_cast<double>(p.disk_read_bytes_per_step) / r.disk_read_bytes_per_s +

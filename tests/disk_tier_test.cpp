@@ -174,9 +174,14 @@ TEST(DiskTierPlan, TheStreamedBlocksBeyondHostMemMoveToDiskSpreadEvenly) {
   const std::string text = p.describe(c);
   EXPECT_NE(text.find("7 from disk"), std::string::npos) << text;
   EXPECT_NE(text.find("disk-bound step time"), std::string::npos) << text;
-  // --disk-lag 4 divides the writes.
+  // --disk-lag 4 divides the writes, and the link's traffic down with them: a disk block comes
+  // back only when its image is written (pass 62); the RAM blocks every step.
+  EXPECT_EQ(p.d2h_bytes_per_step, 12 * image);
   r.disk_lag = 4;
-  EXPECT_EQ(plan_placement(c, r).disk_write_bytes_per_step, 7 * image / 4);
+  const Placement lag4 = plan_placement(c, r);
+  EXPECT_EQ(lag4.disk_write_bytes_per_step, 7 * image / 4);
+  EXPECT_EQ(lag4.d2h_bytes_per_step, 5 * image + 7 * image / 4);
+  EXPECT_EQ(lag4.h2d_bytes_per_step, p.h2d_bytes_per_step);
   // Below the globals and the staging buffers nothing can work: the error says what is needed.
   r.host_mem = globals + image;
   const Error e = test::error_of([&] { plan_placement(c, r); });

@@ -182,24 +182,37 @@ TEST(SeedLog, ASecondWriterOfALiveLogIsRefusedBeforeItChangesAnything) {
       << e.what();
   EXPECT_NE(std::string(e.what()).find(path.string()), std::string::npos) << e.what();
   EXPECT_EQ(read_regular_file(path), before);
-  // (A new log there is refused as before: the file holds one.)
-  EXPECT_EQ(test::error_of([&] { SeedLogWriter second(path, h, /*append=*/false); }).kind(),
-            ErrorKind::invalid_argument);
+  // A new log there is refused as live too, not told to "continue it (append)" — which would
+  // then be refused (pass 63).
+  const Error fresh = test::error_of([&] { SeedLogWriter second(path, h, /*append=*/false); });
+  EXPECT_EQ(fresh.kind(), ErrorKind::io) << fresh.what();
+  EXPECT_NE(std::string(fresh.what()).find("another session of this process is writing this seed log"),
+            std::string::npos)
+      << fresh.what();
   EXPECT_EQ(read_regular_file(path), before);
-  // Another process too (a forked child opens the file anew; the lock is the open file's).
-  EXPECT_EQ(test::in_child([&] {
-              try {
-                SeedLogWriter second(path, h, true, 3);
-              } catch (const Error& e) {
-                return e.kind() == ErrorKind::io ? 0 : 2;
-              }
-              return 1;
-            }),
-            0);
+  // Another process too (a forked child opens the file anew; the lock is the open file's), with
+  // or without append.
+  for (const bool append : {true, false})
+    EXPECT_EQ(test::in_child([&] {
+                try {
+                  SeedLogWriter second(path, h, append, 3);
+                } catch (const Error& e) {
+                  return e.kind() == ErrorKind::io && std::string(e.what()).find("is writing this seed log") !=
+                                                          std::string::npos
+                             ? 0
+                             : 2;
+                }
+                return 1;
+              }),
+              0)
+        << "append " << append;
   EXPECT_EQ(read_regular_file(path), before);
   first->append(entry(6, seed_of(7, 6), 0.5f));  // the live writer goes on
   first.reset();
-  SeedLogWriter again(path, h, /*append=*/true, 3);  // and once it is closed, a resume may cut
+  // Once it is closed, a new log there is refused for what the file holds,
+  EXPECT_EQ(test::error_of([&] { SeedLogWriter second(path, h, /*append=*/false); }).kind(),
+            ErrorKind::invalid_argument);
+  SeedLogWriter again(path, h, /*append=*/true, 3);  // and a resume may cut
   EXPECT_EQ(again.position().next_step, 3);
   EXPECT_EQ(SeedLog::read(path).entries.size(), 3u);
 }

@@ -122,6 +122,48 @@ std::span<const std::byte> bytes_of(const std::string& s) {
 
 }  // namespace
 
+namespace {
+// The logs this process's writers hold, by file (Note [One writer per seed log]).
+std::mutex g_live_logs_mu;
+std::set<std::pair<dev_t, ino_t>>& live_logs() {
+  static std::set<std::pair<dev_t, ino_t>> s;
+  return s;
+}
+
+[[noreturn]] void fail_written_here(const std::filesystem::path& path) {
+  fail(ErrorKind::io,
+       "{}: another session of this process is writing this seed log; two writers would cut and mix each other's "
+       "steps — close that session first (zo2_session_free; from Python Session.close() or its with block — a "
+       "session that a caught exception's traceback still references, as a notebook keeps the last one, stays "
+       "open until that traceback is gone), or give this one another seed log",
+       path.string());
+}
+
+[[noreturn]] void fail_written_elsewhere(const std::filesystem::path& path) {
+  fail(ErrorKind::io,
+       "{}: another process is writing this seed log; two writers would cut and mix each other's steps — close "
+       "that session first, or give this one another seed log",
+       path.string());
+}
+
+// A live log is refused as such whatever this writer would do with it (Note [One writer per
+// seed log]): before, a new log's writer told to "continue it (append) or remove it" the log
+// another session was writing — and the append it suggested was then refused (pass 63).
+void refuse_if_live(const std::filesystem::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;  // (what cannot be opened is said by what follows)
+  bool here = false;
+  if (struct stat st {}; ::fstat(fd, &st) == 0) {
+    std::lock_guard<std::mutex> g(g_live_logs_mu);
+    here = live_logs().contains({st.st_dev, st.st_ino});
+  }
+  const FileLock l = here ? FileLock::held : try_lock_file(fd, false, path, "a second session writing this seed log");
+  ::close(fd);
+  if (here) fail_written_here(path);
+  if (l == FileLock::busy) fail_written_elsewhere(path);
+}
+}  // namespace
+
 SeedLogWriter::SeedLogWriter(const std::filesystem::path& path, const SeedLogHeader& header,
                              bool append, std::int64_t keep_until_step)
     : path_(path), rule_(header.rule) {
@@ -176,6 +218,7 @@ void SeedLogWriter::open(const SeedLogHeader& header, bool append, std::int64_t 
         fail(ErrorKind::invalid_argument, "{}: not a regular file; the seed log cannot be written there",
              path.string());
       if (std::filesystem::file_size(path, ec) > 0 && !ec) {
+        refuse_if_live(path);
         std::ifstream in(path, std::ios::binary);
         std::string first;
         std::getline(in, first);
@@ -205,14 +248,6 @@ void SeedLogWriter::open(const SeedLogHeader& header, bool append, std::int64_t 
 
 SeedLogWriter::~SeedLogWriter() { release(); }
 
-namespace {
-// The logs this process's writers hold, by file (Note [One writer per seed log]).
-std::mutex g_live_logs_mu;
-std::set<std::pair<dev_t, ino_t>>& live_logs() {
-  static std::set<std::pair<dev_t, ino_t>> s;
-  return s;
-}
-}  // namespace
 
 void SeedLogWriter::release() {
   if (registered_) {
@@ -248,12 +283,7 @@ void SeedLogWriter::open_locked() {
     if (live_logs().contains({st.st_dev, st.st_ino})) {
       ::close(fd_);
       fd_ = -1;
-      fail(ErrorKind::io,
-           "{}: another session of this process is writing this seed log; two writers would cut and mix each other's "
-           "steps — close that session first (zo2_session_free; from Python Session.close() or its with block — a "
-           "session that a caught exception's traceback still references, as a notebook keeps the last one, stays "
-           "open until that traceback is gone), or give this one another seed log",
-           path_.string());
+      fail_written_here(path_);
     }
     file_ = {st.st_dev, st.st_ino};
     live_logs().insert(file_);
@@ -261,10 +291,7 @@ void SeedLogWriter::open_locked() {
   }
   if (try_lock_file(fd_, true, path_, "a second session writing this seed log") == FileLock::busy) {
     release();
-    fail(ErrorKind::io,
-         "{}: another process is writing this seed log; two writers would cut and mix each other's steps — close "
-         "that session first, or give this one another seed log",
-         path_.string());
+    fail_written_elsewhere(path_);
   }
 }
 
