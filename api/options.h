@@ -31,7 +31,7 @@ enum class Opt {
   tile,                                                                    // auto (0) | off (−1) | bytes
   gpu_mem, shard_size, host_mem,                                           // byte sizes
   temperature, top_p,                                                      // generation: real
-  max_new_tokens,                                                          // generation: integer
+  max_new_tokens,  // generation: integer (the last: tools/main.cpp walks the options up to it)
 };
 
 // The option's name for `src`: "--lr" on the command line, "lr" in the C API. Options with

@@ -371,6 +371,7 @@ Session::Session(const std::filesystem::path& model_path, const SessionConfig& c
   fit_arena_to(plan);
   const std::optional<DiskPlacement> disk = disk_placement(model, plan);
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
+  check_cpu_host_memory(model, plan, cfg_.peft.any() ? StateSpec{} : state);
   open_node_comm();
   store_ = std::make_unique<BlockStore>(BlockStore::load(model_dir, cfg_.storage, *device_,
                                                          cfg_.peft.any() ? StateSpec{} : state, node_comm_.get(),
@@ -399,12 +400,23 @@ Session::Session(const ModelConfig& model, const SessionConfig& cfg, std::uint64
   if (disk && alias_blocks)
     fail(ErrorKind::invalid_argument, "a benchmark shape with aliased blocks has one block image: it needs no disk tier");
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
+  if (!alias_blocks) check_cpu_host_memory(model, plan, cfg_.peft.any() ? StateSpec{} : state);
   open_node_comm();
   store_ = std::make_unique<BlockStore>(BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks,
                                                               cfg_.peft.any() ? StateSpec{} : state, node_comm_.get(),
                                                               disk ? &*disk : nullptr));
   open_adapters(model);
   init(cfg_);
+}
+
+// On the CPU backend the device arena is host memory too: the master weights and the plan's
+// device peak must fit together (check_host_memory). Ranks sharing a node's image are left to
+// the store's own check (each rank's arena is its own; node rank 0 checks the image).
+void Session::check_cpu_host_memory(const ModelConfig& model, const Placement& plan, const StateSpec& state) const {
+  if (device_->kind() != DeviceKind::cpu || (cfg_.comm && cfg_.comm->size() > 1)) return;
+  const std::int64_t images = plan.disk_blocks > 0 ? model.num_layers - plan.disk_blocks + plan.disk_staging
+                                                   : model.num_layers;
+  check_host_memory(model, cfg_.storage, images, state, plan.total_bytes);
 }
 
 void Session::open_node_comm() {

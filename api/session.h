@@ -216,6 +216,7 @@ class Session {
  private:
   void init(const SessionConfig& cfg);
   void open_adapters(const ModelConfig& model);
+  void check_cpu_host_memory(const ModelConfig& model, const Placement& plan, const StateSpec& state) const;
   void open_node_comm();
   void check_resume_step(const std::filesystem::path& model_path) const;
   void check_not_loaded_from(const std::filesystem::path& out_dir) const;

@@ -1,5 +1,6 @@
 // zo2 — the public C API: zeroth-order (MeZO/SPSA) fine-tuning of decoder-only language
-// models (OPT, LLaMA) through a streaming scheduler, on one small GPU or on the CPU.
+// models (OPT, LLaMA, Qwen2/2.5, Qwen3, Mistral, Gemma 3; README "Supported models") through
+// a streaming scheduler, on one small GPU or on the CPU.
 //
 // This is the one header a host program includes. It is plain C11 (and valid C++): opaque
 // handles, a *_default_params() function for every params struct (take the defaults, then

@@ -48,11 +48,21 @@ WeightSet bind_weights(const ImageLayout& layout, void* base) {
 // Pinned memory cannot be swapped out: past MemAvailable (or a container's cgroup memory
 // limit: Note [Cgroup limits]) the allocation fails or the kernel starts killing processes,
 // so refuse first, with the numbers and where the available bytes come from.
-void check_host_memory(const ModelConfig& config, DType storage, std::int64_t images, const StateSpec& state) {
-  const std::size_t need = host_store_bytes(config, storage, images, state);
+void check_host_memory(const ModelConfig& config, DType storage, std::int64_t images, const StateSpec& state,
+                       std::size_t device_bytes) {
+  const std::size_t weights = host_store_bytes(config, storage, images, state);
+  const std::size_t need = weights + device_bytes;
   const HostMemory host = host_memory();
   const std::size_t available = host.available;
   if (need <= available) return;
+  if (device_bytes > 0 && weights <= available)
+    fail(ErrorKind::out_of_memory,
+         "host memory: the master weights ({}) and the CPU backend's device memory ({}: its planned peak, the resident "
+         "blocks, window slots and activations — on the CPU backend the device is this machine's memory too) need {}, "
+         "but {} is available ({}); cap the device with --gpu-mem (blocks are then streamed from the master weights "
+         "instead of copied beside them) or use fp8 storage",
+         format_bytes(static_cast<double>(weights)), format_bytes(static_cast<double>(device_bytes)),
+         format_bytes(static_cast<double>(need)), format_bytes(static_cast<double>(available)), host.source);
   const std::size_t globals = globals_layout(config, storage).bytes();
   const std::size_t block = config.num_layers > 0 ? block_layout(config, 0, storage).bytes() : 0;
   std::string hint;

@@ -27,8 +27,11 @@ WeightSet bind_weights(const ImageLayout& layout, void* base);
 // Throws Error(out_of_memory) before anything is allocated when the images of `config` in
 // `storage` dtype (the globals plus `block_images` block images) exceed the host memory
 // available (host_memory_available()), naming the bytes and what fp8 storage would need.
+// `device_bytes`: what the CPU backend's device arena will use besides (its "device" memory is
+// this machine's memory too: adversarial pass 62 found a model of half the free memory
+// accepted and then needing twice that, resident blocks and activations on top of the images).
 void check_host_memory(const ModelConfig& config, DType storage, std::int64_t block_images,
-                       const StateSpec& state = {});
+                       const StateSpec& state = {}, std::size_t device_bytes = 0);
 
 // One tensor of an optimizer state file (zo/rule.h, Note [Update rules]): its name in the
 // file (the weight's HF name + ".state<k>"), its slot in the state layout, and the start of

@@ -5,7 +5,9 @@
 # Usage: scripts/demo.sh [OUT_DIR] [extra zo2-tune train flags, e.g. --device cuda]
 # Works on a fresh clone: a build directory that is not configured yet is set up first
 # (scripts/setup.sh: packages, configure, build); an existing one gets zo2-tune rebuilt
-# if its sources changed (a no-op when it is up to date). ZO2_TUNE=path skips both.
+# if its sources changed (a no-op when it is up to date).
+# Environment: ZO2_TUNE=PATH runs that zo2-tune binary (no setup, no build);
+# ZO2_BUILD_DIR=DIR is the build directory to set up or rebuild (default: build/ in the repo).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build="${ZO2_BUILD_DIR:-$root/build}"

@@ -202,6 +202,46 @@ TEST(Storage, TheBlockStoreRefusesMasterWeightsLargerThanTheHostMemoryAvailable)
   }
 }
 
+// On the CPU backend the device is host memory too: a session needs the master weights and
+// the plan's device peak together, and one that cannot have both is refused before it
+// allocates, saying so and what helps (pass 62: a model of half the free memory was accepted,
+// everything resident beside its own master weights); capped with gpu_mem it streams and fits.
+TEST(Storage, ACpuSessionNeedsTheMasterWeightsAndItsDevicePeakInHostMemory) {
+  const ModelConfig c = find_preset("opt-tiny").config;
+  SessionConfig cfg;
+  cfg.device = "cpu";
+  cfg.max_batch = 2;
+  cfg.max_seq = 16;
+  cfg.threads = 1;
+  const std::size_t images = host_image_bytes(c, DType::f32, c.num_layers);
+  std::size_t peak = 0;
+  {
+    Session probe(c, cfg, 1, false);
+    peak = probe.placement().total_bytes;
+    EXPECT_EQ(probe.placement().resident_count, c.num_layers);
+  }
+  {
+    const test::ScopedEnv limit("ZO2_HOST_MEM_AVAILABLE", std::to_string(images + peak - 1).c_str());
+    const Error e = test::error_of([&] { Session s(c, cfg, 1, false); });
+    EXPECT_EQ(e.kind(), ErrorKind::out_of_memory) << e.what();
+    for (const char* piece : {"the master weights", "the CPU backend's device memory", "--gpu-mem"})
+      EXPECT_NE(std::string(e.what()).find(piece), std::string::npos) << piece << " in: " << e.what();
+  }
+  {
+    const test::ScopedEnv limit("ZO2_HOST_MEM_AVAILABLE", std::to_string(images + peak).c_str());
+    EXPECT_NO_THROW(Session(c, cfg, 1, false));
+  }
+  {
+    // Capped below the all-resident peak, the blocks stream and the two fit in less.
+    const test::ScopedEnv limit("ZO2_HOST_MEM_AVAILABLE", std::to_string(images + peak - 1).c_str());
+    SessionConfig capped = cfg;
+    capped.offload = OffloadMode::all;
+    capped.window = 1;  // (opt-tiny has two blocks)
+    const Placement streamed = Session(c, capped, 1, false).placement();
+    EXPECT_LT(streamed.total_bytes, peak);
+  }
+}
+
 // opt-tiny on a permutation-chain task (as `zo2-tune synth-data` makes): learnable in a
 // hundred steps at lr 3e-3.
 Losses train_tiny(DType storage, int steps) {

@@ -214,8 +214,9 @@ void DeviceFlags::add(CLI::App& app) {
                  "blocks only), or a tile size such as 64M (forces tiles)")
       ->capture_default_str();
   storage_flag = app.add_option("--storage-dtype", storage,
-                                "dtype of the master weights, transfers and slots: fp32, bf16, fp16, fp8 (an adapter "
-                                "run's own by default)")
+                                "dtype of the master weights, transfers and slots: fp32, bf16, fp16, fp8 (default: fp32; "
+                                "a LoRA or prefix run's own for eval, forward and generate of it; the resumed run's "
+                                "for train --resume)")
                      ->capture_default_str();
   app.add_option("--compute-dtype", compute, "compute dtype: fp32 (CPU), bf16 or fp16 (GPU)")
       ->capture_default_str();

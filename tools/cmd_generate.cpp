@@ -106,7 +106,15 @@ Runner add_generate(CLI::App& app) {
   o->dev.add(app);
   o->data_flags.add(app);
   o->lora.add(app, /*training=*/false);
+  // The data flags are train's and eval's; of them generate takes what it can use. Its help
+  // offers neither --padding-side (refused below: the KV cache's layout places the prompts)
+  // nor the tasks it cannot prompt with (--task takes squad or drop: tasks with generated answers).
   auto* padding = app.get_option("--padding-side");
+  padding->group("");  // hidden from --help, still parsed so that it is refused by name
+  CLI::Option* task = app.get_option("--task");
+  task->description("MeZO task preset whose prompts to read: squad (SQuAD v1.1 JSON) or drop (DROP JSON); the "
+                    "other tasks are scored, not generated (eval)");
+  *task->get_validator(0) = CLI::IsMember({"squad", "drop"});
   return [o, prompt, data, temp, top_p, seed, padding] {
     // Flags first (api/options.h, shared with the C API), then the files.
     if (prompt->count() == 0 && data->count() == 0)

@@ -82,8 +82,7 @@ Runner add_merge(CLI::App& app) {
   o->dev.storage_flag =
       app.add_option("--storage-dtype", o->dev.storage,
                      "the base as the adapters saw it: fp32, bf16, fp16 or fp8 (default: the adapter run's own storage "
-                     "dtype; fp32 for a plain adapter directory); the fold itself is in fp32")
-          ->capture_default_str();
+                     "dtype; fp32 for a plain adapter directory); the fold itself is in fp32");  // no "=fp32": not the default
   return [o] {
     const DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
     const std::uint64_t shard = parse_size_option(Opt::shard_size, o->shard, OptionSource::cli);

@@ -49,6 +49,10 @@ Runner add_replay(CLI::App& app) {
   app.add_option("--shard-size", o->shard, "largest safetensors shard")->capture_default_str();
   app.add_flag("--overwrite", o->overwrite, "replace a checkpoint already in --out (never a training run's)");
   o->dev.add(app);
+  // Replay rounds as the run did: the seed log's storage_dtype, whatever this flag says.
+  app.get_option("--storage-dtype")
+      ->description("ignored: replay stores the weights as the seed log records (its storage_dtype; another value "
+                    "is warned about)");
   auto* until = app.get_option("--until-step");
   return [o, until] {
     // Every flag before the seed log is read and long before the save at the end.

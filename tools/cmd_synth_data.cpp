@@ -30,10 +30,14 @@ Runner add_synth_data(CLI::App& app) {
   app.add_option("--seq", o->seq, "tokens per sequence (at least 2: one to predict from, one to predict)")
       ->capture_default_str()
       ->check(CLI::Range(2, 1 << 30));
-  app.add_option("--alphabet", o->alphabet, "distinct tokens used (the task's difficulty)")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+  auto* alphabet = app.add_option("--alphabet", o->alphabet,
+                                  "distinct tokens used (the task's difficulty); at most the vocabulary size (the "
+                                  "default 16 shrinks to a smaller vocabulary; a larger value given is refused)")
+                       ->capture_default_str()
+                       ->check(CLI::Range(2, 1 << 20));
   app.add_option("--seed", o->seed, "random seed")->capture_default_str()->transform(seed_value());
   app.add_flag("--overwrite", o->overwrite, "replace an existing --out file");
-  return [o] {
+  return [o, alphabet] {
     // The file: named as the data readers tell formats (by the extension), never over the
     // model it reads, never replacing a file unasked.
     {
@@ -57,6 +61,13 @@ Runner add_synth_data(CLI::App& app) {
     if (o->rows > kMaxTokens / o->seq)
       fail(ErrorKind::invalid_argument, "--rows {} × --seq {} = {} tokens: synth-data writes at most 2^31 ({} GiB of I32)",
            o->rows, o->seq, static_cast<double>(o->rows) * static_cast<double>(o->seq), kMaxTokens * 4 >> 30);
+    // An alphabet larger than the vocabulary cannot be drawn from it: refused when given, not
+    // silently shrunk (the default, 16, fits any vocabulary --vocab allows but the smallest).
+    if (alphabet->count() > 0 && o->alphabet > vocab)
+      fail(ErrorKind::invalid_argument,
+           "--alphabet {}: more distinct tokens than the vocabulary has ({} ids, {}); give --alphabet {} at most",
+           o->alphabet, vocab, o->model.empty() ? fmt::format("--vocab {}", vocab) : "vocab_size of " + o->model,
+           vocab);
     const std::int64_t a = std::min(o->alphabet, vocab);
     // The alphabet: `a` distinct ids spread over the vocabulary; a fixed permutation of it.
     std::vector<std::int32_t> letters(static_cast<std::size_t>(a)), perm(static_cast<std::size_t>(a));

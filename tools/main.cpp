@@ -1,5 +1,6 @@
 // zo2-tune: zeroth-order fine-tuning of OPT, LLaMA, Qwen, Mistral and Gemma 3 models on one small GPU (or the
 // CPU). Subcommands: init, forward, plan, train, eval, replay, synth-data, tokenize, data.
+#include "api/options.h"
 #include "runtime/comm.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
@@ -7,6 +8,8 @@
 
 #include <fmt/format.h>
 
+#include <charconv>
+#include <cstdint>
 #include <cstdio>
 #include <map>
 #include <string>
@@ -23,6 +26,40 @@ std::string conversion_subject(std::string_view what) {
   return rest;
 }
 
+// The range a whole number given to `flag` must lie in, for a value CLI11 could not convert
+// (Note [Decimal integers] has already refused values beyond 64 bits, so the value fits 64
+// bits and the flag's field is narrower: a 32-bit int). The flag's documented range where
+// api/options.cpp has one ("must be an integer in [1, 64]" for --window), else the range of
+// the 32-bit field; "" if the flag is not found.
+std::string whole_number_range(const CLI::App& app, const std::string& flag, std::string_view value) {
+  const CLI::Option* opt = nullptr;
+  std::vector<const CLI::App*> apps{&app};
+  for (const CLI::App* sub : app.get_subcommands()) apps.push_back(sub);  // the parsed ones first
+  for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; })) apps.push_back(sub);
+  for (const CLI::App* a : apps)
+    if (!opt) opt = a->get_option_no_throw(flag);
+  if (!opt) return "";
+  while (!value.empty() && value.front() == '+') value.remove_prefix(1);
+  std::int64_t v = 0;
+  if (std::from_chars(value.data(), value.data() + value.size(), v).ec == std::errc()) {
+    for (int i = 0; i <= static_cast<int>(zo2::Opt::max_new_tokens); ++i) {
+      const auto o = static_cast<zo2::Opt>(i);
+      if (!opt->check_name(zo2::option_name(o, zo2::OptionSource::cli))) continue;
+      try {
+        zo2::check_integer(o, v, zo2::OptionSource::cli);
+      } catch (const zo2::Error& e) {
+        // "--window 3000000000: must be an integer in [1, 64]": its rule.
+        const std::string what = e.what();
+        const auto colon = what.find(": ");
+        if (e.kind() == zo2::ErrorKind::invalid_argument && colon != std::string::npos) return what.substr(colon + 2);
+      }
+      break;
+    }
+  }
+  const std::string type = opt->get_type_name();
+  return type.starts_with("UINT") ? "a 32-bit field: an integer in [0, 4294967295]"
+                                  : "a 32-bit field: an integer in [-2147483648, 2147483647]";
+}
 
 // "--steps was given 2 times (5, 7); give it once" for the first single-value option that
 // was given more than once, in the app or the subcommand that was parsed; "" if none was.
@@ -62,6 +99,12 @@ int run_main(int argc, char** argv) {
   reg("synth-data", "write a synthetic, learnable token dataset (safetensors)", zo2::cli::add_synth_data);
   reg("tokenize", "print the token ids of a text as a JSON array", zo2::cli::add_tokenize);
   reg("data", "show what a data file becomes: format, sizes, and the first examples as the model sees them", zo2::cli::add_data);
+  // --storage-dtype (DeviceFlags) shows no "=fp32" where fp32 is not always the default: an
+  // adapter run's own dtype (eval, forward, generate), a resumed run's (train), the seed
+  // log's (replay); its text says which. plan's default is fp32.
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; }))
+    if (CLI::Option* storage = sub->get_option_no_throw("--storage-dtype"); storage && sub->get_name() != "plan")
+      storage->default_str("");
   zo2::cli::decimal_integer_options(app);  // Note [Decimal integers]
   try {
     app.parse(argc, argv);
@@ -77,12 +120,17 @@ int run_main(int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   } catch (const CLI::ConversionError& e) {
     // A whole number past what the flag's type holds (--batch-size 3000000000: a 32-bit
-    // field): CLI11 says only "Could not convert: --batch-size = 3000000000".
+    // field): CLI11 says only "Could not convert: --batch-size = 3000000000". Say the range.
     const std::string subject = conversion_subject(e.what());
-    const std::string value = subject.substr(subject.find(' ') == std::string::npos ? 0 : subject.find(' ') + 1);
+    const auto space = subject.find(' ');
+    const std::string flag = subject.substr(0, space);
+    const std::string value = subject.substr(space == std::string::npos ? 0 : space + 1);
     const bool whole = !value.empty() && value.find_first_not_of("+-0123456789") == std::string::npos;
+    const std::string range = whole ? whole_number_range(app, flag, value) : "";
     zo2::print_stderr("zo2-tune: error: {}: {}\n", subject,
-                      whole ? "beyond what this flag can hold (its range is in --help)" : "not a number");
+                      !whole           ? std::string("not a number")
+                      : range.empty() ? std::string("beyond what this flag can hold")
+                                      : fmt::format("beyond what this flag can hold ({})", range));
     return 2;
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;  // --help and --version succeed; usage errors exit 2

@@ -639,7 +639,8 @@ py::dict params_dict(const Params& P) {
   d["rank_timeout"] = P.p.rank_timeout_s;
   d["share_host_image"] = P.p.share_host_image != 0;
   d["sliced_upload"] = P.p.sliced_upload != 0;
-  d["host_mem"] = P.p.host_mem_bytes;
+  // None = no cap, as it was passed (and as gpu_mem reads back), not the C field's 0.
+  d["host_mem"] = P.p.host_mem_bytes == 0 ? py::object(py::none()) : py::object(py::int_(P.p.host_mem_bytes));
   d["disk_dir"] = P.disk_dir ? py::object(fs_text(*P.disk_dir)) : py::object(py::none());
   d["disk_lag"] = P.p.disk_lag;
   d["disk_staging"] = P.p.disk_staging;
