@@ -113,7 +113,8 @@ std::string ParallelPlan::describe() const {
   line("host memory per node", bytes(host_bytes_per_node) +
                                    (shared_image ? fmt::format(" (one shared image for {} rank{})", ranks_per_node,
                                                                ranks_per_node == 1 ? "" : "s")
-                                                 : fmt::format(" ({} private images)", ranks_per_node)));
+                                                 : fmt::format(" ({} private image{})", ranks_per_node,
+                                                               ranks_per_node == 1 ? "" : "s")));
   line("transfer-bound step per rank",
        seconds(rank.predicted_transfer_s) + fmt::format(" (one process: {})", seconds(single.predicted_transfer_s)));
   if (rank.streamed > 0 && layout.directions == 1)

@@ -106,6 +106,15 @@ TileSizes tile_sizes(const ModelGraph& graph, const ImageLayout& block, const St
   return t;
 }
 
+namespace {
+// `v` as format_bytes writes it, with the exact bytes where `other` would read the same (a cap
+// one byte short was "230.97 MiB is below the minimum of 230.97 MiB": pass 62).
+std::string bytes_beside(std::size_t v, std::size_t other) {
+  const std::string a = format_bytes(static_cast<double>(v));
+  return a == format_bytes(static_cast<double>(other)) ? fmt::format("{} ({} bytes)", a, v) : a;
+}
+}  // namespace
+
 Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   if (r.batch <= 0 || r.seq <= 0)
     fail(ErrorKind::invalid_argument, "batch size and sequence length must be positive (got {} × {})",
@@ -143,8 +152,10 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   std::size_t fixed =
       p.globals_bytes + p.workspace_bytes + p.batch_bytes + p.logits_bytes + p.backend_bytes + p.adapter_bytes;
   const int k_min = static_cast<int>(std::min<std::int64_t>(r.window, L));
-  // In auto mode the window may shrink to 2 slots when the requested one does not fit.
-  const int k_floor = r.mode == OffloadMode::auto_ ? static_cast<int>(std::min<std::int64_t>(2, k_min)) : k_min;
+  // The window may shrink to 2 slots when the requested one does not fit, in auto mode and
+  // with every block streamed (pass 62: --offload all went to weight tiles, or with --tile off
+  // was refused, where two whole-block slots fit, as README's --tile says they are taken).
+  const int k_floor = r.mode != OffloadMode::none ? static_cast<int>(std::min<std::int64_t>(2, k_min)) : k_min;
   if (r.generate.batch > 0) {
     // Note [KV cache] (models/graph.h): the device holds every block's cache when that fits
     // beside the minimum window (auto) or when asked; else two slots, the caches on the host.
@@ -188,6 +199,10 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
   const std::size_t tile_floor = fixed + vector_slots + 2 * tile_slot;
   const bool tiled = L > 0 && r.mode != OffloadMode::none &&
                      (r.tile > 0 || (r.tile == 0 && all_resident > r.cap && p.minimum_cap > r.cap));
+  // Tiles go lower than whole blocks where they may be taken (--tile auto): the plan says so
+  // beside the whole-block minimum (pass 62: "minimum cap" named a cap the tiles run below).
+  if (!tiled && L > 0 && r.mode != OffloadMode::none && r.tile == 0 && tile_floor < p.minimum_cap)
+    p.tile_minimum_cap = tile_floor;
   if (tiled) {
     p.minimum_cap = tile_floor;
     if (tile_floor > r.cap)
@@ -195,7 +210,7 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
            "the cap {} is below the minimum of {} this model needs at batch {} × {} tokens even streamed by weight "
            "tiles (globals {}, activations and scratch {}, cuBLAS and attention scratch {}, 2 tile slots × {}, 2 "
            "vector slots × {}{})",
-           format_bytes(static_cast<double>(r.cap)), format_bytes(static_cast<double>(tile_floor)), r.batch,
+           bytes_beside(r.cap, tile_floor), bytes_beside(tile_floor, r.cap), r.batch,
            p.call_seq, format_bytes(static_cast<double>(p.globals_bytes)),
            format_bytes(static_cast<double>(p.workspace_bytes + p.batch_bytes + p.logits_bytes)),
            format_bytes(static_cast<double>(p.backend_bytes)), format_bytes(static_cast<double>(tile_slot)),
@@ -242,18 +257,21 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
              format_bytes(static_cast<double>(all_resident)), format_bytes(static_cast<double>(r.cap)));
       resident = L;
       break;
-    case OffloadMode::all:
+    case OffloadMode::all: {
+      int k = k_min;
+      while (k > k_floor && fixed + static_cast<std::size_t>(k) * block > r.cap) --k;
       if (p.minimum_cap > r.cap)
         fail(ErrorKind::out_of_memory,
              "the cap {} is below the minimum of {} for streaming every block through {} slots "
              "(globals {}, activations and scratch {}, cuBLAS and attention scratch {}, slots {} × {})",
-             format_bytes(static_cast<double>(r.cap)), format_bytes(static_cast<double>(p.minimum_cap)),
-             k_min, format_bytes(static_cast<double>(p.globals_bytes)),
+             bytes_beside(r.cap, p.minimum_cap), bytes_beside(p.minimum_cap, r.cap),
+             k_floor, format_bytes(static_cast<double>(p.globals_bytes)),
              format_bytes(static_cast<double>(p.workspace_bytes + p.batch_bytes + p.logits_bytes)),
-             format_bytes(static_cast<double>(p.backend_bytes)), k_min, format_bytes(static_cast<double>(block)));
+             format_bytes(static_cast<double>(p.backend_bytes)), k_floor, format_bytes(static_cast<double>(block)));
       resident = 0;
-      window = k_min;
+      window = k;
       break;
+    }
     case OffloadMode::auto_:
       if (all_resident <= r.cap) {
         resident = L;
@@ -268,7 +286,7 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
           fail(ErrorKind::out_of_memory,
                "the cap {} is below the minimum of {} this model needs at batch {} × {} tokens "
                "(globals {}, activations and scratch {}, cuBLAS and attention scratch {}, {} window slots × {}{})",
-               format_bytes(static_cast<double>(r.cap)), format_bytes(static_cast<double>(p.minimum_cap)),
+               bytes_beside(r.cap, p.minimum_cap), bytes_beside(p.minimum_cap, r.cap),
                r.batch, p.call_seq, format_bytes(static_cast<double>(p.globals_bytes)),
                format_bytes(static_cast<double>(p.workspace_bytes + p.batch_bytes + p.logits_bytes)),
                format_bytes(static_cast<double>(p.backend_bytes)), k_floor, format_bytes(static_cast<double>(block)),
@@ -411,7 +429,8 @@ std::string Placement::describe(const ModelConfig& config) const {
   }
   line("predicted device peak", static_cast<double>(total_bytes));
   line("cap", static_cast<double>(cap));
-  line(tile_slots > 0 ? "minimum cap (tiles, 2 slots)" : "minimum cap (all streamed)", static_cast<double>(minimum_cap));
+  line(tile_slots > 0 ? "minimum cap (tiles, 2 slots)" : "minimum cap (whole blocks)", static_cast<double>(minimum_cap));
+  if (tile_minimum_cap > 0) line("minimum cap (weight tiles)", static_cast<double>(tile_minimum_cap));
   line(state_block_bytes ? "block image (with state)" : "block image", static_cast<double>(block_bytes));
   if (state_block_bytes) line("  of which optimizer state", static_cast<double>(state_block_bytes));
   line(state_block_bytes ? "host memory (weights, state)" : "host memory (master weights)", static_cast<double>(host_bytes));

@@ -144,6 +144,7 @@ struct Placement {
   std::size_t total_bytes = 0;      // predicted arena peak
   std::size_t cap = 0;
   std::size_t minimum_cap = 0;      // smallest cap this request could run under (all streamed, K slots)
+  std::size_t tile_minimum_cap = 0;  // with --tile auto, below minimum_cap: by weight tiles (0: none)
   // The host block store: globals and one image per block (the pinned master weights;
   // BlockStore allocates exactly this, one image in all with aliased blocks).
   std::size_t host_bytes = 0;

@@ -267,8 +267,45 @@ TEST(SchedulerTiles, RanksSharingAHostImageAreRefusedByName) {
   EXPECT_GT(plan_placement(small_opt(), r).tile_slots, 0);
   r.writeback_ranks = 2;
   const std::string chosen = refusal();
-  EXPECT_NE(chosen.find("raise --gpu-mem so that 3 window slots"), std::string::npos) << chosen;
+  EXPECT_NE(chosen.find("raise --gpu-mem so that 2 window slots"), std::string::npos) << chosen;
   EXPECT_EQ(chosen.find("--tile"), std::string::npos) << chosen;
+}
+
+// With every block streamed, the window shrinks to two whole-block slots before the blocks go
+// to weight tiles, and --tile off is refused only below two slots (README's --tile; pass 62:
+// --offload all took tiles, or with --tile off was refused, below its three requested slots).
+TEST(SchedulerTiles, EveryBlockStreamedTakesTwoWholeSlotsBeforeTiles) {
+  PlanRequest r;
+  r.cap = std::size_t{1} << 30;
+  r.batch = kBatch;
+  r.seq = kSeq;
+  r.mode = OffloadMode::all;
+  r.window = 3;
+  const Placement wide = plan_placement(small_opt(), r);
+  EXPECT_EQ(wide.window, 3);
+  const std::size_t slot = wide.slot_bytes / 3;
+  r.cap = wide.total_bytes - 1;  // three slots do not fit; two do
+  const Placement two = plan_placement(small_opt(), r);
+  EXPECT_EQ(two.tile_slots, 0);
+  EXPECT_EQ(two.window, 2);
+  EXPECT_EQ(two.resident_count, 0);
+  EXPECT_EQ(two.total_bytes, wide.total_bytes - slot);
+  r.tile = -1;  // --tile off
+  EXPECT_EQ(plan_placement(small_opt(), r).window, 2);
+  r.cap = two.total_bytes - 1;  // below two slots: refused with --tile off, tiles with auto
+  EXPECT_EQ(test::error_of([&] { plan_placement(small_opt(), r); }).kind(), ErrorKind::out_of_memory);
+  r.tile = 0;
+  EXPECT_GT(plan_placement(small_opt(), r).tile_slots, 0);
+  // The plan names both minimums: whole blocks, and the lower one of weight tiles, which runs.
+  ASSERT_GT(wide.tile_minimum_cap, 0u);
+  EXPECT_LT(wide.tile_minimum_cap, wide.minimum_cap);
+  EXPECT_NE(wide.describe(small_opt()).find("minimum cap (weight tiles)"), std::string::npos);
+  r.cap = wide.tile_minimum_cap;
+  EXPECT_EQ(plan_placement(small_opt(), r).total_bytes, wide.tile_minimum_cap);
+  r.cap = wide.tile_minimum_cap - 1;
+  const std::string below = test::error_of([&] { plan_placement(small_opt(), r); }).what();
+  EXPECT_NE(below.find(fmt::format("({} bytes) is below the minimum of", r.cap)), std::string::npos)
+      << "one byte short, the two sizes read the same but for their bytes: " << below;
 }
 
 // Tiles carry the rule's state rows and fp8 row scales with the weights; the update of a

@@ -175,6 +175,7 @@ Runner add_plan(CLI::App& app) {
     j["cap_bytes"] = pl.cap;
     j["predicted_peak_bytes"] = pl.total_bytes;
     j["minimum_cap_bytes"] = pl.minimum_cap;
+    if (pl.tile_minimum_cap > 0) j["tile_minimum_cap_bytes"] = pl.tile_minimum_cap;  // below it by weight tiles (--tile auto)
     j["globals_bytes"] = pl.globals_bytes;
     j["block_bytes"] = pl.block_bytes;
     j["state_block_bytes"] = pl.state_block_bytes;
