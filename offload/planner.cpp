@@ -109,6 +109,12 @@ TileSizes tile_sizes(const ModelGraph& graph, const ImageLayout& block, const St
 namespace {
 // `v` as format_bytes writes it, with the exact bytes where `other` would read the same (a cap
 // one byte short was "230.97 MiB is below the minimum of 230.97 MiB": pass 62).
+// The link's time for a step's traffic, the slower direction.
+double transfer_seconds(const Placement& p, const PlanRequest& r) {
+  return std::max(static_cast<double>(p.h2d_bytes_per_step) / r.h2d_bytes_per_s,
+                  static_cast<double>(p.d2h_bytes_per_step) / r.d2h_bytes_per_s);
+}
+
 std::string bytes_beside(std::size_t v, std::size_t other) {
   const std::string a = format_bytes(static_cast<double>(v));
   return a == format_bytes(static_cast<double>(other)) ? fmt::format("{} ({} bytes)", a, v) : a;
@@ -324,8 +330,7 @@ Placement plan_placement(const ModelConfig& config, const PlanRequest& r) {
     p.d2h_bytes_per_step = (p.d2h_bytes_per_step + static_cast<std::size_t>(r.writeback_ranks) - 1) /
                            static_cast<std::size_t>(r.writeback_ranks);
   p.host_bytes += r.adapter_bytes + p.kv_host_bytes;
-  p.predicted_transfer_s = std::max(static_cast<double>(p.h2d_bytes_per_step) / r.h2d_bytes_per_s,
-                                    static_cast<double>(p.d2h_bytes_per_step) / r.d2h_bytes_per_s);
+  p.predicted_transfer_s = transfer_seconds(p, r);
   plan_tiers(p, config, r);
   return p;
 }
@@ -379,8 +384,7 @@ void plan_tiers(Placement& p, const ModelConfig& config, const PlanRequest& r) {
     const double per_block = static_cast<double>(p.d2h_bytes_per_step) / static_cast<double>(p.streamed);
     p.d2h_bytes_per_step = static_cast<std::size_t>(
         per_block * (static_cast<double>(p.streamed - D) + static_cast<double>(D) / static_cast<double>(p.disk_lag)));
-    p.predicted_transfer_s = std::max(static_cast<double>(p.h2d_bytes_per_step) / r.h2d_bytes_per_s,
-                                      static_cast<double>(p.d2h_bytes_per_step) / r.d2h_bytes_per_s);
+    p.predicted_transfer_s = transfer_seconds(p, r);
   }
   p.disk_read_bytes_per_s = r.disk_read_bytes_per_s;
   p.disk_write_bytes_per_s = r.disk_write_bytes_per_s;

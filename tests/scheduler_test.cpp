@@ -233,16 +233,22 @@ TEST_P(SchedulerModels, TiledRunMatchesResidentRunBitwise) {
   expect_identical(auto_tiles, train(tmp.path(), capped(OffloadMode::none, 0), 6), "auto tiles vs resident");
 }
 
-// Ranks sharing one host image hand each block's versions over as a whole (Note [One host
-// image per node]); with tiles the planner refuses the layout by name, and names what chose
-// the tiles: --tile SIZE (adversarial pass 53: it told a forced --tile to raise a --gpu-mem
-// never given), or a cap below the smallest window.
-TEST(SchedulerTiles, RanksSharingAHostImageAreRefusedByName) {
+// Every block streamed under a roomy cap, at the tests' batch.
+PlanRequest all_streamed_request() {
   PlanRequest r;
   r.cap = std::size_t{1} << 30;
   r.batch = kBatch;
   r.seq = kSeq;
   r.mode = OffloadMode::all;
+  return r;
+}
+
+// Ranks sharing one host image hand each block's versions over as a whole (Note [One host
+// image per node]); with tiles the planner refuses the layout by name, and names what chose
+// the tiles: --tile SIZE (adversarial pass 53: it told a forced --tile to raise a --gpu-mem
+// never given), or a cap below the smallest window.
+TEST(SchedulerTiles, RanksSharingAHostImageAreRefusedByName) {
+  PlanRequest r = all_streamed_request();
   r.tile = 4096;
   EXPECT_GT(plan_placement(small_opt(), r).tile_slots, 0);
   r.writeback_ranks = 2;
@@ -276,11 +282,7 @@ TEST(SchedulerTiles, RanksSharingAHostImageAreRefusedByName) {
 // to weight tiles, and --tile off is refused only below two slots (README's --tile; pass 62:
 // --offload all took tiles, or with --tile off was refused, below its three requested slots).
 TEST(SchedulerTiles, EveryBlockStreamedTakesTwoWholeSlotsBeforeTiles) {
-  PlanRequest r;
-  r.cap = std::size_t{1} << 30;
-  r.batch = kBatch;
-  r.seq = kSeq;
-  r.mode = OffloadMode::all;
+  PlanRequest r = all_streamed_request();
   r.window = 3;
   const Placement wide = plan_placement(small_opt(), r);
   EXPECT_EQ(wide.window, 3);

@@ -1526,11 +1526,8 @@ Runner add_train(CLI::App& app) {
     StopSignals stop_signals;  // Note [Stop signals]: through the final save
     Progress progress(o->steps, o->log_every);
     // The batches of one evaluation, as evaluate() makes them (Note [The ETA]).
-    const std::int64_t eval_batches = [&]() -> std::int64_t {
-      if (!eval_data) return 0;
-      const std::int64_t per = std::max<std::int64_t>(1, sc.max_batch / std::max(1, eval_data->max_candidates()));
-      return (eval_data->size() + per - 1) / per;
-    }();
+    const std::int64_t eval_per_batch = eval_data ? eval_examples_per_batch(*eval_data, sc.max_batch) : 1;
+    const std::int64_t eval_batches = eval_data ? (eval_data->size() + eval_per_batch - 1) / eval_per_batch : 0;
     const auto start = std::chrono::steady_clock::now();
     const TransferTotals t0 = session.scheduler().totals();
     std::int64_t completed = 0;

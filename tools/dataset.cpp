@@ -1195,7 +1195,7 @@ HostBatch Dataset::collate(const std::vector<std::int64_t>& examples, bool gold_
 EvalResult evaluate(Session& session, const Dataset& data, int batch_rows, const std::function<bool()>& stop,
                     const EvalProgress& progress) {
   EvalResult r;
-  const std::int64_t per_batch = std::max<std::int64_t>(1, batch_rows / data.max_candidates());
+  const std::int64_t per_batch = eval_examples_per_batch(data, batch_rows);
   double sum = 0;
   std::int64_t correct = 0;
   std::vector<int> predicted;  // options: the argmax candidate of each example, in order

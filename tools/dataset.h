@@ -40,6 +40,7 @@
 #include "models/config.h"
 #include "models/tokenizer.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -193,6 +194,10 @@ namespace zo2::cli {
 // be collective: every rank asks it as often); true ends the evaluation there, interrupted.
 // `progress`, when given, is told the examples done (of data.size()) after each batch.
 using EvalProgress = std::function<void(std::int64_t done, std::int64_t total, std::int64_t new_tokens)>;
+// The examples evaluate() puts in one batch of at most `batch_rows` sequences (at least one).
+inline std::int64_t eval_examples_per_batch(const Dataset& data, int batch_rows) {
+  return std::max<std::int64_t>(1, batch_rows / std::max(1, data.max_candidates()));
+}
 EvalResult evaluate(Session& session, const Dataset& data, int batch_rows,
                     const std::function<bool()>& stop = {}, const EvalProgress& progress = {});
 
