@@ -708,6 +708,15 @@ fs::path training_run_of_checkpoint(const fs::path& dir) {
   return !run.empty() && fs::exists(run / kRunSeedLog, ec) ? run : fs::path();
 }
 
+bool path_is_within(const fs::path& p, const fs::path& dir) {
+  std::error_code ec1, ec2;
+  const fs::path cp = fs::weakly_canonical(fs::absolute(p, ec1), ec1);
+  const fs::path cd = fs::weakly_canonical(fs::absolute(dir, ec2), ec2);
+  if (ec1 || ec2) return false;
+  const fs::path rel = cp.lexically_relative(cd);
+  return !rel.empty() && (rel.begin() == rel.end() || *rel.begin() != "..");
+}
+
 bool same_directory(const fs::path& a, const fs::path& b) {
   std::error_code ec;
   const bool same = fs::equivalent(a, b, ec);

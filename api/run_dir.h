@@ -154,4 +154,7 @@ std::filesystem::path run_of_checkpoint(const std::filesystem::path& dir);
 // Whether two paths name the same directory (after following links); false if either is missing.
 bool same_directory(const std::filesystem::path& a, const std::filesystem::path& b);
 
+// Whether P is DIR or lies under it, after following links (each made absolute first).
+bool path_is_within(const std::filesystem::path& p, const std::filesystem::path& dir);
+
 }  // namespace zo2

@@ -1075,6 +1075,9 @@ StepResult Scheduler::wait_result(std::int64_t step) {
   const double denom = options_.rule.difference == Difference::central ? 2.0 * static_cast<double>(res.eps)
                                                                         : static_cast<double>(res.eps);
   res.g_double = (static_cast<double>(res.loss_plus) - static_cast<double>(res.loss_minus)) / denom;
+  res.loss = options_.rule.difference == Difference::central
+                 ? 0.5 * (static_cast<double>(res.loss_plus) + static_cast<double>(res.loss_minus))
+                 : static_cast<double>(res.loss_minus);
   res.update_skipped = false;
   for (float g : res.gs) res.update_skipped = res.update_skipped || !std::isfinite(g);
   // Only the tail of this step's offloads can still be running (a short host wait).

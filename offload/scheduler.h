@@ -89,6 +89,10 @@ struct StepResult {
   float loss_plus = 0;       // L(θ + eps·z_0)
   float loss_minus = 0;      // central: L(θ − eps·z_0); forward difference: L(θ)
   float g = 0;               // g_0 as the device computed it (fp32): (L+ − L−)/(2·eps) or (L+ − L0)/eps
+  // The step's loss as progress, --log-json and Python report it: L(θ) where the step measured
+  // it (the forward difference's L0), else the central pair's mean ½(L+ + L−), which is L(θ)
+  // to O(eps²). (½(L+ + L0) would be off by ½·eps·g.)
+  double loss = 0;
   double g_double = 0;       // the same in double, from the fp32 losses
   std::vector<float> gs;     // g_j of every direction (gs[0] == g)
   std::vector<float> losses; // the rule's loss slots (zo/rule.h RuleEstimate)

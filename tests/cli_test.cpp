@@ -1327,6 +1327,88 @@ TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
   EXPECT_NE(out.find("now gives 16 training examples but the run had 64"), std::string::npos) << out;
 }
 
+// The run's checkpoint given as a shell completes it (`RUN/current/`), or as `current`, a step
+// directory or `.` from inside the run, is resumed in place: it was taken for another run,
+// and the --overwrite its refusal suggested removed the run being resumed (adversarial pass
+// 64). --overwrite never removes what the run starts from.
+TEST(Cli, TheRunsOwnCheckpointHoweverNamedIsResumedInPlaceAndNeverRemoved) {
+  Workspace w;
+  const std::string f = " --model " + w.model.string() + " --data " + w.data.string() + " --steps 8 --batch-size 2 --lr 1e-3 -q";
+  const fs::path full = w.tmp / "full", part = w.tmp / "part";
+  ASSERT_EQ(run("train" + f + " --out " + full.string()), 0);
+  ASSERT_EQ(run("train" + f + " --out " + part.string() + " --stop-at 2"), 0);
+  const std::string tune = test::zo2_tune_path().string();
+  std::string out;
+  // Refused with --overwrite, naming what would go; nothing removed.
+  for (const std::string& how : {"cd " + part.string() + " && " + tune + " train --resume current --overwrite",
+                                 tune + " train --resume " + part.string() + "/current/ --overwrite",
+                                 "cd " + part.string() + "/step-00000002 && " + tune + " train --resume . --overwrite"}) {
+    out.clear();
+    EXPECT_EQ(test::run_command(how, &out), 2) << how << ": " << out;
+    EXPECT_NE(out.find("there is nothing to overwrite; drop --overwrite"), std::string::npos) << how << ": " << out;
+    EXPECT_TRUE(fs::exists(part / "seed_log.jsonl")) << how;
+    EXPECT_TRUE(fs::exists(part / "step-00000002" / "model.safetensors")) << how;
+  }
+  // --model RUN/current --out RUN --overwrite: a new run would remove its own starting point.
+  out.clear();
+  EXPECT_EQ(run("train --model " + (part / "current").string() + " --data " + w.data.string() +
+                    " --steps 8 --batch-size 2 --lr 1e-3 --overwrite --out " + part.string(),
+                &out),
+            2)
+      << out;
+  EXPECT_NE(out.find("is inside it, and this run starts from it"), std::string::npos) << out;
+  EXPECT_TRUE(fs::exists(part / "step-00000002" / "model.safetensors"));
+  // Each way resumes in place and ends where the uninterrupted run does.
+  ASSERT_EQ(test::run_command("cd " + part.string() + " && " + tune + " train --resume current --stop-at 4 -q", &out), 0)
+      << out;
+  ASSERT_EQ(test::run_command(tune + " train --resume " + part.string() + "/current/ --stop-at 6 -q", &out), 0) << out;
+  ASSERT_EQ(test::run_command("cd " + part.string() + "/step-00000006 && " + tune + " train --resume . -q", &out), 0)
+      << out;
+  EXPECT_EQ(read_file(part / "model.safetensors"), read_file(full / "model.safetensors"));
+  EXPECT_EQ(read_file(part / "seed_log.jsonl").substr(read_file(part / "seed_log.jsonl").find('\n')),
+            read_file(full / "seed_log.jsonl").substr(read_file(full / "seed_log.jsonl").find('\n')));
+}
+
+// A checkpoint `replay` wrote continues the seed log it was replayed from, whose prefix it
+// records: another run's log at that path (a name reused, with the same seed) is refused
+// instead of continued (adversarial pass 64: the resumed run's log then rebuilt other
+// weights), and a log that moved away is named with where a copy is taken from.
+TEST(Cli, AReplayedCheckpointContinuesOnlyTheLogItWasReplayedFrom) {
+  Workspace w;
+  const std::string f = " --model " + w.model.string() + " --data " + w.data.string() + " --batch-size 2 -q";
+  const fs::path killed = w.tmp / "killed", a = w.tmp / "a", b = w.tmp / "b", six = w.tmp / "six";
+  ASSERT_EQ(run("train" + f + " --lr 1e-3 --steps 6 --out " + six.string()), 0);
+  ASSERT_EQ(run("train" + f + " --lr 1e-3 --steps 6 --stop-at 3 --out " + (w.tmp / "stopped").string()), 0);
+  fs::create_directories(killed);
+  fs::copy_file(w.tmp / "stopped" / "seed_log.jsonl", killed / "seed_log.jsonl");  // killed before its first save
+  std::string out;
+  for (const fs::path& r : {a, b})
+    ASSERT_EQ(run("replay --model " + w.model.string() + " --seed-log " + (killed / "seed_log.jsonl").string() +
+                      " --out " + r.string() + " -q",
+                  &out),
+              0)
+        << out;
+  // The name is taken by a new run with the same (default) seed and another lr.
+  fs::rename(killed, w.tmp / "killed.moved");
+  ASSERT_EQ(run("train" + f + " --lr 3e-3 --steps 6 --out " + killed.string()), 0);
+  out.clear();
+  EXPECT_EQ(run("train --resume " + a.string() + " --steps 6", &out), 1) << out;
+  EXPECT_NE(out.find("bytes are not the log " + a.string() + " was replayed from"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(a / "seed_log.jsonl"));
+  // Gone: named, with the copy that carries the run on.
+  fs::remove_all(killed);
+  out.clear();
+  EXPECT_EQ(run("train --resume " + b.string() + " --steps 6", &out), 1) << out;
+  EXPECT_NE(out.find((killed / "seed_log.jsonl").string() + ": missing: " + b.string() +
+                     " was replayed from that seed log, which its resume continues; if it moved, copy it to " +
+                     (b / "seed_log.jsonl").string()),
+            std::string::npos)
+      << out;
+  fs::copy_file(w.tmp / "killed.moved" / "seed_log.jsonl", b / "seed_log.jsonl");
+  ASSERT_EQ(run("train --resume " + b.string() + " --steps 6", &out), 0) << out;
+  EXPECT_EQ(read_file(b / "model.safetensors"), read_file(six / "model.safetensors"));
+}
+
 // A writer never removes the run's only complete checkpoint (api/run_dir.cpp clean_run_dir):
 // with `current` deleted the newest complete step becomes current; a `current` copied as a
 // directory (cp -rL, scp -r) stops the writer with everything kept.

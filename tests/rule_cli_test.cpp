@@ -5,6 +5,7 @@
 #include "tests/test_util.h"
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 
 #include <fstream>
@@ -59,6 +60,29 @@ TEST(RuleCli, PlainZoSgdWritesThePreRulesSeedLogAndCheckpoint) {
   want = want.substr(0, 64);
   EXPECT_EQ(out.substr(0, 64), want) << "the checkpoint differs from the one the pre-rules zo2-tune wrote";
   EXPECT_EQ(read_file(w.tmp / "run/seed_log.jsonl").find("optimizer"), std::string::npos);
+}
+
+// The loss each --log-json record reports is L(θ): the forward difference's own L0
+// (loss_minus), not ½(L(θ + eps·z) + L(θ)), which is off by ½·eps·g; the central pair's mean
+// otherwise (L(θ) to O(eps²)).
+TEST(RuleCli, TheReportedLossIsTheForwardDifferencesOwnLossAtTheta) {
+  Workspace w;
+  for (const std::string difference : {"forward", "central"}) {
+    const fs::path log = w.tmp / (difference + ".jsonl");
+    std::string out;
+    ASSERT_EQ(run(w.train(difference, "--difference " + difference + " --log-json " + log.string()), &out), 0) << out;
+    std::istringstream in(read_file(log));
+    int records = 0;
+    for (std::string line; std::getline(in, line);) {
+      const auto j = nlohmann::json::parse(line);
+      if (!j.contains("loss_plus")) continue;
+      ++records;
+      const double lp = j["loss_plus"].get<double>(), lm = j["loss_minus"].get<double>();
+      ASSERT_NE(lp, lm) << line;
+      EXPECT_EQ(j["loss"].get<double>(), difference == "forward" ? lm : 0.5 * (lp + lm)) << difference << ": " << line;
+    }
+    EXPECT_EQ(records, 6) << difference;
+  }
 }
 
 // Stopped at step 3 and resumed: the same weights, state and seed log as a run that never

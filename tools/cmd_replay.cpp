@@ -14,6 +14,7 @@
 //   before.
 #include "api/options.h"
 #include "api/run_dir.h"
+#include "runtime/checksum.h"
 #include "api/session.h"
 #include "runtime/arena.h"
 #include "runtime/file_util.h"
@@ -231,6 +232,12 @@ Runner add_replay(CLI::App& app) {
       if (e.step <= session.next_step() && !e.run_flags.empty()) flags = e.run_flags;
     x.state = flags.empty() ? nlohmann::json::object() : parse_json_text(flags, o->seed_log);
     x.state["replayed_from"] = std::filesystem::absolute(o->seed_log).string();
+    // The log's prefix this checkpoint holds, so that a resume that continues the log at
+    // replayed_from (or a copy of it) knows it is still that log (adversarial pass 64: a run
+    // started later under the same name, with the same seed, was continued without a word).
+    const std::uint64_t prefix = log.bytes_before(session.next_step());
+    x.state["replayed_from_bytes"] = prefix;
+    x.state["replayed_from_crc32"] = crc32_file(o->seed_log, prefix);
     x.state["base_model"] = std::filesystem::absolute(o->model).string();
     session.save(o->out, save_dtype, shard, x);
     made.keep();

@@ -274,7 +274,7 @@ class Progress {
   void report(const StepResult& r, double step_s, double tok_s, double eta, std::size_t peak, double pcie_gbps,
               double disk_gbps) {
     if (quiet_ || !failure_.empty()) return;
-    const float loss = 0.5f * (r.loss_plus + r.loss_minus);
+    const double loss = r.loss;
     smooth_ = n_ == 0 ? loss : 0.9 * smooth_ + 0.1 * loss;
     ++n_;
     const std::string line = fmt::format(
@@ -812,9 +812,20 @@ Runner add_train(CLI::App& app) {
       resumed_log_path = !ck.seed_log.empty() ? ck.seed_log : std::filesystem::path(o->resume) / kRunSeedLog;
       // A checkpoint `replay` wrote (from a run killed before its first save, say) continues
       // the seed log it was replayed from.
+      // Its prefix up to the checkpoint is recorded (replayed_from_bytes/crc32) and checked
+      // below; a log that moved away is named, with where a copy of it is taken from.
+      bool replayed = false;
       if (std::error_code ec; ck.seed_log.empty() && !std::filesystem::exists(resumed_log_path, ec) &&
-                              st.has("replayed_from"))
+                              st.has("replayed_from")) {
+        const std::filesystem::path own = resumed_log_path;
         resumed_log_path = st.get<std::string>("replayed_from");
+        replayed = true;
+        if (!std::filesystem::exists(resumed_log_path, ec))
+          fail(ErrorKind::io,
+               "{}: missing: {} was replayed from that seed log, which its resume continues; if it moved, copy it to "
+               "{} (its first bytes are checked against the replay's)",
+               resumed_log_path.string(), o->resume, own.string());
+      }
       resumed_log = SeedLog::read(resumed_log_path);
       const std::uint64_t run_seed = o->seed;
       if (resumed_log->header.rule != sc.rule)
@@ -843,8 +854,26 @@ Runner add_train(CLI::App& app) {
                "log was rewritten or comes from another run",
                resumed_log_path.string(), resumed_log_bytes, state_file.string(), bytes, crc);
       }
+      if (!ck.state.contains("seed_log") && st.has("replayed_from_bytes")) {
+        const auto bytes = st.get<std::uint64_t>("replayed_from_bytes");
+        const auto crc = st.get<std::uint32_t>("replayed_from_crc32");
+        if (bytes != resumed_log_bytes || crc32_file(resumed_log_path, bytes) != crc)
+          fail(ErrorKind::format,
+               "{}: its first {} bytes are not the log {} was replayed from (recorded: {} bytes, CRC-32 {:08x}{}): "
+               "the log was rewritten, or another run has taken its place",
+               resumed_log_path.string(), resumed_log_bytes, o->resume, bytes, crc,
+               replayed ? "" : fmt::format(", from {}", st.get<std::string>("replayed_from")));
+      }
       model_dir = ck.dir.string();
-      resume_within_out = resume_in_place || same_directory(ck.dir.parent_path(), out);
+      // The run the checkpoint is in, after following links: `--resume RUN/current/` (a trailing
+      // slash, as a shell completes it), `--resume current` or `.` from inside the run have no
+      // such parent as written, and were taken for another run — whose --overwrite then
+      // removed the checkpoint and seed log being resumed (adversarial pass 64).
+      std::error_code canon_ec;
+      const std::filesystem::path ck_canonical =
+          std::filesystem::weakly_canonical(std::filesystem::absolute(ck.dir), canon_ec);
+      resume_within_out = resume_in_place || same_directory(ck.dir.parent_path(), out) ||
+                          (!canon_ec && same_directory(ck_canonical.parent_path(), out));
       if (resume_within_out && o->overwrite)
         fail(ErrorKind::invalid_argument,
              "--overwrite with --resume {} --out {}: the resumed checkpoint is this run directory's own, so there is "
@@ -1221,7 +1250,20 @@ Runner add_train(CLI::App& app) {
       check_out_is_free();
     }
     if (writer) ensure_writable_dir(out);
-    if (writer && o->overwrite && !resume_within_out) remove_run(out);
+    if (writer && o->overwrite && !resume_within_out) {
+      // --overwrite replaces the run in --out, never what this run starts from: a checkpoint
+      // (--model RUN/current --out RUN) or seed log inside it would be removed before it is
+      // read, leaving neither run.
+      for (const std::filesystem::path& p : {std::filesystem::path(model_dir), resumed_log_path})
+        if (!p.empty() && path_is_within(p, out))
+          fail(ErrorKind::invalid_argument,
+               "--overwrite with --out {}: {} is inside it, and this run starts from it; replacing the run there "
+               "would remove it first: choose another --out{}",
+               o->out, p.string(),
+               o->resume.empty() ? "" : fmt::format(" (to carry the run on, drop --overwrite and give --out {})",
+                                                    run_of_checkpoint(o->resume).string()));
+      remove_run(out);
+    }
     // A run saved by a C API or Python session keeps its seed log where the host put it:
     // the run directory's own log starts as that log's prefix, so it keeps the run's header
     // (base, fingerprint, first step) and replays from the run's base.
@@ -1604,7 +1646,7 @@ Runner add_train(CLI::App& app) {
         json j{{"step", r.step + 1},
                {"loss_plus", r.loss_plus},
                {"loss_minus", r.loss_minus},
-               {"loss", 0.5 * (static_cast<double>(r.loss_plus) + r.loss_minus)},
+               {"loss", r.loss},
                {"g", std::isfinite(r.g) ? json(r.g) : json(nullptr)},
                {"update_skipped", r.update_skipped},
                {"lr", r.lr},
