@@ -134,6 +134,9 @@ void check_real(Opt o, double v, OptionSource src, std::string_view as_written) 
     case Opt::lr:
       // θ ← θ − lr·(g·z + wd·θ): an infinite or NaN lr makes every weight non-finite.
       if (!float_finite || !(v >= 0)) refuse(o, src, value, fmt::format("must be finite and ≥ 0{}", overflow));
+      // A positive lr the float rounds to 0 would train nothing, with the log saying it did.
+      if (v > 0 && !(static_cast<float>(v) > 0))
+        refuse(o, src, value, "must be finite and ≥ 0 (it rounds to 0 as a float, whose smallest value is 1.4e-45)");
       return;
     case Opt::weight_decay:
       // Decoupled decay shrinks weights toward 0; a negative one grows them without bound.

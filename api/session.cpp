@@ -723,6 +723,21 @@ StepResult Session::collect(std::int64_t step) {
                step + 1, r.g, r.loss_plus);
     }
   }
+  // L+ == L− exactly, step after step: g = 0 and the weights do not move. An eps whose
+  // perturbation is below the storage dtype's resolution of the weights (1e-10 in fp32, 1e-5
+  // in bf16; 1e-45 anywhere) does that; a run said nothing and trained nothing (adversarial
+  // pass 66). Said once a session.
+  if (!r.update_skipped && std::all_of(r.gs.begin(), r.gs.end(), [](float g) { return g == 0.0f; })) {
+    if (++flat_steps_ == kFlatStepsToWarn && !flat_said_) {
+      flat_said_ = true;
+      log_warn("steps {}..{}: L(θ + eps·z) and L(θ − eps·z) were equal in each (g = 0), so the weights did not move: "
+               "eps {} may be too small to change the loss through {} weights (MeZO uses 1e-3), or the loss is "
+               "saturated",
+               step + 2 - kFlatStepsToWarn, step + 1, r.eps, dtype_name(cfg_.storage));
+    }
+  } else {
+    flat_steps_ = 0;
+  }
   if (cfg_.rule.kind == RuleKind::cons && !r.update_skipped)
     log_debug("step {}: zo-sgd-cons losses L(θ) {} L(θ−lr·g·z) {} L(θ+lr·g·z) {}: choice {}", step, r.cons_losses[0],
               r.cons_losses[1], r.cons_losses[2], r.choice);

@@ -251,6 +251,9 @@ class Session {
   void stop_log(std::int64_t step, std::string why) noexcept;
   std::string log_stopped_message() const;
   bool adam_overflow_said_ = false;  // the warning of Session::collect, once a session
+  static constexpr int kFlatStepsToWarn = 16;  // steps in a row with g = 0 before Session::collect says so
+  int flat_steps_ = 0;
+  bool flat_said_ = false;
   StepResult collect(std::int64_t step);
   void harvest_before(std::int64_t step);  // collects every outstanding step below `step`, in order
   std::map<std::int64_t, std::int64_t> global_tokens_;  // data parallel: a step's tokens over every shard

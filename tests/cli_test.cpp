@@ -133,6 +133,22 @@ TEST(Cli, IntegerFlagsAreDecimalAsWritten) {
   out.clear();
   EXPECT_EQ(run(train + " --steps 1 --optimizer zo-adam --adam-eps 1e-46 --out " + (w.tmp / "ae").string(), &out), 2);
   EXPECT_NE(out.find("--adam-eps 1e-46: rounds to 0 as a float"), std::string::npos) << out;
+  // A positive lr the float rounds to 0 trained nothing, the seed log's header saying 1e-46
+  // and every step 0 (adversarial pass 66).
+  out.clear();
+  EXPECT_EQ(run(train + " --steps 1 --lr 1e-46 --out " + (w.tmp / "lr0").string(), &out), 2);
+  EXPECT_NE(out.find("--lr 1e-46: must be finite and ≥ 0 (it rounds to 0 as a float"), std::string::npos) << out;
+  // An eps too small to change any loss: every g is 0 and nothing moves; said once.
+  out.clear();
+  ASSERT_EQ(run(train + " --steps 20 --eps 1e-45 --out " + (w.tmp / "flat").string(), &out), 0) << out;
+  EXPECT_NE(out.find("steps 1..16: L(θ + eps·z) and L(θ − eps·z) were equal in each (g = 0), so the weights did not "
+                     "move: eps 1e-45 may be too small"),
+            std::string::npos)
+      << out;
+  EXPECT_EQ(out.find("were equal in each"), out.rfind("were equal in each")) << out;
+  out.clear();
+  ASSERT_EQ(run(train + " --steps 20 --out " + (w.tmp / "moving").string(), &out), 0) << out;
+  EXPECT_EQ(out.find("were equal in each"), std::string::npos) << out;
   // zo2-bench's: bench/check_bench_errors.cmake.
 }
 

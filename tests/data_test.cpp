@@ -4,9 +4,11 @@
 // into checkpoints, exact resume with shuffling, and multiple-choice training that raises
 // the accuracy of a small learnable task.
 #include "api/run_dir.h"
+#include "models/config.h"
 #include "models/safetensors.h"
 #include "models/tokenizer.h"
 #include "tests/test_util.h"
+#include "tools/dataset.h"
 #include "tools/task_metrics.h"
 
 #include <fmt/format.h>
@@ -128,6 +130,44 @@ struct Workspace {
     return out;
   }
 };
+
+// A session may be at any step up to 2^53 (the C API's and Python's first_step); step · batch
+// then passes 2^63, and train_batch read outside the permutation (adversarial pass 66: a
+// resume at step 2^53 − 10 with --batch-size 2048 crashed). The data position is taken in
+// 128 bits: below 2^63 the batches are what they were.
+TEST(Data, TheBatchOfAStepNear2To53IsItsPositionModuloTheData) {
+  test::TempDir tmp;
+  std::string out;
+  ASSERT_EQ(run("init --preset opt-micro --out " + (tmp / "m").string() + " -q", &out), 0) << out;
+  ASSERT_EQ(run("synth-data --model " + (tmp / "m").string() + " --out " + (tmp / "d.safetensors").string() +
+                    " --rows 48 --seq 8 --seed 4 -q",
+                &out),
+            0)
+      << out;
+  const ModelConfig cfg = ModelConfig::load(tmp / "m");
+  for (const bool shuffle : {false, true}) {
+    cli::DataOptions o;
+    o.shuffle = shuffle;
+    const cli::Dataset d = cli::Dataset::load(tmp / "d.safetensors", cfg, nullptr, o);
+    const std::int64_t step = (std::int64_t{1} << 53) - 10;
+    const int batch = 2048;
+    const HostBatch b = d.train_batch(step, batch);
+    ASSERT_EQ(b.batch, batch);
+    if (!shuffle) {
+      // Row j is example (step·batch + j) mod n, worked out without the 128-bit product:
+      // step·batch mod n = ((step mod n)·batch) mod n.
+      const std::int64_t n = d.size();
+      for (int j : {0, 1, batch - 1}) {
+        const std::int64_t want = ((step % n) * batch + j) % n;
+        const HostBatch one = d.train_batch(want, 1);  // step `want` of batch 1 is example `want` (want < n)
+        EXPECT_TRUE(std::equal(one.ids.begin(), one.ids.begin() + one.seq, b.ids.begin() + j * b.seq)) << j;
+      }
+    }
+    // Below 2^63 nothing changed: batch 0 of batch size 4 is examples 0..3 unshuffled.
+    const HostBatch first = d.train_batch(0, 4);
+    EXPECT_EQ(first.batch, 4);
+  }
+}
 
 TEST(Data, InitCopiesTheTokenizerAndTheCheckpointUsesIt) {
   Workspace w;

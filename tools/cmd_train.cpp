@@ -1839,9 +1839,11 @@ Runner add_train(CLI::App& app) {
       fail(ErrorKind::aborted,
            "stopped after step {}: the last {} steps' losses were not finite (step {}: L+ = {}, L- = {}), so their "
            "updates were skipped ({} of the {} steps run). The weights are finite and saved to {}; look for an "
-           "overflow in the forward pass (a huge weight, fp16 compute) or a data problem",
+           "overflow in the forward pass (a huge weight, fp16 compute) or a data problem. The weights of an earlier "
+           "step, before the losses grew, are rebuilt by `zo2-tune replay --seed-log {} --until-step N --model BASE "
+           "--out NEW` (BASE: the model the run started from)",
            next, skipped_in_a_row, last_skipped.step + 1, last_skipped.loss_plus, last_skipped.loss_minus, skipped,
-           completed, out.string());
+           completed, out.string(), (out / kRunSeedLog).string());
     if (!log_failure.empty())
       fail(ErrorKind::io, "{}. Stopped after step {} and saved to {}; {} (the records of the steps up to {} stay missing "
            "from the log)",

@@ -1123,16 +1123,18 @@ std::string Dataset::describe() const {
                          : "");
 }
 
-std::int64_t Dataset::stream_index(std::int64_t position) const {
+std::int64_t Dataset::stream_index(__int128 position) const {
   const std::int64_t n = size();
-  const std::int64_t epoch = position / n, offset = position % n;
+  // (Below 2^63 the same epoch and offset as in 64 bits; the epoch only seeds the permutation.)
+  const auto epoch = static_cast<std::uint64_t>(position / n);
+  const auto offset = static_cast<std::int64_t>(position % n);
   if (!options_.shuffle) return offset;
   // The permutation of `epoch`: Fisher–Yates over a seeded mt19937_64 (its output is fixed by
   // the standard, and the bounded draw is ours), so every platform gives the same order.
   // The permutation depends only on (key, n): cached per thread for the steps of an epoch.
   thread_local std::uint64_t cached_key = ~std::uint64_t{0};
   thread_local std::vector<std::int64_t> perm;
-  const std::uint64_t key = options_.seed * 0x9E3779B97F4A7C15ULL + static_cast<std::uint64_t>(epoch);
+  const std::uint64_t key = options_.seed * 0x9E3779B97F4A7C15ULL + epoch;
   if (cached_key != key || static_cast<std::int64_t>(perm.size()) != n) {
     perm.resize(static_cast<std::size_t>(n));
     for (std::size_t i = 0; i < perm.size(); ++i) perm[i] = static_cast<std::int64_t>(i);
@@ -1145,7 +1147,7 @@ std::int64_t Dataset::stream_index(std::int64_t position) const {
 
 HostBatch Dataset::train_batch(std::int64_t step, int batch_size) const {
   std::vector<std::int64_t> ex(static_cast<std::size_t>(batch_size));
-  for (int j = 0; j < batch_size; ++j) ex[static_cast<std::size_t>(j)] = stream_index(step * batch_size + j);
+  for (int j = 0; j < batch_size; ++j) ex[static_cast<std::size_t>(j)] = stream_index(static_cast<__int128>(step) * batch_size + j);
   return collate(ex, trains_on_gold_only());
 }
 

@@ -141,7 +141,10 @@ class Dataset {
  private:
   HostBatch collate(const std::vector<std::int64_t>& examples, bool gold_only = false) const;
   bool trains_on_gold_only() const;  // options data of copa or record
-  std::int64_t stream_index(std::int64_t position) const;
+  // position = step·batch + j in 128 bits: a session may be at step 2^53 (the C API's and
+  // Python's first_step), where step·batch passes 2^63 (adversarial pass 66: a resume at
+  // step 2^53 − 10 with batch 2048 read outside the permutation).
+  std::int64_t stream_index(__int128 position) const;
 
   ModelConfig config_;
   DataFormat format_ = DataFormat::tokens;
