@@ -157,7 +157,8 @@ void fsync_path(const fs::path& p, bool directory) {
 }
 
 void write_synced(const fs::path& p, const std::string& text) {
-  const int fd = ::open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  keep_standard_fds_open();
+  const int fd = ::open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
   if (fd < 0) fail(ErrorKind::io, "{}: cannot write: {}", p.string(), std::strerror(errno));
   std::size_t done = 0;
   while (done < text.size()) {

@@ -353,6 +353,7 @@ void Session::check_resume_step(const std::filesystem::path& model_path) const {
 }
 
 Session::Session(const std::filesystem::path& model_path, const SessionConfig& cfg) : cfg_(cfg) {
+  keep_standard_fds_open();  // Note [The standard descriptors] (runtime/file_util.h)
   // A run directory reads through its current checkpoint, resolved once (api/run_dir.h).
   const std::filesystem::path model_dir = resolve_model_dir(model_path);
   model_path_ = model_path;

@@ -5,6 +5,10 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <csignal>
+#include <ctime>
+#include <pthread.h>
+#include <signal.h>
 #include <mutex>
 
 namespace zo2 {
@@ -41,12 +45,30 @@ void write_log_line(LogLevel level, std::string_view message) noexcept {
 }  // namespace
 
 bool write_stderr(std::string_view text) noexcept {
+  // A host's stderr may be a pipe whose reader exited (a log collector that restarted): the
+  // write raises SIGPIPE, whose default action killed the host (adversarial pass 65; the
+  // CLI ignores it, a host need not). The host's disposition is left alone: SIGPIPE is
+  // blocked in this thread for the write, and one the write raised (EPIPE, none pending
+  // before) is taken back before the mask is restored, as libcurl and OpenSSL do.
+  sigset_t pipe_set, old_mask, pending;
+  sigemptyset(&pipe_set);
+  sigaddset(&pipe_set, SIGPIPE);
+  const bool masked = pthread_sigmask(SIG_BLOCK, &pipe_set, &old_mask) == 0;
+  const bool was_pending = masked && sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE) == 1;
   // One fwrite (stderr is unbuffered: one write(2) for the whole line), its error read from
   // this call alone: a failure earlier (a full disk since freed) does not taint this one.
   std::clearerr(stderr);
   const bool ok = std::fwrite(text.data(), 1, text.size(), stderr) == text.size() && std::fflush(stderr) == 0;
   const int e = errno;
   std::clearerr(stderr);
+  if (masked) {
+    if (!ok && e == EPIPE && !was_pending) {
+      const timespec zero{0, 0};
+      while (sigtimedwait(&pipe_set, nullptr, &zero) == -1 && errno == EINTR) {
+      }
+    }
+    pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
+  }
   errno = e;
   return ok;
 }

@@ -100,7 +100,19 @@ fs::path make_temp_dir(const fs::path& target) {
   }
 }
 
+void keep_standard_fds_open() noexcept {
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (::fcntl(fd, F_GETFD) != -1 || errno != EBADF) continue;
+    const int null = ::open("/dev/null", O_RDWR);  // (no O_CLOEXEC: a standard descriptor is inherited)
+    if (null < 0) return;
+    if (null != fd) {  // another thread took `fd` meanwhile: leave it to them
+      if (null > 2) ::close(null);
+    }
+  }
+}
+
 AtomicFile::AtomicFile(const fs::path& target) : target_(target) {
+  keep_standard_fds_open();
   const auto [dir, base] = temp_place(target);
   for (int attempt = 0;; ++attempt) {
     tmp_ = dir / temp_name(base, temp_suffix());
@@ -176,6 +188,7 @@ void AtomicFile::io_fail(const char* op, int e) {
 }
 
 int open_own_file(const std::filesystem::path& path, int flags, unsigned mode) {
+  keep_standard_fds_open();
   const int fd = ::open(path.c_str(), flags | O_NOFOLLOW | O_CLOEXEC, static_cast<mode_t>(mode));
   if (fd < 0) {
     const int e = errno;

@@ -52,12 +52,21 @@ class AtomicFile {
   bool committed_ = false;
 };
 
+// Note [The standard descriptors]
+//   A host (a daemon) may run with descriptor 0, 1 or 2 closed. The next file opened takes
+//   the lowest free number: a seed log opened as descriptor 2 received zo2's own warnings,
+//   which then found the log "changed by another program" and refused every later step and
+//   save (adversarial pass 65). Before zo2 opens a file it keeps (a seed log, a lock, a
+//   checkpoint's files, a session's), any of the three that is closed is opened on
+//   /dev/null, as OpenSSH's sanitise_stdfd does: what was written there was lost anyway.
+void keep_standard_fds_open() noexcept;
+
 // Opens (O_CREAT when `flags` has it) a file zo2 keeps in a directory it writes — a lock file,
 // a block file — as the plain file of that name, never through a symbolic link planted there
 // (O_NOFOLLOW: a link named zo2.lock would have zo2 empty the file it points at and write its
 // pid into it; adversarial pass 52), and refuses anything but a regular file. Returns the
 // descriptor (O_CLOEXEC); throws Error(io) naming the path and what is there.
-int open_own_file(const std::filesystem::path& path, int flags, unsigned mode = 0644);
+int open_own_file(const std::filesystem::path& path, int flags, unsigned mode = 0666);
 
 // Note [File systems without locks]
 // zo2 refuses a second writer with flock(2) locks: of a run directory (zo2.lock), a seed

@@ -167,6 +167,10 @@ void refuse_if_live(const std::filesystem::path& path) {
 SeedLogWriter::SeedLogWriter(const std::filesystem::path& path, const SeedLogHeader& header,
                              bool append, std::int64_t keep_until_step)
     : path_(path), rule_(header.rule) {
+  keep_standard_fds_open();  // Note [The standard descriptors] (runtime/file_util.h)
+  std::error_code ec;
+  absolute_path_ = std::filesystem::absolute(path, ec);
+  if (ec) absolute_path_ = path;
   try {
     open(header, append, keep_until_step);
   } catch (...) {
@@ -306,7 +310,7 @@ void SeedLogWriter::check_still_ours() const {
   struct stat mine {}, named {};
   if (::fstat(fd_, &mine) != 0) return;  // (cannot tell: the write says what is wrong)
   const char* fix = "; the run continues from its last checkpoint with the log it was saved with (restore it)";
-  if (::stat(path_.c_str(), &named) != 0)
+  if (::stat(absolute_path_.c_str(), &named) != 0)
     fail(ErrorKind::io, "{}: the seed log was removed since this session opened it ({}){}", path_.string(),
          std::strerror(errno), fix);
   if (named.st_dev != mine.st_dev || named.st_ino != mine.st_ino)

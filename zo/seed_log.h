@@ -113,7 +113,7 @@ class SeedLogWriter {
   // published.
   void sync();
   SeedLogPosition position() const { return pos_; }
-  const std::filesystem::path& path() const { return path_; }
+  const std::filesystem::path& path() const { return absolute_path_; }  // absolute (as opened)
 
  private:
   void check_still_ours() const;  // Note [The seed log stays this writer's]
@@ -122,6 +122,10 @@ class SeedLogWriter {
   void release();      // closes the file (its lock) and leaves the process's registry
 
   std::filesystem::path path_;
+  // The same made absolute when the writer opened it: a host that changes directory later
+  // does not make the log "removed" (adversarial pass 65: a relative seed_log_path failed
+  // the next step after a chdir, the file intact).
+  std::filesystem::path absolute_path_;
   RuleConfig rule_;
   std::vector<std::string> loaded_as_;  // for the next entry (mark_next)
   std::string run_flags_;
