@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <climits>
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
@@ -141,6 +142,22 @@ void require_links(const fs::path& dir) {
          "extensions): choose a directory on another file system",
          dir.string(), std::strerror(e));
   fail(ErrorKind::io, "{}: cannot create a link there ({}), which a run directory needs", dir.string(), std::strerror(e));
+}
+
+// A save writes its files one directory below the run's: .step-N.tmp-PID/ (N up to 2^53,
+// 16 digits; a pid up to 7), then a temp name of up to NAME_MAX bytes. A run directory whose
+// own path leaves no room for that under PATH_MAX trained every step and failed at its first
+// save with "File name too long" (adversarial pass 64): refused when the writer takes it.
+void require_path_room(const fs::path& dir) {
+  constexpr std::size_t kDeepest = 1 + (6 + 16 + 5 + 7) + 1 + NAME_MAX;
+  std::error_code ec;
+  const std::string abs = fs::absolute(dir, ec).lexically_normal().string();
+  if (ec || abs.size() + kDeepest < PATH_MAX) return;
+  const std::string shown = abs.size() <= 120 ? abs : abs.substr(0, 56) + "…" + abs.substr(abs.size() - 56);
+  fail(ErrorKind::io,
+       "{}: its path is {} bytes long, and a save writes files up to {} bytes below it: beyond this system's path "
+       "limit (PATH_MAX {}), so no checkpoint could be saved there; choose a directory whose path is under {} bytes",
+       shown, abs.size(), kDeepest, PATH_MAX, PATH_MAX - kDeepest);
 }
 
 }  // namespace
@@ -419,6 +436,7 @@ std::uint32_t manifest_crc32(nlohmann::json manifest) {
 }
 
 RunDirLock::RunDirLock(const fs::path& dir) {
+  require_path_room(dir);
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec || !fs::is_directory(dir))

@@ -1385,6 +1385,38 @@ TEST(Cli, TheRunsOwnCheckpointHoweverNamedIsResumedInPlaceAndNeverRemoved) {
             read_file(full / "seed_log.jsonl").substr(read_file(full / "seed_log.jsonl").find('\n')));
 }
 
+// A run directory whose own path leaves no room under PATH_MAX for what a save writes below
+// it trained every step and failed at the first save (adversarial pass 64): refused when
+// train takes it, before a step, its path shown shortened.
+TEST(Cli, ARunDirectoryWithoutRoomForItsSavesIsRefusedBeforeTheFirstStep) {
+  Workspace w;
+  fs::path deep = w.tmp.path();
+  const std::string part(250, 'L');
+  while (deep.string().size() + 251 < 3900) deep /= part;
+  deep /= std::string(4000 - deep.string().size() - 1, 'q');  // a 4000-byte --out
+  ASSERT_EQ(deep.string().size(), 4000u);
+  fs::create_directories(deep.parent_path());
+  std::string out;
+  EXPECT_EQ(run("train --model " + w.model.string() + " --data " + w.data.string() +
+                    " --steps 50 --batch-size 2 --lr 1e-3 --out " + deep.string(),
+                &out),
+            1);
+  EXPECT_NE(out.find("its path is 4000 bytes long, and a save writes files up to 291 bytes below it: beyond this "
+                     "system's path limit (PATH_MAX 4096)"),
+            std::string::npos)
+      << out.substr(0, 2000);
+  EXPECT_EQ(out.find("step 1/"), std::string::npos) << out.substr(0, 2000);
+  EXPECT_LT(out.size(), 1500u);  // the path shortened
+  EXPECT_FALSE(fs::exists(deep / "seed_log.jsonl"));
+  // One with room is taken.
+  const fs::path roomy = deep.parent_path() / "r";
+  EXPECT_EQ(run("train --model " + w.model.string() + " --data " + w.data.string() +
+                    " --steps 2 --batch-size 2 --lr 1e-3 -q --out " + roomy.string(),
+                &out),
+            0)
+      << out.substr(0, 2000);
+}
+
 // A checkpoint `replay` wrote continues the seed log it was replayed from, whose prefix it
 // records: another run's log at that path (a name reused, with the same seed) is refused
 // instead of continued (adversarial pass 64: the resumed run's log then rebuilt other
