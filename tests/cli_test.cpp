@@ -401,6 +401,19 @@ TEST(Cli, LossFallsClearlyOnALearnableTask) {
 
 // Note [The ETA] (tools/cli.h): the steps left, and each evaluation and save still due at what
 // those run so far took, never their time spread over the steps done.
+// Durations as the progress line and logs print them; days past 48 hours (adversarial pass
+// 66: a year-long ETA read "8432h33m").
+TEST(TrainEta, DurationsReadAsSecondsMinutesHoursAndDays) {
+  EXPECT_EQ(cli::format_duration(42.4), "42s");
+  EXPECT_EQ(cli::format_duration(187), "3m07s");
+  EXPECT_EQ(cli::format_duration(5 * 3600 + 4 * 60 + 10), "5h04m");
+  EXPECT_EQ(cli::format_duration(47 * 3600 + 59 * 60), "47h59m");
+  EXPECT_EQ(cli::format_duration(48 * 3600), "2d00h");
+  EXPECT_EQ(cli::format_duration(8432 * 3600.0 + 33 * 60), "351d08h");
+  EXPECT_EQ(cli::format_duration(-1), "?");
+  EXPECT_EQ(cli::format_duration(2e9), "?");
+}
+
 TEST(TrainEta, CountsTheEvaluationsAndSavesStillDueAtTheirOwnCost) {
   cli::EtaInputs in;
   in.steps = 60;
@@ -1415,6 +1428,26 @@ TEST(Cli, ARunDirectoryWithoutRoomForItsSavesIsRefusedBeforeTheFirstStep) {
                 &out),
             0)
       << out.substr(0, 2000);
+}
+
+// --steps given again on a resume: a constant lr makes it no change to the weights (it was
+// warned as one); a decaying schedule's is; one below the run's step is refused, unwarned
+// (adversarial pass 66).
+TEST(Cli, MoreStepsOnAResumeWarnOnlyWhereTheScheduleDecaysOverThem) {
+  Workspace w;
+  const std::string f = " --model " + w.model.string() + " --data " + w.data.string() + " --steps 4 --batch-size 2 --lr 1e-3";
+  std::string out;
+  for (const std::string schedule : {"constant", "cosine"}) {
+    const fs::path r = w.tmp / schedule;
+    ASSERT_EQ(run("train" + f + " --lr-schedule " + schedule + " -q --out " + r.string()), 0);
+    out.clear();
+    EXPECT_EQ(run("train --resume " + r.string() + " --steps 2", &out), 2) << out;
+    EXPECT_NE(out.find("--steps 2: the run in"), std::string::npos) << out;
+    EXPECT_EQ(out.find("result will differ"), std::string::npos) << out;
+    out.clear();
+    ASSERT_EQ(run("train --resume " + r.string() + " --steps 6", &out), 0) << out;
+    EXPECT_EQ(out.find("--steps given as 6 but the run used 4") != std::string::npos, schedule == "cosine") << out;
+  }
 }
 
 // A checkpoint `replay` wrote continues the seed log it was replayed from, whose prefix it

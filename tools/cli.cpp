@@ -731,7 +731,9 @@ std::string format_duration(double s) {
   const auto total = static_cast<long long>(s + 0.5);
   if (total < 60) return fmt::format("{}s", total);
   if (total < 3600) return fmt::format("{}m{:02}s", total / 60, total % 60);
-  return fmt::format("{}h{:02}m", total / 3600, (total % 3600) / 60);
+  // Past two days hours stop reading well ("8432h33m" was 351 days; adversarial pass 66).
+  if (total < 48 * 3600) return fmt::format("{}h{:02}m", total / 3600, (total % 3600) / 60);
+  return fmt::format("{}d{:02}h", total / 86400, (total % 86400) / 3600);
 }
 
 namespace {

@@ -230,6 +230,7 @@ std::size_t planning_cap(const SessionConfig& sc);
 void ensure_writable_dir(const std::filesystem::path& dir);
 
 bool stderr_is_terminal();
+// "42s", "3m07s", "5h04m", past 48 h "351d08h"; "?" for a negative, NaN or over 1e9 s.
 std::string format_duration(double seconds);
 
 // Note [The ETA]

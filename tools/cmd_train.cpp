@@ -663,7 +663,18 @@ Runner add_train(CLI::App& app) {
       }
       take(given.sched, "lr_schedule", o->schedule);
       take(given.warm, "warmup_steps", o->warmup);
-      take(given.steps, "total_steps", o->steps);
+      // --steps: with a constant schedule the total changes no step's lr, so going on further
+      // (or stopping sooner) is no change to the weights; with linear or cosine decay it
+      // reshapes every lr from here. One below the run's step is refused below, unwarned.
+      if (st.has("total_steps")) {
+        const auto saved = st.get<std::int64_t>("total_steps");
+        if (given.steps->count() == 0)
+          o->steps = saved;
+        else if (o->steps != saved && o->schedule != "constant" && o->steps >= st.get_or<std::int64_t>("next_step", 0))
+          log_warn("--resume: --steps given as {} but the run used {}; its {} lr schedule decays over the total, so "
+                   "the result will differ from an uninterrupted run",
+                   o->steps, saved, o->schedule);
+      }
       {
         // A run saved by a C API or Python session records no training flags: the defaults
         // would silently change them (lr 1e-6 for the run's 1e-3). They are given again.
