@@ -18,12 +18,14 @@
 
 #include <cmath>
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <limits>
 #include <new>
 #include <span>
 #include <string>
+#include <thread>
 #include <unistd.h>
 
 struct zo2_model {
@@ -48,7 +50,29 @@ struct zo2_session {
   // not the scheduler's worker threads: there every call fails (usable) and
   // zo2_session_free leaks the session instead of waiting for threads that do not exist.
   pid_t owner_pid = getpid();
+  // One call at a time (zo2.h "Threads"; Note [In use]): the thread inside a call on this
+  // session, or none. The rest are touched only by that thread.
+  mutable std::atomic<std::thread::id> user{};
+  enum class Callback { none, step, generate };
+  Callback callback = Callback::none;  // whose progress callback runs on `user` now
+  bool free_pending = false;           // zo2_session_free from a callback: done when the outer call returns
 };
+
+// Note [In use]
+// A session's calls are not reentrant and not thread-safe (zo2.h "Threads"). A host that
+// breaks that gets an error, not a silent corruption or a hang (adversarial pass 65): every
+// entry point marks the session as used by its thread for the call (InUse). A call from
+// another thread meanwhile fails with ZO2_ERR_INVALID_ARGUMENT and changes nothing. A call
+// from the same thread is one made by a callback that runs inside a call (the progress
+// callbacks; a log callback on the calling thread): what may run there depends on what is
+// in flight. A step's progress callback runs with the step done and nothing in flight, so
+// eval, save and the queries work; a nested step or generation would wait for the outer
+// one's scheduler forever, so it is refused. A generation's callback runs with its KV
+// cache and batch live: only the queries and set_lr may run. zo2_session_free there is
+// deferred to the end of the outer call (which still reads the session); freeing from
+// another thread during a call cannot wait (the call may never end; the host may be that
+// call's caller) nor delete (the call would read freed memory): it logs an error and leaks
+// the session.
 
 int zo2::status_of(ErrorKind kind) {
   switch (kind) {
@@ -257,7 +281,11 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
   if (sc.rule.kind == zo2::RuleKind::momentum) sc.rule.beta2 = 0.999f, sc.rule.adam_eps = 1e-8f;
   zo2::validate_rule(sc.rule, p.weight_decay, /*c_api=*/true);
   sc.resume_state = p.resume_state != 0;
-  if (p.parallel) sc.parallel = zo2::parse_parallel(p.parallel, "parallel");
+  if (p.parallel) {
+    // (zo/parallel.cpp reads "" as one process: zo2-tune's --parallel not given)
+    if (p.parallel[0] == '\0') invalid("parallel is empty (use NULL for the default)");
+    sc.parallel = zo2::parse_parallel(p.parallel, "parallel");
+  }
   if (!(p.rank_timeout_s >= 0) || !std::isfinite(p.rank_timeout_s))
     invalid(fmt::format("rank_timeout_s {} must be finite and ≥ 0 (0 = no limit)", p.rank_timeout_s));
   sc.share_host_image = p.share_host_image != 0;
@@ -346,6 +374,76 @@ zo2_session& usable(zo2_session* s) {
   return *s;
 }
 
+// What a call does, for the calls a callback inside another call on the session may make
+// (Note [In use]): a query (set_lr included), an eval (or save), a step or a generation.
+enum class Call { query, eval, run };
+
+void free_session(zo2_session* s) noexcept {
+  guarded("zo2_session_free", [&] {
+    // Streams keep running their event items after a failure (runtime/cpu), so even a
+    // poisoned session drains and is released; its destructor logs what it cannot finish.
+    delete s;
+    return 0;
+  });
+}
+
+// Marks the session as used by this thread for the call (Note [In use]). Declared before
+// `guarded` so that it outlives the error handler (poison) too.
+class InUse {
+ public:
+  InUse() = default;
+  InUse(const InUse&) = delete;
+  InUse& operator=(const InUse&) = delete;
+  // Throws (inside guarded) when s is NULL or a fork()'s copy, another thread is inside a
+  // call on s, or this thread is and `call` may not run there.
+  void enter(const zo2_session* s, Call call) {
+    check_owner(s);
+    const std::thread::id me = std::this_thread::get_id();
+    std::thread::id held;
+    if (s->user.compare_exchange_strong(held, me, std::memory_order_acquire)) {
+      s_ = const_cast<zo2_session*>(s);  // (every session is made non-const by zo2_session_init)
+      return;
+    }
+    if (held != me) invalid("the session is in use by another thread (zo2.h: one thread at a time)");
+    if (s->free_pending) invalid("the session was freed (zo2_session_free from a callback)");
+    using CB = zo2_session::Callback;
+    if (call == Call::query) return;
+    if (s->callback == CB::step && call == Call::eval) return;
+    if (s->callback == CB::step)
+      invalid("called from the session's progress callback, inside zo2_session_step: a step or a generation cannot "
+              "start there (zo2.h: a progress callback may eval, save, set_lr, query and free the session)");
+    if (s->callback == CB::generate)
+      invalid("called from zo2_generate's progress callback: only set_lr, the queries (step_index, ...) and "
+              "zo2_session_free may run there (zo2.h)");
+    invalid("called from inside another call on this session on this thread (a log callback?): only set_lr and "
+            "the queries (step_index, ...) may run there (zo2.h)");
+  }
+  ~InUse() {
+    if (!s_) return;
+    if (s_->free_pending) {
+      free_session(s_);  // (the host freed it: nobody may use it now)
+      return;
+    }
+    s_->user.store(std::thread::id(), std::memory_order_release);
+  }
+
+ private:
+  zo2_session* s_ = nullptr;  // set when this call marked the session (the outermost call)
+};
+
+// Sets the session's running callback for one call of it (Note [In use]).
+class InCallback {
+ public:
+  InCallback(zo2_session& s, zo2_session::Callback c) : s_(s), before_(s.callback) { s.callback = c; }
+  InCallback(const InCallback&) = delete;
+  InCallback& operator=(const InCallback&) = delete;
+  ~InCallback() { s_.callback = before_; }  // (a free from the callback is deferred: s_ is still there)
+
+ private:
+  zo2_session& s_;
+  zo2_session::Callback before_;
+};
+
 // A failure past argument validation (device, internal) leaves the scheduler's streams in
 // an unknown state: poison the session so later calls fail instead of waiting forever.
 auto poison(zo2_session* s) {
@@ -390,6 +488,15 @@ void fill_plan(const zo2::Placement& pl, std::int64_t blocks, zo2_plan_result* o
 // its shape, as load_image will (without reading any data).
 void check_weights(const std::filesystem::path& dir, const zo2::ModelConfig& c) {
   zo2::check_checkpoint_tensors(zo2::SafetensorsCheckpoint::open(dir), c, dir.string());
+}
+
+// `dir` made absolute against the working directory now, without its "." components (the
+// symlinks and ".." are kept, as the OS resolves them: lexically_normal could change them).
+std::filesystem::path absolute_dir(const std::filesystem::path& dir) {
+  std::filesystem::path out;
+  for (const auto& part : std::filesystem::absolute(dir))
+    if (part != "." && !part.empty()) out /= part;
+  return out;
 }
 
 std::size_t physical_ram() { return zo2::cpu_default_arena_bytes(); }  // the CPU arena without a cap
@@ -441,7 +548,9 @@ int zo2_model_load(const char* hf_dir, const zo2_model_params* p, zo2_model** ou
     if (!std::filesystem::is_directory(dir, ec))
       fail(ErrorKind::io, "{}: not a directory (expected an HF checkpoint with config.json)", dir.string());
     auto m = std::make_unique<zo2_model>();
-    m->dir = zo2::resolve_model_dir(dir);  // a run directory: its current checkpoint, resolved once
+    // A run directory: its current checkpoint, resolved once; absolute, so that a host's
+    // chdir() before zo2_session_init cannot make it read another directory's weights.
+    m->dir = absolute_dir(zo2::resolve_model_dir(dir));
     m->config = zo2::ModelConfig::load(m->dir);
     if (params.check_weights) check_weights(m->dir, m->config);
     *out = m.release();
@@ -591,21 +700,34 @@ void zo2_session_free(zo2_session* s) {
   // them forever. The child's copy of the session is leaked on purpose (its memory goes
   // when the child exits); the creator's session is untouched.
   if (s->owner_pid != getpid()) return;
-  guarded("zo2_session_free", [&] {
-    // Streams keep running their event items after a failure (runtime/cpu), so even a
-    // poisoned session drains and is released; its destructor logs what it cannot finish.
-    delete s;
-    return 0;
-  });
+  // Note [In use]: from a callback inside a call on s, the outer call frees it as it
+  // returns; during another thread's call, s is leaked with an error logged.
+  const std::thread::id me = std::this_thread::get_id();
+  std::thread::id held;
+  if (!s->user.compare_exchange_strong(held, me, std::memory_order_acquire)) {
+    if (held == me) {
+      s->free_pending = true;
+      return;
+    }
+    static constexpr const char* kLeaked =
+        "the session is in use by another thread (zo2.h: one thread at a time): not freed (its memory and "
+        "threads are leaked) rather than pulled from under that call";
+    set_error("zo2_session_free", kLeaked);
+    zo2::log(zo2::LogLevel::error, "zo2_session_free: {}", kLeaked);
+    return;
+  }
+  free_session(s);
 }
 
 namespace {
 int step_common(const char* fn, zo2_session* s, const zo2_batch* b, const zo2_choices* c, bool with_choices,
                 zo2_step_result* out) {
   bool validated = false;
+  InUse in_use;
   return guarded(
       fn,
       [&] {
+        in_use.enter(s, Call::run);
         zo2_session& ss = usable(s);
         if (!ss.session->session_config().training)
           invalid("this session was opened for evaluation only (training = 0)");
@@ -619,6 +741,7 @@ int step_common(const char* fn, zo2_session* s, const zo2_batch* b, const zo2_ch
         // The host's code: an exception out of a C++ host's callback is its stop request, not
         // a fault of the session (the step is done; the session stays usable).
         int stop = 0;
+        const InCallback in_callback(ss, zo2_session::Callback::step);
         try {
           stop = ss.progress(r.step, &res, ss.progress_user_data);
         } catch (const std::exception& e) {
@@ -643,9 +766,11 @@ int step_common(const char* fn, zo2_session* s, const zo2_batch* b, const zo2_ch
 int eval_common(const char* fn, zo2_session* s, const zo2_batch* b, float* out_loss, float* token_logprobs,
                 const zo2_choices* c = nullptr, bool with_choices = false) {
   bool validated = false;
+  InUse in_use;
   return guarded(
       fn,
       [&] {
+        in_use.enter(s, Call::eval);
         zo2_session& ss = usable(s);
         if (!out_loss && !token_logprobs) invalid("out is NULL");
         const zo2::HostBatch hb = host_batch(ss, b, c, with_choices);
@@ -714,9 +839,11 @@ zo2_generate_params zo2_generate_default_params(void) {
 int zo2_generate(zo2_session* s, const int32_t* const* prompts, const int32_t* prompt_lens, int32_t n_prompts,
                  const zo2_generate_params* p, int32_t* out_tokens, int32_t* out_lens, int32_t* out_stopped) {
   bool validated = false;
+  InUse in_use;
   return guarded(
       "zo2_generate",
       [&] {
+        in_use.enter(s, Call::run);
         zo2_session& ss = usable(s);
         if (!prompts || !prompt_lens) invalid("prompts or prompt_lens is NULL");
         if (!out_tokens || !out_lens) invalid("out_tokens or out_lens is NULL");
@@ -735,8 +862,9 @@ int zo2_generate(zo2_session* s, const int32_t* const* prompts, const int32_t* p
         if (params.progress_callback) {
           // After each decoding step (the host's code: nothing of the session is in flight);
           // nonzero, or an exception out of a C++ host's callback, stops the generation.
-          o.progress = [&params](const zo2::GenerateProgress& gp) {
+          o.progress = [&params, &ss](const zo2::GenerateProgress& gp) {
             int stop = 0;
+            const InCallback in_callback(ss, zo2_session::Callback::generate);
             try {
               stop = params.progress_callback(gp.new_tokens, params.progress_user_data);
             } catch (const std::exception& e) {
@@ -783,9 +911,11 @@ int zo2_session_token_logprobs(zo2_session* s, const zo2_batch* b, float* out) {
 }
 
 int zo2_session_save(zo2_session* s, const char* out_dir) {
+  InUse in_use;
   return guarded(
       "zo2_session_save",
       [&] {
+        in_use.enter(s, Call::eval);
         zo2_session& ss = usable(s);
         if (!out_dir) invalid("out_dir is NULL");
         if (out_dir[0] == '\0') invalid("out_dir is empty");
@@ -802,7 +932,9 @@ int zo2_session_save(zo2_session* s, const char* out_dir) {
 }
 
 int zo2_session_set_lr(zo2_session* s, float lr) {
+  InUse in_use;
   return guarded("zo2_session_set_lr", [&] {
+    in_use.enter(s, Call::query);
     zo2_session& ss = usable(s);
     zo2::check_real(zo2::Opt::lr, lr, zo2::OptionSource::c_api);
     ss.lr = lr;
@@ -812,8 +944,9 @@ int zo2_session_set_lr(zo2_session* s, float lr) {
 
 int64_t zo2_session_step_index(const zo2_session* s) {
   int64_t index = -1;
+  InUse in_use;
   guarded("zo2_session_step_index", [&] {
-    check_owner(s);
+    in_use.enter(s, Call::query);
     index = s->session->next_step();
     return 0;
   });
@@ -822,8 +955,9 @@ int64_t zo2_session_step_index(const zo2_session* s) {
 
 uint64_t zo2_session_device_peak(const zo2_session* s) {
   uint64_t peak = 0;
+  InUse in_use;
   guarded("zo2_session_device_peak", [&] {
-    check_owner(s);
+    in_use.enter(s, Call::query);
     peak = s->session->device_peak();
     return 0;
   });
@@ -905,8 +1039,9 @@ int zo2_plan_parallel(const zo2_model* m, const zo2_session_params* p, int32_t r
 }
 
 int zo2_session_rank(const zo2_session* s, int32_t* rank, int32_t* size) {
+  InUse in_use;
   return guarded("zo2_session_rank", [&] {
-    check_owner(s);
+    in_use.enter(s, Call::query);
     if (rank) *rank = s->comm ? s->comm->rank() : 0;
     if (size) *size = s->comm ? s->comm->size() : 1;
     return 0;
@@ -914,9 +1049,10 @@ int zo2_session_rank(const zo2_session* s, int32_t* rank, int32_t* size) {
 }
 
 int zo2_session_plan(const zo2_session* s, zo2_plan_result* out) {
+  InUse in_use;
   return guarded("zo2_session_plan", [&] {
     if (!out) invalid("out is NULL");
-    check_owner(s);
+    in_use.enter(s, Call::query);
     fill_plan(s->session->placement(), s->config.num_layers, out);
     return 0;
   });

@@ -18,7 +18,12 @@
 // what survives an error. The *_free functions accept NULL.
 //
 // Threads: a zo2_model or zo2_session may be used from any thread, but not from two threads
-// at the same time. Different sessions are independent.
+// at the same time. Different sessions are independent. A session detects a call made while
+// another thread is inside one on it: that call fails with ZO2_ERR_INVALID_ARGUMENT ("the
+// session is in use by another thread") and changes nothing (step_index returns -1), and
+// zo2_session_free then logs an error and leaks the session instead of freeing it under the
+// running call (or waiting for it forever). A call on a session from a callback running
+// inside a call on it (the same thread) is allowed as each callback's comment says.
 //
 // fork(): a session belongs to the process that created it (its worker threads exist only
 // there). In a child made by fork() every call on an inherited session fails with
@@ -125,6 +130,8 @@ ZO2_API zo2_model_params zo2_model_default_params(void);
 // the run goes on training, this process holds that checkpoint (a shared flock) so the run's
 // next save cannot remove it before it is read: one per run directory, the newest this
 // process resolved, until the process exits.
+// A relative hf_dir is made absolute here, against the working directory of this call: a
+// later chdir() does not change which directory zo2_session_init reads.
 // p may be NULL (defaults). On success *out owns a new model; on error *out is set to NULL
 // (when out is not NULL) and nothing is allocated.
 //   ZO2_ERR_INVALID_ARGUMENT  hf_dir or out is NULL, or hf_dir is empty
@@ -151,14 +158,21 @@ enum zo2_offload_mode {
 
 typedef struct zo2_step_result {
     float loss_plus;       // mean token cross-entropy at θ + eps·z (nats)
-    float loss_minus;      // mean token cross-entropy at θ − eps·z (nats)
-    float projected_grad;  // g = (L+ − L−) / (2·eps); not finite: the update is skipped (and logged)
+    float loss_minus;      // mean token cross-entropy at θ − eps·z (nats); difference "forward": at θ
+    float projected_grad;  // g = (L+ − L−) / (2·eps), forward: (L+ − L(θ)) / eps; not finite: the update is
+                           // skipped (and logged)
 } zo2_step_result;
 
 // Called by zo2_session_step after each completed step. `step` is the step's 0-based
 // index, `result` its losses (valid only during the call). Return 0 to go on, nonzero to
 // make zo2_session_step return ZO2_ABORTED (the step is done either way). An exception out
 // of a C++ host's callback counts as nonzero (ZO2_ABORTED, its message in zo2_last_error()).
+// The step is complete when it runs, so the callback may call, on its session: eval,
+// eval_choices, token_logprobs, save (checkpoint every N steps), set_lr, step_index,
+// device_peak, rank, plan, and zo2_session_free (the session is then freed as
+// zo2_session_step returns; return nonzero, and use it no more). zo2_session_step,
+// step_choices and zo2_generate would wait for the running step forever: they fail with
+// ZO2_ERR_INVALID_ARGUMENT and change nothing.
 typedef int (*zo2_progress_callback)(int64_t step, const zo2_step_result * result, void * user_data);
 
 typedef struct zo2_session_params {
@@ -249,7 +263,8 @@ typedef struct zo2_session_params {
     // the weights. A rank that hangs makes the others fail with ZO2_ERR_IO naming it after rank_timeout_s; the
     // host should then end the job (MPI_Abort), as zo2-tune does.
     const char * parallel;       // "data=D,perturbation=P,directions=Q" (product = the ranks); NULL = "data=N" under
-                                 // an MPI launcher with N ranks, else one process. Default NULL.
+                                 // an MPI launcher with N ranks, else one process; "single" or "none" = one process
+                                 // ("" is refused: ZO2_ERR_INVALID_ARGUMENT). Default NULL.
     const void * mpi_comm;       // the communicator, as a pointer to an MPI_Comm the host owns (MPI initialized by the
                                  // host; zo2 duplicates it and never finalizes MPI); NULL = MPI_COMM_WORLD when started by
                                  // mpirun/srun (zo2 then initializes MPI and finalizes it at exit). Default NULL.
@@ -303,6 +318,10 @@ ZO2_API int zo2_session_init(zo2_model * m, const zo2_session_params * p, zo2_se
 // Waits for outstanding work and releases everything. A pending update that was not saved
 // is lost (zo2_session_save first). NULL is allowed. In a fork() child of the process that
 // created s it returns at once and releases nothing (the child's copy is leaked; see the top).
+// Called from a progress callback (or a log callback) inside a call on s, it frees s when that
+// call returns. Called while another thread is inside a call on s (not allowed: see the top),
+// it logs an error (ZO2_LOG_ERROR, also in zo2_last_error()) and leaks s, rather than
+// freeing it under that call.
 ZO2_API void zo2_session_free(zo2_session * s);
 
 // A batch of n_seq sequences of n_tokens tokens each, row-major [n_seq][n_tokens].
@@ -416,7 +435,9 @@ typedef struct zo2_generate_params {
     // batch running) with the tokens generated so far; return 0 to go on, nonzero to stop (e.g. the
     // host saw Ctrl-C): zo2_generate then returns ZO2_ABORTED at once, out_tokens/out_lens/out_stopped
     // unspecified, and the session stays usable (its weights unchanged). NULL = none. Appended after
-    // the fields above. Default NULL.
+    // the fields above. Default NULL. The generation is in flight while it runs: on its session it
+    // may call set_lr, step_index, device_peak, rank, plan and zo2_session_free (freed as zo2_generate
+    // returns; return nonzero); the other calls fail with ZO2_ERR_INVALID_ARGUMENT.
     int (*progress_callback)(int64_t new_tokens, void * user_data);
     void *   progress_user_data;  // passed to progress_callback. Default NULL.
 } zo2_generate_params;

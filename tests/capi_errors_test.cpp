@@ -12,6 +12,7 @@
 
 #include "api/run_dir.h"
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -542,6 +543,8 @@ TEST_F(CApi, ParamsOutsideTheSharedRangesAreRefusedNamingTheField) {
   EXPECT_ERROR(init_with([](auto& p) { p.disk_dir = "somewhere"; }), ZO2_ERR_INVALID_ARGUMENT, "disk_dir somewhere",
                "host_mem_bytes");
   EXPECT_ERROR(init_with([](auto& p) { p.disk_dir = ""; }), ZO2_ERR_INVALID_ARGUMENT, "disk_dir is empty");
+  // "" as the other string fields (zo/parallel.cpp reads it as one process, zo2-tune's flag not given).
+  EXPECT_ERROR(init_with([](auto& p) { p.parallel = ""; }), ZO2_ERR_INVALID_ARGUMENT, "parallel is empty (use NULL");
   EXPECT_ERROR(init_with([](auto& p) {
                  p.host_mem_bytes = 400u << 10;
                  p.disk_staging = 1;
@@ -1018,6 +1021,209 @@ TEST_F(CApi, MultipleChoiceBatchesUseTheCandidateLoss) {
   EXPECT_EQ(zo2_session_eval_choices(session_, &b, &bad, &loss), ZO2_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(zo2_session_step_choices(session_, &b, nullptr, &r), ZO2_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(zo2_session_step_index(session_), 1);  // the refused calls changed nothing
+}
+
+// Note [In use] (api/zo2_c.cpp): a call while another thread is inside one on the session
+// is refused, and zo2_session_free then leaks instead of freeing under that call (adversarial
+// pass 65: silent corruption, and a free that hung forever).
+TEST_F(CApi, ACallWhileAnotherThreadIsInsideOneOnTheSessionIsRefused) {
+  struct Gate {
+    std::atomic<bool> inside{false}, release{false};
+  } gate;
+  zo2_session_params p = params();
+  p.progress_callback = [](int64_t, const zo2_step_result*, void* u) -> int {
+    auto* g = static_cast<Gate*>(u);
+    g->inside = true;
+    while (!g->release) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return 0;
+  };
+  p.progress_user_data = &gate;
+  open(p);
+  const zo2_batch b = batch();
+  int theirs = 99;
+  std::thread stepper([&] { theirs = zo2_session_step(session_, &b, nullptr); });
+  while (!gate.inside) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  zo2_step_result r{};
+  float loss = 0;
+  EXPECT_ERROR(zo2_session_step(session_, &b, &r), ZO2_ERR_INVALID_ARGUMENT,
+               "zo2_session_step: the session is in use by another thread (zo2.h: one thread at a time)");
+  EXPECT_ERROR(zo2_session_eval(session_, &b, &loss), ZO2_ERR_INVALID_ARGUMENT, "zo2_session_eval", "in use");
+  EXPECT_ERROR(zo2_session_set_lr(session_, 0.5f), ZO2_ERR_INVALID_ARGUMENT, "in use");
+  const std::string out = (fs::path(tmp_->path()) / "busy").string();
+  EXPECT_ERROR(zo2_session_save(session_, out.c_str()), ZO2_ERR_INVALID_ARGUMENT, "in use");
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_EQ(zo2_session_step_index(session_), -1);
+  // Freeing under the running call would make it read freed memory (or wait forever): the
+  // session is leaked, with an error, and the free returns at once.
+  zo2_session_free(session_);
+  EXPECT_NE(std::string(zo2_last_error()).find("zo2_session_free: the session is in use by another thread"),
+            std::string::npos)
+      << zo2_last_error();
+  gate.release = true;
+  stepper.join();
+  EXPECT_EQ(theirs, 0);
+  // Nothing refused changed the session (not leaked after all: the test frees it now).
+  EXPECT_EQ(zo2_session_step_index(session_), 1);
+  EXPECT_EQ(zo2_session_step(session_, &b, &r), 0) << zo2_last_error();
+  EXPECT_EQ(zo2_session_step_index(session_), 2);
+}
+
+// What a step's progress callback may call on its session (zo2.h): eval, save, set_lr and
+// the queries work; a nested step or generation, which waited forever for the running step,
+// is refused (adversarial pass 65).
+struct Nested {
+  zo2_session* s = nullptr;
+  zo2_batch b{};
+  std::string out;
+  std::vector<std::string> failures;
+  int calls = 0;
+  void expect(bool ok, const std::string& what) {
+    if (!ok) failures.push_back(what + ": " + zo2_last_error());
+  }
+};
+
+TEST_F(CApi, AProgressCallbackMayEvalSaveAndQueryButNotStepOrGenerate) {
+  Nested n;
+  zo2_session_params p = params();
+  p.generate_seqs = 1;
+  p.progress_callback = [](int64_t step, const zo2_step_result*, void* u) -> int {
+    auto& n = *static_cast<Nested*>(u);
+    ++n.calls;
+    float loss = 0;
+    n.expect(zo2_session_eval(n.s, &n.b, &loss) == 0 && loss > 0, "eval");
+    std::vector<float> lp(static_cast<std::size_t>(n.b.n_seq * n.b.n_tokens));
+    n.expect(zo2_session_token_logprobs(n.s, &n.b, lp.data()) == 0, "token_logprobs");
+    n.expect(zo2_session_save(n.s, n.out.c_str()) == 0, "save");
+    n.expect(zo2_session_set_lr(n.s, 2e-3f) == 0, "set_lr");
+    n.expect(zo2_session_step_index(n.s) == step + 1, "step_index");
+    int32_t rank = -1, size = -1;
+    n.expect(zo2_session_rank(n.s, &rank, &size) == 0 && rank == 0 && size == 1, "rank");
+    zo2_plan_result plan{};
+    n.expect(zo2_session_plan(n.s, &plan) == 0, "plan");
+    const std::string why = "called from the session's progress callback, inside zo2_session_step";
+    n.expect(zo2_session_step(n.s, &n.b, nullptr) == ZO2_ERR_INVALID_ARGUMENT &&
+                 std::string(zo2_last_error()).find("zo2_session_step: " + why) != std::string::npos,
+             "nested step refused");
+    const std::vector<int32_t> sizes{n.b.n_seq}, labels{0};
+    const zo2_choices c{1, sizes.data(), labels.data()};
+    n.expect(zo2_session_step_choices(n.s, &n.b, &c, nullptr) == ZO2_ERR_INVALID_ARGUMENT &&
+                 std::string(zo2_last_error()).find(why) != std::string::npos,
+             "nested step_choices refused");
+    const int32_t* prompts[] = {n.b.tokens};
+    const int32_t lens[] = {4};
+    int32_t toks[2], out_lens[1];
+    zo2_generate_params g = zo2_generate_default_params();
+    g.max_new_tokens = 2;
+    n.expect(zo2_generate(n.s, prompts, lens, 1, &g, toks, out_lens, nullptr) == ZO2_ERR_INVALID_ARGUMENT &&
+                 std::string(zo2_last_error()).find("zo2_generate: " + why) != std::string::npos,
+             "nested generate refused");
+    return 0;
+  };
+  p.progress_user_data = &n;
+  open(p);
+  n.s = session_;
+  n.b = batch();
+  n.out = (fs::path(tmp_->path()) / "from-callback").string();
+  zo2_step_result r{};
+  EXPECT_EQ(zo2_session_step(session_, &n.b, &r), 0) << zo2_last_error();
+  EXPECT_EQ(n.calls, 1);
+  EXPECT_EQ(n.failures, std::vector<std::string>{});
+  EXPECT_TRUE(fs::exists(fs::path(n.out) / "config.json"));
+  // The refused nested calls changed nothing: one step counted, and the session goes on.
+  EXPECT_EQ(zo2_session_step_index(session_), 1);
+  EXPECT_EQ(zo2_session_step(session_, &n.b, &r), 0) << zo2_last_error();
+  EXPECT_EQ(zo2_session_step_index(session_), 2);
+}
+
+// zo2_session_free from the step's progress callback: freed as zo2_session_step returns
+// (the step still reads the session after the callback).
+TEST_F(CApi, AProgressCallbackMayFreeItsSession) {
+  zo2_session_params p = params();
+  p.progress_callback = [](int64_t, const zo2_step_result*, void* u) -> int {
+    auto** s = static_cast<zo2_session**>(u);
+    zo2_session_free(*s);
+    *s = nullptr;
+    return 1;
+  };
+  p.progress_user_data = &session_;
+  open(p);
+  const zo2_batch b = batch();
+  zo2_step_result r{};
+  EXPECT_EQ(zo2_session_step(session_, &b, &r), ZO2_ABORTED) << zo2_last_error();
+  EXPECT_EQ(session_, nullptr);
+  EXPECT_GT(r.loss_plus, 0.0f);
+}
+
+// zo2_generate's callback runs with the generation in flight: the queries, set_lr and a free
+// work; an eval or a step is refused (zo2.h).
+TEST_F(CApi, AGenerationsProgressCallbackMayOnlyQueryOrFree) {
+  Nested n;
+  zo2_session_params p = params();
+  p.generate_seqs = 1;
+  open(p);
+  n.s = session_;
+  n.b = batch();
+  const int32_t* prompts[] = {tokens_.data()};
+  const int32_t lens[] = {4};
+  int32_t toks[3], out_lens[1];
+  zo2_generate_params g = zo2_generate_default_params();
+  g.max_new_tokens = 3;
+  g.progress_user_data = &n;
+  g.progress_callback = [](int64_t, void* u) -> int {
+    auto& n = *static_cast<Nested*>(u);
+    ++n.calls;
+    n.expect(zo2_session_step_index(n.s) == 0, "step_index");
+    n.expect(zo2_session_set_lr(n.s, 2e-3f) == 0, "set_lr");
+    float loss = 0;
+    n.expect(zo2_session_eval(n.s, &n.b, &loss) == ZO2_ERR_INVALID_ARGUMENT &&
+                 std::string(zo2_last_error()).find("called from zo2_generate's progress callback") != std::string::npos,
+             "eval refused");
+    n.expect(zo2_session_step(n.s, &n.b, nullptr) == ZO2_ERR_INVALID_ARGUMENT, "step refused");
+    return 0;
+  };
+  EXPECT_EQ(zo2_generate(session_, prompts, lens, 1, &g, toks, out_lens, nullptr), 0) << zo2_last_error();
+  EXPECT_GT(n.calls, 0);
+  EXPECT_EQ(n.failures, std::vector<std::string>{});
+  // A free there: the generation stops (nonzero) and the session is freed as zo2_generate returns.
+  g.progress_user_data = &session_;
+  g.progress_callback = [](int64_t, void* u) -> int {
+    auto** s = static_cast<zo2_session**>(u);
+    zo2_session_free(*s);
+    *s = nullptr;
+    return 1;
+  };
+  EXPECT_EQ(zo2_generate(session_, prompts, lens, 1, &g, toks, out_lens, nullptr), ZO2_ABORTED);
+  EXPECT_EQ(session_, nullptr);
+}
+
+// A model loaded by a relative path keeps its directory: a chdir() before zo2_session_init
+// does not make it read another directory (adversarial pass 65: it read a same-named
+// checkpoint there, silently).
+TEST_F(CApi, AModelLoadedByARelativePathIsReadFromItsDirectoryAfterAChdir) {
+  const fs::path before = fs::current_path();
+  struct Back {
+    fs::path dir;
+    ~Back() { fs::current_path(dir); }
+  } back{before};
+  const fs::path base = fs::path(tmp_->path()) / "relative";
+  fs::create_directories(base / "elsewhere");
+  fs::copy(*model_dir_, base / "m", fs::copy_options::recursive);
+  fs::current_path(base);
+  zo2_model* rel = nullptr;
+  ASSERT_EQ(zo2_model_load("./m/", nullptr, &rel), 0) << zo2_last_error();
+  std::unique_ptr<zo2_model, void (*)(zo2_model*)> own(rel, zo2_model_free);
+  fs::current_path(base / "elsewhere");  // no "m" here
+  zo2_session_params p = params();
+  p.training = 0;
+  ASSERT_EQ(zo2_session_init(rel, &p, &session_), 0) << zo2_last_error();
+  const zo2_batch b = batch();
+  float loss = 0, expected = 0;
+  EXPECT_EQ(zo2_session_eval(session_, &b, &loss), 0) << zo2_last_error();
+  zo2_session* direct = nullptr;
+  ASSERT_EQ(zo2_session_init(model_, &p, &direct), 0) << zo2_last_error();
+  EXPECT_EQ(zo2_session_eval(direct, &b, &expected), 0) << zo2_last_error();
+  zo2_session_free(direct);
+  EXPECT_EQ(loss, expected);
 }
 
 }  // namespace

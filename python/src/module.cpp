@@ -33,6 +33,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cxxabi.h>
 #include <fcntl.h>
 #include <locale.h>
 #include <poll.h>
@@ -45,6 +46,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -55,6 +57,51 @@
 namespace py = pybind11;
 
 namespace {
+
+// ---------------------------------------------------------------------------------------
+// Note [The GIL at exit]: a zo2 call releases the GIL (NoGil) and takes it back when it
+// returns. A daemon thread whose call returns after the interpreter began finalizing (the
+// script ended while it trained) may not have it back: CPython 3.11-3.13 end such a thread
+// in PyEval_RestoreThread with pthread_exit, whose forced unwind cannot pass a noexcept
+// frame (pybind11's gil_scoped_release destructor): std::terminate, and the process aborts
+// at exit (adversarial pass 65). NoGil instead parks that thread forever, as CPython 3.14
+// does itself: it holds no lock of zo2's by then (each is declared after the NoGil it runs
+// under, so released first) and goes with the process. The thread that finalizes (the main
+// thread, where an object's __del__ may still call zo2) takes the GIL back as usual. The
+// check cannot see a finalization that starts while the thread waits for the GIL inside
+// PyEval_RestoreThread: that pthread_exit's forced unwind is caught there and the thread
+// parked too (a handler that never returns; leaving it without rethrowing would abort).
+
+unsigned long g_main_thread = 0;  // threading.main_thread().ident, set at import
+
+bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+class NoGil {
+ public:
+  NoGil() : state_(PyEval_SaveThread()) {}
+  NoGil(const NoGil&) = delete;
+  NoGil& operator=(const NoGil&) = delete;
+  ~NoGil() {
+    if (PyThread_get_thread_ident() != g_main_thread && interpreter_finalizing()) park();
+    try {
+      PyEval_RestoreThread(state_);
+    } catch (abi::__forced_unwind&) {
+      park();
+    }
+  }
+
+ private:
+  [[noreturn]] static void park() {
+    for (;;) std::this_thread::sleep_for(std::chrono::hours(24));
+  }
+  PyThreadState* state_;
+};
 
 // ---------------------------------------------------------------------------------------
 // Errors: a class per status code, defined in zo2/_errors.py.
@@ -97,7 +144,7 @@ auto cxx_call(F&& f) -> decltype(f()) {
   int code = 0;
   std::string message;
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     try {
       return f();
     } catch (const zo2::Error& e) {
@@ -285,6 +332,19 @@ struct Model {
   }
 };
 
+// A path made absolute against the working directory now, without "." components, as
+// zo2_model_load holds the model's directory (zo2.h): Model.path is the directory the
+// sessions will read, whatever os.chdir comes later.
+std::string absolute_path(const std::string& path) {
+  std::error_code ec;
+  const std::filesystem::path abs = std::filesystem::absolute(path, ec);
+  if (ec) return path;  // (no working directory: zo2_model_load says so)
+  std::filesystem::path out;
+  for (const auto& part : abs)
+    if (part != "." && !part.empty()) out /= part;
+  return out.string();
+}
+
 std::unique_ptr<Model> load_model(py::handle dir, bool check_weights) {
   auto model = std::make_unique<Model>();
   model->path = path_string(dir, "model");
@@ -293,11 +353,12 @@ std::unique_ptr<Model> load_model(py::handle dir, bool check_weights) {
   int rc;
   std::string message;
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     rc = zo2_model_load(model->path.c_str(), &mp, &model->m);
     if (rc != 0) message = zo2_last_error();
   }
   if (rc != 0) raise_status(rc, message);
+  model->path = absolute_path(model->path);  // (its messages name the path as given)
   return model;
 }
 
@@ -497,6 +558,7 @@ Params parse_params(const py::kwargs& kw) {
     } else if (key == "parallel") {
       if (v.is_none()) P.parallel.reset();
       else P.parallel = str_arg(v, k);
+      if (P.parallel && P.parallel->empty()) invalid("parallel is empty (use None for the default)");
     } else if (key == "rank_timeout") {
       P.p.rank_timeout_s = real_arg(v, k);
     } else if (key == "share_host_image" || key == "sliced_upload") {
@@ -655,6 +717,7 @@ py::dict params_dict(const Params& P) {
 struct StepResult {
   float loss_plus = 0, loss_minus = 0, projected_grad = 0;
   int64_t step = 0;
+  double loss = 0;  // L(θ): loss_minus with the forward difference, else ½(L+ + L−) (as zo2-tune reports it)
 };
 
 py::dict plan_dict(const zo2_plan_result& r) {
@@ -739,16 +802,21 @@ struct Session {
   // call there and zo2_session_free leaks the child's copy (zo2.h, "fork()").
   bool forked() const { return getpid() != owner; }
 
-  ~Session() { zo2_session_free(s); }
+  // (Nothing else runs on the session now: a call holds a reference to it. The lock is
+  // taken anyway, as close does.)
+  ~Session() { free_session(); }
 
   void close() {
-    py::gil_scoped_release nogil;
-    if (forked()) {
-      zo2_session_free(s);  // releases nothing in a child
-    } else {
-      std::lock_guard<std::mutex> lock(mu);
-      zo2_session_free(s);
-    }
+    NoGil nogil;
+    free_session();
+  }
+
+  // s and is_closed change with the lock held: a step waiting for it must see the session
+  // closed, not the freed handle (adversarial pass 65: a use after free).
+  void free_session() {
+    std::unique_lock<std::mutex> lock(mu, std::defer_lock);
+    if (!forked()) lock.lock();  // (in a child, zo2_session_free releases nothing)
+    zo2_session_free(s);
     s = nullptr;
     is_closed = true;
   }
@@ -759,8 +827,8 @@ struct Session {
     int rc;
     std::string message;
     {
-      py::gil_scoped_release nogil;
-      std::unique_lock<std::mutex> lock(mu, std::defer_lock);
+      NoGil nogil;
+      std::unique_lock<std::mutex> lock(mu, std::defer_lock);  // (after nogil: Note [The GIL at exit])
       if (!forked()) lock.lock();
       if (s && forked()) {  // (the C API refuses it too: zo2.h, "fork()")
         rc = ZO2_ERR_INVALID_ARGUMENT;
@@ -789,7 +857,9 @@ struct Session {
       return c ? zo2_session_step_choices(s, &b.b, c, &r) : zo2_session_step(s, &b.b, &r);
     }, true);
     check_signals();
-    return StepResult{r.loss_plus, r.loss_minus, r.projected_grad, index};
+    const double loss = P.difference == "forward" ? static_cast<double>(r.loss_minus)
+                                                  : 0.5 * (static_cast<double>(r.loss_plus) + r.loss_minus);
+    return StepResult{r.loss_plus, r.loss_minus, r.projected_grad, index, loss};
   }
 
   float eval(py::handle ids, py::handle mask, py::handle labels, const zo2_choices* c) {
@@ -878,7 +948,7 @@ std::unique_ptr<Session> make_session(py::handle model, const py::kwargs& kw) {
   int rc;
   std::string message;
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     rc = zo2_session_init(mm, &S->P.p, &S->s);
     if (rc != 0) message = zo2_last_error();
   }
@@ -993,7 +1063,7 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
             "it after that zo2.train returns (or from another thread, where it waits its turn)");
   std::unique_lock<std::mutex> train_lock(g_train_mu, std::defer_lock);
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     train_lock.lock();
   }
   struct TrainThread {  // cleared before train_lock is released, on every path
@@ -1101,7 +1171,7 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
   while (!eof) {
     std::vector<std::string> lines;
     {
-      py::gil_scoped_release nogil;
+      NoGil nogil;
       pollfd pfd{fds[0], POLLIN, 0};
       const int n = poll(&pfd, 1, 100);
       if (n > 0) {
@@ -1138,12 +1208,12 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
       }
     }
     if (stop_wanted && !stop_delivered && !done) {
-      py::gil_scoped_release nogil;
+      NoGil nogil;
       stop_delivered = request_train_stop(python_handler);
     }
   }
   {
-    py::gil_scoped_release nogil;
+    NoGil nogil;
     worker.join();
   }
   close(fds[0]);
@@ -1273,6 +1343,7 @@ py::object opt_id(std::optional<int32_t> id) { return id ? py::object(py::int_(*
 }  // namespace
 
 PYBIND11_MODULE(_zo2, m) {
+  g_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
   m.doc() = "zo2's native module (pybind11 over the C API include/zo2.h); use the package `zo2`.";
   m.attr("__version__") = zo2_version();
   m.def("version", &zo2_version, "The library's version (zo2_version()).");
@@ -1295,7 +1366,8 @@ PYBIND11_MODULE(_zo2, m) {
                   "Reads PATH/config.json (and the safetensors headers unless check_weights=False). "
                   "A run directory resolves through its current checkpoint.")
       .def_property_readonly("path", [](const Model& x) { return fs_text(x.path); },
-                             "The directory as os.fsdecode returns it (os.fsencode gives back its bytes).")
+                             "The directory, made absolute at load (a later os.chdir changes nothing), as "
+                             "os.fsdecode returns it (os.fsencode gives back its bytes).")
       .def_property_readonly("n_vocab", [](const Model& x) { return zo2_model_n_vocab(x.get()); })
       .def_property_readonly("n_ctx", [](const Model& x) { return zo2_model_n_ctx(x.get()); })
       .def_property_readonly("n_layer", [](const Model& x) { return zo2_model_n_layer(x.get()); })
@@ -1313,12 +1385,15 @@ PYBIND11_MODULE(_zo2, m) {
 
   py::class_<StepResult>(m, "StepResult", "The losses of one ZO step (zo2_step_result).")
       .def_readonly("loss_plus", &StepResult::loss_plus, "mean token cross-entropy at θ + eps·z (nats)")
-      .def_readonly("loss_minus", &StepResult::loss_minus, "mean token cross-entropy at θ − eps·z (nats)")
+      .def_readonly("loss_minus", &StepResult::loss_minus,
+                    "mean token cross-entropy at θ − eps·z (nats); with difference='forward', at θ")
       .def_readonly("projected_grad", &StepResult::projected_grad,
-                    "(L+ − L−) / (2·eps); not finite: the update was skipped")
+                    "(L+ − L−) / (2·eps), or (L+ − L(θ)) / eps with difference='forward'; not finite: the "
+                    "update was skipped")
       .def_readonly("step", &StepResult::step, "the step's 0-based index")
-      .def_property_readonly("loss", [](const StepResult& r) { return 0.5 * (double(r.loss_plus) + r.loss_minus); },
-                             "(loss_plus + loss_minus) / 2")
+      .def_readonly("loss", &StepResult::loss,
+                    "the loss at θ: (loss_plus + loss_minus) / 2, or loss_minus (L(θ) itself) with "
+                    "difference='forward' (as zo2-tune's progress and --log-json report it)")
       .def("__repr__", [](const StepResult& r) {
         return py::str("StepResult(step={}, loss_plus={!r}, loss_minus={!r}, projected_grad={!r})")
             .format(r.step, r.loss_plus, r.loss_minus, r.projected_grad).cast<std::string>();
@@ -1526,7 +1601,7 @@ zo2.Generation per text with text set: the new tokens decoded, special tokens le
           std::string message;
           zo2_model* handle = mm->get();
           {
-            py::gil_scoped_release nogil;
+            NoGil nogil;
             rc = zo2_plan(handle, &P.p, &r);
             if (rc != 0) message = zo2_last_error();
           }

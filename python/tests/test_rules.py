@@ -66,6 +66,7 @@ def test_forward_difference_with_two_directions(tiny):
         # Forward difference: loss_minus is L(θ) itself and g_0 = (L(θ + eps·z_0) − L(θ)) / eps.
         assert r.loss_minus == pytest.approx(unperturbed, rel=1e-6)
         assert r.projected_grad == pytest.approx((r.loss_plus - r.loss_minus) / 1e-3, rel=1e-2, abs=1e-3)
+        assert r.loss == r.loss_minus  # the reported loss is L(θ), not ½(L(θ + eps·z) + L(θ))
         for _ in range(3):
             r = s.step(ids)
             assert np.isfinite([r.loss_plus, r.loss_minus, r.projected_grad]).all()

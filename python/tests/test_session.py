@@ -195,6 +195,7 @@ ERRORS = [
     (dict(seed=-1), zo2.InvalidArgumentError, "seed -1"),
     (dict(first_step=-2), zo2.InvalidArgumentError, "first_step -2"),
     (dict(seed_log=""), zo2.InvalidArgumentError, "seed_log is empty"),
+    (dict(parallel=""), zo2.InvalidArgumentError, "parallel is empty (use None"),
     (dict(seed_log="run/\0seeds"), zo2.InvalidArgumentError, "seed_log contains a NUL character"),
     (dict(device="cpu\0cuda"), zo2.InvalidArgumentError, "device contains a NUL character"),
     # Wrong types: zo2.InvalidTypeError, a TypeError that is also an InvalidArgumentError.
@@ -483,6 +484,86 @@ def test_one_session_from_two_threads_is_serialized(tiny):
         for t in threads:
             t.join()
         assert s.step_index == 10
+
+
+def _run_script(code, timeout=120):
+    return subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                          env=os.environ, timeout=timeout)
+
+
+def test_close_racing_steps_on_other_threads_never_uses_the_freed_session(tiny):
+    # A step waiting for the session's lock while close() frees it must find it closed
+    # (adversarial pass 65: it took the lock before close() cleared the handle, and stepped on
+    # freed memory). In a child: a crash fails the test instead of ending the run.
+    code = f"""
+import threading, numpy as np, zo2
+ids = (np.arange(32).reshape(2, 16) * 7 + 3) % 512
+m = zo2.Model.load({str(tiny)!r})
+for round in range(30):
+    s = zo2.Session(m, lr=1e-3, max_seqs=2, max_seq_len=16, n_threads=1)
+    errors = []
+    def loop():
+        try:
+            while True:
+                s.step(ids)
+        except zo2.InvalidArgumentError as e:
+            errors.append(str(e))
+    threads = [threading.Thread(target=loop) for _ in range(3)]
+    for t in threads:
+        t.start()
+    s.step(ids)
+    s.close()
+    for t in threads:
+        t.join()
+    assert errors == ["the session is closed"] * 3, errors
+print("ok")
+"""
+    r = _run_script(code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_a_daemon_thread_inside_a_step_when_the_script_ends_exits_cleanly(tiny):
+    # The interpreter finalizes while the daemon thread is inside a step: taking the GIL back
+    # must not abort the process (adversarial pass 65: pthread_exit through pybind11's
+    # noexcept gil_scoped_release, "terminate called without an active exception").
+    code = f"""
+import threading, time, numpy as np, zo2
+ids = (np.arange(32).reshape(2, 16) * 7 + 3) % 512
+s = zo2.Session({str(tiny)!r}, lr=1e-3, max_seqs=2, max_seq_len=16, n_threads=1)
+def loop():
+    while True:
+        s.step(ids)
+for _ in range(4):  # (several: some wait for the GIL as finalization begins)
+    threading.Thread(target=loop, daemon=True).start()
+time.sleep(0.3)
+print("exiting", flush=True)
+"""
+    for _ in range(3):
+        r = _run_script(code)
+        assert r.returncode == 0 and r.stdout.strip() == "exiting", f"rc {r.returncode}: {r.stdout}{r.stderr}"
+        assert "terminate" not in r.stderr and "Fatal Python error" not in r.stderr, r.stderr
+
+
+def test_a_model_loaded_by_a_relative_path_keeps_its_directory_after_a_chdir(tiny, tune, tmp_path, monkeypatch):
+    # Another checkpoint of the same name (other weights) in the new working directory: the
+    # session still reads the one loaded (adversarial pass 65: it read the other, silently).
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tiny, tmp_path / "a" / "m")
+    subprocess.run([str(tune), "-q", "init", "--preset", "opt-tiny", "--seed", "2", "--out",
+                    str(tmp_path / "b" / "m")], check=True)
+    ids = batch(512)
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16, training=False) as s:
+        expected = s.eval(ids)
+    monkeypatch.chdir(tmp_path / "a")
+    m = zo2.Model.load("m")
+    assert m.path == str(tmp_path / "a" / "m")
+    assert zo2.Model.load("./m/").path == str(tmp_path / "a" / "m")
+    monkeypatch.chdir(tmp_path / "b")
+    with zo2.Session(m, max_seqs=2, max_seq_len=16, training=False) as s:
+        assert bits(s.eval(ids)) == bits(expected)
+        assert s.model_path == str(tmp_path / "a" / "m")
+    m.close()
 
 
 def test_steps_release_the_gil(tiny):
