@@ -144,19 +144,25 @@ void require_links(const fs::path& dir) {
   fail(ErrorKind::io, "{}: cannot create a link there ({}), which a run directory needs", dir.string(), std::strerror(e));
 }
 
-// A save writes its files one directory below the run's: .step-N.tmp-PID/ (N up to 2^53,
-// 16 digits; a pid up to 7), then a temp name of up to NAME_MAX bytes. A run directory whose
-// own path leaves no room for that under PATH_MAX trained every step and failed at its first
-// save with "File name too long" (adversarial pass 64): refused when the writer takes it.
+// A save writes its files one directory below the run's, each through a temp name: the
+// step in the making (make_temp_dir: "." + "step-N" with N up to 2^53, 16 digits, + the
+// temp suffix), then a file's temp name ("." + a base name of at most 40 bytes, as
+// "model-00001-of-00002.safetensors", + the suffix); the suffix is ".tmp.PID-HOST.COUNT.RAND"
+// (a pid up to 7 digits, an 8-digit host tag, a counter up to 20, 8 hex digits). A run
+// directory whose own path leaves no room for that under PATH_MAX trained every step and
+// failed at its first save with "File name too long" (adversarial pass 64): refused when
+// the writer takes it. (The absolute path is measured: zo2 opens most files through it.)
 void require_path_room(const fs::path& dir) {
-  constexpr std::size_t kDeepest = 1 + (6 + 16 + 5 + 7) + 1 + NAME_MAX;
+  constexpr std::size_t kSuffix = 5 + 7 + 1 + 8 + 1 + 20 + 1 + 8;
+  constexpr std::size_t kDeepest = 1 + (1 + 5 + 16 + kSuffix) + 1 + (1 + 40 + kSuffix);
   std::error_code ec;
   const std::string abs = fs::absolute(dir, ec).lexically_normal().string();
   if (ec || abs.size() + kDeepest < PATH_MAX) return;
   const std::string shown = abs.size() <= 120 ? abs : abs.substr(0, 56) + "…" + abs.substr(abs.size() - 56);
   fail(ErrorKind::io,
        "{}: its path is {} bytes long, and a save writes files up to {} bytes below it: beyond this system's path "
-       "limit (PATH_MAX {}), so no checkpoint could be saved there; choose a directory whose path is under {} bytes",
+       "limit (PATH_MAX {}) for the longest names, so a save could fail there; choose a directory whose path is "
+       "under {} bytes",
        shown, abs.size(), kDeepest, PATH_MAX, PATH_MAX - kDeepest);
 }
 
@@ -727,13 +733,16 @@ fs::path training_run_of_checkpoint(const fs::path& dir) {
   return !run.empty() && fs::exists(run / kRunSeedLog, ec) ? run : fs::path();
 }
 
-bool path_is_within(const fs::path& p, const fs::path& dir) {
+bool removed_with_run(const fs::path& p, const fs::path& dir) {
   std::error_code ec1, ec2;
   const fs::path cp = fs::weakly_canonical(fs::absolute(p, ec1), ec1);
   const fs::path cd = fs::weakly_canonical(fs::absolute(dir, ec2), ec2);
   if (ec1 || ec2) return false;
   const fs::path rel = cp.lexically_relative(cd);
-  return !rel.empty() && (rel.begin() == rel.end() || *rel.begin() != "..");
+  if (rel.empty() || rel.begin() == rel.end()) return false;
+  const std::string first = rel.begin()->string();
+  return first == "." || is_step_dir_name(first) || first.rfind(".step-", 0) == 0 || first == kRunCurrent ||
+         first == kRunSeedLog;
 }
 
 bool same_directory(const fs::path& a, const fs::path& b) {

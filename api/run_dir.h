@@ -154,7 +154,9 @@ std::filesystem::path run_of_checkpoint(const std::filesystem::path& dir);
 // Whether two paths name the same directory (after following links); false if either is missing.
 bool same_directory(const std::filesystem::path& a, const std::filesystem::path& b);
 
-// Whether P is DIR or lies under it, after following links (each made absolute first).
-bool path_is_within(const std::filesystem::path& p, const std::filesystem::path& dir);
+// Whether remove_run(DIR) removes P (or what P lies in), after following links: DIR itself
+// (a run saved before run directories keeps its checkpoint there), a step directory (the
+// one `current` names included), a step in the making or the seed log.
+bool removed_with_run(const std::filesystem::path& p, const std::filesystem::path& dir);
 
 }  // namespace zo2

@@ -729,7 +729,8 @@ StepResult Session::collect(std::int64_t step) {
   // in bf16; 1e-45 anywhere) does that; a run said nothing and trained nothing (adversarial
   // pass 66). Said once a session.
   if (!r.update_skipped && std::all_of(r.gs.begin(), r.gs.end(), [](float g) { return g == 0.0f; })) {
-    if (++flat_steps_ == kFlatStepsToWarn && !flat_said_) {
+    flat_steps_ = std::min(flat_steps_ + 1, kFlatStepsToWarn);
+    if (flat_steps_ == kFlatStepsToWarn && !flat_said_) {
       flat_said_ = true;
       log_warn("steps {}..{}: L(θ + eps·z) and L(θ − eps·z) were equal in each (g = 0), so the weights did not move: "
                "eps {} may be too small to change the loss through {} weights (MeZO uses 1e-3), or the loss is "

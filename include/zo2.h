@@ -99,9 +99,11 @@ enum zo2_log_level {
 };
 
 // `text` is one message without a trailing newline, valid only during the call. Called
-// from whichever thread logs (one call at a time: calls are serialized). The callback may
-// call zo2 functions, zo2_log_set included (it takes effect for the next message); what zo2
-// logs during the callback goes to stderr, not into the callback again.
+// from whichever thread logs (one call at a time: calls are serialized), which may be one of
+// a session's worker threads. The callback may call zo2 functions, zo2_log_set included (it
+// takes effect for the next message); what zo2 logs during the callback goes to stderr, not
+// into the callback again. On a session a call is in, only set_lr and the queries work from
+// it, and only on the calling thread (elsewhere the session is in use by another thread).
 typedef void (*zo2_log_callback)(enum zo2_log_level level, const char * text, void * user_data);
 
 // Process-wide: sends every message at or above the level to `callback` instead of
@@ -318,8 +320,8 @@ ZO2_API int zo2_session_init(zo2_model * m, const zo2_session_params * p, zo2_se
 // Waits for outstanding work and releases everything. A pending update that was not saved
 // is lost (zo2_session_save first). NULL is allowed. In a fork() child of the process that
 // created s it returns at once and releases nothing (the child's copy is leaked; see the top).
-// Called from a progress callback (or a log callback) inside a call on s, it frees s when that
-// call returns. Called while another thread is inside a call on s (not allowed: see the top),
+// Called from a progress callback (or a log callback on the calling thread) inside a call
+// on s, it frees s when that call returns. Called while another thread is inside a call on s (not allowed: see the top),
 // it logs an error (ZO2_LOG_ERROR, also in zo2_last_error()) and leaks s, rather than
 // freeing it under that call.
 ZO2_API void zo2_session_free(zo2_session * s);

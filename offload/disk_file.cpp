@@ -143,7 +143,7 @@ int open_maybe_direct(const fs::path& path, int flags, bool want_direct, bool re
   *direct = false;
   int fd = -1, e = 0;
   if (want_direct) {
-    fd = refuse_direct ? -1 : ::open(path.c_str(), flags | O_DIRECT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    fd = refuse_direct ? -1 : ::open(path.c_str(), flags | O_DIRECT | O_NOFOLLOW | O_CLOEXEC, 0666);
     e = refuse_direct ? EINVAL : errno;
     *direct = fd >= 0;
     if (fd < 0 && e == EINVAL)
@@ -151,7 +151,7 @@ int open_maybe_direct(const fs::path& path, int flags, bool want_direct, bool re
                path.string(), filesystem_name(path.parent_path().empty() ? fs::path(".") : path.parent_path()));
   }
   if (fd < 0 && (!want_direct || e == EINVAL)) {
-    fd = ::open(path.c_str(), flags | O_NOFOLLOW | O_CLOEXEC, 0644);
+    fd = ::open(path.c_str(), flags | O_NOFOLLOW | O_CLOEXEC, 0666);
     e = errno;
   }
   // A link, or something other than a regular file: open_own_file (runtime/file_util.h)

@@ -1396,6 +1396,16 @@ TEST(Cli, TheRunsOwnCheckpointHoweverNamedIsResumedInPlaceAndNeverRemoved) {
   EXPECT_EQ(read_file(part / "model.safetensors"), read_file(full / "model.safetensors"));
   EXPECT_EQ(read_file(part / "seed_log.jsonl").substr(read_file(part / "seed_log.jsonl").find('\n')),
             read_file(full / "seed_log.jsonl").substr(read_file(full / "seed_log.jsonl").find('\n')));
+  // A model kept in the run directory under another name is not the run's: --overwrite
+  // replaces the run and keeps it.
+  fs::copy(w.model, part / "base");
+  ASSERT_EQ(run("train --model " + (part / "base").string() + " --data " + w.data.string() +
+                    " --steps 2 --batch-size 2 --lr 1e-3 --overwrite -q --out " + part.string(),
+                &out),
+            0)
+      << out;
+  EXPECT_TRUE(fs::exists(part / "base" / "model.safetensors"));
+  EXPECT_FALSE(fs::exists(part / "step-00000008"));
 }
 
 // A run directory whose own path leaves no room under PATH_MAX for what a save writes below
@@ -1414,7 +1424,7 @@ TEST(Cli, ARunDirectoryWithoutRoomForItsSavesIsRefusedBeforeTheFirstStep) {
                     " --steps 50 --batch-size 2 --lr 1e-3 --out " + deep.string(),
                 &out),
             1);
-  EXPECT_NE(out.find("its path is 4000 bytes long, and a save writes files up to 291 bytes below it: beyond this "
+  EXPECT_NE(out.find("its path is 4000 bytes long, and a save writes files up to 167 bytes below it: beyond this "
                      "system's path limit (PATH_MAX 4096)"),
             std::string::npos)
       << out.substr(0, 2000);
@@ -1476,18 +1486,22 @@ TEST(Cli, AReplayedCheckpointContinuesOnlyTheLogItWasReplayedFrom) {
   EXPECT_EQ(run("train --resume " + a.string() + " --steps 6", &out), 1) << out;
   EXPECT_NE(out.find("bytes are not the log " + a.string() + " was replayed from"), std::string::npos) << out;
   EXPECT_FALSE(fs::exists(a / "seed_log.jsonl"));
-  // Gone: named, with the copy that carries the run on.
+  // Gone: named, with the copy that carries the run on — the run directory's log, also when
+  // the resume names its `current` (whose run it carries on).
   fs::remove_all(killed);
   out.clear();
-  EXPECT_EQ(run("train --resume " + b.string() + " --steps 6", &out), 1) << out;
-  EXPECT_NE(out.find((killed / "seed_log.jsonl").string() + ": missing: " + b.string() +
+  const std::string b_current = (b / "current").string();
+  EXPECT_EQ(run("train --resume " + b_current + " --steps 6", &out), 1) << out;
+  EXPECT_NE(out.find((killed / "seed_log.jsonl").string() + ": missing: " + b_current +
                      " was replayed from that seed log, which its resume continues; if it moved, copy it to " +
                      (b / "seed_log.jsonl").string()),
             std::string::npos)
       << out;
   fs::copy_file(w.tmp / "killed.moved" / "seed_log.jsonl", b / "seed_log.jsonl");
-  ASSERT_EQ(run("train --resume " + b.string() + " --steps 6", &out), 0) << out;
+  ASSERT_EQ(run("train --resume " + b_current + " --steps 6", &out), 0) << out;
   EXPECT_EQ(read_file(b / "model.safetensors"), read_file(six / "model.safetensors"));
+  for (const auto& e : fs::directory_iterator(b))
+    if (e.is_directory() && !e.is_symlink()) EXPECT_FALSE(fs::exists(e.path() / "seed_log.jsonl")) << e.path();
 }
 
 // A writer never removes the run's only complete checkpoint (api/run_dir.cpp clean_run_dir):

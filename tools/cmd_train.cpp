@@ -333,7 +333,7 @@ class JsonLogLock {
     if (ec) return;
     if (const auto st = std::filesystem::status(file, ec); std::filesystem::exists(st) && !std::filesystem::is_regular_file(st))
       return;
-    const int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    const int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0666);
     if (fd < 0) return;  // the log's own open says why
     switch (try_lock_file(fd, true, file, "a second run writing this JSON log")) {
       case FileLock::busy:
@@ -414,6 +414,8 @@ std::string unsaved_run_advice(const std::filesystem::path& dir) {
 // run whose step directory (or `current`) DIR names.
 std::string default_resume_out(const std::string& resume) {
   if (const std::filesystem::path run = training_run_of_checkpoint(resume); !run.empty()) return run.string();
+  // A run `replay` wrote has no seed log of its own yet: its step directory still names it.
+  if (const std::filesystem::path run = run_of_checkpoint(resume); !run.empty()) return run.string();
   if (holds_run(resume)) return resume;
   fail(ErrorKind::invalid_argument,
        "--out is required: --resume {} is not a run directory (or one of its step directories) to carry on in "
@@ -820,7 +822,11 @@ Runner add_train(CLI::App& app) {
       sc.resume_state = true;
       // The seed log: this run's (header), reaching next_step, and — when the manifest records
       // it — byte for byte the prefix the checkpoint was saved with.
-      resumed_log_path = !ck.seed_log.empty() ? ck.seed_log : std::filesystem::path(o->resume) / kRunSeedLog;
+      // (no log recorded: the run directory's, also when --resume names its `current`)
+      const std::filesystem::path log_home = run_of_checkpoint(o->resume).empty()
+                                                 ? std::filesystem::path(o->resume)
+                                                 : run_of_checkpoint(o->resume);
+      resumed_log_path = !ck.seed_log.empty() ? ck.seed_log : log_home / kRunSeedLog;
       // A checkpoint `replay` wrote (from a run killed before its first save, say) continues
       // the seed log it was replayed from.
       // Its prefix up to the checkpoint is recorded (replayed_from_bytes/crc32) and checked
@@ -1263,10 +1269,10 @@ Runner add_train(CLI::App& app) {
     if (writer) ensure_writable_dir(out);
     if (writer && o->overwrite && !resume_within_out) {
       // --overwrite replaces the run in --out, never what this run starts from: a checkpoint
-      // (--model RUN/current --out RUN) or seed log inside it would be removed before it is
-      // read, leaving neither run.
+      // (--model RUN/current --out RUN) or seed log that remove_run takes would be gone before
+      // it is read, leaving neither run.
       for (const std::filesystem::path& p : {std::filesystem::path(model_dir), resumed_log_path})
-        if (!p.empty() && path_is_within(p, out))
+        if (!p.empty() && removed_with_run(p, out))
           fail(ErrorKind::invalid_argument,
                "--overwrite with --out {}: {} is inside it, and this run starts from it; replacing the run there "
                "would remove it first: choose another --out{}",

@@ -65,8 +65,10 @@ namespace {
 // in PyEval_RestoreThread with pthread_exit, whose forced unwind cannot pass a noexcept
 // frame (pybind11's gil_scoped_release destructor): std::terminate, and the process aborts
 // at exit (adversarial pass 65). NoGil instead parks that thread forever, as CPython 3.14
-// does itself: it holds no lock of zo2's by then (each is declared after the NoGil it runs
-// under, so released first) and goes with the process. The thread that finalizes (the main
+// does itself: it holds no session's lock by then (each is declared after the NoGil it runs
+// under, so released first) and goes with the process. (One parked inside zo2.train keeps
+// that function's process-wide lock and leaves its zo2-tune child to the process's end: a
+// zo2.train from an atexit handler would then wait; none is made at exit.) The thread that finalizes (the main
 // thread, where an object's __del__ may still call zo2) takes the GIL back as usual. The
 // check cannot see a finalization that starts while the thread waits for the GIL inside
 // PyEval_RestoreThread: that pthread_exit's forced unwind is caught there and the thread
