@@ -823,9 +823,8 @@ Runner add_train(CLI::App& app) {
       // The seed log: this run's (header), reaching next_step, and — when the manifest records
       // it — byte for byte the prefix the checkpoint was saved with.
       // (no log recorded: the run directory's, also when --resume names its `current`)
-      const std::filesystem::path log_home = run_of_checkpoint(o->resume).empty()
-                                                 ? std::filesystem::path(o->resume)
-                                                 : run_of_checkpoint(o->resume);
+      std::filesystem::path log_home = run_of_checkpoint(o->resume);
+      if (log_home.empty()) log_home = o->resume;
       resumed_log_path = !ck.seed_log.empty() ? ck.seed_log : log_home / kRunSeedLog;
       // A checkpoint `replay` wrote (from a run killed before its first save, say) continues
       // the seed log it was replayed from.
