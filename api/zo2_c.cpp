@@ -505,6 +505,10 @@ std::size_t physical_ram() { return zo2::cpu_default_arena_bytes(); }  // the CP
 
 // The definitions take their C linkage from the declarations in zo2.h.
 
+// The header's ZO2_VERSION_* are written by hand: the build stops if they and project(VERSION) differ.
+static_assert(ZO2_VERSION_MAJOR == ZO2_PROJECT_VERSION_MAJOR && ZO2_VERSION_MINOR == ZO2_PROJECT_VERSION_MINOR &&
+                  ZO2_VERSION_PATCH == ZO2_PROJECT_VERSION_PATCH,
+              "include/zo2.h's ZO2_VERSION_MAJOR/MINOR/PATCH differ from CMakeLists.txt's project(VERSION)");
 const char* zo2_version(void) { return ZO2_VERSION_STRING; }
 
 const char* zo2_last_error(void) { return t_last_error.c_str(); }

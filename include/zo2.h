@@ -2,12 +2,13 @@
 // models (OPT, LLaMA, Qwen2/2.5, Qwen3, Mistral, Gemma 3; README "Supported models") through
 // a streaming scheduler, on one small GPU or on the CPU.
 //
-// This is the one header a host program includes. It is plain C11 (and valid C++): opaque
-// handles, a *_default_params() function for every params struct (take the defaults, then
-// change the fields you need — fields may be added in later versions: a host is rebuilt
-// against each release's header, and before 1.0 the library's SONAME (libzo2.so.0.2) changes
-// with every release, so an older host binary is not loaded with it), *_init/*_free pairs,
-// and integer status codes:
+// This is the one header a host program includes. It is plain C (C99 or later) and valid
+// C++ (C++98 or later, also with -fno-exceptions -fno-rtti): opaque handles, a
+// *_default_params() function for every params struct (take the defaults, then change the
+// fields you need — fields may be added in later versions: a host is rebuilt against each
+// release's header, and before 1.0 the library's SONAME (libzo2.so.0.2) changes with every
+// release, so an older host binary is not loaded with it), *_init/*_free pairs, and integer
+// status codes:
 //
 //   0                 success
 //   ZO2_ABORTED (1)   non-fatal: a progress callback asked to stop (the call itself completed)
@@ -75,10 +76,17 @@ enum zo2_status {
     ZO2_ERR_UNSUPPORTED        = -4,  // valid input zo2 does not run (a config field, a dtype)
     ZO2_ERR_OUT_OF_MEMORY      = -5,  // the device cap (or host memory) is too small
     ZO2_ERR_DEVICE             = -6,  // a backend call failed or no such device exists
-    ZO2_ERR_INTERNAL           = -7,  // a bug in zo2 (an invariant did not hold)
+    ZO2_ERR_INTERNAL           = -7   // a bug in zo2 (an invariant did not hold)
 };
 
-// "0.2.0"; the library's version, not the header's.
+// The header's version. A host that builds against more than one release tests these for
+// a field or a function that a release added (#if ZO2_VERSION_MINOR >= 3 ...).
+#define ZO2_VERSION_MAJOR 0
+#define ZO2_VERSION_MINOR 2
+#define ZO2_VERSION_PATCH 0
+
+// "0.2.0"; the library's version, not the header's (equal to ZO2_VERSION_* for the header
+// it was built with).
 ZO2_API const char * zo2_version(void);
 
 // The message of the last call on this thread that returned a nonzero code ("" if none).
@@ -95,7 +103,7 @@ enum zo2_log_level {
     ZO2_LOG_INFO  = 1,
     ZO2_LOG_WARN  = 2,
     ZO2_LOG_ERROR = 3,
-    ZO2_LOG_OFF   = 4,
+    ZO2_LOG_OFF   = 4
 };
 
 // `text` is one message without a trailing newline, valid only during the call. Called
@@ -155,7 +163,7 @@ ZO2_API int64_t zo2_model_n_params(const zo2_model * m);  // parameters (a tied 
 enum zo2_offload_mode {
     ZO2_OFFLOAD_AUTO = 0,  // as many blocks resident as the cap allows, the rest streamed
     ZO2_OFFLOAD_ALL  = 1,  // stream every block through the window (smallest device memory)
-    ZO2_OFFLOAD_NONE = 2,  // every block resident (fails if the cap is too small)
+    ZO2_OFFLOAD_NONE = 2   // every block resident (fails if the cap is too small)
 };
 
 typedef struct zo2_step_result {

@@ -150,6 +150,23 @@ CLI::Validator seed_value() {
       "SEED");
 }
 
+std::string documented_integer_rule(const CLI::Option& opt, std::int64_t value) {
+  for (int i = 0; i <= static_cast<int>(Opt::max_new_tokens); ++i) {
+    const auto o = static_cast<Opt>(i);
+    if (!opt.check_name(option_name(o, OptionSource::cli))) continue;
+    try {
+      check_integer(o, value, OptionSource::cli);
+    } catch (const Error& e) {
+      // "--window 3000000000: must be an integer in [1, 64]": its rule.
+      const std::string what = e.what();
+      const auto colon = what.find(": ");
+      if (e.kind() == ErrorKind::invalid_argument && colon != std::string::npos) return what.substr(colon + 2);
+    }
+    break;
+  }
+  return "";
+}
+
 void decimal_integer_options(CLI::App& app) {
   for (CLI::Option* opt : app.get_options()) {
     const std::string type = opt->get_type_name();
@@ -157,7 +174,7 @@ void decimal_integer_options(CLI::App& app) {
     if ((base != "INT" && base != "UINT") || type.find("SEED") != std::string::npos) continue;
     const bool is_unsigned = base == "UINT";
     opt->transform(CLI::Validator(
-        [is_unsigned](std::string& text) -> std::string {
+        [is_unsigned, opt](std::string& text) -> std::string {
           std::string_view t = trim_blanks(text);
           const bool negative = !t.empty() && t.front() == '-';
           if (!t.empty() && (t.front() == '-' || t.front() == '+')) t.remove_prefix(1);
@@ -174,11 +191,17 @@ void decimal_integer_options(CLI::App& app) {
             std::int64_t v = 0;
             ec = std::from_chars(digits.data(), digits.data() + digits.size(), v).ec;
           }
-          if (ec != std::errc())
+          if (ec != std::errc()) {
+            // The flag's documented range where api/options.cpp has one (--steps: [1, 2^53]),
+            // else the range of its 64-bit field.
+            const std::string rule = documented_integer_rule(
+                *opt, negative ? std::numeric_limits<std::int64_t>::min() : std::numeric_limits<std::int64_t>::max());
             return fmt::format("{} is beyond what this flag can hold ({})", text,
-                               is_unsigned ? "18446744073709551615 at most"
-                               : negative  ? "-9223372036854775808 at least"
-                                           : "9223372036854775807 at most");
+                               !rule.empty() ? rule
+                               : is_unsigned ? "18446744073709551615 at most"
+                               : negative    ? "-9223372036854775808 at least"
+                                             : "9223372036854775807 at most");
+          }
           text = digits;
           return {};
         },

@@ -108,6 +108,10 @@ CLI::Validator seed_value();
 //   and refuses a value beyond 64 bits naming it as written. Called once the options are declared.
 void decimal_integer_options(CLI::App& app);
 
+// The documented rule of an integer flag from api/options.cpp as it refuses `value` ("must be
+// an integer in [1, 2^53]"), or "" when the flag has none or accepts the value.
+std::string documented_integer_rule(const CLI::Option& opt, std::int64_t value);
+
 // Options every subcommand that runs a model shares.
 struct DeviceFlags {
   std::string device = "cpu";

@@ -41,21 +41,8 @@ std::string whole_number_range(const CLI::App& app, const std::string& flag, std
   if (!opt) return "";
   while (!value.empty() && value.front() == '+') value.remove_prefix(1);
   std::int64_t v = 0;
-  if (std::from_chars(value.data(), value.data() + value.size(), v).ec == std::errc()) {
-    for (int i = 0; i <= static_cast<int>(zo2::Opt::max_new_tokens); ++i) {
-      const auto o = static_cast<zo2::Opt>(i);
-      if (!opt->check_name(zo2::option_name(o, zo2::OptionSource::cli))) continue;
-      try {
-        zo2::check_integer(o, v, zo2::OptionSource::cli);
-      } catch (const zo2::Error& e) {
-        // "--window 3000000000: must be an integer in [1, 64]": its rule.
-        const std::string what = e.what();
-        const auto colon = what.find(": ");
-        if (e.kind() == zo2::ErrorKind::invalid_argument && colon != std::string::npos) return what.substr(colon + 2);
-      }
-      break;
-    }
-  }
+  if (std::from_chars(value.data(), value.data() + value.size(), v).ec == std::errc())
+    if (std::string rule = zo2::cli::documented_integer_rule(*opt, v); !rule.empty()) return rule;
   const std::string type = opt->get_type_name();
   return type.starts_with("UINT") ? "a 32-bit field: an integer in [0, 4294967295]"
                                   : "a 32-bit field: an integer in [-2147483648, 2147483647]";
