@@ -70,6 +70,12 @@ std::map<fs::path, ReadPin>& read_pins() {
 enum class Pin { held, unpinnable, gone };
 
 std::function<void(const std::string&)> g_current_read_hook;  // set_current_read_hook_for_testing
+std::function<int(const char*, const char*)> g_rename_hook;   // set_rename_for_testing
+
+// rename(2), or the test's stand-in: 0, or -1 with errno set.
+int rename_entry(const fs::path& from, const fs::path& to) {
+  return g_rename_hook ? g_rename_hook(from.c_str(), to.c_str()) : ::rename(from.c_str(), to.c_str());
+}
 
 Pin pin_step(const fs::path& dir, const std::string& step) {
   if (g_current_read_hook) g_current_read_hook(step);
@@ -129,19 +135,34 @@ void remove_step_dir(const fs::path& p) {
 //   any work, and says what to do.
 void require_links(const fs::path& dir) {
   const fs::path probe = dir / fmt::format(".zo2-link-probe.tmp.{}", ::getpid());  // clean_run_dir removes a stray one
+  const fs::path probe2 = dir / fmt::format(".zo2-link-probe.tmp.{}.b", ::getpid());
   ::unlink(probe.c_str());
-  if (::symlink(kRunLockFile, probe.c_str()) == 0) {
-    ::unlink(probe.c_str());
-    return;
+  ::unlink(probe2.c_str());
+  if (::symlink(kRunLockFile, probe.c_str()) != 0) {
+    const int e = errno;
+    if (e == EPERM || e == EOPNOTSUPP || e == ENOSYS || e == EINVAL)
+      fail(ErrorKind::io,
+           "{}: cannot create a symbolic link there ({}): a run directory needs them (its 'current' link names the "
+           "newest checkpoint), and this file system has none (as exFAT, FAT and SMB shares without the Unix "
+           "extensions): choose a directory on another file system",
+           dir.string(), std::strerror(e));
+    fail(ErrorKind::io, "{}: cannot create a link there ({}), which a run directory needs", dir.string(),
+         std::strerror(e));
   }
-  const int e = errno;
-  if (e == EPERM || e == EOPNOTSUPP || e == ENOSYS || e == EINVAL)
+  // Each save after the first commits by renaming a new `current` over the old one: a file
+  // system whose rename will not replace an entry (some FUSE and network ones) took the
+  // first save and failed every later one with "File exists" (adversarial pass 67).
+  int e = 0;
+  if (::symlink(kRunLockFile, probe2.c_str()) != 0) e = errno;
+  else if (rename_entry(probe2, probe) != 0) e = errno;
+  ::unlink(probe2.c_str());
+  ::unlink(probe.c_str());
+  if (e != 0)
     fail(ErrorKind::io,
-         "{}: cannot create a symbolic link there ({}): a run directory needs them (its 'current' link names the "
-         "newest checkpoint), and this file system has none (as exFAT, FAT and SMB shares without the Unix "
-         "extensions): choose a directory on another file system",
+         "{}: a rename there cannot replace an existing link ({}): a run directory commits each save by renaming a "
+         "new 'current' link over the old one, so every save after the first would fail; choose a directory on "
+         "another file system",
          dir.string(), std::strerror(e));
-  fail(ErrorKind::io, "{}: cannot create a link there ({}), which a run directory needs", dir.string(), std::strerror(e));
 }
 
 // A save writes its files one directory below the run's, each through a temp name: the
@@ -314,8 +335,11 @@ std::set<std::string> files_of(const fs::path& d) {
 void refresh_links(const fs::path& dir) {
   const fs::path cur = dir / kRunCurrent;
   std::error_code ec;
-  if (!fs::is_symlink(fs::symlink_status(cur, ec)) || !fs::is_directory(cur, ec)) return;
-  const std::set<std::string> names = files_of(cur);
+  if (!fs::is_symlink(fs::symlink_status(cur, ec))) return;
+  // The link's text, never the link followed (Note [Writers never follow current]).
+  const std::string step = current_step_name(dir, fs::read_symlink(cur, ec));
+  if (ec || step.empty() || !fs::is_directory(fs::symlink_status(dir / step, ec))) return;
+  const std::set<std::string> names = files_of(dir / step);
   add_links(dir, names, /*replace_files=*/true);
   static const std::regex old_ckpt(R"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json)");
   for (const auto& e : fs::directory_iterator(dir, ec)) {
@@ -340,13 +364,18 @@ std::error_code switch_current(const fs::path& dir, const std::string& name) {
   fs::remove(cur_tmp, ec);
   ec.clear();
   fs::create_symlink(name, cur_tmp, ec);
-  if (!ec) fs::rename(cur_tmp, dir / kRunCurrent, ec);
+  if (!ec && rename_entry(cur_tmp, dir / kRunCurrent) != 0) ec = std::error_code(errno, std::system_category());
   if (ec) {
     std::error_code e2;
     fs::remove(cur_tmp, e2);
     return ec;
   }
-  fsync_path(dir, true);
+  try {
+    fsync_path(dir, true);
+  } catch (const Error& e) {  // the switch happened: say so, not only that the sync failed
+    fail(ErrorKind::io, "{} (the checkpoint was committed: {} points at {}, and a resume continues from it; the "
+         "switch may not survive a power cut)", e.what(), (dir / kRunCurrent).string(), name);
+  }
   return ec;
 }
 
@@ -370,7 +399,12 @@ void clean_run_dir(const fs::path& dir) {
     // "step-N", or an absolute or trailing-slash spelling of it: the directory it names.
     const fs::path target = fs::read_symlink(cur, ec);
     current = current_step_name(dir, target);
-    if (current.empty() || !same_directory(dir / current, cur))
+    // Note [Writers never follow current]
+    //   The link's text names the step directory, which is checked as a directory of DIR;
+    //   `current` itself is not followed. On a mount with nosymfollow following it fails
+    //   (ELOOP), and every resume was refused as "not one of the run's step directories"
+    //   (adversarial pass 67).
+    if (current.empty() || !fs::is_directory(fs::symlink_status(dir / current, ec)))
       fail(ErrorKind::format,
            "{} points at {}, not one of the run's step directories: nothing was removed; point it at the "
            "checkpoint to continue from (ln -sfn step-NNNNNNNN {})",
@@ -513,7 +547,11 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
   fs::create_directory(tmp, ec);
   if (ec) fail(ErrorKind::io, "{}: cannot create: {}", tmp.string(), ec.message());
   std::string name;  // the step directory's name
+  const bool first_save = !fs::exists(cur_st);
   try {
+    // Note [Writes, not mappings] (runtime/file_util.h): what the writer meant each file to
+    // hold, from memory, is what the manifest records.
+    WrittenFileLog meant(tmp);
     r.write(tmp);
     json m = r.state.is_object() ? r.state : json::object();
     m["zo2_state"] = m.contains("eval_owed_after_step") ? 4 : 3;  // Note [State versions]
@@ -528,7 +566,21 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
       const std::string name = p.filename().string();
       if (!fs::is_regular_file(p) || name == kRunStateFile) continue;
       fsync_path(p, false);
-      files[name] = {{"bytes", fs::file_size(p)}, {"crc32", crc32_file(p)}};
+      const std::uint64_t bytes = fs::file_size(p);
+      const std::uint32_t crc = crc32_file(p);
+      // A file system that lost a write without an error (a FUSE backend that failed it after
+      // the bytes were taken) is caught here when reading back shows it, and otherwise by the
+      // CRC-32 of what was meant, at the next resume.
+      if (const auto w = meant.find(name); w && (w->bytes != bytes || w->crc32 != crc))
+        fail(ErrorKind::io,
+             "{}: the file system holds other bytes than were written to it ({} bytes, CRC-32 {:08x}; written: {} "
+             "bytes, CRC-32 {:08x}): a write failed without an error (a FUSE or network file system whose backend "
+             "failed, or a full or failing disk); nothing was saved",
+             p.string(), bytes, crc, w->bytes, w->crc32);
+      else if (w)
+        files[name] = {{"bytes", w->bytes}, {"crc32", w->crc32}};
+      else
+        files[name] = {{"bytes", bytes}, {"crc32", crc}};
     }
     m["files"] = files;
     if (!r.seed_log.empty()) {
@@ -556,6 +608,15 @@ void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
   add_links(dir, files_of(dir / name), /*replace_files=*/false);
   fsync_path(dir, true);
   if (const std::error_code e = switch_current(dir, name)) {  // the commit point
+    // With a previous checkpoint DIR goes back to it. A first save's complete step directory
+    // is the only checkpoint: it stays, and the next writer (a resume) makes it current, as
+    // it does after a crash at this point (clean_run_dir); removing it lost the save
+    // (adversarial pass 67: `current` failed for want of an inode).
+    if (first_save)
+      fail(ErrorKind::io,
+           "{}: cannot point at {}: {}; the checkpoint is complete and kept in {}: once the cause is fixed, `train "
+           "--resume {}` makes it current and continues from it",
+           cur.string(), name, e.message(), (dir / name).string(), dir.string());
     std::error_code e2;
     fs::remove_all(dir / name, e2);
     fail(ErrorKind::io, "{}: cannot point at {}: {}", cur.string(), name, e.message());
@@ -592,6 +653,10 @@ std::vector<std::string> checkpoint_roundings(const nlohmann::json& state, DType
 
 void set_current_read_hook_for_testing(std::function<void(const std::string& step)> hook) {
   g_current_read_hook = std::move(hook);
+}
+
+void set_rename_for_testing(std::function<int(const char* from, const char* to)> rename) {
+  g_rename_hook = std::move(rename);
 }
 
 OpenedCheckpoint open_checkpoint(const fs::path& dir, bool verify) {
@@ -657,7 +722,16 @@ OpenedCheckpoint open_checkpoint(const fs::path& dir, bool verify) {
     (void)manifest_uint(s, "bytes", mfile, "seed_log");
     (void)manifest_uint(s, "crc32", mfile, "seed_log");
     const fs::path p = s.at("path").get<std::string>();
-    o.seed_log = p.is_absolute() ? p : (o.run_dir.empty() ? o.dir / ".." : o.run_dir) / p;
+    // A relative path is the run directory's: the step directory's parent, or DIR itself
+    // when DIR is a run directory copied with its links followed (cp -rL, scp -r, a copy to
+    // exFAT: `current` a directory, the checkpoint's files copied beside it), which
+    // resolved DIR/../seed_log.jsonl (adversarial pass 67).
+    fs::path base = o.run_dir;
+    if (base.empty()) {
+      const fs::file_status cst = fs::symlink_status(dir / kRunCurrent, ec);
+      base = fs::is_directory(cst) && !fs::is_symlink(cst) ? dir : o.dir / "..";
+    }
+    o.seed_log = p.is_absolute() ? p : base / p;
   }
   return o;
 }

@@ -121,6 +121,11 @@ void release_read_pin(const std::filesystem::path& dir);
 // where a save that moves `current` on and removes it lands in a real race. Empty: nothing.
 void set_current_read_hook_for_testing(std::function<void(const std::string& step)> hook);
 
+// For tests of a file system whose rename will not replace an entry: the writer's rename of
+// links (the start-up probe, the switch of `current`) goes through `rename` (0, or -1 with
+// errno set). Empty: rename(2).
+void set_rename_for_testing(std::function<int(const char* from, const char* to)> rename);
+
 // open_checkpoint(dir).dir: what --model DIR means for every loader.
 std::filesystem::path resolve_model_dir(const std::filesystem::path& dir);
 

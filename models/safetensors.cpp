@@ -53,6 +53,8 @@ namespace {
 // Data tensors are copied (and read) in pieces of this size so that one big tensor uses every
 // core; a conversion on read goes through buffers of kConvertChunk bytes.
 constexpr std::uint64_t kCopyChunk = 32ull << 20;
+// The most bytes of fill tensors' buffers a writer holds at once (write_items).
+constexpr std::uint64_t kFillBudget = 512ull << 20;
 constexpr std::size_t kConvertChunk = 4u << 20;
 constexpr DType kLastDType = DType::boolean;
 
@@ -284,40 +286,62 @@ void write_items(const fs::path& path, std::span<const WriteItem> items,
     fail(ErrorKind::invalid_argument, "cannot write '{}': total size overflows", path.string());
 
   AtomicFile file(path);
-  auto out = file.map(file_size);
-  std::byte* base = out.data();
-  const std::uint64_t n = header.size();
-  for (int i = 0; i < 8; ++i) base[i] = static_cast<std::byte>((n >> (8 * i)) & 0xFF);
-  std::memcpy(base + 8, header.data(), header.size());
+  file.reserve(file_size);
+  // Note [Writes, not mappings] (runtime/file_util.h): pwrite from memory, so that a write the
+  // file system fails is an error here, and the file's CRC-32 is that of the bytes meant.
+  {
+    std::string head(8, '\0');
+    const std::uint64_t n = header.size();
+    for (int i = 0; i < 8; ++i) head[static_cast<std::size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xFF);
+    head += header;
+    file.write_at(std::as_bytes(std::span<const char>(head.data(), head.size())), 0);
+  }
 
-  // Work: each fill tensor whole, data tensors in chunks.
+  // Work: each fill tensor whole (into a buffer of its own, then written), data tensors in
+  // chunks written straight from the caller's memory. The fill buffers are bounded: the work
+  // runs in batches whose fills hold at most kFillBudget bytes (one bigger tensor alone), so a
+  // save converting every tensor (an fp32 run saved as bf16) holds a bounded extra, never a
+  // second copy of the model.
   struct Work {
     std::size_t item;
     std::uint64_t off, len;  // inside the tensor
   };
-  std::vector<Work> work;
+  std::vector<std::vector<Work>> batches(1);
+  std::uint64_t batch_fill = 0;
   for (std::size_t i = 0; i < items.size(); ++i) {
     const std::uint64_t nb = items[i].nbytes;
     if (items[i].t->fill) {
-      work.push_back({i, 0, nb});
+      if (nb == 0) continue;
+      if (batch_fill > 0 && batch_fill + nb > kFillBudget) {
+        batches.emplace_back();
+        batch_fill = 0;
+      }
+      batches.back().push_back({i, 0, nb});
+      batch_fill += nb;
     } else if (nb > 0) {
       for (std::uint64_t o = 0; o < nb; o += kCopyChunk)
-        work.push_back({i, o, std::min(kCopyChunk, nb - o)});
+        batches.back().push_back({i, o, std::min(kCopyChunk, nb - o)});
     }
   }
-  std::byte* data = base + data_start;
-  tbb::parallel_for(tbb::blocked_range<std::size_t>(0, work.size(), 1),
-                    [&](const tbb::blocked_range<std::size_t>& r) {
-                      for (std::size_t w = r.begin(); w != r.end(); ++w) {
-                        const Work& wk = work[w];
-                        const TensorToWrite& t = *items[wk.item].t;
-                        std::byte* dst = data + offsets[wk.item] + wk.off;
-                        if (t.fill)
-                          t.fill(std::span<std::byte>(dst, static_cast<std::size_t>(wk.len)));
-                        else
-                          std::memcpy(dst, static_cast<const std::byte*>(t.data) + wk.off, wk.len);
-                      }
-                    });
+  for (const auto& work : batches)
+    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, work.size(), 1),
+                      [&](const tbb::blocked_range<std::size_t>& r) {
+                        for (std::size_t w = r.begin(); w != r.end(); ++w) {
+                          const Work& wk = work[w];
+                          const TensorToWrite& t = *items[wk.item].t;
+                          const std::uint64_t at = data_start + offsets[wk.item] + wk.off;
+                          if (t.fill) {
+                            const auto len = static_cast<std::size_t>(wk.len);
+                            std::unique_ptr<std::byte[]> buf(new std::byte[len]);  // (not zeroed: fill writes it all)
+                            t.fill(std::span<std::byte>(buf.get(), len));
+                            file.write_at(std::span<const std::byte>(buf.get(), len), at);
+                          } else {
+                            file.write_at(std::span<const std::byte>(static_cast<const std::byte*>(t.data) + wk.off,
+                                                                     static_cast<std::size_t>(wk.len)),
+                                          at);
+                          }
+                        }
+                      });
   file.commit();
 }
 

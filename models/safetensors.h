@@ -147,10 +147,11 @@ struct TensorToWrite {
 std::uint64_t safetensors_tensor_nbytes(DType dtype, std::span<const std::int64_t> shape);
 
 // Writes one file atomically (runtime/file_util.h, Note [Temp files]): a temp file beside it,
-// ftruncate + fallocate, mmap, header (compact JSON: "__metadata__" first if not empty, then
-// the tensors in the given order; padded with spaces to a multiple of 8), the tensor data
-// contiguously in the given order (in parallel), msync/fsync, rename over `path`, fsync of
-// the directory. On any error — including an exception from a fill callback, which is
+// fallocate, header (compact JSON: "__metadata__" first if not empty, then the tensors in the
+// given order; padded with spaces to a multiple of 8), the tensor data contiguously in the
+// given order (in parallel, with pwrite from memory: never through a mapping, Note [Writes,
+// not mappings]; a fill tensor through a buffer of its own, at most 512 MiB of them at once),
+// fsync, rename over `path`, fsync of the directory. A write error is an Error(io) at once. On any error — including an exception from a fill callback, which is
 // rethrown unchanged — the temp file is removed and `path` is untouched. Names must be
 // unique, valid UTF-8 and not "__metadata__" (else Error(invalid_argument)).
 void write_safetensors(const std::filesystem::path& path, std::span<const TensorToWrite> tensors,

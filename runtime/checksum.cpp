@@ -49,6 +49,10 @@ std::uint32_t crc32_update(std::uint32_t crc, std::span<const std::byte> bytes) 
   return static_cast<std::uint32_t>(c);
 }
 
+std::uint32_t crc32_combine(std::uint32_t crc_a, std::uint32_t crc_b, std::uint64_t len_b) {
+  return static_cast<std::uint32_t>(::crc32_combine(crc_a, crc_b, static_cast<z_off_t>(len_b)));
+}
+
 std::uint32_t crc32_file(const std::filesystem::path& path, std::uint64_t limit) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail(ErrorKind::io, "{}: cannot open: {}", path.string(), std::strerror(errno));

@@ -1,5 +1,6 @@
 #include "runtime/file_util.h"
 
+#include "runtime/checksum.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
 
@@ -14,7 +15,6 @@
 #include <set>
 #include <sys/file.h>
 #include <random>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <system_error>
 #include <unistd.h>
@@ -126,51 +126,78 @@ AtomicFile::AtomicFile(const fs::path& target) : target_(target) {
 }
 
 AtomicFile::~AtomicFile() {
-  if (map_) ::munmap(map_, size_);
   if (fd_ >= 0) ::close(fd_);
   if (!committed_) ::unlink(tmp_.c_str());
 }
 
-std::span<std::byte> AtomicFile::map(std::uint64_t size) {
-  ZO2_CHECK(size > 0 && !map_ && fd_ >= 0);
-  if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) io_fail("ftruncate", errno);
-  // Reserve the blocks now: running out of space while writing through a mapping is a
-  // SIGBUS, not an error code. Filesystems without fallocate just skip this.
+void AtomicFile::reserve(std::uint64_t size) {
+  ZO2_CHECK(fd_ >= 0);
+  if (size == 0) return;
+  // A full disk is an error here rather than after gigabytes were written. File systems
+  // without fallocate (EINVAL, EOPNOTSUPP) skip it: the writes say what is wrong.
   if (int e = ::posix_fallocate(fd_, 0, static_cast<off_t>(size)); e != 0) {
-    if (e != EINVAL && e != EOPNOTSUPP) io_fail("fallocate", e);
+    if (e != EINVAL && e != EOPNOTSUPP && e != ENOSYS) io_fail("fallocate", e);
   }
-  void* m = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
-  if (m == MAP_FAILED) io_fail("mmap", errno);
-  map_ = m;
-  size_ = size;
-  return {static_cast<std::byte*>(m), static_cast<std::size_t>(size)};
 }
 
-void AtomicFile::write(std::string_view bytes) {
-  ZO2_CHECK(!map_ && fd_ >= 0);
+void AtomicFile::write_at(std::span<const std::byte> bytes, std::uint64_t offset) {
+  ZO2_CHECK(fd_ >= 0);
+  if (bytes.empty()) return;
   std::size_t done = 0;
   while (done < bytes.size()) {
-    const ssize_t n = ::write(fd_, bytes.data() + done, bytes.size() - done);
+    // Linux moves at most 0x7ffff000 bytes per call.
+    const std::size_t want = std::min<std::size_t>(bytes.size() - done, std::size_t{1} << 30);
+    const ssize_t n = ::pwrite(fd_, bytes.data() + done, want, static_cast<off_t>(offset + done));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) io_fail("write", n < 0 ? errno : EIO);
     done += static_cast<std::size_t>(n);
   }
+  const std::uint32_t crc = crc32_update(0, bytes);  // of what was meant (Note [Writes, not mappings])
+  std::lock_guard<std::mutex> g(pieces_mu_);
+  pieces_.push_back({offset, bytes.size(), crc});
+}
+
+void AtomicFile::write(std::string_view bytes) {
+  const std::uint64_t at = append_at_;
+  append_at_ += bytes.size();
+  write_at(std::as_bytes(std::span<const char>(bytes.data(), bytes.size())), at);
 }
 
 void AtomicFile::commit() {
-  ZO2_CHECK(fd_ >= 0);
-  if (map_) {
-    if (::msync(map_, size_, MS_SYNC) != 0) io_fail("msync", errno);
-    ::munmap(map_, size_);
-    map_ = nullptr;
+  ZO2_CHECK(fd_ >= 0 && !committed_);
+  // What was written, joined in file order: the bytes from 0 with no hole and no overlap.
+  std::optional<WrittenFile> w;
+  {
+    std::lock_guard<std::mutex> g(pieces_mu_);
+    std::sort(pieces_.begin(), pieces_.end(), [](const Piece& a, const Piece& b) { return a.offset < b.offset; });
+    WrittenFile all;
+    bool whole = true;
+    for (const Piece& p : pieces_) {
+      if (p.offset != all.bytes) {
+        whole = false;
+        break;
+      }
+      all.crc32 = crc32_combine(all.crc32, p.crc32, p.bytes);
+      all.bytes += p.bytes;
+    }
+    if (whole) w = all;
   }
   // On disk before the rename publishes it: a crash never leaves an empty file under target.
   if (::fsync(fd_) != 0) io_fail("fsync", errno);
+  if (w) {
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0) io_fail("fstat", errno);
+    if (static_cast<std::uint64_t>(st.st_size) != w->bytes)
+      fail(ErrorKind::io, "cannot write '{}': the file system holds {} bytes of it, but {} were written",
+           target_.string(), static_cast<std::uint64_t>(st.st_size), w->bytes);
+  }
   const int fd = fd_;
   fd_ = -1;
   if (::close(fd) != 0) io_fail("close", errno);
   if (::rename(tmp_.c_str(), target_.c_str()) != 0) io_fail("rename", errno);
   committed_ = true;
+  written_ = w;
+  if (w) WrittenFileLog::record(target_, *w);
   // Make the rename durable. Some filesystems refuse fsync on a directory: not an error.
   fs::path dir = target_.parent_path();
   if (dir.empty()) dir = ".";
@@ -181,6 +208,54 @@ void AtomicFile::commit() {
     ::close(dfd);
   }
   remove_abandoned_temps(target_);
+}
+
+namespace {
+std::mutex g_written_mu;
+std::vector<WrittenFileLog*>& written_logs() {
+  static std::vector<WrittenFileLog*> v;
+  return v;
+}
+}  // namespace
+
+WrittenFileLog::WrittenFileLog(const fs::path& dir) {
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) == 0) {
+    dev_ = static_cast<std::uint64_t>(st.st_dev);
+    ino_ = static_cast<std::uint64_t>(st.st_ino);
+    valid_ = true;
+  }
+  std::lock_guard<std::mutex> g(g_written_mu);
+  written_logs().push_back(this);
+}
+
+WrittenFileLog::~WrittenFileLog() {
+  std::lock_guard<std::mutex> g(g_written_mu);
+  auto& v = written_logs();
+  v.erase(std::remove(v.begin(), v.end(), this), v.end());
+}
+
+std::optional<WrittenFile> WrittenFileLog::find(const std::string& name) const {
+  std::lock_guard<std::mutex> g(g_written_mu);
+  const auto it = files_.find(name);
+  if (it == files_.end()) return std::nullopt;
+  return it->second;
+}
+
+void WrittenFileLog::record(const fs::path& target, const WrittenFile& w) {
+  {
+    std::lock_guard<std::mutex> g(g_written_mu);
+    if (written_logs().empty()) return;
+  }
+  fs::path dir = target.parent_path();
+  if (dir.empty()) dir = ".";
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) return;
+  std::lock_guard<std::mutex> g(g_written_mu);
+  for (WrittenFileLog* l : written_logs())
+    if (l->valid_ && l->dev_ == static_cast<std::uint64_t>(st.st_dev) &&
+        l->ino_ == static_cast<std::uint64_t>(st.st_ino))
+      l->files_[target.filename().string()] = w;
 }
 
 void AtomicFile::io_fail(const char* op, int e) {

@@ -4,10 +4,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace zo2 {
 
@@ -22,6 +25,24 @@ namespace zo2 {
 // sharing the directory (whose pids mean nothing here). Names without the "-<host>" part
 // come from zo2 0.2.0 and older and count as this host's.
 
+// Note [Writes, not mappings]
+// A file is written with pwrite(2) from the caller's memory, never through a shared mapping.
+// On FUSE (sshfs, s3fs, rclone, gcsfuse) a write the daemon fails after the bytes reached a
+// mapping is not reported to msync or fsync: a checkpoint save reported success with its
+// weights zeroed from the failed write on, and the manifest's CRC-32, computed by reading
+// the file back, approved them (adversarial pass 67). pwrite returns the error at once. A
+// FUSE mount with direct_io refuses shared writable mappings altogether (ENODEV): nothing
+// could be saved there. And the writer computes each piece's CRC-32 from memory as it
+// writes it: written() is the CRC-32 of the bytes zo2 meant the file to hold, which a run
+// directory's manifest records (api/run_dir.cpp), so a file the file system damaged later
+// is caught by the next loader that checks it.
+
+// What a committed AtomicFile wrote: its size and the CRC-32 of its bytes, from memory.
+struct WrittenFile {
+  std::uint64_t bytes = 0;
+  std::uint32_t crc32 = 0;
+};
+
 class AtomicFile {
  public:
   // Creates the temp file; throws Error(invalid_argument) when target has no file name,
@@ -31,25 +52,59 @@ class AtomicFile {
   AtomicFile(const AtomicFile&) = delete;
   AtomicFile& operator=(const AtomicFile&) = delete;
 
-  // Sizes the file (blocks reserved, so a full disk is an error here rather than a SIGBUS
-  // while writing) and maps it writable. size > 0; at most once.
-  std::span<std::byte> map(std::uint64_t size);
-  // Appends bytes with write(2) (for a file not mapped).
+  // Reserves the file's blocks (fallocate), so that a full disk is an error before gigabytes
+  // are written. A file system without fallocate skips it. Optional.
+  void reserve(std::uint64_t size);
+  // Writes `bytes` at `offset` with pwrite(2) (Note [Writes, not mappings]); several threads
+  // may write disjoint ranges at once. A write error (EIO, ENOSPC, EFBIG) is Error(io) naming
+  // the target, here and now.
+  void write_at(std::span<const std::byte> bytes, std::uint64_t offset);
+  // Appends bytes after those of the previous write() calls.
   void write(std::string_view bytes);
-  // Syncs, renames over the target, syncs the directory, then removes the temp files of
-  // this target's killed writers. Throws Error(io) naming the target.
+  // Syncs, checks that the file holds as many bytes as were written, renames over the
+  // target, syncs the directory, then removes the temp files of this target's killed
+  // writers. Throws Error(io) naming the target.
   void commit();
+  // After commit: the size and CRC-32 of what was written, when the writes covered the file
+  // from byte 0 with neither hole nor overlap; nullopt otherwise or before commit.
+  std::optional<WrittenFile> written() const { return written_; }
 
   const std::filesystem::path& temp_path() const { return tmp_; }
 
  private:
   [[noreturn]] void io_fail(const char* op, int e);
 
+  struct Piece {
+    std::uint64_t offset, bytes;
+    std::uint32_t crc32;
+  };
   std::filesystem::path target_, tmp_;
   int fd_ = -1;
-  void* map_ = nullptr;
-  std::uint64_t size_ = 0;
+  std::mutex pieces_mu_;
+  std::vector<Piece> pieces_;  // what write_at wrote, for written()
+  std::uint64_t append_at_ = 0;  // write()'s next offset
+  std::optional<WrittenFile> written_;
   bool committed_ = false;
+};
+
+// Records, while it lives, what each AtomicFile this process commits into `dir` wrote
+// (AtomicFile::written), by file name: a run directory's save takes the CRC-32s of its
+// checkpoint's files from here (Note [Writes, not mappings]).
+class WrittenFileLog {
+ public:
+  explicit WrittenFileLog(const std::filesystem::path& dir);
+  ~WrittenFileLog();
+  WrittenFileLog(const WrittenFileLog&) = delete;
+  WrittenFileLog& operator=(const WrittenFileLog&) = delete;
+  std::optional<WrittenFile> find(const std::string& name) const;
+
+  // Called by AtomicFile::commit.
+  static void record(const std::filesystem::path& target, const WrittenFile& w);
+
+ private:
+  std::uint64_t dev_ = 0, ino_ = 0;  // the directory's identity (-1, -1: it could not be stat'ed)
+  bool valid_ = false;
+  std::map<std::string, WrittenFile> files_;  // guarded by the log's global mutex
 };
 
 // Note [The standard descriptors]

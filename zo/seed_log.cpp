@@ -319,8 +319,9 @@ void SeedLogWriter::check_still_ours() const {
   if (static_cast<std::uint64_t>(mine.st_size) != pos_.bytes)
     fail(ErrorKind::io,
          "{}: the seed log holds {} bytes but this session wrote {}: another program (a second session on the same "
-         "log?) changed it{}",
-         path_.string(), static_cast<std::uint64_t>(mine.st_size), pos_.bytes, fix);
+         "log?) changed it; the run continues from its last checkpoint: a resume cuts the log back to the bytes "
+         "that checkpoint records (its zo2_state.json, \"seed_log\": \"bytes\"), or `truncate -s BYTES {}` does",
+         path_.string(), static_cast<std::uint64_t>(mine.st_size), pos_.bytes, path_.string());
 }
 
 void SeedLogWriter::append(const SeedLogEntry& e) {
@@ -451,8 +452,15 @@ SeedLog SeedLog::read(const std::filesystem::path& path, bool header_only) {
       if (log.entries.empty())
         fail(ErrorKind::format, "{}: step {} is not the log's first step {} (its header's first_step)", where,
              e.step, expected);
-      fail(ErrorKind::format, "{}: step {} does not follow step {} (a seed log has one line per step, in order)",
-           where, e.step, log.entries.back().step);
+      // Two writers at once (where the file system refuses locks, Note [File systems without
+      // locks]) leave lines that repeat or skip steps after the last good one: the lines before
+      // this one are a log, which a resume checks against its checkpoint's record and cuts
+      // back to it (adversarial pass 67: the message did not say how to recover).
+      fail(ErrorKind::format,
+           "{}: step {} does not follow step {} (a seed log has one line per step, in order): the lines from byte {} "
+           "on do not continue the log (two sessions wrote it at once?); `truncate -s {} {}` keeps the {} lines "
+           "before them, and a resume then checks them against its checkpoint",
+           where, e.step, log.entries.back().step, log.valid_bytes, log.valid_bytes, path.string(), lineno - 1);
     }
     e.seed = f.unsigned_integer("seed");
     const std::uint64_t derived = derive_step_seed(log.header.run_seed, static_cast<std::uint64_t>(e.step));
