@@ -7,6 +7,7 @@
 #include <bit>
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 namespace zo2 {
 namespace {
@@ -245,6 +246,121 @@ void check_session_options(const SessionConfig& sc, OptionSource src) {
                                   dtype_name(sc.compute), device_flag, sc.device,
                                   sc.device == "auto" ? ", and no CUDA device was found" : ""));
   }
+}
+
+}  // namespace zo2
+
+namespace zo2 {
+namespace {
+
+[[noreturn]] void refuse_combination(const std::string& message) {
+  throw Error(ErrorKind::invalid_argument, message);
+}
+
+// The targets as a caller wrote them, parsed; an empty name is refused with the field named.
+std::vector<std::string> targets_of(const std::string& list, OptionSource src) {
+  try {
+    return parse_lora_targets(list);
+  } catch (const Error&) {
+    if (src == OptionSource::cli) throw;
+    refuse_combination(fmt::format("lora_targets '{}': an empty module name", list));
+  }
+}
+
+}  // namespace
+
+void check_adapter_options(const AdapterOptions& a, OptionSource src) {
+  const bool cli = src == OptionSource::cli;
+  const bool lora_fields = a.r.has_value() || a.alpha.has_value() || a.targets.has_value();
+  // The LoRA fields given, as the C API names them ("lora_r/lora_alpha").
+  std::string given;
+  if (a.r) given += "lora_r";
+  if (a.alpha) given += std::string(given.empty() ? "" : "/") + "lora_alpha";
+  if (a.targets) given += std::string(given.empty() ? "" : "/") + "lora_targets";
+  if (!a.adapter.empty()) {
+    // An adapter directory decides its own kind and shape (adapter_config.json).
+    if (a.prefix) {
+      if (cli)
+        refuse_combination(fmt::format("--adapter {} is {}: its shape comes from its adapter_config.json", a.adapter,
+                                       a.adapter_shape.describe()));
+      refuse_combination(fmt::format("prefix_tokens {} with adapter_path {}, which is {}: an adapter's shape comes from "
+                                     "its adapter_config.json (leave prefix_tokens 0)",
+                                     a.prefix_tokens, a.adapter, a.adapter_shape.describe()));
+    }
+    if (a.lora || lora_fields) {
+      PeftConfig asked = a.adapter_shape.lora ? a.adapter_shape : PeftConfig{};
+      asked.lora = true;
+      asked.prefix = 0;
+      if (a.r) asked.r = *a.r;
+      if (a.alpha) asked.alpha = *a.alpha;
+      if (a.targets) asked.targets = targets_of(*a.targets, src);
+      if (!(asked == a.adapter_shape)) {
+        if (cli)
+          refuse_combination(fmt::format("--lora-r/--lora-alpha/--lora-targets ask for {}, but the adapter {} is {}",
+                                         asked.describe(), a.adapter, a.adapter_shape.describe()));
+        refuse_combination(fmt::format("{} ask for {}, but adapter_path {} is {}: an adapter's shape comes from its "
+                                       "adapter_config.json (leave {} at the default)",
+                                       given, asked.describe(), a.adapter, a.adapter_shape.describe(), given));
+      }
+    }
+    return;
+  }
+  if (a.prefix && (a.lora || lora_fields)) {
+    if (cli) refuse_combination("--prefix-tuning and --lora*: choose one kind of adapter");
+    refuse_combination(fmt::format("prefix_tokens and {}: choose one kind of adapter{}", given,
+                                   a.r ? "" : " (lora_alpha and lora_targets are LoRA's, which needs lora_r > 0)"));
+  }
+  if (!a.lora && lora_fields) {
+    if (cli) refuse_combination("--lora-r, --lora-alpha and --lora-targets need --lora");
+    refuse_combination(fmt::format("{} {}: LoRA's, which needs lora_r > 0 (lora_r 0 is full fine-tuning, where {} "
+                                   "would change nothing)",
+                                   given, a.alpha && !a.targets ? fmt::format("{}", *a.alpha)
+                                          : a.targets && !a.alpha ? fmt::format("'{}'", *a.targets)
+                                                                  : std::string("given"),
+                                   given));
+  }
+}
+
+void check_save_dtype_option(DType save_dtype, bool given, const PeftConfig& peft, OptionSource src) {
+  if (!given || !peft.any() || save_dtype == DType::f32) return;
+  const bool cli = src == OptionSource::cli;
+  refuse_combination(fmt::format(
+      "{} {}: an adapter run ({}) saves its adapters in fp32 (the base is not saved); {}", cli ? "--save-dtype" : "save_dtype",
+      dtype_name(save_dtype), peft.describe(),
+      cli ? "drop --save-dtype, and give it to `zo2-tune merge`, which folds the adapters into a checkpoint of that "
+            "dtype"
+          : "leave save_dtype fp32, and give the dtype to `zo2-tune merge --save-dtype`, which folds the adapters "
+            "into a checkpoint of that dtype"));
+}
+
+void check_disk_tier_options(const SessionConfig& sc, bool lag_given, bool staging_given, OptionSource src) {
+  if (sc.host_mem != 0) return;
+  const bool cli = src == OptionSource::cli;
+  for (const auto& [o, given, value] : {std::tuple{Opt::disk_lag, lag_given, sc.disk_lag},
+                                        std::tuple{Opt::disk_staging, staging_given, sc.disk_staging}})
+    if (given)
+      refuse_combination(fmt::format("{} {} is for the disk tier ({}), which is not set", option_name(o, src), value,
+                                     cli ? "--host-mem SIZE --disk-dir DIR" : "host_mem_bytes and disk_dir"));
+}
+
+void check_seed_log_options(bool append, bool seed_log, OptionSource src) {
+  if (!append || seed_log) return;
+  const bool cli = src == OptionSource::cli;
+  refuse_combination(cli ? "--seed-log-append needs --seed-log"
+                         : "seed_log_append is set but seed_log_path is NULL: there is no seed log to append to");
+}
+
+void check_generation_options(bool generating, bool kv_given, std::string_view kv, bool chunk_given, int chunk,
+                              OptionSource src) {
+  if (generating) return;
+  const bool cli = src == OptionSource::cli;
+  const char* what = cli ? "generation (--max-new-tokens)" : "generation (generate_seqs > 0)";
+  if (kv_given)
+    refuse_combination(fmt::format("{} {}: the KV cache is {}'s, which is not set", cli ? "--kv-cache" : "kv_cache", kv,
+                                   what));
+  if (chunk_given)
+    refuse_combination(fmt::format("{} {}: prompts are chunked by {}, which is not set",
+                                   cli ? "--prefill-chunk" : "prefill_chunk", chunk, what));
 }
 
 }  // namespace zo2

@@ -15,6 +15,7 @@
 #include "api/session.h"
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -57,5 +58,48 @@ std::int64_t parse_tile_option(std::string_view text, OptionSource src);
 // globals need, are refused by the plan), and whether the device (after resolving "auto")
 // runs the compute dtype. Opens nothing.
 void check_session_options(const SessionConfig& sc, OptionSource src);
+
+}  // namespace zo2
+
+namespace zo2 {
+
+// ---- Combinations ------------------------------------------------------------------------
+// An option that another option gives its meaning to, given without that option, would do
+// nothing (or something else than asked) without a word: refused here, for the command line
+// and the C API alike (and so for Python, which goes through the C API), each message naming
+// the options as `src` spells them. "Given" is, on the command line, the flag's presence; in
+// the C API, a value other than the field's documented default (zo2.h: 0, 1, NULL, lora_alpha
+// 16, lora_targets "q_proj,v_proj", kv_cache "auto"), which a host cannot tell from "not set".
+
+// The adapter options: --adapter / adapter_path, --lora / lora_r != 0, --prefix-tuning /
+// prefix_tokens != 0, and LoRA's shape fields.
+struct AdapterOptions {
+  std::string adapter;           // the adapter directory given; "" = none
+  PeftConfig adapter_shape;      // with `adapter`: its adapter_config.json's shape
+  bool lora = false;             // --lora; C: lora_r != 0
+  bool prefix = false;           // --prefix-tuning (or --num-prefix); C: prefix_tokens != 0
+  int prefix_tokens = 0;         // (for the C API's message)
+  std::optional<int> r;          // --lora-r / lora_r, where given
+  std::optional<float> alpha;    // --lora-alpha / lora_alpha, where given
+  std::optional<std::string> targets;  // --lora-targets / lora_targets, where given (as written)
+};
+// Refuses: an adapter with a new adapter's kind or shape that differs from the adapter's own
+// (an adapter decides its shape); prefix tuning with LoRA's options; LoRA's shape without LoRA.
+void check_adapter_options(const AdapterOptions& a, OptionSource src);
+
+// --save-dtype / save_dtype other than fp32 on an adapter run (`peft` any()): the adapters are
+// saved in fp32 whatever it says. `given` as above.
+void check_save_dtype_option(DType save_dtype, bool given, const PeftConfig& peft, OptionSource src);
+
+// --disk-lag / disk_lag and --disk-staging / disk_staging without the disk tier (host_mem 0).
+void check_disk_tier_options(const SessionConfig& sc, bool lag_given, bool staging_given, OptionSource src);
+
+// seed_log_append (C API: the command line's --resume decides it) without a seed log.
+void check_seed_log_options(bool append, bool seed_log, OptionSource src);
+
+// --kv-cache / kv_cache and --prefill-chunk / prefill_chunk with no generation (generate_seqs 0,
+// or zo2-tune without --generate / --max-new-tokens).
+void check_generation_options(bool generating, bool kv_given, std::string_view kv, bool chunk_given, int chunk,
+                              OptionSource src);
 
 }  // namespace zo2

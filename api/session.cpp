@@ -37,6 +37,7 @@ PlanRequest plan_request(const ModelConfig& model, const SessionConfig& cfg, Dev
   r.logits_out = cfg.logits_out;
   r.generate = cfg.generate;
   r.host_mem = cfg.host_mem;
+  r.disk_dir = !cfg.disk_dir.empty();
   r.disk_lag = cfg.disk_lag;
   r.disk_staging = cfg.disk_staging;
   const StateSpec state{cfg.rule.state_buffers(), cfg.rule.state_dtype};

@@ -228,6 +228,8 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
   sc.disk_staging = p.disk_staging;
   sc.tile = p.tile_bytes;
   zo2::check_session_options(sc, c_api);  // window, n_threads, the disk tier's, and the device runs the compute dtype
+  // Given = not the documented default (zo2.h): disk_lag 1, disk_staging 0.
+  zo2::check_disk_tier_options(sc, p.disk_lag != 1, p.disk_staging != 0, c_api);
   zo2::check_integer(Opt::batch_size, p.max_seqs, c_api);
   zo2::check_integer(Opt::max_len, p.max_seq_len, c_api);
   if (p.max_seq_len > model.max_positions)
@@ -248,9 +250,10 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
     sc.seed_log = p.seed_log_path;
   }
   sc.seed_log_append = p.seed_log_append != 0;
+  zo2::check_seed_log_options(sc.seed_log_append, p.seed_log_path != nullptr, c_api);
   zo2::check_integer(Opt::first_step, p.first_step, c_api);
   sc.first_step = p.first_step;
-  (void)parse_dtype("save_dtype", p.save_dtype, {DType::f32, DType::bf16, DType::f16});
+  const DType save_dtype = parse_dtype("save_dtype", p.save_dtype, {DType::f32, DType::bf16, DType::f16});
   zo2::check_size(Opt::shard_size, p.save_shard_bytes, c_api);
   // The update rule, checked by the rule's own validation (zo/rule.h) with the fields' names.
   if (!p.optimizer) invalid("optimizer is NULL");
@@ -291,18 +294,33 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
   sc.share_host_image = p.share_host_image != 0;
   sc.sliced_upload = p.sliced_upload != 0;
   // LoRA: an adapter directory decides its own shape; else lora_r > 0 asks for new adapters.
+  // The combinations are checked as zo2-tune's flags are (api/options.h), "given" being a
+  // field other than its documented default (lora_r 0, lora_alpha 16, lora_targets
+  // "q_proj,v_proj", prefix_tokens 0).
+  if (!p.lora_targets && p.lora_r != 0) invalid("lora_targets is NULL");
+  zo2::AdapterOptions ask;
+  ask.lora = p.lora_r != 0;
+  ask.prefix = p.prefix_tokens != 0;
+  ask.prefix_tokens = p.prefix_tokens;
+  if (p.lora_r != 0) ask.r = p.lora_r;
+  if (p.lora_alpha != 16.0f) ask.alpha = p.lora_alpha;
+  if (p.lora_targets && std::string_view(p.lora_targets) != "q_proj,v_proj") ask.targets = std::string(p.lora_targets);
   if (p.adapter_path) {
     if (p.adapter_path[0] == '\0') invalid("adapter_path is empty (use NULL for none)");
     sc.adapter_dir = zo2::resolve_model_dir(p.adapter_path);
     sc.peft = zo2::AdapterStore::peft_config_of(sc.adapter_dir);
+    ask.adapter = p.adapter_path;
+    ask.adapter_shape = sc.peft;
+  }
+  zo2::check_adapter_options(ask, c_api);
+  if (p.adapter_path) {
+    // (its shape is sc.peft already)
   } else if (p.prefix_tokens != 0) {
-    if (p.lora_r != 0) invalid("prefix_tokens and lora_r: choose one kind of adapter");
     sc.peft.prefix = p.prefix_tokens;
   } else if (p.lora_r != 0) {
     sc.peft.lora = true;
     sc.peft.r = p.lora_r;
     sc.peft.alpha = p.lora_alpha;
-    if (!p.lora_targets) invalid("lora_targets is NULL");
     try {
       sc.peft.targets = zo2::parse_lora_targets(p.lora_targets);
     } catch (const zo2::Error& e) {
@@ -310,6 +328,7 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
     }
   }
   if (sc.peft.any() || sc.peft.prefix != 0) zo2::validate_peft(sc.peft, model, /*c_api=*/true);  // prefix < 0 too
+  zo2::check_save_dtype_option(save_dtype, save_dtype != DType::f32, sc.peft, c_api);
   // Generation (zo2_generate).
   if (p.generate_seqs < 0 || p.generate_seqs > p.max_seqs)
     invalid(fmt::format("generate_seqs {}: must be in [0, max_seqs = {}]", p.generate_seqs, p.max_seqs));
@@ -322,6 +341,9 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
   sc.generate.batch = p.generate_seqs;
   if (p.prefill_chunk < 0) invalid(fmt::format("prefill_chunk {}: must be ≥ 0 (0 = whole prompts)", p.prefill_chunk));
   sc.generate.chunk = p.prefill_chunk;
+  // Given = not the documented default: kv_cache "auto", prefill_chunk 0.
+  zo2::check_generation_options(p.generate_seqs > 0, std::string_view(p.kv_cache) != "auto", p.kv_cache,
+                                p.prefill_chunk != 0, p.prefill_chunk, c_api);
   return sc;
 }
 

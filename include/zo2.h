@@ -213,7 +213,8 @@ typedef struct zo2_session_params {
     const char * seed_log_path;  // JSON Lines seed log, one (step, seed, g, lr) line per step, which
                                  // `zo2-tune replay` turns back into the tuned weights; NULL = none (set with
                                  // training = 0: ZO2_ERR_INVALID_ARGUMENT). Default NULL.
-    int32_t  seed_log_append;    // nonzero: resume — keep the existing log's entries before first_step. Default 0:
+    int32_t  seed_log_append;    // nonzero: resume — keep the existing log's entries before first_step (needs
+                                 // seed_log_path: ZO2_ERR_INVALID_ARGUMENT without it). Default 0:
                                  // a new log, which never replaces an existing non-empty file (another run's
                                  // log, or a file that is no seed log): ZO2_ERR_INVALID_ARGUMENT. The session
                                  // holds the log locked (flock) until freed: a second session on the same
@@ -221,7 +222,8 @@ typedef struct zo2_session_params {
     int64_t  first_step;         // index of the first step (resume a run at this step). Default 0.
 
     // zo2_session_save.
-    const char * save_dtype;     // dtype of the saved checkpoint: "fp32", "bf16", "fp16". Default "fp32".
+    const char * save_dtype;     // dtype of the saved checkpoint: "fp32", "bf16", "fp16"; an adapter session
+                                 // saves fp32 adapters, so another dtype there is ZO2_ERR_INVALID_ARGUMENT. Default "fp32".
     uint64_t save_shard_bytes;   // largest safetensors shard of a save (HF sharding above it). Default 5e9.
 
     // Callbacks.
@@ -247,10 +249,14 @@ typedef struct zo2_session_params {
     // LoRA (zo2-tune train --lora; README "LoRA"): the rule perturbs and updates adapters only; the base is
     // frozen (streamed blocks are never written back) and zo2_session_save writes the adapter in PEFT's layout.
     int32_t  lora_r;             // adapter rank, 1..4096; 0 = no LoRA (full fine-tuning). Default 0.
-    float    lora_alpha;         // the update is scaled by lora_alpha / lora_r, > 0. Default 16.
-    const char * lora_targets;   // comma-separated PEFT module names. Default "q_proj,v_proj".
+    float    lora_alpha;         // the update is scaled by lora_alpha / lora_r, > 0; set (not 16) with lora_r 0
+                                 // or with prefix_tokens: ZO2_ERR_INVALID_ARGUMENT. Default 16.
+    const char * lora_targets;   // comma-separated PEFT module names; set (not the default) with lora_r 0 or with
+                                 // prefix_tokens: ZO2_ERR_INVALID_ARGUMENT. Default "q_proj,v_proj".
     const char * adapter_path;   // a PEFT adapter directory to start from or evaluate (its adapter_config.json
-                                 // sets rank, alpha and targets); NULL = new adapters from seed. Default NULL.
+                                 // sets rank, alpha and targets); NULL = new adapters from seed. With it,
+                                 // prefix_tokens must be 0, and lora_r, lora_alpha and lora_targets, where set (not
+                                 // their defaults), must be the adapter's own (else ZO2_ERR_INVALID_ARGUMENT). Default NULL.
     int32_t  prefix_tokens;      // prefix tuning (MeZO's): P key/value rows per layer, 1..1024; 0 = none; not with
                                  // lora_r. A new prefix starts from the base's activations of P random tokens. Default 0.
 
@@ -263,7 +269,8 @@ typedef struct zo2_session_params {
                                  // "off" (every new token runs the whole sequence again). Default "auto".
     int32_t  prefill_chunk;      // with a KV cache: prompts run through the blocks at most this many tokens per
                                  // sequence at a time (the activations hold generate_seqs × prefill_chunk tokens);
-                                 // 0 = whole prompts. Default 0.
+                                 // 0 = whole prompts. Default 0. kv_cache or prefill_chunk set (not "auto", 0) with
+                                 // generate_seqs 0: ZO2_ERR_INVALID_ARGUMENT.
 
     // Ranks (zo2-tune train --parallel; README "Many GPUs and nodes"). A session can be one rank of an MPI job:
     // every rank calls every zo2_session_* function in the same order with the same arguments — the same
@@ -292,6 +299,7 @@ typedef struct zo2_session_params {
     int32_t  disk_lag;           // a disk block is written back once its image lags by this many updates, 1..1024
                                  // (K-fold fewer writes, K× the noise work at its uploads). Default 1.
     int32_t  disk_staging;       // pinned staging buffers between disk and device, 0..64; 0 = window + 1. Default 0.
+                                 // disk_lag or disk_staging set (not 1, 0) with host_mem_bytes 0: ZO2_ERR_INVALID_ARGUMENT.
 
     // Sub-block streaming (zo2-tune --tile; README "Below 4 GiB of GPU memory"): streamed blocks move through the
     // device one weight tile (a row range of one matrix) at a time instead of whole, so the window needs slots of a

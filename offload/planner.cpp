@@ -349,6 +349,19 @@ void plan_tiers(Placement& p, const ModelConfig& config, const PlanRequest& r) {
   const std::size_t others = p.host_bytes - static_cast<std::size_t>(L) * image;  // globals, adapters, KV
   const int staging = r.disk_staging > 0 ? r.disk_staging : std::max(2, p.window + 1);
   const std::size_t floor = others + static_cast<std::size_t>(p.resident_count + staging) * image;
+  // Without a disk directory no block can go to disk: the weights must fit, and the disk
+  // tier's floor (its staging buffers) is not this run's minimum (adversarial pass 69).
+  if (!r.disk_dir && (p.streamed == 0 || r.host_mem < floor))
+    fail(ErrorKind::invalid_argument, "--host-mem {}: the master weights need {} of host memory, {}",
+         format_bytes(static_cast<double>(r.host_mem)), format_bytes(static_cast<double>(p.host_bytes)),
+         p.streamed == 0
+             ? fmt::format("and every block is resident on the device, so none can move to disk: raise --host-mem "
+                           "to {}",
+                           format_bytes(static_cast<double>(p.host_bytes)))
+             : fmt::format("and --disk-dir, where the blocks that do not fit would go, is not set: raise --host-mem "
+                           "to {}, or give --disk-dir DIR (a local SSD) with --host-mem at least {} (the disk tier's "
+                           "staging buffers are in it)",
+                           format_bytes(static_cast<double>(p.host_bytes)), format_bytes(static_cast<double>(floor))));
   if (p.streamed == 0 || r.host_mem < floor)
     fail(ErrorKind::out_of_memory,
          "--host-mem {}: the host needs at least {} with a disk tier (the globals{} {}, {} device-resident block "

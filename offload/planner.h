@@ -104,6 +104,10 @@ struct PlanRequest {
   // by disk_staging pinned buffers (0: window + 1). disk_lag: --disk-lag K. The rates give
   // the predicted disk-bound step time (zo2-bench --disk-probe measures them).
   std::size_t host_mem = 0;
+  // Whether the disk tier has a directory (--disk-dir): a session without one cannot put a
+  // block on disk, so a host_mem below even the disk tier's floor is said to need one (plan
+  // previews, zo2_plan and `zo2-tune plan`, still place the blocks that would go to disk).
+  bool disk_dir = true;
   int disk_staging = 0;
   int disk_lag = 1;
   double disk_read_bytes_per_s = 2e9;

@@ -13,6 +13,7 @@
 #include "api/run_dir.h"
 
 #include <atomic>
+#include <tuple>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -551,8 +552,19 @@ TEST_F(CApi, ParamsOutsideTheSharedRangesAreRefusedNamingTheField) {
                  p.offload = ZO2_OFFLOAD_ALL;
                }),
                ZO2_ERR_INVALID_ARGUMENT, "give disk_dir DIR");  // the field, not zo2-tune's --disk-dir
-  EXPECT_ERROR(init_with([](auto& p) { p.host_mem_bytes = 100u << 10; }), ZO2_ERR_OUT_OF_MEMORY, "host needs at least",
-               "host_mem_bytes 100.00 KiB");
+  // Below the disk tier's floor: with a disk_dir, the floor; without one, that the weights
+  // need more and disk_dir is not set (not the floor as the minimum: adversarial pass 69, F5).
+  const std::string floor_dir = (*tmp_ / "floor-blocks").string();
+  EXPECT_ERROR(init_with([&](auto& p) { p.host_mem_bytes = 100u << 10, p.disk_dir = floor_dir.c_str(); }),
+               ZO2_ERR_OUT_OF_MEMORY, "host needs at least", "host_mem_bytes 100.00 KiB");
+  EXPECT_ERROR(init_with([](auto& p) { p.host_mem_bytes = 100u << 10; }), ZO2_ERR_INVALID_ARGUMENT,
+               "host_mem_bytes 100.00 KiB: the master weights need", "none can move to disk",
+               "raise host_mem_bytes to");
+  EXPECT_EQ(std::string(zo2_last_error()).find("host needs at least"), std::string::npos) << zo2_last_error();
+  EXPECT_ERROR(init_with([](auto& p) { p.host_mem_bytes = 100u << 10, p.offload = ZO2_OFFLOAD_ALL; }),
+               ZO2_ERR_INVALID_ARGUMENT, "host_mem_bytes 100.00 KiB: the master weights need",
+               "disk_dir, where the blocks that do not fit would go, is not set");
+  EXPECT_EQ(std::string(zo2_last_error()).find("host needs at least"), std::string::npos) << zo2_last_error();
   EXPECT_EQ(std::string(zo2_last_error()).find("--"), std::string::npos) << zo2_last_error();
   {
     zo2_session_params p = params();
@@ -1224,6 +1236,80 @@ TEST_F(CApi, AModelLoadedByARelativePathIsReadFromItsDirectoryAfterAChdir) {
   EXPECT_EQ(zo2_session_eval(direct, &b, &expected), 0) << zo2_last_error();
   zo2_session_free(direct);
   EXPECT_EQ(loss, expected);
+}
+
+// The combination checks zo2-tune's flags have are the C API's too (api/options.h): a field
+// that another field gives its meaning to, set (not its documented default) without it, is
+// refused, not silently dropped (adversarial pass 69, F1–F4).
+TEST_F(CApi, FieldsWithoutTheFieldThatGivesThemAMeaningAreRefused) {
+  // Two adapters to start from: LoRA r 2 and a 2-token prefix.
+  const fs::path lora = *tmp_ / "combo-lora", prefix = *tmp_ / "combo-prefix";
+  for (const auto& [dir, r, n] : {std::tuple{lora, 2, 0}, std::tuple{prefix, 0, 2}}) {
+    zo2_session_params p = params();
+    p.lora_r = r;
+    p.prefix_tokens = n;
+    zo2_session* t = nullptr;
+    ASSERT_EQ(zo2_session_init(model_, &p, &t), 0) << zo2_last_error();
+    ASSERT_EQ(zo2_session_save(t, dir.c_str()), 0) << zo2_last_error();
+    zo2_session_free(t);
+  }
+  zo2_session* s = nullptr;
+  auto init_with = [&](auto edit) {
+    zo2_session_params p = params();
+    edit(p);
+    const int rc = zo2_session_init(model_, &p, &s);
+    if (rc != 0) EXPECT_EQ(s, nullptr);
+    zo2_session_free(s);
+    s = nullptr;
+    return rc;
+  };
+  const std::string lora_s = lora.string(), prefix_s = prefix.string();
+  // F1: an adapter decides its kind and shape.
+  EXPECT_ERROR(init_with([&](auto& p) { p.adapter_path = prefix_s.c_str(), p.lora_r = 2; }), ZO2_ERR_INVALID_ARGUMENT,
+               "lora_r ask for LoRA r 2", "adapter_path", "prefix tuning");
+  EXPECT_ERROR(init_with([&](auto& p) { p.adapter_path = lora_s.c_str(), p.prefix_tokens = 3; }),
+               ZO2_ERR_INVALID_ARGUMENT, "prefix_tokens 3 with adapter_path", "LoRA r 2");
+  EXPECT_ERROR(init_with([&](auto& p) { p.adapter_path = lora_s.c_str(), p.lora_r = 4; }), ZO2_ERR_INVALID_ARGUMENT,
+               "lora_r ask for LoRA r 4", "is LoRA r 2");
+  EXPECT_ERROR(init_with([&](auto& p) { p.adapter_path = lora_s.c_str(), p.lora_alpha = 1.0f; }),
+               ZO2_ERR_INVALID_ARGUMENT, "lora_alpha ask for");
+  EXPECT_ERROR(init_with([&](auto& p) { p.adapter_path = lora_s.c_str(), p.lora_targets = "fc1"; }),
+               ZO2_ERR_INVALID_ARGUMENT, "lora_targets ask for");
+  // The adapter's own shape, given again, is no change.
+  EXPECT_EQ(init_with([&](auto& p) { p.adapter_path = lora_s.c_str(), p.lora_r = 2; }), 0) << zo2_last_error();
+  // F2: LoRA's shape without LoRA, or with prefix tuning.
+  EXPECT_ERROR(init_with([](auto& p) { p.lora_alpha = 4.0f; }), ZO2_ERR_INVALID_ARGUMENT, "lora_alpha 4",
+               "needs lora_r > 0");
+  EXPECT_ERROR(init_with([](auto& p) { p.lora_targets = "fc1"; }), ZO2_ERR_INVALID_ARGUMENT, "lora_targets 'fc1'",
+               "needs lora_r > 0");
+  EXPECT_ERROR(init_with([](auto& p) { p.prefix_tokens = 2, p.lora_alpha = 4.0f; }), ZO2_ERR_INVALID_ARGUMENT,
+               "prefix_tokens and lora_alpha: choose one kind of adapter");
+  EXPECT_ERROR(init_with([](auto& p) { p.prefix_tokens = 2, p.lora_targets = "fc1,fc2"; }), ZO2_ERR_INVALID_ARGUMENT,
+               "prefix_tokens and lora_targets: choose one kind of adapter");
+  EXPECT_ERROR(init_with([](auto& p) { p.prefix_tokens = 2, p.lora_r = 2; }), ZO2_ERR_INVALID_ARGUMENT,
+               "prefix_tokens and lora_r: choose one kind of adapter");
+  // F3: an adapter run saves fp32 adapters.
+  EXPECT_ERROR(init_with([](auto& p) { p.lora_r = 2, p.save_dtype = "bf16"; }), ZO2_ERR_INVALID_ARGUMENT,
+               "save_dtype bf16: an adapter run");
+  EXPECT_ERROR(init_with([](auto& p) { p.prefix_tokens = 2, p.save_dtype = "bf16"; }), ZO2_ERR_INVALID_ARGUMENT,
+               "save_dtype bf16: an adapter run");
+  // F4: the disk tier's fields without the tier; the seed log's and generation's.
+  EXPECT_ERROR(init_with([](auto& p) { p.disk_lag = 4; }), ZO2_ERR_INVALID_ARGUMENT, "disk_lag 4 is for the disk tier",
+               "host_mem_bytes");
+  EXPECT_ERROR(init_with([](auto& p) { p.disk_staging = 4; }), ZO2_ERR_INVALID_ARGUMENT,
+               "disk_staging 4 is for the disk tier");
+  EXPECT_ERROR(init_with([](auto& p) { p.seed_log_append = 1; }), ZO2_ERR_INVALID_ARGUMENT,
+               "seed_log_append is set but seed_log_path is NULL");
+  EXPECT_ERROR(init_with([](auto& p) { p.kv_cache = "host"; }), ZO2_ERR_INVALID_ARGUMENT, "kv_cache host",
+               "generate_seqs > 0");
+  EXPECT_ERROR(init_with([](auto& p) { p.prefill_chunk = 8; }), ZO2_ERR_INVALID_ARGUMENT, "prefill_chunk 8",
+               "generate_seqs > 0");
+  EXPECT_EQ(std::string(zo2_last_error()).find("--"), std::string::npos) << zo2_last_error();
+  // With the fields that give them their meaning, each is taken.
+  EXPECT_EQ(init_with([](auto& p) { p.lora_r = 2, p.lora_alpha = 4.0f, p.lora_targets = "fc1"; }), 0)
+      << zo2_last_error();
+  EXPECT_EQ(init_with([](auto& p) { p.generate_seqs = 1, p.kv_cache = "host", p.prefill_chunk = 8; }), 0)
+      << zo2_last_error();
 }
 
 }  // namespace

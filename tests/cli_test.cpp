@@ -1812,3 +1812,106 @@ TEST(Cli, LongNamesSymlinkLoopsAndATinyEmulatedLinkAreHandled) {
 
 }  // namespace
 }  // namespace zo2
+
+namespace zo2 {
+namespace {
+
+// Adversarial pass 69: refusals and warnings that said something false or nothing at all.
+TEST(Cli, Pass69HostMemoryEvalFlagsResumeWarningsAndFullRunsAsAdapters) {
+  Workspace w;
+  const std::string common = " --model " + w.model.string() + " --data " + w.data.string() +
+                             " --steps 10 --batch-size 4 --lr 1e-3 -q";
+  std::string out;
+  // F5: --host-mem below the weights without --disk-dir says that --disk-dir is missing, not
+  // a disk-tier floor the run does not have (600K trains).
+  EXPECT_EQ(run("train" + common + " --offload all --gpu-mem 4M --host-mem 450K --out " + (w.tmp / "f5").string(),
+                &out),
+            2)
+      << out;
+  EXPECT_NE(out.find("--disk-dir, where the blocks that do not fit would go, is not set"), std::string::npos) << out;
+  EXPECT_EQ(out.find("the host needs at least"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "f5" / "model.safetensors"));
+  // F6: the evaluation's flags without --eval change nothing: refused (exit 2).
+  for (const char* flag : {"--eval-every 5", "--num-eval 3", "--max-new-tokens 4"}) {
+    out.clear();
+    EXPECT_EQ(run("train" + common + " --out " + (w.tmp / "f6").string() + " " + flag, &out), 2) << out;
+    EXPECT_NE(out.find(std::string(flag) + " is for the evaluation (--eval FILE), which is not set"), std::string::npos)
+        << out;
+  }
+  EXPECT_FALSE(fs::exists(w.tmp / "f6" / "model.safetensors"));
+  // --padding-side on fixed-length rows: warned.
+  out.clear();
+  ASSERT_EQ(run("train" + common + " --out " + (w.tmp / "u").string(), &out), 0) << out;
+  out.clear();
+  ASSERT_EQ(run("train" + common + " --out " + (w.tmp / "pad").string() + " --padding-side left", &out), 0) << out;
+  EXPECT_NE(out.find("--padding-side left: " + w.data.string() + " holds fixed-length token rows"), std::string::npos)
+      << out;
+  EXPECT_EQ(read_file(w.tmp / "u" / "model.safetensors"), read_file(w.tmp / "pad" / "model.safetensors"));
+  // F7: a resume with a byte-identical copy of the data, --max-len / --padding-side the
+  // unpadded rows never use, and a warmup over before the step it goes on from: the same
+  // weights, and no "the result will differ".
+  const fs::path copy = w.tmp / "copy.safetensors";
+  fs::copy_file(w.data, copy);
+  const fs::path f7 = w.tmp / "f7";
+  ASSERT_EQ(run("train" + common + " --out " + f7.string() + " --stop-at 5", &out), 0) << out;
+  out.clear();
+  ASSERT_EQ(run("train --resume " + f7.string() + " --data " + copy.string() +
+                    " --padding-side left --max-len 40 --warmup-steps 3",
+                &out),
+            0)
+      << out;
+  EXPECT_EQ(out.find("the result will differ"), std::string::npos) << out;
+  EXPECT_EQ(read_file(w.tmp / "u" / "model.safetensors"), read_file(f7 / "model.safetensors"));
+  // Other data still warns.
+  const fs::path other = w.tmp / "other.safetensors", f7b = w.tmp / "f7b";
+  ASSERT_EQ(run("synth-data --model " + w.model.string() + " --out " + other.string() + " --rows 64 --seq 32 --seed 9 -q",
+                &out),
+            0)
+      << out;
+  ASSERT_EQ(run("train" + common + " --out " + f7b.string() + " --stop-at 5", &out), 0) << out;
+  out.clear();
+  ASSERT_EQ(run("train --resume " + f7b.string() + " --data " + other.string(), &out), 0) << out;
+  EXPECT_NE(out.find("--data given as " + other.string() + " but the run trained on"), std::string::npos) << out;
+  // F8: a full fine-tuning run as --adapter: said to be one, to pass as --model.
+  for (const char* sub : {"eval", "generate"}) {
+    out.clear();
+    EXPECT_EQ(run(std::string(sub) + " --model " + w.model.string() + " --adapter " + (w.tmp / "u").string() +
+                      " --data " + w.data.string() + " --batch-size 2 --max-new-tokens 2",
+                  &out),
+              2)
+        << sub << ": " << out;
+    EXPECT_NE(out.find("is a full fine-tuning checkpoint"), std::string::npos) << sub << ": " << out;
+    EXPECT_NE(out.find("pass it as --model"), std::string::npos) << sub << ": " << out;
+  }
+}
+
+// `train --resume RUN --disk-dir NEW` alone takes the run's --host-mem, as it takes the run's
+// other flags (it was refused: "--disk-dir NEW: ... under --host-mem, which is not set").
+TEST(Cli, AResumeGivenOnlyANewDiskDirKeepsTheRunsHostMem) {
+  Workspace w;
+  const std::string common = " --model " + w.model.string() + " --data " + w.data.string() +
+                             " --steps 7 --batch-size 2 --lr 1e-3 --offload all --window 2 -q";
+  std::string out;
+  ASSERT_EQ(run("train" + common + " --out " + (w.tmp / "ram").string(), &out), 0) << out;
+  for (const bool in_place : {true, false}) {
+    const fs::path cut = w.tmp / (in_place ? "cut" : "cut2");
+    ASSERT_EQ(run("train" + common + " --out " + cut.string() + " --host-mem 400K --disk-staging 1 --disk-dir " +
+                      (w.tmp / (in_place ? "d1" : "d3")).string() + " --stop-at 3",
+                  &out),
+              0)
+        << out;
+    const fs::path dest = in_place ? cut : w.tmp / "elsewhere";
+    const fs::path disk = w.tmp / (in_place ? "d2" : "d4");
+    out.clear();
+    ASSERT_EQ(run("train --resume " + cut.string() + (in_place ? "" : " --out " + dest.string()) + " --disk-dir " +
+                      disk.string(),
+                  &out),
+              0)
+        << out;
+    EXPECT_TRUE(fs::exists(disk / "zo2-blocks.img")) << out;  // the run's --host-mem puts blocks there
+    EXPECT_EQ(read_file(w.tmp / "ram" / "model.safetensors"), read_file(dest / "model.safetensors")) << in_place;
+  }
+}
+
+}  // namespace
+}  // namespace zo2

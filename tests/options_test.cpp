@@ -226,3 +226,100 @@ TEST_F(Options, BadFileContentsExitOneNamingTheFile) {
 
 }  // namespace
 }  // namespace zo2
+
+namespace zo2 {
+namespace {
+
+// The message of `f`'s invalid_argument, or "" when it returns.
+template <class F>
+std::string refusal(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::invalid_argument) << e.what();
+    return e.what();
+  }
+  return "";
+}
+
+// The combination checks are one layer for both callers (adversarial pass 69): the same
+// verdicts, each naming the options as its caller spells them.
+TEST(OptionsCombinations, TheSameVerdictsNameTheFlagOrTheField) {
+  PeftConfig prefix2;
+  prefix2.prefix = 2;
+  PeftConfig lora2;
+  lora2.lora = true;
+  lora2.r = 2;
+  // An adapter decides its kind and shape.
+  AdapterOptions a;
+  a.adapter = "A";
+  a.adapter_shape = prefix2;
+  a.lora = true;
+  a.r = 8;
+  a.alpha = 16.0f;
+  a.targets = "q_proj,v_proj";
+  EXPECT_EQ(refusal([&] { check_adapter_options(a, OptionSource::cli); }),
+            "--lora-r/--lora-alpha/--lora-targets ask for LoRA r 8, alpha 16 on q_proj, v_proj, but the adapter A is "
+            "prefix tuning, 2 tokens per layer");
+  AdapterOptions c;
+  c.adapter = "A";
+  c.adapter_shape = lora2;
+  c.lora = true;
+  c.r = 4;
+  EXPECT_NE(refusal([&] { check_adapter_options(c, OptionSource::c_api); }).find("lora_r ask for LoRA r 4"),
+            std::string::npos);
+  c.r = 2;
+  EXPECT_EQ(refusal([&] { check_adapter_options(c, OptionSource::c_api); }), "");  // the adapter's own shape
+  c.prefix = true;
+  c.prefix_tokens = 3;
+  EXPECT_NE(refusal([&] { check_adapter_options(c, OptionSource::c_api); }).find("prefix_tokens 3 with adapter_path A"),
+            std::string::npos);
+  EXPECT_EQ(refusal([&] { check_adapter_options(c, OptionSource::cli); }),
+            "--adapter A is LoRA r 2, alpha 16 on q_proj, v_proj: its shape comes from its adapter_config.json");
+  // Prefix tuning with LoRA's fields; LoRA's fields without LoRA.
+  AdapterOptions p;
+  p.prefix = true;
+  p.prefix_tokens = 2;
+  p.alpha = 4.0f;
+  EXPECT_EQ(refusal([&] { check_adapter_options(p, OptionSource::cli); }),
+            "--prefix-tuning and --lora*: choose one kind of adapter");
+  EXPECT_NE(refusal([&] { check_adapter_options(p, OptionSource::c_api); })
+                .find("prefix_tokens and lora_alpha: choose one kind of adapter"),
+            std::string::npos);
+  p.prefix = false;
+  EXPECT_EQ(refusal([&] { check_adapter_options(p, OptionSource::cli); }),
+            "--lora-r, --lora-alpha and --lora-targets need --lora");
+  EXPECT_NE(refusal([&] { check_adapter_options(p, OptionSource::c_api); }).find("lora_alpha 4: LoRA's, which needs lora_r > 0"),
+            std::string::npos);
+  // save_dtype on an adapter run; not given, or fp32, or full tuning: nothing to say.
+  EXPECT_NE(refusal([&] { check_save_dtype_option(DType::bf16, true, lora2, OptionSource::cli); })
+                .find("--save-dtype bf16: an adapter run (LoRA r 2"),
+            std::string::npos);
+  EXPECT_NE(refusal([&] { check_save_dtype_option(DType::bf16, true, prefix2, OptionSource::c_api); })
+                .find("save_dtype bf16: an adapter run"),
+            std::string::npos);
+  EXPECT_EQ(refusal([&] { check_save_dtype_option(DType::bf16, true, PeftConfig{}, OptionSource::c_api); }), "");
+  EXPECT_EQ(refusal([&] { check_save_dtype_option(DType::bf16, false, lora2, OptionSource::cli); }), "");
+  // The disk tier's, the seed log's and generation's.
+  SessionConfig sc;
+  sc.disk_lag = 4;
+  EXPECT_EQ(refusal([&] { check_disk_tier_options(sc, true, false, OptionSource::cli); }),
+            "--disk-lag 4 is for the disk tier (--host-mem SIZE --disk-dir DIR), which is not set");
+  EXPECT_EQ(refusal([&] { check_disk_tier_options(sc, true, false, OptionSource::c_api); }),
+            "disk_lag 4 is for the disk tier (host_mem_bytes and disk_dir), which is not set");
+  sc.host_mem = 1 << 20;
+  EXPECT_EQ(refusal([&] { check_disk_tier_options(sc, true, true, OptionSource::c_api); }), "");
+  EXPECT_NE(refusal([&] { check_seed_log_options(true, false, OptionSource::c_api); }).find("seed_log_path is NULL"),
+            std::string::npos);
+  EXPECT_EQ(refusal([&] { check_seed_log_options(true, true, OptionSource::c_api); }), "");
+  EXPECT_NE(refusal([&] { check_generation_options(false, true, "host", false, 0, OptionSource::c_api); })
+                .find("kv_cache host"),
+            std::string::npos);
+  EXPECT_NE(refusal([&] { check_generation_options(false, false, "auto", true, 8, OptionSource::cli); })
+                .find("--prefill-chunk 8"),
+            std::string::npos);
+  EXPECT_EQ(refusal([&] { check_generation_options(true, true, "host", true, 8, OptionSource::c_api); }), "");
+}
+
+}  // namespace
+}  // namespace zo2

@@ -3,6 +3,10 @@
 #include "runtime/arena.h"
 #include "runtime/error.h"
 #include "tools/cli.h"
+#include "api/run_dir.h"
+#include "offload/adapter_store.h"
+
+#include <filesystem>
 
 namespace zo2::cli {
 
@@ -24,13 +28,29 @@ SessionConfig session_config(const DeviceFlags& f, bool training) {
   sc.disk_lag = f.disk_lag;
   sc.disk_staging = f.disk_staging;
   check_session_options(sc, OptionSource::cli);
-  // A disk-tier flag without the tier would be ignored without a word.
-  if (sc.host_mem == 0)
-    for (const CLI::Option* flag : {f.disk_lag_flag, f.disk_staging_flag})
-      if (flag && flag->count() > 0)
-        fail(ErrorKind::invalid_argument, "{} {} is for the disk tier (--host-mem SIZE --disk-dir DIR), which is not set",
-             flag->get_name(), flag->as<std::string>());
+  // A disk-tier flag without the tier would be ignored without a word (api/options.h).
+  check_disk_tier_options(sc, f.disk_lag_flag && f.disk_lag_flag->count() > 0,
+                          f.disk_staging_flag && f.disk_staging_flag->count() > 0, OptionSource::cli);
   return sc;
+}
+
+// --adapter naming a full fine-tuning checkpoint (or a run of one): it is a whole model, not
+// an adapter, and its missing adapter_config.json would otherwise be the message
+// (adversarial pass 69). Declared where it is used (eval, generate).
+void refuse_full_checkpoint_as_adapter(const std::string& adapter) {
+  if (adapter.empty()) return;
+  std::filesystem::path dir;
+  try {
+    dir = resolve_model_dir(adapter);
+  } catch (const Error&) {
+    return;  // said by the adapter's own loading
+  }
+  std::error_code ec;
+  if (!AdapterStore::is_adapter_dir(dir) && std::filesystem::exists(dir / "config.json", ec))
+    fail(ErrorKind::invalid_argument,
+         "--adapter {} is a full fine-tuning checkpoint (config.json and weights, no adapter_config.json): it holds the "
+         "whole tuned model, so pass it as --model",
+         adapter);
 }
 
 }  // namespace zo2::cli

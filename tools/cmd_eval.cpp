@@ -22,6 +22,10 @@
 
 namespace zo2::cli {
 
+// tools/cmd_common.cpp
+void refuse_full_checkpoint_as_adapter(const std::string& adapter);
+
+
 SessionConfig session_config(const DeviceFlags& f, bool training);
 
 Runner add_eval(CLI::App& app) {
@@ -69,6 +73,7 @@ Runner add_eval(CLI::App& app) {
     SessionConfig sc = session_config(o->dev, false);
     const KvPlace kv = parse_kv_place(o->kv_cache);
     const std::string given_model = o->model;
+    refuse_full_checkpoint_as_adapter(o->lora.adapter);
     o->lora.apply(o->model, sc);  // --adapter, or an adapter as --model: its base with it
     use_the_adapter_runs_storage(o->dev, sc);
     o->model = resolve_model_dir(o->model).string();  // a run directory: its current checkpoint

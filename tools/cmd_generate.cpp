@@ -21,6 +21,10 @@
 
 namespace zo2::cli {
 
+// tools/cmd_common.cpp
+void refuse_full_checkpoint_as_adapter(const std::string& adapter);
+
+
 SessionConfig session_config(const DeviceFlags& f, bool training);
 
 namespace {
@@ -144,6 +148,7 @@ Runner add_generate(CLI::App& app) {
     const KvPlace kv = parse_kv_place(o->kv_cache);
     SessionConfig sc = session_config(o->dev, false);
     const std::string given_model = o->model;
+    refuse_full_checkpoint_as_adapter(o->lora.adapter);
     o->lora.apply(o->model, sc);
     use_the_adapter_runs_storage(o->dev, sc);
     o->model = resolve_model_dir(o->model).string();

@@ -240,10 +240,11 @@ std::vector<std::string> keep_run_flags(Opts& o, const CLI::App& app, const Stat
   const bool disk_given = app.get_option("--host-mem")->count() + app.get_option("--disk-dir")->count() > 0;
   const std::string saved_disk = st.get_or<std::string>("disk_dir", "");
   if (in_place || disk_given) {
-    if (!disk_given) {
-      keep("--host-mem", "host_mem", o.dev.host_mem);
-      keep("--disk-dir", "disk_dir", o.dev.disk_dir);
-    }
+    // Each of the two not given again is the run's, as the other flags are: `--disk-dir NEW`
+    // alone moves the block file under the run's --host-mem. The run's block file (its
+    // --disk-dir) is kept only in place; elsewhere it stays the original run's.
+    keep("--host-mem", "host_mem", o.dev.host_mem);
+    if (in_place) keep("--disk-dir", "disk_dir", o.dev.disk_dir);
     keep("--disk-lag", "disk_lag", o.dev.disk_lag);
     keep("--disk-staging", "disk_staging", o.dev.disk_staging);
   } else if (!saved_disk.empty()) {
@@ -457,10 +458,10 @@ Runner add_train(CLI::App& app) {
                  "gold answer's loss)")
       ->capture_default_str()
       ->check(CLI::Range(0, 1 << 20));
-  app.add_option("--eval-every,--eval_steps", o->eval_every, "evaluate every N steps (and at the end; 0: only at the end)")
+  app.add_option("--eval-every,--eval_steps", o->eval_every, "with --eval: evaluate every N steps (and at the end; 0: only at the end)")
       ->capture_default_str();
   auto* num_train = app.add_option("--num-train,--num_train", o->num_train, "use a seeded sample of N training examples");
-  app.add_option("--num-eval,--num_eval", o->num_eval, "use a seeded sample of N evaluation examples");
+  app.add_option("--num-eval,--num_eval", o->num_eval, "with --eval: use a seeded sample of N evaluation examples");
   auto* shuffle = app.add_flag("--shuffle,!--no-shuffle", o->shuffle, "reshuffle the training examples every epoch (default on)");
   auto* data_seed = app.add_option("--data-seed", o->data_seed, "seed of the sampling and shuffling (default: --seed)")->transform(seed_value());
   app.add_option("--out", o->out,
@@ -569,6 +570,8 @@ Runner add_train(CLI::App& app) {
     // (adversarial pass 58: they were refused as "the disk tier is not set").
     DeviceFlags early = o->dev;
     if (!o->resume.empty()) early.disk_lag_flag = early.disk_staging_flag = nullptr;
+    // Likewise --disk-dir given again alone: it is checked under the run's --host-mem, once kept.
+    if (!o->resume.empty() && early.host_mem.empty()) early.disk_dir.clear();
     SessionConfig sc = session_config(early, true);
     // A run directory as --model: its current checkpoint, resolved once.
     std::string model_dir = o->model.empty() ? std::string() : resolve_model_dir(o->model).string();
@@ -581,6 +584,11 @@ Runner add_train(CLI::App& app) {
     std::string saved_data;          // the resumed run's --data and its examples, to compare
     std::int64_t saved_examples = -1;
     std::int64_t saved_data_crc = -1;  // the run's data_crc32, -1 when its state has none
+    // The resume warnings about the training data (--data, --max-len, --padding-side given
+    // again otherwise): said once the data is read, and only when its training set (the
+    // examples' count and CRC-32, recorded by the run) is not the run's — a copy of the file,
+    // or a --max-len / --padding-side that fixed-length rows never use, changes nothing.
+    std::vector<std::string> data_warnings;
     bool data_seed_known = given.data_seed->count() > 0;
     const std::filesystem::path out(o->out);
     // The one writer of --out (Note [Run directory]): taken first when --out is the run being
@@ -664,7 +672,14 @@ Runner add_train(CLI::App& app) {
         o->seed = saved_seed;
       }
       take(given.sched, "lr_schedule", o->schedule);
-      take(given.warm, "warmup_steps", o->warmup);
+      // --warmup-steps: with a constant schedule, a warmup over by the step the run goes on
+      // from (old and new) changes no lr from there.
+      if (st.has("warmup_steps") && given.warm->count() > 0 && o->schedule == "constant" &&
+          std::max(o->warmup, st.get<decltype(o->warmup)>("warmup_steps")) <= st.get_or<std::int64_t>("next_step", 0)) {
+        // (as given: the same learning rates)
+      } else {
+        take(given.warm, "warmup_steps", o->warmup);
+      }
       // --steps: with a constant schedule the total changes no step's lr, so going on further
       // (or stopping sooner) is no change to the weights; with linear or cosine decay it
       // reshapes every lr from here. One below the run's step is refused below, unwarned.
@@ -697,17 +712,28 @@ Runner add_train(CLI::App& app) {
       if (o->data.empty()) o->data = saved_data;
       else if (!saved_data.empty() && !same_directory(o->data, saved_data) &&
                std::filesystem::absolute(o->data) != std::filesystem::path(saved_data))
-        log_warn("--resume: --data given as {} but the run trained on {}; the result will differ from an "
-                 "uninterrupted run",
-                 o->data, saved_data);
+        data_warnings.push_back(fmt::format("--resume: --data given as {} but the run trained on {}; the result will "
+                                            "differ from an uninterrupted run",
+                                            o->data, saved_data));
       if (o->eval.empty()) o->eval = st.get_or<std::string>("eval", "");
       take(given.num_train, "num_train", o->num_train);
       take(given.shuffle, "shuffle", o->shuffle);
       take(given.data_seed, "data_seed", o->data_seed);
       data_seed_known = data_seed_known || st.has("data_seed");
       take(given.task, "task", o->data_flags.task);
-      take(given.max_len, "max_len", o->data_flags.max_len);
-      take(given.padding, "padding_side", o->data_flags.padding_side);
+      auto take_data = [&](CLI::Option* opt, const char* key, auto& field) {
+        using T = std::decay_t<decltype(field)>;
+        if (!st.has(key)) return;
+        const T saved = st.get<T>(key);
+        if (opt->count() > 0 && field != saved)
+          data_warnings.push_back(fmt::format("--resume: {} given as {} but the run used {}; the result will differ "
+                                              "from an uninterrupted run",
+                                              opt->get_name(), field, saved));
+        else
+          field = saved;
+      };
+      take_data(given.max_len, "max_len", o->data_flags.max_len);
+      take_data(given.padding, "padding_side", o->data_flags.padding_side);
       // How the run saves: the same dtype and shards, so its checkpoints keep one layout.
       if (given.save_dtype->count() == 0 && st.has("save_dtype")) {
         const auto dt = dtype_from_name(st.get<std::string>("save_dtype"));
@@ -1041,6 +1067,13 @@ Runner add_train(CLI::App& app) {
           {"--optimizer", sc.rule.describe()}};
       check_ranks_agree(comm, flags, "the ranks' flags");
     }
+    // The evaluation's flags without an evaluation (--eval, or the resumed run's) would change
+    // nothing: refused, as generate refuses --seed without sampling (adversarial pass 69).
+    if (o->eval.empty())
+      for (const char* flag : {"--eval-every", "--num-eval", "--max-new-tokens"})
+        if (const CLI::Option* opt = a->get_option(flag); opt->count() > 0)
+          fail(ErrorKind::invalid_argument, "{} {} is for the evaluation (--eval FILE), which is not set: it would "
+               "change nothing", flag, opt->as<std::string>());
     if (!o->resume.empty() && first_step >= o->steps) {
       if (eval_owed_at_resume != first_step || o->eval.empty()) {
         log_info("--resume: the run in {} already finished {} of {} steps", o->resume, first_step, o->steps);
@@ -1052,11 +1085,7 @@ Runner add_train(CLI::App& app) {
     if (sc.peft.any() && save_dtype != DType::f32) {
       // An adapter run saves its adapters, which are fp32 (the frozen base is not saved):
       // a narrower --save-dtype would be ignored.
-      if (given.save_dtype->count() > 0)
-        fail(ErrorKind::invalid_argument,
-             "--save-dtype {}: an adapter run ({}) saves its adapters in fp32 (the base is not saved); drop "
-             "--save-dtype, and give it to `zo2-tune merge`, which folds the adapters into a checkpoint of that dtype",
-             dtype_name(save_dtype), sc.peft.describe());
+      check_save_dtype_option(save_dtype, given.save_dtype->count() > 0, sc.peft, OptionSource::cli);
       save_dtype = DType::f32;  // a run saved before this check recorded the flag it ignored
     }
     validate_rule(sc.rule, static_cast<float>(o->wd));
@@ -1166,6 +1195,15 @@ Runner add_train(CLI::App& app) {
     // same file through a changed tokenizer (zo2 0.2.0's \s no longer matches U+180E) drew
     // other batches with no word of it (adversarial pass 51).
     const std::uint32_t data_crc = training_set_crc32(data);
+    // --padding-side on fixed-length rows (a .safetensors data file, and the --eval one if
+    // any): nothing is padded, so it changes nothing. Warned, not refused: one script's flags
+    // often serve text and token files alike.
+    auto fixed_rows = [](const std::string& f) { return f.size() >= 12 && f.ends_with(".safetensors"); };
+    if (given.padding->count() > 0 && fixed_rows(o->data) && (o->eval.empty() || fixed_rows(o->eval)))
+      log_warn("--padding-side {}: {} holds fixed-length token rows, which are never padded: it changes nothing",
+               o->data_flags.padding_side, o->data);
+    if (!(saved_data_crc >= 0 && saved_data_crc == data_crc && saved_examples == static_cast<std::int64_t>(data.size())))
+      for (const std::string& w : data_warnings) log_warn("{}", w);
     if (saved_examples >= 0 && static_cast<std::int64_t>(data.size()) != saved_examples)
       log_warn("--resume: {} now gives {} training examples but the run had {}; the result will differ from an "
                "uninterrupted run",

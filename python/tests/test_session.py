@@ -130,6 +130,14 @@ def test_parameter_round_trips(tiny, tmp_path, name):
         kw["host_mem"] = "8M"  # a disk directory serves a host memory cap (this model fits under it)
     if name == "generate_seqs":
         kw["training"] = False  # generation needs an eval-only session
+    # A keyword that another gives its meaning to is refused without it (api/options.h), as the flags are.
+    if name in ("lora_alpha", "lora_targets"):
+        kw["lora_r"] = 4
+    if name in ("kv_cache", "prefill_chunk"):
+        kw["generate_seqs"] = 2
+        kw["training"] = False
+    if name in ("disk_lag", "disk_staging"):
+        kw["host_mem"] = "8M"  # the disk tier's fields serve a host memory cap (this model fits under it)
     if name == "momentum":
         kw["optimizer"] = "zo-sgd-momentum"  # a rule's own keyword is refused for another rule
     if name in ("beta1", "beta2", "adam_eps", "state_dtype"):
@@ -873,3 +881,38 @@ def test_a_second_writer_of_a_live_seed_log_is_refused(tiny, tmp_path):
     with zo2.Session(tmp_path / "s3", seed_log=log, seed_log_append=True, first_step=3, **kw) as b:
         b.step(ids)
     assert len(log.read_text().splitlines()) == 1 + 4
+
+
+def test_keywords_without_the_keyword_that_gives_them_a_meaning_are_refused(tiny, tmp_path):
+    """The combination checks zo2-tune's flags have (api/options.h), through the C API (pass 69, F1-F4)."""
+    model = zo2.Model.load(tiny)
+    ids = batch(model.n_vocab, n_seq=2, n_tokens=16)
+    cap = dict(lr=1e-3, max_seqs=2, max_seq_len=16, n_threads=2)
+    for name, kw in (("lora", dict(lora_r=2)), ("prefix", dict(prefix_tokens=2))):
+        with zo2.Session(model, **cap, **kw) as s:
+            s.step(ids)
+            s.save(str(tmp_path / name))
+    refused = [
+        (dict(adapter=str(tmp_path / "prefix"), lora_r=2), "lora_r ask for LoRA r 2"),
+        (dict(adapter=str(tmp_path / "lora"), prefix_tokens=3), "prefix_tokens 3 with adapter_path"),
+        (dict(adapter=str(tmp_path / "lora"), lora_r=4, lora_alpha=1.0, lora_targets="fc1"), "ask for LoRA r 4"),
+        (dict(lora_alpha=4.0), "lora_alpha 4: LoRA's"),
+        (dict(lora_targets="fc1"), "lora_targets 'fc1': LoRA's"),
+        (dict(prefix_tokens=2, lora_alpha=4.0), "choose one kind of adapter"),
+        (dict(prefix_tokens=2, lora_targets="fc1,fc2"), "choose one kind of adapter"),
+        (dict(lora_r=2, save_dtype="bf16"), "save_dtype bf16: an adapter run"),
+        (dict(prefix_tokens=2, save_dtype="bf16"), "save_dtype bf16: an adapter run"),
+        (dict(disk_lag=4), "disk_lag 4 is for the disk tier"),
+        (dict(disk_staging=4), "disk_staging 4 is for the disk tier"),
+        (dict(seed_log_append=True), "seed_log_append is set"),
+        (dict(kv_cache="host"), "kv_cache host"),
+        (dict(prefill_chunk=8), "prefill_chunk 8"),
+    ]
+    for kw, words in refused:
+        with pytest.raises(zo2.InvalidArgumentError, match=words.replace("(", r"\(")):
+            zo2.Session(model, **cap, **kw)
+    # The adapter's own shape given again, and LoRA's fields with LoRA, are taken.
+    with zo2.Session(model, **cap, adapter=str(tmp_path / "lora"), lora_r=2):
+        pass
+    with zo2.Session(model, **cap, lora_r=2, lora_alpha=4.0, lora_targets="fc1"):
+        pass
