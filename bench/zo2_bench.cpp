@@ -155,14 +155,16 @@ fs::path script_path(const std::string& name) {
     if (fs::path p = fs::path(dir) / name; fs::exists(p)) return p;
     zo2::fail(zo2::ErrorKind::io, "{}: not found in $ZO2_BENCH_DIR ({})", name, dir);
   }
-#ifdef ZO2_BENCH_SCRIPT_DIR
-  if (fs::path p = fs::path(ZO2_BENCH_SCRIPT_DIR) / name; fs::exists(p)) return p;
-#endif
+  // An installed zo2-bench runs its own release's scripts (share/zo2/bench beside it), not
+  // those of whatever checkout sits where it was built; a build-tree one has none there.
   std::error_code ec;
   const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
   if (!ec)
     if (fs::path p = exe.parent_path().parent_path() / "share" / "zo2" / "bench" / name; fs::exists(p)) return p;
-  zo2::fail(zo2::ErrorKind::io, "{}: not found next to zo2-bench (looked in the source tree's bench/ and share/zo2/bench)",
+#ifdef ZO2_BENCH_SCRIPT_DIR
+  if (fs::path p = fs::path(ZO2_BENCH_SCRIPT_DIR) / name; fs::exists(p)) return p;
+#endif
+  zo2::fail(zo2::ErrorKind::io, "{}: not found next to zo2-bench (looked in share/zo2/bench and the source tree's bench/)",
             name);
 }
 

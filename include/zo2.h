@@ -201,6 +201,9 @@ typedef struct zo2_session_params {
     const char * storage_dtype;  // weights in host memory and slots: "fp32", "bf16", "fp16", "fp8". Default "fp32".
     const char * compute_dtype;  // activations and GEMMs: "fp32", "bf16", "fp16". Default "fp32".
     int32_t  n_threads;          // CPU threads for kernels, 0..65536; 0 = the cores the process may use (affinity, cgroup CPU quota). Default 0.
+                                 // Process-wide while a CPU session lives: OpenBLAS runs 1 thread (the host's count is
+                                 // restored when the last CPU session is freed), and a value below the cores caps every
+                                 // TBB user in the process, the host included (oneTBB's global_control), until it is freed.
 
     // Capacity: the largest batch any step/eval of this session takes (activations are
     // allocated for it at init).

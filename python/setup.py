@@ -1,6 +1,6 @@
 """Builds zo2's Python package with the repository's CMake (the target zo2_python) and
-packages what it assembles in <cmake build>/python/zo2, plus libzo2 next to the module
-(found there through the module's $ORIGIN rpath).
+packages what it assembles in <cmake build>/python/zo2. The module holds zo2's C++ layers
+itself (Note [One library, exporting only the C API] in CMakeLists.txt): no libzo2 beside it.
 
 Environment: ZO2_CMAKE_ARGS (extra CMake arguments, e.g. "-DZO2_CUDA=OFF"), ZO2_BUILD_JOBS.
 """
@@ -37,9 +37,6 @@ class CMakeBuild(build_ext):
         dest.mkdir(parents=True, exist_ok=True)
         module = next(built.glob("_zo2*.so"))
         shutil.copy2(module, Path(self.get_ext_fullpath(ext.name)))
-        for lib in build.glob("libzo2.so.*"):
-            if lib.is_symlink():  # libzo2.so.0.2: the SONAME the module asks for
-                shutil.copy2(lib.resolve(), dest / lib.name)
 
 
 setup(

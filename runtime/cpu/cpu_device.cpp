@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <set>
 
 namespace zo2::cpu {
@@ -282,6 +283,42 @@ double emulated_link_bytes_per_s() {
 
 namespace {
 
+// Note [OpenBLAS's threads]
+//   zo2's kernels split their GEMMs across TBB themselves, so OpenBLAS must not start threads
+//   of its own while a CPU device lives. Its thread count is process-wide, and a host may use
+//   OpenBLAS too (numpy): the first live CPU device saves the host's count and sets 1, the
+//   last one destroyed puts the saved count back (it used to stay 1 for good).
+class OpenBlasSingleThreaded {
+ public:
+  OpenBlasSingleThreaded() {
+    std::lock_guard lock(mutex());
+    if (users()++ == 0) {
+      saved() = openblas_get_num_threads();
+      openblas_set_num_threads(1);
+    }
+  }
+  ~OpenBlasSingleThreaded() {
+    std::lock_guard lock(mutex());
+    if (--users() == 0) openblas_set_num_threads(saved());
+  }
+  OpenBlasSingleThreaded(const OpenBlasSingleThreaded&) = delete;
+  OpenBlasSingleThreaded& operator=(const OpenBlasSingleThreaded&) = delete;
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static int& users() {
+    static int n = 0;
+    return n;
+  }
+  static int& saved() {
+    static int n = 1;
+    return n;
+  }
+};
+
 class CpuDevice final : public Device {
  public:
   explicit CpuDevice(const DeviceOptions& o) {
@@ -299,8 +336,6 @@ class CpuDevice final : public Device {
       log_info("cpu device: {} kernel thread{}, not {}: the cgroup's CPU quota ({} us per {} us in {})", threads_,
                threads_ == 1 ? "" : "s", pool, quota.quota_us, quota.period_us, quota.file);
     }
-    // Kernels split GEMMs across TBB themselves; OpenBLAS must not start its own threads.
-    openblas_set_num_threads(1);
     cap_ = o.mem_cap > 0 ? o.mem_cap : cpu_default_arena_bytes(threads_);
     // Note [Address-space limits] (runtime/device.h): checked before any BLAS call can hang.
     if (const std::size_t headroom = address_space_headroom(); headroom != SIZE_MAX) {
@@ -362,6 +397,7 @@ class CpuDevice final : public Device {
   std::size_t cap_ = 0;
   void* region_ = nullptr;
   std::unique_ptr<tbb::global_control> control_;
+  OpenBlasSingleThreaded blas_;  // Note [OpenBLAS's threads]
   std::unique_ptr<Arena> arena_;
   std::unique_ptr<Ops> ops_;
 };
