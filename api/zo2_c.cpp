@@ -313,8 +313,7 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
     ask.adapter_shape = sc.peft;
   }
   zo2::check_adapter_options(ask, c_api);
-  if (p.adapter_path) {
-    // (its shape is sc.peft already)
+  if (p.adapter_path) {  // its shape is sc.peft already
   } else if (p.prefix_tokens != 0) {
     sc.peft.prefix = p.prefix_tokens;
   } else if (p.lora_r != 0) {

@@ -377,6 +377,17 @@ void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
   }
   const bool flags_given = (lora_flag && lora_flag->count() > 0) || (r_flag && r_flag->count() > 0) ||
                            (alpha_flag && alpha_flag->count() > 0) || (targets_flag && targets_flag->count() > 0);
+  // The combinations, checked by the layer the C API shares (api/options.h): a LoRA flag given
+  // asks for the shape the flags say, their defaults included.
+  AdapterOptions ask;
+  ask.lora = lora;
+  ask.prefix = prefix || (num_prefix_flag && num_prefix_flag->count() > 0);
+  ask.prefix_tokens = num_prefix;
+  if (flags_given) {
+    ask.r = r;
+    ask.alpha = static_cast<float>(alpha);
+    ask.targets = targets;
+  }
   if (!adapter_dir.empty()) {
     sc.peft = AdapterStore::peft_config_of(adapter_dir);
     sc.adapter_dir = adapter_dir;
@@ -391,21 +402,11 @@ void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
                  "fit these weights",
                  adapter_dir, base, model);
     }
-    if (prefix || (num_prefix_flag && num_prefix_flag->count() > 0))
-      fail(ErrorKind::invalid_argument, "--adapter {} is {}: its shape comes from its adapter_config.json", adapter_dir,
-           sc.peft.describe());
-    if (flags_given) {
-      PeftConfig asked;
-      asked.lora = true;
-      asked.r = r;
-      asked.alpha = static_cast<float>(alpha);
-      asked.targets = parse_lora_targets(targets);
-      if (!(asked == sc.peft))
-        fail(ErrorKind::invalid_argument, "--lora-r/--lora-alpha/--lora-targets ask for {}, but the adapter {} is {}",
-             asked.describe(), adapter_dir, sc.peft.describe());
-    }
+    ask.adapter = adapter_dir;
+    ask.adapter_shape = sc.peft;
+    check_adapter_options(ask, OptionSource::cli);
   } else if (prefix) {
-    if (flags_given) fail(ErrorKind::invalid_argument, "--prefix-tuning and --lora*: choose one kind of adapter");
+    check_adapter_options(ask, OptionSource::cli);
     if (num_prefix < 1 || num_prefix > 1024)
       fail(ErrorKind::invalid_argument, "--num-prefix {}: must lie in [1, 1024]", num_prefix);
     sc.peft.prefix = num_prefix;
@@ -414,8 +415,8 @@ void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
     sc.peft.r = r;
     sc.peft.alpha = static_cast<float>(alpha);
     sc.peft.targets = parse_lora_targets(targets);
-  } else if (flags_given) {
-    fail(ErrorKind::invalid_argument, "--lora-r, --lora-alpha and --lora-targets need --lora");
+  } else {
+    check_adapter_options(ask, OptionSource::cli);
   }
   if (!prefix && num_prefix_flag && num_prefix_flag->count() > 0)
     fail(ErrorKind::invalid_argument, "--num-prefix needs --prefix-tuning");

@@ -139,6 +139,10 @@ struct DeviceFlags {
 // loss than the run's own evaluation).
 void use_the_adapter_runs_storage(const DeviceFlags& flags, SessionConfig& sc);
 
+// --adapter naming a full fine-tuning checkpoint (or a run of one): refused, saying to pass it
+// as --model (its missing adapter_config.json was the message). tools/cmd_common.cpp.
+void refuse_full_checkpoint_as_adapter(const std::string& adapter);
+
 // The update rule (zo/rule.h): --optimizer and its hyper-parameters (train, plan).
 struct RuleFlags {
   std::string optimizer = "zo-sgd";

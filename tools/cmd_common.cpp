@@ -36,7 +36,7 @@ SessionConfig session_config(const DeviceFlags& f, bool training) {
 
 // --adapter naming a full fine-tuning checkpoint (or a run of one): it is a whole model, not
 // an adapter, and its missing adapter_config.json would otherwise be the message
-// (adversarial pass 69). Declared where it is used (eval, generate).
+// (adversarial pass 69).
 void refuse_full_checkpoint_as_adapter(const std::string& adapter) {
   if (adapter.empty()) return;
   std::filesystem::path dir;

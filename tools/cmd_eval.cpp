@@ -22,9 +22,6 @@
 
 namespace zo2::cli {
 
-// tools/cmd_common.cpp
-void refuse_full_checkpoint_as_adapter(const std::string& adapter);
-
 
 SessionConfig session_config(const DeviceFlags& f, bool training);
 
