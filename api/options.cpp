@@ -354,12 +354,14 @@ void check_generation_options(bool generating, bool kv_given, std::string_view k
                               OptionSource src) {
   if (generating) return;
   const bool cli = src == OptionSource::cli;
-  const char* what = cli ? "generation (--max-new-tokens)" : "generation (generate_seqs > 0)";
+  const char* what = cli ? "--max-new-tokens" : "generate_seqs > 0";
   if (kv_given)
-    refuse_combination(fmt::format("{} {}: the KV cache is {}'s, which is not set", cli ? "--kv-cache" : "kv_cache", kv,
-                                   what));
+    refuse_combination(fmt::format("{} {}: the KV cache serves generation, which this session does not do ({} is not "
+                                   "set)",
+                                   cli ? "--kv-cache" : "kv_cache", kv, what));
   if (chunk_given)
-    refuse_combination(fmt::format("{} {}: prompts are chunked by {}, which is not set",
+    refuse_combination(fmt::format("{} {}: it chunks the prompts of a generation, which this session does not do ({} "
+                                   "is not set)",
                                    cli ? "--prefill-chunk" : "prefill_chunk", chunk, what));
 }
 

@@ -65,9 +65,10 @@ namespace zo2 {
 
 // ---- Combinations ------------------------------------------------------------------------
 // An option that another option gives its meaning to, given without that option, would do
-// nothing (or something else than asked) without a word: refused here, for the command line
-// and the C API alike (and so for Python, which goes through the C API), each message naming
-// the options as `src` spells them. "Given" is, on the command line, the flag's presence; in
+// nothing (or something else than asked) without a word: refused here, each message naming
+// the options as `src` spells them. The C API (and so Python) calls all five; zo2-tune calls
+// the adapter, save-dtype and disk-tier ones (its seed log follows --resume, and eval's
+// --kv-cache without --max-new-tokens is accepted there as before). "Given" is, on the command line, the flag's presence; in
 // the C API, a value other than the field's documented default (zo2.h: 0, 1, NULL, lora_alpha
 // 16, lora_targets "q_proj,v_proj", kv_cache "auto"), which a host cannot tell from "not set".
 

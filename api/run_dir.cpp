@@ -153,8 +153,12 @@ void require_links(const fs::path& dir) {
   // system whose rename will not replace an entry (some FUSE and network ones) took the
   // first save and failed every later one with "File exists" (adversarial pass 67).
   int e = 0;
-  if (::symlink(kRunLockFile, probe2.c_str()) != 0) e = errno;
-  else if (rename_entry(probe2, probe) != 0) e = errno;
+  if (::symlink(kRunLockFile, probe2.c_str()) != 0) {
+    e = errno;
+    ::unlink(probe.c_str());
+    fail(ErrorKind::io, "{}: cannot create a second link there ({}), which a save needs", dir.string(), std::strerror(e));
+  }
+  if (rename_entry(probe2, probe) != 0) e = errno;
   ::unlink(probe2.c_str());
   ::unlink(probe.c_str());
   if (e != 0)

@@ -1005,20 +1005,27 @@ int zo2_plan(const zo2_model* m, const zo2_session_params* p, zo2_plan_result* o
       cap = physical_ram();
     }
     out->n_blocks = m->config.num_layers;
+    // A preview, as `zo2-tune plan`: the blocks a disk tier would hold are placed there
+    // whether or not disk_dir is given (zo2_session_init refuses a host_mem that needs one).
+    const auto request = [&](std::size_t c) {
+      zo2::PlanRequest r = zo2::plan_request(m->config, sc, dev.kind, c);
+      r.disk_dir = true;
+      return r;
+    };
     try {
-      fill_plan(zo2::plan_placement(m->config, zo2::plan_request(m->config, sc, dev.kind, cap)),
+      fill_plan(zo2::plan_placement(m->config, request(cap)),
                 m->config.num_layers, out);
     } catch (const zo2::Error& e) {
       if (e.kind() == ErrorKind::out_of_memory) {
         // Still tell the host the smallest cap that works.
         try {
           const auto big = zo2::plan_placement(
-              m->config, zo2::plan_request(m->config, sc, dev.kind, std::numeric_limits<std::size_t>::max() / 4));
+              m->config, request(std::numeric_limits<std::size_t>::max() / 4));
           out->minimum_cap_bytes = big.minimum_cap;
           // Under a cap that large no weight tiles are planned; below the whole blocks' minimum
           // (tile auto) they are, and their floor may be smaller: what the error names.
           if (big.minimum_cap > 1) {
-            const auto below = zo2::plan_placement(m->config, zo2::plan_request(m->config, sc, dev.kind, big.minimum_cap - 1));
+            const auto below = zo2::plan_placement(m->config, request(big.minimum_cap - 1));
             out->minimum_cap_bytes = std::min<std::uint64_t>(out->minimum_cap_bytes, below.minimum_cap);
           }
         } catch (...) {

@@ -8,8 +8,10 @@
 //   and xgetbv for the register state the OS saves) in a constructor that runs before every
 //   other static initializer, and if one is missing writes what is missing and how to build
 //   for this CPU (-DZO2_CPU_ARCH=), then ends the process with status 1: nothing of zo2 can
-//   run there, and the alternative is the signal. ZO2_CPU_ISA_PRETEND=ext,ext... (tests)
-//   makes the check see a CPU without those extensions.
+//   run there, and the alternative is the signal. Checked are the extensions of x86-64-v2,
+//   -v3 and -v4 (cpu_isa_check.cpp's table); a `native` build on a newer CPU may use more
+//   (AVX-512 VNNI/BF16/FP16, GFNI, VAES...), which are not. ZO2_CPU_ISA_PRETEND=ext,ext...
+//   (tests) makes the check see a CPU without those extensions.
 #pragma once
 
 namespace zo2::detail {

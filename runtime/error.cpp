@@ -30,11 +30,11 @@ const char* error_kind_name(ErrorKind kind) {
 
 namespace {
 std::atomic<int> g_level{static_cast<int>(LogLevel::info)};
-// Serializes the sink's calls. Recursive: a sink may install another sink (or none), or call
-// what logs; what it logs goes to stderr (t_in_sink), not back into itself.
 // Links the CPU check into every program that holds zo2 (Note [The CPU this build needs]).
 [[gnu::used]] const int* const g_cpu_isa_check = &detail::kCpuIsaCheckAnchor;
 
+// Serializes the sink's calls. Recursive: a sink may install another sink (or none), or call
+// what logs; what it logs goes to stderr (t_in_sink), not back into itself.
 std::recursive_mutex g_sink_mutex;
 LogSink g_sink;
 thread_local bool t_in_sink = false;

@@ -416,6 +416,7 @@ void LoraFlags::apply(std::string& model, SessionConfig& sc) const {
     sc.peft.alpha = static_cast<float>(alpha);
     sc.peft.targets = parse_lora_targets(targets);
   } else {
+    ask.prefix = false;  // --num-prefix alone is refused below as needing --prefix-tuning
     check_adapter_options(ask, OptionSource::cli);
   }
   if (!prefix && num_prefix_flag && num_prefix_flag->count() > 0)

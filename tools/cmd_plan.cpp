@@ -136,6 +136,7 @@ Runner add_plan(CLI::App& app) {
       fail(ErrorKind::invalid_argument, "--ranks-per-node is for --parallel");
     }
     PlanRequest req = plan_request(c, sc, kind, cap);
+    req.disk_dir = true;  // a preview: plan takes no --disk-dir, and places the blocks a disk tier would hold
     req.disk_read_bytes_per_s = o->disk_read * 1e9;
     req.disk_write_bytes_per_s = o->disk_write * 1e9;
     if (pp && sc.host_mem > 0) fail(ErrorKind::invalid_argument, "--host-mem: the disk tier serves one process, not --parallel");
