@@ -1831,6 +1831,21 @@ TEST(Cli, Pass69HostMemoryEvalFlagsResumeWarningsAndFullRunsAsAdapters) {
   EXPECT_NE(out.find("--disk-dir, where the blocks that do not fit would go, is not set"), std::string::npos) << out;
   EXPECT_EQ(out.find("the host needs at least"), std::string::npos) << out;
   EXPECT_FALSE(fs::exists(w.tmp / "f5" / "model.safetensors"));
+  // plan has no --disk-dir: its preview places the blocks a disk tier would hold, and below
+  // the disk tier's floor names that floor (a capacity error, exit 1), never a flag it lacks.
+  out.clear();
+  EXPECT_EQ(run("plan --model " + w.model.string() +
+                    " --offload all --gpu-mem 4M --host-mem 200K --batch-size 4 --device cpu",
+                &out),
+            1)
+      << out;
+  EXPECT_NE(out.find("with a disk tier"), std::string::npos) << out;
+  EXPECT_EQ(out.find("--disk-dir"), std::string::npos) << out;
+  // --num-prefix with a LoRA flag and neither --prefix-tuning nor --lora: LoRA's flag needs
+  // --lora (not "--prefix-tuning and --lora*", as neither was given).
+  out.clear();
+  EXPECT_EQ(run("train" + common + " --out " + (w.tmp / "np").string() + " --num-prefix 3 --lora-r 4", &out), 2) << out;
+  EXPECT_NE(out.find("--lora-r, --lora-alpha and --lora-targets need --lora"), std::string::npos) << out;
   // F6: the evaluation's flags without --eval change nothing: refused (exit 2).
   for (const char* flag : {"--eval-every 5", "--num-eval 3", "--max-new-tokens 4"}) {
     out.clear();
