@@ -11,7 +11,11 @@
 #error "ZO2_VERSION_* must be whole numbers"
 #endif
 
-int zo2_header_dialect_check_c(void) {
+#ifndef ZO2_DIALECT_CHECK
+#define ZO2_DIALECT_CHECK zo2_header_dialect_check_c
+#endif
+int ZO2_DIALECT_CHECK(void);
+int ZO2_DIALECT_CHECK(void) {
   zo2_session_params p = zo2_session_default_params();
   return (int)p.max_seqs + (int)ZO2_OK + (int)ZO2_LOG_OFF + (int)ZO2_OFFLOAD_NONE;
 }
