@@ -313,10 +313,10 @@ zo2::SessionConfig session_config(const zo2::ModelConfig& model, const zo2_sessi
     ask.adapter_shape = sc.peft;
   }
   zo2::check_adapter_options(ask, c_api);
-  if (p.adapter_path) {  // its shape is sc.peft already
-  } else if (p.prefix_tokens != 0) {
+  // An adapter's shape is sc.peft already (its adapter_config.json, read above).
+  if (!p.adapter_path && p.prefix_tokens != 0) {
     sc.peft.prefix = p.prefix_tokens;
-  } else if (p.lora_r != 0) {
+  } else if (!p.adapter_path && p.lora_r != 0) {
     sc.peft.lora = true;
     sc.peft.r = p.lora_r;
     sc.peft.alpha = p.lora_alpha;

@@ -529,6 +529,48 @@ TEST(Cli, EachStepsRecordHasItsOwnTokensAndTimeWithoutThePadding) {
   EXPECT_LE(stepping, wall) << "the steps' own times add up to at most the run's";
 }
 
+// With --stop-at before --steps the process ends at the stop: its progress shows that step's
+// line (with --log-every 10, steps 1 and 4 of --stop-at 4) and an ETA to it, marked as such;
+// on a terminal the status line ends there. (Before: the ETA ran to --steps, a line for the
+// stop step appeared only on a multiple of --log-every, and a terminal's line stayed open.)
+TEST(Cli, AStopAtBeforeTheEndShowsItsLastStepAndAnEtaToIt) {
+  Workspace w;
+  const std::string train = " train --model " + w.model.string() + " --data " + w.data.string() +
+                            " --steps 40 --stop-at 4 --batch-size 2 --lr 1e-3 --seed 3 --out ";
+  std::string out;
+  ASSERT_EQ(run(train + (w.tmp / "piped").string(), &out), 0) << out;
+  EXPECT_NE(out.find("step 1/40 | "), std::string::npos) << out;
+  const auto last = out.find("step 4/40 | ");
+  ASSERT_NE(last, std::string::npos) << out;
+  EXPECT_NE(out.find(" (--stop-at 4) | ", last), std::string::npos) << out;
+  EXPECT_EQ(out.find("step 2/40 | "), std::string::npos) << out;
+  // Without a stop before the end, no mark.
+  out.clear();
+  ASSERT_EQ(run(" train --model " + w.model.string() + " --data " + w.data.string() +
+                    " --steps 2 --stop-at 5 --batch-size 2 --lr 1e-3 --seed 3 --out " + (w.tmp / "whole").string(),
+                &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("step 2/2 | "), std::string::npos) << out;
+  EXPECT_EQ(out.find("--stop-at"), std::string::npos) << out;
+  if (test::run_command("script -qec true /dev/null") != 0) return;
+  out.clear();
+  ASSERT_EQ(test::run_command("script -qec '" + test::zo2_tune_path().string() + train + (w.tmp / "tty").string() +
+                                  "' /dev/null",
+                              &out),
+            0)
+      << out;
+  // The status line of step 4 ends (a newline), so "saved" starts its own line.
+  const auto at = out.find("step 4/40 | ");
+  ASSERT_NE(at, std::string::npos) << out;
+  const auto end = out.find('\n', at);
+  ASSERT_NE(end, std::string::npos) << out;
+  EXPECT_NE(out.substr(at, end - at).find("(--stop-at 4)"), std::string::npos) << out.substr(at, end - at);
+  const auto next = out.find_first_not_of("\r\n", end);
+  ASSERT_NE(next, std::string::npos) << out;
+  EXPECT_NE(out.compare(next, 4, "\033[K"), 0) << "the status line was rewritten, not ended: " << out.substr(at);
+}
+
 TEST(Cli, AnEvaluationShowsItsProgressOnATerminalAndNoLinesElsewhere) {
   if (test::run_command("script -qec true /dev/null") != 0)
     GTEST_SKIP() << "no script(1), or no pseudo-terminal for it, to give zo2-tune a terminal";

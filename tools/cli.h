@@ -243,7 +243,8 @@ std::string format_duration(double seconds);
 
 // Note [The ETA]
 // ~~~~~~~~~~~~~~
-// train's time to --steps after `done` steps: the steps left at `step_s` (the progress
+// train's time to --steps (or --stop-at, where this process stops: `steps` is then that step,
+// whose evaluation and save are the final ones) after `done` steps: the steps left at `step_s` (the progress
 // window's step time), plus the evaluations and saves still due — every `eval_every`-th and
 // `save_every`-th step before the last (0: none), and the final one of each — each at the
 // mean of those this process ran. An evaluation not yet run counts as one forward pass (half

@@ -268,8 +268,10 @@ std::vector<std::string> keep_run_flags(Opts& o, const CLI::App& app, const Stat
 // failure() says why, and train stops after the step, saved, as for a --log-json record.
 class Progress {
  public:
-  Progress(std::int64_t total, std::int64_t every)
-      : total_(total), every_(every), tty_(stderr_is_terminal()), quiet_(log_level() > LogLevel::info) {}
+  // total: --steps; stop: the step this process stops after (--stop-at, else total). With a
+  // --stop-at before the end the ETA is this process's, and the line says so.
+  Progress(std::int64_t total, std::int64_t stop, std::int64_t every)
+      : total_(total), stop_(stop), every_(every), tty_(stderr_is_terminal()), quiet_(log_level() > LogLevel::info) {}
   const std::string& failure() const { return failure_; }
   // disk_gbps < 0: no disk tier.
   void report(const StepResult& r, double step_s, double tok_s, double eta, std::size_t peak, double pcie_gbps,
@@ -280,15 +282,16 @@ class Progress {
     ++n_;
     const std::string line = fmt::format(
         "step {}/{} | loss {:.4f} (avg {:.4f}) | g {:+.3e} | lr {:.2e} | {:.0f} tok/s | {:.3f} s/step | "
-        "ETA {} | device {} | PCIe {:.2f} GB/s{}{}",
+        "ETA {}{} | device {} | PCIe {:.2f} GB/s{}{}",
         r.step + 1, total_, loss, smooth_, r.g, r.lr, tok_s, step_s, format_duration(eta),
+        stop_ < total_ ? fmt::format(" (--stop-at {})", stop_) : std::string(),
         format_bytes(static_cast<double>(peak)), pcie_gbps,
         disk_gbps >= 0 ? fmt::format(" | disk {:.2f} GB/s", disk_gbps) : std::string(),
         r.update_skipped ? " | update skipped" : "");
     if (tty_) {
-      put(fmt::format("\r\033[K{}{}", line, r.step + 1 == total_ ? "\n" : ""));
-      open_ = r.step + 1 != total_ && failure_.empty();
-    } else if ((r.step + 1) % every_ == 0 || r.step + 1 == total_ || n_ == 1)  // (n_ == 1: a resume's first too)
+      put(fmt::format("\r\033[K{}{}", line, r.step + 1 == stop_ ? "\n" : ""));
+      open_ = r.step + 1 != stop_ && failure_.empty();
+    } else if ((r.step + 1) % every_ == 0 || r.step + 1 == stop_ || n_ == 1)  // (n_ == 1: a resume's first too)
       put(line + "\n");
   }
   // Ends the status line a terminal shows, if one is open, so that what follows starts a line.
@@ -304,7 +307,7 @@ class Progress {
     failure_ = fmt::format("the progress output (stderr) cannot be written ({}{})", std::strerror(e),
                            e == EPIPE ? ": the program reading it exited" : "");
   }
-  std::int64_t total_, every_;
+  std::int64_t total_, stop_, every_;
   bool tty_, quiet_, open_ = false;
   std::string failure_;
   double smooth_ = 0;
@@ -1620,7 +1623,9 @@ Runner add_train(CLI::App& app) {
     };
 
     StopSignals stop_signals;  // Note [Stop signals]: through the final save
-    Progress progress(o->steps, o->log_every);
+    // The step this process stops after (the ETA's end: Note [The ETA]).
+    const std::int64_t stop = o->stop_at > 0 ? std::min(o->stop_at, o->steps) : o->steps;
+    Progress progress(o->steps, stop, o->log_every);
     // The batches of one evaluation, as evaluate() makes them (Note [The ETA]).
     const std::int64_t eval_per_batch = eval_data ? eval_examples_per_batch(*eval_data, sc.max_batch) : 1;
     const std::int64_t eval_batches = eval_data ? (eval_data->size() + eval_per_batch - 1) / eval_per_batch : 0;
@@ -1679,7 +1684,7 @@ Runner add_train(CLI::App& app) {
       const double this_step_s = std::max(0.0, stepping - last_stepping);
       last_stepping = stepping;
       EtaInputs ei;  // Note [The ETA] (tools/cli.h)
-      ei.steps = o->steps;
+      ei.steps = stop;
       ei.done = r.step + 1;
       ei.step_s = step_s;
       ei.evaluates = eval_data.has_value();
@@ -1731,7 +1736,6 @@ Runner add_train(CLI::App& app) {
     } clear_hook{session};
     auto harvest = [&](std::int64_t step) { (void)session.wait(step); };
     std::int64_t in_flight = -1;
-    const std::int64_t stop = o->stop_at > 0 ? std::min(o->stop_at, o->steps) : o->steps;
     // Ranks stop together: a signal seen by any rank (mpirun forwards SIGINT/SIGTERM to all,
     // but not at the same instant) stops every rank after the same step.
     auto stop_requested = [&] {
