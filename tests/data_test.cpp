@@ -26,21 +26,14 @@
 namespace zo2 {
 namespace {
 
+using test::read_file;
+using test::write_file;
+
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 int run(const std::string& args, std::string* out = nullptr) {
   return test::run_command(test::zo2_tune_path().string() + " " + args, out);
-}
-
-void write_text(const fs::path& p, const std::string& s) {
-  std::ofstream out(p, std::ios::binary);
-  out << s;
-}
-
-std::string read_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
 // An opt-micro checkpoint with the GPT-2 tokenizer in tmp/micro (empty on failure, said).
@@ -85,7 +78,7 @@ struct Workspace {
       corpus += "A man runs.\nDoes this mean that \"A person moves.\" is true? Yes or No?\nYes\n"
                 "Suppose It rains. Can we infer that \"It is wet.\"? Yes, No, or Maybe?\nMaybe\n"
                 "It is. Is it true?\nNo. The man fell because he slipped. It rained so the ground got wet.\n";
-    write_text(tmp / "corpus.txt", corpus);
+    write_file(tmp / "corpus.txt", corpus);
     train_sentencepiece("--input=" + (tmp / "corpus.txt").string() + " --model_prefix=" + (tok / "tokenizer").string() +
                         " --vocab_size=500 --model_type=bpe --character_coverage=1.0 --byte_fallback=true"
                         " --normalization_rule_name=identity --remove_extra_whitespaces=false"
@@ -97,7 +90,7 @@ struct Workspace {
         << out;
   }
   fs::path file(const std::string& name, const std::string& content) const {
-    write_text(tmp / name, content);
+    write_file(tmp / name, content);
     return tmp / name;
   }
   json eval(const fs::path& data, const std::string& extra = "", const fs::path* with_model = nullptr) const {
@@ -275,7 +268,7 @@ fs::path long_model(const Workspace& w) {
       << out;
   json cfg = json::parse(read_file(dir / "config.json"));
   cfg["max_position_embeddings"] = 1024;
-  write_text(dir / "config.json", cfg.dump(1));
+  write_file(dir / "config.json", cfg.dump(1));
   return dir;
 }
 
@@ -1038,10 +1031,10 @@ TEST(Data, ExamplesWithNothingToPredictAreRefusedByLine) {
   std::string out;
   const fs::path model = micro_with_gpt2(tmp);
   ASSERT_FALSE(model.empty());
-  write_text(tmp / "c.jsonl", "{\"prompt\": \"The film\", \"completion\": \" was good\"}\n"
+  write_file(tmp / "c.jsonl", "{\"prompt\": \"The film\", \"completion\": \" was good\"}\n"
                               "{\"prompt\": \"\", \"completion\": \"Hello\"}\n"
                               "{\"prompt\": \"\", \"completion\": \"Hi\"}\n");
-  write_text(tmp / "o.jsonl", "{\"prompt\": \"A\", \"options\": [\" good\", \" bad\"], \"label\": 0}\n"
+  write_file(tmp / "o.jsonl", "{\"prompt\": \"A\", \"options\": [\" good\", \" bad\"], \"label\": 0}\n"
                               "{\"prompt\": \"\", \"options\": [\" good day\", \"Hi\"], \"label\": 1}\n");
   const std::string m = " --model " + model.string() + " --data ";
   for (const auto& [file, why] :
@@ -1196,7 +1189,7 @@ TEST(Data, EveryCheckpointOfAResumedTextRunKeepsItsTokenizer) {
   ASSERT_FALSE(model.empty());
   std::string text;
   for (int i = 0; i < 24; ++i) text += "{\"text\": \"The film number " + std::to_string(i) + " was good.\"}\n";
-  write_text(tmp / "t.jsonl", text);
+  write_file(tmp / "t.jsonl", text);
   const fs::path run_dir = tmp / "run";
   const std::string common = " --data " + (tmp / "t.jsonl").string() + " --out " + run_dir.string() +
                              " --steps 12 --batch-size 2 --save-every 3 -q";
@@ -1219,7 +1212,7 @@ TEST(Data, AResumeOnDataThatChangedSaysSo) {
   auto texts = [&](const std::string& word) {
     std::string text;
     for (int i = 0; i < 16; ++i) text += "{\"text\": \"The " + word + " number " + std::to_string(i) + ".\"}\n";
-    write_text(tmp / "t.jsonl", text);
+    write_file(tmp / "t.jsonl", text);
   };
   texts("film");
   const fs::path run_dir = tmp / "run";

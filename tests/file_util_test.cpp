@@ -17,14 +17,9 @@
 
 namespace zo2 {
 namespace {
-namespace fs = std::filesystem;
 
-std::string read_all(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using test::read_file;
+namespace fs = std::filesystem;
 
 std::vector<std::string> listing(const fs::path& dir) {
   std::vector<std::string> names;
@@ -66,9 +61,9 @@ TEST(AtomicFile, WritesReplaceTheTargetAndLeaveNoTemp) {
   test::TempDir tmp;
   write_file_atomic(tmp / "a.json", "one");
   write_file_atomic(tmp / "a.json", "two, longer");
-  EXPECT_EQ(read_all(tmp / "a.json"), "two, longer");
+  EXPECT_EQ(read_file(tmp / "a.json"), "two, longer");
   write_file_atomic(tmp / "empty", "");
-  EXPECT_EQ(read_all(tmp / "empty"), "");
+  EXPECT_EQ(read_file(tmp / "empty"), "");
   EXPECT_EQ(listing(tmp.path()), (std::vector<std::string>{"a.json", "empty"}));
 }
 
@@ -86,7 +81,7 @@ TEST(AtomicFile, TempNamesAreUniqueAndFitTheLongestName) {
   b.write("B");
   b.commit();
   a.commit();
-  EXPECT_EQ(read_all(tmp / longest), "A");
+  EXPECT_EQ(read_file(tmp / longest), "A");
   std::error_code ec;
   EXPECT_FALSE(fs::exists(a.temp_path(), ec));
   EXPECT_FALSE(fs::exists(b.temp_path(), ec));
@@ -148,7 +143,7 @@ TEST(AtomicFile, ACommitRemovesTheTempsOfItsTargetsKilledWritersOnly) {
   write_file_atomic(tmp / longest, "whole");
   EXPECT_FALSE(fs::exists(tmp / killed_long));
   EXPECT_TRUE(fs::exists(tmp / killed_other));
-  EXPECT_EQ(read_all(tmp / "out.safetensors"), "whole");
+  EXPECT_EQ(read_file(tmp / "out.safetensors"), "whole");
 }
 
 }  // namespace

@@ -15,20 +15,14 @@
 namespace zo2 {
 namespace {
 
+using test::read_file;
+using test::write_file;
+
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 int run(const std::string& args, std::string* out = nullptr) {
   return test::run_command(test::zo2_tune_path().string() + " " + args, out);
-}
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-void write_text(const fs::path& p, const std::string& s) {
-  std::ofstream(p, std::ios::binary) << s;
 }
 
 // JSON lines of stdout (log lines on stderr interleave in `out`: only lines that parse).
@@ -128,7 +122,7 @@ TEST(GenerateCli, TheModelsGenerationConfigEosIdsStopAPrompt) {
     if (std::find(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(i), ids[i]) == ids.begin() + static_cast<std::ptrdiff_t>(i)) k = i;
   const std::int32_t eos = ids[k];
   const auto upto = [&](std::size_t n) { return std::vector<std::int32_t>(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(n)); };
-  write_text(m.model / "generation_config.json", json{{"eos_token_id", json::array({99999, eos})}}.dump());
+  write_file(m.model / "generation_config.json", json{{"eos_token_id", json::array({99999, eos})}}.dump());
   const auto stopped = json_lines(m.gen(p));
   ASSERT_EQ(stopped.size(), 1u);
   EXPECT_TRUE(stopped[0]["stopped"].get<bool>());
@@ -138,23 +132,23 @@ TEST(GenerateCli, TheModelsGenerationConfigEosIdsStopAPrompt) {
   EXPECT_EQ(json_lines(m.gen(p + " --ignore-eos"))[0]["tokens"], free_run[0]["tokens"]);
   // Without generation_config.json, config.json's eos_token_id list.
   fs::remove(m.model / "generation_config.json");
-  json config = json::parse(read_text(m.model / "config.json"));
+  json config = json::parse(read_file(m.model / "config.json"));
   const json eos_before = config["eos_token_id"];
   config["eos_token_id"] = json::array({eos_before, eos});
-  write_text(m.model / "config.json", config.dump());
+  write_file(m.model / "config.json", config.dump());
   EXPECT_EQ(json_lines(m.gen(p))[0]["tokens"], json(upto(k + 1)));
   // A generation_config.json that is not JSON, or an eos_token_id that is not an id.
-  write_text(m.model / "generation_config.json", "{not json");
+  write_file(m.model / "generation_config.json", "{not json");
   std::string out = m.gen(p, 1);
   EXPECT_NE(out.find("generation_config.json"), std::string::npos) << out;
-  write_text(m.model / "generation_config.json", R"({"eos_token_id": "2"})");
+  write_file(m.model / "generation_config.json", R"({"eos_token_id": "2"})");
   out = m.gen(p, 1);
   EXPECT_NE(out.find("eos_token_id"), std::string::npos) << out;
 }
 
 TEST(GenerateCli, PromptsFromJsonlAndTheSquadTaskAndOutputFile) {
   Micro m;
-  write_text(m.tmp / "p.jsonl", "{\"prompt\": \"The film was\"}\n\n{\"text\": \"The ending\"}\n");
+  write_file(m.tmp / "p.jsonl", "{\"prompt\": \"The film was\"}\n\n{\"text\": \"The ending\"}\n");
   const fs::path outf = m.tmp / "out.jsonl";
   m.gen("--data " + (m.tmp / "p.jsonl").string() + " --max-new-tokens 3 -q --output " + outf.string());
   std::ifstream in(outf);
@@ -203,7 +197,7 @@ TEST(GenerateCli, MaxLenCutsTheStartOfSquadPromptsInEvalAndGenerate) {
                 &out),
             0)
       << out;
-  const auto w = json_lines(read_text(whole)), c = json_lines(read_text(cut));
+  const auto w = json_lines(read_file(whole)), c = json_lines(read_file(cut));
   ASSERT_EQ(w.size(), 3u);
   ASSERT_EQ(c.size(), 3u);
   const std::size_t prefix = Tokenizer::from_dir(m.model)->special_prefix().size();
@@ -290,7 +284,7 @@ TEST(GenerateCli, CtrlCDuringTrainsGeneratedEvaluationStopsItAndTheResumeRunsIt)
   };
   auto evals = [&](const std::string& name) {
     std::vector<json> e;
-    for (const auto& j : json_lines(read_text(m.tmp / (name + ".jsonl"))))
+    for (const auto& j : json_lines(read_file(m.tmp / (name + ".jsonl"))))
       if (j.contains("eval_after_step")) e.push_back(j);
     return e;
   };
@@ -342,7 +336,7 @@ TEST(GenerateCli, NonFiniteLogitsStopGenerateAndEvalWithAnError) {
   EXPECT_NE(out.find("the evaluation after step 2 is not finite"), std::string::npos) << out;
   EXPECT_TRUE(fs::exists(m.tmp / "run" / "current")) << out;
   int evals = 0;
-  for (const auto& j : json_lines(read_text(log)))
+  for (const auto& j : json_lines(read_file(log)))
     if (j.contains("eval_after_step")) {
       ++evals;
       EXPECT_TRUE(j.at("eval_loss").is_null()) << j.dump();
@@ -380,11 +374,11 @@ TEST(GenerateCli, BadRequestsAreUsageErrorsNamingTheFlagOrPrompt) {
   const auto cut = json_lines(m.gen("--prompt '" + long_prompt + "' --max-new-tokens 2 --max-len 100 --json -q"));
   ASSERT_EQ(cut.size(), 1u);
   EXPECT_EQ(cut[0]["tokens"].size(), 2u);
-  write_text(m.tmp / "bad.jsonl", "{\"prompt\": 3}\n");
+  write_file(m.tmp / "bad.jsonl", "{\"prompt\": 3}\n");
   EXPECT_NE(m.gen("--data " + (m.tmp / "bad.jsonl").string(), 1).find("bad.jsonl:1:"), std::string::npos);
   // An --output that cannot be written is refused before anything is generated (no text):
   // hours of generation are not lost to a typo. A missing directory is made.
-  write_text(m.tmp / "file", "x");
+  write_file(m.tmp / "file", "x");
   const fs::path under_file = m.tmp / "file" / "out.jsonl";
   std::string out = m.gen("--prompt x --max-new-tokens 4 --json --output " + under_file.string(), 1);
   EXPECT_NE(out.find("--output " + under_file.string() + ": cannot create the directory " + (m.tmp / "file").string() + ": " +
@@ -396,12 +390,12 @@ TEST(GenerateCli, BadRequestsAreUsageErrorsNamingTheFlagOrPrompt) {
   fs::create_directories(m.tmp / "tok");
   for (const char* f : {"encoder.json", "vocab.bpe"})
     fs::copy_file(test::shared_dir() / "data" / "gpt2" / f, m.tmp / "tok" / f);
-  const std::string encoder = read_text(m.tmp / "tok" / "encoder.json");
+  const std::string encoder = read_file(m.tmp / "tok" / "encoder.json");
   out = m.gen("--prompt x --max-new-tokens 2 --tokenizer " + (m.tmp / "tok").string() + " --output " +
                   (m.tmp / "tok" / "encoder.json").string(),
               2);
   EXPECT_NE(out.find("a file of the model, adapter or tokenizer this command reads"), std::string::npos) << out;
-  EXPECT_EQ(read_text(m.tmp / "tok" / "encoder.json"), encoder);
+  EXPECT_EQ(read_file(m.tmp / "tok" / "encoder.json"), encoder);
   m.gen("--prompt x --max-new-tokens 4 -q --output " + (m.tmp / "new" / "dir" / "out.jsonl").string());
   EXPECT_TRUE(fs::exists(m.tmp / "new" / "dir" / "out.jsonl"));
   out = m.gen("--prompt x --max-new-tokens 4 --output " + m.tmp.path().string(), 2);

@@ -14,15 +14,12 @@
 namespace zo2 {
 namespace {
 
+using test::read_file;
+
 namespace fs = std::filesystem;
 
 int run(const std::string& args, std::string* out = nullptr) {
   return test::run_command(test::zo2_tune_path().string() + " " + args, out);
-}
-
-std::string read_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
 double eval_loss(const std::string& args) {

@@ -30,19 +30,12 @@
 namespace zo2 {
 namespace {
 
+using test::read_file;
+using test::write_file;
+
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using test::error_of;
-
-void write_text(const fs::path& p, const std::string& text) {
-  std::ofstream out(p, std::ios::binary | std::ios::trunc);
-  out << text;
-}
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 bool has_text(const Error& e, const std::string& piece) { return std::string(e.what()).find(piece) != std::string::npos; }
 
@@ -51,8 +44,8 @@ PublishRequest request(std::int64_t step, const std::string& weights) {
   r.step = step;
   r.state = {{"note", "test"}};
   r.write = [weights](const fs::path& dir) {
-    write_text(dir / "config.json", "{}\n");
-    write_text(dir / "model.safetensors", weights);
+    write_file(dir / "config.json", "{}\n");
+    write_file(dir / "model.safetensors", weights);
   };
   return r;
 }
@@ -90,7 +83,7 @@ TEST(WritesNotMappings, AnAtomicFileKnowsTheCrcOfTheBytesItWasGiven) {
   g.write("hello, ");
   g.write("world\n");
   g.commit();
-  EXPECT_EQ(read_text(tmp / "a.txt"), "hello, world\n");
+  EXPECT_EQ(read_file(tmp / "a.txt"), "hello, world\n");
   EXPECT_EQ(log.find("a.txt")->crc32, crc32_update(0, std::as_bytes(std::span<const char>("hello, world\n", 13))));
 }
 
@@ -152,7 +145,7 @@ TEST(WritesNotMappings, ASaveWhoseWeightsTheFileSystemDamagedIsRefused) {
   PublishRequest r;
   r.step = 2;
   r.write = [&](const fs::path& dir) {
-    write_text(dir / "config.json", "{}\n");
+    write_file(dir / "config.json", "{}\n");
     const std::vector<TensorToWrite> ts = {TensorToWrite{"w", DType::f32, {1 << 16}, w.data(), {}}};
     write_safetensors(dir / "model.safetensors", ts);
     // The bytes from 100000 on never reached the backend: zeros there.
@@ -167,7 +160,7 @@ TEST(WritesNotMappings, ASaveWhoseWeightsTheFileSystemDamagedIsRefused) {
   EXPECT_TRUE(has_text(e, "model.safetensors")) << e.what();
   const OpenedCheckpoint o = open_checkpoint(d, /*verify_checksums=*/true);
   EXPECT_EQ(o.step, 1);
-  EXPECT_EQ(read_text(d / "model.safetensors"), "step 1");
+  EXPECT_EQ(read_file(d / "model.safetensors"), "step 1");
 }
 
 // And an undamaged save records the CRC-32 of the bytes meant, which the file has.
@@ -217,7 +210,7 @@ TEST(WritesNotMappings, ARunWhoseCurrentCannotBeFollowedResumesAndSaves) {
   EXPECT_EQ(fs::read_symlink(real / "current"), "step-00000002");
   EXPECT_FALSE(fs::exists(real / "step-00000001"));
   EXPECT_EQ(open_checkpoint(d, true).step, 2);
-  EXPECT_EQ(read_text(real / "model.safetensors"), "step 2");
+  EXPECT_EQ(read_file(real / "model.safetensors"), "step 2");
 }
 
 // F4: a run directory copied with its links followed (cp -rL, scp -r, a copy to exFAT):
@@ -227,7 +220,7 @@ TEST(WritesNotMappings, ARunCopiedWithLinksFollowedFindsItsOwnSeedLog) {
   test::TempDir tmp;
   const fs::path d = tmp / "runs" / "run";
   fs::create_directories(d);
-  write_text(d / kRunSeedLog, "a seed log\n");
+  write_file(d / kRunSeedLog, "a seed log\n");
   PublishRequest r = request(3, "step 3");
   r.seed_log = d / kRunSeedLog;
   r.seed_log_position = {3, 11, crc32_update(0, std::as_bytes(std::span<const char>("a seed log\n", 11)))};
@@ -235,12 +228,12 @@ TEST(WritesNotMappings, ARunCopiedWithLinksFollowedFindsItsOwnSeedLog) {
   ASSERT_EQ(open_checkpoint(d).seed_log, d / kRunSeedLog);
   const fs::path copy = tmp / "copies" / "RUNL";
   fs::create_directories(copy.parent_path());
-  write_text(copy.parent_path() / kRunSeedLog, "another run's log\n");  // must not be picked
+  write_file(copy.parent_path() / kRunSeedLog, "another run's log\n");  // must not be picked
   fs::copy(d, copy, fs::copy_options::recursive);  // links followed, as cp -rL
   ASSERT_TRUE(fs::is_directory(fs::symlink_status(copy / "current")));
   const OpenedCheckpoint o = open_checkpoint(copy, true);
   EXPECT_EQ(o.seed_log, copy / kRunSeedLog);
-  EXPECT_EQ(read_text(o.seed_log), "a seed log\n");
+  EXPECT_EQ(read_file(o.seed_log), "a seed log\n");
   // Its step directory, given itself, still names the run directory's log.
   EXPECT_EQ(open_checkpoint(copy / "step-00000003").seed_log, copy / "step-00000003" / ".." / kRunSeedLog);
 }
@@ -259,7 +252,7 @@ TEST(WritesNotMappings, AFirstSaveWhoseSwitchFailsKeepsItsCheckpoint) {
   fs::remove_all(d / ".current.tmp");
   { RunDirLock lock(d); }  // the next writer adopts it
   EXPECT_EQ(open_checkpoint(d, true).step, 5);
-  EXPECT_EQ(read_text(d / "model.safetensors"), "step 5");
+  EXPECT_EQ(read_file(d / "model.safetensors"), "step 5");
   // With a previous checkpoint the failed save goes, and the previous one stays current.
   fs::create_directories(d / ".current.tmp" / "x");
   const Error e2 = error_of([&] { publish_checkpoint(d, request(6, "step 6")); });
@@ -310,9 +303,9 @@ TEST(WritesNotMappings, ASeedLogWithARepeatedStepSaysHowToCutItBack) {
     SeedLogWriter w(p, h, /*append=*/false);
     for (int s = 0; s < 3; ++s) w.append(entry(s));
   }
-  const std::string good = read_text(p);
+  const std::string good = read_file(p);
   const std::string last = good.substr(good.rfind('\n', good.size() - 2) + 1);
-  write_text(p, good + last);  // the second writer's step 2 again
+  write_file(p, good + last);  // the second writer's step 2 again
   const Error e = error_of([&] { (void)SeedLog::read(p); });
   EXPECT_TRUE(has_text(e, "does not follow")) << e.what();
   EXPECT_TRUE(has_text(e, "truncate -s " + std::to_string(good.size()) + " " + p.string())) << e.what();

@@ -29,6 +29,8 @@
 namespace zo2 {
 namespace {
 
+using test::read_file;
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 
@@ -50,11 +52,6 @@ void write_bytes(const fs::path& path, std::string_view bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   ASSERT_TRUE(out.good()) << path;
-}
-
-std::string read_bytes(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
 std::vector<std::string> dir_listing(const fs::path& dir) {
@@ -171,7 +168,7 @@ TEST(SafetensorsWrite, WritesTheExactBytesOfTheFormat) {
   ASSERT_EQ(json_text.size(), 79u);
   const std::string expected = std::string("\x50\0\0\0\0\0\0\0", 8) + json_text + " " +
                                std::string("\x00\x00\x80\x3f\x00\x00\x00\x40", 8);
-  EXPECT_EQ(read_bytes(tmp / "tiny.safetensors"), expected);
+  EXPECT_EQ(read_file(tmp / "tiny.safetensors"), expected);
 }
 
 TEST(SafetensorsWrite, PadsTheHeaderWithSpacesToAMultipleOfEightAndOmitsEmptyMetadata) {
@@ -181,14 +178,14 @@ TEST(SafetensorsWrite, PadsTheHeaderWithSpacesToAMultipleOfEightAndOmitsEmptyMet
   write_safetensors(tmp / "x.safetensors", tensors);
   const std::string json_text = R"({"x":{"dtype":"U8","shape":[],"data_offsets":[0,1]}})";
   ASSERT_EQ(json_text.size(), 52u);
-  EXPECT_EQ(read_bytes(tmp / "x.safetensors"),
+  EXPECT_EQ(read_file(tmp / "x.safetensors"),
             le64(56) + json_text + "    " + std::string(1, '\x07'));
 }
 
 TEST(SafetensorsWrite, WritesAFileWithoutTensorsThatReadsBack) {
   test::TempDir tmp;
   write_safetensors(tmp / "e.safetensors", {});
-  EXPECT_EQ(read_bytes(tmp / "e.safetensors"), le64(8) + "{}      ");
+  EXPECT_EQ(read_file(tmp / "e.safetensors"), le64(8) + "{}      ");
   const auto f = SafetensorsFile::open(tmp / "e.safetensors");
   EXPECT_TRUE(f.tensors().empty());
   EXPECT_TRUE(f.metadata().empty());
@@ -212,7 +209,7 @@ TEST(SafetensorsWrite, KeepsTheGivenTensorOrderInTheDataSection) {
   EXPECT_EQ(f.tensors()[2].begin, 16u);
   EXPECT_EQ(f.tensors()[2].end, 24u);
   // The header lists them in the same order.
-  const std::string bytes = read_bytes(tmp / "o.safetensors");
+  const std::string bytes = read_file(tmp / "o.safetensors");
   EXPECT_LT(bytes.find("\"zeta\""), bytes.find("\"alpha\""));
   EXPECT_LT(bytes.find("\"alpha\""), bytes.find("\"mid\""));
 }
@@ -330,7 +327,7 @@ TEST(SafetensorsWrite, LeavesTheOldFileIntactAndNoTempFileWhenAFillCallbackThrow
   const fs::path path = tmp / "model.safetensors";
   const auto old = pattern(64, 5);
   write_safetensors(path, std::vector<TensorToWrite>{{"w", DType::f32, {16}, old.data(), {}}});
-  const std::string before = read_bytes(path);
+  const std::string before = read_file(path);
 
   std::vector<TensorToWrite> tensors;
   for (int i = 0; i < 8; ++i)
@@ -341,7 +338,7 @@ TEST(SafetensorsWrite, LeavesTheOldFileIntactAndNoTempFileWhenAFillCallbackThrow
                          std::memset(out.data(), 0xCD, out.size());
                        }});
   EXPECT_THROW(write_safetensors(path, tensors), std::runtime_error);
-  EXPECT_EQ(read_bytes(path), before);
+  EXPECT_EQ(read_file(path), before);
   EXPECT_EQ(dir_listing(tmp.path()), std::vector<std::string>{"model.safetensors"});
 }
 
@@ -350,7 +347,7 @@ TEST(SafetensorsWrite, RejectsBadTensorsBeforeTouchingTheFile) {
   const fs::path path = tmp / "m.safetensors";
   const std::uint8_t x[4] = {};
   write_safetensors(path, std::vector<TensorToWrite>{{"a", DType::u8, {4}, x, {}}});
-  const std::string before = read_bytes(path);
+  const std::string before = read_file(path);
   auto expect_invalid = [&](std::vector<TensorToWrite> t, std::string_view word) {
     const Error e = error_of([&] { write_safetensors(path, t); });
     EXPECT_EQ(e.kind(), ErrorKind::invalid_argument) << e.what();
@@ -365,7 +362,7 @@ TEST(SafetensorsWrite, RejectsBadTensorsBeforeTouchingTheFile) {
   expect_invalid({{"__metadata__", DType::u8, {4}, x, {}}}, "reserved");
   expect_invalid({{"", DType::u8, {4}, x, {}}}, "empty");
   expect_invalid({{"bad\xff", DType::u8, {4}, x, {}}}, "UTF-8");
-  EXPECT_EQ(read_bytes(path), before);
+  EXPECT_EQ(read_file(path), before);
   EXPECT_EQ(dir_listing(tmp.path()), std::vector<std::string>{"m.safetensors"});
 }
 
@@ -707,7 +704,7 @@ TEST(SafetensorsMalformed, TruncatedOrCorruptedFilesNeverCrashOnlyThrow) {
                                                {"b", DType::u8, {1, 1}, &y, {}},
                                                {"z", DType::bf16, {0}, nullptr, {}}},
                     {{"k", "v"}});
-  const std::string good = read_bytes(tmp / "good.safetensors");
+  const std::string good = read_file(tmp / "good.safetensors");
   int accepted = 0, rejected = 0;
   auto try_open = [&](const std::string& bytes) {
     // A fresh file each time: rewriting one in place waits for its writeback on ext4.
@@ -766,7 +763,7 @@ void expect_checkpoint_matches(const SafetensorsCheckpoint& ck, const Model& m) 
   EXPECT_EQ(ck.total_bytes(), total);
 }
 
-json read_json(const fs::path& p) { return json::parse(read_bytes(p)); }
+json read_json(const fs::path& p) { return json::parse(read_file(p)); }
 
 TEST(SafetensorsSharded, WritesOneModelSafetensorsWhenEverythingFits) {
   test::TempDir tmp;
@@ -812,7 +809,7 @@ TEST(SafetensorsSharded, SplitsIntoShardsInOrderAndWritesTheIndex) {
         {"a.weight", "model-00003-of-00003.safetensors"}}}};
   EXPECT_EQ(index, expected);
   // Indented with sorted keys and a final newline, as transformers writes it.
-  EXPECT_EQ(read_bytes(tmp / "model.safetensors.index.json"), expected.dump(2) + "\n");
+  EXPECT_EQ(read_file(tmp / "model.safetensors.index.json"), expected.dump(2) + "\n");
 
   // Each shard keeps the given order.
   const auto s1 = SafetensorsFile::open(tmp / "model-00001-of-00003.safetensors");
@@ -942,12 +939,12 @@ TEST(SafetensorsSharded, KeepsTheOldCheckpointWhenAFillCallbackThrows) {
   m.add("a", DType::f32, {25});
   m.add("b", DType::f32, {25});
   write_safetensors_sharded(tmp.path(), m.tensors, 1000);
-  const std::string before = read_bytes(tmp / "model.safetensors");
+  const std::string before = read_file(tmp / "model.safetensors");
   std::vector<TensorToWrite> failing{
       {"a", DType::f32, {25}, nullptr, [](std::span<std::byte>) { throw std::runtime_error("x"); }}};
   EXPECT_THROW(write_safetensors_sharded(tmp.path(), failing, 1000), std::runtime_error);
   EXPECT_EQ(dir_listing(tmp.path()), std::vector<std::string>{"model.safetensors"});
-  EXPECT_EQ(read_bytes(tmp / "model.safetensors"), before);
+  EXPECT_EQ(read_file(tmp / "model.safetensors"), before);
 }
 
 // ---- checkpoint directories: opening and malformed indexes ------------------------------
@@ -1176,7 +1173,7 @@ TEST(SafetensorsGolden, RewritingAGoldenModelReproducesItByteForByte) {
       tensors.push_back({t.name, t.dtype, t.shape, data.emplace_back(f.read(t)).data(), {}});
     const fs::path out = tmp / (std::string(name) + ".safetensors");
     write_safetensors(out, tensors, f.metadata());
-    EXPECT_EQ(read_bytes(out), read_bytes(src));
+    EXPECT_EQ(read_file(out), read_file(src));
   }
 }
 

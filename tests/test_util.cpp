@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <sys/wait.h>
 
@@ -104,6 +105,16 @@ bool deny_syscalls(std::initializer_list<std::pair<long, int>> calls) {
     errs.push_back(err);
   }
   return zo2_deny_syscalls(nrs.data(), errs.data(), static_cast<int>(nrs.size())) == 0;
+}
+
+std::string read_file(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+void write_file(const std::filesystem::path& p, std::string_view text) {
+  std::ofstream out(p, std::ios::binary | std::ios::trunc);
+  out << text;
 }
 
 int run_command(const std::string& command, std::string* output) {

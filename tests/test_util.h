@@ -10,6 +10,7 @@
 #include <functional>
 #include <initializer_list>
 #include <string>
+#include <string_view>
 #include <utility>
 
 namespace zo2::test {
@@ -59,6 +60,10 @@ std::int64_t hidden_size(const std::filesystem::path& dir);
 // that overflow the forward pass.
 void copy_with_filled_tensor(const std::filesystem::path& from, const std::filesystem::path& to,
                              const std::string& tensor, float value);
+
+// A whole file's bytes ("" when it cannot be opened), and a file made to hold exactly `text`.
+std::string read_file(const std::filesystem::path& p);
+void write_file(const std::filesystem::path& p, std::string_view text);
 
 // Runs a shell command, returns its exit status; stdout+stderr go to *output if given.
 int run_command(const std::string& command, std::string* output = nullptr);

@@ -23,21 +23,12 @@
 namespace zo2 {
 namespace {
 
+using test::read_file;
+using test::write_file;
+
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using Ids = std::vector<std::int32_t>;
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-void write_text(const fs::path& p, std::string_view text) {
-  std::ofstream out(p, std::ios::binary);
-  out << text;
-}
 
 std::string message_of(const std::function<void()>& f, ErrorKind* kind = nullptr) {
   try {
@@ -55,7 +46,7 @@ std::string message_of(const std::function<void()>& f, ErrorKind* kind = nullptr
 fs::path family_dir(const std::string& dir) { return fs::path(ZO2_TEST_TOKENIZERS_DIR) / dir; }
 
 const json& reference() {
-  static const json j = json::parse(read_text(fs::path(ZO2_TEST_TOKENIZER_DATA) / "reference.json"));
+  static const json j = json::parse(read_file(fs::path(ZO2_TEST_TOKENIZER_DATA) / "reference.json"));
   return j;
 }
 
@@ -65,10 +56,10 @@ fs::path mistral_metaspace_dir() {
   static const test::TempDir dir;
   static std::once_flag once;
   std::call_once(once, [] {
-    json j = json::parse(read_text(family_dir("mistral") / "tokenizer.json"));
+    json j = json::parse(read_file(family_dir("mistral") / "tokenizer.json"));
     j["normalizer"] = nullptr;
     j["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "\u2581"}, {"prepend_scheme", "first"}, {"split", false}};
-    write_text(dir / "tokenizer.json", j.dump());
+    write_file(dir / "tokenizer.json", j.dump());
   });
   return dir.path();
 }
@@ -265,7 +256,7 @@ fs::path write_char_bpe(const test::TempDir& dir, const std::vector<std::string>
   model.update(model_extra);
   json j = {{"model", model}};
   j.update(extra);
-  write_text(dir / "tokenizer.json", j.dump());
+  write_file(dir / "tokenizer.json", j.dump());
   return dir / "tokenizer.json";
 }
 

@@ -21,25 +21,16 @@
 namespace zo2 {
 namespace {
 
+using test::read_file;
+using test::write_file;
+
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using Ids = std::vector<std::int32_t>;
 
 fs::path gpt2_dir() { return test::shared_dir() / "data" / "gpt2"; }
 
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-void write_text(const fs::path& p, std::string_view text) {
-  std::ofstream out(p, std::ios::binary);
-  out << text;
-}
-
-json golden() { return json::parse(read_text(gpt2_dir() / "golden-ids.json")); }
+json golden() { return json::parse(read_file(gpt2_dir() / "golden-ids.json")); }
 
 const Tokenizer& gpt2() {
   static const std::unique_ptr<Tokenizer> tok =
@@ -50,7 +41,7 @@ const Tokenizer& gpt2() {
 // The merges of vocab.bpe without its "#version" line.
 std::vector<std::string> gpt2_merge_lines() {
   std::vector<std::string> out;
-  std::istringstream in(read_text(gpt2_dir() / "vocab.bpe"));
+  std::istringstream in(read_file(gpt2_dir() / "vocab.bpe"));
   for (std::string line; std::getline(in, line);)
     if (!line.empty() && !line.starts_with("#version")) out.push_back(line);
   return out;
@@ -226,7 +217,7 @@ json gpt2_tokenizer_json(bool in_sequence, bool add_prefix_space) {
                 {"end_of_word_suffix", ""},
                 {"fuse_unk", false},
                 {"byte_fallback", false},
-                {"vocab", json::parse(read_text(gpt2_dir() / "encoder.json"))},
+                {"vocab", json::parse(read_file(gpt2_dir() / "encoder.json"))},
                 {"merges", gpt2_merge_lines()}};
   return j;
 }
@@ -234,7 +225,7 @@ json gpt2_tokenizer_json(bool in_sequence, bool add_prefix_space) {
 TEST(TokenizerHfJson, Gpt2StyleTokenizerJsonGivesTheGoldenIds) {
   for (bool in_sequence : {false, true}) {
     test::TempDir dir;
-    write_text(dir / "tokenizer.json", gpt2_tokenizer_json(in_sequence, false).dump());
+    write_file(dir / "tokenizer.json", gpt2_tokenizer_json(in_sequence, false).dump());
     auto tok = Tokenizer::from_dir(dir.path());
     EXPECT_EQ(tok->kind(), "hf-bpe");
     const json g = golden();
@@ -253,7 +244,7 @@ TEST(TokenizerHfJson, AddedTokenWithLstripTakesTheSpaceBeforeIt) {
   json j = gpt2_tokenizer_json(false, false);
   j["added_tokens"].push_back({{"id", 50257}, {"content", "<mask>"}, {"single_word", false}, {"lstrip", true},
                                {"rstrip", false}, {"normalized", false}, {"special", true}});
-  write_text(dir / "tokenizer.json", j.dump());
+  write_file(dir / "tokenizer.json", j.dump());
   auto tok = Tokenizer::from_tokenizer_json(dir / "tokenizer.json");
   EXPECT_EQ(tok->vocab_size(), 50258);
   EXPECT_EQ(tok->encode("a <mask> b"), (Ids{64, 50257, 275}));
@@ -262,7 +253,7 @@ TEST(TokenizerHfJson, AddedTokenWithLstripTakesTheSpaceBeforeIt) {
 
 TEST(TokenizerHfJson, AddPrefixSpacePutsASpaceBeforeTheText) {
   test::TempDir dir;
-  write_text(dir / "tokenizer.json", gpt2_tokenizer_json(true, true).dump());
+  write_file(dir / "tokenizer.json", gpt2_tokenizer_json(true, true).dump());
   auto tok = Tokenizer::from_tokenizer_json(dir / "tokenizer.json");
   EXPECT_EQ(tok->encode("Hello world"), (Ids{18435, 995}));
   EXPECT_EQ(tok->encode(" Hello world"), (Ids{18435, 995}));
@@ -271,18 +262,18 @@ TEST(TokenizerHfJson, AddPrefixSpacePutsASpaceBeforeTheText) {
 TEST(TokenizerHfJson, VocabMergesDirectoryWithAddBosPrependsTheBosOfItsConfig) {
   // An OPT-like directory: GPT-2 files plus "</s>" and "<pad>", BOS "</s>" added.
   test::TempDir dir;
-  json vocab = json::parse(read_text(gpt2_dir() / "encoder.json"));
+  json vocab = json::parse(read_file(gpt2_dir() / "encoder.json"));
   vocab["</s>"] = 50257;
   vocab["<pad>"] = 50258;
-  write_text(dir / "vocab.json", vocab.dump());
+  write_file(dir / "vocab.json", vocab.dump());
   fs::copy_file(gpt2_dir() / "vocab.bpe", dir / "merges.txt");
-  write_text(dir / "tokenizer_config.json", R"({
+  write_file(dir / "tokenizer_config.json", R"({
     "add_bos_token": true, "add_prefix_space": false, "errors": "replace",
     "bos_token": {"content": "</s>", "lstrip": false, "normalized": true, "rstrip": false, "single_word": false},
     "eos_token": {"content": "</s>", "lstrip": false, "normalized": true, "rstrip": false, "single_word": false},
     "unk_token": "</s>", "model_max_length": 1000000000000000019884624838656})");
-  write_text(dir / "special_tokens_map.json", R"({"pad_token": "<pad>", "bos_token": "<|endoftext|>"})");
-  write_text(dir / "config.json", R"({"bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": 1})");
+  write_file(dir / "special_tokens_map.json", R"({"pad_token": "<pad>", "bos_token": "<|endoftext|>"})");
+  write_file(dir / "config.json", R"({"bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": 1})");
   auto tok = Tokenizer::from_dir(dir.path());
   EXPECT_EQ(tok->kind(), "gpt2-bpe");
   EXPECT_EQ(tok->bos_id(), 50257);  // tokenizer_config.json wins over the others
@@ -304,7 +295,7 @@ TEST(TokenizerHfJson, ConfigJsonIdsAreTheFallbackForSpecialTokens) {
   test::TempDir dir;
   fs::copy_file(gpt2_dir() / "encoder.json", dir / "encoder.json");
   fs::copy_file(gpt2_dir() / "vocab.bpe", dir / "vocab.bpe");
-  write_text(dir / "config.json", R"({"bos_token_id": 100, "eos_token_id": [101, 102], "pad_token_id": null})");
+  write_file(dir / "config.json", R"({"bos_token_id": 100, "eos_token_id": [101, 102], "pad_token_id": null})");
   auto tok = Tokenizer::from_dir(dir.path());
   EXPECT_EQ(tok->bos_id(), 100);
   EXPECT_EQ(tok->eos_id(), 101);
@@ -319,7 +310,7 @@ constexpr const char* kLlama3Pattern =
 constexpr std::int32_t kBegin = 50257, kEnd = 50258, kEot = 50259, kZzz = 50260;
 
 json llama3_tokenizer_json() {
-  json vocab = json::parse(read_text(gpt2_dir() / "encoder.json"));
+  json vocab = json::parse(read_file(gpt2_dir() / "encoder.json"));
   vocab.erase("<|endoftext|>");
   vocab["Ġzzzqq"] = kZzz;  // in the vocabulary but no merges lead to it
   json merges = json::array();
@@ -363,7 +354,7 @@ class TokenizerLlama3Json : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     dir_ = new test::TempDir;
-    write_text(*dir_ / "tokenizer.json", llama3_tokenizer_json().dump());
+    write_file(*dir_ / "tokenizer.json", llama3_tokenizer_json().dump());
     tok_ = Tokenizer::from_dir(dir_->path()).release();
   }
   static void TearDownTestSuite() {
@@ -381,13 +372,13 @@ TEST(TokenizerTemplate, SpecialTokenIdsMustBeTheTokensOwn) {
   test::TempDir dir;
   json gone = llama3_tokenizer_json();
   gone.erase("added_tokens");
-  write_text(dir / "tokenizer.json", gone.dump());
+  write_file(dir / "tokenizer.json", gone.dump());
   const Error e = test::error_of([&] { (void)Tokenizer::from_dir(dir.path()); });
   EXPECT_EQ(e.kind(), ErrorKind::format);
   EXPECT_NE(std::string(e.what()).find("special_tokens.<|begin_of_text|>"), std::string::npos) << e.what();
   json other = llama3_tokenizer_json();
   other["post_processor"]["processors"][1]["special_tokens"]["<|begin_of_text|>"]["ids"] = {kEnd};
-  write_text(dir / "tokenizer.json", other.dump());
+  write_file(dir / "tokenizer.json", other.dump());
   const Error e2 = test::error_of([&] { (void)Tokenizer::from_dir(dir.path()); });
   EXPECT_NE(std::string(e2.what()).find("has id " + std::to_string(kBegin) + " in the vocabulary, not " + std::to_string(kEnd)),
             std::string::npos)
@@ -444,7 +435,7 @@ TEST_F(TokenizerLlama3Json, RoundTripsRandomText) {
 TEST_F(TokenizerLlama3Json, ConfigAddBosTokenFalseOverridesTheTemplate) {
   test::TempDir dir;
   fs::copy_file(*dir_ / "tokenizer.json", dir / "tokenizer.json");
-  write_text(dir / "tokenizer_config.json",
+  write_file(dir / "tokenizer_config.json",
              R"({"add_bos_token": false, "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})");
   auto tok = Tokenizer::from_dir(dir.path());
   EXPECT_EQ(tok->encode_with_special("Hello"), (Ids{15496}));
@@ -488,7 +479,7 @@ TEST(TokenizerSentencePiece, TrainsATinyModelThenLoadsItFromADirectoryAndRoundTr
       " --vocab_size=400 --model_type=bpe --character_coverage=1.0 --byte_fallback=true"
       " --split_digits=true --normalization_rule_name=identity --remove_extra_whitespaces=false"
       " --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --minloglevel=2"));
-  write_text(dir / "tokenizer_config.json",
+  write_file(dir / "tokenizer_config.json",
              R"({"add_bos_token": true, "add_eos_token": false, "bos_token": {"content": "<s>"},
                  "eos_token": "</s>", "unk_token": "<unk>", "pad_token": null})");
   auto tok = Tokenizer::from_dir(dir.path());
@@ -520,13 +511,13 @@ TEST(TokenizerSentencePiece, TrainsATinyModelThenLoadsItFromADirectoryAndRoundTr
 
   // A LLaMA-2 directory also ships a SentencePiece-style tokenizer.json (byte_fallback BPE),
   // which zo2 does not implement: from_dir falls back to tokenizer.model.
-  write_text(dir / "tokenizer.json",
+  write_file(dir / "tokenizer.json",
              R"({"normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}]},
                  "model": {"type": "BPE", "byte_fallback": true, "vocab": {"<unk>": 0}, "merges": []}})");
   EXPECT_EQ(Tokenizer::from_dir(dir.path())->kind(), "sentencepiece");
   fs::remove(dir / "tokenizer.json");
 
-  write_text(dir / "tokenizer_config.json", R"({"add_bos_token": false, "add_eos_token": true})");
+  write_file(dir / "tokenizer_config.json", R"({"add_bos_token": false, "add_eos_token": true})");
   auto tok2 = Tokenizer::from_dir(dir.path());
   EXPECT_FALSE(tok2->add_bos());
   EXPECT_TRUE(tok2->add_eos());
@@ -536,7 +527,7 @@ TEST(TokenizerSentencePiece, TrainsATinyModelThenLoadsItFromADirectoryAndRoundTr
 // ---- errors ----------------------------------------------------------------------------------
 
 void write_tiny_vocab(const test::TempDir& dir) {
-  write_text(dir / "vocab.json", R"({"Ġ": 0, "t": 1, "Ġt": 2, "h": 3})");
+  write_file(dir / "vocab.json", R"({"Ġ": 0, "t": 1, "Ġt": 2, "h": 3})");
 }
 
 TEST(TokenizerErrors, FromDirListsWhatItLookedForWhenNothingIsThere) {
@@ -561,8 +552,8 @@ TEST(TokenizerErrors, VocabWithoutMergesNamesTheMissingFile) {
 
 TEST(TokenizerErrors, MalformedVocabJsonNamesTheFileAndLine) {
   test::TempDir dir;
-  write_text(dir / "vocab.json", "{\n  \"a\": 0,\n  \"b\" 1\n}\n");
-  write_text(dir / "merges.txt", "#version: 0.2\n");
+  write_file(dir / "vocab.json", "{\n  \"a\": 0,\n  \"b\" 1\n}\n");
+  write_file(dir / "merges.txt", "#version: 0.2\n");
   ErrorKind kind{};
   std::string msg = message_of([&] { Tokenizer::from_dir(dir.path()); }, &kind);
   EXPECT_EQ(kind, ErrorKind::format);
@@ -572,8 +563,8 @@ TEST(TokenizerErrors, MalformedVocabJsonNamesTheFileAndLine) {
 
 TEST(TokenizerErrors, VocabJsonWithANonIntegerIdNamesTheField) {
   test::TempDir dir;
-  write_text(dir / "vocab.json", R"({"a": 0, "bad-token": "seven"})");
-  write_text(dir / "merges.txt", "");
+  write_file(dir / "vocab.json", R"({"a": 0, "bad-token": "seven"})");
+  write_file(dir / "merges.txt", "");
   std::string msg = message_of([&] { Tokenizer::from_vocab_merges(dir / "vocab.json", dir / "merges.txt"); });
   EXPECT_NE(msg.find("vocab.json"), std::string::npos) << msg;
   EXPECT_NE(msg.find("bad-token"), std::string::npos) << msg;
@@ -583,7 +574,7 @@ TEST(TokenizerErrors, MergesLineWithTheWrongNumberOfPartsNamesTheLine) {
   test::TempDir dir;
   write_tiny_vocab(dir);
   for (const char* bad : {"Ġ t h", "Ġt", "Ġ  t"}) {
-    write_text(dir / "merges.txt", std::string("#version: 0.2\nĠ t\n") + bad + "\n");
+    write_file(dir / "merges.txt", std::string("#version: 0.2\nĠ t\n") + bad + "\n");
     ErrorKind kind{};
     std::string msg = message_of([&] { Tokenizer::from_vocab_merges(dir / "vocab.json", dir / "merges.txt"); }, &kind);
     EXPECT_EQ(kind, ErrorKind::format);
@@ -595,19 +586,19 @@ TEST(TokenizerErrors, MergesLineWithTheWrongNumberOfPartsNamesTheLine) {
 TEST(TokenizerErrors, MergeOfAnUnknownTokenNamesTheTokenAndLine) {
   test::TempDir dir;
   write_tiny_vocab(dir);
-  write_text(dir / "merges.txt", "Ġ t\nqq h\n");
+  write_file(dir / "merges.txt", "Ġ t\nqq h\n");
   std::string msg = message_of([&] { Tokenizer::from_vocab_merges(dir / "vocab.json", dir / "merges.txt"); });
   EXPECT_NE(msg.find("\"qq\""), std::string::npos) << msg;
   EXPECT_NE(msg.find("line 2"), std::string::npos) << msg;
   // Both parts known, but their concatenation is not a token.
-  write_text(dir / "merges.txt", "Ġ t\nt h\n");
+  write_file(dir / "merges.txt", "Ġ t\nt h\n");
   msg = message_of([&] { Tokenizer::from_vocab_merges(dir / "vocab.json", dir / "merges.txt"); });
   EXPECT_NE(msg.find("\"th\""), std::string::npos) << msg;
 }
 
 TEST(TokenizerErrors, TokenizerJsonWithAnUnsupportedModelTypeNamesIt) {
   test::TempDir dir;
-  write_text(dir / "tokenizer.json",
+  write_file(dir / "tokenizer.json",
              R"({"model": {"type": "WordPiece", "unk_token": "[UNK]", "vocab": {"[UNK]": 0}}})");
   ErrorKind kind{};
   std::string msg = message_of([&] { Tokenizer::from_dir(dir.path()); }, &kind);
@@ -621,13 +612,13 @@ TEST(TokenizerErrors, TokenizerJsonWithAnUnknownNormalizerOrPreTokenizerNamesIt)
   json j = {{"normalizer", {{"type", "BertNormalizer"}}},
             {"pre_tokenizer", {{"type", "ByteLevel"}}},
             {"model", {{"type", "BPE"}, {"vocab", {{"a", 0}}}, {"merges", json::array()}}}};
-  write_text(dir / "tokenizer.json", j.dump());
+  write_file(dir / "tokenizer.json", j.dump());
   std::string msg = message_of([&] { Tokenizer::from_tokenizer_json(dir / "tokenizer.json"); });
   EXPECT_NE(msg.find("normalizer"), std::string::npos) << msg;
   EXPECT_NE(msg.find("BertNormalizer"), std::string::npos) << msg;
   j["normalizer"] = nullptr;
   j["pre_tokenizer"] = {{"type", "Whitespace"}};
-  write_text(dir / "tokenizer.json", j.dump());
+  write_file(dir / "tokenizer.json", j.dump());
   msg = message_of([&] { Tokenizer::from_tokenizer_json(dir / "tokenizer.json"); });
   EXPECT_NE(msg.find("pre_tokenizer"), std::string::npos) << msg;
   EXPECT_NE(msg.find("Whitespace"), std::string::npos) << msg;
@@ -637,7 +628,7 @@ TEST(TokenizerErrors, UnknownTokenInTokenizerJsonMergesIsNamed) {
   test::TempDir dir;
   json j = {{"pre_tokenizer", {{"type", "ByteLevel"}}},
             {"model", {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}}}, {"merges", {"a b"}}}}};
-  write_text(dir / "tokenizer.json", j.dump());
+  write_file(dir / "tokenizer.json", j.dump());
   std::string msg = message_of([&] { Tokenizer::from_tokenizer_json(dir / "tokenizer.json"); });
   EXPECT_NE(msg.find("model.merges[0]"), std::string::npos) << msg;
   EXPECT_NE(msg.find("\"ab\""), std::string::npos) << msg;
@@ -647,17 +638,17 @@ TEST(TokenizerErrors, BadSpecialTokenConfigurationNamesTheFileAndField) {
   test::TempDir dir;
   fs::copy_file(gpt2_dir() / "encoder.json", dir / "vocab.json");
   fs::copy_file(gpt2_dir() / "vocab.bpe", dir / "merges.txt");
-  write_text(dir / "tokenizer_config.json", R"({"bos_token": "<s>", "add_bos_token": true})");
+  write_file(dir / "tokenizer_config.json", R"({"bos_token": "<s>", "add_bos_token": true})");
   std::string msg = message_of([&] { Tokenizer::from_dir(dir.path()); });
   EXPECT_NE(msg.find("tokenizer_config.json"), std::string::npos) << msg;
   EXPECT_NE(msg.find("bos_token"), std::string::npos) << msg;
   EXPECT_NE(msg.find("<s>"), std::string::npos) << msg;
-  write_text(dir / "tokenizer_config.json", R"({"eos_token": 5})");
+  write_file(dir / "tokenizer_config.json", R"({"eos_token": 5})");
   msg = message_of([&] { Tokenizer::from_dir(dir.path()); });
   EXPECT_NE(msg.find("tokenizer_config.json"), std::string::npos) << msg;
   EXPECT_NE(msg.find("eos_token"), std::string::npos) << msg;
-  write_text(dir / "tokenizer_config.json", "{}");
-  write_text(dir / "config.json", R"({"eos_token_id": 99999999})");
+  write_file(dir / "tokenizer_config.json", "{}");
+  write_file(dir / "config.json", R"({"eos_token_id": 99999999})");
   msg = message_of([&] { Tokenizer::from_dir(dir.path()); });
   EXPECT_NE(msg.find("config.json"), std::string::npos) << msg;
   EXPECT_NE(msg.find("eos_token_id"), std::string::npos) << msg;
@@ -686,10 +677,10 @@ TEST(TokenizerErrors, SequencesNestedThousandsDeepAreRefusedNamingTheFile) {
     };
     // As real tokenizers nest them (Gemma's and LLaMA's: a Sequence in a Sequence), and deeper.
     for (int depth : {1, 3, 20}) {
-      write_text(dir / "tokenizer.json", nested(depth));
+      write_file(dir / "tokenizer.json", nested(depth));
       EXPECT_NO_THROW((void)Tokenizer::from_dir(dir.path())) << depth << " deep";
     }
-    write_text(dir / "tokenizer.json", nested(30000));
+    write_file(dir / "tokenizer.json", nested(30000));
     const int rc = test::in_child([&] {
       ErrorKind kind{};
       const std::string msg = message_of([&] { (void)Tokenizer::from_dir(dir.path()); }, &kind);
@@ -711,7 +702,7 @@ TEST(TokenizerErrors, AFifoOrADirectoryInATokenizerFilesPlaceIsRefusedNamingIt) 
       SCOPED_TRACE(std::string(name) + (fifo ? " (FIFO)" : " (directory)"));
       test::TempDir dir;
       write_tiny_vocab(dir);
-      if (std::string_view(name) != "merges.txt") write_text(dir / "merges.txt", "Ġ t\n");
+      if (std::string_view(name) != "merges.txt") write_file(dir / "merges.txt", "Ġ t\n");
       if (fifo)
         ASSERT_EQ(::mkfifo((dir / name).c_str(), 0600), 0);
       else
@@ -745,7 +736,7 @@ std::unique_ptr<Tokenizer> small_bpe(const test::TempDir& dir, json extra) {
               {"merges", {"a b", "ab c"}},
               {"unk_token", "<unk>"}}}};
   j.update(extra);
-  write_text(dir / "tokenizer.json", j.dump());
+  write_file(dir / "tokenizer.json", j.dump());
   return Tokenizer::from_tokenizer_json(dir / "tokenizer.json");
 }
 
@@ -795,7 +786,7 @@ TEST(TokenizerHfAgreement, AddedTokensGetTheIdsHfAssigns) {
   EXPECT_EQ(tok->decode(Ids{9, 8, 10}), "<x> <y> <z>");
   // A vocabulary with a gap: the next id is its count of tokens, even where that id is taken.
   test::TempDir gap;
-  write_text(gap / "tokenizer.json",
+  write_file(gap / "tokenizer.json",
              json({{"model", {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}, {"c", 3}}}, {"merges", json::array()}}},
                    {"added_tokens", json::array({added_token(9, "<x>")})}})
                  .dump());
@@ -829,7 +820,7 @@ TEST(TokenizerHfAgreement, NormalizedAddedTokensDecodeAsTheirNormalizedForm) {
                                        {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}}},
             {"added_tokens", json::array({added_token(1, "<s>", true, true)})},
             {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", {m + " a", m + " b"}}, {"unk_token", "<unk>"}}}};
-  write_text(d2 / "tokenizer.json", j.dump());
+  write_file(d2 / "tokenizer.json", j.dump());
   auto mis = Tokenizer::from_tokenizer_json(d2 / "tokenizer.json");
   EXPECT_EQ(mis->decode(Ids{2, 1, 3}), "a <s> b");
   // ByteLevel decodes every token's string through GPT-2's alphabet, added tokens included:
@@ -837,7 +828,7 @@ TEST(TokenizerHfAgreement, NormalizedAddedTokensDecodeAsTheirNormalizedForm) {
   test::TempDir d3;
   json g = gpt2_tokenizer_json(false, false);
   g["added_tokens"].push_back(added_token(50257, "\u00c5B", false, false));
-  write_text(d3 / "tokenizer.json", g.dump());
+  write_file(d3 / "tokenizer.json", g.dump());
   auto gt = Tokenizer::from_tokenizer_json(d3 / "tokenizer.json");
   EXPECT_EQ(gt->encode("x\u00c5B"), (Ids{87, 50257}));
   EXPECT_EQ(gt->decode(Ids{87, 50257}), "x\xc5" "B");
@@ -867,12 +858,12 @@ TEST(TokenizerHfAgreement, EmptyMatchesSplitAndReplaceAsInHf) {
 
 TEST(TokenizerErrors, ModelTypeThatIsNoStringAndVocabIdsOutOfRangeAreNamed) {
   test::TempDir dir;
-  write_text(dir / "tokenizer.json", R"({"model": {"type": 5, "vocab": {"a": 0}, "merges": []}})");
+  write_file(dir / "tokenizer.json", R"({"model": {"type": 5, "vocab": {"a": 0}, "merges": []}})");
   ErrorKind kind{};
   std::string msg = message_of([&] { Tokenizer::from_tokenizer_json(dir / "tokenizer.json"); }, &kind);
   EXPECT_EQ(kind, ErrorKind::unsupported);
   EXPECT_NE(msg.find("model.type \"5\""), std::string::npos) << msg;
-  write_text(dir / "tokenizer.json", R"({"model": {"type": "BPE", "vocab": {"a": 4000000000}, "merges": []}})");
+  write_file(dir / "tokenizer.json", R"({"model": {"type": "BPE", "vocab": {"a": 4000000000}, "merges": []}})");
   msg = message_of([&] { Tokenizer::from_tokenizer_json(dir / "tokenizer.json"); });
   EXPECT_NE(msg.find("4000000000 is out of range"), std::string::npos) << msg;
   EXPECT_NE(msg.find("16777215"), std::string::npos) << msg;
