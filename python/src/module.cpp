@@ -23,6 +23,7 @@
 
 #include "api/generate.h"
 #include "api/options.h"
+#include "api/run_dir.h"
 #include "api/status.h"
 #include "models/tokenizer.h"
 #include "runtime/error.h"
@@ -214,6 +215,20 @@ struct IntMatrix {
   std::vector<int32_t> copy;  // used when a conversion was needed
   const int32_t* data = nullptr;
   py::ssize_t rows = 0, cols = 0;
+  py::ssize_t ndim = 2;  // as given: [n_tokens] is 1 (rows 1), for messages
+};
+
+// "[2, 16]" or "[16]": a matrix's shape as the caller passed it.
+std::string shape_text(const IntMatrix& m) {
+  return m.ndim == 1 ? "[" + std::to_string(m.cols) + "]"
+                     : "[" + std::to_string(m.rows) + ", " + std::to_string(m.cols) + "]";
+}
+
+// What an integer argument holds, for messages: token ids (and their masks and labels), or
+// a list of other integers (group_sizes: "group sizes are integers", shape "[n_groups]").
+struct IntKind {
+  const char* values = "token ids, masks and labels are integers";
+  const char* shapes = "[n_seq, n_tokens] or [n_tokens]";
 };
 
 py::object as_array_source(py::handle obj, const char* name) {
@@ -228,29 +243,44 @@ py::object as_array_source(py::handle obj, const char* name) {
   return py::reinterpret_borrow<py::object>(obj);
 }
 
-IntMatrix int_matrix(py::handle obj, const char* name, bool allow_bool, bool allow_empty = false) {
+IntMatrix int_matrix(py::handle obj, const char* name, bool allow_bool, bool allow_empty = false, IntKind what = {}) {
   IntMatrix m;
+  auto not_integers = [&]() {
+    const std::string t = type_name(obj);
+    wrong_type(std::string(name) + ": " +
+               (obj.is_none() ? std::string("None") : (std::string("aeiou").find(t[0]) != std::string::npos ? "an " : "a ") + t) +
+               " is not an array of integers");
+  };
+  // Bytes are text, not ids: bytes read as dtype |S, and a bytearray would read as uint8 ids
+  // (numpy takes its buffer), so both are refused alike (np.frombuffer for byte values).
+  if (py::isinstance<py::bytes>(obj) || PyByteArray_Check(obj.ptr()))
+    wrong_type(std::string(name) + " is a " + type_name(obj) + ", not an array of integers (" + what.values +
+               "; np.frombuffer(b, np.uint8) reads bytes as values)");
   py::object src = as_array_source(obj, name);
   py::array a = py::array::ensure(src);
   if (!a) {
     PyErr_Clear();
-    wrong_type(std::string(name) + ": a " + type_name(obj) + " is not an array of integers");
+    not_integers();
   }
+  // numpy wraps what is no array (None, a generator, a dict, ragged or mixed lists) in an
+  // object array: say what was passed, not "dtype object". (An object ndarray passed as
+  // such is named by its dtype below.)
+  if (a.dtype().kind() == 'O' && !py::isinstance<py::array>(src)) not_integers();
   if (a.size() == 0) {  // [] reads as float64 to numpy: "dtype float64" would mislead
     if (!allow_empty) invalid(std::string(name) + " is empty: no token ids");
-    m.rows = 1;
+    m.rows = 1, m.ndim = a.ndim();
     return m;
   }
   const char kind = a.dtype().kind();
   if (!(kind == 'i' || kind == 'u' || (allow_bool && kind == 'b')))
-    wrong_type(std::string(name) + " has dtype " + py::str(a.dtype()).cast<std::string>() +
-               ": token ids, masks and labels are integers");
+    wrong_type(std::string(name) + " has dtype " + py::str(a.dtype()).cast<std::string>() + ": " + what.values);
+  m.ndim = a.ndim();
   if (a.ndim() == 1) {
     m.rows = 1, m.cols = a.shape(0);
   } else if (a.ndim() == 2) {
     m.rows = a.shape(0), m.cols = a.shape(1);
   } else {
-    invalid(std::string(name) + " has " + std::to_string(a.ndim()) + " dimensions; expected [n_seq, n_tokens] or [n_tokens]");
+    invalid(std::string(name) + " has " + std::to_string(a.ndim()) + " dimensions; expected " + what.shapes);
   }
   if (m.rows > std::numeric_limits<int32_t>::max() || m.cols > std::numeric_limits<int32_t>::max())
     invalid(std::string(name) + ": too many rows or columns");
@@ -296,8 +326,7 @@ Batch make_batch(py::handle input_ids, py::handle attention_mask, py::handle lab
   out.ids = int_matrix(input_ids, "input_ids", false);
   auto same_shape = [&](const IntMatrix& m, const char* name) {
     if (m.rows != out.ids.rows || m.cols != out.ids.cols)
-      invalid(std::string(name) + " has shape [" + std::to_string(m.rows) + ", " + std::to_string(m.cols) +
-              "] but input_ids has [" + std::to_string(out.ids.rows) + ", " + std::to_string(out.ids.cols) + "]");
+      invalid(std::string(name) + " has shape " + shape_text(m) + " but input_ids has " + shape_text(out.ids));
   };
   if (!attention_mask.is_none()) {
     out.mask = int_matrix(attention_mask, "attention_mask", true);
@@ -315,23 +344,36 @@ Batch make_batch(py::handle input_ids, py::handle attention_mask, py::handle lab
   return out;
 }
 
-std::vector<int32_t> int_list(py::handle obj, const char* name) {
-  IntMatrix m = int_matrix(obj, name, false, /*allow_empty=*/true);
-  if (m.rows != 1) invalid(std::string(name) + " must be one-dimensional");
+// One sequence of integers: [n] (token ids; a [1, n] row is taken as it too), or with
+// `strict` exactly 1-D (group_sizes: [[2, 2]] is not two groups).
+std::vector<int32_t> int_list(py::handle obj, const char* name, IntKind what = {"token ids are integers", "[n_tokens]"},
+                              bool strict = false) {
+  IntMatrix m = int_matrix(obj, name, false, /*allow_empty=*/true, what);
+  if (m.rows != 1 || (strict && m.ndim != 1))
+    invalid(std::string(name) + " must be one-dimensional (" + what.shapes + "), not of shape " + shape_text(m));
   return std::vector<int32_t>(m.data, m.data + m.cols);
 }
 
 // ---------------------------------------------------------------------------------------
 // Model
 
+// Note [A model's lifetime]: Session(model) and zo2.plan(model) pass the handle to the C
+// API with the GIL released, so another thread may call Model.close() (or leave its `with`)
+// meanwhile (adversarial pass 70: zo2_session_init read the freed zo2_model). The handle is
+// shared: such a call takes its own reference, with the GIL held, before releasing the GIL,
+// and close() drops only the Model's. close() never waits; the zo2_model is freed when the
+// last call using it returns. (Every copy and release of the shared_ptr happens with the GIL
+// held, as close() does, so the handle itself is never read while it changes.)
 struct Model {
-  zo2_model* m = nullptr;
+  std::shared_ptr<zo2_model> m;
   std::string path;
-  ~Model() { zo2_model_free(m); }
-  zo2_model* get() const {
+  // The handle for a call, a reference of its own; with the GIL held.
+  std::shared_ptr<zo2_model> use() const {
     if (!m) invalid("the model is closed");
     return m;
   }
+  zo2_model* get() const { return use().get(); }  // for a call that keeps the GIL
+  void close() { m.reset(); }
 };
 
 // A path made absolute against the working directory now, without "." components, as
@@ -354,12 +396,14 @@ std::unique_ptr<Model> load_model(py::handle dir, bool check_weights) {
   mp.check_weights = check_weights ? 1 : 0;
   int rc;
   std::string message;
+  zo2_model* handle = nullptr;
   {
     NoGil nogil;
-    rc = zo2_model_load(model->path.c_str(), &mp, &model->m);
+    rc = zo2_model_load(model->path.c_str(), &mp, &handle);
     if (rc != 0) message = zo2_last_error();
   }
   if (rc != 0) raise_status(rc, message);
+  model->m = std::shared_ptr<zo2_model>(handle, zo2_model_free);
   model->path = absolute_path(model->path);  // (its messages name the path as given)
   return model;
 }
@@ -373,6 +417,16 @@ struct Params {
   std::string optimizer = "zo-sgd", difference = "central", state_dtype = "fp32", lora_targets = "q_proj,v_proj";
   std::string kv_cache = "auto";
   std::optional<std::string> seed_log, adapter, parallel, disk_dir;
+  // The paths as the session uses them, for .params: made absolute against the working
+  // directory when the session was opened (absolute_paths()), as Model.path is, so that a
+  // later os.chdir does not make .params name another file (the C API holds them so too).
+  std::optional<std::string> seed_log_abs, adapter_abs, disk_dir_abs;
+  void absolute_paths() {
+    auto abs = [](const std::optional<std::string>& p) {
+      return p ? std::optional<std::string>(absolute_path(*p)) : std::nullopt;
+    };
+    seed_log_abs = abs(seed_log), adapter_abs = abs(adapter), disk_dir_abs = abs(disk_dir);
+  }
   void fix_pointers() {
     p.disk_dir = disk_dir ? disk_dir->c_str() : nullptr;
     p.parallel = parallel ? parallel->c_str() : nullptr;
@@ -441,10 +495,39 @@ uint64_t seed_arg(py::handle v_in, const char* name) {
   return s;
 }
 
+// A real number: a float or an int, or any other real number Python's float() takes —
+// numpy's scalars (np.float32(1e-3) from np.logspace(..., dtype=np.float32), np.int64),
+// fractions.Fraction, decimal.Decimal, a 0-d tensor. Never a bool (nor numpy's), a complex
+// number (np.complex128 has __float__, which drops the imaginary part), a str, or an array.
 double real_arg(py::handle v, const char* name) {
-  if (py::isinstance<py::bool_>(v) || !(py::isinstance<py::float_>(v) || py::isinstance<py::int_>(v)))
+  auto refuse = [&]() {
     wrong_type(std::string(name) + " must be a number, not " + type_name(v) + " (" + py::repr(v).cast<std::string>() + ")");
-  return v.cast<double>();
+  };
+  if (py::isinstance<py::bool_>(v) || type_name(v).starts_with("numpy.bool")) refuse();
+  if (py::isinstance<py::float_>(v)) return PyFloat_AsDouble(v.ptr());  // (a float subclass: np.float64)
+  if (!py::isinstance<py::int_>(v)) {
+    static py::object* types = nullptr;  // leaked on purpose, as error_class's table
+    if (!types) {
+      py::module_ numbers = py::module_::import("numbers");
+      types = new py::object(py::make_tuple(numbers.attr("Real"), numbers.attr("Complex")));
+    }
+    const bool real = PyObject_IsInstance(v.ptr(), PyTuple_GET_ITEM(types->ptr(), 0)) == 1;
+    const bool complex = PyObject_IsInstance(v.ptr(), PyTuple_GET_ITEM(types->ptr(), 1)) == 1;
+    PyErr_Clear();
+    if (!real && (complex || py::isinstance<py::str>(v) || py::isinstance<py::array>(v) ||
+                  !py::hasattr(v, "__float__")))
+      refuse();
+  }
+  const double x = PyFloat_AsDouble(v.ptr());  // float(v): an int through its exact value
+  if (x == -1.0 && PyErr_Occurred()) {
+    if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+      PyErr_Clear();
+      invalid(std::string(name) + " " + py::repr(v).cast<std::string>() + " is out of range");
+    }
+    PyErr_Clear();
+    refuse();
+  }
+  return x;
 }
 
 // A float32 field: a finite value beyond float32's range (1e60) is refused as written, not as
@@ -583,7 +666,12 @@ Params parse_params(const py::kwargs& kw) {
           return static_cast<int64_t>(zo2::parse_tile_option(text, zo2::OptionSource::c_api));
         });
       } else {
-        P.p.tile_bytes = int_arg(v, k);
+        // Bytes: 0 is "auto"; a negative count is no size (the C field's -1 is spelled "off").
+        const int64_t x = int_arg(v, k);
+        if (x < 0)
+          invalid("tile " + std::to_string(x) + " is negative: tile takes \"auto\", \"off\", bytes or a size "
+                  "string (\"64M\")");
+        P.p.tile_bytes = x;
       }
     } else if (key == "seed_log") {
       if (v.is_none()) P.seed_log.reset();
@@ -677,7 +765,11 @@ py::dict params_dict(const Params& P) {
   d["max_seqs"] = P.p.max_seqs;
   d["max_seq_len"] = P.p.max_seq_len;
   d["training"] = P.p.training != 0;
-  d["seed_log"] = P.seed_log ? py::object(fs_text(*P.seed_log)) : py::object(py::none());
+  auto path_or_none = [](const std::optional<std::string>& abs, const std::optional<std::string>& given) {
+    const std::optional<std::string>& p = abs ? abs : given;
+    return p ? py::object(fs_text(*p)) : py::object(py::none());
+  };
+  d["seed_log"] = path_or_none(P.seed_log_abs, P.seed_log);
   d["seed_log_append"] = P.p.seed_log_append != 0;
   d["first_step"] = P.p.first_step;
   d["save_dtype"] = P.save_dtype;
@@ -695,7 +787,7 @@ py::dict params_dict(const Params& P) {
   d["lora_r"] = P.p.lora_r;
   d["lora_alpha"] = P.p.lora_alpha;
   d["lora_targets"] = P.lora_targets;
-  d["adapter"] = P.adapter ? py::object(fs_text(*P.adapter)) : py::object(py::none());
+  d["adapter"] = path_or_none(P.adapter_abs, P.adapter);
   d["generate_seqs"] = P.p.generate_seqs;
   d["kv_cache"] = P.kv_cache;
   d["prefill_chunk"] = P.p.prefill_chunk;
@@ -705,7 +797,7 @@ py::dict params_dict(const Params& P) {
   d["sliced_upload"] = P.p.sliced_upload != 0;
   // None = no cap, as it was passed (and as gpu_mem reads back), not the C field's 0.
   d["host_mem"] = P.p.host_mem_bytes == 0 ? py::object(py::none()) : py::object(py::int_(P.p.host_mem_bytes));
-  d["disk_dir"] = P.disk_dir ? py::object(fs_text(*P.disk_dir)) : py::object(py::none());
+  d["disk_dir"] = path_or_none(P.disk_dir_abs, P.disk_dir);
   d["disk_lag"] = P.p.disk_lag;
   d["disk_staging"] = P.p.disk_staging;
   d["tile"] = P.p.tile_bytes == 0 ? py::object(py::str("auto"))
@@ -919,8 +1011,8 @@ struct Choices {
 
 Choices make_choices(py::handle group_sizes, py::handle group_labels) {
   Choices ch;
-  ch.sizes = int_list(group_sizes, "group_sizes");
-  ch.labels = int_list(group_labels, "group_labels");
+  ch.sizes = int_list(group_sizes, "group_sizes", {"group sizes are integers", "[n_groups]"}, /*strict=*/true);
+  ch.labels = int_list(group_labels, "group_labels", {"group labels are integers", "[n_groups]"}, /*strict=*/true);
   if (ch.sizes.size() != ch.labels.size())
     invalid("group_sizes has " + std::to_string(ch.sizes.size()) + " entries but group_labels has " +
             std::to_string(ch.labels.size()));
@@ -935,6 +1027,7 @@ std::unique_ptr<Session> make_session(py::handle model, const py::kwargs& kw) {
   auto S = std::make_unique<Session>();
   S->P = parse_params(kw);  // the keywords first: a typo fails before anything is read
   S->P.fix_pointers();
+  S->P.absolute_paths();  // (the working directory the C API reads them against, below)
   std::unique_ptr<Model> owned;
   Model* m;
   if (py::isinstance<Model>(model)) {
@@ -944,7 +1037,10 @@ std::unique_ptr<Session> make_session(py::handle model, const py::kwargs& kw) {
     m = owned.get();
   }
   S->model_path = m->path;
-  zo2_model* mm = m->get();
+  // Our own reference while the GIL is released: a Model.close() meanwhile on another
+  // thread frees nothing this uses (Note [A model's lifetime]).
+  const std::shared_ptr<zo2_model> keep = m->use();
+  zo2_model* mm = keep.get();
   S->n_vocab = zo2_model_n_vocab(mm);
   S->n_ctx = zo2_model_n_ctx(mm);
   int rc;
@@ -1083,6 +1179,7 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
   zo2::cli::Runner runner = zo2::cli::add_train(*sub);
   zo2::cli::decimal_integer_options(app);  // as zo2-tune's (Note [Decimal integers])
   std::vector<std::string> args{"zo2-tune", "train"};
+  std::vector<std::pair<const CLI::Option*, std::string>> given;  // each flag and the keyword that gave it
   for (const auto& [name, value] : options) {
     std::string dashed = name;
     for (char& ch : dashed)
@@ -1095,6 +1192,20 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
                                         "' (the options are zo2-tune train's flags, with _ for -)").c_str());
       throw py::error_already_set();
     }
+    // Two spellings of one flag (batch_size and MeZO's per_device_train_batch_size): CLI11
+    // would say "At Most 1 required but received 2".
+    for (const auto& [other, other_name] : given)
+      if (other == opt)
+        invalid("train options " + other_name + " and " + name + " are both --" + opt->get_lnames().front() +
+                " (two spellings of one flag): give one");
+    given.emplace_back(opt, name);
+    // None is no value: an option left at train's default is left out (a None that became the
+    // default would hide a missing value: lr=None training at 1e-6).
+    if (value.is_none()) {
+      const std::string def = opt->get_default_str();
+      wrong_type("train option " + name + "=None: None is not a value of " + flag + "; leave the keyword out for " +
+                 (def.empty() ? std::string("train's default") : "train's default (" + def + ")"));
+    }
     if (py::isinstance<py::bool_>(value)) {
       if (opt->get_expected_min() != 0)
         wrong_type("train option " + name + " takes a value, not " + py::repr(value).cast<std::string>());
@@ -1105,7 +1216,9 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
       }
       continue;
     }
-    if (opt->get_expected_min() == 0) invalid("train option " + name + " is a flag: pass True or False");
+    if (opt->get_expected_min() == 0)
+      wrong_type("train option " + name + " is a flag: pass True or False, not " + type_name(value) + " (" +
+                 py::repr(value).cast<std::string>() + ")");
     args.push_back(flag);
     // As the OS spells it (os.fsencode): a bytes path as is, a str path os.fsdecode made from
     // non-UTF-8 bytes back to those bytes, as zo2-tune's argv would carry them.
@@ -1204,7 +1317,12 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
           stop_wanted = true;
         }
       } catch (py::error_already_set& e) {
-        if (!stop_wanted && !e.matches(PyExc_KeyboardInterrupt)) say_callback_stopped("it raised");
+        // A KeyboardInterrupt here is the callback's own (raise KeyboardInterrupt, or a
+        // handler of the program's raising it): a Ctrl-C during the run reaches train's
+        // handler, not Python's (Note [Stop signals]). It is re-raised after the save, as
+        // any exception of the callback.
+        if (!stop_wanted)
+          say_callback_stopped(("it raised " + py::str(e.type().attr("__name__")).cast<std::string>()).c_str());
         py_error.emplace(std::move(e));
         stop_wanted = true;
       }
@@ -1362,7 +1480,7 @@ PYBIND11_MODULE(_zo2, m) {
 
   py::class_<Model>(m, "Model", "An HF checkpoint directory's config (zo2_model). Weights are read by Session.")
       .def(py::init([](py::object dir, bool check_weights) { return load_model(dir, check_weights); }),
-           py::arg("path"), py::arg("check_weights") = true)
+           py::arg("path"), py::arg("check_weights") = true, "The same as Model.load(path, check_weights).")
       .def_static("load", [](py::object dir, bool check_weights) { return load_model(dir, check_weights); },
                   py::arg("path"), py::arg("check_weights") = true,
                   "Reads PATH/config.json (and the safetensors headers unless check_weights=False). "
@@ -1370,22 +1488,39 @@ PYBIND11_MODULE(_zo2, m) {
       .def_property_readonly("path", [](const Model& x) { return fs_text(x.path); },
                              "The directory, made absolute at load (a later os.chdir changes nothing), as "
                              "os.fsdecode returns it (os.fsencode gives back its bytes).")
-      .def_property_readonly("n_vocab", [](const Model& x) { return zo2_model_n_vocab(x.get()); })
-      .def_property_readonly("n_ctx", [](const Model& x) { return zo2_model_n_ctx(x.get()); })
-      .def_property_readonly("n_layer", [](const Model& x) { return zo2_model_n_layer(x.get()); })
-      .def_property_readonly("n_params", [](const Model& x) { return zo2_model_n_params(x.get()); })
-      .def_property_readonly("closed", [](const Model& x) { return x.m == nullptr; })
-      .def("close", [](Model& x) { zo2_model_free(x.m); x.m = nullptr; }, "Frees the model now (idempotent).")
-      .def("__enter__", [](py::object self) { return self; })
-      .def("__exit__", [](Model& x, py::args) { zo2_model_free(x.m); x.m = nullptr; return false; })
+      .def_property_readonly("n_vocab", [](const Model& x) { return zo2_model_n_vocab(x.get()); },
+                             "The vocabulary size (config.json's vocab_size; zo2_model_n_vocab).")
+      .def_property_readonly("n_ctx", [](const Model& x) { return zo2_model_n_ctx(x.get()); },
+                             "The context length (config.json's max_position_embeddings; zo2_model_n_ctx).")
+      .def_property_readonly("n_layer", [](const Model& x) { return zo2_model_n_layer(x.get()); },
+                             "The number of transformer blocks (zo2_model_n_layer).")
+      .def_property_readonly("n_params", [](const Model& x) { return zo2_model_n_params(x.get()); },
+                             "The number of parameters, a tied head counted once (zo2_model_n_params).")
+      .def_property_readonly("closed", [](const Model& x) { return x.m == nullptr; },
+                             "Whether close() ran (the properties then raise InvalidArgumentError).")
+      .def("close", [](Model& x) { x.close(); },
+           "Frees the model (idempotent); a Session or zo2.plan opening from it on another thread meanwhile "
+           "keeps it until that call returns, and sessions opened from it stay usable.")
+      .def("__enter__", [](py::object self) { return self; }, "Returns the model (use as a context manager).")
+      .def("__exit__", [](Model& x, py::args) { x.close(); return false; },
+           "Closes the model (close()); an exception in the with block propagates.")
       .def("__repr__", [](const Model& x) {
         if (!x.m) return py::str("<zo2.Model ") + message_text(x.path) + py::str(" (closed)>");
         return py::str("<zo2.Model ") + message_text(x.path) +
-               py::str(": " + std::to_string(zo2_model_n_layer(x.m)) + " layers, " +
-                       std::to_string(zo2_model_n_params(x.m)) + " parameters>");
+               py::str(": " + std::to_string(zo2_model_n_layer(x.m.get())) + " layers, " +
+                       std::to_string(zo2_model_n_params(x.m.get())) + " parameters>");
       });
 
   py::class_<StepResult>(m, "StepResult", "The losses of one ZO step (zo2_step_result).")
+      .def(py::init([](py::object loss_plus, py::object loss_minus, py::object projected_grad, py::object step,
+                       py::object loss) {
+             return StepResult{static_cast<float>(real_arg(loss_plus, "loss_plus")),
+                               static_cast<float>(real_arg(loss_minus, "loss_minus")),
+                               static_cast<float>(real_arg(projected_grad, "projected_grad")), int_arg(step, "step"),
+                               real_arg(loss, "loss")};
+           }),
+           py::arg("loss_plus"), py::arg("loss_minus"), py::arg("projected_grad"), py::arg("step"), py::arg("loss"),
+           "A step's result from its fields (Session.step returns them; pickle and copy rebuild them so).")
       .def_readonly("loss_plus", &StepResult::loss_plus, "mean token cross-entropy at θ + eps·z (nats)")
       .def_readonly("loss_minus", &StepResult::loss_minus,
                     "mean token cross-entropy at θ − eps·z (nats); with difference='forward', at θ")
@@ -1399,7 +1534,14 @@ PYBIND11_MODULE(_zo2, m) {
       .def("__repr__", [](const StepResult& r) {
         return py::str("StepResult(step={}, loss_plus={!r}, loss_minus={!r}, projected_grad={!r})")
             .format(r.step, r.loss_plus, r.loss_minus, r.projected_grad).cast<std::string>();
-      });
+      })
+      // Pickled and copied (pickle with any protocol, copy, multiprocessing) as its five
+      // fields, as the dataclass results (Plan, Generation, TrainResult) are: __reduce__
+      // with the constructor (pybind11's py::pickle aborts the process with protocols 0 and 1).
+      .def("__reduce__", [](py::object self) {
+        const StepResult& r = self.cast<const StepResult&>();
+        return py::make_tuple(py::type::of(self), py::make_tuple(r.loss_plus, r.loss_minus, r.projected_grad, r.step, r.loss));
+      }, "(StepResult, its fields): for pickle and copy.");
 
   py::class_<Session>(m, "Session", R"doc(One model on one device, tuned step by step (zo2_session).
 
@@ -1422,7 +1564,9 @@ prompt's tokens plus its new ones, kv_cache places the KV cache ("auto", "device
 host block store (GIL released). Use as a context manager, or close(), to free the session
 deterministically. Calls from several threads on one session are serialized; different
 sessions run in parallel.)doc")
-      .def(py::init([](py::object model, py::kwargs kw) { return make_session(model, kw); }), py::arg("model"))
+      .def(py::init([](py::object model, py::kwargs kw) { return make_session(model, kw); }), py::arg("model"),
+           "Opens a session on model (a zo2.Model or a checkpoint directory) with the keyword parameters the class "
+           "docstring lists (zo2_session_init); the GIL is released while the weights are read.")
       .def("step",
            [](Session& S, py::object ids, py::object mask, py::object labels) { return S.step(ids, mask, labels, nullptr); },
            py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none(),
@@ -1580,11 +1724,11 @@ zo2.Generation per text with text set: the new tokens decoded, special tokens le
         return py::str("<zo2.Session ") + message_text(S.model_path) +
                py::str(" on " + S.P.device + ", next step " + std::to_string(S.next_index.load()) + ">");
       })
-      .def("__enter__", [](py::object self) { return self; })
+      .def("__enter__", [](py::object self) { return self; }, "Returns the session (use as a context manager).")
       .def("__exit__", [](Session& S, py::args) {
         S.close();
         return false;
-      });
+      }, "Closes the session (close()); an exception in the with block propagates.");
 
   m.def("_plan",
         [](py::object model, py::kwargs kw) {
@@ -1601,10 +1745,10 @@ zo2.Generation per text with text set: the new tokens decoded, special tokens le
           zo2_plan_result r{};
           int rc;
           std::string message;
-          zo2_model* handle = mm->get();
+          const std::shared_ptr<zo2_model> keep = mm->use();  // Note [A model's lifetime]
           {
             NoGil nogil;
-            rc = zo2_plan(handle, &P.p, &r);
+            rc = zo2_plan(keep.get(), &P.p, &r);
             if (rc != 0) message = zo2_last_error();
           }
           if (rc == ZO2_ERR_OUT_OF_MEMORY) {
@@ -1641,6 +1785,27 @@ zo2.Generation per text with text set: the new tokens decoded, special tokens le
 
   m.def("_train", &train_impl, py::arg("options"), py::arg("on_record"), py::arg("quiet"));
 
+  // The run `train --resume DIR` without --out continues in, as zo2-tune train picks it
+  // (tools/cmd_train.cpp, default_resume_out): the run whose `current` or step directory
+  // DIR names, or DIR when it holds a run; None when DIR is none of these (train then says so).
+  m.def("_resume_out",
+        [](py::object resume) -> py::object {
+          const std::string dir = path_string(resume, "resume");
+          std::optional<std::string> out;
+          {
+            NoGil nogil;
+            try {
+              if (const auto run = zo2::training_run_of_checkpoint(dir); !run.empty()) out = run.string();
+              else if (const auto any = zo2::run_of_checkpoint(dir); !any.empty()) out = any.string();
+              else if (zo2::holds_run(dir)) out = dir;
+            } catch (const std::exception&) {
+              out.reset();  // (unreadable: train reports it)
+            }
+          }
+          return out ? py::object(fs_text(*out)) : py::object(py::none());
+        },
+        py::arg("resume"));
+
   py::class_<Tokenizer>(m, "Tokenizer", R"doc(A model's tokenizer (models/tokenizer.h, what zo2-tune uses):
 GPT-2 byte-level BPE, HF tokenizer.json BPE (LLaMA-3) and SentencePiece. Immutable; safe
 to use from several threads.)doc")
@@ -1658,7 +1823,10 @@ to use from several threads.)doc")
                     return Tokenizer{cxx_call(
                         [&] { return std::shared_ptr<const zo2::Tokenizer>(zo2::Tokenizer::from_vocab_merges(v, mg)); })};
                   },
-                  py::arg("vocab"), py::arg("merges"))
+                  py::arg("vocab"), py::arg("merges"),
+                  "A GPT-2 byte-level BPE tokenizer from its two files: vocab (vocab.json or encoder.json) and merges "
+                  "(merges.txt or vocab.bpe). No special-token configuration: \"<|endoftext|>\", when in the "
+                  "vocabulary, is BOS and EOS (as HF's GPT-2 tokenizer), and encode adds nothing.")
       .def("encode",
            [](const Tokenizer& T, py::object text_arg, py::object special) {
              const std::string text = str_arg(text_arg, "text");
@@ -1683,7 +1851,9 @@ to use from several threads.)doc")
            "The text of ids (invalid UTF-8 replaced by U+FFFD; as_bytes=True returns the raw bytes).")
       .def("token_to_id",
            [](const Tokenizer& T, py::object token) { return opt_id(T.t->token_to_id(str_arg(token, "token"))); },
-           py::arg("token"))
+           py::arg("token"),
+           "The id of the vocabulary's string token (byte-level form for BPE: \"\u0120the\"), or None when the "
+           "vocabulary does not have it.")
       .def("id_to_token",
            [](const Tokenizer& T, py::object id_arg) {
              const int64_t wide = int_arg(id_arg, "id");
@@ -1701,12 +1871,18 @@ to use from several threads.)doc")
            },
            py::arg("id"), "The vocabulary's string for id (byte-level form for BPE: \"\u0120the\"); "
            "InvalidArgumentError for an id the vocabulary does not have.")
-      .def_property_readonly("vocab_size", [](const Tokenizer& T) { return T.t->vocab_size(); })
-      .def_property_readonly("bos_token_id", [](const Tokenizer& T) { return opt_id(T.t->bos_id()); })
-      .def_property_readonly("eos_token_id", [](const Tokenizer& T) { return opt_id(T.t->eos_id()); })
-      .def_property_readonly("pad_token_id", [](const Tokenizer& T) { return opt_id(T.t->pad_id()); })
-      .def_property_readonly("kind", [](const Tokenizer& T) { return std::string(T.t->kind()); })
-      .def_property_readonly("special_prefix", [](const Tokenizer& T) { return T.t->special_prefix(); })
+      .def_property_readonly("vocab_size", [](const Tokenizer& T) { return T.t->vocab_size(); },
+                             "The number of ids the tokenizer has (its vocabulary and added tokens).")
+      .def_property_readonly("bos_token_id", [](const Tokenizer& T) { return opt_id(T.t->bos_id()); },
+                             "The beginning-of-sequence id, or None when the tokenizer has none.")
+      .def_property_readonly("eos_token_id", [](const Tokenizer& T) { return opt_id(T.t->eos_id()); },
+                             "The end-of-sequence id, or None when the tokenizer has none.")
+      .def_property_readonly("pad_token_id", [](const Tokenizer& T) { return opt_id(T.t->pad_id()); },
+                             "The padding id, or None when the tokenizer has none.")
+      .def_property_readonly("kind", [](const Tokenizer& T) { return std::string(T.t->kind()); },
+                             "Which tokenizer this is: \"gpt2-bpe\", \"hf-bpe\" (tokenizer.json) or \"sentencepiece\".")
+      .def_property_readonly("special_prefix", [](const Tokenizer& T) { return T.t->special_prefix(); },
+                             "The ids encode(add_special_tokens=True) puts first (BOS for OPT and LLaMA; [] for none).")
       .def("__repr__", [](const Tokenizer& T) {
         return "<zo2.Tokenizer " + std::string(T.t->kind()) + ", vocab " + std::to_string(T.t->vocab_size()) + ">";
       });

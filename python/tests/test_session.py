@@ -1,6 +1,7 @@
 """zo2.Session against the C API, parameter round trips, arrays, threads and Ctrl-C."""
 import json
 import os
+import re
 import signal
 import shutil
 import subprocess
@@ -423,7 +424,7 @@ def test_plan_with_tiles(tiny):
     assert zo2.plan(tiny, max_seqs=2, max_seq_len=16, gpu_mem="64M", offload="all", tile="4K") == tiles
     with pytest.raises(zo2.InvalidArgumentError, match="tile often"):
         zo2.plan(tiny, max_seqs=2, max_seq_len=16, tile="often")
-    with pytest.raises(zo2.InvalidArgumentError, match="tile_bytes -2"):
+    with pytest.raises(zo2.InvalidArgumentError, match="tile -2 is negative"):  # ("off" is the C field's -1)
         zo2.plan(tiny, max_seqs=2, max_seq_len=16, tile=-2)
     # Streamed by tiles at the default tile size (64M of fp32: 2^24 elements) trains to the
     # resident run's bits.
@@ -916,3 +917,177 @@ def test_keywords_without_the_keyword_that_gives_them_a_meaning_are_refused(tiny
         pass
     with zo2.Session(model, **cap, lora_r=2, lora_alpha=4.0, lora_targets="fc1"):
         pass
+
+
+# Adversarial pass 70, finding 1: Session(model) and zo2.plan(model) pass the model's handle
+# to the C API with the GIL released; a Model.close() on another thread meanwhile freed it
+# under zo2_session_init / zo2_plan (a use after free: "basic_string::_M_create", a
+# FormatError about a changed config.json, or a crash). With a huge switch interval the
+# opening thread keeps the GIL until it releases it inside the call, so the main thread's
+# close() lands exactly there, every round; MALLOC_PERTURB_ makes freed memory garbage, so a
+# read of it fails instead of passing by luck. The model now lives until the call returns.
+def test_model_close_while_a_session_or_plan_opens_from_it_on_another_thread(tiny):
+    code = f"""
+import sys, threading, numpy as np, zo2
+ids = (np.arange(32).reshape(2, 16) * 7 + 3) % 512
+with zo2.Session({str(tiny)!r}, max_seqs=2, max_seq_len=16, training=False) as s:
+    expected = s.eval(ids)
+sys.setswitchinterval(1000)
+for what in ("session", "plan"):
+    for round in range(25):
+        m = zo2.Model.load({str(tiny)!r})
+        got = []
+        def open_one():
+            try:
+                if what == "session":
+                    got.append(zo2.Session(m, max_seqs=2, max_seq_len=16, training=False))
+                else:
+                    got.append(zo2.plan(m, max_seqs=2, max_seq_len=16))
+            except Exception as e:
+                got.append(e)
+        t = threading.Thread(target=open_one)
+        t.start()  # returns once open_one released the GIL: inside the C API's call
+        m.close()
+        t.join()
+        r = got[0]
+        assert not isinstance(r, Exception), (what, round, repr(r))
+        if what == "session":
+            with r:
+                assert r.eval(ids) == expected
+        else:
+            assert r.n_blocks == 2
+        assert m.closed
+        try:
+            zo2.Session(m, max_seqs=2, max_seq_len=16)
+            raise AssertionError("a closed model opened a session")
+        except zo2.InvalidArgumentError as e:
+            assert "the model is closed" in str(e)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, MALLOC_PERTURB_="165"), timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", f"rc {r.returncode}: {r.stdout}{r.stderr}"
+
+
+# Finding 3: any real number for a float keyword, as the int keywords take numpy's integers.
+def test_float_keywords_take_any_real_number(tiny):
+    import decimal
+    import fractions
+
+    with zo2.Session(tiny, lr=np.float32(1e-3), eps=np.float64(1e-3), weight_decay=np.int64(0),
+                     max_seqs=2, max_seq_len=16, rank_timeout=np.float16(60)) as s:
+        assert s.params["lr"] == float(np.float32(1e-3)) and s.params["weight_decay"] == 0.0
+        assert s.params["rank_timeout"] == 60.0
+        for v in (np.float32(5e-4), np.float64(5e-4), fractions.Fraction(1, 2000), decimal.Decimal("0.0005"),
+                  np.int8(1)):
+            s.set_lr(v)
+            assert s.params["lr"] == float(np.float32(float(v)))
+        ids = batch(512)
+        s.step(ids)
+        for bad in (True, np.bool_(False), "1e-3", b"1", 1 + 2j, np.complex128(1e-3), np.array([1e-3]), None, [1e-3]):
+            with pytest.raises(zo2.InvalidTypeError, match="lr must be a number"):
+                s.set_lr(bad)
+        with pytest.raises(zo2.InvalidArgumentError, match="out of range"):
+            s.set_lr(2**2000)
+    for name in ("momentum",):
+        with zo2.Session(tiny, max_seqs=2, max_seq_len=16, optimizer="zo-sgd-momentum", **{name: np.float32(0.5)}) as s:
+            assert s.params[name] == 0.5
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16, optimizer="zo-adam", beta1=np.float64(0.8),
+                     beta2=np.float32(0.99), adam_eps=np.float64(1e-6)) as s:
+        assert s.params["beta1"] == float(np.float32(0.8)) and s.params["adam_eps"] == float(np.float32(1e-6))
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16, lora_r=2, lora_alpha=np.int32(8)) as s:
+        assert s.params["lora_alpha"] == 8.0
+    with pytest.raises(zo2.InvalidArgumentError, match="lr"):
+        zo2.Session(tiny, max_seqs=2, max_seq_len=16, lr=np.float64(-1))
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16, training=False, generate_seqs=1) as s:
+        g = s.generate([[1, 2, 3]], max_new_tokens=2, greedy=False, temperature=np.float32(0.7), top_p=np.float64(0.9))
+        assert len(g[0].tokens) == 2
+
+
+# Finding 7: .params reports the paths the session uses, absolute as Model.path is, so a
+# later os.chdir does not make them name other files (Session(**s.params) opens the same ones).
+def test_params_paths_are_absolute_after_a_chdir(tiny, tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16, seed_log="./sl.jsonl", host_mem="8M", disk_dir="disk") as s:
+        s.step(batch(512))
+        monkeypatch.chdir(tmp_path / "sub")
+        p = s.params
+        assert p["seed_log"] == str(tmp_path / "sl.jsonl") and os.path.isfile(p["seed_log"])
+        assert p["disk_dir"] == str(tmp_path / "disk")
+        s.save(tmp_path / "lora0")
+    monkeypatch.chdir(tmp_path)
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16, lora_r=2) as s:
+        s.save("lora")
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16, adapter="lora", lora_r=2) as s:
+        monkeypatch.chdir(tmp_path / "sub")
+        assert s.params["adapter"] == str(tmp_path / "lora")
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16, seed_log=os.fsencode(tmp_path / "b.jsonl")) as s:
+        assert s.params["seed_log"] == str(tmp_path / "b.jsonl")
+
+
+# Finding 8: what was passed, in each message.
+def test_batch_messages_name_what_was_passed(tiny):
+    with zo2.Session(tiny, max_seqs=4, max_seq_len=16, training=False) as s:
+        ids = batch(512)
+        for bad, words in ((None, "input_ids: None is not an array of integers"),
+                           ((i for i in range(4)), "input_ids: a generator is not an array of integers"),
+                           ({"a": 1}, "input_ids: a dict is not an array of integers"),
+                           ([[1, 2], [3]], "input_ids: a list is not an array of integers"),
+                           (np.array([1, 2], dtype=object), "input_ids has dtype object"),
+                           (b"\x01\x02", "input_ids is a bytes, not an array of integers"),
+                           (bytearray(b"\x01\x02"), "input_ids is a bytearray, not an array of integers")):
+            with pytest.raises(zo2.InvalidTypeError, match=re.escape(words)):
+                s.eval(bad)
+        with pytest.raises(zo2.InvalidArgumentError, match=r"attention_mask has shape \[16\] but input_ids has \[2, 16\]"):
+            s.eval(ids, attention_mask=np.ones(16, np.int32))
+        with pytest.raises(zo2.InvalidArgumentError, match=r"labels has shape \[1, 8\] but input_ids has \[16\]"):
+            s.eval(ids[0], labels=ids[:1, :8])
+        from conftest import SOURCE
+        with pytest.raises(zo2.InvalidTypeError, match="ids is a bytearray"):
+            zo2.Tokenizer.from_dir(SOURCE / "data" / "gpt2").decode(bytearray(b"\x01"))
+        choices = batch(512, 4, 16)
+        labels = np.full_like(choices, -100)
+        labels[:, -2:] = choices[:, -2:]
+        for sizes, words, cls in (
+                (4, "group_sizes has 0 dimensions; expected [n_groups]", zo2.InvalidArgumentError),
+                ([2.0, 2.0], "group_sizes has dtype float64: group sizes are integers", zo2.InvalidTypeError),
+                ([[2, 2]], "group_sizes must be one-dimensional ([n_groups]), not of shape [1, 2]",
+                 zo2.InvalidArgumentError),
+                (None, "group_sizes: None is not an array of integers", zo2.InvalidTypeError)):
+            with pytest.raises(cls, match=re.escape(words)):
+                s.eval_choices(choices, group_sizes=sizes, group_labels=[0, 1], labels=labels)
+        with pytest.raises(zo2.InvalidArgumentError, match=r"group_labels must be one-dimensional"):
+            s.eval_choices(choices, group_sizes=[2, 2], group_labels=[[0, 1]], labels=labels)
+        s.eval_choices(choices, group_sizes=np.array([2, 2]), group_labels=(0, 1), labels=labels)
+
+
+def test_tile_refuses_a_negative_size(tiny):
+    for bad in (-1, -4096, np.int64(-1)):
+        with pytest.raises(zo2.InvalidArgumentError, match='tile -[0-9]+ is negative: tile takes "auto", "off"'):
+            zo2.Session(tiny, max_seqs=2, max_seq_len=16, tile=bad)
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16, tile="off") as s:
+        assert s.params["tile"] == "off"
+    with zo2.Session(tiny, max_seqs=2, max_seq_len=16, tile=0) as s:
+        assert s.params["tile"] == "auto"
+
+
+# Finding 9: StepResult pickles and copies (a multiprocessing worker returns it), as the
+# dataclass results do; Model and Session still refuse with a TypeError.
+def test_step_result_pickles_and_copies(tiny):
+    import copy
+    import pickle
+
+    with zo2.Session(tiny, lr=1e-3, max_seqs=2, max_seq_len=16) as s:
+        s.step(batch(512))
+        r = s.step(batch(512, seed=1))
+        fields = ("loss_plus", "loss_minus", "projected_grad", "step", "loss")
+        copies = [pickle.loads(pickle.dumps(r, protocol=p)) for p in range(pickle.HIGHEST_PROTOCOL + 1)]
+        copies += [copy.copy(r), copy.deepcopy(r), zo2.StepResult(**{f: getattr(r, f) for f in fields})]
+        for other in copies:
+            assert type(other) is zo2.StepResult and other is not r
+            assert [getattr(other, f) for f in fields] == [getattr(r, f) for f in fields]
+            assert repr(other) == repr(r) and other.step == 1
+        for obj in (s, zo2.Model.load(tiny)):
+            with pytest.raises(TypeError):
+                pickle.dumps(obj)

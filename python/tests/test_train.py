@@ -346,3 +346,119 @@ print(open(out / "model.safetensors", "rb").read().hex()[-64:])
         assert r.returncode == 0, f"{name}: {r.stderr}"
         tails.append(r.stdout)
     assert tails[0] == tails[1] == tails[2]
+
+
+# Adversarial pass 70, finding 3: numpy's scalars as values. numpy >= 2 reprs a float64 as
+# "np.float64(0.001)" (NEP 51), which the flag cannot read: a float subclass with that repr
+# stands in for it (numpy 2 is not installed here).
+def test_numbers_of_any_real_type_are_flag_values(tiny, synth, tmp_path):
+    import fractions
+
+    import numpy as np
+
+    from zo2._train import _flag_value
+
+    class F64(float):  # numpy 2's np.float64, as far as repr goes
+        def __repr__(self):
+            return f"np.float64({float(self)!r})"
+
+    assert _flag_value("lr", F64(1e-3)) == "0.001"
+    assert _flag_value("lr", np.float64(1e-6)) == "1e-06"
+    assert _flag_value("lr", np.float32(1e-3)) == "0.001"  # the float32's own shortest digits
+    assert _flag_value("lr", fractions.Fraction(1, 1000)) == "0.001"
+    assert _flag_value("steps", np.int64(3)) == "3" and _flag_value("steps", 3) == "3"
+    flags = dict(FLAGS, steps=3)
+    ref = zo2.train(tiny, data=synth, out=tmp_path / "ref", progress=False, **flags)
+    for i, lr in enumerate((F64(1e-3), np.float64(1e-3), np.float32(1e-3))):
+        r = zo2.train(tiny, data=synth, out=tmp_path / f"r{i}", progress=False,
+                      **dict(flags, lr=lr, steps=np.int64(3), eps=np.float32(1e-3)))
+        assert [s["loss"] for s in r.steps] == [s["loss"] for s in ref.steps]
+        assert weights(tmp_path / f"r{i}") == weights(tmp_path / "ref")
+
+
+# Finding 4: resume= alone continues the run in place, as `zo2-tune train --resume DIR`.
+def test_resume_without_out_continues_the_run(tiny, synth, tmp_path):
+    zo2.train(tiny, data=synth, out=tmp_path / "full", progress=False, **FLAGS)
+    zo2.train(tiny, data=synth, out=tmp_path / "run", progress=False, **{**FLAGS, "steps": 12, "stop_at": 6})
+    r = zo2.train(resume=tmp_path / "run", progress=False)
+    assert r.out == tmp_path / "run" and not r.stopped
+    assert r.steps[0]["step"] == 7 and r.steps[-1]["step"] == 12
+    assert weights(tmp_path / "run") == weights(tmp_path / "full")
+    # A step directory (or `current`) names its run, as for the CLI.
+    step = sorted(p for p in (tmp_path / "run").iterdir() if p.name.startswith("step-"))[-1]
+    r = zo2.train(resume=str(step), progress=False, steps=14)
+    assert r.out.resolve() == (tmp_path / "run").resolve() and r.steps[-1]["step"] == 14
+    with pytest.raises(zo2.InvalidArgumentError, match="--out is required"):
+        zo2.train(resume=tiny, progress=False, steps=2)
+    with pytest.raises(zo2.InvalidTypeError, match="out must be a path .*only with resume="):
+        zo2.train(tiny, data=synth, steps=2, progress=False)
+    # resume=None is a new run, as leaving it out.
+    r = zo2.train(tiny, data=synth, out=tmp_path / "new", resume=None, progress=False, steps=2)
+    assert len(r.steps) == 2
+
+
+# Finding 8: a wrong type is an InvalidTypeError; None is no value; two spellings of a flag.
+def test_option_values_and_spellings(tiny, synth, tmp_path):
+    for bad in (0, 1, "no", None):
+        with pytest.raises(zo2.InvalidTypeError, match="train option shuffle"):
+            zo2.train(tiny, data=synth, out=tmp_path / "x", steps=2, progress=False, shuffle=bad)
+    with pytest.raises(zo2.InvalidTypeError, match=r"train option lr=None: None is not a value of --lr; leave the "
+                                                   r"keyword out for train's default \(1e-06|0\.000001"):
+        zo2.train(tiny, data=synth, out=tmp_path / "x", steps=2, progress=False, lr=None)
+    with pytest.raises(zo2.InvalidTypeError, match="train option batch_size=None"):
+        zo2.train(tiny, data=synth, out=tmp_path / "x", steps=2, progress=False, batch_size=None)
+    with pytest.raises(zo2.InvalidArgumentError, match="train options batch_size and per_device_train_batch_size are "
+                                                      "both --batch-size .*give one"):
+        zo2.train(tiny, data=synth, out=tmp_path / "x", steps=2, progress=False, batch_size=4,
+                  per_device_train_batch_size=8)
+    with pytest.raises(TypeError, match="unknown option 'stepz'"):
+        zo2.train(tiny, data=synth, out=tmp_path / "x", stepz=None)
+    assert not (tmp_path / "x").exists()
+
+
+# Finding 6: a KeyboardInterrupt the callback raises is its own (a Ctrl-C during the run
+# reaches train's handler): logged as the callback's, re-raised once the run is saved.
+def test_a_keyboard_interrupt_from_the_callback_saves_and_is_reraised(tiny, synth, tmp_path, capfd):
+    def cb(rec):
+        if rec["step"] == 2:
+            raise KeyboardInterrupt("from the callback")
+
+    with pytest.raises(KeyboardInterrupt, match="from the callback"):
+        zo2.train(tiny, data=synth, out=tmp_path / "k", progress=cb, **{**FLAGS, "steps": 100000})
+    assert 2 <= json.loads((tmp_path / "k" / "zo2_state.json").read_text())["next_step"] < 100000
+    err = capfd.readouterr().err
+    assert "stopped by the progress callback (it raised KeyboardInterrupt) after step" in err
+    assert "interrupted by signal" not in err
+    with pytest.raises(ZeroDivisionError):
+        zo2.train(tiny, data=synth, out=tmp_path / "z", progress=lambda rec: 1 / 0, **{**FLAGS, "steps": 100000})
+    assert "stopped by the progress callback (it raised ZeroDivisionError)" in capfd.readouterr().err
+
+
+# Finding 6: Python delivers a signal to the main thread. A train on another thread saves
+# and returns stopped=True; the main thread gets the KeyboardInterrupt (as documented).
+def test_ctrl_c_with_train_on_another_thread(tiny, synth, tmp_path):
+    code = f"""
+import json, os, signal, threading, time, zo2
+out = {str(tmp_path / "bg")!r}
+started, result = threading.Event(), []
+def cb(rec):
+    if rec["step"] == 2:
+        started.set()
+def run():
+    result.append(zo2.train({str(tiny)!r}, data={str(synth)!r}, out=out, progress=cb, steps=100000, batch_size=4))
+t = threading.Thread(target=run)
+t.start()
+started.wait(60)
+interrupted = False
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    t.join()
+    time.sleep(0.5)
+except KeyboardInterrupt:
+    interrupted = True
+t.join()
+state = json.load(open(os.path.join(out, "zo2_state.json")))
+print(interrupted, result[0].stopped, 2 <= state["next_step"] < 100000, len(result[0].steps) == state["next_step"])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["True"] * 4, r.stdout + r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -10,17 +11,25 @@ from typing import Any, Callable, Dict, Optional, Union
 
 from ._errors import InvalidTypeError
 from ._types import TrainResult
-from ._zo2 import _train
+from ._zo2 import _resume_out, _train
 
 Record = Dict[str, Any]
 ProgressArg = Union[bool, None, Callable[[Record], Optional[bool]]]
 
 
 def _flag_value(name: str, value: Any) -> Any:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, float):
-        return repr(value)  # shortest round-trip digits: 1e-06 reads back as the same double
+    if value is None or isinstance(value, bool):
+        return value  # (None: refused by the binding, which names the flag and its default)
+    if type(value).__module__ == "numpy" and isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        # numpy's str of a scalar: the shortest digits that read back as the same value of its
+        # own precision (np.float32(1e-3) is "0.001"); its repr is "np.float64(0.001)" with numpy 2.
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))  # an int subclass or np.int64: its digits (an IntEnum's str is its name)
+    if isinstance(value, numbers.Real):
+        # A float (or a float subclass, a Fraction): the shortest digits that read back as the
+        # same double (1e-06); repr of a subclass would be its own spelling.
+        return repr(float(value))
     if isinstance(value, (str, bytes)):
         return value  # a path as the OS spells it: the binding passes it on with os.fsencode
     if isinstance(value, os.PathLike):
@@ -64,7 +73,7 @@ PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 
 def train(model: Optional[PathArg] = None, *, data: Optional[PathArg] = None,
-          out: PathArg, progress: ProgressArg = True, verbose: Optional[bool] = None,
+          out: Optional[PathArg] = None, progress: ProgressArg = True, verbose: Optional[bool] = None,
           **options: Any) -> TrainResult:
     """Fine-tune a checkpoint with MeZO steps: ``zo2-tune train`` as a function.
 
@@ -76,6 +85,14 @@ def train(model: Optional[PathArg] = None, *, data: Optional[PathArg] = None,
     (``learning_rate=1e-3``, ``max_steps=300``, ``zo_eps=1e-3``, ``per_device_train_batch_size=16``);
     a boolean flag takes True/False (``overwrite=True``, ``shuffle=False``). See
     ``zo2-tune train --help`` for every option. ``model`` is ``--model`` (None with ``resume=``).
+    A number may be any real number (``np.float32(1e-3)``, ``np.int64(300)``). An option is
+    given a value or left out: ``lr=None`` raises InvalidTypeError (leave it out for train's
+    default), except ``resume=None``, which starts a new run as leaving it out does.
+
+    out: the run directory to write (``--out``). With ``resume=`` it may be left out: the run
+        continues in the run being resumed (the run directory, or the run whose ``current`` or
+        step directory ``resume`` names), as ``zo2-tune train --resume DIR`` does; ``result.out``
+        is that run.
 
     progress: True (default) — a tqdm bar when tqdm is installed, else train's own progress
         lines on stderr; False — only train's log lines; a callable — called with every
@@ -85,16 +102,20 @@ def train(model: Optional[PathArg] = None, *, data: Optional[PathArg] = None,
         returns: training goes on while the records are delivered (losses are read a step
         behind), so that is one or two steps past the record's — ``result.steps`` ends with
         the last step run, and the warning names it. The run saves (resume with
-        ``resume=out``) and returns with ``stopped=True``. An exception from it stops the run
-        the same way and is re-raised.
+        ``resume=out``) and returns with ``stopped=True``. An exception from it (a
+        KeyboardInterrupt too) stops the run the same way, is logged as "stopped by the
+        progress callback (it raised ...)", and is re-raised once the run is saved.
     verbose: whether train's own info lines and status line also print (default: only when
         no tqdm bar or callback is used).
     log_json: also write the records to this file: train's own ``--log-json``, with its
         checks (never a file of the run, its model, tokenizer or data) and its resume
         behaviour (records past the checkpoint trimmed; kept by a resume in place).
 
-    Ctrl-C finishes the current step, saves, and raises KeyboardInterrupt (a second Ctrl-C
-    ends the process, as with the CLI). Errors raise zo2's exceptions with train's message
+    Ctrl-C (SIGINT; also SIGTERM, SIGUSR1, ...) finishes the current step, saves, and raises
+    KeyboardInterrupt (a second Ctrl-C ends the process, as with the CLI). Python delivers
+    signals to the main thread: a train on another thread saves and returns with
+    ``stopped=True``, and the KeyboardInterrupt (or the program's own handler) comes in the
+    main thread. Errors raise zo2's exceptions with train's message
     (a bad value: InvalidArgumentError; a malformed data file: FormatError; ...).
     Returns a :class:`TrainResult` with the records of the steps and evaluations it ran.
     """
@@ -103,21 +124,34 @@ def train(model: Optional[PathArg] = None, *, data: Optional[PathArg] = None,
                                f"({progress!r})")
     if not (verbose is None or isinstance(verbose, bool)):
         raise InvalidTypeError(f"verbose must be True, False or None, not {type(verbose).__name__} ({verbose!r})")
+    if options.get("resume", 0) is None:
+        del options["resume"]  # None: a new run, as leaving it out
+    if out is None and "resume" not in options:
+        raise InvalidTypeError("out must be a path (str, bytes or os.PathLike), not NoneType: name the run directory "
+                               "to write (it may be left out only with resume=, to continue that run in place)")
     for name, path in (("model", model), ("data", data), ("out", out)):
-        if (path is not None or name == "out") and not isinstance(path, (str, bytes, os.PathLike)):
+        if path is not None and not isinstance(path, (str, bytes, os.PathLike)):
             raise InvalidTypeError(f"{name} must be a path (str, bytes or os.PathLike), not {type(path).__name__}")
     args = []
     if model is not None:
         args.append(("model", _flag_value("model", model)))
     if data is not None:
         args.append(("data", _flag_value("data", data)))
-    args.append(("out", _flag_value("out", out)))
+    if out is not None:
+        args.append(("out", _flag_value("out", out)))
     for name, value in options.items():
-        if value is None:
-            continue
         args.append((name, _flag_value(name, value)))
 
-    result = TrainResult(out=Path(os.fsdecode(out)))
+    if out is None:
+        # train picks the run being resumed (tools/cmd_train.cpp); the same choice, for result.out.
+        # (None when resume names no run: train refuses it with its message.)
+        resolved = _resume_out(options["resume"]) if isinstance(options["resume"], (str, bytes, os.PathLike)) else None
+        resume = options["resume"]
+        out_path = Path(resolved if resolved is not None else
+                        os.fsdecode(resume) if isinstance(resume, (str, bytes, os.PathLike)) else str(resume))
+    else:
+        out_path = Path(os.fsdecode(out))
+    result = TrainResult(out=out_path)
     user_cb: Optional[Callable[[Record], Optional[bool]]] = None
     bar: Optional[_TqdmBar] = None
     if callable(progress):

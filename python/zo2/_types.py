@@ -54,7 +54,10 @@ class TrainResult:
     out: Path
     steps: List[Dict[str, Any]] = field(default_factory=list)
     evals: List[Dict[str, Any]] = field(default_factory=list)
-    stopped: bool = False  #: a progress callback asked to stop; the run was saved and can be resumed
+    #: The run stopped before its last step, saved (``resume=out`` continues it): a progress
+    #: callback returned False, or a stop signal (Ctrl-C) came while train ran on a thread
+    #: other than the main one (Python raises its KeyboardInterrupt in the main thread).
+    stopped: bool = False
 
     @property
     def final_loss(self) -> Optional[float]:

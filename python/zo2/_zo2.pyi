@@ -1,6 +1,6 @@
 # Type stubs of zo2's native module (python/src/module.cpp), re-exported by the package zo2.
 from os import PathLike
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, SupportsFloat, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -13,6 +13,8 @@ _Path = Union[str, bytes, "PathLike[str]", "PathLike[bytes]"]
 # numpy arrays, PyTorch CPU tensors, nested lists: integers [n_seq, n_tokens] or [n_tokens]
 _IntArray = Union[npt.ArrayLike, Any]
 _Size = Union[int, str]  # bytes, or "512M", "4G" (powers of 1024)
+# a real number: float, int, numpy's scalars (np.float32, np.int64), Fraction, ... (never a bool)
+_Real = SupportsFloat
 
 def version() -> str: ...
 def set_log_level(level: Literal["debug", "info", "warn", "warning", "error", "off"]) -> None: ...
@@ -38,6 +40,7 @@ class Model:
     def __exit__(self, *exc: Any) -> bool: ...
 
 class StepResult:
+    def __init__(self, loss_plus: _Real, loss_minus: _Real, projected_grad: _Real, step: int, loss: _Real) -> None: ...
     @property
     def loss_plus(self) -> float: ...
     @property
@@ -54,9 +57,9 @@ class Session:
         self,
         model: Union[Model, _Path],
         *,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
+        lr: _Real = 1e-6,
+        eps: _Real = 1e-3,
+        weight_decay: _Real = 0.0,
         seed: int = 0,
         device: str = "cpu",
         gpu_mem: Optional[_Size] = None,
@@ -77,7 +80,7 @@ class Session:
         kv_cache: Literal["auto", "device", "host", "off"] = "auto",
         prefill_chunk: int = 0,
         parallel: Optional[str] = None,
-        rank_timeout: float = 600.0,
+        rank_timeout: _Real = 600.0,
         share_host_image: bool = True,
         sliced_upload: bool = False,
         host_mem: Optional[_Size] = None,
@@ -88,14 +91,14 @@ class Session:
         optimizer: Literal["zo-sgd", "zo-sgd-sign", "zo-sgd-cons", "zo-sgd-momentum", "zo-adam"] = "zo-sgd",
         directions: int = 1,
         difference: Literal["central", "forward"] = "central",
-        momentum: float = 0.9,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        adam_eps: float = 1e-8,
+        momentum: _Real = 0.9,
+        beta1: _Real = 0.9,
+        beta2: _Real = 0.999,
+        adam_eps: _Real = 1e-8,
         state_dtype: Literal["fp32", "bf16", "fp8"] = "fp32",
         resume_state: bool = False,
         lora_r: int = 0,
-        lora_alpha: float = 16.0,
+        lora_alpha: _Real = 16.0,
         lora_targets: Union[str, Sequence[str]] = "q_proj,v_proj",
         adapter: Optional[_Path] = None,
         prefix_tokens: int = 0,
@@ -115,13 +118,13 @@ class Session:
     def token_logprobs(self, input_ids: _IntArray, attention_mask: Optional[_IntArray] = None,
                        labels: Optional[_IntArray] = None) -> npt.NDArray[np.float32]: ...
     def generate(self, prompts: Union[Sequence[Sequence[int]], _IntArray], max_new_tokens: int = 32,
-                 greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 greedy: bool = True, temperature: _Real = 1.0, top_p: _Real = 1.0, seed: int = 0,
                  stop_ids: Optional[Sequence[int]] = None, pad_id: int = 0) -> List[Generation]: ...
     def generate_text(self, tokenizer: Tokenizer, texts: Sequence[str], max_new_tokens: int = 32,
-                      greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                      greedy: bool = True, temperature: _Real = 1.0, top_p: _Real = 1.0, seed: int = 0,
                       stop: Union[str, Sequence[str], None] = None, ignore_eos: bool = False) -> List[Generation]: ...
     def save(self, out_dir: _Path) -> None: ...
-    def set_lr(self, lr: float) -> None: ...
+    def set_lr(self, lr: _Real) -> None: ...
     @property
     def step_index(self) -> int: ...
     @property
@@ -162,3 +165,4 @@ class Tokenizer:
 def _plan(model: Union[Model, _Path], **params: Any) -> Plan: ...
 def _capi_step_loop(session: Session, input_ids: _IntArray, n: int) -> float: ...
 def _train(options: List[Any], on_record: Any, quiet: bool) -> int: ...
+def _resume_out(resume: _Path) -> Optional[str]: ...
