@@ -537,10 +537,24 @@ bool RunDirLock::held(const fs::path& dir) {
   return held_locks().count(lock_key(dir)) > 0;
 }
 
+void require_room_for_save(const fs::path& dir, const SaveRoom& room) {
+  if (room.bytes == 0) return;
+  // Note [Room for a save] (runtime/file_util.h): one new checkpoint must fit beside the
+  // previous one, which stays on the disk (and in the free space statvfs reports) until the
+  // new one is published.
+  require_free_space(dir, room.bytes, room.what.empty() ? std::string("a checkpoint") : room.what,
+                     fmt::format("; a save keeps the previous checkpoint until the new one is published, so each "
+                                 "save needs this much free{}{}",
+                                 room.ways_out.empty() ? "" : ": ", room.ways_out));
+}
+
 void publish_checkpoint(const fs::path& dir, const PublishRequest& r) {
   ZO2_CHECK(r.write);
   std::optional<RunDirLock> lock;
   if (!RunDirLock::held(dir)) lock.emplace(dir);
+  // Before the hidden step directory: a save the file system cannot hold writes nothing, and
+  // DIR keeps its previous checkpoint (Note [Room for a save] in runtime/file_util.h).
+  require_room_for_save(dir, r.room);
   std::error_code ec;
   const fs::path cur = dir / kRunCurrent;
   const auto cur_st = fs::symlink_status(cur, ec);

@@ -62,6 +62,21 @@ class RunDirLock {
   int fd_ = -1;
 };
 
+// What one save needs room for (Note [Room for a save] in runtime/file_util.h).
+struct SaveRoom {
+  std::uint64_t bytes = 0;  // a bound on what the save writes; 0: not checked
+  std::string what;         // "a checkpoint of step 40 (weights as fp32 1.20 GiB, ...)"
+  std::string ways_out;     // the caller's choices, in its own words ("free space there, ...")
+};
+
+// Error(io) when the file system of the run directory DIR has less free than one more
+// checkpoint of room.bytes (the previous checkpoint stays until the new one is published):
+// the message names DIR, its free space, the bytes needed and room.ways_out. Nothing when
+// the free space cannot be known (statvfs fails, or reports no blocks: Note [Room for a
+// save]). publish_checkpoint calls it before each save; a host calls it before its first
+// step (Session::check_save_room).
+void require_room_for_save(const std::filesystem::path& dir, const SaveRoom& room);
+
 struct PublishRequest {
   std::int64_t step = 0;         // the checkpoint's step: the next step a resume runs
   nlohmann::json state = nlohmann::json::object();  // the caller's fields, kept in the manifest
@@ -69,11 +84,14 @@ struct PublishRequest {
   SeedLogPosition seed_log_position;
   // Writes the checkpoint's files into the (fresh, empty) directory it is given.
   std::function<void(const std::filesystem::path& dir)> write;
+  // Checked before anything is written (require_room_for_save); bytes 0: not checked.
+  SaveRoom room;
 };
 
 // Publishes a checkpoint into DIR as one transaction (Note [Run directory]). Takes DIR's lock
-// for the save unless this process holds it. On failure DIR is as it was, and the partial
-// step directory is removed.
+// for the save unless this process holds it. A file system without room for request.room is
+// refused before anything is written (require_room_for_save). On failure DIR is as it was,
+// and the partial step directory is removed.
 void publish_checkpoint(const std::filesystem::path& dir, const PublishRequest& request);
 
 struct OpenedCheckpoint {

@@ -335,17 +335,25 @@ std::optional<DiskPlacement> Session::disk_placement(const ModelConfig& model, c
   return d;
 }
 
+namespace {
+// The step a checkpoint's weights are at: its manifest's, or an older zo2_state.json's
+// next_step; -1 where nothing says.
+std::int64_t saved_step_of(const std::filesystem::path& dir) {
+  const OpenedCheckpoint opened = open_checkpoint(dir);
+  if (opened.step >= 0) return opened.step;
+  if (opened.state.is_object() && opened.state.contains("next_step") && opened.state["next_step"].is_number_integer())
+    return opened.state["next_step"].get<std::int64_t>();
+  return -1;
+}
+}  // namespace
+
 // A resume (the seed log appended, or the rule state loaded) starts at the step its checkpoint
 // was saved at: another first_step would trim the log to a step the weights are not at (and
 // the next save would name a step they are not at), or pair the state with other weights.
 void Session::check_resume_step(const std::filesystem::path& model_path) const {
   if (!cfg_.seed_log_append && !cfg_.resume_state) return;
   const std::filesystem::path ck = cfg_.peft.any() && !cfg_.adapter_dir.empty() ? cfg_.adapter_dir : model_path;
-  const OpenedCheckpoint opened = open_checkpoint(ck);
-  std::int64_t saved = opened.step;
-  if (saved < 0 && opened.state.is_object() && opened.state.contains("next_step") &&
-      opened.state["next_step"].is_number_integer())
-    saved = opened.state["next_step"].get<std::int64_t>();
+  const std::int64_t saved = saved_step_of(ck);
   if (saved < 0) return;  // no manifest: nothing says which step the weights are at
   const std::int64_t at = cfg_.replay.empty() ? cfg_.first_step : cfg_.replay.front().step;
   if (at != saved)
@@ -359,6 +367,7 @@ Session::Session(const std::filesystem::path& model_path, const SessionConfig& c
   const std::filesystem::path model_dir = resolve_model_dir(model_path);
   model_path_ = model_path;
   model_is_run_ = model_dir != model_path || holds_run(model_path);
+  if (model_is_run_) model_loaded_step_ = saved_step_of(model_path);
   check_resume_step(model_path);
   // Note [One job]: the ranks compare what defines the run before any collective depends on it.
   if (cfg_.training && cfg_.comm && cfg_.comm->size() > 1 && !cfg_.ranks_agreed)
@@ -376,19 +385,22 @@ Session::Session(const std::filesystem::path& model_path, const SessionConfig& c
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
   check_cpu_host_memory(model, plan, cfg_.peft.any() ? StateSpec{} : state);
   open_node_comm();
-  store_ = std::make_unique<BlockStore>(BlockStore::load(model_dir, cfg_.storage, *device_,
-                                                         cfg_.peft.any() ? StateSpec{} : state, node_comm_.get(),
-                                                         disk ? &*disk : nullptr));
-  open_adapters(model);
-  if (cfg_.resume_state && state.buffers > 0) {
-    // A LoRA run keeps its state beside its adapter; a full run beside its checkpoint.
-    const std::filesystem::path file = (cfg_.peft.any() ? cfg_.adapter_dir : model_dir) / kOptimizerStateFile;
-    if (!std::filesystem::exists(file))
-      fail(ErrorKind::format, "{}: missing; the run used --optimizer {}, whose state a resume needs", file.string(),
-           rule_name(cfg_.rule.kind));
-    if (cfg_.peft.any()) adapters_->load_state(file);
-    else store_->load_state(file);
-  }
+  // Note [Kernel threads] (runtime/cpu/cpu_device.cpp): the weights load with the device's threads.
+  device_->run_host_parallel([&] {
+    store_ = std::make_unique<BlockStore>(BlockStore::load(model_dir, cfg_.storage, *device_,
+                                                           cfg_.peft.any() ? StateSpec{} : state, node_comm_.get(),
+                                                           disk ? &*disk : nullptr));
+    open_adapters(model);
+    if (cfg_.resume_state && state.buffers > 0) {
+      // A LoRA run keeps its state beside its adapter; a full run beside its checkpoint.
+      const std::filesystem::path file = (cfg_.peft.any() ? cfg_.adapter_dir : model_dir) / kOptimizerStateFile;
+      if (!std::filesystem::exists(file))
+        fail(ErrorKind::format, "{}: missing; the run used --optimizer {}, whose state a resume needs", file.string(),
+             rule_name(cfg_.rule.kind));
+      if (cfg_.peft.any()) adapters_->load_state(file);
+      else store_->load_state(file);
+    }
+  });
   init(cfg_);
 }
 
@@ -405,10 +417,12 @@ Session::Session(const ModelConfig& model, const SessionConfig& cfg, std::uint64
   const StateSpec state{cfg_.rule.state_buffers(), cfg_.rule.state_dtype};
   if (!alias_blocks) check_cpu_host_memory(model, plan, cfg_.peft.any() ? StateSpec{} : state);
   open_node_comm();
-  store_ = std::make_unique<BlockStore>(BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks,
-                                                              cfg_.peft.any() ? StateSpec{} : state, node_comm_.get(),
-                                                              disk ? &*disk : nullptr));
-  open_adapters(model);
+  device_->run_host_parallel([&] {  // Note [Kernel threads]
+    store_ = std::make_unique<BlockStore>(BlockStore::synthetic(model, cfg_.storage, *device_, init_seed, alias_blocks,
+                                                                cfg_.peft.any() ? StateSpec{} : state,
+                                                                node_comm_.get(), disk ? &*disk : nullptr));
+    open_adapters(model);
+  });
   init(cfg_);
 }
 
@@ -440,6 +454,7 @@ void Session::open_adapters(const ModelConfig& model) {
   if (!cfg_.adapter_dir.empty()) {
     adapters_->load_peft(cfg_.adapter_dir);
     adapter_is_run_ = holds_run(cfg_.adapter_dir);
+    if (adapter_is_run_) adapter_loaded_step_ = saved_step_of(cfg_.adapter_dir);
   }
 }
 
@@ -894,8 +909,37 @@ void Session::check_save_target(const std::filesystem::path& out_dir, bool repla
     const std::filesystem::path p = std::filesystem::weakly_canonical(std::filesystem::absolute(dir, ec), ec);
     return same_directory(dir, out_dir) || (!ec && same_directory(p.parent_path(), out_dir));
   };
-  const bool continues_run = (!model_path_.empty() && model_is_run_ && within(model_path_)) ||
-                             (cfg_.training && adapter_is_run_ && within(cfg_.adapter_dir));
+  const bool from_adapter_run = cfg_.training && adapter_is_run_ && within(cfg_.adapter_dir);
+  const bool continues_run = (!model_path_.empty() && model_is_run_ && within(model_path_)) || from_adapter_run;
+  // Note [A run continues from where it was loaded]
+  // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+  // A session loaded from a run continues it only from the step it was loaded at, and no save
+  // takes a run back to an earlier step. A notebook cell re-run — Session("out/run") without
+  // first_step, a step, save("out/run") — replaced step 6's checkpoint (its optimizer state,
+  // its seed log record) with a "step 1" whose step re-used step 0's seed, and nothing could
+  // resume or replay the run any more (adversarial pass 70). zo2-tune's --resume sets
+  // first_step itself; a host sets first_step (with resume_state, and seed_log_append for a
+  // logged run) to the step it loaded.
+  const std::int64_t start = cfg_.replay.empty() ? cfg_.first_step : cfg_.replay.front().step;
+  const std::int64_t loaded = from_adapter_run ? adapter_loaded_step_ : model_loaded_step_;
+  if (continues_run && loaded >= 0 && start != loaded)
+    fail(ErrorKind::invalid_argument,
+         "{}: this session was loaded from step {} of this run but started at step {} (first_step), so its checkpoint "
+         "would replace the run's with one of another history: save to another directory, or load the run with "
+         "first_step {} (and resume_state, and seed_log_append for a run with a seed log) to continue it",
+         out_dir.string(), loaded, start, loaded);
+  if (holds_run(out_dir) && !replace_checkpoint) {  // (--overwrite: replaced as asked)
+    std::int64_t theirs = -1;
+    try {
+      theirs = saved_step_of(out_dir);
+    } catch (const Error&) {  // a damaged run directory: the publish below says what is wrong
+    }
+    if (theirs > next_step_)
+      fail(ErrorKind::invalid_argument,
+           "{}: holds step {} of its run, later than this session's step {}: a save would take the run back, replacing "
+           "that checkpoint (and what its seed log records after step {}): choose another directory",
+           out_dir.string(), theirs, next_step_, next_step_);
+  }
   if (holds_run(out_dir) && !continues_run) {
     std::optional<OpenedCheckpoint> theirs;
     try {
@@ -920,6 +964,39 @@ void Session::check_save_target(const std::filesystem::path& out_dir, bool repla
   }
 }
 
+SaveRoom Session::save_room(DType dtype, std::uint64_t shard_bytes, const SaveExtras& extras, bool any_step) const {
+  // Note [Room for a save] (runtime/file_util.h): what Session::save writes, bounded above.
+  const auto weights = [&](DType as) {
+    return adapters_ ? adapters_->save_bytes() : checkpoint_file_bytes(store_->config(), as, shard_bytes);
+  };
+  const std::uint64_t model = weights(dtype);
+  const std::uint64_t state = adapters_ ? 0 : store_->state_file_bytes();  // an adapter run's is in save_bytes
+  // The tokenizer and other files the caller adds, generation_config.json, and the manifest
+  // (its per-file lines and the run's flags: 64 KiB and a line per file are ample).
+  const std::uint64_t other = extras.extra_bytes + (generation_config_ ? generation_config_->size() : 0) +
+                              (64 << 10) + extras.state.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).size();
+  SaveRoom room;
+  room.bytes = model + state + other;
+  room.what = fmt::format("a checkpoint of {} ({} {}{}, other files {})",
+                          any_step ? std::string("this run") : fmt::format("step {}", next_step_),
+                          adapters_ ? "adapters" : fmt::format("weights as {}", dtype_name(dtype)),
+                          format_bytes(static_cast<double>(model)),
+                          state > 0 ? fmt::format(", optimizer state {}", format_bytes(static_cast<double>(state))) : "",
+                          format_bytes(static_cast<double>(other)));
+  room.ways_out = fmt::format("free space there, or choose another {} on a file system with room", extras.out_option);
+  // A narrower dtype where the save can take one (an adapter run saves fp32 adapters).
+  if (!adapters_ && dtype == DType::f32)
+    room.ways_out += fmt::format(", or save narrower ({} bf16 needs {})", extras.dtype_option,
+                                 format_bytes(static_cast<double>(weights(DType::bf16) + state + other)));
+  return room;
+}
+
+void Session::check_save_room(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes,
+                              const SaveExtras& extras) const {
+  if (!is_writer()) return;
+  require_room_for_save(out_dir, save_room(dtype, shard_bytes, extras, /*any_step=*/true));
+}
+
 void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes,
                    const SaveExtras& extras) {
   check_not_loaded_from(out_dir);
@@ -938,12 +1015,15 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
   check_save_target(out_dir, extras.replace_checkpoint);
   try {
     // What a load would refuse is not saved: non-finite weights, adapters or rule state.
-    if (adapters_) {
-      adapters_->check_finite();
-    } else {
-      store_->check_finite(dtype);
-      store_->check_state_finite();
-    }
+    // (The scans, and the save below, with the device's threads: Note [Kernel threads].)
+    device_->run_host_parallel([&] {
+      if (adapters_) {
+        adapters_->check_finite();
+      } else {
+        store_->check_finite(dtype);
+        store_->check_state_finite();
+      }
+    });
   } catch (const Error& e) {
     fail(e.kind(), "{}: not saved at step {}: {}", out_dir.string(), next_step_, e.what());
   }
@@ -982,7 +1062,8 @@ void Session::save(const std::filesystem::path& out_dir, DType dtype, std::uint6
     // model's, whoever's tokenizer files extra_files copied.
     if (generation_config_) write_file_atomic(dir / kGenerationConfig, *generation_config_);
   };
-  publish_checkpoint(out_dir, r);
+  r.room = save_room(dtype, shard_bytes, extras);  // checked before anything is written
+  device_->run_host_parallel([&] { publish_checkpoint(out_dir, r); });
   if (cfg_.comm && cfg_.comm->size() > 1) cfg_.comm->barrier(fmt::format("the checkpoint of step {}", next_step_));
 }
 

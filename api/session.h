@@ -3,6 +3,7 @@
 // log. The C API (include/zo2.h) and zo2-tune are both built on this class, so neither
 // can lag behind the other.
 #pragma once
+#include "api/run_dir.h"
 #include "models/batch.h"
 #include "offload/block_store.h"
 #include "offload/planner.h"
@@ -195,6 +196,13 @@ class Session {
     // The caller was asked to replace a plain checkpoint in out_dir (--overwrite); otherwise
     // a save refuses one (foreign_checkpoint_files).
     bool replace_checkpoint = false;
+    // The bytes extra_files writes, counted in the room a save needs (Note [Room for a save]
+    // in runtime/file_util.h).
+    std::uint64_t extra_bytes = 0;
+    // How a refusal for room names the caller's choices: the directory and the save dtype
+    // (zo2-tune: "--out", "--save-dtype"; the C API's and Python's names by default).
+    std::string out_option = "out_dir";
+    std::string dtype_option = "save_dtype";
   };
   void save(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes,
             const SaveExtras& extras);
@@ -206,6 +214,17 @@ class Session {
   // before its first step (Note [Save refusals up front]). Rank 0's; a no-op on the others
   // but for the checkpoint the session was loaded from.
   void check_save_target(const std::filesystem::path& out_dir, bool replace_checkpoint) const;
+  // What one save (as dtype, sharded above shard_bytes, with extras) writes: a bound on its
+  // bytes — the weights (or the adapters), the optimizer state, extras.extra_bytes and the
+  // small files — and a refusal's words for them (Note [Room for a save] in
+  // runtime/file_util.h). save checks it before writing anything (publish_checkpoint). The
+  // words name the next step's checkpoint, or with any_step "a checkpoint of this run".
+  SaveRoom save_room(DType dtype, std::uint64_t shard_bytes, const SaveExtras& extras, bool any_step = false) const;
+  // Error(io) when out_dir's file system cannot hold one save (require_room_for_save): a host
+  // that saves calls it before its first step, so that a disk too small is said at once, not
+  // at the first save hours later. Rank 0's; a no-op on the others.
+  void check_save_room(const std::filesystem::path& out_dir, DType dtype, std::uint64_t shard_bytes,
+                       const SaveExtras& extras) const;
   // Waits for outstanding steps and flushes the pending update into the host store. With a
   // shared host image, collective over the node's ranks (they fence once every slice is home).
   void sync();
@@ -232,6 +251,9 @@ class Session {
   std::filesystem::path model_path_;  // the directory given (empty: synthesized weights)
   bool model_is_run_ = false;         // it is a run directory (read through its current checkpoint)
   bool adapter_is_run_ = false;       // cfg_.adapter_dir is a run directory or one of its checkpoints
+  // The step of the run checkpoint loaded as the model / as the adapter (its manifest), -1
+  // where none says (Note [A run continues from where it was loaded]).
+  std::int64_t model_loaded_step_ = -1, adapter_loaded_step_ = -1;
   // The model directory's generation_config.json, read at load: a run's step directory it
   // came from is removed by the run's next save, before the save after that.
   std::optional<std::string> generation_config_;

@@ -201,9 +201,10 @@ typedef struct zo2_session_params {
     const char * storage_dtype;  // weights in host memory and slots: "fp32", "bf16", "fp16", "fp8". Default "fp32".
     const char * compute_dtype;  // activations and GEMMs: "fp32", "bf16", "fp16". Default "fp32".
     int32_t  n_threads;          // CPU threads for kernels, 0..65536; 0 = the cores the process may use (affinity, cgroup CPU quota). Default 0.
+                                 // The session's own: its kernels (and its loading and saving) run in a TBB arena of that
+                                 // many threads; the host's TBB work outside zo2's calls, and other sessions, keep theirs.
                                  // Process-wide while a CPU session lives: OpenBLAS runs 1 thread (the host's count is
-                                 // restored when the last CPU session is freed), and a value below the cores caps every
-                                 // TBB user in the process, the host included (oneTBB's global_control), until it is freed.
+                                 // restored when the last CPU session is freed).
 
     // Capacity: the largest batch any step/eval of this session takes (activations are
     // allocated for it at init).
@@ -215,7 +216,8 @@ typedef struct zo2_session_params {
     // Run bookkeeping.
     const char * seed_log_path;  // JSON Lines seed log, one (step, seed, g, lr) line per step, which
                                  // `zo2-tune replay` turns back into the tuned weights; NULL = none (set with
-                                 // training = 0: ZO2_ERR_INVALID_ARGUMENT). Default NULL.
+                                 // training = 0: ZO2_ERR_INVALID_ARGUMENT). Default NULL. A run saved without
+                                 // one records no steps: `zo2-tune train --resume` refuses it (use it as a model).
     int32_t  seed_log_append;    // nonzero: resume — keep the existing log's entries before first_step (needs
                                  // seed_log_path: ZO2_ERR_INVALID_ARGUMENT without it). Default 0:
                                  // a new log, which never replaces an existing non-empty file (another run's
@@ -422,12 +424,19 @@ ZO2_API int zo2_session_eval_choices(zo2_session * s, const zo2_batch * b, const
 //   ZO2_ERR_INVALID_ARGUMENT  s or out_dir NULL or empty, or out_dir is the plain checkpoint the
 //                             session was loaded from (a run directory may be saved into again),
 //                             or out_dir holds a training run (a seed_log.jsonl) whose seed log is
-//                             not this session's
+//                             not this session's, or out_dir is the run this session was loaded from
+//                             and the session did not start at the step it loaded (first_step), or
+//                             out_dir holds a later step of its run than the session's (a save never
+//                             takes a run back)
 //   ZO2_ERR_FORMAT            a weight is NaN or infinite, or beyond save_dtype's range (fp16:
 //                             ±65504) (the message names the tensor); nothing is written
 //   ZO2_ERR_IO                out_dir cannot be created or written, or another process is
-//                             writing it (its zo2.lock is held); the session stays usable and
-//                             its weights are unchanged (the flush has been applied)
+//                             writing it (its zo2.lock is held), or its file system has less free
+//                             than one more checkpoint (checked before anything is written; the
+//                             message names out_dir, the free space, the bytes needed and
+//                             save_dtype bf16's; a file system whose statvfs fails or reports no
+//                             blocks is not checked); the session stays usable and its weights
+//                             are unchanged (the flush has been applied)
 ZO2_API int zo2_session_save(zo2_session * s, const char * out_dir);
 
 // Sets the learning rate of the following steps (for schedules). ZO2_ERR_INVALID_ARGUMENT

@@ -174,4 +174,24 @@ std::vector<NamedShape> checkpoint_tensors(const ModelConfig& c) {
   return out;
 }
 
+std::uint64_t safetensors_file_bytes(std::uint64_t data_bytes, std::uint64_t tensors, std::uint64_t name_bytes) {
+  constexpr std::uint64_t kFileSlack = 64 << 10;  // the last block, the 8-byte length, metadata
+  return data_bytes + 2 * name_bytes + 192 * tensors + kFileSlack;
+}
+
+std::uint64_t checkpoint_file_bytes(const ModelConfig& c, DType dtype, std::uint64_t shard_bytes) {
+  std::uint64_t data = 0, names = 0, count = 0;
+  for (const NamedShape& t : checkpoint_tensors(c)) {
+    std::uint64_t numel = 1;
+    for (const std::int64_t d : t.shape) numel *= static_cast<std::uint64_t>(d);
+    data += numel * dtype_size(dtype);
+    names += t.name.size();
+    ++count;
+  }
+  // Greedy sharding starts a new shard only when the next tensor would overflow the current
+  // one: at most 2 × data / shard_bytes + 1 shards, each with a last block of its own.
+  const std::uint64_t shards = shard_bytes == 0 || data <= shard_bytes ? 1 : 2 * (data / shard_bytes) + 1;
+  return safetensors_file_bytes(data, count, names) + (shards - 1) * (64 << 10) + (64 << 10);  // + config.json
+}
+
 }  // namespace zo2

@@ -95,4 +95,13 @@ struct NamedShape {
 };
 std::vector<NamedShape> checkpoint_tensors(const ModelConfig& c);
 
+// The bytes a checkpoint of `c` saved as `dtype` takes on disk, sharded above shard_bytes
+// (0: one file) (Note [Room for a save] in runtime/file_util.h): the tensors' data, and a
+// bound on the rest — each tensor's header and index entry (its name twice and 192 bytes),
+// each file's last block and config.json (64 KiB each).
+std::uint64_t checkpoint_file_bytes(const ModelConfig& c, DType dtype, std::uint64_t shard_bytes);
+// The same bound for a safetensors file of `tensors` tensors whose names take `name_bytes`
+// in all and whose data takes `data_bytes`: what its header and last block add.
+std::uint64_t safetensors_file_bytes(std::uint64_t data_bytes, std::uint64_t tensors, std::uint64_t name_bytes);
+
 }  // namespace zo2

@@ -846,9 +846,11 @@ void write_safetensors_sharded(const fs::path& dir, std::span<const TensorToWrit
   for (const auto& it : items) total += it.nbytes;
   // Before the first byte: a checkpoint the file system cannot hold fails now, not after
   // hours of writing (the older files it replaces go only once it is whole).
-  if (const fs::space_info sp = fs::space(dir, ec); !ec && sp.available < total)
+  // Note [Room for a save] (runtime/file_util.h): a file system that reports no blocks (FUSE)
+  // or fails statvfs is not refused.
+  if (const std::optional<std::uint64_t> free = free_bytes(dir); free && *free < total)
     fail(ErrorKind::io, "cannot save checkpoint '{}': it needs {}, but the file system has {} free",
-         dir.string(), format_bytes(static_cast<double>(total)), format_bytes(static_cast<double>(sp.available)));
+         dir.string(), format_bytes(static_cast<double>(total)), format_bytes(static_cast<double>(*free)));
 
   std::set<std::string> keep;
   if (total <= max_shard_bytes) {

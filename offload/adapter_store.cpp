@@ -264,6 +264,29 @@ void AdapterStore::save_state(const fs::path& file) const {
   write_state_file(file, state_tensors(), state_);
 }
 
+std::uint64_t AdapterStore::save_bytes() const {
+  std::uint64_t data = 0, names = 0, count = 0;
+  for (const LoraLayout& l : layouts_)
+    for (const ImageLayout* part : {&l.a, &l.b})
+      for (const TensorSlot& t : part->tensors()) {
+        data += static_cast<std::uint64_t>(t.numel()) * sizeof(float);  // saved as fp32
+        names += t.name.size() + 16;  // PEFT's name ("base_model.model." and ".default" beside it)
+        ++count;
+      }
+  std::uint64_t bytes = safetensors_file_bytes(data, count, names) + (64 << 10);  // + adapter_config.json
+  if (state_.buffers > 0) {
+    data = names = count = 0;
+    for (const StateTensorRef& t : state_tensors()) {
+      data += static_cast<std::uint64_t>(t.slot->numel()) * dtype_size(t.slot->dtype) +
+              (t.slot->has_scales() ? static_cast<std::uint64_t>(t.slot->rows) * sizeof(float) : 0);
+      names += 2 * t.name.size() + 6;
+      count += 2;
+    }
+    bytes += safetensors_file_bytes(data, count, names);
+  }
+  return bytes;
+}
+
 void AdapterStore::load_state(const fs::path& file) {
   ZO2_CHECK(state_.buffers > 0);
   read_state_file(file, state_tensors(), state_);

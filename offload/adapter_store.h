@@ -47,6 +47,9 @@ class AdapterStore {
   static std::string base_model_of(const std::filesystem::path& dir);
   // The rule's state of the adapters, as BlockStore::save_state does for blocks.
   void save_state(const std::filesystem::path& file) const;
+  // What save_peft and save_state write, in bytes (a bound: Note [Room for a save] in
+  // runtime/file_util.h): the adapter file, its config, and the state file when kept.
+  std::uint64_t save_bytes() const;
   void load_state(const std::filesystem::path& file);
   // Error(format) naming the first adapter (or prefix) tensor, or state tensor, that holds a
   // non-finite value: a save refuses what a load would.

@@ -568,6 +568,22 @@ void BlockStore::save_state(const std::filesystem::path& file) const {
   write_state_file(file, state_tensors(), state_, disk_.get());
 }
 
+std::uint64_t BlockStore::state_file_bytes() const {
+  if (state_.buffers == 0) return 0;
+  std::uint64_t data = 0, names = 0, count = 0;
+  for (const StateTensorRef& t : state_tensors()) {
+    data += static_cast<std::uint64_t>(t.slot->numel()) * dtype_size(t.slot->dtype);
+    names += t.name.size();
+    ++count;
+    if (t.slot->has_scales()) {  // and its ".scale" tensor, fp32 per row
+      data += static_cast<std::uint64_t>(t.slot->rows) * sizeof(float);
+      names += t.name.size() + 6;
+      ++count;
+    }
+  }
+  return safetensors_file_bytes(data, count, names);
+}
+
 void BlockStore::load_state(const std::filesystem::path& file) {
   if (state_.buffers == 0) fail(ErrorKind::internal, "load_state: this store keeps no optimizer state");
   if (!node_ || node_->rank() == 0) read_state_file(file, state_tensors(), state_, disk_.get());

@@ -159,6 +159,9 @@ class BlockStore {
   // ".state1", in the state dtype, fp8 as its fp32 values), and back: load_state checks
   // every name, shape and value (finite) and names the file and tensor otherwise.
   void save_state(const std::filesystem::path& file) const;
+  // What save_state writes, in bytes (a bound: Note [Room for a save] in runtime/file_util.h);
+  // 0 when the store keeps no state.
+  std::uint64_t state_file_bytes() const;
   void load_state(const std::filesystem::path& file);
   // Zeros every state buffer (fp8: zeros with unit row scales).
   void clear_state();

@@ -145,7 +145,7 @@ struct DeviceOptions {
   DeviceKind kind = DeviceKind::cpu;
   int index = 0;                // CUDA device ordinal
   std::size_t mem_cap = 0;      // arena bytes; 0 = the device's memory (CPU: physical RAM)
-  int threads = 0;              // CPU worker threads for kernels; 0 = default_threads()
+  int threads = 0;              // CPU threads for kernels; 0 = default_threads() (Note [Kernel threads])
   int debug_copy_delay_us = 0;  // CPU backend, tests only: every async copy first sleeps this long
 };
 
@@ -190,6 +190,12 @@ class Device {
   // A group of this process's device with the other ranks' of `node` (Note [Device groups]);
   // the group owns `node` and uses it from stream threads only. Collective over `node`.
   virtual std::unique_ptr<DeviceGroup> make_group(std::unique_ptr<Comm> node);
+  // Runs fn on the calling thread with the TBB parallelism the device's kernels have: the
+  // CPU backend's kernel arena (Note [Kernel threads], runtime/cpu/cpu_device.cpp), so the
+  // session's own host-side work (loading, converting, saving the weights) keeps to its
+  // threads too; CUDA: fn() as it is. fn must not wait for the device's kernels (it holds a
+  // place in the arena they need); nesting is allowed. Rethrows what fn throws.
+  virtual void run_host_parallel(const std::function<void()>& fn) { fn(); }
 };
 
 // The machine's physical memory (sysconf), or the process's cgroup memory limit where that

@@ -1,5 +1,6 @@
 #include "runtime/file_util.h"
 
+#include "runtime/arena.h"
 #include "runtime/checksum.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
@@ -16,6 +17,7 @@
 #include <sys/file.h>
 #include <random>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <system_error>
 #include <unistd.h>
 #include <utility>
@@ -362,6 +364,45 @@ void remove_abandoned_temps(const fs::path& target) noexcept {
     }
   } catch (...) {
   }
+}
+
+namespace {
+std::function<int(const char*, struct statvfs*)> g_statvfs_hook;
+}  // namespace
+
+void set_statvfs_for_testing(std::function<int(const char* path, struct statvfs* st)> statvfs) {
+  g_statvfs_hook = std::move(statvfs);
+}
+
+std::optional<std::uint64_t> free_bytes(const fs::path& path) {
+  // The nearest existing ancestor: a run directory not made yet lands on its parent's file system.
+  std::error_code ec;
+  fs::path p = path.empty() ? fs::path(".") : fs::absolute(path, ec);
+  if (ec) p = path;
+  while (!fs::exists(p, ec) && p.has_relative_path()) p = p.parent_path();
+  struct statvfs st {};
+  // Note [Room for a save]: a failed statvfs, or one that reports no blocks (FUSE, some
+  // network file systems fill every field with 0), says nothing of the space: never a refusal.
+  if ((g_statvfs_hook ? g_statvfs_hook(p.c_str(), &st) : ::statvfs(p.c_str(), &st)) != 0) {
+    log_debug("{}: statvfs failed ({}); the free space is not checked", p.string(), errno_message(errno));
+    return std::nullopt;
+  }
+  if (st.f_blocks == 0) {
+    log_debug("{}: the file system reports no blocks; the free space is not checked", p.string());
+    return std::nullopt;
+  }
+  const std::uint64_t unit = st.f_frsize != 0 ? st.f_frsize : st.f_bsize;
+  const std::uint64_t avail = st.f_bavail;
+  if (unit != 0 && avail > UINT64_MAX / unit) return UINT64_MAX;
+  return avail * unit;
+}
+
+void require_free_space(const fs::path& path, std::uint64_t bytes, std::string_view what, std::string_view ways_out) {
+  const std::optional<std::uint64_t> free = free_bytes(path);
+  if (!free || *free >= bytes) return;
+  fail(ErrorKind::io, "{}: not enough free space for {}: it needs {}, but the file system there has {} free{}",
+       path.string(), what, format_bytes(static_cast<double>(bytes)), format_bytes(static_cast<double>(*free)),
+       ways_out);
 }
 
 }  // namespace zo2

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -11,6 +12,8 @@
 #include <string>
 #include <string_view>
 #include <vector>
+
+struct statvfs;
 
 namespace zo2 {
 
@@ -151,6 +154,42 @@ std::size_t pread_full(int fd, std::span<std::byte> dst, std::uint64_t offset, c
 // scratch that the next remove_abandoned_temps(target) removes, whole, once its writer is
 // gone (a kill -9 in between). The caller removes it when done. Throws Error(io).
 std::filesystem::path make_temp_dir(const std::filesystem::path& target);
+
+// Note [Room for a save]
+// ~~~~~~~~~~~~~~~~~~~~~~
+// A checkpoint is refused before its first byte when the file system it goes to cannot hold
+// it: a 175B run whose --out had too little room learned it at its first save, hours in,
+// from an ENOSPC mid-write. The free space is statvfs's f_bavail × f_frsize, what an
+// unprivileged writer may still use (f_bfree counts root's reserve too). Two answers are no
+// answer, and never a refusal: statvfs failing (ENOSYS, EACCES, a vanished mount), and a
+// file system reporting no blocks at all (f_blocks == 0: some FUSE backends, object-store
+// mounts among them, and some network file systems fill every field with 0) — free_bytes()
+// says nullopt there, and the write itself reports a full disk as before.
+// What needs room is one new checkpoint: the previous one stays until the new one is
+// published (Note [Run directory] in api/run_dir.h), and it is on the disk already, so free
+// space counts it. The callers: publish_checkpoint before each save (every save: train's,
+// replay's, zo2_session_save's and Python's), Session::check_save_room (train before its
+// first step, replay before its updates), init and merge before they write, and
+// write_safetensors_sharded for any other writer. Sizes: checkpoint_file_bytes
+// (models/layout.h), Session::save_room (api/session.h), bounds a little above what is
+// written (a bound below would let a save start that cannot finish). No flag overrides the
+// refusal: a run saves at least once (at its end), and a save that does not fit fails on
+// ENOSPC anyway, only later; space is freed before the run, not promised for during it.
+
+// The bytes an unprivileged writer may still put on the file system holding `path` (its
+// nearest existing ancestor when `path` is not there yet), or nullopt when that cannot be
+// known (Note [Room for a save]).
+std::optional<std::uint64_t> free_bytes(const std::filesystem::path& path);
+
+// For tests of Note [Room for a save]: free_bytes asks `statvfs` (0, or -1 with errno set)
+// instead of statvfs(3). Empty: statvfs(3).
+void set_statvfs_for_testing(std::function<int(const char* path, struct statvfs* st)> statvfs);
+
+// Error(io) when the file system holding `path` has fewer than `bytes` free (Note [Room for a
+// save]): "<path>: not enough free space for <what>: it needs N, but the file system there
+// has M free<ways_out>". Nothing when free_bytes(path) is nullopt.
+void require_free_space(const std::filesystem::path& path, std::uint64_t bytes, std::string_view what,
+                        std::string_view ways_out);
 
 // Throws Error(io) naming the path; on failure the old file (if any) is untouched.
 void write_file_atomic(const std::filesystem::path& path, std::string_view contents);

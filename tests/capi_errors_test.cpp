@@ -334,6 +334,79 @@ TEST_F(CApi, ASessionsSaveNeverReplacesAnotherRunsCheckpoint) {
   zo2_session_free(d);
 }
 
+// Adversarial pass 70 (Note [A run continues from where it was loaded]): a session opened from
+// a run at step 3 without first_step (a notebook cell run again) stepped once and saved "step
+// 1" over it, deleting step 3's checkpoint and its seed log record. Refused now, the run
+// untouched; a session that continues from the loaded step saves there; and no session takes
+// a run back to an earlier step.
+TEST_F(CApi, ASaveNeverTakesARunBackOrGivesItAnotherHistory) {
+  const fs::path dir = *tmp_ / "pass70";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const zo2_batch b = batch();
+  zo2_step_result r{};
+  const std::string run = (dir / "run").string();
+  zo2_session_params p = params();
+  p.seed = 11;
+  zo2_session* a = nullptr;
+  ASSERT_EQ(zo2_session_init(model_, &p, &a), 0) << zo2_last_error();  // no seed log: the run seed says whose run
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(zo2_session_step(a, &b, &r), 0) << zo2_last_error();
+  ASSERT_EQ(zo2_session_save(a, run.c_str()), 0) << zo2_last_error();
+  ASSERT_EQ(fs::read_symlink(dir / "run" / "current").string(), "step-00000003");
+  const std::string weights = test::read_file(dir / "run" / "model.safetensors");
+  zo2_model* m = nullptr;
+  ASSERT_EQ(zo2_model_load(run.c_str(), nullptr, &m), 0) << zo2_last_error();
+  // Opened without first_step: another history. Refused before and after a step.
+  zo2_session* again = nullptr;
+  ASSERT_EQ(zo2_session_init(m, &p, &again), 0) << zo2_last_error();
+  EXPECT_ERROR(zo2_session_save(again, run.c_str()), ZO2_ERR_INVALID_ARGUMENT, "loaded from step 3 of this run",
+               "started at step 0", "first_step 3");
+  ASSERT_EQ(zo2_session_step(again, &b, &r), 0) << zo2_last_error();
+  EXPECT_ERROR(zo2_session_save(again, run.c_str()), ZO2_ERR_INVALID_ARGUMENT, "loaded from step 3 of this run");
+  EXPECT_EQ(fs::read_symlink(dir / "run" / "current").string(), "step-00000003");
+  EXPECT_EQ(test::read_file(dir / "run" / "model.safetensors"), weights);
+  // It saves anywhere else.
+  EXPECT_EQ(zo2_session_save(again, (dir / "branch").c_str()), 0) << zo2_last_error();
+  zo2_session_free(again);
+  // Continued from the step it loaded: saves into the run.
+  zo2_session_params q = p;
+  q.first_step = 3;
+  zo2_session* cont = nullptr;
+  ASSERT_EQ(zo2_session_init(m, &q, &cont), 0) << zo2_last_error();
+  ASSERT_EQ(zo2_session_step(cont, &b, &r), 0) << zo2_last_error();
+  ASSERT_EQ(zo2_session_save(cont, run.c_str()), 0) << zo2_last_error();
+  EXPECT_EQ(fs::read_symlink(dir / "run" / "current").string(), "step-00000004");
+  zo2_session_free(cont);
+  // The first session, at step 3, would take the run (now at 4) back.
+  EXPECT_ERROR(zo2_session_save(a, run.c_str()), ZO2_ERR_INVALID_ARGUMENT, "holds step 4 of its run",
+               "later than this session's step 3");
+  EXPECT_EQ(fs::read_symlink(dir / "run" / "current").string(), "step-00000004");
+  zo2_session_free(a);
+  zo2_model_free(m);
+}
+
+// A run a session saved without a seed log records no steps: zo2-tune train --resume says so
+// (and what to do) before asking for the flags such a manifest lacks (adversarial pass 70: it
+// said "seed_log.jsonl: cannot open the seed log").
+TEST_F(CApi, AResumeOfARunSavedWithoutASeedLogSaysWhyItCannot) {
+  const fs::path dir = *tmp_ / "no-log";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  zo2_session* s = open(params());
+  const zo2_batch b = batch();
+  zo2_step_result r{};
+  ASSERT_EQ(zo2_session_step(s, &b, &r), 0) << zo2_last_error();
+  ASSERT_EQ(zo2_session_save(s, (dir / "run").c_str()), 0) << zo2_last_error();
+  test::write_file(dir / "data.jsonl", "{\"text\": \"a b c d e f g\"}\n");
+  std::string out;
+  const int rc = test::run_command(test::zo2_tune_path().string() + " train --resume " + (dir / "run").string() +
+                                       " --data " + (dir / "data.jsonl").string() + " --steps 4",
+                                   &out);
+  EXPECT_EQ(rc, 2) << out;
+  EXPECT_NE(out.find("saved by a C API or Python session without a seed log"), std::string::npos) << out;
+  EXPECT_NE(out.find("--model " + (dir / "run").string()), std::string::npos) << out;
+}
+
 // Adversarial pass 57: a host's misuses that returned 0 (or INTERNAL) and lost work.
 TEST_F(CApi, AHostsSavesStepsAndModelsAreCheckedAgainstWhatTheyWouldBreak) {
   const fs::path dir = *tmp_ / "pass57";

@@ -71,20 +71,15 @@ Runner add_init(CLI::App& app) {
     // Never a user's model replaced unasked: a fine-tuned or downloaded checkpoint at --out
     // (a typo away from a fresh directory) would be lost to random weights.
     refuse_replacing_checkpoint(o->out, o->overwrite);
-    {  // The space first, so a refusal leaves no directory behind (OPT-175B is 650 GiB).
-      std::uint64_t need = 0;
-      for (const NamedShape& t : checkpoint_tensors(c)) {
-        std::uint64_t numel = 1;
-        for (auto d : t.shape) numel *= static_cast<std::uint64_t>(d);
-        need += numel * dtype_size(dt);
-      }
-      std::error_code ec;
-      std::filesystem::path existing = std::filesystem::absolute(o->out, ec);
-      while (!std::filesystem::exists(existing, ec) && existing.has_relative_path()) existing = existing.parent_path();
-      if (const auto sp = std::filesystem::space(existing, ec); !ec && sp.available < need)
-        fail(ErrorKind::io, "cannot save checkpoint '{}': it needs {}, but the file system has {} free",
-             o->out, format_bytes(static_cast<double>(need)), format_bytes(static_cast<double>(sp.available)));
-    }
+    // The space first, so a refusal leaves no directory behind (OPT-175B is 650 GiB): Note
+    // [Room for a save] (runtime/file_util.h). An --overwrite's old files still count (a bound).
+    require_free_space(o->out, checkpoint_file_bytes(c, dt, shard), fmt::format("the {} checkpoint", preset.name),
+                       dt == DType::f32 ? fmt::format("; free space there, or choose another --out on a file system "
+                                                      "with room, or a narrower --dtype (bf16 needs {})",
+                                                      format_bytes(static_cast<double>(
+                                                          checkpoint_file_bytes(c, DType::bf16, shard))))
+                                        : std::string("; free space there, or choose another --out on a file "
+                                                      "system with room"));
     // A directory this init creates goes again if the init fails (a full disk, ulimit -f): what
     // is in it is this init's half-written checkpoint.
     struct RemoveIfFailed {

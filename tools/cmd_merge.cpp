@@ -6,6 +6,7 @@
 #include "api/session.h"
 #include "models/checkpoint.h"
 #include "models/layout.h"
+#include "runtime/file_util.h"
 #include "runtime/dtype_convert.h"
 #include "runtime/element.h"
 #include "runtime/error.h"
@@ -102,6 +103,12 @@ Runner add_merge(CLI::App& app) {
         fail(ErrorKind::invalid_argument, "--out {} is {}: the merged checkpoint would overwrite it", o->out,
              src.string());
     refuse_replacing_checkpoint(o->out, o->overwrite);
+    // Before the base is loaded and merged (minutes for a large one): Note [Room for a save]
+    // (runtime/file_util.h).
+    require_free_space(o->out, checkpoint_file_bytes(ModelConfig::load(base), save_dtype, shard) + (64 << 20),
+                       "the merged checkpoint (and the base's tokenizer files)",
+                       "; free space there, or choose another --out on a file system with room" +
+                           std::string(save_dtype == DType::f32 ? ", or a narrower --save-dtype (bf16)" : ""));
     sc.max_batch = 1;
     sc.max_seq = 1;
     // Note [Merging into the base the adapters saw]: the run's storage dtype unless given.
@@ -109,21 +116,24 @@ Runner add_merge(CLI::App& app) {
     const DType seen = sc.storage;
     sc.storage = DType::f32;  // merged in fp32, rounded once to --save-dtype
     Session session(base, sc);
-    if (seen != DType::f32) {
-      BlockStore& store = session.store();
-      round_as_stored(store.globals_layout(), store.globals_image(), seen);
-      tbb::parallel_for(std::int64_t{0}, store.num_blocks(),
-                        [&](std::int64_t i) { round_as_stored(store.block_layout(i), store.block_image(i), seen); });
-    }
-    session.adapters()->merge_into(session.store());
-    session.store().check_finite(save_dtype);
+    // With --threads (Note [Kernel threads], runtime/cpu/cpu_device.cpp), as the load was.
+    session.device().run_host_parallel([&] {
+      if (seen != DType::f32) {
+        BlockStore& store = session.store();
+        round_as_stored(store.globals_layout(), store.globals_image(), seen);
+        tbb::parallel_for(std::int64_t{0}, store.num_blocks(),
+                          [&](std::int64_t i) { round_as_stored(store.block_layout(i), store.block_image(i), seen); });
+      }
+      session.adapters()->merge_into(session.store());
+      session.store().check_finite(save_dtype);
+    });
     ensure_writable_dir(o->out);
     std::optional<RunDirLock> lock;
     if (holds_run(o->out)) {  // --overwrite of a saved run layout (see init)
       lock.emplace(o->out);
       remove_run(o->out);
     }
-    session.store().save(o->out, save_dtype, shard);
+    session.device().run_host_parallel([&] { session.store().save(o->out, save_dtype, shard); });
     const int n = copy_tokenizer_files(base, o->out);
     log_info("merge: {} into {} ({}), written to {} ({} tokenizer files)", sc.adapter_dir.string(), base.string(),
              sc.peft.describe(), o->out, n);

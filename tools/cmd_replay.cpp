@@ -183,6 +183,12 @@ Runner add_replay(CLI::App& app) {
     RunDirLock lock(o->out);
     ensure_writable_dir(o->out);
     auto session_owner = std::make_unique<Session>(o->model, sc);
+    // Before the updates (hours for a long log of a large model): Note [Room for a save]
+    // (runtime/file_util.h), checked again at the save.
+    Session::SaveExtras room;
+    room.out_option = "--out";
+    room.dtype_option = "--save-dtype";
+    session_owner->check_save_room(o->out, save_dtype, shard, room);
     const auto start = std::chrono::steady_clock::now();
     std::int64_t applied = 0;
     for (const SeedLogEntry& e : log.entries) {
@@ -223,6 +229,8 @@ Runner add_replay(CLI::App& app) {
     session.set_next_step(log.header.first_step + applied);
     Session::SaveExtras x;
     x.replace_checkpoint = o->overwrite;  // refused without it, before any work
+    x.out_option = room.out_option;
+    x.dtype_option = room.dtype_option;
     // Note [A run's flags in its seed log] (tools/cmd_train.cpp): the run's training flags,
     // so that `train --resume` of this checkpoint carries the run on as it was started.
     // The flags at the checkpoint's step: the header's, or the last a resume recorded at or

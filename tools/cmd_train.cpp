@@ -632,6 +632,19 @@ Runner add_train(CLI::App& app) {
              "pass --model)",
              o->resume, kRunStateFile);
       const StateReader st{ck.state, state_file};
+      // A run a C API or Python session saved without a seed log: nothing records its steps,
+      // said before the flags such a manifest lacks (adversarial pass 70: "seed_log.jsonl:
+      // cannot open the seed log", once those were given, said nothing of why).
+      if (std::error_code ec; ck.seed_log.empty() && !st.has("seed_log") && !st.has("replayed_from")) {
+        std::filesystem::path home = run_of_checkpoint(o->resume);
+        if (home.empty()) home = o->resume;
+        if (!std::filesystem::exists(home / kRunSeedLog, ec))
+          fail(ErrorKind::invalid_argument,
+               "--resume {}: the run was saved by a C API or Python session without a seed log ({} records none), "
+               "so nothing records its steps and it cannot be resumed: start a new run from its weights with --model "
+               "{} (a session given a seed log saves runs that resume)",
+               o->resume, state_file.string(), o->resume);
+      }
       // A resumed run keeps its ranks' layout: data parallelism rounds the losses its own way.
       // --parallel not given again is the run's (the default data=N is not).
       const std::string saved_layout = st.get_or<std::string>("parallel", "single");
@@ -1533,11 +1546,25 @@ Runner add_train(CLI::App& app) {
         fail(ErrorKind::invalid_argument, "--save-dtype {}: {}", dtype_name(save_dtype), e.what());
       }
     }
+    // Read now: a resumed run's starting step directory is removed by a later save, and its
+    // saves after that one lost the tokenizer (adversarial pass 51).
+    const std::filesystem::path tokenizer_src =
+        o->data_flags.tokenizer.empty() ? resolve_model_dir(model_dir) : std::filesystem::path(o->data_flags.tokenizer);
+    const auto tokenizer_files = read_tokenizer_files(tokenizer_src);
+    std::uint64_t tokenizer_bytes = 0;
+    for (const auto& [name, text] : tokenizer_files) tokenizer_bytes += name.size() + text.size();
     // Note [Save refusals up front] (api/session.cpp): a save into --out that would be refused
-    // for whose directory it is is refused now, before any step runs, not after all of them.
+    // for whose directory it is is refused now, before any step runs, not after all of them;
+    // so is one its file system has no room for (Note [Room for a save] in
+    // runtime/file_util.h): the run saves at least once, at its end.
     if (writer) {
       try {
         session.check_save_target(out, o->overwrite);
+        Session::SaveExtras room;
+        room.extra_bytes = tokenizer_bytes;
+        room.out_option = "--out";
+        room.dtype_option = "--save-dtype";
+        session.check_save_room(out, save_dtype, shard, room);
       } catch (const Error&) {
         // Nothing ran: a new run leaves no seed log behind (ranks: Note [Rank faults], the
         // session is not torn down under peers that wait in it).
@@ -1550,11 +1577,6 @@ Runner add_train(CLI::App& app) {
         throw;
       }
     }
-    // Read now: a resumed run's starting step directory is removed by a later save, and its
-    // saves after that one lost the tokenizer (adversarial pass 51).
-    const std::filesystem::path tokenizer_src =
-        o->data_flags.tokenizer.empty() ? resolve_model_dir(model_dir) : std::filesystem::path(o->data_flags.tokenizer);
-    const auto tokenizer_files = read_tokenizer_files(tokenizer_src);
     // Every rank of the run has its weights and tokenizer in memory now: none holds the
     // checkpoint it resumed from, or the run's saves could not remove it (Note [Readers of a
     // live run]).
@@ -1588,6 +1610,9 @@ Runner add_train(CLI::App& app) {
       ZO2_CHECK(session.next_step() == next_step);
       Session::SaveExtras x;
       x.replace_checkpoint = o->overwrite;  // refused without it, before any work
+      x.extra_bytes = tokenizer_bytes;  // Note [Room for a save]: checked before each save
+      x.out_option = "--out";
+      x.dtype_option = "--save-dtype";
       x.state = run_flags;
       // Where the run lives: a copy of the directory is told apart (its resume leaves the
       // original's JSON log and block file alone).

@@ -10,8 +10,8 @@
 #include "runtime/ops.h"
 
 #include <cblas.h>
-#include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/info.h>
+#include <oneapi/tbb/task_arena.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -259,6 +259,63 @@ void enqueue(Stream& stream, std::function<void()> fn) {
   static_cast<CpuStream&>(stream).enqueue_kernel(std::move(fn));
 }
 
+void enqueue(Stream& stream, KernelArena& arena, std::function<void()> fn) {
+  static_cast<CpuStream&>(stream).enqueue_kernel([&arena, fn = std::move(fn)] { arena.execute(fn); });
+}
+
+// ---- kernel threads ----
+
+// Note [Kernel threads]
+//   A CPU device's thread count (--threads, a session's n_threads; by default the cores of
+//   the affinity mask, or fewer under a cgroup CPU quota: Note [Cgroup limits]) bounds the
+//   threads that run its kernels. Where it is below what TBB would use
+//   (tbb::info::default_concurrency()), the device makes a tbb::task_arena of that many
+//   threads, and every kernel of its ops table (CpuOps) runs inside it: the stream's worker
+//   thread joins the arena for the kernel (task_arena::execute), and a kernel's parallel
+//   loops get the arena's TBB workers only, at most count − 1 of them. The streams of a
+//   device share its arena: its places are the count, and a stream that finds none free
+//   waits for one, so the device's kernels, of all its streams together, run on at most that
+//   many threads at a time — except that oneTBB gives every arena two places, so with a
+//   count of 1 a second stream's kernel may run beside the first (each on one thread; before
+//   the arena there was one per stream). Its session's own host-side work — loading,
+//   initialising, checking and saving the weights, the CRCs of a save, merge's conversions —
+//   runs in the same arena (Device::run_host_parallel), from the calling thread.
+//   The arena is the device's alone: TBB work of the host outside zo2's calls (a C API host,
+//   numpy or another library in Python) keeps TBB's own parallelism, and two devices of
+//   different counts each keep theirs. (It used to be oneTBB's global_control, which is
+//   process-wide: it capped every TBB user in the process while a device lived, and the
+//   smallest of two devices' caps won for both.) Inside the arena a kernel's thread is
+//   isolated (this_task_arena::isolate): while it waits in its own parallel_for it takes no
+//   other stream's kernel, as when each stream had an arena of its own. Copies, memsets,
+//   host functions (launch_host: value waits, collectives — they block) and records/waits
+//   run outside it, on the stream's thread: a blocked one never holds a place kernels need;
+//   for the same reason host-side work in the arena never waits for a kernel. At or above
+//   TBB's default there is no arena (no cap is needed and nothing changes: a count above the
+//   cores never got more threads than the cores from TBB either). Results never depend on
+//   it: a kernel's chunks are fixed by the sizes, not by the threads that run them.
+KernelArena::KernelArena(int threads) {
+#if defined(ZO2_TSAN)
+  // The TSan build keeps TBB on the calling thread (runtime/cpu/kernels.cpp); an arena's
+  // hand-offs, uninstrumented, would read as races.
+  (void)threads;
+#else
+  if (threads > 0) {
+    threads_ = threads;
+    arena_ = std::make_unique<tbb::task_arena>(threads);
+  }
+#endif
+}
+
+KernelArena::~KernelArena() = default;
+
+void KernelArena::execute(const std::function<void()>& fn) {
+  if (!arena_) {
+    fn();
+    return;
+  }
+  arena_->execute([&] { tbb::this_task_arena::isolate(fn); });
+}
+
 // ---- device ----
 
 // ZO2_CPU_LINK_GBPS (Note [Emulated link]): 0 when unset or empty.
@@ -325,12 +382,11 @@ class CpuDevice final : public Device {
     threads_ = o.threads > 0 ? o.threads : default_threads();
     copy_delay_us_ = o.debug_copy_delay_us;
     link_bytes_per_s_ = emulated_link_bytes_per_s();
-    // A default below TBB's is the cgroup's CPU quota (Note [Cgroup limits]): TBB would still
-    // start a worker per CPU of the affinity mask, so its pool is capped like --threads.
+    // Note [Kernel threads]: an arena of threads_ where TBB would use more. A default below
+    // TBB's is the cgroup's CPU quota (Note [Cgroup limits]): TBB would still run a thread
+    // per CPU of the affinity mask, so the kernels keep to the quota as to --threads.
     const int pool = tbb::info::default_concurrency();
-    if (o.threads > 0 || threads_ < pool)
-      control_ = std::make_unique<tbb::global_control>(
-          tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(threads_));
+    kernels_ = std::make_unique<KernelArena>(threads_ < pool ? threads_ : 0);
     if (o.threads <= 0 && threads_ < pool) {
       const CgroupCpuQuota quota = cgroup_cpu_quota();
       log_info("cpu device: {} kernel thread{}, not {}: the cgroup's CPU quota ({} us per {} us in {})", threads_,
@@ -366,7 +422,7 @@ class CpuDevice final : public Device {
       fail(ErrorKind::out_of_memory, "cpu device: cannot reserve {} of address space",
            format_bytes(static_cast<double>(cap_)));
     arena_ = std::make_unique<Arena>("cpu device memory", region_, cap_);
-    ops_ = make_cpu_ops();
+    ops_ = make_cpu_ops(*kernels_);
   }
   ~CpuDevice() override {
     arena_.reset();
@@ -389,6 +445,8 @@ class CpuDevice final : public Device {
   HostBuffer alloc_host(std::size_t bytes) override { return host_alloc_aligned(bytes); }
   std::size_t driver_used_bytes() override { return arena_->peak(); }
   std::size_t pinned_host_bytes() const override { return 0; }
+  void run_host_parallel(const std::function<void()>& fn) override { kernels_->execute(fn); }
+  KernelArena& kernel_arena() { return *kernels_; }
 
  private:
   int threads_ = 1;
@@ -396,13 +454,19 @@ class CpuDevice final : public Device {
   double link_bytes_per_s_ = 0;  // Note [Emulated link]
   std::size_t cap_ = 0;
   void* region_ = nullptr;
-  std::unique_ptr<tbb::global_control> control_;
+  std::unique_ptr<KernelArena> kernels_;  // Note [Kernel threads]; outlives ops_, which runs in it
   OpenBlasSingleThreaded blas_;  // Note [OpenBLAS's threads]
   std::unique_ptr<Arena> arena_;
   std::unique_ptr<Ops> ops_;
 };
 
 }  // namespace
+
+KernelArena& kernel_arena(Device& cpu_device) {
+  auto* cpu = dynamic_cast<CpuDevice*>(&cpu_device);
+  if (cpu == nullptr) fail(ErrorKind::internal, "kernel_arena: {} is not a CPU device", cpu_device.name());
+  return cpu->kernel_arena();
+}
 }  // namespace zo2::cpu
 
 namespace zo2 {

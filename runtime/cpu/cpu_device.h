@@ -4,16 +4,43 @@
 #pragma once
 #include "runtime/device.h"
 
+#include <oneapi/tbb/task_arena.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <exception>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <thread>
 
 namespace zo2::cpu {
+
+// Where a CPU device's kernels run (Note [Kernel threads], cpu_device.cpp): a TBB arena of
+// the device's thread count when that is below what TBB would use, else the calling
+// thread's own arena, as any TBB code's.
+class KernelArena {
+ public:
+  // threads > 0: an arena of that many threads (TBB workers for fn's loops: threads − 1;
+  // places for callers at once: threads, at least 2); 0: none (fn runs where it is called).
+  explicit KernelArena(int threads);
+  ~KernelArena();
+  KernelArena(const KernelArena&) = delete;
+  KernelArena& operator=(const KernelArena&) = delete;
+  // Runs fn on the calling thread inside the arena (joining it, or waiting for a free place
+  // in it): TBB algorithms in fn use the arena's threads only, and the calling thread takes
+  // no other work of the arena's while it waits inside fn (isolated). Several threads may
+  // call it at once; a call from inside the arena runs fn at once. Rethrows what fn throws.
+  void execute(const std::function<void()>& fn);
+  // The arena's threads; 0 when there is none.
+  int threads() const { return threads_; }
+
+ private:
+  int threads_ = 0;
+  std::unique_ptr<tbb::task_arena> arena_;
+};
 
 class CpuEvent final : public Event {
  public:
@@ -98,7 +125,12 @@ class CpuStream final : public Stream {
   std::thread worker_;
 };
 
-// Enqueue a kernel on a stream that must be a CpuStream.
+// Enqueue a kernel on a stream that must be a CpuStream; with `arena`, the kernel runs
+// inside it (as CpuOps runs every kernel: Note [Kernel threads]).
 void enqueue(Stream& stream, std::function<void()> fn);
+void enqueue(Stream& stream, KernelArena& arena, std::function<void()> fn);
+
+// The kernel arena of a device that must be a CPU device.
+KernelArena& kernel_arena(Device& cpu_device);
 
 }  // namespace zo2::cpu

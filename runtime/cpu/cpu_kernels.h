@@ -12,7 +12,10 @@
 
 namespace zo2::cpu {
 
-std::unique_ptr<Ops> make_cpu_ops();
+class KernelArena;
+
+// The ops table of a CPU device: every kernel runs inside `arena` (Note [Kernel threads]).
+std::unique_ptr<Ops> make_cpu_ops(KernelArena& arena);
 
 // Runs body(begin, end) over [0, n) in chunks of `grain`; the chunk boundaries depend
 // only on n and grain, never on timing.
