@@ -628,11 +628,25 @@ std::unique_ptr<Tokenizer> tokenizer_for_data(const std::filesystem::path& data,
   }
 }
 
+namespace {
+constexpr const char* kTokenizerFiles[] = {"tokenizer.json",  "tokenizer.model", "tokenizer_config.json",
+                                           "special_tokens_map.json", "vocab.json", "merges.txt", "encoder.json",
+                                           "vocab.bpe",       "added_tokens.json", "generation_config.json"};
+}  // namespace
+
+std::uint64_t tokenizer_files_bytes(const std::filesystem::path& from) {
+  std::uint64_t total = 0;
+  for (const char* name : kTokenizerFiles) {
+    std::error_code ec;
+    if (const auto st = std::filesystem::status(from / name, ec); !ec && std::filesystem::is_regular_file(st))
+      if (const auto n = std::filesystem::file_size(from / name, ec); !ec) total += n;
+  }
+  return total;
+}
+
 std::vector<std::pair<std::string, std::string>> read_tokenizer_files(const std::filesystem::path& from) {
   std::vector<std::pair<std::string, std::string>> files;
-  for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                           "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "added_tokens.json",
-                           "generation_config.json"}) {
+  for (const char* name : kTokenizerFiles) {
     const auto src = from / name;
     if (!std::filesystem::is_regular_file(src)) continue;
     std::ifstream in(src, std::ios::binary);

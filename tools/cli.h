@@ -208,6 +208,8 @@ std::unique_ptr<Tokenizer> tokenizer_for_data(const std::filesystem::path& data,
 // vocab.bpe, added_tokens.json, generation_config.json) copied into `to`, each written
 // atomically. Returns how many were copied.
 int copy_tokenizer_files(const std::filesystem::path& from, const std::filesystem::path& to);
+// The bytes copy_tokenizer_files(from, ...) writes (Note [Room for a save]).
+std::uint64_t tokenizer_files_bytes(const std::filesystem::path& from);
 // The tokenizer files of a directory (name, bytes), read once, and their copy into another:
 // a run reads its tokenizer when it starts, so its saves never depend on a directory that a
 // later save may remove (a resumed run's starting step directory).

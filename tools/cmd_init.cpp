@@ -73,11 +73,14 @@ Runner add_init(CLI::App& app) {
     refuse_replacing_checkpoint(o->out, o->overwrite);
     // The space first, so a refusal leaves no directory behind (OPT-175B is 650 GiB): Note
     // [Room for a save] (runtime/file_util.h). An --overwrite's old files still count (a bound).
-    require_free_space(o->out, checkpoint_file_bytes(c, dt, shard), fmt::format("the {} checkpoint", preset.name),
+    // (config.json and the --tokenizer files it copies count too.)
+    const std::uint64_t other = (64 << 10) + (o->tokenizer.empty() ? 0 : tokenizer_files_bytes(o->tokenizer));
+    require_free_space(o->out, checkpoint_file_bytes(c, dt, shard) + other,
+                       fmt::format("the {} checkpoint{}", preset.name, o->tokenizer.empty() ? "" : " and its tokenizer files"),
                        dt == DType::f32 ? fmt::format("; free space there, or choose another --out on a file system "
                                                       "with room, or a narrower --dtype (bf16 needs {})",
                                                       format_bytes(static_cast<double>(
-                                                          checkpoint_file_bytes(c, DType::bf16, shard))))
+                                                          checkpoint_file_bytes(c, DType::bf16, shard) + other)))
                                         : std::string("; free space there, or choose another --out on a file "
                                                       "system with room"));
     // A directory this init creates goes again if the init fails (a full disk, ulimit -f): what

@@ -104,11 +104,23 @@ Runner add_merge(CLI::App& app) {
              src.string());
     refuse_replacing_checkpoint(o->out, o->overwrite);
     // Before the base is loaded and merged (minutes for a large one): Note [Room for a save]
-    // (runtime/file_util.h).
-    require_free_space(o->out, checkpoint_file_bytes(ModelConfig::load(base), save_dtype, shard) + (64 << 20),
-                       "the merged checkpoint (and the base's tokenizer files)",
-                       "; free space there, or choose another --out on a file system with room" +
-                           std::string(save_dtype == DType::f32 ? ", or a narrower --save-dtype (bf16)" : ""));
+    // (runtime/file_util.h). The merged weights, the base's tokenizer files and config.json.
+    // An --overwrite of a run directory removes the run first: checked after that, below.
+    const ModelConfig base_config = ModelConfig::load(base);
+    const std::uint64_t merge_other = (64 << 10) + tokenizer_files_bytes(base);
+    const auto require_room = [&] {
+      require_free_space(
+          o->out, checkpoint_file_bytes(base_config, save_dtype, shard) + merge_other,
+          "the merged checkpoint (and the base's tokenizer files)",
+          "; free space there, or choose another --out on a file system with room" +
+              (save_dtype == DType::f32
+                   ? fmt::format(", or a narrower --save-dtype (bf16 needs {})",
+                                 format_bytes(static_cast<double>(
+                                     checkpoint_file_bytes(base_config, DType::bf16, shard) + merge_other)))
+                   : std::string()));
+    };
+    const bool overwrites_run = o->overwrite && holds_run(o->out);
+    if (!overwrites_run) require_room();
     sc.max_batch = 1;
     sc.max_seq = 1;
     // Note [Merging into the base the adapters saw]: the run's storage dtype unless given.
@@ -132,6 +144,7 @@ Runner add_merge(CLI::App& app) {
     if (holds_run(o->out)) {  // --overwrite of a saved run layout (see init)
       lock.emplace(o->out);
       remove_run(o->out);
+      require_room();  // (its files are gone now: Note [Room for a save])
     }
     session.device().run_host_parallel([&] { session.store().save(o->out, save_dtype, shard); });
     const int n = copy_tokenizer_files(base, o->out);

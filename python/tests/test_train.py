@@ -397,16 +397,17 @@ def test_resume_without_out_continues_the_run(tiny, synth, tmp_path):
     assert len(r.steps) == 2
 
 
-# Finding 8: a wrong type is an InvalidTypeError; None is no value; two spellings of a flag.
+# Finding 8: a wrong type is an InvalidTypeError; None is the keyword left out; two spellings of a flag.
 def test_option_values_and_spellings(tiny, synth, tmp_path):
-    for bad in (0, 1, "no", None):
+    for bad in (0, 1, "no"):
         with pytest.raises(zo2.InvalidTypeError, match="train option shuffle"):
             zo2.train(tiny, data=synth, out=tmp_path / "x", steps=2, progress=False, shuffle=bad)
-    with pytest.raises(zo2.InvalidTypeError, match=r"train option lr=None: None is not a value of --lr; leave the "
-                                                   r"keyword out for train's default \(1e-06|0\.000001"):
-        zo2.train(tiny, data=synth, out=tmp_path / "x", steps=2, progress=False, lr=None)
-    with pytest.raises(zo2.InvalidTypeError, match="train option batch_size=None"):
-        zo2.train(tiny, data=synth, out=tmp_path / "x", steps=2, progress=False, batch_size=None)
+    # None is the keyword left out (a wrapper's eval=eval_file_or_None): the same run as without it.
+    a = zo2.train(tiny, data=synth, out=tmp_path / "none", steps=2, progress=False, eval=None, lr=None, shuffle=None,
+                  batch_size=None, per_device_train_batch_size=4)
+    b = zo2.train(tiny, data=synth, out=tmp_path / "plain", steps=2, progress=False, per_device_train_batch_size=4)
+    assert [s["loss"] for s in a.steps] == [s["loss"] for s in b.steps]
+    assert (tmp_path / "none" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
     with pytest.raises(zo2.InvalidArgumentError, match="train options batch_size and per_device_train_batch_size are "
                                                       "both --batch-size .*give one"):
         zo2.train(tiny, data=synth, out=tmp_path / "x", steps=2, progress=False, batch_size=4,

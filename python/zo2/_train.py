@@ -19,7 +19,7 @@ ProgressArg = Union[bool, None, Callable[[Record], Optional[bool]]]
 
 def _flag_value(name: str, value: Any) -> Any:
     if value is None or isinstance(value, bool):
-        return value  # (None: refused by the binding, which names the flag and its default)
+        return value  # (None: the binding leaves the flag out)
     if type(value).__module__ == "numpy" and isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
         # numpy's str of a scalar: the shortest digits that read back as the same value of its
         # own precision (np.float32(1e-3) is "0.001"); its repr is "np.float64(0.001)" with numpy 2.
@@ -85,9 +85,9 @@ def train(model: Optional[PathArg] = None, *, data: Optional[PathArg] = None,
     (``learning_rate=1e-3``, ``max_steps=300``, ``zo_eps=1e-3``, ``per_device_train_batch_size=16``);
     a boolean flag takes True/False (``overwrite=True``, ``shuffle=False``). See
     ``zo2-tune train --help`` for every option. ``model`` is ``--model`` (None with ``resume=``).
-    A number may be any real number (``np.float32(1e-3)``, ``np.int64(300)``). An option is
-    given a value or left out: ``lr=None`` raises InvalidTypeError (leave it out for train's
-    default), except ``resume=None``, which starts a new run as leaving it out does.
+    A number may be any real number (``np.float32(1e-3)``, ``np.int64(300)``). An option
+    given as None is left out: train's default applies (``eval=None``: no evaluation;
+    ``lr=None``: train's default lr, 1e-6), and ``resume=None`` starts a new run.
 
     out: the run directory to write (``--out``). With ``resume=`` it may be left out: the run
         continues in the run being resumed (the run directory, or the run whose ``current`` or

@@ -10,7 +10,8 @@
 # they work.
 # Usage: room.sh ZO2_TUNE WORK_DIR SHIM_SO
 STEPS=6
-source "$(dirname "$0")/common.sh"
+here="$(cd "$(dirname "$0")" && pwd)"
+source "$here/common.sh"
 SHIM="$3"
 # A sanitizer runtime must come first in LD_PRELOAD; the shim only wraps libc calls.
 export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}verify_asan_link_order=0"
@@ -112,6 +113,27 @@ rc=0; shim fs 5000 -q merge --model base --adapter lora --out fs/mrg 2>mrg.err |
 if [ "$rc" != 1 ] || ! grep -q "fs/mrg: not enough free space for the merged checkpoint" mrg.err || [ -e fs/mrg ]; then
   bad "merge onto a file system too small: exit $rc: $(cat mrg.err)"
 fi
+
+# The bounds are a little above what is written, never far above or below (the review of
+# these checks: merge asked for 64 MiB more than it writes; init left out the --tokenizer
+# files it copies, and a file system with room for the weights alone ran out mid-write).
+rc=0; shim fs $((weights + 262144)) -q merge --model base --adapter lora --out fs/mrg-fits 2>mrg-fits.err || rc=$?
+[ "$rc" = 0 ] && [ -f fs/mrg-fits/model.safetensors ] ||
+  bad "merge onto a file system with room for the merged checkpoint: exit $rc: $(cat mrg-fits.err)"
+tok="$here/../../data/gpt2"
+"$T" -q init --preset opt-micro --out micro-ref
+micro=$(stat -c %s micro-ref/model.safetensors)
+toks=$(( $(stat -c %s "$tok/encoder.json") + $(stat -c %s "$tok/vocab.bpe") ))
+rc=0; shim fs $((micro + 262144)) -q init --preset opt-micro --tokenizer "$tok" --out fs/ini-tok 2>ini-tok.err || rc=$?
+if [ "$toks" -le 262144 ]; then
+  bad "the GPT-2 tokenizer files ($toks bytes) are too small for this case"
+elif [ "$rc" != 1 ] || ! grep -q "fs/ini-tok: not enough free space for the opt-micro checkpoint and its tokenizer files" ini-tok.err ||
+     [ -e fs/ini-tok ]; then
+  bad "init --tokenizer with room for the weights but not the tokenizer files: exit $rc: $(cat ini-tok.err)"
+fi
+rc=0; shim fs $((micro + toks + 262144)) -q init --preset opt-micro --tokenizer "$tok" --out fs/ini-tok2 2>ini-tok2.err || rc=$?
+[ "$rc" = 0 ] && [ -f fs/ini-tok2/encoder.json ] ||
+  bad "init --tokenizer with room for both: exit $rc: $(cat ini-tok2.err)"
 
 [ "$failures" = 0 ] || { say "$failures failures"; exit 1; }
 say "all cases passed"
