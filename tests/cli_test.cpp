@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <oneapi/tbb/info.h>
 
 #include <algorithm>
 #include <chrono>
@@ -33,10 +34,7 @@ int run(const std::string& args, std::string* out = nullptr) {
   return test::run_command(tune() + " " + args, out);
 }
 
-std::string read_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
+using test::read_file;
 
 // A tiny model and a learnable dataset, made by the tool itself.
 struct Workspace {
@@ -594,6 +592,29 @@ TEST(Cli, AnEvaluationShowsItsProgressOnATerminalAndNoLinesElsewhere) {
   const auto at = out.find("\r\033[Keval after step 2: 64/64 examples | ");
   ASSERT_NE(at, std::string::npos) << out;
   EXPECT_NE(out.find("step 3/4 | ", at), std::string::npos) << out;
+}
+
+// Note [zo2-tune's threads] (tools/cli.h): --threads bounds zo2-tune's own host-side work
+// (tokenizing the data, a resume's checksums), not only the device's kernels, and a resumed
+// run keeps the count it ran with.
+TEST(Cli, ThreadsCapTheHostsWorkAndAResumedRunKeepsItsCount) {
+  if (tbb::info::default_concurrency() < 2) GTEST_SKIP() << "one CPU: nothing to cap";
+  Workspace w;
+  const std::string part = (w.tmp / "part").string();
+  std::string out;
+  ASSERT_EQ(run("train --model " + w.model.string() + " --data " + w.data.string() +
+                    " --steps 4 --batch-size 2 --stop-at 2 --threads 1 --out " + part + " -v",
+                &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("host threads: 1 of "), std::string::npos) << out;
+  out.clear();  // (run appends)
+  ASSERT_EQ(run("train --resume " + part + " -v", &out), 0) << out;
+  EXPECT_NE(out.find("host threads: 1 of "), std::string::npos) << "the resumed run's --threads 1 was not kept\n"
+                                                               << out;
+  out.clear();
+  ASSERT_EQ(run("eval --model " + w.model.string() + " --data " + w.data.string() + " -v", &out), 0) << out;
+  EXPECT_EQ(out.find("(--threads)"), std::string::npos) << out;
 }
 
 TEST(Cli, ResumeAfterAStopGivesTheUninterruptedRunsWeights) {
@@ -1544,8 +1565,11 @@ TEST(Cli, AReplayedCheckpointContinuesOnlyTheLogItWasReplayedFrom) {
   fs::copy_file(w.tmp / "killed.moved" / "seed_log.jsonl", b / "seed_log.jsonl");
   ASSERT_EQ(run("train --resume " + b_current + " --steps 6", &out), 0) << out;
   EXPECT_EQ(read_file(b / "model.safetensors"), read_file(six / "model.safetensors"));
-  for (const auto& e : fs::directory_iterator(b))
-    if (e.is_directory() && !e.is_symlink()) EXPECT_FALSE(fs::exists(e.path() / "seed_log.jsonl")) << e.path();
+  for (const auto& e : fs::directory_iterator(b)) {
+    if (e.is_directory() && !e.is_symlink()) {
+      EXPECT_FALSE(fs::exists(e.path() / "seed_log.jsonl")) << e.path();
+    }
+  }
 }
 
 // A writer never removes the run's only complete checkpoint (api/run_dir.cpp clean_run_dir):

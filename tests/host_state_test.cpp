@@ -5,6 +5,7 @@
 #include "runtime/device.h"
 #include "runtime/error.h"
 #include "runtime/ops.h"
+#include "tools/cli.h"
 
 #include <gtest/gtest.h>
 #include <oneapi/tbb/global_control.h>
@@ -89,6 +90,35 @@ TEST(HostState, ACpuDeviceOfOneThreadLeavesTheHostsTbbUncapped) {
   if (cores < 2) GTEST_SKIP() << "one CPU: the host's parallel_for runs one task at a time anyway";
   EXPECT_EQ(concurrent_tasks_seen(std::chrono::seconds(5)), 2)
       << "the host's parallel_for ran on one thread while a device of one thread lived";
+}
+
+// Note [zo2-tune's threads] (tools/cli.h): zo2-tune caps the process's TBB at its --threads
+// (its host-side work: tokenizing, checksums, init); nothing else that links the CLI does
+// (Python's in-process zo2.train), and the cap goes with the scope.
+TEST(HostState, ZoTunesThreadCapHoldsOnlyWhileItsScopeLives) {
+#if defined(ZO2_TSAN)
+  GTEST_SKIP() << "the TSan build caps TBB at one thread itself (runtime/cpu/kernels.cpp)";
+#endif
+  const int cores = tbb::info::default_concurrency();
+  if (cores < 2) GTEST_SKIP() << "one CPU: nothing to cap";
+  const auto allowed = [] { return tbb::global_control::active_value(tbb::global_control::max_allowed_parallelism); };
+  const std::size_t uncapped = allowed();
+  cli::cap_host_threads(1);  // no scope (a library's train): nothing
+  EXPECT_EQ(allowed(), uncapped);
+  EXPECT_EQ(concurrent_tasks_seen(std::chrono::seconds(5)), 2);
+  {
+    const cli::HostThreadsScope scope;
+    cli::cap_host_threads(1);
+    EXPECT_EQ(allowed(), 1u);
+    EXPECT_EQ(concurrent_tasks_seen(std::chrono::milliseconds(300)), 1) << "a parallel_for ran on two threads";
+    cli::cap_host_threads(cores);  // replaces the cap (two would give the smaller): none at TBB's own count
+    EXPECT_EQ(allowed(), uncapped);
+    EXPECT_EQ(concurrent_tasks_seen(std::chrono::seconds(5)), 2);
+    cli::cap_host_threads(1);
+    EXPECT_EQ(allowed(), 1u);
+  }
+  EXPECT_EQ(allowed(), uncapped) << "the cap outlived zo2-tune's scope";
+  EXPECT_EQ(concurrent_tasks_seen(std::chrono::seconds(5)), 2);
 }
 
 std::unique_ptr<Device> cpu_device(int threads) {

@@ -32,23 +32,16 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 using test::error_of;
 
-void write_text(const fs::path& p, const std::string& text) {
-  std::ofstream out(p, std::ios::binary | std::ios::trunc);
-  out << text;
-}
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
+using test::read_file;
+using test::write_file;
 
 PublishRequest request(std::int64_t step, const std::string& weights) {
   PublishRequest r;
   r.step = step;
   r.state = {{"note", "test"}};
   r.write = [weights](const fs::path& dir) {
-    write_text(dir / "config.json", "{}\n");
-    write_text(dir / "model.safetensors", weights);
+    write_file(dir / "config.json", "{}\n");
+    write_file(dir / "model.safetensors", weights);
   };
   return r;
 }
@@ -91,11 +84,11 @@ TEST(RunDir, APublishedCheckpointIsReadThroughCurrentAndTheDirectoryReadsAsAChec
   EXPECT_EQ(o.state.at("files").at("model.safetensors").at("crc32").get<std::uint32_t>(),
             crc32_file(o.dir / "model.safetensors"));
   // DIR itself reads as the checkpoint (links through current), for transformers and friends.
-  EXPECT_EQ(read_text(d / "model.safetensors"), "weights of step 3");
-  EXPECT_EQ(json::parse(read_text(d / kRunStateFile)).at("step"), 3);
+  EXPECT_EQ(read_file(d / "model.safetensors"), "weights of step 3");
+  EXPECT_EQ(json::parse(read_file(d / kRunStateFile)).at("step"), 3);
   publish_checkpoint(d, request(4, "weights of step 4, longer"));
   EXPECT_EQ(resolve_model_dir(d), d / "step-00000004");
-  EXPECT_EQ(read_text(d / "model.safetensors"), "weights of step 4, longer");
+  EXPECT_EQ(read_file(d / "model.safetensors"), "weights of step 4, longer");
   EXPECT_FALSE(fs::exists(d / "step-00000003")) << "the previous step directory is removed after the switch";
   // A plain directory is what it is.
   EXPECT_EQ(resolve_model_dir(tmp.path()), tmp.path());
@@ -107,13 +100,13 @@ TEST(RunDir, AFailedSaveLeavesThePreviousCheckpointWhole) {
   publish_checkpoint(d, request(1, "step 1"));
   PublishRequest bad = request(2, "step 2");
   bad.write = [](const fs::path& dir) {
-    write_text(dir / "config.json", "{}\n");
+    write_file(dir / "config.json", "{}\n");
     throw Error(ErrorKind::io, "disk full while writing the shards");
   };
   const Error e = error_of([&] { publish_checkpoint(d, bad); });
   EXPECT_TRUE(has_text(e, "disk full")) << e.what();
   EXPECT_EQ(open_checkpoint(d, true).step, 1);
-  EXPECT_EQ(read_text(d / "model.safetensors"), "step 1");
+  EXPECT_EQ(read_file(d / "model.safetensors"), "step 1");
   for (const auto& entry : fs::directory_iterator(d))
     EXPECT_EQ(entry.path().filename().string().find(".step-"), std::string::npos) << entry.path();
 }
@@ -124,12 +117,12 @@ TEST(RunDir, ADamagedOrMixedDirectoryIsRefusedNamingTheFile) {
   publish_checkpoint(d, request(7, "0123456789"));
   const fs::path w = d / "step-00000007" / "model.safetensors";
   // Same size, other bytes (a shard of another step): only the checksum tells.
-  write_text(w, "9876543210");
+  write_file(w, "9876543210");
   EXPECT_NO_THROW((void)open_checkpoint(d, false));
   Error e = error_of([&] { (void)open_checkpoint(d, true); });
   EXPECT_EQ(e.kind(), ErrorKind::format);
   EXPECT_TRUE(has_text(e, w.string()) && has_text(e, "CRC-32")) << e.what();
-  write_text(w, "short");
+  write_file(w, "short");
   e = error_of([&] { (void)open_checkpoint(d, false); });
   EXPECT_TRUE(has_text(e, w.string()) && has_text(e, "5 bytes")) << e.what();
   fs::remove(w);
@@ -156,10 +149,10 @@ TEST(RunDir, AStateFileNestedPastTheJsonDepthLimitOrAFifoIsRefusedNamingIt) {
       return std::string(e.what()) == s.string() + ": " + what ? 0 : 1;
     });
   };
-  std::string text = read_text(s);
+  std::string text = read_file(s);
   text.erase(text.rfind('}'));
   fs::remove(s);
-  write_text(s, text + ", \"zz\": " + std::string(300000, '[') + std::string(300000, ']') + "}");
+  write_file(s, text + ", \"zz\": " + std::string(300000, '[') + std::string(300000, ']') + "}");
   EXPECT_EQ(refused("nested deeper than 64 levels"), 0) << "1: the wrong error; 128 + N: killed by signal N";
   fs::remove(s);
   ASSERT_EQ(::mkfifo(s.c_str(), 0600), 0);
@@ -175,7 +168,7 @@ TEST(SessionSave, WritesTheModelDirectorysGenerationConfigInTheTransaction) {
   test::write_random_checkpoint(tmp / "model", c, 3);
   test::write_random_checkpoint(tmp / "bare", c, 3);
   const std::string gen = "{\"eos_token_id\": [128001, 128009], \"temperature\": 0.6}\n";
-  write_text(tmp / "model" / Session::kGenerationConfig, gen);
+  write_file(tmp / "model" / Session::kGenerationConfig, gen);
   constexpr std::uint64_t kShard = 5'000'000'000;
   SessionConfig cfg;
   cfg.max_seq = 8;
@@ -183,17 +176,17 @@ TEST(SessionSave, WritesTheModelDirectorysGenerationConfigInTheTransaction) {
     Session s(tmp / "model", cfg);
     fs::remove(tmp / "model" / Session::kGenerationConfig);  // read at load, not at the save
     s.save(tmp / "run", DType::f32, kShard);
-    EXPECT_EQ(read_text(tmp / "run" / Session::kGenerationConfig), gen);
+    EXPECT_EQ(read_file(tmp / "run" / Session::kGenerationConfig), gen);
     // A tokenizer directory's copy (extra_files) does not replace the model's.
     Session::SaveExtras x;
     x.extra_files = [](const fs::path& dir) {
-      write_text(dir / Session::kGenerationConfig, "{\"from\": \"the tokenizer\"}\n");
-      write_text(dir / "tokenizer_config.json", "{}\n");
+      write_file(dir / Session::kGenerationConfig, "{\"from\": \"the tokenizer\"}\n");
+      write_file(dir / "tokenizer_config.json", "{}\n");
     };
     s.save(tmp / "run", DType::f32, kShard, x);
   }
-  EXPECT_EQ(read_text(tmp / "run" / Session::kGenerationConfig), gen);
-  EXPECT_EQ(read_text(tmp / "run" / "tokenizer_config.json"), "{}\n");
+  EXPECT_EQ(read_file(tmp / "run" / Session::kGenerationConfig), gen);
+  EXPECT_EQ(read_file(tmp / "run" / "tokenizer_config.json"), "{}\n");
   const OpenedCheckpoint o = open_checkpoint(tmp / "run", /*verify_checksums=*/true);
   EXPECT_TRUE(o.state.at("files").contains(Session::kGenerationConfig)) << o.state.dump();
   {
@@ -203,7 +196,7 @@ TEST(SessionSave, WritesTheModelDirectorysGenerationConfigInTheTransaction) {
     s.save(tmp / "run", DType::f32, kShard);
     s.save(tmp / "run", DType::f32, kShard);
   }
-  EXPECT_EQ(read_text(tmp / "run" / Session::kGenerationConfig), gen);
+  EXPECT_EQ(read_file(tmp / "run" / Session::kGenerationConfig), gen);
   {
     Session s(tmp / "bare", cfg);  // a model without one: none
     s.save(tmp / "bare-run", DType::f32, kShard);
@@ -289,7 +282,7 @@ void hook_failure_ends_the_log(bool disk) {
     EXPECT_TRUE(has_text(not_saved, "Broken pipe")) << not_saved.what();
   }  // ~Session collects step kFails + 1: without a line
   const SeedLog log = SeedLog::read(run / kRunSeedLog);
-  ASSERT_EQ(log.entries.size(), static_cast<std::size_t>(kFails)) << read_text(run / kRunSeedLog);
+  ASSERT_EQ(log.entries.size(), static_cast<std::size_t>(kFails)) << read_file(run / kRunSeedLog);
   for (int i = 0; i < kFails; ++i) EXPECT_EQ(log.entries[static_cast<std::size_t>(i)].step, i);
   EXPECT_EQ(open_checkpoint(run).step, kSaved);
   {
@@ -308,7 +301,7 @@ void hook_failure_ends_the_log(bool disk) {
     EXPECT_EQ(resumed.entries[i].seed, ref.entries[i].seed);
     EXPECT_EQ(resumed.entries[i].g, ref.entries[i].g) << "step " << i;
   }
-  EXPECT_EQ(read_text(run / "model.safetensors"), read_text(tmp / "ref" / "model.safetensors"));
+  EXPECT_EQ(read_file(run / "model.safetensors"), read_file(tmp / "ref" / "model.safetensors"));
 }
 
 TEST(SessionLog, AResultHookThatThrowsEndsTheSeedLogBeforeItsStepAndTheRunResumes) { hook_failure_ends_the_log(false); }
@@ -414,7 +407,7 @@ TEST(RunDir, AStepDirectoryAnotherProcessReadsIsKeptUntilItIsDone) {
       const OpenedCheckpoint o = open_checkpoint(d);
       char c = 1;
       if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) rc = 3;
-      if (rc == 0) rc = read_text(o.dir / "model.safetensors") == "weights of step 4" ? 0 : 4;
+      if (rc == 0) rc = read_file(o.dir / "model.safetensors") == "weights of step 4" ? 0 : 4;
       if (rc == 0) rc = open_checkpoint(d).dir == d / "step-00000006" ? 0 : 5;  // and moves on to the newest
     } catch (...) {
       rc = 2;
@@ -440,7 +433,7 @@ TEST(RunDir, AStepDirectoryAnotherProcessReadsIsKeptUntilItIsDone) {
   for (const auto& e : fs::directory_iterator(d))
     if (e.path().filename().string().rfind("step-", 0) == 0) steps.push_back(e.path().filename().string());
   EXPECT_EQ(steps, std::vector<std::string>{"step-00000007"});
-  EXPECT_EQ(read_text(d / "model.safetensors"), "weights of step 7");
+  EXPECT_EQ(read_file(d / "model.safetensors"), "weights of step 7");
 }
 
 // Note [Readers of a live run]: a save lands between the reader's read of `current` and its
@@ -466,7 +459,7 @@ TEST(RunDir, AReaderWhoseStepIsRemovedBeforeItsPinReadsCurrentAgain) {
   EXPECT_EQ(reads, (std::vector<std::string>{"step-00000004", "step-00000005", "step-00000006"}));
   EXPECT_EQ(o.dir, d / "step-00000006");
   EXPECT_EQ(o.step, 6);
-  EXPECT_EQ(read_text(o.dir / "model.safetensors"), "weights of step 6");
+  EXPECT_EQ(read_file(o.dir / "model.safetensors"), "weights of step 6");
   release_read_pin(d);
 }
 
@@ -496,11 +489,11 @@ TEST(RunDir, WhatAnInterruptedSaveLeftIsRemovedWhenTheNextWriterStarts) {
   const fs::path d = tmp / "run";
   publish_checkpoint(d, request(2, "step 2"));
   fs::create_directories(d / ".step-3.tmp-12345");
-  write_text(d / ".step-3.tmp-12345" / "model.safetensors", "half");
+  write_file(d / ".step-3.tmp-12345" / "model.safetensors", "half");
   fs::create_directories(d / "step-00000001");
-  write_text(d / "step-00000001" / kRunStateFile, "{}");
-  write_text(d / "zo2_state.json.tmp", "{");
-  write_text(d / ".model.safetensors.tmp.abc", "x");
+  write_file(d / "step-00000001" / kRunStateFile, "{}");
+  write_file(d / "zo2_state.json.tmp", "{");
+  write_file(d / ".model.safetensors.tmp.abc", "x");
   fs::remove(d / "config.json");  // a link lost between the switch and the refresh
   { RunDirLock lock(d); }
   EXPECT_FALSE(fs::exists(d / ".step-3.tmp-12345"));
@@ -517,8 +510,8 @@ TEST(RunDir, LinksPlantedInTheDirectoryNeverMakeAWriterTouchWhatTheyName) {
   test::TempDir tmp;
   const fs::path victim = tmp / "victim" / "step-00000001";
   fs::create_directories(victim);
-  write_text(victim / "thesis.tex", "precious");
-  write_text(tmp / "victim" / "notes.txt", "notes");
+  write_file(victim / "thesis.tex", "precious");
+  write_file(tmp / "victim" / "notes.txt", "notes");
   // `current` through the step directory's link and out of DIR: refused, nothing removed.
   const fs::path d = tmp / "out";
   fs::create_directories(d);
@@ -526,7 +519,7 @@ TEST(RunDir, LinksPlantedInTheDirectoryNeverMakeAWriterTouchWhatTheyName) {
   fs::create_directory_symlink("step-00000001/../../victim/step-00000001", d / kRunCurrent);
   Error e = error_of([&] { RunDirLock lock(d); });
   EXPECT_NE(std::string(e.what()).find("not one of the run's step directories"), std::string::npos) << e.what();
-  EXPECT_EQ(read_text(victim / "thesis.tex"), "precious");
+  EXPECT_EQ(read_file(victim / "thesis.tex"), "precious");
   // A save replacing a checkpoint whose `current` is written as an absolute path of DIR's own
   // step directory removes that one, and only in DIR.
   const fs::path r = tmp / "run";
@@ -543,7 +536,7 @@ TEST(RunDir, LinksPlantedInTheDirectoryNeverMakeAWriterTouchWhatTheyName) {
   e = error_of([&] { RunDirLock lock(l); });
   EXPECT_EQ(e.kind(), ErrorKind::io);
   EXPECT_NE(std::string(e.what()).find("is a symbolic link"), std::string::npos) << e.what();
-  EXPECT_EQ(read_text(tmp / "victim" / "notes.txt"), "notes");
+  EXPECT_EQ(read_file(tmp / "victim" / "notes.txt"), "notes");
   // The CLI's writability probe: a `.zo2-write-test` link is left alone.
   const fs::path n = tmp / "new";
   fs::create_directories(n);
@@ -551,7 +544,7 @@ TEST(RunDir, LinksPlantedInTheDirectoryNeverMakeAWriterTouchWhatTheyName) {
   std::string out;
   EXPECT_EQ(test::run_command(test::zo2_tune_path().string() + " init --preset opt-tiny -q --out " + n.string(), &out),
             0) << out;
-  EXPECT_EQ(read_text(tmp / "victim" / "notes.txt"), "notes");
+  EXPECT_EQ(read_file(tmp / "victim" / "notes.txt"), "notes");
 }
 
 // ---- zo2-tune train/replay over run directories (issue 16's defects 1, 3, 6, 7, 8, 9) ----
@@ -581,17 +574,17 @@ struct TuneRun {
   // with bad fields but a good checksum: another writer's), unless `keep_crc`.
   void edit_state(const fs::path& d, const std::function<void(json&)>& f, bool keep_crc = false) {
     const fs::path p = fs::canonical(d / kRunStateFile);
-    json j = json::parse(read_text(p));
+    json j = json::parse(read_file(p));
     f(j);
     if (!keep_crc) j["state_crc32"] = manifest_crc32(j);
-    write_text(p, j.dump(2));
+    write_file(p, j.dump(2));
   }
 };
 
 TEST(RunDirCli, AStateFileIsCheckedFieldByFieldAndNamed) {
   TuneRun r;
   const fs::path d = r.train("part", " --stop-at 3");
-  const std::string before = read_text(d / "model.safetensors");
+  const std::string before = read_file(d / "model.safetensors");
   std::string out;
   // A hand edit (the manifest's own checksum no longer matches) is refused at a resume, naming
   // the file; a flag given on the command line is the way to change one.
@@ -617,7 +610,7 @@ TEST(RunDirCli, AStateFileIsCheckedFieldByFieldAndNamed) {
   r.edit_state(d, [](json& j) { j["lr_schedule"] = "constant", j["next_step"] = 2; });
   EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
   EXPECT_NE(out.find("the manifest's step 3"), std::string::npos) << out;
-  EXPECT_EQ(read_text(d / "model.safetensors"), before) << "nothing was written over";
+  EXPECT_EQ(read_file(d / "model.safetensors"), before) << "nothing was written over";
 }
 
 TEST(RunDirCli, ResumeKeepsTheStorageDtypeAndEndsWithTheUninterruptedRunsBytes) {
@@ -630,8 +623,8 @@ TEST(RunDirCli, ResumeKeepsTheStorageDtypeAndEndsWithTheUninterruptedRunsBytes) 
     const fs::path part = r.train(std::string("part-") + dt, flag + " --stop-at 3");
     std::string out;
     ASSERT_EQ(tune("train --resume " + part.string() + " --out " + part.string() + " -q", &out), 0) << out;
-    EXPECT_EQ(read_text(full / "model.safetensors"), read_text(part / "model.safetensors"));
-    EXPECT_EQ(json::parse(read_text(part / kRunStateFile)).at("storage_dtype"), dt);
+    EXPECT_EQ(read_file(full / "model.safetensors"), read_file(part / "model.safetensors"));
+    EXPECT_EQ(json::parse(read_file(part / kRunStateFile)).at("storage_dtype"), dt);
   }
   const fs::path part = r.train("part-again", " --storage-dtype bf16 --stop-at 3");
   std::string out;
@@ -648,11 +641,11 @@ TEST(RunDirCli, AResumeWithoutOutCarriesOnTheRunInPlace) {
   // --resume RUN alone (a requeued job's command line), then through `current` and a step
   // directory: each continues RUN itself.
   ASSERT_EQ(tune("train --resume " + part.string() + " --stop-at 3 -q", &out), 0) << out;
-  EXPECT_EQ(json::parse(read_text(part / kRunStateFile)).at("step"), 3);
+  EXPECT_EQ(json::parse(read_file(part / kRunStateFile)).at("step"), 3);
   ASSERT_EQ(tune("train --resume " + (part / kRunCurrent).string() + " --stop-at 4 -q", &out), 0) << out;
   const fs::path step = part / fs::read_symlink(part / kRunCurrent);
   ASSERT_EQ(tune("train --resume " + step.string() + " -q", &out), 0) << out;
-  EXPECT_EQ(read_text(full / "model.safetensors"), read_text(part / "model.safetensors"));
+  EXPECT_EQ(read_file(full / "model.safetensors"), read_file(part / "model.safetensors"));
   // A checkpoint that is no run's needs --out named.
   EXPECT_EQ(tune("train --resume " + r.model.string(), &out), 2) << out;
   EXPECT_NE(out.find("--out is required: --resume " + r.model.string() + " is not a run directory"),
@@ -668,9 +661,9 @@ TEST(RunDirCli, AStateSavedElsewhereNeverPicksTheFilesAResumeWrites) {
   TuneRun r;
   const fs::path d = r.train("part", " --stop-at 3");
   const std::string log_text = "{\"step\": 1, \"note\": \"the user's own\"}\n{\"step\": 9}\n";
-  write_text(r.tmp / "mine.jsonl", log_text);
+  write_file(r.tmp / "mine.jsonl", log_text);
   fs::create_directories(r.tmp / "blocks");
-  write_text(r.tmp / "blocks" / "zo2-blocks.img", "precious");
+  write_file(r.tmp / "blocks" / "zo2-blocks.img", "precious");
   r.edit_state(d, [&](json& j) {
     j["run_dir"] = "/nonexistent/run";
     j["log_json"] = (r.tmp / "mine.jsonl").string();
@@ -681,9 +674,9 @@ TEST(RunDirCli, AStateSavedElsewhereNeverPicksTheFilesAResumeWrites) {
   EXPECT_EQ(tune("train --resume " + d.string() + " --stop-at 5", &out), 0) << out;
   EXPECT_NE(out.find("was saved in /nonexistent/run, so its JSON log and block file are not taken from its state"),
             std::string::npos) << out;
-  EXPECT_EQ(read_text(r.tmp / "mine.jsonl"), log_text);
-  EXPECT_EQ(read_text(r.tmp / "blocks" / "zo2-blocks.img"), "precious");
-  EXPECT_EQ(json::parse(read_text(d / kRunStateFile)).at("step"), 5);
+  EXPECT_EQ(read_file(r.tmp / "mine.jsonl"), log_text);
+  EXPECT_EQ(read_file(r.tmp / "blocks" / "zo2-blocks.img"), "precious");
+  EXPECT_EQ(json::parse(read_file(d / kRunStateFile)).at("step"), 5);
 }
 
 TEST(RunDirCli, AResumesTrimOfTheJsonLogWritesTheFileALinkNames) {
@@ -692,10 +685,10 @@ TEST(RunDirCli, AResumesTrimOfTheJsonLogWritesTheFileALinkNames) {
   // later resume rename a file over /dev/stdout. The state records the file itself.
   TuneRun r;
   fs::create_directories(r.tmp / "logs");
-  write_text(r.tmp / "logs" / "run1.jsonl", "");
+  write_file(r.tmp / "logs" / "run1.jsonl", "");
   fs::create_symlink("run1.jsonl", r.tmp / "logs" / "latest.jsonl");
   const fs::path d = r.train("part", " --stop-at 3 --log-json " + (r.tmp / "logs" / "latest.jsonl").string());
-  EXPECT_EQ(json::parse(read_text(d / kRunStateFile)).at("log_json"), (r.tmp / "logs" / "run1.jsonl").string());
+  EXPECT_EQ(json::parse(read_file(d / kRunStateFile)).at("log_json"), (r.tmp / "logs" / "run1.jsonl").string());
   // As a run killed after its checkpoint leaves it: records past step 3.
   std::ofstream(r.tmp / "logs" / "run1.jsonl", std::ios::app) << "{\"step\": 4}\n{\"step\": 5}\n";
   std::string out;
@@ -711,22 +704,22 @@ TEST(RunDirCli, AResumesTrimOfTheJsonLogWritesTheFileALinkNames) {
 
 TEST(RunDirCli, TheBaseModelAndAnotherRunAreNeverWrittenOver) {
   TuneRun r;
-  const std::string base = read_text(r.model / "model.safetensors");
+  const std::string base = read_file(r.model / "model.safetensors");
   std::string out;
   // Defect 6: --out equal to --model overwrote the base model.
   EXPECT_EQ(tune("train" + r.common + " --out " + r.model.string(), &out), 2) << out;
   EXPECT_NE(out.find("is the model directory"), std::string::npos) << out;
   EXPECT_EQ(tune("replay --model " + r.model.string() + " --seed-log /dev/null --out " + r.model.string(), &out), 1);
-  EXPECT_EQ(read_text(r.model / "model.safetensors"), base);
+  EXPECT_EQ(read_file(r.model / "model.safetensors"), base);
   // Defect 7: a second run into the same --out is refused, --overwrite starts over.
   const fs::path a = r.train("a");
-  const std::string a_weights = read_text(a / "model.safetensors");
+  const std::string a_weights = read_file(a / "model.safetensors");
   std::string out2;
   EXPECT_EQ(tune("train" + r.common + " --seed 9 --out " + a.string(), &out2), 2) << out2;
   EXPECT_NE(out2.find("already holds a run"), std::string::npos) << out2;
-  EXPECT_EQ(read_text(a / "model.safetensors"), a_weights);
+  EXPECT_EQ(read_file(a / "model.safetensors"), a_weights);
   r.train("a", " --seed 9 --overwrite");
-  EXPECT_NE(read_text(a / "model.safetensors"), a_weights);
+  EXPECT_NE(read_file(a / "model.safetensors"), a_weights);
   EXPECT_EQ(tune("train --resume " + a.string() + " --out " + a.string(), &out2), 0) << out2;  // finished: a no-op
 }
 
@@ -734,14 +727,14 @@ TEST(RunDirCli, ASeedLogThatIsNotTheCheckpointsIsRefusedOnResume) {
   TuneRun r;
   const fs::path d = r.train("part", " --stop-at 4");
   const fs::path other = r.train("other", " --seed 77 --stop-at 4");
-  const std::string log = read_text(d / kRunSeedLog);
+  const std::string log = read_file(d / kRunSeedLog);
   std::string out;
   // Another run's log.
   fs::copy_file(other / kRunSeedLog, d / kRunSeedLog, fs::copy_options::overwrite_existing);
   EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
   EXPECT_NE(out.find("another run"), std::string::npos) << out;
   // A log cut short before the checkpoint's step.
-  write_text(d / kRunSeedLog, log.substr(0, log.find('\n', log.find('\n') + 1) + 1));
+  write_file(d / kRunSeedLog, log.substr(0, log.find('\n', log.find('\n') + 1) + 1));
   EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
   EXPECT_NE(out.find("seed_log.jsonl: the seed log holds steps 0..0"), std::string::npos) << out;
   // An edited line that still parses (its eps's last digit): its bytes are not those the
@@ -749,15 +742,15 @@ TEST(RunDirCli, ASeedLogThatIsNotTheCheckpointsIsRefusedOnResume) {
   std::string edited = log;
   const auto eps_end = edited.find(',', edited.find("\"eps\":", edited.find('\n')));
   edited[eps_end - 1] = edited[eps_end - 1] == '1' ? '2' : '1';
-  write_text(d / kRunSeedLog, edited);
+  write_file(d / kRunSeedLog, edited);
   EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string(), &out), 1) << out;
   EXPECT_NE(out.find("rewritten or comes from another run"), std::string::npos) << out;
   // Defect 8: a torn last line (a full disk mid-append) is ignored, and the run continues.
-  write_text(d / kRunSeedLog, log + "{\"step\":4,\"se");
+  write_file(d / kRunSeedLog, log + "{\"step\":4,\"se");
   const fs::path full = r.train("full");
   EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string() + " -q", &out), 0) << out;
-  EXPECT_EQ(read_text(full / "model.safetensors"), read_text(d / "model.safetensors"));
-  EXPECT_EQ(read_text(full / kRunSeedLog), read_text(d / kRunSeedLog));
+  EXPECT_EQ(read_file(full / "model.safetensors"), read_file(d / "model.safetensors"));
+  EXPECT_EQ(read_file(full / kRunSeedLog), read_file(d / kRunSeedLog));
 }
 
 TEST(RunDirCli, ARunSavedBeforeRunDirectoriesResumesAndBecomesOne) {
@@ -768,14 +761,14 @@ TEST(RunDirCli, ARunSavedBeforeRunDirectoriesResumesAndBecomesOne) {
   fs::create_directories(old);
   for (const auto& e : fs::directory_iterator(part / "current")) fs::copy_file(e.path(), old / e.path().filename());
   fs::copy_file(part / kRunSeedLog, old / kRunSeedLog);
-  json st = json::parse(read_text(old / kRunStateFile));
+  json st = json::parse(read_file(old / kRunStateFile));
   st["zo2_state"] = 1;
   st.erase("files"), st.erase("seed_log"), st.erase("step");
-  write_text(old / kRunStateFile, st.dump(2));
+  write_file(old / kRunStateFile, st.dump(2));
   std::string out;
   ASSERT_EQ(tune("train --resume " + old.string() + " --out " + old.string() + " -q", &out), 0) << out;
   const fs::path full = r.train("full");
-  EXPECT_EQ(read_text(full / "model.safetensors"), read_text(old / "model.safetensors"));
+  EXPECT_EQ(read_file(full / "model.safetensors"), read_file(old / "model.safetensors"));
   EXPECT_TRUE(fs::is_symlink(old / "model.safetensors")) << "the old top-level files became links";
   EXPECT_EQ(open_checkpoint(old, true).step, 8);
 }
@@ -787,13 +780,13 @@ TEST(RunDirCli, AManifestSaysWhoWroteItAndALaterVersionIsRefusedNamingIt) {
   TuneRun r;
   const fs::path d = r.train("run", " --stop-at 3");
   const fs::path mfile = d / "current" / kRunStateFile;
-  json m = json::parse(read_text(mfile));
+  json m = json::parse(read_file(mfile));
   EXPECT_EQ(m["zo2_state"], 3);
   EXPECT_EQ(m["written_by"], std::string("zo2 ") + ZO2_TEST_VERSION);
   m["zo2_state"] = 5;
   m["written_by"] = "zo2 9.0.0";
   m["state_crc32"] = manifest_crc32(m);
-  write_text(fs::canonical(mfile), m.dump(2));
+  write_file(fs::canonical(mfile), m.dump(2));
   std::string out;
   EXPECT_EQ(tune("train --resume " + d.string() + " --out " + d.string() + " -q", &out), 1) << out;
   EXPECT_NE(out.find("field 'zo2_state' = 5 is not a state version this zo2 (" + std::string(ZO2_TEST_VERSION) +
@@ -835,23 +828,23 @@ TEST(RunDirCli, AnAdapterRunSavedByASessionResumesInPlace) {
       for (int t = 0; t < 3; ++t) session.step(batches[static_cast<std::size_t>(t)], 3e-3f, 1e-3f, 0.0f);
       session.save(run, DType::f32, 5'000'000'000);
     }
-    EXPECT_FALSE(json::parse(read_text(run / kRunStateFile)).contains("base_model"));
+    EXPECT_FALSE(json::parse(read_file(run / kRunStateFile)).contains("base_model"));
     const std::string resume = "train --resume " + run.string() + " --out " + run.string() + " --data " +
                                r.data.string() + " --steps 6 --batch-size 2 --lr 3e-3 --eps 1e-3 --weight-decay 0 -q";
     std::string out;
     // The base from the header (prefix), or named again (LoRA): both continue in place.
     ASSERT_EQ(tune(resume + " --stop-at 5" + (prefix ? std::string() : " --model " + r.model.string()), &out), 0)
         << out;
-    EXPECT_EQ(json::parse(read_text(run / kRunStateFile)).at("step"), 5);
+    EXPECT_EQ(json::parse(read_file(run / kRunStateFile)).at("step"), 5);
     ASSERT_EQ(tune(resume, &out), 0) << out;
-    EXPECT_EQ(json::parse(read_text(run / kRunStateFile)).at("step"), 6);
+    EXPECT_EQ(json::parse(read_file(run / kRunStateFile)).at("step"), 6);
     const fs::path rep = r.tmp / (name + "-replayed");
     ASSERT_EQ(tune("replay --model " + r.model.string() + " --seed-log " + (run / kRunSeedLog).string() + " -q --out " +
                        rep.string(),
                    &out),
               0)
         << out;
-    EXPECT_EQ(read_text(rep / "adapter_model.safetensors"), read_text(run / "adapter_model.safetensors"));
+    EXPECT_EQ(read_file(rep / "adapter_model.safetensors"), read_file(run / "adapter_model.safetensors"));
   }
   const fs::path step = r.tmp / "lora" / fs::read_symlink(r.tmp / "lora" / kRunCurrent);
   std::string out;
@@ -878,7 +871,7 @@ TEST(RunDirCli, ReplayRefusesAStepBeyondTheLogAndWritesARunDirectoryOfItsStep) {
             0)
       << out;
   EXPECT_EQ(open_checkpoint(r.tmp / "rep", true).step, 8);
-  EXPECT_EQ(read_text(d / "model.safetensors"), read_text(r.tmp / "rep" / "model.safetensors"));
+  EXPECT_EQ(read_file(d / "model.safetensors"), read_file(r.tmp / "rep" / "model.safetensors"));
 }
 
 }  // namespace

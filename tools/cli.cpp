@@ -8,6 +8,7 @@
 #include "models/checkpoint.h"
 #include "models/safetensors.h"
 #include "offload/block_store.h"
+#include "runtime/device.h"
 #include "runtime/error.h"
 #include "runtime/file_util.h"
 #include "runtime/log.h"
@@ -15,6 +16,8 @@
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+#include <tbb/global_control.h>
+#include <tbb/info.h>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -29,6 +32,8 @@
 #include <fstream>
 #include <iterator>
 #include <limits>
+#include <mutex>
+#include <optional>
 
 namespace zo2::cli {
 
@@ -243,7 +248,7 @@ void DeviceFlags::add(CLI::App& app) {
                      ->capture_default_str();
   app.add_option("--compute-dtype", compute, "compute dtype: fp32 (CPU), bf16 or fp16 (GPU)")
       ->capture_default_str();
-  app.add_option("--threads", threads, "CPU threads for kernels (0 = the cores this process may use: its affinity mask, at most its cgroup CPU quota)")->capture_default_str();
+  app.add_option("--threads", threads, "CPU threads for kernels and zo2-tune's host-side work (0 = the cores this process may use: its affinity mask, at most its cgroup CPU quota)")->capture_default_str();
   app.add_option("--host-mem", host_mem,
                  "host memory cap for the master weights, e.g. 64G: the streamed blocks beyond it live on disk "
                  "(--disk-dir); default: every block in RAM");
@@ -773,6 +778,36 @@ std::string format_duration(double s) {
   // Past two days hours stop reading well ("8432h33m" was 351 days; adversarial pass 66).
   if (total < 48 * 3600) return fmt::format("{}h{:02}m", total / 3600, (total % 3600) / 60);
   return fmt::format("{}d{:02}h", total / 86400, (total % 86400) / 3600);
+}
+
+namespace {
+// Note [zo2-tune's threads]
+std::mutex g_host_threads_mutex;
+bool g_host_threads_scope = false;
+std::optional<tbb::global_control> g_host_threads_cap;
+}  // namespace
+
+HostThreadsScope::HostThreadsScope() {
+  const std::lock_guard lock(g_host_threads_mutex);
+  g_host_threads_scope = true;
+}
+
+HostThreadsScope::~HostThreadsScope() {
+  const std::lock_guard lock(g_host_threads_mutex);
+  g_host_threads_cap.reset();
+  g_host_threads_scope = false;
+}
+
+void cap_host_threads(int threads) {
+  const std::lock_guard lock(g_host_threads_mutex);
+  if (!g_host_threads_scope) return;
+  // Two global_controls of a parameter give the smaller value: the old one goes first.
+  g_host_threads_cap.reset();
+  const int pool = tbb::info::default_concurrency();
+  const int n = threads > 0 ? threads : default_threads();
+  if (n >= pool) return;
+  g_host_threads_cap.emplace(tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(n));
+  log_debug("host threads: {} of {} ({})", n, pool, threads > 0 ? "--threads" : "the cgroup's CPU quota");
 }
 
 namespace {

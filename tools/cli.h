@@ -286,6 +286,32 @@ class EvalProgressLine {
   double start_, last_;
 };
 
+// Note [zo2-tune's threads]
+//   The CPU device keeps its kernels to --threads (or the cgroup's CPU quota) in a TBB arena
+//   of its own (Note [Kernel threads], runtime/cpu/cpu_device.cpp), and so does its
+//   session's host-side work (loading, checking and saving the weights). The rest of what
+//   zo2-tune does on the host ran on TBB's default threads, one per CPU of the affinity
+//   mask: tokenizing a data file, a resume's checksums, init's random weights, a CUDA run's
+//   conversions — on a 64-core node where the job was given 8 (--threads 8, or a cgroup
+//   quota of 8 CPUs), 64 threads, throttled by the quota, and beside other jobs' cores.
+//   zo2-tune is a process of its own, so it caps TBB process-wide (tbb::global_control)
+//   at the same count: --threads when given (a resumed run's own when not given again, a
+//   rank's share of the node under mpirun), else the default (the affinity mask, at most
+//   the quota: default_threads()); no cap at or above TBB's own count. A library that
+//   embeds zo2 (the C API, Python — whose zo2.train runs this same train in-process) gets
+//   no process-wide cap: only main's HostThreadsScope enables it, and the device's arena is
+//   all that bounds zo2 in a host's process (Note [Kernel threads]).
+class HostThreadsScope {
+ public:
+  HostThreadsScope();   // cap_host_threads acts from now on
+  ~HostThreadsScope();  // and no more: the cap is lifted
+  HostThreadsScope(const HostThreadsScope&) = delete;
+  HostThreadsScope& operator=(const HostThreadsScope&) = delete;
+};
+// Caps the process's TBB threads at `threads` (0: default_threads()) while a
+// HostThreadsScope lives; a later call replaces the cap. Nothing otherwise.
+void cap_host_threads(int threads);
+
 // Note [Standard streams]
 //   zo2-tune and zo2-bench call open_standard_streams() first thing in main:
 //   - fds 0, 1 and 2 are made open: a program started with one closed (`2>&-`) hands that

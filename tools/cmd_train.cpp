@@ -1116,6 +1116,7 @@ Runner add_train(CLI::App& app) {
       if (o->binding->gpu >= 0 && (sc.device == "cuda" || sc.device == "auto"))
         sc.device = fmt::format("cuda:{}", o->binding->gpu);
     }
+    cap_host_threads(sc.threads);  // Note [zo2-tune's threads]: the resumed run's, or the rank's
     if (model_dir.empty()) fail(ErrorKind::invalid_argument, "train needs --model DIR (or --resume DIR)");
     if (o->data.empty()) fail(ErrorKind::invalid_argument, "train needs --data FILE");
     // --out never writes over the checkpoint a run starts from: the seed log replays from it.

@@ -126,9 +126,13 @@ int run_main(int argc, char** argv) {
     return 2;
   }
   zo2::log_set_level(verbose ? zo2::LogLevel::debug : quiet ? zo2::LogLevel::warn : zo2::LogLevel::info);
+  const zo2::cli::HostThreadsScope host_threads;  // Note [zo2-tune's threads]
   try {
     for (auto& [sub, run] : runners) {
       if (!sub->parsed()) continue;
+      // The subcommand's --threads (train sets it again once a resumed run's is known).
+      const CLI::Option* threads = sub->get_option_no_throw("--threads");
+      zo2::cli::cap_host_threads(threads && threads->count() > 0 ? threads->as<int>() : 0);
       // Only train runs as ranks; any other subcommand under mpirun would do its whole job
       // once per rank (the same files written N times, the output printed N times).
       if (sub->get_name() != "train" && zo2::launched_by_mpi())
