@@ -39,6 +39,9 @@ struct Case {
   RuleConfig rule;
   float lr, wd;
 };
+// gtest prints a failing case's parameter as its bytes by default (padding included); its
+// name says which case it is.
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 RuleConfig rule_of(RuleKind k, int q = 1, Difference d = Difference::central, DType state = DType::f32) {
   RuleConfig r;
