@@ -101,8 +101,14 @@ std::optional<std::size_t> stat_value(const std::string& stat, std::string_view 
 
 void read_memory_levels(const std::vector<fs::path>& levels, bool v2, CgroupMemory& out) {
   for (const fs::path& dir : levels) {
-    const fs::path limit_file = dir / (v2 ? "memory.max" : "memory.limit_in_bytes");
-    const std::optional<std::size_t> limit = read_limit(limit_file);
+    fs::path limit_file = dir / (v2 ? "memory.max" : "memory.limit_in_bytes");
+    std::optional<std::size_t> limit = read_limit(limit_file);
+    // v2's memory.high is a limit too where it is lower: past it the kernel throttles the
+    // cgroup into reclaim, and the master weights are pinned (unreclaimable), so a run that
+    // needs more than memory.high crawls instead of being killed (Note [Cgroup limits]).
+    if (v2)
+      if (const fs::path high_file = dir / "memory.high"; const std::optional<std::size_t> high = read_limit(high_file))
+        if (!limit || *high < *limit) limit = high, limit_file = high_file;
     if (!limit) continue;
     CgroupMemoryLimit level;
     level.limit = *limit;

@@ -22,8 +22,11 @@ namespace zo2 {
 // root is the container's cgroup; without one the path is the host's ("/docker/ID") and
 // mountinfo's root field says which part of it is mounted ("/docker/ID"), so the directory is
 // the mount point plus the path less that root.
-// - Memory: v2 memory.max ("max" = none), v1 memory.limit_in_bytes (values from 2^62 up,
-//   e.g. 9223372036854771712, = none). What a new allocation can take under a limit is the
+// - Memory: v2 memory.max ("max" = none) or memory.high where it is lower (systemd's
+//   MemoryHigh=, Kubernetes' memory QoS: past it the cgroup is throttled into reclaim, and
+//   pinned master weights cannot be reclaimed, so a run needing more crawls rather than
+//   dies), v1 memory.limit_in_bytes (values from 2^62 up, e.g. 9223372036854771712, = none;
+//   v1's soft limit only orders reclaim between cgroups and is not one). What a new allocation can take under a limit is the
 //   limit less the cgroup's working set: its usage (v2 memory.current, v1
 //   memory.usage_in_bytes) less the inactive page cache (memory.stat's inactive_file, v1
 //   total_inactive_file), which the kernel reclaims before it kills — as runc and the kubelet

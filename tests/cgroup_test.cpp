@@ -102,6 +102,26 @@ TEST(CgroupV2, HeadroomCountsWhatSiblingsUseUnderASharedAncestorLimit) {
   EXPECT_EQ(m.least_headroom.file, t.at("sys/fs/cgroup/pod/memory.max"));
 }
 
+// memory.high (systemd's MemoryHigh=) throttles past it: a limit where it is below memory.max,
+// named as the file that set it; "max" is none.
+TEST(CgroupV2, MemoryHighBelowMemoryMaxIsTheLimit) {
+  FakeTree t("0::/user.slice/job\n", kV2Mount);
+  t.put("sys/fs/cgroup/user.slice/memory.max", std::to_string(4096 * MiB) + "\n");
+  t.put("sys/fs/cgroup/user.slice/memory.high", std::to_string(8192 * MiB) + "\n");  // above: max's
+  t.put("sys/fs/cgroup/user.slice/memory.current", std::to_string(100 * MiB) + "\n");
+  t.put("sys/fs/cgroup/user.slice/job/memory.max", "max\n");
+  t.put("sys/fs/cgroup/user.slice/job/memory.high", std::to_string(1024 * MiB) + "\n");
+  t.put("sys/fs/cgroup/user.slice/job/memory.current", std::to_string(24 * MiB) + "\n");
+  CgroupMemory m = read_cgroup_memory(t.paths());
+  EXPECT_EQ(m.tightest.limit, 1024 * MiB);
+  EXPECT_EQ(m.tightest.file, t.at("sys/fs/cgroup/user.slice/job/memory.high"));
+  EXPECT_EQ(m.least_headroom.headroom(), 1000 * MiB);
+  t.put("sys/fs/cgroup/user.slice/job/memory.high", "max\n");
+  m = read_cgroup_memory(t.paths());
+  EXPECT_EQ(m.tightest.limit, 4096 * MiB);
+  EXPECT_EQ(m.tightest.file, t.at("sys/fs/cgroup/user.slice/memory.max"));
+}
+
 TEST(CgroupV2, MaxEverywhereIsNoLimit) {
   FakeTree t("0::/user.slice/session-1.scope\n", kV2Mount);
   t.put("sys/fs/cgroup/user.slice/memory.max", "max\n");
