@@ -39,6 +39,17 @@ expect(2 "-1 is not a seed" ${common} --seed -1)
 # Integer flags are decimal as written (Note [Decimal integers], tools/cli.h).
 expect(2 "--warmup: 0x2 is not a whole number" --presets opt-tiny --seq-len 8 --steps 1 --warmup 0x2 -q)
 expect(2 "--link-probe 1: at least 1M" --presets opt-tiny --seq-len 8 --link-probe 1 -q)
+# An empty value is refused naming the flag (Note [Empty values], tools/cli.h): --jsonl ""
+# and --plot "" were taken as left out, and the rows were written nowhere.
+# (A function's ${ARGN} drops empty arguments: execute_process here, where a quoted "" stays.)
+foreach(flag --jsonl --plot --parallel)
+  execute_process(COMMAND ${BENCH} ${common} ${flag} "" WORKING_DIRECTORY ${WORK} RESULT_VARIABLE rc
+                  OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  string(FIND "${out}${err}" "${flag}: an empty value" at)
+  if(NOT rc EQUAL 2 OR at EQUAL -1)
+    message(FATAL_ERROR "zo2-bench ${flag} '': exit ${rc}, expected 2 and '${flag}: an empty value' in:\n${out}${err}")
+  endif()
+endforeach()
 expect(2 "--plot is for training rows, not --generate" ${common} --generate 2 --plot ${WORK}/g.png)
 expect(2 "--host-mem is for training rows, not --generate" ${common} --generate 2 --host-mem 100K)
 

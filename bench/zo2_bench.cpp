@@ -716,6 +716,7 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::Range(1, 1024));
   app.add_flag("-q,--quiet", quiet, "only the table");
   zo2::cli::decimal_integer_options(app);  // Note [Decimal integers] (tools/cli.h)
+  zo2::cli::non_empty_values(app);  // after, so it runs first: Note [Empty values] (tools/cli.h)
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

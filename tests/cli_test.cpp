@@ -89,6 +89,32 @@ TEST(Cli, UnknownFlagsAndBadValuesAreUsageErrors) {
 // Integer flags are decimal as written (Note [Decimal integers], tools/cli.h): "010" is 10,
 // not CLI11's octal 8; "0x3" is refused; a value beyond 64 bits is named as typed, not as
 // the saturated 9223372036854775807.
+// A flag given an empty value is refused naming it (Note [Empty values], tools/cli.h): --eval
+// "", --disk-dir "", --log-json "" ran as if the flag were left out — no evaluation, no disk
+// tier, no log, and not a word.
+TEST(Cli, AFlagGivenAnEmptyValueIsRefusedNamingIt) {
+  Workspace w;
+  const std::string train = "train --model " + w.model.string() + " --data " + w.data.string() + " --steps 2 -q --out " +
+                            (w.tmp / "o").string();
+  for (const char* flag : {"--eval", "--disk-dir", "--host-mem", "--log-json", "--gpu-mem", "--parallel", "--tokenizer",
+                           "--adapter", "--lr-schedule", "--steps", "--seed", "--lr", "--tile", "--lora-targets"}) {
+    SCOPED_TRACE(flag);
+    std::string out;
+    EXPECT_EQ(run(train + " " + flag + " ''", &out), 2) << out;
+    EXPECT_NE(out.find(std::string(flag) + ": an empty value (an unset shell variable?)"), std::string::npos) << out;
+    EXPECT_FALSE(fs::exists(w.tmp / "o"));
+  }
+  std::string out;  // the --flag= spelling (CLI11's own refusal), and other subcommands
+  EXPECT_EQ(run(train + " --eval=", &out), 2);
+  EXPECT_NE(out.find("--eval: "), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run("eval --model " + w.model.string() + " --data ''", &out), 2);
+  EXPECT_NE(out.find("--data: an empty value"), std::string::npos) << out;
+  out.clear();
+  EXPECT_EQ(run("init --preset opt-tiny --out ''", &out), 2);
+  EXPECT_NE(out.find("--out: an empty value"), std::string::npos) << out;
+}
+
 TEST(Cli, IntegerFlagsAreDecimalAsWritten) {
   Workspace w;
   const std::string train = "train --model " + w.model.string() + " --data " + w.data.string() + " --batch-size 02 -q";
@@ -1250,7 +1276,7 @@ TEST(Cli, OutIsNeverReplacedWithoutOverwrite) {
   EXPECT_NE(out.find("--stop-at 2: the run in " + a.string() + " is already at step 2"), std::string::npos) << out;
   out.clear();
   EXPECT_EQ(run("train --model " + w.model.string() + data + " --out ''", &out), 2);
-  EXPECT_NE(out.find("--out '': name the run directory"), std::string::npos) << out;
+  EXPECT_NE(out.find("--out: an empty value"), std::string::npos) << out;  // Note [Empty values]
   out.clear();
   EXPECT_EQ(run("replay --model " + w.model.string() + " --seed-log " + full.string() + " --out " +
                     (w.tmp / "rp0").string(),

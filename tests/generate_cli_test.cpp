@@ -358,7 +358,7 @@ TEST(GenerateCli, BadRequestsAreUsageErrorsNamingTheFlagOrPrompt) {
             std::string::npos);
   EXPECT_NE(m.gen("--prompt x --max-new-tokens 0", 2).find("--max-new-tokens 0"), std::string::npos);
   EXPECT_NE(m.gen("--prompt x --kv-cache gpu", 2).find("--kv-cache 'gpu'"), std::string::npos);
-  EXPECT_NE(m.gen("--prompt x --stop ''", 2).find("--stop ''"), std::string::npos);
+  EXPECT_NE(m.gen("--prompt x --stop ''", 2).find("--stop: an empty value"), std::string::npos);  // Note [Empty values]
   // Flags that would change nothing are refused, not ignored.
   EXPECT_NE(m.gen("--prompt x --seed 5", 2).find("--seed 5: greedy decoding draws nothing"), std::string::npos);
   EXPECT_NE(m.gen("--prompt x --padding-side left", 2).find("--padding-side: generate places its prompts itself"),

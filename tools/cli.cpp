@@ -215,6 +215,20 @@ void decimal_integer_options(CLI::App& app) {
   for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) decimal_integer_options(*sub);
 }
 
+void non_empty_values(CLI::App& app) {
+  // Note [Empty values]. A transform runs before the option's other validators (CLI11 puts
+  // it first), so IsMember's "not in {…}" never sees the empty value.
+  for (CLI::Option* opt : app.get_options()) {
+    if (opt->get_type_size() == 0 || opt->get_expected_min() == 0) continue;  // a flag: no value
+    opt->transform(CLI::Validator(
+        [](std::string& text) -> std::string {
+          return text.empty() ? "an empty value (an unset shell variable?): give one, or leave the flag out" : "";
+        },
+        ""));
+  }
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) non_empty_values(*sub);
+}
+
 CLI::Validator finite_range(double lo, double hi, bool open_lo) {
   return CLI::Validator(
       [=](const std::string& text) -> std::string {

@@ -108,6 +108,19 @@ CLI::Validator seed_value();
 //   and refuses a value beyond 64 bits naming it as written. Called once the options are declared.
 void decimal_integer_options(CLI::App& app);
 
+// Note [Empty values]
+//   A flag given with an empty value (`--disk-dir ""`, `--eval "$DEV"` with DEV unset) was
+//   taken as the flag left out where its default is the empty string — --disk-dir, --eval,
+//   --log-json, --gpu-mem, --host-mem, --parallel, --tokenizer, --adapter: the run went on
+//   without the disk tier, the evaluation or the log the command asked for, and said nothing
+//   — while other flags refused it in words of their own ("--lr-schedule:  not in {…}").
+//   Every option that takes a value, of `app` and its subcommands, now refuses an empty one
+//   first, naming the flag (a usage error, exit 2): "--eval: an empty value (an unset shell
+//   variable?): give one, or leave the flag out". zo2.train's keywords go through the same
+//   check (an empty string is no None). Called once the options are declared, and after
+//   decimal_integer_options (the transform added last runs first).
+void non_empty_values(CLI::App& app);
+
 // The documented rule of an integer flag from api/options.cpp as it refuses `value` ("must be
 // an integer in [1, 2^53]"), or "" when the flag has none or accepts the value.
 std::string documented_integer_rule(const CLI::Option& opt, std::int64_t value);

@@ -93,6 +93,7 @@ int run_main(int argc, char** argv) {
     if (CLI::Option* storage = sub->get_option_no_throw("--storage-dtype"); storage && sub->get_name() != "plan")
       storage->default_str("");
   zo2::cli::decimal_integer_options(app);  // Note [Decimal integers]
+  zo2::cli::non_empty_values(app);  // after, so it runs first: Note [Empty values]
   try {
     app.parse(argc, argv);
   } catch (const CLI::ArgumentMismatch& e) {

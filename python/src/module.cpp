@@ -1178,6 +1178,7 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
   CLI::App* sub = app.add_subcommand("train");
   zo2::cli::Runner runner = zo2::cli::add_train(*sub);
   zo2::cli::decimal_integer_options(app);  // as zo2-tune's (Note [Decimal integers])
+  zo2::cli::non_empty_values(app);  // after, so it runs first: as zo2-tune's (Note [Empty values])
   std::vector<std::string> args{"zo2-tune", "train"};
   std::vector<std::pair<const CLI::Option*, std::string>> given;  // each flag and the keyword that gave it
   for (const auto& [name, value] : options) {

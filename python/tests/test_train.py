@@ -414,6 +414,11 @@ def test_option_values_and_spellings(tiny, synth, tmp_path):
                   per_device_train_batch_size=8)
     with pytest.raises(TypeError, match="unknown option 'stepz'"):
         zo2.train(tiny, data=synth, out=tmp_path / "x", stepz=None)
+    # An empty string is no None: refused naming the flag, as zo2-tune's --eval '' is (Note
+    # [Empty values]); it ran without the evaluation it asked for.
+    for key in ("eval", "log_json", "disk_dir", "lr_schedule"):
+        with pytest.raises(zo2.InvalidArgumentError, match=f"--{key.replace('_', '-')}: an empty value"):
+            zo2.train(tiny, data=synth, out=tmp_path / "x", steps=2, progress=False, **{key: ""})
     assert not (tmp_path / "x").exists()
 
 
