@@ -15,6 +15,7 @@
 #include "models/safetensors.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
+#include "runtime/thread.h"
 
 #include <cmath>
 #include <algorithm>
@@ -167,8 +168,13 @@ int guarded(const char* fn, Body&& body, OnError&& on_error) noexcept {
     set_error(fn, e.what());
     code = ZO2_ERR_IO;
   } catch (const std::exception& e) {
-    set_error(fn, e.what());
-    code = ZO2_ERR_INTERNAL;
+    if (std::optional<std::string> refused = zo2::refused_thread_message(e)) {  // Note [Thread limits]
+      set_error(fn, *refused);
+      code = ZO2_ERR_OUT_OF_MEMORY;
+    } else {
+      set_error(fn, e.what());
+      code = ZO2_ERR_INTERNAL;
+    }
   } catch (...) {
     set_error(fn, "unknown exception");
     code = ZO2_ERR_INTERNAL;

@@ -8,6 +8,7 @@
 #include "offload/disk_file.h"
 #include "runtime/cpu/cpu_device.h"
 #include "runtime/log.h"
+#include "runtime/thread.h"
 #include "tests/test_util.h"
 
 #include <gtest/gtest.h>
@@ -519,6 +520,23 @@ TEST(Threads, ARefusedThreadIsAnErrorThatNamesItAndTheLimits) {
   });
   if (rc == 77) GTEST_SKIP() << "no seccomp filters here";
   EXPECT_EQ(rc, 0);
+}
+
+// oneTBB's own refused worker (std::runtime_error "pthread_create has failed: …", out of the
+// parallel_for that wanted it) gets the same words where zo2-tune and the C API report it.
+TEST(Threads, TbbsRefusedWorkerIsReportedAsAThreadLimit) {
+  const std::optional<std::string> m =
+      refused_thread_message(std::runtime_error("pthread_create has failed: Resource temporarily unavailable"));
+  ASSERT_TRUE(m.has_value());
+  EXPECT_NE(m->find("cannot start a TBB worker thread (Resource temporarily unavailable): the process runs "),
+            std::string::npos)
+      << *m;
+  EXPECT_NE(m->find("ulimit -u; a container's or job's pids limit, pids.max"), std::string::npos) << *m;
+  EXPECT_FALSE(refused_thread_message(std::runtime_error("something else")).has_value());
+  EXPECT_FALSE(refused_thread_message(std::logic_error("pthread_create has failed: no")).has_value());
+  EXPECT_FALSE(
+      refused_thread_message(std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again)))
+          .has_value());
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include "runtime/error.h"
 #include "runtime/file_util.h"
 #include "runtime/log.h"
+#include "runtime/thread.h"
 #include "zo/seed_log.h"
 
 #include <fmt/format.h>
@@ -865,6 +866,7 @@ std::string describe_error(const std::exception& e) {
     g_stdout_error_said = true;
     return fmt::format("cannot write the standard output: {}", se->code().message());
   }
+  if (std::optional<std::string> refused = refused_thread_message(e)) return *refused;  // Note [Thread limits]
   return e.what();
 }
 

@@ -28,6 +28,7 @@
 #include "models/tokenizer.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
+#include "runtime/thread.h"
 #include "tools/cli.h"
 
 #include <pybind11/numpy.h>
@@ -1264,7 +1265,10 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
     } catch (const std::filesystem::filesystem_error& e) {
       err_code = ZO2_ERR_IO, err_message = e.what();
     } catch (const std::exception& e) {
-      err_code = ZO2_ERR_INTERNAL, err_message = e.what();
+      if (std::optional<std::string> refused = zo2::refused_thread_message(e))  // Note [Thread limits]
+        err_code = ZO2_ERR_OUT_OF_MEMORY, err_message = *refused;
+      else
+        err_code = ZO2_ERR_INTERNAL, err_message = e.what();
     }
     done = true;
     close(fds[1]);  // with train's own stream closed, the reader sees the end
