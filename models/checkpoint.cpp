@@ -248,6 +248,30 @@ void load_image(const SafetensorsCheckpoint& ckpt, const ImageLayout& layout, vo
   }
 }
 
+void convert_slot_range(const TensorSlot& s, const void* src, const float* scales, DType dt, std::int64_t first,
+                        std::int64_t count, std::byte* out) {
+  if (count <= 0) return;
+  if (!scales) {  // (s.dtype ≠ dt, neither fp8)
+    convert(src, s.dtype, out, dt, static_cast<std::size_t>(count));
+    return;
+  }
+  // Element k of the range is element first + k of the slot, in row (first + k) / cols; the
+  // scales start at row first / cols.
+  const std::int64_t row0 = first / s.cols;
+  tbb::parallel_for(tbb::blocked_range<std::int64_t>(0, count, 1 << 14), [&](const tbb::blocked_range<std::int64_t>& r) {
+    for (std::int64_t k = r.begin(); k != r.end(); ++k) {
+      const float v = load_element(src, s.dtype, k, scales[(first + k) / s.cols - row0]);
+      switch (dt) {
+        // Saving fp8 as fp8 folds the per-row scales in (a checkpoint has no scale tensor).
+        case DType::f8_e4m3: reinterpret_cast<std::uint8_t*>(out)[k] = f32_to_e4m3(v); break;
+        case DType::f32: std::memcpy(out + k * 4, &v, 4); break;
+        case DType::bf16: { const std::uint16_t b = f32_to_bf16(v); std::memcpy(out + k * 2, &b, 2); break; }
+        default: { const std::uint16_t b = f32_to_f16(v); std::memcpy(out + k * 2, &b, 2); break; }
+      }
+    }
+  });
+}
+
 TensorToWrite image_tensor(const TensorSlot& slot, const void* image, DType dt) {
   if (!(dt == DType::f32 || dt == DType::bf16 || dt == DType::f16 ||
         (dt == DType::f8_e4m3 && slot.dtype == DType::f8_e4m3)))
@@ -264,34 +288,13 @@ TensorToWrite image_tensor(const TensorSlot& slot, const void* image, DType dt) 
     return t;
   }
   const TensorSlot s = slot;
-  t.fill = [s, base, src, dt](std::span<std::byte> out) {
+  const std::size_t out_size = dtype_size(dt), src_size = dtype_size(slot.dtype);
+  t.fill = [s, base, src, dt, out_size, src_size](std::span<std::byte> out, std::uint64_t offset) {
+    const auto first = static_cast<std::int64_t>(offset / out_size);
     const auto* scales = s.has_scales() ? reinterpret_cast<const float*>(base + s.scale_offset) : nullptr;
-    if (s.dtype == DType::f8_e4m3 && dt == DType::f8_e4m3) {
-      // Saving fp8 as fp8 folds the per-row scales in (a checkpoint has no scale tensor).
-      tbb::parallel_for(std::int64_t{0}, s.rows, [&](std::int64_t r) {
-        for (std::int64_t c = 0; c < s.cols; ++c) {
-          const std::int64_t i = r * s.cols + c;
-          reinterpret_cast<std::uint8_t*>(out.data())[i] =
-              f32_to_e4m3(load_element(src, s.dtype, i, scales[r]));
-        }
-      });
-      return;
-    }
-    if (!scales) {
-      convert(src, s.dtype, out.data(), dt, static_cast<std::size_t>(s.numel()));
-      return;
-    }
-    tbb::parallel_for(std::int64_t{0}, s.rows, [&](std::int64_t r) {
-      for (std::int64_t c = 0; c < s.cols; ++c) {
-        const std::int64_t i = r * s.cols + c;
-        const float v = load_element(src, s.dtype, i, scales[r]);
-        switch (dt) {
-          case DType::f32: std::memcpy(out.data() + i * 4, &v, 4); break;
-          case DType::bf16: { const std::uint16_t b = f32_to_bf16(v); std::memcpy(out.data() + i * 2, &b, 2); break; }
-          default: { const std::uint16_t b = f32_to_f16(v); std::memcpy(out.data() + i * 2, &b, 2); break; }
-        }
-      }
-    });
+    convert_slot_range(s, src + static_cast<std::size_t>(first) * src_size,
+                       scales ? scales + first / s.cols : nullptr, dt, first,
+                       static_cast<std::int64_t>(out.size() / out_size), out.data());
   };
   return t;
 }

@@ -33,6 +33,13 @@ std::int64_t first_non_finite(const void* data, DType dt, std::int64_t n);
 // when the slot is fp8) — a fill callback, so large saves stream without a second copy.
 TensorToWrite image_tensor(const TensorSlot& slot, const void* image, DType dt);
 
+// Elements [first, first + count) of `slot` as image_tensor saves them in dtype `dt`, into
+// out (count × dtype_size(dt) bytes): `src` holds the slot's element `first` onward (in the
+// slot's dtype), `scales` (fp8 slots; else nullptr) the scale of row first / slot.cols
+// onward. For a piece of a tensor whose bytes come from elsewhere (a disk block's).
+void convert_slot_range(const TensorSlot& slot, const void* src, const float* scales, DType dt, std::int64_t first,
+                        std::int64_t count, std::byte* out);
+
 // Quantizes fp32 values into an fp8 slot: per-row scale = fp8_row_scale(absmax) (absmax/448;
 // Note [Tiny fp8 rows] in runtime/element.h), round to nearest.
 void quantize_rows_e4m3(const float* src, std::int64_t rows, std::int64_t cols, std::uint8_t* dst,

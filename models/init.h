@@ -20,6 +20,10 @@ float init_value(std::string_view name, int ndim, std::uint64_t seed, std::int64
 // Fills `out` with numel values of dtype fp32, bf16 or fp16 (in parallel).
 void fill_init(std::string_view name, int ndim, std::int64_t numel, std::uint64_t seed, DType dtype,
                std::span<std::byte> out, float norm = 1.0f);
+// The same for elements [first, first + count) of the tensor only (a piece of a save): out[k]
+// is element first + k, the value the whole tensor's fill gives it.
+void fill_init_range(std::string_view name, int ndim, std::int64_t first, std::int64_t count, std::uint64_t seed,
+                     DType dtype, std::span<std::byte> out, float norm = 1.0f);
 // The value a config's norm weights start at: 0 for Gemma 3 ((1 + w) RMSNorms), else 1.
 struct ModelConfig;
 float init_norm_value(const ModelConfig& config);

@@ -50,11 +50,10 @@ using json = nlohmann::json;
 
 namespace {
 
-// Data tensors are copied (and read) in pieces of this size so that one big tensor uses every
-// core; a conversion on read goes through buffers of kConvertChunk bytes.
+// Tensors are written (and read) in pieces of this size so that one big tensor uses every
+// core, and a fill tensor needs a buffer of a piece, not of itself; a conversion on read goes
+// through buffers of kConvertChunk bytes.
 constexpr std::uint64_t kCopyChunk = 32ull << 20;
-// The most bytes of fill tensors' buffers a writer holds at once (write_items).
-constexpr std::uint64_t kFillBudget = 512ull << 20;
 constexpr std::size_t kConvertChunk = 4u << 20;
 constexpr DType kLastDType = DType::boolean;
 
@@ -297,51 +296,35 @@ void write_items(const fs::path& path, std::span<const WriteItem> items,
     file.write_at(std::as_bytes(std::span<const char>(head.data(), head.size())), 0);
   }
 
-  // Work: each fill tensor whole (into a buffer of its own, then written), data tensors in
-  // chunks written straight from the caller's memory. The fill buffers are bounded: the work
-  // runs in batches whose fills hold at most kFillBudget bytes (one bigger tensor alone), so a
-  // save converting every tensor (an fp32 run saved as bf16) holds a bounded extra, never a
-  // second copy of the model.
+  // Work: every tensor in pieces of at most kCopyChunk bytes — a data tensor's written
+  // straight from the caller's memory, a fill tensor's filled into a buffer of the piece's
+  // size, then written — so a save converting every tensor (an fp32 run saved as bf16) holds
+  // a piece per thread at most, never a second copy of a tensor or of the model.
+  // (kCopyChunk is a multiple of every element size: a piece never splits an element.)
+  static_assert(kCopyChunk % 8 == 0);
   struct Work {
     std::size_t item;
     std::uint64_t off, len;  // inside the tensor
   };
-  std::vector<std::vector<Work>> batches(1);
-  std::uint64_t batch_fill = 0;
-  for (std::size_t i = 0; i < items.size(); ++i) {
-    const std::uint64_t nb = items[i].nbytes;
-    if (items[i].t->fill) {
-      if (nb == 0) continue;
-      if (batch_fill > 0 && batch_fill + nb > kFillBudget) {
-        batches.emplace_back();
-        batch_fill = 0;
+  std::vector<Work> work;
+  for (std::size_t i = 0; i < items.size(); ++i)
+    for (std::uint64_t o = 0, nb = items[i].nbytes; o < nb; o += kCopyChunk)
+      work.push_back({i, o, std::min(kCopyChunk, nb - o)});
+  tbb::parallel_for(tbb::blocked_range<std::size_t>(0, work.size(), 1), [&](const tbb::blocked_range<std::size_t>& r) {
+    for (std::size_t w = r.begin(); w != r.end(); ++w) {
+      const Work& wk = work[w];
+      const TensorToWrite& t = *items[wk.item].t;
+      const std::uint64_t at = data_start + offsets[wk.item] + wk.off;
+      const auto len = static_cast<std::size_t>(wk.len);
+      if (t.fill) {
+        std::unique_ptr<std::byte[]> buf(new std::byte[len]);  // (not zeroed: fill writes it all)
+        t.fill(std::span<std::byte>(buf.get(), len), wk.off);
+        file.write_at(std::span<const std::byte>(buf.get(), len), at);
+      } else {
+        file.write_at(std::span<const std::byte>(static_cast<const std::byte*>(t.data) + wk.off, len), at);
       }
-      batches.back().push_back({i, 0, nb});
-      batch_fill += nb;
-    } else if (nb > 0) {
-      for (std::uint64_t o = 0; o < nb; o += kCopyChunk)
-        batches.back().push_back({i, o, std::min(kCopyChunk, nb - o)});
     }
-  }
-  for (const auto& work : batches)
-    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, work.size(), 1),
-                      [&](const tbb::blocked_range<std::size_t>& r) {
-                        for (std::size_t w = r.begin(); w != r.end(); ++w) {
-                          const Work& wk = work[w];
-                          const TensorToWrite& t = *items[wk.item].t;
-                          const std::uint64_t at = data_start + offsets[wk.item] + wk.off;
-                          if (t.fill) {
-                            const auto len = static_cast<std::size_t>(wk.len);
-                            std::unique_ptr<std::byte[]> buf(new std::byte[len]);  // (not zeroed: fill writes it all)
-                            t.fill(std::span<std::byte>(buf.get(), len));
-                            file.write_at(std::span<const std::byte>(buf.get(), len), at);
-                          } else {
-                            file.write_at(std::span<const std::byte>(static_cast<const std::byte*>(t.data) + wk.off,
-                                                                     static_cast<std::size_t>(wk.len)),
-                                          at);
-                          }
-                        }
-                      });
+  });
   file.commit();
 }
 

@@ -135,11 +135,14 @@ struct TensorToWrite {
   std::string name;
   DType dtype = DType::f32;
   std::vector<std::int64_t> shape;
-  // Either data (nbytes bytes, any alignment) or fill, which must write exactly the
-  // out.size() == nbytes bytes of `out` (called in parallel for different tensors, on TBB
-  // worker threads). A zero-byte tensor needs neither. Setting both is an error.
+  // Either data (nbytes bytes, any alignment) or fill, which writes the tensor's bytes
+  // [offset, offset + out.size()) into `out`, all of them. The writer asks for a tensor in
+  // pieces of at most 32 MiB, each a whole number of elements (an element's bytes are never
+  // split), in any order and in parallel (on TBB worker threads), so a save converting a
+  // tensor of gigabytes (an fp32 175B embedding saved as bf16) holds 32 MiB of it per thread,
+  // not a copy of it. A zero-byte tensor needs neither. Setting both is an error.
   const void* data = nullptr;
-  std::function<void(std::span<std::byte> out)> fill;
+  std::function<void(std::span<std::byte> out, std::uint64_t offset)> fill;
 };
 
 // The exact number of data bytes of a tensor; throws Error(invalid_argument) for a negative
@@ -150,7 +153,7 @@ std::uint64_t safetensors_tensor_nbytes(DType dtype, std::span<const std::int64_
 // fallocate, header (compact JSON: "__metadata__" first if not empty, then the tensors in the
 // given order; padded with spaces to a multiple of 8), the tensor data contiguously in the
 // given order (in parallel, with pwrite from memory: never through a mapping, Note [Writes,
-// not mappings]; a fill tensor through a buffer of its own, at most 512 MiB of them at once),
+// not mappings]; a fill tensor in pieces of at most 32 MiB, each through a buffer of its own),
 // fsync, rename over `path`, fsync of the directory. A write error is an Error(io) at once. On any error — including an exception from a fill callback, which is
 // rethrown unchanged — the temp file is removed and `path` is untouched. Names must be
 // unique, valid UTF-8 and not "__metadata__" (else Error(invalid_argument)).

@@ -343,21 +343,31 @@ void BlockStore::save(const std::filesystem::path& out_dir, DType dtype,
         tensors.push_back(image_tensor(s, blocks_[static_cast<std::size_t>(i)].data(), dtype));
         continue;
       }
-      // A disk block's tensor is read when the writer reaches it: its bytes (and fp8 row
-      // scales) into a small image of its own, converted as a host image's would be.
-      TensorSlot local = s;
-      local.offset = 0;
-      if (s.has_scales()) local.scale_offset = align_up(s.bytes);
-      const std::size_t scale_bytes = s.has_scales() ? static_cast<std::size_t>(s.rows) * sizeof(float) : 0;
+      // A disk block's tensor is read when the writer reaches each piece of it: the piece's
+      // elements (and their rows' fp8 scales), converted as a host image's would be.
+      TensorSlot local = s;  // (its name, dtype and shape; no image: offsets 0)
+      local.offset = local.scale_offset = 0;
       TensorToWrite t = image_tensor(local, nullptr, dtype);
+      const bool same = dtype == s.dtype && dtype != DType::f8_e4m3;  // image_tensor's bytes as they are
       t.data = nullptr;
-      t.fill = [this, i, s, local, scale_bytes, dtype](std::span<std::byte> out) {
-        std::vector<std::byte> image(local.has_scales() ? local.scale_offset + scale_bytes : s.bytes);
-        disk_->read_range(i, s.offset, s.bytes, image.data());
-        if (s.has_scales()) disk_->read_range(i, s.scale_offset, scale_bytes, image.data() + local.scale_offset);
-        const TensorToWrite w = image_tensor(local, image.data(), dtype);
-        if (w.data) std::memcpy(out.data(), w.data, out.size());
-        else w.fill(out);
+      const std::size_t out_size = dtype_size(dtype), src_size = dtype_size(s.dtype);
+      t.fill = [this, i, s, dtype, same, out_size, src_size](std::span<std::byte> out, std::uint64_t offset) {
+        if (same) {
+          disk_->read_range(i, s.offset + offset, out.size(), out.data());
+          return;
+        }
+        const auto first = static_cast<std::int64_t>(offset / out_size);
+        const auto count = static_cast<std::int64_t>(out.size() / out_size);
+        std::vector<std::byte> piece(static_cast<std::size_t>(count) * src_size);
+        disk_->read_range(i, s.offset + static_cast<std::size_t>(first) * src_size, piece.size(), piece.data());
+        std::vector<float> scales;
+        if (s.has_scales()) {
+          const std::int64_t row0 = first / s.cols, rows = (first + count - 1) / s.cols - row0 + 1;
+          scales.resize(static_cast<std::size_t>(rows));
+          disk_->read_range(i, s.scale_offset + static_cast<std::size_t>(row0) * sizeof(float),
+                            scales.size() * sizeof(float), scales.data());
+        }
+        convert_slot_range(s, piece.data(), scales.empty() ? nullptr : scales.data(), dtype, first, count, out.data());
       };
       tensors.push_back(std::move(t));
     }
@@ -439,7 +449,9 @@ void write_state_file(const std::filesystem::path& file, const std::vector<State
     ZO2_CHECK(disk != nullptr);
     const std::int64_t block = t.disk_block;
     const std::size_t at = t.base_offset + offset;
-    x.fill = [disk, block, at](std::span<std::byte> out) { disk->read_range(block, at, out.size(), out.data()); };
+    x.fill = [disk, block, at](std::span<std::byte> out, std::uint64_t offset) {
+      disk->read_range(block, at + offset, out.size(), out.data());
+    };
   };
   for (const StateTensorRef& t : tensors) {
     TensorToWrite x;

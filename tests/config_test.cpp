@@ -445,7 +445,9 @@ TEST(ModelConfig, TokenIdListsAndFloatSpellingsAreWrittenBackAsTheSourceHadThem)
     const json w = ModelConfig::from_json(v).to_json();
     EXPECT_EQ(w.at("eos_token_id"), json::array({2, 7})) << v.at("model_type");
     EXPECT_EQ(w.at("pad_token_id"), json::array({1})) << v.at("model_type");
-    if (v.contains("rms_norm_eps")) EXPECT_EQ(w.at("rms_norm_eps").dump(), v.at("rms_norm_eps").dump());
+    if (v.contains("rms_norm_eps")) {
+      EXPECT_EQ(w.at("rms_norm_eps").dump(), v.at("rms_norm_eps").dump());
+    }
   }
 }
 
@@ -480,7 +482,7 @@ TEST(ModelConfig, ACheckpointWithPrefixedNamesIsRefusedNamingThePrefixedTensor) 
     for (const TensorSlot& t : slots) {
       const std::string name = strip_model && t.name.starts_with("model.") ? t.name.substr(6) : t.name;
       ts.push_back({prefix + name, DType::f32, t.shape(), nullptr,
-                    [](std::span<std::byte> out) { std::fill(out.begin(), out.end(), std::byte{0}); }});
+                    [](std::span<std::byte> out, std::uint64_t) { std::fill(out.begin(), out.end(), std::byte{0}); }});
     }
     fs::create_directories(dir);
     write_safetensors(dir / "model.safetensors", ts);

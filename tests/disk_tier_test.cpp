@@ -282,6 +282,27 @@ class DiskTierSessions : public ::testing::Test {
     r.weights = weights_of(s);
     return r;
   }
+  // The safetensors files (names and bytes) of a save as `dtype` after `steps` steps.
+  std::string saved_after(const SessionConfig& cfg, const std::string& name, int steps, DType dtype,
+                          std::uint64_t shard) {
+    Session s(tmp / "model", cfg);
+    const auto data = test::patterned_batches(s.config(), 3, kBatch, kSeq, 2, 5, 11);
+    for (int t = 0; t < steps; ++t) s.step(data[static_cast<std::size_t>(t) % data.size()], 3e-3f, 1e-3f, 0.01f);
+    if (cfg.host_mem > 0) {
+      bool any = false;
+      for (std::int64_t i = 0; i < s.store().num_blocks(); ++i) any = any || s.store().on_disk(i);
+      EXPECT_TRUE(any) << "no block on disk";
+    }
+    s.save(tmp / name, dtype, shard);
+    std::string all;
+    for (const auto& f : std::filesystem::directory_iterator(tmp / name / "current")) {
+      if (f.path().extension() == ".safetensors") {
+        std::ifstream in(f.path(), std::ios::binary);
+        all += f.path().filename().string() + std::string(std::istreambuf_iterator<char>(in), {});
+      }
+    }
+    return all;
+  }
   static void expect_same(const DiskRun& a, const DiskRun& b, const std::string& what) {
     ASSERT_EQ(a.steps.size(), b.steps.size()) << what;
     for (std::size_t i = 0; i < a.steps.size(); ++i) {
@@ -448,22 +469,27 @@ TEST_F(DiskTierSessions, AFullDiskStopsTheRunWithAClearErrorAndTheLastCheckpoint
 }
 
 TEST_F(DiskTierSessions, ASavedCheckpointReadsTheDiskBlocksAndEqualsTheRamRunsFile) {
-  auto save_after = [&](SessionConfig cfg, const std::string& name) {
-    Session s(tmp / "model", cfg);
-    const auto data = test::patterned_batches(s.config(), 3, kBatch, kSeq, 2, 5, 11);
-    for (int t = 0; t < 5; ++t) s.step(data[static_cast<std::size_t>(t) % data.size()], 3e-3f, 1e-3f, 0.01f);
-    s.save(tmp / name, DType::bf16, 20000);  // converted and sharded: every tensor goes through a fill
-    std::string all;
-    for (const auto& f : std::filesystem::directory_iterator(tmp / name / "current"))
-      if (f.path().extension() == ".safetensors") {
-        std::ifstream in(f.path(), std::ios::binary);
-        all += f.path().filename().string() + std::string(std::istreambuf_iterator<char>(in), {});
-      }
-    return all;
-  };
-  const std::string ram = save_after(session(DType::f32, false, 0, 1), "ram");
-  const std::string disk = save_after(session(DType::f32, true, 4, 4), "disk");
+  const std::string ram = saved_after(session(DType::f32, false, 0, 1), "ram", 5, DType::bf16, 20000);
+  // (converted and sharded: every tensor goes through a fill)
+  const std::string disk = saved_after(session(DType::f32, true, 4, 4), "disk", 5, DType::bf16, 20000);
   EXPECT_FALSE(ram.empty());
+  EXPECT_TRUE(ram == disk) << "the checkpoints differ";
+}
+
+// A save asks for each tensor in pieces of at most 32 MiB (models/safetensors.h): a disk
+// block's fp8 matrices saved as fp32 — 34.6 MB each, their piece boundaries inside rows —
+// are read and converted piece by piece (the piece's elements, its rows' scales) to the bytes
+// of the all-in-RAM run's save.
+TEST_F(DiskTierSessions, ASaveOfDiskBlocksInPiecesEqualsTheRamRunsFile) {
+  config.hidden_size = config.word_embed_proj_dim = 36;
+  config.head_dim = 9;
+  config.ffn_dim = 240000;  // fc1 [240000, 36], fc2 [36, 240000]: 8.64M elements each
+  config.num_layers = 3;
+  std::filesystem::remove_all(tmp / "model");
+  test::write_random_checkpoint(tmp / "model", config, 21);
+  const std::string ram = saved_after(session(DType::f8_e4m3, false, 0, 1), "ram", 2, DType::f32, std::uint64_t{1} << 40);
+  const std::string disk = saved_after(session(DType::f8_e4m3, true, 0, 1), "disk", 2, DType::f32, std::uint64_t{1} << 40);
+  EXPECT_GT(ram.size(), std::size_t{100} << 20);
   EXPECT_TRUE(ram == disk) << "the checkpoints differ";
 }
 

@@ -100,7 +100,7 @@ TEST(WritesNotMappings, TheSafetensorsWriterNeverMapsTheFileItWrites) {
   t1.name = "b";
   t1.dtype = DType::f32;
   t1.shape = {1024};
-  t1.fill = [&](std::span<std::byte> dst) {
+  t1.fill = [&](std::span<std::byte> dst, std::uint64_t) {  // (one piece: 4 KiB)
     std::ifstream maps("/proc/self/maps");
     for (std::string line; std::getline(maps, line);)
       if (line.find(".model.safetensors.tmp") != std::string::npos) mapped.push_back(line);
@@ -127,7 +127,7 @@ TEST(WritesNotMappings, AFillThatThrowsLeavesNoFile) {
   t.name = "x";
   t.dtype = DType::f32;
   t.shape = {4};
-  t.fill = [](std::span<std::byte>) { throw std::runtime_error("no bytes today"); };
+  t.fill = [](std::span<std::byte>, std::uint64_t) { throw std::runtime_error("no bytes today"); };
   const std::vector<TensorToWrite> ts = {t};
   EXPECT_THROW(write_safetensors(tmp / "m.safetensors", ts), std::runtime_error);
   EXPECT_TRUE(fs::is_empty(tmp.path()));

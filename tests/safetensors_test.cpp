@@ -11,6 +11,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
@@ -241,8 +242,9 @@ TEST(SafetensorsWrite, FillCallbacksGetExactlyTheirTensorsBytes) {
   for (int i = 0; i < 64; ++i) {
     const std::int64_t n = 1000 + i * 37;
     tensors.push_back({fmt::format("w{}", i), DType::f32, {n}, nullptr,
-                       [i, n, &calls](std::span<std::byte> out) {
-                         ASSERT_EQ(out.size(), static_cast<std::size_t>(n) * 4);
+                       [i, n, &calls](std::span<std::byte> out, std::uint64_t offset) {
+                         ASSERT_EQ(out.size(), static_cast<std::size_t>(n) * 4);  // (one piece)
+                         ASSERT_EQ(offset, 0u);
                          for (std::int64_t k = 0; k < n; ++k) {
                            const float v = static_cast<float>(i * 10000 + k);
                            std::memcpy(out.data() + k * 4, &v, 4);
@@ -261,6 +263,55 @@ TEST(SafetensorsWrite, FillCallbacksGetExactlyTheirTensorsBytes) {
       ASSERT_EQ(v, static_cast<float>(i * 10000 + static_cast<int>(k)));
     }
   }
+}
+
+// A fill tensor larger than a piece (32 MiB) is asked for in pieces — each a whole number of
+// elements, at most 32 MiB, together exactly the tensor — so a save holds a piece per thread,
+// not a copy of the tensor (an fp32 175B embedding saved as bf16 held 1.2 GB more).
+TEST(SafetensorsWrite, AFillTensorIsFilledInPiecesOfAtMost32MiB) {
+  test::TempDir tmp;
+  const std::int64_t n = (21 << 20) + 3;  // bf16: 42 MiB + 6 bytes, two pieces
+  std::mutex mutex;
+  std::vector<std::pair<std::uint64_t, std::size_t>> pieces;
+  const auto value = [](std::int64_t k) { return static_cast<std::uint16_t>((k * 2654435761u) >> 7); };
+  const std::vector<TensorToWrite> tensors{
+      {"small", DType::f32, {5}, nullptr,
+       [](std::span<std::byte> out, std::uint64_t offset) {
+         ASSERT_EQ(offset, 0u);
+         std::memset(out.data(), 0x3c, out.size());
+       }},
+      {"big", DType::bf16, {n}, nullptr, [&](std::span<std::byte> out, std::uint64_t offset) {
+         {
+           const std::lock_guard lock(mutex);
+           pieces.emplace_back(offset, out.size());
+         }
+         for (std::size_t b = 0; b < out.size(); b += 2) {
+           const std::uint16_t v = value(static_cast<std::int64_t>((offset + b) / 2));
+           std::memcpy(out.data() + b, &v, 2);
+         }
+       }}};
+  write_safetensors(tmp / "p.safetensors", tensors);
+  std::sort(pieces.begin(), pieces.end());
+  ASSERT_EQ(pieces.size(), 2u);
+  std::uint64_t next = 0;
+  for (const auto& [offset, size] : pieces) {
+    EXPECT_EQ(offset, next);
+    EXPECT_LE(size, std::size_t{32} << 20);
+    EXPECT_EQ(size % 2, 0u);
+    next += size;
+  }
+  EXPECT_EQ(next, static_cast<std::uint64_t>(n) * 2);
+  const auto f = SafetensorsFile::open(tmp / "p.safetensors");
+  const auto bytes = f.read("big");
+  ASSERT_EQ(bytes.size(), static_cast<std::size_t>(n) * 2);
+  for (std::int64_t k = 0; k < n; k += 4099) {
+    std::uint16_t v;
+    std::memcpy(&v, bytes.data() + k * 2, 2);
+    ASSERT_EQ(v, value(k)) << k;
+  }
+  std::uint16_t last;
+  std::memcpy(&last, bytes.data() + (n - 1) * 2, 2);
+  EXPECT_EQ(last, value(n - 1));
 }
 
 TEST(SafetensorsWrite, CopiesTensorsLargerThanOneCopyChunk) {
@@ -332,7 +383,7 @@ TEST(SafetensorsWrite, LeavesTheOldFileIntactAndNoTempFileWhenAFillCallbackThrow
   std::vector<TensorToWrite> tensors;
   for (int i = 0; i < 8; ++i)
     tensors.push_back({fmt::format("t{}", i), DType::f32, {1024}, nullptr,
-                       [i](std::span<std::byte> out) {
+                       [i](std::span<std::byte> out, std::uint64_t) {
                          std::memset(out.data(), 0xAB, out.size() / 2);
                          if (i == 5) throw std::runtime_error("conversion failed");
                          std::memset(out.data(), 0xCD, out.size());
@@ -358,7 +409,7 @@ TEST(SafetensorsWrite, RejectsBadTensorsBeforeTouchingTheFile) {
   expect_invalid({{"a", DType::u8, {-1}, x, {}}}, "negative");
   expect_invalid({{"a", DType::u8, {1ll << 40, 1ll << 40}, x, {}}}, "overflow");
   expect_invalid({{"a", DType::u8, {4}, nullptr, {}}}, "neither");
-  expect_invalid({{"a", DType::u8, {4}, x, [](std::span<std::byte>) {}}}, "both");
+  expect_invalid({{"a", DType::u8, {4}, x, [](std::span<std::byte>, std::uint64_t) {}}}, "both");
   expect_invalid({{"__metadata__", DType::u8, {4}, x, {}}}, "reserved");
   expect_invalid({{"", DType::u8, {4}, x, {}}}, "empty");
   expect_invalid({{"bad\xff", DType::u8, {4}, x, {}}}, "UTF-8");
@@ -941,7 +992,7 @@ TEST(SafetensorsSharded, KeepsTheOldCheckpointWhenAFillCallbackThrows) {
   write_safetensors_sharded(tmp.path(), m.tensors, 1000);
   const std::string before = read_file(tmp / "model.safetensors");
   std::vector<TensorToWrite> failing{
-      {"a", DType::f32, {25}, nullptr, [](std::span<std::byte>) { throw std::runtime_error("x"); }}};
+      {"a", DType::f32, {25}, nullptr, [](std::span<std::byte>, std::uint64_t) { throw std::runtime_error("x"); }}};
   EXPECT_THROW(write_safetensors_sharded(tmp.path(), failing, 1000), std::runtime_error);
   EXPECT_EQ(dir_listing(tmp.path()), std::vector<std::string>{"model.safetensors"});
   EXPECT_EQ(read_file(tmp / "model.safetensors"), before);
@@ -1277,7 +1328,6 @@ TEST(SafetensorsCheckpoint, AnF8E5m2TensorIsReadExactlyAndItsNonFiniteCodesAreRe
 // largest value (bf16's is 3.3895313892515355e38, not 3.4e38) and a storage that holds it.
 TEST(SafetensorsCheckpoint, AWeightBeyondTheStorageRangeIsRefusedWithTheTrueMaximum) {
   TinyCheckpoint w;
-  const fs::path& tmp = w.tmp.path();
   const std::string& tune = w.tune;
   const fs::path& base = w.base;
   const std::string& data = w.data;

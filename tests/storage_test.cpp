@@ -489,3 +489,80 @@ TEST(Storage, EvalWithFp8StorageOfACheckpointWithATinyRowIsFinite) {
 
 }  // namespace
 }  // namespace zo2
+
+namespace zo2 {
+namespace {
+
+// A save asks for a tensor in pieces (models/safetensors.h): image_tensor's conversion of any
+// piece — starting and ending inside rows, crossing rows — equals that part of the whole
+// tensor's, for fp8 (row scales folded in, or widened) and for fp32 narrowed. And a disk
+// block's piece (convert_slot_range over the piece's own bytes and its rows' scales) too.
+TEST(Storage, ASavedTensorsPiecesEqualTheWholeConversion) {
+  const std::int64_t rows = 37, cols = 101;
+  std::vector<float> values(static_cast<std::size_t>(rows * cols));
+  for (std::size_t i = 0; i < values.size(); ++i)
+    values[i] = std::sin(static_cast<float>(i) * 0.37f) * static_cast<float>(1 + i % 7) * (i % 101 == 5 ? 1e-3f : 1.0f);
+  for (const auto& [storage, save] : {std::pair{DType::f8_e4m3, DType::f8_e4m3}, std::pair{DType::f8_e4m3, DType::f32},
+                                      std::pair{DType::f8_e4m3, DType::bf16}, std::pair{DType::f32, DType::bf16},
+                                      std::pair{DType::f32, DType::f16}}) {
+    SCOPED_TRACE(std::string(dtype_name(storage)) + " saved as " + std::string(dtype_name(save)));
+    TensorSlot s{};
+    s.name = "w";
+    s.dtype = storage;
+    s.rows = rows;
+    s.cols = cols;
+    s.offset = 64;  // not at the image's start
+    s.bytes = static_cast<std::size_t>(rows * cols) * dtype_size(storage);
+    s.scale_offset = s.offset + ((s.bytes + 63) / 64) * 64;
+    std::vector<std::byte> image(s.scale_offset + static_cast<std::size_t>(rows) * sizeof(float));
+    if (storage == DType::f8_e4m3)
+      quantize_rows_e4m3(values.data(), rows, cols, reinterpret_cast<std::uint8_t*>(image.data() + s.offset),
+                         reinterpret_cast<float*>(image.data() + s.scale_offset));
+    else
+      std::memcpy(image.data() + s.offset, values.data(), s.bytes);
+    const TensorToWrite t = image_tensor(s, image.data(), save);
+    ASSERT_TRUE(t.fill);
+    const std::size_t out_size = dtype_size(save);
+    std::vector<std::byte> whole(static_cast<std::size_t>(rows * cols) * out_size);
+    t.fill(whole, 0);
+    for (const auto& [first, count] : {std::pair<std::int64_t, std::int64_t>{0, 1}, {3, 98}, {100, 2}, {101, 101},
+                                       {150, 1000}, {rows * cols - 7, 7}}) {
+      SCOPED_TRACE(fmt::format("elements [{}, {})", first, first + count));
+      std::vector<std::byte> piece(static_cast<std::size_t>(count) * out_size);
+      t.fill(piece, static_cast<std::uint64_t>(first) * out_size);
+      EXPECT_EQ(std::memcmp(piece.data(), whole.data() + first * out_size, piece.size()), 0);
+      // From the piece's own bytes and scales, as a disk block's are read.
+      std::vector<std::byte> own(static_cast<std::size_t>(count) * dtype_size(storage));
+      std::memcpy(own.data(), image.data() + s.offset + first * dtype_size(storage), own.size());
+      const float* scales = storage == DType::f8_e4m3
+                                ? reinterpret_cast<const float*>(image.data() + s.scale_offset) + first / cols
+                                : nullptr;
+      std::vector<float> own_scales;
+      if (scales) own_scales.assign(scales, scales + ((first + count - 1) / cols - first / cols + 1));
+      std::fill(piece.begin(), piece.end(), std::byte{0x55});
+      convert_slot_range(s, own.data(), scales ? own_scales.data() : nullptr, save, first, count, piece.data());
+      EXPECT_EQ(std::memcmp(piece.data(), whole.data() + first * out_size, piece.size()), 0);
+    }
+  }
+}
+
+// init writes a checkpoint in pieces too: a piece's random values are the whole tensor's at
+// those elements, wherever the piece starts (Philox groups of 4 split across pieces).
+TEST(Storage, InitsPiecesEqualTheWholeTensorsValues) {
+  const std::int64_t n = 1003;
+  for (const DType dt : {DType::f32, DType::bf16}) {
+    for (const auto& [name, ndim] : {std::pair{"model.layers.0.mlp.up_proj.weight", 2}, std::pair{"x.bias", 1}}) {
+      std::vector<std::byte> whole(static_cast<std::size_t>(n) * dtype_size(dt));
+      fill_init(name, ndim, n, 9, dt, whole);
+      for (const auto& [first, count] : {std::pair<std::int64_t, std::int64_t>{0, 5}, {1, 1}, {2, 7}, {401, 602}}) {
+        std::vector<std::byte> piece(static_cast<std::size_t>(count) * dtype_size(dt));
+        fill_init_range(name, ndim, first, count, 9, dt, piece);
+        EXPECT_EQ(std::memcmp(piece.data(), whole.data() + first * dtype_size(dt), piece.size()), 0)
+            << name << " [" << first << ", " << first + count << ") " << dtype_name(dt);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace zo2

@@ -116,8 +116,10 @@ Runner add_init(CLI::App& app) {
       const std::uint64_t seed = o->seed;
       const float norm = init_norm_value(c);
       total += static_cast<std::uint64_t>(numel) * dtype_size(dt);
-      tensors.push_back({name, dt, t.shape, nullptr, [=](std::span<std::byte> out) {
-                           fill_init(name, ndim, numel, seed, dt, out, norm);
+      tensors.push_back({name, dt, t.shape, nullptr, [=](std::span<std::byte> out, std::uint64_t offset) {
+                           const std::size_t size = dtype_size(dt);
+                           fill_init_range(name, ndim, static_cast<std::int64_t>(offset / size),
+                                           static_cast<std::int64_t>(out.size() / size), seed, dt, out, norm);
                            done->fetch_add(out.size());
                          }});
     }
