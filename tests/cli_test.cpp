@@ -1478,6 +1478,20 @@ TEST(Cli, TheRunsOwnCheckpointHoweverNamedIsResumedInPlaceAndNeverRemoved) {
       << out;
   EXPECT_NE(out.find("is inside it, and this run starts from it"), std::string::npos) << out;
   EXPECT_TRUE(fs::exists(part / "step-00000002" / "model.safetensors"));
+  // Nor what the run reads (adversarial pass 71: --adapter RUN --out RUN --overwrite removed
+  // the run, then failed to read its adapter): a tokenizer, a data file in the run's checkpoint.
+  fs::copy_file(w.data, part / "step-00000002" / "data.safetensors");
+  for (const std::string& flags :
+       {" --data " + (part / "current" / "data.safetensors").string(),
+        " --data " + w.data.string() + " --eval " + (part / "step-00000002" / "data.safetensors").string(),
+        " --data " + w.data.string() + " --tokenizer " + (part / "current").string()}) {
+    out.clear();
+    EXPECT_EQ(run("train --model " + w.model.string() + flags + " --steps 2 --overwrite --out " + part.string(), &out), 2)
+        << flags << ": " << out;
+    EXPECT_NE(out.find("is inside it, and this run reads"), std::string::npos) << flags << ": " << out;
+    EXPECT_TRUE(fs::exists(part / "step-00000002" / "model.safetensors")) << flags;
+  }
+  fs::remove(part / "step-00000002" / "data.safetensors");
   // Each way resumes in place and ends where the uninterrupted run does.
   ASSERT_EQ(test::run_command("cd " + part.string() + " && " + tune + " train --resume current --stop-at 4 -q", &out), 0)
       << out;

@@ -290,6 +290,12 @@ TEST(LoraCli, ReplayOfARunStartedFromAnAdapterStartsFromIt) {
     std::string out;
     ASSERT_EQ(run(w.train("a", kind + " --lr 1e-2"), &out), 0) << out;
     ASSERT_EQ(run(w.train("other", kind + " --lr 2e-2"), &out), 0) << out;
+    // --adapter RUN --out RUN --overwrite: refused, the run kept (adversarial pass 71: it
+    // removed the run, then failed to read the adapter it had just removed).
+    out.clear();
+    EXPECT_EQ(run(w.train("a", "--lr 1e-2 --overwrite --adapter " + (w.tmp / "a").string()), &out), 2) << out;
+    EXPECT_NE(out.find("is inside it, and this run starts from it (--adapter)"), std::string::npos) << out;
+    EXPECT_TRUE(fs::exists(w.tmp / "a" / "seed_log.jsonl"));
     ASSERT_EQ(run(w.train("b", "--lr 1e-2 --adapter " + (w.tmp / "a").string()), &out), 0) << out;
     const fs::path log = w.tmp / "b/seed_log.jsonl";
     const std::string replay = "replay --model " + w.model.string() + " --seed-log " + log.string() + " -q --out ";

@@ -1322,15 +1322,24 @@ Runner add_train(CLI::App& app) {
     }
     if (writer) ensure_writable_dir(out);
     if (writer && o->overwrite && !resume_within_out) {
-      // --overwrite replaces the run in --out, never what this run starts from: a checkpoint
-      // (--model RUN/current --out RUN) or seed log that remove_run takes would be gone before
-      // it is read, leaving neither run.
-      for (const std::filesystem::path& p : {std::filesystem::path(model_dir), resumed_log_path})
+      // --overwrite replaces the run in --out, never what this run starts from or reads: a
+      // checkpoint (--model RUN/current --out RUN), an adapter (--adapter RUN), a seed log, a
+      // tokenizer (--tokenizer RUN/current) or a data file that remove_run takes would be gone
+      // before it is read, leaving neither run (adversarial pass 71: --adapter RUN --out RUN
+      // --overwrite removed the run, then failed to read its adapter).
+      const std::pair<std::filesystem::path, const char*> inputs[] = {
+          {model_dir, "this run starts from it"},
+          {resumed_log_path, "this run starts from it"},
+          {sc.adapter_dir, "this run starts from it (--adapter)"},
+          {o->data_flags.tokenizer, "this run reads its tokenizer from it (--tokenizer)"},
+          {o->data, "this run reads it (--data)"},
+          {o->eval, "this run reads it (--eval)"}};
+      for (const auto& [p, why] : inputs)
         if (!p.empty() && removed_with_run(p, out))
           fail(ErrorKind::invalid_argument,
-               "--overwrite with --out {}: {} is inside it, and this run starts from it; replacing the run there "
-               "would remove it first: choose another --out{}",
-               o->out, p.string(),
+               "--overwrite with --out {}: {} is inside it, and {}; replacing the run there would remove it first: "
+               "choose another --out{}",
+               o->out, p.string(), why,
                o->resume.empty() ? "" : fmt::format(" (to carry the run on, drop --overwrite and give --out {})",
                                                     run_of_checkpoint(o->resume).string()));
       remove_run(out);
