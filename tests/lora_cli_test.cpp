@@ -4,6 +4,7 @@
 // usage errors naming the flag.
 #include "tests/test_util.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -194,6 +195,39 @@ TEST(LoraCli, PrefixTuningTrainsEvaluatesReplaysAndResumes) {
   EXPECT_EQ(run("merge --model " + (w.tmp / "run").string() + " --out " + (w.tmp / "m").string(), &out), 2) << out;
   EXPECT_NE(out.find("is a prefix-tuning adapter (3 virtual tokens per layer)"), std::string::npos) << out;
   EXPECT_NE(out.find("there is nothing to merge"), std::string::npos) << out;
+}
+
+// A prefix starts from a forward of seeded tokens, which weight tiles round (LLaMA-family
+// blocks): replay takes the run's --tile unless given, so a --tile run's replay is its bits
+// (adversarial pass 71: 91 of 640 first values differed by up to 6e-8).
+TEST(LoraCli, APrefixRunWithWeightTilesReplaysToItsBits) {
+  test::TempDir tmp;
+  std::string out;
+  ASSERT_EQ(run("init --preset llama-tiny --out " + (tmp / "m").string() + " --seed 1 -q", &out), 0) << out;
+  ASSERT_EQ(run("synth-data --model " + (tmp / "m").string() + " --out " + (tmp / "d.safetensors").string() +
+                    " --rows 16 --seq 16 -q",
+                &out),
+            0)
+      << out;
+  for (const char* offload : {"all", "none"}) {
+    SCOPED_TRACE(offload);
+    const fs::path run_dir = tmp / fmt::format("p-{}", offload), rep = tmp / fmt::format("r-{}", offload);
+    ASSERT_EQ(run("train --model " + (tmp / "m").string() + " --data " + (tmp / "d.safetensors").string() +
+                      " --prefix-tuning --steps 2 --lr 1e-2 --tile 32K --offload " + offload + " -q --out " +
+                      run_dir.string(),
+                  &out),
+              0)
+        << out;
+    out.clear();
+    ASSERT_EQ(run("replay --model " + (tmp / "m").string() + " --seed-log " + (run_dir / "seed_log.jsonl").string() +
+                      " --out " + rep.string(),
+                  &out),
+              0)
+        << out;
+    EXPECT_NE(out.find("--tile 32K as the run's"), std::string::npos) << out;
+    EXPECT_EQ(read_file(rep / "current/adapter_model.safetensors"),
+              read_file(run_dir / "current/adapter_model.safetensors"));
+  }
 }
 
 // The adapters were tuned on their base's weights: a resume on a base re-made at the same

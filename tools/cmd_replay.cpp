@@ -55,7 +55,8 @@ Runner add_replay(CLI::App& app) {
       ->description("ignored: replay stores the weights as the seed log records (its storage_dtype; another value "
                     "is warned about)");
   auto* until = app.get_option("--until-step");
-  return [o, until] {
+  auto* tile_flag = app.get_option("--tile");
+  return [o, until, tile_flag] {
     // Every flag before the seed log is read and long before the save at the end.
     const DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
     const std::uint64_t shard = parse_size_option(Opt::shard_size, o->shard, OptionSource::cli);
@@ -149,6 +150,18 @@ Runner add_replay(CLI::App& app) {
     }
     sc.rule = log.header.rule;  // the log's update rule, its state rebuilt step by step
     sc.peft = log.header.peft;  // LoRA: the adapters start from the run seed's init, or from the logged adapter
+    // A prefix starts as the keys and values of a forward of seeded tokens, which a weight-tile
+    // size rounds (LLaMA-family blocks): the run's --tile, unless given (adversarial pass 71:
+    // a --tile 32K prefix run replayed without it differed in 91 of its 640 first values).
+    if (sc.peft.prefix > 0 && tile_flag->count() == 0 && !log.header.run_flags.empty()) {
+      const nlohmann::json flags = nlohmann::json::parse(log.header.run_flags, nullptr, false);
+      if (const auto t = flags.is_object() ? flags.find("tile") : flags.end();
+          t != flags.end() && t->is_string() && t->get<std::string>() != o->dev.tile) {
+        sc.tile = parse_tile_option(t->get<std::string>(), OptionSource::cli);
+        log_info("replay: --tile {} as the run's (its prefix starts from a forward that the tiles round)",
+                 t->get<std::string>());
+      }
+    }
     if (!o->adapter.empty() && log.header.adapter.empty())
       fail(ErrorKind::invalid_argument,
            "--adapter {}: {} records no adapter its run started from ({}): drop --adapter",
