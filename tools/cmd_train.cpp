@@ -1912,7 +1912,11 @@ Runner add_train(CLI::App& app) {
     int sig = g_stop_signal.load();
     const bool diverged = skipped_in_a_row >= kMaxSkippedInARow;
     // (a disk-tier resume that applied every step: the killed run's log may hold this one)
-    if (sig == 0 && !diverged && !(next == first_step && eval_logged_at_first) && !run_eval(next))
+    // The evaluation the uninterrupted run makes here, at its end or an --eval-every step: a
+    // --stop-at elsewhere makes none, as a signal's stop does, so a stop and its resume log
+    // the uninterrupted run's evaluations, no more (adversarial pass 71: one more, at the stop).
+    const bool eval_here = next == o->steps || (o->eval_every > 0 && next % o->eval_every == 0);
+    if (sig == 0 && !diverged && eval_here && !(next == first_step && eval_logged_at_first) && !run_eval(next))
       sig = g_stop_signal.load();  // (0 when a failed --log-json write stopped it: that error follows)
     if (sig != 0) {
       progress.newline();
