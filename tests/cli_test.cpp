@@ -1830,6 +1830,15 @@ TEST(Cli, TokenDataWithNothingToPredictIsRefusedByName) {
   // eval's --max-new-tokens is for generated answers (squad, drop) only.
   EXPECT_EQ(run("eval" + m + " --data " + w.data.string() + " --max-new-tokens 7", &(out = "")), 2) << out;
   EXPECT_NE(out.find("--max-new-tokens is for squad and drop"), std::string::npos) << out;
+  // So is train's, with such an --eval (adversarial pass 71: taken, recorded, and no effect).
+  EXPECT_EQ(run("train" + m + " --data " + w.data.string() + " --eval " + w.data.string() +
+                    " --max-new-tokens 7 --steps 2 --out " + o + "-mnt",
+                &(out = "")),
+            2)
+      << out;
+  EXPECT_NE(out.find("--max-new-tokens is for squad and drop (generated answers); the evaluation"), std::string::npos)
+      << out;
+  EXPECT_FALSE(fs::exists(o + "-mnt"));
 }
 
 // Note [Standard streams] (tools/cli.h). Output a command exists to print (tokenize, eval

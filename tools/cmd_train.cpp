@@ -1240,6 +1240,13 @@ Runner add_train(CLI::App& app) {
       eopt.sample = o->num_eval;
       const auto eval_tok = tokenizer ? nullptr : tokenizer_for_data(o->eval, o->data_flags, model_dir);
       eval_data = Dataset::load(o->eval, config, tokenizer ? tokenizer.get() : eval_tok.get(), eopt);
+      // As `eval` refuses it: an evaluation scored by its loss decodes nothing (adversarial
+      // pass 71: train took the flag, recorded it and changed nothing).
+      if (!task_is_generation(eval_data->task()) && a->get_option("--max-new-tokens")->count() > 0)
+        fail(ErrorKind::invalid_argument,
+             "--max-new-tokens is for squad and drop (generated answers); the evaluation {} is scored by its loss "
+             "alone: it would change nothing",
+             o->eval);
     }
     LrSchedule schedule;
     schedule.kind = LrSchedule::parse(o->schedule);
