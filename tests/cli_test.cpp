@@ -499,6 +499,30 @@ TEST(Cli, ThePlansTransferTimeIsAtTheEmulatedLinksRate) {
   }
 }
 
+// --tokenizer beside token-id data reads nothing but is copied into the run (for text later):
+// one that does not fit the model is refused as init refuses it (adversarial pass 71: copied
+// without a word, and the run's eval of text failed); one that fits is copied.
+TEST(Cli, ATokenizerGivenWithTokenIdDataMustFitTheModel) {
+  Workspace w;  // opt-tiny: 512 ids
+  const std::string gpt2 = (test::shared_dir() / "data" / "gpt2").string();
+  std::string out;
+  EXPECT_EQ(run("train --model " + w.model.string() + " --data " + w.data.string() + " --steps 2 --tokenizer " + gpt2 +
+                    " --out " + (w.tmp / "r").string(),
+                &out),
+            2)
+      << out;
+  EXPECT_NE(out.find("--tokenizer " + gpt2 + " does not fit the model"), std::string::npos) << out;
+  EXPECT_NE(out.find("it has 50257 ids but the model's vocabulary is only 512"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "r"));
+  out.clear();
+  EXPECT_EQ(run("train --model " + w.model.string() + " --data " + w.data.string() + " --steps 2 --tokenizer " +
+                    w.tmp.path().string() + " --out " + (w.tmp / "r").string(),
+                &out),
+            1)
+      << out;
+  EXPECT_NE(out.find("--tokenizer " + w.tmp.path().string() + ": no tokenizer in"), std::string::npos) << out;
+}
+
 // A step's tokens are its examples' own (padding left out), and each --log-json record's rate
 // and time are that step's (pass 62: B·T counted the padding, 3× the tokens on this data, and
 // the records carried the progress line's 32-step window).

@@ -1206,6 +1206,20 @@ Runner add_train(CLI::App& app) {
     check_model_fits(resolve_model_dir(model_dir), config, sc.storage);  // headers and host memory, before the data
     if (!data_seed_known) o->data_seed = o->seed;
     const auto tokenizer = tokenizer_for_data(o->data, o->data_flags, model_dir);
+    // With token-id data --tokenizer reads nothing, but its files are copied into the run for
+    // text later (eval, generate): checked as init checks it (adversarial pass 71: a 50257-id
+    // tokenizer was copied beside a 512-id model without a word; the run's eval of text failed).
+    if (!tokenizer && !o->data_flags.tokenizer.empty()) {
+      std::unique_ptr<Tokenizer> given;
+      try {
+        given = Tokenizer::from_dir(o->data_flags.tokenizer);
+      } catch (const Error& e) {
+        fail(e.kind(), "--tokenizer {}: {}", o->data_flags.tokenizer, e.what());
+      }
+      if (const std::string why = tokenizer_misfit(*given, config.vocab_size); !why.empty())
+        fail(ErrorKind::invalid_argument, "--tokenizer {} does not fit the model {}: {}", o->data_flags.tokenizer,
+             model_dir, why);
+    }
     const DataOptions dopt = o->data_flags.options(o->num_train, o->data_seed, o->shuffle);
     const Dataset data = Dataset::load(o->data, config, tokenizer.get(), dopt);
     // The training set as the run's steps see it (ids, masks, labels): a resume that reads the
