@@ -333,6 +333,14 @@ void check_save_dtype_option(DType save_dtype, bool given, const PeftConfig& pef
             "into a checkpoint of that dtype"));
 }
 
+void check_shard_size_option(bool given, const PeftConfig& peft) {
+  if (!given || !peft.any()) return;
+  refuse_combination(fmt::format(
+      "--shard-size: an adapter run ({}) saves its adapters as one file ({}, as PEFT reads it); drop --shard-size, "
+      "and give it to `zo2-tune merge`, which folds the adapters into a checkpoint of that shard size",
+      peft.describe(), "adapter_model.safetensors"));
+}
+
 void check_disk_tier_options(const SessionConfig& sc, bool lag_given, bool staging_given, OptionSource src) {
   if (sc.host_mem != 0) return;
   const bool cli = src == OptionSource::cli;

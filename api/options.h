@@ -92,6 +92,10 @@ void check_adapter_options(const AdapterOptions& a, OptionSource src);
 // saved in fp32 whatever it says. `given` as above.
 void check_save_dtype_option(DType save_dtype, bool given, const PeftConfig& peft, OptionSource src);
 
+// --shard-size given on an adapter run (train, replay): the adapters are one file,
+// adapter_model.safetensors as PEFT reads it, whatever it says (adversarial pass 71).
+void check_shard_size_option(bool given, const PeftConfig& peft);
+
 // --disk-lag / disk_lag and --disk-staging / disk_staging without the disk tier (host_mem 0).
 void check_disk_tier_options(const SessionConfig& sc, bool lag_given, bool staging_given, OptionSource src);
 

@@ -115,6 +115,18 @@ TEST(Cli, AFlagGivenAnEmptyValueIsRefusedNamingIt) {
   EXPECT_NE(out.find("--out: an empty value"), std::string::npos) << out;
 }
 
+// A flag and its negation both given is refused (adversarial pass 71: the last one won).
+TEST(Cli, AFlagAndItsNegationTogetherAreRefused) {
+  Workspace w;
+  const std::string train = "train --model " + w.model.string() + " --data " + w.data.string() + " --steps 2 -q --out " +
+                            (w.tmp / "o").string();
+  std::string out;
+  EXPECT_EQ(run(train + " --no-shuffle --shuffle", &out), 2) << out;
+  EXPECT_NE(out.find("--shuffle and --no-shuffle were both given"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(w.tmp / "o"));
+  EXPECT_EQ(run(train + " --shuffle --shuffle", &out), 0) << out;  // the same twice says the same
+}
+
 TEST(Cli, IntegerFlagsAreDecimalAsWritten) {
   Workspace w;
   const std::string train = "train --model " + w.model.string() + " --data " + w.data.string() + " --batch-size 02 -q";

@@ -427,6 +427,8 @@ TEST(LoraCli, BadLoraFlagsAreUsageErrors) {
       // The adapters are saved in fp32: a narrower --save-dtype would be ignored.
       {"--lora --save-dtype fp16", "--save-dtype fp16: an adapter run (LoRA r 8"},
       {"--prefix-tuning --save-dtype bf16", "--save-dtype bf16: an adapter run (prefix tuning"},
+      // ... as one file: a --shard-size would be ignored (adversarial pass 71).
+      {"--lora --shard-size 1K", "--shard-size: an adapter run (LoRA r 8"},
   };
   for (const auto& [flags, needle] : cases) {
     std::string out;
@@ -440,6 +442,16 @@ TEST(LoraCli, BadLoraFlagsAreUsageErrors) {
       << out;
   EXPECT_EQ(run("merge --model " + w.model.string() + " --out " + (w.tmp / "m").string(), &out), 2) << out;
   EXPECT_NE(out.find("adapter"), std::string::npos) << out;
+  // replay of an adapter run's log refuses them as train does (it took both and wrote fp32, one file).
+  const std::string replay = "replay --model " + w.model.string() + " --seed-log " +
+                             (w.tmp / "part" / "seed_log.jsonl").string() + " --out " + (w.tmp / "rep").string();
+  for (const auto& [flags, needle] : {std::pair<std::string, std::string>{" --save-dtype fp16", "--save-dtype fp16: an adapter run"},
+                                      {" --shard-size 1K", "--shard-size: an adapter run"}}) {
+    out.clear();
+    EXPECT_EQ(run(replay + flags, &out), 2) << flags << ": " << out;
+    EXPECT_NE(out.find(needle), std::string::npos) << flags << ": " << out;
+    EXPECT_FALSE(fs::exists(w.tmp / "rep")) << flags;
+  }
 }
 
 }  // namespace

@@ -56,7 +56,9 @@ Runner add_replay(CLI::App& app) {
                     "is warned about)");
   auto* until = app.get_option("--until-step");
   auto* tile_flag = app.get_option("--tile");
-  return [o, until, tile_flag] {
+  auto* save_dtype_flag = app.get_option("--save-dtype");
+  auto* shard_flag = app.get_option("--shard-size");
+  return [o, until, tile_flag, save_dtype_flag, shard_flag] {
     // Every flag before the seed log is read and long before the save at the end.
     const DType save_dtype = parse_dtype_flag("--save-dtype", o->save_dtype, {DType::f32, DType::bf16, DType::f16});
     const std::uint64_t shard = parse_size_option(Opt::shard_size, o->shard, OptionSource::cli);
@@ -162,6 +164,10 @@ Runner add_replay(CLI::App& app) {
                  t->get<std::string>());
       }
     }
+    // As train refuses them: an adapter run's adapters are saved in fp32, as one file
+    // (adversarial pass 71: replay took both flags and wrote what it always writes).
+    check_save_dtype_option(save_dtype, save_dtype_flag->count() > 0, sc.peft, OptionSource::cli);
+    check_shard_size_option(shard_flag->count() > 0, sc.peft);
     if (!o->adapter.empty() && log.header.adapter.empty())
       fail(ErrorKind::invalid_argument,
            "--adapter {}: {} records no adapter its run started from ({}): drop --adapter",

@@ -1104,6 +1104,7 @@ Runner add_train(CLI::App& app) {
       check_save_dtype_option(save_dtype, given.save_dtype->count() > 0, sc.peft, OptionSource::cli);
       save_dtype = DType::f32;  // a run saved before this check recorded the flag it ignored
     }
+    check_shard_size_option(given.shard->count() > 0, sc.peft);
     validate_rule(sc.rule, static_cast<float>(o->wd));
     validate_parallel(layout, comm.size(), sc.rule, o->batch, "--parallel", o->parallel);
     sc.comm = &comm;

@@ -8,7 +8,9 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <charconv>
+#include <functional>
 #include <cstdint>
 #include <cstdio>
 #include <map>
@@ -58,6 +60,22 @@ std::string repeated_flag(const CLI::App& app) {
       if (opt->get_items_expected_max() == 1 && opt->count() > 1)
         return fmt::format("{} was given {} times ({}); give it once", opt->get_name(), opt->count(),
                            fmt::join(opt->results(), ", "));
+  return "";
+}
+
+// "--shuffle and --no-shuffle were both given (…)" for a flag given with its negation in the
+// app or the parsed subcommand; "" if none was (adversarial pass 71: the last one won).
+std::string contradicting_flag(const CLI::App& app) {
+  std::vector<const CLI::App*> apps{&app};
+  for (const CLI::App* sub : app.get_subcommands()) apps.push_back(sub);
+  for (const CLI::App* a : apps)
+    for (const CLI::Option* opt : a->get_options()) {
+      if (opt->get_expected_min() != 0 || opt->count() < 2 || opt->get_lnames().size() < 2) continue;
+      const std::vector<std::string>& r = opt->results();
+      if (std::adjacent_find(r.begin(), r.end(), std::not_equal_to<>()) != r.end())
+        return fmt::format("--{} were both given (the last one would win): give one",
+                           fmt::join(opt->get_lnames(), " and --"));
+    }
   return "";
 }
 
@@ -124,6 +142,10 @@ int run_main(int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;  // --help and --version succeed; usage errors exit 2
   } catch (const zo2::Error& e) {
     zo2::print_stderr("zo2-tune: error: {}\n", e.what());
+    return 2;
+  }
+  if (const std::string both = contradicting_flag(app); !both.empty()) {
+    zo2::print_stderr("zo2-tune: error: {}\n", both);
     return 2;
   }
   zo2::log_set_level(verbose ? zo2::LogLevel::debug : quiet ? zo2::LogLevel::warn : zo2::LogLevel::info);
