@@ -70,7 +70,7 @@ void validate_peft(const PeftConfig& p, const ModelConfig& c, bool c_api) {
   for (std::size_t i = 0; i < p.targets.size(); ++i) {
     const std::string& t = p.targets[i];
     if (std::find(known.begin(), known.end(), t) == known.end())
-      fail(ErrorKind::invalid_argument, "{} {}: a {} block has no module '{}' (its linear layers: {})", t_name,
+      fail(ErrorKind::invalid_argument, "{} {}: the {} family's blocks have no module '{}' (their linear layers: {})", t_name,
            fmt::join(p.targets, ","), c.family_name(), t, fmt::join(known, ", "));
     for (std::size_t j = 0; j < i; ++j)
       if (p.targets[j] == t) fail(ErrorKind::invalid_argument, "{}: '{}' named twice", t_name, t);

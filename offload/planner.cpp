@@ -365,11 +365,16 @@ void plan_tiers(Placement& p, const ModelConfig& config, const PlanRequest& r) {
   if (p.streamed == 0 || r.host_mem < floor)
     fail(ErrorKind::out_of_memory,
          "--host-mem {}: the host needs at least {} with a disk tier (the globals{} {}, {} device-resident block "
-         "image{} and {} staging buffer{} of {} each){}",
-         format_bytes(static_cast<double>(r.host_mem)), format_bytes(static_cast<double>(floor)),
+         "image{} and {} staging buffer{} of {}{}){}",
+         // (in bytes where the two round alike: "26.33 MiB: at least 26.33 MiB" read as a contradiction)
+         format_bytes(static_cast<double>(r.host_mem)),
+         format_bytes(static_cast<double>(floor)) ==
+                 format_bytes(static_cast<double>(r.host_mem))
+             ? fmt::format("{} bytes ({} given)", floor, r.host_mem)
+             : format_bytes(static_cast<double>(floor)),
          r.adapter_bytes || p.kv_host_bytes ? " and adapters or KV caches" : "", format_bytes(static_cast<double>(others)),
          p.resident_count, p.resident_count == 1 ? "" : "s", staging, staging == 1 ? "" : "s",
-         format_bytes(static_cast<double>(image)),
+         format_bytes(static_cast<double>(image)), staging == 1 ? "" : " each",
          p.streamed == 0 ? "; every block is resident on the device, so nothing can move to disk" : "");
   const std::int64_t ram_streamed =
       std::min<std::int64_t>(p.streamed, static_cast<std::int64_t>((r.host_mem - floor) / image));

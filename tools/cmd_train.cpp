@@ -404,10 +404,11 @@ std::string unsaved_run_advice(const std::filesystem::path& dir) {
   } catch (const Error&) {  // a damaged log: the advice stands without its numbers
   }
   return fmt::format(
-      "Its {} steps are in {}: `zo2-tune replay --model {} --seed-log {} --out NEW` rebuilds their weights, and "
+      "Its {} are in {}: `zo2-tune replay --model {} --seed-log {} --out NEW` rebuilds their weights, and "
       "`zo2-tune train --resume NEW{}` carries on from there{}; --overwrite starts a new run in {}, removing that "
       "seed log",
-      steps >= 0 ? std::to_string(steps) : std::string("logged"), log.string(), base, log.string(),
+      steps >= 0 ? fmt::format("{} step{}", steps, steps == 1 ? "" : "s") : std::string("logged steps"), log.string(),
+      base, log.string(),
       flags ? "" : " --data DATA",
       flags ? " with the run's flags, which the seed log records"
             : " given the run's --lr, --eps, --weight-decay, --batch-size and --steps",
@@ -999,7 +1000,7 @@ Runner add_train(CLI::App& app) {
         if (std::error_code ec; base_model.empty() || !std::filesystem::is_directory(base_model, ec) ||
                                 !std::filesystem::exists(resolve_model_dir(base_model) / "config.json"))
           fail(ErrorKind::format,
-               "{}: key 'base_model' = '{}' does not name the LoRA run's base checkpoint (if it moved, give its new "
+               "{}: key 'base_model' = '{}' does not name the adapter run's base checkpoint (if it moved, give its new "
                "place as --model)",
                state_file.string(), base_model);
         model_dir = resolve_model_dir(base_model).string();
