@@ -1211,14 +1211,15 @@ Runner add_train(CLI::App& app) {
     // With token-id data --tokenizer reads nothing, but its files are copied into the run for
     // text later (eval, generate): checked as init checks it (adversarial pass 71: a 50257-id
     // tokenizer was copied beside a 512-id model without a word; the run's eval of text failed).
+    // (A directory of other tokenizer files only — tokenizer_config.json, special_tokens_map.json
+    // — has nothing to check and is copied as it is.)
     if (!tokenizer && !o->data_flags.tokenizer.empty()) {
       std::unique_ptr<Tokenizer> given;
       try {
         given = Tokenizer::from_dir(o->data_flags.tokenizer);
-      } catch (const Error& e) {
-        fail(e.kind(), "--tokenizer {}: {}", o->data_flags.tokenizer, e.what());
+      } catch (const Error&) {
       }
-      if (const std::string why = tokenizer_misfit(*given, config.vocab_size); !why.empty())
+      if (const std::string why = given ? tokenizer_misfit(*given, config.vocab_size) : std::string(); !why.empty())
         fail(ErrorKind::invalid_argument, "--tokenizer {} does not fit the model {}: {}", o->data_flags.tokenizer,
              model_dir, why);
     }
