@@ -37,6 +37,7 @@
 #include <system_error>
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
 #include <unordered_set>
 
 #include "runtime/error.h"
@@ -310,20 +311,27 @@ void write_items(const fs::path& path, std::span<const WriteItem> items,
   for (std::size_t i = 0; i < items.size(); ++i)
     for (std::uint64_t o = 0, nb = items[i].nbytes; o < nb; o += kCopyChunk)
       work.push_back({i, o, std::min(kCopyChunk, nb - o)});
-  tbb::parallel_for(tbb::blocked_range<std::size_t>(0, work.size(), 1), [&](const tbb::blocked_range<std::size_t>& r) {
-    for (std::size_t w = r.begin(); w != r.end(); ++w) {
-      const Work& wk = work[w];
-      const TensorToWrite& t = *items[wk.item].t;
-      const std::uint64_t at = data_start + offsets[wk.item] + wk.off;
-      const auto len = static_cast<std::size_t>(wk.len);
-      if (t.fill) {
-        std::unique_ptr<std::byte[]> buf(new std::byte[len]);  // (not zeroed: fill writes it all)
-        t.fill(std::span<std::byte>(buf.get(), len), wk.off);
-        file.write_at(std::span<const std::byte>(buf.get(), len), at);
-      } else {
-        file.write_at(std::span<const std::byte>(static_cast<const std::byte*>(t.data) + wk.off, len), at);
+  // At most kMaxWriters pieces at once, whatever the host's cores: each fill piece holds a
+  // buffer (a disk block's also its source bytes), and a 128-thread host would otherwise hold
+  // 128 of them (review of this change: ~12 GiB outside --host-mem).
+  constexpr int kMaxWriters = 16;
+  tbb::task_arena writers(std::max(1, std::min(kMaxWriters, tbb::this_task_arena::max_concurrency())));
+  writers.execute([&] {
+    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, work.size(), 1), [&](const tbb::blocked_range<std::size_t>& r) {
+      for (std::size_t w = r.begin(); w != r.end(); ++w) {
+        const Work& wk = work[w];
+        const TensorToWrite& t = *items[wk.item].t;
+        const std::uint64_t at = data_start + offsets[wk.item] + wk.off;
+        const auto len = static_cast<std::size_t>(wk.len);
+        if (t.fill) {
+          std::unique_ptr<std::byte[]> buf(new std::byte[len]);  // (not zeroed: fill writes it all)
+          t.fill(std::span<std::byte>(buf.get(), len), wk.off);
+          file.write_at(std::span<const std::byte>(buf.get(), len), at);
+        } else {
+          file.write_at(std::span<const std::byte>(static_cast<const std::byte*>(t.data) + wk.off, len), at);
+        }
       }
-    }
+    });
   });
   file.commit();
 }

@@ -153,7 +153,8 @@ std::uint64_t safetensors_tensor_nbytes(DType dtype, std::span<const std::int64_
 // fallocate, header (compact JSON: "__metadata__" first if not empty, then the tensors in the
 // given order; padded with spaces to a multiple of 8), the tensor data contiguously in the
 // given order (in parallel, with pwrite from memory: never through a mapping, Note [Writes,
-// not mappings]; a fill tensor in pieces of at most 32 MiB, each through a buffer of its own),
+// not mappings]; a fill tensor in pieces of at most 32 MiB, each through a buffer of its own, at
+// most 16 pieces at once),
 // fsync, rename over `path`, fsync of the directory. A write error is an Error(io) at once. On any error — including an exception from a fill callback, which is
 // rethrown unchanged — the temp file is removed and `path` is untouched. Names must be
 // unique, valid UTF-8 and not "__metadata__" (else Error(invalid_argument)).

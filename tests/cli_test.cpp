@@ -113,6 +113,12 @@ TEST(Cli, AFlagGivenAnEmptyValueIsRefusedNamingIt) {
   out.clear();
   EXPECT_EQ(run("init --preset opt-tiny --out ''", &out), 2);
   EXPECT_NE(out.find("--out: an empty value"), std::string::npos) << out;
+  // Text whose empty value is a request stays allowed: tokenize --text '' prints [] (the
+  // special tokens alone with --special).
+  out.clear();
+  EXPECT_EQ(run("tokenize --tokenizer " + (test::shared_dir() / "data" / "gpt2").string() + " --text ''", &out), 0)
+      << out;
+  EXPECT_NE(out.find("[]"), std::string::npos) << out;
 }
 
 // A flag and its negation both given is refused (adversarial pass 71: the last one won).

@@ -221,6 +221,9 @@ void non_empty_values(CLI::App& app) {
   // it first), so IsMember's "not in {…}" never sees the empty value.
   for (CLI::Option* opt : app.get_options()) {
     if (opt->get_type_size() == 0 || opt->get_expected_min() == 0) continue;  // a flag: no value
+    // Text whose empty value means something: generate --prompt "" (the BOS alone), tokenize
+    // --text "" (the special tokens alone).
+    if (opt->check_lname("prompt") || opt->check_lname("text")) continue;
     opt->transform(CLI::Validator(
         [](std::string& text) -> std::string {
           return text.empty() ? "an empty value (an unset shell variable?): give one, or leave the flag out" : "";

@@ -114,7 +114,8 @@ void decimal_integer_options(CLI::App& app);
 //   --log-json, --gpu-mem, --host-mem, --parallel, --tokenizer, --adapter: the run went on
 //   without the disk tier, the evaluation or the log the command asked for, and said nothing
 //   — while other flags refused it in words of their own ("--lr-schedule:  not in {…}").
-//   Every option that takes a value, of `app` and its subcommands, now refuses an empty one
+//   Every option that takes a value, of `app` and its subcommands (but --prompt and --text,
+//   whose empty text is a request: the BOS alone, the special tokens alone), now refuses an empty one
 //   first, naming the flag (a usage error, exit 2): "--eval: an empty value (an unset shell
 //   variable?): give one, or leave the flag out". zo2.train's keywords go through the same
 //   check (an empty string is no None). Called once the options are declared, and after

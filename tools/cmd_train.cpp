@@ -1939,9 +1939,14 @@ Runner add_train(CLI::App& app) {
     // The evaluation the uninterrupted run makes here, at its end or an --eval-every step: a
     // --stop-at elsewhere makes none, as a signal's stop does, so a stop and its resume log
     // the uninterrupted run's evaluations, no more (adversarial pass 71: one more, at the stop).
-    const bool eval_here = next == o->steps || (o->eval_every > 0 && next % o->eval_every == 0);
-    if (sig == 0 && !diverged && eval_here && !(next == first_step && eval_logged_at_first) && !run_eval(next))
+    // (And the one a resume owes at its first step, whatever its --steps now: review of pass 71.)
+    const bool eval_here = next == o->steps || (o->eval_every > 0 && next % o->eval_every == 0) ||
+                           (next == first_step && eval_owed_at_resume == next);
+    const bool eval_due = eval_data && !diverged && eval_here && !(next == first_step && eval_logged_at_first);
+    if (sig == 0 && eval_due && !run_eval(next))
       sig = g_stop_signal.load();  // (0 when a failed --log-json write stopped it: that error follows)
+    else if (sig != 0 && eval_due)
+      eval_owed = next;  // a signal during the last step: the evaluation due here is owed, as one it interrupts
     if (sig != 0) {
       progress.newline();
       std::string reason;
