@@ -2012,8 +2012,8 @@ Runner add_train(CLI::App& app) {
     } catch (const Error& e) {
       print_stderr("zo2-tune: error: rank {} of {}: {}\n", comm->rank(), comm->size(), e.what());
       code = e.kind() == ErrorKind::invalid_argument ? 2 : 1;
-    } catch (const std::exception& e) {
-      print_stderr("zo2-tune: error: rank {} of {}: {}\n", comm->rank(), comm->size(), e.what());
+    } catch (const std::exception& e) {  // (a refused TBB thread said as a thread limit: describe_error)
+      print_stderr("zo2-tune: error: rank {} of {}: {}\n", comm->rank(), comm->size(), describe_error(e));
     }
     std::fflush(stderr);
     comm->abort(code);

@@ -158,7 +158,10 @@ auto cxx_call(F&& f) -> decltype(f()) {
     } catch (const std::filesystem::filesystem_error& e) {
       code = ZO2_ERR_IO, message = e.what();
     } catch (const std::exception& e) {
-      code = ZO2_ERR_INTERNAL, message = e.what();
+      if (std::optional<std::string> refused = zo2::refused_thread_message(e))  // Note [Thread limits]
+        code = ZO2_ERR_OUT_OF_MEMORY, message = *refused;
+      else
+        code = ZO2_ERR_INTERNAL, message = e.what();
     }
   }
   raise_status(code, message);
