@@ -89,6 +89,13 @@ int zo2::status_of(ErrorKind kind) {
   return ZO2_ERR_INTERNAL;
 }
 
+zo2::ExceptionStatus zo2::status_of_exception(const std::exception& e) {
+  if (dynamic_cast<const std::bad_alloc*>(&e)) return {ZO2_ERR_OUT_OF_MEMORY, "out of host memory"};
+  if (dynamic_cast<const std::filesystem::filesystem_error*>(&e)) return {ZO2_ERR_IO, e.what()};
+  if (std::optional<std::string> refused = refused_thread_message(e)) return {ZO2_ERR_OUT_OF_MEMORY, *refused};
+  return {ZO2_ERR_INTERNAL, e.what()};
+}
+
 namespace {
 
 using zo2::ErrorKind;
@@ -161,20 +168,10 @@ int guarded(const char* fn, Body&& body, OnError&& on_error) noexcept {
   } catch (const zo2::Error& e) {
     set_error(fn, with_c_names(e.what()));
     code = status_of(e.kind());
-  } catch (const std::bad_alloc&) {
-    set_error(fn, "out of host memory");
-    code = ZO2_ERR_OUT_OF_MEMORY;
-  } catch (const std::filesystem::filesystem_error& e) {
-    set_error(fn, e.what());
-    code = ZO2_ERR_IO;
   } catch (const std::exception& e) {
-    if (std::optional<std::string> refused = zo2::refused_thread_message(e)) {  // Note [Thread limits]
-      set_error(fn, *refused);
-      code = ZO2_ERR_OUT_OF_MEMORY;
-    } else {
-      set_error(fn, e.what());
-      code = ZO2_ERR_INTERNAL;
-    }
+    const zo2::ExceptionStatus st = zo2::status_of_exception(e);
+    set_error(fn, st.message);
+    code = st.code;
   } catch (...) {
     set_error(fn, "unknown exception");
     code = ZO2_ERR_INTERNAL;

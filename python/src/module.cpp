@@ -28,7 +28,6 @@
 #include "models/tokenizer.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
-#include "runtime/thread.h"
 #include "tools/cli.h"
 
 #include <pybind11/numpy.h>
@@ -153,15 +152,9 @@ auto cxx_call(F&& f) -> decltype(f()) {
       return f();
     } catch (const zo2::Error& e) {
       code = status_of(e.kind()), message = e.what();
-    } catch (const std::bad_alloc&) {
-      code = ZO2_ERR_OUT_OF_MEMORY, message = "out of host memory";
-    } catch (const std::filesystem::filesystem_error& e) {
-      code = ZO2_ERR_IO, message = e.what();
-    } catch (const std::exception& e) {
-      if (std::optional<std::string> refused = zo2::refused_thread_message(e))  // Note [Thread limits]
-        code = ZO2_ERR_OUT_OF_MEMORY, message = *refused;
-      else
-        code = ZO2_ERR_INTERNAL, message = e.what();
+    } catch (const std::exception& e) {  // api/status.h (a refused TBB thread: Note [Thread limits])
+      zo2::ExceptionStatus st = zo2::status_of_exception(e);
+      code = st.code, message = std::move(st.message);
     }
   }
   raise_status(code, message);
@@ -1263,15 +1256,9 @@ int train_impl(const std::vector<std::pair<std::string, py::object>>& options, p
       rc = runner();
     } catch (const zo2::Error& e) {
       err_code = status_of(e.kind()), err_message = e.what();
-    } catch (const std::bad_alloc&) {
-      err_code = ZO2_ERR_OUT_OF_MEMORY, err_message = "out of host memory";
-    } catch (const std::filesystem::filesystem_error& e) {
-      err_code = ZO2_ERR_IO, err_message = e.what();
-    } catch (const std::exception& e) {
-      if (std::optional<std::string> refused = zo2::refused_thread_message(e))  // Note [Thread limits]
-        err_code = ZO2_ERR_OUT_OF_MEMORY, err_message = *refused;
-      else
-        err_code = ZO2_ERR_INTERNAL, err_message = e.what();
+    } catch (const std::exception& e) {  // api/status.h (a refused TBB thread: Note [Thread limits])
+      zo2::ExceptionStatus st = zo2::status_of_exception(e);
+      err_code = st.code, err_message = std::move(st.message);
     }
     done = true;
     close(fds[1]);  // with train's own stream closed, the reader sees the end
